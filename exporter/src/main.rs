@@ -1,0 +1,5 @@
+//! `onestep-export` CLI.
+fn main() {
+    eprintln!("onestep-export: not built yet");
+    std::process::exit(2);
+}

@@ -1,0 +1,216 @@
+//! Model sources: a GGUF file or a Hugging Face folder, read into one [`SourceModel`].
+//!
+//! Tensors stay in their source encoding (GGUF block types included) and their bytes stay in the
+//! memory-mapped file until the ONNX writer needs them.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+
+pub mod gguf;
+pub mod hf;
+pub mod tokenizer;
+
+/// How a source tensor's bytes are encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceDType {
+    /// f32.
+    F32,
+    /// IEEE half.
+    F16,
+    /// bfloat16.
+    BF16,
+    /// GGUF Q8_0: blocks of 32 — f16 d, 32 × i8.
+    Q8_0,
+    /// GGUF Q4_0: blocks of 32 — f16 d, 16 bytes (element j low nibble of byte j, j+16 high), value (q−8)·d.
+    Q4_0,
+    /// GGUF Q4_1: blocks of 32 — f16 d, f16 m, 16 bytes (same nibble order as Q4_0), value q·d + m.
+    Q4_1,
+}
+
+/// One tensor of the source, in its stored encoding.
+#[derive(Debug, Clone)]
+pub struct SourceTensor {
+    /// Encoding.
+    pub dtype: SourceDType,
+    /// Shape in row-major order, outermost first (`[out, in]` for linear weights — the HF/PyTorch order;
+    /// GGUF's reversed `ne` order is already flipped by the reader).
+    pub shape: Vec<usize>,
+    /// The stored bytes (a slice of the mapped file).
+    pub data: Bytes,
+}
+
+/// Architecture hyper-parameters, named as in HF `config.json`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    /// `llama` or `qwen2`.
+    pub architecture: String,
+    /// Hidden size.
+    pub hidden_size: usize,
+    /// MLP inner size.
+    pub intermediate_size: usize,
+    /// Decoder layers.
+    pub num_layers: usize,
+    /// Query heads.
+    pub num_heads: usize,
+    /// Key/value heads.
+    pub num_kv_heads: usize,
+    /// Head dimension (usually hidden / heads).
+    pub head_dim: usize,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// RMSNorm epsilon.
+    pub rms_eps: f32,
+    /// RoPE base.
+    pub rope_theta: f32,
+    /// RoPE scaling (`rope_scaling` of config.json), if any.
+    pub rope_scaling: Option<RopeScaling>,
+    /// Training context length.
+    pub max_position_embeddings: usize,
+    /// Whether the output layer reuses the embedding table.
+    pub tie_word_embeddings: bool,
+    /// Whether q/k/v projections have biases (qwen2).
+    pub attention_bias: bool,
+    /// Rotary layout of the q/k weights: `true` = adjacent pairs (GGUF llama), `false` = rotate_half (HF).
+    pub rope_interleaved: bool,
+}
+
+/// RoPE scaling variants.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    /// Llama 3 frequency-dependent scaling.
+    Llama3 {
+        /// Scale factor.
+        factor: f32,
+        /// Low-frequency factor.
+        low_freq_factor: f32,
+        /// High-frequency factor.
+        high_freq_factor: f32,
+        /// Original context length.
+        original_max_position_embeddings: usize,
+    },
+    /// Linear position interpolation.
+    Linear {
+        /// Scale factor.
+        factor: f32,
+    },
+}
+
+/// Tokenizer and chat data.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenizerData {
+    /// A complete Hugging Face `tokenizer.json`.
+    pub tokenizer_json: String,
+    /// Chat template (Jinja), if the source has one.
+    pub chat_template: Option<String>,
+    /// BOS id.
+    pub bos_id: Option<u32>,
+    /// Whether to prepend BOS to prompts.
+    pub add_bos: bool,
+    /// EOS id.
+    pub eos_id: u32,
+    /// All ids that end generation (EOS, EOT, …).
+    pub stop_ids: Vec<u32>,
+}
+
+/// Everything read from a source.
+#[derive(Debug, Clone)]
+pub struct SourceModel {
+    /// Where it came from (for messages and metadata).
+    pub origin: String,
+    /// Hyper-parameters.
+    pub config: ModelConfig,
+    /// Tensors by canonical name (see [`canonical`]).
+    pub tensors: BTreeMap<String, SourceTensor>,
+    /// Tokenizer and chat template.
+    pub tokenizer: TokenizerData,
+    /// Generation defaults from the source (generation_config.json), if any.
+    pub generation: Option<onestep::GenerationDefaults>,
+}
+
+/// Canonical tensor names every reader maps its own names to (llama.cpp's GGUF names):
+/// `token_embd.weight`, `output_norm.weight`, `output.weight` (absent when tied), and per layer `blk.{i}.`
+/// + `attn_norm.weight`, `attn_q.weight`, `attn_k.weight`, `attn_v.weight`, `attn_output.weight`,
+/// `attn_q.bias`, `attn_k.bias`, `attn_v.bias` (qwen2), `ffn_norm.weight`, `ffn_gate.weight`,
+/// `ffn_up.weight`, `ffn_down.weight`.
+pub mod canonical {
+    /// Token embedding table `[vocab, hidden]`.
+    pub const TOKEN_EMBD: &str = "token_embd.weight";
+    /// Final norm `[hidden]`.
+    pub const OUTPUT_NORM: &str = "output_norm.weight";
+    /// Output layer `[vocab, hidden]`.
+    pub const OUTPUT: &str = "output.weight";
+    /// Per-layer tensor name.
+    pub fn blk(i: usize, suffix: &str) -> String {
+        format!("blk.{i}.{suffix}")
+    }
+}
+
+/// Errors while reading a source; each names the file and the tensor or key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// OS-level failure.
+    #[error("{path}: {source}")]
+    Io {
+        /// File.
+        path: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is malformed (truncated, bad magic, bad offsets...).
+    #[error("{path}: {detail}")]
+    Format {
+        /// File.
+        path: String,
+        /// What is wrong, with offset/tensor where known.
+        detail: String,
+    },
+    /// A required tensor is absent.
+    #[error("{path}: missing tensor `{tensor}`")]
+    MissingTensor {
+        /// File or folder.
+        path: String,
+        /// Tensor name (source naming).
+        tensor: String,
+    },
+    /// A required metadata/config key is absent or malformed.
+    #[error("{path}: key `{key}`: {detail}")]
+    Key {
+        /// File.
+        path: String,
+        /// Key.
+        key: String,
+        /// What is wrong.
+        detail: String,
+    },
+    /// The source uses something we do not support (architecture, tensor type...).
+    #[error("{path}: unsupported {what}")]
+    Unsupported {
+        /// File.
+        path: String,
+        /// What (e.g. "architecture `gpt2`", "tensor type Q5_K in `blk.0.attn_q.weight`").
+        what: String,
+    },
+    /// A tensor's shape disagrees with the config.
+    #[error("{path}: tensor `{tensor}` has shape {actual:?}, config implies {expected:?}")]
+    Shape {
+        /// File.
+        path: String,
+        /// Tensor.
+        tensor: String,
+        /// Found.
+        actual: Vec<usize>,
+        /// Expected.
+        expected: Vec<usize>,
+    },
+}
+
+/// Reads a GGUF file or a Hugging Face folder, chosen by what `path` is.
+pub fn open(path: &std::path::Path) -> Result<SourceModel, SourceError> {
+    if path.is_dir() {
+        hf::read(path)
+    } else {
+        gguf::read(path)
+    }
+}

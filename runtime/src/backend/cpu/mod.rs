@@ -1,0 +1,1 @@
+//! CPU kernels: plain slices in, plain slices out; threading with rayon; SIMD chosen at run time.

@@ -1,0 +1,2 @@
+//! Compute backends. `cpu` holds the CPU kernels (one file per kernel family).
+pub mod cpu;

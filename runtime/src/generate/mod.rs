@@ -1,0 +1,1 @@
+//! Generation: tokenizer, chat template, chunked prefill, the step loop, stop conditions, streaming.

@@ -1,0 +1,1 @@
+//! ONNX bytes → checked [`Graph`](crate::graph::Graph).
