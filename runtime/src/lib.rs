@@ -16,6 +16,9 @@ pub mod graph;
 pub mod load;
 pub mod model;
 pub mod onnx;
+pub mod plan;
+pub mod tensor;
+pub mod weights;
 
 pub use contract::{GenerationDefaults, ModelInfo};
 pub use error::{Error, Result};

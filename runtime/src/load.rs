@@ -1,1 +1,105 @@
-//! ONNX bytes → checked [`Graph`](crate::graph::Graph).
+//! ONNX bytes → checked [`Graph`]: opsets, supported ops (all unsupported ones listed at once), graph
+//! well-formedness (every value defined before use, unique outputs) and the step-graph contract.
+
+use std::collections::HashSet;
+
+use crate::backend::cpu::ops;
+use crate::contract::{self, ModelInfo};
+use crate::error::{Error, Result};
+use crate::graph::Graph;
+
+/// Highest default-domain opset this runtime implements.
+pub const MAX_OPSET: i64 = 23;
+
+/// Checks `graph` and reads its [`ModelInfo`].
+pub fn check(graph: &Graph) -> Result<ModelInfo> {
+    for (domain, &version) in &graph.opsets {
+        let ok = match domain.as_str() {
+            "" | "ai.onnx" => (13..=MAX_OPSET).contains(&version),
+            contract::MS_DOMAIN => version == 1,
+            _ => true, // unused domains are harmless; nodes using them fail the op check below
+        };
+        if !ok {
+            return Err(Error::Opset {
+                domain: domain.clone(),
+                version,
+            });
+        }
+    }
+    let mut unsupported: Vec<String> = Vec::new();
+    for n in &graph.nodes {
+        let key = ops::op_key(&n.domain, &n.op);
+        if !ops::SUPPORTED.contains(&key.as_str()) && !unsupported.contains(&key) {
+            unsupported.push(key);
+        }
+    }
+    if !unsupported.is_empty() {
+        let mut detail = Vec::new();
+        for op in &unsupported {
+            let first = graph
+                .nodes
+                .iter()
+                .find(|n| &ops::op_key(&n.domain, &n.op) == op)
+                .map(|n| n.name.clone())
+                .unwrap_or_default();
+            detail.push(format!("{op} (first at node `{first}`)"));
+        }
+        return Err(Error::UnsupportedOps(detail));
+    }
+    let mut defined: HashSet<&str> = graph.inputs.iter().map(|v| v.name.as_str()).collect();
+    defined.extend(graph.initializers.iter().map(|i| i.name.as_str()));
+    for n in &graph.nodes {
+        for i in n.inputs.iter().filter(|s| !s.is_empty()) {
+            if !defined.contains(i.as_str()) {
+                return Err(Error::node(
+                    &n.name,
+                    &n.op,
+                    format!("input `{i}` is not defined before this node (graph not topologically sorted, or a missing tensor)"),
+                ));
+            }
+        }
+        for o in n.outputs.iter().filter(|s| !s.is_empty()) {
+            if !defined.insert(o.as_str()) {
+                return Err(Error::node(
+                    &n.name,
+                    &n.op,
+                    format!("output `{o}` is defined twice"),
+                ));
+            }
+        }
+    }
+    for o in &graph.outputs {
+        if !defined.contains(o.name.as_str()) {
+            return Err(Error::Contract(format!(
+                "graph output `{}` is never produced",
+                o.name
+            )));
+        }
+    }
+    let info = ModelInfo::from_metadata(&graph.metadata)?;
+    let has_input = |n: &str| graph.inputs.iter().any(|v| v.name == n);
+    let has_output = |n: &str| graph.outputs.iter().any(|v| v.name == n);
+    for name in [contract::INPUT_IDS, contract::POSITION] {
+        if !has_input(name) {
+            return Err(Error::Contract(format!("graph input `{name}` is missing")));
+        }
+    }
+    for name in [contract::NEXT_TOKEN, contract::LOGITS] {
+        if !has_output(name) {
+            return Err(Error::Contract(format!("graph output `{name}` is missing")));
+        }
+    }
+    for l in 0..info.num_layers {
+        for (p, n) in [
+            (contract::past_key(l), contract::new_key(l)),
+            (contract::past_value(l), contract::new_value(l)),
+        ] {
+            if !has_input(&p) || !has_output(&n) {
+                return Err(Error::Contract(format!(
+                    "layer {l}: cache input `{p}` / output `{n}` missing"
+                )));
+            }
+        }
+    }
+    Ok(info)
+}

@@ -6,8 +6,17 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::contract::ModelInfo;
-use crate::error::Result;
+use std::time::Instant;
+
+use bytes::Bytes;
+
+use crate::backend::cpu::{self, ops};
+use crate::contract::{self, meta, ModelInfo};
+use crate::error::{Error, Result};
+use crate::graph::DType;
+use crate::load;
+use crate::plan::{Plan, PlanStats, Step, ValId};
+use crate::tensor::Tensor;
 
 /// Sampling controls fed to the graph's in-graph token choice.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -47,24 +56,87 @@ pub struct Model {
     pub(crate) tokenizer_json: String,
     pub(crate) chat_template: Option<String>,
     pub(crate) load_ms: f64,
+    plan: Plan,
 }
 
 /// One sequence's state: its KV cache (CPU-resident) and planned scratch buffers.
+///
+/// Cache memory is allocated zeroed (`calloc`): the OS commits pages only when rows are written, so a
+/// session's resident memory grows with the context actually used, not with `max_cache`.
 pub struct StepState {
     /// Number of cache slots written so far (the next position).
     pub(crate) len: usize,
+    caches: Vec<Tensor>,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("info", &self.info)
+            .field("plan", &self.plan.stats)
+            .finish()
+    }
 }
 
 impl Model {
     /// Memory-maps, decodes, checks and plans the model at `path`.
     pub fn load(path: impl AsRef<Path>) -> Result<Arc<Model>> {
-        let _ = path;
-        todo!("engine: load")
+        let path = path.as_ref();
+        let io = |source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = std::fs::File::open(path).map_err(io)?;
+        // SAFETY: the mapping is read-only; the file must not be truncated by another process while
+        // the model is loaded (the usual contract of memory-mapped model files).
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
+        Self::load_from_bytes(Bytes::from_owner(map), &path.display().to_string())
     }
-    /// Loads from bytes already in memory (Android assets, iOS bundles).
-    pub fn load_from_bytes(bytes: bytes::Bytes, name: &str) -> Result<Arc<Model>> {
-        let _ = (bytes, name);
-        todo!("engine: load_from_bytes")
+
+    /// Loads from bytes already in memory (Android assets, iOS bundles). `name` appears in errors.
+    pub fn load_from_bytes(bytes: Bytes, name: &str) -> Result<Arc<Model>> {
+        let t0 = Instant::now();
+        let graph = crate::onnx::read::decode_model(bytes, name)?;
+        let info = load::check(&graph)?;
+        let tokenizer_json = graph
+            .metadata
+            .get(meta::TOKENIZER_JSON)
+            .cloned()
+            .ok_or_else(|| Error::Metadata {
+                key: meta::TOKENIZER_JSON.into(),
+                detail: "missing".into(),
+            })?;
+        let chat_template = graph.metadata.get(meta::CHAT_TEMPLATE).cloned();
+        let plan = Plan::new(graph)?;
+        for name in plan.inputs.keys() {
+            if ![
+                contract::INPUT_IDS,
+                contract::POSITION,
+                contract::TEMPERATURE,
+                contract::TOP_K,
+                contract::TOP_P,
+                contract::RANDOM_U,
+            ]
+            .contains(&name.as_str())
+            {
+                return Err(Error::Contract(format!("unknown graph input `{name}`")));
+            }
+        }
+        for c in &plan.caches {
+            if c.shape[2] != info.max_cache {
+                return Err(Error::Contract(format!(
+                    "cache `{}` has {} slots, metadata says max_cache = {}",
+                    c.input, c.shape[2], info.max_cache
+                )));
+            }
+        }
+        Ok(Arc::new(Model {
+            info,
+            tokenizer_json,
+            chat_template,
+            load_ms: t0.elapsed().as_secs_f64() * 1e3,
+            plan,
+        }))
     }
     /// The model description from the file's metadata.
     pub fn info(&self) -> &ModelInfo {
@@ -82,21 +154,334 @@ impl Model {
     pub fn load_ms(&self) -> f64 {
         self.load_ms
     }
+    /// What the planner did (fused steps, folded nodes).
+    pub fn plan_stats(&self) -> &PlanStats {
+        &self.plan.stats
+    }
     /// A fresh sequence state with an empty cache.
     pub fn new_state(&self) -> Result<StepState> {
-        todo!("engine: new_state")
+        Ok(StepState {
+            len: 0,
+            caches: self
+                .plan
+                .caches
+                .iter()
+                .map(|c| Tensor::zeros(c.dtype, &c.shape))
+                .collect(),
+        })
     }
-    /// Runs one step: `ids` (1..=max_chunk tokens) at `position` (must equal `state.len()`; the chunk must
-    /// fit in the cache). Writes the chunk's K/V rows into the state's cache and advances it.
+
+    /// Runs one step: `ids` (1..=max_chunk tokens) at position `state.len()`; the chunk must fit in the
+    /// cache. Writes the chunk's K/V rows into the state's cache and advances it.
     pub fn step(
         &self,
         state: &mut StepState,
         ids: &[u32],
         sampling: &StepSampling,
     ) -> Result<StepOutput> {
-        let _ = (state, ids, sampling);
-        todo!("engine: step")
+        let info = &self.info;
+        let t = ids.len();
+        if t == 0 {
+            return Err(Error::InvalidArgument("a step needs at least one token".into()));
+        }
+        if t > info.max_chunk {
+            return Err(Error::InvalidArgument(format!(
+                "chunk of {t} tokens exceeds max_chunk {}",
+                info.max_chunk
+            )));
+        }
+        let position = state.len;
+        if position + t > info.max_cache {
+            return Err(Error::InvalidArgument(format!(
+                "{t} tokens at position {position} exceed the cache of {} slots",
+                info.max_cache
+            )));
+        }
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= info.vocab_size) {
+            return Err(Error::InvalidArgument(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                info.vocab_size
+            )));
+        }
+        if state.caches.len() != self.plan.caches.len() {
+            return Err(Error::InvalidArgument(
+                "this state belongs to another model".into(),
+            ));
+        }
+        let plan = &self.plan;
+        let mut env: Vec<Option<Tensor>> = vec![None; plan.names.len()];
+        let ids64: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+        for (name, &slot) in &plan.inputs {
+            env[slot] = Some(match name.as_str() {
+                contract::INPUT_IDS => Tensor::i64(&[1, t], &ids64),
+                contract::POSITION => Tensor::i64(&[1], &[position as i64]),
+                contract::TEMPERATURE => Tensor::f32(&[1], &[sampling.temperature]),
+                contract::TOP_K => Tensor::i64(&[1], &[sampling.top_k]),
+                contract::TOP_P => Tensor::f32(&[1], &[sampling.top_p]),
+                contract::RANDOM_U => Tensor::f32(&[1], &[sampling.random_u.clamp(0.0, 0.999_999)]),
+                other => return Err(Error::Contract(format!("unknown graph input `{other}`"))),
+            });
+        }
+        for (c, cache) in plan.caches.iter().zip(&state.caches) {
+            env[c.input_val] = Some(cache.clone());
+        }
+        for (si, s) in plan.steps.iter().enumerate() {
+            self.run_step(s, &mut env, &state.caches)?;
+            for &v in &plan.frees[si] {
+                env[v] = None;
+            }
+        }
+        let get = |name: &str| -> Result<Tensor> {
+            let slot = plan.outputs[name];
+            env[slot]
+                .clone()
+                .or_else(|| plan.consts[slot].clone())
+                .ok_or_else(|| Error::Contract(format!("output `{name}` was not computed")))
+        };
+        let next = get(contract::NEXT_TOKEN)?;
+        let next_token = next.scalar_i64(contract::NEXT_TOKEN)?;
+        if next_token < 0 || next_token as usize >= info.vocab_size {
+            return Err(Error::tensor(
+                contract::NEXT_TOKEN,
+                format!("graph chose token {next_token}, outside the vocabulary"),
+            ));
+        }
+        let logits = get(contract::LOGITS)?.to_f32_vec(contract::LOGITS)?;
+        let mut rows = Vec::with_capacity(plan.caches.len());
+        for c in &plan.caches {
+            let r = get(&c.output)?;
+            let want = [1, c.shape[1], t, c.shape[3]];
+            if r.shape != want || r.dtype != c.dtype {
+                return Err(Error::tensor(
+                    &c.output,
+                    format!(
+                        "new rows are {} {:?}, the cache needs {} {:?}",
+                        r.dtype, r.shape, c.dtype, want
+                    ),
+                ));
+            }
+            rows.push(r);
+        }
+        drop(env);
+        for ((c, cache), r) in plan.caches.iter().zip(&mut state.caches).zip(&rows) {
+            let (heads, slots, d) = (c.shape[1], c.shape[2], c.shape[3]);
+            let es = c.dtype.size();
+            let src = r.bytes();
+            let dst = cache.bytes_mut();
+            for h in 0..heads {
+                let from = &src[h * t * d * es..(h + 1) * t * d * es];
+                let at = (h * slots + position) * d * es;
+                dst[at..at + t * d * es].copy_from_slice(from);
+            }
+        }
+        state.len += t;
+        Ok(StepOutput {
+            next_token: next_token as u32,
+            logits,
+        })
     }
+
+    fn run_step(
+        &self,
+        s: &Step,
+        env: &mut [Option<Tensor>],
+        caches: &[Tensor],
+    ) -> Result<()> {
+        let plan = &self.plan;
+        let val = |env: &[Option<Tensor>], v: ValId| -> Result<Tensor> {
+            env[v]
+                .clone()
+                .or_else(|| plan.consts[v].clone())
+                .ok_or_else(|| Error::tensor(&plan.names[v], "value used before it was computed"))
+        };
+        match s {
+            Step::Node {
+                node,
+                inputs,
+                outputs,
+            } => {
+                let n = &plan.graph.nodes[*node];
+                let args: Vec<Option<Tensor>> = inputs
+                    .iter()
+                    .map(|v| v.map(|v| val(env, v)).transpose())
+                    .collect::<Result<_>>()?;
+                let refs: Vec<Option<&Tensor>> = args.iter().map(|a| a.as_ref()).collect();
+                let outs = ops::run_node(n, &refs)?;
+                for (&o, t) in outputs.iter().zip(outs) {
+                    env[o] = Some(t);
+                }
+            }
+            Step::Linear {
+                node,
+                x,
+                w,
+                bias,
+                out,
+            } => {
+                let n = &plan.graph.nodes[*node];
+                let xt = val(env, *x)?;
+                let xv = xt.as_f32(&plan.names[*x])?;
+                let k = *xt.shape.last().unwrap_or(&0);
+                if k != w.k {
+                    return Err(Error::node(
+                        &n.name,
+                        &n.op,
+                        format!("input has K = {k}, weights have K = {}", w.k),
+                    ));
+                }
+                let m = xv.len() / k.max(1);
+                let mut shape = xt.shape.clone();
+                if let Some(l) = shape.last_mut() {
+                    *l = w.n;
+                }
+                let mut o = Tensor::zeros(DType::F32, &shape);
+                let ov = o.typed_mut::<f32>();
+                w.apply(xv, m, ov);
+                if let Some(b) = bias {
+                    let bv = b.typed::<f32>();
+                    for row in ov.chunks_mut(w.n) {
+                        row.iter_mut().zip(bv).for_each(|(o, b)| *o += b);
+                    }
+                }
+                env[*out] = Some(o);
+            }
+            Step::CacheAttention {
+                node,
+                q,
+                past,
+                new,
+                mask,
+                out,
+            } => {
+                let n = &plan.graph.nodes[*node];
+                let err = |d: String| Error::node(&n.name, &n.op, d);
+                let qt = val(env, *q)?;
+                let nk = val(env, new[0])?;
+                let nv = val(env, new[1])?;
+                let (ck, cv) = (&caches[past[0]], &caches[past[1]]);
+                let (kslot, vslot) = (&plan.caches[past[0]], &plan.caches[past[1]]);
+                if qt.rank() != 4 || nk.rank() != 4 || nv.rank() != 4 {
+                    return Err(err("Q and the new K/V rows must be 4-D".into()));
+                }
+                let (heads, t, d) = (qt.shape[1], qt.shape[2], qt.shape[3]);
+                let (kvh, slots) = (kslot.shape[1], kslot.shape[2]);
+                if kvh == 0
+                    || heads % kvh != 0
+                    || nk.shape != [1, kvh, t, d]
+                    || nv.shape != [1, kvh, t, d]
+                    || kslot.shape[3] != d
+                    || vslot.shape != kslot.shape
+                    || ck.dtype != cv.dtype
+                {
+                    return Err(err(format!(
+                        "shapes Q {:?}, new K {:?}, new V {:?}, cache {:?} do not fit",
+                        qt.shape, nk.shape, nv.shape, kslot.shape
+                    )));
+                }
+                let scale = n.attr_float("scale", 1.0 / (d as f32).sqrt());
+                let p = match mask {
+                    Some(m) => standard_prefix(&val(env, *m)?, t, slots),
+                    None => None,
+                };
+                let p = match p {
+                    Some(p) => p,
+                    _ => {
+                        // Not the standard mask: run the node as written (materialized concat).
+                        let kcat = concat_cache(ck, &nk, t)?;
+                        let vcat = concat_cache(cv, &nv, t)?;
+                        let m = mask.map(|m| val(env, m)).transpose()?;
+                        let outs = ops::run_node(n, &[Some(&qt), Some(&kcat), Some(&vcat), m.as_ref()])?;
+                        env[*out] = outs.into_iter().next();
+                        return Ok(());
+                    }
+                };
+                let nkf = nk.to_f32_vec(&plan.names[new[0]])?;
+                let nvf = nv.to_f32_vec(&plan.names[new[1]])?;
+                let qv = qt.as_f32(&plan.names[*q])?;
+                let mut o = Tensor::zeros(DType::F32, &[1, heads, t, d]);
+                let ov = o.typed_mut::<f32>();
+                match ck.dtype {
+                    DType::F16 => cpu::basic::cache_attention(
+                        qv,
+                        ck.typed::<half::f16>(),
+                        cv.typed::<half::f16>(),
+                        &nkf,
+                        &nvf,
+                        heads,
+                        kvh,
+                        t,
+                        d,
+                        slots,
+                        p,
+                        scale,
+                        ov,
+                    ),
+                    DType::F32 => cpu::basic::cache_attention(
+                        qv,
+                        ck.typed::<f32>(),
+                        cv.typed::<f32>(),
+                        &nkf,
+                        &nvf,
+                        heads,
+                        kvh,
+                        t,
+                        d,
+                        slots,
+                        p,
+                        scale,
+                        ov,
+                    ),
+                    dt => return Err(err(format!("cache of {dt} is not supported"))),
+                }
+                env[*out] = Some(o);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// If `mask` is the contract's mask — `[T, S+T]` booleans (leading dims of 1 allowed), past slots
+/// `< p` true and the rest false in every row, the chunk causal among itself — returns `p`.
+fn standard_prefix(mask: &Tensor, t: usize, slots: usize) -> Option<usize> {
+    if mask.dtype != DType::Bool {
+        return None;
+    }
+    let r = mask.rank();
+    if r < 2 || mask.shape[r - 2] != t || mask.shape[r - 1] != slots + t {
+        return None;
+    }
+    if mask.shape[..r - 2].iter().any(|&d| d != 1) {
+        return None;
+    }
+    let m = mask.typed::<u8>();
+    let w = slots + t;
+    let p = m[..slots].iter().take_while(|&&b| b != 0).count();
+    for ti in 0..t {
+        let row = &m[ti * w..(ti + 1) * w];
+        if row[..p].iter().any(|&b| b == 0) || row[p..slots].iter().any(|&b| b != 0) {
+            return None;
+        }
+        for (j, &b) in row[slots..].iter().enumerate() {
+            if (b != 0) != (j <= ti) {
+                return None;
+            }
+        }
+    }
+    Some(p)
+}
+
+/// `Concat([Cast(cache, f32), Cast(new, f32)], axis=2)` materialized (the general path).
+fn concat_cache(cache: &Tensor, new: &Tensor, t: usize) -> Result<Tensor> {
+    let (h, s, d) = (cache.shape[1], cache.shape[2], cache.shape[3]);
+    let c = cache.to_f32_vec("cache")?;
+    let n = new.to_f32_vec("new rows")?;
+    Ok(Tensor::build(DType::F32, &[1, h, s + t, d], |o: &mut [f32]| {
+        for hi in 0..h {
+            let base = hi * (s + t) * d;
+            o[base..base + s * d].copy_from_slice(&c[hi * s * d..(hi + 1) * s * d]);
+            o[base + s * d..base + (s + t) * d].copy_from_slice(&n[hi * t * d..(hi + 1) * t * d]);
+        }
+    }))
 }
 
 impl StepState {

@@ -1,0 +1,1233 @@
+//! Generic ONNX ops on the CPU: every op the step graph may contain, executed node by node.
+//!
+//! The hot ops (linear layers, static-cache attention) are normally replaced by fused kernels at plan
+//! time; the implementations here are the general, always-correct path and the reference the fused
+//! kernels are tested against.
+
+use bytemuck::Pod;
+use half::{bf16, f16};
+
+use crate::error::{Error, Result};
+use crate::graph::{Attr, DType, Node};
+use crate::tensor::{numel, Tensor};
+
+/// Ops this module implements (`domain::op` for non-default domains).
+pub const SUPPORTED: &[&str] = &[
+    "Add",
+    "And",
+    "Attention",
+    "BitShift",
+    "BitwiseAnd",
+    "Cast",
+    "Concat",
+    "Constant",
+    "CumSum",
+    "DequantizeLinear",
+    "Div",
+    "Equal",
+    "Exp",
+    "Expand",
+    "Gather",
+    "GatherElements",
+    "Gemm",
+    "Greater",
+    "Identity",
+    "Less",
+    "LessOrEqual",
+    "MatMul",
+    "Max",
+    "Min",
+    "Mul",
+    "Neg",
+    "Not",
+    "Or",
+    "RMSNormalization",
+    "Range",
+    "ReduceSum",
+    "Reshape",
+    "RotaryEmbedding",
+    "Shape",
+    "Sigmoid",
+    "Softmax",
+    "Sqrt",
+    "Squeeze",
+    "Sub",
+    "TopK",
+    "Transpose",
+    "Unsqueeze",
+    "Where",
+    "com.microsoft::MatMulNBits",
+];
+
+/// Key used in [`SUPPORTED`] for a node.
+pub fn op_key(domain: &str, op: &str) -> String {
+    if domain.is_empty() || domain == "ai.onnx" {
+        op.to_string()
+    } else {
+        format!("{domain}::{op}")
+    }
+}
+
+struct Ctx<'a> {
+    node: &'a Node,
+}
+
+impl Ctx<'_> {
+    fn err(&self, detail: impl Into<String>) -> Error {
+        Error::node(&self.node.name, &self.node.op, detail)
+    }
+}
+
+fn input<'a>(ctx: &Ctx, inputs: &'a [Option<&'a Tensor>], i: usize) -> Result<&'a Tensor> {
+    inputs
+        .get(i)
+        .copied()
+        .flatten()
+        .ok_or_else(|| ctx.err(format!("input {i} is missing")))
+}
+
+fn norm_axis(ctx: &Ctx, axis: i64, rank: usize) -> Result<usize> {
+    let r = rank as i64;
+    let a = if axis < 0 { axis + r } else { axis };
+    if a < 0 || a >= r.max(1) {
+        return Err(ctx.err(format!("axis {axis} out of range for rank {rank}")));
+    }
+    Ok(a as usize)
+}
+
+/// Numpy-style broadcast of two shapes.
+pub fn broadcast_shape(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
+    let r = a.len().max(b.len());
+    let mut out = vec![0; r];
+    for i in 0..r {
+        let da = if i + a.len() >= r { a[i + a.len() - r] } else { 1 };
+        let db = if i + b.len() >= r { b[i + b.len() - r] } else { 1 };
+        out[i] = if da == db || db == 1 {
+            da
+        } else if da == 1 {
+            db
+        } else {
+            return None;
+        };
+    }
+    Some(out)
+}
+
+/// For every element of `out_shape`, the linear index into a tensor of `in_shape` broadcast to it.
+fn broadcast_offsets(in_shape: &[usize], out_shape: &[usize]) -> Vec<usize> {
+    let r = out_shape.len();
+    let mut strides = vec![0usize; r];
+    let mut s = 1;
+    for i in (0..in_shape.len()).rev() {
+        let oi = i + r - in_shape.len();
+        strides[oi] = if in_shape[i] == 1 { 0 } else { s };
+        s *= in_shape[i];
+    }
+    let n = numel(out_shape);
+    let mut offs = Vec::with_capacity(n);
+    let mut idx = vec![0usize; r];
+    let mut off = 0usize;
+    for _ in 0..n {
+        offs.push(off);
+        for d in (0..r).rev() {
+            idx[d] += 1;
+            off += strides[d];
+            if idx[d] < out_shape[d] {
+                break;
+            }
+            off -= strides[d] * idx[d];
+            idx[d] = 0;
+        }
+    }
+    offs
+}
+
+fn binary<A: Pod, B: Pod, O: Pod>(
+    ctx: &Ctx,
+    a: &Tensor,
+    b: &Tensor,
+    odt: DType,
+    f: impl Fn(A, B) -> O,
+) -> Result<Tensor> {
+    let shape = broadcast_shape(&a.shape, &b.shape).ok_or_else(|| {
+        ctx.err(format!(
+            "shapes {:?} and {:?} do not broadcast",
+            a.shape, b.shape
+        ))
+    })?;
+    let (av, bv) = (a.typed::<A>(), b.typed::<B>());
+    Ok(Tensor::build(odt, &shape, |o: &mut [O]| {
+        if a.shape == shape && b.shape == shape {
+            for i in 0..o.len() {
+                o[i] = f(av[i], bv[i]);
+            }
+        } else if a.shape == shape && bv.len() == 1 {
+            for i in 0..o.len() {
+                o[i] = f(av[i], bv[0]);
+            }
+        } else if b.shape == shape && av.len() == 1 {
+            for i in 0..o.len() {
+                o[i] = f(av[0], bv[i]);
+            }
+        } else {
+            let oa = broadcast_offsets(&a.shape, &shape);
+            let ob = broadcast_offsets(&b.shape, &shape);
+            for i in 0..o.len() {
+                o[i] = f(av[oa[i]], bv[ob[i]]);
+            }
+        }
+    }))
+}
+
+fn same_dtype(ctx: &Ctx, a: &Tensor, b: &Tensor) -> Result<DType> {
+    if a.dtype != b.dtype {
+        return Err(ctx.err(format!("mixed dtypes {} and {}", a.dtype, b.dtype)));
+    }
+    Ok(a.dtype)
+}
+
+fn arith(ctx: &Ctx, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let dt = same_dtype(ctx, a, b)?;
+    let op = ctx.node.op.as_str();
+    match dt {
+        DType::F32 => {
+            let f: fn(f32, f32) -> f32 = match op {
+                "Add" => |x, y| x + y,
+                "Sub" => |x, y| x - y,
+                "Mul" => |x, y| x * y,
+                "Div" => |x, y| x / y,
+                "Max" => f32::max,
+                "Min" => f32::min,
+                _ => unreachable!(),
+            };
+            binary(ctx, a, b, dt, f)
+        }
+        DType::I64 => {
+            let f: fn(i64, i64) -> i64 = match op {
+                "Add" => i64::wrapping_add,
+                "Sub" => i64::wrapping_sub,
+                "Mul" => i64::wrapping_mul,
+                "Div" => |x, y| if y == 0 { 0 } else { x.wrapping_div(y) },
+                "Max" => i64::max,
+                "Min" => i64::min,
+                _ => unreachable!(),
+            };
+            binary(ctx, a, b, dt, f)
+        }
+        d => Err(ctx.err(format!("{op} on {d} is not supported"))),
+    }
+}
+
+fn compare(ctx: &Ctx, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let dt = same_dtype(ctx, a, b)?;
+    let op = ctx.node.op.as_str();
+    macro_rules! cmp {
+        ($t:ty) => {{
+            let f: fn($t, $t) -> bool = match op {
+                "Less" => |x, y| x < y,
+                "LessOrEqual" => |x, y| x <= y,
+                "Greater" => |x, y| x > y,
+                "Equal" => |x, y| x == y,
+                _ => unreachable!(),
+            };
+            binary(ctx, a, b, DType::Bool, |x: $t, y: $t| f(x, y) as u8)
+        }};
+    }
+    match dt {
+        DType::F32 => cmp!(f32),
+        DType::I64 => cmp!(i64),
+        DType::I32 => cmp!(i32),
+        d => Err(ctx.err(format!("{op} on {d} is not supported"))),
+    }
+}
+
+fn logical(ctx: &Ctx, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    a.expect(DType::Bool, &ctx.node.name)?;
+    b.expect(DType::Bool, &ctx.node.name)?;
+    match ctx.node.op.as_str() {
+        "And" => binary(ctx, a, b, DType::Bool, |x: u8, y: u8| x & y),
+        _ => binary(ctx, a, b, DType::Bool, |x: u8, y: u8| x | y),
+    }
+}
+
+fn unary_f32(ctx: &Ctx, a: &Tensor, f: impl Fn(f32) -> f32) -> Result<Tensor> {
+    let v = a.as_f32(&ctx.node.name)?;
+    Ok(Tensor::build(DType::F32, &a.shape, |o: &mut [f32]| {
+        for (o, &x) in o.iter_mut().zip(v) {
+            *o = f(x);
+        }
+    }))
+}
+
+fn cast(ctx: &Ctx, a: &Tensor, to: DType) -> Result<Tensor> {
+    if a.dtype == to {
+        return Ok(a.clone());
+    }
+    macro_rules! from_f32 {
+        ($src:expr) => {{
+            let src: Vec<f32> = $src;
+            Ok(match to {
+                DType::F32 => Tensor::f32(&a.shape, &src),
+                DType::F16 => Tensor::build(to, &a.shape, |o: &mut [f16]| {
+                    o.iter_mut().zip(&src).for_each(|(o, &s)| *o = f16::from_f32(s))
+                }),
+                DType::BF16 => Tensor::build(to, &a.shape, |o: &mut [bf16]| {
+                    o.iter_mut().zip(&src).for_each(|(o, &s)| *o = bf16::from_f32(s))
+                }),
+                DType::I64 => Tensor::build(to, &a.shape, |o: &mut [i64]| {
+                    o.iter_mut().zip(&src).for_each(|(o, &s)| *o = s as i64)
+                }),
+                DType::I32 => Tensor::build(to, &a.shape, |o: &mut [i32]| {
+                    o.iter_mut().zip(&src).for_each(|(o, &s)| *o = s as i32)
+                }),
+                DType::U8 => Tensor::build(to, &a.shape, |o: &mut [u8]| {
+                    o.iter_mut().zip(&src).for_each(|(o, &s)| *o = s as u8)
+                }),
+                DType::I8 => Tensor::build(to, &a.shape, |o: &mut [i8]| {
+                    o.iter_mut().zip(&src).for_each(|(o, &s)| *o = s as i8)
+                }),
+                DType::Bool => Tensor::build(to, &a.shape, |o: &mut [u8]| {
+                    o.iter_mut().zip(&src).for_each(|(o, &s)| *o = (s != 0.0) as u8)
+                }),
+            })
+        }};
+    }
+    // Integer → integer casts stay exact through i64.
+    let int_src: Option<Vec<i64>> = match a.dtype {
+        DType::I64 => Some(a.typed::<i64>().to_vec()),
+        DType::I32 => Some(a.typed::<i32>().iter().map(|&v| v as i64).collect()),
+        DType::U8 | DType::Bool => Some(a.typed::<u8>().iter().map(|&v| v as i64).collect()),
+        DType::I8 => Some(a.typed::<i8>().iter().map(|&v| v as i64).collect()),
+        _ => None,
+    };
+    if let (Some(src), true) = (
+        &int_src,
+        matches!(
+            to,
+            DType::I64 | DType::I32 | DType::U8 | DType::I8 | DType::Bool
+        ),
+    ) {
+        return Ok(match to {
+            DType::I64 => Tensor::i64(&a.shape, src),
+            DType::I32 => Tensor::build(to, &a.shape, |o: &mut [i32]| {
+                o.iter_mut().zip(src).for_each(|(o, &s)| *o = s as i32)
+            }),
+            DType::U8 => Tensor::build(to, &a.shape, |o: &mut [u8]| {
+                o.iter_mut().zip(src).for_each(|(o, &s)| *o = s as u8)
+            }),
+            DType::I8 => Tensor::build(to, &a.shape, |o: &mut [i8]| {
+                o.iter_mut().zip(src).for_each(|(o, &s)| *o = s as i8)
+            }),
+            _ => Tensor::build(to, &a.shape, |o: &mut [u8]| {
+                o.iter_mut().zip(src).for_each(|(o, &s)| *o = (s != 0) as u8)
+            }),
+        });
+    }
+    let src: Vec<f32> = match a.dtype {
+        DType::U8 | DType::Bool => a.typed::<u8>().iter().map(|&v| v as f32).collect(),
+        DType::I8 => a.typed::<i8>().iter().map(|&v| v as f32).collect(),
+        _ => a.to_f32_vec(&ctx.node.name)?,
+    };
+    from_f32!(src)
+}
+
+fn attr_dtype(ctx: &Ctx, key: &str) -> Result<DType> {
+    let code = ctx.node.attr_int(key, -1);
+    DType::from_onnx(code as i32).ok_or_else(|| ctx.err(format!("unsupported `{key}` {code}")))
+}
+
+fn reshape(ctx: &Ctx, a: &Tensor, spec: &[i64], allowzero: bool) -> Result<Tensor> {
+    let mut shape = Vec::with_capacity(spec.len());
+    let mut infer = None;
+    for (i, &d) in spec.iter().enumerate() {
+        match d {
+            -1 if infer.is_none() => {
+                infer = Some(i);
+                shape.push(1);
+            }
+            0 if !allowzero => shape.push(
+                *a.shape
+                    .get(i)
+                    .ok_or_else(|| ctx.err(format!("shape entry 0 at {i} has no source dim")))?,
+            ),
+            d if d >= 0 => shape.push(d as usize),
+            d => return Err(ctx.err(format!("bad shape entry {d}"))),
+        }
+    }
+    let n = a.numel();
+    if let Some(i) = infer {
+        let rest: usize = shape.iter().product();
+        if rest == 0 || n % rest != 0 {
+            return Err(ctx.err(format!("cannot reshape {:?} to {:?}", a.shape, spec)));
+        }
+        shape[i] = n / rest;
+    }
+    if numel(&shape) != n {
+        return Err(ctx.err(format!("cannot reshape {:?} to {:?}", a.shape, spec)));
+    }
+    Ok(a.reshaped(shape))
+}
+
+fn axes_input(ctx: &Ctx, inputs: &[Option<&Tensor>], i: usize) -> Result<Option<Vec<i64>>> {
+    match inputs.get(i).copied().flatten() {
+        Some(t) => Ok(Some(t.to_i64_vec(&ctx.node.name)?)),
+        None => Ok(ctx.node.attr_ints("axes").map(|v| v.to_vec())),
+    }
+}
+
+fn squeeze(ctx: &Ctx, a: &Tensor, axes: Option<Vec<i64>>) -> Result<Tensor> {
+    let rank = a.rank();
+    let drop: Vec<usize> = match axes {
+        Some(ax) => ax
+            .iter()
+            .map(|&x| norm_axis(ctx, x, rank))
+            .collect::<Result<_>>()?,
+        None => (0..rank).filter(|&i| a.shape[i] == 1).collect(),
+    };
+    for &d in &drop {
+        if a.shape[d] != 1 {
+            return Err(ctx.err(format!("cannot squeeze axis {d} of {:?}", a.shape)));
+        }
+    }
+    let shape = (0..rank)
+        .filter(|i| !drop.contains(i))
+        .map(|i| a.shape[i])
+        .collect();
+    Ok(a.reshaped(shape))
+}
+
+fn unsqueeze(ctx: &Ctx, a: &Tensor, axes: &[i64]) -> Result<Tensor> {
+    let out_rank = a.rank() + axes.len();
+    let mut ax: Vec<usize> = axes
+        .iter()
+        .map(|&x| norm_axis(ctx, x, out_rank))
+        .collect::<Result<_>>()?;
+    ax.sort_unstable();
+    let mut shape = Vec::with_capacity(out_rank);
+    let mut src = a.shape.iter();
+    for i in 0..out_rank {
+        if ax.contains(&i) {
+            shape.push(1);
+        } else {
+            shape.push(*src.next().ok_or_else(|| ctx.err("bad unsqueeze axes"))?);
+        }
+    }
+    Ok(a.reshaped(shape))
+}
+
+/// Byte-level gather along `axis` (any dtype).
+pub fn gather_bytes(
+    data: &Tensor,
+    indices: &[i64],
+    idx_shape: &[usize],
+    axis: usize,
+    what: &str,
+) -> Result<Tensor> {
+    let es = data.dtype.size();
+    let outer: usize = data.shape[..axis].iter().product();
+    let dim = data.shape[axis];
+    let inner: usize = data.shape[axis + 1..].iter().product::<usize>() * es;
+    let mut shape = data.shape[..axis].to_vec();
+    shape.extend_from_slice(idx_shape);
+    shape.extend_from_slice(&data.shape[axis + 1..]);
+    let src = data.bytes();
+    let mut out = Tensor::zeros(data.dtype, &shape);
+    let o = out.bytes_mut();
+    let mut w = 0;
+    for ob in 0..outer {
+        for &ix in indices {
+            let i = if ix < 0 { ix + dim as i64 } else { ix };
+            if i < 0 || i >= dim as i64 {
+                return Err(Error::tensor(
+                    what,
+                    format!("index {ix} out of range for dimension of size {dim}"),
+                ));
+            }
+            let s = (ob * dim + i as usize) * inner;
+            o[w..w + inner].copy_from_slice(&src[s..s + inner]);
+            w += inner;
+        }
+    }
+    Ok(out)
+}
+
+fn transpose(a: &Tensor, perm: &[usize]) -> Tensor {
+    let es = a.dtype.size();
+    let r = a.rank();
+    let shape: Vec<usize> = perm.iter().map(|&p| a.shape[p]).collect();
+    let mut in_strides = vec![0usize; r];
+    let mut s = 1;
+    for i in (0..r).rev() {
+        in_strides[i] = s;
+        s *= a.shape[i];
+    }
+    let strides: Vec<usize> = perm.iter().map(|&p| in_strides[p]).collect();
+    let src = a.bytes();
+    let mut out = Tensor::zeros(a.dtype, &shape);
+    let o = out.bytes_mut();
+    let n = numel(&shape);
+    let mut idx = vec![0usize; r];
+    let mut off = 0usize;
+    for k in 0..n {
+        o[k * es..(k + 1) * es].copy_from_slice(&src[off * es..(off + 1) * es]);
+        for d in (0..r).rev() {
+            idx[d] += 1;
+            off += strides[d];
+            if idx[d] < shape[d] {
+                break;
+            }
+            off -= strides[d] * idx[d];
+            idx[d] = 0;
+        }
+    }
+    out
+}
+
+fn concat(ctx: &Ctx, parts: &[&Tensor], axis: i64) -> Result<Tensor> {
+    let first = parts.first().ok_or_else(|| ctx.err("no inputs"))?;
+    let r = first.rank();
+    let ax = norm_axis(ctx, axis, r)?;
+    let mut shape = first.shape.clone();
+    shape[ax] = 0;
+    for p in parts {
+        if p.rank() != r || p.dtype != first.dtype {
+            return Err(ctx.err("inputs differ in rank or dtype"));
+        }
+        for d in 0..r {
+            if d != ax && p.shape[d] != first.shape[d] {
+                return Err(ctx.err(format!(
+                    "shapes {:?} and {:?} differ off the concat axis",
+                    first.shape, p.shape
+                )));
+            }
+        }
+        shape[ax] += p.shape[ax];
+    }
+    let es = first.dtype.size();
+    let outer: usize = shape[..ax].iter().product();
+    let inner: usize = shape[ax + 1..].iter().product::<usize>() * es;
+    let mut out = Tensor::zeros(first.dtype, &shape);
+    let o = out.bytes_mut();
+    let mut w = 0;
+    for ob in 0..outer {
+        for p in parts {
+            let chunk = p.shape[ax] * inner;
+            o[w..w + chunk].copy_from_slice(&p.bytes()[ob * chunk..(ob + 1) * chunk]);
+            w += chunk;
+        }
+    }
+    Ok(out)
+}
+
+fn expand(ctx: &Ctx, a: &Tensor, target: &[i64]) -> Result<Tensor> {
+    let t: Vec<usize> = target.iter().map(|&d| d.max(0) as usize).collect();
+    let shape = broadcast_shape(&a.shape, &t)
+        .ok_or_else(|| ctx.err(format!("cannot expand {:?} to {:?}", a.shape, target)))?;
+    let es = a.dtype.size();
+    let offs = broadcast_offsets(&a.shape, &shape);
+    let src = a.bytes();
+    let mut out = Tensor::zeros(a.dtype, &shape);
+    let o = out.bytes_mut();
+    for (k, &off) in offs.iter().enumerate() {
+        o[k * es..(k + 1) * es].copy_from_slice(&src[off * es..(off + 1) * es]);
+    }
+    Ok(out)
+}
+
+fn where_op(ctx: &Ctx, c: &Tensor, x: &Tensor, y: &Tensor) -> Result<Tensor> {
+    c.expect(DType::Bool, &ctx.node.name)?;
+    let dt = same_dtype(ctx, x, y)?;
+    let s1 = broadcast_shape(&c.shape, &x.shape).ok_or_else(|| ctx.err("shapes do not broadcast"))?;
+    let shape = broadcast_shape(&s1, &y.shape).ok_or_else(|| ctx.err("shapes do not broadcast"))?;
+    let (oc, ox, oy) = (
+        broadcast_offsets(&c.shape, &shape),
+        broadcast_offsets(&x.shape, &shape),
+        broadcast_offsets(&y.shape, &shape),
+    );
+    let es = dt.size();
+    let (cb, xb, yb) = (c.bytes(), x.bytes(), y.bytes());
+    let mut out = Tensor::zeros(dt, &shape);
+    let o = out.bytes_mut();
+    for k in 0..oc.len() {
+        let (src, off) = if cb[oc[k]] != 0 { (xb, ox[k]) } else { (yb, oy[k]) };
+        o[k * es..(k + 1) * es].copy_from_slice(&src[off * es..(off + 1) * es]);
+    }
+    Ok(out)
+}
+
+fn range(ctx: &Ctx, s: &Tensor, l: &Tensor, d: &Tensor) -> Result<Tensor> {
+    match s.dtype {
+        DType::I64 | DType::I32 => {
+            let (s, l, d) = (
+                s.scalar_i64(&ctx.node.name)?,
+                l.scalar_i64(&ctx.node.name)?,
+                d.scalar_i64(&ctx.node.name)?,
+            );
+            if d == 0 {
+                return Err(ctx.err("delta is zero"));
+            }
+            let n = ((l - s) as f64 / d as f64).ceil().max(0.0) as usize;
+            if n > (1 << 28) {
+                return Err(ctx.err(format!("range of {n} elements is too large")));
+            }
+            let v: Vec<i64> = (0..n as i64).map(|i| s + i * d).collect();
+            Ok(Tensor::i64(&[n], &v))
+        }
+        DType::F32 => {
+            let (s, l, d) = (
+                s.as_f32(&ctx.node.name)?[0],
+                l.as_f32(&ctx.node.name)?[0],
+                d.as_f32(&ctx.node.name)?[0],
+            );
+            let n = ((l - s) / d).ceil().max(0.0) as usize;
+            if d == 0.0 || n > (1 << 28) {
+                return Err(ctx.err("bad range"));
+            }
+            let v: Vec<f32> = (0..n).map(|i| s + i as f32 * d).collect();
+            Ok(Tensor::f32(&[n], &v))
+        }
+        dt => Err(ctx.err(format!("Range on {dt} is not supported"))),
+    }
+}
+
+fn softmax_rows(v: &mut [f32], n: usize) {
+    for row in v.chunks_mut(n.max(1)) {
+        let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut s = 0.0;
+        for x in row.iter_mut() {
+            *x = if m == f32::NEG_INFINITY { 0.0 } else { (*x - m).exp() };
+            s += *x;
+        }
+        if s > 0.0 {
+            row.iter_mut().for_each(|x| *x /= s);
+        }
+    }
+}
+
+/// Runs `f` over every 1-D line along `axis` (outer × inner lines of length `dim`).
+fn along_axis(shape: &[usize], axis: usize, mut f: impl FnMut(&dyn Fn(usize) -> usize, usize)) {
+    let outer: usize = shape[..axis].iter().product();
+    let dim = shape[axis];
+    let inner: usize = shape[axis + 1..].iter().product();
+    for o in 0..outer {
+        for i in 0..inner {
+            let base = o * dim * inner + i;
+            f(&move |k| base + k * inner, dim);
+        }
+    }
+}
+
+fn softmax(ctx: &Ctx, a: &Tensor) -> Result<Tensor> {
+    let ax = norm_axis(ctx, ctx.node.attr_int("axis", -1), a.rank())?;
+    let mut out = Tensor::f32(&a.shape, a.as_f32(&ctx.node.name)?);
+    if ax + 1 == a.rank() {
+        let n = a.shape[ax];
+        softmax_rows(out.typed_mut::<f32>(), n);
+    } else {
+        let shape = a.shape.clone();
+        let o = out.typed_mut::<f32>();
+        along_axis(&shape, ax, |at, dim| {
+            let mut line: Vec<f32> = (0..dim).map(|k| o[at(k)]).collect();
+            softmax_rows(&mut line, dim);
+            (0..dim).for_each(|k| o[at(k)] = line[k]);
+        });
+    }
+    Ok(out)
+}
+
+fn cumsum(ctx: &Ctx, a: &Tensor, axis: &Tensor) -> Result<Tensor> {
+    let ax = norm_axis(ctx, axis.scalar_i64(&ctx.node.name)?, a.rank())?;
+    let exclusive = ctx.node.attr_int("exclusive", 0) != 0;
+    let reverse = ctx.node.attr_int("reverse", 0) != 0;
+    let mut out = Tensor::f32(&a.shape, a.as_f32(&ctx.node.name)?);
+    let shape = a.shape.clone();
+    let o = out.typed_mut::<f32>();
+    along_axis(&shape, ax, |at, dim| {
+        let mut acc = 0.0f32;
+        for j in 0..dim {
+            let k = if reverse { dim - 1 - j } else { j };
+            let v = o[at(k)];
+            if exclusive {
+                o[at(k)] = acc;
+                acc += v;
+            } else {
+                acc += v;
+                o[at(k)] = acc;
+            }
+        }
+    });
+    Ok(out)
+}
+
+fn reduce_sum(ctx: &Ctx, a: &Tensor, axes: Option<Vec<i64>>) -> Result<Tensor> {
+    let keep = ctx.node.attr_int("keepdims", 1) != 0;
+    let noop = ctx.node.attr_int("noop_with_empty_axes", 0) != 0;
+    let axes: Vec<usize> = match axes {
+        Some(v) if !v.is_empty() => v
+            .iter()
+            .map(|&x| norm_axis(ctx, x, a.rank()))
+            .collect::<Result<_>>()?,
+        _ if noop => return Ok(a.clone()),
+        _ => (0..a.rank()).collect(),
+    };
+    let kept: Vec<usize> = a
+        .shape
+        .iter()
+        .enumerate()
+        .map(|(i, &d)| if axes.contains(&i) { 1 } else { d })
+        .collect();
+    let out_shape: Vec<usize> = if keep {
+        kept.clone()
+    } else {
+        (0..a.rank())
+            .filter(|i| !axes.contains(i))
+            .map(|i| a.shape[i])
+            .collect()
+    };
+    // Map every input element to its output slot via the kept shape.
+    let n_out = numel(&kept);
+    let mut strides = vec![0usize; a.rank()];
+    let mut s = 1;
+    for i in (0..a.rank()).rev() {
+        strides[i] = if axes.contains(&i) { 0 } else { s };
+        s *= kept[i];
+    }
+    let offs = broadcast_offsets_with(&a.shape, &strides);
+    match a.dtype {
+        DType::F32 => {
+            let v = a.typed::<f32>();
+            let mut acc = vec![0.0f32; n_out];
+            for (i, &o) in offs.iter().enumerate() {
+                acc[o] += v[i];
+            }
+            Ok(Tensor::f32(&out_shape, &acc))
+        }
+        DType::I64 => {
+            let v = a.typed::<i64>();
+            let mut acc = vec![0i64; n_out];
+            for (i, &o) in offs.iter().enumerate() {
+                acc[o] = acc[o].wrapping_add(v[i]);
+            }
+            Ok(Tensor::i64(&out_shape, &acc))
+        }
+        d => Err(ctx.err(format!("ReduceSum on {d} is not supported"))),
+    }
+}
+
+/// Linear offsets for iterating `shape` with explicit per-dimension `strides`.
+fn broadcast_offsets_with(shape: &[usize], strides: &[usize]) -> Vec<usize> {
+    let r = shape.len();
+    let n = numel(shape);
+    let mut offs = Vec::with_capacity(n);
+    let mut idx = vec![0usize; r];
+    let mut off = 0usize;
+    for _ in 0..n {
+        offs.push(off);
+        for d in (0..r).rev() {
+            idx[d] += 1;
+            off += strides[d];
+            if idx[d] < shape[d] {
+                break;
+            }
+            off -= strides[d] * idx[d];
+            idx[d] = 0;
+        }
+    }
+    offs
+}
+
+fn topk(ctx: &Ctx, a: &Tensor, k: &Tensor) -> Result<Vec<Tensor>> {
+    let ax = norm_axis(ctx, ctx.node.attr_int("axis", -1), a.rank())?;
+    if ax + 1 != a.rank() {
+        return Err(ctx.err("TopK is supported on the last axis only"));
+    }
+    let largest = ctx.node.attr_int("largest", 1) != 0;
+    let v = a.as_f32(&ctx.node.name)?;
+    let n = a.shape[ax];
+    let k = k.scalar_i64(&ctx.node.name)?;
+    if k < 0 || k as usize > n {
+        return Err(ctx.err(format!("k = {k} is outside 0..={n}")));
+    }
+    let k = k as usize;
+    let rows = if n == 0 { 0 } else { v.len() / n };
+    let mut vals = Vec::with_capacity(rows * k);
+    let mut idxs = Vec::with_capacity(rows * k);
+    for row in v.chunks(n.max(1)).take(rows) {
+        let sel = super::basic::top_k(row, k, largest);
+        for &i in &sel {
+            vals.push(row[i]);
+            idxs.push(i as i64);
+        }
+    }
+    let mut shape = a.shape.clone();
+    shape[ax] = k;
+    Ok(vec![Tensor::f32(&shape, &vals), Tensor::i64(&shape, &idxs)])
+}
+
+fn gather_elements(ctx: &Ctx, a: &Tensor, idx: &Tensor) -> Result<Tensor> {
+    let ax = norm_axis(ctx, ctx.node.attr_int("axis", 0), a.rank())?;
+    if idx.rank() != a.rank() {
+        return Err(ctx.err("indices rank differs from data rank"));
+    }
+    let ind = idx.to_i64_vec(&ctx.node.name)?;
+    let es = a.dtype.size();
+    let mut a_strides = vec![0usize; a.rank()];
+    let mut s = 1;
+    for i in (0..a.rank()).rev() {
+        a_strides[i] = s;
+        s *= a.shape[i];
+    }
+    let src = a.bytes();
+    let mut out = Tensor::zeros(a.dtype, &idx.shape);
+    let o = out.bytes_mut();
+    let mut pos = vec![0usize; idx.rank()];
+    for (k, &ix) in ind.iter().enumerate() {
+        let dim = a.shape[ax] as i64;
+        let i = if ix < 0 { ix + dim } else { ix };
+        if i < 0 || i >= dim {
+            return Err(ctx.err(format!("index {ix} out of range for axis of size {dim}")));
+        }
+        let mut off = 0;
+        for d in 0..idx.rank() {
+            let p = if d == ax { i as usize } else { pos[d] };
+            if p >= a.shape[d] {
+                return Err(ctx.err("indices shape exceeds data shape"));
+            }
+            off += p * a_strides[d];
+        }
+        o[k * es..(k + 1) * es].copy_from_slice(&src[off * es..(off + 1) * es]);
+        for d in (0..idx.rank()).rev() {
+            pos[d] += 1;
+            if pos[d] < idx.shape[d] {
+                break;
+            }
+            pos[d] = 0;
+        }
+    }
+    Ok(out)
+}
+
+fn rms_norm(ctx: &Ctx, x: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    let ax = norm_axis(ctx, ctx.node.attr_int("axis", -1), x.rank())?;
+    let eps = ctx.node.attr_float("epsilon", 1e-5);
+    let n: usize = x.shape[ax..].iter().product();
+    let xv = x.as_f32(&ctx.node.name)?;
+    let sv = scale.to_f32_vec(&ctx.node.name)?;
+    if sv.len() != n && sv.len() != 1 {
+        return Err(ctx.err(format!(
+            "scale has {} elements, normalized size is {n}",
+            sv.len()
+        )));
+    }
+    let mut out = Tensor::zeros(DType::F32, &x.shape);
+    super::basic::rms_norm(xv, &sv, eps, n, out.typed_mut::<f32>())
+        .map_err(|e| ctx.err(e))?;
+    Ok(out)
+}
+
+fn rotary(ctx: &Ctx, inputs: &[Option<&Tensor>]) -> Result<Tensor> {
+    let x = input(ctx, inputs, 0)?;
+    let cos = input(ctx, inputs, 1)?.to_f32_vec(&ctx.node.name)?;
+    let sin = input(ctx, inputs, 2)?.to_f32_vec(&ctx.node.name)?;
+    let pos = input(ctx, inputs, 3)?.to_i64_vec(&ctx.node.name)?;
+    let interleaved = ctx.node.attr_int("interleaved", 0) != 0;
+    if x.rank() != 4 {
+        return Err(ctx.err("RotaryEmbedding is supported for 4-D [B, H, S, D] input"));
+    }
+    let (b, h, s, d) = (x.shape[0], x.shape[1], x.shape[2], x.shape[3]);
+    let rot = match ctx.node.attr_int("rotary_embedding_dim", 0) {
+        0 => d,
+        r => r as usize,
+    };
+    if rot > d || rot % 2 != 0 {
+        return Err(ctx.err(format!("rotary dim {rot} invalid for head dim {d}")));
+    }
+    if pos.len() != b * s {
+        return Err(ctx.err(format!("position_ids has {} entries, need {}", pos.len(), b * s)));
+    }
+    let half = rot / 2;
+    let max_pos = cos.len() / half.max(1);
+    let mut out = Tensor::f32(&x.shape, x.as_f32(&ctx.node.name)?);
+    let o = out.typed_mut::<f32>();
+    for bi in 0..b {
+        for si in 0..s {
+            let p = pos[bi * s + si];
+            if p < 0 || p as usize >= max_pos {
+                return Err(ctx.err(format!(
+                    "position {p} outside the rotary cache of {max_pos} positions"
+                )));
+            }
+            let c = &cos[p as usize * half..(p as usize + 1) * half];
+            let sn = &sin[p as usize * half..(p as usize + 1) * half];
+            for hi in 0..h {
+                let row = &mut o[((bi * h + hi) * s + si) * d..][..rot];
+                super::basic::rotate_row(row, c, sn, interleaved);
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn attention(ctx: &Ctx, inputs: &[Option<&Tensor>]) -> Result<Tensor> {
+    let q = input(ctx, inputs, 0)?;
+    let k = input(ctx, inputs, 1)?;
+    let v = input(ctx, inputs, 2)?;
+    let mask = inputs.get(3).copied().flatten();
+    if inputs.len() > 4 && inputs[4..].iter().any(|i| i.is_some()) {
+        return Err(ctx.err("Attention past_key/past_value inputs are not supported"));
+    }
+    if q.rank() != 4 || k.rank() != 4 || v.rank() != 4 {
+        return Err(ctx.err("Attention is supported for 4-D Q, K, V"));
+    }
+    if ctx.node.attr_float("softcap", 0.0) != 0.0 {
+        return Err(ctx.err("softcap is not supported"));
+    }
+    let (b, hq, t, d) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3]);
+    let (hk, s) = (k.shape[1], k.shape[2]);
+    let dv = v.shape[3];
+    if b != 1 || k.shape[0] != 1 || hk == 0 || hq % hk != 0 || k.shape[3] != d || v.shape[1] != hk
+        || v.shape[2] != s
+    {
+        return Err(ctx.err(format!(
+            "incompatible shapes Q {:?} K {:?} V {:?}",
+            q.shape, k.shape, v.shape
+        )));
+    }
+    let scale = match ctx.node.attrs.get("scale") {
+        Some(Attr::Float(f)) => *f,
+        _ => 1.0 / (d as f32).sqrt(),
+    };
+    let causal = ctx.node.attr_int("is_causal", 0) != 0;
+    // Mask → per (t, s) bias, broadcast from its own shape to [t, s] (batch and heads must be 1).
+    let bias: Option<Vec<f32>> = match mask {
+        None => None,
+        Some(m) => {
+            let ms = &m.shape;
+            if ms.len() < 2 || ms[ms.len() - 1] != s || (ms[ms.len() - 2] != t && ms[ms.len() - 2] != 1)
+                || ms[..ms.len() - 2].iter().any(|&x| x != 1)
+            {
+                return Err(ctx.err(format!("attn_mask shape {ms:?} unsupported for [{t}, {s}]")));
+            }
+            let rows = ms[ms.len() - 2];
+            let mut out = vec![0.0f32; t * s];
+            for ti in 0..t {
+                let r = if rows == 1 { 0 } else { ti };
+                for si in 0..s {
+                    out[ti * s + si] = match m.dtype {
+                        DType::Bool => {
+                            if m.typed::<u8>()[r * s + si] != 0 {
+                                0.0
+                            } else {
+                                f32::NEG_INFINITY
+                            }
+                        }
+                        DType::F32 => m.typed::<f32>()[r * s + si],
+                        dt => return Err(ctx.err(format!("attn_mask of {dt} unsupported"))),
+                    };
+                }
+            }
+            Some(out)
+        }
+    };
+    let (qv, kv, vv) = (
+        q.to_f32_vec(&ctx.node.name)?,
+        k.to_f32_vec(&ctx.node.name)?,
+        v.to_f32_vec(&ctx.node.name)?,
+    );
+    let group = hq / hk;
+    let mut out = Tensor::zeros(DType::F32, &[1, hq, t, dv]);
+    let o = out.typed_mut::<f32>();
+    let mut scores = vec![0.0f32; s];
+    for h in 0..hq {
+        let kh = h / group;
+        for ti in 0..t {
+            let qrow = &qv[(h * t + ti) * d..][..d];
+            for si in 0..s {
+                let krow = &kv[(kh * s + si) * d..][..d];
+                let mut acc = 0.0f32;
+                for j in 0..d {
+                    acc += qrow[j] * krow[j];
+                }
+                let mut sc = acc * scale;
+                if let Some(bias) = &bias {
+                    sc += bias[ti * s + si];
+                }
+                if causal && si > ti + (s - t) {
+                    sc = f32::NEG_INFINITY;
+                }
+                scores[si] = sc;
+            }
+            softmax_rows(&mut scores, s);
+            let orow = &mut o[(h * t + ti) * dv..][..dv];
+            for si in 0..s {
+                let p = scores[si];
+                if p != 0.0 {
+                    let vrow = &vv[(kh * s + si) * dv..][..dv];
+                    for j in 0..dv {
+                        orow[j] += p * vrow[j];
+                    }
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn matmul(ctx: &Ctx, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let av = a.to_f32_vec(&ctx.node.name)?;
+    let bv = b.to_f32_vec(&ctx.node.name)?;
+    if a.rank() < 1 || b.rank() != 2 {
+        return Err(ctx.err(format!(
+            "MatMul supports [.., M, K] × [K, N]; got {:?} × {:?}",
+            a.shape, b.shape
+        )));
+    }
+    let k = *a.shape.last().unwrap_or(&0);
+    let (kb, n) = (b.shape[0], b.shape[1]);
+    if k != kb {
+        return Err(ctx.err(format!("inner dims differ: {:?} × {:?}", a.shape, b.shape)));
+    }
+    let m = av.len() / k.max(1);
+    let mut shape = a.shape.clone();
+    *shape.last_mut().unwrap_or(&mut 0) = n;
+    let mut out = Tensor::zeros(DType::F32, &shape);
+    let o = out.typed_mut::<f32>();
+    for i in 0..m {
+        for kk in 0..k {
+            let x = av[i * k + kk];
+            let brow = &bv[kk * n..(kk + 1) * n];
+            let orow = &mut o[i * n..(i + 1) * n];
+            for j in 0..n {
+                orow[j] += x * brow[j];
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn gemm(ctx: &Ctx, inputs: &[Option<&Tensor>]) -> Result<Tensor> {
+    let a = input(ctx, inputs, 0)?;
+    let b = input(ctx, inputs, 1)?;
+    let c = inputs.get(2).copied().flatten();
+    if a.rank() != 2 || b.rank() != 2 {
+        return Err(ctx.err("Gemm needs 2-D A and B"));
+    }
+    let ta = ctx.node.attr_int("transA", 0) != 0;
+    let tb = ctx.node.attr_int("transB", 0) != 0;
+    let alpha = ctx.node.attr_float("alpha", 1.0);
+    let beta = ctx.node.attr_float("beta", 1.0);
+    let at = if ta { transpose(a, &[1, 0]) } else { a.clone() };
+    let (m, k) = (at.shape[0], at.shape[1]);
+    let w = crate::weights::LinearWeights::from_gemm_b(b, tb).map_err(|e| ctx.err(e))?;
+    if w.k != k {
+        return Err(ctx.err(format!("A is [{m}, {k}] but B gives K = {}", w.k)));
+    }
+    let mut out = Tensor::zeros(DType::F32, &[m, w.n]);
+    w.apply(at.as_f32(&ctx.node.name)?, m, out.typed_mut::<f32>());
+    let o = out.typed_mut::<f32>();
+    if alpha != 1.0 {
+        o.iter_mut().for_each(|x| *x *= alpha);
+    }
+    if let Some(c) = c {
+        let cv = c.to_f32_vec(&ctx.node.name)?;
+        let cs = broadcast_offsets(&c.shape, &[m, w.n]);
+        for (i, x) in o.iter_mut().enumerate() {
+            *x += beta * cv[cs[i]];
+        }
+    }
+    Ok(out)
+}
+
+fn dequantize_linear(ctx: &Ctx, inputs: &[Option<&Tensor>]) -> Result<Tensor> {
+    let x = input(ctx, inputs, 0)?;
+    let s = input(ctx, inputs, 1)?.to_f32_vec(&ctx.node.name)?;
+    let zp = inputs.get(2).copied().flatten();
+    if ctx.node.attr_int("block_size", 0) != 0 {
+        return Err(ctx.err("block-wise DequantizeLinear is not supported"));
+    }
+    let q: Vec<f32> = match x.dtype {
+        DType::I8 => x.typed::<i8>().iter().map(|&v| v as f32).collect(),
+        DType::U8 => x.typed::<u8>().iter().map(|&v| v as f32).collect(),
+        DType::I32 => x.typed::<i32>().iter().map(|&v| v as f32).collect(),
+        d => return Err(ctx.err(format!("DequantizeLinear on {d} is not supported"))),
+    };
+    let z: Vec<f32> = match zp {
+        None => vec![0.0; s.len()],
+        Some(z) => cast(ctx, z, DType::F32)?.typed::<f32>().to_vec(),
+    };
+    if z.len() != s.len() {
+        return Err(ctx.err("zero point and scale sizes differ"));
+    }
+    let out = if s.len() == 1 {
+        q.iter().map(|&v| (v - z[0]) * s[0]).collect::<Vec<_>>()
+    } else {
+        let ax = norm_axis(ctx, ctx.node.attr_int("axis", 1), x.rank())?;
+        if x.shape[ax] != s.len() {
+            return Err(ctx.err(format!(
+                "scale has {} entries, axis {ax} has {}",
+                s.len(),
+                x.shape[ax]
+            )));
+        }
+        let inner: usize = x.shape[ax + 1..].iter().product();
+        let dim = x.shape[ax];
+        q.iter()
+            .enumerate()
+            .map(|(i, &v)| {
+                let c = (i / inner) % dim;
+                (v - z[c]) * s[c]
+            })
+            .collect()
+    };
+    Ok(Tensor::f32(&x.shape, &out))
+}
+
+fn matmul_nbits(ctx: &Ctx, inputs: &[Option<&Tensor>]) -> Result<Tensor> {
+    let a = input(ctx, inputs, 0)?;
+    let w = crate::weights::LinearWeights::from_matmul_nbits(ctx.node, inputs)
+        .map_err(|e| ctx.err(e))?;
+    let av = a.as_f32(&ctx.node.name)?;
+    let k = *a.shape.last().unwrap_or(&0);
+    if k != w.k {
+        return Err(ctx.err(format!("A has K = {k}, the node says K = {}", w.k)));
+    }
+    let m = av.len() / k.max(1);
+    let mut shape = a.shape.clone();
+    if let Some(l) = shape.last_mut() {
+        *l = w.n;
+    }
+    let mut out = Tensor::zeros(DType::F32, &shape);
+    w.apply(av, m, out.typed_mut::<f32>());
+    if let Some(bias) = inputs.get(5).copied().flatten() {
+        let bv = bias.to_f32_vec(&ctx.node.name)?;
+        for row in out.typed_mut::<f32>().chunks_mut(w.n) {
+            row.iter_mut().zip(&bv).for_each(|(o, b)| *o += b);
+        }
+    }
+    Ok(out)
+}
+
+fn bit_op(ctx: &Ctx, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    a.expect(DType::U8, &ctx.node.name)?;
+    b.expect(DType::U8, &ctx.node.name)?;
+    if ctx.node.op == "BitwiseAnd" {
+        return binary(ctx, a, b, DType::U8, |x: u8, y: u8| x & y);
+    }
+    let right = matches!(ctx.node.attrs.get("direction"), Some(Attr::Str(s)) if s == "RIGHT");
+    if right {
+        binary(ctx, a, b, DType::U8, |x: u8, y: u8| x.checked_shr(y as u32).unwrap_or(0))
+    } else {
+        binary(ctx, a, b, DType::U8, |x: u8, y: u8| x.checked_shl(y as u32).unwrap_or(0))
+    }
+}
+
+/// Executes one node with its inputs (`None` = absent optional input) and returns its outputs.
+pub fn run_node(node: &Node, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    let ctx = Ctx { node };
+    let i = |k| input(&ctx, inputs, k);
+    let name = node.name.as_str();
+    let one = |t: Tensor| Ok(vec![t]);
+    match op_key(&node.domain, &node.op).as_str() {
+        "Identity" => one(i(0)?.clone()),
+        "Add" | "Sub" | "Mul" | "Div" | "Max" | "Min" => {
+            if inputs.len() != 2 {
+                return Err(ctx.err("exactly two inputs are supported"));
+            }
+            one(arith(&ctx, i(0)?, i(1)?)?)
+        }
+        "Less" | "LessOrEqual" | "Greater" | "Equal" => one(compare(&ctx, i(0)?, i(1)?)?),
+        "And" | "Or" => one(logical(&ctx, i(0)?, i(1)?)?),
+        "Not" => {
+            let a = i(0)?;
+            a.expect(DType::Bool, name)?;
+            let v: Vec<u8> = a.typed::<u8>().iter().map(|&x| (x == 0) as u8).collect();
+            one(Tensor::from_slice(DType::Bool, &a.shape, &v))
+        }
+        "Neg" => match i(0)?.dtype {
+            DType::I64 => {
+                let a = i(0)?;
+                let v: Vec<i64> = a.typed::<i64>().iter().map(|&x| -x).collect();
+                one(Tensor::i64(&a.shape, &v))
+            }
+            _ => one(unary_f32(&ctx, i(0)?, |x| -x)?),
+        },
+        "Sigmoid" => one(unary_f32(&ctx, i(0)?, |x| 1.0 / (1.0 + (-x).exp()))?),
+        "Exp" => one(unary_f32(&ctx, i(0)?, f32::exp)?),
+        "Sqrt" => one(unary_f32(&ctx, i(0)?, f32::sqrt)?),
+        "Cast" => one(cast(&ctx, i(0)?, attr_dtype(&ctx, "to")?)?),
+        "Constant" => match node.attrs.get("value") {
+            Some(Attr::Tensor(t)) => one(Tensor::mapped(t.dtype, &t.dims, t.data.clone())),
+            _ => Err(ctx.err("only the `value` tensor form of Constant is supported")),
+        },
+        "Shape" => {
+            let a = i(0)?;
+            let r = a.rank() as i64;
+            let clamp = |v: i64| (if v < 0 { v + r } else { v }).clamp(0, r) as usize;
+            let start = clamp(node.attr_int("start", 0));
+            let end = clamp(node.attr_int("end", r));
+            let dims: Vec<i64> = a.shape[start..end.max(start)]
+                .iter()
+                .map(|&d| d as i64)
+                .collect();
+            one(Tensor::i64(&[dims.len()], &dims))
+        }
+        "Reshape" => {
+            let spec = i(1)?.to_i64_vec(name)?;
+            one(reshape(&ctx, i(0)?, &spec, node.attr_int("allowzero", 0) != 0)?)
+        }
+        "Squeeze" => one(squeeze(&ctx, i(0)?, axes_input(&ctx, inputs, 1)?)?),
+        "Unsqueeze" => {
+            let axes = axes_input(&ctx, inputs, 1)?.ok_or_else(|| ctx.err("axes missing"))?;
+            one(unsqueeze(&ctx, i(0)?, &axes)?)
+        }
+        "Gather" => {
+            let data = i(0)?;
+            let idx = i(1)?;
+            let ax = norm_axis(&ctx, node.attr_int("axis", 0), data.rank())?;
+            one(gather_bytes(
+                data,
+                &idx.to_i64_vec(name)?,
+                &idx.shape,
+                ax,
+                name,
+            )?)
+        }
+        "GatherElements" => one(gather_elements(&ctx, i(0)?, i(1)?)?),
+        "Transpose" => {
+            let a = i(0)?;
+            let perm: Vec<usize> = match node.attr_ints("perm") {
+                Some(p) => p
+                    .iter()
+                    .map(|&x| norm_axis(&ctx, x, a.rank()))
+                    .collect::<Result<_>>()?,
+                None => (0..a.rank()).rev().collect(),
+            };
+            let mut seen = perm.clone();
+            seen.sort_unstable();
+            if seen != (0..a.rank()).collect::<Vec<_>>() {
+                return Err(ctx.err(format!("perm {perm:?} is not a permutation")));
+            }
+            one(transpose(a, &perm))
+        }
+        "Concat" => {
+            let parts: Vec<&Tensor> = inputs.iter().copied().flatten().collect();
+            one(concat(&ctx, &parts, node.attr_int("axis", 0))?)
+        }
+        "Expand" => one(expand(&ctx, i(0)?, &i(1)?.to_i64_vec(name)?)?),
+        "Where" => one(where_op(&ctx, i(0)?, i(1)?, i(2)?)?),
+        "Range" => one(range(&ctx, i(0)?, i(1)?, i(2)?)?),
+        "Softmax" => one(softmax(&ctx, i(0)?)?),
+        "CumSum" => one(cumsum(&ctx, i(0)?, i(1)?)?),
+        "ReduceSum" => one(reduce_sum(&ctx, i(0)?, axes_input(&ctx, inputs, 1)?)?),
+        "TopK" => topk(&ctx, i(0)?, i(1)?),
+        "BitwiseAnd" | "BitShift" => one(bit_op(&ctx, i(0)?, i(1)?)?),
+        "RMSNormalization" => one(rms_norm(&ctx, i(0)?, i(1)?)?),
+        "RotaryEmbedding" => one(rotary(&ctx, inputs)?),
+        "Attention" => one(attention(&ctx, inputs)?),
+        "MatMul" => one(matmul(&ctx, i(0)?, i(1)?)?),
+        "Gemm" => one(gemm(&ctx, inputs)?),
+        "DequantizeLinear" => one(dequantize_linear(&ctx, inputs)?),
+        "com.microsoft::MatMulNBits" => one(matmul_nbits(&ctx, inputs)?),
+        other => Err(ctx.err(format!("op `{other}` is not supported"))),
+    }
+}
