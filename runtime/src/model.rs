@@ -203,7 +203,13 @@ impl Model {
                 info.vocab_size
             )));
         }
-        if state.caches.len() != self.plan.caches.len() {
+        if state.caches.len() != self.plan.caches.len()
+            || state
+                .caches
+                .iter()
+                .zip(&self.plan.caches)
+                .any(|(t, c)| t.dtype != c.dtype || t.shape != c.shape)
+        {
             return Err(Error::InvalidArgument(
                 "this state belongs to another model".into(),
             ));
