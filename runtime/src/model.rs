@@ -182,7 +182,9 @@ impl Model {
         let info = &self.info;
         let t = ids.len();
         if t == 0 {
-            return Err(Error::InvalidArgument("a step needs at least one token".into()));
+            return Err(Error::InvalidArgument(
+                "a step needs at least one token".into(),
+            ));
         }
         if t > info.max_chunk {
             return Err(Error::InvalidArgument(format!(
@@ -287,12 +289,7 @@ impl Model {
         })
     }
 
-    fn run_step(
-        &self,
-        s: &Step,
-        env: &mut [Option<Tensor>],
-        caches: &[Tensor],
-    ) -> Result<()> {
+    fn run_step(&self, s: &Step, env: &mut [Option<Tensor>], caches: &[Tensor]) -> Result<()> {
         let plan = &self.plan;
         let val = |env: &[Option<Tensor>], v: ValId| -> Result<Tensor> {
             env[v]
@@ -396,7 +393,8 @@ impl Model {
                         let kcat = concat_cache(ck, &nk, t)?;
                         let vcat = concat_cache(cv, &nv, t)?;
                         let m = mask.map(|m| val(env, m)).transpose()?;
-                        let outs = ops::run_node(n, &[Some(&qt), Some(&kcat), Some(&vcat), m.as_ref()])?;
+                        let outs =
+                            ops::run_node(n, &[Some(&qt), Some(&kcat), Some(&vcat), m.as_ref()])?;
                         env[*out] = outs.into_iter().next();
                         return Ok(());
                     }
@@ -481,13 +479,18 @@ fn concat_cache(cache: &Tensor, new: &Tensor, t: usize) -> Result<Tensor> {
     let (h, s, d) = (cache.shape[1], cache.shape[2], cache.shape[3]);
     let c = cache.to_f32_vec("cache")?;
     let n = new.to_f32_vec("new rows")?;
-    Ok(Tensor::build(DType::F32, &[1, h, s + t, d], |o: &mut [f32]| {
-        for hi in 0..h {
-            let base = hi * (s + t) * d;
-            o[base..base + s * d].copy_from_slice(&c[hi * s * d..(hi + 1) * s * d]);
-            o[base + s * d..base + (s + t) * d].copy_from_slice(&n[hi * t * d..(hi + 1) * t * d]);
-        }
-    }))
+    Ok(Tensor::build(
+        DType::F32,
+        &[1, h, s + t, d],
+        |o: &mut [f32]| {
+            for hi in 0..h {
+                let base = hi * (s + t) * d;
+                o[base..base + s * d].copy_from_slice(&c[hi * s * d..(hi + 1) * s * d]);
+                o[base + s * d..base + (s + t) * d]
+                    .copy_from_slice(&n[hi * t * d..(hi + 1) * t * d]);
+            }
+        },
+    ))
 }
 
 impl StepState {

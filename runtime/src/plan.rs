@@ -252,8 +252,10 @@ impl Plan {
                     !big && n.op != "Gemm" && n.op != "MatMulNBits"
                 };
                 if fold {
-                    let args: Vec<Option<&Tensor>> =
-                        ins.iter().map(|v| v.and_then(|v| consts[v].as_ref())).collect();
+                    let args: Vec<Option<&Tensor>> = ins
+                        .iter()
+                        .map(|v| v.and_then(|v| consts[v].as_ref()))
+                        .collect();
                     let outs = ops::run_node(n, &args)?;
                     for (&o, t) in node_out[ni].iter().zip(outs) {
                         consts[o] = Some(t);
@@ -273,7 +275,9 @@ impl Plan {
                 continue;
             }
             // (3) linear layers.
-            if let Some((w, bias)) = Self::linear_for(n, ni, ins, &consts, &producer, &graph, &node_in)? {
+            if let Some((w, bias)) =
+                Self::linear_for(n, ni, ins, &consts, &producer, &graph, &node_in)?
+            {
                 let x = ins[0].ok_or_else(|| Error::node(&n.name, &n.op, "input A missing"))?;
                 kind[ni] = Some(Step::Linear {
                     node: ni,
@@ -295,21 +299,27 @@ impl Plan {
                     let Some(kv) = kv else { break };
                     let Some(ci) = producer[kv] else { break };
                     let c = &graph.nodes[ci];
-                    if c.op != "Concat" || node_in[ci].len() != 2 || !only_consumer(kv, ni, &consumers) {
+                    if c.op != "Concat"
+                        || node_in[ci].len() != 2
+                        || !only_consumer(kv, ni, &consumers)
+                    {
                         break;
                     }
                     let axis = c.attr_int("axis", 0);
                     if axis != 2 && axis != -2 {
                         break;
                     }
-                    let (Some(p), Some(newv)) = (node_in[ci][0], node_in[ci][1]) else { break };
+                    let (Some(p), Some(newv)) = (node_in[ci][0], node_in[ci][1]) else {
+                        break;
+                    };
                     // past directly, or through a Cast to f32 used only here.
                     let (cache_idx, cast_node) = match cache_of(p) {
                         Some(c) => (Some(c), None),
                         None => match producer[p] {
                             Some(pi)
                                 if graph.nodes[pi].op == "Cast"
-                                    && graph.nodes[pi].attr_int("to", 0) == DType::F32.onnx_code() as i64
+                                    && graph.nodes[pi].attr_int("to", 0)
+                                        == DType::F32.onnx_code() as i64
                                     && only_consumer(p, ci, &consumers) =>
                             {
                                 (node_in[pi][0].and_then(cache_of), Some(pi))
@@ -434,10 +444,9 @@ impl Plan {
             match v {
                 None => Ok(None),
                 Some(_) => match c(v) {
-                    Some(t) if t.numel() == nout => Ok(Some(Tensor::f32(
-                        &[nout],
-                        &t.to_f32_vec(&n.name)?,
-                    ))),
+                    Some(t) if t.numel() == nout => {
+                        Ok(Some(Tensor::f32(&[nout], &t.to_f32_vec(&n.name)?)))
+                    }
                     _ => Err(Error::node(&n.name, &n.op, "bias must be a constant [N]")),
                 },
             }
@@ -468,7 +477,8 @@ impl Plan {
                     return Ok(None);
                 };
                 let w = if let Some(t) = c(Some(b)) {
-                    LinearWeights::from_gemm_b(t, true).map_err(|e| Error::node(&n.name, &n.op, e))?
+                    LinearWeights::from_gemm_b(t, true)
+                        .map_err(|e| Error::node(&n.name, &n.op, e))?
                 } else if let Some(pi) = producer[b] {
                     let p = &graph.nodes[pi];
                     let pin = &node_in[pi];

@@ -122,7 +122,8 @@ impl Tensor {
 
     /// Mutable raw bytes; copies first if the storage is shared or mapped.
     pub fn bytes_mut(&mut self) -> &mut [u8] {
-        if !matches!(*self.storage, Storage::Heap { .. }) || Arc::get_mut(&mut self.storage).is_none()
+        if !matches!(*self.storage, Storage::Heap { .. })
+            || Arc::get_mut(&mut self.storage).is_none()
         {
             let len = self.bytes().len();
             let mut words = vec![0u64; len.div_ceil(8)];
@@ -181,7 +182,10 @@ impl Tensor {
         match self.dtype {
             DType::I64 => Ok(self.typed::<i64>().to_vec()),
             DType::I32 => Ok(self.typed::<i32>().iter().map(|&v| v as i64).collect()),
-            d => Err(Error::tensor(what, format!("expected an integer tensor, found {d}"))),
+            d => Err(Error::tensor(
+                what,
+                format!("expected an integer tensor, found {d}"),
+            )),
         }
     }
 

@@ -31,7 +31,10 @@ fn edit(f: impl FnOnce(&mut ModelProto)) -> Vec<u8> {
 fn truncated_files_are_errors() {
     let bytes = good_bytes();
     let mut count = 0;
-    for cut in (0..bytes.len()).step_by(997).chain([1, 2, 7, bytes.len() - 1]) {
+    for cut in (0..bytes.len())
+        .step_by(997)
+        .chain([1, 2, 7, bytes.len() - 1])
+    {
         let r = load(bytes[..cut].to_vec());
         assert!(r.is_err(), "file cut at {cut} of {} loaded", bytes.len());
         count += 1;
@@ -47,10 +50,12 @@ fn flipped_bytes_never_panic() {
         let mut b = bytes.clone();
         b[at] ^= 1 << (k % 8);
         // A flip inside weight bytes still loads (weights are data); anything structural must be Err.
-        match std::panic::catch_unwind(|| load(b).map(|m| {
-            let mut s = m.new_state().unwrap();
-            let _ = m.step(&mut s, &[1, 2, 3], &StepSampling::GREEDY);
-        })) {
+        match std::panic::catch_unwind(|| {
+            load(b).map(|m| {
+                let mut s = m.new_state().unwrap();
+                let _ = m.step(&mut s, &[1, 2, 3], &StepSampling::GREEDY);
+            })
+        }) {
             Ok(Ok(())) => {}
             Ok(Err(_)) => errors += 1,
             Err(_) => panic!("flipping a bit at byte {at} panicked"),
@@ -93,7 +98,10 @@ fn unknown_ops_are_all_listed() {
 
 #[test]
 fn missing_metadata_and_wrong_version_are_named() {
-    let bytes = edit(|m| m.metadata_props.retain(|p| p.key.as_deref() != Some("onestep.max_cache")));
+    let bytes = edit(|m| {
+        m.metadata_props
+            .retain(|p| p.key.as_deref() != Some("onestep.max_cache"))
+    });
     let e = load(bytes).unwrap_err().to_string();
     assert!(e.contains("onestep.max_cache"), "{e}");
     let bytes = edit(|m| {
@@ -139,7 +147,9 @@ fn bad_arguments_leave_the_state_usable() {
     let chunk = vec![1u32; model.info().max_chunk + 1];
     assert!(model.step(&mut s, &chunk, &StepSampling::GREEDY).is_err());
     assert_eq!(s.len(), 0);
-    let a = model.step(&mut s, &[5, 6, 7], &StepSampling::GREEDY).unwrap();
+    let a = model
+        .step(&mut s, &[5, 6, 7], &StepSampling::GREEDY)
+        .unwrap();
     // Fill the cache, then one more token must be refused with the numbers.
     while s.len() < max_cache {
         model.step(&mut s, &[3], &StepSampling::GREEDY).unwrap();
@@ -147,7 +157,9 @@ fn bad_arguments_leave_the_state_usable() {
     let e = model.step(&mut s, &[3], &StepSampling::GREEDY).unwrap_err();
     assert!(e.to_string().contains("exceed the cache"), "{e}");
     s.reset();
-    let b = model.step(&mut s, &[5, 6, 7], &StepSampling::GREEDY).unwrap();
+    let b = model
+        .step(&mut s, &[5, 6, 7], &StepSampling::GREEDY)
+        .unwrap();
     assert_eq!(a, b, "a reset state reproduces the first step exactly");
 }
 

@@ -19,8 +19,14 @@ fn check(name: &str) {
             .unwrap();
     let model = Model::load(dir.join(format!("{name}.onnx"))).unwrap();
     let stats = model.plan_stats();
-    assert_eq!(stats.cache_attention, 2, "{name}: attention must read the cache in place: {stats:?}");
-    assert!(stats.linear >= 14, "{name}: linear layers must be bound to their weights: {stats:?}");
+    assert_eq!(
+        stats.cache_attention, 2,
+        "{name}: attention must read the cache in place: {stats:?}"
+    );
+    assert!(
+        stats.linear >= 14,
+        "{name}: linear layers must be bound to their weights: {stats:?}"
+    );
     println!("{name}: plan {stats:?}");
     let mut state = model.new_state().unwrap();
     let mut worst = 0.0f32;
@@ -44,7 +50,11 @@ fn check(name: &str) {
             .iter()
             .map(|v| v.as_f64().unwrap() as f32)
             .collect();
-        assert_eq!(out.logits.len(), want.len(), "{name} step {i}: logits length");
+        assert_eq!(
+            out.logits.len(),
+            want.len(),
+            "{name} step {i}: logits length"
+        );
         let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1.0);
         let diff = out
             .logits

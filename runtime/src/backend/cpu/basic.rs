@@ -1,8 +1,15 @@
 //! Small scalar building blocks used by the generic ops (RMSNorm, rotary rows, top-k selection).
 
 /// RMSNorm over rows of length `n`: `y = x / sqrt(mean(x²) + eps) · scale`.
-pub fn rms_norm(x: &[f32], scale: &[f32], eps: f32, n: usize, out: &mut [f32]) -> Result<(), String> {
-    if n == 0 || x.len() % n != 0 || out.len() != x.len() || (scale.len() != n && scale.len() != 1) {
+pub fn rms_norm(
+    x: &[f32],
+    scale: &[f32],
+    eps: f32,
+    n: usize,
+    out: &mut [f32],
+) -> Result<(), String> {
+    if n == 0 || x.len() % n != 0 || out.len() != x.len() || (scale.len() != n && scale.len() != 1)
+    {
         return Err(format!(
             "rms_norm: x {} / out {} / scale {} do not fit rows of {n}",
             x.len(),
@@ -25,7 +32,11 @@ pub fn rms_norm(x: &[f32], scale: &[f32], eps: f32, n: usize, out: &mut [f32]) -
 pub fn rotate_row(row: &mut [f32], cos: &[f32], sin: &[f32], interleaved: bool) {
     let half = row.len() / 2;
     for i in 0..half {
-        let (a, b) = if interleaved { (2 * i, 2 * i + 1) } else { (i, i + half) };
+        let (a, b) = if interleaved {
+            (2 * i, 2 * i + 1)
+        } else {
+            (i, i + half)
+        };
         let (x0, x1) = (row[a], row[b]);
         row[a] = x0 * cos[i] - x1 * sin[i];
         row[b] = x0 * sin[i] + x1 * cos[i];
@@ -106,51 +117,52 @@ pub fn cache_attention<E: CacheElem>(
 ) {
     use rayon::prelude::*;
     let group = heads / kv_heads;
-    out.par_chunks_mut(t * d)
-        .enumerate()
-        .for_each(|(h, oh)| {
-            let kh = h / group;
-            let mut scores = vec![0.0f32; p + t];
-            for ti in 0..t {
-                let qr = &q[(h * t + ti) * d..][..d];
-                let n = p + ti + 1;
-                for (j, sc) in scores.iter_mut().enumerate().take(n) {
-                    let mut acc = 0.0f32;
-                    if j < p {
-                        let kr = &past_k[(kh * slots + j) * d..][..d];
-                        for x in 0..d {
-                            acc += qr[x] * kr[x].get();
-                        }
-                    } else {
-                        let kr = &new_k[(kh * t + (j - p)) * d..][..d];
-                        for x in 0..d {
-                            acc += qr[x] * kr[x];
-                        }
+    out.par_chunks_mut(t * d).enumerate().for_each(|(h, oh)| {
+        let kh = h / group;
+        let mut scores = vec![0.0f32; p + t];
+        for ti in 0..t {
+            let qr = &q[(h * t + ti) * d..][..d];
+            let n = p + ti + 1;
+            for (j, sc) in scores.iter_mut().enumerate().take(n) {
+                let mut acc = 0.0f32;
+                if j < p {
+                    let kr = &past_k[(kh * slots + j) * d..][..d];
+                    for x in 0..d {
+                        acc += qr[x] * kr[x].get();
                     }
-                    *sc = acc * scale;
+                } else {
+                    let kr = &new_k[(kh * t + (j - p)) * d..][..d];
+                    for x in 0..d {
+                        acc += qr[x] * kr[x];
+                    }
                 }
-                let m = scores[..n].iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0.0f32;
-                for s in &mut scores[..n] {
-                    *s = (*s - m).exp();
-                    sum += *s;
-                }
-                let o = &mut oh[ti * d..(ti + 1) * d];
-                o.iter_mut().for_each(|x| *x = 0.0);
-                for (j, &w) in scores[..n].iter().enumerate() {
-                    let w = w / sum;
-                    if j < p {
-                        let vr = &past_v[(kh * slots + j) * d..][..d];
-                        for x in 0..d {
-                            o[x] += w * vr[x].get();
-                        }
-                    } else {
-                        let vr = &new_v[(kh * t + (j - p)) * d..][..d];
-                        for x in 0..d {
-                            o[x] += w * vr[x];
-                        }
+                *sc = acc * scale;
+            }
+            let m = scores[..n]
+                .iter()
+                .copied()
+                .fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0.0f32;
+            for s in &mut scores[..n] {
+                *s = (*s - m).exp();
+                sum += *s;
+            }
+            let o = &mut oh[ti * d..(ti + 1) * d];
+            o.iter_mut().for_each(|x| *x = 0.0);
+            for (j, &w) in scores[..n].iter().enumerate() {
+                let w = w / sum;
+                if j < p {
+                    let vr = &past_v[(kh * slots + j) * d..][..d];
+                    for x in 0..d {
+                        o[x] += w * vr[x].get();
+                    }
+                } else {
+                    let vr = &new_v[(kh * t + (j - p)) * d..][..d];
+                    for x in 0..d {
+                        o[x] += w * vr[x];
                     }
                 }
             }
-        });
+        }
+    });
 }

@@ -100,8 +100,16 @@ pub fn broadcast_shape(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
     let r = a.len().max(b.len());
     let mut out = vec![0; r];
     for i in 0..r {
-        let da = if i + a.len() >= r { a[i + a.len() - r] } else { 1 };
-        let db = if i + b.len() >= r { b[i + b.len() - r] } else { 1 };
+        let da = if i + a.len() >= r {
+            a[i + a.len() - r]
+        } else {
+            1
+        };
+        let db = if i + b.len() >= r {
+            b[i + b.len() - r]
+        } else {
+            1
+        };
         out[i] = if da == db || db == 1 {
             da
         } else if da == 1 {
@@ -269,10 +277,14 @@ fn cast(ctx: &Ctx, a: &Tensor, to: DType) -> Result<Tensor> {
             Ok(match to {
                 DType::F32 => Tensor::f32(&a.shape, &src),
                 DType::F16 => Tensor::build(to, &a.shape, |o: &mut [f16]| {
-                    o.iter_mut().zip(&src).for_each(|(o, &s)| *o = f16::from_f32(s))
+                    o.iter_mut()
+                        .zip(&src)
+                        .for_each(|(o, &s)| *o = f16::from_f32(s))
                 }),
                 DType::BF16 => Tensor::build(to, &a.shape, |o: &mut [bf16]| {
-                    o.iter_mut().zip(&src).for_each(|(o, &s)| *o = bf16::from_f32(s))
+                    o.iter_mut()
+                        .zip(&src)
+                        .for_each(|(o, &s)| *o = bf16::from_f32(s))
                 }),
                 DType::I64 => Tensor::build(to, &a.shape, |o: &mut [i64]| {
                     o.iter_mut().zip(&src).for_each(|(o, &s)| *o = s as i64)
@@ -287,7 +299,9 @@ fn cast(ctx: &Ctx, a: &Tensor, to: DType) -> Result<Tensor> {
                     o.iter_mut().zip(&src).for_each(|(o, &s)| *o = s as i8)
                 }),
                 DType::Bool => Tensor::build(to, &a.shape, |o: &mut [u8]| {
-                    o.iter_mut().zip(&src).for_each(|(o, &s)| *o = (s != 0.0) as u8)
+                    o.iter_mut()
+                        .zip(&src)
+                        .for_each(|(o, &s)| *o = (s != 0.0) as u8)
                 }),
             })
         }};
@@ -319,7 +333,9 @@ fn cast(ctx: &Ctx, a: &Tensor, to: DType) -> Result<Tensor> {
                 o.iter_mut().zip(src).for_each(|(o, &s)| *o = s as i8)
             }),
             _ => Tensor::build(to, &a.shape, |o: &mut [u8]| {
-                o.iter_mut().zip(src).for_each(|(o, &s)| *o = (s != 0) as u8)
+                o.iter_mut()
+                    .zip(src)
+                    .for_each(|(o, &s)| *o = (s != 0) as u8)
             }),
         });
     }
@@ -455,6 +471,11 @@ fn transpose(a: &Tensor, perm: &[usize]) -> Tensor {
     let es = a.dtype.size();
     let r = a.rank();
     let shape: Vec<usize> = perm.iter().map(|&p| a.shape[p]).collect();
+    // Moving only dimensions of size 1 keeps the memory order: a view, no copy (decode's T = 1).
+    let moved: Vec<usize> = perm.iter().copied().filter(|&p| a.shape[p] != 1).collect();
+    if moved.windows(2).all(|w| w[0] < w[1]) {
+        return a.reshaped(shape);
+    }
     let mut in_strides = vec![0usize; r];
     let mut s = 1;
     for i in (0..r).rev() {
@@ -537,7 +558,8 @@ fn expand(ctx: &Ctx, a: &Tensor, target: &[i64]) -> Result<Tensor> {
 fn where_op(ctx: &Ctx, c: &Tensor, x: &Tensor, y: &Tensor) -> Result<Tensor> {
     c.expect(DType::Bool, &ctx.node.name)?;
     let dt = same_dtype(ctx, x, y)?;
-    let s1 = broadcast_shape(&c.shape, &x.shape).ok_or_else(|| ctx.err("shapes do not broadcast"))?;
+    let s1 =
+        broadcast_shape(&c.shape, &x.shape).ok_or_else(|| ctx.err("shapes do not broadcast"))?;
     let shape = broadcast_shape(&s1, &y.shape).ok_or_else(|| ctx.err("shapes do not broadcast"))?;
     let (oc, ox, oy) = (
         broadcast_offsets(&c.shape, &shape),
@@ -549,7 +571,11 @@ fn where_op(ctx: &Ctx, c: &Tensor, x: &Tensor, y: &Tensor) -> Result<Tensor> {
     let mut out = Tensor::zeros(dt, &shape);
     let o = out.bytes_mut();
     for k in 0..oc.len() {
-        let (src, off) = if cb[oc[k]] != 0 { (xb, ox[k]) } else { (yb, oy[k]) };
+        let (src, off) = if cb[oc[k]] != 0 {
+            (xb, ox[k])
+        } else {
+            (yb, oy[k])
+        };
         o[k * es..(k + 1) * es].copy_from_slice(&src[off * es..(off + 1) * es]);
     }
     Ok(out)
@@ -595,7 +621,11 @@ fn softmax_rows(v: &mut [f32], n: usize) {
         let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut s = 0.0;
         for x in row.iter_mut() {
-            *x = if m == f32::NEG_INFINITY { 0.0 } else { (*x - m).exp() };
+            *x = if m == f32::NEG_INFINITY {
+                0.0
+            } else {
+                (*x - m).exp()
+            };
             s += *x;
         }
         if s > 0.0 {
@@ -820,8 +850,7 @@ fn rms_norm(ctx: &Ctx, x: &Tensor, scale: &Tensor) -> Result<Tensor> {
         )));
     }
     let mut out = Tensor::zeros(DType::F32, &x.shape);
-    super::basic::rms_norm(xv, &sv, eps, n, out.typed_mut::<f32>())
-        .map_err(|e| ctx.err(e))?;
+    super::basic::rms_norm(xv, &sv, eps, n, out.typed_mut::<f32>()).map_err(|e| ctx.err(e))?;
     Ok(out)
 }
 
@@ -843,7 +872,11 @@ fn rotary(ctx: &Ctx, inputs: &[Option<&Tensor>]) -> Result<Tensor> {
         return Err(ctx.err(format!("rotary dim {rot} invalid for head dim {d}")));
     }
     if pos.len() != b * s {
-        return Err(ctx.err(format!("position_ids has {} entries, need {}", pos.len(), b * s)));
+        return Err(ctx.err(format!(
+            "position_ids has {} entries, need {}",
+            pos.len(),
+            b * s
+        )));
     }
     let half = rot / 2;
     let max_pos = cos.len() / half.max(1);
@@ -885,7 +918,12 @@ fn attention(ctx: &Ctx, inputs: &[Option<&Tensor>]) -> Result<Tensor> {
     let (b, hq, t, d) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3]);
     let (hk, s) = (k.shape[1], k.shape[2]);
     let dv = v.shape[3];
-    if b != 1 || k.shape[0] != 1 || hk == 0 || hq % hk != 0 || k.shape[3] != d || v.shape[1] != hk
+    if b != 1
+        || k.shape[0] != 1
+        || hk == 0
+        || hq % hk != 0
+        || k.shape[3] != d
+        || v.shape[1] != hk
         || v.shape[2] != s
     {
         return Err(ctx.err(format!(
@@ -903,7 +941,9 @@ fn attention(ctx: &Ctx, inputs: &[Option<&Tensor>]) -> Result<Tensor> {
         None => None,
         Some(m) => {
             let ms = &m.shape;
-            if ms.len() < 2 || ms[ms.len() - 1] != s || (ms[ms.len() - 2] != t && ms[ms.len() - 2] != 1)
+            if ms.len() < 2
+                || ms[ms.len() - 1] != s
+                || (ms[ms.len() - 2] != t && ms[ms.len() - 2] != 1)
                 || ms[..ms.len() - 2].iter().any(|&x| x != 1)
             {
                 return Err(ctx.err(format!("attn_mask shape {ms:?} unsupported for [{t}, {s}]")));
@@ -1115,9 +1155,13 @@ fn bit_op(ctx: &Ctx, a: &Tensor, b: &Tensor) -> Result<Tensor> {
     }
     let right = matches!(ctx.node.attrs.get("direction"), Some(Attr::Str(s)) if s == "RIGHT");
     if right {
-        binary(ctx, a, b, DType::U8, |x: u8, y: u8| x.checked_shr(y as u32).unwrap_or(0))
+        binary(ctx, a, b, DType::U8, |x: u8, y: u8| {
+            x.checked_shr(y as u32).unwrap_or(0)
+        })
     } else {
-        binary(ctx, a, b, DType::U8, |x: u8, y: u8| x.checked_shl(y as u32).unwrap_or(0))
+        binary(ctx, a, b, DType::U8, |x: u8, y: u8| {
+            x.checked_shl(y as u32).unwrap_or(0)
+        })
     }
 }
 
@@ -1173,7 +1217,12 @@ pub fn run_node(node: &Node, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> 
         }
         "Reshape" => {
             let spec = i(1)?.to_i64_vec(name)?;
-            one(reshape(&ctx, i(0)?, &spec, node.attr_int("allowzero", 0) != 0)?)
+            one(reshape(
+                &ctx,
+                i(0)?,
+                &spec,
+                node.attr_int("allowzero", 0) != 0,
+            )?)
         }
         "Squeeze" => one(squeeze(&ctx, i(0)?, axes_input(&ctx, inputs, 1)?)?),
         "Unsqueeze" => {
@@ -1229,5 +1278,146 @@ pub fn run_node(node: &Node, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> 
         "DequantizeLinear" => one(dequantize_linear(&ctx, inputs)?),
         "com.microsoft::MatMulNBits" => one(matmul_nbits(&ctx, inputs)?),
         other => Err(ctx.err(format!("op `{other}` is not supported"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn node(op: &str, attrs: &[(&str, Attr)]) -> Node {
+        Node {
+            name: format!("t.{op}"),
+            op: op.into(),
+            domain: String::new(),
+            inputs: vec![],
+            outputs: vec![],
+            attrs: attrs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect::<BTreeMap<_, _>>(),
+        }
+    }
+
+    fn run(op: &str, attrs: &[(&str, Attr)], ins: &[&Tensor]) -> Result<Vec<Tensor>> {
+        let v: Vec<Option<&Tensor>> = ins.iter().map(|t| Some(*t)).collect();
+        run_node(&node(op, attrs), &v)
+    }
+
+    #[test]
+    fn broadcasting_add_matches_numpy_rules() {
+        let a = Tensor::f32(&[2, 1, 3], &[1., 2., 3., 4., 5., 6.]);
+        let b = Tensor::f32(&[4, 1], &[10., 20., 30., 40.]);
+        let o = run("Add", &[], &[&a, &b]).unwrap().remove(0);
+        assert_eq!(o.shape, vec![2, 4, 3]);
+        let v = o.typed::<f32>();
+        assert_eq!(&v[..6], &[11., 12., 13., 21., 22., 23.]);
+        assert_eq!(v[23], 46.);
+        let c = Tensor::f32(&[2], &[1., 2.]);
+        assert!(
+            run("Add", &[], &[&a, &c]).is_err(),
+            "3 vs 2 must not broadcast"
+        );
+    }
+
+    #[test]
+    fn reshape_infers_and_copies_dims() {
+        let a = Tensor::f32(&[2, 3, 4], &(0..24).map(|x| x as f32).collect::<Vec<_>>());
+        let s = Tensor::i64(&[3], &[0, -1, 2]);
+        let o = run("Reshape", &[], &[&a, &s]).unwrap().remove(0);
+        assert_eq!(o.shape, vec![2, 6, 2]);
+        let bad = Tensor::i64(&[2], &[5, -1]);
+        assert!(run("Reshape", &[], &[&a, &bad]).is_err());
+    }
+
+    #[test]
+    fn gather_negative_and_out_of_range_indices() {
+        let a = Tensor::f32(&[3, 2], &[1., 2., 3., 4., 5., 6.]);
+        let i = Tensor::i64(&[2], &[-1, 0]);
+        let o = run("Gather", &[("axis", Attr::Int(0))], &[&a, &i])
+            .unwrap()
+            .remove(0);
+        assert_eq!(o.typed::<f32>(), &[5., 6., 1., 2.]);
+        let bad = Tensor::i64(&[1], &[3]);
+        let e = run("Gather", &[], &[&a, &bad]).unwrap_err().to_string();
+        assert!(e.contains("out of range"), "{e}");
+    }
+
+    #[test]
+    fn transpose_real_and_view() {
+        let a = Tensor::f32(&[2, 3], &[1., 2., 3., 4., 5., 6.]);
+        let o = run("Transpose", &[("perm", Attr::Ints(vec![1, 0]))], &[&a])
+            .unwrap()
+            .remove(0);
+        assert_eq!(o.typed::<f32>(), &[1., 4., 2., 5., 3., 6.]);
+        let b = Tensor::f32(&[1, 1, 2, 3], &[1., 2., 3., 4., 5., 6.]);
+        let o = run(
+            "Transpose",
+            &[("perm", Attr::Ints(vec![0, 2, 1, 3]))],
+            &[&b],
+        )
+        .unwrap()
+        .remove(0);
+        assert_eq!(o.shape, vec![1, 2, 1, 3]);
+        assert_eq!(o.typed::<f32>(), b.typed::<f32>());
+    }
+
+    #[test]
+    fn topk_ties_prefer_lower_index() {
+        let a = Tensor::f32(&[1, 5], &[3., 7., 7., 1., 7.]);
+        let k = Tensor::i64(&[1], &[2]);
+        let o = run("TopK", &[], &[&a, &k]).unwrap();
+        assert_eq!(o[1].typed::<i64>(), &[1, 2]);
+        let k1 = Tensor::i64(&[1], &[1]);
+        let o = run("TopK", &[], &[&a, &k1]).unwrap();
+        assert_eq!(o[1].typed::<i64>(), &[1]);
+        let k9 = Tensor::i64(&[1], &[9]);
+        assert!(run("TopK", &[], &[&a, &k9]).is_err());
+    }
+
+    #[test]
+    fn cumsum_exclusive_reverse() {
+        let a = Tensor::f32(&[4], &[1., 2., 3., 4.]);
+        let ax = Tensor::i64(&[], &[0]);
+        let o = run("CumSum", &[], &[&a, &ax]).unwrap().remove(0);
+        assert_eq!(o.typed::<f32>(), &[1., 3., 6., 10.]);
+        let o = run(
+            "CumSum",
+            &[("exclusive", Attr::Int(1)), ("reverse", Attr::Int(1))],
+            &[&a, &ax],
+        )
+        .unwrap()
+        .remove(0);
+        assert_eq!(o.typed::<f32>(), &[9., 7., 4., 0.]);
+    }
+
+    #[test]
+    fn range_is_bounded() {
+        let (s, l, d) = (
+            Tensor::i64(&[], &[0]),
+            Tensor::i64(&[], &[i64::MAX]),
+            Tensor::i64(&[], &[1]),
+        );
+        assert!(
+            run("Range", &[], &[&s, &l, &d]).is_err(),
+            "a huge range must be refused"
+        );
+    }
+
+    #[test]
+    fn cast_roundtrips() {
+        let a = Tensor::f32(&[3], &[1.5, -2.25, 65504.0]);
+        let h = run("Cast", &[("to", Attr::Int(10))], &[&a])
+            .unwrap()
+            .remove(0);
+        let b = run("Cast", &[("to", Attr::Int(1))], &[&h])
+            .unwrap()
+            .remove(0);
+        assert_eq!(b.typed::<f32>(), a.typed::<f32>());
+        let i = run("Cast", &[("to", Attr::Int(7))], &[&a])
+            .unwrap()
+            .remove(0);
+        assert_eq!(i.typed::<i64>(), &[1, -2, 65504]);
     }
 }
