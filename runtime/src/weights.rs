@@ -36,8 +36,8 @@ pub enum WeightForm {
         b: Tensor,
         /// Scales.
         scales: Tensor,
-        /// Zero points, one per block, as f32.
-        zero: Vec<f32>,
+        /// Zero points, one per block: f32 (4-bit forms) or u8 (8-bit forms) `[N·K/bs]`, read in place.
+        zero: Tensor,
     },
 }
 
@@ -127,24 +127,27 @@ impl LinearWeights {
                 scales.shape
             ));
         }
-        let default_zero = (1u32 << (bits - 1)) as f32;
+        let default_zero = 1u32 << (bits - 1);
         let zero = match inputs.get(3).copied().flatten() {
-            None => vec![default_zero; n * nb],
-            Some(z) if z.dtype == DType::F32 && z.numel() == n * nb => z.typed::<f32>().to_vec(),
-            Some(z) if z.dtype == DType::U8 && bits == 8 && z.numel() == n * nb => {
-                z.typed::<u8>().iter().map(|&v| v as f32).collect()
-            }
+            Some(z) if z.dtype == DType::F32 && z.numel() == n * nb => z.clone(),
+            Some(z) if z.dtype == DType::U8 && bits == 8 && z.numel() == n * nb => z.clone(),
+            // Packed 4-bit zero points (two per byte): unpacked once, here (n·nb floats).
             Some(z) if z.dtype == DType::U8 && bits == 4 && z.numel() == n * nb.div_ceil(2) => {
                 let zb = z.typed::<u8>();
                 let per_row = nb.div_ceil(2);
-                (0..n * nb)
+                let v: Vec<f32> = (0..n * nb)
                     .map(|i| {
                         let (row, blk) = (i / nb, i % nb);
                         let byte = zb[row * per_row + blk / 2];
                         (if blk % 2 == 0 { byte & 15 } else { byte >> 4 }) as f32
                     })
-                    .collect()
+                    .collect();
+                Tensor::f32(&[n * nb], &v)
             }
+            None if bits == 8 => {
+                Tensor::from_slice(DType::U8, &[n * nb], &vec![default_zero as u8; n * nb])
+            }
+            None => Tensor::f32(&[n * nb], &vec![default_zero as f32; n * nb]),
             Some(z) => {
                 return Err(format!(
                     "zero points {} {:?} do not fit {n}×{nb} blocks of {bits} bits",
@@ -200,9 +203,14 @@ impl LinearWeights {
                 let blob = block * *bits as usize / 8;
                 let bytes = b.bytes();
                 let sc = scales.typed::<f32>();
+                let zf = (zero.dtype == DType::F32).then(|| zero.typed::<f32>());
+                let zu = zero.typed::<u8>();
                 for blk in 0..nb {
                     let s = sc[j * nb + blk];
-                    let z = zero[j * nb + blk];
+                    let z = match zf {
+                        Some(zf) => zf[j * nb + blk],
+                        None => zu[j * nb + blk] as f32,
+                    };
                     let src = &bytes[(j * nb + blk) * blob..][..blob];
                     let dst = &mut out[blk * block..(blk + 1) * block];
                     if *bits == 8 {
