@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 
 use bytes::Bytes;
 
+mod check;
 pub mod gguf;
 pub mod hf;
 pub mod tokenizer;
