@@ -899,3 +899,477 @@ fn rope_scaling(m: &Meta<'_>, arch: &str) -> Result<Option<RopeScaling>, SourceE
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A metadata value for the test writer.
+    #[derive(Clone)]
+    enum V {
+        U32(u32),
+        F32(f32),
+        Bool(bool),
+        Str(String),
+        Strs(Vec<String>),
+        I32s(Vec<i32>),
+    }
+
+    fn s(x: &str) -> V {
+        V::Str(x.into())
+    }
+
+    fn put_str(out: &mut Vec<u8>, s: &str) {
+        out.extend((s.len() as u64).to_le_bytes());
+        out.extend(s.as_bytes());
+    }
+
+    fn put_value(out: &mut Vec<u8>, v: &V) {
+        match v {
+            V::U32(x) => {
+                out.extend(4u32.to_le_bytes());
+                out.extend(x.to_le_bytes());
+            }
+            V::F32(x) => {
+                out.extend(6u32.to_le_bytes());
+                out.extend(x.to_le_bytes());
+            }
+            V::Bool(b) => {
+                out.extend(7u32.to_le_bytes());
+                out.push(u8::from(*b));
+            }
+            V::Str(x) => {
+                out.extend(8u32.to_le_bytes());
+                put_str(out, x);
+            }
+            V::Strs(xs) => {
+                out.extend(9u32.to_le_bytes());
+                out.extend(8u32.to_le_bytes());
+                out.extend((xs.len() as u64).to_le_bytes());
+                for x in xs {
+                    put_str(out, x);
+                }
+            }
+            V::I32s(xs) => {
+                out.extend(9u32.to_le_bytes());
+                out.extend(5u32.to_le_bytes());
+                out.extend((xs.len() as u64).to_le_bytes());
+                for x in xs {
+                    out.extend(x.to_le_bytes());
+                }
+            }
+        }
+    }
+
+    /// A tensor for the test writer: name, `ne` (innermost first), ggml type, bytes.
+    struct T {
+        name: String,
+        ne: Vec<u64>,
+        ty: u32,
+        data: Vec<u8>,
+    }
+
+    /// Writes a GGUF v3 file with alignment 32.
+    fn write_gguf(kvs: &[(&str, V)], tensors: &[T]) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend(b"GGUF");
+        out.extend(3u32.to_le_bytes());
+        out.extend((tensors.len() as u64).to_le_bytes());
+        out.extend((kvs.len() as u64).to_le_bytes());
+        for (k, v) in kvs {
+            put_str(&mut out, k);
+            put_value(&mut out, v);
+        }
+        let mut offset = 0u64;
+        let mut offsets = Vec::new();
+        for t in tensors {
+            put_str(&mut out, &t.name);
+            out.extend((t.ne.len() as u32).to_le_bytes());
+            for d in &t.ne {
+                out.extend(d.to_le_bytes());
+            }
+            out.extend(t.ty.to_le_bytes());
+            out.extend(offset.to_le_bytes());
+            offsets.push(offset);
+            offset = (offset + t.data.len() as u64).div_ceil(32) * 32;
+        }
+        while out.len() % 32 != 0 {
+            out.push(0);
+        }
+        let start = out.len();
+        for (t, off) in tensors.iter().zip(offsets) {
+            out.resize(start + off as usize, 0);
+            out.extend(&t.data);
+        }
+        out
+    }
+
+    /// Deterministic non-zero pseudo-random bytes (xorshift).
+    fn noise(n: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8 | 1
+            })
+            .collect()
+    }
+
+    const HIDDEN: u64 = 32;
+    const FFN: u64 = 64;
+    const HEADS: u32 = 2;
+    const KV_HEADS: u32 = 1;
+    const HEAD_DIM: u64 = 16;
+    const LAYERS: usize = 2;
+
+    fn vocab() -> Vec<String> {
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "a", "b", "ab", "Ġ", "Ġa", "Ġab", "c"]
+            .iter()
+            .map(|x| x.to_string())
+            .collect()
+    }
+
+    fn metadata(arch: &str) -> Vec<(String, V)> {
+        let k = |x: &str| format!("{arch}.{x}");
+        vec![
+            ("general.architecture".into(), s(arch)),
+            ("general.name".into(), s("tiny")),
+            (k("embedding_length"), V::U32(HIDDEN as u32)),
+            (k("feed_forward_length"), V::U32(FFN as u32)),
+            (k("block_count"), V::U32(LAYERS as u32)),
+            (k("attention.head_count"), V::U32(HEADS)),
+            (k("attention.head_count_kv"), V::U32(KV_HEADS)),
+            (k("attention.layer_norm_rms_epsilon"), V::F32(1e-5)),
+            (k("rope.freq_base"), V::F32(5e5)),
+            (k("rope.dimension_count"), V::U32(HEAD_DIM as u32)),
+            (k("context_length"), V::U32(256)),
+            ("tokenizer.ggml.model".into(), s("gpt2")),
+            ("tokenizer.ggml.pre".into(), s("smollm")),
+            ("tokenizer.ggml.tokens".into(), V::Strs(vocab())),
+            (
+                "tokenizer.ggml.token_type".into(),
+                V::I32s(vec![3, 3, 3, 1, 1, 1, 1, 1, 1, 1]),
+            ),
+            (
+                "tokenizer.ggml.merges".into(),
+                V::Strs(vec!["a b".into(), "Ġ a".into(), "Ġ ab".into()]),
+            ),
+            ("tokenizer.ggml.bos_token_id".into(), V::U32(1)),
+            ("tokenizer.ggml.eos_token_id".into(), V::U32(2)),
+            ("tokenizer.ggml.add_bos_token".into(), V::Bool(false)),
+            ("tokenizer.chat_template".into(), s("{{ messages }}")),
+        ]
+    }
+
+    /// Bytes of a `[rows, cols]` (outermost first) tensor of ggml type `ty`.
+    fn tensor(name: &str, shape: &[u64], ty: u32, seed: u64) -> T {
+        let ne: Vec<u64> = shape.iter().rev().copied().collect();
+        let (block, bytes) = ggml_type_layout(ty).expect("known type");
+        let n = ne.iter().product::<u64>() / block * bytes;
+        T {
+            name: name.into(),
+            ne,
+            ty,
+            data: noise(n as usize, seed),
+        }
+    }
+
+    /// Every tensor of a tiny llama, cycling through all supported types.
+    fn tensors(biases: bool) -> Vec<T> {
+        const TYPES: [u32; 6] = [0, 1, 30, 8, 2, 3]; // F32 F16 BF16 Q8_0 Q4_0 Q4_1
+        let q = HEADS as u64 * HEAD_DIM;
+        let kv = KV_HEADS as u64 * HEAD_DIM;
+        let vocab = vocab().len() as u64;
+        let mut v = vec![
+            tensor("token_embd.weight", &[vocab, HIDDEN], 8, 1),
+            tensor("output_norm.weight", &[HIDDEN], 0, 2),
+            tensor("output.weight", &[vocab, HIDDEN], 2, 3),
+        ];
+        let mut k = 0;
+        for i in 0..LAYERS {
+            let mut mat = |suffix: &str, shape: &[u64]| {
+                k += 1;
+                tensor(&format!("blk.{i}.{suffix}"), shape, TYPES[k % 6], 100 + k as u64)
+            };
+            v.push(mat("attn_q.weight", &[q, HIDDEN]));
+            v.push(mat("attn_k.weight", &[kv, HIDDEN]));
+            v.push(mat("attn_v.weight", &[kv, HIDDEN]));
+            v.push(mat("attn_output.weight", &[HIDDEN, q]));
+            v.push(mat("ffn_gate.weight", &[FFN, HIDDEN]));
+            v.push(mat("ffn_up.weight", &[FFN, HIDDEN]));
+            v.push(mat("ffn_down.weight", &[HIDDEN, FFN]));
+            v.push(tensor(&format!("blk.{i}.attn_norm.weight"), &[HIDDEN], 0, 7 + i as u64));
+            v.push(tensor(&format!("blk.{i}.ffn_norm.weight"), &[HIDDEN], 0, 9 + i as u64));
+            if biases {
+                v.push(tensor(&format!("blk.{i}.attn_q.bias"), &[q], 0, 11));
+                v.push(tensor(&format!("blk.{i}.attn_k.bias"), &[kv], 0, 12));
+                v.push(tensor(&format!("blk.{i}.attn_v.bias"), &[kv], 0, 13));
+            }
+        }
+        v
+    }
+
+    fn build(kvs: &[(String, V)], ts: &[T]) -> Vec<u8> {
+        let kvs: Vec<(&str, V)> = kvs.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+        write_gguf(&kvs, ts)
+    }
+
+    fn load(bytes: Vec<u8>) -> Result<SourceModel, SourceError> {
+        let f = parse("tiny.gguf", Bytes::from(bytes))?;
+        into_model(&f)
+    }
+
+    #[test]
+    fn reads_every_supported_type_zero_copy() {
+        let ts = tensors(false);
+        let m = load(build(&metadata("llama"), &ts)).expect("tiny llama loads");
+        let c = &m.config;
+        assert_eq!(c.architecture, "llama");
+        assert_eq!((c.hidden_size, c.intermediate_size, c.num_layers), (32, 64, 2));
+        assert_eq!((c.num_heads, c.num_kv_heads, c.head_dim), (2, 1, 16));
+        assert_eq!((c.vocab_size, c.max_position_embeddings), (10, 256));
+        assert_eq!(c.rope_theta, 5e5);
+        assert!((c.rms_eps - 1e-5).abs() < 1e-12);
+        assert!(!c.tie_word_embeddings && c.rope_interleaved && !c.attention_bias);
+        assert_eq!(m.tensors.len(), ts.len());
+        let mut seen = BTreeSet::new();
+        for t in &ts {
+            let got = &m.tensors[&t.name];
+            let shape: Vec<usize> = t.ne.iter().rev().map(|&d| d as usize).collect();
+            assert_eq!(got.shape, shape, "{}", t.name);
+            assert_eq!(got.data.as_ref(), t.data.as_slice(), "{}", t.name);
+            assert_eq!(Some(got.dtype), source_dtype(t.ty));
+            seen.insert(format!("{:?}", got.dtype));
+        }
+        assert_eq!(seen.len(), 6, "all six types covered: {seen:?}");
+        assert!(m.generation.is_none());
+    }
+
+    use std::collections::BTreeSet;
+
+    #[test]
+    fn reads_from_a_mapped_file() {
+        let bytes = build(&metadata("llama"), &tensors(false));
+        let path = std::env::temp_dir().join(format!("onestep-gguf-{}.gguf", std::process::id()));
+        std::fs::write(&path, &bytes).expect("write temp file");
+        let m = read(&path);
+        std::fs::remove_file(&path).ok();
+        let m = m.expect("reads");
+        assert_eq!(m.origin, path.display().to_string());
+        // The tensor bytes are slices of the mapping, not copies.
+        let a = &m.tensors["blk.0.attn_q.weight"].data;
+        let b = &m.tensors["blk.1.attn_q.weight"].data;
+        assert!(a.as_ptr() < b.as_ptr());
+    }
+
+    #[test]
+    fn tokenizer_from_tiny_vocab() {
+        let m = load(build(&metadata("llama"), &tensors(false))).expect("loads");
+        let t = &m.tokenizer;
+        assert_eq!((t.bos_id, t.eos_id, t.add_bos), (Some(1), 2, false));
+        // <|endoftext|> and <|im_end|> end generation (llama.cpp's rule).
+        assert_eq!(t.stop_ids, vec![0, 2]);
+        assert_eq!(t.chat_template.as_deref(), Some("{{ messages }}"));
+        let tok = tokenizers::Tokenizer::from_bytes(t.tokenizer_json.as_bytes()).expect("loads");
+        let enc = tok.encode("ab ab<|im_end|>a", false).expect("encode");
+        assert_eq!(enc.get_ids(), &[5, 8, 2, 3]);
+        assert_eq!(tok.decode(enc.get_ids(), false).expect("decode"), "ab ab<|im_end|>a");
+        assert_eq!(tok.decode(enc.get_ids(), true).expect("decode"), "ab aba");
+    }
+
+    #[test]
+    fn qwen2_has_biases_and_rotate_half() {
+        let kvs = metadata("qwen2");
+        let m = load(build(&kvs, &tensors(true))).expect("qwen2 loads");
+        assert!(m.config.attention_bias && !m.config.rope_interleaved);
+        // Without the biases it is a missing-tensor error.
+        let e = load(build(&kvs, &tensors(false))).expect_err("biases required");
+        assert!(
+            matches!(&e, SourceError::MissingTensor { tensor, .. } if tensor == "blk.0.attn_q.bias"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn every_truncation_is_an_error() {
+        let bytes = build(&metadata("llama"), &tensors(false));
+        assert!(load(bytes.clone()).is_ok());
+        for len in 0..bytes.len() {
+            let r = load(bytes[..len].to_vec());
+            assert!(r.is_err(), "truncated to {len} of {} bytes loaded", bytes.len());
+        }
+    }
+
+    #[test]
+    fn random_corruption_never_panics() {
+        let bytes = build(&metadata("llama"), &tensors(false));
+        let header_len = 2048.min(bytes.len());
+        let rnd = noise(40_000, 77);
+        let mut errors = 0;
+        for i in 0..10_000 {
+            let mut b = bytes.clone();
+            let pos = (usize::from(rnd[4 * i]) << 8 | usize::from(rnd[4 * i + 1])) % header_len;
+            b[pos] ^= rnd[4 * i + 2];
+            errors += usize::from(load(b).is_err());
+        }
+        assert!(errors > 1000, "corruptions detected: {errors}");
+    }
+
+    fn header(n_tensors: u64, n_kv: u64) -> Vec<u8> {
+        let mut b = b"GGUF".to_vec();
+        b.extend(3u32.to_le_bytes());
+        b.extend(n_tensors.to_le_bytes());
+        b.extend(n_kv.to_le_bytes());
+        b
+    }
+
+    fn format_detail(r: Result<GgufFile, SourceError>) -> String {
+        match r {
+            Err(SourceError::Format { detail, .. }) => detail,
+            other => panic!("expected a format error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn hostile_counts_fail_without_allocating() {
+        let d = format_detail(parse("h.gguf", Bytes::from(header(u64::MAX, 0))));
+        assert!(d.contains("tensor count"), "{d}");
+        let d = format_detail(parse("h.gguf", Bytes::from(header(0, u64::MAX / 2))));
+        assert!(d.contains("kv count"), "{d}");
+        // A key whose length claims most of the address space.
+        let mut b = header(0, 1);
+        b.extend(u64::MAX.to_le_bytes());
+        b.extend([0u8; 64]);
+        let d = format_detail(parse("h.gguf", Bytes::from(b)));
+        assert!(d.contains("length of key"), "{d}");
+        // A string array with a huge length.
+        let mut b = header(0, 1);
+        put_str(&mut b, "tokenizer.ggml.tokens");
+        b.extend(9u32.to_le_bytes());
+        b.extend(8u32.to_le_bytes());
+        b.extend((1u64 << 60).to_le_bytes());
+        b.extend([0u8; 64]);
+        let d = format_detail(parse("h.gguf", Bytes::from(b)));
+        assert!(d.contains("tokenizer.ggml.tokens"), "{d}");
+        // A string value longer than the file.
+        let mut b = header(0, 1);
+        put_str(&mut b, "general.name");
+        b.extend(8u32.to_le_bytes());
+        b.extend(1000u64.to_le_bytes());
+        b.extend(b"short");
+        let d = format_detail(parse("h.gguf", Bytes::from(b)));
+        assert!(d.contains("general.name"), "{d}");
+        // A tensor of rank 5, and one whose shape overflows.
+        for (ne, want) in [(vec![1u64; 5], "rank 5"), (vec![u64::MAX, 4], "overflows")] {
+            let mut b = header(1, 0);
+            put_str(&mut b, "t");
+            b.extend((ne.len() as u32).to_le_bytes());
+            for d in &ne {
+                b.extend(d.to_le_bytes());
+            }
+            b.extend(0u32.to_le_bytes());
+            b.extend(0u64.to_le_bytes());
+            b.resize(b.len() + 64, 0);
+            let d = format_detail(parse("h.gguf", Bytes::from(b)));
+            assert!(d.contains(want), "{d}");
+        }
+    }
+
+    #[test]
+    fn bad_magic_and_versions() {
+        let d = format_detail(parse("x.gguf", Bytes::from_static(b"GGML\x03\0\0\0")));
+        assert!(d.contains("magic"), "{d}");
+        for (v, want) in [(1u32, "version 1"), (3u32.swap_bytes(), "big-endian"), (9, "version 9")] {
+            let mut b = b"GGUF".to_vec();
+            b.extend(v.to_le_bytes());
+            b.extend([0u8; 16]);
+            match parse("x.gguf", Bytes::from(b)) {
+                Err(SourceError::Unsupported { what, .. }) => assert!(what.contains(want), "{what}"),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn unsupported_tensor_type_names_tensor_and_type() {
+        let mut ts = tensors(false);
+        ts[3] = tensor(&ts[3].name.clone(), &[HEADS as u64 * HEAD_DIM, 256], 12, 5); // Q4_K
+        let name = ts[3].name.clone();
+        match load(build(&metadata("llama"), &ts)) {
+            Err(SourceError::Unsupported { what, .. }) => {
+                assert!(what.contains("Q4_K") && what.contains(&name), "{what}")
+            }
+            other => panic!("{other:?}"),
+        }
+        // An id ggml does not know at all is a format error naming the tensor.
+        ts[3].ty = 99;
+        match load(build(&metadata("llama"), &ts)) {
+            Err(SourceError::Format { detail, .. }) => {
+                assert!(detail.contains("99") && detail.contains(&name), "{detail}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn config_and_shape_errors() {
+        // Unsupported architecture.
+        let mut kvs = metadata("llama");
+        kvs[0].1 = s("gpt2");
+        match load(build(&kvs, &tensors(false))) {
+            Err(SourceError::Unsupported { what, .. }) => assert!(what.contains("gpt2"), "{what}"),
+            other => panic!("{other:?}"),
+        }
+        // A missing required key names it.
+        let kvs: Vec<_> = metadata("llama")
+            .into_iter()
+            .filter(|(k, _)| k != "llama.feed_forward_length")
+            .collect();
+        match load(build(&kvs, &tensors(false))) {
+            Err(SourceError::Key { key, .. }) => assert_eq!(key, "llama.feed_forward_length"),
+            other => panic!("{other:?}"),
+        }
+        // A tensor whose shape disagrees with the config.
+        let mut ts = tensors(false);
+        let i = ts.iter().position(|t| t.name == "blk.1.ffn_up.weight").expect("exists");
+        ts[i] = tensor("blk.1.ffn_up.weight", &[96, HIDDEN], 0, 3);
+        match load(build(&metadata("llama"), &ts)) {
+            Err(SourceError::Shape { tensor, actual, expected, .. }) => {
+                assert_eq!(tensor, "blk.1.ffn_up.weight");
+                assert_eq!((actual, expected), (vec![96, 32], vec![64, 32]));
+            }
+            other => panic!("{other:?}"),
+        }
+        // Tied embeddings when `output.weight` is absent.
+        let ts: Vec<T> = tensors(false).into_iter().filter(|t| t.name != "output.weight").collect();
+        assert!(load(build(&metadata("llama"), &ts)).expect("loads").config.tie_word_embeddings);
+        // Linear RoPE scaling; yarn is refused.
+        let mut kvs = metadata("llama");
+        kvs.push(("llama.rope.scaling.type".into(), s("linear")));
+        kvs.push(("llama.rope.scaling.factor".into(), V::F32(4.0)));
+        let m = load(build(&kvs, &tensors(false))).expect("loads");
+        assert_eq!(m.config.rope_scaling, Some(RopeScaling::Linear { factor: 4.0 }));
+        let n = kvs.len();
+        kvs[n - 2].1 = s("yarn");
+        assert!(matches!(
+            load(build(&kvs, &tensors(false))),
+            Err(SourceError::Unsupported { .. })
+        ));
+    }
+
+    #[test]
+    fn unsupported_tokenizer_model_is_clear() {
+        let mut kvs = metadata("llama");
+        for (k, v) in kvs.iter_mut() {
+            if k == "tokenizer.ggml.model" {
+                *v = s("llama");
+            }
+        }
+        match load(build(&kvs, &tensors(false))) {
+            Err(SourceError::Unsupported { what, .. }) => assert!(what.contains("`llama`"), "{what}"),
+            other => panic!("{other:?}"),
+        }
+    }
+}
