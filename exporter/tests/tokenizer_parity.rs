@@ -106,7 +106,10 @@ fn smollm2_decode_round_trips() {
     // so the round trip gives the text without them.
     let byte_char = gpt2_byte_chars();
     let missing: Vec<u8> = (0..=255u8)
-        .filter(|&b| tok.token_to_id(&byte_char[b as usize].to_string()).is_none())
+        .filter(|&b| {
+            tok.token_to_id(&byte_char[b as usize].to_string())
+                .is_none()
+        })
         .collect();
     println!("bytes without a token: {missing:02x?}");
     let mut lossy = 0;
@@ -176,10 +179,16 @@ fn smollm2_metadata() {
     // 272 tensors: Q8_0 embedding, Q4_1 projections, F32 norms.
     assert_eq!(model.tensors.len(), 272);
     let e = &model.tensors["token_embd.weight"];
-    assert_eq!((e.dtype, e.shape.clone()), (SourceDType::Q8_0, vec![49152, 576]));
+    assert_eq!(
+        (e.dtype, e.shape.clone()),
+        (SourceDType::Q8_0, vec![49152, 576])
+    );
     assert_eq!(e.data.len(), 49152 * 576 / 32 * 34);
     let d = &model.tensors["blk.0.ffn_down.weight"];
-    assert_eq!((d.dtype, d.shape.clone()), (SourceDType::Q4_1, vec![576, 1536]));
+    assert_eq!(
+        (d.dtype, d.shape.clone()),
+        (SourceDType::Q4_1, vec![576, 1536])
+    );
     assert_eq!(d.data.len(), 576 * 1536 / 32 * 20);
     let n = &model.tensors["blk.29.attn_norm.weight"];
     assert_eq!((n.dtype, n.shape.clone()), (SourceDType::F32, vec![576]));

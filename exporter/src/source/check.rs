@@ -16,10 +16,12 @@ pub(crate) fn check_tensors(
     let h = c.hidden_size;
     let f = c.intermediate_size;
     let want = |name: &str, expected: Vec<usize>| -> Result<(), SourceError> {
-        let t = tensors.get(name).ok_or_else(|| SourceError::MissingTensor {
-            path: path.into(),
-            tensor: name.into(),
-        })?;
+        let t = tensors
+            .get(name)
+            .ok_or_else(|| SourceError::MissingTensor {
+                path: path.into(),
+                tensor: name.into(),
+            })?;
         if t.shape != expected {
             return Err(SourceError::Shape {
                 path: path.into(),

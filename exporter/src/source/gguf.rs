@@ -203,7 +203,12 @@ pub fn parse(path: &str, data: Bytes) -> Result<GgufFile, SourceError> {
     let version = r.u32("version")?;
     match version {
         2 | 3 => {}
-        1 => return Err(unsupported(path, "GGUF version 1 (re-convert the model)".into())),
+        1 => {
+            return Err(unsupported(
+                path,
+                "GGUF version 1 (re-convert the model)".into(),
+            ))
+        }
         v if v.swap_bytes() == 2 || v.swap_bytes() == 3 => {
             return Err(unsupported(path, "big-endian GGUF".into()))
         }
@@ -467,38 +472,38 @@ enum NbytesError {
 fn ggml_type_layout(t: u32) -> Option<(u64, u64)> {
     const QK_K: u64 = 256;
     Some(match t {
-        0 => (1, 4),              // F32
-        1 => (1, 2),              // F16
-        2 => (32, 18),            // Q4_0
-        3 => (32, 20),            // Q4_1
-        6 => (32, 22),            // Q5_0
-        7 => (32, 24),            // Q5_1
-        8 => (32, 34),            // Q8_0
-        9 => (32, 36),            // Q8_1
-        10 => (QK_K, 84),         // Q2_K
-        11 => (QK_K, 110),        // Q3_K
-        12 => (QK_K, 144),        // Q4_K
-        13 => (QK_K, 176),        // Q5_K
-        14 => (QK_K, 210),        // Q6_K
-        15 => (QK_K, 292),        // Q8_K
-        16 => (QK_K, 66),         // IQ2_XXS
-        17 => (QK_K, 74),         // IQ2_XS
-        18 => (QK_K, 98),         // IQ3_XXS
-        19 => (QK_K, 50),         // IQ1_S
-        20 => (32, 18),           // IQ4_NL
-        21 => (QK_K, 110),        // IQ3_S
-        22 => (QK_K, 82),         // IQ2_S
-        23 => (QK_K, 136),        // IQ4_XS
-        24 => (1, 1),             // I8
-        25 => (1, 2),             // I16
-        26 => (1, 4),             // I32
-        27 => (1, 8),             // I64
-        28 => (1, 8),             // F64
-        29 => (QK_K, 56),         // IQ1_M
-        30 => (1, 2),             // BF16
-        34 => (QK_K, 54),         // TQ1_0
-        35 => (QK_K, 66),         // TQ2_0
-        39 => (32, 17),           // MXFP4
+        0 => (1, 4),       // F32
+        1 => (1, 2),       // F16
+        2 => (32, 18),     // Q4_0
+        3 => (32, 20),     // Q4_1
+        6 => (32, 22),     // Q5_0
+        7 => (32, 24),     // Q5_1
+        8 => (32, 34),     // Q8_0
+        9 => (32, 36),     // Q8_1
+        10 => (QK_K, 84),  // Q2_K
+        11 => (QK_K, 110), // Q3_K
+        12 => (QK_K, 144), // Q4_K
+        13 => (QK_K, 176), // Q5_K
+        14 => (QK_K, 210), // Q6_K
+        15 => (QK_K, 292), // Q8_K
+        16 => (QK_K, 66),  // IQ2_XXS
+        17 => (QK_K, 74),  // IQ2_XS
+        18 => (QK_K, 98),  // IQ3_XXS
+        19 => (QK_K, 50),  // IQ1_S
+        20 => (32, 18),    // IQ4_NL
+        21 => (QK_K, 110), // IQ3_S
+        22 => (QK_K, 82),  // IQ2_S
+        23 => (QK_K, 136), // IQ4_XS
+        24 => (1, 1),      // I8
+        25 => (1, 2),      // I16
+        26 => (1, 4),      // I32
+        27 => (1, 8),      // I64
+        28 => (1, 8),      // F64
+        29 => (QK_K, 56),  // IQ1_M
+        30 => (1, 2),      // BF16
+        34 => (QK_K, 54),  // TQ1_0
+        35 => (QK_K, 66),  // TQ2_0
+        39 => (32, 17),    // MXFP4
         _ => return None,
     })
 }
@@ -663,9 +668,9 @@ impl<'a> Meta<'a> {
         let Some(v) = self.get(key) else {
             return Ok(None);
         };
-        let arr = v
-            .as_array()
-            .ok_or_else(|| self.key_err(key, format!("expected an array, got {}", v.type_name())))?;
+        let arr = v.as_array().ok_or_else(|| {
+            self.key_err(key, format!("expected an array, got {}", v.type_name()))
+        })?;
         arr.iter()
             .enumerate()
             .map(|(i, e)| {
@@ -681,9 +686,9 @@ impl<'a> Meta<'a> {
         let Some(v) = self.get(key) else {
             return Ok(None);
         };
-        let arr = v
-            .as_array()
-            .ok_or_else(|| self.key_err(key, format!("expected an array, got {}", v.type_name())))?;
+        let arr = v.as_array().ok_or_else(|| {
+            self.key_err(key, format!("expected an array, got {}", v.type_name()))
+        })?;
         arr.iter()
             .enumerate()
             .map(|(i, e)| {
@@ -724,16 +729,15 @@ pub fn into_model(file: &GgufFile) -> Result<SourceModel, SourceError> {
                 ),
             )
         })?;
-        let shape = t
-            .ne
-            .iter()
-            .rev()
-            .map(|&d| usize::try_from(d))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|_| SourceError::Format {
-                path: path.into(),
-                detail: format!("tensor `{}`: dimension does not fit in usize", t.name),
-            })?;
+        let shape =
+            t.ne.iter()
+                .rev()
+                .map(|&d| usize::try_from(d))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|_| SourceError::Format {
+                    path: path.into(),
+                    detail: format!("tensor `{}`: dimension does not fit in usize", t.name),
+                })?;
         tensors.insert(
             t.name.clone(),
             SourceTensor {
@@ -746,7 +750,8 @@ pub fn into_model(file: &GgufFile) -> Result<SourceModel, SourceError> {
     if tensors.contains_key("rope_freqs.weight") {
         return Err(unsupported(
             path,
-            "tensor `rope_freqs.weight` (per-frequency RoPE factors, e.g. Llama 3.1 scaling)".into(),
+            "tensor `rope_freqs.weight` (per-frequency RoPE factors, e.g. Llama 3.1 scaling)"
+                .into(),
         ));
     }
 
@@ -757,9 +762,7 @@ pub fn into_model(file: &GgufFile) -> Result<SourceModel, SourceError> {
     let num_heads = m.positive(&k("attention.head_count"))?;
     let num_kv_heads = match m.usize_opt(&k("attention.head_count_kv"))? {
         None => num_heads,
-        Some(0) => {
-            return Err(m.key_err(&k("attention.head_count_kv"), "must be positive".into()))
-        }
+        Some(0) => return Err(m.key_err(&k("attention.head_count_kv"), "must be positive".into())),
         Some(v) => v,
     };
     if num_heads % num_kv_heads != 0 {
@@ -1025,10 +1028,21 @@ mod tests {
     const LAYERS: usize = 2;
 
     fn vocab() -> Vec<String> {
-        ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "a", "b", "ab", "Ġ", "Ġa", "Ġab", "c"]
-            .iter()
-            .map(|x| x.to_string())
-            .collect()
+        [
+            "<|endoftext|>",
+            "<|im_start|>",
+            "<|im_end|>",
+            "a",
+            "b",
+            "ab",
+            "Ġ",
+            "Ġa",
+            "Ġab",
+            "c",
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect()
     }
 
     fn metadata(arch: &str) -> Vec<(String, V)> {
@@ -1091,7 +1105,12 @@ mod tests {
         for i in 0..LAYERS {
             let mut mat = |suffix: &str, shape: &[u64]| {
                 k += 1;
-                tensor(&format!("blk.{i}.{suffix}"), shape, TYPES[k % 6], 100 + k as u64)
+                tensor(
+                    &format!("blk.{i}.{suffix}"),
+                    shape,
+                    TYPES[k % 6],
+                    100 + k as u64,
+                )
             };
             v.push(mat("attn_q.weight", &[q, HIDDEN]));
             v.push(mat("attn_k.weight", &[kv, HIDDEN]));
@@ -1100,8 +1119,18 @@ mod tests {
             v.push(mat("ffn_gate.weight", &[FFN, HIDDEN]));
             v.push(mat("ffn_up.weight", &[FFN, HIDDEN]));
             v.push(mat("ffn_down.weight", &[HIDDEN, FFN]));
-            v.push(tensor(&format!("blk.{i}.attn_norm.weight"), &[HIDDEN], 0, 7 + i as u64));
-            v.push(tensor(&format!("blk.{i}.ffn_norm.weight"), &[HIDDEN], 0, 9 + i as u64));
+            v.push(tensor(
+                &format!("blk.{i}.attn_norm.weight"),
+                &[HIDDEN],
+                0,
+                7 + i as u64,
+            ));
+            v.push(tensor(
+                &format!("blk.{i}.ffn_norm.weight"),
+                &[HIDDEN],
+                0,
+                9 + i as u64,
+            ));
             if biases {
                 v.push(tensor(&format!("blk.{i}.attn_q.bias"), &[q], 0, 11));
                 v.push(tensor(&format!("blk.{i}.attn_k.bias"), &[kv], 0, 12));
@@ -1127,7 +1156,10 @@ mod tests {
         let m = load(build(&metadata("llama"), &ts)).expect("tiny llama loads");
         let c = &m.config;
         assert_eq!(c.architecture, "llama");
-        assert_eq!((c.hidden_size, c.intermediate_size, c.num_layers), (32, 64, 2));
+        assert_eq!(
+            (c.hidden_size, c.intermediate_size, c.num_layers),
+            (32, 64, 2)
+        );
         assert_eq!((c.num_heads, c.num_kv_heads, c.head_dim), (2, 1, 16));
         assert_eq!((c.vocab_size, c.max_position_embeddings), (10, 256));
         assert_eq!(c.rope_theta, 5e5);
@@ -1175,7 +1207,10 @@ mod tests {
         let tok = tokenizers::Tokenizer::from_bytes(t.tokenizer_json.as_bytes()).expect("loads");
         let enc = tok.encode("ab ab<|im_end|>a", false).expect("encode");
         assert_eq!(enc.get_ids(), &[5, 8, 2, 3]);
-        assert_eq!(tok.decode(enc.get_ids(), false).expect("decode"), "ab ab<|im_end|>a");
+        assert_eq!(
+            tok.decode(enc.get_ids(), false).expect("decode"),
+            "ab ab<|im_end|>a"
+        );
         assert_eq!(tok.decode(enc.get_ids(), true).expect("decode"), "ab aba");
     }
 
@@ -1198,7 +1233,11 @@ mod tests {
         assert!(load(bytes.clone()).is_ok());
         for len in 0..bytes.len() {
             let r = load(bytes[..len].to_vec());
-            assert!(r.is_err(), "truncated to {len} of {} bytes loaded", bytes.len());
+            assert!(
+                r.is_err(),
+                "truncated to {len} of {} bytes loaded",
+                bytes.len()
+            );
         }
     }
 
@@ -1281,12 +1320,18 @@ mod tests {
     fn bad_magic_and_versions() {
         let d = format_detail(parse("x.gguf", Bytes::from_static(b"GGML\x03\0\0\0")));
         assert!(d.contains("magic"), "{d}");
-        for (v, want) in [(1u32, "version 1"), (3u32.swap_bytes(), "big-endian"), (9, "version 9")] {
+        for (v, want) in [
+            (1u32, "version 1"),
+            (3u32.swap_bytes(), "big-endian"),
+            (9, "version 9"),
+        ] {
             let mut b = b"GGUF".to_vec();
             b.extend(v.to_le_bytes());
             b.extend([0u8; 16]);
             match parse("x.gguf", Bytes::from(b)) {
-                Err(SourceError::Unsupported { what, .. }) => assert!(what.contains(want), "{what}"),
+                Err(SourceError::Unsupported { what, .. }) => {
+                    assert!(what.contains(want), "{what}")
+                }
                 other => panic!("{other:?}"),
             }
         }
@@ -1333,24 +1378,43 @@ mod tests {
         }
         // A tensor whose shape disagrees with the config.
         let mut ts = tensors(false);
-        let i = ts.iter().position(|t| t.name == "blk.1.ffn_up.weight").expect("exists");
+        let i = ts
+            .iter()
+            .position(|t| t.name == "blk.1.ffn_up.weight")
+            .expect("exists");
         ts[i] = tensor("blk.1.ffn_up.weight", &[96, HIDDEN], 0, 3);
         match load(build(&metadata("llama"), &ts)) {
-            Err(SourceError::Shape { tensor, actual, expected, .. }) => {
+            Err(SourceError::Shape {
+                tensor,
+                actual,
+                expected,
+                ..
+            }) => {
                 assert_eq!(tensor, "blk.1.ffn_up.weight");
                 assert_eq!((actual, expected), (vec![96, 32], vec![64, 32]));
             }
             other => panic!("{other:?}"),
         }
         // Tied embeddings when `output.weight` is absent.
-        let ts: Vec<T> = tensors(false).into_iter().filter(|t| t.name != "output.weight").collect();
-        assert!(load(build(&metadata("llama"), &ts)).expect("loads").config.tie_word_embeddings);
+        let ts: Vec<T> = tensors(false)
+            .into_iter()
+            .filter(|t| t.name != "output.weight")
+            .collect();
+        assert!(
+            load(build(&metadata("llama"), &ts))
+                .expect("loads")
+                .config
+                .tie_word_embeddings
+        );
         // Linear RoPE scaling; yarn is refused.
         let mut kvs = metadata("llama");
         kvs.push(("llama.rope.scaling.type".into(), s("linear")));
         kvs.push(("llama.rope.scaling.factor".into(), V::F32(4.0)));
         let m = load(build(&kvs, &tensors(false))).expect("loads");
-        assert_eq!(m.config.rope_scaling, Some(RopeScaling::Linear { factor: 4.0 }));
+        assert_eq!(
+            m.config.rope_scaling,
+            Some(RopeScaling::Linear { factor: 4.0 })
+        );
         let n = kvs.len();
         kvs[n - 2].1 = s("yarn");
         assert!(matches!(
@@ -1368,7 +1432,9 @@ mod tests {
             }
         }
         match load(build(&kvs, &tensors(false))) {
-            Err(SourceError::Unsupported { what, .. }) => assert!(what.contains("`llama`"), "{what}"),
+            Err(SourceError::Unsupported { what, .. }) => {
+                assert!(what.contains("`llama`"), "{what}")
+            }
             other => panic!("{other:?}"),
         }
     }

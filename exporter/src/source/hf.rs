@@ -122,7 +122,10 @@ pub fn read(dir: &Path) -> Result<SourceModel, SourceError> {
 }
 
 fn model_config(path: &Path, c: &HfConfig) -> Result<ModelConfig, SourceError> {
-    let arch = match (c.model_type.as_deref(), c.architectures.first().map(String::as_str)) {
+    let arch = match (
+        c.model_type.as_deref(),
+        c.architectures.first().map(String::as_str),
+    ) {
         (Some("llama"), _) | (None, Some("LlamaForCausalLM")) => "llama",
         (Some("qwen2"), _) | (None, Some("Qwen2ForCausalLM")) => "qwen2",
         (Some(other), _) | (None, Some(other)) => {
@@ -352,10 +355,11 @@ fn read_safetensors(dir: &Path) -> Result<BTreeMap<String, (PathBuf, SourceTenso
         // SAFETY: read-only mapping; the file must not be modified while mapped (as for any mmap loader).
         let map = unsafe { memmap2::Mmap::map(&f) }.map_err(io)?;
         let bytes = Bytes::from_owner(map);
-        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| SourceError::Format {
-            path: show(&file),
-            detail: format!("safetensors: {e}"),
-        })?;
+        let st =
+            safetensors::SafeTensors::deserialize(&bytes).map_err(|e| SourceError::Format {
+                path: show(&file),
+                detail: format!("safetensors: {e}"),
+            })?;
         let base = bytes.as_ptr() as usize;
         for (name, view) in st.tensors() {
             let dtype = match view.dtype() {
@@ -438,14 +442,15 @@ fn token_id(tok: &Value, text: &str) -> Option<u32> {
 fn post_processor_adds(tok: &Value, bos: &str) -> bool {
     fn check(p: &Value, bos: &str) -> bool {
         match p.get("type").and_then(Value::as_str) {
-            Some("TemplateProcessing") => p
-                .get("single")
-                .and_then(Value::as_array)
-                .and_then(|s| s.first())
-                .and_then(|f| f.get("SpecialToken"))
-                .and_then(|st| st.get("id"))
-                .and_then(Value::as_str)
-                == Some(bos),
+            Some("TemplateProcessing") => {
+                p.get("single")
+                    .and_then(Value::as_array)
+                    .and_then(|s| s.first())
+                    .and_then(|f| f.get("SpecialToken"))
+                    .and_then(|st| st.get("id"))
+                    .and_then(Value::as_str)
+                    == Some(bos)
+            }
             Some("Sequence") => p
                 .get("processors")
                 .and_then(Value::as_array)
@@ -483,8 +488,8 @@ fn read_tokenizer(
         match tc.get(key) {
             None | Some(Value::Null) => Ok(None),
             Some(v) => {
-                let text = token_text(v)
-                    .ok_or_else(|| key_err(&tc_path, key, "not a token string"))?;
+                let text =
+                    token_text(v).ok_or_else(|| key_err(&tc_path, key, "not a token string"))?;
                 token_id(&tok, text).map(Some).ok_or_else(|| {
                     key_err(
                         &tc_path,
@@ -499,7 +504,13 @@ fn read_tokenizer(
         u32::try_from(id)
             .ok()
             .filter(|&i| (i as usize) < vocab_size)
-            .ok_or_else(|| key_err(path, key, format!("id {id} outside the vocabulary ({vocab_size})")))
+            .ok_or_else(|| {
+                key_err(
+                    path,
+                    key,
+                    format!("id {id} outside the vocabulary ({vocab_size})"),
+                )
+            })
     };
 
     // BOS: tokenizer_config.json (null means none), else config.json.
@@ -518,7 +529,13 @@ fn read_tokenizer(
         None => match (cfg_eos.first(), gen_eos.first()) {
             (Some(&i), _) => check_id(&cfg_path, "eos_token_id", i)?,
             (None, Some(&i)) => check_id(&gc_path, "eos_token_id", i)?,
-            (None, None) => return Err(key_err(&tc_path, "eos_token", "missing (and no eos_token_id in config.json or generation_config.json)")),
+            (None, None) => {
+                return Err(key_err(
+                    &tc_path,
+                    "eos_token",
+                    "missing (and no eos_token_id in config.json or generation_config.json)",
+                ))
+            }
         },
     };
     let mut stop: BTreeSet<u32> = BTreeSet::from([eos_id]);
@@ -538,7 +555,11 @@ fn read_tokenizer(
         Some(_) => return Err(key_err(&tc_path, "add_bos_token", "not a bool")),
     };
     if add_bos && bos_id.is_none() {
-        return Err(key_err(&tc_path, "bos_token", "missing, but add_bos_token is true"));
+        return Err(key_err(
+            &tc_path,
+            "bos_token",
+            "missing, but add_bos_token is true",
+        ));
     }
 
     let chat_template = chat_template(dir, &tc_path, &tc)?;
@@ -572,11 +593,21 @@ fn chat_template(dir: &Path, tc_path: &Path, tc: &Value) -> Result<Option<String
                     .flatten()
             });
             return found.map(|s| Some(s.to_string())).ok_or_else(|| {
-                key_err(tc_path, "chat_template", "list without a `default` template")
+                key_err(
+                    tc_path,
+                    "chat_template",
+                    "list without a `default` template",
+                )
             });
         }
         Some(Value::Null) | None => {}
-        Some(_) => return Err(key_err(tc_path, "chat_template", "neither a string nor a list")),
+        Some(_) => {
+            return Err(key_err(
+                tc_path,
+                "chat_template",
+                "neither a string nor a list",
+            ))
+        }
     }
     let jinja = dir.join("chat_template.jinja");
     if jinja.exists() {
@@ -586,7 +617,11 @@ fn chat_template(dir: &Path, tc_path: &Path, tc: &Value) -> Result<Option<String
     if let Some(v) = read_json_opt(&json_path)? {
         return match v.get("chat_template") {
             Some(Value::String(s)) => Ok(Some(s.clone())),
-            _ => Err(key_err(&json_path, "chat_template", "missing or not a string")),
+            _ => Err(key_err(
+                &json_path,
+                "chat_template",
+                "missing or not a string",
+            )),
         };
     }
     Ok(None)
@@ -595,10 +630,7 @@ fn chat_template(dir: &Path, tc_path: &Path, tc: &Value) -> Result<Option<String
 /// generation_config.json → defaults, with transformers' semantics: without `do_sample: true` decoding
 /// is greedy; when sampling, absent `temperature`/`top_k`/`top_p` take transformers' defaults (1.0, 50,
 /// 1.0).
-fn generation_defaults(
-    path: &Path,
-    g: &Value,
-) -> Result<onestep::GenerationDefaults, SourceError> {
+fn generation_defaults(path: &Path, g: &Value) -> Result<onestep::GenerationDefaults, SourceError> {
     let mut d = onestep::GenerationDefaults::default();
     let num = |k: &str| -> Result<Option<f64>, SourceError> {
         match g.get(k) {
@@ -623,7 +655,11 @@ fn generation_defaults(
         };
         d.top_p = num("top_p")?.unwrap_or(1.0) as f32;
         if !(d.top_p > 0.0 && d.top_p <= 1.0) {
-            return Err(key_err(path, "top_p", format!("{} is outside (0, 1]", d.top_p)));
+            return Err(key_err(
+                path,
+                "top_p",
+                format!("{} is outside (0, 1]", d.top_p),
+            ));
         }
     } else {
         d.temperature = 0.0;
@@ -634,4 +670,371 @@ fn generation_defaults(
         }
     }
     Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use safetensors::tensor::TensorView;
+    use serde_json::json;
+
+    use super::*;
+    use crate::source::tokenizer::{from_gguf, GgufVocab};
+
+    /// A fresh, empty folder under the system temp dir (removed on drop).
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(tag: &str) -> Self {
+            use std::sync::atomic::{AtomicUsize, Ordering};
+            static N: AtomicUsize = AtomicUsize::new(0);
+            let p = std::env::temp_dir().join(format!(
+                "onestep-hf-{tag}-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
+            std::fs::create_dir_all(&p).expect("create temp dir");
+            TempDir(p)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            std::fs::remove_dir_all(&self.0).ok();
+        }
+    }
+
+    const H: usize = 16;
+    const F: usize = 24;
+    const HEADS: usize = 4;
+    const KV: usize = 2;
+    const HD: usize = 4;
+    const VOCAB: usize = 8;
+
+    fn noise(n: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8 | 1
+            })
+            .collect()
+    }
+
+    /// One HF tensor: (name, dtype, shape, bytes).
+    type HfTensor = (String, safetensors::Dtype, Vec<usize>, Vec<u8>);
+
+    /// HF tensors of a tiny model.
+    fn hf_tensors(bias: bool, lm_head: bool, dtype: safetensors::Dtype) -> Vec<HfTensor> {
+        let esz = dtype.bitsize() / 8;
+        let mut v = Vec::new();
+        let mut add = |name: String, shape: Vec<usize>| {
+            let n = shape.iter().product::<usize>() * esz;
+            let seed = v.len() as u64 + 1;
+            v.push((name, dtype, shape, noise(n, seed)));
+        };
+        add("model.embed_tokens.weight".into(), vec![VOCAB, H]);
+        add("model.norm.weight".into(), vec![H]);
+        if lm_head {
+            add("lm_head.weight".into(), vec![VOCAB, H]);
+        }
+        for i in 0..2 {
+            let p = |s: &str| format!("model.layers.{i}.{s}");
+            add(p("input_layernorm.weight"), vec![H]);
+            add(p("self_attn.q_proj.weight"), vec![HEADS * HD, H]);
+            add(p("self_attn.k_proj.weight"), vec![KV * HD, H]);
+            add(p("self_attn.v_proj.weight"), vec![KV * HD, H]);
+            if bias {
+                add(p("self_attn.q_proj.bias"), vec![HEADS * HD]);
+                add(p("self_attn.k_proj.bias"), vec![KV * HD]);
+                add(p("self_attn.v_proj.bias"), vec![KV * HD]);
+            }
+            add(p("self_attn.o_proj.weight"), vec![H, HEADS * HD]);
+            add(p("post_attention_layernorm.weight"), vec![H]);
+            add(p("mlp.gate_proj.weight"), vec![F, H]);
+            add(p("mlp.up_proj.weight"), vec![F, H]);
+            add(p("mlp.down_proj.weight"), vec![H, F]);
+        }
+        v
+    }
+
+    fn write_safetensors(path: &Path, ts: &[HfTensor]) {
+        let views: Vec<(String, TensorView<'_>)> = ts
+            .iter()
+            .map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).expect("view")))
+            .collect();
+        let bytes = safetensors::serialize(views, None).expect("serialize");
+        std::fs::write(path, bytes).expect("write safetensors");
+    }
+
+    fn tokenizer_json() -> String {
+        let v = GgufVocab {
+            model: "gpt2".into(),
+            pre: Some("gpt-2".into()),
+            tokens: ["<s>", "</s>", "<|im_end|>", "a", "b", "ab", "Ġ", "Ġa"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            token_types: Some(vec![3, 3, 3, 1, 1, 1, 1, 1]),
+            merges: Some(vec!["a b".into(), "Ġ a".into()]),
+            eos_id: Some(1),
+            ..Default::default()
+        };
+        from_gguf("test", &v).expect("tokenizer").tokenizer_json
+    }
+
+    fn config(model_type: &str) -> Value {
+        json!({
+            "architectures": ["X"],
+            "model_type": model_type,
+            "hidden_size": H,
+            "intermediate_size": F,
+            "num_hidden_layers": 2,
+            "num_attention_heads": HEADS,
+            "num_key_value_heads": KV,
+            "vocab_size": VOCAB,
+            "rms_norm_eps": 1e-6,
+            "max_position_embeddings": 128,
+            "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+            "tie_word_embeddings": false,
+            "hidden_act": "silu",
+            "eos_token_id": 1,
+        })
+    }
+
+    fn write_json(path: PathBuf, v: &Value) {
+        std::fs::write(path, serde_json::to_string_pretty(v).expect("json")).expect("write json");
+    }
+
+    /// A complete tiny llama folder.
+    fn folder(tag: &str) -> (TempDir, Vec<HfTensor>) {
+        let d = TempDir::new(tag);
+        let ts = hf_tensors(false, true, safetensors::Dtype::BF16);
+        write_safetensors(&d.0.join("model.safetensors"), &ts);
+        write_json(d.0.join("config.json"), &config("llama"));
+        std::fs::write(d.0.join("tokenizer.json"), tokenizer_json()).expect("write");
+        write_json(
+            d.0.join("tokenizer_config.json"),
+            &json!({
+                "bos_token": "<s>",
+                "eos_token": {"content": "<|im_end|>", "special": true},
+                "add_bos_token": true,
+                "chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}],
+            }),
+        );
+        write_json(
+            d.0.join("generation_config.json"),
+            &json!({"do_sample": true, "temperature": 0.7, "top_p": 0.9, "eos_token_id": [1, 2]}),
+        );
+        (d, ts)
+    }
+
+    #[test]
+    fn reads_a_tiny_llama_folder() {
+        let (d, ts) = folder("llama");
+        let m = read(&d.0).expect("reads");
+        let c = &m.config;
+        assert_eq!(c.architecture, "llama");
+        assert_eq!(
+            (c.hidden_size, c.intermediate_size, c.num_layers),
+            (H, F, 2)
+        );
+        assert_eq!(
+            (c.num_heads, c.num_kv_heads, c.head_dim, c.vocab_size),
+            (HEADS, KV, HD, VOCAB)
+        );
+        assert_eq!(c.rope_theta, 500000.0);
+        assert_eq!(
+            c.rope_scaling,
+            Some(RopeScaling::Llama3 {
+                factor: 8.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 64
+            })
+        );
+        assert!(!c.tie_word_embeddings && !c.rope_interleaved && !c.attention_bias);
+        assert_eq!(m.tensors.len(), ts.len());
+        for (name, _, shape, bytes) in &ts {
+            let canon = canonical_name(name).expect("known name");
+            let t = &m.tensors[&canon];
+            assert_eq!(t.dtype, SourceDType::BF16);
+            assert_eq!(&t.shape, shape, "{name}");
+            assert_eq!(t.data.as_ref(), bytes.as_slice(), "{name}");
+        }
+        assert!(m.tensors.contains_key("blk.1.ffn_down.weight"));
+        let t = &m.tokenizer;
+        assert_eq!((t.bos_id, t.eos_id, t.add_bos), (Some(0), 2, true));
+        assert_eq!(t.stop_ids, vec![1, 2]);
+        assert_eq!(t.chat_template.as_deref(), Some("D"));
+        assert_eq!(t.tokenizer_json, tokenizer_json());
+        let g = m.generation.expect("generation defaults");
+        assert_eq!((g.temperature, g.top_k, g.top_p), (0.7, 50, 0.9));
+    }
+
+    #[test]
+    fn greedy_without_do_sample_and_string_template() {
+        let (d, _) = folder("greedy");
+        write_json(
+            d.0.join("generation_config.json"),
+            &json!({"temperature": 0.6, "eos_token_id": 2}),
+        );
+        write_json(
+            d.0.join("tokenizer_config.json"),
+            &json!({"bos_token": null, "eos_token": "</s>", "chat_template": "S"}),
+        );
+        let m = read(&d.0).expect("reads");
+        let g = m.generation.expect("defaults");
+        assert_eq!(g.temperature, 0.0);
+        assert_eq!((m.tokenizer.bos_id, m.tokenizer.add_bos), (None, false));
+        assert_eq!(m.tokenizer.eos_id, 1);
+        assert_eq!(m.tokenizer.stop_ids, vec![1, 2]);
+        assert_eq!(m.tokenizer.chat_template.as_deref(), Some("S"));
+        // Without generation_config.json there are no defaults.
+        std::fs::remove_file(d.0.join("generation_config.json")).expect("rm");
+        assert!(read(&d.0).expect("reads").generation.is_none());
+    }
+
+    #[test]
+    fn sharded_qwen2_with_index_and_tied_embeddings() {
+        let d = TempDir::new("qwen2");
+        let ts = hf_tensors(true, false, safetensors::Dtype::F16);
+        let (a, b) = ts.split_at(ts.len() / 2);
+        write_safetensors(&d.0.join("model-00001-of-00002.safetensors"), a);
+        write_safetensors(&d.0.join("model-00002-of-00002.safetensors"), b);
+        let mut map = serde_json::Map::new();
+        for (n, _, _, _) in a {
+            map.insert(n.clone(), json!("model-00001-of-00002.safetensors"));
+        }
+        for (n, _, _, _) in b {
+            map.insert(n.clone(), json!("model-00002-of-00002.safetensors"));
+        }
+        write_json(
+            d.0.join("model.safetensors.index.json"),
+            &json!({"weight_map": map}),
+        );
+        let mut cfg = config("qwen2");
+        let o = cfg.as_object_mut().expect("object");
+        o.remove("rope_parameters");
+        o.insert("rope_theta".into(), json!(1e6));
+        o.insert("tie_word_embeddings".into(), json!(true));
+        write_json(d.0.join("config.json"), &cfg);
+        std::fs::write(d.0.join("tokenizer.json"), tokenizer_json()).expect("write");
+        let m = read(&d.0).expect("reads");
+        let c = &m.config;
+        assert_eq!(c.architecture, "qwen2");
+        assert!(c.attention_bias && c.tie_word_embeddings && !c.rope_interleaved);
+        assert_eq!((c.rope_theta, c.rope_scaling.clone()), (1e6, None));
+        assert_eq!(m.tensors["blk.1.attn_k.bias"].shape, vec![KV * HD]);
+        assert_eq!(m.tensors["blk.0.attn_q.weight"].dtype, SourceDType::F16);
+        assert!(!m.tensors.contains_key("output.weight"));
+        // No tokenizer_config.json: EOS from config.json, no BOS.
+        assert_eq!((m.tokenizer.eos_id, m.tokenizer.bos_id), (1, None));
+    }
+
+    #[test]
+    fn errors_name_file_key_and_tensor() {
+        // Missing required key.
+        let (d, _) = folder("key");
+        let mut cfg = config("llama");
+        cfg.as_object_mut().expect("object").remove("rms_norm_eps");
+        write_json(d.0.join("config.json"), &cfg);
+        match read(&d.0) {
+            Err(SourceError::Key { path, key, .. }) => {
+                assert_eq!(key, "rms_norm_eps");
+                assert!(path.ends_with("config.json"), "{path}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // Missing file.
+        std::fs::remove_file(d.0.join("config.json")).expect("rm");
+        match read(&d.0) {
+            Err(SourceError::Io { path, .. }) => assert!(path.ends_with("config.json")),
+            other => panic!("{other:?}"),
+        }
+        // Unsupported architecture.
+        write_json(d.0.join("config.json"), &config("gemma"));
+        assert!(
+            matches!(read(&d.0), Err(SourceError::Unsupported { what, .. }) if what.contains("gemma"))
+        );
+
+        // Unsupported dtype names the tensor.
+        let (d, mut ts) = folder("dtype");
+        let (name, dt, shape, bytes) = &mut ts[1];
+        *dt = safetensors::Dtype::I32;
+        bytes.resize(shape.iter().product::<usize>() * 4, 1);
+        let name = name.clone();
+        write_safetensors(&d.0.join("model.safetensors"), &ts);
+        match read(&d.0) {
+            Err(SourceError::Unsupported { what, .. }) => assert!(what.contains(&name), "{what}"),
+            other => panic!("{other:?}"),
+        }
+
+        // Shape disagreeing with the config.
+        let (d, _) = folder("shape");
+        let mut cfg = config("llama");
+        cfg["intermediate_size"] = json!(F + 8);
+        write_json(d.0.join("config.json"), &cfg);
+        match read(&d.0) {
+            Err(SourceError::Shape {
+                tensor, expected, ..
+            }) => {
+                assert_eq!(tensor, "blk.0.ffn_gate.weight");
+                assert_eq!(expected, vec![F + 8, H]);
+            }
+            other => panic!("{other:?}"),
+        }
+
+        // Unknown EOS token text.
+        let (d, _) = folder("eos");
+        write_json(
+            d.0.join("tokenizer_config.json"),
+            &json!({"eos_token": "<nope>"}),
+        );
+        match read(&d.0) {
+            Err(SourceError::Key { key, path, .. }) => {
+                assert_eq!(key, "eos_token");
+                assert!(path.ends_with("tokenizer_config.json"));
+            }
+            other => panic!("{other:?}"),
+        }
+
+        // A truncated safetensors file.
+        let (d, _) = folder("trunc");
+        let p = d.0.join("model.safetensors");
+        let bytes = std::fs::read(&p).expect("read");
+        for cut in [0, 7, 100, bytes.len() - 1] {
+            std::fs::write(&p, &bytes[..cut]).expect("write");
+            assert!(
+                matches!(read(&d.0), Err(SourceError::Format { .. })),
+                "cut {cut}"
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_tensor_names_are_refused() {
+        let (d, mut ts) = folder("unknown");
+        ts.push((
+            "model.layers.0.self_attn.q_norm.weight".into(),
+            safetensors::Dtype::BF16,
+            vec![HD],
+            noise(HD * 2, 9),
+        ));
+        ts.push((
+            "model.layers.0.self_attn.rotary_emb.inv_freq".into(),
+            safetensors::Dtype::F32,
+            vec![2],
+            noise(8, 9),
+        ));
+        write_safetensors(&d.0.join("model.safetensors"), &ts);
+        match read(&d.0) {
+            Err(SourceError::Unsupported { what, .. }) => {
+                assert!(what.contains("q_norm"), "{what}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 }

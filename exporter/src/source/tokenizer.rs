@@ -365,10 +365,13 @@ pub fn from_gguf(path: &str, v: &GgufVocab) -> Result<TokenizerData, SourceError
     // Merges: llama.cpp splits each at the first space after position 0. Merges whose parts or result
     // are not in the vocabulary can never produce a token (llama.cpp falls back to bytes) and the
     // `tokenizers` BPE refuses them, so they are dropped; order (= rank) is kept.
-    let merges_src = v
-        .merges
-        .as_ref()
-        .ok_or_else(|| key_err(path, "tokenizer.ggml.merges", "missing (required for gpt2 BPE)".into()))?;
+    let merges_src = v.merges.as_ref().ok_or_else(|| {
+        key_err(
+            path,
+            "tokenizer.ggml.merges",
+            "missing (required for gpt2 BPE)".into(),
+        )
+    })?;
     let mut merges = Vec::with_capacity(merges_src.len());
     for m in merges_src {
         // Byte search: the first character may be multi-byte, and ' ' is always a char boundary.
@@ -376,7 +379,9 @@ pub fn from_gguf(path: &str, v: &GgufVocab) -> Result<TokenizerData, SourceError
             continue;
         };
         let (a, b) = (&m[..pos], &m[pos + 1..]);
-        if index.contains_key(a) && index.contains_key(b) && index.contains_key(format!("{a}{b}").as_str())
+        if index.contains_key(a)
+            && index.contains_key(b)
+            && index.contains_key(format!("{a}{b}").as_str())
         {
             merges.push(json!([a, b]));
         }
