@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 
 use bytes::Bytes;
 
+mod check;
 pub mod gguf;
 pub mod hf;
 pub mod tokenizer;
@@ -130,7 +131,7 @@ pub struct SourceModel {
 
 /// Canonical tensor names every reader maps its own names to (llama.cpp's GGUF names):
 /// `token_embd.weight`, `output_norm.weight`, `output.weight` (absent when tied), and per layer `blk.{i}.`
-/// + `attn_norm.weight`, `attn_q.weight`, `attn_k.weight`, `attn_v.weight`, `attn_output.weight`,
+/// followed by `attn_norm.weight`, `attn_q.weight`, `attn_k.weight`, `attn_v.weight`, `attn_output.weight`,
 /// `attn_q.bias`, `attn_k.bias`, `attn_v.bias` (qwen2), `ffn_norm.weight`, `ffn_gate.weight`,
 /// `ffn_up.weight`, `ffn_down.weight`.
 pub mod canonical {
