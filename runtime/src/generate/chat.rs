@@ -555,7 +555,10 @@ mod tests {
             "",
         )
         .unwrap();
-        assert!(matches!(recurse.render(&[], false), Err(Error::Template(_))));
+        assert!(matches!(
+            recurse.render(&[], false),
+            Err(Error::Template(_))
+        ));
         let big = ChatTemplate::new(
             "{% for i in range(100) %}{{ 'x' * 10000000 }}{% endfor %}",
             "",
@@ -620,7 +623,10 @@ mod tests {
         );
         // 1969-12-31 23:59:59 (negative time) and 2000-03-01.
         assert_eq!(strftime("%Y-%m-%d %H:%M:%S", -1), "1969-12-31 23:59:59");
-        assert_eq!(strftime("%d %b %Y %A", 951_868_800), "01 Mar 2000 Wednesday");
+        assert_eq!(
+            strftime("%d %b %Y %A", 951_868_800),
+            "01 Mar 2000 Wednesday"
+        );
         let now = ChatTemplate::new("{{ strftime_now('%Y') }}", "", "").unwrap();
         let year: i32 = now.render(&[], false).unwrap().parse().unwrap();
         assert!(year >= 2024);

@@ -53,7 +53,9 @@ impl GenerateOptions {
     /// Checks ranges; every failure is an [`Error::InvalidArgument`].
     pub fn validate(&self) -> Result<()> {
         if self.max_new_tokens == 0 {
-            return Err(Error::InvalidArgument("max_new_tokens must be at least 1".into()));
+            return Err(Error::InvalidArgument(
+                "max_new_tokens must be at least 1".into(),
+            ));
         }
         if !self.temperature.is_finite() || self.temperature < 0.0 {
             return Err(Error::InvalidArgument(format!(
@@ -128,14 +130,35 @@ mod tests {
         ok.validate().unwrap();
         assert_eq!(ok.step_sampling(0.25).random_u, 0.25);
         for bad in [
-            GenerateOptions { max_new_tokens: 0, ..ok.clone() },
-            GenerateOptions { temperature: f32::NAN, ..ok.clone() },
-            GenerateOptions { temperature: -1.0, ..ok.clone() },
-            GenerateOptions { top_p: 0.0, ..ok.clone() },
-            GenerateOptions { top_p: 1.5, ..ok.clone() },
-            GenerateOptions { stop_strings: vec![String::new()], ..ok.clone() },
+            GenerateOptions {
+                max_new_tokens: 0,
+                ..ok.clone()
+            },
+            GenerateOptions {
+                temperature: f32::NAN,
+                ..ok.clone()
+            },
+            GenerateOptions {
+                temperature: -1.0,
+                ..ok.clone()
+            },
+            GenerateOptions {
+                top_p: 0.0,
+                ..ok.clone()
+            },
+            GenerateOptions {
+                top_p: 1.5,
+                ..ok.clone()
+            },
+            GenerateOptions {
+                stop_strings: vec![String::new()],
+                ..ok.clone()
+            },
         ] {
-            assert!(matches!(bad.validate(), Err(Error::InvalidArgument(_))), "{bad:?}");
+            assert!(
+                matches!(bad.validate(), Err(Error::InvalidArgument(_))),
+                "{bad:?}"
+            );
         }
     }
 }

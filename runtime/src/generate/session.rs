@@ -780,7 +780,10 @@ mod tests {
 
     #[test]
     fn chunk_plan() {
-        assert_eq!(plan_chunks(70, 16), vec![0..16, 16..32, 32..48, 48..64, 64..70]);
+        assert_eq!(
+            plan_chunks(70, 16),
+            vec![0..16, 16..32, 32..48, 48..64, 64..70]
+        );
         assert_eq!(plan_chunks(16, 16), vec![0..16]);
         assert_eq!(plan_chunks(1, 16), vec![0..1]);
         assert!(plan_chunks(0, 16).is_empty());
@@ -805,7 +808,10 @@ mod tests {
         assert_eq!(c.stop_reason, StopReason::StopToken { id: 2 });
         assert_eq!(c.text, reply_text);
         assert_eq!(c.token_ids, reply);
-        assert_eq!(pieces.iter().map(|p| p.text.as_str()).collect::<String>(), c.text);
+        assert_eq!(
+            pieces.iter().map(|p| p.text.as_str()).collect::<String>(),
+            c.text
+        );
         assert_eq!(
             pieces.iter().map(|p| p.token_id).collect::<Vec<_>>(),
             reply,
@@ -857,8 +863,16 @@ mod tests {
         let (c, pieces) = collect(&mut core, &prompt, false, &o);
         let c = c.unwrap();
         assert_eq!(c.text, "The answer is 42.");
-        assert_eq!(c.stop_reason, StopReason::StopString { text: "\nUser:".into() });
-        assert_eq!(pieces.iter().map(|p| p.text.as_str()).collect::<String>(), c.text);
+        assert_eq!(
+            c.stop_reason,
+            StopReason::StopString {
+                text: "\nUser:".into()
+            }
+        );
+        assert_eq!(
+            pieces.iter().map(|p| p.text.as_str()).collect::<String>(),
+            c.text
+        );
         assert!(pieces.iter().all(|p| !p.text.contains("User")));
     }
 
@@ -875,7 +889,10 @@ mod tests {
         let (c, pieces) = collect(&mut core, &[9, 9], false, &o);
         let c = c.unwrap();
         assert_eq!(c.stop_reason, StopReason::MaxTokens);
-        assert_eq!(c.text, "abc STO", "held prefix of the stop string is released at the end");
+        assert_eq!(
+            c.text, "abc STO",
+            "held prefix of the stop string is released at the end"
+        );
         assert_eq!(pieces.concat_text(), c.text);
         assert_eq!(c.token_ids.len(), n as usize);
     }
@@ -988,13 +1005,19 @@ mod tests {
         let flag = core.cancel.clone();
         let mut n = 0;
         let c = core
-            .generate_ids(&[5, 6], false, &opts(50), Instant::now(), &mut |_p: &Piece| {
-                n += 1;
-                if n == 3 {
-                    flag.store(true, Ordering::Release); // as another thread would
-                }
-                ControlFlow::Continue(())
-            })
+            .generate_ids(
+                &[5, 6],
+                false,
+                &opts(50),
+                Instant::now(),
+                &mut |_p: &Piece| {
+                    n += 1;
+                    if n == 3 {
+                        flag.store(true, Ordering::Release); // as another thread would
+                    }
+                    ControlFlow::Continue(())
+                },
+            )
             .unwrap();
         assert_eq!(c.stop_reason, StopReason::Cancelled);
         assert_eq!(c.token_ids.len(), 3);
@@ -1002,14 +1025,20 @@ mod tests {
         // Break from the callback.
         let mut n = 0;
         let c = core
-            .generate_ids(&[5, 6], false, &opts(50), Instant::now(), &mut |_p: &Piece| {
-                n += 1;
-                if n == 2 {
-                    ControlFlow::Break(())
-                } else {
-                    ControlFlow::Continue(())
-                }
-            })
+            .generate_ids(
+                &[5, 6],
+                false,
+                &opts(50),
+                Instant::now(),
+                &mut |_p: &Piece| {
+                    n += 1;
+                    if n == 2 {
+                        ControlFlow::Break(())
+                    } else {
+                        ControlFlow::Continue(())
+                    }
+                },
+            )
             .unwrap();
         assert_eq!(c.stop_reason, StopReason::Cancelled);
         assert_eq!(c.token_ids.len(), 2);
@@ -1052,9 +1081,17 @@ mod tests {
         // decode step get fresh ones.
         assert_eq!(&us_a[..2], &[0.0, 0.0]);
         assert!(us_a[2..].iter().all(|&u| u > 0.0));
-        let c = collect(&mut core, &prompt, false, &GenerateOptions { seed: Some(99), ..o })
-            .0
-            .unwrap();
+        let c = collect(
+            &mut core,
+            &prompt,
+            false,
+            &GenerateOptions {
+                seed: Some(99),
+                ..o
+            },
+        )
+        .0
+        .unwrap();
         assert_ne!(a.token_ids, c.token_ids);
     }
 
@@ -1120,7 +1157,9 @@ mod tests {
         let mut core = scripted(info(256, 4), 3, reply);
         let (c, pieces) = collect(&mut core, &[7, 8, 9], false, &opts(50));
         let c = c.unwrap();
-        let run = core.start(&[7, 8, 9], false, &opts(50), Instant::now()).unwrap();
+        let run = core
+            .start(&[7, 8, 9], false, &opts(50), Instant::now())
+            .unwrap();
         let mut s = GenStream {
             core: &mut core,
             run,

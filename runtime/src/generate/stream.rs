@@ -102,20 +102,25 @@ mod tests {
         let ids = tok.encode(text).unwrap();
         // The emoji's four bytes span more than one byte-level token in this vocabulary.
         assert!(ids.len() > text.chars().count(), "{ids:?}");
-        let pieces = stream_all(&tok, &ids);
+        let pieces = stream_all(tok, &ids);
         for p in &pieces {
             assert!(!p.contains(REPLACEMENT), "{pieces:?}");
         }
         assert_eq!(pieces.concat(), text);
         // Some token produced no text yet (held back), proving the hold-back path ran.
-        assert!(pieces[..ids.len()].iter().any(|p| p.is_empty()), "{pieces:?}");
+        assert!(
+            pieces[..ids.len()].iter().any(|p| p.is_empty()),
+            "{pieces:?}"
+        );
     }
 
     #[test]
     fn special_tokens_are_skipped() {
         let tok = smollm2();
-        let ids = tok.encode("<|im_start|>assistant\nHi there<|im_end|>").unwrap();
-        assert_eq!(stream_all(&tok, &ids).concat(), "assistant\nHi there");
+        let ids = tok
+            .encode("<|im_start|>assistant\nHi there<|im_end|>")
+            .unwrap();
+        assert_eq!(stream_all(tok, &ids).concat(), "assistant\nHi there");
     }
 
     #[test]
@@ -123,7 +128,7 @@ mod tests {
         let tok = smollm2();
         let ids = tok.encode("x😀").unwrap();
         let cut = &ids[..ids.len() - 1];
-        let pieces = stream_all(&tok, cut);
+        let pieces = stream_all(tok, cut);
         assert_eq!(pieces.concat(), tok.decode(cut, true).unwrap());
         assert!(pieces.last().unwrap().contains(REPLACEMENT));
     }
@@ -145,7 +150,7 @@ mod tests {
         ) {
             let tok = smollm2();
             let ids = tok.encode(&s).unwrap();
-            let pieces = stream_all(&tok, &ids);
+            let pieces = stream_all(tok, &ids);
             for p in &pieces {
                 // Valid UTF-8 by construction (String); no piece carries a broken character.
                 prop_assert!(!p.contains(REPLACEMENT), "{:?}", pieces);
@@ -159,7 +164,7 @@ mod tests {
             // Random ids may never form valid UTF-8; the stream must still equal the lossy full
             // decode and never split a character.
             let tok = smollm2();
-            let pieces = stream_all(&tok, &ids);
+            let pieces = stream_all(tok, &ids);
             prop_assert_eq!(pieces.concat(), tok.decode(&ids, true).unwrap());
         }
     }
