@@ -1151,6 +1151,30 @@ mod tests {
     }
 
     #[test]
+    fn chat_prompt_ids_match_transformers() {
+        let exp: serde_json::Value =
+            serde_json::from_str(crate::generate::tokenizer::tests::CHAT_EXPECTED).unwrap();
+        let core = core_with(info(4096, 8), Box::new(|_: &[u32], _: &StepSampling| 3));
+        let mut checked = 0;
+        for r in exp["renders"].as_array().unwrap() {
+            if r["template"] != "smollm2" || r["add_generation_prompt"] != true {
+                continue;
+            }
+            let msgs: Vec<ChatMessage> = serde_json::from_value(r["messages"].clone()).unwrap();
+            let enc = exp["encodings"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|e| e["text"] == r["text"])
+                .expect("fixture has the ids of every rendered prompt");
+            let want: Vec<u32> = serde_json::from_value(enc["ids"].clone()).unwrap();
+            assert_eq!(core.chat_ids(&msgs).unwrap(), want);
+            checked += 1;
+        }
+        assert_eq!(checked, 3);
+    }
+
+    #[test]
     fn stream_matches_callback_api() {
         let tok = smollm2();
         let reply = tok.encode("streamed 😀 text").unwrap();

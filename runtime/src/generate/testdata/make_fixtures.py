@@ -79,8 +79,9 @@ texts = [
     "The quick brown fox jumps over the lazy dog. 1234567890",
     "emoji 😀🎉 and CJK 日本語のテキスト, accents: café naïve",
     "  leading and trailing spaces  \n\ttabs\n",
-    renders[1]["text"],  # rendered smollm2 prompt with special tokens
 ]
+# Rendered SmolLM2 chat prompts (special tokens in the text), as `Session::chat` tokenizes them.
+texts += [r["text"] for r in renders if r["template"] == "smollm2" and r["add_generation_prompt"]]
 encodings = [{"text": t, "ids": tok.encode(t, add_special_tokens=True)} for t in texts]
 
 out = {
