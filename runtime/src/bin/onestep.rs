@@ -1,5 +1,549 @@
 //! `onestep` demo CLI: chat, run, bench.
+//!
+//! ```text
+//! onestep chat model.onnx [--system "..."]          interactive; /reset, /quit
+//! onestep run model.onnx -p "..." [--json] [--no-chat]
+//! onestep bench model.onnx [--prompt-tokens 128] [--new-tokens 128] [--repeat 5]
+//! ```
+//! Common flags: --max-tokens, --temperature, --top-k, --top-p, --seed, --threads.
+
+use std::io::{BufRead, Write};
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use clap::{Args, Parser, Subcommand};
+use onestep::generate::{ChatMessage, Completion, GenerateOptions, Piece, Session};
+use onestep::{Error, Model, Result};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "onestep",
+    version,
+    about = "Run one-file ONNX step graphs of language models"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Interactive chat on stdin (`/reset` forgets the conversation, `/quit` leaves).
+    Chat {
+        /// The model file.
+        model: PathBuf,
+        /// System message that starts the conversation.
+        #[arg(long)]
+        system: Option<String>,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Generate once from a prompt.
+    Run {
+        /// The model file.
+        model: PathBuf,
+        /// The prompt (a user message when the chat template applies).
+        #[arg(short, long)]
+        prompt: String,
+        /// Apply the chat template (the default when the model has one).
+        #[arg(long, conflicts_with = "no_chat")]
+        chat: bool,
+        /// Use the prompt as raw text.
+        #[arg(long)]
+        no_chat: bool,
+        /// System message (with the chat template).
+        #[arg(long)]
+        system: Option<String>,
+        /// Stop when the text contains this string (repeatable).
+        #[arg(long = "stop")]
+        stop: Vec<String>,
+        /// Print one JSON object (text, token ids, stop reason, stats) instead of streaming.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Measure prefill and decode speed.
+    Bench {
+        /// The model file.
+        model: PathBuf,
+        /// Prompt length in tokens (built from repeated text).
+        #[arg(long, default_value_t = 128)]
+        prompt_tokens: usize,
+        /// Tokens to generate per run (stop tokens are ignored).
+        #[arg(long, default_value_t = 128)]
+        new_tokens: u32,
+        /// Measured runs; the table shows medians.
+        #[arg(long, default_value_t = 5)]
+        repeat: usize,
+        /// Unmeasured runs before the measured ones.
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+/// Flags every command takes.
+#[derive(Args, Debug, Clone, Default)]
+struct Common {
+    /// Most new tokens per reply (default: the model file's setting).
+    #[arg(long)]
+    max_tokens: Option<u32>,
+    /// Sampling temperature; 0 is greedy (default: the model file's setting).
+    #[arg(long)]
+    temperature: Option<f32>,
+    /// Top-k; 0 disables.
+    #[arg(long)]
+    top_k: Option<u32>,
+    /// Top-p in (0, 1]; 1 disables.
+    #[arg(long)]
+    top_p: Option<f32>,
+    /// Random seed (reproducible runs).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// CPU threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+impl Common {
+    fn apply(&self, mut o: GenerateOptions) -> GenerateOptions {
+        if let Some(v) = self.max_tokens {
+            o.max_new_tokens = v;
+        }
+        if let Some(v) = self.temperature {
+            o.temperature = v;
+        }
+        if let Some(v) = self.top_k {
+            o.top_k = v;
+        }
+        if let Some(v) = self.top_p {
+            o.top_p = v;
+        }
+        if self.seed.is_some() {
+            o.seed = self.seed;
+        }
+        o
+    }
+
+    fn setup_threads(&self) -> Result<()> {
+        if let Some(n) = self.threads {
+            if n == 0 {
+                return Err(Error::InvalidArgument(
+                    "--threads must be at least 1".into(),
+                ));
+            }
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(n)
+                .build_global()
+                .map_err(|e| Error::InvalidArgument(format!("cannot set {n} threads: {e}")))?;
+        }
+        Ok(())
+    }
+}
+
+fn io_err(what: &str) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: PathBuf::from(what),
+        source,
+    }
+}
+
+fn open(path: &Path, common: &Common) -> Result<(Arc<Model>, Session)> {
+    common.setup_threads()?;
+    let model = Model::load(path)?;
+    let session = Session::new(model.clone())?;
+    Ok((model, session))
+}
+
+/// Writes each piece to stdout as it comes.
+fn printer() -> impl FnMut(&Piece) -> ControlFlow<()> {
+    move |p: &Piece| {
+        let mut out = std::io::stdout().lock();
+        // A closed stdout (e.g. `| head`) stops the generation instead of failing it.
+        if out
+            .write_all(p.text.as_bytes())
+            .and_then(|_| out.flush())
+            .is_err()
+        {
+            return ControlFlow::Break(());
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+fn summary(c: &Completion) -> String {
+    format!(
+        "[{} tokens, {}; prefill {} tok in {:.0} ms ({:.1} tok/s), first token {:.0} ms, decode {:.1} tok/s]",
+        c.token_ids.len(),
+        c.stop_reason,
+        c.stats.prefill_tokens,
+        c.stats.prefill_ms,
+        c.stats.prefill_tokens_per_s,
+        c.stats.time_to_first_token_ms,
+        c.stats.decode_tokens_per_s
+    )
+}
+
+fn cmd_chat(model: &Path, system: Option<String>, common: &Common) -> Result<()> {
+    let (_model, mut session) = open(model, common)?;
+    if session.chat_template().is_none() {
+        return Err(Error::Template(
+            "the model carries no chat template; use `onestep run --no-chat`".into(),
+        ));
+    }
+    let opts = common.apply(session.default_options());
+    let initial: Vec<ChatMessage> = system.into_iter().map(ChatMessage::system).collect();
+    let mut messages = initial.clone();
+    let stdin = std::io::stdin();
+    let mut lines = stdin.lock().lines();
+    eprintln!("onestep chat: type a message; /reset forgets the conversation, /quit leaves.");
+    loop {
+        eprint!("> ");
+        std::io::stderr().flush().ok();
+        let Some(line) = lines.next() else {
+            break;
+        };
+        let line = line.map_err(io_err("<stdin>"))?;
+        let text = line.trim();
+        match text {
+            "" => continue,
+            "/quit" | "/exit" => break,
+            "/reset" => {
+                messages = initial.clone();
+                session.reset();
+                eprintln!("[conversation reset]");
+                continue;
+            }
+            _ => {}
+        }
+        messages.push(ChatMessage::user(text));
+        match session.chat(&messages, &opts, printer()) {
+            Ok(c) => {
+                println!();
+                eprintln!("{}", summary(&c));
+                if c.stop_reason == onestep::generate::StopReason::ContextFull {
+                    eprintln!("[the context is full; /reset to start over]");
+                }
+                messages.push(ChatMessage::assistant(c.text));
+            }
+            Err(e @ Error::InvalidArgument(_)) => {
+                messages.pop();
+                eprintln!("onestep: {e}; /reset to start over");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn cmd_run(
+    model: &Path,
+    prompt: &str,
+    chat: bool,
+    no_chat: bool,
+    system: Option<String>,
+    stop: Vec<String>,
+    json: bool,
+    common: &Common,
+) -> Result<()> {
+    let (_model, mut session) = open(model, common)?;
+    let has_template = session.chat_template().is_some();
+    if chat && !has_template {
+        return Err(Error::Template(
+            "--chat: the model carries no chat template".into(),
+        ));
+    }
+    let use_chat = !no_chat && has_template;
+    let mut opts = common.apply(session.default_options());
+    opts.stop_strings = stop;
+    let on_piece = |p: &Piece| {
+        if json {
+            ControlFlow::Continue(())
+        } else {
+            printer()(p)
+        }
+    };
+    let completion = if use_chat {
+        let mut messages: Vec<ChatMessage> = system.into_iter().map(ChatMessage::system).collect();
+        messages.push(ChatMessage::user(prompt));
+        session.chat(&messages, &opts, on_piece)?
+    } else {
+        if system.is_some() {
+            return Err(Error::InvalidArgument(
+                "--system needs the chat template".into(),
+            ));
+        }
+        session.generate(prompt, &opts, on_piece)?
+    };
+    if json {
+        let s = serde_json::to_string(&completion)
+            .map_err(|e| Error::InvalidArgument(format!("cannot write JSON: {e}")))?;
+        println!("{s}");
+    } else {
+        println!();
+        eprintln!("{}", summary(&completion));
+    }
+    Ok(())
+}
+
+/// Peak resident set size in bytes (`VmHWM`), where the OS reports it.
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    parse_vm_hwm(&status)
+}
+
+fn parse_vm_hwm(status: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line
+        .trim_start_matches("VmHWM:")
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// `n` prompt ids made from repeated English text.
+fn bench_prompt(session: &Session, n: usize) -> Result<Vec<u32>> {
+    const TEXT: &str = "The quick brown fox jumps over the lazy dog while the five boxing wizards \
+                        jump quickly, and a journey of a thousand miles begins with a single step. ";
+    let mut text = String::from(TEXT);
+    loop {
+        let ids = session.tokenizer().encode(&text)?;
+        if ids.len() >= n {
+            return Ok(ids[..n].to_vec());
+        }
+        if text.len() > 64 * n + 1024 {
+            return Err(Error::Tokenizer(format!(
+                "cannot build a {n}-token prompt from repeated text"
+            )));
+        }
+        text.push_str(TEXT);
+    }
+}
+
+/// Rows of (label, values) as an aligned table with median, min and max columns.
+fn table(rows: &[(&str, Vec<f64>)]) -> String {
+    let w = rows.iter().map(|r| r.0.len()).max().unwrap_or(0).max(6);
+    let mut s = format!(
+        "{:<w$}  {:>10}  {:>10}  {:>10}\n",
+        "metric", "median", "min", "max"
+    );
+    for (label, vals) in rows {
+        let min = vals.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = vals.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        s.push_str(&format!(
+            "{label:<w$}  {:>10.1}  {min:>10.1}  {max:>10.1}\n",
+            median(vals.clone())
+        ));
+    }
+    s
+}
+
+fn cmd_bench(
+    model: &Path,
+    prompt_tokens: usize,
+    new_tokens: u32,
+    repeat: usize,
+    warmup: usize,
+    common: &Common,
+) -> Result<()> {
+    if repeat == 0 {
+        return Err(Error::InvalidArgument("--repeat must be at least 1".into()));
+    }
+    let (model_arc, mut session) = open(model, common)?;
+    let ids = bench_prompt(&session, prompt_tokens)?;
+    let mut opts = common.apply(session.default_options());
+    opts.max_new_tokens = common.max_tokens.unwrap_or(new_tokens);
+    opts.ignore_stop_tokens = true;
+    if common.temperature.is_none() {
+        opts.temperature = 0.0;
+    }
+    let mut runs = Vec::with_capacity(repeat);
+    for i in 0..warmup + repeat {
+        let c = session.generate_ids(&ids, &opts, |_| ControlFlow::Continue(()))?;
+        if i >= warmup {
+            runs.push(c);
+        }
+    }
+    let col = |f: &dyn Fn(&Completion) -> f64| runs.iter().map(f).collect::<Vec<f64>>();
+    let rss_mb = peak_rss_bytes().map(|b| b as f64 / (1024.0 * 1024.0));
+    let mut rows = vec![
+        ("prefill (tok/s)", col(&|c| c.stats.prefill_tokens_per_s)),
+        ("decode (tok/s)", col(&|c| c.stats.decode_tokens_per_s)),
+        (
+            "time to first token (ms)",
+            col(&|c| c.stats.time_to_first_token_ms),
+        ),
+        ("load (ms)", vec![model_arc.load_ms()]),
+    ];
+    if let Some(mb) = rss_mb {
+        rows.push(("peak RSS (MiB)", vec![mb]));
+    }
+    let threads = rayon::current_num_threads();
+    println!(
+        "onestep bench: {}  prompt {} tokens, {} new tokens, {} runs (+{} warm-up), {} threads",
+        model.display(),
+        ids.len(),
+        opts.max_new_tokens,
+        repeat,
+        warmup,
+        threads
+    );
+    print!("{}", table(&rows));
+    if rss_mb.is_none() {
+        println!("peak RSS: not available on this OS");
+    }
+    Ok(())
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Chat {
+            model,
+            system,
+            common,
+        } => cmd_chat(&model, system, &common),
+        Command::Run {
+            model,
+            prompt,
+            chat,
+            no_chat,
+            system,
+            stop,
+            json,
+            common,
+        } => cmd_run(&model, &prompt, chat, no_chat, system, stop, json, &common),
+        Command::Bench {
+            model,
+            prompt_tokens,
+            new_tokens,
+            repeat,
+            warmup,
+            common,
+        } => cmd_bench(&model, prompt_tokens, new_tokens, repeat, warmup, &common),
+    }
+}
+
 fn main() {
-    eprintln!("onestep: not built yet");
-    std::process::exit(2);
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("onestep: {e}");
+        std::process::exit(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn parses_commands_and_common_flags() {
+        let cli = Cli::try_parse_from([
+            "onestep",
+            "run",
+            "m.onnx",
+            "-p",
+            "hi",
+            "--json",
+            "--stop",
+            "\n\n",
+            "--stop",
+            "User:",
+            "--temperature",
+            "0.7",
+            "--top-k",
+            "40",
+            "--seed",
+            "9",
+            "--threads",
+            "2",
+        ])
+        .unwrap();
+        match cli.command {
+            Command::Run {
+                prompt,
+                json,
+                stop,
+                common,
+                chat,
+                no_chat,
+                ..
+            } => {
+                assert_eq!(prompt, "hi");
+                assert!(json && !chat && !no_chat);
+                assert_eq!(stop, vec!["\n\n".to_string(), "User:".to_string()]);
+                let o = common.apply(GenerateOptions::default());
+                assert_eq!(o.temperature, 0.7);
+                assert_eq!(o.top_k, 40);
+                assert_eq!(o.seed, Some(9));
+                assert_eq!(common.threads, Some(2));
+                assert_eq!(o.max_new_tokens, GenerateOptions::default().max_new_tokens);
+            }
+            other => panic!("{other:?}"),
+        }
+        let cli = Cli::try_parse_from(["onestep", "bench", "m.onnx"]).unwrap();
+        match cli.command {
+            Command::Bench {
+                prompt_tokens,
+                new_tokens,
+                repeat,
+                ..
+            } => assert_eq!((prompt_tokens, new_tokens, repeat), (128, 128, 5)),
+            other => panic!("{other:?}"),
+        }
+        assert!(Cli::try_parse_from([
+            "onestep",
+            "run",
+            "m.onnx",
+            "-p",
+            "x",
+            "--chat",
+            "--no-chat"
+        ])
+        .is_err());
+        assert!(Cli::try_parse_from(["onestep", "run", "m.onnx"]).is_err());
+        assert!(
+            Cli::try_parse_from(["onestep", "chat", "m.onnx", "--system", "Be brief."]).is_ok()
+        );
+    }
+
+    #[test]
+    fn vm_hwm_and_median() {
+        let status = "Name:\tonestep\nVmPeak:\t  300 kB\nVmHWM:\t   215040 kB\nVmRSS:\t 1000 kB\n";
+        assert_eq!(parse_vm_hwm(status), Some(215_040 * 1024));
+        assert_eq!(parse_vm_hwm("Name: x\n"), None);
+        assert!(peak_rss_bytes().unwrap_or(1) > 0);
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+        let t = table(&[("a", vec![1.0, 3.0, 2.0]), ("longer label", vec![5.0])]);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert!(lines.iter().all(|l| l.len() == lines[0].len()), "{t}");
+        assert!(lines[1].contains("2.0") && lines[1].contains("1.0") && lines[1].contains("3.0"));
+    }
 }
