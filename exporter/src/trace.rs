@@ -247,7 +247,7 @@ impl Tracer {
                 .graph
                 .nodes
                 .iter()
-                .any(|n| n.outputs.iter().any(|o| *o == x.name));
+                .any(|n| n.outputs.contains(&x.name));
             if !producer {
                 return Err(TraceError::Model(format!(
                     "output `{name}`: value `{}` is not produced by a node",
@@ -425,6 +425,7 @@ impl Tracer {
         out_syms
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn one(
         &mut self,
         name: &str,

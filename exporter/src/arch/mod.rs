@@ -223,7 +223,7 @@ pub fn rope_tables(cfg: &ModelConfig, max_cache: usize) -> (Vec<f32>, Vec<f32>) 
             for f in inv.iter_mut() {
                 let wl = 2.0 * std::f64::consts::PI / *f;
                 let scaled = if wl > low_wl { *f / factor } else { *f };
-                let medium = !(wl < high_wl) && !(wl > low_wl);
+                let medium = (high_wl..=low_wl).contains(&wl);
                 *f = if medium {
                     let smooth = (old / wl - lo) / (hi - lo);
                     (1.0 - smooth) * scaled / factor + smooth * scaled
