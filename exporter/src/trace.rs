@@ -243,11 +243,7 @@ impl Tracer {
     pub fn output(&mut self, x: &Sym, name: &str) -> R<Sym> {
         if x.name != name {
             self.claim(name)?;
-            let producer = self
-                .graph
-                .nodes
-                .iter()
-                .any(|n| n.outputs.contains(&x.name));
+            let producer = self.graph.nodes.iter().any(|n| n.outputs.contains(&x.name));
             if !producer {
                 return Err(TraceError::Model(format!(
                     "output `{name}`: value `{}` is not produced by a node",

@@ -40,7 +40,7 @@ pub enum WriteError {
     #[error("{0}: the output path is the input path")]
     SameAsInput(String),
     /// The model does not fit one protobuf file.
-    #[error("{path}: the model is {bytes} bytes; models of 2 GiB or more need external data, which is not implemented yet")]
+    #[error("{path}: the graph is {bytes} bytes even with its weights in external data (protobuf limit 2 GiB)")]
     TooLarge {
         /// File.
         path: String,
@@ -192,6 +192,8 @@ struct TensorLayout {
     body_len: u64,
     /// Zero bytes of padding in field 1000.
     pad: u64,
+    /// Offset in the external data file, when the payload lives there.
+    external: Option<u64>,
 }
 
 impl TensorLayout {
@@ -201,8 +203,34 @@ impl TensorLayout {
     }
 }
 
-/// Lays out one tensor whose field-5 tag starts at file offset `at`.
-fn layout_tensor(init: &Initializer, at: u64) -> TensorLayout {
+/// Lays out one tensor whose field-5 tag starts at file offset `at`; `external` = (data file name,
+/// offset) when its payload goes to the side file.
+fn layout_tensor(init: &Initializer, at: u64, external: Option<(&str, u64)>) -> TensorLayout {
+    if let Some((location, offset)) = external {
+        let kv = |k: &str, v: String| proto::StringStringEntryProto {
+            key: Some(k.into()),
+            value: Some(v),
+        };
+        let head = proto::TensorProto {
+            dims: init.dims.iter().map(|&d| d as i64).collect(),
+            data_type: Some(init.dtype.onnx_code()),
+            name: Some(init.name.clone()),
+            external_data: vec![
+                kv("location", location.to_string()),
+                kv("offset", offset.to_string()),
+                kv("length", init.data.len().to_string()),
+            ],
+            data_location: Some(proto::tensor_proto::DataLocation::External as i32),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        return TensorLayout {
+            body_len: head.len() as u64,
+            head,
+            pad: 0,
+            external: Some(offset),
+        };
+    }
     let head = proto::TensorProto {
         dims: init.dims.iter().map(|&d| d as i64).collect(),
         data_type: Some(init.dtype.onnx_code()),
@@ -224,6 +252,7 @@ fn layout_tensor(init: &Initializer, at: u64) -> TensorLayout {
                 head,
                 body_len,
                 pad,
+                external: None,
             };
         }
         len_size = varint_len(body_len);
@@ -232,7 +261,11 @@ fn layout_tensor(init: &Initializer, at: u64) -> TensorLayout {
 
 /// Lays out the whole file; returns (header bytes before the graph's length, graph body head, tensor
 /// layouts, graph body length).
-fn layout(g: &Graph) -> (Vec<u8>, Vec<u8>, Vec<TensorLayout>, u64) {
+fn layout(
+    g: &Graph,
+    ext: &[Option<u64>],
+    location: &str,
+) -> (Vec<u8>, Vec<u8>, Vec<TensorLayout>, u64) {
     let header = model_header(g).encode_to_vec();
     let gbody = graph_proto_without_weights(g).encode_to_vec();
     let mut glen_size = 1;
@@ -242,8 +275,9 @@ fn layout(g: &Graph) -> (Vec<u8>, Vec<u8>, Vec<TensorLayout>, u64) {
         let lays: Vec<TensorLayout> = g
             .initializers
             .iter()
-            .map(|i| {
-                let l = layout_tensor(i, at);
+            .zip(ext)
+            .map(|(i, e)| {
+                let l = layout_tensor(i, at, e.map(|o| (location, o)));
                 at += l.field_len();
                 l
             })
@@ -263,13 +297,38 @@ fn tmp_path(out: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
-/// Writes `g` to `out` (atomically: `<out>.tmp`, fsync, rename) and returns the file size. `input`, if
+/// Writes `g` to `out` (atomically: `<out>.tmp`, fsync, rename) and returns the bytes written. `input`, if
 /// given, is refused as the output path. `progress(done_bytes, total_bytes)` is called as weights go out.
+/// A model that would exceed the 2 GiB protobuf limit keeps its larger payloads in `<out>.data` (ONNX
+/// external data, offsets multiples of [`EXT_ALIGN`]).
 pub fn write_model(
     g: &Graph,
     out: &Path,
     input: Option<&Path>,
     progress: &mut dyn FnMut(u64, u64),
+) -> Result<u64, WriteError> {
+    write_model_with(g, out, input, progress, PROTO_LIMIT)
+}
+
+/// Alignment of payloads in the external data file (a page, so they can be mapped).
+pub const EXT_ALIGN: u64 = 4096;
+/// Payloads up to this size stay in the model file even in external-data mode.
+const EXT_MIN: usize = 1024;
+
+/// The `<out>.data` side file.
+pub fn data_path(out: &Path) -> PathBuf {
+    let mut s = out.as_os_str().to_owned();
+    s.push(".data");
+    PathBuf::from(s)
+}
+
+/// [`write_model`] with the size above which payloads move to `<out>.data` (tests force it low).
+pub fn write_model_with(
+    g: &Graph,
+    out: &Path,
+    input: Option<&Path>,
+    progress: &mut dyn FnMut(u64, u64),
+    inline_limit: u64,
 ) -> Result<u64, WriteError> {
     let path_s = out.display().to_string();
     let io = |source: std::io::Error| WriteError::Io {
@@ -285,8 +344,26 @@ pub fn write_model(
             return Err(WriteError::SameAsInput(path_s));
         }
     }
-    let (header, gbody, lays, glen) = layout(g);
-    let total = header.len() as u64 + 1 + varint_len(glen) + glen;
+    let data_file = data_path(out);
+    let location = data_file
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut ext = vec![None; g.initializers.len()];
+    let (mut header, mut gbody, mut lays, mut glen) = layout(g, &ext, &location);
+    let mut total = header.len() as u64 + 1 + varint_len(glen) + glen;
+    let mut ext_len = 0u64;
+    if total > inline_limit {
+        for (e, i) in ext.iter_mut().zip(&g.initializers) {
+            if i.data.len() > EXT_MIN {
+                ext_len = ext_len.div_ceil(EXT_ALIGN) * EXT_ALIGN;
+                *e = Some(ext_len);
+                ext_len += i.data.len() as u64;
+            }
+        }
+        (header, gbody, lays, glen) = layout(g, &ext, &location);
+        total = header.len() as u64 + 1 + varint_len(glen) + glen;
+    }
     if glen > PROTO_LIMIT || total > PROTO_LIMIT {
         return Err(WriteError::TooLarge {
             path: path_s,
@@ -294,7 +371,30 @@ pub fn write_model(
         });
     }
     let tmp = tmp_path(out);
+    let data_tmp = tmp_path(&data_file);
+    let has_ext = ext.iter().any(Option::is_some);
     let result = (|| -> Result<(), WriteError> {
+        let zeros = [0u8; EXT_ALIGN as usize];
+        let weight_total: u64 = g.initializers.iter().map(|i| i.data.len() as u64).sum();
+        let mut done = 0u64;
+        if has_ext {
+            let dio = |source: std::io::Error| WriteError::Io {
+                path: data_file.display().to_string(),
+                source,
+            };
+            let mut w = BufWriter::with_capacity(1 << 20, File::create(&data_tmp).map_err(dio)?);
+            let mut pos = 0u64;
+            for (i, off) in g.initializers.iter().zip(&ext) {
+                let Some(off) = *off else { continue };
+                w.write_all(&zeros[..(off - pos) as usize]).map_err(dio)?;
+                w.write_all(&i.data).map_err(dio)?;
+                pos = off + i.data.len() as u64;
+                done += i.data.len() as u64;
+                progress(done, weight_total);
+            }
+            let f = w.into_inner().map_err(|e| dio(e.into_error()))?;
+            f.sync_all().map_err(dio)?;
+        }
         let f = File::create(&tmp).map_err(io)?;
         let mut w = BufWriter::with_capacity(1 << 20, f);
         let mut pos: u64 = 0;
@@ -308,13 +408,14 @@ pub fn write_model(
         put_varint(&mut head, glen);
         put(&mut w, &head, &mut pos)?;
         put(&mut w, &gbody, &mut pos)?;
-        let zeros = [0u8; ALIGN as usize];
-        let mut done = 0u64;
-        let weight_total: u64 = g.initializers.iter().map(|i| i.data.len() as u64).sum();
         for (init, l) in g.initializers.iter().zip(&lays) {
             let mut b = vec![5 << 3 | 2];
             put_varint(&mut b, l.body_len);
             b.extend_from_slice(&l.head);
+            if l.external.is_some() {
+                put(&mut w, &b, &mut pos)?;
+                continue;
+            }
             put_varint(&mut b, u64::from(PAD_FIELD << 3 | 2));
             put_varint(&mut b, l.pad);
             b.extend_from_slice(&zeros[..l.pad as usize]);
@@ -333,7 +434,14 @@ pub fn write_model(
     })();
     if let Err(e) = result {
         let _ = std::fs::remove_file(&tmp);
+        let _ = std::fs::remove_file(&data_tmp);
         return Err(e);
+    }
+    if has_ext {
+        std::fs::rename(&data_tmp, &data_file).map_err(io)?;
+    } else if data_file.exists() {
+        // a stale side file from an earlier export of the same path would be misleading
+        let _ = std::fs::remove_file(&data_file);
     }
     std::fs::rename(&tmp, out).map_err(io)?;
     if let Some(dir) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -341,7 +449,7 @@ pub fn write_model(
             let _ = d.sync_all();
         }
     }
-    Ok(total)
+    Ok(total + if has_ext { ext_len } else { 0 })
 }
 
 #[cfg(test)]
@@ -417,6 +525,53 @@ mod tests {
             m.metadata_props[0].value.as_deref().map(str::len),
             Some(300)
         );
+        std::fs::remove_file(&out).unwrap();
+    }
+
+    #[test]
+    fn external_data_side_file() {
+        let mut r = rand::rngs::StdRng::seed_from_u64(9);
+        let mut g = Graph::default();
+        for (i, n) in [3000usize, 10, 5000, 2000].iter().enumerate() {
+            g.initializers.push(Initializer {
+                name: format!("w{i}"),
+                dtype: DType::U8,
+                dims: vec![*n],
+                data: Bytes::from((0..*n).map(|_| r.random()).collect::<Vec<u8>>()),
+            });
+        }
+        let out = tmp("ext.onnx");
+        let size = write_model_with(&g, &out, None, &mut |_, _| {}, 0).unwrap();
+        let file = Bytes::from(std::fs::read(&out).unwrap());
+        let data = std::fs::read(data_path(&out)).unwrap();
+        assert_eq!(size, (file.len() + data.len()) as u64);
+        let gp = proto::ModelProto::decode(file.clone())
+            .unwrap()
+            .graph
+            .unwrap();
+        for (t, i) in gp.initializer.iter().zip(&g.initializers) {
+            if i.data.len() <= EXT_MIN {
+                assert_eq!(t.raw_data.as_ref().unwrap()[..], i.data[..]);
+                continue;
+            }
+            assert!(t.raw_data.is_none() && t.data_location == Some(1));
+            let kv: std::collections::BTreeMap<_, _> = t
+                .external_data
+                .iter()
+                .map(|e| (e.key.clone().unwrap(), e.value.clone().unwrap()))
+                .collect();
+            assert_eq!(
+                kv["location"],
+                "onestep-write-".to_string() + &format!("{}-ext.onnx.data", std::process::id())
+            );
+            let off: usize = kv["offset"].parse().unwrap();
+            assert_eq!(off % EXT_ALIGN as usize, 0);
+            assert_eq!(kv["length"], i.data.len().to_string());
+            assert_eq!(data[off..off + i.data.len()], i.data[..], "{}", i.name);
+        }
+        // writing again without external data removes the stale side file
+        write_model(&g, &out, None, &mut |_, _| {}).unwrap();
+        assert!(!data_path(&out).exists());
         std::fs::remove_file(&out).unwrap();
     }
 

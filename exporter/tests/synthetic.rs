@@ -547,6 +547,21 @@ fn onnxruntime_matches_numpy_reference() {
         .unwrap();
         dump_reference(case, &src, &dir);
     }
+    // the same graph with its weights in external data (`<out>.data`), as models of 2 GiB or more are
+    let case = &cases()[2];
+    let src = source(case, 102);
+    let dir = root.join("external_q4_0");
+    std::fs::create_dir_all(&dir).unwrap();
+    let w = onestep_export::export::encode_weights(&src, case.quantize, &mut NoProgress).unwrap();
+    let opts = onestep_export::arch::ArchOptions {
+        max_cache: MAX_CACHE,
+        kv_dtype: case.kv,
+    };
+    let g = onestep_export::arch::build(&src.config, &w, &opts).unwrap();
+    onestep_export::write::write_model_with(&g, &dir.join("model.onnx"), None, &mut |_, _| {}, 0)
+        .unwrap();
+    assert!(dir.join("model.onnx.data").exists());
+    dump_reference(case, &src, &dir);
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/ort_run_step.py");
     let st = std::process::Command::new("python3")
         .arg(&script)
