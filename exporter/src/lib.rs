@@ -1,7 +1,17 @@
 //! # onestep-export
 //!
-//! Data flow: [`source`] (GGUF / HF folder) → `arch` (one file per architecture, written over symbolic
-//! tensors) → `trace` (records ops into the shared graph IR) → `quant` → `write` (ONNX, aligned weights).
+//! Data flow: [`source`] (GGUF / HF folder) → [`quant`] (weight forms) → [`arch`] (one file per
+//! architecture, written over symbolic tensors) → [`trace`] (records ops into the shared graph IR) →
+//! [`write`] (ONNX, 64-byte aligned weights). [`export::export`] runs the whole pipeline.
 #![warn(missing_docs)]
 
+pub mod arch;
+pub mod export;
+pub mod inspect;
+pub mod quant;
 pub mod source;
+pub mod trace;
+pub mod write;
+
+pub use export::{export, ExportError, ExportOptions, ExportSummary, NoProgress, Progress};
+pub use quant::Quantize;

@@ -1,0 +1,294 @@
+//! Architectures: one file per family, each an ordinary Rust function over the [`Tracer`] that builds the
+//! step graph of docs/GRAPH.md. This module holds what they share: the weight forms as graph fragments
+//! (Linear, Embedding), the rotary tables and the in-graph token choice.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use onestep::graph::{DType, Graph};
+
+use crate::quant::{Form, Matrix, BLOCK};
+use crate::source::ModelConfig;
+use crate::trace::{SDim, Sym, TraceError, Tracer};
+
+pub mod llama;
+
+/// Encoded weights by canonical source name (`blk.0.attn_q.weight`, ...).
+#[derive(Debug, Clone, Default)]
+pub struct Weights {
+    /// Matrices (linear layers, embedding, output).
+    pub matrices: BTreeMap<String, Matrix>,
+    /// Vectors as f32 bytes (norm weights, biases).
+    pub vectors: BTreeMap<String, Bytes>,
+}
+
+impl Weights {
+    /// A matrix by canonical name.
+    pub fn matrix(&self, name: &str) -> Result<&Matrix, TraceError> {
+        self.matrices
+            .get(name)
+            .ok_or_else(|| TraceError::Model(format!("missing weight `{name}`")))
+    }
+    /// A vector by canonical name.
+    pub fn vector(&self, name: &str) -> Result<&Bytes, TraceError> {
+        self.vectors
+            .get(name)
+            .ok_or_else(|| TraceError::Model(format!("missing weight `{name}`")))
+    }
+}
+
+/// Graph-level options an architecture needs.
+#[derive(Debug, Clone)]
+pub struct ArchOptions {
+    /// Static cache slots per layer (also the rotary table length).
+    pub max_cache: usize,
+    /// KV cache dtype (F16 or F32).
+    pub kv_dtype: DType,
+}
+
+/// Builds the step graph for `cfg.architecture`.
+pub fn build(cfg: &ModelConfig, w: &Weights, opts: &ArchOptions) -> Result<Graph, TraceError> {
+    match cfg.architecture.as_str() {
+        "llama" | "qwen2" => llama::build(cfg, w, opts),
+        other => Err(TraceError::Model(format!(
+            "unsupported architecture `{other}`"
+        ))),
+    }
+}
+
+/// The initializers of one matrix in the graph.
+#[derive(Debug, Clone)]
+pub enum MatSyms {
+    /// f32 `[N, K]`.
+    F32(Sym),
+    /// f16/bf16 `[N, K]`.
+    Half(Sym),
+    /// int8 `[N, K]` and f32 scales `[N]`.
+    Int8(Sym, Sym),
+    /// u8 blocks `[N, K/32, bb]`, f32 scales `[N, K/32]`, zero points `[N, K/32]`, bits.
+    Block(Sym, Sym, Sym, usize),
+}
+
+/// Adds a matrix's initializers named `{base}.weight` (+ `{base}.scales`, `{base}.zero_points`).
+pub fn add_matrix(t: &mut Tracer, base: &str, m: &Matrix) -> Result<MatSyms, TraceError> {
+    let (n, k) = (m.n, m.k);
+    let wname = format!("{base}.weight");
+    let sname = format!("{base}.scales");
+    let zname = format!("{base}.zero_points");
+    Ok(match &m.form {
+        Form::F32(b) => MatSyms::F32(t.weight(&wname, DType::F32, &[n, k], b.clone())?),
+        Form::F16(b) => MatSyms::Half(t.weight(&wname, DType::F16, &[n, k], b.clone())?),
+        Form::BF16(b) => MatSyms::Half(t.weight(&wname, DType::BF16, &[n, k], b.clone())?),
+        Form::Int8 { q, scales } => MatSyms::Int8(
+            t.weight(&wname, DType::I8, &[n, k], q.clone())?,
+            t.weight(&sname, DType::F32, &[n], scales.clone())?,
+        ),
+        Form::Block4 { b, scales, zeros } | Form::Block8 { b, scales, zeros } => {
+            let bits = if matches!(m.form, Form::Block4 { .. }) {
+                4
+            } else {
+                8
+            };
+            let zt = if bits == 4 { DType::F32 } else { DType::U8 };
+            MatSyms::Block(
+                t.weight(
+                    &wname,
+                    DType::U8,
+                    &[n, k / BLOCK, BLOCK * bits / 8],
+                    b.clone(),
+                )?,
+                t.weight(&sname, DType::F32, &[n, k / BLOCK], scales.clone())?,
+                t.weight(&zname, zt, &[n, k / BLOCK], zeros.clone())?,
+                bits,
+            )
+        }
+    })
+}
+
+/// `Linear(x, W) (+ bias)` in the matrix's form; `name` is the node name (`attn.q_proj`).
+pub fn linear(
+    t: &mut Tracer,
+    name: &str,
+    x: &Sym,
+    w: &MatSyms,
+    bias: Option<&Sym>,
+) -> Result<Sym, TraceError> {
+    match w {
+        MatSyms::F32(w) => t.gemm(name, x, w, bias),
+        MatSyms::Half(w) => {
+            let wf = t.cast(&format!("{name}.w_f32"), w, DType::F32)?;
+            t.gemm(name, x, &wf, bias)
+        }
+        MatSyms::Int8(q, s) => {
+            let wf = t.dequantize_linear(&format!("{name}.dequant"), q, s, 0)?;
+            t.gemm(name, x, &wf, bias)
+        }
+        MatSyms::Block(b, s, z, bits) => {
+            let flat = |d: &SDim| match d {
+                SDim::N(n) => *n,
+                _ => 0,
+            };
+            let nb = s.shape.iter().map(flat).product::<usize>();
+            let sf = t.reshape(&format!("{name}.scales_flat"), s, &[SDim::N(nb)])?;
+            let zf = t.reshape(&format!("{name}.zero_points_flat"), z, &[SDim::N(nb)])?;
+            let y = t.matmul_nbits(name, x, b, &sf, &zf, *bits, BLOCK)?;
+            match bias {
+                Some(bias) => t.add(&format!("{name}.add_bias"), &y, bias),
+                None => Ok(y),
+            }
+        }
+    }
+}
+
+/// `Embedding(ids)` with table `E [V, H]` in its form; ids int64 `[T]` → f32 `[T, H]`.
+pub fn embedding(t: &mut Tracer, e: &MatSyms, ids: &Sym) -> Result<Sym, TraceError> {
+    match e {
+        MatSyms::F32(e) => t.gather("embed", e, ids, 0),
+        MatSyms::Half(e) => {
+            let g = t.gather("embed.gather", e, ids, 0)?;
+            t.cast("embed", &g, DType::F32)
+        }
+        MatSyms::Int8(q, s) => {
+            let g = t.gather("embed.gather", q, ids, 0)?;
+            let gf = t.cast("embed.cast", &g, DType::F32)?;
+            let sg = t.gather("embed.scales", s, ids, 0)?;
+            let su = t.unsqueeze("embed.scales_col", &sg, &[1])?;
+            t.mul("embed", &gf, &su)
+        }
+        MatSyms::Block(b, s, z, bits) => {
+            let (nb, hidden) = match s.shape[..] {
+                [_, SDim::N(nb)] => (nb, nb * BLOCK),
+                _ => {
+                    return Err(TraceError::Model(
+                        "embedding scales must be [V, H/32]".into(),
+                    ))
+                }
+            };
+            let rows = t.gather("embed.rows", b, ids, 0)?;
+            let q = if *bits == 4 {
+                let c15 = t.const_u8(15);
+                let c4 = t.const_u8(4);
+                let lo = t.bitwise_and("embed.lo", &rows, &c15)?;
+                let hi = t.shift_right("embed.hi", &rows, &c4)?;
+                let lo = t.unsqueeze("embed.lo_u", &lo, &[-1])?;
+                let hi = t.unsqueeze("embed.hi_u", &hi, &[-1])?;
+                let both = t.concat("embed.nibbles", &[&lo, &hi], -1)?;
+                t.reshape("embed.q", &both, &[SDim::T(0), SDim::N(nb), SDim::N(BLOCK)])?
+            } else {
+                rows
+            };
+            let qf = t.cast("embed.q_f32", &q, DType::F32)?;
+            let zg = t.gather("embed.zero_points", z, ids, 0)?;
+            let zg = if zg.dtype == DType::F32 {
+                zg
+            } else {
+                t.cast("embed.zero_points_f32", &zg, DType::F32)?
+            };
+            let zu = t.unsqueeze("embed.zero_points_u", &zg, &[-1])?;
+            let sg = t.gather("embed.scales", s, ids, 0)?;
+            let su = t.unsqueeze("embed.scales_u", &sg, &[-1])?;
+            let c = t.sub("embed.centered", &qf, &zu)?;
+            let x = t.mul("embed.scaled", &c, &su)?;
+            t.reshape("embed", &x, &[SDim::T(0), SDim::N(hidden)])
+        }
+    }
+}
+
+/// Rotary tables `cos`, `sin`: `[max_cache, head_dim/2]` f32, computed in f64 from `rope_theta` and the
+/// scaling (llama3 as HF `_compute_llama3_parameters`, linear = positions / factor).
+pub fn rope_tables(cfg: &ModelConfig, max_cache: usize) -> (Vec<f32>, Vec<f32>) {
+    use crate::source::RopeScaling;
+    let d = cfg.head_dim;
+    let half = d / 2;
+    let theta = cfg.rope_theta as f64;
+    let mut inv: Vec<f64> = (0..half)
+        .map(|i| 1.0 / theta.powf((2 * i) as f64 / d as f64))
+        .collect();
+    match &cfg.rope_scaling {
+        Some(RopeScaling::Linear { factor }) => inv.iter_mut().for_each(|f| *f /= *factor as f64),
+        Some(RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        }) => {
+            let (factor, lo, hi) = (
+                *factor as f64,
+                *low_freq_factor as f64,
+                *high_freq_factor as f64,
+            );
+            let old = *original_max_position_embeddings as f64;
+            let low_wl = old / lo;
+            let high_wl = old / hi;
+            for f in inv.iter_mut() {
+                let wl = 2.0 * std::f64::consts::PI / *f;
+                let scaled = if wl > low_wl { *f / factor } else { *f };
+                let medium = (high_wl..=low_wl).contains(&wl);
+                *f = if medium {
+                    let smooth = (old / wl - lo) / (hi - lo);
+                    (1.0 - smooth) * scaled / factor + smooth * scaled
+                } else {
+                    scaled
+                };
+            }
+        }
+        None => {}
+    }
+    let mut cos = Vec::with_capacity(max_cache * half);
+    let mut sin = Vec::with_capacity(max_cache * half);
+    for p in 0..max_cache {
+        for f in &inv {
+            let a = p as f64 * f;
+            cos.push(a.cos() as f32);
+            sin.push(a.sin() as f32);
+        }
+    }
+    (cos, sin)
+}
+
+/// The in-graph token choice of docs/GRAPH.md: `logits` f32 `[1, V]` → `next_token` int64 `[1]`.
+pub fn token_choice(
+    t: &mut Tracer,
+    logits: &Sym,
+    vocab: usize,
+    temperature: &Sym,
+    top_k: &Sym,
+    top_p: &Sym,
+    random_u: &Sym,
+) -> Result<Sym, TraceError> {
+    t.set_scope("sample");
+    let zero_f = t.const_f32(0.0);
+    let zero_i = t.const_i64(&[0], true);
+    let one_i = t.const_i64(&[1], false);
+    let v = t.const_i64(&[vocab as i64], false);
+    let eps = t.const_f32(1e-6);
+    let greedy = t.less_or_equal("greedy", temperature, &zero_f)?;
+    let kpos = t.greater("k_pos", top_k, &zero_i)?;
+    let kltv = t.less("k_lt_v", top_k, &v)?;
+    let kok = t.and("k_ok", &kpos, &kltv)?;
+    let kk = t.where_("k_limit", &kok, top_k, &v)?;
+    let k = t.where_("k", &greedy, &one_i, &kk)?;
+    let temp = t.max("temp", temperature, &eps)?;
+    let scaled = t.div("scaled", logits, &temp)?;
+    let (vals, idx) = t.topk("topk", &scaled, &k, -1)?;
+    let p = t.softmax("probs", &vals, -1)?;
+    let c = t.cumsum("cum", &p, -1)?;
+    let before = t.sub("cum_before", &c, &p)?;
+    let tp = t.max("top_p", top_p, &eps)?;
+    let keep = t.less("keep", &before, &tp)?;
+    let keepf = t.cast("keep_f32", &keep, DType::F32)?;
+    let pk = t.mul("kept", &p, &keepf)?;
+    let total = t.reduce_sum("total", &pk, &[-1], true)?;
+    let ck = t.cumsum("kept_cum", &pk, -1)?;
+    let thr = t.mul("threshold", random_u, &total)?;
+    let below = t.less_or_equal("below", &ck, &thr)?;
+    let belowi = t.cast("below_i64", &below, DType::I64)?;
+    let j = t.reduce_sum("count", &belowi, &[-1], false)?;
+    let km1 = t.sub("k_last", &k, &one_i)?;
+    let j = t.min("choice", &j, &km1)?;
+    let ju = t.unsqueeze("choice_col", &j, &[1])?;
+    let tok = t.gather_elements("token", &idx, &ju, 1)?;
+    let out = t.reshape("next_token", &tok, &[SDim::N(1)])?;
+    t.set_scope("");
+    Ok(out)
+}

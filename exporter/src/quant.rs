@@ -1,0 +1,680 @@
+//! Weight forms (docs/GRAPH.md "Weight forms"): turns each source tensor into the initializers of the form
+//! it will be stored in, keeping the source encoding unless the user asked for another one.
+
+use bytes::Bytes;
+use half::{bf16, f16};
+
+use crate::source::{SourceDType, SourceTensor};
+
+/// What the user asked for (`--quantize`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Quantize {
+    /// Keep the source encoding (GGUF blocks stay blocks, f16 stays f16).
+    #[default]
+    Keep,
+    /// Everything in f16 (Cast + Gemm form).
+    F16,
+    /// Per-channel symmetric int8 (DequantizeLinear form).
+    Int8,
+    /// Asymmetric 4-bit blocks of 32 (MatMulNBits form). GGUF Q4_0/Q4_1 are already in this form and
+    /// are kept as they are.
+    Int4,
+}
+
+impl Quantize {
+    /// Short name for metadata (`source`, `f16`, `int8`, `int4`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Quantize::Keep => "source",
+            Quantize::F16 => "f16",
+            Quantize::Int8 => "int8",
+            Quantize::Int4 => "int4",
+        }
+    }
+}
+
+/// Block size of the block forms.
+pub const BLOCK: usize = 32;
+
+/// A matrix `W [N, K]` (out × in) in one stored form.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Form {
+    /// f32 `[N, K]`.
+    F32(Bytes),
+    /// f16 `[N, K]`.
+    F16(Bytes),
+    /// bf16 `[N, K]`.
+    BF16(Bytes),
+    /// Per-channel int8: q i8 `[N, K]`, scales f32 `[N]`.
+    Int8 {
+        /// Quantized values.
+        q: Bytes,
+        /// One scale per row.
+        scales: Bytes,
+    },
+    /// 4-bit blocks: b u8 `[N, K/32, 16]` (element 2j low nibble of byte j), scales f32 `[N, K/32]`,
+    /// zero points f32 `[N, K/32]`; value = (q − z)·s.
+    Block4 {
+        /// Packed nibbles.
+        b: Bytes,
+        /// Scales.
+        scales: Bytes,
+        /// Zero points (f32).
+        zeros: Bytes,
+    },
+    /// 8-bit blocks: b u8 `[N, K/32, 32]`, scales f32 `[N, K/32]`, zero points u8 `[N, K/32]`.
+    Block8 {
+        /// Bytes q + 128.
+        b: Bytes,
+        /// Scales.
+        scales: Bytes,
+        /// Zero points (u8, 128).
+        zeros: Bytes,
+    },
+}
+
+/// An encoded matrix with its shape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Matrix {
+    /// Rows (out features / vocabulary).
+    pub n: usize,
+    /// Columns (in features / hidden).
+    pub k: usize,
+    /// Stored form.
+    pub form: Form,
+}
+
+impl Matrix {
+    /// Short name of the form (`f32`, `f16`, `bf16`, `int8`, `q4`, `q8`).
+    pub fn form_name(&self) -> &'static str {
+        match self.form {
+            Form::F32(_) => "f32",
+            Form::F16(_) => "f16",
+            Form::BF16(_) => "bf16",
+            Form::Int8 { .. } => "int8",
+            Form::Block4 { .. } => "q4",
+            Form::Block8 { .. } => "q8",
+        }
+    }
+    /// Stored bytes of all its initializers.
+    pub fn stored_bytes(&self) -> usize {
+        match &self.form {
+            Form::F32(b) | Form::F16(b) | Form::BF16(b) => b.len(),
+            Form::Int8 { q, scales } => q.len() + scales.len(),
+            Form::Block4 { b, scales, zeros } | Form::Block8 { b, scales, zeros } => {
+                b.len() + scales.len() + zeros.len()
+            }
+        }
+    }
+}
+
+/// A weight-form error, naming the tensor.
+#[derive(Debug, thiserror::Error)]
+#[error("tensor `{tensor}`: {detail}")]
+pub struct QuantError {
+    /// Tensor name.
+    pub tensor: String,
+    /// What is wrong.
+    pub detail: String,
+}
+
+fn qerr(tensor: &str, detail: impl Into<String>) -> QuantError {
+    QuantError {
+        tensor: tensor.to_string(),
+        detail: detail.into(),
+    }
+}
+
+fn f32_bytes(v: Vec<f32>) -> Bytes {
+    Bytes::from(bytemuck::cast_slice::<f32, u8>(&v).to_vec())
+}
+
+fn read_f32s(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+fn f16_at(b: &[u8], i: usize) -> f32 {
+    f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
+}
+
+/// Bytes a source tensor of `numel` elements must have.
+fn source_len(dtype: SourceDType, numel: usize) -> usize {
+    match dtype {
+        SourceDType::F32 => numel * 4,
+        SourceDType::F16 | SourceDType::BF16 => numel * 2,
+        SourceDType::Q8_0 => numel / BLOCK * 34,
+        SourceDType::Q4_0 => numel / BLOCK * 18,
+        SourceDType::Q4_1 => numel / BLOCK * 20,
+    }
+}
+
+fn check_len(name: &str, t: &SourceTensor) -> Result<usize, QuantError> {
+    let numel: usize = t.shape.iter().product();
+    let block = !matches!(
+        t.dtype,
+        SourceDType::F32 | SourceDType::F16 | SourceDType::BF16
+    );
+    if block && numel % BLOCK != 0 {
+        return Err(qerr(
+            name,
+            format!(
+                "{:?} tensor of {numel} elements is not whole blocks of {BLOCK}",
+                t.dtype
+            ),
+        ));
+    }
+    let want = source_len(t.dtype, numel);
+    if t.data.len() != want {
+        return Err(qerr(
+            name,
+            format!(
+                "{:?} {:?} needs {want} bytes, has {}",
+                t.dtype,
+                t.shape,
+                t.data.len()
+            ),
+        ));
+    }
+    Ok(numel)
+}
+
+/// Dequantizes any source tensor to f32 (the reference every form is checked against).
+pub fn dequantize_source(name: &str, t: &SourceTensor) -> Result<Vec<f32>, QuantError> {
+    let numel = check_len(name, t)?;
+    let d = &t.data[..];
+    Ok(match t.dtype {
+        SourceDType::F32 => read_f32s(d),
+        SourceDType::F16 => d
+            .chunks_exact(2)
+            .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        SourceDType::BF16 => d
+            .chunks_exact(2)
+            .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        SourceDType::Q8_0 => {
+            let mut out = Vec::with_capacity(numel);
+            for blk in d.chunks_exact(34) {
+                let s = f16_at(blk, 0);
+                out.extend(blk[2..].iter().map(|&q| q as i8 as f32 * s));
+            }
+            out
+        }
+        SourceDType::Q4_0 | SourceDType::Q4_1 => {
+            let q41 = t.dtype == SourceDType::Q4_1;
+            let bs = if q41 { 20 } else { 18 };
+            let mut out = Vec::with_capacity(numel);
+            for blk in d.chunks_exact(bs) {
+                let s = f16_at(blk, 0);
+                let m = if q41 { f16_at(blk, 2) } else { 0.0 };
+                let qs = &blk[bs - 16..];
+                let val = |q: u8| {
+                    if q41 {
+                        q as f32 * s + m
+                    } else {
+                        (q as f32 - 8.0) * s
+                    }
+                };
+                out.extend(qs.iter().map(|&b| val(b & 15)));
+                out.extend(qs.iter().map(|&b| val(b >> 4)));
+            }
+            out
+        }
+    })
+}
+
+/// A 1-D tensor (norm weight, bias) as f32 bytes.
+pub fn vector_f32(name: &str, t: &SourceTensor) -> Result<Bytes, QuantError> {
+    if t.shape.len() != 1 {
+        return Err(qerr(
+            name,
+            format!("expected a vector, shape is {:?}", t.shape),
+        ));
+    }
+    if t.dtype == SourceDType::F32 {
+        check_len(name, t)?;
+        return Ok(t.data.clone());
+    }
+    Ok(f32_bytes(dequantize_source(name, t)?))
+}
+
+/// Encodes a matrix `[N, K]` into the form `q` asks for.
+pub fn encode_matrix(name: &str, t: &SourceTensor, q: Quantize) -> Result<Matrix, QuantError> {
+    let (n, k) = match t.shape[..] {
+        [n, k] => (n, k),
+        _ => {
+            return Err(qerr(
+                name,
+                format!("expected a matrix, shape is {:?}", t.shape),
+            ))
+        }
+    };
+    check_len(name, t)?;
+    let form = match (q, t.dtype) {
+        (Quantize::Keep, SourceDType::F32) => Form::F32(t.data.clone()),
+        (Quantize::Keep | Quantize::F16, SourceDType::F16) => Form::F16(t.data.clone()),
+        (Quantize::Keep, SourceDType::BF16) => Form::BF16(t.data.clone()),
+        (Quantize::Keep | Quantize::Int4, SourceDType::Q4_0 | SourceDType::Q4_1) => {
+            repack_q4(name, t, n, k)?
+        }
+        (Quantize::Keep, SourceDType::Q8_0) => repack_q8(name, t, n, k)?,
+        (Quantize::F16, _) => {
+            let v = dequantize_source(name, t)?;
+            let h: Vec<f16> = v.iter().map(|&x| f16::from_f32(x)).collect();
+            Form::F16(Bytes::from(bytemuck::cast_slice::<f16, u8>(&h).to_vec()))
+        }
+        (Quantize::Int8, _) => int8_per_channel(&dequantize_source(name, t)?, n, k),
+        (Quantize::Int4, _) => {
+            if k % BLOCK != 0 {
+                return Err(qerr(
+                    name,
+                    format!("int4 needs in-features divisible by {BLOCK}, K = {k}"),
+                ));
+            }
+            int4_blocks(&dequantize_source(name, t)?, n, k)
+        }
+    };
+    Ok(Matrix { n, k, form })
+}
+
+/// GGUF Q4_0/Q4_1 → 4-bit MatMulNBits form (nibble order: GGUF j / j+16 → MatMulNBits 2j / 2j+1).
+fn repack_q4(name: &str, t: &SourceTensor, n: usize, k: usize) -> Result<Form, QuantError> {
+    if k % BLOCK != 0 {
+        return Err(qerr(name, format!("K = {k} is not a multiple of {BLOCK}")));
+    }
+    let q41 = t.dtype == SourceDType::Q4_1;
+    let bs = if q41 { 20 } else { 18 };
+    let nb = n * k / BLOCK;
+    let mut b = Vec::with_capacity(nb * 16);
+    let mut scales = Vec::with_capacity(nb);
+    let mut zeros = Vec::with_capacity(nb);
+    for blk in t.data.chunks_exact(bs) {
+        let d = f16_at(blk, 0);
+        let qs = &blk[bs - 16..];
+        let mut vals = [0u8; 32];
+        for j in 0..16 {
+            vals[j] = qs[j] & 15;
+            vals[j + 16] = qs[j] >> 4;
+        }
+        let (s, z) = if !q41 {
+            (d, 8.0)
+        } else {
+            let m = f16_at(blk, 2);
+            if d == 0.0 {
+                // every element equals m: store q = 1, z = 0, s = m (exact)
+                vals = [1; 32];
+                (m, 0.0)
+            } else {
+                (d, -m / d)
+            }
+        };
+        b.extend((0..16).map(|j| vals[2 * j] | (vals[2 * j + 1] << 4)));
+        scales.push(s);
+        zeros.push(z);
+    }
+    Ok(Form::Block4 {
+        b: Bytes::from(b),
+        scales: f32_bytes(scales),
+        zeros: f32_bytes(zeros),
+    })
+}
+
+/// GGUF Q8_0 → 8-bit MatMulNBits form.
+fn repack_q8(name: &str, t: &SourceTensor, n: usize, k: usize) -> Result<Form, QuantError> {
+    if k % BLOCK != 0 {
+        return Err(qerr(name, format!("K = {k} is not a multiple of {BLOCK}")));
+    }
+    let nb = n * k / BLOCK;
+    let mut b = Vec::with_capacity(nb * 32);
+    let mut scales = Vec::with_capacity(nb);
+    for blk in t.data.chunks_exact(34) {
+        scales.push(f16_at(blk, 0));
+        b.extend(blk[2..].iter().map(|&q| (q as i8 as i16 + 128) as u8));
+    }
+    Ok(Form::Block8 {
+        b: Bytes::from(b),
+        scales: f32_bytes(scales),
+        zeros: Bytes::from(vec![128u8; nb]),
+    })
+}
+
+/// Per-channel symmetric int8: s = max|row| / 127, q = round(x / s).
+fn int8_per_channel(v: &[f32], n: usize, k: usize) -> Form {
+    let mut q = Vec::with_capacity(n * k);
+    let mut scales = Vec::with_capacity(n);
+    for row in v.chunks_exact(k.max(1)).take(n) {
+        let amax = row.iter().fold(0f32, |a, &x| a.max(x.abs()));
+        let s = if amax > 0.0 { amax / 127.0 } else { 1.0 };
+        q.extend(
+            row.iter()
+                .map(|&x| (x / s).round().clamp(-127.0, 127.0) as i8 as u8),
+        );
+        scales.push(s);
+    }
+    Form::Int8 {
+        q: Bytes::from(q),
+        scales: f32_bytes(scales),
+    }
+}
+
+/// Asymmetric 4-bit per block of 32: range [min(x,0), max(x,0)] → s = range/15, z = round(−min/s).
+fn int4_blocks(v: &[f32], n: usize, k: usize) -> Form {
+    let nb = n * k / BLOCK;
+    let mut b = Vec::with_capacity(nb * 16);
+    let mut scales = Vec::with_capacity(nb);
+    let mut zeros = Vec::with_capacity(nb);
+    for blk in v.chunks_exact(BLOCK) {
+        let mn = blk.iter().fold(0f32, |a, &x| a.min(x));
+        let mx = blk.iter().fold(0f32, |a, &x| a.max(x));
+        let s = (mx - mn) / 15.0;
+        let (s, z) = if s > 0.0 {
+            (s, (-mn / s).round().clamp(0.0, 15.0))
+        } else {
+            (0.0, 0.0)
+        };
+        let q = |x: f32| {
+            if s > 0.0 {
+                (x / s + z).round().clamp(0.0, 15.0) as u8
+            } else {
+                0
+            }
+        };
+        b.extend((0..16).map(|j| q(blk[2 * j]) | (q(blk[2 * j + 1]) << 4)));
+        scales.push(s);
+        zeros.push(z);
+    }
+    Form::Block4 {
+        b: Bytes::from(b),
+        scales: f32_bytes(scales),
+        zeros: f32_bytes(zeros),
+    }
+}
+
+/// Dequantizes a stored form back to f32 row-major `[N, K]` — what an ONNX runtime computes.
+pub fn dequantize(m: &Matrix) -> Vec<f32> {
+    let (n, k) = (m.n, m.k);
+    match &m.form {
+        Form::F32(b) => read_f32s(b),
+        Form::F16(b) => b
+            .chunks_exact(2)
+            .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Form::BF16(b) => b
+            .chunks_exact(2)
+            .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Form::Int8 { q, scales } => {
+            let s = read_f32s(scales);
+            q.iter()
+                .enumerate()
+                .map(|(i, &x)| x as i8 as f32 * s[i / k])
+                .collect()
+        }
+        Form::Block4 { b, scales, zeros } => {
+            let (s, z) = (read_f32s(scales), read_f32s(zeros));
+            let mut out = Vec::with_capacity(n * k);
+            for (bi, blob) in b.chunks_exact(16).enumerate() {
+                for &byte in blob {
+                    out.push(((byte & 15) as f32 - z[bi]) * s[bi]);
+                    out.push(((byte >> 4) as f32 - z[bi]) * s[bi]);
+                }
+            }
+            out
+        }
+        Form::Block8 { b, scales, zeros } => {
+            let s = read_f32s(scales);
+            b.iter()
+                .enumerate()
+                .map(|(i, &q)| (q as f32 - zeros[i / BLOCK] as f32) * s[i / BLOCK])
+                .collect()
+        }
+    }
+}
+
+/// Test helpers: build GGUF blocks from f32 values (used by unit tests and the end-to-end export tests).
+pub mod testutil {
+    use half::f16;
+
+    /// Quantizes `v` (length a multiple of 32) into GGUF Q8_0 blocks.
+    pub fn make_q8_0(v: &[f32]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for blk in v.chunks_exact(32) {
+            let amax = blk.iter().fold(0f32, |a, &x| a.max(x.abs()));
+            let d = f16::from_f32(amax / 127.0);
+            let df = d.to_f32();
+            out.extend(d.to_le_bytes());
+            out.extend(blk.iter().map(|&x| {
+                if df > 0.0 {
+                    (x / df).round().clamp(-127.0, 127.0) as i8 as u8
+                } else {
+                    0
+                }
+            }));
+        }
+        out
+    }
+
+    /// Quantizes `v` into GGUF Q4_0 (element j low nibble of byte j, j+16 high).
+    pub fn make_q4_0(v: &[f32]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for blk in v.chunks_exact(32) {
+            let amax = blk
+                .iter()
+                .fold(0f32, |a, &x| if x.abs() > a.abs() { x } else { a });
+            let d = f16::from_f32(amax / -8.0);
+            let df = d.to_f32();
+            out.extend(d.to_le_bytes());
+            let q = |x: f32| {
+                if df != 0.0 {
+                    ((x / df) + 8.5).floor().clamp(0.0, 15.0) as u8
+                } else {
+                    8
+                }
+            };
+            out.extend((0..16).map(|j| q(blk[j]) | (q(blk[j + 16]) << 4)));
+        }
+        out
+    }
+
+    /// Quantizes `v` into GGUF Q4_1 (d, m, nibbles).
+    pub fn make_q4_1(v: &[f32]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for blk in v.chunks_exact(32) {
+            let mn = blk.iter().fold(f32::INFINITY, |a, &x| a.min(x));
+            let mx = blk.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+            let d = f16::from_f32((mx - mn) / 15.0);
+            let m = f16::from_f32(mn);
+            let df = d.to_f32();
+            out.extend(d.to_le_bytes());
+            out.extend(m.to_le_bytes());
+            let q = |x: f32| {
+                if df != 0.0 {
+                    ((x - m.to_f32()) / df).round().clamp(0.0, 15.0) as u8
+                } else {
+                    0
+                }
+            };
+            out.extend((0..16).map(|j| q(blk[j]) | (q(blk[j + 16]) << 4)));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testutil::*;
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+        let mut r = rand::rngs::StdRng::seed_from_u64(seed);
+        (0..n).map(|_| r.random_range(-1.0f32..1.0)).collect()
+    }
+
+    fn tensor(dtype: SourceDType, n: usize, k: usize, data: Vec<u8>) -> SourceTensor {
+        SourceTensor {
+            dtype,
+            shape: vec![n, k],
+            data: Bytes::from(data),
+        }
+    }
+
+    fn max_rel(a: &[f32], b: &[f32]) -> f32 {
+        let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+        a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+    }
+
+    #[test]
+    fn lossless_forms_equal_source() {
+        let (n, k) = (6, 64);
+        let v = rand_vec(n * k, 1);
+        let cases = [
+            (
+                SourceDType::F32,
+                bytemuck::cast_slice::<f32, u8>(&v).to_vec(),
+            ),
+            (
+                SourceDType::F16,
+                v.iter()
+                    .flat_map(|&x| f16::from_f32(x).to_le_bytes())
+                    .collect(),
+            ),
+            (
+                SourceDType::BF16,
+                v.iter()
+                    .flat_map(|&x| bf16::from_f32(x).to_le_bytes())
+                    .collect(),
+            ),
+            (SourceDType::Q8_0, make_q8_0(&v)),
+            (SourceDType::Q4_0, make_q4_0(&v)),
+        ];
+        for (dt, data) in cases {
+            let t = tensor(dt, n, k, data);
+            let src = dequantize_source("w", &t).unwrap();
+            let m = encode_matrix("w", &t, Quantize::Keep).unwrap();
+            assert_eq!(dequantize(&m), src, "{dt:?} must be exact");
+            // sanity: the source quantizers are close to the values
+            assert!(max_rel(&src, &v) < 0.15, "{dt:?}");
+        }
+    }
+
+    #[test]
+    fn q4_1_repack_matches_within_rounding() {
+        let (n, k) = (5, 96);
+        let mut v = rand_vec(n * k, 2);
+        // one constant block (d = 0, m != 0) and one all-zero block
+        v[32..64].iter_mut().for_each(|x| *x = 0.375);
+        v[64..96].iter_mut().for_each(|x| *x = 0.0);
+        let t = tensor(SourceDType::Q4_1, n, k, make_q4_1(&v));
+        let src = dequantize_source("w", &t).unwrap();
+        let got = dequantize(&encode_matrix("w", &t, Quantize::Keep).unwrap());
+        // (q + m/d)·d vs q·d + m: f32 rounding only
+        for (a, b) in got.iter().zip(&src) {
+            assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "{a} vs {b}");
+        }
+        assert_eq!(got[32..64], src[32..64], "constant block must be exact");
+        assert!(got[32] == 0.375);
+    }
+
+    #[test]
+    fn q4_nibble_order_is_repacked() {
+        // element j of a GGUF block is the low nibble of qs[j]; element j+16 the high nibble
+        let mut blk = vec![0u8; 18];
+        blk[..2].copy_from_slice(&f16::from_f32(1.0).to_le_bytes());
+        for j in 0..16 {
+            blk[2 + j] = (j as u8) | (((15 - j) as u8) << 4);
+        }
+        let t = tensor(SourceDType::Q4_0, 1, 32, blk);
+        let m = encode_matrix("w", &t, Quantize::Keep).unwrap();
+        let Form::Block4 { b, .. } = &m.form else {
+            panic!("form")
+        };
+        // MatMulNBits element 0 = q 0 (low of byte 0), element 1 = q 1 (high of byte 0)
+        assert_eq!(b[0], 0x10);
+        assert_eq!(b[8], 0xEF); // elements 16 (q=15) and 17 (q=14)
+        let d = dequantize(&m);
+        assert_eq!(d[0], -8.0);
+        assert_eq!(d[16], 7.0);
+        assert_eq!(d[31], -8.0 + 0.0); // element 31 = high nibble of qs[15] = 0
+    }
+
+    #[test]
+    fn int8_error_within_half_step() {
+        let (n, k) = (7, 40);
+        let v = rand_vec(n * k, 3);
+        let t = tensor(
+            SourceDType::F32,
+            n,
+            k,
+            bytemuck::cast_slice::<f32, u8>(&v).to_vec(),
+        );
+        let m = encode_matrix("w", &t, Quantize::Int8).unwrap();
+        let Form::Int8 { scales, .. } = &m.form else {
+            panic!("form")
+        };
+        let s = read_f32s(scales);
+        let d = dequantize(&m);
+        for (i, (a, b)) in d.iter().zip(&v).enumerate() {
+            // |error| <= s/2 (plus f32 rounding)
+            assert!((a - b).abs() <= s[i / k] * 0.5001, "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn int4_error_within_one_step_and_q4_kept() {
+        let (n, k) = (4, 64);
+        let v = rand_vec(n * k, 4);
+        let t = tensor(
+            SourceDType::F32,
+            n,
+            k,
+            bytemuck::cast_slice::<f32, u8>(&v).to_vec(),
+        );
+        let m = encode_matrix("w", &t, Quantize::Int4).unwrap();
+        let Form::Block4 { scales, zeros, .. } = &m.form else {
+            panic!("form")
+        };
+        let (s, z) = (read_f32s(scales), read_f32s(zeros));
+        assert!(z
+            .iter()
+            .all(|z| z.fract() == 0.0 && (0.0..=15.0).contains(z)));
+        let d = dequantize(&m);
+        for (i, (a, b)) in d.iter().zip(&v).enumerate() {
+            // |error| <= one step s (zero point rounding + value rounding)
+            assert!((a - b).abs() <= s[i / BLOCK] * 1.0001, "{a} vs {b}");
+        }
+        // a Q8_0 source requantized to int4 dequantizes first, then obeys the same bound
+        let t8 = tensor(SourceDType::Q8_0, n, k, make_q8_0(&v));
+        let m8 = encode_matrix("w", &t8, Quantize::Int4).unwrap();
+        assert!(max_rel(&dequantize(&m8), &v) < 0.1);
+        // Q4_0 with --quantize int4 is kept bit-exact
+        let t4 = tensor(SourceDType::Q4_0, n, k, make_q4_0(&v));
+        assert_eq!(
+            dequantize(&encode_matrix("w", &t4, Quantize::Int4).unwrap()),
+            dequantize_source("w", &t4).unwrap()
+        );
+    }
+
+    #[test]
+    fn f16_requantize_and_errors() {
+        let (n, k) = (3, 32);
+        let v = rand_vec(n * k, 5);
+        let t = tensor(
+            SourceDType::F32,
+            n,
+            k,
+            bytemuck::cast_slice::<f32, u8>(&v).to_vec(),
+        );
+        let d = dequantize(&encode_matrix("w", &t, Quantize::F16).unwrap());
+        for (a, b) in d.iter().zip(&v) {
+            assert!((a - b).abs() <= b.abs() * 4.9e-4 + 6e-8, "{a} vs {b}");
+        }
+        let bad = tensor(SourceDType::Q8_0, n, k, vec![0u8; 10]);
+        let e = encode_matrix("blk.0.attn_q.weight", &bad, Quantize::Keep)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("blk.0.attn_q.weight"), "{e}");
+    }
+}

@@ -1,0 +1,580 @@
+//! End-to-end exports of small random llama/qwen2 models in every weight form.
+//!
+//! `exports_every_variant` checks the written files in Rust (contract names, metadata, alignment).
+//! `onnxruntime_matches_numpy_reference` (ignored: needs python3 with onnxruntime and numpy) also dumps the
+//! reference weights and runs `scripts/ort_run_step.py`, which compares onnxruntime's steps against a NumPy
+//! forward pass. Run it with `cargo test -p onestep-export --test synthetic -- --ignored`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use half::{bf16, f16};
+use onestep::contract;
+use onestep::graph::DType;
+use onestep::onnx::proto;
+use onestep_export::quant::{self, testutil, Quantize};
+use onestep_export::source::{
+    canonical, ModelConfig, RopeScaling, SourceDType, SourceModel, SourceTensor, TokenizerData,
+};
+use onestep_export::{export, ExportOptions, NoProgress};
+use prost::Message;
+use rand::{Rng, SeedableRng};
+
+const HIDDEN: usize = 64;
+const FFN: usize = 128;
+const LAYERS: usize = 2;
+const HEADS: usize = 4;
+const KV_HEADS: usize = 2;
+const HEAD_DIM: usize = 16;
+const VOCAB: usize = 96;
+const MAX_CACHE: usize = 32;
+
+#[derive(Clone)]
+struct Case {
+    name: &'static str,
+    arch: &'static str,
+    tied: bool,
+    linear: SourceDType,
+    embd: SourceDType,
+    output: SourceDType,
+    quantize: Quantize,
+    kv: DType,
+    interleaved: bool,
+    scaling: Option<RopeScaling>,
+}
+
+fn cases() -> Vec<Case> {
+    use SourceDType::*;
+    let base = Case {
+        name: "",
+        arch: "llama",
+        tied: false,
+        linear: F32,
+        embd: F32,
+        output: F32,
+        quantize: Quantize::Keep,
+        kv: DType::F16,
+        interleaved: true,
+        scaling: None,
+    };
+    vec![
+        Case {
+            name: "f32_untied_kvf16",
+            ..base.clone()
+        },
+        Case {
+            name: "f32_tied_kvf32",
+            tied: true,
+            kv: DType::F32,
+            interleaved: false,
+            ..base.clone()
+        },
+        Case {
+            name: "q4_0_q8emb_tied",
+            tied: true,
+            linear: Q4_0,
+            embd: Q8_0,
+            ..base.clone()
+        },
+        Case {
+            name: "q4_1_f16emb_q8out",
+            linear: Q4_1,
+            embd: F16,
+            output: Q8_0,
+            ..base.clone()
+        },
+        Case {
+            name: "q4_1_q4_1emb_tied",
+            tied: true,
+            linear: Q4_1,
+            embd: Q4_1,
+            kv: DType::F32,
+            ..base.clone()
+        },
+        Case {
+            name: "qwen2_bf16_bias",
+            arch: "qwen2",
+            linear: BF16,
+            embd: BF16,
+            output: BF16,
+            interleaved: false,
+            ..base.clone()
+        },
+        Case {
+            name: "int8_tied",
+            tied: true,
+            quantize: Quantize::Int8,
+            ..base.clone()
+        },
+        Case {
+            name: "int4_from_q8",
+            linear: Q8_0,
+            quantize: Quantize::Int4,
+            ..base.clone()
+        },
+        Case {
+            name: "f16_from_q4_0",
+            linear: Q4_0,
+            quantize: Quantize::F16,
+            ..base.clone()
+        },
+        Case {
+            name: "llama3_scaling",
+            scaling: Some(RopeScaling::Llama3 {
+                factor: 8.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 8,
+            }),
+            ..base.clone()
+        },
+        Case {
+            name: "linear_scaling",
+            scaling: Some(RopeScaling::Linear { factor: 2.0 }),
+            interleaved: false,
+            ..base
+        },
+    ]
+}
+
+fn encode(dtype: SourceDType, v: &[f32]) -> Vec<u8> {
+    match dtype {
+        SourceDType::F32 => bytemuck::cast_slice::<f32, u8>(v).to_vec(),
+        SourceDType::F16 => v
+            .iter()
+            .flat_map(|&x| f16::from_f32(x).to_le_bytes())
+            .collect(),
+        SourceDType::BF16 => v
+            .iter()
+            .flat_map(|&x| bf16::from_f32(x).to_le_bytes())
+            .collect(),
+        SourceDType::Q8_0 => testutil::make_q8_0(v),
+        SourceDType::Q4_0 => testutil::make_q4_0(v),
+        SourceDType::Q4_1 => testutil::make_q4_1(v),
+    }
+}
+
+fn source(case: &Case, seed: u64) -> SourceModel {
+    let mut r = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut tensors = BTreeMap::new();
+    let mut add = |r: &mut rand::rngs::StdRng,
+                   name: String,
+                   dtype: SourceDType,
+                   shape: Vec<usize>,
+                   center: f32,
+                   spread: f32| {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|_| center + r.random_range(-spread..spread))
+            .collect();
+        tensors.insert(
+            name,
+            SourceTensor {
+                dtype,
+                shape,
+                data: Bytes::from(encode(dtype, &v)),
+            },
+        );
+    };
+    let lin = case.linear;
+    let ws = |k: usize| 1.7 / (k as f32).sqrt();
+    add(
+        &mut r,
+        canonical::TOKEN_EMBD.into(),
+        case.embd,
+        vec![VOCAB, HIDDEN],
+        0.0,
+        1.0,
+    );
+    add(
+        &mut r,
+        canonical::OUTPUT_NORM.into(),
+        SourceDType::F32,
+        vec![HIDDEN],
+        1.0,
+        0.3,
+    );
+    if !case.tied {
+        add(
+            &mut r,
+            canonical::OUTPUT.into(),
+            case.output,
+            vec![VOCAB, HIDDEN],
+            0.0,
+            ws(HIDDEN) * 3.0,
+        );
+    }
+    for i in 0..LAYERS {
+        let b = |s: &str| canonical::blk(i, s);
+        // norms in f32 and (for one) f16, as GGUF/HF may store them
+        add(
+            &mut r,
+            b("attn_norm.weight"),
+            SourceDType::F32,
+            vec![HIDDEN],
+            1.0,
+            0.3,
+        );
+        add(
+            &mut r,
+            b("ffn_norm.weight"),
+            SourceDType::F16,
+            vec![HIDDEN],
+            1.0,
+            0.3,
+        );
+        add(
+            &mut r,
+            b("attn_q.weight"),
+            lin,
+            vec![HEADS * HEAD_DIM, HIDDEN],
+            0.0,
+            ws(HIDDEN),
+        );
+        add(
+            &mut r,
+            b("attn_k.weight"),
+            lin,
+            vec![KV_HEADS * HEAD_DIM, HIDDEN],
+            0.0,
+            ws(HIDDEN),
+        );
+        add(
+            &mut r,
+            b("attn_v.weight"),
+            lin,
+            vec![KV_HEADS * HEAD_DIM, HIDDEN],
+            0.0,
+            ws(HIDDEN),
+        );
+        add(
+            &mut r,
+            b("attn_output.weight"),
+            lin,
+            vec![HIDDEN, HEADS * HEAD_DIM],
+            0.0,
+            ws(HIDDEN),
+        );
+        add(
+            &mut r,
+            b("ffn_gate.weight"),
+            lin,
+            vec![FFN, HIDDEN],
+            0.0,
+            ws(HIDDEN),
+        );
+        add(
+            &mut r,
+            b("ffn_up.weight"),
+            lin,
+            vec![FFN, HIDDEN],
+            0.0,
+            ws(HIDDEN),
+        );
+        add(
+            &mut r,
+            b("ffn_down.weight"),
+            lin,
+            vec![HIDDEN, FFN],
+            0.0,
+            ws(FFN),
+        );
+        if case.arch == "qwen2" {
+            add(
+                &mut r,
+                b("attn_q.bias"),
+                SourceDType::F32,
+                vec![HEADS * HEAD_DIM],
+                0.0,
+                0.5,
+            );
+            add(
+                &mut r,
+                b("attn_k.bias"),
+                SourceDType::BF16,
+                vec![KV_HEADS * HEAD_DIM],
+                0.0,
+                0.5,
+            );
+            add(
+                &mut r,
+                b("attn_v.bias"),
+                SourceDType::F32,
+                vec![KV_HEADS * HEAD_DIM],
+                0.0,
+                0.5,
+            );
+        }
+    }
+    SourceModel {
+        origin: format!("synthetic-{}", case.name),
+        config: ModelConfig {
+            architecture: case.arch.into(),
+            hidden_size: HIDDEN,
+            intermediate_size: FFN,
+            num_layers: LAYERS,
+            num_heads: HEADS,
+            num_kv_heads: KV_HEADS,
+            head_dim: HEAD_DIM,
+            vocab_size: VOCAB,
+            rms_eps: 1e-5,
+            rope_theta: 10000.0,
+            rope_scaling: case.scaling.clone(),
+            max_position_embeddings: 1024,
+            tie_word_embeddings: case.tied,
+            attention_bias: case.arch == "qwen2",
+            rope_interleaved: case.interleaved,
+        },
+        tensors,
+        tokenizer: TokenizerData {
+            tokenizer_json: r#"{"version":"1.0","model":{"type":"BPE","vocab":{},"merges":[]}}"#
+                .into(),
+            chat_template: Some("{% for m in messages %}{{ m.content }}{% endfor %}".into()),
+            bos_id: Some(0),
+            add_bos: false,
+            eos_id: 1,
+            stop_ids: vec![1, 2],
+        },
+        generation: None,
+    }
+}
+
+fn options(case: &Case) -> ExportOptions {
+    ExportOptions {
+        max_cache: MAX_CACHE,
+        max_chunk: 8,
+        kv_dtype: case.kv,
+        quantize: case.quantize,
+        generation: None,
+    }
+}
+
+fn workdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("onestep-synth-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Writes what the NumPy reference needs: config and the f32 values each weight stands for.
+fn dump_reference(case: &Case, src: &SourceModel, dir: &Path) {
+    let wdir = dir.join("w");
+    std::fs::create_dir_all(&wdir).unwrap();
+    let mut shapes = serde_json::Map::new();
+    for (name, t) in &src.tensors {
+        let v = if t.shape.len() == 2 && case.quantize != Quantize::Keep {
+            // requantized: the reference uses the values the new form stands for (its error bounds are
+            // unit-tested in quant.rs)
+            quant::dequantize(&quant::encode_matrix(name, t, case.quantize).unwrap())
+        } else {
+            quant::dequantize_source(name, t).unwrap()
+        };
+        std::fs::write(
+            wdir.join(format!("{name}.bin")),
+            bytemuck::cast_slice::<f32, u8>(&v),
+        )
+        .unwrap();
+        shapes.insert(name.clone(), serde_json::json!(t.shape));
+    }
+    let (scaling, factor, lo, hi, orig) = match &case.scaling {
+        None => ("none", 1.0, 0.0, 0.0, 0),
+        Some(RopeScaling::Linear { factor }) => ("linear", *factor, 0.0, 0.0, 0),
+        Some(RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        }) => (
+            "llama3",
+            *factor,
+            *low_freq_factor,
+            *high_freq_factor,
+            *original_max_position_embeddings,
+        ),
+    };
+    let c = &src.config;
+    let j = serde_json::json!({
+        "name": case.name, "model": "model.onnx", "hidden": c.hidden_size, "layers": c.num_layers,
+        "heads": c.num_heads, "kv_heads": c.num_kv_heads, "head_dim": c.head_dim, "vocab": c.vocab_size,
+        "eps": c.rms_eps, "theta": c.rope_theta, "interleaved": c.rope_interleaved, "tied": c.tie_word_embeddings,
+        "bias": c.attention_bias, "kv_dtype": if case.kv == DType::F16 { "f16" } else { "f32" },
+        "max_cache": MAX_CACHE, "scaling": scaling, "factor": factor, "low_freq_factor": lo,
+        "high_freq_factor": hi, "original_max": orig, "shapes": shapes,
+    });
+    std::fs::write(
+        dir.join("case.json"),
+        serde_json::to_string_pretty(&j).unwrap(),
+    )
+    .unwrap();
+}
+
+#[test]
+fn exports_every_variant() {
+    for (i, case) in cases().iter().enumerate() {
+        let src = source(case, 100 + i as u64);
+        let dir = workdir(case.name);
+        let out = dir.join("model.onnx");
+        let s = export(&src, &out, &options(case), &mut NoProgress)
+            .unwrap_or_else(|e| panic!("{}: {e}", case.name));
+        let file = Bytes::from(std::fs::read(&out).unwrap());
+        assert_eq!(file.len() as u64, s.file_bytes);
+        let m = proto::ModelProto::decode(file.clone()).unwrap();
+        let g = m.graph.unwrap();
+        let names = |v: &[proto::ValueInfoProto]| {
+            v.iter()
+                .map(|x| x.name.clone().unwrap())
+                .collect::<Vec<_>>()
+        };
+        let ins = names(&g.input);
+        let outs = names(&g.output);
+        for n in [
+            contract::INPUT_IDS,
+            contract::POSITION,
+            contract::TEMPERATURE,
+            contract::TOP_K,
+            contract::TOP_P,
+            contract::RANDOM_U,
+        ] {
+            assert!(ins.contains(&n.to_string()), "{}: input {n}", case.name);
+        }
+        for l in 0..LAYERS {
+            assert!(ins.contains(&contract::past_key(l)) && ins.contains(&contract::past_value(l)));
+            assert!(outs.contains(&contract::new_key(l)) && outs.contains(&contract::new_value(l)));
+        }
+        assert!(
+            outs.contains(&contract::LOGITS.to_string())
+                && outs.contains(&contract::NEXT_TOKEN.to_string())
+        );
+        // every payload 64-byte aligned, names unique
+        let mut seen = std::collections::HashSet::new();
+        for t in &g.initializer {
+            let raw = t.raw_data.as_ref().unwrap();
+            assert_eq!((raw.as_ptr() as usize - file.as_ptr() as usize) % 64, 0);
+            assert!(seen.insert(t.name.clone().unwrap()));
+        }
+        // node names unique and readable
+        let mut nn = std::collections::HashSet::new();
+        for n in &g.node {
+            assert!(nn.insert(n.name.clone().unwrap()));
+        }
+        assert!(
+            nn.contains("l1.attn.q_proj")
+                && nn.contains("final_norm")
+                && nn.contains("sample.topk")
+        );
+        // metadata round-trips through the runtime's reader
+        let meta: BTreeMap<String, String> = m
+            .metadata_props
+            .iter()
+            .map(|e| (e.key.clone().unwrap(), e.value.clone().unwrap()))
+            .collect();
+        let info = onestep::ModelInfo::from_metadata(&meta).unwrap();
+        assert_eq!(
+            (
+                info.num_layers,
+                info.vocab_size,
+                info.max_cache,
+                info.kv_dtype
+            ),
+            (LAYERS, VOCAB, MAX_CACHE, case.kv)
+        );
+        assert_eq!(info.stop_ids, vec![1, 2]);
+        assert!(meta[contract::meta::TOKENIZER_JSON].contains("BPE"));
+        // tied: one copy of the table
+        if case.tied {
+            assert!(
+                !seen.iter().any(|n| n.starts_with("output.")),
+                "{}: tied output must reuse the embedding",
+                case.name
+            );
+        }
+        assert!(
+            s.unused_tensors.is_empty(),
+            "{}: unused {:?}",
+            case.name,
+            s.unused_tensors
+        );
+        if case.linear == SourceDType::Q4_0 && case.quantize == Quantize::Keep {
+            assert!(s.op_histogram.contains_key("com.microsoft::MatMulNBits"));
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+#[test]
+fn shape_mismatch_names_tensor_and_node() {
+    let case = &cases()[0];
+    let mut src = source(case, 1);
+    let t = src
+        .tensors
+        .get_mut(&canonical::blk(1, "attn_k.weight"))
+        .unwrap();
+    t.shape = vec![KV_HEADS * HEAD_DIM / 2, HIDDEN * 2];
+    let dir = workdir("bad");
+    let e = export(&src, &dir.join("m.onnx"), &options(case), &mut NoProgress)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("l1.attn.k_proj") && e.contains("[16, 128]"),
+        "{e}"
+    );
+    assert!(!dir.join("m.onnx").exists() && !dir.join("m.onnx.tmp").exists());
+    let mut src = source(case, 1);
+    src.tensors.remove(&canonical::blk(0, "ffn_up.weight"));
+    let e = export(&src, &dir.join("m.onnx"), &options(case), &mut NoProgress)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("blk.0.ffn_up.weight"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+#[ignore = "needs python3 with onnxruntime and numpy"]
+fn onnxruntime_matches_numpy_reference() {
+    // ONESTEP_SYNTH_DIR=dir keeps the exported cases there (for re-running the script by hand)
+    let keep = std::env::var_os("ONESTEP_SYNTH_DIR").map(PathBuf::from);
+    let root = keep.clone().unwrap_or_else(|| workdir("ort"));
+    for (i, case) in cases().iter().enumerate() {
+        let src = source(case, 100 + i as u64);
+        let dir = root.join(case.name);
+        std::fs::create_dir_all(&dir).unwrap();
+        export(
+            &src,
+            &dir.join("model.onnx"),
+            &options(case),
+            &mut NoProgress,
+        )
+        .unwrap();
+        dump_reference(case, &src, &dir);
+    }
+    // the same graph with its weights in external data (`<out>.data`), as models of 2 GiB or more are
+    let case = &cases()[2];
+    let src = source(case, 102);
+    let dir = root.join("external_q4_0");
+    std::fs::create_dir_all(&dir).unwrap();
+    let w = onestep_export::export::encode_weights(&src, case.quantize, &mut NoProgress).unwrap();
+    let opts = onestep_export::arch::ArchOptions {
+        max_cache: MAX_CACHE,
+        kv_dtype: case.kv,
+    };
+    let g = onestep_export::arch::build(&src.config, &w, &opts).unwrap();
+    onestep_export::write::write_model_with(&g, &dir.join("model.onnx"), None, &mut |_, _| {}, 0)
+        .unwrap();
+    assert!(dir.join("model.onnx.data").exists());
+    dump_reference(case, &src, &dir);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/ort_run_step.py");
+    let st = std::process::Command::new("python3")
+        .arg(&script)
+        .arg(&root)
+        .status()
+        .unwrap();
+    assert!(
+        st.success(),
+        "{} failed on {}",
+        script.display(),
+        root.display()
+    );
+    if keep.is_none() {
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+}
