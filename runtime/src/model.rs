@@ -462,7 +462,7 @@ fn standard_prefix(mask: &Tensor, t: usize, slots: usize) -> Option<usize> {
     let p = m[..slots].iter().take_while(|&&b| b != 0).count();
     for ti in 0..t {
         let row = &m[ti * w..(ti + 1) * w];
-        if row[..p].iter().any(|&b| b == 0) || row[p..slots].iter().any(|&b| b != 0) {
+        if row[..p].contains(&0) || row[p..slots].iter().any(|&b| b != 0) {
             return None;
         }
         for (j, &b) in row[slots..].iter().enumerate() {

@@ -80,6 +80,9 @@ enum Command {
         /// Unmeasured runs before the measured ones.
         #[arg(long, default_value_t = 1)]
         warmup: usize,
+        /// Print one JSON object (medians) instead of the table (for scripts/bench-peers).
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         common: Common,
     },
@@ -364,6 +367,7 @@ fn cmd_bench(
     new_tokens: u32,
     repeat: usize,
     warmup: usize,
+    json: bool,
     common: &Common,
 ) -> Result<()> {
     if repeat == 0 {
@@ -399,6 +403,20 @@ fn cmd_bench(
         rows.push(("peak RSS (MiB)", vec![mb]));
     }
     let threads = rayon::current_num_threads();
+    if json {
+        let obj = serde_json::json!({
+            "prefill": median(col(&|c| c.stats.prefill_tokens_per_s)),
+            "decode": median(col(&|c| c.stats.decode_tokens_per_s)),
+            "ttft_ms": median(col(&|c| c.stats.time_to_first_token_ms)),
+            "load_ms": model_arc.load_ms(),
+            "peak_rss_mb": rss_mb,
+            "threads": threads,
+            "prompt_tokens": ids.len(),
+            "new_tokens": opts.max_new_tokens,
+        });
+        println!("{obj}");
+        return Ok(());
+    }
     println!(
         "onestep bench: {}  prompt {} tokens, {} new tokens, {} runs (+{} warm-up), {} threads",
         model.display(),
@@ -438,8 +456,17 @@ fn run(cli: Cli) -> Result<()> {
             new_tokens,
             repeat,
             warmup,
+            json,
             common,
-        } => cmd_bench(&model, prompt_tokens, new_tokens, repeat, warmup, &common),
+        } => cmd_bench(
+            &model,
+            prompt_tokens,
+            new_tokens,
+            repeat,
+            warmup,
+            json,
+            &common,
+        ),
     }
 }
 

@@ -779,7 +779,7 @@ fn topk(ctx: &Ctx, a: &Tensor, k: &Tensor) -> Result<Vec<Tensor>> {
         return Err(ctx.err(format!("k = {k} is outside 0..={n}")));
     }
     let k = k as usize;
-    let rows = if n == 0 { 0 } else { v.len() / n };
+    let rows = v.len().checked_div(n).unwrap_or(0);
     let mut vals = Vec::with_capacity(rows * k);
     let mut idxs = Vec::with_capacity(rows * k);
     for row in v.chunks(n.max(1)).take(rows) {
