@@ -355,6 +355,7 @@ impl Model {
                 new,
                 mask,
                 out,
+                tokens_first,
             } => {
                 let n = &plan.graph.nodes[*node];
                 let err = |d: String| Error::node(&n.name, &n.op, d);
@@ -395,7 +396,11 @@ impl Model {
                         let m = mask.map(|m| val(env, m)).transpose()?;
                         let outs =
                             ops::run_node(n, &[Some(&qt), Some(&kcat), Some(&vcat), m.as_ref()])?;
-                        env[*out] = outs.into_iter().next();
+                        let a = outs.into_iter().next();
+                        env[*out] = match (a, tokens_first) {
+                            (Some(a), true) => Some(heads_to_tokens(&a)),
+                            (a, _) => a,
+                        };
                         return Ok(());
                     }
                 };
@@ -437,11 +442,31 @@ impl Model {
                     ),
                     dt => return Err(err(format!("cache of {dt} is not supported"))),
                 }
-                env[*out] = Some(o);
+                env[*out] = Some(if *tokens_first {
+                    heads_to_tokens(&o)
+                } else {
+                    o
+                });
             }
         }
         Ok(())
     }
+}
+
+/// `[1, H, T, D]` → `[1, T, H, D]` (a copy; a view when `T = 1`).
+fn heads_to_tokens(a: &Tensor) -> Tensor {
+    let (h, t, d) = (a.shape[1], a.shape[2], a.shape[3]);
+    if t == 1 || h == 1 {
+        return a.reshaped(vec![1, t, h, d]);
+    }
+    let v = a.typed::<f32>();
+    Tensor::build(DType::F32, &[1, t, h, d], |o: &mut [f32]| {
+        for hi in 0..h {
+            for ti in 0..t {
+                o[(ti * h + hi) * d..][..d].copy_from_slice(&v[(hi * t + ti) * d..][..d]);
+            }
+        }
+    })
 }
 
 /// If `mask` is the contract's mask — `[T, S+T]` booleans (leading dims of 1 allowed), past slots

@@ -60,8 +60,11 @@ pub enum Step {
         new: [ValId; 2],
         /// Whether the graph casts the new rows before concatenating (dtype of the concat).
         mask: Option<ValId>,
-        /// Output `[1, H, T, D]`.
+        /// Output: `[1, H, T, D]`, or `[1, T, H, D]` when `tokens_first` (the graph's following
+        /// `Transpose(perm=[0,2,1,3])` is absorbed and `out` is that node's output).
         out: ValId,
+        /// Whether `out` is in `[1, T, H, D]` order.
+        tokens_first: bool,
     },
 }
 
@@ -338,13 +341,32 @@ impl Plan {
                             absorbed[c] = true;
                         }
                     }
+                    // Absorb a following Transpose to [1, T, H, D] (the kernel writes that order).
+                    let a_out = node_out[ni][0];
+                    let transpose = match consumers[a_out].as_slice() {
+                        [ti] if graph.nodes[*ti].op == "Transpose"
+                            && graph.nodes[*ti].attr_ints("perm") == Some(&[0, 2, 1, 3][..])
+                            && !graph_outputs.contains(&a_out) =>
+                        {
+                            Some(*ti)
+                        }
+                        _ => None,
+                    };
+                    let (out, tokens_first) = match transpose {
+                        Some(ti) => {
+                            absorbed[ti] = true;
+                            (node_out[ti][0], true)
+                        }
+                        None => (a_out, false),
+                    };
                     kind[ni] = Some(Step::CacheAttention {
                         node: ni,
                         q,
                         past: [parts[0].0, parts[1].0],
                         new: [parts[0].1, parts[1].1],
                         mask: ins.get(3).copied().flatten(),
-                        out: node_out[ni][0],
+                        out,
+                        tokens_first,
                     });
                     stats.cache_attention += 1;
                     continue;
@@ -362,7 +384,11 @@ impl Plan {
             if absorbed[ni] && kind[ni].is_none() {
                 continue;
             }
-            if !node_out[ni].iter().any(|&o| needed[o]) {
+            let produces_needed = match &kind[ni] {
+                Some(Step::CacheAttention { out, .. }) => needed[*out],
+                _ => node_out[ni].iter().any(|&o| needed[o]),
+            };
+            if !produces_needed {
                 continue;
             }
             live_nodes[ni] = true;
