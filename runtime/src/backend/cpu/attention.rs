@@ -72,7 +72,13 @@ pub struct AttnShape {
 impl AttnShape {
     fn check_heads(&self, k: &'static str) -> KernelResult<usize> {
         if self.kv_heads == 0 || self.heads % self.kv_heads != 0 {
-            return Err(shape_err(k, format!("heads {} not a multiple of kv_heads {}", self.heads, self.kv_heads)));
+            return Err(shape_err(
+                k,
+                format!(
+                    "heads {} not a multiple of kv_heads {}",
+                    self.heads, self.kv_heads
+                ),
+            ));
         }
         Ok(self.heads / self.kv_heads)
     }
@@ -123,7 +129,14 @@ impl Online {
     }
 
     /// Feeds keys `k`/`v` (`n` rows of `D`, contiguous) with an optional per-key mask (true = attend).
-    fn feed<E: KvElement>(&mut self, q: &[f32], k: &[E], v: &[E], scale: f32, mask: Option<&[bool]>) {
+    fn feed<E: KvElement>(
+        &mut self,
+        q: &[f32],
+        k: &[E],
+        v: &[E],
+        scale: f32,
+        mask: Option<&[bool]>,
+    ) {
         let d = q.len();
         let n = k.len().checked_div(d).unwrap_or(0);
         let mut j0 = 0;
@@ -188,15 +201,26 @@ impl Online {
 }
 
 /// Runs `f(t, h, state, out_row)` for every (token, head), in parallel when the work is large.
-fn for_rows(out: &mut [f32], s: &AttnShape, keys: usize, f: impl Fn(usize, usize, &mut Online, &mut [f32]) + Sync) {
+fn for_rows(
+    out: &mut [f32],
+    s: &AttnShape,
+    keys: usize,
+    f: impl Fn(usize, usize, &mut Online, &mut [f32]) + Sync,
+) {
     let d = s.head_dim;
-    let work = s.tokens.saturating_mul(s.heads).saturating_mul(keys).saturating_mul(d);
+    let work = s
+        .tokens
+        .saturating_mul(s.heads)
+        .saturating_mul(keys)
+        .saturating_mul(d);
     let body = |st: &mut Online, (i, o): (usize, &mut [f32])| {
         st.reset();
         f(i / s.heads, i % s.heads, st, o);
     };
     if work >= PAR_MIN && s.tokens * s.heads > 1 {
-        out.par_chunks_mut(d).enumerate().for_each_init(|| Online::new(d), body);
+        out.par_chunks_mut(d)
+            .enumerate()
+            .for_each_init(|| Online::new(d), body);
     } else {
         let mut st = Online::new(d);
         out.chunks_mut(d).enumerate().for_each(|r| body(&mut st, r));
@@ -230,7 +254,10 @@ pub fn attention_cached<E: KvElement>(
     check_len(K, "new_value", new, new_v.len())?;
     check_len(K, "out", mul_dims(K, &[t, s.heads, d])?, out.len())?;
     if position > s.cache_len {
-        return Err(shape_err(K, format!("position {position} > cache length {}", s.cache_len)));
+        return Err(shape_err(
+            K,
+            format!("position {position} > cache length {}", s.cache_len),
+        ));
     }
     if d == 0 || t == 0 {
         return Ok(());
@@ -241,7 +268,13 @@ pub fn attention_cached<E: KvElement>(
         let kvh = h / group;
         let qv = &q[s.q_off(h, tt)..s.q_off(h, tt) + d];
         let base = kvh * s.cache_len * d;
-        st.feed(qv, &past_k[base..base + p * d], &past_v[base..base + p * d], scale, None);
+        st.feed(
+            qv,
+            &past_k[base..base + p * d],
+            &past_v[base..base + p * d],
+            scale,
+            None,
+        );
         if s.kv_tokens_first {
             for j in 0..=tt {
                 let o = s.new_kv_off(kvh, j);
@@ -284,7 +317,13 @@ pub fn attention_masked(
     for_rows(out, s, n, |tt, h, st, o| {
         let base = (h / group) * n * d;
         let qv = &q[s.q_off(h, tt)..s.q_off(h, tt) + d];
-        st.feed(qv, &k[base..base + n * d], &v[base..base + n * d], scale, Some(&mask[tt * n..(tt + 1) * n]));
+        st.feed(
+            qv,
+            &k[base..base + n * d],
+            &v[base..base + n * d],
+            scale,
+            Some(&mask[tt * n..(tt + 1) * n]),
+        );
         st.finish(o);
     });
     Ok(())
@@ -315,11 +354,17 @@ pub fn reference_masked(
             let scores: Vec<Option<f64>> = (0..n)
                 .map(|j| {
                     mask[tt * n + j].then(|| {
-                        (0..d).map(|i| q[qo + i] as f64 * k[base + j * d + i] as f64).sum::<f64>() * scale
+                        (0..d)
+                            .map(|i| q[qo + i] as f64 * k[base + j * d + i] as f64)
+                            .sum::<f64>()
+                            * scale
                     })
                 })
                 .collect();
-            let m = scores.iter().flatten().fold(f64::NEG_INFINITY, |a, b| a.max(*b));
+            let m = scores
+                .iter()
+                .flatten()
+                .fold(f64::NEG_INFINITY, |a, b| a.max(*b));
             let z: f64 = scores.iter().flatten().map(|x| (x - m).exp()).sum();
             for i in 0..d {
                 let mut acc = 0.0;
@@ -375,8 +420,13 @@ pub fn reference_cached<E: KvElement>(
             }
         }
     }
-    let mask: Vec<bool> = (0..t).flat_map(|tt| (0..total).map(move |j| j <= p + tt)).collect();
-    let s2 = AttnShape { cache_len: total, ..*s };
+    let mask: Vec<bool> = (0..t)
+        .flat_map(|tt| (0..total).map(move |j| j <= p + tt))
+        .collect();
+    let s2 = AttnShape {
+        cache_len: total,
+        ..*s
+    };
     reference_masked(q, &kk, &vv, &mask, &s2, scale, out)
 }
 
@@ -388,10 +438,16 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     fn rnd(n: usize, rng: &mut StdRng, a: f32) -> Vec<f32> {
-        (0..n).map(|_| {
-            let v: f32 = rng.random_range(-a..a);
-            if v == 0.0 { a / 2.0 } else { v }
-        }).collect()
+        (0..n)
+            .map(|_| {
+                let v: f32 = rng.random_range(-a..a);
+                if v == 0.0 {
+                    a / 2.0
+                } else {
+                    v
+                }
+            })
+            .collect()
     }
 
     fn close(got: &[f32], want: &[f32], vmax: f32) -> Result<(), String> {
@@ -405,9 +461,29 @@ mod tests {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn run_cached(kvh: usize, group: usize, t: usize, d: usize, cache: usize, p: usize, f16_cache: bool, q_tf: bool, kv_tf: bool, seed: u64, qscale: f32) -> Result<(), String> {
+    fn run_cached(
+        kvh: usize,
+        group: usize,
+        t: usize,
+        d: usize,
+        cache: usize,
+        p: usize,
+        f16_cache: bool,
+        q_tf: bool,
+        kv_tf: bool,
+        seed: u64,
+        qscale: f32,
+    ) -> Result<(), String> {
         let mut rng = StdRng::seed_from_u64(seed);
-        let s = AttnShape { heads: kvh * group, kv_heads: kvh, tokens: t, head_dim: d, cache_len: cache, q_tokens_first: q_tf, kv_tokens_first: kv_tf };
+        let s = AttnShape {
+            heads: kvh * group,
+            kv_heads: kvh,
+            tokens: t,
+            head_dim: d,
+            cache_len: cache,
+            q_tokens_first: q_tf,
+            kv_tokens_first: kv_tf,
+        };
         let q = rnd(s.heads * t * d, &mut rng, qscale);
         let mut pk = rnd(kvh * cache * d, &mut rng, 2.0);
         let mut pv = rnd(kvh * cache * d, &mut rng, 3.0);
@@ -483,18 +559,56 @@ mod tests {
 
     #[test]
     fn fully_masked_row_is_zero_and_errors() {
-        let s = AttnShape { heads: 2, kv_heads: 1, tokens: 1, head_dim: 2, cache_len: 2, q_tokens_first: false, kv_tokens_first: false };
+        let s = AttnShape {
+            heads: 2,
+            kv_heads: 1,
+            tokens: 1,
+            head_dim: 2,
+            cache_len: 2,
+            q_tokens_first: false,
+            kv_tokens_first: false,
+        };
         let mut out = [f32::NAN; 4];
-        attention_masked(&[1.0; 4], &[1.0; 4], &[1.0; 4], &[false, false], &s, None, &mut out).unwrap();
+        attention_masked(
+            &[1.0; 4],
+            &[1.0; 4],
+            &[1.0; 4],
+            &[false, false],
+            &s,
+            None,
+            &mut out,
+        )
+        .unwrap();
         assert_eq!(out, [0.0; 4]);
-        assert!(attention_masked(&[1.0; 4], &[1.0; 4], &[1.0; 4], &[false], &s, None, &mut out).is_err());
+        assert!(attention_masked(
+            &[1.0; 4],
+            &[1.0; 4],
+            &[1.0; 4],
+            &[false],
+            &s,
+            None,
+            &mut out
+        )
+        .is_err());
         let bad = AttnShape { kv_heads: 3, ..s };
-        assert!(attention_masked(&[1.0; 4], &[1.0; 4], &[1.0; 4], &[true; 2], &bad, None, &mut out).is_err());
+        assert!(attention_masked(
+            &[1.0; 4], &[1.0; 4], &[1.0; 4], &[true; 2], &bad, None, &mut out
+        )
+        .is_err());
         // position beyond the cache, wrong new-row length
         let k = [1.0f32; 4];
-        assert!(attention_cached(&[1.0; 4], &k, &k, &[1.0; 2], &[1.0; 2], 3, &s, None, &mut out).is_err());
-        assert!(attention_cached(&[1.0; 4], &k, &k, &[1.0; 3], &[1.0; 2], 1, &s, None, &mut out).is_err());
-        attention_cached(&[1.0; 4], &k, &k, &[1.0; 2], &[2.0; 2], 2, &s, None, &mut out).unwrap();
+        assert!(
+            attention_cached(&[1.0; 4], &k, &k, &[1.0; 2], &[1.0; 2], 3, &s, None, &mut out)
+                .is_err()
+        );
+        assert!(
+            attention_cached(&[1.0; 4], &k, &k, &[1.0; 3], &[1.0; 2], 1, &s, None, &mut out)
+                .is_err()
+        );
+        attention_cached(
+            &[1.0; 4], &k, &k, &[1.0; 2], &[2.0; 2], 2, &s, None, &mut out,
+        )
+        .unwrap();
         // Equal scores: mean of values (1, 1, 2) = 4/3.
         assert!(out.iter().all(|v| (v - 4.0 / 3.0).abs() < 1e-6), "{out:?}");
     }

@@ -233,7 +233,11 @@ impl<'a> Weights<'a> {
             Weights::Bf16 { w, k, .. } => w[row * k + col].to_f32(),
             Weights::Int8 { w, scales, k, .. } => w[row * k + col] as f32 * scales[row],
             Weights::Q4 {
-                b, scales, zeros, k, ..
+                b,
+                scales,
+                zeros,
+                k,
+                ..
             } => {
                 let blk = row * (k / BLOCK) + col / BLOCK;
                 let byte = b[blk * 16 + (col % BLOCK) / 2];
@@ -241,7 +245,11 @@ impl<'a> Weights<'a> {
                 (q as f32 - zeros[blk]) * scales[blk]
             }
             Weights::Q8 {
-                b, scales, zeros, k, ..
+                b,
+                scales,
+                zeros,
+                k,
+                ..
             } => {
                 let blk = row * (k / BLOCK) + col / BLOCK;
                 (b[blk * 32 + col % BLOCK] as f32 - zeros[blk] as f32) * scales[blk]
@@ -254,12 +262,14 @@ impl<'a> Weights<'a> {
         let k = self.k();
         match *self {
             Weights::F32 { w, .. } => out.copy_from_slice(&w[row * k..(row + 1) * k]),
-            Weights::F16 { w, .. } => {
-                half::slice::HalfFloatSliceExt::convert_to_f32_slice(&w[row * k..(row + 1) * k], out)
-            }
-            Weights::Bf16 { w, .. } => {
-                half::slice::HalfFloatSliceExt::convert_to_f32_slice(&w[row * k..(row + 1) * k], out)
-            }
+            Weights::F16 { w, .. } => half::slice::HalfFloatSliceExt::convert_to_f32_slice(
+                &w[row * k..(row + 1) * k],
+                out,
+            ),
+            Weights::Bf16 { w, .. } => half::slice::HalfFloatSliceExt::convert_to_f32_slice(
+                &w[row * k..(row + 1) * k],
+                out,
+            ),
             Weights::Int8 { w, scales, .. } => {
                 let s = scales[row];
                 for (o, q) in out.iter_mut().zip(&w[row * k..(row + 1) * k]) {
@@ -322,7 +332,13 @@ pub fn linear_with(
 }
 
 /// Checks all lengths; returns `(n, k)`.
-fn check(x: &[f32], t: usize, w: &Weights, bias: Option<&[f32]>, out: &[f32]) -> KernelResult<(usize, usize)> {
+fn check(
+    x: &[f32],
+    t: usize,
+    w: &Weights,
+    bias: Option<&[f32]>,
+    out: &[f32],
+) -> KernelResult<(usize, usize)> {
     w.validate()?;
     let (n, k) = (w.n(), w.k());
     check_len("linear", "x", mul_dims("linear", &[t, k])?, x.len())?;
@@ -349,7 +365,11 @@ fn quantize_x(x: &[f32], k: usize, even_odd: bool) -> QuantX {
     let mut d = vec![0f32; nblk];
     let mut sum = vec![0f32; nblk];
     let _ = k;
-    for (b, (xb, qb)) in x.chunks_exact(BLOCK).zip(q.chunks_exact_mut(BLOCK)).enumerate() {
+    for (b, (xb, qb)) in x
+        .chunks_exact(BLOCK)
+        .zip(q.chunks_exact_mut(BLOCK))
+        .enumerate()
+    {
         let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
         let db = amax / 127.0;
         let id = if db > 0.0 { 1.0 / db } else { 0.0 };
@@ -370,6 +390,35 @@ fn quantize_x(x: &[f32], k: usize, even_odd: bool) -> QuantX {
         }
     }
     QuantX { q, d, sum }
+}
+
+/// Source element (within a 32-block) of position `pos` in the AVX2 exact decoders' lane order.
+///
+/// Q4: vector v (8 lanes) = nibble 2v (lanes 0..4) and 2v+1 (lanes 4..8) of the block's four u32 words,
+/// word i holding elements 8i..8i+8 in nibble order. Q8: vector m, lane i = byte m of word i = element
+/// 4i + m.
+fn perm_src(q4: bool, pos: usize) -> usize {
+    let (v, lane) = (pos / 8, pos % 8);
+    if q4 {
+        if lane < 4 {
+            8 * lane + 2 * v
+        } else {
+            8 * (lane - 4) + 2 * v + 1
+        }
+    } else {
+        4 * lane + v
+    }
+}
+
+/// `x` with every 32-block reordered by [`perm_src`].
+fn permute_x(x: &[f32], q4: bool) -> Vec<f32> {
+    let mut xp = vec![0f32; x.len()];
+    for (dst, src) in xp.chunks_exact_mut(BLOCK).zip(x.chunks_exact(BLOCK)) {
+        for (pos, d) in dst.iter_mut().enumerate() {
+            *d = src[perm_src(q4, pos)];
+        }
+    }
+    xp
 }
 
 /// Whether `isa` runs the AVX2 integer path (which wants Q4 activations in even/odd block order).
@@ -405,11 +454,18 @@ pub(crate) fn linear_isa(
     if k == 0 {
         out.fill(0.0);
     } else {
-        let quant = precision == Precision::Q8Activations && matches!(w, Weights::Q4 { .. } | Weights::Q8 { .. });
+        let quant = precision == Precision::Q8Activations
+            && matches!(w, Weights::Q4 { .. } | Weights::Q8 { .. });
         if quant {
             let even_odd = matches!(w, Weights::Q4 { .. }) && avx2_isa(isa);
             let qx = quantize_x(x, k, even_odd);
             let f = |rows: std::ops::Range<usize>, o: &mut [f32]| rows_q8(w, &qx, t, rows, o, isa);
+            drive(n, k, t, out, &f);
+        } else if avx2_isa(isa) && matches!(w, Weights::Q4 { .. } | Weights::Q8 { .. }) {
+            // The AVX2 block decoders produce each block in a shuffle-free lane order; permute x once.
+            let xp = permute_x(x, matches!(w, Weights::Q4 { .. }));
+            let f =
+                |rows: std::ops::Range<usize>, o: &mut [f32]| rows_exact(w, &xp, t, rows, o, isa);
             drive(n, k, t, out, &f);
         } else {
             let f = |rows: std::ops::Range<usize>, o: &mut [f32]| rows_exact(w, x, t, rows, o, isa);
@@ -432,7 +488,11 @@ fn drive(n: usize, k: usize, t: usize, out: &mut [f32], f: &RowsFn) {
     let threads = rayon::current_num_threads().max(1);
     let parallel = work >= PAR_MIN_WORK && threads > 1 && n > 1;
     // Rows per task: ~8 tasks per thread for balance, at least 16 rows.
-    let chunk = if parallel { n.div_ceil(threads * 8).max(16).min(n) } else { n };
+    let chunk = if parallel {
+        n.div_ceil(threads * 8).max(16).min(n)
+    } else {
+        n
+    };
     if t == 1 {
         if parallel {
             out.par_chunks_mut(chunk)
@@ -463,7 +523,14 @@ fn drive(n: usize, k: usize, t: usize, out: &mut [f32], f: &RowsFn) {
 // Exact path
 // ---------------------------------------------------------------------------------------------------
 
-fn rows_exact(w: &Weights, x: &[f32], t: usize, rows: std::ops::Range<usize>, out: &mut [f32], isa: Isa) {
+fn rows_exact(
+    w: &Weights,
+    x: &[f32],
+    t: usize,
+    rows: std::ops::Range<usize>,
+    out: &mut [f32],
+    isa: Isa,
+) {
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: Isa::Avx2 is only produced after run-time detection of avx2, fma and f16c (or by
@@ -477,7 +544,13 @@ fn rows_exact(w: &Weights, x: &[f32], t: usize, rows: std::ops::Range<usize>, ou
 }
 
 /// Portable exact path: decode each weight row once into scratch, then one dot per row of `x`.
-fn rows_exact_scalar(w: &Weights, x: &[f32], t: usize, rows: std::ops::Range<usize>, out: &mut [f32]) {
+fn rows_exact_scalar(
+    w: &Weights,
+    x: &[f32],
+    t: usize,
+    rows: std::ops::Range<usize>,
+    out: &mut [f32],
+) {
     let k = w.k();
     let mut wrow = vec![0f32; k];
     for (i, row) in rows.enumerate() {
@@ -492,7 +565,14 @@ fn rows_exact_scalar(w: &Weights, x: &[f32], t: usize, rows: std::ops::Range<usi
 // Q8-activation path
 // ---------------------------------------------------------------------------------------------------
 
-fn rows_q8(w: &Weights, qx: &QuantX, t: usize, rows: std::ops::Range<usize>, out: &mut [f32], isa: Isa) {
+fn rows_q8(
+    w: &Weights,
+    qx: &QuantX,
+    t: usize,
+    rows: std::ops::Range<usize>,
+    out: &mut [f32],
+    isa: Isa,
+) {
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as in `rows_exact`.
@@ -503,7 +583,13 @@ fn rows_q8(w: &Weights, qx: &QuantX, t: usize, rows: std::ops::Range<usize>, out
 }
 
 /// Portable integer path; `qx` must be in natural element order.
-fn rows_q8_scalar(w: &Weights, qx: &QuantX, t: usize, rows: std::ops::Range<usize>, out: &mut [f32]) {
+fn rows_q8_scalar(
+    w: &Weights,
+    qx: &QuantX,
+    t: usize,
+    rows: std::ops::Range<usize>,
+    out: &mut [f32],
+) {
     let k = w.k();
     let nb = k / BLOCK;
     let mut qw = [0i32; BLOCK];
@@ -553,7 +639,8 @@ mod avx2 {
     use crate::backend::cpu::simd::x86::hsum;
     use std::arch::x86_64::*;
 
-    /// Decodes 32 consecutive weights of `row` starting at column `col` (`col + 32 <= K`).
+    /// Decodes 32 consecutive weights of `row` starting at column `col` (`col + 32 <= K`); block forms
+    /// come out in the lane order of `perm_src` (x must be permuted to match).
     ///
     /// # Safety
     /// avx2+fma+f16c available; `w` validated; `col + 32 <= K`, and for block forms `col % 32 == 0`.
@@ -584,7 +671,9 @@ mod avx2 {
                 }
                 Weights::Bf16 { w, k, .. } => {
                     let p = w.as_ptr().add(row * k + col) as *const __m128i;
-                    let cv = |v: __m128i| _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(v)));
+                    let cv = |v: __m128i| {
+                        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(v)))
+                    };
                     [
                         cv(_mm_loadu_si128(p)),
                         cv(_mm_loadu_si128(p.add(1))),
@@ -602,41 +691,53 @@ mod avx2 {
                     [cv(0), cv(8), cv(16), cv(24)]
                 }
                 Weights::Q4 {
-                    b, scales, zeros, k, ..
+                    b,
+                    scales,
+                    zeros,
+                    k,
+                    ..
                 } => {
+                    // Lane order of `perm_src(true, ·)`: shifts and masks only, no shuffles.
                     let blk = row * (k / BLOCK) + col / BLOCK;
                     let s = *scales.get_unchecked(blk);
-                    let z = *zeros.get_unchecked(blk);
                     let vs = _mm256_set1_ps(s);
-                    let vz = _mm256_set1_ps(z);
-                    let raw = _mm_loadu_si128(b.as_ptr().add(blk * 16) as *const __m128i);
-                    let m = _mm_set1_epi8(15);
-                    let lo = _mm_and_si128(raw, m);
-                    let hi = _mm_and_si128(_mm_srli_epi16::<4>(raw), m);
-                    let e0 = _mm_unpacklo_epi8(lo, hi); // elements 0..16
-                    let e1 = _mm_unpackhi_epi8(lo, hi); // elements 16..32
-                    let cv = |v: __m128i| {
-                        _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)), vz), vs)
+                    let vnzs = _mm256_set1_ps(-*zeros.get_unchecked(blk) * s);
+                    let words = _mm256_broadcastsi128_si256(_mm_loadu_si128(
+                        b.as_ptr().add(blk * 16) as *const __m128i,
+                    ));
+                    let m = _mm256_set1_epi32(15);
+                    let cv = |sh: __m256i| {
+                        let q = _mm256_and_si256(_mm256_srlv_epi32(words, sh), m);
+                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), vs, vnzs)
                     };
                     [
-                        cv(e0),
-                        cv(_mm_srli_si128::<8>(e0)),
-                        cv(e1),
-                        cv(_mm_srli_si128::<8>(e1)),
+                        cv(_mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)),
+                        cv(_mm256_setr_epi32(8, 8, 8, 8, 12, 12, 12, 12)),
+                        cv(_mm256_setr_epi32(16, 16, 16, 16, 20, 20, 20, 20)),
+                        cv(_mm256_setr_epi32(24, 24, 24, 24, 28, 28, 28, 28)),
                     ]
                 }
                 Weights::Q8 {
-                    b, scales, zeros, k, ..
+                    b,
+                    scales,
+                    zeros,
+                    k,
+                    ..
                 } => {
+                    // Lane order of `perm_src(false, ·)`.
                     let blk = row * (k / BLOCK) + col / BLOCK;
-                    let vs = _mm256_set1_ps(*scales.get_unchecked(blk));
-                    let vz = _mm256_set1_ps(*zeros.get_unchecked(blk) as f32);
-                    let p = b.as_ptr().add(blk * 32);
-                    let cv = |o: usize| {
-                        let q = _mm_loadl_epi64(p.add(o) as *const __m128i);
-                        _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q)), vz), vs)
-                    };
-                    [cv(0), cv(8), cv(16), cv(24)]
+                    let s = *scales.get_unchecked(blk);
+                    let vs = _mm256_set1_ps(s);
+                    let vnzs = _mm256_set1_ps(-(*zeros.get_unchecked(blk) as f32) * s);
+                    let words = _mm256_loadu_si256(b.as_ptr().add(blk * 32) as *const __m256i);
+                    let m = _mm256_set1_epi32(255);
+                    let cv = |q: __m256i| _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), vs, vnzs);
+                    [
+                        cv(_mm256_and_si256(words, m)),
+                        cv(_mm256_and_si256(_mm256_srli_epi32::<8>(words), m)),
+                        cv(_mm256_and_si256(_mm256_srli_epi32::<16>(words), m)),
+                        cv(_mm256_srli_epi32::<24>(words)),
+                    ]
                 }
             }
         }
@@ -648,7 +749,12 @@ mod avx2 {
     /// As [`dec32`]; `x` holds at least `(x0 + R)·K` values.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn tile_exact<const R: usize>(w: &Weights, x: &[f32], x0: usize, row: usize) -> [f32; R] {
+    unsafe fn tile_exact<const R: usize>(
+        w: &Weights,
+        x: &[f32],
+        x0: usize,
+        row: usize,
+    ) -> [f32; R] {
         let k = w.k();
         let k32 = k / 32 * 32;
         let mut acc = [[_mm256_setzero_ps(); 2]; R];
@@ -719,63 +825,83 @@ mod avx2 {
         let k = w.k();
         let nb = k / BLOCK;
         let ones = _mm256_set1_epi16(1);
+        // Two accumulators per x row (even/odd blocks) to hide the FMA latency.
         let mut acc = [[_mm256_setzero_ps(); 2]; R];
         let mut corr = [0f32; R];
         let qp = qx.q.as_ptr();
-        // SAFETY: block `row·nb + j` is inside B/scales/zeros (validated); qx reads are inside
-        // `[(x0+r)·K + 32j, +32)` and the `[T, nb]` block arrays.
+        let (dp, sp) = (qx.d.as_ptr(), qx.sum.as_ptr());
+        // One weight block `$j` into accumulator slot `$slot`: `$wq` unsigned codes, `$signs` the signed
+        // codes whose sign x takes (Q8) or nothing (Q4), `$sz` = scale · zero-point offset.
+        macro_rules! rows {
+            ($j:expr, $slot:expr, $s:expr, $sz:expr, $wq:expr, |$xq:ident| $fix:expr) => {
+                for r in 0..R {
+                    let xi = (x0 + r) * nb + $j;
+                    let $xq =
+                        _mm256_loadu_si256(qp.add((x0 + r) * k + $j * BLOCK) as *const __m256i);
+                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16($wq, $fix), ones);
+                    acc[r][$slot] = _mm256_fmadd_ps(
+                        _mm256_cvtepi32_ps(p),
+                        _mm256_set1_ps($s * *dp.add(xi)),
+                        acc[r][$slot],
+                    );
+                    corr[r] = $sz.mul_add(*sp.add(xi), corr[r]);
+                }
+            };
+        }
+        // SAFETY: block `row·nb + j` is inside B/scales/zeros (validated); the qx reads are inside
+        // `[(x0+r)·K + 32j, +32)` and the `[T, nb]` block arrays (x0 + R <= T).
         unsafe {
             match *w {
                 Weights::Q4 {
                     b, scales, zeros, ..
                 } => {
-                    let m = _mm_set1_epi8(15);
-                    for j in 0..nb {
-                        let blk = row * nb + j;
-                        let s = *scales.get_unchecked(blk);
-                        let sz = s * *zeros.get_unchecked(blk);
-                        let raw = _mm_loadu_si128(b.as_ptr().add(blk * 16) as *const __m128i);
-                        let lo = _mm_and_si128(raw, m);
-                        let hi = _mm_and_si128(_mm_srli_epi16::<4>(raw), m);
-                        let wq = _mm256_set_m128i(hi, lo);
-                        for r in 0..R {
-                            let xi = (x0 + r) * nb + j;
-                            let xq = _mm256_loadu_si256(qp.add((x0 + r) * k + j * BLOCK) as *const __m256i);
-                            let p = _mm256_madd_epi16(_mm256_maddubs_epi16(wq, xq), ones);
-                            let a = &mut acc[r][j & 1];
-                            *a = _mm256_fmadd_ps(
-                                _mm256_cvtepi32_ps(p),
-                                _mm256_set1_ps(s * *qx.d.get_unchecked(xi)),
-                                *a,
-                            );
-                            corr[r] = sz.mul_add(*qx.sum.get_unchecked(xi), corr[r]);
-                        }
+                    let m4 = _mm_set1_epi8(15);
+                    macro_rules! q4 {
+                        ($j:expr, $slot:expr) => {{
+                            let blk = row * nb + $j;
+                            let s = *scales.get_unchecked(blk);
+                            let sz = s * *zeros.get_unchecked(blk);
+                            let raw = _mm_loadu_si128(b.as_ptr().add(blk * 16) as *const __m128i);
+                            let lo = _mm_and_si128(raw, m4);
+                            let hi = _mm_and_si128(_mm_srli_epi16::<4>(raw), m4);
+                            let wq = _mm256_set_m128i(hi, lo);
+                            rows!($j, $slot, s, sz, wq, |xq| xq);
+                        }};
+                    }
+                    let mut j = 0;
+                    while j + 2 <= nb {
+                        q4!(j, 0);
+                        q4!(j + 1, 1);
+                        j += 2;
+                    }
+                    if j < nb {
+                        q4!(j, 0);
                     }
                 }
                 Weights::Q8 {
                     b, scales, zeros, ..
                 } => {
                     let flip = _mm256_set1_epi8(-128);
-                    for j in 0..nb {
-                        let blk = row * nb + j;
-                        let s = *scales.get_unchecked(blk);
-                        let sz = s * (*zeros.get_unchecked(blk) as f32 - 128.0);
-                        let raw = _mm256_loadu_si256(b.as_ptr().add(blk * 32) as *const __m256i);
-                        let qs = _mm256_xor_si256(raw, flip); // q − 128 as i8
-                        let aw = _mm256_sign_epi8(qs, qs); // |q − 128| (128 stays 0x80 = 128 as u8)
-                        for r in 0..R {
-                            let xi = (x0 + r) * nb + j;
-                            let xq = _mm256_loadu_si256(qp.add((x0 + r) * k + j * BLOCK) as *const __m256i);
-                            let sx = _mm256_sign_epi8(xq, qs);
-                            let p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), ones);
-                            let a = &mut acc[r][j & 1];
-                            *a = _mm256_fmadd_ps(
-                                _mm256_cvtepi32_ps(p),
-                                _mm256_set1_ps(s * *qx.d.get_unchecked(xi)),
-                                *a,
-                            );
-                            corr[r] = sz.mul_add(*qx.sum.get_unchecked(xi), corr[r]);
-                        }
+                    macro_rules! q8 {
+                        ($j:expr, $slot:expr) => {{
+                            let blk = row * nb + $j;
+                            let s = *scales.get_unchecked(blk);
+                            let sz = s * (*zeros.get_unchecked(blk) as f32 - 128.0);
+                            let raw = _mm256_loadu_si256(b.as_ptr().add(blk * 32) as *const __m256i);
+                            let qs = _mm256_xor_si256(raw, flip); // q − 128 as i8
+                            // |q − 128| as u8 (−128 stays 0x80 = 128); x takes the sign of q − 128.
+                            let aw = _mm256_sign_epi8(qs, qs);
+                            rows!($j, $slot, s, sz, aw, |xq| _mm256_sign_epi8(xq, qs));
+                        }};
+                    }
+                    let mut j = 0;
+                    while j + 2 <= nb {
+                        q8!(j, 0);
+                        q8!(j + 1, 1);
+                        j += 2;
+                    }
+                    if j < nb {
+                        q8!(j, 0);
                     }
                 }
                 _ => {}
@@ -1005,7 +1131,10 @@ pub(crate) mod tests {
                             // Statistical size on random data: ≤ 5σ of the rounding noise,
                             // 0.025·‖x‖‖w‖/√K (≈ 1e-3·‖x‖‖w‖ at K = 576).
                             let typical = 0.025 * xnorm * wnorm / (k as f64).sqrt();
-                            assert!(err <= typical + exact_tol, "{isa:?} kind {kind} k{k}: err {err} > {typical}");
+                            assert!(
+                                err <= typical + exact_tol,
+                                "{isa:?} kind {kind} k{k}: err {err} > {typical}"
+                            );
                         } else {
                             assert!(err <= exact_tol, "{isa:?} {prec:?} kind {kind} n{n} k{k} t{t} [{tt},{row}]: got {} want {} err {err} > {exact_tol}", got[tt * n + row], want[tt * n + row]);
                         }
@@ -1055,8 +1184,16 @@ pub(crate) mod tests {
     #[test]
     fn q4_nibble_order_and_zero_point() {
         // One row, one block: byte j = (2j+1) << 4 | 2j mod 16 ⇒ element e has code e % 16.
-        let b: Vec<u8> = (0..16u8).map(|j| (((2 * j + 1) % 16) << 4) | ((2 * j) % 16)).collect();
-        let w = Weights::Q4 { b: &b, scales: &[0.5], zeros: &[3.0], n: 1, k: 32 };
+        let b: Vec<u8> = (0..16u8)
+            .map(|j| (((2 * j + 1) % 16) << 4) | ((2 * j) % 16))
+            .collect();
+        let w = Weights::Q4 {
+            b: &b,
+            scales: &[0.5],
+            zeros: &[3.0],
+            n: 1,
+            k: 32,
+        };
         for e in 0..32 {
             assert_eq!(w.get(0, e), ((e % 16) as f32 - 3.0) * 0.5);
         }
@@ -1083,7 +1220,10 @@ pub(crate) mod tests {
             let mut y = vec![0f32; 4];
             linear_isa(&x, 1, &w, None, &mut y, Precision::Q8Activations, isa).unwrap();
             for (a, b) in y.iter().zip(&want) {
-                assert!(a.is_finite() && (a - b).abs() <= 1e-3 * b.abs().max(1.0), "{isa:?}: {a} vs {b}");
+                assert!(
+                    a.is_finite() && (a - b).abs() <= 1e-3 * b.abs().max(1.0),
+                    "{isa:?}: {a} vs {b}"
+                );
             }
         }
     }
@@ -1091,19 +1231,55 @@ pub(crate) mod tests {
     #[test]
     fn mismatched_lengths_are_errors_not_panics() {
         let w32 = vec![0.5f32; 6];
-        let w = Weights::F32 { w: &w32, n: 2, k: 3 };
+        let w = Weights::F32 {
+            w: &w32,
+            n: 2,
+            k: 3,
+        };
         let mut out = [0f32; 2];
-        assert!(matches!(linear(&[1.0; 4], 1, &w, None, &mut out), Err(KernelError::Length { what: "x", .. })));
-        assert!(matches!(linear(&[1.0; 3], 1, &w, None, &mut [0f32; 3]), Err(KernelError::Length { what: "out", .. })));
-        assert!(matches!(linear(&[1.0; 3], 1, &w, Some(&[1.0]), &mut out), Err(KernelError::Length { what: "bias", .. })));
-        let bad = Weights::F32 { w: &w32[..5], n: 2, k: 3 };
+        assert!(matches!(
+            linear(&[1.0; 4], 1, &w, None, &mut out),
+            Err(KernelError::Length { what: "x", .. })
+        ));
+        assert!(matches!(
+            linear(&[1.0; 3], 1, &w, None, &mut [0f32; 3]),
+            Err(KernelError::Length { what: "out", .. })
+        ));
+        assert!(matches!(
+            linear(&[1.0; 3], 1, &w, Some(&[1.0]), &mut out),
+            Err(KernelError::Length { what: "bias", .. })
+        ));
+        let bad = Weights::F32 {
+            w: &w32[..5],
+            n: 2,
+            k: 3,
+        };
         assert!(linear(&[1.0; 3], 1, &bad, None, &mut out).is_err());
         let b = vec![0u8; 16];
-        let q4 = Weights::Q4 { b: &b, scales: &[1.0], zeros: &[0.0], n: 1, k: 33 };
-        assert!(matches!(linear(&[1.0; 33], 1, &q4, None, &mut [0.0]), Err(KernelError::Shape { .. })));
-        let q4 = Weights::Q4 { b: &b[..15], scales: &[1.0], zeros: &[0.0], n: 1, k: 32 };
+        let q4 = Weights::Q4 {
+            b: &b,
+            scales: &[1.0],
+            zeros: &[0.0],
+            n: 1,
+            k: 33,
+        };
+        assert!(matches!(
+            linear(&[1.0; 33], 1, &q4, None, &mut [0.0]),
+            Err(KernelError::Shape { .. })
+        ));
+        let q4 = Weights::Q4 {
+            b: &b[..15],
+            scales: &[1.0],
+            zeros: &[0.0],
+            n: 1,
+            k: 32,
+        };
         assert!(linear(&[1.0; 32], 1, &q4, None, &mut [0.0]).is_err());
-        let huge = Weights::F32 { w: &w32, n: usize::MAX, k: 3 };
+        let huge = Weights::F32 {
+            w: &w32,
+            n: usize::MAX,
+            k: 3,
+        };
         assert!(linear(&[1.0; 3], 1, &huge, None, &mut out).is_err());
         // T = 0 is an empty product.
         linear(&[], 0, &w, None, &mut []).unwrap();
@@ -1114,7 +1290,10 @@ pub(crate) mod tests {
         let buf = vec![0u32; 4];
         let bytes: &[u8] = bytemuck::cast_slice(&buf);
         assert_eq!(view::<f32>("w", bytes).unwrap().len(), 4);
-        assert!(matches!(view::<f32>("w", &bytes[1..5]), Err(KernelError::Cast { .. })));
+        assert!(matches!(
+            view::<f32>("w", &bytes[1..5]),
+            Err(KernelError::Cast { .. })
+        ));
         assert!(view::<f16>("w", &bytes[..3]).is_err());
         assert_eq!(view::<i8>("w", &bytes[1..4]).unwrap().len(), 3);
     }

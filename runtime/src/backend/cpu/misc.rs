@@ -87,7 +87,10 @@ pub fn softmax(x: &[f32], n: usize, out: &mut [f32]) -> KernelResult {
 /// In-place [`softmax`].
 pub fn softmax_in_place(x: &mut [f32], n: usize) -> KernelResult {
     if n == 0 || x.len() % n != 0 {
-        return Err(shape_err("softmax", format!("{} values are not rows of n = {n}", x.len())));
+        return Err(shape_err(
+            "softmax",
+            format!("{} values are not rows of n = {n}", x.len()),
+        ));
     }
     if x.len() >= PAR_MIN && x.len() / n > 1 {
         x.par_chunks_mut(n).for_each(softmax_row);
@@ -101,13 +104,20 @@ pub fn softmax_in_place(x: &mut [f32], n: usize) -> KernelResult {
 pub fn softmax_reference(x: &[f32], n: usize, out: &mut [f32]) -> KernelResult {
     check_len("softmax", "out", x.len(), out.len())?;
     if n == 0 || x.len() % n != 0 {
-        return Err(shape_err("softmax", format!("{} values are not rows of n = {n}", x.len())));
+        return Err(shape_err(
+            "softmax",
+            format!("{} values are not rows of n = {n}", x.len()),
+        ));
     }
     for (o, x) in out.chunks_mut(n).zip(x.chunks(n)) {
         let m = x.iter().fold(f64::NEG_INFINITY, |m, v| m.max(*v as f64));
         let s: f64 = x.iter().map(|v| (*v as f64 - m).exp()).sum();
         for (o, v) in o.iter_mut().zip(x) {
-            *o = if m == f64::NEG_INFINITY { 0.0 } else { ((*v as f64 - m).exp() / s) as f32 };
+            *o = if m == f64::NEG_INFINITY {
+                0.0
+            } else {
+                ((*v as f64 - m).exp() / s) as f32
+            };
         }
     }
     Ok(())
@@ -312,11 +322,16 @@ mod tests {
         assert!(softmax_in_place(&mut [1.0; 3], 0).is_err());
         assert!(silu_gate(&[1.0; 3], &[1.0; 2], &mut [0.0; 3]).is_err());
         // Large input takes the parallel path.
-        let g: Vec<f32> = (0..100_000).map(|i| (i % 200) as f32 / 10.0 - 10.0 + 0.05).collect();
+        let g: Vec<f32> = (0..100_000)
+            .map(|i| (i % 200) as f32 / 10.0 - 10.0 + 0.05)
+            .collect();
         let (mut a, mut b) = (vec![0f32; g.len()], vec![0f32; g.len()]);
         silu_gate(&g, &g, &mut a).unwrap();
         silu_gate_reference(&g, &g, &mut b).unwrap();
-        assert!(a.iter().zip(&b).all(|(a, b)| (a - b).abs() <= 1e-6 * (1.0 + b.abs())));
+        assert!(a
+            .iter()
+            .zip(&b)
+            .all(|(a, b)| (a - b).abs() <= 1e-6 * (1.0 + b.abs())));
     }
 
     #[test]

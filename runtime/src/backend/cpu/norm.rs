@@ -87,10 +87,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn nonzero(len: usize) -> impl Strategy<Value = Vec<f32>> {
-        prop::collection::vec(
-            prop_oneof![-100f32..-1e-3, 1e-3f32..100.0],
-            len,
-        )
+        prop::collection::vec(prop_oneof![-100f32..-1e-3, 1e-3f32..100.0], len)
     }
 
     proptest! {
@@ -120,9 +117,14 @@ mod tests {
         // x = [3, 4]: mean(x²) = 12.5, y = x / sqrt(12.5) · w.
         let mut y = [0f32; 2];
         rms_norm(&[3.0, 4.0], &[1.0, 2.0], 0.0, &mut y).unwrap();
-        assert!((y[0] - 3.0 / 12.5f32.sqrt()).abs() < 1e-6 && (y[1] - 8.0 / 12.5f32.sqrt()).abs() < 1e-6);
+        assert!(
+            (y[0] - 3.0 / 12.5f32.sqrt()).abs() < 1e-6
+                && (y[1] - 8.0 / 12.5f32.sqrt()).abs() < 1e-6
+        );
         let d = 576;
-        let x: Vec<f32> = (0..d * 128).map(|i| ((i * 7919) % 1000) as f32 / 100.0 - 4.99).collect();
+        let x: Vec<f32> = (0..d * 128)
+            .map(|i| ((i * 7919) % 1000) as f32 / 100.0 - 4.99)
+            .collect();
         let w: Vec<f32> = (0..d).map(|i| 0.5 + i as f32 / d as f32).collect();
         let (mut a, mut b) = (vec![0f32; x.len()], vec![0f32; x.len()]);
         rms_norm(&x, &w, 1e-5, &mut a).unwrap();
@@ -134,8 +136,14 @@ mod tests {
 
     #[test]
     fn shape_errors() {
-        assert!(matches!(rms_norm(&[1.0; 5], &[1.0; 2], 1e-5, &mut [0.0; 5]), Err(KernelError::Shape { .. })));
-        assert!(matches!(rms_norm(&[1.0; 4], &[1.0; 2], 1e-5, &mut [0.0; 3]), Err(KernelError::Length { .. })));
+        assert!(matches!(
+            rms_norm(&[1.0; 5], &[1.0; 2], 1e-5, &mut [0.0; 5]),
+            Err(KernelError::Shape { .. })
+        ));
+        assert!(matches!(
+            rms_norm(&[1.0; 4], &[1.0; 2], 1e-5, &mut [0.0; 3]),
+            Err(KernelError::Length { .. })
+        ));
         assert!(rms_norm(&[], &[], 1e-5, &mut []).is_err());
         rms_norm(&[], &[1.0], 1e-5, &mut []).unwrap();
     }

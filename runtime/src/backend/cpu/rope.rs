@@ -33,17 +33,40 @@ pub struct RopeShape {
 }
 
 /// Validates everything; returns the positions as cache row indices.
-fn check(x_len: usize, s: &RopeShape, cos: &[f32], sin: &[f32], positions: &[i64]) -> KernelResult<Vec<usize>> {
+fn check(
+    x_len: usize,
+    s: &RopeShape,
+    cos: &[f32],
+    sin: &[f32],
+    positions: &[i64],
+) -> KernelResult<Vec<usize>> {
     const K: &str = "rope";
-    check_len(K, "x", mul_dims(K, &[s.heads, s.tokens, s.head_dim])?, x_len)?;
+    check_len(
+        K,
+        "x",
+        mul_dims(K, &[s.heads, s.tokens, s.head_dim])?,
+        x_len,
+    )?;
     check_len(K, "positions", s.tokens, positions.len())?;
     let r = s.rotary_dim;
     if r == 0 || r % 2 != 0 || r > s.head_dim {
-        return Err(shape_err(K, format!("rotary_dim {r} must be even, > 0 and ≤ head_dim {}", s.head_dim)));
+        return Err(shape_err(
+            K,
+            format!(
+                "rotary_dim {r} must be even, > 0 and ≤ head_dim {}",
+                s.head_dim
+            ),
+        ));
     }
     let half = r / 2;
     if cos.len() % half != 0 {
-        return Err(shape_err(K, format!("cos cache has {} values, not a multiple of rotary_dim/2 = {half}", cos.len())));
+        return Err(shape_err(
+            K,
+            format!(
+                "cos cache has {} values, not a multiple of rotary_dim/2 = {half}",
+                cos.len()
+            ),
+        ));
     }
     check_len(K, "sin", cos.len(), sin.len())?;
     let max_pos = cos.len() / half;
@@ -53,7 +76,9 @@ fn check(x_len: usize, s: &RopeShape, cos: &[f32], sin: &[f32], positions: &[i64
             usize::try_from(p)
                 .ok()
                 .filter(|&p| p < max_pos)
-                .ok_or_else(|| shape_err(K, format!("position {p} outside the cache [0, {max_pos})")))
+                .ok_or_else(|| {
+                    shape_err(K, format!("position {p} outside the cache [0, {max_pos})"))
+                })
         })
         .collect()
 }
@@ -77,7 +102,13 @@ fn rotate(row: &mut [f32], c: &[f32], sn: &[f32], interleaved: bool) {
 }
 
 /// Rotates `x` in place.
-pub fn rope_in_place(x: &mut [f32], s: &RopeShape, cos: &[f32], sin: &[f32], positions: &[i64]) -> KernelResult {
+pub fn rope_in_place(
+    x: &mut [f32],
+    s: &RopeShape,
+    cos: &[f32],
+    sin: &[f32],
+    positions: &[i64],
+) -> KernelResult {
     let pos = check(x.len(), s, cos, sin, positions)?;
     let half = s.rotary_dim / 2;
     let d = s.head_dim;
@@ -85,9 +116,18 @@ pub fn rope_in_place(x: &mut [f32], s: &RopeShape, cos: &[f32], sin: &[f32], pos
         return Ok(());
     }
     let f = |(i, row): (usize, &mut [f32])| {
-        let t = if s.tokens_first { i / s.heads } else { i % s.tokens };
+        let t = if s.tokens_first {
+            i / s.heads
+        } else {
+            i % s.tokens
+        };
         let p = pos[t];
-        rotate(row, &cos[p * half..(p + 1) * half], &sin[p * half..(p + 1) * half], s.interleaved);
+        rotate(
+            row,
+            &cos[p * half..(p + 1) * half],
+            &sin[p * half..(p + 1) * half],
+            s.interleaved,
+        );
     };
     if x.len() >= PAR_MIN {
         x.par_chunks_mut(d).enumerate().for_each(f);
@@ -98,7 +138,14 @@ pub fn rope_in_place(x: &mut [f32], s: &RopeShape, cos: &[f32], sin: &[f32], pos
 }
 
 /// Out-of-place [`rope_in_place`]: `out = rope(x)`.
-pub fn rope(x: &[f32], s: &RopeShape, cos: &[f32], sin: &[f32], positions: &[i64], out: &mut [f32]) -> KernelResult {
+pub fn rope(
+    x: &[f32],
+    s: &RopeShape,
+    cos: &[f32],
+    sin: &[f32],
+    positions: &[i64],
+    out: &mut [f32],
+) -> KernelResult {
     check_len("rope", "out", x.len(), out.len())?;
     check(x.len(), s, cos, sin, positions)?;
     out.copy_from_slice(x);
@@ -106,16 +153,31 @@ pub fn rope(x: &[f32], s: &RopeShape, cos: &[f32], sin: &[f32], positions: &[i64
 }
 
 /// The test oracle: the ONNX definition written out with explicit indices, in f64.
-pub fn reference(x: &[f32], s: &RopeShape, cos: &[f32], sin: &[f32], positions: &[i64], out: &mut [f32]) -> KernelResult {
+pub fn reference(
+    x: &[f32],
+    s: &RopeShape,
+    cos: &[f32],
+    sin: &[f32],
+    positions: &[i64],
+    out: &mut [f32],
+) -> KernelResult {
     check_len("rope", "out", x.len(), out.len())?;
     let pos = check(x.len(), s, cos, sin, positions)?;
     let (d, half) = (s.head_dim, s.rotary_dim / 2);
     for h in 0..s.heads {
         for t in 0..s.tokens {
-            let base = if s.tokens_first { (t * s.heads + h) * d } else { (h * s.tokens + t) * d };
+            let base = if s.tokens_first {
+                (t * s.heads + h) * d
+            } else {
+                (h * s.tokens + t) * d
+            };
             out[base..base + d].copy_from_slice(&x[base..base + d]);
             for i in 0..half {
-                let (ia, ib) = if s.interleaved { (2 * i, 2 * i + 1) } else { (i, i + half) };
+                let (ia, ib) = if s.interleaved {
+                    (2 * i, 2 * i + 1)
+                } else {
+                    (i, i + half)
+                };
                 let c = cos[pos[t] * half + i] as f64;
                 let sn = sin[pos[t] * half + i] as f64;
                 let (a, b) = (x[base + ia] as f64, x[base + ib] as f64);
@@ -173,18 +235,37 @@ mod tests {
         // D = 4, position 1 with angle π/2 on pair 0 and 0 on pair 1.
         let cos = [1.0, 1.0, 0.0, 1.0];
         let sin = [0.0, 0.0, 1.0, 0.0];
-        let s = RopeShape { heads: 1, tokens: 1, head_dim: 4, rotary_dim: 4, tokens_first: false, interleaved: false };
+        let s = RopeShape {
+            heads: 1,
+            tokens: 1,
+            head_dim: 4,
+            rotary_dim: 4,
+            tokens_first: false,
+            interleaved: false,
+        };
         let mut x = [1.0, 2.0, 3.0, 4.0]; // pairs (x0,x2) and (x1,x3)
         rope_in_place(&mut x, &s, &cos, &sin, &[1]).unwrap();
         assert_eq!(x, [-3.0, 2.0, 1.0, 4.0]);
-        let s = RopeShape { interleaved: true, ..s };
+        let s = RopeShape {
+            interleaved: true,
+            ..s
+        };
         let mut x = [1.0, 2.0, 3.0, 4.0]; // pairs (x0,x1) and (x2,x3)
         rope_in_place(&mut x, &s, &cos, &sin, &[1]).unwrap();
         assert_eq!(x, [-2.0, 1.0, 3.0, 4.0]);
         // Large input takes the parallel path and agrees with the reference (T > 1, tokens first).
-        let s = RopeShape { heads: 9, tokens: 128, head_dim: 64, rotary_dim: 64, tokens_first: true, interleaved: false };
+        let s = RopeShape {
+            heads: 9,
+            tokens: 128,
+            head_dim: 64,
+            rotary_dim: 64,
+            tokens_first: true,
+            interleaved: false,
+        };
         let (c, sn) = cache(256, 32, 1e5);
-        let x: Vec<f32> = (0..9 * 128 * 64).map(|i| (i % 97) as f32 / 50.0 - 0.97).collect();
+        let x: Vec<f32> = (0..9 * 128 * 64)
+            .map(|i| (i % 97) as f32 / 50.0 - 0.97)
+            .collect();
         let pos: Vec<i64> = (100..228).collect();
         let (mut a, mut b) = (x.clone(), vec![0f32; x.len()]);
         rope_in_place(&mut a, &s, &c, &sn, &pos).unwrap();
@@ -196,7 +277,14 @@ mod tests {
 
     #[test]
     fn errors() {
-        let s = RopeShape { heads: 1, tokens: 1, head_dim: 4, rotary_dim: 4, tokens_first: false, interleaved: false };
+        let s = RopeShape {
+            heads: 1,
+            tokens: 1,
+            head_dim: 4,
+            rotary_dim: 4,
+            tokens_first: false,
+            interleaved: false,
+        };
         let (c, sn) = cache(2, 2, 1e4);
         let mut x = [1.0f32; 4];
         assert!(rope_in_place(&mut x, &s, &c, &sn, &[2]).is_err());

@@ -129,7 +129,11 @@ pub(crate) mod x86 {
                 i += 32;
             }
             while i + 8 <= n {
-                acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc[0]);
+                acc[0] = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(pa.add(i)),
+                    _mm256_loadu_ps(pb.add(i)),
+                    acc[0],
+                );
                 i += 8;
             }
         }
@@ -185,7 +189,11 @@ pub(crate) mod neon {
         unsafe {
             while i + 16 <= n {
                 for (j, a) in acc.iter_mut().enumerate() {
-                    *a = vfmaq_f32(*a, vld1q_f32(pa.add(i + 4 * j)), vld1q_f32(pb.add(i + 4 * j)));
+                    *a = vfmaq_f32(
+                        *a,
+                        vld1q_f32(pa.add(i + 4 * j)),
+                        vld1q_f32(pb.add(i + 4 * j)),
+                    );
                 }
                 i += 16;
             }
@@ -216,7 +224,10 @@ pub(crate) mod neon {
         // SAFETY: accesses cover [i, i+4) inside both slices.
         unsafe {
             while i + 4 <= n {
-                vst1q_f32(py.add(i), vfmaq_f32(vld1q_f32(py.add(i)), va, vld1q_f32(px.add(i))));
+                vst1q_f32(
+                    py.add(i),
+                    vfmaq_f32(vld1q_f32(py.add(i)), va, vld1q_f32(px.add(i))),
+                );
                 i += 4;
             }
         }
