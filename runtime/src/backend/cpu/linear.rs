@@ -7,7 +7,7 @@
 //! - **GEMV** (`T = 1`): the N weight rows are split into chunks run in parallel (rayon); each row is one
 //!   SIMD dot product that decodes the weights on the fly.
 //! - **GEMM** (`T > 1`): each weight block is decoded once into registers and multiplied against a tile of
-//!   4 rows of `x`, so prefill pays the decode once per 4 tokens instead of once per token.
+//!   8 (exact) or 4 (q8 activations) rows of `x`, so prefill pays the decode once per tile of tokens.
 //!
 //! Precision ([`Precision`]):
 //! - [`Precision::Exact`]: weights are decoded to f32 and multiplied with the f32 activations (f32
@@ -38,7 +38,8 @@ pub const BLOCK: usize = 32;
 /// Below this many multiply-adds (`N·K·T`) a linear runs on the calling thread only.
 const PAR_MIN_WORK: usize = 1 << 16;
 
-/// Rows of `x` handled together per decoded weight block in the GEMM path.
+/// Rows of `x` handled together per decoded weight block in the GEMM path (the exact path also uses
+/// tiles of `2·TILE`).
 const TILE: usize = 4;
 
 /// How the 4/8-bit block forms multiply (f32/f16/bf16/int8 are always exact).
@@ -757,7 +758,9 @@ mod avx2 {
     ) -> [f32; R] {
         let k = w.k();
         let k32 = k / 32 * 32;
-        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        // R = 1 (GEMV): four independent FMA chains; R > 1: one chain per x row (R chains), which keeps
+        // R accumulators + 4 weight registers + 1 x register within the 16 ymm registers for R = 8.
+        let mut acc = [[_mm256_setzero_ps(); 4]; R];
         let xp = x.as_ptr();
         let mut c = 0;
         while c < k32 {
@@ -766,17 +769,25 @@ mod avx2 {
                 let wv = dec32(w, row, c);
                 for (r, a) in acc.iter_mut().enumerate() {
                     let p = xp.add((x0 + r) * k + c);
-                    a[0] = _mm256_fmadd_ps(wv[0], _mm256_loadu_ps(p), a[0]);
-                    a[1] = _mm256_fmadd_ps(wv[1], _mm256_loadu_ps(p.add(8)), a[1]);
-                    a[0] = _mm256_fmadd_ps(wv[2], _mm256_loadu_ps(p.add(16)), a[0]);
-                    a[1] = _mm256_fmadd_ps(wv[3], _mm256_loadu_ps(p.add(24)), a[1]);
+                    if R == 1 {
+                        a[0] = _mm256_fmadd_ps(wv[0], _mm256_loadu_ps(p), a[0]);
+                        a[1] = _mm256_fmadd_ps(wv[1], _mm256_loadu_ps(p.add(8)), a[1]);
+                        a[2] = _mm256_fmadd_ps(wv[2], _mm256_loadu_ps(p.add(16)), a[2]);
+                        a[3] = _mm256_fmadd_ps(wv[3], _mm256_loadu_ps(p.add(24)), a[3]);
+                    } else {
+                        a[0] = _mm256_fmadd_ps(wv[0], _mm256_loadu_ps(p), a[0]);
+                        a[0] = _mm256_fmadd_ps(wv[1], _mm256_loadu_ps(p.add(8)), a[0]);
+                        a[0] = _mm256_fmadd_ps(wv[2], _mm256_loadu_ps(p.add(16)), a[0]);
+                        a[0] = _mm256_fmadd_ps(wv[3], _mm256_loadu_ps(p.add(24)), a[0]);
+                    }
                 }
             }
             c += 32;
         }
         let mut res = [0f32; R];
         for r in 0..R {
-            let mut s = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
+            let a = &acc[r];
+            let mut s = hsum(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
             // Tail (only non-block forms can have K % 32 != 0).
             for cc in k32..k {
                 s = w.get(row, cc).mul_add(x[(x0 + r) * k + cc], s);
@@ -803,6 +814,10 @@ mod avx2 {
             let mut tt = 0;
             // SAFETY: tt + R <= T rows of x exist; row < N.
             unsafe {
+                while tt + 2 * TILE <= t {
+                    o[tt..tt + 2 * TILE].copy_from_slice(&tile_exact::<{ 2 * TILE }>(w, x, tt, row));
+                    tt += 2 * TILE;
+                }
                 while tt + TILE <= t {
                     o[tt..tt + TILE].copy_from_slice(&tile_exact::<TILE>(w, x, tt, row));
                     tt += TILE;
