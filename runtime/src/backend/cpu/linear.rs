@@ -578,8 +578,10 @@ fn rows_q8(
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as in `rows_exact`.
         Isa::Avx2 => unsafe { avx2::rows_q8(w, qx, t, rows, out) },
-        // aarch64 runs the portable integer path (same numerics as AVX2).
-        _ => rows_q8_scalar(w, qx, t, rows, out),
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: NEON is baseline on aarch64; lengths were validated by `check`.
+        Isa::Neon => unsafe { neon::rows_q8(w, qx, t, rows, out) },
+        Isa::Scalar => rows_q8_scalar(w, qx, t, rows, out),
     }
 }
 
@@ -966,8 +968,76 @@ mod avx2 {
 
 #[cfg(target_arch = "aarch64")]
 mod neon {
-    use super::Weights;
+    use super::{QuantX, Weights, BLOCK};
     use crate::backend::cpu::simd;
+    use std::arch::aarch64::*;
+
+    /// Q8-activation rows on NEON (natural element order; same formula as `rows_q8_scalar`): signed
+    /// 8×8→16-bit products, pairs summed in 16 bits (|q·x| ≤ 128·127, two fit in i16), widened to i32.
+    ///
+    /// # Safety
+    /// `w` a validated Q4/Q8; `qx` quantized from `[T, K]`; `out.len() == rows.len()·T`.
+    #[target_feature(enable = "neon")]
+    pub(super) unsafe fn rows_q8(
+        w: &Weights,
+        qx: &QuantX,
+        t: usize,
+        rows: std::ops::Range<usize>,
+        out: &mut [f32],
+    ) {
+        let k = w.k();
+        let nb = k / BLOCK;
+        for (i, row) in rows.enumerate() {
+            let o = &mut out[i * t..(i + 1) * t];
+            o.fill(0.0);
+            for j in 0..nb {
+                let blk = row * nb + j;
+                // SAFETY: block `blk` is inside B/scales/zeros (validated by `check`).
+                let (c0, c1, s, zoff) = unsafe {
+                    match *w {
+                        Weights::Q4 {
+                            b, scales, zeros, ..
+                        } => {
+                            let raw = vld1q_u8(b.as_ptr().add(blk * 16));
+                            let lo = vandq_u8(raw, vdupq_n_u8(15));
+                            let hi = vshrq_n_u8::<4>(raw);
+                            (
+                                vreinterpretq_s8_u8(vzip1q_u8(lo, hi)),
+                                vreinterpretq_s8_u8(vzip2q_u8(lo, hi)),
+                                scales[blk],
+                                zeros[blk],
+                            )
+                        }
+                        Weights::Q8 {
+                            b, scales, zeros, ..
+                        } => {
+                            let p = b.as_ptr().add(blk * 32);
+                            let f = vdupq_n_u8(0x80);
+                            (
+                                vreinterpretq_s8_u8(veorq_u8(vld1q_u8(p), f)),
+                                vreinterpretq_s8_u8(veorq_u8(vld1q_u8(p.add(16)), f)),
+                                scales[blk],
+                                zeros[blk] as f32 - 128.0,
+                            )
+                        }
+                        _ => return,
+                    }
+                };
+                for (tt, o) in o.iter_mut().enumerate() {
+                    // SAFETY: reads [tt·K + 32j, +32) of the [T, K] quantized activations.
+                    let isum = unsafe {
+                        let xp = qx.q.as_ptr().add(tt * k + j * BLOCK);
+                        let (x0, x1) = (vld1q_s8(xp), vld1q_s8(xp.add(16)));
+                        let p0 = vmlal_s8(vmull_s8(vget_low_s8(c0), vget_low_s8(x0)), vget_high_s8(c0), vget_high_s8(x0));
+                        let p1 = vmlal_s8(vmull_s8(vget_low_s8(c1), vget_low_s8(x1)), vget_high_s8(c1), vget_high_s8(x1));
+                        vaddvq_s32(vpadalq_s16(vpaddlq_s16(p0), p1))
+                    };
+                    let xi = tt * nb + j;
+                    *o += s * qx.d[xi] * isum as f32 - s * zoff * qx.sum[xi];
+                }
+            }
+        }
+    }
 
     /// Exact rows on NEON: each weight row is decoded once into scratch (portable decode), then every
     /// row of x is a NEON dot product.
