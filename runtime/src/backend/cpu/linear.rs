@@ -20,7 +20,11 @@
 //!   ≈ 0.004·‖x‖·‖w‖/√K (tested at 5σ: 0.025·‖x‖·‖w‖/√K, i.e. ≈ 1e-3·‖x‖·‖w‖ at K = 576, but more
 //!   than 1e-3 for K < ~600 in the worst case — which is why it is not the default). It is about twice as fast per token, but moves logits like llama.cpp does.
 //!
-//! **Default** ([`linear`]): [`Precision::Exact`]. See `DEFAULT_PRECISION` for why.
+//! **Default** ([`linear`]): [`Precision::Exact`]. See [`DEFAULT_PRECISION`] for why.
+//!
+//! SIMD: AVX2+FMA+F16C on x86-64 (run-time detected; the 4/8-bit decoders use only shifts and masks, no
+//! shuffles, with `x` permuted once per call to match), NEON on aarch64 (integer path in NEON; the exact
+//! path decodes each row to f32 scratch and uses NEON dots), portable scalar elsewhere.
 //!
 //! Weights are never copied or repacked: RSS stays at the mapped weight bytes. u8/i8 data may have any
 //! alignment; f32/f16/bf16 buffers must be aligned to their element size — [`view`] checks that and
@@ -360,12 +364,11 @@ struct QuantX {
     sum: Vec<f32>,
 }
 
-fn quantize_x(x: &[f32], k: usize, even_odd: bool) -> QuantX {
+fn quantize_x(x: &[f32], even_odd: bool) -> QuantX {
     let nblk = x.len() / BLOCK;
     let mut q = vec![0i8; x.len()];
     let mut d = vec![0f32; nblk];
     let mut sum = vec![0f32; nblk];
-    let _ = k;
     for (b, (xb, qb)) in x
         .chunks_exact(BLOCK)
         .zip(q.chunks_exact_mut(BLOCK))
@@ -459,7 +462,7 @@ pub(crate) fn linear_isa(
             && matches!(w, Weights::Q4 { .. } | Weights::Q8 { .. });
         if quant {
             let even_odd = matches!(w, Weights::Q4 { .. }) && avx2_isa(isa);
-            let qx = quantize_x(x, k, even_odd);
+            let qx = quantize_x(x, even_odd);
             let f = |rows: std::ops::Range<usize>, o: &mut [f32]| rows_q8(w, &qx, t, rows, o, isa);
             drive(n, k, t, out, &f);
         } else if avx2_isa(isa) && matches!(w, Weights::Q4 { .. } | Weights::Q8 { .. }) {
@@ -789,7 +792,10 @@ mod avx2 {
         let mut res = [0f32; R];
         for r in 0..R {
             let a = &acc[r];
-            let mut s = hsum(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
+            let mut s = hsum(_mm256_add_ps(
+                _mm256_add_ps(a[0], a[1]),
+                _mm256_add_ps(a[2], a[3]),
+            ));
             // Tail (only non-block forms can have K % 32 != 0).
             for cc in k32..k {
                 s = w.get(row, cc).mul_add(x[(x0 + r) * k + cc], s);
@@ -817,7 +823,8 @@ mod avx2 {
             // SAFETY: tt + R <= T rows of x exist; row < N.
             unsafe {
                 while tt + 2 * TILE <= t {
-                    o[tt..tt + 2 * TILE].copy_from_slice(&tile_exact::<{ 2 * TILE }>(w, x, tt, row));
+                    o[tt..tt + 2 * TILE]
+                        .copy_from_slice(&tile_exact::<{ 2 * TILE }>(w, x, tt, row));
                     tt += 2 * TILE;
                 }
                 while tt + TILE <= t {
@@ -1028,8 +1035,16 @@ mod neon {
                     let isum = unsafe {
                         let xp = qx.q.as_ptr().add(tt * k + j * BLOCK);
                         let (x0, x1) = (vld1q_s8(xp), vld1q_s8(xp.add(16)));
-                        let p0 = vmlal_s8(vmull_s8(vget_low_s8(c0), vget_low_s8(x0)), vget_high_s8(c0), vget_high_s8(x0));
-                        let p1 = vmlal_s8(vmull_s8(vget_low_s8(c1), vget_low_s8(x1)), vget_high_s8(c1), vget_high_s8(x1));
+                        let p0 = vmlal_s8(
+                            vmull_s8(vget_low_s8(c0), vget_low_s8(x0)),
+                            vget_high_s8(c0),
+                            vget_high_s8(x0),
+                        );
+                        let p1 = vmlal_s8(
+                            vmull_s8(vget_low_s8(c1), vget_low_s8(x1)),
+                            vget_high_s8(c1),
+                            vget_high_s8(x1),
+                        );
                         vaddvq_s32(vpadalq_s16(vpaddlq_s16(p0), p1))
                     };
                     let xi = tt * nb + j;
