@@ -817,24 +817,30 @@ mod avx2 {
         rows: std::ops::Range<usize>,
         out: &mut [f32],
     ) {
-        for (i, row) in rows.enumerate() {
-            let o = &mut out[i * t..(i + 1) * t];
-            let mut tt = 0;
-            // SAFETY: tt + R <= T rows of x exist; row < N.
-            unsafe {
-                while tt + 2 * TILE <= t {
-                    o[tt..tt + 2 * TILE]
-                        .copy_from_slice(&tile_exact::<{ 2 * TILE }>(w, x, tt, row));
-                    tt += 2 * TILE;
+        // Tiles of x outermost, this task's weight rows inside: the x tile stays in L1 while the rows
+        // (a few tens of KiB) stream from L2, instead of re-reading all of x from L2 for every row.
+        let mut tt = 0;
+        // SAFETY: tt + R <= T rows of x exist; every row < N; out index (i·T + tt + r) < rows·T.
+        unsafe {
+            while tt + 2 * TILE <= t {
+                for (i, row) in rows.clone().enumerate() {
+                    let r = tile_exact::<{ 2 * TILE }>(w, x, tt, row);
+                    out[i * t + tt..i * t + tt + 2 * TILE].copy_from_slice(&r);
                 }
-                while tt + TILE <= t {
-                    o[tt..tt + TILE].copy_from_slice(&tile_exact::<TILE>(w, x, tt, row));
-                    tt += TILE;
+                tt += 2 * TILE;
+            }
+            while tt + TILE <= t {
+                for (i, row) in rows.clone().enumerate() {
+                    let r = tile_exact::<TILE>(w, x, tt, row);
+                    out[i * t + tt..i * t + tt + TILE].copy_from_slice(&r);
                 }
-                while tt < t {
-                    o[tt] = tile_exact::<1>(w, x, tt, row)[0];
-                    tt += 1;
+                tt += TILE;
+            }
+            while tt < t {
+                for (i, row) in rows.clone().enumerate() {
+                    out[i * t + tt] = tile_exact::<1>(w, x, tt, row)[0];
                 }
+                tt += 1;
             }
         }
     }
@@ -951,19 +957,22 @@ mod avx2 {
         rows: std::ops::Range<usize>,
         out: &mut [f32],
     ) {
-        for (i, row) in rows.enumerate() {
-            let o = &mut out[i * t..(i + 1) * t];
-            let mut tt = 0;
-            // SAFETY: forwarded contract; tt + R <= T.
-            unsafe {
-                while tt + TILE <= t {
-                    o[tt..tt + TILE].copy_from_slice(&tile_q8::<TILE>(w, qx, tt, row));
-                    tt += TILE;
+        // Same loop order as `rows_exact`: x tile outermost.
+        let mut tt = 0;
+        // SAFETY: forwarded contract; tt + R <= T; out index (i·T + tt + r) < rows·T.
+        unsafe {
+            while tt + TILE <= t {
+                for (i, row) in rows.clone().enumerate() {
+                    let r = tile_q8::<TILE>(w, qx, tt, row);
+                    out[i * t + tt..i * t + tt + TILE].copy_from_slice(&r);
                 }
-                while tt < t {
-                    o[tt] = tile_q8::<1>(w, qx, tt, row)[0];
-                    tt += 1;
+                tt += TILE;
+            }
+            while tt < t {
+                for (i, row) in rows.clone().enumerate() {
+                    out[i * t + tt] = tile_q8::<1>(w, qx, tt, row)[0];
                 }
+                tt += 1;
             }
         }
     }
