@@ -42,10 +42,6 @@ pub const BLOCK: usize = 32;
 /// Below this many multiply-adds (`N·K·T`) a linear runs on the calling thread only.
 const PAR_MIN_WORK: usize = 1 << 16;
 
-/// Rows of `x` handled together per decoded weight block in the GEMM path (the exact path also uses
-/// tiles of `2·TILE`).
-const TILE: usize = 4;
-
 /// How the 4/8-bit block forms multiply (f32/f16/bf16/int8 are always exact).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Precision {
@@ -641,9 +637,13 @@ fn rows_q8_scalar(
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{QuantX, Weights, BLOCK, TILE};
+    use super::{QuantX, Weights, BLOCK};
     use crate::backend::cpu::simd::x86::hsum;
     use std::arch::x86_64::*;
+
+    /// Rows of `x` handled together per decoded weight block in the GEMM path (the exact path also uses
+    /// tiles of `2·TILE`).
+    const TILE: usize = 4;
 
     /// Decodes 32 consecutive weights of `row` starting at column `col` (`col + 32 <= K`); block forms
     /// come out in the lane order of `perm_src` (x must be permuted to match).
