@@ -10,7 +10,8 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use crate::backend::cpu::{self, ops};
+use crate::backend::cpu::attention::{self, AttnShape};
+use crate::backend::cpu::ops;
 use crate::contract::{self, meta, ModelInfo};
 use crate::error::{Error, Result};
 use crate::graph::DType;
@@ -338,14 +339,13 @@ impl Model {
                     *l = w.n;
                 }
                 let mut o = Tensor::zeros(DType::F32, &shape);
-                let ov = o.typed_mut::<f32>();
-                w.apply(xv, m, ov);
-                if let Some(b) = bias {
-                    let bv = b.typed::<f32>();
-                    for row in ov.chunks_mut(w.n) {
-                        row.iter_mut().zip(bv).for_each(|(o, b)| *o += b);
-                    }
-                }
+                w.forward(
+                    xv,
+                    m,
+                    bias.as_ref().map(|b| b.typed::<f32>()),
+                    o.typed_mut(),
+                )
+                .map_err(|e| Error::node(&n.name, &n.op, e))?;
                 env[*out] = Some(o);
             }
             Step::CacheAttention {
@@ -407,45 +407,48 @@ impl Model {
                 let nkf = nk.to_f32_vec(&plan.names[new[0]])?;
                 let nvf = nv.to_f32_vec(&plan.names[new[1]])?;
                 let qv = qt.as_f32(&plan.names[*q])?;
-                let mut o = Tensor::zeros(DType::F32, &[1, heads, t, d]);
+                let shape = AttnShape {
+                    heads,
+                    kv_heads: kvh,
+                    tokens: t,
+                    head_dim: d,
+                    cache_len: slots,
+                    q_tokens_first: false,
+                    kv_tokens_first: false,
+                };
+                // The kernel writes [T, H·D]: exactly the absorbed transpose's [1, T, H, D].
+                let mut o = Tensor::zeros(DType::F32, &[1, t, heads, d]);
                 let ov = o.typed_mut::<f32>();
-                match ck.dtype {
-                    DType::F16 => cpu::basic::cache_attention(
+                let r = match ck.dtype {
+                    DType::F16 => attention::attention_cached(
                         qv,
                         ck.typed::<half::f16>(),
                         cv.typed::<half::f16>(),
                         &nkf,
                         &nvf,
-                        heads,
-                        kvh,
-                        t,
-                        d,
-                        slots,
                         p,
-                        scale,
+                        &shape,
+                        Some(scale),
                         ov,
                     ),
-                    DType::F32 => cpu::basic::cache_attention(
+                    DType::F32 => attention::attention_cached(
                         qv,
                         ck.typed::<f32>(),
                         cv.typed::<f32>(),
                         &nkf,
                         &nvf,
-                        heads,
-                        kvh,
-                        t,
-                        d,
-                        slots,
                         p,
-                        scale,
+                        &shape,
+                        Some(scale),
                         ov,
                     ),
                     dt => return Err(err(format!("cache of {dt} is not supported"))),
-                }
+                };
+                r.map_err(|e| err(e.to_string()))?;
                 env[*out] = Some(if *tokens_first {
-                    heads_to_tokens(&o)
-                } else {
                     o
+                } else {
+                    tokens_to_heads(&o)
                 });
             }
         }
@@ -464,6 +467,22 @@ fn heads_to_tokens(a: &Tensor) -> Tensor {
         for hi in 0..h {
             for ti in 0..t {
                 o[(ti * h + hi) * d..][..d].copy_from_slice(&v[(hi * t + ti) * d..][..d]);
+            }
+        }
+    })
+}
+
+/// `[1, T, H, D]` → `[1, H, T, D]` (a copy; a view when `T = 1`).
+fn tokens_to_heads(a: &Tensor) -> Tensor {
+    let (t, h, d) = (a.shape[1], a.shape[2], a.shape[3]);
+    if t == 1 || h == 1 {
+        return a.reshaped(vec![1, h, t, d]);
+    }
+    let v = a.typed::<f32>();
+    Tensor::build(DType::F32, &[1, h, t, d], |o: &mut [f32]| {
+        for ti in 0..t {
+            for hi in 0..h {
+                o[(hi * t + ti) * d..][..d].copy_from_slice(&v[(ti * h + hi) * d..][..d]);
             }
         }
     })

@@ -6,6 +6,7 @@
 
 use half::{bf16, f16};
 
+use crate::backend::cpu::linear;
 use crate::graph::{DType, Node};
 use crate::tensor::Tensor;
 
@@ -39,6 +40,75 @@ pub enum WeightForm {
         /// Zero points, one per block: f32 (4-bit forms) or u8 (8-bit forms) `[N·K/bs]`, read in place.
         zero: Tensor,
     },
+}
+
+impl LinearWeights {
+    /// Borrows the weights in the kernel's form (no copy). Fails only for block sizes other than 32,
+    /// which then run through [`LinearWeights::apply`].
+    pub fn kernel_view(&self) -> Option<linear::Weights<'_>> {
+        let (n, k) = (self.n, self.k);
+        Some(match &self.form {
+            WeightForm::F32(w) => linear::Weights::F32 { w: w.typed(), n, k },
+            WeightForm::F16(w) => linear::Weights::F16 { w: w.typed(), n, k },
+            WeightForm::BF16(w) => linear::Weights::Bf16 { w: w.typed(), n, k },
+            WeightForm::Int8PerChannel { q, scale } => linear::Weights::Int8 {
+                w: q.typed(),
+                scales: scale.typed(),
+                n,
+                k,
+            },
+            WeightForm::Block {
+                bits,
+                block,
+                b,
+                scales,
+                zero,
+            } => {
+                if *block != linear::BLOCK {
+                    return None;
+                }
+                match (bits, zero.dtype) {
+                    (4, DType::F32) => linear::Weights::Q4 {
+                        b: b.typed(),
+                        scales: scales.typed(),
+                        zeros: zero.typed(),
+                        n,
+                        k,
+                    },
+                    (8, DType::U8) => linear::Weights::Q8 {
+                        b: b.typed(),
+                        scales: scales.typed(),
+                        zeros: zero.typed(),
+                        n,
+                        k,
+                    },
+                    _ => return None,
+                }
+            }
+        })
+    }
+
+    /// `out[m, n] = x[m, k] · Wᵀ (+ bias)` with the fastest kernel for the encoding.
+    pub fn forward(
+        &self,
+        x: &[f32],
+        m: usize,
+        bias: Option<&[f32]>,
+        out: &mut [f32],
+    ) -> Result<(), String> {
+        match self.kernel_view() {
+            Some(w) => linear::linear(x, m, &w, bias, out).map_err(|e| e.to_string()),
+            None => {
+                self.apply(x, m, out);
+                if let Some(b) = bias {
+                    for row in out.chunks_mut(self.n) {
+                        row.iter_mut().zip(b).for_each(|(o, b)| *o += b);
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
 }
 
 /// A linear layer `y = x · Wᵀ` with `W` of shape `[n, k]`.

@@ -782,9 +782,15 @@ fn topk(ctx: &Ctx, a: &Tensor, k: &Tensor) -> Result<Vec<Tensor>> {
     let rows = v.len().checked_div(n).unwrap_or(0);
     let mut vals = Vec::with_capacity(rows * k);
     let mut idxs = Vec::with_capacity(rows * k);
+    let mut rv = vec![0.0f32; k];
+    let mut ri = vec![0usize; k];
     for row in v.chunks(n.max(1)).take(rows) {
-        let sel = super::basic::top_k(row, k, largest);
-        for &i in &sel {
+        if largest {
+            super::misc::top_k(row, &mut rv, &mut ri).map_err(|e| ctx.err(e.to_string()))?;
+        } else {
+            ri.copy_from_slice(&super::basic::top_k(row, k, false));
+        }
+        for &i in &ri {
             vals.push(row[i]);
             idxs.push(i as i64);
         }
@@ -849,8 +855,10 @@ fn rms_norm(ctx: &Ctx, x: &Tensor, scale: &Tensor) -> Result<Tensor> {
             sv.len()
         )));
     }
+    let sv = if sv.len() == 1 { vec![sv[0]; n] } else { sv };
     let mut out = Tensor::zeros(DType::F32, &x.shape);
-    super::basic::rms_norm(xv, &sv, eps, n, out.typed_mut::<f32>()).map_err(|e| ctx.err(e))?;
+    super::norm::rms_norm(xv, &sv, eps, out.typed_mut::<f32>())
+        .map_err(|e| ctx.err(e.to_string()))?;
     Ok(out)
 }
 

@@ -1,0 +1,356 @@
+//! Element-wise and small kernels: fused SiLU gate, softmax over the last axis, top-k selection and
+//! f16/bf16 ↔ f32 slice conversion.
+
+use super::{check_len, shape_err, KernelResult};
+use half::slice::HalfFloatSliceExt;
+use half::{bf16, f16};
+use rayon::prelude::*;
+use std::cmp::Ordering;
+use std::collections::BinaryHeap;
+
+/// Elements above which element-wise work is split over threads.
+const PAR_MIN: usize = 1 << 16;
+/// Chunk of elements per rayon task in element-wise kernels.
+const PAR_CHUNK: usize = 1 << 13;
+
+#[inline]
+fn silu_mul(g: f32, u: f32) -> f32 {
+    g / (1.0 + (-g).exp()) * u
+}
+
+/// Fused gated-MLP activation: `out[i] = g[i]·sigmoid(g[i])·u[i]` (SiLU(g)·u).
+pub fn silu_gate(g: &[f32], u: &[f32], out: &mut [f32]) -> KernelResult {
+    check_len("silu_gate", "up", g.len(), u.len())?;
+    check_len("silu_gate", "out", g.len(), out.len())?;
+    if g.len() >= PAR_MIN {
+        out.par_chunks_mut(PAR_CHUNK)
+            .zip(g.par_chunks(PAR_CHUNK).zip(u.par_chunks(PAR_CHUNK)))
+            .for_each(|(o, (g, u))| {
+                for ((o, g), u) in o.iter_mut().zip(g).zip(u) {
+                    *o = silu_mul(*g, *u);
+                }
+            });
+    } else {
+        for ((o, g), u) in out.iter_mut().zip(g).zip(u) {
+            *o = silu_mul(*g, *u);
+        }
+    }
+    Ok(())
+}
+
+/// [`silu_gate`] written into the gate buffer: `g[i] = SiLU(g[i])·u[i]`.
+pub fn silu_gate_in_place(g: &mut [f32], u: &[f32]) -> KernelResult {
+    check_len("silu_gate", "up", g.len(), u.len())?;
+    for (g, u) in g.iter_mut().zip(u) {
+        *g = silu_mul(*g, *u);
+    }
+    Ok(())
+}
+
+/// The oracle for [`silu_gate`] (f64).
+pub fn silu_gate_reference(g: &[f32], u: &[f32], out: &mut [f32]) -> KernelResult {
+    check_len("silu_gate", "up", g.len(), u.len())?;
+    check_len("silu_gate", "out", g.len(), out.len())?;
+    for ((o, g), u) in out.iter_mut().zip(g).zip(u) {
+        let g = *g as f64;
+        *o = (g / (1.0 + (-g).exp()) * *u as f64) as f32;
+    }
+    Ok(())
+}
+
+fn softmax_row(x: &mut [f32]) {
+    let m = x.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
+    if m == f32::NEG_INFINITY {
+        // Every entry is −inf (or the row is empty): no mass anywhere.
+        x.fill(0.0);
+        return;
+    }
+    let mut sum = 0f32;
+    for v in x.iter_mut() {
+        *v = (*v - m).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    for v in x.iter_mut() {
+        *v *= inv;
+    }
+}
+
+/// Softmax over the last axis of `x [rows, n]`, written to `out`. The maximum is subtracted first
+/// (stable); a row that is entirely −inf becomes zeros.
+pub fn softmax(x: &[f32], n: usize, out: &mut [f32]) -> KernelResult {
+    check_len("softmax", "out", x.len(), out.len())?;
+    out.copy_from_slice(x);
+    softmax_in_place(out, n)
+}
+
+/// In-place [`softmax`].
+pub fn softmax_in_place(x: &mut [f32], n: usize) -> KernelResult {
+    if n == 0 || x.len() % n != 0 {
+        return Err(shape_err(
+            "softmax",
+            format!("{} values are not rows of n = {n}", x.len()),
+        ));
+    }
+    if x.len() >= PAR_MIN && x.len() / n > 1 {
+        x.par_chunks_mut(n).for_each(softmax_row);
+    } else {
+        x.chunks_mut(n).for_each(softmax_row);
+    }
+    Ok(())
+}
+
+/// The oracle for [`softmax`] (f64).
+pub fn softmax_reference(x: &[f32], n: usize, out: &mut [f32]) -> KernelResult {
+    check_len("softmax", "out", x.len(), out.len())?;
+    if n == 0 || x.len() % n != 0 {
+        return Err(shape_err(
+            "softmax",
+            format!("{} values are not rows of n = {n}", x.len()),
+        ));
+    }
+    for (o, x) in out.chunks_mut(n).zip(x.chunks(n)) {
+        let m = x.iter().fold(f64::NEG_INFINITY, |m, v| m.max(*v as f64));
+        let s: f64 = x.iter().map(|v| (*v as f64 - m).exp()).sum();
+        for (o, v) in o.iter_mut().zip(x) {
+            *o = if m == f64::NEG_INFINITY {
+                0.0
+            } else {
+                ((*v as f64 - m).exp() / s) as f32
+            };
+        }
+    }
+    Ok(())
+}
+
+/// Ranking of top-k: larger value first, NaN below everything, ties → lower index first.
+#[inline]
+fn better(a: (f32, usize), b: (f32, usize)) -> Ordering {
+    let key = |v: f32| (!v.is_nan(), if v.is_nan() { 0.0 } else { v });
+    let (ka, kb) = (key(a.0), key(b.0));
+    ka.0.cmp(&kb.0)
+        .then(ka.1.total_cmp(&kb.1))
+        .then(b.1.cmp(&a.1))
+}
+
+/// Heap entry ordered so the *worst* kept candidate is at the top.
+struct Worst(f32, usize);
+impl PartialEq for Worst {
+    fn eq(&self, o: &Self) -> bool {
+        self.cmp(o) == Ordering::Equal
+    }
+}
+impl Eq for Worst {}
+impl PartialOrd for Worst {
+    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Worst {
+    fn cmp(&self, o: &Self) -> Ordering {
+        better((o.0, o.1), (self.0, self.1))
+    }
+}
+
+/// The `k = values.len()` largest entries of `x`, sorted descending, ties broken by lower index first
+/// (NaN ranks below every number; −0.0 ranks below +0.0). `O(n log k)` with a bounded heap; `k = 1` is a
+/// single argmax pass. Errors if `k > x.len()` or the output slices differ in length.
+pub fn top_k(x: &[f32], values: &mut [f32], indices: &mut [usize]) -> KernelResult {
+    let k = values.len();
+    check_len("top_k", "indices", k, indices.len())?;
+    if k > x.len() {
+        return Err(shape_err("top_k", format!("k = {k} > n = {}", x.len())));
+    }
+    if k == 0 {
+        return Ok(());
+    }
+    if k == 1 {
+        let mut best = (x[0], 0);
+        for (i, v) in x.iter().enumerate().skip(1) {
+            if better((*v, i), best) == Ordering::Greater {
+                best = (*v, i);
+            }
+        }
+        values[0] = best.0;
+        indices[0] = best.1;
+        return Ok(());
+    }
+    let mut heap: BinaryHeap<Worst> = BinaryHeap::with_capacity(k + 1);
+    for (i, v) in x.iter().enumerate() {
+        if heap.len() < k {
+            heap.push(Worst(*v, i));
+        } else if let Some(top) = heap.peek() {
+            if better((*v, i), (top.0, top.1)) == Ordering::Greater {
+                heap.pop();
+                heap.push(Worst(*v, i));
+            }
+        }
+    }
+    // into_sorted_vec is ascending by Ord, i.e. best first.
+    for (j, w) in heap.into_sorted_vec().into_iter().enumerate() {
+        values[j] = w.0;
+        indices[j] = w.1;
+    }
+    Ok(())
+}
+
+/// The oracle for [`top_k`]: a full stable sort.
+pub fn top_k_reference(x: &[f32], values: &mut [f32], indices: &mut [usize]) -> KernelResult {
+    let k = values.len();
+    check_len("top_k", "indices", k, indices.len())?;
+    if k > x.len() {
+        return Err(shape_err("top_k", format!("k = {k} > n = {}", x.len())));
+    }
+    let mut all: Vec<(f32, usize)> = x.iter().copied().zip(0..).collect();
+    all.sort_by(|a, b| better(*b, *a));
+    for j in 0..k {
+        values[j] = all[j].0;
+        indices[j] = all[j].1;
+    }
+    Ok(())
+}
+
+/// f16 → f32 (SIMD via `half`).
+pub fn f16_to_f32(src: &[f16], dst: &mut [f32]) -> KernelResult {
+    check_len("f16_to_f32", "dst", src.len(), dst.len())?;
+    src.convert_to_f32_slice(dst);
+    Ok(())
+}
+
+/// f32 → f16, round to nearest even (SIMD via `half`).
+pub fn f32_to_f16(src: &[f32], dst: &mut [f16]) -> KernelResult {
+    check_len("f32_to_f16", "dst", src.len(), dst.len())?;
+    dst.convert_from_f32_slice(src);
+    Ok(())
+}
+
+/// bf16 → f32.
+pub fn bf16_to_f32(src: &[bf16], dst: &mut [f32]) -> KernelResult {
+    check_len("bf16_to_f32", "dst", src.len(), dst.len())?;
+    src.convert_to_f32_slice(dst);
+    Ok(())
+}
+
+/// f32 → bf16, round to nearest even.
+pub fn f32_to_bf16(src: &[f32], dst: &mut [bf16]) -> KernelResult {
+    check_len("f32_to_bf16", "dst", src.len(), dst.len())?;
+    dst.convert_from_f32_slice(src);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn nz() -> impl Strategy<Value = f32> {
+        prop_oneof![-30f32..-1e-3, 1e-3f32..30.0]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn silu_matches(g in prop::collection::vec(nz(), 1..300), seed in any::<u32>()) {
+            let u: Vec<f32> = g.iter().enumerate().map(|(i, v)| v * 0.3 + ((i as u32 ^ seed) % 7) as f32 + 0.5).collect();
+            let mut want = vec![0f32; g.len()];
+            silu_gate_reference(&g, &u, &mut want).unwrap();
+            let mut got = vec![0f32; g.len()];
+            silu_gate(&g, &u, &mut got).unwrap();
+            let mut inplace = g.clone();
+            silu_gate_in_place(&mut inplace, &u).unwrap();
+            for i in 0..g.len() {
+                prop_assert!((got[i] - want[i]).abs() <= 1e-6 * (1.0 + want[i].abs()));
+                prop_assert_eq!(got[i], inplace[i]);
+            }
+        }
+
+        #[test]
+        fn softmax_matches((n, x) in (1usize..200, 1usize..5).prop_flat_map(|(n, r)| (Just(n), prop::collection::vec(nz(), n * r)))) {
+            let mut want = vec![0f32; x.len()];
+            softmax_reference(&x, n, &mut want).unwrap();
+            let mut got = vec![0f32; x.len()];
+            softmax(&x, n, &mut got).unwrap();
+            for i in 0..x.len() {
+                prop_assert!((got[i] - want[i]).abs() <= 1e-6 + 1e-5 * want[i]);
+            }
+            for row in got.chunks(n) {
+                prop_assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+            }
+        }
+
+        #[test]
+        fn top_k_matches_sort(
+            x in prop::collection::vec(prop_oneof![nz(), Just(1.5f32), Just(-2.0f32)], 1..400),
+            kf in 0f64..1.0,
+        ) {
+            // Repeated values (1.5, −2) exercise the tie rule.
+            let k = ((x.len() as f64 * kf) as usize).max(1).min(x.len());
+            for k in [1, k, x.len()] {
+                let (mut v, mut i) = (vec![0f32; k], vec![0usize; k]);
+                let (mut rv, mut ri) = (vec![0f32; k], vec![0usize; k]);
+                top_k(&x, &mut v, &mut i).unwrap();
+                top_k_reference(&x, &mut rv, &mut ri).unwrap();
+                prop_assert_eq!(&v, &rv);
+                prop_assert_eq!(&i, &ri);
+            }
+        }
+    }
+
+    #[test]
+    fn top_k_edges() {
+        let x = [1.0, 3.0, f32::NAN, 3.0, -0.0, 0.0, f32::NEG_INFINITY];
+        let (mut v, mut i) = ([0f32; 7], [0usize; 7]);
+        top_k(&x, &mut v, &mut i).unwrap();
+        assert_eq!(i, [1, 3, 0, 5, 4, 6, 2]);
+        let (mut v1, mut i1) = ([0f32; 1], [0usize; 1]);
+        top_k(&[f32::NAN, 2.0, 2.0], &mut v1, &mut i1).unwrap();
+        assert_eq!((v1[0], i1[0]), (2.0, 1));
+        assert!(top_k(&[1.0], &mut [0.0; 2], &mut [0; 2]).is_err());
+        assert!(top_k(&[1.0, 2.0], &mut [0.0; 1], &mut [0; 2]).is_err());
+        top_k(&[1.0], &mut [], &mut []).unwrap();
+    }
+
+    #[test]
+    fn softmax_edges() {
+        let mut x = [f32::NEG_INFINITY, f32::NEG_INFINITY, 0.0, f32::NEG_INFINITY];
+        softmax_in_place(&mut x, 2).unwrap();
+        assert_eq!(x, [0.0, 0.0, 1.0, 0.0]);
+        let mut big = [1000.0f32, 1000.0];
+        softmax_in_place(&mut big, 2).unwrap();
+        assert_eq!(big, [0.5, 0.5]);
+        assert!(softmax_in_place(&mut [1.0; 3], 2).is_err());
+        assert!(softmax_in_place(&mut [1.0; 3], 0).is_err());
+        assert!(silu_gate(&[1.0; 3], &[1.0; 2], &mut [0.0; 3]).is_err());
+        // Large input takes the parallel path.
+        let g: Vec<f32> = (0..100_000)
+            .map(|i| (i % 200) as f32 / 10.0 - 10.0 + 0.05)
+            .collect();
+        let (mut a, mut b) = (vec![0f32; g.len()], vec![0f32; g.len()]);
+        silu_gate(&g, &g, &mut a).unwrap();
+        silu_gate_reference(&g, &g, &mut b).unwrap();
+        assert!(a
+            .iter()
+            .zip(&b)
+            .all(|(a, b)| (a - b).abs() <= 1e-6 * (1.0 + b.abs())));
+    }
+
+    #[test]
+    fn half_conversions_roundtrip() {
+        let x: Vec<f32> = (0..37).map(|i| i as f32 * 0.37 - 5.0 + 0.01).collect();
+        let mut h = vec![f16::ZERO; 37];
+        f32_to_f16(&x, &mut h).unwrap();
+        let mut back = vec![0f32; 37];
+        f16_to_f32(&h, &mut back).unwrap();
+        for (a, b) in x.iter().zip(&back) {
+            assert!((a - b).abs() <= 1e-3 * a.abs().max(1e-2));
+            assert_eq!(*b, f16::from_f32(*a).to_f32());
+        }
+        let mut bh = vec![bf16::ZERO; 37];
+        f32_to_bf16(&x, &mut bh).unwrap();
+        bf16_to_f32(&bh, &mut back).unwrap();
+        for (a, b) in x.iter().zip(&back) {
+            assert!((a - b).abs() <= 8e-3 * a.abs());
+        }
+        assert!(f16_to_f32(&h, &mut back[..3]).is_err());
+    }
+}
