@@ -58,6 +58,8 @@ pub struct Model {
     pub(crate) chat_template: Option<String>,
     pub(crate) load_ms: f64,
     plan: Plan,
+    /// Per-op time accumulated when `ONESTEP_PROFILE=1` (op → (calls, seconds)).
+    profile: Option<std::sync::Mutex<std::collections::BTreeMap<String, (u64, f64)>>>,
 }
 
 /// One sequence's state: its KV cache (CPU-resident) and planned scratch buffers.
@@ -137,6 +139,9 @@ impl Model {
             chat_template,
             load_ms: t0.elapsed().as_secs_f64() * 1e3,
             plan,
+            profile: std::env::var_os("ONESTEP_PROFILE")
+                .filter(|v| v != "0")
+                .map(|_| Default::default()),
         }))
     }
     /// The model description from the file's metadata.
@@ -154,6 +159,17 @@ impl Model {
     /// Milliseconds spent in [`Model::load`].
     pub fn load_ms(&self) -> f64 {
         self.load_ms
+    }
+    /// Time per op kind since load, slowest first (only when `ONESTEP_PROFILE=1` was set at load):
+    /// `(op, calls, seconds)`.
+    pub fn profile(&self) -> Vec<(String, u64, f64)> {
+        let Some(p) = &self.profile else {
+            return Vec::new();
+        };
+        let p = p.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<_> = p.iter().map(|(k, (n, t))| (k.clone(), *n, *t)).collect();
+        v.sort_by(|a, b| b.2.total_cmp(&a.2));
+        v
     }
     /// What the planner did (fused steps, folded nodes).
     pub fn plan_stats(&self) -> &PlanStats {
@@ -234,8 +250,21 @@ impl Model {
         for (c, cache) in plan.caches.iter().zip(&state.caches) {
             env[c.input_val] = Some(cache.clone());
         }
+        let profiling = self.profile.is_some();
         for (si, s) in plan.steps.iter().enumerate() {
+            let t0 = profiling.then(Instant::now);
             self.run_step(s, &mut env, &state.caches)?;
+            if let (Some(t0), Some(prof)) = (t0, &self.profile) {
+                let key = match s {
+                    Step::Node { node, .. } => plan.graph.nodes[*node].op.as_str(),
+                    Step::Linear { .. } => "[linear]",
+                    Step::CacheAttention { .. } => "[cache attention]",
+                };
+                let mut p = prof.lock().unwrap_or_else(|e| e.into_inner());
+                let e = p.entry(key.to_string()).or_insert((0, 0.0));
+                e.0 += 1;
+                e.1 += t0.elapsed().as_secs_f64();
+            }
             for &v in &plan.frees[si] {
                 env[v] = None;
             }

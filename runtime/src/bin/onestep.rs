@@ -430,6 +430,19 @@ fn cmd_bench(
     if rss_mb.is_none() {
         println!("peak RSS: not available on this OS");
     }
+    let profile = model_arc.profile();
+    if !profile.is_empty() {
+        let total: f64 = profile.iter().map(|p| p.2).sum();
+        println!("\nprofile (ONESTEP_PROFILE=1), all runs incl. warm-up:");
+        println!("{:<24} {:>9} {:>10} {:>7}", "op", "calls", "ms", "share");
+        for (op, calls, secs) in profile {
+            println!(
+                "{op:<24} {calls:>9} {:>10.1} {:>6.1}%",
+                secs * 1e3,
+                100.0 * secs / total
+            );
+        }
+    }
     Ok(())
 }
 

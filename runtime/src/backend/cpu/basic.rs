@@ -1,19 +1,4 @@
-//! Small scalar building blocks used by the generic ops (rotary rows, smallest-k selection).
-
-/// Rotates one head row in place with the cos/sin of its position (`cos.len() == row.len() / 2`).
-pub fn rotate_row(row: &mut [f32], cos: &[f32], sin: &[f32], interleaved: bool) {
-    let half = row.len() / 2;
-    for i in 0..half {
-        let (a, b) = if interleaved {
-            (2 * i, 2 * i + 1)
-        } else {
-            (i, i + half)
-        };
-        let (x0, x1) = (row[a], row[b]);
-        row[a] = x0 * cos[i] - x1 * sin[i];
-        row[b] = x0 * sin[i] + x1 * cos[i];
-    }
-}
+//! Small scalar building blocks used by the generic ops (smallest-k selection).
 
 /// Indices of the `k` largest (or smallest) values, best first; ties go to the lower index.
 pub fn top_k(v: &[f32], k: usize, largest: bool) -> Vec<usize> {

@@ -864,48 +864,30 @@ fn rms_norm(ctx: &Ctx, x: &Tensor, scale: &Tensor) -> Result<Tensor> {
 
 fn rotary(ctx: &Ctx, inputs: &[Option<&Tensor>]) -> Result<Tensor> {
     let x = input(ctx, inputs, 0)?;
-    let cos = input(ctx, inputs, 1)?.to_f32_vec(&ctx.node.name)?;
-    let sin = input(ctx, inputs, 2)?.to_f32_vec(&ctx.node.name)?;
-    let pos = input(ctx, inputs, 3)?.to_i64_vec(&ctx.node.name)?;
-    let interleaved = ctx.node.attr_int("interleaved", 0) != 0;
-    if x.rank() != 4 {
-        return Err(ctx.err("RotaryEmbedding is supported for 4-D [B, H, S, D] input"));
+    let name = &ctx.node.name;
+    let cos = input(ctx, inputs, 1)?.as_f32(name)?;
+    let sin = input(ctx, inputs, 2)?.as_f32(name)?;
+    let pos = input(ctx, inputs, 3)?.to_i64_vec(name)?;
+    if x.rank() != 4 || x.shape[0] != 1 {
+        return Err(ctx.err("RotaryEmbedding is supported for 4-D [1, H, S, D] input"));
     }
-    let (b, h, s, d) = (x.shape[0], x.shape[1], x.shape[2], x.shape[3]);
+    let (h, t, d) = (x.shape[1], x.shape[2], x.shape[3]);
     let rot = match ctx.node.attr_int("rotary_embedding_dim", 0) {
         0 => d,
-        r => r as usize,
+        r if r > 0 => r as usize,
+        r => return Err(ctx.err(format!("rotary_embedding_dim {r} is negative"))),
     };
-    if rot > d || rot % 2 != 0 {
-        return Err(ctx.err(format!("rotary dim {rot} invalid for head dim {d}")));
-    }
-    if pos.len() != b * s {
-        return Err(ctx.err(format!(
-            "position_ids has {} entries, need {}",
-            pos.len(),
-            b * s
-        )));
-    }
-    let half = rot / 2;
-    let max_pos = cos.len() / half.max(1);
-    let mut out = Tensor::f32(&x.shape, x.as_f32(&ctx.node.name)?);
-    let o = out.typed_mut::<f32>();
-    for bi in 0..b {
-        for si in 0..s {
-            let p = pos[bi * s + si];
-            if p < 0 || p as usize >= max_pos {
-                return Err(ctx.err(format!(
-                    "position {p} outside the rotary cache of {max_pos} positions"
-                )));
-            }
-            let c = &cos[p as usize * half..(p as usize + 1) * half];
-            let sn = &sin[p as usize * half..(p as usize + 1) * half];
-            for hi in 0..h {
-                let row = &mut o[((bi * h + hi) * s + si) * d..][..rot];
-                super::basic::rotate_row(row, c, sn, interleaved);
-            }
-        }
-    }
+    let shape = super::rope::RopeShape {
+        heads: h,
+        tokens: t,
+        head_dim: d,
+        rotary_dim: rot,
+        tokens_first: false,
+        interleaved: ctx.node.attr_int("interleaved", 0) != 0,
+    };
+    let mut out = Tensor::f32(&x.shape, x.as_f32(name)?);
+    super::rope::rope_in_place(out.typed_mut::<f32>(), &shape, cos, sin, &pos)
+        .map_err(|e| ctx.err(e.to_string()))?;
     Ok(out)
 }
 
