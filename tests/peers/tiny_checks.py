@@ -43,14 +43,15 @@ def check_logits(path, name, report):
         assert gen == ref["greedy"], f"{name}: greedy {gen} != transformers {ref['greedy']}"
 
 
-def check_sampling(path, name, report):
+def check_sampling(path, name, report, ids=None):
     """In-graph token choice: top_k=1 / tiny top_p give the arg-max; top_k=5 stays within the top 5;
-    every choice equals the numpy model of the spec (harness.sample_reference)."""
-    ref = reference(name)
-    ids = ref["ids"]
+    every choice equals the numpy model of the spec (harness.sample_reference). The prefix is `ids` (default:
+    the tiny fixture's first 6 ids); all but its last token are prefilled in one chunk."""
+    if ids is None:
+        ids = reference(name)["ids"][:6]
     s = harness.StepSession(path)
     rng = np.random.default_rng(7)
-    prefix = ids[:6]
+    prefix = list(ids)[: s.max_chunk + 1]
     checked = 0
     late = []
     for temperature, top_k, top_p, us in [
@@ -65,8 +66,7 @@ def check_sampling(path, name, report):
     ]:
         for u in us:
             s.reset()
-            for t in prefix[:-1]:
-                s.step([t])
+            s.step(prefix[:-1])
             tok, logits = s.step([prefix[-1]], temperature, top_k, top_p, float(u))
             am = int(np.argmax(logits))
             if top_k == 1 or top_p <= 1e-6 or temperature <= 0:
