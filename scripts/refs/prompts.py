@@ -13,6 +13,7 @@ LONG_TEXT = (
 # Each entry: (name, messages). The system prompt is the template's default unless given.
 PROMPTS = [
     ("capital", [{"role": "user", "content": "What is the capital of France? Answer in one sentence, then add one fact about the city."}]),
+    ("story", [{"role": "user", "content": "Tell me a short story about a robot who learns to paint."}]),
     ("code", [{"role": "user", "content": "Write a Python function `is_prime(n)` that returns True when n is prime, with a short docstring."}]),
     ("math", [{"role": "user", "content": "What is 17 * 23? Show your working step by step."}]),
     ("french", [{"role": "user", "content": "Explique en quelques phrases pourquoi le ciel est bleu."}]),

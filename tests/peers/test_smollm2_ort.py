@@ -6,7 +6,7 @@ teacher-forced (prompt prefilled in max_chunk chunks, then one token per step) a
 - top-1 equals llama.cpp's wherever llama.cpp's top-2 margin > 1.0 (llama.cpp quantizes activations to 8 bits,
   so it is only a loose peer);
 - top-1 equals transformers' (exact f32 math on the dequantized weights) wherever transformers' margin > 0.1;
-- the logits of transformers' top-8 ids differ by at most 0.05 with an f32 cache (0.25 with an f16 cache);
+- the logits of transformers' top-8 ids differ by at most 0.05 with an f32 cache (0.1 with an f16 cache; an exact-math toy export measured 1e-4 and 0.021);
 - the graph's own greedy decode reproduces llama.cpp's generated ids up to the first position where
   transformers disagrees with them or its margin is < 0.1.
 The figures are printed (pytest -s) and asserted.
@@ -22,7 +22,7 @@ import tiny_checks
 
 FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures")
 PATHS = [p for p in os.environ.get("ONESTEP_SMOLLM2_ONNX", "").split(os.pathsep) if p.strip()]
-TOP8_TOL = {"f32": 0.05, "f16": 0.25}
+TOP8_TOL = {"f32": 0.05, "f16": 0.1}
 LLAMACPP_MARGIN = 1.0
 HF_MARGIN = 0.1
 
