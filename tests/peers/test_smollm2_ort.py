@@ -8,7 +8,7 @@ teacher-forced (prompt prefilled in max_chunk chunks, then one token per step) a
 - top-1 equals transformers' (exact f32 math on the dequantized weights) wherever transformers' margin > 0.1;
 - the logits of transformers' top-8 ids differ by at most 0.05 with an f32 cache (0.1 with an f16 cache; an exact-math toy export measured 1e-4 and 0.021);
 - the graph's own greedy decode reproduces llama.cpp's generated ids up to the first position where
-  transformers disagrees with them or its margin is < 0.1.
+  transformers disagrees with them or its margin is < 0.1 (decoding at most 8 tokens further).
 The figures are printed (pytest -s) and asserted.
 """
 import json
@@ -94,11 +94,13 @@ def test_greedy(path, fixtures):
         m = 0
         while m < len(gen) and h["top8"][m][0][0] == gen[m] and _margin(h["top8"][m]) >= HF_MARGIN:
             m += 1
-        out, _ = harness.greedy(s, c["prompt_ids"], len(gen))
+        # decode a few tokens past the required prefix (the rest is not comparable once they diverge)
+        n = min(len(gen), m + 8)
+        out, _ = harness.greedy(s, c["prompt_ids"], n)
         same = 0
-        while same < len(gen) and out[same] == gen[same]:
+        while same < n and out[same] == gen[same]:
             same += 1
-        report.append(f"{c['name']} {same}/{len(gen)} (required {m})")
+        report.append(f"{c['name']} {same}/{n} (required {m})")
         assert same >= m, f"{c['name']}: greedy matches llama.cpp for {same} tokens, required {m}: {out} vs {gen}"
     print(f"\n[smollm2 {os.path.basename(path)}] greedy == llama.cpp prefix: " + ", ".join(report))
 
