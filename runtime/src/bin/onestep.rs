@@ -64,6 +64,23 @@ enum Command {
         #[command(flatten)]
         common: Common,
     },
+    /// Teacher-forced logits and greedy continuations as JSON, for checking against other runtimes.
+    ///
+    /// Reads a JSON list of jobs `{"ids": [...], "start": N, "generate": M}`: `ids[..start]` is
+    /// prefilled in `max_chunk` chunks, the rest fed one token per step, recording each position's
+    /// top logits (row r predicts `ids[start + r]`); then `M` greedy tokens follow the whole sequence.
+    Score {
+        /// The model file.
+        model: PathBuf,
+        /// JSON file with the jobs (`-` for standard input).
+        #[arg(long)]
+        jobs: PathBuf,
+        /// Top logits recorded per position.
+        #[arg(long, default_value_t = 8)]
+        top: usize,
+        #[command(flatten)]
+        common: Common,
+    },
     /// Measure prefill and decode speed.
     Bench {
         /// The model file.
@@ -446,8 +463,90 @@ fn cmd_bench(
     Ok(())
 }
 
+#[derive(serde::Deserialize)]
+struct ScoreJob {
+    ids: Vec<u32>,
+    start: usize,
+    #[serde(default)]
+    generate: usize,
+}
+
+fn top_entries(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let k = k.min(logits.len());
+    let mut vals = vec![0.0f32; k];
+    let mut idx = vec![0usize; k];
+    match onestep::backend::cpu::misc::top_k(logits, &mut vals, &mut idx) {
+        Ok(()) => idx.iter().zip(vals).map(|(&i, v)| (i as u32, v)).collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+fn cmd_score(model: &Path, jobs: &Path, top: usize, common: &Common) -> Result<()> {
+    common.setup_threads()?;
+    let text = if jobs.as_os_str() == "-" {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s).map_err(|e| Error::Io {
+            path: jobs.to_path_buf(),
+            source: e,
+        })?;
+        s
+    } else {
+        std::fs::read_to_string(jobs).map_err(|e| Error::Io {
+            path: jobs.to_path_buf(),
+            source: e,
+        })?
+    };
+    let jobs: Vec<ScoreJob> = serde_json::from_str(&text)
+        .map_err(|e| Error::InvalidArgument(format!("{}: {e}", jobs.display())))?;
+    let model = Model::load(model)?;
+    let chunk = model.info().max_chunk;
+    let greedy = onestep::StepSampling::GREEDY;
+    let mut results = Vec::new();
+    for job in &jobs {
+        if job.start == 0 || job.start > job.ids.len() {
+            return Err(Error::InvalidArgument(format!(
+                "start {} must be in 1..={}",
+                job.start,
+                job.ids.len()
+            )));
+        }
+        let mut state = model.new_state()?;
+        let mut last = None;
+        for c in job.ids[..job.start].chunks(chunk) {
+            last = Some(model.step(&mut state, c, &greedy)?);
+        }
+        let mut out = last.ok_or_else(|| Error::InvalidArgument("empty job".into()))?;
+        let mut rows = vec![top_entries(&out.logits, top)];
+        for &id in &job.ids[job.start..] {
+            out = model.step(&mut state, &[id], &greedy)?;
+            rows.push(top_entries(&out.logits, top));
+        }
+        let mut generated = Vec::new();
+        let mut gen_rows = Vec::new();
+        for _ in 0..job.generate {
+            let tok = out.next_token;
+            generated.push(tok);
+            gen_rows.push(top_entries(&out.logits, top));
+            if generated.len() == job.generate || state.len() >= model.info().max_cache {
+                break;
+            }
+            out = model.step(&mut state, &[tok], &greedy)?;
+        }
+        results
+            .push(serde_json::json!({"rows": rows, "generated": generated, "gen_rows": gen_rows}));
+    }
+    println!("{}", serde_json::Value::Array(results));
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Score {
+            model,
+            jobs,
+            top,
+            common,
+        } => cmd_score(&model, &jobs, top, &common),
         Command::Chat {
             model,
             system,
