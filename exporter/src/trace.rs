@@ -1091,11 +1091,15 @@ impl Tracer {
             q.shape[2].clone(),
             k.shape[2].clone(),
         ];
-        if mask.dtype != DType::Bool || broadcast(&mask.shape, &full).as_deref() != Some(&full[..])
+        if !matches!(mask.dtype, DType::Bool | DType::F32)
+            || broadcast(&mask.shape, &full).as_deref() != Some(&full[..])
         {
             return Err(fail(
                 self,
-                &format!("mask must be bool broadcastable to {}", fmt_shape(&full)),
+                &format!(
+                    "mask must be bool or f32 broadcastable to {}",
+                    fmt_shape(&full)
+                ),
             ));
         }
         let mut shape = q.shape.clone();

@@ -517,12 +517,21 @@ fn tokens_to_heads(a: &Tensor) -> Tensor {
     })
 }
 
-/// If `mask` is the contract's mask — `[T, S+T]` booleans (leading dims of 1 allowed), past slots
-/// `< p` true and the rest false in every row, the chunk causal among itself — returns `p`.
+/// If `mask` is the contract's mask — `[T, S+T]` (leading dims of 1 allowed), past slots `< p`
+/// attended and the rest masked in every row, the chunk causal among itself — returns `p`.
 fn standard_prefix(mask: &Tensor, t: usize, slots: usize) -> Option<usize> {
-    if mask.dtype != DType::Bool {
-        return None;
-    }
+    // Boolean (true = attend) or additive float (0 = attend, -inf = masked) masks.
+    let allowed: std::borrow::Cow<[u8]> = match mask.dtype {
+        DType::Bool => std::borrow::Cow::Borrowed(mask.typed::<u8>()),
+        DType::F32 => {
+            let v = mask.typed::<f32>();
+            if v.iter().any(|&x| x != 0.0 && x != f32::NEG_INFINITY) {
+                return None;
+            }
+            std::borrow::Cow::Owned(v.iter().map(|&x| (x == 0.0) as u8).collect())
+        }
+        _ => return None,
+    };
     let r = mask.rank();
     if r < 2 || mask.shape[r - 2] != t || mask.shape[r - 1] != slots + t {
         return None;
@@ -530,7 +539,7 @@ fn standard_prefix(mask: &Tensor, t: usize, slots: usize) -> Option<usize> {
     if mask.shape[..r - 2].iter().any(|&d| d != 1) {
         return None;
     }
-    let m = mask.typed::<u8>();
+    let m: &[u8] = &allowed;
     let w = slots + t;
     let p = m[..slots].iter().take_while(|&&b| b != 0).count();
     for ti in 0..t {

@@ -51,11 +51,13 @@ def quant_block(w, bits, rng):
     return b, s, z
 
 
+f32 = np.float32
+
+
 def build(name, form, kv, tied, bias, interleaved, seed):
     rng = np.random.default_rng(seed)
     H, L, NH, KVH, D, F, V, S = 64, 2, 4, 2, 16, 96, 80, 24
     g = B()
-    f32 = np.float32
 
     def linear(x, w, nm, b=None):
         n, k = w.shape
@@ -95,7 +97,8 @@ def build(name, form, kv, tied, bias, interleaved, seed):
     past_m = g.op("Expand", [past_ok, shp], "past_mask")
     causal = g.op("LessOrEqual", [g.op("Unsqueeze", [rt, g.c(np.array([0]))], "rt_row"),
                                   g.op("Unsqueeze", [rt, g.c(np.array([1]))], "rt_col")], "causal")
-    mask = g.op("Concat", [past_m, causal], "mask", axis=1)
+    allowed = g.op("Concat", [past_m, causal], "mask.allowed", axis=1)
+    mask = g.op("Where", [allowed, g.c(np.array(0.0, f32)), g.c(np.array(-np.inf, f32))], "mask")
 
     E = (rng.standard_normal((V, H)) * 0.5).astype(f32)
     if tied and form == "q8":

@@ -77,7 +77,12 @@ pub fn build(cfg: &ModelConfig, w: &Weights, opts: &ArchOptions) -> Result<Graph
     let krow = t.unsqueeze("mask.key_idx", &steps, &[0])?;
     let qcol = t.unsqueeze("mask.query_idx", &steps, &[1])?;
     let causal = t.less_or_equal("mask.causal", &krow, &qcol)?;
-    let mask = t.concat("mask", &[&past_mask, &causal], 1)?;
+    let allowed = t.concat("mask.allowed", &[&past_mask, &causal], 1)?;
+    // Additive float mask (0 = attend, -inf = masked): onnxruntime and tract both take it (tract
+    // refuses boolean masks in Attention).
+    let mzero = t.const_f32(0.0);
+    let mninf = t.const_f32(f32::NEG_INFINITY);
+    let mask = t.where_("mask", &allowed, &mzero, &mninf)?;
 
     let mut x = embedding(&mut t, &embd, &ids)?;
 
