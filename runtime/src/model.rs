@@ -11,7 +11,7 @@ use std::time::Instant;
 use bytes::Bytes;
 
 use crate::backend::cpu::attention::{self, AttnShape};
-use crate::backend::cpu::ops;
+use crate::backend::cpu::{misc, ops};
 use crate::contract::{self, meta, ModelInfo};
 use crate::error::{Error, Result};
 use crate::graph::DType;
@@ -258,6 +258,7 @@ impl Model {
                 let key = match s {
                     Step::Node { node, .. } => plan.graph.nodes[*node].op.as_str(),
                     Step::Linear { .. } => "[linear]",
+                    Step::SiluGate(_) => "[silu gate]",
                     Step::CacheAttention { .. } => "[cache attention]",
                 };
                 let mut p = prof.lock().unwrap_or_else(|e| e.into_inner());
@@ -376,6 +377,28 @@ impl Model {
                 )
                 .map_err(|e| Error::node(&n.name, &n.op, e))?;
                 env[*out] = Some(o);
+            }
+            Step::SiluGate(sg) => {
+                let n = &plan.graph.nodes[sg.node];
+                let (g, u) = (val(env, sg.g)?, val(env, sg.u)?);
+                if g.dtype != DType::F32 || g.shape != u.shape || u.dtype != DType::F32 {
+                    // Broadcasting or other dtypes: the nodes as written.
+                    let sig = ops::run_node(
+                        &crate::graph::Node {
+                            op: "Sigmoid".into(),
+                            ..n.clone()
+                        },
+                        &[Some(&g)],
+                    )?;
+                    let a = ops::run_node(n, &[Some(&g), Some(&sig[0])])?;
+                    let o = ops::run_node(n, &[Some(&a[0]), Some(&u)])?;
+                    env[sg.out] = o.into_iter().next();
+                    return Ok(());
+                }
+                let mut o = Tensor::zeros(DType::F32, &g.shape);
+                misc::silu_gate(g.typed(), u.typed(), o.typed_mut())
+                    .map_err(|e| Error::node(&n.name, &n.op, e.to_string()))?;
+                env[sg.out] = Some(o);
             }
             Step::CacheAttention {
                 node,

@@ -48,6 +48,8 @@ pub enum Step {
         /// Output `[.., N]`.
         out: ValId,
     },
+    /// `SiLU(g)·u` fused (the gated MLP's activation).
+    SiluGate(SiluGate),
     /// Attention over a caller-owned static cache plus this chunk's rows.
     CacheAttention {
         /// Index of the `Attention` node.
@@ -66,6 +68,19 @@ pub enum Step {
         /// Whether `out` is in `[1, T, H, D]` order.
         tokens_first: bool,
     },
+}
+
+/// Gated MLP activation `Mul(Mul(g, Sigmoid(g)), u)` as one kernel (SiLU(g)·u).
+#[derive(Debug)]
+pub struct SiluGate {
+    /// Index of the outer `Mul` node.
+    pub node: usize,
+    /// Gate input.
+    pub g: ValId,
+    /// Up input.
+    pub u: ValId,
+    /// Output.
+    pub out: ValId,
 }
 
 /// A cache tensor the caller owns: graph input `past.X` paired with graph output `new.X`.
@@ -117,6 +132,8 @@ pub struct PlanStats {
     pub linear: usize,
     /// Attention steps reading the cache in place.
     pub cache_attention: usize,
+    /// Fused gated-MLP activations.
+    pub silu_gate: usize,
     /// Nodes folded into constants.
     pub folded: usize,
     /// Nodes removed as dead or absorbed.
@@ -292,6 +309,38 @@ impl Plan {
                 stats.linear += 1;
                 continue;
             }
+            // Gated MLP activation: Mul(Mul(g, Sigmoid(g)), u) with private intermediates.
+            if n.op == "Mul" && n.domain.is_empty() && ins.len() == 2 {
+                let found = (0..2).find_map(|side| {
+                    let (a, u) = (ins[side]?, ins[1 - side]?);
+                    let ai = producer[a]?;
+                    let an = &graph.nodes[ai];
+                    if an.op != "Mul" || node_in[ai].len() != 2 || !only_consumer(a, ni, &consumers)
+                    {
+                        return None;
+                    }
+                    (0..2).find_map(|gs| {
+                        let (g, sg) = (node_in[ai][gs]?, node_in[ai][1 - gs]?);
+                        let si = producer[sg]?;
+                        (graph.nodes[si].op == "Sigmoid"
+                            && node_in[si].first().copied().flatten() == Some(g)
+                            && only_consumer(sg, ai, &consumers))
+                        .then_some((g, u, ai, si))
+                    })
+                });
+                if let Some((g, u, ai, si)) = found {
+                    absorbed[ai] = true;
+                    absorbed[si] = true;
+                    kind[ni] = Some(Step::SiluGate(SiluGate {
+                        node: ni,
+                        g,
+                        u,
+                        out: node_out[ni][0],
+                    }));
+                    stats.silu_gate += 1;
+                    continue;
+                }
+            }
             // (4) attention over the caller-owned cache.
             if n.op == "Attention" && n.domain.is_empty() && ins.len() >= 3 {
                 let extra = ins.len() > 4 && ins[4..].iter().any(|v| v.is_some());
@@ -394,6 +443,7 @@ impl Plan {
             live_nodes[ni] = true;
             let reads: Vec<ValId> = match &kind[ni] {
                 Some(Step::Linear { x, .. }) => vec![*x],
+                Some(Step::SiluGate(sg)) => vec![sg.g, sg.u],
                 Some(Step::CacheAttention { q, new, mask, .. }) => {
                     let mut r = vec![*q, new[0], new[1]];
                     r.extend(mask);
@@ -563,6 +613,7 @@ pub fn step_reads(s: &Step) -> Vec<ValId> {
     match s {
         Step::Node { inputs, .. } => inputs.iter().flatten().copied().collect(),
         Step::Linear { x, .. } => vec![*x],
+        Step::SiluGate(sg) => vec![sg.g, sg.u],
         Step::CacheAttention { q, new, mask, .. } => {
             let mut r = vec![*q, new[0], new[1]];
             r.extend(mask);
