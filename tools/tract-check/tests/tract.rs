@@ -6,7 +6,8 @@
 //! six single-token steps (feeding the chosen token), then a `T = 3` chunk. tract is given the file as
 //! it is; the test owns its cache the way any ONNX caller does (feeds `past.*`, writes `new.*` at
 //! `position`). Asserts equal next tokens and logits within 1e-4 of the largest |logit| (1e-3 with an f16
-//! cache, see [`TOLERANCE_F16_CACHE`]), and prints one summary line per model.
+//! cache, see [`TOLERANCE_F16_CACHE`]), and prints one summary line per model (`--nocapture`;
+//! `TRACT_CHECK_VERBOSE=1` prints every step's difference).
 //!
 //! `tract_refuses_bf16_and_gguf_block_forms` pins what tract does not run (bf16 weights; GGUF Q8_0,
 //! Q4_0 and Q4_1 kept as source), so the compatibility note in docs/GRAPH.md stays true: if a tract release
