@@ -174,6 +174,43 @@ def rel_err(a, b):
     return float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1.0))
 
 
+# graph initializer base → canonical source tensor (docs/GRAPH.md "Initializer names")
+_CANON = {"attn.q_proj": "attn_q", "attn.k_proj": "attn_k", "attn.v_proj": "attn_v", "attn.o_proj": "attn_output",
+          "mlp.gate": "ffn_gate", "mlp.up": "ffn_up", "mlp.down": "ffn_down"}
+
+
+def canonical_name(base):
+    if base in ("token_embd", "output"):
+        return base + ".weight"
+    layer, rest = base.split(".", 1)
+    return f"blk.{layer[1:]}.{_CANON[rest]}.weight"
+
+
+def packed_int4_matrices(path):
+    """Dequantizes every 4-bit matrix with packed u8 zero points straight from the ONNX bytes, as the
+    MatMulNBits spec defines them (independently of the exporter's own dequantizer): base → f64 [N, K]."""
+    import onnx
+    from onnx import numpy_helper
+    m = onnx.load(path)
+    inits = {i.name: i for i in m.graph.initializer}
+    out = {}
+    for name, z in inits.items():
+        if not name.endswith(".zero_points") or z.data_type != onnx.TensorProto.UINT8:
+            continue
+        base = name[: -len(".zero_points")]
+        b = numpy_helper.to_array(inits[base + ".weight"])
+        if b.ndim != 3 or b.shape[2] != 16:  # 8-bit blocks have u8 zero points too
+            continue
+        n, nb, _ = b.shape
+        s = numpy_helper.to_array(inits[base + ".scales"]).astype(np.float64).reshape(n, nb)
+        zp = numpy_helper.to_array(z).reshape(n, -1)
+        assert zp.shape[1] == (nb + 1) // 2, f"{name}: {zp.shape} for {nb} blocks"
+        zz = np.stack([zp & 15, zp >> 4], axis=-1).reshape(n, -1)[:, :nb].astype(np.float64)
+        q = np.stack([b & 15, b >> 4], axis=-1).reshape(n, nb, 32).astype(np.float64)
+        out[base] = ((q - zz[..., None]) * s[..., None]).reshape(n, nb * 32)
+    return out
+
+
 def run_case(d):
     c, w = load_case(d)
     ref = Reference(c, w)
@@ -184,6 +221,12 @@ def run_case(d):
     def check(label, ok, detail=""):
         if not ok:
             fails.append(f"{label} {detail}")
+
+    packed = packed_int4_matrices(os.path.join(d, c["model"]))
+    if packed:
+        e = max(float(np.max(np.abs(v - w[canonical_name(k)]))) for k, v in packed.items())
+        info["packed 4-bit zero points"] = f"{len(packed)} matrices, max |spec dequant - reference| {e:.1e}"
+        check("packed zero points", e < 1e-6, f"{e}")
 
     if c["scaling"] == "llama3":
         hf = hf_llama3_inv_freq(c)

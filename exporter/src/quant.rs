@@ -62,6 +62,18 @@ pub enum Form {
         /// Zero points (f32).
         zeros: Bytes,
     },
+    /// 4-bit blocks with 4-bit zero points (`--quantize int4`): b as in [`Form::Block4`], scales f32
+    /// `[N, K/32]`, zero points u8 `[N, ceil(K/64)]` packed two per byte (block 2j in the low nibble,
+    /// 2j+1 in the high nibble of byte j of each row; an odd row's last high nibble is 0) — the
+    /// `MatMulNBits` standard layout that onnxruntime and tract both read.
+    Int4 {
+        /// Packed nibbles.
+        b: Bytes,
+        /// Scales.
+        scales: Bytes,
+        /// Packed 4-bit zero points.
+        zeros: Bytes,
+    },
     /// 8-bit blocks: b u8 `[N, K/32, 32]`, scales f32 `[N, K/32]`, zero points u8 `[N, K/32]`.
     Block8 {
         /// Bytes q + 128.
@@ -85,7 +97,7 @@ pub struct Matrix {
 }
 
 impl Matrix {
-    /// Short name of the form (`f32`, `f16`, `bf16`, `int8`, `q4`, `q8`).
+    /// Short name of the form (`f32`, `f16`, `bf16`, `int8`, `q4`, `int4`, `q8`).
     pub fn form_name(&self) -> &'static str {
         match self.form {
             Form::F32(_) => "f32",
@@ -93,6 +105,7 @@ impl Matrix {
             Form::BF16(_) => "bf16",
             Form::Int8 { .. } => "int8",
             Form::Block4 { .. } => "q4",
+            Form::Int4 { .. } => "int4",
             Form::Block8 { .. } => "q8",
         }
     }
@@ -101,9 +114,9 @@ impl Matrix {
         match &self.form {
             Form::F32(b) | Form::F16(b) | Form::BF16(b) => b.len(),
             Form::Int8 { q, scales } => q.len() + scales.len(),
-            Form::Block4 { b, scales, zeros } | Form::Block8 { b, scales, zeros } => {
-                b.len() + scales.len() + zeros.len()
-            }
+            Form::Block4 { b, scales, zeros }
+            | Form::Int4 { b, scales, zeros }
+            | Form::Block8 { b, scales, zeros } => b.len() + scales.len() + zeros.len(),
         }
     }
 }
@@ -273,7 +286,7 @@ pub fn encode_matrix(name: &str, t: &SourceTensor, q: Quantize) -> Result<Matrix
                     format!("int4 needs in-features divisible by {BLOCK}, K = {k}"),
                 ));
             }
-            int4_blocks(&dequantize_source(name, t)?, n, k)
+            int4_blocks(name, &dequantize_source(name, t)?, n, k)?
         }
     };
     Ok(Matrix { n, k, form })
@@ -359,24 +372,35 @@ fn int8_per_channel(v: &[f32], n: usize, k: usize) -> Form {
     }
 }
 
-/// Asymmetric 4-bit per block of 32: range [min(x,0), max(x,0)] → s = range/15, z = round(−min/s).
-fn int4_blocks(v: &[f32], n: usize, k: usize) -> Form {
+/// Asymmetric 4-bit per block of 32: range [min(x,0), max(x,0)] → s = range/15 rounded to the nearest
+/// f16 value (stored as f32: tract keeps MatMulNBits scales as f16, so f16-exact scales give every
+/// runtime the same weights), z = round(−min/s) in 0..=15, stored as packed 4-bit zero points
+/// ([`Form::Int4`]).
+fn int4_blocks(name: &str, v: &[f32], n: usize, k: usize) -> Result<Form, QuantError> {
     let nb = n * k / BLOCK;
     let mut b = Vec::with_capacity(nb * 16);
     let mut scales = Vec::with_capacity(nb);
     let mut zeros = Vec::with_capacity(nb);
-    for blk in v.chunks_exact(BLOCK) {
+    for (bi, blk) in v.chunks_exact(BLOCK).enumerate() {
         let mn = blk.iter().fold(0f32, |a, &x| a.min(x));
         let mx = blk.iter().fold(0f32, |a, &x| a.max(x));
-        let s = (mx - mn) / 15.0;
+        let s = f16::from_f32((mx - mn) / 15.0).to_f32();
+        if !s.is_finite() {
+            return Err(qerr(
+                name,
+                format!(
+                    "int4 block {bi} spans [{mn}, {mx}]: its scale does not fit f16 (values must be finite and span < 982560)"
+                ),
+            ));
+        }
         let (s, z) = if s > 0.0 {
-            (s, (-mn / s).round().clamp(0.0, 15.0))
+            (s, (-mn / s).round().clamp(0.0, 15.0) as u8)
         } else {
-            (0.0, 0.0)
+            (0.0, 0)
         };
         let q = |x: f32| {
             if s > 0.0 {
-                (x / s + z).round().clamp(0.0, 15.0) as u8
+                (x / s + z as f32).round().clamp(0.0, 15.0) as u8
             } else {
                 0
             }
@@ -385,11 +409,49 @@ fn int4_blocks(v: &[f32], n: usize, k: usize) -> Form {
         scales.push(s);
         zeros.push(z);
     }
-    Form::Block4 {
+    Ok(Form::Int4 {
         b: Bytes::from(b),
         scales: f32_bytes(scales),
-        zeros: f32_bytes(zeros),
+        zeros: Bytes::from(pack_nibble_rows(&zeros, k / BLOCK)),
+    })
+}
+
+/// Packs rows of `per_row` 4-bit values (each `< 16`) two per byte: value 2j in the low nibble and
+/// 2j+1 in the high nibble of byte j of its row; each row takes `ceil(per_row / 2)` bytes.
+pub fn pack_nibble_rows(v: &[u8], per_row: usize) -> Vec<u8> {
+    v.chunks(per_row.max(1))
+        .flat_map(|row| {
+            row.chunks(2)
+                .map(|p| (p[0] & 15) | (p.get(1).copied().unwrap_or(0) << 4))
+        })
+        .collect()
+}
+
+/// Unpacks [`pack_nibble_rows`]: `rows` rows of `per_row` values from `ceil(per_row / 2)` bytes each.
+pub fn unpack_nibble_rows(b: &[u8], rows: usize, per_row: usize) -> Vec<u8> {
+    let bytes = per_row.div_ceil(2);
+    (0..rows * per_row)
+        .map(|i| {
+            let byte = b[(i / per_row) * bytes + (i % per_row) / 2];
+            if i % per_row % 2 == 0 {
+                byte & 15
+            } else {
+                byte >> 4
+            }
+        })
+        .collect()
+}
+
+/// Values `(q − z)·s` of 4-bit blocks (16 bytes per block, element 2j in the low nibble of byte j).
+fn block4_values(b: &[u8], s: &[f32], z: &[f32]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(b.len() * 2);
+    for (bi, blob) in b.chunks_exact(16).enumerate() {
+        for &byte in blob {
+            out.push(((byte & 15) as f32 - z[bi]) * s[bi]);
+            out.push(((byte >> 4) as f32 - z[bi]) * s[bi]);
+        }
     }
+    out
 }
 
 /// Dequantizes a stored form back to f32 row-major `[N, K]` — what an ONNX runtime computes.
@@ -413,15 +475,14 @@ pub fn dequantize(m: &Matrix) -> Vec<f32> {
                 .collect()
         }
         Form::Block4 { b, scales, zeros } => {
-            let (s, z) = (read_f32s(scales), read_f32s(zeros));
-            let mut out = Vec::with_capacity(n * k);
-            for (bi, blob) in b.chunks_exact(16).enumerate() {
-                for &byte in blob {
-                    out.push(((byte & 15) as f32 - z[bi]) * s[bi]);
-                    out.push(((byte >> 4) as f32 - z[bi]) * s[bi]);
-                }
-            }
-            out
+            block4_values(b, &read_f32s(scales), &read_f32s(zeros))
+        }
+        Form::Int4 { b, scales, zeros } => {
+            let z: Vec<f32> = unpack_nibble_rows(zeros, n, k / BLOCK)
+                .into_iter()
+                .map(f32::from)
+                .collect();
+            block4_values(b, &read_f32s(scales), &z)
         }
         Form::Block8 { b, scales, zeros } => {
             let s = read_f32s(scales);
@@ -633,13 +694,13 @@ mod tests {
             bytemuck::cast_slice::<f32, u8>(&v).to_vec(),
         );
         let m = encode_matrix("w", &t, Quantize::Int4).unwrap();
-        let Form::Block4 { scales, zeros, .. } = &m.form else {
+        let Form::Int4 { scales, zeros, .. } = &m.form else {
             panic!("form")
         };
-        let (s, z) = (read_f32s(scales), read_f32s(zeros));
-        assert!(z
-            .iter()
-            .all(|z| z.fract() == 0.0 && (0.0..=15.0).contains(z)));
+        // packed 4-bit zero points: [N, ceil(nb/2)] bytes; scales are f16-exact
+        assert_eq!(zeros.len(), n * (k / BLOCK).div_ceil(2));
+        let s = read_f32s(scales);
+        assert!(s.iter().all(|&x| x > 0.0 && f16::from_f32(x).to_f32() == x));
         let d = dequantize(&m);
         for (i, (a, b)) in d.iter().zip(&v).enumerate() {
             // |error| <= one step s (zero point rounding + value rounding)
@@ -655,6 +716,51 @@ mod tests {
             dequantize(&encode_matrix("w", &t4, Quantize::Int4).unwrap()),
             dequantize_source("w", &t4).unwrap()
         );
+    }
+
+    #[test]
+    fn int4_zero_points_packed_in_matmulnbits_layout() {
+        // K = 96: three blocks per row, so each row's zero points take two bytes, the last high nibble 0
+        let (n, k) = (3, 96);
+        let mut v = rand_vec(n * k, 6);
+        // give every block a distinct negative minimum so that the zero points differ
+        for (bi, blk) in v.chunks_mut(BLOCK).enumerate() {
+            blk[0] = -0.1 - 0.1 * bi as f32;
+            blk[1] = 0.9;
+        }
+        let t = tensor(
+            SourceDType::F32,
+            n,
+            k,
+            bytemuck::cast_slice::<f32, u8>(&v).to_vec(),
+        );
+        let m = encode_matrix("w", &t, Quantize::Int4).unwrap();
+        assert_eq!(m.form_name(), "int4");
+        let Form::Int4 { zeros, scales, .. } = &m.form else {
+            panic!("form")
+        };
+        let s = read_f32s(scales);
+        // the zero point of block (row, j), computed as the quantizer does
+        let z = |row: usize, j: usize| {
+            let blk = &v[(row * 3 + j) * BLOCK..][..BLOCK];
+            let mn = blk.iter().fold(0f32, |a, &x| a.min(x));
+            (-mn / s[row * 3 + j]).round() as u8
+        };
+        assert_eq!(zeros.len(), n * 2);
+        for row in 0..n {
+            assert_eq!(zeros[row * 2], z(row, 0) | (z(row, 1) << 4), "row {row}");
+            assert_eq!(
+                zeros[row * 2 + 1],
+                z(row, 2),
+                "row {row}: high nibble must be 0"
+            );
+        }
+        assert!(
+            (0..n).any(|r| z(r, 0) != z(r, 1)),
+            "test needs distinct zero points"
+        );
+        let back = unpack_nibble_rows(zeros, n, 3);
+        assert_eq!(pack_nibble_rows(&back, 3), zeros.to_vec());
     }
 
     #[test]

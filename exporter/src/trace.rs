@@ -1147,7 +1147,8 @@ impl Tracer {
     }
 
     /// `com.microsoft::MatMulNBits(x, b, scales, zero_points, K, N, bits, block_size)`: x f32 `[M, K]`,
-    /// b u8 `[N, K/bs, bs*bits/8]`, scales f32 `[N*K/bs]`, zero points f32 or u8 `[N*K/bs]`.
+    /// b u8 `[N, K/bs, bs*bits/8]`, scales f32 `[N*K/bs]`, zero points f32 or u8 `[N*K/bs]`, or (4 bits)
+    /// u8 `[N*ceil(K/bs/2)]` packed two per byte.
     #[allow(clippy::too_many_arguments)]
     pub fn matmul_nbits(
         &mut self,
@@ -1172,8 +1173,13 @@ impl Tracer {
             && blob * 8 == block * bits
             && scales.dtype == DType::F32
             && scales.shape[..] == [SDim::N(n * blocks)]
-            && zeros.shape[..] == [SDim::N(n * blocks)]
-            && (zeros.dtype == DType::F32 || (zeros.dtype == DType::U8 && bits == 8));
+            && match zeros.dtype {
+                DType::F32 => zeros.shape[..] == [SDim::N(n * blocks)],
+                // u8: one per block for 8 bits; packed two per byte, per row, for 4 bits
+                DType::U8 if bits == 8 => zeros.shape[..] == [SDim::N(n * blocks)],
+                DType::U8 if bits == 4 => zeros.shape[..] == [SDim::N(n * blocks.div_ceil(2))],
+                _ => false,
+            };
         if !ok {
             return Err(self.err(
                 name,

@@ -42,6 +42,8 @@ struct Case {
     kv: DType,
     interleaved: bool,
     scaling: Option<RopeScaling>,
+    /// Hidden size (`HIDDEN` unless a case needs an odd number of blocks per row).
+    hidden: usize,
 }
 
 fn cases() -> Vec<Case> {
@@ -57,6 +59,7 @@ fn cases() -> Vec<Case> {
         kv: DType::F16,
         interleaved: true,
         scaling: None,
+        hidden: HIDDEN,
     };
     vec![
         Case {
@@ -111,6 +114,17 @@ fn cases() -> Vec<Case> {
             name: "int4_from_q8",
             linear: Q8_0,
             quantize: Quantize::Int4,
+            ..base.clone()
+        },
+        Case {
+            // hidden 96: three blocks per row, so each row's packed zero points end in a padding
+            // nibble (the tied table's embedding path drops it)
+            name: "int4_tied_odd_blocks",
+            tied: true,
+            quantize: Quantize::Int4,
+            kv: DType::F32,
+            interleaved: false,
+            hidden: 96,
             ..base.clone()
         },
         Case {
@@ -183,7 +197,7 @@ fn source(case: &Case, seed: u64) -> SourceModel {
         &mut r,
         canonical::TOKEN_EMBD.into(),
         case.embd,
-        vec![VOCAB, HIDDEN],
+        vec![VOCAB, case.hidden],
         0.0,
         1.0,
     );
@@ -191,7 +205,7 @@ fn source(case: &Case, seed: u64) -> SourceModel {
         &mut r,
         canonical::OUTPUT_NORM.into(),
         SourceDType::F32,
-        vec![HIDDEN],
+        vec![case.hidden],
         1.0,
         0.3,
     );
@@ -200,9 +214,9 @@ fn source(case: &Case, seed: u64) -> SourceModel {
             &mut r,
             canonical::OUTPUT.into(),
             case.output,
-            vec![VOCAB, HIDDEN],
+            vec![VOCAB, case.hidden],
             0.0,
-            ws(HIDDEN) * 3.0,
+            ws(case.hidden) * 3.0,
         );
     }
     for i in 0..LAYERS {
@@ -212,7 +226,7 @@ fn source(case: &Case, seed: u64) -> SourceModel {
             &mut r,
             b("attn_norm.weight"),
             SourceDType::F32,
-            vec![HIDDEN],
+            vec![case.hidden],
             1.0,
             0.3,
         );
@@ -220,7 +234,7 @@ fn source(case: &Case, seed: u64) -> SourceModel {
             &mut r,
             b("ffn_norm.weight"),
             SourceDType::F16,
-            vec![HIDDEN],
+            vec![case.hidden],
             1.0,
             0.3,
         );
@@ -228,55 +242,55 @@ fn source(case: &Case, seed: u64) -> SourceModel {
             &mut r,
             b("attn_q.weight"),
             lin,
-            vec![HEADS * HEAD_DIM, HIDDEN],
+            vec![HEADS * HEAD_DIM, case.hidden],
             0.0,
-            ws(HIDDEN),
+            ws(case.hidden),
         );
         add(
             &mut r,
             b("attn_k.weight"),
             lin,
-            vec![KV_HEADS * HEAD_DIM, HIDDEN],
+            vec![KV_HEADS * HEAD_DIM, case.hidden],
             0.0,
-            ws(HIDDEN),
+            ws(case.hidden),
         );
         add(
             &mut r,
             b("attn_v.weight"),
             lin,
-            vec![KV_HEADS * HEAD_DIM, HIDDEN],
+            vec![KV_HEADS * HEAD_DIM, case.hidden],
             0.0,
-            ws(HIDDEN),
+            ws(case.hidden),
         );
         add(
             &mut r,
             b("attn_output.weight"),
             lin,
-            vec![HIDDEN, HEADS * HEAD_DIM],
+            vec![case.hidden, HEADS * HEAD_DIM],
             0.0,
-            ws(HIDDEN),
+            ws(case.hidden),
         );
         add(
             &mut r,
             b("ffn_gate.weight"),
             lin,
-            vec![FFN, HIDDEN],
+            vec![FFN, case.hidden],
             0.0,
-            ws(HIDDEN),
+            ws(case.hidden),
         );
         add(
             &mut r,
             b("ffn_up.weight"),
             lin,
-            vec![FFN, HIDDEN],
+            vec![FFN, case.hidden],
             0.0,
-            ws(HIDDEN),
+            ws(case.hidden),
         );
         add(
             &mut r,
             b("ffn_down.weight"),
             lin,
-            vec![HIDDEN, FFN],
+            vec![case.hidden, FFN],
             0.0,
             ws(FFN),
         );
@@ -311,7 +325,7 @@ fn source(case: &Case, seed: u64) -> SourceModel {
         origin: format!("synthetic-{}", case.name),
         config: ModelConfig {
             architecture: case.arch.into(),
-            hidden_size: HIDDEN,
+            hidden_size: case.hidden,
             intermediate_size: FFN,
             num_layers: LAYERS,
             num_heads: HEADS,

@@ -315,3 +315,65 @@ impl LinearWeights {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::graph::Attr;
+
+    /// `MatMulNBits` with 4-bit zero points packed two per byte (MatMulNBits' standard layout, what
+    /// `--quantize int4` writes): K = 96 gives three blocks per row, so each row's zero points take two
+    /// bytes whose last high nibble is padding.
+    #[test]
+    fn packed_4bit_zero_points_odd_block_count() {
+        let (n, k, nb) = (3usize, 96usize, 3usize);
+        let mut node = Node {
+            name: "l0.mlp.up".into(),
+            op: "MatMulNBits".into(),
+            domain: crate::contract::MS_DOMAIN.into(),
+            inputs: vec![],
+            outputs: vec![],
+            attrs: Default::default(),
+        };
+        for (a, v) in [("K", k), ("N", n), ("bits", 4), ("block_size", 32)] {
+            node.attrs.insert(a.into(), Attr::Int(v as i64));
+        }
+        // nibbles vary with position; zero points z(row, blk) distinct and spanning 0..15
+        let b: Vec<u8> = (0..n * nb * 16)
+            .map(|i| ((i * 7 % 16) | ((i * 5 + 3) % 16) << 4) as u8)
+            .collect();
+        let scales: Vec<f32> = (0..n * nb).map(|i| 0.01 + 0.003 * i as f32).collect();
+        let z = |row: usize, blk: usize| ((row * 5 + blk * 3 + 1) % 16) as u8;
+        let zp: Vec<u8> = (0..n)
+            .flat_map(|r| [z(r, 0) | (z(r, 1) << 4), z(r, 2) | (15 << 4)])
+            .collect();
+        let bt = Tensor::from_slice(DType::U8, &[n, nb, 16], &b);
+        let st = Tensor::f32(&[n * nb], &scales);
+        let zt = Tensor::from_slice(DType::U8, &[n * 2], &zp);
+        let w = LinearWeights::from_matmul_nbits(&node, &[None, Some(&bt), Some(&st), Some(&zt)])
+            .unwrap();
+        // decode_row against the MatMulNBits definition (the padding nibble 15 must not be read)
+        let mut row = vec![0f32; k];
+        for r in 0..n {
+            w.decode_row(r, &mut row);
+            for (col, &got) in row.iter().enumerate() {
+                let (blk, i) = (col / 32, col % 32);
+                let byte = b[(r * nb + blk) * 16 + i / 2];
+                let q = if i % 2 == 0 { byte & 15 } else { byte >> 4 };
+                let want = (q as f32 - z(r, blk) as f32) * scales[r * nb + blk];
+                assert_eq!(got, want, "row {r} col {col}");
+            }
+        }
+        // the kernel path agrees with the reference path on random input
+        let m = 2;
+        let x: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
+            .collect();
+        let (mut fast, mut slow) = (vec![0f32; m * n], vec![0f32; m * n]);
+        w.forward(&x, m, None, &mut fast).unwrap();
+        w.apply(&x, m, &mut slow);
+        for (a, b) in fast.iter().zip(&slow) {
+            assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{a} vs {b}");
+        }
+    }
+}

@@ -65,7 +65,8 @@ pub enum MatSyms {
     Half(Sym),
     /// int8 `[N, K]` and f32 scales `[N]`.
     Int8(Sym, Sym),
-    /// u8 blocks `[N, K/32, bb]`, f32 scales `[N, K/32]`, zero points `[N, K/32]`, bits.
+    /// u8 blocks `[N, K/32, bb]`, f32 scales `[N, K/32]`, zero points (f32 `[N, K/32]`, u8 `[N, K/32]`
+    /// for 8 bits, or u8 `[N, ceil(K/64)]` packed two per byte for 4 bits), bits.
     Block(Sym, Sym, Sym, usize),
 }
 
@@ -83,22 +84,19 @@ pub fn add_matrix(t: &mut Tracer, base: &str, m: &Matrix) -> Result<MatSyms, Tra
             t.weight(&wname, DType::I8, &[n, k], q.clone())?,
             t.weight(&sname, DType::F32, &[n], scales.clone())?,
         ),
-        Form::Block4 { b, scales, zeros } | Form::Block8 { b, scales, zeros } => {
-            let bits = if matches!(m.form, Form::Block4 { .. }) {
-                4
-            } else {
-                8
+        Form::Block4 { b, scales, zeros }
+        | Form::Int4 { b, scales, zeros }
+        | Form::Block8 { b, scales, zeros } => {
+            let nb = k / BLOCK;
+            let (bits, zt, zshape) = match m.form {
+                Form::Block4 { .. } => (4, DType::F32, [n, nb]),
+                Form::Int4 { .. } => (4, DType::U8, [n, nb.div_ceil(2)]),
+                _ => (8, DType::U8, [n, nb]),
             };
-            let zt = if bits == 4 { DType::F32 } else { DType::U8 };
             MatSyms::Block(
-                t.weight(
-                    &wname,
-                    DType::U8,
-                    &[n, k / BLOCK, BLOCK * bits / 8],
-                    b.clone(),
-                )?,
-                t.weight(&sname, DType::F32, &[n, k / BLOCK], scales.clone())?,
-                t.weight(&zname, zt, &[n, k / BLOCK], zeros.clone())?,
+                t.weight(&wname, DType::U8, &[n, nb, BLOCK * bits / 8], b.clone())?,
+                t.weight(&sname, DType::F32, &[n, nb], scales.clone())?,
+                t.weight(&zname, zt, &zshape, zeros.clone())?,
                 bits,
             )
         }
@@ -129,8 +127,9 @@ pub fn linear(
                 _ => 0,
             };
             let nb = s.shape.iter().map(flat).product::<usize>();
+            let nz = z.shape.iter().map(flat).product::<usize>();
             let sf = t.reshape(&format!("{name}.scales_flat"), s, &[SDim::N(nb)])?;
-            let zf = t.reshape(&format!("{name}.zero_points_flat"), z, &[SDim::N(nb)])?;
+            let zf = t.reshape(&format!("{name}.zero_points_flat"), z, &[SDim::N(nz)])?;
             let y = t.matmul_nbits(name, x, b, &sf, &zf, *bits, BLOCK)?;
             match bias {
                 Some(bias) => t.add(&format!("{name}.add_bias"), &y, bias),
@@ -166,13 +165,7 @@ pub fn embedding(t: &mut Tracer, e: &MatSyms, ids: &Sym) -> Result<Sym, TraceErr
             };
             let rows = t.gather("embed.rows", b, ids, 0)?;
             let q = if *bits == 4 {
-                let c15 = t.const_u8(15);
-                let c4 = t.const_u8(4);
-                let lo = t.bitwise_and("embed.lo", &rows, &c15)?;
-                let hi = t.shift_right("embed.hi", &rows, &c4)?;
-                let lo = t.unsqueeze("embed.lo_u", &lo, &[-1])?;
-                let hi = t.unsqueeze("embed.hi_u", &hi, &[-1])?;
-                let both = t.concat("embed.nibbles", &[&lo, &hi], -1)?;
+                let both = nibbles(t, "embed", &rows)?;
                 t.reshape("embed.q", &both, &[SDim::T(0), SDim::N(nb), SDim::N(BLOCK)])?
             } else {
                 rows
@@ -181,6 +174,20 @@ pub fn embedding(t: &mut Tracer, e: &MatSyms, ids: &Sym) -> Result<Sym, TraceErr
             let zg = t.gather("embed.zero_points", z, ids, 0)?;
             let zg = if zg.dtype == DType::F32 {
                 zg
+            } else if *bits == 4 {
+                // packed 4-bit zero points [T, ceil(nb/2)] → [T, nb]
+                let both = nibbles(t, "embed.zero_points", &zg)?;
+                let nz = 2 * nb.div_ceil(2);
+                let all = t.reshape("embed.zero_points_all", &both, &[SDim::T(0), SDim::N(nz)])?;
+                let zs = if nz == nb {
+                    all
+                } else {
+                    // odd nb: drop each row's padding nibble
+                    let keep: Vec<i64> = (0..nb as i64).collect();
+                    let keep = t.const_i64(&keep, false);
+                    t.gather("embed.zero_points_used", &all, &keep, 1)?
+                };
+                t.cast("embed.zero_points_f32", &zs, DType::F32)?
             } else {
                 t.cast("embed.zero_points_f32", &zg, DType::F32)?
             };
@@ -192,6 +199,18 @@ pub fn embedding(t: &mut Tracer, e: &MatSyms, ids: &Sym) -> Result<Sym, TraceErr
             t.reshape("embed", &x, &[SDim::T(0), SDim::N(hidden)])
         }
     }
+}
+
+/// Splits u8 bytes `[.., m]` into their nibbles `[.., m, 2]` (low nibble first); nodes `{name}.lo`,
+/// `{name}.hi`, `{name}.nibbles`.
+fn nibbles(t: &mut Tracer, name: &str, bytes: &Sym) -> Result<Sym, TraceError> {
+    let c15 = t.const_u8(15);
+    let c4 = t.const_u8(4);
+    let lo = t.bitwise_and(&format!("{name}.lo"), bytes, &c15)?;
+    let hi = t.shift_right(&format!("{name}.hi"), bytes, &c4)?;
+    let lo = t.unsqueeze(&format!("{name}.lo_u"), &lo, &[-1])?;
+    let hi = t.unsqueeze(&format!("{name}.hi_u"), &hi, &[-1])?;
+    t.concat(&format!("{name}.nibbles"), &[&lo, &hi], -1)
 }
 
 /// Rotary tables `cos`, `sin`: `[max_cache, head_dim/2]` f32, computed in f64 from `rope_theta` and the
