@@ -26,6 +26,8 @@ class StepSession:
         so = ort.SessionOptions()
         if threads:
             so.intra_op_num_threads = threads
+        # Spinning worker threads collapse when another process holds a core (2-core CI machines).
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.path = model_path
         self.sess = ort.InferenceSession(model_path, so, providers=["CPUExecutionProvider"])
         meta = self.sess.get_modelmeta().custom_metadata_map
