@@ -131,23 +131,7 @@ fn broadcast_offsets(in_shape: &[usize], out_shape: &[usize]) -> Vec<usize> {
         strides[oi] = if in_shape[i] == 1 { 0 } else { s };
         s *= in_shape[i];
     }
-    let n = numel(out_shape);
-    let mut offs = Vec::with_capacity(n);
-    let mut idx = vec![0usize; r];
-    let mut off = 0usize;
-    for _ in 0..n {
-        offs.push(off);
-        for d in (0..r).rev() {
-            idx[d] += 1;
-            off += strides[d];
-            if idx[d] < out_shape[d] {
-                break;
-            }
-            off -= strides[d] * idx[d];
-            idx[d] = 0;
-        }
-    }
-    offs
+    broadcast_offsets_with(out_shape, &strides)
 }
 
 fn binary<A: Pod, B: Pod, O: Pod>(
