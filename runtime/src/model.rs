@@ -250,10 +250,12 @@ impl Model {
         for (c, cache) in plan.caches.iter().zip(&state.caches) {
             env[c.input_val] = Some(cache.clone());
         }
+        // The mask is one value shared by every layer: check its shape once per step.
+        let mut prefixes: Vec<(ValId, Option<usize>)> = Vec::new();
         let profiling = self.profile.is_some();
         for (si, s) in plan.steps.iter().enumerate() {
             let t0 = profiling.then(Instant::now);
-            self.run_step(s, &mut env, &state.caches)?;
+            self.run_step(s, &mut env, &state.caches, &mut prefixes)?;
             if let (Some(t0), Some(prof)) = (t0, &self.profile) {
                 let key = match s {
                     Step::Node { node, .. } => plan.graph.nodes[*node].op.as_str(),
@@ -320,7 +322,13 @@ impl Model {
         })
     }
 
-    fn run_step(&self, s: &Step, env: &mut [Option<Tensor>], caches: &[Tensor]) -> Result<()> {
+    fn run_step(
+        &self,
+        s: &Step,
+        env: &mut [Option<Tensor>],
+        caches: &[Tensor],
+        prefixes: &mut Vec<(ValId, Option<usize>)>,
+    ) -> Result<()> {
         let plan = &self.plan;
         let val = |env: &[Option<Tensor>], v: ValId| -> Result<Tensor> {
             env[v]
@@ -436,7 +444,14 @@ impl Model {
                 }
                 let scale = n.attr_float("scale", 1.0 / (d as f32).sqrt());
                 let p = match mask {
-                    Some(m) => standard_prefix(&val(env, *m)?, t, slots),
+                    Some(m) => match prefixes.iter().find(|(v, _)| v == m) {
+                        Some(&(_, p)) => p,
+                        None => {
+                            let p = standard_prefix(&val(env, *m)?, t, slots);
+                            prefixes.push((*m, p));
+                            p
+                        }
+                    },
                     None => None,
                 };
                 let p = match p {

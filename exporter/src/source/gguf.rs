@@ -664,7 +664,13 @@ impl<'a> Meta<'a> {
         }
     }
 
-    fn strings_opt(&self, key: &str) -> Result<Option<Vec<String>>, SourceError> {
+    /// An optional array whose every element `elem` converts (`what` names the element type in errors).
+    fn array_opt<T>(
+        &self,
+        key: &str,
+        what: &str,
+        elem: impl Fn(&GgufValue) -> Option<T>,
+    ) -> Result<Option<Vec<T>>, SourceError> {
         let Some(v) = self.get(key) else {
             return Ok(None);
         };
@@ -674,30 +680,20 @@ impl<'a> Meta<'a> {
         arr.iter()
             .enumerate()
             .map(|(i, e)| {
-                e.as_str()
-                    .map(str::to_owned)
-                    .ok_or_else(|| self.key_err(key, format!("element {i} is not a string")))
+                elem(e).ok_or_else(|| self.key_err(key, format!("element {i} is not {what}")))
             })
             .collect::<Result<Vec<_>, _>>()
             .map(Some)
     }
 
+    fn strings_opt(&self, key: &str) -> Result<Option<Vec<String>>, SourceError> {
+        self.array_opt(key, "a string", |e| e.as_str().map(str::to_owned))
+    }
+
     fn ints_opt(&self, key: &str) -> Result<Option<Vec<i32>>, SourceError> {
-        let Some(v) = self.get(key) else {
-            return Ok(None);
-        };
-        let arr = v.as_array().ok_or_else(|| {
-            self.key_err(key, format!("expected an array, got {}", v.type_name()))
-        })?;
-        arr.iter()
-            .enumerate()
-            .map(|(i, e)| {
-                e.as_i64()
-                    .and_then(|x| i32::try_from(x).ok())
-                    .ok_or_else(|| self.key_err(key, format!("element {i} is not an int32")))
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map(Some)
+        self.array_opt(key, "an int32", |e| {
+            e.as_i64().and_then(|x| i32::try_from(x).ok())
+        })
     }
 }
 
@@ -906,6 +902,7 @@ fn rope_scaling(m: &Meta<'_>, arch: &str) -> Result<Option<RopeScaling>, SourceE
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::source::testutil::noise;
 
     /// A metadata value for the test writer.
     #[derive(Clone)]
@@ -1005,19 +1002,6 @@ mod tests {
             out.extend(&t.data);
         }
         out
-    }
-
-    /// Deterministic non-zero pseudo-random bytes (xorshift).
-    fn noise(n: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x >> 24) as u8 | 1
-            })
-            .collect()
     }
 
     const HIDDEN: u64 = 32;

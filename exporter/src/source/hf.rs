@@ -674,6 +674,7 @@ fn generation_defaults(path: &Path, g: &Value) -> Result<onestep::GenerationDefa
 
 #[cfg(test)]
 mod tests {
+    use crate::source::testutil::noise;
     use safetensors::tensor::TensorView;
     use serde_json::json;
 
@@ -709,18 +710,6 @@ mod tests {
     const KV: usize = 2;
     const HD: usize = 4;
     const VOCAB: usize = 8;
-
-    fn noise(n: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x >> 24) as u8 | 1
-            })
-            .collect()
-    }
 
     /// One HF tensor: (name, dtype, shape, bytes).
     type HfTensor = (String, safetensors::Dtype, Vec<usize>, Vec<u8>);

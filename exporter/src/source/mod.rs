@@ -12,6 +12,22 @@ pub mod gguf;
 pub mod hf;
 pub mod tokenizer;
 
+#[cfg(test)]
+pub(crate) mod testutil {
+    /// Deterministic non-zero pseudo-random bytes (xorshift), for test tensors.
+    pub fn noise(n: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8 | 1
+            })
+            .collect()
+    }
+}
+
 /// How a source tensor's bytes are encoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SourceDType {

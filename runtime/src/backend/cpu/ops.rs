@@ -832,16 +832,29 @@ fn rms_norm(ctx: &Ctx, x: &Tensor, scale: &Tensor) -> Result<Tensor> {
     let eps = ctx.node.attr_float("epsilon", 1e-5);
     let n: usize = x.shape[ax..].iter().product();
     let xv = x.as_f32(&ctx.node.name)?;
-    let sv = scale.to_f32_vec(&ctx.node.name)?;
+    // Borrow an f32 scale in place (the usual case); convert other dtypes.
+    let converted;
+    let sv: &[f32] = if scale.dtype == DType::F32 {
+        scale.typed()
+    } else {
+        converted = scale.to_f32_vec(&ctx.node.name)?;
+        &converted
+    };
     if sv.len() != n && sv.len() != 1 {
         return Err(ctx.err(format!(
             "scale has {} elements, normalized size is {n}",
             sv.len()
         )));
     }
-    let sv = if sv.len() == 1 { vec![sv[0]; n] } else { sv };
+    let broadcast;
+    let sv: &[f32] = if sv.len() == 1 {
+        broadcast = vec![sv[0]; n];
+        &broadcast
+    } else {
+        sv
+    };
     let mut out = Tensor::zeros(DType::F32, &x.shape);
-    super::norm::rms_norm(xv, &sv, eps, out.typed_mut::<f32>())
+    super::norm::rms_norm(xv, sv, eps, out.typed_mut::<f32>())
         .map_err(|e| ctx.err(e.to_string()))?;
     Ok(out)
 }
