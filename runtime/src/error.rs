@@ -74,6 +74,9 @@ pub enum Error {
     /// Chat-template rendering failure.
     #[error("chat template: {0}")]
     Template(String),
+    /// The GPU backend failed: no adapter, a kernel the driver rejects, out of memory, device lost.
+    #[error("GPU: {0}")]
+    Gpu(String),
     /// Generation was cancelled by the caller.
     #[error("cancelled")]
     Cancelled,

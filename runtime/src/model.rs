@@ -557,7 +557,7 @@ fn tokens_to_heads(a: &Tensor) -> Tensor {
 
 /// If `mask` is the contract's mask — `[T, S+T]` (leading dims of 1 allowed), past slots `< p`
 /// attended and the rest masked in every row, the chunk causal among itself — returns `p`.
-fn standard_prefix(mask: &Tensor, t: usize, slots: usize) -> Option<usize> {
+pub(crate) fn standard_prefix(mask: &Tensor, t: usize, slots: usize) -> Option<usize> {
     // Boolean (true = attend) or additive float (0 = attend, -inf = masked) masks.
     let allowed: std::borrow::Cow<[u8]> = match mask.dtype {
         DType::Bool => std::borrow::Cow::Borrowed(mask.typed::<u8>()),

@@ -97,6 +97,16 @@ impl Tensor {
         }
     }
 
+    /// A tensor with a shape and no bytes: only for shape inference of view ops (`Reshape`, `Squeeze`,
+    /// ...), which never read the data.
+    pub(crate) fn shape_only(dtype: DType, shape: &[usize]) -> Tensor {
+        Tensor {
+            dtype,
+            shape: shape.to_vec(),
+            storage: Arc::new(Storage::Mapped(Bytes::new())),
+        }
+    }
+
     /// Whether the storage is a slice of the model file.
     pub fn is_mapped(&self) -> bool {
         matches!(*self.storage, Storage::Mapped(_))

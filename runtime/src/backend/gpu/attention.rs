@@ -1,0 +1,189 @@
+//! Attention over the caller-owned static cache (`attention.wgsl`), fused with the write of the chunk's
+//! new K/V rows into that cache. Visits only slots `< npast` plus the chunk's rows; the additive mask is
+//! applied to every visited key.
+
+use std::sync::Arc;
+
+use super::context::{Bind, GpuContext, Kernel};
+use super::Params;
+use crate::error::Result;
+
+/// The WGSL of this family (with the shared f16 helpers).
+pub const SOURCE: &str = concat!(include_str!("f16.wgsl"), include_str!("attention.wgsl"));
+/// Largest head size the kernel takes (its per-thread accumulators cover 4 × 64 dims).
+pub const MAX_HEAD_DIM: usize = 256;
+
+/// The kernel for an f16 (`f16_cache`) or f32 cache: bindings Q, NK, NV, MASK, CK, CV, O.
+pub fn kernel(ctx: &GpuContext, f16_cache: bool) -> Result<Arc<Kernel>> {
+    ctx.pipeline(
+        "attention",
+        SOURCE,
+        "attention",
+        &[
+            Bind::Read,
+            Bind::Read,
+            Bind::Read,
+            Bind::Read,
+            Bind::Write,
+            Bind::Write,
+            Bind::Write,
+        ],
+        &[("F16C", if f16_cache { 1.0 } else { 0.0 })],
+    )
+}
+
+/// What one attention dispatch computes.
+#[derive(Debug, Clone, Copy)]
+pub struct AttnParams {
+    /// Query heads.
+    pub heads: usize,
+    /// KV heads.
+    pub kv_heads: usize,
+    /// Tokens in the chunk.
+    pub tokens: usize,
+    /// Head size.
+    pub head_dim: usize,
+    /// Cache slots.
+    pub slots: usize,
+    /// Cache slots visited (`≤ slots`).
+    pub npast: usize,
+    /// Slot where the chunk's rows are written.
+    pub position: usize,
+    /// Score scale.
+    pub scale: f32,
+    /// Output `[1, T, H, D]` instead of `[1, H, T, D]`.
+    pub tokens_first: bool,
+    /// Write the new rows into the cache.
+    pub write_cache: bool,
+    /// Mask row stride, when there is a mask.
+    pub mask_stride: Option<usize>,
+}
+
+impl AttnParams {
+    /// The parameter block.
+    pub fn params(&self) -> Params {
+        Params::new()
+            .u(self.heads)
+            .u(self.kv_heads)
+            .u(self.tokens)
+            .u(self.head_dim)
+            .u(self.slots)
+            .u(self.npast)
+            .u(self.position)
+            .f(self.scale)
+            .u(self.tokens_first as usize)
+            .u(self.write_cache as usize)
+            .u(self.mask_stride.is_some() as usize)
+            .u(self.mask_stride.unwrap_or(0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testutil::{ctx, max_rel, noise};
+    use super::super::{exec::run_kernel_multi, grid};
+    use super::*;
+    use crate::backend::cpu::attention::{reference_cached, AttnShape};
+    use half::f16;
+
+    #[test]
+    fn attention_matches_cpu_reference_and_writes_rows() {
+        let Some(ctx) = ctx() else { return };
+        for (h, kvh, t, d, s, p, f16c) in [
+            (9, 3, 1, 64, 64, 17, true),
+            (4, 4, 5, 32, 40, 0, false),
+            (6, 2, 3, 128, 300, 250, true),
+            (2, 1, 8, 16, 16, 8, false),
+            (8, 2, 1, 64, 1100, 1099, true),
+        ] {
+            let q = noise(h * t * d, 1);
+            let nk = noise(kvh * t * d, 2);
+            let nv = noise(kvh * t * d, 3);
+            let ck = noise(kvh * s * d, 4);
+            let cv = noise(kvh * s * d, 5);
+            // What the CPU would hold: f16-rounded rows in an f16 cache.
+            let round = |v: &[f32]| -> Vec<f32> {
+                if f16c {
+                    v.iter().map(|x| f16::from_f32(*x).to_f32()).collect()
+                } else {
+                    v.to_vec()
+                }
+            };
+            let (nk, nv, ck, cv) = (round(&nk), round(&nv), round(&ck), round(&cv));
+            let shape = AttnShape {
+                heads: h,
+                kv_heads: kvh,
+                tokens: t,
+                head_dim: d,
+                cache_len: s,
+                q_tokens_first: false,
+                kv_tokens_first: false,
+            };
+            let mut want = vec![0.0; h * t * d];
+            reference_cached(&q, &ck, &cv, &nk, &nv, p, &shape, None, &mut want).unwrap();
+            // Standard additive mask [T, S + T]: slots < p, then causal.
+            let mut mask = vec![f32::NEG_INFINITY; t * (s + t)];
+            for tt in 0..t {
+                for j in 0..p {
+                    mask[tt * (s + t) + j] = 0.0;
+                }
+                for j in 0..=tt {
+                    mask[tt * (s + t) + s + j] = 0.0;
+                }
+            }
+            let enc = |v: &[f32]| -> Vec<u8> {
+                if f16c {
+                    let h: Vec<f16> = v.iter().map(|x| f16::from_f32(*x)).collect();
+                    bytemuck::cast_slice(&h).to_vec()
+                } else {
+                    bytemuck::cast_slice(v).to_vec()
+                }
+            };
+            let ap = AttnParams {
+                heads: h,
+                kv_heads: kvh,
+                tokens: t,
+                head_dim: d,
+                slots: s,
+                npast: p,
+                position: p,
+                scale: 1.0 / (d as f32).sqrt(),
+                tokens_first: true,
+                write_cache: true,
+                mask_stride: Some(s + t),
+            };
+            let k = kernel(&ctx, f16c).unwrap();
+            let outs = run_kernel_multi(
+                &ctx,
+                &k,
+                &ap.params(),
+                &[
+                    bytemuck::cast_slice(&q),
+                    bytemuck::cast_slice(&nk),
+                    bytemuck::cast_slice(&nv),
+                    bytemuck::cast_slice(&mask),
+                    &enc(&ck),
+                    &enc(&cv),
+                ],
+                &[h * t * d * 4],
+                grid(h * t, 1, ctx.max_groups),
+            )
+            .unwrap();
+            let got: &[f32] = bytemuck::cast_slice(&outs[0]);
+            let e = max_rel(got, &want);
+            assert!(e < 2e-5, "{h} {kvh} {t} {d} {s} {p}: {e}");
+            // The cache buffers (inputs 4, 5) now hold the rows at p..p+t.
+            let caches = &outs[1..];
+            for (c, (new, old)) in caches.iter().zip([(&nk, &ck), (&nv, &cv)]) {
+                let mut expect = old.clone();
+                for g in 0..kvh {
+                    for tt in 0..t {
+                        expect[(g * s + p + tt) * d..][..d]
+                            .copy_from_slice(&new[(g * t + tt) * d..][..d]);
+                    }
+                }
+                assert_eq!(c, &enc(&expect), "cache rows {h} {kvh} {t} {d} {s} {p}");
+            }
+        }
+    }
+}

@@ -1,0 +1,151 @@
+// Attention of one chunk over the caller-owned static cache plus the chunk's own rows, and the write of
+// those rows into the cache. One workgroup (64 threads) a (head, token).
+//
+// Keys, in order: cache slots 0..npast, then the chunk's T rows. Only those are visited (slots beyond
+// npast are never read). Scores get the additive mask: column j for slot j, column S + t' for row t'.
+// Two passes: (A) per-thread running max/sum, combined; (B) tiles of 64 keys: probabilities in shared
+// memory, each thread accumulating output dims lid, lid+64, ...
+//
+// P[0]=H P[1]=KVH P[2]=T P[3]=D P[4]=S P[5]=npast P[6]=write position P[7]=scale (f32)
+// P[8]=output tokens-first P[9]=write the rows into the cache P[10]=has mask P[11]=mask row stride
+// Cache element type: F16C (override): f16 two a word, else f32 bits.
+override F16C: bool = true;
+
+@group(0) @binding(1) var<storage, read> Q: array<f32>;
+@group(0) @binding(2) var<storage, read> NK: array<f32>;
+@group(0) @binding(3) var<storage, read> NV: array<f32>;
+@group(0) @binding(4) var<storage, read> MASK: array<f32>;
+@group(0) @binding(5) var<storage, read_write> CK: array<u32>;
+@group(0) @binding(6) var<storage, read_write> CV: array<u32>;
+@group(0) @binding(7) var<storage, read_write> O: array<f32>;
+
+var<workgroup> sq: array<f32, 256>;
+var<workgroup> sm: array<f32, 64>;
+var<workgroup> sl: array<f32, 64>;
+var<workgroup> sp: array<f32, 64>;
+
+const NEG_INF: f32 = -3.4028235e38;
+
+fn cache_at(is_k: bool, e: u32) -> f32 {
+    if (F16C) {
+        var w: u32;
+        if (is_k) { w = CK[e / 2u]; } else { w = CV[e / 2u]; }
+        return f16_at(w, (e & 1u) == 1u);
+    }
+    if (is_k) { return bitcast<f32>(CK[e]); }
+    return bitcast<f32>(CV[e]);
+}
+
+// Score of key j for query row `qbase` (in shared sq), head group g, token t.
+fn score(j: u32, g: u32, t: u32) -> f32 {
+    let d = pu(3u);
+    let npast = pu(5u);
+    var s = 0.0;
+    var col: u32;
+    if (j < npast) {
+        let base = (g * pu(4u) + j) * d;
+        for (var i = 0u; i < d; i = i + 1u) { s = s + sq[i] * cache_at(true, base + i); }
+        col = j;
+    } else {
+        let r = j - npast;
+        let base = (g * pu(2u) + r) * d;
+        for (var i = 0u; i < d; i = i + 1u) { s = s + sq[i] * NK[base + i]; }
+        col = pu(4u) + r;
+    }
+    s = s * pf(7u);
+    if (pu(10u) == 1u) { s = s + MASK[t * pu(11u) + col]; }
+    return s;
+}
+
+fn value_at(j: u32, g: u32, i: u32) -> f32 {
+    let d = pu(3u);
+    let npast = pu(5u);
+    if (j < npast) { return cache_at(false, (g * pu(4u) + j) * d + i); }
+    return NV[(g * pu(2u) + (j - npast)) * d + i];
+}
+
+@compute @workgroup_size(64)
+fn attention(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+             @builtin(local_invocation_index) lid: u32) {
+    let h_n = pu(0u);
+    let t_n = pu(2u);
+    let d = pu(3u);
+    let item = wid.x + wid.y * nwg.x;
+    let live = item < h_n * t_n;
+    let h = min(item / t_n, h_n - 1u);
+    let t = item % t_n;
+    let g = h / (h_n / pu(1u));
+    let nkeys = pu(5u) + t_n;
+    for (var i = lid; i < d; i = i + 64u) { sq[i] = Q[(h * t_n + t) * d + i]; }
+    workgroupBarrier();
+
+    // (A) running max and sum of exp per thread.
+    var m = NEG_INF;
+    var l = 0.0;
+    for (var j = lid; j < nkeys; j = j + 64u) {
+        let s = score(j, g, t);
+        if (s <= NEG_INF) { continue; }
+        if (s > m) { l = l * exp(m - s) + 1.0; m = s; } else { l = l + exp(s - m); }
+    }
+    sm[lid] = m;
+    workgroupBarrier();
+    for (var w = 32u; w > 0u; w = w >> 1u) {
+        if (lid < w) { sm[lid] = max(sm[lid], sm[lid + w]); }
+        workgroupBarrier();
+    }
+    let mx = sm[0];
+    if (m > NEG_INF) { sl[lid] = l * exp(m - mx); } else { sl[lid] = 0.0; }
+    workgroupBarrier();
+    for (var w = 32u; w > 0u; w = w >> 1u) {
+        if (lid < w) { sl[lid] = sl[lid] + sl[lid + w]; }
+        workgroupBarrier();
+    }
+    let inv = 1.0 / sl[0];
+
+    // (B) weighted sum of values, 64 keys a tile.
+    var acc = array<f32, 4>(0.0, 0.0, 0.0, 0.0);
+    for (var j0 = 0u; j0 < nkeys; j0 = j0 + 64u) {
+        let j = j0 + lid;
+        var p = 0.0;
+        if (j < nkeys) {
+            let s = score(j, g, t);
+            if (s > NEG_INF) { p = exp(s - mx) * inv; }
+        }
+        sp[lid] = p;
+        workgroupBarrier();
+        let cnt = min(64u, nkeys - j0);
+        for (var k = 0u; k < cnt; k = k + 1u) {
+            let pk = sp[k];
+            if (pk == 0.0) { continue; }
+            for (var c = 0u; c < 4u; c = c + 1u) {
+                let i = lid + 64u * c;
+                if (i < d) { acc[c] = acc[c] + pk * value_at(j0 + k, g, i); }
+            }
+        }
+        workgroupBarrier();
+    }
+    if (!live) { return; }
+    for (var c = 0u; c < 4u; c = c + 1u) {
+        let i = lid + 64u * c;
+        if (i < d) {
+            if (pu(8u) == 1u) { O[(t * h_n + h) * d + i] = acc[c]; } else { O[(h * t_n + t) * d + i] = acc[c]; }
+        }
+    }
+
+    // The chunk's rows go into the cache at slots pos..pos+T (the first head of each group writes).
+    if (pu(9u) == 1u && h % (h_n / pu(1u)) == 0u) {
+        let dst = (g * pu(4u) + pu(6u) + t) * d;
+        let src = (g * t_n + t) * d;
+        if (F16C) {
+            for (var i = lid; i < d / 2u; i = i + 64u) {
+                CK[dst / 2u + i] = pack_f16(NK[src + 2u * i], NK[src + 2u * i + 1u]);
+                CV[dst / 2u + i] = pack_f16(NV[src + 2u * i], NV[src + 2u * i + 1u]);
+            }
+        } else {
+            for (var i = lid; i < d; i = i + 64u) {
+                CK[dst + i] = bitcast<u32>(NK[src + i]);
+                CV[dst + i] = bitcast<u32>(NV[src + i]);
+            }
+        }
+    }
+}

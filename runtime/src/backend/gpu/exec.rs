@@ -1,0 +1,1388 @@
+//! The GPU executor: runs a [`Plan`] with every step it can on the GPU.
+//!
+//! [`GpuPlan::new`] does a *dry run* of the plan at the largest chunk (`max_chunk` tokens): CPU steps run
+//! for real (on placeholders where they read GPU values), GPU steps only infer their output shapes. That
+//! fixes, once: where each step runs, the size of every GPU buffer, every pipeline and every bind group.
+//! A step then records its dispatches into one compute pass; the pass is submitted only when a CPU step
+//! needs a GPU value (for the step graph: once, at the token choice's tail) and only those values are
+//! read back. Caches live in GPU buffers per [`GpuState`]; the attention kernel writes each chunk's new
+//! K/V rows into them, so nothing but the chosen token (and logits when asked) leaves the GPU.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use super::attention::{self, AttnParams};
+use super::context::{GpuContext, Kernel};
+use super::elementwise::{self as ew, BinOp, UnOp};
+use super::linear::GpuLinear;
+use super::{grid, norm, rope, select, Params};
+use crate::backend::cpu::ops;
+use crate::error::{Error, Result};
+use crate::graph::DType;
+use crate::plan::{Plan, Step, ValId};
+use crate::tensor::Tensor;
+
+/// Element type and shape of a value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Meta {
+    /// Element type.
+    pub dtype: DType,
+    /// Shape.
+    pub shape: Vec<usize>,
+}
+
+impl Meta {
+    fn of(t: &Tensor) -> Meta {
+        Meta {
+            dtype: t.dtype,
+            shape: t.shape.clone(),
+        }
+    }
+    fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+    fn bytes(&self) -> u64 {
+        ((self.numel() * self.dtype.size()) as u64).next_multiple_of(4)
+    }
+}
+
+/// A buffer a dispatch binds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BufRef {
+    Val(ValId),
+    Dummy,
+    LinW(usize),
+    LinS(usize),
+    LinZ(usize),
+    LinBias,
+    CacheK(usize),
+    CacheV(usize),
+}
+
+struct Disp {
+    kernel: Option<Arc<Kernel>>,
+    binds: Vec<BufRef>,
+    params: Params,
+    groups: (u32, u32, u32),
+}
+
+/// What a GPU step does this run.
+struct Desc {
+    /// Output values with their metadata; `Some(src)` when the output is a view of `src`'s buffer.
+    outs: Vec<(ValId, Meta, Option<ValId>)>,
+    /// Non-constant inputs the dispatches read.
+    reads: Vec<ValId>,
+    disp: Vec<Disp>,
+}
+
+/// Counters of the GPU executor.
+#[derive(Debug, Default, Clone)]
+pub struct GpuStats {
+    /// Plan steps placed on the GPU.
+    pub gpu_steps: usize,
+    /// Plan steps on the CPU.
+    pub cpu_steps: usize,
+    /// Dispatches recorded by the last step.
+    pub dispatches: usize,
+    /// Command submissions in the last step.
+    pub submits: usize,
+    /// Bytes uploaded in the last step.
+    pub bytes_up: u64,
+    /// Bytes read back in the last step.
+    pub bytes_down: u64,
+    /// Weight bytes resident on the GPU.
+    pub weight_bytes: u64,
+    /// Activation buffer bytes.
+    pub scratch_bytes: u64,
+}
+
+/// One sequence's GPU state: its KV cache buffers and the attention bind groups that use them.
+pub struct GpuState {
+    caches: Vec<wgpu::Buffer>,
+    groups: HashMap<(usize, usize), wgpu::BindGroup>,
+}
+
+impl std::fmt::Debug for GpuState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuState")
+            .field("caches", &self.caches.len())
+            .finish()
+    }
+}
+
+/// The plan bound to a GPU.
+pub struct GpuPlan {
+    ctx: Arc<GpuContext>,
+    /// Per step: placed on the GPU.
+    on_gpu: Vec<bool>,
+    /// Per value: index into `bufs` (views share their source's).
+    home: Vec<Option<usize>>,
+    bufs: Vec<wgpu::Buffer>,
+    caps: Vec<u64>,
+    /// Per value: a constant already uploaded to its home buffer.
+    const_loaded: Vec<bool>,
+    linears: HashMap<usize, GpuLinear>,
+    dummy: wgpu::Buffer,
+    params: wgpu::Buffer,
+    /// Per step: first parameter slot, kernels and bind groups (None where the group is per state).
+    slot0: Vec<usize>,
+    kernels: Vec<Vec<Arc<Kernel>>>,
+    groups: Vec<Vec<Option<wgpu::BindGroup>>>,
+    binds: Vec<Vec<Vec<BufRef>>>,
+    /// Attention steps: whether the kernel writes the new rows into the cache (required).
+    staging: HashMap<ValId, wgpu::Buffer>,
+    lock: Mutex<GpuStats>,
+}
+
+impl std::fmt::Debug for GpuPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuPlan")
+            .field("gpu", &self.ctx.info().name)
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+/// Inputs of one step as the executor sees them.
+struct Env<'a> {
+    plan: &'a Plan,
+    cpu: &'a [Option<Tensor>],
+    meta: &'a [Option<Meta>],
+}
+
+impl Env<'_> {
+    fn meta(&self, v: ValId) -> Option<Meta> {
+        if let Some(m) = &self.meta[v] {
+            return Some(m.clone());
+        }
+        self.cpu[v]
+            .as_ref()
+            .or(self.plan.consts[v].as_ref())
+            .map(Meta::of)
+    }
+    fn cpu(&self, v: ValId) -> Option<&Tensor> {
+        self.cpu[v].as_ref().or(self.plan.consts[v].as_ref())
+    }
+    fn is_const(&self, v: ValId) -> bool {
+        self.plan.consts[v].is_some()
+    }
+}
+
+const HEAVY_NONE: &[BufRef] = &[];
+
+impl GpuPlan {
+    /// Binds `plan` to `ctx`: uploads weights, dry-runs the plan at `max_chunk` tokens and creates every
+    /// buffer, pipeline and bind group. Fails (typed) when a step the GPU must run is not supported.
+    pub fn new(
+        ctx: Arc<GpuContext>,
+        plan: &Plan,
+        cpu_step: &mut dyn FnMut(&Step, &mut [Option<Tensor>]) -> Result<()>,
+        inputs: &[(ValId, Tensor)],
+    ) -> Result<GpuPlan> {
+        let nvals = plan.names.len();
+        let mut linears = HashMap::new();
+        let mut weight_bytes = 0;
+        for (si, s) in plan.steps.iter().enumerate() {
+            if let Step::Linear { node, w, bias, .. } = s {
+                if GpuLinear::supports(w) {
+                    let name = &plan.graph.nodes[*node].name;
+                    let b = bias.as_ref().map(|b| b.typed::<f32>());
+                    let g = GpuLinear::new(&ctx, name, w, b)?;
+                    weight_bytes += g.bytes;
+                    linears.insert(si, g);
+                }
+            }
+        }
+        let dummy = ctx.buffer_with("dummy", &[0; 4])?;
+        let mut me = GpuPlan {
+            ctx: ctx.clone(),
+            on_gpu: vec![false; plan.steps.len()],
+            home: vec![None; nvals],
+            bufs: Vec::new(),
+            caps: Vec::new(),
+            const_loaded: vec![false; nvals],
+            linears,
+            dummy,
+            params: ctx.uniform("params", 256),
+            slot0: vec![0; plan.steps.len()],
+            kernels: vec![Vec::new(); plan.steps.len()],
+            groups: (0..plan.steps.len()).map(|_| Vec::new()).collect(),
+            binds: vec![Vec::new(); plan.steps.len()],
+            staging: HashMap::new(),
+            lock: Mutex::new(GpuStats {
+                weight_bytes,
+                ..Default::default()
+            }),
+        };
+        // Dry run.
+        let mut env: Vec<Option<Tensor>> = vec![None; nvals];
+        for (v, t) in inputs {
+            env[*v] = Some(t.clone());
+        }
+        let mut meta: Vec<Option<Meta>> = vec![None; nvals];
+        let mut root: Vec<Option<ValId>> = vec![None; nvals];
+        let mut need: HashMap<ValId, u64> = HashMap::new();
+        let mut downloads: HashMap<ValId, u64> = HashMap::new();
+        let mut uploads: HashSet<ValId> = HashSet::new();
+        let mut consts: HashSet<ValId> = HashSet::new();
+        let mut slot = 0usize;
+        for (si, s) in plan.steps.iter().enumerate() {
+            let desc = {
+                let e = Env {
+                    plan,
+                    cpu: &env,
+                    meta: &meta,
+                };
+                let d = me.describe(si, s, &e, true, 0)?;
+                let heavy = matches!(s, Step::Linear { .. } | Step::CacheAttention { .. });
+                match d {
+                    Some(d)
+                        if heavy
+                            || crate::plan::step_reads(s)
+                                .iter()
+                                .any(|v| meta[*v].is_some()) =>
+                    {
+                        Some(d)
+                    }
+                    _ => None,
+                }
+            };
+            match desc {
+                Some(d) => {
+                    me.on_gpu[si] = true;
+                    for &v in &d.reads {
+                        if e_is_const(plan, v) {
+                            consts.insert(v);
+                        } else if meta[v].is_none() {
+                            uploads.insert(v);
+                            let b = env[v].as_ref().map(|t| Meta::of(t).bytes()).unwrap_or(4);
+                            let e = need.entry(v).or_insert(0);
+                            *e = (*e).max(b);
+                        }
+                    }
+                    for (o, m, src) in &d.outs {
+                        let r = match src {
+                            Some(s) => root[*s].unwrap_or(*s),
+                            None => *o,
+                        };
+                        root[*o] = Some(r);
+                        let e = need.entry(r).or_insert(0);
+                        *e = (*e).max(m.bytes());
+                        meta[*o] = Some(m.clone());
+                        env[*o] = None;
+                    }
+                    me.slot0[si] = slot;
+                    slot += d.disp.len();
+                    for dd in d.disp {
+                        me.kernels[si]
+                            .push(dd.kernel.ok_or_else(|| Error::Gpu("no kernel".into()))?);
+                        me.binds[si].push(dd.binds);
+                    }
+                }
+                None => {
+                    if let Step::CacheAttention { node, .. } = s {
+                        let n = &plan.graph.nodes[*node];
+                        return Err(Error::Gpu(format!(
+                            "attention `{}` cannot run on the GPU (its inputs do not fit the kernel)",
+                            n.name
+                        )));
+                    }
+                    for v in crate::plan::step_reads(s) {
+                        if let Some(m) = &meta[v] {
+                            let e = downloads.entry(v).or_insert(0);
+                            *e = (*e).max(m.bytes());
+                            if env[v].is_none() {
+                                env[v] = Some(Tensor::zeros(m.dtype, &m.shape));
+                            }
+                        }
+                    }
+                    cpu_step(s, &mut env)?;
+                    if let Step::Node { outputs, .. } = s {
+                        for &o in outputs {
+                            meta[o] = None;
+                        }
+                    }
+                }
+            }
+        }
+        // The logits output is read back when asked.
+        if let Some(&lv) = plan.outputs.get(crate::contract::LOGITS) {
+            if let Some(m) = &meta[lv] {
+                downloads.insert(lv, m.bytes());
+            }
+        }
+        // Buffers: one per root value (views share), sized for the dry run's largest chunk.
+        let mut index: HashMap<ValId, usize> = HashMap::new();
+        let mut scratch = 0;
+        for v in 0..nvals {
+            let r = root[v].unwrap_or(v);
+            let Some(&bytes) = need.get(&r) else { continue };
+            let bi = match index.get(&r) {
+                Some(&bi) => bi,
+                None => {
+                    let b = ctx.storage(&plan.names[r], bytes)?;
+                    scratch += bytes;
+                    me.bufs.push(b);
+                    me.caps.push(bytes);
+                    index.insert(r, me.bufs.len() - 1);
+                    me.bufs.len() - 1
+                }
+            };
+            if root[v].is_some() || need.contains_key(&v) {
+                me.home[v] = Some(bi);
+            }
+        }
+        for &v in &uploads {
+            if me.home[v].is_none() {
+                return Err(Error::Gpu(format!("no buffer for `{}`", plan.names[v])));
+            }
+        }
+        for &v in &consts {
+            let t = plan.consts[v]
+                .as_ref()
+                .ok_or_else(|| Error::Gpu("constant vanished".into()))?;
+            let b = ctx.buffer_with(&plan.names[v], t.bytes())?;
+            me.caps.push(b.size());
+            me.bufs.push(b);
+            me.home[v] = Some(me.bufs.len() - 1);
+            me.const_loaded[v] = true;
+        }
+        for (v, bytes) in downloads {
+            me.staging.insert(v, ctx.staging(&plan.names[v], bytes));
+        }
+        me.params = ctx.uniform("params", (slot.max(1) * 256) as u64);
+        for si in 0..plan.steps.len() {
+            let mut gs = Vec::new();
+            for (j, b) in me.binds[si].iter().enumerate() {
+                let per_state = b
+                    .iter()
+                    .any(|r| matches!(r, BufRef::CacheK(_) | BufRef::CacheV(_)));
+                gs.push(if per_state {
+                    None
+                } else {
+                    Some(me.bind_group(si, j, None)?)
+                });
+            }
+            me.groups[si] = gs;
+        }
+        if let Ok(mut st) = me.lock.lock() {
+            st.scratch_bytes = scratch;
+            st.gpu_steps = me.on_gpu.iter().filter(|g| **g).count();
+            st.cpu_steps = me.on_gpu.len() - st.gpu_steps;
+        }
+        ctx.check("planning")?;
+        ctx.save_pipeline_cache();
+        Ok(me)
+    }
+
+    /// The context.
+    pub fn context(&self) -> &Arc<GpuContext> {
+        &self.ctx
+    }
+
+    /// Counters (the last step's dispatches, transfers; resident bytes).
+    pub fn stats(&self) -> GpuStats {
+        self.lock.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    fn buf_for<'a>(
+        &'a self,
+        si: usize,
+        r: BufRef,
+        state: Option<&'a GpuState>,
+    ) -> Result<&'a wgpu::Buffer> {
+        Ok(match r {
+            BufRef::Val(v) => {
+                let h = self.home[v]
+                    .ok_or_else(|| Error::Gpu(format!("value {v} has no GPU buffer")))?;
+                &self.bufs[h]
+            }
+            BufRef::Dummy => &self.dummy,
+            BufRef::LinW(i) => &self.linear(si)?.parts[i].w,
+            BufRef::LinS(i) => &self.linear(si)?.parts[i].s,
+            BufRef::LinZ(i) => &self.linear(si)?.parts[i].z,
+            BufRef::LinBias => &self.linear(si)?.bias,
+            BufRef::CacheK(c) | BufRef::CacheV(c) => {
+                let st = state.ok_or_else(|| Error::Gpu("cache binding without a state".into()))?;
+                st.caches
+                    .get(c)
+                    .ok_or_else(|| Error::Gpu(format!("state has no cache {c}")))?
+            }
+        })
+    }
+
+    fn linear(&self, si: usize) -> Result<&GpuLinear> {
+        self.linears
+            .get(&si)
+            .ok_or_else(|| Error::Gpu(format!("step {si} has no GPU weights")))
+    }
+
+    fn bind_group(&self, si: usize, j: usize, state: Option<&GpuState>) -> Result<wgpu::BindGroup> {
+        let bufs: Vec<&wgpu::Buffer> = self.binds[si][j]
+            .iter()
+            .map(|r| self.buf_for(si, *r, state))
+            .collect::<Result<_>>()?;
+        Ok(self.ctx.bind(
+            &self.kernels[si][j],
+            (&self.params, ((self.slot0[si] + j) * 256) as u64),
+            &bufs,
+        ))
+    }
+
+    /// A fresh sequence state: zeroed cache buffers for `caches` (`(dtype, shape)`) and the attention
+    /// bind groups over them.
+    pub fn new_state(&self, caches: &[(DType, Vec<usize>)]) -> Result<GpuState> {
+        let mut st = GpuState {
+            caches: Vec::new(),
+            groups: HashMap::new(),
+        };
+        for (i, (dt, shape)) in caches.iter().enumerate() {
+            let bytes = (shape.iter().product::<usize>() * dt.size()) as u64;
+            st.caches
+                .push(self.ctx.storage(&format!("cache {i}"), bytes)?);
+        }
+        for si in 0..self.binds.len() {
+            for j in 0..self.binds[si].len() {
+                if self.groups[si][j].is_none() {
+                    let g = self.bind_group(si, j, Some(&st))?;
+                    st.groups.insert((si, j), g);
+                }
+            }
+        }
+        self.ctx.check("allocating a cache")?;
+        Ok(st)
+    }
+
+    /// What step `si` does on the GPU with these inputs, or `None` when it must run on the CPU.
+    fn describe(
+        &self,
+        si: usize,
+        s: &Step,
+        e: &Env,
+        dry: bool,
+        position: usize,
+    ) -> Result<Option<Desc>> {
+        let ctx = &self.ctx;
+        let plan = e.plan;
+        let k = |f: &dyn Fn() -> Result<Arc<Kernel>>| -> Result<Option<Arc<Kernel>>> {
+            if dry {
+                f().map(Some)
+            } else {
+                Ok(None)
+            }
+        };
+        let f32m = |v: ValId| e.meta(v).filter(|m| m.dtype == DType::F32);
+        let ew_disp = |entry: &'static str,
+                       binds: Vec<BufRef>,
+                       params: Params,
+                       items: usize|
+         -> Result<Disp> {
+            let (x, y) = grid(items, 256, ctx.max_groups);
+            Ok(Disp {
+                kernel: k(&|| ew::kernel(ctx, entry))?,
+                binds,
+                params,
+                groups: (x, y, 1),
+            })
+        };
+        let _ = HEAVY_NONE;
+        match s {
+            Step::Linear { x, out, .. } => {
+                let Some(g) = self.linears.get(&si) else {
+                    return Ok(None);
+                };
+                let Some(xm) = f32m(*x) else { return Ok(None) };
+                if xm.shape.last() != Some(&g.k) {
+                    return Ok(None);
+                }
+                let m = xm.numel() / g.k.max(1);
+                let mut shape = xm.shape.clone();
+                if let Some(l) = shape.last_mut() {
+                    *l = g.n;
+                }
+                let mut disp = Vec::new();
+                for i in 0..g.parts.len() {
+                    disp.push(Disp {
+                        kernel: if dry { Some(g.kernel.clone()) } else { None },
+                        binds: vec![
+                            BufRef::Val(*x),
+                            BufRef::LinW(i),
+                            BufRef::LinS(i),
+                            BufRef::LinZ(i),
+                            BufRef::LinBias,
+                            BufRef::Dummy,
+                            BufRef::Val(*out),
+                        ],
+                        params: g.params(i, m, false),
+                        groups: g.groups(i, m, ctx.max_groups),
+                    });
+                }
+                Ok(Some(Desc {
+                    outs: vec![(
+                        *out,
+                        Meta {
+                            dtype: DType::F32,
+                            shape,
+                        },
+                        None,
+                    )],
+                    reads: vec![*x],
+                    disp,
+                }))
+            }
+            Step::SiluGate(sg) => {
+                let (Some(gm), Some(um)) = (f32m(sg.g), f32m(sg.u)) else {
+                    return Ok(None);
+                };
+                if gm.shape != um.shape {
+                    return Ok(None);
+                }
+                let n = gm.numel();
+                Ok(Some(Desc {
+                    outs: vec![(sg.out, gm, None)],
+                    reads: vec![sg.g, sg.u],
+                    disp: vec![ew_disp(
+                        "silu_gate",
+                        vec![BufRef::Val(sg.g), BufRef::Val(sg.u), BufRef::Val(sg.out)],
+                        Params::new().u(n),
+                        n,
+                    )?],
+                }))
+            }
+            Step::CacheAttention {
+                node,
+                q,
+                past,
+                new,
+                mask,
+                out,
+                tokens_first,
+            } => {
+                let n = &plan.graph.nodes[*node];
+                let (Some(qm), Some(km), Some(vm)) = (f32m(*q), f32m(new[0]), f32m(new[1])) else {
+                    return Ok(None);
+                };
+                let (ck, cv) = (&plan.caches[past[0]], &plan.caches[past[1]]);
+                if qm.shape.len() != 4 || ck.dtype != cv.dtype || ck.shape != cv.shape {
+                    return Ok(None);
+                }
+                let (h, t, d) = (qm.shape[1], qm.shape[2], qm.shape[3]);
+                let (kvh, slots) = (ck.shape[1], ck.shape[2]);
+                if kvh == 0
+                    || h % kvh != 0
+                    || d % 2 != 0
+                    || d > attention::MAX_HEAD_DIM
+                    || km.shape != [1, kvh, t, d]
+                    || vm.shape != [1, kvh, t, d]
+                    || ck.shape[3] != d
+                    || !matches!(ck.dtype, DType::F16 | DType::F32)
+                    || !self.writes_rows(plan, past, new)
+                {
+                    return Ok(None);
+                }
+                let Some(mv) = mask else { return Ok(None) };
+                let Some(mm) = f32m(*mv) else { return Ok(None) };
+                let r = mm.shape.len();
+                if r < 2
+                    || mm.shape[r - 1] != slots + t
+                    || mm.shape[r - 2] != t
+                    || mm.shape[..r - 2].iter().any(|&x| x != 1)
+                {
+                    return Ok(None);
+                }
+                // Visit only the cache prefix the (CPU-computed) mask allows; all slots otherwise.
+                let npast = e
+                    .cpu(*mv)
+                    .and_then(|m| crate::model::standard_prefix(m, t, slots))
+                    .unwrap_or(slots);
+                let ap = AttnParams {
+                    heads: h,
+                    kv_heads: kvh,
+                    tokens: t,
+                    head_dim: d,
+                    slots,
+                    npast,
+                    position,
+                    scale: n.attr_float("scale", 1.0 / (d as f32).sqrt()),
+                    tokens_first: *tokens_first,
+                    write_cache: true,
+                    mask_stride: Some(slots + t),
+                };
+                let (x, y) = grid(h * t, 1, ctx.max_groups);
+                let oshape = if *tokens_first {
+                    vec![1, t, h, d]
+                } else {
+                    vec![1, h, t, d]
+                };
+                Ok(Some(Desc {
+                    outs: vec![(
+                        *out,
+                        Meta {
+                            dtype: DType::F32,
+                            shape: oshape,
+                        },
+                        None,
+                    )],
+                    reads: vec![*q, new[0], new[1], *mv],
+                    disp: vec![Disp {
+                        kernel: k(&|| attention::kernel(ctx, ck.dtype == DType::F16))?,
+                        binds: vec![
+                            BufRef::Val(*q),
+                            BufRef::Val(new[0]),
+                            BufRef::Val(new[1]),
+                            BufRef::Val(*mv),
+                            BufRef::CacheK(past[0]),
+                            BufRef::CacheV(past[1]),
+                            BufRef::Val(*out),
+                        ],
+                        params: ap.params(),
+                        groups: (x, y, 1),
+                    }],
+                }))
+            }
+            Step::Node {
+                node,
+                inputs,
+                outputs,
+            } => {
+                let n = &plan.graph.nodes[*node];
+                if !(n.domain.is_empty() || n.domain == "ai.onnx") || outputs.is_empty() {
+                    return Ok(None);
+                }
+                let inp = |i: usize| inputs.get(i).copied().flatten();
+                let out = outputs[0];
+                match n.op.as_str() {
+                    "Reshape" | "Squeeze" | "Unsqueeze" | "Identity" | "Flatten" => {
+                        let Some(x) = inp(0) else { return Ok(None) };
+                        let Some(xm) = e.meta[x].clone() else {
+                            return Ok(None);
+                        };
+                        let placeholder = Tensor::shape_only(xm.dtype, &xm.shape);
+                        let mut args: Vec<Option<&Tensor>> = vec![Some(&placeholder)];
+                        for i in 1..inputs.len() {
+                            match inp(i) {
+                                Some(v) => match e.cpu(v) {
+                                    Some(t) => args.push(Some(t)),
+                                    None => return Ok(None),
+                                },
+                                None => args.push(None),
+                            }
+                        }
+                        let o = ops::run_node(n, &args)?;
+                        let m = Meta::of(&o[0]);
+                        Ok(Some(Desc {
+                            outs: vec![(out, m, Some(x))],
+                            reads: vec![x],
+                            disp: Vec::new(),
+                        }))
+                    }
+                    "Add" | "Sub" | "Mul" | "Div" if inputs.len() == 2 => {
+                        let (Some(a), Some(b)) = (inp(0), inp(1)) else {
+                            return Ok(None);
+                        };
+                        let (Some(am), Some(bm)) = (f32m(a), f32m(b)) else {
+                            return Ok(None);
+                        };
+                        let Some(os) = ops::broadcast_shape(&am.shape, &bm.shape) else {
+                            return Ok(None);
+                        };
+                        if os.len() > ew::MAX_RANK {
+                            return Ok(None);
+                        }
+                        let op = BinOp::from_onnx(&n.op).ok_or_else(|| Error::Gpu("op".into()))?;
+                        let p = ew::binary_params(op, &am.shape, &bm.shape, &os)?;
+                        let nn = os.iter().product();
+                        Ok(Some(Desc {
+                            outs: vec![(
+                                out,
+                                Meta {
+                                    dtype: DType::F32,
+                                    shape: os,
+                                },
+                                None,
+                            )],
+                            reads: vec![a, b],
+                            disp: vec![ew_disp(
+                                "binary",
+                                vec![BufRef::Val(a), BufRef::Val(b), BufRef::Val(out)],
+                                p,
+                                nn,
+                            )?],
+                        }))
+                    }
+                    "Sigmoid" | "Neg" => {
+                        let Some(a) = inp(0) else { return Ok(None) };
+                        let Some(am) = f32m(a) else { return Ok(None) };
+                        let op = if n.op == "Sigmoid" {
+                            UnOp::Sigmoid
+                        } else {
+                            UnOp::Neg
+                        };
+                        let nn = am.numel();
+                        Ok(Some(Desc {
+                            outs: vec![(out, am, None)],
+                            reads: vec![a],
+                            disp: vec![ew_disp(
+                                "unary",
+                                vec![BufRef::Val(a), BufRef::Dummy, BufRef::Val(out)],
+                                Params::new().u(nn).u(op as usize),
+                                nn,
+                            )?],
+                        }))
+                    }
+                    "Cast" => {
+                        let Some(a) = inp(0) else { return Ok(None) };
+                        let Some(am) = e.meta(a) else { return Ok(None) };
+                        let to = DType::from_onnx(n.attr_int("to", 0) as i32);
+                        let nn = am.numel();
+                        let entry = match (am.dtype, to) {
+                            (x, Some(y)) if x == y => {
+                                if e.meta[a].is_none() {
+                                    return Ok(None);
+                                }
+                                return Ok(Some(Desc {
+                                    outs: vec![(out, am, Some(a))],
+                                    reads: vec![a],
+                                    disp: Vec::new(),
+                                }));
+                            }
+                            (DType::F32, Some(DType::F16)) => ("cast_to_f16", nn.div_ceil(2)),
+                            (DType::F16, Some(DType::F32)) => ("cast_from_f16", nn),
+                            _ => return Ok(None),
+                        };
+                        let to = to.unwrap_or(DType::F32);
+                        Ok(Some(Desc {
+                            outs: vec![(
+                                out,
+                                Meta {
+                                    dtype: to,
+                                    shape: am.shape,
+                                },
+                                None,
+                            )],
+                            reads: vec![a],
+                            disp: vec![ew_disp(
+                                entry.0,
+                                vec![BufRef::Val(a), BufRef::Dummy, BufRef::Val(out)],
+                                Params::new().u(nn),
+                                entry.1,
+                            )?],
+                        }))
+                    }
+                    "Transpose" => {
+                        let Some(a) = inp(0) else { return Ok(None) };
+                        let Some(am) = e.meta(a) else { return Ok(None) };
+                        let r = am.shape.len();
+                        let perm: Vec<usize> = match n.attr_ints("perm") {
+                            Some(p) => p.iter().map(|&x| x as usize).collect(),
+                            None => (0..r).rev().collect(),
+                        };
+                        let mut sorted = perm.clone();
+                        sorted.sort_unstable();
+                        if sorted != (0..r).collect::<Vec<_>>() {
+                            return Ok(None);
+                        }
+                        let oshape: Vec<usize> = perm.iter().map(|&p| am.shape[p]).collect();
+                        let (entry, shape, perm, items) = match am.dtype.size() {
+                            4 => ("transpose32", am.shape.clone(), perm, am.numel()),
+                            2 => (
+                                "transpose16",
+                                am.shape.clone(),
+                                perm,
+                                am.numel().div_ceil(2),
+                            ),
+                            8 => {
+                                let mut s = am.shape.clone();
+                                s.push(2);
+                                let mut p = perm.clone();
+                                p.push(r);
+                                ("transpose32", s, p, am.numel() * 2)
+                            }
+                            _ => return Ok(None),
+                        };
+                        if shape.len() > ew::MAX_RANK {
+                            return Ok(None);
+                        }
+                        let p = ew::transpose_params(&shape, &perm)?;
+                        Ok(Some(Desc {
+                            outs: vec![(
+                                out,
+                                Meta {
+                                    dtype: am.dtype,
+                                    shape: oshape,
+                                },
+                                None,
+                            )],
+                            reads: vec![a],
+                            disp: vec![ew_disp(
+                                entry,
+                                vec![BufRef::Val(a), BufRef::Dummy, BufRef::Val(out)],
+                                p,
+                                items,
+                            )?],
+                        }))
+                    }
+                    "Gather" => {
+                        let (Some(d), Some(ix)) = (inp(0), inp(1)) else {
+                            return Ok(None);
+                        };
+                        let Some(dm) = e.meta(d) else { return Ok(None) };
+                        let Some(it) = e.cpu(ix) else { return Ok(None) };
+                        if n.attr_int("axis", 0) != 0
+                            || dm.shape.is_empty()
+                            || it.dtype != DType::I64
+                            || e.meta[d].is_none()
+                        {
+                            return Ok(None);
+                        }
+                        let row_bytes = dm.shape[1..].iter().product::<usize>() * dm.dtype.size();
+                        if row_bytes % 4 != 0 {
+                            return Ok(None);
+                        }
+                        let rows = dm.shape[0] as i64;
+                        if !dry && it.typed::<i64>().iter().any(|&i| i < -rows || i >= rows) {
+                            return Err(Error::node(
+                                &n.name,
+                                &n.op,
+                                format!("index out of range for {rows} rows"),
+                            ));
+                        }
+                        let mut shape = it.shape.clone();
+                        shape.extend_from_slice(&dm.shape[1..]);
+                        let nidx = it.numel();
+                        let words = row_bytes / 4;
+                        Ok(Some(Desc {
+                            outs: vec![(
+                                out,
+                                Meta {
+                                    dtype: dm.dtype,
+                                    shape,
+                                },
+                                None,
+                            )],
+                            reads: vec![d, ix],
+                            disp: vec![ew_disp(
+                                "gather_rows",
+                                vec![BufRef::Val(d), BufRef::Val(ix), BufRef::Val(out)],
+                                Params::new().u(nidx).u(words).u(dm.shape[0]),
+                                nidx * words,
+                            )?],
+                        }))
+                    }
+                    "RMSNormalization" => {
+                        let (Some(x), Some(w)) = (inp(0), inp(1)) else {
+                            return Ok(None);
+                        };
+                        let Some(xm) = f32m(x) else { return Ok(None) };
+                        let Some(wt) = plan.consts[w].as_ref() else {
+                            return Ok(None);
+                        };
+                        let r = xm.shape.len();
+                        let ax = n.attr_int("axis", -1);
+                        let h = *xm.shape.last().unwrap_or(&0);
+                        if r == 0
+                            || !(ax == -1 || ax == r as i64 - 1)
+                            || wt.dtype != DType::F32
+                            || wt.numel() != h
+                            || n.attr_int("stash_type", 1) != 1
+                        {
+                            return Ok(None);
+                        }
+                        let rows = xm.numel() / h.max(1);
+                        let (gx, gy) = grid(rows, 1, ctx.max_groups);
+                        Ok(Some(Desc {
+                            outs: vec![(out, xm, None)],
+                            reads: vec![x, w],
+                            disp: vec![Disp {
+                                kernel: k(&|| norm::kernel(ctx))?,
+                                binds: vec![BufRef::Val(x), BufRef::Val(w), BufRef::Val(out)],
+                                params: norm::params(rows, h, n.attr_float("epsilon", 1e-5)),
+                                groups: (gx, gy, 1),
+                            }],
+                        }))
+                    }
+                    "RotaryEmbedding" => {
+                        let (Some(x), Some(c), Some(sn), Some(pv)) =
+                            (inp(0), inp(1), inp(2), inp(3))
+                        else {
+                            return Ok(None);
+                        };
+                        let Some(xm) = f32m(x) else { return Ok(None) };
+                        let (Some(ct), Some(st)) =
+                            (plan.consts[c].as_ref(), plan.consts[sn].as_ref())
+                        else {
+                            return Ok(None);
+                        };
+                        let Some(pt) = e.cpu(pv) else { return Ok(None) };
+                        if xm.shape.len() != 4
+                            || xm.shape[0] != 1
+                            || ct.dtype != DType::F32
+                            || st.dtype != DType::F32
+                            || ct.rank() != 2
+                            || st.shape != ct.shape
+                            || pt.dtype != DType::I64
+                        {
+                            return Ok(None);
+                        }
+                        let (h, t, d) = (xm.shape[1], xm.shape[2], xm.shape[3]);
+                        let rot = match n.attr_int("rotary_embedding_dim", 0) {
+                            0 => d,
+                            r if r > 0 => r as usize,
+                            _ => return Ok(None),
+                        };
+                        if rot % 2 != 0 || rot > d || ct.shape[1] != rot / 2 || pt.numel() != t {
+                            return Ok(None);
+                        }
+                        if !dry
+                            && pt
+                                .typed::<i64>()
+                                .iter()
+                                .any(|&p| p < 0 || p as usize >= ct.shape[0])
+                        {
+                            return Err(Error::node(
+                                &n.name,
+                                &n.op,
+                                format!(
+                                    "position outside the {} rows of the cos/sin cache",
+                                    ct.shape[0]
+                                ),
+                            ));
+                        }
+                        let nn = h * t * d;
+                        let (gx, gy) = grid(nn, 256, ctx.max_groups);
+                        Ok(Some(Desc {
+                            outs: vec![(out, xm, None)],
+                            reads: vec![x, c, sn, pv],
+                            disp: vec![Disp {
+                                kernel: k(&|| rope::kernel(ctx))?,
+                                binds: vec![
+                                    BufRef::Val(x),
+                                    BufRef::Val(c),
+                                    BufRef::Val(sn),
+                                    BufRef::Val(pv),
+                                    BufRef::Val(out),
+                                ],
+                                params: rope::params(
+                                    h,
+                                    t,
+                                    d,
+                                    rot,
+                                    n.attr_int("interleaved", 0) != 0,
+                                    false,
+                                ),
+                                groups: (gx, gy, 1),
+                            }],
+                        }))
+                    }
+                    "TopK" if outputs.len() == 2 => {
+                        let (Some(x), Some(kv)) = (inp(0), inp(1)) else {
+                            return Ok(None);
+                        };
+                        let Some(xm) = f32m(x) else { return Ok(None) };
+                        let Some(kt) = e.cpu(kv) else { return Ok(None) };
+                        let r = xm.shape.len();
+                        let ax = n.attr_int("axis", -1);
+                        if r == 0
+                            || !(ax == -1 || ax == r as i64 - 1)
+                            || n.attr_int("largest", 1) != 1
+                            || kt.to_i64_vec(&n.name)? != [1]
+                        {
+                            return Ok(None);
+                        }
+                        let v = xm.shape[r - 1];
+                        let rows = xm.numel() / v.max(1);
+                        if v == 0 || rows > ctx.max_groups as usize {
+                            return Ok(None);
+                        }
+                        let mut os = xm.shape.clone();
+                        os[r - 1] = 1;
+                        Ok(Some(Desc {
+                            outs: vec![
+                                (
+                                    outputs[0],
+                                    Meta {
+                                        dtype: DType::F32,
+                                        shape: os.clone(),
+                                    },
+                                    None,
+                                ),
+                                (
+                                    outputs[1],
+                                    Meta {
+                                        dtype: DType::I64,
+                                        shape: os,
+                                    },
+                                    None,
+                                ),
+                            ],
+                            reads: vec![x],
+                            disp: vec![Disp {
+                                kernel: k(&|| select::argmax(ctx))?,
+                                binds: vec![
+                                    BufRef::Val(x),
+                                    BufRef::Val(outputs[0]),
+                                    BufRef::Val(outputs[1]),
+                                ],
+                                params: select::params(rows, v),
+                                groups: (rows as u32, 1, 1),
+                            }],
+                        }))
+                    }
+                    _ => Ok(None),
+                }
+            }
+        }
+    }
+
+    /// Whether the attention's new-row inputs are exactly the cache outputs (directly, or through a Cast to
+    /// f32 of an f16 output) — then writing them back into the cache reproduces the graph's outputs.
+    fn writes_rows(&self, plan: &Plan, past: &[usize; 2], new: &[ValId; 2]) -> bool {
+        (0..2).all(|j| {
+            let c = &plan.caches[past[j]];
+            if new[j] == c.output_val {
+                return c.dtype == DType::F32;
+            }
+            plan.steps.iter().any(|s| match s {
+                Step::Node {
+                    node,
+                    inputs,
+                    outputs,
+                } => {
+                    let n = &plan.graph.nodes[*node];
+                    n.op == "Cast"
+                        && outputs.first() == Some(&new[j])
+                        && inputs.first().copied().flatten() == Some(c.output_val)
+                        && n.attr_int("to", 0) == DType::F32.onnx_code() as i64
+                        && c.dtype == DType::F16
+                }
+                _ => false,
+            })
+        })
+    }
+
+    /// Runs one step. `env` holds the graph inputs on entry and the CPU-side values on return (the
+    /// outputs the caller reads: `next_token`, and `logits` when `want` lists it). `cpu_step` runs a step
+    /// on the CPU.
+    pub fn run(
+        &self,
+        plan: &Plan,
+        state: &GpuState,
+        env: &mut [Option<Tensor>],
+        position: usize,
+        want: &[ValId],
+        cpu_step: &mut dyn FnMut(&Step, &mut [Option<Tensor>]) -> Result<()>,
+    ) -> Result<()> {
+        let mut stats = self
+            .lock
+            .lock()
+            .map_err(|_| Error::Gpu("executor lock poisoned".into()))?;
+        let nvals = plan.names.len();
+        let mut meta: Vec<Option<Meta>> = vec![None; nvals];
+        let mut params: Vec<u8> = Vec::new();
+        let mut pending: Vec<(usize, usize, (u32, u32, u32))> = Vec::new();
+        let (mut dispatches, mut submits, mut up, mut down) = (0usize, 0usize, 0u64, 0u64);
+        for (si, s) in plan.steps.iter().enumerate() {
+            let desc = if self.on_gpu[si] {
+                let e = Env {
+                    plan,
+                    cpu: env,
+                    meta: &meta,
+                };
+                self.describe(si, s, &e, false, position)?
+            } else {
+                None
+            };
+            match desc {
+                Some(d) => {
+                    for &v in &d.reads {
+                        if meta[v].is_some() || self.const_loaded[v] {
+                            continue;
+                        }
+                        let t = env[v].as_ref().ok_or_else(|| {
+                            Error::Gpu(format!(
+                                "`{}` is neither on the GPU nor on the CPU",
+                                plan.names[v]
+                            ))
+                        })?;
+                        let h = self.home[v].ok_or_else(|| {
+                            Error::Gpu(format!("`{}` has no GPU buffer", plan.names[v]))
+                        })?;
+                        let b = t.bytes();
+                        if b.len() as u64 > self.caps[h] {
+                            return Err(Error::Gpu(format!(
+                                "`{}` needs {} bytes, {} were planned",
+                                plan.names[v],
+                                b.len(),
+                                self.caps[h]
+                            )));
+                        }
+                        write_padded(&self.ctx.queue, &self.bufs[h], b);
+                        up += b.len() as u64;
+                        meta[v] = Some(Meta::of(t));
+                    }
+                    for (o, m, _) in d.outs {
+                        let h = self.home[o].ok_or_else(|| {
+                            Error::Gpu(format!("`{}` has no GPU buffer", plan.names[o]))
+                        })?;
+                        if m.bytes() > self.caps[h] {
+                            return Err(Error::Gpu(format!(
+                                "`{}` needs {} bytes, {} were planned",
+                                plan.names[o],
+                                m.bytes(),
+                                self.caps[h]
+                            )));
+                        }
+                        meta[o] = Some(m);
+                        env[o] = None;
+                    }
+                    for (j, dd) in d.disp.into_iter().enumerate() {
+                        let slot = self.slot0[si] + j;
+                        let at = slot * 256;
+                        if params.len() < at + 256 {
+                            params.resize(at + 256, 0);
+                        }
+                        params[at..at + 256].copy_from_slice(dd.params.bytes());
+                        pending.push((si, j, dd.groups));
+                    }
+                }
+                None => {
+                    let reads = crate::plan::step_reads(s);
+                    let fetch: Vec<ValId> = reads
+                        .iter()
+                        .copied()
+                        .filter(|&v| env[v].is_none() && meta[v].is_some())
+                        .collect();
+                    if !fetch.is_empty() || (!pending.is_empty() && false) {
+                        let got = self.flush(state, &mut pending, &params, &fetch, &meta)?;
+                        submits += 1;
+                        dispatches += got.1;
+                        for (v, t) in fetch.iter().zip(got.0) {
+                            down += t.bytes().len() as u64;
+                            env[*v] = Some(t);
+                        }
+                    }
+                    cpu_step(s, env)?;
+                    if let Step::Node { outputs, .. } = s {
+                        for &o in outputs {
+                            meta[o] = None;
+                        }
+                    }
+                }
+            }
+        }
+        let fetch: Vec<ValId> = want
+            .iter()
+            .copied()
+            .filter(|&v| env[v].is_none() && meta[v].is_some())
+            .collect();
+        if !pending.is_empty() || !fetch.is_empty() {
+            let got = self.flush(state, &mut pending, &params, &fetch, &meta)?;
+            submits += 1;
+            dispatches += got.1;
+            for (v, t) in fetch.iter().zip(got.0) {
+                down += t.bytes().len() as u64;
+                env[*v] = Some(t);
+            }
+        }
+        stats.dispatches = dispatches;
+        stats.submits = submits;
+        stats.bytes_up = up;
+        stats.bytes_down = down;
+        Ok(())
+    }
+
+    /// Submits the pending dispatches (one compute pass), copies `fetch` to staging buffers, waits and
+    /// returns them as tensors (and the number of dispatches submitted).
+    fn flush(
+        &self,
+        state: &GpuState,
+        pending: &mut Vec<(usize, usize, (u32, u32, u32))>,
+        params: &[u8],
+        fetch: &[ValId],
+        meta: &[Option<Meta>],
+    ) -> Result<(Vec<Tensor>, usize)> {
+        let n = pending.len();
+        if !params.is_empty() {
+            self.ctx.queue.write_buffer(&self.params, 0, params);
+        }
+        let mut enc = self
+            .ctx
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("step"),
+            });
+        {
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("step"),
+                timestamp_writes: None,
+            });
+            for (si, j, (x, y, z)) in pending.drain(..) {
+                let g = match &self.groups[si][j] {
+                    Some(g) => g,
+                    None => state.groups.get(&(si, j)).ok_or_else(|| {
+                        Error::Gpu("state has no bind group for an attention step".into())
+                    })?,
+                };
+                pass.set_pipeline(&self.kernels[si][j].pipeline);
+                pass.set_bind_group(0, g, &[]);
+                pass.dispatch_workgroups(x, y, z);
+            }
+        }
+        let mut reads = Vec::new();
+        for &v in fetch {
+            let m = meta[v]
+                .as_ref()
+                .ok_or_else(|| Error::Gpu("fetch of a value not on the GPU".into()))?;
+            let h = self.home[v].ok_or_else(|| Error::Gpu("no buffer".into()))?;
+            let st = self
+                .staging
+                .get(&v)
+                .ok_or_else(|| Error::Gpu(format!("value {v} was not planned to be read back")))?;
+            let bytes = m.bytes();
+            if bytes > st.size() {
+                return Err(Error::Gpu(format!(
+                    "read-back of {bytes} bytes exceeds the planned {}",
+                    st.size()
+                )));
+            }
+            enc.copy_buffer_to_buffer(&self.bufs[h], 0, st, 0, bytes);
+            reads.push((st, m.numel() * m.dtype.size(), m.clone()));
+        }
+        self.ctx.queue.submit([enc.finish()]);
+        let raw = self
+            .ctx
+            .read_back(&reads.iter().map(|(b, n, _)| (*b, *n)).collect::<Vec<_>>())?;
+        let mut out = Vec::new();
+        for (bytes, (_, _, m)) in raw.into_iter().zip(reads) {
+            let mut t = Tensor::zeros(m.dtype, &m.shape);
+            t.bytes_mut().copy_from_slice(&bytes);
+            out.push(t);
+        }
+        Ok((out, n))
+    }
+}
+
+fn e_is_const(plan: &Plan, v: ValId) -> bool {
+    plan.consts[v].is_some()
+}
+
+fn write_padded(queue: &wgpu::Queue, buf: &wgpu::Buffer, bytes: &[u8]) {
+    if bytes.len() % 4 == 0 {
+        if !bytes.is_empty() {
+            queue.write_buffer(buf, 0, bytes);
+        }
+    } else {
+        let mut v = bytes.to_vec();
+        v.resize(bytes.len().next_multiple_of(4), 0);
+        queue.write_buffer(buf, 0, &v);
+    }
+}
+
+/// Test helper: runs `kernel` once with `inputs` bound at 1.. and `outs` zeroed buffers after them;
+/// returns the outputs, then every input bound as writable (in order).
+#[cfg(test)]
+pub(crate) fn run_kernel_multi(
+    ctx: &GpuContext,
+    kernel: &Kernel,
+    params: &Params,
+    inputs: &[&[u8]],
+    outs: &[usize],
+    groups: (u32, u32),
+) -> Result<Vec<Vec<u8>>> {
+    let pbuf = ctx.uniform("p", 256);
+    ctx.queue.write_buffer(&pbuf, 0, params.bytes());
+    let mut bufs: Vec<wgpu::Buffer> = inputs
+        .iter()
+        .map(|b| ctx.buffer_with("in", b))
+        .collect::<Result<_>>()?;
+    for &n in outs {
+        bufs.push(ctx.storage("out", n as u64)?);
+    }
+    let refs: Vec<&wgpu::Buffer> = bufs.iter().collect();
+    let bg = ctx.bind(kernel, (&pbuf, 0), &refs);
+    let mut enc = ctx.device.create_command_encoder(&Default::default());
+    {
+        let mut pass = enc.begin_compute_pass(&Default::default());
+        pass.set_pipeline(&kernel.pipeline);
+        pass.set_bind_group(0, &bg, &[]);
+        pass.dispatch_workgroups(groups.0, groups.1, 1);
+    }
+    // Outputs, then inputs that are bound writable (the attention's caches).
+    let writable: Vec<usize> = (0..inputs.len())
+        .filter(|&i| kernel.name.starts_with("attention") && (i == 4 || i == 5))
+        .collect();
+    let mut order: Vec<(usize, usize)> = outs
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| (inputs.len() + i, n))
+        .collect();
+    order.extend(writable.iter().map(|&i| (i, inputs[i].len())));
+    let stagings: Vec<wgpu::Buffer> = order
+        .iter()
+        .map(|&(_, n)| ctx.staging("s", n as u64))
+        .collect();
+    for ((bi, n), st) in order.iter().zip(&stagings) {
+        enc.copy_buffer_to_buffer(&bufs[*bi], 0, st, 0, (*n as u64).next_multiple_of(4));
+    }
+    ctx.queue.submit([enc.finish()]);
+    ctx.read_back(
+        &stagings
+            .iter()
+            .zip(&order)
+            .map(|(s, &(_, n))| (s, n))
+            .collect::<Vec<_>>(),
+    )
+}
+
+/// Test helper: one output.
+#[cfg(test)]
+pub(crate) fn run_kernel_once(
+    ctx: &GpuContext,
+    kernel: &Kernel,
+    params: &Params,
+    inputs: &[&[u8]],
+    out: usize,
+    groups: (u32, u32),
+) -> Result<Vec<u8>> {
+    Ok(run_kernel_multi(ctx, kernel, params, inputs, &[out], groups)?.remove(0))
+}
+
+/// Test helper: `x · Wᵀ + bias + res` through every part of `g`.
+#[cfg(test)]
+pub(crate) fn run_linear_once(
+    ctx: &GpuContext,
+    g: &GpuLinear,
+    x: &[f32],
+    res: &[f32],
+    t: usize,
+) -> Result<Vec<f32>> {
+    let xb = ctx.buffer_with("x", bytemuck::cast_slice(x))?;
+    let rb = ctx.buffer_with("res", bytemuck::cast_slice(res))?;
+    let ob = ctx.storage("o", (t * g.n * 4) as u64)?;
+    let pbuf = ctx.uniform("p", (256 * g.parts.len()) as u64);
+    let mut enc = ctx.device.create_command_encoder(&Default::default());
+    let mut groups = Vec::new();
+    for (i, part) in g.parts.iter().enumerate() {
+        ctx.queue
+            .write_buffer(&pbuf, (i * 256) as u64, g.params(i, t, true).bytes());
+        groups.push(ctx.bind(
+            &g.kernel,
+            (&pbuf, (i * 256) as u64),
+            &[&xb, &part.w, &part.s, &part.z, &g.bias, &rb, &ob],
+        ));
+    }
+    {
+        let mut pass = enc.begin_compute_pass(&Default::default());
+        pass.set_pipeline(&g.kernel.pipeline);
+        for (i, bg) in groups.iter().enumerate() {
+            pass.set_bind_group(0, bg, &[]);
+            let (x, y, z) = g.groups(i, t, ctx.max_groups);
+            pass.dispatch_workgroups(x, y, z);
+        }
+    }
+    let st = ctx.staging("s", (t * g.n * 4) as u64);
+    enc.copy_buffer_to_buffer(&ob, 0, &st, 0, (t * g.n * 4) as u64);
+    ctx.queue.submit([enc.finish()]);
+    let v = ctx.read_back(&[(&st, t * g.n * 4)])?.remove(0);
+    Ok(bytemuck::cast_slice(&v).to_vec())
+}

@@ -1,0 +1,139 @@
+//! The wgpu backend: WGSL kernels (one file per kernel family, the `.wgsl` beside its `.rs`) and the
+//! executor that runs a [`crate::plan::Plan`] on the GPU.
+//!
+//! Placement is decided once, when the model is loaded ([`exec::GpuPlan::new`]): a step runs on the GPU
+//! when a kernel supports its dtypes and shapes and it reads a GPU-resident value (or is heavy: linear
+//! layers, attention); everything else — the small int64 shape arithmetic, the embedding's byte
+//! unpacking, the sampling tail after the top-k — runs on the CPU through the same generic ops, and the
+//! executor moves the few values that cross (the input rows, the mask, the chosen token).
+
+pub mod attention;
+pub mod context;
+pub mod elementwise;
+pub mod exec;
+pub mod linear;
+pub mod norm;
+pub mod rope;
+pub mod select;
+
+pub use context::{BackendFilter, DeviceRequest, GpuContext, GpuInfo};
+
+/// Words of the per-dispatch parameter block (`struct Params` in every kernel).
+pub const PARAM_WORDS: usize = 64;
+
+/// The parameter block every kernel reads at `@group(0) @binding(0)`: 64 u32 words (floats bit-cast).
+#[derive(Debug, Clone, Copy)]
+pub struct Params {
+    /// The words.
+    pub w: [u32; PARAM_WORDS],
+    len: usize,
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        Params {
+            w: [0; PARAM_WORDS],
+            len: 0,
+        }
+    }
+}
+
+impl Params {
+    /// An empty block.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Appends a u32 (usize values are checked to fit).
+    pub fn u(mut self, v: usize) -> Self {
+        self.w[self.len] = u32::try_from(v).unwrap_or(u32::MAX);
+        self.len += 1;
+        self
+    }
+    /// Appends an f32.
+    pub fn f(mut self, v: f32) -> Self {
+        self.w[self.len] = v.to_bits();
+        self.len += 1;
+        self
+    }
+    /// Sets word `i`.
+    pub fn set(mut self, i: usize, v: u32) -> Self {
+        self.w[i] = v;
+        self.len = self.len.max(i + 1);
+        self
+    }
+    /// Bytes to upload.
+    pub fn bytes(&self) -> &[u8] {
+        bytemuck::cast_slice(&self.w)
+    }
+}
+
+/// WGSL shared by every kernel: the parameter block and its accessors.
+pub const PRELUDE: &str = r#"
+struct Params { w: array<vec4<u32>, 16> }
+@group(0) @binding(0) var<uniform> P: Params;
+fn pu(i: u32) -> u32 { return P.w[i / 4u][i % 4u]; }
+fn pf(i: u32) -> f32 { return bitcast<f32>(P.w[i / 4u][i % 4u]); }
+"#;
+
+/// Workgroups needed for `n` items at `per` items a workgroup, spread over x/y so that neither exceeds
+/// `max_dim` (the adapter's `max_compute_workgroups_per_dimension`). Kernels recover the linear index as
+/// `wid.x + wid.y * num_workgroups.x`.
+pub fn grid(n: usize, per: usize, max_dim: u32) -> (u32, u32) {
+    let groups = n.div_ceil(per.max(1)).max(1) as u64;
+    let max = u64::from(max_dim.max(1));
+    if groups <= max {
+        (groups as u32, 1)
+    } else {
+        let y = groups.div_ceil(max);
+        (groups.div_ceil(y) as u32, y as u32)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testutil {
+    //! A lavapipe (or real) device for kernel tests; tests skip with a note when no adapter exists.
+    use super::*;
+    use std::sync::{Arc, OnceLock};
+
+    /// The shared test context, or `None` (printed once) when this machine has no wgpu adapter.
+    pub fn ctx() -> Option<Arc<GpuContext>> {
+        static CTX: OnceLock<Option<Arc<GpuContext>>> = OnceLock::new();
+        CTX.get_or_init(
+            || match GpuContext::new(&DeviceRequest::Gpu(None), BackendFilter::Any) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    if std::env::var_os("ONESTEP_REQUIRE_GPU").is_some() {
+                        panic!("ONESTEP_REQUIRE_GPU is set but no adapter: {e}");
+                    }
+                    eprintln!("note: no wgpu adapter, GPU kernel tests skipped: {e}");
+                    None
+                }
+            },
+        )
+        .clone()
+    }
+
+    /// Deterministic noise in [-1, 1) (never all zeros).
+    pub fn noise(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Max |a - b| / (1 + |b|).
+    pub fn max_rel(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs() / (1.0 + y.abs()))
+            .fold(0.0, f32::max)
+    }
+}

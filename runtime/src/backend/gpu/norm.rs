@@ -1,0 +1,56 @@
+//! RMSNormalization (`norm.wgsl`): one workgroup a row, f32 accumulation.
+
+use std::sync::Arc;
+
+use super::context::{Bind, GpuContext, Kernel};
+use super::Params;
+use crate::error::Result;
+
+/// The WGSL of this family.
+pub const SOURCE: &str = include_str!("norm.wgsl");
+
+/// The RMS-norm kernel: bindings X, W (scale), O.
+pub fn kernel(ctx: &GpuContext) -> Result<Arc<Kernel>> {
+    ctx.pipeline(
+        "norm",
+        SOURCE,
+        "rms_norm",
+        &[Bind::Read, Bind::Read, Bind::Write],
+        &[],
+    )
+}
+
+/// Parameters for `rows` rows of `h` values.
+pub fn params(rows: usize, h: usize, eps: f32) -> Params {
+    Params::new().u(rows).u(h).f(eps)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testutil::{ctx, max_rel, noise};
+    use super::super::{exec::run_kernel_once, grid};
+    use super::*;
+
+    #[test]
+    fn rms_norm_matches_cpu_reference() {
+        let Some(ctx) = ctx() else { return };
+        let k = kernel(&ctx).unwrap();
+        for (rows, h) in [(1, 576), (7, 64), (3, 1000), (64, 576), (2, 3)] {
+            let x: Vec<f32> = noise(rows * h, h as u64).iter().map(|v| v * 3.0).collect();
+            let w = noise(h, 7);
+            let got = run_kernel_once(
+                &ctx,
+                &k,
+                &params(rows, h, 1e-5),
+                &[bytemuck::cast_slice(&x), bytemuck::cast_slice(&w)],
+                rows * h * 4,
+                grid(rows, 1, ctx.max_groups),
+            )
+            .unwrap();
+            let mut want = vec![0.0; rows * h];
+            crate::backend::cpu::norm::reference(&x, &w, 1e-5, &mut want).unwrap();
+            let e = max_rel(bytemuck::cast_slice(&got), &want);
+            assert!(e < 2e-6, "rows {rows} h {h}: {e}");
+        }
+    }
+}
