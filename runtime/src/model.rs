@@ -51,6 +51,29 @@ pub struct StepOutput {
     pub logits: Vec<f32>,
 }
 
+/// How to load a model: which device runs it.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// `auto` (a real GPU when there is one, else the CPU), `cpu`, `gpu`, `gpu:N`.
+    #[cfg(feature = "gpu")]
+    pub device: crate::backend::gpu::DeviceRequest,
+    /// Which wgpu backends may be used.
+    #[cfg(feature = "gpu")]
+    pub backend: crate::backend::gpu::BackendFilter,
+}
+
+impl LoadOptions {
+    /// The CPU backend.
+    pub fn cpu() -> Self {
+        Self {
+            #[cfg(feature = "gpu")]
+            device: crate::backend::gpu::DeviceRequest::Cpu,
+            #[cfg(feature = "gpu")]
+            backend: Default::default(),
+        }
+    }
+}
+
 /// A loaded and planned step graph.
 pub struct Model {
     pub(crate) info: ModelInfo,
@@ -58,6 +81,10 @@ pub struct Model {
     pub(crate) chat_template: Option<String>,
     pub(crate) load_ms: f64,
     plan: Plan,
+    #[cfg(feature = "gpu")]
+    gpu: Option<crate::backend::gpu::exec::GpuPlan>,
+    /// Why `auto` did not use a GPU (no adapter, a software adapter, an unsupported step).
+    device_note: Option<String>,
     /// Per-op time accumulated when `ONESTEP_PROFILE=1` (op → (calls, seconds)).
     profile: Option<std::sync::Mutex<std::collections::BTreeMap<String, (u64, f64)>>>,
 }
@@ -70,6 +97,8 @@ pub struct StepState {
     /// Number of cache slots written so far (the next position).
     pub(crate) len: usize,
     caches: Vec<Tensor>,
+    #[cfg(feature = "gpu")]
+    gpu: Option<crate::backend::gpu::exec::GpuState>,
 }
 
 impl std::fmt::Debug for Model {
@@ -82,8 +111,13 @@ impl std::fmt::Debug for Model {
 }
 
 impl Model {
-    /// Memory-maps, decodes, checks and plans the model at `path`.
+    /// Memory-maps, decodes, checks and plans the model at `path` for the CPU backend.
     pub fn load(path: impl AsRef<Path>) -> Result<Arc<Model>> {
+        Self::load_with(path, &LoadOptions::cpu())
+    }
+
+    /// Like [`Model::load`] on the device `opts` asks for.
+    pub fn load_with(path: impl AsRef<Path>, opts: &LoadOptions) -> Result<Arc<Model>> {
         let path = path.as_ref();
         let io = |source| Error::Io {
             path: path.to_path_buf(),
@@ -93,11 +127,21 @@ impl Model {
         // SAFETY: the mapping is read-only; the file must not be truncated by another process while
         // the model is loaded (the usual contract of memory-mapped model files).
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
-        Self::load_from_bytes(Bytes::from_owner(map), &path.display().to_string())
+        Self::load_from_bytes_with(Bytes::from_owner(map), &path.display().to_string(), opts)
     }
 
     /// Loads from bytes already in memory (Android assets, iOS bundles). `name` appears in errors.
     pub fn load_from_bytes(bytes: Bytes, name: &str) -> Result<Arc<Model>> {
+        Self::load_from_bytes_with(bytes, name, &LoadOptions::cpu())
+    }
+
+    /// Like [`Model::load_from_bytes`] on the device `opts` asks for.
+    pub fn load_from_bytes_with(
+        bytes: Bytes,
+        name: &str,
+        opts: &LoadOptions,
+    ) -> Result<Arc<Model>> {
+        let _ = opts;
         let t0 = Instant::now();
         let graph = crate::onnx::read::decode_model(bytes, name)?;
         let info = load::check(&graph)?;
@@ -133,12 +177,19 @@ impl Model {
                 )));
             }
         }
+        #[cfg(feature = "gpu")]
+        let (gpu, device_note) = bind_gpu(&plan, &info, opts)?;
+        #[cfg(not(feature = "gpu"))]
+        let device_note = None;
         Ok(Arc::new(Model {
             info,
             tokenizer_json,
             chat_template,
             load_ms: t0.elapsed().as_secs_f64() * 1e3,
             plan,
+            #[cfg(feature = "gpu")]
+            gpu,
+            device_note,
             profile: std::env::var_os("ONESTEP_PROFILE")
                 .filter(|v| v != "0")
                 .map(|_| Default::default()),
@@ -175,9 +226,52 @@ impl Model {
     pub fn plan_stats(&self) -> &PlanStats {
         &self.plan.stats
     }
+    /// The device running the model: `cpu`, or the adapter and backend (`NVIDIA H200 (Vulkan)`).
+    pub fn device(&self) -> String {
+        #[cfg(feature = "gpu")]
+        if let Some(g) = &self.gpu {
+            let i = g.context().info();
+            return format!("{} ({})", i.name, i.backend);
+        }
+        "cpu".to_string()
+    }
+
+    /// Why `auto` chose the CPU, if it did.
+    pub fn device_note(&self) -> Option<&str> {
+        self.device_note.as_deref()
+    }
+
+    /// The GPU adapter's description, when the model runs on a GPU.
+    #[cfg(feature = "gpu")]
+    pub fn gpu_info(&self) -> Option<crate::backend::gpu::GpuInfo> {
+        self.gpu.as_ref().map(|g| g.context().info())
+    }
+
+    /// The GPU executor's counters (last step's dispatches and transfers), when on a GPU.
+    #[cfg(feature = "gpu")]
+    pub fn gpu_stats(&self) -> Option<crate::backend::gpu::exec::GpuStats> {
+        self.gpu.as_ref().map(|g| g.stats())
+    }
+
     /// A fresh sequence state with an empty cache.
     pub fn new_state(&self) -> Result<StepState> {
+        #[cfg(feature = "gpu")]
+        if let Some(g) = &self.gpu {
+            let shapes: Vec<_> = self
+                .plan
+                .caches
+                .iter()
+                .map(|c| (c.dtype, c.shape.clone()))
+                .collect();
+            return Ok(StepState {
+                len: 0,
+                caches: Vec::new(),
+                gpu: Some(g.new_state(&shapes)?),
+            });
+        }
         Ok(StepState {
+            #[cfg(feature = "gpu")]
+            gpu: None,
             len: 0,
             caches: self
                 .plan
@@ -189,12 +283,24 @@ impl Model {
     }
 
     /// Runs one step: `ids` (1..=max_chunk tokens) at position `state.len()`; the chunk must fit in the
-    /// cache. Writes the chunk's K/V rows into the state's cache and advances it.
+    /// cache. Writes the chunk's K/V rows into the state's cache and advances it. Returns the logits too.
     pub fn step(
         &self,
         state: &mut StepState,
         ids: &[u32],
         sampling: &StepSampling,
+    ) -> Result<StepOutput> {
+        self.step_with(state, ids, sampling, true)
+    }
+
+    /// Like [`Model::step`]; `want_logits = false` leaves [`StepOutput::logits`] empty on a GPU, so only
+    /// the chosen token is read back.
+    pub fn step_with(
+        &self,
+        state: &mut StepState,
+        ids: &[u32],
+        sampling: &StepSampling,
+        want_logits: bool,
     ) -> Result<StepOutput> {
         let info = &self.info;
         let t = ids.len();
@@ -222,6 +328,46 @@ impl Model {
                 info.vocab_size
             )));
         }
+        #[cfg(feature = "gpu")]
+        if let Some(g) = &self.gpu {
+            let gs = state.gpu.as_ref().ok_or_else(|| {
+                Error::InvalidArgument("this state belongs to another model".into())
+            })?;
+            let plan = &self.plan;
+            let mut env = self.input_env(ids, position, sampling)?;
+            let mut want = vec![plan.outputs[contract::NEXT_TOKEN]];
+            if want_logits {
+                want.push(plan.outputs[contract::LOGITS]);
+            }
+            let mut prefixes = Vec::new();
+            g.run(plan, gs, &mut env, position, &want, &mut |s, env| {
+                exec_step(plan, s, env, &[], &mut prefixes)
+            })?;
+            let get = |name: &str| -> Result<Tensor> {
+                let slot = plan.outputs[name];
+                env[slot]
+                    .clone()
+                    .or_else(|| plan.consts[slot].clone())
+                    .ok_or_else(|| Error::Contract(format!("output `{name}` was not computed")))
+            };
+            let next_token = get(contract::NEXT_TOKEN)?.scalar_i64(contract::NEXT_TOKEN)?;
+            if next_token < 0 || next_token as usize >= info.vocab_size {
+                return Err(Error::tensor(
+                    contract::NEXT_TOKEN,
+                    format!("graph chose token {next_token}, outside the vocabulary"),
+                ));
+            }
+            let logits = if want_logits {
+                get(contract::LOGITS)?.to_f32_vec(contract::LOGITS)?
+            } else {
+                Vec::new()
+            };
+            state.len += t;
+            return Ok(StepOutput {
+                next_token: next_token as u32,
+                logits,
+            });
+        }
         if state.caches.len() != self.plan.caches.len()
             || state
                 .caches
@@ -234,28 +380,39 @@ impl Model {
             ));
         }
         let plan = &self.plan;
-        let mut env: Vec<Option<Tensor>> = vec![None; plan.names.len()];
-        let ids64: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
-        for (name, &slot) in &plan.inputs {
-            env[slot] = Some(match name.as_str() {
-                contract::INPUT_IDS => Tensor::i64(&[1, t], &ids64),
-                contract::POSITION => Tensor::i64(&[1], &[position as i64]),
-                contract::TEMPERATURE => Tensor::f32(&[1], &[sampling.temperature]),
-                contract::TOP_K => Tensor::i64(&[1], &[sampling.top_k]),
-                contract::TOP_P => Tensor::f32(&[1], &[sampling.top_p]),
-                contract::RANDOM_U => Tensor::f32(&[1], &[sampling.random_u.clamp(0.0, 0.999_999)]),
-                other => return Err(Error::Contract(format!("unknown graph input `{other}`"))),
-            });
-        }
+        let mut env = self.input_env(ids, position, sampling)?;
         for (c, cache) in plan.caches.iter().zip(&state.caches) {
             env[c.input_val] = Some(cache.clone());
         }
+        self.run_cpu(state, &mut env, t, position)
+    }
+
+    /// The graph inputs of one step as a value environment.
+    fn input_env(
+        &self,
+        ids: &[u32],
+        position: usize,
+        sampling: &StepSampling,
+    ) -> Result<Vec<Option<Tensor>>> {
+        input_env(&self.plan, ids, position, sampling)
+    }
+
+    fn run_cpu(
+        &self,
+        state: &mut StepState,
+        env: &mut [Option<Tensor>],
+        t: usize,
+        position: usize,
+    ) -> Result<StepOutput> {
+        let info = &self.info;
+        let plan = &self.plan;
+        let mut env = env;
         // The mask is one value shared by every layer: check its shape once per step.
         let mut prefixes: Vec<(ValId, Option<usize>)> = Vec::new();
         let profiling = self.profile.is_some();
         for (si, s) in plan.steps.iter().enumerate() {
             let t0 = profiling.then(Instant::now);
-            self.run_step(s, &mut env, &state.caches, &mut prefixes)?;
+            self.run_step(s, env, &state.caches, &mut prefixes)?;
             if let (Some(t0), Some(prof)) = (t0, &self.profile) {
                 let key = match s {
                     Step::Node { node, .. } => plan.graph.nodes[*node].op.as_str(),
@@ -272,6 +429,7 @@ impl Model {
                 env[v] = None;
             }
         }
+        let env = &mut env;
         let get = |name: &str| -> Result<Tensor> {
             let slot = plan.outputs[name];
             env[slot]
@@ -303,7 +461,6 @@ impl Model {
             }
             rows.push(r);
         }
-        drop(env);
         for ((c, cache), r) in plan.caches.iter().zip(&mut state.caches).zip(&rows) {
             let (heads, slots, d) = (c.shape[1], c.shape[2], c.shape[3]);
             let es = c.dtype.size();
@@ -321,7 +478,33 @@ impl Model {
             logits,
         })
     }
+}
 
+/// The graph inputs of one step.
+fn input_env(
+    plan: &Plan,
+    ids: &[u32],
+    position: usize,
+    sampling: &StepSampling,
+) -> Result<Vec<Option<Tensor>>> {
+    let t = ids.len();
+    let mut env: Vec<Option<Tensor>> = vec![None; plan.names.len()];
+    let ids64: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+    for (name, &slot) in &plan.inputs {
+        env[slot] = Some(match name.as_str() {
+            contract::INPUT_IDS => Tensor::i64(&[1, t], &ids64),
+            contract::POSITION => Tensor::i64(&[1], &[position as i64]),
+            contract::TEMPERATURE => Tensor::f32(&[1], &[sampling.temperature]),
+            contract::TOP_K => Tensor::i64(&[1], &[sampling.top_k]),
+            contract::TOP_P => Tensor::f32(&[1], &[sampling.top_p]),
+            contract::RANDOM_U => Tensor::f32(&[1], &[sampling.random_u.clamp(0.0, 0.999_999)]),
+            other => return Err(Error::Contract(format!("unknown graph input `{other}`"))),
+        });
+    }
+    Ok(env)
+}
+
+impl Model {
     fn run_step(
         &self,
         s: &Step,
@@ -329,7 +512,19 @@ impl Model {
         caches: &[Tensor],
         prefixes: &mut Vec<(ValId, Option<usize>)>,
     ) -> Result<()> {
-        let plan = &self.plan;
+        exec_step(&self.plan, s, env, caches, prefixes)
+    }
+}
+
+/// Runs one plan step on the CPU.
+fn exec_step(
+    plan: &Plan,
+    s: &Step,
+    env: &mut [Option<Tensor>],
+    caches: &[Tensor],
+    prefixes: &mut Vec<(ValId, Option<usize>)>,
+) -> Result<()> {
+    {
         let val = |env: &[Option<Tensor>], v: ValId| -> Result<Tensor> {
             env[v]
                 .clone()
@@ -629,5 +824,56 @@ impl StepState {
     /// Drops the cache rows from `len` on, so the sequence continues from there.
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
+    }
+}
+
+/// Binds the plan to the GPU `opts` asks for. With `auto`, any failure (no adapter, a software adapter,
+/// a step the kernels do not take) leaves the model on the CPU and says why.
+#[cfg(feature = "gpu")]
+#[allow(clippy::type_complexity)]
+fn bind_gpu(
+    plan: &Plan,
+    info: &ModelInfo,
+    opts: &LoadOptions,
+) -> Result<(Option<crate::backend::gpu::exec::GpuPlan>, Option<String>)> {
+    use crate::backend::gpu::{exec::GpuPlan, DeviceRequest, GpuContext};
+    let auto = opts.device == DeviceRequest::Auto;
+    if opts.device == DeviceRequest::Cpu {
+        return Ok((None, None));
+    }
+    let ctx = match GpuContext::new(&opts.device, opts.backend) {
+        Ok(c) => c,
+        Err(e) if auto => return Ok((None, Some(e.to_string()))),
+        Err(e) => return Err(e),
+    };
+    let gi = ctx.info();
+    if auto && gi.device_type == "Cpu" {
+        return Ok((
+            None,
+            Some(format!(
+                "{} is a software adapter; the CPU backend is faster (use --device gpu to force it)",
+                gi.name
+            )),
+        ));
+    }
+    // Dry-run inputs: the largest chunk at position 0, greedy.
+    let ids = vec![0u32; info.max_chunk.clamp(1, info.max_cache.max(1))];
+    let env = input_env(plan, &ids, 0, &StepSampling::GREEDY)?;
+    let inputs: Vec<(ValId, Tensor)> = env
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, t)| t.map(|t| (i, t)))
+        .collect();
+    let mut prefixes = Vec::new();
+    let r = GpuPlan::new(
+        ctx,
+        plan,
+        &mut |s, env| exec_step(plan, s, env, &[], &mut prefixes),
+        &inputs,
+    );
+    match r {
+        Ok(g) => Ok((Some(g), None)),
+        Err(e) if auto => Ok((None, Some(e.to_string()))),
+        Err(e) => Err(e),
     }
 }

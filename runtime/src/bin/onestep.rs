@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
 use onestep::generate::{ChatMessage, Completion, GenerateOptions, Piece, Session};
-use onestep::{Error, Model, Result};
+use onestep::{Error, LoadOptions, Model, Result};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -126,6 +126,12 @@ struct Common {
     /// CPU threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// Device: auto (a hardware GPU when there is one, else the CPU), cpu, gpu, gpu:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// GPU API: vulkan, metal, dx12, gl (default: WGPU_BACKEND, else any).
+    #[arg(long)]
+    gpu_backend: Option<String>,
 }
 
 impl Common {
@@ -146,6 +152,28 @@ impl Common {
             o.seed = self.seed;
         }
         o
+    }
+
+    fn load_options(&self) -> Result<LoadOptions> {
+        #[cfg(feature = "gpu")]
+        {
+            Ok(LoadOptions {
+                device: self.device.parse()?,
+                backend: match &self.gpu_backend {
+                    Some(b) => b.parse()?,
+                    None => Default::default(),
+                },
+            })
+        }
+        #[cfg(not(feature = "gpu"))]
+        {
+            if self.device != "auto" && self.device != "cpu" {
+                return Err(Error::InvalidArgument(
+                    "this build has no GPU backend (feature `gpu`)".into(),
+                ));
+            }
+            Ok(LoadOptions::cpu())
+        }
     }
 
     fn setup_threads(&self) -> Result<()> {
@@ -173,7 +201,10 @@ fn io_err(what: &str) -> impl FnOnce(std::io::Error) -> Error + '_ {
 
 fn open(path: &Path, common: &Common) -> Result<(Arc<Model>, Session)> {
     common.setup_threads()?;
-    let model = Model::load(path)?;
+    let model = Model::load_with(path, &common.load_options()?)?;
+    if let Some(note) = model.device_note() {
+        eprintln!("onestep: running on the CPU: {note}");
+    }
     let session = Session::new(model.clone())?;
     Ok((model, session))
 }
@@ -420,8 +451,27 @@ fn cmd_bench(
         rows.push(("peak RSS (MiB)", vec![mb]));
     }
     let threads = rayon::current_num_threads();
+    #[cfg(feature = "gpu")]
+    let (gpu, gstats) = (model_arc.gpu_info(), model_arc.gpu_stats());
+    #[cfg(not(feature = "gpu"))]
+    let (gpu, gstats): (Option<()>, Option<()>) = (None, None);
+    let gpu_json = match (&gpu, &gstats) {
+        #[cfg(feature = "gpu")]
+        (Some(g), Some(st)) => serde_json::json!({
+            "adapter": g.name, "backend": g.backend, "type": g.device_type, "driver": g.driver,
+            "init_ms": g.init_ms, "compile_ms": g.compile_ms, "pipeline_cache_hit": g.pipeline_cache_hit,
+            "shader_f16": g.shader_f16, "subgroups": g.subgroups,
+            "dispatches_per_step": st.dispatches, "submits_per_step": st.submits,
+            "gpu_steps": st.gpu_steps, "cpu_steps": st.cpu_steps,
+            "weight_bytes": st.weight_bytes, "scratch_bytes": st.scratch_bytes,
+            "bytes_up_per_step": st.bytes_up, "bytes_down_per_step": st.bytes_down,
+        }),
+        _ => serde_json::Value::Null,
+    };
     if json {
         let obj = serde_json::json!({
+            "device": model_arc.device(),
+            "gpu": gpu_json,
             "prefill": median(col(&|c| c.stats.prefill_tokens_per_s)),
             "decode": median(col(&|c| c.stats.decode_tokens_per_s)),
             "ttft_ms": median(col(&|c| c.stats.time_to_first_token_ms)),
@@ -443,6 +493,10 @@ fn cmd_bench(
         warmup,
         threads
     );
+    println!("device: {}", model_arc.device());
+    if !gpu_json.is_null() {
+        println!("gpu: {gpu_json}");
+    }
     print!("{}", table(&rows));
     if rss_mb.is_none() {
         println!("peak RSS: not available on this OS");
@@ -498,7 +552,8 @@ fn cmd_score(model: &Path, jobs: &Path, top: usize, common: &Common) -> Result<(
     };
     let jobs: Vec<ScoreJob> = serde_json::from_str(&text)
         .map_err(|e| Error::InvalidArgument(format!("{}: {e}", jobs.display())))?;
-    let model = Model::load(model)?;
+    common.setup_threads()?;
+    let model = Model::load_with(model, &common.load_options()?)?;
     let chunk = model.info().max_chunk;
     let greedy = onestep::StepSampling::GREEDY;
     let mut results = Vec::new();

@@ -68,7 +68,8 @@ impl StepEngine for Model {
         Model::new_state(self)
     }
     fn step(&self, state: &mut StepState, ids: &[u32], s: &StepSampling) -> Result<StepOutput> {
-        Model::step(self, state, ids, s)
+        // The session reads only the chosen token: on a GPU nothing else comes back.
+        Model::step_with(self, state, ids, s, false)
     }
     fn reset_state(state: &mut StepState) {
         state.reset()

@@ -163,9 +163,6 @@ impl Env<'_> {
     fn cpu(&self, v: ValId) -> Option<&Tensor> {
         self.cpu[v].as_ref().or(self.plan.consts[v].as_ref())
     }
-    fn is_const(&self, v: ValId) -> bool {
-        self.plan.consts[v].is_some()
-    }
 }
 
 const HEAVY_NONE: &[BufRef] = &[];
