@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use onestep::{Model, StepSampling};
+use onestep::{LoadOptions, Model, StepSampling};
 use serde_json::Value;
 
 fn fixtures() -> PathBuf {
@@ -13,11 +13,46 @@ fn fixtures() -> PathBuf {
 }
 
 fn check(name: &str) {
+    check_on(name, &LoadOptions::cpu());
+    gpu::check(name);
+}
+
+/// The same schedule on the wgpu backend (lavapipe in CI): every step against onnxruntime's logits and
+/// tokens. Skipped with a note when the machine has no adapter, unless `ONESTEP_REQUIRE_GPU` is set.
+#[cfg(feature = "gpu")]
+mod gpu {
+    use onestep::backend::gpu::{BackendFilter, DeviceRequest, GpuContext};
+    use onestep::LoadOptions;
+
+    pub fn check(name: &str) {
+        if let Err(e) = GpuContext::new(&DeviceRequest::Gpu(None), BackendFilter::Any) {
+            assert!(
+                std::env::var_os("ONESTEP_REQUIRE_GPU").is_none(),
+                "ONESTEP_REQUIRE_GPU is set but there is no adapter: {e}"
+            );
+            eprintln!("note: no wgpu adapter ({e}); {name} not run on the GPU");
+            return;
+        }
+        let opts = LoadOptions {
+            device: DeviceRequest::Gpu(None),
+            backend: BackendFilter::Any,
+        };
+        super::check_on(name, &opts);
+    }
+}
+
+#[cfg(not(feature = "gpu"))]
+mod gpu {
+    pub fn check(_: &str) {}
+}
+
+fn check_on(name: &str, opts: &LoadOptions) {
     let dir = fixtures();
     let json: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{name}.json"))).unwrap())
             .unwrap();
-    let model = Model::load(dir.join(format!("{name}.onnx"))).unwrap();
+    let model = Model::load_with(dir.join(format!("{name}.onnx")), opts).unwrap();
+    println!("{name}: device {}", model.device());
     let stats = model.plan_stats();
     assert_eq!(
         stats.cache_attention, 2,

@@ -130,7 +130,7 @@ pub struct GpuPlan {
     groups: Vec<Vec<Option<wgpu::BindGroup>>>,
     binds: Vec<Vec<Vec<BufRef>>>,
     /// Attention steps: whether the kernel writes the new rows into the cache (required).
-    staging: HashMap<ValId, wgpu::Buffer>,
+    staging: Mutex<HashMap<ValId, Arc<wgpu::Buffer>>>,
     lock: Mutex<GpuStats>,
 }
 
@@ -205,7 +205,7 @@ impl GpuPlan {
             kernels: vec![Vec::new(); plan.steps.len()],
             groups: (0..plan.steps.len()).map(|_| Vec::new()).collect(),
             binds: vec![Vec::new(); plan.steps.len()],
-            staging: HashMap::new(),
+            staging: Mutex::new(HashMap::new()),
             lock: Mutex::new(GpuStats {
                 weight_bytes,
                 ..Default::default()
@@ -344,8 +344,10 @@ impl GpuPlan {
             me.home[v] = Some(me.bufs.len() - 1);
             me.const_loaded[v] = true;
         }
-        for (v, bytes) in downloads {
-            me.staging.insert(v, ctx.staging(&plan.names[v], bytes));
+        if let Ok(mut st) = me.staging.lock() {
+            for (v, bytes) in downloads {
+                st.insert(v, Arc::new(ctx.staging(&plan.names[v], bytes)));
+            }
         }
         me.params = ctx.uniform("params", (slot.max(1) * 256) as u64);
         for si in 0..plan.steps.len() {
@@ -1231,10 +1233,14 @@ impl GpuPlan {
                 .as_ref()
                 .ok_or_else(|| Error::Gpu("fetch of a value not on the GPU".into()))?;
             let h = self.home[v].ok_or_else(|| Error::Gpu("no buffer".into()))?;
-            let st = self
-                .staging
-                .get(&v)
-                .ok_or_else(|| Error::Gpu(format!("value {v} was not planned to be read back")))?;
+            // Read-backs the dry run did not foresee (a data-dependent CPU fallback, e.g. sampling with
+            // k > 1) get their staging buffer once, sized for the value's buffer.
+            let st = {
+                let mut map = self.staging.lock().map_err(|_| Error::Gpu("staging lock poisoned".into()))?;
+                map.entry(v)
+                    .or_insert_with(|| Arc::new(self.ctx.staging("read-back", self.caps[h])))
+                    .clone()
+            };
             let bytes = m.bytes();
             if bytes > st.size() {
                 return Err(Error::Gpu(format!(
@@ -1242,13 +1248,13 @@ impl GpuPlan {
                     st.size()
                 )));
             }
-            enc.copy_buffer_to_buffer(&self.bufs[h], 0, st, 0, bytes);
+            enc.copy_buffer_to_buffer(&self.bufs[h], 0, &st, 0, bytes);
             reads.push((st, m.numel() * m.dtype.size(), m.clone()));
         }
         self.ctx.queue.submit([enc.finish()]);
         let raw = self
             .ctx
-            .read_back(&reads.iter().map(|(b, n, _)| (*b, *n)).collect::<Vec<_>>())?;
+            .read_back(&reads.iter().map(|(b, n, _)| (&**b, *n)).collect::<Vec<_>>())?;
         let mut out = Vec::new();
         for (bytes, (_, _, m)) in raw.into_iter().zip(reads) {
             let mut t = Tensor::zeros(m.dtype, &m.shape);
