@@ -552,7 +552,6 @@ fn cmd_score(model: &Path, jobs: &Path, top: usize, common: &Common) -> Result<(
     };
     let jobs: Vec<ScoreJob> = serde_json::from_str(&text)
         .map_err(|e| Error::InvalidArgument(format!("{}: {e}", jobs.display())))?;
-    common.setup_threads()?;
     let model = Model::load_with(model, &common.load_options()?)?;
     let chunk = model.info().max_chunk;
     let greedy = onestep::StepSampling::GREEDY;
