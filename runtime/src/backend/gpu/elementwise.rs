@@ -51,6 +51,8 @@ pub enum UnOp {
     Copy = 1,
     /// `-x`.
     Neg = 2,
+    /// `f32(f16(x))`, round to nearest even: `Cast(Cast(x, f16), f32)` in one pass.
+    RoundF16 = 4,
 }
 
 /// The kernel for `entry` of this family.

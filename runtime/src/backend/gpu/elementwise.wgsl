@@ -3,7 +3,7 @@
 //
 // binary:  out[i] = op(a[ia], b[ib]) with broadcasting: P[0]=n P[1]=op P[2]=rank, P[3..9]=out dims,
 //          P[9..15]=a strides, P[15..21]=b strides (0 on broadcast axes). op: 0 add 1 sub 2 mul 3 div.
-// unary:   P[0]=n P[1]=op (0 sigmoid, 1 copy, 2 neg, 3 silu).
+// unary:   P[0]=n P[1]=op (0 sigmoid, 1 copy, 2 neg, 3 silu, 4 round through f16).
 // silu_gate: out = g * sigmoid(g) * u, P[0]=n.
 // cast_to_f16: out words = pack(a[2w], a[2w+1]), P[0]=n elements.  cast_from_f16: P[0]=n.
 // transpose32: P[0]=n P[1]=rank P[2..8]=out dims P[8..14]=input strides in out-axis order.
@@ -58,7 +58,8 @@ fn unary(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: ve
         case 0u: { r = sigmoid(x); }
         case 1u: { r = x; }
         case 2u: { r = -x; }
-        default: { r = x * sigmoid(x); }
+        case 3u: { r = x * sigmoid(x); }
+        default: { r = f16_at(pack_f16(x, 0.0), false); }
     }
     O[i] = bitcast<u32>(r);
 }

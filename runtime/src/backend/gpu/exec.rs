@@ -68,6 +68,8 @@ struct Disp {
 
 /// What a GPU step does this run.
 struct Desc {
+    /// Dry run only: a fusion this description takes — (the other step, the value it reads).
+    fused: Option<(usize, ValId)>,
     /// Output values with their metadata; `Some(src)` when the output is a view of `src`'s buffer.
     outs: Vec<(ValId, Meta, Option<ValId>)>,
     /// Non-constant inputs the dispatches read.
@@ -92,6 +94,10 @@ pub struct GpuStats {
     pub bytes_down: u64,
     /// Weight bytes resident on the GPU.
     pub weight_bytes: u64,
+    /// Milliseconds of the last step (CPU steps, recording, submission and waits).
+    pub step_ms: f64,
+    /// Of those, milliseconds waiting for the GPU (submit → results mapped).
+    pub wait_ms: f64,
     /// Activation buffer bytes.
     pub scratch_bytes: u64,
 }
@@ -132,6 +138,116 @@ pub struct GpuPlan {
     /// Attention steps: whether the kernel writes the new rows into the cache (required).
     staging: Mutex<HashMap<ValId, Arc<wgpu::Buffer>>>,
     lock: Mutex<GpuStats>,
+    /// Fusion candidates found in the plan (see [`Fusions`]) and the ones the dry run took.
+    cand: Fusions,
+    /// Steps whose work another step does (their descriptions are empty).
+    skipped: HashSet<usize>,
+    /// Linear steps that add the residual in their epilogue (and write the `Add`'s output).
+    res_fused: HashSet<usize>,
+    /// Rotary steps reading the untransposed `[1, T, H, D]` input.
+    tr_src: HashMap<usize, ValId>,
+    /// `Cast(f16→f32)` steps computing `f32(f16(x))` from the first cast's input.
+    round_src: HashMap<usize, ValId>,
+}
+
+/// Patterns of standard ops the GPU runs as fewer dispatches (found once from the plan's structure).
+#[derive(Debug, Default)]
+struct Fusions {
+    /// Linear step → (its only consumer, an `Add` step; the Add's other input; the Add's output).
+    res: HashMap<usize, (usize, ValId, ValId)>,
+    /// `Transpose(perm 0,2,1,3)` step → (its only consumer, a `RotaryEmbedding` step; the input).
+    tr: HashMap<usize, (usize, ValId)>,
+    /// `Cast(f32→f16)` of a cache output → (its only consumer, a `Cast(f16→f32)` step; the input).
+    round: HashMap<usize, (usize, ValId)>,
+}
+
+impl Fusions {
+    fn find(plan: &Plan) -> Fusions {
+        let nvals = plan.names.len();
+        let mut consumers: Vec<Vec<usize>> = vec![Vec::new(); nvals];
+        for (si, s) in plan.steps.iter().enumerate() {
+            for v in crate::plan::step_reads(s) {
+                if !consumers[v].contains(&si) {
+                    consumers[v].push(si);
+                }
+            }
+        }
+        let outs: HashSet<ValId> = plan.outputs.values().copied().collect();
+        let cache_out: HashSet<ValId> = plan.caches.iter().map(|c| c.output_val).collect();
+        let node = |si: usize| match &plan.steps[si] {
+            Step::Node {
+                node,
+                inputs,
+                outputs,
+            } => Some((&plan.graph.nodes[*node], inputs, outputs)),
+            _ => None,
+        };
+        let mut f = Fusions::default();
+        // `ONESTEP_GPU_NO_FUSE=res,tr,round` (or `all`) turns fusions off, to compare or bisect.
+        let off = std::env::var("ONESTEP_GPU_NO_FUSE").unwrap_or_default();
+        let on = |k: &str| !(off.contains(k) || off.contains("all"));
+        for (si, s) in plan.steps.iter().enumerate() {
+            match s {
+                Step::Linear { out, .. } => {
+                    if let ([ai], false) = (consumers[*out].as_slice(), outs.contains(out)) {
+                        if let Some((n, ins, os)) = node(*ai) {
+                            if n.op == "Add" && ins.len() == 2 && os.len() == 1 {
+                                if let (Some(a), Some(b)) = (ins[0], ins[1]) {
+                                    if a != b {
+                                        let other = if a == *out { b } else { a };
+                                        if on("res") {
+                                            f.res.insert(si, (*ai, other, os[0]));
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                Step::Node {
+                    node: ni,
+                    inputs,
+                    outputs,
+                } => {
+                    let n = &plan.graph.nodes[*ni];
+                    let (Some(&o), Some(Some(x))) = (outputs.first(), inputs.first()) else {
+                        continue;
+                    };
+                    if outs.contains(&o) && !cache_out.contains(&o) {
+                        continue;
+                    }
+                    let [ci] = consumers[o].as_slice() else {
+                        continue;
+                    };
+                    let Some((cn, cins, _)) = node(*ci) else {
+                        continue;
+                    };
+                    if n.op == "Transpose"
+                        && n.attr_ints("perm") == Some(&[0, 2, 1, 3][..])
+                        && !outs.contains(&o)
+                        && cn.op == "RotaryEmbedding"
+                        && cins.first().copied().flatten() == Some(o)
+                    {
+                        if on("tr") {
+                            f.tr.insert(si, (*ci, *x));
+                        }
+                    }
+                    if n.op == "Cast"
+                        && n.attr_int("to", 0) == DType::F16.onnx_code() as i64
+                        && cache_out.contains(&o)
+                        && cn.op == "Cast"
+                        && cn.attr_int("to", 0) == DType::F32.onnx_code() as i64
+                    {
+                        if on("round") {
+                            f.round.insert(si, (*ci, *x));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        f
+    }
 }
 
 impl std::fmt::Debug for GpuPlan {
@@ -210,6 +326,11 @@ impl GpuPlan {
                 weight_bytes,
                 ..Default::default()
             }),
+            cand: Fusions::find(plan),
+            skipped: HashSet::new(),
+            res_fused: HashSet::new(),
+            tr_src: HashMap::new(),
+            round_src: HashMap::new(),
         };
         // Dry run.
         let mut env: Vec<Option<Tensor>> = vec![None; nvals];
@@ -231,7 +352,8 @@ impl GpuPlan {
                     meta: &meta,
                 };
                 let d = me.describe(si, s, &e, true, 0)?;
-                let heavy = matches!(s, Step::Linear { .. } | Step::CacheAttention { .. });
+                let heavy = matches!(s, Step::Linear { .. } | Step::CacheAttention { .. })
+                    || me.skipped.contains(&si);
                 match d {
                     Some(d)
                         if heavy
@@ -247,6 +369,22 @@ impl GpuPlan {
             match desc {
                 Some(d) => {
                     me.on_gpu[si] = true;
+                    if let Some((other, target)) = d.fused {
+                        match s {
+                            Step::Linear { .. } => {
+                                me.res_fused.insert(si);
+                                me.skipped.insert(other);
+                            }
+                            _ if me.cand.tr.contains_key(&si) => {
+                                me.skipped.insert(si);
+                                me.tr_src.insert(other, target);
+                            }
+                            _ => {
+                                me.skipped.insert(si);
+                                me.round_src.insert(other, target);
+                            }
+                        }
+                    }
                     for &v in &d.reads {
                         if e_is_const(plan, v) {
                             consts.insert(v);
@@ -277,6 +415,14 @@ impl GpuPlan {
                     }
                 }
                 None => {
+                    if me.tr_src.contains_key(&si)
+                        || me.round_src.contains_key(&si)
+                        || me.skipped.contains(&si)
+                    {
+                        return Err(Error::Gpu(format!(
+                            "step {si} was fused with an earlier one but cannot run on the GPU"
+                        )));
+                    }
                     if let Step::CacheAttention { node, .. } = s {
                         let n = &plan.graph.nodes[*node];
                         return Err(Error::Gpu(format!(
@@ -499,6 +645,29 @@ impl GpuPlan {
                 if let Some(l) = shape.last_mut() {
                     *l = g.n;
                 }
+                // Residual add in the epilogue: the Add's other input is ready and has this output's shape.
+                let fuse = if dry {
+                    self.cand.res.get(&si).copied().filter(|(_, other, _)| {
+                        e.meta(*other)
+                            .is_some_and(|m| m.dtype == DType::F32 && m.shape == shape)
+                    })
+                } else if self.res_fused.contains(&si) {
+                    self.cand.res.get(&si).copied()
+                } else {
+                    None
+                };
+                let (res, target) = match fuse {
+                    Some((_, other, aout)) => {
+                        if e.meta(other).map(|m| m.shape) != Some(shape.clone()) {
+                            return Err(Error::Gpu(format!(
+                                "`{}`: residual has another shape than the linear output",
+                                plan.names[aout]
+                            )));
+                        }
+                        (BufRef::Val(other), aout)
+                    }
+                    None => (BufRef::Dummy, *out),
+                };
                 let mut disp = Vec::new();
                 for i in 0..g.parts.len() {
                     disp.push(Disp {
@@ -509,23 +678,28 @@ impl GpuPlan {
                             BufRef::LinS(i),
                             BufRef::LinZ(i),
                             BufRef::LinBias,
-                            BufRef::Dummy,
-                            BufRef::Val(*out),
+                            res,
+                            BufRef::Val(target),
                         ],
-                        params: g.params(i, m, false),
+                        params: g.params(i, m, fuse.is_some()),
                         groups: g.groups(i, m, ctx.max_groups),
                     });
                 }
+                let mut reads = vec![*x];
+                if let Some((_, other, _)) = fuse {
+                    reads.push(other);
+                }
                 Ok(Some(Desc {
+                    fused: fuse.filter(|_| dry).map(|(ai, other, _)| (ai, other)),
                     outs: vec![(
-                        *out,
+                        target,
                         Meta {
                             dtype: DType::F32,
                             shape,
                         },
                         None,
                     )],
-                    reads: vec![*x],
+                    reads,
                     disp,
                 }))
             }
@@ -538,6 +712,7 @@ impl GpuPlan {
                 }
                 let n = gm.numel();
                 Ok(Some(Desc {
+                    fused: None,
                     outs: vec![(sg.out, gm, None)],
                     reads: vec![sg.g, sg.u],
                     disp: vec![ew_disp(
@@ -614,6 +789,7 @@ impl GpuPlan {
                     vec![1, h, t, d]
                 };
                 Ok(Some(Desc {
+                    fused: None,
                     outs: vec![(
                         *out,
                         Meta {
@@ -650,6 +826,73 @@ impl GpuPlan {
                 }
                 let inp = |i: usize| inputs.get(i).copied().flatten();
                 let out = outputs[0];
+                // Fused into a neighbour: an Add done by the linear before it; a Transpose read by the
+                // rotary after it; the first of two casts done by the second.
+                let first_of_pair = if dry {
+                    let x = inp(0).and_then(|x| e.meta[x].clone().map(|m| (x, m)));
+                    match (self.cand.tr.get(&si), self.cand.round.get(&si), x) {
+                        (Some(&(ri, src)), _, Some((_, m)))
+                            if m.dtype == DType::F32 && m.shape.len() == 4 =>
+                        {
+                            Some((ri, src, m))
+                        }
+                        (_, Some(&(bi, src)), Some((_, m))) if m.dtype == DType::F32 => {
+                            Some((bi, src, m))
+                        }
+                        _ => None,
+                    }
+                } else if self.skipped.contains(&si) && n.op != "Add" {
+                    let src =
+                        inp(0).ok_or_else(|| Error::Gpu("fused step lost its input".into()))?;
+                    let m = e
+                        .meta(src)
+                        .ok_or_else(|| Error::Gpu("fused step input missing".into()))?;
+                    Some((0, src, m))
+                } else {
+                    None
+                };
+                if self.skipped.contains(&si) && n.op == "Add" {
+                    return Ok(Some(Desc {
+                        fused: None,
+                        outs: Vec::new(),
+                        reads: Vec::new(),
+                        disp: Vec::new(),
+                    }));
+                }
+                if let Some((other, src, m)) = first_of_pair {
+                    let om = if n.op == "Transpose" {
+                        Meta {
+                            dtype: m.dtype,
+                            shape: vec![m.shape[0], m.shape[2], m.shape[1], m.shape[3]],
+                        }
+                    } else {
+                        Meta {
+                            dtype: DType::F16,
+                            shape: m.shape,
+                        }
+                    };
+                    return Ok(Some(Desc {
+                        fused: dry.then_some((other, src)),
+                        outs: vec![(out, om, None)],
+                        reads: vec![src],
+                        disp: Vec::new(),
+                    }));
+                }
+                if let Some(&x) = self.round_src.get(&si) {
+                    let Some(xm) = f32m(x) else { return Ok(None) };
+                    let nn = xm.numel();
+                    return Ok(Some(Desc {
+                        fused: None,
+                        outs: vec![(out, xm, None)],
+                        reads: vec![x],
+                        disp: vec![ew_disp(
+                            "unary",
+                            vec![BufRef::Val(x), BufRef::Dummy, BufRef::Val(out)],
+                            Params::new().u(nn).u(UnOp::RoundF16 as usize),
+                            nn,
+                        )?],
+                    }));
+                }
                 match n.op.as_str() {
                     "Reshape" | "Squeeze" | "Unsqueeze" | "Identity" | "Flatten" => {
                         let Some(x) = inp(0) else { return Ok(None) };
@@ -670,6 +913,7 @@ impl GpuPlan {
                         let o = ops::run_node(n, &args)?;
                         let m = Meta::of(&o[0]);
                         Ok(Some(Desc {
+                            fused: None,
                             outs: vec![(out, m, Some(x))],
                             reads: vec![x],
                             disp: Vec::new(),
@@ -692,6 +936,7 @@ impl GpuPlan {
                         let p = ew::binary_params(op, &am.shape, &bm.shape, &os)?;
                         let nn = os.iter().product();
                         Ok(Some(Desc {
+                            fused: None,
                             outs: vec![(
                                 out,
                                 Meta {
@@ -719,6 +964,7 @@ impl GpuPlan {
                         };
                         let nn = am.numel();
                         Ok(Some(Desc {
+                            fused: None,
                             outs: vec![(out, am, None)],
                             reads: vec![a],
                             disp: vec![ew_disp(
@@ -740,6 +986,7 @@ impl GpuPlan {
                                     return Ok(None);
                                 }
                                 return Ok(Some(Desc {
+                                    fused: None,
                                     outs: vec![(out, am, Some(a))],
                                     reads: vec![a],
                                     disp: Vec::new(),
@@ -751,6 +998,7 @@ impl GpuPlan {
                         };
                         let to = to.unwrap_or(DType::F32);
                         Ok(Some(Desc {
+                            fused: None,
                             outs: vec![(
                                 out,
                                 Meta {
@@ -804,6 +1052,7 @@ impl GpuPlan {
                         }
                         let p = ew::transpose_params(&shape, &perm)?;
                         Ok(Some(Desc {
+                            fused: None,
                             outs: vec![(
                                 out,
                                 Meta {
@@ -851,6 +1100,7 @@ impl GpuPlan {
                         let nidx = it.numel();
                         let words = row_bytes / 4;
                         Ok(Some(Desc {
+                            fused: None,
                             outs: vec![(
                                 out,
                                 Meta {
@@ -890,6 +1140,7 @@ impl GpuPlan {
                         let rows = xm.numel() / h.max(1);
                         let (gx, gy) = grid(rows, 1, ctx.max_groups);
                         Ok(Some(Desc {
+                            fused: None,
                             outs: vec![(out, xm, None)],
                             reads: vec![x, w],
                             disp: vec![Disp {
@@ -901,12 +1152,20 @@ impl GpuPlan {
                         }))
                     }
                     "RotaryEmbedding" => {
-                        let (Some(x), Some(c), Some(sn), Some(pv)) =
+                        let (Some(x0), Some(c), Some(sn), Some(pv)) =
                             (inp(0), inp(1), inp(2), inp(3))
                         else {
                             return Ok(None);
                         };
-                        let Some(xm) = f32m(x) else { return Ok(None) };
+                        // After a fused transpose the input is still [1, T, H, D].
+                        let tf = self.tr_src.get(&si).copied();
+                        let x = tf.unwrap_or(x0);
+                        let Some(mut xm) = f32m(x) else {
+                            return Ok(None);
+                        };
+                        if tf.is_some() && xm.shape.len() == 4 {
+                            xm.shape = vec![xm.shape[0], xm.shape[2], xm.shape[1], xm.shape[3]];
+                        }
                         let (Some(ct), Some(st)) =
                             (plan.consts[c].as_ref(), plan.consts[sn].as_ref())
                         else {
@@ -950,6 +1209,7 @@ impl GpuPlan {
                         let nn = h * t * d;
                         let (gx, gy) = grid(nn, 256, ctx.max_groups);
                         Ok(Some(Desc {
+                            fused: None,
                             outs: vec![(out, xm, None)],
                             reads: vec![x, c, sn, pv],
                             disp: vec![Disp {
@@ -967,7 +1227,7 @@ impl GpuPlan {
                                     d,
                                     rot,
                                     n.attr_int("interleaved", 0) != 0,
-                                    false,
+                                    tf.is_some(),
                                 ),
                                 groups: (gx, gy, 1),
                             }],
@@ -996,6 +1256,7 @@ impl GpuPlan {
                         let mut os = xm.shape.clone();
                         os[r - 1] = 1;
                         Ok(Some(Desc {
+                            fused: None,
                             outs: vec![
                                 (
                                     outputs[0],
@@ -1080,6 +1341,8 @@ impl GpuPlan {
         let mut params: Vec<u8> = Vec::new();
         let mut pending: Vec<(usize, usize, (u32, u32, u32))> = Vec::new();
         let (mut dispatches, mut submits, mut up, mut down) = (0usize, 0usize, 0u64, 0u64);
+        let t_step = std::time::Instant::now();
+        let mut wait = 0.0f64;
         for (si, s) in plan.steps.iter().enumerate() {
             let desc = if self.on_gpu[si] {
                 let e = Env {
@@ -1153,6 +1416,7 @@ impl GpuPlan {
                         .collect();
                     if !fetch.is_empty() || (!pending.is_empty() && false) {
                         let got = self.flush(state, &mut pending, &params, &fetch, &meta)?;
+                        wait += got.2;
                         submits += 1;
                         dispatches += got.1;
                         for (v, t) in fetch.iter().zip(got.0) {
@@ -1176,6 +1440,7 @@ impl GpuPlan {
             .collect();
         if !pending.is_empty() || !fetch.is_empty() {
             let got = self.flush(state, &mut pending, &params, &fetch, &meta)?;
+            wait += got.2;
             submits += 1;
             dispatches += got.1;
             for (v, t) in fetch.iter().zip(got.0) {
@@ -1183,6 +1448,8 @@ impl GpuPlan {
                 env[*v] = Some(t);
             }
         }
+        stats.step_ms = t_step.elapsed().as_secs_f64() * 1e3;
+        stats.wait_ms = wait;
         stats.dispatches = dispatches;
         stats.submits = submits;
         stats.bytes_up = up;
@@ -1199,7 +1466,7 @@ impl GpuPlan {
         params: &[u8],
         fetch: &[ValId],
         meta: &[Option<Meta>],
-    ) -> Result<(Vec<Tensor>, usize)> {
+    ) -> Result<(Vec<Tensor>, usize, f64)> {
         let n = pending.len();
         if !params.is_empty() {
             self.ctx.queue.write_buffer(&self.params, 0, params);
@@ -1236,7 +1503,10 @@ impl GpuPlan {
             // Read-backs the dry run did not foresee (a data-dependent CPU fallback, e.g. sampling with
             // k > 1) get their staging buffer once, sized for the value's buffer.
             let st = {
-                let mut map = self.staging.lock().map_err(|_| Error::Gpu("staging lock poisoned".into()))?;
+                let mut map = self
+                    .staging
+                    .lock()
+                    .map_err(|_| Error::Gpu("staging lock poisoned".into()))?;
                 map.entry(v)
                     .or_insert_with(|| Arc::new(self.ctx.staging("read-back", self.caps[h])))
                     .clone()
@@ -1251,6 +1521,7 @@ impl GpuPlan {
             enc.copy_buffer_to_buffer(&self.bufs[h], 0, &st, 0, bytes);
             reads.push((st, m.numel() * m.dtype.size(), m.clone()));
         }
+        let t_wait = std::time::Instant::now();
         self.ctx.queue.submit([enc.finish()]);
         let raw = self
             .ctx
@@ -1261,7 +1532,7 @@ impl GpuPlan {
             t.bytes_mut().copy_from_slice(&bytes);
             out.push(t);
         }
-        Ok((out, n))
+        Ok((out, n, t_wait.elapsed().as_secs_f64() * 1e3))
     }
 }
 
