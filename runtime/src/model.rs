@@ -214,6 +214,10 @@ impl Model {
     /// Time per op kind since load, slowest first (only when `ONESTEP_PROFILE=1` was set at load):
     /// `(op, calls, seconds)`.
     pub fn profile(&self) -> Vec<(String, u64, f64)> {
+        #[cfg(feature = "gpu")]
+        if let Some(g) = &self.gpu {
+            return g.profile();
+        }
         let Some(p) = &self.profile else {
             return Vec::new();
         };

@@ -144,6 +144,8 @@ pub struct GpuPlan {
     skipped: HashSet<usize>,
     /// Linear steps that add the residual in their epilogue (and write the `Add`'s output).
     res_fused: HashSet<usize>,
+    /// Per-kernel GPU time when `ONESTEP_PROFILE=1` (each dispatch submitted and waited for alone).
+    profile: Option<Mutex<std::collections::BTreeMap<String, (u64, f64)>>>,
     /// Rotary steps reading the untransposed `[1, T, H, D]` input.
     tr_src: HashMap<usize, ValId>,
     /// `Cast(f16→f32)` steps computing `f32(f16(x))` from the first cast's input.
@@ -327,6 +329,9 @@ impl GpuPlan {
                 ..Default::default()
             }),
             cand: Fusions::find(plan),
+            profile: std::env::var_os("ONESTEP_PROFILE")
+                .filter(|v| v != "0")
+                .map(|_| Mutex::new(Default::default())),
             skipped: HashSet::new(),
             res_fused: HashSet::new(),
             tr_src: HashMap::new(),
@@ -518,6 +523,15 @@ impl GpuPlan {
         ctx.check("planning")?;
         ctx.save_pipeline_cache();
         Ok(me)
+    }
+
+    /// GPU time per kernel (`(kernel, dispatches, seconds)`, slowest first) when `ONESTEP_PROFILE=1`.
+    pub fn profile(&self) -> Vec<(String, u64, f64)> {
+        let Some(p) = &self.profile else { return Vec::new() };
+        let p = p.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<_> = p.iter().map(|(k, (n, t))| (k.clone(), *n, *t)).collect();
+        v.sort_by(|a, b| b.2.total_cmp(&a.2));
+        v
     }
 
     /// The context.
@@ -1470,6 +1484,39 @@ impl GpuPlan {
         let n = pending.len();
         if !params.is_empty() {
             self.ctx.queue.write_buffer(&self.params, 0, params);
+        }
+        if let Some(prof) = &self.profile {
+            // Profiling: every dispatch alone, timed from submit to completion.
+            for (si, j, (x, y, z)) in pending.drain(..) {
+                let g = match &self.groups[si][j] {
+                    Some(g) => g,
+                    None => state
+                        .groups
+                        .get(&(si, j))
+                        .ok_or_else(|| Error::Gpu("state has no bind group".into()))?,
+                };
+                let mut enc = self.ctx.device.create_command_encoder(&Default::default());
+                {
+                    let mut pass = enc.begin_compute_pass(&Default::default());
+                    pass.set_pipeline(&self.kernels[si][j].pipeline);
+                    pass.set_bind_group(0, g, &[]);
+                    pass.dispatch_workgroups(x, y, z);
+                }
+                let t0 = std::time::Instant::now();
+                self.ctx.queue.submit([enc.finish()]);
+                self.ctx
+                    .device
+                    .poll(wgpu::PollType::Wait {
+                        submission_index: None,
+                        timeout: None,
+                    })
+                    .map_err(|e| Error::Gpu(format!("waiting for the GPU: {e}")))?;
+                let dt = t0.elapsed().as_secs_f64();
+                let mut p = prof.lock().unwrap_or_else(|e| e.into_inner());
+                let e = p.entry(self.kernels[si][j].name.clone()).or_insert((0, 0.0));
+                e.0 += 1;
+                e.1 += dt;
+            }
         }
         let mut enc = self
             .ctx
