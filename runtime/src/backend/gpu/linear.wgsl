@@ -1,7 +1,8 @@
 // y[t, n0 + n] = sum_k x[t, k] * W[n, k] (+ bias[n]) (+ res[t, n0 + n]) for every weight encoding the
 // exporter writes, decoded on the fly from the file's bytes (u32 words).
-// A workgroup: 8 output rows x 32 lanes, 8 tokens (z = token chunk). Each lane walks the row's K in
-// strides of 32 elements (dense forms) or of 32 blocks (block forms), then lanes are summed.
+// A workgroup: 8 output rows x 32 lanes, up to 8 tokens (z = token chunk). Lane l of a row takes the
+// elements k = l, l + 32, l + 64, ...: every step of the 32 lanes covers one block of 32 (block forms share
+// one scale/zero load) and reads x coalesced; the 8 token accumulators are two vec4s (no private arrays).
 // FORM: 0 f32, 1 f16, 2 bf16, 3 int8 per row (S[n]), 4 4-bit blocks of 32, 5 8-bit blocks of 32
 // (value = (q - Z[blk]) * S[blk]). P[0]=N (rows in this part) P[1]=K P[2]=T P[3]=n0 P[4]=row stride
 // of y P[5]=has bias P[6]=has residual.
@@ -15,17 +16,29 @@ override FORM: u32 = 0u;
 @group(0) @binding(6) var<storage, read> RES: array<f32>;
 @group(0) @binding(7) var<storage, read_write> O: array<f32>;
 
-var<workgroup> red: array<f32, 2048>;
+var<workgroup> red: array<vec4<f32>, 512>;
 
-fn dense_at(n: u32, k: u32, kk: u32) -> f32 {
+fn w_at(n: u32, k: u32, kk: u32) -> f32 {
     let e = n * kk + k;
     switch FORM {
         case 0u: { return bitcast<f32>(W[e]); }
         case 1u: { return unpack2x16float(W[e / 2u])[e & 1u]; }
         case 2u: { return bitcast<f32>(((W[e / 2u] >> (16u * (e & 1u))) & 0xffffu) << 16u); }
-        default: {
+        case 3u: {
             let byte = (W[e / 4u] >> (8u * (e & 3u))) & 0xffu;
             return f32(i32(byte << 24u) >> 24u) * S[n];
+        }
+        case 4u: {
+            let blk = e / 32u;
+            let j = k % 32u;
+            let q = (W[blk * 4u + j / 8u] >> (4u * (j % 8u))) & 15u;
+            return (f32(q) - Z[blk]) * S[blk];
+        }
+        default: {
+            let blk = e / 32u;
+            let j = k % 32u;
+            let q = (W[blk * 8u + j / 4u] >> (8u * (j % 4u))) & 255u;
+            return (f32(q) - Z[blk]) * S[blk];
         }
     }
 }
@@ -40,61 +53,54 @@ fn linear(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
     let lane = lid % 32u;
     let n = (wid.x + wid.y * nwg.x) * 8u + r;
     let t0 = wid.z * 8u;
-    let live = n < n_rows;
-    var acc = array<f32, 8>(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
     let tc = min(8u, t_n - t0);
-    if (live) {
-        if (FORM < 4u) {
+    // Rows of x for the 8 token slots (slots past the chunk re-read its last row; their sums are dropped).
+    let x0 = (t0 + min(0u, tc - 1u)) * kk;
+    let x1 = (t0 + min(1u, tc - 1u)) * kk;
+    let x2 = (t0 + min(2u, tc - 1u)) * kk;
+    let x3 = (t0 + min(3u, tc - 1u)) * kk;
+    let x4 = (t0 + min(4u, tc - 1u)) * kk;
+    let x5 = (t0 + min(5u, tc - 1u)) * kk;
+    let x6 = (t0 + min(6u, tc - 1u)) * kk;
+    let x7 = (t0 + min(7u, tc - 1u)) * kk;
+    var a = vec4<f32>(0.0);
+    var b = vec4<f32>(0.0);
+    if (n < n_rows) {
+        if (tc == 1u) {
+            var s = 0.0;
+            for (var k = lane; k < kk; k = k + 32u) { s = s + w_at(n, k, kk) * X[x0 + k]; }
+            a.x = s;
+        } else if (tc <= 4u) {
             for (var k = lane; k < kk; k = k + 32u) {
-                let w = dense_at(n, k, kk);
-                for (var tt = 0u; tt < tc; tt = tt + 1u) {
-                    acc[tt] = acc[tt] + w * X[(t0 + tt) * kk + k];
-                }
+                let w = w_at(n, k, kk);
+                a = a + w * vec4<f32>(X[x0 + k], X[x1 + k], X[x2 + k], X[x3 + k]);
             }
         } else {
-            let nb = kk / 32u;
-            var wv: array<f32, 32>;
-            for (var b = lane; b < nb; b = b + 32u) {
-                let blk = n * nb + b;
-                let s = S[blk];
-                let z = Z[blk];
-                if (FORM == 4u) {
-                    for (var i = 0u; i < 4u; i = i + 1u) {
-                        let word = W[blk * 4u + i];
-                        for (var j = 0u; j < 8u; j = j + 1u) {
-                            wv[i * 8u + j] = (f32((word >> (4u * j)) & 15u) - z) * s;
-                        }
-                    }
-                } else {
-                    for (var i = 0u; i < 8u; i = i + 1u) {
-                        let word = W[blk * 8u + i];
-                        for (var j = 0u; j < 4u; j = j + 1u) {
-                            wv[i * 4u + j] = (f32((word >> (8u * j)) & 255u) - z) * s;
-                        }
-                    }
-                }
-                for (var tt = 0u; tt < tc; tt = tt + 1u) {
-                    let xb = (t0 + tt) * kk + b * 32u;
-                    var sacc = 0.0;
-                    for (var j = 0u; j < 32u; j = j + 1u) { sacc = sacc + wv[j] * X[xb + j]; }
-                    acc[tt] = acc[tt] + sacc;
-                }
+            for (var k = lane; k < kk; k = k + 32u) {
+                let w = w_at(n, k, kk);
+                a = a + w * vec4<f32>(X[x0 + k], X[x1 + k], X[x2 + k], X[x3 + k]);
+                b = b + w * vec4<f32>(X[x4 + k], X[x5 + k], X[x6 + k], X[x7 + k]);
             }
         }
     }
-    for (var tt = 0u; tt < 8u; tt = tt + 1u) { red[(r * 8u + tt) * 32u + lane] = acc[tt]; }
+    red[lid * 2u] = a;
+    red[lid * 2u + 1u] = b;
     workgroupBarrier();
-    if (lid < 64u) {
-        let rr = lid / 8u;
-        let tt = lid % 8u;
-        let nn = (wid.x + wid.y * nwg.x) * 8u + rr;
-        if (nn < n_rows && tt < tc) {
-            var s = 0.0;
-            for (var l = 0u; l < 32u; l = l + 1u) { s = s + red[(rr * 8u + tt) * 32u + l]; }
-            if (pu(5u) == 1u) { s = s + BIAS[pu(3u) + nn]; }
-            let o = (t0 + tt) * pu(4u) + pu(3u) + nn;
-            if (pu(6u) == 1u) { s = s + RES[o]; }
-            O[o] = s;
+    // Tree over the 32 lanes of each row.
+    for (var w = 16u; w > 0u; w = w >> 1u) {
+        if (lane < w) {
+            red[lid * 2u] = red[lid * 2u] + red[(lid + w) * 2u];
+            red[lid * 2u + 1u] = red[lid * 2u + 1u] + red[(lid + w) * 2u + 1u];
         }
+        workgroupBarrier();
+    }
+    if (lane < tc && n < n_rows) {
+        let base = r * 32u * 2u;
+        var v: f32;
+        if (lane < 4u) { v = red[base][lane]; } else { v = red[base + 1u][lane - 4u]; }
+        if (pu(5u) == 1u) { v = v + BIAS[pu(3u) + n]; }
+        let o = (t0 + lane) * pu(4u) + pu(3u) + n;
+        if (pu(6u) == 1u) { v = v + RES[o]; }
+        O[o] = v;
     }
 }
