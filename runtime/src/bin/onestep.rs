@@ -465,7 +465,7 @@ fn cmd_bench(
             "gpu_steps": st.gpu_steps, "cpu_steps": st.cpu_steps,
             "weight_bytes": st.weight_bytes, "scratch_bytes": st.scratch_bytes,
             "bytes_up_per_step": st.bytes_up, "bytes_down_per_step": st.bytes_down,
-            "last_step_ms": st.step_ms, "last_step_gpu_wait_ms": st.wait_ms,
+            "last_step_ms": st.step_ms, "last_step_gpu_wait_ms": st.wait_ms, "last_step_submit_ms": st.submit_ms,
         }),
         _ => serde_json::Value::Null,
     };

@@ -98,6 +98,8 @@ pub struct GpuStats {
     pub step_ms: f64,
     /// Of those, milliseconds waiting for the GPU (submit → results mapped).
     pub wait_ms: f64,
+    /// Of the wait, milliseconds inside `queue.submit` (wgpu's validation and resource tracking).
+    pub submit_ms: f64,
     /// Activation buffer bytes.
     pub scratch_bytes: u64,
 }
@@ -144,6 +146,8 @@ pub struct GpuPlan {
     skipped: HashSet<usize>,
     /// Linear steps that add the residual in their epilogue (and write the `Add`'s output).
     res_fused: HashSet<usize>,
+    /// `queue.submit` time accumulated during the current step.
+    submit_ms: Mutex<f64>,
     /// Per-kernel GPU time when `ONESTEP_PROFILE=1` (each dispatch submitted and waited for alone).
     profile: Option<Mutex<std::collections::BTreeMap<String, (u64, f64)>>>,
     /// Rotary steps reading the untransposed `[1, T, H, D]` input.
@@ -329,6 +333,7 @@ impl GpuPlan {
                 ..Default::default()
             }),
             cand: Fusions::find(plan),
+            submit_ms: Mutex::new(0.0),
             profile: std::env::var_os("ONESTEP_PROFILE")
                 .filter(|v| v != "0")
                 .map(|_| Mutex::new(Default::default())),
@@ -527,7 +532,9 @@ impl GpuPlan {
 
     /// GPU time per kernel (`(kernel, dispatches, seconds)`, slowest first) when `ONESTEP_PROFILE=1`.
     pub fn profile(&self) -> Vec<(String, u64, f64)> {
-        let Some(p) = &self.profile else { return Vec::new() };
+        let Some(p) = &self.profile else {
+            return Vec::new();
+        };
         let p = p.lock().unwrap_or_else(|e| e.into_inner());
         let mut v: Vec<_> = p.iter().map(|(k, (n, t))| (k.clone(), *n, *t)).collect();
         v.sort_by(|a, b| b.2.total_cmp(&a.2));
@@ -1463,6 +1470,10 @@ impl GpuPlan {
             }
         }
         stats.step_ms = t_step.elapsed().as_secs_f64() * 1e3;
+        if let Ok(mut sm) = self.submit_ms.lock() {
+            stats.submit_ms = *sm;
+            *sm = 0.0;
+        }
         stats.wait_ms = wait;
         stats.dispatches = dispatches;
         stats.submits = submits;
@@ -1513,7 +1524,9 @@ impl GpuPlan {
                     .map_err(|e| Error::Gpu(format!("waiting for the GPU: {e}")))?;
                 let dt = t0.elapsed().as_secs_f64();
                 let mut p = prof.lock().unwrap_or_else(|e| e.into_inner());
-                let e = p.entry(self.kernels[si][j].name.clone()).or_insert((0, 0.0));
+                let e = p
+                    .entry(self.kernels[si][j].name.clone())
+                    .or_insert((0, 0.0));
                 e.0 += 1;
                 e.1 += dt;
             }
@@ -1569,7 +1582,11 @@ impl GpuPlan {
             reads.push((st, m.numel() * m.dtype.size(), m.clone()));
         }
         let t_wait = std::time::Instant::now();
-        self.ctx.queue.submit([enc.finish()]);
+        let cmd = enc.finish();
+        self.ctx.queue.submit([cmd]);
+        if let Ok(mut st) = self.submit_ms.lock() {
+            *st += t_wait.elapsed().as_secs_f64() * 1e3;
+        }
         let raw = self
             .ctx
             .read_back(&reads.iter().map(|(b, n, _)| (&**b, *n)).collect::<Vec<_>>())?;

@@ -13,8 +13,16 @@ use crate::weights::{LinearWeights, WeightForm};
 
 /// The WGSL of this family.
 pub const SOURCE: &str = include_str!("linear.wgsl");
-/// Output rows a workgroup computes.
-pub const ROWS: usize = 8;
+/// Output rows a workgroup computes for input width `k`: the 256 threads split into rows × lanes, and
+/// each lane walks `k / lanes` elements — short chains for decode (latency-bound), all threads busy.
+pub fn rows_for(k: usize) -> usize {
+    match k {
+        0..=128 => 8,
+        129..=256 => 4,
+        257..=1024 => 2,
+        _ => 1,
+    }
+}
 /// Tokens a workgroup computes (grid z covers the rest).
 pub const TOKENS: usize = 8;
 
@@ -50,6 +58,8 @@ pub struct GpuLinear {
     pub kernel: Arc<Kernel>,
     /// Bytes uploaded.
     pub bytes: u64,
+    /// Output rows a workgroup computes.
+    pub rows: usize,
 }
 
 fn form_code(w: &LinearWeights) -> Option<(u32, usize)> {
@@ -183,8 +193,10 @@ impl GpuLinear {
             ),
             None => (dummy()?, false),
         };
-        let kernel = kernel(ctx, code)?;
+        let rows = rows_for(k);
+        let kernel = kernel(ctx, code, rows)?;
         Ok(GpuLinear {
+            rows,
             n,
             k,
             parts,
@@ -210,13 +222,14 @@ impl GpuLinear {
 
     /// Workgroups of part `i` for `t` tokens.
     pub fn groups(&self, i: usize, t: usize, max_dim: u32) -> (u32, u32, u32) {
-        let (x, y) = super::grid(self.parts[i].rows, ROWS, max_dim);
+        let (x, y) = super::grid(self.parts[i].rows, self.rows, max_dim);
         (x, y, t.div_ceil(TOKENS) as u32)
     }
 }
 
-/// The kernel for encoding `code` (see `linear.wgsl`): bindings X, W, S, Z, BIAS, RES, O.
-pub fn kernel(ctx: &GpuContext, code: u32) -> Result<Arc<Kernel>> {
+/// The kernel for encoding `code` (see `linear.wgsl`) computing `rows` rows a workgroup: bindings X, W,
+/// S, Z, BIAS, RES, O.
+pub fn kernel(ctx: &GpuContext, code: u32, rows: usize) -> Result<Arc<Kernel>> {
     ctx.pipeline(
         "linear",
         SOURCE,
@@ -230,7 +243,7 @@ pub fn kernel(ctx: &GpuContext, code: u32) -> Result<Arc<Kernel>> {
             Bind::Read,
             Bind::Write,
         ],
-        &[("FORM", code as f64)],
+        &[("FORM", code as f64), ("ROWS", rows as f64)],
     )
 }
 

@@ -1,12 +1,15 @@
 // y[t, n0 + n] = sum_k x[t, k] * W[n, k] (+ bias[n]) (+ res[t, n0 + n]) for every weight encoding the
 // exporter writes, decoded on the fly from the file's bytes (u32 words).
-// A workgroup: 8 output rows x 32 lanes, up to 8 tokens (z = token chunk). Lane l of a row takes the
-// elements k = l, l + 32, l + 64, ...: every step of the 32 lanes covers one block of 32 (block forms share
-// one scale/zero load) and reads x coalesced; the 8 token accumulators are two vec4s (no private arrays).
+// A workgroup: ROWS output rows x 256/ROWS lanes, up to 8 tokens (z = token chunk). Lane l of a row takes
+// the elements k = l, l + lanes, ...: each step covers whole blocks of 32 (block forms share scale/zero
+// loads) and reads x coalesced; the 8 token accumulators are two vec4s (no private arrays). Few rows a
+// workgroup keep each lane's dependent chain short (a decode GEMV is latency-bound).
 // FORM: 0 f32, 1 f16, 2 bf16, 3 int8 per row (S[n]), 4 4-bit blocks of 32, 5 8-bit blocks of 32
 // (value = (q - Z[blk]) * S[blk]). P[0]=N (rows in this part) P[1]=K P[2]=T P[3]=n0 P[4]=row stride
 // of y P[5]=has bias P[6]=has residual.
 override FORM: u32 = 0u;
+// Output rows a workgroup computes (1, 2, 4 or 8); the 256 threads split into ROWS x (256 / ROWS) lanes.
+override ROWS: u32 = 8u;
 
 @group(0) @binding(1) var<storage, read> X: array<f32>;
 @group(0) @binding(2) var<storage, read> W: array<u32>;
@@ -49,9 +52,10 @@ fn linear(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
     let n_rows = pu(0u);
     let kk = pu(1u);
     let t_n = pu(2u);
-    let r = lid / 32u;
-    let lane = lid % 32u;
-    let n = (wid.x + wid.y * nwg.x) * 8u + r;
+    let lanes = 256u / ROWS;
+    let r = lid / lanes;
+    let lane = lid % lanes;
+    let n = (wid.x + wid.y * nwg.x) * ROWS + r;
     let t0 = wid.z * 8u;
     let tc = min(8u, t_n - t0);
     // Rows of x for the 8 token slots (slots past the chunk re-read its last row; their sums are dropped).
@@ -68,15 +72,15 @@ fn linear(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
     if (n < n_rows) {
         if (tc == 1u) {
             var s = 0.0;
-            for (var k = lane; k < kk; k = k + 32u) { s = s + w_at(n, k, kk) * X[x0 + k]; }
+            for (var k = lane; k < kk; k = k + lanes) { s = s + w_at(n, k, kk) * X[x0 + k]; }
             a.x = s;
         } else if (tc <= 4u) {
-            for (var k = lane; k < kk; k = k + 32u) {
+            for (var k = lane; k < kk; k = k + lanes) {
                 let w = w_at(n, k, kk);
                 a = a + w * vec4<f32>(X[x0 + k], X[x1 + k], X[x2 + k], X[x3 + k]);
             }
         } else {
-            for (var k = lane; k < kk; k = k + 32u) {
+            for (var k = lane; k < kk; k = k + lanes) {
                 let w = w_at(n, k, kk);
                 a = a + w * vec4<f32>(X[x0 + k], X[x1 + k], X[x2 + k], X[x3 + k]);
                 b = b + w * vec4<f32>(X[x4 + k], X[x5 + k], X[x6 + k], X[x7 + k]);
@@ -86,8 +90,8 @@ fn linear(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
     red[lid * 2u] = a;
     red[lid * 2u + 1u] = b;
     workgroupBarrier();
-    // Tree over the 32 lanes of each row.
-    for (var w = 16u; w > 0u; w = w >> 1u) {
+    // Tree over the lanes of each row.
+    for (var w = lanes / 2u; w > 0u; w = w >> 1u) {
         if (lane < w) {
             red[lid * 2u] = red[lid * 2u] + red[(lid + w) * 2u];
             red[lid * 2u + 1u] = red[lid * 2u + 1u] + red[(lid + w) * 2u + 1u];
@@ -95,7 +99,7 @@ fn linear(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
         workgroupBarrier();
     }
     if (lane < tc && n < n_rows) {
-        let base = r * 32u * 2u;
+        let base = r * lanes * 2u;
         var v: f32;
         if (lane < 4u) { v = red[base][lane]; } else { v = red[base + 1u][lane - 4u]; }
         if (pu(5u) == 1u) { v = v + BIAS[pu(3u) + n]; }
