@@ -15,7 +15,7 @@ use crate::backend::cpu::{misc, ops};
 use crate::contract::{self, meta, ModelInfo};
 use crate::error::{Error, Result};
 use crate::graph::DType;
-use crate::load;
+use crate::load::{self, LoadOptions};
 use crate::plan::{Plan, PlanStats, Step, ValId};
 use crate::tensor::Tensor;
 
@@ -52,6 +52,9 @@ pub struct StepOutput {
 }
 
 /// A loaded and planned step graph.
+///
+/// Loading enforces [`Limits`](crate::load::Limits) (defaults via [`Model::load`], explicit via
+/// [`Model::load_with`]).
 pub struct Model {
     pub(crate) info: ModelInfo,
     pub(crate) tokenizer_json: String,
@@ -82,8 +85,13 @@ impl std::fmt::Debug for Model {
 }
 
 impl Model {
-    /// Memory-maps, decodes, checks and plans the model at `path`.
+    /// Memory-maps, decodes, checks and plans the model at `path` under the default [`Limits`](crate::load::Limits).
     pub fn load(path: impl AsRef<Path>) -> Result<Arc<Model>> {
+        Self::load_with(path, &LoadOptions::default())
+    }
+
+    /// Like [`Model::load`], with explicit options (resource limits).
+    pub fn load_with(path: impl AsRef<Path>, options: &LoadOptions) -> Result<Arc<Model>> {
         let path = path.as_ref();
         let io = |source| Error::Io {
             path: path.to_path_buf(),
@@ -92,14 +100,31 @@ impl Model {
         let file = std::fs::File::open(path).map_err(io)?;
         // SAFETY: the mapping is read-only; the file must not be truncated by another process while
         // the model is loaded (the usual contract of memory-mapped model files).
+        let len = file.metadata().map_err(io)?.len();
+        load::limit(
+            &format!("{}: file size", path.display()),
+            len,
+            options.limits.max_file_bytes,
+        )?;
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
-        Self::load_from_bytes(Bytes::from_owner(map), &path.display().to_string())
+        Self::load_from_bytes_with(Bytes::from_owner(map), &path.display().to_string(), options)
     }
 
-    /// Loads from bytes already in memory (Android assets, iOS bundles). `name` appears in errors.
+    /// Loads from bytes already in memory (Android assets, iOS bundles) under the default [`Limits`](crate::load::Limits).
+    /// `name` appears in errors.
     pub fn load_from_bytes(bytes: Bytes, name: &str) -> Result<Arc<Model>> {
+        Self::load_from_bytes_with(bytes, name, &LoadOptions::default())
+    }
+
+    /// Like [`Model::load_from_bytes`], with explicit options (resource limits).
+    pub fn load_from_bytes_with(
+        bytes: Bytes,
+        name: &str,
+        options: &LoadOptions,
+    ) -> Result<Arc<Model>> {
         let t0 = Instant::now();
-        let graph = crate::onnx::read::decode_model(bytes, name)?;
+        let limits = &options.limits;
+        let graph = crate::onnx::read::decode_model_with(bytes, name, limits)?;
         let info = load::check(&graph)?;
         let tokenizer_json = graph
             .metadata
@@ -125,7 +150,20 @@ impl Model {
                 return Err(Error::Contract(format!("unknown graph input `{name}`")));
             }
         }
+        // The caches are allocated per sequence from their declared shapes: bound them before any is.
+        let mut cache_bytes: u64 = 0;
         for c in &plan.caches {
+            let bytes = c
+                .shape
+                .iter()
+                .try_fold(c.dtype.size() as u64, |a, &d| a.checked_mul(d as u64))
+                .and_then(|b| cache_bytes.checked_add(b));
+            cache_bytes = bytes.unwrap_or(u64::MAX);
+            load::limit(
+                &format!("{name}: KV cache bytes (through `{}`)", c.input),
+                cache_bytes,
+                limits.max_cache_bytes,
+            )?;
             if c.shape[2] != info.max_cache {
                 return Err(Error::Contract(format!(
                     "cache `{}` has {} slots, metadata says max_cache = {}",

@@ -95,7 +95,12 @@ fn norm_axis(ctx: &Ctx, axis: i64, rank: usize) -> Result<usize> {
     Ok(a as usize)
 }
 
-/// Numpy-style broadcast of two shapes.
+/// Largest element count a broadcast (binary ops, `Where`, `Expand`) may produce: 64× the largest
+/// broadcast a real step graph makes (a `[1, 1, chunk, cache]` mask), far below what would exhaust memory.
+pub const MAX_BROADCAST_ELEMENTS: usize = 1 << 26;
+
+/// Numpy-style broadcast of two shapes; `None` when they do not broadcast or the result would hold more
+/// than [`MAX_BROADCAST_ELEMENTS`].
 pub fn broadcast_shape(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
     let r = a.len().max(b.len());
     let mut out = vec![0; r];
@@ -118,6 +123,11 @@ pub fn broadcast_shape(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
             return None;
         };
     }
+    // A broadcast result is allocated element by element (with an offset table): bound it, so that a
+    // few small constants cannot make a load or a step allocate gigabytes.
+    out.iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .filter(|&n| n <= MAX_BROADCAST_ELEMENTS)?;
     Some(out)
 }
 
@@ -576,7 +586,8 @@ fn range(ctx: &Ctx, s: &Tensor, l: &Tensor, d: &Tensor) -> Result<Tensor> {
             if d == 0 {
                 return Err(ctx.err("delta is zero"));
             }
-            let n = ((l - s) as f64 / d as f64).ceil().max(0.0) as usize;
+            // i128: `l - s` of two hostile i64 values must not overflow.
+            let n = ((l as i128 - s as i128) as f64 / d as f64).ceil().max(0.0) as usize;
             if n > (1 << 28) {
                 return Err(ctx.err(format!("range of {n} elements is too large")));
             }
