@@ -11,7 +11,8 @@ name to the error class expected from the Rust API (the variant of `onestep::Err
 tests/fixtures/tiny/llama_f16.
 
 Bases: a micro llama GGUF (scripts/refs/make_tiny_gguf.py --micro --type q8_0, ~28 KB) and its export
-(--max-cache 16 --max-chunk 4, ~42 KB). Deterministic; total size < 1 MB. Requires numpy, onnx, gguf,
+(--max-cache 16 --max-chunk 4, ~42 KB), which is also written, valid, to
+tests/fixtures/micro/micro_llama_q8.onnx for the soak, churn and threads tests. Deterministic; total size < 1 MB. Requires numpy, onnx, gguf,
 safetensors.
 """
 import argparse
@@ -27,6 +28,8 @@ from onnx import TensorProto, helper
 
 ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "tests/fixtures/hostile"
+# The valid base export, kept for the soak/churn/threads tests (runtime/tests/soak.rs, threads.rs).
+MICRO = ROOT / "tests/fixtures/micro"
 manifest = {}
 
 
@@ -180,6 +183,15 @@ def make_onnx(base_bytes):
         m.graph.node.insert(0, helper.make_node("Range", ["hostile_start", "hostile_limit", "hostile_delta"],
                                                 ["hostile_r"], name="hostile_range"))
         m.graph.output.append(helper.make_tensor_value_info("hostile_r", TensorProto.INT64, None))
+    def concat_scalars(m):
+        for name, v in [("hostile_a", 1), ("hostile_b", 2)]:
+            m.graph.initializer.append(helper.make_tensor(name, TensorProto.INT64, [], [v]))
+        m.graph.node.insert(0, helper.make_node("Concat", ["hostile_a", "hostile_b"], ["hostile_c"], axis=0,
+                                                name="hostile_concat"))
+        m.graph.output.append(helper.make_tensor_value_info("hostile_c", TensorProto.INT64, None))
+    # Found by the onnx_load fuzz target (a Concat of rank-0 tensors indexed an empty shape).
+    variant("onnx_concat_scalars.onnx", "Node", "a Concat of two scalars (no axis 0)", concat_scalars)
+
     variant("onnx_fold_huge_range.onnx", "Node", "a constant Range of 2^62 elements (folded at load)",
             huge_range)
 
@@ -319,9 +331,12 @@ def main():
         o = Path(tmp) / "micro.onnx"
         subprocess.run([sys.executable, str(ROOT / "scripts/refs/make_tiny_gguf.py"), str(g), "--micro",
                         "--type", "q8_0"], check=True)
-        subprocess.run([a.exporter, str(g), "-o", str(o), "--max-cache", "16", "--max-chunk", "4", "-q"],
-                       check=True, stdout=subprocess.DEVNULL)
+        # Run from the temp dir with a relative input: the file records its source path.
+        subprocess.run([str(Path(a.exporter).resolve()), "micro.gguf", "-o", "micro.onnx", "--max-cache",
+                        "16", "--max-chunk", "4", "-q"], check=True, stdout=subprocess.DEVNULL, cwd=tmp)
         gb = g.read_bytes()
+        MICRO.mkdir(parents=True, exist_ok=True)
+        (MICRO / "micro_llama_q8.onnx").write_bytes(o.read_bytes())
         make_onnx(o.read_bytes())
         make_gguf(gb)
         put("gguf_bad_arch_type.gguf", patch_gguf(gb, "general.architecture", 4), "Format",

@@ -89,7 +89,8 @@ fn input<'a>(ctx: &Ctx, inputs: &'a [Option<&'a Tensor>], i: usize) -> Result<&'
 fn norm_axis(ctx: &Ctx, axis: i64, rank: usize) -> Result<usize> {
     let r = rank as i64;
     let a = if axis < 0 { axis + r } else { axis };
-    if a < 0 || a >= r.max(1) {
+    // Strict: a rank-0 tensor has no axis (ONNX ops with an axis need rank >= 1).
+    if a < 0 || a >= r {
         return Err(ctx.err(format!("axis {axis} out of range for rank {rank}")));
     }
     Ok(a as usize)
@@ -1388,6 +1389,36 @@ mod tests {
         .unwrap()
         .remove(0);
         assert_eq!(o.typed::<f32>(), &[9., 7., 4., 0.]);
+    }
+
+    /// Fuzz regression (onnx_load): a Concat of rank-0 tensors indexed an empty shape.
+    #[test]
+    fn axis_ops_refuse_scalars() {
+        let a = Tensor::i64(&[], &[1]);
+        let b = Tensor::i64(&[], &[2]);
+        assert!(run("Concat", &[("axis", Attr::Int(0))], &[&a, &b]).is_err());
+        assert!(run("Softmax", &[("axis", Attr::Int(0))], &[&Tensor::f32(&[], &[1.0])]).is_err());
+        let ok = run("Concat", &[("axis", Attr::Int(0))], &[&Tensor::i64(&[1], &[1]), &b]);
+        assert!(ok.is_err(), "rank mismatch is an error too");
+    }
+
+    #[test]
+    fn broadcasts_are_bounded() {
+        // 2^20 x 2^20 from two 4 MB constants: refused before anything is allocated.
+        let a = Tensor::zeros(DType::U8, &[1 << 20, 1]);
+        let b = Tensor::zeros(DType::U8, &[1, 1 << 20]);
+        assert!(run("And", &[], &[&a, &b]).is_err());
+        let one = Tensor::f32(&[1], &[1.0]);
+        assert!(run("Expand", &[], &[&one, &Tensor::i64(&[3], &[1 << 20, 1 << 20, 1 << 20])]).is_err());
+        assert!(run("Expand", &[], &[&one, &Tensor::i64(&[2], &[i64::MAX, i64::MAX])]).is_err());
+    }
+
+    #[test]
+    fn range_survives_i64_extremes() {
+        let s = Tensor::i64(&[], &[i64::MIN]);
+        let l = Tensor::i64(&[], &[i64::MAX]);
+        let d = Tensor::i64(&[], &[1]);
+        assert!(run("Range", &[], &[&s, &l, &d]).is_err());
     }
 
     #[test]
