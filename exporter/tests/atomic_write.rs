@@ -49,7 +49,11 @@ fn output_that_cannot_be_replaced_leaves_no_temp_file() {
     std::fs::write(out.join("keep"), b"x").unwrap();
     let e = export(&tiny(), &out, &opts(), &mut NoProgress);
     assert!(e.is_err(), "exporting onto a directory must fail");
-    assert_eq!(listing(&d), vec!["model.onnx".to_string()], "no temp file left");
+    assert_eq!(
+        listing(&d),
+        vec!["model.onnx".to_string()],
+        "no temp file left"
+    );
     assert_eq!(std::fs::read(out.join("keep")).unwrap(), b"x");
     let _ = std::fs::remove_dir_all(&d);
 }
@@ -118,6 +122,10 @@ fn refuses_to_overwrite_its_input() {
         std::os::unix::fs::symlink(&input, &link).unwrap();
         assert!(export(&src, &link, &opts(), &mut NoProgress).is_err());
     }
-    assert_eq!(std::fs::read(&input).unwrap(), before, "the input is untouched");
+    assert_eq!(
+        std::fs::read(&input).unwrap(),
+        before,
+        "the input is untouched"
+    );
     let _ = std::fs::remove_dir_all(&d);
 }

@@ -58,7 +58,10 @@ fn check_all(ext: &str, read: impl Fn(&Path) -> Result<(), SourceError>) -> usiz
         .keys()
         .filter(|k| k.ends_with(&format!(".{ext}")))
         .count();
-    assert_eq!(seen, listed, "{ext}: files on disk vs. MANIFEST.json entries");
+    assert_eq!(
+        seen, listed,
+        "{ext}: files on disk vs. MANIFEST.json entries"
+    );
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     seen
 }

@@ -11,10 +11,16 @@ use onestep_export::{quant, source::hf};
 fn dir() -> &'static PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny/llama_f16");
+        let src =
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny/llama_f16");
         let dir = std::env::temp_dir().join(format!("onestep-fuzz-st-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        for f in ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"] {
+        for f in [
+            "config.json",
+            "generation_config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+        ] {
             std::fs::copy(src.join(f), dir.join(f)).unwrap();
         }
         dir

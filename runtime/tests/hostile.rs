@@ -128,7 +128,11 @@ fn limits_are_configurable_and_name_what_they_bound() {
     for (limits, what) in cases {
         let opts = LoadOptions { limits };
         match Model::load_with(valid_model(), &opts) {
-            Err(Error::Limit { what: w, value, max }) => {
+            Err(Error::Limit {
+                what: w,
+                value,
+                max,
+            }) => {
                 assert!(w.contains(what), "`{w}` should mention {what}");
                 assert!(value > max);
             }

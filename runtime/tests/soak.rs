@@ -82,7 +82,9 @@ fn generate_tokens(s: &mut Session, total: usize, seed: u64) -> usize {
     let mut made = 0;
     let mut round = 0u64;
     while made < total {
-        let prompt: Vec<u32> = (0..3).map(|i| ((round * 31 + i * 7 + 5) as u32) % vocab).collect();
+        let prompt: Vec<u32> = (0..3)
+            .map(|i| ((round * 31 + i * 7 + 5) as u32) % vocab)
+            .collect();
         let opts = GenerateOptions {
             seed: Some(seed + round),
             max_new_tokens: (total - made) as u32,
@@ -92,7 +94,10 @@ fn generate_tokens(s: &mut Session, total: usize, seed: u64) -> usize {
             .generate_ids(&prompt, &opts, |_| ControlFlow::Continue(()))
             .expect("generate");
         assert!(
-            matches!(c.stop_reason, StopReason::ContextFull | StopReason::MaxTokens),
+            matches!(
+                c.stop_reason,
+                StopReason::ContextFull | StopReason::MaxTokens
+            ),
             "{:?}",
             c.stop_reason
         );
@@ -124,7 +129,10 @@ fn long_generation_keeps_memory_flat() {
     assert!(made >= total);
     // A leak of even one small allocation per token (>= 16 bytes x total) would show.
     let grew = live1 - live0;
-    assert!(grew < 8 * 1024, "live heap grew by {grew} bytes over {made} tokens");
+    assert!(
+        grew < 8 * 1024,
+        "live heap grew by {grew} bytes over {made} tokens"
+    );
     if let (Some(a), Some(b)) = (rss0, rss1) {
         assert!(b < a + 16 * 1024, "VmRSS grew from {a} to {b} KiB");
     }
@@ -153,7 +161,10 @@ fn creating_and_dropping_sessions_leaks_nothing() {
         "churn: {n} sessions in {secs:.1}s; live heap {live0} -> {live1} bytes; VmRSS {rss0:?} -> {rss1:?} KiB"
     );
     let grew = live1 - live0;
-    assert!(grew < 8 * 1024, "live heap grew by {grew} bytes over {n} sessions");
+    assert!(
+        grew < 8 * 1024,
+        "live heap grew by {grew} bytes over {n} sessions"
+    );
     assert_eq!(Arc::strong_count(&m), 1, "every session released the model");
     if let (Some(a), Some(b)) = (rss0, rss1) {
         assert!(b < a + 16 * 1024, "VmRSS grew from {a} to {b} KiB");

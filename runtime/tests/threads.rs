@@ -104,5 +104,8 @@ fn four_threads_with_sessions_match_one_thread() {
         assert_eq!(a, b, "thread {s} differs from the single-thread run");
         assert!(a.iter().all(|ids| !ids.is_empty()));
     }
-    assert_ne!(alone[0], alone[1], "different seeds should give different runs");
+    assert_ne!(
+        alone[0], alone[1],
+        "different seeds should give different runs"
+    );
 }

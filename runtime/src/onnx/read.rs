@@ -50,7 +50,12 @@ pub fn decode_model_with(bytes: Bytes, what: &str, limits: &Limits) -> Result<Gr
         limit(
             &format!(
                 "{what}: metadata `{}` length",
-                p.key.as_deref().unwrap_or("").chars().take(64).collect::<String>()
+                p.key
+                    .as_deref()
+                    .unwrap_or("")
+                    .chars()
+                    .take(64)
+                    .collect::<String>()
             ),
             len as u64,
             limits.max_metadata_bytes as u64,

@@ -1397,8 +1397,17 @@ mod tests {
         let a = Tensor::i64(&[], &[1]);
         let b = Tensor::i64(&[], &[2]);
         assert!(run("Concat", &[("axis", Attr::Int(0))], &[&a, &b]).is_err());
-        assert!(run("Softmax", &[("axis", Attr::Int(0))], &[&Tensor::f32(&[], &[1.0])]).is_err());
-        let ok = run("Concat", &[("axis", Attr::Int(0))], &[&Tensor::i64(&[1], &[1]), &b]);
+        assert!(run(
+            "Softmax",
+            &[("axis", Attr::Int(0))],
+            &[&Tensor::f32(&[], &[1.0])]
+        )
+        .is_err());
+        let ok = run(
+            "Concat",
+            &[("axis", Attr::Int(0))],
+            &[&Tensor::i64(&[1], &[1]), &b],
+        );
         assert!(ok.is_err(), "rank mismatch is an error too");
     }
 
@@ -1409,8 +1418,18 @@ mod tests {
         let b = Tensor::zeros(DType::U8, &[1, 1 << 20]);
         assert!(run("And", &[], &[&a, &b]).is_err());
         let one = Tensor::f32(&[1], &[1.0]);
-        assert!(run("Expand", &[], &[&one, &Tensor::i64(&[3], &[1 << 20, 1 << 20, 1 << 20])]).is_err());
-        assert!(run("Expand", &[], &[&one, &Tensor::i64(&[2], &[i64::MAX, i64::MAX])]).is_err());
+        assert!(run(
+            "Expand",
+            &[],
+            &[&one, &Tensor::i64(&[3], &[1 << 20, 1 << 20, 1 << 20])]
+        )
+        .is_err());
+        assert!(run(
+            "Expand",
+            &[],
+            &[&one, &Tensor::i64(&[2], &[i64::MAX, i64::MAX])]
+        )
+        .is_err());
     }
 
     #[test]
