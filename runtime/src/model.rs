@@ -158,7 +158,10 @@ impl Model {
                 .iter()
                 .try_fold(c.dtype.size() as u64, |a, &d| a.checked_mul(d as u64))
                 .and_then(|b| cache_bytes.checked_add(b));
-            cache_bytes = bytes.unwrap_or(u64::MAX);
+            // On 32-bit targets the cache must also fit the address space.
+            cache_bytes = bytes
+                .filter(|&b| usize::try_from(b).is_ok())
+                .unwrap_or(u64::MAX);
             load::limit(
                 &format!("{name}: KV cache bytes (through `{}`)", c.input),
                 cache_bytes,
