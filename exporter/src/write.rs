@@ -437,13 +437,19 @@ pub fn write_model_with(
         let _ = std::fs::remove_file(&data_tmp);
         return Err(e);
     }
+    // A failed rename (the output is a directory, another file system, ...) must not leave temp files.
+    let cleanup = |e: std::io::Error| {
+        let _ = std::fs::remove_file(&tmp);
+        let _ = std::fs::remove_file(&data_tmp);
+        io(e)
+    };
     if has_ext {
-        std::fs::rename(&data_tmp, &data_file).map_err(io)?;
+        std::fs::rename(&data_tmp, &data_file).map_err(cleanup)?;
     } else if data_file.exists() {
         // a stale side file from an earlier export of the same path would be misleading
         let _ = std::fs::remove_file(&data_file);
     }
-    std::fs::rename(&tmp, out).map_err(io)?;
+    std::fs::rename(&tmp, out).map_err(cleanup)?;
     if let Some(dir) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
         if let Ok(d) = File::open(dir) {
             let _ = d.sync_all();

@@ -25,6 +25,16 @@ pub enum Error {
         /// Decoder message.
         detail: String,
     },
+    /// The file exceeds a resource limit of [`crate::load::Limits`] (size, counts, lengths, cache bytes).
+    #[error("{what} is {value}, over the limit of {max}")]
+    Limit {
+        /// What was measured (names the tensor or key).
+        what: String,
+        /// Its value.
+        value: u64,
+        /// The limit.
+        max: u64,
+    },
     /// The model violates the onestep step-graph contract (missing metadata, wrong version, ...).
     #[error("contract violation: {0}")]
     Contract(String),

@@ -22,4 +22,5 @@ pub mod weights;
 
 pub use contract::{GenerationDefaults, ModelInfo};
 pub use error::{Error, Result};
-pub use model::{LoadOptions, Model, StepOutput, StepSampling, StepState};
+pub use load::{Limits, LoadOptions};
+pub use model::{Model, StepOutput, StepSampling, StepState};

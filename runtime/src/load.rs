@@ -1,5 +1,9 @@
 //! ONNX bytes → checked [`Graph`]: opsets, supported ops (all unsupported ones listed at once), graph
 //! well-formedness (every value defined before use, unique outputs) and the step-graph contract.
+//!
+//! [`Limits`] bounds what a file may make the loader do (file size, tensor and node counts, metadata
+//! string length, KV-cache bytes per sequence); [`LoadOptions`] carries them to
+//! [`Model::load_with`](crate::Model::load_with). A file over a limit fails with [`Error::Limit`].
 
 use std::collections::HashSet;
 
@@ -10,6 +14,77 @@ use crate::graph::Graph;
 
 /// Highest default-domain opset this runtime implements.
 pub const MAX_OPSET: i64 = 23;
+
+/// Resource limits enforced while loading a model (and when a sequence state is allocated).
+///
+/// The defaults admit any model this project targets on a phone or desktop (SmolLM2-135M uses well under
+/// 1% of each) and refuse files that could only be hostile. Every limit is checked before the resource
+/// it bounds is used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest model file, in bytes (default 32 GiB).
+    pub max_file_bytes: u64,
+    /// Most initializers (weight tensors) a graph may hold (default 100 000).
+    pub max_tensors: usize,
+    /// Most nodes a graph may hold (default 1 000 000).
+    pub max_nodes: usize,
+    /// Longest metadata value, in bytes (default 64 MiB; `tokenizer.json` of a 256k vocabulary is ~20 MB).
+    pub max_metadata_bytes: usize,
+    /// Most elements one tensor may declare (default 2^40).
+    pub max_tensor_elements: u64,
+    /// Largest KV cache of one sequence, in bytes, summed over layers (default 16 GiB; SmolLM2-135M with
+    /// 2048 f16 slots needs 90 MiB).
+    pub max_cache_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_file_bytes: 32 << 30,
+            max_tensors: 100_000,
+            max_nodes: 1_000_000,
+            max_metadata_bytes: 64 << 20,
+            max_tensor_elements: 1 << 40,
+            max_cache_bytes: 16 << 30,
+        }
+    }
+}
+
+/// Options of [`Model::load_with`](crate::Model::load_with): resource limits and the device.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Resource limits.
+    pub limits: Limits,
+    /// `auto` (default: a hardware GPU when there is one, else the CPU), `cpu`, `gpu`, `gpu:N`.
+    #[cfg(feature = "gpu")]
+    pub device: crate::backend::gpu::DeviceRequest,
+    /// Which wgpu backends may be used.
+    #[cfg(feature = "gpu")]
+    pub backend: crate::backend::gpu::BackendFilter,
+}
+
+impl LoadOptions {
+    /// Default limits on the CPU backend (what [`Model::load`](crate::Model::load) uses).
+    pub fn cpu() -> Self {
+        Self {
+            #[cfg(feature = "gpu")]
+            device: crate::backend::gpu::DeviceRequest::Cpu,
+            ..Default::default()
+        }
+    }
+}
+
+/// Fails with [`Error::Limit`] when `value > max`.
+pub(crate) fn limit(what: &str, value: u64, max: u64) -> Result<()> {
+    if value > max {
+        return Err(Error::Limit {
+            what: what.to_string(),
+            value,
+            max,
+        });
+    }
+    Ok(())
+}
 
 /// Checks `graph` and reads its [`ModelInfo`].
 pub fn check(graph: &Graph) -> Result<ModelInfo> {

@@ -15,7 +15,7 @@ use crate::backend::cpu::{misc, ops};
 use crate::contract::{self, meta, ModelInfo};
 use crate::error::{Error, Result};
 use crate::graph::DType;
-use crate::load;
+use crate::load::{self, LoadOptions};
 use crate::plan::{Plan, PlanStats, Step, ValId};
 use crate::tensor::Tensor;
 
@@ -51,30 +51,10 @@ pub struct StepOutput {
     pub logits: Vec<f32>,
 }
 
-/// How to load a model: which device runs it.
-#[derive(Debug, Clone, Default)]
-pub struct LoadOptions {
-    /// `auto` (a real GPU when there is one, else the CPU), `cpu`, `gpu`, `gpu:N`.
-    #[cfg(feature = "gpu")]
-    pub device: crate::backend::gpu::DeviceRequest,
-    /// Which wgpu backends may be used.
-    #[cfg(feature = "gpu")]
-    pub backend: crate::backend::gpu::BackendFilter,
-}
-
-impl LoadOptions {
-    /// The CPU backend.
-    pub fn cpu() -> Self {
-        Self {
-            #[cfg(feature = "gpu")]
-            device: crate::backend::gpu::DeviceRequest::Cpu,
-            #[cfg(feature = "gpu")]
-            backend: Default::default(),
-        }
-    }
-}
-
 /// A loaded and planned step graph.
+///
+/// Loading enforces [`Limits`](crate::load::Limits) (defaults via [`Model::load`], explicit via
+/// [`Model::load_with`]).
 pub struct Model {
     pub(crate) info: ModelInfo,
     pub(crate) tokenizer_json: String,
@@ -111,13 +91,14 @@ impl std::fmt::Debug for Model {
 }
 
 impl Model {
-    /// Memory-maps, decodes, checks and plans the model at `path` for the CPU backend.
+    /// Memory-maps, decodes, checks and plans the model at `path` for the CPU backend, under the default
+    /// [`Limits`](crate::load::Limits).
     pub fn load(path: impl AsRef<Path>) -> Result<Arc<Model>> {
         Self::load_with(path, &LoadOptions::cpu())
     }
 
-    /// Like [`Model::load`] on the device `opts` asks for.
-    pub fn load_with(path: impl AsRef<Path>, opts: &LoadOptions) -> Result<Arc<Model>> {
+    /// Like [`Model::load`], with explicit options (device, resource limits).
+    pub fn load_with(path: impl AsRef<Path>, options: &LoadOptions) -> Result<Arc<Model>> {
         let path = path.as_ref();
         let io = |source| Error::Io {
             path: path.to_path_buf(),
@@ -126,24 +107,31 @@ impl Model {
         let file = std::fs::File::open(path).map_err(io)?;
         // SAFETY: the mapping is read-only; the file must not be truncated by another process while
         // the model is loaded (the usual contract of memory-mapped model files).
+        let len = file.metadata().map_err(io)?.len();
+        load::limit(
+            &format!("{}: file size", path.display()),
+            len,
+            options.limits.max_file_bytes,
+        )?;
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
-        Self::load_from_bytes_with(Bytes::from_owner(map), &path.display().to_string(), opts)
+        Self::load_from_bytes_with(Bytes::from_owner(map), &path.display().to_string(), options)
     }
 
-    /// Loads from bytes already in memory (Android assets, iOS bundles). `name` appears in errors.
+    /// Loads from bytes already in memory (Android assets, iOS bundles) under the default [`Limits`](crate::load::Limits).
+    /// `name` appears in errors.
     pub fn load_from_bytes(bytes: Bytes, name: &str) -> Result<Arc<Model>> {
         Self::load_from_bytes_with(bytes, name, &LoadOptions::cpu())
     }
 
-    /// Like [`Model::load_from_bytes`] on the device `opts` asks for.
+    /// Like [`Model::load_from_bytes`], with explicit options (device, resource limits).
     pub fn load_from_bytes_with(
         bytes: Bytes,
         name: &str,
-        opts: &LoadOptions,
+        options: &LoadOptions,
     ) -> Result<Arc<Model>> {
-        let _ = opts;
         let t0 = Instant::now();
-        let graph = crate::onnx::read::decode_model(bytes, name)?;
+        let limits = &options.limits;
+        let graph = crate::onnx::read::decode_model_with(bytes, name, limits)?;
         let info = load::check(&graph)?;
         let tokenizer_json = graph
             .metadata
@@ -169,7 +157,23 @@ impl Model {
                 return Err(Error::Contract(format!("unknown graph input `{name}`")));
             }
         }
+        // The caches are allocated per sequence from their declared shapes: bound them before any is.
+        let mut cache_bytes: u64 = 0;
         for c in &plan.caches {
+            let bytes = c
+                .shape
+                .iter()
+                .try_fold(c.dtype.size() as u64, |a, &d| a.checked_mul(d as u64))
+                .and_then(|b| cache_bytes.checked_add(b));
+            // On 32-bit targets the cache must also fit the address space.
+            cache_bytes = bytes
+                .filter(|&b| usize::try_from(b).is_ok())
+                .unwrap_or(u64::MAX);
+            load::limit(
+                &format!("{name}: KV cache bytes (through `{}`)", c.input),
+                cache_bytes,
+                limits.max_cache_bytes,
+            )?;
             if c.shape[2] != info.max_cache {
                 return Err(Error::Contract(format!(
                     "cache `{}` has {} slots, metadata says max_cache = {}",
@@ -178,7 +182,7 @@ impl Model {
             }
         }
         #[cfg(feature = "gpu")]
-        let (gpu, device_note) = bind_gpu(&plan, &info, opts)?;
+        let (gpu, device_note) = bind_gpu(&plan, &info, options)?;
         #[cfg(not(feature = "gpu"))]
         let device_note = None;
         Ok(Arc::new(Model {

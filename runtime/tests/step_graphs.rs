@@ -36,6 +36,7 @@ mod gpu {
         let opts = LoadOptions {
             device: DeviceRequest::Gpu(None),
             backend: BackendFilter::Any,
+            ..LoadOptions::default()
         };
         super::check_on(name, &opts);
     }

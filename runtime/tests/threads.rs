@@ -47,3 +47,65 @@ fn four_threads_share_one_model() {
         "different prompts should give different runs"
     );
 }
+
+/// Sessions (tokenizer, sampling, stop handling) on 4 threads sharing one model: each thread's seeded,
+/// sampled generation is exactly what the same session produces alone. Full version (SmolLM2, longer
+/// runs): `ONESTEP_SOAK_FULL=1 ONESTEP_SOAK_MODEL=/tmp/smollm2.onnx`.
+#[test]
+fn four_threads_with_sessions_match_one_thread() {
+    use onestep::generate::Session;
+    use std::ops::ControlFlow;
+
+    let full = std::env::var_os("ONESTEP_SOAK_FULL").is_some_and(|v| v != "0");
+    let path = std::env::var_os("ONESTEP_SOAK_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../tests/fixtures/micro/micro_llama_q8.onnx")
+        });
+    let model: Arc<Model> = Model::load(&path).unwrap();
+    let rounds = if full { 8 } else { 4 };
+    let run = move |m: Arc<Model>, seed: u64| -> Vec<Vec<u32>> {
+        let mut s = Session::new(m).unwrap();
+        let mut opts = s.default_options();
+        opts.temperature = 0.8;
+        opts.top_p = 0.95;
+        opts.ignore_stop_tokens = true;
+        opts.max_new_tokens = if full { 200 } else { 64 };
+        (0..rounds)
+            .map(|r| {
+                opts.seed = Some(seed * 100 + r);
+                let prompt = format!("t{seed} r{r}");
+                let c = s
+                    .generate(&prompt, &opts, |_| ControlFlow::Continue(()))
+                    .unwrap();
+                s.reset();
+                c.token_ids
+            })
+            .collect()
+    };
+    let t0 = std::time::Instant::now();
+    let alone: Vec<_> = (0..4).map(|s| run(model.clone(), s)).collect();
+    let t_alone = t0.elapsed();
+    let t1 = std::time::Instant::now();
+    let handles: Vec<_> = (0..4)
+        .map(|s| {
+            let m = model.clone();
+            std::thread::spawn(move || run(m, s))
+        })
+        .collect();
+    let together: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    println!(
+        "threads: 4 x {rounds} generations; one thread {:.2}s, 4 threads {:.2}s",
+        t_alone.as_secs_f64(),
+        t1.elapsed().as_secs_f64()
+    );
+    for (s, (a, b)) in alone.iter().zip(&together).enumerate() {
+        assert_eq!(a, b, "thread {s} differs from the single-thread run");
+        assert!(a.iter().all(|ids| !ids.is_empty()));
+    }
+    assert_ne!(
+        alone[0], alone[1],
+        "different seeds should give different runs"
+    );
+}

@@ -22,6 +22,10 @@ const DEFAULT_ALIGNMENT: u64 = 32;
 const MAX_DIMS: u32 = 4;
 /// Deepest array-of-array nesting we accept in metadata.
 const MAX_ARRAY_DEPTH: u32 = 4;
+/// Most array elements all metadata together may hold. Each element becomes a [`GgufValue`] (32 bytes
+/// for a 1-byte `uint8`): without a bound a file could make us allocate 32× its size. Real vocabularies
+/// (tokens + merges + types) stay under 1M; 4M admits any of them.
+pub const MAX_METADATA_ELEMENTS: u64 = 1 << 22;
 
 /// One metadata value.
 #[derive(Debug, Clone, PartialEq)]
@@ -193,6 +197,7 @@ pub fn parse(path: &str, data: Bytes) -> Result<GgufFile, SourceError> {
         buf: &data,
         pos: 0,
         path,
+        elements: 0,
     };
     let magic = r.take(4, "magic")?;
     if magic != MAGIC {
@@ -354,6 +359,8 @@ struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,
     path: &'a str,
+    /// Metadata array elements read so far (bounded by [`MAX_METADATA_ELEMENTS`]).
+    elements: u64,
 }
 
 impl<'a> Reader<'a> {
@@ -448,6 +455,12 @@ impl<'a> Reader<'a> {
                     t => return Err(self.fail(format!("`{key}`: unknown array element type {t}"))),
                 };
                 self.check_count(n, min, &format!("array length of `{key}`"))?;
+                self.elements = self.elements.saturating_add(n);
+                if self.elements > MAX_METADATA_ELEMENTS {
+                    return Err(self.fail(format!(
+                        "`{key}`: metadata arrays hold more than {MAX_METADATA_ELEMENTS} elements"
+                    )));
+                }
                 let mut v = Vec::with_capacity(n as usize);
                 for _ in 0..n {
                     v.push(self.value(elem, key, depth + 1)?);
@@ -1253,6 +1266,36 @@ mod tests {
             Err(SourceError::Format { detail, .. }) => detail,
             other => panic!("expected a format error, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn metadata_arrays_are_bounded_in_total() {
+        // Two arrays of uint8 that each fit the file, together over the element budget: a file of
+        // N bytes must not become 32 N bytes of values.
+        let half = MAX_METADATA_ELEMENTS / 2 + 1;
+        let mut b = header(0, 2);
+        for key in ["a", "b"] {
+            put_str(&mut b, key);
+            b.extend(9u32.to_le_bytes());
+            b.extend(0u32.to_le_bytes());
+            b.extend(half.to_le_bytes());
+            b.resize(b.len() + half as usize, 7);
+        }
+        let d = format_detail(parse("h.gguf", Bytes::from(b)));
+        assert!(d.contains("`b`") && d.contains("elements"), "{d}");
+        // Just under the budget parses.
+        let mut b = header(0, 1);
+        put_str(&mut b, "a");
+        b.extend(9u32.to_le_bytes());
+        b.extend(0u32.to_le_bytes());
+        b.extend(MAX_METADATA_ELEMENTS.to_le_bytes());
+        b.resize(b.len() + MAX_METADATA_ELEMENTS as usize, 7);
+        b.resize(b.len().div_ceil(32) * 32, 0);
+        let f = parse("h.gguf", Bytes::from(b)).expect("at the budget");
+        assert_eq!(
+            f.metadata["a"].as_array().map(<[_]>::len),
+            Some(MAX_METADATA_ELEMENTS as usize)
+        );
     }
 
     #[test]

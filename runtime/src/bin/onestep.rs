@@ -163,6 +163,7 @@ impl Common {
                     Some(b) => b.parse()?,
                     None => Default::default(),
                 },
+                ..LoadOptions::default()
             })
         }
         #[cfg(not(feature = "gpu"))]

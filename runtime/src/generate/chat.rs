@@ -569,6 +569,17 @@ mod tests {
             Err(Error::Template(m)) => assert!(m.contains("larger than"), "{m}"),
             other => panic!("expected a size error, got {other:?}"),
         }
+        // The list: a 1 GB string, a billion-element range, self-including templates.
+        for src in [
+            "{{ 'a' * 10**9 }}",
+            "{% for i in range(10**9) %}x{% endfor %}",
+            "{{ range(10**9) | length }}",
+            "{% include 'chat' %}",
+            "{% extends 'chat' %}",
+        ] {
+            let r = ChatTemplate::new(src, "", "").and_then(|t| t.render(&[], false));
+            assert!(matches!(r, Err(Error::Template(_))), "{src}: {r:?}");
+        }
         assert!(start.elapsed().as_secs() < 30);
     }
 

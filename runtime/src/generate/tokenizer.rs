@@ -39,7 +39,17 @@ impl Tokenizer {
 
     /// Builds the tokenizer from `tokenizer.json` text with explicit BOS settings.
     pub fn from_json_with(json: &str, bos_id: Option<u32>, add_bos: bool) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_bytes(json.as_bytes())
+        // `tokenizers` 0.22 panics (`expect`) on some malformed files instead of returning an error: a
+        // JSON syntax error inside the `decoder` section (found by the onnx_load fuzz target), or a
+        // `Precompiled` normalizer whose charsmap is not a string. Syntax is checked here first (this
+        // also holds under `panic = "abort"`); any other panic inside the parser is caught and
+        // reported as an error where panics unwind.
+        serde_json::from_str::<serde::de::IgnoredAny>(json)
+            .map_err(|e| tok_err("tokenizer.json is not valid JSON", e))?;
+        let inner = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(json.as_bytes()))
+            .map_err(|_| {
+                Error::Tokenizer("tokenizer.json is malformed (the parser panicked)".into())
+            })?
             .map_err(|e| tok_err("cannot read tokenizer.json", e))?;
         if add_bos && bos_id.is_none() {
             return Err(Error::Tokenizer(
@@ -117,6 +127,33 @@ pub(crate) mod tests {
     /// The SmolLM2-135M-Instruct tokenizer (exported by `testdata/make_fixtures.py`).
     pub(crate) const SMOLLM2_TOKENIZER: &str = include_str!("testdata/smollm2_tokenizer.json");
     pub(crate) const CHAT_EXPECTED: &str = include_str!("testdata/chat_expected.json");
+
+    /// Fuzz regressions (onnx_load): malformed tokenizer.json files that made `tokenizers` panic are
+    /// typed errors.
+    #[test]
+    fn malformed_tokenizer_json_is_an_error_not_a_panic() {
+        let good = include_str!("../../../tests/fixtures/tiny/llama_f16/tokenizer.json");
+        Tokenizer::from_json_with(good, None, false).expect("the tiny tokenizer reads");
+        let at = good.find("\"decoder\"").expect("has a decoder");
+        // A raw control character inside a string of the decoder section (the fuzzer's find).
+        let q = at + good[at..].find("\"ByteLevel\"").expect("ByteLevel decoder") + 2;
+        let bad = format!("{}\u{1}{}", &good[..q], &good[q..]);
+        assert!(matches!(
+            Tokenizer::from_json_with(&bad, None, false),
+            Err(Error::Tokenizer(_))
+        ));
+        // Valid JSON that `tokenizers` 0.22 `expect`s on: a Precompiled normalizer with a number.
+        let bad = good.replacen(
+            "\"normalizer\": null",
+            "\"normalizer\": {\"type\": \"Precompiled\", \"precompiled_charsmap\": 5}",
+            1,
+        );
+        assert_ne!(bad, good);
+        assert!(matches!(
+            Tokenizer::from_json_with(&bad, None, false),
+            Err(Error::Tokenizer(_))
+        ));
+    }
 
     pub(crate) fn smollm2() -> Tokenizer {
         Tokenizer::from_json_with(SMOLLM2_TOKENIZER, Some(1), false).expect("fixture tokenizer")

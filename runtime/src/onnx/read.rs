@@ -12,12 +12,21 @@ use prost::Message;
 use super::proto;
 use crate::error::{Error, Result};
 use crate::graph::{Attr, DType, Dim, Graph, Initializer, Node, ValueInfo};
+use crate::load::{limit, Limits};
 
-/// Largest number of elements a single tensor may declare (guards shape arithmetic).
-const MAX_ELEMENTS: u128 = 1 << 40;
-
-/// Decodes `bytes` (a whole `.onnx` file) into a [`Graph`]. `what` names the source in errors.
+/// Decodes `bytes` (a whole `.onnx` file) into a [`Graph`] under the default [`Limits`]. `what` names
+/// the source in errors.
 pub fn decode_model(bytes: Bytes, what: &str) -> Result<Graph> {
+    decode_model_with(bytes, what, &Limits::default())
+}
+
+/// Decodes `bytes` into a [`Graph`], refusing anything over `limits` (checked before it is used).
+pub fn decode_model_with(bytes: Bytes, what: &str, limits: &Limits) -> Result<Graph> {
+    limit(
+        &format!("{what}: file size"),
+        bytes.len() as u64,
+        limits.max_file_bytes,
+    )?;
     let model = proto::ModelProto::decode(bytes).map_err(|e| Error::Decode {
         what: what.to_string(),
         detail: e.to_string(),
@@ -26,6 +35,32 @@ pub fn decode_model(bytes: Bytes, what: &str) -> Result<Graph> {
         what: what.to_string(),
         detail: "the model has no graph".into(),
     })?;
+    limit(
+        &format!("{what}: initializer count"),
+        graph.initializer.len() as u64,
+        limits.max_tensors as u64,
+    )?;
+    limit(
+        &format!("{what}: node count"),
+        graph.node.len() as u64,
+        limits.max_nodes as u64,
+    )?;
+    for p in &model.metadata_props {
+        let len = p.value.as_ref().map_or(0, |v| v.len()) + p.key.as_ref().map_or(0, |k| k.len());
+        limit(
+            &format!(
+                "{what}: metadata `{}` length",
+                p.key
+                    .as_deref()
+                    .unwrap_or("")
+                    .chars()
+                    .take(64)
+                    .collect::<String>()
+            ),
+            len as u64,
+            limits.max_metadata_bytes as u64,
+        )?;
+    }
     let mut opsets = BTreeMap::new();
     for o in &model.opset_import {
         let domain = o.domain.clone().unwrap_or_default();
@@ -49,7 +84,7 @@ pub fn decode_model(bytes: Bytes, what: &str) -> Result<Graph> {
     let initializers = graph
         .initializer
         .iter()
-        .map(convert_tensor)
+        .map(|t| convert_tensor_with(t, limits))
         .collect::<Result<Vec<_>>>()?;
     let init_names: std::collections::HashSet<&str> =
         initializers.iter().map(|i| i.name.as_str()).collect();
@@ -68,7 +103,7 @@ pub fn decode_model(bytes: Bytes, what: &str) -> Result<Graph> {
         .node
         .iter()
         .enumerate()
-        .map(|(i, n)| convert_node(i, n))
+        .map(|(i, n)| convert_node(i, n, limits))
         .collect::<Result<Vec<_>>>()?;
     Ok(Graph {
         name: graph.name.clone().unwrap_or_default(),
@@ -103,7 +138,9 @@ fn convert_value_info(v: &proto::ValueInfoProto) -> Result<ValueInfo> {
                 .iter()
                 .map(|d| match &d.value {
                     Some(proto::tensor_shape_proto::dimension::Value::DimValue(v)) if *v >= 0 => {
-                        Ok(Dim::Known(*v as usize))
+                        usize::try_from(*v)
+                            .map(Dim::Known)
+                            .map_err(|_| bad(&format!("dimension {v} does not fit")))
                     }
                     Some(proto::tensor_shape_proto::dimension::Value::DimValue(v)) => {
                         Err(bad(&format!("negative dimension {v}")))
@@ -120,7 +157,7 @@ fn convert_value_info(v: &proto::ValueInfoProto) -> Result<ValueInfo> {
     Ok(ValueInfo { name, dtype, shape })
 }
 
-fn convert_node(index: usize, n: &proto::NodeProto) -> Result<Node> {
+fn convert_node(index: usize, n: &proto::NodeProto, limits: &Limits) -> Result<Node> {
     let op = n.op_type.clone().unwrap_or_default();
     let name = n
         .name
@@ -143,7 +180,7 @@ fn convert_node(index: usize, n: &proto::NodeProto) -> Result<Node> {
                 })?,
             ),
             Some(T::Tensor) => match &a.t {
-                Some(t) => Attr::Tensor(convert_tensor(t)?),
+                Some(t) => Attr::Tensor(convert_tensor_with(t, limits)?),
                 None => return Err(Error::node(&name, &op, format!("attribute `{key}` empty"))),
             },
             _ => {
@@ -166,8 +203,14 @@ fn convert_node(index: usize, n: &proto::NodeProto) -> Result<Node> {
     })
 }
 
-/// Converts one `TensorProto` (zero-copy for `raw_data`), checking its size against its shape.
+/// Converts one `TensorProto` (zero-copy for `raw_data`), checking its size against its shape, under
+/// the default [`Limits`].
 pub fn convert_tensor(t: &proto::TensorProto) -> Result<Initializer> {
+    convert_tensor_with(t, &Limits::default())
+}
+
+/// Converts one `TensorProto`; its declared element count must be within `limits`.
+pub fn convert_tensor_with(t: &proto::TensorProto, limits: &Limits) -> Result<Initializer> {
     let name = t.name.clone().unwrap_or_default();
     let code = t.data_type.unwrap_or(0);
     let dtype = DType::from_onnx(code)
@@ -185,13 +228,22 @@ pub fn convert_tensor(t: &proto::TensorProto) -> Result<Initializer> {
             return Err(Error::tensor(&name, format!("negative dimension {d}")));
         }
         numel = numel.saturating_mul(d as u128);
-        if numel > MAX_ELEMENTS {
-            return Err(Error::tensor(&name, "declared size is absurdly large"));
+        if numel > limits.max_tensor_elements as u128 {
+            return Err(Error::Limit {
+                what: format!("tensor `{name}`: element count"),
+                value: u64::try_from(numel).unwrap_or(u64::MAX),
+                max: limits.max_tensor_elements,
+            });
         }
-        dims.push(d as usize);
+        dims.push(
+            usize::try_from(d)
+                .map_err(|_| Error::tensor(&name, format!("dimension {d} does not fit")))?,
+        );
     }
-    let numel = numel as usize;
-    let expected = numel * dtype.size();
+    let expected = usize::try_from(numel)
+        .ok()
+        .and_then(|n| n.checked_mul(dtype.size()))
+        .ok_or_else(|| Error::tensor(&name, "declared size does not fit in memory"))?;
     let data = if let Some(raw) = &t.raw_data {
         raw.clone()
     } else {

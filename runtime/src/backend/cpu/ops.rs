@@ -89,13 +89,19 @@ fn input<'a>(ctx: &Ctx, inputs: &'a [Option<&'a Tensor>], i: usize) -> Result<&'
 fn norm_axis(ctx: &Ctx, axis: i64, rank: usize) -> Result<usize> {
     let r = rank as i64;
     let a = if axis < 0 { axis + r } else { axis };
-    if a < 0 || a >= r.max(1) {
+    // Strict: a rank-0 tensor has no axis (ONNX ops with an axis need rank >= 1).
+    if a < 0 || a >= r {
         return Err(ctx.err(format!("axis {axis} out of range for rank {rank}")));
     }
     Ok(a as usize)
 }
 
-/// Numpy-style broadcast of two shapes.
+/// Largest element count a broadcast (binary ops, `Where`, `Expand`) may produce: 64× the largest
+/// broadcast a real step graph makes (a `[1, 1, chunk, cache]` mask), far below what would exhaust memory.
+pub const MAX_BROADCAST_ELEMENTS: usize = 1 << 26;
+
+/// Numpy-style broadcast of two shapes; `None` when they do not broadcast or the result would hold more
+/// than [`MAX_BROADCAST_ELEMENTS`].
 pub fn broadcast_shape(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
     let r = a.len().max(b.len());
     let mut out = vec![0; r];
@@ -118,6 +124,11 @@ pub fn broadcast_shape(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
             return None;
         };
     }
+    // A broadcast result is allocated element by element (with an offset table): bound it, so that a
+    // few small constants cannot make a load or a step allocate gigabytes.
+    out.iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .filter(|&n| n <= MAX_BROADCAST_ELEMENTS)?;
     Some(out)
 }
 
@@ -576,7 +587,8 @@ fn range(ctx: &Ctx, s: &Tensor, l: &Tensor, d: &Tensor) -> Result<Tensor> {
             if d == 0 {
                 return Err(ctx.err("delta is zero"));
             }
-            let n = ((l - s) as f64 / d as f64).ceil().max(0.0) as usize;
+            // i128: `l - s` of two hostile i64 values must not overflow.
+            let n = ((l as i128 - s as i128) as f64 / d as f64).ceil().max(0.0) as usize;
             if n > (1 << 28) {
                 return Err(ctx.err(format!("range of {n} elements is too large")));
             }
@@ -1377,6 +1389,55 @@ mod tests {
         .unwrap()
         .remove(0);
         assert_eq!(o.typed::<f32>(), &[9., 7., 4., 0.]);
+    }
+
+    /// Fuzz regression (onnx_load): a Concat of rank-0 tensors indexed an empty shape.
+    #[test]
+    fn axis_ops_refuse_scalars() {
+        let a = Tensor::i64(&[], &[1]);
+        let b = Tensor::i64(&[], &[2]);
+        assert!(run("Concat", &[("axis", Attr::Int(0))], &[&a, &b]).is_err());
+        assert!(run(
+            "Softmax",
+            &[("axis", Attr::Int(0))],
+            &[&Tensor::f32(&[], &[1.0])]
+        )
+        .is_err());
+        let ok = run(
+            "Concat",
+            &[("axis", Attr::Int(0))],
+            &[&Tensor::i64(&[1], &[1]), &b],
+        );
+        assert!(ok.is_err(), "rank mismatch is an error too");
+    }
+
+    #[test]
+    fn broadcasts_are_bounded() {
+        // 2^20 x 2^20 from two 4 MB constants: refused before anything is allocated.
+        let a = Tensor::zeros(DType::U8, &[1 << 20, 1]);
+        let b = Tensor::zeros(DType::U8, &[1, 1 << 20]);
+        assert!(run("And", &[], &[&a, &b]).is_err());
+        let one = Tensor::f32(&[1], &[1.0]);
+        assert!(run(
+            "Expand",
+            &[],
+            &[&one, &Tensor::i64(&[3], &[1 << 20, 1 << 20, 1 << 20])]
+        )
+        .is_err());
+        assert!(run(
+            "Expand",
+            &[],
+            &[&one, &Tensor::i64(&[2], &[i64::MAX, i64::MAX])]
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn range_survives_i64_extremes() {
+        let s = Tensor::i64(&[], &[i64::MIN]);
+        let l = Tensor::i64(&[], &[i64::MAX]);
+        let d = Tensor::i64(&[], &[1]);
+        assert!(run("Range", &[], &[&s, &l, &d]).is_err());
     }
 
     #[test]
