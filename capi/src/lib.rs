@@ -102,6 +102,8 @@ pub struct OnestepSession {
     inner: Mutex<Inner>,
 }
 
+// One per heap-allocated handle, moved only on state changes: the size difference is harmless.
+#[allow(clippy::large_enum_variant)]
 enum SessionState {
     Idle(Session),
     Streaming(OwnedStream),
@@ -842,7 +844,8 @@ fn start_stream(s: &OnestepSession, prompt: Prompt<'_>, opts: *const OnestepOpti
             inner.state = SessionState::Streaming(stream);
             Ok(())
         }
-        Err((session, e)) => {
+        Err(failed) => {
+            let (session, e) = *failed;
             inner.state = SessionState::Idle(session);
             Err(runtime_fail(e, Phase::Run))
         }

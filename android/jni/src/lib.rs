@@ -52,6 +52,8 @@ struct SessionHandle {
     inner: Mutex<Inner>,
 }
 
+// One per heap-allocated handle, moved only on state changes: the size difference is harmless.
+#[allow(clippy::large_enum_variant)]
 enum State {
     Idle(Session),
     Streaming(OwnedStream),
@@ -470,7 +472,8 @@ pub extern "system" fn Java_dev_onestep_Native_sessionStart<'l>(
                 inner.state = State::Streaming(st);
                 Ok(())
             }
-            Err((s, e)) => {
+            Err(failed) => {
+                let (s, e) = *failed;
                 inner.state = State::Idle(s);
                 throw(env, e.to_string())
             }

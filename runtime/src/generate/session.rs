@@ -658,12 +658,13 @@ impl OwnedStream {
 }
 
 impl Session {
-    /// [`Session::stream`] that takes the session along; on error the session comes back with it.
+    /// [`Session::stream`] that takes the session along; on error the session comes back with it
+    /// (boxed: a session is large).
     pub fn into_stream(
         mut self,
         prompt: &str,
         opts: &GenerateOptions,
-    ) -> std::result::Result<OwnedStream, (Session, Error)> {
+    ) -> std::result::Result<OwnedStream, Box<(Session, Error)>> {
         let t = Instant::now();
         let run = self
             .core
@@ -672,16 +673,17 @@ impl Session {
             .and_then(|ids| self.core.start(&ids, false, opts, t));
         match run {
             Ok(run) => Ok(OwnedStream { session: self, run }),
-            Err(e) => Err((self, e)),
+            Err(e) => Err(Box::new((self, e))),
         }
     }
 
-    /// [`Session::chat_stream`] that takes the session along; on error the session comes back with it.
+    /// [`Session::chat_stream`] that takes the session along; on error the session comes back with it
+    /// (boxed: a session is large).
     pub fn into_chat_stream(
         mut self,
         messages: &[ChatMessage],
         opts: &GenerateOptions,
-    ) -> std::result::Result<OwnedStream, (Session, Error)> {
+    ) -> std::result::Result<OwnedStream, Box<(Session, Error)>> {
         let t = Instant::now();
         let run = self
             .core
@@ -689,7 +691,7 @@ impl Session {
             .and_then(|ids| self.core.start(&ids, true, opts, t));
         match run {
             Ok(run) => Ok(OwnedStream { session: self, run }),
-            Err(e) => Err((self, e)),
+            Err(e) => Err(Box::new((self, e))),
         }
     }
 }
