@@ -273,6 +273,9 @@ enum Phase {
 }
 
 fn runtime_fail(e: Error, phase: Phase) -> Fail {
+    // The wildcard keeps this compiling when the runtime grows a variant (a resource limit, a GPU
+    // error, ...): a new failure while loading is an invalid model, while running a runtime error.
+    #[allow(unreachable_patterns)]
     let status = match (&e, phase) {
         (Error::Io { .. }, _) => OnestepStatus::Io,
         (Error::Decode { .. } | Error::Contract(_) | Error::Metadata { .. }, _) => {
@@ -285,6 +288,8 @@ fn runtime_fail(e: Error, phase: Phase) -> Fail {
         (Error::Tokenizer(_), _) => OnestepStatus::Tokenizer,
         (Error::Template(_), _) => OnestepStatus::Template,
         (Error::Cancelled, _) => OnestepStatus::Cancelled,
+        (_, Phase::Load) => OnestepStatus::InvalidModel,
+        (_, Phase::Run) => OnestepStatus::Runtime,
     };
     fail(status, e.to_string())
 }
