@@ -48,7 +48,7 @@ fn load_info_and_typed_errors() {
         assert!(last_error().contains("struct_size"), "{}", last_error());
 
         // The placeholder tokenizer: a typed error naming the tokenizer; the out pointer is NULL.
-        let mut session: *mut OnestepSession = 1 as *mut OnestepSession;
+        let mut session: *mut OnestepSession = ptr::dangling_mut::<OnestepSession>();
         assert_eq!(
             onestep_session_new(model, &mut session),
             OnestepStatus::Tokenizer
@@ -65,7 +65,7 @@ fn load_info_and_typed_errors() {
             OnestepStatus::Ok
         );
         onestep_model_free(m2);
-        m2 = 1 as *mut OnestepModel;
+        m2 = ptr::dangling_mut::<OnestepModel>();
         assert_eq!(
             onestep_model_load_from_memory(bytes.as_ptr(), bytes.len() - 7, name, &mut m2),
             OnestepStatus::InvalidModel
