@@ -30,7 +30,7 @@ pub mod tokenizer;
 
 pub use chat::{ChatMessage, ChatTemplate};
 pub use sampling::{GenerateOptions, SamplingRng};
-pub use session::{plan_chunks, template_for, Completion, Piece, Session, Stream};
+pub use session::{plan_chunks, template_for, Completion, OwnedStream, Piece, Session, Stream};
 pub use stats::GenerateStats;
 pub use stop::{stop_strings_from_bytes, StopMatcher, StopReason, StopStep};
 pub use stream::StreamDecoder;

@@ -620,6 +620,83 @@ impl Session {
     }
 }
 
+/// A generation in progress that owns its [`Session`] (for bindings — C ABI, JNI — whose pull APIs
+/// cannot hold a borrow): an iterator of pieces like [`Stream`]. [`OwnedStream::into_session`] gives the
+/// session back (usable, whatever state the generation is in).
+pub struct OwnedStream {
+    session: Session,
+    run: Run,
+}
+
+impl Iterator for OwnedStream {
+    type Item = Result<Piece>;
+    fn next(&mut self) -> Option<Result<Piece>> {
+        self.run.advance(&mut self.session.core).transpose()
+    }
+}
+
+impl OwnedStream {
+    /// Stops the generation before the next step.
+    pub fn cancel(&mut self) {
+        self.run.cancel();
+    }
+    /// Why the generation ended, once it has.
+    pub fn stop_reason(&self) -> Option<&StopReason> {
+        self.run.finished.as_ref()
+    }
+    /// The completion, once the iterator has ended (`None` before, or after an error).
+    pub fn completion(&self) -> Option<Completion> {
+        self.run.completion()
+    }
+    /// The session (its cancel flag still works while the stream runs).
+    pub fn session(&self) -> &Session {
+        &self.session
+    }
+    /// Ends the stream and returns the session.
+    pub fn into_session(self) -> Session {
+        self.session
+    }
+}
+
+impl Session {
+    /// [`Session::stream`] that takes the session along; on error the session comes back with it
+    /// (boxed: a session is large).
+    pub fn into_stream(
+        mut self,
+        prompt: &str,
+        opts: &GenerateOptions,
+    ) -> std::result::Result<OwnedStream, Box<(Session, Error)>> {
+        let t = Instant::now();
+        let run = self
+            .core
+            .tokenizer
+            .encode(prompt)
+            .and_then(|ids| self.core.start(&ids, false, opts, t));
+        match run {
+            Ok(run) => Ok(OwnedStream { session: self, run }),
+            Err(e) => Err(Box::new((self, e))),
+        }
+    }
+
+    /// [`Session::chat_stream`] that takes the session along; on error the session comes back with it
+    /// (boxed: a session is large).
+    pub fn into_chat_stream(
+        mut self,
+        messages: &[ChatMessage],
+        opts: &GenerateOptions,
+    ) -> std::result::Result<OwnedStream, Box<(Session, Error)>> {
+        let t = Instant::now();
+        let run = self
+            .core
+            .chat_ids(messages)
+            .and_then(|ids| self.core.start(&ids, true, opts, t));
+        match run {
+            Ok(run) => Ok(OwnedStream { session: self, run }),
+            Err(e) => Err(Box::new((self, e))),
+        }
+    }
+}
+
 /// Compiles a model's chat template with its BOS/EOS token strings.
 pub fn template_for(source: &str, tokenizer: &Tokenizer, info: &ModelInfo) -> Result<ChatTemplate> {
     let name = |id: Option<u32>| {

@@ -1,0 +1,1008 @@
+//! C ABI of the onestep runtime: opaque model and session handles over the safe Rust API
+//! ([`onestep::Model`], [`onestep::generate::Session`]). The header `include/onestep.h` is generated
+//! from this file by cbindgen (`cbindgen.toml`).
+//!
+//! Conventions (also in the header):
+//! - Every function returns an [`OnestepStatus`] (except the free functions, `onestep_last_error`,
+//!   `onestep_status_name`, `onestep_version` and `onestep_session_cancel`). On failure the
+//!   per-thread message is read with [`onestep_last_error`].
+//! - Every pointer argument is checked for NULL (`ONESTEP_STATUS_NULL_POINTER`). Pointers must
+//!   otherwise be valid for the documented size; strings are NUL-terminated UTF-8.
+//! - Every buffer handed to the caller has a matching free function named where it is returned.
+//! - No Rust panic crosses the boundary: every entry point catches it and returns
+//!   `ONESTEP_STATUS_PANIC`.
+//! - Structs the caller passes in or out start with `struct_size`, which the caller sets to
+//!   `sizeof(struct)`; a library accepts any size at least as large as the version it knows.
+//! - Thread safety: a model may be shared by any number of sessions on any threads. A session is
+//!   used by one thread at a time (a second concurrent call gets `ONESTEP_STATUS_BUSY`), except
+//!   [`onestep_session_cancel`], which any thread may call at any time while the session is alive.
+#![warn(missing_docs)]
+#![allow(clippy::missing_safety_doc)] // the safety contract is stated once, above and in the header
+
+use std::cell::RefCell;
+use std::ffi::{c_char, c_void, CStr, CString};
+use std::ops::ControlFlow;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, TryLockError};
+
+use onestep::generate::{
+    stop_strings_from_bytes, ChatMessage, Completion, GenerateOptions, OwnedStream, Piece, Session,
+    StopReason,
+};
+use onestep::{Error, GenerationDefaults, Model};
+
+/// Version of this C ABI; bumped on any incompatible change of the header.
+pub const ONESTEP_ABI_VERSION: u32 = 1;
+
+/// Outcome of a call.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnestepStatus {
+    /// Success.
+    Ok = 0,
+    /// A required pointer argument was NULL.
+    NullPointer = 1,
+    /// An argument is out of range (options, prompt longer than the cache, empty prompt, bad
+    /// `struct_size`, ...).
+    InvalidArgument = 2,
+    /// A string argument is not valid UTF-8.
+    InvalidUtf8 = 3,
+    /// Reading the model file failed at the OS level (missing file, permissions, ...).
+    Io = 4,
+    /// The model bytes are not a valid onestep step graph (corrupt, truncated, wrong contract).
+    InvalidModel = 5,
+    /// The model uses ops or an opset this runtime does not implement.
+    Unsupported = 6,
+    /// A step failed while running (the session's cache is reset; the session stays usable).
+    Runtime = 7,
+    /// Tokenizer failure.
+    Tokenizer = 8,
+    /// Chat-template failure (or the model has no chat template).
+    Template = 9,
+    /// The session is in use by another call (another thread, or a re-entrant call from a callback).
+    Busy = 10,
+    /// The call does not fit the session's state (`onestep_session_next_piece` with no generation
+    /// started).
+    BadState = 11,
+    /// The operation was cancelled.
+    Cancelled = 12,
+    /// An internal error (a Rust panic) was caught; the handle involved may be unusable.
+    Panic = 13,
+}
+
+/// Why a generation ended.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnestepStopReason {
+    /// No generation has finished yet.
+    None = 0,
+    /// The model produced a stop token (EOS, ...); `stop_token_id` holds it.
+    StopToken = 1,
+    /// The text reached one of the caller's stop strings (the text ends right before it).
+    StopString = 2,
+    /// `max_new_tokens` were generated.
+    MaxTokens = 3,
+    /// The KV cache is full.
+    ContextFull = 4,
+    /// Cancelled (`onestep_session_cancel`, or the piece callback returned false).
+    Cancelled = 5,
+}
+
+/// A loaded model (immutable; share it between sessions and threads). Free with
+/// [`onestep_model_free`].
+pub struct OnestepModel {
+    model: Arc<Model>,
+    architecture: CString,
+}
+
+/// One conversation (one KV cache) over a model. Free with [`onestep_session_free`].
+pub struct OnestepSession {
+    cancel: Arc<AtomicBool>,
+    inner: Mutex<Inner>,
+}
+
+// One per heap-allocated handle, moved only on state changes: the size difference is harmless.
+#[allow(clippy::large_enum_variant)]
+enum SessionState {
+    Idle(Session),
+    Streaming(OwnedStream),
+    /// Only after a caught panic in the middle of a state change.
+    Lost,
+}
+
+struct Inner {
+    state: SessionState,
+    last: Option<Completion>,
+}
+
+/// Options of one generation. Fill with [`onestep_options_default`], then change fields.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct OnestepOptions {
+    /// Set to `sizeof(OnestepOptions)` by the caller.
+    pub struct_size: u32,
+    /// Most tokens to generate (at least 1).
+    pub max_new_tokens: u32,
+    /// Temperature; `<= 0` is greedy.
+    pub temperature: f32,
+    /// Top-k; 0 disables.
+    pub top_k: u32,
+    /// Top-p in (0, 1]; 1 disables.
+    pub top_p: f32,
+    /// Whether `seed` is used (reseeds the session's generator: same seed, same tokens).
+    pub has_seed: bool,
+    /// Keep generating past the model's stop tokens.
+    pub ignore_stop_tokens: bool,
+    /// The seed, when `has_seed`.
+    pub seed: u64,
+    /// `stop_strings_len` NUL-terminated UTF-8 strings (borrowed for the call); may be NULL when
+    /// `stop_strings_len` is 0.
+    pub stop_strings: *const *const c_char,
+    /// Number of stop strings.
+    pub stop_strings_len: usize,
+}
+
+/// One chat message (borrowed for the call).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct OnestepChatMessage {
+    /// `system`, `user`, `assistant`, ... (NUL-terminated UTF-8).
+    pub role: *const c_char,
+    /// The message text (NUL-terminated UTF-8).
+    pub content: *const c_char,
+}
+
+/// A piece returned by [`onestep_session_next_piece`].
+#[repr(C)]
+#[derive(Debug)]
+pub struct OnestepPiece {
+    /// NUL-terminated UTF-8 text (possibly empty); owned by the caller: free with
+    /// [`onestep_string_free`]. NULL when the generation has ended.
+    pub text: *mut c_char,
+    /// Bytes in `text`, without the terminating NUL.
+    pub text_len: usize,
+    /// The token that produced the piece.
+    pub token_id: u32,
+}
+
+/// Facts about a model.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct OnestepModelInfo {
+    /// Set to `sizeof(OnestepModelInfo)` by the caller.
+    pub struct_size: u32,
+    /// Decoder layers.
+    pub num_layers: u32,
+    /// Hidden size.
+    pub hidden_size: u32,
+    /// Query heads.
+    pub num_heads: u32,
+    /// Key/value heads.
+    pub num_kv_heads: u32,
+    /// Head dimension.
+    pub head_dim: u32,
+    /// Vocabulary size.
+    pub vocab_size: u32,
+    /// KV cache slots (prompt plus generated tokens of one conversation).
+    pub max_cache: u32,
+    /// Largest prefill chunk.
+    pub max_chunk: u32,
+    /// End-of-sequence id.
+    pub eos_id: u32,
+    /// Beginning-of-sequence id, when `has_bos`.
+    pub bos_id: u32,
+    /// Whether the vocabulary has a BOS token.
+    pub has_bos: bool,
+    /// Whether the model carries a chat template (`onestep_session_chat` works).
+    pub has_chat_template: bool,
+    /// Milliseconds the load took.
+    pub load_ms: f64,
+}
+
+/// Statistics of the last finished generation of a session.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct OnestepStats {
+    /// Set to `sizeof(OnestepStats)` by the caller.
+    pub struct_size: u32,
+    /// Why it ended.
+    pub stop_reason: OnestepStopReason,
+    /// The stop token, when `stop_reason` is `ONESTEP_STOP_REASON_STOP_TOKEN`.
+    pub stop_token_id: u32,
+    /// Tokens in the prompt (including those reused from the cache).
+    pub prompt_tokens: u32,
+    /// Prompt tokens reused from the cache (multi-turn chat).
+    pub reused_tokens: u32,
+    /// Prompt tokens computed.
+    pub prefill_tokens: u32,
+    /// Tokens fed back one at a time.
+    pub decode_tokens: u32,
+    /// Tokens generated.
+    pub generated_tokens: u32,
+    /// Model load time, ms.
+    pub load_ms: f64,
+    /// Prefill time, ms.
+    pub prefill_ms: f64,
+    /// Time to the first generated token, ms.
+    pub time_to_first_token_ms: f64,
+    /// Decode time, ms.
+    pub decode_ms: f64,
+    /// Prefill throughput, tokens/s.
+    pub prefill_tokens_per_s: f64,
+    /// Decode throughput, tokens/s.
+    pub decode_tokens_per_s: f64,
+}
+
+/// Called once per generated piece: `text` is NUL-terminated UTF-8 of `text_len` bytes (possibly
+/// empty), borrowed for the duration of the call only. Return true to go on, false to stop (the
+/// generation ends as cancelled). Runs on the calling thread, inside the generate call; it must not
+/// call functions on the same session other than `onestep_session_cancel`.
+pub type OnestepPieceCallback = Option<
+    unsafe extern "C" fn(
+        text: *const c_char,
+        text_len: usize,
+        token_id: u32,
+        user_data: *mut c_void,
+    ) -> bool,
+>;
+
+// ---------------------------------------------------------------------------------------------
+// Errors and the boundary.
+
+struct Fail {
+    status: OnestepStatus,
+    message: String,
+}
+
+type FfiResult<T = ()> = Result<T, Fail>;
+
+fn fail(status: OnestepStatus, message: impl Into<String>) -> Fail {
+    Fail {
+        status,
+        message: message.into(),
+    }
+}
+
+/// Where a runtime error happened: node/tensor errors while loading mean a bad model, while
+/// running a failed step.
+#[derive(Clone, Copy)]
+enum Phase {
+    Load,
+    Run,
+}
+
+fn runtime_fail(e: Error, phase: Phase) -> Fail {
+    // The wildcard keeps this compiling when the runtime grows a variant (a resource limit, a GPU
+    // error, ...): a new failure while loading is an invalid model, while running a runtime error.
+    #[allow(unreachable_patterns)]
+    let status = match (&e, phase) {
+        (Error::Io { .. }, _) => OnestepStatus::Io,
+        (Error::Decode { .. } | Error::Contract(_) | Error::Metadata { .. }, _) => {
+            OnestepStatus::InvalidModel
+        }
+        (Error::UnsupportedOps(_) | Error::Opset { .. }, _) => OnestepStatus::Unsupported,
+        (Error::Tensor { .. } | Error::Node { .. }, Phase::Load) => OnestepStatus::InvalidModel,
+        (Error::Tensor { .. } | Error::Node { .. }, Phase::Run) => OnestepStatus::Runtime,
+        (Error::InvalidArgument(_), _) => OnestepStatus::InvalidArgument,
+        (Error::Tokenizer(_), _) => OnestepStatus::Tokenizer,
+        (Error::Template(_), _) => OnestepStatus::Template,
+        (Error::Cancelled, _) => OnestepStatus::Cancelled,
+        (_, Phase::Load) => OnestepStatus::InvalidModel,
+        (_, Phase::Run) => OnestepStatus::Runtime,
+    };
+    fail(status, e.to_string())
+}
+
+thread_local! {
+    static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+}
+
+/// `s` as a C string; NUL characters (which no normal text holds) become U+FFFD.
+fn c_string(s: &str) -> CString {
+    let bytes = if s.contains('\0') {
+        s.replace('\0', "\u{FFFD}").into_bytes()
+    } else {
+        s.as_bytes().to_vec()
+    };
+    // No NUL left: cannot fail.
+    CString::new(bytes).unwrap_or_default()
+}
+
+fn set_last_error(msg: &str) {
+    LAST_ERROR.with(|e| *e.borrow_mut() = c_string(msg));
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic".to_string()
+    }
+}
+
+/// Runs one entry point: errors become a status and the per-thread message, panics are caught.
+fn boundary(name: &str, f: impl FnOnce() -> FfiResult) -> OnestepStatus {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(())) => OnestepStatus::Ok,
+        Ok(Err(e)) => {
+            set_last_error(&e.message);
+            e.status
+        }
+        Err(payload) => {
+            set_last_error(&format!(
+                "{name}: internal error (panic): {}",
+                panic_message(payload.as_ref())
+            ));
+            OnestepStatus::Panic
+        }
+    }
+}
+
+fn non_null<'a, T>(p: *const T, what: &str) -> FfiResult<&'a T> {
+    // SAFETY: the caller promises a non-NULL pointer is valid (header contract).
+    unsafe { p.as_ref() }.ok_or_else(|| fail(OnestepStatus::NullPointer, format!("{what} is NULL")))
+}
+
+fn non_null_mut<'a, T>(p: *mut T, what: &str) -> FfiResult<&'a mut T> {
+    // SAFETY: as above.
+    unsafe { p.as_mut() }.ok_or_else(|| fail(OnestepStatus::NullPointer, format!("{what} is NULL")))
+}
+
+fn utf8<'a>(p: *const c_char, what: &str) -> FfiResult<&'a str> {
+    non_null(p, what)?;
+    // SAFETY: non-NULL and NUL-terminated per the header contract.
+    let c = unsafe { CStr::from_ptr(p) };
+    c.to_str().map_err(|e| {
+        fail(
+            OnestepStatus::InvalidUtf8,
+            format!(
+                "{what} is not valid UTF-8 (first bad byte at offset {})",
+                e.valid_up_to()
+            ),
+        )
+    })
+}
+
+/// Reads the leading `struct_size` of a caller's struct and checks it covers this version.
+fn check_size<T>(struct_size: u32, what: &str) -> FfiResult {
+    let need = std::mem::size_of::<T>();
+    if (struct_size as usize) < need {
+        return Err(fail(
+            OnestepStatus::InvalidArgument,
+            format!("{what}.struct_size is {struct_size}, this library needs at least {need}"),
+        ));
+    }
+    Ok(())
+}
+
+fn options_from_c(
+    opts: *const OnestepOptions,
+    defaults: &GenerationDefaults,
+) -> FfiResult<GenerateOptions> {
+    let mut out = GenerateOptions::from_defaults(defaults);
+    if opts.is_null() {
+        return Ok(out);
+    }
+    // SAFETY: non-NULL; `struct_size` is the first field of every version.
+    let size = unsafe { std::ptr::read(opts as *const u32) };
+    check_size::<OnestepOptions>(size, "options")?;
+    // SAFETY: the caller's struct is at least as large as ours.
+    let o = unsafe { &*opts };
+    out.max_new_tokens = o.max_new_tokens;
+    out.temperature = o.temperature;
+    out.top_k = o.top_k;
+    out.top_p = o.top_p;
+    out.seed = o.has_seed.then_some(o.seed);
+    out.ignore_stop_tokens = o.ignore_stop_tokens;
+    if o.stop_strings_len > 0 {
+        non_null(o.stop_strings, "options.stop_strings")?;
+        // SAFETY: non-NULL, `stop_strings_len` elements per the contract.
+        let ptrs = unsafe { std::slice::from_raw_parts(o.stop_strings, o.stop_strings_len) };
+        let mut items = Vec::with_capacity(ptrs.len());
+        for (i, &p) in ptrs.iter().enumerate() {
+            non_null(p, &format!("options.stop_strings[{i}]"))?;
+            // SAFETY: non-NULL, NUL-terminated.
+            items.push(unsafe { CStr::from_ptr(p) }.to_bytes());
+        }
+        out.stop_strings =
+            stop_strings_from_bytes(&items).map_err(|e| runtime_fail(e, Phase::Run))?;
+    }
+    out.validate().map_err(|e| runtime_fail(e, Phase::Run))?;
+    Ok(out)
+}
+
+fn messages_from_c(messages: *const OnestepChatMessage, len: usize) -> FfiResult<Vec<ChatMessage>> {
+    non_null(messages, "messages")?;
+    // SAFETY: non-NULL, `len` elements per the contract.
+    let ms = unsafe { std::slice::from_raw_parts(messages, len) };
+    ms.iter()
+        .enumerate()
+        .map(|(i, m)| {
+            Ok(ChatMessage::new(
+                utf8(m.role, &format!("messages[{i}].role"))?,
+                utf8(m.content, &format!("messages[{i}].content"))?,
+            ))
+        })
+        .collect()
+}
+
+fn owned_c_string(s: &str) -> (*mut c_char, usize) {
+    let c = c_string(s);
+    let len = c.as_bytes().len();
+    (c.into_raw(), len)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Library.
+
+/// The library version (static string; do not free).
+#[no_mangle]
+pub extern "C" fn onestep_version() -> *const c_char {
+    concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
+}
+
+/// The message of the last failed call on this thread ("" if none). The pointer stays valid until the
+/// next failing call on this thread; do not free it.
+#[no_mangle]
+pub extern "C" fn onestep_last_error() -> *const c_char {
+    catch_unwind(|| LAST_ERROR.with(|e| e.borrow().as_ptr())).unwrap_or(c"internal error".as_ptr())
+}
+
+/// A short static name of `status` (`"ok"`, `"null_pointer"`, ...; `"unknown"` for other values).
+#[no_mangle]
+pub extern "C" fn onestep_status_name(status: i32) -> *const c_char {
+    let s: &CStr = match status {
+        0 => c"ok",
+        1 => c"null_pointer",
+        2 => c"invalid_argument",
+        3 => c"invalid_utf8",
+        4 => c"io",
+        5 => c"invalid_model",
+        6 => c"unsupported",
+        7 => c"runtime",
+        8 => c"tokenizer",
+        9 => c"template",
+        10 => c"busy",
+        11 => c"bad_state",
+        12 => c"cancelled",
+        13 => c"panic",
+        _ => c"unknown",
+    };
+    s.as_ptr()
+}
+
+/// Frees a string returned by this library (`text_out` of the generate calls, `OnestepPiece.text`).
+/// NULL is ignored.
+#[no_mangle]
+pub unsafe extern "C" fn onestep_string_free(s: *mut c_char) {
+    if !s.is_null() {
+        let _ = catch_unwind(|| {
+            // SAFETY: `s` came from `CString::into_raw` in this library (contract).
+            drop(unsafe { CString::from_raw(s) });
+        });
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Model.
+
+fn model_handle(model: Arc<Model>) -> *mut OnestepModel {
+    let architecture = c_string(&model.info().architecture);
+    Box::into_raw(Box::new(OnestepModel {
+        model,
+        architecture,
+    }))
+}
+
+/// Loads (memory-maps) the model file at `path` (NUL-terminated UTF-8). On success `*model_out`
+/// holds a model to free with [`onestep_model_free`]; on failure it is set to NULL.
+#[no_mangle]
+pub unsafe extern "C" fn onestep_model_load(
+    path: *const c_char,
+    model_out: *mut *mut OnestepModel,
+) -> OnestepStatus {
+    boundary("onestep_model_load", || {
+        let out = non_null_mut(model_out, "model_out")?;
+        *out = std::ptr::null_mut();
+        let path = utf8(path, "path")?;
+        let model = Model::load(path).map_err(|e| runtime_fail(e, Phase::Load))?;
+        *out = model_handle(model);
+        Ok(())
+    })
+}
+
+/// Loads a model from `len` bytes at `data` (an Android asset, an iOS bundle resource, ...). The bytes
+/// are copied: the caller may free `data` when this returns. `name` (NUL-terminated UTF-8, may be
+/// NULL) names the buffer in error messages. On success `*model_out` holds a model to free with
+/// [`onestep_model_free`]; on failure it is set to NULL.
+#[no_mangle]
+pub unsafe extern "C" fn onestep_model_load_from_memory(
+    data: *const u8,
+    len: usize,
+    name: *const c_char,
+    model_out: *mut *mut OnestepModel,
+) -> OnestepStatus {
+    boundary("onestep_model_load_from_memory", || {
+        let out = non_null_mut(model_out, "model_out")?;
+        *out = std::ptr::null_mut();
+        non_null(data, "data")?;
+        let name = if name.is_null() {
+            "<memory>"
+        } else {
+            utf8(name, "name")?
+        };
+        // SAFETY: non-NULL, `len` readable bytes per the contract.
+        let bytes = bytes::Bytes::copy_from_slice(unsafe { std::slice::from_raw_parts(data, len) });
+        let model =
+            Model::load_from_bytes(bytes, name).map_err(|e| runtime_fail(e, Phase::Load))?;
+        *out = model_handle(model);
+        Ok(())
+    })
+}
+
+/// Frees a model. Sessions created from it keep their own reference and stay valid. NULL is ignored.
+#[no_mangle]
+pub unsafe extern "C" fn onestep_model_free(model: *mut OnestepModel) {
+    if !model.is_null() {
+        let _ = catch_unwind(|| {
+            // SAFETY: `model` came from `Box::into_raw` in this library (contract).
+            drop(unsafe { Box::from_raw(model) });
+        });
+    }
+}
+
+/// Fills `*info_out` (whose `struct_size` the caller set) with facts about `model`.
+#[no_mangle]
+pub unsafe extern "C" fn onestep_model_info(
+    model: *const OnestepModel,
+    info_out: *mut OnestepModelInfo,
+) -> OnestepStatus {
+    boundary("onestep_model_info", || {
+        let m = non_null(model, "model")?;
+        let out = non_null_mut(info_out, "info_out")?;
+        check_size::<OnestepModelInfo>(out.struct_size, "info_out")?;
+        let i = m.model.info();
+        let n = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
+        *out = OnestepModelInfo {
+            struct_size: out.struct_size,
+            num_layers: n(i.num_layers),
+            hidden_size: n(i.hidden_size),
+            num_heads: n(i.num_heads),
+            num_kv_heads: n(i.num_kv_heads),
+            head_dim: n(i.head_dim),
+            vocab_size: n(i.vocab_size),
+            max_cache: n(i.max_cache),
+            max_chunk: n(i.max_chunk),
+            eos_id: i.eos_id,
+            bos_id: i.bos_id.unwrap_or(0),
+            has_bos: i.bos_id.is_some(),
+            has_chat_template: m.model.chat_template().is_some(),
+            load_ms: m.model.load_ms(),
+        };
+        Ok(())
+    })
+}
+
+/// The model's architecture name (e.g. "llama"); borrowed: valid while `model` is. NULL if `model`
+/// is NULL.
+#[no_mangle]
+pub unsafe extern "C" fn onestep_model_architecture(model: *const OnestepModel) -> *const c_char {
+    // SAFETY: a non-NULL `model` is valid (contract).
+    match unsafe { model.as_ref() } {
+        Some(m) => m.architecture.as_ptr(),
+        None => {
+            set_last_error("model is NULL");
+            std::ptr::null()
+        }
+    }
+}
+
+/// Fills `*options_out` (whose `struct_size` the caller set) with the model's generation defaults
+/// (`model` may be NULL: built-in defaults), no seed, no stop strings.
+#[no_mangle]
+pub unsafe extern "C" fn onestep_options_default(
+    model: *const OnestepModel,
+    options_out: *mut OnestepOptions,
+) -> OnestepStatus {
+    boundary("onestep_options_default", || {
+        let out = non_null_mut(options_out, "options_out")?;
+        check_size::<OnestepOptions>(out.struct_size, "options_out")?;
+        let d = match unsafe { model.as_ref() } {
+            Some(m) => m.model.info().generation.clone(),
+            None => GenerationDefaults::default(),
+        };
+        let o = GenerateOptions::from_defaults(&d);
+        *out = OnestepOptions {
+            struct_size: out.struct_size,
+            max_new_tokens: o.max_new_tokens,
+            temperature: o.temperature,
+            top_k: o.top_k,
+            top_p: o.top_p,
+            has_seed: false,
+            ignore_stop_tokens: false,
+            seed: 0,
+            stop_strings: std::ptr::null(),
+            stop_strings_len: 0,
+        };
+        Ok(())
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Session.
+
+impl OnestepSession {
+    /// Locks the session for one call, never blocking.
+    fn lock(&self) -> FfiResult<std::sync::MutexGuard<'_, Inner>> {
+        match self.inner.try_lock() {
+            Ok(g) => Ok(g),
+            // A panic inside an earlier call: the state check below decides whether it is usable.
+            Err(TryLockError::Poisoned(p)) => Ok(p.into_inner()),
+            Err(TryLockError::WouldBlock) => Err(fail(
+                OnestepStatus::Busy,
+                "the session is in use by another call",
+            )),
+        }
+    }
+}
+
+impl Inner {
+    /// The idle session (ending a pull generation in progress, as the Rust iterator's drop does).
+    fn take_session(&mut self) -> FfiResult<Session> {
+        match std::mem::replace(&mut self.state, SessionState::Lost) {
+            SessionState::Idle(s) => Ok(s),
+            SessionState::Streaming(st) => Ok(st.into_session()),
+            SessionState::Lost => Err(fail(
+                OnestepStatus::BadState,
+                "the session was lost to an earlier internal error; free it and create a new one",
+            )),
+        }
+    }
+}
+
+/// Creates a session over `model`. On success `*session_out` holds a session to free with
+/// [`onestep_session_free`]; on failure it is set to NULL.
+#[no_mangle]
+pub unsafe extern "C" fn onestep_session_new(
+    model: *const OnestepModel,
+    session_out: *mut *mut OnestepSession,
+) -> OnestepStatus {
+    boundary("onestep_session_new", || {
+        let out = non_null_mut(session_out, "session_out")?;
+        *out = std::ptr::null_mut();
+        let m = non_null(model, "model")?;
+        let session = Session::new(m.model.clone()).map_err(|e| runtime_fail(e, Phase::Load))?;
+        *out = Box::into_raw(Box::new(OnestepSession {
+            cancel: session.cancel_flag(),
+            inner: Mutex::new(Inner {
+                state: SessionState::Idle(session),
+                last: None,
+            }),
+        }));
+        Ok(())
+    })
+}
+
+/// Frees a session (no call on it may be running). NULL is ignored.
+#[no_mangle]
+pub unsafe extern "C" fn onestep_session_free(session: *mut OnestepSession) {
+    if !session.is_null() {
+        let _ = catch_unwind(|| {
+            // SAFETY: `session` came from `Box::into_raw` in this library (contract).
+            drop(unsafe { Box::from_raw(session) });
+        });
+    }
+}
+
+/// Asks the running generation of `session` to stop before its next step (it ends with stop
+/// reason `ONESTEP_STOP_REASON_CANCELLED`). Safe to call from any thread while the session is alive.
+/// A cancel with nothing running stops the next generation before its first step. NULL is ignored.
+#[no_mangle]
+pub unsafe extern "C" fn onestep_session_cancel(session: *const OnestepSession) {
+    // SAFETY: a non-NULL session is valid (contract); only the atomic flag is touched.
+    if let Some(s) = unsafe { session.as_ref() } {
+        s.cancel.store(true, Ordering::Release);
+    }
+}
+
+/// Forgets the conversation (empties the KV cache) and ends a pull generation in progress.
+#[no_mangle]
+pub unsafe extern "C" fn onestep_session_reset(session: *mut OnestepSession) -> OnestepStatus {
+    boundary("onestep_session_reset", || {
+        let s = non_null(session, "session")?;
+        let mut inner = s.lock()?;
+        let mut session = inner.take_session()?;
+        session.reset();
+        inner.state = SessionState::Idle(session);
+        Ok(())
+    })
+}
+
+enum Prompt<'a> {
+    Text(&'a str),
+    Chat(Vec<ChatMessage>),
+}
+
+fn run_generation(
+    s: &OnestepSession,
+    prompt: Prompt<'_>,
+    opts: *const OnestepOptions,
+    callback: OnestepPieceCallback,
+    user_data: *mut c_void,
+    text_out: *mut *mut c_char,
+) -> FfiResult {
+    let mut inner = s.lock()?;
+    let mut session = inner.take_session()?;
+    let result = (|| {
+        let opts = options_from_c(opts, &session.model().info().generation)?;
+        let mut on_piece = |p: &Piece| -> ControlFlow<()> {
+            let Some(cb) = callback else {
+                return ControlFlow::Continue(());
+            };
+            let c = c_string(&p.text);
+            let len = c.as_bytes().len();
+            // SAFETY: the caller's callback, with a NUL-terminated string alive for the call.
+            if unsafe { cb(c.as_ptr(), len, p.token_id, user_data) } {
+                ControlFlow::Continue(())
+            } else {
+                ControlFlow::Break(())
+            }
+        };
+        let r = match prompt {
+            Prompt::Text(t) => session.generate(t, &opts, &mut on_piece),
+            Prompt::Chat(ref m) => session.chat(m, &opts, &mut on_piece),
+        };
+        r.map_err(|e| runtime_fail(e, Phase::Run))
+    })();
+    inner.state = SessionState::Idle(session);
+    let completion = result?;
+    if !text_out.is_null() {
+        // SAFETY: non-NULL, writable (contract).
+        unsafe { *text_out = owned_c_string(&completion.text).0 };
+    }
+    inner.last = Some(completion);
+    Ok(())
+}
+
+/// Generates a continuation of `prompt` (NUL-terminated UTF-8, tokenized as is) from an empty cache,
+/// with `options` (NULL: the model's defaults). `callback` (may be NULL) sees each piece as it is
+/// produced, with `user_data`. When `text_out` is not NULL it receives the whole generated text, to
+/// free with [`onestep_string_free`] (set to NULL on failure). Statistics:
+/// [`onestep_session_last_stats`].
+#[no_mangle]
+pub unsafe extern "C" fn onestep_session_generate(
+    session: *mut OnestepSession,
+    prompt: *const c_char,
+    options: *const OnestepOptions,
+    callback: OnestepPieceCallback,
+    user_data: *mut c_void,
+    text_out: *mut *mut c_char,
+) -> OnestepStatus {
+    boundary("onestep_session_generate", || {
+        if !text_out.is_null() {
+            // SAFETY: non-NULL, writable (contract).
+            unsafe { *text_out = std::ptr::null_mut() };
+        }
+        let s = non_null(session, "session")?;
+        let prompt = utf8(prompt, "prompt")?;
+        run_generation(
+            s,
+            Prompt::Text(prompt),
+            options,
+            callback,
+            user_data,
+            text_out,
+        )
+    })
+}
+
+/// Generates the assistant's reply to `messages_len` chat messages (rendered with the model's chat
+/// template). The cache is kept between calls: a conversation that grows turn by turn only computes
+/// the new tokens. Otherwise as [`onestep_session_generate`].
+#[no_mangle]
+pub unsafe extern "C" fn onestep_session_chat(
+    session: *mut OnestepSession,
+    messages: *const OnestepChatMessage,
+    messages_len: usize,
+    options: *const OnestepOptions,
+    callback: OnestepPieceCallback,
+    user_data: *mut c_void,
+    text_out: *mut *mut c_char,
+) -> OnestepStatus {
+    boundary("onestep_session_chat", || {
+        if !text_out.is_null() {
+            // SAFETY: non-NULL, writable (contract).
+            unsafe { *text_out = std::ptr::null_mut() };
+        }
+        let s = non_null(session, "session")?;
+        let messages = messages_from_c(messages, messages_len)?;
+        run_generation(
+            s,
+            Prompt::Chat(messages),
+            options,
+            callback,
+            user_data,
+            text_out,
+        )
+    })
+}
+
+fn start_stream(s: &OnestepSession, prompt: Prompt<'_>, opts: *const OnestepOptions) -> FfiResult {
+    let mut inner = s.lock()?;
+    let session = inner.take_session()?;
+    let opts = match options_from_c(opts, &session.model().info().generation) {
+        Ok(o) => o,
+        Err(e) => {
+            inner.state = SessionState::Idle(session);
+            return Err(e);
+        }
+    };
+    let started = match prompt {
+        Prompt::Text(t) => session.into_stream(t, &opts),
+        Prompt::Chat(ref m) => session.into_chat_stream(m, &opts),
+    };
+    match started {
+        Ok(stream) => {
+            inner.state = SessionState::Streaming(stream);
+            Ok(())
+        }
+        Err(failed) => {
+            let (session, e) = *failed;
+            inner.state = SessionState::Idle(session);
+            Err(runtime_fail(e, Phase::Run))
+        }
+    }
+}
+
+/// Starts a pull generation of a continuation of `prompt` (as [`onestep_session_generate`]); read
+/// the pieces with [`onestep_session_next_piece`]. Starting another generation (or a reset) ends
+/// this one.
+#[no_mangle]
+pub unsafe extern "C" fn onestep_session_start(
+    session: *mut OnestepSession,
+    prompt: *const c_char,
+    options: *const OnestepOptions,
+) -> OnestepStatus {
+    boundary("onestep_session_start", || {
+        let s = non_null(session, "session")?;
+        let prompt = utf8(prompt, "prompt")?;
+        start_stream(s, Prompt::Text(prompt), options)
+    })
+}
+
+/// Starts a pull generation of the reply to chat messages (as [`onestep_session_chat`]).
+#[no_mangle]
+pub unsafe extern "C" fn onestep_session_start_chat(
+    session: *mut OnestepSession,
+    messages: *const OnestepChatMessage,
+    messages_len: usize,
+    options: *const OnestepOptions,
+) -> OnestepStatus {
+    boundary("onestep_session_start_chat", || {
+        let s = non_null(session, "session")?;
+        let messages = messages_from_c(messages, messages_len)?;
+        start_stream(s, Prompt::Chat(messages), options)
+    })
+}
+
+/// Produces the next piece of the pull generation. On `ONESTEP_STATUS_OK`: when `*done_out` is false,
+/// `*piece_out` holds a piece whose `text` the caller frees with [`onestep_string_free`]; when true,
+/// the generation has ended (`piece_out->text` is NULL) and [`onestep_session_last_stats`] describes
+/// it. On an error the generation ends (the session stays usable).
+#[no_mangle]
+pub unsafe extern "C" fn onestep_session_next_piece(
+    session: *mut OnestepSession,
+    piece_out: *mut OnestepPiece,
+    done_out: *mut bool,
+) -> OnestepStatus {
+    boundary("onestep_session_next_piece", || {
+        let s = non_null(session, "session")?;
+        let piece = non_null_mut(piece_out, "piece_out")?;
+        let done = non_null_mut(done_out, "done_out")?;
+        *piece = OnestepPiece {
+            text: std::ptr::null_mut(),
+            text_len: 0,
+            token_id: 0,
+        };
+        *done = false;
+        let mut inner = s.lock()?;
+        let SessionState::Streaming(stream) = &mut inner.state else {
+            return Err(fail(
+                OnestepStatus::BadState,
+                "no generation in progress (call onestep_session_start first)",
+            ));
+        };
+        match stream.next() {
+            Some(Ok(p)) => {
+                let (text, text_len) = owned_c_string(&p.text);
+                *piece = OnestepPiece {
+                    text,
+                    text_len,
+                    token_id: p.token_id,
+                };
+                Ok(())
+            }
+            Some(Err(e)) => {
+                let session = inner.take_session()?;
+                inner.state = SessionState::Idle(session);
+                Err(runtime_fail(e, Phase::Run))
+            }
+            None => {
+                let last = stream.completion();
+                let session = inner.take_session()?;
+                inner.state = SessionState::Idle(session);
+                inner.last = last;
+                *done = true;
+                Ok(())
+            }
+        }
+    })
+}
+
+fn stop_reason_c(r: &StopReason) -> (OnestepStopReason, u32) {
+    match r {
+        StopReason::StopToken { id } => (OnestepStopReason::StopToken, *id),
+        StopReason::StopString { .. } => (OnestepStopReason::StopString, 0),
+        StopReason::MaxTokens => (OnestepStopReason::MaxTokens, 0),
+        StopReason::ContextFull => (OnestepStopReason::ContextFull, 0),
+        StopReason::Cancelled => (OnestepStopReason::Cancelled, 0),
+    }
+}
+
+/// Fills `*stats_out` (whose `struct_size` the caller set) with the statistics of the session's last
+/// finished generation (`stop_reason` is `ONESTEP_STOP_REASON_NONE` before the first one).
+#[no_mangle]
+pub unsafe extern "C" fn onestep_session_last_stats(
+    session: *const OnestepSession,
+    stats_out: *mut OnestepStats,
+) -> OnestepStatus {
+    boundary("onestep_session_last_stats", || {
+        let s = non_null(session, "session")?;
+        let out = non_null_mut(stats_out, "stats_out")?;
+        check_size::<OnestepStats>(out.struct_size, "stats_out")?;
+        let inner = s.lock()?;
+        let n = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
+        *out = match &inner.last {
+            None => OnestepStats {
+                struct_size: out.struct_size,
+                stop_reason: OnestepStopReason::None,
+                stop_token_id: 0,
+                prompt_tokens: 0,
+                reused_tokens: 0,
+                prefill_tokens: 0,
+                decode_tokens: 0,
+                generated_tokens: 0,
+                load_ms: 0.0,
+                prefill_ms: 0.0,
+                time_to_first_token_ms: 0.0,
+                decode_ms: 0.0,
+                prefill_tokens_per_s: 0.0,
+                decode_tokens_per_s: 0.0,
+            },
+            Some(c) => {
+                let (stop_reason, stop_token_id) = stop_reason_c(&c.stop_reason);
+                let st = &c.stats;
+                OnestepStats {
+                    struct_size: out.struct_size,
+                    stop_reason,
+                    stop_token_id,
+                    prompt_tokens: n(c.prompt_tokens),
+                    reused_tokens: n(st.reused_tokens),
+                    prefill_tokens: n(st.prefill_tokens),
+                    decode_tokens: n(st.decode_tokens),
+                    generated_tokens: n(st.generated_tokens),
+                    load_ms: st.load_ms,
+                    prefill_ms: st.prefill_ms,
+                    time_to_first_token_ms: st.time_to_first_token_ms,
+                    decode_ms: st.decode_ms,
+                    prefill_tokens_per_s: st.prefill_tokens_per_s,
+                    decode_tokens_per_s: st.decode_tokens_per_s,
+                }
+            }
+        };
+        Ok(())
+    })
+}

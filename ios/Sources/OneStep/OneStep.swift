@@ -1,0 +1,152 @@
+// A thin Swift API over the onestep C ABI (capi/include/onestep.h). Every call maps to one C function;
+// errors carry the runtime's message. Not compiled on the project's Linux CI (no Swift there): see
+// README "Mobile & C ABI".
+import Foundation
+import OneStepFFI
+
+/// A runtime error: the C status and the runtime's message.
+public struct OneStepError: Error, CustomStringConvertible {
+    /// The C status (`OnestepStatus` raw value).
+    public let status: UInt32
+    /// The runtime's message.
+    public let message: String
+    public var description: String { message }
+}
+
+@inline(__always)
+func check(_ status: OnestepStatus) throws {
+    if status != ONESTEP_STATUS_OK {
+        throw OneStepError(status: UInt32(status.rawValue), message: String(cString: onestep_last_error()))
+    }
+}
+
+/// Options of one generation; `nil` fields take the model file's defaults.
+public struct GenerateOptions: Sendable {
+    public var maxNewTokens: UInt32?
+    public var temperature: Float?
+    public var topK: UInt32?
+    public var topP: Float?
+    public var seed: UInt64?
+    public var ignoreStopTokens = false
+
+    public init(maxNewTokens: UInt32? = nil, temperature: Float? = nil, topK: UInt32? = nil,
+                topP: Float? = nil, seed: UInt64? = nil, ignoreStopTokens: Bool = false) {
+        self.maxNewTokens = maxNewTokens
+        self.temperature = temperature
+        self.topK = topK
+        self.topP = topP
+        self.seed = seed
+        self.ignoreStopTokens = ignoreStopTokens
+    }
+
+    func cOptions(_ model: OpaquePointer) throws -> OnestepOptions {
+        var o = OnestepOptions()
+        o.struct_size = UInt32(MemoryLayout<OnestepOptions>.size)
+        try check(onestep_options_default(model, &o))
+        if let v = maxNewTokens { o.max_new_tokens = v }
+        if let v = temperature { o.temperature = v }
+        if let v = topK { o.top_k = v }
+        if let v = topP { o.top_p = v }
+        if let v = seed { o.has_seed = true; o.seed = v }
+        o.ignore_stop_tokens = ignoreStopTokens
+        return o
+    }
+}
+
+/// A loaded model: immutable, shared by any number of sessions on any threads.
+public final class Model: @unchecked Sendable {
+    let handle: OpaquePointer
+
+    /// Memory-maps and loads the model file at `path`.
+    public init(path: String) throws {
+        var h: OpaquePointer?
+        try check(onestep_model_load(path, &h))
+        handle = h!
+    }
+
+    /// Loads a model from bytes (e.g. a bundle resource); the bytes are copied.
+    public init(data: Data, name: String = "<memory>") throws {
+        var h: OpaquePointer?
+        let status = data.withUnsafeBytes { (buf: UnsafeRawBufferPointer) -> OnestepStatus in
+            // A non-NULL pointer even for empty data (the C ABI refuses NULL).
+            let p = buf.baseAddress ?? UnsafeRawPointer(bitPattern: 1)!
+            return onestep_model_load_from_memory(p.assumingMemoryBound(to: UInt8.self), buf.count, name, &h)
+        }
+        try check(status)
+        handle = h!
+    }
+
+    deinit { onestep_model_free(handle) }
+
+    /// A new conversation over this model.
+    public func session() throws -> Session { try Session(model: self) }
+}
+
+/// One conversation (one KV cache). Use from one task at a time; `cancel()` works from anywhere.
+public final class Session: @unchecked Sendable {
+    let handle: OpaquePointer
+    let model: Model
+
+    init(model: Model) throws {
+        var h: OpaquePointer?
+        try check(onestep_session_new(model.handle, &h))
+        handle = h!
+        self.model = model
+    }
+
+    deinit { onestep_session_free(handle) }
+
+    /// Stops the running generation before its next step (any thread).
+    public func cancel() { onestep_session_cancel(handle) }
+
+    /// Forgets the conversation.
+    public func reset() throws { try check(onestep_session_reset(handle)) }
+
+    /// Generates a continuation of `prompt`; `onPiece` sees each text piece (return false to stop).
+    @discardableResult
+    public func generate(_ prompt: String, options: GenerateOptions = .init(),
+                         onPiece: @escaping (String) -> Bool = { _ in true }) throws -> String {
+        var o = try options.cOptions(model.handle)
+        final class Box { let f: (String) -> Bool; init(_ f: @escaping (String) -> Bool) { self.f = f } }
+        let box = Box(onPiece)
+        let ctx = Unmanaged.passUnretained(box).toOpaque()
+        var out: UnsafeMutablePointer<CChar>?
+        let status = withExtendedLifetime(box) {
+            onestep_session_generate(handle, prompt, &o, { text, _, _, user in
+                let b = Unmanaged<Box>.fromOpaque(user!).takeUnretainedValue()
+                return b.f(String(cString: text!))
+            }, ctx, &out)
+        }
+        try check(status)
+        defer { onestep_string_free(out) }
+        return out.map { String(cString: $0) } ?? ""
+    }
+
+    /// The generation as an `AsyncSequence` of text pieces (pulled one token at a time off the caller's
+    /// task). Cancelling the consuming task cancels the generation.
+    public func stream(_ prompt: String, options: GenerateOptions = .init()) -> AsyncThrowingStream<String, Error> {
+        AsyncThrowingStream { continuation in
+            let task = Task.detached { [self] in
+                do {
+                    var o = try options.cOptions(model.handle)
+                    try check(onestep_session_start(handle, prompt, &o))
+                    while !Task.isCancelled {
+                        var piece = OnestepPiece()
+                        var done = false
+                        try check(onestep_session_next_piece(handle, &piece, &done))
+                        if done { break }
+                        continuation.yield(piece.text.map { String(cString: $0) } ?? "")
+                        onestep_string_free(piece.text)
+                    }
+                    continuation.finish()
+                } catch {
+                    continuation.finish(throwing: error)
+                }
+            }
+            continuation.onTermination = { [self] _ in
+                cancel()
+                task.cancel()
+            }
+        }
+    }
+}
