@@ -479,10 +479,10 @@ pub extern "C" fn onestep_status_name(status: i32) -> *const c_char {
 #[no_mangle]
 pub unsafe extern "C" fn onestep_string_free(s: *mut c_char) {
     if !s.is_null() {
-        let _ = catch_unwind(|| {
+        let _ = catch_unwind(AssertUnwindSafe(|| {
             // SAFETY: `s` came from `CString::into_raw` in this library (contract).
             drop(unsafe { CString::from_raw(s) });
-        });
+        }));
     }
 }
 
@@ -547,10 +547,10 @@ pub unsafe extern "C" fn onestep_model_load_from_memory(
 #[no_mangle]
 pub unsafe extern "C" fn onestep_model_free(model: *mut OnestepModel) {
     if !model.is_null() {
-        let _ = catch_unwind(|| {
+        let _ = catch_unwind(AssertUnwindSafe(|| {
             // SAFETY: `model` came from `Box::into_raw` in this library (contract).
             drop(unsafe { Box::from_raw(model) });
-        });
+        }));
     }
 }
 
@@ -690,10 +690,10 @@ pub unsafe extern "C" fn onestep_session_new(
 #[no_mangle]
 pub unsafe extern "C" fn onestep_session_free(session: *mut OnestepSession) {
     if !session.is_null() {
-        let _ = catch_unwind(|| {
+        let _ = catch_unwind(AssertUnwindSafe(|| {
             // SAFETY: `session` came from `Box::into_raw` in this library (contract).
             drop(unsafe { Box::from_raw(session) });
-        });
+        }));
     }
 }
 

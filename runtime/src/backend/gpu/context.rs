@@ -535,6 +535,7 @@ impl GpuContext {
 
     /// Maps `bufs` (each with the byte count to read) after the last submission and copies them out.
     pub fn read_back(&self, bufs: &[(&wgpu::Buffer, usize)]) -> Result<Vec<Vec<u8>>> {
+        #[allow(clippy::type_complexity)]
         let pending: Arc<Mutex<Vec<Option<std::result::Result<(), String>>>>> =
             Arc::new(Mutex::new(vec![None; bufs.len()]));
         for (i, (b, n)) in bufs.iter().enumerate() {

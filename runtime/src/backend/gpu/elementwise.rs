@@ -94,7 +94,7 @@ pub fn binary_params(op: BinOp, a: &[usize], b: &[usize], out: &[usize]) -> Resu
     let mut p = Params::new().u(n).u(op as usize).u(out.len());
     let (sa, sb) = (bstr(a), bstr(b));
     for d in 0..MAX_RANK {
-        p = p.set(3 + d as usize, *out.get(d).unwrap_or(&1) as u32);
+        p = p.set(3 + d, *out.get(d).unwrap_or(&1) as u32);
         p = p.set(9 + d, *sa.get(d).unwrap_or(&0) as u32);
         p = p.set(15 + d, *sb.get(d).unwrap_or(&0) as u32);
     }

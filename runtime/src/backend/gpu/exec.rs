@@ -22,6 +22,9 @@ use crate::graph::DType;
 use crate::plan::{Plan, Step, ValId};
 use crate::tensor::Tensor;
 
+/// Runs one plan step on the CPU (the model's generic path).
+pub type CpuStep<'a> = dyn FnMut(&Step, &mut [Option<Tensor>]) -> Result<()> + 'a;
+
 /// Element type and shape of a value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Meta {
@@ -233,20 +236,18 @@ impl Fusions {
                         && !outs.contains(&o)
                         && cn.op == "RotaryEmbedding"
                         && cins.first().copied().flatten() == Some(o)
+                        && on("tr")
                     {
-                        if on("tr") {
-                            f.tr.insert(si, (*ci, *x));
-                        }
+                        f.tr.insert(si, (*ci, *x));
                     }
                     if n.op == "Cast"
                         && n.attr_int("to", 0) == DType::F16.onnx_code() as i64
                         && cache_out.contains(&o)
                         && cn.op == "Cast"
                         && cn.attr_int("to", 0) == DType::F32.onnx_code() as i64
+                        && on("round")
                     {
-                        if on("round") {
-                            f.round.insert(si, (*ci, *x));
-                        }
+                        f.round.insert(si, (*ci, *x));
                     }
                 }
                 _ => {}
@@ -295,7 +296,7 @@ impl GpuPlan {
     pub fn new(
         ctx: Arc<GpuContext>,
         plan: &Plan,
-        cpu_step: &mut dyn FnMut(&Step, &mut [Option<Tensor>]) -> Result<()>,
+        cpu_step: &mut CpuStep,
         inputs: &[(ValId, Tensor)],
     ) -> Result<GpuPlan> {
         let nvals = plan.names.len();
@@ -467,6 +468,7 @@ impl GpuPlan {
         // Buffers: one per root value (views share), sized for the dry run's largest chunk.
         let mut index: HashMap<ValId, usize> = HashMap::new();
         let mut scratch = 0;
+        #[allow(clippy::needless_range_loop)]
         for v in 0..nvals {
             let r = root[v].unwrap_or(v);
             let Some(&bytes) = need.get(&r) else { continue };
@@ -1351,7 +1353,7 @@ impl GpuPlan {
         env: &mut [Option<Tensor>],
         position: usize,
         want: &[ValId],
-        cpu_step: &mut dyn FnMut(&Step, &mut [Option<Tensor>]) -> Result<()>,
+        cpu_step: &mut CpuStep,
     ) -> Result<()> {
         let mut stats = self
             .lock
@@ -1435,7 +1437,7 @@ impl GpuPlan {
                         .copied()
                         .filter(|&v| env[v].is_none() && meta[v].is_some())
                         .collect();
-                    if !fetch.is_empty() || (!pending.is_empty() && false) {
+                    if !fetch.is_empty() {
                         let got = self.flush(state, &mut pending, &params, &fetch, &meta)?;
                         wait += got.2;
                         submits += 1;
