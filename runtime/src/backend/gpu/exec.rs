@@ -107,6 +107,16 @@ pub struct GpuStats {
     pub scratch_bytes: u64,
 }
 
+/// Per-step transfer and submission counters.
+#[derive(Debug, Default)]
+struct Counts {
+    dispatches: usize,
+    submits: usize,
+    up: u64,
+    down: u64,
+    wait: f64,
+}
+
 /// One sequence's GPU state: its KV cache buffers and the attention bind groups that use them.
 pub struct GpuState {
     caches: Vec<wgpu::Buffer>,
@@ -1363,9 +1373,8 @@ impl GpuPlan {
         let mut meta: Vec<Option<Meta>> = vec![None; nvals];
         let mut params: Vec<u8> = Vec::new();
         let mut pending: Vec<(usize, usize, (u32, u32, u32))> = Vec::new();
-        let (mut dispatches, mut submits, mut up, mut down) = (0usize, 0usize, 0u64, 0u64);
+        let mut count = Counts::default();
         let t_step = std::time::Instant::now();
-        let mut wait = 0.0f64;
         for (si, s) in plan.steps.iter().enumerate() {
             let desc = if self.on_gpu[si] {
                 let e = Env {
@@ -1402,7 +1411,7 @@ impl GpuPlan {
                             )));
                         }
                         write_padded(&self.ctx.queue, &self.bufs[h], b);
-                        up += b.len() as u64;
+                        count.up += b.len() as u64;
                         meta[v] = Some(Meta::of(t));
                     }
                     for (o, m, _) in d.outs {
@@ -1438,14 +1447,15 @@ impl GpuPlan {
                         .filter(|&v| env[v].is_none() && meta[v].is_some())
                         .collect();
                     if !fetch.is_empty() {
-                        let got = self.flush(state, &mut pending, &params, &fetch, &meta)?;
-                        wait += got.2;
-                        submits += 1;
-                        dispatches += got.1;
-                        for (v, t) in fetch.iter().zip(got.0) {
-                            down += t.bytes().len() as u64;
-                            env[*v] = Some(t);
-                        }
+                        self.flush_into(
+                            state,
+                            &mut pending,
+                            &params,
+                            &fetch,
+                            &meta,
+                            env,
+                            &mut count,
+                        )?;
                     }
                     cpu_step(s, env)?;
                     if let Step::Node { outputs, .. } = s {
@@ -1462,15 +1472,15 @@ impl GpuPlan {
             .filter(|&v| env[v].is_none() && meta[v].is_some())
             .collect();
         if !pending.is_empty() || !fetch.is_empty() {
-            let got = self.flush(state, &mut pending, &params, &fetch, &meta)?;
-            wait += got.2;
-            submits += 1;
-            dispatches += got.1;
-            for (v, t) in fetch.iter().zip(got.0) {
-                down += t.bytes().len() as u64;
-                env[*v] = Some(t);
-            }
+            self.flush_into(state, &mut pending, &params, &fetch, &meta, env, &mut count)?;
         }
+        let Counts {
+            dispatches,
+            submits,
+            up,
+            down,
+            wait,
+        } = count;
         stats.step_ms = t_step.elapsed().as_secs_f64() * 1e3;
         if let Ok(mut sm) = self.submit_ms.lock() {
             stats.submit_ms = *sm;
@@ -1481,6 +1491,29 @@ impl GpuPlan {
         stats.submits = submits;
         stats.bytes_up = up;
         stats.bytes_down = down;
+        Ok(())
+    }
+
+    /// [`GpuPlan::flush`], storing the fetched values in `env` and counting.
+    #[allow(clippy::too_many_arguments)]
+    fn flush_into(
+        &self,
+        state: &GpuState,
+        pending: &mut Vec<(usize, usize, (u32, u32, u32))>,
+        params: &[u8],
+        fetch: &[ValId],
+        meta: &[Option<Meta>],
+        env: &mut [Option<Tensor>],
+        count: &mut Counts,
+    ) -> Result<()> {
+        let (tensors, n, wait) = self.flush(state, pending, params, fetch, meta)?;
+        count.wait += wait;
+        count.submits += 1;
+        count.dispatches += n;
+        for (v, t) in fetch.iter().zip(tensors) {
+            count.down += t.bytes().len() as u64;
+            env[*v] = Some(t);
+        }
         Ok(())
     }
 
