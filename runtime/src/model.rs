@@ -303,6 +303,7 @@ impl Model {
 
     /// Like [`Model::step`]; `want_logits = false` leaves [`StepOutput::logits`] empty on a GPU, so only
     /// the chosen token is read back.
+    #[cfg_attr(not(feature = "gpu"), allow(unused_variables))]
     pub fn step_with(
         &self,
         state: &mut StepState,

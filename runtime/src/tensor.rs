@@ -99,6 +99,7 @@ impl Tensor {
 
     /// A tensor with a shape and no bytes: only for shape inference of view ops (`Reshape`, `Squeeze`,
     /// ...), which never read the data.
+    #[cfg(feature = "gpu")]
     pub(crate) fn shape_only(dtype: DType, shape: &[usize]) -> Tensor {
         Tensor {
             dtype,
