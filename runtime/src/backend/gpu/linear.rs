@@ -58,7 +58,7 @@ pub struct GpuLinear {
     pub kernel: Arc<Kernel>,
     /// Bytes uploaded.
     pub bytes: u64,
-    /// Output rows a workgroup computes.
+    /// Output rows a workgroup computes (`0`: one row an invocation, 64 a workgroup).
     pub rows: usize,
 }
 
@@ -107,6 +107,19 @@ impl GpuLinear {
         w: &LinearWeights,
         bias: Option<&[f32]>,
         limit: u64,
+    ) -> Result<GpuLinear> {
+        Self::with_variant(ctx, name, w, bias, limit, per_thread(ctx))
+    }
+
+    /// Like [`GpuLinear::with_limit`], choosing the kernel variant: `rows_per_thread` runs one output row
+    /// an invocation (`linear_rows`), else rows × lanes a workgroup (`linear`).
+    pub fn with_variant(
+        ctx: &GpuContext,
+        name: &str,
+        w: &LinearWeights,
+        bias: Option<&[f32]>,
+        limit: u64,
+        rows_per_thread: bool,
     ) -> Result<GpuLinear> {
         let (code, row_bytes) = form_code(w).ok_or_else(|| {
             Error::Gpu(format!(
@@ -193,7 +206,8 @@ impl GpuLinear {
             ),
             None => (dummy()?, false),
         };
-        let rows = rows_for(k);
+        // `rows = 0`: one row an invocation (`linear_rows`), for adapters that are CPUs.
+        let rows = if rows_per_thread { 0 } else { rows_for(k) };
         let kernel = kernel(ctx, code, rows)?;
         Ok(GpuLinear {
             rows,
@@ -222,18 +236,34 @@ impl GpuLinear {
 
     /// Workgroups of part `i` for `t` tokens.
     pub fn groups(&self, i: usize, t: usize, max_dim: u32) -> (u32, u32, u32) {
-        let (x, y) = super::grid(self.parts[i].rows, self.rows, max_dim);
+        let per_group = if self.rows == 0 { 64 } else { self.rows };
+        let (x, y) = super::grid(self.parts[i].rows, per_group, max_dim);
         (x, y, t.div_ceil(TOKENS) as u32)
     }
 }
 
-/// The kernel for encoding `code` (see `linear.wgsl`) computing `rows` rows a workgroup: bindings X, W,
-/// S, Z, BIAS, RES, O.
+/// Whether linears run one row an invocation (`linear_rows`): on adapters that are CPUs (lavapipe,
+/// SwiftShader), where workgroup barriers are expensive. `ONESTEP_GPU_GEMV=rows|lanes` forces a variant.
+pub fn per_thread(ctx: &GpuContext) -> bool {
+    match std::env::var("ONESTEP_GPU_GEMV").as_deref() {
+        Ok("rows") => true,
+        Ok("lanes") => false,
+        _ => ctx.info().device_type == "Cpu",
+    }
+}
+
+/// The kernel for encoding `code` (see `linear.wgsl`) computing `rows` rows a workgroup (`0`: the
+/// one-row-an-invocation variant): bindings X, W, S, Z, BIAS, RES, O.
 pub fn kernel(ctx: &GpuContext, code: u32, rows: usize) -> Result<Arc<Kernel>> {
+    let (entry, rows) = if rows == 0 {
+        ("linear_rows", 8)
+    } else {
+        ("linear", rows)
+    };
     ctx.pipeline(
         "linear",
         SOURCE,
-        "linear",
+        entry,
         &[
             Bind::Read,
             Bind::Read,
@@ -386,11 +416,21 @@ mod tests {
                 want.iter_mut().zip(&res).for_each(|(w, r)| *w += r);
                 // Whole, and split into parts of (about) a quarter of the rows.
                 let per = form_code(&w).unwrap().1.max(4 * (k / 32).max(1));
-                for limit in [
-                    ctx.binding_limit,
-                    (per * n.div_ceil(4).next_multiple_of(4)) as u64,
+                for (limit, rows_per_thread) in [
+                    (ctx.binding_limit, false),
+                    (ctx.binding_limit, true),
+                    ((per * n.div_ceil(4).next_multiple_of(4)) as u64, false),
+                    ((per * n.div_ceil(4).next_multiple_of(4)) as u64, true),
                 ] {
-                    let g = GpuLinear::with_limit(&ctx, name, &w, Some(&bias), limit).unwrap();
+                    let g = GpuLinear::with_variant(
+                        &ctx,
+                        name,
+                        &w,
+                        Some(&bias),
+                        limit,
+                        rows_per_thread,
+                    )
+                    .unwrap();
                     let got = super::super::exec::run_linear_once(&ctx, &g, &x, &res, t).unwrap();
                     // f32 sums in another order: error relative to the output's scale.
                     let scale = want.iter().fold(1.0f32, |m, v| m.max(v.abs()));
@@ -402,7 +442,7 @@ mod tests {
                         / scale;
                     assert!(
                         e < 2e-5,
-                        "{name} n {n} k {k} t {t} parts {}: {e}",
+                        "{name} n {n} k {k} t {t} parts {} per-thread {rows_per_thread}: {e}",
                         g.parts.len()
                     );
                     if limit < ctx.binding_limit && n >= 64 {

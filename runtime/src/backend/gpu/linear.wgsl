@@ -108,3 +108,109 @@ fn linear(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
         O[o] = v;
     }
 }
+
+// One output row an invocation, 64 rows a workgroup, the whole K walked serially: no shared memory, no
+// barrier. For adapters that run invocations as CPU SIMD lanes (lavapipe, SwiftShader), where a barrier
+// costs a coroutine switch and the lanes variant above is ~20x slower.
+@compute @workgroup_size(64)
+fn linear_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+               @builtin(local_invocation_index) lid: u32) {
+    let n_rows = pu(0u);
+    let kk = pu(1u);
+    let t_n = pu(2u);
+    let n = (wid.x + wid.y * nwg.x) * 64u + lid;
+    let t0 = wid.z * 8u;
+    let tc = min(8u, t_n - t0);
+    if (n >= n_rows) { return; }
+    if (tc == 1u) {
+        // Decode: one token, the block forms decoded a word at a time.
+        let x = t0 * kk;
+        var s = 0.0;
+        if (FORM == 4u && kk % 32u == 0u) {
+            let nb = kk / 32u;
+            for (var b = 0u; b < nb; b = b + 1u) {
+                let blk = n * nb + b;
+                let sc = S[blk];
+                let z = Z[blk];
+                var bs = 0.0;
+                var xs = 0.0;
+                for (var q = 0u; q < 4u; q = q + 1u) {
+                    let word = W[blk * 4u + q];
+                    let xb = x + b * 32u + q * 8u;
+                    for (var j = 0u; j < 8u; j = j + 1u) {
+                        let xv = X[xb + j];
+                        bs = bs + f32((word >> (4u * j)) & 15u) * xv;
+                        xs = xs + xv;
+                    }
+                }
+                s = s + (bs - z * xs) * sc;
+            }
+        } else if (FORM == 5u && kk % 32u == 0u) {
+            let nb = kk / 32u;
+            for (var b = 0u; b < nb; b = b + 1u) {
+                let blk = n * nb + b;
+                var bs = 0.0;
+                var xs = 0.0;
+                for (var q = 0u; q < 8u; q = q + 1u) {
+                    let word = W[blk * 8u + q];
+                    let xb = x + b * 32u + q * 4u;
+                    for (var j = 0u; j < 4u; j = j + 1u) {
+                        let xv = X[xb + j];
+                        bs = bs + f32((word >> (8u * j)) & 255u) * xv;
+                        xs = xs + xv;
+                    }
+                }
+                s = s + (bs - Z[blk] * xs) * S[blk];
+            }
+        } else {
+            for (var k = 0u; k < kk; k = k + 1u) { s = s + w_at(n, k, kk) * X[x + k]; }
+        }
+        if (pu(5u) == 1u) { s = s + BIAS[pu(3u) + n]; }
+        let o = t0 * pu(4u) + pu(3u) + n;
+        if (pu(6u) == 1u) { s = s + RES[o]; }
+        O[o] = s;
+        return;
+    }
+    // Prefill: up to 8 tokens, two vec4 accumulators (no dynamically indexed private array).
+    let x0 = t0 * kk;
+    let x1 = (t0 + min(1u, tc - 1u)) * kk;
+    let x2 = (t0 + min(2u, tc - 1u)) * kk;
+    let x3 = (t0 + min(3u, tc - 1u)) * kk;
+    let x4 = (t0 + min(4u, tc - 1u)) * kk;
+    let x5 = (t0 + min(5u, tc - 1u)) * kk;
+    let x6 = (t0 + min(6u, tc - 1u)) * kk;
+    let x7 = (t0 + min(7u, tc - 1u)) * kk;
+    var a = vec4<f32>(0.0);
+    var b = vec4<f32>(0.0);
+    if (FORM == 4u && kk % 32u == 0u) {
+        let nb = kk / 32u;
+        for (var bl = 0u; bl < nb; bl = bl + 1u) {
+            let blk = n * nb + bl;
+            let sc = S[blk];
+            let z = Z[blk];
+            for (var q = 0u; q < 4u; q = q + 1u) {
+                let word = W[blk * 4u + q];
+                for (var j = 0u; j < 8u; j = j + 1u) {
+                    let k = bl * 32u + q * 8u + j;
+                    let w = (f32((word >> (4u * j)) & 15u) - z) * sc;
+                    a = a + w * vec4<f32>(X[x0 + k], X[x1 + k], X[x2 + k], X[x3 + k]);
+                    b = b + w * vec4<f32>(X[x4 + k], X[x5 + k], X[x6 + k], X[x7 + k]);
+                }
+            }
+        }
+    } else {
+        for (var k = 0u; k < kk; k = k + 1u) {
+            let w = w_at(n, k, kk);
+            a = a + w * vec4<f32>(X[x0 + k], X[x1 + k], X[x2 + k], X[x3 + k]);
+            b = b + w * vec4<f32>(X[x4 + k], X[x5 + k], X[x6 + k], X[x7 + k]);
+        }
+    }
+    for (var t = 0u; t < tc; t = t + 1u) {
+        var v: f32;
+        if (t < 4u) { v = a[t]; } else { v = b[t - 4u]; }
+        if (pu(5u) == 1u) { v = v + BIAS[pu(3u) + n]; }
+        let o = (t0 + t) * pu(4u) + pu(3u) + n;
+        if (pu(6u) == 1u) { v = v + RES[o]; }
+        O[o] = v;
+    }
+}
