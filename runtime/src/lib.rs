@@ -13,6 +13,7 @@ pub mod contract;
 pub mod error;
 pub mod generate;
 pub mod graph;
+pub mod kv;
 pub mod load;
 pub mod model;
 pub mod onnx;

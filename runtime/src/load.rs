@@ -61,6 +61,9 @@ pub struct LoadOptions {
     /// Which wgpu backends may be used.
     #[cfg(feature = "gpu")]
     pub backend: crate::backend::gpu::BackendFilter,
+    /// How sequence states keep their KV cache (host page size, GPU budget); the default of
+    /// [`Model::new_state`](crate::Model::new_state).
+    pub kv: crate::kv::KvOptions,
 }
 
 impl LoadOptions {

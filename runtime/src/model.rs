@@ -15,6 +15,7 @@ use crate::backend::cpu::{misc, ops};
 use crate::contract::{self, meta, ModelInfo};
 use crate::error::{Error, Result};
 use crate::graph::DType;
+use crate::kv::{KvOptions, KvStats, PagedCache};
 use crate::load::{self, LoadOptions};
 use crate::plan::{Plan, PlanStats, Step, ValId};
 use crate::tensor::Tensor;
@@ -67,16 +68,20 @@ pub struct Model {
     device_note: Option<String>,
     /// Per-op time accumulated when `ONESTEP_PROFILE=1` (op → (calls, seconds)).
     profile: Option<std::sync::Mutex<std::collections::BTreeMap<String, (u64, f64)>>>,
+    /// How new states keep their KV cache.
+    kv: KvOptions,
+    /// Per plan cache: whether a step other than the fused attention reads the cache input (then the
+    /// step gets it materialized in the graph's layout).
+    cache_read_elsewhere: Vec<bool>,
 }
 
-/// One sequence's state: its KV cache (CPU-resident) and planned scratch buffers.
-///
-/// Cache memory is allocated zeroed (`calloc`): the OS commits pages only when rows are written, so a
-/// session's resident memory grows with the context actually used, not with `max_cache`.
+/// One sequence's state: its KV cache, held by the host in pages ([`crate::kv`]) that are allocated as
+/// rows are written (so a session's memory grows with the context it uses, not with `max_cache`), and on
+/// a GPU, the resident layers and ring slots of its cache ([`crate::kv::KvOptions::gpu_budget`]).
 pub struct StepState {
     /// Number of cache slots written so far (the next position).
     pub(crate) len: usize,
-    caches: Vec<Tensor>,
+    kv: PagedCache,
     #[cfg(feature = "gpu")]
     gpu: Option<crate::backend::gpu::exec::GpuState>,
 }
@@ -181,6 +186,16 @@ impl Model {
                 )));
             }
         }
+        let cache_read_elsewhere = plan
+            .caches
+            .iter()
+            .map(|c| {
+                plan.steps.iter().any(|s| {
+                    !matches!(s, Step::CacheAttention { .. })
+                        && crate::plan::step_reads(s).contains(&c.input_val)
+                })
+            })
+            .collect();
         #[cfg(feature = "gpu")]
         let (gpu, device_note) = bind_gpu(&plan, &info, options)?;
         #[cfg(not(feature = "gpu"))]
@@ -197,6 +212,8 @@ impl Model {
             profile: std::env::var_os("ONESTEP_PROFILE")
                 .filter(|v| v != "0")
                 .map(|_| Default::default()),
+            kv: options.kv,
+            cache_read_elsewhere,
         }))
     }
     /// The model description from the file's metadata.
@@ -261,33 +278,46 @@ impl Model {
         self.gpu.as_ref().map(|g| g.stats())
     }
 
-    /// A fresh sequence state with an empty cache.
+    /// A fresh sequence state with an empty cache, kept as the load options said.
     pub fn new_state(&self) -> Result<StepState> {
-        #[cfg(feature = "gpu")]
-        if let Some(g) = &self.gpu {
-            let shapes: Vec<_> = self
-                .plan
-                .caches
-                .iter()
-                .map(|c| (c.dtype, c.shape.clone()))
-                .collect();
-            return Ok(StepState {
-                len: 0,
-                caches: Vec::new(),
-                gpu: Some(g.new_state(&shapes)?),
-            });
+        self.new_state_with(&self.kv)
+    }
+
+    /// A fresh sequence state with an empty cache kept as `kv` says (host page size, GPU budget).
+    #[cfg_attr(not(feature = "gpu"), allow(unused_variables))]
+    pub fn new_state_with(&self, kv: &KvOptions) -> Result<StepState> {
+        if kv.page_rows == 0 {
+            return Err(Error::InvalidArgument(
+                "KV cache pages need at least one row".into(),
+            ));
         }
+        let shapes: Vec<_> = self
+            .plan
+            .caches
+            .iter()
+            .map(|c| (c.dtype, c.shape.clone()))
+            .collect();
         Ok(StepState {
-            #[cfg(feature = "gpu")]
-            gpu: None,
             len: 0,
-            caches: self
-                .plan
-                .caches
-                .iter()
-                .map(|c| Tensor::zeros(c.dtype, &c.shape))
-                .collect(),
+            kv: PagedCache::new(&shapes, kv.page_rows)?,
+            #[cfg(feature = "gpu")]
+            gpu: match &self.gpu {
+                Some(g) => {
+                    Some(g.new_state(&self.plan, &shapes, kv.gpu_budget, self.info.max_chunk)?)
+                }
+                None => None,
+            },
         })
+    }
+
+    /// Transfer, residency and memory counters of `state`'s KV cache (last step and since creation).
+    pub fn kv_stats(&self, state: &StepState) -> KvStats {
+        #[cfg(feature = "gpu")]
+        let mut s = state.gpu.as_ref().map(|g| g.kv_stats()).unwrap_or_default();
+        #[cfg(not(feature = "gpu"))]
+        let mut s = KvStats::default();
+        s.host_bytes = state.kv.host_bytes();
+        s
     }
 
     /// Runs one step: `ids` (1..=max_chunk tokens) at position `state.len()`; the chunk must fit in the
@@ -349,9 +379,19 @@ impl Model {
                 want.push(plan.outputs[contract::LOGITS]);
             }
             let mut prefixes = Vec::new();
-            g.run(plan, gs, &mut env, position, &want, &mut |s, env| {
-                exec_step(plan, s, env, &[], &mut prefixes)
-            })?;
+            let rows = g.run(
+                plan,
+                gs,
+                &state.kv,
+                &mut env,
+                position,
+                t,
+                &want,
+                &mut |s, env| exec_step(plan, s, env, None, &mut prefixes),
+            )?;
+            for (c, r) in state.kv.caches.iter_mut().zip(&rows) {
+                c.write_rows(position, t, r)?;
+            }
             let get = |name: &str| -> Result<Tensor> {
                 let slot = plan.outputs[name];
                 env[slot]
@@ -377,12 +417,13 @@ impl Model {
                 logits,
             });
         }
-        if state.caches.len() != self.plan.caches.len()
+        if state.kv.caches.len() != self.plan.caches.len()
             || state
+                .kv
                 .caches
                 .iter()
                 .zip(&self.plan.caches)
-                .any(|(t, c)| t.dtype != c.dtype || t.shape != c.shape)
+                .any(|(t, c)| t.dtype != c.dtype || [1, t.heads, t.slots, t.dim] != c.shape[..])
         {
             return Err(Error::InvalidArgument(
                 "this state belongs to another model".into(),
@@ -390,8 +431,15 @@ impl Model {
         }
         let plan = &self.plan;
         let mut env = self.input_env(ids, position, sampling)?;
-        for (c, cache) in plan.caches.iter().zip(&state.caches) {
-            env[c.input_val] = Some(cache.clone());
+        for ((c, cache), &elsewhere) in plan
+            .caches
+            .iter()
+            .zip(&state.kv.caches)
+            .zip(&self.cache_read_elsewhere)
+        {
+            if elsewhere {
+                env[c.input_val] = Some(cache.to_head_major(position));
+            }
         }
         self.run_cpu(state, &mut env, t, position)
     }
@@ -421,7 +469,7 @@ impl Model {
         let profiling = self.profile.is_some();
         for (si, s) in plan.steps.iter().enumerate() {
             let t0 = profiling.then(Instant::now);
-            self.run_step(s, env, &state.caches, &mut prefixes)?;
+            exec_step(plan, s, env, Some((&state.kv, position)), &mut prefixes)?;
             if let (Some(t0), Some(prof)) = (t0, &self.profile) {
                 let key = match s {
                     Step::Node { node, .. } => plan.graph.nodes[*node].op.as_str(),
@@ -470,16 +518,8 @@ impl Model {
             }
             rows.push(r);
         }
-        for ((c, cache), r) in plan.caches.iter().zip(&mut state.caches).zip(&rows) {
-            let (heads, slots, d) = (c.shape[1], c.shape[2], c.shape[3]);
-            let es = c.dtype.size();
-            let src = r.bytes();
-            let dst = cache.bytes_mut();
-            for h in 0..heads {
-                let from = &src[h * t * d * es..(h + 1) * t * d * es];
-                let at = (h * slots + position) * d * es;
-                dst[at..at + t * d * es].copy_from_slice(from);
-            }
+        for (cache, r) in state.kv.caches.iter_mut().zip(&rows) {
+            cache.write_head_major(position, r)?;
         }
         state.len += t;
         Ok(StepOutput {
@@ -513,24 +553,14 @@ fn input_env(
     Ok(env)
 }
 
-impl Model {
-    fn run_step(
-        &self,
-        s: &Step,
-        env: &mut [Option<Tensor>],
-        caches: &[Tensor],
-        prefixes: &mut Vec<(ValId, Option<usize>)>,
-    ) -> Result<()> {
-        exec_step(&self.plan, s, env, caches, prefixes)
-    }
-}
+impl Model {}
 
 /// Runs one plan step on the CPU.
 fn exec_step(
     plan: &Plan,
     s: &Step,
     env: &mut [Option<Tensor>],
-    caches: &[Tensor],
+    caches: Option<(&PagedCache, usize)>,
     prefixes: &mut Vec<(ValId, Option<usize>)>,
 ) -> Result<()> {
     {
@@ -626,7 +656,12 @@ fn exec_step(
                 let qt = val(env, *q)?;
                 let nk = val(env, new[0])?;
                 let nv = val(env, new[1])?;
-                let (ck, cv) = (&caches[past[0]], &caches[past[1]]);
+                let (pages, len) = caches
+                    .ok_or_else(|| err("the cache attention needs the sequence's cache".into()))?;
+                let (ck, cv) = match (pages.caches.get(past[0]), pages.caches.get(past[1])) {
+                    (Some(k), Some(v)) => (k, v),
+                    _ => return Err(err("no cache for this attention".into())),
+                };
                 let (kslot, vslot) = (&plan.caches[past[0]], &plan.caches[past[1]]);
                 if qt.rank() != 4 || nk.rank() != 4 || nv.rank() != 4 {
                     return Err(err("Q and the new K/V rows must be 4-D".into()));
@@ -662,8 +697,8 @@ fn exec_step(
                     Some(p) => p,
                     _ => {
                         // Not the standard mask: run the node as written (materialized concat).
-                        let kcat = concat_cache(ck, &nk, t)?;
-                        let vcat = concat_cache(cv, &nv, t)?;
+                        let kcat = concat_cache(&ck.to_head_major(len), &nk, t)?;
+                        let vcat = concat_cache(&cv.to_head_major(len), &nv, t)?;
                         let m = mask.map(|m| val(env, m)).transpose()?;
                         let outs =
                             ops::run_node(n, &[Some(&qt), Some(&kcat), Some(&vcat), m.as_ref()])?;
@@ -690,29 +725,40 @@ fn exec_step(
                 // The kernel writes [T, H·D]: exactly the absorbed transpose's [1, T, H, D].
                 let mut o = Tensor::zeros(DType::F32, &[1, t, heads, d]);
                 let ov = o.typed_mut::<f32>();
+                let pr = ck.page_rows();
                 let r = match ck.dtype {
-                    DType::F16 => attention::attention_cached(
-                        qv,
-                        ck.typed::<half::f16>(),
-                        cv.typed::<half::f16>(),
-                        &nkf,
-                        &nvf,
-                        p,
-                        &shape,
-                        Some(scale),
-                        ov,
-                    ),
-                    DType::F32 => attention::attention_cached(
-                        qv,
-                        ck.typed::<f32>(),
-                        cv.typed::<f32>(),
-                        &nkf,
-                        &nvf,
-                        p,
-                        &shape,
-                        Some(scale),
-                        ov,
-                    ),
+                    DType::F16 => {
+                        let kp: Vec<&[half::f16]> = ck.pages().iter().map(|p| p.typed()).collect();
+                        let vp: Vec<&[half::f16]> = cv.pages().iter().map(|p| p.typed()).collect();
+                        attention::attention_paged(
+                            qv,
+                            &kp,
+                            &vp,
+                            pr,
+                            &nkf,
+                            &nvf,
+                            p,
+                            &shape,
+                            Some(scale),
+                            ov,
+                        )
+                    }
+                    DType::F32 => {
+                        let kp: Vec<&[f32]> = ck.pages().iter().map(|p| p.typed()).collect();
+                        let vp: Vec<&[f32]> = cv.pages().iter().map(|p| p.typed()).collect();
+                        attention::attention_paged(
+                            qv,
+                            &kp,
+                            &vp,
+                            pr,
+                            &nkf,
+                            &nvf,
+                            p,
+                            &shape,
+                            Some(scale),
+                            ov,
+                        )
+                    }
                     dt => return Err(err(format!("cache of {dt} is not supported"))),
                 };
                 r.map_err(|e| err(e.to_string()))?;
@@ -826,13 +872,19 @@ impl StepState {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
-    /// Forgets the sequence (keeps the allocations).
+    /// Forgets the sequence (frees the host pages; keeps the GPU buffers).
     pub fn reset(&mut self) {
-        self.len = 0;
+        self.truncate(0);
     }
-    /// Drops the cache rows from `len` on, so the sequence continues from there.
+    /// Drops the cache rows from `len` on, so the sequence continues from there (frees the host pages
+    /// wholly past `len`).
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
+        self.kv.truncate(self.len);
+        #[cfg(feature = "gpu")]
+        if let Some(g) = &self.gpu {
+            g.truncate(self.len);
+        }
     }
 }
 
@@ -877,7 +929,7 @@ fn bind_gpu(
     let r = GpuPlan::new(
         ctx,
         plan,
-        &mut |s, env| exec_step(plan, s, env, &[], &mut prefixes),
+        &mut |s, env| exec_step(plan, s, env, None, &mut prefixes),
         &inputs,
     );
     match r {

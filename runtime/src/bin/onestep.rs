@@ -132,6 +132,13 @@ struct Common {
     /// GPU API: vulkan, metal, dx12, gl (default: WGPU_BACKEND, else any).
     #[arg(long)]
     gpu_backend: Option<String>,
+    /// GPU memory for the KV cache: `all`, bytes (`48M`, `1GiB`) or a percentage of the full cache
+    /// (`50%`); layers beyond it stream through two GPU slots from host memory.
+    #[arg(long, default_value = "all")]
+    gpu_cache_budget: String,
+    /// Positions per host KV-cache page.
+    #[arg(long, default_value_t = onestep::kv::DEFAULT_PAGE_ROWS)]
+    kv_page_rows: usize,
 }
 
 impl Common {
@@ -155,6 +162,10 @@ impl Common {
     }
 
     fn load_options(&self) -> Result<LoadOptions> {
+        let kv = onestep::kv::KvOptions {
+            page_rows: self.kv_page_rows,
+            gpu_budget: self.gpu_cache_budget.parse()?,
+        };
         #[cfg(feature = "gpu")]
         {
             Ok(LoadOptions {
@@ -163,6 +174,7 @@ impl Common {
                     Some(b) => b.parse()?,
                     None => Default::default(),
                 },
+                kv,
                 ..LoadOptions::default()
             })
         }
@@ -173,7 +185,10 @@ impl Common {
                     "this build has no GPU backend (feature `gpu`)".into(),
                 ));
             }
-            Ok(LoadOptions::cpu())
+            Ok(LoadOptions {
+                kv,
+                ..LoadOptions::cpu()
+            })
         }
     }
 
@@ -470,10 +485,22 @@ fn cmd_bench(
         }),
         _ => serde_json::Value::Null,
     };
+    let k = session.kv_stats();
+    let kv_json = serde_json::json!({
+        "layers_resident": k.layers_resident, "layers_streamed": k.layers_streamed, "slots": k.slots,
+        "gpu_bytes": k.gpu_bytes, "host_bytes": k.host_bytes, "page_rows": common.kv_page_rows,
+        "budget": common.gpu_cache_budget,
+        "last_step_bytes_up": k.step_bytes_up, "last_step_bytes_down": k.step_bytes_down,
+        "last_step_stalls": k.step_stalls, "last_step_pack_ms": k.step_pack_ms,
+        "last_step_context": session.cached_tokens().saturating_sub(1),
+        "session_steps": k.steps, "session_bytes_up": k.bytes_up, "session_bytes_down": k.bytes_down,
+        "session_stalls": k.stalls,
+    });
     if json {
         let obj = serde_json::json!({
             "device": model_arc.device(),
             "gpu": gpu_json,
+            "kv": kv_json,
             "prefill": median(col(&|c| c.stats.prefill_tokens_per_s)),
             "decode": median(col(&|c| c.stats.decode_tokens_per_s)),
             "ttft_ms": median(col(&|c| c.stats.time_to_first_token_ms)),
@@ -499,6 +526,7 @@ fn cmd_bench(
     if !gpu_json.is_null() {
         println!("gpu: {gpu_json}");
     }
+    println!("kv cache: {kv_json}");
     print!("{}", table(&rows));
     if rss_mb.is_none() {
         println!("peak RSS: not available on this OS");

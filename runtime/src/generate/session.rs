@@ -546,6 +546,11 @@ impl Session {
     pub fn cached_tokens(&self) -> usize {
         self.core.cached.len()
     }
+    /// The KV cache's counters: GPU residency, bytes moved by the last step and since the session
+    /// began, host memory in use.
+    pub fn kv_stats(&self) -> crate::kv::KvStats {
+        self.core.engine.kv_stats(&self.core.state)
+    }
     /// Renders `messages` with the chat template, ready for the assistant's reply.
     pub fn render_chat(&self, messages: &[ChatMessage]) -> Result<String> {
         self.core.render_chat(messages)

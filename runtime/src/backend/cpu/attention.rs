@@ -187,6 +187,39 @@ impl Online {
         }
     }
 
+    /// Feeds `n` keys/values that are rows `stride` elements apart (the first at the slice start): one KV
+    /// head of token-major cache pages. Rows are gathered (and converted) a block at a time.
+    fn feed_strided<E: KvElement>(
+        &mut self,
+        q: &[f32],
+        k: &[E],
+        v: &[E],
+        n: usize,
+        stride: usize,
+        scale: f32,
+    ) {
+        let d = q.len();
+        if stride == d {
+            self.feed(q, &k[..n * d], &v[..n * d], scale, None);
+            return;
+        }
+        let mut kb = std::mem::take(&mut self.kbuf);
+        let mut vb = std::mem::take(&mut self.vbuf);
+        let mut j0 = 0;
+        while j0 < n {
+            let nb = KEY_BLOCK.min(n - j0);
+            for j in 0..nb {
+                let at = (j0 + j) * stride;
+                E::to_f32_slice(&k[at..at + d], &mut kb[j * d..(j + 1) * d]);
+                E::to_f32_slice(&v[at..at + d], &mut vb[j * d..(j + 1) * d]);
+            }
+            self.feed(q, &kb[..nb * d], &vb[..nb * d], scale, None);
+            j0 += nb;
+        }
+        self.kbuf = kb;
+        self.vbuf = vb;
+    }
+
     /// Writes `acc / l` (zeros when no key was attended).
     fn finish(&self, out: &mut [f32]) {
         if self.l > 0.0 {
@@ -500,16 +533,52 @@ mod tests {
         let nv = rnd(kvh * t * d, &mut rng, 3.0);
         let mut want = vec![0f32; t * s.heads * d];
         let mut got = vec![f32::NAN; t * s.heads * d];
+        // The same cache in token-major pages of 1..=17 rows (poison past `p` too).
+        let pr = 1 + (seed % 17) as usize;
+        let npages = cache.div_ceil(pr).max(1);
+        let paged = |c: &[f32]| -> Vec<Vec<f32>> {
+            (0..npages)
+                .map(|pg| {
+                    let mut page = vec![f32::NAN; pr * kvh * d];
+                    for r in 0..pr {
+                        let j = pg * pr + r;
+                        if j < cache {
+                            for h in 0..kvh {
+                                page[(r * kvh + h) * d..(r * kvh + h + 1) * d].copy_from_slice(
+                                    &c[(h * cache + j) * d..(h * cache + j + 1) * d],
+                                );
+                            }
+                        }
+                    }
+                    page
+                })
+                .collect()
+        };
+        let (kp, vp) = (paged(&pk), paged(&pv));
+        let mut got_paged = vec![f32::NAN; t * s.heads * d];
         if f16_cache {
             let hk: Vec<f16> = pk.iter().map(|v| f16::from_f32(*v)).collect();
             let hv: Vec<f16> = pv.iter().map(|v| f16::from_f32(*v)).collect();
             reference_cached(&q, &hk, &hv, &nk, &nv, p, &s, None, &mut want).unwrap();
             attention_cached(&q, &hk, &hv, &nk, &nv, p, &s, None, &mut got).unwrap();
+            let h16 = |v: &Vec<Vec<f32>>| -> Vec<Vec<f16>> {
+                v.iter()
+                    .map(|pg| pg.iter().map(|x| f16::from_f32(*x)).collect())
+                    .collect()
+            };
+            let (kh, vh) = (h16(&kp), h16(&vp));
+            let kr: Vec<&[f16]> = kh.iter().map(|v| &v[..]).collect();
+            let vr: Vec<&[f16]> = vh.iter().map(|v| &v[..]).collect();
+            attention_paged(&q, &kr, &vr, pr, &nk, &nv, p, &s, None, &mut got_paged).unwrap();
         } else {
             reference_cached(&q, &pk, &pv, &nk, &nv, p, &s, None, &mut want).unwrap();
             attention_cached(&q, &pk, &pv, &nk, &nv, p, &s, None, &mut got).unwrap();
+            let kr: Vec<&[f32]> = kp.iter().map(|v| &v[..]).collect();
+            let vr: Vec<&[f32]> = vp.iter().map(|v| &v[..]).collect();
+            attention_paged(&q, &kr, &vr, pr, &nk, &nv, p, &s, None, &mut got_paged).unwrap();
         }
-        close(&got, &want, 3.0)
+        close(&got, &want, 3.0)?;
+        close(&got_paged, &want, 3.0).map_err(|e| format!("paged ({pr} rows a page): {e}"))
     }
 
     proptest! {
@@ -612,4 +681,80 @@ mod tests {
         // Equal scores: mean of values (1, 1, 2) = 4/3.
         assert!(out.iter().all(|v| (v - 4.0 / 3.0).abs() < 1e-6), "{out:?}");
     }
+}
+
+/// [`attention_cached`] over a past cache held in token-major pages (`crate::kv`): `k_pages`/`v_pages` are
+/// `[page_rows, KVH, D]` each, in position order, covering at least the first `position` slots. The new
+/// rows are head-major `[KVH, T, D]`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_paged<E: KvElement>(
+    q: &[f32],
+    k_pages: &[&[E]],
+    v_pages: &[&[E]],
+    page_rows: usize,
+    new_k: &[f32],
+    new_v: &[f32],
+    position: usize,
+    s: &AttnShape,
+    scale: Option<f32>,
+    out: &mut [f32],
+) -> KernelResult {
+    const K: &str = "attention_paged";
+    let group = s.check_heads(K)?;
+    let (d, t) = (s.head_dim, s.tokens);
+    check_len(K, "q", mul_dims(K, &[s.heads, t, d])?, q.len())?;
+    let page = mul_dims(K, &[page_rows, s.kv_heads, d])?;
+    if page_rows == 0 || k_pages.len() != v_pages.len() {
+        return Err(shape_err(K, "pages of K and V differ or are empty"));
+    }
+    for (kp, vp) in k_pages.iter().zip(v_pages) {
+        check_len(K, "key page", page, kp.len())?;
+        check_len(K, "value page", page, vp.len())?;
+    }
+    if position > k_pages.len() * page_rows || position > s.cache_len {
+        return Err(shape_err(
+            K,
+            format!(
+                "position {position} beyond the {} paged slots (cache length {})",
+                k_pages.len() * page_rows,
+                s.cache_len
+            ),
+        ));
+    }
+    let new = mul_dims(K, &[s.kv_heads, t, d])?;
+    check_len(K, "new_key", new, new_k.len())?;
+    check_len(K, "new_value", new, new_v.len())?;
+    check_len(K, "out", mul_dims(K, &[t, s.heads, d])?, out.len())?;
+    if d == 0 || t == 0 {
+        return Ok(());
+    }
+    let scale = scale.unwrap_or(1.0 / (d as f32).sqrt());
+    let p = position;
+    let stride = s.kv_heads * d;
+    for_rows(out, s, p + t, |tt, h, st, o| {
+        let kvh = h / group;
+        let qv = &q[s.q_off(h, tt)..s.q_off(h, tt) + d];
+        let mut r0 = 0;
+        for (kp, vp) in k_pages.iter().zip(v_pages) {
+            if r0 >= p {
+                break;
+            }
+            let n = page_rows.min(p - r0);
+            let at = kvh * d;
+            st.feed_strided(qv, &kp[at..], &vp[at..], n, stride, scale);
+            r0 += page_rows;
+        }
+        if s.kv_tokens_first {
+            for j in 0..=tt {
+                let o = s.new_kv_off(kvh, j);
+                st.feed(qv, &new_k[o..o + d], &new_v[o..o + d], scale, None);
+            }
+        } else {
+            let o = s.new_kv_off(kvh, 0);
+            let n = (tt + 1) * d;
+            st.feed(qv, &new_k[o..o + n], &new_v[o..o + n], scale, None);
+        }
+        st.finish(o);
+    });
+    Ok(())
 }

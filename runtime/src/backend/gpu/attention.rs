@@ -152,6 +152,16 @@ mod tests {
                 write_cache: true,
                 mask_stride: Some(s + t),
             };
+            // The kernel's cache is token-major [S, KVH, D].
+            let tm = |c: &[f32]| -> Vec<f32> {
+                let mut o = vec![0.0; c.len()];
+                for g in 0..kvh {
+                    for j in 0..s {
+                        o[(j * kvh + g) * d..][..d].copy_from_slice(&c[(g * s + j) * d..][..d]);
+                    }
+                }
+                o
+            };
             let k = kernel(&ctx, f16c).unwrap();
             let outs = run_kernel_multi(
                 &ctx,
@@ -162,8 +172,8 @@ mod tests {
                     bytemuck::cast_slice(&nk),
                     bytemuck::cast_slice(&nv),
                     bytemuck::cast_slice(&mask),
-                    &enc(&ck),
-                    &enc(&cv),
+                    &enc(&tm(&ck)),
+                    &enc(&tm(&cv)),
                 ],
                 &[h * t * d * 4],
                 grid(h * t, 1, ctx.max_groups),
@@ -182,7 +192,11 @@ mod tests {
                             .copy_from_slice(&new[(g * t + tt) * d..][..d]);
                     }
                 }
-                assert_eq!(c, &enc(&expect), "cache rows {h} {kvh} {t} {d} {s} {p}");
+                assert_eq!(
+                    c,
+                    &enc(&tm(&expect)),
+                    "cache rows {h} {kvh} {t} {d} {s} {p}"
+                );
             }
         }
     }

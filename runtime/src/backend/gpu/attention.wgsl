@@ -1,5 +1,6 @@
 // Attention of one chunk over the caller-owned static cache plus the chunk's own rows, and the write of
-// those rows into the cache. One workgroup (64 threads) a (head, token).
+// those rows into the cache. The cache is token-major: slot j, KV head g at (j * KVH + g) * D (the layout
+// of the host pages, see kv.rs). One workgroup (64 threads) a (head, token).
 //
 // Keys, in order: cache slots 0..npast, then the chunk's T rows. Only those are visited (slots beyond
 // npast are never read). Scores get the additive mask: column j for slot j, column S + t' for row t'.
@@ -43,7 +44,7 @@ fn score(j: u32, g: u32, t: u32) -> f32 {
     var s = 0.0;
     var col: u32;
     if (j < npast) {
-        let base = (g * pu(4u) + j) * d;
+        let base = (j * pu(1u) + g) * d;
         for (var i = 0u; i < d; i = i + 1u) { s = s + sq[i] * cache_at(true, base + i); }
         col = j;
     } else {
@@ -60,7 +61,7 @@ fn score(j: u32, g: u32, t: u32) -> f32 {
 fn value_at(j: u32, g: u32, i: u32) -> f32 {
     let d = pu(3u);
     let npast = pu(5u);
-    if (j < npast) { return cache_at(false, (g * pu(4u) + j) * d + i); }
+    if (j < npast) { return cache_at(false, (j * pu(1u) + g) * d + i); }
     return NV[(g * pu(2u) + (j - npast)) * d + i];
 }
 
@@ -134,7 +135,7 @@ fn attention(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
 
     // The chunk's rows go into the cache at slots pos..pos+T (the first head of each group writes).
     if (pu(9u) == 1u && h % (h_n / pu(1u)) == 0u) {
-        let dst = (g * pu(4u) + pu(6u) + t) * d;
+        let dst = ((pu(6u) + t) * pu(1u) + g) * d;
         let src = (g * t_n + t) * d;
         if (F16C) {
             for (var i = lid; i < d / 2u; i = i + 64u) {

@@ -110,6 +110,8 @@ pub struct GpuStats {
 /// Per-step transfer and submission counters.
 #[derive(Debug, Default)]
 struct Counts {
+    /// Host milliseconds packing cache pages into upload memory.
+    pack_ms: f64,
     dispatches: usize,
     submits: usize,
     up: u64,
@@ -117,18 +119,75 @@ struct Counts {
     wait: f64,
 }
 
-/// One sequence's GPU state: its KV cache buffers and the attention bind groups that use them.
+/// One sequence's GPU state: the GPU side of its KV cache and the attention bind groups over it.
+///
+/// The host pages ([`crate::kv::PagedCache`]) are the truth. The first `resident` attention layers (in plan
+/// order) keep their caches in GPU buffers of their own; the other layers share a ring of two slots (a K
+/// and a V buffer each, `[S, KVH, D]` token-major): streamed layer `i` uses slot `i % 2`, and the pages
+/// of its used prefix that the slot does not hold yet are uploaded right after the attention of layer
+/// `i - 2` (the slot's previous user), i.e. before layer `i - 1` computes. Every attention writes its new
+/// rows into its buffer; only those rows are copied back to the host.
 pub struct GpuState {
-    caches: Vec<wgpu::Buffer>,
+    /// Per plan cache: index into `bufs`.
+    home: Vec<usize>,
+    bufs: Vec<wgpu::Buffer>,
+    /// Per plan cache: the ring index of its layer when streamed.
+    ring: Vec<Option<usize>>,
+    /// Streamed layers' cache pairs in ring order.
+    streams: Vec<[usize; 2]>,
+    /// Ring slots.
+    nslots: usize,
+    /// Per buffer: (the plan cache whose rows it holds, how many leading rows match the host).
+    held: Mutex<Vec<(Option<usize>, usize)>>,
     groups: HashMap<(usize, usize), wgpu::BindGroup>,
+    /// Upload memory (host-visible, recycled after each submission).
+    belt: Mutex<wgpu::util::StagingBelt>,
+    /// New rows of every cache for one step (read back once, at the end of the step).
+    rows: wgpu::Buffer,
+    /// Rows read back by the current step: (plan cache, position, rows, offset in `rows`).
+    downs: Mutex<Vec<(usize, usize, usize, u64)>>,
+    stats: Mutex<crate::kv::KvStats>,
 }
 
 impl std::fmt::Debug for GpuState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GpuState")
-            .field("caches", &self.caches.len())
+            .field("bufs", &self.bufs.len())
+            .field("ring", &self.ring.iter().flatten().count())
             .finish()
     }
+}
+
+impl GpuState {
+    /// Transfer and residency counters (host bytes are the caller's to fill in).
+    pub fn kv_stats(&self) -> crate::kv::KvStats {
+        self.stats.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Forgets slot contents past `len` rows (after a truncation or reset of the sequence).
+    pub fn truncate(&self, len: usize) {
+        if let Ok(mut h) = self.held.lock() {
+            for e in h.iter_mut() {
+                e.1 = e.1.min(len);
+            }
+        }
+    }
+}
+
+/// A command of a step, in stream order.
+#[derive(Debug, Clone, Copy)]
+enum Cmd {
+    /// Dispatch `j` of step `si` with these workgroups.
+    Disp(usize, usize, (u32, u32, u32)),
+    /// Upload rows `a..b` of plan cache `c` into its buffer.
+    Up { c: usize, a: usize, b: usize },
+    /// Copy rows `p..p+t` of plan cache `c` into the rows buffer at `off`.
+    Down {
+        c: usize,
+        p: usize,
+        t: usize,
+        off: u64,
+    },
 }
 
 /// The plan bound to a GPU.
@@ -582,8 +641,9 @@ impl GpuPlan {
             BufRef::LinBias => &self.linear(si)?.bias,
             BufRef::CacheK(c) | BufRef::CacheV(c) => {
                 let st = state.ok_or_else(|| Error::Gpu("cache binding without a state".into()))?;
-                st.caches
+                st.home
                     .get(c)
+                    .and_then(|&b| st.bufs.get(b))
                     .ok_or_else(|| Error::Gpu(format!("state has no cache {c}")))?
             }
         })
@@ -607,17 +667,126 @@ impl GpuPlan {
         ))
     }
 
-    /// A fresh sequence state: zeroed cache buffers for `caches` (`(dtype, shape)`) and the attention
-    /// bind groups over them.
-    pub fn new_state(&self, caches: &[(DType, Vec<usize>)]) -> Result<GpuState> {
-        let mut st = GpuState {
-            caches: Vec::new(),
-            groups: HashMap::new(),
+    /// A fresh sequence state for `caches` (`(dtype, [1, KVH, S, D])` of every plan cache) under a GPU
+    /// memory budget: resident layers first, the rest through a ring of two slots (see [`GpuState`]).
+    pub fn new_state(
+        &self,
+        plan: &Plan,
+        caches: &[(DType, Vec<usize>)],
+        budget: crate::kv::GpuCacheBudget,
+        max_chunk: usize,
+    ) -> Result<GpuState> {
+        use crate::kv::GpuCacheBudget;
+        let bytes_of = |c: usize| -> u64 {
+            caches
+                .get(c)
+                .map(|(dt, shape)| (shape.iter().product::<usize>() * dt.size()) as u64)
+                .unwrap_or(0)
         };
-        for (i, (dt, shape)) in caches.iter().enumerate() {
-            let bytes = (shape.iter().product::<usize>() * dt.size()) as u64;
-            st.caches
-                .push(self.ctx.storage(&format!("cache {i}"), bytes)?);
+        // Layers: the attention steps' cache pairs, in plan order.
+        let layers: Vec<[usize; 2]> = plan
+            .steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::CacheAttention { past, .. } => Some(*past),
+                _ => None,
+            })
+            .collect();
+        let layer_bytes = layers
+            .iter()
+            .map(|p| bytes_of(p[0]) + bytes_of(p[1]))
+            .max()
+            .unwrap_or(0);
+        let full: u64 = layers.iter().map(|p| bytes_of(p[0]) + bytes_of(p[1])).sum();
+        let fits = match budget {
+            GpuCacheBudget::All => layers.len(),
+            GpuCacheBudget::Bytes(b) => (b / layer_bytes.max(1)) as usize,
+            GpuCacheBudget::Percent(pc) => (full * pc as u64 / 100 / layer_bytes.max(1)) as usize,
+        };
+        let resident = if fits >= layers.len() {
+            layers.len()
+        } else {
+            fits.saturating_sub(2)
+        };
+        let nslots = (layers.len() - resident).min(2);
+        let mut st = GpuState {
+            home: vec![usize::MAX; caches.len()],
+            bufs: Vec::new(),
+            ring: vec![None; caches.len()],
+            streams: layers[resident..].to_vec(),
+            nslots,
+            held: Mutex::new(Vec::new()),
+            groups: HashMap::new(),
+            belt: Mutex::new(wgpu::util::StagingBelt::new(
+                self.ctx.device.clone(),
+                (4 << 20).min(layer_bytes.max(1 << 16)),
+            )),
+            rows: self.ctx.staging("cache rows", 4),
+            downs: Mutex::new(Vec::new()),
+            stats: Mutex::new(Default::default()),
+        };
+        let mut held = Vec::new();
+        let mut gpu_bytes = 0;
+        let mut slot_bufs: Vec<[usize; 2]> = Vec::new();
+        for (li, pair) in layers.iter().enumerate() {
+            if li < resident {
+                for &c in pair {
+                    st.bufs
+                        .push(self.ctx.storage(&format!("cache {c}"), bytes_of(c))?);
+                    held.push((Some(c), usize::MAX));
+                    gpu_bytes += bytes_of(c);
+                    st.home[c] = st.bufs.len() - 1;
+                }
+            } else {
+                let i = li - resident;
+                if i < nslots {
+                    let mut b = [0; 2];
+                    for (k, bk) in b.iter_mut().enumerate() {
+                        let size = layers[resident..]
+                            .iter()
+                            .map(|p| bytes_of(p[k]))
+                            .max()
+                            .unwrap_or(0);
+                        st.bufs
+                            .push(self.ctx.storage(&format!("cache slot {i}.{k}"), size)?);
+                        held.push((None, 0));
+                        gpu_bytes += size;
+                        *bk = st.bufs.len() - 1;
+                    }
+                    slot_bufs.push(b);
+                }
+                for (k, &c) in pair.iter().enumerate() {
+                    st.home[c] = slot_bufs[i % nslots][k];
+                    st.ring[c] = Some(i);
+                }
+            }
+        }
+        // Caches no attention step reads (none in a step graph) still get a buffer of their own.
+        for c in 0..caches.len() {
+            if st.home[c] == usize::MAX {
+                st.bufs
+                    .push(self.ctx.storage(&format!("cache {c}"), bytes_of(c))?);
+                held.push((Some(c), usize::MAX));
+                gpu_bytes += bytes_of(c);
+                st.home[c] = st.bufs.len() - 1;
+            }
+        }
+        let rows_bytes: u64 = caches
+            .iter()
+            .map(|(dt, shape)| {
+                (shape.get(1).copied().unwrap_or(0)
+                    * shape.get(3).copied().unwrap_or(0)
+                    * dt.size()
+                    * max_chunk.max(1)) as u64
+            })
+            .sum();
+        st.rows = self.ctx.staging("cache rows", rows_bytes);
+        st.held = Mutex::new(held);
+        if let Ok(mut k) = st.stats.lock() {
+            k.layers_resident = resident;
+            k.layers_streamed = layers.len() - resident;
+            k.slots = nslots;
+            k.gpu_bytes = gpu_bytes;
         }
         for si in 0..self.binds.len() {
             for j in 0..self.binds[si].len() {
@@ -1356,15 +1525,66 @@ impl GpuPlan {
     /// Runs one step. `env` holds the graph inputs on entry and the CPU-side values on return (the
     /// outputs the caller reads: `next_token`, and `logits` when `want` lists it). `cpu_step` runs a step
     /// on the CPU.
+    ///
+    /// The KV cache: `host` holds every cache's rows before `position`; streamed layers' missing pages
+    /// are uploaded on the way (see [`GpuState`]). Returns the chunk's `tokens` new rows of every cache
+    /// (token-major bytes, in plan-cache order) for the caller to write into `host`.
+    #[allow(clippy::too_many_arguments)]
     pub fn run(
         &self,
         plan: &Plan,
         state: &GpuState,
+        host: &crate::kv::PagedCache,
         env: &mut [Option<Tensor>],
         position: usize,
+        tokens: usize,
         want: &[ValId],
         cpu_step: &mut CpuStep,
-    ) -> Result<()> {
+    ) -> Result<Vec<Vec<u8>>> {
+        let r = self.run_inner(plan, state, host, env, position, tokens, want, cpu_step);
+        if r.is_err() {
+            // What the slots hold is unknown after a failed step: upload everything next time.
+            if let Ok(mut h) = state.held.lock() {
+                for e in h.iter_mut().filter(|e| e.1 != usize::MAX) {
+                    *e = (None, 0);
+                }
+            }
+        }
+        r
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run_inner(
+        &self,
+        plan: &Plan,
+        state: &GpuState,
+        host: &crate::kv::PagedCache,
+        env: &mut [Option<Tensor>],
+        position: usize,
+        tokens: usize,
+        want: &[ValId],
+        cpu_step: &mut CpuStep,
+    ) -> Result<Vec<Vec<u8>>> {
+        if host.caches.len() != state.home.len() {
+            return Err(Error::Gpu(format!(
+                "host cache has {} tensors, the GPU state {}",
+                host.caches.len(),
+                state.home.len()
+            )));
+        }
+        let mut kv = Kv {
+            held: state
+                .held
+                .lock()
+                .map_err(|_| Error::Gpu("cache lock poisoned".into()))?
+                .clone(),
+            up_at: vec![None; state.streams.len()],
+            stalls: 0,
+            up: 0,
+            down: 0,
+            off: 0,
+            ndisp: 0,
+        };
         let mut stats = self
             .lock
             .lock()
@@ -1372,9 +1592,12 @@ impl GpuPlan {
         let nvals = plan.names.len();
         let mut meta: Vec<Option<Meta>> = vec![None; nvals];
         let mut params: Vec<u8> = Vec::new();
-        let mut pending: Vec<(usize, usize, (u32, u32, u32))> = Vec::new();
+        let mut pending: Vec<Cmd> = Vec::new();
         let mut count = Counts::default();
         let t_step = std::time::Instant::now();
+        for i in 0..state.nslots.min(state.streams.len()) {
+            kv.prefetch(state, host, i, position, &mut pending)?;
+        }
         for (si, s) in plan.steps.iter().enumerate() {
             let desc = if self.on_gpu[si] {
                 let e = Env {
@@ -1429,6 +1652,13 @@ impl GpuPlan {
                         meta[o] = Some(m);
                         env[o] = None;
                     }
+                    let past = match s {
+                        Step::CacheAttention { past, .. } => Some(*past),
+                        _ => None,
+                    };
+                    if let Some(past) = past {
+                        kv.before_attention(state, past);
+                    }
                     for (j, dd) in d.disp.into_iter().enumerate() {
                         let slot = self.slot0[si] + j;
                         let at = slot * 256;
@@ -1436,7 +1666,27 @@ impl GpuPlan {
                             params.resize(at + 256, 0);
                         }
                         params[at..at + 256].copy_from_slice(dd.params.bytes());
-                        pending.push((si, j, dd.groups));
+                        pending.push(Cmd::Disp(si, j, dd.groups));
+                        kv.ndisp += 1;
+                    }
+                    if let Some(past) = past {
+                        // This layer's new rows go back to the host; its slot's next user's pages go up.
+                        for c in past {
+                            let rb = host.caches[c].row_bytes();
+                            pending.push(Cmd::Down {
+                                c,
+                                p: position,
+                                t: tokens,
+                                off: kv.off,
+                            });
+                            kv.off += (rb * tokens) as u64;
+                            kv.down += (rb * tokens) as u64;
+                        }
+                        if let Some(i) = state.ring[past[0]] {
+                            if i + state.nslots < state.streams.len() {
+                                kv.prefetch(state, host, i + state.nslots, position, &mut pending)?;
+                            }
+                        }
                     }
                 }
                 None => {
@@ -1449,12 +1699,14 @@ impl GpuPlan {
                     if !fetch.is_empty() {
                         self.flush_into(
                             state,
+                            host,
                             &mut pending,
                             &params,
                             &fetch,
                             &meta,
                             env,
                             &mut count,
+                            0,
                         )?;
                     }
                     cpu_step(s, env)?;
@@ -1471,8 +1723,55 @@ impl GpuPlan {
             .copied()
             .filter(|&v| env[v].is_none() && meta[v].is_some())
             .collect();
-        if !pending.is_empty() || !fetch.is_empty() {
-            self.flush_into(state, &mut pending, &params, &fetch, &meta, env, &mut count)?;
+        let rows = if !pending.is_empty() || !fetch.is_empty() || kv.off > 0 {
+            self.flush_into(
+                state,
+                host,
+                &mut pending,
+                &params,
+                &fetch,
+                &meta,
+                env,
+                &mut count,
+                kv.off,
+            )?
+        } else {
+            Vec::new()
+        };
+        // Split the rows per cache, in the order they were copied.
+        let downs = std::mem::take(
+            &mut *state
+                .downs
+                .lock()
+                .map_err(|_| Error::Gpu("cache lock poisoned".into()))?,
+        );
+        let mut out = vec![Vec::new(); host.caches.len()];
+        for (c, _, t, off) in downs {
+            let n = t * host.caches[c].row_bytes();
+            let piece = rows
+                .get(off as usize..off as usize + n)
+                .ok_or_else(|| Error::Gpu("cache rows were not read back".into()))?;
+            out[c] = piece.to_vec();
+        }
+        // Slots that were current now also hold this chunk's rows (the host gets them from `out`).
+        for e in kv.held.iter_mut() {
+            if e.0.is_some() && e.1 == position {
+                e.1 = position + tokens;
+            }
+        }
+        *state
+            .held
+            .lock()
+            .map_err(|_| Error::Gpu("cache lock poisoned".into()))? = kv.held;
+        if let Ok(mut k) = state.stats.lock() {
+            k.step_bytes_up = kv.up;
+            k.step_bytes_down = kv.down;
+            k.step_stalls = kv.stalls;
+            k.step_pack_ms = count.pack_ms;
+            k.steps += 1;
+            k.bytes_up += kv.up;
+            k.bytes_down += kv.down;
+            k.stalls += kv.stalls;
         }
         let Counts {
             dispatches,
@@ -1480,6 +1779,7 @@ impl GpuPlan {
             up,
             down,
             wait,
+            ..
         } = count;
         stats.step_ms = t_step.elapsed().as_secs_f64() * 1e3;
         if let Ok(mut sm) = self.submit_ms.lock() {
@@ -1491,65 +1791,160 @@ impl GpuPlan {
         stats.submits = submits;
         stats.bytes_up = up;
         stats.bytes_down = down;
-        Ok(())
+        Ok(out)
     }
 
-    /// [`GpuPlan::flush`], storing the fetched values in `env` and counting.
+    /// [`GpuPlan::flush`], storing the fetched values in `env` and counting. Returns the first `rows`
+    /// bytes of the state's rows buffer (the step's new cache rows) when `rows > 0`.
     #[allow(clippy::too_many_arguments)]
     fn flush_into(
         &self,
         state: &GpuState,
-        pending: &mut Vec<(usize, usize, (u32, u32, u32))>,
+        host: &crate::kv::PagedCache,
+        pending: &mut Vec<Cmd>,
         params: &[u8],
         fetch: &[ValId],
         meta: &[Option<Meta>],
         env: &mut [Option<Tensor>],
         count: &mut Counts,
-    ) -> Result<()> {
-        let (tensors, n, wait) = self.flush(state, pending, params, fetch, meta)?;
-        count.wait += wait;
+        rows: u64,
+    ) -> Result<Vec<u8>> {
+        let (tensors, rows) = self.flush(state, host, pending, params, fetch, meta, count, rows)?;
         count.submits += 1;
-        count.dispatches += n;
         for (v, t) in fetch.iter().zip(tensors) {
             count.down += t.bytes().len() as u64;
             env[*v] = Some(t);
         }
+        count.down += rows.len() as u64;
+        Ok(rows)
+    }
+
+    /// Records `cmds` into `enc`: runs of dispatches in one compute pass each, cache uploads (through the
+    /// state's staging belt) and row copies between them, in order.
+    fn record(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        state: &GpuState,
+        host: &crate::kv::PagedCache,
+        cmds: &[Cmd],
+        count: &mut Counts,
+    ) -> Result<()> {
+        let mut i = 0;
+        while i < cmds.len() {
+            match cmds[i] {
+                Cmd::Disp(..) => {
+                    let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                        label: Some("step"),
+                        timestamp_writes: None,
+                    });
+                    while let Some(&Cmd::Disp(si, j, (x, y, z))) = cmds.get(i) {
+                        let g = match &self.groups[si][j] {
+                            Some(g) => g,
+                            None => state.groups.get(&(si, j)).ok_or_else(|| {
+                                Error::Gpu("state has no bind group for an attention step".into())
+                            })?,
+                        };
+                        pass.set_pipeline(&self.kernels[si][j].pipeline);
+                        pass.set_bind_group(0, g, &[]);
+                        pass.dispatch_workgroups(x, y, z);
+                        count.dispatches += 1;
+                        i += 1;
+                    }
+                }
+                Cmd::Up { c, a, b } => {
+                    let t0 = std::time::Instant::now();
+                    let pages = &host.caches[c];
+                    let rb = pages.row_bytes();
+                    let size = ((b - a) * rb) as u64;
+                    let buf = &state.bufs[state.home[c]];
+                    if (a * rb) % 4 != 0 || size % 4 != 0 || (b * rb) as u64 > buf.size() {
+                        return Err(Error::Gpu(format!(
+                            "cache upload of rows {a}..{b} ({rb} bytes a row) does not fit its buffer"
+                        )));
+                    }
+                    let size = wgpu::BufferSize::new(size)
+                        .ok_or_else(|| Error::Gpu("empty cache upload".into()))?;
+                    let mut belt = state
+                        .belt
+                        .lock()
+                        .map_err(|_| Error::Gpu("staging lock poisoned".into()))?;
+                    let mut view = belt.write_buffer(enc, buf, (a * rb) as u64, size);
+                    pages.for_range(a, b, |p, bytes| {
+                        let at = (p - a) * rb;
+                        view.slice(at..at + bytes.len()).copy_from_slice(bytes);
+                    });
+                    drop(view);
+                    count.up += size.get();
+                    count.pack_ms += t0.elapsed().as_secs_f64() * 1e3;
+                    i += 1;
+                }
+                Cmd::Down { c, p, t, off } => {
+                    let rb = host.caches[c].row_bytes() as u64;
+                    let buf = &state.bufs[state.home[c]];
+                    let n = rb * t as u64;
+                    if (p as u64 * rb) % 4 != 0
+                        || n % 4 != 0
+                        || p as u64 * rb + n > buf.size()
+                        || off + n > state.rows.size()
+                    {
+                        return Err(Error::Gpu(format!(
+                            "cache rows {p}..{} ({rb} bytes a row) do not fit the read-back buffer",
+                            p + t
+                        )));
+                    }
+                    enc.copy_buffer_to_buffer(buf, p as u64 * rb, &state.rows, off, n);
+                    state
+                        .downs
+                        .lock()
+                        .map_err(|_| Error::Gpu("cache lock poisoned".into()))?
+                        .push((c, p, t, off));
+                    i += 1;
+                }
+            }
+        }
         Ok(())
     }
 
-    /// Submits the pending dispatches (one compute pass), copies `fetch` to staging buffers, waits and
-    /// returns them as tensors (and the number of dispatches submitted).
+    /// Submits `enc` (after closing the state's upload belt) and recycles the belt.
+    fn submit(&self, state: &GpuState, enc: wgpu::CommandEncoder) -> Result<()> {
+        let mut belt = state
+            .belt
+            .lock()
+            .map_err(|_| Error::Gpu("staging lock poisoned".into()))?;
+        belt.finish();
+        let t0 = std::time::Instant::now();
+        self.ctx.queue.submit([enc.finish()]);
+        if let Ok(mut st) = self.submit_ms.lock() {
+            *st += t0.elapsed().as_secs_f64() * 1e3;
+        }
+        belt.recall();
+        Ok(())
+    }
+
+    /// Submits the pending commands, copies `fetch` to staging buffers, waits and returns them as
+    /// tensors, with the first `rows` bytes of the state's rows buffer.
+    #[allow(clippy::too_many_arguments)]
     fn flush(
         &self,
         state: &GpuState,
-        pending: &mut Vec<(usize, usize, (u32, u32, u32))>,
+        host: &crate::kv::PagedCache,
+        pending: &mut Vec<Cmd>,
         params: &[u8],
         fetch: &[ValId],
         meta: &[Option<Meta>],
-    ) -> Result<(Vec<Tensor>, usize, f64)> {
-        let n = pending.len();
+        count: &mut Counts,
+        rows: u64,
+    ) -> Result<(Vec<Tensor>, Vec<u8>)> {
         if !params.is_empty() {
             self.ctx.queue.write_buffer(&self.params, 0, params);
         }
         if let Some(prof) = &self.profile {
-            // Profiling: every dispatch alone, timed from submit to completion.
-            for (si, j, (x, y, z)) in pending.drain(..) {
-                let g = match &self.groups[si][j] {
-                    Some(g) => g,
-                    None => state
-                        .groups
-                        .get(&(si, j))
-                        .ok_or_else(|| Error::Gpu("state has no bind group".into()))?,
-                };
+            // Profiling: every command alone, timed from submit to completion.
+            for cmd in pending.drain(..) {
                 let mut enc = self.ctx.device.create_command_encoder(&Default::default());
-                {
-                    let mut pass = enc.begin_compute_pass(&Default::default());
-                    pass.set_pipeline(&self.kernels[si][j].pipeline);
-                    pass.set_bind_group(0, g, &[]);
-                    pass.dispatch_workgroups(x, y, z);
-                }
+                self.record(&mut enc, state, host, &[cmd], count)?;
                 let t0 = std::time::Instant::now();
-                self.ctx.queue.submit([enc.finish()]);
+                self.submit(state, enc)?;
                 self.ctx
                     .device
                     .poll(wgpu::PollType::Wait {
@@ -1558,10 +1953,13 @@ impl GpuPlan {
                     })
                     .map_err(|e| Error::Gpu(format!("waiting for the GPU: {e}")))?;
                 let dt = t0.elapsed().as_secs_f64();
+                let name = match cmd {
+                    Cmd::Disp(si, j, _) => self.kernels[si][j].name.clone(),
+                    Cmd::Up { .. } => "[kv upload]".to_string(),
+                    Cmd::Down { .. } => "[kv rows back]".to_string(),
+                };
                 let mut p = prof.lock().unwrap_or_else(|e| e.into_inner());
-                let e = p
-                    .entry(self.kernels[si][j].name.clone())
-                    .or_insert((0, 0.0));
+                let e = p.entry(name).or_insert((0, 0.0));
                 e.0 += 1;
                 e.1 += dt;
             }
@@ -1572,23 +1970,8 @@ impl GpuPlan {
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("step"),
             });
-        {
-            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("step"),
-                timestamp_writes: None,
-            });
-            for (si, j, (x, y, z)) in pending.drain(..) {
-                let g = match &self.groups[si][j] {
-                    Some(g) => g,
-                    None => state.groups.get(&(si, j)).ok_or_else(|| {
-                        Error::Gpu("state has no bind group for an attention step".into())
-                    })?,
-                };
-                pass.set_pipeline(&self.kernels[si][j].pipeline);
-                pass.set_bind_group(0, g, &[]);
-                pass.dispatch_workgroups(x, y, z);
-            }
-        }
+        let cmds = std::mem::take(pending);
+        self.record(&mut enc, state, host, &cmds, count)?;
         let mut reads = Vec::new();
         for &v in fetch {
             let m = meta[v]
@@ -1617,21 +2000,79 @@ impl GpuPlan {
             reads.push((st, m.numel() * m.dtype.size(), m.clone()));
         }
         let t_wait = std::time::Instant::now();
-        let cmd = enc.finish();
-        self.ctx.queue.submit([cmd]);
-        if let Ok(mut st) = self.submit_ms.lock() {
-            *st += t_wait.elapsed().as_secs_f64() * 1e3;
+        self.submit(state, enc)?;
+        let mut maps: Vec<(&wgpu::Buffer, usize)> =
+            reads.iter().map(|(b, n, _)| (&**b, *n)).collect();
+        if rows > 0 {
+            maps.push((&state.rows, rows as usize));
         }
-        let raw = self
-            .ctx
-            .read_back(&reads.iter().map(|(b, n, _)| (&**b, *n)).collect::<Vec<_>>())?;
+        let mut raw = self.ctx.read_back(&maps)?;
+        let rows = if rows > 0 {
+            raw.pop().unwrap_or_default()
+        } else {
+            Vec::new()
+        };
         let mut out = Vec::new();
         for (bytes, (_, _, m)) in raw.into_iter().zip(reads) {
             let mut t = Tensor::zeros(m.dtype, &m.shape);
             t.bytes_mut().copy_from_slice(&bytes);
             out.push(t);
         }
-        Ok((out, n, t_wait.elapsed().as_secs_f64() * 1e3))
+        count.wait += t_wait.elapsed().as_secs_f64() * 1e3;
+        Ok((out, rows))
+    }
+}
+
+/// Per-step bookkeeping of the KV cache traffic (see [`GpuState`]).
+struct Kv {
+    /// Working copy of [`GpuState::held`].
+    held: Vec<(Option<usize>, usize)>,
+    /// Per ring index: dispatches recorded when its upload was issued (None: nothing uploaded).
+    up_at: Vec<Option<usize>>,
+    stalls: u64,
+    up: u64,
+    down: u64,
+    /// Bytes of new rows copied so far (the next offset in the rows buffer).
+    off: u64,
+    /// Dispatches recorded so far.
+    ndisp: usize,
+}
+
+impl Kv {
+    /// Issues the upload of streamed layer `i`'s missing rows (`< position`) into its slot.
+    fn prefetch(
+        &mut self,
+        state: &GpuState,
+        host: &crate::kv::PagedCache,
+        i: usize,
+        position: usize,
+        pending: &mut Vec<Cmd>,
+    ) -> Result<()> {
+        let pair = state
+            .streams
+            .get(i)
+            .ok_or_else(|| Error::Gpu(format!("no streamed layer {i}")))?;
+        for &c in pair {
+            let b = state.home[c];
+            let (who, v) = self.held[b];
+            let a = if who == Some(c) { v.min(position) } else { 0 };
+            if a < position {
+                pending.push(Cmd::Up { c, a, b: position });
+                self.up += ((position - a) * host.caches[c].row_bytes()) as u64;
+                self.up_at[i] = Some(self.ndisp);
+            }
+            self.held[b] = (Some(c), position);
+        }
+        Ok(())
+    }
+
+    /// Counts a stall when the layer's upload was issued with no compute between it and this attention.
+    fn before_attention(&mut self, state: &GpuState, past: [usize; 2]) {
+        if let Some(i) = state.ring[past[0]] {
+            if self.up_at.get(i).copied().flatten() == Some(self.ndisp) {
+                self.stalls += 1;
+            }
+        }
     }
 }
 
