@@ -115,7 +115,8 @@ impl CachePages {
             heads,
             slots,
             dim,
-            page_rows: page_rows.max(1),
+            // A page never needs more rows than the cache has.
+            page_rows: page_rows.clamp(1, slots.max(1)),
             pages: Vec::new(),
         }
     }

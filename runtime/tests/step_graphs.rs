@@ -5,6 +5,7 @@
 
 use std::path::PathBuf;
 
+use onestep::kv::KvOptions;
 use onestep::{LoadOptions, Model, StepSampling};
 use serde_json::Value;
 
@@ -13,7 +14,29 @@ fn fixtures() -> PathBuf {
 }
 
 fn check(name: &str) {
-    check_on(name, &LoadOptions::cpu());
+    let base = check_on(name, &LoadOptions::cpu());
+    // Other host page sizes: the same schedule, within the same tolerance of onnxruntime and of the
+    // default pages (the online softmax visits keys a page at a time: another summation order).
+    for page_rows in [1, 5] {
+        let opts = LoadOptions {
+            kv: KvOptions {
+                page_rows,
+                ..Default::default()
+            },
+            ..LoadOptions::cpu()
+        };
+        let other = check_on(name, &opts);
+        for (i, (a, b)) in base.iter().zip(&other).enumerate() {
+            let d = a
+                .iter()
+                .zip(b)
+                .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(
+                d < 1e-4,
+                "{name} step {i}: pages of {page_rows} rows differ by {d}"
+            );
+        }
+    }
     gpu::check(name);
 }
 
@@ -22,6 +45,7 @@ fn check(name: &str) {
 #[cfg(feature = "gpu")]
 mod gpu {
     use onestep::backend::gpu::{BackendFilter, DeviceRequest, GpuContext};
+    use onestep::kv::{GpuCacheBudget, KvOptions};
     use onestep::LoadOptions;
 
     pub fn check(name: &str) {
@@ -38,7 +62,19 @@ mod gpu {
             backend: BackendFilter::Any,
             ..LoadOptions::default()
         };
-        super::check_on(name, &opts);
+        let all = super::check_on(name, &opts);
+        // Every KV budget runs the same kernels on the same data: logits bit-identical to all-resident.
+        for budget in [GpuCacheBudget::Percent(50), GpuCacheBudget::Bytes(1)] {
+            let o = LoadOptions {
+                kv: KvOptions {
+                    gpu_budget: budget,
+                    page_rows: 3,
+                },
+                ..opts
+            };
+            let got = super::check_on(name, &o);
+            assert_eq!(got, all, "{name}: budget {budget:?} changed the logits");
+        }
     }
 }
 
@@ -47,7 +83,9 @@ mod gpu {
     pub fn check(_: &str) {}
 }
 
-fn check_on(name: &str, opts: &LoadOptions) {
+/// Runs the fixture's schedule under `opts`, checking every step against onnxruntime; returns the
+/// logits of every step.
+fn check_on(name: &str, opts: &LoadOptions) -> Vec<Vec<f32>> {
     let dir = fixtures();
     let json: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{name}.json"))).unwrap())
@@ -56,7 +94,8 @@ fn check_on(name: &str, opts: &LoadOptions) {
     println!("{name}: device {}", model.device());
     let stats = model.plan_stats();
     assert_eq!(
-        stats.cache_attention, 2,
+        stats.cache_attention,
+        model.info().num_layers,
         "{name}: attention must read the cache in place: {stats:?}"
     );
     assert!(
@@ -66,6 +105,8 @@ fn check_on(name: &str, opts: &LoadOptions) {
     println!("{name}: plan {stats:?}");
     let mut state = model.new_state().unwrap();
     let mut worst = 0.0f32;
+    let mut all = Vec::new();
+    let mut context = 0;
     for (i, step) in json["steps"].as_array().unwrap().iter().enumerate() {
         let ids: Vec<u32> = step["ids"]
             .as_array()
@@ -80,6 +121,30 @@ fn check_on(name: &str, opts: &LoadOptions) {
             random_u: step["random_u"].as_f64().unwrap() as f32,
         };
         let out = model.step(&mut state, &ids, &sampling).unwrap();
+        let kv = model.kv_stats(&state);
+        // Only the new rows come back; streamed layers upload exactly the used prefix they lack.
+        let row = 2
+            * 2
+            * 16
+            * model.info().num_layers as u64
+            * if name.contains("f32kv") { 4 } else { 2 };
+        if model.device() != "cpu" {
+            assert_eq!(
+                kv.step_bytes_down,
+                row * ids.len() as u64,
+                "{name} step {i}: {kv:?}"
+            );
+            if kv.layers_streamed > kv.slots {
+                assert_eq!(
+                    kv.step_bytes_up,
+                    row / model.info().num_layers as u64 * (kv.layers_streamed * context) as u64,
+                    "{name} step {i}: {kv:?}"
+                );
+            } else {
+                assert_eq!(kv.step_bytes_up, 0, "{name} step {i}: {kv:?}");
+            }
+        }
+        context += ids.len();
         let want: Vec<f32> = step["logits"]
             .as_array()
             .unwrap()
@@ -107,8 +172,13 @@ fn check_on(name: &str, opts: &LoadOptions) {
             step["next_token"].as_u64().unwrap(),
             "{name} step {i}: token differs from onnxruntime"
         );
+        all.push(out.logits);
     }
-    println!("{name}: all steps match onnxruntime; worst relative logits diff {worst:.2e}");
+    println!(
+        "{name}: all steps match onnxruntime; worst relative logits diff {worst:.2e}; kv {:?}",
+        model.kv_stats(&state)
+    );
+    all
 }
 
 #[test]
@@ -134,4 +204,9 @@ fn int4_block_weights_with_bias_interleaved_rope() {
 #[test]
 fn q8_block_tied_embedding_and_output() {
     check("step_q8_tied_f16kv");
+}
+
+#[test]
+fn int4_six_layers_through_the_kv_ring() {
+    check("step_int4_6layers_f16kv");
 }

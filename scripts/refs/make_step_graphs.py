@@ -54,9 +54,9 @@ def quant_block(w, bits, rng):
 f32 = np.float32
 
 
-def build(name, form, kv, tied, bias, interleaved, seed):
+def build(name, form, kv, tied, bias, interleaved, seed, layers=2):
     rng = np.random.default_rng(seed)
-    H, L, NH, KVH, D, F, V, S = 64, 2, 4, 2, 16, 96, 80, 24
+    H, L, NH, KVH, D, F, V, S = 64, layers, 4, 2, 16, 96, 80, 24
     g = B()
 
     def linear(x, w, nm, b=None):
@@ -242,9 +242,11 @@ if __name__ == "__main__":
         ("step_int8_untied_f16kv", "int8", "f16", False, False, 1),
         ("step_int4_untied_f32kv_bias", "int4", "f32", False, True, 1),
         ("step_q8_tied_f16kv", "q8", "f16", True, False, 1),
+        # Six layers: enough for the runtime's KV ring (two GPU slots) to cycle within a step.
+        ("step_int4_6layers_f16kv", "int4", "f16", False, False, 0, 6),
     ]
-    for i, (name, form, kv, tied, bias, il) in enumerate(variants):
-        model, cfg = build(name, form, kv, tied, bias, il, seed=100 + i)
+    for i, (name, form, kv, tied, bias, il, *layers) in enumerate(variants):
+        model, cfg = build(name, form, kv, tied, bias, il, seed=100 + i, layers=(layers or [2])[0])
         steps = run_schedule(model, cfg, seed=200 + i)
         onnx.save(model, os.path.join(OUT, name + ".onnx"))
         with open(os.path.join(OUT, name + ".json"), "w") as f:

@@ -425,6 +425,19 @@ fn table(rows: &[(&str, Vec<f64>)]) -> String {
     s
 }
 
+/// The KV cache counters as JSON (`onestep bench` and `onestep score` print them).
+fn kv_json(k: &onestep::kv::KvStats, common: &Common) -> serde_json::Value {
+    serde_json::json!({
+        "layers_resident": k.layers_resident, "layers_streamed": k.layers_streamed, "slots": k.slots,
+        "gpu_bytes": k.gpu_bytes, "host_bytes": k.host_bytes, "page_rows": common.kv_page_rows,
+        "budget": common.gpu_cache_budget,
+        "last_step_bytes_up": k.step_bytes_up, "last_step_bytes_down": k.step_bytes_down,
+        "last_step_stalls": k.step_stalls, "last_step_pack_ms": k.step_pack_ms,
+        "session_steps": k.steps, "session_bytes_up": k.bytes_up, "session_bytes_down": k.bytes_down,
+        "session_stalls": k.stalls,
+    })
+}
+
 fn cmd_bench(
     model: &Path,
     prompt_tokens: usize,
@@ -485,17 +498,8 @@ fn cmd_bench(
         }),
         _ => serde_json::Value::Null,
     };
-    let k = session.kv_stats();
-    let kv_json = serde_json::json!({
-        "layers_resident": k.layers_resident, "layers_streamed": k.layers_streamed, "slots": k.slots,
-        "gpu_bytes": k.gpu_bytes, "host_bytes": k.host_bytes, "page_rows": common.kv_page_rows,
-        "budget": common.gpu_cache_budget,
-        "last_step_bytes_up": k.step_bytes_up, "last_step_bytes_down": k.step_bytes_down,
-        "last_step_stalls": k.step_stalls, "last_step_pack_ms": k.step_pack_ms,
-        "last_step_context": session.cached_tokens().saturating_sub(1),
-        "session_steps": k.steps, "session_bytes_up": k.bytes_up, "session_bytes_down": k.bytes_down,
-        "session_stalls": k.stalls,
-    });
+    let mut kv_json = kv_json(&session.kv_stats(), common);
+    kv_json["last_step_context"] = session.cached_tokens().saturating_sub(1).into();
     if json {
         let obj = serde_json::json!({
             "device": model_arc.device(),
@@ -616,8 +620,10 @@ fn cmd_score(model: &Path, jobs: &Path, top: usize, common: &Common) -> Result<(
             }
             out = model.step(&mut state, &[tok], &greedy)?;
         }
-        results
-            .push(serde_json::json!({"rows": rows, "generated": generated, "gen_rows": gen_rows}));
+        let kv = kv_json(&model.kv_stats(&state), common);
+        results.push(serde_json::json!({
+            "rows": rows, "generated": generated, "gen_rows": gen_rows, "kv": kv,
+        }));
     }
     println!("{}", serde_json::Value::Array(results));
     Ok(())

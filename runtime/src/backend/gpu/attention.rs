@@ -13,12 +13,13 @@ pub const SOURCE: &str = concat!(include_str!("f16.wgsl"), include_str!("attenti
 /// Largest head size the kernel takes (its per-thread accumulators cover 4 × 64 dims).
 pub const MAX_HEAD_DIM: usize = 256;
 
-/// The kernel for an f16 (`f16_cache`) or f32 cache: bindings Q, NK, NV, MASK, CK, CV, O.
-pub fn kernel(ctx: &GpuContext, f16_cache: bool) -> Result<Arc<Kernel>> {
+/// The kernel for an f16 (`f16_cache`) or f32 cache: bindings Q, NK, NV, MASK, CK, CV, O. `rows`: the
+/// one-(head, token)-an-invocation variant (`attention_rows`, see [`super::rows_variant`]).
+pub fn kernel(ctx: &GpuContext, f16_cache: bool, rows: bool) -> Result<Arc<Kernel>> {
     ctx.pipeline(
         "attention",
         SOURCE,
-        "attention",
+        if rows { "attention_rows" } else { "attention" },
         &[
             Bind::Read,
             Bind::Read,
@@ -30,6 +31,19 @@ pub fn kernel(ctx: &GpuContext, f16_cache: bool) -> Result<Arc<Kernel>> {
         ],
         &[("F16C", if f16_cache { 1.0 } else { 0.0 })],
     )
+}
+
+/// Whether the one-(head, token)-an-invocation variant may run `keys` keys of `head_dim`: it needs
+/// `head_dim % 4 == 0` and stays within llvmpipe's 65535 loop iterations an invocation (the variant is
+/// for CPU adapters; the barrier variant has no such bound).
+pub fn rows_ok(head_dim: usize, keys: usize) -> bool {
+    head_dim % 4 == 0 && head_dim <= MAX_HEAD_DIM && (3 * head_dim / 4 + 2) * keys < 65_000
+}
+
+/// Workgroups for `items` (head, token) pairs.
+pub fn groups(ctx: &GpuContext, items: usize, rows: bool) -> (u32, u32, u32) {
+    let (x, y) = super::grid(items, if rows { 64 } else { 1 }, ctx.max_groups);
+    (x, y, 1)
 }
 
 /// What one attention dispatch computes.
@@ -80,8 +94,8 @@ impl AttnParams {
 
 #[cfg(test)]
 mod tests {
+    use super::super::exec::run_kernel_multi;
     use super::super::testutil::{ctx, max_rel, noise};
-    use super::super::{exec::run_kernel_multi, grid};
     use super::*;
     use crate::backend::cpu::attention::{reference_cached, AttnShape};
     use half::f16;
@@ -94,7 +108,12 @@ mod tests {
             (4, 4, 5, 32, 40, 0, false),
             (6, 2, 3, 128, 300, 250, true),
             (2, 1, 8, 16, 16, 8, false),
+            (4, 4, 1, 128, 16, 8, false),
+            (2, 1, 2, 96, 20, 5, true),
+            (6, 2, 3, 64, 300, 250, true),
+            (6, 2, 3, 128, 30, 25, true),
             (8, 2, 1, 64, 1100, 1099, true),
+            (4, 1, 2, 128, 600, 590, false),
         ] {
             let q = noise(h * t * d, 1);
             let nk = noise(kvh * t * d, 2);
@@ -162,41 +181,50 @@ mod tests {
                 }
                 o
             };
-            let k = kernel(&ctx, f16c).unwrap();
-            let outs = run_kernel_multi(
-                &ctx,
-                &k,
-                &ap.params(),
-                &[
-                    bytemuck::cast_slice(&q),
-                    bytemuck::cast_slice(&nk),
-                    bytemuck::cast_slice(&nv),
-                    bytemuck::cast_slice(&mask),
-                    &enc(&tm(&ck)),
-                    &enc(&tm(&cv)),
-                ],
-                &[h * t * d * 4],
-                grid(h * t, 1, ctx.max_groups),
-            )
-            .unwrap();
-            let got: &[f32] = bytemuck::cast_slice(&outs[0]);
-            let e = max_rel(got, &want);
-            assert!(e < 2e-5, "{h} {kvh} {t} {d} {s} {p}: {e}");
-            // The cache buffers (inputs 4, 5) now hold the rows at p..p+t.
-            let caches = &outs[1..];
-            for (c, (new, old)) in caches.iter().zip([(&nk, &ck), (&nv, &cv)]) {
-                let mut expect = old.clone();
-                for g in 0..kvh {
-                    for tt in 0..t {
-                        expect[(g * s + p + tt) * d..][..d]
-                            .copy_from_slice(&new[(g * t + tt) * d..][..d]);
-                    }
-                }
-                assert_eq!(
-                    c,
-                    &enc(&tm(&expect)),
-                    "cache rows {h} {kvh} {t} {d} {s} {p}"
+            for rows in [false, true] {
+                assert!(
+                    !rows || rows_ok(d, s + t),
+                    "{d} {s}: pick cases the rows variant takes"
                 );
+                let k = kernel(&ctx, f16c, rows).unwrap();
+                let outs = run_kernel_multi(
+                    &ctx,
+                    &k,
+                    &ap.params(),
+                    &[
+                        bytemuck::cast_slice(&q),
+                        bytemuck::cast_slice(&nk),
+                        bytemuck::cast_slice(&nv),
+                        bytemuck::cast_slice(&mask),
+                        &enc(&tm(&ck)),
+                        &enc(&tm(&cv)),
+                    ],
+                    &[h * t * d * 4],
+                    {
+                        let (x, y, _) = groups(&ctx, h * t, rows);
+                        (x, y)
+                    },
+                )
+                .unwrap();
+                let got: &[f32] = bytemuck::cast_slice(&outs[0]);
+                let e = max_rel(got, &want);
+                assert!(e < 2e-5, "{h} {kvh} {t} {d} {s} {p} rows {rows}: {e}");
+                // The cache buffers (inputs 4, 5) now hold the rows at p..p+t.
+                let caches = &outs[1..];
+                for (c, (new, old)) in caches.iter().zip([(&nk, &ck), (&nv, &cv)]) {
+                    let mut expect = old.clone();
+                    for g in 0..kvh {
+                        for tt in 0..t {
+                            expect[(g * s + p + tt) * d..][..d]
+                                .copy_from_slice(&new[(g * t + tt) * d..][..d]);
+                        }
+                    }
+                    assert_eq!(
+                        c,
+                        &enc(&tm(&expect)),
+                        "cache rows {h} {kvh} {t} {d} {s} {p} rows {rows}"
+                    );
+                }
             }
         }
     }

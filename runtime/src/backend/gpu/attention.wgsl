@@ -150,3 +150,106 @@ fn attention(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
         }
     }
 }
+
+// The same attention with one (head, token) an invocation and 64 a workgroup: the query and the output
+// accumulator in private memory (vec4s: D % 4 == 0), one online-softmax pass over the keys, no shared
+// memory and no barrier. For adapters that run invocations as CPU SIMD lanes (lavapipe), where barriers
+// are expensive. llvmpipe stops any invocation's loops after 65535 iterations in all: the host picks this
+// variant only when (3 D/4 + 2) x (S + T) stays below that (see `attention::rows_ok`).
+fn cache4(is_k: bool, e: u32) -> vec4<f32> {
+    if (F16C) {
+        var w0: u32;
+        var w1: u32;
+        if (is_k) { w0 = CK[e / 2u]; w1 = CK[e / 2u + 1u]; } else { w0 = CV[e / 2u]; w1 = CV[e / 2u + 1u]; }
+        return vec4<f32>(f16_at(w0, false), f16_at(w0, true), f16_at(w1, false), f16_at(w1, true));
+    }
+    if (is_k) { return bitcast<vec4<f32>>(vec4<u32>(CK[e], CK[e + 1u], CK[e + 2u], CK[e + 3u])); }
+    return bitcast<vec4<f32>>(vec4<u32>(CV[e], CV[e + 1u], CV[e + 2u], CV[e + 3u]));
+}
+
+@compute @workgroup_size(64)
+fn attention_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                  @builtin(local_invocation_index) lid: u32) {
+    let h_n = pu(0u);
+    let t_n = pu(2u);
+    let d = pu(3u);
+    let d4 = d / 4u;
+    let item = (wid.x + wid.y * nwg.x) * 64u + lid;
+    if (item >= h_n * t_n) { return; }
+    let h = item / t_n;
+    let t = item % t_n;
+    let group = h_n / pu(1u);
+    let g = h / group;
+    let npast = pu(5u);
+    let nkeys = npast + t_n;
+    var q: array<vec4<f32>, 64>;
+    var acc: array<vec4<f32>, 64>;
+    let qb = (h * t_n + t) * d;
+    for (var i = 0u; i < d4; i = i + 1u) {
+        q[i] = vec4<f32>(Q[qb + 4u * i], Q[qb + 4u * i + 1u], Q[qb + 4u * i + 2u], Q[qb + 4u * i + 3u]);
+        acc[i] = vec4<f32>(0.0);
+    }
+    var m = NEG_INF;
+    var l = 0.0;
+    for (var j = 0u; j < nkeys; j = j + 1u) {
+        var s = 0.0;
+        var col: u32;
+        let past = j < npast;
+        var base: u32;
+        if (past) {
+            base = (j * pu(1u) + g) * d;
+            for (var i = 0u; i < d4; i = i + 1u) { s = s + dot(q[i], cache4(true, base + 4u * i)); }
+            col = j;
+        } else {
+            base = (g * t_n + (j - npast)) * d;
+            for (var i = 0u; i < d4; i = i + 1u) {
+                let e = base + 4u * i;
+                s = s + dot(q[i], vec4<f32>(NK[e], NK[e + 1u], NK[e + 2u], NK[e + 3u]));
+            }
+            col = pu(4u) + (j - npast);
+        }
+        s = s * pf(7u);
+        if (pu(10u) == 1u) { s = s + MASK[t * pu(11u) + col]; }
+        if (s <= NEG_INF) { continue; }
+        if (s > m) {
+            let c = exp(m - s);
+            l = l * c;
+            for (var i = 0u; i < d4; i = i + 1u) { acc[i] = acc[i] * c; }
+            m = s;
+        }
+        let p = exp(s - m);
+        l = l + p;
+        if (past) {
+            for (var i = 0u; i < d4; i = i + 1u) { acc[i] = acc[i] + p * cache4(false, base + 4u * i); }
+        } else {
+            for (var i = 0u; i < d4; i = i + 1u) {
+                let e = base + 4u * i;
+                acc[i] = acc[i] + p * vec4<f32>(NV[e], NV[e + 1u], NV[e + 2u], NV[e + 3u]);
+            }
+        }
+    }
+    var inv = 0.0;
+    if (l > 0.0) { inv = 1.0 / l; }
+    for (var i = 0u; i < d4; i = i + 1u) {
+        let v = acc[i] * inv;
+        for (var c = 0u; c < 4u; c = c + 1u) {
+            let k = 4u * i + c;
+            if (pu(8u) == 1u) { O[(t * h_n + h) * d + k] = v[c]; } else { O[(h * t_n + t) * d + k] = v[c]; }
+        }
+    }
+    if (pu(9u) == 1u && h % group == 0u) {
+        let dst = ((pu(6u) + t) * pu(1u) + g) * d;
+        let src = (g * t_n + t) * d;
+        if (F16C) {
+            for (var i = 0u; i < d / 2u; i = i + 1u) {
+                CK[dst / 2u + i] = pack_f16(NK[src + 2u * i], NK[src + 2u * i + 1u]);
+                CV[dst / 2u + i] = pack_f16(NV[src + 2u * i], NV[src + 2u * i + 1u]);
+            }
+        } else {
+            for (var i = 0u; i < d; i = i + 1u) {
+                CK[dst + i] = bitcast<u32>(NK[src + i]);
+                CV[dst + i] = bitcast<u32>(NV[src + i]);
+            }
+        }
+    }
+}

@@ -984,7 +984,8 @@ impl GpuPlan {
                     write_cache: true,
                     mask_stride: Some(slots + t),
                 };
-                let (x, y) = grid(h * t, 1, ctx.max_groups);
+                // Keys never exceed the slots (position + chunk ≤ S): one kernel serves every step.
+                let rows = super::rows_variant(ctx) && attention::rows_ok(d, slots);
                 let oshape = if *tokens_first {
                     vec![1, t, h, d]
                 } else {
@@ -1002,7 +1003,7 @@ impl GpuPlan {
                     )],
                     reads: vec![*q, new[0], new[1], *mv],
                     disp: vec![Disp {
-                        kernel: k(&|| attention::kernel(ctx, ck.dtype == DType::F16))?,
+                        kernel: k(&|| attention::kernel(ctx, ck.dtype == DType::F16, rows))?,
                         binds: vec![
                             BufRef::Val(*q),
                             BufRef::Val(new[0]),
@@ -1013,7 +1014,7 @@ impl GpuPlan {
                             BufRef::Val(*out),
                         ],
                         params: ap.params(),
-                        groups: (x, y, 1),
+                        groups: attention::groups(ctx, h * t, rows),
                     }],
                 }))
             }

@@ -207,7 +207,12 @@ impl GpuLinear {
             None => (dummy()?, false),
         };
         // `rows = 0`: one row an invocation (`linear_rows`), for adapters that are CPUs.
-        let rows = if rows_per_thread { 0 } else { rows_for(k) };
+        // llvmpipe bounds an invocation's loop iterations (65535): a very wide row takes the lanes variant.
+        let rows = if rows_per_thread && k < 60_000 {
+            0
+        } else {
+            rows_for(k)
+        };
         let kernel = kernel(ctx, code, rows)?;
         Ok(GpuLinear {
             rows,
@@ -242,14 +247,9 @@ impl GpuLinear {
     }
 }
 
-/// Whether linears run one row an invocation (`linear_rows`): on adapters that are CPUs (lavapipe,
-/// SwiftShader), where workgroup barriers are expensive. `ONESTEP_GPU_GEMV=rows|lanes` forces a variant.
+/// Whether linears run one row an invocation (`linear_rows`); see [`super::rows_variant`].
 pub fn per_thread(ctx: &GpuContext) -> bool {
-    match std::env::var("ONESTEP_GPU_GEMV").as_deref() {
-        Ok("rows") => true,
-        Ok("lanes") => false,
-        _ => ctx.info().device_type == "Cpu",
-    }
+    super::rows_variant(ctx)
 }
 
 /// The kernel for encoding `code` (see `linear.wgsl`) computing `rows` rows a workgroup (`0`: the

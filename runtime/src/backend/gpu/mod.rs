@@ -137,3 +137,14 @@ pub(crate) mod testutil {
             .fold(0.0, f32::max)
     }
 }
+
+/// Whether kernels with a one-item-an-invocation variant (`linear_rows`, `attention_rows`) use it: on
+/// adapters that are CPUs (lavapipe, SwiftShader), which run invocations as SIMD lanes and pay dearly for
+/// workgroup barriers. `ONESTEP_GPU_VARIANT=rows|lanes` forces a variant (tests run both).
+pub fn rows_variant(ctx: &context::GpuContext) -> bool {
+    match std::env::var("ONESTEP_GPU_VARIANT").as_deref() {
+        Ok("rows") => true,
+        Ok("lanes") => false,
+        _ => ctx.info().device_type == "Cpu",
+    }
+}
