@@ -27,6 +27,11 @@ pub struct KvOptions {
     /// GPU memory for KV caches (GPU backend only): how many layers stay resident; the others stream
     /// through a ring of two slots.
     pub gpu_budget: GpuCacheBudget,
+    /// Largest single GPU buffer for one layer's K or V (GPU backend; default and maximum: the adapter's
+    /// storage-binding limit). A longer cache is split into segments of whole rows, each attended by its
+    /// own dispatch and combined, so a context longer than any one allocation the adapter allows runs.
+    /// Fixed when the model is loaded ([`crate::LoadOptions::kv`]).
+    pub gpu_segment_bytes: Option<u64>,
 }
 
 impl Default for KvOptions {
@@ -34,6 +39,7 @@ impl Default for KvOptions {
         KvOptions {
             page_rows: DEFAULT_PAGE_ROWS,
             gpu_budget: GpuCacheBudget::All,
+            gpu_segment_bytes: None,
         }
     }
 }

@@ -931,6 +931,7 @@ fn bind_gpu(
         plan,
         &mut |s, env| exec_step(plan, s, env, None, &mut prefixes),
         &inputs,
+        opts.kv.gpu_segment_bytes,
     );
     match r {
         Ok(g) => Ok((Some(g), None)),

@@ -69,12 +69,25 @@ mod gpu {
                 kv: KvOptions {
                     gpu_budget: budget,
                     page_rows: 3,
+                    gpu_segment_bytes: None,
                 },
                 ..opts
             };
             let got = super::check_on(name, &o);
             assert_eq!(got, all, "{name}: budget {budget:?} changed the logits");
         }
+        // Each layer's cache split over buffers of 5 rows (a context longer than one allocation), all
+        // layers streamed: still onnxruntime's logits and tokens (checked inside).
+        let row = 2 * 16 * if name.contains("f32kv") { 4 } else { 2 };
+        let o = LoadOptions {
+            kv: KvOptions {
+                gpu_budget: GpuCacheBudget::Bytes(1),
+                page_rows: 4,
+                gpu_segment_bytes: Some(5 * row),
+            },
+            ..opts
+        };
+        super::check_on(name, &o);
     }
 }
 

@@ -139,6 +139,10 @@ struct Common {
     /// Positions per host KV-cache page.
     #[arg(long, default_value_t = onestep::kv::DEFAULT_PAGE_ROWS)]
     kv_page_rows: usize,
+    /// Largest GPU buffer for one layer's K or V (bytes, `4M`); a longer cache is split into segments
+    /// (default: the adapter's binding limit).
+    #[arg(long)]
+    gpu_cache_segment: Option<String>,
 }
 
 impl Common {
@@ -165,6 +169,17 @@ impl Common {
         let kv = onestep::kv::KvOptions {
             page_rows: self.kv_page_rows,
             gpu_budget: self.gpu_cache_budget.parse()?,
+            gpu_segment_bytes: match &self.gpu_cache_segment {
+                Some(b) => match b.parse()? {
+                    onestep::kv::GpuCacheBudget::Bytes(n) => Some(n),
+                    _ => {
+                        return Err(Error::InvalidArgument(format!(
+                            "--gpu-cache-segment `{b}`: expected bytes (`4M`)"
+                        )))
+                    }
+                },
+                None => None,
+            },
         };
         #[cfg(feature = "gpu")]
         {

@@ -463,6 +463,82 @@ pub fn reference_cached<E: KvElement>(
     reference_masked(q, &kk, &vv, &mask, &s2, scale, out)
 }
 
+/// [`attention_cached`] over a past cache held in token-major pages (`crate::kv`): `k_pages`/`v_pages` are
+/// `[page_rows, KVH, D]` each, in position order, covering at least the first `position` slots. The new
+/// rows are head-major `[KVH, T, D]`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_paged<E: KvElement>(
+    q: &[f32],
+    k_pages: &[&[E]],
+    v_pages: &[&[E]],
+    page_rows: usize,
+    new_k: &[f32],
+    new_v: &[f32],
+    position: usize,
+    s: &AttnShape,
+    scale: Option<f32>,
+    out: &mut [f32],
+) -> KernelResult {
+    const K: &str = "attention_paged";
+    let group = s.check_heads(K)?;
+    let (d, t) = (s.head_dim, s.tokens);
+    check_len(K, "q", mul_dims(K, &[s.heads, t, d])?, q.len())?;
+    let page = mul_dims(K, &[page_rows, s.kv_heads, d])?;
+    if page_rows == 0 || k_pages.len() != v_pages.len() {
+        return Err(shape_err(K, "pages of K and V differ or are empty"));
+    }
+    for (kp, vp) in k_pages.iter().zip(v_pages) {
+        check_len(K, "key page", page, kp.len())?;
+        check_len(K, "value page", page, vp.len())?;
+    }
+    if position > k_pages.len() * page_rows || position > s.cache_len {
+        return Err(shape_err(
+            K,
+            format!(
+                "position {position} beyond the {} paged slots (cache length {})",
+                k_pages.len() * page_rows,
+                s.cache_len
+            ),
+        ));
+    }
+    let new = mul_dims(K, &[s.kv_heads, t, d])?;
+    check_len(K, "new_key", new, new_k.len())?;
+    check_len(K, "new_value", new, new_v.len())?;
+    check_len(K, "out", mul_dims(K, &[t, s.heads, d])?, out.len())?;
+    if d == 0 || t == 0 {
+        return Ok(());
+    }
+    let scale = scale.unwrap_or(1.0 / (d as f32).sqrt());
+    let p = position;
+    let stride = s.kv_heads * d;
+    for_rows(out, s, p + t, |tt, h, st, o| {
+        let kvh = h / group;
+        let qv = &q[s.q_off(h, tt)..s.q_off(h, tt) + d];
+        let mut r0 = 0;
+        for (kp, vp) in k_pages.iter().zip(v_pages) {
+            if r0 >= p {
+                break;
+            }
+            let n = page_rows.min(p - r0);
+            let at = kvh * d;
+            st.feed_strided(qv, &kp[at..], &vp[at..], n, stride, scale);
+            r0 += page_rows;
+        }
+        if s.kv_tokens_first {
+            for j in 0..=tt {
+                let o = s.new_kv_off(kvh, j);
+                st.feed(qv, &new_k[o..o + d], &new_v[o..o + d], scale, None);
+            }
+        } else {
+            let o = s.new_kv_off(kvh, 0);
+            let n = (tt + 1) * d;
+            st.feed(qv, &new_k[o..o + n], &new_v[o..o + n], scale, None);
+        }
+        st.finish(o);
+    });
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -681,80 +757,4 @@ mod tests {
         // Equal scores: mean of values (1, 1, 2) = 4/3.
         assert!(out.iter().all(|v| (v - 4.0 / 3.0).abs() < 1e-6), "{out:?}");
     }
-}
-
-/// [`attention_cached`] over a past cache held in token-major pages (`crate::kv`): `k_pages`/`v_pages` are
-/// `[page_rows, KVH, D]` each, in position order, covering at least the first `position` slots. The new
-/// rows are head-major `[KVH, T, D]`.
-#[allow(clippy::too_many_arguments)]
-pub fn attention_paged<E: KvElement>(
-    q: &[f32],
-    k_pages: &[&[E]],
-    v_pages: &[&[E]],
-    page_rows: usize,
-    new_k: &[f32],
-    new_v: &[f32],
-    position: usize,
-    s: &AttnShape,
-    scale: Option<f32>,
-    out: &mut [f32],
-) -> KernelResult {
-    const K: &str = "attention_paged";
-    let group = s.check_heads(K)?;
-    let (d, t) = (s.head_dim, s.tokens);
-    check_len(K, "q", mul_dims(K, &[s.heads, t, d])?, q.len())?;
-    let page = mul_dims(K, &[page_rows, s.kv_heads, d])?;
-    if page_rows == 0 || k_pages.len() != v_pages.len() {
-        return Err(shape_err(K, "pages of K and V differ or are empty"));
-    }
-    for (kp, vp) in k_pages.iter().zip(v_pages) {
-        check_len(K, "key page", page, kp.len())?;
-        check_len(K, "value page", page, vp.len())?;
-    }
-    if position > k_pages.len() * page_rows || position > s.cache_len {
-        return Err(shape_err(
-            K,
-            format!(
-                "position {position} beyond the {} paged slots (cache length {})",
-                k_pages.len() * page_rows,
-                s.cache_len
-            ),
-        ));
-    }
-    let new = mul_dims(K, &[s.kv_heads, t, d])?;
-    check_len(K, "new_key", new, new_k.len())?;
-    check_len(K, "new_value", new, new_v.len())?;
-    check_len(K, "out", mul_dims(K, &[t, s.heads, d])?, out.len())?;
-    if d == 0 || t == 0 {
-        return Ok(());
-    }
-    let scale = scale.unwrap_or(1.0 / (d as f32).sqrt());
-    let p = position;
-    let stride = s.kv_heads * d;
-    for_rows(out, s, p + t, |tt, h, st, o| {
-        let kvh = h / group;
-        let qv = &q[s.q_off(h, tt)..s.q_off(h, tt) + d];
-        let mut r0 = 0;
-        for (kp, vp) in k_pages.iter().zip(v_pages) {
-            if r0 >= p {
-                break;
-            }
-            let n = page_rows.min(p - r0);
-            let at = kvh * d;
-            st.feed_strided(qv, &kp[at..], &vp[at..], n, stride, scale);
-            r0 += page_rows;
-        }
-        if s.kv_tokens_first {
-            for j in 0..=tt {
-                let o = s.new_kv_off(kvh, j);
-                st.feed(qv, &new_k[o..o + d], &new_v[o..o + d], scale, None);
-            }
-        } else {
-            let o = s.new_kv_off(kvh, 0);
-            let n = (tt + 1) * d;
-            st.feed(qv, &new_k[o..o + n], &new_v[o..o + n], scale, None);
-        }
-        st.finish(o);
-    });
-    Ok(())
 }

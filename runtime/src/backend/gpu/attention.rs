@@ -46,6 +46,54 @@ pub fn groups(ctx: &GpuContext, items: usize, rows: bool) -> (u32, u32, u32) {
     (x, y, 1)
 }
 
+/// The kernel of one cache segment (`attention_part`, same bindings as [`kernel`], O = the partials).
+pub fn part_kernel(ctx: &GpuContext, f16_cache: bool) -> Result<Arc<Kernel>> {
+    ctx.pipeline(
+        "attention",
+        SOURCE,
+        "attention_part",
+        &[
+            Bind::Read,
+            Bind::Read,
+            Bind::Read,
+            Bind::Read,
+            Bind::Write,
+            Bind::Write,
+            Bind::Write,
+        ],
+        &[("F16C", if f16_cache { 1.0 } else { 0.0 })],
+    )
+}
+
+/// The WGSL of the combine step.
+pub const COMBINE_SOURCE: &str = include_str!("attention_combine.wgsl");
+
+/// The kernel combining the segments' partials (`attention_combine`): bindings PART, O.
+pub fn combine_kernel(ctx: &GpuContext) -> Result<Arc<Kernel>> {
+    ctx.pipeline(
+        "attention_combine",
+        COMBINE_SOURCE,
+        "attention_combine",
+        &[Bind::Read, Bind::Write],
+        &[],
+    )
+}
+
+/// One segment of a cache split over several buffers.
+#[derive(Debug, Clone, Copy)]
+pub struct Segment {
+    /// First slot in the segment's buffers.
+    pub r0: usize,
+    /// End slot (exclusive).
+    pub r1: usize,
+    /// This dispatch also attends to the chunk's own rows.
+    pub with_new: bool,
+    /// Segment index (its place in the partials).
+    pub index: usize,
+    /// Segments in all.
+    pub count: usize,
+}
+
 /// What one attention dispatch computes.
 #[derive(Debug, Clone, Copy)]
 pub struct AttnParams {
@@ -71,6 +119,8 @@ pub struct AttnParams {
     pub write_cache: bool,
     /// Mask row stride, when there is a mask.
     pub mask_stride: Option<usize>,
+    /// The cache segment this dispatch covers (`attention_part` / `attention_combine`).
+    pub segment: Option<Segment>,
 }
 
 impl AttnParams {
@@ -89,6 +139,11 @@ impl AttnParams {
             .u(self.write_cache as usize)
             .u(self.mask_stride.is_some() as usize)
             .u(self.mask_stride.unwrap_or(0))
+            .u(self.segment.map_or(0, |g| g.r0))
+            .u(self.segment.map_or(self.slots, |g| g.r1))
+            .u(self.segment.is_none_or(|g| g.with_new) as usize)
+            .u(self.segment.map_or(0, |g| g.index))
+            .u(self.segment.map_or(1, |g| g.count))
     }
 }
 
@@ -170,6 +225,7 @@ mod tests {
                 tokens_first: true,
                 write_cache: true,
                 mask_stride: Some(s + t),
+                segment: None,
             };
             // The kernel's cache is token-major [S, KVH, D].
             let tm = |c: &[f32]| -> Vec<f32> {
@@ -226,6 +282,156 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// A cache split into segments (`attention_part` per segment + `attention_combine`) against the CPU
+    /// reference, and the chunk's rows written into the segments they fall in.
+    #[test]
+    fn split_cache_matches_cpu_reference() {
+        let Some(ctx) = ctx() else { return };
+        for (h, kvh, t, d, s, p, seg_rows, f16c) in [
+            (9, 3, 1, 64, 64, 40, 16, true),
+            (4, 2, 5, 32, 50, 13, 7, false),
+            (2, 1, 3, 16, 30, 0, 8, true),
+            (6, 3, 4, 64, 100, 96, 33, true),
+        ] {
+            let q = noise(h * t * d, 21);
+            let round = |v: &[f32]| -> Vec<f32> {
+                if f16c {
+                    v.iter().map(|x| f16::from_f32(*x).to_f32()).collect()
+                } else {
+                    v.to_vec()
+                }
+            };
+            let nk = round(&noise(kvh * t * d, 22));
+            let nv = round(&noise(kvh * t * d, 23));
+            let ck = round(&noise(kvh * s * d, 24));
+            let cv = round(&noise(kvh * s * d, 25));
+            let shape = AttnShape {
+                heads: h,
+                kv_heads: kvh,
+                tokens: t,
+                head_dim: d,
+                cache_len: s,
+                q_tokens_first: false,
+                kv_tokens_first: false,
+            };
+            let mut want = vec![0.0; h * t * d];
+            reference_cached(&q, &ck, &cv, &nk, &nv, p, &shape, None, &mut want).unwrap();
+            let mut mask = vec![f32::NEG_INFINITY; t * (s + t)];
+            for tt in 0..t {
+                for j in 0..p {
+                    mask[tt * (s + t) + j] = 0.0;
+                }
+                for j in 0..=tt {
+                    mask[tt * (s + t) + s + j] = 0.0;
+                }
+            }
+            let enc = |v: &[f32]| -> Vec<u8> {
+                if f16c {
+                    let h: Vec<f16> = v.iter().map(|x| f16::from_f32(*x)).collect();
+                    bytemuck::cast_slice(&h).to_vec()
+                } else {
+                    bytemuck::cast_slice(v).to_vec()
+                }
+            };
+            // Token-major rows r0..r1 of a head-major cache.
+            let seg = |c: &[f32], r0: usize, r1: usize| -> Vec<f32> {
+                let mut o = Vec::new();
+                for j in r0..r1 {
+                    for g in 0..kvh {
+                        o.extend_from_slice(&c[(g * s + j) * d..][..d]);
+                    }
+                }
+                o
+            };
+            let nseg = s.div_ceil(seg_rows);
+            let base = AttnParams {
+                heads: h,
+                kv_heads: kvh,
+                tokens: t,
+                head_dim: d,
+                slots: s,
+                npast: p,
+                position: p,
+                scale: 1.0 / (d as f32).sqrt(),
+                tokens_first: true,
+                write_cache: true,
+                mask_stride: Some(s + t),
+                segment: None,
+            };
+            let part_len = nseg * h * t * (d + 2);
+            let mut parts = vec![0f32; part_len];
+            let (x, y, _) = groups(&ctx, h * t, true);
+            for sg in 0..nseg {
+                let (r0, r1) = (sg * seg_rows, ((sg + 1) * seg_rows).min(s));
+                let ap = AttnParams {
+                    segment: Some(Segment {
+                        r0,
+                        r1,
+                        with_new: sg + 1 == nseg,
+                        index: sg,
+                        count: nseg,
+                    }),
+                    ..base
+                };
+                let outs = run_kernel_multi(
+                    &ctx,
+                    &part_kernel(&ctx, f16c).unwrap(),
+                    &ap.params(),
+                    &[
+                        bytemuck::cast_slice(&q),
+                        bytemuck::cast_slice(&nk),
+                        bytemuck::cast_slice(&nv),
+                        bytemuck::cast_slice(&mask),
+                        &enc(&seg(&ck, r0, r1)),
+                        &enc(&seg(&cv, r0, r1)),
+                    ],
+                    &[part_len * 4],
+                    (x, y),
+                )
+                .unwrap();
+                let got: &[f32] = bytemuck::cast_slice(&outs[0]);
+                let n = h * t * (d + 2);
+                parts[sg * n..(sg + 1) * n].copy_from_slice(&got[sg * n..(sg + 1) * n]);
+                // The segment's buffers now hold the chunk's rows that fall in r0..r1.
+                for (c, (new, old)) in outs[1..].iter().zip([(&nk, &ck), (&nv, &cv)]) {
+                    let mut expect = old.clone();
+                    for g in 0..kvh {
+                        for tt in 0..t {
+                            expect[(g * s + p + tt) * d..][..d]
+                                .copy_from_slice(&new[(g * t + tt) * d..][..d]);
+                        }
+                    }
+                    assert_eq!(c, &enc(&seg(&expect, r0, r1)), "segment {sg} rows");
+                }
+            }
+            let ap = AttnParams {
+                segment: Some(Segment {
+                    r0: 0,
+                    r1: s,
+                    with_new: true,
+                    index: 0,
+                    count: nseg,
+                }),
+                ..base
+            };
+            let outs = run_kernel_multi(
+                &ctx,
+                &combine_kernel(&ctx).unwrap(),
+                &ap.params(),
+                &[bytemuck::cast_slice(&parts)],
+                &[h * t * d * 4],
+                (x, y),
+            )
+            .unwrap();
+            let got: &[f32] = bytemuck::cast_slice(&outs[0]);
+            let e = max_rel(got, &want);
+            assert!(
+                e < 2e-5,
+                "{h} {kvh} {t} {d} {s} {p} in {nseg} segments: {e}"
+            );
         }
     }
 }

@@ -253,3 +253,97 @@ fn attention_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
         }
     }
 }
+
+// One segment of a cache split over several buffers (a layer's cache larger than one binding): keys of
+// slots r0..min(r1, npast) from this segment's buffers (local slot j - r0), plus the chunk's own rows
+// when P[14] = 1, as a partial online softmax (m, l, acc[D]) for `attention_combine`. Writes the chunk's
+// rows that fall in r0..r1. One (head, token) an invocation, D % 4 == 0.
+// P[12]=r0 P[13]=r1 P[14]=has the chunk's rows P[15]=segment index P[16]=segments; O: partials
+// [seg][H*T][D + 2].
+@compute @workgroup_size(64)
+fn attention_part(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                  @builtin(local_invocation_index) lid: u32) {
+    let h_n = pu(0u);
+    let t_n = pu(2u);
+    let d = pu(3u);
+    let d4 = d / 4u;
+    let item = (wid.x + wid.y * nwg.x) * 64u + lid;
+    if (item >= h_n * t_n) { return; }
+    let h = item / t_n;
+    let t = item % t_n;
+    let group = h_n / pu(1u);
+    let g = h / group;
+    let r0 = pu(12u);
+    let past_end = max(r0, min(pu(13u), pu(5u)));
+    var nnew = 0u;
+    if (pu(14u) == 1u) { nnew = t_n; }
+    let npast = past_end - r0;
+    var q: array<vec4<f32>, 64>;
+    var acc: array<vec4<f32>, 64>;
+    let qb = (h * t_n + t) * d;
+    for (var i = 0u; i < d4; i = i + 1u) {
+        q[i] = vec4<f32>(Q[qb + 4u * i], Q[qb + 4u * i + 1u], Q[qb + 4u * i + 2u], Q[qb + 4u * i + 3u]);
+        acc[i] = vec4<f32>(0.0);
+    }
+    var m = NEG_INF;
+    var l = 0.0;
+    for (var j = 0u; j < npast + nnew; j = j + 1u) {
+        var s = 0.0;
+        var col: u32;
+        let past = j < npast;
+        var base: u32;
+        if (past) {
+            base = (j * pu(1u) + g) * d;
+            for (var i = 0u; i < d4; i = i + 1u) { s = s + dot(q[i], cache4(true, base + 4u * i)); }
+            col = r0 + j;
+        } else {
+            base = (g * t_n + (j - npast)) * d;
+            for (var i = 0u; i < d4; i = i + 1u) {
+                let e = base + 4u * i;
+                s = s + dot(q[i], vec4<f32>(NK[e], NK[e + 1u], NK[e + 2u], NK[e + 3u]));
+            }
+            col = pu(4u) + (j - npast);
+        }
+        s = s * pf(7u);
+        if (pu(10u) == 1u) { s = s + MASK[t * pu(11u) + col]; }
+        if (s <= NEG_INF) { continue; }
+        if (s > m) {
+            let c = exp(m - s);
+            l = l * c;
+            for (var i = 0u; i < d4; i = i + 1u) { acc[i] = acc[i] * c; }
+            m = s;
+        }
+        let p = exp(s - m);
+        l = l + p;
+        if (past) {
+            for (var i = 0u; i < d4; i = i + 1u) { acc[i] = acc[i] + p * cache4(false, base + 4u * i); }
+        } else {
+            for (var i = 0u; i < d4; i = i + 1u) {
+                let e = base + 4u * i;
+                acc[i] = acc[i] + p * vec4<f32>(NV[e], NV[e + 1u], NV[e + 2u], NV[e + 3u]);
+            }
+        }
+    }
+    let ob = (pu(15u) * h_n * t_n + item) * (d + 2u);
+    O[ob] = m;
+    O[ob + 1u] = l;
+    for (var i = 0u; i < d4; i = i + 1u) {
+        for (var c = 0u; c < 4u; c = c + 1u) { O[ob + 2u + 4u * i + c] = acc[i][c]; }
+    }
+    let slot = pu(6u) + t;
+    if (pu(9u) == 1u && h % group == 0u && slot >= r0 && slot < pu(13u)) {
+        let dst = ((slot - r0) * pu(1u) + g) * d;
+        let src = (g * t_n + t) * d;
+        if (F16C) {
+            for (var i = 0u; i < d / 2u; i = i + 1u) {
+                CK[dst / 2u + i] = pack_f16(NK[src + 2u * i], NK[src + 2u * i + 1u]);
+                CV[dst / 2u + i] = pack_f16(NV[src + 2u * i], NV[src + 2u * i + 1u]);
+            }
+        } else {
+            for (var i = 0u; i < d; i = i + 1u) {
+                CK[dst + i] = bitcast<u32>(NK[src + i]);
+                CV[dst + i] = bitcast<u32>(NV[src + i]);
+            }
+        }
+    }
+}

@@ -58,8 +58,12 @@ enum BufRef {
     LinS(usize),
     LinZ(usize),
     LinBias,
-    CacheK(usize),
-    CacheV(usize),
+    /// Segment `.1` of plan cache `.0` (a per-state buffer).
+    CacheK(usize, usize),
+    /// Segment `.1` of plan cache `.0` (a per-state buffer).
+    CacheV(usize, usize),
+    /// The attention partials of split caches (plan scratch).
+    Part,
 }
 
 struct Disp {
@@ -128,8 +132,10 @@ struct Counts {
 /// `i - 2` (the slot's previous user), i.e. before layer `i - 1` computes. Every attention writes its new
 /// rows into its buffer; only those rows are copied back to the host.
 pub struct GpuState {
-    /// Per plan cache: index into `bufs`.
+    /// Per plan cache: index into `bufs` of its first segment (segments follow).
     home: Vec<usize>,
+    /// Per plan cache: rows a segment holds (the cache's slots when it is not split).
+    seg_rows: Vec<usize>,
     bufs: Vec<wgpu::Buffer>,
     /// Per plan cache: the ring index of its layer when streamed.
     ring: Vec<Option<usize>>,
@@ -162,6 +168,30 @@ impl GpuState {
     /// Transfer and residency counters (host bytes are the caller's to fill in).
     pub fn kv_stats(&self) -> crate::kv::KvStats {
         self.stats.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// The segment buffers covering rows `a..b` of plan cache `c`: (buffer, first local row, rows
+    /// `lo..hi` it holds).
+    fn pieces(
+        &self,
+        c: usize,
+        a: usize,
+        b: usize,
+    ) -> Result<Vec<(&wgpu::Buffer, usize, usize, usize)>> {
+        let rows = self.seg_rows[c].max(1);
+        let mut out = Vec::new();
+        let mut lo = a;
+        while lo < b {
+            let seg = lo / rows;
+            let hi = b.min((seg + 1) * rows);
+            let buf = self
+                .bufs
+                .get(self.home[c] + seg)
+                .ok_or_else(|| Error::Gpu(format!("cache {c} has no segment {seg}")))?;
+            out.push((buf, lo - seg * rows, lo, hi));
+            lo = hi;
+        }
+        Ok(out)
     }
 
     /// Forgets slot contents past `len` rows (after a truncation or reset of the sequence).
@@ -203,6 +233,12 @@ pub struct GpuPlan {
     const_loaded: Vec<bool>,
     linears: HashMap<usize, GpuLinear>,
     dummy: wgpu::Buffer,
+    /// Largest KV-cache buffer (bytes): a layer's cache beyond it is split into segments of whole rows.
+    seg_bytes: u64,
+    /// Partials of split-cache attention (sized by the dry run).
+    part: wgpu::Buffer,
+    /// Bytes of partials the dry run asked for.
+    part_need: std::sync::atomic::AtomicU64,
     params: wgpu::Buffer,
     /// Per step: first parameter slot, kernels and bind groups (None where the group is per state).
     slot0: Vec<usize>,
@@ -362,11 +398,16 @@ const HEAVY_NONE: &[BufRef] = &[];
 impl GpuPlan {
     /// Binds `plan` to `ctx`: uploads weights, dry-runs the plan at `max_chunk` tokens and creates every
     /// buffer, pipeline and bind group. Fails (typed) when a step the GPU must run is not supported.
+    ///
+    /// `seg_bytes` caps one KV-cache buffer (default and maximum: the adapter's storage-binding limit); a
+    /// layer's cache larger than that is split into segments of whole rows, attended one segment a
+    /// dispatch and combined, so a context longer than any single allocation still runs.
     pub fn new(
         ctx: Arc<GpuContext>,
         plan: &Plan,
         cpu_step: &mut CpuStep,
         inputs: &[(ValId, Tensor)],
+        seg_bytes: Option<u64>,
     ) -> Result<GpuPlan> {
         let nvals = plan.names.len();
         let mut linears = HashMap::new();
@@ -391,6 +432,12 @@ impl GpuPlan {
             caps: Vec::new(),
             const_loaded: vec![false; nvals],
             linears,
+            seg_bytes: seg_bytes
+                .unwrap_or(ctx.binding_limit)
+                .min(ctx.binding_limit)
+                .min(ctx.device.limits().max_buffer_size),
+            part: ctx.buffer_with("attention partials", &[0; 4])?,
+            part_need: std::sync::atomic::AtomicU64::new(0),
             dummy,
             params: ctx.uniform("params", 256),
             slot0: vec![0; plan.steps.len()],
@@ -577,12 +624,16 @@ impl GpuPlan {
             }
         }
         me.params = ctx.uniform("params", (slot.max(1) * 256) as u64);
+        let part = me.part_need.load(std::sync::atomic::Ordering::Relaxed);
+        if part > 0 {
+            me.part = ctx.storage("attention partials", part)?;
+        }
         for si in 0..plan.steps.len() {
             let mut gs = Vec::new();
             for (j, b) in me.binds[si].iter().enumerate() {
                 let per_state = b
                     .iter()
-                    .any(|r| matches!(r, BufRef::CacheK(_) | BufRef::CacheV(_)));
+                    .any(|r| matches!(r, BufRef::CacheK(..) | BufRef::CacheV(..)));
                 gs.push(if per_state {
                     None
                 } else {
@@ -639,14 +690,35 @@ impl GpuPlan {
             BufRef::LinS(i) => &self.linear(si)?.parts[i].s,
             BufRef::LinZ(i) => &self.linear(si)?.parts[i].z,
             BufRef::LinBias => &self.linear(si)?.bias,
-            BufRef::CacheK(c) | BufRef::CacheV(c) => {
+            BufRef::Part => &self.part,
+            BufRef::CacheK(c, seg) | BufRef::CacheV(c, seg) => {
                 let st = state.ok_or_else(|| Error::Gpu("cache binding without a state".into()))?;
                 st.home
                     .get(c)
-                    .and_then(|&b| st.bufs.get(b))
-                    .ok_or_else(|| Error::Gpu(format!("state has no cache {c}")))?
+                    .and_then(|&b| st.bufs.get(b + seg))
+                    .ok_or_else(|| Error::Gpu(format!("state has no cache {c} segment {seg}")))?
             }
         })
+    }
+
+    /// Rows a cache segment holds and the number of segments, for caches of `slots` rows of `row` bytes.
+    fn segs(&self, row: usize, slots: usize, head_dim: usize) -> Result<(usize, usize)> {
+        let mut rows = (self.seg_bytes / row.max(1) as u64) as usize;
+        if rows == 0 {
+            return Err(Error::Gpu(format!(
+                "one KV-cache row ({row} bytes) exceeds the largest cache buffer ({} bytes)",
+                self.seg_bytes
+            )));
+        }
+        if rows < slots && super::rows_variant(&self.ctx) {
+            // Split caches are attended one (head, token) an invocation: keep a segment within
+            // llvmpipe's loop bound (its chunk rows included).
+            while rows > 1 && !attention::rows_ok(head_dim, 2 * rows) {
+                rows /= 2;
+            }
+        }
+        let rows = rows.min(slots.max(1));
+        Ok((rows, slots.div_ceil(rows).max(1)))
     }
 
     fn linear(&self, si: usize) -> Result<&GpuLinear> {
@@ -711,6 +783,7 @@ impl GpuPlan {
         let nslots = (layers.len() - resident).min(2);
         let mut st = GpuState {
             home: vec![usize::MAX; caches.len()],
+            seg_rows: vec![1; caches.len()],
             bufs: Vec::new(),
             ring: vec![None; caches.len()],
             streams: layers[resident..].to_vec(),
@@ -727,31 +800,53 @@ impl GpuPlan {
         };
         let mut held = Vec::new();
         let mut gpu_bytes = 0;
+        // Segments: per cache, rows a buffer holds.
+        let mut segs = Vec::new();
+        for (c, (dt, shape)) in caches.iter().enumerate() {
+            let (h, sl, d) = (shape[1], shape[2], shape[3]);
+            let (rows, _) = self.segs(h * d * dt.size(), sl, d)?;
+            st.seg_rows[c] = rows;
+            segs.push((rows, sl, h * d * dt.size()));
+        }
+        // One logical buffer = its segments, consecutive in `bufs` (`held` is indexed by the first).
+        let mut alloc =
+            |st: &mut GpuState, label: String, c: usize, slots: usize| -> Result<usize> {
+                let (rows, _, row) = segs[c];
+                let first = st.bufs.len();
+                let mut r0 = 0;
+                while r0 < slots.max(1) {
+                    let n = rows.min(slots.max(1) - r0);
+                    st.bufs.push(
+                        self.ctx
+                            .storage(&format!("{label}[{r0}..]"), (n * row) as u64)?,
+                    );
+                    gpu_bytes += (n * row) as u64;
+                    r0 += n;
+                }
+                Ok(first)
+            };
         let mut slot_bufs: Vec<[usize; 2]> = Vec::new();
         for (li, pair) in layers.iter().enumerate() {
             if li < resident {
                 for &c in pair {
-                    st.bufs
-                        .push(self.ctx.storage(&format!("cache {c}"), bytes_of(c))?);
-                    held.push((Some(c), usize::MAX));
-                    gpu_bytes += bytes_of(c);
-                    st.home[c] = st.bufs.len() - 1;
+                    let first = alloc(&mut st, format!("cache {c}"), c, caches[c].1[2])?;
+                    held.resize(st.bufs.len(), (None, 0));
+                    held[first] = (Some(c), usize::MAX);
+                    st.home[c] = first;
                 }
             } else {
                 let i = li - resident;
                 if i < nslots {
                     let mut b = [0; 2];
                     for (k, bk) in b.iter_mut().enumerate() {
-                        let size = layers[resident..]
+                        // A slot takes any streamed layer: sized (and split) like the largest one.
+                        let c = layers[resident..]
                             .iter()
-                            .map(|p| bytes_of(p[k]))
-                            .max()
-                            .unwrap_or(0);
-                        st.bufs
-                            .push(self.ctx.storage(&format!("cache slot {i}.{k}"), size)?);
-                        held.push((None, 0));
-                        gpu_bytes += size;
-                        *bk = st.bufs.len() - 1;
+                            .map(|p| p[k])
+                            .max_by_key(|&c| bytes_of(c))
+                            .unwrap_or(pair[k]);
+                        *bk = alloc(&mut st, format!("cache slot {i}.{k}"), c, caches[c].1[2])?;
+                        held.resize(st.bufs.len(), (None, 0));
                     }
                     slot_bufs.push(b);
                 }
@@ -762,13 +857,12 @@ impl GpuPlan {
             }
         }
         // Caches no attention step reads (none in a step graph) still get a buffer of their own.
-        for c in 0..caches.len() {
+        for (c, (_, shape)) in caches.iter().enumerate() {
             if st.home[c] == usize::MAX {
-                st.bufs
-                    .push(self.ctx.storage(&format!("cache {c}"), bytes_of(c))?);
-                held.push((Some(c), usize::MAX));
-                gpu_bytes += bytes_of(c);
-                st.home[c] = st.bufs.len() - 1;
+                let first = alloc(&mut st, format!("cache {c}"), c, shape[2])?;
+                held.resize(st.bufs.len(), (None, 0));
+                held[first] = (Some(c), usize::MAX);
+                st.home[c] = first;
             }
         }
         let rows_bytes: u64 = caches
@@ -971,6 +1065,13 @@ impl GpuPlan {
                     .cpu(*mv)
                     .and_then(|m| crate::model::standard_prefix(m, t, slots))
                     .unwrap_or(slots);
+                // Keys never exceed the slots (position + chunk ≤ S): one kernel serves every step.
+                let rows = super::rows_variant(ctx) && attention::rows_ok(d, slots);
+                let oshape = if *tokens_first {
+                    vec![1, t, h, d]
+                } else {
+                    vec![1, h, t, d]
+                };
                 let ap = AttnParams {
                     heads: h,
                     kv_heads: kvh,
@@ -983,13 +1084,80 @@ impl GpuPlan {
                     tokens_first: *tokens_first,
                     write_cache: true,
                     mask_stride: Some(slots + t),
+                    segment: None,
                 };
-                // Keys never exceed the slots (position + chunk ≤ S): one kernel serves every step.
-                let rows = super::rows_variant(ctx) && attention::rows_ok(d, slots);
-                let oshape = if *tokens_first {
-                    vec![1, t, h, d]
+                let f16c = ck.dtype == DType::F16;
+                let (seg_rows, nseg) = self.segs(kvh * d * ck.dtype.size(), slots, d)?;
+                let disp = if nseg == 1 {
+                    vec![Disp {
+                        kernel: k(&|| attention::kernel(ctx, f16c, rows))?,
+                        binds: vec![
+                            BufRef::Val(*q),
+                            BufRef::Val(new[0]),
+                            BufRef::Val(new[1]),
+                            BufRef::Val(*mv),
+                            BufRef::CacheK(past[0], 0),
+                            BufRef::CacheV(past[1], 0),
+                            BufRef::Val(*out),
+                        ],
+                        params: ap.params(),
+                        groups: attention::groups(ctx, h * t, rows),
+                    }]
                 } else {
-                    vec![1, h, t, d]
+                    // The cache is split over `nseg` buffers: a partial softmax a segment, then one
+                    // combine.
+                    if d % 4 != 0 || d > attention::MAX_HEAD_DIM {
+                        return Ok(None);
+                    }
+                    self.part_need.fetch_max(
+                        (nseg * h * t * (d + 2) * 4) as u64,
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
+                    let mut v = Vec::new();
+                    for sg in 0..nseg {
+                        let seg = attention::Segment {
+                            r0: sg * seg_rows,
+                            r1: ((sg + 1) * seg_rows).min(slots),
+                            with_new: sg + 1 == nseg,
+                            index: sg,
+                            count: nseg,
+                        };
+                        v.push(Disp {
+                            kernel: k(&|| attention::part_kernel(ctx, f16c))?,
+                            binds: vec![
+                                BufRef::Val(*q),
+                                BufRef::Val(new[0]),
+                                BufRef::Val(new[1]),
+                                BufRef::Val(*mv),
+                                BufRef::CacheK(past[0], sg),
+                                BufRef::CacheV(past[1], sg),
+                                BufRef::Part,
+                            ],
+                            params: AttnParams {
+                                segment: Some(seg),
+                                ..ap
+                            }
+                            .params(),
+                            groups: attention::groups(ctx, h * t, true),
+                        });
+                    }
+                    v.push(Disp {
+                        kernel: k(&|| attention::combine_kernel(ctx))?,
+                        binds: vec![BufRef::Part, BufRef::Val(*out)],
+                        params: AttnParams {
+                            segment: Some(attention::Segment {
+                                r0: 0,
+                                r1: slots,
+                                with_new: true,
+                                index: 0,
+                                count: nseg,
+                            }),
+                            ..ap
+                        }
+                        .params(),
+                        groups: attention::groups(ctx, h * t, true),
+                    });
+                    v
                 };
                 Ok(Some(Desc {
                     fused: None,
@@ -1002,20 +1170,7 @@ impl GpuPlan {
                         None,
                     )],
                     reads: vec![*q, new[0], new[1], *mv],
-                    disp: vec![Disp {
-                        kernel: k(&|| attention::kernel(ctx, ck.dtype == DType::F16, rows))?,
-                        binds: vec![
-                            BufRef::Val(*q),
-                            BufRef::Val(new[0]),
-                            BufRef::Val(new[1]),
-                            BufRef::Val(*mv),
-                            BufRef::CacheK(past[0]),
-                            BufRef::CacheV(past[1]),
-                            BufRef::Val(*out),
-                        ],
-                        params: ap.params(),
-                        groups: attention::groups(ctx, h * t, rows),
-                    }],
+                    disp,
                 }))
             }
             Step::Node {
@@ -1856,44 +2011,51 @@ impl GpuPlan {
                     let t0 = std::time::Instant::now();
                     let pages = &host.caches[c];
                     let rb = pages.row_bytes();
-                    let size = ((b - a) * rb) as u64;
-                    let buf = &state.bufs[state.home[c]];
-                    if (a * rb) % 4 != 0 || size % 4 != 0 || (b * rb) as u64 > buf.size() {
-                        return Err(Error::Gpu(format!(
-                            "cache upload of rows {a}..{b} ({rb} bytes a row) does not fit its buffer"
-                        )));
-                    }
-                    let size = wgpu::BufferSize::new(size)
-                        .ok_or_else(|| Error::Gpu("empty cache upload".into()))?;
                     let mut belt = state
                         .belt
                         .lock()
                         .map_err(|_| Error::Gpu("staging lock poisoned".into()))?;
-                    let mut view = belt.write_buffer(enc, buf, (a * rb) as u64, size);
-                    pages.for_range(a, b, |p, bytes| {
-                        let at = (p - a) * rb;
-                        view.slice(at..at + bytes.len()).copy_from_slice(bytes);
-                    });
-                    drop(view);
-                    count.up += size.get();
+                    for (buf, la, lo, hi) in state.pieces(c, a, b)? {
+                        let size = ((hi - lo) * rb) as u64;
+                        if (la * rb) % 4 != 0
+                            || size % 4 != 0
+                            || (la * rb) as u64 + size > buf.size()
+                        {
+                            return Err(Error::Gpu(format!(
+                                "cache upload of rows {lo}..{hi} ({rb} bytes a row) does not fit its buffer"
+                            )));
+                        }
+                        let Some(size) = wgpu::BufferSize::new(size) else {
+                            continue;
+                        };
+                        let mut view = belt.write_buffer(enc, buf, (la * rb) as u64, size);
+                        pages.for_range(lo, hi, |p, bytes| {
+                            let at = (p - lo) * rb;
+                            view.slice(at..at + bytes.len()).copy_from_slice(bytes);
+                        });
+                        drop(view);
+                        count.up += size.get();
+                    }
                     count.pack_ms += t0.elapsed().as_secs_f64() * 1e3;
                     i += 1;
                 }
                 Cmd::Down { c, p, t, off } => {
                     let rb = host.caches[c].row_bytes() as u64;
-                    let buf = &state.bufs[state.home[c]];
-                    let n = rb * t as u64;
-                    if (p as u64 * rb) % 4 != 0
-                        || n % 4 != 0
-                        || p as u64 * rb + n > buf.size()
-                        || off + n > state.rows.size()
-                    {
-                        return Err(Error::Gpu(format!(
-                            "cache rows {p}..{} ({rb} bytes a row) do not fit the read-back buffer",
-                            p + t
-                        )));
+                    let mut at = off;
+                    for (buf, la, lo, hi) in state.pieces(c, p, p + t)? {
+                        let n = rb * (hi - lo) as u64;
+                        if (la as u64 * rb) % 4 != 0
+                            || n % 4 != 0
+                            || la as u64 * rb + n > buf.size()
+                            || at + n > state.rows.size()
+                        {
+                            return Err(Error::Gpu(format!(
+                                "cache rows {lo}..{hi} ({rb} bytes a row) do not fit the read-back buffer"
+                            )));
+                        }
+                        enc.copy_buffer_to_buffer(buf, la as u64 * rb, &state.rows, at, n);
+                        at += n;
                     }
-                    enc.copy_buffer_to_buffer(buf, p as u64 * rb, &state.rows, off, n);
                     state
                         .downs
                         .lock()

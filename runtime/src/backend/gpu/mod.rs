@@ -89,6 +89,17 @@ pub fn grid(n: usize, per: usize, max_dim: u32) -> (u32, u32) {
     }
 }
 
+/// Whether kernels with a one-item-an-invocation variant (`linear_rows`, `attention_rows`) use it: on
+/// adapters that are CPUs (lavapipe, SwiftShader), which run invocations as SIMD lanes and pay dearly for
+/// workgroup barriers. `ONESTEP_GPU_VARIANT=rows|lanes` forces a variant (tests run both).
+pub fn rows_variant(ctx: &context::GpuContext) -> bool {
+    match std::env::var("ONESTEP_GPU_VARIANT").as_deref() {
+        Ok("rows") => true,
+        Ok("lanes") => false,
+        _ => ctx.info().device_type == "Cpu",
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod testutil {
     //! A lavapipe (or real) device for kernel tests; tests skip with a note when no adapter exists.
@@ -135,16 +146,5 @@ pub(crate) mod testutil {
             .zip(b)
             .map(|(x, y)| (x - y).abs() / (1.0 + y.abs()))
             .fold(0.0, f32::max)
-    }
-}
-
-/// Whether kernels with a one-item-an-invocation variant (`linear_rows`, `attention_rows`) use it: on
-/// adapters that are CPUs (lavapipe, SwiftShader), which run invocations as SIMD lanes and pay dearly for
-/// workgroup barriers. `ONESTEP_GPU_VARIANT=rows|lanes` forces a variant (tests run both).
-pub fn rows_variant(ctx: &context::GpuContext) -> bool {
-    match std::env::var("ONESTEP_GPU_VARIANT").as_deref() {
-        Ok("rows") => true,
-        Ok("lanes") => false,
-        _ => ctx.info().device_type == "Cpu",
     }
 }
