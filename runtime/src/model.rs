@@ -313,11 +313,13 @@ impl Model {
     /// Transfer, residency and memory counters of `state`'s KV cache (last step and since creation).
     pub fn kv_stats(&self, state: &StepState) -> KvStats {
         #[cfg(feature = "gpu")]
-        let mut s = state.gpu.as_ref().map(|g| g.kv_stats()).unwrap_or_default();
+        let gpu = state.gpu.as_ref().map(|g| g.kv_stats()).unwrap_or_default();
         #[cfg(not(feature = "gpu"))]
-        let mut s = KvStats::default();
-        s.host_bytes = state.kv.host_bytes();
-        s
+        let gpu = KvStats::default();
+        KvStats {
+            host_bytes: state.kv.host_bytes(),
+            ..gpu
+        }
     }
 
     /// Runs one step: `ids` (1..=max_chunk tokens) at position `state.len()`; the chunk must fit in the
