@@ -223,3 +223,42 @@ fn q8_block_tied_embedding_and_output() {
 fn int4_six_layers_through_the_kv_ring() {
     check("step_int4_6layers_f16kv");
 }
+
+/// The host cache grows a page at a time with the context and shrinks on truncate/reset.
+#[test]
+fn host_pages_follow_the_used_context() {
+    let model = Model::load(fixtures().join("step_int4_6layers_f16kv.onnx")).unwrap();
+    let opts = KvOptions {
+        page_rows: 4,
+        ..Default::default()
+    };
+    let mut state = model.new_state_with(&opts).unwrap();
+    // 12 caches (6 layers × K, V) of 2 heads × 16 f16: 64 bytes a row, 256 a page.
+    let page = 12 * 4 * 64;
+    assert_eq!(model.kv_stats(&state).host_bytes, 0);
+    model
+        .step(&mut state, &[1, 2, 3], &StepSampling::GREEDY)
+        .unwrap();
+    assert_eq!(model.kv_stats(&state).host_bytes, page);
+    model
+        .step(&mut state, &[4, 5], &StepSampling::GREEDY)
+        .unwrap();
+    assert_eq!(model.kv_stats(&state).host_bytes, 2 * page);
+    let after5 = model.step(&mut state, &[6], &StepSampling::GREEDY).unwrap();
+    state.truncate(3);
+    assert_eq!(model.kv_stats(&state).host_bytes, page);
+    // Re-running the truncated rows gives the same result.
+    model
+        .step(&mut state, &[4, 5], &StepSampling::GREEDY)
+        .unwrap();
+    let again = model.step(&mut state, &[6], &StepSampling::GREEDY).unwrap();
+    assert_eq!(again.logits, after5.logits);
+    state.reset();
+    assert_eq!(model.kv_stats(&state).host_bytes, 0);
+    assert!(model
+        .new_state_with(&KvOptions {
+            page_rows: 0,
+            ..Default::default()
+        })
+        .is_err());
+}

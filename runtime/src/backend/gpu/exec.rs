@@ -710,9 +710,10 @@ impl GpuPlan {
                 self.seg_bytes
             )));
         }
-        if rows < slots && super::rows_variant(&self.ctx) {
-            // Split caches are attended one (head, token) an invocation: keep a segment within
-            // llvmpipe's loop bound (its chunk rows included).
+        if super::rows_variant(&self.ctx) && !attention::rows_ok(head_dim, rows.min(slots)) {
+            // CPU adapters attend one (head, token) an invocation, within llvmpipe's loop bound: a
+            // cache longer than that is split like one beyond a buffer (its chunk rows included).
+            rows = rows.min(slots);
             while rows > 1 && !attention::rows_ok(head_dim, 2 * rows) {
                 rows /= 2;
             }
