@@ -96,6 +96,53 @@ mod gpu {
     pub fn check(_: &str) {}
 }
 
+/// Truncating a sequence and stepping again on the GPU with every layer streamed (slots hold stale rows)
+/// gives the same logits as the first time, and as all-resident.
+#[cfg(feature = "gpu")]
+#[test]
+fn gpu_ring_after_truncate_and_reset() {
+    use onestep::backend::gpu::{BackendFilter, DeviceRequest, GpuContext};
+    use onestep::kv::GpuCacheBudget;
+    if GpuContext::new(&DeviceRequest::Gpu(None), BackendFilter::Any).is_err() {
+        assert!(std::env::var_os("ONESTEP_REQUIRE_GPU").is_none());
+        return;
+    }
+    let run = |budget: GpuCacheBudget| -> Vec<Vec<f32>> {
+        let opts = LoadOptions {
+            device: DeviceRequest::Gpu(None),
+            kv: KvOptions {
+                gpu_budget: budget,
+                page_rows: 2,
+                gpu_segment_bytes: None,
+            },
+            ..LoadOptions::default()
+        };
+        let model =
+            Model::load_with(fixtures().join("step_int4_6layers_f16kv.onnx"), &opts).unwrap();
+        let g = StepSampling::GREEDY;
+        let mut st = model.new_state().unwrap();
+        let mut out = Vec::new();
+        model.step(&mut st, &[5, 6, 7, 8, 9], &g).unwrap();
+        out.push(model.step(&mut st, &[10], &g).unwrap().logits);
+        out.push(model.step(&mut st, &[11, 12], &g).unwrap().logits);
+        // Back to 3 tokens, then the same continuation as before from there.
+        st.truncate(3);
+        model.step(&mut st, &[8, 9], &g).unwrap();
+        out.push(model.step(&mut st, &[10], &g).unwrap().logits);
+        out.push(model.step(&mut st, &[11, 12], &g).unwrap().logits);
+        st.reset();
+        model.step(&mut st, &[5, 6, 7, 8, 9], &g).unwrap();
+        out.push(model.step(&mut st, &[10], &g).unwrap().logits);
+        out
+    };
+    let all = run(GpuCacheBudget::All);
+    assert_eq!(all[0], all[2]);
+    assert_eq!(all[1], all[3]);
+    assert_eq!(all[0], all[4]);
+    assert_eq!(run(GpuCacheBudget::Bytes(1)), all);
+    assert_eq!(run(GpuCacheBudget::Percent(50)), all);
+}
+
 /// Runs the fixture's schedule under `opts`, checking every step against onnxruntime; returns the
 /// logits of every step.
 fn check_on(name: &str, opts: &LoadOptions) -> Vec<Vec<f32>> {
