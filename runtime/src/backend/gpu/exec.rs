@@ -5,8 +5,10 @@
 //! fixes, once: where each step runs, the size of every GPU buffer, every pipeline and every bind group.
 //! A step then records its dispatches into one compute pass; the pass is submitted only when a CPU step
 //! needs a GPU value (for the step graph: once, at the token choice's tail) and only those values are
-//! read back. Caches live in GPU buffers per [`GpuState`]; the attention kernel writes each chunk's new
-//! K/V rows into them, so nothing but the chosen token (and logits when asked) leaves the GPU.
+//! read back. KV caches: the host pages ([`crate::kv`]) are the truth; per [`GpuState`], the layers the
+//! budget allows stay resident and the rest stream through a ring of two slots (uploads recorded in the
+//! command stream, ahead of the layer before). The attention kernel writes each chunk's new K/V rows into
+//! its buffer and only those rows are copied back, with the chosen token (and logits when asked).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
