@@ -727,39 +727,12 @@ fn exec_step(
                 // The kernel writes [T, H·D]: exactly the absorbed transpose's [1, T, H, D].
                 let mut o = Tensor::zeros(DType::F32, &[1, t, heads, d]);
                 let ov = o.typed_mut::<f32>();
-                let pr = ck.page_rows();
                 let r = match ck.dtype {
                     DType::F16 => {
-                        let kp: Vec<&[half::f16]> = ck.pages().iter().map(|p| p.typed()).collect();
-                        let vp: Vec<&[half::f16]> = cv.pages().iter().map(|p| p.typed()).collect();
-                        attention::attention_paged(
-                            qv,
-                            &kp,
-                            &vp,
-                            pr,
-                            &nkf,
-                            &nvf,
-                            p,
-                            &shape,
-                            Some(scale),
-                            ov,
-                        )
+                        paged_attention::<half::f16>(ck, cv, qv, &nkf, &nvf, p, &shape, scale, ov)
                     }
                     DType::F32 => {
-                        let kp: Vec<&[f32]> = ck.pages().iter().map(|p| p.typed()).collect();
-                        let vp: Vec<&[f32]> = cv.pages().iter().map(|p| p.typed()).collect();
-                        attention::attention_paged(
-                            qv,
-                            &kp,
-                            &vp,
-                            pr,
-                            &nkf,
-                            &nvf,
-                            p,
-                            &shape,
-                            Some(scale),
-                            ov,
-                        )
+                        paged_attention::<f32>(ck, cv, qv, &nkf, &nvf, p, &shape, scale, ov)
                     }
                     dt => return Err(err(format!("cache of {dt} is not supported"))),
                 };
@@ -773,6 +746,35 @@ fn exec_step(
         }
         Ok(())
     }
+}
+
+/// The fused attention over a sequence's host pages of element type `E`.
+#[allow(clippy::too_many_arguments)]
+fn paged_attention<E: attention::KvElement + bytemuck::Pod>(
+    ck: &crate::kv::CachePages,
+    cv: &crate::kv::CachePages,
+    q: &[f32],
+    new_k: &[f32],
+    new_v: &[f32],
+    position: usize,
+    shape: &AttnShape,
+    scale: f32,
+    out: &mut [f32],
+) -> crate::backend::cpu::KernelResult {
+    let kp: Vec<&[E]> = ck.pages().iter().map(|p| p.typed()).collect();
+    let vp: Vec<&[E]> = cv.pages().iter().map(|p| p.typed()).collect();
+    attention::attention_paged(
+        q,
+        &kp,
+        &vp,
+        ck.page_rows(),
+        new_k,
+        new_v,
+        position,
+        shape,
+        Some(scale),
+        out,
+    )
 }
 
 /// `[1, H, T, D]` → `[1, T, H, D]` (a copy; a view when `T = 1`).

@@ -220,6 +220,31 @@ impl Online {
         self.vbuf = vb;
     }
 
+    /// Feeds the chunk's own rows `0..=tt` of KV head `kvh` (causal among themselves).
+    #[allow(clippy::too_many_arguments)]
+    fn feed_new(
+        &mut self,
+        s: &AttnShape,
+        q: &[f32],
+        new_k: &[f32],
+        new_v: &[f32],
+        kvh: usize,
+        tt: usize,
+        scale: f32,
+    ) {
+        let d = s.head_dim;
+        if s.kv_tokens_first {
+            for j in 0..=tt {
+                let o = s.new_kv_off(kvh, j);
+                self.feed(q, &new_k[o..o + d], &new_v[o..o + d], scale, None);
+            }
+        } else {
+            let o = s.new_kv_off(kvh, 0);
+            let n = (tt + 1) * d;
+            self.feed(q, &new_k[o..o + n], &new_v[o..o + n], scale, None);
+        }
+    }
+
     /// Writes `acc / l` (zeros when no key was attended).
     fn finish(&self, out: &mut [f32]) {
         if self.l > 0.0 {
@@ -308,16 +333,7 @@ pub fn attention_cached<E: KvElement>(
             scale,
             None,
         );
-        if s.kv_tokens_first {
-            for j in 0..=tt {
-                let o = s.new_kv_off(kvh, j);
-                st.feed(qv, &new_k[o..o + d], &new_v[o..o + d], scale, None);
-            }
-        } else {
-            let o = s.new_kv_off(kvh, 0);
-            let n = (tt + 1) * d;
-            st.feed(qv, &new_k[o..o + n], &new_v[o..o + n], scale, None);
-        }
+        st.feed_new(s, qv, new_k, new_v, kvh, tt, scale);
         st.finish(o);
     });
     Ok(())
@@ -524,16 +540,7 @@ pub fn attention_paged<E: KvElement>(
             st.feed_strided(qv, &kp[at..], &vp[at..], n, stride, scale);
             r0 += page_rows;
         }
-        if s.kv_tokens_first {
-            for j in 0..=tt {
-                let o = s.new_kv_off(kvh, j);
-                st.feed(qv, &new_k[o..o + d], &new_v[o..o + d], scale, None);
-            }
-        } else {
-            let o = s.new_kv_off(kvh, 0);
-            let n = (tt + 1) * d;
-            st.feed(qv, &new_k[o..o + n], &new_v[o..o + n], scale, None);
-        }
+        st.feed_new(s, qv, new_k, new_v, kvh, tt, scale);
         st.finish(o);
     });
     Ok(())

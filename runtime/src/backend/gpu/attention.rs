@@ -155,6 +155,30 @@ mod tests {
     use crate::backend::cpu::attention::{reference_cached, AttnShape};
     use half::f16;
 
+    /// The standard additive mask `[T, S + T]`: slots `< p`, then causal among the chunk's rows.
+    fn std_mask(t: usize, s: usize, p: usize) -> Vec<f32> {
+        let mut mask = vec![f32::NEG_INFINITY; t * (s + t)];
+        for tt in 0..t {
+            for j in 0..p {
+                mask[tt * (s + t) + j] = 0.0;
+            }
+            for j in 0..=tt {
+                mask[tt * (s + t) + s + j] = 0.0;
+            }
+        }
+        mask
+    }
+
+    /// Cache bytes: f16 (two a word) or f32.
+    fn encode(v: &[f32], f16c: bool) -> Vec<u8> {
+        if f16c {
+            let h: Vec<f16> = v.iter().map(|x| f16::from_f32(*x)).collect();
+            bytemuck::cast_slice(&h).to_vec()
+        } else {
+            bytemuck::cast_slice(v).to_vec()
+        }
+    }
+
     #[test]
     fn attention_matches_cpu_reference_and_writes_rows() {
         let Some(ctx) = ctx() else { return };
@@ -196,23 +220,8 @@ mod tests {
             let mut want = vec![0.0; h * t * d];
             reference_cached(&q, &ck, &cv, &nk, &nv, p, &shape, None, &mut want).unwrap();
             // Standard additive mask [T, S + T]: slots < p, then causal.
-            let mut mask = vec![f32::NEG_INFINITY; t * (s + t)];
-            for tt in 0..t {
-                for j in 0..p {
-                    mask[tt * (s + t) + j] = 0.0;
-                }
-                for j in 0..=tt {
-                    mask[tt * (s + t) + s + j] = 0.0;
-                }
-            }
-            let enc = |v: &[f32]| -> Vec<u8> {
-                if f16c {
-                    let h: Vec<f16> = v.iter().map(|x| f16::from_f32(*x)).collect();
-                    bytemuck::cast_slice(&h).to_vec()
-                } else {
-                    bytemuck::cast_slice(v).to_vec()
-                }
-            };
+            let mask = std_mask(t, s, p);
+            let enc = |v: &[f32]| encode(v, f16c);
             let ap = AttnParams {
                 heads: h,
                 kv_heads: kvh,
@@ -319,23 +328,8 @@ mod tests {
             };
             let mut want = vec![0.0; h * t * d];
             reference_cached(&q, &ck, &cv, &nk, &nv, p, &shape, None, &mut want).unwrap();
-            let mut mask = vec![f32::NEG_INFINITY; t * (s + t)];
-            for tt in 0..t {
-                for j in 0..p {
-                    mask[tt * (s + t) + j] = 0.0;
-                }
-                for j in 0..=tt {
-                    mask[tt * (s + t) + s + j] = 0.0;
-                }
-            }
-            let enc = |v: &[f32]| -> Vec<u8> {
-                if f16c {
-                    let h: Vec<f16> = v.iter().map(|x| f16::from_f32(*x)).collect();
-                    bytemuck::cast_slice(&h).to_vec()
-                } else {
-                    bytemuck::cast_slice(v).to_vec()
-                }
-            };
+            let mask = std_mask(t, s, p);
+            let enc = |v: &[f32]| encode(v, f16c);
             // Token-major rows r0..r1 of a head-major cache.
             let seg = |c: &[f32], r0: usize, r1: usize| -> Vec<f32> {
                 let mut o = Vec::new();
