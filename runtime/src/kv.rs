@@ -190,16 +190,25 @@ impl CachePages {
             )));
         }
         let t = new.shape[2];
-        let src = new.bytes();
-        let mut rows = vec![0u8; t * h * d * es];
-        for head in 0..h {
-            for r in 0..t {
-                let from = (head * t + r) * d * es;
-                let to = (r * h + head) * d * es;
-                rows[to..to + d * es].copy_from_slice(&src[from..from + d * es]);
+        if at + t > self.slots {
+            return Err(Error::InvalidArgument(format!(
+                "cache write of {t} rows at {at} ({} slots)",
+                self.slots
+            )));
+        }
+        self.ensure(at + t);
+        // Head-major source, token-major pages: one D-element run per (head, row).
+        let (src, run, pr) = (new.bytes(), d * es, self.page_rows);
+        for r in 0..t {
+            let (pg, pr_row) = ((at + r) / pr, (at + r) % pr);
+            let page = self.pages[pg].bytes_mut();
+            for head in 0..h {
+                let from = (head * t + r) * run;
+                let to = (pr_row * h + head) * run;
+                page[to..to + run].copy_from_slice(&src[from..from + run]);
             }
         }
-        self.write_rows(at, t, &rows)
+        Ok(())
     }
 
     /// Calls `f(position, bytes)` for the pieces (at most one a page) of positions `a..b`.

@@ -381,19 +381,16 @@ impl Model {
                 want.push(plan.outputs[contract::LOGITS]);
             }
             let mut prefixes = Vec::new();
-            let rows = g.run(
+            g.run(
                 plan,
                 gs,
-                &state.kv,
+                &mut state.kv,
                 &mut env,
                 position,
                 t,
                 &want,
                 &mut |s, env| exec_step(plan, s, env, None, &mut prefixes),
             )?;
-            for (c, r) in state.kv.caches.iter_mut().zip(&rows) {
-                c.write_rows(position, t, r)?;
-            }
             let get = |name: &str| -> Result<Tensor> {
                 let slot = plan.outputs[name];
                 env[slot]
@@ -554,8 +551,6 @@ fn input_env(
     }
     Ok(env)
 }
-
-impl Model {}
 
 /// Runs one plan step on the CPU.
 fn exec_step(

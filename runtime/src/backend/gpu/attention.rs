@@ -169,6 +169,17 @@ mod tests {
         mask
     }
 
+    /// Rows `r0..r1` of a head-major `[KVH, S, D]` cache, token-major (the kernels' layout).
+    fn token_major(c: &[f32], kvh: usize, s: usize, d: usize, r0: usize, r1: usize) -> Vec<f32> {
+        let mut o = Vec::with_capacity((r1 - r0) * kvh * d);
+        for j in r0..r1 {
+            for g in 0..kvh {
+                o.extend_from_slice(&c[(g * s + j) * d..][..d]);
+            }
+        }
+        o
+    }
+
     /// Cache bytes: f16 (two a word) or f32.
     fn encode(v: &[f32], f16c: bool) -> Vec<u8> {
         if f16c {
@@ -237,15 +248,7 @@ mod tests {
                 segment: None,
             };
             // The kernel's cache is token-major [S, KVH, D].
-            let tm = |c: &[f32]| -> Vec<f32> {
-                let mut o = vec![0.0; c.len()];
-                for g in 0..kvh {
-                    for j in 0..s {
-                        o[(j * kvh + g) * d..][..d].copy_from_slice(&c[(g * s + j) * d..][..d]);
-                    }
-                }
-                o
-            };
+            let tm = |c: &[f32]| token_major(c, kvh, s, d, 0, s);
             for rows in [false, true] {
                 assert!(
                     !rows || rows_ok(d, s + t),
@@ -330,16 +333,7 @@ mod tests {
             reference_cached(&q, &ck, &cv, &nk, &nv, p, &shape, None, &mut want).unwrap();
             let mask = std_mask(t, s, p);
             let enc = |v: &[f32]| encode(v, f16c);
-            // Token-major rows r0..r1 of a head-major cache.
-            let seg = |c: &[f32], r0: usize, r1: usize| -> Vec<f32> {
-                let mut o = Vec::new();
-                for j in r0..r1 {
-                    for g in 0..kvh {
-                        o.extend_from_slice(&c[(g * s + j) * d..][..d]);
-                    }
-                }
-                o
-            };
+            let seg = |c: &[f32], r0: usize, r1: usize| token_major(c, kvh, s, d, r0, r1);
             let nseg = s.div_ceil(seg_rows);
             let base = AttnParams {
                 heads: h,

@@ -152,8 +152,6 @@ pub struct GpuState {
     belt: Mutex<wgpu::util::StagingBelt>,
     /// New rows of every cache for one step (read back once, at the end of the step).
     rows: wgpu::Buffer,
-    /// Rows read back by the current step: (plan cache, position, rows, offset in `rows`).
-    downs: Mutex<Vec<(usize, usize, usize, u64)>>,
     stats: Mutex<crate::kv::KvStats>,
 }
 
@@ -172,16 +170,16 @@ impl GpuState {
         self.stats.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
-    /// The segment buffers covering rows `a..b` of plan cache `c`: (buffer, first local row, rows
-    /// `lo..hi` it holds).
-    fn pieces(
+    /// Calls `f(buffer, first local row, lo, hi)` for each segment buffer covering rows `a..b` (as
+    /// `lo..hi`) of plan cache `c`.
+    fn for_pieces(
         &self,
         c: usize,
         a: usize,
         b: usize,
-    ) -> Result<Vec<(&wgpu::Buffer, usize, usize, usize)>> {
+        mut f: impl FnMut(&wgpu::Buffer, usize, usize, usize) -> Result<()>,
+    ) -> Result<()> {
         let rows = self.seg_rows[c].max(1);
-        let mut out = Vec::new();
         let mut lo = a;
         while lo < b {
             let seg = lo / rows;
@@ -190,10 +188,10 @@ impl GpuState {
                 .bufs
                 .get(self.home[c] + seg)
                 .ok_or_else(|| Error::Gpu(format!("cache {c} has no segment {seg}")))?;
-            out.push((buf, lo - seg * rows, lo, hi));
+            f(buf, lo - seg * rows, lo, hi)?;
             lo = hi;
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Forgets slot contents past `len` rows (after a truncation or reset of the sequence).
@@ -237,6 +235,8 @@ pub struct GpuPlan {
     dummy: wgpu::Buffer,
     /// Largest KV-cache buffer (bytes): a layer's cache beyond it is split into segments of whole rows.
     seg_bytes: u64,
+    /// One-item-an-invocation kernel variants ([`super::rows_variant`], decided once).
+    rows_variant: bool,
     /// Partials of split-cache attention (sized by the dry run).
     part: wgpu::Buffer,
     /// Bytes of partials the dry run asked for.
@@ -438,6 +438,7 @@ impl GpuPlan {
                 .unwrap_or(ctx.binding_limit)
                 .min(ctx.binding_limit)
                 .min(ctx.device.limits().max_buffer_size),
+            rows_variant: super::rows_variant(&ctx),
             part: ctx.buffer_with("attention partials", &[0; 4])?,
             part_need: std::sync::atomic::AtomicU64::new(0),
             dummy,
@@ -712,7 +713,7 @@ impl GpuPlan {
                 self.seg_bytes
             )));
         }
-        if super::rows_variant(&self.ctx) && !attention::rows_ok(head_dim, rows.min(slots)) {
+        if self.rows_variant && !attention::rows_ok(head_dim, rows.min(slots)) {
             // CPU adapters attend one (head, token) an invocation, within llvmpipe's loop bound: a
             // cache longer than that is split like one beyond a buffer (its chunk rows included).
             rows = rows.min(slots);
@@ -752,6 +753,11 @@ impl GpuPlan {
         max_chunk: usize,
     ) -> Result<GpuState> {
         use crate::kv::GpuCacheBudget;
+        if let Some((_, s)) = caches.iter().find(|(_, s)| s.len() != 4) {
+            return Err(Error::Gpu(format!(
+                "cache shape {s:?} is not [1, KVH, S, D]"
+            )));
+        }
         let bytes_of = |c: usize| -> u64 {
             caches
                 .get(c)
@@ -784,6 +790,23 @@ impl GpuPlan {
             fits.saturating_sub(2)
         };
         let nslots = (layers.len() - resident).min(2);
+        // A slot serves every streamed layer: they must share one cache shape.
+        if let Some(first) = layers.get(resident) {
+            if layers[resident..]
+                .iter()
+                .any(|p| (0..2).any(|k| caches.get(p[k]) != caches.get(first[k])))
+            {
+                return Err(Error::Gpu(
+                    "streamed layers have caches of different shapes; use a budget that keeps them \
+                     resident (`--gpu-cache-budget all`)"
+                        .into(),
+                ));
+            }
+        }
+        let rows_bytes: u64 = caches
+            .iter()
+            .map(|(dt, shape)| (shape[1] * shape[3] * dt.size() * max_chunk.max(1)) as u64)
+            .sum();
         let mut st = GpuState {
             home: vec![usize::MAX; caches.len()],
             seg_rows: vec![1; caches.len()],
@@ -797,24 +820,22 @@ impl GpuPlan {
                 self.ctx.device.clone(),
                 (4 << 20).min(layer_bytes.max(1 << 16)),
             )),
-            rows: self.ctx.staging("cache rows", 4),
-            downs: Mutex::new(Vec::new()),
+            rows: self.ctx.staging("cache rows", rows_bytes),
             stats: Mutex::new(Default::default()),
         };
         let mut held = Vec::new();
         let mut gpu_bytes = 0;
         // Segments: per cache, rows a buffer holds.
-        let mut segs = Vec::new();
         for (c, (dt, shape)) in caches.iter().enumerate() {
-            let (h, sl, d) = (shape[1], shape[2], shape[3]);
-            let (rows, _) = self.segs(h * d * dt.size(), sl, d)?;
-            st.seg_rows[c] = rows;
-            segs.push((rows, sl, h * d * dt.size()));
+            st.seg_rows[c] = self
+                .segs(shape[1] * shape[3] * dt.size(), shape[2], shape[3])?
+                .0;
         }
         // One logical buffer = its segments, consecutive in `bufs` (`held` is indexed by the first).
         let mut alloc =
             |st: &mut GpuState, label: String, c: usize, slots: usize| -> Result<usize> {
-                let (rows, _, row) = segs[c];
+                let (dt, shape) = &caches[c];
+                let (rows, row) = (st.seg_rows[c], shape[1] * shape[3] * dt.size());
                 let first = st.bufs.len();
                 let mut r0 = 0;
                 while r0 < slots.max(1) {
@@ -842,12 +863,7 @@ impl GpuPlan {
                 if i < nslots {
                     let mut b = [0; 2];
                     for (k, bk) in b.iter_mut().enumerate() {
-                        // A slot takes any streamed layer: sized (and split) like the largest one.
-                        let c = layers[resident..]
-                            .iter()
-                            .map(|p| p[k])
-                            .max_by_key(|&c| bytes_of(c))
-                            .unwrap_or(pair[k]);
+                        let c = pair[k];
                         *bk = alloc(&mut st, format!("cache slot {i}.{k}"), c, caches[c].1[2])?;
                         held.resize(st.bufs.len(), (None, 0));
                     }
@@ -868,16 +884,6 @@ impl GpuPlan {
                 st.home[c] = first;
             }
         }
-        let rows_bytes: u64 = caches
-            .iter()
-            .map(|(dt, shape)| {
-                (shape.get(1).copied().unwrap_or(0)
-                    * shape.get(3).copied().unwrap_or(0)
-                    * dt.size()
-                    * max_chunk.max(1)) as u64
-            })
-            .sum();
-        st.rows = self.ctx.staging("cache rows", rows_bytes);
         st.held = Mutex::new(held);
         if let Ok(mut k) = st.stats.lock() {
             k.layers_resident = resident;
@@ -1069,7 +1075,7 @@ impl GpuPlan {
                     .and_then(|m| crate::model::standard_prefix(m, t, slots))
                     .unwrap_or(slots);
                 // Keys never exceed the slots (position + chunk ≤ S): one kernel serves every step.
-                let rows = super::rows_variant(ctx) && attention::rows_ok(d, slots);
+                let rows = self.rows_variant && attention::rows_ok(d, slots);
                 let oshape = if *tokens_first {
                     vec![1, t, h, d]
                 } else {
@@ -1686,20 +1692,20 @@ impl GpuPlan {
     /// on the CPU.
     ///
     /// The KV cache: `host` holds every cache's rows before `position`; streamed layers' missing pages
-    /// are uploaded on the way (see [`GpuState`]). Returns the chunk's `tokens` new rows of every cache
-    /// (token-major bytes, in plan-cache order) for the caller to write into `host`.
+    /// are uploaded on the way (see [`GpuState`]), and the chunk's `tokens` new rows of every cache come
+    /// back into `host` at `position`.
     #[allow(clippy::too_many_arguments)]
     pub fn run(
         &self,
         plan: &Plan,
         state: &GpuState,
-        host: &crate::kv::PagedCache,
+        host: &mut crate::kv::PagedCache,
         env: &mut [Option<Tensor>],
         position: usize,
         tokens: usize,
         want: &[ValId],
         cpu_step: &mut CpuStep,
-    ) -> Result<Vec<Vec<u8>>> {
+    ) -> Result<()> {
         let r = self.run_inner(plan, state, host, env, position, tokens, want, cpu_step);
         if r.is_err() {
             // What the slots hold is unknown after a failed step: upload everything next time.
@@ -1717,13 +1723,14 @@ impl GpuPlan {
         &self,
         plan: &Plan,
         state: &GpuState,
-        host: &crate::kv::PagedCache,
+        host_mut: &mut crate::kv::PagedCache,
         env: &mut [Option<Tensor>],
         position: usize,
         tokens: usize,
         want: &[ValId],
         cpu_step: &mut CpuStep,
-    ) -> Result<Vec<Vec<u8>>> {
+    ) -> Result<()> {
+        let host = &*host_mut;
         if host.caches.len() != state.home.len() {
             return Err(Error::Gpu(format!(
                 "host cache has {} tensors, the GPU state {}",
@@ -1742,6 +1749,7 @@ impl GpuPlan {
             up: 0,
             down: 0,
             off: 0,
+            downs: Vec::new(),
             ndisp: 0,
         };
         let mut stats = self
@@ -1838,6 +1846,7 @@ impl GpuPlan {
                                 t: tokens,
                                 off: kv.off,
                             });
+                            kv.downs.push((c, kv.off));
                             kv.off += (rb * tokens) as u64;
                             kv.down += (rb * tokens) as u64;
                         }
@@ -1897,22 +1906,15 @@ impl GpuPlan {
         } else {
             Vec::new()
         };
-        // Split the rows per cache, in the order they were copied.
-        let downs = std::mem::take(
-            &mut *state
-                .downs
-                .lock()
-                .map_err(|_| Error::Gpu("cache lock poisoned".into()))?,
-        );
-        let mut out = vec![Vec::new(); host.caches.len()];
-        for (c, _, t, off) in downs {
-            let n = t * host.caches[c].row_bytes();
+        // Every cache's new rows, in the order they were copied, into the host pages.
+        for &(c, off) in &kv.downs {
+            let n = tokens * host_mut.caches[c].row_bytes();
             let piece = rows
                 .get(off as usize..off as usize + n)
                 .ok_or_else(|| Error::Gpu("cache rows were not read back".into()))?;
-            out[c] = piece.to_vec();
+            host_mut.caches[c].write_rows(position, tokens, piece)?;
         }
-        // Slots that were current now also hold this chunk's rows (the host gets them from `out`).
+        // Slots that were current now also hold this chunk's rows (as the host does).
         for e in kv.held.iter_mut() {
             if e.0.is_some() && e.1 == position {
                 e.1 = position + tokens;
@@ -1950,7 +1952,7 @@ impl GpuPlan {
         stats.submits = submits;
         stats.bytes_up = up;
         stats.bytes_down = down;
-        Ok(out)
+        Ok(())
     }
 
     /// [`GpuPlan::flush`], storing the fetched values in `env` and counting. Returns the first `rows`
@@ -2013,57 +2015,38 @@ impl GpuPlan {
                 Cmd::Up { c, a, b } => {
                     let t0 = std::time::Instant::now();
                     let pages = &host.caches[c];
-                    let rb = pages.row_bytes();
+                    let rb = pages.row_bytes() as u64;
                     let mut belt = state
                         .belt
                         .lock()
                         .map_err(|_| Error::Gpu("staging lock poisoned".into()))?;
-                    for (buf, la, lo, hi) in state.pieces(c, a, b)? {
-                        let size = ((hi - lo) * rb) as u64;
-                        if (la * rb) % 4 != 0
-                            || size % 4 != 0
-                            || (la * rb) as u64 + size > buf.size()
-                        {
-                            return Err(Error::Gpu(format!(
-                                "cache upload of rows {lo}..{hi} ({rb} bytes a row) does not fit its buffer"
-                            )));
-                        }
-                        let Some(size) = wgpu::BufferSize::new(size) else {
-                            continue;
+                    state.for_pieces(c, a, b, |buf, la, lo, hi| {
+                        let (at, n) = (la as u64 * rb, (hi - lo) as u64 * rb);
+                        let Some(size) = copy_range(buf, at, n)? else {
+                            return Ok(());
                         };
-                        let mut view = belt.write_buffer(enc, buf, (la * rb) as u64, size);
+                        let mut view = belt.write_buffer(enc, buf, at, size);
                         pages.for_range(lo, hi, |p, bytes| {
-                            let at = (p - lo) * rb;
-                            view.slice(at..at + bytes.len()).copy_from_slice(bytes);
+                            let o = (p - lo) * rb as usize;
+                            view.slice(o..o + bytes.len()).copy_from_slice(bytes);
                         });
-                        drop(view);
-                        count.up += size.get();
-                    }
+                        count.up += n;
+                        Ok(())
+                    })?;
                     count.pack_ms += t0.elapsed().as_secs_f64() * 1e3;
                     i += 1;
                 }
                 Cmd::Down { c, p, t, off } => {
                     let rb = host.caches[c].row_bytes() as u64;
-                    let mut at = off;
-                    for (buf, la, lo, hi) in state.pieces(c, p, p + t)? {
-                        let n = rb * (hi - lo) as u64;
-                        if (la as u64 * rb) % 4 != 0
-                            || n % 4 != 0
-                            || la as u64 * rb + n > buf.size()
-                            || at + n > state.rows.size()
-                        {
-                            return Err(Error::Gpu(format!(
-                                "cache rows {lo}..{hi} ({rb} bytes a row) do not fit the read-back buffer"
-                            )));
-                        }
-                        enc.copy_buffer_to_buffer(buf, la as u64 * rb, &state.rows, at, n);
-                        at += n;
-                    }
-                    state
-                        .downs
-                        .lock()
-                        .map_err(|_| Error::Gpu("cache lock poisoned".into()))?
-                        .push((c, p, t, off));
+                    let mut dst = off;
+                    state.for_pieces(c, p, p + t, |buf, la, lo, hi| {
+                        let (at, n) = (la as u64 * rb, (hi - lo) as u64 * rb);
+                        copy_range(buf, at, n)?;
+                        copy_range(&state.rows, dst, n)?;
+                        enc.copy_buffer_to_buffer(buf, at, &state.rows, dst, n);
+                        dst += n;
+                        Ok(())
+                    })?;
                     i += 1;
                 }
             }
@@ -2200,6 +2183,8 @@ struct Kv {
     down: u64,
     /// Bytes of new rows copied so far (the next offset in the rows buffer).
     off: u64,
+    /// The caches whose new rows were copied, with their offsets in the rows buffer.
+    downs: Vec<(usize, u64)>,
     /// Dispatches recorded so far.
     ndisp: usize,
 }
@@ -2240,6 +2225,19 @@ impl Kv {
             }
         }
     }
+}
+
+/// Checks that bytes `at..at + n` of `buf` can take part in a copy (4-byte aligned, inside the buffer);
+/// the size as a `BufferSize`, `None` when empty.
+fn copy_range(buf: &wgpu::Buffer, at: u64, n: u64) -> Result<Option<wgpu::BufferSize>> {
+    if at % 4 != 0 || n % 4 != 0 || at + n > buf.size() {
+        return Err(Error::Gpu(format!(
+            "a KV-cache copy of bytes {at}..{} does not fit a {}-byte buffer or is not 4-byte aligned",
+            at + n,
+            buf.size()
+        )));
+    }
+    Ok(wgpu::BufferSize::new(n))
 }
 
 fn e_is_const(plan: &Plan, v: ValId) -> bool {

@@ -108,7 +108,7 @@ impl GpuLinear {
         bias: Option<&[f32]>,
         limit: u64,
     ) -> Result<GpuLinear> {
-        Self::with_variant(ctx, name, w, bias, limit, per_thread(ctx))
+        Self::with_variant(ctx, name, w, bias, limit, super::rows_variant(ctx))
     }
 
     /// Like [`GpuLinear::with_limit`], choosing the kernel variant: `rows_per_thread` runs one output row
@@ -245,11 +245,6 @@ impl GpuLinear {
         let (x, y) = super::grid(self.parts[i].rows, per_group, max_dim);
         (x, y, t.div_ceil(TOKENS) as u32)
     }
-}
-
-/// Whether linears run one row an invocation (`linear_rows`); see [`super::rows_variant`].
-pub fn per_thread(ctx: &GpuContext) -> bool {
-    super::rows_variant(ctx)
 }
 
 /// The kernel for encoding `code` (see `linear.wgsl`) computing `rows` rows a workgroup (`0`: the
