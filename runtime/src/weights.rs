@@ -123,6 +123,83 @@ pub struct LinearWeights {
 }
 
 impl LinearWeights {
+    /// The rows of `parts` stacked into one `[Σ n, k]` layer (a copy), for kernels that run several
+    /// layers of one input as one pass. `None` unless every part has the same `k` and the same encoding
+    /// (for block forms: bits, block size and zero-point type).
+    pub fn concat(parts: &[&LinearWeights]) -> Option<LinearWeights> {
+        let first = parts.first()?;
+        let k = first.k;
+        let n = parts.iter().map(|p| p.n).sum();
+        if parts.iter().any(|p| p.k != k) {
+            return None;
+        }
+        let cat = |get: &dyn Fn(&LinearWeights) -> Option<&Tensor>| -> Option<Tensor> {
+            let ts: Vec<&Tensor> = parts.iter().map(|p| get(p)).collect::<Option<_>>()?;
+            let dtype = ts[0].dtype;
+            if ts.iter().any(|t| t.dtype != dtype) {
+                return None;
+            }
+            let mut bytes = Vec::with_capacity(ts.iter().map(|t| t.bytes().len()).sum());
+            let mut len = 0;
+            for t in &ts {
+                bytes.extend_from_slice(t.bytes());
+                len += t.numel();
+            }
+            Some(Tensor::mapped(dtype, &[len], bytes.into()))
+        };
+        let form = match &first.form {
+            WeightForm::F32(_) => WeightForm::F32(cat(&|p| match &p.form {
+                WeightForm::F32(t) => Some(t),
+                _ => None,
+            })?),
+            WeightForm::F16(_) => WeightForm::F16(cat(&|p| match &p.form {
+                WeightForm::F16(t) => Some(t),
+                _ => None,
+            })?),
+            WeightForm::BF16(_) => WeightForm::BF16(cat(&|p| match &p.form {
+                WeightForm::BF16(t) => Some(t),
+                _ => None,
+            })?),
+            WeightForm::Int8PerChannel { .. } => WeightForm::Int8PerChannel {
+                q: cat(&|p| match &p.form {
+                    WeightForm::Int8PerChannel { q, .. } => Some(q),
+                    _ => None,
+                })?,
+                scale: cat(&|p| match &p.form {
+                    WeightForm::Int8PerChannel { scale, .. } => Some(scale),
+                    _ => None,
+                })?,
+            },
+            WeightForm::Block { bits, block, .. } => {
+                let same = |p: &LinearWeights| match &p.form {
+                    WeightForm::Block {
+                        bits: b, block: k, ..
+                    } => b == bits && k == block,
+                    _ => false,
+                };
+                if !parts.iter().all(|p| same(p)) {
+                    return None;
+                }
+                fn field(p: &LinearWeights, i: usize) -> Option<&Tensor> {
+                    match &p.form {
+                        WeightForm::Block {
+                            b, scales, zero, ..
+                        } => Some([b, scales, zero][i]),
+                        _ => None,
+                    }
+                }
+                WeightForm::Block {
+                    bits: *bits,
+                    block: *block,
+                    b: cat(&|p| field(p, 0))?,
+                    scales: cat(&|p| field(p, 1))?,
+                    zero: cat(&|p| field(p, 2))?,
+                }
+            }
+        };
+        Some(LinearWeights { n, k, form })
+    }
+
     /// From a `Gemm` `B` input: `[N, K]` when `trans_b`, else `[K, N]` (transposed once, here).
     pub fn from_gemm_b(b: &Tensor, trans_b: bool) -> Result<Self, String> {
         if b.rank() != 2 {

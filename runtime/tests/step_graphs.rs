@@ -163,6 +163,23 @@ fn check_on(name: &str, opts: &LoadOptions) -> Vec<Vec<f32>> {
         "{name}: linear layers must be bound to their weights: {stats:?}"
     );
     println!("{name}: plan {stats:?}");
+    #[cfg(feature = "gpu")]
+    if let Some(g) = model.gpu_stats() {
+        // q/k/v and gate/up run as one dispatch each (the gate with its SiLU); on GPUs (not CPU
+        // adapters) the attention and MLP norms and the output norm fold into the linears after them.
+        let layers = model.info().num_layers;
+        println!("{name}: gpu {g:?}");
+        assert_eq!(
+            g.linear_groups,
+            2 * layers + usize::from(g.fused_norms > 0),
+            "{name}: {g:?}"
+        );
+        let cpu_adapter = model.gpu_info().is_some_and(|i| i.device_type == "Cpu");
+        let lanes = std::env::var("ONESTEP_GPU_VARIANT").as_deref() == Ok("lanes");
+        if lanes || !cpu_adapter {
+            assert_eq!(g.fused_norms, 2 * layers + 1, "{name}: {g:?}");
+        }
+    }
     let mut state = model.new_state().unwrap();
     let mut worst = 0.0f32;
     let mut all = Vec::new();

@@ -506,6 +506,7 @@ fn cmd_bench(
             "init_ms": g.init_ms, "compile_ms": g.compile_ms, "pipeline_cache_hit": g.pipeline_cache_hit,
             "shader_f16": g.shader_f16, "subgroups": g.subgroups,
             "dispatches_per_step": st.dispatches, "submits_per_step": st.submits,
+            "fused_linear_groups": st.linear_groups, "fused_norms": st.fused_norms,
             "gpu_steps": st.gpu_steps, "cpu_steps": st.cpu_steps,
             "weight_bytes": st.weight_bytes, "scratch_bytes": st.scratch_bytes,
             "bytes_up_per_step": st.bytes_up, "bytes_down_per_step": st.bytes_down,

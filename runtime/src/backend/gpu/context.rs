@@ -155,6 +155,18 @@ impl GpuContext {
         params: (&wgpu::Buffer, u64),
         bufs: &[&wgpu::Buffer],
     ) -> wgpu::BindGroup {
+        let at: Vec<(&wgpu::Buffer, u64)> = bufs.iter().map(|b| (*b, 0)).collect();
+        self.bind_at(kernel, params, &at)
+    }
+
+    /// [`GpuContext::bind`] with each buffer bound from a byte offset to its end (offsets are multiples
+    /// of the adapter's `min_storage_buffer_offset_alignment`).
+    pub fn bind_at(
+        &self,
+        kernel: &Kernel,
+        params: (&wgpu::Buffer, u64),
+        bufs: &[(&wgpu::Buffer, u64)],
+    ) -> wgpu::BindGroup {
         let mut entries = vec![wgpu::BindGroupEntry {
             binding: 0,
             resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
@@ -163,10 +175,14 @@ impl GpuContext {
                 size: wgpu::BufferSize::new(256),
             }),
         }];
-        for (i, b) in bufs.iter().enumerate() {
+        for (i, (b, off)) in bufs.iter().enumerate() {
             entries.push(wgpu::BindGroupEntry {
                 binding: i as u32 + 1,
-                resource: b.as_entire_binding(),
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: b,
+                    offset: *off,
+                    size: None,
+                }),
             });
         }
         self.device.create_bind_group(&wgpu::BindGroupDescriptor {

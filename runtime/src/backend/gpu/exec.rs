@@ -81,6 +81,8 @@ struct Desc {
     fused: Option<(usize, ValId)>,
     /// Output values with their metadata; `Some(src)` when the output is a view of `src`'s buffer.
     outs: Vec<(ValId, Meta, Option<ValId>)>,
+    /// Outputs that live at a byte offset into their `src`'s buffer (the parts of a fused linear).
+    at: Vec<(ValId, u64)>,
     /// Non-constant inputs the dispatches read.
     reads: Vec<ValId>,
     disp: Vec<Disp>,
@@ -111,6 +113,10 @@ pub struct GpuStats {
     pub submit_ms: f64,
     /// Activation buffer bytes.
     pub scratch_bytes: u64,
+    /// Fused linear groups (several layers of one input as one dispatch, or a layer with its norm).
+    pub linear_groups: usize,
+    /// Of those, groups that fold the RMS norm before them.
+    pub fused_norms: usize,
 }
 
 /// Per-step transfer and submission counters.
@@ -254,6 +260,12 @@ pub struct GpuPlan {
     cand: Fusions,
     /// Steps whose work another step does (their descriptions are empty).
     skipped: HashSet<usize>,
+    /// Fused linear groups by leader step.
+    lin_groups: HashMap<usize, GpuGroup>,
+    /// Steps a fused linear group does (members other than the leader, the norm, the gate).
+    absorbed: HashSet<usize>,
+    /// Per value: byte offset into its home buffer (non-zero for the parts of a fused linear).
+    offs: Vec<u64>,
     /// Linear steps that add the residual in their epilogue (and write the `Add`'s output).
     res_fused: HashSet<usize>,
     /// `queue.submit` time accumulated during the current step.
@@ -275,6 +287,21 @@ struct Fusions {
     tr: HashMap<usize, (usize, ValId)>,
     /// `Cast(f32→f16)` of a cache output → (its only consumer, a `Cast(f16→f32)` step; the input).
     round: HashMap<usize, (usize, ValId)>,
+    /// Linear layers of one input, with the RMS norm producing it and the SiLU gate joining them.
+    groups: Vec<LinGroup>,
+}
+
+/// Linear layers that read one input, run as one dispatch over their concatenated rows (q/k/v; gate/up),
+/// with the `RMSNormalization` before them and the `SiluGate` after them folded in where only they use
+/// those values. A lone linear after a norm (the output layer) is a group of one.
+#[derive(Debug, Clone)]
+struct LinGroup {
+    /// The linear steps, in the order their rows are concatenated.
+    members: Vec<usize>,
+    /// `(step, its input, its scale, epsilon)` of the `RMSNormalization` that only the members read.
+    norm: Option<(usize, ValId, ValId, f32)>,
+    /// The `SiluGate` step reading exactly the two members' outputs (the gate is the first member).
+    silu: Option<usize>,
 }
 
 impl Fusions {
@@ -360,8 +387,116 @@ impl Fusions {
                 _ => {}
             }
         }
+        if on("group") {
+            f.groups = LinGroup::find(plan, &consumers, &outs);
+            for g in &f.groups {
+                for m in &g.members {
+                    f.res.remove(m);
+                }
+            }
+        }
         f
     }
+}
+
+impl LinGroup {
+    fn find(plan: &Plan, consumers: &[Vec<usize>], outs: &HashSet<ValId>) -> Vec<LinGroup> {
+        let mut producer: HashMap<ValId, usize> = HashMap::new();
+        let mut by_x: std::collections::BTreeMap<ValId, Vec<usize>> = Default::default();
+        for (si, s) in plan.steps.iter().enumerate() {
+            match s {
+                Step::Node { outputs, .. } => {
+                    for &o in outputs {
+                        producer.insert(o, si);
+                    }
+                }
+                Step::Linear { x, .. } => by_x.entry(*x).or_default().push(si),
+                _ => {}
+            }
+        }
+        let out_of = |si: usize| match &plan.steps[si] {
+            Step::Linear { out, .. } => *out,
+            _ => usize::MAX,
+        };
+        let mut groups = Vec::new();
+        for (x, mut members) in by_x {
+            if members.len() > super::linear::MAX_PARTS {
+                continue;
+            }
+            let only_members = {
+                let mut c = consumers[x].clone();
+                c.sort_unstable();
+                c == members && !outs.contains(&x)
+            };
+            let norm = producer.get(&x).and_then(|&ni| {
+                let Step::Node { node, inputs, .. } = &plan.steps[ni] else {
+                    return None;
+                };
+                let n = &plan.graph.nodes[*node];
+                let (Some(Some(xin)), Some(Some(w))) = (inputs.first(), inputs.get(1)) else {
+                    return None;
+                };
+                let w_ok = plan.consts[*w]
+                    .as_ref()
+                    .is_some_and(|t| t.dtype == DType::F32 && t.rank() == 1);
+                (n.op == "RMSNormalization"
+                    && (n.domain.is_empty() || n.domain == "ai.onnx")
+                    && n.attr_int("axis", -1) == -1
+                    && n.attr_int("stash_type", 1) == 1
+                    && inputs.len() == 2
+                    && w_ok
+                    && only_members)
+                    .then(|| (ni, *xin, *w, n.attr_float("epsilon", 1e-5)))
+            });
+            if members.len() > 1 && members.iter().any(|&m| outs.contains(&out_of(m))) {
+                continue;
+            }
+            let mut silu = None;
+            if let [a, b] = members[..] {
+                let (oa, ob) = (out_of(a), out_of(b));
+                let only = |o: ValId| consumers[o].len() == 1 && !outs.contains(&o);
+                if only(oa) && only(ob) && consumers[oa] == consumers[ob] {
+                    let si = consumers[oa][0];
+                    if let Step::SiluGate(sg) = &plan.steps[si] {
+                        if sg.g == ob && sg.u == oa {
+                            members.swap(0, 1);
+                            silu = Some(si);
+                        } else if sg.g == oa && sg.u == ob {
+                            silu = Some(si);
+                        }
+                    }
+                }
+            }
+            if members.len() > 1 || norm.is_some() {
+                groups.push(LinGroup {
+                    members,
+                    norm,
+                    silu,
+                });
+            }
+        }
+        groups
+    }
+}
+
+/// A [`LinGroup`] bound to the GPU: its concatenated weights are the leader's (its first step's)
+/// [`GpuLinear`]; the other members, the norm and the gate are absorbed.
+#[derive(Debug)]
+struct GpuGroup {
+    /// The members' node names, joined by `+` (for errors).
+    name: String,
+    /// `(step, output, rows)` of every member, in concatenation order.
+    members: Vec<(usize, ValId, usize)>,
+    /// The members' input.
+    x: ValId,
+    /// `(input, scale, epsilon)` of the folded norm.
+    norm: Option<(ValId, ValId, f32)>,
+    /// Output of the folded SiLU gate.
+    silu_out: Option<ValId>,
+    /// [`GpuLinear::fused_kernels`]: one dispatch slot each; a step records the one for its token count.
+    kernels: Vec<Arc<Kernel>>,
+    /// Element offsets of the members' outputs in the shared buffer (parts form; set by the dry run).
+    bases: Mutex<Vec<usize>>,
 }
 
 impl std::fmt::Debug for GpuPlan {
@@ -414,8 +549,14 @@ impl GpuPlan {
         let nvals = plan.names.len();
         let mut linears = HashMap::new();
         let mut weight_bytes = 0;
+        let cand = Fusions::find(plan);
+        let (lin_groups, absorbed) =
+            Self::bind_groups(&ctx, plan, &cand, &mut linears, &mut weight_bytes)?;
         for (si, s) in plan.steps.iter().enumerate() {
             if let Step::Linear { node, w, bias, .. } = s {
+                if linears.contains_key(&si) || absorbed.contains(&si) {
+                    continue;
+                }
                 if GpuLinear::supports(w) {
                     let name = &plan.graph.nodes[*node].name;
                     let b = bias.as_ref().map(|b| b.typed::<f32>());
@@ -452,7 +593,10 @@ impl GpuPlan {
                 weight_bytes,
                 ..Default::default()
             }),
-            cand: Fusions::find(plan),
+            cand,
+            lin_groups,
+            absorbed,
+            offs: vec![0; nvals],
             submit_ms: Mutex::new(0.0),
             profile: std::env::var_os("ONESTEP_PROFILE")
                 .filter(|v| v != "0")
@@ -483,7 +627,8 @@ impl GpuPlan {
                 };
                 let d = me.describe(si, s, &e, true, 0)?;
                 let heavy = matches!(s, Step::Linear { .. } | Step::CacheAttention { .. })
-                    || me.skipped.contains(&si);
+                    || me.skipped.contains(&si)
+                    || me.absorbed.contains(&si);
                 match d {
                     Some(d)
                         if heavy
@@ -531,8 +676,14 @@ impl GpuPlan {
                             None => *o,
                         };
                         root[*o] = Some(r);
+                        // A view starts where its source does; a fused part where the group put it.
+                        me.offs[*o] = match (d.at.iter().find(|a| a.0 == *o), src) {
+                            (Some(&(_, off)), _) => off,
+                            (None, Some(s)) => me.offs[*s],
+                            (None, None) => 0,
+                        };
                         let e = need.entry(r).or_insert(0);
-                        *e = (*e).max(m.bytes());
+                        *e = (*e).max(me.offs[*o] + m.bytes());
                         meta[*o] = Some(m.clone());
                         env[*o] = None;
                     }
@@ -548,6 +699,8 @@ impl GpuPlan {
                     if me.tr_src.contains_key(&si)
                         || me.round_src.contains_key(&si)
                         || me.skipped.contains(&si)
+                        || me.absorbed.contains(&si)
+                        || me.lin_groups.contains_key(&si)
                     {
                         return Err(Error::Gpu(format!(
                             "step {si} was fused with an earlier one but cannot run on the GPU"
@@ -648,11 +801,119 @@ impl GpuPlan {
         if let Ok(mut st) = me.lock.lock() {
             st.scratch_bytes = scratch;
             st.gpu_steps = me.on_gpu.iter().filter(|g| **g).count();
+            st.linear_groups = me.lin_groups.len();
+            st.fused_norms = me.lin_groups.values().filter(|g| g.norm.is_some()).count();
             st.cpu_steps = me.on_gpu.len() - st.gpu_steps;
         }
         ctx.check("planning")?;
         ctx.save_pipeline_cache();
         Ok(me)
+    }
+
+    /// Uploads the concatenated weights of every fused linear group the GPU kernel takes (into
+    /// `linears`, under the group's first step) and returns the groups and the steps they absorb.
+    fn bind_groups(
+        ctx: &Arc<GpuContext>,
+        plan: &Plan,
+        cand: &Fusions,
+        linears: &mut HashMap<usize, GpuLinear>,
+        weight_bytes: &mut u64,
+    ) -> Result<(HashMap<usize, GpuGroup>, HashSet<usize>)> {
+        use super::linear::FusedOut;
+        let mut groups = HashMap::new();
+        let mut absorbed = HashSet::new();
+        // CPU adapters compute every row's x·scale product (the norm's cost times N), where a GPU hides
+        // it behind the weight loads: there the norm stays a dispatch of its own.
+        let fold_norm = !super::rows_variant(ctx);
+        for gr in &cand.groups {
+            let mut gr = gr.clone();
+            if !fold_norm {
+                gr.norm = None;
+            }
+            if gr.members.len() < 2 && gr.norm.is_none() {
+                continue;
+            }
+            let mut ws = Vec::new();
+            let mut biases = Vec::new();
+            let mut members = Vec::new();
+            let mut x0 = None;
+            for &si in &gr.members {
+                if let Step::Linear {
+                    w, bias, out, x, ..
+                } = &plan.steps[si]
+                {
+                    ws.push(&**w);
+                    biases.push(bias.as_ref().map(|b| b.typed::<f32>().to_vec()));
+                    members.push((si, *out, w.n));
+                    x0 = Some(*x);
+                }
+            }
+            let Some(x) = x0 else { continue };
+            if members.len() != gr.members.len() || !ws.iter().all(|w| GpuLinear::supports(w)) {
+                continue;
+            }
+            let Some(cat) = crate::weights::LinearWeights::concat(&ws) else {
+                continue;
+            };
+            if let Some((_, _, w, _)) = gr.norm {
+                if plan.consts[w].as_ref().map(|t| t.numel()) != Some(cat.k) {
+                    continue;
+                }
+            }
+            let bias: Option<Vec<f32>> = biases.iter().any(|b| b.is_some()).then(|| {
+                biases
+                    .iter()
+                    .zip(&members)
+                    .flat_map(|(b, m)| b.clone().unwrap_or_else(|| vec![0.0; m.2]))
+                    .collect()
+            });
+            let names: Vec<&str> = gr
+                .members
+                .iter()
+                .map(|&si| match &plan.steps[si] {
+                    Step::Linear { node, .. } => plan.graph.nodes[*node].name.as_str(),
+                    _ => "",
+                })
+                .collect();
+            let name = names.join("+");
+            let Ok(g) = GpuLinear::new(ctx, &name, &cat, bias.as_deref()) else {
+                // Too large for one binding together: the members run alone.
+                continue;
+            };
+            let out = if gr.silu.is_some() {
+                FusedOut::SiluPair
+            } else if members.len() > 1 {
+                FusedOut::Parts(members.iter().map(|m| (m.2, 0)).collect())
+            } else {
+                FusedOut::One
+            };
+            let Some(kernels) = g.fused_kernels(ctx, &out, gr.norm.is_some())? else {
+                continue;
+            };
+            let leader = *gr.members.iter().min().unwrap_or(&members[0].0);
+            *weight_bytes += g.bytes;
+            linears.insert(leader, g);
+            absorbed.extend(gr.members.iter().copied().filter(|&m| m != leader));
+            absorbed.extend(gr.norm.map(|n| n.0));
+            absorbed.extend(gr.silu);
+            let silu_out = gr.silu.and_then(|si| match &plan.steps[si] {
+                Step::SiluGate(sg) => Some(sg.out),
+                _ => None,
+            });
+            groups.insert(
+                leader,
+                GpuGroup {
+                    name,
+                    members,
+                    x,
+                    norm: gr.norm.map(|(_, xin, w, eps)| (xin, w, eps)),
+                    silu_out,
+                    kernels,
+                    bases: Mutex::new(Vec::new()),
+                },
+            );
+        }
+        Ok((groups, absorbed))
     }
 
     /// GPU time per kernel (`(kernel, dispatches, seconds)`, slowest first) when `ONESTEP_PROFILE=1`.
@@ -681,27 +942,34 @@ impl GpuPlan {
         si: usize,
         r: BufRef,
         state: Option<&'a GpuState>,
-    ) -> Result<&'a wgpu::Buffer> {
-        Ok(match r {
-            BufRef::Val(v) => {
-                let h = self.home[v]
-                    .ok_or_else(|| Error::Gpu(format!("value {v} has no GPU buffer")))?;
-                &self.bufs[h]
-            }
-            BufRef::Dummy => &self.dummy,
-            BufRef::LinW(i) => &self.linear(si)?.parts[i].w,
-            BufRef::LinS(i) => &self.linear(si)?.parts[i].s,
-            BufRef::LinZ(i) => &self.linear(si)?.parts[i].z,
-            BufRef::LinBias => &self.linear(si)?.bias,
-            BufRef::Part => &self.part,
-            BufRef::CacheK(c, seg) | BufRef::CacheV(c, seg) => {
-                let st = state.ok_or_else(|| Error::Gpu("cache binding without a state".into()))?;
-                st.home
-                    .get(c)
-                    .and_then(|&b| st.bufs.get(b + seg))
-                    .ok_or_else(|| Error::Gpu(format!("state has no cache {c} segment {seg}")))?
-            }
-        })
+    ) -> Result<(&'a wgpu::Buffer, u64)> {
+        if let BufRef::Val(v) = r {
+            let h =
+                self.home[v].ok_or_else(|| Error::Gpu(format!("value {v} has no GPU buffer")))?;
+            return Ok((&self.bufs[h], self.offs[v]));
+        }
+        Ok((
+            match r {
+                BufRef::Val(_) => unreachable!("handled above"),
+                BufRef::Dummy => &self.dummy,
+                BufRef::LinW(i) => &self.linear(si)?.parts[i].w,
+                BufRef::LinS(i) => &self.linear(si)?.parts[i].s,
+                BufRef::LinZ(i) => &self.linear(si)?.parts[i].z,
+                BufRef::LinBias => &self.linear(si)?.bias,
+                BufRef::Part => &self.part,
+                BufRef::CacheK(c, seg) | BufRef::CacheV(c, seg) => {
+                    let st =
+                        state.ok_or_else(|| Error::Gpu("cache binding without a state".into()))?;
+                    st.home
+                        .get(c)
+                        .and_then(|&b| st.bufs.get(b + seg))
+                        .ok_or_else(|| {
+                            Error::Gpu(format!("state has no cache {c} segment {seg}"))
+                        })?
+                }
+            },
+            0,
+        ))
     }
 
     /// Rows a cache segment holds and the number of segments, for caches of `slots` rows of `row` bytes.
@@ -732,11 +1000,11 @@ impl GpuPlan {
     }
 
     fn bind_group(&self, si: usize, j: usize, state: Option<&GpuState>) -> Result<wgpu::BindGroup> {
-        let bufs: Vec<&wgpu::Buffer> = self.binds[si][j]
+        let bufs: Vec<(&wgpu::Buffer, u64)> = self.binds[si][j]
             .iter()
             .map(|r| self.buf_for(si, *r, state))
             .collect::<Result<_>>()?;
-        Ok(self.ctx.bind(
+        Ok(self.ctx.bind_at(
             &self.kernels[si][j],
             (&self.params, ((self.slot0[si] + j) * 256) as u64),
             &bufs,
@@ -936,6 +1204,18 @@ impl GpuPlan {
             })
         };
         let _ = HEAVY_NONE;
+        if self.absorbed.contains(&si) {
+            return Ok(Some(Desc {
+                fused: None,
+                at: Vec::new(),
+                outs: Vec::new(),
+                reads: Vec::new(),
+                disp: Vec::new(),
+            }));
+        }
+        if let Some(gr) = self.lin_groups.get(&si) {
+            return self.describe_group(si, gr, e, dry).map(Some);
+        }
         match s {
             Step::Linear { x, out, .. } => {
                 let Some(g) = self.linears.get(&si) else {
@@ -996,6 +1276,7 @@ impl GpuPlan {
                 }
                 Ok(Some(Desc {
                     fused: fuse.filter(|_| dry).map(|(ai, other, _)| (ai, other)),
+                    at: Vec::new(),
                     outs: vec![(
                         target,
                         Meta {
@@ -1018,6 +1299,7 @@ impl GpuPlan {
                 let n = gm.numel();
                 Ok(Some(Desc {
                     fused: None,
+                    at: Vec::new(),
                     outs: vec![(sg.out, gm, None)],
                     reads: vec![sg.g, sg.u],
                     disp: vec![ew_disp(
@@ -1170,6 +1452,7 @@ impl GpuPlan {
                 };
                 Ok(Some(Desc {
                     fused: None,
+                    at: Vec::new(),
                     outs: vec![(
                         *out,
                         Meta {
@@ -1221,6 +1504,7 @@ impl GpuPlan {
                 if self.skipped.contains(&si) && n.op == "Add" {
                     return Ok(Some(Desc {
                         fused: None,
+                        at: Vec::new(),
                         outs: Vec::new(),
                         reads: Vec::new(),
                         disp: Vec::new(),
@@ -1240,6 +1524,7 @@ impl GpuPlan {
                     };
                     return Ok(Some(Desc {
                         fused: dry.then_some((other, src)),
+                        at: Vec::new(),
                         outs: vec![(out, om, None)],
                         reads: vec![src],
                         disp: Vec::new(),
@@ -1250,6 +1535,7 @@ impl GpuPlan {
                     let nn = xm.numel();
                     return Ok(Some(Desc {
                         fused: None,
+                        at: Vec::new(),
                         outs: vec![(out, xm, None)],
                         reads: vec![x],
                         disp: vec![ew_disp(
@@ -1281,6 +1567,7 @@ impl GpuPlan {
                         let m = Meta::of(&o[0]);
                         Ok(Some(Desc {
                             fused: None,
+                            at: Vec::new(),
                             outs: vec![(out, m, Some(x))],
                             reads: vec![x],
                             disp: Vec::new(),
@@ -1304,6 +1591,7 @@ impl GpuPlan {
                         let nn = os.iter().product();
                         Ok(Some(Desc {
                             fused: None,
+                            at: Vec::new(),
                             outs: vec![(
                                 out,
                                 Meta {
@@ -1332,6 +1620,7 @@ impl GpuPlan {
                         let nn = am.numel();
                         Ok(Some(Desc {
                             fused: None,
+                            at: Vec::new(),
                             outs: vec![(out, am, None)],
                             reads: vec![a],
                             disp: vec![ew_disp(
@@ -1354,6 +1643,7 @@ impl GpuPlan {
                                 }
                                 return Ok(Some(Desc {
                                     fused: None,
+                                    at: Vec::new(),
                                     outs: vec![(out, am, Some(a))],
                                     reads: vec![a],
                                     disp: Vec::new(),
@@ -1366,6 +1656,7 @@ impl GpuPlan {
                         let to = to.unwrap_or(DType::F32);
                         Ok(Some(Desc {
                             fused: None,
+                            at: Vec::new(),
                             outs: vec![(
                                 out,
                                 Meta {
@@ -1420,6 +1711,7 @@ impl GpuPlan {
                         let p = ew::transpose_params(&shape, &perm)?;
                         Ok(Some(Desc {
                             fused: None,
+                            at: Vec::new(),
                             outs: vec![(
                                 out,
                                 Meta {
@@ -1468,6 +1760,7 @@ impl GpuPlan {
                         let words = row_bytes / 4;
                         Ok(Some(Desc {
                             fused: None,
+                            at: Vec::new(),
                             outs: vec![(
                                 out,
                                 Meta {
@@ -1508,6 +1801,7 @@ impl GpuPlan {
                         let (gx, gy) = grid(rows, 1, ctx.max_groups);
                         Ok(Some(Desc {
                             fused: None,
+                            at: Vec::new(),
                             outs: vec![(out, xm, None)],
                             reads: vec![x, w],
                             disp: vec![Disp {
@@ -1577,6 +1871,7 @@ impl GpuPlan {
                         let (gx, gy) = grid(nn, 256, ctx.max_groups);
                         Ok(Some(Desc {
                             fused: None,
+                            at: Vec::new(),
                             outs: vec![(out, xm, None)],
                             reads: vec![x, c, sn, pv],
                             disp: vec![Disp {
@@ -1624,6 +1919,7 @@ impl GpuPlan {
                         os[r - 1] = 1;
                         Ok(Some(Desc {
                             fused: None,
+                            at: Vec::new(),
                             outs: vec![
                                 (
                                     outputs[0],
@@ -1663,6 +1959,114 @@ impl GpuPlan {
 
     /// Whether the attention's new-row inputs are exactly the cache outputs (directly, or through a Cast to
     /// f32 of an f16 output) — then writing them back into the cache reproduces the graph's outputs.
+    /// A fused linear group's one dispatch (see [`LinGroup`]).
+    fn describe_group(&self, si: usize, gr: &GpuGroup, e: &Env, dry: bool) -> Result<Desc> {
+        use super::linear::FusedOut;
+        let g = self.linear(si)?;
+        let xin = gr.norm.map_or(gr.x, |n| n.0);
+        let name = &gr.name;
+        let xm = e
+            .meta(xin)
+            .filter(|m| m.dtype == DType::F32 && m.shape.last() == Some(&g.k))
+            .ok_or_else(|| {
+                Error::Gpu(format!(
+                    "fused linear `{name}`: its input `{}` is not f32 [.., {}]",
+                    e.plan.names[xin], g.k
+                ))
+            })?;
+        let m = xm.numel() / g.k.max(1);
+        let meta = |n: usize| {
+            let mut shape = xm.shape.clone();
+            if let Some(l) = shape.last_mut() {
+                *l = n;
+            }
+            Meta {
+                dtype: DType::F32,
+                shape,
+            }
+        };
+        let mut at = Vec::new();
+        let (out, outs) = if let Some(so) = gr.silu_out {
+            (FusedOut::SiluPair, vec![(so, meta(g.n / 2), None)])
+        } else if gr.members.len() == 1 {
+            (FusedOut::One, vec![(gr.members[0].1, meta(g.n), None)])
+        } else {
+            let mut bases = gr
+                .bases
+                .lock()
+                .map_err(|_| Error::Gpu("group lock poisoned".into()))?;
+            if dry {
+                // Each member's [T, rows] at an offset a binding may start at.
+                let align = (self.ctx.device.limits().min_storage_buffer_offset_alignment as usize
+                    / 4)
+                .max(1);
+                bases.clear();
+                let mut b = 0;
+                for mb in &gr.members {
+                    bases.push(b);
+                    b = (b + m * mb.2).next_multiple_of(align);
+                }
+            }
+            let o0 = gr.members[0].1;
+            let mut outs = Vec::new();
+            for (mb, &b) in gr.members.iter().zip(bases.iter()) {
+                outs.push((mb.1, meta(mb.2), (mb.1 != o0).then_some(o0)));
+                at.push((mb.1, 4 * b as u64));
+            }
+            (
+                FusedOut::Parts(
+                    gr.members
+                        .iter()
+                        .zip(bases.iter())
+                        .map(|(mb, &b)| (mb.2, b))
+                        .collect(),
+                ),
+                outs,
+            )
+        };
+        let target = outs[0].0;
+        let mut reads = vec![xin];
+        let aux = match gr.norm {
+            Some((_, w, _)) => {
+                reads.push(w);
+                BufRef::Val(w)
+            }
+            None => BufRef::Dummy,
+        };
+        let pick = g.fused_pick(m);
+        let disp = gr
+            .kernels
+            .iter()
+            .enumerate()
+            .map(|(j, kernel)| Disp {
+                kernel: dry.then(|| kernel.clone()),
+                binds: vec![
+                    BufRef::Val(xin),
+                    BufRef::LinW(0),
+                    BufRef::LinS(0),
+                    BufRef::LinZ(0),
+                    BufRef::LinBias,
+                    aux,
+                    BufRef::Val(target),
+                ],
+                params: g.fused_params(m, &out, gr.norm.map(|n| n.2)),
+                // The slot not taken this step records nothing.
+                groups: if j == pick {
+                    g.fused_groups(m, &out, self.ctx.max_groups)
+                } else {
+                    (0, 0, 0)
+                },
+            })
+            .collect();
+        Ok(Desc {
+            fused: None,
+            at,
+            outs,
+            reads,
+            disp,
+        })
+    }
+
     fn writes_rows(&self, plan: &Plan, past: &[usize; 2], new: &[ValId; 2]) -> bool {
         (0..2).all(|j| {
             let c = &plan.caches[past[j]];
@@ -1792,6 +2196,12 @@ impl GpuPlan {
                             Error::Gpu(format!("`{}` has no GPU buffer", plan.names[v]))
                         })?;
                         let b = t.bytes();
+                        if self.offs[v] != 0 {
+                            return Err(Error::Gpu(format!(
+                                "`{}` is a part of a fused output and cannot be uploaded",
+                                plan.names[v]
+                            )));
+                        }
                         if b.len() as u64 > self.caps[h] {
                             return Err(Error::Gpu(format!(
                                 "`{}` needs {} bytes, {} were planned",
@@ -1808,11 +2218,11 @@ impl GpuPlan {
                         let h = self.home[o].ok_or_else(|| {
                             Error::Gpu(format!("`{}` has no GPU buffer", plan.names[o]))
                         })?;
-                        if m.bytes() > self.caps[h] {
+                        if self.offs[o] + m.bytes() > self.caps[h] {
                             return Err(Error::Gpu(format!(
                                 "`{}` needs {} bytes, {} were planned",
                                 plan.names[o],
-                                m.bytes(),
+                                self.offs[o] + m.bytes(),
                                 self.caps[h]
                             )));
                         }
@@ -1831,6 +2241,9 @@ impl GpuPlan {
                         let at = slot * 256;
                         if params.len() < at + 256 {
                             params.resize(at + 256, 0);
+                        }
+                        if dd.groups.0 == 0 {
+                            continue;
                         }
                         params[at..at + 256].copy_from_slice(dd.params.bytes());
                         pending.push(Cmd::Disp(si, j, dd.groups));
@@ -2145,7 +2558,7 @@ impl GpuPlan {
                     st.size()
                 )));
             }
-            enc.copy_buffer_to_buffer(&self.bufs[h], 0, &st, 0, bytes);
+            enc.copy_buffer_to_buffer(&self.bufs[h], self.offs[v], &st, 0, bytes);
             reads.push((st, m.numel() * m.dtype.size(), m.clone()));
         }
         let t_wait = std::time::Instant::now();
@@ -2362,5 +2775,50 @@ pub(crate) fn run_linear_once(
     enc.copy_buffer_to_buffer(&ob, 0, &st, 0, (t * g.n * 4) as u64);
     ctx.queue.submit([enc.finish()]);
     let v = ctx.read_back(&[(&st, t * g.n * 4)])?.remove(0);
+    Ok(bytemuck::cast_slice(&v).to_vec())
+}
+
+/// Test helper: the fused forms of `g` ([`super::linear::FusedOut`]) over `x` (`aux`: the norm's scale),
+/// returning `out_len` floats of the output buffer.
+#[cfg(test)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn run_fused_linear_once(
+    ctx: &GpuContext,
+    g: &GpuLinear,
+    out: &super::linear::FusedOut,
+    norm: Option<f32>,
+    x: &[f32],
+    aux: &[f32],
+    t: usize,
+    out_len: usize,
+) -> Result<Vec<f32>> {
+    let kernel = g
+        .fused_kernels(ctx, out, norm.is_some())?
+        .ok_or_else(|| Error::Gpu("no fused kernel for these weights".into()))?
+        .swap_remove(g.fused_pick(t));
+    let xb = ctx.buffer_with("x", bytemuck::cast_slice(x))?;
+    let ab = ctx.buffer_with("aux", bytemuck::cast_slice(aux))?;
+    let ob = ctx.storage("o", (out_len * 4) as u64)?;
+    let pbuf = ctx.uniform("p", 256);
+    ctx.queue
+        .write_buffer(&pbuf, 0, g.fused_params(t, out, norm).bytes());
+    let p = &g.parts[0];
+    let bg = ctx.bind(
+        &kernel,
+        (&pbuf, 0),
+        &[&xb, &p.w, &p.s, &p.z, &g.bias, &ab, &ob],
+    );
+    let mut enc = ctx.device.create_command_encoder(&Default::default());
+    {
+        let mut pass = enc.begin_compute_pass(&Default::default());
+        pass.set_pipeline(&kernel.pipeline);
+        pass.set_bind_group(0, &bg, &[]);
+        let (gx, gy, gz) = g.fused_groups(t, out, ctx.max_groups);
+        pass.dispatch_workgroups(gx, gy, gz);
+    }
+    let st = ctx.staging("s", (out_len * 4) as u64);
+    enc.copy_buffer_to_buffer(&ob, 0, &st, 0, (out_len * 4) as u64);
+    ctx.queue.submit([enc.finish()]);
+    let v = ctx.read_back(&[(&st, out_len * 4)])?.remove(0);
     Ok(bytemuck::cast_slice(&v).to_vec())
 }

@@ -60,6 +60,8 @@ pub struct GpuLinear {
     pub bytes: u64,
     /// Output rows a workgroup computes (`0`: one row an invocation, 64 a workgroup).
     pub rows: usize,
+    /// The encoding's code in `linear.wgsl` (`FORM`).
+    pub form: u32,
 }
 
 fn form_code(w: &LinearWeights) -> Option<(u32, usize)> {
@@ -215,6 +217,7 @@ impl GpuLinear {
         };
         let kernel = kernel(ctx, code, rows)?;
         Ok(GpuLinear {
+            form: code,
             rows,
             n,
             k,
@@ -245,6 +248,154 @@ impl GpuLinear {
         let (x, y) = super::grid(self.parts[i].rows, per_group, max_dim);
         (x, y, t.div_ceil(TOKENS) as u32)
     }
+}
+
+/// What a fused linear dispatch computes besides `x · Wᵀ + bias` (see `linear.wgsl`, P[7..]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum FusedOut {
+    /// One output `[T, N]`.
+    One,
+    /// The rows are `parts` layers: `(rows, element offset of its [T, rows] output in O)` each.
+    Parts(Vec<(usize, usize)>),
+    /// The first half of the rows are `a`, the second `b`: output `[T, N/2]` = SiLU(a)·b.
+    SiluPair,
+}
+
+/// Most layers one parts dispatch writes.
+pub const MAX_PARTS: usize = 4;
+/// Tokens a workgroup computes in the fused forms.
+pub const FUSED_TOKENS: usize = 4;
+
+impl GpuLinear {
+    /// The kernels of the fused forms for these weights: one for any token count, or (one item an
+    /// invocation) one for a single token and one for chunks. `None` when the weights are split over
+    /// several bindings, which the fused forms do not take.
+    pub fn fused_kernels(
+        &self,
+        ctx: &GpuContext,
+        out: &FusedOut,
+        norm: bool,
+    ) -> Result<Option<Vec<Arc<Kernel>>>> {
+        if self.parts.len() != 1 {
+            return Ok(None);
+        }
+        if let FusedOut::Parts(p) = out {
+            if p.is_empty() || p.len() > MAX_PARTS || p.iter().map(|x| x.0).sum::<usize>() != self.n
+            {
+                return Ok(None);
+            }
+        }
+        if *out == FusedOut::SiluPair && self.n % 2 != 0 {
+            return Ok(None);
+        }
+        let spec = Spec {
+            code: self.form,
+            mode: out.mode(),
+            norm,
+        };
+        Ok(Some(if self.rows == 0 {
+            vec![
+                fused_kernel(ctx, spec, "linear_rows_fused", 8)?,
+                fused_kernel(ctx, spec, "linear_rows_fused4", 8)?,
+            ]
+        } else {
+            // A pair needs both rows in one workgroup.
+            vec![fused_kernel(ctx, spec, "linear", self.rows.max(2))?]
+        }))
+    }
+
+    /// Which of [`GpuLinear::fused_kernels`] runs `t` tokens.
+    pub fn fused_pick(&self, t: usize) -> usize {
+        usize::from(self.rows == 0 && t != 1)
+    }
+
+    /// Parameters of the fused forms for `t` tokens: RMS norm of x with `eps` when `norm` is set.
+    pub fn fused_params(&self, t: usize, out: &FusedOut, norm: Option<f32>) -> Params {
+        let n = match out {
+            FusedOut::SiluPair => self.n / 2,
+            _ => self.n,
+        };
+        let mode = out.mode() as usize;
+        let mut p = Params::new()
+            .u(n)
+            .u(self.k)
+            .u(t)
+            .u(0)
+            .u(n)
+            .u(self.has_bias as usize)
+            .u(0)
+            .u(mode)
+            .u(norm.is_some() as usize)
+            .f(norm.unwrap_or(0.0));
+        match out {
+            FusedOut::Parts(parts) => {
+                p = p.u(parts.len());
+                let mut end = 0;
+                for &(rows, base) in parts {
+                    end += rows;
+                    p = p.u(end).u(base);
+                }
+            }
+            _ => p = p.u(1),
+        }
+        p
+    }
+
+    /// Workgroups of the fused forms for `t` tokens.
+    pub fn fused_groups(&self, t: usize, out: &FusedOut, max_dim: u32) -> (u32, u32, u32) {
+        let pair = *out == FusedOut::SiluPair;
+        let items = if pair { self.n / 2 } else { self.n };
+        let per = match self.rows {
+            0 => 64,
+            r if pair => r.max(2) / 2,
+            r => r,
+        };
+        let (x, y) = super::grid(items, per, max_dim);
+        (x, y, t.div_ceil(FUSED_TOKENS) as u32)
+    }
+}
+
+impl FusedOut {
+    /// `MODE` in `linear.wgsl`.
+    pub fn mode(&self) -> u32 {
+        match self {
+            FusedOut::One => 0,
+            FusedOut::Parts(_) => 1,
+            FusedOut::SiluPair => 2,
+        }
+    }
+}
+
+/// The pipeline constants of a fused-forms kernel.
+#[derive(Debug, Clone, Copy)]
+struct Spec {
+    code: u32,
+    mode: u32,
+    norm: bool,
+}
+
+/// A fused-forms kernel: `entry` of `linear.wgsl` specialized to `spec`, `rows` rows a workgroup.
+fn fused_kernel(ctx: &GpuContext, spec: Spec, entry: &str, rows: usize) -> Result<Arc<Kernel>> {
+    ctx.pipeline(
+        "linear",
+        SOURCE,
+        entry,
+        &[
+            Bind::Read,
+            Bind::Read,
+            Bind::Read,
+            Bind::Read,
+            Bind::Read,
+            Bind::Read,
+            Bind::Write,
+        ],
+        &[
+            ("FORM", spec.code as f64),
+            ("ROWS", rows as f64),
+            ("MODE", spec.mode as f64),
+            ("NORM", f64::from(u8::from(spec.norm))),
+        ],
+    )
 }
 
 /// The kernel for encoding `code` (see `linear.wgsl`) computing `rows` rows a workgroup (`0`: the
@@ -442,6 +593,151 @@ mod tests {
                     );
                     if limit < ctx.binding_limit && n >= 64 {
                         assert!(g.parts.len() > 1, "{name}: expected a split");
+                    }
+                }
+            }
+        }
+    }
+
+    /// RMS-normalized x (CPU reference): x / sqrt(mean(x²) + eps) · g, row by row.
+    fn rms(x: &[f32], g: &[f32], eps: f32) -> Vec<f32> {
+        let k = g.len();
+        x.chunks(k)
+            .flat_map(|r| {
+                let ms = r.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / k as f64;
+                let inv = 1.0 / (ms + eps as f64).sqrt();
+                r.iter()
+                    .zip(g)
+                    .map(move |(v, s)| (*v as f64 * inv) as f32 * s)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn fused_forms_match_the_cpu_layers_they_replace() {
+        let Some(ctx) = ctx() else { return };
+        let eps = 1e-5;
+        for (k, t) in [(64, 1), (576, 1), (96, 3), (576, 6), (64, 9)] {
+            let x: Vec<f32> = noise(t * k, 21).iter().map(|v| 3.0 * v).collect();
+            let gamma: Vec<f32> = noise(k, 22).iter().map(|v| 1.0 + 0.5 * v).collect();
+            let sizes = [40usize, 12, 12];
+            for name in ["f32", "f16", "int8", "q4 f32 zero", "q8"] {
+                let layers: Vec<LinearWeights> = sizes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &n)| {
+                        forms(n, k, (7 * i + k) as u64)
+                            .into_iter()
+                            .find(|f| f.0 == name)
+                            .unwrap()
+                            .1
+                    })
+                    .collect();
+                let refs: Vec<&LinearWeights> = layers.iter().collect();
+                let cat = LinearWeights::concat(&refs).unwrap();
+                let ntot: usize = sizes.iter().sum();
+                let bias = noise(ntot, 23);
+                for norm in [None, Some(eps)] {
+                    let xin = match norm {
+                        Some(e) => rms(&x, &gamma, e),
+                        None => x.clone(),
+                    };
+                    // Each layer alone on the CPU.
+                    let mut want = Vec::new();
+                    let mut b0 = 0;
+                    for l in &layers {
+                        let mut y = vec![0.0; t * l.n];
+                        l.forward(&xin, t, Some(&bias[b0..b0 + l.n]), &mut y)
+                            .unwrap();
+                        want.push(y);
+                        b0 += l.n;
+                    }
+                    let scale = want.iter().flatten().fold(1.0f32, |m, v| m.max(v.abs()));
+                    for rows_per_thread in [false, true] {
+                        let g = GpuLinear::with_variant(
+                            &ctx,
+                            name,
+                            &cat,
+                            Some(&bias),
+                            ctx.binding_limit,
+                            rows_per_thread,
+                        )
+                        .unwrap();
+                        let what =
+                            format!("{name} k {k} t {t} norm {norm:?} rows {rows_per_thread}");
+                        // Parts: each layer's [T, n] output at its own (padded) offset.
+                        let mut parts = Vec::new();
+                        let mut at = 0;
+                        for &n in &sizes {
+                            parts.push((n, at));
+                            at += (t * n).next_multiple_of(64);
+                        }
+                        let out = FusedOut::Parts(parts.clone());
+                        let got = super::super::exec::run_fused_linear_once(
+                            &ctx, &g, &out, norm, &x, &gamma, t, at,
+                        )
+                        .unwrap();
+                        for ((n, base), w) in parts.iter().zip(&want) {
+                            let e = got[*base..base + t * n]
+                                .iter()
+                                .zip(w)
+                                .map(|(a, b)| (a - b).abs())
+                                .fold(0.0, f32::max)
+                                / scale;
+                            assert!(e < 3e-5, "parts {what}: {e}");
+                        }
+                        // One output (all rows as one layer).
+                        let got = super::super::exec::run_fused_linear_once(
+                            &ctx,
+                            &g,
+                            &FusedOut::One,
+                            norm,
+                            &x,
+                            &gamma,
+                            t,
+                            t * ntot,
+                        )
+                        .unwrap();
+                        for tt in 0..t {
+                            let mut c = 0;
+                            for (w, &n) in want.iter().zip(&sizes) {
+                                for j in 0..n {
+                                    let e = (got[tt * ntot + c + j] - w[tt * n + j]).abs() / scale;
+                                    assert!(e < 3e-5, "one {what}: {e}");
+                                }
+                                c += n;
+                            }
+                        }
+                        // SiLU pair over the last two layers (12 rows each).
+                        let pair = LinearWeights::concat(&refs[1..]).unwrap();
+                        let gp = GpuLinear::with_variant(
+                            &ctx,
+                            name,
+                            &pair,
+                            Some(&bias[40..]),
+                            ctx.binding_limit,
+                            rows_per_thread,
+                        )
+                        .unwrap();
+                        let got = super::super::exec::run_fused_linear_once(
+                            &ctx,
+                            &gp,
+                            &FusedOut::SiluPair,
+                            norm,
+                            &x,
+                            &gamma,
+                            t,
+                            t * 12,
+                        )
+                        .unwrap();
+                        for (i, v) in got.iter().enumerate() {
+                            let (a, b) = (want[1][i], want[2][i]);
+                            let r = a / (1.0 + (-a).exp()) * b;
+                            assert!(
+                                (v - r).abs() / (1.0 + r.abs()) < 1e-4 * scale,
+                                "pair {what} at {i}: {v} vs {r}"
+                            );
+                        }
                     }
                 }
             }
