@@ -134,6 +134,8 @@ pub struct PlanStats {
     pub cache_attention: usize,
     /// Fused gated-MLP activations.
     pub silu_gate: usize,
+    /// Bias `Add`s folded into the linear layer before them.
+    pub linear_bias: usize,
     /// Nodes folded into constants.
     pub folded: usize,
     /// Nodes removed as dead or absorbed.
@@ -309,6 +311,34 @@ impl Plan {
                 stats.linear += 1;
                 continue;
             }
+            // A bias added after a linear layer (`MatMulNBits` + `Add`): into the layer's epilogue.
+            if n.op == "Add" && n.domain.is_empty() && ins.len() == 2 {
+                let found = (0..2).find_map(|side| {
+                    let (y, b) = (ins[side]?, ins[1 - side]?);
+                    let li = producer[y]?;
+                    let bt = consts[b].as_ref()?;
+                    match &kind[li] {
+                        Some(Step::Linear { w, bias: None, .. })
+                            if bt.dtype == DType::F32
+                                && bt.numel() == w.n
+                                && bt.shape.last() == Some(&w.n)
+                                && only_consumer(y, ni, &consumers) =>
+                        {
+                            Some((li, bt.clone()))
+                        }
+                        _ => None,
+                    }
+                });
+                if let Some((li, bt)) = found {
+                    if let Some(Step::Linear { bias, out, .. }) = kind[li].as_mut() {
+                        *bias = Some(Tensor::f32(&[bt.numel()], bt.typed::<f32>()));
+                        *out = node_out[ni][0];
+                    }
+                    absorbed[ni] = true;
+                    stats.linear_bias += 1;
+                    continue;
+                }
+            }
             // Gated MLP activation: Mul(Mul(g, Sigmoid(g)), u) with private intermediates.
             if n.op == "Mul" && n.domain.is_empty() && ins.len() == 2 {
                 let found = (0..2).find_map(|side| {
@@ -434,7 +464,9 @@ impl Plan {
                 continue;
             }
             let produces_needed = match &kind[ni] {
-                Some(Step::CacheAttention { out, .. }) => needed[*out],
+                Some(Step::CacheAttention { out, .. }) | Some(Step::Linear { out, .. }) => {
+                    needed[*out]
+                }
                 _ => node_out[ni].iter().any(|&o| needed[o]),
             };
             if !produces_needed {

@@ -255,6 +255,21 @@ fn check_on(name: &str, opts: &LoadOptions) -> Vec<Vec<f32>> {
         "{name}: all steps match onnxruntime; worst relative logits diff {worst:.2e}; kv {:?}",
         model.kv_stats(&state)
     );
+    // Five dispatches a layer on GPUs (q/k/v with the norm; attention with its rotary; o + residual;
+    // gate/up with the norm and SiLU; down + residual) and a few for the embedding and the token, in
+    // the last step (a segmented cache adds a partial and a combine dispatch a layer).
+    #[cfg(feature = "gpu")]
+    if let (Some(g), Some(info)) = (model.gpu_stats(), model.gpu_info()) {
+        let lanes = std::env::var("ONESTEP_GPU_VARIANT").as_deref() == Ok("lanes");
+        if (lanes || info.device_type != "Cpu") && opts.kv.gpu_segment_bytes.is_none() {
+            let layers = model.info().num_layers;
+            assert!(
+                g.dispatches <= 5 * layers + 6,
+                "{name}: {g:?}; kernels (ONESTEP_PROFILE=1): {:?}",
+                model.profile()
+            );
+        }
+    }
     all
 }
 

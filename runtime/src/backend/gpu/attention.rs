@@ -8,29 +8,85 @@ use super::context::{Bind, GpuContext, Kernel};
 use super::Params;
 use crate::error::Result;
 
-/// The WGSL of this family (with the shared f16 helpers).
-pub const SOURCE: &str = concat!(include_str!("f16.wgsl"), include_str!("attention.wgsl"));
+/// The WGSL of this family (with the shared f16 helpers), reading the Attention node's own inputs.
+pub const SOURCE: &str = concat!(
+    include_str!("f16.wgsl"),
+    include_str!("attention_in.wgsl"),
+    include_str!("attention.wgsl")
+);
+/// The same kernels reading the q/k/v projections token-major, with the rotary embedding and the f16
+/// rounding of the new rows done on the way (`attention_rope_in.wgsl`).
+pub const ROPE_SOURCE: &str = concat!(
+    include_str!("f16.wgsl"),
+    include_str!("attention_rope_in.wgsl"),
+    include_str!("attention.wgsl")
+);
+
+/// Where an attention kernel's inputs come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Inputs {
+    /// The Attention node's inputs: queries `[1, H, T, D]`, new rows `[1, KVH, T, D]`.
+    Graph,
+    /// The projections `[T, H, D]` / `[T, KVH, D]`, rotated here (pairs when `interleaved`) and, with
+    /// an f16 cache, the new rows rounded through f16: bindings COS, SIN, POS after O.
+    Rope {
+        /// Interleaved rotary pairs.
+        interleaved: bool,
+    },
+}
+
+impl Inputs {
+    /// Storage bindings a kernel with these inputs uses.
+    pub fn bindings(self) -> u32 {
+        match self {
+            Inputs::Graph => 7,
+            Inputs::Rope { .. } => 10,
+        }
+    }
+}
+
+fn pipeline(ctx: &GpuContext, entry: &str, f16_cache: bool, inputs: Inputs) -> Result<Arc<Kernel>> {
+    let mut binds = vec![
+        Bind::Read,
+        Bind::Read,
+        Bind::Read,
+        Bind::Read,
+        Bind::Write,
+        Bind::Write,
+        Bind::Write,
+    ];
+    let f16 = if f16_cache { 1.0 } else { 0.0 };
+    match inputs {
+        Inputs::Graph => ctx.pipeline("attention", SOURCE, entry, &binds, &[("F16C", f16)]),
+        Inputs::Rope { interleaved } => {
+            binds.extend([Bind::Read; 3]);
+            ctx.pipeline(
+                "attention_rope",
+                ROPE_SOURCE,
+                entry,
+                &binds,
+                &[
+                    ("F16C", f16),
+                    ("INTERLEAVED", f64::from(u8::from(interleaved))),
+                ],
+            )
+        }
+    }
+}
 /// Largest head size the kernel takes (its per-thread accumulators cover 4 × 64 dims).
 pub const MAX_HEAD_DIM: usize = 256;
 
-/// The kernel for an f16 (`f16_cache`) or f32 cache: bindings Q, NK, NV, MASK, CK, CV, O. `rows`: the
-/// one-(head, token)-an-invocation variant (`attention_rows`, see [`super::rows_variant`]).
-pub fn kernel(ctx: &GpuContext, f16_cache: bool, rows: bool) -> Result<Arc<Kernel>> {
-    ctx.pipeline(
-        "attention",
-        SOURCE,
-        if rows { "attention_rows" } else { "attention" },
-        &[
-            Bind::Read,
-            Bind::Read,
-            Bind::Read,
-            Bind::Read,
-            Bind::Write,
-            Bind::Write,
-            Bind::Write,
-        ],
-        &[("F16C", if f16_cache { 1.0 } else { 0.0 })],
-    )
+/// The kernel for an f16 (`f16_cache`) or f32 cache: bindings Q, NK, NV, MASK, CK, CV, O (then COS,
+/// SIN, POS for [`Inputs::Rope`]). `rows`: the one-(head, token)-an-invocation variant
+/// (`attention_rows`, see [`super::rows_variant`]).
+pub fn kernel(
+    ctx: &GpuContext,
+    f16_cache: bool,
+    rows: bool,
+    inputs: Inputs,
+) -> Result<Arc<Kernel>> {
+    let entry = if rows { "attention_rows" } else { "attention" };
+    pipeline(ctx, entry, f16_cache, inputs)
 }
 
 /// Whether the one-(head, token)-an-invocation variant may run `keys` keys of `head_dim`: it needs
@@ -47,22 +103,8 @@ pub fn groups(ctx: &GpuContext, items: usize, rows: bool) -> (u32, u32, u32) {
 }
 
 /// The kernel of one cache segment (`attention_part`, same bindings as [`kernel`], O = the partials).
-pub fn part_kernel(ctx: &GpuContext, f16_cache: bool) -> Result<Arc<Kernel>> {
-    ctx.pipeline(
-        "attention",
-        SOURCE,
-        "attention_part",
-        &[
-            Bind::Read,
-            Bind::Read,
-            Bind::Read,
-            Bind::Read,
-            Bind::Write,
-            Bind::Write,
-            Bind::Write,
-        ],
-        &[("F16C", if f16_cache { 1.0 } else { 0.0 })],
-    )
+pub fn part_kernel(ctx: &GpuContext, f16_cache: bool, inputs: Inputs) -> Result<Arc<Kernel>> {
+    pipeline(ctx, "attention_part", f16_cache, inputs)
 }
 
 /// The WGSL of the combine step.
@@ -254,7 +296,7 @@ mod tests {
                     !rows || rows_ok(d, s + t),
                     "{d} {s}: pick cases the rows variant takes"
                 );
-                let k = kernel(&ctx, f16c, rows).unwrap();
+                let k = kernel(&ctx, f16c, rows, Inputs::Graph).unwrap();
                 let outs = run_kernel_multi(
                     &ctx,
                     &k,
@@ -292,6 +334,150 @@ mod tests {
                         &enc(&tm(&expect)),
                         "cache rows {h} {kvh} {t} {d} {s} {p} rows {rows}"
                     );
+                }
+            }
+        }
+    }
+
+    /// Reading the projections token-major with the rotary and the f16 round trip done in the kernel
+    /// ([`Inputs::Rope`]): the CPU rotary, transpose and rounding, then the CPU attention.
+    #[test]
+    fn rope_inputs_match_rotary_then_attention() {
+        use crate::backend::cpu::rope::{reference as rope_ref, RopeShape};
+        let Some(ctx) = ctx() else { return };
+        for (h, kvh, t, d, s, p, f16c, inter) in [
+            (9, 3, 1, 64, 64, 17, true, false),
+            (4, 2, 5, 32, 40, 3, false, true),
+            (6, 2, 3, 64, 300, 250, true, true),
+            (2, 1, 4, 128, 20, 0, true, false),
+        ] {
+            let max_pos = s + 4;
+            let half = d / 2;
+            let (cos, sin): (Vec<f32>, Vec<f32>) = (0..max_pos * half)
+                .map(|i| {
+                    let (pos, j) = ((i / half) as f32, (i % half) as f32);
+                    let a = pos / 10000f32.powf(j / half as f32);
+                    (a.cos(), a.sin())
+                })
+                .unzip();
+            let pos: Vec<i64> = (p..p + t).map(|x| x as i64).collect();
+            // Token-major projections [T, heads, D].
+            let q = noise(t * h * d, 11);
+            let k = noise(t * kvh * d, 12);
+            let v = noise(t * kvh * d, 13);
+            let ck = noise(kvh * s * d, 14);
+            let cv = noise(kvh * s * d, 15);
+            let round = |x: &[f32]| -> Vec<f32> {
+                if f16c {
+                    x.iter().map(|v| f16::from_f32(*v).to_f32()).collect()
+                } else {
+                    x.to_vec()
+                }
+            };
+            let (ck, cv) = (round(&ck), round(&cv));
+            let rope = |x: &[f32], heads: usize| {
+                let mut out = vec![0.0; x.len()];
+                let shape = RopeShape {
+                    heads,
+                    tokens: t,
+                    head_dim: d,
+                    rotary_dim: d,
+                    tokens_first: true,
+                    interleaved: inter,
+                };
+                rope_ref(x, &shape, &cos, &sin, &pos, &mut out).unwrap();
+                out
+            };
+            // The graph's order: rotary, to head-major, f16 round trip of the new rows.
+            let heads_first = |x: &[f32], heads: usize| {
+                let mut o = vec![0.0; x.len()];
+                for tt in 0..t {
+                    for g in 0..heads {
+                        o[(g * t + tt) * d..][..d].copy_from_slice(&x[(tt * heads + g) * d..][..d]);
+                    }
+                }
+                o
+            };
+            let qr = heads_first(&rope(&q, h), h);
+            let kr = round(&heads_first(&rope(&k, kvh), kvh));
+            let vr = round(&heads_first(&v, kvh));
+            let shape = AttnShape {
+                heads: h,
+                kv_heads: kvh,
+                tokens: t,
+                head_dim: d,
+                cache_len: s,
+                q_tokens_first: false,
+                kv_tokens_first: false,
+            };
+            let mut want = vec![0.0; h * t * d];
+            reference_cached(&qr, &ck, &cv, &kr, &vr, p, &shape, None, &mut want).unwrap();
+            let mask = std_mask(t, s, p);
+            let ap = AttnParams {
+                heads: h,
+                kv_heads: kvh,
+                tokens: t,
+                head_dim: d,
+                slots: s,
+                npast: p,
+                position: p,
+                scale: 1.0 / (d as f32).sqrt(),
+                tokens_first: true,
+                write_cache: true,
+                mask_stride: Some(s + t),
+                segment: None,
+            };
+            let tm = |c: &[f32]| token_major(c, kvh, s, d, 0, s);
+            for rows in [false, true] {
+                let kern = kernel(&ctx, f16c, rows, Inputs::Rope { interleaved: inter }).unwrap();
+                let outs = super::super::exec::run_kernel_multi_tail(
+                    &ctx,
+                    &kern,
+                    &ap.params(),
+                    &[
+                        bytemuck::cast_slice(&q),
+                        bytemuck::cast_slice(&k),
+                        bytemuck::cast_slice(&v),
+                        bytemuck::cast_slice(&mask),
+                        &encode(&tm(&ck), f16c),
+                        &encode(&tm(&cv), f16c),
+                    ],
+                    &[h * t * d * 4],
+                    &[
+                        bytemuck::cast_slice(&cos),
+                        bytemuck::cast_slice(&sin),
+                        bytemuck::cast_slice(&pos),
+                    ],
+                    {
+                        let (x, y, _) = groups(&ctx, h * t, rows);
+                        (x, y)
+                    },
+                )
+                .unwrap();
+                let what =
+                    format!("{h} {kvh} {t} {d} {s} {p} f16 {f16c} interleaved {inter} rows {rows}");
+                let e = max_rel(bytemuck::cast_slice(&outs[0]), &want);
+                assert!(e < 3e-5, "{what}: {e}");
+                // The rows written are the rotated (and rounded) ones.
+                for (c, (new, old)) in outs[1..].iter().zip([(&kr, &ck), (&vr, &cv)]) {
+                    let mut expect = old.clone();
+                    for g in 0..kvh {
+                        for tt in 0..t {
+                            expect[(g * s + p + tt) * d..][..d]
+                                .copy_from_slice(&new[(g * t + tt) * d..][..d]);
+                        }
+                    }
+                    // The CPU rotary works in f64: an f16 rounding may land one ulp (2^-11) away.
+                    let got: Vec<f32> = if f16c {
+                        bytemuck::cast_slice::<u8, f16>(c)
+                            .iter()
+                            .map(|x| x.to_f32())
+                            .collect()
+                    } else {
+                        bytemuck::cast_slice(c).to_vec()
+                    };
+                    let tol = if f16c { 1e-3 } else { 1e-6 };
+                    assert!(max_rel(&got, &tm(&expect)) < tol, "cache rows {what}");
                 }
             }
         }
@@ -366,7 +552,7 @@ mod tests {
                 };
                 let outs = run_kernel_multi(
                     &ctx,
-                    &part_kernel(&ctx, f16c).unwrap(),
+                    &part_kernel(&ctx, f16c, Inputs::Graph).unwrap(),
                     &ap.params(),
                     &[
                         bytemuck::cast_slice(&q),

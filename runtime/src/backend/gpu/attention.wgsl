@@ -49,8 +49,7 @@ fn score(j: u32, g: u32, t: u32) -> f32 {
         col = j;
     } else {
         let r = j - npast;
-        let base = (g * pu(2u) + r) * d;
-        for (var i = 0u; i < d; i = i + 1u) { s = s + sq[i] * NK[base + i]; }
+        for (var i = 0u; i < d; i = i + 1u) { s = s + sq[i] * nk_in(g, r, i); }
         col = pu(4u) + r;
     }
     s = s * pf(7u);
@@ -62,7 +61,7 @@ fn value_at(j: u32, g: u32, i: u32) -> f32 {
     let d = pu(3u);
     let npast = pu(5u);
     if (j < npast) { return cache_at(false, (j * pu(1u) + g) * d + i); }
-    return NV[(g * pu(2u) + (j - npast)) * d + i];
+    return nv_in(g, j - npast, i);
 }
 
 @compute @workgroup_size(64)
@@ -77,7 +76,7 @@ fn attention(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
     let t = item % t_n;
     let g = h / (h_n / pu(1u));
     let nkeys = pu(5u) + t_n;
-    for (var i = lid; i < d; i = i + 64u) { sq[i] = Q[(h * t_n + t) * d + i]; }
+    for (var i = lid; i < d; i = i + 64u) { sq[i] = q_in(h, t, i); }
     workgroupBarrier();
 
     // (A) running max and sum of exp per thread.
@@ -136,16 +135,15 @@ fn attention(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
     // The chunk's rows go into the cache at slots pos..pos+T (the first head of each group writes).
     if (pu(9u) == 1u && h % (h_n / pu(1u)) == 0u) {
         let dst = ((pu(6u) + t) * pu(1u) + g) * d;
-        let src = (g * t_n + t) * d;
         if (F16C) {
             for (var i = lid; i < d / 2u; i = i + 64u) {
-                CK[dst / 2u + i] = pack_f16(NK[src + 2u * i], NK[src + 2u * i + 1u]);
-                CV[dst / 2u + i] = pack_f16(NV[src + 2u * i], NV[src + 2u * i + 1u]);
+                CK[dst / 2u + i] = pack_f16(nk_in(g, t, 2u * i), nk_in(g, t, 2u * i + 1u));
+                CV[dst / 2u + i] = pack_f16(nv_in(g, t, 2u * i), nv_in(g, t, 2u * i + 1u));
             }
         } else {
             for (var i = lid; i < d; i = i + 64u) {
-                CK[dst + i] = bitcast<u32>(NK[src + i]);
-                CV[dst + i] = bitcast<u32>(NV[src + i]);
+                CK[dst + i] = bitcast<u32>(nk_in(g, t, i));
+                CV[dst + i] = bitcast<u32>(nv_in(g, t, i));
             }
         }
     }
@@ -184,9 +182,8 @@ fn attention_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
     let nkeys = npast + t_n;
     var q: array<vec4<f32>, 64>;
     var acc: array<vec4<f32>, 64>;
-    let qb = (h * t_n + t) * d;
     for (var i = 0u; i < d4; i = i + 1u) {
-        q[i] = vec4<f32>(Q[qb + 4u * i], Q[qb + 4u * i + 1u], Q[qb + 4u * i + 2u], Q[qb + 4u * i + 3u]);
+        q[i] = vec4<f32>(q_in(h, t, 4u * i), q_in(h, t, 4u * i + 1u), q_in(h, t, 4u * i + 2u), q_in(h, t, 4u * i + 3u));
         acc[i] = vec4<f32>(0.0);
     }
     var m = NEG_INF;
@@ -201,11 +198,8 @@ fn attention_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
             for (var i = 0u; i < d4; i = i + 1u) { s = s + dot(q[i], cache4(true, base + 4u * i)); }
             col = j;
         } else {
-            base = (g * t_n + (j - npast)) * d;
-            for (var i = 0u; i < d4; i = i + 1u) {
-                let e = base + 4u * i;
-                s = s + dot(q[i], vec4<f32>(NK[e], NK[e + 1u], NK[e + 2u], NK[e + 3u]));
-            }
+            base = j - npast;
+            for (var i = 0u; i < d4; i = i + 1u) { s = s + dot(q[i], nk4_in(g, base, 4u * i)); }
             col = pu(4u) + (j - npast);
         }
         s = s * pf(7u);
@@ -222,10 +216,7 @@ fn attention_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
         if (past) {
             for (var i = 0u; i < d4; i = i + 1u) { acc[i] = acc[i] + p * cache4(false, base + 4u * i); }
         } else {
-            for (var i = 0u; i < d4; i = i + 1u) {
-                let e = base + 4u * i;
-                acc[i] = acc[i] + p * vec4<f32>(NV[e], NV[e + 1u], NV[e + 2u], NV[e + 3u]);
-            }
+            for (var i = 0u; i < d4; i = i + 1u) { acc[i] = acc[i] + p * nv4_in(g, base, 4u * i); }
         }
     }
     var inv = 0.0;
@@ -239,16 +230,15 @@ fn attention_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
     }
     if (pu(9u) == 1u && h % group == 0u) {
         let dst = ((pu(6u) + t) * pu(1u) + g) * d;
-        let src = (g * t_n + t) * d;
         if (F16C) {
             for (var i = 0u; i < d / 2u; i = i + 1u) {
-                CK[dst / 2u + i] = pack_f16(NK[src + 2u * i], NK[src + 2u * i + 1u]);
-                CV[dst / 2u + i] = pack_f16(NV[src + 2u * i], NV[src + 2u * i + 1u]);
+                CK[dst / 2u + i] = pack_f16(nk_in(g, t, 2u * i), nk_in(g, t, 2u * i + 1u));
+                CV[dst / 2u + i] = pack_f16(nv_in(g, t, 2u * i), nv_in(g, t, 2u * i + 1u));
             }
         } else {
             for (var i = 0u; i < d; i = i + 1u) {
-                CK[dst + i] = bitcast<u32>(NK[src + i]);
-                CV[dst + i] = bitcast<u32>(NV[src + i]);
+                CK[dst + i] = bitcast<u32>(nk_in(g, t, i));
+                CV[dst + i] = bitcast<u32>(nv_in(g, t, i));
             }
         }
     }
@@ -280,9 +270,8 @@ fn attention_part(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
     let npast = past_end - r0;
     var q: array<vec4<f32>, 64>;
     var acc: array<vec4<f32>, 64>;
-    let qb = (h * t_n + t) * d;
     for (var i = 0u; i < d4; i = i + 1u) {
-        q[i] = vec4<f32>(Q[qb + 4u * i], Q[qb + 4u * i + 1u], Q[qb + 4u * i + 2u], Q[qb + 4u * i + 3u]);
+        q[i] = vec4<f32>(q_in(h, t, 4u * i), q_in(h, t, 4u * i + 1u), q_in(h, t, 4u * i + 2u), q_in(h, t, 4u * i + 3u));
         acc[i] = vec4<f32>(0.0);
     }
     var m = NEG_INF;
@@ -297,11 +286,8 @@ fn attention_part(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
             for (var i = 0u; i < d4; i = i + 1u) { s = s + dot(q[i], cache4(true, base + 4u * i)); }
             col = r0 + j;
         } else {
-            base = (g * t_n + (j - npast)) * d;
-            for (var i = 0u; i < d4; i = i + 1u) {
-                let e = base + 4u * i;
-                s = s + dot(q[i], vec4<f32>(NK[e], NK[e + 1u], NK[e + 2u], NK[e + 3u]));
-            }
+            base = j - npast;
+            for (var i = 0u; i < d4; i = i + 1u) { s = s + dot(q[i], nk4_in(g, base, 4u * i)); }
             col = pu(4u) + (j - npast);
         }
         s = s * pf(7u);
@@ -318,10 +304,7 @@ fn attention_part(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
         if (past) {
             for (var i = 0u; i < d4; i = i + 1u) { acc[i] = acc[i] + p * cache4(false, base + 4u * i); }
         } else {
-            for (var i = 0u; i < d4; i = i + 1u) {
-                let e = base + 4u * i;
-                acc[i] = acc[i] + p * vec4<f32>(NV[e], NV[e + 1u], NV[e + 2u], NV[e + 3u]);
-            }
+            for (var i = 0u; i < d4; i = i + 1u) { acc[i] = acc[i] + p * nv4_in(g, base, 4u * i); }
         }
     }
     let ob = (pu(15u) * h_n * t_n + item) * (d + 2u);
@@ -333,16 +316,15 @@ fn attention_part(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
     let slot = pu(6u) + t;
     if (pu(9u) == 1u && h % group == 0u && slot >= r0 && slot < pu(13u)) {
         let dst = ((slot - r0) * pu(1u) + g) * d;
-        let src = (g * t_n + t) * d;
         if (F16C) {
             for (var i = 0u; i < d / 2u; i = i + 1u) {
-                CK[dst / 2u + i] = pack_f16(NK[src + 2u * i], NK[src + 2u * i + 1u]);
-                CV[dst / 2u + i] = pack_f16(NV[src + 2u * i], NV[src + 2u * i + 1u]);
+                CK[dst / 2u + i] = pack_f16(nk_in(g, t, 2u * i), nk_in(g, t, 2u * i + 1u));
+                CV[dst / 2u + i] = pack_f16(nv_in(g, t, 2u * i), nv_in(g, t, 2u * i + 1u));
             }
         } else {
             for (var i = 0u; i < d; i = i + 1u) {
-                CK[dst + i] = bitcast<u32>(NK[src + i]);
-                CV[dst + i] = bitcast<u32>(NV[src + i]);
+                CK[dst + i] = bitcast<u32>(nk_in(g, t, i));
+                CV[dst + i] = bitcast<u32>(nv_in(g, t, i));
             }
         }
     }

@@ -262,6 +262,8 @@ pub struct GpuPlan {
     skipped: HashSet<usize>,
     /// Fused linear groups by leader step.
     lin_groups: HashMap<usize, GpuGroup>,
+    /// Attention steps reading the projections themselves (see [`AttnIn`]).
+    attn_in: HashMap<usize, AttnIn>,
     /// Steps a fused linear group does (members other than the leader, the norm, the gate).
     absorbed: HashSet<usize>,
     /// Per value: byte offset into its home buffer (non-zero for the parts of a fused linear).
@@ -289,6 +291,31 @@ struct Fusions {
     round: HashMap<usize, (usize, ValId)>,
     /// Linear layers of one input, with the RMS norm producing it and the SiLU gate joining them.
     groups: Vec<LinGroup>,
+    /// Attention step → the projections it can read itself (rotary, transposes and casts absorbed).
+    attn: HashMap<usize, AttnIn>,
+}
+
+/// The inputs of an attention whose rotary embeddings, transposes and f16 round trips (the graph's
+/// `Transpose → RotaryEmbedding` for q and k, `Transpose` for v, `Cast(f16) → Cast(f32)` of the new
+/// rows) the attention kernel does itself, reading the projections token-major.
+#[derive(Debug, Clone)]
+struct AttnIn {
+    /// Queries `[1, T, H, D]` (the projection, reshaped).
+    q: ValId,
+    /// New keys `[1, T, KVH, D]`, before the rotary.
+    k: ValId,
+    /// New values `[1, T, KVH, D]`.
+    v: ValId,
+    /// The rotary's cos table.
+    cos: ValId,
+    /// The rotary's sin table.
+    sin: ValId,
+    /// The rotary's position ids.
+    pos: ValId,
+    /// Interleaved rotary pairs.
+    interleaved: bool,
+    /// The steps the kernel does.
+    absorbs: Vec<usize>,
 }
 
 /// Linear layers that read one input, run as one dispatch over their concatenated rows (q/k/v; gate/up),
@@ -387,6 +414,9 @@ impl Fusions {
                 _ => {}
             }
         }
+        if on("attn") {
+            f.attn = AttnIn::find(plan, &consumers, &outs, &f);
+        }
         if on("group") {
             f.groups = LinGroup::find(plan, &consumers, &outs);
             for g in &f.groups {
@@ -396,6 +426,160 @@ impl Fusions {
             }
         }
         f
+    }
+}
+
+impl AttnIn {
+    fn find(
+        plan: &Plan,
+        consumers: &[Vec<usize>],
+        outs: &HashSet<ValId>,
+        f: &Fusions,
+    ) -> HashMap<usize, AttnIn> {
+        let mut producer: HashMap<ValId, usize> = HashMap::new();
+        for (si, s) in plan.steps.iter().enumerate() {
+            if let Step::Node { outputs, .. } = s {
+                for &o in outputs {
+                    producer.insert(o, si);
+                }
+            }
+        }
+        let node = |si: usize| match &plan.steps[si] {
+            Step::Node {
+                node,
+                inputs,
+                outputs,
+            } => Some((&plan.graph.nodes[*node], inputs, outputs)),
+            _ => None,
+        };
+        let only = |v: ValId, si: usize| consumers[v].as_slice() == [si];
+        // `v` = Cast(f32) of Cast(f16) of x (the round pair), read only by `user`: (x, the two casts).
+        let unround = |v: ValId, user: usize| -> Option<(ValId, Vec<usize>)> {
+            let c2 = *producer.get(&v)?;
+            let (c1, &(_, x)) = f.round.iter().find(|(_, (second, _))| *second == c2)?;
+            (only(v, user) && !outs.contains(&v)).then(|| (x, vec![*c1, c2]))
+        };
+        // `v` = RotaryEmbedding(Transpose(src)) read only by `user`: (src, [cos, sin, positions],
+        // interleaved, the two steps).
+        type Roped = (ValId, [ValId; 3], bool, Vec<usize>);
+        let unrope = |v: ValId, user: usize| -> Option<Roped> {
+            let r = *producer.get(&v)?;
+            let (n, ins, _) = node(r)?;
+            if n.op != "RotaryEmbedding"
+                || n.attr_int("rotary_embedding_dim", 0) != 0
+                || !only(v, user)
+            {
+                return None;
+            }
+            let (Some(Some(x)), Some(Some(c)), Some(Some(sn)), Some(Some(p))) =
+                (ins.first(), ins.get(1), ins.get(2), ins.get(3))
+            else {
+                return None;
+            };
+            let tr = *producer.get(x)?;
+            let &(rs, src) = f.tr.get(&tr)?;
+            (rs == r && plan.consts[*c].is_some() && plan.consts[*sn].is_some()).then(|| {
+                (
+                    src,
+                    [*c, *sn, *p],
+                    n.attr_int("interleaved", 0) != 0,
+                    vec![tr, r],
+                )
+            })
+        };
+        // `v` = Identity(x) read only by `*user`: (x, [the Identity step]); `*user` becomes it.
+        let through_identity = |v: ValId, user: &mut usize| -> (ValId, Vec<usize>) {
+            let Some(&si) = producer.get(&v) else {
+                return (v, Vec::new());
+            };
+            match node(si) {
+                Some((n, ins, _)) if n.op == "Identity" && only(v, *user) => {
+                    match ins.first().copied().flatten() {
+                        Some(x) => {
+                            *user = si;
+                            (x, vec![si])
+                        }
+                        None => (v, Vec::new()),
+                    }
+                }
+                _ => (v, Vec::new()),
+            }
+        };
+        let mut found = HashMap::new();
+        for (ai, s) in plan.steps.iter().enumerate() {
+            let Step::CacheAttention { q, new, past, .. } = s else {
+                continue;
+            };
+            let f16 = plan.caches[past[0]].dtype == DType::F16;
+            let Some((q_src, rq, inter, mut absorbs)) = unrope(*q, ai) else {
+                continue;
+            };
+            if outs.contains(q) {
+                continue;
+            }
+            // The new rows: through the round pair for an f16 cache; the cache output itself for f32.
+            let plain = |v: ValId| Some((v, Vec::new()));
+            let (Some((k1, kc)), Some((v1, vc))) = (
+                if f16 {
+                    unround(new[0], ai)
+                } else {
+                    plain(new[0])
+                },
+                if f16 {
+                    unround(new[1], ai)
+                } else {
+                    plain(new[1])
+                },
+            ) else {
+                continue;
+            };
+            let mut k_user = kc.first().copied().unwrap_or(ai);
+            let mut v_user = vc.first().copied().unwrap_or(ai);
+            // An f32 cache's new rows may be named through an `Identity` (the graph output).
+            let (k1, ki) = through_identity(k1, &mut k_user);
+            let (v1, vi) = through_identity(v1, &mut v_user);
+            absorbs.extend(ki);
+            absorbs.extend(vi);
+            let Some((k_src, rk, kinter, ka)) = unrope(k1, k_user) else {
+                continue;
+            };
+            // v: Transpose(perm 0,2,1,3) of the projection.
+            let Some(tv) = producer.get(&v1).copied() else {
+                continue;
+            };
+            let Some((tn, tins, _)) = node(tv) else {
+                continue;
+            };
+            let Some(Some(v_src)) = tins.first().copied() else {
+                continue;
+            };
+            if rk != rq
+                || kinter != inter
+                || tn.op != "Transpose"
+                || tn.attr_ints("perm") != Some(&[0, 2, 1, 3][..])
+                || !only(v1, v_user)
+            {
+                continue;
+            }
+            absorbs.extend(ka);
+            absorbs.extend(kc);
+            absorbs.extend(vc);
+            absorbs.push(tv);
+            found.insert(
+                ai,
+                AttnIn {
+                    q: q_src,
+                    k: k_src,
+                    v: v_src,
+                    cos: rq[0],
+                    sin: rq[1],
+                    pos: rq[2],
+                    interleaved: inter,
+                    absorbs,
+                },
+            );
+        }
+        found
     }
 }
 
@@ -550,8 +734,17 @@ impl GpuPlan {
         let mut linears = HashMap::new();
         let mut weight_bytes = 0;
         let cand = Fusions::find(plan);
-        let (lin_groups, absorbed) =
+        // Attention reading the projections needs 10 storage buffers a stage (7 otherwise).
+        let rope_binds = attention::Inputs::Rope { interleaved: false }.bindings();
+        let attn_in: HashMap<usize, AttnIn> =
+            if ctx.device.limits().max_storage_buffers_per_shader_stage >= rope_binds {
+                cand.attn.clone()
+            } else {
+                HashMap::new()
+            };
+        let (lin_groups, mut absorbed) =
             Self::bind_groups(&ctx, plan, &cand, &mut linears, &mut weight_bytes)?;
+        absorbed.extend(attn_in.values().flat_map(|a| a.absorbs.iter().copied()));
         for (si, s) in plan.steps.iter().enumerate() {
             if let Step::Linear { node, w, bias, .. } = s {
                 if linears.contains_key(&si) || absorbed.contains(&si) {
@@ -595,6 +788,7 @@ impl GpuPlan {
             }),
             cand,
             lin_groups,
+            attn_in,
             absorbed,
             offs: vec![0; nvals],
             submit_ms: Mutex::new(0.0),
@@ -1320,6 +1514,19 @@ impl GpuPlan {
                 tokens_first,
             } => {
                 let n = &plan.graph.nodes[*node];
+                // The kernel reads the projections themselves when the rotary, transposes and casts
+                // before this attention were absorbed (see [`AttnIn`]).
+                let fin = self.attn_in.get(&si);
+                let (q, new, inputs) = match fin {
+                    Some(a) => (
+                        &a.q,
+                        &[a.k, a.v],
+                        attention::Inputs::Rope {
+                            interleaved: a.interleaved,
+                        },
+                    ),
+                    None => (q, new, attention::Inputs::Graph),
+                };
                 let (Some(qm), Some(km), Some(vm)) = (f32m(*q), f32m(new[0]), f32m(new[1])) else {
                     return Ok(None);
                 };
@@ -1327,19 +1534,67 @@ impl GpuPlan {
                 if qm.shape.len() != 4 || ck.dtype != cv.dtype || ck.shape != cv.shape {
                     return Ok(None);
                 }
-                let (h, t, d) = (qm.shape[1], qm.shape[2], qm.shape[3]);
+                let (h, t, d) = match fin {
+                    Some(_) => (qm.shape[2], qm.shape[1], qm.shape[3]),
+                    None => (qm.shape[1], qm.shape[2], qm.shape[3]),
+                };
                 let (kvh, slots) = (ck.shape[1], ck.shape[2]);
+                let rows_shape = match fin {
+                    Some(_) => [1, t, kvh, d],
+                    None => [1, kvh, t, d],
+                };
                 if kvh == 0
                     || h % kvh != 0
                     || d % 2 != 0
                     || d > attention::MAX_HEAD_DIM
-                    || km.shape != [1, kvh, t, d]
-                    || vm.shape != [1, kvh, t, d]
+                    || km.shape != rows_shape
+                    || vm.shape != rows_shape
                     || ck.shape[3] != d
                     || !matches!(ck.dtype, DType::F16 | DType::F32)
-                    || !self.writes_rows(plan, past, new)
+                    || (fin.is_none() && !self.writes_rows(plan, past, new))
                 {
+                    if fin.is_some() {
+                        return Err(Error::Gpu(format!(
+                            "attention `{}` with its rotary absorbed: inputs {:?} {:?} {:?} do not fit",
+                            n.name, qm.shape, km.shape, vm.shape
+                        )));
+                    }
                     return Ok(None);
+                }
+                let mut extra = Vec::new();
+                if let Some(a) = fin {
+                    let (Some(ct), Some(pt)) = (plan.consts[a.cos].as_ref(), e.cpu(a.pos)) else {
+                        return Err(Error::Gpu(format!(
+                            "attention `{}`: rotary positions or tables missing",
+                            n.name
+                        )));
+                    };
+                    if ct.rank() != 2
+                        || ct.shape[1] != d / 2
+                        || pt.dtype != DType::I64
+                        || pt.numel() != t
+                    {
+                        return Err(Error::Gpu(format!(
+                            "attention `{}`: rotary tables {:?} or positions {:?} do not fit",
+                            n.name, ct.shape, pt.shape
+                        )));
+                    }
+                    if !dry
+                        && pt
+                            .typed::<i64>()
+                            .iter()
+                            .any(|&p| p < 0 || p as usize >= ct.shape[0])
+                    {
+                        return Err(Error::node(
+                            &n.name,
+                            &n.op,
+                            format!(
+                                "position outside the {} rows of the cos/sin cache",
+                                ct.shape[0]
+                            ),
+                        ));
+                    }
+                    extra = vec![BufRef::Val(a.cos), BufRef::Val(a.sin), BufRef::Val(a.pos)];
                 }
                 let Some(mv) = mask else { return Ok(None) };
                 let Some(mm) = f32m(*mv) else { return Ok(None) };
@@ -1381,7 +1636,7 @@ impl GpuPlan {
                 let (seg_rows, nseg) = self.segs(kvh * d * ck.dtype.size(), slots, d)?;
                 let disp = if nseg == 1 {
                     vec![Disp {
-                        kernel: k(&|| attention::kernel(ctx, f16c, rows))?,
+                        kernel: k(&|| attention::kernel(ctx, f16c, rows, inputs))?,
                         binds: vec![
                             BufRef::Val(*q),
                             BufRef::Val(new[0]),
@@ -1390,7 +1645,10 @@ impl GpuPlan {
                             BufRef::CacheK(past[0], 0),
                             BufRef::CacheV(past[1], 0),
                             BufRef::Val(*out),
-                        ],
+                        ]
+                        .into_iter()
+                        .chain(extra.iter().copied())
+                        .collect(),
                         params: ap.params(),
                         groups: attention::groups(ctx, h * t, rows),
                     }]
@@ -1414,7 +1672,7 @@ impl GpuPlan {
                             count: nseg,
                         };
                         v.push(Disp {
-                            kernel: k(&|| attention::part_kernel(ctx, f16c))?,
+                            kernel: k(&|| attention::part_kernel(ctx, f16c, inputs))?,
                             binds: vec![
                                 BufRef::Val(*q),
                                 BufRef::Val(new[0]),
@@ -1423,7 +1681,10 @@ impl GpuPlan {
                                 BufRef::CacheK(past[0], sg),
                                 BufRef::CacheV(past[1], sg),
                                 BufRef::Part,
-                            ],
+                            ]
+                            .into_iter()
+                            .chain(extra.iter().copied())
+                            .collect(),
                             params: AttnParams {
                                 segment: Some(seg),
                                 ..ap
@@ -1461,7 +1722,10 @@ impl GpuPlan {
                         },
                         None,
                     )],
-                    reads: vec![*q, new[0], new[1], *mv],
+                    reads: [*q, new[0], new[1], *mv]
+                        .into_iter()
+                        .chain(fin.map(|a| [a.cos, a.sin, a.pos]).into_iter().flatten())
+                        .collect(),
                     disp,
                 }))
             }
@@ -2680,6 +2944,20 @@ pub(crate) fn run_kernel_multi(
     outs: &[usize],
     groups: (u32, u32),
 ) -> Result<Vec<Vec<u8>>> {
+    run_kernel_multi_tail(ctx, kernel, params, inputs, outs, &[], groups)
+}
+
+/// [`run_kernel_multi`] with more read-only inputs bound after the outputs (`tail`).
+#[cfg(test)]
+pub(crate) fn run_kernel_multi_tail(
+    ctx: &GpuContext,
+    kernel: &Kernel,
+    params: &Params,
+    inputs: &[&[u8]],
+    outs: &[usize],
+    tail: &[&[u8]],
+    groups: (u32, u32),
+) -> Result<Vec<Vec<u8>>> {
     let pbuf = ctx.uniform("p", 256);
     ctx.queue.write_buffer(&pbuf, 0, params.bytes());
     let mut bufs: Vec<wgpu::Buffer> = inputs
@@ -2688,6 +2966,9 @@ pub(crate) fn run_kernel_multi(
         .collect::<Result<_>>()?;
     for &n in outs {
         bufs.push(ctx.storage("out", n as u64)?);
+    }
+    for b in tail {
+        bufs.push(ctx.buffer_with("tail", b)?);
     }
     let refs: Vec<&wgpu::Buffer> = bufs.iter().collect();
     let bg = ctx.bind(kernel, (&pbuf, 0), &refs);

@@ -94,7 +94,7 @@ fn linear(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
     let lane = lid % lanes;
     let wg = wid.x + wid.y * nwg.x;
     // Pair mode: the first ROWS/2 rows are a-rows, the others the matching b-rows (N further on).
-    let half = ROWS / 2u;
+    let half = max(ROWS / 2u, 1u);
     var item = wg * ROWS + r;
     var n = item;
     if (pair) {
