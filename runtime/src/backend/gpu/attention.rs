@@ -232,6 +232,44 @@ mod tests {
         }
     }
 
+    /// A chunk of `t` tokens at position `p` over `s` slots with the standard mask, rows written.
+    fn std_params(h: usize, kvh: usize, t: usize, d: usize, s: usize, p: usize) -> AttnParams {
+        AttnParams {
+            heads: h,
+            kv_heads: kvh,
+            tokens: t,
+            head_dim: d,
+            slots: s,
+            npast: p,
+            position: p,
+            scale: 1.0 / (d as f32).sqrt(),
+            tokens_first: true,
+            write_cache: true,
+            mask_stride: Some(s + t),
+            segment: None,
+        }
+    }
+
+    /// A head-major cache `[KVH, S, D]` with the chunk's `t` rows (head-major `[KVH, T, D]`) at `p..`.
+    #[allow(clippy::too_many_arguments)]
+    fn with_rows(
+        old: &[f32],
+        new: &[f32],
+        kvh: usize,
+        s: usize,
+        t: usize,
+        d: usize,
+        p: usize,
+    ) -> Vec<f32> {
+        let mut c = old.to_vec();
+        for g in 0..kvh {
+            for tt in 0..t {
+                c[(g * s + p + tt) * d..][..d].copy_from_slice(&new[(g * t + tt) * d..][..d]);
+            }
+        }
+        c
+    }
+
     #[test]
     fn attention_matches_cpu_reference_and_writes_rows() {
         let Some(ctx) = ctx() else { return };
@@ -275,20 +313,7 @@ mod tests {
             // Standard additive mask [T, S + T]: slots < p, then causal.
             let mask = std_mask(t, s, p);
             let enc = |v: &[f32]| encode(v, f16c);
-            let ap = AttnParams {
-                heads: h,
-                kv_heads: kvh,
-                tokens: t,
-                head_dim: d,
-                slots: s,
-                npast: p,
-                position: p,
-                scale: 1.0 / (d as f32).sqrt(),
-                tokens_first: true,
-                write_cache: true,
-                mask_stride: Some(s + t),
-                segment: None,
-            };
+            let ap = std_params(h, kvh, t, d, s, p);
             // The kernel's cache is token-major [S, KVH, D].
             let tm = |c: &[f32]| token_major(c, kvh, s, d, 0, s);
             for rows in [false, true] {
@@ -322,13 +347,7 @@ mod tests {
                 // The cache buffers (inputs 4, 5) now hold the rows at p..p+t.
                 let caches = &outs[1..];
                 for (c, (new, old)) in caches.iter().zip([(&nk, &ck), (&nv, &cv)]) {
-                    let mut expect = old.clone();
-                    for g in 0..kvh {
-                        for tt in 0..t {
-                            expect[(g * s + p + tt) * d..][..d]
-                                .copy_from_slice(&new[(g * t + tt) * d..][..d]);
-                        }
-                    }
+                    let expect = with_rows(old, new, kvh, s, t, d, p);
                     assert_eq!(
                         c,
                         &enc(&tm(&expect)),
@@ -413,20 +432,7 @@ mod tests {
             let mut want = vec![0.0; h * t * d];
             reference_cached(&qr, &ck, &cv, &kr, &vr, p, &shape, None, &mut want).unwrap();
             let mask = std_mask(t, s, p);
-            let ap = AttnParams {
-                heads: h,
-                kv_heads: kvh,
-                tokens: t,
-                head_dim: d,
-                slots: s,
-                npast: p,
-                position: p,
-                scale: 1.0 / (d as f32).sqrt(),
-                tokens_first: true,
-                write_cache: true,
-                mask_stride: Some(s + t),
-                segment: None,
-            };
+            let ap = std_params(h, kvh, t, d, s, p);
             let tm = |c: &[f32]| token_major(c, kvh, s, d, 0, s);
             for rows in [false, true] {
                 let kern = kernel(&ctx, f16c, rows, Inputs::Rope { interleaved: inter }).unwrap();
@@ -460,13 +466,7 @@ mod tests {
                 assert!(e < 3e-5, "{what}: {e}");
                 // The rows written are the rotated (and rounded) ones.
                 for (c, (new, old)) in outs[1..].iter().zip([(&kr, &ck), (&vr, &cv)]) {
-                    let mut expect = old.clone();
-                    for g in 0..kvh {
-                        for tt in 0..t {
-                            expect[(g * s + p + tt) * d..][..d]
-                                .copy_from_slice(&new[(g * t + tt) * d..][..d]);
-                        }
-                    }
+                    let expect = with_rows(old, new, kvh, s, t, d, p);
                     // The CPU rotary works in f64: an f16 rounding may land one ulp (2^-11) away.
                     let got: Vec<f32> = if f16c {
                         bytemuck::cast_slice::<u8, f16>(c)
@@ -521,20 +521,7 @@ mod tests {
             let enc = |v: &[f32]| encode(v, f16c);
             let seg = |c: &[f32], r0: usize, r1: usize| token_major(c, kvh, s, d, r0, r1);
             let nseg = s.div_ceil(seg_rows);
-            let base = AttnParams {
-                heads: h,
-                kv_heads: kvh,
-                tokens: t,
-                head_dim: d,
-                slots: s,
-                npast: p,
-                position: p,
-                scale: 1.0 / (d as f32).sqrt(),
-                tokens_first: true,
-                write_cache: true,
-                mask_stride: Some(s + t),
-                segment: None,
-            };
+            let base = std_params(h, kvh, t, d, s, p);
             let part_len = nseg * h * t * (d + 2);
             let mut parts = vec![0f32; part_len];
             let (x, y, _) = groups(&ctx, h * t, true);
@@ -571,13 +558,7 @@ mod tests {
                 parts[sg * n..(sg + 1) * n].copy_from_slice(&got[sg * n..(sg + 1) * n]);
                 // The segment's buffers now hold the chunk's rows that fall in r0..r1.
                 for (c, (new, old)) in outs[1..].iter().zip([(&nk, &ck), (&nv, &cv)]) {
-                    let mut expect = old.clone();
-                    for g in 0..kvh {
-                        for tt in 0..t {
-                            expect[(g * s + p + tt) * d..][..d]
-                                .copy_from_slice(&new[(g * t + tt) * d..][..d]);
-                        }
-                    }
+                    let expect = with_rows(old, new, kvh, s, t, d, p);
                     assert_eq!(c, &enc(&seg(&expect, r0, r1)), "segment {sg} rows");
                 }
             }

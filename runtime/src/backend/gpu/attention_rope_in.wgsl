@@ -27,22 +27,26 @@ fn round_f16(x: f32) -> f32 {
     return x;
 }
 
-fn q_in(h: u32, t: u32, i: u32) -> f32 {
-    let base = (t * pu(0u) + h) * pu(3u);
+// Element i of the rotated head at `base` of token t's row (in Q when `is_q`, else NK).
+fn rotated(is_q: bool, base: u32, t: u32, i: u32) -> f32 {
     let p = rope_pair(i);
     let cs = rope_cs(t, p.z);
-    let a = Q[base + p.x];
-    let b = Q[base + p.y];
+    var a: f32;
+    var b: f32;
+    if (is_q) {
+        a = Q[base + p.x];
+        b = Q[base + p.y];
+    } else {
+        a = NK[base + p.x];
+        b = NK[base + p.y];
+    }
     return select(b * cs.x + a * cs.y, a * cs.x - b * cs.y, p.w == 1u);
 }
 
+fn q_in(h: u32, t: u32, i: u32) -> f32 { return rotated(true, (t * pu(0u) + h) * pu(3u), t, i); }
+
 fn nk_in(g: u32, r: u32, i: u32) -> f32 {
-    let base = (r * pu(1u) + g) * pu(3u);
-    let p = rope_pair(i);
-    let cs = rope_cs(r, p.z);
-    let a = NK[base + p.x];
-    let b = NK[base + p.y];
-    return round_f16(select(b * cs.x + a * cs.y, a * cs.x - b * cs.y, p.w == 1u));
+    return round_f16(rotated(false, (r * pu(1u) + g) * pu(3u), r, i));
 }
 
 fn nv_in(g: u32, r: u32, i: u32) -> f32 { return round_f16(NV[(r * pu(1u) + g) * pu(3u) + i]); }

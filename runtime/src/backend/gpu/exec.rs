@@ -344,16 +344,9 @@ impl Fusions {
         }
         let outs: HashSet<ValId> = plan.outputs.values().copied().collect();
         let cache_out: HashSet<ValId> = plan.caches.iter().map(|c| c.output_val).collect();
-        let node = |si: usize| match &plan.steps[si] {
-            Step::Node {
-                node,
-                inputs,
-                outputs,
-            } => Some((&plan.graph.nodes[*node], inputs, outputs)),
-            _ => None,
-        };
+        let node = |si: usize| generic_node(plan, si);
         let mut f = Fusions::default();
-        // `ONESTEP_GPU_NO_FUSE=res,tr,round` (or `all`) turns fusions off, to compare or bisect.
+        // `ONESTEP_GPU_NO_FUSE=group,attn,res,tr,round` (or `all`) turns fusions off, to compare or bisect.
         let off = std::env::var("ONESTEP_GPU_NO_FUSE").unwrap_or_default();
         let on = |k: &str| !(off.contains(k) || off.contains("all"));
         for (si, s) in plan.steps.iter().enumerate() {
@@ -444,14 +437,7 @@ impl AttnIn {
                 }
             }
         }
-        let node = |si: usize| match &plan.steps[si] {
-            Step::Node {
-                node,
-                inputs,
-                outputs,
-            } => Some((&plan.graph.nodes[*node], inputs, outputs)),
-            _ => None,
-        };
+        let node = |si: usize| generic_node(plan, si);
         let only = |v: ValId, si: usize| consumers[v].as_slice() == [si];
         // `v` = Cast(f32) of Cast(f16) of x (the round pair), read only by `user`: (x, the two casts).
         let unround = |v: ValId, user: usize| -> Option<(ValId, Vec<usize>)> {
@@ -1579,20 +1565,8 @@ impl GpuPlan {
                             n.name, ct.shape, pt.shape
                         )));
                     }
-                    if !dry
-                        && pt
-                            .typed::<i64>()
-                            .iter()
-                            .any(|&p| p < 0 || p as usize >= ct.shape[0])
-                    {
-                        return Err(Error::node(
-                            &n.name,
-                            &n.op,
-                            format!(
-                                "position outside the {} rows of the cos/sin cache",
-                                ct.shape[0]
-                            ),
-                        ));
+                    if !dry {
+                        check_positions(n, pt, ct.shape[0])?;
                     }
                     extra = vec![BufRef::Val(a.cos), BufRef::Val(a.sin), BufRef::Val(a.pos)];
                 }
@@ -2116,20 +2090,8 @@ impl GpuPlan {
                         if rot % 2 != 0 || rot > d || ct.shape[1] != rot / 2 || pt.numel() != t {
                             return Ok(None);
                         }
-                        if !dry
-                            && pt
-                                .typed::<i64>()
-                                .iter()
-                                .any(|&p| p < 0 || p as usize >= ct.shape[0])
-                        {
-                            return Err(Error::node(
-                                &n.name,
-                                &n.op,
-                                format!(
-                                    "position outside the {} rows of the cos/sin cache",
-                                    ct.shape[0]
-                                ),
-                            ));
+                        if !dry {
+                            check_positions(n, pt, ct.shape[0])?;
                         }
                         let nn = h * t * d;
                         let (gx, gy) = grid(nn, 256, ctx.max_groups);
@@ -2915,6 +2877,38 @@ fn copy_range(buf: &wgpu::Buffer, at: u64, n: u64) -> Result<Option<wgpu::Buffer
         )));
     }
     Ok(wgpu::BufferSize::new(n))
+}
+
+/// Step `si` when it is a generic node: (the node, its input slots, its output slots).
+#[allow(clippy::type_complexity)]
+fn generic_node(
+    plan: &Plan,
+    si: usize,
+) -> Option<(&crate::graph::Node, &Vec<Option<ValId>>, &Vec<ValId>)> {
+    match &plan.steps[si] {
+        Step::Node {
+            node,
+            inputs,
+            outputs,
+        } => Some((&plan.graph.nodes[*node], inputs, outputs)),
+        _ => None,
+    }
+}
+
+/// Rotary positions (i64) must index the `rows` rows of the cos/sin tables (`n`: the node, for errors).
+fn check_positions(n: &crate::graph::Node, pos: &Tensor, rows: usize) -> Result<()> {
+    if pos
+        .typed::<i64>()
+        .iter()
+        .any(|&p| p < 0 || p as usize >= rows)
+    {
+        return Err(Error::node(
+            &n.name,
+            &n.op,
+            format!("position outside the {rows} rows of the cos/sin cache"),
+        ));
+    }
+    Ok(())
 }
 
 fn e_is_const(plan: &Plan, v: ValId) -> bool {

@@ -376,19 +376,9 @@ struct Spec {
 
 /// A fused-forms kernel: `entry` of `linear.wgsl` specialized to `spec`, `rows` rows a workgroup.
 fn fused_kernel(ctx: &GpuContext, spec: Spec, entry: &str, rows: usize) -> Result<Arc<Kernel>> {
-    ctx.pipeline(
-        "linear",
-        SOURCE,
+    pipeline(
+        ctx,
         entry,
-        &[
-            Bind::Read,
-            Bind::Read,
-            Bind::Read,
-            Bind::Read,
-            Bind::Read,
-            Bind::Read,
-            Bind::Write,
-        ],
         &[
             ("FORM", spec.code as f64),
             ("ROWS", rows as f64),
@@ -406,21 +396,14 @@ pub fn kernel(ctx: &GpuContext, code: u32, rows: usize) -> Result<Arc<Kernel>> {
     } else {
         ("linear", rows)
     };
-    ctx.pipeline(
-        "linear",
-        SOURCE,
-        entry,
-        &[
-            Bind::Read,
-            Bind::Read,
-            Bind::Read,
-            Bind::Read,
-            Bind::Read,
-            Bind::Read,
-            Bind::Write,
-        ],
-        &[("FORM", code as f64), ("ROWS", rows as f64)],
-    )
+    pipeline(ctx, entry, &[("FORM", code as f64), ("ROWS", rows as f64)])
+}
+
+/// `entry` of `linear.wgsl` with these pipeline constants: bindings X, W, S, Z, BIAS, AUX, O.
+fn pipeline(ctx: &GpuContext, entry: &str, constants: &[(&str, f64)]) -> Result<Arc<Kernel>> {
+    let mut binds = [Bind::Read; 7];
+    binds[6] = Bind::Write;
+    ctx.pipeline("linear", SOURCE, entry, &binds, constants)
 }
 
 #[cfg(test)]

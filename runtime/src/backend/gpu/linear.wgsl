@@ -327,7 +327,11 @@ fn acc1(n: u32, n2: u32, kk: u32, x: u32, nrm: bool) -> vec3<f32> {
     var s = 0.0;
     var s2 = 0.0;
     var q = 0.0;
-    if (FORM == 4u && kk % 32u == 0u) {
+    if ((FORM == 4u || FORM == 5u) && kk % 32u == 0u) {
+        // Blocks of 32: 4-bit (4 words of 8 values) or 8-bit (8 words of 4 values).
+        let bits = select(8u, 4u, FORM == 4u);
+        let per = 32u / bits;
+        let mask = (1u << bits) - 1u;
         let nb = kk / 32u;
         for (var b = 0u; b < nb; b = b + 1u) {
             let blk = n * nb + b;
@@ -335,46 +339,19 @@ fn acc1(n: u32, n2: u32, kk: u32, x: u32, nrm: bool) -> vec3<f32> {
             var bs = 0.0;
             var bs2 = 0.0;
             var xs = 0.0;
-            for (var w = 0u; w < 4u; w = w + 1u) {
-                let word = W[blk * 4u + w];
+            for (var w = 0u; w < bits; w = w + 1u) {
+                let word = W[blk * bits + w];
                 var word2 = 0u;
-                if (two) { word2 = W[blk2 * 4u + w]; }
-                let xb = x + b * 32u + w * 8u;
-                for (var j = 0u; j < 8u; j = j + 1u) {
-                    var xv = X[xb + j];
+                if (two) { word2 = W[blk2 * bits + w]; }
+                let k0 = b * 32u + w * per;
+                for (var j = 0u; j < per; j = j + 1u) {
+                    var xv = X[x + k0 + j];
                     if (nrm) {
                         q = q + xv * xv;
-                        xv = xv * AUX[b * 32u + w * 8u + j];
+                        xv = xv * AUX[k0 + j];
                     }
-                    bs = bs + f32((word >> (4u * j)) & 15u) * xv;
-                    if (two) { bs2 = bs2 + f32((word2 >> (4u * j)) & 15u) * xv; }
-                    xs = xs + xv;
-                }
-            }
-            s = s + (bs - Z[blk] * xs) * S[blk];
-            if (two) { s2 = s2 + (bs2 - Z[blk2] * xs) * S[blk2]; }
-        }
-    } else if (FORM == 5u && kk % 32u == 0u) {
-        let nb = kk / 32u;
-        for (var b = 0u; b < nb; b = b + 1u) {
-            let blk = n * nb + b;
-            let blk2 = n2 * nb + b;
-            var bs = 0.0;
-            var bs2 = 0.0;
-            var xs = 0.0;
-            for (var w = 0u; w < 8u; w = w + 1u) {
-                let word = W[blk * 8u + w];
-                var word2 = 0u;
-                if (two) { word2 = W[blk2 * 8u + w]; }
-                let xb = x + b * 32u + w * 4u;
-                for (var j = 0u; j < 4u; j = j + 1u) {
-                    var xv = X[xb + j];
-                    if (nrm) {
-                        q = q + xv * xv;
-                        xv = xv * AUX[b * 32u + w * 4u + j];
-                    }
-                    bs = bs + f32((word >> (8u * j)) & 255u) * xv;
-                    if (two) { bs2 = bs2 + f32((word2 >> (8u * j)) & 255u) * xv; }
+                    bs = bs + f32((word >> (bits * j)) & mask) * xv;
+                    if (two) { bs2 = bs2 + f32((word2 >> (bits * j)) & mask) * xv; }
                     xs = xs + xv;
                 }
             }
