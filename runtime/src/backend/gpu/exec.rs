@@ -1003,12 +1003,14 @@ impl GpuPlan {
         let mut groups = HashMap::new();
         let mut absorbed = HashSet::new();
         // CPU adapters compute every row's x·scale product (the norm's cost times N), where a GPU hides
-        // it behind the weight loads: there the norm stays a dispatch of its own.
-        let fold_norm = !super::rows_variant(ctx);
+        // it behind the weight loads: there the norm stays a dispatch of its own. The SiLU pair (two rows
+        // an invocation there) also ran slower on lavapipe than parts + the gate's own dispatch.
+        let cpu_adapter = super::rows_variant(ctx);
         for gr in &cand.groups {
             let mut gr = gr.clone();
-            if !fold_norm {
+            if cpu_adapter {
                 gr.norm = None;
+                gr.silu = None;
             }
             if gr.members.len() < 2 && gr.norm.is_none() {
                 continue;
