@@ -504,7 +504,7 @@ fn cmd_bench(
         (Some(g), Some(st)) => serde_json::json!({
             "adapter": g.name, "backend": g.backend, "type": g.device_type, "driver": g.driver,
             "init_ms": g.init_ms, "compile_ms": g.compile_ms, "pipeline_cache_hit": g.pipeline_cache_hit,
-            "shader_f16": g.shader_f16, "subgroups": g.subgroups,
+            "shader_f16": g.shader_f16, "subgroups": g.subgroups, "timestamps": g.timestamps,
             "dispatches_per_step": st.dispatches, "submits_per_step": st.submits,
             "fused_linear_groups": st.linear_groups, "fused_norms": st.fused_norms,
             "gpu_steps": st.gpu_steps, "cpu_steps": st.cpu_steps,
@@ -553,8 +553,21 @@ fn cmd_bench(
     }
     let profile = model_arc.profile();
     if !profile.is_empty() {
-        let total: f64 = profile.iter().map(|p| p.2).sum();
-        println!("\nprofile (ONESTEP_PROFILE=1), all runs incl. warm-up:");
+        // "(span ...)" rows overlap the kernels' own rows: not part of the total.
+        let total: f64 = profile
+            .iter()
+            .filter(|p| !p.0.starts_with('('))
+            .map(|p| p.2)
+            .sum();
+        #[cfg(feature = "gpu")]
+        let how = match model_arc.gpu_info() {
+            Some(g) if g.timestamps => "GPU timestamps around each dispatch in the step",
+            Some(_) => "each dispatch submitted and waited for alone",
+            None => "CPU time per op",
+        };
+        #[cfg(not(feature = "gpu"))]
+        let how = "CPU time per op";
+        println!("\nprofile (ONESTEP_PROFILE=1: {how}), all runs incl. warm-up:");
         println!("{:<24} {:>9} {:>10} {:>7}", "op", "calls", "ms", "share");
         for (op, calls, secs) in profile {
             println!(

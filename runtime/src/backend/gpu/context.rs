@@ -98,6 +98,8 @@ pub struct GpuInfo {
     pub shader_f16: bool,
     /// Whether subgroup operations are available.
     pub subgroups: bool,
+    /// GPU timestamps inside compute passes were enabled (only when `ONESTEP_PROFILE=1` asked for them).
+    pub timestamps: bool,
     /// The largest storage binding the kernels may use (bytes; tensors beyond it are split or refused).
     pub max_binding: u64,
     /// The largest buffer.
@@ -269,6 +271,13 @@ impl GpuContext {
                 required |= f;
             }
         }
+        // `ONESTEP_PROFILE=1`: GPU timestamps around every dispatch where the adapter has them.
+        let stamps =
+            wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES;
+        let profiling = std::env::var_os("ONESTEP_PROFILE").is_some_and(|v| v != "0");
+        if profiling && features.contains(stamps) {
+            required |= stamps;
+        }
         let limits = adapter.limits();
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("onestep"),
@@ -331,6 +340,7 @@ impl GpuContext {
                 .to_string(),
             shader_f16: required.contains(wgpu::Features::SHADER_F16),
             subgroups: features.contains(wgpu::Features::SUBGROUP),
+            timestamps: required.contains(stamps),
             max_binding,
             max_buffer: limits.max_buffer_size,
             init_ms: t0.elapsed().as_secs_f64() * 1e3,

@@ -272,12 +272,54 @@ pub struct GpuPlan {
     res_fused: HashSet<usize>,
     /// `queue.submit` time accumulated during the current step.
     submit_ms: Mutex<f64>,
-    /// Per-kernel GPU time when `ONESTEP_PROFILE=1` (each dispatch submitted and waited for alone).
+    /// Per-kernel GPU time when `ONESTEP_PROFILE=1`: from GPU timestamps around each dispatch where the
+    /// adapter has them ([`Stamps`]), else each dispatch submitted and waited for alone.
     profile: Option<Mutex<std::collections::BTreeMap<String, (u64, f64)>>>,
+    stamps: Option<Stamps>,
     /// Rotary steps reading the untransposed `[1, T, H, D]` input.
     tr_src: HashMap<usize, ValId>,
     /// `Cast(f16→f32)` steps computing `f32(f16(x))` from the first cast's input.
     round_src: HashMap<usize, ValId>,
+}
+
+/// GPU timestamps around every dispatch of a submission (`ONESTEP_PROFILE=1` on adapters with timestamp
+/// queries inside passes): the per-kernel profile then measures the kernels as they run in the step.
+struct Stamps {
+    set: wgpu::QuerySet,
+    resolve: wgpu::Buffer,
+    read: wgpu::Buffer,
+    /// Dispatches a submission can time (two queries each).
+    cap: usize,
+    /// Nanoseconds a tick.
+    period: f64,
+}
+
+impl Stamps {
+    fn new(ctx: &GpuContext, dispatches: usize) -> Stamps {
+        let cap = dispatches.clamp(1, wgpu::QUERY_SET_MAX_QUERIES as usize / 2);
+        let bytes = (16 * cap) as u64;
+        Stamps {
+            set: ctx.device.create_query_set(&wgpu::QuerySetDescriptor {
+                label: Some("dispatch timestamps"),
+                ty: wgpu::QueryType::Timestamp,
+                count: 2 * cap as u32,
+            }),
+            resolve: ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("timestamps"),
+                size: bytes,
+                usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
+            }),
+            read: ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("timestamps read-back"),
+                size: bytes,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            }),
+            cap,
+            period: f64::from(ctx.queue.get_timestamp_period()),
+        }
+    }
 }
 
 /// Patterns of standard ops the GPU runs as fewer dispatches (found once from the plan's structure).
@@ -781,6 +823,7 @@ impl GpuPlan {
             profile: std::env::var_os("ONESTEP_PROFILE")
                 .filter(|v| v != "0")
                 .map(|_| Mutex::new(Default::default())),
+            stamps: None,
             skipped: HashSet::new(),
             res_fused: HashSet::new(),
             tr_src: HashMap::new(),
@@ -960,6 +1003,9 @@ impl GpuPlan {
             }
         }
         me.params = ctx.uniform("params", (slot.max(1) * 256) as u64);
+        if me.profile.is_some() && ctx.info().timestamps {
+            me.stamps = Some(Stamps::new(&ctx, slot));
+        }
         let part = me.part_need.load(std::sync::atomic::Ordering::Relaxed);
         if part > 0 {
             me.part = ctx.storage("attention partials", part)?;
@@ -2630,6 +2676,7 @@ impl GpuPlan {
         host: &crate::kv::PagedCache,
         cmds: &[Cmd],
         count: &mut Counts,
+        mut timed: Option<(&Stamps, &mut Vec<(usize, usize)>)>,
     ) -> Result<()> {
         let mut i = 0;
         while i < cmds.len() {
@@ -2648,7 +2695,21 @@ impl GpuPlan {
                         };
                         pass.set_pipeline(&self.kernels[si][j].pipeline);
                         pass.set_bind_group(0, g, &[]);
+                        let stamp = match &mut timed {
+                            Some((st, done)) if done.len() < st.cap => {
+                                let q = 2 * done.len() as u32;
+                                done.push((si, j));
+                                Some((&st.set, q))
+                            }
+                            _ => None,
+                        };
+                        if let Some((set, q)) = stamp {
+                            pass.write_timestamp(set, q);
+                        }
                         pass.dispatch_workgroups(x, y, z);
+                        if let Some((set, q)) = stamp {
+                            pass.write_timestamp(set, q + 1);
+                        }
                         count.dispatches += 1;
                         i += 1;
                     }
@@ -2728,11 +2789,11 @@ impl GpuPlan {
         if !params.is_empty() {
             self.ctx.queue.write_buffer(&self.params, 0, params);
         }
-        if let Some(prof) = &self.profile {
-            // Profiling: every command alone, timed from submit to completion.
+        if let (Some(prof), None) = (&self.profile, &self.stamps) {
+            // Profiling without timestamps: every command alone, timed from submit to completion.
             for cmd in pending.drain(..) {
                 let mut enc = self.ctx.device.create_command_encoder(&Default::default());
-                self.record(&mut enc, state, host, &[cmd], count)?;
+                self.record(&mut enc, state, host, &[cmd], count, None)?;
                 let t0 = std::time::Instant::now();
                 self.submit(state, enc)?;
                 self.ctx
@@ -2761,7 +2822,21 @@ impl GpuPlan {
                 label: Some("step"),
             });
         let cmds = std::mem::take(pending);
-        self.record(&mut enc, state, host, &cmds, count)?;
+        let mut timed = Vec::new();
+        let stamps = self.stamps.as_ref().filter(|_| self.profile.is_some());
+        self.record(
+            &mut enc,
+            state,
+            host,
+            &cmds,
+            count,
+            stamps.map(|s| (s, &mut timed)),
+        )?;
+        if let (Some(st), false) = (stamps, timed.is_empty()) {
+            let n = 2 * timed.len() as u32;
+            enc.resolve_query_set(&st.set, 0..n, &st.resolve, 0);
+            enc.copy_buffer_to_buffer(&st.resolve, 0, &st.read, 0, 8 * u64::from(n));
+        }
         let mut reads = Vec::new();
         for &v in fetch {
             let m = meta[v]
@@ -2796,7 +2871,32 @@ impl GpuPlan {
         if rows > 0 {
             maps.push((&state.rows, rows as usize));
         }
+        if let (Some(st), false) = (stamps, timed.is_empty()) {
+            maps.push((&st.read, 16 * timed.len()));
+        }
         let mut raw = self.ctx.read_back(&maps)?;
+        if let (Some(st), Some(prof), false) = (stamps, &self.profile, timed.is_empty()) {
+            let ticks = raw.pop().unwrap_or_default();
+            let ticks: &[u64] = bytemuck::try_cast_slice(&ticks)
+                .map_err(|e| Error::Gpu(format!("timestamps: {e}")))?;
+            let mut p = prof.lock().unwrap_or_else(|e| e.into_inner());
+            for (k, &(si, j)) in timed.iter().enumerate() {
+                let dt = ticks[2 * k + 1].saturating_sub(ticks[2 * k]) as f64 * st.period * 1e-9;
+                let e = p
+                    .entry(self.kernels[si][j].name.clone())
+                    .or_insert((0, 0.0));
+                e.0 += 1;
+                e.1 += dt;
+            }
+            // The whole submission, first dispatch start to last dispatch end (gaps included).
+            let span =
+                ticks[2 * timed.len() - 1].saturating_sub(ticks[0]) as f64 * st.period * 1e-9;
+            let e = p
+                .entry("(span: first dispatch start to last end)".into())
+                .or_insert((0, 0.0));
+            e.0 += 1;
+            e.1 += span;
+        }
         let rows = if rows > 0 {
             raw.pop().unwrap_or_default()
         } else {
