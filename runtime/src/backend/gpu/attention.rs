@@ -96,6 +96,9 @@ pub fn rows_ok(head_dim: usize, keys: usize) -> bool {
     head_dim % 4 == 0 && head_dim <= MAX_HEAD_DIM && (3 * head_dim / 4 + 2) * keys < 65_000
 }
 
+/// Keys a workgroup attends when a decode step's keys are split over workgroups.
+pub const SPLIT_CHUNK: usize = 64;
+
 /// Workgroups for `items` (head, token) pairs.
 pub fn groups(ctx: &GpuContext, items: usize, rows: bool) -> (u32, u32, u32) {
     let (x, y) = super::grid(items, if rows { 64 } else { 1 }, ctx.max_groups);
@@ -163,6 +166,8 @@ pub struct AttnParams {
     pub mask_stride: Option<usize>,
     /// The cache segment this dispatch covers (`attention_part` / `attention_combine`).
     pub segment: Option<Segment>,
+    /// Split keys (`attention` only): `(keys a chunk, chunks)`, one workgroup z a chunk, partials out.
+    pub split: Option<(usize, usize)>,
 }
 
 impl AttnParams {
@@ -185,7 +190,10 @@ impl AttnParams {
             .u(self.segment.map_or(self.slots, |g| g.r1))
             .u(self.segment.is_none_or(|g| g.with_new) as usize)
             .u(self.segment.map_or(0, |g| g.index))
-            .u(self.segment.map_or(1, |g| g.count))
+            .u(self
+                .split
+                .map_or(self.segment.map_or(1, |g| g.count), |s| s.1))
+            .u(self.split.map_or(0, |s| s.0))
     }
 }
 
@@ -247,6 +255,7 @@ mod tests {
             write_cache: true,
             mask_stride: Some(s + t),
             segment: None,
+            split: None,
         }
     }
 
@@ -454,10 +463,7 @@ mod tests {
                         bytemuck::cast_slice(&sin),
                         bytemuck::cast_slice(&pos),
                     ],
-                    {
-                        let (x, y, _) = groups(&ctx, h * t, rows);
-                        (x, y)
-                    },
+                    groups(&ctx, h * t, rows),
                 )
                 .unwrap();
                 let what =
@@ -479,6 +485,89 @@ mod tests {
                     let tol = if f16c { 1e-3 } else { 1e-6 };
                     assert!(max_rel(&got, &tm(&expect)) < tol, "cache rows {what}");
                 }
+            }
+        }
+    }
+
+    /// Split keys (decode over a long context): `attention` with one workgroup per chunk of keys writing
+    /// partials, then `attention_combine`, against the CPU reference; the new rows written once.
+    #[test]
+    fn split_keys_match_cpu_reference() {
+        let Some(ctx) = ctx() else { return };
+        for (h, kvh, t, d, s, p, f16c) in [
+            (9, 3, 1, 64, 600, 530, true),
+            (4, 2, 1, 128, 200, 64, false),
+            (2, 1, 1, 32, 300, 299, true),
+            (4, 4, 2, 64, 300, 150, true),
+        ] {
+            let q = noise(h * t * d, 21);
+            let round = |v: &[f32]| -> Vec<f32> {
+                if f16c {
+                    v.iter().map(|x| f16::from_f32(*x).to_f32()).collect()
+                } else {
+                    v.to_vec()
+                }
+            };
+            let nk = round(&noise(kvh * t * d, 22));
+            let nv = round(&noise(kvh * t * d, 23));
+            let ck = round(&noise(kvh * s * d, 24));
+            let cv = round(&noise(kvh * s * d, 25));
+            let shape = AttnShape {
+                heads: h,
+                kv_heads: kvh,
+                tokens: t,
+                head_dim: d,
+                cache_len: s,
+                q_tokens_first: false,
+                kv_tokens_first: false,
+            };
+            let mut want = vec![0.0; h * t * d];
+            reference_cached(&q, &ck, &cv, &nk, &nv, p, &shape, None, &mut want).unwrap();
+            let chunks = (p + t).div_ceil(SPLIT_CHUNK);
+            let ap = AttnParams {
+                split: Some((SPLIT_CHUNK, chunks)),
+                ..std_params(h, kvh, t, d, s, p)
+            };
+            let tm = |c: &[f32]| token_major(c, kvh, s, d, 0, s);
+            let mask = std_mask(t, s, p);
+            let (x, y, _) = groups(&ctx, h * t, false);
+            let outs = super::super::exec::run_kernel_multi_tail(
+                &ctx,
+                &kernel(&ctx, f16c, false, Inputs::Graph).unwrap(),
+                &ap.params(),
+                &[
+                    bytemuck::cast_slice(&q),
+                    bytemuck::cast_slice(&nk),
+                    bytemuck::cast_slice(&nv),
+                    bytemuck::cast_slice(&mask),
+                    &encode(&tm(&ck), f16c),
+                    &encode(&tm(&cv), f16c),
+                ],
+                &[chunks * h * t * (d + 2) * 4],
+                &[],
+                (x, y, chunks as u32),
+            )
+            .unwrap();
+            let (cx, cy, _) = groups(&ctx, h * t, true);
+            let got = run_kernel_multi(
+                &ctx,
+                &combine_kernel(&ctx).unwrap(),
+                &ap.params(),
+                &[&outs[0]],
+                &[h * t * d * 4],
+                (cx, cy),
+            )
+            .unwrap();
+            // Both in [T, H, D] (tokens first, as the step graph's transpose wants).
+            let e = max_rel(bytemuck::cast_slice(&got[0]), &want);
+            assert!(e < 2e-5, "{h} {kvh} {t} {d} {s} {p} chunks {chunks}: {e}");
+            for (c, (new, old)) in outs[1..].iter().zip([(&nk, &ck), (&nv, &cv)]) {
+                let expect = with_rows(old, new, kvh, s, t, d, p);
+                assert_eq!(
+                    c,
+                    &encode(&tm(&expect), f16c),
+                    "cache rows {h} {t} {d} {s} {p}"
+                );
             }
         }
     }

@@ -9,6 +9,10 @@
 //
 // P[0]=H P[1]=KVH P[2]=T P[3]=D P[4]=S P[5]=npast P[6]=write position P[7]=scale (f32)
 // P[8]=output tokens-first P[9]=write the rows into the cache P[10]=has mask P[11]=mask row stride
+// Split keys (`attention`, P[17] = keys a chunk > 0): workgroup z attends keys z·P[17] .. of the sequence
+// (cache slots, then the chunk's rows) and writes the partial softmax (m, l, unnormalized acc[D]) to O as
+// [chunk][H*T][D + 2] for `attention_combine` (P[16] = chunks): decode over a long context spreads over
+// chunks × heads workgroups instead of heads alone.
 // Cache element type: F16C (override): f16 two a word, else f32 bits.
 override F16C: bool = true;
 
@@ -76,13 +80,20 @@ fn attention(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
     let t = item % t_n;
     let g = h / (h_n / pu(1u));
     let nkeys = pu(5u) + t_n;
+    let split = pu(17u) > 0u;
+    var j_lo = 0u;
+    var j_hi = nkeys;
+    if (split) {
+        j_lo = min(wid.z * pu(17u), nkeys);
+        j_hi = min(j_lo + pu(17u), nkeys);
+    }
     for (var i = lid; i < d; i = i + 64u) { sq[i] = q_in(h, t, i); }
     workgroupBarrier();
 
     // (A) running max and sum of exp per thread.
     var m = NEG_INF;
     var l = 0.0;
-    for (var j = lid; j < nkeys; j = j + 64u) {
+    for (var j = j_lo + lid; j < j_hi; j = j + 64u) {
         let s = score(j, g, t);
         if (s <= NEG_INF) { continue; }
         if (s > m) { l = l * exp(m - s) + 1.0; m = s; } else { l = l + exp(s - m); }
@@ -100,20 +111,23 @@ fn attention(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
         if (lid < w) { sl[lid] = sl[lid] + sl[lid + w]; }
         workgroupBarrier();
     }
-    let inv = 1.0 / sl[0];
+    let lsum = sl[0];
+    // A split chunk leaves the weights unnormalized (the combine divides).
+    var inv = 1.0;
+    if (!split) { inv = 1.0 / lsum; }
 
     // (B) weighted sum of values, 64 keys a tile.
     var acc = array<f32, 4>(0.0, 0.0, 0.0, 0.0);
-    for (var j0 = 0u; j0 < nkeys; j0 = j0 + 64u) {
+    for (var j0 = j_lo; j0 < j_hi; j0 = j0 + 64u) {
         let j = j0 + lid;
         var p = 0.0;
-        if (j < nkeys) {
+        if (j < j_hi) {
             let s = score(j, g, t);
             if (s > NEG_INF) { p = exp(s - mx) * inv; }
         }
         sp[lid] = p;
         workgroupBarrier();
-        let cnt = min(64u, nkeys - j0);
+        let cnt = min(64u, j_hi - j0);
         for (var k = 0u; k < cnt; k = k + 1u) {
             let pk = sp[k];
             if (pk == 0.0) { continue; }
@@ -125,15 +139,28 @@ fn attention(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
         workgroupBarrier();
     }
     if (!live) { return; }
-    for (var c = 0u; c < 4u; c = c + 1u) {
-        let i = lid + 64u * c;
-        if (i < d) {
-            if (pu(8u) == 1u) { O[(t * h_n + h) * d + i] = acc[c]; } else { O[(h * t_n + t) * d + i] = acc[c]; }
+    if (split) {
+        let ob = (wid.z * h_n * t_n + item) * (d + 2u);
+        if (lid == 0u) {
+            O[ob] = mx;
+            O[ob + 1u] = lsum;
+        }
+        for (var c = 0u; c < 4u; c = c + 1u) {
+            let i = lid + 64u * c;
+            if (i < d) { O[ob + 2u + i] = acc[c]; }
+        }
+    } else {
+        for (var c = 0u; c < 4u; c = c + 1u) {
+            let i = lid + 64u * c;
+            if (i < d) {
+                if (pu(8u) == 1u) { O[(t * h_n + h) * d + i] = acc[c]; } else { O[(h * t_n + t) * d + i] = acc[c]; }
+            }
         }
     }
 
-    // The chunk's rows go into the cache at slots pos..pos+T (the first head of each group writes).
-    if (pu(9u) == 1u && h % (h_n / pu(1u)) == 0u) {
+    // The chunk's rows go into the cache at slots pos..pos+T (the first head of each group writes; with
+    // split keys, its first chunk's workgroup).
+    if (pu(9u) == 1u && h % (h_n / pu(1u)) == 0u && wid.z == 0u) {
         let dst = ((pu(6u) + t) * pu(1u) + g) * d;
         if (F16C) {
             for (var i = lid; i < d / 2u; i = i + 64u) {

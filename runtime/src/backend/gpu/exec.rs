@@ -245,6 +245,11 @@ pub struct GpuPlan {
     rows_variant: bool,
     /// Partials of split-cache attention (sized by the dry run).
     part: wgpu::Buffer,
+    /// Keys from which a decode step's attention is split over workgroups (`ONESTEP_GPU_SPLIT_KEYS`,
+    /// default 256; 0: never), and keys a workgroup then (`ONESTEP_GPU_SPLIT_CHUNK`, default
+    /// [`attention::SPLIT_CHUNK`]).
+    split_keys: usize,
+    split_chunk: usize,
     /// Bytes of partials the dry run asked for.
     part_need: std::sync::atomic::AtomicU64,
     params: wgpu::Buffer,
@@ -802,6 +807,10 @@ impl GpuPlan {
                 .min(ctx.device.limits().max_buffer_size),
             rows_variant: super::rows_variant(&ctx),
             part: ctx.buffer_with("attention partials", &[0; 4])?,
+            split_keys: env_usize("ONESTEP_GPU_SPLIT_KEYS").unwrap_or(256),
+            split_chunk: env_usize("ONESTEP_GPU_SPLIT_CHUNK")
+                .filter(|&c| c > 0)
+                .unwrap_or(attention::SPLIT_CHUNK),
             part_need: std::sync::atomic::AtomicU64::new(0),
             dummy,
             params: ctx.uniform("params", 256),
@@ -1653,27 +1662,68 @@ impl GpuPlan {
                     write_cache: true,
                     mask_stride: Some(slots + t),
                     segment: None,
+                    split: None,
                 };
                 let f16c = ck.dtype == DType::F16;
                 let (seg_rows, nseg) = self.segs(kvh * d * ck.dtype.size(), slots, d)?;
-                let disp = if nseg == 1 {
+                let binds_to = |o: BufRef| -> Vec<BufRef> {
+                    [
+                        BufRef::Val(*q),
+                        BufRef::Val(new[0]),
+                        BufRef::Val(new[1]),
+                        BufRef::Val(*mv),
+                        BufRef::CacheK(past[0], 0),
+                        BufRef::CacheV(past[1], 0),
+                        o,
+                    ]
+                    .into_iter()
+                    .chain(extra.iter().copied())
+                    .collect()
+                };
+                let disp = if nseg == 1 && (rows || self.split_keys == 0) {
                     vec![Disp {
                         kernel: k(&|| attention::kernel(ctx, f16c, rows, inputs))?,
-                        binds: vec![
-                            BufRef::Val(*q),
-                            BufRef::Val(new[0]),
-                            BufRef::Val(new[1]),
-                            BufRef::Val(*mv),
-                            BufRef::CacheK(past[0], 0),
-                            BufRef::CacheV(past[1], 0),
-                            BufRef::Val(*out),
-                        ]
-                        .into_iter()
-                        .chain(extra.iter().copied())
-                        .collect(),
+                        binds: binds_to(BufRef::Val(*out)),
                         params: ap.params(),
                         groups: attention::groups(ctx, h * t, rows),
                     }]
+                } else if nseg == 1 {
+                    // One token over many keys: chunks of keys a workgroup each, then the combine
+                    // (three slots; a step records the whole attention or the split pair).
+                    let ch = self.split_chunk;
+                    let nkeys = npast + t;
+                    let chunks = nkeys.div_ceil(ch);
+                    let split = t == 1 && nkeys >= self.split_keys && chunks >= 2;
+                    self.part_need.fetch_max(
+                        ((slots + 1).div_ceil(ch) * h * (d + 2) * 4) as u64,
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
+                    let sp = AttnParams {
+                        split: Some((ch, chunks)),
+                        ..ap
+                    };
+                    let (gx, gy, _) = attention::groups(ctx, h * t, false);
+                    let on = |yes: bool, g: (u32, u32, u32)| if yes { g } else { (0, 0, 0) };
+                    vec![
+                        Disp {
+                            kernel: k(&|| attention::kernel(ctx, f16c, false, inputs))?,
+                            binds: binds_to(BufRef::Val(*out)),
+                            params: ap.params(),
+                            groups: on(!split, (gx, gy, 1)),
+                        },
+                        Disp {
+                            kernel: k(&|| attention::kernel(ctx, f16c, false, inputs))?,
+                            binds: binds_to(BufRef::Part),
+                            params: sp.params(),
+                            groups: on(split, (gx, gy, chunks as u32)),
+                        },
+                        Disp {
+                            kernel: k(&|| attention::combine_kernel(ctx))?,
+                            binds: vec![BufRef::Part, BufRef::Val(*out)],
+                            params: sp.params(),
+                            groups: on(split, attention::groups(ctx, h * t, true)),
+                        },
+                    ]
                 } else {
                     // The cache is split over `nseg` buffers: a partial softmax a segment, then one
                     // combine.
@@ -2981,6 +3031,11 @@ fn copy_range(buf: &wgpu::Buffer, at: u64, n: u64) -> Result<Option<wgpu::Buffer
     Ok(wgpu::BufferSize::new(n))
 }
 
+/// A number from the environment (tuning knobs).
+fn env_usize(name: &str) -> Option<usize> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
 /// Step `si` when it is a generic node: (the node, its input slots, its output slots).
 #[allow(clippy::type_complexity)]
 fn generic_node(
@@ -3040,7 +3095,15 @@ pub(crate) fn run_kernel_multi(
     outs: &[usize],
     groups: (u32, u32),
 ) -> Result<Vec<Vec<u8>>> {
-    run_kernel_multi_tail(ctx, kernel, params, inputs, outs, &[], groups)
+    run_kernel_multi_tail(
+        ctx,
+        kernel,
+        params,
+        inputs,
+        outs,
+        &[],
+        (groups.0, groups.1, 1),
+    )
 }
 
 /// [`run_kernel_multi`] with more read-only inputs bound after the outputs (`tail`).
@@ -3052,7 +3115,7 @@ pub(crate) fn run_kernel_multi_tail(
     inputs: &[&[u8]],
     outs: &[usize],
     tail: &[&[u8]],
-    groups: (u32, u32),
+    groups: (u32, u32, u32),
 ) -> Result<Vec<Vec<u8>>> {
     let pbuf = ctx.uniform("p", 256);
     ctx.queue.write_buffer(&pbuf, 0, params.bytes());
@@ -3073,7 +3136,7 @@ pub(crate) fn run_kernel_multi_tail(
         let mut pass = enc.begin_compute_pass(&Default::default());
         pass.set_pipeline(&kernel.pipeline);
         pass.set_bind_group(0, &bg, &[]);
-        pass.dispatch_workgroups(groups.0, groups.1, 1);
+        pass.dispatch_workgroups(groups.0, groups.1, groups.2);
     }
     // Outputs, then inputs that are bound writable (the attention's caches).
     let writable: Vec<usize> = (0..inputs.len())
