@@ -240,6 +240,44 @@ mod tests {
         }
     }
 
+    /// Random inputs of one attention case (the new rows and caches as an f16 cache holds them) and the
+    /// CPU reference output: `(q, new k, new v, cache k, cache v, want)`, head-major.
+    #[allow(clippy::type_complexity)]
+    fn case(
+        h: usize,
+        kvh: usize,
+        t: usize,
+        d: usize,
+        s: usize,
+        p: usize,
+        f16c: bool,
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
+        let round = |v: &[f32]| -> Vec<f32> {
+            if f16c {
+                v.iter().map(|x| f16::from_f32(*x).to_f32()).collect()
+            } else {
+                v.to_vec()
+            }
+        };
+        let q = noise(h * t * d, 21);
+        let nk = round(&noise(kvh * t * d, 22));
+        let nv = round(&noise(kvh * t * d, 23));
+        let ck = round(&noise(kvh * s * d, 24));
+        let cv = round(&noise(kvh * s * d, 25));
+        let shape = AttnShape {
+            heads: h,
+            kv_heads: kvh,
+            tokens: t,
+            head_dim: d,
+            cache_len: s,
+            q_tokens_first: false,
+            kv_tokens_first: false,
+        };
+        let mut want = vec![0.0; h * t * d];
+        reference_cached(&q, &ck, &cv, &nk, &nv, p, &shape, None, &mut want).unwrap();
+        (q, nk, nv, ck, cv, want)
+    }
+
     /// A chunk of `t` tokens at position `p` over `s` slots with the standard mask, rows written.
     fn std_params(h: usize, kvh: usize, t: usize, d: usize, s: usize, p: usize) -> AttnParams {
         AttnParams {
@@ -500,29 +538,7 @@ mod tests {
             (2, 1, 1, 32, 300, 299, true),
             (4, 4, 2, 64, 300, 150, true),
         ] {
-            let q = noise(h * t * d, 21);
-            let round = |v: &[f32]| -> Vec<f32> {
-                if f16c {
-                    v.iter().map(|x| f16::from_f32(*x).to_f32()).collect()
-                } else {
-                    v.to_vec()
-                }
-            };
-            let nk = round(&noise(kvh * t * d, 22));
-            let nv = round(&noise(kvh * t * d, 23));
-            let ck = round(&noise(kvh * s * d, 24));
-            let cv = round(&noise(kvh * s * d, 25));
-            let shape = AttnShape {
-                heads: h,
-                kv_heads: kvh,
-                tokens: t,
-                head_dim: d,
-                cache_len: s,
-                q_tokens_first: false,
-                kv_tokens_first: false,
-            };
-            let mut want = vec![0.0; h * t * d];
-            reference_cached(&q, &ck, &cv, &nk, &nv, p, &shape, None, &mut want).unwrap();
+            let (q, nk, nv, ck, cv, want) = case(h, kvh, t, d, s, p, f16c);
             let chunks = (p + t).div_ceil(SPLIT_CHUNK);
             let ap = AttnParams {
                 split: Some((SPLIT_CHUNK, chunks)),
@@ -583,29 +599,7 @@ mod tests {
             (2, 1, 3, 16, 30, 0, 8, true),
             (6, 3, 4, 64, 100, 96, 33, true),
         ] {
-            let q = noise(h * t * d, 21);
-            let round = |v: &[f32]| -> Vec<f32> {
-                if f16c {
-                    v.iter().map(|x| f16::from_f32(*x).to_f32()).collect()
-                } else {
-                    v.to_vec()
-                }
-            };
-            let nk = round(&noise(kvh * t * d, 22));
-            let nv = round(&noise(kvh * t * d, 23));
-            let ck = round(&noise(kvh * s * d, 24));
-            let cv = round(&noise(kvh * s * d, 25));
-            let shape = AttnShape {
-                heads: h,
-                kv_heads: kvh,
-                tokens: t,
-                head_dim: d,
-                cache_len: s,
-                q_tokens_first: false,
-                kv_tokens_first: false,
-            };
-            let mut want = vec![0.0; h * t * d];
-            reference_cached(&q, &ck, &cv, &nk, &nv, p, &shape, None, &mut want).unwrap();
+            let (q, nk, nv, ck, cv, want) = case(h, kvh, t, d, s, p, f16c);
             let mask = std_mask(t, s, p);
             let enc = |v: &[f32]| encode(v, f16c);
             let seg = |c: &[f32], r0: usize, r1: usize| token_major(c, kvh, s, d, r0, r1);

@@ -88,6 +88,19 @@ struct Desc {
     disp: Vec<Disp>,
 }
 
+impl Desc {
+    /// A step another step does: no dispatch, no output.
+    fn empty() -> Desc {
+        Desc {
+            fused: None,
+            at: Vec::new(),
+            outs: Vec::new(),
+            reads: Vec::new(),
+            disp: Vec::new(),
+        }
+    }
+}
+
 /// Counters of the GPU executor.
 #[derive(Debug, Default, Clone)]
 pub struct GpuStats {
@@ -1442,13 +1455,7 @@ impl GpuPlan {
         };
         let _ = HEAVY_NONE;
         if self.absorbed.contains(&si) {
-            return Ok(Some(Desc {
-                fused: None,
-                at: Vec::new(),
-                outs: Vec::new(),
-                reads: Vec::new(),
-                disp: Vec::new(),
-            }));
+            return Ok(Some(Desc::empty()));
         }
         if let Some(gr) = self.lin_groups.get(&si) {
             return self.describe_group(si, gr, e, dry).map(Some);
@@ -1838,13 +1845,7 @@ impl GpuPlan {
                     None
                 };
                 if self.skipped.contains(&si) && n.op == "Add" {
-                    return Ok(Some(Desc {
-                        fused: None,
-                        at: Vec::new(),
-                        outs: Vec::new(),
-                        reads: Vec::new(),
-                        disp: Vec::new(),
-                    }));
+                    return Ok(Some(Desc::empty()));
                 }
                 if let Some((other, src, m)) = first_of_pair {
                     let om = if n.op == "Transpose" {
