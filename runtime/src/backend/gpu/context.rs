@@ -573,17 +573,27 @@ impl GpuContext {
                 }
             });
         }
-        self.device
-            .poll(wgpu::PollType::Wait {
-                submission_index: None,
-                timeout: Some(std::time::Duration::from_secs(60)),
-            })
-            .map_err(|e| gpu_err(format!("waiting for the GPU: {e}")))?;
+        // Another thread polling the same device may be the one that runs these callbacks: a returned
+        // poll does not mean they ran yet, so wait until they did (or the 60 s are up).
+        let deadline = Instant::now() + std::time::Duration::from_secs(60);
+        let results = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            self.device
+                .poll(wgpu::PollType::Wait {
+                    submission_index: None,
+                    timeout: Some(left),
+                })
+                .map_err(|e| gpu_err(format!("waiting for the GPU: {e}")))?;
+            let now = pending
+                .lock()
+                .map_err(|_| gpu_err("map state poisoned"))?
+                .clone();
+            if now.iter().all(Option::is_some) || Instant::now() >= deadline {
+                break now;
+            }
+            std::thread::yield_now();
+        };
         self.check("step")?;
-        let results = pending
-            .lock()
-            .map_err(|_| gpu_err("map state poisoned"))?
-            .clone();
         let mut out = Vec::with_capacity(bufs.len());
         for ((b, n), r) in bufs.iter().zip(results) {
             match r {
