@@ -298,6 +298,13 @@ pub struct GpuPlan {
     tr_src: HashMap<usize, ValId>,
     /// `Cast(f16→f32)` steps computing `f32(f16(x))` from the first cast's input.
     round_src: HashMap<usize, ValId>,
+    /// What the CPU steps read, `(step, value)` in step order: a read-back for one CPU step also
+    /// fetches what later CPU steps read and the GPU already holds (the token choice after a GPU `TopK`
+    /// reads both its outputs: one wait, not two).
+    cpu_reads: Vec<(usize, ValId)>,
+    /// The last step placed on the GPU: a read-back after it also takes the step's cache rows and the
+    /// wanted outputs, so the step needs no other submission.
+    last_gpu: Option<usize>,
 }
 
 /// GPU timestamps around every dispatch of a submission (`ONESTEP_PROFILE=1` on adapters with timestamp
@@ -850,6 +857,8 @@ impl GpuPlan {
             res_fused: HashSet::new(),
             tr_src: HashMap::new(),
             round_src: HashMap::new(),
+            cpu_reads: Vec::new(),
+            last_gpu: None,
         };
         // Dry run.
         let mut env: Vec<Option<Tensor>> = vec![None; nvals];
@@ -1045,6 +1054,13 @@ impl GpuPlan {
                 });
             }
             me.groups[si] = gs;
+        }
+        me.last_gpu = me.on_gpu.iter().rposition(|g| *g);
+        for (si, s) in plan.steps.iter().enumerate() {
+            if !me.on_gpu[si] {
+                me.cpu_reads
+                    .extend(crate::plan::step_reads(s).into_iter().map(|v| (si, v)));
+            }
         }
         if let Ok(mut st) = me.lock.lock() {
             st.scratch_bytes = scratch;
@@ -2491,6 +2507,8 @@ impl GpuPlan {
         let mut pending: Vec<Cmd> = Vec::new();
         let mut count = Counts::default();
         let t_step = std::time::Instant::now();
+        // The step's cache rows, when a read-back after the last GPU step brought them.
+        let mut rows_back: Option<Vec<u8>> = None;
         for i in 0..state.nslots.min(state.streams.len()) {
             kv.prefetch(state, host, i, position, &mut pending)?;
         }
@@ -2597,13 +2615,24 @@ impl GpuPlan {
                 }
                 None => {
                     let reads = crate::plan::step_reads(s);
-                    let fetch: Vec<ValId> = reads
-                        .iter()
-                        .copied()
-                        .filter(|&v| env[v].is_none() && meta[v].is_some())
-                        .collect();
+                    let on_gpu = |v: ValId| env[v].is_none() && meta[v].is_some();
+                    let mut fetch: Vec<ValId> =
+                        reads.iter().copied().filter(|&v| on_gpu(v)).collect();
                     if !fetch.is_empty() {
-                        self.flush_into(
+                        for &(sj, v) in &self.cpu_reads {
+                            if sj > si && on_gpu(v) && !fetch.contains(&v) {
+                                fetch.push(v);
+                            }
+                        }
+                        let last = self.last_gpu.is_none_or(|l| si >= l);
+                        if last {
+                            for &v in want {
+                                if on_gpu(v) && !fetch.contains(&v) {
+                                    fetch.push(v);
+                                }
+                            }
+                        }
+                        let r = self.flush_into(
                             state,
                             host,
                             &mut pending,
@@ -2612,8 +2641,11 @@ impl GpuPlan {
                             &meta,
                             env,
                             &mut count,
-                            0,
+                            if last { kv.off } else { 0 },
                         )?;
+                        if last {
+                            rows_back = Some(r);
+                        }
                     }
                     cpu_step(s, env)?;
                     if let Step::Node { outputs, .. } = s {
@@ -2629,7 +2661,22 @@ impl GpuPlan {
             .copied()
             .filter(|&v| env[v].is_none() && meta[v].is_some())
             .collect();
-        let rows = if !pending.is_empty() || !fetch.is_empty() || kv.off > 0 {
+        let rows = if let Some(r) = rows_back {
+            if !pending.is_empty() || !fetch.is_empty() {
+                self.flush_into(
+                    state,
+                    host,
+                    &mut pending,
+                    &params,
+                    &fetch,
+                    &meta,
+                    env,
+                    &mut count,
+                    0,
+                )?;
+            }
+            r
+        } else if !pending.is_empty() || !fetch.is_empty() || kv.off > 0 {
             self.flush_into(
                 state,
                 host,
