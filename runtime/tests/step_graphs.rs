@@ -198,6 +198,11 @@ fn check_on(name: &str, opts: &LoadOptions) -> Vec<Vec<f32>> {
             random_u: step["random_u"].as_f64().unwrap() as f32,
         };
         let out = model.step(&mut state, &ids, &sampling).unwrap();
+        // One submission and one wait a step, whatever the token choice runs on.
+        #[cfg(feature = "gpu")]
+        if let Some(g) = model.gpu_stats() {
+            assert_eq!(g.submits, 1, "{name} step {i}: {g:?}");
+        }
         let kv = model.kv_stats(&state);
         // Only the new rows come back; streamed layers upload exactly the used prefix they lack.
         let row = 2
