@@ -175,9 +175,18 @@ fn check_on(name: &str, opts: &LoadOptions) -> Vec<Vec<f32>> {
             "{name}: {g:?}"
         );
         let cpu_adapter = model.gpu_info().is_some_and(|i| i.device_type == "Cpu");
-        let lanes = std::env::var("ONESTEP_GPU_VARIANT").as_deref() == Ok("lanes");
+        let variant = std::env::var("ONESTEP_GPU_VARIANT").unwrap_or_default();
+        let lanes = variant == "lanes" || variant == "subgroups";
         if lanes || !cpu_adapter {
             assert_eq!(g.fused_norms, 2 * layers + 1, "{name}: {g:?}");
+        }
+        // Every linear kernel (q/k/v and gate/up groups, o, down, the output layer) on the subgroup
+        // variant where asked for and available.
+        let subgroups = model.gpu_info().is_some_and(|i| i.subgroups);
+        if variant == "subgroups" && subgroups {
+            assert_eq!(g.subgroup_linears, 4 * layers + 1, "{name}: {g:?}");
+        } else if variant == "lanes" || cpu_adapter && variant.is_empty() {
+            assert_eq!(g.subgroup_linears, 0, "{name}: {g:?}");
         }
     }
     let mut state = model.new_state().unwrap();
@@ -265,7 +274,8 @@ fn check_on(name: &str, opts: &LoadOptions) -> Vec<Vec<f32>> {
     // the last step (a segmented cache adds a partial and a combine dispatch a layer).
     #[cfg(feature = "gpu")]
     if let (Some(g), Some(info)) = (model.gpu_stats(), model.gpu_info()) {
-        let lanes = std::env::var("ONESTEP_GPU_VARIANT").as_deref() == Ok("lanes");
+        let variant = std::env::var("ONESTEP_GPU_VARIANT").unwrap_or_default();
+        let lanes = variant == "lanes" || variant == "subgroups";
         if (lanes || info.device_type != "Cpu") && opts.kv.gpu_segment_bytes.is_none() {
             let layers = model.info().num_layers;
             // Attention split over chunks of keys (forced in scripts/test) adds a combine a layer.

@@ -507,6 +507,7 @@ fn cmd_bench(
             "shader_f16": g.shader_f16, "subgroups": g.subgroups, "timestamps": g.timestamps,
             "dispatches_per_step": st.dispatches, "submits_per_step": st.submits,
             "fused_linear_groups": st.linear_groups, "fused_norms": st.fused_norms,
+            "subgroup_linears": st.subgroup_linears,
             "gpu_steps": st.gpu_steps, "cpu_steps": st.cpu_steps,
             "weight_bytes": st.weight_bytes, "scratch_bytes": st.scratch_bytes,
             "bytes_up_per_step": st.bytes_up, "bytes_down_per_step": st.bytes_down,

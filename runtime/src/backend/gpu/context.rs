@@ -123,6 +123,8 @@ pub struct GpuContext {
     pub binding_limit: u64,
     /// `max_compute_workgroups_per_dimension`.
     pub max_groups: u32,
+    /// The adapter's smallest subgroup size where the device has subgroup operations, else 0.
+    pub subgroup_min: u32,
     errors: Arc<Mutex<Vec<String>>>,
     lost: Arc<Mutex<Option<String>>>,
     cache: Option<(wgpu::PipelineCache, PathBuf)>,
@@ -266,7 +268,11 @@ impl GpuContext {
         let ainfo = adapter.get_info();
         let features = adapter.features();
         let mut required = wgpu::Features::empty();
-        for f in [wgpu::Features::SHADER_F16, wgpu::Features::PIPELINE_CACHE] {
+        for f in [
+            wgpu::Features::SHADER_F16,
+            wgpu::Features::PIPELINE_CACHE,
+            wgpu::Features::SUBGROUP,
+        ] {
             if features.contains(f) {
                 required |= f;
             }
@@ -339,7 +345,7 @@ impl GpuContext {
                 .trim()
                 .to_string(),
             shader_f16: required.contains(wgpu::Features::SHADER_F16),
-            subgroups: features.contains(wgpu::Features::SUBGROUP),
+            subgroups: required.contains(wgpu::Features::SUBGROUP),
             timestamps: required.contains(stamps),
             max_binding,
             max_buffer: limits.max_buffer_size,
@@ -353,6 +359,11 @@ impl GpuContext {
             info: Mutex::new(info),
             binding_limit,
             max_groups: limits.max_compute_workgroups_per_dimension,
+            subgroup_min: if required.contains(wgpu::Features::SUBGROUP) {
+                ainfo.subgroup_min_size.max(1)
+            } else {
+                0
+            },
             errors,
             lost,
             cache,

@@ -130,6 +130,8 @@ pub struct GpuStats {
     pub linear_groups: usize,
     /// Of those, groups that fold the RMS norm before them.
     pub fused_norms: usize,
+    /// Linear layers (and groups) whose kernel reduces with subgroup operations (`linear_sg`).
+    pub subgroup_linears: usize,
 }
 
 /// Per-step transfer and submission counters.
@@ -1067,6 +1069,7 @@ impl GpuPlan {
             st.gpu_steps = me.on_gpu.iter().filter(|g| **g).count();
             st.linear_groups = me.lin_groups.len();
             st.fused_norms = me.lin_groups.values().filter(|g| g.norm.is_some()).count();
+            st.subgroup_linears = me.linears.values().filter(|l| l.subgroups).count();
             st.cpu_steps = me.on_gpu.len() - st.gpu_steps;
         }
         ctx.check("planning")?;

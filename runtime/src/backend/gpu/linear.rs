@@ -6,13 +6,15 @@
 use std::sync::Arc;
 
 use super::context::{Bind, GpuContext, Kernel};
-use super::Params;
+use super::{Params, Variant};
 use crate::error::{Error, Result};
 use crate::graph::DType;
 use crate::weights::{LinearWeights, WeightForm};
 
 /// The WGSL of this family.
 pub const SOURCE: &str = include_str!("linear.wgsl");
+/// The subgroup variant's entry (`linear_sg`), compiled appended to [`SOURCE`].
+pub const SUBGROUP_SOURCE: &str = include_str!("linear_subgroup.wgsl");
 /// Output rows a workgroup computes for input width `k`: the 256 threads split into rows × lanes, and
 /// each lane walks `k / lanes` elements — short chains for decode (latency-bound), all threads busy.
 pub fn rows_for(k: usize) -> usize {
@@ -62,6 +64,14 @@ pub struct GpuLinear {
     pub rows: usize,
     /// The encoding's code in `linear.wgsl` (`FORM`).
     pub form: u32,
+    /// Whether the kernels are the subgroup variant (`linear_sg`, `rows` rows a workgroup).
+    pub subgroups: bool,
+}
+
+/// Rows a workgroup of the subgroup variant: as many as the 256 invocations make subgroups of the
+/// adapter's smallest size (8 for 32-wide subgroups), so no subgroup idles.
+fn subgroup_rows(ctx: &GpuContext) -> usize {
+    (256 / ctx.subgroup_min.max(1) as usize).clamp(1, 64)
 }
 
 fn form_code(w: &LinearWeights) -> Option<(u32, usize)> {
@@ -110,18 +120,19 @@ impl GpuLinear {
         bias: Option<&[f32]>,
         limit: u64,
     ) -> Result<GpuLinear> {
-        Self::with_variant(ctx, name, w, bias, limit, super::rows_variant(ctx))
+        Self::with_variant(ctx, name, w, bias, limit, super::variant(ctx))
     }
 
-    /// Like [`GpuLinear::with_limit`], choosing the kernel variant: `rows_per_thread` runs one output row
-    /// an invocation (`linear_rows`), else rows × lanes a workgroup (`linear`).
+    /// Like [`GpuLinear::with_limit`], choosing the kernel variant: one output row an invocation
+    /// (`linear_rows`), rows × lanes a workgroup (`linear`), or a subgroup a row (`linear_sg`; where the
+    /// context has no subgroups, `linear`).
     pub fn with_variant(
         ctx: &GpuContext,
         name: &str,
         w: &LinearWeights,
         bias: Option<&[f32]>,
         limit: u64,
-        rows_per_thread: bool,
+        variant: Variant,
     ) -> Result<GpuLinear> {
         let (code, row_bytes) = form_code(w).ok_or_else(|| {
             Error::Gpu(format!(
@@ -210,15 +221,19 @@ impl GpuLinear {
         };
         // `rows = 0`: one row an invocation (`linear_rows`), for adapters that are CPUs.
         // llvmpipe bounds an invocation's loop iterations (65535): a very wide row takes the lanes variant.
-        let rows = if rows_per_thread && k < 60_000 {
+        let subgroups = variant == Variant::Subgroups && ctx.subgroup_min > 0;
+        let rows = if variant == Variant::Rows && k < 60_000 {
             0
+        } else if subgroups {
+            subgroup_rows(ctx)
         } else {
             rows_for(k)
         };
-        let kernel = kernel(ctx, code, rows)?;
+        let kernel = kernel(ctx, code, rows, subgroups)?;
         Ok(GpuLinear {
             form: code,
             rows,
+            subgroups,
             n,
             k,
             parts,
@@ -298,6 +313,8 @@ impl GpuLinear {
                 fused_kernel(ctx, spec, "linear_rows_fused", 8)?,
                 fused_kernel(ctx, spec, "linear_rows_fused4", 8)?,
             ]
+        } else if self.subgroups {
+            vec![fused_kernel(ctx, spec, "linear_sg", self.rows)?]
         } else {
             // A pair needs both rows in one workgroup.
             vec![fused_kernel(ctx, spec, "linear", self.rows.max(2))?]
@@ -347,7 +364,7 @@ impl GpuLinear {
         let items = if pair { self.n / 2 } else { self.n };
         let per = match self.rows {
             0 => 64,
-            r if pair => r.max(2) / 2,
+            r if pair && !self.subgroups => r.max(2) / 2,
             r => r,
         };
         let (x, y) = super::grid(items, per, max_dim);
@@ -389,20 +406,26 @@ fn fused_kernel(ctx: &GpuContext, spec: Spec, entry: &str, rows: usize) -> Resul
 }
 
 /// The kernel for encoding `code` (see `linear.wgsl`) computing `rows` rows a workgroup (`0`: the
-/// one-row-an-invocation variant): bindings X, W, S, Z, BIAS, RES, O.
-pub fn kernel(ctx: &GpuContext, code: u32, rows: usize) -> Result<Arc<Kernel>> {
-    let (entry, rows) = if rows == 0 {
-        ("linear_rows", 8)
-    } else {
-        ("linear", rows)
+/// one-row-an-invocation variant; `subgroups`: the subgroup variant): bindings X, W, S, Z, BIAS, RES, O.
+pub fn kernel(ctx: &GpuContext, code: u32, rows: usize, subgroups: bool) -> Result<Arc<Kernel>> {
+    let (entry, rows) = match rows {
+        0 => ("linear_rows", 8),
+        r if subgroups => ("linear_sg", r),
+        r => ("linear", r),
     };
     pipeline(ctx, entry, &[("FORM", code as f64), ("ROWS", rows as f64)])
 }
 
-/// `entry` of `linear.wgsl` with these pipeline constants: bindings X, W, S, Z, BIAS, AUX, O.
+/// `entry` of `linear.wgsl` (`linear_sg`: of it with `linear_subgroup.wgsl`) with these pipeline
+/// constants: bindings X, W, S, Z, BIAS, AUX, O.
 fn pipeline(ctx: &GpuContext, entry: &str, constants: &[(&str, f64)]) -> Result<Arc<Kernel>> {
     let mut binds = [Bind::Read; 7];
     binds[6] = Bind::Write;
+    if entry == "linear_sg" {
+        static WITH_SG: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        let src = WITH_SG.get_or_init(|| format!("{SOURCE}\n{SUBGROUP_SOURCE}"));
+        return ctx.pipeline("linear_sg", src, entry, &binds, constants);
+    }
     ctx.pipeline("linear", SOURCE, entry, &binds, constants)
 }
 
@@ -525,6 +548,21 @@ mod tests {
         out
     }
 
+    const VARIANTS: [Variant; 3] = [Variant::Lanes, Variant::Rows, Variant::Subgroups];
+
+    /// The subgroup variant is what runs wherever the device has subgroups (lavapipe has: CI covers it).
+    fn check_variant(ctx: &GpuContext, g: &GpuLinear, v: Variant) {
+        let sg = v == Variant::Subgroups && ctx.info().subgroups;
+        assert_eq!(g.subgroups, sg, "{v:?}: {:?}", ctx.info());
+        if sg {
+            assert!(
+                g.kernel.name.starts_with("linear_sg/"),
+                "{v:?}: {}",
+                g.kernel.name
+            );
+        }
+    }
+
     #[test]
     fn every_encoding_matches_the_cpu_across_shapes_and_splits() {
         let Some(ctx) = ctx() else { return };
@@ -545,21 +583,14 @@ mod tests {
                 want.iter_mut().zip(&res).for_each(|(w, r)| *w += r);
                 // Whole, and split into parts of (about) a quarter of the rows.
                 let per = form_code(&w).unwrap().1.max(4 * (k / 32).max(1));
-                for (limit, rows_per_thread) in [
-                    (ctx.binding_limit, false),
-                    (ctx.binding_limit, true),
-                    ((per * n.div_ceil(4).next_multiple_of(4)) as u64, false),
-                    ((per * n.div_ceil(4).next_multiple_of(4)) as u64, true),
-                ] {
-                    let g = GpuLinear::with_variant(
-                        &ctx,
-                        name,
-                        &w,
-                        Some(&bias),
-                        limit,
-                        rows_per_thread,
-                    )
-                    .unwrap();
+                let split = (per * n.div_ceil(4).next_multiple_of(4)) as u64;
+                for (limit, variant) in [ctx.binding_limit, split]
+                    .into_iter()
+                    .flat_map(|l| VARIANTS.map(|v| (l, v)))
+                {
+                    let g = GpuLinear::with_variant(&ctx, name, &w, Some(&bias), limit, variant)
+                        .unwrap();
+                    check_variant(&ctx, &g, variant);
                     let got = super::super::exec::run_linear_once(&ctx, &g, &x, &res, t).unwrap();
                     // f32 sums in another order: error relative to the output's scale.
                     let scale = want.iter().fold(1.0f32, |m, v| m.max(v.abs()));
@@ -571,7 +602,7 @@ mod tests {
                         / scale;
                     assert!(
                         e < 2e-5,
-                        "{name} n {n} k {k} t {t} parts {} per-thread {rows_per_thread}: {e}",
+                        "{name} n {n} k {k} t {t} parts {} {variant:?}: {e}",
                         g.parts.len()
                     );
                     if limit < ctx.binding_limit && n >= 64 {
@@ -637,18 +668,18 @@ mod tests {
                         b0 += l.n;
                     }
                     let scale = want.iter().flatten().fold(1.0f32, |m, v| m.max(v.abs()));
-                    for rows_per_thread in [false, true] {
+                    for variant in VARIANTS {
                         let g = GpuLinear::with_variant(
                             &ctx,
                             name,
                             &cat,
                             Some(&bias),
                             ctx.binding_limit,
-                            rows_per_thread,
+                            variant,
                         )
                         .unwrap();
-                        let what =
-                            format!("{name} k {k} t {t} norm {norm:?} rows {rows_per_thread}");
+                        check_variant(&ctx, &g, variant);
+                        let what = format!("{name} k {k} t {t} norm {norm:?} {variant:?}");
                         // Parts: each layer's [T, n] output at its own (padded) offset.
                         let mut parts = Vec::new();
                         let mut at = 0;
@@ -700,7 +731,7 @@ mod tests {
                             &pair,
                             Some(&bias[40..]),
                             ctx.binding_limit,
-                            rows_per_thread,
+                            variant,
                         )
                         .unwrap();
                         let got = super::super::exec::run_fused_linear_once(

@@ -80,11 +80,53 @@ fn silu_mul(a: f32, b: f32) -> f32 {
     return a / (1.0 + exp(-a)) * b;
 }
 
+// Lane `lane` of `lanes`' share of row n's sums over k = lane, lane + lanes, ... for the chunk's tokens
+// t0..t0+tc: a = tokens 0..3 and b = 4..7, or with NORM a = tokens 0..3 and b = their sums of squares of x
+// (every row's lanes see all of x). Token slots past the chunk re-read its last row; their sums are
+// dropped. Each step covers whole blocks of 32 for block forms and reads x coalesced.
+struct Sums { a: vec4<f32>, b: vec4<f32> }
+
+fn lane_sums(n: u32, lane: u32, lanes: u32, t0: u32, tc: u32) -> Sums {
+    let kk = pu(1u);
+    let x0 = (t0 + min(0u, tc - 1u)) * kk;
+    let x1 = (t0 + min(1u, tc - 1u)) * kk;
+    let x2 = (t0 + min(2u, tc - 1u)) * kk;
+    let x3 = (t0 + min(3u, tc - 1u)) * kk;
+    let x4 = (t0 + min(4u, tc - 1u)) * kk;
+    let x5 = (t0 + min(5u, tc - 1u)) * kk;
+    let x6 = (t0 + min(6u, tc - 1u)) * kk;
+    let x7 = (t0 + min(7u, tc - 1u)) * kk;
+    var a = vec4<f32>(0.0);
+    var b = vec4<f32>(0.0);
+    if (NORM) {
+        for (var k = lane; k < kk; k = k + lanes) {
+            let xv = vec4<f32>(X[x0 + k], X[x1 + k], X[x2 + k], X[x3 + k]);
+            b = b + xv * xv;
+            a = a + w_at(n, k, kk) * AUX[k] * xv;
+        }
+    } else if (tc == 1u) {
+        var s = 0.0;
+        for (var k = lane; k < kk; k = k + lanes) { s = s + w_at(n, k, kk) * X[x0 + k]; }
+        a.x = s;
+    } else if (tc <= 4u) {
+        for (var k = lane; k < kk; k = k + lanes) {
+            let w = w_at(n, k, kk);
+            a = a + w * vec4<f32>(X[x0 + k], X[x1 + k], X[x2 + k], X[x3 + k]);
+        }
+    } else {
+        for (var k = lane; k < kk; k = k + lanes) {
+            let w = w_at(n, k, kk);
+            a = a + w * vec4<f32>(X[x0 + k], X[x1 + k], X[x2 + k], X[x3 + k]);
+            b = b + w * vec4<f32>(X[x4 + k], X[x5 + k], X[x6 + k], X[x7 + k]);
+        }
+    }
+    return Sums(a, b);
+}
+
 @compute @workgroup_size(256)
 fn linear(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
           @builtin(local_invocation_index) lid: u32) {
     let n_rows = pu(0u);
-    let kk = pu(1u);
     let t_n = pu(2u);
     let pair = MODE == 2u;
     let nrm = NORM;
@@ -104,41 +146,12 @@ fn linear(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
     let tpw = select(8u, 4u, fused);
     let t0 = wid.z * tpw;
     let tc = min(tpw, t_n - t0);
-    // Rows of x for the 8 token slots (slots past the chunk re-read its last row; their sums are dropped).
-    let x0 = (t0 + min(0u, tc - 1u)) * kk;
-    let x1 = (t0 + min(1u, tc - 1u)) * kk;
-    let x2 = (t0 + min(2u, tc - 1u)) * kk;
-    let x3 = (t0 + min(3u, tc - 1u)) * kk;
-    let x4 = (t0 + min(4u, tc - 1u)) * kk;
-    let x5 = (t0 + min(5u, tc - 1u)) * kk;
-    let x6 = (t0 + min(6u, tc - 1u)) * kk;
-    let x7 = (t0 + min(7u, tc - 1u)) * kk;
     var a = vec4<f32>(0.0);
     var b = vec4<f32>(0.0);
     if (item < n_rows) {
-        if (nrm) {
-            // b: the tokens' sums of squares (every row's lanes see all of x).
-            for (var k = lane; k < kk; k = k + lanes) {
-                let xv = vec4<f32>(X[x0 + k], X[x1 + k], X[x2 + k], X[x3 + k]);
-                b = b + xv * xv;
-                a = a + w_at(n, k, kk) * AUX[k] * xv;
-            }
-        } else if (tc == 1u) {
-            var s = 0.0;
-            for (var k = lane; k < kk; k = k + lanes) { s = s + w_at(n, k, kk) * X[x0 + k]; }
-            a.x = s;
-        } else if (tc <= 4u) {
-            for (var k = lane; k < kk; k = k + lanes) {
-                let w = w_at(n, k, kk);
-                a = a + w * vec4<f32>(X[x0 + k], X[x1 + k], X[x2 + k], X[x3 + k]);
-            }
-        } else {
-            for (var k = lane; k < kk; k = k + lanes) {
-                let w = w_at(n, k, kk);
-                a = a + w * vec4<f32>(X[x0 + k], X[x1 + k], X[x2 + k], X[x3 + k]);
-                b = b + w * vec4<f32>(X[x4 + k], X[x5 + k], X[x6 + k], X[x7 + k]);
-            }
-        }
+        let s = lane_sums(n, lane, lanes, t0, tc);
+        a = s.a;
+        b = s.b;
     }
     red[lid * 2u] = a;
     red[lid * 2u + 1u] = b;
@@ -415,7 +428,8 @@ fn linear_rows_fused4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgr
     if (tc > 3u) { emit(item, t0 + 3u, a.d.w, a.q.w, du.w, pair, nrm); }
 }
 
-// The epilogue of `linear_rows_fused` for one token: norm factor, bias, SiLU pair or part placement.
+// The epilogue of one token (`linear_rows_fused*`, `linear_sg`): norm factor, bias, SiLU pair, or part
+// placement and the residual.
 fn emit(item: u32, t: u32, dot: f32, sq: f32, dot_b: f32, pair: bool, nrm: bool) {
     let n_rows = pu(0u);
     var v = dot;
@@ -427,6 +441,8 @@ fn emit(item: u32, t: u32, dot: f32, sq: f32, dot_b: f32, pair: bool, nrm: bool)
         if (pu(5u) == 1u) { u = u + BIAS[pu(3u) + item + n_rows]; }
         O[t * n_rows + item] = silu_mul(v, u);
     } else {
-        O[out_at(item, t)] = v;
+        let o = out_at(item, t);
+        if (pu(6u) == 1u) { v = v + AUX[o]; }
+        O[o] = v;
     }
 }

@@ -89,15 +89,37 @@ pub fn grid(n: usize, per: usize, max_dim: u32) -> (u32, u32) {
     }
 }
 
-/// Whether kernels with a one-item-an-invocation variant (`linear_rows`, `attention_rows`) use it: on
-/// adapters that are CPUs (lavapipe, SwiftShader), which run invocations as SIMD lanes and pay dearly for
-/// workgroup barriers. `ONESTEP_GPU_VARIANT=rows|lanes` forces a variant (tests run both).
-pub fn rows_variant(ctx: &context::GpuContext) -> bool {
+/// How the kernels with several variants (`linear*`, `attention*`) split their work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Variant {
+    /// One item an invocation, no barriers: adapters that are CPUs (lavapipe, SwiftShader), which run
+    /// invocations as SIMD lanes and pay dearly for workgroup barriers.
+    Rows,
+    /// Rows × lanes a workgroup, lane sums reduced through workgroup memory.
+    Lanes,
+    /// Like `Lanes`, a row's lanes one subgroup reduced with `subgroupAdd` (linear layers; the other
+    /// kernels run their `Lanes` form): GPUs with subgroup operations.
+    Subgroups,
+}
+
+/// The variant for this context: `Rows` on CPU adapters, `Subgroups` where the device has subgroup
+/// operations, else `Lanes`. `ONESTEP_GPU_VARIANT=rows|lanes|subgroups` forces one (tests run each;
+/// `subgroups` only where the device has them).
+pub fn variant(ctx: &context::GpuContext) -> Variant {
+    let sg = ctx.subgroup_min > 0;
     match std::env::var("ONESTEP_GPU_VARIANT").as_deref() {
-        Ok("rows") => true,
-        Ok("lanes") => false,
-        _ => ctx.info().device_type == "Cpu",
+        Ok("rows") => Variant::Rows,
+        Ok("lanes") => Variant::Lanes,
+        Ok("subgroups") if sg => Variant::Subgroups,
+        _ if ctx.info().device_type == "Cpu" => Variant::Rows,
+        _ if sg => Variant::Subgroups,
+        _ => Variant::Lanes,
     }
+}
+
+/// Whether kernels with a one-item-an-invocation variant use it ([`Variant::Rows`]).
+pub fn rows_variant(ctx: &context::GpuContext) -> bool {
+    variant(ctx) == Variant::Rows
 }
 
 #[cfg(test)]
