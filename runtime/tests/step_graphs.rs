@@ -193,6 +193,7 @@ fn check_on(name: &str, opts: &LoadOptions) -> Vec<Vec<f32>> {
     let mut worst = 0.0f32;
     let mut all = Vec::new();
     let mut context = 0;
+    let mut last_len = 0;
     for (i, step) in json["steps"].as_array().unwrap().iter().enumerate() {
         let ids: Vec<u32> = step["ids"]
             .as_array()
@@ -207,11 +208,23 @@ fn check_on(name: &str, opts: &LoadOptions) -> Vec<Vec<f32>> {
             random_u: step["random_u"].as_f64().unwrap() as f32,
         };
         let out = model.step(&mut state, &ids, &sampling).unwrap();
-        // One submission and one wait a step, whatever the token choice runs on.
+        // One submission and one wait a step, whatever the token choice runs on; a step of the same
+        // token count as the one before describes only what reads ids or positions (the attention, the
+        // embedding, the token choice), the rest of its description is kept.
         #[cfg(feature = "gpu")]
         if let Some(g) = model.gpu_stats() {
             assert_eq!(g.submits, 1, "{name} step {i}: {g:?}");
+            println!(
+                "{name} step {i}: {} tokens, {} steps described",
+                ids.len(),
+                g.described
+            );
+            if ids.len() == last_len {
+                let layers = model.info().num_layers;
+                assert!(g.described <= layers + 4, "{name} step {i}: {g:?}");
+            }
         }
+        last_len = ids.len();
         let kv = model.kv_stats(&state);
         // Only the new rows come back; streamed layers upload exactly the used prefix they lack.
         let row = 2

@@ -132,6 +132,9 @@ pub struct GpuStats {
     pub fused_norms: usize,
     /// Linear layers (and groups) whose kernel reduces with subgroup operations (`linear_sg`).
     pub subgroup_linears: usize,
+    /// GPU steps the last step described anew (the others reused the description of the last step of
+    /// the same token count: a decode step describes its attention and what reads token ids or positions).
+    pub described: usize,
 }
 
 /// Per-step transfer and submission counters.
@@ -307,6 +310,9 @@ pub struct GpuPlan {
     /// The last step placed on the GPU: a read-back after it also takes the step's cache rows and the
     /// wanted outputs, so the step needs no other submission.
     last_gpu: Option<usize>,
+    /// Step descriptions by token count (see [`Kept`]): a decode step describes only what changes
+    /// (the attention, the token's embedding row) instead of every step of the plan.
+    kept: Mutex<HashMap<usize, Vec<Option<Kept>>>>,
 }
 
 /// GPU timestamps around every dispatch of a submission (`ONESTEP_PROFILE=1` on adapters with timestamp
@@ -752,9 +758,20 @@ struct Env<'a> {
     plan: &'a Plan,
     cpu: &'a [Option<Tensor>],
     meta: &'a [Option<Meta>],
+    /// Set when a description looked at the contents of a host value that is not a constant (token ids,
+    /// positions): such a description holds for this step only and is not cached.
+    looked: std::cell::Cell<bool>,
 }
 
-impl Env<'_> {
+impl<'a> Env<'a> {
+    fn new(plan: &'a Plan, cpu: &'a [Option<Tensor>], meta: &'a [Option<Meta>]) -> Env<'a> {
+        Env {
+            plan,
+            cpu,
+            meta,
+            looked: std::cell::Cell::new(false),
+        }
+    }
     fn meta(&self, v: ValId) -> Option<Meta> {
         if let Some(m) = &self.meta[v] {
             return Some(m.clone());
@@ -764,10 +781,34 @@ impl Env<'_> {
             .or(self.plan.consts[v].as_ref())
             .map(Meta::of)
     }
+    /// Whether `v` has metadata `m` (without building it).
+    fn meta_is(&self, v: ValId, m: &Meta) -> bool {
+        match (
+            &self.meta[v],
+            self.cpu[v].as_ref().or(self.plan.consts[v].as_ref()),
+        ) {
+            (Some(g), _) => g == m,
+            (None, Some(t)) => t.dtype == m.dtype && t.shape == m.shape,
+            (None, None) => false,
+        }
+    }
     fn cpu(&self, v: ValId) -> Option<&Tensor> {
+        if self.cpu[v].is_some() && self.plan.consts[v].is_none() {
+            self.looked.set(true);
+        }
         self.cpu[v].as_ref().or(self.plan.consts[v].as_ref())
     }
 }
+
+/// A step's description kept for the next step of the same token count (decode: every step): valid while
+/// the values it reads have the metadata they had (see [`Env::looked`] for what is never kept).
+struct Kept {
+    desc: Desc,
+    reads: Vec<(ValId, Meta)>,
+}
+
+/// Token counts whose step descriptions are kept (decode and a few prefill chunk sizes).
+const KEPT_SIZES: usize = 4;
 
 const HEAVY_NONE: &[BufRef] = &[];
 
@@ -861,6 +902,7 @@ impl GpuPlan {
             round_src: HashMap::new(),
             cpu_reads: Vec::new(),
             last_gpu: None,
+            kept: Mutex::default(),
         };
         // Dry run.
         let mut env: Vec<Option<Tensor>> = vec![None; nvals];
@@ -876,11 +918,7 @@ impl GpuPlan {
         let mut slot = 0usize;
         for (si, s) in plan.steps.iter().enumerate() {
             let desc = {
-                let e = Env {
-                    plan,
-                    cpu: &env,
-                    meta: &meta,
-                };
+                let e = Env::new(plan, &env, &meta);
                 let d = me.describe(si, s, &e, true, 0)?;
                 let heavy = matches!(s, Step::Linear { .. } | Step::CacheAttention { .. })
                     || me.skipped.contains(&si)
@@ -2509,20 +2547,53 @@ impl GpuPlan {
         let mut params: Vec<u8> = Vec::new();
         let mut pending: Vec<Cmd> = Vec::new();
         let mut count = Counts::default();
+        let mut described = 0;
         let t_step = std::time::Instant::now();
         // The step's cache rows, when a read-back after the last GPU step brought them.
         let mut rows_back: Option<Vec<u8>> = None;
         for i in 0..state.nslots.min(state.streams.len()) {
             kv.prefetch(state, host, i, position, &mut pending)?;
         }
+        let mut kept_all = self
+            .kept
+            .lock()
+            .map_err(|_| Error::Gpu("description cache lock poisoned".into()))?;
+        if !kept_all.contains_key(&tokens) && kept_all.len() >= KEPT_SIZES {
+            kept_all.clear();
+        }
+        let kept = kept_all
+            .entry(tokens)
+            .or_insert_with(|| (0..plan.steps.len()).map(|_| None).collect());
         for (si, s) in plan.steps.iter().enumerate() {
-            let desc = if self.on_gpu[si] {
-                let e = Env {
-                    plan,
-                    cpu: env,
-                    meta: &meta,
-                };
-                self.describe(si, s, &e, false, position)?
+            let fresh: Option<Desc>;
+            let desc: Option<&Desc> = if self.on_gpu[si] {
+                let e = Env::new(plan, env, &meta);
+                let hit = kept[si]
+                    .as_ref()
+                    .is_some_and(|k| k.reads.iter().all(|(v, m)| e.meta_is(*v, m)));
+                if hit {
+                    kept[si].as_ref().map(|k| &k.desc)
+                } else {
+                    let d = self.describe(si, s, &e, false, position)?;
+                    described += 1;
+                    let keep = !e.looked.get() && !matches!(s, Step::CacheAttention { .. });
+                    match d {
+                        Some(d) if keep => {
+                            let reads = d
+                                .reads
+                                .iter()
+                                .filter_map(|&v| e.meta(v).map(|m| (v, m)))
+                                .collect();
+                            kept[si] = Some(Kept { desc: d, reads });
+                            kept[si].as_ref().map(|k| &k.desc)
+                        }
+                        d => {
+                            kept[si] = None;
+                            fresh = d;
+                            fresh.as_ref()
+                        }
+                    }
+                }
             } else {
                 None
             };
@@ -2560,7 +2631,7 @@ impl GpuPlan {
                         count.up += b.len() as u64;
                         meta[v] = Some(Meta::of(t));
                     }
-                    for (o, m, _) in d.outs {
+                    for &(o, ref m, _) in &d.outs {
                         let h = self.home[o].ok_or_else(|| {
                             Error::Gpu(format!("`{}` has no GPU buffer", plan.names[o]))
                         })?;
@@ -2572,7 +2643,7 @@ impl GpuPlan {
                                 self.caps[h]
                             )));
                         }
-                        meta[o] = Some(m);
+                        meta[o] = Some(m.clone());
                         env[o] = None;
                     }
                     let past = match s {
@@ -2582,7 +2653,7 @@ impl GpuPlan {
                     if let Some(past) = past {
                         kv.before_attention(state, past);
                     }
-                    for (j, dd) in d.disp.into_iter().enumerate() {
+                    for (j, dd) in d.disp.iter().enumerate() {
                         let slot = self.slot0[si] + j;
                         let at = slot * 256;
                         if params.len() < at + 256 {
@@ -2736,6 +2807,7 @@ impl GpuPlan {
             *sm = 0.0;
         }
         stats.wait_ms = wait;
+        stats.described = described;
         stats.dispatches = dispatches;
         stats.submits = submits;
         stats.bytes_up = up;
