@@ -112,6 +112,8 @@ pub struct GpuStats {
     pub dispatches: usize,
     /// Command submissions in the last step.
     pub submits: usize,
+    /// Of those, the ones the host waited for (read-backs).
+    pub waits: usize,
     /// Bytes uploaded in the last step.
     pub bytes_up: u64,
     /// Bytes read back in the last step.
@@ -144,6 +146,7 @@ struct Counts {
     pack_ms: f64,
     dispatches: usize,
     submits: usize,
+    waits: usize,
     up: u64,
     down: u64,
     wait: f64,
@@ -268,6 +271,10 @@ pub struct GpuPlan {
     /// [`attention::SPLIT_CHUNK`]).
     split_keys: usize,
     split_chunk: usize,
+    /// Dispatches after which a step submits what it has recorded and goes on recording, so the GPU
+    /// works while the host prepares the rest (`ONESTEP_GPU_SUBMIT_EVERY`; 0: one submission a step,
+    /// the default on CPU adapters and when profiling).
+    submit_every: usize,
     /// Bytes of partials the dry run asked for.
     part_need: std::sync::atomic::AtomicU64,
     params: wgpu::Buffer,
@@ -807,6 +814,10 @@ struct Kept {
     reads: Vec<(ValId, Meta)>,
 }
 
+/// Dispatches a partial submission on GPUs (see [`GpuPlan::submit_every`]): SmolLM2's decode step
+/// (154 dispatches) goes in three.
+const SUBMIT_EVERY: usize = 64;
+
 /// Token counts whose step descriptions are kept (decode and a few prefill chunk sizes).
 const KEPT_SIZES: usize = 4;
 
@@ -871,6 +882,12 @@ impl GpuPlan {
             rows_variant: super::rows_variant(&ctx),
             part: ctx.buffer_with("attention partials", &[0; 4])?,
             split_keys: env_usize("ONESTEP_GPU_SPLIT_KEYS").unwrap_or(256),
+            submit_every: match env_usize("ONESTEP_GPU_SUBMIT_EVERY") {
+                _ if std::env::var_os("ONESTEP_PROFILE").is_some_and(|v| v != "0") => 0,
+                Some(n) => n,
+                None if ctx.info().device_type == "Cpu" => 0,
+                None => SUBMIT_EVERY,
+            },
             split_chunk: env_usize("ONESTEP_GPU_SPLIT_CHUNK")
                 .filter(|&c| c > 0)
                 .unwrap_or(attention::SPLIT_CHUNK),
@@ -2551,6 +2568,8 @@ impl GpuPlan {
         let t_step = std::time::Instant::now();
         // The step's cache rows, when a read-back after the last GPU step brought them.
         let mut rows_back: Option<Vec<u8>> = None;
+        // Dispatches queued when the last early submission went.
+        let mut submitted = 0;
         for i in 0..state.nslots.min(state.streams.len()) {
             kv.prefetch(state, host, i, position, &mut pending)?;
         }
@@ -2686,6 +2705,14 @@ impl GpuPlan {
                             }
                         }
                     }
+                    // Enough queued: the GPU starts on it while the rest of the step is recorded.
+                    if self.submit_every > 0
+                        && kv.ndisp - submitted >= self.submit_every
+                        && self.last_gpu.is_some_and(|l| si < l)
+                    {
+                        self.submit_early(state, host, &mut pending, &params, &mut count)?;
+                        submitted = kv.ndisp;
+                    }
                 }
                 None => {
                     let reads = crate::plan::step_reads(s);
@@ -2796,6 +2823,7 @@ impl GpuPlan {
         let Counts {
             dispatches,
             submits,
+            waits,
             up,
             down,
             wait,
@@ -2810,6 +2838,7 @@ impl GpuPlan {
         stats.described = described;
         stats.dispatches = dispatches;
         stats.submits = submits;
+        stats.waits = waits;
         stats.bytes_up = up;
         stats.bytes_down = down;
         Ok(())
@@ -2832,6 +2861,7 @@ impl GpuPlan {
     ) -> Result<Vec<u8>> {
         let (tensors, rows) = self.flush(state, host, pending, params, fetch, meta, count, rows)?;
         count.submits += 1;
+        count.waits += 1;
         for (v, t) in fetch.iter().zip(tensors) {
             count.down += t.bytes().len() as u64;
             env[*v] = Some(t);
@@ -2926,6 +2956,34 @@ impl GpuPlan {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Records and submits what is pending without waiting for it (the step goes on; see
+    /// [`GpuPlan::submit_every`]). The parameter block is written whole: slots of commands already
+    /// submitted get the values they had.
+    fn submit_early(
+        &self,
+        state: &GpuState,
+        host: &crate::kv::PagedCache,
+        pending: &mut Vec<Cmd>,
+        params: &[u8],
+        count: &mut Counts,
+    ) -> Result<()> {
+        if pending.is_empty() {
+            return Ok(());
+        }
+        self.ctx.queue.write_buffer(&self.params, 0, params);
+        let mut enc = self
+            .ctx
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("step part"),
+            });
+        let cmds = std::mem::take(pending);
+        self.record(&mut enc, state, host, &cmds, count, None)?;
+        self.submit(state, enc)?;
+        count.submits += 1;
         Ok(())
     }
 
