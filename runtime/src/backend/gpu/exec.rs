@@ -768,16 +768,38 @@ struct Env<'a> {
     /// Set when a description looked at the contents of a host value that is not a constant (token ids,
     /// positions): such a description holds for this step only and is not cached.
     looked: std::cell::Cell<bool>,
+    /// The cache prefix a mask lets attend ([`crate::model::standard_prefix`]), found once a step.
+    prefix: &'a std::cell::Cell<Option<(ValId, Option<usize>)>>,
 }
 
 impl<'a> Env<'a> {
-    fn new(plan: &'a Plan, cpu: &'a [Option<Tensor>], meta: &'a [Option<Meta>]) -> Env<'a> {
+    fn new(
+        plan: &'a Plan,
+        cpu: &'a [Option<Tensor>],
+        meta: &'a [Option<Meta>],
+        prefix: &'a std::cell::Cell<Option<(ValId, Option<usize>)>>,
+    ) -> Env<'a> {
         Env {
             plan,
             cpu,
             meta,
             looked: std::cell::Cell::new(false),
+            prefix,
         }
+    }
+    /// [`crate::model::standard_prefix`] of mask `m` (every attention of a step has the same mask).
+    fn mask_prefix(&self, m: ValId, t: usize, slots: usize) -> Option<usize> {
+        if let Some((v, p)) = self.prefix.get() {
+            if v == m {
+                self.looked.set(true);
+                return p;
+            }
+        }
+        let p = self
+            .cpu(m)
+            .and_then(|x| crate::model::standard_prefix(x, t, slots));
+        self.prefix.set(Some((m, p)));
+        p
     }
     fn meta(&self, v: ValId) -> Option<Meta> {
         if let Some(m) = &self.meta[v] {
@@ -922,6 +944,7 @@ impl GpuPlan {
             kept: Mutex::default(),
         };
         // Dry run.
+        let no_prefix = std::cell::Cell::new(None);
         let mut env: Vec<Option<Tensor>> = vec![None; nvals];
         for (v, t) in inputs {
             env[*v] = Some(t.clone());
@@ -935,7 +958,7 @@ impl GpuPlan {
         let mut slot = 0usize;
         for (si, s) in plan.steps.iter().enumerate() {
             let desc = {
-                let e = Env::new(plan, &env, &meta);
+                let e = Env::new(plan, &env, &meta, &no_prefix);
                 let d = me.describe(si, s, &e, true, 0)?;
                 let heavy = matches!(s, Step::Linear { .. } | Step::CacheAttention { .. })
                     || me.skipped.contains(&si)
@@ -1719,10 +1742,7 @@ impl GpuPlan {
                     return Ok(None);
                 }
                 // Visit only the cache prefix the (CPU-computed) mask allows; all slots otherwise.
-                let npast = e
-                    .cpu(*mv)
-                    .and_then(|m| crate::model::standard_prefix(m, t, slots))
-                    .unwrap_or(slots);
+                let npast = e.mask_prefix(*mv, t, slots).unwrap_or(slots);
                 // Keys never exceed the slots (position + chunk ≤ S): one kernel serves every step.
                 let rows = self.rows_variant && attention::rows_ok(d, slots);
                 let oshape = if *tokens_first {
@@ -2570,6 +2590,7 @@ impl GpuPlan {
         let mut rows_back: Option<Vec<u8>> = None;
         // Dispatches queued when the last early submission went.
         let mut submitted = 0;
+        let prefix = std::cell::Cell::new(None);
         for i in 0..state.nslots.min(state.streams.len()) {
             kv.prefetch(state, host, i, position, &mut pending)?;
         }
@@ -2586,7 +2607,7 @@ impl GpuPlan {
         for (si, s) in plan.steps.iter().enumerate() {
             let fresh: Option<Desc>;
             let desc: Option<&Desc> = if self.on_gpu[si] {
-                let e = Env::new(plan, env, &meta);
+                let e = Env::new(plan, env, &meta, &prefix);
                 let hit = kept[si]
                     .as_ref()
                     .is_some_and(|k| k.reads.iter().all(|(v, m)| e.meta_is(*v, m)));
