@@ -2,6 +2,7 @@
 //   java -Djava.library.path=LIBDIR -cp test.jar OneStepJvmTestKt MODEL.onnx OWN_HOSTILE_DIR [CORPUS_DIR]
 import dev.onestep.ChatMessage
 import dev.onestep.GenerateOptions
+import dev.onestep.LoadOptions
 import dev.onestep.OneStep
 import dev.onestep.OneStepException
 import dev.onestep.PieceListener
@@ -126,6 +127,21 @@ fun main(args: Array<String>) {
     val bytes = File(modelPath).readBytes()
     OneStep.load(bytes, "in-memory").use { m -> m.session().use { s -> check(s.generate("Hello", GenerateOptions.greedy(2)).text.isNotEmpty()) { "bytes model" } } }
     expectOneStepError("missing file", "does-not-exist.onnx") { OneStep.load("/nonexistent/does-not-exist.onnx") }
+    // Load options: the device and the KV cache; strings that do not parse are errors naming them.
+    OneStep.load(modelPath, LoadOptions(device = "cpu", gpuCacheBudget = "50%", kvPageRows = 16)).use { m ->
+        check(m.device == "cpu" && m.deviceNote == null) { "device ${m.device} / ${m.deviceNote}" }
+        m.session().use { s -> check(s.generate("Hello", GenerateOptions.greedy(2)).text.isNotEmpty()) { "options model" } }
+    }
+    expectOneStepError("bad device", "tpu") { OneStep.load(modelPath, LoadOptions(device = "tpu")) }
+    expectOneStepError("bad budget", "lots") { OneStep.load(bytes, "b", LoadOptions(gpuCacheBudget = "lots")) }
+    expectOneStepError("bad backend", "glide") { OneStep.load(modelPath, LoadOptions(gpuBackend = "glide")) }
+    expectOneStepError("negative page rows", "kvPageRows") { OneStep.load(modelPath, LoadOptions(kvPageRows = -1)) }
+    if (System.getenv("ONESTEP_REQUIRE_GPU") == "1") {
+        OneStep.load(modelPath, LoadOptions(device = "gpu")).use { m ->
+            check(m.device != "cpu") { "device gpu runs on ${m.device}" }
+            println("gpu: ${m.device}")
+        }
+    }
     expectOneStepError("truncated bytes", "half") { OneStep.load(bytes.copyOf(bytes.size / 2), "half") }
     expectOneStepError("random bytes", "noise") { OneStep.load(ByteArray(4096) { (it * 7919 % 251).toByte() }, "noise") }
 

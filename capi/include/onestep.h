@@ -42,6 +42,8 @@ typedef enum OnestepStatus {
   ONESTEP_STATUS_CANCELLED = 12,
   // An internal error (a Rust panic) was caught; the handle involved may be unusable.
   ONESTEP_STATUS_PANIC = 13,
+  // The requested device cannot be used (no GPU adapter, the model does not fit it, device lost).
+  ONESTEP_STATUS_DEVICE = 14,
 } OnestepStatus;
 
 // Why a generation ended.
@@ -66,6 +68,23 @@ typedef struct OnestepModel OnestepModel;
 
 // One conversation (one KV cache) over a model. Free with [`onestep_session_free`].
 typedef struct OnestepSession OnestepSession;
+
+// How a model is loaded. Fill with [`onestep_load_options_default`], then change fields. The strings
+// are borrowed for the call (NUL-terminated UTF-8; NULL takes the default).
+typedef struct OnestepLoadOptions {
+  // Set to `sizeof(OnestepLoadOptions)` by the caller.
+  uint32_t struct_size;
+  // `cpu` (NULL), `auto` (a hardware GPU when there is one, else the CPU), `gpu` (the best GPU; an
+  // error when none can be used) or `gpu:N` (adapter N).
+  const char *device;
+  // The GPU API: `vulkan`, `metal`, `dx12` or `gl`; NULL: any (or `WGPU_BACKEND`).
+  const char *gpu_backend;
+  // GPU memory for one session's KV cache: `all` (NULL), bytes (`48M`, `1GiB`) or a share of the
+  // full cache (`50%`). Layers beyond it stay in host memory and stream through two GPU slots.
+  const char *gpu_cache_budget;
+  // Positions a host KV-cache page; 0: the default (64).
+  uint32_t kv_page_rows;
+} OnestepLoadOptions;
 
 // Facts about a model.
 typedef struct OnestepModelInfo {
@@ -214,6 +233,34 @@ enum OnestepStatus onestep_model_load_from_memory(const uint8_t *data,
                                                   size_t len,
                                                   const char *name,
                                                   struct OnestepModel **model_out);
+
+// Fills `*options_out` (whose `struct_size` the caller set) with the default load options: the CPU,
+// any wgpu backend, every KV-cache layer resident on a GPU, 64 positions a host KV page.
+enum OnestepStatus onestep_load_options_default(struct OnestepLoadOptions *options_out);
+
+// Like [`onestep_model_load`], with `options` (NULL: the defaults of
+// [`onestep_load_options_default`]). A device, backend or budget string that does not parse is
+// `ONESTEP_STATUS_INVALID_ARGUMENT`; a GPU that cannot be used (none found, the model does not fit)
+// is `ONESTEP_STATUS_DEVICE` — with `device = "auto"` the model falls back to the CPU instead
+// ([`onestep_model_device_note`] says why).
+enum OnestepStatus onestep_model_load_with(const char *path,
+                                           const struct OnestepLoadOptions *options,
+                                           struct OnestepModel **model_out);
+
+// Like [`onestep_model_load_from_memory`], with `options` (NULL: the defaults).
+enum OnestepStatus onestep_model_load_from_memory_with(const uint8_t *data,
+                                                       size_t len,
+                                                       const char *name,
+                                                       const struct OnestepLoadOptions *options,
+                                                       struct OnestepModel **model_out);
+
+// Where `model` runs: `"cpu"`, or the GPU adapter and its backend (`"<adapter> (Vulkan)"`). Static
+// for the model's lifetime; do not free. NULL (with the message set) when `model` is NULL.
+const char *onestep_model_device(const struct OnestepModel *model);
+
+// Why a model loaded with `device = "auto"` runs on the CPU (no adapter, the GPU failed to plan,
+// ...), or NULL when it did not fall back (or `model` is NULL). Static for the model's lifetime.
+const char *onestep_model_device_note(const struct OnestepModel *model);
 
 // Frees a model. Sessions created from it keep their own reference and stay valid. NULL is ignored.
 void onestep_model_free(struct OnestepModel *model);

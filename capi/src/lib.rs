@@ -30,7 +30,7 @@ use onestep::generate::{
     stop_strings_from_bytes, ChatMessage, Completion, GenerateOptions, OwnedStream, Piece, Session,
     StopReason,
 };
-use onestep::{Error, GenerationDefaults, Model};
+use onestep::{Error, GenerationDefaults, LoadOptions, Model};
 
 /// Version of this C ABI; bumped on any incompatible change of the header.
 pub const ONESTEP_ABI_VERSION: u32 = 1;
@@ -69,6 +69,8 @@ pub enum OnestepStatus {
     Cancelled = 12,
     /// An internal error (a Rust panic) was caught; the handle involved may be unusable.
     Panic = 13,
+    /// The requested device cannot be used (no GPU adapter, the model does not fit it, device lost).
+    Device = 14,
 }
 
 /// Why a generation ended.
@@ -94,6 +96,8 @@ pub enum OnestepStopReason {
 pub struct OnestepModel {
     model: Arc<Model>,
     architecture: CString,
+    device: CString,
+    device_note: Option<CString>,
 }
 
 /// One conversation (one KV cache) over a model. Free with [`onestep_session_free`].
@@ -141,6 +145,25 @@ pub struct OnestepOptions {
     pub stop_strings: *const *const c_char,
     /// Number of stop strings.
     pub stop_strings_len: usize,
+}
+
+/// How a model is loaded. Fill with [`onestep_load_options_default`], then change fields. The strings
+/// are borrowed for the call (NUL-terminated UTF-8; NULL takes the default).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct OnestepLoadOptions {
+    /// Set to `sizeof(OnestepLoadOptions)` by the caller.
+    pub struct_size: u32,
+    /// `cpu` (NULL), `auto` (a hardware GPU when there is one, else the CPU), `gpu` (the best GPU; an
+    /// error when none can be used) or `gpu:N` (adapter N).
+    pub device: *const c_char,
+    /// The GPU API: `vulkan`, `metal`, `dx12` or `gl`; NULL: any (or `WGPU_BACKEND`).
+    pub gpu_backend: *const c_char,
+    /// GPU memory for one session's KV cache: `all` (NULL), bytes (`48M`, `1GiB`) or a share of the
+    /// full cache (`50%`). Layers beyond it stay in host memory and stream through two GPU slots.
+    pub gpu_cache_budget: *const c_char,
+    /// Positions a host KV-cache page; 0: the default (64).
+    pub kv_page_rows: u32,
 }
 
 /// One chat message (borrowed for the call).
@@ -288,6 +311,7 @@ fn runtime_fail(e: Error, phase: Phase) -> Fail {
         (Error::Tokenizer(_), _) => OnestepStatus::Tokenizer,
         (Error::Template(_), _) => OnestepStatus::Template,
         (Error::Cancelled, _) => OnestepStatus::Cancelled,
+        (Error::Gpu(_), _) => OnestepStatus::Device,
         (_, Phase::Load) => OnestepStatus::InvalidModel,
         (_, Phase::Run) => OnestepStatus::Runtime,
     };
@@ -469,6 +493,7 @@ pub extern "C" fn onestep_status_name(status: i32) -> *const c_char {
         11 => c"bad_state",
         12 => c"cancelled",
         13 => c"panic",
+        14 => c"device",
         _ => c"unknown",
     };
     s.as_ptr()
@@ -491,10 +516,39 @@ pub unsafe extern "C" fn onestep_string_free(s: *mut c_char) {
 
 fn model_handle(model: Arc<Model>) -> *mut OnestepModel {
     let architecture = c_string(&model.info().architecture);
+    let device = c_string(&model.device());
+    let device_note = model.device_note().map(c_string);
     Box::into_raw(Box::new(OnestepModel {
         model,
         architecture,
+        device,
+        device_note,
     }))
+}
+
+/// The runtime's load options from `opts` (NULL: the defaults — the CPU, every KV layer resident).
+fn load_options_from_c(opts: *const OnestepLoadOptions) -> FfiResult<LoadOptions> {
+    // SAFETY: a non-NULL `opts` points to at least `struct_size` readable bytes (contract).
+    let Some(o) = (unsafe { opts.as_ref() }) else {
+        return Ok(LoadOptions::cpu());
+    };
+    check_size::<OnestepLoadOptions>(o.struct_size, "options")?;
+    let text = |p: *const c_char, what: &str, default: &'static str| -> FfiResult<&str> {
+        if p.is_null() {
+            Ok(default)
+        } else {
+            utf8(p, what)
+        }
+    };
+    let device = text(o.device, "options.device", "cpu")?;
+    let backend = if o.gpu_backend.is_null() {
+        None
+    } else {
+        Some(utf8(o.gpu_backend, "options.gpu_backend")?)
+    };
+    let budget = text(o.gpu_cache_budget, "options.gpu_cache_budget", "all")?;
+    LoadOptions::parse(device, backend, budget, o.kv_page_rows as usize)
+        .map_err(|e| runtime_fail(e, Phase::Load))
 }
 
 /// Loads (memory-maps) the model file at `path` (NUL-terminated UTF-8). On success `*model_out`
@@ -541,6 +595,101 @@ pub unsafe extern "C" fn onestep_model_load_from_memory(
         *out = model_handle(model);
         Ok(())
     })
+}
+
+/// Fills `*options_out` (whose `struct_size` the caller set) with the default load options: the CPU,
+/// any wgpu backend, every KV-cache layer resident on a GPU, 64 positions a host KV page.
+#[no_mangle]
+pub unsafe extern "C" fn onestep_load_options_default(
+    options_out: *mut OnestepLoadOptions,
+) -> OnestepStatus {
+    boundary("onestep_load_options_default", || {
+        let out = non_null_mut(options_out, "options_out")?;
+        check_size::<OnestepLoadOptions>(out.struct_size, "options_out")?;
+        *out = OnestepLoadOptions {
+            struct_size: out.struct_size,
+            device: std::ptr::null(),
+            gpu_backend: std::ptr::null(),
+            gpu_cache_budget: std::ptr::null(),
+            kv_page_rows: 0,
+        };
+        Ok(())
+    })
+}
+
+/// Like [`onestep_model_load`], with `options` (NULL: the defaults of
+/// [`onestep_load_options_default`]). A device, backend or budget string that does not parse is
+/// `ONESTEP_STATUS_INVALID_ARGUMENT`; a GPU that cannot be used (none found, the model does not fit)
+/// is `ONESTEP_STATUS_DEVICE` — with `device = "auto"` the model falls back to the CPU instead
+/// ([`onestep_model_device_note`] says why).
+#[no_mangle]
+pub unsafe extern "C" fn onestep_model_load_with(
+    path: *const c_char,
+    options: *const OnestepLoadOptions,
+    model_out: *mut *mut OnestepModel,
+) -> OnestepStatus {
+    boundary("onestep_model_load_with", || {
+        let out = non_null_mut(model_out, "model_out")?;
+        *out = std::ptr::null_mut();
+        let path = utf8(path, "path")?;
+        let opts = load_options_from_c(options)?;
+        let model = Model::load_with(path, &opts).map_err(|e| runtime_fail(e, Phase::Load))?;
+        *out = model_handle(model);
+        Ok(())
+    })
+}
+
+/// Like [`onestep_model_load_from_memory`], with `options` (NULL: the defaults).
+#[no_mangle]
+pub unsafe extern "C" fn onestep_model_load_from_memory_with(
+    data: *const u8,
+    len: usize,
+    name: *const c_char,
+    options: *const OnestepLoadOptions,
+    model_out: *mut *mut OnestepModel,
+) -> OnestepStatus {
+    boundary("onestep_model_load_from_memory_with", || {
+        let out = non_null_mut(model_out, "model_out")?;
+        *out = std::ptr::null_mut();
+        non_null(data, "data")?;
+        let name = if name.is_null() {
+            "<memory>"
+        } else {
+            utf8(name, "name")?
+        };
+        let opts = load_options_from_c(options)?;
+        // SAFETY: non-NULL, `len` readable bytes per the contract.
+        let bytes = bytes::Bytes::copy_from_slice(unsafe { std::slice::from_raw_parts(data, len) });
+        let model = Model::load_from_bytes_with(bytes, name, &opts)
+            .map_err(|e| runtime_fail(e, Phase::Load))?;
+        *out = model_handle(model);
+        Ok(())
+    })
+}
+
+/// Where `model` runs: `"cpu"`, or the GPU adapter and its backend (`"<adapter> (Vulkan)"`). Static
+/// for the model's lifetime; do not free. NULL (with the message set) when `model` is NULL.
+#[no_mangle]
+pub unsafe extern "C" fn onestep_model_device(model: *const OnestepModel) -> *const c_char {
+    // SAFETY: a non-NULL `model` is valid (contract).
+    match unsafe { model.as_ref() } {
+        Some(m) => m.device.as_ptr(),
+        None => {
+            set_last_error("model is NULL");
+            std::ptr::null()
+        }
+    }
+}
+
+/// Why a model loaded with `device = "auto"` runs on the CPU (no adapter, the GPU failed to plan,
+/// ...), or NULL when it did not fall back (or `model` is NULL). Static for the model's lifetime.
+#[no_mangle]
+pub unsafe extern "C" fn onestep_model_device_note(model: *const OnestepModel) -> *const c_char {
+    // SAFETY: a non-NULL `model` is valid (contract).
+    match unsafe { model.as_ref() }.and_then(|m| m.device_note.as_ref()) {
+        Some(n) => n.as_ptr(),
+        None => std::ptr::null(),
+    }
 }
 
 /// Frees a model. Sessions created from it keep their own reference and stay valid. NULL is ignored.

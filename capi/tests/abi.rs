@@ -138,3 +138,109 @@ fn last_error_is_per_thread() {
     assert_eq!(other, "");
     assert_eq!(last_error(), "path is NULL");
 }
+
+fn device_of(model: *const OnestepModel) -> String {
+    unsafe { CStr::from_ptr(onestep_model_device(model)) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+#[test]
+fn load_options_choose_the_device_and_the_kv_cache() {
+    let path = CString::new(fixture().to_str().unwrap()).unwrap();
+    let bytes = std::fs::read(fixture()).unwrap();
+    unsafe {
+        let mut o: OnestepLoadOptions = std::mem::zeroed();
+        o.struct_size = std::mem::size_of::<OnestepLoadOptions>() as u32;
+        assert_eq!(onestep_load_options_default(&mut o), OnestepStatus::Ok);
+        assert!(o.device.is_null() && o.gpu_cache_budget.is_null() && o.kv_page_rows == 0);
+
+        // NULL options and the defaults: the CPU.
+        let mut model: *mut OnestepModel = ptr::null_mut();
+        assert_eq!(
+            onestep_model_load_with(path.as_ptr(), ptr::null(), &mut model),
+            OnestepStatus::Ok
+        );
+        assert_eq!(device_of(model), "cpu");
+        assert!(onestep_model_device_note(model).is_null());
+        onestep_model_free(model);
+
+        // Every field set, from memory.
+        o.device = c"cpu".as_ptr();
+        o.gpu_cache_budget = c"50%".as_ptr();
+        o.kv_page_rows = 4;
+        let mut m2: *mut OnestepModel = ptr::null_mut();
+        assert_eq!(
+            onestep_model_load_from_memory_with(
+                bytes.as_ptr(),
+                bytes.len(),
+                c"fixture".as_ptr(),
+                &o,
+                &mut m2
+            ),
+            OnestepStatus::Ok
+        );
+        assert_eq!(device_of(m2), "cpu");
+        onestep_model_free(m2);
+
+        // Strings that do not parse: InvalidArgument naming the value; the out pointer is NULL.
+        for (field, value) in [
+            ("device", c"tpu"),
+            ("budget", c"lots"),
+            ("backend", c"glide"),
+        ] {
+            let mut bad = o;
+            match field {
+                "device" => bad.device = value.as_ptr(),
+                "budget" => bad.gpu_cache_budget = value.as_ptr(),
+                _ => bad.gpu_backend = value.as_ptr(),
+            }
+            let mut m = ptr::dangling_mut::<OnestepModel>();
+            assert_eq!(
+                onestep_model_load_with(path.as_ptr(), &bad, &mut m),
+                OnestepStatus::InvalidArgument,
+                "{field}"
+            );
+            assert!(m.is_null());
+            let v = value.to_str().unwrap();
+            assert!(last_error().contains(v), "{field}: {}", last_error());
+        }
+        let mut small = o;
+        small.struct_size = 8;
+        let mut m = ptr::null_mut();
+        assert_eq!(
+            onestep_model_load_with(path.as_ptr(), &small, &mut m),
+            OnestepStatus::InvalidArgument
+        );
+        assert!(last_error().contains("struct_size"), "{}", last_error());
+
+        // A GPU: the adapter (lavapipe in CI) or, where there is none, the Device status.
+        o.device = c"gpu".as_ptr();
+        o.gpu_cache_budget = ptr::null();
+        let mut g: *mut OnestepModel = ptr::null_mut();
+        match onestep_model_load_with(path.as_ptr(), &o, &mut g) {
+            OnestepStatus::Ok => {
+                assert_ne!(device_of(g), "cpu");
+                onestep_model_free(g);
+            }
+            OnestepStatus::Device => {
+                assert!(g.is_null());
+                assert!(
+                    std::env::var_os("ONESTEP_REQUIRE_GPU").is_none(),
+                    "no GPU: {}",
+                    last_error()
+                );
+                // `auto` falls back to the CPU and says why.
+                o.device = c"auto".as_ptr();
+                assert_eq!(
+                    onestep_model_load_with(path.as_ptr(), &o, &mut g),
+                    OnestepStatus::Ok
+                );
+                assert_eq!(device_of(g), "cpu");
+                assert!(!onestep_model_device_note(g).is_null());
+                onestep_model_free(g);
+            }
+            s => panic!("{s:?}: {}", last_error()),
+        }
+    }
+}

@@ -67,6 +67,53 @@ pub struct LoadOptions {
 }
 
 impl LoadOptions {
+    /// Options from their textual forms — the CLI's flags, the C ABI's and the mobile bindings' strings:
+    /// `device` `auto|cpu|gpu|gpu:N`, `backend` `vulkan|metal|dx12|gl` (`None`: any, or `WGPU_BACKEND`),
+    /// `gpu_cache_budget` `all|BYTES|N%` (bytes with an optional `K`/`M`/`G` suffix), `page_rows`
+    /// positions a host KV page (0: the default). A GPU device in a build without the `gpu` feature is
+    /// an [`Error::InvalidArgument`].
+    pub fn parse(
+        device: &str,
+        backend: Option<&str>,
+        gpu_cache_budget: &str,
+        page_rows: usize,
+    ) -> Result<Self> {
+        let kv = crate::kv::KvOptions {
+            page_rows: if page_rows == 0 {
+                crate::kv::DEFAULT_PAGE_ROWS
+            } else {
+                page_rows
+            },
+            gpu_budget: gpu_cache_budget.parse()?,
+            gpu_segment_bytes: None,
+        };
+        #[cfg(feature = "gpu")]
+        {
+            Ok(LoadOptions {
+                device: device.parse()?,
+                backend: match backend {
+                    Some(b) => b.parse()?,
+                    None => Default::default(),
+                },
+                kv,
+                ..LoadOptions::default()
+            })
+        }
+        #[cfg(not(feature = "gpu"))]
+        {
+            let _ = backend;
+            if device != "auto" && device != "cpu" {
+                return Err(Error::InvalidArgument(format!(
+                    "device `{device}`: this build has no GPU backend (feature `gpu`)"
+                )));
+            }
+            Ok(LoadOptions {
+                kv,
+                ..LoadOptions::cpu()
+            })
+        }
+    }
+
     /// Default limits on the CPU backend (what [`Model::load`](crate::Model::load) uses).
     pub fn cpu() -> Self {
         Self {

@@ -25,7 +25,7 @@ use jni::{jni_sig, jni_str, Env, EnvUnowned};
 use onestep::generate::{
     ChatMessage, Completion, GenerateOptions, OwnedStream, Session, StopReason,
 };
-use onestep::Model;
+use onestep::{LoadOptions, Model};
 
 type JResult<T> = Result<T, jni::errors::Error>;
 
@@ -167,36 +167,99 @@ fn messages(
 // ---------------------------------------------------------------------------------------------
 // Model.
 
-/// `Native.modelLoad(path: String): Long`
+/// A nullable Java string.
+fn opt_string(env: &mut Env<'_>, s: &JString<'_>) -> JResult<Option<String>> {
+    if s.is_null() {
+        Ok(None)
+    } else {
+        s.try_to_string(env).map(Some)
+    }
+}
+
+/// The load options of `LoadOptions` (Kotlin): device, GPU API, KV-cache budget (null: the
+/// defaults `cpu`, any, `all`) and page rows (0: the default).
+fn load_options(
+    env: &mut Env<'_>,
+    device: &JString<'_>,
+    backend: &JString<'_>,
+    budget: &JString<'_>,
+    page_rows: jint,
+) -> JResult<LoadOptions> {
+    let device = opt_string(env, device)?.unwrap_or_else(|| "cpu".into());
+    let backend = opt_string(env, backend)?;
+    let budget = opt_string(env, budget)?.unwrap_or_else(|| "all".into());
+    if page_rows < 0 {
+        return throw(env, format!("kvPageRows {page_rows} is negative"));
+    }
+    let o = LoadOptions::parse(&device, backend.as_deref(), &budget, page_rows as usize);
+    or_throw(env, o)
+}
+
+/// `Native.modelLoad(path: String, device: String?, gpuBackend: String?, gpuCacheBudget: String?,
+/// kvPageRows: Int): Long`
 #[no_mangle]
 pub extern "system" fn Java_dev_onestep_Native_modelLoad<'l>(
     mut env: EnvUnowned<'l>,
     _class: JClass<'l>,
     path: JString<'l>,
+    device: JString<'l>,
+    backend: JString<'l>,
+    budget: JString<'l>,
+    page_rows: jint,
 ) -> jlong {
     env.with_env(|env| -> JResult<jlong> {
         let path = path.try_to_string(env)?;
-        let m = Model::load(&path);
+        let opts = load_options(env, &device, &backend, &budget, page_rows)?;
+        let m = Model::load_with(&path, &opts);
         let m = or_throw(env, m)?;
         Ok(Box::into_raw(Box::new(m)) as jlong)
     })
     .resolve::<ThrowRuntimeExAndDefault>()
 }
 
-/// `Native.modelLoadBytes(bytes: ByteArray, name: String): Long` (the bytes are copied).
+/// `Native.modelLoadBytes(bytes: ByteArray, name: String, device: String?, gpuBackend: String?,
+/// gpuCacheBudget: String?, kvPageRows: Int): Long` (the bytes are copied).
 #[no_mangle]
+#[allow(clippy::too_many_arguments)]
 pub extern "system" fn Java_dev_onestep_Native_modelLoadBytes<'l>(
     mut env: EnvUnowned<'l>,
     _class: JClass<'l>,
     bytes: JByteArray<'l>,
     name: JString<'l>,
+    device: JString<'l>,
+    backend: JString<'l>,
+    budget: JString<'l>,
+    page_rows: jint,
 ) -> jlong {
     env.with_env(|env| -> JResult<jlong> {
         let data = env.convert_byte_array(&bytes)?;
         let name = name.try_to_string(env)?;
-        let m = Model::load_from_bytes(bytes::Bytes::from(data), &name);
+        let opts = load_options(env, &device, &backend, &budget, page_rows)?;
+        let m = Model::load_from_bytes_with(bytes::Bytes::from(data), &name, &opts);
         let m = or_throw(env, m)?;
         Ok(Box::into_raw(Box::new(m)) as jlong)
+    })
+    .resolve::<ThrowRuntimeExAndDefault>()
+}
+
+/// `Native.modelDevice(handle: Long): Array<String?>` = [device (`cpu` or `<adapter> (<API>)`), why
+/// `auto` chose the CPU or null].
+#[no_mangle]
+pub extern "system" fn Java_dev_onestep_Native_modelDevice<'l>(
+    mut env: EnvUnowned<'l>,
+    _class: JClass<'l>,
+    handle: jlong,
+) -> JObject<'l> {
+    env.with_env(|env| -> JResult<JObject<'l>> {
+        let m = model_ref(env, handle)?;
+        let arr = env.new_object_array(2, jni_str!("java/lang/String"), JObject::null())?;
+        let d = env.new_string(m.device())?;
+        arr.set_element(env, 0, &d)?;
+        if let Some(n) = m.device_note() {
+            let n = env.new_string(n)?;
+            arr.set_element(env, 1, &n)?;
+        }
+        Ok(arr.into())
     })
     .resolve::<ThrowRuntimeExAndDefault>()
 }

@@ -484,12 +484,22 @@ int main(int argc, char **argv) {
     uint32_t max_new = argc > 3 ? (uint32_t)atoi(argv[3]) : 8;
     printf("onestep %s (C ABI %d)\n", onestep_version(), ONESTEP_ABI_VERSION);
 
+    /* ONESTEP_C_DEVICE (cpu, gpu, auto, gpu:N): the device, through the load options. */
+    OnestepLoadOptions lo;
+    memset(&lo, 0, sizeof lo);
+    lo.struct_size = sizeof lo;
+    EXPECT_STATUS(onestep_load_options_default(&lo), ONESTEP_STATUS_OK);
+    lo.device = getenv("ONESTEP_C_DEVICE");
     OnestepModel *model = NULL;
-    OnestepStatus st = onestep_model_load(model_path, &model);
+    OnestepStatus st = onestep_model_load_with(model_path, &lo, &model);
     if (st != ONESTEP_STATUS_OK) {
         fprintf(stderr, "cannot load %s: %s: %s\n", model_path, onestep_status_name(st), onestep_last_error());
         return 1;
     }
+    const char *device = onestep_model_device(model);
+    printf("device: %s\n", device);
+    if (lo.device && strncmp(lo.device, "gpu", 3) == 0)
+        CHECK(strcmp(device, "cpu") != 0, "asked for %s, runs on %s", lo.device, device);
     OnestepModelInfo info;
     memset(&info, 0, sizeof info);
     info.struct_size = sizeof info;

@@ -53,28 +53,82 @@ public struct GenerateOptions: Sendable {
     }
 }
 
+/// How a model is loaded (`OnestepLoadOptions` in onestep.h).
+public struct LoadOptions: Sendable {
+    /// `cpu` (default), `auto` (the GPU when there is a usable one, else the CPU), `gpu` or `gpu:N`.
+    public var device: String
+    /// `metal`, `vulkan`, `dx12` or `gl`; nil: any.
+    public var gpuBackend: String?
+    /// GPU memory for one session's KV cache: `all`, bytes (`48M`, `1GiB`) or a share (`50%`); the
+    /// layers beyond it stay in host memory and stream through two GPU slots.
+    public var gpuCacheBudget: String
+    /// Positions a host KV-cache page; 0: the default (64).
+    public var kvPageRows: UInt32
+
+    public init(device: String = "cpu", gpuBackend: String? = nil, gpuCacheBudget: String = "all",
+                kvPageRows: UInt32 = 0) {
+        self.device = device
+        self.gpuBackend = gpuBackend
+        self.gpuCacheBudget = gpuCacheBudget
+        self.kvPageRows = kvPageRows
+    }
+
+    /// Calls `body` with the C options; their strings live for the call.
+    func withC<R>(_ body: (UnsafePointer<OnestepLoadOptions>) throws -> R) throws -> R {
+        var base = OnestepLoadOptions()
+        base.struct_size = UInt32(MemoryLayout<OnestepLoadOptions>.size)
+        try check(onestep_load_options_default(&base))
+        base.kv_page_rows = kvPageRows
+        let dev = Array(device.utf8CString)
+        let budget = Array(gpuCacheBudget.utf8CString)
+        let api = gpuBackend.map { Array($0.utf8CString) }
+        return try dev.withUnsafeBufferPointer { d in
+            try budget.withUnsafeBufferPointer { b in
+                func call(_ g: UnsafePointer<CChar>?) throws -> R {
+                    var o = base
+                    o.device = d.baseAddress
+                    o.gpu_cache_budget = b.baseAddress
+                    o.gpu_backend = g
+                    return try withUnsafePointer(to: o) { try body($0) }
+                }
+                guard let api else { return try call(nil) }
+                return try api.withUnsafeBufferPointer { try call($0.baseAddress) }
+            }
+        }
+    }
+}
+
 /// A loaded model: immutable, shared by any number of sessions on any threads.
 public final class Model: @unchecked Sendable {
     let handle: OpaquePointer
 
     /// Memory-maps and loads the model file at `path`.
-    public init(path: String) throws {
+    public init(path: String, options: LoadOptions = LoadOptions()) throws {
         var h: OpaquePointer?
-        try check(onestep_model_load(path, &h))
+        try check(options.withC { onestep_model_load_with(path, $0, &h) })
         handle = h!
     }
 
     /// Loads a model from bytes (e.g. a bundle resource); the bytes are copied.
-    public init(data: Data, name: String = "<memory>") throws {
+    public init(data: Data, name: String = "<memory>", options: LoadOptions = LoadOptions()) throws {
         var h: OpaquePointer?
-        let status = data.withUnsafeBytes { (buf: UnsafeRawBufferPointer) -> OnestepStatus in
-            // A non-NULL pointer even for empty data (the C ABI refuses NULL).
-            let p = buf.baseAddress ?? UnsafeRawPointer(bitPattern: 1)!
-            return onestep_model_load_from_memory(p.assumingMemoryBound(to: UInt8.self), buf.count, name, &h)
+        let status = try options.withC { opts in
+            data.withUnsafeBytes { (buf: UnsafeRawBufferPointer) -> OnestepStatus in
+                // A non-NULL pointer even for empty data (the C ABI refuses NULL).
+                let p = buf.baseAddress ?? UnsafeRawPointer(bitPattern: 1)!
+                return onestep_model_load_from_memory_with(
+                    p.assumingMemoryBound(to: UInt8.self), buf.count, name, opts, &h)
+            }
         }
         try check(status)
         handle = h!
     }
+
+    /// Where the model runs: `cpu`, or the GPU adapter and its API (`"Apple A17 Pro GPU (Metal)"`).
+    public var device: String { String(cString: onestep_model_device(handle)) }
+
+    /// Why a model loaded with `device: "auto"` runs on the CPU; nil when it did not fall back.
+    public var deviceNote: String? { onestep_model_device_note(handle).map { String(cString: $0) } }
 
     deinit { onestep_model_free(handle) }
 

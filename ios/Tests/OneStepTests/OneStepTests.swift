@@ -10,6 +10,21 @@ final class OneStepTests: XCTestCase {
         XCTAssertThrowsError(try Model(data: Data([1, 2, 3]), name: "junk"))
     }
 
+    func testLoadOptionsChooseTheDevice() throws {
+        guard let path = ProcessInfo.processInfo.environment["ONESTEP_TEST_MODEL"] else {
+            throw XCTSkip("set ONESTEP_TEST_MODEL to an exported model")
+        }
+        let cpu = try Model(path: path, options: LoadOptions(device: "cpu", kvPageRows: 16))
+        XCTAssertEqual(cpu.device, "cpu")
+        XCTAssertNil(cpu.deviceNote)
+        // Metal on Apple GPUs; `auto` falls back to the CPU where there is none, and says why.
+        let auto = try Model(path: path, options: LoadOptions(device: "auto", gpuCacheBudget: "50%"))
+        XCTAssertTrue(auto.device != "cpu" || auto.deviceNote != nil)
+        XCTAssertThrowsError(try Model(path: path, options: LoadOptions(device: "tpu"))) { e in
+            XCTAssertEqual((e as? OneStepError)?.status, UInt32(ONESTEP_STATUS_INVALID_ARGUMENT.rawValue))
+        }
+    }
+
     func testStreamsAReply() async throws {
         guard let path = ProcessInfo.processInfo.environment["ONESTEP_TEST_MODEL"] else {
             throw XCTSkip("set ONESTEP_TEST_MODEL to an exported model")

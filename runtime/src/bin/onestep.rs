@@ -166,45 +166,28 @@ impl Common {
     }
 
     fn load_options(&self) -> Result<LoadOptions> {
-        let kv = onestep::kv::KvOptions {
-            page_rows: self.kv_page_rows,
-            gpu_budget: self.gpu_cache_budget.parse()?,
-            gpu_segment_bytes: match &self.gpu_cache_segment {
-                Some(b) => match b.parse()? {
-                    onestep::kv::GpuCacheBudget::Bytes(n) => Some(n),
-                    _ => {
-                        return Err(Error::InvalidArgument(format!(
-                            "--gpu-cache-segment `{b}`: expected bytes (`4M`)"
-                        )))
-                    }
-                },
-                None => None,
-            },
-        };
-        #[cfg(feature = "gpu")]
-        {
-            Ok(LoadOptions {
-                device: self.device.parse()?,
-                backend: match &self.gpu_backend {
-                    Some(b) => b.parse()?,
-                    None => Default::default(),
-                },
-                kv,
-                ..LoadOptions::default()
-            })
+        if self.kv_page_rows == 0 {
+            return Err(Error::InvalidArgument(
+                "--kv-page-rows must be at least 1".into(),
+            ));
         }
-        #[cfg(not(feature = "gpu"))]
-        {
-            if self.device != "auto" && self.device != "cpu" {
-                return Err(Error::InvalidArgument(
-                    "this build has no GPU backend (feature `gpu`)".into(),
-                ));
+        let mut o = LoadOptions::parse(
+            &self.device,
+            self.gpu_backend.as_deref(),
+            &self.gpu_cache_budget,
+            self.kv_page_rows,
+        )?;
+        if let Some(b) = &self.gpu_cache_segment {
+            match b.parse()? {
+                onestep::kv::GpuCacheBudget::Bytes(n) => o.kv.gpu_segment_bytes = Some(n),
+                _ => {
+                    return Err(Error::InvalidArgument(format!(
+                        "--gpu-cache-segment `{b}`: expected bytes (`4M`)"
+                    )))
+                }
             }
-            Ok(LoadOptions {
-                kv,
-                ..LoadOptions::cpu()
-            })
         }
+        Ok(o)
     }
 
     fn setup_threads(&self) -> Result<()> {

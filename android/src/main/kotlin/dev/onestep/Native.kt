@@ -6,8 +6,14 @@ internal object Native {
         System.loadLibrary("onestep_jni")
     }
 
-    @JvmStatic external fun modelLoad(path: String): Long
-    @JvmStatic external fun modelLoadBytes(bytes: ByteArray, name: String): Long
+    @JvmStatic external fun modelLoad(
+        path: String, device: String?, gpuBackend: String?, gpuCacheBudget: String?, kvPageRows: Int,
+    ): Long
+    @JvmStatic external fun modelLoadBytes(
+        bytes: ByteArray, name: String, device: String?, gpuBackend: String?, gpuCacheBudget: String?, kvPageRows: Int,
+    ): Long
+    /** [device, why `auto` chose the CPU or null]. */
+    @JvmStatic external fun modelDevice(handle: Long): Array<String?>
     @JvmStatic external fun modelFree(handle: Long)
     /** [layers, vocab, maxCache, maxChunk, hasChatTemplate (0/1)]. */
     @JvmStatic external fun modelInfo(handle: Long): LongArray

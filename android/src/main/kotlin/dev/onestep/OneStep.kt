@@ -50,6 +50,22 @@ data class Completion(
     val decodeTokensPerSecond: Double,
 )
 
+/**
+ * How a model is loaded.
+ * - [device]: `cpu` (default), `auto` (the GPU when there is a usable one, else the CPU — [OneStep.deviceNote]
+ *   says why), `gpu` (the best GPU; an error when none can be used) or `gpu:N`.
+ * - [gpuBackend]: `vulkan`, `metal`, `dx12` or `gl`; null: any.
+ * - [gpuCacheBudget]: GPU memory for one session's KV cache: `all`, bytes (`48M`, `1GiB`) or a share of the
+ *   full cache (`50%`); the layers beyond it stay in host memory and stream through two GPU slots.
+ * - [kvPageRows]: positions a host KV-cache page; 0: the default (64).
+ */
+data class LoadOptions @JvmOverloads constructor(
+    val device: String = "cpu",
+    val gpuBackend: String? = null,
+    val gpuCacheBudget: String = "all",
+    val kvPageRows: Int = 0,
+)
+
 /** A loaded model: immutable, shared by any number of [Session]s on any threads. */
 class OneStep private constructor(handle: Long) : AutoCloseable {
     private val guard = Guard(handle, "model")
@@ -57,13 +73,26 @@ class OneStep private constructor(handle: Long) : AutoCloseable {
     companion object {
         /** Memory-maps and loads the model file at [path]. */
         @JvmStatic
-        fun load(path: String): OneStep = OneStep(Native.modelLoad(path))
+        @JvmOverloads
+        fun load(path: String, options: LoadOptions = LoadOptions()): OneStep = OneStep(
+            Native.modelLoad(path, options.device, options.gpuBackend, options.gpuCacheBudget, options.kvPageRows),
+        )
 
         /** Loads a model from bytes (an Android asset, ...); [name] appears in error messages. */
         @JvmStatic
         @JvmOverloads
-        fun load(bytes: ByteArray, name: String = "<memory>"): OneStep = OneStep(Native.modelLoadBytes(bytes, name))
+        fun load(bytes: ByteArray, name: String = "<memory>", options: LoadOptions = LoadOptions()): OneStep = OneStep(
+            Native.modelLoadBytes(
+                bytes, name, options.device, options.gpuBackend, options.gpuCacheBudget, options.kvPageRows,
+            ),
+        )
     }
+
+    private val where: Array<String?> = guard.use { Native.modelDevice(it) }
+    /** Where the model runs: `cpu`, or the GPU adapter and its API (`"Adreno (TM) 740 (Vulkan)"`). */
+    val device: String get() = where[0] ?: "cpu"
+    /** Why a model loaded with `device = "auto"` runs on the CPU; null when it did not fall back. */
+    val deviceNote: String? get() = where[1]
 
     private val info: LongArray = guard.use { Native.modelInfo(it) }
     val numLayers: Int get() = info[0].toInt()
