@@ -1594,22 +1594,33 @@ impl GpuPlan {
                     }
                     None => (BufRef::Dummy, *out),
                 };
+                // Each part: the GEMV slot and, on GPUs, the tiled-GEMM slot; a step records the one
+                // its token count takes (the other has no workgroups).
+                let gemm = g.uses_gemm(m);
                 let mut disp = Vec::new();
                 for i in 0..g.parts.len() {
-                    disp.push(Disp {
-                        kernel: if dry { Some(g.kernel.clone()) } else { None },
-                        binds: vec![
-                            BufRef::Val(*x),
-                            BufRef::LinW(i),
-                            BufRef::LinS(i),
-                            BufRef::LinZ(i),
-                            BufRef::LinBias,
-                            res,
-                            BufRef::Val(target),
-                        ],
-                        params: g.params(i, m, fuse.is_some()),
-                        groups: g.groups(i, m, ctx.max_groups),
-                    });
+                    let kernels = std::iter::once((&g.kernel, !gemm))
+                        .chain(g.gemm.as_ref().map(|k| (k, gemm)));
+                    for (kernel, taken) in kernels {
+                        disp.push(Disp {
+                            kernel: if dry { Some(kernel.clone()) } else { None },
+                            binds: vec![
+                                BufRef::Val(*x),
+                                BufRef::LinW(i),
+                                BufRef::LinS(i),
+                                BufRef::LinZ(i),
+                                BufRef::LinBias,
+                                res,
+                                BufRef::Val(target),
+                            ],
+                            params: g.params(i, m, fuse.is_some()),
+                            groups: if taken {
+                                g.groups(i, m, ctx.max_groups)
+                            } else {
+                                (0, 0, 0)
+                            },
+                        });
+                    }
                 }
                 let mut reads = vec![*x];
                 if let Some((_, other, _)) = fuse {
@@ -3399,14 +3410,14 @@ pub(crate) fn run_linear_once(
         ctx.queue
             .write_buffer(&pbuf, (i * 256) as u64, g.params(i, t, true).bytes());
         groups.push(ctx.bind(
-            &g.kernel,
+            g.kernel_for(t),
             (&pbuf, (i * 256) as u64),
             &[&xb, &part.w, &part.s, &part.z, &g.bias, &rb, &ob],
         ));
     }
     {
         let mut pass = enc.begin_compute_pass(&Default::default());
-        pass.set_pipeline(&g.kernel.pipeline);
+        pass.set_pipeline(&g.kernel_for(t).pipeline);
         for (i, bg) in groups.iter().enumerate() {
             pass.set_bind_group(0, bg, &[]);
             let (x, y, z) = g.groups(i, t, ctx.max_groups);

@@ -15,6 +15,13 @@ use crate::weights::{LinearWeights, WeightForm};
 pub const SOURCE: &str = include_str!("linear.wgsl");
 /// The subgroup variant's entry (`linear_sg`), compiled appended to [`SOURCE`].
 pub const SUBGROUP_SOURCE: &str = include_str!("linear_subgroup.wgsl");
+/// The tiled GEMM for prefill chunks (`linear_gemm`), compiled appended to [`SOURCE`].
+pub const GEMM_SOURCE: &str = include_str!("linear_gemm.wgsl");
+/// Tokens (64) and rows (64; SiLU pairs: 32 items) a `linear_gemm` workgroup computes.
+pub const GEMM_TILE: usize = 64;
+/// Chunks of at least this many tokens take the tiled GEMM on GPUs (`ONESTEP_GPU_GEMM_TOKENS`; 0:
+/// never); shorter ones (decode) the GEMV kernels.
+pub const GEMM_TOKENS: usize = 16;
 /// Output rows a workgroup computes for input width `k`: the 256 threads split into rows × lanes, and
 /// each lane walks `k / lanes` elements — short chains for decode (latency-bound), all threads busy.
 pub fn rows_for(k: usize) -> usize {
@@ -66,6 +73,11 @@ pub struct GpuLinear {
     pub form: u32,
     /// Whether the kernels are the subgroup variant (`linear_sg`, `rows` rows a workgroup).
     pub subgroups: bool,
+    /// The tiled GEMM (`linear_gemm`, plain output) for chunks of at least `gemm_tokens` tokens; None
+    /// for the one-row-an-invocation variant (CPU adapters) or when turned off.
+    pub gemm: Option<Arc<Kernel>>,
+    /// Tokens from which a chunk takes [`GpuLinear::gemm`].
+    pub gemm_tokens: usize,
 }
 
 /// Rows a workgroup of the subgroup variant: as many as the 256 invocations make subgroups of the
@@ -230,10 +242,29 @@ impl GpuLinear {
             rows_for(k)
         };
         let kernel = kernel(ctx, code, rows, subgroups)?;
+        let gemm_tokens = match std::env::var("ONESTEP_GPU_GEMM_TOKENS").map(|v| v.parse()) {
+            Ok(Ok(0)) => usize::MAX,
+            Ok(Ok(n)) => n,
+            _ => GEMM_TOKENS,
+        };
+        let gemm = if rows != 0 && gemm_tokens != usize::MAX {
+            Some(gemm_kernel(
+                ctx,
+                Spec {
+                    code,
+                    mode: 0,
+                    norm: false,
+                },
+            )?)
+        } else {
+            None
+        };
         Ok(GpuLinear {
             form: code,
             rows,
             subgroups,
+            gemm,
+            gemm_tokens,
             n,
             k,
             parts,
@@ -257,8 +288,25 @@ impl GpuLinear {
             .u(residual as usize)
     }
 
-    /// Workgroups of part `i` for `t` tokens.
+    /// Whether a chunk of `t` tokens takes the tiled GEMM.
+    pub fn uses_gemm(&self, t: usize) -> bool {
+        self.gemm.is_some() && t >= self.gemm_tokens
+    }
+
+    /// The kernel (GEMV or GEMM) for `t` tokens of the plain form.
+    pub fn kernel_for(&self, t: usize) -> &Arc<Kernel> {
+        match &self.gemm {
+            Some(g) if self.uses_gemm(t) => g,
+            _ => &self.kernel,
+        }
+    }
+
+    /// Workgroups of part `i` for `t` tokens (the kernel of [`GpuLinear::kernel_for`]).
     pub fn groups(&self, i: usize, t: usize, max_dim: u32) -> (u32, u32, u32) {
+        if self.uses_gemm(t) {
+            let (x, y) = super::grid(self.parts[i].rows, GEMM_TILE, max_dim);
+            return (x, y, t.div_ceil(GEMM_TILE) as u32);
+        }
         let per_group = if self.rows == 0 { 64 } else { self.rows };
         let (x, y) = super::grid(self.parts[i].rows, per_group, max_dim);
         (x, y, t.div_ceil(TOKENS) as u32)
@@ -313,17 +361,27 @@ impl GpuLinear {
                 fused_kernel(ctx, spec, "linear_rows_fused", 8)?,
                 fused_kernel(ctx, spec, "linear_rows_fused4", 8)?,
             ]
-        } else if self.subgroups {
-            vec![fused_kernel(ctx, spec, "linear_sg", self.rows)?]
         } else {
-            // A pair needs both rows in one workgroup.
-            vec![fused_kernel(ctx, spec, "linear", self.rows.max(2))?]
+            let gemv = if self.subgroups {
+                fused_kernel(ctx, spec, "linear_sg", self.rows)?
+            } else {
+                // A pair needs both rows in one workgroup.
+                fused_kernel(ctx, spec, "linear", self.rows.max(2))?
+            };
+            match self.gemm {
+                Some(_) => vec![gemv, gemm_kernel(ctx, spec)?],
+                None => vec![gemv],
+            }
         }))
     }
 
     /// Which of [`GpuLinear::fused_kernels`] runs `t` tokens.
     pub fn fused_pick(&self, t: usize) -> usize {
-        usize::from(self.rows == 0 && t != 1)
+        if self.rows == 0 {
+            usize::from(t != 1)
+        } else {
+            usize::from(self.uses_gemm(t))
+        }
     }
 
     /// Parameters of the fused forms for `t` tokens: RMS norm of x with `eps` when `norm` is set.
@@ -362,6 +420,11 @@ impl GpuLinear {
     pub fn fused_groups(&self, t: usize, out: &FusedOut, max_dim: u32) -> (u32, u32, u32) {
         let pair = *out == FusedOut::SiluPair;
         let items = if pair { self.n / 2 } else { self.n };
+        if self.rows != 0 && self.uses_gemm(t) {
+            let per = if pair { GEMM_TILE / 2 } else { GEMM_TILE };
+            let (x, y) = super::grid(items, per, max_dim);
+            return (x, y, t.div_ceil(GEMM_TILE) as u32);
+        }
         let per = match self.rows {
             0 => 64,
             r if pair && !self.subgroups => r.max(2) / 2,
@@ -405,6 +468,19 @@ fn fused_kernel(ctx: &GpuContext, spec: Spec, entry: &str, rows: usize) -> Resul
     )
 }
 
+/// The tiled GEMM (`linear_gemm`) specialized to `spec`.
+fn gemm_kernel(ctx: &GpuContext, spec: Spec) -> Result<Arc<Kernel>> {
+    pipeline(
+        ctx,
+        "linear_gemm",
+        &[
+            ("FORM", spec.code as f64),
+            ("MODE", spec.mode as f64),
+            ("NORM", f64::from(u8::from(spec.norm))),
+        ],
+    )
+}
+
 /// The kernel for encoding `code` (see `linear.wgsl`) computing `rows` rows a workgroup (`0`: the
 /// one-row-an-invocation variant; `subgroups`: the subgroup variant): bindings X, W, S, Z, BIAS, RES, O.
 pub fn kernel(ctx: &GpuContext, code: u32, rows: usize, subgroups: bool) -> Result<Arc<Kernel>> {
@@ -425,6 +501,11 @@ fn pipeline(ctx: &GpuContext, entry: &str, constants: &[(&str, f64)]) -> Result<
         static WITH_SG: std::sync::OnceLock<String> = std::sync::OnceLock::new();
         let src = WITH_SG.get_or_init(|| format!("{SOURCE}\n{SUBGROUP_SOURCE}"));
         return ctx.pipeline("linear_sg", src, entry, &binds, constants);
+    }
+    if entry == "linear_gemm" {
+        static WITH_GEMM: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        let src = WITH_GEMM.get_or_init(|| format!("{SOURCE}\n{GEMM_SOURCE}"));
+        return ctx.pipeline("linear_gemm", src, entry, &binds, constants);
     }
     ctx.pipeline("linear", SOURCE, entry, &binds, constants)
 }
@@ -550,8 +631,16 @@ mod tests {
 
     const VARIANTS: [Variant; 3] = [Variant::Lanes, Variant::Rows, Variant::Subgroups];
 
-    /// The subgroup variant is what runs wherever the device has subgroups (lavapipe has: CI covers it).
-    fn check_variant(ctx: &GpuContext, g: &GpuLinear, v: Variant) {
+    /// The subgroup variant is what runs wherever the device has subgroups (lavapipe has: CI covers it);
+    /// chunks from [`GEMM_TOKENS`] tokens take the tiled GEMM on every variant but `Rows`.
+    fn check_variant(ctx: &GpuContext, g: &GpuLinear, v: Variant, t: usize) {
+        if std::env::var_os("ONESTEP_GPU_GEMM_TOKENS").is_none() {
+            assert_eq!(
+                g.uses_gemm(t),
+                v != Variant::Rows && t >= GEMM_TOKENS,
+                "{v:?} t {t}"
+            );
+        }
         let sg = v == Variant::Subgroups && ctx.info().subgroups;
         assert_eq!(g.subgroups, sg, "{v:?}: {:?}", ctx.info());
         if sg {
@@ -573,6 +662,7 @@ mod tests {
             (100, 96, 9),
             (33, 33, 2),
             (260, 128, 17),
+            (130, 96, 70),
         ] {
             for (name, w) in forms(n, k, (n * k + t) as u64) {
                 let x: Vec<f32> = noise(t * k, 11);
@@ -590,7 +680,7 @@ mod tests {
                 {
                     let g = GpuLinear::with_variant(&ctx, name, &w, Some(&bias), limit, variant)
                         .unwrap();
-                    check_variant(&ctx, &g, variant);
+                    check_variant(&ctx, &g, variant, t);
                     let got = super::super::exec::run_linear_once(&ctx, &g, &x, &res, t).unwrap();
                     // f32 sums in another order: error relative to the output's scale.
                     let scale = want.iter().fold(1.0f32, |m, v| m.max(v.abs()));
@@ -632,7 +722,16 @@ mod tests {
         let Some(ctx) = ctx() else { return };
         let eps = 1e-5;
         // 1056: wide enough for one row a workgroup (ROWS = 1: pairs still take two).
-        for (k, t) in [(64, 1), (576, 1), (96, 3), (576, 6), (64, 9), (1056, 2)] {
+        for (k, t) in [
+            (64, 1),
+            (576, 1),
+            (96, 3),
+            (576, 6),
+            (64, 9),
+            (1056, 2),
+            (96, 20),
+            (64, 70),
+        ] {
             let x: Vec<f32> = noise(t * k, 21).iter().map(|v| 3.0 * v).collect();
             let gamma: Vec<f32> = noise(k, 22).iter().map(|v| 1.0 + 0.5 * v).collect();
             let sizes = [40usize, 12, 12];
@@ -678,7 +777,7 @@ mod tests {
                             variant,
                         )
                         .unwrap();
-                        check_variant(&ctx, &g, variant);
+                        check_variant(&ctx, &g, variant, t);
                         let what = format!("{name} k {k} t {t} norm {norm:?} {variant:?}");
                         // Parts: each layer's [T, n] output at its own (padded) offset.
                         let mut parts = Vec::new();
