@@ -558,14 +558,8 @@ pub unsafe extern "C" fn onestep_model_load(
     path: *const c_char,
     model_out: *mut *mut OnestepModel,
 ) -> OnestepStatus {
-    boundary("onestep_model_load", || {
-        let out = non_null_mut(model_out, "model_out")?;
-        *out = std::ptr::null_mut();
-        let path = utf8(path, "path")?;
-        let model = Model::load(path).map_err(|e| runtime_fail(e, Phase::Load))?;
-        *out = model_handle(model);
-        Ok(())
-    })
+    // SAFETY: the same contract; NULL options are the defaults (the CPU).
+    unsafe { onestep_model_load_with(path, std::ptr::null(), model_out) }
 }
 
 /// Loads a model from `len` bytes at `data` (an Android asset, an iOS bundle resource, ...). The bytes
@@ -579,22 +573,8 @@ pub unsafe extern "C" fn onestep_model_load_from_memory(
     name: *const c_char,
     model_out: *mut *mut OnestepModel,
 ) -> OnestepStatus {
-    boundary("onestep_model_load_from_memory", || {
-        let out = non_null_mut(model_out, "model_out")?;
-        *out = std::ptr::null_mut();
-        non_null(data, "data")?;
-        let name = if name.is_null() {
-            "<memory>"
-        } else {
-            utf8(name, "name")?
-        };
-        // SAFETY: non-NULL, `len` readable bytes per the contract.
-        let bytes = bytes::Bytes::copy_from_slice(unsafe { std::slice::from_raw_parts(data, len) });
-        let model =
-            Model::load_from_bytes(bytes, name).map_err(|e| runtime_fail(e, Phase::Load))?;
-        *out = model_handle(model);
-        Ok(())
-    })
+    // SAFETY: the same contract; NULL options are the defaults (the CPU).
+    unsafe { onestep_model_load_from_memory_with(data, len, name, std::ptr::null(), model_out) }
 }
 
 /// Fills `*options_out` (whose `struct_size` the caller set) with the default load options: the CPU,

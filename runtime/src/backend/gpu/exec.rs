@@ -2794,22 +2794,9 @@ impl GpuPlan {
             .copied()
             .filter(|&v| env[v].is_none() && meta[v].is_some())
             .collect();
-        let rows = if let Some(r) = rows_back {
-            if !pending.is_empty() || !fetch.is_empty() {
-                self.flush_into(
-                    state,
-                    host,
-                    &mut pending,
-                    &params,
-                    &fetch,
-                    &meta,
-                    env,
-                    &mut count,
-                    0,
-                )?;
-            }
-            r
-        } else if !pending.is_empty() || !fetch.is_empty() || kv.off > 0 {
+        // The rows, unless the read-back after the last GPU step brought them already.
+        let rows_left = if rows_back.is_none() { kv.off } else { 0 };
+        let got = if !pending.is_empty() || !fetch.is_empty() || rows_left > 0 {
             self.flush_into(
                 state,
                 host,
@@ -2819,11 +2806,12 @@ impl GpuPlan {
                 &meta,
                 env,
                 &mut count,
-                kv.off,
+                rows_left,
             )?
         } else {
             Vec::new()
         };
+        let rows = rows_back.unwrap_or(got);
         // Every cache's new rows, in the order they were copied, into the host pages.
         for &(c, off) in &kv.downs {
             let n = tokens * host_mut.caches[c].row_bytes();
