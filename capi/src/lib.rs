@@ -533,20 +533,17 @@ fn load_options_from_c(opts: *const OnestepLoadOptions) -> FfiResult<LoadOptions
         return Ok(LoadOptions::cpu());
     };
     check_size::<OnestepLoadOptions>(o.struct_size, "options")?;
-    let text = |p: *const c_char, what: &str, default: &'static str| -> FfiResult<&str> {
+    // NULL: the default.
+    let text = |p: *const c_char, what: &str| -> FfiResult<Option<&str>> {
         if p.is_null() {
-            Ok(default)
+            Ok(None)
         } else {
-            utf8(p, what)
+            utf8(p, what).map(Some)
         }
     };
-    let device = text(o.device, "options.device", "cpu")?;
-    let backend = if o.gpu_backend.is_null() {
-        None
-    } else {
-        Some(utf8(o.gpu_backend, "options.gpu_backend")?)
-    };
-    let budget = text(o.gpu_cache_budget, "options.gpu_cache_budget", "all")?;
+    let device = text(o.device, "options.device")?.unwrap_or("cpu");
+    let backend = text(o.gpu_backend, "options.gpu_backend")?;
+    let budget = text(o.gpu_cache_budget, "options.gpu_cache_budget")?.unwrap_or("all");
     LoadOptions::parse(device, backend, budget, o.kv_page_rows as usize)
         .map_err(|e| runtime_fail(e, Phase::Load))
 }

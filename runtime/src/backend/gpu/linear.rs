@@ -497,17 +497,20 @@ pub fn kernel(ctx: &GpuContext, code: u32, rows: usize, subgroups: bool) -> Resu
 fn pipeline(ctx: &GpuContext, entry: &str, constants: &[(&str, f64)]) -> Result<Arc<Kernel>> {
     let mut binds = [Bind::Read; 7];
     binds[6] = Bind::Write;
-    if entry == "linear_sg" {
-        static WITH_SG: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-        let src = WITH_SG.get_or_init(|| format!("{SOURCE}\n{SUBGROUP_SOURCE}"));
-        return ctx.pipeline("linear_sg", src, entry, &binds, constants);
-    }
-    if entry == "linear_gemm" {
-        static WITH_GEMM: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-        let src = WITH_GEMM.get_or_init(|| format!("{SOURCE}\n{GEMM_SOURCE}"));
-        return ctx.pipeline("linear_gemm", src, entry, &binds, constants);
-    }
-    ctx.pipeline("linear", SOURCE, entry, &binds, constants)
+    static WITH_SG: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    static WITH_GEMM: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let (key, src): (&str, &str) = match entry {
+        "linear_sg" => (
+            entry,
+            WITH_SG.get_or_init(|| format!("{SOURCE}\n{SUBGROUP_SOURCE}")),
+        ),
+        "linear_gemm" => (
+            entry,
+            WITH_GEMM.get_or_init(|| format!("{SOURCE}\n{GEMM_SOURCE}")),
+        ),
+        _ => ("linear", SOURCE),
+    };
+    ctx.pipeline(key, src, entry, &binds, constants)
 }
 
 #[cfg(test)]
