@@ -304,21 +304,98 @@ mod tests {
             assert_eq!(&got[..n], &want16[..]);
         }
         let data = noise(10 * 6, 4);
-        let idx: Vec<i64> = vec![3, -1, 0, 9];
-        let p = Params::new().u(4).u(6).u(10);
+        // In range (also from the end), and outside it both ways (rows of zeros).
+        let idx: Vec<i64> = vec![3, -1, 0, 9, -10, 10, -11, 1 << 32, i64::MIN];
+        let n = idx.len();
+        let p = Params::new().u(n).u(6).u(10);
         let got = run_kernel_once(
             &ctx,
             &kernel(&ctx, "gather_rows").unwrap(),
             &p,
             &[&words(&data), bytemuck::cast_slice(&idx)],
-            4 * 6 * 4,
-            grid(24, 256, ctx.max_groups),
+            n * 6 * 4,
+            grid(n * 6, 256, ctx.max_groups),
         )
         .unwrap();
         let got: &[f32] = bytemuck::cast_slice(&got);
         for (r, &i) in idx.iter().enumerate() {
-            let row = if i < 0 { 10 + i } else { i } as usize;
-            assert_eq!(&got[r * 6..r * 6 + 6], &data[row * 6..row * 6 + 6]);
+            match gather_ref(i, 10) {
+                Some(row) => assert_eq!(&got[r * 6..r * 6 + 6], &data[row * 6..row * 6 + 6]),
+                None => assert_eq!(&got[r * 6..r * 6 + 6], &[0.0; 6], "index {i}"),
+            }
+        }
+    }
+
+    /// The row an index names in `rows` rows, `None` outside.
+    fn gather_ref(i: i64, rows: i64) -> Option<usize> {
+        let r = if i < 0 { i + rows } else { i };
+        (0..rows).contains(&r).then_some(r as usize)
+    }
+
+    #[test]
+    fn byte_gather_and_byte_casts_match_cpu() {
+        let Some(ctx) = ctx() else { return };
+        // Rows of 1..9 bytes (most not a whole word) from tables of 1..40 rows.
+        for (rb, rows, seed) in [(1, 7, 1u64), (3, 40, 2), (18, 33, 3), (5, 1, 4), (9, 12, 5)] {
+            let data: Vec<u8> = noise(rb * rows, seed)
+                .iter()
+                .map(|x| (x * 1000.0) as i32 as u8)
+                .collect();
+            let mut padded = data.clone();
+            padded.resize(data.len().next_multiple_of(4), 0);
+            let r = rows as i64;
+            let idx: Vec<i64> = vec![r - 1, 0, -1, r, r / 2, -r, -r - 1, 1];
+            let n = idx.len();
+            let got = run_kernel_once(
+                &ctx,
+                &kernel(&ctx, "gather_bytes").unwrap(),
+                &Params::new().u(n).u(rb).u(rows),
+                &[&padded, bytemuck::cast_slice(&idx)],
+                (n * rb).next_multiple_of(4),
+                grid((n * rb).div_ceil(4), 256, ctx.max_groups),
+            )
+            .unwrap();
+            for (k, &i) in idx.iter().enumerate() {
+                let want = match gather_ref(i, r) {
+                    Some(row) => data[row * rb..row * rb + rb].to_vec(),
+                    None => vec![0; rb],
+                };
+                assert_eq!(&got[k * rb..k * rb + rb], &want[..], "rb {rb} index {i}");
+            }
+            // The gathered bytes as u8 and as i8, against the CPU's Cast.
+            let bytes = &got[..n * rb];
+            for (entry, to_i8) in [("cast_from_u8", false), ("cast_from_i8", true)] {
+                let out = run_kernel_once(
+                    &ctx,
+                    &kernel(&ctx, entry).unwrap(),
+                    &Params::new().u(bytes.len()),
+                    &[&got, &[0; 4]],
+                    bytes.len() * 4,
+                    grid(bytes.len(), 256, ctx.max_groups),
+                )
+                .unwrap();
+                use crate::{graph::DType, tensor::Tensor};
+                let dt = if to_i8 { DType::I8 } else { DType::U8 };
+                let src = Tensor::from_slice(dt, &[bytes.len()], bytes);
+                let node = crate::graph::Node {
+                    name: "c".into(),
+                    op: "Cast".into(),
+                    domain: String::new(),
+                    inputs: vec!["x".into()],
+                    outputs: vec!["y".into()],
+                    attrs: [("to".to_string(), crate::graph::Attr::Int(1))]
+                        .into_iter()
+                        .collect(),
+                };
+                let want = crate::backend::cpu::ops::run_node(&node, &[Some(&src)])
+                    .unwrap()
+                    .remove(0);
+                assert_eq!(
+                    bytemuck::cast_slice::<u8, f32>(&out),
+                    want.typed::<f32>(),
+                    "{entry}"
+                );
+            }
         }
     }
 

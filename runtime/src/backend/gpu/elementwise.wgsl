@@ -9,6 +9,10 @@
 // transpose32: P[0]=n P[1]=rank P[2..8]=out dims P[8..14]=input strides in out-axis order.
 // transpose16: same on f16 elements, one output word (two elements) a thread.
 // gather_rows: out row r = data row idx[r] (i64 as lo/hi words): P[0]=rows P[1]=words a row P[2]=data rows.
+//   An index outside the data gives a row of zeros (the host checks indices it knows; an index a
+//   kernel wrote, e.g. a token fed back from the token choice, is in range by construction).
+// gather_bytes: the same for rows of any byte length (one output word a thread): P[1]=bytes a row.
+// cast_from_u8 / cast_from_i8: byte elements (four a word, little-endian) to f32: P[0]=n.
 
 @group(0) @binding(1) var<storage, read> A: array<u32>;
 @group(0) @binding(2) var<storage, read> B: array<u32>;
@@ -133,7 +137,54 @@ fn gather_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
     if (i >= pu(0u) * words) { return; }
     let r = i / words;
     let c = i % words;
-    var row = i32(B[2u * r]);
-    if (row < 0) { row = row + i32(pu(2u)); }
+    O[i] = 0u;
+    let row = gather_row(r);
+    if (row < 0) { return; }
     O[i] = A[u32(row) * words + c];
+}
+
+// Index r's row (negative counts from the end), or -1 when outside the data.
+fn gather_row(r: u32) -> i32 {
+    let lo = B[2u * r];
+    let hi = B[2u * r + 1u];
+    let rows = pu(2u);
+    if (hi == 0u && lo < rows) { return i32(lo); }
+    if (hi == 0xffffffffu && lo >= 0x80000000u && 0u - lo <= rows) { return i32(rows - (0u - lo)); }
+    return -1;
+}
+
+@compute @workgroup_size(256)
+fn gather_bytes(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                @builtin(local_invocation_index) lid: u32) {
+    let w = lin(wid, nwg, lid);
+    let rb = pu(1u);
+    let total = pu(0u) * rb;
+    if (4u * w >= total) { return; }
+    var word = 0u;
+    for (var k = 0u; k < 4u; k = k + 1u) {
+        let ob = 4u * w + k;
+        if (ob >= total) { break; }
+        let row = gather_row(ob / rb);
+        if (row < 0) { continue; }
+        let at = u32(row) * rb + ob % rb;
+        word = word | (((A[at / 4u] >> (8u * (at % 4u))) & 0xffu) << (8u * k));
+    }
+    O[w] = word;
+}
+
+@compute @workgroup_size(256)
+fn cast_from_u8(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                @builtin(local_invocation_index) lid: u32) {
+    let i = lin(wid, nwg, lid);
+    if (i >= pu(0u)) { return; }
+    O[i] = bitcast<u32>(f32((A[i / 4u] >> (8u * (i % 4u))) & 0xffu));
+}
+
+@compute @workgroup_size(256)
+fn cast_from_i8(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                @builtin(local_invocation_index) lid: u32) {
+    let i = lin(wid, nwg, lid);
+    if (i >= pu(0u)) { return; }
+    // Shift the byte to the top, then arithmetic-shift back: sign extension.
+    O[i] = bitcast<u32>(f32(bitcast<i32>(A[i / 4u] << (24u - 8u * (i % 4u))) >> 24u));
 }
