@@ -84,6 +84,12 @@ pub struct StepState {
     kv: PagedCache,
     #[cfg(feature = "gpu")]
     gpu: Option<crate::backend::gpu::exec::GpuState>,
+    /// The next decode step, run ahead on the GPU (see [`GpuPlan::begin`]).
+    #[cfg(feature = "gpu")]
+    ahead: Option<crate::backend::gpu::exec::Flight>,
+    /// The token `ahead` was fed (the first of the last step's choice on the GPU).
+    #[cfg(feature = "gpu")]
+    fed: Option<i64>,
 }
 
 impl std::fmt::Debug for Model {
@@ -307,6 +313,10 @@ impl Model {
                 }
                 None => None,
             },
+            #[cfg(feature = "gpu")]
+            ahead: None,
+            #[cfg(feature = "gpu")]
+            fed: None,
         })
     }
 
@@ -375,22 +385,65 @@ impl Model {
                 Error::InvalidArgument("this state belongs to another model".into())
             })?;
             let plan = &self.plan;
-            let mut env = self.input_env(ids, position, sampling)?;
+            let env = self.input_env(ids, position, sampling)?;
             let mut want = vec![plan.outputs[contract::NEXT_TOKEN]];
             if want_logits {
                 want.push(plan.outputs[contract::LOGITS]);
             }
             let mut prefixes = Vec::new();
-            g.run(
-                plan,
-                gs,
-                &mut state.kv,
-                &mut env,
-                position,
-                t,
-                &want,
-                &mut |s, env| exec_step(plan, s, env, None, &mut prefixes),
-            )?;
+            let mut cpu_step =
+                |s: &Step, env: &mut [Option<Tensor>]| exec_step(plan, s, env, None, &mut prefixes);
+            // The step run ahead by the last call, if the caller fed the token it guessed and the same
+            // inputs; otherwise it is dropped and this step begins now.
+            let ahead = state.ahead.take().and_then(|mut f| {
+                let holds = ids.len() == 1
+                    && state.fed == Some(i64::from(ids[0]))
+                    && g.holds_for(&mut f, &env, position, &want);
+                if !holds {
+                    g.missed_ahead();
+                }
+                holds.then_some(f)
+            });
+            state.fed = None;
+            let flight = match ahead {
+                Some(f) => f,
+                None => g.begin(
+                    plan,
+                    gs,
+                    &state.kv,
+                    env,
+                    position,
+                    t,
+                    &want,
+                    &mut cpu_step,
+                    None,
+                )?,
+            };
+            // The next decode step goes to the GPU before this one is read back, so the GPU is not
+            // idle while the host finishes this one and the caller handles its token. It assumes the
+            // token is the first of the GPU's choice and the inputs stay as they are (but the draw).
+            let next = if g.can_run_ahead(gs, &flight) && position + t < info.max_cache {
+                let guess = self.input_env(&[0], position + t, sampling)?;
+                g.begin(
+                    plan,
+                    gs,
+                    &state.kv,
+                    guess,
+                    position + t,
+                    1,
+                    &want,
+                    &mut cpu_step,
+                    Some(&flight),
+                )
+                .ok()
+            } else {
+                None
+            };
+            let (env, fed) = g.finish(plan, gs, &mut state.kv, flight, &mut cpu_step)?;
+            if next.is_some() {
+                state.fed = fed;
+                state.ahead = next;
+            }
             let get = |name: &str| -> Result<Tensor> {
                 let slot = plan.outputs[name];
                 env[slot]
@@ -894,6 +947,10 @@ impl StepState {
     /// Drops the cache rows from `len` on, so the sequence continues from there (frees the host pages
     /// wholly past `len`).
     pub fn truncate(&mut self, len: usize) {
+        #[cfg(feature = "gpu")]
+        if len < self.len {
+            self.ahead = None;
+        }
         self.len = self.len.min(len);
         self.kv.truncate(self.len);
         #[cfg(feature = "gpu")]

@@ -387,3 +387,151 @@ fn host_pages_follow_the_used_context() {
         })
         .is_err());
 }
+
+/// Decode steps run ahead on the GPU (recorded and submitted before the step they follow is read back,
+/// their token ids copied on the GPU from its token choice): tokens and logits as on the CPU, whether the
+/// guess holds (the caller feeds the chosen token, same inputs) or not (another token, other sampling
+/// settings: the step run ahead is dropped and the real one runs). Every fixture's plan must allow it.
+#[cfg(feature = "gpu")]
+#[test]
+fn gpu_decode_steps_run_ahead() {
+    use onestep::backend::gpu::{BackendFilter, DeviceRequest, GpuContext};
+    if GpuContext::new(&DeviceRequest::Gpu(None), BackendFilter::Any).is_err() {
+        assert!(std::env::var_os("ONESTEP_REQUIRE_GPU").is_none());
+        return;
+    }
+    if std::env::var_os("ONESTEP_GPU_AHEAD").is_some_and(|v| v == "0") {
+        eprintln!("note: ONESTEP_GPU_AHEAD=0; steps do not run ahead");
+        return;
+    }
+    let opts = LoadOptions {
+        device: DeviceRequest::Gpu(None),
+        ..LoadOptions::default()
+    };
+    let greedy = StepSampling::GREEDY;
+    let sampled = |random_u: f32| StepSampling {
+        temperature: 0.8,
+        top_k: 5,
+        top_p: 1.0,
+        random_u,
+    };
+    for name in [
+        "step_f32_untied_f32kv",
+        "step_f16_tied_f16kv_bias",
+        "step_int8_untied_f16kv",
+        "step_int4_untied_f32kv_bias",
+        "step_q8_tied_f16kv",
+        "step_int4_6layers_f16kv",
+    ] {
+        let path = fixtures().join(format!("{name}.onnx"));
+        let cpu = Model::load(&path).unwrap();
+        let gpu = Model::load_with(&path, &opts).unwrap();
+        let (mut sc, mut sg) = (cpu.new_state().unwrap(), gpu.new_state().unwrap());
+        let vocab = cpu.info().vocab_size as u32;
+        let mut step = |ids: &[u32], s: &StepSampling, what: &str| -> u32 {
+            let a = cpu.step(&mut sc, ids, s).unwrap();
+            let b = gpu.step(&mut sg, ids, s).unwrap();
+            let scale = a.logits.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+            let d = a
+                .logits
+                .iter()
+                .zip(&b.logits)
+                .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(d <= 2e-4 * scale, "{name} {what}: logits differ by {d}");
+            assert_eq!(a.next_token, b.next_token, "{name} {what}: tokens differ");
+            a.next_token
+        };
+        // Greedy with a new draw each step, as a session makes them (read by the host only after the
+        // read-back: not part of what a step run ahead assumes).
+        let greedy_u = |random_u: f32| StepSampling {
+            random_u,
+            ..StepSampling::GREEDY
+        };
+        let mut tok = step(&[5, 6, 7, 8, 9], &greedy, "prefill");
+        // The chosen token fed back: the steps after the first run ahead and hold.
+        for i in 0..3 {
+            tok = step(&[tok], &greedy_u(0.3 * i as f32), &format!("greedy {i}"));
+        }
+        let g = gpu.gpu_stats().unwrap();
+        assert!(g.ahead, "{name}: {g:?}");
+        // Another token than the one chosen: the step run ahead is dropped.
+        tok = step(&[(tok + 1) % vocab], &greedy, "another token");
+        assert!(!gpu.gpu_stats().unwrap().ahead);
+        tok = step(&[tok], &greedy_u(0.7), "greedy again");
+        assert!(gpu.gpu_stats().unwrap().ahead);
+        // Other sampling settings than the step run ahead assumed: dropped too. A choice among 5 runs
+        // on the host (the GPU kernel takes k = 1): no step runs ahead of it.
+        tok = step(&[tok], &sampled(0.5), "sampled");
+        step(&[tok], &sampled(0.9), "sampled again");
+        let g = gpu.gpu_stats().unwrap();
+        assert!(!g.ahead, "{name}: {g:?}");
+        // Held: greedy 1, 2 and "greedy again"; dropped: "another token" and "sampled".
+        assert_eq!((g.ahead_steps, g.ahead_missed), (3, 2), "{name}: {g:?}");
+        // A truncation drops the step run ahead; the sequence goes on from there as on the CPU.
+        step(&[tok], &greedy, "greedy before a truncation");
+        let len = sc.len() - 2;
+        sc.truncate(len);
+        sg.truncate(len);
+        let mut step = |ids: &[u32]| {
+            let a = cpu.step(&mut sc, ids, &greedy).unwrap();
+            let b = gpu.step(&mut sg, ids, &greedy).unwrap();
+            assert_eq!(a.next_token, b.next_token, "{name} after truncation");
+            a.next_token
+        };
+        let t = step(&[3]);
+        step(&[t]);
+        let g = gpu.gpu_stats().unwrap();
+        assert_eq!((g.ahead_steps, g.ahead_missed), (4, 2), "{name}: {g:?}");
+    }
+}
+
+/// Two sequences of one GPU model stepped in turn, each with a step run ahead: what one submits between
+/// another's steps (the shared activation buffers, its own token choice) does not leak into the other's
+/// fed token ids. Tokens and logits as on the CPU.
+#[cfg(feature = "gpu")]
+#[test]
+fn gpu_interleaved_sequences_run_ahead() {
+    use onestep::backend::gpu::{BackendFilter, DeviceRequest, GpuContext};
+    if GpuContext::new(&DeviceRequest::Gpu(None), BackendFilter::Any).is_err() {
+        assert!(std::env::var_os("ONESTEP_REQUIRE_GPU").is_none());
+        return;
+    }
+    let path = fixtures().join("step_q8_tied_f16kv.onnx");
+    let cpu = Model::load(&path).unwrap();
+    let gpu = Model::load_with(
+        &path,
+        &LoadOptions {
+            device: DeviceRequest::Gpu(None),
+            ..LoadOptions::default()
+        },
+    )
+    .unwrap();
+    let g = StepSampling::GREEDY;
+    let mut seqs: Vec<_> = [[1u32, 2, 3], [40, 41, 42]]
+        .iter()
+        .map(|p| {
+            let (mut c, mut s) = (cpu.new_state().unwrap(), gpu.new_state().unwrap());
+            let t = cpu.step(&mut c, p, &g).unwrap().next_token;
+            assert_eq!(gpu.step(&mut s, p, &g).unwrap().next_token, t);
+            (c, s, t)
+        })
+        .collect();
+    for i in 0..6 {
+        for (k, (c, s, t)) in seqs.iter_mut().enumerate() {
+            let a = cpu.step(c, &[*t], &g).unwrap();
+            let b = gpu.step(s, &[*t], &g).unwrap();
+            let d = a
+                .logits
+                .iter()
+                .zip(&b.logits)
+                .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(d <= 2e-4, "sequence {k} step {i}: logits differ by {d}");
+            assert_eq!(a.next_token, b.next_token, "sequence {k} step {i}");
+            *t = a.next_token;
+        }
+    }
+    if std::env::var_os("ONESTEP_GPU_AHEAD").is_none_or(|v| v != "0") {
+        let st = gpu.gpu_stats().unwrap();
+        assert_eq!((st.ahead_steps, st.ahead_missed), (10, 0), "{st:?}");
+    }
+}

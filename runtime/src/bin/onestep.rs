@@ -490,6 +490,7 @@ fn cmd_bench(
             "shader_f16": g.shader_f16, "subgroups": g.subgroups, "timestamps": g.timestamps,
             "dispatches_per_step": st.dispatches, "submits_per_step": st.submits, "waits_per_step": st.waits,
             "descriptions_per_step": st.described,
+            "last_step_ahead": st.ahead, "steps_ahead": st.ahead_steps, "steps_ahead_missed": st.ahead_missed,
             "fused_linear_groups": st.linear_groups, "fused_norms": st.fused_norms,
             "subgroup_linears": st.subgroup_linears,
             "gpu_steps": st.gpu_steps, "cpu_steps": st.cpu_steps,

@@ -570,8 +570,13 @@ impl GpuContext {
         })
     }
 
-    /// Maps `bufs` (each with the byte count to read) after the last submission and copies them out.
-    pub fn read_back(&self, bufs: &[(&wgpu::Buffer, usize)]) -> Result<Vec<Vec<u8>>> {
+    /// Maps `bufs` (each with the byte count to read) once submission `until` (or the last one) is done
+    /// and copies them out.
+    pub fn read_back(
+        &self,
+        bufs: &[(&wgpu::Buffer, usize)],
+        until: Option<wgpu::SubmissionIndex>,
+    ) -> Result<Vec<Vec<u8>>> {
         #[allow(clippy::type_complexity)]
         let pending: Arc<Mutex<Vec<Option<std::result::Result<(), String>>>>> =
             Arc::new(Mutex::new(vec![None; bufs.len()]));
@@ -591,7 +596,7 @@ impl GpuContext {
             let left = deadline.saturating_duration_since(Instant::now());
             self.device
                 .poll(wgpu::PollType::Wait {
-                    submission_index: None,
+                    submission_index: until.clone(),
                     timeout: Some(left),
                 })
                 .map_err(|e| gpu_err(format!("waiting for the GPU: {e}")))?;

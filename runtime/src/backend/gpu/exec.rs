@@ -134,6 +134,13 @@ pub struct GpuStats {
     pub fused_norms: usize,
     /// Linear layers (and groups) whose kernel reduces with subgroup operations (`linear_sg`).
     pub subgroup_linears: usize,
+    /// Whether the last step ran ahead (recorded and submitted before the step it follows was read
+    /// back, its token ids fed on the GPU).
+    pub ahead: bool,
+    /// Steps that ran ahead and held.
+    pub ahead_steps: u64,
+    /// Steps run ahead that did not hold (the caller fed another token or changed the inputs): dropped.
+    pub ahead_missed: u64,
     /// GPU steps the last step described anew (the others reused the description of the last step of
     /// the same token count: a decode step describes its attention and what reads token ids or positions).
     pub described: usize,
@@ -177,8 +184,15 @@ pub struct GpuState {
     groups: HashMap<(usize, usize), wgpu::BindGroup>,
     /// Upload memory (host-visible, recycled after each submission).
     belt: Mutex<wgpu::util::StagingBelt>,
-    /// New rows of every cache for one step (read back once, at the end of the step).
-    rows: wgpu::Buffer,
+    /// New rows of every cache for one step (read back once, at the end of the step), in two sets: a
+    /// step run ahead uses the other one than the step it follows (see [`Flight::parity`]).
+    rows: [wgpu::Buffer; 2],
+    /// Read-back buffers by value, in the same two sets.
+    fetch: Mutex<[HashMap<ValId, Arc<wgpu::Buffer>>; 2]>,
+    /// The first index of the last token choice on the GPU, saved from the shared activation buffers
+    /// when the step reads back (a step run ahead is fed from here: another sequence's steps,
+    /// submitted in between, may have overwritten the shared buffer).
+    token: wgpu::Buffer,
     stats: Mutex<crate::kv::KvStats>,
 }
 
@@ -238,13 +252,91 @@ enum Cmd {
     Disp(usize, usize, (u32, u32, u32)),
     /// Upload rows `a..b` of plan cache `c` into its buffer.
     Up { c: usize, a: usize, b: usize },
-    /// Copy rows `p..p+t` of plan cache `c` into the rows buffer at `off`.
+    /// Copy rows `p..p+t` of plan cache `c` into the rows buffer of `parity` at `off`.
     Down {
         c: usize,
         p: usize,
         t: usize,
         off: u64,
+        parity: usize,
     },
+    /// Copy the state's saved token ([`GpuState::token`]) into buffer `to`: the ids of a step run
+    /// ahead.
+    Feed { to: usize, to_off: u64 },
+}
+
+/// How a step's token ids come from the step before it on the GPU, found at plan time (see
+/// [`GpuPlan::begin`]).
+#[derive(Debug, Clone)]
+struct Feed {
+    /// The uploaded value that holds the chunk's token ids (`input_ids` or a host view of it).
+    ids: ValId,
+    /// The token choice's indices on the GPU (`TopK`'s second output): the first is the chosen token
+    /// when the choice is greedy.
+    token: ValId,
+    /// Graph inputs other than the ids read before the first step that waits for the GPU: a step run
+    /// ahead holds for a call whose inputs equal these.
+    early: Vec<ValId>,
+    /// The other graph inputs (read by the host after the wait): taken from the real call.
+    late: Vec<ValId>,
+}
+
+/// A step on its way ([`GpuPlan::begin`] → [`GpuPlan::finish`]).
+pub struct Flight {
+    /// The graph inputs it was begun with, when it runs ahead (for [`GpuPlan::holds_for`]).
+    input: Vec<Option<Tensor>>,
+    env: Vec<Option<Tensor>>,
+    meta: Vec<Option<Meta>>,
+    params: Vec<u8>,
+    pending: Vec<Cmd>,
+    count: Counts,
+    kv: Kv,
+    described: usize,
+    t_step: std::time::Instant,
+    /// The step's cache rows, when a read-back after the last GPU step brought them.
+    rows_back: Option<Vec<u8>>,
+    /// Dispatches queued when the last early submission went.
+    submitted: usize,
+    position: usize,
+    tokens: usize,
+    want: Vec<ValId>,
+    /// The next step to run.
+    next: usize,
+    /// The read-back submitted and not waited for.
+    read: Option<Read>,
+    /// Which of the state's two sets of read-back buffers it uses (a step run ahead takes the other
+    /// one than the step it follows).
+    parity: usize,
+    /// The value filled by [`Cmd::Feed`] (a step run ahead).
+    fed: Option<ValId>,
+    /// Whether its token choice was saved into [`GpuState::token`].
+    token_saved: bool,
+    ahead: bool,
+}
+
+impl std::fmt::Debug for Flight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Flight")
+            .field("position", &self.position)
+            .field("tokens", &self.tokens)
+            .field("next", &self.next)
+            .field("ahead", &self.ahead)
+            .finish()
+    }
+}
+
+/// A submitted read-back.
+struct Read {
+    /// Values and the buffers they are copied into.
+    reads: Vec<(ValId, Arc<wgpu::Buffer>, Meta)>,
+    /// Bytes of new cache rows it brings.
+    rows: u64,
+    /// After the step's last GPU work.
+    last: bool,
+    /// Dispatches with timestamps (profiling).
+    timed: Vec<(usize, usize)>,
+    index: wgpu::SubmissionIndex,
+    t0: std::time::Instant,
 }
 
 /// The plan bound to a GPU.
@@ -283,9 +375,15 @@ pub struct GpuPlan {
     kernels: Vec<Vec<Arc<Kernel>>>,
     groups: Vec<Vec<Option<wgpu::BindGroup>>>,
     binds: Vec<Vec<Vec<BufRef>>>,
-    /// Attention steps: whether the kernel writes the new rows into the cache (required).
-    staging: Mutex<HashMap<ValId, Arc<wgpu::Buffer>>>,
     lock: Mutex<GpuStats>,
+    /// Held while a step records and submits (what the shared buffers hold between submissions belongs
+    /// to one step at a time).
+    recording: Mutex<()>,
+    /// How a decode step's token ids can come from the step before it (see [`GpuPlan::begin`]).
+    feed: Option<Feed>,
+    /// Whether decode steps run ahead where they can (`ONESTEP_GPU_AHEAD`, on unless `0`; off when
+    /// profiling).
+    ahead: bool,
     /// Fusion candidates found in the plan (see [`Fusions`]) and the ones the dry run took.
     cand: Fusions,
     /// Steps whose work another step does (their descriptions are empty).
@@ -920,7 +1018,10 @@ impl GpuPlan {
             kernels: vec![Vec::new(); plan.steps.len()],
             groups: (0..plan.steps.len()).map(|_| Vec::new()).collect(),
             binds: vec![Vec::new(); plan.steps.len()],
-            staging: Mutex::new(HashMap::new()),
+            recording: Mutex::new(()),
+            feed: None,
+            ahead: std::env::var_os("ONESTEP_GPU_AHEAD").is_none_or(|v| v != "0")
+                && std::env::var_os("ONESTEP_PROFILE").is_none_or(|v| v == "0"),
             lock: Mutex::new(GpuStats {
                 weight_bytes,
                 ..Default::default()
@@ -952,7 +1053,8 @@ impl GpuPlan {
         let mut meta: Vec<Option<Meta>> = vec![None; nvals];
         let mut root: Vec<Option<ValId>> = vec![None; nvals];
         let mut need: HashMap<ValId, u64> = HashMap::new();
-        let mut downloads: HashMap<ValId, u64> = HashMap::new();
+        // CPU steps that read a value of the GPU (each one waits for it).
+        let mut waits_at: Vec<usize> = Vec::new();
         let mut uploads: HashSet<ValId> = HashSet::new();
         let mut consts: HashSet<ValId> = HashSet::new();
         let mut slot = 0usize;
@@ -961,6 +1063,7 @@ impl GpuPlan {
                 let e = Env::new(plan, &env, &meta, &no_prefix);
                 let d = me.describe(si, s, &e, true, 0)?;
                 let heavy = matches!(s, Step::Linear { .. } | Step::CacheAttention { .. })
+                    || me.embedding(plan, s)
                     || me.skipped.contains(&si)
                     || me.absorbed.contains(&si);
                 match d {
@@ -1049,8 +1152,9 @@ impl GpuPlan {
                     }
                     for v in crate::plan::step_reads(s) {
                         if let Some(m) = &meta[v] {
-                            let e = downloads.entry(v).or_insert(0);
-                            *e = (*e).max(m.bytes());
+                            if waits_at.last() != Some(&si) {
+                                waits_at.push(si);
+                            }
                             if env[v].is_none() {
                                 env[v] = Some(Tensor::zeros(m.dtype, &m.shape));
                             }
@@ -1063,12 +1167,6 @@ impl GpuPlan {
                         }
                     }
                 }
-            }
-        }
-        // The logits output is read back when asked.
-        if let Some(&lv) = plan.outputs.get(crate::contract::LOGITS) {
-            if let Some(m) = &meta[lv] {
-                downloads.insert(lv, m.bytes());
             }
         }
         // Buffers: one per root value (views share), sized for the dry run's largest chunk.
@@ -1108,11 +1206,6 @@ impl GpuPlan {
             me.home[v] = Some(me.bufs.len() - 1);
             me.const_loaded[v] = true;
         }
-        if let Ok(mut st) = me.staging.lock() {
-            for (v, bytes) in downloads {
-                st.insert(v, Arc::new(ctx.staging(&plan.names[v], bytes)));
-            }
-        }
         me.params = ctx.uniform("params", (slot.max(1) * 256) as u64);
         if me.profile.is_some() && ctx.info().timestamps {
             me.stamps = Some(Stamps::new(&ctx, slot));
@@ -1136,6 +1229,7 @@ impl GpuPlan {
             me.groups[si] = gs;
         }
         me.last_gpu = me.on_gpu.iter().rposition(|g| *g);
+        me.feed = me.find_feed(plan, waits_at.first().copied());
         for (si, s) in plan.steps.iter().enumerate() {
             if !me.on_gpu[si] {
                 me.cpu_reads
@@ -1340,6 +1434,114 @@ impl GpuPlan {
         Ok((rows, slots.div_ceil(rows).max(1)))
     }
 
+    /// How a decode step can take its token ids from the step before it on the GPU (see
+    /// [`GpuPlan::begin`]), given the first CPU step that waits for the GPU. Needs: that wait after the
+    /// last GPU step (none in the middle); the ids' contents reaching the GPU as one uploaded value,
+    /// through host views only (other host steps may read their shape, not their values); one token
+    /// choice (`TopK`) on the GPU.
+    fn find_feed(&self, plan: &Plan, first_wait: Option<usize>) -> Option<Feed> {
+        let last = self.last_gpu?;
+        let tail = first_wait.unwrap_or(plan.steps.len());
+        if tail < last {
+            return None;
+        }
+        let ids_in = *plan.inputs.get(crate::contract::INPUT_IDS)?;
+        let mut holds_ids: HashSet<ValId> = [ids_in].into_iter().collect();
+        let mut uploaded: HashSet<ValId> = HashSet::new();
+        for (si, s) in plan.steps.iter().enumerate() {
+            let hits: Vec<ValId> = crate::plan::step_reads(s)
+                .into_iter()
+                .filter(|v| holds_ids.contains(v))
+                .collect();
+            if hits.is_empty() {
+                continue;
+            }
+            if self.on_gpu[si] {
+                uploaded.extend(hits);
+                continue;
+            }
+            let Step::Node {
+                node,
+                inputs,
+                outputs,
+            } = s
+            else {
+                return None;
+            };
+            match plan.graph.nodes[*node].op.as_str() {
+                "Shape" => {}
+                "Reshape" | "Squeeze" | "Unsqueeze" | "Identity" | "Flatten"
+                    if hits.len() == 1 && inputs.first().copied().flatten() == Some(hits[0]) =>
+                {
+                    holds_ids.insert(*outputs.first()?);
+                }
+                _ => return None,
+            }
+        }
+        let mut uploaded = uploaded.into_iter();
+        let ids = uploaded.next()?;
+        if uploaded.next().is_some() {
+            return None;
+        }
+        let mut tops = plan.steps.iter().enumerate().filter_map(|(si, s)| match s {
+            Step::Node { node, outputs, .. }
+                if self.on_gpu[si]
+                    && plan.graph.nodes[*node].op == "TopK"
+                    && outputs.len() == 2 =>
+            {
+                Some(outputs[1])
+            }
+            _ => None,
+        });
+        let token = tops.next()?;
+        if tops.next().is_some() || self.home[token].is_none() || self.home[ids].is_none() {
+            return None;
+        }
+        let inputs: HashSet<ValId> = plan.inputs.values().copied().collect();
+        let mut early: Vec<ValId> = plan.steps[..tail]
+            .iter()
+            .flat_map(crate::plan::step_reads)
+            .filter(|v| inputs.contains(v) && *v != ids_in)
+            .collect();
+        early.sort_unstable();
+        early.dedup();
+        let late = inputs
+            .into_iter()
+            .filter(|v| *v != ids_in && !early.contains(v))
+            .collect();
+        Some(Feed {
+            ids,
+            token,
+            early,
+            late,
+        })
+    }
+
+    /// Whether `v` is a constant table (rows: rank ≥ 2) a GPU `Gather` reads in place: loaded once, it
+    /// must fit one binding.
+    fn gather_table(&self, plan: &Plan, v: ValId) -> bool {
+        plan.consts[v]
+            .as_ref()
+            .is_some_and(|t| t.rank() >= 2 && t.bytes().len() as u64 <= self.seg_bytes)
+    }
+
+    /// Whether step `s` gathers rows of a constant table (an embedding): such a step runs on the GPU
+    /// even when its indices come from the host, so the whole step from the token ids on stays there
+    /// (and the ids can be fed from the previous step's token choice on the GPU).
+    fn embedding(&self, plan: &Plan, s: &Step) -> bool {
+        match s {
+            Step::Node { node, inputs, .. } => {
+                plan.graph.nodes[*node].op == "Gather"
+                    && inputs
+                        .first()
+                        .copied()
+                        .flatten()
+                        .is_some_and(|d| self.gather_table(plan, d))
+            }
+            _ => false,
+        }
+    }
+
     fn linear(&self, si: usize) -> Result<&GpuLinear> {
         self.linears
             .get(&si)
@@ -1435,7 +1637,14 @@ impl GpuPlan {
                 self.ctx.device.clone(),
                 (4 << 20).min(layer_bytes.max(1 << 16)),
             )),
-            rows: self.ctx.staging("cache rows", rows_bytes),
+            // A step run ahead is one token: its set needs one row of each cache.
+            rows: [
+                self.ctx.staging("cache rows", rows_bytes),
+                self.ctx
+                    .staging("cache rows (ahead)", rows_bytes / max_chunk.max(1) as u64),
+            ],
+            fetch: Mutex::default(),
+            token: self.ctx.storage("fed token", 16)?,
             stats: Mutex::new(Default::default()),
         };
         let mut held = Vec::new();
@@ -2093,6 +2302,13 @@ impl GpuPlan {
                             }
                             (DType::F32, Some(DType::F16)) => ("cast_to_f16", nn.div_ceil(2)),
                             (DType::F16, Some(DType::F32)) => ("cast_from_f16", nn),
+                            // Byte elements need a GPU source: a host value casts on the host.
+                            (DType::U8, Some(DType::F32)) if e.meta[a].is_some() => {
+                                ("cast_from_u8", nn)
+                            }
+                            (DType::I8, Some(DType::F32)) if e.meta[a].is_some() => {
+                                ("cast_from_i8", nn)
+                            }
                             _ => return Ok(None),
                         };
                         let to = to.unwrap_or(DType::F32);
@@ -2176,30 +2392,43 @@ impl GpuPlan {
                             return Ok(None);
                         };
                         let Some(dm) = e.meta(d) else { return Ok(None) };
-                        let Some(it) = e.cpu(ix) else { return Ok(None) };
+                        let Some(im) = e.meta(ix) else {
+                            return Ok(None);
+                        };
+                        // The data on the GPU already, or a constant table (an embedding) that is
+                        // loaded once and fits one binding.
+                        let table = self.gather_table(plan, d);
                         if n.attr_int("axis", 0) != 0
                             || dm.shape.is_empty()
-                            || it.dtype != DType::I64
-                            || e.meta[d].is_none()
+                            || im.dtype != DType::I64
+                            || (e.meta[d].is_none() && !table)
                         {
                             return Ok(None);
                         }
                         let row_bytes = dm.shape[1..].iter().product::<usize>() * dm.dtype.size();
-                        if row_bytes % 4 != 0 {
-                            return Ok(None);
-                        }
                         let rows = dm.shape[0] as i64;
-                        if !dry && it.typed::<i64>().iter().any(|&i| i < -rows || i >= rows) {
-                            return Err(Error::node(
-                                &n.name,
-                                &n.op,
-                                format!("index out of range for {rows} rows"),
-                            ));
+                        // Indices the host holds are checked here; ones on the GPU (a fed-back
+                        // token) are in range by construction, and the kernel gives zeros if not.
+                        if e.meta[ix].is_none() {
+                            let Some(it) = e.cpu(ix) else { return Ok(None) };
+                            if !dry && it.typed::<i64>().iter().any(|&i| i < -rows || i >= rows) {
+                                return Err(Error::node(
+                                    &n.name,
+                                    &n.op,
+                                    format!("index out of range for {rows} rows"),
+                                ));
+                            }
                         }
-                        let mut shape = it.shape.clone();
+                        let mut shape = im.shape.clone();
                         shape.extend_from_slice(&dm.shape[1..]);
-                        let nidx = it.numel();
-                        let words = row_bytes / 4;
+                        let nidx = im.numel();
+                        let (entry, unit) = if row_bytes % 4 == 0 {
+                            ("gather_rows", 4)
+                        } else {
+                            ("gather_bytes", 1)
+                        };
+                        let words = row_bytes / unit;
+                        let threads = (nidx * row_bytes).div_ceil(4);
                         Ok(Some(Desc {
                             fused: None,
                             at: Vec::new(),
@@ -2213,10 +2442,10 @@ impl GpuPlan {
                             )],
                             reads: vec![d, ix],
                             disp: vec![ew_disp(
-                                "gather_rows",
+                                entry,
                                 vec![BufRef::Val(d), BufRef::Val(ix), BufRef::Val(out)],
                                 Params::new().u(nidx).u(words).u(dm.shape[0]),
-                                nidx * words,
+                                threads,
                             )?],
                         }))
                     }
@@ -2521,9 +2750,9 @@ impl GpuPlan {
         })
     }
 
-    /// Runs one step. `env` holds the graph inputs on entry and the CPU-side values on return (the
-    /// outputs the caller reads: `next_token`, and `logits` when `want` lists it). `cpu_step` runs a step
-    /// on the CPU.
+    /// Runs one step: [`GpuPlan::begin`] then [`GpuPlan::finish`]. `env` holds the graph inputs on
+    /// entry and the CPU-side values on return (the outputs the caller reads: `next_token`, and `logits`
+    /// when `want` lists it). `cpu_step` runs a step on the CPU.
     ///
     /// The KV cache: `host` holds every cache's rows before `position`; streamed layers' missing pages
     /// are uploaded on the way (see [`GpuState`]), and the chunk's `tokens` new rows of every cache come
@@ -2534,37 +2763,135 @@ impl GpuPlan {
         plan: &Plan,
         state: &GpuState,
         host: &mut crate::kv::PagedCache,
-        env: &mut [Option<Tensor>],
+        env: Vec<Option<Tensor>>,
         position: usize,
         tokens: usize,
         want: &[ValId],
         cpu_step: &mut CpuStep,
-    ) -> Result<()> {
-        let r = self.run_inner(plan, state, host, env, position, tokens, want, cpu_step);
+    ) -> Result<Vec<Option<Tensor>>> {
+        let f = self.begin(
+            plan, state, host, env, position, tokens, want, cpu_step, None,
+        )?;
+        Ok(self.finish(plan, state, host, f, cpu_step)?.0)
+    }
+
+    /// Whether step `f` (begun, not finished) can have the next one run ahead of it (see
+    /// [`GpuPlan::begin`]): the plan feeds its token ids from its token choice, `f` is a decode step
+    /// whose token choice ran on the GPU (a greedy or top-1 choice: the `TopK` kernel takes k = 1) and
+    /// was saved for the next step,
+    /// every cache layer is resident, nothing is profiled, and `ONESTEP_GPU_AHEAD` is not `0`.
+    pub fn can_run_ahead(&self, state: &GpuState, f: &Flight) -> bool {
+        self.ahead && f.tokens == 1 && state.streams.is_empty() && f.token_saved
+    }
+
+    /// Records and submits a step up to its first read-back (the host tail of the token choice) and
+    /// returns it in flight; [`GpuPlan::finish`] waits for it and runs the rest. Arguments as for
+    /// [`GpuPlan::run`].
+    ///
+    /// With `after` (a decode step in flight, see [`GpuPlan::can_run_ahead`]) this step runs ahead of
+    /// it: its token ids are not in `env` (a placeholder of one token is) but copied on the GPU from
+    /// the first element of `after`'s token choice, so the GPU goes on with this step while the host
+    /// finishes `after`. Whether the guess holds — the token `after` chose is that element, and the
+    /// caller's inputs are the ones assumed — is for the caller to check ([`GpuPlan::finish`],
+    /// [`GpuPlan::holds_for`]); a step that does not is dropped unfinished (its cache rows past the
+    /// sequence are overwritten by the real step).
+    #[allow(clippy::too_many_arguments)]
+    pub fn begin(
+        &self,
+        plan: &Plan,
+        state: &GpuState,
+        host: &crate::kv::PagedCache,
+        env: Vec<Option<Tensor>>,
+        position: usize,
+        tokens: usize,
+        want: &[ValId],
+        cpu_step: &mut CpuStep,
+        after: Option<&Flight>,
+    ) -> Result<Flight> {
+        let r = self.begin_inner(
+            plan, state, host, env, position, tokens, want, cpu_step, after,
+        );
         if r.is_err() {
-            // What the slots hold is unknown after a failed step: upload everything next time.
-            if let Ok(mut h) = state.held.lock() {
-                for e in h.iter_mut().filter(|e| e.1 != usize::MAX) {
-                    *e = (None, 0);
-                }
-            }
+            self.forget_slots(state);
         }
         r
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn run_inner(
+    /// Completes a step [`GpuPlan::begin`] returned: waits for its read-back, runs the rest, writes its
+    /// new cache rows into `host` and returns the CPU-side values (as [`GpuPlan::run`]), with the token
+    /// its token choice put first on the GPU (what a step run ahead of it was fed; `None` when the
+    /// choice ran on the host).
+    pub fn finish(
         &self,
         plan: &Plan,
         state: &GpuState,
-        host_mut: &mut crate::kv::PagedCache,
-        env: &mut [Option<Tensor>],
+        host: &mut crate::kv::PagedCache,
+        f: Flight,
+        cpu_step: &mut CpuStep,
+    ) -> Result<(Vec<Option<Tensor>>, Option<i64>)> {
+        let r = self.finish_inner(plan, state, host, f, cpu_step);
+        if r.is_err() {
+            self.forget_slots(state);
+        }
+        r
+    }
+
+    /// What the slots hold is unknown after a failed step: upload everything next time.
+    fn forget_slots(&self, state: &GpuState) {
+        if let Ok(mut h) = state.held.lock() {
+            for e in h.iter_mut().filter(|e| e.1 != usize::MAX) {
+                *e = (None, 0);
+            }
+        }
+    }
+
+    /// Whether `f`, run ahead, holds for a call with these graph inputs (`input` from the caller's
+    /// `input_env`; the ids are checked by the caller against [`GpuPlan::finish`]): its position, its
+    /// wanted outputs, and every input read before its read-back equal. Inputs read only after it (the
+    /// sampling draw) are then taken from `input`.
+    pub fn holds_for(
+        &self,
+        f: &mut Flight,
+        input: &[Option<Tensor>],
+        position: usize,
+        want: &[ValId],
+    ) -> bool {
+        let Some(feed) = &self.feed else { return false };
+        let same = |a: Option<&Tensor>, b: Option<&Tensor>| match (a, b) {
+            (Some(a), Some(b)) => {
+                a.dtype == b.dtype && a.shape == b.shape && a.bytes() == b.bytes()
+            }
+            (None, None) => true,
+            _ => false,
+        };
+        if f.position != position
+            || f.want != want
+            || !feed
+                .early
+                .iter()
+                .all(|&v| same(f.input[v].as_ref(), input[v].as_ref()))
+        {
+            return false;
+        }
+        for &v in &feed.late {
+            f.env[v] = input[v].clone();
+        }
+        true
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn begin_inner(
+        &self,
+        plan: &Plan,
+        state: &GpuState,
+        host: &crate::kv::PagedCache,
+        env: Vec<Option<Tensor>>,
         position: usize,
         tokens: usize,
         want: &[ValId],
         cpu_step: &mut CpuStep,
-    ) -> Result<()> {
-        let host = &*host_mut;
+        after: Option<&Flight>,
+    ) -> Result<Flight> {
         if host.caches.len() != state.home.len() {
             return Err(Error::Gpu(format!(
                 "host cache has {} tensors, the GPU state {}",
@@ -2572,7 +2899,7 @@ impl GpuPlan {
                 state.home.len()
             )));
         }
-        let mut kv = Kv {
+        let kv = Kv {
             held: state
                 .held
                 .lock()
@@ -2586,47 +2913,188 @@ impl GpuPlan {
             downs: Vec::new(),
             ndisp: 0,
         };
+        let nvals = plan.names.len();
+        let mut f = Flight {
+            input: Vec::new(),
+            env,
+            meta: vec![None; nvals],
+            params: Vec::new(),
+            pending: Vec::new(),
+            count: Counts::default(),
+            kv,
+            described: 0,
+            t_step: std::time::Instant::now(),
+            rows_back: None,
+            submitted: 0,
+            position,
+            tokens,
+            want: want.to_vec(),
+            next: 0,
+            read: None,
+            parity: 0,
+            fed: None,
+            token_saved: false,
+            ahead: after.is_some(),
+        };
+        if let Some(a) = after {
+            let feed = self
+                .feed
+                .as_ref()
+                .filter(|_| self.can_run_ahead(state, a))
+                .ok_or_else(|| Error::Gpu("this step cannot run ahead".into()))?;
+            if a.position + a.tokens != position {
+                return Err(Error::Gpu(format!(
+                    "a step at {position} cannot run ahead of one at {}",
+                    a.position
+                )));
+            }
+            let to = self.home[feed.ids]
+                .ok_or_else(|| Error::Gpu("the fed token ids have no GPU buffer".into()))?;
+            f.parity = 1 - a.parity;
+            f.fed = Some(feed.ids);
+            f.input = f.env.clone();
+            f.pending.push(Cmd::Feed {
+                to,
+                to_off: self.offs[feed.ids],
+            });
+        }
+        for i in 0..state.nslots.min(state.streams.len()) {
+            f.kv.prefetch(state, host, i, position, &mut f.pending)?;
+        }
+        self.drive(plan, state, host, &mut f, true, cpu_step)?;
+        Ok(f)
+    }
+
+    fn finish_inner(
+        &self,
+        plan: &Plan,
+        state: &GpuState,
+        host_mut: &mut crate::kv::PagedCache,
+        mut f: Flight,
+        cpu_step: &mut CpuStep,
+    ) -> Result<(Vec<Option<Tensor>>, Option<i64>)> {
+        if let Some(read) = f.read.take() {
+            self.receive(state, &mut f, read)?;
+        }
+        self.drive(plan, state, host_mut, &mut f, false, cpu_step)?;
+        // The first of the token choice's indices, when the choice ran on the GPU in this step.
+        let fed = self.feed.as_ref().and_then(|feed| {
+            f.meta[feed.token].as_ref()?;
+            let t = f.env[feed.token].as_ref()?;
+            (t.dtype == DType::I64).then(|| t.typed::<i64>().first().copied())?
+        });
+        let rows = f.rows_back.take().unwrap_or_default();
+        // Every cache's new rows, in the order they were copied, into the host pages.
+        for &(c, off) in &f.kv.downs {
+            let n = f.tokens * host_mut.caches[c].row_bytes();
+            let piece = rows
+                .get(off as usize..off as usize + n)
+                .ok_or_else(|| Error::Gpu("cache rows were not read back".into()))?;
+            host_mut.caches[c].write_rows(f.position, f.tokens, piece)?;
+        }
+        let mut kv = f.kv;
+        // Slots that were current now also hold this chunk's rows (as the host does).
+        for e in kv.held.iter_mut() {
+            if e.0.is_some() && e.1 == f.position {
+                e.1 = f.position + f.tokens;
+            }
+        }
+        *state
+            .held
+            .lock()
+            .map_err(|_| Error::Gpu("cache lock poisoned".into()))? = kv.held;
+        if let Ok(mut k) = state.stats.lock() {
+            k.step_bytes_up = kv.up;
+            k.step_bytes_down = kv.down;
+            k.step_stalls = kv.stalls;
+            k.step_pack_ms = f.count.pack_ms;
+            k.steps += 1;
+            k.bytes_up += kv.up;
+            k.bytes_down += kv.down;
+            k.stalls += kv.stalls;
+        }
         let mut stats = self
             .lock
             .lock()
             .map_err(|_| Error::Gpu("executor lock poisoned".into()))?;
-        let nvals = plan.names.len();
-        let mut meta: Vec<Option<Meta>> = vec![None; nvals];
-        let mut params: Vec<u8> = Vec::new();
-        let mut pending: Vec<Cmd> = Vec::new();
-        let mut count = Counts::default();
-        let mut described = 0;
-        let t_step = std::time::Instant::now();
-        // The step's cache rows, when a read-back after the last GPU step brought them.
-        let mut rows_back: Option<Vec<u8>> = None;
-        // Dispatches queued when the last early submission went.
-        let mut submitted = 0;
-        let prefix = std::cell::Cell::new(None);
-        for i in 0..state.nslots.min(state.streams.len()) {
-            kv.prefetch(state, host, i, position, &mut pending)?;
+        let Counts {
+            dispatches,
+            submits,
+            waits,
+            up,
+            down,
+            wait,
+            ..
+        } = f.count;
+        stats.step_ms = f.t_step.elapsed().as_secs_f64() * 1e3;
+        if let Ok(mut sm) = self.submit_ms.lock() {
+            stats.submit_ms = *sm;
+            *sm = 0.0;
         }
+        stats.wait_ms = wait;
+        stats.described = f.described;
+        stats.dispatches = dispatches;
+        stats.submits = submits;
+        stats.waits = waits;
+        stats.bytes_up = up;
+        stats.bytes_down = down;
+        stats.ahead = f.ahead;
+        if f.ahead {
+            stats.ahead_steps += 1;
+        }
+        Ok((f.env, fed))
+    }
+
+    /// Counts a step run ahead that did not hold (dropped unfinished).
+    pub fn missed_ahead(&self) {
+        if let Ok(mut s) = self.lock.lock() {
+            s.ahead_missed += 1;
+        }
+    }
+
+    /// Runs `f`'s steps from where it stands. With `pause`, it stops at the first step that must wait
+    /// for the GPU (or at the end), leaving the read-back submitted in `f.read`; without, it runs to the
+    /// end, the new cache rows read back.
+    fn drive(
+        &self,
+        plan: &Plan,
+        state: &GpuState,
+        host: &crate::kv::PagedCache,
+        f: &mut Flight,
+        pause: bool,
+        cpu_step: &mut CpuStep,
+    ) -> Result<()> {
+        let prefix = std::cell::Cell::new(None);
+        // The executor is one per model: recording (and what the GPU buffers hold between submissions)
+        // is one step at a time; waits and host tails of different sequences may overlap.
+        let _rec = self
+            .recording
+            .lock()
+            .map_err(|_| Error::Gpu("executor lock poisoned".into()))?;
         let mut kept_all = self
             .kept
             .lock()
             .map_err(|_| Error::Gpu("description cache lock poisoned".into()))?;
-        if !kept_all.contains_key(&tokens) && kept_all.len() >= KEPT_SIZES {
+        if !kept_all.contains_key(&f.tokens) && kept_all.len() >= KEPT_SIZES {
             kept_all.clear();
         }
         let kept = kept_all
-            .entry(tokens)
+            .entry(f.tokens)
             .or_insert_with(|| (0..plan.steps.len()).map(|_| None).collect());
-        for (si, s) in plan.steps.iter().enumerate() {
+        while f.next < plan.steps.len() {
+            let si = f.next;
+            let s = &plan.steps[si];
             let fresh: Option<Desc>;
             let desc: Option<&Desc> = if self.on_gpu[si] {
-                let e = Env::new(plan, env, &meta, &prefix);
+                let e = Env::new(plan, &f.env, &f.meta, &prefix);
                 let hit = kept[si]
                     .as_ref()
                     .is_some_and(|k| k.reads.iter().all(|(v, m)| e.meta_is(*v, m)));
                 if hit {
                     kept[si].as_ref().map(|k| &k.desc)
                 } else {
-                    let d = self.describe(si, s, &e, false, position)?;
-                    described += 1;
+                    let d = self.describe(si, s, &e, false, f.position)?;
+                    f.described += 1;
                     let keep = !e.looked.get() && !matches!(s, Step::CacheAttention { .. });
                     match d {
                         Some(d) if keep => {
@@ -2651,15 +3119,20 @@ impl GpuPlan {
             match desc {
                 Some(d) => {
                     for &v in &d.reads {
-                        if meta[v].is_some() || self.const_loaded[v] {
+                        if f.meta[v].is_some() || self.const_loaded[v] {
                             continue;
                         }
-                        let t = env[v].as_ref().ok_or_else(|| {
+                        let t = f.env[v].as_ref().ok_or_else(|| {
                             Error::Gpu(format!(
                                 "`{}` is neither on the GPU nor on the CPU",
                                 plan.names[v]
                             ))
                         })?;
+                        if f.fed == Some(v) {
+                            // Filled on the GPU by the step's first command (the fed token).
+                            f.meta[v] = Some(Meta::of(t));
+                            continue;
+                        }
                         let h = self.home[v].ok_or_else(|| {
                             Error::Gpu(format!("`{}` has no GPU buffer", plan.names[v]))
                         })?;
@@ -2679,8 +3152,8 @@ impl GpuPlan {
                             )));
                         }
                         write_padded(&self.ctx.queue, &self.bufs[h], b);
-                        count.up += b.len() as u64;
-                        meta[v] = Some(Meta::of(t));
+                        f.count.up += b.len() as u64;
+                        f.meta[v] = Some(Meta::of(t));
                     }
                     for &(o, ref m, _) in &d.outs {
                         let h = self.home[o].ok_or_else(|| {
@@ -2694,61 +3167,68 @@ impl GpuPlan {
                                 self.caps[h]
                             )));
                         }
-                        meta[o] = Some(m.clone());
-                        env[o] = None;
+                        f.meta[o] = Some(m.clone());
+                        f.env[o] = None;
                     }
                     let past = match s {
                         Step::CacheAttention { past, .. } => Some(*past),
                         _ => None,
                     };
                     if let Some(past) = past {
-                        kv.before_attention(state, past);
+                        f.kv.before_attention(state, past);
                     }
                     for (j, dd) in d.disp.iter().enumerate() {
                         let slot = self.slot0[si] + j;
                         let at = slot * 256;
-                        if params.len() < at + 256 {
-                            params.resize(at + 256, 0);
+                        if f.params.len() < at + 256 {
+                            f.params.resize(at + 256, 0);
                         }
                         if dd.groups.0 == 0 {
                             continue;
                         }
-                        params[at..at + 256].copy_from_slice(dd.params.bytes());
-                        pending.push(Cmd::Disp(si, j, dd.groups));
-                        kv.ndisp += 1;
+                        f.params[at..at + 256].copy_from_slice(dd.params.bytes());
+                        f.pending.push(Cmd::Disp(si, j, dd.groups));
+                        f.kv.ndisp += 1;
                     }
                     if let Some(past) = past {
                         // This layer's new rows go back to the host; its slot's next user's pages go up.
                         for c in past {
                             let rb = host.caches[c].row_bytes();
-                            pending.push(Cmd::Down {
+                            f.pending.push(Cmd::Down {
                                 c,
-                                p: position,
-                                t: tokens,
-                                off: kv.off,
+                                p: f.position,
+                                t: f.tokens,
+                                off: f.kv.off,
+                                parity: f.parity,
                             });
-                            kv.downs.push((c, kv.off));
-                            kv.off += (rb * tokens) as u64;
-                            kv.down += (rb * tokens) as u64;
+                            f.kv.downs.push((c, f.kv.off));
+                            f.kv.off += (rb * f.tokens) as u64;
+                            f.kv.down += (rb * f.tokens) as u64;
                         }
                         if let Some(i) = state.ring[past[0]] {
                             if i + state.nslots < state.streams.len() {
-                                kv.prefetch(state, host, i + state.nslots, position, &mut pending)?;
+                                f.kv.prefetch(
+                                    state,
+                                    host,
+                                    i + state.nslots,
+                                    f.position,
+                                    &mut f.pending,
+                                )?;
                             }
                         }
                     }
                     // Enough queued: the GPU starts on it while the rest of the step is recorded.
                     if self.submit_every > 0
-                        && kv.ndisp - submitted >= self.submit_every
+                        && f.kv.ndisp - f.submitted >= self.submit_every
                         && self.last_gpu.is_some_and(|l| si < l)
                     {
-                        self.submit_early(state, host, &mut pending, &params, &mut count)?;
-                        submitted = kv.ndisp;
+                        self.submit_early(state, host, &mut f.pending, &f.params, &mut f.count)?;
+                        f.submitted = f.kv.ndisp;
                     }
                 }
                 None => {
                     let reads = crate::plan::step_reads(s);
-                    let on_gpu = |v: ValId| env[v].is_none() && meta[v].is_some();
+                    let on_gpu = |v: ValId| f.env[v].is_none() && f.meta[v].is_some();
                     let mut fetch: Vec<ValId> =
                         reads.iter().copied().filter(|&v| on_gpu(v)).collect();
                     if !fetch.is_empty() {
@@ -2759,135 +3239,47 @@ impl GpuPlan {
                         }
                         let last = self.last_gpu.is_none_or(|l| si >= l);
                         if last {
-                            for &v in want {
+                            for &v in &f.want {
                                 if on_gpu(v) && !fetch.contains(&v) {
                                     fetch.push(v);
                                 }
                             }
                         }
-                        let r = self.flush_into(
-                            state,
-                            host,
-                            &mut pending,
-                            &params,
-                            &fetch,
-                            &meta,
-                            env,
-                            &mut count,
-                            if last { kv.off } else { 0 },
-                        )?;
-                        if last {
-                            rows_back = Some(r);
+                        let rows = if last { f.kv.off } else { 0 };
+                        let read = self.send(state, host, f, &fetch, rows, last)?;
+                        if pause {
+                            f.read = Some(read);
+                            return Ok(());
                         }
+                        self.receive(state, f, read)?;
                     }
-                    cpu_step(s, env)?;
+                    cpu_step(s, &mut f.env)?;
                     if let Step::Node { outputs, .. } = s {
                         for &o in outputs {
-                            meta[o] = None;
+                            f.meta[o] = None;
                         }
                     }
                 }
             }
+            f.next += 1;
         }
-        let fetch: Vec<ValId> = want
+        let fetch: Vec<ValId> = f
+            .want
             .iter()
             .copied()
-            .filter(|&v| env[v].is_none() && meta[v].is_some())
+            .filter(|&v| f.env[v].is_none() && f.meta[v].is_some())
             .collect();
         // The rows, unless the read-back after the last GPU step brought them already.
-        let rows_left = if rows_back.is_none() { kv.off } else { 0 };
-        let got = if !pending.is_empty() || !fetch.is_empty() || rows_left > 0 {
-            self.flush_into(
-                state,
-                host,
-                &mut pending,
-                &params,
-                &fetch,
-                &meta,
-                env,
-                &mut count,
-                rows_left,
-            )?
-        } else {
-            Vec::new()
-        };
-        let rows = rows_back.unwrap_or(got);
-        // Every cache's new rows, in the order they were copied, into the host pages.
-        for &(c, off) in &kv.downs {
-            let n = tokens * host_mut.caches[c].row_bytes();
-            let piece = rows
-                .get(off as usize..off as usize + n)
-                .ok_or_else(|| Error::Gpu("cache rows were not read back".into()))?;
-            host_mut.caches[c].write_rows(position, tokens, piece)?;
-        }
-        // Slots that were current now also hold this chunk's rows (as the host does).
-        for e in kv.held.iter_mut() {
-            if e.0.is_some() && e.1 == position {
-                e.1 = position + tokens;
+        let rows_left = if f.rows_back.is_none() { f.kv.off } else { 0 };
+        if !f.pending.is_empty() || !fetch.is_empty() || rows_left > 0 {
+            let read = self.send(state, host, f, &fetch, rows_left, true)?;
+            if pause {
+                f.read = Some(read);
+                return Ok(());
             }
+            self.receive(state, f, read)?;
         }
-        *state
-            .held
-            .lock()
-            .map_err(|_| Error::Gpu("cache lock poisoned".into()))? = kv.held;
-        if let Ok(mut k) = state.stats.lock() {
-            k.step_bytes_up = kv.up;
-            k.step_bytes_down = kv.down;
-            k.step_stalls = kv.stalls;
-            k.step_pack_ms = count.pack_ms;
-            k.steps += 1;
-            k.bytes_up += kv.up;
-            k.bytes_down += kv.down;
-            k.stalls += kv.stalls;
-        }
-        let Counts {
-            dispatches,
-            submits,
-            waits,
-            up,
-            down,
-            wait,
-            ..
-        } = count;
-        stats.step_ms = t_step.elapsed().as_secs_f64() * 1e3;
-        if let Ok(mut sm) = self.submit_ms.lock() {
-            stats.submit_ms = *sm;
-            *sm = 0.0;
-        }
-        stats.wait_ms = wait;
-        stats.described = described;
-        stats.dispatches = dispatches;
-        stats.submits = submits;
-        stats.waits = waits;
-        stats.bytes_up = up;
-        stats.bytes_down = down;
         Ok(())
-    }
-
-    /// [`GpuPlan::flush`], storing the fetched values in `env` and counting. Returns the first `rows`
-    /// bytes of the state's rows buffer (the step's new cache rows) when `rows > 0`.
-    #[allow(clippy::too_many_arguments)]
-    fn flush_into(
-        &self,
-        state: &GpuState,
-        host: &crate::kv::PagedCache,
-        pending: &mut Vec<Cmd>,
-        params: &[u8],
-        fetch: &[ValId],
-        meta: &[Option<Meta>],
-        env: &mut [Option<Tensor>],
-        count: &mut Counts,
-        rows: u64,
-    ) -> Result<Vec<u8>> {
-        let (tensors, rows) = self.flush(state, host, pending, params, fetch, meta, count, rows)?;
-        count.submits += 1;
-        count.waits += 1;
-        for (v, t) in fetch.iter().zip(tensors) {
-            count.down += t.bytes().len() as u64;
-            env[*v] = Some(t);
-        }
-        count.down += rows.len() as u64;
-        Ok(rows)
     }
 
     /// Records `cmds` into `enc`: runs of dispatches in one compute pass each, cache uploads (through the
@@ -2961,17 +3353,29 @@ impl GpuPlan {
                     count.pack_ms += t0.elapsed().as_secs_f64() * 1e3;
                     i += 1;
                 }
-                Cmd::Down { c, p, t, off } => {
+                Cmd::Down {
+                    c,
+                    p,
+                    t,
+                    off,
+                    parity,
+                } => {
                     let rb = host.caches[c].row_bytes() as u64;
                     let mut dst = off;
+                    let rows = &state.rows[parity];
                     state.for_pieces(c, p, p + t, |buf, la, lo, hi| {
                         let (at, n) = (la as u64 * rb, (hi - lo) as u64 * rb);
                         copy_range(buf, at, n)?;
-                        copy_range(&state.rows, dst, n)?;
-                        enc.copy_buffer_to_buffer(buf, at, &state.rows, dst, n);
+                        copy_range(rows, dst, n)?;
+                        enc.copy_buffer_to_buffer(buf, at, rows, dst, n);
                         dst += n;
                         Ok(())
                     })?;
+                    i += 1;
+                }
+                Cmd::Feed { to, to_off } => {
+                    copy_range(&self.bufs[to], to_off, 8)?;
+                    enc.copy_buffer_to_buffer(&state.token, 0, &self.bufs[to], to_off, 8);
                     i += 1;
                 }
             }
@@ -3008,43 +3412,41 @@ impl GpuPlan {
     }
 
     /// Submits `enc` (after closing the state's upload belt) and recycles the belt.
-    fn submit(&self, state: &GpuState, enc: wgpu::CommandEncoder) -> Result<()> {
+    fn submit(&self, state: &GpuState, enc: wgpu::CommandEncoder) -> Result<wgpu::SubmissionIndex> {
         let mut belt = state
             .belt
             .lock()
             .map_err(|_| Error::Gpu("staging lock poisoned".into()))?;
         belt.finish();
         let t0 = std::time::Instant::now();
-        self.ctx.queue.submit([enc.finish()]);
+        let index = self.ctx.queue.submit([enc.finish()]);
         if let Ok(mut st) = self.submit_ms.lock() {
             *st += t0.elapsed().as_secs_f64() * 1e3;
         }
         belt.recall();
-        Ok(())
+        Ok(index)
     }
 
-    /// Submits the pending commands, copies `fetch` to staging buffers, waits and returns them as
-    /// tensors, with the first `rows` bytes of the state's rows buffer.
-    #[allow(clippy::too_many_arguments)]
-    fn flush(
+    /// Submits `f`'s pending commands with copies of `fetch` (and the first `rows` bytes of new cache
+    /// rows) into the state's read-back buffers of `f`'s parity, without waiting. `last`: the read-back
+    /// after the step's last GPU work (it brings the rows).
+    fn send(
         &self,
         state: &GpuState,
         host: &crate::kv::PagedCache,
-        pending: &mut Vec<Cmd>,
-        params: &[u8],
+        f: &mut Flight,
         fetch: &[ValId],
-        meta: &[Option<Meta>],
-        count: &mut Counts,
         rows: u64,
-    ) -> Result<(Vec<Tensor>, Vec<u8>)> {
-        if !params.is_empty() {
-            self.ctx.queue.write_buffer(&self.params, 0, params);
+        last: bool,
+    ) -> Result<Read> {
+        if !f.params.is_empty() {
+            self.ctx.queue.write_buffer(&self.params, 0, &f.params);
         }
         if let (Some(prof), None) = (&self.profile, &self.stamps) {
             // Profiling without timestamps: every command alone, timed from submit to completion.
-            for cmd in pending.drain(..) {
+            for cmd in f.pending.drain(..) {
                 let mut enc = self.ctx.device.create_command_encoder(&Default::default());
-                self.record(&mut enc, state, host, &[cmd], count, None)?;
+                self.record(&mut enc, state, host, &[cmd], &mut f.count, None)?;
                 let t0 = std::time::Instant::now();
                 self.submit(state, enc)?;
                 self.ctx
@@ -3059,6 +3461,7 @@ impl GpuPlan {
                     Cmd::Disp(si, j, _) => self.kernels[si][j].name.clone(),
                     Cmd::Up { .. } => "[kv upload]".to_string(),
                     Cmd::Down { .. } => "[kv rows back]".to_string(),
+                    Cmd::Feed { .. } => "[token fed]".to_string(),
                 };
                 let mut p = prof.lock().unwrap_or_else(|e| e.into_inner());
                 let e = p.entry(name).or_insert((0, 0.0));
@@ -3072,7 +3475,7 @@ impl GpuPlan {
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("step"),
             });
-        let cmds = std::mem::take(pending);
+        let cmds = std::mem::take(&mut f.pending);
         let mut timed = Vec::new();
         let stamps = self.stamps.as_ref().filter(|_| self.profile.is_some());
         self.record(
@@ -3080,7 +3483,7 @@ impl GpuPlan {
             state,
             host,
             &cmds,
-            count,
+            &mut f.count,
             stamps.map(|s| (s, &mut timed)),
         )?;
         if let (Some(st), false) = (stamps, timed.is_empty()) {
@@ -3088,44 +3491,72 @@ impl GpuPlan {
             enc.resolve_query_set(&st.set, 0..n, &st.resolve, 0);
             enc.copy_buffer_to_buffer(&st.resolve, 0, &st.read, 0, 8 * u64::from(n));
         }
-        let mut reads = Vec::new();
-        for &v in fetch {
-            let m = meta[v]
-                .as_ref()
-                .ok_or_else(|| Error::Gpu("fetch of a value not on the GPU".into()))?;
-            let h = self.home[v].ok_or_else(|| Error::Gpu("no buffer".into()))?;
-            // Read-backs the dry run did not foresee (a data-dependent CPU fallback, e.g. sampling with
-            // k > 1) get their staging buffer once, sized for the value's buffer.
-            let st = {
-                let mut map = self
-                    .staging
-                    .lock()
-                    .map_err(|_| Error::Gpu("staging lock poisoned".into()))?;
-                map.entry(v)
-                    .or_insert_with(|| Arc::new(self.ctx.staging("read-back", self.caps[h])))
-                    .clone()
-            };
-            let bytes = m.bytes();
-            if bytes > st.size() {
-                return Err(Error::Gpu(format!(
-                    "read-back of {bytes} bytes exceeds the planned {}",
-                    st.size()
-                )));
+        // The token choice, once it ran on the GPU: saved for a step run ahead of this one.
+        if let Some(feed) = self.feed.as_ref().filter(|_| !f.token_saved) {
+            if let (Some(_), Some(h)) = (&f.meta[feed.token], self.home[feed.token]) {
+                copy_range(&self.bufs[h], self.offs[feed.token], 8)?;
+                enc.copy_buffer_to_buffer(&self.bufs[h], self.offs[feed.token], &state.token, 0, 8);
+                f.token_saved = true;
             }
-            enc.copy_buffer_to_buffer(&self.bufs[h], self.offs[v], &st, 0, bytes);
-            reads.push((st, m.numel() * m.dtype.size(), m.clone()));
         }
-        let t_wait = std::time::Instant::now();
-        self.submit(state, enc)?;
-        let mut maps: Vec<(&wgpu::Buffer, usize)> =
-            reads.iter().map(|(b, n, _)| (&**b, *n)).collect();
-        if rows > 0 {
-            maps.push((&state.rows, rows as usize));
+        let mut reads = Vec::new();
+        {
+            let mut sets = state
+                .fetch
+                .lock()
+                .map_err(|_| Error::Gpu("staging lock poisoned".into()))?;
+            for &v in fetch {
+                let m = f.meta[v]
+                    .as_ref()
+                    .ok_or_else(|| Error::Gpu("fetch of a value not on the GPU".into()))?;
+                let h = self.home[v].ok_or_else(|| Error::Gpu("no buffer".into()))?;
+                // A read-back buffer per value and parity, made at its first use, sized for the
+                // value's buffer.
+                let st = sets[f.parity]
+                    .entry(v)
+                    .or_insert_with(|| Arc::new(self.ctx.staging("read-back", self.caps[h])))
+                    .clone();
+                let bytes = m.bytes();
+                if bytes > st.size() {
+                    return Err(Error::Gpu(format!(
+                        "read-back of {bytes} bytes exceeds the planned {}",
+                        st.size()
+                    )));
+                }
+                enc.copy_buffer_to_buffer(&self.bufs[h], self.offs[v], &st, 0, bytes);
+                reads.push((v, st, m.clone()));
+            }
+        }
+        let t0 = std::time::Instant::now();
+        let index = self.submit(state, enc)?;
+        f.count.submits += 1;
+        Ok(Read {
+            reads,
+            rows,
+            last,
+            timed,
+            index,
+            t0,
+        })
+    }
+
+    /// Waits for `read` (and only for its submission), stores the fetched values in `f.env`, and the
+    /// rows in `f.rows_back` when it was the read-back after the last GPU work.
+    fn receive(&self, state: &GpuState, f: &mut Flight, read: Read) -> Result<()> {
+        let stamps = self.stamps.as_ref().filter(|_| self.profile.is_some());
+        let timed = &read.timed;
+        let mut maps: Vec<(&wgpu::Buffer, usize)> = read
+            .reads
+            .iter()
+            .map(|(_, b, m)| (&**b, m.numel() * m.dtype.size()))
+            .collect();
+        if read.rows > 0 {
+            maps.push((&state.rows[f.parity], read.rows as usize));
         }
         if let (Some(st), false) = (stamps, timed.is_empty()) {
             maps.push((&st.read, 16 * timed.len()));
         }
-        let mut raw = self.ctx.read_back(&maps)?;
+        let mut raw = self.ctx.read_back(&maps, Some(read.index.clone()))?;
         if let (Some(st), Some(prof), false) = (stamps, &self.profile, timed.is_empty()) {
             let ticks = raw.pop().unwrap_or_default();
             let ticks: &[u64] = bytemuck::try_cast_slice(&ticks)
@@ -3148,19 +3579,24 @@ impl GpuPlan {
             e.0 += 1;
             e.1 += span;
         }
-        let rows = if rows > 0 {
+        let rows = if read.rows > 0 {
             raw.pop().unwrap_or_default()
         } else {
             Vec::new()
         };
-        let mut out = Vec::new();
-        for (bytes, (_, _, m)) in raw.into_iter().zip(reads) {
+        for (bytes, (v, _, m)) in raw.into_iter().zip(read.reads) {
             let mut t = Tensor::zeros(m.dtype, &m.shape);
             t.bytes_mut().copy_from_slice(&bytes);
-            out.push(t);
+            f.count.down += t.bytes().len() as u64;
+            f.env[v] = Some(t);
         }
-        count.wait += t_wait.elapsed().as_secs_f64() * 1e3;
-        Ok((out, rows))
+        f.count.down += rows.len() as u64;
+        f.count.waits += 1;
+        f.count.wait += read.t0.elapsed().as_secs_f64() * 1e3;
+        if read.last {
+            f.rows_back = Some(rows);
+        }
+        Ok(())
     }
 }
 
@@ -3363,6 +3799,7 @@ pub(crate) fn run_kernel_multi_tail(
             .zip(&order)
             .map(|(s, &(_, n))| (s, n))
             .collect::<Vec<_>>(),
+        None,
     )
 }
 
@@ -3415,7 +3852,7 @@ pub(crate) fn run_linear_once(
     let st = ctx.staging("s", (t * g.n * 4) as u64);
     enc.copy_buffer_to_buffer(&ob, 0, &st, 0, (t * g.n * 4) as u64);
     ctx.queue.submit([enc.finish()]);
-    let v = ctx.read_back(&[(&st, t * g.n * 4)])?.remove(0);
+    let v = ctx.read_back(&[(&st, t * g.n * 4)], None)?.remove(0);
     Ok(bytemuck::cast_slice(&v).to_vec())
 }
 
@@ -3460,6 +3897,6 @@ pub(crate) fn run_fused_linear_once(
     let st = ctx.staging("s", (out_len * 4) as u64);
     enc.copy_buffer_to_buffer(&ob, 0, &st, 0, (out_len * 4) as u64);
     ctx.queue.submit([enc.finish()]);
-    let v = ctx.read_back(&[(&st, out_len * 4)])?.remove(0);
+    let v = ctx.read_back(&[(&st, out_len * 4)], None)?.remove(0);
     Ok(bytemuck::cast_slice(&v).to_vec())
 }
