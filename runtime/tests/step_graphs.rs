@@ -390,8 +390,9 @@ fn host_pages_follow_the_used_context() {
 
 /// Decode steps run ahead on the GPU (recorded and submitted before the step they follow is read back,
 /// their token ids copied on the GPU from its token choice): tokens and logits as on the CPU, whether the
-/// guess holds (the caller feeds the chosen token, same inputs) or not (another token, other sampling
-/// settings: the step run ahead is dropped and the real one runs). Every fixture's plan must allow it.
+/// guess holds (the caller feeds the chosen token, same inputs; a top-5 choice too, its draw taken from
+/// the call) or not (another token, other sampling settings: the step run ahead is dropped and the real
+/// one runs). Every fixture's plan must allow it.
 #[cfg(feature = "gpu")]
 #[test]
 fn gpu_decode_steps_run_ahead() {
@@ -459,15 +460,18 @@ fn gpu_decode_steps_run_ahead() {
         assert!(!gpu.gpu_stats().unwrap().ahead);
         tok = step(&[tok], &greedy_u(0.7), "greedy again");
         assert!(gpu.gpu_stats().unwrap().ahead);
-        // Other sampling settings than the step run ahead assumed: dropped too. A choice among 5 runs
-        // on the host (the GPU kernel takes k = 1): no step runs ahead of it.
-        tok = step(&[tok], &sampled(0.5), "sampled");
-        step(&[tok], &sampled(0.9), "sampled again");
+        // Other sampling settings than the step run ahead assumed: dropped too. The small draw
+        // chooses the most likely of the 5, the token the GPU put first.
+        tok = step(&[tok], &sampled(0.01), "sampled");
+        // Same settings, another draw: it is read only after the read-back, so the step run ahead
+        // holds, and takes this call's draw (a late choice among the 5, not the first).
+        tok = step(&[tok], &sampled(0.99), "sampled, another draw");
         let g = gpu.gpu_stats().unwrap();
-        assert!(!g.ahead, "{name}: {g:?}");
-        // Held: greedy 1, 2 and "greedy again"; dropped: "another token" and "sampled".
-        assert_eq!((g.ahead_steps, g.ahead_missed), (3, 2), "{name}: {g:?}");
-        // A truncation drops the step run ahead; the sequence goes on from there as on the CPU.
+        assert!(g.ahead, "{name}: {g:?}");
+        // Held: greedy 1, 2, "greedy again" and "another draw"; dropped: "another token", "sampled".
+        assert_eq!((g.ahead_steps, g.ahead_missed), (4, 2), "{name}: {g:?}");
+        // Greedy after sampling: dropped. A truncation drops the step run ahead of this one (not
+        // counted); the sequence goes on from there as on the CPU.
         step(&[tok], &greedy, "greedy before a truncation");
         let len = sc.len() - 2;
         sc.truncate(len);
@@ -481,7 +485,7 @@ fn gpu_decode_steps_run_ahead() {
         let t = step(&[3]);
         step(&[t]);
         let g = gpu.gpu_stats().unwrap();
-        assert_eq!((g.ahead_steps, g.ahead_missed), (4, 2), "{name}: {g:?}");
+        assert_eq!((g.ahead_steps, g.ahead_missed), (5, 3), "{name}: {g:?}");
     }
 }
 

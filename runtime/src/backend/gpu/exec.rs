@@ -1169,6 +1169,23 @@ impl GpuPlan {
                 }
             }
         }
+        // The token choice's outputs hold up to MAX_K of each row, whatever k the dry run had.
+        for (si, s) in plan.steps.iter().enumerate() {
+            let Step::Node { node, outputs, .. } = s else {
+                continue;
+            };
+            if !me.on_gpu[si] || plan.graph.nodes[*node].op != "TopK" {
+                continue;
+            }
+            for &o in outputs.iter().take(2) {
+                if let Some(m) = &meta[o] {
+                    let rows = m.numel() / m.shape.last().copied().unwrap_or(1).max(1);
+                    let r = root[o].unwrap_or(o);
+                    let e = need.entry(r).or_insert(0);
+                    *e = (*e).max(me.offs[o] + (rows * select::MAX_K * m.dtype.size()) as u64);
+                }
+            }
+        }
         // Buffers: one per root value (views share), sized for the dry run's largest chunk.
         let mut index: HashMap<ValId, usize> = HashMap::new();
         let mut scratch = 0;
@@ -2562,20 +2579,37 @@ impl GpuPlan {
                         let Some(kt) = e.cpu(kv) else { return Ok(None) };
                         let r = xm.shape.len();
                         let ax = n.attr_int("axis", -1);
+                        let kk = match kt.to_i64_vec(&n.name)?[..] {
+                            [k] if (1..=select::MAX_K as i64).contains(&k) => k as usize,
+                            _ => return Ok(None),
+                        };
                         if r == 0
                             || !(ax == -1 || ax == r as i64 - 1)
                             || n.attr_int("largest", 1) != 1
-                            || kt.to_i64_vec(&n.name)? != [1]
+                            || n.attr_int("sorted", 1) != 1
                         {
                             return Ok(None);
                         }
                         let v = xm.shape[r - 1];
                         let rows = xm.numel() / v.max(1);
-                        if v == 0 || rows > ctx.max_groups as usize {
+                        if v < kk || rows > ctx.max_groups as usize {
                             return Ok(None);
                         }
                         let mut os = xm.shape.clone();
-                        os[r - 1] = 1;
+                        os[r - 1] = kk;
+                        // Two slots, the arg-max (k = 1) and the k rounds; a step records the one its k
+                        // takes (the buffers are sized for MAX_K at load).
+                        let binds = vec![
+                            BufRef::Val(x),
+                            BufRef::Val(outputs[0]),
+                            BufRef::Val(outputs[1]),
+                        ];
+                        let slot = |kernel, on: bool| Disp {
+                            kernel,
+                            binds: binds.clone(),
+                            params: select::params(rows, v, kk),
+                            groups: (if on { rows as u32 } else { 0 }, 1, 1),
+                        };
                         Ok(Some(Desc {
                             fused: None,
                             at: Vec::new(),
@@ -2598,16 +2632,10 @@ impl GpuPlan {
                                 ),
                             ],
                             reads: vec![x],
-                            disp: vec![Disp {
-                                kernel: k(&|| select::argmax(ctx))?,
-                                binds: vec![
-                                    BufRef::Val(x),
-                                    BufRef::Val(outputs[0]),
-                                    BufRef::Val(outputs[1]),
-                                ],
-                                params: select::params(rows, v),
-                                groups: (rows as u32, 1, 1),
-                            }],
+                            disp: vec![
+                                slot(k(&|| select::argmax(ctx))?, kk == 1),
+                                slot(k(&|| select::topk(ctx))?, kk > 1),
+                            ],
                         }))
                     }
                     _ => Ok(None),
@@ -2777,7 +2805,7 @@ impl GpuPlan {
 
     /// Whether step `f` (begun, not finished) can have the next one run ahead of it (see
     /// [`GpuPlan::begin`]): the plan feeds its token ids from its token choice, `f` is a decode step
-    /// whose token choice ran on the GPU (a greedy or top-1 choice: the `TopK` kernel takes k = 1) and
+    /// whose token choice ran on the GPU (`TopK` with k ≤ [`select::MAX_K`]: greedy or top-k) and
     /// was saved for the next step,
     /// every cache layer is resident, nothing is profiled, and `ONESTEP_GPU_AHEAD` is not `0`.
     pub fn can_run_ahead(&self, state: &GpuState, f: &Flight) -> bool {

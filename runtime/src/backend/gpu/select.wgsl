@@ -36,3 +36,52 @@ fn argmax(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index
         IDX[2u * row + 1u] = 0u;
     }
 }
+
+var<workgroup> wv: f32;
+var<workgroup> wi: u32;
+
+// TopK with 1 < k ≤ 64 (largest, sorted, lower index first on ties — the CPU's order): one workgroup a
+// row, k rounds, each the arg-max of the values after the previous winner in that order.
+// P[0]=rows P[1]=V P[2]=k. Outputs: VALS f32 [rows, k], IDX i64 [rows, k].
+@compute @workgroup_size(256)
+fn topk(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let row = wid.x;
+    let v_n = pu(1u);
+    let k = pu(2u);
+    var pv = 0.0;
+    var pi = 0u;
+    for (var r = 0u; r < k; r = r + 1u) {
+        var best = -3.4028235e38;
+        var at = 0xffffffffu;
+        for (var i = lid; i < v_n; i = i + 256u) {
+            let x = X[row * v_n + i];
+            let after = r == 0u || x < pv || (x == pv && i > pi);
+            if (after && (x > best || at == 0xffffffffu)) { best = x; at = i; }
+        }
+        bv[lid] = best;
+        bi[lid] = at;
+        workgroupBarrier();
+        for (var w = 128u; w > 0u; w = w >> 1u) {
+            if (lid < w) {
+                let ov = bv[lid + w];
+                let oi = bi[lid + w];
+                if (oi != 0xffffffffu && (bi[lid] == 0xffffffffu || ov > bv[lid] || (ov == bv[lid] && oi < bi[lid]))) {
+                    bv[lid] = ov;
+                    bi[lid] = oi;
+                }
+            }
+            workgroupBarrier();
+        }
+        if (lid == 0u) {
+            wv = bv[0];
+            wi = bi[0];
+            VALS[row * k + r] = bv[0];
+            IDX[2u * (row * k + r)] = bi[0];
+            IDX[2u * (row * k + r) + 1u] = 0u;
+        }
+        workgroupBarrier();
+        pv = wv;
+        pi = wi;
+        workgroupBarrier();
+    }
+}
