@@ -6,16 +6,9 @@
 var<workgroup> bv: array<f32, 256>;
 var<workgroup> bi: array<u32, 256>;
 
-@compute @workgroup_size(256)
-fn argmax(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let row = wid.x;
-    let v_n = pu(1u);
-    var best = -3.4028235e38;
-    var at = 0xffffffffu;
-    for (var i = lid; i < v_n; i = i + 256u) {
-        let x = X[row * v_n + i];
-        if (x > best || at == 0xffffffffu) { best = x; at = i; }
-    }
+// The best (value, then lower index) of the workgroup's 256 candidates into bv[0], bi[0]; an index of
+// 0xffffffff is no candidate. Called by every invocation.
+fn best_of_workgroup(lid: u32, best: f32, at: u32) {
     bv[lid] = best;
     bi[lid] = at;
     workgroupBarrier();
@@ -30,6 +23,19 @@ fn argmax(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index
         }
         workgroupBarrier();
     }
+}
+
+@compute @workgroup_size(256)
+fn argmax(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let row = wid.x;
+    let v_n = pu(1u);
+    var best = -3.4028235e38;
+    var at = 0xffffffffu;
+    for (var i = lid; i < v_n; i = i + 256u) {
+        let x = X[row * v_n + i];
+        if (x > best || at == 0xffffffffu) { best = x; at = i; }
+    }
+    best_of_workgroup(lid, best, at);
     if (lid == 0u) {
         VALS[row] = bv[0];
         IDX[2u * row] = bi[0];
@@ -58,20 +64,7 @@ fn topk(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             let after = r == 0u || x < pv || (x == pv && i > pi);
             if (after && (x > best || at == 0xffffffffu)) { best = x; at = i; }
         }
-        bv[lid] = best;
-        bi[lid] = at;
-        workgroupBarrier();
-        for (var w = 128u; w > 0u; w = w >> 1u) {
-            if (lid < w) {
-                let ov = bv[lid + w];
-                let oi = bi[lid + w];
-                if (oi != 0xffffffffu && (bi[lid] == 0xffffffffu || ov > bv[lid] || (ov == bv[lid] && oi < bi[lid]))) {
-                    bv[lid] = ov;
-                    bi[lid] = oi;
-                }
-            }
-            workgroupBarrier();
-        }
+        best_of_workgroup(lid, best, at);
         if (lid == 0u) {
             wv = bv[0];
             wi = bi[0];
