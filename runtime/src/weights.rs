@@ -200,6 +200,53 @@ impl LinearWeights {
         Some(LinearWeights { n, k, form })
     }
 
+    /// Whether `other` is the same matrix in the same encoding over the same bytes (a tied embedding
+    /// and output layer): the main tensors are the same memory; zero points unpacked per layer may be
+    /// copies, compared by value.
+    pub fn same_weights(&self, other: &LinearWeights) -> bool {
+        let same =
+            |a: &Tensor, b: &Tensor| a.dtype == b.dtype && std::ptr::eq(a.bytes(), b.bytes());
+        if self.n != other.n || self.k != other.k {
+            return false;
+        }
+        match (&self.form, &other.form) {
+            (WeightForm::F32(a), WeightForm::F32(b))
+            | (WeightForm::F16(a), WeightForm::F16(b))
+            | (WeightForm::BF16(a), WeightForm::BF16(b)) => same(a, b),
+            (
+                WeightForm::Int8PerChannel { q, scale },
+                WeightForm::Int8PerChannel {
+                    q: q2,
+                    scale: scale2,
+                },
+            ) => same(q, q2) && same(scale, scale2),
+            (
+                WeightForm::Block {
+                    bits,
+                    block,
+                    b,
+                    scales,
+                    zero,
+                },
+                WeightForm::Block {
+                    bits: bits2,
+                    block: block2,
+                    b: b2,
+                    scales: scales2,
+                    zero: zero2,
+                },
+            ) => {
+                bits == bits2
+                    && block == block2
+                    && same(b, b2)
+                    && same(scales, scales2)
+                    && zero.dtype == zero2.dtype
+                    && zero.bytes() == zero2.bytes()
+            }
+            _ => false,
+        }
+    }
+
     /// From a `Gemm` `B` input: `[N, K]` when `trans_b`, else `[K, N]` (transposed once, here).
     pub fn from_gemm_b(b: &Tensor, trans_b: bool) -> Result<Self, String> {
         if b.rank() != 2 {
@@ -244,14 +291,44 @@ impl LinearWeights {
             return Err("g_idx is not supported".into());
         }
         let (k, n, bits, block) = (k as usize, n as usize, bits as u32, block as usize);
+        let arg = |i: usize, what: &str| -> Result<Tensor, String> {
+            Ok(inputs
+                .get(i)
+                .copied()
+                .flatten()
+                .ok_or(format!("input {what} is missing"))?
+                .clone())
+        };
+        Self::block(
+            n,
+            k,
+            bits,
+            block,
+            arg(1, "B")?,
+            arg(2, "scales")?,
+            inputs.get(3).copied().flatten(),
+        )
+    }
+
+    /// A `[n, k]` matrix of `bits`-bit blocks of `block` along K (the `MatMulNBits` layout): `b` u8
+    /// `[n, k/block, block·bits/8]`, `scales` f32 (`n·k/block`), zero points f32 (`n·k/block`), u8
+    /// (8-bit: one a byte; 4-bit: two a byte, unpacked here) or absent (the midpoint).
+    pub fn block(
+        n: usize,
+        k: usize,
+        bits: u32,
+        block: usize,
+        b: Tensor,
+        scales: Tensor,
+        zero: Option<&Tensor>,
+    ) -> Result<Self, String> {
+        if !(bits == 4 || bits == 8) || block < 16 || !block.is_power_of_two() {
+            return Err(format!(
+                "bits={bits} block_size={block} not supported (bits 4 or 8, power-of-two blocks ≥ 16)"
+            ));
+        }
         let nb = k.div_ceil(block);
         let blob = block * bits as usize / 8;
-        let b = inputs
-            .get(1)
-            .copied()
-            .flatten()
-            .ok_or("B is missing")?
-            .clone();
         if b.dtype != DType::U8 || b.numel() != n * nb * blob {
             return Err(format!(
                 "B must be u8 with {} bytes ([{n}, {nb}, {blob}]), got {} {:?}",
@@ -260,12 +337,6 @@ impl LinearWeights {
                 b.shape
             ));
         }
-        let scales = inputs
-            .get(2)
-            .copied()
-            .flatten()
-            .ok_or("scales are missing")?
-            .clone();
         if scales.dtype != DType::F32 || scales.numel() != n * nb {
             return Err(format!(
                 "scales must be f32 with {} entries, got {} {:?}",
@@ -275,7 +346,7 @@ impl LinearWeights {
             ));
         }
         let default_zero = 1u32 << (bits - 1);
-        let zero = match inputs.get(3).copied().flatten() {
+        let zero = match zero {
             Some(z) if z.dtype == DType::F32 && z.numel() == n * nb => z.clone(),
             Some(z) if z.dtype == DType::U8 && bits == 8 && z.numel() == n * nb => z.clone(),
             // Packed 4-bit zero points (two per byte): unpacked once, here (n·nb floats).
