@@ -527,6 +527,7 @@ impl Model {
                     Step::Node { node, .. } => plan.graph.nodes[*node].op.as_str(),
                     Step::Linear { .. } => "[linear]",
                     Step::SiluGate(_) => "[silu gate]",
+                    Step::Embedding(_) => "[embedding]",
                     Step::CacheAttention { .. } => "[cache attention]",
                 };
                 let mut p = prof.lock().unwrap_or_else(|e| e.into_inner());
@@ -669,6 +670,28 @@ fn exec_step(
                 )
                 .map_err(|e| Error::node(&n.name, &n.op, e))?;
                 env[*out] = Some(o);
+            }
+            Step::Embedding(e) => {
+                let n = &plan.graph.nodes[e.node];
+                let ids = val(env, e.ids)?;
+                let idv = ids.to_i64_vec(&plan.names[e.ids])?;
+                let (rows, k) = (e.w.n, e.w.k);
+                let mut shape = ids.shape.clone();
+                shape.push(k);
+                let mut o = Tensor::zeros(DType::F32, &shape);
+                for (&id, row) in idv.iter().zip(o.typed_mut::<f32>().chunks_mut(k.max(1))) {
+                    // Negative ids count from the end, as `Gather` has them.
+                    let r = if id < 0 { id + rows as i64 } else { id };
+                    if r < 0 || r >= rows as i64 {
+                        return Err(Error::node(
+                            &n.name,
+                            &n.op,
+                            format!("token id {id} is out of range for the {rows}-row embedding"),
+                        ));
+                    }
+                    e.w.decode_row(r as usize, row);
+                }
+                env[e.out] = Some(o);
             }
             Step::SiluGate(sg) => {
                 let n = &plan.graph.nodes[sg.node];

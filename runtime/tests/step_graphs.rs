@@ -162,6 +162,13 @@ fn check_on(name: &str, opts: &LoadOptions) -> Vec<Vec<f32>> {
         stats.linear >= 14,
         "{name}: linear layers must be bound to their weights: {stats:?}"
     );
+    // The token embedding is one step over its table, shared with the output layer when tied.
+    let tied = name.contains("_tied");
+    assert_eq!(
+        (stats.embedding, stats.embedding_tied),
+        (1, usize::from(tied)),
+        "{name}: the embedding must be bound to its table: {stats:?}"
+    );
     println!("{name}: plan {stats:?}");
     #[cfg(feature = "gpu")]
     if let Some(g) = model.gpu_stats() {

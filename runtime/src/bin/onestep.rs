@@ -500,11 +500,18 @@ fn cmd_bench(
         }),
         _ => serde_json::Value::Null,
     };
+    let ps = model_arc.plan_stats();
+    let plan_json = serde_json::json!({
+        "generic_steps": ps.generic, "linear": ps.linear, "cache_attention": ps.cache_attention,
+        "silu_gate": ps.silu_gate, "embedding": ps.embedding, "embedding_tied": ps.embedding_tied,
+        "linear_bias": ps.linear_bias, "folded": ps.folded, "removed": ps.removed,
+    });
     let mut kv_json = kv_json(&session.kv_stats(), common);
     kv_json["last_step_context"] = session.cached_tokens().saturating_sub(1).into();
     if json {
         let obj = serde_json::json!({
             "device": model_arc.device(),
+            "plan": plan_json,
             "gpu": gpu_json,
             "kv": kv_json,
             "prefill": median(col(&|c| c.stats.prefill_tokens_per_s)),
@@ -529,6 +536,7 @@ fn cmd_bench(
         threads
     );
     println!("device: {}", model_arc.device());
+    println!("plan: {plan_json}");
     if !gpu_json.is_null() {
         println!("gpu: {gpu_json}");
     }

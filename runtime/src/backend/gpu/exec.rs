@@ -351,6 +351,8 @@ pub struct GpuPlan {
     /// Per value: a constant already uploaded to its home buffer.
     const_loaded: Vec<bool>,
     linears: HashMap<usize, GpuLinear>,
+    /// Steps whose weights are another step's: a tied embedding → its output layer's step.
+    lin_alias: HashMap<usize, usize>,
     dummy: wgpu::Buffer,
     /// Largest KV-cache buffer (bytes): a layer's cache beyond it is split into segments of whole rows.
     seg_bytes: u64,
@@ -986,6 +988,29 @@ impl GpuPlan {
                 }
             }
         }
+        // Token embeddings: a tied output layer's weights when that layer runs alone (not stacked
+        // with others), else the table uploaded in the same layout.
+        let mut lin_alias = HashMap::new();
+        for (si, s) in plan.steps.iter().enumerate() {
+            let Step::Embedding(emb) = s else { continue };
+            let tied = plan.steps.iter().enumerate().find_map(|(j, t)| match t {
+                Step::Linear { w, .. }
+                    if Arc::ptr_eq(w, &emb.w)
+                        && linears.get(&j).is_some_and(|g| g.n == w.n)
+                        && lin_groups.get(&j).is_none_or(|g| g.members.len() == 1) =>
+                {
+                    Some(j)
+                }
+                _ => None,
+            });
+            if let Some(j) = tied {
+                lin_alias.insert(si, j);
+            } else if GpuLinear::supports(&emb.w) {
+                let g = GpuLinear::new(&ctx, &plan.graph.nodes[emb.node].name, &emb.w, None)?;
+                weight_bytes += g.bytes;
+                linears.insert(si, g);
+            }
+        }
         let dummy = ctx.buffer_with("dummy", &[0; 4])?;
         let mut me = GpuPlan {
             ctx: ctx.clone(),
@@ -995,6 +1020,7 @@ impl GpuPlan {
             caps: Vec::new(),
             const_loaded: vec![false; nvals],
             linears,
+            lin_alias,
             seg_bytes: seg_bytes
                 .unwrap_or(ctx.binding_limit)
                 .min(ctx.binding_limit)
@@ -1062,8 +1088,10 @@ impl GpuPlan {
             let desc = {
                 let e = Env::new(plan, &env, &meta, &no_prefix);
                 let d = me.describe(si, s, &e, true, 0)?;
-                let heavy = matches!(s, Step::Linear { .. } | Step::CacheAttention { .. })
-                    || me.embedding(plan, s)
+                let heavy = matches!(
+                    s,
+                    Step::Linear { .. } | Step::CacheAttention { .. } | Step::Embedding(_)
+                ) || me.embedding(plan, s)
                     || me.skipped.contains(&si)
                     || me.absorbed.contains(&si);
                 match d {
@@ -1258,7 +1286,12 @@ impl GpuPlan {
             st.gpu_steps = me.on_gpu.iter().filter(|g| **g).count();
             st.linear_groups = me.lin_groups.len();
             st.fused_norms = me.lin_groups.values().filter(|g| g.norm.is_some()).count();
-            st.subgroup_linears = me.linears.values().filter(|l| l.subgroups).count();
+            // Linear layers (an untied embedding's table is uploaded in their layout, not run as one).
+            st.subgroup_linears = me
+                .linears
+                .iter()
+                .filter(|(si, l)| l.subgroups && matches!(plan.steps[**si], Step::Linear { .. }))
+                .count();
             st.cpu_steps = me.on_gpu.len() - st.gpu_steps;
         }
         ctx.check("planning")?;
@@ -1560,6 +1593,7 @@ impl GpuPlan {
     }
 
     fn linear(&self, si: usize) -> Result<&GpuLinear> {
+        let si = self.lin_alias.get(&si).copied().unwrap_or(si);
         self.linears
             .get(&si)
             .ok_or_else(|| Error::Gpu(format!("step {si} has no GPU weights")))
@@ -1864,6 +1898,64 @@ impl GpuPlan {
                         None,
                     )],
                     reads,
+                    disp,
+                }))
+            }
+            Step::Embedding(emb) => {
+                let Ok(g) = self.linear(si) else {
+                    return Ok(None);
+                };
+                let Some(im) = e.meta(emb.ids).filter(|m| m.dtype == DType::I64) else {
+                    return Ok(None);
+                };
+                // Ids the host holds are checked here (the GPU writes zeros for one outside).
+                if e.meta[emb.ids].is_none() && !dry {
+                    let Some(it) = e.cpu(emb.ids) else {
+                        return Ok(None);
+                    };
+                    let rows = g.n as i64;
+                    if let Some(bad) = it.typed::<i64>().iter().find(|&&i| i < -rows || i >= rows) {
+                        let n = &plan.graph.nodes[emb.node];
+                        return Err(Error::node(
+                            &n.name,
+                            &n.op,
+                            format!("token id {bad} is out of range for the {rows}-row embedding"),
+                        ));
+                    }
+                }
+                let t = im.numel();
+                let mut shape = im.shape.clone();
+                shape.push(g.k);
+                let disp = (0..g.parts.len())
+                    .map(|i| -> Result<Disp> {
+                        Ok(Disp {
+                            kernel: k(&|| g.embed_kernel(ctx))?,
+                            binds: vec![
+                                BufRef::Val(emb.ids),
+                                BufRef::LinW(i),
+                                BufRef::LinS(i),
+                                BufRef::LinZ(i),
+                                BufRef::Dummy,
+                                BufRef::Dummy,
+                                BufRef::Val(emb.out),
+                            ],
+                            params: g.embed_params(i, t),
+                            groups: g.embed_groups(t, ctx.max_groups),
+                        })
+                    })
+                    .collect::<Result<_>>()?;
+                Ok(Some(Desc {
+                    fused: None,
+                    at: Vec::new(),
+                    outs: vec![(
+                        emb.out,
+                        Meta {
+                            dtype: DType::F32,
+                            shape,
+                        },
+                        None,
+                    )],
+                    reads: vec![emb.ids],
                     disp,
                 }))
             }
@@ -3881,6 +3973,44 @@ pub(crate) fn run_linear_once(
     enc.copy_buffer_to_buffer(&ob, 0, &st, 0, (t * g.n * 4) as u64);
     ctx.queue.submit([enc.finish()]);
     let v = ctx.read_back(&[(&st, t * g.n * 4)], None)?.remove(0);
+    Ok(bytemuck::cast_slice(&v).to_vec())
+}
+
+/// Test helper: the token embedding of `ids` from the weights `g` (every part's dispatch), `[ids, K]`.
+#[cfg(test)]
+pub(crate) fn run_embed_once(ctx: &GpuContext, g: &GpuLinear, ids: &[i64]) -> Result<Vec<f32>> {
+    let t = ids.len();
+    let len = (t * g.k * 4) as u64;
+    let kernel = g.embed_kernel(ctx)?;
+    let ib = ctx.buffer_with("ids", bytemuck::cast_slice(ids))?;
+    // Filled with NaN: an element no dispatch writes shows.
+    let ob = ctx.buffer_with("o", &vec![0xff; len as usize])?;
+    let dummy = ctx.buffer_with("dummy", &[0; 4])?;
+    let pbuf = ctx.uniform("p", (256 * g.parts.len()) as u64);
+    let mut enc = ctx.device.create_command_encoder(&Default::default());
+    let mut groups = Vec::new();
+    for (i, part) in g.parts.iter().enumerate() {
+        ctx.queue
+            .write_buffer(&pbuf, (i * 256) as u64, g.embed_params(i, t).bytes());
+        groups.push(ctx.bind(
+            &kernel,
+            (&pbuf, (i * 256) as u64),
+            &[&ib, &part.w, &part.s, &part.z, &dummy, &dummy, &ob],
+        ));
+    }
+    {
+        let mut pass = enc.begin_compute_pass(&Default::default());
+        pass.set_pipeline(&kernel.pipeline);
+        for bg in &groups {
+            pass.set_bind_group(0, bg, &[]);
+            let (x, y, z) = g.embed_groups(t, ctx.max_groups);
+            pass.dispatch_workgroups(x, y, z);
+        }
+    }
+    let st = ctx.staging("s", len);
+    enc.copy_buffer_to_buffer(&ob, 0, &st, 0, len);
+    ctx.queue.submit([enc.finish()]);
+    let v = ctx.read_back(&[(&st, len as usize)], None)?.remove(0);
     Ok(bytemuck::cast_slice(&v).to_vec())
 }
 

@@ -11,8 +11,16 @@ use crate::error::{Error, Result};
 use crate::graph::DType;
 use crate::weights::{LinearWeights, WeightForm};
 
-/// The WGSL of this family.
-pub const SOURCE: &str = include_str!("linear.wgsl");
+/// The WGSL of this family (the weight decoding, then the kernels).
+pub const SOURCE: &str = concat!(
+    include_str!("linear_weights.wgsl"),
+    include_str!("linear.wgsl")
+);
+/// The token embedding (`embed`): rows of the weights decoded by token id.
+pub const EMBED_SOURCE: &str = concat!(
+    include_str!("linear_weights.wgsl"),
+    include_str!("linear_embed.wgsl")
+);
 /// The subgroup variant's entry (`linear_sg`), compiled appended to [`SOURCE`].
 pub const SUBGROUP_SOURCE: &str = include_str!("linear_subgroup.wgsl");
 /// The tiled GEMM for prefill chunks (`linear_gemm`), compiled appended to [`SOURCE`].
@@ -69,7 +77,7 @@ pub struct GpuLinear {
     pub bytes: u64,
     /// Output rows a workgroup computes (`0`: one row an invocation, 64 a workgroup).
     pub rows: usize,
-    /// The encoding's code in `linear.wgsl` (`FORM`).
+    /// The encoding's code in `linear_weights.wgsl` (`FORM`).
     pub form: u32,
     /// Whether the kernels are the subgroup variant (`linear_sg`, `rows` rows a workgroup).
     pub subgroups: bool,
@@ -313,6 +321,25 @@ impl GpuLinear {
     }
 }
 
+impl GpuLinear {
+    /// The token-embedding kernel for these weights (`linear_embed.wgsl`): bindings IDS, W, S, Z, -, -, O.
+    pub fn embed_kernel(&self, ctx: &GpuContext) -> Result<Arc<Kernel>> {
+        pipeline(ctx, "embed", &[("FORM", self.form as f64)])
+    }
+
+    /// Parameters of the embedding of `t` token ids from part `i`.
+    pub fn embed_params(&self, i: usize, t: usize) -> Params {
+        let p = &self.parts[i];
+        Params::new().u(p.rows).u(self.k).u(t).u(p.n0).u(self.n)
+    }
+
+    /// Workgroups of the embedding of `t` token ids (each part's dispatch covers every element).
+    pub fn embed_groups(&self, t: usize, max_dim: u32) -> (u32, u32, u32) {
+        let (x, y) = super::grid(t * self.k, 256, max_dim);
+        (x, y, 1)
+    }
+}
+
 /// What a fused linear dispatch computes besides `x · Wᵀ + bias` (see `linear.wgsl`, P[7..]).
 #[derive(Debug, Clone, PartialEq)]
 pub enum FusedOut {
@@ -508,6 +535,7 @@ fn pipeline(ctx: &GpuContext, entry: &str, constants: &[(&str, f64)]) -> Result<
             entry,
             WITH_GEMM.get_or_init(|| format!("{SOURCE}\n{GEMM_SOURCE}")),
         ),
+        "embed" => ("linear_embed", EMBED_SOURCE),
         _ => ("linear", SOURCE),
     };
     ctx.pipeline(key, src, entry, &binds, constants)
@@ -700,6 +728,51 @@ mod tests {
                     );
                     if limit < ctx.binding_limit && n >= 64 {
                         assert!(g.parts.len() > 1, "{name}: expected a split");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The embedding kernel decodes the rows the CPU reference decodes, bit for bit, for every
+    /// encoding, whole and split into parts; negative ids count from the end, ids outside give zeros.
+    #[test]
+    fn embedding_rows_match_the_cpu_decoder() {
+        let Some(ctx) = ctx() else { return };
+        for (n, k) in [(1, 32), (7, 64), (100, 96), (260, 576)] {
+            let v = n as i64;
+            let ids: Vec<i64> = vec![
+                0,
+                v - 1,
+                v / 2,
+                -1,
+                -v,
+                v,
+                -v - 1,
+                3 % v,
+                i64::MAX,
+                i64::MIN,
+            ];
+            for (name, w) in forms(n, k, (3 * n + k) as u64) {
+                let per = form_code(&w).unwrap().1.max(4 * (k / 32).max(1));
+                let split = (per * n.div_ceil(4).next_multiple_of(4)) as u64;
+                for limit in [ctx.binding_limit, split] {
+                    let g = GpuLinear::with_limit(&ctx, name, &w, None, limit).unwrap();
+                    let got = super::super::exec::run_embed_once(&ctx, &g, &ids).unwrap();
+                    let mut row = vec![0f32; k];
+                    for (&id, got) in ids.iter().zip(got.chunks(k)) {
+                        let r = if id < 0 { id.checked_add(v) } else { Some(id) };
+                        match r.filter(|r| (0..v).contains(r)) {
+                            Some(r) => w.decode_row(r as usize, &mut row),
+                            None => row.fill(0.0),
+                        }
+                        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                        assert_eq!(
+                            bits(got),
+                            bits(&row),
+                            "{name} n {n} k {k} id {id} parts {}",
+                            g.parts.len()
+                        );
                     }
                 }
             }

@@ -4,16 +4,14 @@
 // the elements k = l, l + lanes, ...: each step covers whole blocks of 32 (block forms share scale/zero
 // loads) and reads x coalesced; the 8 token accumulators are two vec4s (no private arrays). Few rows a
 // workgroup keep each lane's dependent chain short (a decode GEMV is latency-bound).
-// FORM: 0 f32, 1 f16, 2 bf16, 3 int8 per row (S[n]), 4 4-bit blocks of 32, 5 8-bit blocks of 32
-// (value = (q - Z[blk]) * S[blk]). P[0]=N (rows in this part) P[1]=K P[2]=T P[3]=n0 P[4]=row stride
-// of y P[5]=has bias P[6]=has residual.
+// FORM: the encoding (linear_weights.wgsl, compiled before this file). P[0]=N (rows in this part)
+// P[1]=K P[2]=T P[3]=n0 P[4]=row stride of y P[5]=has bias P[6]=has residual.
 // Fused forms (several linear layers of one input as one dispatch over their concatenated rows; 4 tokens
 // a workgroup): MODE 0 one output; 1 parts: row n of part p (rows P[11+2p-2]..P[11+2p], the first
 // from 0) goes to O[P[12+2p] + t * rows_p + n - first_p]; 2 SiLU pair: rows n and N + n give
 // O[t * N + n] = silu(a) * b. NORM: x is RMS-normalized on the way (AUX = the norm's scale, one per k;
 // the 1/rms factor is applied to the sums, the scale to x). P[7], P[8]: MODE and NORM (as the pipeline
 // has them) P[9]=epsilon (f32) P[10]=parts.
-override FORM: u32 = 0u;
 // Output rows a workgroup computes (1, 2, 4 or 8); the 256 threads split into ROWS x (256 / ROWS) lanes.
 override ROWS: u32 = 8u;
 // The fused forms (below): MODE 0 one output, 1 parts, 2 SiLU pair; NORM: x is RMS-normalized on the way.
@@ -23,40 +21,12 @@ override MODE: u32 = 0u;
 override NORM: bool = false;
 
 @group(0) @binding(1) var<storage, read> X: array<f32>;
-@group(0) @binding(2) var<storage, read> W: array<u32>;
-@group(0) @binding(3) var<storage, read> S: array<f32>;
-@group(0) @binding(4) var<storage, read> Z: array<f32>;
 @group(0) @binding(5) var<storage, read> BIAS: array<f32>;
 // The residual (mode 0), or the RMS norm's scale when P[8] = 1.
 @group(0) @binding(6) var<storage, read> AUX: array<f32>;
 @group(0) @binding(7) var<storage, read_write> O: array<f32>;
 
 var<workgroup> red: array<vec4<f32>, 512>;
-
-fn w_at(n: u32, k: u32, kk: u32) -> f32 {
-    let e = n * kk + k;
-    switch FORM {
-        case 0u: { return bitcast<f32>(W[e]); }
-        case 1u: { return unpack2x16float(W[e / 2u])[e & 1u]; }
-        case 2u: { return bitcast<f32>(((W[e / 2u] >> (16u * (e & 1u))) & 0xffffu) << 16u); }
-        case 3u: {
-            let byte = (W[e / 4u] >> (8u * (e & 3u))) & 0xffu;
-            return f32(i32(byte << 24u) >> 24u) * S[n];
-        }
-        case 4u: {
-            let blk = e / 32u;
-            let j = k % 32u;
-            let q = (W[blk * 4u + j / 8u] >> (4u * (j % 8u))) & 15u;
-            return (f32(q) - Z[blk]) * S[blk];
-        }
-        default: {
-            let blk = e / 32u;
-            let j = k % 32u;
-            let q = (W[blk * 8u + j / 4u] >> (8u * (j % 4u))) & 255u;
-            return (f32(q) - Z[blk]) * S[blk];
-        }
-    }
-}
 
 // Where output row n (of the concatenated rows) for token t goes (modes 0 and 1).
 fn out_at(n: u32, t: u32) -> u32 {

@@ -5,8 +5,10 @@
 //! `Cast` or `DequantizeLinear`, and `MatMulNBits` with constant weights — and binds them to
 //! [`LinearWeights`] that read the mapped bytes in place, (4) recognizes attention over a
 //! caller-owned cache (`Attention(q, Concat(past, new), ...)`) so the cache is read in place instead
-//! of concatenated, (5) folds the remaining small constant subgraphs, (6) drops dead nodes and
-//! records each value's last use so buffers are freed as soon as possible.
+//! of concatenated, (5) folds the remaining small constant subgraphs, (6) binds the token embedding
+//! (the rows gathered from constant tables by the token ids, see [`embedding`]) to one step over
+//! [`LinearWeights`] — shared with a tied output layer — and (7) drops dead nodes and records each
+//! value's last use so buffers are freed as soon as possible.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -16,6 +18,8 @@ use crate::error::{Error, Result};
 use crate::graph::{DType, Graph, Node};
 use crate::tensor::Tensor;
 use crate::weights::LinearWeights;
+
+mod embedding;
 
 /// Index of a value (tensor name) in the plan.
 pub type ValId = usize;
@@ -50,6 +54,8 @@ pub enum Step {
     },
     /// `SiLU(g)·u` fused (the gated MLP's activation).
     SiluGate(SiluGate),
+    /// The token embedding: rows of a table gathered by the token ids and decoded.
+    Embedding(Embedding),
     /// Attention over a caller-owned static cache plus this chunk's rows.
     CacheAttention {
         /// Index of the `Attention` node.
@@ -79,6 +85,20 @@ pub struct SiluGate {
     pub g: ValId,
     /// Up input.
     pub u: ValId,
+    /// Output.
+    pub out: ValId,
+}
+
+/// The token embedding: `out[i..] = decode(W[ids[i..]])`, `[ids.., K]` f32, as proven at plan time
+/// to equal the graph's gather-and-decode subgraph it replaces.
+#[derive(Debug)]
+pub struct Embedding {
+    /// Index of the node whose output `out` is (the subgraph's last).
+    pub node: usize,
+    /// Token ids (int64).
+    pub ids: ValId,
+    /// The table `[V, K]`: the same `Arc` as a tied output layer's weights.
+    pub w: Arc<LinearWeights>,
     /// Output.
     pub out: ValId,
 }
@@ -134,6 +154,10 @@ pub struct PlanStats {
     pub cache_attention: usize,
     /// Fused gated-MLP activations.
     pub silu_gate: usize,
+    /// Token embeddings bound to their table (and of those, tied to an output layer's weights).
+    pub embedding: usize,
+    /// Embeddings sharing their table with an output layer.
+    pub embedding_tied: usize,
     /// Bias `Add`s folded into the linear layer before them.
     pub linear_bias: usize,
     /// Nodes folded into constants.
@@ -453,7 +477,42 @@ impl Plan {
             }
         }
 
-        // (6) liveness: walk back from the graph outputs; keep only what is needed.
+        // (6) the token embedding.
+        if let Some(&ids) = inputs.get(crate::contract::INPUT_IDS) {
+            let taken: Vec<bool> = (0..graph.nodes.len())
+                .map(|ni| absorbed[ni] || kind[ni].is_some())
+                .collect();
+            let found = embedding::Graphs {
+                graph: &graph,
+                node_in: &node_in,
+                node_out: &node_out,
+                consts: &consts,
+                consumers: &consumers,
+                graph_outputs: &graph_outputs,
+                taken: &taken,
+            }
+            .embeddings(ids);
+            for f in found {
+                for &m in &f.absorbs {
+                    absorbed[m] = true;
+                }
+                // A tied output layer: one set of weights for both.
+                let shared = kind.iter().find_map(|k| match k {
+                    Some(Step::Linear { w, .. }) if w.same_weights(&f.w) => Some(w.clone()),
+                    _ => None,
+                });
+                stats.embedding += 1;
+                stats.embedding_tied += usize::from(shared.is_some());
+                kind[f.leader] = Some(Step::Embedding(Embedding {
+                    node: f.leader,
+                    ids: f.ids,
+                    w: shared.unwrap_or_else(|| Arc::new(f.w)),
+                    out: f.out,
+                }));
+            }
+        }
+
+        // (7) liveness: walk back from the graph outputs; keep only what is needed.
         let mut needed = vec![false; nvals];
         for &o in &graph_outputs {
             needed[o] = true;
@@ -464,9 +523,9 @@ impl Plan {
                 continue;
             }
             let produces_needed = match &kind[ni] {
-                Some(Step::CacheAttention { out, .. }) | Some(Step::Linear { out, .. }) => {
-                    needed[*out]
-                }
+                Some(Step::CacheAttention { out, .. })
+                | Some(Step::Linear { out, .. })
+                | Some(Step::Embedding(Embedding { out, .. })) => needed[*out],
                 _ => node_out[ni].iter().any(|&o| needed[o]),
             };
             if !produces_needed {
@@ -476,6 +535,7 @@ impl Plan {
             let reads: Vec<ValId> = match &kind[ni] {
                 Some(Step::Linear { x, .. }) => vec![*x],
                 Some(Step::SiluGate(sg)) => vec![sg.g, sg.u],
+                Some(Step::Embedding(e)) => vec![e.ids],
                 Some(Step::CacheAttention { q, new, mask, .. }) => {
                     let mut r = vec![*q, new[0], new[1]];
                     r.extend(mask);
@@ -646,6 +706,7 @@ pub fn step_reads(s: &Step) -> Vec<ValId> {
         Step::Node { inputs, .. } => inputs.iter().flatten().copied().collect(),
         Step::Linear { x, .. } => vec![*x],
         Step::SiluGate(sg) => vec![sg.g, sg.u],
+        Step::Embedding(e) => vec![e.ids],
         Step::CacheAttention { q, new, mask, .. } => {
             let mut r = vec![*q, new[0], new[1]];
             r.extend(mask);
