@@ -84,12 +84,10 @@ pub struct StepState {
     kv: PagedCache,
     #[cfg(feature = "gpu")]
     gpu: Option<crate::backend::gpu::exec::GpuState>,
-    /// The next decode step, run ahead on the GPU (see [`GpuPlan::begin`]).
+    /// The next decode step, run ahead on the GPU (see [`GpuPlan::begin`]), with the token it was
+    /// fed (the first of the last step's choice on the GPU).
     #[cfg(feature = "gpu")]
-    ahead: Option<crate::backend::gpu::exec::Flight>,
-    /// The token `ahead` was fed (the first of the last step's choice on the GPU).
-    #[cfg(feature = "gpu")]
-    fed: Option<i64>,
+    ahead: Option<(crate::backend::gpu::exec::Flight, i64)>,
 }
 
 impl std::fmt::Debug for Model {
@@ -315,8 +313,6 @@ impl Model {
             },
             #[cfg(feature = "gpu")]
             ahead: None,
-            #[cfg(feature = "gpu")]
-            fed: None,
         })
     }
 
@@ -395,16 +391,15 @@ impl Model {
                 |s: &Step, env: &mut [Option<Tensor>]| exec_step(plan, s, env, None, &mut prefixes);
             // The step run ahead by the last call, if the caller fed the token it guessed and the same
             // inputs; otherwise it is dropped and this step begins now.
-            let ahead = state.ahead.take().and_then(|mut f| {
+            let ahead = state.ahead.take().and_then(|(mut f, fed)| {
                 let holds = ids.len() == 1
-                    && state.fed == Some(i64::from(ids[0]))
+                    && fed == i64::from(ids[0])
                     && g.holds_for(&mut f, &env, position, &want);
                 if !holds {
                     g.missed_ahead();
                 }
                 holds.then_some(f)
             });
-            state.fed = None;
             let flight = match ahead {
                 Some(f) => f,
                 None => g.begin(
@@ -440,10 +435,8 @@ impl Model {
                 None
             };
             let (env, fed) = g.finish(plan, gs, &mut state.kv, flight, &mut cpu_step)?;
-            if next.is_some() {
-                state.fed = fed;
-                state.ahead = next;
-            }
+            // (A step whose choice ran on the host fed nothing: no step runs ahead of it.)
+            state.ahead = next.zip(fed);
             let get = |name: &str| -> Result<Tensor> {
                 let slot = plan.outputs[name];
                 env[slot]

@@ -283,8 +283,9 @@ struct Feed {
 
 /// A step on its way ([`GpuPlan::begin`] → [`GpuPlan::finish`]).
 pub struct Flight {
-    /// The graph inputs it was begun with, when it runs ahead (for [`GpuPlan::holds_for`]).
-    input: Vec<Option<Tensor>>,
+    /// The inputs read before its read-back (`Feed::early`) it was begun with, when it runs ahead
+    /// (for [`GpuPlan::holds_for`]).
+    early: Vec<Option<Tensor>>,
     env: Vec<Option<Tensor>>,
     meta: Vec<Option<Meta>>,
     params: Vec<u8>,
@@ -1079,8 +1080,8 @@ impl GpuPlan {
         let mut meta: Vec<Option<Meta>> = vec![None; nvals];
         let mut root: Vec<Option<ValId>> = vec![None; nvals];
         let mut need: HashMap<ValId, u64> = HashMap::new();
-        // CPU steps that read a value of the GPU (each one waits for it).
-        let mut waits_at: Vec<usize> = Vec::new();
+        // The first CPU step that reads a value of the GPU (it waits for it).
+        let mut first_wait: Option<usize> = None;
         let mut uploads: HashSet<ValId> = HashSet::new();
         let mut consts: HashSet<ValId> = HashSet::new();
         let mut slot = 0usize;
@@ -1180,9 +1181,7 @@ impl GpuPlan {
                     }
                     for v in crate::plan::step_reads(s) {
                         if let Some(m) = &meta[v] {
-                            if waits_at.last() != Some(&si) {
-                                waits_at.push(si);
-                            }
+                            first_wait.get_or_insert(si);
                             if env[v].is_none() {
                                 env[v] = Some(Tensor::zeros(m.dtype, &m.shape));
                             }
@@ -1274,7 +1273,7 @@ impl GpuPlan {
             me.groups[si] = gs;
         }
         me.last_gpu = me.on_gpu.iter().rposition(|g| *g);
-        me.feed = me.find_feed(plan, waits_at.first().copied());
+        me.feed = me.find_feed(plan, first_wait);
         for (si, s) in plan.steps.iter().enumerate() {
             if !me.on_gpu[si] {
                 me.cpu_reads
@@ -2931,10 +2930,7 @@ impl GpuPlan {
         let r = self.begin_inner(
             plan, state, host, env, position, tokens, want, cpu_step, after,
         );
-        if r.is_err() {
-            self.forget_slots(state);
-        }
-        r
+        self.forget_slots_on_error(state, r)
     }
 
     /// Completes a step [`GpuPlan::begin`] returned: waits for its read-back, runs the rest, writes its
@@ -2950,19 +2946,20 @@ impl GpuPlan {
         cpu_step: &mut CpuStep,
     ) -> Result<(Vec<Option<Tensor>>, Option<i64>)> {
         let r = self.finish_inner(plan, state, host, f, cpu_step);
-        if r.is_err() {
-            self.forget_slots(state);
-        }
-        r
+        self.forget_slots_on_error(state, r)
     }
 
-    /// What the slots hold is unknown after a failed step: upload everything next time.
-    fn forget_slots(&self, state: &GpuState) {
-        if let Ok(mut h) = state.held.lock() {
-            for e in h.iter_mut().filter(|e| e.1 != usize::MAX) {
-                *e = (None, 0);
+    /// `r`; when it is an error, what the slots hold is unknown after the failed step: everything is
+    /// uploaded next time.
+    fn forget_slots_on_error<T>(&self, state: &GpuState, r: Result<T>) -> Result<T> {
+        if r.is_err() {
+            if let Ok(mut h) = state.held.lock() {
+                for e in h.iter_mut().filter(|e| e.1 != usize::MAX) {
+                    *e = (None, 0);
+                }
             }
         }
+        r
     }
 
     /// Whether `f`, run ahead, holds for a call with these graph inputs (`input` from the caller's
@@ -2989,7 +2986,8 @@ impl GpuPlan {
             || !feed
                 .early
                 .iter()
-                .all(|&v| same(f.input[v].as_ref(), input[v].as_ref()))
+                .zip(&f.early)
+                .all(|(&v, begun)| same(begun.as_ref(), input[v].as_ref()))
         {
             return false;
         }
@@ -3035,7 +3033,7 @@ impl GpuPlan {
         };
         let nvals = plan.names.len();
         let mut f = Flight {
-            input: Vec::new(),
+            early: Vec::new(),
             env,
             meta: vec![None; nvals],
             params: Vec::new(),
@@ -3072,7 +3070,7 @@ impl GpuPlan {
                 .ok_or_else(|| Error::Gpu("the fed token ids have no GPU buffer".into()))?;
             f.parity = 1 - a.parity;
             f.fed = Some(feed.ids);
-            f.input = f.env.clone();
+            f.early = feed.early.iter().map(|&v| f.env[v].clone()).collect();
             f.pending.push(Cmd::Feed {
                 to,
                 to_off: self.offs[feed.ids],
