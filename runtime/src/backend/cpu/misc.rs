@@ -152,9 +152,61 @@ impl Ord for Worst {
     }
 }
 
+/// From this `k` on, [`top_k`] sorts integer keys instead of keeping a heap (top-p sampling over the
+/// whole vocabulary asks for every entry sorted: 49,152 for SmolLM2).
+const SORT_K: usize = 128;
+
+/// `v`'s place in [`better`]'s order as an unsigned integer: NaN lowest, then −∞ … −0.0, +0.0 … +∞.
+#[inline]
+fn rank_bits(v: f32) -> u32 {
+    if v.is_nan() {
+        return 0;
+    }
+    let b = v.to_bits();
+    if b & 0x8000_0000 != 0 {
+        !b
+    } else {
+        b | 0x8000_0000
+    }
+}
+
+/// The indices of `x` in [`better`]'s order, best first: an LSD radix sort (three passes of 11 bits)
+/// of the rank's complement, stable, so equal values keep their index order.
+fn radix_order(x: &[f32]) -> Vec<u32> {
+    const BITS: u32 = 11;
+    let n = x.len();
+    let mut keys: Vec<u32> = x.iter().map(|&v| !rank_bits(v)).collect();
+    let mut idx: Vec<u32> = (0..n as u32).collect();
+    let (mut keys2, mut idx2) = (vec![0u32; n], vec![0u32; n]);
+    for pass in 0..3 {
+        let shift = pass * BITS;
+        let digit = |key: u32| ((key >> shift) & ((1 << BITS) - 1)) as usize;
+        let mut start = vec![0usize; 1 << BITS];
+        for &key in &keys {
+            start[digit(key)] += 1;
+        }
+        let mut sum = 0;
+        for c in start.iter_mut() {
+            (*c, sum) = (sum, sum + *c);
+        }
+        for (&key, &i) in keys.iter().zip(&idx) {
+            let d = &mut start[digit(key)];
+            keys2[*d] = key;
+            idx2[*d] = i;
+            *d += 1;
+        }
+        std::mem::swap(&mut keys, &mut keys2);
+        std::mem::swap(&mut idx, &mut idx2);
+    }
+    idx
+}
+
 /// The `k = values.len()` largest entries of `x`, sorted descending, ties broken by lower index first
-/// (NaN ranks below every number; −0.0 ranks below +0.0). `O(n log k)` with a bounded heap; `k = 1` is a
-/// single argmax pass. Errors if `k > x.len()` or the output slices differ in length.
+/// (NaN ranks below every number; −0.0 ranks below +0.0). `k = 1` is a single argmax pass; up to
+/// [`SORT_K`], `O(n log k)` with a bounded heap; from there `O(n + k log k)` over one u64 key an entry
+/// (the rank's complement, then the index: ascending keys are the wanted order); for `k` of at least a
+/// quarter of `x`, a radix sort of all of it. Errors if `k > x.len()` or the output slices differ in
+/// length.
 pub fn top_k(x: &[f32], values: &mut [f32], indices: &mut [usize]) -> KernelResult {
     let k = values.len();
     check_len("top_k", "indices", k, indices.len())?;
@@ -173,6 +225,35 @@ pub fn top_k(x: &[f32], values: &mut [f32], indices: &mut [usize]) -> KernelResu
         }
         values[0] = best.0;
         indices[0] = best.1;
+        return Ok(());
+    }
+    if k >= SORT_K && 4 * k >= x.len() && x.len() <= u32::MAX as usize {
+        // Most of x: a stable radix sort of the indices by rank (ties keep index order).
+        for ((v, i), j) in values
+            .iter_mut()
+            .zip(indices.iter_mut())
+            .zip(radix_order(x))
+        {
+            *i = j as usize;
+            *v = x[*i];
+        }
+        return Ok(());
+    }
+    if k >= SORT_K && x.len() <= u32::MAX as usize {
+        let mut keys: Vec<u64> = x
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| (u64::from(!rank_bits(v)) << 32) | i as u64)
+            .collect();
+        if k < keys.len() {
+            keys.select_nth_unstable(k - 1);
+            keys.truncate(k);
+        }
+        keys.sort_unstable();
+        for ((v, i), key) in values.iter_mut().zip(indices.iter_mut()).zip(&keys) {
+            *i = (key & 0xffff_ffff) as usize;
+            *v = x[*i];
+        }
         return Ok(());
     }
     let mut heap: BinaryHeap<Worst> = BinaryHeap::with_capacity(k + 1);
@@ -308,6 +389,35 @@ mod tests {
         assert!(top_k(&[1.0], &mut [0.0; 2], &mut [0; 2]).is_err());
         assert!(top_k(&[1.0, 2.0], &mut [0.0; 1], &mut [0; 2]).is_err());
         top_k(&[1.0], &mut [], &mut []).unwrap();
+    }
+
+    /// The sorted-keys path (k ≥ SORT_K) over NaNs, signed zeros, infinities and ties, bit for bit.
+    #[test]
+    fn top_k_large_k_edges() {
+        let specials = [
+            f32::NAN,
+            -0.0,
+            0.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            1.5,
+            -2.0,
+        ];
+        let x: Vec<f32> = (0..1000)
+            .map(|i| match i % 9 {
+                j @ 0..=6 => specials[j],
+                _ => ((i * 7919) % 1000) as f32 / 37.0 - 13.0,
+            })
+            .collect();
+        for k in [SORT_K, 500, 999, 1000] {
+            let (mut v, mut i) = (vec![0f32; k], vec![0usize; k]);
+            let (mut rv, mut ri) = (vec![0f32; k], vec![0usize; k]);
+            top_k(&x, &mut v, &mut i).unwrap();
+            top_k_reference(&x, &mut rv, &mut ri).unwrap();
+            assert_eq!(i, ri, "k {k}");
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&v), bits(&rv), "k {k}");
+        }
     }
 
     #[test]
