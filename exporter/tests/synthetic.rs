@@ -511,6 +511,17 @@ fn exports_every_variant() {
         if case.linear == SourceDType::Q4_0 && case.quantize == Quantize::Keep {
             assert!(s.op_histogram.contains_key("com.microsoft::MatMulNBits"));
         }
+        // The runtime binds the embedding of every table form to one step over its table, shared
+        // with the output layer when tied.
+        let model = onestep::Model::load(&out).unwrap_or_else(|e| panic!("{}: {e}", case.name));
+        let ps = model.plan_stats();
+        assert_eq!(
+            (ps.embedding, ps.embedding_tied),
+            (1, usize::from(case.tied)),
+            "{}: {ps:?}",
+            case.name
+        );
+        drop(model);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
