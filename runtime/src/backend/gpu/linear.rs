@@ -81,11 +81,20 @@ pub struct GpuLinear {
     pub form: u32,
     /// Whether the kernels are the subgroup variant (`linear_sg`, `rows` rows a workgroup).
     pub subgroups: bool,
+    /// Whether a lane of the subgroup variant takes whole blocks of a row (4- and 8-bit block forms;
+    /// `ONESTEP_GPU_BLOCK_LANES=0`: one element of every block, as the other forms).
+    pub blocks: bool,
     /// The tiled GEMM (`linear_gemm`, plain output) for chunks of at least `gemm_tokens` tokens; None
     /// for the one-row-an-invocation variant (CPU adapters) or when turned off.
     pub gemm: Option<Arc<Kernel>>,
     /// Tokens from which a chunk takes [`GpuLinear::gemm`].
     pub gemm_tokens: usize,
+}
+
+/// Whether the subgroup variant's lanes take whole blocks of block forms (`ONESTEP_GPU_BLOCK_LANES`,
+/// default on).
+fn block_lanes() -> bool {
+    std::env::var_os("ONESTEP_GPU_BLOCK_LANES").is_none_or(|v| v != "0")
 }
 
 /// Rows a workgroup of the subgroup variant: as many as the 256 invocations make subgroups of the
@@ -249,7 +258,8 @@ impl GpuLinear {
         } else {
             rows_for(k)
         };
-        let kernel = kernel(ctx, code, rows, subgroups)?;
+        let blocks = subgroups && matches!(code, 4 | 5) && block_lanes();
+        let kernel = kernel(ctx, code, rows, subgroups, blocks)?;
         let gemm_tokens = match std::env::var("ONESTEP_GPU_GEMM_TOKENS").map(|v| v.parse()) {
             Ok(Ok(0)) => usize::MAX,
             Ok(Ok(n)) => n,
@@ -262,6 +272,7 @@ impl GpuLinear {
                     code,
                     mode: 0,
                     norm: false,
+                    blocks: false,
                 },
             )?)
         } else {
@@ -271,6 +282,7 @@ impl GpuLinear {
             form: code,
             rows,
             subgroups,
+            blocks,
             gemm,
             gemm_tokens,
             n,
@@ -382,6 +394,7 @@ impl GpuLinear {
             code: self.form,
             mode: out.mode(),
             norm,
+            blocks: self.blocks,
         };
         Ok(Some(if self.rows == 0 {
             vec![
@@ -479,20 +492,22 @@ struct Spec {
     code: u32,
     mode: u32,
     norm: bool,
+    /// `BLOCKS` of `linear_sg`.
+    blocks: bool,
 }
 
 /// A fused-forms kernel: `entry` of `linear.wgsl` specialized to `spec`, `rows` rows a workgroup.
 fn fused_kernel(ctx: &GpuContext, spec: Spec, entry: &str, rows: usize) -> Result<Arc<Kernel>> {
-    pipeline(
-        ctx,
-        entry,
-        &[
-            ("FORM", spec.code as f64),
-            ("ROWS", rows as f64),
-            ("MODE", spec.mode as f64),
-            ("NORM", f64::from(u8::from(spec.norm))),
-        ],
-    )
+    let mut constants = vec![
+        ("FORM", spec.code as f64),
+        ("ROWS", rows as f64),
+        ("MODE", spec.mode as f64),
+        ("NORM", f64::from(u8::from(spec.norm))),
+    ];
+    if entry == "linear_sg" {
+        constants.push(("BLOCKS", f64::from(u8::from(spec.blocks))));
+    }
+    pipeline(ctx, entry, &constants)
 }
 
 /// The tiled GEMM (`linear_gemm`) specialized to `spec`.
@@ -509,14 +524,38 @@ fn gemm_kernel(ctx: &GpuContext, spec: Spec) -> Result<Arc<Kernel>> {
 }
 
 /// The kernel for encoding `code` (see `linear.wgsl`) computing `rows` rows a workgroup (`0`: the
-/// one-row-an-invocation variant; `subgroups`: the subgroup variant): bindings X, W, S, Z, BIAS, RES, O.
-pub fn kernel(ctx: &GpuContext, code: u32, rows: usize, subgroups: bool) -> Result<Arc<Kernel>> {
-    let (entry, rows) = match rows {
-        0 => ("linear_rows", 8),
-        r if subgroups => ("linear_sg", r),
-        r => ("linear", r),
-    };
-    pipeline(ctx, entry, &[("FORM", code as f64), ("ROWS", rows as f64)])
+/// one-row-an-invocation variant; `subgroups`: the subgroup variant, `blocks`: with whole blocks a
+/// lane): bindings X, W, S, Z, BIAS, RES, O.
+pub fn kernel(
+    ctx: &GpuContext,
+    code: u32,
+    rows: usize,
+    subgroups: bool,
+    blocks: bool,
+) -> Result<Arc<Kernel>> {
+    match rows {
+        0 => pipeline(ctx, "linear_rows", &[("FORM", code as f64), ("ROWS", 8.0)]),
+        r if subgroups => pipeline(
+            ctx,
+            "linear_sg",
+            &[
+                ("FORM", code as f64),
+                ("ROWS", r as f64),
+                ("BLOCKS", f64::from(u8::from(blocks))),
+            ],
+        ),
+        r => pipeline(ctx, "linear", &[("FORM", code as f64), ("ROWS", r as f64)]),
+    }
+}
+
+impl GpuLinear {
+    /// Test hook: the subgroup variant's kernel with whole blocks a lane on or off.
+    #[cfg(test)]
+    pub(crate) fn with_block_lanes(mut self, ctx: &GpuContext, on: bool) -> Result<Self> {
+        self.blocks = on && self.subgroups && matches!(self.form, 4 | 5);
+        self.kernel = kernel(ctx, self.form, self.rows, self.subgroups, self.blocks)?;
+        Ok(self)
+    }
 }
 
 /// `entry` of `linear.wgsl` (`linear_sg`: of it with `linear_subgroup.wgsl`) with these pipeline
@@ -662,6 +701,14 @@ mod tests {
 
     const VARIANTS: [Variant; 3] = [Variant::Lanes, Variant::Rows, Variant::Subgroups];
 
+    /// Every variant, and the subgroup variant once more with one element of every block a lane
+    /// (`(variant, whole blocks a lane)`).
+    fn variants() -> Vec<(Variant, bool)> {
+        let mut v: Vec<(Variant, bool)> = VARIANTS.iter().map(|&v| (v, true)).collect();
+        v.push((Variant::Subgroups, false));
+        v
+    }
+
     /// The subgroup variant is what runs wherever the device has subgroups (lavapipe has: CI covers it);
     /// chunks from [`GEMM_TOKENS`] tokens take the tiled GEMM on every variant but `Rows`.
     fn check_variant(ctx: &GpuContext, g: &GpuLinear, v: Variant, t: usize) {
@@ -705,13 +752,15 @@ mod tests {
                 // Whole, and split into parts of (about) a quarter of the rows.
                 let per = form_code(&w).unwrap().1.max(4 * (k / 32).max(1));
                 let split = (per * n.div_ceil(4).next_multiple_of(4)) as u64;
-                for (limit, variant) in [ctx.binding_limit, split]
+                for (limit, (variant, blocks)) in [ctx.binding_limit, split]
                     .into_iter()
-                    .flat_map(|l| VARIANTS.map(|v| (l, v)))
+                    .flat_map(|l| variants().into_iter().map(move |v| (l, v)))
                 {
                     let g = GpuLinear::with_variant(&ctx, name, &w, Some(&bias), limit, variant)
+                        .and_then(|g| g.with_block_lanes(&ctx, blocks))
                         .unwrap();
                     check_variant(&ctx, &g, variant, t);
+                    let variant = (variant, g.blocks);
                     let got = super::super::exec::run_linear_once(&ctx, &g, &x, &res, t).unwrap();
                     // f32 sums in another order: error relative to the output's scale.
                     let scale = want.iter().fold(1.0f32, |m, v| m.max(v.abs()));
@@ -843,7 +892,7 @@ mod tests {
                         b0 += l.n;
                     }
                     let scale = want.iter().flatten().fold(1.0f32, |m, v| m.max(v.abs()));
-                    for variant in VARIANTS {
+                    for (variant, blocks) in variants() {
                         let g = GpuLinear::with_variant(
                             &ctx,
                             name,
@@ -852,8 +901,10 @@ mod tests {
                             ctx.binding_limit,
                             variant,
                         )
+                        .and_then(|g| g.with_block_lanes(&ctx, blocks))
                         .unwrap();
                         check_variant(&ctx, &g, variant, t);
+                        let variant = (variant, g.blocks);
                         let what = format!("{name} k {k} t {t} norm {norm:?} {variant:?}");
                         // Parts: each layer's [T, n] output at its own (padded) offset.
                         let mut parts = Vec::new();
@@ -906,8 +957,9 @@ mod tests {
                             &pair,
                             Some(&bias[40..]),
                             ctx.binding_limit,
-                            variant,
+                            variant.0,
                         )
+                        .and_then(|g| g.with_block_lanes(&ctx, variant.1))
                         .unwrap();
                         let got = super::super::exec::run_fused_linear_once(
                             &ctx,

@@ -4,6 +4,91 @@
 // workgroup barriers). ROWS rows (SiLU pairs: items) a workgroup, the subgroups taking them in turn, so
 // any subgroup size works; the host picks ROWS = 256 / the adapter's smallest subgroup size. Same
 // parameters, modes and epilogue as the other variants.
+// BLOCKS (4- and 8-bit block forms): a lane takes whole blocks of a row (block_sums) instead of one
+// element of every block (lane_sums).
+override BLOCKS: bool = false;
+
+fn row_sums(n: u32, lane: u32, lanes: u32, t0: u32, tc: u32) -> Sums {
+    if (BLOCKS) { return block_sums(n, lane, lanes, t0, tc); }
+    return lane_sums(n, lane, lanes, t0, tc);
+}
+
+// Lane `lane` of `lanes`' share of row n's sums (as lane_sums, in another order) when a lane takes whole
+// blocks: blocks lane, lane + lanes, ... of the row, each one's 4 (4-bit) or 8 (8-bit) words, scale and
+// zero point loaded once. The subgroup's lanes read adjacent blocks, so a row of K = 576 (18 blocks) is
+// one step of the loop where lane_sums takes 18 steps of one word a block: a decode GEMV waits on one
+// round of weight loads, not on a chain of them.
+fn block_sums(n: u32, lane: u32, lanes: u32, t0: u32, tc: u32) -> Sums {
+    let kk = pu(1u);
+    let nb = kk / 32u;
+    let words = select(8u, 4u, FORM == 4u);
+    let per = 32u / words;
+    let bits = 32u / per;
+    let mask = (1u << bits) - 1u;
+    let x0 = (t0 + min(0u, tc - 1u)) * kk;
+    let x1 = (t0 + min(1u, tc - 1u)) * kk;
+    let x2 = (t0 + min(2u, tc - 1u)) * kk;
+    let x3 = (t0 + min(3u, tc - 1u)) * kk;
+    let x4 = (t0 + min(4u, tc - 1u)) * kk;
+    let x5 = (t0 + min(5u, tc - 1u)) * kk;
+    let x6 = (t0 + min(6u, tc - 1u)) * kk;
+    let x7 = (t0 + min(7u, tc - 1u)) * kk;
+    var a = vec4<f32>(0.0);
+    var b = vec4<f32>(0.0);
+    if (NORM) {
+        for (var blk = lane; blk < nb; blk = blk + lanes) {
+            let g = n * nb + blk;
+            let s = S[g];
+            let z = Z[g];
+            for (var wi = 0u; wi < words; wi = wi + 1u) {
+                let word = W[g * words + wi];
+                let k0 = blk * 32u + wi * per;
+                for (var e = 0u; e < per; e = e + 1u) {
+                    let k = k0 + e;
+                    let w = (f32((word >> (bits * e)) & mask) - z) * s;
+                    let xv = vec4<f32>(X[x0 + k], X[x1 + k], X[x2 + k], X[x3 + k]);
+                    b = b + xv * xv;
+                    a = a + w * AUX[k] * xv;
+                }
+            }
+        }
+    } else if (tc == 1u) {
+        var acc = 0.0;
+        for (var blk = lane; blk < nb; blk = blk + lanes) {
+            let g = n * nb + blk;
+            let s = S[g];
+            let z = Z[g];
+            for (var wi = 0u; wi < words; wi = wi + 1u) {
+                let word = W[g * words + wi];
+                let k0 = x0 + blk * 32u + wi * per;
+                for (var e = 0u; e < per; e = e + 1u) {
+                    acc = acc + (f32((word >> (bits * e)) & mask) - z) * s * X[k0 + e];
+                }
+            }
+        }
+        a.x = acc;
+    } else {
+        for (var blk = lane; blk < nb; blk = blk + lanes) {
+            let g = n * nb + blk;
+            let s = S[g];
+            let z = Z[g];
+            for (var wi = 0u; wi < words; wi = wi + 1u) {
+                let word = W[g * words + wi];
+                let k0 = blk * 32u + wi * per;
+                for (var e = 0u; e < per; e = e + 1u) {
+                    let k = k0 + e;
+                    let w = (f32((word >> (bits * e)) & mask) - z) * s;
+                    a = a + w * vec4<f32>(X[x0 + k], X[x1 + k], X[x2 + k], X[x3 + k]);
+                    if (tc > 4u) {
+                        b = b + w * vec4<f32>(X[x4 + k], X[x5 + k], X[x6 + k], X[x7 + k]);
+                    }
+                }
+            }
+        }
+    }
+    return Sums(a, b);
+}
+
 @compute @workgroup_size(256)
 fn linear_sg(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
              @builtin(subgroup_id) sid: u32, @builtin(num_subgroups) nsg: u32,
@@ -20,11 +105,11 @@ fn linear_sg(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
     for (var r = sid; r < ROWS; r = r + nsg) {
         let item = first + r;
         if (item >= n_rows) { break; }
-        let s = lane_sums(item, lane, sg, t0, tc);
+        let s = row_sums(item, lane, sg, t0, tc);
         let a = subgroupAdd(s.a);
         let b = subgroupAdd(s.b);
         var du = vec4<f32>(0.0);
-        if (pair) { du = subgroupAdd(lane_sums(item + n_rows, lane, sg, t0, tc).a); }
+        if (pair) { du = subgroupAdd(row_sums(item + n_rows, lane, sg, t0, tc).a); }
         for (var t = lane; t < tc; t = t + sg) {
             var dot = b[t & 3u];
             if (t < 4u) { dot = a[t]; }
