@@ -56,38 +56,44 @@ fn silu_mul(a: f32, b: f32) -> f32 {
 // dropped. Each step covers whole blocks of 32 for block forms and reads x coalesced.
 struct Sums { a: vec4<f32>, b: vec4<f32> }
 
+// Where the rows of x of tokens t0..t0+8 start (a: the first four, b: the next four); slots past the
+// chunk's tc tokens repeat its last row.
+struct XRows { a: vec4<u32>, b: vec4<u32> }
+
+fn x_rows(t0: u32, tc: u32) -> XRows {
+    let kk = pu(1u);
+    let t = vec4<u32>(t0) + min(vec4<u32>(0u, 1u, 2u, 3u), vec4<u32>(tc - 1u));
+    let u = vec4<u32>(t0) + min(vec4<u32>(4u, 5u, 6u, 7u), vec4<u32>(tc - 1u));
+    return XRows(t * kk, u * kk);
+}
+
+// Element k of the four rows of x starting at o.
+fn x_at4(o: vec4<u32>, k: u32) -> vec4<f32> {
+    return vec4<f32>(X[o.x + k], X[o.y + k], X[o.z + k], X[o.w + k]);
+}
+
 fn lane_sums(n: u32, lane: u32, lanes: u32, t0: u32, tc: u32) -> Sums {
     let kk = pu(1u);
-    let x0 = (t0 + min(0u, tc - 1u)) * kk;
-    let x1 = (t0 + min(1u, tc - 1u)) * kk;
-    let x2 = (t0 + min(2u, tc - 1u)) * kk;
-    let x3 = (t0 + min(3u, tc - 1u)) * kk;
-    let x4 = (t0 + min(4u, tc - 1u)) * kk;
-    let x5 = (t0 + min(5u, tc - 1u)) * kk;
-    let x6 = (t0 + min(6u, tc - 1u)) * kk;
-    let x7 = (t0 + min(7u, tc - 1u)) * kk;
+    let o = x_rows(t0, tc);
     var a = vec4<f32>(0.0);
     var b = vec4<f32>(0.0);
     if (NORM) {
         for (var k = lane; k < kk; k = k + lanes) {
-            let xv = vec4<f32>(X[x0 + k], X[x1 + k], X[x2 + k], X[x3 + k]);
+            let xv = x_at4(o.a, k);
             b = b + xv * xv;
             a = a + w_at(n, k, kk) * AUX[k] * xv;
         }
     } else if (tc == 1u) {
         var s = 0.0;
-        for (var k = lane; k < kk; k = k + lanes) { s = s + w_at(n, k, kk) * X[x0 + k]; }
+        for (var k = lane; k < kk; k = k + lanes) { s = s + w_at(n, k, kk) * X[o.a.x + k]; }
         a.x = s;
     } else if (tc <= 4u) {
-        for (var k = lane; k < kk; k = k + lanes) {
-            let w = w_at(n, k, kk);
-            a = a + w * vec4<f32>(X[x0 + k], X[x1 + k], X[x2 + k], X[x3 + k]);
-        }
+        for (var k = lane; k < kk; k = k + lanes) { a = a + w_at(n, k, kk) * x_at4(o.a, k); }
     } else {
         for (var k = lane; k < kk; k = k + lanes) {
             let w = w_at(n, k, kk);
-            a = a + w * vec4<f32>(X[x0 + k], X[x1 + k], X[x2 + k], X[x3 + k]);
-            b = b + w * vec4<f32>(X[x4 + k], X[x5 + k], X[x6 + k], X[x7 + k]);
+            a = a + w * x_at4(o.a, k);
+            b = b + w * x_at4(o.b, k);
         }
     }
     return Sums(a, b);

@@ -19,69 +19,33 @@ fn row_sums(n: u32, lane: u32, lanes: u32, t0: u32, tc: u32) -> Sums {
 // one step of the loop where lane_sums takes 18 steps of one word a block: a decode GEMV waits on one
 // round of weight loads, not on a chain of them.
 fn block_sums(n: u32, lane: u32, lanes: u32, t0: u32, tc: u32) -> Sums {
-    let kk = pu(1u);
-    let nb = kk / 32u;
+    let nb = pu(1u) / 32u;
     let words = select(8u, 4u, FORM == 4u);
     let per = 32u / words;
     let bits = 32u / per;
     let mask = (1u << bits) - 1u;
-    let x0 = (t0 + min(0u, tc - 1u)) * kk;
-    let x1 = (t0 + min(1u, tc - 1u)) * kk;
-    let x2 = (t0 + min(2u, tc - 1u)) * kk;
-    let x3 = (t0 + min(3u, tc - 1u)) * kk;
-    let x4 = (t0 + min(4u, tc - 1u)) * kk;
-    let x5 = (t0 + min(5u, tc - 1u)) * kk;
-    let x6 = (t0 + min(6u, tc - 1u)) * kk;
-    let x7 = (t0 + min(7u, tc - 1u)) * kk;
+    let o = x_rows(t0, tc);
     var a = vec4<f32>(0.0);
     var b = vec4<f32>(0.0);
-    if (NORM) {
-        for (var blk = lane; blk < nb; blk = blk + lanes) {
-            let g = n * nb + blk;
-            let s = S[g];
-            let z = Z[g];
-            for (var wi = 0u; wi < words; wi = wi + 1u) {
-                let word = W[g * words + wi];
-                let k0 = blk * 32u + wi * per;
-                for (var e = 0u; e < per; e = e + 1u) {
-                    let k = k0 + e;
-                    let w = (f32((word >> (bits * e)) & mask) - z) * s;
-                    let xv = vec4<f32>(X[x0 + k], X[x1 + k], X[x2 + k], X[x3 + k]);
+    for (var blk = lane; blk < nb; blk = blk + lanes) {
+        let g = n * nb + blk;
+        let s = S[g];
+        let z = Z[g];
+        for (var wi = 0u; wi < words; wi = wi + 1u) {
+            let word = W[g * words + wi];
+            let k0 = blk * 32u + wi * per;
+            for (var e = 0u; e < per; e = e + 1u) {
+                let k = k0 + e;
+                let w = (f32((word >> (bits * e)) & mask) - z) * s;
+                if (NORM) {
+                    let xv = x_at4(o.a, k);
                     b = b + xv * xv;
                     a = a + w * AUX[k] * xv;
-                }
-            }
-        }
-    } else if (tc == 1u) {
-        var acc = 0.0;
-        for (var blk = lane; blk < nb; blk = blk + lanes) {
-            let g = n * nb + blk;
-            let s = S[g];
-            let z = Z[g];
-            for (var wi = 0u; wi < words; wi = wi + 1u) {
-                let word = W[g * words + wi];
-                let k0 = x0 + blk * 32u + wi * per;
-                for (var e = 0u; e < per; e = e + 1u) {
-                    acc = acc + (f32((word >> (bits * e)) & mask) - z) * s * X[k0 + e];
-                }
-            }
-        }
-        a.x = acc;
-    } else {
-        for (var blk = lane; blk < nb; blk = blk + lanes) {
-            let g = n * nb + blk;
-            let s = S[g];
-            let z = Z[g];
-            for (var wi = 0u; wi < words; wi = wi + 1u) {
-                let word = W[g * words + wi];
-                let k0 = blk * 32u + wi * per;
-                for (var e = 0u; e < per; e = e + 1u) {
-                    let k = k0 + e;
-                    let w = (f32((word >> (bits * e)) & mask) - z) * s;
-                    a = a + w * vec4<f32>(X[x0 + k], X[x1 + k], X[x2 + k], X[x3 + k]);
-                    if (tc > 4u) {
-                        b = b + w * vec4<f32>(X[x4 + k], X[x5 + k], X[x6 + k], X[x7 + k]);
-                    }
+                } else if (tc == 1u) {
+                    a.x = a.x + w * X[o.a.x + k];
+                } else {
+                    a = a + w * x_at4(o.a, k);
+                    if (tc > 4u) { b = b + w * x_at4(o.b, k); }
                 }
             }
         }
