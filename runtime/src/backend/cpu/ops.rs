@@ -193,18 +193,16 @@ fn arith(ctx: &Ctx, a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let dt = same_dtype(ctx, a, b)?;
     let op = ctx.node.op.as_str();
     match dt {
-        DType::F32 => {
-            let f: fn(f32, f32) -> f32 = match op {
-                "Add" => |x, y| x + y,
-                "Sub" => |x, y| x - y,
-                "Mul" => |x, y| x * y,
-                "Div" => |x, y| x / y,
-                "Max" => f32::max,
-                "Min" => f32::min,
-                _ => unreachable!(),
-            };
-            binary(ctx, a, b, dt, f)
-        }
+        // One `binary` per op (not a function pointer): the element loops inline the op.
+        DType::F32 => match op {
+            "Add" => binary(ctx, a, b, dt, |x: f32, y: f32| x + y),
+            "Sub" => binary(ctx, a, b, dt, |x: f32, y: f32| x - y),
+            "Mul" => binary(ctx, a, b, dt, |x: f32, y: f32| x * y),
+            "Div" => binary(ctx, a, b, dt, |x: f32, y: f32| x / y),
+            "Max" => binary(ctx, a, b, dt, f32::max),
+            "Min" => binary(ctx, a, b, dt, f32::min),
+            _ => unreachable!(),
+        },
         DType::I64 => {
             let f: fn(i64, i64) -> i64 = match op {
                 "Add" => i64::wrapping_add,
@@ -226,14 +224,13 @@ fn compare(ctx: &Ctx, a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let op = ctx.node.op.as_str();
     macro_rules! cmp {
         ($t:ty) => {{
-            let f: fn($t, $t) -> bool = match op {
-                "Less" => |x, y| x < y,
-                "LessOrEqual" => |x, y| x <= y,
-                "Greater" => |x, y| x > y,
-                "Equal" => |x, y| x == y,
+            match op {
+                "Less" => binary(ctx, a, b, DType::Bool, |x: $t, y: $t| u8::from(x < y)),
+                "LessOrEqual" => binary(ctx, a, b, DType::Bool, |x: $t, y: $t| u8::from(x <= y)),
+                "Greater" => binary(ctx, a, b, DType::Bool, |x: $t, y: $t| u8::from(x > y)),
+                "Equal" => binary(ctx, a, b, DType::Bool, |x: $t, y: $t| u8::from(x == y)),
                 _ => unreachable!(),
-            };
-            binary(ctx, a, b, DType::Bool, |x: $t, y: $t| f(x, y) as u8)
+            }
         }};
     }
     match dt {
@@ -710,8 +707,37 @@ fn reduce_sum(ctx: &Ctx, a: &Tensor, axes: Option<Vec<i64>>) -> Result<Tensor> {
             .map(|i| a.shape[i])
             .collect()
     };
-    // Map every input element to its output slot via the kept shape.
     let n_out = numel(&kept);
+    // Trailing axes (the sampling tail's sums over the vocabulary): each output sums one contiguous
+    // run, in the same order as the general path below.
+    let r = a.rank();
+    if (r - axes.len()..r).all(|i| axes.contains(&i)) {
+        let inner = numel(&a.shape[r - axes.len()..]);
+        match a.dtype {
+            DType::F32 => {
+                let acc: Vec<f32> = a
+                    .typed::<f32>()
+                    .chunks(inner.max(1))
+                    .map(|c| c.iter().fold(0.0f32, |s, &v| s + v))
+                    .chain(std::iter::repeat(0.0))
+                    .take(n_out)
+                    .collect();
+                return Ok(Tensor::f32(&out_shape, &acc));
+            }
+            DType::I64 => {
+                let acc: Vec<i64> = a
+                    .typed::<i64>()
+                    .chunks(inner.max(1))
+                    .map(|c| c.iter().fold(0i64, |s, &v| s.wrapping_add(v)))
+                    .chain(std::iter::repeat(0))
+                    .take(n_out)
+                    .collect();
+                return Ok(Tensor::i64(&out_shape, &acc));
+            }
+            _ => {}
+        }
+    }
+    // Map every input element to its output slot via the kept shape.
     let mut strides = vec![0usize; a.rank()];
     let mut s = 1;
     for i in (0..a.rank()).rev() {
@@ -1302,6 +1328,52 @@ mod tests {
     fn run(op: &str, attrs: &[(&str, Attr)], ins: &[&Tensor]) -> Result<Vec<Tensor>> {
         let v: Vec<Option<&Tensor>> = ins.iter().map(|t| Some(*t)).collect();
         run_node(&node(op, attrs), &v)
+    }
+
+    /// ReduceSum over trailing axes (contiguous runs) and over others (the general path), f32 and i64,
+    /// kept and dropped dims, against sums written out.
+    #[test]
+    fn reduce_sum_over_trailing_and_other_axes() {
+        let v: Vec<f32> = (0..24).map(|i| (i as f32 * 0.37).sin()).collect();
+        let a = Tensor::f32(&[2, 3, 4], &v);
+        let at = |i: usize, j: usize, k: usize| v[i * 12 + j * 4 + k];
+        let sum = |axes: &[i64], keep: i64| {
+            let ax = Tensor::i64(&[axes.len()], axes);
+            run("ReduceSum", &[("keepdims", Attr::Int(keep))], &[&a, &ax])
+                .unwrap()
+                .remove(0)
+        };
+        let last = sum(&[-1], 1);
+        assert_eq!(last.shape, vec![2, 3, 1]);
+        for (o, got) in last.typed::<f32>().iter().enumerate() {
+            let (i, j) = (o / 3, o % 3);
+            assert_eq!(*got, (0..4).fold(0.0, |s, k| s + at(i, j, k)));
+        }
+        let two = sum(&[1, 2], 0);
+        assert_eq!(two.shape, vec![2]);
+        for (i, got) in two.typed::<f32>().iter().enumerate() {
+            let want = (0..3).flat_map(|j| (0..4).map(move |k| (j, k)));
+            assert_eq!(*got, want.fold(0.0, |s, (j, k)| s + at(i, j, k)));
+        }
+        let middle = sum(&[1], 0);
+        assert_eq!(middle.shape, vec![2, 4]);
+        for (o, got) in middle.typed::<f32>().iter().enumerate() {
+            let (i, k) = (o / 4, o % 4);
+            assert_eq!(*got, (0..3).fold(0.0, |s, j| s + at(i, j, k)));
+        }
+        let ints = Tensor::i64(&[2, 3], &[1, 2, 3, i64::MAX, 1, -5]);
+        let ax = Tensor::i64(&[1], &[1]);
+        let o = run("ReduceSum", &[], &[&ints, &ax]).unwrap().remove(0);
+        assert_eq!(
+            o.typed::<i64>(),
+            &[6, i64::MAX.wrapping_add(1).wrapping_sub(5)]
+        );
+        let empty = Tensor::f32(&[2, 0], &[]);
+        let o = run("ReduceSum", &[], &[&empty, &ax]).unwrap().remove(0);
+        assert_eq!(
+            (o.shape.clone(), o.typed::<f32>().to_vec()),
+            (vec![2, 1], vec![0.0, 0.0])
+        );
     }
 
     #[test]
