@@ -183,6 +183,9 @@ impl Graphs<'_> {
         input_ids: ValId,
         view_nodes: &[usize],
     ) -> bool {
+        if w.n == 0 || w.k == 0 {
+            return false;
+        }
         let v = w.n as i64;
         let samples: [&[i64]; 2] = [&[0, v / 2 + 1, v - 1], &[v / 3]];
         samples.iter().all(|sample| {
@@ -292,4 +295,145 @@ fn candidates(tables: &[&Tensor]) -> Vec<LinearWeights> {
         _ => {}
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use bytes::Bytes;
+
+    use crate::graph::{Attr, DType, Dim, Graph, Initializer, Node, ValueInfo};
+    use crate::plan::{Plan, Step};
+
+    fn init<T: bytemuck::Pod>(name: &str, dtype: DType, dims: &[usize], v: &[T]) -> Initializer {
+        Initializer {
+            name: name.into(),
+            dtype,
+            dims: dims.to_vec(),
+            data: Bytes::from(bytemuck::cast_slice::<T, u8>(v).to_vec()),
+        }
+    }
+
+    fn node(op: &str, ins: &[&str], out: &str, attrs: &[(&str, Attr)]) -> Node {
+        Node {
+            name: out.into(),
+            op: op.into(),
+            domain: String::new(),
+            inputs: ins.iter().map(|s| s.to_string()).collect(),
+            outputs: vec![out.into()],
+            attrs: attrs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect::<BTreeMap<_, _>>(),
+        }
+    }
+
+    /// `input_ids [1, T]` → `Reshape([-1])` → `nodes` → output `x`.
+    fn plan(inits: Vec<Initializer>, nodes: Vec<Node>) -> Plan {
+        let mut all = vec![node("Reshape", &["input_ids", "flat"], "ids", &[])];
+        all.extend(nodes);
+        let mut initializers = vec![init("flat", DType::I64, &[1], &[-1i64])];
+        initializers.extend(inits);
+        let vi = |name: &str, dtype, shape: Vec<Dim>| ValueInfo {
+            name: name.into(),
+            dtype,
+            shape,
+        };
+        Plan::new(Graph {
+            name: "embedding".into(),
+            inputs: vec![vi(
+                "input_ids",
+                DType::I64,
+                vec![Dim::Known(1), Dim::Sym("T".into())],
+            )],
+            outputs: vec![vi("x", DType::F32, Vec::new())],
+            nodes: all,
+            initializers,
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
+    fn embeddings(p: &Plan) -> Vec<(usize, usize)> {
+        p.steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::Embedding(e) => Some((e.w.n, e.w.k)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A Q8 table written as the exporter writes it (gathers of the blocks, zero points and scales,
+    /// casts, sub, mul, reshape) becomes one step, proven against the nodes.
+    #[test]
+    fn block_table_becomes_one_step() {
+        let (v, nb) = (5usize, 2usize);
+        let q: Vec<u8> = (0..v * nb * 32).map(|i| (i * 37 % 251) as u8).collect();
+        let z: Vec<u8> = (0..v * nb).map(|i| 120 + i as u8).collect();
+        let s: Vec<f32> = (0..v * nb).map(|i| 0.01 + i as f32 * 0.003).collect();
+        let p = plan(
+            vec![
+                init("q", DType::U8, &[v, nb, 32], &q),
+                init("z", DType::U8, &[v, nb], &z),
+                init("s", DType::F32, &[v, nb], &s),
+                init("last", DType::I64, &[1], &[-1i64]),
+                init("shape", DType::I64, &[2], &[-1i64, (nb * 32) as i64]),
+            ],
+            vec![
+                node("Gather", &["q", "ids"], "rows", &[]),
+                node("Cast", &["rows"], "qf", &[("to", Attr::Int(1))]),
+                node("Gather", &["z", "ids"], "zg", &[]),
+                node("Cast", &["zg"], "zf", &[("to", Attr::Int(1))]),
+                node("Unsqueeze", &["zf", "last"], "zu", &[]),
+                node("Gather", &["s", "ids"], "sg", &[]),
+                node("Unsqueeze", &["sg", "last"], "su", &[]),
+                node("Sub", &["qf", "zu"], "c", &[]),
+                node("Mul", &["c", "su"], "m", &[]),
+                node("Reshape", &["m", "shape"], "x", &[]),
+            ],
+        );
+        assert_eq!(embeddings(&p), vec![(v, nb * 32)]);
+        assert_eq!((p.stats.embedding, p.stats.embedding_tied), (1, 0));
+        assert_eq!(
+            p.steps.len(),
+            2,
+            "the ids' view and the embedding: {:?}",
+            p.steps
+        );
+    }
+
+    /// Nodes after the gather that are not the table's decoding stay generic: the step is the gather.
+    #[test]
+    fn only_the_proven_part_is_taken() {
+        let t: Vec<f32> = (0..12).map(|i| i as f32 - 4.5).collect();
+        let p = plan(
+            vec![
+                init("t", DType::F32, &[4, 3], &t),
+                init("two", DType::F32, &[1], &[2.0f32]),
+            ],
+            vec![
+                node("Gather", &["t", "ids"], "rows", &[]),
+                node("Mul", &["rows", "two"], "x", &[]),
+            ],
+        );
+        assert_eq!(embeddings(&p), vec![(4, 3)]);
+        assert!(p
+            .steps
+            .iter()
+            .any(|s| matches!(s, Step::Node { node, .. } if p.graph.nodes[*node].op == "Mul")));
+    }
+
+    /// An empty table (a hostile file) is left to the generic `Gather`, without a panic.
+    #[test]
+    fn empty_table_is_left_alone() {
+        for dims in [[0usize, 3], [4, 0]] {
+            let p = plan(
+                vec![init("t", DType::F32, &dims, &[] as &[f32])],
+                vec![node("Gather", &["t", "ids"], "x", &[])],
+            );
+            assert!(embeddings(&p).is_empty(), "{dims:?}");
+        }
+    }
 }

@@ -6,7 +6,7 @@
 //! [`LinearWeights`] that read the mapped bytes in place, (4) recognizes attention over a
 //! caller-owned cache (`Attention(q, Concat(past, new), ...)`) so the cache is read in place instead
 //! of concatenated, (5) folds the remaining small constant subgraphs, (6) binds the token embedding
-//! (the rows gathered from constant tables by the token ids, see [`embedding`]) to one step over
+//! (the rows gathered from constant tables by the token ids, see `plan/embedding.rs`) to one step over
 //! [`LinearWeights`] — shared with a tied output layer — and (7) drops dead nodes and records each
 //! value's last use so buffers are freed as soon as possible.
 

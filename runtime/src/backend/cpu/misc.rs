@@ -203,7 +203,7 @@ fn radix_order(x: &[f32]) -> Vec<u32> {
 
 /// The `k = values.len()` largest entries of `x`, sorted descending, ties broken by lower index first
 /// (NaN ranks below every number; −0.0 ranks below +0.0). `k = 1` is a single argmax pass; up to
-/// [`SORT_K`], `O(n log k)` with a bounded heap; from there `O(n + k log k)` over one u64 key an entry
+/// `SORT_K` (128), `O(n log k)` with a bounded heap; from there `O(n + k log k)` over one u64 key an entry
 /// (the rank's complement, then the index: ascending keys are the wanted order); for `k` of at least a
 /// quarter of `x`, a radix sort of all of it. Errors if `k > x.len()` or the output slices differ in
 /// length.
