@@ -711,27 +711,30 @@ fn reduce_sum(ctx: &Ctx, a: &Tensor, axes: Option<Vec<i64>>) -> Result<Tensor> {
     // Trailing axes (the sampling tail's sums over the vocabulary): each output sums one contiguous
     // run, in the same order as the general path below.
     let r = a.rank();
-    if (r - axes.len()..r).all(|i| axes.contains(&i)) {
+    if axes.len() <= r && (r - axes.len()..r).all(|i| axes.contains(&i)) {
         let inner = numel(&a.shape[r - axes.len()..]);
+        // One output per run of `inner` elements (none when `inner` is 0: all outputs stay zero).
+        fn runs<T: Pod + Default>(
+            v: &[T],
+            inner: usize,
+            n: usize,
+            add: impl Fn(T, T) -> T,
+        ) -> Vec<T> {
+            let mut acc = vec![T::default(); n];
+            if inner > 0 {
+                for (a, c) in acc.iter_mut().zip(v.chunks(inner)) {
+                    *a = c.iter().fold(T::default(), |s, &x| add(s, x));
+                }
+            }
+            acc
+        }
         match a.dtype {
             DType::F32 => {
-                let acc: Vec<f32> = a
-                    .typed::<f32>()
-                    .chunks(inner.max(1))
-                    .map(|c| c.iter().fold(0.0f32, |s, &v| s + v))
-                    .chain(std::iter::repeat(0.0))
-                    .take(n_out)
-                    .collect();
+                let acc = runs(a.typed::<f32>(), inner, n_out, |s: f32, x: f32| s + x);
                 return Ok(Tensor::f32(&out_shape, &acc));
             }
             DType::I64 => {
-                let acc: Vec<i64> = a
-                    .typed::<i64>()
-                    .chunks(inner.max(1))
-                    .map(|c| c.iter().fold(0i64, |s, &v| s.wrapping_add(v)))
-                    .chain(std::iter::repeat(0))
-                    .take(n_out)
-                    .collect();
+                let acc = runs(a.typed::<i64>(), inner, n_out, i64::wrapping_add);
                 return Ok(Tensor::i64(&out_shape, &acc));
             }
             _ => {}
@@ -1368,6 +1371,10 @@ mod tests {
             o.typed::<i64>(),
             &[6, i64::MAX.wrapping_add(1).wrapping_sub(5)]
         );
+        // Repeated axes (more entries than dims) take the general path.
+        let rep = Tensor::i64(&[3], &[1, 1, 1]);
+        let o = run("ReduceSum", &[], &[&ints, &rep]).unwrap().remove(0);
+        assert_eq!(o.typed::<i64>(), &[6, i64::MAX.wrapping_add(1).wrapping_sub(5)]);
         let empty = Tensor::f32(&[2, 0], &[]);
         let o = run("ReduceSum", &[], &[&empty, &ax]).unwrap().remove(0);
         assert_eq!(

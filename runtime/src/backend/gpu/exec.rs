@@ -2724,8 +2724,8 @@ impl GpuPlan {
                             ],
                             reads: vec![x],
                             disp: vec![
-                                slot(k(&|| select::argmax(ctx))?, kk == 1),
-                                slot(k(&|| select::topk(ctx))?, kk > 1),
+                                slot(k(&|| select::kernel(ctx, 1))?, kk == 1),
+                                slot(k(&|| select::kernel(ctx, 2))?, kk > 1),
                             ],
                         }))
                     }

@@ -91,10 +91,12 @@ pub struct GpuLinear {
     pub gemm_tokens: usize,
 }
 
-/// Whether the subgroup variant's lanes take whole blocks of block forms (`ONESTEP_GPU_BLOCK_LANES`,
-/// default on).
-fn block_lanes() -> bool {
-    std::env::var_os("ONESTEP_GPU_BLOCK_LANES").is_none_or(|v| v != "0")
+/// Whether a lane of the subgroup variant takes whole blocks of encoding `code` (the 4- and 8-bit block
+/// forms) when `on` (default: `ONESTEP_GPU_BLOCK_LANES` is not `0`).
+fn block_lanes(subgroups: bool, code: u32, on: Option<bool>) -> bool {
+    let on =
+        on.unwrap_or_else(|| std::env::var_os("ONESTEP_GPU_BLOCK_LANES").is_none_or(|v| v != "0"));
+    on && subgroups && matches!(code, 4 | 5)
 }
 
 /// Rows a workgroup of the subgroup variant: as many as the 256 invocations make subgroups of the
@@ -258,7 +260,7 @@ impl GpuLinear {
         } else {
             rows_for(k)
         };
-        let blocks = subgroups && matches!(code, 4 | 5) && block_lanes();
+        let blocks = block_lanes(subgroups, code, None);
         let kernel = kernel(ctx, code, rows, subgroups, blocks)?;
         let gemm_tokens = match std::env::var("ONESTEP_GPU_GEMM_TOKENS").map(|v| v.parse()) {
             Ok(Ok(0)) => usize::MAX,
@@ -552,7 +554,7 @@ impl GpuLinear {
     /// Test hook: the subgroup variant's kernel with whole blocks a lane on or off.
     #[cfg(test)]
     pub(crate) fn with_block_lanes(mut self, ctx: &GpuContext, on: bool) -> Result<Self> {
-        self.blocks = on && self.subgroups && matches!(self.form, 4 | 5);
+        self.blocks = block_lanes(self.subgroups, self.form, Some(on));
         self.kernel = kernel(ctx, self.form, self.rows, self.subgroups, self.blocks)?;
         Ok(self)
     }

@@ -11,26 +11,16 @@ use crate::error::Result;
 /// The WGSL of this family.
 pub const SOURCE: &str = include_str!("select.wgsl");
 
-/// The arg-max kernel: bindings X, VALS, IDX.
-pub fn argmax(ctx: &GpuContext) -> Result<Arc<Kernel>> {
-    ctx.pipeline(
-        "select",
-        SOURCE,
-        "argmax",
-        &[Bind::Read, Bind::Write, Bind::Write],
-        &[],
-    )
-}
-
 /// Largest `k` of the GPU `TopK`; larger ones (top-p over the whole vocabulary) run on the host.
 pub const MAX_K: usize = 64;
 
-/// The top-k kernel (`1 < k ≤ MAX_K`): bindings X, VALS, IDX.
-pub fn topk(ctx: &GpuContext) -> Result<Arc<Kernel>> {
+/// The kernel for `k`: the arg-max (`k = 1`) or k rounds of it (`1 < k ≤ MAX_K`); bindings X, VALS, IDX.
+pub fn kernel(ctx: &GpuContext, k: usize) -> Result<Arc<Kernel>> {
+    let entry = if k == 1 { "argmax" } else { "topk" };
     ctx.pipeline(
         "select",
         SOURCE,
-        "topk",
+        entry,
         &[Bind::Read, Bind::Write, Bind::Write],
         &[],
     )
@@ -47,42 +37,15 @@ mod tests {
     use super::super::testutil::{ctx, noise};
     use super::*;
 
-    #[test]
-    fn argmax_matches_cpu_top1() {
-        let Some(ctx) = ctx() else { return };
-        let k = argmax(&ctx).unwrap();
-        for (rows, v) in [(1, 49152), (3, 1000), (2, 7), (1, 1)] {
-            let mut x = noise(rows * v, v as u64);
-            if v > 10 {
-                // A tie: the lower index must win.
-                x[5] = 2.0;
-                x[9] = 2.0;
-            }
-            let outs = run_kernel_multi(
-                &ctx,
-                &k,
-                &params(rows, v, 1),
-                &[bytemuck::cast_slice(&x)],
-                &[rows * 4, rows * 8],
-                (rows as u32, 1),
-            )
-            .unwrap();
-            let vals: &[f32] = bytemuck::cast_slice(&outs[0]);
-            let idx: &[i64] = bytemuck::cast_slice(&outs[1]);
-            for r in 0..rows {
-                let row = &x[r * v..(r + 1) * v];
-                let want = crate::backend::cpu::basic::top_k(row, 1, true)[0];
-                assert_eq!(idx[r] as usize, want, "rows {rows} v {v}");
-                assert_eq!(vals[r], row[want]);
-            }
-        }
-    }
-
+    /// The arg-max (k = 1) and the top-k rounds against the CPU's `top_k`: values, indices, order.
     #[test]
     fn topk_matches_cpu_order() {
         let Some(ctx) = ctx() else { return };
-        let kern = topk(&ctx).unwrap();
         for (rows, v, k) in [
+            (1, 49152, 1),
+            (3, 1000, 1),
+            (2, 7, 1),
+            (1, 1, 1),
             (1, 49152, 40),
             (3, 1000, 64),
             (2, 7, 7),
@@ -91,16 +54,18 @@ mod tests {
         ] {
             let mut x = noise(rows * v, (v * k) as u64);
             // Ties (the lower index first), among the largest and across the threads' strides.
-            x[3] = 5.0;
-            x[v - 1] = 5.0;
-            x[1] = 5.0;
+            if v > 3 {
+                x[3] = 5.0;
+                x[v - 1] = 5.0;
+                x[1] = 5.0;
+            }
             if v > 300 {
                 x[256 + 3] = 4.0;
                 x[3 + 512 % v] = 4.0;
             }
             let outs = run_kernel_multi(
                 &ctx,
-                &kern,
+                &kernel(&ctx, k).unwrap(),
                 &params(rows, v, k),
                 &[bytemuck::cast_slice(&x)],
                 &[rows * k * 4, rows * k * 8],
