@@ -31,6 +31,10 @@ pub struct StepSampling {
     pub top_p: f32,
     /// Uniform random number in `[0, 1)`.
     pub random_u: f32,
+    /// The draw the next decode step will use, when the caller knows it (a session does: it peeks
+    /// at its generator). On the GPU the next step then runs ahead of this one with that draw; without
+    /// it a step runs ahead with `random_u` and is dropped if the next call brings another draw.
+    pub next_random_u: Option<f32>,
 }
 
 impl StepSampling {
@@ -40,6 +44,7 @@ impl StepSampling {
         top_k: 0,
         top_p: 1.0,
         random_u: 0.0,
+        next_random_u: None,
     };
 }
 
@@ -416,9 +421,15 @@ impl Model {
             };
             // The next decode step goes to the GPU before this one is read back, so the GPU is not
             // idle while the host finishes this one and the caller handles its token. It assumes the
-            // token is the first of the GPU's choice and the inputs stay as they are (but the draw).
+            // token is the one the GPU chose (or, with the choice's tail on the host, the first of its
+            // TopK) and the inputs stay as they are, the draw being `next_random_u` when given.
             let next = if g.can_run_ahead(gs, &flight) && position + t < info.max_cache {
-                let guess = self.input_env(&[0], position + t, sampling)?;
+                let next = StepSampling {
+                    random_u: sampling.next_random_u.unwrap_or(sampling.random_u),
+                    next_random_u: None,
+                    ..*sampling
+                };
+                let guess = self.input_env(&[0], position + t, &next)?;
                 g.begin(
                     plan,
                     gs,
@@ -521,6 +532,7 @@ impl Model {
                     Step::Linear { .. } => "[linear]",
                     Step::SiluGate(_) => "[silu gate]",
                     Step::Embedding(_) => "[embedding]",
+                    Step::TokenChoice(_) => "[token choice]",
                     Step::CacheAttention { .. } => "[cache attention]",
                 };
                 let mut p = prof.lock().unwrap_or_else(|e| e.into_inner());
@@ -685,6 +697,42 @@ fn exec_step(
                     e.w.decode_row(r as usize, row);
                 }
                 env[e.out] = Some(o);
+            }
+            Step::TokenChoice(c) => {
+                let n = &plan.graph.nodes[c.node];
+                let vals = val(env, c.vals)?;
+                let idx = val(env, c.idx)?;
+                let k = val(env, c.k)?.scalar_i64(&plan.names[c.k])?;
+                let scalar = |v: ValId| -> Result<f32> {
+                    let t = val(env, v)?;
+                    match (t.dtype, t.numel()) {
+                        (DType::F32, 1) => Ok(t.typed::<f32>()[0]),
+                        _ => Err(Error::node(
+                            &n.name,
+                            &n.op,
+                            format!("`{}` must be one f32", plan.names[v]),
+                        )),
+                    }
+                };
+                let (top_p, u) = (scalar(c.top_p)?, scalar(c.u)?);
+                let row = vals.as_f32(&plan.names[c.vals])?;
+                if vals.shape != [1, row.len()]
+                    || idx.shape != vals.shape
+                    || idx.dtype != DType::I64
+                    || k != row.len() as i64
+                {
+                    return Err(Error::node(
+                        &n.name,
+                        &n.op,
+                        format!(
+                            "the token choice takes one row of k = {k} values and indices, got {:?} and {:?}",
+                            vals.shape, idx.shape
+                        ),
+                    ));
+                }
+                let j = misc::nucleus_pick(row, top_p, u)
+                    .map_err(|e| Error::node(&n.name, &n.op, e.to_string()))?;
+                env[c.out] = Some(Tensor::i64(&c.out_shape, &[idx.typed::<i64>()[j]]));
             }
             Step::SiluGate(sg) => {
                 let n = &plan.graph.nodes[sg.node];

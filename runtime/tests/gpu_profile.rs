@@ -36,6 +36,7 @@ fn profile_counts_every_dispatch_of_the_steps() {
         top_k: 0,
         top_p: 1.0,
         random_u: 0.0,
+        next_random_u: None,
     };
     let mut dispatches = 0;
     for ids in [&[1u32, 2, 3][..], &[4], &[5]] {

@@ -169,6 +169,8 @@ fn check_on(name: &str, opts: &LoadOptions) -> Vec<Vec<f32>> {
         (1, usize::from(tied)),
         "{name}: the embedding must be bound to its table: {stats:?}"
     );
+    // The token choice's tail after its TopK is one step (proven against the nodes it replaces).
+    assert_eq!(stats.token_choice, 1, "{name}: {stats:?}");
     println!("{name}: plan {stats:?}");
     #[cfg(feature = "gpu")]
     if let Some(g) = model.gpu_stats() {
@@ -213,6 +215,7 @@ fn check_on(name: &str, opts: &LoadOptions) -> Vec<Vec<f32>> {
             top_k: step["top_k"].as_i64().unwrap(),
             top_p: step["top_p"].as_f64().unwrap() as f32,
             random_u: step["random_u"].as_f64().unwrap() as f32,
+            next_random_u: None,
         };
         let out = model.step(&mut state, &ids, &sampling).unwrap();
         // One wait a step, whatever the token choice runs on, and one submission unless partial
@@ -418,11 +421,13 @@ fn gpu_decode_steps_run_ahead() {
         ..LoadOptions::default()
     };
     let greedy = StepSampling::GREEDY;
-    let sampled = |random_u: f32| StepSampling {
+    // A draw and the one the next step will use (as a session announces it).
+    let sampled = |random_u: f32, next: f32| StepSampling {
         temperature: 0.8,
         top_k: 5,
         top_p: 1.0,
         random_u,
+        next_random_u: Some(next),
     };
     for name in [
         "step_f32_untied_f32kv",
@@ -450,34 +455,40 @@ fn gpu_decode_steps_run_ahead() {
             assert_eq!(a.next_token, b.next_token, "{name} {what}: tokens differ");
             a.next_token
         };
-        // Greedy with a new draw each step, as a session makes them (read by the host only after the
-        // read-back: not part of what a step run ahead assumes).
-        let greedy_u = |random_u: f32| StepSampling {
+        // Greedy with a new draw each step, as a session makes them, each announcing the next: the
+        // whole choice runs on the GPU, so a step run ahead draws with the announced number.
+        let greedy_u = |random_u: f32, next: f32| StepSampling {
             random_u,
+            next_random_u: Some(next),
             ..StepSampling::GREEDY
         };
         let mut tok = step(&[5, 6, 7, 8, 9], &greedy, "prefill");
         // The chosen token fed back: the steps after the first run ahead and hold.
         for i in 0..3 {
-            tok = step(&[tok], &greedy_u(0.3 * i as f32), &format!("greedy {i}"));
+            let u = 0.3 * i as f32;
+            tok = step(&[tok], &greedy_u(u, u + 0.3), &format!("greedy {i}"));
         }
         let g = gpu.gpu_stats().unwrap();
         assert!(g.ahead, "{name}: {g:?}");
         // Another token than the one chosen: the step run ahead is dropped.
-        tok = step(&[(tok + 1) % vocab], &greedy, "another token");
+        tok = step(&[(tok + 1) % vocab], &greedy_u(0.9, 0.7), "another token");
         assert!(!gpu.gpu_stats().unwrap().ahead);
-        tok = step(&[tok], &greedy_u(0.7), "greedy again");
+        tok = step(&[tok], &greedy_u(0.7, 0.01), "greedy again");
         assert!(gpu.gpu_stats().unwrap().ahead);
-        // Other sampling settings than the step run ahead assumed: dropped too. The small draw
-        // chooses the most likely of the 5, the token the GPU put first.
-        tok = step(&[tok], &sampled(0.01), "sampled");
-        // Same settings, another draw: it is read only after the read-back, so the step run ahead
-        // holds, and takes this call's draw (a late choice among the 5, not the first).
-        tok = step(&[tok], &sampled(0.99), "sampled, another draw");
+        // Other sampling settings than the step run ahead assumed: dropped too.
+        tok = step(&[tok], &sampled(0.01, 0.99), "sampled");
+        // Same settings and the announced draw: the step run ahead holds; its token is the one the
+        // GPU chose with that draw (a late choice among the 5, not the first).
+        tok = step(&[tok], &sampled(0.99, 0.3), "sampled, the announced draw");
         let g = gpu.gpu_stats().unwrap();
         assert!(g.ahead, "{name}: {g:?}");
-        // Held: greedy 1, 2, "greedy again" and "another draw"; dropped: "another token", "sampled".
-        assert_eq!((g.ahead_steps, g.ahead_missed), (4, 2), "{name}: {g:?}");
+        // Another draw than the announced one: dropped.
+        tok = step(&[tok], &sampled(0.6, 0.5), "sampled, another draw");
+        assert!(!gpu.gpu_stats().unwrap().ahead);
+        let g = gpu.gpu_stats().unwrap();
+        // Held: greedy 1, 2, "greedy again" and "the announced draw"; dropped: "another token",
+        // "sampled", "another draw".
+        assert_eq!((g.ahead_steps, g.ahead_missed), (4, 3), "{name}: {g:?}");
         // Greedy after sampling: dropped. A truncation drops the step run ahead of this one (not
         // counted); the sequence goes on from there as on the CPU.
         step(&[tok], &greedy, "greedy before a truncation");
@@ -493,7 +504,7 @@ fn gpu_decode_steps_run_ahead() {
         let t = step(&[3]);
         step(&[t]);
         let g = gpu.gpu_stats().unwrap();
-        assert_eq!((g.ahead_steps, g.ahead_missed), (5, 3), "{name}: {g:?}");
+        assert_eq!((g.ahead_steps, g.ahead_missed), (5, 4), "{name}: {g:?}");
     }
 }
 
@@ -546,4 +557,85 @@ fn gpu_interleaved_sequences_run_ahead() {
         let st = gpu.gpu_stats().unwrap();
         assert_eq!((st.ahead_steps, st.ahead_missed), (10, 0), "{st:?}");
     }
+}
+
+/// The whole token choice on the GPU: for greedy, top-k, and top-p over the whole vocabulary (the
+/// `TopK` sorts the row there), a step that does not want the logits reads back the token id and its
+/// cache rows, nothing else; the tokens equal the CPU's for many draws.
+#[cfg(feature = "gpu")]
+#[test]
+fn gpu_token_choice_reads_back_only_the_token() {
+    use onestep::backend::gpu::{BackendFilter, DeviceRequest, GpuContext};
+    if GpuContext::new(&DeviceRequest::Gpu(None), BackendFilter::Any).is_err() {
+        assert!(std::env::var_os("ONESTEP_REQUIRE_GPU").is_none());
+        return;
+    }
+    let path = fixtures().join("step_int4_untied_f32kv_bias.onnx");
+    let cpu = Model::load(&path).unwrap();
+    let gpu = Model::load_with(
+        &path,
+        &LoadOptions {
+            device: DeviceRequest::Gpu(None),
+            ..LoadOptions::default()
+        },
+    )
+    .unwrap();
+    let vocab = cpu.info().vocab_size;
+    assert!(
+        vocab > 64,
+        "the fixture's vocabulary ({vocab}) must take the sort"
+    );
+    let (mut sc, mut sg) = (cpu.new_state().unwrap(), gpu.new_state().unwrap());
+    let prompt = [3u32, 14, 15, 72, 65];
+    let a = cpu.step(&mut sc, &prompt, &StepSampling::GREEDY).unwrap();
+    let b = gpu.step(&mut sg, &prompt, &StepSampling::GREEDY).unwrap();
+    assert_eq!(a.next_token, b.next_token);
+    let mut tok = a.next_token;
+    let mut sampled = 0;
+    // The cache has 24 slots.
+    for i in 0..18 {
+        let (temperature, top_k, top_p) = match i % 4 {
+            0 => (0.0, 0, 1.0),
+            1 => (0.9, 5, 1.0),
+            2 => (1.2, 0, 0.8),
+            _ => (2.0, 0, 1.0),
+        };
+        let u = ((i * 37 + 11) % 100) as f32 / 100.0;
+        let s = StepSampling {
+            temperature,
+            top_k,
+            top_p,
+            random_u: u,
+            next_random_u: None,
+        };
+        let a = cpu.step(&mut sc, &[tok], &s).unwrap();
+        let b = gpu.step_with(&mut sg, &[tok], &s, false).unwrap();
+        assert!(b.logits.is_empty());
+        let g = gpu.gpu_stats().unwrap();
+        let kv = gpu.kv_stats(&sg);
+        assert_eq!(
+            g.bytes_down,
+            8 + kv.step_bytes_down,
+            "step {i} ({temperature}, {top_k}, {top_p}): {g:?}"
+        );
+        assert_eq!(
+            a.next_token, b.next_token,
+            "step {i} ({temperature}, {top_k}, {top_p}, u {u})"
+        );
+        sampled += usize::from(
+            temperature > 0.0
+                && a.next_token
+                    != a.logits
+                        .iter()
+                        .enumerate()
+                        .fold((0, f32::MIN), |m, (j, &v)| if v > m.1 { (j, v) } else { m })
+                        .0 as u32,
+        );
+        tok = a.next_token;
+    }
+    // The draws chose other tokens than the arg-max (the choice is not greedy in disguise).
+    assert!(
+        sampled >= 3,
+        "only {sampled} sampled steps left the arg-max"
+    );
 }

@@ -75,13 +75,15 @@ impl GenerateOptions {
         Ok(())
     }
 
-    /// The step controls for one step, with the uniform number `random_u`.
-    pub fn step_sampling(&self, random_u: f32) -> StepSampling {
+    /// The step controls for one step, with the uniform number `random_u` (and, when known, the one
+    /// the next step will draw).
+    pub fn step_sampling(&self, random_u: f32, next_random_u: Option<f32>) -> StepSampling {
         StepSampling {
             temperature: self.temperature,
             top_k: i64::from(self.top_k),
             top_p: self.top_p,
             random_u,
+            next_random_u,
         }
     }
 }
@@ -103,6 +105,10 @@ impl SamplingRng {
     pub fn uniform(&mut self) -> f32 {
         // `random::<f32>()` is uniform in [0, 1).
         self.0.random::<f32>()
+    }
+    /// The number the next [`SamplingRng::uniform`] returns, without drawing it.
+    pub fn peek(&self) -> f32 {
+        self.clone().uniform()
     }
 }
 
@@ -128,7 +134,7 @@ mod tests {
     fn validation() {
         let ok = GenerateOptions::default();
         ok.validate().unwrap();
-        assert_eq!(ok.step_sampling(0.25).random_u, 0.25);
+        assert_eq!(ok.step_sampling(0.25, None).random_u, 0.25);
         for bad in [
             GenerateOptions {
                 max_new_tokens: 0,

@@ -279,7 +279,7 @@ impl Run {
                 return self.finish(core, StopReason::ContextFull, tok);
             }
             let u = core.rng.uniform();
-            let s = self.opts.step_sampling(u);
+            let s = self.opts.step_sampling(u, Some(core.rng.peek()));
             let next = core.step(&[tok], &s)?;
             self.stats.decode_tokens += 1;
             self.next = Some(next);
@@ -328,9 +328,10 @@ impl Run {
             // Only the last chunk's token is used; only it consumes a random number, so the draws do
             // not depend on the chunking.
             let s = if i == last {
-                self.opts.step_sampling(core.rng.uniform())
+                let u = core.rng.uniform();
+                self.opts.step_sampling(u, Some(core.rng.peek()))
             } else {
-                self.opts.step_sampling(0.0)
+                self.opts.step_sampling(0.0, None)
             };
             next = Some(core.step(&self.to_feed[r.clone()], &s)?);
             self.stats.prefill_tokens += r.len();

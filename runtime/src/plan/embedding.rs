@@ -162,7 +162,7 @@ impl Graphs<'_> {
     }
 
     /// Whether every value `members` make, except `out`, is read only by `members`.
-    fn closed(&self, members: &[usize], out: ValId) -> bool {
+    pub(super) fn closed(&self, members: &[usize], out: ValId) -> bool {
         members.iter().all(|&m| {
             self.node_out[m].iter().all(|&o| {
                 o == out

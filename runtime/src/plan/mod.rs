@@ -19,6 +19,7 @@ use crate::graph::{DType, Graph, Node};
 use crate::tensor::Tensor;
 use crate::weights::LinearWeights;
 
+mod choice;
 mod embedding;
 
 /// Index of a value (tensor name) in the plan.
@@ -56,6 +57,8 @@ pub enum Step {
     SiluGate(SiluGate),
     /// The token embedding: rows of a table gathered by the token ids and decoded.
     Embedding(Embedding),
+    /// The token choice after its `TopK`: softmax, nucleus, draw (see [`TokenChoice`]).
+    TokenChoice(TokenChoice),
     /// Attention over a caller-owned static cache plus this chunk's rows.
     CacheAttention {
         /// Index of the `Attention` node.
@@ -101,6 +104,29 @@ pub struct Embedding {
     pub w: Arc<LinearWeights>,
     /// Output.
     pub out: ValId,
+}
+
+/// The token choice's tail after its `TopK`, as proven at plan time to equal the nodes it replaces:
+/// `out = idx[j]` with `j =` [`nucleus_pick`](crate::backend::cpu::misc::nucleus_pick)`(vals,
+/// top_p, u)` — the softmax of the sorted values, the nucleus of mass `top_p`, the draw `u`.
+#[derive(Debug)]
+pub struct TokenChoice {
+    /// Index of the node whose output `out` is (the tail's last).
+    pub node: usize,
+    /// The `TopK`'s values `[1, k]`, sorted best first.
+    pub vals: ValId,
+    /// The `TopK`'s indices `[1, k]` (int64).
+    pub idx: ValId,
+    /// The `TopK`'s `k` (int64 `[1]`).
+    pub k: ValId,
+    /// The nucleus mass (f32, one element).
+    pub top_p: ValId,
+    /// The draw in `[0, 1)` (f32, one element).
+    pub u: ValId,
+    /// The token (int64, one element).
+    pub out: ValId,
+    /// The shape of `out`.
+    pub out_shape: Vec<usize>,
 }
 
 /// A cache tensor the caller owns: graph input `past.X` paired with graph output `new.X`.
@@ -158,6 +184,8 @@ pub struct PlanStats {
     pub embedding: usize,
     /// Embeddings sharing their table with an output layer.
     pub embedding_tied: usize,
+    /// Token choices bound to one step after their `TopK`.
+    pub token_choice: usize,
     /// Bias `Add`s folded into the linear layer before them.
     pub linear_bias: usize,
     /// Nodes folded into constants.
@@ -512,6 +540,39 @@ impl Plan {
             }
         }
 
+        // (6b) the token choice after its TopK.
+        if let Some(&out) = outputs.get(crate::contract::NEXT_TOKEN) {
+            let taken: Vec<bool> = (0..graph.nodes.len())
+                .map(|ni| absorbed[ni] || kind[ni].is_some())
+                .collect();
+            let found = embedding::Graphs {
+                graph: &graph,
+                node_in: &node_in,
+                node_out: &node_out,
+                consts: &consts,
+                consumers: &consumers,
+                graph_outputs: &graph_outputs,
+                taken: &taken,
+            }
+            .token_choice(out);
+            if let Some(f) = found {
+                for &m in &f.absorbs {
+                    absorbed[m] = true;
+                }
+                stats.token_choice += 1;
+                kind[f.leader] = Some(Step::TokenChoice(TokenChoice {
+                    node: f.leader,
+                    vals: f.vals,
+                    idx: f.idx,
+                    k: f.k,
+                    top_p: f.top_p,
+                    u: f.u,
+                    out: f.out,
+                    out_shape: f.out_shape,
+                }));
+            }
+        }
+
         // (7) liveness: walk back from the graph outputs; keep only what is needed.
         let mut needed = vec![false; nvals];
         for &o in &graph_outputs {
@@ -525,7 +586,8 @@ impl Plan {
             let produces_needed = match &kind[ni] {
                 Some(Step::CacheAttention { out, .. })
                 | Some(Step::Linear { out, .. })
-                | Some(Step::Embedding(Embedding { out, .. })) => needed[*out],
+                | Some(Step::Embedding(Embedding { out, .. }))
+                | Some(Step::TokenChoice(TokenChoice { out, .. })) => needed[*out],
                 _ => node_out[ni].iter().any(|&o| needed[o]),
             };
             if !produces_needed {
@@ -536,6 +598,7 @@ impl Plan {
                 Some(Step::Linear { x, .. }) => vec![*x],
                 Some(Step::SiluGate(sg)) => vec![sg.g, sg.u],
                 Some(Step::Embedding(e)) => vec![e.ids],
+                Some(Step::TokenChoice(c)) => vec![c.vals, c.idx, c.k, c.top_p, c.u],
                 Some(Step::CacheAttention { q, new, mask, .. }) => {
                     let mut r = vec![*q, new[0], new[1]];
                     r.extend(mask);
@@ -707,6 +770,7 @@ pub fn step_reads(s: &Step) -> Vec<ValId> {
         Step::Linear { x, .. } => vec![*x],
         Step::SiluGate(sg) => vec![sg.g, sg.u],
         Step::Embedding(e) => vec![e.ids],
+        Step::TokenChoice(c) => vec![c.vals, c.idx, c.k, c.top_p, c.u],
         Step::CacheAttention { q, new, mask, .. } => {
             let mut r = vec![*q, new[0], new[1]];
             r.extend(mask);

@@ -291,6 +291,50 @@ pub fn top_k_reference(x: &[f32], values: &mut [f32], indices: &mut [usize]) -> 
     Ok(())
 }
 
+/// The in-graph token choice after its `TopK` (docs/GRAPH.md), over one row of `k` values sorted
+/// best first: the softmax `p`, the nucleus (`cumsum(p) − p < top_p`), and the draw — how many
+/// prefix sums of the kept mass are `≤ u · Σ kept`, at most `k − 1`. Returns that position in the
+/// row. The float operations are the graph's nodes', in their order (sequential sums, division by
+/// the softmax's sum), so the position equals the generic nodes' bit for bit; the planner proves
+/// that on samples before it uses this (`plan::choice`). Errors on an empty row.
+pub fn nucleus_pick(vals: &[f32], top_p: f32, u: f32) -> KernelResult<usize> {
+    let k = vals.len();
+    if k == 0 {
+        return Err(shape_err("nucleus_pick", "no candidates (k = 0)"));
+    }
+    let m = vals.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut p: Vec<f32> = vals
+        .iter()
+        .map(|&x| {
+            if m == f32::NEG_INFINITY {
+                0.0
+            } else {
+                (x - m).exp()
+            }
+        })
+        .collect();
+    let s = p.iter().fold(0.0f32, |s, &x| s + x);
+    if s > 0.0 {
+        p.iter_mut().for_each(|x| *x /= s);
+    }
+    let mut c = 0.0f32;
+    let mut kept = Vec::with_capacity(k);
+    for &pi in &p {
+        c += pi;
+        let keep = if c - pi < top_p { 1.0 } else { 0.0 };
+        kept.push(pi * keep);
+    }
+    let total = kept.iter().fold(0.0f32, |s, &x| s + x);
+    let thr = u * total;
+    let mut ck = 0.0f32;
+    let mut count = 0usize;
+    for &x in &kept {
+        ck += x;
+        count += usize::from(ck <= thr);
+    }
+    Ok(count.min(k - 1))
+}
+
 /// f16 → f32 (SIMD via `half`).
 pub fn f16_to_f32(src: &[f16], dst: &mut [f32]) -> KernelResult {
     check_len("f16_to_f32", "dst", src.len(), dst.len())?;

@@ -1374,7 +1374,10 @@ mod tests {
         // Repeated axes (more entries than dims) take the general path.
         let rep = Tensor::i64(&[3], &[1, 1, 1]);
         let o = run("ReduceSum", &[], &[&ints, &rep]).unwrap().remove(0);
-        assert_eq!(o.typed::<i64>(), &[6, i64::MAX.wrapping_add(1).wrapping_sub(5)]);
+        assert_eq!(
+            o.typed::<i64>(),
+            &[6, i64::MAX.wrapping_add(1).wrapping_sub(5)]
+        );
         let empty = Tensor::f32(&[2, 0], &[]);
         let o = run("ReduceSum", &[], &[&empty, &ax]).unwrap().remove(0);
         assert_eq!(

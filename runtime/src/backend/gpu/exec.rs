@@ -17,7 +17,7 @@ use super::attention::{self, AttnParams};
 use super::context::{GpuContext, Kernel};
 use super::elementwise::{self as ew, BinOp, UnOp};
 use super::linear::GpuLinear;
-use super::{grid, norm, rope, select, Params};
+use super::{choice, grid, norm, rope, select, Params};
 use crate::backend::cpu::ops;
 use crate::error::{Error, Result};
 use crate::graph::DType;
@@ -1196,20 +1196,34 @@ impl GpuPlan {
                 }
             }
         }
-        // The token choice's outputs hold up to MAX_K of each row, whatever k the dry run had.
+        // The token choice's outputs hold up to MAX_K of each row, whatever k the dry run had; a
+        // row the GPU sorts (one longer than MAX_K) all of it: the indices' buffer is the sort's.
         for (si, s) in plan.steps.iter().enumerate() {
-            let Step::Node { node, outputs, .. } = s else {
+            let Step::Node {
+                node,
+                inputs,
+                outputs,
+            } = s
+            else {
                 continue;
             };
             if !me.on_gpu[si] || plan.graph.nodes[*node].op != "TopK" {
                 continue;
             }
+            let row = inputs
+                .first()
+                .copied()
+                .flatten()
+                .and_then(|x| meta[x].as_ref())
+                .and_then(|m| m.shape.last().copied())
+                .unwrap_or(0);
             for &o in outputs.iter().take(2) {
                 if let Some(m) = &meta[o] {
                     let rows = m.numel() / m.shape.last().copied().unwrap_or(1).max(1);
+                    let per = if rows == 1 { row } else { 0 }.max(select::MAX_K);
                     let r = root[o].unwrap_or(o);
                     let e = need.entry(r).or_insert(0);
-                    *e = (*e).max(me.offs[o] + (rows * select::MAX_K * m.dtype.size()) as u64);
+                    *e = (*e).max(me.offs[o] + (rows * per * m.dtype.size()) as u64);
                 }
             }
         }
@@ -1542,8 +1556,21 @@ impl GpuPlan {
             }
             _ => None,
         });
-        let token = tops.next()?;
-        if tops.next().is_some() || self.home[token].is_none() || self.home[ids].is_none() {
+        let top = tops.next()?;
+        if tops.next().is_some() {
+            return None;
+        }
+        // The chosen token itself when the whole choice is on the GPU; else the TopK's first index.
+        let token = plan
+            .steps
+            .iter()
+            .enumerate()
+            .find_map(|(si, s)| match s {
+                Step::TokenChoice(c) if self.on_gpu[si] && c.idx == top => Some(c.out),
+                _ => None,
+            })
+            .unwrap_or(top);
+        if self.home[token].is_none() || self.home[ids].is_none() {
             return None;
         }
         let inputs: HashSet<ValId> = plan.inputs.values().copied().collect();
@@ -2230,6 +2257,51 @@ impl GpuPlan {
                     disp,
                 }))
             }
+            Step::TokenChoice(c) => {
+                let (Some(vm), Some(im)) = (e.meta[c.vals].clone(), e.meta[c.idx].clone()) else {
+                    return Ok(None);
+                };
+                let kk = vm.numel();
+                if vm.dtype != DType::F32
+                    || im.dtype != DType::I64
+                    || vm.shape != [1, kk]
+                    || im.shape != vm.shape
+                    || kk == 0
+                {
+                    return Ok(None);
+                }
+                // The nucleus mass and the draw are parameters (read now: never a kept description).
+                let one = |v: ValId| -> Option<f32> {
+                    let t = e.cpu(v)?;
+                    (t.dtype == DType::F32 && t.numel() == 1).then(|| t.typed::<f32>()[0])
+                };
+                let (Some(top_p), Some(u)) = (one(c.top_p), one(c.u)) else {
+                    return Ok(None);
+                };
+                let k_in = e.cpu(c.k).map(|t| t.to_i64_vec(&plan.names[c.k]));
+                if !matches!(k_in, Some(Ok(ref v)) if v[..] == [kk as i64]) {
+                    return Ok(None);
+                }
+                Ok(Some(Desc {
+                    fused: None,
+                    at: Vec::new(),
+                    outs: vec![(
+                        c.out,
+                        Meta {
+                            dtype: DType::I64,
+                            shape: c.out_shape.clone(),
+                        },
+                        None,
+                    )],
+                    reads: vec![c.vals, c.idx],
+                    disp: vec![Disp {
+                        kernel: k(&|| choice::kernel(ctx))?,
+                        binds: vec![BufRef::Val(c.vals), BufRef::Val(c.idx), BufRef::Val(c.out)],
+                        params: choice::params(kk, top_p, u),
+                        groups: (1, 1, 1),
+                    }],
+                }))
+            }
             Step::Node {
                 node,
                 inputs,
@@ -2670,10 +2742,6 @@ impl GpuPlan {
                         let Some(kt) = e.cpu(kv) else { return Ok(None) };
                         let r = xm.shape.len();
                         let ax = n.attr_int("axis", -1);
-                        let kk = match kt.to_i64_vec(&n.name)?[..] {
-                            [k] if (1..=select::MAX_K as i64).contains(&k) => k as usize,
-                            _ => return Ok(None),
-                        };
                         if r == 0
                             || !(ax == -1 || ax == r as i64 - 1)
                             || n.attr_int("largest", 1) != 1
@@ -2683,6 +2751,12 @@ impl GpuPlan {
                         }
                         let v = xm.shape[r - 1];
                         let rows = xm.numel() / v.max(1);
+                        // Rows longer than MAX_K are sorted when there is one (the token choice's).
+                        let sorts = rows == 1 && v > select::MAX_K;
+                        let kk = match kt.to_i64_vec(&n.name)?[..] {
+                            [k] if k >= 1 && (k as usize <= select::MAX_K || sorts) => k as usize,
+                            _ => return Ok(None),
+                        };
                         if v < kk || rows > ctx.max_groups as usize {
                             return Ok(None);
                         }
@@ -2701,6 +2775,30 @@ impl GpuPlan {
                             params: select::params(rows, v, kk),
                             groups: (if on { rows as u32 } else { 0 }, 1, 1),
                         };
+                        let mut disp = vec![
+                            slot(k(&|| select::kernel(ctx, 1))?, kk == 1),
+                            slot(
+                                k(&|| select::kernel(ctx, 2))?,
+                                1 < kk && kk <= select::MAX_K,
+                            ),
+                        ];
+                        // The sort's slots follow whatever k this step has (their number is v's).
+                        if sorts {
+                            let on = kk > select::MAX_K;
+                            for d in select::sort_schedule(v, kk) {
+                                let groups = if d.entry == "sort_local" {
+                                    (d.items as u32, 1)
+                                } else {
+                                    grid(d.items, 256, ctx.max_groups)
+                                };
+                                disp.push(Disp {
+                                    kernel: k(&|| select::sort_kernel(ctx, d.entry))?,
+                                    binds: binds.clone(),
+                                    params: d.params,
+                                    groups: (if on { groups.0 } else { 0 }, groups.1, 1),
+                                });
+                            }
+                        }
                         Ok(Some(Desc {
                             fused: None,
                             at: Vec::new(),
@@ -2723,10 +2821,7 @@ impl GpuPlan {
                                 ),
                             ],
                             reads: vec![x],
-                            disp: vec![
-                                slot(k(&|| select::kernel(ctx, 1))?, kk == 1),
-                                slot(k(&|| select::kernel(ctx, 2))?, kk > 1),
-                            ],
+                            disp,
                         }))
                     }
                     _ => Ok(None),

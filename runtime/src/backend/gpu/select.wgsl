@@ -78,3 +78,132 @@ fn topk(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         workgroupBarrier();
     }
 }
+
+// TopK with k > 64 (top-p over the whole vocabulary): a bitonic sort of the row's (rank, index)
+// pairs in IDX (which holds n pairs), then the first k written out. The network is the one where
+// every comparator puts the better element first (a "flip" step mirrors each block of `size`, then
+// half-cleaners of falling strides), so the row needs no padding: comparators reaching past n are
+// skipped, as if the row went on with elements worse than all. Better: the higher rank (NaN lowest,
+// −0 below +0, as the CPU's top_k), then the lower index. One row (the token choice's).
+const SORT_B: u32 = 1024u;
+var<workgroup> sk: array<u32, 1024>;
+var<workgroup> si: array<u32, 1024>;
+
+fn rank(v: f32) -> u32 {
+    let b = bitcast<u32>(v);
+    if ((b & 0x7fffffffu) > 0x7f800000u) { return 0u; }
+    if ((b & 0x80000000u) != 0u) { return ~b; }
+    return b | 0x80000000u;
+}
+
+// Whether (ka, ia) goes before (kb, ib).
+fn better(ka: u32, ia: u32, kb: u32, ib: u32) -> bool {
+    return ka > kb || (ka == kb && ia < ib);
+}
+
+// Pair t of a step over blocks of `size` (stride 0: the flip step) or of a half-cleaner of `stride`.
+fn pair(t: u32, size: u32, stride: u32) -> vec2<u32> {
+    if (stride == 0u) {
+        let half = size / 2u;
+        let base = (t / half) * size;
+        let off = t % half;
+        return vec2<u32>(base + off, base + size - 1u - off);
+    }
+    let i = (t / stride) * 2u * stride + t % stride;
+    return vec2<u32>(i, i + stride);
+}
+
+fn local_step(lid: u32, size: u32, stride: u32) {
+    for (var h = 0u; h < 2u; h = h + 1u) {
+        let p = pair(lid + 256u * h, size, stride);
+        if (better(sk[p.y], si[p.y], sk[p.x], si[p.x])) {
+            let k = sk[p.x];
+            let i = si[p.x];
+            sk[p.x] = sk[p.y];
+            si[p.x] = si[p.y];
+            sk[p.y] = k;
+            si[p.y] = i;
+        }
+    }
+    workgroupBarrier();
+}
+
+// One block of SORT_B pairs a workgroup. P[0]=n P[1]=mode: 0 loads the ranks of X and sorts the block
+// whole; 1 loads the block's pairs from IDX and runs the half-cleaners below SORT_B (the end of a
+// merge whose larger strides ran in sort_global).
+@compute @workgroup_size(256)
+fn sort_local(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let n = pu(0u);
+    let mode = pu(1u);
+    let base = wid.x * SORT_B;
+    for (var h = 0u; h < 4u; h = h + 1u) {
+        let l = lid + 256u * h;
+        let g = base + l;
+        if (g >= n) {
+            sk[l] = 0u;
+            si[l] = 0xffffffffu;
+        } else if (mode == 0u) {
+            sk[l] = rank(X[g]);
+            si[l] = g;
+        } else {
+            sk[l] = IDX[2u * g];
+            si[l] = IDX[2u * g + 1u];
+        }
+    }
+    workgroupBarrier();
+    if (mode == 0u) {
+        for (var size = 2u; size <= SORT_B; size = size * 2u) {
+            local_step(lid, size, 0u);
+            for (var s = size / 4u; s > 0u; s = s / 2u) {
+                local_step(lid, size, s);
+            }
+        }
+    } else {
+        for (var s = SORT_B / 2u; s > 0u; s = s / 2u) {
+            local_step(lid, SORT_B, s);
+        }
+    }
+    for (var h = 0u; h < 4u; h = h + 1u) {
+        let l = lid + 256u * h;
+        let g = base + l;
+        if (g < n) {
+            IDX[2u * g] = sk[l];
+            IDX[2u * g + 1u] = si[l];
+        }
+    }
+}
+
+// One comparator a thread over the whole row. P[0]=n P[1]=size P[2]=stride (0: the flip step)
+// P[3]=comparators.
+@compute @workgroup_size(256)
+fn sort_global(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+               @builtin(local_invocation_index) lid: u32) {
+    let t = (wid.x + wid.y * nwg.x) * 256u + lid;
+    if (t >= pu(3u)) { return; }
+    let n = pu(0u);
+    let p = pair(t, pu(1u), pu(2u));
+    if (p.y >= n) { return; }
+    let ka = IDX[2u * p.x];
+    let ia = IDX[2u * p.x + 1u];
+    let kb = IDX[2u * p.y];
+    let ib = IDX[2u * p.y + 1u];
+    if (better(kb, ib, ka, ia)) {
+        IDX[2u * p.x] = kb;
+        IDX[2u * p.x + 1u] = ib;
+        IDX[2u * p.y] = ka;
+        IDX[2u * p.y + 1u] = ia;
+    }
+}
+
+// The first k sorted pairs as TopK's outputs: the value from X, the index as i64 (each thread
+// rewrites its own pair in place). P[0]=k.
+@compute @workgroup_size(256)
+fn sort_out(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+            @builtin(local_invocation_index) lid: u32) {
+    let j = (wid.x + wid.y * nwg.x) * 256u + lid;
+    if (j >= pu(0u)) { return; }
+    let i = IDX[2u * j + 1u];
+    VALS[j] = X[i];
+    IDX[2u * j] = i;
+    IDX[2u * j + 1u] = 0u;
+}

@@ -1,0 +1,227 @@
+//! Recognizing the token choice's tail: the nodes after the `TopK` that turn its sorted values and
+//! indices into `next_token` (softmax, the nucleus of mass `top_p`, the draw with `random_u`, at
+//! most the k-th) are bound to one [`Step::TokenChoice`](super::Step::TokenChoice) — on the GPU one
+//! dispatch that reads back only the token id, on the CPU one pass instead of fifteen nodes.
+//!
+//! The match is proven, not assumed: the nodes as written are run on sample rows (k from 1 to 300,
+//! several `top_p` and draws, ties) and must choose the token [`nucleus_pick`] chooses, every time.
+//! Which of the two float inputs is `top_p` and which the draw is found the same way. Anything else
+//! stays generic nodes.
+
+use std::collections::{HashMap, HashSet};
+
+use crate::backend::cpu::misc::nucleus_pick;
+use crate::backend::cpu::ops;
+use crate::graph::DType;
+use crate::tensor::Tensor;
+
+use super::embedding::Graphs;
+use super::ValId;
+
+/// A token choice found.
+pub(super) struct Found {
+    /// The node whose output is `next_token` (the step takes its place).
+    pub leader: usize,
+    /// The other nodes of the tail (absorbed).
+    pub absorbs: Vec<usize>,
+    /// The `TopK`'s values `[1, k]` (sorted, best first).
+    pub vals: ValId,
+    /// The `TopK`'s indices `[1, k]`.
+    pub idx: ValId,
+    /// The `TopK`'s `k` (int64 `[1]`).
+    pub k: ValId,
+    /// The nucleus mass (f32, one element).
+    pub top_p: ValId,
+    /// The draw in `[0, 1)` (f32, one element).
+    pub u: ValId,
+    /// The token (int64).
+    pub out: ValId,
+    /// Its shape (one element).
+    pub out_shape: Vec<usize>,
+}
+
+impl Graphs<'_> {
+    /// The token choice whose output is `out` (the graph's `next_token`), if its tail proves to be
+    /// [`nucleus_pick`] over a `TopK`.
+    pub fn token_choice(&self, out: ValId) -> Option<Found> {
+        let g = self.graph;
+        let leader = (0..g.nodes.len()).find(|&ni| self.node_out[ni].contains(&out))?;
+        if self.taken[leader] {
+            return None;
+        }
+        // Ancestors of the output, back to (not through) the first TopK met.
+        let mut anc: HashSet<usize> = HashSet::new();
+        let mut todo = vec![leader];
+        let mut topk = None;
+        while let Some(ni) = todo.pop() {
+            let n = &g.nodes[ni];
+            if n.op == "TopK" && n.domain.is_empty() {
+                if topk.is_some_and(|t| t != ni) {
+                    return None;
+                }
+                topk = Some(ni);
+                continue;
+            }
+            if !anc.insert(ni) {
+                continue;
+            }
+            for v in self.node_in[ni].iter().flatten() {
+                if let Some(p) = (0..g.nodes.len()).find(|&p| self.node_out[p].contains(v)) {
+                    todo.push(p);
+                }
+            }
+        }
+        let tk = topk?;
+        let n = &g.nodes[tk];
+        let (&[vals, idx], Some(&Some(_)), Some(&Some(k))) = (
+            &self.node_out[tk][..],
+            self.node_in[tk].first(),
+            self.node_in[tk].get(1),
+        ) else {
+            return None;
+        };
+        if n.attr_int("largest", 1) != 1 || n.attr_int("sorted", 1) != 1 || self.taken[tk] {
+            return None;
+        }
+        // The tail: the ancestors of the output reached from the TopK's outputs or its k.
+        let mut reach: HashSet<ValId> = [vals, idx, k].into_iter().collect();
+        let mut members = Vec::new();
+        for ni in 0..g.nodes.len() {
+            if ni == tk || !anc.contains(&ni) {
+                continue;
+            }
+            if self.node_in[ni].iter().flatten().any(|v| reach.contains(v)) {
+                if self.taken[ni] {
+                    return None;
+                }
+                members.push(ni);
+                reach.extend(self.node_out[ni].iter().copied());
+            }
+        }
+        if !members.contains(&leader) || !self.closed(&members, out) {
+            return None;
+        }
+        // What the tail reads from outside: the TopK's outputs and k, and two more values.
+        let made: HashSet<ValId> = members
+            .iter()
+            .flat_map(|&m| self.node_out[m].iter().copied())
+            .collect();
+        let mut outside: Vec<ValId> = Vec::new();
+        for &m in &members {
+            for &v in self.node_in[m].iter().flatten() {
+                if !made.contains(&v)
+                    && ![vals, idx, k].contains(&v)
+                    && self.consts[v].is_none()
+                    && !outside.contains(&v)
+                {
+                    outside.push(v);
+                }
+            }
+        }
+        let [a, b] = outside[..] else { return None };
+        for (top_p, u) in [(a, b), (b, a)] {
+            let f = Found {
+                leader,
+                absorbs: members.iter().copied().filter(|&m| m != leader).collect(),
+                vals,
+                idx,
+                k,
+                top_p,
+                u,
+                out,
+                out_shape: Vec::new(),
+            };
+            if let Some(shape) = self.proves_choice(&f, &members) {
+                return Some(Found {
+                    out_shape: shape,
+                    ..f
+                });
+            }
+        }
+        None
+    }
+
+    /// Runs `members` on sample rows and compares their token with [`nucleus_pick`]'s; the output's
+    /// shape when every sample agrees.
+    fn proves_choice(&self, f: &Found, members: &[usize]) -> Option<Vec<usize>> {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rnd = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 40) as f32 / (1u64 << 24) as f32
+        };
+        let mut shape: Option<Vec<usize>> = None;
+        for k in [1usize, 2, 5, 40, 300] {
+            // Sorted values with a tie, and distinct token ids.
+            let mut vals: Vec<f32> = (0..k).map(|_| (rnd() - 0.5) * 12.0).collect();
+            vals.sort_by(|x, y| y.total_cmp(x));
+            if k > 3 {
+                vals[2] = vals[1];
+            }
+            let ids: Vec<i64> = (0..k as i64).map(|i| (i * 7919 + 13) % 49_999).collect();
+            for top_p in [1.0f32, 0.9, 0.3, 1e-6] {
+                for u in [0.0f32, rnd(), 0.999_999] {
+                    let mut env: HashMap<ValId, Tensor> = HashMap::new();
+                    env.insert(f.vals, Tensor::f32(&[1, k], &vals));
+                    env.insert(f.idx, Tensor::i64(&[1, k], &ids));
+                    env.insert(f.k, Tensor::i64(&[1], &[k as i64]));
+                    env.insert(f.top_p, Tensor::f32(&[1], &[top_p]));
+                    env.insert(f.u, Tensor::f32(&[1], &[u]));
+                    for &ni in members {
+                        let args: Vec<Option<Tensor>> = self.node_in[ni]
+                            .iter()
+                            .map(|v| {
+                                v.and_then(|v| env.get(&v).or(self.consts[v].as_ref()).cloned())
+                            })
+                            .collect();
+                        if args
+                            .iter()
+                            .zip(&self.node_in[ni])
+                            .any(|(a, v)| a.is_none() && v.is_some())
+                        {
+                            return None;
+                        }
+                        let refs: Vec<Option<&Tensor>> = args.iter().map(|a| a.as_ref()).collect();
+                        let outs = ops::run_node(&self.graph.nodes[ni], &refs).ok()?;
+                        env.extend(self.node_out[ni].iter().copied().zip(outs));
+                    }
+                    let got = env.get(&f.out)?;
+                    if got.dtype != DType::I64 || got.numel() != 1 {
+                        return None;
+                    }
+                    if shape.as_ref().is_some_and(|s| *s != got.shape) {
+                        return None;
+                    }
+                    shape = Some(got.shape.clone());
+                    let j = nucleus_pick(&vals, top_p, u).ok()?;
+                    if got.typed::<i64>()[0] != ids[j] {
+                        return None;
+                    }
+                }
+            }
+        }
+        shape
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::backend::cpu::misc::nucleus_pick;
+
+    /// The pick on hand-worked rows: greedy-like k = 1, the nucleus cut, the draw's bounds.
+    #[test]
+    fn nucleus_pick_by_hand() {
+        assert_eq!(nucleus_pick(&[3.0], 0.5, 0.9).unwrap(), 0);
+        // p = [0.5, 0.25, 0.25] (ln values): top_p 0.6 keeps the first two (0 < .6, .5 < .6).
+        let v = [0.0f32, -std::f32::consts::LN_2, -std::f32::consts::LN_2];
+        assert_eq!(nucleus_pick(&v, 0.6, 0.0).unwrap(), 0);
+        assert_eq!(nucleus_pick(&v, 0.6, 0.7).unwrap(), 1); // thr = .7 · .75 = .525 ≥ .5
+        assert_eq!(nucleus_pick(&v, 0.6, 0.999_999).unwrap(), 1); // never past the nucleus
+        assert_eq!(nucleus_pick(&v, 1.0, 0.999_999).unwrap(), 2);
+        assert_eq!(nucleus_pick(&v, 0.4, 0.999_999).unwrap(), 0);
+        // Every value −inf: no mass, every prefix sum (0) is ≤ the threshold (0): the last.
+        assert_eq!(nucleus_pick(&[f32::NEG_INFINITY; 4], 0.9, 0.5).unwrap(), 3);
+        assert!(nucleus_pick(&[], 0.9, 0.5).is_err());
+    }
+}
