@@ -504,6 +504,7 @@ fn cmd_bench(
     let plan_json = serde_json::json!({
         "generic_steps": ps.generic, "linear": ps.linear, "cache_attention": ps.cache_attention,
         "silu_gate": ps.silu_gate, "embedding": ps.embedding, "embedding_tied": ps.embedding_tied,
+        "token_choice": ps.token_choice,
         "linear_bias": ps.linear_bias, "folded": ps.folded, "removed": ps.removed,
     });
     let mut kv_json = kv_json(&session.kv_stats(), common);
