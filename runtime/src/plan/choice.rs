@@ -16,34 +16,13 @@ use crate::graph::DType;
 use crate::tensor::Tensor;
 
 use super::embedding::Graphs;
-use super::ValId;
-
-/// A token choice found.
-pub(super) struct Found {
-    /// The node whose output is `next_token` (the step takes its place).
-    pub leader: usize,
-    /// The other nodes of the tail (absorbed).
-    pub absorbs: Vec<usize>,
-    /// The `TopK`'s values `[1, k]` (sorted, best first).
-    pub vals: ValId,
-    /// The `TopK`'s indices `[1, k]`.
-    pub idx: ValId,
-    /// The `TopK`'s `k` (int64 `[1]`).
-    pub k: ValId,
-    /// The nucleus mass (f32, one element).
-    pub top_p: ValId,
-    /// The draw in `[0, 1)` (f32, one element).
-    pub u: ValId,
-    /// The token (int64).
-    pub out: ValId,
-    /// Its shape (one element).
-    pub out_shape: Vec<usize>,
-}
+use super::{TokenChoice, ValId};
 
 impl Graphs<'_> {
     /// The token choice whose output is `out` (the graph's `next_token`), if its tail proves to be
-    /// [`nucleus_pick`] over a `TopK`.
-    pub fn token_choice(&self, out: ValId) -> Option<Found> {
+    /// [`nucleus_pick`] over a `TopK`: the step (in place of the tail's last node) and the tail's
+    /// other nodes, which it absorbs.
+    pub fn token_choice(&self, out: ValId) -> Option<(Vec<usize>, TokenChoice)> {
         let g = self.graph;
         let leader = (0..g.nodes.len()).find(|&ni| self.node_out[ni].contains(&out))?;
         if self.taken[leader] {
@@ -120,9 +99,8 @@ impl Graphs<'_> {
         }
         let [a, b] = outside[..] else { return None };
         for (top_p, u) in [(a, b), (b, a)] {
-            let f = Found {
-                leader,
-                absorbs: members.iter().copied().filter(|&m| m != leader).collect(),
+            let mut c = TokenChoice {
+                node: leader,
                 vals,
                 idx,
                 k,
@@ -131,11 +109,10 @@ impl Graphs<'_> {
                 out,
                 out_shape: Vec::new(),
             };
-            if let Some(shape) = self.proves_choice(&f, &members) {
-                return Some(Found {
-                    out_shape: shape,
-                    ..f
-                });
+            if let Some(shape) = self.proves_choice(&c, &members) {
+                c.out_shape = shape;
+                let absorbs = members.into_iter().filter(|&m| m != leader).collect();
+                return Some((absorbs, c));
             }
         }
         None
@@ -143,7 +120,7 @@ impl Graphs<'_> {
 
     /// Runs `members` on sample rows and compares their token with [`nucleus_pick`]'s; the output's
     /// shape when every sample agrees.
-    fn proves_choice(&self, f: &Found, members: &[usize]) -> Option<Vec<usize>> {
+    fn proves_choice(&self, f: &TokenChoice, members: &[usize]) -> Option<Vec<usize>> {
         let mut seed = 0x9e37_79b9_7f4a_7c15u64;
         let mut rnd = move || {
             seed ^= seed << 13;

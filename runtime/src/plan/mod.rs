@@ -505,21 +505,29 @@ impl Plan {
             }
         }
 
+        // The planner's view for the passes over subgraphs: the nodes taken so far.
+        let taken = |absorbed: &[bool], kind: &[Option<Step>]| -> Vec<bool> {
+            (0..graph.nodes.len())
+                .map(|ni| absorbed[ni] || kind[ni].is_some())
+                .collect()
+        };
+        macro_rules! graphs {
+            ($taken:expr) => {
+                embedding::Graphs {
+                    graph: &graph,
+                    node_in: &node_in,
+                    node_out: &node_out,
+                    consts: &consts,
+                    consumers: &consumers,
+                    graph_outputs: &graph_outputs,
+                    taken: $taken,
+                }
+            };
+        }
+
         // (6) the token embedding.
         if let Some(&ids) = inputs.get(crate::contract::INPUT_IDS) {
-            let taken: Vec<bool> = (0..graph.nodes.len())
-                .map(|ni| absorbed[ni] || kind[ni].is_some())
-                .collect();
-            let found = embedding::Graphs {
-                graph: &graph,
-                node_in: &node_in,
-                node_out: &node_out,
-                consts: &consts,
-                consumers: &consumers,
-                graph_outputs: &graph_outputs,
-                taken: &taken,
-            }
-            .embeddings(ids);
+            let found = graphs!(&taken(&absorbed, &kind)).embeddings(ids);
             for f in found {
                 for &m in &f.absorbs {
                     absorbed[m] = true;
@@ -542,34 +550,13 @@ impl Plan {
 
         // (6b) the token choice after its TopK.
         if let Some(&out) = outputs.get(crate::contract::NEXT_TOKEN) {
-            let taken: Vec<bool> = (0..graph.nodes.len())
-                .map(|ni| absorbed[ni] || kind[ni].is_some())
-                .collect();
-            let found = embedding::Graphs {
-                graph: &graph,
-                node_in: &node_in,
-                node_out: &node_out,
-                consts: &consts,
-                consumers: &consumers,
-                graph_outputs: &graph_outputs,
-                taken: &taken,
-            }
-            .token_choice(out);
-            if let Some(f) = found {
-                for &m in &f.absorbs {
+            if let Some((absorbs, c)) = graphs!(&taken(&absorbed, &kind)).token_choice(out) {
+                for m in absorbs {
                     absorbed[m] = true;
                 }
                 stats.token_choice += 1;
-                kind[f.leader] = Some(Step::TokenChoice(TokenChoice {
-                    node: f.leader,
-                    vals: f.vals,
-                    idx: f.idx,
-                    k: f.k,
-                    top_p: f.top_p,
-                    u: f.u,
-                    out: f.out,
-                    out_shape: f.out_shape,
-                }));
+                let node = c.node;
+                kind[node] = Some(Step::TokenChoice(c));
             }
         }
 

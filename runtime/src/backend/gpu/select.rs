@@ -21,17 +21,11 @@ pub const SORT_B: usize = 1024;
 
 /// The kernel for `k`: the arg-max (`k = 1`) or k rounds of it (`1 < k ≤ MAX_K`); bindings X, VALS, IDX.
 pub fn kernel(ctx: &GpuContext, k: usize) -> Result<Arc<Kernel>> {
-    let entry = if k == 1 { "argmax" } else { "topk" };
-    ctx.pipeline(
-        "select",
-        SOURCE,
-        entry,
-        &[Bind::Read, Bind::Write, Bind::Write],
-        &[],
-    )
+    sort_kernel(ctx, if k == 1 { "argmax" } else { "topk" })
 }
 
-/// A sort kernel: `sort_local`, `sort_global` or `sort_out` (bindings X, VALS, IDX as [`kernel`]).
+/// Entry `entry` of this family: the sort's `sort_local`, `sort_global`, `sort_out` (or the
+/// selection's `argmax`, `topk`); bindings X, VALS, IDX.
 pub fn sort_kernel(ctx: &GpuContext, entry: &str) -> Result<Arc<Kernel>> {
     ctx.pipeline(
         "select",
