@@ -512,12 +512,12 @@ fn exports_every_variant() {
             assert!(s.op_histogram.contains_key("com.microsoft::MatMulNBits"));
         }
         // The runtime binds the embedding of every table form to one step over its table, shared
-        // with the output layer when tied.
+        // with the output layer when tied, and the token choice's tail after its TopK to one step.
         let model = onestep::Model::load(&out).unwrap_or_else(|e| panic!("{}: {e}", case.name));
         let ps = model.plan_stats();
         assert_eq!(
-            (ps.embedding, ps.embedding_tied),
-            (1, usize::from(case.tied)),
+            (ps.embedding, ps.embedding_tied, ps.token_choice),
+            (1, usize::from(case.tied), 1),
             "{}: {ps:?}",
             case.name
         );
