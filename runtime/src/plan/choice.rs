@@ -184,7 +184,168 @@ impl Graphs<'_> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
+    use bytes::Bytes;
+
     use crate::backend::cpu::misc::nucleus_pick;
+    use crate::graph::{Attr, DType, Dim, Graph, Initializer, Node, ValueInfo};
+    use crate::plan::{Plan, Step};
+
+    fn init<T: bytemuck::Pod>(name: &str, dtype: DType, dims: &[usize], v: &[T]) -> Initializer {
+        Initializer {
+            name: name.into(),
+            dtype,
+            dims: dims.to_vec(),
+            data: Bytes::from(bytemuck::cast_slice::<T, u8>(v).to_vec()),
+        }
+    }
+
+    fn node(op: &str, ins: &[&str], outs: &[&str], attrs: &[(&str, Attr)]) -> Node {
+        Node {
+            name: outs[0].into(),
+            op: op.into(),
+            domain: String::new(),
+            inputs: ins.iter().map(|s| s.to_string()).collect(),
+            outputs: outs.iter().map(|s| s.to_string()).collect(),
+            attrs: attrs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect::<BTreeMap<_, _>>(),
+        }
+    }
+
+    /// The token choice as docs/GRAPH.md writes it, over logits `[1, 100]`; `nucleus` is the value
+    /// the nucleus test compares with `top_p` (`before` in the contract).
+    fn plan(nucleus: &str) -> Plan {
+        let n = |op: &str, ins: &[&str], out: &str| node(op, ins, &[out], &[]);
+        let axis =
+            |op: &str, ins: &[&str], out: &str| node(op, ins, &[out], &[("axis", Attr::Int(-1))]);
+        let cast =
+            |i: &str, out: &str, to: i64| node("Cast", &[i], &[out], &[("to", Attr::Int(to))]);
+        let nodes = vec![
+            n("LessOrEqual", &["temperature", "zero_f"], "greedy"),
+            n("Greater", &["top_k", "zero_i"], "k_pos"),
+            n("Less", &["top_k", "v"], "k_lt_v"),
+            n("And", &["k_pos", "k_lt_v"], "k_ok"),
+            n("Where", &["k_ok", "top_k", "v"], "k_limit"),
+            n("Where", &["greedy", "one_i", "k_limit"], "k"),
+            n("Max", &["temperature", "eps"], "temp"),
+            n("Div", &["logits", "temp"], "scaled"),
+            node(
+                "TopK",
+                &["scaled", "k"],
+                &["vals", "idx"],
+                &[("axis", Attr::Int(-1))],
+            ),
+            axis("Softmax", &["vals"], "p"),
+            n("CumSum", &["p", "last"], "c"),
+            n("Sub", &["c", "p"], "before"),
+            n("Max", &["top_p", "eps"], "tp"),
+            n("Less", &[nucleus, "tp"], "keep"),
+            cast("keep", "keep_f", 1),
+            n("Mul", &["p", "keep_f"], "kept"),
+            n("ReduceSum", &["kept", "axes"], "total"),
+            n("CumSum", &["kept", "last"], "kept_cum"),
+            n("Mul", &["random_u", "total"], "threshold"),
+            n("LessOrEqual", &["kept_cum", "threshold"], "below"),
+            cast("below", "below_i", 7),
+            node(
+                "ReduceSum",
+                &["below_i", "axes"],
+                &["count"],
+                &[("keepdims", Attr::Int(0))],
+            ),
+            n("Sub", &["k", "one_i"], "k_last"),
+            n("Min", &["count", "k_last"], "choice"),
+            n("Unsqueeze", &["choice", "one_i"], "choice_col"),
+            node(
+                "GatherElements",
+                &["idx", "choice_col"],
+                &["token"],
+                &[("axis", Attr::Int(1))],
+            ),
+            n("Reshape", &["token", "one_i"], "next_token"),
+        ];
+        let vi = |name: &str, dtype, shape: Vec<usize>| ValueInfo {
+            name: name.into(),
+            dtype,
+            shape: shape.into_iter().map(Dim::Known).collect(),
+        };
+        Plan::new(Graph {
+            name: "choice".into(),
+            inputs: vec![
+                vi("logits", DType::F32, vec![1, 100]),
+                vi("temperature", DType::F32, vec![1]),
+                vi("top_k", DType::I64, vec![1]),
+                vi("top_p", DType::F32, vec![1]),
+                vi("random_u", DType::F32, vec![1]),
+            ],
+            outputs: vec![vi("next_token", DType::I64, vec![1])],
+            nodes,
+            initializers: vec![
+                init("zero_f", DType::F32, &[], &[0.0f32]),
+                init("zero_i", DType::I64, &[1], &[0i64]),
+                init("one_i", DType::I64, &[1], &[1i64]),
+                init("v", DType::I64, &[1], &[100i64]),
+                init("eps", DType::F32, &[], &[1e-6f32]),
+                init("last", DType::I64, &[], &[-1i64]),
+                init("axes", DType::I64, &[1], &[-1i64]),
+            ],
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
+    /// The contract's tail becomes one step after the TopK, its scalars told apart by the proof.
+    #[test]
+    fn the_contract_tail_becomes_one_step() {
+        let p = plan("before");
+        assert_eq!(p.stats.token_choice, 1);
+        let c = p
+            .steps
+            .iter()
+            .find_map(|s| match s {
+                Step::TokenChoice(c) => Some(c),
+                _ => None,
+            })
+            .expect("a token choice step");
+        let name = |v: usize| p.names[v].as_str();
+        assert_eq!(
+            (
+                name(c.vals),
+                name(c.idx),
+                name(c.k),
+                name(c.top_p),
+                name(c.u)
+            ),
+            ("vals", "idx", "k", "tp", "random_u")
+        );
+        assert_eq!((name(c.out), &c.out_shape[..]), ("next_token", &[1][..]));
+        // What is left: the k arithmetic, the temperature, the TopK, top_p's floor, the step.
+        let ops: Vec<&str> = p
+            .steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::Node { node, .. } => Some(p.graph.nodes[*node].op.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert!(
+            !ops.iter()
+                .any(|o| ["Softmax", "CumSum", "GatherElements"].contains(o)),
+            "{ops:?}"
+        );
+    }
+
+    /// A tail that means something else — the nucleus without the token that crosses `top_p`
+    /// (`cumsum < top_p`, not `cumsum − p < top_p`) — fails the proof and stays generic nodes.
+    #[test]
+    fn another_tail_stays_generic() {
+        let p = plan("c");
+        assert_eq!(p.stats.token_choice, 0);
+        assert!(p.steps.iter().all(|s| !matches!(s, Step::TokenChoice(_))));
+    }
 
     /// The pick on hand-worked rows: greedy-like k = 1, the nucleus cut, the draw's bounds.
     #[test]

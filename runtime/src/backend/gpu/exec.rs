@@ -1196,8 +1196,8 @@ impl GpuPlan {
                 }
             }
         }
-        // The token choice's outputs hold up to MAX_K of each row, whatever k the dry run had; a
-        // row the GPU sorts (one longer than MAX_K) all of it: the indices' buffer is the sort's.
+        // The token choice's outputs hold up to MAX_K of each row, whatever k the dry run had, and
+        // rows longer than MAX_K all of it: the indices' buffer is where the GPU sorts a row.
         for (si, s) in plan.steps.iter().enumerate() {
             let Step::Node {
                 node,
@@ -1220,7 +1220,7 @@ impl GpuPlan {
             for &o in outputs.iter().take(2) {
                 if let Some(m) = &meta[o] {
                     let rows = m.numel() / m.shape.last().copied().unwrap_or(1).max(1);
-                    let per = if rows == 1 { row } else { 0 }.max(select::MAX_K);
+                    let per = row.max(select::MAX_K);
                     let r = root[o].unwrap_or(o);
                     let e = need.entry(r).or_insert(0);
                     *e = (*e).max(me.offs[o] + (rows * per * m.dtype.size()) as u64);
@@ -2751,10 +2751,19 @@ impl GpuPlan {
                         }
                         let v = xm.shape[r - 1];
                         let rows = xm.numel() / v.max(1);
-                        // Rows longer than MAX_K are sorted when there is one (the token choice's).
-                        let sorts = rows == 1 && v > select::MAX_K;
+                        // Rows longer than MAX_K have the sort's slots (their number is fixed by the
+                        // row length); it runs when there is one row (the token choice's) and the
+                        // indices' buffer holds all of it (planned so at load).
+                        let sorts = v > select::MAX_K;
+                        let sortable = sorts
+                            && rows == 1
+                            && (self.home[outputs[1]]).is_some_and(|h| {
+                                self.offs[outputs[1]] + (v * 8) as u64 <= self.caps[h]
+                            });
                         let kk = match kt.to_i64_vec(&n.name)?[..] {
-                            [k] if k >= 1 && (k as usize <= select::MAX_K || sorts) => k as usize,
+                            [k] if k >= 1 && (k as usize <= select::MAX_K || sortable || dry) => {
+                                k as usize
+                            }
                             _ => return Ok(None),
                         };
                         if v < kk || rows > ctx.max_groups as usize {
@@ -3389,6 +3398,13 @@ impl GpuPlan {
                     };
                     if let Some(past) = past {
                         f.kv.before_attention(state, past);
+                    }
+                    if d.disp.len() != self.kernels[si].len() {
+                        return Err(Error::Gpu(format!(
+                            "step {si} described {} dispatches, {} were planned",
+                            d.disp.len(),
+                            self.kernels[si].len()
+                        )));
                     }
                     for (j, dd) in d.disp.iter().enumerate() {
                         let slot = self.slot0[si] + j;
