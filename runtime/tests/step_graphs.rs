@@ -622,15 +622,9 @@ fn gpu_token_choice_reads_back_only_the_token() {
             a.next_token, b.next_token,
             "step {i} ({temperature}, {top_k}, {top_p}, u {u})"
         );
-        sampled += usize::from(
-            temperature > 0.0
-                && a.next_token
-                    != a.logits
-                        .iter()
-                        .enumerate()
-                        .fold((0, f32::MIN), |m, (j, &v)| if v > m.1 { (j, v) } else { m })
-                        .0 as u32,
-        );
+        let argmax =
+            (0..a.logits.len()).fold(0, |b, j| if a.logits[j] > a.logits[b] { j } else { b });
+        sampled += usize::from(temperature > 0.0 && a.next_token as usize != argmax);
         tok = a.next_token;
     }
     // The draws chose other tokens than the arg-max (the choice is not greedy in disguise).

@@ -11,7 +11,6 @@
 use std::collections::{HashMap, HashSet};
 
 use crate::backend::cpu::misc::nucleus_pick;
-use crate::backend::cpu::ops;
 use crate::graph::DType;
 use crate::tensor::Tensor;
 
@@ -145,24 +144,7 @@ impl Graphs<'_> {
                     env.insert(f.k, Tensor::i64(&[1], &[k as i64]));
                     env.insert(f.top_p, Tensor::f32(&[1], &[top_p]));
                     env.insert(f.u, Tensor::f32(&[1], &[u]));
-                    for &ni in members {
-                        let args: Vec<Option<Tensor>> = self.node_in[ni]
-                            .iter()
-                            .map(|v| {
-                                v.and_then(|v| env.get(&v).or(self.consts[v].as_ref()).cloned())
-                            })
-                            .collect();
-                        if args
-                            .iter()
-                            .zip(&self.node_in[ni])
-                            .any(|(a, v)| a.is_none() && v.is_some())
-                        {
-                            return None;
-                        }
-                        let refs: Vec<Option<&Tensor>> = args.iter().map(|a| a.as_ref()).collect();
-                        let outs = ops::run_node(&self.graph.nodes[ni], &refs).ok()?;
-                        env.extend(self.node_out[ni].iter().copied().zip(outs));
-                    }
+                    self.run_nodes(members, &mut env)?;
                     let got = env.get(&f.out)?;
                     if got.dtype != DType::I64 || got.numel() != 1 {
                         return None;
@@ -184,36 +166,10 @@ impl Graphs<'_> {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
-    use bytes::Bytes;
-
     use crate::backend::cpu::misc::nucleus_pick;
-    use crate::graph::{Attr, DType, Dim, Graph, Initializer, Node, ValueInfo};
+    use crate::graph::{Attr, DType, Dim, Graph, ValueInfo};
+    use crate::plan::testutil::{init, node};
     use crate::plan::{Plan, Step};
-
-    fn init<T: bytemuck::Pod>(name: &str, dtype: DType, dims: &[usize], v: &[T]) -> Initializer {
-        Initializer {
-            name: name.into(),
-            dtype,
-            dims: dims.to_vec(),
-            data: Bytes::from(bytemuck::cast_slice::<T, u8>(v).to_vec()),
-        }
-    }
-
-    fn node(op: &str, ins: &[&str], outs: &[&str], attrs: &[(&str, Attr)]) -> Node {
-        Node {
-            name: outs[0].into(),
-            op: op.into(),
-            domain: String::new(),
-            inputs: ins.iter().map(|s| s.to_string()).collect(),
-            outputs: outs.iter().map(|s| s.to_string()).collect(),
-            attrs: attrs
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.clone()))
-                .collect::<BTreeMap<_, _>>(),
-        }
-    }
 
     /// The token choice as docs/GRAPH.md writes it, over logits `[1, 100]`; `nucleus` is the value
     /// the nucleus test compares with `top_p` (`before` in the contract).

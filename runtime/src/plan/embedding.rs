@@ -161,6 +161,32 @@ impl Graphs<'_> {
         cone.iter().copied().filter(|c| keep.contains(c)).collect()
     }
 
+    /// Runs `nodes` in order on the values in `env` (and the constants), adding their outputs; `None`
+    /// when an input is missing or a node fails. How a pass proves a subgraph it binds to a step.
+    pub(super) fn run_nodes(
+        &self,
+        nodes: &[usize],
+        env: &mut std::collections::HashMap<ValId, Tensor>,
+    ) -> Option<()> {
+        for &ni in nodes {
+            let args: Vec<Option<Tensor>> = self.node_in[ni]
+                .iter()
+                .map(|v| v.and_then(|v| env.get(&v).or(self.consts[v].as_ref()).cloned()))
+                .collect();
+            if args
+                .iter()
+                .zip(&self.node_in[ni])
+                .any(|(a, v)| a.is_none() && v.is_some())
+            {
+                return None;
+            }
+            let refs: Vec<Option<&Tensor>> = args.iter().map(|a| a.as_ref()).collect();
+            let outs = ops::run_node(&self.graph.nodes[ni], &refs).ok()?;
+            env.extend(self.node_out[ni].iter().copied().zip(outs));
+        }
+        Some(())
+    }
+
     /// Whether every value `members` make, except `out`, is read only by `members`.
     pub(super) fn closed(&self, members: &[usize], out: ValId) -> bool {
         members.iter().all(|&m| {
@@ -192,23 +218,9 @@ impl Graphs<'_> {
             let sample: Vec<i64> = sample.iter().map(|&i| i.clamp(0, v - 1)).collect();
             let mut env: std::collections::HashMap<ValId, Tensor> = Default::default();
             env.insert(input_ids, Tensor::i64(&[1, sample.len()], &sample));
-            for &ni in view_nodes.iter().chain(members) {
-                let args: Vec<Option<Tensor>> = self.node_in[ni]
-                    .iter()
-                    .map(|v| v.and_then(|v| env.get(&v).or(self.consts[v].as_ref()).cloned()))
-                    .collect();
-                if args
-                    .iter()
-                    .zip(&self.node_in[ni])
-                    .any(|(a, v)| a.is_none() && v.is_some())
-                {
-                    return false;
-                }
-                let refs: Vec<Option<&Tensor>> = args.iter().map(|a| a.as_ref()).collect();
-                let Ok(outs) = ops::run_node(&self.graph.nodes[ni], &refs) else {
-                    return false;
-                };
-                env.extend(self.node_out[ni].iter().copied().zip(outs));
+            let nodes: Vec<usize> = view_nodes.iter().chain(members).copied().collect();
+            if self.run_nodes(&nodes, &mut env).is_none() {
+                return false;
             }
             let (Some(it), Some(ot)) = (env.get(&ids), env.get(&out)) else {
                 return false;
@@ -299,34 +311,12 @@ fn candidates(tables: &[&Tensor]) -> Vec<LinearWeights> {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
-    use bytes::Bytes;
-
     use crate::graph::{Attr, DType, Dim, Graph, Initializer, Node, ValueInfo};
+    use crate::plan::testutil::init;
     use crate::plan::{Plan, Step};
 
-    fn init<T: bytemuck::Pod>(name: &str, dtype: DType, dims: &[usize], v: &[T]) -> Initializer {
-        Initializer {
-            name: name.into(),
-            dtype,
-            dims: dims.to_vec(),
-            data: Bytes::from(bytemuck::cast_slice::<T, u8>(v).to_vec()),
-        }
-    }
-
     fn node(op: &str, ins: &[&str], out: &str, attrs: &[(&str, Attr)]) -> Node {
-        Node {
-            name: out.into(),
-            op: op.into(),
-            domain: String::new(),
-            inputs: ins.iter().map(|s| s.to_string()).collect(),
-            outputs: vec![out.into()],
-            attrs: attrs
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.clone()))
-                .collect::<BTreeMap<_, _>>(),
-        }
+        crate::plan::testutil::node(op, ins, &[out], attrs)
     }
 
     /// `input_ids [1, T]` → `Reshape([-1])` → `nodes` → output `x`.

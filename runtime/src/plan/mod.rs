@@ -22,6 +22,46 @@ use crate::weights::LinearWeights;
 mod choice;
 mod embedding;
 
+/// Graph builders for the planner's unit tests.
+#[cfg(test)]
+pub(crate) mod testutil {
+    use std::collections::BTreeMap;
+
+    use bytes::Bytes;
+
+    use crate::graph::{Attr, DType, Initializer, Node};
+
+    /// An initializer `name` of `dtype` `dims` holding `v`.
+    pub fn init<T: bytemuck::Pod>(
+        name: &str,
+        dtype: DType,
+        dims: &[usize],
+        v: &[T],
+    ) -> Initializer {
+        Initializer {
+            name: name.into(),
+            dtype,
+            dims: dims.to_vec(),
+            data: Bytes::from(bytemuck::cast_slice::<T, u8>(v).to_vec()),
+        }
+    }
+
+    /// A node named after its first output.
+    pub fn node(op: &str, ins: &[&str], outs: &[&str], attrs: &[(&str, Attr)]) -> Node {
+        Node {
+            name: outs[0].into(),
+            op: op.into(),
+            domain: String::new(),
+            inputs: ins.iter().map(|s| s.to_string()).collect(),
+            outputs: outs.iter().map(|s| s.to_string()).collect(),
+            attrs: attrs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect::<BTreeMap<_, _>>(),
+        }
+    }
+}
+
 /// Index of a value (tensor name) in the plan.
 pub type ValId = usize;
 

@@ -317,18 +317,18 @@ pub fn nucleus_pick(vals: &[f32], top_p: f32, u: f32) -> KernelResult<usize> {
     if s > 0.0 {
         p.iter_mut().for_each(|x| *x /= s);
     }
+    // p becomes the kept mass (p · keep) in place: p itself is not needed after.
     let mut c = 0.0f32;
-    let mut kept = Vec::with_capacity(k);
-    for &pi in &p {
-        c += pi;
-        let keep = if c - pi < top_p { 1.0 } else { 0.0 };
-        kept.push(pi * keep);
+    for pi in p.iter_mut() {
+        c += *pi;
+        let keep = if c - *pi < top_p { 1.0 } else { 0.0 };
+        *pi *= keep;
     }
-    let total = kept.iter().fold(0.0f32, |s, &x| s + x);
+    let total = p.iter().fold(0.0f32, |s, &x| s + x);
     let thr = u * total;
     let mut ck = 0.0f32;
     let mut count = 0usize;
-    for &x in &kept {
+    for &x in &p {
         ck += x;
         count += usize::from(ck <= thr);
     }

@@ -53,6 +53,14 @@ fn wg_before(lid: u32, x: f32) -> f32 {
     return b;
 }
 
+// p_i as the CPU has it: e^(v_i − m) / s (s = 0: the exponential alone); 0 when m is −inf (no mass).
+fn prob(i: u32, m: f32, s: f32) -> f32 {
+    if (m == bitcast<f32>(0xff800000u)) { return 0.0; }
+    let e = exp(VALS[i] - m);
+    if (s > 0.0) { return e / s; }
+    return e;
+}
+
 @compute @workgroup_size(256)
 fn choose(@builtin(local_invocation_index) lid: u32) {
     let k = pu(0u);
@@ -67,27 +75,22 @@ fn choose(@builtin(local_invocation_index) lid: u32) {
         if (VALS[i] > m) { m = VALS[i]; }
     }
     m = wg_max(lid, m);
-    let none = m == neg_inf;
     var s = 0.0;
     for (var i = lo; i < hi; i = i + 1u) {
-        if (!none) { s = s + exp(VALS[i] - m); }
+        s = s + prob(i, m, 0.0);
     }
     s = wg_sum(lid, s);
-    // p_i, as the CPU: e_i / s, or e_i when there is no mass.
-    let div = s > 0.0;
     // Pass 1: this run's share of cumsum(p), then its kept mass.
     var run_p = 0.0;
     for (var i = lo; i < hi; i = i + 1u) {
-        var p = 0.0;
-        if (!none) { p = exp(VALS[i] - m); if (div) { p = p / s; } }
+        let p = prob(i, m, s);
         run_p = run_p + p;
     }
     let base_p = wg_before(lid, run_p);
     var c = base_p;
     var run_kept = 0.0;
     for (var i = lo; i < hi; i = i + 1u) {
-        var p = 0.0;
-        if (!none) { p = exp(VALS[i] - m); if (div) { p = p / s; } }
+        let p = prob(i, m, s);
         c = c + p;
         if (c - p < top_p) { run_kept = run_kept + p; }
     }
@@ -98,8 +101,7 @@ fn choose(@builtin(local_invocation_index) lid: u32) {
     c = base_p;
     var n = 0u;
     for (var i = lo; i < hi; i = i + 1u) {
-        var p = 0.0;
-        if (!none) { p = exp(VALS[i] - m); if (div) { p = p / s; } }
+        let p = prob(i, m, s);
         c = c + p;
         if (c - p < top_p) { ck = ck + p; }
         if (ck <= thr) { n = n + 1u; }

@@ -271,8 +271,8 @@ enum Cmd {
 struct Feed {
     /// The uploaded value that holds the chunk's token ids (`input_ids` or a host view of it).
     ids: ValId,
-    /// The token choice's indices on the GPU (`TopK`'s second output): the first is the chosen token
-    /// when the choice is greedy.
+    /// The chosen token on the GPU: the `TokenChoice`'s output, or, where the choice's tail runs on the
+    /// host, the `TopK`'s indices (whose first is the token when the choice is greedy).
     token: ValId,
     /// Graph inputs other than the ids read before the first step that waits for the GPU: a step run
     /// ahead holds for a call whose inputs equal these.
@@ -2801,7 +2801,7 @@ impl GpuPlan {
                                     grid(d.items, 256, ctx.max_groups)
                                 };
                                 disp.push(Disp {
-                                    kernel: k(&|| select::sort_kernel(ctx, d.entry))?,
+                                    kernel: k(&|| select::entry_kernel(ctx, d.entry))?,
                                     binds: binds.clone(),
                                     params: d.params,
                                     groups: (if on { groups.0 } else { 0 }, groups.1, 1),
@@ -3000,8 +3000,7 @@ impl GpuPlan {
 
     /// Whether step `f` (begun, not finished) can have the next one run ahead of it (see
     /// [`GpuPlan::begin`]): the plan feeds its token ids from its token choice, `f` is a decode step
-    /// whose token choice ran on the GPU (`TopK` with k ≤ [`select::MAX_K`]: greedy or top-k) and
-    /// was saved for the next step,
+    /// whose token choice ran on the GPU and was saved for the next step,
     /// every cache layer is resident, nothing is profiled, and `ONESTEP_GPU_AHEAD` is not `0`.
     pub fn can_run_ahead(&self, state: &GpuState, f: &Flight) -> bool {
         self.ahead && f.tokens == 1 && state.streams.is_empty() && f.token_saved
@@ -3013,7 +3012,7 @@ impl GpuPlan {
     ///
     /// With `after` (a decode step in flight, see [`GpuPlan::can_run_ahead`]) this step runs ahead of
     /// it: its token ids are not in `env` (a placeholder of one token is) but copied on the GPU from
-    /// the first element of `after`'s token choice, so the GPU goes on with this step while the host
+    /// `after`'s chosen token ([`Feed::token`]), so the GPU goes on with this step while the host
     /// finishes `after`. Whether the guess holds — the token `after` chose is that element, and the
     /// caller's inputs are the ones assumed — is for the caller to check ([`GpuPlan::finish`],
     /// [`GpuPlan::holds_for`]); a step that does not is dropped unfinished (its cache rows past the

@@ -21,12 +21,12 @@ pub const SORT_B: usize = 1024;
 
 /// The kernel for `k`: the arg-max (`k = 1`) or k rounds of it (`1 < k ≤ MAX_K`); bindings X, VALS, IDX.
 pub fn kernel(ctx: &GpuContext, k: usize) -> Result<Arc<Kernel>> {
-    sort_kernel(ctx, if k == 1 { "argmax" } else { "topk" })
+    entry_kernel(ctx, if k == 1 { "argmax" } else { "topk" })
 }
 
 /// Entry `entry` of this family: the sort's `sort_local`, `sort_global`, `sort_out` (or the
 /// selection's `argmax`, `topk`); bindings X, VALS, IDX.
-pub fn sort_kernel(ctx: &GpuContext, entry: &str) -> Result<Arc<Kernel>> {
+pub fn entry_kernel(ctx: &GpuContext, entry: &str) -> Result<Arc<Kernel>> {
     ctx.pipeline(
         "select",
         SOURCE,
@@ -113,7 +113,7 @@ mod tests {
         for (i, d) in sched.iter().enumerate() {
             ctx.queue
                 .write_buffer(&pbuf, (i * 256) as u64, d.params.bytes());
-            let kern = sort_kernel(ctx, d.entry).unwrap();
+            let kern = entry_kernel(ctx, d.entry).unwrap();
             let bg = ctx.bind(&kern, (&pbuf, (i * 256) as u64), &[&xb, &vb, &ib]);
             let g = if d.entry == "sort_local" {
                 (d.items as u32, 1)
