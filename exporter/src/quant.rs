@@ -169,7 +169,7 @@ fn check_len(name: &str, t: &SourceTensor) -> Result<usize, QuantError> {
         t.dtype,
         SourceDType::F32 | SourceDType::F16 | SourceDType::BF16
     );
-    if block && numel % BLOCK != 0 {
+    if block && !numel.is_multiple_of(BLOCK) {
         return Err(qerr(
             name,
             format!(
@@ -294,7 +294,7 @@ pub fn encode_matrix(name: &str, t: &SourceTensor, q: Quantize) -> Result<Matrix
 
 /// GGUF Q4_0/Q4_1 → 4-bit MatMulNBits form (nibble order: GGUF j / j+16 → MatMulNBits 2j / 2j+1).
 fn repack_q4(name: &str, t: &SourceTensor, n: usize, k: usize) -> Result<Form, QuantError> {
-    if k % BLOCK != 0 {
+    if !k.is_multiple_of(BLOCK) {
         return Err(qerr(name, format!("K = {k} is not a multiple of {BLOCK}")));
     }
     let q41 = t.dtype == SourceDType::Q4_1;
@@ -336,7 +336,7 @@ fn repack_q4(name: &str, t: &SourceTensor, n: usize, k: usize) -> Result<Form, Q
 
 /// GGUF Q8_0 → 8-bit MatMulNBits form.
 fn repack_q8(name: &str, t: &SourceTensor, n: usize, k: usize) -> Result<Form, QuantError> {
-    if k % BLOCK != 0 {
+    if !k.is_multiple_of(BLOCK) {
         return Err(qerr(name, format!("K = {k} is not a multiple of {BLOCK}")));
     }
     let nb = n * k / BLOCK;
@@ -433,7 +433,7 @@ pub fn unpack_nibble_rows(b: &[u8], rows: usize, per_row: usize) -> Vec<u8> {
     (0..rows * per_row)
         .map(|i| {
             let byte = b[(i / per_row) * bytes + (i % per_row) / 2];
-            if i % per_row % 2 == 0 {
+            if (i % per_row).is_multiple_of(2) {
                 byte & 15
             } else {
                 byte >> 4

@@ -237,7 +237,7 @@ impl ModelInfo {
                 "num_layers, max_cache, max_chunk and head_dim must be positive".into(),
             ));
         }
-        if info.num_kv_heads == 0 || info.num_heads % info.num_kv_heads != 0 {
+        if info.num_kv_heads == 0 || !info.num_heads.is_multiple_of(info.num_kv_heads) {
             return Err(Error::Contract(format!(
                 "num_heads {} is not a multiple of num_kv_heads {}",
                 info.num_heads, info.num_kv_heads

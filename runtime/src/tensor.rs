@@ -83,7 +83,7 @@ impl Tensor {
     /// Wraps mapped bytes (an initializer) without copying. Falls back to a copy when the bytes are not
     /// aligned for the element type (only files from other writers; ours align every payload to 64).
     pub fn mapped(dtype: DType, shape: &[usize], bytes: Bytes) -> Tensor {
-        let aligned = (bytes.as_ptr() as usize) % dtype.size().max(1) == 0;
+        let aligned = (bytes.as_ptr() as usize).is_multiple_of(dtype.size().max(1));
         if aligned {
             Tensor {
                 dtype,

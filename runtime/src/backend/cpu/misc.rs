@@ -86,7 +86,7 @@ pub fn softmax(x: &[f32], n: usize, out: &mut [f32]) -> KernelResult {
 
 /// In-place [`softmax`].
 pub fn softmax_in_place(x: &mut [f32], n: usize) -> KernelResult {
-    if n == 0 || x.len() % n != 0 {
+    if n == 0 || !x.len().is_multiple_of(n) {
         return Err(shape_err(
             "softmax",
             format!("{} values are not rows of n = {n}", x.len()),
@@ -103,7 +103,7 @@ pub fn softmax_in_place(x: &mut [f32], n: usize) -> KernelResult {
 /// The oracle for [`softmax`] (f64).
 pub fn softmax_reference(x: &[f32], n: usize, out: &mut [f32]) -> KernelResult {
     check_len("softmax", "out", x.len(), out.len())?;
-    if n == 0 || x.len() % n != 0 {
+    if n == 0 || !x.len().is_multiple_of(n) {
         return Err(shape_err(
             "softmax",
             format!("{} values are not rows of n = {n}", x.len()),

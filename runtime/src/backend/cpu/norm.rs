@@ -16,7 +16,7 @@ fn check(x: &[f32], w: &[f32], out_len: usize) -> KernelResult<usize> {
     if d == 0 {
         return Err(shape_err("rms_norm", "scale `w` is empty (D = 0)"));
     }
-    if x.len() % d != 0 {
+    if !x.len().is_multiple_of(d) {
         return Err(shape_err(
             "rms_norm",
             format!("x has {} elements, not a multiple of D = {d}", x.len()),

@@ -365,7 +365,7 @@ fn reshape(ctx: &Ctx, a: &Tensor, spec: &[i64], allowzero: bool) -> Result<Tenso
     let n = a.numel();
     if let Some(i) = infer {
         let rest: usize = shape.iter().product();
-        if rest == 0 || n % rest != 0 {
+        if rest == 0 || !n.is_multiple_of(rest) {
             return Err(ctx.err(format!("cannot reshape {:?} to {:?}", a.shape, spec)));
         }
         shape[i] = n / rest;

@@ -49,7 +49,7 @@ fn check(
     )?;
     check_len(K, "positions", s.tokens, positions.len())?;
     let r = s.rotary_dim;
-    if r == 0 || r % 2 != 0 || r > s.head_dim {
+    if r == 0 || !r.is_multiple_of(2) || r > s.head_dim {
         return Err(shape_err(
             K,
             format!(
@@ -59,7 +59,7 @@ fn check(
         ));
     }
     let half = r / 2;
-    if cos.len() % half != 0 {
+    if !cos.len().is_multiple_of(half) {
         return Err(shape_err(
             K,
             format!(

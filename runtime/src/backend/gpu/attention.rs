@@ -93,7 +93,7 @@ pub fn kernel(
 /// `head_dim % 4 == 0` and stays within llvmpipe's 65535 loop iterations an invocation (the variant is
 /// for CPU adapters; the barrier variant has no such bound).
 pub fn rows_ok(head_dim: usize, keys: usize) -> bool {
-    head_dim % 4 == 0 && head_dim <= MAX_HEAD_DIM && (3 * head_dim / 4 + 2) * keys < 65_000
+    head_dim.is_multiple_of(4) && head_dim <= MAX_HEAD_DIM && (3 * head_dim / 4 + 2) * keys < 65_000
 }
 
 /// Keys a workgroup attends when a decode step's keys are split over workgroups.

@@ -3886,7 +3886,7 @@ impl Kv {
 /// Checks that bytes `at..at + n` of `buf` can take part in a copy (4-byte aligned, inside the buffer);
 /// the size as a `BufferSize`, `None` when empty.
 fn copy_range(buf: &wgpu::Buffer, at: u64, n: u64) -> Result<Option<wgpu::BufferSize>> {
-    if at % 4 != 0 || n % 4 != 0 || at + n > buf.size() {
+    if !at.is_multiple_of(4) || !n.is_multiple_of(4) || at + n > buf.size() {
         return Err(Error::Gpu(format!(
             "a KV-cache copy of bytes {at}..{} does not fit a {}-byte buffer or is not 4-byte aligned",
             at + n,
@@ -3938,7 +3938,7 @@ fn e_is_const(plan: &Plan, v: ValId) -> bool {
 }
 
 fn write_padded(queue: &wgpu::Queue, buf: &wgpu::Buffer, bytes: &[u8]) {
-    if bytes.len() % 4 == 0 {
+    if bytes.len().is_multiple_of(4) {
         if !bytes.is_empty() {
             queue.write_buffer(buf, 0, bytes);
         }

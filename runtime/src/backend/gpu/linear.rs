@@ -115,7 +115,10 @@ fn form_code(w: &LinearWeights) -> Option<(u32, usize)> {
         WeightForm::Block {
             bits, block, zero, ..
         } => {
-            if *block != 32 || k % 32 != 0 || !matches!(zero.dtype, DType::F32 | DType::U8) {
+            if *block != 32
+                || !k.is_multiple_of(32)
+                || !matches!(zero.dtype, DType::F32 | DType::U8)
+            {
                 return None;
             }
             match bits {
@@ -389,7 +392,7 @@ impl GpuLinear {
                 return Ok(None);
             }
         }
-        if *out == FusedOut::SiluPair && self.n % 2 != 0 {
+        if *out == FusedOut::SiluPair && !self.n.is_multiple_of(2) {
             return Ok(None);
         }
         let spec = Spec {
@@ -645,7 +648,7 @@ mod tests {
                 },
             ),
         ];
-        if k % 32 == 0 {
+        if k.is_multiple_of(32) {
             let scales = Tensor::f32(&[n * nb], &noise(n * nb, seed + 3));
             let zf: Vec<f32> = noise(n * nb, seed + 4)
                 .iter()
