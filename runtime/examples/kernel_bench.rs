@@ -127,7 +127,7 @@ fn main() {
     ];
     for (name, w) in &cases {
         for t in [1usize, 128] {
-            for prec in [Precision::Exact, Precision::Q8Activations] {
+            for prec in [Precision::Exact, Precision::Fast] {
                 let (n, k) = (w.n(), w.k());
                 let x: Vec<f32> = (0..t * k)
                     .map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0)
@@ -203,7 +203,7 @@ fn main() {
         s * 1e3,
         code_bytes as f64 / s / 1e9
     );
-    for prec in [Precision::Exact, Precision::Q8Activations] {
+    for prec in [Precision::Exact, Precision::Fast] {
         let s = time(if quick { 3 } else { 20 }, || {
             for l in &layers {
                 for q in l {

@@ -21,6 +21,7 @@ pub mod plan;
 pub mod tensor;
 pub mod weights;
 
+pub use backend::cpu::linear::Precision;
 pub use contract::{GenerationDefaults, ModelInfo};
 pub use error::{Error, Result};
 pub use load::{Limits, LoadOptions};

@@ -64,6 +64,9 @@ pub struct LoadOptions {
     /// How sequence states keep their KV cache (host page size, GPU budget); the default of
     /// [`Model::new_state`](crate::Model::new_state).
     pub kv: crate::kv::KvOptions,
+    /// How the CPU multiplies the 4- and 8-bit block weights: `Exact` (f32 activations) or `Fast`
+    /// (activations quantized to 8 bits per block, integer dot products). GPU kernels are always exact.
+    pub precision: crate::Precision,
 }
 
 impl LoadOptions {

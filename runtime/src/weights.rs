@@ -88,7 +88,7 @@ impl LinearWeights {
         })
     }
 
-    /// `out[m, n] = x[m, k] · Wᵀ (+ bias)` with the fastest kernel for the encoding.
+    /// `out[m, n] = x[m, k] · Wᵀ (+ bias)` with the fastest exact kernel for the encoding.
     pub fn forward(
         &self,
         x: &[f32],
@@ -96,8 +96,26 @@ impl LinearWeights {
         bias: Option<&[f32]>,
         out: &mut [f32],
     ) -> Result<(), String> {
+        let mut cache = linear::QuantCache::default();
+        self.forward_with(x, m, bias, out, linear::Precision::Exact, &mut cache, 0)
+    }
+
+    /// [`LinearWeights::forward`] at `precision`; with [`linear::Precision::Fast`] the 8-bit activations
+    /// of input `key` come from (or go into) `cache` (see [`linear::linear_cached`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_with(
+        &self,
+        x: &[f32],
+        m: usize,
+        bias: Option<&[f32]>,
+        out: &mut [f32],
+        precision: linear::Precision,
+        cache: &mut linear::QuantCache,
+        key: usize,
+    ) -> Result<(), String> {
         match self.kernel_view() {
-            Some(w) => linear::linear(x, m, &w, bias, out).map_err(|e| e.to_string()),
+            Some(w) => linear::linear_cached(x, m, &w, bias, out, precision, cache, key)
+                .map_err(|e| e.to_string()),
             None => {
                 self.apply(x, m, out);
                 if let Some(b) = bias {
@@ -373,7 +391,7 @@ impl LinearWeights {
                 ))
             }
         };
-        if k % block != 0 {
+        if !k.is_multiple_of(block) {
             return Err(format!("K = {k} is not a multiple of block_size {block}"));
         }
         Ok(LinearWeights {

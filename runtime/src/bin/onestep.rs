@@ -143,6 +143,10 @@ struct Common {
     /// (default: the adapter's binding limit).
     #[arg(long)]
     gpu_cache_segment: Option<String>,
+    /// How the CPU multiplies 4- and 8-bit weights: `exact` (f32 activations) or `fast` (8-bit
+    /// activations and integer dot products, as llama.cpp).
+    #[arg(long, default_value_t = onestep::LoadOptions::default().precision)]
+    precision: onestep::Precision,
 }
 
 impl Common {
@@ -177,6 +181,7 @@ impl Common {
             &self.gpu_cache_budget,
             self.kv_page_rows,
         )?;
+        o.precision = self.precision;
         if let Some(b) = &self.gpu_cache_segment {
             match b.parse()? {
                 onestep::kv::GpuCacheBudget::Bytes(n) => o.kv.gpu_segment_bytes = Some(n),
@@ -512,6 +517,8 @@ fn cmd_bench(
     if json {
         let obj = serde_json::json!({
             "device": model_arc.device(),
+            "precision": model_arc.precision().to_string(),
+            "fast_isa": onestep::backend::cpu::linear::fast_isa(),
             "plan": plan_json,
             "gpu": gpu_json,
             "kv": kv_json,
@@ -536,7 +543,12 @@ fn cmd_bench(
         warmup,
         threads
     );
-    println!("device: {}", model_arc.device());
+    println!(
+        "device: {}  precision: {} (fast on {})",
+        model_arc.device(),
+        model_arc.precision(),
+        onestep::backend::cpu::linear::fast_isa()
+    );
     println!("plan: {plan_json}");
     if !gpu_json.is_null() {
         println!("gpu: {gpu_json}");

@@ -234,7 +234,8 @@ pub struct PlanStats {
     pub removed: usize,
 }
 
-fn is_view_op(op: &str) -> bool {
+/// Ops that only relabel a tensor's shape.
+pub(crate) fn is_view_op(op: &str) -> bool {
     matches!(op, "Reshape" | "Squeeze" | "Unsqueeze" | "Identity")
 }
 

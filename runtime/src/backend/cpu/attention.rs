@@ -9,7 +9,7 @@
 //! converted with `half`'s SIMD slice conversion.
 //!
 //! Output layout: `[T, H·D]` (token-major, heads concatenated) — what the following output projection
-//! reads directly. Work is split over (token, head) pairs with rayon when there is enough of it.
+//! reads directly. Work is split over (token, head) pairs over the CPU pool (`pool.rs`) when there is enough of it.
 //!
 //! Error vs. the f64 reference: ≤ 2e-5·(1 + max|v|) per element (tested).
 
@@ -17,7 +17,6 @@ use super::simd;
 use super::{check_len, mul_dims, shape_err, KernelResult};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
-use rayon::prelude::*;
 
 /// Keys per online-softmax block.
 const KEY_BLOCK: usize = 64;
@@ -71,7 +70,7 @@ pub struct AttnShape {
 
 impl AttnShape {
     fn check_heads(&self, k: &'static str) -> KernelResult<usize> {
-        if self.kv_heads == 0 || self.heads % self.kv_heads != 0 {
+        if self.kv_heads == 0 || !self.heads.is_multiple_of(self.kv_heads) {
             return Err(shape_err(
                 k,
                 format!(
@@ -276,9 +275,7 @@ fn for_rows(
         f(i / s.heads, i % s.heads, st, o);
     };
     if work >= PAR_MIN && s.tokens * s.heads > 1 {
-        out.par_chunks_mut(d)
-            .enumerate()
-            .for_each_init(|| Online::new(d), body);
+        super::pool::for_chunks_mut(out, d, &|i, o| body(&mut Online::new(d), (i, o)));
     } else {
         let mut st = Online::new(d);
         out.chunks_mut(d).enumerate().for_each(|r| body(&mut st, r));

@@ -4,7 +4,7 @@
 //! (docs/GRAPH.md "Weight forms"), `y` is f32 `[T, N]`.
 //!
 //! Paths:
-//! - **GEMV** (`T = 1`): the N weight rows are split into chunks run in parallel (rayon); each row is one
+//! - **GEMV** (`T = 1`): the N weight rows are split into chunks run in parallel (`pool.rs`); each row is one
 //!   SIMD dot product that decodes the weights on the fly.
 //! - **GEMM** (`T > 1`): each weight block is decoded once into registers and multiplied against a tile of
 //!   8 (exact) or 4 (q8 activations) rows of `x`, so prefill pays the decode once per tile of tokens.
@@ -12,14 +12,13 @@
 //! Precision ([`Precision`]):
 //! - [`Precision::Exact`]: weights are decoded to f32 and multiplied with the f32 activations (f32
 //!   accumulation). Error vs. an f64 reference: ≤ 1e-5·Σ|xᵢ·wᵢ| (tested).
-//! - [`Precision::Q8Activations`] (4/8-bit block weights only; other encodings run exactly): each 32-block
-//!   of `x` is quantized to int8 with scale `amax/127` (as llama.cpp's q8 activations) and the block dot
-//!   products run in integers (AVX2 `maddubs`/`madd`). The zero-point term uses the exact f32 block sum of
-//!   `x`. Per block the error is at most `d_x/2 · Σ|wᵢ|` (rounding of x), so the total is bounded by
-//!   `Σ_blocks (amax_b/254)·Σ_b|wᵢ|` (tested as a hard bound on random shapes); on random data at the
-//!   model's sizes (K = 576, 1536) it stays ≤ 1e-3·‖x‖·‖w‖ (tested on fixed seeds), but for small K
-//!   it can exceed that (seen: K = 32), and the worst case is ~2e-2·‖x‖·‖w‖ — one reason it is not the
-//!   default. It is about twice as fast per token, but moves logits like llama.cpp does.
+//! - [`Precision::Fast`] (4/8-bit block weights only; other encodings run exactly): each 32-block of
+//!   `x` is quantized to int8 with scale `amax/127` (as llama.cpp's q8 activations) and the block dot
+//!   products run in integers (`linear_q8.rs`: AVX-512 VNNI, AVX2, NEON, scalar). The result is the
+//!   product of the dequantized weights with the dequantized activations, so per block the error is at
+//!   most `d_x/2 · Σ|wᵢ|` and the total `Σ_blocks (amax_b/254)·Σ_b|wᵢ|` (tested as a hard bound on
+//!   random shapes); on random data at the model's sizes (K = 576, 1536) it stays ≤ 1e-3·‖x‖·‖w‖
+//!   (tested on fixed seeds). It moves logits like llama.cpp's 8-bit activations do.
 //!
 //! **Default** ([`linear`]): [`Precision::Exact`]. See [`DEFAULT_PRECISION`] for why.
 //!
@@ -32,10 +31,11 @@
 //! returns [`KernelError::Cast`] otherwise (the exporter writes every payload 64-byte aligned, so this
 //! only fires on a malformed file; a caller may then copy into an aligned `Vec` and retry).
 
+use super::linear_q8::{self, QIsa, QuantX};
+use super::pool;
 use super::simd::{self, Isa};
 use super::{check_len, mul_dims, shape_err, KernelError, KernelResult};
 use half::{bf16, f16};
-use rayon::prelude::*;
 
 /// Elements per quantization block of the 4- and 8-bit forms.
 pub const BLOCK: usize = 32;
@@ -50,13 +50,34 @@ pub enum Precision {
     #[default]
     Exact,
     /// Quantize activations per 32-block to int8 and use integer dot products (faster, ≈ llama.cpp).
-    Q8Activations,
+    Fast,
 }
 
-/// The precision [`linear`] uses. Exact: its error vs. f64 is ~1e-6 relative, while q8 activations move
-/// SmolLM2's logits by 0.4–2 (the llama.cpp numbers in PEERS.md) for a ~2× GEMV speed-up; choose
-/// [`Precision::Q8Activations`] through [`linear_with`] where speed matters more than matching the
-/// reference.
+impl std::str::FromStr for Precision {
+    type Err = String;
+
+    /// `exact` or `fast`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "exact" => Ok(Precision::Exact),
+            "fast" => Ok(Precision::Fast),
+            other => Err(format!("precision `{other}`: expected `exact` or `fast`")),
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Precision::Exact => "exact",
+            Precision::Fast => "fast",
+        })
+    }
+}
+
+/// The precision [`linear`] uses. Exact: its error vs. f64 is ~1e-6 relative, while 8-bit activations
+/// move logits as llama.cpp's do; choose [`Precision::Fast`] through [`linear_with`] where speed matters
+/// more than matching the reference.
 pub const DEFAULT_PRECISION: Precision = Precision::Exact;
 
 /// A weight matrix `W [N, K]` borrowed in place in one of the supported encodings.
@@ -191,7 +212,7 @@ impl<'a> Weights<'a> {
         let (n, k) = (self.n(), self.k());
         let nk = mul_dims(K, &[n, k])?;
         let blocked = |k: usize| -> KernelResult<usize> {
-            if k % BLOCK != 0 {
+            if !k.is_multiple_of(BLOCK) {
                 return Err(shape_err(
                     K,
                     format!("block-quantized weights need K % {BLOCK} == 0, got K = {k}"),
@@ -243,7 +264,11 @@ impl<'a> Weights<'a> {
             } => {
                 let blk = row * (k / BLOCK) + col / BLOCK;
                 let byte = b[blk * 16 + (col % BLOCK) / 2];
-                let q = if col % 2 == 0 { byte & 15 } else { byte >> 4 };
+                let q = if col.is_multiple_of(2) {
+                    byte & 15
+                } else {
+                    byte >> 4
+                };
                 (q as f32 - zeros[blk]) * scales[blk]
             }
             Weights::Q8 {
@@ -330,7 +355,42 @@ pub fn linear_with(
     out: &mut [f32],
     precision: Precision,
 ) -> KernelResult {
-    linear_isa(x, t, w, bias, out, precision, simd::best_isa())
+    let isas = (simd::best_isa(), linear_q8::best());
+    linear_isa(x, t, w, bias, out, precision, isas, None)
+}
+
+/// The instruction set [`Precision::Fast`] runs on this CPU: `avx512-vnni`, `avx2`, `neon` or
+/// `scalar` (for reports).
+pub fn fast_isa() -> &'static str {
+    linear_q8::best().name()
+}
+
+/// The 8-bit activations of one input, kept for every [`Precision::Fast`] linear that reads it (the
+/// q/k/v projections read one normalized input, the gate and up projections another): quantized by
+/// the first, reused by the others.
+#[derive(Debug, Default)]
+pub struct QuantCache {
+    /// The caller's name for the input (a value slot) and its length, for the quantized values held.
+    key: Option<(usize, usize)>,
+    qx: QuantX,
+}
+
+/// [`linear_with`] where [`Precision::Fast`] takes the activations of input `key` from `cache`,
+/// quantizing them there only when the cache holds another input. The caller keeps one key for one
+/// content (e.g. an SSA value slot within one step).
+#[allow(clippy::too_many_arguments)]
+pub fn linear_cached(
+    x: &[f32],
+    t: usize,
+    w: &Weights,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    precision: Precision,
+    cache: &mut QuantCache,
+    key: usize,
+) -> KernelResult {
+    let isas = (simd::best_isa(), linear_q8::best());
+    linear_isa(x, t, w, bias, out, precision, isas, Some((cache, key)))
 }
 
 /// Checks all lengths; returns `(n, k)`.
@@ -349,48 +409,6 @@ fn check(
         check_len("linear", "bias", n, b.len())?;
     }
     Ok((n, k))
-}
-
-/// Activations quantized per 32-block to int8 (Q8 mode).
-struct QuantX {
-    /// i8 `[T, K]`; for Q4 weights on SIMD paths each block is stored even elements first, then odd.
-    q: Vec<i8>,
-    /// Block scales `[T, K/32]` (`amax/127`).
-    d: Vec<f32>,
-    /// Exact f32 block sums `[T, K/32]`.
-    sum: Vec<f32>,
-}
-
-fn quantize_x(x: &[f32], even_odd: bool) -> QuantX {
-    let nblk = x.len() / BLOCK;
-    let mut q = vec![0i8; x.len()];
-    let mut d = vec![0f32; nblk];
-    let mut sum = vec![0f32; nblk];
-    for (b, (xb, qb)) in x
-        .chunks_exact(BLOCK)
-        .zip(q.chunks_exact_mut(BLOCK))
-        .enumerate()
-    {
-        let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let db = amax / 127.0;
-        let id = if db > 0.0 { 1.0 / db } else { 0.0 };
-        d[b] = db;
-        sum[b] = xb.iter().sum();
-        for (i, v) in xb.iter().enumerate() {
-            let qi = (v * id).round().clamp(-127.0, 127.0) as i8;
-            let pos = if even_odd {
-                if i % 2 == 0 {
-                    i / 2
-                } else {
-                    16 + i / 2
-                }
-            } else {
-                i
-            };
-            qb[pos] = qi;
-        }
-    }
-    QuantX { q, d, sum }
 }
 
 /// Source element (within a 32-block) of position `pos` in the AVX2 exact decoders' lane order.
@@ -422,7 +440,7 @@ fn permute_x(x: &[f32], q4: bool) -> Vec<f32> {
     xp
 }
 
-/// Whether `isa` runs the AVX2 integer path (which wants Q4 activations in even/odd block order).
+/// Whether `isa` runs the AVX2 exact decoders (which want x in [`perm_src`] order).
 fn avx2_isa(isa: Isa) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -439,6 +457,7 @@ fn avx2_isa(isa: Isa) -> bool {
 type RowsFn<'f> = dyn Fn(std::ops::Range<usize>, &mut [f32]) + Sync + 'f;
 
 /// Internal entry with an explicit instruction set (tests run every ISA the CPU has).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn linear_isa(
     x: &[f32],
     t: usize,
@@ -446,7 +465,8 @@ pub(crate) fn linear_isa(
     bias: Option<&[f32]>,
     out: &mut [f32],
     precision: Precision,
-    isa: Isa,
+    (isa, qisa): (Isa, QIsa),
+    cache: Option<(&mut QuantCache, usize)>,
 ) -> KernelResult {
     let (n, k) = check(x, t, w, bias, out)?;
     if t == 0 || n == 0 {
@@ -455,12 +475,26 @@ pub(crate) fn linear_isa(
     if k == 0 {
         out.fill(0.0);
     } else {
-        let quant = precision == Precision::Q8Activations
-            && matches!(w, Weights::Q4 { .. } | Weights::Q8 { .. });
+        let quant =
+            precision == Precision::Fast && matches!(w, Weights::Q4 { .. } | Weights::Q8 { .. });
         if quant {
-            let even_odd = matches!(w, Weights::Q4 { .. }) && avx2_isa(isa);
-            let qx = quantize_x(x, even_odd);
-            let f = |rows: std::ops::Range<usize>, o: &mut [f32]| rows_q8(w, &qx, t, rows, o, isa);
+            let own;
+            let qx = match cache {
+                Some((c, key)) => {
+                    if c.key != Some((key, x.len())) {
+                        c.qx = QuantX::new(x);
+                        c.key = Some((key, x.len()));
+                    }
+                    &c.qx
+                }
+                None => {
+                    own = QuantX::new(x);
+                    &own
+                }
+            };
+            let f = |rows: std::ops::Range<usize>, o: &mut [f32]| {
+                linear_q8::rows(w, qx, t, rows, o, qisa)
+            };
             drive(n, k, t, out, &f);
         } else if avx2_isa(isa) && matches!(w, Weights::Q4 { .. } | Weights::Q8 { .. }) {
             // The AVX2 block decoders produce each block in a shuffle-free lane order; permute x once.
@@ -483,10 +517,11 @@ pub(crate) fn linear_isa(
     Ok(())
 }
 
-/// Splits the N rows over rayon tasks (or runs inline for small work) and lays results out as `[T, N]`.
+/// Splits the N rows over the CPU pool's threads ([`pool`]; inline for small work) and lays results out
+/// as `[T, N]`.
 fn drive(n: usize, k: usize, t: usize, out: &mut [f32], f: &RowsFn) {
     let work = n.saturating_mul(k).saturating_mul(t);
-    let threads = rayon::current_num_threads().max(1);
+    let threads = pool::threads();
     let parallel = work >= PAR_MIN_WORK && threads > 1 && n > 1;
     // Rows per task: ~8 tasks per thread for balance, at least 16 rows.
     let chunk = if parallel {
@@ -496,9 +531,7 @@ fn drive(n: usize, k: usize, t: usize, out: &mut [f32], f: &RowsFn) {
     };
     if t == 1 {
         if parallel {
-            out.par_chunks_mut(chunk)
-                .enumerate()
-                .for_each(|(i, o)| f(i * chunk..i * chunk + o.len(), o));
+            pool::for_chunks_mut(out, chunk, &|i, o| f(i * chunk..i * chunk + o.len(), o));
         } else {
             f(0..n, out);
         }
@@ -507,9 +540,9 @@ fn drive(n: usize, k: usize, t: usize, out: &mut [f32], f: &RowsFn) {
     // T > 1: each task writes its rows as [rows, T]; transpose into [T, N] afterwards.
     let mut tmp = vec![0f32; n * t];
     if parallel {
-        tmp.par_chunks_mut(chunk * t)
-            .enumerate()
-            .for_each(|(i, o)| f(i * chunk..i * chunk + o.len() / t, o));
+        pool::for_chunks_mut(&mut tmp, chunk * t, &|i, o| {
+            f(i * chunk..i * chunk + o.len() / t, o)
+        });
     } else {
         f(0..n, &mut tmp);
     }
@@ -563,82 +596,12 @@ fn rows_exact_scalar(
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Q8-activation path
-// ---------------------------------------------------------------------------------------------------
-
-fn rows_q8(
-    w: &Weights,
-    qx: &QuantX,
-    t: usize,
-    rows: std::ops::Range<usize>,
-    out: &mut [f32],
-    isa: Isa,
-) {
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as in `rows_exact`.
-        Isa::Avx2 => unsafe { avx2::rows_q8(w, qx, t, rows, out) },
-        #[cfg(target_arch = "aarch64")]
-        // SAFETY: NEON is baseline on aarch64; lengths were validated by `check`.
-        Isa::Neon => unsafe { neon::rows_q8(w, qx, t, rows, out) },
-        Isa::Scalar => rows_q8_scalar(w, qx, t, rows, out),
-    }
-}
-
-/// Portable integer path; `qx` must be in natural element order.
-fn rows_q8_scalar(
-    w: &Weights,
-    qx: &QuantX,
-    t: usize,
-    rows: std::ops::Range<usize>,
-    out: &mut [f32],
-) {
-    let k = w.k();
-    let nb = k / BLOCK;
-    let mut qw = [0i32; BLOCK];
-    for (i, row) in rows.enumerate() {
-        let o = &mut out[i * t..(i + 1) * t];
-        o.fill(0.0);
-        for j in 0..nb {
-            let blk = row * nb + j;
-            // Integer weight codes and the f32 correction `Σ x·(offset)·s` per block.
-            let (s, zoff) = match *w {
-                Weights::Q4 {
-                    b, scales, zeros, ..
-                } => {
-                    for (i, byte) in b[blk * 16..blk * 16 + 16].iter().enumerate() {
-                        qw[2 * i] = (byte & 15) as i32;
-                        qw[2 * i + 1] = (byte >> 4) as i32;
-                    }
-                    (scales[blk], zeros[blk])
-                }
-                Weights::Q8 {
-                    b, scales, zeros, ..
-                } => {
-                    for (q, byte) in qw.iter_mut().zip(&b[blk * 32..blk * 32 + 32]) {
-                        *q = *byte as i32 - 128;
-                    }
-                    (scales[blk], zeros[blk] as f32 - 128.0)
-                }
-                _ => return,
-            };
-            for (tt, o) in o.iter_mut().enumerate() {
-                let xb = &qx.q[tt * k + j * BLOCK..tt * k + (j + 1) * BLOCK];
-                let isum: i32 = qw.iter().zip(xb).map(|(a, b)| a * *b as i32).sum();
-                let xi = tt * nb + j;
-                *o += s * qx.d[xi] * isum as f32 - s * zoff * qx.sum[xi];
-            }
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------------------
 // AVX2
 // ---------------------------------------------------------------------------------------------------
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{QuantX, Weights, BLOCK};
+    use super::{Weights, BLOCK};
     use crate::backend::cpu::simd::x86::hsum;
     use std::arch::x86_64::*;
 
@@ -845,138 +808,6 @@ mod avx2 {
             }
         }
     }
-
-    /// Integer dot products of one weight row with `R` rows of quantized x.
-    ///
-    /// # Safety
-    /// avx2 available; `w` is a validated Q4/Q8; `qx` holds ≥ `x0 + R` rows, Q4 blocks in even/odd order.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn tile_q8<const R: usize>(w: &Weights, qx: &QuantX, x0: usize, row: usize) -> [f32; R] {
-        let k = w.k();
-        let nb = k / BLOCK;
-        let ones = _mm256_set1_epi16(1);
-        // Two accumulators per x row (even/odd blocks) to hide the FMA latency.
-        let mut acc = [[_mm256_setzero_ps(); 2]; R];
-        let mut corr = [0f32; R];
-        let qp = qx.q.as_ptr();
-        let (dp, sp) = (qx.d.as_ptr(), qx.sum.as_ptr());
-        // One weight block `$j` into accumulator slot `$slot`: `$wq` unsigned codes, `$signs` the signed
-        // codes whose sign x takes (Q8) or nothing (Q4), `$sz` = scale · zero-point offset.
-        macro_rules! rows {
-            ($j:expr, $slot:expr, $s:expr, $sz:expr, $wq:expr, |$xq:ident| $fix:expr) => {
-                for r in 0..R {
-                    let xi = (x0 + r) * nb + $j;
-                    let $xq =
-                        _mm256_loadu_si256(qp.add((x0 + r) * k + $j * BLOCK) as *const __m256i);
-                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16($wq, $fix), ones);
-                    acc[r][$slot] = _mm256_fmadd_ps(
-                        _mm256_cvtepi32_ps(p),
-                        _mm256_set1_ps($s * *dp.add(xi)),
-                        acc[r][$slot],
-                    );
-                    corr[r] = $sz.mul_add(*sp.add(xi), corr[r]);
-                }
-            };
-        }
-        // SAFETY: block `row·nb + j` is inside B/scales/zeros (validated); the qx reads are inside
-        // `[(x0+r)·K + 32j, +32)` and the `[T, nb]` block arrays (x0 + R <= T).
-        unsafe {
-            match *w {
-                Weights::Q4 {
-                    b, scales, zeros, ..
-                } => {
-                    let m4 = _mm_set1_epi8(15);
-                    macro_rules! q4 {
-                        ($j:expr, $slot:expr) => {{
-                            let blk = row * nb + $j;
-                            let s = *scales.get_unchecked(blk);
-                            let sz = s * *zeros.get_unchecked(blk);
-                            let raw = _mm_loadu_si128(b.as_ptr().add(blk * 16) as *const __m128i);
-                            let lo = _mm_and_si128(raw, m4);
-                            let hi = _mm_and_si128(_mm_srli_epi16::<4>(raw), m4);
-                            let wq = _mm256_set_m128i(hi, lo);
-                            rows!($j, $slot, s, sz, wq, |xq| xq);
-                        }};
-                    }
-                    let mut j = 0;
-                    while j + 2 <= nb {
-                        q4!(j, 0);
-                        q4!(j + 1, 1);
-                        j += 2;
-                    }
-                    if j < nb {
-                        q4!(j, 0);
-                    }
-                }
-                Weights::Q8 {
-                    b, scales, zeros, ..
-                } => {
-                    let flip = _mm256_set1_epi8(-128);
-                    macro_rules! q8 {
-                        ($j:expr, $slot:expr) => {{
-                            let blk = row * nb + $j;
-                            let s = *scales.get_unchecked(blk);
-                            let sz = s * (*zeros.get_unchecked(blk) as f32 - 128.0);
-                            let raw = _mm256_loadu_si256(b.as_ptr().add(blk * 32) as *const __m256i);
-                            let qs = _mm256_xor_si256(raw, flip); // q − 128 as i8
-                            // |q − 128| as u8 (−128 stays 0x80 = 128); x takes the sign of q − 128.
-                            let aw = _mm256_sign_epi8(qs, qs);
-                            rows!($j, $slot, s, sz, aw, |xq| _mm256_sign_epi8(xq, qs));
-                        }};
-                    }
-                    let mut j = 0;
-                    while j + 2 <= nb {
-                        q8!(j, 0);
-                        q8!(j + 1, 1);
-                        j += 2;
-                    }
-                    if j < nb {
-                        q8!(j, 0);
-                    }
-                }
-                _ => {}
-            }
-        }
-        let mut res = [0f32; R];
-        for r in 0..R {
-            res[r] = hsum(_mm256_add_ps(acc[r][0], acc[r][1])) - corr[r];
-        }
-        res
-    }
-
-    /// Q8-activation rows.
-    ///
-    /// # Safety
-    /// avx2 available; `w` a validated Q4/Q8; `qx` quantized from `[T, K]` (even/odd order for Q4);
-    /// `out.len() == rows.len()·T`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn rows_q8(
-        w: &Weights,
-        qx: &QuantX,
-        t: usize,
-        rows: std::ops::Range<usize>,
-        out: &mut [f32],
-    ) {
-        // Same loop order as `rows_exact`: x tile outermost.
-        let mut tt = 0;
-        // SAFETY: forwarded contract; tt + R <= T; out index (i·T + tt + r) < rows·T.
-        unsafe {
-            while tt + TILE <= t {
-                for (i, row) in rows.clone().enumerate() {
-                    let r = tile_q8::<TILE>(w, qx, tt, row);
-                    out[i * t + tt..i * t + tt + TILE].copy_from_slice(&r);
-                }
-                tt += TILE;
-            }
-            while tt < t {
-                for (i, row) in rows.clone().enumerate() {
-                    out[i * t + tt] = tile_q8::<1>(w, qx, tt, row)[0];
-                }
-                tt += 1;
-            }
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -985,84 +816,9 @@ mod avx2 {
 
 #[cfg(target_arch = "aarch64")]
 mod neon {
-    use super::{QuantX, Weights, BLOCK};
+    use super::Weights;
     use crate::backend::cpu::simd;
     use std::arch::aarch64::*;
-
-    /// Q8-activation rows on NEON (natural element order; same formula as `rows_q8_scalar`): signed
-    /// 8×8→16-bit products, pairs summed in 16 bits (|q·x| ≤ 128·127, two fit in i16), widened to i32.
-    ///
-    /// # Safety
-    /// `w` a validated Q4/Q8; `qx` quantized from `[T, K]`; `out.len() == rows.len()·T`.
-    #[target_feature(enable = "neon")]
-    pub(super) unsafe fn rows_q8(
-        w: &Weights,
-        qx: &QuantX,
-        t: usize,
-        rows: std::ops::Range<usize>,
-        out: &mut [f32],
-    ) {
-        let k = w.k();
-        let nb = k / BLOCK;
-        for (i, row) in rows.enumerate() {
-            let o = &mut out[i * t..(i + 1) * t];
-            o.fill(0.0);
-            for j in 0..nb {
-                let blk = row * nb + j;
-                // SAFETY: block `blk` is inside B/scales/zeros (validated by `check`).
-                let (c0, c1, s, zoff) = unsafe {
-                    match *w {
-                        Weights::Q4 {
-                            b, scales, zeros, ..
-                        } => {
-                            let raw = vld1q_u8(b.as_ptr().add(blk * 16));
-                            let lo = vandq_u8(raw, vdupq_n_u8(15));
-                            let hi = vshrq_n_u8::<4>(raw);
-                            (
-                                vreinterpretq_s8_u8(vzip1q_u8(lo, hi)),
-                                vreinterpretq_s8_u8(vzip2q_u8(lo, hi)),
-                                scales[blk],
-                                zeros[blk],
-                            )
-                        }
-                        Weights::Q8 {
-                            b, scales, zeros, ..
-                        } => {
-                            let p = b.as_ptr().add(blk * 32);
-                            let f = vdupq_n_u8(0x80);
-                            (
-                                vreinterpretq_s8_u8(veorq_u8(vld1q_u8(p), f)),
-                                vreinterpretq_s8_u8(veorq_u8(vld1q_u8(p.add(16)), f)),
-                                scales[blk],
-                                zeros[blk] as f32 - 128.0,
-                            )
-                        }
-                        _ => return,
-                    }
-                };
-                for (tt, o) in o.iter_mut().enumerate() {
-                    // SAFETY: reads [tt·K + 32j, +32) of the [T, K] quantized activations.
-                    let isum = unsafe {
-                        let xp = qx.q.as_ptr().add(tt * k + j * BLOCK);
-                        let (x0, x1) = (vld1q_s8(xp), vld1q_s8(xp.add(16)));
-                        let p0 = vmlal_s8(
-                            vmull_s8(vget_low_s8(c0), vget_low_s8(x0)),
-                            vget_high_s8(c0),
-                            vget_high_s8(x0),
-                        );
-                        let p1 = vmlal_s8(
-                            vmull_s8(vget_low_s8(c1), vget_low_s8(x1)),
-                            vget_high_s8(c1),
-                            vget_high_s8(x1),
-                        );
-                        vaddvq_s32(vpadalq_s16(vpaddlq_s16(p0), p1))
-                    };
-                    let xi = tt * nb + j;
-                    *o += s * qx.d[xi] * isum as f32 - s * zoff * qx.sum[xi];
-                }
-            }
-        }
-    }
 
     /// Exact rows on NEON: each weight row is decoded once into scratch (portable decode), then every
     /// row of x is a NEON dot product.
@@ -1122,6 +878,18 @@ pub(crate) mod tests {
         let mut v = vec![Isa::Scalar];
         if simd::best_isa() != Isa::Scalar {
             v.push(simd::best_isa());
+        }
+        v
+    }
+
+    /// Every (precision, f32 ISA, integer ISA) this CPU can run: each ISA of a precision forced once.
+    fn combos() -> Vec<(Precision, Isa, QIsa)> {
+        let mut v: Vec<_> = isas()
+            .into_iter()
+            .map(|isa| (Precision::Exact, isa, linear_q8::best()))
+            .collect();
+        for qisa in linear_q8::available() {
+            v.push((Precision::Fast, simd::best_isa(), qisa));
         }
         v
     }
@@ -1228,11 +996,21 @@ pub(crate) mod tests {
         let bias: Option<Vec<f32>> = with_bias.then(|| rand_x(n, &mut rng));
         let mut want = vec![0f32; t * n];
         reference(&x, t, &w, bias.as_deref(), &mut want).unwrap();
-        for isa in isas() {
-            for prec in [Precision::Exact, Precision::Q8Activations] {
+        for (prec, isa, qisa) in combos() {
+            {
                 let mut got = vec![f32::NAN; t * n];
-                linear_isa(&x, t, &w, bias.as_deref(), &mut got, prec, isa).unwrap();
-                let quant = prec == Precision::Q8Activations && kind >= 4;
+                linear_isa(
+                    &x,
+                    t,
+                    &w,
+                    bias.as_deref(),
+                    &mut got,
+                    prec,
+                    (isa, qisa),
+                    None,
+                )
+                .unwrap();
+                let quant = prec == Precision::Fast && kind >= 4;
                 for tt in 0..t {
                     let xr = &x[tt * k..(tt + 1) * k];
                     let xnorm = xr.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
@@ -1250,12 +1028,12 @@ pub(crate) mod tests {
                                 bound += amax / 254.0 * wb.iter().map(|v| v.abs()).sum::<f64>();
                             }
                             let tol = bound * 1.001 + exact_tol;
-                            assert!(err <= tol, "{isa:?} {prec:?} kind {kind} n{n} k{k} t{t} [{tt},{row}]: err {err} > bound {tol}");
+                            assert!(err <= tol, "{isa:?} {qisa:?} {prec:?} kind {kind} n{n} k{k} t{t} [{tt},{row}]: err {err} > bound {tol}");
                             if let Some(rel) = max_rel {
                                 // Deterministic named cases: the brief's 1e-3·‖x‖‖w‖ at model sizes.
                                 assert!(
                                     err <= rel * xnorm * wnorm,
-                                    "{isa:?} kind {kind} k{k}: err {err} > {rel}·‖x‖‖w‖"
+                                    "{qisa:?} kind {kind} k{k}: err {err} > {rel}·‖x‖‖w‖"
                                 );
                             }
                         } else {
@@ -1325,7 +1103,17 @@ pub(crate) mod tests {
         let want: f32 = (0..32).map(|e| x[e] * ((e % 16) as f32 - 3.0) * 0.5).sum();
         for isa in isas() {
             let mut y = [0f32];
-            linear_isa(&x, 1, &w, None, &mut y, Precision::Exact, isa).unwrap();
+            linear_isa(
+                &x,
+                1,
+                &w,
+                None,
+                &mut y,
+                Precision::Exact,
+                (isa, QIsa::Scalar),
+                None,
+            )
+            .unwrap();
             assert!((y[0] - want).abs() < 1e-4, "{isa:?}: {} vs {want}", y[0]);
         }
     }
@@ -1340,13 +1128,14 @@ pub(crate) mod tests {
         x[41] = 0.001;
         let mut want = vec![0f32; 4];
         reference(&x, 1, &w, None, &mut want).unwrap();
-        for isa in isas() {
+        for qisa in linear_q8::available() {
             let mut y = vec![0f32; 4];
-            linear_isa(&x, 1, &w, None, &mut y, Precision::Q8Activations, isa).unwrap();
+            let isa = simd::best_isa();
+            linear_isa(&x, 1, &w, None, &mut y, Precision::Fast, (isa, qisa), None).unwrap();
             for (a, b) in y.iter().zip(&want) {
                 assert!(
                     a.is_finite() && (a - b).abs() <= 1e-3 * b.abs().max(1.0),
-                    "{isa:?}: {a} vs {b}"
+                    "{qisa:?}: {a} vs {b}"
                 );
             }
         }

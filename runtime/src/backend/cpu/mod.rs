@@ -8,9 +8,11 @@
 pub mod attention;
 pub mod basic;
 pub mod linear;
+mod linear_q8;
 pub mod misc;
 pub mod norm;
 pub mod ops;
+mod pool;
 pub mod rope;
 mod simd;
 

@@ -1,0 +1,761 @@
+//! The integer path of the 4- and 8-bit block linears ([`Precision::Fast`](super::linear::Precision)):
+//! activations quantized per 32-block to int8 once, block dot products in integers.
+//!
+//! Per token row and 32-block `b` of `x`: `d_b = amax_b / 127`, `qx_i = round(x_i / d_b)` (as
+//! llama.cpp's q8 activations), and `ds_b = d_b · Σ qx_i`. A weight row with codes `q` (4-bit nibbles
+//! or 8-bit bytes, both unsigned), scales `s_b` and zero points `z_b` then gives
+//!
+//! ```text
+//! y = Σ_b s_b·d_b·Σ_i q_i·qx_i  −  Σ_b s_b·z_b·ds_b   ( = Σ_b Σ_i s_b(q_i − z_b) · d_b·qx_i )
+//! ```
+//!
+//! which is the exact product of the dequantized weights with the dequantized activations, up to f32
+//! rounding: the error against exact math is `Σ w_i·(d_b·qx_i − x_i)`, at most `Σ_b (d_b/2)·Σ|w_i|`
+//! (tested as a hard bound). The inner sums `Σ q_i·qx_i` are exact in i32.
+//!
+//! Instruction sets ([`QIsa`], chosen at run time from the CPU's features, tests force each one):
+//! - **AVX-512 VNNI** (`vpdpbusd`: u8 × i8, four products summed into each i32 lane): two blocks a
+//!   512-bit register, the 4-bit codes unpacked to bytes in natural order by a widening move, a shift
+//!   and a blend; the per-block factors `s·d` spread over the lanes by one permute.
+//! - **AVX2** (`vpmaddubsw` + `vpmaddwd`): one block a 256-bit register. `maddubs` saturates its i16
+//!   pair sums, so 8-bit codes run as `q − 128` with `x` taking their sign (`vpsignb`), the zero point
+//!   corrected by `z − 128`.
+//! - **NEON** on aarch64 (widening `smull`/`smlal`, pairwise adds), and portable scalar elsewhere.
+//!
+//! The activations are in natural element order for every instruction set, so one [`QuantX`] serves
+//! every linear that reads the same input.
+
+use super::linear::{Weights, BLOCK};
+
+/// The instruction set of the integer dot products.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum QIsa {
+    /// Portable Rust.
+    Scalar,
+    /// x86-64 AVX2 (`maddubs`).
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    /// x86-64 AVX-512 F/BW/VL with VNNI (`vpdpbusd` on 512-bit registers).
+    #[cfg(target_arch = "x86_64")]
+    Avx512Vnni,
+    /// aarch64 Advanced SIMD.
+    #[cfg(target_arch = "aarch64")]
+    Neon,
+}
+
+impl QIsa {
+    /// Its name in reports.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            QIsa::Scalar => "scalar",
+            #[cfg(target_arch = "x86_64")]
+            QIsa::Avx2 => "avx2",
+            #[cfg(target_arch = "x86_64")]
+            QIsa::Avx512Vnni => "avx512-vnni",
+            #[cfg(target_arch = "aarch64")]
+            QIsa::Neon => "neon",
+        }
+    }
+}
+
+/// Every integer instruction set this CPU can run, best last.
+pub(crate) fn available() -> Vec<QIsa> {
+    #[allow(unused_mut)]
+    let mut v = vec![QIsa::Scalar];
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+        {
+            v.push(QIsa::Avx2);
+        }
+        if is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx512vnni")
+        {
+            v.push(QIsa::Avx512Vnni);
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    v.push(QIsa::Neon);
+    v
+}
+
+/// The best integer instruction set of this CPU (detected once).
+pub(crate) fn best() -> QIsa {
+    static BEST: std::sync::OnceLock<QIsa> = std::sync::OnceLock::new();
+    *BEST.get_or_init(|| *available().last().unwrap_or(&QIsa::Scalar))
+}
+
+/// Activations `[T, K]` quantized per 32-block (natural element order).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct QuantX {
+    /// i8 `[T, K]`.
+    pub(crate) q: Vec<i8>,
+    /// Block scales `[T, K/32]` (`amax/127`).
+    pub(crate) d: Vec<f32>,
+    /// `d · Σ q` per block `[T, K/32]`: the zero-point term's factor.
+    pub(crate) ds: Vec<f32>,
+}
+
+impl QuantX {
+    /// Quantizes `x` (`K % 32 == 0`; a tail shorter than a block is ignored — callers validate `K`).
+    /// Values round to nearest, ties to even, on every instruction set.
+    pub(crate) fn new(x: &[f32]) -> QuantX {
+        let nblk = x.len() / BLOCK;
+        let mut qx = QuantX {
+            q: vec![0i8; nblk * BLOCK],
+            d: vec![0f32; nblk],
+            ds: vec![0f32; nblk],
+        };
+        #[cfg(target_arch = "x86_64")]
+        if best() != QIsa::Scalar {
+            // SAFETY: every x86 integer ISA above Scalar has avx2 (checked by `available`).
+            unsafe { avx2::quantize(x, &mut qx) };
+            return qx;
+        }
+        qx.quantize_scalar(x);
+        qx
+    }
+
+    /// The portable body of [`QuantX::new`].
+    fn quantize_scalar(&mut self, x: &[f32]) {
+        let qx = self;
+        for (b, (xb, qb)) in x
+            .chunks_exact(BLOCK)
+            .zip(qx.q.chunks_exact_mut(BLOCK))
+            .enumerate()
+        {
+            let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if d > 0.0 { 127.0 / amax } else { 0.0 };
+            let mut sum = 0i32;
+            for (q, v) in qb.iter_mut().zip(xb) {
+                *q = (v * id).round_ties_even().clamp(-127.0, 127.0) as i8;
+                sum += *q as i32;
+            }
+            qx.d[b] = d;
+            qx.ds[b] = d * sum as f32;
+        }
+    }
+}
+
+/// Rows `rows` of `W · qx` for the T token rows of `qx`: writes `out[(row − start)·T + t]`.
+/// Other weight forms than Q4/Q8 leave `out` untouched (callers route only those here).
+///
+/// # Panics
+/// Never for validated inputs: `w` validated, `qx` quantized from `[T, K]`, `out.len() == rows.len()·T`.
+pub(crate) fn rows(
+    w: &Weights,
+    qx: &QuantX,
+    t: usize,
+    rows: std::ops::Range<usize>,
+    out: &mut [f32],
+    isa: QIsa,
+) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: Avx512Vnni is only produced by `available` after detecting avx512f/bw/vl/vnni.
+        QIsa::Avx512Vnni => unsafe { avx512::rows(w, qx, t, rows, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: Avx2 is only produced by `available` after detecting avx2, fma and f16c.
+        QIsa::Avx2 => unsafe { avx2::rows(w, qx, t, rows, out) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: NEON is baseline on aarch64.
+        QIsa::Neon => unsafe { neon::rows(w, qx, t, rows, out) },
+        QIsa::Scalar => rows_scalar(w, qx, t, rows, out),
+    }
+}
+
+/// One weight row's block codes, scale and zero point (as f32) at block `blk`.
+#[inline]
+fn block(w: &Weights, blk: usize, codes: &mut [i32; BLOCK]) -> Option<(f32, f32)> {
+    match *w {
+        Weights::Q4 {
+            b, scales, zeros, ..
+        } => {
+            for (i, byte) in b[blk * 16..blk * 16 + 16].iter().enumerate() {
+                codes[2 * i] = (byte & 15) as i32;
+                codes[2 * i + 1] = (byte >> 4) as i32;
+            }
+            Some((scales[blk], zeros[blk]))
+        }
+        Weights::Q8 {
+            b, scales, zeros, ..
+        } => {
+            for (q, byte) in codes.iter_mut().zip(&b[blk * 32..blk * 32 + 32]) {
+                *q = *byte as i32;
+            }
+            Some((scales[blk], zeros[blk] as f32))
+        }
+        _ => None,
+    }
+}
+
+/// Portable integer path.
+fn rows_scalar(w: &Weights, qx: &QuantX, t: usize, rows: std::ops::Range<usize>, out: &mut [f32]) {
+    let k = w.k();
+    let nb = k / BLOCK;
+    let mut codes = [0i32; BLOCK];
+    for (i, row) in rows.enumerate() {
+        let o = &mut out[i * t..(i + 1) * t];
+        o.fill(0.0);
+        for j in 0..nb {
+            let blk = row * nb + j;
+            let Some((s, z)) = block(w, blk, &mut codes) else {
+                return;
+            };
+            for (tt, o) in o.iter_mut().enumerate() {
+                let xb = &qx.q[tt * k + j * BLOCK..tt * k + (j + 1) * BLOCK];
+                let dot: i32 = codes.iter().zip(xb).map(|(a, b)| a * *b as i32).sum();
+                let xi = tt * nb + j;
+                *o += s * qx.d[xi] * dot as f32 - s * z * qx.ds[xi];
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// AVX-512 VNNI
+// ---------------------------------------------------------------------------------------------------
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{QuantX, Weights, BLOCK};
+    use std::arch::x86_64::*;
+
+    /// Token rows multiplied per decoded weight pair in the GEMM path.
+    const TILE: usize = 4;
+
+    /// One weight matrix's buffers as raw pointers, and its form (`Q4`: f32 zero points, 16 bytes a
+    /// block; else u8 zero points, 32 bytes a block).
+    #[derive(Clone, Copy)]
+    struct Form {
+        b: *const u8,
+        scales: *const f32,
+        zeros: *const u8,
+    }
+
+    /// The codes of blocks `blk` and `blk + 1` (`TWO`) or `blk` alone (upper half zero) as 64 u8 in
+    /// natural element order.
+    ///
+    /// # Safety
+    /// avx512f/bw/vl/vnni available; the block(s) are inside the validated weight buffers.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn codes<const Q4: bool, const TWO: bool>(f: Form, blk: usize) -> __m512i {
+        // SAFETY: reads blocks [blk, blk + 1 + TWO) of B only (16 or 32 bytes a block).
+        unsafe {
+            if Q4 {
+                let p = f.b.add(blk * 16);
+                let raw = if TWO {
+                    _mm256_loadu_si256(p as *const __m256i)
+                } else {
+                    _mm256_zextsi128_si256(_mm_loadu_si128(p as *const __m128i))
+                };
+                // Byte j in 16-bit lane j; shifted left by 4 its high nibble is the lane's high
+                // byte: even bytes from `wide`, odd from `shifted`, masked to 4 bits.
+                let wide = _mm512_cvtepu8_epi16(raw);
+                let shifted = _mm512_slli_epi16::<4>(wide);
+                let mixed = _mm512_mask_blend_epi8(0xAAAA_AAAA_AAAA_AAAA, wide, shifted);
+                _mm512_and_si512(mixed, _mm512_set1_epi8(15))
+            } else {
+                let p = f.b.add(blk * 32);
+                if TWO {
+                    _mm512_loadu_si512(p as *const __m512i)
+                } else {
+                    _mm512_zextsi256_si512(_mm256_loadu_si256(p as *const __m256i))
+                }
+            }
+        }
+    }
+
+    /// Lane indices spreading factor `2p` over lanes 0–7 and `2p + 1` over lanes 8–15.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    fn pair_index(p: usize) -> __m512i {
+        let base = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+        _mm512_add_epi32(base, _mm512_set1_epi32(2 * p as i32))
+    }
+
+    /// Dot products of weight row `row` with `R` token rows of `qx` starting at `x0`, in groups of 16
+    /// blocks: the group's factors `s·d` are one vector product and each pair takes its two by one
+    /// permute; the zero-point term `Σ s·z·ds` is one multiply-add a group.
+    ///
+    /// # Safety
+    /// avx512f/bw/vl/vnni available; `f` a validated Q4/Q8 of `nb` blocks a row; `qx` holds ≥ `x0 + R`
+    /// rows of `nb` blocks.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn tile<const Q4: bool, const R: usize>(
+        f: Form,
+        nb: usize,
+        qx: &QuantX,
+        x0: usize,
+        row: usize,
+    ) -> [f32; R] {
+        let k = nb * BLOCK;
+        let (qp, dp, dsp) = (qx.q.as_ptr(), qx.d.as_ptr(), qx.ds.as_ptr());
+        let mut acc = [_mm512_setzero_ps(); R];
+        let mut g = 0;
+        // SAFETY: blocks row·nb + j are inside the weight buffers (validated) and the masked group
+        // loads stay inside row `row`'s nb blocks; the qx reads cover [(x0+r)·K + 32j, +64) (or +32)
+        // and the [T, nb] block arrays.
+        unsafe {
+            while g < nb {
+                let left = nb - g;
+                let m: __mmask16 = if left >= 16 {
+                    0xFFFF
+                } else {
+                    (1u16 << left) - 1
+                };
+                let blk0 = row * nb + g;
+                let s = _mm512_maskz_loadu_ps(m, f.scales.add(blk0));
+                let z = if Q4 {
+                    _mm512_maskz_loadu_ps(m, (f.zeros as *const f32).add(blk0))
+                } else {
+                    _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(
+                        m,
+                        f.zeros.add(blk0) as *const i8,
+                    )))
+                };
+                let sz = _mm512_mul_ps(s, z);
+                let mut fr = [_mm512_setzero_ps(); R];
+                for (r, (a, fr)) in acc.iter_mut().zip(fr.iter_mut()).enumerate() {
+                    let xb = (x0 + r) * nb + g;
+                    *fr = _mm512_mul_ps(s, _mm512_maskz_loadu_ps(m, dp.add(xb)));
+                    *a = _mm512_fnmadd_ps(sz, _mm512_maskz_loadu_ps(m, dsp.add(xb)), *a);
+                }
+                let pairs = left.min(16) / 2;
+                for p in 0..pairs {
+                    let j = g + 2 * p;
+                    let c = codes::<Q4, true>(f, row * nb + j);
+                    let idx = pair_index(p);
+                    for r in 0..R {
+                        let xq =
+                            _mm512_loadu_si512(qp.add((x0 + r) * k + j * BLOCK) as *const __m512i);
+                        let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c, xq);
+                        let fv = _mm512_permutexvar_ps(idx, fr[r]);
+                        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), fv, acc[r]);
+                    }
+                }
+                if left < 16 && left % 2 == 1 {
+                    let j = nb - 1;
+                    let c = codes::<Q4, false>(f, row * nb + j);
+                    let idx = pair_index(pairs);
+                    for r in 0..R {
+                        let xq = _mm512_zextsi256_si512(_mm256_loadu_si256(
+                            qp.add((x0 + r) * k + j * BLOCK) as *const __m256i,
+                        ));
+                        let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c, xq);
+                        // Lanes 8–15 of the dot are zero, whatever factor they meet.
+                        let fv = _mm512_permutexvar_ps(idx, fr[r]);
+                        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), fv, acc[r]);
+                    }
+                }
+                g += 16;
+            }
+        }
+        let mut res = [0f32; R];
+        for (o, a) in res.iter_mut().zip(&acc) {
+            *o = _mm512_reduce_add_ps(*a);
+        }
+        res
+    }
+
+    /// Integer rows of one form: `out[(row − start)·T + t]`.
+    ///
+    /// # Safety
+    /// As [`rows`].
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn rows_of<const Q4: bool>(
+        f: Form,
+        nb: usize,
+        qx: &QuantX,
+        t: usize,
+        rows: std::ops::Range<usize>,
+        out: &mut [f32],
+    ) {
+        // Token tiles outermost: the tile of qx stays in L1 while this task's weight rows stream.
+        let mut tt = 0;
+        // SAFETY: forwarded contract; tt + R <= T; out index (i·T + tt + r) < rows·T.
+        unsafe {
+            while tt + TILE <= t {
+                for (i, row) in rows.clone().enumerate() {
+                    let r = tile::<Q4, TILE>(f, nb, qx, tt, row);
+                    out[i * t + tt..i * t + tt + TILE].copy_from_slice(&r);
+                }
+                tt += TILE;
+            }
+            while tt < t {
+                for (i, row) in rows.clone().enumerate() {
+                    out[i * t + tt] = tile::<Q4, 1>(f, nb, qx, tt, row)[0];
+                }
+                tt += 1;
+            }
+        }
+    }
+
+    /// Integer rows: `out[(row − start)·T + t]`.
+    ///
+    /// # Safety
+    /// avx512f/bw/vl/vnni available; `w` a validated Q4/Q8; `qx` quantized from `[T, K]`;
+    /// `out.len() == rows.len()·T`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(super) unsafe fn rows(
+        w: &Weights,
+        qx: &QuantX,
+        t: usize,
+        rows: std::ops::Range<usize>,
+        out: &mut [f32],
+    ) {
+        let nb = w.k() / BLOCK;
+        // SAFETY: forwarded contract.
+        unsafe {
+            match *w {
+                Weights::Q4 {
+                    b, scales, zeros, ..
+                } => {
+                    let f = Form {
+                        b: b.as_ptr(),
+                        scales: scales.as_ptr(),
+                        zeros: zeros.as_ptr() as *const u8,
+                    };
+                    rows_of::<true>(f, nb, qx, t, rows, out)
+                }
+                Weights::Q8 {
+                    b, scales, zeros, ..
+                } => {
+                    let f = Form {
+                        b: b.as_ptr(),
+                        scales: scales.as_ptr(),
+                        zeros: zeros.as_ptr(),
+                    };
+                    rows_of::<false>(f, nb, qx, t, rows, out)
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// AVX2
+// ---------------------------------------------------------------------------------------------------
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{QuantX, Weights, BLOCK};
+    use crate::backend::cpu::simd::x86::hsum;
+    use std::arch::x86_64::*;
+
+    /// Token rows multiplied per decoded weight block in the GEMM path.
+    const TILE: usize = 4;
+
+    /// [`QuantX::new`] in AVX2: the same values (`127/amax` as the factor, ties to even).
+    ///
+    /// # Safety
+    /// avx2+fma+f16c available; `qx` sized for `x` by [`QuantX::new`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn quantize(x: &[f32], qx: &mut QuantX) {
+        let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
+        for (b, (xb, qb)) in x
+            .chunks_exact(BLOCK)
+            .zip(qx.q.chunks_exact_mut(BLOCK))
+            .enumerate()
+        {
+            // SAFETY: xb has 32 f32, qb 32 i8.
+            unsafe {
+                let p = xb.as_ptr();
+                let v = [
+                    _mm256_loadu_ps(p),
+                    _mm256_loadu_ps(p.add(8)),
+                    _mm256_loadu_ps(p.add(16)),
+                    _mm256_loadu_ps(p.add(24)),
+                ];
+                let m = _mm256_max_ps(
+                    _mm256_max_ps(_mm256_and_ps(v[0], abs_mask), _mm256_and_ps(v[1], abs_mask)),
+                    _mm256_max_ps(_mm256_and_ps(v[2], abs_mask), _mm256_and_ps(v[3], abs_mask)),
+                );
+                let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+                let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+                let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+                let d = amax / 127.0;
+                let id = _mm256_set1_ps(if d > 0.0 { 127.0 / amax } else { 0.0 });
+                let lim = _mm256_set1_ps(127.0);
+                let neg = _mm256_sub_ps(_mm256_setzero_ps(), lim);
+                let mut q = [_mm256_setzero_si256(); 4];
+                for (q, v) in q.iter_mut().zip(v) {
+                    let r = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+                        _mm256_mul_ps(v, id),
+                    );
+                    *q = _mm256_cvtps_epi32(_mm256_max_ps(_mm256_min_ps(r, lim), neg));
+                }
+                // i32 → i16 → i8 packs interleave 128-bit lanes; one permute restores the order.
+                let w = _mm256_packs_epi32(q[0], q[1]);
+                let z = _mm256_packs_epi32(q[2], q[3]);
+                let bytes = _mm256_permutevar8x32_epi32(
+                    _mm256_packs_epi16(w, z),
+                    _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7),
+                );
+                _mm256_storeu_si256(qb.as_mut_ptr() as *mut __m256i, bytes);
+                let s16 = _mm256_madd_epi16(_mm256_add_epi16(w, z), _mm256_set1_epi16(1));
+                let s = _mm_add_epi32(
+                    _mm256_castsi256_si128(s16),
+                    _mm256_extracti128_si256::<1>(s16),
+                );
+                let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
+                let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
+                qx.d[b] = d;
+                qx.ds[b] = d * _mm_cvtsi128_si32(s) as f32;
+            }
+        }
+    }
+
+    /// Integer dot products of one weight row with `R` token rows of `qx`.
+    ///
+    /// # Safety
+    /// avx2+fma+f16c available; `w` a validated Q4/Q8; `qx` holds ≥ `x0 + R` rows.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn tile<const R: usize>(w: &Weights, qx: &QuantX, x0: usize, row: usize) -> [f32; R] {
+        let k = w.k();
+        let nb = k / BLOCK;
+        let ones = _mm256_set1_epi16(1);
+        // Two accumulators per token row (even/odd blocks) to hide the FMA latency.
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        let mut corr = [0f32; R];
+        let (qp, dp, dsp) = (qx.q.as_ptr(), qx.d.as_ptr(), qx.ds.as_ptr());
+        // One block into accumulator `$slot`: `$codes` unsigned, `$sign` the signed codes whose sign x
+        // takes (Q8: q − 128) or None (Q4), `$sz` = scale · (zero point − code offset). A macro, not a
+        // closure, so the intrinsics stay inside this function's target features.
+        macro_rules! one {
+            ($j:expr, $slot:expr, $s:expr, $sz:expr, $codes:expr, $sign:expr) => {
+                for r in 0..R {
+                    let xi = (x0 + r) * nb + $j;
+                    // [(x0+r)·K + 32j, +32) and block xi are inside qx (x0 + R <= T); the caller's
+                    // `unsafe` block covers these reads.
+                    let (xq, d, ds) = (
+                        _mm256_loadu_si256(qp.add((x0 + r) * k + $j * BLOCK) as *const __m256i),
+                        *dp.add(xi),
+                        *dsp.add(xi),
+                    );
+                    let xq = match $sign {
+                        Some(sg) => _mm256_sign_epi8(xq, sg),
+                        None => xq,
+                    };
+                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16($codes, xq), ones);
+                    acc[r][$slot] = _mm256_fmadd_ps(
+                        _mm256_cvtepi32_ps(p),
+                        _mm256_set1_ps($s * d),
+                        acc[r][$slot],
+                    );
+                    corr[r] = $sz.mul_add(ds, corr[r]);
+                }
+            };
+        }
+        for j in 0..nb {
+            let blk = row * nb + j;
+            // SAFETY: block `blk` is inside B/scales/zeros (validated).
+            unsafe {
+                match *w {
+                    Weights::Q4 {
+                        b, scales, zeros, ..
+                    } => {
+                        let s = *scales.get_unchecked(blk);
+                        let raw = _mm_loadu_si128(b.as_ptr().add(blk * 16) as *const __m128i);
+                        // Byte j in 16-bit lane j; its high nibble shifted into the lane's high byte.
+                        let wide = _mm256_cvtepu8_epi16(raw);
+                        let mixed = _mm256_blendv_epi8(
+                            wide,
+                            _mm256_slli_epi16::<4>(wide),
+                            _mm256_set1_epi16(0xFF00u16 as i16),
+                        );
+                        let codes = _mm256_and_si256(mixed, _mm256_set1_epi8(15));
+                        let sz = s * *zeros.get_unchecked(blk);
+                        one!(j, j & 1, s, sz, codes, None::<__m256i>);
+                    }
+                    Weights::Q8 {
+                        b, scales, zeros, ..
+                    } => {
+                        let s = *scales.get_unchecked(blk);
+                        let raw = _mm256_loadu_si256(b.as_ptr().add(blk * 32) as *const __m256i);
+                        let qs = _mm256_xor_si256(raw, _mm256_set1_epi8(-128)); // q − 128 as i8
+                                                                                // |q − 128| as u8 (−128 stays 0x80 = 128); x takes the sign of q − 128.
+                        let mag = _mm256_sign_epi8(qs, qs);
+                        let sz = s * (*zeros.get_unchecked(blk) as f32 - 128.0);
+                        one!(j, j & 1, s, sz, mag, Some(qs));
+                    }
+                    _ => return [0.0; R],
+                }
+            }
+        }
+        let mut res = [0f32; R];
+        for r in 0..R {
+            res[r] = hsum(_mm256_add_ps(acc[r][0], acc[r][1])) - corr[r];
+        }
+        res
+    }
+
+    /// Integer rows: `out[(row − start)·T + t]`.
+    ///
+    /// # Safety
+    /// avx2+fma+f16c available; `w` a validated Q4/Q8; `qx` quantized from `[T, K]`;
+    /// `out.len() == rows.len()·T`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn rows(
+        w: &Weights,
+        qx: &QuantX,
+        t: usize,
+        rows: std::ops::Range<usize>,
+        out: &mut [f32],
+    ) {
+        let mut tt = 0;
+        // SAFETY: forwarded contract; tt + R <= T; out index (i·T + tt + r) < rows·T.
+        unsafe {
+            while tt + TILE <= t {
+                for (i, row) in rows.clone().enumerate() {
+                    let r = tile::<TILE>(w, qx, tt, row);
+                    out[i * t + tt..i * t + tt + TILE].copy_from_slice(&r);
+                }
+                tt += TILE;
+            }
+            while tt < t {
+                for (i, row) in rows.clone().enumerate() {
+                    out[i * t + tt] = tile::<1>(w, qx, tt, row)[0];
+                }
+                tt += 1;
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// NEON
+// ---------------------------------------------------------------------------------------------------
+
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use super::{QuantX, Weights, BLOCK};
+    use std::arch::aarch64::*;
+
+    /// Integer rows on NEON (same formula as `rows_scalar`): signed 8×8→16-bit products, pairs summed in
+    /// 16 bits (|q·x| ≤ 128·127, two fit in i16), widened to i32. 8-bit codes run as `q − 128`.
+    ///
+    /// # Safety
+    /// `w` a validated Q4/Q8; `qx` quantized from `[T, K]`; `out.len() == rows.len()·T`.
+    #[target_feature(enable = "neon")]
+    pub(super) unsafe fn rows(
+        w: &Weights,
+        qx: &QuantX,
+        t: usize,
+        rows: std::ops::Range<usize>,
+        out: &mut [f32],
+    ) {
+        let k = w.k();
+        let nb = k / BLOCK;
+        for (i, row) in rows.enumerate() {
+            let o = &mut out[i * t..(i + 1) * t];
+            o.fill(0.0);
+            for j in 0..nb {
+                let blk = row * nb + j;
+                // SAFETY: block `blk` is inside B/scales/zeros (validated).
+                let (c0, c1, s, zoff) = unsafe {
+                    match *w {
+                        Weights::Q4 {
+                            b, scales, zeros, ..
+                        } => {
+                            let raw = vld1q_u8(b.as_ptr().add(blk * 16));
+                            let lo = vandq_u8(raw, vdupq_n_u8(15));
+                            let hi = vshrq_n_u8::<4>(raw);
+                            (
+                                vreinterpretq_s8_u8(vzip1q_u8(lo, hi)),
+                                vreinterpretq_s8_u8(vzip2q_u8(lo, hi)),
+                                scales[blk],
+                                zeros[blk],
+                            )
+                        }
+                        Weights::Q8 {
+                            b, scales, zeros, ..
+                        } => {
+                            let p = b.as_ptr().add(blk * 32);
+                            let f = vdupq_n_u8(0x80);
+                            (
+                                vreinterpretq_s8_u8(veorq_u8(vld1q_u8(p), f)),
+                                vreinterpretq_s8_u8(veorq_u8(vld1q_u8(p.add(16)), f)),
+                                scales[blk],
+                                zeros[blk] as f32 - 128.0,
+                            )
+                        }
+                        _ => return,
+                    }
+                };
+                for (tt, o) in o.iter_mut().enumerate() {
+                    // SAFETY: reads [tt·K + 32j, +32) of the [T, K] quantized activations.
+                    let isum = unsafe {
+                        let xp = qx.q.as_ptr().add(tt * k + j * BLOCK);
+                        let (x0, x1) = (vld1q_s8(xp), vld1q_s8(xp.add(16)));
+                        let p0 = vmlal_s8(
+                            vmull_s8(vget_low_s8(c0), vget_low_s8(x0)),
+                            vget_high_s8(c0),
+                            vget_high_s8(x0),
+                        );
+                        let p1 = vmlal_s8(
+                            vmull_s8(vget_low_s8(c1), vget_low_s8(x1)),
+                            vget_high_s8(c1),
+                            vget_high_s8(x1),
+                        );
+                        vaddvq_s32(vpadalq_s16(vpaddlq_s16(p0), p1))
+                    };
+                    let xi = tt * nb + j;
+                    *o += s * qx.d[xi] * isum as f32 - s * zoff * qx.ds[xi];
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantization_is_the_same_on_every_isa_and_within_half_a_step() {
+        let mut x: Vec<f32> = (0..32 * 37)
+            .map(|i| ((i * 7919) % 2003) as f32 / 1001.0 - 1.0)
+            .collect();
+        x[32..64].fill(0.0); // d = 0
+        x[64..96]
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, v)| *v = i as f32 - 15.5); // ties at ±0.5 steps
+        x[100] = 1e30;
+        let fast = QuantX::new(&x);
+        let mut plain = QuantX {
+            q: vec![0; x.len()],
+            d: vec![0.0; x.len() / BLOCK],
+            ds: vec![0.0; x.len() / BLOCK],
+        };
+        plain.quantize_scalar(&x);
+        assert_eq!(fast.q, plain.q);
+        assert_eq!(fast.d, plain.d);
+        assert_eq!(fast.ds, plain.ds);
+        for (b, xb) in x.chunks(BLOCK).enumerate() {
+            let d = fast.d[b];
+            let sum: i32 = fast.q[b * BLOCK..(b + 1) * BLOCK]
+                .iter()
+                .map(|&q| q as i32)
+                .sum();
+            assert_eq!(fast.ds[b], d * sum as f32);
+            for (i, v) in xb.iter().enumerate() {
+                let q = fast.q[b * BLOCK + i] as f32;
+                assert!(
+                    (q * d - v).abs() <= d * 0.5001 + 1e-30,
+                    "block {b} [{i}]: {v} → {q}·{d}"
+                );
+            }
+        }
+    }
+}
