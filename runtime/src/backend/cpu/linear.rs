@@ -818,7 +818,6 @@ mod avx2 {
 mod neon {
     use super::Weights;
     use crate::backend::cpu::simd;
-    use std::arch::aarch64::*;
 
     /// Exact rows on NEON: each weight row is decoded once into scratch (portable decode), then every
     /// row of x is a NEON dot product.

@@ -62,27 +62,32 @@ thread_local! {
 
 fn pool() -> &'static Pool {
     static POOL: OnceLock<Pool> = OnceLock::new();
-    POOL.get_or_init(|| {
-        let shared: &'static Shared = Box::leak(Box::new(Shared {
-            ticket: AtomicU64::new(0),
-            job: Mutex::new(None),
-            done: AtomicUsize::new(0),
-            sleeping: AtomicUsize::new(0),
-            wake: Condvar::new(),
-            busy: AtomicBool::new(false),
-            panicked: AtomicBool::new(false),
-        }));
-        let want = rayon::current_num_threads().saturating_sub(1);
-        let mut workers = 0;
-        for i in 0..want {
-            let spawned = std::thread::Builder::new()
-                .name(format!("onestep-cpu-{i}"))
-                .spawn(move || worker(shared));
-            // A thread that cannot be spawned leaves fewer workers; regions still complete.
-            workers += spawned.is_ok() as usize;
-        }
-        Pool { shared, workers }
-    })
+    POOL.get_or_init(start)
+}
+
+/// Starts the workers. Not inlined: the C ABI test's valgrind suppression for the workers (alive
+/// until the process exits, like rayon's) names this function.
+#[inline(never)]
+fn start() -> Pool {
+    let shared: &'static Shared = Box::leak(Box::new(Shared {
+        ticket: AtomicU64::new(0),
+        job: Mutex::new(None),
+        done: AtomicUsize::new(0),
+        sleeping: AtomicUsize::new(0),
+        wake: Condvar::new(),
+        busy: AtomicBool::new(false),
+        panicked: AtomicBool::new(false),
+    }));
+    let want = rayon::current_num_threads().saturating_sub(1);
+    let mut workers = 0;
+    for i in 0..want {
+        let spawned = std::thread::Builder::new()
+            .name(format!("onestep-cpu-{i}"))
+            .spawn(move || worker(shared));
+        // A thread that cannot be spawned leaves fewer workers; regions still complete.
+        workers += spawned.is_ok() as usize;
+    }
+    Pool { shared, workers }
 }
 
 /// Threads a region runs on (the caller included).
