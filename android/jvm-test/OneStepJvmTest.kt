@@ -128,7 +128,7 @@ fun main(args: Array<String>) {
     OneStep.load(bytes, "in-memory").use { m -> m.session().use { s -> check(s.generate("Hello", GenerateOptions.greedy(2)).text.isNotEmpty()) { "bytes model" } } }
     expectOneStepError("missing file", "does-not-exist.onnx") { OneStep.load("/nonexistent/does-not-exist.onnx") }
     // Load options: the device and the KV cache; strings that do not parse are errors naming them.
-    OneStep.load(modelPath, LoadOptions(device = "cpu", gpuCacheBudget = "50%", kvPageRows = 16)).use { m ->
+    OneStep.load(modelPath, LoadOptions(device = "cpu", gpuCacheBudget = "50%", kvPageRows = 16, precision = "fast")).use { m ->
         check(m.device == "cpu" && m.deviceNote == null) { "device ${m.device} / ${m.deviceNote}" }
         m.session().use { s -> check(s.generate("Hello", GenerateOptions.greedy(2)).text.isNotEmpty()) { "options model" } }
     }
@@ -136,6 +136,7 @@ fun main(args: Array<String>) {
     expectOneStepError("bad budget", "lots") { OneStep.load(bytes, "b", LoadOptions(gpuCacheBudget = "lots")) }
     expectOneStepError("bad backend", "glide") { OneStep.load(modelPath, LoadOptions(gpuBackend = "glide")) }
     expectOneStepError("negative page rows", "kvPageRows") { OneStep.load(modelPath, LoadOptions(kvPageRows = -1)) }
+    expectOneStepError("bad precision", "sloppy") { OneStep.load(modelPath, LoadOptions(precision = "sloppy")) }
     if (System.getenv("ONESTEP_REQUIRE_GPU") == "1") {
         OneStep.load(modelPath, LoadOptions(device = "gpu")).use { m ->
             check(m.device != "cpu") { "device gpu runs on ${m.device}" }

@@ -84,6 +84,10 @@ typedef struct OnestepLoadOptions {
   const char *gpu_cache_budget;
   // Positions a host KV-cache page; 0: the default (64).
   uint32_t kv_page_rows;
+  // How the CPU multiplies 4- and 8-bit weights: `exact` (NULL: f32 activations) or `fast`
+  // (activations quantized to 8 bits, integer dot products, as llama.cpp; the output layer stays
+  // exact).
+  const char *precision;
 } OnestepLoadOptions;
 
 // Facts about a model.

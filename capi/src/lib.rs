@@ -164,6 +164,10 @@ pub struct OnestepLoadOptions {
     pub gpu_cache_budget: *const c_char,
     /// Positions a host KV-cache page; 0: the default (64).
     pub kv_page_rows: u32,
+    /// How the CPU multiplies 4- and 8-bit weights: `exact` (NULL: f32 activations) or `fast`
+    /// (activations quantized to 8 bits, integer dot products, as llama.cpp; the output layer stays
+    /// exact).
+    pub precision: *const c_char,
 }
 
 /// One chat message (borrowed for the call).
@@ -544,7 +548,9 @@ fn load_options_from_c(opts: *const OnestepLoadOptions) -> FfiResult<LoadOptions
     let device = text(o.device, "options.device")?.unwrap_or("cpu");
     let backend = text(o.gpu_backend, "options.gpu_backend")?;
     let budget = text(o.gpu_cache_budget, "options.gpu_cache_budget")?.unwrap_or("all");
+    let precision = text(o.precision, "options.precision")?.unwrap_or("exact");
     LoadOptions::parse(device, backend, budget, o.kv_page_rows as usize)
+        .and_then(|l| l.with_precision(precision))
         .map_err(|e| runtime_fail(e, Phase::Load))
 }
 
@@ -589,6 +595,7 @@ pub unsafe extern "C" fn onestep_load_options_default(
             gpu_backend: std::ptr::null(),
             gpu_cache_budget: std::ptr::null(),
             kv_page_rows: 0,
+            precision: std::ptr::null(),
         };
         Ok(())
     })

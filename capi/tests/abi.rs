@@ -154,6 +154,7 @@ fn load_options_choose_the_device_and_the_kv_cache() {
         o.struct_size = std::mem::size_of::<OnestepLoadOptions>() as u32;
         assert_eq!(onestep_load_options_default(&mut o), OnestepStatus::Ok);
         assert!(o.device.is_null() && o.gpu_cache_budget.is_null() && o.kv_page_rows == 0);
+        assert!(o.precision.is_null());
 
         // NULL options and the defaults: the CPU.
         let mut model: *mut OnestepModel = ptr::null_mut();
@@ -169,6 +170,7 @@ fn load_options_choose_the_device_and_the_kv_cache() {
         o.device = c"cpu".as_ptr();
         o.gpu_cache_budget = c"50%".as_ptr();
         o.kv_page_rows = 4;
+        o.precision = c"fast".as_ptr();
         let mut m2: *mut OnestepModel = ptr::null_mut();
         assert_eq!(
             onestep_model_load_from_memory_with(
@@ -188,11 +190,13 @@ fn load_options_choose_the_device_and_the_kv_cache() {
             ("device", c"tpu"),
             ("budget", c"lots"),
             ("backend", c"glide"),
+            ("precision", c"sloppy"),
         ] {
             let mut bad = o;
             match field {
                 "device" => bad.device = value.as_ptr(),
                 "budget" => bad.gpu_cache_budget = value.as_ptr(),
+                "precision" => bad.precision = value.as_ptr(),
                 _ => bad.gpu_backend = value.as_ptr(),
             }
             let mut m = ptr::dangling_mut::<OnestepModel>();

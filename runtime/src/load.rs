@@ -117,6 +117,13 @@ impl LoadOptions {
         }
     }
 
+    /// These options with the precision named by `text` (`exact` or `fast`, see
+    /// [`LoadOptions::precision`]); another name is an [`Error::InvalidArgument`].
+    pub fn with_precision(mut self, text: &str) -> Result<Self> {
+        self.precision = text.parse().map_err(Error::InvalidArgument)?;
+        Ok(self)
+    }
+
     /// Default limits on the CPU backend (what [`Model::load`](crate::Model::load) uses).
     pub fn cpu() -> Self {
         Self {

@@ -176,28 +176,37 @@ fn opt_string(env: &mut Env<'_>, s: &JString<'_>) -> JResult<Option<String>> {
     }
 }
 
-/// The load options of `LoadOptions` (Kotlin): device, GPU API, KV-cache budget (null: the
-/// defaults `cpu`, any, `all`) and page rows (0: the default).
+/// The text options of `LoadOptions` (Kotlin), as Java strings (null: the default).
+struct TextOptions<'a, 'l> {
+    device: &'a JString<'l>,
+    backend: &'a JString<'l>,
+    budget: &'a JString<'l>,
+    precision: &'a JString<'l>,
+}
+
+/// The load options of `LoadOptions` (Kotlin): device, GPU API, KV-cache budget, precision (null: the
+/// defaults `cpu`, any, `all`, `exact`) and page rows (0: the default).
 fn load_options(
     env: &mut Env<'_>,
-    device: &JString<'_>,
-    backend: &JString<'_>,
-    budget: &JString<'_>,
+    t: TextOptions<'_, '_>,
     page_rows: jint,
 ) -> JResult<LoadOptions> {
-    let device = opt_string(env, device)?.unwrap_or_else(|| "cpu".into());
-    let backend = opt_string(env, backend)?;
-    let budget = opt_string(env, budget)?.unwrap_or_else(|| "all".into());
+    let device = opt_string(env, t.device)?.unwrap_or_else(|| "cpu".into());
+    let backend = opt_string(env, t.backend)?;
+    let budget = opt_string(env, t.budget)?.unwrap_or_else(|| "all".into());
+    let precision = opt_string(env, t.precision)?.unwrap_or_else(|| "exact".into());
     if page_rows < 0 {
         return throw(env, format!("kvPageRows {page_rows} is negative"));
     }
-    let o = LoadOptions::parse(&device, backend.as_deref(), &budget, page_rows as usize);
+    let o = LoadOptions::parse(&device, backend.as_deref(), &budget, page_rows as usize)
+        .and_then(|o| o.with_precision(&precision));
     or_throw(env, o)
 }
 
 /// `Native.modelLoad(path: String, device: String?, gpuBackend: String?, gpuCacheBudget: String?,
-/// kvPageRows: Int): Long`
+/// kvPageRows: Int, precision: String?): Long`
 #[no_mangle]
+#[allow(clippy::too_many_arguments)]
 pub extern "system" fn Java_dev_onestep_Native_modelLoad<'l>(
     mut env: EnvUnowned<'l>,
     _class: JClass<'l>,
@@ -206,10 +215,17 @@ pub extern "system" fn Java_dev_onestep_Native_modelLoad<'l>(
     backend: JString<'l>,
     budget: JString<'l>,
     page_rows: jint,
+    precision: JString<'l>,
 ) -> jlong {
     env.with_env(|env| -> JResult<jlong> {
         let path = path.try_to_string(env)?;
-        let opts = load_options(env, &device, &backend, &budget, page_rows)?;
+        let text = TextOptions {
+            device: &device,
+            backend: &backend,
+            budget: &budget,
+            precision: &precision,
+        };
+        let opts = load_options(env, text, page_rows)?;
         let m = Model::load_with(&path, &opts);
         let m = or_throw(env, m)?;
         Ok(Box::into_raw(Box::new(m)) as jlong)
@@ -218,7 +234,7 @@ pub extern "system" fn Java_dev_onestep_Native_modelLoad<'l>(
 }
 
 /// `Native.modelLoadBytes(bytes: ByteArray, name: String, device: String?, gpuBackend: String?,
-/// gpuCacheBudget: String?, kvPageRows: Int): Long` (the bytes are copied).
+/// gpuCacheBudget: String?, kvPageRows: Int, precision: String?): Long` (the bytes are copied).
 #[no_mangle]
 #[allow(clippy::too_many_arguments)]
 pub extern "system" fn Java_dev_onestep_Native_modelLoadBytes<'l>(
@@ -230,11 +246,18 @@ pub extern "system" fn Java_dev_onestep_Native_modelLoadBytes<'l>(
     backend: JString<'l>,
     budget: JString<'l>,
     page_rows: jint,
+    precision: JString<'l>,
 ) -> jlong {
     env.with_env(|env| -> JResult<jlong> {
         let data = env.convert_byte_array(&bytes)?;
         let name = name.try_to_string(env)?;
-        let opts = load_options(env, &device, &backend, &budget, page_rows)?;
+        let text = TextOptions {
+            device: &device,
+            backend: &backend,
+            budget: &budget,
+            precision: &precision,
+        };
+        let opts = load_options(env, text, page_rows)?;
         let m = Model::load_from_bytes_with(bytes::Bytes::from(data), &name, &opts);
         let m = or_throw(env, m)?;
         Ok(Box::into_raw(Box::new(m)) as jlong)

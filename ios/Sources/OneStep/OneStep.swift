@@ -64,13 +64,17 @@ public struct LoadOptions: Sendable {
     public var gpuCacheBudget: String
     /// Positions a host KV-cache page; 0: the default (64).
     public var kvPageRows: UInt32
+    /// How the CPU multiplies 4- and 8-bit weights: `exact` (f32 activations) or `fast` (8-bit
+    /// activations and integer dot products, as llama.cpp; the output layer stays exact).
+    public var precision: String
 
     public init(device: String = "cpu", gpuBackend: String? = nil, gpuCacheBudget: String = "all",
-                kvPageRows: UInt32 = 0) {
+                kvPageRows: UInt32 = 0, precision: String = "exact") {
         self.device = device
         self.gpuBackend = gpuBackend
         self.gpuCacheBudget = gpuCacheBudget
         self.kvPageRows = kvPageRows
+        self.precision = precision
     }
 
     /// Calls `body` with the C options; their strings live for the call.
@@ -81,18 +85,22 @@ public struct LoadOptions: Sendable {
         base.kv_page_rows = kvPageRows
         let dev = Array(device.utf8CString)
         let budget = Array(gpuCacheBudget.utf8CString)
+        let prec = Array(precision.utf8CString)
         let api = gpuBackend.map { Array($0.utf8CString) }
         return try dev.withUnsafeBufferPointer { d in
             try budget.withUnsafeBufferPointer { b in
-                func call(_ g: UnsafePointer<CChar>?) throws -> R {
-                    var o = base
-                    o.device = d.baseAddress
-                    o.gpu_cache_budget = b.baseAddress
-                    o.gpu_backend = g
-                    return try withUnsafePointer(to: o) { try body($0) }
+                try prec.withUnsafeBufferPointer { p in
+                    func call(_ g: UnsafePointer<CChar>?) throws -> R {
+                        var o = base
+                        o.device = d.baseAddress
+                        o.gpu_cache_budget = b.baseAddress
+                        o.precision = p.baseAddress
+                        o.gpu_backend = g
+                        return try withUnsafePointer(to: o) { try body($0) }
+                    }
+                    guard let api else { return try call(nil) }
+                    return try api.withUnsafeBufferPointer { try call($0.baseAddress) }
                 }
-                guard let api else { return try call(nil) }
-                return try api.withUnsafeBufferPointer { try call($0.baseAddress) }
             }
         }
     }

@@ -58,12 +58,15 @@ data class Completion(
  * - [gpuCacheBudget]: GPU memory for one session's KV cache: `all`, bytes (`48M`, `1GiB`) or a share of the
  *   full cache (`50%`); the layers beyond it stay in host memory and stream through two GPU slots.
  * - [kvPageRows]: positions a host KV-cache page; 0: the default (64).
+ * - [precision]: how the CPU multiplies 4- and 8-bit weights: `exact` (f32 activations) or `fast` (8-bit
+ *   activations and integer dot products, as llama.cpp; the output layer stays exact).
  */
 data class LoadOptions @JvmOverloads constructor(
     val device: String = "cpu",
     val gpuBackend: String? = null,
     val gpuCacheBudget: String = "all",
     val kvPageRows: Int = 0,
+    val precision: String = "exact",
 )
 
 /** A loaded model: immutable, shared by any number of [Session]s on any threads. */
@@ -75,7 +78,9 @@ class OneStep private constructor(handle: Long) : AutoCloseable {
         @JvmStatic
         @JvmOverloads
         fun load(path: String, options: LoadOptions = LoadOptions()): OneStep = OneStep(
-            Native.modelLoad(path, options.device, options.gpuBackend, options.gpuCacheBudget, options.kvPageRows),
+            Native.modelLoad(
+                path, options.device, options.gpuBackend, options.gpuCacheBudget, options.kvPageRows, options.precision,
+            ),
         )
 
         /** Loads a model from bytes (an Android asset, ...); [name] appears in error messages. */
@@ -84,6 +89,7 @@ class OneStep private constructor(handle: Long) : AutoCloseable {
         fun load(bytes: ByteArray, name: String = "<memory>", options: LoadOptions = LoadOptions()): OneStep = OneStep(
             Native.modelLoadBytes(
                 bytes, name, options.device, options.gpuBackend, options.gpuCacheBudget, options.kvPageRows,
+                options.precision,
             ),
         )
     }
