@@ -275,7 +275,15 @@ fn for_rows(
         f(i / s.heads, i % s.heads, st, o);
     };
     if work >= PAR_MIN && s.tokens * s.heads > 1 {
-        super::pool::for_chunks_mut(out, d, &|i, o| body(&mut Online::new(d), (i, o)));
+        // A run of rows a task, one online-softmax state a run (not one allocation a row).
+        let rows = s.tokens * s.heads;
+        let per = rows.div_ceil(2 * super::pool::threads()).max(1);
+        super::pool::for_chunks_mut(out, per * d, &|i, o| {
+            let mut st = Online::new(d);
+            for (j, r) in o.chunks_mut(d).enumerate() {
+                body(&mut st, (i * per + j, r));
+            }
+        });
     } else {
         let mut st = Online::new(d);
         out.chunks_mut(d).enumerate().for_each(|r| body(&mut st, r));
