@@ -5,6 +5,7 @@ import dev.onestep.GenerateOptions
 import dev.onestep.LoadOptions
 import dev.onestep.OneStep
 import dev.onestep.OneStepException
+import dev.onestep.Status
 import dev.onestep.PieceListener
 import java.io.File
 import kotlin.system.exitProcess
@@ -20,14 +21,15 @@ fun check(cond: Boolean, msg: () -> String) {
     }
 }
 
-/** Runs [f], which must throw a OneStepException whose message contains [needle]. */
-fun expectOneStepError(what: String, needle: String, f: () -> Unit) {
+/** Runs [f], which must throw a OneStepException of [status] whose message contains [needle]. */
+fun expectOneStepError(what: String, needle: String, status: Status, f: () -> Unit) {
     try {
         f()
         check(false) { "$what: no exception" }
     } catch (e: OneStepException) {
         check(e.message.orEmpty().contains(needle)) { "$what: message '${e.message}' lacks '$needle'" }
-        println("$what -> OneStepException: ${e.message}")
+        check(e.status == status) { "$what: status ${e.status}, expected $status (${e.message})" }
+        println("$what -> OneStepException ${e.status}: ${e.message}")
     } catch (e: Throwable) {
         check(false) { "$what: ${e.javaClass.name} instead of OneStepException: ${e.message}" }
     }
@@ -48,7 +50,8 @@ fun hostile(dir: File, required: Boolean) {
                 m.use { it.session().use { s -> s.generate("hi", GenerateOptions.greedy(1)) } }
                 check(false) { "hostile ${f.name} loaded and ran (fromBytes=$fromBytes)" }
             } catch (e: OneStepException) {
-                // the typed error we want
+                // the typed error we want; never a bug
+                check(e.status != Status.INTERNAL) { "hostile ${f.name}: internal error: ${e.message}" }
             } catch (e: Throwable) {
                 check(false) { "hostile ${f.name}: ${e.javaClass.name} instead of OneStepException: ${e.message}" }
             }
@@ -115,36 +118,37 @@ fun main(args: Array<String>) {
         check(s.generate("Hello", GenerateOptions.greedy(2)).generatedTokens >= 1) { "session unusable after a listener exception" }
 
         // Runtime errors are OneStepExceptions with the runtime's message; the session stays usable.
-        expectOneStepError("prompt longer than the cache", "cache") {
+        expectOneStepError("prompt longer than the cache", "cache", Status.INVALID_ARGUMENT) {
             s.generate("hello ".repeat(model.maxCache + 8), greedy)
         }
-        expectOneStepError("bad options", "top_p") { s.generate("hi", GenerateOptions(topP = 2f)) }
-        expectOneStepError("bad options in stream()", "max_new_tokens") { s.stream("hi", GenerateOptions(maxNewTokens = 0)) }
+        expectOneStepError("bad options", "top_p", Status.INVALID_ARGUMENT) { s.generate("hi", GenerateOptions(topP = 2f)) }
+        expectOneStepError("bad options in stream()", "max_new_tokens", Status.INVALID_ARGUMENT) { s.stream("hi", GenerateOptions(maxNewTokens = 0)) }
         check(s.generate("Hello", GenerateOptions.greedy(2)).generatedTokens >= 1) { "session unusable after errors" }
     }
 
     // Load from bytes (the model outlives the array), bad files, truncated bytes.
     val bytes = File(modelPath).readBytes()
     OneStep.load(bytes, "in-memory").use { m -> m.session().use { s -> check(s.generate("Hello", GenerateOptions.greedy(2)).text.isNotEmpty()) { "bytes model" } } }
-    expectOneStepError("missing file", "does-not-exist.onnx") { OneStep.load("/nonexistent/does-not-exist.onnx") }
+    expectOneStepError("missing file", "does-not-exist.onnx", Status.IO) { OneStep.load("/nonexistent/does-not-exist.onnx") }
     // Load options: the device and the KV cache; strings that do not parse are errors naming them.
-    OneStep.load(modelPath, LoadOptions(device = "cpu", gpuCacheBudget = "50%", kvPageRows = 16, precision = "fast")).use { m ->
+    OneStep.load(modelPath, LoadOptions(device = "cpu", gpuCacheBudget = "50%", kvPageRows = 16, precision = "fast", settings = "profile=on")).use { m ->
         check(m.device == "cpu" && m.deviceNote == null) { "device ${m.device} / ${m.deviceNote}" }
         m.session().use { s -> check(s.generate("Hello", GenerateOptions.greedy(2)).text.isNotEmpty()) { "options model" } }
     }
-    expectOneStepError("bad device", "tpu") { OneStep.load(modelPath, LoadOptions(device = "tpu")) }
-    expectOneStepError("bad budget", "lots") { OneStep.load(bytes, "b", LoadOptions(gpuCacheBudget = "lots")) }
-    expectOneStepError("bad backend", "glide") { OneStep.load(modelPath, LoadOptions(gpuBackend = "glide")) }
-    expectOneStepError("negative page rows", "kvPageRows") { OneStep.load(modelPath, LoadOptions(kvPageRows = -1)) }
-    expectOneStepError("bad precision", "sloppy") { OneStep.load(modelPath, LoadOptions(precision = "sloppy")) }
+    expectOneStepError("bad device", "tpu", Status.INVALID_ARGUMENT) { OneStep.load(modelPath, LoadOptions(device = "tpu")) }
+    expectOneStepError("bad budget", "lots", Status.INVALID_ARGUMENT) { OneStep.load(bytes, "b", LoadOptions(gpuCacheBudget = "lots")) }
+    expectOneStepError("bad backend", "glide", Status.INVALID_ARGUMENT) { OneStep.load(modelPath, LoadOptions(gpuBackend = "glide")) }
+    expectOneStepError("negative page rows", "kvPageRows", Status.INVALID_ARGUMENT) { OneStep.load(modelPath, LoadOptions(kvPageRows = -1)) }
+    expectOneStepError("bad precision", "sloppy", Status.INVALID_ARGUMENT) { OneStep.load(modelPath, LoadOptions(precision = "sloppy")) }
+    expectOneStepError("unknown setting", "colour", Status.INVALID_ARGUMENT) { OneStep.load(modelPath, LoadOptions(settings = "profile=on,colour=blue")) }
     if (System.getenv("ONESTEP_REQUIRE_GPU") == "1") {
         OneStep.load(modelPath, LoadOptions(device = "gpu")).use { m ->
             check(m.device != "cpu") { "device gpu runs on ${m.device}" }
             println("gpu: ${m.device}")
         }
     }
-    expectOneStepError("truncated bytes", "half") { OneStep.load(bytes.copyOf(bytes.size / 2), "half") }
-    expectOneStepError("random bytes", "noise") { OneStep.load(ByteArray(4096) { (it * 7919 % 251).toByte() }, "noise") }
+    expectOneStepError("truncated bytes", "half", Status.INVALID_MODEL) { OneStep.load(bytes.copyOf(bytes.size / 2), "half") }
+    expectOneStepError("random bytes", "noise", Status.INVALID_MODEL) { OneStep.load(ByteArray(4096) { (it * 7919 % 251).toByte() }, "noise") }
 
     // Closed handles are refused in Kotlin, before reaching native code.
     val s2 = model.session()

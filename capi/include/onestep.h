@@ -42,8 +42,12 @@ typedef enum OnestepStatus {
   ONESTEP_STATUS_CANCELLED = 12,
   // An internal error (a Rust panic) was caught; the handle involved may be unusable.
   ONESTEP_STATUS_PANIC = 13,
-  // The requested device cannot be used (no GPU adapter, the model does not fit it, device lost).
+  // The requested device cannot be used or failed (no GPU adapter, a step its kernels do not take,
+  // its limits or memory, a rejected kernel, device lost).
   ONESTEP_STATUS_DEVICE = 14,
+  // A broken invariant inside onestep: a bug, never the input's fault (please report the message).
+  // The handles stay usable.
+  ONESTEP_STATUS_INTERNAL = 15,
 } OnestepStatus;
 
 // Why a generation ended.
@@ -77,7 +81,7 @@ typedef struct OnestepLoadOptions {
   // `cpu` (NULL), `auto` (a hardware GPU when there is one, else the CPU), `gpu` (the best GPU; an
   // error when none can be used) or `gpu:N` (adapter N).
   const char *device;
-  // The GPU API: `vulkan`, `metal`, `dx12` or `gl`; NULL: any (or `WGPU_BACKEND`).
+  // The GPU API: `vulkan`, `metal`, `dx12` or `gl`; NULL: any.
   const char *gpu_backend;
   // GPU memory for one session's KV cache: `all` (NULL), bytes (`48M`, `1GiB`) or a share of the
   // full cache (`50%`). Layers beyond it stay in host memory and stream through two GPU slots.
@@ -88,6 +92,12 @@ typedef struct OnestepLoadOptions {
   // (activations quantized to 8 bits, integer dot products, as llama.cpp; the output layer stays
   // exact).
   const char *precision;
+  // Further settings as `key=value` pairs separated by commas (NULL: none): `profile=on`, and the
+  // GPU tuning keys (`gpu_variant=lanes`, `gpu_no_fuse=all`, `gpu_run_ahead=off`,
+  // `gpu_pipeline_cache=DIR` to keep compiled GPU pipelines between runs, ...; the list is in the
+  // README). An unknown key or a bad value is `ONESTEP_STATUS_INVALID_ARGUMENT` naming it. Callers
+  // built against a header without this field (a smaller `struct_size`) get none.
+  const char *settings;
 } OnestepLoadOptions;
 
 // Facts about a model.

@@ -69,8 +69,12 @@ pub enum OnestepStatus {
     Cancelled = 12,
     /// An internal error (a Rust panic) was caught; the handle involved may be unusable.
     Panic = 13,
-    /// The requested device cannot be used (no GPU adapter, the model does not fit it, device lost).
+    /// The requested device cannot be used or failed (no GPU adapter, a step its kernels do not take,
+    /// its limits or memory, a rejected kernel, device lost).
     Device = 14,
+    /// A broken invariant inside onestep: a bug, never the input's fault (please report the message).
+    /// The handles stay usable.
+    Internal = 15,
 }
 
 /// Why a generation ended.
@@ -157,7 +161,7 @@ pub struct OnestepLoadOptions {
     /// `cpu` (NULL), `auto` (a hardware GPU when there is one, else the CPU), `gpu` (the best GPU; an
     /// error when none can be used) or `gpu:N` (adapter N).
     pub device: *const c_char,
-    /// The GPU API: `vulkan`, `metal`, `dx12` or `gl`; NULL: any (or `WGPU_BACKEND`).
+    /// The GPU API: `vulkan`, `metal`, `dx12` or `gl`; NULL: any.
     pub gpu_backend: *const c_char,
     /// GPU memory for one session's KV cache: `all` (NULL), bytes (`48M`, `1GiB`) or a share of the
     /// full cache (`50%`). Layers beyond it stay in host memory and stream through two GPU slots.
@@ -168,6 +172,12 @@ pub struct OnestepLoadOptions {
     /// (activations quantized to 8 bits, integer dot products, as llama.cpp; the output layer stays
     /// exact).
     pub precision: *const c_char,
+    /// Further settings as `key=value` pairs separated by commas (NULL: none): `profile=on`, and the
+    /// GPU tuning keys (`gpu_variant=lanes`, `gpu_no_fuse=all`, `gpu_run_ahead=off`,
+    /// `gpu_pipeline_cache=DIR` to keep compiled GPU pipelines between runs, ...; the list is in the
+    /// README). An unknown key or a bad value is `ONESTEP_STATUS_INVALID_ARGUMENT` naming it. Callers
+    /// built against a header without this field (a smaller `struct_size`) get none.
+    pub settings: *const c_char,
 }
 
 /// One chat message (borrowed for the call).
@@ -315,7 +325,8 @@ fn runtime_fail(e: Error, phase: Phase) -> Fail {
         (Error::Tokenizer(_), _) => OnestepStatus::Tokenizer,
         (Error::Template(_), _) => OnestepStatus::Template,
         (Error::Cancelled, _) => OnestepStatus::Cancelled,
-        (Error::Gpu(_), _) => OnestepStatus::Device,
+        (Error::Device { .. }, _) => OnestepStatus::Device,
+        (Error::Internal(_), _) => OnestepStatus::Internal,
         (_, Phase::Load) => OnestepStatus::InvalidModel,
         (_, Phase::Run) => OnestepStatus::Runtime,
     };
@@ -498,6 +509,7 @@ pub extern "C" fn onestep_status_name(status: i32) -> *const c_char {
         12 => c"cancelled",
         13 => c"panic",
         14 => c"device",
+        15 => c"internal",
         _ => c"unknown",
     };
     s.as_ptr()
@@ -532,11 +544,30 @@ fn model_handle(model: Arc<Model>) -> *mut OnestepModel {
 
 /// The runtime's load options from `opts` (NULL: the defaults — the CPU, every KV layer resident).
 fn load_options_from_c(opts: *const OnestepLoadOptions) -> FfiResult<LoadOptions> {
-    // SAFETY: a non-NULL `opts` points to at least `struct_size` readable bytes (contract).
-    let Some(o) = (unsafe { opts.as_ref() }) else {
+    if opts.is_null() {
         return Ok(LoadOptions::cpu());
+    }
+    // SAFETY: non-NULL; `struct_size` is the first field of every version.
+    let size = unsafe { std::ptr::read(opts as *const u32) } as usize;
+    // Every field up to `settings` is required; `settings` came later and is NULL when absent.
+    let need = std::mem::offset_of!(OnestepLoadOptions, settings);
+    if size < need {
+        return Err(fail(
+            OnestepStatus::InvalidArgument,
+            format!("options.struct_size is {size}, this library needs at least {need}"),
+        ));
+    }
+    // SAFETY: all-zero bytes are a valid value (integers 0, pointers NULL); the caller's `size`
+    // readable bytes (contract), at most the whole struct, are copied over them.
+    let o = unsafe {
+        let mut o: OnestepLoadOptions = std::mem::zeroed();
+        std::ptr::copy_nonoverlapping(
+            opts as *const u8,
+            &mut o as *mut OnestepLoadOptions as *mut u8,
+            size.min(std::mem::size_of::<OnestepLoadOptions>()),
+        );
+        o
     };
-    check_size::<OnestepLoadOptions>(o.struct_size, "options")?;
     // NULL: the default.
     let text = |p: *const c_char, what: &str| -> FfiResult<Option<&str>> {
         if p.is_null() {
@@ -549,8 +580,10 @@ fn load_options_from_c(opts: *const OnestepLoadOptions) -> FfiResult<LoadOptions
     let backend = text(o.gpu_backend, "options.gpu_backend")?;
     let budget = text(o.gpu_cache_budget, "options.gpu_cache_budget")?.unwrap_or("all");
     let precision = text(o.precision, "options.precision")?.unwrap_or("exact");
+    let settings = text(o.settings, "options.settings")?.unwrap_or("");
     LoadOptions::parse(device, backend, budget, o.kv_page_rows as usize)
         .and_then(|l| l.with_precision(precision))
+        .and_then(|mut l| l.set(settings).map(|()| l))
         .map_err(|e| runtime_fail(e, Phase::Load))
 }
 
@@ -596,6 +629,7 @@ pub unsafe extern "C" fn onestep_load_options_default(
             gpu_cache_budget: std::ptr::null(),
             kv_page_rows: 0,
             precision: std::ptr::null(),
+            settings: std::ptr::null(),
         };
         Ok(())
     })

@@ -154,7 +154,7 @@ fn load_options_choose_the_device_and_the_kv_cache() {
         o.struct_size = std::mem::size_of::<OnestepLoadOptions>() as u32;
         assert_eq!(onestep_load_options_default(&mut o), OnestepStatus::Ok);
         assert!(o.device.is_null() && o.gpu_cache_budget.is_null() && o.kv_page_rows == 0);
-        assert!(o.precision.is_null());
+        assert!(o.precision.is_null() && o.settings.is_null());
 
         // NULL options and the defaults: the CPU.
         let mut model: *mut OnestepModel = ptr::null_mut();
@@ -171,6 +171,7 @@ fn load_options_choose_the_device_and_the_kv_cache() {
         o.gpu_cache_budget = c"50%".as_ptr();
         o.kv_page_rows = 4;
         o.precision = c"fast".as_ptr();
+        o.settings = c"profile=on, precision=fast".as_ptr();
         let mut m2: *mut OnestepModel = ptr::null_mut();
         assert_eq!(
             onestep_model_load_from_memory_with(
@@ -191,12 +192,15 @@ fn load_options_choose_the_device_and_the_kv_cache() {
             ("budget", c"lots"),
             ("backend", c"glide"),
             ("precision", c"sloppy"),
+            ("settings", c"profile=on,colour=blue"),
+            ("settings", c"profile=sometimes"),
         ] {
             let mut bad = o;
             match field {
                 "device" => bad.device = value.as_ptr(),
                 "budget" => bad.gpu_cache_budget = value.as_ptr(),
                 "precision" => bad.precision = value.as_ptr(),
+                "settings" => bad.settings = value.as_ptr(),
                 _ => bad.gpu_backend = value.as_ptr(),
             }
             let mut m = ptr::dangling_mut::<OnestepModel>();
@@ -207,8 +211,21 @@ fn load_options_choose_the_device_and_the_kv_cache() {
             );
             assert!(m.is_null());
             let v = value.to_str().unwrap();
+            let v = v.rsplit(',').next().unwrap().split('=').next().unwrap();
             assert!(last_error().contains(v), "{field}: {}", last_error());
         }
+        // A caller built before `settings` existed: its smaller struct loads, without settings.
+        let mut old = o;
+        old.struct_size = std::mem::offset_of!(OnestepLoadOptions, settings) as u32;
+        old.settings = c"colour=blue".as_ptr();
+        let mut m3: *mut OnestepModel = ptr::null_mut();
+        assert_eq!(
+            onestep_model_load_with(path.as_ptr(), &old, &mut m3),
+            OnestepStatus::Ok,
+            "{}",
+            last_error()
+        );
+        onestep_model_free(m3);
         let mut small = o;
         small.struct_size = 8;
         let mut m = ptr::null_mut();

@@ -84,15 +84,74 @@ pub enum Error {
     /// Chat-template rendering failure.
     #[error("chat template: {0}")]
     Template(String),
-    /// The GPU backend failed: no adapter, a kernel the driver rejects, out of memory, device lost.
-    #[error("GPU: {0}")]
-    Gpu(String),
+    /// The GPU cannot be used, or failed: see [`DeviceFault`]. With `device = auto` a model that meets
+    /// one at load runs on the CPU instead.
+    #[error("GPU ({fault}): {detail}")]
+    Device {
+        /// What kind of failure.
+        fault: DeviceFault,
+        /// What failed, naming the kernel, buffer or step.
+        detail: String,
+    },
+    /// A broken invariant inside onestep: a bug, never the input's fault. Reported, never hidden by a
+    /// fallback; the model and other sequences stay usable.
+    #[error("internal error (a bug in onestep; please report it): {0}")]
+    Internal(String),
     /// Generation was cancelled by the caller.
     #[error("cancelled")]
     Cancelled,
 }
 
+/// The kinds of [`Error::Device`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceFault {
+    /// No adapter, or the device could not be opened.
+    NoAdapter,
+    /// The adapter's limits are too small for the model (a binding, a buffer).
+    Limits,
+    /// A step the GPU kernels do not take (its shapes, dtypes or pattern).
+    Unsupported,
+    /// The device ran out of memory.
+    OutOfMemory,
+    /// The driver rejected a kernel or a command (a validation error).
+    Rejected,
+    /// The device was lost, or waiting for it failed.
+    Lost,
+    /// The GPU did not finish in time.
+    Timeout,
+}
+
+impl std::fmt::Display for DeviceFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DeviceFault::NoAdapter => "no usable adapter",
+            DeviceFault::Limits => "adapter limits",
+            DeviceFault::Unsupported => "unsupported step",
+            DeviceFault::OutOfMemory => "out of memory",
+            DeviceFault::Rejected => "rejected by the driver",
+            DeviceFault::Lost => "device lost",
+            DeviceFault::Timeout => "timeout",
+        })
+    }
+}
+
 impl Error {
+    /// Shorthand for an [`Error::Device`] error.
+    pub fn device(fault: DeviceFault, detail: impl Into<String>) -> Self {
+        Error::Device {
+            fault,
+            detail: detail.into(),
+        }
+    }
+    /// Shorthand for an [`Error::Internal`] error.
+    pub fn internal(detail: impl Into<String>) -> Self {
+        Error::Internal(detail.into())
+    }
+    /// Whether this is a device failure (an [`Error::Device`]), the only kind `device = auto` answers
+    /// by running on the CPU.
+    pub fn is_device(&self) -> bool {
+        matches!(self, Error::Device { .. })
+    }
     /// Shorthand for a [`Error::Node`] error.
     pub fn node(node: &str, op: &str, detail: impl Into<String>) -> Self {
         Error::Node {

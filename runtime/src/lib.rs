@@ -23,6 +23,6 @@ pub mod weights;
 
 pub use backend::cpu::linear::Precision;
 pub use contract::{GenerationDefaults, ModelInfo};
-pub use error::{Error, Result};
+pub use error::{DeviceFault, Error, Result};
 pub use load::{Limits, LoadOptions};
 pub use model::{Model, StepOutput, StepSampling, StepState};

@@ -50,8 +50,10 @@ impl Default for Limits {
     }
 }
 
-/// Options of [`Model::load_with`](crate::Model::load_with): resource limits and the device.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// Options of [`Model::load_with`](crate::Model::load_with): resource limits, the device and how it
+/// runs. Everything the runtime can be asked to do differently is a field here (the library reads no
+/// environment variable); [`LoadOptions::set`] takes the tuning fields as `key=value` text.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LoadOptions {
     /// Resource limits.
     pub limits: Limits,
@@ -67,7 +69,26 @@ pub struct LoadOptions {
     /// How the CPU multiplies the 4- and 8-bit block weights: `Exact` (f32 activations) or `Fast`
     /// (activations quantized to 8 bits per block, integer dot products). GPU kernels are always exact.
     pub precision: crate::Precision,
+    /// Time every op (CPU) or every dispatch (GPU: timestamps where the adapter has them, else each
+    /// dispatch submitted alone, without run-ahead): [`Model::profile`](crate::Model::profile). Slows
+    /// the GPU down; for measurements only.
+    pub profile: bool,
+    /// How the GPU backend runs (kernel variant, fusions, submission cadence, run-ahead, pipeline
+    /// cache folder).
+    #[cfg(feature = "gpu")]
+    pub gpu: crate::backend::gpu::GpuOptions,
 }
+
+/// The keys [`LoadOptions::set`] takes, with their values (for `--help` and error messages).
+#[cfg(feature = "gpu")]
+pub const SETTING_KEYS: &str = "precision=exact|fast, profile=on|off, \
+gpu_variant=auto|rows|lanes|subgroups, gpu_no_fuse=all|none|group+attn+res+tr+round, gpu_split_keys=N, \
+gpu_split_chunk=N, gpu_submit_every=auto|N, gpu_run_ahead=on|off, gpu_gemm_tokens=N, \
+gpu_block_lanes=on|off, gpu_pipeline_cache=none|DIR";
+
+/// The keys [`LoadOptions::set`] takes, with their values (for `--help` and error messages).
+#[cfg(not(feature = "gpu"))]
+pub const SETTING_KEYS: &str = "precision=exact|fast, profile=on|off";
 
 impl LoadOptions {
     /// Options from their textual forms — the CLI's flags, the C ABI's and the mobile bindings' strings:
@@ -124,6 +145,40 @@ impl LoadOptions {
         Ok(self)
     }
 
+    /// Applies `settings`: `key=value` pairs separated by commas (or newlines), the form the CLI's
+    /// `--set`, the C ABI's `settings` and the Kotlin and Swift `settings` take. Keys: `precision`,
+    /// `profile` and the GPU tuning keys of [`GpuOptions::set`](crate::backend::gpu::GpuOptions::set)
+    /// (see [`SETTING_KEYS`]). An unknown key, a pair without `=` or a value that does not parse is an
+    /// [`Error::InvalidArgument`] naming it, and leaves `self` unchanged.
+    pub fn set(&mut self, settings: &str) -> Result<()> {
+        let mut next = self.clone();
+        for pair in settings
+            .split([',', '\n'])
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+        {
+            let Some((key, value)) = pair.split_once('=') else {
+                return Err(Error::InvalidArgument(format!(
+                    "setting `{pair}`: expected key=value ({SETTING_KEYS})"
+                )));
+            };
+            let (key, value) = (key.trim(), value.trim());
+            match key {
+                "precision" => next = next.with_precision(value)?,
+                "profile" => next.profile = switch(key, value)?,
+                #[cfg(feature = "gpu")]
+                _ if next.gpu.set(key, value)? => {}
+                _ => {
+                    return Err(Error::InvalidArgument(format!(
+                        "setting `{key}`: unknown key (known: {SETTING_KEYS})"
+                    )))
+                }
+            }
+        }
+        *self = next;
+        Ok(())
+    }
+
     /// Default limits on the CPU backend (what [`Model::load`](crate::Model::load) uses).
     pub fn cpu() -> Self {
         Self {
@@ -131,6 +186,19 @@ impl LoadOptions {
             device: crate::backend::gpu::DeviceRequest::Cpu,
             ..Default::default()
         }
+    }
+}
+
+fn bad_setting(key: &str, value: &str, expected: &str) -> Error {
+    Error::InvalidArgument(format!("`{key}={value}`: expected {expected}"))
+}
+
+/// An on/off setting: `1`/`on`/`true`/`yes` or `0`/`off`/`false`/`no`.
+pub(crate) fn switch(key: &str, value: &str) -> Result<bool> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "1" | "on" | "true" | "yes" => Ok(true),
+        "0" | "off" | "false" | "no" => Ok(false),
+        _ => Err(bad_setting(key, value, "on or off (1/0, true/false)")),
     }
 }
 

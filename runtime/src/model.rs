@@ -72,7 +72,7 @@ pub struct Model {
     gpu: Option<crate::backend::gpu::exec::GpuPlan>,
     /// Why `auto` did not use a GPU (no adapter, a software adapter, an unsupported step).
     device_note: Option<String>,
-    /// Per-op time accumulated when `ONESTEP_PROFILE=1` (op → (calls, seconds)).
+    /// Per-op time accumulated when [`LoadOptions::profile`] is set (op → (calls, seconds)).
     profile: Option<std::sync::Mutex<std::collections::BTreeMap<String, (u64, f64)>>>,
     /// How new states keep their KV cache.
     kv: KvOptions,
@@ -224,9 +224,7 @@ impl Model {
             #[cfg(feature = "gpu")]
             gpu,
             device_note,
-            profile: std::env::var_os("ONESTEP_PROFILE")
-                .filter(|v| v != "0")
-                .map(|_| Default::default()),
+            profile: options.profile.then(Default::default),
             kv: options.kv,
             precision: options.precision,
             logits_linear,
@@ -249,7 +247,7 @@ impl Model {
     pub fn load_ms(&self) -> f64 {
         self.load_ms
     }
-    /// Time per op kind since load, slowest first (only when `ONESTEP_PROFILE=1` was set at load):
+    /// Time per op kind since load, slowest first (only when loaded with [`LoadOptions::profile`]):
     /// `(op, calls, seconds)`.
     pub fn profile(&self) -> Vec<(String, u64, f64)> {
         #[cfg(feature = "gpu")]
@@ -1093,8 +1091,9 @@ impl StepState {
     }
 }
 
-/// Binds the plan to the GPU `opts` asks for. With `auto`, any failure (no adapter, a software adapter,
-/// a step the kernels do not take) leaves the model on the CPU and says why.
+/// Binds the plan to the GPU `opts` asks for. With `auto`, a device failure (no adapter, a software
+/// adapter, a step the kernels do not take, the adapter's limits or memory: [`Error::Device`]) leaves
+/// the model on the CPU and says why; any other error (an internal one included) is returned.
 #[cfg(feature = "gpu")]
 #[allow(clippy::type_complexity)]
 fn bind_gpu(
@@ -1107,10 +1106,10 @@ fn bind_gpu(
     if opts.device == DeviceRequest::Cpu {
         return Ok((None, None));
     }
-    let ctx = match GpuContext::new(&opts.device, opts.backend) {
-        Ok(c) => c,
-        Err(e) if auto => return Ok((None, Some(e.to_string()))),
-        Err(e) => return Err(e),
+    let ctx = GpuContext::with_options(&opts.device, opts.backend, opts.gpu.clone(), opts.profile);
+    let ctx = match or_cpu(auto, ctx)? {
+        (Some(c), _) => c,
+        (None, note) => return Ok((None, note)),
     };
     let gi = ctx.info();
     if auto && gi.device_type == "Cpu" {
@@ -1138,9 +1137,16 @@ fn bind_gpu(
         &inputs,
         opts.kv.gpu_segment_bytes,
     );
+    or_cpu(auto, r)
+}
+
+/// With `auto`, a device failure ([`Error::Device`]) becomes the CPU and a note saying why; any other
+/// error is returned, so that a bug is never hidden behind a fallback.
+#[cfg(feature = "gpu")]
+fn or_cpu<T>(auto: bool, r: Result<T>) -> Result<(Option<T>, Option<String>)> {
     match r {
-        Ok(g) => Ok((Some(g), None)),
-        Err(e) if auto => Ok((None, Some(e.to_string()))),
+        Ok(v) => Ok((Some(v), None)),
+        Err(e) if auto && e.is_device() => Ok((None, Some(e.to_string()))),
         Err(e) => Err(e),
     }
 }
@@ -1148,6 +1154,33 @@ fn bind_gpu(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `auto` runs on the CPU after a device failure, never after an internal error or a bad model;
+    /// an explicit GPU request returns every error.
+    #[cfg(feature = "gpu")]
+    #[test]
+    fn auto_falls_back_only_for_device_failures() {
+        use crate::error::DeviceFault;
+        let dev = || {
+            Err::<(), _>(Error::device(
+                DeviceFault::OutOfMemory,
+                "weights of `lm_head`",
+            ))
+        };
+        let (v, note) = or_cpu(true, dev()).unwrap();
+        assert!(v.is_none());
+        let note = note.unwrap();
+        assert!(
+            note.contains("out of memory") && note.contains("lm_head"),
+            "{note}"
+        );
+        assert!(or_cpu(false, dev()).unwrap_err().is_device());
+        let bug = || Err::<(), _>(Error::internal("step 3 has no GPU weights"));
+        assert!(matches!(or_cpu(true, bug()), Err(Error::Internal(_))));
+        let bad = || Err::<(), _>(Error::node("n", "MatMul", "shapes"));
+        assert!(matches!(or_cpu(true, bad()), Err(Error::Node { .. })));
+        assert_eq!(or_cpu(true, Ok(7)).unwrap(), (Some(7), None));
+    }
 
     /// The contract's mask for `t` new tokens after `p` of `slots` cache slots, as bools.
     fn mask(t: usize, slots: usize, p: usize) -> Vec<bool> {

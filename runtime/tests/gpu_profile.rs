@@ -1,6 +1,6 @@
-//! `ONESTEP_PROFILE=1` on the GPU: per-kernel GPU time from timestamps written around every dispatch
-//! (where the adapter has timestamp queries inside passes), else from each dispatch submitted alone.
-//! Its own test binary: the variable is read when the device and the plan are created.
+//! [`LoadOptions::profile`] on the GPU: per-kernel GPU time from timestamps written around every
+//! dispatch (where the adapter has timestamp queries inside passes), else from each dispatch submitted
+//! alone.
 
 #![cfg(feature = "gpu")]
 
@@ -11,7 +11,6 @@ use onestep::{LoadOptions, Model, StepSampling};
 
 #[test]
 fn profile_counts_every_dispatch_of_the_steps() {
-    std::env::set_var("ONESTEP_PROFILE", "1");
     if let Err(e) = GpuContext::new(&DeviceRequest::Gpu(None), BackendFilter::Any) {
         assert!(
             std::env::var_os("ONESTEP_REQUIRE_GPU").is_none(),
@@ -26,6 +25,7 @@ fn profile_counts_every_dispatch_of_the_steps() {
     let opts = LoadOptions {
         device: DeviceRequest::Gpu(None),
         backend: BackendFilter::Any,
+        profile: true,
         ..LoadOptions::default()
     };
     let model = Model::load_with(&path, &opts).unwrap();

@@ -40,29 +40,90 @@ fn check(name: &str) {
     gpu::check(name);
 }
 
-/// The same schedule on the wgpu backend (lavapipe in CI): every step against onnxruntime's logits and
-/// tokens. Skipped with a note when the machine has no adapter, unless `ONESTEP_REQUIRE_GPU` is set.
+/// Whether this machine has a wgpu adapter; when it has none, says so (a test that needs one is then
+/// skipped) unless `ONESTEP_REQUIRE_GPU` is set, which makes it a failure.
 #[cfg(feature = "gpu")]
-mod gpu {
+fn has_gpu(what: &str) -> bool {
     use onestep::backend::gpu::{BackendFilter, DeviceRequest, GpuContext};
-    use onestep::kv::{GpuCacheBudget, KvOptions};
-    use onestep::LoadOptions;
-
-    pub fn check(name: &str) {
-        if let Err(e) = GpuContext::new(&DeviceRequest::Gpu(None), BackendFilter::Any) {
+    match GpuContext::new(&DeviceRequest::Gpu(None), BackendFilter::Any) {
+        Ok(_) => true,
+        Err(e) => {
             assert!(
                 std::env::var_os("ONESTEP_REQUIRE_GPU").is_none(),
                 "ONESTEP_REQUIRE_GPU is set but there is no adapter: {e}"
             );
-            eprintln!("note: no wgpu adapter ({e}); {name} not run on the GPU");
+            eprintln!("note: no wgpu adapter ({e}); {what} not run on the GPU");
+            false
+        }
+    }
+}
+
+/// The GPU load options every GPU test runs under, each named: the adapter's own choice (on lavapipe
+/// the one-item-an-invocation kernels), the workgroup kernels with prefill through the tiled GEMM, the
+/// subgroup linear layers (where the device has subgroups), and those with every decode attention split
+/// over chunks of 3 keys and a submission every 3 dispatches.
+#[cfg(feature = "gpu")]
+fn gpu_runs() -> Vec<(&'static str, LoadOptions)> {
+    use onestep::backend::gpu::{BackendFilter, DeviceRequest, GpuOptions, Variant};
+    let base = LoadOptions {
+        device: DeviceRequest::Gpu(None),
+        backend: BackendFilter::Any,
+        ..LoadOptions::default()
+    };
+    let with = |gpu: GpuOptions| LoadOptions {
+        gpu,
+        ..base.clone()
+    };
+    let d = GpuOptions::default();
+    vec![
+        ("the adapter's kernels", base.clone()),
+        (
+            "workgroup kernels, prefill through the tiled GEMM",
+            with(GpuOptions {
+                variant: Some(Variant::Lanes),
+                gemm_tokens: 2,
+                ..d.clone()
+            }),
+        ),
+        (
+            "subgroup linear layers",
+            with(GpuOptions {
+                variant: Some(Variant::Subgroups),
+                ..d.clone()
+            }),
+        ),
+        (
+            "attention split over chunks of 3 keys, a submission every 3 dispatches",
+            with(GpuOptions {
+                variant: Some(Variant::Subgroups),
+                split_keys: 1,
+                split_chunk: 3,
+                submit_every: Some(3),
+                ..d
+            }),
+        ),
+    ]
+}
+
+/// The same schedule on the wgpu backend (lavapipe in CI), under every [`gpu_runs`] setting: every step
+/// against onnxruntime's logits and tokens.
+#[cfg(feature = "gpu")]
+mod gpu {
+    use onestep::kv::{GpuCacheBudget, KvOptions};
+    use onestep::LoadOptions;
+
+    pub fn check(name: &str) {
+        if !super::has_gpu(name) {
             return;
         }
-        let opts = LoadOptions {
-            device: DeviceRequest::Gpu(None),
-            backend: BackendFilter::Any,
-            ..LoadOptions::default()
-        };
-        let all = super::check_on(name, &opts);
+        for (label, opts) in super::gpu_runs() {
+            println!("{name}: on the GPU with {label}");
+            check_with(name, &opts);
+        }
+    }
+
+    fn check_with(name: &str, opts: &LoadOptions) {
+        let all = super::check_on(name, opts);
         // Every KV budget runs the same kernels on the same data: logits bit-identical to all-resident.
         for budget in [GpuCacheBudget::Percent(50), GpuCacheBudget::Bytes(1)] {
             let o = LoadOptions {
@@ -71,7 +132,7 @@ mod gpu {
                     page_rows: 3,
                     gpu_segment_bytes: None,
                 },
-                ..opts
+                ..opts.clone()
             };
             let got = super::check_on(name, &o);
             assert_eq!(got, all, "{name}: budget {budget:?} changed the logits");
@@ -85,7 +146,7 @@ mod gpu {
                 page_rows: 4,
                 gpu_segment_bytes: Some(5 * row),
             },
-            ..opts
+            ..opts.clone()
         };
         super::check_on(name, &o);
     }
@@ -101,21 +162,26 @@ mod gpu {
 #[cfg(feature = "gpu")]
 #[test]
 fn gpu_ring_after_truncate_and_reset() {
-    use onestep::backend::gpu::{BackendFilter, DeviceRequest, GpuContext};
-    use onestep::kv::GpuCacheBudget;
-    if GpuContext::new(&DeviceRequest::Gpu(None), BackendFilter::Any).is_err() {
-        assert!(std::env::var_os("ONESTEP_REQUIRE_GPU").is_none());
+    if !has_gpu("the ring test") {
         return;
     }
+    for (label, base) in gpu_runs() {
+        println!("on the GPU with {label}");
+        gpu_ring_after_truncate_and_reset_with(&base);
+    }
+}
+
+#[cfg(feature = "gpu")]
+fn gpu_ring_after_truncate_and_reset_with(base: &LoadOptions) {
+    use onestep::kv::GpuCacheBudget;
     let run = |budget: GpuCacheBudget| -> Vec<Vec<f32>> {
         let opts = LoadOptions {
-            device: DeviceRequest::Gpu(None),
             kv: KvOptions {
                 gpu_budget: budget,
                 page_rows: 2,
                 gpu_segment_bytes: None,
             },
-            ..LoadOptions::default()
+            ..base.clone()
         };
         let model =
             Model::load_with(fixtures().join("step_int4_6layers_f16kv.onnx"), &opts).unwrap();
@@ -146,6 +212,8 @@ fn gpu_ring_after_truncate_and_reset() {
 /// Runs the fixture's schedule under `opts`, checking every step against onnxruntime; returns the
 /// logits of every step.
 fn check_on(name: &str, opts: &LoadOptions) -> Vec<Vec<f32>> {
+    #[cfg(feature = "gpu")]
+    use onestep::backend::gpu::{GpuOptions, Variant};
     let dir = fixtures();
     let json: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{name}.json"))).unwrap())
@@ -184,17 +252,17 @@ fn check_on(name: &str, opts: &LoadOptions) -> Vec<Vec<f32>> {
             "{name}: {g:?}"
         );
         let cpu_adapter = model.gpu_info().is_some_and(|i| i.device_type == "Cpu");
-        let variant = std::env::var("ONESTEP_GPU_VARIANT").unwrap_or_default();
-        let lanes = variant == "lanes" || variant == "subgroups";
+        let variant = opts.gpu.variant;
+        let lanes = matches!(variant, Some(Variant::Lanes | Variant::Subgroups));
         if lanes || !cpu_adapter {
             assert_eq!(g.fused_norms, 2 * layers + 1, "{name}: {g:?}");
         }
         // Every linear kernel (q/k/v and gate/up groups, o, down, the output layer) on the subgroup
         // variant where asked for and available.
         let subgroups = model.gpu_info().is_some_and(|i| i.subgroups);
-        if variant == "subgroups" && subgroups {
+        if variant == Some(Variant::Subgroups) && subgroups {
             assert_eq!(g.subgroup_linears, 4 * layers + 1, "{name}: {g:?}");
-        } else if variant == "lanes" || cpu_adapter && variant.is_empty() {
+        } else if variant == Some(Variant::Lanes) || cpu_adapter && variant.is_none() {
             assert_eq!(g.subgroup_linears, 0, "{name}: {g:?}");
         }
     }
@@ -219,16 +287,13 @@ fn check_on(name: &str, opts: &LoadOptions) -> Vec<Vec<f32>> {
         };
         let out = model.step(&mut state, &ids, &sampling).unwrap();
         // One wait a step, whatever the token choice runs on, and one submission unless partial
-        // submissions are asked for (ONESTEP_GPU_SUBMIT_EVERY; scripts/test runs them); a step of the same
+        // submissions are asked for (`GpuOptions::submit_every`; `gpu_runs` has them); a step of the same
         // token count as the one before describes only what reads ids or positions (the attention, the
         // embedding, the token choice), the rest of its description is kept.
         #[cfg(feature = "gpu")]
         if let Some(g) = model.gpu_stats() {
             assert_eq!(g.waits, 1, "{name} step {i}: {g:?}");
-            match std::env::var("ONESTEP_GPU_SUBMIT_EVERY")
-                .ok()
-                .and_then(|v| v.parse().ok())
-            {
+            match opts.gpu.submit_every {
                 // Partial submissions of `every` dispatches, none after the last GPU step.
                 Some(every) if every > 0 => assert!(
                     g.submits > 1 && g.submits <= g.dispatches.div_ceil(every) + 1,
@@ -313,18 +378,13 @@ fn check_on(name: &str, opts: &LoadOptions) -> Vec<Vec<f32>> {
     // runs on the GPU op by op: up to 7 dispatches (a Q8 table: 3 gathers, 2 casts, sub, mul).
     #[cfg(feature = "gpu")]
     if let (Some(g), Some(info)) = (model.gpu_stats(), model.gpu_info()) {
-        let variant = std::env::var("ONESTEP_GPU_VARIANT").unwrap_or_default();
-        let lanes = variant == "lanes" || variant == "subgroups";
+        let lanes = matches!(opts.gpu.variant, Some(Variant::Lanes | Variant::Subgroups));
         if (lanes || info.device_type != "Cpu") && opts.kv.gpu_segment_bytes.is_none() {
             let layers = model.info().num_layers;
-            // Attention split over chunks of keys (forced in scripts/test) adds a combine a layer.
-            let split = std::env::var_os("ONESTEP_GPU_SPLIT_KEYS").is_some();
+            // Attention split over chunks of keys (forced by one of `gpu_runs`) adds a combine a layer.
+            let split = opts.gpu.split_keys < GpuOptions::default().split_keys;
             let per_layer = if split { 6 } else { 5 };
-            assert!(
-                g.dispatches <= per_layer * layers + 6 + 7,
-                "{name}: {g:?}; kernels (ONESTEP_PROFILE=1): {:?}",
-                model.profile()
-            );
+            assert!(g.dispatches <= per_layer * layers + 6 + 7, "{name}: {g:?}");
         }
     }
     all
@@ -407,19 +467,33 @@ fn host_pages_follow_the_used_context() {
 #[cfg(feature = "gpu")]
 #[test]
 fn gpu_decode_steps_run_ahead() {
-    use onestep::backend::gpu::{BackendFilter, DeviceRequest, GpuContext};
-    if GpuContext::new(&DeviceRequest::Gpu(None), BackendFilter::Any).is_err() {
-        assert!(std::env::var_os("ONESTEP_REQUIRE_GPU").is_none());
+    if !has_gpu("the run-ahead test") {
         return;
     }
-    if std::env::var_os("ONESTEP_GPU_AHEAD").is_some_and(|v| v == "0") {
-        eprintln!("note: ONESTEP_GPU_AHEAD=0; steps do not run ahead");
-        return;
+    for (label, opts) in gpu_runs() {
+        println!("on the GPU with {label}");
+        gpu_decode_steps_run_ahead_with(&opts);
     }
-    let opts = LoadOptions {
-        device: DeviceRequest::Gpu(None),
-        ..LoadOptions::default()
-    };
+    // Without run-ahead, no step runs ahead (same tokens).
+    let mut off = gpu_runs().swap_remove(0).1;
+    off.gpu.run_ahead = false;
+    let path = fixtures().join("step_q8_tied_f16kv.onnx");
+    let gpu = Model::load_with(&path, &off).unwrap();
+    let cpu = Model::load(&path).unwrap();
+    let (mut sc, mut sg) = (cpu.new_state().unwrap(), gpu.new_state().unwrap());
+    let mut tok = 5;
+    for _ in 0..4 {
+        let a = cpu.step(&mut sc, &[tok], &StepSampling::GREEDY).unwrap();
+        let b = gpu.step(&mut sg, &[tok], &StepSampling::GREEDY).unwrap();
+        assert_eq!(a.next_token, b.next_token);
+        tok = a.next_token;
+    }
+    let g = gpu.gpu_stats().unwrap();
+    assert_eq!((g.ahead, g.ahead_steps), (false, 0), "{g:?}");
+}
+
+#[cfg(feature = "gpu")]
+fn gpu_decode_steps_run_ahead_with(opts: &LoadOptions) {
     let greedy = StepSampling::GREEDY;
     // A draw and the one the next step will use (as a session announces it).
     let sampled = |random_u: f32, next: f32| StepSampling {
@@ -439,7 +513,7 @@ fn gpu_decode_steps_run_ahead() {
     ] {
         let path = fixtures().join(format!("{name}.onnx"));
         let cpu = Model::load(&path).unwrap();
-        let gpu = Model::load_with(&path, &opts).unwrap();
+        let gpu = Model::load_with(&path, opts).unwrap();
         let (mut sc, mut sg) = (cpu.new_state().unwrap(), gpu.new_state().unwrap());
         let vocab = cpu.info().vocab_size as u32;
         let mut step = |ids: &[u32], s: &StepSampling, what: &str| -> u32 {
@@ -514,21 +588,20 @@ fn gpu_decode_steps_run_ahead() {
 #[cfg(feature = "gpu")]
 #[test]
 fn gpu_interleaved_sequences_run_ahead() {
-    use onestep::backend::gpu::{BackendFilter, DeviceRequest, GpuContext};
-    if GpuContext::new(&DeviceRequest::Gpu(None), BackendFilter::Any).is_err() {
-        assert!(std::env::var_os("ONESTEP_REQUIRE_GPU").is_none());
+    if !has_gpu("the interleaved test") {
         return;
     }
+    for (label, opts) in gpu_runs() {
+        println!("on the GPU with {label}");
+        gpu_interleaved_sequences_run_ahead_with(&opts);
+    }
+}
+
+#[cfg(feature = "gpu")]
+fn gpu_interleaved_sequences_run_ahead_with(opts: &LoadOptions) {
     let path = fixtures().join("step_q8_tied_f16kv.onnx");
     let cpu = Model::load(&path).unwrap();
-    let gpu = Model::load_with(
-        &path,
-        &LoadOptions {
-            device: DeviceRequest::Gpu(None),
-            ..LoadOptions::default()
-        },
-    )
-    .unwrap();
+    let gpu = Model::load_with(&path, opts).unwrap();
     let g = StepSampling::GREEDY;
     let mut seqs: Vec<_> = [[1u32, 2, 3], [40, 41, 42]]
         .iter()
@@ -553,10 +626,8 @@ fn gpu_interleaved_sequences_run_ahead() {
             *t = a.next_token;
         }
     }
-    if std::env::var_os("ONESTEP_GPU_AHEAD").is_none_or(|v| v != "0") {
-        let st = gpu.gpu_stats().unwrap();
-        assert_eq!((st.ahead_steps, st.ahead_missed), (10, 0), "{st:?}");
-    }
+    let st = gpu.gpu_stats().unwrap();
+    assert_eq!((st.ahead_steps, st.ahead_missed), (10, 0), "{st:?}");
 }
 
 /// The whole token choice on the GPU: for greedy, top-k, and top-p over the whole vocabulary (the
@@ -565,21 +636,20 @@ fn gpu_interleaved_sequences_run_ahead() {
 #[cfg(feature = "gpu")]
 #[test]
 fn gpu_token_choice_reads_back_only_the_token() {
-    use onestep::backend::gpu::{BackendFilter, DeviceRequest, GpuContext};
-    if GpuContext::new(&DeviceRequest::Gpu(None), BackendFilter::Any).is_err() {
-        assert!(std::env::var_os("ONESTEP_REQUIRE_GPU").is_none());
+    if !has_gpu("the token-choice test") {
         return;
     }
+    for (label, opts) in gpu_runs() {
+        println!("on the GPU with {label}");
+        gpu_token_choice_reads_back_only_the_token_with(&opts);
+    }
+}
+
+#[cfg(feature = "gpu")]
+fn gpu_token_choice_reads_back_only_the_token_with(opts: &LoadOptions) {
     let path = fixtures().join("step_int4_untied_f32kv_bias.onnx");
     let cpu = Model::load(&path).unwrap();
-    let gpu = Model::load_with(
-        &path,
-        &LoadOptions {
-            device: DeviceRequest::Gpu(None),
-            ..LoadOptions::default()
-        },
-    )
-    .unwrap();
+    let gpu = Model::load_with(&path, opts).unwrap();
     let vocab = cpu.info().vocab_size;
     assert!(
         vocab > 64,

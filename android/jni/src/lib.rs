@@ -4,7 +4,7 @@
 //!
 //! The bindings add no logic: each native method converts its arguments, calls the safe Rust API
 //! ([`onestep::Model`], [`onestep::generate::Session`]) and converts the result. Runtime errors become
-//! a `dev.onestep.OneStepException` carrying the runtime's message; JNI failures and Rust panics
+//! a `dev.onestep.OneStepException` carrying a `dev.onestep.Status` and the runtime's message; JNI failures and Rust panics
 //! become a `java.lang.RuntimeException` (every entry point runs inside `EnvUnowned::with_env`, which
 //! catches panics): nothing aborts the VM.
 //!
@@ -17,8 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
 use jni::errors::ThrowRuntimeExAndDefault;
-use jni::objects::{JByteArray, JClass, JObject, JObjectArray, JString, JValue};
-use jni::strings::JNIString;
+use jni::objects::{JByteArray, JClass, JObject, JObjectArray, JString, JThrowable, JValue};
 use jni::sys::{jboolean, jdouble, jfloat, jint, jlong};
 use jni::{jni_sig, jni_str, Env, EnvUnowned};
 
@@ -29,20 +28,94 @@ use onestep::{LoadOptions, Model};
 
 type JResult<T> = Result<T, jni::errors::Error>;
 
-/// Throws `dev.onestep.OneStepException(msg)`; the returned error unwinds to the entry point, which
-/// leaves the exception pending for Java.
-fn throw<T>(env: &mut Env<'_>, msg: impl AsRef<str>) -> JResult<T> {
-    env.throw_new(
+/// What kind of failure a `dev.onestep.OneStepException` reports: the name of a `dev.onestep.Status`
+/// constant (the C ABI's `OnestepStatus` values by name).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Status {
+    InvalidArgument,
+    Io,
+    InvalidModel,
+    Unsupported,
+    Runtime,
+    Tokenizer,
+    Template,
+    Busy,
+    BadState,
+    Cancelled,
+    Device,
+    Internal,
+}
+
+impl Status {
+    fn name(self) -> &'static str {
+        match self {
+            Status::InvalidArgument => "INVALID_ARGUMENT",
+            Status::Io => "IO",
+            Status::InvalidModel => "INVALID_MODEL",
+            Status::Unsupported => "UNSUPPORTED",
+            Status::Runtime => "RUNTIME",
+            Status::Tokenizer => "TOKENIZER",
+            Status::Template => "TEMPLATE",
+            Status::Busy => "BUSY",
+            Status::BadState => "BAD_STATE",
+            Status::Cancelled => "CANCELLED",
+            Status::Device => "DEVICE",
+            Status::Internal => "INTERNAL",
+        }
+    }
+
+    /// The status of a runtime error; `loading`: a node or tensor error then means a bad model file,
+    /// while running it means a failed step.
+    fn of(e: &onestep::Error, loading: bool) -> Status {
+        use onestep::Error as E;
+        #[allow(unreachable_patterns)]
+        match e {
+            E::Io { .. } => Status::Io,
+            E::Decode { .. } | E::Contract(_) | E::Metadata { .. } | E::Limit { .. } => {
+                Status::InvalidModel
+            }
+            E::UnsupportedOps(_) | E::Opset { .. } => Status::Unsupported,
+            E::Tensor { .. } | E::Node { .. } if loading => Status::InvalidModel,
+            E::InvalidArgument(_) => Status::InvalidArgument,
+            E::Tokenizer(_) => Status::Tokenizer,
+            E::Template(_) => Status::Template,
+            E::Cancelled => Status::Cancelled,
+            E::Device { .. } => Status::Device,
+            E::Internal(_) => Status::Internal,
+            _ if loading => Status::InvalidModel,
+            _ => Status::Runtime,
+        }
+    }
+}
+
+/// Throws `dev.onestep.OneStepException(status, msg)`; the returned error unwinds to the entry point,
+/// which leaves the exception pending for Java.
+fn throw<T>(env: &mut Env<'_>, status: Status, msg: impl AsRef<str>) -> JResult<T> {
+    let s = env.new_string(status.name())?;
+    let m = env.new_string(msg.as_ref())?;
+    let e = env.new_object(
         jni_str!("dev/onestep/OneStepException"),
-        JNIString::from(msg.as_ref()),
+        jni_sig!("(Ljava/lang/String;Ljava/lang/String;)V"),
+        &[JValue::Object(&s), JValue::Object(&m)],
     )?;
+    let e = env.cast_local::<JThrowable>(e)?;
+    env.throw(e)?;
     Err(jni::errors::Error::JavaException)
 }
 
+/// `r`'s value, or its error thrown (a failed step: see [`Status::of`]).
 fn or_throw<T>(env: &mut Env<'_>, r: onestep::Result<T>) -> JResult<T> {
     match r {
         Ok(v) => Ok(v),
-        Err(e) => throw(env, e.to_string()),
+        Err(e) => throw(env, Status::of(&e, false), e.to_string()),
+    }
+}
+
+/// Like [`or_throw`], for a model being loaded.
+fn or_throw_load<T>(env: &mut Env<'_>, r: onestep::Result<T>) -> JResult<T> {
+    match r {
+        Ok(v) => Ok(v),
+        Err(e) => throw(env, Status::of(&e, true), e.to_string()),
     }
 }
 
@@ -79,7 +152,7 @@ fn model_ref<'a>(env: &mut Env<'_>, handle: jlong) -> JResult<&'a Arc<Model>> {
     // SAFETY: Kotlin passes handles made by `modelLoad*` and not yet freed (it zeroes them on close).
     match unsafe { (handle as *const Arc<Model>).as_ref() } {
         Some(m) => Ok(m),
-        None => throw(env, "the model is closed"),
+        None => throw(env, Status::BadState, "the model is closed"),
     }
 }
 
@@ -87,7 +160,7 @@ fn session_ref<'a>(env: &mut Env<'_>, handle: jlong) -> JResult<&'a SessionHandl
     // SAFETY: as above, for `sessionNew`.
     match unsafe { (handle as *const SessionHandle).as_ref() } {
         Some(s) => Ok(s),
-        None => throw(env, "the session is closed"),
+        None => throw(env, Status::BadState, "the session is closed"),
     }
 }
 
@@ -95,14 +168,20 @@ fn lock<'a>(env: &mut Env<'_>, s: &'a SessionHandle) -> JResult<MutexGuard<'a, I
     match s.inner.try_lock() {
         Ok(g) => Ok(g),
         Err(TryLockError::Poisoned(p)) => Ok(p.into_inner()),
-        Err(TryLockError::WouldBlock) => throw(env, "the session is in use by another call"),
+        Err(TryLockError::WouldBlock) => {
+            throw(env, Status::Busy, "the session is in use by another call")
+        }
     }
 }
 
 fn take_session(env: &mut Env<'_>, inner: &mut Inner) -> JResult<Session> {
     match inner.take_session() {
         Some(s) => Ok(s),
-        None => throw(env, "the session was lost to an internal error; close it"),
+        None => throw(
+            env,
+            Status::Internal,
+            "the session was lost to an internal error; close it",
+        ),
     }
 }
 
@@ -153,7 +232,11 @@ fn messages(
 ) -> JResult<Vec<ChatMessage>> {
     let n = roles.len(env)?;
     if contents.len(env)? != n {
-        return throw(env, "roles and contents differ in length");
+        return throw(
+            env,
+            Status::InvalidArgument,
+            "roles and contents differ in length",
+        );
     }
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
@@ -182,10 +265,11 @@ struct TextOptions<'a, 'l> {
     backend: &'a JString<'l>,
     budget: &'a JString<'l>,
     precision: &'a JString<'l>,
+    settings: &'a JString<'l>,
 }
 
-/// The load options of `LoadOptions` (Kotlin): device, GPU API, KV-cache budget, precision (null: the
-/// defaults `cpu`, any, `all`, `exact`) and page rows (0: the default).
+/// The load options of `LoadOptions` (Kotlin): device, GPU API, KV-cache budget, precision, settings
+/// (null: the defaults `cpu`, any, `all`, `exact`, none) and page rows (0: the default).
 fn load_options(
     env: &mut Env<'_>,
     t: TextOptions<'_, '_>,
@@ -195,16 +279,22 @@ fn load_options(
     let backend = opt_string(env, t.backend)?;
     let budget = opt_string(env, t.budget)?.unwrap_or_else(|| "all".into());
     let precision = opt_string(env, t.precision)?.unwrap_or_else(|| "exact".into());
+    let settings = opt_string(env, t.settings)?.unwrap_or_default();
     if page_rows < 0 {
-        return throw(env, format!("kvPageRows {page_rows} is negative"));
+        return throw(
+            env,
+            Status::InvalidArgument,
+            format!("kvPageRows {page_rows} is negative"),
+        );
     }
     let o = LoadOptions::parse(&device, backend.as_deref(), &budget, page_rows as usize)
-        .and_then(|o| o.with_precision(&precision));
-    or_throw(env, o)
+        .and_then(|o| o.with_precision(&precision))
+        .and_then(|mut o| o.set(&settings).map(|()| o));
+    or_throw_load(env, o)
 }
 
 /// `Native.modelLoad(path: String, device: String?, gpuBackend: String?, gpuCacheBudget: String?,
-/// kvPageRows: Int, precision: String?): Long`
+/// kvPageRows: Int, precision: String?, settings: String?): Long`
 #[no_mangle]
 #[allow(clippy::too_many_arguments)]
 pub extern "system" fn Java_dev_onestep_Native_modelLoad<'l>(
@@ -216,6 +306,7 @@ pub extern "system" fn Java_dev_onestep_Native_modelLoad<'l>(
     budget: JString<'l>,
     page_rows: jint,
     precision: JString<'l>,
+    settings: JString<'l>,
 ) -> jlong {
     env.with_env(|env| -> JResult<jlong> {
         let path = path.try_to_string(env)?;
@@ -224,17 +315,19 @@ pub extern "system" fn Java_dev_onestep_Native_modelLoad<'l>(
             backend: &backend,
             budget: &budget,
             precision: &precision,
+            settings: &settings,
         };
         let opts = load_options(env, text, page_rows)?;
         let m = Model::load_with(&path, &opts);
-        let m = or_throw(env, m)?;
+        let m = or_throw_load(env, m)?;
         Ok(Box::into_raw(Box::new(m)) as jlong)
     })
     .resolve::<ThrowRuntimeExAndDefault>()
 }
 
 /// `Native.modelLoadBytes(bytes: ByteArray, name: String, device: String?, gpuBackend: String?,
-/// gpuCacheBudget: String?, kvPageRows: Int, precision: String?): Long` (the bytes are copied).
+/// gpuCacheBudget: String?, kvPageRows: Int, precision: String?, settings: String?): Long` (the bytes
+/// are copied).
 #[no_mangle]
 #[allow(clippy::too_many_arguments)]
 pub extern "system" fn Java_dev_onestep_Native_modelLoadBytes<'l>(
@@ -247,6 +340,7 @@ pub extern "system" fn Java_dev_onestep_Native_modelLoadBytes<'l>(
     budget: JString<'l>,
     page_rows: jint,
     precision: JString<'l>,
+    settings: JString<'l>,
 ) -> jlong {
     env.with_env(|env| -> JResult<jlong> {
         let data = env.convert_byte_array(&bytes)?;
@@ -256,10 +350,11 @@ pub extern "system" fn Java_dev_onestep_Native_modelLoadBytes<'l>(
             backend: &backend,
             budget: &budget,
             precision: &precision,
+            settings: &settings,
         };
         let opts = load_options(env, text, page_rows)?;
         let m = Model::load_from_bytes_with(bytes::Bytes::from(data), &name, &opts);
-        let m = or_throw(env, m)?;
+        let m = or_throw_load(env, m)?;
         Ok(Box::into_raw(Box::new(m)) as jlong)
     })
     .resolve::<ThrowRuntimeExAndDefault>()
@@ -561,7 +656,7 @@ pub extern "system" fn Java_dev_onestep_Native_sessionStart<'l>(
             Err(failed) => {
                 let (s, e) = *failed;
                 inner.state = State::Idle(s);
-                throw(env, e.to_string())
+                throw(env, Status::of(&e, false), e.to_string())
             }
         }
     })
@@ -580,14 +675,14 @@ pub extern "system" fn Java_dev_onestep_Native_sessionNextPiece<'l>(
         let h = session_ref(env, handle)?;
         let mut inner = lock(env, h)?;
         let State::Streaming(stream) = &mut inner.state else {
-            return throw(env, "no generation in progress");
+            return throw(env, Status::BadState, "no generation in progress");
         };
         match stream.next() {
             Some(Ok(p)) => Ok(env.new_string(&p.text)?.into()),
             Some(Err(e)) => {
                 let s = take_session(env, &mut inner)?;
                 inner.state = State::Idle(s);
-                throw(env, e.to_string())
+                throw(env, Status::of(&e, false), e.to_string())
             }
             None => {
                 let last = stream.completion();

@@ -67,14 +67,19 @@ public struct LoadOptions: Sendable {
     /// How the CPU multiplies 4- and 8-bit weights: `exact` (f32 activations) or `fast` (8-bit
     /// activations and integer dot products, as llama.cpp; the output layer stays exact).
     public var precision: String
+    /// Further settings as `key=value` pairs separated by commas: `profile=on` and the GPU tuning keys
+    /// (`gpu_variant=lanes`, `gpu_run_ahead=off`, `gpu_pipeline_cache=<dir>` to keep compiled GPU
+    /// pipelines between runs, ...; the list is in the README). Empty: none.
+    public var settings: String
 
     public init(device: String = "cpu", gpuBackend: String? = nil, gpuCacheBudget: String = "all",
-                kvPageRows: UInt32 = 0, precision: String = "exact") {
+                kvPageRows: UInt32 = 0, precision: String = "exact", settings: String = "") {
         self.device = device
         self.gpuBackend = gpuBackend
         self.gpuCacheBudget = gpuCacheBudget
         self.kvPageRows = kvPageRows
         self.precision = precision
+        self.settings = settings
     }
 
     /// Calls `body` with the C options; their strings live for the call.
@@ -86,20 +91,24 @@ public struct LoadOptions: Sendable {
         let dev = Array(device.utf8CString)
         let budget = Array(gpuCacheBudget.utf8CString)
         let prec = Array(precision.utf8CString)
+        let sets = Array(settings.utf8CString)
         let api = gpuBackend.map { Array($0.utf8CString) }
         return try dev.withUnsafeBufferPointer { d in
             try budget.withUnsafeBufferPointer { b in
                 try prec.withUnsafeBufferPointer { p in
-                    func call(_ g: UnsafePointer<CChar>?) throws -> R {
-                        var o = base
-                        o.device = d.baseAddress
-                        o.gpu_cache_budget = b.baseAddress
-                        o.precision = p.baseAddress
-                        o.gpu_backend = g
-                        return try withUnsafePointer(to: o) { try body($0) }
+                    try sets.withUnsafeBufferPointer { st in
+                        func call(_ g: UnsafePointer<CChar>?) throws -> R {
+                            var o = base
+                            o.device = d.baseAddress
+                            o.gpu_cache_budget = b.baseAddress
+                            o.precision = p.baseAddress
+                            o.settings = st.baseAddress
+                            o.gpu_backend = g
+                            return try withUnsafePointer(to: o) { try body($0) }
+                        }
+                        guard let api else { return try call(nil) }
+                        return try api.withUnsafeBufferPointer { try call($0.baseAddress) }
                     }
-                    guard let api else { return try call(nil) }
-                    return try api.withUnsafeBufferPointer { try call($0.baseAddress) }
                 }
             }
         }

@@ -147,6 +147,15 @@ struct Common {
     /// activations and integer dot products, as llama.cpp).
     #[arg(long, default_value_t = onestep::LoadOptions::default().precision)]
     precision: onestep::Precision,
+    /// Time every op (CPU) or every GPU dispatch, printed by `bench` (slows the GPU: measurements only).
+    #[arg(long)]
+    profile: bool,
+    /// Runtime settings as `key=value[,key=value...]` (repeatable), applied after the flags above:
+    /// precision, profile and the GPU tuning keys (gpu_variant=auto|rows|lanes|subgroups,
+    /// gpu_no_fuse=all|group+attn+res+tr+round, gpu_split_keys, gpu_split_chunk, gpu_submit_every,
+    /// gpu_run_ahead, gpu_gemm_tokens, gpu_block_lanes, gpu_pipeline_cache=DIR|none).
+    #[arg(long = "set", value_name = "KEY=VALUE,...")]
+    settings: Vec<String>,
 }
 
 impl Common {
@@ -175,13 +184,26 @@ impl Common {
                 "--kv-page-rows must be at least 1".into(),
             ));
         }
+        // The library reads no environment: the CLI passes on what a wgpu user expects from it.
+        let backend = self
+            .gpu_backend
+            .clone()
+            .or_else(|| std::env::var("WGPU_BACKEND").ok());
         let mut o = LoadOptions::parse(
             &self.device,
-            self.gpu_backend.as_deref(),
+            backend.as_deref(),
             &self.gpu_cache_budget,
             self.kv_page_rows,
         )?;
         o.precision = self.precision;
+        o.profile = self.profile;
+        #[cfg(feature = "gpu")]
+        {
+            o.gpu.pipeline_cache = user_cache_dir();
+        }
+        for s in &self.settings {
+            o.set(s)?;
+        }
         if let Some(b) = &self.gpu_cache_segment {
             match b.parse()? {
                 onestep::kv::GpuCacheBudget::Bytes(n) => o.kv.gpu_segment_bytes = Some(n),
@@ -574,7 +596,7 @@ fn cmd_bench(
         };
         #[cfg(not(feature = "gpu"))]
         let how = "CPU time per op";
-        println!("\nprofile (ONESTEP_PROFILE=1: {how}), all runs incl. warm-up:");
+        println!("\nprofile (--profile: {how}), all runs incl. warm-up:");
         println!("{:<24} {:>9} {:>10} {:>7}", "op", "calls", "ms", "share");
         for (op, calls, secs) in profile {
             println!(
@@ -709,11 +731,47 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn main() {
+    quiet_wayland_probe();
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
         eprintln!("onestep: {e}");
         std::process::exit(1);
     }
+}
+
+/// Mesa's Vulkan drivers probe for a Wayland display when wgpu opens an instance, and libwayland prints
+/// `error: XDG_RUNTIME_DIR is invalid or not set in the environment.` where the variable is missing (a
+/// server, CI, ssh). An empty private folder answers the probe quietly (no display is found there, as
+/// before). Set before any thread starts; an existing value is left alone.
+fn quiet_wayland_probe() {
+    #[cfg(all(feature = "gpu", target_os = "linux"))]
+    if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+        use std::os::unix::fs::DirBuilderExt;
+        // SAFETY of the environment write: `main` runs it first, while this is the only thread.
+        let uid = std::fs::metadata("/proc/self").map_or(0, |m| {
+            use std::os::unix::fs::MetadataExt;
+            m.uid()
+        });
+        let dir = std::env::temp_dir().join(format!("onestep-runtime-{uid}"));
+        let made = std::fs::DirBuilder::new().mode(0o700).create(&dir);
+        if made.is_ok() || dir.is_dir() {
+            std::env::set_var("XDG_RUNTIME_DIR", &dir);
+        }
+    }
+}
+
+/// The folder for the GPU pipeline cache: `ONESTEP_CACHE_DIR`, else `$XDG_CACHE_HOME/onestep`, else
+/// `~/.cache/onestep`.
+#[cfg(feature = "gpu")]
+fn user_cache_dir() -> Option<std::path::PathBuf> {
+    use std::path::PathBuf;
+    if let Some(d) = std::env::var_os("ONESTEP_CACHE_DIR") {
+        return Some(PathBuf::from(d));
+    }
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
+        return Some(PathBuf::from(d).join("onestep"));
+    }
+    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache").join("onestep"))
 }
 
 #[cfg(test)]

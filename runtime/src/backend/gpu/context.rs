@@ -1,6 +1,6 @@
 //! Device selection, the wgpu device and queue, shader compilation with an on-disk pipeline cache, and
 //! buffer helpers. Every wgpu validation error and device loss is captured and turned into
-//! [`Error::Gpu`] — nothing panics through wgpu's default error handler.
+//! [`Error::Device`] (or [`Error::Internal`] for a broken invariant) — nothing panics through wgpu's default error handler.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -8,7 +8,8 @@ use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use crate::error::{Error, Result};
+use super::options::GpuOptions;
+use crate::error::{DeviceFault, Error, Result};
 
 /// Which device runs the model (`--device auto|cpu|gpu|gpu:N`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -39,10 +40,10 @@ impl FromStr for DeviceRequest {
     }
 }
 
-/// Which wgpu backends may be used (`--gpu-backend`, or the `WGPU_BACKEND` variable).
+/// Which wgpu backends may be used (`--gpu-backend`; the CLI also reads `WGPU_BACKEND`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum BackendFilter {
-    /// `WGPU_BACKEND` when set, else every backend.
+    /// Every backend wgpu was built with.
     #[default]
     Any,
     /// Vulkan.
@@ -74,7 +75,7 @@ impl FromStr for BackendFilter {
 impl BackendFilter {
     fn backends(self) -> wgpu::Backends {
         match self {
-            Self::Any => wgpu::Backends::from_env().unwrap_or(wgpu::Backends::all()),
+            Self::Any => wgpu::Backends::all(),
             Self::Vulkan => wgpu::Backends::VULKAN,
             Self::Metal => wgpu::Backends::METAL,
             Self::Dx12 => wgpu::Backends::DX12,
@@ -98,7 +99,7 @@ pub struct GpuInfo {
     pub shader_f16: bool,
     /// Whether subgroup operations are available.
     pub subgroups: bool,
-    /// GPU timestamps inside compute passes were enabled (only when `ONESTEP_PROFILE=1` asked for them).
+    /// GPU timestamps inside compute passes were enabled (only when profiling asked for them).
     pub timestamps: bool,
     /// The largest storage binding the kernels may use (bytes; tensors beyond it are split or refused).
     pub max_binding: u64,
@@ -129,6 +130,10 @@ pub struct GpuContext {
     lost: Arc<Mutex<Option<String>>>,
     cache: Option<(wgpu::PipelineCache, PathBuf)>,
     pipelines: Mutex<HashMap<String, Arc<Kernel>>>,
+    /// How the executor and the kernels run on this device (fixed when it is opened).
+    pub options: GpuOptions,
+    /// Per-kernel times asked for ([`crate::LoadOptions::profile`]): timestamps were requested.
+    pub profiling: bool,
 }
 
 /// How a kernel binds a storage buffer (bindings 1.. in order).
@@ -205,10 +210,6 @@ impl std::fmt::Debug for GpuContext {
     }
 }
 
-fn gpu_err(detail: impl Into<String>) -> Error {
-    Error::Gpu(detail.into())
-}
-
 /// Lists the adapters wgpu finds for `filter` (index, name, backend, type).
 pub fn list_adapters(filter: BackendFilter) -> Vec<(usize, String, String, String)> {
     let instance = instance(filter);
@@ -228,7 +229,7 @@ pub fn list_adapters(filter: BackendFilter) -> Vec<(usize, String, String, Strin
 }
 
 fn instance(filter: BackendFilter) -> wgpu::Instance {
-    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
     desc.backends = filter.backends();
     wgpu::Instance::new(desc)
 }
@@ -236,7 +237,18 @@ fn instance(filter: BackendFilter) -> wgpu::Instance {
 impl GpuContext {
     /// Opens a device. `DeviceRequest::Cpu` is an error here (the caller does not ask for a GPU then).
     pub fn new(req: &DeviceRequest, filter: BackendFilter) -> Result<Arc<GpuContext>> {
-        Self::with_binding_limit(req, filter, None)
+        Self::open(req, filter, None, GpuOptions::default(), false)
+    }
+
+    /// Like [`GpuContext::new`], running with `options`; `profiling` asks for timestamp queries (where the
+    /// adapter has them) so that every dispatch can be timed.
+    pub fn with_options(
+        req: &DeviceRequest,
+        filter: BackendFilter,
+        options: GpuOptions,
+        profiling: bool,
+    ) -> Result<Arc<GpuContext>> {
+        Self::open(req, filter, None, options, profiling)
     }
 
     /// Like [`GpuContext::new`] with the storage-binding limit lowered to `limit` bytes (tests use this to
@@ -246,16 +258,33 @@ impl GpuContext {
         filter: BackendFilter,
         limit: Option<u64>,
     ) -> Result<Arc<GpuContext>> {
+        Self::open(req, filter, limit, GpuOptions::default(), false)
+    }
+
+    fn open(
+        req: &DeviceRequest,
+        filter: BackendFilter,
+        limit: Option<u64>,
+        options: GpuOptions,
+        profiling: bool,
+    ) -> Result<Arc<GpuContext>> {
         let t0 = Instant::now();
         let instance = instance(filter);
         let adapter = match req {
-            DeviceRequest::Cpu => return Err(gpu_err("the CPU was requested")),
+            DeviceRequest::Cpu => {
+                return Err(Error::InvalidArgument(
+                    "a GPU context for the CPU device".into(),
+                ))
+            }
             DeviceRequest::Gpu(Some(n)) => {
                 let all = pollster::block_on(instance.enumerate_adapters(filter.backends()));
                 let count = all.len();
-                all.into_iter()
-                    .nth(*n)
-                    .ok_or_else(|| gpu_err(format!("no adapter number {n} ({count} found)")))?
+                all.into_iter().nth(*n).ok_or_else(|| {
+                    Error::device(
+                        DeviceFault::NoAdapter,
+                        format!("no adapter number {n} ({count} found)"),
+                    )
+                })?
             }
             _ => pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions {
                 power_preference: wgpu::PowerPreference::HighPerformance,
@@ -263,7 +292,7 @@ impl GpuContext {
                 compatible_surface: None,
                 apply_limit_buckets: false,
             }))
-            .map_err(|e| gpu_err(format!("no GPU adapter: {e}")))?,
+            .map_err(|e| Error::device(DeviceFault::NoAdapter, format!("no GPU adapter: {e}")))?,
         };
         let ainfo = adapter.get_info();
         let features = adapter.features();
@@ -277,10 +306,9 @@ impl GpuContext {
                 required |= f;
             }
         }
-        // `ONESTEP_PROFILE=1`: GPU timestamps around every dispatch where the adapter has them.
+        // Profiling: GPU timestamps around every dispatch where the adapter has them.
         let stamps =
             wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES;
-        let profiling = std::env::var_os("ONESTEP_PROFILE").is_some_and(|v| v != "0");
         if profiling && features.contains(stamps) {
             required |= stamps;
         }
@@ -293,7 +321,12 @@ impl GpuContext {
             memory_hints: wgpu::MemoryHints::Performance,
             trace: wgpu::Trace::Off,
         }))
-        .map_err(|e| gpu_err(format!("{}: cannot open the device: {e}", ainfo.name)))?;
+        .map_err(|e| {
+            Error::device(
+                DeviceFault::NoAdapter,
+                format!("{}: cannot open the device: {e}", ainfo.name),
+            )
+        })?;
         let errors: Arc<Mutex<Vec<String>>> = Arc::default();
         let lost: Arc<Mutex<Option<String>>> = Arc::default();
         {
@@ -319,8 +352,7 @@ impl GpuContext {
         let mut hit = false;
         let cache = if required.contains(wgpu::Features::PIPELINE_CACHE) {
             wgpu::util::pipeline_cache_key(&ainfo).and_then(|key| {
-                let dir = cache_dir()?;
-                let path = dir.join(key);
+                let path = options.pipeline_cache.as_ref()?.join(key);
                 let data = std::fs::read(&path).ok();
                 hit = data.is_some();
                 // SAFETY: the data is either absent or a file this function wrote from `get_data`;
@@ -368,6 +400,8 @@ impl GpuContext {
             lost,
             cache,
             pipelines: Mutex::default(),
+            options,
+            profiling,
         }))
     }
 
@@ -382,16 +416,22 @@ impl GpuContext {
     /// Fails with the first captured validation error or the device-lost reason, if any.
     pub fn check(&self, what: &str) -> Result<()> {
         if let Some(l) = self.lost.lock().ok().and_then(|l| l.clone()) {
-            return Err(gpu_err(format!("{what}: device lost ({l})")));
+            return Err(Error::device(
+                DeviceFault::Lost,
+                format!("{what}: device lost ({l})"),
+            ));
         }
         let mut errs = self
             .errors
             .lock()
-            .map_err(|_| gpu_err("error log poisoned"))?;
+            .map_err(|_| Error::internal("error log poisoned"))?;
         if !errs.is_empty() {
             let msg = errs.join("; ");
             errs.clear();
-            return Err(gpu_err(format!("{what}: {msg}")));
+            return Err(Error::device(
+                DeviceFault::Rejected,
+                format!("{what}: {msg}"),
+            ));
         }
         Ok(())
     }
@@ -477,7 +517,10 @@ impl GpuContext {
                 cache: self.cache.as_ref().map(|(c, _)| c),
             });
         if let Some(e) = pollster::block_on(scope.pop()) {
-            return Err(gpu_err(format!("kernel `{key}` entry `{entry}`: {e}")));
+            return Err(Error::device(
+                DeviceFault::Rejected,
+                format!("kernel `{key}` entry `{entry}`: {e}"),
+            ));
         }
         if let Ok(mut i) = self.info.lock() {
             i.compile_ms += t0.elapsed().as_secs_f64() * 1e3;
@@ -528,10 +571,13 @@ impl GpuContext {
     pub fn storage(&self, label: &str, size: u64) -> Result<wgpu::Buffer> {
         let size = size.max(4).next_multiple_of(4);
         if size > self.binding_limit {
-            return Err(gpu_err(format!(
-                "`{label}` needs {size} bytes in one binding; this adapter allows {}",
-                self.binding_limit
-            )));
+            return Err(Error::device(
+                DeviceFault::Limits,
+                format!(
+                    "`{label}` needs {size} bytes in one binding; this adapter allows {}",
+                    self.binding_limit
+                ),
+            ));
         }
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let b = self.device.create_buffer(&wgpu::BufferDescriptor {
@@ -543,9 +589,10 @@ impl GpuContext {
             mapped_at_creation: false,
         });
         if let Some(e) = pollster::block_on(scope.pop()) {
-            return Err(gpu_err(format!(
-                "out of GPU memory allocating `{label}` ({size} bytes): {e}"
-            )));
+            return Err(Error::device(
+                DeviceFault::OutOfMemory,
+                format!("out of GPU memory allocating `{label}` ({size} bytes): {e}"),
+            ));
         }
         Ok(b)
     }
@@ -599,10 +646,12 @@ impl GpuContext {
                     submission_index: until.clone(),
                     timeout: Some(left),
                 })
-                .map_err(|e| gpu_err(format!("waiting for the GPU: {e}")))?;
+                .map_err(|e| {
+                    Error::device(DeviceFault::Lost, format!("waiting for the GPU: {e}"))
+                })?;
             let now = pending
                 .lock()
-                .map_err(|_| gpu_err("map state poisoned"))?
+                .map_err(|_| Error::internal("map state poisoned"))?
                 .clone();
             if now.iter().all(Option::is_some) || Instant::now() >= deadline {
                 break now;
@@ -614,15 +663,24 @@ impl GpuContext {
         for ((b, n), r) in bufs.iter().zip(results) {
             match r {
                 Some(Ok(())) => {}
-                Some(Err(e)) => return Err(gpu_err(format!("mapping a result buffer: {e}"))),
-                None => return Err(gpu_err("the GPU did not finish within 60 s")),
+                Some(Err(e)) => {
+                    return Err(Error::device(
+                        DeviceFault::Lost,
+                        format!("mapping a result buffer: {e}"),
+                    ))
+                }
+                None => {
+                    return Err(Error::device(
+                        DeviceFault::Timeout,
+                        "the GPU did not finish within 60 s",
+                    ))
+                }
             }
             let len = (*n as u64).max(4).next_multiple_of(4);
             let v = {
-                let view = b
-                    .slice(0..len)
-                    .get_mapped_range()
-                    .map_err(|e| gpu_err(format!("reading a result buffer: {e}")))?;
+                let view = b.slice(0..len).get_mapped_range().map_err(|e| {
+                    Error::device(DeviceFault::Lost, format!("reading a result buffer: {e}"))
+                })?;
                 view[..*n].to_vec()
             };
             b.unmap();
@@ -630,14 +688,4 @@ impl GpuContext {
         }
         Ok(out)
     }
-}
-
-fn cache_dir() -> Option<PathBuf> {
-    if let Some(d) = std::env::var_os("ONESTEP_CACHE_DIR") {
-        return Some(PathBuf::from(d));
-    }
-    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
-        return Some(PathBuf::from(d).join("onestep"));
-    }
-    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache").join("onestep"))
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use super::context::{Bind, GpuContext, Kernel};
 use super::Params;
-use crate::error::{Error, Result};
+use crate::error::{DeviceFault, Error, Result};
 
 /// The WGSL of this family (with the shared f16 helpers).
 pub const SOURCE: &str = concat!(include_str!("f16.wgsl"), include_str!("elementwise.wgsl"));
@@ -72,10 +72,10 @@ pub fn strides(shape: &[usize]) -> Vec<usize> {
 /// Parameters of `binary` for inputs of shapes `a`, `b` broadcast to `out`.
 pub fn binary_params(op: BinOp, a: &[usize], b: &[usize], out: &[usize]) -> Result<Params> {
     if out.len() > MAX_RANK {
-        return Err(Error::Gpu(format!(
-            "binary op on rank {} (max {MAX_RANK})",
-            out.len()
-        )));
+        return Err(Error::device(
+            DeviceFault::Unsupported,
+            format!("binary op on rank {} (max {MAX_RANK})", out.len()),
+        ));
     }
     let bstr = |s: &[usize]| -> Vec<usize> {
         let pad = out.len() - s.len();
@@ -104,10 +104,10 @@ pub fn binary_params(op: BinOp, a: &[usize], b: &[usize], out: &[usize]) -> Resu
 /// Parameters of `transpose32`/`transpose16` for `shape` permuted by `perm`.
 pub fn transpose_params(shape: &[usize], perm: &[usize]) -> Result<Params> {
     if shape.len() > MAX_RANK || perm.len() != shape.len() {
-        return Err(Error::Gpu(format!(
-            "transpose of rank {} (max {MAX_RANK})",
-            shape.len()
-        )));
+        return Err(Error::device(
+            DeviceFault::Unsupported,
+            format!("transpose of rank {} (max {MAX_RANK})", shape.len()),
+        ));
     }
     let st = strides(shape);
     let n: usize = shape.iter().product();

@@ -19,7 +19,7 @@ use super::elementwise::{self as ew, BinOp, UnOp};
 use super::linear::GpuLinear;
 use super::{choice, grid, norm, rope, select, Params};
 use crate::backend::cpu::ops;
-use crate::error::{Error, Result};
+use crate::error::{DeviceFault, Error, Result};
 use crate::graph::DType;
 use crate::plan::{Plan, Step, ValId};
 use crate::tensor::Tensor;
@@ -228,7 +228,7 @@ impl GpuState {
             let buf = self
                 .bufs
                 .get(self.home[c] + seg)
-                .ok_or_else(|| Error::Gpu(format!("cache {c} has no segment {seg}")))?;
+                .ok_or_else(|| Error::internal(format!("cache {c} has no segment {seg}")))?;
             f(buf, lo - seg * rows, lo, hi)?;
             lo = hi;
         }
@@ -361,14 +361,13 @@ pub struct GpuPlan {
     rows_variant: bool,
     /// Partials of split-cache attention (sized by the dry run).
     part: wgpu::Buffer,
-    /// Keys from which a decode step's attention is split over workgroups (`ONESTEP_GPU_SPLIT_KEYS`,
-    /// default 256; 0: never), and keys a workgroup then (`ONESTEP_GPU_SPLIT_CHUNK`, default
-    /// [`attention::SPLIT_CHUNK`]).
+    /// Keys from which a decode step's attention is split over workgroups, and keys a workgroup then
+    /// ([`super::GpuOptions::split_keys`], [`super::GpuOptions::split_chunk`]).
     split_keys: usize,
     split_chunk: usize,
     /// Dispatches after which a step submits what it has recorded and goes on recording, so the GPU
-    /// works while the host prepares the rest (`ONESTEP_GPU_SUBMIT_EVERY`; 0: one submission a step,
-    /// the default on CPU adapters and when profiling).
+    /// works while the host prepares the rest ([`super::GpuOptions::submit_every`]; 0: one submission a
+    /// step, the default on CPU adapters and always when profiling).
     submit_every: usize,
     /// Bytes of partials the dry run asked for.
     part_need: std::sync::atomic::AtomicU64,
@@ -384,8 +383,8 @@ pub struct GpuPlan {
     recording: Mutex<()>,
     /// How a decode step's token ids can come from the step before it (see [`GpuPlan::begin`]).
     feed: Option<Feed>,
-    /// Whether decode steps run ahead where they can (`ONESTEP_GPU_AHEAD`, on unless `0`; off when
-    /// profiling).
+    /// Whether decode steps run ahead where they can ([`super::GpuOptions::run_ahead`]; off
+    /// when profiling).
     ahead: bool,
     /// Fusion candidates found in the plan (see [`Fusions`]) and the ones the dry run took.
     cand: Fusions,
@@ -403,7 +402,7 @@ pub struct GpuPlan {
     res_fused: HashSet<usize>,
     /// `queue.submit` time accumulated during the current step.
     submit_ms: Mutex<f64>,
-    /// Per-kernel GPU time when `ONESTEP_PROFILE=1`: from GPU timestamps around each dispatch where the
+    /// Per-kernel GPU time when profiling ([`crate::LoadOptions::profile`]): from GPU timestamps around each dispatch where the
     /// adapter has them ([`Stamps`]), else each dispatch submitted and waited for alone.
     profile: Option<Mutex<std::collections::BTreeMap<String, (u64, f64)>>>,
     stamps: Option<Stamps>,
@@ -423,7 +422,7 @@ pub struct GpuPlan {
     kept: Mutex<HashMap<usize, Vec<Option<Kept>>>>,
 }
 
-/// GPU timestamps around every dispatch of a submission (`ONESTEP_PROFILE=1` on adapters with timestamp
+/// GPU timestamps around every dispatch of a submission (profiling, on adapters with timestamp
 /// queries inside passes): the per-kernel profile then measures the kernels as they run in the step.
 struct Stamps {
     set: wgpu::QuerySet,
@@ -515,7 +514,7 @@ struct LinGroup {
 }
 
 impl Fusions {
-    fn find(plan: &Plan) -> Fusions {
+    fn find(plan: &Plan, on: &super::GpuFusions) -> Fusions {
         let nvals = plan.names.len();
         let mut consumers: Vec<Vec<usize>> = vec![Vec::new(); nvals];
         for (si, s) in plan.steps.iter().enumerate() {
@@ -529,9 +528,6 @@ impl Fusions {
         let cache_out: HashSet<ValId> = plan.caches.iter().map(|c| c.output_val).collect();
         let node = |si: usize| generic_node(plan, si);
         let mut f = Fusions::default();
-        // `ONESTEP_GPU_NO_FUSE=group,attn,res,tr,round` (or `all`) turns fusions off, to compare or bisect.
-        let off = std::env::var("ONESTEP_GPU_NO_FUSE").unwrap_or_default();
-        let on = |k: &str| !(off.contains(k) || off.contains("all"));
         for (si, s) in plan.steps.iter().enumerate() {
             match s {
                 Step::Linear { out, .. } => {
@@ -541,7 +537,7 @@ impl Fusions {
                                 if let (Some(a), Some(b)) = (ins[0], ins[1]) {
                                     if a != b {
                                         let other = if a == *out { b } else { a };
-                                        if on("res") {
+                                        if on.residual {
                                             f.res.insert(si, (*ai, other, os[0]));
                                         }
                                     }
@@ -573,7 +569,7 @@ impl Fusions {
                         && !outs.contains(&o)
                         && cn.op == "RotaryEmbedding"
                         && cins.first().copied().flatten() == Some(o)
-                        && on("tr")
+                        && on.transpose_rope
                     {
                         f.tr.insert(si, (*ci, *x));
                     }
@@ -582,7 +578,7 @@ impl Fusions {
                         && cache_out.contains(&o)
                         && cn.op == "Cast"
                         && cn.attr_int("to", 0) == DType::F32.onnx_code() as i64
-                        && on("round")
+                        && on.f16_round_trip
                     {
                         f.round.insert(si, (*ci, *x));
                     }
@@ -590,10 +586,10 @@ impl Fusions {
                 _ => {}
             }
         }
-        if on("attn") {
+        if on.attention_inputs {
             f.attn = AttnIn::find(plan, &consumers, &outs, &f);
         }
-        if on("group") {
+        if on.linear_groups {
             f.groups = LinGroup::find(plan, &consumers, &outs);
             for g in &f.groups {
                 for m in &g.members {
@@ -963,7 +959,7 @@ impl GpuPlan {
         let nvals = plan.names.len();
         let mut linears = HashMap::new();
         let mut weight_bytes = 0;
-        let cand = Fusions::find(plan);
+        let cand = Fusions::find(plan, &ctx.options.fusions);
         // Attention reading the projections needs 10 storage buffers a stage (7 otherwise).
         let rope_binds = attention::Inputs::Rope { interleaved: false }.bindings();
         let attn_in: HashMap<usize, AttnIn> =
@@ -1028,16 +1024,14 @@ impl GpuPlan {
                 .min(ctx.device.limits().max_buffer_size),
             rows_variant: super::rows_variant(&ctx),
             part: ctx.buffer_with("attention partials", &[0; 4])?,
-            split_keys: env_usize("ONESTEP_GPU_SPLIT_KEYS").unwrap_or(256),
-            submit_every: match env_usize("ONESTEP_GPU_SUBMIT_EVERY") {
-                _ if std::env::var_os("ONESTEP_PROFILE").is_some_and(|v| v != "0") => 0,
+            split_keys: ctx.options.split_keys,
+            submit_every: match ctx.options.submit_every {
+                _ if ctx.profiling => 0,
                 Some(n) => n,
                 None if ctx.info().device_type == "Cpu" => 0,
                 None => SUBMIT_EVERY,
             },
-            split_chunk: env_usize("ONESTEP_GPU_SPLIT_CHUNK")
-                .filter(|&c| c > 0)
-                .unwrap_or(attention::SPLIT_CHUNK),
+            split_chunk: ctx.options.split_chunk.max(1),
             part_need: std::sync::atomic::AtomicU64::new(0),
             dummy,
             params: ctx.uniform("params", 256),
@@ -1047,8 +1041,7 @@ impl GpuPlan {
             binds: vec![Vec::new(); plan.steps.len()],
             recording: Mutex::new(()),
             feed: None,
-            ahead: std::env::var_os("ONESTEP_GPU_AHEAD").is_none_or(|v| v != "0")
-                && std::env::var_os("ONESTEP_PROFILE").is_none_or(|v| v == "0"),
+            ahead: ctx.options.run_ahead && !ctx.profiling,
             lock: Mutex::new(GpuStats {
                 weight_bytes,
                 ..Default::default()
@@ -1059,9 +1052,7 @@ impl GpuPlan {
             absorbed,
             offs: vec![0; nvals],
             submit_ms: Mutex::new(0.0),
-            profile: std::env::var_os("ONESTEP_PROFILE")
-                .filter(|v| v != "0")
-                .map(|_| Mutex::new(Default::default())),
+            profile: ctx.profiling.then(|| Mutex::new(Default::default())),
             stamps: None,
             skipped: HashSet::new(),
             res_fused: HashSet::new(),
@@ -1156,8 +1147,7 @@ impl GpuPlan {
                     me.slot0[si] = slot;
                     slot += d.disp.len();
                     for dd in d.disp {
-                        me.kernels[si]
-                            .push(dd.kernel.ok_or_else(|| Error::Gpu("no kernel".into()))?);
+                        me.kernels[si].push(dd.kernel.ok_or_else(|| Error::internal("no kernel"))?);
                         me.binds[si].push(dd.binds);
                     }
                 }
@@ -1168,13 +1158,16 @@ impl GpuPlan {
                         || me.absorbed.contains(&si)
                         || me.lin_groups.contains_key(&si)
                     {
-                        return Err(Error::Gpu(format!(
-                            "step {si} was fused with an earlier one but cannot run on the GPU"
-                        )));
+                        return Err(Error::device(
+                            DeviceFault::Unsupported,
+                            format!(
+                                "step {si} was fused with an earlier one but cannot run on the GPU"
+                            ),
+                        ));
                     }
                     if let Step::CacheAttention { node, .. } = s {
                         let n = &plan.graph.nodes[*node];
-                        return Err(Error::Gpu(format!(
+                        return Err(Error::device(DeviceFault::Unsupported, format!(
                             "attention `{}` cannot run on the GPU (its inputs do not fit the kernel)",
                             n.name
                         )));
@@ -1251,13 +1244,16 @@ impl GpuPlan {
         }
         for &v in &uploads {
             if me.home[v].is_none() {
-                return Err(Error::Gpu(format!("no buffer for `{}`", plan.names[v])));
+                return Err(Error::internal(format!(
+                    "no buffer for `{}`",
+                    plan.names[v]
+                )));
             }
         }
         for &v in &consts {
             let t = plan.consts[v]
                 .as_ref()
-                .ok_or_else(|| Error::Gpu("constant vanished".into()))?;
+                .ok_or_else(|| Error::internal("constant vanished"))?;
             let b = ctx.buffer_with(&plan.names[v], t.bytes())?;
             me.caps.push(b.size());
             me.bufs.push(b);
@@ -1420,7 +1416,7 @@ impl GpuPlan {
         Ok((groups, absorbed))
     }
 
-    /// GPU time per kernel (`(kernel, dispatches, seconds)`, slowest first) when `ONESTEP_PROFILE=1`.
+    /// GPU time per kernel (`(kernel, dispatches, seconds)`, slowest first) when profiling.
     pub fn profile(&self) -> Vec<(String, u64, f64)> {
         let Some(p) = &self.profile else {
             return Vec::new();
@@ -1448,8 +1444,8 @@ impl GpuPlan {
         state: Option<&'a GpuState>,
     ) -> Result<(&'a wgpu::Buffer, u64)> {
         if let BufRef::Val(v) = r {
-            let h =
-                self.home[v].ok_or_else(|| Error::Gpu(format!("value {v} has no GPU buffer")))?;
+            let h = self.home[v]
+                .ok_or_else(|| Error::internal(format!("value {v} has no GPU buffer")))?;
             return Ok((&self.bufs[h], self.offs[v]));
         }
         Ok((
@@ -1463,12 +1459,12 @@ impl GpuPlan {
                 BufRef::Part => &self.part,
                 BufRef::CacheK(c, seg) | BufRef::CacheV(c, seg) => {
                     let st =
-                        state.ok_or_else(|| Error::Gpu("cache binding without a state".into()))?;
+                        state.ok_or_else(|| Error::internal("cache binding without a state"))?;
                     st.home
                         .get(c)
                         .and_then(|&b| st.bufs.get(b + seg))
                         .ok_or_else(|| {
-                            Error::Gpu(format!("state has no cache {c} segment {seg}"))
+                            Error::internal(format!("state has no cache {c} segment {seg}"))
                         })?
                 }
             },
@@ -1480,10 +1476,13 @@ impl GpuPlan {
     fn segs(&self, row: usize, slots: usize, head_dim: usize) -> Result<(usize, usize)> {
         let mut rows = (self.seg_bytes / row.max(1) as u64) as usize;
         if rows == 0 {
-            return Err(Error::Gpu(format!(
-                "one KV-cache row ({row} bytes) exceeds the largest cache buffer ({} bytes)",
-                self.seg_bytes
-            )));
+            return Err(Error::device(
+                DeviceFault::Limits,
+                format!(
+                    "one KV-cache row ({row} bytes) exceeds the largest cache buffer ({} bytes)",
+                    self.seg_bytes
+                ),
+            ));
         }
         if self.rows_variant && !attention::rows_ok(head_dim, rows.min(slots)) {
             // CPU adapters attend one (head, token) an invocation, within llvmpipe's loop bound: a
@@ -1622,7 +1621,7 @@ impl GpuPlan {
         let si = self.lin_alias.get(&si).copied().unwrap_or(si);
         self.linears
             .get(&si)
-            .ok_or_else(|| Error::Gpu(format!("step {si} has no GPU weights")))
+            .ok_or_else(|| Error::internal(format!("step {si} has no GPU weights")))
     }
 
     fn bind_group(&self, si: usize, j: usize, state: Option<&GpuState>) -> Result<wgpu::BindGroup> {
@@ -1648,9 +1647,10 @@ impl GpuPlan {
     ) -> Result<GpuState> {
         use crate::kv::GpuCacheBudget;
         if let Some((_, s)) = caches.iter().find(|(_, s)| s.len() != 4) {
-            return Err(Error::Gpu(format!(
-                "cache shape {s:?} is not [1, KVH, S, D]"
-            )));
+            return Err(Error::device(
+                DeviceFault::Unsupported,
+                format!("cache shape {s:?} is not [1, KVH, S, D]"),
+            ));
         }
         let bytes_of = |c: usize| -> u64 {
             caches
@@ -1690,11 +1690,8 @@ impl GpuPlan {
                 .iter()
                 .any(|p| (0..2).any(|k| caches.get(p[k]) != caches.get(first[k])))
             {
-                return Err(Error::Gpu(
-                    "streamed layers have caches of different shapes; use a budget that keeps them \
-                     resident (`--gpu-cache-budget all`)"
-                        .into(),
-                ));
+                return Err(Error::device(DeviceFault::Unsupported, "streamed layers have caches of different shapes; use a budget that keeps them \
+                     resident (`--gpu-cache-budget all`)"));
             }
         }
         let rows_bytes: u64 = caches
@@ -1871,10 +1868,13 @@ impl GpuPlan {
                 let (res, target) = match fuse {
                     Some((_, other, aout)) => {
                         if e.meta(other).map(|m| m.shape) != Some(shape.clone()) {
-                            return Err(Error::Gpu(format!(
-                                "`{}`: residual has another shape than the linear output",
-                                plan.names[aout]
-                            )));
+                            return Err(Error::device(
+                                DeviceFault::Unsupported,
+                                format!(
+                                    "`{}`: residual has another shape than the linear output",
+                                    plan.names[aout]
+                                ),
+                            ));
                         }
                         (BufRef::Val(other), aout)
                     }
@@ -2056,7 +2056,7 @@ impl GpuPlan {
                     || (fin.is_none() && !self.writes_rows(plan, past, new))
                 {
                     if fin.is_some() {
-                        return Err(Error::Gpu(format!(
+                        return Err(Error::device(DeviceFault::Unsupported, format!(
                             "attention `{}` with its rotary absorbed: inputs {:?} {:?} {:?} do not fit",
                             n.name, qm.shape, km.shape, vm.shape
                         )));
@@ -2066,20 +2066,23 @@ impl GpuPlan {
                 let mut extra = Vec::new();
                 if let Some(a) = fin {
                     let (Some(ct), Some(pt)) = (plan.consts[a.cos].as_ref(), e.cpu(a.pos)) else {
-                        return Err(Error::Gpu(format!(
-                            "attention `{}`: rotary positions or tables missing",
-                            n.name
-                        )));
+                        return Err(Error::device(
+                            DeviceFault::Unsupported,
+                            format!("attention `{}`: rotary positions or tables missing", n.name),
+                        ));
                     };
                     if ct.rank() != 2
                         || ct.shape[1] != d / 2
                         || pt.dtype != DType::I64
                         || pt.numel() != t
                     {
-                        return Err(Error::Gpu(format!(
-                            "attention `{}`: rotary tables {:?} or positions {:?} do not fit",
-                            n.name, ct.shape, pt.shape
-                        )));
+                        return Err(Error::device(
+                            DeviceFault::Unsupported,
+                            format!(
+                                "attention `{}`: rotary tables {:?} or positions {:?} do not fit",
+                                n.name, ct.shape, pt.shape
+                            ),
+                        ));
                     }
                     if !dry {
                         check_positions(n, pt, ct.shape[0])?;
@@ -2329,11 +2332,10 @@ impl GpuPlan {
                         _ => None,
                     }
                 } else if self.skipped.contains(&si) && n.op != "Add" {
-                    let src =
-                        inp(0).ok_or_else(|| Error::Gpu("fused step lost its input".into()))?;
+                    let src = inp(0).ok_or_else(|| Error::internal("fused step lost its input"))?;
                     let m = e
                         .meta(src)
-                        .ok_or_else(|| Error::Gpu("fused step input missing".into()))?;
+                        .ok_or_else(|| Error::internal("fused step input missing"))?;
                     Some((0, src, m))
                 } else {
                     None
@@ -2417,7 +2419,7 @@ impl GpuPlan {
                         if os.len() > ew::MAX_RANK {
                             return Ok(None);
                         }
-                        let op = BinOp::from_onnx(&n.op).ok_or_else(|| Error::Gpu("op".into()))?;
+                        let op = BinOp::from_onnx(&n.op).ok_or_else(|| Error::internal("op"))?;
                         let p = ew::binary_params(op, &am.shape, &bm.shape, &os)?;
                         let nn = os.iter().product();
                         Ok(Some(Desc {
@@ -2851,10 +2853,13 @@ impl GpuPlan {
             .meta(xin)
             .filter(|m| m.dtype == DType::F32 && m.shape.last() == Some(&g.k))
             .ok_or_else(|| {
-                Error::Gpu(format!(
-                    "fused linear `{name}`: its input `{}` is not f32 [.., {}]",
-                    e.plan.names[xin], g.k
-                ))
+                Error::device(
+                    DeviceFault::Unsupported,
+                    format!(
+                        "fused linear `{name}`: its input `{}` is not f32 [.., {}]",
+                        e.plan.names[xin], g.k
+                    ),
+                )
             })?;
         let m = xm.numel() / g.k.max(1);
         let meta = |n: usize| {
@@ -2876,7 +2881,7 @@ impl GpuPlan {
             let mut bases = gr
                 .bases
                 .lock()
-                .map_err(|_| Error::Gpu("group lock poisoned".into()))?;
+                .map_err(|_| Error::internal("group lock poisoned"))?;
             if dry {
                 // Each member's [T, rows] at an offset a binding may start at.
                 let align = (self.ctx.device.limits().min_storage_buffer_offset_alignment as usize
@@ -3001,7 +3006,7 @@ impl GpuPlan {
     /// Whether step `f` (begun, not finished) can have the next one run ahead of it (see
     /// [`GpuPlan::begin`]): the plan feeds its token ids from its token choice, `f` is a decode step
     /// whose token choice ran on the GPU and was saved for the next step,
-    /// every cache layer is resident, nothing is profiled, and `ONESTEP_GPU_AHEAD` is not `0`.
+    /// every cache layer is resident, nothing is profiled, and [`super::GpuOptions::run_ahead`] is on.
     pub fn can_run_ahead(&self, state: &GpuState, f: &Flight) -> bool {
         self.ahead && f.tokens == 1 && state.streams.is_empty() && f.token_saved
     }
@@ -3114,7 +3119,7 @@ impl GpuPlan {
         after: Option<&Flight>,
     ) -> Result<Flight> {
         if host.caches.len() != state.home.len() {
-            return Err(Error::Gpu(format!(
+            return Err(Error::internal(format!(
                 "host cache has {} tensors, the GPU state {}",
                 host.caches.len(),
                 state.home.len()
@@ -3124,7 +3129,7 @@ impl GpuPlan {
             held: state
                 .held
                 .lock()
-                .map_err(|_| Error::Gpu("cache lock poisoned".into()))?
+                .map_err(|_| Error::internal("cache lock poisoned"))?
                 .clone(),
             up_at: vec![None; state.streams.len()],
             stalls: 0,
@@ -3162,15 +3167,15 @@ impl GpuPlan {
                 .feed
                 .as_ref()
                 .filter(|_| self.can_run_ahead(state, a))
-                .ok_or_else(|| Error::Gpu("this step cannot run ahead".into()))?;
+                .ok_or_else(|| Error::internal("this step cannot run ahead"))?;
             if a.position + a.tokens != position {
-                return Err(Error::Gpu(format!(
+                return Err(Error::internal(format!(
                     "a step at {position} cannot run ahead of one at {}",
                     a.position
                 )));
             }
             let to = self.home[feed.ids]
-                .ok_or_else(|| Error::Gpu("the fed token ids have no GPU buffer".into()))?;
+                .ok_or_else(|| Error::internal("the fed token ids have no GPU buffer"))?;
             f.parity = 1 - a.parity;
             f.fed = Some(feed.ids);
             f.early = feed.early.iter().map(|&v| f.env[v].clone()).collect();
@@ -3210,7 +3215,7 @@ impl GpuPlan {
             let n = f.tokens * host_mut.caches[c].row_bytes();
             let piece = rows
                 .get(off as usize..off as usize + n)
-                .ok_or_else(|| Error::Gpu("cache rows were not read back".into()))?;
+                .ok_or_else(|| Error::internal("cache rows were not read back"))?;
             host_mut.caches[c].write_rows(f.position, f.tokens, piece)?;
         }
         let mut kv = f.kv;
@@ -3223,7 +3228,7 @@ impl GpuPlan {
         *state
             .held
             .lock()
-            .map_err(|_| Error::Gpu("cache lock poisoned".into()))? = kv.held;
+            .map_err(|_| Error::internal("cache lock poisoned"))? = kv.held;
         if let Ok(mut k) = state.stats.lock() {
             k.step_bytes_up = kv.up;
             k.step_bytes_down = kv.down;
@@ -3237,7 +3242,7 @@ impl GpuPlan {
         let mut stats = self
             .lock
             .lock()
-            .map_err(|_| Error::Gpu("executor lock poisoned".into()))?;
+            .map_err(|_| Error::internal("executor lock poisoned"))?;
         let Counts {
             dispatches,
             submits,
@@ -3291,11 +3296,11 @@ impl GpuPlan {
         let _rec = self
             .recording
             .lock()
-            .map_err(|_| Error::Gpu("executor lock poisoned".into()))?;
+            .map_err(|_| Error::internal("executor lock poisoned"))?;
         let mut kept_all = self
             .kept
             .lock()
-            .map_err(|_| Error::Gpu("description cache lock poisoned".into()))?;
+            .map_err(|_| Error::internal("description cache lock poisoned"))?;
         if !kept_all.contains_key(&f.tokens) && kept_all.len() >= KEPT_SIZES {
             kept_all.clear();
         }
@@ -3344,7 +3349,7 @@ impl GpuPlan {
                             continue;
                         }
                         let t = f.env[v].as_ref().ok_or_else(|| {
-                            Error::Gpu(format!(
+                            Error::internal(format!(
                                 "`{}` is neither on the GPU nor on the CPU",
                                 plan.names[v]
                             ))
@@ -3355,17 +3360,17 @@ impl GpuPlan {
                             continue;
                         }
                         let h = self.home[v].ok_or_else(|| {
-                            Error::Gpu(format!("`{}` has no GPU buffer", plan.names[v]))
+                            Error::internal(format!("`{}` has no GPU buffer", plan.names[v]))
                         })?;
                         let b = t.bytes();
                         if self.offs[v] != 0 {
-                            return Err(Error::Gpu(format!(
+                            return Err(Error::internal(format!(
                                 "`{}` is a part of a fused output and cannot be uploaded",
                                 plan.names[v]
                             )));
                         }
                         if b.len() as u64 > self.caps[h] {
-                            return Err(Error::Gpu(format!(
+                            return Err(Error::internal(format!(
                                 "`{}` needs {} bytes, {} were planned",
                                 plan.names[v],
                                 b.len(),
@@ -3378,10 +3383,10 @@ impl GpuPlan {
                     }
                     for &(o, ref m, _) in &d.outs {
                         let h = self.home[o].ok_or_else(|| {
-                            Error::Gpu(format!("`{}` has no GPU buffer", plan.names[o]))
+                            Error::internal(format!("`{}` has no GPU buffer", plan.names[o]))
                         })?;
                         if self.offs[o] + m.bytes() > self.caps[h] {
-                            return Err(Error::Gpu(format!(
+                            return Err(Error::internal(format!(
                                 "`{}` needs {} bytes, {} were planned",
                                 plan.names[o],
                                 self.offs[o] + m.bytes(),
@@ -3399,7 +3404,7 @@ impl GpuPlan {
                         f.kv.before_attention(state, past);
                     }
                     if d.disp.len() != self.kernels[si].len() {
-                        return Err(Error::Gpu(format!(
+                        return Err(Error::internal(format!(
                             "step {si} described {} dispatches, {} were planned",
                             d.disp.len(),
                             self.kernels[si].len()
@@ -3533,7 +3538,7 @@ impl GpuPlan {
                         let g = match &self.groups[si][j] {
                             Some(g) => g,
                             None => state.groups.get(&(si, j)).ok_or_else(|| {
-                                Error::Gpu("state has no bind group for an attention step".into())
+                                Error::internal("state has no bind group for an attention step")
                             })?,
                         };
                         pass.set_pipeline(&self.kernels[si][j].pipeline);
@@ -3564,7 +3569,7 @@ impl GpuPlan {
                     let mut belt = state
                         .belt
                         .lock()
-                        .map_err(|_| Error::Gpu("staging lock poisoned".into()))?;
+                        .map_err(|_| Error::internal("staging lock poisoned"))?;
                     state.for_pieces(c, a, b, |buf, la, lo, hi| {
                         let (at, n) = (la as u64 * rb, (hi - lo) as u64 * rb);
                         let Some(size) = copy_range(buf, at, n)? else {
@@ -3644,7 +3649,7 @@ impl GpuPlan {
         let mut belt = state
             .belt
             .lock()
-            .map_err(|_| Error::Gpu("staging lock poisoned".into()))?;
+            .map_err(|_| Error::internal("staging lock poisoned"))?;
         belt.finish();
         let t0 = std::time::Instant::now();
         let index = self.ctx.queue.submit([enc.finish()]);
@@ -3683,7 +3688,9 @@ impl GpuPlan {
                         submission_index: None,
                         timeout: None,
                     })
-                    .map_err(|e| Error::Gpu(format!("waiting for the GPU: {e}")))?;
+                    .map_err(|e| {
+                        Error::device(DeviceFault::Lost, format!("waiting for the GPU: {e}"))
+                    })?;
                 let dt = t0.elapsed().as_secs_f64();
                 let name = match cmd {
                     Cmd::Disp(si, j, _) => self.kernels[si][j].name.clone(),
@@ -3732,12 +3739,12 @@ impl GpuPlan {
             let mut sets = state
                 .fetch
                 .lock()
-                .map_err(|_| Error::Gpu("staging lock poisoned".into()))?;
+                .map_err(|_| Error::internal("staging lock poisoned"))?;
             for &v in fetch {
                 let m = f.meta[v]
                     .as_ref()
-                    .ok_or_else(|| Error::Gpu("fetch of a value not on the GPU".into()))?;
-                let h = self.home[v].ok_or_else(|| Error::Gpu("no buffer".into()))?;
+                    .ok_or_else(|| Error::internal("fetch of a value not on the GPU"))?;
+                let h = self.home[v].ok_or_else(|| Error::internal("no buffer"))?;
                 // A read-back buffer per value and parity, made at its first use, sized for the
                 // value's buffer.
                 let st = sets[f.parity]
@@ -3746,7 +3753,7 @@ impl GpuPlan {
                     .clone();
                 let bytes = m.bytes();
                 if bytes > st.size() {
-                    return Err(Error::Gpu(format!(
+                    return Err(Error::internal(format!(
                         "read-back of {bytes} bytes exceeds the planned {}",
                         st.size()
                     )));
@@ -3788,7 +3795,7 @@ impl GpuPlan {
         if let (Some(st), Some(prof), false) = (stamps, &self.profile, timed.is_empty()) {
             let ticks = raw.pop().unwrap_or_default();
             let ticks: &[u64] = bytemuck::try_cast_slice(&ticks)
-                .map_err(|e| Error::Gpu(format!("timestamps: {e}")))?;
+                .map_err(|e| Error::device(DeviceFault::Lost, format!("timestamps: {e}")))?;
             let mut p = prof.lock().unwrap_or_else(|e| e.into_inner());
             for (k, &(si, j)) in timed.iter().enumerate() {
                 let dt = ticks[2 * k + 1].saturating_sub(ticks[2 * k]) as f64 * st.period * 1e-9;
@@ -3858,7 +3865,7 @@ impl Kv {
         let pair = state
             .streams
             .get(i)
-            .ok_or_else(|| Error::Gpu(format!("no streamed layer {i}")))?;
+            .ok_or_else(|| Error::internal(format!("no streamed layer {i}")))?;
         for &c in pair {
             let b = state.home[c];
             let (who, v) = self.held[b];
@@ -3887,18 +3894,13 @@ impl Kv {
 /// the size as a `BufferSize`, `None` when empty.
 fn copy_range(buf: &wgpu::Buffer, at: u64, n: u64) -> Result<Option<wgpu::BufferSize>> {
     if !at.is_multiple_of(4) || !n.is_multiple_of(4) || at + n > buf.size() {
-        return Err(Error::Gpu(format!(
+        return Err(Error::internal(format!(
             "a KV-cache copy of bytes {at}..{} does not fit a {}-byte buffer or is not 4-byte aligned",
             at + n,
             buf.size()
         )));
     }
     Ok(wgpu::BufferSize::new(n))
-}
-
-/// A number from the environment (tuning knobs).
-fn env_usize(name: &str) -> Option<usize> {
-    std::env::var(name).ok().and_then(|v| v.parse().ok())
 }
 
 /// Step `si` when it is a generic node: (the node, its input slots, its output slots).
@@ -4138,7 +4140,12 @@ pub(crate) fn run_fused_linear_once(
 ) -> Result<Vec<f32>> {
     let kernel = g
         .fused_kernels(ctx, out, norm.is_some())?
-        .ok_or_else(|| Error::Gpu("no fused kernel for these weights".into()))?
+        .ok_or_else(|| {
+            Error::device(
+                DeviceFault::Unsupported,
+                "no fused kernel for these weights",
+            )
+        })?
         .swap_remove(g.fused_pick(t));
     let xb = ctx.buffer_with("x", bytemuck::cast_slice(x))?;
     let ab = ctx.buffer_with("aux", bytemuck::cast_slice(aux))?;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use super::context::{Bind, GpuContext, Kernel};
 use super::{Params, Variant};
-use crate::error::{Error, Result};
+use crate::error::{DeviceFault, Error, Result};
 use crate::graph::DType;
 use crate::weights::{LinearWeights, WeightForm};
 
@@ -27,7 +27,7 @@ pub const SUBGROUP_SOURCE: &str = include_str!("linear_subgroup.wgsl");
 pub const GEMM_SOURCE: &str = include_str!("linear_gemm.wgsl");
 /// Tokens (64) and rows (64; SiLU pairs: 32 items) a `linear_gemm` workgroup computes.
 pub const GEMM_TILE: usize = 64;
-/// Chunks of at least this many tokens take the tiled GEMM on GPUs (`ONESTEP_GPU_GEMM_TOKENS`; 0:
+/// Chunks of at least this many tokens take the tiled GEMM on GPUs ([`GpuOptions::gemm_tokens`](super::GpuOptions::gemm_tokens); 0:
 /// never); shorter ones (decode) the GEMV kernels.
 pub const GEMM_TOKENS: usize = 16;
 /// Output rows a workgroup computes for input width `k`: the 256 threads split into rows × lanes, and
@@ -82,7 +82,7 @@ pub struct GpuLinear {
     /// Whether the kernels are the subgroup variant (`linear_sg`, `rows` rows a workgroup).
     pub subgroups: bool,
     /// Whether a lane of the subgroup variant takes whole blocks of a row (4- and 8-bit block forms;
-    /// `ONESTEP_GPU_BLOCK_LANES=0`: one element of every block, as the other forms).
+    /// [`GpuOptions::block_lanes`](super::GpuOptions::block_lanes) off: one element of every block, as the other forms).
     pub blocks: bool,
     /// The tiled GEMM (`linear_gemm`, plain output) for chunks of at least `gemm_tokens` tokens; None
     /// for the one-row-an-invocation variant (CPU adapters) or when turned off.
@@ -92,10 +92,8 @@ pub struct GpuLinear {
 }
 
 /// Whether a lane of the subgroup variant takes whole blocks of encoding `code` (the 4- and 8-bit block
-/// forms) when `on` (default: `ONESTEP_GPU_BLOCK_LANES` is not `0`).
-fn block_lanes(subgroups: bool, code: u32, on: Option<bool>) -> bool {
-    let on =
-        on.unwrap_or_else(|| std::env::var_os("ONESTEP_GPU_BLOCK_LANES").is_none_or(|v| v != "0"));
+/// forms) when `on` ([`GpuOptions::block_lanes`](super::GpuOptions::block_lanes)).
+fn block_lanes(subgroups: bool, code: u32, on: bool) -> bool {
     on && subgroups && matches!(code, 4 | 5)
 }
 
@@ -169,9 +167,10 @@ impl GpuLinear {
         variant: Variant,
     ) -> Result<GpuLinear> {
         let (code, row_bytes) = form_code(w).ok_or_else(|| {
-            Error::Gpu(format!(
-                "`{name}`: weight encoding not supported on the GPU"
-            ))
+            Error::device(
+                DeviceFault::Unsupported,
+                format!("`{name}`: weight encoding not supported on the GPU"),
+            )
         })?;
         let (n, k) = (w.n, w.k);
         let nb = k / 32;
@@ -182,7 +181,7 @@ impl GpuLinear {
         let per_row = row_bytes.max(side_row) as u64;
         let mut rows_per = ((limit / per_row.max(1)) as usize / 4 * 4).min(n.next_multiple_of(4));
         if rows_per == 0 {
-            return Err(Error::Gpu(format!(
+            return Err(Error::device(DeviceFault::Limits, format!(
                 "`{name}`: one weight row ({per_row} bytes) exceeds the binding limit of {limit} bytes"
             )));
         }
@@ -263,12 +262,11 @@ impl GpuLinear {
         } else {
             rows_for(k)
         };
-        let blocks = block_lanes(subgroups, code, None);
+        let blocks = block_lanes(subgroups, code, ctx.options.block_lanes);
         let kernel = kernel(ctx, code, rows, subgroups, blocks)?;
-        let gemm_tokens = match std::env::var("ONESTEP_GPU_GEMM_TOKENS").map(|v| v.parse()) {
-            Ok(Ok(0)) => usize::MAX,
-            Ok(Ok(n)) => n,
-            _ => GEMM_TOKENS,
+        let gemm_tokens = match ctx.options.gemm_tokens {
+            0 => usize::MAX,
+            n => n,
         };
         let gemm = if rows != 0 && gemm_tokens != usize::MAX {
             Some(gemm_kernel(
@@ -557,7 +555,7 @@ impl GpuLinear {
     /// Test hook: the subgroup variant's kernel with whole blocks a lane on or off.
     #[cfg(test)]
     pub(crate) fn with_block_lanes(mut self, ctx: &GpuContext, on: bool) -> Result<Self> {
-        self.blocks = block_lanes(self.subgroups, self.form, Some(on));
+        self.blocks = block_lanes(self.subgroups, self.form, on);
         self.kernel = kernel(ctx, self.form, self.rows, self.subgroups, self.blocks)?;
         Ok(self)
     }
@@ -717,13 +715,11 @@ mod tests {
     /// The subgroup variant is what runs wherever the device has subgroups (lavapipe has: CI covers it);
     /// chunks from [`GEMM_TOKENS`] tokens take the tiled GEMM on every variant but `Rows`.
     fn check_variant(ctx: &GpuContext, g: &GpuLinear, v: Variant, t: usize) {
-        if std::env::var_os("ONESTEP_GPU_GEMM_TOKENS").is_none() {
-            assert_eq!(
-                g.uses_gemm(t),
-                v != Variant::Rows && t >= GEMM_TOKENS,
-                "{v:?} t {t}"
-            );
-        }
+        assert_eq!(
+            g.uses_gemm(t),
+            v != Variant::Rows && t >= GEMM_TOKENS,
+            "{v:?} t {t}"
+        );
         let sg = v == Variant::Subgroups && ctx.info().subgroups;
         assert_eq!(g.subgroups, sg, "{v:?}: {:?}", ctx.info());
         if sg {

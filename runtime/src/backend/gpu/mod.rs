@@ -14,10 +14,12 @@ pub mod elementwise;
 pub mod exec;
 pub mod linear;
 pub mod norm;
+pub mod options;
 pub mod rope;
 pub mod select;
 
 pub use context::{BackendFilter, DeviceRequest, GpuContext, GpuInfo};
+pub use options::{GpuFusions, GpuOptions};
 
 /// Words of the per-dispatch parameter block (`struct Params` in every kernel).
 pub const PARAM_WORDS: usize = 64;
@@ -103,18 +105,17 @@ pub enum Variant {
     Subgroups,
 }
 
-/// The variant for this context: `Rows` on CPU adapters, `Subgroups` where the device has subgroup
-/// operations, else `Lanes`. `ONESTEP_GPU_VARIANT=rows|lanes|subgroups` forces one (tests run each;
-/// `subgroups` only where the device has them).
+/// The variant for this context: the one its [`GpuOptions::variant`] names (`Subgroups` only where the
+/// device has them, else `Lanes`), else `Rows` on CPU adapters, `Subgroups` where the device has
+/// subgroup operations, `Lanes` otherwise.
 pub fn variant(ctx: &context::GpuContext) -> Variant {
     let sg = ctx.subgroup_min > 0;
-    match std::env::var("ONESTEP_GPU_VARIANT").as_deref() {
-        Ok("rows") => Variant::Rows,
-        Ok("lanes") => Variant::Lanes,
-        Ok("subgroups") if sg => Variant::Subgroups,
-        _ if ctx.info().device_type == "Cpu" => Variant::Rows,
-        _ if sg => Variant::Subgroups,
-        _ => Variant::Lanes,
+    match ctx.options.variant {
+        Some(Variant::Subgroups) if !sg => Variant::Lanes,
+        Some(v) => v,
+        None if ctx.info().device_type == "Cpu" => Variant::Rows,
+        None if sg => Variant::Subgroups,
+        None => Variant::Lanes,
     }
 }
 

@@ -8,11 +8,11 @@ internal object Native {
 
     @JvmStatic external fun modelLoad(
         path: String, device: String?, gpuBackend: String?, gpuCacheBudget: String?, kvPageRows: Int,
-        precision: String?,
+        precision: String?, settings: String?,
     ): Long
     @JvmStatic external fun modelLoadBytes(
         bytes: ByteArray, name: String, device: String?, gpuBackend: String?, gpuCacheBudget: String?, kvPageRows: Int,
-        precision: String?,
+        precision: String?, settings: String?,
     ): Long
     /** [device, why `auto` chose the CPU or null]. */
     @JvmStatic external fun modelDevice(handle: Long): Array<String?>

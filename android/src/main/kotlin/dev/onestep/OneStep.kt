@@ -4,8 +4,39 @@ import java.util.concurrent.locks.ReentrantReadWriteLock
 import kotlin.concurrent.read
 import kotlin.concurrent.write
 
-/** A runtime error (bad model file, prompt longer than the cache, ...) with the runtime's message. */
-class OneStepException(message: String) : RuntimeException(message)
+/** What kind of failure a [OneStepException] reports: the C ABI's `OnestepStatus` values, by name. */
+enum class Status {
+    /** An argument or option out of range (prompt longer than the cache, an unknown setting, ...). */
+    INVALID_ARGUMENT,
+    /** Reading the model file failed at the OS level. */
+    IO,
+    /** The bytes are not a valid onestep step graph (corrupt, truncated, wrong contract, over a limit). */
+    INVALID_MODEL,
+    /** Ops or an opset this runtime does not implement. */
+    UNSUPPORTED,
+    /** A step failed while running (the session's cache is reset; the session stays usable). */
+    RUNTIME,
+    /** Tokenizer failure. */
+    TOKENIZER,
+    /** Chat-template failure (or no chat template). */
+    TEMPLATE,
+    /** The session is in use by another call. */
+    BUSY,
+    /** The call does not fit the state (a closed handle, no generation in progress). */
+    BAD_STATE,
+    /** The generation was cancelled. */
+    CANCELLED,
+    /** The GPU cannot be used or failed (no adapter, a step its kernels do not take, its memory, device lost). */
+    DEVICE,
+    /** A broken invariant inside onestep: a bug, never the input's fault (please report the message). */
+    INTERNAL,
+}
+
+/** A runtime error: [status] says what kind, the message what and where (file, tensor, op). */
+class OneStepException(val status: Status, message: String) : RuntimeException(message) {
+    /** From the native side, which names the status. */
+    internal constructor(status: String, message: String) : this(Status.valueOf(status), message)
+}
 
 /** One chat message: `system`, `user`, `assistant`, ... */
 data class ChatMessage(val role: String, val content: String)
@@ -60,6 +91,9 @@ data class Completion(
  * - [kvPageRows]: positions a host KV-cache page; 0: the default (64).
  * - [precision]: how the CPU multiplies 4- and 8-bit weights: `exact` (f32 activations) or `fast` (8-bit
  *   activations and integer dot products, as llama.cpp; the output layer stays exact).
+ * - [settings]: further settings as `key=value` pairs separated by commas: `profile=on` and the GPU tuning
+ *   keys (`gpu_variant=lanes`, `gpu_run_ahead=off`, `gpu_pipeline_cache=<dir>` to keep compiled GPU
+ *   pipelines between runs, e.g. `context.cacheDir`, ...; the list is in the README). Null: none.
  */
 data class LoadOptions @JvmOverloads constructor(
     val device: String = "cpu",
@@ -67,6 +101,7 @@ data class LoadOptions @JvmOverloads constructor(
     val gpuCacheBudget: String = "all",
     val kvPageRows: Int = 0,
     val precision: String = "exact",
+    val settings: String? = null,
 )
 
 /** A loaded model: immutable, shared by any number of [Session]s on any threads. */
@@ -80,6 +115,7 @@ class OneStep private constructor(handle: Long) : AutoCloseable {
         fun load(path: String, options: LoadOptions = LoadOptions()): OneStep = OneStep(
             Native.modelLoad(
                 path, options.device, options.gpuBackend, options.gpuCacheBudget, options.kvPageRows, options.precision,
+                options.settings,
             ),
         )
 
@@ -89,7 +125,7 @@ class OneStep private constructor(handle: Long) : AutoCloseable {
         fun load(bytes: ByteArray, name: String = "<memory>", options: LoadOptions = LoadOptions()): OneStep = OneStep(
             Native.modelLoadBytes(
                 bytes, name, options.device, options.gpuBackend, options.gpuCacheBudget, options.kvPageRows,
-                options.precision,
+                options.precision, options.settings,
             ),
         )
     }
@@ -161,7 +197,7 @@ class Session internal constructor(handle: Long) : AutoCloseable {
                 o.maxNewTokens ?: -1, o.temperature ?: Float.NaN, o.topK ?: -1, o.topP ?: Float.NaN,
                 o.seed != null, o.seed ?: 0L, o.stopStrings.toTypedArray(), o.ignoreStopTokens, listener,
             )
-            val s = Native.sessionLastStats(h) ?: throw OneStepException("no statistics after a generation")
+            val s = Native.sessionLastStats(h) ?: throw OneStepException(Status.INTERNAL, "no statistics after a generation")
             Completion(text, Native.sessionLastStopReason(h) ?: "", s[0].toInt(), s[1].toInt(), s[2].toInt(), s[3], s[6])
         }
 
