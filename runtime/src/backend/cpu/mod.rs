@@ -6,7 +6,6 @@
 //! checked up front and reported as [`KernelError`]; the caller maps it to the runtime's error.
 
 pub mod attention;
-pub mod basic;
 pub mod linear;
 mod linear_q8;
 pub mod misc;

@@ -820,12 +820,17 @@ fn topk(ctx: &Ctx, a: &Tensor, k: &Tensor) -> Result<Vec<Tensor>> {
     let mut idxs = Vec::with_capacity(rows * k);
     let mut rv = vec![0.0f32; k];
     let mut ri = vec![0usize; k];
+    let mut neg = Vec::new();
     for row in v.chunks(n.max(1)).take(rows) {
-        if largest {
-            super::misc::top_k(row, &mut rv, &mut ri).map_err(|e| ctx.err(e.to_string()))?;
+        // The smallest are the largest of the negated row (ties still to the lower index).
+        let x = if largest {
+            row
         } else {
-            ri.copy_from_slice(&super::basic::top_k(row, k, false));
-        }
+            neg.clear();
+            neg.extend(row.iter().map(|v| -v));
+            &neg[..]
+        };
+        super::misc::top_k(x, &mut rv, &mut ri).map_err(|e| ctx.err(e.to_string()))?;
         for &i in &ri {
             vals.push(row[i]);
             idxs.push(i as i64);

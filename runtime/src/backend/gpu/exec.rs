@@ -1532,8 +1532,9 @@ impl GpuPlan {
             };
             match plan.graph.nodes[*node].op.as_str() {
                 "Shape" => {}
-                "Reshape" | "Squeeze" | "Unsqueeze" | "Identity" | "Flatten"
-                    if hits.len() == 1 && inputs.first().copied().flatten() == Some(hits[0]) =>
+                op if crate::plan::is_view_op(op)
+                    && hits.len() == 1
+                    && inputs.first().copied().flatten() == Some(hits[0]) =>
                 {
                     holds_ids.insert(*outputs.first()?);
                 }
@@ -2380,7 +2381,7 @@ impl GpuPlan {
                     }));
                 }
                 match n.op.as_str() {
-                    "Reshape" | "Squeeze" | "Unsqueeze" | "Identity" | "Flatten" => {
+                    op if crate::plan::is_view_op(op) => {
                         let Some(x) = inp(0) else { return Ok(None) };
                         let Some(xm) = e.meta[x].clone() else {
                             return Ok(None);
@@ -2978,31 +2979,6 @@ impl GpuPlan {
         })
     }
 
-    /// Runs one step: [`GpuPlan::begin`] then [`GpuPlan::finish`]. `env` holds the graph inputs on
-    /// entry and the CPU-side values on return (the outputs the caller reads: `next_token`, and `logits`
-    /// when `want` lists it). `cpu_step` runs a step on the CPU.
-    ///
-    /// The KV cache: `host` holds every cache's rows before `position`; streamed layers' missing pages
-    /// are uploaded on the way (see [`GpuState`]), and the chunk's `tokens` new rows of every cache come
-    /// back into `host` at `position`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn run(
-        &self,
-        plan: &Plan,
-        state: &GpuState,
-        host: &mut crate::kv::PagedCache,
-        env: Vec<Option<Tensor>>,
-        position: usize,
-        tokens: usize,
-        want: &[ValId],
-        cpu_step: &mut CpuStep,
-    ) -> Result<Vec<Option<Tensor>>> {
-        let f = self.begin(
-            plan, state, host, env, position, tokens, want, cpu_step, None,
-        )?;
-        Ok(self.finish(plan, state, host, f, cpu_step)?.0)
-    }
-
     /// Whether step `f` (begun, not finished) can have the next one run ahead of it (see
     /// [`GpuPlan::begin`]): the plan feeds its token ids from its token choice, `f` is a decode step
     /// whose token choice ran on the GPU and was saved for the next step,
@@ -3012,8 +2988,13 @@ impl GpuPlan {
     }
 
     /// Records and submits a step up to its first read-back (the host tail of the token choice) and
-    /// returns it in flight; [`GpuPlan::finish`] waits for it and runs the rest. Arguments as for
-    /// [`GpuPlan::run`].
+    /// returns it in flight; [`GpuPlan::finish`] waits for it and runs the rest. `env` holds the graph
+    /// inputs; after `finish` it holds the CPU-side values (the outputs the caller reads: `next_token`,
+    /// and `logits` when `want` lists it). `cpu_step` runs a step on the CPU.
+    ///
+    /// The KV cache: `host` holds every cache's rows before `position`; streamed layers' missing pages
+    /// are uploaded on the way (see [`GpuState`]), and the chunk's `tokens` new rows of every cache come
+    /// back into `host` at `position`.
     ///
     /// With `after` (a decode step in flight, see [`GpuPlan::can_run_ahead`]) this step runs ahead of
     /// it: its token ids are not in `env` (a placeholder of one token is) but copied on the GPU from
