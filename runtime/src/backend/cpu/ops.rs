@@ -945,6 +945,34 @@ fn rotary(ctx: &Ctx, inputs: &[Option<&Tensor>]) -> Result<Tensor> {
     Ok(out)
 }
 
+/// Q, K or V of `Attention` as `[B, H, S, D]` values: a 4-D input as it is, a 3-D `[B, S, H·D]` one
+/// split into `heads` (the `q_num_heads` / `kv_num_heads` attribute) and transposed.
+fn attention_heads(ctx: &Ctx, x: &Tensor, heads: i64) -> Result<(Vec<f32>, [usize; 4])> {
+    let v = x.to_f32_vec(&ctx.node.name)?;
+    match x.shape[..] {
+        [b, h, s, d] => Ok((v, [b, h, s, d])),
+        [b, s, hd] => {
+            let h = usize::try_from(heads).unwrap_or(0);
+            if h == 0 || hd % h != 0 {
+                return Err(ctx.err(format!(
+                    "3-D input {:?} needs q_num_heads/kv_num_heads dividing its last dim",
+                    x.shape
+                )));
+            }
+            let t = transpose(&Tensor::f32(&[b, s, h, hd / h], &v), &[0, 2, 1, 3]);
+            Ok((t.typed::<f32>().to_vec(), [b, h, s, hd / h]))
+        }
+        _ => Err(ctx.err(format!(
+            "Attention takes 3-D or 4-D Q, K, V; got {:?}",
+            x.shape
+        ))),
+    }
+}
+
+/// ONNX `Attention` (opset 23): softmax(Q·Kᵀ·scale + mask) · V per batch and head, K/V heads shared by
+/// groups of Q heads, the mask (bool or additive) broadcast to `[B, Hq, T, S]`, `is_causal` keeping keys
+/// `s ≤ t` (the upper-left alignment ONNX specifies; the exporter writes explicit masks, and the planner
+/// fuses only attentions without `is_causal`). The output has Q's dtype and layout (3-D in, 3-D out).
 fn attention(ctx: &Ctx, inputs: &[Option<&Tensor>]) -> Result<Tensor> {
     let q = input(ctx, inputs, 0)?;
     let k = input(ctx, inputs, 1)?;
@@ -953,23 +981,15 @@ fn attention(ctx: &Ctx, inputs: &[Option<&Tensor>]) -> Result<Tensor> {
     if inputs.len() > 4 && inputs[4..].iter().any(|i| i.is_some()) {
         return Err(ctx.err("Attention past_key/past_value inputs are not supported"));
     }
-    if q.rank() != 4 || k.rank() != 4 || v.rank() != 4 {
-        return Err(ctx.err("Attention is supported for 4-D Q, K, V"));
-    }
     if ctx.node.attr_float("softcap", 0.0) != 0.0 {
         return Err(ctx.err("softcap is not supported"));
     }
-    let (b, hq, t, d) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3]);
-    let (hk, s) = (k.shape[1], k.shape[2]);
-    let dv = v.shape[3];
-    if b != 1
-        || k.shape[0] != 1
-        || hk == 0
-        || hq % hk != 0
-        || k.shape[3] != d
-        || v.shape[1] != hk
-        || v.shape[2] != s
-    {
+    let name = &ctx.node.name;
+    let (qv, [b, hq, t, d]) = attention_heads(ctx, q, ctx.node.attr_int("q_num_heads", 0))?;
+    let kv_heads = ctx.node.attr_int("kv_num_heads", 0);
+    let (kv, [bk, hk, s, dk]) = attention_heads(ctx, k, kv_heads)?;
+    let (vv, [bv, hv, sv, dv]) = attention_heads(ctx, v, kv_heads)?;
+    if bk != b || bv != b || hk == 0 || hq % hk != 0 || dk != d || hv != hk || sv != s {
         return Err(ctx.err(format!(
             "incompatible shapes Q {:?} K {:?} V {:?}",
             q.shape, k.shape, v.shape
@@ -980,81 +1000,67 @@ fn attention(ctx: &Ctx, inputs: &[Option<&Tensor>]) -> Result<Tensor> {
         _ => 1.0 / (d as f32).sqrt(),
     };
     let causal = ctx.node.attr_int("is_causal", 0) != 0;
-    // Mask → per (t, s) bias, broadcast from its own shape to [t, s] (batch and heads must be 1).
-    let bias: Option<Vec<f32>> = match mask {
+    // The mask as an additive bias over [B, Hq, T, S] (through broadcast offsets).
+    let full = [b, hq, t, s];
+    let bias: Option<(Vec<f32>, Vec<usize>)> = match mask {
         None => None,
         Some(m) => {
-            let ms = &m.shape;
-            if ms.len() < 2
-                || ms[ms.len() - 1] != s
-                || (ms[ms.len() - 2] != t && ms[ms.len() - 2] != 1)
-                || ms[..ms.len() - 2].iter().any(|&x| x != 1)
-            {
-                return Err(ctx.err(format!("attn_mask shape {ms:?} unsupported for [{t}, {s}]")));
+            if m.rank() > 4 || broadcast_shape(&m.shape, &full).as_deref() != Some(&full[..]) {
+                return Err(ctx.err(format!(
+                    "attn_mask {:?} does not broadcast to {full:?}",
+                    m.shape
+                )));
             }
-            let rows = ms[ms.len() - 2];
-            let mut out = vec![0.0f32; t * s];
-            for ti in 0..t {
-                let r = if rows == 1 { 0 } else { ti };
-                for si in 0..s {
-                    out[ti * s + si] = match m.dtype {
-                        DType::Bool => {
-                            if m.typed::<u8>()[r * s + si] != 0 {
-                                0.0
-                            } else {
-                                f32::NEG_INFINITY
-                            }
-                        }
-                        DType::F32 => m.typed::<f32>()[r * s + si],
-                        dt => return Err(ctx.err(format!("attn_mask of {dt} unsupported"))),
-                    };
-                }
-            }
-            Some(out)
+            let vals = if m.dtype == DType::Bool {
+                let keep = m.typed::<u8>();
+                keep.iter()
+                    .map(|&k| if k != 0 { 0.0 } else { f32::NEG_INFINITY })
+                    .collect()
+            } else {
+                m.to_f32_vec(name)?
+            };
+            Some((vals, broadcast_offsets(&m.shape, &full)))
         }
     };
-    let (qv, kv, vv) = (
-        q.to_f32_vec(&ctx.node.name)?,
-        k.to_f32_vec(&ctx.node.name)?,
-        v.to_f32_vec(&ctx.node.name)?,
-    );
     let group = hq / hk;
-    let mut out = Tensor::zeros(DType::F32, &[1, hq, t, dv]);
-    let o = out.typed_mut::<f32>();
+    let mut o = vec![0.0f32; b * hq * t * dv];
     let mut scores = vec![0.0f32; s];
-    for h in 0..hq {
-        let kh = h / group;
-        for ti in 0..t {
-            let qrow = &qv[(h * t + ti) * d..][..d];
-            for si in 0..s {
-                let krow = &kv[(kh * s + si) * d..][..d];
-                let mut acc = 0.0f32;
-                for j in 0..d {
-                    acc += qrow[j] * krow[j];
+    for bi in 0..b {
+        for h in 0..hq {
+            let kh = bi * hk + h / group;
+            for ti in 0..t {
+                let row = (bi * hq + h) * t + ti;
+                let qrow = &qv[row * d..][..d];
+                for (si, sc) in scores.iter_mut().enumerate() {
+                    let krow = &kv[(kh * s + si) * d..][..d];
+                    let dot: f32 = qrow.iter().zip(krow).map(|(a, b)| a * b).sum();
+                    *sc = dot * scale;
+                    if let Some((vals, offs)) = &bias {
+                        *sc += vals[offs[row * s + si]];
+                    }
+                    if causal && si > ti {
+                        *sc = f32::NEG_INFINITY;
+                    }
                 }
-                let mut sc = acc * scale;
-                if let Some(bias) = &bias {
-                    sc += bias[ti * s + si];
-                }
-                if causal && si > ti + (s - t) {
-                    sc = f32::NEG_INFINITY;
-                }
-                scores[si] = sc;
-            }
-            softmax_rows(&mut scores, s);
-            let orow = &mut o[(h * t + ti) * dv..][..dv];
-            for si in 0..s {
-                let p = scores[si];
-                if p != 0.0 {
-                    let vrow = &vv[(kh * s + si) * dv..][..dv];
-                    for j in 0..dv {
-                        orow[j] += p * vrow[j];
+                softmax_rows(&mut scores, s);
+                let orow = &mut o[row * dv..][..dv];
+                for (si, &p) in scores.iter().enumerate() {
+                    if p != 0.0 {
+                        let vrow = &vv[(kh * s + si) * dv..][..dv];
+                        for (o, &x) in orow.iter_mut().zip(vrow) {
+                            *o += p * x;
+                        }
                     }
                 }
             }
         }
     }
-    Ok(out)
+    let mut out = Tensor::f32(&[b, hq, t, dv], &o);
+    if q.rank() == 3 {
+        out = transpose(&out, &[0, 2, 1, 3]);
+        out.shape = vec![b, t, hq * dv];
+    }
+    cast(ctx, &out, q.dtype)
 }
 
 /// `MatMul` as numpy's `matmul`: `[.., M, K] × [.., K, N]` with the batch dims broadcast, a 1-D
