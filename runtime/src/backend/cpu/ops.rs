@@ -916,16 +916,37 @@ fn rms_norm(ctx: &Ctx, x: &Tensor, scale: &Tensor) -> Result<Tensor> {
     Ok(out)
 }
 
+/// ONNX `RotaryEmbedding`: `x` as `[B, H, S, D]`, or `[B, S, H·D]` with `num_heads`; with
+/// `position_ids` (`[B, S]`) the caches are tables `[positions, R/2]` indexed by them, without they are
+/// `[B, S, R/2]`, one row a token.
 fn rotary(ctx: &Ctx, inputs: &[Option<&Tensor>]) -> Result<Tensor> {
     let x = input(ctx, inputs, 0)?;
     let name = &ctx.node.name;
     let cos = input(ctx, inputs, 1)?.as_f32(name)?;
     let sin = input(ctx, inputs, 2)?.as_f32(name)?;
-    let pos = input(ctx, inputs, 3)?.to_i64_vec(name)?;
-    if x.rank() != 4 || x.shape[0] != 1 {
-        return Err(ctx.err("RotaryEmbedding is supported for 4-D [1, H, S, D] input"));
-    }
-    let (h, t, d) = (x.shape[1], x.shape[2], x.shape[3]);
+    let pos = match inputs.get(3).copied().flatten() {
+        Some(p) => Some(p.to_i64_vec(name)?),
+        None => None,
+    };
+    let (b, h, t, d, tokens_first) = match x.shape[..] {
+        [b, h, t, d] => (b, h, t, d, false),
+        [b, t, hd] => {
+            let h = usize::try_from(ctx.node.attr_int("num_heads", 0)).unwrap_or(0);
+            if h == 0 || hd % h != 0 {
+                return Err(ctx.err(format!(
+                    "3-D input {:?} needs num_heads dividing its last dim",
+                    x.shape
+                )));
+            }
+            (b, h, t, hd / h, true)
+        }
+        _ => {
+            return Err(ctx.err(format!(
+                "RotaryEmbedding takes [B, H, S, D] or [B, S, H·D]; got {:?}",
+                x.shape
+            )))
+        }
+    };
     let rot = match ctx.node.attr_int("rotary_embedding_dim", 0) {
         0 => d,
         r if r > 0 => r as usize,
@@ -936,12 +957,42 @@ fn rotary(ctx: &Ctx, inputs: &[Option<&Tensor>]) -> Result<Tensor> {
         tokens: t,
         head_dim: d,
         rotary_dim: rot,
-        tokens_first: false,
+        tokens_first,
         interleaved: ctx.node.attr_int("interleaved", 0) != 0,
     };
     let mut out = Tensor::f32(&x.shape, x.as_f32(name)?);
-    super::rope::rope_in_place(out.typed_mut::<f32>(), &shape, cos, sin, &pos)
-        .map_err(|e| ctx.err(e.to_string()))?;
+    let per = h * t * d;
+    let rows = t * (rot / 2);
+    let own: Vec<i64> = (0..t as i64).collect();
+    for (bi, xb) in out
+        .typed_mut::<f32>()
+        .chunks_mut(per.max(1))
+        .enumerate()
+        .take(b)
+    {
+        let r = match &pos {
+            Some(p) if p.len() == b * t => {
+                super::rope::rope_in_place(xb, &shape, cos, sin, &p[bi * t..(bi + 1) * t])
+            }
+            Some(p) => Err(super::KernelError::Length {
+                kernel: "rotary",
+                what: "position_ids",
+                got: p.len(),
+                expected: b * t,
+            }),
+            None if cos.len() == b * rows && sin.len() == b * rows => {
+                let (c, s) = (&cos[bi * rows..][..rows], &sin[bi * rows..][..rows]);
+                super::rope::rope_in_place(xb, &shape, c, s, &own)
+            }
+            None => Err(super::KernelError::Length {
+                kernel: "rotary",
+                what: "cos_cache without position_ids",
+                got: cos.len(),
+                expected: b * rows,
+            }),
+        };
+        r.map_err(|e| ctx.err(e.to_string()))?;
+    }
     Ok(out)
 }
 
