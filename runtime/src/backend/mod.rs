@@ -2,3 +2,4 @@
 pub mod cpu;
 #[cfg(feature = "gpu")]
 pub mod gpu;
+pub(crate) mod mask;

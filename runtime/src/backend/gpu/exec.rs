@@ -865,7 +865,7 @@ struct Env<'a> {
     /// Set when a description looked at the contents of a host value that is not a constant (token ids,
     /// positions): such a description holds for this step only and is not cached.
     looked: std::cell::Cell<bool>,
-    /// The cache prefix a mask lets attend ([`crate::model::standard_prefix`]), found once a step.
+    /// The cache prefix a mask lets attend ([`crate::backend::mask::standard_prefix`]), found once a step.
     prefix: &'a std::cell::Cell<Option<(ValId, Option<usize>)>>,
 }
 
@@ -884,7 +884,7 @@ impl<'a> Env<'a> {
             prefix,
         }
     }
-    /// [`crate::model::standard_prefix`] of mask `m` (every attention of a step has the same mask).
+    /// [`crate::backend::mask::standard_prefix`] of mask `m` (every attention of a step has the same mask).
     fn mask_prefix(&self, m: ValId, t: usize, slots: usize) -> Option<usize> {
         if let Some((v, p)) = self.prefix.get() {
             if v == m {
@@ -894,7 +894,7 @@ impl<'a> Env<'a> {
         }
         let p = self
             .cpu(m)
-            .and_then(|x| crate::model::standard_prefix(x, t, slots));
+            .and_then(|x| crate::backend::mask::standard_prefix(x, t, slots));
         self.prefix.set(Some((m, p)));
         p
     }
