@@ -4,9 +4,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use onestep::contract::{meta, ModelInfo};
-use onestep::graph::DType;
-use onestep::GenerationDefaults;
+use onestep_format::contract::{meta, ModelInfo};
+use onestep_format::graph::DType;
+use onestep_format::GenerationDefaults;
 
 use crate::arch::{self, ArchOptions, Weights};
 use crate::quant::{self, QuantError, Quantize};

@@ -5,8 +5,8 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use bytes::Bytes;
-use onestep::graph::DType;
-use onestep::onnx::proto;
+use onestep_format::graph::DType;
+use onestep_format::onnx::proto;
 use prost::Message;
 
 /// Errors while inspecting (naming the file).

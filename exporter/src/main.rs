@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use onestep::graph::DType;
 use onestep_export::{export, source, ExportOptions, Progress, Quantize};
+use onestep_format::graph::DType;
 
 #[derive(Parser)]
 #[command(

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 
 use bytes::Bytes;
-use onestep::graph::{Attr, DType, Dim, Graph, Initializer, Node, ValueInfo};
+use onestep_format::graph::{Attr, DType, Dim, Graph, Initializer, Node, ValueInfo};
 
 /// One symbolic dimension.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -147,10 +147,12 @@ impl Tracer {
             name: name.to_string(),
             ..Graph::default()
         };
-        graph.opsets.insert(String::new(), onestep::contract::OPSET);
+        graph
+            .opsets
+            .insert(String::new(), onestep_format::contract::OPSET);
         graph.opsets.insert(
-            onestep::contract::MS_DOMAIN.into(),
-            onestep::contract::MS_OPSET,
+            onestep_format::contract::MS_DOMAIN.into(),
+            onestep_format::contract::MS_OPSET,
         );
         Tracer {
             graph,
@@ -1198,7 +1200,7 @@ impl Tracer {
             .node(
                 name,
                 "MatMulNBits",
-                onestep::contract::MS_DOMAIN,
+                onestep_format::contract::MS_DOMAIN,
                 &[Some(x), Some(b), Some(scales), Some(zeros)],
                 attrs,
                 vec![(DType::F32, vec![x.shape[0].clone(), SDim::N(n)], None)],
@@ -1238,7 +1240,7 @@ pub fn to_dims(s: &[SDim]) -> Option<Vec<Dim>> {
     s.iter()
         .map(|d| match d {
             SDim::N(n) => Some(Dim::Known(*n)),
-            SDim::T(0) => Some(Dim::Sym(onestep::contract::CHUNK_DIM.into())),
+            SDim::T(0) => Some(Dim::Sym(onestep_format::contract::CHUNK_DIM.into())),
             _ => None,
         })
         .collect()

@@ -13,8 +13,8 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use onestep::graph::{Attr, Dim, Graph, Initializer, ValueInfo};
-use onestep::onnx::proto;
+use onestep_format::graph::{Attr, Dim, Graph, Initializer, ValueInfo};
+use onestep_format::onnx::proto;
 use prost::Message;
 
 /// Alignment of every weight payload in the file.
@@ -462,7 +462,7 @@ pub fn write_model_with(
 mod tests {
     use super::*;
     use bytes::Bytes;
-    use onestep::graph::{DType, Node};
+    use onestep_format::graph::{DType, Node};
     use rand::{Rng, SeedableRng};
 
     fn tmp(name: &str) -> PathBuf {

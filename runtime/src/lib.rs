@@ -9,14 +9,11 @@
 #![warn(missing_docs)]
 
 pub mod backend;
-pub mod contract;
-pub mod error;
+pub use onestep_format::{contract, error, graph, onnx};
 pub mod generate;
-pub mod graph;
 pub mod kv;
 pub mod load;
 pub mod model;
-pub mod onnx;
 pub mod plan;
 pub mod tensor;
 pub mod weights;

@@ -8,47 +8,16 @@
 use std::collections::HashSet;
 
 use crate::backend::cpu::ops;
+#[cfg(feature = "gpu")]
+use crate::backend::gpu::GpuOptions;
 use crate::contract::{self, ModelInfo};
 use crate::error::{Error, Result};
 use crate::graph::Graph;
+pub(crate) use onestep_format::limits::limit;
+pub use onestep_format::limits::Limits;
 
 /// Highest default-domain opset this runtime implements.
 pub const MAX_OPSET: i64 = 23;
-
-/// Resource limits enforced while loading a model (and when a sequence state is allocated).
-///
-/// The defaults admit any model this project targets on a phone or desktop (SmolLM2-135M uses well under
-/// 1% of each) and refuse files that could only be hostile. Every limit is checked before the resource
-/// it bounds is used.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
-    /// Largest model file, in bytes (default 32 GiB).
-    pub max_file_bytes: u64,
-    /// Most initializers (weight tensors) a graph may hold (default 100 000).
-    pub max_tensors: usize,
-    /// Most nodes a graph may hold (default 1 000 000).
-    pub max_nodes: usize,
-    /// Longest metadata value, in bytes (default 64 MiB; `tokenizer.json` of a 256k vocabulary is ~20 MB).
-    pub max_metadata_bytes: usize,
-    /// Most elements one tensor may declare (default 2^40).
-    pub max_tensor_elements: u64,
-    /// Largest KV cache of one sequence, in bytes, summed over layers (default 16 GiB; SmolLM2-135M with
-    /// 2048 f16 slots needs 90 MiB).
-    pub max_cache_bytes: u64,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            max_file_bytes: 32 << 30,
-            max_tensors: 100_000,
-            max_nodes: 1_000_000,
-            max_metadata_bytes: 64 << 20,
-            max_tensor_elements: 1 << 40,
-            max_cache_bytes: 16 << 30,
-        }
-    }
-}
 
 /// Options of [`Model::load_with`](crate::Model::load_with): resource limits, the device and how it
 /// runs. Everything the runtime can be asked to do differently is a field here (the library reads no
@@ -147,8 +116,8 @@ impl LoadOptions {
 
     /// Applies `settings`: `key=value` pairs separated by commas (or newlines), the form the CLI's
     /// `--set`, the C ABI's `settings` and the Kotlin and Swift `settings` take. Keys: `precision`,
-    /// `profile` and the GPU tuning keys of [`GpuOptions::set`](crate::backend::gpu::GpuOptions::set)
-    /// (see [`SETTING_KEYS`]). An unknown key, a pair without `=` or a value that does not parse is an
+    /// `profile` and the GPU tuning keys of [`GpuOptions`](crate::backend::gpu::GpuOptions) (see
+    /// [`SETTING_KEYS`]). An unknown key, a pair without `=` or a value that does not parse is an
     /// [`Error::InvalidArgument`] naming it, and leaves `self` unchanged.
     pub fn set(&mut self, settings: &str) -> Result<()> {
         let mut next = self.clone();
@@ -167,7 +136,7 @@ impl LoadOptions {
                 "precision" => next = next.with_precision(value)?,
                 "profile" => next.profile = switch(key, value)?,
                 #[cfg(feature = "gpu")]
-                _ if next.gpu.set(key, value)? => {}
+                _ if set_gpu(&mut next.gpu, key, value)? => {}
                 _ => {
                     return Err(Error::InvalidArgument(format!(
                         "setting `{key}`: unknown key (known: {SETTING_KEYS})"
@@ -189,29 +158,68 @@ impl LoadOptions {
     }
 }
 
+/// Sets the GPU option named by `key` from its text `value`; `Ok(false)` when `key` is not a GPU key. A
+/// value that does not parse is an [`Error::InvalidArgument`] naming the key.
+#[cfg(feature = "gpu")]
+fn set_gpu(o: &mut GpuOptions, key: &str, value: &str) -> Result<bool> {
+    match key {
+        "gpu_variant" => {
+            o.variant = match value {
+                "auto" => None,
+                "rows" => Some(crate::backend::gpu::Variant::Rows),
+                "lanes" => Some(crate::backend::gpu::Variant::Lanes),
+                "subgroups" => Some(crate::backend::gpu::Variant::Subgroups),
+                _ => return Err(bad_setting(key, value, "auto, rows, lanes or subgroups")),
+            }
+        }
+        "gpu_no_fuse" => o.fusions = crate::backend::gpu::GpuFusions::without(value)?,
+        "gpu_split_keys" => o.split_keys = number(key, value)?,
+        "gpu_split_chunk" => {
+            o.split_chunk = number(key, value)?;
+            if o.split_chunk == 0 {
+                return Err(bad_setting(key, value, "a number of keys, at least 1"));
+            }
+        }
+        "gpu_submit_every" => {
+            o.submit_every = match value {
+                "auto" => None,
+                v => Some(number(key, v)?),
+            }
+        }
+        "gpu_run_ahead" => o.run_ahead = switch(key, value)?,
+        "gpu_gemm_tokens" => o.gemm_tokens = number(key, value)?,
+        "gpu_block_lanes" => o.block_lanes = switch(key, value)?,
+        "gpu_pipeline_cache" => {
+            o.pipeline_cache = match value {
+                "" | "none" => None,
+                dir => Some(std::path::PathBuf::from(dir)),
+            }
+        }
+        _ => return Ok(false),
+    }
+    Ok(true)
+}
+
+/// A non-negative integer setting.
+#[cfg(feature = "gpu")]
+fn number(key: &str, value: &str) -> Result<usize> {
+    value
+        .trim()
+        .parse()
+        .map_err(|_| bad_setting(key, value, "a non-negative integer"))
+}
+
 fn bad_setting(key: &str, value: &str, expected: &str) -> Error {
     Error::InvalidArgument(format!("`{key}={value}`: expected {expected}"))
 }
 
 /// An on/off setting: `1`/`on`/`true`/`yes` or `0`/`off`/`false`/`no`.
-pub(crate) fn switch(key: &str, value: &str) -> Result<bool> {
+fn switch(key: &str, value: &str) -> Result<bool> {
     match value.trim().to_ascii_lowercase().as_str() {
         "1" | "on" | "true" | "yes" => Ok(true),
         "0" | "off" | "false" | "no" => Ok(false),
         _ => Err(bad_setting(key, value, "on or off (1/0, true/false)")),
     }
-}
-
-/// Fails with [`Error::Limit`] when `value > max`.
-pub(crate) fn limit(what: &str, value: u64, max: u64) -> Result<()> {
-    if value > max {
-        return Err(Error::Limit {
-            what: what.to_string(),
-            value,
-            max,
-        });
-    }
-    Ok(())
 }
 
 /// Checks `graph` and reads its [`ModelInfo`].
@@ -305,4 +313,78 @@ pub fn check(graph: &Graph) -> Result<ModelInfo> {
         }
     }
     Ok(info)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(feature = "gpu")]
+    #[test]
+    fn every_gpu_key_parses_and_bad_values_name_the_key() {
+        let mut o = GpuOptions::default();
+        use crate::backend::gpu::{GpuFusions, Variant};
+        use std::path::PathBuf;
+        for (k, v) in [
+            ("gpu_variant", "lanes"),
+            ("gpu_no_fuse", "res+tr"),
+            ("gpu_split_keys", "1"),
+            ("gpu_split_chunk", "3"),
+            ("gpu_submit_every", "3"),
+            ("gpu_run_ahead", "off"),
+            ("gpu_gemm_tokens", "0"),
+            ("gpu_block_lanes", "0"),
+            ("gpu_pipeline_cache", "/tmp/p"),
+        ] {
+            assert!(set_gpu(&mut o, k, v).unwrap(), "{k}");
+        }
+        assert_eq!(
+            o,
+            GpuOptions {
+                variant: Some(Variant::Lanes),
+                fusions: GpuFusions {
+                    residual: false,
+                    transpose_rope: false,
+                    ..GpuFusions::ALL
+                },
+                split_keys: 1,
+                split_chunk: 3,
+                submit_every: Some(3),
+                run_ahead: false,
+                gemm_tokens: 0,
+                block_lanes: false,
+                pipeline_cache: Some(PathBuf::from("/tmp/p")),
+            }
+        );
+        assert!(!set_gpu(&mut o, "threads", "2").unwrap());
+        assert_eq!(GpuFusions::without("all").unwrap(), GpuFusions::NONE);
+        for (k, v) in [
+            ("gpu_variant", "fast"),
+            ("gpu_no_fuse", "group+nope"),
+            ("gpu_split_keys", "-1"),
+            ("gpu_split_chunk", "0"),
+            ("gpu_run_ahead", "maybe"),
+        ] {
+            let e = set_gpu(&mut o, k, v).unwrap_err().to_string();
+            assert!(e.contains(k), "{e}");
+        }
+    }
+
+    /// A settings string applies every pair or none: one bad pair leaves the options as they were.
+    #[test]
+    fn settings_apply_all_or_nothing() {
+        let mut o = LoadOptions::cpu();
+        o.set("profile=on, precision=fast").unwrap();
+        assert!(o.profile);
+        assert_eq!(o.precision, crate::Precision::Fast);
+        let before = o.clone();
+        let e = o.set("profile=off,colour=blue").unwrap_err().to_string();
+        assert!(e.contains("colour"), "{e}");
+        assert_eq!(o, before);
+        assert!(o
+            .set("profile")
+            .unwrap_err()
+            .to_string()
+            .contains("key=value"));
+    }
 }

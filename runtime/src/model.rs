@@ -709,13 +709,12 @@ fn or_cpu<T>(auto: bool, r: Result<T>) -> Result<(Option<T>, Option<String>)> {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "gpu"))]
 mod tests {
     use super::*;
 
     /// `auto` runs on the CPU after a device failure, never after an internal error or a bad model;
     /// an explicit GPU request returns every error.
-    #[cfg(feature = "gpu")]
     #[test]
     fn auto_falls_back_only_for_device_failures() {
         use crate::error::DeviceFault;

@@ -1,8 +1,8 @@
 //! Llama and Qwen2 (= Llama with q/k/v biases): the step graph of docs/GRAPH.md.
 
 use bytes::Bytes;
-use onestep::contract;
-use onestep::graph::{DType, Graph};
+use onestep_format::contract;
+use onestep_format::graph::{DType, Graph};
 
 use super::{add_matrix, embedding, linear, rope_tables, token_choice, ArchOptions, Weights};
 use crate::source::{canonical, ModelConfig};

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
-use onestep::graph::{DType, Graph};
+use onestep_format::graph::{DType, Graph};
 
 use crate::quant::{Form, Matrix, BLOCK};
 use crate::source::ModelConfig;

@@ -465,7 +465,7 @@ fn read_tokenizer(
     dir: &Path,
     cfg: &HfConfig,
     vocab_size: usize,
-) -> Result<(TokenizerData, Option<onestep::GenerationDefaults>), SourceError> {
+) -> Result<(TokenizerData, Option<onestep_format::GenerationDefaults>), SourceError> {
     let tok_path = dir.join("tokenizer.json");
     let tokenizer_json = read_text(&tok_path)?;
     tokenizers::Tokenizer::from_bytes(tokenizer_json.as_bytes()).map_err(|e| {
@@ -630,8 +630,11 @@ fn chat_template(dir: &Path, tc_path: &Path, tc: &Value) -> Result<Option<String
 /// generation_config.json → defaults, with transformers' semantics: without `do_sample: true` decoding
 /// is greedy; when sampling, absent `temperature`/`top_k`/`top_p` take transformers' defaults (1.0, 50,
 /// 1.0).
-fn generation_defaults(path: &Path, g: &Value) -> Result<onestep::GenerationDefaults, SourceError> {
-    let mut d = onestep::GenerationDefaults::default();
+fn generation_defaults(
+    path: &Path,
+    g: &Value,
+) -> Result<onestep_format::GenerationDefaults, SourceError> {
+    let mut d = onestep_format::GenerationDefaults::default();
     let num = |k: &str| -> Result<Option<f64>, SourceError> {
         match g.get(k) {
             None | Some(Value::Null) => Ok(None),

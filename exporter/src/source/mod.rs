@@ -142,7 +142,7 @@ pub struct SourceModel {
     /// Tokenizer and chat template.
     pub tokenizer: TokenizerData,
     /// Generation defaults from the source (generation_config.json), if any.
-    pub generation: Option<onestep::GenerationDefaults>,
+    pub generation: Option<onestep_format::GenerationDefaults>,
 }
 
 /// Canonical tensor names every reader maps its own names to (llama.cpp's GGUF names):

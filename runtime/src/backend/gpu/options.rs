@@ -6,14 +6,13 @@
 //! model's life: the library reads no environment variable. The defaults are what ran fastest on the
 //! adapters measured (README's GPU section); the other values exist to compare and bisect (`onestep bench
 //! --set gpu_no_fuse=all`) and to let the tests drive every kernel form in one process. The text form
-//! ([`GpuOptions::set`], `key=value`) is what the CLI's `--set`, the C ABI's `settings` string and the
+//! (`key=value`, parsed by [`LoadOptions::set`](crate::LoadOptions::set)) is what the CLI's `--set`, the C ABI's `settings` string and the
 //! Kotlin and Swift `settings` take.
 
 use std::path::PathBuf;
 
 use super::Variant;
 use crate::error::{Error, Result};
-use crate::load::switch;
 
 /// Pattern fusions of the GPU executor; each on by default. Turning one off runs the steps it would
 /// have fused as their own dispatches (same results within the kernels' tolerance).
@@ -123,114 +122,6 @@ impl Default for GpuOptions {
             gemm_tokens: super::linear::GEMM_TOKENS,
             block_lanes: true,
             pipeline_cache: None,
-        }
-    }
-}
-
-impl GpuOptions {
-    /// Sets the field named by `key` from its text `value`; `Ok(false)` when `key` is not a GPU key. A
-    /// value that does not parse is an [`Error::InvalidArgument`] naming the key.
-    pub fn set(&mut self, key: &str, value: &str) -> Result<bool> {
-        match key {
-            "gpu_variant" => {
-                self.variant = match value {
-                    "auto" => None,
-                    "rows" => Some(Variant::Rows),
-                    "lanes" => Some(Variant::Lanes),
-                    "subgroups" => Some(Variant::Subgroups),
-                    _ => return Err(bad(key, value, "auto, rows, lanes or subgroups")),
-                }
-            }
-            "gpu_no_fuse" => self.fusions = GpuFusions::without(value)?,
-            "gpu_split_keys" => self.split_keys = number(key, value)?,
-            "gpu_split_chunk" => {
-                self.split_chunk = number(key, value)?;
-                if self.split_chunk == 0 {
-                    return Err(bad(key, value, "a number of keys, at least 1"));
-                }
-            }
-            "gpu_submit_every" => {
-                self.submit_every = match value {
-                    "auto" => None,
-                    v => Some(number(key, v)?),
-                }
-            }
-            "gpu_run_ahead" => self.run_ahead = switch(key, value)?,
-            "gpu_gemm_tokens" => self.gemm_tokens = number(key, value)?,
-            "gpu_block_lanes" => self.block_lanes = switch(key, value)?,
-            "gpu_pipeline_cache" => {
-                self.pipeline_cache = match value {
-                    "" | "none" => None,
-                    dir => Some(PathBuf::from(dir)),
-                }
-            }
-            _ => return Ok(false),
-        }
-        Ok(true)
-    }
-}
-
-/// A non-negative integer value.
-fn number(key: &str, value: &str) -> Result<usize> {
-    value
-        .trim()
-        .parse()
-        .map_err(|_| bad(key, value, "a non-negative integer"))
-}
-
-fn bad(key: &str, value: &str, expected: &str) -> Error {
-    Error::InvalidArgument(format!("`{key}={value}`: expected {expected}"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn every_key_parses_and_bad_values_name_the_key() {
-        let mut o = GpuOptions::default();
-        for (k, v) in [
-            ("gpu_variant", "lanes"),
-            ("gpu_no_fuse", "res+tr"),
-            ("gpu_split_keys", "1"),
-            ("gpu_split_chunk", "3"),
-            ("gpu_submit_every", "3"),
-            ("gpu_run_ahead", "off"),
-            ("gpu_gemm_tokens", "0"),
-            ("gpu_block_lanes", "0"),
-            ("gpu_pipeline_cache", "/tmp/p"),
-        ] {
-            assert!(o.set(k, v).unwrap(), "{k}");
-        }
-        assert_eq!(
-            o,
-            GpuOptions {
-                variant: Some(Variant::Lanes),
-                fusions: GpuFusions {
-                    residual: false,
-                    transpose_rope: false,
-                    ..GpuFusions::ALL
-                },
-                split_keys: 1,
-                split_chunk: 3,
-                submit_every: Some(3),
-                run_ahead: false,
-                gemm_tokens: 0,
-                block_lanes: false,
-                pipeline_cache: Some(PathBuf::from("/tmp/p")),
-            }
-        );
-        assert!(!o.set("threads", "2").unwrap());
-        assert_eq!(GpuFusions::without("all").unwrap(), GpuFusions::NONE);
-        for (k, v) in [
-            ("gpu_variant", "fast"),
-            ("gpu_no_fuse", "group+nope"),
-            ("gpu_split_keys", "-1"),
-            ("gpu_split_chunk", "0"),
-            ("gpu_run_ahead", "maybe"),
-        ] {
-            let e = o.set(k, v).unwrap_err().to_string();
-            assert!(e.contains(k), "{e}");
         }
     }
 }

@@ -12,7 +12,7 @@ use prost::Message;
 use super::proto;
 use crate::error::{Error, Result};
 use crate::graph::{Attr, DType, Dim, Graph, Initializer, Node, ValueInfo};
-use crate::load::{limit, Limits};
+use crate::limits::{limit, Limits};
 
 /// Decodes `bytes` (a whole `.onnx` file) into a [`Graph`] under the default [`Limits`]. `what` names
 /// the source in errors.

@@ -25,7 +25,7 @@ pub enum Error {
         /// Decoder message.
         detail: String,
     },
-    /// The file exceeds a resource limit of [`crate::load::Limits`] (size, counts, lengths, cache bytes).
+    /// The file exceeds a resource limit of [`crate::limits::Limits`] (size, counts, lengths, cache bytes).
     #[error("{what} is {value}, over the limit of {max}")]
     Limit {
         /// What was measured (names the tensor or key).
