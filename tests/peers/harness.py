@@ -1,4 +1,4 @@
-"""Drives an exported onestep step graph (docs/GRAPH.md, runtime/src/contract.rs) with onnxruntime.
+"""Drives an exported onestep step graph (docs/GRAPH.md, format/src/contract.rs) with onnxruntime.
 
 The harness owns the KV cache like onestep's runtime does: numpy arrays [1, kv_heads, max_cache, head_dim]
 in the file's kv dtype, one key and one value per layer; after each step it writes the graph's

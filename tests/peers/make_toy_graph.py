@@ -3,7 +3,7 @@
 
 Needs only numpy + onnx (no torch), so it runs in CI. It writes the *source* weight forms of the spec
 (f32 -> Gemm, f16/bf16 -> Cast + Gemm; embeddings Gather / Cast(Gather)), rotate_half rotary
-(interleaved=0), an f32 or f16 KV cache, and all metadata keys of runtime/src/contract.rs. It is a
+(interleaved=0), an f32 or f16 KV cache, and all metadata keys of format/src/contract.rs. It is a
 cross-check of the spec (run it under onnxruntime against transformers' logits: tests/peers/test_toy_graph.py)
 and a second opinion for the Rust exporter. It does not do the 64-byte payload alignment of the spec (plain
 onnx.save), so it is for onnxruntime, not for onestep's mmap loader.
