@@ -15,6 +15,7 @@ pub mod kv;
 pub mod load;
 pub mod model;
 pub mod plan;
+mod step;
 pub mod tensor;
 pub mod weights;
 

@@ -1,5 +1,84 @@
-//! Compute backends. `cpu` holds the CPU kernels (one file per kernel family).
+//! Compute backends, behind one interface ([`Backend`]) the model facade drives: `cpu` (the step
+//! executor and the CPU kernels, one file per kernel family) and, with the `gpu` feature, `gpu` (wgpu).
+//! A backend is chosen when the model is loaded; a sequence's device-side state is its [`SeqState`].
 pub mod cpu;
 #[cfg(feature = "gpu")]
 pub mod gpu;
 pub(crate) mod mask;
+
+use crate::error::Result;
+use crate::graph::DType;
+use crate::kv::{KvOptions, KvStats, PagedCache};
+use crate::plan::{Plan, ValId};
+use crate::step::StepSampling;
+use crate::tensor::Tensor;
+
+/// One step as the facade hands it to a backend, checked (the chunk fits the cache, the ids are in the
+/// vocabulary, the sequence belongs to the model).
+#[cfg_attr(not(feature = "gpu"), allow(dead_code))] // `want`, `max_cache`: the GPU's (read-back, run-ahead)
+pub(crate) struct StepCall<'a> {
+    /// The plan.
+    pub plan: &'a Plan,
+    /// The chunk's token ids.
+    pub ids: &'a [u32],
+    /// Where the chunk starts (the sequence's length).
+    pub position: usize,
+    /// The token choice's inputs.
+    pub sampling: &'a StepSampling,
+    /// The outputs the caller reads (`next_token`, and `logits` when wanted).
+    pub want: &'a [ValId],
+    /// Cache slots: a step runs ahead only where the next position still fits.
+    pub max_cache: usize,
+}
+
+/// A sequence's state on its backend, beside the host KV pages the facade keeps.
+pub(crate) enum SeqState {
+    /// The CPU keeps nothing else.
+    Host,
+    /// The GPU's cache buffers and the step run ahead.
+    #[cfg(feature = "gpu")]
+    Gpu(Box<gpu::backend::GpuSeq>),
+}
+
+impl SeqState {
+    /// The sequence now ends at `len` (`shorter`: rows were dropped, not only kept).
+    #[cfg_attr(not(feature = "gpu"), allow(unused_variables))]
+    pub(crate) fn truncate(&mut self, len: usize, shorter: bool) {
+        match self {
+            SeqState::Host => {}
+            #[cfg(feature = "gpu")]
+            SeqState::Gpu(g) => g.truncate(len, shorter),
+        }
+    }
+}
+
+/// What the model facade asks of a backend.
+pub(crate) trait Backend: Send + Sync {
+    /// A new sequence's device-side state; `shapes` are the plan's caches (dtype, `[1, KVH, S, D]`).
+    fn new_seq(
+        &self,
+        plan: &Plan,
+        shapes: &[(DType, Vec<usize>)],
+        kv: &KvOptions,
+        max_chunk: usize,
+    ) -> Result<SeqState>;
+    /// Runs one step: the chunk's new K/V rows go into `host` at the call's position; returns the step's
+    /// values, among them the call's `want` outputs.
+    fn step(
+        &self,
+        call: &StepCall<'_>,
+        seq: &mut SeqState,
+        host: &mut PagedCache,
+    ) -> Result<Vec<Option<Tensor>>>;
+    /// Transfer and residency counters of `seq`'s device-side cache.
+    fn kv_stats(&self, seq: &SeqState) -> KvStats;
+    /// Time per op kind (CPU) or kernel (GPU) since load, slowest first, when profiling.
+    fn profile(&self) -> Vec<(String, u64, f64)>;
+    /// Where the model runs: `cpu`, or the adapter and its API.
+    fn device(&self) -> String;
+    /// The GPU executor, on the GPU backend.
+    #[cfg(feature = "gpu")]
+    fn gpu(&self) -> Option<&gpu::exec::GpuPlan> {
+        None
+    }
+}

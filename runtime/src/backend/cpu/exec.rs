@@ -1,15 +1,20 @@
-//! The CPU step executor: runs a plan's steps over a value environment — generic nodes through
+//! The CPU backend ([`CpuBackend`]) and its step executor: runs a plan's steps over a value environment — generic nodes through
 //! [`ops::run_node`], the planner's fused steps (linear layers, SiLU gate, embedding, token choice,
 //! attention over the host KV pages) through the kernels of this folder. The GPU backend runs the same
 //! function for the steps it leaves on the CPU (and in its dry run at load).
 
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::Instant;
+
 use crate::backend::cpu::attention::{self, AttnShape};
 use crate::backend::cpu::linear::{Precision, QuantCache};
 use crate::backend::cpu::{misc, ops};
+use crate::backend::{Backend, SeqState, StepCall};
 use crate::contract;
 use crate::error::{Error, Result};
 use crate::graph::DType;
-use crate::kv::PagedCache;
+use crate::kv::{KvOptions, KvStats, PagedCache};
 use crate::plan::{Plan, Step, ValId};
 use crate::tensor::Tensor;
 
@@ -396,4 +401,134 @@ fn concat_cache(cache: &Tensor, new: &Tensor, t: usize) -> Result<Tensor> {
             }
         },
     ))
+}
+
+/// The CPU backend: every step through [`exec_step`], attention reading the host pages in place.
+pub(crate) struct CpuBackend {
+    precision: Precision,
+    /// The output layer's output slot ([`logits_linear`]).
+    logits_linear: Option<ValId>,
+    /// Per plan cache: whether a step other than the fused attention reads the cache input (then the
+    /// step gets it materialized in the graph's layout).
+    cache_read_elsewhere: Vec<bool>,
+    /// Time per op kind when profiling (op → (calls, seconds)).
+    profile: Option<Mutex<BTreeMap<String, (u64, f64)>>>,
+}
+
+impl CpuBackend {
+    /// The CPU backend for `plan`.
+    pub(crate) fn new(plan: &Plan, precision: Precision, profile: bool) -> CpuBackend {
+        let cache_read_elsewhere = plan
+            .caches
+            .iter()
+            .map(|c| {
+                plan.steps.iter().any(|s| {
+                    !matches!(s, Step::CacheAttention { .. })
+                        && crate::plan::step_reads(s).contains(&c.input_val)
+                })
+            })
+            .collect();
+        CpuBackend {
+            precision,
+            logits_linear: logits_linear(plan),
+            cache_read_elsewhere,
+            profile: profile.then(Default::default),
+        }
+    }
+
+    /// The profile key of step `s`.
+    fn key<'p>(plan: &'p Plan, s: &Step) -> &'p str {
+        match s {
+            Step::Node { node, .. } => plan.graph.nodes[*node].op.as_str(),
+            Step::Linear { .. } => "[linear]",
+            Step::SiluGate(_) => "[silu gate]",
+            Step::Embedding(_) => "[embedding]",
+            Step::TokenChoice(_) => "[token choice]",
+            Step::CacheAttention { .. } => "[cache attention]",
+        }
+    }
+}
+
+impl Backend for CpuBackend {
+    fn new_seq(
+        &self,
+        _plan: &Plan,
+        _shapes: &[(DType, Vec<usize>)],
+        _kv: &KvOptions,
+        _max_chunk: usize,
+    ) -> Result<SeqState> {
+        Ok(SeqState::Host)
+    }
+
+    fn step(
+        &self,
+        call: &StepCall<'_>,
+        _seq: &mut SeqState,
+        host: &mut PagedCache,
+    ) -> Result<Vec<Option<Tensor>>> {
+        let (plan, position, t) = (call.plan, call.position, call.ids.len());
+        let mut env = crate::step::input_env(plan, call.ids, position, call.sampling)?;
+        for ((c, cache), &elsewhere) in plan
+            .caches
+            .iter()
+            .zip(&host.caches)
+            .zip(&self.cache_read_elsewhere)
+        {
+            if elsewhere {
+                env[c.input_val] = Some(cache.to_head_major(position));
+            }
+        }
+        let mut run = CpuRun::new(self.precision, self.logits_linear);
+        for (si, s) in plan.steps.iter().enumerate() {
+            let t0 = self.profile.is_some().then(Instant::now);
+            exec_step(plan, s, &mut env, Some((host, position)), &mut run)?;
+            if let (Some(t0), Some(prof)) = (t0, &self.profile) {
+                let mut p = prof.lock().unwrap_or_else(|e| e.into_inner());
+                let e = p.entry(Self::key(plan, s).to_string()).or_insert((0, 0.0));
+                e.0 += 1;
+                e.1 += t0.elapsed().as_secs_f64();
+            }
+            for &v in &plan.frees[si] {
+                env[v] = None;
+            }
+        }
+        // The chunk's new rows into the host pages.
+        let mut rows = Vec::with_capacity(plan.caches.len());
+        for c in &plan.caches {
+            let r = crate::step::value(plan, &env, &c.output)?;
+            let want = [1, c.shape[1], t, c.shape[3]];
+            if r.shape != want || r.dtype != c.dtype {
+                return Err(Error::tensor(
+                    &c.output,
+                    format!(
+                        "new rows are {} {:?}, the cache needs {} {:?}",
+                        r.dtype, r.shape, c.dtype, want
+                    ),
+                ));
+            }
+            rows.push(r);
+        }
+        for (cache, r) in host.caches.iter_mut().zip(&rows) {
+            cache.write_head_major(position, r)?;
+        }
+        Ok(env)
+    }
+
+    fn kv_stats(&self, _seq: &SeqState) -> KvStats {
+        KvStats::default()
+    }
+
+    fn profile(&self) -> Vec<(String, u64, f64)> {
+        let Some(p) = &self.profile else {
+            return Vec::new();
+        };
+        let p = p.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<_> = p.iter().map(|(k, (n, t))| (k.clone(), *n, *t)).collect();
+        v.sort_by(|a, b| b.2.total_cmp(&a.2));
+        v
+    }
+
+    fn device(&self) -> String {
+        "cpu".to_string()
+    }
 }

@@ -1,0 +1,252 @@
+//! The GPU backend ([`GpuBackend`]): binds a plan to a device at load ([`bind`]) and runs its steps
+//! through the executor ([`GpuPlan`]), one decode step run ahead of the caller where the plan allows it
+//! (docs/GPU.md, "Decode steps run ahead"). Steps the GPU does not take run on the CPU executor.
+
+use super::exec::{Flight, GpuPlan, GpuState};
+use super::{DeviceRequest, GpuContext};
+use crate::backend::cpu::exec::{exec_step, logits_linear, CpuRun};
+use crate::backend::cpu::linear::Precision;
+use crate::backend::{Backend, SeqState, StepCall};
+use crate::contract::ModelInfo;
+use crate::error::{Error, Result};
+use crate::graph::DType;
+use crate::kv::{KvOptions, KvStats, PagedCache};
+use crate::load::LoadOptions;
+use crate::plan::{Plan, Step, ValId};
+use crate::step::{input_env, StepSampling};
+use crate::tensor::Tensor;
+
+/// A sequence on the GPU: its cache buffers, and the next decode step when one was run ahead, with the
+/// token it was fed (the one the GPU chose for the step before).
+pub(crate) struct GpuSeq {
+    state: GpuState,
+    ahead: Option<(Flight, i64)>,
+}
+
+impl GpuSeq {
+    /// The sequence ends at `len`; `shorter`: rows were dropped, so a step run ahead is stale.
+    pub(crate) fn truncate(&mut self, len: usize, shorter: bool) {
+        if shorter {
+            self.ahead = None;
+        }
+        self.state.truncate(len);
+    }
+}
+
+/// The GPU backend: the executor bound to the plan, and how its CPU steps multiply.
+pub(crate) struct GpuBackend {
+    exec: GpuPlan,
+    precision: Precision,
+    logits_linear: Option<ValId>,
+}
+
+impl GpuBackend {
+    fn cpu_run(&self) -> CpuRun {
+        CpuRun::new(self.precision, self.logits_linear)
+    }
+}
+
+/// Binds `plan` to the GPU `opts` asks for. With `auto`, a device failure (no adapter, a software
+/// adapter, a step the kernels do not take, the adapter's limits or memory: [`Error::Device`]) leaves
+/// the model on the CPU (`Ok(None)`) and says why; any other error (an internal one included) is
+/// returned. `Ok((None, None))` when the CPU was asked for.
+pub(crate) fn bind(
+    plan: &Plan,
+    info: &ModelInfo,
+    opts: &LoadOptions,
+) -> Result<(Option<GpuBackend>, Option<String>)> {
+    let auto = opts.device == DeviceRequest::Auto;
+    if opts.device == DeviceRequest::Cpu {
+        return Ok((None, None));
+    }
+    let ctx = GpuContext::with_options(&opts.device, opts.backend, opts.gpu.clone(), opts.profile);
+    let ctx = match or_cpu(auto, ctx)? {
+        (Some(c), _) => c,
+        (None, note) => return Ok((None, note)),
+    };
+    let gi = ctx.info();
+    if auto && gi.device_type == "Cpu" {
+        return Ok((
+            None,
+            Some(format!(
+                "{} is a software adapter; the CPU backend is faster (use --device gpu to force it)",
+                gi.name
+            )),
+        ));
+    }
+    // Dry-run inputs: the largest chunk at position 0, greedy.
+    let ids = vec![0u32; info.max_chunk.clamp(1, info.max_cache.max(1))];
+    let env = input_env(plan, &ids, 0, &StepSampling::GREEDY)?;
+    let inputs: Vec<(ValId, Tensor)> = env
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, t)| t.map(|t| (i, t)))
+        .collect();
+    let logits = logits_linear(plan);
+    let mut run = CpuRun::new(opts.precision, logits);
+    let r = GpuPlan::new(
+        ctx,
+        plan,
+        &mut |s, env| exec_step(plan, s, env, None, &mut run),
+        &inputs,
+        opts.kv.gpu_segment_bytes,
+    );
+    let (exec, note) = or_cpu(auto, r)?;
+    let backend = exec.map(|exec| GpuBackend {
+        exec,
+        precision: opts.precision,
+        logits_linear: logits,
+    });
+    Ok((backend, note))
+}
+
+/// With `auto`, a device failure ([`Error::Device`]) becomes the CPU and a note saying why; any other
+/// error is returned, so that a bug is never hidden behind a fallback.
+fn or_cpu<T>(auto: bool, r: Result<T>) -> Result<(Option<T>, Option<String>)> {
+    match r {
+        Ok(v) => Ok((Some(v), None)),
+        Err(e) if auto && e.is_device() => Ok((None, Some(e.to_string()))),
+        Err(e) => Err(e),
+    }
+}
+
+impl Backend for GpuBackend {
+    fn new_seq(
+        &self,
+        plan: &Plan,
+        shapes: &[(DType, Vec<usize>)],
+        kv: &KvOptions,
+        max_chunk: usize,
+    ) -> Result<SeqState> {
+        let state = self
+            .exec
+            .new_state(plan, shapes, kv.gpu_budget, max_chunk)?;
+        Ok(SeqState::Gpu(Box::new(GpuSeq { state, ahead: None })))
+    }
+
+    fn step(
+        &self,
+        call: &StepCall<'_>,
+        seq: &mut SeqState,
+        host: &mut PagedCache,
+    ) -> Result<Vec<Option<Tensor>>> {
+        let SeqState::Gpu(seq) = seq else {
+            return Err(Error::InvalidArgument(
+                "this state belongs to another model".into(),
+            ));
+        };
+        let g = &self.exec;
+        let (plan, position, t, sampling) =
+            (call.plan, call.position, call.ids.len(), call.sampling);
+        let env = input_env(plan, call.ids, position, sampling)?;
+        let mut run = self.cpu_run();
+        let mut cpu_step =
+            |s: &Step, env: &mut [Option<Tensor>]| exec_step(plan, s, env, None, &mut run);
+        // The step run ahead by the last call, if the caller fed the token it guessed and the same
+        // inputs; otherwise it is dropped and this step begins now.
+        let ahead = seq.ahead.take().and_then(|(mut f, fed)| {
+            let holds = t == 1
+                && fed == i64::from(call.ids[0])
+                && g.holds_for(&mut f, &env, position, call.want);
+            if !holds {
+                g.missed_ahead();
+            }
+            holds.then_some(f)
+        });
+        let flight = match ahead {
+            Some(f) => f,
+            None => g.begin(
+                plan,
+                &seq.state,
+                host,
+                env,
+                position,
+                t,
+                call.want,
+                &mut cpu_step,
+                None,
+            )?,
+        };
+        // The next decode step goes to the GPU before this one is read back, so the GPU is not idle
+        // while the host finishes this one and the caller handles its token. It assumes the token is
+        // the one the GPU chose (or, with the choice's tail on the host, the first of its TopK) and the
+        // inputs stay as they are, the draw being `next_random_u` when given.
+        let next = if g.can_run_ahead(&seq.state, &flight) && position + t < call.max_cache {
+            let next = StepSampling {
+                random_u: sampling.next_random_u.unwrap_or(sampling.random_u),
+                next_random_u: None,
+                ..*sampling
+            };
+            let guess = input_env(plan, &[0], position + t, &next)?;
+            g.begin(
+                plan,
+                &seq.state,
+                host,
+                guess,
+                position + t,
+                1,
+                call.want,
+                &mut cpu_step,
+                Some(&flight),
+            )
+            .ok()
+        } else {
+            None
+        };
+        let (env, fed) = g.finish(plan, &seq.state, host, flight, &mut cpu_step)?;
+        // (A step whose choice ran on the host fed nothing: no step runs ahead of it.)
+        seq.ahead = next.zip(fed);
+        Ok(env)
+    }
+
+    fn kv_stats(&self, seq: &SeqState) -> KvStats {
+        match seq {
+            SeqState::Gpu(g) => g.state.kv_stats(),
+            SeqState::Host => KvStats::default(),
+        }
+    }
+
+    fn profile(&self) -> Vec<(String, u64, f64)> {
+        self.exec.profile()
+    }
+
+    fn device(&self) -> String {
+        let i = self.exec.context().info();
+        format!("{} ({})", i.name, i.backend)
+    }
+
+    fn gpu(&self) -> Option<&GpuPlan> {
+        Some(&self.exec)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `auto` runs on the CPU after a device failure, never after an internal error or a bad model;
+    /// an explicit GPU request returns every error.
+    #[test]
+    fn auto_falls_back_only_for_device_failures() {
+        use crate::error::DeviceFault;
+        let dev = || {
+            Err::<(), _>(Error::device(
+                DeviceFault::OutOfMemory,
+                "weights of `lm_head`",
+            ))
+        };
+        let (v, note) = or_cpu(true, dev()).unwrap();
+        assert!(v.is_none());
+        let note = note.unwrap();
+        assert!(
+            note.contains("out of memory") && note.contains("lm_head"),
+            "{note}"
+        );
+        assert!(or_cpu(false, dev()).unwrap_err().is_device());
+        let bug = || Err::<(), _>(Error::internal("step 3 has no GPU weights"));
+        assert!(matches!(or_cpu(true, bug()), Err(Error::Internal(_))));
+        let bad = || Err::<(), _>(Error::node("n", "MatMul", "shapes"));
+        assert!(matches!(or_cpu(true, bad()), Err(Error::Node { .. })));
+        assert_eq!(or_cpu(true, Ok(7)).unwrap(), (Some(7), None));
+    }
+}
