@@ -116,7 +116,7 @@ impl LoadOptions {
 
     /// Applies `settings`: `key=value` pairs separated by commas (or newlines), the form the CLI's
     /// `--set`, the C ABI's `settings` and the Kotlin and Swift `settings` take. Keys: `precision`,
-    /// `profile` and the GPU tuning keys of [`GpuOptions`](crate::backend::gpu::GpuOptions) (see
+    /// `profile` and the GPU tuning keys of `backend::gpu::GpuOptions` (see
     /// [`SETTING_KEYS`]). An unknown key, a pair without `=` or a value that does not parse is an
     /// [`Error::InvalidArgument`] naming it, and leaves `self` unchanged.
     pub fn set(&mut self, settings: &str) -> Result<()> {
