@@ -1051,9 +1051,10 @@ fn attention(ctx: &Ctx, inputs: &[Option<&Tensor>]) -> Result<Tensor> {
         _ => 1.0 / (d as f32).sqrt(),
     };
     let causal = ctx.node.attr_int("is_causal", 0) != 0;
-    // The mask as an additive bias over [B, Hq, T, S] (through broadcast offsets).
+    // The mask as an additive bias, read through its broadcast strides over [B, Hq, T, S] (0 where it
+    // has one element on that axis).
     let full = [b, hq, t, s];
-    let bias: Option<(Vec<f32>, Vec<usize>)> = match mask {
+    let bias: Option<(Vec<f32>, [usize; 4])> = match mask {
         None => None,
         Some(m) => {
             if m.rank() > 4 || broadcast_shape(&m.shape, &full).as_deref() != Some(&full[..]) {
@@ -1070,7 +1071,13 @@ fn attention(ctx: &Ctx, inputs: &[Option<&Tensor>]) -> Result<Tensor> {
             } else {
                 m.to_f32_vec(name)?
             };
-            Some((vals, broadcast_offsets(&m.shape, &full)))
+            let mut strides = [0usize; 4];
+            let mut stride = 1;
+            for (i, &dim) in m.shape.iter().enumerate().rev() {
+                strides[4 - m.rank() + i] = if dim == 1 { 0 } else { stride };
+                stride *= dim;
+            }
+            Some((vals, strides))
         }
     };
     let group = hq / hk;
@@ -1082,12 +1089,15 @@ fn attention(ctx: &Ctx, inputs: &[Option<&Tensor>]) -> Result<Tensor> {
             for ti in 0..t {
                 let row = (bi * hq + h) * t + ti;
                 let qrow = &qv[row * d..][..d];
+                let mrow = bias
+                    .as_ref()
+                    .map(|(_, st)| bi * st[0] + h * st[1] + ti * st[2]);
                 for (si, sc) in scores.iter_mut().enumerate() {
                     let krow = &kv[(kh * s + si) * d..][..d];
                     let dot: f32 = qrow.iter().zip(krow).map(|(a, b)| a * b).sum();
                     *sc = dot * scale;
-                    if let Some((vals, offs)) = &bias {
-                        *sc += vals[offs[row * s + si]];
+                    if let (Some((vals, st)), Some(m0)) = (&bias, mrow) {
+                        *sc += vals[m0 + si * st[3]];
                     }
                     if causal && si > ti {
                         *sc = f32::NEG_INFINITY;
