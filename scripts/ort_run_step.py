@@ -2,7 +2,7 @@
 """Run exported step graphs in onnxruntime and compare them with a NumPy reference forward pass.
 
 Usage: ort_run_step.py DIR
-DIR holds one folder per case (written by `cargo test -p onestep-export --test synthetic -- --ignored`),
+DIR holds one folder per case (written by `ONESTEP_SYNTH_DIR=DIR cargo test -p onestep-export --test synthetic onnxruntime`),
 each with `case.json` (config), `model.onnx` and `w/<canonical tensor name>.bin` (the f32 values each
 weight stands for, dequantized from the *source* encoding, not from the exported file).
 

@@ -1,9 +1,9 @@
 //! End-to-end exports of small random llama/qwen2 models in every weight form.
 //!
 //! `exports_every_variant` checks the written files in Rust (contract names, metadata, alignment).
-//! `onnxruntime_matches_numpy_reference` (ignored: needs python3 with onnxruntime and numpy) also dumps the
-//! reference weights and runs `scripts/ort_run_step.py`, which compares onnxruntime's steps against a NumPy
-//! forward pass. Run it with `cargo test -p onestep-export --test synthetic -- --ignored`.
+//! `onnxruntime_matches_numpy_reference` also dumps the reference weights and runs
+//! `scripts/ort_run_step.py`, which compares onnxruntime's steps against a NumPy forward pass; it needs
+//! python3 with onnxruntime and numpy (scripts/setup installs them).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -554,7 +554,6 @@ fn shape_mismatch_names_tensor_and_node() {
 }
 
 #[test]
-#[ignore = "needs python3 with onnxruntime and numpy"]
 fn onnxruntime_matches_numpy_reference() {
     // ONESTEP_SYNTH_DIR=dir keeps the exported cases there (for re-running the script by hand)
     let keep = std::env::var_os("ONESTEP_SYNTH_DIR").map(PathBuf::from);
