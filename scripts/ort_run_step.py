@@ -199,9 +199,11 @@ def packed_int4_matrices(path):
             continue
         base = name[: -len(".zero_points")]
         b = numpy_helper.to_array(inits[base + ".weight"])
-        if b.ndim != 3 or b.shape[2] != 16:  # 8-bit blocks have u8 zero points too
+        n, nb, blob = b.shape
+        # 8-bit blocks have u8 zero points too, one per block ([N, nb]); packed 4-bit ones are
+        # [N, ceil(nb/2)] and their blob is 16 bytes (a block of 16 8-bit codes is too)
+        if blob != 16 or (nb > 1 and numpy_helper.to_array(z).shape == (n, nb)):
             continue
-        n, nb, _ = b.shape
         s = numpy_helper.to_array(inits[base + ".scales"]).astype(np.float64).reshape(n, nb)
         zp = numpy_helper.to_array(z).reshape(n, -1)
         assert zp.shape[1] == (nb + 1) // 2, f"{name}: {zp.shape} for {nb} blocks"
@@ -318,7 +320,9 @@ def run_case(d):
     e_last = rel_err(o["logits"], a["logits"])
     info["D token-by-token vs chunk"] = f"kv {e_rows:.1e} logits {e_last:.1e}"
     check("D cache rows", e_rows < (1e-3 if c["kv_dtype"] == "f16" else 1e-5), f"{e_rows}")
-    check("D logits", e_last < 1e-5, f"{e_last}")
+    # an f16 cache row element may round to the neighbouring f16 between the two orders (above), and
+    # the logits carry that
+    check("D logits", e_last < (1e-4 if c["kv_dtype"] == "f16" else 1e-5), f"{e_last}")
     return name, fails, info
 
 

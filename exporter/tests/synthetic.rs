@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use half::{bf16, f16};
+use onestep::backend::gpu::DeviceRequest;
 use onestep::contract;
 use onestep::graph::DType;
 use onestep::onnx::proto;
@@ -133,6 +134,41 @@ fn cases() -> Vec<Case> {
             quantize: Quantize::F16,
             ..base.clone()
         },
+        // GGUF K-quants and Q5 (rows of 256; the 64- and 128-wide inputs of attn_output and ffn_down
+        // fall back to Q5_0, as llama.cpp's quantizer does for rows that are not whole super-blocks)
+        Case {
+            name: "q4_k_q6_k_emb_tied",
+            tied: true,
+            linear: Q4_K,
+            embd: Q6_K,
+            kv: DType::F32,
+            hidden: 256,
+            ..base.clone()
+        },
+        Case {
+            name: "q5_k_q5_1_emb_q6_k_out",
+            linear: Q5_K,
+            embd: Q5_1,
+            output: Q6_K,
+            hidden: 256,
+            ..base.clone()
+        },
+        Case {
+            name: "q5_1_q4_k_emb_q5_0_out",
+            linear: Q5_1,
+            embd: Q4_K,
+            output: Q5_0,
+            interleaved: false,
+            hidden: 256,
+            ..base.clone()
+        },
+        Case {
+            name: "int4_from_q6_k",
+            linear: Q6_K,
+            quantize: Quantize::Int4,
+            hidden: 256,
+            ..base.clone()
+        },
         Case {
             name: "llama3_scaling",
             scaling: Some(RopeScaling::Llama3 {
@@ -163,9 +199,7 @@ fn encode(dtype: SourceDType, v: &[f32]) -> Vec<u8> {
             .iter()
             .flat_map(|&x| bf16::from_f32(x).to_le_bytes())
             .collect(),
-        SourceDType::Q8_0 => testutil::make_q8_0(v),
-        SourceDType::Q4_0 => testutil::make_q4_0(v),
-        SourceDType::Q4_1 => testutil::make_q4_1(v),
+        block => testutil::make_blocks(block, v),
     }
 }
 
@@ -179,6 +213,11 @@ fn source(case: &Case, seed: u64) -> SourceModel {
                    center: f32,
                    spread: f32| {
         let n: usize = shape.iter().product();
+        let dtype = if shape[shape.len() - 1].is_multiple_of(dtype.block_elems()) {
+            dtype
+        } else {
+            SourceDType::Q5_0
+        };
         let v: Vec<f32> = (0..n)
             .map(|_| center + r.random_range(-spread..spread))
             .collect();
@@ -378,7 +417,7 @@ fn dump_reference(case: &Case, src: &SourceModel, dir: &Path) {
     for (name, t) in &src.tensors {
         let v = if t.shape.len() == 2 && case.quantize != Quantize::Keep {
             // requantized: the reference uses the values the new form stands for (its error bounds are
-            // unit-tested in quant.rs)
+            // unit-tested in quant/)
             quant::dequantize(&quant::encode_matrix(name, t, case.quantize).unwrap())
         } else {
             quant::dequantize_source(name, t).unwrap()
@@ -600,5 +639,86 @@ fn onnxruntime_matches_numpy_reference() {
     );
     if keep.is_none() {
         std::fs::remove_dir_all(&root).unwrap();
+    }
+}
+
+/// The same source with every block-form matrix replaced by its f32 values.
+fn as_f32(src: &SourceModel) -> SourceModel {
+    let mut out = src.clone();
+    for (name, t) in out.tensors.iter_mut() {
+        if t.dtype.block_elems() > 1 {
+            let v = quant::dequantize_source(name, t).unwrap();
+            *t = SourceTensor {
+                dtype: SourceDType::F32,
+                shape: t.shape.clone(),
+                data: Bytes::from(bytemuck::cast_slice::<f32, u8>(&v).to_vec()),
+            };
+        }
+    }
+    out
+}
+
+/// Logits of a 5-token prefill and three decode steps on `device`.
+fn logits_on(path: &Path, device: DeviceRequest) -> Vec<Vec<f32>> {
+    let opts = onestep::LoadOptions {
+        device,
+        ..Default::default()
+    };
+    let model = onestep::Model::load_with(path, &opts)
+        .unwrap_or_else(|e| panic!("{} on {device:?}: {e}", path.display()));
+    let mut state = model.new_state().unwrap();
+    let greedy = onestep::StepSampling::GREEDY;
+    let mut out = vec![model
+        .step(&mut state, &[3, 17, 42, 5, 88], &greedy)
+        .unwrap()];
+    for id in [7, 60, 11] {
+        out.push(model.step(&mut state, &[id], &greedy).unwrap());
+    }
+    out.into_iter().map(|o| o.logits).collect()
+}
+
+/// The CPU, and a GPU where wgpu finds one (required when `ONESTEP_REQUIRE_GPU` is set, as in CI).
+fn devices() -> Vec<DeviceRequest> {
+    let gpu = !onestep::backend::gpu::context::list_adapters(Default::default()).is_empty();
+    if std::env::var_os("ONESTEP_REQUIRE_GPU").is_some() {
+        assert!(gpu, "ONESTEP_REQUIRE_GPU is set and wgpu finds no adapter");
+    }
+    let mut d = vec![DeviceRequest::Cpu];
+    if gpu {
+        d.push(DeviceRequest::Gpu(None));
+    }
+    d
+}
+
+#[test]
+fn onestep_runs_every_block_form_as_its_f32_values() {
+    // Each GGUF block form through the runtime's kernels (CPU and GPU) against the same model with the
+    // dequantized weights in f32 on the CPU (the path checked against onnxruntime everywhere else).
+    for (i, case) in cases().iter().enumerate() {
+        let blocks = [case.linear, case.embd, case.output]
+            .iter()
+            .any(|d| d.block_elems() > 1);
+        if !blocks || case.quantize != Quantize::Keep {
+            continue;
+        }
+        let src = source(case, 100 + i as u64);
+        let dir = workdir(&format!("{}_vs_f32", case.name));
+        let (a, b) = (dir.join("blocks.onnx"), dir.join("f32.onnx"));
+        export(&src, &a, &options(case), &mut NoProgress).unwrap();
+        export(&as_f32(&src), &b, &options(case), &mut NoProgress).unwrap();
+        let tol = if case.kv == DType::F16 { 1e-3 } else { 1e-4 };
+        let want = logits_on(&b, DeviceRequest::Cpu);
+        for device in devices() {
+            for (step, (x, y)) in logits_on(&a, device).iter().zip(&want).enumerate() {
+                let scale = y.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let err = x.iter().zip(y).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+                assert!(
+                    err <= tol * scale,
+                    "{} on {device:?} step {step}: max |Δlogit| {err} (scale {scale})",
+                    case.name
+                );
+            }
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

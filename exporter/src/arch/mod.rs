@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 use onestep_format::graph::{DType, Graph};
 
-use crate::quant::{Form, Matrix, BLOCK};
+use crate::quant::{Form, Matrix, Zeros, BLOCK};
 use crate::source::ModelConfig;
 use crate::trace::{SDim, Sym, TraceError, Tracer};
 
@@ -65,9 +65,21 @@ pub enum MatSyms {
     Half(Sym),
     /// int8 `[N, K]` and f32 scales `[N]`.
     Int8(Sym, Sym),
-    /// u8 blocks `[N, K/32, bb]`, f32 scales `[N, K/32]`, zero points (f32 `[N, K/32]`, u8 `[N, K/32]`
-    /// for 8 bits, or u8 `[N, ceil(K/64)]` packed two per byte for 4 bits), bits.
-    Block(Sym, Sym, Sym, usize),
+    /// `MatMulNBits` blocks.
+    Block {
+        /// u8 `[N, K/bs, bs·bits/8]`.
+        b: Sym,
+        /// f32 `[N, K/bs]`.
+        scales: Sym,
+        /// f32 `[N, K/bs]`, u8 `[N, K/bs]` (8 bits) or u8 `[N, ceil(K/2bs)]` packed two a byte (4 bits).
+        zeros: Sym,
+        /// Bits per code (4 or 8).
+        bits: usize,
+        /// Block size `bs`.
+        block: usize,
+        /// f32 `[N, K/bs]` minimums subtracted from each block's values (then the zero points are 0).
+        mins: Option<Sym>,
+    },
 }
 
 /// Adds a matrix's initializers named `{base}.weight` (+ `{base}.scales`, `{base}.zero_points`).
@@ -84,21 +96,43 @@ pub fn add_matrix(t: &mut Tracer, base: &str, m: &Matrix) -> Result<MatSyms, Tra
             t.weight(&wname, DType::I8, &[n, k], q.clone())?,
             t.weight(&sname, DType::F32, &[n], scales.clone())?,
         ),
-        Form::Block4 { b, scales, zeros }
-        | Form::Int4 { b, scales, zeros }
-        | Form::Block8 { b, scales, zeros } => {
+        Form::Block4 { b, scales, zeros } | Form::Int4 { b, scales, zeros } => {
             let nb = k / BLOCK;
-            let (bits, zt, zshape) = match m.form {
-                Form::Block4 { .. } => (4, DType::F32, [n, nb]),
-                Form::Int4 { .. } => (4, DType::U8, [n, nb.div_ceil(2)]),
-                _ => (8, DType::U8, [n, nb]),
+            let (zt, zshape) = match m.form {
+                Form::Block4 { .. } => (DType::F32, [n, nb]),
+                _ => (DType::U8, [n, nb.div_ceil(2)]),
             };
-            MatSyms::Block(
-                t.weight(&wname, DType::U8, &[n, nb, BLOCK * bits / 8], b.clone())?,
-                t.weight(&sname, DType::F32, &[n, nb], scales.clone())?,
-                t.weight(&zname, zt, &zshape, zeros.clone())?,
-                bits,
-            )
+            MatSyms::Block {
+                b: t.weight(&wname, DType::U8, &[n, nb, BLOCK / 2], b.clone())?,
+                scales: t.weight(&sname, DType::F32, &[n, nb], scales.clone())?,
+                zeros: t.weight(&zname, zt, &zshape, zeros.clone())?,
+                bits: 4,
+                block: BLOCK,
+                mins: None,
+            }
+        }
+        Form::Block8 {
+            block,
+            b,
+            scales,
+            zeros,
+        } => {
+            let nb = k / block;
+            let (z, mins) = match zeros {
+                Zeros::U8(z) => (z.clone(), None),
+                Zeros::Mins(m) => {
+                    let m = t.weight(&format!("{base}.mins"), DType::F32, &[n, nb], m.clone())?;
+                    (Bytes::from(vec![0u8; n * nb]), Some(m))
+                }
+            };
+            MatSyms::Block {
+                b: t.weight(&wname, DType::U8, &[n, nb, *block], b.clone())?,
+                scales: t.weight(&sname, DType::F32, &[n, nb], scales.clone())?,
+                zeros: t.weight(&zname, DType::U8, &[n, nb], z)?,
+                bits: 8,
+                block: *block,
+                mins,
+            }
         }
     })
 }
@@ -121,7 +155,14 @@ pub fn linear(
             let wf = t.dequantize_linear(&format!("{name}.dequant"), q, s, 0)?;
             t.gemm(name, x, &wf, bias)
         }
-        MatSyms::Block(b, s, z, bits) => {
+        MatSyms::Block {
+            b,
+            scales: s,
+            zeros: z,
+            bits,
+            block,
+            mins,
+        } => {
             let flat = |d: &SDim| match d {
                 SDim::N(n) => *n,
                 _ => 0,
@@ -130,7 +171,22 @@ pub fn linear(
             let nz = z.shape.iter().map(flat).product::<usize>();
             let sf = t.reshape(&format!("{name}.scales_flat"), s, &[SDim::N(nb)])?;
             let zf = t.reshape(&format!("{name}.zero_points_flat"), z, &[SDim::N(nz)])?;
-            let y = t.matmul_nbits(name, x, b, &sf, &zf, *bits, BLOCK)?;
+            let y = t.matmul_nbits(name, x, b, &sf, &zf, *bits, *block)?;
+            let y = match mins {
+                // y − (Σ x over each block)·mᵀ
+                Some(m) => {
+                    let nb = flat(&m.shape[1]);
+                    let xb = t.reshape(
+                        &format!("{name}.x_blocks"),
+                        x,
+                        &[SDim::T(0), SDim::N(nb), SDim::N(*block)],
+                    )?;
+                    let sums = t.reduce_sum(&format!("{name}.block_sums"), &xb, &[-1], false)?;
+                    let corr = t.gemm(&format!("{name}.mins"), &sums, m, None)?;
+                    t.sub(&format!("{name}.minus_mins"), &y, &corr)?
+                }
+                None => y,
+            };
             match bias {
                 Some(bias) => t.add(&format!("{name}.add_bias"), &y, bias),
                 None => Ok(y),
@@ -154,23 +210,44 @@ pub fn embedding(t: &mut Tracer, e: &MatSyms, ids: &Sym) -> Result<Sym, TraceErr
             let su = t.unsqueeze("embed.scales_col", &sg, &[1])?;
             t.mul("embed", &gf, &su)
         }
-        MatSyms::Block(b, s, z, bits) => {
+        MatSyms::Block {
+            b,
+            scales: s,
+            zeros: z,
+            bits,
+            block,
+            mins,
+        } => {
             let (nb, hidden) = match s.shape[..] {
-                [_, SDim::N(nb)] => (nb, nb * BLOCK),
+                [_, SDim::N(nb)] => (nb, nb * block),
                 _ => {
-                    return Err(TraceError::Model(
-                        "embedding scales must be [V, H/32]".into(),
-                    ))
+                    return Err(TraceError::Model(format!(
+                        "embedding scales must be [V, H/{block}]"
+                    )))
                 }
             };
             let rows = t.gather("embed.rows", b, ids, 0)?;
             let q = if *bits == 4 {
                 let both = nibbles(t, "embed", &rows)?;
-                t.reshape("embed.q", &both, &[SDim::T(0), SDim::N(nb), SDim::N(BLOCK)])?
+                t.reshape(
+                    "embed.q",
+                    &both,
+                    &[SDim::T(0), SDim::N(nb), SDim::N(*block)],
+                )?
             } else {
                 rows
             };
             let qf = t.cast("embed.q_f32", &q, DType::F32)?;
+            let sg = t.gather("embed.scales", s, ids, 0)?;
+            let su = t.unsqueeze("embed.scales_u", &sg, &[-1])?;
+            if let Some(m) = mins {
+                // s·q − m
+                let x = t.mul("embed.scaled", &qf, &su)?;
+                let mg = t.gather("embed.mins", m, ids, 0)?;
+                let mu = t.unsqueeze("embed.mins_u", &mg, &[-1])?;
+                let x = t.sub("embed.minus_mins", &x, &mu)?;
+                return t.reshape("embed", &x, &[SDim::T(0), SDim::N(hidden)]);
+            }
             let zg = t.gather("embed.zero_points", z, ids, 0)?;
             let zg = if zg.dtype == DType::F32 {
                 zg
@@ -192,8 +269,6 @@ pub fn embedding(t: &mut Tracer, e: &MatSyms, ids: &Sym) -> Result<Sym, TraceErr
                 t.cast("embed.zero_points_f32", &zg, DType::F32)?
             };
             let zu = t.unsqueeze("embed.zero_points_u", &zg, &[-1])?;
-            let sg = t.gather("embed.scales", s, ids, 0)?;
-            let su = t.unsqueeze("embed.scales_u", &sg, &[-1])?;
             let c = t.sub("embed.centered", &qf, &zu)?;
             let x = t.mul("embed.scaled", &c, &su)?;
             t.reshape("embed", &x, &[SDim::T(0), SDim::N(hidden)])

@@ -561,6 +561,9 @@ pub fn ggml_type_name(t: u32) -> String {
     n.to_string()
 }
 
+/// The ggml type ids [`source_dtype`] reads.
+const SUPPORTED_TYPES: [u32; 11] = [0, 1, 30, 8, 2, 3, 6, 7, 12, 13, 14];
+
 fn source_dtype(t: u32) -> Option<SourceDType> {
     Some(match t {
         0 => SourceDType::F32,
@@ -569,6 +572,11 @@ fn source_dtype(t: u32) -> Option<SourceDType> {
         8 => SourceDType::Q8_0,
         2 => SourceDType::Q4_0,
         3 => SourceDType::Q4_1,
+        6 => SourceDType::Q5_0,
+        7 => SourceDType::Q5_1,
+        12 => SourceDType::Q4_K,
+        13 => SourceDType::Q5_K,
+        14 => SourceDType::Q6_K,
         _ => return None,
     })
 }
@@ -710,31 +718,20 @@ impl<'a> Meta<'a> {
     }
 }
 
-/// Interprets a parsed GGUF file as a decoder-only model.
-pub fn into_model(file: &GgufFile) -> Result<SourceModel, SourceError> {
+/// Every tensor of the file in its stored encoding, by name, with shapes outermost first (GGUF's `ne`
+/// flipped); a type the exporter does not read is an error naming the tensor and the supported types.
+pub fn tensors(file: &GgufFile) -> Result<BTreeMap<String, SourceTensor>, SourceError> {
     let path = file.path.as_str();
-    let m = Meta { file };
-    let arch = m
-        .str_opt("general.architecture")?
-        .ok_or_else(|| m.key_err("general.architecture", "missing".into()))?;
-    let (attention_bias_required, rope_interleaved) = match arch {
-        // llama.cpp's converter permutes llama q/k rows for adjacent-pair rotation (rope type NORM).
-        "llama" => (false, true),
-        // qwen2 is stored unpermuted (rope type NEOX = rotate_half) and has q/k/v biases.
-        "qwen2" => (true, false),
-        other => return Err(unsupported(path, format!("architecture `{other}`"))),
-    };
-
-    // Tensors: types and flipped shapes.
     let mut tensors = BTreeMap::new();
     for t in &file.tensors {
         let dtype = source_dtype(t.ggml_type).ok_or_else(|| {
             unsupported(
                 path,
                 format!(
-                    "tensor type {} in `{}`",
+                    "tensor type {} in `{}` (supported: {})",
                     ggml_type_name(t.ggml_type),
-                    t.name
+                    t.name,
+                    SUPPORTED_TYPES.map(ggml_type_name).join(", ")
                 ),
             )
         })?;
@@ -756,6 +753,25 @@ pub fn into_model(file: &GgufFile) -> Result<SourceModel, SourceError> {
             },
         );
     }
+    Ok(tensors)
+}
+
+/// Interprets a parsed GGUF file as a decoder-only model.
+pub fn into_model(file: &GgufFile) -> Result<SourceModel, SourceError> {
+    let path = file.path.as_str();
+    let m = Meta { file };
+    let arch = m
+        .str_opt("general.architecture")?
+        .ok_or_else(|| m.key_err("general.architecture", "missing".into()))?;
+    let (attention_bias_required, rope_interleaved) = match arch {
+        // llama.cpp's converter permutes llama q/k rows for adjacent-pair rotation (rope type NORM).
+        "llama" => (false, true),
+        // qwen2 is stored unpermuted (rope type NEOX = rotate_half) and has q/k/v biases.
+        "qwen2" => (true, false),
+        other => return Err(unsupported(path, format!("architecture `{other}`"))),
+    };
+
+    let tensors = tensors(file)?;
     if tensors.contains_key("rope_freqs.weight") {
         return Err(unsupported(
             path,
@@ -1089,7 +1105,7 @@ mod tests {
 
     /// Every tensor of a tiny llama, cycling through all supported types.
     fn tensors(biases: bool) -> Vec<T> {
-        const TYPES: [u32; 6] = [0, 1, 30, 8, 2, 3]; // F32 F16 BF16 Q8_0 Q4_0 Q4_1
+        const TYPES: [u32; 8] = [0, 1, 30, 8, 2, 3, 6, 7]; // F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1
         let q = HEADS as u64 * HEAD_DIM;
         let kv = KV_HEADS as u64 * HEAD_DIM;
         let vocab = vocab().len() as u64;
@@ -1105,7 +1121,7 @@ mod tests {
                 tensor(
                     &format!("blk.{i}.{suffix}"),
                     shape,
-                    TYPES[k % 6],
+                    TYPES[k % TYPES.len()],
                     100 + k as u64,
                 )
             };
@@ -1172,7 +1188,7 @@ mod tests {
             assert_eq!(Some(got.dtype), source_dtype(t.ty));
             seen.insert(format!("{:?}", got.dtype));
         }
-        assert_eq!(seen.len(), 6, "all six types covered: {seen:?}");
+        assert_eq!(seen.len(), 8, "all eight block-32 types covered: {seen:?}");
         assert!(m.generation.is_none());
     }
 
@@ -1365,13 +1381,41 @@ mod tests {
     }
 
     #[test]
+    fn k_quants_read_in_whole_super_blocks() {
+        let mut ts = tensors(false);
+        for (i, ty) in [12u32, 13, 14].into_iter().enumerate() {
+            ts[3 + i] = tensor(&ts[3 + i].name.clone(), &[2, 256], ty, 40 + i as u64);
+        }
+        let f = parse("tiny.gguf", Bytes::from(build(&metadata("llama"), &ts))).unwrap();
+        for (i, want) in [SourceDType::Q4_K, SourceDType::Q5_K, SourceDType::Q6_K]
+            .into_iter()
+            .enumerate()
+        {
+            let t = &f.tensors[3 + i];
+            assert_eq!(source_dtype(t.ggml_type), Some(want));
+            assert_eq!(t.range.len(), 2 * want.block_bytes(), "{}", t.name);
+        }
+        // A row of 32 is not a whole super-block of 256: a format error naming the tensor.
+        ts[3].ne = vec![32, 2];
+        let name = ts[3].name.clone();
+        let e = format_detail(parse(
+            "tiny.gguf",
+            Bytes::from(build(&metadata("llama"), &ts)),
+        ));
+        assert!(e.contains(&name) && e.contains("256"), "{e}");
+    }
+
+    #[test]
     fn unsupported_tensor_type_names_tensor_and_type() {
         let mut ts = tensors(false);
-        ts[3] = tensor(&ts[3].name.clone(), &[HEADS as u64 * HEAD_DIM, 256], 12, 5); // Q4_K
+        ts[3] = tensor(&ts[3].name.clone(), &[HEADS as u64 * HEAD_DIM, 256], 10, 5); // Q2_K
         let name = ts[3].name.clone();
         match load(build(&metadata("llama"), &ts)) {
             Err(SourceError::Unsupported { what, .. }) => {
-                assert!(what.contains("Q4_K") && what.contains(&name), "{what}")
+                assert!(
+                    what.contains("Q2_K") && what.contains(&name) && what.contains("Q6_K"),
+                    "{what}"
+                )
             }
             other => panic!("{other:?}"),
         }

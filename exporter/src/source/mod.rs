@@ -28,8 +28,9 @@ pub(crate) mod testutil {
     }
 }
 
-/// How a source tensor's bytes are encoded.
+/// How a source tensor's bytes are encoded (the block types keep ggml's names).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(non_camel_case_types)]
 pub enum SourceDType {
     /// f32.
     F32,
@@ -43,6 +44,49 @@ pub enum SourceDType {
     Q4_0,
     /// GGUF Q4_1: blocks of 32 — f16 d, f16 m, 16 bytes (same nibble order as Q4_0), value q·d + m.
     Q4_1,
+    /// GGUF Q5_0: blocks of 32 — f16 d, 32 high bits, 16 bytes of low nibbles; value (q−16)·d.
+    Q5_0,
+    /// GGUF Q5_1: blocks of 32 — f16 d, f16 m, 32 high bits, 16 bytes of low nibbles; value q·d + m.
+    Q5_1,
+    /// GGUF Q4_K: super-blocks of 256 — f16 d and dmin, eight 6-bit scales and mins, 4-bit codes;
+    /// value (d·sc)·q − dmin·m per sub-block of 32.
+    Q4_K,
+    /// GGUF Q5_K: as Q4_K with a fifth bit per code (32 bytes of high bits).
+    Q5_K,
+    /// GGUF Q6_K: super-blocks of 256 — 6-bit codes, sixteen i8 scales, f16 d; value (d·sc)·(q−32)
+    /// per sub-block of 16.
+    Q6_K,
+}
+
+impl SourceDType {
+    /// Elements per stored block (1 for the float types).
+    pub fn block_elems(self) -> usize {
+        match self {
+            SourceDType::F32 | SourceDType::F16 | SourceDType::BF16 => 1,
+            SourceDType::Q8_0
+            | SourceDType::Q4_0
+            | SourceDType::Q4_1
+            | SourceDType::Q5_0
+            | SourceDType::Q5_1 => 32,
+            SourceDType::Q4_K | SourceDType::Q5_K | SourceDType::Q6_K => 256,
+        }
+    }
+
+    /// Bytes per stored block.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            SourceDType::F32 => 4,
+            SourceDType::F16 | SourceDType::BF16 => 2,
+            SourceDType::Q8_0 => 34,
+            SourceDType::Q4_0 => 18,
+            SourceDType::Q4_1 => 20,
+            SourceDType::Q5_0 => 22,
+            SourceDType::Q5_1 => 24,
+            SourceDType::Q4_K => 144,
+            SourceDType::Q5_K => 176,
+            SourceDType::Q6_K => 210,
+        }
+    }
 }
 
 /// One tensor of the source, in its stored encoding.

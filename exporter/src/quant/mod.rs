@@ -6,6 +6,8 @@ use half::{bf16, f16};
 
 use crate::source::{SourceDType, SourceTensor};
 
+pub mod ggml;
+
 /// What the user asked for (`--quantize`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Quantize {
@@ -74,15 +76,41 @@ pub enum Form {
         /// Packed 4-bit zero points.
         zeros: Bytes,
     },
-    /// 8-bit blocks: b u8 `[N, K/32, 32]`, scales f32 `[N, K/32]`, zero points u8 `[N, K/32]`.
+    /// 8-bit blocks of `block` (32, or 16 for GGUF Q6_K): b u8 `[N, K/block, block]`, scales f32
+    /// `[N, K/block]`, and per block either a u8 zero point (value (q − z)·s) or an f32 minimum (value
+    /// s·q − m).
     Block8 {
-        /// Bytes q + 128.
+        /// Elements per block.
+        block: usize,
+        /// Codes, one a byte.
         b: Bytes,
         /// Scales.
         scales: Bytes,
-        /// Zero points (u8, 128).
-        zeros: Bytes,
+        /// Zero points.
+        zeros: Zeros,
     },
+}
+
+/// The offsets of [`Form::Block8`], one per block.
+///
+/// onnxruntime's CPU `MatMulNBits` takes no f32 zero points with 8 bits, so a minimum is not folded
+/// into one (which would also cost a rounding): the graph computes `x·(s·q)ᵀ − (Σ x over each
+/// block)·mᵀ` instead (`arch::linear`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Zeros {
+    /// u8 zero points: the integer offsets of GGUF Q8_0 (128), Q5_0 (16) and Q6_K (32).
+    U8(Bytes),
+    /// f32 minimums `m` (GGUF Q5_1 and Q5_K); the codes' zero point is 0.
+    Mins(Bytes),
+}
+
+impl Zeros {
+    /// The stored bytes.
+    pub fn bytes(&self) -> &Bytes {
+        match self {
+            Zeros::U8(b) | Zeros::Mins(b) => b,
+        }
+    }
 }
 
 /// An encoded matrix with its shape.
@@ -97,7 +125,7 @@ pub struct Matrix {
 }
 
 impl Matrix {
-    /// Short name of the form (`f32`, `f16`, `bf16`, `int8`, `q4`, `int4`, `q8`).
+    /// Short name of the form (`f32`, `f16`, `bf16`, `int8`, `q4`, `int4`, `q8`, `q8m`).
     pub fn form_name(&self) -> &'static str {
         match self.form {
             Form::F32(_) => "f32",
@@ -106,7 +134,14 @@ impl Matrix {
             Form::Int8 { .. } => "int8",
             Form::Block4 { .. } => "q4",
             Form::Int4 { .. } => "int4",
-            Form::Block8 { .. } => "q8",
+            Form::Block8 {
+                zeros: Zeros::U8(_),
+                ..
+            } => "q8",
+            Form::Block8 {
+                zeros: Zeros::Mins(_),
+                ..
+            } => "q8m",
         }
     }
     /// Stored bytes of all its initializers.
@@ -114,9 +149,12 @@ impl Matrix {
         match &self.form {
             Form::F32(b) | Form::F16(b) | Form::BF16(b) => b.len(),
             Form::Int8 { q, scales } => q.len() + scales.len(),
-            Form::Block4 { b, scales, zeros }
-            | Form::Int4 { b, scales, zeros }
-            | Form::Block8 { b, scales, zeros } => b.len() + scales.len() + zeros.len(),
+            Form::Block4 { b, scales, zeros } | Form::Int4 { b, scales, zeros } => {
+                b.len() + scales.len() + zeros.len()
+            }
+            Form::Block8 {
+                b, scales, zeros, ..
+            } => b.len() + scales.len() + zeros.bytes().len(),
         }
     }
 }
@@ -148,37 +186,20 @@ fn read_f32s(b: &[u8]) -> Vec<f32> {
         .collect()
 }
 
-fn f16_at(b: &[u8], i: usize) -> f32 {
-    f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
-}
-
-/// Bytes a source tensor of `numel` elements must have.
-fn source_len(dtype: SourceDType, numel: usize) -> usize {
-    match dtype {
-        SourceDType::F32 => numel * 4,
-        SourceDType::F16 | SourceDType::BF16 => numel * 2,
-        SourceDType::Q8_0 => numel / BLOCK * 34,
-        SourceDType::Q4_0 => numel / BLOCK * 18,
-        SourceDType::Q4_1 => numel / BLOCK * 20,
-    }
-}
-
 fn check_len(name: &str, t: &SourceTensor) -> Result<usize, QuantError> {
     let numel: usize = t.shape.iter().product();
-    let block = !matches!(
-        t.dtype,
-        SourceDType::F32 | SourceDType::F16 | SourceDType::BF16
-    );
-    if block && !numel.is_multiple_of(BLOCK) {
+    let block = t.dtype.block_elems();
+    let row = t.shape.last().copied().unwrap_or(1);
+    if !row.is_multiple_of(block) {
         return Err(qerr(
             name,
             format!(
-                "{:?} tensor of {numel} elements is not whole blocks of {BLOCK}",
+                "{:?} rows of {row} elements are not whole blocks of {block}",
                 t.dtype
             ),
         ));
     }
-    let want = source_len(t.dtype, numel);
+    let want = numel / block * t.dtype.block_bytes();
     if t.data.len() != want {
         return Err(qerr(
             name,
@@ -207,32 +228,9 @@ pub fn dequantize_source(name: &str, t: &SourceTensor) -> Result<Vec<f32>, Quant
             .chunks_exact(2)
             .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
             .collect(),
-        SourceDType::Q8_0 => {
+        _ => {
             let mut out = Vec::with_capacity(numel);
-            for blk in d.chunks_exact(34) {
-                let s = f16_at(blk, 0);
-                out.extend(blk[2..].iter().map(|&q| q as i8 as f32 * s));
-            }
-            out
-        }
-        SourceDType::Q4_0 | SourceDType::Q4_1 => {
-            let q41 = t.dtype == SourceDType::Q4_1;
-            let bs = if q41 { 20 } else { 18 };
-            let mut out = Vec::with_capacity(numel);
-            for blk in d.chunks_exact(bs) {
-                let s = f16_at(blk, 0);
-                let m = if q41 { f16_at(blk, 2) } else { 0.0 };
-                let qs = &blk[bs - 16..];
-                let val = |q: u8| {
-                    if q41 {
-                        q as f32 * s + m
-                    } else {
-                        (q as f32 - 8.0) * s
-                    }
-                };
-                out.extend(qs.iter().map(|&b| val(b & 15)));
-                out.extend(qs.iter().map(|&b| val(b >> 4)));
-            }
+            ggml::dequantize_blocks(t.dtype, d, &mut out);
             out
         }
     })
@@ -269,10 +267,18 @@ pub fn encode_matrix(name: &str, t: &SourceTensor, q: Quantize) -> Result<Matrix
         (Quantize::Keep, SourceDType::F32) => Form::F32(t.data.clone()),
         (Quantize::Keep | Quantize::F16, SourceDType::F16) => Form::F16(t.data.clone()),
         (Quantize::Keep, SourceDType::BF16) => Form::BF16(t.data.clone()),
-        (Quantize::Keep | Quantize::Int4, SourceDType::Q4_0 | SourceDType::Q4_1) => {
-            repack_q4(name, t, n, k)?
-        }
-        (Quantize::Keep, SourceDType::Q8_0) => repack_q8(name, t, n, k)?,
+        (
+            Quantize::Keep | Quantize::Int4,
+            SourceDType::Q4_0 | SourceDType::Q4_1 | SourceDType::Q4_K,
+        ) => repack_blocks(t, n, k),
+        (
+            Quantize::Keep,
+            SourceDType::Q8_0
+            | SourceDType::Q5_0
+            | SourceDType::Q5_1
+            | SourceDType::Q5_K
+            | SourceDType::Q6_K,
+        ) => repack_blocks(t, n, k),
         (Quantize::F16, _) => {
             let v = dequantize_source(name, t)?;
             let h: Vec<f16> = v.iter().map(|&x| f16::from_f32(x)).collect();
@@ -292,65 +298,78 @@ pub fn encode_matrix(name: &str, t: &SourceTensor, q: Quantize) -> Result<Matrix
     Ok(Matrix { n, k, form })
 }
 
-/// GGUF Q4_0/Q4_1 → 4-bit MatMulNBits form (nibble order: GGUF j / j+16 → MatMulNBits 2j / 2j+1).
-fn repack_q4(name: &str, t: &SourceTensor, n: usize, k: usize) -> Result<Form, QuantError> {
-    if !k.is_multiple_of(BLOCK) {
-        return Err(qerr(name, format!("K = {k} is not a multiple of {BLOCK}")));
-    }
-    let q41 = t.dtype == SourceDType::Q4_1;
-    let bs = if q41 { 20 } else { 18 };
-    let nb = n * k / BLOCK;
-    let mut b = Vec::with_capacity(nb * 16);
-    let mut scales = Vec::with_capacity(nb);
-    let mut zeros = Vec::with_capacity(nb);
-    for blk in t.data.chunks_exact(bs) {
-        let d = f16_at(blk, 0);
-        let qs = &blk[bs - 16..];
-        let mut vals = [0u8; 32];
-        for j in 0..16 {
-            vals[j] = qs[j] & 15;
-            vals[j + 16] = qs[j] >> 4;
-        }
-        let (s, z) = if !q41 {
-            (d, 8.0)
-        } else {
-            let m = f16_at(blk, 2);
-            if d == 0.0 {
-                // every element equals m: store q = 1, z = 0, s = m (exact)
-                vals = [1; 32];
-                (m, 0.0)
-            } else {
-                (d, -m / d)
+/// A GGUF block type in the MatMulNBits form of its codes (rows are whole blocks: `check_len`):
+/// 4-bit codes (Q4_0, Q4_1, Q4_K) as [`Form::Block4`]; wider ones as [`Form::Block8`] in blocks of the
+/// type's sub-block (16 for Q6_K), with u8 zero points where ggml's offset is an integer and the
+/// minimums themselves where it is one (Q5_1, Q5_K): every 8-bit form is exact.
+///
+/// A 4-bit minimum `m` becomes the f32 zero point `m / s`, so the stored value `(q − m/s)·s` differs
+/// from ggml's `s·q − m` by one rounding of `m / s` plus the runtime's two: within
+/// `2⁻²²·(|s·q| + |m|)`. A sub-block with `s = 0` (every value `−m`) is stored exactly as codes 1, zero
+/// point 0, scale `−m`.
+fn repack_blocks(t: &SourceTensor, n: usize, k: usize) -> Form {
+    let four_bits = matches!(
+        t.dtype,
+        SourceDType::Q4_0 | SourceDType::Q4_1 | SourceDType::Q4_K
+    );
+    let mut b = Vec::with_capacity(n * k);
+    let (mut scales, mut zf, mut zu) = (Vec::new(), Vec::new(), Vec::new());
+    let mut block = 0;
+    let mut mins = false;
+    for blk in t.data.chunks_exact(t.dtype.block_bytes()) {
+        ggml::for_each_sub_block(t.dtype, blk, |sb| {
+            block = sb.len;
+            let mut q = sb.q;
+            let (s, z) = match sb.offset {
+                ggml::Offset::Zero(z) => {
+                    zu.push(z);
+                    (sb.scale, f32::from(z))
+                }
+                ggml::Offset::Min(m) if !four_bits => {
+                    mins = true;
+                    zf.push(m);
+                    (sb.scale, 0.0)
+                }
+                ggml::Offset::Min(m) => {
+                    if sb.scale == 0.0 {
+                        q = [1; 32];
+                        (-m, 0.0)
+                    } else {
+                        (sb.scale, m / sb.scale)
+                    }
+                }
+            };
+            scales.push(s);
+            if four_bits {
+                zf.push(z);
             }
-        };
-        b.extend((0..16).map(|j| vals[2 * j] | (vals[2 * j + 1] << 4)));
-        scales.push(s);
-        zeros.push(z);
+            let q = &q[..sb.len];
+            if four_bits {
+                b.extend(q.chunks_exact(2).map(|p| p[0] | (p[1] << 4)));
+            } else {
+                b.extend_from_slice(q);
+            }
+        });
     }
-    Ok(Form::Block4 {
-        b: Bytes::from(b),
-        scales: f32_bytes(scales),
-        zeros: f32_bytes(zeros),
-    })
-}
-
-/// GGUF Q8_0 → 8-bit MatMulNBits form.
-fn repack_q8(name: &str, t: &SourceTensor, n: usize, k: usize) -> Result<Form, QuantError> {
-    if !k.is_multiple_of(BLOCK) {
-        return Err(qerr(name, format!("K = {k} is not a multiple of {BLOCK}")));
+    let (b, scales) = (Bytes::from(b), f32_bytes(scales));
+    if four_bits {
+        Form::Block4 {
+            b,
+            scales,
+            zeros: f32_bytes(zf),
+        }
+    } else {
+        Form::Block8 {
+            block,
+            b,
+            scales,
+            zeros: if mins {
+                Zeros::Mins(f32_bytes(zf))
+            } else {
+                Zeros::U8(Bytes::from(zu))
+            },
+        }
     }
-    let nb = n * k / BLOCK;
-    let mut b = Vec::with_capacity(nb * 32);
-    let mut scales = Vec::with_capacity(nb);
-    for blk in t.data.chunks_exact(34) {
-        scales.push(f16_at(blk, 0));
-        b.extend(blk[2..].iter().map(|&q| (q as i8 as i16 + 128) as u8));
-    }
-    Ok(Form::Block8 {
-        b: Bytes::from(b),
-        scales: f32_bytes(scales),
-        zeros: Bytes::from(vec![128u8; nb]),
-    })
 }
 
 /// Per-channel symmetric int8: s = max|row| / 127, q = round(x / s).
@@ -484,12 +503,27 @@ pub fn dequantize(m: &Matrix) -> Vec<f32> {
                 .collect();
             block4_values(b, &read_f32s(scales), &z)
         }
-        Form::Block8 { b, scales, zeros } => {
+        Form::Block8 {
+            block,
+            b,
+            scales,
+            zeros,
+        } => {
             let s = read_f32s(scales);
-            b.iter()
-                .enumerate()
-                .map(|(i, &q)| (q as f32 - zeros[i / BLOCK] as f32) * s[i / BLOCK])
-                .collect()
+            match zeros {
+                Zeros::U8(z) => b
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &q)| (f32::from(q) - f32::from(z[i / block])) * s[i / block])
+                    .collect(),
+                Zeros::Mins(m) => {
+                    let m = read_f32s(m);
+                    b.iter()
+                        .enumerate()
+                        .map(|(i, &q)| s[i / block] * f32::from(q) - m[i / block])
+                        .collect()
+                }
+            }
         }
     }
 }
@@ -497,6 +531,8 @@ pub fn dequantize(m: &Matrix) -> Vec<f32> {
 /// Test helpers: build GGUF blocks from f32 values (used by unit tests and the end-to-end export tests).
 pub mod testutil {
     use half::f16;
+
+    use crate::source::SourceDType;
 
     /// Quantizes `v` (length a multiple of 32) into GGUF Q8_0 blocks.
     pub fn make_q8_0(v: &[f32]) -> Vec<u8> {
@@ -559,6 +595,144 @@ pub mod testutil {
             };
             out.extend((0..16).map(|j| q(blk[j]) | (q(blk[j + 16]) << 4)));
         }
+        out
+    }
+
+    /// Quantizes `v` into any GGUF block type: Q8_0/Q4_0/Q4_1 as above, the others with a plain
+    /// min/max quantizer laid out as ggml stores them (length a multiple of the type's block).
+    pub fn make_blocks(dtype: SourceDType, v: &[f32]) -> Vec<u8> {
+        match dtype {
+            SourceDType::Q8_0 => make_q8_0(v),
+            SourceDType::Q4_0 => make_q4_0(v),
+            SourceDType::Q4_1 => make_q4_1(v),
+            SourceDType::Q5_0 => v.chunks_exact(32).flat_map(q5_block(false)).collect(),
+            SourceDType::Q5_1 => v.chunks_exact(32).flat_map(q5_block(true)).collect(),
+            SourceDType::Q4_K => v.chunks_exact(256).flat_map(|b| k_block(b, 15)).collect(),
+            SourceDType::Q5_K => v.chunks_exact(256).flat_map(|b| k_block(b, 31)).collect(),
+            SourceDType::Q6_K => v.chunks_exact(256).flat_map(q6_k_block).collect(),
+            SourceDType::F32 | SourceDType::F16 | SourceDType::BF16 => {
+                panic!("{dtype:?} is not a block type")
+            }
+        }
+    }
+
+    fn q5_block(with_min: bool) -> impl Fn(&[f32]) -> Vec<u8> {
+        move |blk| {
+            let mn = blk.iter().fold(f32::INFINITY, |a, &x| a.min(x));
+            let mx = blk.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+            let (d, m, z) = if with_min {
+                (f16::from_f32((mx - mn) / 31.0), f16::from_f32(mn), 0.0)
+            } else {
+                (
+                    f16::from_f32(mx.abs().max(mn.abs()) / 15.5),
+                    f16::ZERO,
+                    16.0,
+                )
+            };
+            let q: Vec<u8> = blk
+                .iter()
+                .map(|&x| code((x - m.to_f32()) / d.to_f32() + z, 31))
+                .collect();
+            let mut out = d.to_le_bytes().to_vec();
+            if with_min {
+                out.extend(m.to_le_bytes());
+            }
+            let qh = (0..32).fold(0u32, |h, i| h | (u32::from(q[i] >> 4) << i));
+            out.extend(qh.to_le_bytes());
+            out.extend((0..16).map(|j| (q[j] & 15) | ((q[j + 16] & 15) << 4)));
+            out
+        }
+    }
+
+    fn code(x: f32, max: u8) -> u8 {
+        if x.is_finite() {
+            x.round().clamp(0.0, f32::from(max)) as u8
+        } else {
+            0
+        }
+    }
+
+    /// Q4_K (`max` 15) or Q5_K (`max` 31): eight sub-blocks of 32 with 6-bit scales and mins.
+    fn k_block(blk: &[f32], max: u8) -> Vec<u8> {
+        let (mut scale, mut min) = ([0f32; 8], [0f32; 8]);
+        for (j, sb) in blk.chunks_exact(32).enumerate() {
+            let mn = sb.iter().fold(0f32, |a, &x| a.min(x));
+            let mx = sb.iter().fold(0f32, |a, &x| a.max(x));
+            scale[j] = (mx - mn) / f32::from(max);
+            min[j] = -mn;
+        }
+        let d = f16::from_f32(scale.iter().fold(0f32, |a, &x| a.max(x)) / 63.0);
+        let dmin = f16::from_f32(min.iter().fold(0f32, |a, &x| a.max(x)) / 63.0);
+        let sc: Vec<u8> = scale.iter().map(|&s| code(s / d.to_f32(), 63)).collect();
+        let m: Vec<u8> = min.iter().map(|&x| code(x / dmin.to_f32(), 63)).collect();
+        let q: Vec<u8> = blk
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| {
+                let j = i / 32;
+                let s = d.to_f32() * f32::from(sc[j]);
+                code((x + dmin.to_f32() * f32::from(m[j])) / s, max)
+            })
+            .collect();
+        let mut out = d.to_le_bytes().to_vec();
+        out.extend(dmin.to_le_bytes());
+        let mut scales = [0u8; 12];
+        for i in 0..4 {
+            scales[i] = sc[i] | ((sc[i + 4] >> 4) << 6);
+            scales[i + 4] = m[i] | ((m[i + 4] >> 4) << 6);
+            scales[i + 8] = (sc[i + 4] & 15) | ((m[i + 4] & 15) << 4);
+        }
+        out.extend(scales);
+        if max == 31 {
+            out.extend((0..32).map(|l| (0..8).fold(0u8, |h, j| h | ((q[32 * j + l] >> 4) << j))));
+        }
+        for c in 0..4 {
+            out.extend((0..32).map(|l| (q[64 * c + l] & 15) | ((q[64 * c + 32 + l] & 15) << 4)));
+        }
+        out
+    }
+
+    /// Q6_K: sixteen sub-blocks of 16 with i8 scales, codes q − 32.
+    fn q6_k_block(blk: &[f32]) -> Vec<u8> {
+        let scale: Vec<f32> = blk
+            .chunks_exact(16)
+            .map(|sb| sb.iter().fold(0f32, |a, &x| a.max(x.abs())) / 31.5)
+            .collect();
+        let d = f16::from_f32(scale.iter().fold(0f32, |a, &x| a.max(x)) / 127.0);
+        let sc: Vec<i8> = scale
+            .iter()
+            .map(|&s| {
+                let r = s / d.to_f32();
+                if r.is_finite() {
+                    r.round().clamp(-128.0, 127.0) as i8
+                } else {
+                    0
+                }
+            })
+            .collect();
+        let q: Vec<u8> = blk
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| code(x / (d.to_f32() * f32::from(sc[i / 16])) + 32.0, 63))
+            .collect();
+        let (mut ql, mut qh, mut scales) = ([0u8; 128], [0u8; 64], [0u8; 16]);
+        for n in 0..2 {
+            let q = &q[128 * n..];
+            for l in 0..32 {
+                let r = |k: usize| q[l + 32 * k];
+                ql[64 * n + l] = (r(0) & 15) | ((r(2) & 15) << 4);
+                ql[64 * n + l + 32] = (r(1) & 15) | ((r(3) & 15) << 4);
+                qh[32 * n + l] =
+                    (r(0) >> 4) | ((r(1) >> 4) << 2) | ((r(2) >> 4) << 4) | ((r(3) >> 4) << 6);
+            }
+            for k in 0..8 {
+                scales[8 * n + k] = sc[8 * n + k] as u8;
+            }
+        }
+        let mut out = ql.to_vec();
+        out.extend(qh);
+        out.extend(scales);
+        out.extend(d.to_le_bytes());
         out
     }
 }
