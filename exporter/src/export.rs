@@ -297,6 +297,8 @@ pub fn initializer_source(init: &str) -> Option<String> {
         ("attn.k_proj", "attn_k.weight"),
         ("attn.v_proj", "attn_v.weight"),
         ("attn.o_proj", "attn_output.weight"),
+        ("attn.q_norm", "attn_q_norm.weight"),
+        ("attn.k_norm", "attn_k_norm.weight"),
         ("mlp.gate", "ffn_gate.weight"),
         ("mlp.up", "ffn_up.weight"),
         ("mlp.down", "ffn_down.weight"),
@@ -308,7 +310,7 @@ pub fn initializer_source(init: &str) -> Option<String> {
     }
     for top in ["token_embd", "output"] {
         if let Some(rest) = init.strip_prefix(top).and_then(|r| r.strip_prefix('.')) {
-            if matches!(rest, "weight" | "scales" | "zero_points") {
+            if matches!(rest, "weight" | "scales" | "zero_points" | "mins") {
                 return Some(format!("{top}.weight"));
             }
         }

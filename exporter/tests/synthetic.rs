@@ -378,6 +378,7 @@ fn source(case: &Case, seed: u64) -> SourceModel {
             tie_word_embeddings: case.tied,
             attention_bias: case.arch == "qwen2",
             rope_interleaved: case.interleaved,
+            qk_norm: false,
         },
         tensors,
         tokenizer: TokenizerData {

@@ -4,7 +4,7 @@
 Dev-time script (the fixtures are committed; CI never runs this). Needs torch, transformers (5.x),
 safetensors, tokenizers:
 
-    python3 scripts/refs/gen_tiny_models.py
+    python3 scripts/refs/gen_tiny_models.py [NAME ...]     (default: every model; names rebuild only those)
 
 Models (2 layers, hidden 64, intermediate 128, 4 heads, 2 KV heads, head_dim 16, vocab 320):
 - `llama`      untied embeddings, f32 weights sharded over 2 safetensors files + model.safetensors.index.json,
@@ -14,6 +14,8 @@ Models (2 layers, hidden 64, intermediate 128, 4 heads, 2 KV heads, head_dim 16,
 - `qwen2`      q/k/v biases, tied embeddings, bf16 weights in one model.safetensors; config.json as
                transformers 5 writes it (`rope_parameters` {rope_theta, rope_type: default}).
 - `llama_f16`  tied embeddings, f16 weights in one file, no rope scaling; classic config form.
+- `qwen3`      q/k RMSNorm per head, head_dim 32 (independent of hidden / heads = 16), tied embeddings,
+               rope_theta 1e6, f32 weights; transformers 5 config form.
 
 The weights are random (seeded) with a std large enough that the logits have a real spread (greedy choices
 are not coin flips); the norm weights are random around 1 and biases random, never zero.
@@ -37,7 +39,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
-                          Qwen2Config, Qwen2ForCausalLM)
+                          Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 OUT = os.path.join(ROOT, "tests", "fixtures", "tiny")
@@ -213,15 +215,27 @@ def main():
                   rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
     llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
               "original_max_position_embeddings": 64}
-    build("llama", LlamaForCausalLM,
-          LlamaConfig(**common, tie_word_embeddings=False, rope_theta=10000.0, rope_scaling=dict(llama3)),
-          seed=1, std=0.25, dtype=torch.float32, shard="300KB", legacy_scaling=llama3, tok=tok, ids=ids)
-    build("qwen2", Qwen2ForCausalLM,
-          Qwen2Config(**common, tie_word_embeddings=True, rope_theta=10000.0),
-          seed=2, std=0.25, dtype=torch.bfloat16, shard=None, legacy_scaling=False, tok=tok, ids=ids)
-    build("llama_f16", LlamaForCausalLM,
-          LlamaConfig(**common, tie_word_embeddings=True, rope_theta=10000.0),
-          seed=3, std=0.25, dtype=torch.float16, shard=None, legacy_scaling=None, tok=tok, ids=ids)
+    models = {
+        "llama": lambda: build(
+            "llama", LlamaForCausalLM,
+            LlamaConfig(**common, tie_word_embeddings=False, rope_theta=10000.0, rope_scaling=dict(llama3)),
+            seed=1, std=0.25, dtype=torch.float32, shard="300KB", legacy_scaling=llama3, tok=tok, ids=ids),
+        "qwen2": lambda: build(
+            "qwen2", Qwen2ForCausalLM,
+            Qwen2Config(**common, tie_word_embeddings=True, rope_theta=10000.0),
+            seed=2, std=0.25, dtype=torch.bfloat16, shard=None, legacy_scaling=False, tok=tok, ids=ids),
+        "llama_f16": lambda: build(
+            "llama_f16", LlamaForCausalLM,
+            LlamaConfig(**common, tie_word_embeddings=True, rope_theta=10000.0),
+            seed=3, std=0.25, dtype=torch.float16, shard=None, legacy_scaling=None, tok=tok, ids=ids),
+        "qwen3": lambda: build(
+            "qwen3", Qwen3ForCausalLM,
+            Qwen3Config(**common, head_dim=32, tie_word_embeddings=True, rope_theta=1e6,
+                        attention_bias=False),
+            seed=4, std=0.25, dtype=torch.float32, shard=None, legacy_scaling=False, tok=tok, ids=ids),
+    }
+    for name in sys.argv[1:] or models:
+        models[name]()
 
 
 if __name__ == "__main__":

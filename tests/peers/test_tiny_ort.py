@@ -1,16 +1,22 @@
-"""Exported tiny models under onnxruntime vs transformers' logits (tests/fixtures/tiny/*/reference.json).
+"""Exported tiny models under onnxruntime, and under onestep's runtime, vs transformers' logits
+(tests/fixtures/tiny/*/reference.json).
 
-ONESTEP_TINY_DIR must hold `<name>.onnx` for name in llama, qwen2, llama_f16 (exported from
-tests/fixtures/tiny/<name>; scripts/test does it). Tolerance: 1e-4 of max |logit| with an f32 cache
-(5e-3 with an f16 cache)."""
+ONESTEP_TINY_DIR must hold `<name>.onnx` for every name in tiny_checks.EXPORTED (exported from
+tests/fixtures/tiny/<name>; scripts/test does it); ONESTEP_BIN is the `onestep` binary. Tolerance: 1e-4 of
+max |logit| with an f32 cache (5e-3 with an f16 cache)."""
+import json
 import os
+import subprocess
+import tempfile
 
+import numpy as np
 import pytest
 
 import harness
 import tiny_checks
 
 TINY_DIR = harness.env_path("ONESTEP_TINY_DIR")
+BIN = os.environ.get("ONESTEP_BIN", "")
 
 
 def _path(name):
@@ -22,11 +28,46 @@ def _path(name):
     return p
 
 
-@pytest.mark.parametrize("name", tiny_checks.TINY)
+@pytest.mark.parametrize("name", tiny_checks.EXPORTED)
 def test_tiny_logits(name):
     tiny_checks.check_logits(_path(name), name, lambda m: print("\n[tiny] " + m))
 
 
-@pytest.mark.parametrize("name", tiny_checks.TINY)
+@pytest.mark.parametrize("name", tiny_checks.EXPORTED)
 def test_tiny_sampling(name):
     tiny_checks.check_sampling(_path(name), name, lambda m: print("\n[tiny] " + m))
+
+
+@pytest.mark.parametrize("device", ["cpu", "gpu"])
+@pytest.mark.parametrize("name", tiny_checks.EXPORTED)
+def test_tiny_runtime(name, device):
+    """onestep teacher-forces the reference ids (`onestep score`) and continues greedily: the runtime's
+    top-8 logits at every position within the tolerance of transformers', greedy ids identical."""
+    path = _path(name)
+    if not BIN:
+        pytest.skip("ONESTEP_BIN is not set (scripts/test sets it)")
+    if device == "gpu" and not os.environ.get("ONESTEP_REQUIRE_GPU"):
+        pytest.skip("GPU runs are checked where ONESTEP_REQUIRE_GPU is set (CI: lavapipe)")
+    ref = tiny_checks.reference(name)
+    ids, want = ref["ids"], np.array(ref["logits"], np.float32)
+    greedy = ref["greedy"]
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump([{"ids": ids, "start": 1, "generate": 0},
+                   {"ids": ids, "start": len(ids), "generate": len(greedy)}], f)
+        jobs = f.name
+    try:
+        out = subprocess.run([BIN, "score", path, "--jobs", jobs, "--top", "8", "--device", device],
+                             capture_output=True, text=True)
+    finally:
+        os.unlink(jobs)
+    assert out.returncode == 0, f"onestep score failed: {out.stderr[-2000:]}"
+    forced, gen = json.loads(out.stdout)
+    scale = float(np.max(np.abs(want)))
+    tol = tiny_checks.REL_TOL[harness.StepSession(path).kv_dtype]
+    rows = forced["rows"]  # rows[p]: the logits after ids[:p + 1] (positions start - 1 .. end)
+    assert len(rows) == len(ids), len(rows)
+    worst = max(abs(v - float(want[p][i])) for p, top8 in enumerate(rows) for i, v in top8) / scale
+    assert worst <= tol, f"{name} on {device}: top-8 logits differ from transformers by {worst:.3g} of max|logit|"
+    assert [top8[0][0] for top8 in rows] == list(np.argmax(want, -1))
+    assert gen["generated"] == greedy, f"{name} on {device}: greedy {gen['generated']} != transformers {greedy}"
+    print(f"\n[tiny] {name} on onestep {device}: top-8 max rel diff {worst:.2e} (tol {tol}), greedy == transformers")

@@ -1,4 +1,5 @@
-//! Llama and Qwen2 (= Llama with q/k/v biases): the step graph of docs/GRAPH.md.
+//! Llama, Qwen2 (= Llama with q/k/v biases) and Qwen3 (= Llama with an RMSNorm on each head's q and k
+//! before the rotation): the step graph of docs/GRAPH.md.
 
 use bytes::Bytes;
 use onestep_format::contract;
@@ -154,6 +155,19 @@ pub fn build(cfg: &ModelConfig, w: &Weights, opts: &ArchOptions) -> Result<Graph
         } else {
             (None, None, None)
         };
+        let qk_norm = if cfg.qk_norm {
+            let mut norm = |name: &str| {
+                t.weight(
+                    &format!("{p}.attn.{name}.weight"),
+                    DType::F32,
+                    &[d],
+                    w.vector(&l(&format!("attn_{name}.weight")))?.clone(),
+                )
+            };
+            Some((norm("q_norm")?, norm("k_norm")?))
+        } else {
+            None
+        };
 
         t.set_scope(&p);
         // attention
@@ -168,6 +182,14 @@ pub fn build(cfg: &ModelConfig, w: &Weights, opts: &ArchOptions) -> Result<Graph
         let q4 = heads(&mut t, "attn.q_heads", &q, nh)?;
         let k4 = heads(&mut t, "attn.k_heads", &k, kvh)?;
         let v4 = heads(&mut t, "attn.v_heads", &vv, kvh)?;
+        // qwen3: RMSNorm over each head's dimensions, before the rotation
+        let (q4, k4) = match &qk_norm {
+            Some((qn, kn)) => (
+                t.rms_norm("attn.q_norm", &q4, qn, cfg.rms_eps)?,
+                t.rms_norm("attn.k_norm", &k4, kn, cfg.rms_eps)?,
+            ),
+            None => (q4, k4),
+        };
         let qr = t.rope(
             "attn.q_rope",
             &q4,

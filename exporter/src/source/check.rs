@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 
 use super::{canonical, ModelConfig, SourceError, SourceTensor};
 
-/// Checks the presence and shape of every tensor a llama/qwen2 decoder needs.
+/// Checks the presence and shape of every tensor a llama/qwen2/qwen3 decoder needs, and that no q/k
+/// norm weights come with an architecture that would not apply them.
 pub(crate) fn check_tensors(
     path: &str,
     c: &ModelConfig,
@@ -48,6 +49,20 @@ pub(crate) fn check_tensors(
             want(&b("attn_q.bias"), vec![q])?;
             want(&b("attn_k.bias"), vec![kv])?;
             want(&b("attn_v.bias"), vec![kv])?;
+        }
+        for norm in ["attn_q_norm.weight", "attn_k_norm.weight"] {
+            if c.qk_norm {
+                want(&b(norm), vec![c.head_dim])?;
+            } else if tensors.contains_key(&b(norm)) {
+                return Err(SourceError::Unsupported {
+                    path: path.into(),
+                    what: format!(
+                        "tensor `{}` (q/k norms) in a `{}` model",
+                        b(norm),
+                        c.architecture
+                    ),
+                });
+            }
         }
         want(&b("ffn_norm.weight"), vec![h])?;
         want(&b("ffn_gate.weight"), vec![f, h])?;

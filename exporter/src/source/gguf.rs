@@ -768,6 +768,8 @@ pub fn into_model(file: &GgufFile) -> Result<SourceModel, SourceError> {
         "llama" => (false, true),
         // qwen2 is stored unpermuted (rope type NEOX = rotate_half) and has q/k/v biases.
         "qwen2" => (true, false),
+        // qwen3: rotate_half, no biases, RMSNorm on each head's q and k.
+        "qwen3" => (false, false),
         other => return Err(unsupported(path, format!("architecture `{other}`"))),
     };
 
@@ -862,6 +864,7 @@ pub fn into_model(file: &GgufFile) -> Result<SourceModel, SourceError> {
         attention_bias: attention_bias_required
             || tensors.contains_key(&super::canonical::blk(0, "attn_q.bias")),
         rope_interleaved,
+        qk_norm: arch == "qwen3",
     };
     check::check_tensors(path, &config, &tensors)?;
 
@@ -1238,6 +1241,31 @@ mod tests {
             matches!(&e, SourceError::MissingTensor { tensor, .. } if tensor == "blk.0.attn_q.bias"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn qwen3_has_qk_norms_and_rotate_half() {
+        let mut ts = tensors(false);
+        for i in 0..LAYERS {
+            for n in ["attn_q_norm", "attn_k_norm"] {
+                ts.push(tensor(&format!("blk.{i}.{n}.weight"), &[HEAD_DIM], 0, 50));
+            }
+        }
+        let m = load(build(&metadata("qwen3"), &ts)).expect("qwen3 loads");
+        assert!(m.config.qk_norm && !m.config.rope_interleaved && !m.config.attention_bias);
+        // The norms are required for qwen3 ...
+        let e = load(build(&metadata("qwen3"), &tensors(false))).expect_err("norms required");
+        assert!(
+            matches!(&e, SourceError::MissingTensor { tensor, .. } if tensor == "blk.0.attn_q_norm.weight"),
+            "{e}"
+        );
+        // ... and refused where the architecture would not apply them.
+        match load(build(&metadata("llama"), &ts)) {
+            Err(SourceError::Unsupported { what, .. }) => {
+                assert!(what.contains("blk.0.attn_q_norm.weight"), "{what}")
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

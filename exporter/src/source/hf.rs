@@ -128,6 +128,7 @@ fn model_config(path: &Path, c: &HfConfig) -> Result<ModelConfig, SourceError> {
     ) {
         (Some("llama"), _) | (None, Some("LlamaForCausalLM")) => "llama",
         (Some("qwen2"), _) | (None, Some("Qwen2ForCausalLM")) => "qwen2",
+        (Some("qwen3"), _) | (None, Some("Qwen3ForCausalLM")) => "qwen3",
         (Some(other), _) | (None, Some(other)) => {
             return Err(SourceError::Unsupported {
                 path: show(path),
@@ -209,6 +210,7 @@ fn model_config(path: &Path, c: &HfConfig) -> Result<ModelConfig, SourceError> {
         tie_word_embeddings: false, // decided by the caller, which sees the tensors
         attention_bias: arch == "qwen2" || c.attention_bias == Some(true),
         rope_interleaved: false,
+        qk_norm: arch == "qwen3",
     })
 }
 
@@ -283,6 +285,8 @@ fn canonical_name(name: &str) -> Option<String> {
         "self_attn.k_proj.bias" => "attn_k.bias",
         "self_attn.v_proj.bias" => "attn_v.bias",
         "self_attn.o_proj.weight" => "attn_output.weight",
+        "self_attn.q_norm.weight" => "attn_q_norm.weight",
+        "self_attn.k_norm.weight" => "attn_k_norm.weight",
         "post_attention_layernorm.weight" => "ffn_norm.weight",
         "mlp.gate_proj.weight" => "ffn_gate.weight",
         "mlp.up_proj.weight" => "ffn_up.weight",

@@ -104,7 +104,7 @@ pub struct SourceTensor {
 /// Architecture hyper-parameters, named as in HF `config.json`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
-    /// `llama` or `qwen2`.
+    /// `llama`, `qwen2` or `qwen3`.
     pub architecture: String,
     /// Hidden size.
     pub hidden_size: usize,
@@ -134,6 +134,8 @@ pub struct ModelConfig {
     pub attention_bias: bool,
     /// Rotary layout of the q/k weights: `true` = adjacent pairs (GGUF llama), `false` = rotate_half (HF).
     pub rope_interleaved: bool,
+    /// Whether each head's q and k are RMS-normalized (weights `[head_dim]`) before the rotation (qwen3).
+    pub qk_norm: bool,
 }
 
 /// RoPE scaling variants.
