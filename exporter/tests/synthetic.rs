@@ -379,6 +379,7 @@ fn source(case: &Case, seed: u64) -> SourceModel {
             attention_bias: case.arch == "qwen2",
             rope_interleaved: case.interleaved,
             qk_norm: false,
+            no_rope_layers: Vec::new(),
         },
         tensors,
         tokenizer: TokenizerData {

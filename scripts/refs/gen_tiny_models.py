@@ -16,6 +16,8 @@ Models (2 layers, hidden 64, intermediate 128, 4 heads, 2 KV heads, head_dim 16,
 - `llama_f16`  tied embeddings, f16 weights in one file, no rope scaling; classic config form.
 - `qwen3`      q/k RMSNorm per head, head_dim 32 (independent of hidden / heads = 16), tied embeddings,
                rope_theta 1e6, f32 weights; transformers 5 config form.
+- `smollm3`    layer 1 of 2 without rotary embedding (`no_rope_layers` [1, 0]), tied embeddings, bf16
+               weights; transformers 5 config form.
 
 The weights are random (seeded) with a std large enough that the logits have a real spread (greedy choices
 are not coin flips); the norm weights are random around 1 and biases random, never zero.
@@ -39,7 +41,8 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
-                          Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+                          Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, SmolLM3Config,
+                          SmolLM3ForCausalLM)
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 OUT = os.path.join(ROOT, "tests", "fixtures", "tiny")
@@ -233,6 +236,11 @@ def main():
             Qwen3Config(**common, head_dim=32, tie_word_embeddings=True, rope_theta=1e6,
                         attention_bias=False),
             seed=4, std=0.25, dtype=torch.float32, shard=None, legacy_scaling=False, tok=tok, ids=ids),
+        "smollm3": lambda: build(
+            "smollm3", SmolLM3ForCausalLM,
+            SmolLM3Config(**common, tie_word_embeddings=True, rope_theta=10000.0, no_rope_layers=[1, 0],
+                          pad_token_id=2),
+            seed=5, std=0.25, dtype=torch.bfloat16, shard=None, legacy_scaling=False, tok=tok, ids=ids),
     }
     for name in sys.argv[1:] or models:
         models[name]()

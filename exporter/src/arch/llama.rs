@@ -1,5 +1,6 @@
-//! Llama, Qwen2 (= Llama with q/k/v biases) and Qwen3 (= Llama with an RMSNorm on each head's q and k
-//! before the rotation): the step graph of docs/GRAPH.md.
+//! Llama, Qwen2 (= Llama with q/k/v biases), Qwen3 (= Llama with an RMSNorm on each head's q and k
+//! before the rotation) and SmolLM3 (= Llama with some layers that apply no rotation): the step graph of
+//! docs/GRAPH.md.
 
 use bytes::Bytes;
 use onestep_format::contract;
@@ -190,22 +191,16 @@ pub fn build(cfg: &ModelConfig, w: &Weights, opts: &ArchOptions) -> Result<Graph
             ),
             None => (q4, k4),
         };
-        let qr = t.rope(
-            "attn.q_rope",
-            &q4,
-            &cos,
-            &sin,
-            &pos_ids,
-            cfg.rope_interleaved,
-        )?;
-        let kr = t.rope(
-            "attn.k_rope",
-            &k4,
-            &cos,
-            &sin,
-            &pos_ids,
-            cfg.rope_interleaved,
-        )?;
+        // smollm3's NoPE layers attend without positions
+        let (qr, kr) = if cfg.no_rope_layers.contains(&i) {
+            (q4, k4)
+        } else {
+            let il = cfg.rope_interleaved;
+            (
+                t.rope("attn.q_rope", &q4, &cos, &sin, &pos_ids, il)?,
+                t.rope("attn.k_rope", &k4, &cos, &sin, &pos_ids, il)?,
+            )
+        };
         let (kall, vall) = if kv == DType::F32 {
             let nk = t.output(&kr, &contract::new_key(i))?;
             let nv = t.output(&v4, &contract::new_value(i))?;

@@ -865,6 +865,7 @@ pub fn into_model(file: &GgufFile) -> Result<SourceModel, SourceError> {
             || tensors.contains_key(&super::canonical::blk(0, "attn_q.bias")),
         rope_interleaved,
         qk_norm: arch == "qwen3",
+        no_rope_layers: Vec::new(),
     };
     check::check_tensors(path, &config, &tensors)?;
 

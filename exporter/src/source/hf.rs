@@ -75,11 +75,15 @@ struct HfConfig {
     mlp_bias: Option<bool>,
     hidden_act: Option<String>,
     use_sliding_window: Option<bool>,
+    /// smollm3: 1 where a layer applies the rotary embedding, 0 where it does not.
+    no_rope_layers: Option<Vec<u8>>,
+    /// smollm3: every n-th layer has no rotary embedding when `no_rope_layers` is absent (default 4).
+    no_rope_layer_interval: Option<usize>,
     bos_token_id: Option<Value>,
     eos_token_id: Option<Value>,
 }
 
-/// Reads a Hugging Face folder (`llama` or `qwen2`) into a [`SourceModel`].
+/// Reads a Hugging Face folder (`llama`, `qwen2`, `qwen3`, `smollm3`) into a [`SourceModel`].
 pub fn read(dir: &Path) -> Result<SourceModel, SourceError> {
     let config_path = dir.join("config.json");
     let raw: HfConfig =
@@ -129,6 +133,7 @@ fn model_config(path: &Path, c: &HfConfig) -> Result<ModelConfig, SourceError> {
         (Some("llama"), _) | (None, Some("LlamaForCausalLM")) => "llama",
         (Some("qwen2"), _) | (None, Some("Qwen2ForCausalLM")) => "qwen2",
         (Some("qwen3"), _) | (None, Some("Qwen3ForCausalLM")) => "qwen3",
+        (Some("smollm3"), _) | (None, Some("SmolLM3ForCausalLM")) => "smollm3",
         (Some(other), _) | (None, Some(other)) => {
             return Err(SourceError::Unsupported {
                 path: show(path),
@@ -194,6 +199,11 @@ fn model_config(path: &Path, c: &HfConfig) -> Result<ModelConfig, SourceError> {
         .rms_norm_eps
         .ok_or_else(|| key_err(path, "rms_norm_eps", "missing"))? as f32;
     let (rope_theta, rope_scaling) = rope(path, c)?;
+    let no_rope_layers = if arch == "smollm3" {
+        no_rope_layers(path, c, num_layers)?
+    } else {
+        Vec::new()
+    };
     Ok(ModelConfig {
         architecture: arch.into(),
         hidden_size,
@@ -211,7 +221,25 @@ fn model_config(path: &Path, c: &HfConfig) -> Result<ModelConfig, SourceError> {
         attention_bias: arch == "qwen2" || c.attention_bias == Some(true),
         rope_interleaved: false,
         qk_norm: arch == "qwen3",
+        no_rope_layers,
     })
+}
+
+/// smollm3's layers without a rotary embedding: where `no_rope_layers` has a 0, else every
+/// `no_rope_layer_interval`-th layer (transformers' default, 4).
+fn no_rope_layers(path: &Path, c: &HfConfig, layers: usize) -> Result<Vec<usize>, SourceError> {
+    match &c.no_rope_layers {
+        Some(v) if v.len() != layers || v.iter().any(|&x| x > 1) => Err(key_err(
+            path,
+            "no_rope_layers",
+            format!("must hold one 0 or 1 per layer ({layers}), got {v:?}"),
+        )),
+        Some(v) => Ok((0..layers).filter(|&i| v[i] == 0).collect()),
+        None => match c.no_rope_layer_interval.unwrap_or(4) {
+            0 => Err(key_err(path, "no_rope_layer_interval", "must be positive")),
+            n => Ok((0..layers).filter(|i| (i + 1) % n == 0).collect()),
+        },
+    }
 }
 
 /// RoPE base and scaling, from `rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling`.
@@ -1007,6 +1035,26 @@ mod tests {
                 matches!(read(&d.0), Err(SourceError::Format { .. })),
                 "cut {cut}"
             );
+        }
+    }
+
+    #[test]
+    fn smollm3_no_rope_layers_from_the_list_or_the_interval() {
+        let cfg = |extra: &str| -> HfConfig {
+            serde_json::from_str(&format!("{{\"model_type\": \"smollm3\"{extra}}}")).unwrap()
+        };
+        let p = Path::new("config.json");
+        let got = no_rope_layers(p, &cfg(r#", "no_rope_layers": [1, 0, 1, 0]"#), 4).unwrap();
+        assert_eq!(got, [1, 3]);
+        assert_eq!(no_rope_layers(p, &cfg(""), 8).unwrap(), [3, 7]);
+        let got = no_rope_layers(p, &cfg(r#", "no_rope_layer_interval": 2"#), 4).unwrap();
+        assert_eq!(got, [1, 3]);
+        for bad in [
+            r#", "no_rope_layers": [1, 0]"#,
+            r#", "no_rope_layers": [1, 2, 1, 1]"#,
+        ] {
+            let e = no_rope_layers(p, &cfg(bad), 4).unwrap_err().to_string();
+            assert!(e.contains("no_rope_layers"), "{e}");
         }
     }
 

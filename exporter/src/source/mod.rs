@@ -104,7 +104,7 @@ pub struct SourceTensor {
 /// Architecture hyper-parameters, named as in HF `config.json`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
-    /// `llama`, `qwen2` or `qwen3`.
+    /// `llama`, `qwen2`, `qwen3` or `smollm3`.
     pub architecture: String,
     /// Hidden size.
     pub hidden_size: usize,
@@ -136,6 +136,8 @@ pub struct ModelConfig {
     pub rope_interleaved: bool,
     /// Whether each head's q and k are RMS-normalized (weights `[head_dim]`) before the rotation (qwen3).
     pub qk_norm: bool,
+    /// Layers whose attention applies no rotary embedding (smollm3's "NoPE" layers), ascending.
+    pub no_rope_layers: Vec<usize>,
 }
 
 /// RoPE scaling variants.
