@@ -380,6 +380,7 @@ fn source(case: &Case, seed: u64) -> SourceModel {
             rope_interleaved: case.interleaved,
             qk_norm: false,
             no_rope_layers: Vec::new(),
+            sliding_window: None,
         },
         tensors,
         tokenizer: TokenizerData {

@@ -16,6 +16,8 @@ Models (2 layers, hidden 64, intermediate 128, 4 heads, 2 KV heads, head_dim 16,
 - `llama_f16`  tied embeddings, f16 weights in one file, no rope scaling; classic config form.
 - `qwen3`      q/k RMSNorm per head, head_dim 32 (independent of hidden / heads = 16), tied embeddings,
                rope_theta 1e6, f32 weights; transformers 5 config form.
+- `mistral`    sliding_window 4 (shorter than the 12-id sequence), untied embeddings, f32 weights;
+               transformers 5 config form.
 - `smollm3`    layer 1 of 2 without rotary embedding (`no_rope_layers` [1, 0]), tied embeddings, bf16
                weights; transformers 5 config form.
 
@@ -40,7 +42,8 @@ import sys
 import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import (GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
+from transformers import (GenerationConfig, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                          MistralForCausalLM, PreTrainedTokenizerFast,
                           Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, SmolLM3Config,
                           SmolLM3ForCausalLM)
 
@@ -236,6 +239,10 @@ def main():
             Qwen3Config(**common, head_dim=32, tie_word_embeddings=True, rope_theta=1e6,
                         attention_bias=False),
             seed=4, std=0.25, dtype=torch.float32, shard=None, legacy_scaling=False, tok=tok, ids=ids),
+        "mistral": lambda: build(
+            "mistral", MistralForCausalLM,
+            MistralConfig(**common, tie_word_embeddings=False, rope_theta=10000.0, sliding_window=4),
+            seed=6, std=0.25, dtype=torch.float32, shard=None, legacy_scaling=False, tok=tok, ids=ids),
         "smollm3": lambda: build(
             "smollm3", SmolLM3ForCausalLM,
             SmolLM3Config(**common, tie_word_embeddings=True, rope_theta=10000.0, no_rope_layers=[1, 0],

@@ -1,6 +1,6 @@
 //! Llama, Qwen2 (= Llama with q/k/v biases), Qwen3 (= Llama with an RMSNorm on each head's q and k
-//! before the rotation) and SmolLM3 (= Llama with some layers that apply no rotation): the step graph of
-//! docs/GRAPH.md.
+//! before the rotation), SmolLM3 (= Llama with some layers that apply no rotation) and Mistral (= Llama
+//! whose attention may be a sliding window): the step graph of docs/GRAPH.md.
 
 use bytes::Bytes;
 use onestep_format::contract;
@@ -66,8 +66,8 @@ pub fn build(cfg: &ModelConfig, w: &Weights, opts: &ArchOptions) -> Result<Graph
     let zero = t.const_i64(&[0], true);
     let one = t.const_i64(&[1], true);
     let steps = t.range("steps", &zero, &tn, &one)?;
-    let pos_ids = t.add("pos_ids_flat", &steps, &pos)?;
-    let pos_ids = t.unsqueeze("pos_ids", &pos_ids, &[0])?;
+    let pos_ids_flat = t.add("pos_ids_flat", &steps, &pos)?;
+    let pos_ids = t.unsqueeze("pos_ids", &pos_ids_flat, &[0])?;
     let smax = t.const_i64(&[s as i64], true);
     let slots = t.range("mask.slots", &zero, &smax, &one)?;
     let past_ok = t.less("mask.past_valid", &slots, &pos)?;
@@ -79,6 +79,22 @@ pub fn build(cfg: &ModelConfig, w: &Weights, opts: &ArchOptions) -> Result<Graph
     let krow = t.unsqueeze("mask.key_idx", &steps, &[0])?;
     let qcol = t.unsqueeze("mask.query_idx", &steps, &[1])?;
     let causal = t.less_or_equal("mask.causal", &krow, &qcol)?;
+    let (past_mask, causal) = match cfg.sliding_window {
+        // mistral: key position k is attended from query position q only if k > q − w (a window
+        // as long as the cache changes nothing, so the plain mask stays)
+        Some(w) if w < s => {
+            let w = t.const_i64(&[w as i64], true);
+            let qpos = t.unsqueeze("mask.window.query_pos", &pos_ids_flat, &[1])?;
+            let sw = t.add("mask.window.slot_end", &slots, &w)?;
+            let sw = t.unsqueeze("mask.window.slot_row", &sw, &[0])?;
+            let pin = t.greater("mask.window.past_in", &sw, &qpos)?;
+            let past = t.and("mask.window.past", &past_mask, &pin)?;
+            let kw = t.add("mask.window.key_end", &krow, &w)?;
+            let cin = t.greater("mask.window.chunk_in", &kw, &qcol)?;
+            (past, t.and("mask.window.chunk", &causal, &cin)?)
+        }
+        _ => (past_mask, causal),
+    };
     let allowed = t.concat("mask.allowed", &[&past_mask, &causal], 1)?;
     // Additive float mask (0 = attend, -inf = masked): onnxruntime and tract both take it (tract
     // refuses boolean masks in Attention).

@@ -49,7 +49,7 @@ pub struct ArchOptions {
 /// Builds the step graph for `cfg.architecture`.
 pub fn build(cfg: &ModelConfig, w: &Weights, opts: &ArchOptions) -> Result<Graph, TraceError> {
     match cfg.architecture.as_str() {
-        "llama" | "qwen2" | "qwen3" | "smollm3" => llama::build(cfg, w, opts),
+        "llama" | "mistral" | "qwen2" | "qwen3" | "smollm3" => llama::build(cfg, w, opts),
         other => Err(TraceError::Model(format!(
             "unsupported architecture `{other}`"
         ))),

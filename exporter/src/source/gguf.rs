@@ -866,6 +866,7 @@ pub fn into_model(file: &GgufFile) -> Result<SourceModel, SourceError> {
         rope_interleaved,
         qk_norm: arch == "qwen3",
         no_rope_layers: Vec::new(),
+        sliding_window: None,
     };
     check::check_tensors(path, &config, &tensors)?;
 

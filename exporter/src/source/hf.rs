@@ -75,6 +75,8 @@ struct HfConfig {
     mlp_bias: Option<bool>,
     hidden_act: Option<String>,
     use_sliding_window: Option<bool>,
+    /// mistral: keys at most this many positions behind the query are attended (`null`: all).
+    sliding_window: Option<usize>,
     /// smollm3: 1 where a layer applies the rotary embedding, 0 where it does not.
     no_rope_layers: Option<Vec<u8>>,
     /// smollm3: every n-th layer has no rotary embedding when `no_rope_layers` is absent (default 4).
@@ -83,7 +85,7 @@ struct HfConfig {
     eos_token_id: Option<Value>,
 }
 
-/// Reads a Hugging Face folder (`llama`, `qwen2`, `qwen3`, `smollm3`) into a [`SourceModel`].
+/// Reads a Hugging Face folder (`llama`, `mistral`, `qwen2`, `qwen3`, `smollm3`) into a [`SourceModel`].
 pub fn read(dir: &Path) -> Result<SourceModel, SourceError> {
     let config_path = dir.join("config.json");
     let raw: HfConfig =
@@ -131,6 +133,7 @@ fn model_config(path: &Path, c: &HfConfig) -> Result<ModelConfig, SourceError> {
         c.architectures.first().map(String::as_str),
     ) {
         (Some("llama"), _) | (None, Some("LlamaForCausalLM")) => "llama",
+        (Some("mistral"), _) | (None, Some("MistralForCausalLM")) => "mistral",
         (Some("qwen2"), _) | (None, Some("Qwen2ForCausalLM")) => "qwen2",
         (Some("qwen3"), _) | (None, Some("Qwen3ForCausalLM")) => "qwen3",
         (Some("smollm3"), _) | (None, Some("SmolLM3ForCausalLM")) => "smollm3",
@@ -222,6 +225,14 @@ fn model_config(path: &Path, c: &HfConfig) -> Result<ModelConfig, SourceError> {
         rope_interleaved: false,
         qk_norm: arch == "qwen3",
         no_rope_layers,
+        // qwen2/qwen3 write a `sliding_window` that only `use_sliding_window` (refused above) enables
+        sliding_window: match (arch, c.sliding_window) {
+            ("mistral", Some(0)) => {
+                return Err(key_err(path, "sliding_window", "must be positive"))
+            }
+            ("mistral", w) => w,
+            _ => None,
+        },
     })
 }
 

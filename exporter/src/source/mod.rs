@@ -104,7 +104,7 @@ pub struct SourceTensor {
 /// Architecture hyper-parameters, named as in HF `config.json`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
-    /// `llama`, `qwen2`, `qwen3` or `smollm3`.
+    /// `llama`, `mistral`, `qwen2`, `qwen3` or `smollm3`.
     pub architecture: String,
     /// Hidden size.
     pub hidden_size: usize,
@@ -138,6 +138,9 @@ pub struct ModelConfig {
     pub qk_norm: bool,
     /// Layers whose attention applies no rotary embedding (smollm3's "NoPE" layers), ascending.
     pub no_rope_layers: Vec<usize>,
+    /// Every layer attends only keys less than this many positions behind the query (mistral's
+    /// `sliding_window`).
+    pub sliding_window: Option<usize>,
 }
 
 /// RoPE scaling variants.
