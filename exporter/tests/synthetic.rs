@@ -447,6 +447,7 @@ fn dump_reference(case: &Case, src: &SourceModel, dir: &Path) {
             *high_freq_factor,
             *original_max_position_embeddings,
         ),
+        Some(RopeScaling::LongRope { .. }) => unreachable!("no synthetic case uses LongRoPE"),
     };
     let c = &src.config;
     let j = serde_json::json!({

@@ -18,6 +18,9 @@ Models (2 layers, hidden 64, intermediate 128, 4 heads, 2 KV heads, head_dim 16,
                rope_theta 1e6, f32 weights; transformers 5 config form.
 - `mistral`    sliding_window 4 (shorter than the 12-id sequence), untied embeddings, f32 weights;
                transformers 5 config form.
+- `phi3`       fused qkv_proj and gate_up_proj, LongRoPE (short/long factors of head_dim/2, pretrained
+               context 64 of max_position_embeddings 256: attention factor sqrt(1 + ln 4 / ln 64)), untied,
+               f32 weights; classic config form (`rope_scaling` type longrope).
 - `smollm3`    layer 1 of 2 without rotary embedding (`no_rope_layers` [1, 0]), tied embeddings, bf16
                weights; transformers 5 config form.
 
@@ -43,7 +46,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (GenerationConfig, LlamaConfig, LlamaForCausalLM, MistralConfig,
-                          MistralForCausalLM, PreTrainedTokenizerFast,
+                          MistralForCausalLM, Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerFast,
                           Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, SmolLM3Config,
                           SmolLM3ForCausalLM)
 
@@ -221,6 +224,9 @@ def main():
                   rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
     llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
               "original_max_position_embeddings": 64}
+    # LongRoPE: per-frequency divisors (head_dim 16 → 8 of them); the short set applies up to 64 tokens
+    PHI3_ROPE = {"type": "longrope", "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.6, 3.3, 4.0],
+                 "long_factor": [1.0, 1.5, 2.5, 4.0, 6.0, 9.0, 13.0, 20.0]}
     models = {
         "llama": lambda: build(
             "llama", LlamaForCausalLM,
@@ -243,6 +249,12 @@ def main():
             "mistral", MistralForCausalLM,
             MistralConfig(**common, tie_word_embeddings=False, rope_theta=10000.0, sliding_window=4),
             seed=6, std=0.25, dtype=torch.float32, shard=None, legacy_scaling=False, tok=tok, ids=ids),
+        "phi3": lambda: build(
+            "phi3", Phi3ForCausalLM,
+            Phi3Config(**{**common, "max_position_embeddings": 256}, tie_word_embeddings=False,
+                       rope_theta=10000.0, original_max_position_embeddings=64, pad_token_id=2,
+                       rope_scaling=dict(PHI3_ROPE)),
+            seed=7, std=0.25, dtype=torch.float32, shard=None, legacy_scaling=PHI3_ROPE, tok=tok, ids=ids),
         "smollm3": lambda: build(
             "smollm3", SmolLM3ForCausalLM,
             SmolLM3Config(**common, tie_word_embeddings=True, rope_theta=10000.0, no_rope_layers=[1, 0],

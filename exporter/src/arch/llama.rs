@@ -1,6 +1,7 @@
 //! Llama, Qwen2 (= Llama with q/k/v biases), Qwen3 (= Llama with an RMSNorm on each head's q and k
-//! before the rotation), SmolLM3 (= Llama with some layers that apply no rotation) and Mistral (= Llama
-//! whose attention may be a sliding window): the step graph of docs/GRAPH.md.
+//! before the rotation), SmolLM3 (= Llama with some layers that apply no rotation), Mistral (= Llama
+//! whose attention may be a sliding window) and Phi-3 (= Llama with LongRoPE tables; its fused
+//! projections are split by the reader): the step graph of docs/GRAPH.md.
 
 use bytes::Bytes;
 use onestep_format::contract;

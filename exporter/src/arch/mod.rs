@@ -49,7 +49,7 @@ pub struct ArchOptions {
 /// Builds the step graph for `cfg.architecture`.
 pub fn build(cfg: &ModelConfig, w: &Weights, opts: &ArchOptions) -> Result<Graph, TraceError> {
     match cfg.architecture.as_str() {
-        "llama" | "mistral" | "qwen2" | "qwen3" | "smollm3" => llama::build(cfg, w, opts),
+        "llama" | "mistral" | "phi3" | "qwen2" | "qwen3" | "smollm3" => llama::build(cfg, w, opts),
         other => Err(TraceError::Model(format!(
             "unsupported architecture `{other}`"
         ))),
@@ -326,15 +326,38 @@ pub fn rope_tables(cfg: &ModelConfig, max_cache: usize) -> (Vec<f32>, Vec<f32>) 
                 };
             }
         }
+        // The static cache decides: contexts up to the pretrained length use the short factors (as
+        // transformers does for them); a cache longer than that takes the long ones throughout.
+        Some(RopeScaling::LongRope {
+            short_factor,
+            long_factor,
+            original_max_position_embeddings,
+            ..
+        }) => {
+            let f = if max_cache > *original_max_position_embeddings {
+                long_factor
+            } else {
+                short_factor
+            };
+            for (inv, f) in inv.iter_mut().zip(f) {
+                *inv /= *f as f64;
+            }
+        }
         None => {}
     }
+    let amp = match &cfg.rope_scaling {
+        Some(RopeScaling::LongRope {
+            attention_factor, ..
+        }) => *attention_factor as f64,
+        _ => 1.0,
+    };
     let mut cos = Vec::with_capacity(max_cache * half);
     let mut sin = Vec::with_capacity(max_cache * half);
     for p in 0..max_cache {
         for f in &inv {
             let a = p as f64 * f;
-            cos.push(a.cos() as f32);
-            sin.push(a.sin() as f32);
+            cos.push((a.cos() * amp) as f32);
+            sin.push((a.sin() * amp) as f32);
         }
     }
     (cos, sin)

@@ -70,6 +70,10 @@ struct HfConfig {
     /// transformers 5: `{rope_type, rope_theta, factor, ...}`.
     rope_parameters: Option<Value>,
     max_position_embeddings: Option<usize>,
+    /// phi3 (classic form): the pretrained context of LongRoPE.
+    original_max_position_embeddings: Option<usize>,
+    /// phi3/phi4: the share of each head that rotates.
+    partial_rotary_factor: Option<f64>,
     tie_word_embeddings: Option<bool>,
     attention_bias: Option<bool>,
     mlp_bias: Option<bool>,
@@ -85,7 +89,8 @@ struct HfConfig {
     eos_token_id: Option<Value>,
 }
 
-/// Reads a Hugging Face folder (`llama`, `mistral`, `qwen2`, `qwen3`, `smollm3`) into a [`SourceModel`].
+/// Reads a Hugging Face folder (`llama`, `mistral`, `phi3`, `qwen2`, `qwen3`, `smollm3`) into a
+/// [`SourceModel`].
 pub fn read(dir: &Path) -> Result<SourceModel, SourceError> {
     let config_path = dir.join("config.json");
     let raw: HfConfig =
@@ -101,6 +106,15 @@ pub fn read(dir: &Path) -> Result<SourceModel, SourceError> {
     config.tie_word_embeddings = raw.tie_word_embeddings.unwrap_or(!has_lm_head);
     let mut tensors = BTreeMap::new();
     for (name, (file, t)) in tensors_raw {
+        if let Some(parts) =
+            split_fused(&config, &name, &t).map_err(|what| SourceError::Unsupported {
+                path: show(&file),
+                what,
+            })?
+        {
+            tensors.extend(parts);
+            continue;
+        }
         let Some(canon) = canonical_name(&name) else {
             if name.ends_with("rotary_emb.inv_freq") {
                 continue;
@@ -134,6 +148,7 @@ fn model_config(path: &Path, c: &HfConfig) -> Result<ModelConfig, SourceError> {
     ) {
         (Some("llama"), _) | (None, Some("LlamaForCausalLM")) => "llama",
         (Some("mistral"), _) | (None, Some("MistralForCausalLM")) => "mistral",
+        (Some("phi3"), _) | (None, Some("Phi3ForCausalLM")) => "phi3",
         (Some("qwen2"), _) | (None, Some("Qwen2ForCausalLM")) => "qwen2",
         (Some("qwen3"), _) | (None, Some("Qwen3ForCausalLM")) => "qwen3",
         (Some("smollm3"), _) | (None, Some("SmolLM3ForCausalLM")) => "smollm3",
@@ -202,6 +217,40 @@ fn model_config(path: &Path, c: &HfConfig) -> Result<ModelConfig, SourceError> {
         .rms_norm_eps
         .ok_or_else(|| key_err(path, "rms_norm_eps", "missing"))? as f32;
     let (rope_theta, rope_scaling) = rope(path, c)?;
+    if let Some(RopeScaling::LongRope {
+        short_factor,
+        long_factor,
+        ..
+    }) = &rope_scaling
+    {
+        if short_factor.len() != head_dim / 2 || long_factor.len() != head_dim / 2 {
+            return Err(key_err(
+                path,
+                "rope_scaling",
+                format!(
+                    "LongRoPE factors must be head_dim / 2 = {} long, got {} and {}",
+                    head_dim / 2,
+                    short_factor.len(),
+                    long_factor.len()
+                ),
+            ));
+        }
+    }
+    let partial = c
+        .partial_rotary_factor
+        .or_else(|| {
+            c.rope_parameters
+                .as_ref()
+                .and_then(|p| p.get("partial_rotary_factor"))
+                .and_then(Value::as_f64)
+        })
+        .unwrap_or(1.0);
+    if partial != 1.0 {
+        return Err(SourceError::Unsupported {
+            path: show(path),
+            what: format!("partial_rotary_factor = {partial} (a rotation over part of each head)"),
+        });
+    }
     let no_rope_layers = if arch == "smollm3" {
         no_rope_layers(path, c, num_layers)?
     } else {
@@ -227,10 +276,10 @@ fn model_config(path: &Path, c: &HfConfig) -> Result<ModelConfig, SourceError> {
         no_rope_layers,
         // qwen2/qwen3 write a `sliding_window` that only `use_sliding_window` (refused above) enables
         sliding_window: match (arch, c.sliding_window) {
-            ("mistral", Some(0)) => {
+            ("mistral" | "phi3", Some(0)) => {
                 return Err(key_err(path, "sliding_window", "must be positive"))
             }
-            ("mistral", w) => w,
+            ("mistral" | "phi3", w) => w,
             _ => None,
         },
     })
@@ -285,6 +334,42 @@ fn rope(path: &Path, c: &HfConfig) -> Result<(f32, Option<RopeScaling>), SourceE
         "linear" => Some(RopeScaling::Linear {
             factor: num("factor")? as f32,
         }),
+        "longrope" | "su" => {
+            let factors = |k: &str| -> Result<Vec<f32>, SourceError> {
+                s.get(k)
+                    .and_then(Value::as_array)
+                    .and_then(|v| v.iter().map(|x| x.as_f64().map(|f| f as f32)).collect())
+                    .ok_or_else(|| key_err(path, &format!("{key}.{k}"), "missing or not numbers"))
+            };
+            let original = s
+                .get("original_max_position_embeddings")
+                .and_then(Value::as_u64)
+                .map(|v| v as usize)
+                .or(c.original_max_position_embeddings)
+                .ok_or_else(|| {
+                    key_err(
+                        path,
+                        "original_max_position_embeddings",
+                        "missing (LongRoPE)",
+                    )
+                })?;
+            let max = c.max_position_embeddings.unwrap_or(original);
+            let factor = s
+                .get("factor")
+                .and_then(Value::as_f64)
+                .unwrap_or(max as f64 / original as f64);
+            let attention_factor = match s.get("attention_factor").and_then(Value::as_f64) {
+                Some(a) => a,
+                None if factor <= 1.0 => 1.0,
+                None => (1.0 + factor.ln() / (original as f64).ln()).sqrt(),
+            };
+            Some(RopeScaling::LongRope {
+                short_factor: factors("short_factor")?,
+                long_factor: factors("long_factor")?,
+                original_max_position_embeddings: original,
+                attention_factor: attention_factor as f32,
+            })
+        }
         "llama3" => Some(RopeScaling::Llama3 {
             factor: num("factor")? as f32,
             low_freq_factor: num("low_freq_factor")? as f32,
@@ -299,6 +384,63 @@ fn rope(path: &Path, c: &HfConfig) -> Result<(f32, Option<RopeScaling>), SourceE
         }
     };
     Ok((theta, scaling))
+}
+
+/// phi3's fused `qkv_proj` and `gate_up_proj` weights as the canonical q/k/v and gate/up tensors
+/// (row slices of the same bytes); `None` for every other tensor.
+#[allow(clippy::type_complexity)]
+fn split_fused(
+    c: &ModelConfig,
+    name: &str,
+    t: &SourceTensor,
+) -> Result<Option<Vec<(String, SourceTensor)>>, String> {
+    let Some(rest) = name.strip_prefix("model.layers.") else {
+        return Ok(None);
+    };
+    let Some((idx, suffix)) = rest.split_once('.') else {
+        return Ok(None);
+    };
+    let Ok(i) = idx.parse::<usize>() else {
+        return Ok(None);
+    };
+    let (q, kv, f) = (
+        c.num_heads * c.head_dim,
+        c.num_kv_heads * c.head_dim,
+        c.intermediate_size,
+    );
+    let rows: &[(&str, usize)] = match suffix {
+        "self_attn.qkv_proj.weight" => &[
+            ("attn_q.weight", q),
+            ("attn_k.weight", kv),
+            ("attn_v.weight", kv),
+        ],
+        "mlp.gate_up_proj.weight" => &[("ffn_gate.weight", f), ("ffn_up.weight", f)],
+        _ => return Ok(None),
+    };
+    let total: usize = rows.iter().map(|r| r.1).sum();
+    if t.shape.len() != 2 || t.shape[0] != total || t.dtype.block_elems() != 1 {
+        return Err(format!(
+            "tensor `{name}` {:?} {:?}: expected {total} rows of a float type to split into {}",
+            t.dtype,
+            t.shape,
+            rows.iter().map(|r| r.0).collect::<Vec<_>>().join(", ")
+        ));
+    }
+    let row_bytes = t.data.len() / total;
+    let mut at = 0;
+    Ok(Some(
+        rows.iter()
+            .map(|&(canon, n)| {
+                let part = SourceTensor {
+                    dtype: t.dtype,
+                    shape: vec![n, t.shape[1]],
+                    data: t.data.slice(at * row_bytes..(at + n) * row_bytes),
+                };
+                at += n;
+                (canonical::blk(i, canon), part)
+            })
+            .collect(),
+    ))
 }
 
 /// HF tensor name → canonical name, or `None` for names we do not know.
@@ -1047,6 +1189,76 @@ mod tests {
                 "cut {cut}"
             );
         }
+    }
+
+    #[test]
+    fn phi3_longrope_and_its_attention_factor() {
+        let c: HfConfig = serde_json::from_str(
+            r#"{"model_type": "phi3", "max_position_embeddings": 256,
+                "original_max_position_embeddings": 64, "rope_theta": 10000.0,
+                "rope_scaling": {"type": "longrope", "short_factor": [1, 2], "long_factor": [3, 4]}}"#,
+        )
+        .unwrap();
+        let (theta, s) = rope(Path::new("config.json"), &c).unwrap();
+        let Some(RopeScaling::LongRope {
+            short_factor,
+            long_factor,
+            original_max_position_embeddings,
+            attention_factor,
+        }) = s
+        else {
+            panic!("{s:?}")
+        };
+        assert_eq!(
+            (theta, short_factor, long_factor),
+            (1e4, vec![1.0, 2.0], vec![3.0, 4.0])
+        );
+        assert_eq!(original_max_position_embeddings, 64);
+        // sqrt(1 + ln(256 / 64) / ln 64)
+        assert!(
+            (attention_factor - 1.154_700_5).abs() < 1e-6,
+            "{attention_factor}"
+        );
+    }
+
+    #[test]
+    fn phi3_fused_projections_split_into_rows() {
+        let mut c = model_config(
+            Path::new("config.json"),
+            &serde_json::from_str(
+                r#"{"model_type": "phi3", "hidden_size": 8, "intermediate_size": 4,
+                    "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+                    "vocab_size": 10, "rms_norm_eps": 1e-5, "max_position_embeddings": 16}"#,
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        c.tie_word_embeddings = true;
+        let t = SourceTensor {
+            dtype: SourceDType::F32,
+            shape: vec![16, 8], // q 8 + k 4 + v 4 rows
+            data: Bytes::from((0..16 * 8 * 4).map(|i| i as u8).collect::<Vec<u8>>()),
+        };
+        let parts = split_fused(&c, "model.layers.0.self_attn.qkv_proj.weight", &t)
+            .unwrap()
+            .unwrap();
+        let names: Vec<_> = parts.iter().map(|p| p.0.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "blk.0.attn_q.weight",
+                "blk.0.attn_k.weight",
+                "blk.0.attn_v.weight"
+            ]
+        );
+        assert_eq!(parts[1].1.shape, [4, 8]);
+        assert_eq!(parts[1].1.data[..], t.data[8 * 32..12 * 32]);
+        let bad = SourceTensor {
+            shape: vec![12, 8],
+            ..t.clone()
+        };
+        let e = split_fused(&c, "model.layers.0.mlp.gate_up_proj.weight", &bad).unwrap_err();
+        assert!(e.contains("gate_up_proj") && e.contains("8 rows"), "{e}");
     }
 
     #[test]

@@ -104,7 +104,7 @@ pub struct SourceTensor {
 /// Architecture hyper-parameters, named as in HF `config.json`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
-    /// `llama`, `mistral`, `qwen2`, `qwen3` or `smollm3`.
+    /// `llama`, `mistral`, `phi3`, `qwen2`, `qwen3` or `smollm3`.
     pub architecture: String,
     /// Hidden size.
     pub hidden_size: usize,
@@ -161,6 +161,18 @@ pub enum RopeScaling {
     Linear {
         /// Scale factor.
         factor: f32,
+    },
+    /// LongRoPE (Phi-3/3.5/4): per-frequency divisors, one set for contexts up to the pretrained length
+    /// and one beyond it, and a factor on cos/sin.
+    LongRope {
+        /// Divisors (`head_dim / 2`) used while the context fits the pretrained length.
+        short_factor: Vec<f32>,
+        /// Divisors used beyond it.
+        long_factor: Vec<f32>,
+        /// The pretrained context length.
+        original_max_position_embeddings: usize,
+        /// Multiplies cos and sin (`sqrt(1 + ln(max / original) / ln(original))` unless the config says).
+        attention_factor: f32,
     },
 }
 
