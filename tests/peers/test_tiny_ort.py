@@ -71,3 +71,22 @@ def test_tiny_runtime(name, device):
     assert [top8[0][0] for top8 in rows] == list(np.argmax(want, -1))
     assert gen["generated"] == greedy, f"{name} on {device}: greedy {gen['generated']} != transformers {greedy}"
     print(f"\n[tiny] {name} on onestep {device}: top-8 max rel diff {worst:.2e} (tol {tol}), greedy == transformers")
+
+
+@pytest.mark.parametrize("name", tiny_checks.EXPORTED)
+def test_tiny_plan(name):
+    """Every architecture's step graph takes the CPU planner's fused paths: each layer's attention reads
+    the cache in place, each linear layer is bound to its weights, each MLP gate is fused, the embedding
+    and the token choice are single steps (`onestep bench --json`'s plan)."""
+    path = _path(name)
+    if not BIN:
+        pytest.skip("ONESTEP_BIN is not set (scripts/test sets it)")
+    out = subprocess.run([BIN, "bench", path, "--prompt-tokens", "8", "--new-tokens", "2", "--repeat", "1",
+                          "--warmup", "0", "--device", "cpu", "--json"], capture_output=True, text=True)
+    assert out.returncode == 0, f"onestep bench failed: {out.stderr[-2000:]}"
+    plan = json.loads(out.stdout)["plan"]
+    layers = json.load(open(os.path.join(tiny_checks.FIXTURES, name, "config.json")))["num_hidden_layers"]
+    want = {"cache_attention": layers, "silu_gate": layers, "linear": 7 * layers + 1, "embedding": 1,
+            "token_choice": 1}
+    assert {k: plan[k] for k in want} == want, f"{name}: {plan}"
+    print(f"\n[tiny] {name} plan: {plan}")
