@@ -18,8 +18,8 @@ pub enum Quantize {
     F16,
     /// Per-channel symmetric int8 (DequantizeLinear form).
     Int8,
-    /// Asymmetric 4-bit blocks of 32 (MatMulNBits form). GGUF Q4_0/Q4_1 are already in this form and
-    /// are kept as they are.
+    /// Asymmetric 4-bit blocks of 32 (MatMulNBits form). GGUF Q4_0/Q4_1/Q4_K are already in this form
+    /// and are kept as they are.
     Int4,
 }
 

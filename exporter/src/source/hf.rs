@@ -121,7 +121,7 @@ pub fn read(dir: &Path) -> Result<SourceModel, SourceError> {
             }
             return Err(SourceError::Unsupported {
                 path: show(&file),
-                what: format!("tensor `{name}` (no llama/qwen2 counterpart)"),
+                what: format!("tensor `{name}` (no counterpart in the supported architectures)"),
             });
         };
         if canon == canonical::OUTPUT && config.tie_word_embeddings {
