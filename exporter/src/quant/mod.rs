@@ -313,36 +313,38 @@ fn repack_blocks(t: &SourceTensor, n: usize, k: usize) -> Form {
         SourceDType::Q4_0 | SourceDType::Q4_1 | SourceDType::Q4_K
     );
     let mut b = Vec::with_capacity(n * k);
-    let (mut scales, mut zf, mut zu) = (Vec::new(), Vec::new(), Vec::new());
+    let mut scales = Vec::new();
+    // f32 per block: the 4-bit forms' zero points, or the 8-bit forms' minimums; u8 zero points
+    let (mut f32s, mut u8s) = (Vec::new(), Vec::new());
     let mut block = 0;
-    let mut mins = false;
     for blk in t.data.chunks_exact(t.dtype.block_bytes()) {
         ggml::for_each_sub_block(t.dtype, blk, |sb| {
             block = sb.len;
             let mut q = sb.q;
-            let (s, z) = match sb.offset {
+            let s = match sb.offset {
+                ggml::Offset::Zero(z) if four_bits => {
+                    f32s.push(f32::from(z));
+                    sb.scale
+                }
                 ggml::Offset::Zero(z) => {
-                    zu.push(z);
-                    (sb.scale, f32::from(z))
+                    u8s.push(z);
+                    sb.scale
                 }
                 ggml::Offset::Min(m) if !four_bits => {
-                    mins = true;
-                    zf.push(m);
-                    (sb.scale, 0.0)
+                    f32s.push(m);
+                    sb.scale
+                }
+                ggml::Offset::Min(m) if sb.scale == 0.0 => {
+                    q = [1; 32];
+                    f32s.push(0.0);
+                    -m
                 }
                 ggml::Offset::Min(m) => {
-                    if sb.scale == 0.0 {
-                        q = [1; 32];
-                        (-m, 0.0)
-                    } else {
-                        (sb.scale, m / sb.scale)
-                    }
+                    f32s.push(m / sb.scale);
+                    sb.scale
                 }
             };
             scales.push(s);
-            if four_bits {
-                zf.push(z);
-            }
             let q = &q[..sb.len];
             if four_bits {
                 b.extend(q.chunks_exact(2).map(|p| p[0] | (p[1] << 4)));
@@ -356,17 +358,17 @@ fn repack_blocks(t: &SourceTensor, n: usize, k: usize) -> Form {
         Form::Block4 {
             b,
             scales,
-            zeros: f32_bytes(zf),
+            zeros: f32_bytes(f32s),
         }
     } else {
         Form::Block8 {
             block,
             b,
             scales,
-            zeros: if mins {
-                Zeros::Mins(f32_bytes(zf))
+            zeros: if u8s.is_empty() {
+                Zeros::Mins(f32_bytes(f32s))
             } else {
-                Zeros::U8(Bytes::from(zu))
+                Zeros::U8(Bytes::from(u8s))
             },
         }
     }
