@@ -8,9 +8,13 @@ in the file's kv dtype, one key and one value per layer; after each step it writ
     tok, logits = s.step([1, 2, 3])            # prefill a chunk at the current position (greedy)
     tok, logits = s.step([tok], temperature=0.8, top_k=40, top_p=0.95, random_u=0.3)
 
-Module-level helpers: `teacher_force(path, ids, start, chunk)` and `greedy(path, prompt_ids, n)`.
+Module-level helpers: `teacher_force(path, ids, start, chunk)` and `greedy(path, prompt_ids, n)`; and
+`onestep_score(bin, path, jobs, *flags)`, which runs onestep's own runtime (`onestep score`) on the same file.
 """
+import json
 import os
+import subprocess
+import tempfile
 
 import numpy as np
 
@@ -177,6 +181,20 @@ def sample_reference(logits, temperature, top_k, top_p, random_u):
     ck = np.cumsum(pk)
     j = min(int(np.sum(ck <= random_u * pk.sum())), k - 1)
     return int(order[j])
+
+
+def onestep_score(bin_path, model, jobs, *flags):
+    """Runs `onestep score model --jobs <jobs as JSON> *flags` and returns its parsed output (one result per
+    job); fails with the end of its stderr when it exits non-zero."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(jobs, f)
+        name = f.name
+    try:
+        out = subprocess.run([bin_path, "score", model, "--jobs", name, *flags], capture_output=True, text=True)
+    finally:
+        os.unlink(name)
+    assert out.returncode == 0, f"onestep score {' '.join(flags)} failed: {out.stderr[-2000:]}"
+    return json.loads(out.stdout)
 
 
 def env_path(var):

@@ -15,11 +15,11 @@ that is why `fast` keeps the output layer exact.
 """
 import json
 import os
-import subprocess
-import tempfile
 
 import numpy as np
 import pytest
+
+import harness
 
 FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures")
 PATHS = [p for p in os.environ.get("ONESTEP_SMOLLM2_ONNX", "").split(os.pathsep) if p.strip()]
@@ -37,16 +37,7 @@ def _load(name):
 
 
 def _score(path, jobs, precision):
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(jobs, f)
-        name = f.name
-    try:
-        out = subprocess.run([BIN, "score", path, "--jobs", name, "--top", str(TOP), "--device", "cpu",
-                              "--precision", precision], capture_output=True, text=True)
-    finally:
-        os.unlink(name)
-    assert out.returncode == 0, f"onestep score failed: {out.stderr}"
-    return json.loads(out.stdout)
+    return harness.onestep_score(BIN, path, jobs, "--top", str(TOP), "--device", "cpu", "--precision", precision)
 
 
 def fidelity(lc, hf, ours):

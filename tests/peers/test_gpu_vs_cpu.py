@@ -14,9 +14,10 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 
 import pytest
+
+import harness
 
 FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures")
 MARGIN = 0.05
@@ -25,17 +26,7 @@ LOGIT_TOL = 0.02
 
 
 def score(bin_path, model, jobs, device):
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(jobs, f)
-        name = f.name
-    try:
-        out = subprocess.run([bin_path, "score", model, "--jobs", name, "--top", "8", "--device", device],
-                             capture_output=True, text=True)
-    finally:
-        os.unlink(name)
-    if out.returncode != 0:
-        raise RuntimeError(f"onestep score --device {device} failed: {out.stderr[-2000:]}")
-    return json.loads(out.stdout)
+    return harness.onestep_score(bin_path, model, jobs, "--top", "8", "--device", device)
 
 
 def compare(bin_path, model, tokens):

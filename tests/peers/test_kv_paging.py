@@ -21,9 +21,10 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 
 import pytest
+
+import harness
 
 FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures")
 PROMPT = 512
@@ -44,19 +45,9 @@ def prompt_ids():
 
 
 def score(bin_path, model, ids, new, device, budget="all"):
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump([{"ids": ids, "start": len(ids), "generate": new}], f)
-        name = f.name
-    try:
-        out = subprocess.run([bin_path, "score", model, "--jobs", name, "--top", "4", "--device", device,
-                              "--gpu-cache-budget", budget, "--kv-page-rows", "16"],
-                             capture_output=True, text=True)
-    finally:
-        os.unlink(name)
-    if out.returncode != 0:
-        raise RuntimeError(f"onestep score --device {device} --gpu-cache-budget {budget} failed: "
-                           f"{out.stderr[-2000:]}")
-    return json.loads(out.stdout)[0]
+    jobs = [{"ids": ids, "start": len(ids), "generate": new}]
+    return harness.onestep_score(bin_path, model, jobs, "--top", "4", "--device", device,
+                                 "--gpu-cache-budget", budget, "--kv-page-rows", "16")[0]
 
 
 def expected_bytes(new, chunk, streamed, slots):

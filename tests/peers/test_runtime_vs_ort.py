@@ -13,8 +13,6 @@ greedily continues the prompt; onnxruntime does the same through tests/peers/har
 """
 import json
 import os
-import subprocess
-import tempfile
 
 import numpy as np
 import pytest
@@ -42,15 +40,7 @@ def _load(name):
 
 
 def _score(path, jobs):
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(jobs, f)
-        name = f.name
-    try:
-        out = subprocess.run([BIN, "score", path, "--jobs", name, "--top", "8"], capture_output=True, text=True)
-    finally:
-        os.unlink(name)
-    assert out.returncode == 0, f"onestep score failed: {out.stderr[-2000:]}"
-    return json.loads(out.stdout)
+    return harness.onestep_score(BIN, path, jobs, "--top", "8")
 
 
 def _margin(row):

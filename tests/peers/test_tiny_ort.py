@@ -7,7 +7,6 @@ max |logit| with an f32 cache (5e-3 with an f16 cache)."""
 import json
 import os
 import subprocess
-import tempfile
 
 import numpy as np
 import pytest
@@ -51,17 +50,8 @@ def test_tiny_runtime(name, device):
     ref = tiny_checks.reference(name)
     ids, want = ref["ids"], np.array(ref["logits"], np.float32)
     greedy = ref["greedy"]
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump([{"ids": ids, "start": 1, "generate": 0},
-                   {"ids": ids, "start": len(ids), "generate": len(greedy)}], f)
-        jobs = f.name
-    try:
-        out = subprocess.run([BIN, "score", path, "--jobs", jobs, "--top", "8", "--device", device],
-                             capture_output=True, text=True)
-    finally:
-        os.unlink(jobs)
-    assert out.returncode == 0, f"onestep score failed: {out.stderr[-2000:]}"
-    forced, gen = json.loads(out.stdout)
+    jobs = [{"ids": ids, "start": 1, "generate": 0}, {"ids": ids, "start": len(ids), "generate": len(greedy)}]
+    forced, gen = harness.onestep_score(BIN, path, jobs, "--top", "8", "--device", device)
     scale = float(np.max(np.abs(want)))
     tol = tiny_checks.REL_TOL[harness.StepSession(path).kv_dtype]
     rows = forced["rows"]  # rows[p]: the logits after ids[:p + 1] (positions start - 1 .. end)
