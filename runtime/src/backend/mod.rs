@@ -1,5 +1,6 @@
-//! Compute backends, behind one interface (the crate-private `Backend` trait) the model facade drives: `cpu` (the step
-//! executor and the CPU kernels, one file per kernel family) and, with the `gpu` feature, `gpu` (wgpu).
+//! Compute backends, behind one interface (the crate-private `Backend` trait) the model facade
+//! drives: `cpu` (the step executor and the CPU kernels, one file per kernel family) and, with the `gpu`
+//! feature, `gpu` (wgpu).
 //! A backend is chosen when the model is loaded; a sequence's device-side state is its `SeqState`.
 pub mod cpu;
 #[cfg(feature = "gpu")]

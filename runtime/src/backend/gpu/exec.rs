@@ -3023,9 +3023,9 @@ impl GpuPlan {
     }
 
     /// Completes a step [`GpuPlan::begin`] returned: waits for its read-back, runs the rest, writes its
-    /// new cache rows into `host` and returns the CPU-side values (the outputs the caller reads), with the token
-    /// its token choice put first on the GPU (what a step run ahead of it was fed; `None` when the
-    /// choice ran on the host).
+    /// new cache rows into `host` and returns the CPU-side values (the outputs the caller reads), with
+    /// the token its token choice put first on the GPU (what a step run ahead of it was fed; `None` when
+    /// the choice ran on the host).
     pub fn finish(
         &self,
         plan: &Plan,
