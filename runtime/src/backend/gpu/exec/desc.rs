@@ -1,0 +1,159 @@
+//! What a step does on the GPU: its description ([`Desc`]: dispatches, the buffers they bind, the
+//! values it reads and writes), the executor's view of a step's inputs ([`Env`]) and a description kept
+//! for the next step of the same token count ([`Kept`]).
+
+use super::*;
+
+/// Element type and shape of a value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Meta {
+    /// Element type.
+    pub dtype: DType,
+    /// Shape.
+    pub shape: Vec<usize>,
+}
+
+impl Meta {
+    pub(super) fn of(t: &Tensor) -> Meta {
+        Meta {
+            dtype: t.dtype,
+            shape: t.shape.clone(),
+        }
+    }
+    pub(super) fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+    pub(super) fn bytes(&self) -> u64 {
+        ((self.numel() * self.dtype.size()) as u64).next_multiple_of(4)
+    }
+}
+
+/// A buffer a dispatch binds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum BufRef {
+    Val(ValId),
+    Dummy,
+    LinW(usize),
+    LinS(usize),
+    LinZ(usize),
+    LinBias,
+    /// Segment `.1` of plan cache `.0` (a per-state buffer).
+    CacheK(usize, usize),
+    /// Segment `.1` of plan cache `.0` (a per-state buffer).
+    CacheV(usize, usize),
+    /// The attention partials of split caches (plan scratch).
+    Part,
+}
+
+pub(super) struct Disp {
+    pub(super) kernel: Option<Arc<Kernel>>,
+    pub(super) binds: Vec<BufRef>,
+    pub(super) params: Params,
+    pub(super) groups: (u32, u32, u32),
+}
+
+/// What a GPU step does this run.
+pub(super) struct Desc {
+    /// Dry run only: a fusion this description takes — (the other step, the value it reads).
+    pub(super) fused: Option<(usize, ValId)>,
+    /// Output values with their metadata; `Some(src)` when the output is a view of `src`'s buffer.
+    pub(super) outs: Vec<(ValId, Meta, Option<ValId>)>,
+    /// Outputs that live at a byte offset into their `src`'s buffer (the parts of a fused linear).
+    pub(super) at: Vec<(ValId, u64)>,
+    /// Non-constant inputs the dispatches read.
+    pub(super) reads: Vec<ValId>,
+    pub(super) disp: Vec<Disp>,
+}
+
+impl Desc {
+    /// A step another step does: no dispatch, no output.
+    pub(super) fn empty() -> Desc {
+        Desc {
+            fused: None,
+            at: Vec::new(),
+            outs: Vec::new(),
+            reads: Vec::new(),
+            disp: Vec::new(),
+        }
+    }
+}
+
+/// Inputs of one step as the executor sees them.
+pub(super) struct Env<'a> {
+    pub(super) plan: &'a Plan,
+    pub(super) cpu: &'a [Option<Tensor>],
+    pub(super) meta: &'a [Option<Meta>],
+    /// Set when a description looked at the contents of a host value that is not a constant (token ids,
+    /// positions): such a description holds for this step only and is not cached.
+    pub(super) looked: std::cell::Cell<bool>,
+    /// The cache prefix a mask lets attend ([`crate::backend::mask::standard_prefix`]), found once a step.
+    pub(super) prefix: &'a std::cell::Cell<Option<(ValId, Option<usize>)>>,
+}
+
+impl<'a> Env<'a> {
+    pub(super) fn new(
+        plan: &'a Plan,
+        cpu: &'a [Option<Tensor>],
+        meta: &'a [Option<Meta>],
+        prefix: &'a std::cell::Cell<Option<(ValId, Option<usize>)>>,
+    ) -> Env<'a> {
+        Env {
+            plan,
+            cpu,
+            meta,
+            looked: std::cell::Cell::new(false),
+            prefix,
+        }
+    }
+    /// [`crate::backend::mask::standard_prefix`] of mask `m` (every attention of a step has the same mask).
+    pub(super) fn mask_prefix(&self, m: ValId, t: usize, slots: usize) -> Option<usize> {
+        if let Some((v, p)) = self.prefix.get() {
+            if v == m {
+                self.looked.set(true);
+                return p;
+            }
+        }
+        let p = self
+            .cpu(m)
+            .and_then(|x| crate::backend::mask::standard_prefix(x, t, slots));
+        self.prefix.set(Some((m, p)));
+        p
+    }
+    /// The metadata of `v` when it is f32.
+    pub(super) fn f32m(&self, v: ValId) -> Option<Meta> {
+        self.meta(v).filter(|m| m.dtype == DType::F32)
+    }
+    pub(super) fn meta(&self, v: ValId) -> Option<Meta> {
+        if let Some(m) = &self.meta[v] {
+            return Some(m.clone());
+        }
+        self.cpu[v]
+            .as_ref()
+            .or(self.plan.consts[v].as_ref())
+            .map(Meta::of)
+    }
+    /// Whether `v` has metadata `m` (without building it).
+    pub(super) fn meta_is(&self, v: ValId, m: &Meta) -> bool {
+        match (
+            &self.meta[v],
+            self.cpu[v].as_ref().or(self.plan.consts[v].as_ref()),
+        ) {
+            (Some(g), _) => g == m,
+            (None, Some(t)) => t.dtype == m.dtype && t.shape == m.shape,
+            (None, None) => false,
+        }
+    }
+    pub(super) fn cpu(&self, v: ValId) -> Option<&Tensor> {
+        if self.cpu[v].is_some() && self.plan.consts[v].is_none() {
+            self.looked.set(true);
+        }
+        self.cpu[v].as_ref().or(self.plan.consts[v].as_ref())
+    }
+}
+
+/// A step's description kept for the next step of the same token count (decode: every step): valid while
+/// the values it reads have the metadata they had (see [`Env::looked`] for what is never kept).
+pub(super) struct Kept {
+    pub(super) desc: Desc,
+    pub(super) reads: Vec<(ValId, Meta)>,
+}

@@ -1,0 +1,733 @@
+//! What each step kind does on the GPU ([`GpuPlan::describe`]): at load (the dry run) with its kernels
+//! and candidate fusions, at run time for the step's token count and cache prefix.
+
+use super::*;
+
+/// `f()`, at the dry run only: at run time a description's dispatches use the kernels the dry run chose.
+pub(super) fn kernel_if(
+    dry: bool,
+    f: &dyn Fn() -> Result<Arc<Kernel>>,
+) -> Result<Option<Arc<Kernel>>> {
+    if dry {
+        f().map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
+impl GpuPlan {
+    /// What step `si` does on the GPU with these inputs, or `None` when it must run on the CPU. `dry`:
+    /// the dry run at load (kernels made, fusion candidates taken or refused); else a step at run time
+    /// (`position`: its first token's).
+    pub(super) fn describe(
+        &self,
+        si: usize,
+        s: &Step,
+        e: &Env,
+        dry: bool,
+        position: usize,
+    ) -> Result<Option<Desc>> {
+        if self.absorbed.contains(&si) {
+            return Ok(Some(Desc::empty()));
+        }
+        if let Some(gr) = self.lin_groups.get(&si) {
+            return self.describe_group(si, gr, e, dry).map(Some);
+        }
+        match s {
+            Step::Linear { .. } => self.linear_desc(si, s, e, dry),
+            Step::Embedding(_) => self.embedding_desc(si, s, e, dry),
+            Step::SiluGate(_) => self.silu_gate_desc(s, e, dry),
+            Step::CacheAttention { .. } => self.attention_desc(si, s, e, dry, position),
+            Step::TokenChoice(_) => self.token_choice_desc(s, e, dry),
+            Step::Node { .. } => self.node_desc(si, s, e, dry),
+        }
+    }
+
+    /// One elementwise dispatch of `entry` over `items` (the kernel made at the dry run only).
+    pub(super) fn ew_disp(
+        &self,
+        dry: bool,
+        entry: &'static str,
+        binds: Vec<BufRef>,
+        params: Params,
+        items: usize,
+    ) -> Result<Disp> {
+        let (x, y) = grid(items, 256, self.ctx.max_groups);
+        Ok(Disp {
+            kernel: kernel_if(dry, &|| ew::kernel(&self.ctx, entry))?,
+            binds,
+            params,
+            groups: (x, y, 1),
+        })
+    }
+
+    /// A linear layer: the GEMV (and, on GPUs, tiled-GEMM) slot of each weight part, with the residual `Add` after it in its epilogue where that fusion was taken.
+    fn linear_desc(&self, si: usize, s: &Step, e: &Env, dry: bool) -> Result<Option<Desc>> {
+        let Step::Linear { x, out, .. } = s else {
+            return Ok(None);
+        };
+        let ctx = &self.ctx;
+        let plan = e.plan;
+        let f32m = |v: ValId| e.f32m(v);
+        let Some(g) = self.linears.get(&si) else {
+            return Ok(None);
+        };
+        let Some(xm) = f32m(*x) else { return Ok(None) };
+        if xm.shape.last() != Some(&g.k) {
+            return Ok(None);
+        }
+        let m = xm.numel() / g.k.max(1);
+        let mut shape = xm.shape.clone();
+        if let Some(l) = shape.last_mut() {
+            *l = g.n;
+        }
+        // Residual add in the epilogue: the Add's other input is ready and has this output's shape.
+        let fuse = if dry {
+            self.cand.res.get(&si).copied().filter(|(_, other, _)| {
+                e.meta(*other)
+                    .is_some_and(|m| m.dtype == DType::F32 && m.shape == shape)
+            })
+        } else if self.res_fused.contains(&si) {
+            self.cand.res.get(&si).copied()
+        } else {
+            None
+        };
+        let (res, target) = match fuse {
+            Some((_, other, aout)) => {
+                if e.meta(other).map(|m| m.shape) != Some(shape.clone()) {
+                    return Err(Error::device(
+                        DeviceFault::Unsupported,
+                        format!(
+                            "`{}`: residual has another shape than the linear output",
+                            plan.names[aout]
+                        ),
+                    ));
+                }
+                (BufRef::Val(other), aout)
+            }
+            None => (BufRef::Dummy, *out),
+        };
+        // Each part: the GEMV slot and, on GPUs, the tiled-GEMM slot; a step records the one
+        // its token count takes (the other has no workgroups).
+        let gemm = g.uses_gemm(m);
+        let mut disp = Vec::new();
+        for i in 0..g.parts.len() {
+            let kernels =
+                std::iter::once((&g.kernel, !gemm)).chain(g.gemm.as_ref().map(|k| (k, gemm)));
+            for (kernel, taken) in kernels {
+                disp.push(Disp {
+                    kernel: if dry { Some(kernel.clone()) } else { None },
+                    binds: vec![
+                        BufRef::Val(*x),
+                        BufRef::LinW(i),
+                        BufRef::LinS(i),
+                        BufRef::LinZ(i),
+                        BufRef::LinBias,
+                        res,
+                        BufRef::Val(target),
+                    ],
+                    params: g.params(i, m, fuse.is_some()),
+                    groups: if taken {
+                        g.groups(i, m, ctx.max_groups)
+                    } else {
+                        (0, 0, 0)
+                    },
+                });
+            }
+        }
+        let mut reads = vec![*x];
+        if let Some((_, other, _)) = fuse {
+            reads.push(other);
+        }
+        Ok(Some(Desc {
+            fused: fuse.filter(|_| dry).map(|(ai, other, _)| (ai, other)),
+            at: Vec::new(),
+            outs: vec![(
+                target,
+                Meta {
+                    dtype: DType::F32,
+                    shape,
+                },
+                None,
+            )],
+            reads,
+            disp,
+        }))
+    }
+
+    /// The token embedding: the rows of the table the ids pick, one dispatch a weight part (host-held ids checked against the table first).
+    fn embedding_desc(&self, si: usize, s: &Step, e: &Env, dry: bool) -> Result<Option<Desc>> {
+        let Step::Embedding(emb) = s else {
+            return Ok(None);
+        };
+        let ctx = &self.ctx;
+        let plan = e.plan;
+        let k = |f: &dyn Fn() -> Result<Arc<Kernel>>| kernel_if(dry, f);
+        let Ok(g) = self.linear(si) else {
+            return Ok(None);
+        };
+        let Some(im) = e.meta(emb.ids).filter(|m| m.dtype == DType::I64) else {
+            return Ok(None);
+        };
+        // Ids the host holds are checked here (the GPU writes zeros for one outside).
+        if e.meta[emb.ids].is_none() && !dry {
+            let Some(it) = e.cpu(emb.ids) else {
+                return Ok(None);
+            };
+            let rows = g.n as i64;
+            if let Some(bad) = it.typed::<i64>().iter().find(|&&i| i < -rows || i >= rows) {
+                let n = &plan.graph.nodes[emb.node];
+                return Err(Error::node(
+                    &n.name,
+                    &n.op,
+                    format!("token id {bad} is out of range for the {rows}-row embedding"),
+                ));
+            }
+        }
+        let t = im.numel();
+        let mut shape = im.shape.clone();
+        shape.push(g.k);
+        let disp = (0..g.parts.len())
+            .map(|i| -> Result<Disp> {
+                Ok(Disp {
+                    kernel: k(&|| g.embed_kernel(ctx))?,
+                    binds: vec![
+                        BufRef::Val(emb.ids),
+                        BufRef::LinW(i),
+                        BufRef::LinS(i),
+                        BufRef::LinZ(i),
+                        BufRef::Dummy,
+                        BufRef::Dummy,
+                        BufRef::Val(emb.out),
+                    ],
+                    params: g.embed_params(i, t),
+                    groups: g.embed_groups(t, ctx.max_groups),
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Some(Desc {
+            fused: None,
+            at: Vec::new(),
+            outs: vec![(
+                emb.out,
+                Meta {
+                    dtype: DType::F32,
+                    shape,
+                },
+                None,
+            )],
+            reads: vec![emb.ids],
+            disp,
+        }))
+    }
+
+    /// The SiLU gate `silu(g) · u`: one elementwise dispatch.
+    fn silu_gate_desc(&self, s: &Step, e: &Env, dry: bool) -> Result<Option<Desc>> {
+        let Step::SiluGate(sg) = s else {
+            return Ok(None);
+        };
+        let f32m = |v: ValId| e.f32m(v);
+        let ew_disp = |entry, binds, params, items| self.ew_disp(dry, entry, binds, params, items);
+        let (Some(gm), Some(um)) = (f32m(sg.g), f32m(sg.u)) else {
+            return Ok(None);
+        };
+        if gm.shape != um.shape {
+            return Ok(None);
+        }
+        let n = gm.numel();
+        Ok(Some(Desc {
+            fused: None,
+            at: Vec::new(),
+            outs: vec![(sg.out, gm, None)],
+            reads: vec![sg.g, sg.u],
+            disp: vec![ew_disp(
+                "silu_gate",
+                vec![BufRef::Val(sg.g), BufRef::Val(sg.u), BufRef::Val(sg.out)],
+                Params::new().u(n),
+                n,
+            )?],
+        }))
+    }
+
+    /// The cache attention: one dispatch, the split-keys pair plus its combine, or a partial softmax per cache segment plus the combine; with the rotary, transposes and casts before it absorbed where [`AttnIn`] found them.
+    fn attention_desc(
+        &self,
+        si: usize,
+        s: &Step,
+        e: &Env,
+        dry: bool,
+        position: usize,
+    ) -> Result<Option<Desc>> {
+        let Step::CacheAttention {
+            node,
+            q,
+            past,
+            new,
+            mask,
+            out,
+            tokens_first,
+        } = s
+        else {
+            return Ok(None);
+        };
+        let ctx = &self.ctx;
+        let plan = e.plan;
+        let k = |f: &dyn Fn() -> Result<Arc<Kernel>>| kernel_if(dry, f);
+        let f32m = |v: ValId| e.f32m(v);
+        let n = &plan.graph.nodes[*node];
+        // The kernel reads the projections themselves when the rotary, transposes and casts
+        // before this attention were absorbed (see [`AttnIn`]).
+        let fin = self.attn_in.get(&si);
+        let (q, new, inputs) = match fin {
+            Some(a) => (
+                &a.q,
+                &[a.k, a.v],
+                attention::Inputs::Rope {
+                    interleaved: a.interleaved,
+                },
+            ),
+            None => (q, new, attention::Inputs::Graph),
+        };
+        let (Some(qm), Some(km), Some(vm)) = (f32m(*q), f32m(new[0]), f32m(new[1])) else {
+            return Ok(None);
+        };
+        let (ck, cv) = (&plan.caches[past[0]], &plan.caches[past[1]]);
+        if qm.shape.len() != 4 || ck.dtype != cv.dtype || ck.shape != cv.shape {
+            return Ok(None);
+        }
+        let (h, t, d) = match fin {
+            Some(_) => (qm.shape[2], qm.shape[1], qm.shape[3]),
+            None => (qm.shape[1], qm.shape[2], qm.shape[3]),
+        };
+        let (kvh, slots) = (ck.shape[1], ck.shape[2]);
+        let rows_shape = match fin {
+            Some(_) => [1, t, kvh, d],
+            None => [1, kvh, t, d],
+        };
+        if kvh == 0
+            || h % kvh != 0
+            || d % 2 != 0
+            || d > attention::MAX_HEAD_DIM
+            || km.shape != rows_shape
+            || vm.shape != rows_shape
+            || ck.shape[3] != d
+            || !matches!(ck.dtype, DType::F16 | DType::F32)
+            || (fin.is_none() && !self.writes_rows(plan, past, new))
+        {
+            if fin.is_some() {
+                return Err(Error::device(
+                    DeviceFault::Unsupported,
+                    format!(
+                        "attention `{}` with its rotary absorbed: inputs {:?} {:?} {:?} do not fit",
+                        n.name, qm.shape, km.shape, vm.shape
+                    ),
+                ));
+            }
+            return Ok(None);
+        }
+        let mut extra = Vec::new();
+        if let Some(a) = fin {
+            let (Some(ct), Some(pt)) = (plan.consts[a.cos].as_ref(), e.cpu(a.pos)) else {
+                return Err(Error::device(
+                    DeviceFault::Unsupported,
+                    format!("attention `{}`: rotary positions or tables missing", n.name),
+                ));
+            };
+            if ct.rank() != 2 || ct.shape[1] != d / 2 || pt.dtype != DType::I64 || pt.numel() != t {
+                return Err(Error::device(
+                    DeviceFault::Unsupported,
+                    format!(
+                        "attention `{}`: rotary tables {:?} or positions {:?} do not fit",
+                        n.name, ct.shape, pt.shape
+                    ),
+                ));
+            }
+            if !dry {
+                check_positions(n, pt, ct.shape[0])?;
+            }
+            extra = vec![BufRef::Val(a.cos), BufRef::Val(a.sin), BufRef::Val(a.pos)];
+        }
+        let Some(mv) = mask else { return Ok(None) };
+        let Some(mm) = f32m(*mv) else { return Ok(None) };
+        let r = mm.shape.len();
+        if r < 2
+            || mm.shape[r - 1] != slots + t
+            || mm.shape[r - 2] != t
+            || mm.shape[..r - 2].iter().any(|&x| x != 1)
+        {
+            return Ok(None);
+        }
+        // Visit only the cache prefix the (CPU-computed) mask allows; all slots otherwise.
+        let npast = e.mask_prefix(*mv, t, slots).unwrap_or(slots);
+        // Keys never exceed the slots (position + chunk ≤ S): one kernel serves every step.
+        let rows = self.rows_variant && attention::rows_ok(d, slots);
+        let oshape = if *tokens_first {
+            vec![1, t, h, d]
+        } else {
+            vec![1, h, t, d]
+        };
+        let ap = AttnParams {
+            heads: h,
+            kv_heads: kvh,
+            tokens: t,
+            head_dim: d,
+            slots,
+            npast,
+            position,
+            scale: n.attr_float("scale", 1.0 / (d as f32).sqrt()),
+            tokens_first: *tokens_first,
+            write_cache: true,
+            mask_stride: Some(slots + t),
+            segment: None,
+            split: None,
+        };
+        let f16c = ck.dtype == DType::F16;
+        let (seg_rows, nseg) = self.segs(kvh * d * ck.dtype.size(), slots, d)?;
+        let binds_to = |o: BufRef| -> Vec<BufRef> {
+            [
+                BufRef::Val(*q),
+                BufRef::Val(new[0]),
+                BufRef::Val(new[1]),
+                BufRef::Val(*mv),
+                BufRef::CacheK(past[0], 0),
+                BufRef::CacheV(past[1], 0),
+                o,
+            ]
+            .into_iter()
+            .chain(extra.iter().copied())
+            .collect()
+        };
+        let disp = if nseg == 1 && (rows || self.split_keys == 0) {
+            vec![Disp {
+                kernel: k(&|| attention::kernel(ctx, f16c, rows, inputs))?,
+                binds: binds_to(BufRef::Val(*out)),
+                params: ap.params(),
+                groups: attention::groups(ctx, h * t, rows),
+            }]
+        } else if nseg == 1 {
+            // One token over many keys: chunks of keys a workgroup each, then the combine
+            // (three slots; a step records the whole attention or the split pair).
+            let ch = self.split_chunk;
+            let nkeys = npast + t;
+            let chunks = nkeys.div_ceil(ch);
+            let split = t == 1 && nkeys >= self.split_keys && chunks >= 2;
+            self.part_need.fetch_max(
+                ((slots + 1).div_ceil(ch) * h * (d + 2) * 4) as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+            let sp = AttnParams {
+                split: Some((ch, chunks)),
+                ..ap
+            };
+            let (gx, gy, _) = attention::groups(ctx, h * t, false);
+            let on = |yes: bool, g: (u32, u32, u32)| if yes { g } else { (0, 0, 0) };
+            vec![
+                Disp {
+                    kernel: k(&|| attention::kernel(ctx, f16c, false, inputs))?,
+                    binds: binds_to(BufRef::Val(*out)),
+                    params: ap.params(),
+                    groups: on(!split, (gx, gy, 1)),
+                },
+                Disp {
+                    kernel: k(&|| attention::kernel(ctx, f16c, false, inputs))?,
+                    binds: binds_to(BufRef::Part),
+                    params: sp.params(),
+                    groups: on(split, (gx, gy, chunks as u32)),
+                },
+                Disp {
+                    kernel: k(&|| attention::combine_kernel(ctx))?,
+                    binds: vec![BufRef::Part, BufRef::Val(*out)],
+                    params: sp.params(),
+                    groups: on(split, attention::groups(ctx, h * t, true)),
+                },
+            ]
+        } else {
+            // The cache is split over `nseg` buffers: a partial softmax a segment, then one
+            // combine.
+            if d % 4 != 0 || d > attention::MAX_HEAD_DIM {
+                return Ok(None);
+            }
+            self.part_need.fetch_max(
+                (nseg * h * t * (d + 2) * 4) as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+            let mut v = Vec::new();
+            for sg in 0..nseg {
+                let seg = attention::Segment {
+                    r0: sg * seg_rows,
+                    r1: ((sg + 1) * seg_rows).min(slots),
+                    with_new: sg + 1 == nseg,
+                    index: sg,
+                    count: nseg,
+                };
+                v.push(Disp {
+                    kernel: k(&|| attention::part_kernel(ctx, f16c, inputs))?,
+                    binds: vec![
+                        BufRef::Val(*q),
+                        BufRef::Val(new[0]),
+                        BufRef::Val(new[1]),
+                        BufRef::Val(*mv),
+                        BufRef::CacheK(past[0], sg),
+                        BufRef::CacheV(past[1], sg),
+                        BufRef::Part,
+                    ]
+                    .into_iter()
+                    .chain(extra.iter().copied())
+                    .collect(),
+                    params: AttnParams {
+                        segment: Some(seg),
+                        ..ap
+                    }
+                    .params(),
+                    groups: attention::groups(ctx, h * t, true),
+                });
+            }
+            v.push(Disp {
+                kernel: k(&|| attention::combine_kernel(ctx))?,
+                binds: vec![BufRef::Part, BufRef::Val(*out)],
+                params: AttnParams {
+                    segment: Some(attention::Segment {
+                        r0: 0,
+                        r1: slots,
+                        with_new: true,
+                        index: 0,
+                        count: nseg,
+                    }),
+                    ..ap
+                }
+                .params(),
+                groups: attention::groups(ctx, h * t, true),
+            });
+            v
+        };
+        Ok(Some(Desc {
+            fused: None,
+            at: Vec::new(),
+            outs: vec![(
+                *out,
+                Meta {
+                    dtype: DType::F32,
+                    shape: oshape,
+                },
+                None,
+            )],
+            reads: [*q, new[0], new[1], *mv]
+                .into_iter()
+                .chain(fin.map(|a| [a.cos, a.sin, a.pos]).into_iter().flatten())
+                .collect(),
+            disp,
+        }))
+    }
+
+    /// The token choice after the `TopK`: one workgroup draws the token from the sorted candidates (nucleus mass and the draw read now, so never kept).
+    fn token_choice_desc(&self, s: &Step, e: &Env, dry: bool) -> Result<Option<Desc>> {
+        let Step::TokenChoice(c) = s else {
+            return Ok(None);
+        };
+        let ctx = &self.ctx;
+        let plan = e.plan;
+        let k = |f: &dyn Fn() -> Result<Arc<Kernel>>| kernel_if(dry, f);
+        let (Some(vm), Some(im)) = (e.meta[c.vals].clone(), e.meta[c.idx].clone()) else {
+            return Ok(None);
+        };
+        let kk = vm.numel();
+        if vm.dtype != DType::F32
+            || im.dtype != DType::I64
+            || vm.shape != [1, kk]
+            || im.shape != vm.shape
+            || kk == 0
+        {
+            return Ok(None);
+        }
+        // The nucleus mass and the draw are parameters (read now: never a kept description).
+        let one = |v: ValId| -> Option<f32> {
+            let t = e.cpu(v)?;
+            (t.dtype == DType::F32 && t.numel() == 1).then(|| t.typed::<f32>()[0])
+        };
+        let (Some(top_p), Some(u)) = (one(c.top_p), one(c.u)) else {
+            return Ok(None);
+        };
+        let k_in = e.cpu(c.k).map(|t| t.to_i64_vec(&plan.names[c.k]));
+        if !matches!(k_in, Some(Ok(ref v)) if v[..] == [kk as i64]) {
+            return Ok(None);
+        }
+        Ok(Some(Desc {
+            fused: None,
+            at: Vec::new(),
+            outs: vec![(
+                c.out,
+                Meta {
+                    dtype: DType::I64,
+                    shape: c.out_shape.clone(),
+                },
+                None,
+            )],
+            reads: vec![c.vals, c.idx],
+            disp: vec![Disp {
+                kernel: k(&|| choice::kernel(ctx))?,
+                binds: vec![BufRef::Val(c.vals), BufRef::Val(c.idx), BufRef::Val(c.out)],
+                params: choice::params(kk, top_p, u),
+                groups: (1, 1, 1),
+            }],
+        }))
+    }
+
+    /// A fused linear group's one dispatch (see [`LinGroup`]).
+    pub(super) fn describe_group(
+        &self,
+        si: usize,
+        gr: &GpuGroup,
+        e: &Env,
+        dry: bool,
+    ) -> Result<Desc> {
+        use linear::FusedOut;
+        let g = self.linear(si)?;
+        let xin = gr.norm.map_or(gr.x, |n| n.0);
+        let name = &gr.name;
+        let xm = e
+            .meta(xin)
+            .filter(|m| m.dtype == DType::F32 && m.shape.last() == Some(&g.k))
+            .ok_or_else(|| {
+                Error::device(
+                    DeviceFault::Unsupported,
+                    format!(
+                        "fused linear `{name}`: its input `{}` is not f32 [.., {}]",
+                        e.plan.names[xin], g.k
+                    ),
+                )
+            })?;
+        let m = xm.numel() / g.k.max(1);
+        let meta = |n: usize| {
+            let mut shape = xm.shape.clone();
+            if let Some(l) = shape.last_mut() {
+                *l = n;
+            }
+            Meta {
+                dtype: DType::F32,
+                shape,
+            }
+        };
+        let mut at = Vec::new();
+        let (out, outs) = if let Some(so) = gr.silu_out {
+            (FusedOut::SiluPair, vec![(so, meta(g.n / 2), None)])
+        } else if gr.members.len() == 1 {
+            (FusedOut::One, vec![(gr.members[0].1, meta(g.n), None)])
+        } else {
+            let mut bases = gr
+                .bases
+                .lock()
+                .map_err(|_| Error::internal("group lock poisoned"))?;
+            if dry {
+                // Each member's [T, rows] at an offset a binding may start at.
+                let align = (self.ctx.device.limits().min_storage_buffer_offset_alignment as usize
+                    / 4)
+                .max(1);
+                bases.clear();
+                let mut b = 0;
+                for mb in &gr.members {
+                    bases.push(b);
+                    b = (b + m * mb.2).next_multiple_of(align);
+                }
+            }
+            let o0 = gr.members[0].1;
+            let mut outs = Vec::new();
+            for (mb, &b) in gr.members.iter().zip(bases.iter()) {
+                outs.push((mb.1, meta(mb.2), (mb.1 != o0).then_some(o0)));
+                at.push((mb.1, 4 * b as u64));
+            }
+            (
+                FusedOut::Parts(
+                    gr.members
+                        .iter()
+                        .zip(bases.iter())
+                        .map(|(mb, &b)| (mb.2, b))
+                        .collect(),
+                ),
+                outs,
+            )
+        };
+        let target = outs[0].0;
+        let mut reads = vec![xin];
+        let aux = match gr.norm {
+            Some((_, w, _)) => {
+                reads.push(w);
+                BufRef::Val(w)
+            }
+            None => BufRef::Dummy,
+        };
+        let pick = g.fused_pick(m);
+        let disp = gr
+            .kernels
+            .iter()
+            .enumerate()
+            .map(|(j, kernel)| Disp {
+                kernel: dry.then(|| kernel.clone()),
+                binds: vec![
+                    BufRef::Val(xin),
+                    BufRef::LinW(0),
+                    BufRef::LinS(0),
+                    BufRef::LinZ(0),
+                    BufRef::LinBias,
+                    aux,
+                    BufRef::Val(target),
+                ],
+                params: g.fused_params(m, &out, gr.norm.map(|n| n.2)),
+                // The slot not taken this step records nothing.
+                groups: if j == pick {
+                    g.fused_groups(m, &out, self.ctx.max_groups)
+                } else {
+                    (0, 0, 0)
+                },
+            })
+            .collect();
+        Ok(Desc {
+            fused: None,
+            at,
+            outs,
+            reads,
+            disp,
+        })
+    }
+
+    /// Whether the attention's new-row inputs are exactly the cache outputs (directly, or through a Cast to
+    /// f32 of an f16 output) — then writing them back into the cache reproduces the graph's outputs.
+    pub(super) fn writes_rows(&self, plan: &Plan, past: &[usize; 2], new: &[ValId; 2]) -> bool {
+        (0..2).all(|j| {
+            let c = &plan.caches[past[j]];
+            if new[j] == c.output_val {
+                return c.dtype == DType::F32;
+            }
+            plan.steps.iter().any(|s| match s {
+                Step::Node {
+                    node,
+                    inputs,
+                    outputs,
+                } => {
+                    let n = &plan.graph.nodes[*node];
+                    n.op == "Cast"
+                        && outputs.first() == Some(&new[j])
+                        && inputs.first().copied().flatten() == Some(c.output_val)
+                        && n.attr_int("to", 0) == DType::F32.onnx_code() as i64
+                        && c.dtype == DType::F16
+                }
+                _ => false,
+            })
+        })
+    }
+}
+
+/// Rotary positions (i64) must index the `rows` rows of the cos/sin tables (`n`: the node, for errors).
+pub(super) fn check_positions(n: &crate::graph::Node, pos: &Tensor, rows: usize) -> Result<()> {
+    if pos
+        .typed::<i64>()
+        .iter()
+        .any(|&p| p < 0 || p as usize >= rows)
+    {
+        return Err(Error::node(
+            &n.name,
+            &n.op,
+            format!("position outside the {rows} rows of the cos/sin cache"),
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,742 @@
+//! Generic nodes on the GPU: each op the GPU runs has a description function, found by its name in
+//! [`NODE_OPS`]; view ops share their input's buffer and need none. A node that no function takes (or
+//! whose inputs do not fit) runs on the CPU.
+
+use super::describe::{check_positions, kernel_if};
+use super::*;
+use crate::graph::Node;
+
+/// A generic node as its description functions see it.
+#[derive(Clone, Copy)]
+pub(super) struct NodeAt<'a> {
+    /// Its step.
+    si: usize,
+    /// The node.
+    n: &'a Node,
+    /// Its input values (`None`: an omitted optional input).
+    inputs: &'a [Option<ValId>],
+    /// Its output values (at least one).
+    outputs: &'a [ValId],
+    /// The values as the executor sees them.
+    e: &'a Env<'a>,
+    /// The dry run at load (see [`GpuPlan::describe`]).
+    dry: bool,
+}
+
+/// What a generic op does on the GPU (`None`: it runs on the CPU).
+type NodeDescribe = fn(&GpuPlan, &NodeAt<'_>) -> Result<Option<Desc>>;
+
+/// The generic ops the GPU runs, by op name (view ops aside).
+const NODE_OPS: &[(&str, NodeDescribe)] = &[
+    ("Add", GpuPlan::binary_desc),
+    ("Sub", GpuPlan::binary_desc),
+    ("Mul", GpuPlan::binary_desc),
+    ("Div", GpuPlan::binary_desc),
+    ("Sigmoid", GpuPlan::unary_desc),
+    ("Neg", GpuPlan::unary_desc),
+    ("Cast", GpuPlan::cast_desc),
+    ("Transpose", GpuPlan::transpose_desc),
+    ("Gather", GpuPlan::gather_desc),
+    ("RMSNormalization", GpuPlan::rms_norm_desc),
+    ("RotaryEmbedding", GpuPlan::rotary_desc),
+    ("TopK", GpuPlan::top_k_desc),
+];
+
+impl GpuPlan {
+    /// A generic node: the first of a fused pair (no dispatch of its own), the second cast of an f16
+    /// round trip, a view, or what its op's function in [`NODE_OPS`] describes.
+    pub(super) fn node_desc(
+        &self,
+        si: usize,
+        s: &Step,
+        e: &Env,
+        dry: bool,
+    ) -> Result<Option<Desc>> {
+        let Step::Node {
+            node,
+            inputs,
+            outputs,
+        } = s
+        else {
+            return Ok(None);
+        };
+        let n = &e.plan.graph.nodes[*node];
+        if !(n.domain.is_empty() || n.domain == "ai.onnx") || outputs.is_empty() {
+            return Ok(None);
+        }
+        let a = NodeAt {
+            si,
+            n,
+            inputs,
+            outputs,
+            e,
+            dry,
+        };
+        if let Some(d) = self.pair_desc(&a)? {
+            return Ok(Some(d));
+        }
+        if crate::plan::is_view_op(&n.op) {
+            return self.view_desc(&a);
+        }
+        match NODE_OPS.iter().find(|(op, _)| *op == n.op) {
+            Some((_, describe)) => describe(self, &a),
+            None => Ok(None),
+        }
+    }
+
+    /// A node a fusion took: the first of a pair another step does (an `Add` in a linear's epilogue, a
+    /// `Transpose` the rotary reads through, the first cast of an f16 round trip: no dispatch), or the
+    /// second cast of that round trip (one rounding dispatch). `None` for every other node.
+    fn pair_desc(&self, a: &NodeAt) -> Result<Option<Desc>> {
+        let NodeAt {
+            si,
+            n,
+            inputs,
+            outputs,
+            e,
+            dry,
+        } = *a;
+        let f32m = |v: ValId| e.f32m(v);
+        let inp = |i: usize| inputs.get(i).copied().flatten();
+        let out = outputs[0];
+        // Fused into a neighbour: an Add done by the linear before it; a Transpose read by the
+        // rotary after it; the first of two casts done by the second.
+        let first_of_pair = if dry {
+            let x = inp(0).and_then(|x| e.meta[x].clone().map(|m| (x, m)));
+            match (self.cand.tr.get(&si), self.cand.round.get(&si), x) {
+                (Some(&(ri, src)), _, Some((_, m)))
+                    if m.dtype == DType::F32 && m.shape.len() == 4 =>
+                {
+                    Some((ri, src, m))
+                }
+                (_, Some(&(bi, src)), Some((_, m))) if m.dtype == DType::F32 => Some((bi, src, m)),
+                _ => None,
+            }
+        } else if self.skipped.contains(&si) && n.op != "Add" {
+            let src = inp(0).ok_or_else(|| Error::internal("fused step lost its input"))?;
+            let m = e
+                .meta(src)
+                .ok_or_else(|| Error::internal("fused step input missing"))?;
+            Some((0, src, m))
+        } else {
+            None
+        };
+        if self.skipped.contains(&si) && n.op == "Add" {
+            return Ok(Some(Desc::empty()));
+        }
+        if let Some((other, src, m)) = first_of_pair {
+            let om = if n.op == "Transpose" {
+                Meta {
+                    dtype: m.dtype,
+                    shape: vec![m.shape[0], m.shape[2], m.shape[1], m.shape[3]],
+                }
+            } else {
+                Meta {
+                    dtype: DType::F16,
+                    shape: m.shape,
+                }
+            };
+            return Ok(Some(Desc {
+                fused: dry.then_some((other, src)),
+                at: Vec::new(),
+                outs: vec![(out, om, None)],
+                reads: vec![src],
+                disp: Vec::new(),
+            }));
+        }
+        if let Some(&x) = self.round_src.get(&si) {
+            let Some(xm) = f32m(x) else { return Ok(None) };
+            let nn = xm.numel();
+            return Ok(Some(Desc {
+                fused: None,
+                at: Vec::new(),
+                outs: vec![(out, xm, None)],
+                reads: vec![x],
+                disp: vec![self.ew_disp(
+                    dry,
+                    "unary",
+                    vec![BufRef::Val(x), BufRef::Dummy, BufRef::Val(out)],
+                    Params::new().u(nn).u(UnOp::RoundF16 as usize),
+                    nn,
+                )?],
+            }));
+        }
+        Ok(None)
+    }
+
+    /// A view op (reshape, squeeze, ...): no dispatch, the output shares its input's buffer.
+    fn view_desc(&self, a: &NodeAt) -> Result<Option<Desc>> {
+        let NodeAt {
+            n,
+            inputs,
+            outputs,
+            e,
+            ..
+        } = *a;
+        let inp = |i: usize| inputs.get(i).copied().flatten();
+        let out = outputs[0];
+        let Some(x) = inp(0) else { return Ok(None) };
+        let Some(xm) = e.meta[x].clone() else {
+            return Ok(None);
+        };
+        let placeholder = Tensor::shape_only(xm.dtype, &xm.shape);
+        let mut args: Vec<Option<&Tensor>> = vec![Some(&placeholder)];
+        for i in 1..inputs.len() {
+            match inp(i) {
+                Some(v) => match e.cpu(v) {
+                    Some(t) => args.push(Some(t)),
+                    None => return Ok(None),
+                },
+                None => args.push(None),
+            }
+        }
+        let o = ops::run_node(n, &args)?;
+        let m = Meta::of(&o[0]);
+        Ok(Some(Desc {
+            fused: None,
+            at: Vec::new(),
+            outs: vec![(out, m, Some(x))],
+            reads: vec![x],
+            disp: Vec::new(),
+        }))
+    }
+
+    /// `Add`, `Sub`, `Mul`, `Div` of two f32 inputs, broadcast.
+    fn binary_desc(&self, a: &NodeAt) -> Result<Option<Desc>> {
+        let NodeAt {
+            n,
+            inputs,
+            outputs,
+            e,
+            dry,
+            ..
+        } = *a;
+        let f32m = |v: ValId| e.f32m(v);
+        let ew_disp = |entry, binds, params, items| self.ew_disp(dry, entry, binds, params, items);
+        let inp = |i: usize| inputs.get(i).copied().flatten();
+        let out = outputs[0];
+        if inputs.len() != 2 {
+            return Ok(None);
+        }
+        let (Some(a), Some(b)) = (inp(0), inp(1)) else {
+            return Ok(None);
+        };
+        let (Some(am), Some(bm)) = (f32m(a), f32m(b)) else {
+            return Ok(None);
+        };
+        let Some(os) = ops::broadcast_shape(&am.shape, &bm.shape) else {
+            return Ok(None);
+        };
+        if os.len() > ew::MAX_RANK {
+            return Ok(None);
+        }
+        let op = BinOp::from_onnx(&n.op).ok_or_else(|| Error::internal("op"))?;
+        let p = ew::binary_params(op, &am.shape, &bm.shape, &os)?;
+        let nn = os.iter().product();
+        Ok(Some(Desc {
+            fused: None,
+            at: Vec::new(),
+            outs: vec![(
+                out,
+                Meta {
+                    dtype: DType::F32,
+                    shape: os,
+                },
+                None,
+            )],
+            reads: vec![a, b],
+            disp: vec![ew_disp(
+                "binary",
+                vec![BufRef::Val(a), BufRef::Val(b), BufRef::Val(out)],
+                p,
+                nn,
+            )?],
+        }))
+    }
+
+    /// `Sigmoid`, `Neg` of an f32 input.
+    fn unary_desc(&self, a: &NodeAt) -> Result<Option<Desc>> {
+        let NodeAt {
+            n,
+            inputs,
+            outputs,
+            e,
+            dry,
+            ..
+        } = *a;
+        let f32m = |v: ValId| e.f32m(v);
+        let ew_disp = |entry, binds, params, items| self.ew_disp(dry, entry, binds, params, items);
+        let inp = |i: usize| inputs.get(i).copied().flatten();
+        let out = outputs[0];
+        let Some(a) = inp(0) else { return Ok(None) };
+        let Some(am) = f32m(a) else { return Ok(None) };
+        let op = if n.op == "Sigmoid" {
+            UnOp::Sigmoid
+        } else {
+            UnOp::Neg
+        };
+        let nn = am.numel();
+        Ok(Some(Desc {
+            fused: None,
+            at: Vec::new(),
+            outs: vec![(out, am, None)],
+            reads: vec![a],
+            disp: vec![ew_disp(
+                "unary",
+                vec![BufRef::Val(a), BufRef::Dummy, BufRef::Val(out)],
+                Params::new().u(nn).u(op as usize),
+                nn,
+            )?],
+        }))
+    }
+
+    /// `Cast` between f32, f16 and the integer types the kernel converts.
+    fn cast_desc(&self, a: &NodeAt) -> Result<Option<Desc>> {
+        let NodeAt {
+            n,
+            inputs,
+            outputs,
+            e,
+            dry,
+            ..
+        } = *a;
+        let ew_disp = |entry, binds, params, items| self.ew_disp(dry, entry, binds, params, items);
+        let inp = |i: usize| inputs.get(i).copied().flatten();
+        let out = outputs[0];
+        let Some(a) = inp(0) else { return Ok(None) };
+        let Some(am) = e.meta(a) else { return Ok(None) };
+        let to = DType::from_onnx(n.attr_int("to", 0) as i32);
+        let nn = am.numel();
+        let entry = match (am.dtype, to) {
+            (x, Some(y)) if x == y => {
+                if e.meta[a].is_none() {
+                    return Ok(None);
+                }
+                return Ok(Some(Desc {
+                    fused: None,
+                    at: Vec::new(),
+                    outs: vec![(out, am, Some(a))],
+                    reads: vec![a],
+                    disp: Vec::new(),
+                }));
+            }
+            (DType::F32, Some(DType::F16)) => ("cast_to_f16", nn.div_ceil(2)),
+            (DType::F16, Some(DType::F32)) => ("cast_from_f16", nn),
+            // Byte elements need a GPU source: a host value casts on the host.
+            (DType::U8, Some(DType::F32)) if e.meta[a].is_some() => ("cast_from_u8", nn),
+            (DType::I8, Some(DType::F32)) if e.meta[a].is_some() => ("cast_from_i8", nn),
+            _ => return Ok(None),
+        };
+        let to = to.unwrap_or(DType::F32);
+        Ok(Some(Desc {
+            fused: None,
+            at: Vec::new(),
+            outs: vec![(
+                out,
+                Meta {
+                    dtype: to,
+                    shape: am.shape,
+                },
+                None,
+            )],
+            reads: vec![a],
+            disp: vec![ew_disp(
+                entry.0,
+                vec![BufRef::Val(a), BufRef::Dummy, BufRef::Val(out)],
+                Params::new().u(nn),
+                entry.1,
+            )?],
+        }))
+    }
+
+    /// `Transpose` of up to the kernel's rank.
+    fn transpose_desc(&self, a: &NodeAt) -> Result<Option<Desc>> {
+        let NodeAt {
+            n,
+            inputs,
+            outputs,
+            e,
+            dry,
+            ..
+        } = *a;
+        let ew_disp = |entry, binds, params, items| self.ew_disp(dry, entry, binds, params, items);
+        let inp = |i: usize| inputs.get(i).copied().flatten();
+        let out = outputs[0];
+        let Some(a) = inp(0) else { return Ok(None) };
+        let Some(am) = e.meta(a) else { return Ok(None) };
+        let r = am.shape.len();
+        let perm: Vec<usize> = match n.attr_ints("perm") {
+            Some(p) => p.iter().map(|&x| x as usize).collect(),
+            None => (0..r).rev().collect(),
+        };
+        let mut sorted = perm.clone();
+        sorted.sort_unstable();
+        if sorted != (0..r).collect::<Vec<_>>() {
+            return Ok(None);
+        }
+        let oshape: Vec<usize> = perm.iter().map(|&p| am.shape[p]).collect();
+        let (entry, shape, perm, items) = match am.dtype.size() {
+            4 => ("transpose32", am.shape.clone(), perm, am.numel()),
+            2 => (
+                "transpose16",
+                am.shape.clone(),
+                perm,
+                am.numel().div_ceil(2),
+            ),
+            8 => {
+                let mut s = am.shape.clone();
+                s.push(2);
+                let mut p = perm.clone();
+                p.push(r);
+                ("transpose32", s, p, am.numel() * 2)
+            }
+            _ => return Ok(None),
+        };
+        if shape.len() > ew::MAX_RANK {
+            return Ok(None);
+        }
+        let p = ew::transpose_params(&shape, &perm)?;
+        Ok(Some(Desc {
+            fused: None,
+            at: Vec::new(),
+            outs: vec![(
+                out,
+                Meta {
+                    dtype: am.dtype,
+                    shape: oshape,
+                },
+                None,
+            )],
+            reads: vec![a],
+            disp: vec![ew_disp(
+                entry,
+                vec![BufRef::Val(a), BufRef::Dummy, BufRef::Val(out)],
+                p,
+                items,
+            )?],
+        }))
+    }
+
+    /// `Gather` of rows of a constant table (an embedding) or of a GPU value.
+    fn gather_desc(&self, a: &NodeAt) -> Result<Option<Desc>> {
+        let NodeAt {
+            n,
+            inputs,
+            outputs,
+            e,
+            dry,
+            ..
+        } = *a;
+        let plan = e.plan;
+        let ew_disp = |entry, binds, params, items| self.ew_disp(dry, entry, binds, params, items);
+        let inp = |i: usize| inputs.get(i).copied().flatten();
+        let out = outputs[0];
+        let (Some(d), Some(ix)) = (inp(0), inp(1)) else {
+            return Ok(None);
+        };
+        let Some(dm) = e.meta(d) else { return Ok(None) };
+        let Some(im) = e.meta(ix) else {
+            return Ok(None);
+        };
+        // The data on the GPU already, or a constant table (an embedding) that is
+        // loaded once and fits one binding.
+        let table = self.gather_table(plan, d);
+        if n.attr_int("axis", 0) != 0
+            || dm.shape.is_empty()
+            || im.dtype != DType::I64
+            || (e.meta[d].is_none() && !table)
+        {
+            return Ok(None);
+        }
+        let row_bytes = dm.shape[1..].iter().product::<usize>() * dm.dtype.size();
+        let rows = dm.shape[0] as i64;
+        // Indices the host holds are checked here; ones on the GPU (a fed-back
+        // token) are in range by construction, and the kernel gives zeros if not.
+        if e.meta[ix].is_none() {
+            let Some(it) = e.cpu(ix) else { return Ok(None) };
+            if !dry && it.typed::<i64>().iter().any(|&i| i < -rows || i >= rows) {
+                return Err(Error::node(
+                    &n.name,
+                    &n.op,
+                    format!("index out of range for {rows} rows"),
+                ));
+            }
+        }
+        let mut shape = im.shape.clone();
+        shape.extend_from_slice(&dm.shape[1..]);
+        let nidx = im.numel();
+        let (entry, unit) = if row_bytes % 4 == 0 {
+            ("gather_rows", 4)
+        } else {
+            ("gather_bytes", 1)
+        };
+        let words = row_bytes / unit;
+        let threads = (nidx * row_bytes).div_ceil(4);
+        Ok(Some(Desc {
+            fused: None,
+            at: Vec::new(),
+            outs: vec![(
+                out,
+                Meta {
+                    dtype: dm.dtype,
+                    shape,
+                },
+                None,
+            )],
+            reads: vec![d, ix],
+            disp: vec![ew_disp(
+                entry,
+                vec![BufRef::Val(d), BufRef::Val(ix), BufRef::Val(out)],
+                Params::new().u(nidx).u(words).u(dm.shape[0]),
+                threads,
+            )?],
+        }))
+    }
+
+    /// `RMSNormalization` over the last axis with a constant scale.
+    fn rms_norm_desc(&self, a: &NodeAt) -> Result<Option<Desc>> {
+        let NodeAt {
+            n,
+            inputs,
+            outputs,
+            e,
+            dry,
+            ..
+        } = *a;
+        let ctx = &self.ctx;
+        let plan = e.plan;
+        let k = |f: &dyn Fn() -> Result<Arc<Kernel>>| kernel_if(dry, f);
+        let f32m = |v: ValId| e.f32m(v);
+        let inp = |i: usize| inputs.get(i).copied().flatten();
+        let out = outputs[0];
+        let (Some(x), Some(w)) = (inp(0), inp(1)) else {
+            return Ok(None);
+        };
+        let Some(xm) = f32m(x) else { return Ok(None) };
+        let Some(wt) = plan.consts[w].as_ref() else {
+            return Ok(None);
+        };
+        let r = xm.shape.len();
+        let ax = n.attr_int("axis", -1);
+        let h = *xm.shape.last().unwrap_or(&0);
+        if r == 0
+            || !(ax == -1 || ax == r as i64 - 1)
+            || wt.dtype != DType::F32
+            || wt.numel() != h
+            || n.attr_int("stash_type", 1) != 1
+        {
+            return Ok(None);
+        }
+        let rows = xm.numel() / h.max(1);
+        let (gx, gy) = grid(rows, 1, ctx.max_groups);
+        Ok(Some(Desc {
+            fused: None,
+            at: Vec::new(),
+            outs: vec![(out, xm, None)],
+            reads: vec![x, w],
+            disp: vec![Disp {
+                kernel: k(&|| norm::kernel(ctx))?,
+                binds: vec![BufRef::Val(x), BufRef::Val(w), BufRef::Val(out)],
+                params: norm::params(rows, h, n.attr_float("epsilon", 1e-5)),
+                groups: (gx, gy, 1),
+            }],
+        }))
+    }
+
+    /// `RotaryEmbedding` with constant cos/sin tables (the input untransposed where that fusion was taken).
+    fn rotary_desc(&self, a: &NodeAt) -> Result<Option<Desc>> {
+        let NodeAt {
+            si,
+            n,
+            inputs,
+            outputs,
+            e,
+            dry,
+            ..
+        } = *a;
+        let ctx = &self.ctx;
+        let plan = e.plan;
+        let k = |f: &dyn Fn() -> Result<Arc<Kernel>>| kernel_if(dry, f);
+        let f32m = |v: ValId| e.f32m(v);
+        let inp = |i: usize| inputs.get(i).copied().flatten();
+        let out = outputs[0];
+        let (Some(x0), Some(c), Some(sn), Some(pv)) = (inp(0), inp(1), inp(2), inp(3)) else {
+            return Ok(None);
+        };
+        // After a fused transpose the input is still [1, T, H, D].
+        let tf = self.tr_src.get(&si).copied();
+        let x = tf.unwrap_or(x0);
+        let Some(mut xm) = f32m(x) else {
+            return Ok(None);
+        };
+        if tf.is_some() && xm.shape.len() == 4 {
+            xm.shape = vec![xm.shape[0], xm.shape[2], xm.shape[1], xm.shape[3]];
+        }
+        let (Some(ct), Some(st)) = (plan.consts[c].as_ref(), plan.consts[sn].as_ref()) else {
+            return Ok(None);
+        };
+        let Some(pt) = e.cpu(pv) else { return Ok(None) };
+        if xm.shape.len() != 4
+            || xm.shape[0] != 1
+            || ct.dtype != DType::F32
+            || st.dtype != DType::F32
+            || ct.rank() != 2
+            || st.shape != ct.shape
+            || pt.dtype != DType::I64
+        {
+            return Ok(None);
+        }
+        let (h, t, d) = (xm.shape[1], xm.shape[2], xm.shape[3]);
+        let rot = match n.attr_int("rotary_embedding_dim", 0) {
+            0 => d,
+            r if r > 0 => r as usize,
+            _ => return Ok(None),
+        };
+        if rot % 2 != 0 || rot > d || ct.shape[1] != rot / 2 || pt.numel() != t {
+            return Ok(None);
+        }
+        if !dry {
+            check_positions(n, pt, ct.shape[0])?;
+        }
+        let nn = h * t * d;
+        let (gx, gy) = grid(nn, 256, ctx.max_groups);
+        Ok(Some(Desc {
+            fused: None,
+            at: Vec::new(),
+            outs: vec![(out, xm, None)],
+            reads: vec![x, c, sn, pv],
+            disp: vec![Disp {
+                kernel: k(&|| rope::kernel(ctx))?,
+                binds: vec![
+                    BufRef::Val(x),
+                    BufRef::Val(c),
+                    BufRef::Val(sn),
+                    BufRef::Val(pv),
+                    BufRef::Val(out),
+                ],
+                params: rope::params(
+                    h,
+                    t,
+                    d,
+                    rot,
+                    n.attr_int("interleaved", 0) != 0,
+                    tf.is_some(),
+                ),
+                groups: (gx, gy, 1),
+            }],
+        }))
+    }
+
+    /// `TopK` over the last axis: the one- and two-candidate kernels, or the sort for a larger k.
+    fn top_k_desc(&self, a: &NodeAt) -> Result<Option<Desc>> {
+        let NodeAt {
+            n,
+            inputs,
+            outputs,
+            e,
+            dry,
+            ..
+        } = *a;
+        let ctx = &self.ctx;
+        let k = |f: &dyn Fn() -> Result<Arc<Kernel>>| kernel_if(dry, f);
+        let f32m = |v: ValId| e.f32m(v);
+        let inp = |i: usize| inputs.get(i).copied().flatten();
+        if outputs.len() != 2 {
+            return Ok(None);
+        }
+        let (Some(x), Some(kv)) = (inp(0), inp(1)) else {
+            return Ok(None);
+        };
+        let Some(xm) = f32m(x) else { return Ok(None) };
+        let Some(kt) = e.cpu(kv) else { return Ok(None) };
+        let r = xm.shape.len();
+        let ax = n.attr_int("axis", -1);
+        if r == 0
+            || !(ax == -1 || ax == r as i64 - 1)
+            || n.attr_int("largest", 1) != 1
+            || n.attr_int("sorted", 1) != 1
+        {
+            return Ok(None);
+        }
+        let v = xm.shape[r - 1];
+        let rows = xm.numel() / v.max(1);
+        // Rows longer than MAX_K have the sort's slots (their number is fixed by the
+        // row length); it runs when there is one row (the token choice's) and the
+        // indices' buffer holds all of it (planned so at load).
+        let sorts = v > select::MAX_K;
+        let sortable = sorts
+            && rows == 1
+            && (self.home[outputs[1]])
+                .is_some_and(|h| self.offs[outputs[1]] + (v * 8) as u64 <= self.caps[h]);
+        let kk = match kt.to_i64_vec(&n.name)?[..] {
+            [k] if k >= 1 && (k as usize <= select::MAX_K || sortable || dry) => k as usize,
+            _ => return Ok(None),
+        };
+        if v < kk || rows > ctx.max_groups as usize {
+            return Ok(None);
+        }
+        let mut os = xm.shape.clone();
+        os[r - 1] = kk;
+        // Two slots, the arg-max (k = 1) and the k rounds; a step records the one its k
+        // takes (the buffers are sized for MAX_K at load).
+        let binds = vec![
+            BufRef::Val(x),
+            BufRef::Val(outputs[0]),
+            BufRef::Val(outputs[1]),
+        ];
+        let slot = |kernel, on: bool| Disp {
+            kernel,
+            binds: binds.clone(),
+            params: select::params(rows, v, kk),
+            groups: (if on { rows as u32 } else { 0 }, 1, 1),
+        };
+        let mut disp = vec![
+            slot(k(&|| select::kernel(ctx, 1))?, kk == 1),
+            slot(
+                k(&|| select::kernel(ctx, 2))?,
+                1 < kk && kk <= select::MAX_K,
+            ),
+        ];
+        // The sort's slots follow whatever k this step has (their number is v's).
+        if sorts {
+            let on = kk > select::MAX_K;
+            for d in select::sort_schedule(v, kk) {
+                let groups = if d.entry == "sort_local" {
+                    (d.items as u32, 1)
+                } else {
+                    grid(d.items, 256, ctx.max_groups)
+                };
+                disp.push(Disp {
+                    kernel: k(&|| select::entry_kernel(ctx, d.entry))?,
+                    binds: binds.clone(),
+                    params: d.params,
+                    groups: (if on { groups.0 } else { 0 }, groups.1, 1),
+                });
+            }
+        }
+        Ok(Some(Desc {
+            fused: None,
+            at: Vec::new(),
+            outs: vec![
+                (
+                    outputs[0],
+                    Meta {
+                        dtype: DType::F32,
+                        shape: os.clone(),
+                    },
+                    None,
+                ),
+                (
+                    outputs[1],
+                    Meta {
+                        dtype: DType::I64,
+                        shape: os,
+                    },
+                    None,
+                ),
+            ],
+            reads: vec![x],
+            disp,
+        }))
+    }
+}
