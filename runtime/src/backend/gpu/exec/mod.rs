@@ -21,8 +21,10 @@
 //! - [`record`]: commands into compute passes, submissions, read-backs, profiling timestamps;
 //! - `harness` (tests): a kernel or a linear layer run once on given inputs.
 
+mod cache_attention;
 mod desc;
 mod describe;
+mod drive;
 mod flight;
 mod fusions;
 mod groups;
@@ -170,7 +172,8 @@ pub struct GpuPlan {
     res_fused: HashSet<usize>,
     /// `queue.submit` time accumulated during the current step.
     submit_ms: Mutex<f64>,
-    /// Per-kernel GPU time when profiling ([`crate::LoadOptions::profile`]): from GPU timestamps around each dispatch where the
+    /// Per-kernel GPU time when profiling ([`crate::LoadOptions::profile`]): from GPU timestamps around each
+    /// dispatch where the
     /// adapter has them ([`Stamps`]), else each dispatch submitted and waited for alone.
     profile: Option<Mutex<std::collections::BTreeMap<String, (u64, f64)>>>,
     stamps: Option<Stamps>,

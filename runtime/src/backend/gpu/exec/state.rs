@@ -144,8 +144,9 @@ impl GpuPlan {
                 .iter()
                 .any(|p| (0..2).any(|k| caches.get(p[k]) != caches.get(first[k])))
             {
-                return Err(Error::device(DeviceFault::Unsupported, "streamed layers have caches of different shapes; use a budget that keeps them \
-                     resident (`--gpu-cache-budget all`)"));
+                let why = "streamed layers have caches of different shapes; use a budget that \
+                           keeps them resident (`--gpu-cache-budget all`)";
+                return Err(Error::device(DeviceFault::Unsupported, why));
             }
         }
         let rows_bytes: u64 = caches

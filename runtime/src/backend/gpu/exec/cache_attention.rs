@@ -1,0 +1,342 @@
+//! The cache attention on the GPU: its inputs checked (the projections themselves where the rotary,
+//! transposes and casts before it were absorbed, see [`AttnIn`]), then one of three forms of dispatches
+//! — the whole attention, split over key chunks for one token over many keys, or a partial softmax a
+//! segment of a cache larger than one buffer — each followed by a combine where it splits.
+
+use super::describe::{check_positions, kernel_if};
+use super::*;
+use crate::graph::Node;
+
+/// What every form of one attention's dispatches binds, and its parameters.
+struct AttnBinds {
+    q: ValId,
+    /// New keys and values.
+    new: [ValId; 2],
+    mask: ValId,
+    /// The plan caches of keys and values.
+    past: [usize; 2],
+    out: ValId,
+    /// The rotary's cos, sin and positions when the kernel applies it.
+    extra: Vec<BufRef>,
+    inputs: attention::Inputs,
+    /// An f16 cache.
+    f16: bool,
+    ap: AttnParams,
+}
+
+impl AttnBinds {
+    /// The bindings of a dispatch over cache segment `seg` writing `o`.
+    fn binds(&self, seg: usize, o: BufRef) -> Vec<BufRef> {
+        [
+            BufRef::Val(self.q),
+            BufRef::Val(self.new[0]),
+            BufRef::Val(self.new[1]),
+            BufRef::Val(self.mask),
+            BufRef::CacheK(self.past[0], seg),
+            BufRef::CacheV(self.past[1], seg),
+            o,
+        ]
+        .into_iter()
+        .chain(self.extra.iter().copied())
+        .collect()
+    }
+}
+
+impl GpuPlan {
+    /// The cache attention: one dispatch, the split-keys pair plus its combine, or a partial softmax per
+    /// cache segment plus the combine; with the rotary, transposes and casts before it absorbed where
+    /// [`AttnIn`] found them.
+    pub(super) fn attention_desc(
+        &self,
+        si: usize,
+        s: &Step,
+        e: &Env,
+        dry: bool,
+        position: usize,
+    ) -> Result<Option<Desc>> {
+        let Step::CacheAttention {
+            node,
+            q,
+            past,
+            new,
+            mask,
+            out,
+            tokens_first,
+        } = s
+        else {
+            return Ok(None);
+        };
+        let plan = e.plan;
+        let f32m = |v: ValId| e.f32m(v);
+        let n = &plan.graph.nodes[*node];
+        // The kernel reads the projections themselves when the rotary, transposes and casts
+        // before this attention were absorbed (see [`AttnIn`]).
+        let fin = self.attn_in.get(&si);
+        let (q, new, inputs) = match fin {
+            Some(a) => (
+                &a.q,
+                &[a.k, a.v],
+                attention::Inputs::Rope {
+                    interleaved: a.interleaved,
+                },
+            ),
+            None => (q, new, attention::Inputs::Graph),
+        };
+        let (Some(qm), Some(km), Some(vm)) = (f32m(*q), f32m(new[0]), f32m(new[1])) else {
+            return Ok(None);
+        };
+        let (ck, cv) = (&plan.caches[past[0]], &plan.caches[past[1]]);
+        if qm.shape.len() != 4 || ck.dtype != cv.dtype || ck.shape != cv.shape {
+            return Ok(None);
+        }
+        let (h, t, d) = match fin {
+            Some(_) => (qm.shape[2], qm.shape[1], qm.shape[3]),
+            None => (qm.shape[1], qm.shape[2], qm.shape[3]),
+        };
+        let (kvh, slots) = (ck.shape[1], ck.shape[2]);
+        let rows_shape = match fin {
+            Some(_) => [1, t, kvh, d],
+            None => [1, kvh, t, d],
+        };
+        if kvh == 0
+            || h % kvh != 0
+            || d % 2 != 0
+            || d > attention::MAX_HEAD_DIM
+            || km.shape != rows_shape
+            || vm.shape != rows_shape
+            || ck.shape[3] != d
+            || !matches!(ck.dtype, DType::F16 | DType::F32)
+            || (fin.is_none() && !self.writes_rows(plan, past, new))
+        {
+            if fin.is_some() {
+                return Err(Error::device(
+                    DeviceFault::Unsupported,
+                    format!(
+                        "attention `{}` with its rotary absorbed: inputs {:?} {:?} {:?} do not fit",
+                        n.name, qm.shape, km.shape, vm.shape
+                    ),
+                ));
+            }
+            return Ok(None);
+        }
+        let extra = match fin {
+            Some(a) => self.rotary_binds(n, a, e, t, d, dry)?,
+            None => Vec::new(),
+        };
+        let Some(mv) = mask else { return Ok(None) };
+        let Some(mm) = f32m(*mv) else { return Ok(None) };
+        let r = mm.shape.len();
+        if r < 2
+            || mm.shape[r - 1] != slots + t
+            || mm.shape[r - 2] != t
+            || mm.shape[..r - 2].iter().any(|&x| x != 1)
+        {
+            return Ok(None);
+        }
+        // Visit only the cache prefix the (CPU-computed) mask allows; all slots otherwise.
+        let npast = e.mask_prefix(*mv, t, slots).unwrap_or(slots);
+        // Keys never exceed the slots (position + chunk ≤ S): one kernel serves every step.
+        let rows = self.rows_variant && attention::rows_ok(d, slots);
+        let oshape = if *tokens_first {
+            vec![1, t, h, d]
+        } else {
+            vec![1, h, t, d]
+        };
+        let ap = AttnParams {
+            heads: h,
+            kv_heads: kvh,
+            tokens: t,
+            head_dim: d,
+            slots,
+            npast,
+            position,
+            scale: n.attr_float("scale", 1.0 / (d as f32).sqrt()),
+            tokens_first: *tokens_first,
+            write_cache: true,
+            mask_stride: Some(slots + t),
+            segment: None,
+            split: None,
+        };
+        let (seg_rows, nseg) = self.segs(kvh * d * ck.dtype.size(), slots, d)?;
+        let at = AttnBinds {
+            q: *q,
+            new: *new,
+            mask: *mv,
+            past: *past,
+            out: *out,
+            extra,
+            inputs,
+            f16: ck.dtype == DType::F16,
+            ap,
+        };
+        let disp = if nseg == 1 && (rows || self.split_keys == 0) {
+            self.attention_whole(&at, rows, dry)?
+        } else if nseg == 1 {
+            self.attention_split(&at, dry)?
+        } else if d % 4 != 0 || d > attention::MAX_HEAD_DIM {
+            return Ok(None);
+        } else {
+            self.attention_segments(&at, seg_rows, nseg, dry)?
+        };
+        Ok(Some(Desc {
+            fused: None,
+            at: Vec::new(),
+            outs: vec![(
+                *out,
+                Meta {
+                    dtype: DType::F32,
+                    shape: oshape,
+                },
+                None,
+            )],
+            reads: [*q, new[0], new[1], *mv]
+                .into_iter()
+                .chain(fin.map(|a| [a.cos, a.sin, a.pos]).into_iter().flatten())
+                .collect(),
+            disp,
+        }))
+    }
+
+    /// The rotary's cos, sin and positions for an attention that applies it itself ([`AttnIn`]), checked
+    /// against its head size `d` and `t` tokens (at run time the positions against the tables' rows).
+    fn rotary_binds(
+        &self,
+        n: &Node,
+        a: &AttnIn,
+        e: &Env,
+        t: usize,
+        d: usize,
+        dry: bool,
+    ) -> Result<Vec<BufRef>> {
+        let (Some(ct), Some(pt)) = (e.plan.consts[a.cos].as_ref(), e.cpu(a.pos)) else {
+            return Err(Error::device(
+                DeviceFault::Unsupported,
+                format!("attention `{}`: rotary positions or tables missing", n.name),
+            ));
+        };
+        if ct.rank() != 2 || ct.shape[1] != d / 2 || pt.dtype != DType::I64 || pt.numel() != t {
+            return Err(Error::device(
+                DeviceFault::Unsupported,
+                format!(
+                    "attention `{}`: rotary tables {:?} or positions {:?} do not fit",
+                    n.name, ct.shape, pt.shape
+                ),
+            ));
+        }
+        if !dry {
+            check_positions(n, pt, ct.shape[0])?;
+        }
+        Ok(vec![
+            BufRef::Val(a.cos),
+            BufRef::Val(a.sin),
+            BufRef::Val(a.pos),
+        ])
+    }
+
+    /// The whole attention in one dispatch (`rows`: one (head, token) an invocation, on CPU adapters).
+    fn attention_whole(&self, at: &AttnBinds, rows: bool, dry: bool) -> Result<Vec<Disp>> {
+        let (ctx, ap) = (&self.ctx, &at.ap);
+        Ok(vec![Disp {
+            kernel: kernel_if(dry, &|| attention::kernel(ctx, at.f16, rows, at.inputs))?,
+            binds: at.binds(0, BufRef::Val(at.out)),
+            params: ap.params(),
+            groups: attention::groups(ctx, ap.heads * ap.tokens, rows),
+        }])
+    }
+
+    /// One token over many keys: chunks of keys a workgroup each, then the combine. Three slots: a step
+    /// records the whole attention or the split pair, by its number of keys.
+    fn attention_split(&self, at: &AttnBinds, dry: bool) -> Result<Vec<Disp>> {
+        let (ctx, ap) = (&self.ctx, at.ap);
+        let (h, t, d) = (ap.heads, ap.tokens, ap.head_dim);
+        let ch = self.split_chunk;
+        let nkeys = ap.npast + t;
+        let chunks = nkeys.div_ceil(ch);
+        let split = t == 1 && nkeys >= self.split_keys && chunks >= 2;
+        self.part_need.fetch_max(
+            ((ap.slots + 1).div_ceil(ch) * h * (d + 2) * 4) as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        let sp = AttnParams {
+            split: Some((ch, chunks)),
+            ..ap
+        };
+        let (gx, gy, _) = attention::groups(ctx, h * t, false);
+        let on = |yes: bool, g: (u32, u32, u32)| if yes { g } else { (0, 0, 0) };
+        let whole = || attention::kernel(ctx, at.f16, false, at.inputs);
+        Ok(vec![
+            Disp {
+                kernel: kernel_if(dry, &whole)?,
+                binds: at.binds(0, BufRef::Val(at.out)),
+                params: ap.params(),
+                groups: on(!split, (gx, gy, 1)),
+            },
+            Disp {
+                kernel: kernel_if(dry, &whole)?,
+                binds: at.binds(0, BufRef::Part),
+                params: sp.params(),
+                groups: on(split, (gx, gy, chunks as u32)),
+            },
+            Disp {
+                kernel: kernel_if(dry, &|| attention::combine_kernel(ctx))?,
+                binds: vec![BufRef::Part, BufRef::Val(at.out)],
+                params: sp.params(),
+                groups: on(split, attention::groups(ctx, h * t, true)),
+            },
+        ])
+    }
+
+    /// A cache split over `nseg` buffers of `seg_rows` rows: a partial softmax a segment, then one
+    /// combine.
+    fn attention_segments(
+        &self,
+        at: &AttnBinds,
+        seg_rows: usize,
+        nseg: usize,
+        dry: bool,
+    ) -> Result<Vec<Disp>> {
+        let (ctx, ap) = (&self.ctx, at.ap);
+        let (h, t, d, slots) = (ap.heads, ap.tokens, ap.head_dim, ap.slots);
+        self.part_need.fetch_max(
+            (nseg * h * t * (d + 2) * 4) as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        let mut v = Vec::new();
+        for sg in 0..nseg {
+            let seg = attention::Segment {
+                r0: sg * seg_rows,
+                r1: ((sg + 1) * seg_rows).min(slots),
+                with_new: sg + 1 == nseg,
+                index: sg,
+                count: nseg,
+            };
+            v.push(Disp {
+                kernel: kernel_if(dry, &|| attention::part_kernel(ctx, at.f16, at.inputs))?,
+                binds: at.binds(sg, BufRef::Part),
+                params: AttnParams {
+                    segment: Some(seg),
+                    ..ap
+                }
+                .params(),
+                groups: attention::groups(ctx, h * t, true),
+            });
+        }
+        v.push(Disp {
+            kernel: kernel_if(dry, &|| attention::combine_kernel(ctx))?,
+            binds: vec![BufRef::Part, BufRef::Val(at.out)],
+            params: AttnParams {
+                segment: Some(attention::Segment {
+                    r0: 0,
+                    r1: slots,
+                    with_new: true,
+                    index: 0,
+                    count: nseg,
+                }),
+                ..ap
+            }
+            .params(),
+            groups: attention::groups(ctx, h * t, true),
+        });
+        Ok(v)
+    }
+}
