@@ -435,18 +435,6 @@ impl CpuBackend {
             profile: profile.then(Default::default),
         }
     }
-
-    /// The profile key of step `s`.
-    fn key<'p>(plan: &'p Plan, s: &Step) -> &'p str {
-        match s {
-            Step::Node { node, .. } => plan.graph.nodes[*node].op.as_str(),
-            Step::Linear { .. } => "[linear]",
-            Step::SiluGate(_) => "[silu gate]",
-            Step::Embedding(_) => "[embedding]",
-            Step::TokenChoice(_) => "[token choice]",
-            Step::CacheAttention { .. } => "[cache attention]",
-        }
-    }
 }
 
 impl Backend for CpuBackend {
@@ -484,7 +472,9 @@ impl Backend for CpuBackend {
             exec_step(plan, s, &mut env, Some((host, position)), &mut run)?;
             if let (Some(t0), Some(prof)) = (t0, &self.profile) {
                 let mut p = prof.lock().unwrap_or_else(|e| e.into_inner());
-                let e = p.entry(Self::key(plan, s).to_string()).or_insert((0, 0.0));
+                let e = p
+                    .entry(s.label(&plan.graph).to_string())
+                    .or_insert((0, 0.0));
                 e.0 += 1;
                 e.1 += t0.elapsed().as_secs_f64();
             }

@@ -1,0 +1,101 @@
+//! Pass: attention over the caller-owned cache. `Attention(q, Concat(past, new), Concat(past, new),
+//! mask)` — the past directly a cache input or through a `Cast` to f32 — becomes one
+//! [`Step::CacheAttention`] that reads the cache in place instead of concatenating it; a following
+//! `Transpose(perm=[0,2,1,3])` is absorbed (the kernel writes `[1, T, H, D]` itself).
+
+use super::view::Planning;
+use super::{Step, ValId};
+use crate::error::{Error, Result};
+use crate::graph::DType;
+
+/// One of K and V: (its cache, this chunk's rows, the `Concat` node, the `Cast` of the past if any).
+type Part = (usize, ValId, usize, Option<usize>);
+
+/// Binds node `ni` to a cache attention when it attends over `Concat(cache, new)` for both K and V
+/// with no attributes but `scale` (not causal: the mask says) and no inputs past the mask; whether it
+/// did.
+pub(super) fn cache_attention(p: &mut Planning, ni: usize) -> Result<bool> {
+    let n = &p.graph.nodes[ni];
+    let ins = &p.node_in[ni];
+    if n.op != "Attention" || !n.domain.is_empty() || ins.len() < 3 {
+        return Ok(false);
+    }
+    let extra = ins.len() > 4 && ins[4..].iter().any(|v| v.is_some());
+    let plain =
+        n.attrs.keys().all(|k| k == "scale" || k == "is_causal") && n.attr_int("is_causal", 0) == 0;
+    let parts: Vec<Part> = ins[1..3]
+        .iter()
+        .map_while(|&kv| concat_part(p, ni, kv?))
+        .collect();
+    if parts.len() != 2 || extra || !plain {
+        return Ok(false);
+    }
+    let q = ins[0].ok_or_else(|| Error::node(&n.name, &n.op, "Q missing"))?;
+    let mask = ins.get(3).copied().flatten();
+    for &(_, _, ci, cast) in &parts {
+        p.absorbed[ci] = true;
+        if let Some(c) = cast {
+            p.absorbed[c] = true;
+        }
+    }
+    // Absorb a following Transpose to [1, T, H, D] (the kernel writes that order).
+    let a_out = p.node_out[ni][0];
+    let transpose = match p.consumers[a_out].as_slice() {
+        [ti] if p.graph.nodes[*ti].op == "Transpose"
+            && p.graph.nodes[*ti].attr_ints("perm") == Some(&[0, 2, 1, 3][..])
+            && !p.graph_outputs.contains(&a_out) =>
+        {
+            Some(*ti)
+        }
+        _ => None,
+    };
+    let (out, tokens_first) = match transpose {
+        Some(ti) => {
+            p.absorbed[ti] = true;
+            (p.node_out[ti][0], true)
+        }
+        None => (a_out, false),
+    };
+    p.kind[ni] = Some(Step::CacheAttention {
+        node: ni,
+        q,
+        past: [parts[0].0, parts[1].0],
+        new: [parts[0].1, parts[1].1],
+        mask,
+        out,
+        tokens_first,
+    });
+    p.stats.cache_attention += 1;
+    Ok(true)
+}
+
+/// `kv` (an input of attention node `ni`) as `Concat(past, new)` on the sequence axis, read only by
+/// `ni`, with `past` a cache input directly or through a `Cast` to f32 read only by the concat.
+fn concat_part(p: &Planning, ni: usize, kv: ValId) -> Option<Part> {
+    let ci = p.producer[kv]?;
+    let c = &p.graph.nodes[ci];
+    if c.op != "Concat" || p.node_in[ci].len() != 2 || !p.only_consumer(kv, ni) {
+        return None;
+    }
+    let axis = c.attr_int("axis", 0);
+    if axis != 2 && axis != -2 {
+        return None;
+    }
+    let (Some(past), Some(new)) = (p.node_in[ci][0], p.node_in[ci][1]) else {
+        return None;
+    };
+    let (cache, cast) = match p.cache_of(past) {
+        Some(c) => (Some(c), None),
+        None => match p.producer[past] {
+            Some(pi)
+                if p.graph.nodes[pi].op == "Cast"
+                    && p.graph.nodes[pi].attr_int("to", 0) == DType::F32.onnx_code() as i64
+                    && p.only_consumer(past, ci) =>
+            {
+                (p.node_in[pi][0].and_then(|v| p.cache_of(v)), Some(pi))
+            }
+            _ => (None, None),
+        },
+    };
+    Some((cache?, new, ci, cast))
+}
