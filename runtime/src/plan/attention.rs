@@ -99,3 +99,86 @@ fn concat_part(p: &Planning, ni: usize, kv: ValId) -> Option<Part> {
     };
     Some((cache?, new, ci, cast))
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::graph::Attr;
+    use crate::plan::testutil::{graph, node};
+    use crate::plan::{Plan, Step};
+
+    /// One layer's attention over caches of 5 slots, as the exporter writes it, with `attrs` on the
+    /// `Attention` node.
+    fn layer(attrs: &[(&str, Attr)]) -> Plan {
+        let g = graph(
+            &[
+                ("q", &[1, 2, 1, 4]),
+                ("k", &[1, 1, 1, 4]),
+                ("v", &[1, 1, 1, 4]),
+                ("mask", &[1, 1, 1, 6]),
+                ("past.0.key", &[1, 1, 5, 4]),
+                ("past.0.value", &[1, 1, 5, 4]),
+            ],
+            &["y", "new.0.key", "new.0.value"],
+            vec![
+                node("Identity", &["k"], &["new.0.key"], &[]),
+                node("Identity", &["v"], &["new.0.value"], &[]),
+                node(
+                    "Concat",
+                    &["past.0.key", "k"],
+                    &["kc"],
+                    &[("axis", Attr::Int(2))],
+                ),
+                node(
+                    "Concat",
+                    &["past.0.value", "v"],
+                    &["vc"],
+                    &[("axis", Attr::Int(-2))],
+                ),
+                node("Attention", &["q", "kc", "vc", "mask"], &["a"], attrs),
+                node(
+                    "Transpose",
+                    &["a"],
+                    &["y"],
+                    &[("perm", Attr::Ints(vec![0, 2, 1, 3]))],
+                ),
+            ],
+            Vec::new(),
+        );
+        Plan::new(g).unwrap()
+    }
+
+    /// The attention reads the caches in place: both concats and the transpose after it go into its
+    /// step, which writes `[1, T, H, D]`.
+    #[test]
+    fn attention_over_concatenated_caches_reads_them_in_place() {
+        let p = layer(&[("scale", Attr::Float(0.5))]);
+        assert_eq!(p.stats.cache_attention, 1);
+        assert_eq!(p.caches.len(), 2);
+        let att = p
+            .steps
+            .iter()
+            .find_map(|s| match s {
+                Step::CacheAttention {
+                    past,
+                    out,
+                    tokens_first,
+                    mask,
+                    ..
+                } => Some((*past, *out, *tokens_first, *mask)),
+                _ => None,
+            })
+            .expect("a cache attention step");
+        assert_eq!(att, ([0, 1], p.outputs["y"], true, Some(p.inputs["mask"])));
+        assert!(!p.steps.iter().any(|s| matches!(
+            s,
+            Step::Node { node, .. } if matches!(p.graph.nodes[*node].op.as_str(), "Concat" | "Transpose")
+        )));
+    }
+
+    /// A causal attention (the mask is the contract's) stays generic.
+    #[test]
+    fn a_causal_attention_stays_generic() {
+        let p = layer(&[("is_causal", Attr::Int(1))]);
+        assert_eq!(p.stats.cache_attention, 0);
+    }
+}

@@ -42,3 +42,45 @@ pub(super) fn silu_gate(p: &mut Planning, ni: usize) -> Result<bool> {
     p.stats.silu_gate += 1;
     Ok(true)
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::plan::testutil::{assert_same, graph, node, noise};
+    use crate::plan::{Plan, Step};
+
+    fn gated(outputs: &[&str]) -> crate::graph::Graph {
+        graph(
+            &[("g", &[2, 6]), ("u", &[2, 6])],
+            outputs,
+            vec![
+                node("Sigmoid", &["g"], &["sg"], &[]),
+                node("Mul", &["sg", "g"], &["a"], &[]),
+                node("Mul", &["u", "a"], &["y"], &[]),
+            ],
+            Vec::new(),
+        )
+    }
+
+    fn inputs() -> Vec<(&'static str, crate::tensor::Tensor)> {
+        vec![("g", noise(&[2, 6], 1)), ("u", noise(&[2, 6], 2))]
+    }
+
+    /// `Mul(u, Mul(Sigmoid(g), g))` (either operand order) becomes one SiLU gate.
+    #[test]
+    fn the_gate_becomes_one_step() {
+        let g = gated(&["y"]);
+        let p = Plan::new(g.clone()).unwrap();
+        assert_eq!(p.stats.silu_gate, 1);
+        assert!(matches!(p.steps[..], [Step::SiluGate(_)]));
+        assert_same(&g, &p, &inputs(), 1e-6);
+    }
+
+    /// An intermediate someone else reads (here, a graph output) keeps the nodes apart.
+    #[test]
+    fn a_shared_intermediate_stays_generic() {
+        let g = gated(&["y", "a"]);
+        let p = Plan::new(g.clone()).unwrap();
+        assert_eq!((p.stats.silu_gate, p.stats.generic), (0, 3));
+        assert_same(&g, &p, &inputs(), 0.0);
+    }
+}

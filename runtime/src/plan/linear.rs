@@ -168,3 +168,112 @@ fn linear_for(p: &Planning, ni: usize) -> Result<Option<(LinearWeights, Option<T
         _ => Ok(None),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::graph::{Attr, DType};
+    use crate::plan::testutil::{assert_same, graph, init, node, noise};
+    use crate::plan::{Plan, Step};
+
+    fn f32s(n: usize, seed: u64) -> Vec<f32> {
+        noise(&[n], seed).typed::<f32>().to_vec()
+    }
+
+    /// `Gemm(x, W, transB)` with a constant `W` becomes a linear layer, and the `Add` of a constant
+    /// `[N]` bias after it moves into its epilogue; the plan computes what the graph does.
+    #[test]
+    fn gemm_and_its_bias_become_one_linear_step() {
+        let g = graph(
+            &[("x", &[3, 8])],
+            &["y"],
+            vec![
+                node("Gemm", &["x", "w"], &["xw"], &[("transB", Attr::Int(1))]),
+                node("Add", &["b", "xw"], &["y"], &[]),
+            ],
+            vec![
+                init("w", DType::F32, &[5, 8], &f32s(40, 1)),
+                init("b", DType::F32, &[5], &f32s(5, 2)),
+            ],
+        );
+        let p = Plan::new(g.clone()).unwrap();
+        assert_eq!((p.stats.linear, p.stats.linear_bias), (1, 1));
+        match &p.steps[..] {
+            [Step::Linear { bias, out, .. }] => {
+                assert!(bias.is_some());
+                assert_eq!(*out, p.outputs["y"]);
+            }
+            s => panic!("expected one linear step, got {s:?}"),
+        }
+        assert_same(&g, &p, &[("x", noise(&[3, 8], 3))], 1e-6);
+    }
+
+    /// 4-bit `MatMulNBits` with constant weights, scales and zero points becomes a linear layer.
+    #[test]
+    fn matmul_nbits_becomes_a_linear_step() {
+        let (n, k) = (3usize, 64usize);
+        let codes: Vec<u8> = (0..n * k / 2).map(|i| (i * 37 % 251) as u8).collect();
+        let zp: Vec<u8> = (0..n).map(|i| (0x87 + i) as u8).collect();
+        let g = graph(
+            &[("x", &[2, k])],
+            &["y"],
+            vec![crate::graph::Node {
+                domain: "com.microsoft".into(),
+                ..node(
+                    "MatMulNBits",
+                    &["x", "q", "s", "z"],
+                    &["y"],
+                    &[
+                        ("K", Attr::Int(k as i64)),
+                        ("N", Attr::Int(n as i64)),
+                        ("bits", Attr::Int(4)),
+                        ("block_size", Attr::Int(32)),
+                    ],
+                )
+            }],
+            vec![
+                init("q", DType::U8, &[n, 2, 16], &codes),
+                init("s", DType::F32, &[n * 2], &f32s(n * 2, 4)),
+                init("z", DType::U8, &[n], &zp),
+            ],
+        );
+        let p = Plan::new(g.clone()).unwrap();
+        assert!(matches!(p.steps[..], [Step::Linear { .. }]));
+        assert_same(&g, &p, &[("x", noise(&[2, k], 5))], 1e-5);
+    }
+
+    /// What the kernel does not take stays generic: a `Gemm` with `transA`, a bias its output's
+    /// other readers also see.
+    #[test]
+    fn other_forms_stay_generic() {
+        let g = graph(
+            &[("x", &[8, 3])],
+            &["y"],
+            vec![node(
+                "Gemm",
+                &["x", "w"],
+                &["y"],
+                &[("transA", Attr::Int(1)), ("transB", Attr::Int(1))],
+            )],
+            vec![init("w", DType::F32, &[5, 8], &f32s(40, 6))],
+        );
+        let p = Plan::new(g.clone()).unwrap();
+        assert_eq!((p.stats.linear, p.stats.generic), (0, 1));
+        assert_same(&g, &p, &[("x", noise(&[8, 3], 7))], 1e-6);
+
+        let g = graph(
+            &[("x", &[1, 8])],
+            &["y", "xw"],
+            vec![
+                node("Gemm", &["x", "w"], &["xw"], &[("transB", Attr::Int(1))]),
+                node("Add", &["xw", "b"], &["y"], &[]),
+            ],
+            vec![
+                init("w", DType::F32, &[5, 8], &f32s(40, 8)),
+                init("b", DType::F32, &[5], &f32s(5, 9)),
+            ],
+        );
+        let p = Plan::new(g.clone()).unwrap();
+        assert_eq!((p.stats.linear, p.stats.linear_bias), (1, 0));
+        assert_same(&g, &p, &[("x", noise(&[1, 8], 10))], 1e-6);
+    }
+}

@@ -75,3 +75,34 @@ pub(super) fn frees(p: &Planning, steps: &[Step]) -> Vec<Vec<ValId>> {
     }
     frees
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::plan::testutil::{graph, node};
+    use crate::plan::Plan;
+
+    /// A node no output depends on goes; every value is freed after its last reader, graph outputs
+    /// never.
+    #[test]
+    fn dead_nodes_go_and_values_are_freed_after_their_last_use() {
+        let g = graph(
+            &[("x", &[4])],
+            &["y"],
+            vec![
+                node("Neg", &["x"], &["a"], &[]),
+                node("Exp", &["x"], &["dead"], &[]),
+                node("Abs", &["a"], &["b"], &[]),
+                node("Add", &["a", "b"], &["y"], &[]),
+            ],
+            Vec::new(),
+        );
+        let p = Plan::new(g).unwrap();
+        assert_eq!((p.steps.len(), p.stats.removed), (3, 1));
+        let v = |n: &str| p.names.iter().position(|s| s == n).unwrap();
+        assert_eq!(p.frees[0], vec![v("x")]);
+        assert!(p.frees[1].is_empty());
+        let mut last = p.frees[2].clone();
+        last.sort_unstable();
+        assert_eq!(last, vec![v("a"), v("b")]);
+    }
+}

@@ -40,7 +40,12 @@ pub(crate) mod testutil {
 
     use bytes::Bytes;
 
-    use crate::graph::{Attr, DType, Initializer, Node};
+    use super::Plan;
+    use crate::backend::cpu::exec::{exec_step, CpuRun};
+    use crate::backend::cpu::linear::Precision;
+    use crate::backend::cpu::ops;
+    use crate::graph::{Attr, DType, Dim, Graph, Initializer, Node, ValueInfo};
+    use crate::tensor::Tensor;
 
     /// An initializer `name` of `dtype` `dims` holding `v`.
     pub fn init<T: bytemuck::Pod>(
@@ -54,6 +59,112 @@ pub(crate) mod testutil {
             dtype,
             dims: dims.to_vec(),
             data: Bytes::from(bytemuck::cast_slice::<T, u8>(v).to_vec()),
+        }
+    }
+
+    /// A graph of `nodes` over f32 `inputs` (name, shape) and `inits`, with graph outputs `outputs`.
+    pub fn graph(
+        inputs: &[(&str, &[usize])],
+        outputs: &[&str],
+        nodes: Vec<Node>,
+        initializers: Vec<Initializer>,
+    ) -> Graph {
+        let vi = |name: &str, shape: &[usize]| ValueInfo {
+            name: name.into(),
+            dtype: DType::F32,
+            shape: shape.iter().map(|&d| Dim::Known(d)).collect(),
+        };
+        Graph {
+            name: "pass test".into(),
+            inputs: inputs.iter().map(|(n, s)| vi(n, s)).collect(),
+            outputs: outputs.iter().map(|n| vi(n, &[])).collect(),
+            nodes,
+            initializers,
+            ..Default::default()
+        }
+    }
+
+    /// Deterministic f32 noise in [-1, 1) of `shape`.
+    pub fn noise(shape: &[usize], seed: u64) -> Tensor {
+        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect();
+        Tensor::f32(shape, &v)
+    }
+
+    /// Runs `graph` node by node through the generic ops (the oracle), returning its outputs by name.
+    pub fn run_graph(graph: &Graph, inputs: &[(&str, Tensor)]) -> BTreeMap<String, Tensor> {
+        let mut vals: BTreeMap<String, Tensor> = inputs
+            .iter()
+            .map(|(n, t)| (n.to_string(), t.clone()))
+            .collect();
+        for i in &graph.initializers {
+            vals.insert(
+                i.name.clone(),
+                Tensor::mapped(i.dtype, &i.dims, i.data.clone()),
+            );
+        }
+        for n in &graph.nodes {
+            let args: Vec<Option<&Tensor>> = n
+                .inputs
+                .iter()
+                .map(|s| (!s.is_empty()).then(|| &vals[s]))
+                .collect();
+            let outs = ops::run_node(n, &args).unwrap();
+            for (o, t) in n.outputs.iter().zip(outs) {
+                vals.insert(o.clone(), t);
+            }
+        }
+        graph
+            .outputs
+            .iter()
+            .map(|o| (o.name.clone(), vals[&o.name].clone()))
+            .collect()
+    }
+
+    /// Runs `plan`'s steps on the CPU (exact precision), returning the graph outputs by name.
+    pub fn run_plan(plan: &Plan, inputs: &[(&str, Tensor)]) -> BTreeMap<String, Tensor> {
+        let mut env: Vec<Option<Tensor>> = vec![None; plan.names.len()];
+        for (n, t) in inputs {
+            env[plan.inputs[*n]] = Some(t.clone());
+        }
+        let mut run = CpuRun::new(Precision::Exact, None);
+        for s in &plan.steps {
+            exec_step(plan, s, &mut env, None, &mut run).unwrap();
+        }
+        plan.outputs
+            .iter()
+            .map(|(n, &v)| {
+                let t = env[v].clone().or_else(|| plan.consts[v].clone()).unwrap();
+                (n.clone(), t)
+            })
+            .collect()
+    }
+
+    /// Asserts that `plan` computes what `graph` (which it was made from) does, to `tol` relative to
+    /// the largest magnitude of each output.
+    pub fn assert_same(graph: &Graph, plan: &Plan, inputs: &[(&str, Tensor)], tol: f32) {
+        let want = run_graph(graph, inputs);
+        let got = run_plan(plan, inputs);
+        assert_eq!(want.len(), got.len());
+        for (name, w) in &want {
+            let g = &got[name];
+            assert_eq!(w.shape, g.shape, "`{name}`: shape");
+            let (w, g) = (w.typed::<f32>(), g.typed::<f32>());
+            let scale = w.iter().fold(1e-6f32, |m, x| m.max(x.abs()));
+            for (i, (a, b)) in w.iter().zip(g).enumerate() {
+                assert!(
+                    (a - b).abs() <= tol * scale,
+                    "`{name}`[{i}]: graph {a}, plan {b}"
+                );
+            }
         }
     }
 
