@@ -9,7 +9,7 @@
 //!
 //! The host copy is the truth. The CPU backend attends over the pages directly; the GPU backend keeps as
 //! many layers resident as its budget allows and streams the rest through a ring of slots, uploading only
-//! the pages of the used prefix a slot does not hold yet (see `backend/gpu/exec.rs`), and reads back only
+//! the pages of the used prefix a slot does not hold yet (see `backend/gpu/exec/state.rs`), and reads back only
 //! the new rows of each step.
 
 use crate::error::{Error, Result};

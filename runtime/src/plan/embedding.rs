@@ -41,8 +41,6 @@ pub(super) struct Found {
     pub w: LinearWeights,
 }
 
-const VIEWS: [&str; 5] = ["Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity"];
-
 impl Graphs<'_> {
     fn is_const(&self, v: Option<ValId>) -> bool {
         v.is_none_or(|v| self.consts[v].is_some())
@@ -57,7 +55,7 @@ impl Graphs<'_> {
         for (ni, n) in g.nodes.iter().enumerate() {
             let ins = &self.node_in[ni];
             if !self.taken[ni]
-                && VIEWS.contains(&n.op.as_str())
+                && super::is_view_op(&n.op)
                 && n.domain.is_empty()
                 && ins
                     .first()
