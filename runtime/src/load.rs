@@ -60,6 +60,16 @@ gpu_block_lanes=on|off, gpu_pipeline_cache=none|DIR";
 pub const SETTING_KEYS: &str = "precision=exact|fast, profile=on|off";
 
 impl LoadOptions {
+    /// The planner's fusions these options leave on (`gpu_no_fuse=res` turns off the residual
+    /// epilogue, which both backends run).
+    pub(crate) fn plan_options(&self) -> crate::plan::PlanOptions {
+        #[cfg(feature = "gpu")]
+        let residual = self.gpu.fusions.residual;
+        #[cfg(not(feature = "gpu"))]
+        let residual = true;
+        crate::plan::PlanOptions { residual }
+    }
+
     /// Options from their textual forms — the CLI's flags, the C ABI's and the mobile bindings' strings:
     /// `device` `auto|cpu|gpu|gpu:N`, `backend` `vulkan|metal|dx12|gl` (`None`: any, or `WGPU_BACKEND`),
     /// `gpu_cache_budget` `all|BYTES|N%` (bytes with an optional `K`/`M`/`G` suffix), `page_rows`

@@ -112,7 +112,7 @@ impl Model {
                 detail: "missing".into(),
             })?;
         let chat_template = graph.metadata.get(meta::CHAT_TEMPLATE).cloned();
-        let plan = Plan::new(graph)?;
+        let plan = Plan::with_options(graph, options.plan_options())?;
         for name in plan.inputs.keys() {
             if ![
                 contract::INPUT_IDS,

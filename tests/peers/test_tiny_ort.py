@@ -66,7 +66,8 @@ def test_tiny_runtime(name, device):
 @pytest.mark.parametrize("name", tiny_checks.EXPORTED)
 def test_tiny_plan(name):
     """Every architecture's step graph takes the CPU planner's fused paths: each layer's attention reads
-    the cache in place, each linear layer is bound to its weights, each MLP gate is fused, the embedding
+    the cache in place, each linear layer is bound to its weights (the o- and down-projections adding the
+    residual in their epilogue), each MLP gate is fused, the embedding
     and the token choice are single steps (`onestep bench --json`'s plan)."""
     path = _path(name)
     if not BIN:
@@ -77,6 +78,6 @@ def test_tiny_plan(name):
     plan = json.loads(out.stdout)["plan"]
     layers = json.load(open(os.path.join(tiny_checks.FIXTURES, name, "config.json")))["num_hidden_layers"]
     want = {"cache_attention": layers, "silu_gate": layers, "linear": 7 * layers + 1, "embedding": 1,
-            "token_choice": 1}
+            "token_choice": 1, "residual": 2 * layers}
     assert {k: plan[k] for k in want} == want, f"{name}: {plan}"
     print(f"\n[tiny] {name} plan: {plan}")

@@ -532,7 +532,7 @@ fn cmd_bench(
         "generic_steps": ps.generic, "linear": ps.linear, "cache_attention": ps.cache_attention,
         "silu_gate": ps.silu_gate, "embedding": ps.embedding, "embedding_tied": ps.embedding_tied,
         "token_choice": ps.token_choice,
-        "linear_bias": ps.linear_bias, "folded": ps.folded, "removed": ps.removed,
+        "linear_bias": ps.linear_bias, "residual": ps.residual, "folded": ps.folded, "removed": ps.removed,
     });
     let mut kv_json = kv_json(&session.kv_stats(), common);
     kv_json["last_step_context"] = session.cached_tokens().saturating_sub(1).into();

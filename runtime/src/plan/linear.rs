@@ -23,6 +23,7 @@ pub(super) fn layer(p: &mut Planning, ni: usize) -> Result<bool> {
         x,
         w: Arc::new(w),
         bias,
+        residual: None,
         out: p.node_out[ni][0],
     });
     p.stats.linear += 1;

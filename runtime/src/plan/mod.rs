@@ -29,6 +29,7 @@ mod fold;
 mod gate;
 mod linear;
 mod liveness;
+mod residual;
 mod view;
 
 use view::Planning;
@@ -209,6 +210,8 @@ pub enum Step {
         w: Arc<LinearWeights>,
         /// Bias `[N]`.
         bias: Option<Tensor>,
+        /// A residual `Add` after it, done in its epilogue (`out` is then that `Add`'s output).
+        residual: Option<Residual>,
         /// Output `[.., N]`.
         out: ValId,
     },
@@ -236,6 +239,31 @@ pub enum Step {
         /// Whether `out` is in `[1, T, H, D]` order.
         tokens_first: bool,
     },
+}
+
+/// The residual `Add(linear output, other)` a linear layer does in its epilogue: `out = x·Wᵀ (+ bias)
+/// + other`.
+#[derive(Debug, Clone, Copy)]
+pub struct Residual {
+    /// Index of the `Add` node (for the broadcasting form, and names in errors).
+    pub add: usize,
+    /// The `Add`'s other input.
+    pub other: ValId,
+    /// Whether the linear's output is the `Add`'s first input.
+    pub linear_first: bool,
+}
+
+/// Which fusions the planner makes (all by default); both backends run every fused form.
+#[derive(Debug, Clone, Copy)]
+pub struct PlanOptions {
+    /// A residual `Add` after a linear layer goes into its epilogue.
+    pub residual: bool,
+}
+
+impl Default for PlanOptions {
+    fn default() -> Self {
+        PlanOptions { residual: true }
+    }
 }
 
 /// Gated MLP activation `Mul(Mul(g, Sigmoid(g)), u)` as one kernel (SiLU(g)·u).
@@ -347,6 +375,8 @@ pub struct PlanStats {
     pub token_choice: usize,
     /// Bias `Add`s folded into the linear layer before them.
     pub linear_bias: usize,
+    /// Residual `Add`s done in the epilogue of the linear layer before them.
+    pub residual: usize,
     /// Nodes folded into constants.
     pub folded: usize,
     /// Nodes removed as dead or absorbed.
@@ -366,6 +396,7 @@ const NODE_PASSES: &[NodePass] = &[
     fold::fold,
     linear::layer,
     linear::bias,
+    residual::residual,
     gate::silu_gate,
     attention::cache_attention,
 ];
@@ -374,7 +405,12 @@ impl Plan {
     /// Plans `graph`: the per-node passes over every node in order, then the token embedding, the
     /// token choice and liveness.
     pub fn new(graph: Graph) -> Result<Plan> {
-        let mut p = Planning::new(graph)?;
+        Self::with_options(graph, PlanOptions::default())
+    }
+
+    /// Plans `graph` with only the fusions `options` leave on.
+    pub fn with_options(graph: Graph, options: PlanOptions) -> Result<Plan> {
+        let mut p = Planning::new(graph, options)?;
         for ni in 0..p.graph.nodes.len() {
             for pass in NODE_PASSES {
                 if pass(&mut p, ni)? {
@@ -448,7 +484,11 @@ impl Step {
     pub fn reads(&self) -> Vec<ValId> {
         match self {
             Step::Node { inputs, .. } => inputs.iter().flatten().copied().collect(),
-            Step::Linear { x, .. } => vec![*x],
+            Step::Linear { x, residual, .. } => {
+                let mut r = vec![*x];
+                r.extend(residual.map(|r| r.other));
+                r
+            }
             Step::SiluGate(sg) => vec![sg.g, sg.u],
             Step::Embedding(e) => vec![e.ids],
             Step::TokenChoice(c) => vec![c.vals, c.idx, c.k, c.top_p, c.u],

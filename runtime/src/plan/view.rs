@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use super::{embedding, CacheSlot, PlanStats, Step, ValId};
+use super::{embedding, CacheSlot, PlanOptions, PlanStats, Step, ValId};
 use crate::error::{Error, Result};
 use crate::graph::Graph;
 use crate::tensor::Tensor;
@@ -37,12 +37,14 @@ pub(super) struct Planning {
     /// Per node: folded or done by another node's step.
     pub absorbed: Vec<bool>,
     pub stats: PlanStats,
+    /// The fusions to make.
+    pub options: PlanOptions,
 }
 
 impl Planning {
     /// Resolves `graph`'s value names to slots, and finds its caches (graph inputs `past.X` with a
     /// matching output `new.X`; a contract error when one has no static `[1, heads, slots, dim]` shape).
-    pub fn new(graph: Graph) -> Result<Planning> {
+    pub fn new(graph: Graph, options: PlanOptions) -> Result<Planning> {
         let mut slots: HashMap<String, ValId> = HashMap::new();
         let mut names: Vec<String> = Vec::new();
         let mut slot = |name: &str, names: &mut Vec<String>| -> ValId {
@@ -115,6 +117,7 @@ impl Planning {
             kind: (0..nodes).map(|_| None).collect(),
             absorbed: vec![false; nodes],
             stats: PlanStats::default(),
+            options,
         })
     }
 

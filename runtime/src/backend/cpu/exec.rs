@@ -15,7 +15,7 @@ use crate::contract;
 use crate::error::{Error, Result};
 use crate::graph::DType;
 use crate::kv::{KvOptions, KvStats, PagedCache};
-use crate::plan::{Plan, Step, ValId};
+use crate::plan::{Plan, Residual, Step, ValId};
 use crate::tensor::Tensor;
 
 /// The output slot of the linear layer whose result becomes the graph's `logits` through view ops
@@ -104,6 +104,7 @@ pub(crate) fn exec_step(
                 x,
                 w,
                 bias,
+                residual,
                 out,
             } => {
                 let n = &plan.graph.nodes[*node];
@@ -137,6 +138,9 @@ pub(crate) fn exec_step(
                     *x,
                 )
                 .map_err(|e| Error::node(&n.name, &n.op, e))?;
+                if let Some(r) = residual {
+                    o = add_residual(plan, o, &val(env, r.other)?, r)?;
+                }
                 env[*out] = Some(o);
             }
             Step::Embedding(e) => {
@@ -324,6 +328,24 @@ pub(crate) fn exec_step(
 }
 
 /// The fused attention over a sequence's host pages of element type `E`.
+/// `y + other` for a linear layer's residual `r`: in place when the shapes agree, else as the graph's
+/// `Add` (broadcasting, operands in its order).
+fn add_residual(plan: &Plan, mut y: Tensor, other: &Tensor, r: &Residual) -> Result<Tensor> {
+    if other.dtype == DType::F32 && other.shape == y.shape {
+        for (a, b) in y.typed_mut::<f32>().iter_mut().zip(other.typed::<f32>()) {
+            *a += b;
+        }
+        return Ok(y);
+    }
+    let args = if r.linear_first {
+        [Some(&y), Some(other)]
+    } else {
+        [Some(other), Some(&y)]
+    };
+    let mut outs = ops::run_node(&plan.graph.nodes[r.add], &args)?;
+    Ok(outs.remove(0))
+}
+
 #[allow(clippy::too_many_arguments)]
 fn paged_attention<E: attention::KvElement + bytemuck::Pod>(
     ck: &crate::kv::CachePages,

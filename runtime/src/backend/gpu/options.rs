@@ -23,7 +23,8 @@ pub struct GpuFusions {
     pub linear_groups: bool,
     /// Attention reads the q/k/v projections and applies the rotary itself (`attn`).
     pub attention_inputs: bool,
-    /// A residual `Add` after a linear layer runs in the linear's epilogue (`res`).
+    /// A residual `Add` after a linear layer runs in the linear's epilogue (`res`): the planner's
+    /// fusion, so off it is off for both backends (`LoadOptions::plan_options`).
     pub residual: bool,
     /// A `Transpose` feeding `RotaryEmbedding` is read through by the rotary kernel (`tr`).
     pub transpose_rope: bool,

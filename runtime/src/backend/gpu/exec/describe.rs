@@ -61,10 +61,13 @@ impl GpuPlan {
         })
     }
 
-    /// A linear layer: the GEMV (and, on GPUs, tiled-GEMM) slot of each weight part, with the residual `Add`
-    /// after it in its epilogue where that fusion was taken.
+    /// A linear layer: the GEMV (and, on GPUs, tiled-GEMM) slot of each weight part, with the plan's
+    /// residual `Add` in its epilogue.
     fn linear_desc(&self, si: usize, s: &Step, e: &Env, dry: bool) -> Result<Option<Desc>> {
-        let Step::Linear { x, out, .. } = s else {
+        let Step::Linear {
+            x, residual, out, ..
+        } = s
+        else {
             return Ok(None);
         };
         let ctx = &self.ctx;
@@ -82,32 +85,30 @@ impl GpuPlan {
         if let Some(l) = shape.last_mut() {
             *l = g.n;
         }
-        // Residual add in the epilogue: the Add's other input is ready and has this output's shape.
-        let fuse = if dry {
-            self.cand.res.get(&si).copied().filter(|(_, other, _)| {
-                e.meta(*other)
-                    .is_some_and(|m| m.dtype == DType::F32 && m.shape == shape)
-            })
-        } else if self.res_fused.contains(&si) {
-            self.cand.res.get(&si).copied()
-        } else {
-            None
-        };
-        let (res, target) = match fuse {
-            Some((_, other, aout)) => {
-                if e.meta(other).map(|m| m.shape) != Some(shape.clone()) {
-                    return Err(Error::device(
-                        DeviceFault::Unsupported,
-                        format!(
-                            "`{}`: residual has another shape than the linear output",
-                            plan.names[aout]
-                        ),
-                    ));
+        // The plan's residual in the epilogue, when it is f32 of this output's shape (else the layer
+        // runs on the CPU, which adds it as the graph's `Add` would).
+        let other = residual.map(|r| r.other);
+        if let Some(o) = other {
+            if !e.meta_is(
+                o,
+                &Meta {
+                    dtype: DType::F32,
+                    shape: shape.clone(),
+                },
+            ) {
+                if dry {
+                    return Ok(None);
                 }
-                (BufRef::Val(other), aout)
+                return Err(Error::device(
+                    DeviceFault::Unsupported,
+                    format!(
+                        "`{}`: residual has another shape than the linear output",
+                        plan.names[*out]
+                    ),
+                ));
             }
-            None => (BufRef::Dummy, *out),
-        };
+        }
+        let res = other.map_or(BufRef::Dummy, BufRef::Val);
         // Each part: the GEMV slot and, on GPUs, the tiled-GEMM slot; a step records the one
         // its token count takes (the other has no workgroups).
         let gemm = g.uses_gemm(m);
@@ -125,9 +126,9 @@ impl GpuPlan {
                         BufRef::LinZ(i),
                         BufRef::LinBias,
                         res,
-                        BufRef::Val(target),
+                        BufRef::Val(*out),
                     ],
-                    params: g.params(i, m, fuse.is_some()),
+                    params: g.params(i, m, other.is_some()),
                     groups: if taken {
                         g.groups(i, m, ctx.max_groups)
                     } else {
@@ -136,22 +137,18 @@ impl GpuPlan {
                 });
             }
         }
-        let mut reads = vec![*x];
-        if let Some((_, other, _)) = fuse {
-            reads.push(other);
-        }
         Ok(Some(Desc {
-            fused: fuse.filter(|_| dry).map(|(ai, other, _)| (ai, other)),
+            fused: None,
             at: Vec::new(),
             outs: vec![(
-                target,
+                *out,
                 Meta {
                     dtype: DType::F32,
                     shape,
                 },
                 None,
             )],
-            reads,
+            reads: std::iter::once(*x).chain(other).collect(),
             disp,
         }))
     }

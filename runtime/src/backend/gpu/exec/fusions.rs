@@ -1,15 +1,13 @@
-//! The GPU's fusion patterns, found once from the plan's structure: a residual `Add` in a linear's
-//! epilogue, `Transpose → RotaryEmbedding`, the `Cast` f16 round trip of the new cache rows, linear
-//! layers of one input run as one dispatch ([`LinGroup`]) and the attention reading the projections
-//! itself ([`AttnIn`]).
+//! The GPU's fusion patterns, found once from the plan's structure: `Transpose → RotaryEmbedding`, the
+//! `Cast` f16 round trip of the new cache rows, linear layers of one input run as one dispatch
+//! ([`LinGroup`]) and the attention reading the projections itself ([`AttnIn`]). (The residual epilogue
+//! is the planner's: `plan/residual.rs`, run by both backends.)
 
 use super::*;
 
 /// Patterns of standard ops the GPU runs as fewer dispatches (found once from the plan's structure).
 #[derive(Debug, Default)]
 pub(super) struct Fusions {
-    /// Linear step → (its only consumer, an `Add` step; the Add's other input; the Add's output).
-    pub(super) res: HashMap<usize, (usize, ValId, ValId)>,
     /// `Transpose(perm 0,2,1,3)` step → (its only consumer, a `RotaryEmbedding` step; the input).
     pub(super) tr: HashMap<usize, (usize, ValId)>,
     /// `Cast(f32→f16)` of a cache output → (its only consumer, a `Cast(f16→f32)` step; the input).
@@ -72,61 +70,44 @@ impl Fusions {
         let node = |si: usize| generic_node(plan, si);
         let mut f = Fusions::default();
         for (si, s) in plan.steps.iter().enumerate() {
-            match s {
-                Step::Linear { out, .. } => {
-                    if let ([ai], false) = (consumers[*out].as_slice(), outs.contains(out)) {
-                        if let Some((n, ins, os)) = node(*ai) {
-                            if n.op == "Add" && ins.len() == 2 && os.len() == 1 {
-                                if let (Some(a), Some(b)) = (ins[0], ins[1]) {
-                                    if a != b {
-                                        let other = if a == *out { b } else { a };
-                                        if on.residual {
-                                            f.res.insert(si, (*ai, other, os[0]));
-                                        }
-                                    }
-                                }
-                            }
-                        }
-                    }
-                }
-                Step::Node {
-                    node: ni,
-                    inputs,
-                    outputs,
-                } => {
-                    let n = &plan.graph.nodes[*ni];
-                    let (Some(&o), Some(Some(x))) = (outputs.first(), inputs.first()) else {
-                        continue;
-                    };
-                    if outs.contains(&o) && !cache_out.contains(&o) {
-                        continue;
-                    }
-                    let [ci] = consumers[o].as_slice() else {
-                        continue;
-                    };
-                    let Some((cn, cins, _)) = node(*ci) else {
-                        continue;
-                    };
-                    if n.op == "Transpose"
-                        && n.attr_ints("perm") == Some(&[0, 2, 1, 3][..])
-                        && !outs.contains(&o)
-                        && cn.op == "RotaryEmbedding"
-                        && cins.first().copied().flatten() == Some(o)
-                        && on.transpose_rope
-                    {
-                        f.tr.insert(si, (*ci, *x));
-                    }
-                    if n.op == "Cast"
-                        && n.attr_int("to", 0) == DType::F16.onnx_code() as i64
-                        && cache_out.contains(&o)
-                        && cn.op == "Cast"
-                        && cn.attr_int("to", 0) == DType::F32.onnx_code() as i64
-                        && on.f16_round_trip
-                    {
-                        f.round.insert(si, (*ci, *x));
-                    }
-                }
-                _ => {}
+            let Step::Node {
+                node: ni,
+                inputs,
+                outputs,
+            } = s
+            else {
+                continue;
+            };
+            let n = &plan.graph.nodes[*ni];
+            let (Some(&o), Some(Some(x))) = (outputs.first(), inputs.first()) else {
+                continue;
+            };
+            if outs.contains(&o) && !cache_out.contains(&o) {
+                continue;
+            }
+            let [ci] = consumers[o].as_slice() else {
+                continue;
+            };
+            let Some((cn, cins, _)) = node(*ci) else {
+                continue;
+            };
+            if n.op == "Transpose"
+                && n.attr_ints("perm") == Some(&[0, 2, 1, 3][..])
+                && !outs.contains(&o)
+                && cn.op == "RotaryEmbedding"
+                && cins.first().copied().flatten() == Some(o)
+                && on.transpose_rope
+            {
+                f.tr.insert(si, (*ci, *x));
+            }
+            if n.op == "Cast"
+                && n.attr_int("to", 0) == DType::F16.onnx_code() as i64
+                && cache_out.contains(&o)
+                && cn.op == "Cast"
+                && cn.attr_int("to", 0) == DType::F32.onnx_code() as i64
+                && on.f16_round_trip
+            {
+                f.round.insert(si, (*ci, *x));
             }
         }
         if on.attention_inputs {
@@ -134,11 +115,6 @@ impl Fusions {
         }
         if on.linear_groups {
             f.groups = LinGroup::find(plan, &consumers, &outs);
-            for g in &f.groups {
-                for m in &g.members {
-                    f.res.remove(m);
-                }
-            }
         }
         f
     }
@@ -306,7 +282,10 @@ impl LinGroup {
                         producer.insert(o, si);
                     }
                 }
-                Step::Linear { x, .. } => by_x.entry(*x).or_default().push(si),
+                // A layer with a residual in its epilogue runs alone.
+                Step::Linear {
+                    x, residual: None, ..
+                } => by_x.entry(*x).or_default().push(si),
                 _ => {}
             }
         }

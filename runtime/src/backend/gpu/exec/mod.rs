@@ -168,8 +168,6 @@ pub struct GpuPlan {
     absorbed: HashSet<usize>,
     /// Per value: byte offset into its home buffer (non-zero for the parts of a fused linear).
     offs: Vec<u64>,
-    /// Linear steps that add the residual in their epilogue (and write the `Add`'s output).
-    res_fused: HashSet<usize>,
     /// `queue.submit` time accumulated during the current step.
     submit_ms: Mutex<f64>,
     /// Per-kernel GPU time when profiling ([`crate::LoadOptions::profile`]): from GPU timestamps around each

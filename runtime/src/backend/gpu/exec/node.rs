@@ -112,7 +112,7 @@ impl GpuPlan {
                 (_, Some(&(bi, src)), Some((_, m))) if m.dtype == DType::F32 => Some((bi, src, m)),
                 _ => None,
             }
-        } else if self.skipped.contains(&si) && n.op != "Add" {
+        } else if self.skipped.contains(&si) {
             let src = inp(0).ok_or_else(|| Error::internal("fused step lost its input"))?;
             let m = e
                 .meta(src)
@@ -121,9 +121,6 @@ impl GpuPlan {
         } else {
             None
         };
-        if self.skipped.contains(&si) && n.op == "Add" {
-            return Ok(Some(Desc::empty()));
-        }
         if let Some((other, src, m)) = first_of_pair {
             let om = if n.op == "Transpose" {
                 Meta {

@@ -135,7 +135,7 @@ impl GpuPlan {
         let mut dry = DryRun::new(plan, inputs);
         for (si, s) in plan.steps.iter().enumerate() {
             match me.dry_describe(plan, si, s, &dry)? {
-                Some(d) => me.place_on_gpu(plan, si, s, d, &mut dry)?,
+                Some(d) => me.place_on_gpu(plan, si, d, &mut dry)?,
                 None => me.place_on_cpu(plan, si, s, &mut dry, cpu_step)?,
             }
         }
@@ -211,7 +211,6 @@ impl GpuPlan {
             profile: ctx.profiling.then(|| Mutex::new(Default::default())),
             stamps: None,
             skipped: HashSet::new(),
-            res_fused: HashSet::new(),
             tr_src: HashMap::new(),
             round_src: HashMap::new(),
             cpu_reads: Vec::new(),
@@ -242,14 +241,7 @@ impl GpuPlan {
 
     /// Places step `si` on the GPU as `d` describes it: the fusion it took, the values it reads (uploaded or
     /// constant), its outputs' buffers and sizes, its kernels and bindings.
-    fn place_on_gpu(
-        &mut self,
-        plan: &Plan,
-        si: usize,
-        s: &Step,
-        d: Desc,
-        dry: &mut DryRun,
-    ) -> Result<()> {
+    fn place_on_gpu(&mut self, plan: &Plan, si: usize, d: Desc, dry: &mut DryRun) -> Result<()> {
         let DryRun {
             env,
             meta,
@@ -262,19 +254,11 @@ impl GpuPlan {
         } = dry;
         self.on_gpu[si] = true;
         if let Some((other, target)) = d.fused {
-            match s {
-                Step::Linear { .. } => {
-                    self.res_fused.insert(si);
-                    self.skipped.insert(other);
-                }
-                _ if self.cand.tr.contains_key(&si) => {
-                    self.skipped.insert(si);
-                    self.tr_src.insert(other, target);
-                }
-                _ => {
-                    self.skipped.insert(si);
-                    self.round_src.insert(other, target);
-                }
+            self.skipped.insert(si);
+            if self.cand.tr.contains_key(&si) {
+                self.tr_src.insert(other, target);
+            } else {
+                self.round_src.insert(other, target);
             }
         }
         for &v in &d.reads {
