@@ -75,256 +75,301 @@ pub(crate) fn exec_step(
     caches: Option<(&PagedCache, usize)>,
     run: &mut CpuRun,
 ) -> Result<()> {
-    {
-        let val = |env: &[Option<Tensor>], v: ValId| -> Result<Tensor> {
-            env[v]
-                .clone()
-                .or_else(|| plan.consts[v].clone())
-                .ok_or_else(|| Error::tensor(&plan.names[v], "value used before it was computed"))
-        };
-        match s {
-            Step::Node {
-                node,
-                inputs,
-                outputs,
-            } => {
-                let n = &plan.graph.nodes[*node];
-                let args: Vec<Option<Tensor>> = inputs
-                    .iter()
-                    .map(|v| v.map(|v| val(env, v)).transpose())
-                    .collect::<Result<_>>()?;
-                let refs: Vec<Option<&Tensor>> = args.iter().map(|a| a.as_ref()).collect();
-                let outs = ops::run_node(n, &refs)?;
-                for (&o, t) in outputs.iter().zip(outs) {
-                    env[o] = Some(t);
-                }
-            }
-            Step::Linear {
-                node,
-                x,
-                w,
-                bias,
-                residual,
-                out,
-            } => {
-                let n = &plan.graph.nodes[*node];
-                let xt = val(env, *x)?;
-                let xv = xt.as_f32(&plan.names[*x])?;
-                let k = *xt.shape.last().unwrap_or(&0);
-                if k != w.k {
-                    return Err(Error::node(
-                        &n.name,
-                        &n.op,
-                        format!("input has K = {k}, weights have K = {}", w.k),
-                    ));
-                }
-                let m = xv.len() / k.max(1);
-                let mut shape = xt.shape.clone();
-                if let Some(l) = shape.last_mut() {
-                    *l = w.n;
-                }
-                let mut o = Tensor::zeros(DType::F32, &shape);
-                w.forward_with(
-                    xv,
-                    m,
-                    bias.as_ref().map(|b| b.typed::<f32>()),
-                    o.typed_mut(),
-                    if run.exact_out == Some(*out) {
-                        Precision::Exact
-                    } else {
-                        run.precision
-                    },
-                    &mut run.quant,
-                    *x,
-                )
-                .map_err(|e| Error::node(&n.name, &n.op, e))?;
-                if let Some(r) = residual {
-                    o = add_residual(plan, o, &val(env, r.other)?, r)?;
-                }
-                env[*out] = Some(o);
-            }
-            Step::Embedding(e) => {
-                let n = &plan.graph.nodes[e.node];
-                let ids = val(env, e.ids)?;
-                let idv = ids.to_i64_vec(&plan.names[e.ids])?;
-                let (rows, k) = (e.w.n, e.w.k);
-                let mut shape = ids.shape.clone();
-                shape.push(k);
-                let mut o = Tensor::zeros(DType::F32, &shape);
-                for (&id, row) in idv.iter().zip(o.typed_mut::<f32>().chunks_mut(k.max(1))) {
-                    // Negative ids count from the end, as `Gather` has them.
-                    let r = if id < 0 { id + rows as i64 } else { id };
-                    if r < 0 || r >= rows as i64 {
-                        return Err(Error::node(
-                            &n.name,
-                            &n.op,
-                            format!("token id {id} is out of range for the {rows}-row embedding"),
-                        ));
-                    }
-                    e.w.decode_row(r as usize, row);
-                }
-                env[e.out] = Some(o);
-            }
-            Step::TokenChoice(c) => {
-                let n = &plan.graph.nodes[c.node];
-                let vals = val(env, c.vals)?;
-                let idx = val(env, c.idx)?;
-                let k = val(env, c.k)?.scalar_i64(&plan.names[c.k])?;
-                let scalar = |v: ValId| -> Result<f32> {
-                    let t = val(env, v)?;
-                    match (t.dtype, t.numel()) {
-                        (DType::F32, 1) => Ok(t.typed::<f32>()[0]),
-                        _ => Err(Error::node(
-                            &n.name,
-                            &n.op,
-                            format!("`{}` must be one f32", plan.names[v]),
-                        )),
-                    }
-                };
-                let (top_p, u) = (scalar(c.top_p)?, scalar(c.u)?);
-                let row = vals.as_f32(&plan.names[c.vals])?;
-                if vals.shape != [1, row.len()]
-                    || idx.shape != vals.shape
-                    || idx.dtype != DType::I64
-                    || k != row.len() as i64
-                {
-                    return Err(Error::node(
-                        &n.name,
-                        &n.op,
-                        format!(
-                            "the token choice takes one row of k = {k} values and indices, got {:?} and {:?}",
-                            vals.shape, idx.shape
-                        ),
-                    ));
-                }
-                let j = misc::nucleus_pick(row, top_p, u)
-                    .map_err(|e| Error::node(&n.name, &n.op, e.to_string()))?;
-                env[c.out] = Some(Tensor::i64(&c.out_shape, &[idx.typed::<i64>()[j]]));
-            }
-            Step::SiluGate(sg) => {
-                let n = &plan.graph.nodes[sg.node];
-                let (g, u) = (val(env, sg.g)?, val(env, sg.u)?);
-                if g.dtype != DType::F32 || g.shape != u.shape || u.dtype != DType::F32 {
-                    // Broadcasting or other dtypes: the nodes as written.
-                    let sig = ops::run_node(
-                        &crate::graph::Node {
-                            op: "Sigmoid".into(),
-                            ..n.clone()
-                        },
-                        &[Some(&g)],
-                    )?;
-                    let a = ops::run_node(n, &[Some(&g), Some(&sig[0])])?;
-                    let o = ops::run_node(n, &[Some(&a[0]), Some(&u)])?;
-                    env[sg.out] = o.into_iter().next();
-                    return Ok(());
-                }
-                let mut o = Tensor::zeros(DType::F32, &g.shape);
-                misc::silu_gate(g.typed(), u.typed(), o.typed_mut())
-                    .map_err(|e| Error::node(&n.name, &n.op, e.to_string()))?;
-                env[sg.out] = Some(o);
-            }
-            Step::CacheAttention {
-                node,
-                q,
-                past,
-                new,
-                mask,
-                out,
-                tokens_first,
-            } => {
-                let n = &plan.graph.nodes[*node];
-                let err = |d: String| Error::node(&n.name, &n.op, d);
-                let qt = val(env, *q)?;
-                let nk = val(env, new[0])?;
-                let nv = val(env, new[1])?;
-                let (pages, len) = caches
-                    .ok_or_else(|| err("the cache attention needs the sequence's cache".into()))?;
-                let (ck, cv) = match (pages.caches.get(past[0]), pages.caches.get(past[1])) {
-                    (Some(k), Some(v)) => (k, v),
-                    _ => return Err(err("no cache for this attention".into())),
-                };
-                let (kslot, vslot) = (&plan.caches[past[0]], &plan.caches[past[1]]);
-                if qt.rank() != 4 || nk.rank() != 4 || nv.rank() != 4 {
-                    return Err(err("Q and the new K/V rows must be 4-D".into()));
-                }
-                let (heads, t, d) = (qt.shape[1], qt.shape[2], qt.shape[3]);
-                let (kvh, slots) = (kslot.shape[1], kslot.shape[2]);
-                if kvh == 0
-                    || heads % kvh != 0
-                    || nk.shape != [1, kvh, t, d]
-                    || nv.shape != [1, kvh, t, d]
-                    || kslot.shape[3] != d
-                    || vslot.shape != kslot.shape
-                    || ck.dtype != cv.dtype
-                {
-                    return Err(err(format!(
-                        "shapes Q {:?}, new K {:?}, new V {:?}, cache {:?} do not fit",
-                        qt.shape, nk.shape, nv.shape, kslot.shape
-                    )));
-                }
-                let scale = n.attr_float("scale", 1.0 / (d as f32).sqrt());
-                let p = match mask {
-                    Some(m) => match run.prefixes.iter().find(|(v, _)| v == m) {
-                        Some(&(_, p)) => p,
-                        None => {
-                            let p = crate::backend::mask::standard_prefix(&val(env, *m)?, t, slots);
-                            run.prefixes.push((*m, p));
-                            p
-                        }
-                    },
-                    None => None,
-                };
-                let p = match p {
-                    Some(p) => p,
-                    _ => {
-                        // Not the standard mask: run the node as written (materialized concat).
-                        let kcat = concat_cache(&ck.to_head_major(len), &nk, t)?;
-                        let vcat = concat_cache(&cv.to_head_major(len), &nv, t)?;
-                        let m = mask.map(|m| val(env, m)).transpose()?;
-                        let outs =
-                            ops::run_node(n, &[Some(&qt), Some(&kcat), Some(&vcat), m.as_ref()])?;
-                        let a = outs.into_iter().next();
-                        env[*out] = match (a, tokens_first) {
-                            (Some(a), true) => Some(heads_to_tokens(&a)),
-                            (a, _) => a,
-                        };
-                        return Ok(());
-                    }
-                };
-                let nkf = nk.to_f32_vec(&plan.names[new[0]])?;
-                let nvf = nv.to_f32_vec(&plan.names[new[1]])?;
-                let qv = qt.as_f32(&plan.names[*q])?;
-                let shape = AttnShape {
-                    heads,
-                    kv_heads: kvh,
-                    tokens: t,
-                    head_dim: d,
-                    cache_len: slots,
-                    q_tokens_first: false,
-                    kv_tokens_first: false,
-                };
-                // The kernel writes [T, H·D]: exactly the absorbed transpose's [1, T, H, D].
-                let mut o = Tensor::zeros(DType::F32, &[1, t, heads, d]);
-                let ov = o.typed_mut::<f32>();
-                let r = match ck.dtype {
-                    DType::F16 => {
-                        paged_attention::<half::f16>(ck, cv, qv, &nkf, &nvf, p, &shape, scale, ov)
-                    }
-                    DType::F32 => {
-                        paged_attention::<f32>(ck, cv, qv, &nkf, &nvf, p, &shape, scale, ov)
-                    }
-                    dt => return Err(err(format!("cache of {dt} is not supported"))),
-                };
-                r.map_err(|e| err(e.to_string()))?;
-                env[*out] = Some(if *tokens_first {
-                    o
-                } else {
-                    tokens_to_heads(&o)
-                });
-            }
-        }
-        Ok(())
+    match s {
+        Step::Node { .. } => node_step(plan, s, env),
+        Step::Linear { .. } => linear_step(plan, s, env, run),
+        Step::Embedding(_) => embedding_step(plan, s, env),
+        Step::TokenChoice(_) => choice_step(plan, s, env),
+        Step::SiluGate(_) => silu_gate_step(plan, s, env),
+        Step::CacheAttention { .. } => attention_step(plan, s, env, caches, run),
     }
+}
+
+/// Value `v`: computed into `env`, or a constant.
+fn val(plan: &Plan, env: &[Option<Tensor>], v: ValId) -> Result<Tensor> {
+    env[v]
+        .clone()
+        .or_else(|| plan.consts[v].clone())
+        .ok_or_else(|| Error::tensor(&plan.names[v], "value used before it was computed"))
+}
+
+/// A generic node: its op on its inputs.
+fn node_step(plan: &Plan, s: &Step, env: &mut [Option<Tensor>]) -> Result<()> {
+    let Step::Node {
+        node,
+        inputs,
+        outputs,
+    } = s
+    else {
+        return Err(Error::internal("node_step: another step kind"));
+    };
+    let n = &plan.graph.nodes[*node];
+    let args: Vec<Option<Tensor>> = inputs
+        .iter()
+        .map(|v| v.map(|v| val(plan, env, v)).transpose())
+        .collect::<Result<_>>()?;
+    let refs: Vec<Option<&Tensor>> = args.iter().map(|a| a.as_ref()).collect();
+    let outs = ops::run_node(n, &refs)?;
+    for (&o, t) in outputs.iter().zip(outs) {
+        env[o] = Some(t);
+    }
+    Ok(())
+}
+
+/// A linear layer, with its bias and residual (the output layer exact under `fast`).
+fn linear_step(plan: &Plan, s: &Step, env: &mut [Option<Tensor>], run: &mut CpuRun) -> Result<()> {
+    let Step::Linear {
+        node,
+        x,
+        w,
+        bias,
+        residual,
+        out,
+    } = s
+    else {
+        return Err(Error::internal("linear_step: another step kind"));
+    };
+    let n = &plan.graph.nodes[*node];
+    let xt = val(plan, env, *x)?;
+    let xv = xt.as_f32(&plan.names[*x])?;
+    let k = *xt.shape.last().unwrap_or(&0);
+    if k != w.k {
+        return Err(Error::node(
+            &n.name,
+            &n.op,
+            format!("input has K = {k}, weights have K = {}", w.k),
+        ));
+    }
+    let m = xv.len() / k.max(1);
+    let mut shape = xt.shape.clone();
+    if let Some(l) = shape.last_mut() {
+        *l = w.n;
+    }
+    let mut o = Tensor::zeros(DType::F32, &shape);
+    w.forward_with(
+        xv,
+        m,
+        bias.as_ref().map(|b| b.typed::<f32>()),
+        o.typed_mut(),
+        if run.exact_out == Some(*out) {
+            Precision::Exact
+        } else {
+            run.precision
+        },
+        &mut run.quant,
+        *x,
+    )
+    .map_err(|e| Error::node(&n.name, &n.op, e))?;
+    if let Some(r) = residual {
+        o = add_residual(plan, o, &val(plan, env, r.other)?, r)?;
+    }
+    env[*out] = Some(o);
+    Ok(())
+}
+
+/// The token embedding: the rows the ids pick, decoded.
+fn embedding_step(plan: &Plan, s: &Step, env: &mut [Option<Tensor>]) -> Result<()> {
+    let Step::Embedding(e) = s else {
+        return Err(Error::internal("embedding_step: another step kind"));
+    };
+    let n = &plan.graph.nodes[e.node];
+    let ids = val(plan, env, e.ids)?;
+    let idv = ids.to_i64_vec(&plan.names[e.ids])?;
+    let (rows, k) = (e.w.n, e.w.k);
+    let mut shape = ids.shape.clone();
+    shape.push(k);
+    let mut o = Tensor::zeros(DType::F32, &shape);
+    for (&id, row) in idv.iter().zip(o.typed_mut::<f32>().chunks_mut(k.max(1))) {
+        // Negative ids count from the end, as `Gather` has them.
+        let r = if id < 0 { id + rows as i64 } else { id };
+        if r < 0 || r >= rows as i64 {
+            return Err(Error::node(
+                &n.name,
+                &n.op,
+                format!("token id {id} is out of range for the {rows}-row embedding"),
+            ));
+        }
+        e.w.decode_row(r as usize, row);
+    }
+    env[e.out] = Some(o);
+    Ok(())
+}
+
+/// The token choice after its `TopK`.
+fn choice_step(plan: &Plan, s: &Step, env: &mut [Option<Tensor>]) -> Result<()> {
+    let Step::TokenChoice(c) = s else {
+        return Err(Error::internal("choice_step: another step kind"));
+    };
+    let n = &plan.graph.nodes[c.node];
+    let vals = val(plan, env, c.vals)?;
+    let idx = val(plan, env, c.idx)?;
+    let k = val(plan, env, c.k)?.scalar_i64(&plan.names[c.k])?;
+    let scalar = |v: ValId| -> Result<f32> {
+        let t = val(plan, env, v)?;
+        match (t.dtype, t.numel()) {
+            (DType::F32, 1) => Ok(t.typed::<f32>()[0]),
+            _ => Err(Error::node(
+                &n.name,
+                &n.op,
+                format!("`{}` must be one f32", plan.names[v]),
+            )),
+        }
+    };
+    let (top_p, u) = (scalar(c.top_p)?, scalar(c.u)?);
+    let row = vals.as_f32(&plan.names[c.vals])?;
+    if vals.shape != [1, row.len()]
+        || idx.shape != vals.shape
+        || idx.dtype != DType::I64
+        || k != row.len() as i64
+    {
+        return Err(Error::node(
+            &n.name,
+            &n.op,
+            format!(
+                "the token choice takes one row of k = {k} values and indices, got {:?} and {:?}",
+                vals.shape, idx.shape
+            ),
+        ));
+    }
+    let j = misc::nucleus_pick(row, top_p, u)
+        .map_err(|e| Error::node(&n.name, &n.op, e.to_string()))?;
+    env[c.out] = Some(Tensor::i64(&c.out_shape, &[idx.typed::<i64>()[j]]));
+    Ok(())
+}
+
+/// The SiLU gate.
+fn silu_gate_step(plan: &Plan, s: &Step, env: &mut [Option<Tensor>]) -> Result<()> {
+    let Step::SiluGate(sg) = s else {
+        return Err(Error::internal("silu_gate_step: another step kind"));
+    };
+    let n = &plan.graph.nodes[sg.node];
+    let (g, u) = (val(plan, env, sg.g)?, val(plan, env, sg.u)?);
+    if g.dtype != DType::F32 || g.shape != u.shape || u.dtype != DType::F32 {
+        // Broadcasting or other dtypes: the nodes as written.
+        let sig = ops::run_node(
+            &crate::graph::Node {
+                op: "Sigmoid".into(),
+                ..n.clone()
+            },
+            &[Some(&g)],
+        )?;
+        let a = ops::run_node(n, &[Some(&g), Some(&sig[0])])?;
+        let o = ops::run_node(n, &[Some(&a[0]), Some(&u)])?;
+        env[sg.out] = o.into_iter().next();
+        return Ok(());
+    }
+    let mut o = Tensor::zeros(DType::F32, &g.shape);
+    misc::silu_gate(g.typed(), u.typed(), o.typed_mut())
+        .map_err(|e| Error::node(&n.name, &n.op, e.to_string()))?;
+    env[sg.out] = Some(o);
+    Ok(())
+}
+
+/// Attention over the sequence's host pages plus the chunk's new rows.
+fn attention_step(
+    plan: &Plan,
+    s: &Step,
+    env: &mut [Option<Tensor>],
+    caches: Option<(&PagedCache, usize)>,
+    run: &mut CpuRun,
+) -> Result<()> {
+    let Step::CacheAttention {
+        node,
+        q,
+        past,
+        new,
+        mask,
+        out,
+        tokens_first,
+    } = s
+    else {
+        return Err(Error::internal("attention_step: another step kind"));
+    };
+    let n = &plan.graph.nodes[*node];
+    let err = |d: String| Error::node(&n.name, &n.op, d);
+    let qt = val(plan, env, *q)?;
+    let nk = val(plan, env, new[0])?;
+    let nv = val(plan, env, new[1])?;
+    let (pages, len) =
+        caches.ok_or_else(|| err("the cache attention needs the sequence's cache".into()))?;
+    let (ck, cv) = match (pages.caches.get(past[0]), pages.caches.get(past[1])) {
+        (Some(k), Some(v)) => (k, v),
+        _ => return Err(err("no cache for this attention".into())),
+    };
+    let (kslot, vslot) = (&plan.caches[past[0]], &plan.caches[past[1]]);
+    if qt.rank() != 4 || nk.rank() != 4 || nv.rank() != 4 {
+        return Err(err("Q and the new K/V rows must be 4-D".into()));
+    }
+    let (heads, t, d) = (qt.shape[1], qt.shape[2], qt.shape[3]);
+    let (kvh, slots) = (kslot.shape[1], kslot.shape[2]);
+    if kvh == 0
+        || heads % kvh != 0
+        || nk.shape != [1, kvh, t, d]
+        || nv.shape != [1, kvh, t, d]
+        || kslot.shape[3] != d
+        || vslot.shape != kslot.shape
+        || ck.dtype != cv.dtype
+    {
+        return Err(err(format!(
+            "shapes Q {:?}, new K {:?}, new V {:?}, cache {:?} do not fit",
+            qt.shape, nk.shape, nv.shape, kslot.shape
+        )));
+    }
+    let scale = n.attr_float("scale", 1.0 / (d as f32).sqrt());
+    let p = match mask {
+        Some(m) => match run.prefixes.iter().find(|(v, _)| v == m) {
+            Some(&(_, p)) => p,
+            None => {
+                let p = crate::backend::mask::standard_prefix(&val(plan, env, *m)?, t, slots);
+                run.prefixes.push((*m, p));
+                p
+            }
+        },
+        None => None,
+    };
+    let p = match p {
+        Some(p) => p,
+        _ => {
+            // Not the standard mask: run the node as written (materialized concat).
+            let kcat = concat_cache(&ck.to_head_major(len), &nk, t)?;
+            let vcat = concat_cache(&cv.to_head_major(len), &nv, t)?;
+            let m = mask.map(|m| val(plan, env, m)).transpose()?;
+            let outs = ops::run_node(n, &[Some(&qt), Some(&kcat), Some(&vcat), m.as_ref()])?;
+            let a = outs.into_iter().next();
+            env[*out] = match (a, tokens_first) {
+                (Some(a), true) => Some(heads_to_tokens(&a)),
+                (a, _) => a,
+            };
+            return Ok(());
+        }
+    };
+    let nkf = nk.to_f32_vec(&plan.names[new[0]])?;
+    let nvf = nv.to_f32_vec(&plan.names[new[1]])?;
+    let qv = qt.as_f32(&plan.names[*q])?;
+    let shape = AttnShape {
+        heads,
+        kv_heads: kvh,
+        tokens: t,
+        head_dim: d,
+        cache_len: slots,
+        q_tokens_first: false,
+        kv_tokens_first: false,
+    };
+    // The kernel writes [T, H·D]: exactly the absorbed transpose's [1, T, H, D].
+    let mut o = Tensor::zeros(DType::F32, &[1, t, heads, d]);
+    let ov = o.typed_mut::<f32>();
+    let r = match ck.dtype {
+        DType::F16 => paged_attention::<half::f16>(ck, cv, qv, &nkf, &nvf, p, &shape, scale, ov),
+        DType::F32 => paged_attention::<f32>(ck, cv, qv, &nkf, &nvf, p, &shape, scale, ov),
+        dt => return Err(err(format!("cache of {dt} is not supported"))),
+    };
+    r.map_err(|e| err(e.to_string()))?;
+    env[*out] = Some(if *tokens_first {
+        o
+    } else {
+        tokens_to_heads(&o)
+    });
+    Ok(())
 }
 
 /// The fused attention over a sequence's host pages of element type `E`.
