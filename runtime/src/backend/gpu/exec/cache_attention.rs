@@ -3,7 +3,6 @@
 //! — the whole attention, split over key chunks for one token over many keys, or a partial softmax a
 //! segment of a cache larger than one buffer — each followed by a combine where it splits.
 
-use super::describe::{check_positions, kernel_if};
 use super::*;
 use crate::graph::Node;
 

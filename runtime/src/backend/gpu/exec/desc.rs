@@ -1,6 +1,7 @@
 //! What a step does on the GPU: its description ([`Desc`]: dispatches, the buffers they bind, the
 //! values it reads and writes), the executor's view of a step's inputs ([`Env`]) and a description kept
-//! for the next step of the same token count ([`Kept`]).
+//! for the next step of the same token count ([`Kept`]); and what every description function shares
+//! ([`kernel_if`], [`check_positions`]).
 
 use super::*;
 
@@ -156,4 +157,32 @@ impl<'a> Env<'a> {
 pub(super) struct Kept {
     pub(super) desc: Desc,
     pub(super) reads: Vec<(ValId, Meta)>,
+}
+
+/// `f()`, at the dry run only: at run time a description's dispatches use the kernels the dry run chose.
+pub(super) fn kernel_if(
+    dry: bool,
+    f: &dyn Fn() -> Result<Arc<Kernel>>,
+) -> Result<Option<Arc<Kernel>>> {
+    if dry {
+        f().map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
+/// Rotary positions (i64) must index the `rows` rows of the cos/sin tables (`n`: the node, for errors).
+pub(super) fn check_positions(n: &crate::graph::Node, pos: &Tensor, rows: usize) -> Result<()> {
+    if pos
+        .typed::<i64>()
+        .iter()
+        .any(|&p| p < 0 || p as usize >= rows)
+    {
+        return Err(Error::node(
+            &n.name,
+            &n.op,
+            format!("position outside the {rows} rows of the cos/sin cache"),
+        ));
+    }
+    Ok(())
 }

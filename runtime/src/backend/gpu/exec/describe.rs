@@ -3,18 +3,6 @@
 
 use super::*;
 
-/// `f()`, at the dry run only: at run time a description's dispatches use the kernels the dry run chose.
-pub(super) fn kernel_if(
-    dry: bool,
-    f: &dyn Fn() -> Result<Arc<Kernel>>,
-) -> Result<Option<Arc<Kernel>>> {
-    if dry {
-        f().map(Some)
-    } else {
-        Ok(None)
-    }
-}
-
 impl GpuPlan {
     /// What step `si` does on the GPU with these inputs, or `None` when it must run on the CPU. `dry`:
     /// the dry run at load (kernels made, fusion candidates taken or refused); else a step at run time
@@ -444,20 +432,4 @@ impl GpuPlan {
             })
         })
     }
-}
-
-/// Rotary positions (i64) must index the `rows` rows of the cos/sin tables (`n`: the node, for errors).
-pub(super) fn check_positions(n: &crate::graph::Node, pos: &Tensor, rows: usize) -> Result<()> {
-    if pos
-        .typed::<i64>()
-        .iter()
-        .any(|&p| p < 0 || p as usize >= rows)
-    {
-        return Err(Error::node(
-            &n.name,
-            &n.op,
-            format!("position outside the {rows} rows of the cos/sin cache"),
-        ));
-    }
-    Ok(())
 }

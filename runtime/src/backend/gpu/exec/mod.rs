@@ -39,7 +39,7 @@ pub use desc::Meta;
 pub use flight::Flight;
 pub use state::GpuState;
 
-use desc::{BufRef, Desc, Disp, Env, Kept};
+use desc::{check_positions, kernel_if, BufRef, Desc, Disp, Env, Kept};
 use flight::{Cmd, Counts, Feed, Read};
 use fusions::{AttnIn, Fusions};
 use groups::GpuGroup;

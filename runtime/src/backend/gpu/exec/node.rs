@@ -2,7 +2,6 @@
 //! [`NODE_OPS`]; view ops share their input's buffer and need none. A node that no function takes (or
 //! whose inputs do not fit) runs on the CPU.
 
-use super::describe::{check_positions, kernel_if};
 use super::*;
 use crate::graph::Node;
 
