@@ -83,3 +83,22 @@ pub(crate) trait Backend: Send + Sync {
         None
     }
 }
+
+/// Test helpers every backend's tests (and the planner's) share.
+#[cfg(test)]
+pub(crate) mod testutil {
+    /// Deterministic noise in [-1, 1) (never all zeros).
+    pub fn noise(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+}

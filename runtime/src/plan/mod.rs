@@ -85,19 +85,10 @@ pub(crate) mod testutil {
         }
     }
 
-    /// Deterministic f32 noise in [-1, 1) of `shape`.
+    /// Deterministic f32 noise in [-1, 1) of `shape` ([`crate::backend::testutil::noise`]).
     pub fn noise(shape: &[usize], seed: u64) -> Tensor {
-        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect();
-        Tensor::f32(shape, &v)
+        let n = shape.iter().product();
+        Tensor::f32(shape, &crate::backend::testutil::noise(n, seed))
     }
 
     /// Runs `graph` node by node through the generic ops (the oracle), returning its outputs by name.
