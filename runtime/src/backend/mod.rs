@@ -84,6 +84,37 @@ pub(crate) trait Backend: Send + Sync {
     }
 }
 
+/// Per plan cache: whether a step other than the fused cache attention reads the cache input (an
+/// attention the planner could not fuse, e.g. one with a soft cap). Such a step gets the cache
+/// materialized in the graph's layout from the host pages ([`materialize_caches`]).
+pub(crate) fn caches_read_elsewhere(plan: &Plan) -> Vec<bool> {
+    plan.caches
+        .iter()
+        .map(|c| {
+            plan.steps.iter().any(|s| {
+                !matches!(s, crate::plan::Step::CacheAttention { .. })
+                    && crate::plan::step_reads(s).contains(&c.input_val)
+            })
+        })
+        .collect()
+}
+
+/// Puts each cache that `elsewhere` marks into `env` as the graph's `[1, KVH, S, D]` input, its rows
+/// before `position` from the host pages.
+pub(crate) fn materialize_caches(
+    plan: &Plan,
+    host: &PagedCache,
+    position: usize,
+    elsewhere: &[bool],
+    env: &mut [Option<Tensor>],
+) {
+    for ((c, cache), &e) in plan.caches.iter().zip(&host.caches).zip(elsewhere) {
+        if e {
+            env[c.input_val] = Some(cache.to_head_major(position));
+        }
+    }
+}
+
 /// Test helpers every backend's tests (and the planner's) share.
 #[cfg(test)]
 pub(crate) mod testutil {

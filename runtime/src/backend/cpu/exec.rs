@@ -485,20 +485,10 @@ pub(crate) struct CpuBackend {
 impl CpuBackend {
     /// The CPU backend for `plan`.
     pub(crate) fn new(plan: &Plan, precision: Precision, profile: bool) -> CpuBackend {
-        let cache_read_elsewhere = plan
-            .caches
-            .iter()
-            .map(|c| {
-                plan.steps.iter().any(|s| {
-                    !matches!(s, Step::CacheAttention { .. })
-                        && crate::plan::step_reads(s).contains(&c.input_val)
-                })
-            })
-            .collect();
         CpuBackend {
             precision,
             logits_linear: logits_linear(plan),
-            cache_read_elsewhere,
+            cache_read_elsewhere: super::super::caches_read_elsewhere(plan),
             profile: profile.then(Default::default),
         }
     }
@@ -523,16 +513,13 @@ impl Backend for CpuBackend {
     ) -> Result<Vec<Option<Tensor>>> {
         let (plan, position, t) = (call.plan, call.position, call.ids.len());
         let mut env = crate::step::input_env(plan, call.ids, position, call.sampling)?;
-        for ((c, cache), &elsewhere) in plan
-            .caches
-            .iter()
-            .zip(&host.caches)
-            .zip(&self.cache_read_elsewhere)
-        {
-            if elsewhere {
-                env[c.input_val] = Some(cache.to_head_major(position));
-            }
-        }
+        super::super::materialize_caches(
+            plan,
+            host,
+            position,
+            &self.cache_read_elsewhere,
+            &mut env,
+        );
         let mut run = CpuRun::new(self.precision, self.logits_linear);
         for (si, s) in plan.steps.iter().enumerate() {
             let t0 = self.profile.is_some().then(Instant::now);

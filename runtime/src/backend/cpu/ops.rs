@@ -29,6 +29,7 @@ pub const SUPPORTED: &[&str] = &[
     "Expand",
     "Gather",
     "GatherElements",
+    "Gelu",
     "Gemm",
     "Greater",
     "Identity",
@@ -52,6 +53,7 @@ pub const SUPPORTED: &[&str] = &[
     "Sqrt",
     "Squeeze",
     "Sub",
+    "Tanh",
     "TopK",
     "Transpose",
     "Unsqueeze",
@@ -1020,7 +1022,8 @@ fn attention_heads(ctx: &Ctx, x: &Tensor, heads: i64) -> Result<(Vec<f32>, [usiz
     }
 }
 
-/// ONNX `Attention` (opset 23): softmax(Q·Kᵀ·scale + mask) · V per batch and head, K/V heads shared by
+/// ONNX `Attention` (opset 23): softmax(cap(Q·Kᵀ·scale) + mask) · V per batch and head (`cap` the
+/// `softcap` attribute's `c·tanh(s/c)` where it is set), K/V heads shared by
 /// groups of Q heads, the mask (bool or additive) broadcast to `[B, Hq, T, S]`, `is_causal` keeping keys
 /// `s ≤ t` (the upper-left alignment ONNX specifies; the exporter writes explicit masks, and the planner
 /// fuses only attentions without `is_causal`). The output has Q's dtype and layout (3-D in, 3-D out).
@@ -1032,8 +1035,10 @@ fn attention(ctx: &Ctx, inputs: &[Option<&Tensor>]) -> Result<Tensor> {
     if inputs.len() > 4 && inputs[4..].iter().any(|i| i.is_some()) {
         return Err(ctx.err("Attention past_key/past_value inputs are not supported"));
     }
-    if ctx.node.attr_float("softcap", 0.0) != 0.0 {
-        return Err(ctx.err("softcap is not supported"));
+    // Gemma 2's cap on the scaled scores, before the mask (as the ONNX reference applies it).
+    let softcap = ctx.node.attr_float("softcap", 0.0);
+    if !(softcap >= 0.0 && softcap.is_finite()) {
+        return Err(ctx.err(format!("softcap {softcap} must be a finite value ≥ 0")));
     }
     let name = &ctx.node.name;
     let (qv, [b, hq, t, d]) = attention_heads(ctx, q, ctx.node.attr_int("q_num_heads", 0))?;
@@ -1096,6 +1101,9 @@ fn attention(ctx: &Ctx, inputs: &[Option<&Tensor>]) -> Result<Tensor> {
                     let krow = &kv[(kh * s + si) * d..][..d];
                     let dot: f32 = qrow.iter().zip(krow).map(|(a, b)| a * b).sum();
                     *sc = dot * scale;
+                    if softcap > 0.0 {
+                        *sc = softcap * (*sc / softcap).tanh();
+                    }
                     if let (Some((vals, st)), Some(m0)) = (&bias, mrow) {
                         *sc += vals[m0 + si * st[3]];
                     }
@@ -1338,6 +1346,17 @@ pub fn run_node(node: &Node, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> 
         },
         "Sigmoid" => one(unary_f32(&ctx, i(0)?, |x| 1.0 / (1.0 + (-x).exp()))?),
         "Exp" => one(unary_f32(&ctx, i(0)?, f32::exp)?),
+        "Tanh" => one(unary_f32(&ctx, i(0)?, f32::tanh)?),
+        "Gelu" => match node.attrs.get("approximate") {
+            None => one(unary_f32(&ctx, i(0)?, super::misc::gelu_erf)?),
+            Some(Attr::Str(s)) if s == "none" => {
+                one(unary_f32(&ctx, i(0)?, super::misc::gelu_erf)?)
+            }
+            Some(Attr::Str(s)) if s == "tanh" => {
+                one(unary_f32(&ctx, i(0)?, super::misc::gelu_tanh)?)
+            }
+            Some(a) => Err(ctx.err(format!("approximate {a:?}: takes \"none\" or \"tanh\""))),
+        },
         "Sqrt" => one(unary_f32(&ctx, i(0)?, f32::sqrt)?),
         "Cast" => one(cast(&ctx, i(0)?, attr_dtype(&ctx, "to")?)?),
         "Constant" => match node.attrs.get("value") {
@@ -1461,7 +1480,7 @@ mod tests {
                 assert!(!e.to_string().contains("is not supported"), "{key}: {e}");
             }
         }
-        for op in ["Conv", "LayerNormalization", "Relu", "Gelu"] {
+        for op in ["Conv", "LayerNormalization", "Relu", "Erf"] {
             assert!(!SUPPORTED.contains(&op));
             let e = run_node(&node(op, &[]), &[]).unwrap_err().to_string();
             assert!(e.contains(&format!("op `{op}` is not supported")), "{e}");

@@ -6,7 +6,7 @@ use super::exec::{Flight, GpuPlan, GpuState};
 use super::{DeviceRequest, GpuContext};
 use crate::backend::cpu::exec::{exec_step, logits_linear, CpuRun};
 use crate::backend::cpu::linear::Precision;
-use crate::backend::{Backend, SeqState, StepCall};
+use crate::backend::{caches_read_elsewhere, materialize_caches, Backend, SeqState, StepCall};
 use crate::contract::ModelInfo;
 use crate::error::{Error, Result};
 use crate::graph::DType;
@@ -38,6 +38,10 @@ pub(crate) struct GpuBackend {
     exec: GpuPlan,
     precision: Precision,
     logits_linear: Option<ValId>,
+    /// Per plan cache: read by a step on the host besides the fused attention (see
+    /// [`caches_read_elsewhere`]); such plans never run a step ahead, whose cache rows would not be
+    /// on the host yet.
+    cache_read_elsewhere: Vec<bool>,
 }
 
 impl GpuBackend {
@@ -76,7 +80,13 @@ pub(crate) fn bind(
     }
     // Dry-run inputs: the largest chunk at position 0, greedy.
     let ids = vec![0u32; info.max_chunk.clamp(1, info.max_cache.max(1))];
-    let env = input_env(plan, &ids, 0, &StepSampling::GREEDY)?;
+    let mut env = input_env(plan, &ids, 0, &StepSampling::GREEDY)?;
+    // (caches a host step reads: empty ones, as at position 0)
+    for (c, &e) in plan.caches.iter().zip(&caches_read_elsewhere(plan)) {
+        if e {
+            env[c.input_val] = Some(Tensor::zeros(c.dtype, &c.shape));
+        }
+    }
     let inputs: Vec<(ValId, Tensor)> = env
         .into_iter()
         .enumerate()
@@ -96,6 +106,7 @@ pub(crate) fn bind(
         exec,
         precision: opts.precision,
         logits_linear: logits,
+        cache_read_elsewhere: caches_read_elsewhere(plan),
     });
     Ok((backend, note))
 }
@@ -138,7 +149,9 @@ impl Backend for GpuBackend {
         let g = &self.exec;
         let (plan, position, t, sampling) =
             (call.plan, call.position, call.ids.len(), call.sampling);
-        let env = input_env(plan, call.ids, position, sampling)?;
+        let mut env = input_env(plan, call.ids, position, sampling)?;
+        let elsewhere = &self.cache_read_elsewhere;
+        materialize_caches(plan, host, position, elsewhere, &mut env);
         let mut run = self.cpu_run();
         let mut cpu_step =
             |s: &Step, env: &mut [Option<Tensor>]| exec_step(plan, s, env, None, &mut run);
@@ -171,7 +184,8 @@ impl Backend for GpuBackend {
         // while the host finishes this one and the caller handles its token. It assumes the token is
         // the one the GPU chose (or, with the choice's tail on the host, the first of its TopK) and the
         // inputs stay as they are, the draw being `next_random_u` when given.
-        let next = if g.can_run_ahead(&seq.state, &flight) && position + t < call.max_cache {
+        let fits = position + t < call.max_cache;
+        let next = if g.can_run_ahead(&seq.state, &flight) && fits && !elsewhere.contains(&true) {
             let next = StepSampling {
                 random_u: sampling.next_random_u.unwrap_or(sampling.random_u),
                 next_random_u: None,
@@ -194,6 +208,17 @@ impl Backend for GpuBackend {
             None
         };
         let (env, fed) = g.finish(plan, &seq.state, host, flight, &mut cpu_step)?;
+        // A cache attended on the host: its new rows went through the host too.
+        for ((c, cache), &e) in plan
+            .caches
+            .iter()
+            .zip(host.caches.iter_mut())
+            .zip(elsewhere)
+        {
+            if e {
+                cache.write_head_major(position, &crate::step::value(plan, &env, &c.output)?)?;
+            }
+        }
         // (A step whose choice ran on the host fed nothing: no step runs ahead of it.)
         seq.ahead = next.zip(fed);
         Ok(env)

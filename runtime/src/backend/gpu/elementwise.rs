@@ -53,6 +53,10 @@ pub enum UnOp {
     Neg = 2,
     /// `f32(f16(x))`, round to nearest even: `Cast(Cast(x, f16), f32)` in one pass.
     RoundF16 = 4,
+    /// `tanh(x)`.
+    Tanh = 5,
+    /// `GELU(x)` with the tanh approximation.
+    GeluTanh = 6,
 }
 
 /// The kernel for `entry` of this family.
@@ -428,5 +432,32 @@ mod tests {
         .unwrap();
         let want: Vec<f32> = g.iter().map(|x| 1.0 / (1.0 + (-x).exp())).collect();
         assert!(max_rel(bytemuck::cast_slice(&got), &want) < 1e-6);
+        // tanh and GELU-tanh against the CPU's (inputs up to ±8 and a few far beyond, where a naive
+        // tanh overflows)
+        let mut x = g.clone();
+        x.extend([-100.0, -30.0, 30.0, 100.0, 0.0]);
+        for op in [UnOp::Tanh, UnOp::GeluTanh] {
+            let f = match op {
+                UnOp::Tanh => f32::tanh,
+                _ => crate::backend::cpu::misc::gelu_tanh,
+            };
+            let got = run_kernel_once(
+                &ctx,
+                &kernel(&ctx, "unary").unwrap(),
+                &Params::new().u(x.len()).u(op as usize),
+                &[&words(&x), &[0; 4]],
+                x.len() * 4,
+                grid(x.len(), 256, ctx.max_groups),
+            )
+            .unwrap();
+            let got: &[f32] = bytemuck::cast_slice(&got);
+            for (i, (&a, &xi)) in got.iter().zip(&x).enumerate() {
+                let b = f(xi);
+                assert!(
+                    (a - b).abs() <= 2e-6 * (1.0 + b.abs()),
+                    "{op:?} x[{i}]={xi}: {a} vs {b}"
+                );
+            }
+        }
     }
 }

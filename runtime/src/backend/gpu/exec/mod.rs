@@ -58,7 +58,7 @@ use super::linear::{self, GpuLinear};
 use super::{choice, grid, norm, rope, rows_variant, select, GpuFusions, Params};
 use crate::backend::cpu::ops;
 use crate::error::{DeviceFault, Error, Result};
-use crate::graph::DType;
+use crate::graph::{Attr, DType};
 use crate::plan::{Plan, Step, ValId};
 use crate::tensor::Tensor;
 

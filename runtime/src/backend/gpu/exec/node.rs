@@ -33,6 +33,8 @@ const NODE_OPS: &[(&str, NodeDescribe)] = &[
     ("Div", GpuPlan::binary_desc),
     ("Sigmoid", GpuPlan::unary_desc),
     ("Neg", GpuPlan::unary_desc),
+    ("Tanh", GpuPlan::unary_desc),
+    ("Gelu", GpuPlan::unary_desc),
     ("Cast", GpuPlan::cast_desc),
     ("Transpose", GpuPlan::transpose_desc),
     ("Gather", GpuPlan::gather_desc),
@@ -250,7 +252,8 @@ impl GpuPlan {
         }))
     }
 
-    /// `Sigmoid`, `Neg` of an f32 input.
+    /// `Sigmoid`, `Neg`, `Tanh` and tanh-approximated `Gelu` of an f32 input (an exact `Gelu` stays
+    /// on the CPU).
     fn unary_desc(&self, a: &NodeAt) -> Result<Option<Desc>> {
         let NodeAt {
             n,
@@ -266,10 +269,14 @@ impl GpuPlan {
         let out = outputs[0];
         let Some(a) = inp(0) else { return Ok(None) };
         let Some(am) = f32m(a) else { return Ok(None) };
-        let op = if n.op == "Sigmoid" {
-            UnOp::Sigmoid
-        } else {
-            UnOp::Neg
+        let op = match n.op.as_str() {
+            "Sigmoid" => UnOp::Sigmoid,
+            "Tanh" => UnOp::Tanh,
+            "Gelu" => match n.attrs.get("approximate") {
+                Some(Attr::Str(s)) if s == "tanh" => UnOp::GeluTanh,
+                _ => return Ok(None),
+            },
+            _ => UnOp::Neg,
         };
         let nn = am.numel();
         Ok(Some(Desc {
