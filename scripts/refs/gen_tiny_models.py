@@ -6,7 +6,7 @@ safetensors, tokenizers:
 
     python3 scripts/refs/gen_tiny_models.py [NAME ...]     (default: every model; names rebuild only those)
 
-Models (2 layers, hidden 64, intermediate 128, 4 heads, 2 KV heads, head_dim 16, vocab 320):
+Models (2 layers, hidden 64, intermediate 128, 4 heads, 2 KV heads, head_dim 16, vocab 320, unless said):
 - `llama`      untied embeddings, f32 weights sharded over 2 safetensors files + model.safetensors.index.json,
                rope_theta 10000 with llama3 rope scaling (factor 8, low 1, high 4, original 64), so the
                three frequency bands (kept, smoothed, divided by 8) all occur at head_dim 16.
@@ -23,9 +23,21 @@ Models (2 layers, hidden 64, intermediate 128, 4 heads, 2 KV heads, head_dim 16,
                f32 weights; classic config form (`rope_scaling` type longrope).
 - `smollm3`    layer 1 of 2 without rotary embedding (`no_rope_layers` [1, 0]), tied embeddings, bf16
                weights; transformers 5 config form.
+- `gemma3`     Gemma3ForCausalLM (model_type gemma3_text), 3 layers: sliding, sliding, full (`layer_types`),
+               sliding_window 4, head_dim 32, q/k RMSNorm, rope_theta 1e6 for full and 1e4 for sliding layers
+               (`rope_parameters` keyed by layer type), query_pre_attn_scalar 24 (scale 24^-0.5, not
+               head_dim^-0.5), gelu_pytorch_tanh, embeddings scaled by sqrt(hidden) = 8, rms eps 1e-6, tied,
+               f32 weights; transformers 5 config form; eager attention.
+- `gemma2`     Gemma2ForCausalLM, 2 layers: sliding (window 4), full; head_dim 32, query_pre_attn_scalar 24,
+               attention logit softcap 5 and final logit softcap 3 (small, so both bite with these weights:
+               |logits| < 3), rope_theta 1e4, gelu_pytorch_tanh, tied, bf16 weights; transformers 5 config
+               form; eager attention.
 
 The weights are random (seeded) with a std large enough that the logits have a real spread (greedy choices
-are not coin flips); the norm weights are random around 1 and biases random, never zero.
+are not coin flips); the norm weights are random around 1 and biases random, never zero. Gemma's RMSNorms
+multiply by (1 + w): there w is random around 0 (std 0.3), except the sandwich post-norms on the sublayer
+outputs (around 3), and the tied embeddings have a smaller std (0.4 gemma3, 0.2 gemma2) since the model
+multiplies them by 8 on input.
 
 Each folder gets config.json, generation_config.json, model safetensors, tokenizer.json,
 tokenizer_config.json (eos `<|im_end|>`, add_bos_token false) and the ChatML chat template — inside
@@ -45,7 +57,8 @@ import sys
 import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import (GenerationConfig, LlamaConfig, LlamaForCausalLM, MistralConfig,
+from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig,
+                          GenerationConfig, LlamaConfig, LlamaForCausalLM, MistralConfig,
                           MistralForCausalLM, Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerFast,
                           Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, SmolLM3Config,
                           SmolLM3ForCausalLM)
@@ -106,16 +119,22 @@ def save_tokenizer(tok: Tokenizer, d: str, classic: bool):
     return fast
 
 
-def randomize(model, seed: int, std: float):
+def randomize(model, seed: int, std: float, norm=(1.0, 0.2), embed_std=1.0, post_norm=None):
+    """norm: (center, std) of the RMSNorm weights — around 0 for Gemma, whose norms multiply by (1 + w);
+    post_norm: (center, std) for Gemma's sandwich norms on the sublayer outputs (post_attention_layernorm,
+    post_feedforward_layernorm), which alone set how much each sublayer adds to the residual stream."""
     g = torch.Generator().manual_seed(seed)
+    post = (".post_attention_layernorm.weight", ".post_feedforward_layernorm.weight")
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+            if post_norm is not None and name.endswith(post):
+                p.copy_(post_norm[0] + post_norm[1] * torch.randn(p.shape, generator=g))
+            elif name.endswith("norm.weight"):
+                p.copy_(norm[0] + norm[1] * torch.randn(p.shape, generator=g))
             elif name.endswith(".bias"):
                 p.copy_(0.5 * torch.randn(p.shape, generator=g))
             elif "embed_tokens" in name or "lm_head" in name:
-                p.copy_(1.0 * torch.randn(p.shape, generator=g))
+                p.copy_(embed_std * torch.randn(p.shape, generator=g))
             else:
                 p.copy_(std * torch.randn(p.shape, generator=g))
 
@@ -133,8 +152,9 @@ def to_legacy_rope(d: str, scaling):
     return cfg
 
 
-def reference(d: str, cls, ids):
-    model = cls.from_pretrained(d, dtype=torch.float32)  # upcasts f16/bf16 weights exactly
+def reference(d: str, cls, ids, attn=None):
+    kw = {"attn_implementation": attn} if attn else {}
+    model = cls.from_pretrained(d, dtype=torch.float32, **kw)  # upcasts f16/bf16 weights exactly
     model.eval()
     x = torch.tensor([ids])
     with torch.no_grad():
@@ -170,13 +190,14 @@ def floats(a):
     return [[float(np.float32(v)) for v in row] for row in a]
 
 
-def build(name, cls, config, seed, std, dtype, shard, legacy_scaling, tok, ids):
+def build(name, cls, config, seed, std, dtype, shard, legacy_scaling, tok, ids, norm=(1.0, 0.2), embed_std=1.0,
+          post_norm=None, attn=None):
     d = os.path.join(OUT, name)
     shutil.rmtree(d, ignore_errors=True)
     os.makedirs(d)
     torch.manual_seed(seed)
     model = cls(config)
-    randomize(model, seed, std)
+    randomize(model, seed, std, norm, embed_std, post_norm)
     model = model.to(dtype)
     model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=2,
                                                do_sample=False, max_new_tokens=32)
@@ -186,7 +207,10 @@ def build(name, cls, config, seed, std, dtype, shard, legacy_scaling, tok, ids):
         to_legacy_rope(d, legacy_scaling)
     save_tokenizer(tok, d, classic)
     check_tokenizer(d, ids)
-    logits, greedy, glog, margin, maxabs = reference(d, cls, ids)
+    logits, greedy, glog, margin, maxabs = reference(d, cls, ids, attn)
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap:
+        assert maxabs < cap, (maxabs, cap)  # the final softcap did squash the logits
     files = sorted(os.listdir(d))
     ref = {
         "name": name,
@@ -261,6 +285,33 @@ def main():
                           pad_token_id=2),
             seed=5, std=0.25, dtype=torch.bfloat16, shard=None, legacy_scaling=False, tok=tok, ids=ids),
     }
+    # Gemma: (1 + w) RMSNorms with w random around 0, sandwich post-norms centered at 3 (else the sublayers,
+    # post-normed to ~unit size, barely move the residual stream and the tied, sqrt(hidden)-scaled input
+    # embedding predicts itself), tanh-GELU, query_pre_attn_scalar 24 (not head_dim: scale 24^-0.5).
+    gemma = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=32, max_position_embeddings=256, rms_norm_eps=1e-6,
+                 bos_token_id=1, eos_token_id=2, pad_token_id=2, hidden_activation="gelu_pytorch_tanh",
+                 query_pre_attn_scalar=24, sliding_window=4, tie_word_embeddings=True)
+    gemma_init = dict(norm=(0.0, 0.3), post_norm=(3.0, 0.3), attn="eager")
+    models.update({
+        "gemma3": lambda: build(
+            "gemma3", Gemma3ForCausalLM,
+            Gemma3TextConfig(**gemma, num_hidden_layers=3,
+                             layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                             sliding_window_pattern=3,  # else saved as `_sliding_window_pattern`: 6
+                             rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                              "full_attention": {"rope_type": "default", "rope_theta": 1e6}},
+                             attn_implementation="eager"),
+            seed=24, std=0.25, dtype=torch.float32, shard=None, legacy_scaling=False, tok=tok, ids=ids,
+            embed_std=0.4, **gemma_init),
+        "gemma2": lambda: build(
+            "gemma2", Gemma2ForCausalLM,
+            Gemma2Config(**gemma, num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"],
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                         attn_logit_softcapping=5.0, final_logit_softcapping=3.0, attn_implementation="eager"),
+            seed=39, std=0.25, dtype=torch.bfloat16, shard=None, legacy_scaling=False, tok=tok, ids=ids,
+            embed_std=0.2, **gemma_init),
+    })
     for name in sys.argv[1:] or models:
         models[name]()
 
