@@ -97,6 +97,15 @@ pub enum TraceError {
 
 type R<T> = Result<T, TraceError>;
 
+/// How `Attention` treats its scores before the softmax.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct AttentionScores {
+    /// Multiplies `q·kᵀ` (`None`: `1/sqrt(head_dim)`).
+    pub scale: Option<f32>,
+    /// `c·tanh(s/c)` on the scaled scores (gemma2's attention logit softcapping).
+    pub softcap: Option<f32>,
+}
+
 /// Records ops into a [`Graph`].
 #[derive(Debug)]
 pub struct Tracer {
@@ -896,6 +905,38 @@ impl Tracer {
         ))
     }
 
+    /// `Gelu(x, approximate="tanh")`: `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`.
+    pub fn gelu_tanh(&mut self, name: &str, x: &Sym) -> R<Sym> {
+        if !is_float(x.dtype) {
+            return Err(self.err(name, "Gelu", "needs a float", &[x]));
+        }
+        Ok(self.one(
+            name,
+            "Gelu",
+            &[Some(x)],
+            vec![("approximate", Attr::Str("tanh".into()))],
+            x.dtype,
+            x.shape.clone(),
+            None,
+        ))
+    }
+
+    /// `Tanh(x)`.
+    pub fn tanh(&mut self, name: &str, x: &Sym) -> R<Sym> {
+        if !is_float(x.dtype) {
+            return Err(self.err(name, "Tanh", "needs a float", &[x]));
+        }
+        Ok(self.one(
+            name,
+            "Tanh",
+            &[Some(x)],
+            vec![],
+            x.dtype,
+            x.shape.clone(),
+            None,
+        ))
+    }
+
     /// `Sigmoid(x)`.
     pub fn sigmoid(&mut self, name: &str, x: &Sym) -> R<Sym> {
         if !is_float(x.dtype) {
@@ -1069,8 +1110,22 @@ impl Tracer {
     }
 
     /// `Attention(q, k, v, mask)`: q `[B, nh, T, D]`, k/v `[B, kvh, S, D]`, bool mask broadcastable to
-    /// `[B, nh, T, S]`; `nh` must be a multiple of `kvh`.
+    /// `[B, nh, T, S]`; `nh` must be a multiple of `kvh`. Scores scaled by `1/sqrt(D)`, not capped.
     pub fn attention(&mut self, name: &str, q: &Sym, k: &Sym, v: &Sym, mask: &Sym) -> R<Sym> {
+        self.attention_with(name, q, k, v, mask, AttentionScores::default())
+    }
+
+    /// [`Tracer::attention`] with the scores' scale and softcap as given (the `scale` and `softcap`
+    /// attributes of ONNX `Attention`, written only when set).
+    pub fn attention_with(
+        &mut self,
+        name: &str,
+        q: &Sym,
+        k: &Sym,
+        v: &Sym,
+        mask: &Sym,
+        scores: AttentionScores,
+    ) -> R<Sym> {
         let fail = |t: &Self, d: &str| t.err(name, "Attention", d, &[q, k, v, mask]);
         if q.rank() != 4
             || k.rank() != 4
@@ -1106,11 +1161,18 @@ impl Tracer {
         }
         let mut shape = q.shape.clone();
         shape[3] = v.shape[3].clone();
+        let mut attrs = Vec::new();
+        if let Some(s) = scores.scale {
+            attrs.push(("scale", Attr::Float(s)));
+        }
+        if let Some(c) = scores.softcap {
+            attrs.push(("softcap", Attr::Float(c)));
+        }
         Ok(self.one(
             name,
             "Attention",
             &[Some(q), Some(k), Some(v), Some(mask)],
-            vec![],
+            attrs,
             DType::F32,
             shape,
             None,

@@ -10,7 +10,7 @@ FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtu
 # The models tests/peers/make_toy_graph.py (the Python reference exporter) writes, and those the exporter
 # takes (scripts/test exports each one).
 TINY = ["llama", "qwen2", "llama_f16"]
-EXPORTED = TINY + ["qwen3", "smollm3", "mistral", "phi3"]
+EXPORTED = TINY + ["qwen3", "smollm3", "mistral", "phi3", "gemma3", "gemma2"]
 # Relative tolerance (of max |logit|) against transformers' f32 logits, by cache dtype: an f32 cache is
 # exact math (measured ~1e-6 with onnxruntime); an f16 cache rounds K/V to 11 bits.
 REL_TOL = {"f32": 1e-4, "f16": 5e-3}

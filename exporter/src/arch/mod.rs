@@ -11,6 +11,9 @@ use crate::quant::{Form, Matrix, Zeros, BLOCK};
 use crate::source::ModelConfig;
 use crate::trace::{SDim, Sym, TraceError, Tracer};
 
+pub mod blocks;
+/// Gemma 2 and 3.
+pub mod gemma;
 pub mod llama;
 
 /// Encoded weights by canonical source name (`blk.0.attn_q.weight`, ...).
@@ -46,12 +49,19 @@ pub struct ArchOptions {
     pub kv_dtype: DType,
 }
 
+/// The architectures [`build`] takes.
+pub const SUPPORTED: &[&str] = &[
+    "gemma2", "gemma3", "llama", "mistral", "phi3", "qwen2", "qwen3", "smollm3",
+];
+
 /// Builds the step graph for `cfg.architecture`.
 pub fn build(cfg: &ModelConfig, w: &Weights, opts: &ArchOptions) -> Result<Graph, TraceError> {
     match cfg.architecture.as_str() {
         "llama" | "mistral" | "phi3" | "qwen2" | "qwen3" | "smollm3" => llama::build(cfg, w, opts),
+        "gemma2" | "gemma3" => gemma::build(cfg, w, opts),
         other => Err(TraceError::Model(format!(
-            "unsupported architecture `{other}`"
+            "unsupported architecture `{other}` (supported: {})",
+            SUPPORTED.join(", ")
         ))),
     }
 }

@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 
 use super::{canonical, ModelConfig, SourceError, SourceTensor};
 
-/// Checks the presence and shape of every tensor a llama/qwen2/qwen3 decoder needs, and that no q/k
-/// norm weights come with an architecture that would not apply them.
+/// Checks the presence and shape of every tensor the decoder needs, and that no q/k norms or Gemma
+/// post-norms come with an architecture that would not apply them.
 pub(crate) fn check_tensors(
     path: &str,
     c: &ModelConfig,
@@ -58,6 +58,20 @@ pub(crate) fn check_tensors(
                     path: path.into(),
                     what: format!(
                         "tensor `{}` (q/k norms) in a `{}` model",
+                        b(norm),
+                        c.architecture
+                    ),
+                });
+            }
+        }
+        for norm in ["post_attention_norm.weight", "post_ffw_norm.weight"] {
+            if c.gemma.is_some() {
+                want(&b(norm), vec![h])?;
+            } else if tensors.contains_key(&b(norm)) {
+                return Err(SourceError::Unsupported {
+                    path: path.into(),
+                    what: format!(
+                        "tensor `{}` (a norm after attention or the MLP) in a `{}` model",
                         b(norm),
                         c.architecture
                     ),

@@ -12,7 +12,7 @@ use bytes::Bytes;
 
 use super::check;
 use super::tokenizer::{self, GgufVocab};
-use super::{ModelConfig, RopeScaling, SourceDType, SourceError, SourceModel, SourceTensor};
+use super::{Gemma, ModelConfig, RopeScaling, SourceDType, SourceError, SourceModel, SourceTensor};
 
 /// `GGUF` in little-endian byte order.
 const MAGIC: &[u8; 4] = b"GGUF";
@@ -711,6 +711,10 @@ impl<'a> Meta<'a> {
         self.array_opt(key, "a string", |e| e.as_str().map(str::to_owned))
     }
 
+    fn floats_opt(&self, key: &str) -> Result<Option<Vec<f32>>, SourceError> {
+        self.array_opt(key, "a number", |e| e.as_f64().map(|x| x as f32))
+    }
+
     fn ints_opt(&self, key: &str) -> Result<Option<Vec<i32>>, SourceError> {
         self.array_opt(key, "an int32", |e| {
             e.as_i64().and_then(|x| i32::try_from(x).ok())
@@ -756,6 +760,40 @@ pub fn tensors(file: &GgufFile) -> Result<BTreeMap<String, SourceTensor>, Source
     Ok(tensors)
 }
 
+/// The tokenizer of a parsed GGUF file alone (`tokenizer.json`, BOS, stop ids), whatever its architecture.
+pub fn tokenizer(file: &GgufFile) -> Result<super::TokenizerData, SourceError> {
+    let m = Meta { file };
+    let tokens = m
+        .strings_opt("tokenizer.ggml.tokens")?
+        .ok_or_else(|| m.key_err("tokenizer.ggml.tokens", "missing".into()))?;
+    tokenizer::from_gguf(&file.path, &vocab(&m, tokens)?)
+}
+
+/// The `tokenizer.*` keys the tokenizer is rebuilt from.
+fn vocab(m: &Meta<'_>, tokens: Vec<String>) -> Result<GgufVocab, SourceError> {
+    Ok(GgufVocab {
+        model: m
+            .str_opt("tokenizer.ggml.model")?
+            .ok_or_else(|| m.key_err("tokenizer.ggml.model", "missing".into()))?
+            .to_string(),
+        pre: m.str_opt("tokenizer.ggml.pre")?.map(str::to_owned),
+        tokens,
+        token_types: m.ints_opt("tokenizer.ggml.token_type")?,
+        merges: m.strings_opt("tokenizer.ggml.merges")?,
+        scores: m.floats_opt("tokenizer.ggml.scores")?,
+        add_space_prefix: m.bool_opt("tokenizer.ggml.add_space_prefix")?,
+        bos_id: m.u32_opt("tokenizer.ggml.bos_token_id")?,
+        eos_id: m.u32_opt("tokenizer.ggml.eos_token_id")?,
+        eot_id: m.u32_opt("tokenizer.ggml.eot_token_id")?,
+        eom_id: m.u32_opt("tokenizer.ggml.eom_token_id")?,
+        unk_id: m.u32_opt("tokenizer.ggml.unknown_token_id")?,
+        pad_id: m.u32_opt("tokenizer.ggml.padding_token_id")?,
+        add_bos: m.bool_opt("tokenizer.ggml.add_bos_token")?,
+        add_eos: m.bool_opt("tokenizer.ggml.add_eos_token")?,
+        chat_template: m.str_opt("tokenizer.chat_template")?.map(str::to_owned),
+    })
+}
+
 /// Interprets a parsed GGUF file as a decoder-only model.
 pub fn into_model(file: &GgufFile) -> Result<SourceModel, SourceError> {
     let path = file.path.as_str();
@@ -770,6 +808,8 @@ pub fn into_model(file: &GgufFile) -> Result<SourceModel, SourceError> {
         "qwen2" => (true, false),
         // qwen3: rotate_half, no biases, RMSNorm on each head's q and k.
         "qwen3" => (false, false),
+        // gemma2/gemma3: rotate_half (rope type NEOX), no biases.
+        "gemma2" | "gemma3" => (false, false),
         other => return Err(unsupported(path, format!("architecture `{other}`"))),
     };
 
@@ -864,32 +904,21 @@ pub fn into_model(file: &GgufFile) -> Result<SourceModel, SourceError> {
         attention_bias: attention_bias_required
             || tensors.contains_key(&super::canonical::blk(0, "attn_q.bias")),
         rope_interleaved,
-        qk_norm: arch == "qwen3",
+        qk_norm: matches!(arch, "qwen3" | "gemma3"),
         no_rope_layers: Vec::new(),
-        sliding_window: None,
+        sliding_window: match arch {
+            "gemma2" | "gemma3" => Some(m.positive(&k("attention.sliding_window"))?),
+            _ => None,
+        },
+        gemma: match arch {
+            "gemma2" | "gemma3" => Some(gemma(&m, arch, num_layers, head_dim)?),
+            _ => None,
+        },
     };
     check::check_tensors(path, &config, &tensors)?;
 
-    let vocab = GgufVocab {
-        model: m
-            .str_opt("tokenizer.ggml.model")?
-            .ok_or_else(|| m.key_err("tokenizer.ggml.model", "missing".into()))?
-            .to_string(),
-        pre: m.str_opt("tokenizer.ggml.pre")?.map(str::to_owned),
-        tokens: tokens.ok_or_else(|| m.key_err("tokenizer.ggml.tokens", "missing".into()))?,
-        token_types: m.ints_opt("tokenizer.ggml.token_type")?,
-        merges: m.strings_opt("tokenizer.ggml.merges")?,
-        scores: None,
-        bos_id: m.u32_opt("tokenizer.ggml.bos_token_id")?,
-        eos_id: m.u32_opt("tokenizer.ggml.eos_token_id")?,
-        eot_id: m.u32_opt("tokenizer.ggml.eot_token_id")?,
-        eom_id: m.u32_opt("tokenizer.ggml.eom_token_id")?,
-        unk_id: m.u32_opt("tokenizer.ggml.unknown_token_id")?,
-        pad_id: m.u32_opt("tokenizer.ggml.padding_token_id")?,
-        add_bos: m.bool_opt("tokenizer.ggml.add_bos_token")?,
-        add_eos: m.bool_opt("tokenizer.ggml.add_eos_token")?,
-        chat_template: m.str_opt("tokenizer.chat_template")?.map(str::to_owned),
-    };
+    let tokens = tokens.ok_or_else(|| m.key_err("tokenizer.ggml.tokens", "missing".into()))?;
+    let vocab = vocab(&m, tokens)?;
     if vocab.tokens.len() != vocab_size {
         return Err(m.key_err(
             "tokenizer.ggml.tokens",
@@ -904,6 +933,44 @@ pub fn into_model(file: &GgufFile) -> Result<SourceModel, SourceError> {
         tensors,
         tokenizer,
         generation: None,
+    })
+}
+
+/// Gemma's parameters as llama.cpp reads them: every `n`-th layer global (`n` from
+/// `attention.sliding_window_pattern` where the file has it, else llama.cpp's fixed 6 for Gemma 3 and 2
+/// for Gemma 2), Gemma 3's local layers on base 10,000, scores scaled by `1/sqrt(head_dim)`, and
+/// Gemma 2's soft caps. The norms are stored as `1 + w` already.
+fn gemma(m: &Meta<'_>, arch: &str, layers: usize, head_dim: usize) -> Result<Gemma, SourceError> {
+    let k = |s: &str| format!("{arch}.{s}");
+    let every = match m.usize_opt(&k("attention.sliding_window_pattern"))? {
+        Some(0) => {
+            return Err(m.key_err(
+                &k("attention.sliding_window_pattern"),
+                "must be positive".into(),
+            ))
+        }
+        Some(n) => n,
+        None if arch == "gemma3" => 6,
+        None => 2,
+    };
+    let softcap = |key: &str| -> Result<Option<f32>, SourceError> {
+        match m.f32_opt(&k(key))? {
+            Some(c) if !(c.is_finite() && c > 0.0) => {
+                Err(m.key_err(&k(key), format!("must be positive, got {c}")))
+            }
+            c => Ok(c),
+        }
+    };
+    Ok(Gemma {
+        norm_offset: 0.0,
+        global_layers: (0..layers).filter(|i| i % every == every - 1).collect(),
+        local_rope_theta: match arch {
+            "gemma3" => 10_000.0,
+            _ => m.f32_opt(&k("rope.freq_base"))?.unwrap_or(10_000.0),
+        },
+        attn_scale: 1.0 / (head_dim as f32).sqrt(),
+        attn_softcap: softcap("attn_logit_softcapping")?,
+        final_softcap: softcap("final_logit_softcapping")?,
     })
 }
 
@@ -996,6 +1063,7 @@ mod tests {
     }
 
     /// A tensor for the test writer: name, `ne` (innermost first), ggml type, bytes.
+    #[derive(Clone)]
     struct T {
         name: String,
         ne: Vec<u64>,
@@ -1270,6 +1338,83 @@ mod tests {
         }
     }
 
+    /// Gemma 3: q/k norms and the two post-norms required, every 6th layer global unless the file
+    /// says, local layers on base 10,000, scores scaled by 1/sqrt(head_dim), no soft caps; Gemma 2
+    /// takes its soft caps from the file and alternates.
+    #[test]
+    fn gemma_layers_norms_and_caps() {
+        let mut ts = tensors(false);
+        for i in 0..LAYERS {
+            for n in ["attn_q_norm", "attn_k_norm"] {
+                ts.push(tensor(&format!("blk.{i}.{n}.weight"), &[HEAD_DIM], 0, 50));
+            }
+        }
+        let with_post = |mut ts: Vec<T>| {
+            for i in 0..LAYERS {
+                for n in ["post_attention_norm", "post_ffw_norm"] {
+                    ts.push(tensor(&format!("blk.{i}.{n}.weight"), &[HIDDEN], 0, 51));
+                }
+            }
+            ts
+        };
+        let gemma = |arch: &str, extra: &[(&str, V)]| {
+            let mut kvs = metadata(arch);
+            kvs.push((format!("{arch}.attention.sliding_window"), V::U32(4)));
+            kvs.extend(
+                extra
+                    .iter()
+                    .map(|(k, v)| (format!("{arch}.{k}"), v.clone())),
+            );
+            kvs
+        };
+        // the post-norms are required
+        let e = load(build(&gemma("gemma3", &[]), &ts)).expect_err("post-norms required");
+        assert!(
+            matches!(&e, SourceError::MissingTensor { tensor, .. } if tensor == "blk.0.post_attention_norm.weight"),
+            "{e}"
+        );
+        let m = load(build(&gemma("gemma3", &[]), &with_post(ts.clone()))).expect("gemma3 loads");
+        let g = m.config.gemma.as_ref().expect("gemma parameters");
+        assert!(m.config.qk_norm && !m.config.rope_interleaved);
+        assert_eq!(m.config.sliding_window, Some(4));
+        let every6: Vec<usize> = (0..LAYERS).filter(|i| i % 6 == 5).collect();
+        assert_eq!(g.global_layers, every6);
+        assert_eq!((g.local_rope_theta, g.norm_offset), (10_000.0, 0.0));
+        assert_eq!(g.attn_scale, 1.0 / (HEAD_DIM as f32).sqrt());
+        assert_eq!((g.attn_softcap, g.final_softcap), (None, None));
+        // a pattern in the file wins
+        let kvs = gemma("gemma3", &[("attention.sliding_window_pattern", V::U32(2))]);
+        let m = load(build(&kvs, &with_post(ts.clone()))).expect("gemma3 loads");
+        let every2: Vec<usize> = (0..LAYERS).filter(|i| i % 2 == 1).collect();
+        assert_eq!(m.config.gemma.unwrap().global_layers, every2);
+        // gemma2: no q/k norms, soft caps, every second layer global
+        let caps = [
+            ("attn_logit_softcapping", V::F32(50.0)),
+            ("final_logit_softcapping", V::F32(30.0)),
+        ];
+        let m = load(build(&gemma("gemma2", &caps), &with_post(tensors(false)))).expect("gemma2");
+        let g = m.config.gemma.unwrap();
+        assert_eq!((g.attn_softcap, g.final_softcap), (Some(50.0), Some(30.0)));
+        assert_eq!(g.global_layers, every2);
+        // a bad cap and a missing window are errors naming the key
+        let bad = [("final_logit_softcapping", V::F32(-1.0))];
+        match load(build(&gemma("gemma2", &bad), &with_post(tensors(false)))) {
+            Err(SourceError::Key { key, .. }) => assert_eq!(key, "gemma2.final_logit_softcapping"),
+            other => panic!("{other:?}"),
+        }
+        match load(build(&metadata("gemma3"), &with_post(ts))) {
+            Err(SourceError::Key { key, .. }) => assert_eq!(key, "gemma3.attention.sliding_window"),
+            other => panic!("{other:?}"),
+        }
+        // post-norms in a llama file are refused
+        match load(build(&metadata("llama"), &with_post(tensors(false)))) {
+            Err(SourceError::Unsupported { what, .. }) => {
+                assert!(what.contains("post_attention_norm"))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn every_truncation_is_an_error() {
         let bytes = build(&metadata("llama"), &tensors(false));
@@ -1529,12 +1674,12 @@ mod tests {
         let mut kvs = metadata("llama");
         for (k, v) in kvs.iter_mut() {
             if k == "tokenizer.ggml.model" {
-                *v = s("llama");
+                *v = s("t5");
             }
         }
         match load(build(&kvs, &tensors(false))) {
             Err(SourceError::Unsupported { what, .. }) => {
-                assert!(what.contains("`llama`"), "{what}")
+                assert!(what.contains("`t5`"), "{what}")
             }
             other => panic!("{other:?}"),
         }

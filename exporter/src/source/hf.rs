@@ -13,8 +13,8 @@ use serde_json::Value;
 
 use super::check;
 use super::{
-    canonical, ModelConfig, RopeScaling, SourceDType, SourceError, SourceModel, SourceTensor,
-    TokenizerData,
+    canonical, Gemma, ModelConfig, RopeScaling, SourceDType, SourceError, SourceModel,
+    SourceTensor, TokenizerData,
 };
 
 fn show(p: &Path) -> String {
@@ -85,6 +85,20 @@ struct HfConfig {
     no_rope_layers: Option<Vec<u8>>,
     /// smollm3: every n-th layer has no rotary embedding when `no_rope_layers` is absent (default 4).
     no_rope_layer_interval: Option<usize>,
+    /// gemma: the MLP's activation (`gelu_pytorch_tanh`).
+    hidden_activation: Option<String>,
+    /// gemma: the attention scale is this to the power −½.
+    query_pre_attn_scalar: Option<f64>,
+    /// gemma2: soft cap of the attention scores.
+    attn_logit_softcapping: Option<f64>,
+    /// gemma2: soft cap of the logits.
+    final_logit_softcapping: Option<f64>,
+    /// gemma: `sliding_attention` or `full_attention` per layer.
+    layer_types: Option<Vec<String>>,
+    /// gemma3 (older configs): every n-th layer is global (default 6).
+    sliding_window_pattern: Option<usize>,
+    /// gemma3 (transformers 4.x): rotary base of the sliding-window layers (default 10,000).
+    rope_local_base_freq: Option<f64>,
     bos_token_id: Option<Value>,
     eos_token_id: Option<Value>,
 }
@@ -115,7 +129,7 @@ pub fn read(dir: &Path) -> Result<SourceModel, SourceError> {
             tensors.extend(parts);
             continue;
         }
-        let Some(canon) = canonical_name(&name) else {
+        let Some(canon) = canonical_name(&name, config.gemma.is_some()) else {
             if name.ends_with("rotary_emb.inv_freq") {
                 continue;
             }
@@ -152,6 +166,16 @@ fn model_config(path: &Path, c: &HfConfig) -> Result<ModelConfig, SourceError> {
         (Some("qwen2"), _) | (None, Some("Qwen2ForCausalLM")) => "qwen2",
         (Some("qwen3"), _) | (None, Some("Qwen3ForCausalLM")) => "qwen3",
         (Some("smollm3"), _) | (None, Some("SmolLM3ForCausalLM")) => "smollm3",
+        (Some("gemma2"), _) | (None, Some("Gemma2ForCausalLM")) => "gemma2",
+        (Some("gemma3_text"), _) | (None, Some("Gemma3ForCausalLM")) => "gemma3",
+        (Some("gemma3"), _) => {
+            return Err(SourceError::Unsupported {
+                path: show(path),
+                what: "model_type `gemma3` (the multimodal Gemma 3; its text model, \
+                       model_type `gemma3_text`, is supported)"
+                    .into(),
+            })
+        }
         (Some(other), _) | (None, Some(other)) => {
             return Err(SourceError::Unsupported {
                 path: show(path),
@@ -193,11 +217,19 @@ fn model_config(path: &Path, c: &HfConfig) -> Result<ModelConfig, SourceError> {
             ))
         }
     };
-    if let Some(act) = c.hidden_act.as_deref() {
-        if act != "silu" {
+    let gemma = arch.starts_with("gemma");
+    let act_key = if gemma && c.hidden_activation.is_some() {
+        "hidden_activation"
+    } else {
+        "hidden_act"
+    };
+    let act = c.hidden_activation.as_deref().filter(|_| gemma);
+    if let Some(act) = act.or(c.hidden_act.as_deref()) {
+        let want = if gemma { "gelu_pytorch_tanh" } else { "silu" };
+        if act != want && !(gemma && act == "gelu_tanh") {
             return Err(SourceError::Unsupported {
                 path: show(path),
-                what: format!("hidden_act `{act}`"),
+                what: format!("{act_key} `{act}` (a `{arch}` model takes `{want}`)"),
             });
         }
     }
@@ -216,7 +248,10 @@ fn model_config(path: &Path, c: &HfConfig) -> Result<ModelConfig, SourceError> {
     let rms_eps = c
         .rms_norm_eps
         .ok_or_else(|| key_err(path, "rms_norm_eps", "missing"))? as f32;
-    let (rope_theta, rope_scaling) = rope(path, c)?;
+    // gemma3 in transformers 5 keeps one rope_parameters entry per layer kind
+    let params = c.rope_parameters.as_ref().filter(|v| !v.is_null());
+    let global_params = params.map(|p| p.get("full_attention").unwrap_or(p));
+    let (rope_theta, rope_scaling) = rope(path, c, global_params)?;
     if let Some(RopeScaling::LongRope {
         short_factor,
         long_factor,
@@ -272,16 +307,97 @@ fn model_config(path: &Path, c: &HfConfig) -> Result<ModelConfig, SourceError> {
         tie_word_embeddings: false, // decided by the caller, which sees the tensors
         attention_bias: arch == "qwen2" || c.attention_bias == Some(true),
         rope_interleaved: false,
-        qk_norm: arch == "qwen3",
+        qk_norm: matches!(arch, "qwen3" | "gemma3"),
         no_rope_layers,
         // qwen2/qwen3 write a `sliding_window` that only `use_sliding_window` (refused above) enables
         sliding_window: match (arch, c.sliding_window) {
-            ("mistral" | "phi3", Some(0)) => {
+            ("mistral" | "phi3" | "gemma2" | "gemma3", Some(0)) => {
                 return Err(key_err(path, "sliding_window", "must be positive"))
             }
-            ("mistral" | "phi3", w) => w,
+            ("gemma2" | "gemma3", None) => {
+                return Err(key_err(
+                    path,
+                    "sliding_window",
+                    "missing (Gemma's local layers need it)",
+                ))
+            }
+            ("mistral" | "phi3" | "gemma2" | "gemma3", w) => w,
             _ => None,
         },
+        gemma: match gemma {
+            true => Some(gemma_config(path, c, arch, num_layers, head_dim, params)?),
+            false => None,
+        },
+    })
+}
+
+/// Gemma's parameters from config.json: the global layers (`layer_types`, else every
+/// `sliding_window_pattern`-th for Gemma 3 — default 6 — and every second for Gemma 2), the local rotary
+/// base, the attention scale and the soft caps. Norm weights get 1 added (they scale by `1 + w`).
+fn gemma_config(
+    path: &Path,
+    c: &HfConfig,
+    arch: &str,
+    layers: usize,
+    head_dim: usize,
+    params: Option<&Value>,
+) -> Result<Gemma, SourceError> {
+    let global_layers = match (&c.layer_types, c.sliding_window_pattern) {
+        (Some(types), _) => {
+            if types.len() != layers {
+                return Err(key_err(
+                    path,
+                    "layer_types",
+                    format!("{} entries for {layers} layers", types.len()),
+                ));
+            }
+            let mut global = Vec::new();
+            for (i, ty) in types.iter().enumerate() {
+                match ty.as_str() {
+                    "full_attention" => global.push(i),
+                    "sliding_attention" => {}
+                    other => {
+                        return Err(key_err(
+                            path,
+                            "layer_types",
+                            format!("layer {i}: unknown kind `{other}`"),
+                        ))
+                    }
+                }
+            }
+            global
+        }
+        (None, Some(0)) => return Err(key_err(path, "sliding_window_pattern", "must be positive")),
+        (None, n) => {
+            let n = n.unwrap_or(if arch == "gemma3" { 6 } else { 2 });
+            (0..layers).filter(|i| i % n == n - 1).collect()
+        }
+    };
+    let local_theta = params
+        .and_then(|p| p.get("sliding_attention"))
+        .and_then(|p| p.get("rope_theta"))
+        .and_then(Value::as_f64)
+        .or(c.rope_local_base_freq);
+    let local_rope_theta = match (arch, local_theta) {
+        (_, Some(t)) => t as f32,
+        ("gemma3", None) => 10_000.0,
+        _ => rope(path, c, params)?.0,
+    };
+    let scalar = c.query_pre_attn_scalar.unwrap_or(head_dim as f64);
+    if !(scalar.is_finite() && scalar > 0.0) {
+        return Err(key_err(path, "query_pre_attn_scalar", "must be positive"));
+    }
+    let cap = |v: Option<f64>, key: &str| match v {
+        Some(c) if !(c.is_finite() && c > 0.0) => Err(key_err(path, key, "must be positive")),
+        v => Ok(v.map(|c| c as f32)),
+    };
+    Ok(Gemma {
+        norm_offset: 1.0,
+        global_layers,
+        local_rope_theta,
+        attn_scale: scalar.powf(-0.5) as f32,
+        attn_softcap: cap(c.attn_logit_softcapping, "attn_logit_softcapping")?,
+        final_softcap: cap(c.final_logit_softcapping, "final_logit_softcapping")?,
     })
 }
 
@@ -303,8 +419,11 @@ fn no_rope_layers(path: &Path, c: &HfConfig, layers: usize) -> Result<Vec<usize>
 }
 
 /// RoPE base and scaling, from `rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling`.
-fn rope(path: &Path, c: &HfConfig) -> Result<(f32, Option<RopeScaling>), SourceError> {
-    let params = c.rope_parameters.as_ref().filter(|v| !v.is_null());
+fn rope(
+    path: &Path,
+    c: &HfConfig,
+    params: Option<&Value>,
+) -> Result<(f32, Option<RopeScaling>), SourceError> {
     let scaling = params.or(c.rope_scaling.as_ref().filter(|v| !v.is_null()));
     let key = if params.is_some() {
         "rope_parameters"
@@ -443,8 +562,10 @@ fn split_fused(
     ))
 }
 
-/// HF tensor name → canonical name, or `None` for names we do not know.
-fn canonical_name(name: &str) -> Option<String> {
+/// HF tensor name → canonical name, or `None` for names we do not know. Gemma's four norms a layer
+/// take llama.cpp's Gemma names (its `post_attention_layernorm` follows the attention; llama's precedes
+/// the MLP).
+fn canonical_name(name: &str, gemma: bool) -> Option<String> {
     match name {
         "model.embed_tokens.weight" => return Some(canonical::TOKEN_EMBD.into()),
         "model.norm.weight" => return Some(canonical::OUTPUT_NORM.into()),
@@ -456,6 +577,15 @@ fn canonical_name(name: &str) -> Option<String> {
     let i: usize = idx.parse().ok()?;
     if i.to_string() != idx {
         return None; // "01", "+1": not a layer index HF writes
+    }
+    let gemma_norm = match suffix {
+        "post_attention_layernorm.weight" => Some("post_attention_norm.weight"),
+        "pre_feedforward_layernorm.weight" => Some("ffn_norm.weight"),
+        "post_feedforward_layernorm.weight" => Some("post_ffw_norm.weight"),
+        _ => None,
+    };
+    if let Some(s) = gemma_norm.filter(|_| gemma) {
+        return Some(canonical::blk(i, s));
     }
     let s = match suffix {
         "input_layernorm.weight" => "attn_norm.weight",
@@ -1035,7 +1165,7 @@ mod tests {
         assert!(!c.tie_word_embeddings && !c.rope_interleaved && !c.attention_bias);
         assert_eq!(m.tensors.len(), ts.len());
         for (name, _, shape, bytes) in &ts {
-            let canon = canonical_name(name).expect("known name");
+            let canon = canonical_name(name, false).expect("known name");
             let t = &m.tensors[&canon];
             assert_eq!(t.dtype, SourceDType::BF16);
             assert_eq!(&t.shape, shape, "{name}");
@@ -1199,7 +1329,7 @@ mod tests {
                 "rope_scaling": {"type": "longrope", "short_factor": [1, 2], "long_factor": [3, 4]}}"#,
         )
         .unwrap();
-        let (theta, s) = rope(Path::new("config.json"), &c).unwrap();
+        let (theta, s) = rope(Path::new("config.json"), &c, None).unwrap();
         let Some(RopeScaling::LongRope {
             short_factor,
             long_factor,

@@ -104,7 +104,7 @@ pub struct SourceTensor {
 /// Architecture hyper-parameters, named as in HF `config.json`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
-    /// `llama`, `mistral`, `phi3`, `qwen2`, `qwen3` or `smollm3`.
+    /// `gemma2`, `gemma3`, `llama`, `mistral`, `phi3`, `qwen2`, `qwen3` or `smollm3`.
     pub architecture: String,
     /// Hidden size.
     pub hidden_size: usize,
@@ -138,9 +138,30 @@ pub struct ModelConfig {
     pub qk_norm: bool,
     /// Layers whose attention applies no rotary embedding (smollm3's "NoPE" layers), ascending.
     pub no_rope_layers: Vec<usize>,
-    /// Every layer attends only keys less than this many positions behind the query (mistral's
-    /// `sliding_window`).
+    /// Layers attend only keys less than this many positions behind the query (mistral's
+    /// `sliding_window`: every layer; Gemma's: all but [`Gemma::global_layers`]).
     pub sliding_window: Option<usize>,
+    /// What Gemma 2 and 3 add to the decoder (`None` for every other family).
+    pub gemma: Option<Gemma>,
+}
+
+/// Gemma's hyper-parameters beyond the llama decoder's.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Gemma {
+    /// Added to every RMSNorm weight: 1 for Hugging Face checkpoints (Gemma's norms scale by `1 + w`),
+    /// 0 for GGUF (llama.cpp's converter stores `1 + w`).
+    pub norm_offset: f32,
+    /// Layers that attend the whole context; the others attend the sliding window.
+    pub global_layers: Vec<usize>,
+    /// RoPE base of the sliding-window layers (Gemma 3's `rope_local_base_freq`; Gemma 2: the global
+    /// base). The global layers use `rope_theta` and `rope_scaling`.
+    pub local_rope_theta: f32,
+    /// Attention scores' scale (`query_pre_attn_scalar^-0.5`).
+    pub attn_scale: f32,
+    /// Gemma 2's soft cap on attention scores (`c·tanh(s/c)`).
+    pub attn_softcap: Option<f32>,
+    /// Gemma 2's soft cap on the logits.
+    pub final_softcap: Option<f32>,
 }
 
 /// RoPE scaling variants.
@@ -211,8 +232,9 @@ pub struct SourceModel {
 /// Canonical tensor names every reader maps its own names to (llama.cpp's GGUF names):
 /// `token_embd.weight`, `output_norm.weight`, `output.weight` (absent when tied), and per layer `blk.{i}.`
 /// followed by `attn_norm.weight`, `attn_q.weight`, `attn_k.weight`, `attn_v.weight`, `attn_output.weight`,
-/// `attn_q.bias`, `attn_k.bias`, `attn_v.bias` (qwen2), `ffn_norm.weight`, `ffn_gate.weight`,
-/// `ffn_up.weight`, `ffn_down.weight`.
+/// `attn_q.bias`, `attn_k.bias`, `attn_v.bias` (qwen2), `attn_q_norm.weight`, `attn_k_norm.weight`
+/// (qwen3, gemma3), `post_attention_norm.weight`, `post_ffw_norm.weight` (gemma), `ffn_norm.weight`,
+/// `ffn_gate.weight`, `ffn_up.weight`, `ffn_down.weight`.
 pub mod canonical {
     /// Token embedding table `[vocab, hidden]`.
     pub const TOKEN_EMBD: &str = "token_embd.weight";
