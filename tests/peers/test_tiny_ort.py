@@ -80,8 +80,7 @@ def test_tiny_plan(name):
     want = {"cache_attention": layers, "silu_gate": layers, "linear": 7 * layers + 1, "embedding": 1,
             "token_choice": 1, "residual": 2 * layers}
     if name.startswith("gemma"):
-        # Gemma's residual adds follow a norm (no linear epilogue) and its GeLU gate runs as generic
-        # Gelu + Mul; Gemma 2's soft-capped attention runs as the generic Attention op.
-        want.update(silu_gate=0, residual=0, cache_attention=layers if name == "gemma3" else 0)
+        # Gemma's residual adds follow a norm (no linear epilogue) and its gate is GELU-tanh.
+        want.update(silu_gate=0, gelu_gate=layers, residual=0)
     assert {k: plan[k] for k in want} == want, f"{name}: {plan}"
     print(f"\n[tiny] {name} plan: {plan}")

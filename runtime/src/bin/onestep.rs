@@ -530,7 +530,7 @@ fn cmd_bench(
     let ps = model_arc.plan_stats();
     let plan_json = serde_json::json!({
         "generic_steps": ps.generic, "linear": ps.linear, "cache_attention": ps.cache_attention,
-        "silu_gate": ps.silu_gate, "embedding": ps.embedding, "embedding_tied": ps.embedding_tied,
+        "silu_gate": ps.silu_gate, "gelu_gate": ps.gelu_gate, "embedding": ps.embedding, "embedding_tied": ps.embedding_tied,
         "token_choice": ps.token_choice,
         "linear_bias": ps.linear_bias, "residual": ps.residual, "folded": ps.folded, "removed": ps.removed,
     });

@@ -12,8 +12,8 @@ use crate::graph::DType;
 type Part = (usize, ValId, usize, Option<usize>);
 
 /// Binds node `ni` to a cache attention when it attends over `Concat(cache, new)` for both K and V
-/// with no attributes but `scale` (not causal: the mask says) and no inputs past the mask; whether it
-/// did.
+/// with no attributes but `scale` and `softcap` (not causal: the mask says) and no inputs past the
+/// mask; whether it did.
 pub(super) fn cache_attention(p: &mut Planning, ni: usize) -> Result<bool> {
     let n = &p.graph.nodes[ni];
     let ins = &p.node_in[ni];
@@ -21,8 +21,11 @@ pub(super) fn cache_attention(p: &mut Planning, ni: usize) -> Result<bool> {
         return Ok(false);
     }
     let extra = ins.len() > 4 && ins[4..].iter().any(|v| v.is_some());
-    let plain =
-        n.attrs.keys().all(|k| k == "scale" || k == "is_causal") && n.attr_int("is_causal", 0) == 0;
+    let plain = n
+        .attrs
+        .keys()
+        .all(|k| matches!(k.as_str(), "scale" | "softcap" | "is_causal"))
+        && n.attr_int("is_causal", 0) == 0;
     let parts: Vec<Part> = ins[1..3]
         .iter()
         .map_while(|&kv| concat_part(p, ni, kv?))
@@ -173,6 +176,17 @@ mod tests {
             s,
             Step::Node { node, .. } if matches!(p.graph.nodes[*node].op.as_str(), "Concat" | "Transpose")
         )));
+    }
+
+    /// A soft cap (Gemma 2) is the kernels' too: the attention is fused (the kernels' agreement with
+    /// the generic op is in `backend::cpu::attention` and `backend::gpu::attention`'s tests). An
+    /// attribute the kernels do not know keeps it generic.
+    #[test]
+    fn a_soft_capped_attention_is_fused_an_unknown_attribute_is_not() {
+        let p = layer(&[("scale", Attr::Float(0.5)), ("softcap", Attr::Float(50.0))]);
+        assert_eq!(p.stats.cache_attention, 1);
+        let p = layer(&[("qk_matmul_output_mode", Attr::Int(1))]);
+        assert_eq!(p.stats.cache_attention, 0);
     }
 
     /// A causal attention (the mask is the contract's) stays generic.

@@ -206,8 +206,8 @@ pub enum Step {
         /// Output `[.., N]`.
         out: ValId,
     },
-    /// `SiLU(g)·u` fused (the gated MLP's activation).
-    SiluGate(SiluGate),
+    /// `act(g)·u` fused (the gated MLP's activation).
+    Gate(Gate),
     /// The token embedding: rows of a table gathered by the token ids and decoded.
     Embedding(Embedding),
     /// The token choice after its `TopK`: softmax, nucleus, draw (see [`TokenChoice`]).
@@ -257,17 +257,28 @@ impl Default for PlanOptions {
     }
 }
 
-/// Gated MLP activation `Mul(Mul(g, Sigmoid(g)), u)` as one kernel (SiLU(g)·u).
+/// The gated MLP's activation as one kernel: `act(g)·u`.
 #[derive(Debug)]
-pub struct SiluGate {
+pub struct Gate {
     /// Index of the outer `Mul` node.
     pub node: usize,
+    /// The activation.
+    pub act: GateAct,
     /// Gate input.
     pub g: ValId,
     /// Up input.
     pub u: ValId,
     /// Output.
     pub out: ValId,
+}
+
+/// A gate's activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GateAct {
+    /// `Mul(Mul(g, Sigmoid(g)), u)`: SiLU (llama's SwiGLU).
+    Silu,
+    /// `Mul(Gelu(g, approximate="tanh"), u)`: GELU-tanh (Gemma's GeGLU).
+    GeluTanh,
 }
 
 /// The token embedding: `out[i..] = decode(W[ids[i..]])`, `[ids.., K]` f32, as proven at plan time
@@ -356,8 +367,10 @@ pub struct PlanStats {
     pub linear: usize,
     /// Attention steps reading the cache in place.
     pub cache_attention: usize,
-    /// Fused gated-MLP activations.
+    /// Fused gated-MLP activations: SiLU gates.
     pub silu_gate: usize,
+    /// GELU-tanh gates.
+    pub gelu_gate: usize,
     /// Token embeddings bound to their table (and of those, tied to an output layer's weights).
     pub embedding: usize,
     /// Embeddings sharing their table with an output layer.
@@ -388,7 +401,7 @@ const NODE_PASSES: &[NodePass] = &[
     linear::layer,
     linear::bias,
     residual::residual,
-    gate::silu_gate,
+    gate::gate,
     attention::cache_attention,
 ];
 
@@ -480,7 +493,7 @@ impl Step {
                 r.extend(residual.map(|r| r.other));
                 r
             }
-            Step::SiluGate(sg) => vec![sg.g, sg.u],
+            Step::Gate(sg) => vec![sg.g, sg.u],
             Step::Embedding(e) => vec![e.ids],
             Step::TokenChoice(c) => vec![c.vals, c.idx, c.k, c.top_p, c.u],
             Step::CacheAttention { q, new, mask, .. } => {
@@ -496,7 +509,7 @@ impl Step {
         match self {
             Step::Node { outputs, .. } => outputs.clone(),
             Step::Linear { out, .. }
-            | Step::SiluGate(SiluGate { out, .. })
+            | Step::Gate(Gate { out, .. })
             | Step::Embedding(Embedding { out, .. })
             | Step::TokenChoice(TokenChoice { out, .. })
             | Step::CacheAttention { out, .. } => vec![*out],
@@ -508,7 +521,10 @@ impl Step {
         match self {
             Step::Node { node, .. } => graph.nodes[*node].op.as_str(),
             Step::Linear { .. } => "[linear]",
-            Step::SiluGate(_) => "[silu gate]",
+            Step::Gate(Gate {
+                act: GateAct::Silu, ..
+            }) => "[silu gate]",
+            Step::Gate(_) => "[gelu gate]",
             Step::Embedding(_) => "[embedding]",
             Step::TokenChoice(_) => "[token choice]",
             Step::CacheAttention { .. } => "[cache attention]",

@@ -3,7 +3,7 @@
 //! [`attention_cached`]: query `t` (absolute position `p + t`) attends to the past cache slots `0..p` —
 //! slots `≥ p` are never read — and to the new rows `0..=t` (causal among themselves). Grouped-query
 //! attention: query head `h` uses KV head `h / (H / KVH)`. Scores are scaled by `1/√D` unless a scale is
-//! given. The softmax is computed online over blocks of 64 keys (running max and sum, rescaling the
+//! given, then soft-capped where a cap is given ([`Scores`]). The softmax is computed online over blocks of 64 keys (running max and sum, rescaling the
 //! accumulator once per block), so no `[T, S]` score matrix is ever materialized and the result is
 //! stable for any score magnitudes. The past cache may be f32 or f16 ([`KvElement`]); f16 blocks are
 //! converted with `half`'s SIMD slice conversion.
@@ -99,6 +99,51 @@ impl AttnShape {
     }
 }
 
+/// How scores are treated before the softmax: `cap(q·k · scale)`, `cap(x) = c·tanh(x/c)` with the
+/// soft cap `c` where one is set (Gemma 2).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Scores {
+    /// Multiplies `q·k` (`None`: `1/√D`).
+    pub scale: Option<f32>,
+    /// The soft cap (`None`: scores are not capped).
+    pub softcap: Option<f32>,
+}
+
+impl From<Option<f32>> for Scores {
+    fn from(scale: Option<f32>) -> Scores {
+        Scores {
+            scale,
+            softcap: None,
+        }
+    }
+}
+
+/// [`Scores`] resolved for head size `D` (`cap` 0: none).
+#[derive(Debug, Clone, Copy)]
+struct Sc {
+    scale: f32,
+    cap: f32,
+}
+
+impl Sc {
+    fn of(s: Scores, d: usize) -> Sc {
+        Sc {
+            scale: s.scale.unwrap_or(1.0 / (d as f32).sqrt()),
+            cap: s.softcap.filter(|&c| c > 0.0).unwrap_or(0.0),
+        }
+    }
+
+    #[inline]
+    fn apply(self, dot: f32) -> f32 {
+        let x = dot * self.scale;
+        if self.cap > 0.0 {
+            self.cap * (x / self.cap).tanh()
+        } else {
+            x
+        }
+    }
+}
+
 /// Running state of an online softmax over keys.
 struct Online {
     m: f32,
@@ -128,14 +173,7 @@ impl Online {
     }
 
     /// Feeds keys `k`/`v` (`n` rows of `D`, contiguous) with an optional per-key mask (true = attend).
-    fn feed<E: KvElement>(
-        &mut self,
-        q: &[f32],
-        k: &[E],
-        v: &[E],
-        scale: f32,
-        mask: Option<&[bool]>,
-    ) {
+    fn feed<E: KvElement>(&mut self, q: &[f32], k: &[E], v: &[E], sc: Sc, mask: Option<&[bool]>) {
         let d = q.len();
         let n = k.len().checked_div(d).unwrap_or(0);
         let mut j0 = 0;
@@ -154,7 +192,7 @@ impl Online {
                 let s = if mask.is_some_and(|m| !m[j0 + j]) {
                     f32::NEG_INFINITY
                 } else {
-                    simd::dot(q, &kf[j * d..(j + 1) * d]) * scale
+                    sc.apply(simd::dot(q, &kf[j * d..(j + 1) * d]))
                 };
                 self.scores[j] = s;
                 bmax = bmax.max(s);
@@ -195,11 +233,11 @@ impl Online {
         v: &[E],
         n: usize,
         stride: usize,
-        scale: f32,
+        sc: Sc,
     ) {
         let d = q.len();
         if stride == d {
-            self.feed(q, &k[..n * d], &v[..n * d], scale, None);
+            self.feed(q, &k[..n * d], &v[..n * d], sc, None);
             return;
         }
         let mut kb = std::mem::take(&mut self.kbuf);
@@ -212,7 +250,7 @@ impl Online {
                 E::to_f32_slice(&k[at..at + d], &mut kb[j * d..(j + 1) * d]);
                 E::to_f32_slice(&v[at..at + d], &mut vb[j * d..(j + 1) * d]);
             }
-            self.feed(q, &kb[..nb * d], &vb[..nb * d], scale, None);
+            self.feed(q, &kb[..nb * d], &vb[..nb * d], sc, None);
             j0 += nb;
         }
         self.kbuf = kb;
@@ -229,18 +267,18 @@ impl Online {
         new_v: &[f32],
         kvh: usize,
         tt: usize,
-        scale: f32,
+        sc: Sc,
     ) {
         let d = s.head_dim;
         if s.kv_tokens_first {
             for j in 0..=tt {
                 let o = s.new_kv_off(kvh, j);
-                self.feed(q, &new_k[o..o + d], &new_v[o..o + d], scale, None);
+                self.feed(q, &new_k[o..o + d], &new_v[o..o + d], sc, None);
             }
         } else {
             let o = s.new_kv_off(kvh, 0);
             let n = (tt + 1) * d;
-            self.feed(q, &new_k[o..o + n], &new_v[o..o + n], scale, None);
+            self.feed(q, &new_k[o..o + n], &new_v[o..o + n], sc, None);
         }
     }
 
@@ -292,7 +330,7 @@ fn for_rows(
 
 /// Static-cache attention (see the module docs). `q`: `[H, T, D]` (or `[T, H, D]`); `past_k`/`past_v`:
 /// `[KVH, S, D]`; `new_k`/`new_v`: `[KVH, T, D]` (or `[T, KVH, D]`); `position = p ≤ S`; `out`: `[T, H·D]`.
-/// `scale` defaults to `1/√D`.
+/// `scores`: the scale (default `1/√D`) and soft cap ([`Scores`]; `None`/`Some(scale)` convert).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_cached<E: KvElement>(
     q: &[f32],
@@ -302,7 +340,7 @@ pub fn attention_cached<E: KvElement>(
     new_v: &[f32],
     position: usize,
     s: &AttnShape,
-    scale: Option<f32>,
+    scores: impl Into<Scores>,
     out: &mut [f32],
 ) -> KernelResult {
     const K: &str = "attention";
@@ -325,7 +363,7 @@ pub fn attention_cached<E: KvElement>(
     if d == 0 || t == 0 {
         return Ok(());
     }
-    let scale = scale.unwrap_or(1.0 / (d as f32).sqrt());
+    let sc = Sc::of(scores.into(), d);
     let p = position;
     for_rows(out, s, p + t, |tt, h, st, o| {
         let kvh = h / group;
@@ -335,10 +373,10 @@ pub fn attention_cached<E: KvElement>(
             qv,
             &past_k[base..base + p * d],
             &past_v[base..base + p * d],
-            scale,
+            sc,
             None,
         );
-        st.feed_new(s, qv, new_k, new_v, kvh, tt, scale);
+        st.feed_new(s, qv, new_k, new_v, kvh, tt, sc);
         st.finish(o);
     });
     Ok(())
@@ -352,7 +390,7 @@ pub fn attention_masked(
     v: &[f32],
     mask: &[bool],
     s: &AttnShape,
-    scale: Option<f32>,
+    scores: impl Into<Scores>,
     out: &mut [f32],
 ) -> KernelResult {
     const K: &str = "attention_masked";
@@ -367,7 +405,7 @@ pub fn attention_masked(
     if d == 0 || t == 0 {
         return Ok(());
     }
-    let scale = scale.unwrap_or(1.0 / (d as f32).sqrt());
+    let sc = Sc::of(scores.into(), d);
     for_rows(out, s, n, |tt, h, st, o| {
         let base = (h / group) * n * d;
         let qv = &q[s.q_off(h, tt)..s.q_off(h, tt) + d];
@@ -375,7 +413,7 @@ pub fn attention_masked(
             qv,
             &k[base..base + n * d],
             &v[base..base + n * d],
-            scale,
+            sc,
             Some(&mask[tt * n..(tt + 1) * n]),
         );
         st.finish(o);
@@ -390,7 +428,7 @@ pub fn reference_masked(
     v: &[f32],
     mask: &[bool],
     s: &AttnShape,
-    scale: Option<f32>,
+    scores: impl Into<Scores>,
     out: &mut [f32],
 ) -> KernelResult {
     let group = s.check_heads("attention_masked")?;
@@ -400,7 +438,12 @@ pub fn reference_masked(
     check_len("attention_masked", "key", s.kv_heads * n * d, k.len())?;
     check_len("attention_masked", "value", s.kv_heads * n * d, v.len())?;
     check_len("attention_masked", "q", s.heads * t * d, q.len())?;
-    let scale = scale.map_or(1.0 / (d as f64).sqrt(), |x| x as f64);
+    let scores = scores.into();
+    let scale = scores.scale.map_or(1.0 / (d as f64).sqrt(), |x| x as f64);
+    let cap = |x: f64| match scores.softcap {
+        Some(c) if c > 0.0 => c as f64 * (x / c as f64).tanh(),
+        _ => x,
+    };
     for tt in 0..t {
         for h in 0..s.heads {
             let qo = s.q_off(h, tt);
@@ -408,10 +451,10 @@ pub fn reference_masked(
             let scores: Vec<Option<f64>> = (0..n)
                 .map(|j| {
                     mask[tt * n + j].then(|| {
-                        (0..d)
+                        cap((0..d)
                             .map(|i| q[qo + i] as f64 * k[base + j * d + i] as f64)
                             .sum::<f64>()
-                            * scale
+                            * scale)
                     })
                 })
                 .collect();
@@ -445,7 +488,7 @@ pub fn reference_cached<E: KvElement>(
     new_v: &[f32],
     position: usize,
     s: &AttnShape,
-    scale: Option<f32>,
+    scores: impl Into<Scores>,
     out: &mut [f32],
 ) -> KernelResult {
     const K: &str = "attention";
@@ -481,7 +524,7 @@ pub fn reference_cached<E: KvElement>(
         cache_len: total,
         ..*s
     };
-    reference_masked(q, &kk, &vv, &mask, &s2, scale, out)
+    reference_masked(q, &kk, &vv, &mask, &s2, scores, out)
 }
 
 /// [`attention_cached`] over a past cache held in token-major pages (`crate::kv`): `k_pages`/`v_pages` are
@@ -497,7 +540,7 @@ pub fn attention_paged<E: KvElement>(
     new_v: &[f32],
     position: usize,
     s: &AttnShape,
-    scale: Option<f32>,
+    scores: impl Into<Scores>,
     out: &mut [f32],
 ) -> KernelResult {
     const K: &str = "attention_paged";
@@ -529,7 +572,7 @@ pub fn attention_paged<E: KvElement>(
     if d == 0 || t == 0 {
         return Ok(());
     }
-    let scale = scale.unwrap_or(1.0 / (d as f32).sqrt());
+    let sc = Sc::of(scores.into(), d);
     let p = position;
     let stride = s.kv_heads * d;
     for_rows(out, s, p + t, |tt, h, st, o| {
@@ -542,10 +585,10 @@ pub fn attention_paged<E: KvElement>(
             }
             let n = page_rows.min(p - r0);
             let at = kvh * d;
-            st.feed_strided(qv, &kp[at..], &vp[at..], n, stride, scale);
+            st.feed_strided(qv, &kp[at..], &vp[at..], n, stride, sc);
             r0 += page_rows;
         }
-        st.feed_new(s, qv, new_k, new_v, kvh, tt, scale);
+        st.feed_new(s, qv, new_k, new_v, kvh, tt, sc);
         st.finish(o);
     });
     Ok(())
@@ -596,6 +639,11 @@ mod tests {
         qscale: f32,
     ) -> Result<(), String> {
         let mut rng = StdRng::seed_from_u64(seed);
+        // A third of the cases soft-cap the scores (Gemma 2), at a cap the scores reach.
+        let scores = Scores {
+            scale: None,
+            softcap: seed.is_multiple_of(3).then_some(1.5),
+        };
         let s = AttnShape {
             heads: kvh * group,
             kv_heads: kvh,
@@ -647,8 +695,8 @@ mod tests {
         if f16_cache {
             let hk: Vec<f16> = pk.iter().map(|v| f16::from_f32(*v)).collect();
             let hv: Vec<f16> = pv.iter().map(|v| f16::from_f32(*v)).collect();
-            reference_cached(&q, &hk, &hv, &nk, &nv, p, &s, None, &mut want).unwrap();
-            attention_cached(&q, &hk, &hv, &nk, &nv, p, &s, None, &mut got).unwrap();
+            reference_cached(&q, &hk, &hv, &nk, &nv, p, &s, scores, &mut want).unwrap();
+            attention_cached(&q, &hk, &hv, &nk, &nv, p, &s, scores, &mut got).unwrap();
             let h16 = |v: &Vec<Vec<f32>>| -> Vec<Vec<f16>> {
                 v.iter()
                     .map(|pg| pg.iter().map(|x| f16::from_f32(*x)).collect())
@@ -657,13 +705,13 @@ mod tests {
             let (kh, vh) = (h16(&kp), h16(&vp));
             let kr: Vec<&[f16]> = kh.iter().map(|v| &v[..]).collect();
             let vr: Vec<&[f16]> = vh.iter().map(|v| &v[..]).collect();
-            attention_paged(&q, &kr, &vr, pr, &nk, &nv, p, &s, None, &mut got_paged).unwrap();
+            attention_paged(&q, &kr, &vr, pr, &nk, &nv, p, &s, scores, &mut got_paged).unwrap();
         } else {
-            reference_cached(&q, &pk, &pv, &nk, &nv, p, &s, None, &mut want).unwrap();
-            attention_cached(&q, &pk, &pv, &nk, &nv, p, &s, None, &mut got).unwrap();
+            reference_cached(&q, &pk, &pv, &nk, &nv, p, &s, scores, &mut want).unwrap();
+            attention_cached(&q, &pk, &pv, &nk, &nv, p, &s, scores, &mut got).unwrap();
             let kr: Vec<&[f32]> = kp.iter().map(|v| &v[..]).collect();
             let vr: Vec<&[f32]> = vp.iter().map(|v| &v[..]).collect();
-            attention_paged(&q, &kr, &vr, pr, &nk, &nv, p, &s, None, &mut got_paged).unwrap();
+            attention_paged(&q, &kr, &vr, pr, &nk, &nv, p, &s, scores, &mut got_paged).unwrap();
         }
         close(&got, &want, 3.0)?;
         close(&got_paged, &want, 3.0).map_err(|e| format!("paged ({pr} rows a page): {e}"))

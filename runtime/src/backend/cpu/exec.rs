@@ -13,9 +13,9 @@ use crate::backend::cpu::{misc, ops};
 use crate::backend::{Backend, SeqState, StepCall};
 use crate::contract;
 use crate::error::{Error, Result};
-use crate::graph::DType;
+use crate::graph::{Attr, DType};
 use crate::kv::{KvOptions, KvStats, PagedCache};
-use crate::plan::{Plan, Residual, Step, ValId};
+use crate::plan::{GateAct, Plan, Residual, Step, ValId};
 use crate::tensor::Tensor;
 
 /// The output slot of the linear layer whose result becomes the graph's `logits` through view ops
@@ -80,7 +80,7 @@ pub(crate) fn exec_step(
         Step::Linear { .. } => linear_step(plan, s, env, run),
         Step::Embedding(_) => embedding_step(plan, s, env),
         Step::TokenChoice(_) => choice_step(plan, s, env),
-        Step::SiluGate(_) => silu_gate_step(plan, s, env),
+        Step::Gate(_) => gate_step(plan, s, env),
         Step::CacheAttention { .. } => attention_step(plan, s, env, caches, run),
     }
 }
@@ -237,29 +237,41 @@ fn choice_step(plan: &Plan, s: &Step, env: &mut [Option<Tensor>]) -> Result<()> 
     Ok(())
 }
 
-/// The SiLU gate.
-fn silu_gate_step(plan: &Plan, s: &Step, env: &mut [Option<Tensor>]) -> Result<()> {
-    let Step::SiluGate(sg) = s else {
-        return Err(Error::internal("silu_gate_step: another step kind"));
+/// The gated MLP's activation, `act(g)·u`.
+fn gate_step(plan: &Plan, s: &Step, env: &mut [Option<Tensor>]) -> Result<()> {
+    let Step::Gate(sg) = s else {
+        return Err(Error::internal("gate_step: another step kind"));
     };
     let n = &plan.graph.nodes[sg.node];
     let (g, u) = (val(plan, env, sg.g)?, val(plan, env, sg.u)?);
     if g.dtype != DType::F32 || g.shape != u.shape || u.dtype != DType::F32 {
-        // Broadcasting or other dtypes: the nodes as written.
-        let sig = ops::run_node(
-            &crate::graph::Node {
-                op: "Sigmoid".into(),
-                ..n.clone()
-            },
-            &[Some(&g)],
-        )?;
-        let a = ops::run_node(n, &[Some(&g), Some(&sig[0])])?;
+        // Broadcasting or other dtypes: the nodes as written (the outer Mul's node standing in for
+        // the activation's).
+        let act = |op: &str, attrs| crate::graph::Node {
+            op: op.into(),
+            attrs,
+            ..n.clone()
+        };
+        let a = match sg.act {
+            GateAct::Silu => {
+                let sig = ops::run_node(&act("Sigmoid", Default::default()), &[Some(&g)])?;
+                ops::run_node(n, &[Some(&g), Some(&sig[0])])?
+            }
+            GateAct::GeluTanh => {
+                let tanh = [("approximate".to_string(), Attr::Str("tanh".into()))];
+                ops::run_node(&act("Gelu", tanh.into_iter().collect()), &[Some(&g)])?
+            }
+        };
         let o = ops::run_node(n, &[Some(&a[0]), Some(&u)])?;
         env[sg.out] = o.into_iter().next();
         return Ok(());
     }
     let mut o = Tensor::zeros(DType::F32, &g.shape);
-    misc::silu_gate(g.typed(), u.typed(), o.typed_mut())
+    let kernel = match sg.act {
+        GateAct::Silu => misc::silu_gate,
+        GateAct::GeluTanh => misc::gelu_gate,
+    };
+    kernel(g.typed(), u.typed(), o.typed_mut())
         .map_err(|e| Error::node(&n.name, &n.op, e.to_string()))?;
     env[sg.out] = Some(o);
     Ok(())
@@ -315,7 +327,10 @@ fn attention_step(
             qt.shape, nk.shape, nv.shape, kslot.shape
         )));
     }
-    let scale = n.attr_float("scale", 1.0 / (d as f32).sqrt());
+    let scores = attention::Scores {
+        scale: Some(n.attr_float("scale", 1.0 / (d as f32).sqrt())),
+        softcap: Some(n.attr_float("softcap", 0.0)).filter(|&c| c > 0.0),
+    };
     let p = match mask {
         Some(m) => match run.prefixes.iter().find(|(v, _)| v == m) {
             Some(&(_, p)) => p,
@@ -359,8 +374,8 @@ fn attention_step(
     let mut o = Tensor::zeros(DType::F32, &[1, t, heads, d]);
     let ov = o.typed_mut::<f32>();
     let r = match ck.dtype {
-        DType::F16 => paged_attention::<half::f16>(ck, cv, qv, &nkf, &nvf, p, &shape, scale, ov),
-        DType::F32 => paged_attention::<f32>(ck, cv, qv, &nkf, &nvf, p, &shape, scale, ov),
+        DType::F16 => paged_attention::<half::f16>(ck, cv, qv, &nkf, &nvf, p, &shape, scores, ov),
+        DType::F32 => paged_attention::<f32>(ck, cv, qv, &nkf, &nvf, p, &shape, scores, ov),
         dt => return Err(err(format!("cache of {dt} is not supported"))),
     };
     r.map_err(|e| err(e.to_string()))?;
@@ -400,7 +415,7 @@ fn paged_attention<E: attention::KvElement + bytemuck::Pod>(
     new_v: &[f32],
     position: usize,
     shape: &AttnShape,
-    scale: f32,
+    scores: attention::Scores,
     out: &mut [f32],
 ) -> crate::backend::cpu::KernelResult {
     let kp: Vec<&[E]> = ck.pages().iter().map(|p| p.typed()).collect();
@@ -414,7 +429,7 @@ fn paged_attention<E: attention::KvElement + bytemuck::Pod>(
         new_v,
         position,
         shape,
-        Some(scale),
+        scores,
         out,
     )
 }

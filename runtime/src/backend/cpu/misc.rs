@@ -48,20 +48,47 @@ fn silu_mul(g: f32, u: f32) -> f32 {
 
 /// Fused gated-MLP activation: `out[i] = g[i]·sigmoid(g[i])·u[i]` (SiLU(g)·u).
 pub fn silu_gate(g: &[f32], u: &[f32], out: &mut [f32]) -> KernelResult {
-    check_len("silu_gate", "up", g.len(), u.len())?;
-    check_len("silu_gate", "out", g.len(), out.len())?;
+    gate_with("silu_gate", g, u, out, silu_mul)
+}
+
+/// Fused gated-MLP activation: `out[i] = GELU_tanh(g[i])·u[i]` (Gemma's GeGLU, [`gelu_tanh`]).
+pub fn gelu_gate(g: &[f32], u: &[f32], out: &mut [f32]) -> KernelResult {
+    gate_with("gelu_gate", g, u, out, |g, u| gelu_tanh(g) * u)
+}
+
+/// `out[i] = f(g[i], u[i])`, split over threads for large inputs.
+fn gate_with(
+    name: &'static str,
+    g: &[f32],
+    u: &[f32],
+    out: &mut [f32],
+    f: impl Fn(f32, f32) -> f32 + Sync,
+) -> KernelResult {
+    check_len(name, "up", g.len(), u.len())?;
+    check_len(name, "out", g.len(), out.len())?;
+    let run = |o: &mut [f32], g: &[f32], u: &[f32]| {
+        for ((o, g), u) in o.iter_mut().zip(g).zip(u) {
+            *o = f(*g, *u);
+        }
+    };
     if g.len() >= PAR_MIN {
         out.par_chunks_mut(PAR_CHUNK)
             .zip(g.par_chunks(PAR_CHUNK).zip(u.par_chunks(PAR_CHUNK)))
-            .for_each(|(o, (g, u))| {
-                for ((o, g), u) in o.iter_mut().zip(g).zip(u) {
-                    *o = silu_mul(*g, *u);
-                }
-            });
+            .for_each(|(o, (g, u))| run(o, g, u));
     } else {
-        for ((o, g), u) in out.iter_mut().zip(g).zip(u) {
-            *o = silu_mul(*g, *u);
-        }
+        run(out, g, u);
+    }
+    Ok(())
+}
+
+/// The oracle for [`gelu_gate`] (f64, tanh from the standard library).
+pub fn gelu_gate_reference(g: &[f32], u: &[f32], out: &mut [f32]) -> KernelResult {
+    check_len("gelu_gate", "up", g.len(), u.len())?;
+    check_len("gelu_gate", "out", g.len(), out.len())?;
+    for ((o, g), u) in out.iter_mut().zip(g).zip(u) {
+        let x = *g as f64;
+        let c = (2.0 / std::f64::consts::PI).sqrt();
+        *o = (0.5 * x * (1.0 + (c * (x + 0.044715 * x * x * x)).tanh()) * *u as f64) as f32;
     }
     Ok(())
 }
@@ -414,6 +441,18 @@ mod tests {
             for i in 0..g.len() {
                 prop_assert!((got[i] - want[i]).abs() <= 1e-6 * (1.0 + want[i].abs()));
                 prop_assert_eq!(got[i], inplace[i]);
+            }
+        }
+
+        #[test]
+        fn gelu_gate_matches(g in prop::collection::vec(nz(), 1..300), seed in any::<u32>()) {
+            let u: Vec<f32> = g.iter().enumerate().map(|(i, v)| v * 0.3 + ((i as u32 ^ seed) % 7) as f32 + 0.5).collect();
+            let mut want = vec![0f32; g.len()];
+            gelu_gate_reference(&g, &u, &mut want).unwrap();
+            let mut got = vec![0f32; g.len()];
+            gelu_gate(&g, &u, &mut got).unwrap();
+            for i in 0..g.len() {
+                prop_assert!((got[i] - want[i]).abs() <= 2e-6 * (1.0 + want[i].abs()), "{} {} {}", g[i], got[i], want[i]);
             }
         }
 

@@ -158,6 +158,8 @@ pub struct AttnParams {
     pub position: usize,
     /// Score scale.
     pub scale: f32,
+    /// Soft cap of the scaled scores, `c·tanh(s/c)` (0: none).
+    pub softcap: f32,
     /// Output `[1, T, H, D]` instead of `[1, H, T, D]`.
     pub tokens_first: bool,
     /// Write the new rows into the cache.
@@ -194,6 +196,7 @@ impl AttnParams {
                 .split
                 .map_or(self.segment.map_or(1, |g| g.count), |s| s.1))
             .u(self.split.map_or(0, |s| s.0))
+            .f(self.softcap)
     }
 }
 
@@ -202,7 +205,7 @@ mod tests {
     use super::super::exec::run_kernel_multi;
     use super::super::testutil::{ctx, max_rel, noise};
     use super::*;
-    use crate::backend::cpu::attention::{reference_cached, AttnShape};
+    use crate::backend::cpu::attention::{reference_cached, AttnShape, Scores};
     use half::f16;
 
     /// The standard additive mask `[T, S + T]`: slots `< p`, then causal among the chunk's rows.
@@ -289,6 +292,7 @@ mod tests {
             npast: p,
             position: p,
             scale: 1.0 / (d as f32).sqrt(),
+            softcap: 0.0,
             tokens_first: true,
             write_cache: true,
             mask_stride: Some(s + t),
@@ -355,12 +359,21 @@ mod tests {
                 q_tokens_first: false,
                 kv_tokens_first: false,
             };
+            // Every other case with a soft cap small enough to bite (Gemma 2's scores).
+            let softcap = if (h + t) % 2 == 1 { 0.1 } else { 0.0 };
+            let scores = Scores {
+                scale: None,
+                softcap: Some(softcap).filter(|&c| c > 0.0),
+            };
             let mut want = vec![0.0; h * t * d];
-            reference_cached(&q, &ck, &cv, &nk, &nv, p, &shape, None, &mut want).unwrap();
+            reference_cached(&q, &ck, &cv, &nk, &nv, p, &shape, scores, &mut want).unwrap();
             // Standard additive mask [T, S + T]: slots < p, then causal.
             let mask = std_mask(t, s, p);
             let enc = |v: &[f32]| encode(v, f16c);
-            let ap = std_params(h, kvh, t, d, s, p);
+            let ap = AttnParams {
+                softcap,
+                ..std_params(h, kvh, t, d, s, p)
+            };
             // The kernel's cache is token-major [S, KVH, D].
             let tm = |c: &[f32]| token_major(c, kvh, s, d, 0, s);
             for rows in [false, true] {

@@ -9,6 +9,7 @@
 //
 // P[0]=H P[1]=KVH P[2]=T P[3]=D P[4]=S P[5]=npast P[6]=write position P[7]=scale (f32)
 // P[8]=output tokens-first P[9]=write the rows into the cache P[10]=has mask P[11]=mask row stride
+// P[18]=soft cap of the scaled scores (f32; 0: none): s = c·tanh(s/c) before the mask
 // Split keys (`attention`, P[17] = keys a chunk > 0): workgroup z attends keys z·P[17] .. of the sequence
 // (cache slots, then the chunk's rows) and writes the partial softmax (m, l, unnormalized acc[D]) to O as
 // [chunk][H*T][D + 2] for `attention_combine` (P[16] = chunks): decode over a long context spreads over
@@ -30,6 +31,15 @@ var<workgroup> sl: array<f32, 64>;
 var<workgroup> sp: array<f32, 64>;
 
 const NEG_INF: f32 = -3.4028235e38;
+
+// The soft cap c·tanh(s/c) when P[18] = c > 0 (tanh through exp of a non-positive argument).
+fn capped(s: f32) -> f32 {
+    let c = pf(18u);
+    if (c <= 0.0) { return s; }
+    let x = s / c;
+    let e = exp(-2.0 * abs(x));
+    return c * sign(x) * (1.0 - e) / (1.0 + e);
+}
 
 fn cache_at(is_k: bool, e: u32) -> f32 {
     if (F16C) {
@@ -56,7 +66,7 @@ fn score(j: u32, g: u32, t: u32) -> f32 {
         for (var i = 0u; i < d; i = i + 1u) { s = s + sq[i] * nk_in(g, r, i); }
         col = pu(4u) + r;
     }
-    s = s * pf(7u);
+    s = capped(s * pf(7u));
     if (pu(10u) == 1u) { s = s + MASK[t * pu(11u) + col]; }
     return s;
 }
@@ -229,7 +239,7 @@ fn attention_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
             for (var i = 0u; i < d4; i = i + 1u) { s = s + dot(q[i], nk4_in(g, base, 4u * i)); }
             col = pu(4u) + (j - npast);
         }
-        s = s * pf(7u);
+        s = capped(s * pf(7u));
         if (pu(10u) == 1u) { s = s + MASK[t * pu(11u) + col]; }
         if (s <= NEG_INF) { continue; }
         if (s > m) {
@@ -317,7 +327,7 @@ fn attention_part(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
             for (var i = 0u; i < d4; i = i + 1u) { s = s + dot(q[i], nk4_in(g, base, 4u * i)); }
             col = pu(4u) + (j - npast);
         }
-        s = s * pf(7u);
+        s = capped(s * pf(7u));
         if (pu(10u) == 1u) { s = s + MASK[t * pu(11u) + col]; }
         if (s <= NEG_INF) { continue; }
         if (s > m) {

@@ -404,15 +404,15 @@ mod tests {
     }
 
     #[test]
-    fn unary_and_silu_gate_match_cpu() {
+    fn unary_and_gates_match_cpu() {
         let Some(ctx) = ctx() else { return };
         let n = 3001;
         let g: Vec<f32> = noise(n, 8).iter().map(|x| x * 8.0).collect();
         let u = noise(n, 9);
         let got = run_kernel_once(
             &ctx,
-            &kernel(&ctx, "silu_gate").unwrap(),
-            &Params::new().u(n),
+            &kernel(&ctx, "gate").unwrap(),
+            &Params::new().u(n).u(0),
             &[&words(&g), &words(&u)],
             n * 4,
             grid(n, 256, ctx.max_groups),
@@ -421,6 +421,17 @@ mod tests {
         let mut want = vec![0.0; n];
         crate::backend::cpu::misc::silu_gate_reference(&g, &u, &mut want).unwrap();
         assert!(max_rel(bytemuck::cast_slice(&got), &want) < 1e-6);
+        let got = run_kernel_once(
+            &ctx,
+            &kernel(&ctx, "gate").unwrap(),
+            &Params::new().u(n).u(1),
+            &[&words(&g), &words(&u)],
+            n * 4,
+            grid(n, 256, ctx.max_groups),
+        )
+        .unwrap();
+        crate::backend::cpu::misc::gelu_gate_reference(&g, &u, &mut want).unwrap();
+        assert!(max_rel(bytemuck::cast_slice(&got), &want) < 2e-6);
         let got = run_kernel_once(
             &ctx,
             &kernel(&ctx, "unary").unwrap(),

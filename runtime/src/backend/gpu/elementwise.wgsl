@@ -5,7 +5,7 @@
 //          P[9..15]=a strides, P[15..21]=b strides (0 on broadcast axes). op: 0 add 1 sub 2 mul 3 div.
 // unary:   P[0]=n P[1]=op (0 sigmoid, 1 copy, 2 neg, 3 silu, 4 round through f16, 5 tanh,
 //          6 gelu with the tanh approximation).
-// silu_gate: out = g * sigmoid(g) * u, P[0]=n.
+// gate:    out = act(g) * u, P[0]=n P[1]=act (0 silu, 1 gelu with the tanh approximation).
 // cast_to_f16: out words = pack(a[2w], a[2w+1]), P[0]=n elements.  cast_from_f16: P[0]=n.
 // transpose32: P[0]=n P[1]=rank P[2..8]=out dims P[8..14]=input strides in out-axis order.
 // transpose16: same on f16 elements, one output word (two elements) a thread.
@@ -75,12 +75,14 @@ fn unary(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: ve
 }
 
 @compute @workgroup_size(256)
-fn silu_gate(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-             @builtin(local_invocation_index) lid: u32) {
+fn gate(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
     let i = lin(wid, nwg, lid);
     if (i >= pu(0u)) { return; }
     let g = fa(i);
-    O[i] = bitcast<u32>(g / (1.0 + exp(-g)) * fb(i));
+    var a: f32;
+    if (pu(1u) == 0u) { a = g / (1.0 + exp(-g)); } else { a = gelu_tanh(g); }
+    O[i] = bitcast<u32>(a * fb(i));
 }
 
 @compute @workgroup_size(256)

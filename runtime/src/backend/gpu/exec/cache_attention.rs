@@ -150,6 +150,7 @@ impl GpuPlan {
             npast,
             position,
             scale: n.attr_float("scale", 1.0 / (d as f32).sqrt()),
+            softcap: n.attr_float("softcap", 0.0).max(0.0),
             tokens_first: *tokens_first,
             write_cache: true,
             mask_stride: Some(slots + t),

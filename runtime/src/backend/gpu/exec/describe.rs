@@ -24,7 +24,7 @@ impl GpuPlan {
         match s {
             Step::Linear { .. } => self.linear_desc(si, s, e, dry),
             Step::Embedding(_) => self.embedding_desc(si, s, e, dry),
-            Step::SiluGate(_) => self.silu_gate_desc(s, e, dry),
+            Step::Gate(_) => self.gate_desc(s, e, dry),
             Step::CacheAttention { .. } => self.attention_desc(si, s, e, dry, position),
             Step::TokenChoice(_) => self.token_choice_desc(s, e, dry),
             Step::Node { .. } => self.node_desc(si, s, e, dry),
@@ -208,9 +208,9 @@ impl GpuPlan {
         }))
     }
 
-    /// The SiLU gate `silu(g) · u`: one elementwise dispatch.
-    fn silu_gate_desc(&self, s: &Step, e: &Env, dry: bool) -> Result<Option<Desc>> {
-        let Step::SiluGate(sg) = s else {
+    /// The gate `act(g) · u`: one elementwise dispatch.
+    fn gate_desc(&self, s: &Step, e: &Env, dry: bool) -> Result<Option<Desc>> {
+        let Step::Gate(sg) = s else {
             return Ok(None);
         };
         let f32m = |v: ValId| e.f32m(v);
@@ -228,9 +228,12 @@ impl GpuPlan {
             outs: vec![(sg.out, gm, None)],
             reads: vec![sg.g, sg.u],
             disp: vec![ew_disp(
-                "silu_gate",
+                "gate",
                 vec![BufRef::Val(sg.g), BufRef::Val(sg.u), BufRef::Val(sg.out)],
-                Params::new().u(n),
+                Params::new().u(n).u(match sg.act {
+                    GateAct::Silu => 0,
+                    GateAct::GeluTanh => 1,
+                }),
                 n,
             )?],
         }))

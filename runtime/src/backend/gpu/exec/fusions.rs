@@ -332,7 +332,13 @@ impl LinGroup {
                 let only = |o: ValId| consumers[o].len() == 1 && !outs.contains(&o);
                 if only(oa) && only(ob) && consumers[oa] == consumers[ob] {
                     let si = consumers[oa][0];
-                    if let Step::SiluGate(sg) = &plan.steps[si] {
+                    // (the group's epilogue computes SiLU; another gate stays its own dispatch)
+                    if let Step::Gate(
+                        sg @ Gate {
+                            act: GateAct::Silu, ..
+                        },
+                    ) = &plan.steps[si]
+                    {
                         if sg.g == ob && sg.u == oa {
                             members.swap(0, 1);
                             silu = Some(si);

@@ -113,7 +113,7 @@ impl GpuPlan {
             absorbed.extend(gr.norm.map(|n| n.0));
             absorbed.extend(gr.silu);
             let silu_out = gr.silu.and_then(|si| match &plan.steps[si] {
-                Step::SiluGate(sg) => Some(sg.out),
+                Step::Gate(sg) => Some(sg.out),
                 _ => None,
             });
             groups.insert(

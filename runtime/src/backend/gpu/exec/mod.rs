@@ -59,7 +59,7 @@ use super::{choice, grid, norm, rope, rows_variant, select, GpuFusions, Params};
 use crate::backend::cpu::ops;
 use crate::error::{DeviceFault, Error, Result};
 use crate::graph::{Attr, DType};
-use crate::plan::{Plan, Step, ValId};
+use crate::plan::{Gate, GateAct, Plan, Step, ValId};
 use crate::tensor::Tensor;
 
 /// Runs one plan step on the CPU (the model's generic path).
