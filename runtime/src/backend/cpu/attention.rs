@@ -257,7 +257,8 @@ impl Online {
         self.vbuf = vb;
     }
 
-    /// Feeds the chunk's own rows `0..=tt` of KV head `kvh` (causal among themselves).
+    /// Feeds the chunk's own rows `from..=tt` of KV head `kvh` (causal among themselves; `from > 0`
+    /// under a sliding window).
     #[allow(clippy::too_many_arguments)]
     fn feed_new(
         &mut self,
@@ -266,18 +267,19 @@ impl Online {
         new_k: &[f32],
         new_v: &[f32],
         kvh: usize,
+        from: usize,
         tt: usize,
         sc: Sc,
     ) {
         let d = s.head_dim;
         if s.kv_tokens_first {
-            for j in 0..=tt {
+            for j in from..=tt {
                 let o = s.new_kv_off(kvh, j);
                 self.feed(q, &new_k[o..o + d], &new_v[o..o + d], sc, None);
             }
-        } else {
-            let o = s.new_kv_off(kvh, 0);
-            let n = (tt + 1) * d;
+        } else if from <= tt {
+            let o = s.new_kv_off(kvh, from);
+            let n = (tt + 1 - from) * d;
             self.feed(q, &new_k[o..o + n], &new_v[o..o + n], sc, None);
         }
     }
@@ -376,7 +378,7 @@ pub fn attention_cached<E: KvElement>(
             sc,
             None,
         );
-        st.feed_new(s, qv, new_k, new_v, kvh, tt, sc);
+        st.feed_new(s, qv, new_k, new_v, kvh, 0, tt, sc);
         st.finish(o);
     });
     Ok(())
@@ -491,6 +493,28 @@ pub fn reference_cached<E: KvElement>(
     scores: impl Into<Scores>,
     out: &mut [f32],
 ) -> KernelResult {
+    reference_windowed(
+        q,
+        (past_k, past_v),
+        (new_k, new_v),
+        (position, None),
+        s,
+        scores,
+        out,
+    )
+}
+
+/// [`reference_cached`] under a sliding window of `w` keys (query row `t` attends positions
+/// `> position + t − w`), the oracle of [`attention_paged`]'s window.
+pub fn reference_windowed<E: KvElement>(
+    q: &[f32],
+    (past_k, past_v): (&[E], &[E]),
+    (new_k, new_v): (&[f32], &[f32]),
+    (position, window): (usize, Option<usize>),
+    s: &AttnShape,
+    scores: impl Into<Scores>,
+    out: &mut [f32],
+) -> KernelResult {
     const K: &str = "attention";
     let (d, t, p) = (s.head_dim, s.tokens, position);
     check_len(K, "past_key", s.kv_heads * s.cache_len * d, past_k.len())?;
@@ -518,7 +542,9 @@ pub fn reference_cached<E: KvElement>(
         }
     }
     let mask: Vec<bool> = (0..t)
-        .flat_map(|tt| (0..total).map(move |j| j <= p + tt))
+        .flat_map(|tt| {
+            (0..total).map(move |j| j <= p + tt && window.is_none_or(|w| j + w > p + tt))
+        })
         .collect();
     let s2 = AttnShape {
         cache_len: total,
@@ -529,7 +555,8 @@ pub fn reference_cached<E: KvElement>(
 
 /// [`attention_cached`] over a past cache held in token-major pages (`crate::kv`): `k_pages`/`v_pages` are
 /// `[page_rows, KVH, D]` each, in position order, covering at least the first `position` slots. The new
-/// rows are head-major `[KVH, T, D]`.
+/// rows are head-major `[KVH, T, D]`. With `window = Some(w)` query row `t` (position `position + t`)
+/// attends only keys at positions `> position + t − w` (a sliding window) and reads no other rows.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_paged<E: KvElement>(
     q: &[f32],
@@ -539,11 +566,15 @@ pub fn attention_paged<E: KvElement>(
     new_k: &[f32],
     new_v: &[f32],
     position: usize,
+    window: Option<usize>,
     s: &AttnShape,
     scores: impl Into<Scores>,
     out: &mut [f32],
 ) -> KernelResult {
     const K: &str = "attention_paged";
+    if window == Some(0) {
+        return Err(shape_err(K, "a window of 0 keys"));
+    }
     let group = s.check_heads(K)?;
     let (d, t) = (s.head_dim, s.tokens);
     check_len(K, "q", mul_dims(K, &[s.heads, t, d])?, q.len())?;
@@ -575,20 +606,26 @@ pub fn attention_paged<E: KvElement>(
     let sc = Sc::of(scores.into(), d);
     let p = position;
     let stride = s.kv_heads * d;
-    for_rows(out, s, p + t, |tt, h, st, o| {
+    let keys = window.map_or(p + t, |w| w.min(p + t));
+    for_rows(out, s, keys, |tt, h, st, o| {
         let kvh = h / group;
         let qv = &q[s.q_off(h, tt)..s.q_off(h, tt) + d];
-        let mut r0 = 0;
-        for (kp, vp) in k_pages.iter().zip(v_pages) {
+        // the first position this row attends (the window's start, else the sequence's)
+        let first = window.map_or(0, |w| (p + tt + 1).saturating_sub(w));
+        let at = kvh * d;
+        for (pi, (kp, vp)) in k_pages.iter().zip(v_pages).enumerate() {
+            let (r0, r1) = (pi * page_rows, ((pi + 1) * page_rows).min(p));
             if r0 >= p {
                 break;
             }
-            let n = page_rows.min(p - r0);
-            let at = kvh * d;
-            st.feed_strided(qv, &kp[at..], &vp[at..], n, stride, sc);
-            r0 += page_rows;
+            if r1 <= first {
+                continue;
+            }
+            let from = first.max(r0) - r0;
+            let o = at + from * stride;
+            st.feed_strided(qv, &kp[o..], &vp[o..], r1 - r0 - from, stride, sc);
         }
-        st.feed_new(s, qv, new_k, new_v, kvh, tt, sc);
+        st.feed_new(s, qv, new_k, new_v, kvh, first.saturating_sub(p), tt, sc);
         st.finish(o);
     });
     Ok(())
@@ -705,16 +742,60 @@ mod tests {
             let (kh, vh) = (h16(&kp), h16(&vp));
             let kr: Vec<&[f16]> = kh.iter().map(|v| &v[..]).collect();
             let vr: Vec<&[f16]> = vh.iter().map(|v| &v[..]).collect();
-            attention_paged(&q, &kr, &vr, pr, &nk, &nv, p, &s, scores, &mut got_paged).unwrap();
+            attention_paged(
+                &q,
+                &kr,
+                &vr,
+                pr,
+                &nk,
+                &nv,
+                p,
+                None,
+                &s,
+                scores,
+                &mut got_paged,
+            )
+            .unwrap();
         } else {
             reference_cached(&q, &pk, &pv, &nk, &nv, p, &s, scores, &mut want).unwrap();
             attention_cached(&q, &pk, &pv, &nk, &nv, p, &s, scores, &mut got).unwrap();
             let kr: Vec<&[f32]> = kp.iter().map(|v| &v[..]).collect();
             let vr: Vec<&[f32]> = vp.iter().map(|v| &v[..]).collect();
-            attention_paged(&q, &kr, &vr, pr, &nk, &nv, p, &s, scores, &mut got_paged).unwrap();
+            attention_paged(
+                &q,
+                &kr,
+                &vr,
+                pr,
+                &nk,
+                &nv,
+                p,
+                None,
+                &s,
+                scores,
+                &mut got_paged,
+            )
+            .unwrap();
         }
         close(&got, &want, 3.0)?;
-        close(&got_paged, &want, 3.0).map_err(|e| format!("paged ({pr} rows a page): {e}"))
+        close(&got_paged, &want, 3.0).map_err(|e| format!("paged ({pr} rows a page): {e}"))?;
+        // A sliding window (from one key to past the whole sequence), f32 pages.
+        let w = 1 + (seed as usize / 3) % (p + t + 1);
+        let mut want = vec![0f32; t * s.heads * d];
+        reference_windowed(
+            &q,
+            (&pk, &pv),
+            (&nk, &nv),
+            (p, Some(w)),
+            &s,
+            scores,
+            &mut want,
+        )
+        .unwrap();
+        let kr: Vec<&[f32]> = kp.iter().map(|v| &v[..]).collect();
+        let vr: Vec<&[f32]> = vp.iter().map(|v| &v[..]).collect();
+        let mut got = vec![f32::NAN; t * s.heads * d];
+        attention_paged(&q, &kr, &vr, pr, &nk, &nv, p, Some(w), &s, scores, &mut got).unwrap();
+        close(&got, &want, 3.0).map_err(|e| format!("window {w} ({pr} rows a page): {e}"))
     }
 
     proptest! {

@@ -10,6 +10,7 @@ use std::time::Instant;
 use crate::backend::cpu::attention::{self, AttnShape};
 use crate::backend::cpu::linear::{Precision, QuantCache};
 use crate::backend::cpu::{misc, ops};
+use crate::backend::mask::Attended;
 use crate::backend::{Backend, SeqState, StepCall};
 use crate::contract;
 use crate::error::{Error, Result};
@@ -45,8 +46,8 @@ pub(crate) fn logits_linear(plan: &Plan) -> Option<ValId> {
 
 /// What the CPU executor keeps across the plan steps of one model step.
 pub(crate) struct CpuRun {
-    /// The attended prefix of each mask value, found once a step.
-    prefixes: Vec<(ValId, Option<usize>)>,
+    /// What each mask value lets attend (prefix, window), found once a step.
+    prefixes: Vec<(ValId, Option<Attended>)>,
     /// How the linear layers multiply.
     precision: Precision,
     /// The output layer's output slot: always exact ([`logits_linear`]).
@@ -335,17 +336,17 @@ fn attention_step(
         Some(m) => match run.prefixes.iter().find(|(v, _)| v == m) {
             Some(&(_, p)) => p,
             None => {
-                let p = crate::backend::mask::standard_prefix(&val(plan, env, *m)?, t, slots);
+                let p = crate::backend::mask::attended(&val(plan, env, *m)?, t, slots);
                 run.prefixes.push((*m, p));
                 p
             }
         },
         None => None,
     };
-    let p = match p {
-        Some(p) => p,
+    let (p, window) = match p {
+        Some(a) => (a.prefix, a.window),
         _ => {
-            // Not the standard mask: run the node as written (materialized concat).
+            // Neither the standard mask nor a window: run the node as written (materialized concat).
             let kcat = concat_cache(&ck.to_head_major(len), &nk, t)?;
             let vcat = concat_cache(&cv.to_head_major(len), &nv, t)?;
             let m = mask.map(|m| val(plan, env, m)).transpose()?;
@@ -374,8 +375,12 @@ fn attention_step(
     let mut o = Tensor::zeros(DType::F32, &[1, t, heads, d]);
     let ov = o.typed_mut::<f32>();
     let r = match ck.dtype {
-        DType::F16 => paged_attention::<half::f16>(ck, cv, qv, &nkf, &nvf, p, &shape, scores, ov),
-        DType::F32 => paged_attention::<f32>(ck, cv, qv, &nkf, &nvf, p, &shape, scores, ov),
+        DType::F16 => {
+            paged_attention::<half::f16>(ck, cv, qv, &nkf, &nvf, (p, window), &shape, scores, ov)
+        }
+        DType::F32 => {
+            paged_attention::<f32>(ck, cv, qv, &nkf, &nvf, (p, window), &shape, scores, ov)
+        }
         dt => return Err(err(format!("cache of {dt} is not supported"))),
     };
     r.map_err(|e| err(e.to_string()))?;
@@ -387,7 +392,6 @@ fn attention_step(
     Ok(())
 }
 
-/// The fused attention over a sequence's host pages of element type `E`.
 /// `y + other` for a linear layer's residual `r`: in place when the shapes agree, else as the graph's
 /// `Add` (broadcasting, operands in its order).
 fn add_residual(plan: &Plan, mut y: Tensor, other: &Tensor, r: &Residual) -> Result<Tensor> {
@@ -406,6 +410,8 @@ fn add_residual(plan: &Plan, mut y: Tensor, other: &Tensor, r: &Residual) -> Res
     Ok(outs.remove(0))
 }
 
+/// The fused attention over a sequence's host pages of element type `E`, attending the first `position`
+/// slots (those a `window` of the query allows).
 #[allow(clippy::too_many_arguments)]
 fn paged_attention<E: attention::KvElement + bytemuck::Pod>(
     ck: &crate::kv::CachePages,
@@ -413,7 +419,7 @@ fn paged_attention<E: attention::KvElement + bytemuck::Pod>(
     q: &[f32],
     new_k: &[f32],
     new_v: &[f32],
-    position: usize,
+    (position, window): (usize, Option<usize>),
     shape: &AttnShape,
     scores: attention::Scores,
     out: &mut [f32],
@@ -428,6 +434,7 @@ fn paged_attention<E: attention::KvElement + bytemuck::Pod>(
         new_k,
         new_v,
         position,
+        window,
         shape,
         scores,
         out,
