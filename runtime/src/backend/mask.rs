@@ -17,16 +17,9 @@ pub(crate) struct Attended {
     pub window: Option<usize>,
 }
 
-/// If `mask` is the contract's mask — `[T, S+T]` (leading dims of 1 allowed), past slots `< p`
-/// attended and the rest masked in every row, the chunk causal among itself — returns `p`.
-pub(crate) fn standard_prefix(mask: &Tensor, t: usize, slots: usize) -> Option<usize> {
-    attended(mask, t, slots)
-        .filter(|a| a.window.is_none())
-        .map(|a| a.prefix)
-}
-
-/// The standard mask's prefix, or a sliding window's prefix and width ([`Attended`]); `None` for any
-/// other mask.
+/// For the contract's mask — `[T, S+T]` (leading dims of 1 allowed), past slots `< p` attended and
+/// the rest masked in every row, the chunk causal among itself — `p` without a window; for a sliding
+/// window's, its prefix and width ([`Attended`]); `None` for any other mask.
 pub(crate) fn attended(mask: &Tensor, t: usize, slots: usize) -> Option<Attended> {
     let r = mask.rank();
     if r < 2 || mask.shape[r - 2] != t || mask.shape[r - 1] != slots + t {
@@ -109,6 +102,13 @@ fn attended_of<T>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The prefix of a standard (unwindowed) mask.
+    fn standard_prefix(mask: &Tensor, t: usize, slots: usize) -> Option<usize> {
+        attended(mask, t, slots)
+            .filter(|a| a.window.is_none())
+            .map(|a| a.prefix)
+    }
 
     /// The contract's mask for `t` new tokens after `p` of `slots` cache slots, as bools.
     fn mask(t: usize, slots: usize, p: usize) -> Vec<bool> {

@@ -154,6 +154,9 @@ pub struct AttnParams {
     pub slots: usize,
     /// Cache slots visited (`≤ slots`).
     pub npast: usize,
+    /// The first key visited (a sliding window's start for the chunk's first row; the mask masks the
+    /// rest per row). The segment kernels (`attention_part`) visit from their segment's start.
+    pub key_start: usize,
     /// Slot where the chunk's rows are written.
     pub position: usize,
     /// Score scale.
@@ -197,6 +200,7 @@ impl AttnParams {
                 .map_or(self.segment.map_or(1, |g| g.count), |s| s.1))
             .u(self.split.map_or(0, |s| s.0))
             .f(self.softcap)
+            .u(self.key_start)
     }
 }
 
@@ -205,7 +209,7 @@ mod tests {
     use super::super::exec::run_kernel_multi;
     use super::super::testutil::{ctx, max_rel, noise};
     use super::*;
-    use crate::backend::cpu::attention::{reference_cached, AttnShape, Scores};
+    use crate::backend::cpu::attention::{reference_cached, reference_windowed, AttnShape, Scores};
     use half::f16;
 
     /// The standard additive mask `[T, S + T]`: slots `< p`, then causal among the chunk's rows.
@@ -217,6 +221,20 @@ mod tests {
             }
             for j in 0..=tt {
                 mask[tt * (s + t) + s + j] = 0.0;
+            }
+        }
+        mask
+    }
+
+    /// [`std_mask`] under a sliding window of `w` keys (row `tt` attends positions `> p + tt − w`).
+    fn window_mask(t: usize, s: usize, p: usize, w: usize) -> Vec<f32> {
+        let mut mask = std_mask(t, s, p);
+        for tt in 0..t {
+            for j in 0..p + t {
+                let col = if j < p { j } else { s + j - p };
+                if j + w <= p + tt {
+                    mask[tt * (s + t) + col] = f32::NEG_INFINITY;
+                }
             }
         }
         mask
@@ -293,6 +311,7 @@ mod tests {
             position: p,
             scale: 1.0 / (d as f32).sqrt(),
             softcap: 0.0,
+            key_start: 0,
             tokens_first: true,
             write_cache: true,
             mask_stride: Some(s + t),
@@ -365,13 +384,18 @@ mod tests {
                 scale: None,
                 softcap: Some(softcap).filter(|&c| c > 0.0),
             };
+            // Every third case under a sliding window of about half the sequence (Gemma's local
+            // layers): the kernel starts at row 0's first key, the mask does the rest.
+            let window = (d % 3 == 1 || (h + t) % 3 == 0).then(|| ((p + t) / 2).max(1));
             let mut want = vec![0.0; h * t * d];
-            reference_cached(&q, &ck, &cv, &nk, &nv, p, &shape, scores, &mut want).unwrap();
-            // Standard additive mask [T, S + T]: slots < p, then causal.
-            let mask = std_mask(t, s, p);
+            let (kv, new) = ((&ck[..], &cv[..]), (&nk[..], &nv[..]));
+            reference_windowed(&q, kv, new, (p, window), &shape, scores, &mut want).unwrap();
+            // Additive mask [T, S + T]: slots < p, then causal (and inside the window).
+            let mask = window.map_or_else(|| std_mask(t, s, p), |w| window_mask(t, s, p, w));
             let enc = |v: &[f32]| encode(v, f16c);
             let ap = AttnParams {
                 softcap,
+                key_start: window.map_or(0, |w| (p + 1).saturating_sub(w)),
                 ..std_params(h, kvh, t, d, s, p)
             };
             // The kernel's cache is token-major [S, KVH, D].
@@ -552,51 +576,77 @@ mod tests {
             (4, 4, 2, 64, 300, 150, true),
         ] {
             let (q, nk, nv, ck, cv, want) = case(h, kvh, t, d, s, p, f16c);
-            let chunks = (p + t).div_ceil(SPLIT_CHUNK);
-            let ap = AttnParams {
-                split: Some((SPLIT_CHUNK, chunks)),
-                ..std_params(h, kvh, t, d, s, p)
-            };
-            let tm = |c: &[f32]| token_major(c, kvh, s, d, 0, s);
-            let mask = std_mask(t, s, p);
-            let (x, y, _) = groups(&ctx, h * t, false);
-            let outs = super::super::exec::run_kernel_multi_tail(
-                &ctx,
-                &kernel(&ctx, f16c, false, Inputs::Graph).unwrap(),
-                &ap.params(),
-                &[
-                    bytemuck::cast_slice(&q),
-                    bytemuck::cast_slice(&nk),
-                    bytemuck::cast_slice(&nv),
-                    bytemuck::cast_slice(&mask),
-                    &encode(&tm(&ck), f16c),
-                    &encode(&tm(&cv), f16c),
-                ],
-                &[chunks * h * t * (d + 2) * 4],
-                &[],
-                (x, y, chunks as u32),
-            )
-            .unwrap();
-            let (cx, cy, _) = groups(&ctx, h * t, true);
-            let got = run_kernel_multi(
-                &ctx,
-                &combine_kernel(&ctx).unwrap(),
-                &ap.params(),
-                &[&outs[0]],
-                &[h * t * d * 4],
-                (cx, cy),
-            )
-            .unwrap();
-            // Both in [T, H, D] (tokens first, as the step graph's transpose wants).
-            let e = max_rel(bytemuck::cast_slice(&got[0]), &want);
-            assert!(e < 2e-5, "{h} {kvh} {t} {d} {s} {p} chunks {chunks}: {e}");
-            for (c, (new, old)) in outs[1..].iter().zip([(&nk, &ck), (&nv, &cv)]) {
-                let expect = with_rows(old, new, kvh, s, t, d, p);
-                assert_eq!(
-                    c,
-                    &encode(&tm(&expect), f16c),
-                    "cache rows {h} {t} {d} {s} {p}"
+            // and under a sliding window of a third of the sequence: chunks from the window's start
+            for window in [None, Some(((p + t) / 3).max(1))] {
+                let want = match window {
+                    None => want.clone(),
+                    Some(_) => {
+                        let shape = AttnShape {
+                            heads: h,
+                            kv_heads: kvh,
+                            tokens: t,
+                            head_dim: d,
+                            cache_len: s,
+                            q_tokens_first: false,
+                            kv_tokens_first: false,
+                        };
+                        let mut w = vec![0.0; h * t * d];
+                        let (kv, new) = ((&ck[..], &cv[..]), (&nk[..], &nv[..]));
+                        reference_windowed(&q, kv, new, (p, window), &shape, None, &mut w).unwrap();
+                        w
+                    }
+                };
+                let key_start = window.map_or(0, |w| (p + 1).saturating_sub(w));
+                let chunks = (p + t - key_start).div_ceil(SPLIT_CHUNK);
+                let ap = AttnParams {
+                    split: Some((SPLIT_CHUNK, chunks)),
+                    key_start,
+                    ..std_params(h, kvh, t, d, s, p)
+                };
+                let tm = |c: &[f32]| token_major(c, kvh, s, d, 0, s);
+                let mask = window.map_or_else(|| std_mask(t, s, p), |w| window_mask(t, s, p, w));
+                let (x, y, _) = groups(&ctx, h * t, false);
+                let outs = super::super::exec::run_kernel_multi_tail(
+                    &ctx,
+                    &kernel(&ctx, f16c, false, Inputs::Graph).unwrap(),
+                    &ap.params(),
+                    &[
+                        bytemuck::cast_slice(&q),
+                        bytemuck::cast_slice(&nk),
+                        bytemuck::cast_slice(&nv),
+                        bytemuck::cast_slice(&mask),
+                        &encode(&tm(&ck), f16c),
+                        &encode(&tm(&cv), f16c),
+                    ],
+                    &[chunks * h * t * (d + 2) * 4],
+                    &[],
+                    (x, y, chunks as u32),
+                )
+                .unwrap();
+                let (cx, cy, _) = groups(&ctx, h * t, true);
+                let got = run_kernel_multi(
+                    &ctx,
+                    &combine_kernel(&ctx).unwrap(),
+                    &ap.params(),
+                    &[&outs[0]],
+                    &[h * t * d * 4],
+                    (cx, cy),
+                )
+                .unwrap();
+                // Both in [T, H, D] (tokens first, as the step graph's transpose wants).
+                let e = max_rel(bytemuck::cast_slice(&got[0]), &want);
+                assert!(
+                    e < 2e-5,
+                    "{h} {kvh} {t} {d} {s} {p} {window:?} chunks {chunks}: {e}"
                 );
+                for (c, (new, old)) in outs[1..].iter().zip([(&nk, &ck), (&nv, &cv)]) {
+                    let expect = with_rows(old, new, kvh, s, t, d, p);
+                    assert_eq!(
+                        c,
+                        &encode(&tm(&expect), f16c),
+                        "cache rows {h} {t} {d} {s} {p}"
+                    );
+                }
             }
         }
     }

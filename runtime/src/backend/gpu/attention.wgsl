@@ -10,6 +10,7 @@
 // P[0]=H P[1]=KVH P[2]=T P[3]=D P[4]=S P[5]=npast P[6]=write position P[7]=scale (f32)
 // P[8]=output tokens-first P[9]=write the rows into the cache P[10]=has mask P[11]=mask row stride
 // P[18]=soft cap of the scaled scores (f32; 0: none): s = c·tanh(s/c) before the mask
+// P[19]=first key visited (a sliding window's start; `attention` and `attention_rows`)
 // Split keys (`attention`, P[17] = keys a chunk > 0): workgroup z attends keys z·P[17] .. of the sequence
 // (cache slots, then the chunk's rows) and writes the partial softmax (m, l, unnormalized acc[D]) to O as
 // [chunk][H*T][D + 2] for `attention_combine` (P[16] = chunks): decode over a long context spreads over
@@ -91,10 +92,10 @@ fn attention(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
     let g = h / (h_n / pu(1u));
     let nkeys = pu(5u) + t_n;
     let split = pu(17u) > 0u;
-    var j_lo = 0u;
+    var j_lo = min(pu(19u), nkeys);
     var j_hi = nkeys;
     if (split) {
-        j_lo = min(wid.z * pu(17u), nkeys);
+        j_lo = min(pu(19u) + wid.z * pu(17u), nkeys);
         j_hi = min(j_lo + pu(17u), nkeys);
     }
     for (var i = lid; i < d; i = i + 64u) { sq[i] = q_in(h, t, i); }
@@ -225,7 +226,7 @@ fn attention_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
     }
     var m = NEG_INF;
     var l = 0.0;
-    for (var j = 0u; j < nkeys; j = j + 1u) {
+    for (var j = pu(19u); j < nkeys; j = j + 1u) {
         var s = 0.0;
         var col: u32;
         let past = j < npast;

@@ -132,8 +132,13 @@ impl GpuPlan {
         {
             return Ok(None);
         }
-        // Visit only the cache prefix the (CPU-computed) mask allows; all slots otherwise.
-        let npast = e.mask_prefix(*mv, t, slots).unwrap_or(slots);
+        // Visit only the cache prefix the (CPU-computed) mask allows, from the first key a window
+        // lets row 0 see (the mask still decides per row); all slots otherwise.
+        let att = e.mask_prefix(*mv, t, slots);
+        let npast = att.map_or(slots, |a| a.prefix);
+        let key_start = att
+            .and_then(|a| a.window.map(|w| (a.prefix + 1).saturating_sub(w)))
+            .unwrap_or(0);
         // Keys never exceed the slots (position + chunk ≤ S): one kernel serves every step.
         let rows = self.rows_variant && attention::rows_ok(d, slots);
         let oshape = if *tokens_first {
@@ -148,6 +153,7 @@ impl GpuPlan {
             head_dim: d,
             slots,
             npast,
+            key_start,
             position,
             scale: n.attr_float("scale", 1.0 / (d as f32).sqrt()),
             softcap: n.attr_float("softcap", 0.0).max(0.0),
@@ -250,7 +256,7 @@ impl GpuPlan {
         let (ctx, ap) = (&self.ctx, at.ap);
         let (h, t, d) = (ap.heads, ap.tokens, ap.head_dim);
         let ch = self.split_chunk;
-        let nkeys = ap.npast + t;
+        let nkeys = ap.npast + t - ap.key_start;
         let chunks = nkeys.div_ceil(ch);
         let split = t == 1 && nkeys >= self.split_keys && chunks >= 2;
         self.part_need.fetch_max(

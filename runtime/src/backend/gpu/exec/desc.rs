@@ -87,8 +87,8 @@ pub(super) struct Env<'a> {
     /// Set when a description looked at the contents of a host value that is not a constant (token ids,
     /// positions): such a description holds for this step only and is not cached.
     pub(super) looked: std::cell::Cell<bool>,
-    /// The cache prefix a mask lets attend ([`crate::backend::mask::standard_prefix`]), found once a step.
-    pub(super) prefix: &'a std::cell::Cell<Option<(ValId, Option<usize>)>>,
+    /// What a mask lets attend ([`crate::backend::mask::attended`]), found once a step.
+    pub(super) prefix: &'a std::cell::Cell<Option<(ValId, Option<Attended>)>>,
 }
 
 impl<'a> Env<'a> {
@@ -96,7 +96,7 @@ impl<'a> Env<'a> {
         plan: &'a Plan,
         cpu: &'a [Option<Tensor>],
         meta: &'a [Option<Meta>],
-        prefix: &'a std::cell::Cell<Option<(ValId, Option<usize>)>>,
+        prefix: &'a std::cell::Cell<Option<(ValId, Option<Attended>)>>,
     ) -> Env<'a> {
         Env {
             plan,
@@ -106,8 +106,9 @@ impl<'a> Env<'a> {
             prefix,
         }
     }
-    /// [`crate::backend::mask::standard_prefix`] of mask `m` (every attention of a step has the same mask).
-    pub(super) fn mask_prefix(&self, m: ValId, t: usize, slots: usize) -> Option<usize> {
+    /// [`crate::backend::mask::attended`] of mask `m` (kept for the last mask asked about: the
+    /// attentions of a step share one mask, or two alternating for global and windowed layers).
+    pub(super) fn mask_prefix(&self, m: ValId, t: usize, slots: usize) -> Option<Attended> {
         if let Some((v, p)) = self.prefix.get() {
             if v == m {
                 self.looked.set(true);
@@ -116,7 +117,7 @@ impl<'a> Env<'a> {
         }
         let p = self
             .cpu(m)
-            .and_then(|x| crate::backend::mask::standard_prefix(x, t, slots));
+            .and_then(|x| crate::backend::mask::attended(x, t, slots));
         self.prefix.set(Some((m, p)));
         p
     }

@@ -88,7 +88,7 @@ impl GpuPlan {
         &self,
         plan: &Plan,
         f: &mut Flight,
-        prefix: &std::cell::Cell<Option<(ValId, Option<usize>)>>,
+        prefix: &std::cell::Cell<Option<(ValId, Option<Attended>)>>,
         kept: &mut Option<Kept>,
     ) -> Result<Described> {
         let si = f.next;

@@ -57,6 +57,7 @@ use super::elementwise::{self as ew, BinOp, UnOp};
 use super::linear::{self, GpuLinear};
 use super::{choice, grid, norm, rope, rows_variant, select, GpuFusions, Params};
 use crate::backend::cpu::ops;
+use crate::backend::mask::Attended;
 use crate::error::{DeviceFault, Error, Result};
 use crate::graph::{Attr, DType};
 use crate::plan::{Gate, GateAct, Plan, Step, ValId};
