@@ -178,9 +178,38 @@ pub fn norm_weight(
 }
 
 /// Splits `[T, n·d]` into heads `[1, n, T, d]`; nodes `{name}.split` and `name`.
-pub fn heads(t: &mut Tracer, name: &str, y: &Sym, n: usize, d: usize) -> Result<Sym, TraceError> {
+fn heads_of(t: &mut Tracer, name: &str, y: &Sym, n: usize, d: usize) -> Result<Sym, TraceError> {
     let r = t.reshape(&format!("{name}.split"), y, &[N(1), T, N(n), N(d)])?;
     t.transpose(name, &r, &[0, 2, 1, 3])
+}
+
+/// The attention's inputs as heads: `x` through the q, k and v projections `w` (with biases where
+/// given), split into heads `[1, n, T, d]` (`n` = `heads.0` for q, `heads.1` for k and v), then q and
+/// k RMS-normalized per head where `qk_norm` has their weights (qwen3, gemma3; before the rotation).
+/// Nodes `attn.{q,k,v}_proj`, `attn.{q,k,v}_heads`, `attn.{q,k}_norm`.
+pub fn qkv_heads(
+    t: &mut Tracer,
+    x: &Sym,
+    w: [&MatSyms; 3],
+    bias: [Option<&Sym>; 3],
+    (heads, kv_heads, d): (usize, usize, usize),
+    qk_norm: Option<&(Sym, Sym)>,
+    eps: f32,
+) -> Result<[Sym; 3], TraceError> {
+    let q = linear(t, "attn.q_proj", x, w[0], bias[0])?;
+    let k = linear(t, "attn.k_proj", x, w[1], bias[1])?;
+    let v = linear(t, "attn.v_proj", x, w[2], bias[2])?;
+    let q = heads_of(t, "attn.q_heads", &q, heads, d)?;
+    let k = heads_of(t, "attn.k_heads", &k, kv_heads, d)?;
+    let v = heads_of(t, "attn.v_heads", &v, kv_heads, d)?;
+    Ok(match qk_norm {
+        Some((qn, kn)) => [
+            t.rms_norm("attn.q_norm", &q, qn, eps)?,
+            t.rms_norm("attn.k_norm", &k, kn, eps)?,
+            v,
+        ],
+        None => [q, k, v],
+    })
 }
 
 /// Attention of layer `i` over its static cache: the new keys and values (`[1, kvh, T, d]`, rotated

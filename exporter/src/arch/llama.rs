@@ -5,7 +5,7 @@
 
 use onestep_format::graph::{DType, Graph};
 
-use super::blocks::{self, heads, norm_weight};
+use super::blocks::{self, norm_weight};
 use super::{add_matrix, embedding, linear, rope_tables, ArchOptions, Weights};
 use crate::source::{canonical, ModelConfig};
 use crate::trace::{AttentionScores, Sym, TraceError, Tracer};
@@ -91,20 +91,15 @@ pub fn build(cfg: &ModelConfig, w: &Weights, opts: &ArchOptions) -> Result<Graph
         t.set_scope(&p);
         // attention
         let hn = t.rms_norm("attn_norm", &x, &attn_norm, cfg.rms_eps)?;
-        let q = linear(&mut t, "attn.q_proj", &hn, &wq, bq.as_ref())?;
-        let k = linear(&mut t, "attn.k_proj", &hn, &wk, bk.as_ref())?;
-        let vv = linear(&mut t, "attn.v_proj", &hn, &wv, bv.as_ref())?;
-        let q4 = heads(&mut t, "attn.q_heads", &q, nh, d)?;
-        let k4 = heads(&mut t, "attn.k_heads", &k, kvh, d)?;
-        let v4 = heads(&mut t, "attn.v_heads", &vv, kvh, d)?;
-        // qwen3: RMSNorm over each head's dimensions, before the rotation
-        let (q4, k4) = match &qk_norm {
-            Some((qn, kn)) => (
-                t.rms_norm("attn.q_norm", &q4, qn, cfg.rms_eps)?,
-                t.rms_norm("attn.k_norm", &k4, kn, cfg.rms_eps)?,
-            ),
-            None => (q4, k4),
-        };
+        let [q4, k4, v4] = blocks::qkv_heads(
+            &mut t,
+            &hn,
+            [&wq, &wk, &wv],
+            [bq.as_ref(), bk.as_ref(), bv.as_ref()],
+            (nh, kvh, d),
+            qk_norm.as_ref(),
+            cfg.rms_eps,
+        )?;
         // smollm3's NoPE layers attend without positions
         let (qr, kr) = if cfg.no_rope_layers.contains(&i) {
             (q4, k4)
