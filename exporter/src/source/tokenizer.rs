@@ -273,74 +273,13 @@ pub fn from_gguf(path: &str, v: &GgufVocab) -> Result<TokenizerData, SourceError
     let eot_key = check_id("tokenizer.ggml.eot_token_id", v.eot_id)?;
     let eom_key = check_id("tokenizer.ggml.eom_token_id", v.eom_id)?;
 
-    // Vocabulary (llama.cpp refuses duplicates; so do we).
-    let mut index: HashMap<&str, u32> = HashMap::with_capacity(n);
-    for (i, t) in v.tokens.iter().enumerate() {
-        if t.is_empty() {
-            return Err(key_err(
-                path,
-                "tokenizer.ggml.tokens",
-                format!("token {i} is empty"),
-            ));
-        }
-        if let Some(prev) = index.insert(t.as_str(), i as u32) {
-            return Err(key_err(
-                path,
-                "tokenizer.ggml.tokens",
-                format!("duplicate token {t:?} (ids {prev} and {i})"),
-            ));
-        }
-    }
-
-    // Token attributes, with llama.cpp's text-based overrides (EOT/EOM/FIM/EOG tokens become control).
-    let ty = |i: usize| v.token_types.as_ref().map_or(1, |t| t[i]);
-    let mut control: Vec<bool> = (0..n)
-        .map(|i| matches!(ty(i), toktype::CONTROL | toktype::UNKNOWN))
-        .collect();
-    let user_defined: Vec<bool> = (0..n).map(|i| ty(i) == toktype::USER_DEFINED).collect();
-    let find = |texts: &[&str]| -> Vec<u32> {
-        texts
-            .iter()
-            .filter_map(|t| index.get(t).copied())
-            .collect::<Vec<_>>()
-    };
-    let mut eog: BTreeSet<u32> = BTreeSet::new();
-    for texts in FIM_EOG_TEXTS {
-        // llama.cpp keeps one id per FIM role; any of them (each is control) ends generation.
-        if let Some(&id) = find(texts).iter().min() {
-            eog.insert(id);
-            control[id as usize] = true;
-        }
-    }
-    for id in find(FIM_CONTROL_TEXTS) {
-        control[id as usize] = true;
-    }
-    let eot_id = eot_key.or_else(|| find(EOT_TEXTS).into_iter().min());
-    for id in find(EOG_TEXTS) {
-        eog.insert(id);
-        control[id as usize] = true;
-    }
-    if let Some(id) = find(&["<|eom_id|>"]).first() {
-        control[*id as usize] = true;
-    }
-    for id in [eos_key, eot_id, eom_key].into_iter().flatten() {
-        eog.insert(id);
-    }
-    // llama.cpp: with both <|return|> and <|call|> (or <|calls|> and <|flush|>), <|end|> does not end.
-    let has = |eog: &BTreeSet<u32>, t: &str| index.get(t).is_some_and(|id| eog.contains(id));
-    if (has(&eog, "<|return|>") && has(&eog, "<|call|>"))
-        || (has(&eog, "<|calls|>") && has(&eog, "<|flush|>"))
-    {
-        if let Some(id) = index.get("<|end|>") {
-            eog.remove(id);
-        }
-    }
-    // llama.cpp (gemma4, paddleocr): with <|tool_response>, </s> does not end generation.
-    if has(&eog, "<|tool_response>") {
-        if let Some(id) = index.get("</s>") {
-            eog.remove(id);
-        }
-    }
+    let index = index_tokens(path, &v.tokens)?;
+    let Roles {
+        control,
+        user_defined,
+        mut eog,
+        eot_id,
+    } = roles(v, &index, eos_key, eot_key, eom_key);
 
     let eos_id = eos_key
         .or(eot_id)
@@ -412,6 +351,110 @@ pub fn from_gguf(path: &str, v: &GgufVocab) -> Result<TokenizerData, SourceError
         eos_id,
         stop_ids: eog.into_iter().collect(),
     })
+}
+
+/// Token text → id (llama.cpp refuses empty and duplicate tokens; so do we).
+fn index_tokens<'a>(
+    path: &str,
+    tokens: &'a [String],
+) -> Result<HashMap<&'a str, u32>, SourceError> {
+    let n = tokens.len();
+    let mut index: HashMap<&str, u32> = HashMap::with_capacity(n);
+    for (i, t) in tokens.iter().enumerate() {
+        if t.is_empty() {
+            return Err(key_err(
+                path,
+                "tokenizer.ggml.tokens",
+                format!("token {i} is empty"),
+            ));
+        }
+        if let Some(prev) = index.insert(t.as_str(), i as u32) {
+            return Err(key_err(
+                path,
+                "tokenizer.ggml.tokens",
+                format!("duplicate token {t:?} (ids {prev} and {i})"),
+            ));
+        }
+    }
+    Ok(index)
+}
+
+/// Each token's role as llama.cpp derives it from the types and the texts.
+struct Roles {
+    /// Matched atomically in text and special (control and unknown types, and EOT/EOM/FIM/EOG texts).
+    control: Vec<bool>,
+    /// Matched atomically in text, not special.
+    user_defined: Vec<bool>,
+    /// The ids that end generation.
+    eog: BTreeSet<u32>,
+    /// The end-of-turn id (the file's, else found by its text).
+    eot_id: Option<u32>,
+}
+
+/// [`Roles`], with llama.cpp's text-based overrides.
+fn roles(
+    v: &GgufVocab,
+    index: &HashMap<&str, u32>,
+    eos_key: Option<u32>,
+    eot_key: Option<u32>,
+    eom_key: Option<u32>,
+) -> Roles {
+    let n = v.tokens.len();
+    // Token attributes, with llama.cpp's text-based overrides (EOT/EOM/FIM/EOG tokens become control).
+    let ty = |i: usize| v.token_types.as_ref().map_or(1, |t| t[i]);
+    let mut control: Vec<bool> = (0..n)
+        .map(|i| matches!(ty(i), toktype::CONTROL | toktype::UNKNOWN))
+        .collect();
+    let user_defined: Vec<bool> = (0..n).map(|i| ty(i) == toktype::USER_DEFINED).collect();
+    let find = |texts: &[&str]| -> Vec<u32> {
+        texts
+            .iter()
+            .filter_map(|t| index.get(t).copied())
+            .collect::<Vec<_>>()
+    };
+    let mut eog: BTreeSet<u32> = BTreeSet::new();
+    for texts in FIM_EOG_TEXTS {
+        // llama.cpp keeps one id per FIM role; any of them (each is control) ends generation.
+        if let Some(&id) = find(texts).iter().min() {
+            eog.insert(id);
+            control[id as usize] = true;
+        }
+    }
+    for id in find(FIM_CONTROL_TEXTS) {
+        control[id as usize] = true;
+    }
+    let eot_id = eot_key.or_else(|| find(EOT_TEXTS).into_iter().min());
+    for id in find(EOG_TEXTS) {
+        eog.insert(id);
+        control[id as usize] = true;
+    }
+    if let Some(id) = find(&["<|eom_id|>"]).first() {
+        control[*id as usize] = true;
+    }
+    for id in [eos_key, eot_id, eom_key].into_iter().flatten() {
+        eog.insert(id);
+    }
+    // llama.cpp: with both <|return|> and <|call|> (or <|calls|> and <|flush|>), <|end|> does not end.
+    let has = |eog: &BTreeSet<u32>, t: &str| index.get(t).is_some_and(|id| eog.contains(id));
+    if (has(&eog, "<|return|>") && has(&eog, "<|call|>"))
+        || (has(&eog, "<|calls|>") && has(&eog, "<|flush|>"))
+    {
+        if let Some(id) = index.get("<|end|>") {
+            eog.remove(id);
+        }
+    }
+    // llama.cpp (gemma4, paddleocr): with <|tool_response>, </s> does not end generation.
+    if has(&eog, "<|tool_response>") {
+        if let Some(id) = index.get("</s>") {
+            eog.remove(id);
+        }
+    }
+    Roles {
+        control,
+        user_defined,
+        eog,
+        eot_id,
+    }
 }
 
 /// A `tokenizer.json`, serialized straight from the vocabulary: as a `Value` tree its 262k vocabulary
