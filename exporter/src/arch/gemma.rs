@@ -126,7 +126,9 @@ pub fn build(cfg: &ModelConfig, w: &Weights, opts: &ArchOptions) -> Result<Graph
             true => (&local_rope, &local_mask),
             false => (&global_rope, &global_mask),
         };
-        let mask = mask.as_ref().expect("built for every layer kind present");
+        let mask = mask
+            .as_ref()
+            .ok_or_else(|| TraceError::Model(format!("layer {i}: no mask for its kind")))?;
 
         t.set_scope(&p);
         // attention, normed before and after

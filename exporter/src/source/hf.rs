@@ -218,20 +218,20 @@ fn model_config(path: &Path, c: &HfConfig) -> Result<ModelConfig, SourceError> {
         }
     };
     let gemma = arch.starts_with("gemma");
-    let act_key = if gemma && c.hidden_activation.is_some() {
-        "hidden_activation"
-    } else {
-        "hidden_act"
+    let (act_key, act) = match (gemma, c.hidden_activation.as_deref()) {
+        (true, Some(a)) => ("hidden_activation", Some(a)),
+        _ => ("hidden_act", c.hidden_act.as_deref()),
     };
-    let act = c.hidden_activation.as_deref().filter(|_| gemma);
-    if let Some(act) = act.or(c.hidden_act.as_deref()) {
-        let want = if gemma { "gelu_pytorch_tanh" } else { "silu" };
-        if act != want && !(gemma && act == "gelu_tanh") {
-            return Err(SourceError::Unsupported {
-                path: show(path),
-                what: format!("{act_key} `{act}` (a `{arch}` model takes `{want}`)"),
-            });
-        }
+    let takes: &[&str] = if gemma {
+        &["gelu_pytorch_tanh", "gelu_tanh"]
+    } else {
+        &["silu"]
+    };
+    if let Some(act) = act.filter(|a| !takes.contains(a)) {
+        return Err(SourceError::Unsupported {
+            path: show(path),
+            what: format!("{act_key} `{act}` (a `{arch}` model takes `{}`)", takes[0]),
+        });
     }
     if c.mlp_bias == Some(true) {
         return Err(SourceError::Unsupported {
@@ -1408,6 +1408,74 @@ mod tests {
         ] {
             let e = no_rope_layers(p, &cfg(bad), 4).unwrap_err().to_string();
             assert!(e.contains("no_rope_layers"), "{e}");
+        }
+    }
+
+    /// Gemma's config: global layers from `layer_types` or the pattern, the local rotary base from
+    /// transformers 5's per-kind `rope_parameters`, the scale from `query_pre_attn_scalar`, the `1 + w`
+    /// norm offset; a bad layer list, an exact GELU and a missing window are refused by key.
+    #[test]
+    fn gemma_config_from_either_transformers_form() {
+        let p = Path::new("config.json");
+        let cfg = |extra: &str| -> HfConfig {
+            serde_json::from_str(&format!(
+                r#"{{"model_type": "gemma3_text", "hidden_size": 8, "intermediate_size": 16,
+                "num_hidden_layers": 4, "num_attention_heads": 2, "num_key_value_heads": 1,
+                "head_dim": 8, "vocab_size": 32, "rms_norm_eps": 1e-6,
+                "max_position_embeddings": 64, "query_pre_attn_scalar": 16,
+                "hidden_activation": "gelu_pytorch_tanh"{extra}}}"#
+            ))
+            .unwrap()
+        };
+        let c = model_config(
+            p,
+            &cfg(r#", "sliding_window": 4, "sliding_window_pattern": 2,
+            "rope_theta": 1e6, "rope_local_base_freq": 1e4"#),
+        )
+        .unwrap();
+        let g = c.gemma.clone().unwrap();
+        assert_eq!(
+            (c.architecture.as_str(), c.sliding_window),
+            ("gemma3", Some(4))
+        );
+        assert!(c.qk_norm);
+        assert_eq!(g.global_layers, [1, 3]);
+        assert_eq!((c.rope_theta, g.local_rope_theta), (1e6, 1e4));
+        assert_eq!((g.attn_scale, g.norm_offset), (0.25, 1.0));
+        let five = r#", "sliding_window": 4, "layer_types": ["sliding_attention",
+            "sliding_attention", "full_attention", "sliding_attention"], "rope_parameters": {
+            "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}"#;
+        let c = model_config(p, &cfg(five)).unwrap();
+        let g = c.gemma.unwrap();
+        assert_eq!(g.global_layers, [2]);
+        assert_eq!((c.rope_theta, g.local_rope_theta), (1e6, 1e4));
+        for (extra, key) in [
+            (
+                r#", "sliding_window": 4, "layer_types": ["full_attention"]"#,
+                "layer_types",
+            ),
+            (
+                r#", "sliding_window": 4, "layer_types": ["a", "b", "c", "d"]"#,
+                "layer_types",
+            ),
+            ("", "sliding_window"),
+        ] {
+            match model_config(p, &cfg(extra)) {
+                Err(SourceError::Key { key: k, .. }) => assert_eq!(k, key, "{extra}"),
+                other => panic!("{extra}: {other:?}"),
+            }
+        }
+        let exact = cfg(r#", "sliding_window": 4"#);
+        let exact = HfConfig {
+            hidden_activation: Some("gelu".into()),
+            ..exact
+        };
+        match model_config(p, &exact) {
+            Err(SourceError::Unsupported { what, .. }) => {
+                assert!(what.contains("hidden_activation `gelu`"), "{what}")
+            }
+            other => panic!("{other:?}"),
         }
     }
 
