@@ -22,6 +22,7 @@ struct Q8 {
     z: Vec<u8>,
     n: usize,
     k: usize,
+    halves: bool,
 }
 
 /// Cheap deterministic pseudo-random bytes (xorshift).
@@ -49,17 +50,20 @@ fn q4(n: usize, k: usize, seed: &mut u64) -> Q4 {
         k,
     }
 }
-fn q8(n: usize, k: usize, seed: &mut u64) -> Q8 {
+/// 8-bit blocks of 32, or (`halves`) with a scale and zero point per 16 (GGUF Q6_K's form).
+fn q8(n: usize, k: usize, halves: bool, seed: &mut u64) -> Q8 {
     let nb = n * k / 32;
+    let ns = nb * (1 + halves as usize);
     Q8 {
         b: bytes(nb * 32, seed),
-        s: bytes(nb, seed)
+        s: bytes(ns, seed)
             .iter()
             .map(|v| (*v as f32 + 1.0) * 1e-4)
             .collect(),
-        z: vec![128; nb],
+        z: vec![128; ns],
         n,
         k,
+        halves,
     }
 }
 impl Q4 {
@@ -81,6 +85,7 @@ impl Q8 {
             zeros: &self.z,
             n: self.n,
             k: self.k,
+            halves: self.halves,
         }
     }
 }
@@ -107,7 +112,10 @@ fn main() {
     drop(shapes);
     let a = q4(1536, 576, &mut seed);
     let b = q4(576, 1536, &mut seed);
-    let c = q8(49152, 576, &mut seed);
+    let c = q8(49152, 576, false, &mut seed);
+    // Gemma 3 270M Q4_K_M: the Q6_K down projection and the Q8_0 tied output layer.
+    let d = q8(640, 2048, true, &mut seed);
+    let e = q8(262144, 640, false, &mut seed);
     let f32w: Vec<f32> = bytes(1536 * 576, &mut seed)
         .iter()
         .map(|v| *v as f32 / 255.0 - 0.5)
@@ -116,6 +124,8 @@ fn main() {
         ("q4 K=576  N=1536 ", a.w()),
         ("q4 K=1536 N=576  ", b.w()),
         ("q8 K=576  N=49152", c.w()),
+        ("q8h K=2048 N=640 ", d.w()),
+        ("q8 K=640 N=262144", e.w()),
         (
             "f32 K=576 N=1536 ",
             Weights::F32 {

@@ -43,8 +43,8 @@ pub enum WeightForm {
 }
 
 impl LinearWeights {
-    /// Borrows the weights in the kernel's form (no copy). Fails only for block sizes other than 32,
-    /// which then run through [`LinearWeights::apply`].
+    /// Borrows the weights in the kernel's form (no copy). Fails only for block sizes other than 32
+    /// (and 16 for 8-bit codes with `K % 32 == 0`), which then run through [`LinearWeights::apply`].
     pub fn kernel_view(&self) -> Option<linear::Weights<'_>> {
         let (n, k) = (self.n, self.k);
         Some(match &self.form {
@@ -64,7 +64,10 @@ impl LinearWeights {
                 scales,
                 zero,
             } => {
-                if *block != linear::BLOCK {
+                // Blocks of 32, or 8-bit blocks of 16 in rows of whole 32s (their halves).
+                let halves =
+                    *block == linear::BLOCK / 2 && *bits == 8 && k.is_multiple_of(linear::BLOCK);
+                if *block != linear::BLOCK && !halves {
                     return None;
                 }
                 match (bits, zero.dtype) {
@@ -81,6 +84,7 @@ impl LinearWeights {
                         zeros: zero.typed(),
                         n,
                         k,
+                        halves,
                     },
                     _ => return None,
                 }

@@ -134,18 +134,22 @@ pub enum Weights<'a> {
         /// Input features (multiple of 32).
         k: usize,
     },
-    /// 8-bit blocks of 32 (MatMulNBits bits=8): value = `(q − z)·s`.
+    /// 8-bit blocks of 32 (MatMulNBits bits=8): value = `(q − z)·s`; with `halves`, each 16-element
+    /// half of a block has its own scale and zero point (MatMulNBits block_size 16, as GGUF's Q6_K
+    /// writes; the code bytes are laid out the same either way).
     Q8 {
         /// u8 `[N, K/32, 32]`.
         b: &'a [u8],
-        /// f32 `[N, K/32]`.
+        /// f32 `[N, K/32]` (`[N, K/16]` with `halves`).
         scales: &'a [f32],
-        /// u8 `[N, K/32]`.
+        /// u8 `[N, K/32]` (`[N, K/16]` with `halves`).
         zeros: &'a [u8],
         /// Output features.
         n: usize,
         /// Input features (multiple of 32).
         k: usize,
+        /// One scale and zero point per 16 elements instead of per 32.
+        halves: bool,
     },
 }
 
@@ -237,12 +241,17 @@ impl<'a> Weights<'a> {
                 check_len(K, "zero_points", nb, zeros.len())
             }
             Weights::Q8 {
-                b, scales, zeros, ..
+                b,
+                scales,
+                zeros,
+                halves,
+                ..
             } => {
                 let nb = blocked(k)?;
+                let ns = nb * (1 + halves as usize);
                 check_len(K, "B", nb * 32, b.len())?;
-                check_len(K, "scales", nb, scales.len())?;
-                check_len(K, "zero_points", nb, zeros.len())
+                check_len(K, "scales", ns, scales.len())?;
+                check_len(K, "zero_points", ns, zeros.len())
             }
         }
     }
@@ -276,10 +285,12 @@ impl<'a> Weights<'a> {
                 scales,
                 zeros,
                 k,
+                halves,
                 ..
             } => {
-                let blk = row * (k / BLOCK) + col / BLOCK;
-                (b[blk * 32 + col % BLOCK] as f32 - zeros[blk] as f32) * scales[blk]
+                let e = row * k + col;
+                let sb = e / (BLOCK >> halves as usize);
+                (b[e] as f32 - zeros[sb] as f32) * scales[sb]
             }
         }
     }
@@ -317,13 +328,23 @@ impl<'a> Weights<'a> {
                 }
             }
             Weights::Q8 {
-                b, scales, zeros, ..
+                b,
+                scales,
+                zeros,
+                halves,
+                ..
             } => {
-                let nb = k / BLOCK;
-                for (j, o) in out.chunks_exact_mut(BLOCK).enumerate() {
-                    let blk = row * nb + j;
-                    let (s, z) = (scales[blk], zeros[blk] as f32);
-                    for (o, q) in o.iter_mut().zip(&b[blk * 32..blk * 32 + 32]) {
+                let bs = BLOCK >> halves as usize;
+                let nb = k / bs;
+                let codes = &b[row * k..(row + 1) * k];
+                for (j, (o, q)) in out
+                    .chunks_exact_mut(bs)
+                    .zip(codes.chunks_exact(bs))
+                    .enumerate()
+                {
+                    let sb = row * nb + j;
+                    let (s, z) = (scales[sb], zeros[sb] as f32);
+                    for (o, q) in o.iter_mut().zip(q) {
                         *o = (*q as f32 - z) * s;
                     }
                 }
@@ -692,13 +713,39 @@ mod avx2 {
                     scales,
                     zeros,
                     k,
+                    halves,
                     ..
                 } => {
-                    // Lane order of `perm_src(false, ·)`.
+                    // Lane order of `perm_src(false, ·)`: lanes 0–3 hold elements 0–15, lanes 4–7
+                    // elements 16–31, so halves take their scale and zero point per 128-bit lane.
                     let blk = row * (k / BLOCK) + col / BLOCK;
-                    let s = *scales.get_unchecked(blk);
-                    let vs = _mm256_set1_ps(s);
-                    let vnzs = _mm256_set1_ps(-(*zeros.get_unchecked(blk) as f32) * s);
+                    let (vs, vnzs) = if halves {
+                        let (s0, s1) = (
+                            *scales.get_unchecked(2 * blk),
+                            *scales.get_unchecked(2 * blk + 1),
+                        );
+                        let z0 = *zeros.get_unchecked(2 * blk) as f32;
+                        let z1 = *zeros.get_unchecked(2 * blk + 1) as f32;
+                        (
+                            _mm256_setr_ps(s0, s0, s0, s0, s1, s1, s1, s1),
+                            _mm256_setr_ps(
+                                -z0 * s0,
+                                -z0 * s0,
+                                -z0 * s0,
+                                -z0 * s0,
+                                -z1 * s1,
+                                -z1 * s1,
+                                -z1 * s1,
+                                -z1 * s1,
+                            ),
+                        )
+                    } else {
+                        let s = *scales.get_unchecked(blk);
+                        (
+                            _mm256_set1_ps(s),
+                            _mm256_set1_ps(-(*zeros.get_unchecked(blk) as f32) * s),
+                        )
+                    };
                     let words = _mm256_loadu_si256(b.as_ptr().add(blk * 32) as *const __m256i);
                     let m = _mm256_set1_epi32(255);
                     let cv = |q: __m256i| _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), vs, vnzs);
@@ -901,7 +948,8 @@ pub(crate) mod tests {
         Bf16(Vec<bf16>),
         Int8(Vec<i8>, Vec<f32>),
         Q4(Vec<u8>, Vec<f32>, Vec<f32>),
-        Q8(Vec<u8>, Vec<f32>, Vec<u8>),
+        /// Codes, scales, zero points, halves.
+        Q8(Vec<u8>, Vec<f32>, Vec<u8>, bool),
     }
 
     impl Owned {
@@ -928,11 +976,16 @@ pub(crate) mod tests {
                     (0..nb).map(|_| sym(rng, 0.1)).collect(),
                     (0..nb).map(|_| rng.random_range(-4f32..20.0)).collect(),
                 ),
-                _ => Owned::Q8(
-                    (0..nb * 32).map(|_| rng.random()).collect(),
-                    (0..nb).map(|_| sym(rng, 0.02)).collect(),
-                    (0..nb).map(|_| rng.random_range(96u8..160)).collect(),
-                ),
+                // 5: blocks of 32; 6: a scale and zero point per 16-element half.
+                _ => {
+                    let ns = nb * (1 + (kind == 6) as usize);
+                    Owned::Q8(
+                        (0..nb * 32).map(|_| rng.random()).collect(),
+                        (0..ns).map(|_| sym(rng, 0.02)).collect(),
+                        (0..ns).map(|_| rng.random_range(96u8..160)).collect(),
+                        kind == 6,
+                    )
+                }
             }
         }
 
@@ -949,12 +1002,13 @@ pub(crate) mod tests {
                     n,
                     k,
                 },
-                Owned::Q8(b, scales, zeros) => Weights::Q8 {
+                Owned::Q8(b, scales, zeros, halves) => Weights::Q8 {
                     b,
                     scales,
                     zeros,
                     n,
                     k,
+                    halves: *halves,
                 },
             }
         }
@@ -1048,7 +1102,7 @@ pub(crate) mod tests {
         #![proptest_config(ProptestConfig::with_cases(48))]
         #[test]
         fn linear_matches_reference(
-            kind in 0usize..6,
+            kind in 0usize..7,
             n in 1usize..40,
             kb in 1usize..12,
             kextra in 0usize..32,
@@ -1075,7 +1129,7 @@ pub(crate) mod tests {
     #[test]
     fn smollm_shapes_parallel_path() {
         // Large enough to split over threads, for every encoding, decode and prefill-sized T.
-        for kind in 0..6 {
+        for kind in 0..7 {
             check_case_rel(kind, 192, 576, 1, 7 + kind as u64, false, Some(1e-3));
             check_case_rel(kind, 67, 576, 6, 9 + kind as u64, true, Some(1e-3));
             check_case_rel(kind, 40, 1536, 3, 11 + kind as u64, false, Some(1e-3));
@@ -1118,9 +1172,70 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn q8_halves_take_their_own_scale_and_zero_point() {
+        // Two rows of two blocks, codes 0..=255 in order: element e of row r has scale index
+        // (64r + e) / 16, i.e. a new scale and zero point every 16 elements.
+        let b: Vec<u8> = (0..128u32).map(|i| (i * 2 % 256) as u8).collect();
+        let scales = [0.5f32, -0.25, 2.0, 0.125, 1.5, -1.0, 0.75, 3.0];
+        let zeros = [0u8, 255, 128, 7, 64, 1, 200, 99];
+        let w = Weights::Q8 {
+            b: &b,
+            scales: &scales,
+            zeros: &zeros,
+            n: 2,
+            k: 64,
+            halves: true,
+        };
+        for r in 0..2 {
+            for e in 0..64 {
+                let i = 64 * r + e;
+                let want = (b[i] as f32 - zeros[i / 16] as f32) * scales[i / 16];
+                assert_eq!(w.get(r, e), want);
+            }
+        }
+        let x: Vec<f32> = (0..64).map(|i| 1.0 + i as f32 * 0.01).collect();
+        let want: Vec<f32> = (0..2)
+            .map(|r| (0..64).map(|e| x[e] * w.get(r, e)).sum())
+            .collect();
+        // 8-bit activations: each x moves by at most amax/254 of its 32-block.
+        let bound: Vec<f32> = (0..2)
+            .map(|r| {
+                (0..2)
+                    .map(|blk| {
+                        let xb = &x[32 * blk..32 * blk + 32];
+                        let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+                        let wsum: f32 = (0..32).map(|e| w.get(r, 32 * blk + e).abs()).sum();
+                        amax / 254.0 * wsum
+                    })
+                    .sum()
+            })
+            .collect();
+        for (prec, isa, qisa) in combos() {
+            let mut y = [0f32; 2];
+            linear_isa(&x, 1, &w, None, &mut y, prec, (isa, qisa), None).unwrap();
+            for r in 0..2 {
+                let tol = 1e-3
+                    + if prec == Precision::Fast {
+                        bound[r]
+                    } else {
+                        0.0
+                    };
+                let (a, b) = (y[r], want[r]);
+                assert!((a - b).abs() < tol, "{prec:?} {isa:?} {qisa:?}: {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
     fn q8_zero_x_block_and_outlier() {
+        for kind in [5, 6] {
+            q8_zero_x_block_and_outlier_of(kind);
+        }
+    }
+
+    fn q8_zero_x_block_and_outlier_of(kind: usize) {
         let mut rng = StdRng::seed_from_u64(3);
-        let owned = Owned::random(5, 4, 64, &mut rng);
+        let owned = Owned::random(kind, 4, 64, &mut rng);
         let w = owned.weights(4, 64);
         let mut x = vec![0f32; 64];
         x[40] = 1000.0; // first block all zero (d = 0), second block dominated by one outlier
@@ -1134,7 +1249,7 @@ pub(crate) mod tests {
             for (a, b) in y.iter().zip(&want) {
                 assert!(
                     a.is_finite() && (a - b).abs() <= 1e-3 * b.abs().max(1.0),
-                    "{qisa:?}: {a} vs {b}"
+                    "{qisa:?} kind {kind}: {a} vs {b}"
                 );
             }
         }

@@ -24,6 +24,11 @@
 //!
 //! The activations are in natural element order for every instruction set, so one [`QuantX`] serves
 //! every linear that reads the same input.
+//!
+//! 8-bit weights with a scale and zero point per 16-element half ([`Weights::Q8`] `halves`, GGUF
+//! Q6_K's form) keep the 32-blocks of `x`: each half's integer sum is taken apart (the lanes
+//! `vpdpbusd`/`maddubs` sum a half into are that half's alone) and meets its own `s·d`, and the
+//! zero-point term reads `d · Σ qx` per half ([`QuantX::ds2`]).
 
 use super::linear::{Weights, BLOCK};
 
@@ -98,6 +103,9 @@ pub(crate) struct QuantX {
     pub(crate) d: Vec<f32>,
     /// `d · Σ q` per block `[T, K/32]`: the zero-point term's factor.
     pub(crate) ds: Vec<f32>,
+    /// `d · Σ q` per 16-element half `[T, K/16]`: the zero-point term's factor for weights with a
+    /// zero point per half ([`Weights::Q8`] with `halves`).
+    pub(crate) ds2: Vec<f32>,
 }
 
 impl QuantX {
@@ -109,15 +117,32 @@ impl QuantX {
             q: vec![0i8; nblk * BLOCK],
             d: vec![0f32; nblk],
             ds: vec![0f32; nblk],
+            ds2: vec![0f32; 2 * nblk],
         };
         #[cfg(target_arch = "x86_64")]
         if best() != QIsa::Scalar {
             // SAFETY: every x86 integer ISA above Scalar has avx2 (checked by `available`).
             unsafe { avx2::quantize(x, &mut qx) };
+            qx.half_sums();
             return qx;
         }
         qx.quantize_scalar(x);
+        qx.half_sums();
         qx
+    }
+
+    /// Fills [`QuantX::ds2`] from the quantized values (a pass over `T·K` bytes, small beside any
+    /// linear that reads them).
+    fn half_sums(&mut self) {
+        for (i, (h, ds2)) in self
+            .q
+            .chunks_exact(BLOCK / 2)
+            .zip(&mut self.ds2)
+            .enumerate()
+        {
+            let sum: i32 = h.iter().map(|&v| v as i32).sum();
+            *ds2 = self.d[i / 2] * sum as f32;
+        }
     }
 
     /// The portable body of [`QuantX::new`].
@@ -169,9 +194,17 @@ pub(crate) fn rows(
     }
 }
 
-/// One weight row's block codes, scale and zero point (as f32) at block `blk`.
+/// The scale and zero point (as f32) of one block, or of each 16-element half of it.
+enum Factors {
+    /// One for the block.
+    Whole(f32, f32),
+    /// One per half.
+    Halves([(f32, f32); 2]),
+}
+
+/// One weight row's block codes and factors at block `blk`.
 #[inline]
-fn block(w: &Weights, blk: usize, codes: &mut [i32; BLOCK]) -> Option<(f32, f32)> {
+fn block(w: &Weights, blk: usize, codes: &mut [i32; BLOCK]) -> Option<Factors> {
     match *w {
         Weights::Q4 {
             b, scales, zeros, ..
@@ -180,15 +213,24 @@ fn block(w: &Weights, blk: usize, codes: &mut [i32; BLOCK]) -> Option<(f32, f32)
                 codes[2 * i] = (byte & 15) as i32;
                 codes[2 * i + 1] = (byte >> 4) as i32;
             }
-            Some((scales[blk], zeros[blk]))
+            Some(Factors::Whole(scales[blk], zeros[blk]))
         }
         Weights::Q8 {
-            b, scales, zeros, ..
+            b,
+            scales,
+            zeros,
+            halves,
+            ..
         } => {
             for (q, byte) in codes.iter_mut().zip(&b[blk * 32..blk * 32 + 32]) {
                 *q = *byte as i32;
             }
-            Some((scales[blk], zeros[blk] as f32))
+            Some(if halves {
+                let h = |i: usize| (scales[2 * blk + i], zeros[2 * blk + i] as f32);
+                Factors::Halves([h(0), h(1)])
+            } else {
+                Factors::Whole(scales[blk], zeros[blk] as f32)
+            })
         }
         _ => None,
     }
@@ -204,14 +246,30 @@ fn rows_scalar(w: &Weights, qx: &QuantX, t: usize, rows: std::ops::Range<usize>,
         o.fill(0.0);
         for j in 0..nb {
             let blk = row * nb + j;
-            let Some((s, z)) = block(w, blk, &mut codes) else {
+            let Some(factors) = block(w, blk, &mut codes) else {
                 return;
             };
             for (tt, o) in o.iter_mut().enumerate() {
                 let xb = &qx.q[tt * k + j * BLOCK..tt * k + (j + 1) * BLOCK];
-                let dot: i32 = codes.iter().zip(xb).map(|(a, b)| a * *b as i32).sum();
+                let dot = |h: std::ops::Range<usize>| -> f32 {
+                    let d: i32 = codes[h.clone()]
+                        .iter()
+                        .zip(&xb[h])
+                        .map(|(a, b)| a * *b as i32)
+                        .sum();
+                    d as f32
+                };
                 let xi = tt * nb + j;
-                *o += s * qx.d[xi] * dot as f32 - s * z * qx.ds[xi];
+                match factors {
+                    Factors::Whole(s, z) => {
+                        *o += s * qx.d[xi] * dot(0..BLOCK) - s * z * qx.ds[xi];
+                    }
+                    Factors::Halves([(s0, z0), (s1, z1)]) => {
+                        let d = qx.d[xi];
+                        *o += s0 * d * dot(0..16) - s0 * z0 * qx.ds2[2 * xi];
+                        *o += s1 * d * dot(16..BLOCK) - s1 * z1 * qx.ds2[2 * xi + 1];
+                    }
+                }
             }
         }
     }
@@ -272,24 +330,32 @@ mod avx512 {
         }
     }
 
-    /// Lane indices spreading factor `2p` over lanes 0–7 and `2p + 1` over lanes 8–15.
+    /// Lane indices taking the factors of register `p`'s scale blocks: blocks of 32 (`H` false) put
+    /// factor `2p` on lanes 0–7 and `2p + 1` on lanes 8–15; halves (`H`) put factor `4p + i` on lanes
+    /// `4i..4i + 4`, the lanes `vpdpbusd` sums that half's 16 bytes into.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    fn pair_index(p: usize) -> __m512i {
-        let base = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-        _mm512_add_epi32(base, _mm512_set1_epi32(2 * p as i32))
+    fn spread<const H: bool>(p: usize) -> __m512i {
+        if H {
+            let base = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+            _mm512_add_epi32(base, _mm512_set1_epi32(4 * p as i32))
+        } else {
+            let base = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+            _mm512_add_epi32(base, _mm512_set1_epi32(2 * p as i32))
+        }
     }
 
     /// Dot products of weight row `row` with `R` token rows of `qx` starting at `x0`, in groups of 16
-    /// blocks: the group's factors `s·d` are one vector product and each pair takes its two by one
-    /// permute; the zero-point term `Σ s·z·ds` is one multiply-add a group.
+    /// scale blocks (32 elements each, or 16 with halves `H`): the group's factors `s·d` are one
+    /// vector product and each 64-byte register of codes takes its own by one permute; the
+    /// zero-point term `Σ s·z·ds` is one multiply-add a group.
     ///
     /// # Safety
-    /// avx512f/bw/vl/vnni available; `f` a validated Q4/Q8 of `nb` blocks a row; `qx` holds ≥ `x0 + R`
-    /// rows of `nb` blocks.
+    /// avx512f/bw/vl/vnni available; `f` a validated Q4/Q8 (`H`: Q8 with halves) of `nb` 32-blocks a
+    /// row; `qx` holds ≥ `x0 + R` rows of `nb` blocks.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn tile<const Q4: bool, const R: usize>(
+    unsafe fn tile<const Q4: bool, const H: bool, const R: usize>(
         f: Form,
         nb: usize,
         qx: &QuantX,
@@ -297,57 +363,76 @@ mod avx512 {
         row: usize,
     ) -> [f32; R] {
         let k = nb * BLOCK;
-        let (qp, dp, dsp) = (qx.q.as_ptr(), qx.d.as_ptr(), qx.ds.as_ptr());
+        // Scale blocks a row and a 64-byte register; elements a scale block.
+        let (ns, per, width) = if H { (2 * nb, 4, 16) } else { (nb, 2, 32) };
+        let (qp, dp) = (qx.q.as_ptr(), qx.d.as_ptr());
+        let dsp = if H { qx.ds2.as_ptr() } else { qx.ds.as_ptr() };
+        let dup = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
         let mut acc = [_mm512_setzero_ps(); R];
         let mut g = 0;
         // SAFETY: blocks row·nb + j are inside the weight buffers (validated) and the masked group
-        // loads stay inside row `row`'s nb blocks; the qx reads cover [(x0+r)·K + 32j, +64) (or +32)
-        // and the [T, nb] block arrays.
+        // loads stay inside row `row`'s ns scale blocks; the qx reads cover [(x0+r)·K + e, +64) (or
+        // +32) within the row and the [T, nb] / [T, ns] factor arrays.
         unsafe {
-            while g < nb {
-                let left = nb - g;
+            while g < ns {
+                let left = ns - g;
                 let m: __mmask16 = if left >= 16 {
                     0xFFFF
                 } else {
                     (1u16 << left) - 1
                 };
-                let blk0 = row * nb + g;
-                let s = _mm512_maskz_loadu_ps(m, f.scales.add(blk0));
+                let sb0 = row * ns + g;
+                let s = _mm512_maskz_loadu_ps(m, f.scales.add(sb0));
                 let z = if Q4 {
-                    _mm512_maskz_loadu_ps(m, (f.zeros as *const f32).add(blk0))
+                    _mm512_maskz_loadu_ps(m, (f.zeros as *const f32).add(sb0))
                 } else {
                     _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(
                         m,
-                        f.zeros.add(blk0) as *const i8,
+                        f.zeros.add(sb0) as *const i8,
                     )))
                 };
                 let sz = _mm512_mul_ps(s, z);
                 let mut fr = [_mm512_setzero_ps(); R];
                 for (r, (a, fr)) in acc.iter_mut().zip(fr.iter_mut()).enumerate() {
-                    let xb = (x0 + r) * nb + g;
-                    *fr = _mm512_mul_ps(s, _mm512_maskz_loadu_ps(m, dp.add(xb)));
-                    *a = _mm512_fnmadd_ps(sz, _mm512_maskz_loadu_ps(m, dsp.add(xb)), *a);
+                    let d = if H {
+                        // Halves g, g+1 share 32-block g/2's scale (ns and g are even).
+                        let m8: __mmask8 = if left >= 16 {
+                            0xFF
+                        } else {
+                            ((1u16 << (left / 2)) - 1) as __mmask8
+                        };
+                        let d8 = _mm256_maskz_loadu_ps(m8, dp.add((x0 + r) * nb + g / 2));
+                        _mm512_permutexvar_ps(dup, _mm512_castps256_ps512(d8))
+                    } else {
+                        _mm512_maskz_loadu_ps(m, dp.add((x0 + r) * nb + g))
+                    };
+                    *fr = _mm512_mul_ps(s, d);
+                    *a = _mm512_fnmadd_ps(
+                        sz,
+                        _mm512_maskz_loadu_ps(m, dsp.add((x0 + r) * ns + g)),
+                        *a,
+                    );
                 }
-                let pairs = left.min(16) / 2;
-                for p in 0..pairs {
-                    let j = g + 2 * p;
-                    let c = codes::<Q4, true>(f, row * nb + j);
-                    let idx = pair_index(p);
+                let regs = left.min(16) / per;
+                for p in 0..regs {
+                    let e = g * width + 64 * p;
+                    let c = codes::<Q4, true>(f, row * nb + e / BLOCK);
+                    let idx = spread::<H>(p);
                     for r in 0..R {
-                        let xq =
-                            _mm512_loadu_si512(qp.add((x0 + r) * k + j * BLOCK) as *const __m512i);
+                        let xq = _mm512_loadu_si512(qp.add((x0 + r) * k + e) as *const __m512i);
                         let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c, xq);
                         let fv = _mm512_permutexvar_ps(idx, fr[r]);
                         acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), fv, acc[r]);
                     }
                 }
-                if left < 16 && left % 2 == 1 {
-                    let j = nb - 1;
-                    let c = codes::<Q4, false>(f, row * nb + j);
-                    let idx = pair_index(pairs);
+                if left < 16 && left % per != 0 {
+                    // The row's last 32 elements: one block (both halves of it with `H`).
+                    let e = g * width + 64 * regs;
+                    let c = codes::<Q4, false>(f, row * nb + e / BLOCK);
+                    let idx = spread::<H>(regs);
                     for r in 0..R {
                         let xq = _mm512_zextsi256_si512(_mm256_loadu_si256(
-                            qp.add((x0 + r) * k + j * BLOCK) as *const __m256i,
+                            qp.add((x0 + r) * k + e) as *const __m256i,
                         ));
                         let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c, xq);
                         // Lanes 8–15 of the dot are zero, whatever factor they meet.
@@ -370,7 +455,7 @@ mod avx512 {
     /// # Safety
     /// As [`rows`].
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn rows_of<const Q4: bool>(
+    unsafe fn rows_of<const Q4: bool, const H: bool>(
         f: Form,
         nb: usize,
         qx: &QuantX,
@@ -384,14 +469,14 @@ mod avx512 {
         unsafe {
             while tt + TILE <= t {
                 for (i, row) in rows.clone().enumerate() {
-                    let r = tile::<Q4, TILE>(f, nb, qx, tt, row);
+                    let r = tile::<Q4, H, TILE>(f, nb, qx, tt, row);
                     out[i * t + tt..i * t + tt + TILE].copy_from_slice(&r);
                 }
                 tt += TILE;
             }
             while tt < t {
                 for (i, row) in rows.clone().enumerate() {
-                    out[i * t + tt] = tile::<Q4, 1>(f, nb, qx, tt, row)[0];
+                    out[i * t + tt] = tile::<Q4, H, 1>(f, nb, qx, tt, row)[0];
                 }
                 tt += 1;
             }
@@ -423,17 +508,25 @@ mod avx512 {
                         scales: scales.as_ptr(),
                         zeros: zeros.as_ptr() as *const u8,
                     };
-                    rows_of::<true>(f, nb, qx, t, rows, out)
+                    rows_of::<true, false>(f, nb, qx, t, rows, out)
                 }
                 Weights::Q8 {
-                    b, scales, zeros, ..
+                    b,
+                    scales,
+                    zeros,
+                    halves,
+                    ..
                 } => {
                     let f = Form {
                         b: b.as_ptr(),
                         scales: scales.as_ptr(),
                         zeros: zeros.as_ptr(),
                     };
-                    rows_of::<false>(f, nb, qx, t, rows, out)
+                    if halves {
+                        rows_of::<false, true>(f, nb, qx, t, rows, out)
+                    } else {
+                        rows_of::<false, false>(f, nb, qx, t, rows, out)
+                    }
                 }
                 _ => {}
             }
@@ -520,39 +613,59 @@ mod avx2 {
     /// avx2+fma+f16c available; `w` a validated Q4/Q8; `qx` holds ≥ `x0 + R` rows.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn tile<const R: usize>(w: &Weights, qx: &QuantX, x0: usize, row: usize) -> [f32; R] {
+    unsafe fn tile<const H: bool, const R: usize>(
+        w: &Weights,
+        qx: &QuantX,
+        x0: usize,
+        row: usize,
+    ) -> [f32; R] {
         let k = w.k();
         let nb = k / BLOCK;
         let ones = _mm256_set1_epi16(1);
         // Two accumulators per token row (even/odd blocks) to hide the FMA latency.
         let mut acc = [[_mm256_setzero_ps(); 2]; R];
         let mut corr = [0f32; R];
-        let (qp, dp, dsp) = (qx.q.as_ptr(), qx.d.as_ptr(), qx.ds.as_ptr());
+        let (qp, dp, dsp, ds2p) = (
+            qx.q.as_ptr(),
+            qx.d.as_ptr(),
+            qx.ds.as_ptr(),
+            qx.ds2.as_ptr(),
+        );
         // One block into accumulator `$slot`: `$codes` unsigned, `$sign` the signed codes whose sign x
-        // takes (Q8: q − 128) or None (Q4), `$sz` = scale · (zero point − code offset). A macro, not a
-        // closure, so the intrinsics stay inside this function's target features.
+        // takes (Q8: q − 128) or None (Q4), `$s`/`$sz` = scale and scale · (zero point − code offset)
+        // of the block's two halves (equal unless `H`: the pair sums of lanes 0–3 are the first
+        // half's, of lanes 4–7 the second's). A macro, not a closure, so the intrinsics stay inside
+        // this function's target features.
         macro_rules! one {
             ($j:expr, $slot:expr, $s:expr, $sz:expr, $codes:expr, $sign:expr) => {
                 for r in 0..R {
                     let xi = (x0 + r) * nb + $j;
-                    // [(x0+r)·K + 32j, +32) and block xi are inside qx (x0 + R <= T); the caller's
-                    // `unsafe` block covers these reads.
-                    let (xq, d, ds) = (
+                    // [(x0+r)·K + 32j, +32) and block xi (halves 2xi, 2xi+1) are inside qx
+                    // (x0 + R <= T); the caller's `unsafe` block covers these reads.
+                    let (xq, d) = (
                         _mm256_loadu_si256(qp.add((x0 + r) * k + $j * BLOCK) as *const __m256i),
                         *dp.add(xi),
-                        *dsp.add(xi),
                     );
                     let xq = match $sign {
                         Some(sg) => _mm256_sign_epi8(xq, sg),
                         None => xq,
                     };
                     let p = _mm256_madd_epi16(_mm256_maddubs_epi16($codes, xq), ones);
-                    acc[r][$slot] = _mm256_fmadd_ps(
-                        _mm256_cvtepi32_ps(p),
-                        _mm256_set1_ps($s * d),
-                        acc[r][$slot],
-                    );
-                    corr[r] = $sz.mul_add(ds, corr[r]);
+                    let (s, sz): ((f32, f32), (f32, f32)) = ($s, $sz);
+                    let fv = if H {
+                        _mm256_setr_m128(_mm_set1_ps(s.0 * d), _mm_set1_ps(s.1 * d))
+                    } else {
+                        _mm256_set1_ps(s.0 * d)
+                    };
+                    acc[r][$slot] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), fv, acc[r][$slot]);
+                    corr[r] = if H {
+                        sz.1.mul_add(
+                            *ds2p.add(2 * xi + 1),
+                            sz.0.mul_add(*ds2p.add(2 * xi), corr[r]),
+                        )
+                    } else {
+                        sz.0.mul_add(*dsp.add(xi), corr[r])
+                    };
                 }
             };
         }
@@ -575,18 +688,23 @@ mod avx2 {
                         );
                         let codes = _mm256_and_si256(mixed, _mm256_set1_epi8(15));
                         let sz = s * *zeros.get_unchecked(blk);
-                        one!(j, j & 1, s, sz, codes, None::<__m256i>);
+                        one!(j, j & 1, (s, s), (sz, sz), codes, None::<__m256i>);
                     }
                     Weights::Q8 {
                         b, scales, zeros, ..
                     } => {
-                        let s = *scales.get_unchecked(blk);
                         let raw = _mm256_loadu_si256(b.as_ptr().add(blk * 32) as *const __m256i);
-                        let qs = _mm256_xor_si256(raw, _mm256_set1_epi8(-128)); // q − 128 as i8
-                                                                                // |q − 128| as u8 (−128 stays 0x80 = 128); x takes the sign of q − 128.
+                        // q − 128 as i8; |q − 128| as u8 (−128 stays 0x80 = 128); x takes the sign
+                        // of q − 128.
+                        let qs = _mm256_xor_si256(raw, _mm256_set1_epi8(-128));
                         let mag = _mm256_sign_epi8(qs, qs);
-                        let sz = s * (*zeros.get_unchecked(blk) as f32 - 128.0);
-                        one!(j, j & 1, s, sz, mag, Some(qs));
+                        let sb = if H { 2 * blk } else { blk };
+                        let f = |i: usize| {
+                            let s = *scales.get_unchecked(sb + i);
+                            (s, s * (*zeros.get_unchecked(sb + i) as f32 - 128.0))
+                        };
+                        let (h0, h1) = if H { (f(0), f(1)) } else { (f(0), f(0)) };
+                        one!(j, j & 1, (h0.0, h1.0), (h0.1, h1.1), mag, Some(qs));
                     }
                     _ => return [0.0; R],
                 }
@@ -612,19 +730,40 @@ mod avx2 {
         rows: std::ops::Range<usize>,
         out: &mut [f32],
     ) {
+        // SAFETY: forwarded contract.
+        unsafe {
+            match *w {
+                Weights::Q8 { halves: true, .. } => rows_of::<true>(w, qx, t, rows, out),
+                _ => rows_of::<false>(w, qx, t, rows, out),
+            }
+        }
+    }
+
+    /// [`rows`] for one scale layout (`H`: a scale and zero point per 16-element half).
+    ///
+    /// # Safety
+    /// As [`rows`]; `H` only for a Q8 with halves.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn rows_of<const H: bool>(
+        w: &Weights,
+        qx: &QuantX,
+        t: usize,
+        rows: std::ops::Range<usize>,
+        out: &mut [f32],
+    ) {
         let mut tt = 0;
         // SAFETY: forwarded contract; tt + R <= T; out index (i·T + tt + r) < rows·T.
         unsafe {
             while tt + TILE <= t {
                 for (i, row) in rows.clone().enumerate() {
-                    let r = tile::<TILE>(w, qx, tt, row);
+                    let r = tile::<H, TILE>(w, qx, tt, row);
                     out[i * t + tt..i * t + tt + TILE].copy_from_slice(&r);
                 }
                 tt += TILE;
             }
             while tt < t {
                 for (i, row) in rows.clone().enumerate() {
-                    out[i * t + tt] = tile::<1>(w, qx, tt, row)[0];
+                    out[i * t + tt] = tile::<H, 1>(w, qx, tt, row)[0];
                 }
                 tt += 1;
             }
@@ -673,20 +812,26 @@ mod neon {
                             (
                                 vreinterpretq_s8_u8(vzip1q_u8(lo, hi)),
                                 vreinterpretq_s8_u8(vzip2q_u8(lo, hi)),
-                                scales[blk],
-                                zeros[blk],
+                                (scales[blk], scales[blk]),
+                                (zeros[blk], zeros[blk]),
                             )
                         }
                         Weights::Q8 {
-                            b, scales, zeros, ..
+                            b,
+                            scales,
+                            zeros,
+                            halves,
+                            ..
                         } => {
                             let p = b.as_ptr().add(blk * 32);
                             let f = vdupq_n_u8(0x80);
+                            let sb = if halves { 2 * blk } else { blk };
+                            let h = if halves { 1 } else { 0 };
                             (
                                 vreinterpretq_s8_u8(veorq_u8(vld1q_u8(p), f)),
                                 vreinterpretq_s8_u8(veorq_u8(vld1q_u8(p.add(16)), f)),
-                                scales[blk],
-                                zeros[blk] as f32 - 128.0,
+                                (scales[sb], scales[sb + h]),
+                                (zeros[sb] as f32 - 128.0, zeros[sb + h] as f32 - 128.0),
                             )
                         }
                         _ => return,
@@ -694,7 +839,7 @@ mod neon {
                 };
                 for (tt, o) in o.iter_mut().enumerate() {
                     // SAFETY: reads [tt·K + 32j, +32) of the [T, K] quantized activations.
-                    let isum = unsafe {
+                    let (i0, i1) = unsafe {
                         let xp = qx.q.as_ptr().add(tt * k + j * BLOCK);
                         let (x0, x1) = (vld1q_s8(xp), vld1q_s8(xp.add(16)));
                         let p0 = vmlal_s8(
@@ -707,10 +852,16 @@ mod neon {
                             vget_high_s8(c1),
                             vget_high_s8(x1),
                         );
-                        vaddvq_s32(vpadalq_s16(vpaddlq_s16(p0), p1))
+                        (vaddvq_s32(vpaddlq_s16(p0)), vaddvq_s32(vpaddlq_s16(p1)))
                     };
                     let xi = tt * nb + j;
-                    *o += s * qx.d[xi] * isum as f32 - s * zoff * qx.ds[xi];
+                    let d = qx.d[xi];
+                    if s.0 == s.1 && zoff.0 == zoff.1 {
+                        *o += s.0 * d * (i0 + i1) as f32 - s.0 * zoff.0 * qx.ds[xi];
+                    } else {
+                        *o += s.0 * d * i0 as f32 - s.0 * zoff.0 * qx.ds2[2 * xi];
+                        *o += s.1 * d * i1 as f32 - s.1 * zoff.1 * qx.ds2[2 * xi + 1];
+                    }
                 }
             }
         }
@@ -737,11 +888,14 @@ mod tests {
             q: vec![0; x.len()],
             d: vec![0.0; x.len() / BLOCK],
             ds: vec![0.0; x.len() / BLOCK],
+            ds2: vec![0.0; 2 * x.len() / BLOCK],
         };
         plain.quantize_scalar(&x);
+        plain.half_sums();
         assert_eq!(fast.q, plain.q);
         assert_eq!(fast.d, plain.d);
         assert_eq!(fast.ds, plain.ds);
+        assert_eq!(fast.ds2, plain.ds2);
         for (b, xb) in x.chunks(BLOCK).enumerate() {
             let d = fast.d[b];
             let sum: i32 = fast.q[b * BLOCK..(b + 1) * BLOCK]
