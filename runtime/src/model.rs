@@ -189,6 +189,23 @@ impl Model {
     pub fn plan_stats(&self) -> &PlanStats {
         &self.plan.stats
     }
+
+    /// Bytes a decode step reads at `context` cached positions, for bandwidth rooflines: every
+    /// linear layer's weights once plus `context` rows of every cache. An upper estimate: layers with
+    /// a sliding window read fewer rows, and the embedding's one row and the norms are left out.
+    pub fn decode_read_bytes(&self, context: usize) -> u64 {
+        let per_position: u64 = self
+            .plan
+            .caches
+            .iter()
+            .map(|c| {
+                let all: u64 = c.shape.iter().map(|&d| d as u64).product();
+                all / c.shape[2].max(1) as u64 * c.dtype.size() as u64
+            })
+            .sum();
+        self.plan.stats.linear_weight_bytes as u64 + per_position * context as u64
+    }
+
     /// The device running the model: `cpu`, or the adapter and backend (`NVIDIA H200 (Vulkan)`).
     pub fn device(&self) -> String {
         self.backend.device()

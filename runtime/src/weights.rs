@@ -145,6 +145,17 @@ pub struct LinearWeights {
 }
 
 impl LinearWeights {
+    /// Bytes of weight data one product reads (every buffer of the encoding, bias excluded).
+    pub fn byte_len(&self) -> usize {
+        match &self.form {
+            WeightForm::F32(w) | WeightForm::F16(w) | WeightForm::BF16(w) => w.bytes().len(),
+            WeightForm::Int8PerChannel { q, scale } => q.bytes().len() + scale.bytes().len(),
+            WeightForm::Block {
+                b, scales, zero, ..
+            } => b.bytes().len() + scales.bytes().len() + zero.bytes().len(),
+        }
+    }
+
     /// The rows of `parts` stacked into one `[Σ n, k]` layer (a copy), for kernels that run several
     /// layers of one input as one pass. `None` unless every part has the same `k` and the same encoding
     /// (for block forms: bits, block size and zero-point type).

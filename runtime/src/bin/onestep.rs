@@ -432,6 +432,31 @@ fn bench_prompt(session: &Session, n: usize) -> Result<Vec<u32>> {
     }
 }
 
+/// Decode held against the machine's memory read bandwidth.
+struct Roofline {
+    /// Measured read bandwidth (GB/s) of the kernels' threads.
+    gbps: f64,
+    /// Bytes one decode step reads at `context`.
+    bytes: u64,
+    /// The mean context of the measured decode steps.
+    context: usize,
+    /// `bytes × decode tok/s ÷ bandwidth`.
+    fraction: f64,
+}
+
+impl Roofline {
+    fn measure(model: &Model, context: usize, decode_tok_s: f64) -> Roofline {
+        let gbps = onestep::backend::cpu::bandwidth::read_gbps();
+        let bytes = model.decode_read_bytes(context);
+        Roofline {
+            gbps,
+            bytes,
+            context,
+            fraction: bytes as f64 * decode_tok_s / (gbps * 1e9),
+        }
+    }
+}
+
 /// Rows of (label, values) as an aligned table with median, min and max columns.
 fn table(rows: &[(&str, Vec<f64>)]) -> String {
     let w = rows.iter().map(|r| r.0.len()).max().unwrap_or(0).max(6);
@@ -536,6 +561,13 @@ fn cmd_bench(
     });
     let mut kv_json = kv_json(&session.kv_stats(), common);
     kv_json["last_step_context"] = session.cached_tokens().saturating_sub(1).into();
+    let roof = (model_arc.device() == "cpu").then(|| {
+        Roofline::measure(
+            &model_arc,
+            ids.len() + opts.max_new_tokens as usize / 2,
+            median(col(&|c| c.stats.decode_tokens_per_s)),
+        )
+    });
     if json {
         let obj = serde_json::json!({
             "device": model_arc.device(),
@@ -550,6 +582,9 @@ fn cmd_bench(
             "load_ms": model_arc.load_ms(),
             "peak_rss_mb": rss_mb,
             "threads": threads,
+            "read_gbps": roof.as_ref().map(|r| r.gbps),
+            "decode_read_mb": roof.as_ref().map(|r| r.bytes as f64 / 1e6),
+            "roofline": roof.as_ref().map(|r| r.fraction),
             "prompt_tokens": ids.len(),
             "new_tokens": opts.max_new_tokens,
         });
@@ -579,6 +614,17 @@ fn cmd_bench(
     print!("{}", table(&rows));
     if rss_mb.is_none() {
         println!("peak RSS: not available on this OS");
+    }
+    if let Some(r) = &roof {
+        println!(
+            "roofline: read bandwidth {:.1} GB/s ({threads} threads); a decode step reads ~{:.1} MB \
+             (weights + cache at context {}); decode = {:.1} GB/s = {:.0}% of it",
+            r.gbps,
+            r.bytes as f64 / 1e6,
+            r.context,
+            r.gbps * r.fraction,
+            100.0 * r.fraction
+        );
     }
     let profile = model_arc.profile();
     if !profile.is_empty() {

@@ -18,6 +18,7 @@ pub(super) fn layer(p: &mut Planning, ni: usize) -> Result<bool> {
     };
     let n = &p.graph.nodes[ni];
     let x = p.node_in[ni][0].ok_or_else(|| Error::node(&n.name, &n.op, "input A missing"))?;
+    p.stats.linear_weight_bytes += w.byte_len();
     p.kind[ni] = Some(Step::Linear {
         node: ni,
         x,

@@ -365,6 +365,8 @@ pub struct PlanStats {
     pub generic: usize,
     /// Linear layers bound to weights.
     pub linear: usize,
+    /// Bytes of weights those linear layers read, each once (a decode step reads them all).
+    pub linear_weight_bytes: usize,
     /// Attention steps reading the cache in place.
     pub cache_attention: usize,
     /// Fused gated-MLP activations: SiLU gates.
