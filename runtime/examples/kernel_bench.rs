@@ -6,7 +6,9 @@
 //! whole decode step (30 layers of q/k/v/o/gate/up/down in 4-bit + the 8-bit tied LM head), with every
 //! layer's weights in its own buffer so the weights stream from memory as in a real decode.
 
-use onestep::backend::cpu::linear::{linear_with, Precision, Weights};
+use onestep::backend::cpu::linear::{
+    linear_cached, linear_with, Activations, Precision, QuantCache, Weights,
+};
 use std::time::Instant;
 
 struct Q4 {
@@ -137,7 +139,7 @@ fn main() {
     ];
     for (name, w) in &cases {
         for t in [1usize, 128] {
-            for prec in [Precision::Exact, Precision::Fast] {
+            for acts in [Activations::F32, Activations::Int8, Activations::Int8x2] {
                 let (n, k) = (w.n(), w.k());
                 let x: Vec<f32> = (0..t * k)
                     .map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0)
@@ -150,10 +152,13 @@ fn main() {
                 } else {
                     5
                 };
-                let s = time(reps, || linear_with(&x, t, w, None, &mut y, prec).unwrap());
+                let s = time(reps, || {
+                    let mut q = QuantCache::default();
+                    linear_cached(&x, t, w, None, &mut y, acts, &mut q, 0).unwrap()
+                });
                 let flops = 2.0 * (n * k * t) as f64;
                 println!(
-                    "{name} T={t:<4} {prec:<13?} {:>9.1} µs  {:>7.1} GFLOP/s  {:>6.2} GB/s weights",
+                    "{name} T={t:<4} {acts:<8?} {:>9.1} µs  {:>7.1} GFLOP/s  {:>6.2} GB/s weights",
                     s * 1e6,
                     flops / s / 1e9,
                     w.byte_len() as f64 / s / 1e9

@@ -101,11 +101,11 @@ impl LinearWeights {
         out: &mut [f32],
     ) -> Result<(), String> {
         let mut cache = linear::QuantCache::default();
-        self.forward_with(x, m, bias, out, linear::Precision::Exact, &mut cache, 0)
+        self.forward_with(x, m, bias, out, linear::Activations::F32, &mut cache, 0)
     }
 
-    /// [`LinearWeights::forward`] at `precision`; with [`linear::Precision::Fast`] the 8-bit activations
-    /// of input `key` come from (or go into) `cache` (see [`linear::linear_cached`]).
+    /// [`LinearWeights::forward`] at kernel level `acts`; quantized activations of input `key` come
+    /// from (or go into) `cache` (see [`linear::linear_cached`]).
     #[allow(clippy::too_many_arguments)]
     pub fn forward_with(
         &self,
@@ -113,12 +113,12 @@ impl LinearWeights {
         m: usize,
         bias: Option<&[f32]>,
         out: &mut [f32],
-        precision: linear::Precision,
+        acts: linear::Activations,
         cache: &mut linear::QuantCache,
         key: usize,
     ) -> Result<(), String> {
         match self.kernel_view() {
-            Some(w) => linear::linear_cached(x, m, &w, bias, out, precision, cache, key)
+            Some(w) => linear::linear_cached(x, m, &w, bias, out, acts, cache, key)
                 .map_err(|e| e.to_string()),
             None => {
                 self.apply(x, m, out);

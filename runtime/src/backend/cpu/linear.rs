@@ -75,6 +75,33 @@ impl std::fmt::Display for Precision {
     }
 }
 
+/// How a linear multiplies the 4/8-bit block forms, at the kernel level ([`Precision`] chooses
+/// between the first two; the executor runs the output layer with the third under `Fast`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activations {
+    /// f32 activations, weights decoded to f32 ([`Precision::Exact`]).
+    F32,
+    /// Activations quantized per 32-block to int8, integer dot products ([`Precision::Fast`]).
+    Int8,
+    /// Activations as two int8 digits per element, `x ≈ d·q + (d/254)·q₂`: two integer dot
+    /// products per block, error at most `amax/(127·508)` per element (1/254 of [`Int8`]'s), so the
+    /// result is as close to exact math as f32 decoding is for all practical purposes. Runs on
+    /// AVX-512 VNNI and the portable path; other instruction sets run it as [`F32`].
+    ///
+    /// [`Int8`]: Activations::Int8
+    /// [`F32`]: Activations::F32
+    Int8x2,
+}
+
+impl From<Precision> for Activations {
+    fn from(p: Precision) -> Self {
+        match p {
+            Precision::Exact => Activations::F32,
+            Precision::Fast => Activations::Int8,
+        }
+    }
+}
+
 /// The precision [`linear`] uses. Exact: its error vs. f64 is ~1e-6 relative, while 8-bit activations
 /// move logits as llama.cpp's do; choose [`Precision::Fast`] through [`linear_with`] where speed matters
 /// more than matching the reference.
@@ -377,7 +404,7 @@ pub fn linear_with(
     precision: Precision,
 ) -> KernelResult {
     let isas = (simd::best_isa(), linear_q8::best());
-    linear_isa(x, t, w, bias, out, precision, isas, None)
+    linear_isa(x, t, w, bias, out, precision.into(), isas, None)
 }
 
 /// The instruction set [`Precision::Fast`] runs on this CPU: `avx512-vnni`, `avx2`, `neon` or
@@ -391,14 +418,15 @@ pub fn fast_isa() -> &'static str {
 /// the first, reused by the others.
 #[derive(Debug, Default)]
 pub struct QuantCache {
-    /// The caller's name for the input (a value slot) and its length, for the quantized values held.
-    key: Option<(usize, usize)>,
+    /// The caller's name for the input (a value slot), its length and whether it holds two digits,
+    /// for the quantized values held.
+    key: Option<(usize, usize, bool)>,
     qx: QuantX,
 }
 
-/// [`linear_with`] where [`Precision::Fast`] takes the activations of input `key` from `cache`,
-/// quantizing them there only when the cache holds another input. The caller keeps one key for one
-/// content (e.g. an SSA value slot within one step).
+/// [`linear_with`] at kernel level `acts`, where quantized activations of input `key` come from
+/// `cache`, quantized there only when the cache holds another input (or the same in another form).
+/// The caller keeps one key for one content (e.g. an SSA value slot within one step).
 #[allow(clippy::too_many_arguments)]
 pub fn linear_cached(
     x: &[f32],
@@ -406,12 +434,12 @@ pub fn linear_cached(
     w: &Weights,
     bias: Option<&[f32]>,
     out: &mut [f32],
-    precision: Precision,
+    acts: Activations,
     cache: &mut QuantCache,
     key: usize,
 ) -> KernelResult {
     let isas = (simd::best_isa(), linear_q8::best());
-    linear_isa(x, t, w, bias, out, precision, isas, Some((cache, key)))
+    linear_isa(x, t, w, bias, out, acts, isas, Some((cache, key)))
 }
 
 /// Checks all lengths; returns `(n, k)`.
@@ -485,7 +513,7 @@ pub(crate) fn linear_isa(
     w: &Weights,
     bias: Option<&[f32]>,
     out: &mut [f32],
-    precision: Precision,
+    acts: Activations,
     (isa, qisa): (Isa, QIsa),
     cache: Option<(&mut QuantCache, usize)>,
 ) -> KernelResult {
@@ -496,20 +524,24 @@ pub(crate) fn linear_isa(
     if k == 0 {
         out.fill(0.0);
     } else {
-        let quant =
-            precision == Precision::Fast && matches!(w, Weights::Q4 { .. } | Weights::Q8 { .. });
-        if quant {
+        let x2 = match acts {
+            Activations::F32 => None,
+            Activations::Int8 => Some(false),
+            Activations::Int8x2 => linear_q8::has_x2(qisa).then_some(true),
+        };
+        let quant = x2.is_some() && matches!(w, Weights::Q4 { .. } | Weights::Q8 { .. });
+        if let (true, Some(x2)) = (quant, x2) {
             let own;
             let qx = match cache {
                 Some((c, key)) => {
-                    if c.key != Some((key, x.len())) {
-                        c.qx = QuantX::new(x);
-                        c.key = Some((key, x.len()));
+                    if c.key != Some((key, x.len(), x2)) {
+                        c.qx = QuantX::new(x, x2);
+                        c.key = Some((key, x.len(), x2));
                     }
                     &c.qx
                 }
                 None => {
-                    own = QuantX::new(x);
+                    own = QuantX::new(x, x2);
                     &own
                 }
             };
@@ -928,16 +960,27 @@ pub(crate) mod tests {
         v
     }
 
-    /// Every (precision, f32 ISA, integer ISA) this CPU can run: each ISA of a precision forced once.
-    fn combos() -> Vec<(Precision, Isa, QIsa)> {
+    /// Every (activations, f32 ISA, integer ISA) this CPU can run: each ISA of a form forced once.
+    fn combos() -> Vec<(Activations, Isa, QIsa)> {
         let mut v: Vec<_> = isas()
             .into_iter()
-            .map(|isa| (Precision::Exact, isa, linear_q8::best()))
+            .map(|isa| (Activations::F32, isa, linear_q8::best()))
             .collect();
         for qisa in linear_q8::available() {
-            v.push((Precision::Fast, simd::best_isa(), qisa));
+            v.push((Activations::Int8, simd::best_isa(), qisa));
+            v.push((Activations::Int8x2, simd::best_isa(), qisa));
         }
         v
+    }
+
+    /// The most an activation moves when quantized as `acts`, per unit of its block's largest
+    /// magnitude: half a step of `amax/127` (one digit) or of `amax/(127·254)` (two).
+    fn step_bound(acts: Activations) -> f64 {
+        match acts {
+            Activations::F32 => 0.0,
+            Activations::Int8 => 1.0 / 254.0,
+            Activations::Int8x2 => 1.0 / (254.0 * 254.0),
+        }
     }
 
     /// Owned test weights of one encoding.
@@ -1063,7 +1106,7 @@ pub(crate) mod tests {
                     None,
                 )
                 .unwrap();
-                let quant = prec == Precision::Fast && kind >= 4;
+                let quant = prec != Activations::F32 && kind >= 4;
                 for tt in 0..t {
                     let xr = &x[tt * k..(tt + 1) * k];
                     let xnorm = xr.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
@@ -1074,11 +1117,13 @@ pub(crate) mod tests {
                         let err = (got[tt * n + row] as f64 - want[tt * n + row] as f64).abs();
                         let exact_tol = 1e-5 * abs + 1e-6 * (1.0 + want[tt * n + row].abs() as f64);
                         if quant {
-                            // Hard bound: rounding x to d/2 per element, plus f32 arithmetic.
+                            // Hard bound: rounding x by half a step per element, plus f32 arithmetic.
                             let mut bound = 0.0;
                             for (xb, wb) in xr.chunks(BLOCK).zip(wr.chunks(BLOCK)) {
                                 let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
-                                bound += amax / 254.0 * wb.iter().map(|v| v.abs()).sum::<f64>();
+                                bound += amax
+                                    * step_bound(prec)
+                                    * wb.iter().map(|v| v.abs()).sum::<f64>();
                             }
                             let tol = bound * 1.001 + exact_tol;
                             assert!(err <= tol, "{isa:?} {qisa:?} {prec:?} kind {kind} n{n} k{k} t{t} [{tt},{row}]: err {err} > bound {tol}");
@@ -1162,7 +1207,7 @@ pub(crate) mod tests {
                 &w,
                 None,
                 &mut y,
-                Precision::Exact,
+                Activations::F32,
                 (isa, QIsa::Scalar),
                 None,
             )
@@ -1214,12 +1259,7 @@ pub(crate) mod tests {
             let mut y = [0f32; 2];
             linear_isa(&x, 1, &w, None, &mut y, prec, (isa, qisa), None).unwrap();
             for r in 0..2 {
-                let tol = 1e-3
-                    + if prec == Precision::Fast {
-                        bound[r]
-                    } else {
-                        0.0
-                    };
+                let tol = 1e-3 + bound[r] * (step_bound(prec) * 254.0) as f32;
                 let (a, b) = (y[r], want[r]);
                 assert!((a - b).abs() < tol, "{prec:?} {isa:?} {qisa:?}: {a} vs {b}");
             }
@@ -1245,7 +1285,17 @@ pub(crate) mod tests {
         for qisa in linear_q8::available() {
             let mut y = vec![0f32; 4];
             let isa = simd::best_isa();
-            linear_isa(&x, 1, &w, None, &mut y, Precision::Fast, (isa, qisa), None).unwrap();
+            linear_isa(
+                &x,
+                1,
+                &w,
+                None,
+                &mut y,
+                Activations::Int8,
+                (isa, qisa),
+                None,
+            )
+            .unwrap();
             for (a, b) in y.iter().zip(&want) {
                 assert!(
                     a.is_finite() && (a - b).abs() <= 1e-3 * b.abs().max(1.0),

@@ -88,20 +88,37 @@ pub(crate) fn available() -> Vec<QIsa> {
     v
 }
 
+/// Whether `isa`'s kernels take two-digit activations ([`QuantX::q2`]); the others must not be
+/// given them.
+pub(crate) fn has_x2(isa: QIsa) -> bool {
+    match isa {
+        QIsa::Scalar => true,
+        #[cfg(target_arch = "x86_64")]
+        QIsa::Avx512Vnni => true,
+        #[allow(unreachable_patterns)]
+        _ => false,
+    }
+}
+
 /// The best integer instruction set of this CPU (detected once).
 pub(crate) fn best() -> QIsa {
     static BEST: std::sync::OnceLock<QIsa> = std::sync::OnceLock::new();
     *BEST.get_or_init(|| *available().last().unwrap_or(&QIsa::Scalar))
 }
 
-/// Activations `[T, K]` quantized per 32-block (natural element order).
+/// Activations `[T, K]` quantized per 32-block (natural element order), in one int8 digit or two.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct QuantX {
     /// i8 `[T, K]`.
     pub(crate) q: Vec<i8>,
     /// Block scales `[T, K/32]` (`amax/127`).
     pub(crate) d: Vec<f32>,
-    /// `d · Σ q` per block `[T, K/32]`: the zero-point term's factor.
+    /// The second digit (empty for one): i8 `[T, K]`, `round((x − d·q)/d₂)`.
+    pub(crate) q2: Vec<i8>,
+    /// The second digit's scales `d₂ = d/254` `[T, K/32]` (empty for one digit): the first digit's
+    /// remainder is within `±d/2`, so `q₂` spans ±127.
+    pub(crate) d2: Vec<f32>,
+    /// `d · Σ q (+ d₂ · Σ q₂)` per block `[T, K/32]`: the zero-point term's factor.
     pub(crate) ds: Vec<f32>,
     /// `d · Σ q` per 16-element half `[T, K/16]`: the zero-point term's factor for weights with a
     /// zero point per half ([`Weights::Q8`] with `halves`).
@@ -109,26 +126,57 @@ pub(crate) struct QuantX {
 }
 
 impl QuantX {
-    /// Quantizes `x` (`K % 32 == 0`; a tail shorter than a block is ignored — callers validate `K`).
-    /// Values round to nearest, ties to even, on every instruction set.
-    pub(crate) fn new(x: &[f32]) -> QuantX {
+    /// Quantizes `x` (`K % 32 == 0`; a tail shorter than a block is ignored — callers validate `K`),
+    /// in two digits when `two`. Values round to nearest, ties to even, on every instruction set.
+    pub(crate) fn new(x: &[f32], two: bool) -> QuantX {
         let nblk = x.len() / BLOCK;
         let mut qx = QuantX {
             q: vec![0i8; nblk * BLOCK],
             d: vec![0f32; nblk],
             ds: vec![0f32; nblk],
             ds2: vec![0f32; 2 * nblk],
+            ..QuantX::default()
         };
+        qx.first_digit(x);
+        if two {
+            qx.second_digit(x);
+        }
+        qx.half_sums();
+        qx
+    }
+
+    /// The first digit, with AVX2 where the CPU has it.
+    fn first_digit(&mut self, x: &[f32]) {
         #[cfg(target_arch = "x86_64")]
         if best() != QIsa::Scalar {
             // SAFETY: every x86 integer ISA above Scalar has avx2 (checked by `available`).
-            unsafe { avx2::quantize(x, &mut qx) };
-            qx.half_sums();
-            return qx;
+            unsafe { avx2::quantize(x, self) };
+            return;
         }
-        qx.quantize_scalar(x);
-        qx.half_sums();
-        qx
+        self.quantize_scalar(x);
+    }
+
+    /// Adds the second digit: the remainder of each value after the first, in steps of `d/254`;
+    /// [`QuantX::ds`] becomes the two digits' block sum.
+    fn second_digit(&mut self, x: &[f32]) {
+        self.q2 = vec![0i8; self.q.len()];
+        self.d2 = self.d.iter().map(|d| d / 254.0).collect();
+        for (b, ((xb, qb), q2b)) in x
+            .chunks_exact(BLOCK)
+            .zip(self.q.chunks_exact(BLOCK))
+            .zip(self.q2.chunks_exact_mut(BLOCK))
+            .enumerate()
+        {
+            let (d, d2) = (self.d[b], self.d2[b]);
+            let inv = if d2 > 0.0 { 1.0 / d2 } else { 0.0 };
+            let mut sum2 = 0i32;
+            for ((v, q), q2) in xb.iter().zip(qb).zip(q2b.iter_mut()) {
+                let r = v - d * *q as f32;
+                *q2 = (r * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
+                sum2 += *q2 as i32;
+            }
+            self.ds[b] += d2 * sum2 as f32;
+        }
     }
 
     /// Fills [`QuantX::ds2`] from the quantized values (a pass over `T·K` bytes, small beside any
@@ -142,6 +190,10 @@ impl QuantX {
         {
             let sum: i32 = h.iter().map(|&v| v as i32).sum();
             *ds2 = self.d[i / 2] * sum as f32;
+            if let Some(h2) = self.q2.get(i * BLOCK / 2..(i + 1) * BLOCK / 2) {
+                let sum2: i32 = h2.iter().map(|&v| v as i32).sum();
+                *ds2 += self.d2[i / 2] * sum2 as f32;
+            }
         }
     }
 
@@ -250,24 +302,31 @@ fn rows_scalar(w: &Weights, qx: &QuantX, t: usize, rows: std::ops::Range<usize>,
                 return;
             };
             for (tt, o) in o.iter_mut().enumerate() {
-                let xb = &qx.q[tt * k + j * BLOCK..tt * k + (j + 1) * BLOCK];
-                let dot = |h: std::ops::Range<usize>| -> f32 {
-                    let d: i32 = codes[h.clone()]
-                        .iter()
-                        .zip(&xb[h])
-                        .map(|(a, b)| a * *b as i32)
-                        .sum();
-                    d as f32
-                };
+                let at = tt * k + j * BLOCK..tt * k + (j + 1) * BLOCK;
+                let (xb, xb2) = (&qx.q[at.clone()], qx.q2.get(at));
                 let xi = tt * nb + j;
+                // Σ codes·x over elements `h`, each digit weighed by its scale.
+                let dot = |h: std::ops::Range<usize>| -> f32 {
+                    let one = |xq: &[i8]| -> f32 {
+                        let d: i32 = codes[h.clone()]
+                            .iter()
+                            .zip(&xq[h.clone()])
+                            .map(|(a, b)| a * *b as i32)
+                            .sum();
+                        d as f32
+                    };
+                    match xb2 {
+                        None => qx.d[xi] * one(xb),
+                        Some(xb2) => qx.d[xi] * one(xb) + qx.d2[xi] * one(xb2),
+                    }
+                };
                 match factors {
                     Factors::Whole(s, z) => {
-                        *o += s * qx.d[xi] * dot(0..BLOCK) - s * z * qx.ds[xi];
+                        *o += s * dot(0..BLOCK) - s * z * qx.ds[xi];
                     }
                     Factors::Halves([(s0, z0), (s1, z1)]) => {
-                        let d = qx.d[xi];
-                        *o += s0 * d * dot(0..16) - s0 * z0 * qx.ds2[2 * xi];
-                        *o += s1 * d * dot(16..BLOCK) - s1 * z1 * qx.ds2[2 * xi + 1];
+                        *o += s0 * dot(0..16) - s0 * z0 * qx.ds2[2 * xi];
+                        *o += s1 * dot(16..BLOCK) - s1 * z1 * qx.ds2[2 * xi + 1];
                     }
                 }
             }
@@ -355,7 +414,7 @@ mod avx512 {
     /// row; `qx` holds ≥ `x0 + R` rows of `nb` blocks.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn tile<const Q4: bool, const H: bool, const R: usize>(
+    unsafe fn tile<const Q4: bool, const H: bool, const X2: bool, const R: usize>(
         f: Form,
         nb: usize,
         qx: &QuantX,
@@ -366,6 +425,7 @@ mod avx512 {
         // Scale blocks a row and a 64-byte register; elements a scale block.
         let (ns, per, width) = if H { (2 * nb, 4, 16) } else { (nb, 2, 32) };
         let (qp, dp) = (qx.q.as_ptr(), qx.d.as_ptr());
+        let (q2p, d2p) = (qx.q2.as_ptr(), qx.d2.as_ptr());
         let dsp = if H { qx.ds2.as_ptr() } else { qx.ds.as_ptr() };
         let dup = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
         let mut acc = [_mm512_setzero_ps(); R];
@@ -393,20 +453,31 @@ mod avx512 {
                 };
                 let sz = _mm512_mul_ps(s, z);
                 let mut fr = [_mm512_setzero_ps(); R];
-                for (r, (a, fr)) in acc.iter_mut().zip(fr.iter_mut()).enumerate() {
-                    let d = if H {
+                let mut fr2 = [_mm512_setzero_ps(); R];
+                // The scales of a digit (d at `p`) for this group's scale blocks.
+                let digit = |p: *const f32, r: usize| {
+                    if H {
                         // Halves g, g+1 share 32-block g/2's scale (ns and g are even).
                         let m8: __mmask8 = if left >= 16 {
                             0xFF
                         } else {
                             ((1u16 << (left / 2)) - 1) as __mmask8
                         };
-                        let d8 = _mm256_maskz_loadu_ps(m8, dp.add((x0 + r) * nb + g / 2));
+                        let d8 = _mm256_maskz_loadu_ps(m8, p.add((x0 + r) * nb + g / 2));
                         _mm512_permutexvar_ps(dup, _mm512_castps256_ps512(d8))
                     } else {
-                        _mm512_maskz_loadu_ps(m, dp.add((x0 + r) * nb + g))
-                    };
-                    *fr = _mm512_mul_ps(s, d);
+                        _mm512_maskz_loadu_ps(m, p.add((x0 + r) * nb + g))
+                    }
+                };
+                for (r, (a, (fr, fr2))) in acc
+                    .iter_mut()
+                    .zip(fr.iter_mut().zip(fr2.iter_mut()))
+                    .enumerate()
+                {
+                    *fr = _mm512_mul_ps(s, digit(dp, r));
+                    if X2 {
+                        *fr2 = _mm512_mul_ps(s, digit(d2p, r));
+                    }
                     *a = _mm512_fnmadd_ps(
                         sz,
                         _mm512_maskz_loadu_ps(m, dsp.add((x0 + r) * ns + g)),
@@ -423,6 +494,13 @@ mod avx512 {
                         let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c, xq);
                         let fv = _mm512_permutexvar_ps(idx, fr[r]);
                         acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), fv, acc[r]);
+                        if X2 {
+                            let xq =
+                                _mm512_loadu_si512(q2p.add((x0 + r) * k + e) as *const __m512i);
+                            let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c, xq);
+                            let fv = _mm512_permutexvar_ps(idx, fr2[r]);
+                            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), fv, acc[r]);
+                        }
                     }
                 }
                 if left < 16 && left % per != 0 {
@@ -438,6 +516,14 @@ mod avx512 {
                         // Lanes 8–15 of the dot are zero, whatever factor they meet.
                         let fv = _mm512_permutexvar_ps(idx, fr[r]);
                         acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), fv, acc[r]);
+                        if X2 {
+                            let xq = _mm512_zextsi256_si512(_mm256_loadu_si256(
+                                q2p.add((x0 + r) * k + e) as *const __m256i,
+                            ));
+                            let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c, xq);
+                            let fv = _mm512_permutexvar_ps(idx, fr2[r]);
+                            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), fv, acc[r]);
+                        }
                     }
                 }
                 g += 16;
@@ -455,7 +541,7 @@ mod avx512 {
     /// # Safety
     /// As [`rows`].
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn rows_of<const Q4: bool, const H: bool>(
+    unsafe fn rows_of<const Q4: bool, const H: bool, const X2: bool>(
         f: Form,
         nb: usize,
         qx: &QuantX,
@@ -469,14 +555,14 @@ mod avx512 {
         unsafe {
             while tt + TILE <= t {
                 for (i, row) in rows.clone().enumerate() {
-                    let r = tile::<Q4, H, TILE>(f, nb, qx, tt, row);
+                    let r = tile::<Q4, H, X2, TILE>(f, nb, qx, tt, row);
                     out[i * t + tt..i * t + tt + TILE].copy_from_slice(&r);
                 }
                 tt += TILE;
             }
             while tt < t {
                 for (i, row) in rows.clone().enumerate() {
-                    out[i * t + tt] = tile::<Q4, H, 1>(f, nb, qx, tt, row)[0];
+                    out[i * t + tt] = tile::<Q4, H, X2, 1>(f, nb, qx, tt, row)[0];
                 }
                 tt += 1;
             }
@@ -497,6 +583,7 @@ mod avx512 {
         out: &mut [f32],
     ) {
         let nb = w.k() / BLOCK;
+        let x2 = !qx.q2.is_empty();
         // SAFETY: forwarded contract.
         unsafe {
             match *w {
@@ -508,7 +595,11 @@ mod avx512 {
                         scales: scales.as_ptr(),
                         zeros: zeros.as_ptr() as *const u8,
                     };
-                    rows_of::<true, false>(f, nb, qx, t, rows, out)
+                    if x2 {
+                        rows_of::<true, false, true>(f, nb, qx, t, rows, out)
+                    } else {
+                        rows_of::<true, false, false>(f, nb, qx, t, rows, out)
+                    }
                 }
                 Weights::Q8 {
                     b,
@@ -522,10 +613,11 @@ mod avx512 {
                         scales: scales.as_ptr(),
                         zeros: zeros.as_ptr(),
                     };
-                    if halves {
-                        rows_of::<false, true>(f, nb, qx, t, rows, out)
-                    } else {
-                        rows_of::<false, false>(f, nb, qx, t, rows, out)
+                    match (halves, x2) {
+                        (true, true) => rows_of::<false, true, true>(f, nb, qx, t, rows, out),
+                        (true, false) => rows_of::<false, true, false>(f, nb, qx, t, rows, out),
+                        (false, true) => rows_of::<false, false, true>(f, nb, qx, t, rows, out),
+                        (false, false) => rows_of::<false, false, false>(f, nb, qx, t, rows, out),
                     }
                 }
                 _ => {}
@@ -873,6 +965,38 @@ mod tests {
     use super::*;
 
     #[test]
+    fn two_digits_come_within_half_a_second_step() {
+        let x: Vec<f32> = (0..32 * 9)
+            .map(|i| ((i * 7919) % 2003) as f32 / 97.0 - 10.0)
+            .chain([0.0; 32])
+            .collect();
+        let one = QuantX::new(&x, false);
+        let two = QuantX::new(&x, true);
+        assert_eq!(
+            (one.q.clone(), one.d.clone()),
+            (two.q.clone(), two.d.clone())
+        );
+        assert!(one.q2.is_empty() && one.d2.is_empty());
+        for (b, xb) in x.chunks(BLOCK).enumerate() {
+            let (d, d2) = (two.d[b], two.d2[b]);
+            assert_eq!(d2, d / 254.0);
+            let mut sum = 0f64;
+            for (i, v) in xb.iter().enumerate() {
+                let at = b * BLOCK + i;
+                let got = d * two.q[at] as f32 + d2 * two.q2[at] as f32;
+                assert!((got - v).abs() <= d2 * 0.5001 + 1e-30, "[{at}] {v} → {got}");
+                sum += got as f64;
+            }
+            assert!(
+                (two.ds[b] as f64 - sum).abs() <= 1e-5 * (1.0 + sum.abs()),
+                "block {b}"
+            );
+            let halves = two.ds2[2 * b] + two.ds2[2 * b + 1];
+            assert!((halves - two.ds[b]).abs() <= 1e-5 * (1.0 + two.ds[b].abs()));
+        }
+    }
+
+    #[test]
     fn quantization_is_the_same_on_every_isa_and_within_half_a_step() {
         let mut x: Vec<f32> = (0..32 * 37)
             .map(|i| ((i * 7919) % 2003) as f32 / 1001.0 - 1.0)
@@ -883,8 +1007,10 @@ mod tests {
             .enumerate()
             .for_each(|(i, v)| *v = i as f32 - 15.5); // ties at ±0.5 steps
         x[100] = 1e30;
-        let fast = QuantX::new(&x);
+        let fast = QuantX::new(&x, false);
         let mut plain = QuantX {
+            q2: Vec::new(),
+            d2: Vec::new(),
             q: vec![0; x.len()],
             d: vec![0.0; x.len() / BLOCK],
             ds: vec![0.0; x.len() / BLOCK],
