@@ -85,11 +85,11 @@ pub enum Activations {
     Int8,
     /// Activations as two int8 digits per element, `x ≈ d·q + (d/254)·q₂`: two integer dot
     /// products per block, error at most `amax/(127·508)` per element (1/254 of [`Int8`]'s), so the
-    /// result is as close to exact math as f32 decoding is for all practical purposes. Runs on
-    /// AVX-512 VNNI and the portable path; other instruction sets run it as [`F32`].
+    /// result is as close to exact math as f32 decoding is for all practical purposes. Every
+    /// integer instruction set runs it (the second digit meets the weight codes already in
+    /// registers: memory-bound products pay next to nothing for it).
     ///
     /// [`Int8`]: Activations::Int8
-    /// [`F32`]: Activations::F32
     Int8x2,
 }
 
@@ -527,7 +527,7 @@ pub(crate) fn linear_isa(
         let x2 = match acts {
             Activations::F32 => None,
             Activations::Int8 => Some(false),
-            Activations::Int8x2 => linear_q8::has_x2(qisa).then_some(true),
+            Activations::Int8x2 => Some(true),
         };
         let quant = x2.is_some() && matches!(w, Weights::Q4 { .. } | Weights::Q8 { .. });
         if let (true, Some(x2)) = (quant, x2) {

@@ -88,18 +88,6 @@ pub(crate) fn available() -> Vec<QIsa> {
     v
 }
 
-/// Whether `isa`'s kernels take two-digit activations ([`QuantX::q2`]); the others must not be
-/// given them.
-pub(crate) fn has_x2(isa: QIsa) -> bool {
-    match isa {
-        QIsa::Scalar => true,
-        #[cfg(target_arch = "x86_64")]
-        QIsa::Avx512Vnni => true,
-        #[allow(unreachable_patterns)]
-        _ => false,
-    }
-}
-
 /// The best integer instruction set of this CPU (detected once).
 pub(crate) fn best() -> QIsa {
     static BEST: std::sync::OnceLock<QIsa> = std::sync::OnceLock::new();
@@ -705,7 +693,7 @@ mod avx2 {
     /// avx2+fma+f16c available; `w` a validated Q4/Q8; `qx` holds ≥ `x0 + R` rows.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn tile<const H: bool, const R: usize>(
+    unsafe fn tile<const H: bool, const X2: bool, const R: usize>(
         w: &Weights,
         qx: &QuantX,
         x0: usize,
@@ -723,6 +711,7 @@ mod avx2 {
             qx.ds.as_ptr(),
             qx.ds2.as_ptr(),
         );
+        let (q2p, d2p) = (qx.q2.as_ptr(), qx.d2.as_ptr());
         // One block into accumulator `$slot`: `$codes` unsigned, `$sign` the signed codes whose sign x
         // takes (Q8: q − 128) or None (Q4), `$s`/`$sz` = scale and scale · (zero point − code offset)
         // of the block's two halves (equal unless `H`: the pair sums of lanes 0–3 are the first
@@ -750,6 +739,24 @@ mod avx2 {
                         _mm256_set1_ps(s.0 * d)
                     };
                     acc[r][$slot] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), fv, acc[r][$slot]);
+                    if X2 {
+                        // The second digit: the same codes, its own scale d₂.
+                        let xq = _mm256_loadu_si256(
+                            q2p.add((x0 + r) * k + $j * BLOCK) as *const __m256i
+                        );
+                        let xq = match $sign {
+                            Some(sg) => _mm256_sign_epi8(xq, sg),
+                            None => xq,
+                        };
+                        let p = _mm256_madd_epi16(_mm256_maddubs_epi16($codes, xq), ones);
+                        let d2 = *d2p.add(xi);
+                        let fv = if H {
+                            _mm256_setr_m128(_mm_set1_ps(s.0 * d2), _mm_set1_ps(s.1 * d2))
+                        } else {
+                            _mm256_set1_ps(s.0 * d2)
+                        };
+                        acc[r][$slot] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), fv, acc[r][$slot]);
+                    }
                     corr[r] = if H {
                         sz.1.mul_add(
                             *ds2p.add(2 * xi + 1),
@@ -824,19 +831,23 @@ mod avx2 {
     ) {
         // SAFETY: forwarded contract.
         unsafe {
-            match *w {
-                Weights::Q8 { halves: true, .. } => rows_of::<true>(w, qx, t, rows, out),
-                _ => rows_of::<false>(w, qx, t, rows, out),
+            let h = matches!(*w, Weights::Q8 { halves: true, .. });
+            match (h, !qx.q2.is_empty()) {
+                (true, true) => rows_of::<true, true>(w, qx, t, rows, out),
+                (true, false) => rows_of::<true, false>(w, qx, t, rows, out),
+                (false, true) => rows_of::<false, true>(w, qx, t, rows, out),
+                (false, false) => rows_of::<false, false>(w, qx, t, rows, out),
             }
         }
     }
 
-    /// [`rows`] for one scale layout (`H`: a scale and zero point per 16-element half).
+    /// [`rows`] for one scale layout (`H`: a scale and zero point per 16-element half) and one or
+    /// two activation digits (`X2`).
     ///
     /// # Safety
-    /// As [`rows`]; `H` only for a Q8 with halves.
+    /// As [`rows`]; `H` only for a Q8 with halves, `X2` only for two-digit `qx`.
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn rows_of<const H: bool>(
+    unsafe fn rows_of<const H: bool, const X2: bool>(
         w: &Weights,
         qx: &QuantX,
         t: usize,
@@ -848,14 +859,14 @@ mod avx2 {
         unsafe {
             while tt + TILE <= t {
                 for (i, row) in rows.clone().enumerate() {
-                    let r = tile::<H, TILE>(w, qx, tt, row);
+                    let r = tile::<H, X2, TILE>(w, qx, tt, row);
                     out[i * t + tt..i * t + tt + TILE].copy_from_slice(&r);
                 }
                 tt += TILE;
             }
             while tt < t {
                 for (i, row) in rows.clone().enumerate() {
-                    out[i * t + tt] = tile::<H, 1>(w, qx, tt, row)[0];
+                    out[i * t + tt] = tile::<H, X2, 1>(w, qx, tt, row)[0];
                 }
                 tt += 1;
             }
@@ -930,9 +941,10 @@ mod neon {
                     }
                 };
                 for (tt, o) in o.iter_mut().enumerate() {
-                    // SAFETY: reads [tt·K + 32j, +32) of the [T, K] quantized activations.
-                    let (i0, i1) = unsafe {
-                        let xp = qx.q.as_ptr().add(tt * k + j * BLOCK);
+                    // The two halves' integer sums against one digit's codes at `xq`.
+                    // SAFETY (callers): `xq` holds [tt·K + 32j, +32) of a [T, K] digit.
+                    let sums = |xq: &[i8]| unsafe {
+                        let xp = xq.as_ptr().add(tt * k + j * BLOCK);
                         let (x0, x1) = (vld1q_s8(xp), vld1q_s8(xp.add(16)));
                         let p0 = vmlal_s8(
                             vmull_s8(vget_low_s8(c0), vget_low_s8(x0)),
@@ -944,15 +956,27 @@ mod neon {
                             vget_high_s8(c1),
                             vget_high_s8(x1),
                         );
-                        (vaddvq_s32(vpaddlq_s16(p0)), vaddvq_s32(vpaddlq_s16(p1)))
+                        (
+                            vaddvq_s32(vpaddlq_s16(p0)) as f32,
+                            vaddvq_s32(vpaddlq_s16(p1)) as f32,
+                        )
                     };
                     let xi = tt * nb + j;
+                    let (i0, i1) = sums(&qx.q);
                     let d = qx.d[xi];
-                    if s.0 == s.1 && zoff.0 == zoff.1 {
-                        *o += s.0 * d * (i0 + i1) as f32 - s.0 * zoff.0 * qx.ds[xi];
+                    // Each half's Σ codes·x, the second digit (if any) weighed by d₂.
+                    let (h0, h1) = if qx.q2.is_empty() {
+                        (d * i0, d * i1)
                     } else {
-                        *o += s.0 * d * i0 as f32 - s.0 * zoff.0 * qx.ds2[2 * xi];
-                        *o += s.1 * d * i1 as f32 - s.1 * zoff.1 * qx.ds2[2 * xi + 1];
+                        let (k0, k1) = sums(&qx.q2);
+                        let d2 = qx.d2[xi];
+                        (d * i0 + d2 * k0, d * i1 + d2 * k1)
+                    };
+                    if s.0 == s.1 && zoff.0 == zoff.1 {
+                        *o += s.0 * (h0 + h1) - s.0 * zoff.0 * qx.ds[xi];
+                    } else {
+                        *o += s.0 * h0 - s.0 * zoff.0 * qx.ds2[2 * xi];
+                        *o += s.1 * h1 - s.1 * zoff.1 * qx.ds2[2 * xi + 1];
                     }
                 }
             }
