@@ -108,8 +108,8 @@ pub(crate) struct QuantX {
     pub(crate) d2: Vec<f32>,
     /// `d · Σ q (+ d₂ · Σ q₂)` per block `[T, K/32]`: the zero-point term's factor.
     pub(crate) ds: Vec<f32>,
-    /// `d · Σ q` per 16-element half `[T, K/16]`: the zero-point term's factor for weights with a
-    /// zero point per half ([`Weights::Q8`] with `halves`).
+    /// `d · Σ q (+ d₂ · Σ q₂)` per 16-element half `[T, K/16]`: the zero-point term's factor for
+    /// weights with a zero point per half ([`Weights::Q8`] with `halves`).
     pub(crate) ds2: Vec<f32>,
 }
 
