@@ -310,7 +310,7 @@ fn radix_order(x: &[f32]) -> Vec<u32> {
 }
 
 /// The `k = values.len()` largest entries of `x`, sorted descending, ties broken by lower index first
-/// (NaN ranks below every number; −0.0 ranks below +0.0). `k = 1` is a single argmax pass; up to
+/// (NaN ranks below every number; −0.0 ranks below +0.0). `k = 1` is an argmax in two plain passes; up to
 /// `SORT_K` (128), `O(n log k)` with a bounded heap; from there `O(n + k log k)` over one u64 key an entry
 /// (the rank's complement, then the index: ascending keys are the wanted order); for `k` of at least a
 /// quarter of `x`, a radix sort of all of it. Errors if `k > x.len()` or the output slices differ in
@@ -325,14 +325,9 @@ pub fn top_k(x: &[f32], values: &mut [f32], indices: &mut [usize]) -> KernelResu
         return Ok(());
     }
     if k == 1 {
-        let mut best = (x[0], 0);
-        for (i, v) in x.iter().enumerate().skip(1) {
-            if better((*v, i), best) == Ordering::Greater {
-                best = (*v, i);
-            }
-        }
-        values[0] = best.0;
-        indices[0] = best.1;
+        let i = argmax(x);
+        values[0] = x[i];
+        indices[0] = i;
         return Ok(());
     }
     if k >= SORT_K && 4 * k >= x.len() && x.len() <= u32::MAX as usize {
@@ -391,6 +386,22 @@ pub fn top_k(x: &[f32], values: &mut [f32], indices: &mut [usize]) -> KernelResu
         indices[j] = w.1;
     }
     Ok(())
+}
+
+/// The index [`top_k`] ranks first in non-empty `x`: the largest number (`+0.0` above `−0.0`), the
+/// lowest index among equals, NaN only when there is nothing else. Two plain passes (a max that
+/// vectorizes, then the first index holding it) instead of one rank comparison an element: a decode
+/// step's greedy choice scans the whole vocabulary.
+fn argmax(x: &[f32]) -> usize {
+    let m = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let first = |want: u32| x.iter().position(|v| v.to_bits() == want);
+    let found = if m == 0.0 {
+        first(0.0f32.to_bits()).or_else(|| first((-0.0f32).to_bits()))
+    } else {
+        x.iter().position(|&v| v == m)
+    };
+    // Only all-NaN input finds nothing: then the first NaN is the first entry.
+    found.unwrap_or(0)
 }
 
 /// The oracle for [`top_k`]: a full stable sort.
@@ -604,6 +615,22 @@ mod tests {
         let (mut v1, mut i1) = ([0f32; 1], [0usize; 1]);
         top_k(&[f32::NAN, 2.0, 2.0], &mut v1, &mut i1).unwrap();
         assert_eq!((v1[0], i1[0]), (2.0, 1));
+        // The single-pass argmax against the rank order: signed zeros, infinities, NaN-only rows.
+        let cases: [&[f32]; 7] = [
+            &[-0.0, 0.0, -0.0],
+            &[-0.0, -0.0, f32::NAN],
+            &[f32::NAN, f32::NAN],
+            &[f32::NEG_INFINITY, f32::NAN, f32::NEG_INFINITY],
+            &[-1.0, f32::INFINITY, f32::INFINITY],
+            &[f32::NAN, -3.0, -5.0, -3.0],
+            &[0.0, -0.0, f32::NAN, 0.0],
+        ];
+        for x in cases {
+            let (mut rv, mut ri) = ([0f32; 1], [0usize; 1]);
+            top_k(x, &mut v1, &mut i1).unwrap();
+            top_k_reference(x, &mut rv, &mut ri).unwrap();
+            assert_eq!((v1[0].to_bits(), i1[0]), (rv[0].to_bits(), ri[0]), "{x:?}");
+        }
         assert!(top_k(&[1.0], &mut [0.0; 2], &mut [0; 2]).is_err());
         assert!(top_k(&[1.0, 2.0], &mut [0.0; 1], &mut [0; 2]).is_err());
         top_k(&[1.0], &mut [], &mut []).unwrap();
