@@ -27,6 +27,7 @@ pub mod stats;
 pub mod stop;
 pub mod stream;
 pub mod tokenizer;
+mod tokenizer_json;
 
 pub use chat::{ChatMessage, ChatTemplate};
 pub use sampling::{GenerateOptions, SamplingRng};

@@ -46,11 +46,14 @@ impl Tokenizer {
         // reported as an error where panics unwind.
         serde_json::from_str::<serde::de::IgnoredAny>(json)
             .map_err(|e| tok_err("tokenizer.json is not valid JSON", e))?;
-        let inner = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(json.as_bytes()))
-            .map_err(|_| {
-                Error::Tokenizer("tokenizer.json is malformed (the parser panicked)".into())
-            })?
-            .map_err(|e| tok_err("cannot read tokenizer.json", e))?;
+        // BPE files through the one-pass reader (a fraction of the crate's memory and time on large
+        // vocabularies), other models through the crate's.
+        let inner = std::panic::catch_unwind(|| match super::tokenizer_json::read_bpe(json) {
+            Some(read) => read,
+            None => tokenizers::Tokenizer::from_bytes(json.as_bytes()).map_err(|e| e.to_string()),
+        })
+        .map_err(|_| Error::Tokenizer("tokenizer.json is malformed (the parser panicked)".into()))?
+        .map_err(|e| tok_err("cannot read tokenizer.json", e))?;
         if add_bos && bos_id.is_none() {
             return Err(Error::Tokenizer(
                 "add_bos is set but the model has no BOS id".into(),
