@@ -10,6 +10,9 @@
 //!
 //! Output layout: `[T, H·D]` (token-major, heads concatenated) — what the following output projection
 //! reads directly. Work is split over (token, head) pairs over the CPU pool (`pool.rs`) when there is enough of it.
+//! [`attention_paged`] — the runtime's path, over host KV pages — checks its inputs here and runs the
+//! kernel of `attention_paged.rs`: a task per (token, KV head, key segment), each block of keys
+//! converted once for the query heads of its group.
 //!
 //! Error vs. the f64 reference: ≤ 2e-5·(1 + max|v|) per element (tested).
 
@@ -29,6 +32,17 @@ pub trait KvElement: Copy + Send + Sync + 'static {
     fn as_f32(src: &[Self]) -> Option<&[f32]>;
     /// Converts `src` into `dst` (equal lengths).
     fn to_f32_slice(src: &[Self], dst: &mut [f32]);
+    /// Converts `rows` rows of `d` elements, `stride` apart from `src[0]` on, into `dst` (`rows·d`,
+    /// contiguous): a block of one KV head's keys out of token-major cache pages.
+    fn rows_to_f32(src: &[Self], stride: usize, rows: usize, d: usize, dst: &mut [f32]) {
+        row_by_row(src, stride, rows, d, dst)
+    }
+}
+
+fn row_by_row<E: KvElement>(src: &[E], stride: usize, rows: usize, d: usize, dst: &mut [f32]) {
+    for (r, o) in dst.chunks_exact_mut(d).take(rows).enumerate() {
+        E::to_f32_slice(&src[r * stride..r * stride + d], o);
+    }
 }
 
 impl KvElement for f32 {
@@ -46,6 +60,40 @@ impl KvElement for f16 {
     }
     fn to_f32_slice(src: &[f16], dst: &mut [f32]) {
         src.convert_to_f32_slice(dst);
+    }
+    fn rows_to_f32(src: &[f16], stride: usize, rows: usize, d: usize, dst: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if simd::best_isa() == simd::Isa::Avx2 {
+            // SAFETY: best_isa() returned Avx2 only after detecting avx2, fma and f16c.
+            return unsafe { f16_rows_avx2(src, stride, rows, d, dst) };
+        }
+        row_by_row(src, stride, rows, d, dst)
+    }
+}
+
+/// [`KvElement::rows_to_f32`] for f16 with F16C, 8 elements an instruction (`half`'s slice conversion
+/// costs a feature check and a call per 8 elements: a third of decode attention's time on 64-wide rows).
+///
+/// # Safety
+/// The CPU must support avx2, fma and f16c.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f16_rows_avx2(src: &[f16], stride: usize, rows: usize, d: usize, dst: &mut [f32]) {
+    use std::arch::x86_64::*;
+    for (r, o) in dst.chunks_exact_mut(d).take(rows).enumerate() {
+        let row = &src[r * stride..r * stride + d];
+        let mut i = 0;
+        // SAFETY: each load reads row[i..i + 8] and each store writes o[i..i + 8], i + 8 <= d.
+        unsafe {
+            while i + 8 <= d {
+                let h = _mm_loadu_si128(row.as_ptr().add(i) as *const __m128i);
+                _mm256_storeu_ps(o.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+                i += 8;
+            }
+        }
+        for (o, h) in o[i..].iter_mut().zip(&row[i..]) {
+            *o = h.to_f32();
+        }
     }
 }
 
@@ -81,7 +129,7 @@ impl AttnShape {
         }
         Ok(self.heads / self.kv_heads)
     }
-    fn q_off(&self, h: usize, t: usize) -> usize {
+    pub(super) fn q_off(&self, h: usize, t: usize) -> usize {
         let d = self.head_dim;
         if self.q_tokens_first {
             (t * self.heads + h) * d
@@ -89,7 +137,7 @@ impl AttnShape {
             (h * self.tokens + t) * d
         }
     }
-    fn new_kv_off(&self, kvh: usize, t: usize) -> usize {
+    pub(super) fn new_kv_off(&self, kvh: usize, t: usize) -> usize {
         let d = self.head_dim;
         if self.kv_tokens_first {
             (t * self.kv_heads + kvh) * d
@@ -120,7 +168,7 @@ impl From<Option<f32>> for Scores {
 
 /// [`Scores`] resolved for head size `D` (`cap` 0: none).
 #[derive(Debug, Clone, Copy)]
-struct Sc {
+pub(super) struct Sc {
     scale: f32,
     cap: f32,
 }
@@ -133,8 +181,8 @@ impl Sc {
         }
     }
 
-    #[inline]
-    fn apply(self, dot: f32) -> f32 {
+    #[inline(always)]
+    pub(super) fn apply(self, dot: f32) -> f32 {
         let x = dot * self.scale;
         if self.cap > 0.0 {
             self.cap * (x / self.cap).tanh()
@@ -222,39 +270,6 @@ impl Online {
             }
             j0 += nb;
         }
-    }
-
-    /// Feeds `n` keys/values that are rows `stride` elements apart (the first at the slice start): one KV
-    /// head of token-major cache pages. Rows are gathered (and converted) a block at a time.
-    fn feed_strided<E: KvElement>(
-        &mut self,
-        q: &[f32],
-        k: &[E],
-        v: &[E],
-        n: usize,
-        stride: usize,
-        sc: Sc,
-    ) {
-        let d = q.len();
-        if stride == d {
-            self.feed(q, &k[..n * d], &v[..n * d], sc, None);
-            return;
-        }
-        let mut kb = std::mem::take(&mut self.kbuf);
-        let mut vb = std::mem::take(&mut self.vbuf);
-        let mut j0 = 0;
-        while j0 < n {
-            let nb = KEY_BLOCK.min(n - j0);
-            for j in 0..nb {
-                let at = (j0 + j) * stride;
-                E::to_f32_slice(&k[at..at + d], &mut kb[j * d..(j + 1) * d]);
-                E::to_f32_slice(&v[at..at + d], &mut vb[j * d..(j + 1) * d]);
-            }
-            self.feed(q, &kb[..nb * d], &vb[..nb * d], sc, None);
-            j0 += nb;
-        }
-        self.kbuf = kb;
-        self.vbuf = vb;
     }
 
     /// Feeds the chunk's own rows `from..=tt` of KV head `kvh` (causal among themselves; `from > 0`
@@ -571,11 +586,39 @@ pub fn attention_paged<E: KvElement>(
     scores: impl Into<Scores>,
     out: &mut [f32],
 ) -> KernelResult {
+    let (new, kv) = ((new_k, new_v), (k_pages, v_pages));
+    paged_split(
+        q,
+        kv,
+        page_rows,
+        new,
+        (position, window),
+        s,
+        scores,
+        None,
+        out,
+    )
+}
+
+/// [`attention_paged`] with each row's keys split into `splits` segments (`None`: chosen from the
+/// shape and the threads; tests force every count).
+#[allow(clippy::too_many_arguments)]
+fn paged_split<E: KvElement>(
+    q: &[f32],
+    (k_pages, v_pages): (&[&[E]], &[&[E]]),
+    page_rows: usize,
+    (new_k, new_v): (&[f32], &[f32]),
+    (position, window): (usize, Option<usize>),
+    s: &AttnShape,
+    scores: impl Into<Scores>,
+    splits: Option<usize>,
+    out: &mut [f32],
+) -> KernelResult {
     const K: &str = "attention_paged";
     if window == Some(0) {
         return Err(shape_err(K, "a window of 0 keys"));
     }
-    let group = s.check_heads(K)?;
+    s.check_heads(K)?;
     let (d, t) = (s.head_dim, s.tokens);
     check_len(K, "q", mul_dims(K, &[s.heads, t, d])?, q.len())?;
     let page = mul_dims(K, &[page_rows, s.kv_heads, d])?;
@@ -603,31 +646,19 @@ pub fn attention_paged<E: KvElement>(
     if d == 0 || t == 0 {
         return Ok(());
     }
-    let sc = Sc::of(scores.into(), d);
-    let p = position;
-    let stride = s.kv_heads * d;
-    let keys = window.map_or(p + t, |w| w.min(p + t));
-    for_rows(out, s, keys, |tt, h, st, o| {
-        let kvh = h / group;
-        let qv = &q[s.q_off(h, tt)..s.q_off(h, tt) + d];
-        // the first position this row attends (the window's start, else the sequence's)
-        let first = window.map_or(0, |w| (p + tt + 1).saturating_sub(w));
-        let at = kvh * d;
-        for (pi, (kp, vp)) in k_pages.iter().zip(v_pages).enumerate() {
-            let (r0, r1) = (pi * page_rows, ((pi + 1) * page_rows).min(p));
-            if r0 >= p {
-                break;
-            }
-            if r1 <= first {
-                continue;
-            }
-            let from = first.max(r0) - r0;
-            let o = at + from * stride;
-            st.feed_strided(qv, &kp[o..], &vp[o..], r1 - r0 - from, stride, sc);
-        }
-        st.feed_new(s, qv, new_k, new_v, kvh, first.saturating_sub(p), tt, sc);
-        st.finish(o);
-    });
+    let paged = super::attention_paged::Paged {
+        q,
+        k_pages,
+        v_pages,
+        page_rows,
+        new_k,
+        new_v,
+        position,
+        window,
+        s,
+        sc: Sc::of(scores.into(), d),
+    };
+    super::attention_paged::run(&paged, splits, out);
     Ok(())
 }
 
@@ -778,24 +809,25 @@ mod tests {
         }
         close(&got, &want, 3.0)?;
         close(&got_paged, &want, 3.0).map_err(|e| format!("paged ({pr} rows a page): {e}"))?;
-        // A sliding window (from one key to past the whole sequence), f32 pages.
+        // No window and a sliding one (from one key to past the whole sequence), f32 pages, the keys
+        // of a row in every number of segments (more than there are keys too).
         let w = 1 + (seed as usize / 3) % (p + t + 1);
-        let mut want = vec![0f32; t * s.heads * d];
-        reference_windowed(
-            &q,
-            (&pk, &pv),
-            (&nk, &nv),
-            (p, Some(w)),
-            &s,
-            scores,
-            &mut want,
-        )
-        .unwrap();
         let kr: Vec<&[f32]> = kp.iter().map(|v| &v[..]).collect();
         let vr: Vec<&[f32]> = vp.iter().map(|v| &v[..]).collect();
-        let mut got = vec![f32::NAN; t * s.heads * d];
-        attention_paged(&q, &kr, &vr, pr, &nk, &nv, p, Some(w), &s, scores, &mut got).unwrap();
-        close(&got, &want, 3.0).map_err(|e| format!("window {w} ({pr} rows a page): {e}"))
+        for window in [None, Some(w)] {
+            let mut want = vec![0f32; t * s.heads * d];
+            let (past, new) = ((&pk[..], &pv[..]), (&nk[..], &nv[..]));
+            reference_windowed(&q, past, new, (p, window), &s, scores, &mut want).unwrap();
+            for splits in [None, Some(1), Some(2), Some(3), Some(7)] {
+                let mut got = vec![f32::NAN; t * s.heads * d];
+                let (kv, new) = ((&kr[..], &vr[..]), (&nk[..], &nv[..]));
+                paged_split(&q, kv, pr, new, (p, window), &s, scores, splits, &mut got).unwrap();
+                close(&got, &want, 3.0).map_err(|e| {
+                    format!("window {window:?}, {splits:?} segments ({pr} rows a page): {e}")
+                })?;
+            }
+        }
+        Ok(())
     }
 
     proptest! {

@@ -6,6 +6,7 @@
 //! checked up front and reported as [`KernelError`]; the caller maps it to the runtime's error.
 
 pub mod attention;
+mod attention_paged;
 pub mod bandwidth;
 pub(crate) mod exec;
 pub mod linear;
