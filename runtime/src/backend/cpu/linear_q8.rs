@@ -416,6 +416,8 @@ mod avx512 {
         let (q2p, d2p) = (qx.q2.as_ptr(), qx.d2.as_ptr());
         let dsp = if H { qx.ds2.as_ptr() } else { qx.ds.as_ptr() };
         let dup = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+        // The first digit's weight in two-digit sums (lanes of Σ c·q are ≤ 4·255·127: ·254 fits i32).
+        let k254 = _mm512_set1_epi32(254);
         let mut acc = [_mm512_setzero_ps(); R];
         let mut g = 0;
         // SAFETY: blocks row·nb + j are inside the weight buffers (validated) and the masked group
@@ -462,9 +464,11 @@ mod avx512 {
                     .zip(fr.iter_mut().zip(fr2.iter_mut()))
                     .enumerate()
                 {
-                    *fr = _mm512_mul_ps(s, digit(dp, r));
+                    // Two digits meet one factor: d₂·(254·Σc·q + Σc·q₂) (`d₂ = d/254`).
                     if X2 {
                         *fr2 = _mm512_mul_ps(s, digit(d2p, r));
+                    } else {
+                        *fr = _mm512_mul_ps(s, digit(dp, r));
                     }
                     *a = _mm512_fnmadd_ps(
                         sz,
@@ -479,16 +483,16 @@ mod avx512 {
                     let idx = spread::<H>(p);
                     for r in 0..R {
                         let xq = _mm512_loadu_si512(qp.add((x0 + r) * k + e) as *const __m512i);
-                        let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c, xq);
-                        let fv = _mm512_permutexvar_ps(idx, fr[r]);
-                        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), fv, acc[r]);
+                        let mut dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c, xq);
+                        let mut f = fr[r];
                         if X2 {
                             let xq =
                                 _mm512_loadu_si512(q2p.add((x0 + r) * k + e) as *const __m512i);
-                            let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c, xq);
-                            let fv = _mm512_permutexvar_ps(idx, fr2[r]);
-                            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), fv, acc[r]);
+                            dot = _mm512_dpbusd_epi32(_mm512_mullo_epi32(dot, k254), c, xq);
+                            f = fr2[r];
                         }
+                        let fv = _mm512_permutexvar_ps(idx, f);
+                        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), fv, acc[r]);
                     }
                 }
                 if left < 16 && left % per != 0 {
@@ -500,18 +504,18 @@ mod avx512 {
                         let xq = _mm512_zextsi256_si512(_mm256_loadu_si256(
                             qp.add((x0 + r) * k + e) as *const __m256i,
                         ));
-                        let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c, xq);
-                        // Lanes 8–15 of the dot are zero, whatever factor they meet.
-                        let fv = _mm512_permutexvar_ps(idx, fr[r]);
-                        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), fv, acc[r]);
+                        let mut dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c, xq);
+                        let mut f = fr[r];
                         if X2 {
                             let xq = _mm512_zextsi256_si512(_mm256_loadu_si256(
                                 q2p.add((x0 + r) * k + e) as *const __m256i,
                             ));
-                            let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c, xq);
-                            let fv = _mm512_permutexvar_ps(idx, fr2[r]);
-                            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), fv, acc[r]);
+                            dot = _mm512_dpbusd_epi32(_mm512_mullo_epi32(dot, k254), c, xq);
+                            f = fr2[r];
                         }
+                        // Lanes 8–15 of the dot are zero, whatever factor they meet.
+                        let fv = _mm512_permutexvar_ps(idx, f);
+                        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), fv, acc[r]);
                     }
                 }
                 g += 16;
@@ -702,6 +706,7 @@ mod avx2 {
         let k = w.k();
         let nb = k / BLOCK;
         let ones = _mm256_set1_epi16(1);
+        let k254 = _mm256_set1_epi32(254);
         // Two accumulators per token row (even/odd blocks) to hide the FMA latency.
         let mut acc = [[_mm256_setzero_ps(); 2]; R];
         let mut corr = [0f32; R];
@@ -731,16 +736,11 @@ mod avx2 {
                         Some(sg) => _mm256_sign_epi8(xq, sg),
                         None => xq,
                     };
-                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16($codes, xq), ones);
-                    let (s, sz): ((f32, f32), (f32, f32)) = ($s, $sz);
-                    let fv = if H {
-                        _mm256_setr_m128(_mm_set1_ps(s.0 * d), _mm_set1_ps(s.1 * d))
-                    } else {
-                        _mm256_set1_ps(s.0 * d)
-                    };
-                    acc[r][$slot] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), fv, acc[r][$slot]);
+                    let mut p = _mm256_madd_epi16(_mm256_maddubs_epi16($codes, xq), ones);
+                    let mut d = d;
                     if X2 {
-                        // The second digit: the same codes, its own scale d₂.
+                        // The second digit: the same codes; both meet one factor, d₂·(254·p + p₂)
+                        // (`d₂ = d/254`; lanes of p are ≤ 2·2·128·127, ·254 fits i32).
                         let xq = _mm256_loadu_si256(
                             q2p.add((x0 + r) * k + $j * BLOCK) as *const __m256i
                         );
@@ -748,15 +748,17 @@ mod avx2 {
                             Some(sg) => _mm256_sign_epi8(xq, sg),
                             None => xq,
                         };
-                        let p = _mm256_madd_epi16(_mm256_maddubs_epi16($codes, xq), ones);
-                        let d2 = *d2p.add(xi);
-                        let fv = if H {
-                            _mm256_setr_m128(_mm_set1_ps(s.0 * d2), _mm_set1_ps(s.1 * d2))
-                        } else {
-                            _mm256_set1_ps(s.0 * d2)
-                        };
-                        acc[r][$slot] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), fv, acc[r][$slot]);
+                        let p2 = _mm256_madd_epi16(_mm256_maddubs_epi16($codes, xq), ones);
+                        p = _mm256_add_epi32(_mm256_mullo_epi32(p, k254), p2);
+                        d = *d2p.add(xi);
                     }
+                    let (s, sz): ((f32, f32), (f32, f32)) = ($s, $sz);
+                    let fv = if H {
+                        _mm256_setr_m128(_mm_set1_ps(s.0 * d), _mm_set1_ps(s.1 * d))
+                    } else {
+                        _mm256_set1_ps(s.0 * d)
+                    };
+                    acc[r][$slot] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), fv, acc[r][$slot]);
                     corr[r] = if H {
                         sz.1.mul_add(
                             *ds2p.add(2 * xi + 1),
