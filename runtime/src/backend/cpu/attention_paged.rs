@@ -4,11 +4,11 @@
 //! Decode attends one query row per head against the whole past. Taken a query head at a time, every
 //! key costs a conversion of its K and V rows from f16, a dot product, an `exp` and an axpy, each a
 //! call of its own, and the query heads of a GQA group convert the same rows once each: on SmolLM2
-//! (9 heads over 3 KV heads, D = 64) that was 42 µs a layer at 100 keys on two threads, a fifth of a
-//! decode step. Here a task is a (token, KV head, key segment): it converts a block of 64 keys and
-//! values once for all the group's query heads, scores the block for each head, exponentiates the
-//! scores with the branch-free [`exp_f32`] and accumulates the values, in loops compiled for AVX2+FMA
-//! where the CPU has them ([`block_avx2`]).
+//! (9 heads over 3 KV heads, D = 64) that was 26 µs a layer at 100 keys on two threads
+//! (`kernel_bench`), 16% of a decode step. Here a task is a (token, KV head, key segment): it
+//! converts a block of 64 keys and values once for all the group's query heads, scores the block for
+//! each head, exponentiates the scores with the branch-free [`exp_f32`] and accumulates the values,
+//! in loops compiled for AVX2+FMA where the CPU has them ([`block_avx2`]).
 //!
 //! With fewer (token, KV head) pairs than [`TASKS_PER_THREAD`] tasks a thread (decode: 3 pairs on
 //! SmolLM2, 1 on Gemma 3) the keys of a row are split into segments of at least [`MIN_SEGMENT`] keys.
