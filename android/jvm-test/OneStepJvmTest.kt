@@ -131,7 +131,7 @@ fun main(args: Array<String>) {
     OneStep.load(bytes, "in-memory").use { m -> m.session().use { s -> check(s.generate("Hello", GenerateOptions.greedy(2)).text.isNotEmpty()) { "bytes model" } } }
     expectOneStepError("missing file", "does-not-exist.onnx", Status.IO) { OneStep.load("/nonexistent/does-not-exist.onnx") }
     // Load options: the device and the KV cache; strings that do not parse are errors naming them.
-    OneStep.load(modelPath, LoadOptions(device = "cpu", gpuCacheBudget = "50%", kvPageRows = 16, precision = "fast", settings = "profile=on")).use { m ->
+    OneStep.load(modelPath, LoadOptions(device = "cpu", gpuCacheBudget = "50%", kvPageRows = 16, precision = "exact", settings = "profile=on")).use { m ->
         check(m.device == "cpu" && m.deviceNote == null) { "device ${m.device} / ${m.deviceNote}" }
         m.session().use { s -> check(s.generate("Hello", GenerateOptions.greedy(2)).text.isNotEmpty()) { "options model" } }
     }

@@ -88,9 +88,9 @@ typedef struct OnestepLoadOptions {
   const char *gpu_cache_budget;
   // Positions a host KV-cache page; 0: the default (64).
   uint32_t kv_page_rows;
-  // How the CPU multiplies 4- and 8-bit weights: `exact` (NULL: f32 activations) or `fast`
-  // (activations quantized to 8 bits, integer dot products, as llama.cpp; the output layer stays
-  // exact).
+  // How the CPU multiplies 4- and 8-bit weights: `fast` (NULL, the default: activations quantized
+  // to 8 bits — two 8-bit digits in decode and the output layer — and integer dot products) or
+  // `exact` (f32 activations: onnxruntime's results to ~1e-4, the GPU kernels' math).
   const char *precision;
   // Further settings as `key=value` pairs separated by commas (NULL: none): `profile=on`, and the
   // GPU tuning keys (`gpu_variant=lanes`, `gpu_no_fuse=all`, `gpu_run_ahead=off`,

@@ -168,9 +168,9 @@ pub struct OnestepLoadOptions {
     pub gpu_cache_budget: *const c_char,
     /// Positions a host KV-cache page; 0: the default (64).
     pub kv_page_rows: u32,
-    /// How the CPU multiplies 4- and 8-bit weights: `exact` (NULL: f32 activations) or `fast`
-    /// (activations quantized to 8 bits, integer dot products, as llama.cpp; the output layer stays
-    /// exact).
+    /// How the CPU multiplies 4- and 8-bit weights: `fast` (NULL, the default: activations quantized
+    /// to 8 bits — two 8-bit digits in decode and the output layer — and integer dot products) or
+    /// `exact` (f32 activations: onnxruntime's results to ~1e-4, the GPU kernels' math).
     pub precision: *const c_char,
     /// Further settings as `key=value` pairs separated by commas (NULL: none): `profile=on`, and the
     /// GPU tuning keys (`gpu_variant=lanes`, `gpu_no_fuse=all`, `gpu_run_ahead=off`,
@@ -579,10 +579,13 @@ fn load_options_from_c(opts: *const OnestepLoadOptions) -> FfiResult<LoadOptions
     let device = text(o.device, "options.device")?.unwrap_or("cpu");
     let backend = text(o.gpu_backend, "options.gpu_backend")?;
     let budget = text(o.gpu_cache_budget, "options.gpu_cache_budget")?.unwrap_or("all");
-    let precision = text(o.precision, "options.precision")?.unwrap_or("exact");
+    let precision = text(o.precision, "options.precision")?;
     let settings = text(o.settings, "options.settings")?.unwrap_or("");
     LoadOptions::parse(device, backend, budget, o.kv_page_rows as usize)
-        .and_then(|l| l.with_precision(precision))
+        .and_then(|l| match precision {
+            Some(p) => l.with_precision(p),
+            None => Ok(l),
+        })
         .and_then(|mut l| l.set(settings).map(|()| l))
         .map_err(|e| runtime_fail(e, Phase::Load))
 }

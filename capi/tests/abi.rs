@@ -170,8 +170,8 @@ fn load_options_choose_the_device_and_the_kv_cache() {
         o.device = c"cpu".as_ptr();
         o.gpu_cache_budget = c"50%".as_ptr();
         o.kv_page_rows = 4;
-        o.precision = c"fast".as_ptr();
-        o.settings = c"profile=on, precision=fast".as_ptr();
+        o.precision = c"exact".as_ptr();
+        o.settings = c"profile=on, precision=exact".as_ptr();
         let mut m2: *mut OnestepModel = ptr::null_mut();
         assert_eq!(
             onestep_model_load_from_memory_with(

@@ -663,10 +663,12 @@ fn as_f32(src: &SourceModel) -> SourceModel {
     out
 }
 
-/// Logits of a 5-token prefill and three decode steps on `device`.
+/// Logits of a 5-token prefill and three decode steps on `device`, with f32 activations on the CPU
+/// (the GPU kernels' math).
 fn logits_on(path: &Path, device: DeviceRequest) -> Vec<Vec<f32>> {
     let opts = onestep::LoadOptions {
         device,
+        precision: onestep::Precision::Exact,
         ..Default::default()
     };
     let model = onestep::Model::load_with(path, &opts)

@@ -35,8 +35,10 @@ pub struct LoadOptions {
     /// How sequence states keep their KV cache (host page size, GPU budget); the default of
     /// [`Model::new_state`](crate::Model::new_state).
     pub kv: crate::kv::KvOptions,
-    /// How the CPU multiplies the 4- and 8-bit block weights: `Exact` (f32 activations) or `Fast`
-    /// (activations quantized to 8 bits per block, integer dot products). GPU kernels are always exact.
+    /// How the CPU multiplies the 4- and 8-bit block weights: `Fast` (the default: activations
+    /// quantized to 8 bits per block, integer dot products) or `Exact` (f32 activations, what
+    /// onnxruntime computes). GPU kernels are always exact: to compare the two backends token for
+    /// token, load the CPU one with `Exact`.
     pub precision: crate::Precision,
     /// Time every op (CPU) or every dispatch (GPU: timestamps where the adapter has them, else each
     /// dispatch submitted alone, without run-ahead): [`Model::profile`](crate::Model::profile). Slows
@@ -384,9 +386,10 @@ mod tests {
     #[test]
     fn settings_apply_all_or_nothing() {
         let mut o = LoadOptions::cpu();
-        o.set("profile=on, precision=fast").unwrap();
+        assert_eq!(o.precision, crate::Precision::Fast, "the default");
+        o.set("profile=on, precision=exact").unwrap();
         assert!(o.profile);
-        assert_eq!(o.precision, crate::Precision::Fast);
+        assert_eq!(o.precision, crate::Precision::Exact);
         let before = o.clone();
         let e = o.set("profile=off,colour=blue").unwrap_err().to_string();
         assert!(e.contains("colour"), "{e}");

@@ -6,15 +6,24 @@
 use std::path::PathBuf;
 
 use onestep::kv::KvOptions;
-use onestep::{LoadOptions, Model, StepSampling};
+use onestep::{LoadOptions, Model, Precision, StepSampling};
 use serde_json::Value;
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
+/// The CPU with f32 activations: onnxruntime's math, which every check here compares with (the
+/// default, `Fast`, is checked against exact math by `tests/peers/test_fast_precision.py`).
+fn exact_cpu() -> LoadOptions {
+    LoadOptions {
+        precision: Precision::Exact,
+        ..LoadOptions::cpu()
+    }
+}
+
 fn check(name: &str) {
-    let base = check_on(name, &LoadOptions::cpu());
+    let base = check_on(name, &exact_cpu());
     // Other host page sizes: the same schedule, within the same tolerance of onnxruntime and of the
     // default pages (the online softmax visits keys a page at a time: another summation order).
     for page_rows in [1, 5] {
@@ -23,7 +32,7 @@ fn check(name: &str) {
                 page_rows,
                 ..Default::default()
             },
-            ..LoadOptions::cpu()
+            ..exact_cpu()
         };
         let other = check_on(name, &opts);
         for (i, (a, b)) in base.iter().zip(&other).enumerate() {
@@ -68,7 +77,7 @@ fn gpu_runs() -> Vec<(&'static str, LoadOptions)> {
     let base = LoadOptions {
         device: DeviceRequest::Gpu(None),
         backend: BackendFilter::Any,
-        ..LoadOptions::default()
+        ..exact_cpu()
     };
     let with = |gpu: GpuOptions| LoadOptions {
         gpu,
@@ -479,7 +488,7 @@ fn gpu_decode_steps_run_ahead() {
     off.gpu.run_ahead = false;
     let path = fixtures().join("step_q8_tied_f16kv.onnx");
     let gpu = Model::load_with(&path, &off).unwrap();
-    let cpu = Model::load(&path).unwrap();
+    let cpu = Model::load_with(&path, &exact_cpu()).unwrap();
     let (mut sc, mut sg) = (cpu.new_state().unwrap(), gpu.new_state().unwrap());
     let mut tok = 5;
     for _ in 0..4 {
@@ -512,7 +521,7 @@ fn gpu_decode_steps_run_ahead_with(opts: &LoadOptions) {
         "step_int4_6layers_f16kv",
     ] {
         let path = fixtures().join(format!("{name}.onnx"));
-        let cpu = Model::load(&path).unwrap();
+        let cpu = Model::load_with(&path, &exact_cpu()).unwrap();
         let gpu = Model::load_with(&path, opts).unwrap();
         let (mut sc, mut sg) = (cpu.new_state().unwrap(), gpu.new_state().unwrap());
         let vocab = cpu.info().vocab_size as u32;
@@ -600,7 +609,7 @@ fn gpu_interleaved_sequences_run_ahead() {
 #[cfg(feature = "gpu")]
 fn gpu_interleaved_sequences_run_ahead_with(opts: &LoadOptions) {
     let path = fixtures().join("step_q8_tied_f16kv.onnx");
-    let cpu = Model::load(&path).unwrap();
+    let cpu = Model::load_with(&path, &exact_cpu()).unwrap();
     let gpu = Model::load_with(&path, opts).unwrap();
     let g = StepSampling::GREEDY;
     let mut seqs: Vec<_> = [[1u32, 2, 3], [40, 41, 42]]
@@ -648,7 +657,7 @@ fn gpu_token_choice_reads_back_only_the_token() {
 #[cfg(feature = "gpu")]
 fn gpu_token_choice_reads_back_only_the_token_with(opts: &LoadOptions) {
     let path = fixtures().join("step_int4_untied_f32kv_bias.onnx");
-    let cpu = Model::load(&path).unwrap();
+    let cpu = Model::load_with(&path, &exact_cpu()).unwrap();
     let gpu = Model::load_with(&path, opts).unwrap();
     let vocab = cpu.info().vocab_size;
     assert!(

@@ -183,9 +183,14 @@ def sample_reference(logits, temperature, top_k, top_p, random_u):
     return int(order[j])
 
 
-def onestep_score(bin_path, model, jobs, *flags):
-    """Runs `onestep score model --jobs <jobs as JSON> *flags` and returns its parsed output (one result per
-    job); fails with the end of its stderr when it exits non-zero."""
+def onestep_score(bin_path, model, jobs, *flags, precision="exact"):
+    """Runs `onestep score model --jobs <jobs as JSON> --precision <precision> *flags` and returns its parsed
+    output (one result per job); fails with the end of its stderr when it exits non-zero. The precision is
+    `exact` unless asked: the comparisons with onnxruntime and between the CPU and the GPU are with f32
+    activations. `precision=None` passes no flag: the CLI's default (`fast`, which test_fast_precision.py
+    checks against exact math)."""
+    if precision is not None:
+        flags = ("--precision", precision, *flags)
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(jobs, f)
         name = f.name

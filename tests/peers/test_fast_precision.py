@@ -1,8 +1,10 @@
-"""`--precision fast` (8-bit activations, integer dot products) against exact math, beside llama.cpp.
+"""The CPU's default precision, `fast` (8-bit activations, integer dot products), against exact math, beside
+llama.cpp: the criterion that made it the default, asserted on what a user gets without a flag.
 
 ONESTEP_SMOLLM2_ONNX (every file: the f32- and the f16-cache export) and ONESTEP_BIN (scripts/test sets both).
 The runtime teacher-forces every llama.cpp sequence of tests/fixtures/smollm2_llamacpp.json with
-`onestep score --precision fast`; transformers' rows (tests/fixtures/smollm2_transformers.json, exact f32 math
+`onestep score` without `--precision` (the test first checks `onestep bench --json` reports that as `fast`);
+transformers' rows (tests/fixtures/smollm2_transformers.json, exact f32 math
 on the dequantized GGUF) are the truth. llama.cpp, which also multiplies 8-bit activations, is the yardstick:
 its rows are in the same fixtures, on the same positions. Two figures each, both asserted:
 - top-1 agreement with transformers: fast >= llama.cpp;
@@ -19,6 +21,7 @@ top-1 275/278 (f16 cache) and 277/278 (f32), median 0.0874 and 0.0877 — a marg
 """
 import json
 import os
+import subprocess
 
 import numpy as np
 import pytest
@@ -40,8 +43,16 @@ def _load(name):
         return json.load(f)
 
 
-def _score(path, jobs, precision):
-    return harness.onestep_score(BIN, path, jobs, "--top", str(TOP), "--device", "cpu", "--precision", precision)
+def _score(path, jobs):
+    """Our rows with the CLI's default precision (no `--precision` flag)."""
+    return harness.onestep_score(BIN, path, jobs, "--top", str(TOP), "--device", "cpu", precision=None)
+
+
+def _default_precision(path):
+    out = subprocess.run([BIN, "bench", path, "--prompt-tokens", "4", "--new-tokens", "2", "--repeat", "1",
+                          "--warmup", "0", "--device", "cpu", "--json"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout)["precision"]
 
 
 def fidelity(lc, hf, ours):
@@ -71,7 +82,8 @@ def test_fast_is_as_faithful_as_llamacpp(path):
     lc, hf = _load("smollm2_llamacpp.json"), _load("smollm2_transformers.json")
     jobs = [{"ids": c["prompt_ids"] + c["generated"], "start": len(c["prompt_ids"]), "generate": 0}
             for c in lc["cases"]]
-    ours = _score(path, jobs, "fast")
+    assert _default_precision(path) == "fast", "the CPU's default precision is not `fast`"
+    ours = _score(path, jobs)
     ot, lt, om, lm, n, m = fidelity(lc, hf, ours)
     print(f"\n[fast precision vs transformers, {os.path.basename(path)}] {n} positions: top-1 equal fast "
           f"{ot}/{n}, llama.cpp {lt}/{n}; median |logit diff| over {m} common top-8 ids: fast {om:.4f}, "

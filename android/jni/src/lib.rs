@@ -278,7 +278,7 @@ fn load_options(
     let device = opt_string(env, t.device)?.unwrap_or_else(|| "cpu".into());
     let backend = opt_string(env, t.backend)?;
     let budget = opt_string(env, t.budget)?.unwrap_or_else(|| "all".into());
-    let precision = opt_string(env, t.precision)?.unwrap_or_else(|| "exact".into());
+    let precision = opt_string(env, t.precision)?;
     let settings = opt_string(env, t.settings)?.unwrap_or_default();
     if page_rows < 0 {
         return throw(
@@ -288,7 +288,10 @@ fn load_options(
         );
     }
     let o = LoadOptions::parse(&device, backend.as_deref(), &budget, page_rows as usize)
-        .and_then(|o| o.with_precision(&precision))
+        .and_then(|o| match &precision {
+            Some(p) => o.with_precision(p),
+            None => Ok(o),
+        })
         .and_then(|mut o| o.set(&settings).map(|()| o));
     or_throw_load(env, o)
 }

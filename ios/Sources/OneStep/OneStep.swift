@@ -64,8 +64,9 @@ public struct LoadOptions: Sendable {
     public var gpuCacheBudget: String
     /// Positions a host KV-cache page; 0: the default (64).
     public var kvPageRows: UInt32
-    /// How the CPU multiplies 4- and 8-bit weights: `exact` (f32 activations) or `fast` (8-bit
-    /// activations and integer dot products, as llama.cpp; the output layer stays exact).
+    /// How the CPU multiplies 4- and 8-bit weights: `fast` (default: 8-bit activations, two 8-bit
+    /// digits in decode and the output layer, integer dot products) or `exact` (f32 activations:
+    /// onnxruntime's results to ~1e-4, the GPU kernels' math).
     public var precision: String
     /// Further settings as `key=value` pairs separated by commas: `profile=on` and the GPU tuning keys
     /// (`gpu_variant=lanes`, `gpu_run_ahead=off`, `gpu_pipeline_cache=<dir>` to keep compiled GPU
@@ -73,7 +74,7 @@ public struct LoadOptions: Sendable {
     public var settings: String
 
     public init(device: String = "cpu", gpuBackend: String? = nil, gpuCacheBudget: String = "all",
-                kvPageRows: UInt32 = 0, precision: String = "exact", settings: String = "") {
+                kvPageRows: UInt32 = 0, precision: String = "fast", settings: String = "") {
         self.device = device
         self.gpuBackend = gpuBackend
         self.gpuCacheBudget = gpuCacheBudget

@@ -143,8 +143,9 @@ struct Common {
     /// (default: the adapter's binding limit).
     #[arg(long)]
     gpu_cache_segment: Option<String>,
-    /// How the CPU multiplies 4- and 8-bit weights: `exact` (f32 activations) or `fast` (8-bit
-    /// activations and integer dot products, as llama.cpp).
+    /// How the CPU multiplies 4- and 8-bit weights: `fast` (8-bit activations, two digits in decode
+    /// and the output layer, integer dot products) or `exact` (f32 activations: onnxruntime's results
+    /// to ~1e-4 and the GPU kernels' math, so the same tokens on both).
     #[arg(long, default_value_t = onestep::LoadOptions::default().precision)]
     precision: onestep::Precision,
     /// Time every op (CPU) or every GPU dispatch, printed by `bench` (slows the GPU: measurements only).

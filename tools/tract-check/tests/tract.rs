@@ -16,7 +16,7 @@
 use std::path::{Path, PathBuf};
 
 use onestep::graph::DType;
-use onestep::{Model, StepSampling};
+use onestep::{LoadOptions, Model, Precision, StepSampling};
 use onestep_export::quant::{self, testutil, Quantize};
 use onestep_export::source::{self, SourceDType, SourceModel};
 use onestep_export::{export, ExportOptions, NoProgress};
@@ -204,7 +204,13 @@ fn write_rows(cache: &mut Tensor, rows: &Tensor, position: usize) -> TractResult
 
 /// Runs the schedule in both engines; returns the largest relative logits difference.
 fn compare(label: &str, path: &Path) -> f32 {
-    let ours = Model::load(path).unwrap_or_else(|e| panic!("{label}: onestep load: {e}"));
+    // f32 activations: the math tract runs (the CPU's default, `fast`, would quantize them to 8 bits)
+    let exact = LoadOptions {
+        precision: Precision::Exact,
+        ..LoadOptions::cpu()
+    };
+    let ours =
+        Model::load_with(path, &exact).unwrap_or_else(|e| panic!("{label}: onestep load: {e}"));
     let tolerance = match ours.info().kv_dtype {
         DType::F32 => TOLERANCE,
         _ => TOLERANCE_F16_CACHE,

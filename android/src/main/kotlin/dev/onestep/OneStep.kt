@@ -89,8 +89,9 @@ data class Completion(
  * - [gpuCacheBudget]: GPU memory for one session's KV cache: `all`, bytes (`48M`, `1GiB`) or a share of the
  *   full cache (`50%`); the layers beyond it stay in host memory and stream through two GPU slots.
  * - [kvPageRows]: positions a host KV-cache page; 0: the default (64).
- * - [precision]: how the CPU multiplies 4- and 8-bit weights: `exact` (f32 activations) or `fast` (8-bit
- *   activations and integer dot products, as llama.cpp; the output layer stays exact).
+ * - [precision]: how the CPU multiplies 4- and 8-bit weights: `fast` (default: 8-bit activations, two 8-bit
+ *   digits in decode and the output layer, integer dot products) or `exact` (f32 activations: onnxruntime's
+ *   results to ~1e-4, the GPU kernels' math).
  * - [settings]: further settings as `key=value` pairs separated by commas: `profile=on` and the GPU tuning
  *   keys (`gpu_variant=lanes`, `gpu_run_ahead=off`, `gpu_pipeline_cache=<dir>` to keep compiled GPU
  *   pipelines between runs, e.g. `context.cacheDir`, ...; the list is in the README). Null: none.
@@ -100,7 +101,7 @@ data class LoadOptions @JvmOverloads constructor(
     val gpuBackend: String? = null,
     val gpuCacheBudget: String = "all",
     val kvPageRows: Int = 0,
-    val precision: String = "exact",
+    val precision: String = "fast",
     val settings: String? = null,
 )
 
