@@ -22,7 +22,9 @@
 //!   corrected by `z − 128`.
 //! - **NEON dotprod** on aarch64 (`sdot`: i8 × i8, four products summed into each i32 lane; ARMv8.2's
 //!   optional dot product, on every phone core since the Cortex-A75/A55): 16 bytes an instruction, 8-bit
-//!   codes as `q − 128` as below. Through inline `asm!`: the intrinsic is not stable Rust yet.
+//!   codes as `q − 128` as below. With FEAT_I8MM too (`smmla`: a 2×8 by 8×2 i8 matrix product into
+//!   four i32 lanes), prompts run in tiles of 2 weight rows × 2 tokens: twice the products an
+//!   instruction. Both through inline `asm!`: their intrinsics are not stable Rust yet.
 //! - **NEON** on aarch64 without it (widening `smull`/`smlal`, pairwise adds), and portable scalar
 //!   elsewhere.
 //!
@@ -53,6 +55,9 @@ pub(crate) enum QIsa {
     /// aarch64 Advanced SIMD with the dot product extension (`sdot`, FEAT_DotProd).
     #[cfg(target_arch = "aarch64")]
     NeonDot,
+    /// aarch64 with the dot product and the int8 matrix multiply (`smmla`, FEAT_I8MM) extensions.
+    #[cfg(target_arch = "aarch64")]
+    NeonI8mm,
 }
 
 impl QIsa {
@@ -68,6 +73,8 @@ impl QIsa {
             QIsa::Neon => "neon",
             #[cfg(target_arch = "aarch64")]
             QIsa::NeonDot => "neon-dotprod",
+            #[cfg(target_arch = "aarch64")]
+            QIsa::NeonI8mm => "neon-i8mm",
         }
     }
 }
@@ -97,6 +104,9 @@ pub(crate) fn available() -> Vec<QIsa> {
         v.push(QIsa::Neon);
         if std::arch::is_aarch64_feature_detected!("dotprod") {
             v.push(QIsa::NeonDot);
+            if std::arch::is_aarch64_feature_detected!("i8mm") {
+                v.push(QIsa::NeonI8mm);
+            }
         }
     }
     v
@@ -269,6 +279,9 @@ pub(crate) fn rows(
         #[cfg(target_arch = "aarch64")]
         // SAFETY: NeonDot is only produced by `available` after detecting dotprod.
         QIsa::NeonDot => unsafe { neon::rows_dot(w, qx, t, rows, out) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: NeonI8mm is only produced by `available` after detecting dotprod and i8mm.
+        QIsa::NeonI8mm => unsafe { neon::rows_mm(w, qx, t, rows, out) },
         QIsa::Scalar => rows_scalar(w, qx, t, rows, out),
     }
 }
@@ -999,6 +1012,102 @@ mod neon {
         }
     }
 
+    /// One weight row's 32-block: its codes as two signed 16-byte halves (8-bit codes as `q − 128`),
+    /// each half's scale and zero point (offset to match).
+    struct Block {
+        c: [int8x16_t; 2],
+        s: (f32, f32),
+        zoff: (f32, f32),
+    }
+
+    /// Block `blk` of `w` (`None` for a form this path does not take).
+    ///
+    /// # Safety
+    /// `w` a validated Q4/Q8 and `blk` one of its blocks.
+    #[inline(always)]
+    unsafe fn block(w: &Weights, blk: usize) -> Option<Block> {
+        // SAFETY: block `blk` is inside B/scales/zeros (validated).
+        unsafe {
+            match *w {
+                Weights::Q4 {
+                    b, scales, zeros, ..
+                } => {
+                    let raw = vld1q_u8(b.as_ptr().add(blk * 16));
+                    let lo = vandq_u8(raw, vdupq_n_u8(15));
+                    let hi = vshrq_n_u8::<4>(raw);
+                    Some(Block {
+                        c: [
+                            vreinterpretq_s8_u8(vzip1q_u8(lo, hi)),
+                            vreinterpretq_s8_u8(vzip2q_u8(lo, hi)),
+                        ],
+                        s: (scales[blk], scales[blk]),
+                        zoff: (zeros[blk], zeros[blk]),
+                    })
+                }
+                Weights::Q8 {
+                    b,
+                    scales,
+                    zeros,
+                    halves,
+                    ..
+                } => {
+                    let p = b.as_ptr().add(blk * 32);
+                    let f = vdupq_n_u8(0x80);
+                    let sb = if halves { 2 * blk } else { blk };
+                    let h = if halves { 1 } else { 0 };
+                    Some(Block {
+                        c: [
+                            vreinterpretq_s8_u8(veorq_u8(vld1q_u8(p), f)),
+                            vreinterpretq_s8_u8(veorq_u8(vld1q_u8(p.add(16)), f)),
+                        ],
+                        s: (scales[sb], scales[sb + h]),
+                        zoff: (zeros[sb] as f32 - 128.0, zeros[sb + h] as f32 - 128.0),
+                    })
+                }
+                _ => None,
+            }
+        }
+    }
+
+    /// Adds block `b`'s term for activation block `xi` to `o`, from the halves' integer sums against
+    /// the first digit (`one`) and the second (`two`, when `qx` has one). Every path here ends in
+    /// this one function, so they agree bit for bit.
+    #[inline(always)]
+    fn add_block(o: &mut f32, b: &Block, qx: &QuantX, xi: usize, one: [i32; 2], two: [i32; 2]) {
+        let (s, zoff) = (b.s, b.zoff);
+        let d = qx.d[xi];
+        let (i0, i1) = (one[0] as f32, one[1] as f32);
+        // Each half's Σ codes·x, the second digit (if any) weighed by d₂.
+        let (h0, h1) = if qx.q2.is_empty() {
+            (d * i0, d * i1)
+        } else {
+            let d2 = qx.d2[xi];
+            (d * i0 + d2 * two[0] as f32, d * i1 + d2 * two[1] as f32)
+        };
+        if s.0 == s.1 && zoff.0 == zoff.1 {
+            *o += s.0 * (h0 + h1) - s.0 * zoff.0 * qx.ds[xi];
+        } else {
+            *o += s.0 * h0 - s.0 * zoff.0 * qx.ds2[2 * xi];
+            *o += s.1 * h1 - s.1 * zoff.1 * qx.ds2[2 * xi + 1];
+        }
+    }
+
+    /// The two halves' integer sums of block `b` against token `tt`'s block `j` of digit `xq`.
+    ///
+    /// # Safety
+    /// `xq` holds `[tt·K + 32j, +32)` of a `[T, K]` digit; with `DOT`, a CPU with FEAT_DotProd.
+    #[inline(always)]
+    unsafe fn sums<const DOT: bool>(b: &Block, xq: &[i8], at: usize) -> [i32; 2] {
+        // SAFETY: the caller's contract.
+        unsafe {
+            let xp = xq.as_ptr().add(at);
+            [
+                dot16::<DOT>(b.c[0], vld1q_s8(xp)),
+                dot16::<DOT>(b.c[1], vld1q_s8(xp.add(16))),
+            ]
+        }
+    }
+
     /// The body of [`rows`] and [`rows_dot`].
     ///
     /// # Safety
@@ -1013,76 +1122,168 @@ mod neon {
     ) {
         let k = w.k();
         let nb = k / BLOCK;
+        let two = !qx.q2.is_empty();
         for (i, row) in rows.enumerate() {
             let o = &mut out[i * t..(i + 1) * t];
             o.fill(0.0);
             for j in 0..nb {
-                let blk = row * nb + j;
-                // SAFETY: block `blk` is inside B/scales/zeros (validated).
-                let (c0, c1, s, zoff) = unsafe {
-                    match *w {
-                        Weights::Q4 {
-                            b, scales, zeros, ..
-                        } => {
-                            let raw = vld1q_u8(b.as_ptr().add(blk * 16));
-                            let lo = vandq_u8(raw, vdupq_n_u8(15));
-                            let hi = vshrq_n_u8::<4>(raw);
-                            (
-                                vreinterpretq_s8_u8(vzip1q_u8(lo, hi)),
-                                vreinterpretq_s8_u8(vzip2q_u8(lo, hi)),
-                                (scales[blk], scales[blk]),
-                                (zeros[blk], zeros[blk]),
-                            )
-                        }
-                        Weights::Q8 {
-                            b,
-                            scales,
-                            zeros,
-                            halves,
-                            ..
-                        } => {
-                            let p = b.as_ptr().add(blk * 32);
-                            let f = vdupq_n_u8(0x80);
-                            let sb = if halves { 2 * blk } else { blk };
-                            let h = if halves { 1 } else { 0 };
-                            (
-                                vreinterpretq_s8_u8(veorq_u8(vld1q_u8(p), f)),
-                                vreinterpretq_s8_u8(veorq_u8(vld1q_u8(p.add(16)), f)),
-                                (scales[sb], scales[sb + h]),
-                                (zeros[sb] as f32 - 128.0, zeros[sb + h] as f32 - 128.0),
-                            )
-                        }
-                        _ => return,
-                    }
+                // SAFETY: the caller's contract.
+                let Some(b) = (unsafe { block(w, row * nb + j) }) else {
+                    return;
                 };
                 for (tt, o) in o.iter_mut().enumerate() {
-                    // The two halves' integer sums against one digit's codes at `xq`.
-                    // SAFETY (callers): `xq` holds [tt·K + 32j, +32) of a [T, K] digit.
-                    let sums = |xq: &[i8]| unsafe {
-                        let xp = xq.as_ptr().add(tt * k + j * BLOCK);
-                        let (x0, x1) = (vld1q_s8(xp), vld1q_s8(xp.add(16)));
-                        (dot16::<DOT>(c0, x0) as f32, dot16::<DOT>(c1, x1) as f32)
+                    let at = tt * k + j * BLOCK;
+                    // SAFETY: `qx` is [T, K] (the caller's contract).
+                    let (one, second) = unsafe {
+                        let one = sums::<DOT>(&b, &qx.q, at);
+                        (
+                            one,
+                            if two {
+                                sums::<DOT>(&b, &qx.q2, at)
+                            } else {
+                                [0; 2]
+                            },
+                        )
                     };
-                    let xi = tt * nb + j;
-                    let (i0, i1) = sums(&qx.q);
-                    let d = qx.d[xi];
-                    // Each half's Σ codes·x, the second digit (if any) weighed by d₂.
-                    let (h0, h1) = if qx.q2.is_empty() {
-                        (d * i0, d * i1)
-                    } else {
-                        let (k0, k1) = sums(&qx.q2);
-                        let d2 = qx.d2[xi];
-                        (d * i0 + d2 * k0, d * i1 + d2 * k1)
+                    add_block(o, &b, qx, tt * nb + j, one, second);
+                }
+            }
+        }
+    }
+
+    /// `acc + A·Bᵀ` for the 2×8 i8 matrices `a` and `b` (row-major halves): lanes `[a₀·b₀, a₀·b₁,
+    /// a₁·b₀, a₁·b₁]` (`smmla`).
+    ///
+    /// # Safety
+    /// A CPU with FEAT_I8MM.
+    #[target_feature(enable = "neon,i8mm")]
+    #[inline]
+    unsafe fn smmla(mut acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
+        // SAFETY: a register-only instruction the function's features enable.
+        unsafe {
+            std::arch::asm!(
+                "smmla {acc:v}.4s, {a:v}.16b, {b:v}.16b",
+                acc = inout(vreg) acc,
+                a = in(vreg) a,
+                b = in(vreg) b,
+                options(pure, nomem, nostack, preserves_flags)
+            );
+        }
+        acc
+    }
+
+    /// Pairs the 8-byte chunks of `p` and `q` (16 bytes each): `[p₀ q₀]`, `[p₁ q₁]` as 2×8 matrices.
+    #[inline(always)]
+    fn pair(p: int8x16_t, q: int8x16_t) -> [int8x16_t; 2] {
+        // SAFETY: NEON is baseline on aarch64.
+        unsafe {
+            let (p, q) = (vreinterpretq_s64_s8(p), vreinterpretq_s64_s8(q));
+            [
+                vreinterpretq_s8_s64(vzip1q_s64(p, q)),
+                vreinterpretq_s8_s64(vzip2q_s64(p, q)),
+            ]
+        }
+    }
+
+    /// A 2 rows × 2 tokens tile's halves' integer sums against one digit: `[row][token][half]`.
+    ///
+    /// # Safety
+    /// `xq` holds tokens `tt`, `tt + 1` of a `[T, K]` digit, `at` token `tt`'s block; a CPU with
+    /// FEAT_I8MM.
+    #[inline(always)]
+    unsafe fn tile_sums(a: [&Block; 2], xq: &[i8], at: usize, k: usize) -> [[[i32; 2]; 2]; 2] {
+        // SAFETY: the caller's contract.
+        unsafe {
+            let xp = xq.as_ptr().add(at);
+            // Half `h`'s four sums, lanes [row·2 + token].
+            let half = |h: usize| {
+                let wa = pair(a[0].c[h], a[1].c[h]);
+                let xb = pair(vld1q_s8(xp.add(16 * h)), vld1q_s8(xp.add(k + 16 * h)));
+                let m = smmla(smmla(vdupq_n_s32(0), wa[0], xb[0]), wa[1], xb[1]);
+                let mut lanes = [0i32; 4];
+                vst1q_s32(lanes.as_mut_ptr(), m);
+                lanes
+            };
+            let mut out = [[[0; 2]; 2]; 2];
+            for (lane, (h0, h1)) in half(0).into_iter().zip(half(1)).enumerate() {
+                out[lane / 2][lane % 2] = [h0, h1];
+            }
+            out
+        }
+    }
+
+    /// Integer rows with `smmla` (FEAT_I8MM): two weight rows against two tokens a tile, each 8-byte
+    /// chunk pair one instruction (four dot products of 8, where `sdot` takes one of 16 per lane
+    /// group: twice the work an instruction). Decode (one token) and the odd row or token go through
+    /// [`rows_dot`]'s `sdot`; every term ends in the same [`add_block`], so the result equals
+    /// [`rows`]' bit for bit.
+    ///
+    /// # Safety
+    /// As [`rows`], on a CPU with FEAT_DotProd and FEAT_I8MM.
+    #[target_feature(enable = "neon,dotprod,i8mm")]
+    pub(super) unsafe fn rows_mm(
+        w: &Weights,
+        qx: &QuantX,
+        t: usize,
+        rows: std::ops::Range<usize>,
+        out: &mut [f32],
+    ) {
+        let (k, start) = (w.k(), rows.start);
+        let nb = k / BLOCK;
+        let two = !qx.q2.is_empty();
+        let pairs = if t >= 2 { rows.len() / 2 } else { 0 };
+        for p in 0..pairs {
+            let r = start + 2 * p;
+            let o = &mut out[2 * p * t..(2 * p + 2) * t];
+            o.fill(0.0);
+            for j in 0..nb {
+                // SAFETY: the caller's contract.
+                let (Some(b0), Some(b1)) =
+                    (unsafe { (block(w, r * nb + j), block(w, (r + 1) * nb + j)) })
+                else {
+                    return;
+                };
+                let a = [&b0, &b1];
+                let mut tt = 0;
+                while tt + 2 <= t {
+                    let at = tt * k + j * BLOCK;
+                    // SAFETY: tokens tt and tt + 1 are rows of `qx` (the caller's contract).
+                    let (one, second) = unsafe {
+                        let one = tile_sums(a, &qx.q, at, k);
+                        let z = [[[0; 2]; 2]; 2];
+                        (one, if two { tile_sums(a, &qx.q2, at, k) } else { z })
                     };
-                    if s.0 == s.1 && zoff.0 == zoff.1 {
-                        *o += s.0 * (h0 + h1) - s.0 * zoff.0 * qx.ds[xi];
-                    } else {
-                        *o += s.0 * h0 - s.0 * zoff.0 * qx.ds2[2 * xi];
-                        *o += s.1 * h1 - s.1 * zoff.1 * qx.ds2[2 * xi + 1];
+                    for (ri, b) in a.into_iter().enumerate() {
+                        for ti in 0..2 {
+                            let o = &mut o[ri * t + tt + ti];
+                            add_block(o, b, qx, (tt + ti) * nb + j, one[ri][ti], second[ri][ti]);
+                        }
+                    }
+                    tt += 2;
+                }
+                if tt < t {
+                    let at = tt * k + j * BLOCK;
+                    for (ri, b) in a.into_iter().enumerate() {
+                        // SAFETY: token tt is a row of `qx`; this function has dotprod.
+                        let (one, second) = unsafe {
+                            let one = sums::<true>(b, &qx.q, at);
+                            (
+                                one,
+                                if two {
+                                    sums::<true>(b, &qx.q2, at)
+                                } else {
+                                    [0; 2]
+                                },
+                            )
+                        };
+                        add_block(&mut o[ri * t + tt], b, qx, tt * nb + j, one, second);
                     }
                 }
             }
         }
+        let done = 2 * pairs;
+        // SAFETY: the caller's contract; this function has dotprod.
+        unsafe { rows_with::<true>(w, qx, t, start + done..rows.end, &mut out[done * t..]) }
     }
 }
 
@@ -1181,18 +1382,30 @@ mod tests {
         }
     }
 
-    /// `sdot` sums the same integers as the widening multiplies, so the two NEON paths agree bit for
-    /// bit on every weight form and both precisions (their accuracy is the proptest's in `linear.rs`,
-    /// which runs every ISA `available` lists). Under `qemu-aarch64 -cpu max` (CI) the CPU has dotprod.
+    /// `sdot` and `smmla` sum the same integers as the widening multiplies, so the NEON paths agree
+    /// bit for bit on every weight form and both precisions, with odd rows and tokens left over from
+    /// the 2×2 tiles (their accuracy is the proptest's in `linear.rs`, which runs every ISA `available`
+    /// lists). Under `qemu-aarch64 -cpu max` (CI) the CPU has dotprod and i8mm.
     #[cfg(target_arch = "aarch64")]
     #[test]
-    fn neon_dotprod_equals_neon() {
-        if !std::arch::is_aarch64_feature_detected!("dotprod") {
-            eprintln!("note: no dotprod on this CPU; sdot path not run");
+    fn neon_dotprod_and_i8mm_equal_neon() {
+        let isas: Vec<QIsa> = available()
+            .into_iter()
+            .filter(|i| matches!(i, QIsa::NeonDot | QIsa::NeonI8mm))
+            .collect();
+        if isas.is_empty() {
+            eprintln!("note: no dotprod on this CPU; sdot/smmla paths not run");
             return;
         }
-        assert!(available().contains(&QIsa::NeonDot));
-        let (n, k, t) = (5, 96, 3);
+        for t in [1, 2, 3, 4, 5] {
+            neon_paths_agree(&isas, 5, t);
+            neon_paths_agree(&isas, 4, t);
+        }
+    }
+
+    #[cfg(target_arch = "aarch64")]
+    fn neon_paths_agree(isas: &[QIsa], n: usize, t: usize) {
+        let k = 96;
         let nb = n * k / BLOCK;
         let wave = |i: usize, m: usize| (i * 7919 + 13) % m;
         let bytes: Vec<u8> = (0..n * k).map(|i| wave(i, 256) as u8).collect();
@@ -1239,7 +1452,13 @@ mod tests {
                 };
                 let plain = run(QIsa::Neon);
                 assert!(plain.iter().any(|v| *v != 0.0));
-                assert_eq!(run(QIsa::NeonDot), plain, "form {f}, two digits: {two}");
+                for &isa in isas {
+                    assert_eq!(
+                        run(isa),
+                        plain,
+                        "{isa:?}, {n}×{t}, form {f}, two digits: {two}"
+                    );
+                }
             }
         }
     }
