@@ -4,13 +4,12 @@
 use super::{check_len, shape_err, KernelResult};
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
-use rayon::prelude::*;
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
 
 /// Elements above which element-wise work is split over threads.
 const PAR_MIN: usize = 1 << 16;
-/// Chunk of elements per rayon task in element-wise kernels.
+/// Elements a parallel piece of an element-wise kernel takes (whole rows at least, for softmax).
 const PAR_CHUNK: usize = 1 << 13;
 
 /// `GELU(x)` with the tanh approximation (ONNX `Gelu`, `approximate = "tanh"`; PyTorch's
@@ -201,7 +200,9 @@ pub fn softmax_in_place(x: &mut [f32], n: usize) -> KernelResult {
         ));
     }
     if x.len() >= PAR_MIN && x.len() / n > 1 {
-        x.par_chunks_mut(n).for_each(softmax_row);
+        super::pool::for_rows_mut(x, n, PAR_CHUNK, &|_, rows| {
+            rows.chunks_mut(n).for_each(softmax_row)
+        });
     } else {
         x.chunks_mut(n).for_each(softmax_row);
     }

@@ -1,15 +1,17 @@
 //! RMSNorm over the last axis (ONNX `RMSNormalization`, stash type f32):
 //! `y = x / sqrt(mean(x²) + eps) · w`, for `x [rows, D]`, `w [D]`.
 //!
-//! The sum of squares is accumulated in f32 with SIMD (8 lanes); rows are split over threads only for
-//! large inputs (prefill). Error vs. the f64 reference: ≤ 1e-5 relative per element (tested).
+//! The sum of squares is accumulated in f32 with SIMD (8 lanes); rows are split over the CPU pool's
+//! threads only for large inputs (prefill). Error vs. the f64 reference: ≤ 1e-5 relative per element
+//! (tested).
 
 use super::simd;
-use super::{check_len, shape_err, KernelResult};
-use rayon::prelude::*;
+use super::{check_len, pool, shape_err, KernelResult};
 
 /// Rows·D above which rows are normalized in parallel.
 const PAR_MIN: usize = 1 << 15;
+/// Elements (whole rows) a parallel piece takes at least.
+const PAR_CHUNK: usize = 1 << 13;
 
 fn check(x: &[f32], w: &[f32], out_len: usize) -> KernelResult<usize> {
     let d = w.len();
@@ -38,9 +40,12 @@ fn row(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) -> KernelResult {
     let d = check(x, w, out.len())?;
     if x.len() >= PAR_MIN && x.len() / d > 1 {
-        out.par_chunks_mut(d)
-            .zip(x.par_chunks(d))
-            .for_each(|(o, x)| row(x, w, eps, o));
+        pool::for_rows_mut(out, d, PAR_CHUNK, &|r0, o| {
+            let x = &x[r0 * d..r0 * d + o.len()];
+            for (o, x) in o.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
+                row(x, w, eps, o);
+            }
+        });
     } else {
         for (o, x) in out.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
             row(x, w, eps, o);
@@ -60,7 +65,9 @@ pub fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) -> KernelResult {
         }
     };
     if x.len() >= PAR_MIN && x.len() / d > 1 {
-        x.par_chunks_mut(d).for_each(norm);
+        pool::for_rows_mut(x, d, PAR_CHUNK, &|_, x| {
+            x.chunks_exact_mut(d).for_each(norm)
+        });
     } else {
         x.chunks_exact_mut(d).for_each(norm);
     }

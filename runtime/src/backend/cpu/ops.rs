@@ -491,12 +491,20 @@ fn transpose(a: &Tensor, perm: &[usize]) -> Tensor {
     let src = a.bytes();
     let mut out = Tensor::zeros(a.dtype, &shape);
     let o = out.bytes_mut();
-    let n = numel(&shape);
-    let mut idx = vec![0usize; r];
+    // An innermost dimension that stays innermost is contiguous on both sides: copied as one run
+    // (attention's [T, H, D] ↔ [H, T, D] moves rows of D).
+    let (run, dims) = if perm[r - 1] == r - 1 {
+        (shape[r - 1], r - 1)
+    } else {
+        (1, r)
+    };
+    let bytes = run * es;
+    let n = numel(&shape[..dims]);
+    let mut idx = vec![0usize; dims];
     let mut off = 0usize;
     for k in 0..n {
-        o[k * es..(k + 1) * es].copy_from_slice(&src[off * es..(off + 1) * es]);
-        for d in (0..r).rev() {
+        o[k * bytes..(k + 1) * bytes].copy_from_slice(&src[off * es..off * es + bytes]);
+        for d in (0..dims).rev() {
             idx[d] += 1;
             off += strides[d];
             if idx[d] < shape[d] {
@@ -1577,6 +1585,50 @@ mod tests {
         let bad = Tensor::i64(&[1], &[3]);
         let e = run("Gather", &[], &[&a, &bad]).unwrap_err().to_string();
         assert!(e.contains("out of range"), "{e}");
+    }
+
+    #[test]
+    fn transpose_every_permutation_of_four_axes() {
+        let shape = [2usize, 3, 4, 5];
+        let vals: Vec<f32> = (0..120).map(|i| i as f32).collect();
+        let a = Tensor::f32(&shape, &vals);
+        let mut perms = vec![];
+        for p0 in 0..4 {
+            for p1 in 0..4 {
+                for p2 in 0..4 {
+                    let Some(p3) = 6usize.checked_sub(p0 + p1 + p2) else {
+                        continue;
+                    };
+                    let p = [p0, p1, p2, p3];
+                    if (0..4).all(|i| p.contains(&i)) {
+                        perms.push(p);
+                    }
+                }
+            }
+        }
+        assert_eq!(perms.len(), 24);
+        for p in perms {
+            let got = transpose(&a, &p);
+            let out_shape: Vec<usize> = p.iter().map(|&d| shape[d]).collect();
+            assert_eq!(got.shape, out_shape);
+            let g = got.typed::<f32>();
+            let mut k = 0;
+            for i0 in 0..out_shape[0] {
+                for i1 in 0..out_shape[1] {
+                    for i2 in 0..out_shape[2] {
+                        for i3 in 0..out_shape[3] {
+                            let mut at = [0usize; 4];
+                            for (o, &d) in [i0, i1, i2, i3].iter().zip(&p) {
+                                at[d] = *o;
+                            }
+                            let want = ((at[0] * 3 + at[1]) * 4 + at[2]) * 5 + at[3];
+                            assert_eq!(g[k], want as f32, "perm {p:?} at {k}");
+                            k += 1;
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]

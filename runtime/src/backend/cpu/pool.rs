@@ -166,6 +166,19 @@ pub(crate) fn for_chunks_mut<T: Send>(
     });
 }
 
+/// Runs `f(first_row, rows)` over pieces of `data` made of whole `row`-element rows, each of at
+/// least `min` elements (the last may be shorter), in parallel as [`run`].
+pub(crate) fn for_rows_mut<T: Send>(
+    data: &mut [T],
+    row: usize,
+    min: usize,
+    f: &(dyn Fn(usize, &mut [T]) + Sync),
+) {
+    let row = row.max(1);
+    let per = min.div_ceil(row).max(1);
+    for_chunks_mut(data, per * row, &|i, piece| f(i * per, piece));
+}
+
 /// Claims and runs indices of `region` until none is left.
 fn work(s: &Shared, region: u64, job: Job) {
     loop {

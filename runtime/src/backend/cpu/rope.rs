@@ -10,10 +10,11 @@
 //! with `(a, b) → (a·cos − b·sin, b·cos + a·sin)`. Positions outside `[0, max_pos)` are an error.
 
 use super::{check_len, mul_dims, shape_err, KernelResult};
-use rayon::prelude::*;
 
-/// Elements above which rows are rotated in parallel.
+/// Elements above which rows are rotated in parallel (over the CPU pool's threads).
 const PAR_MIN: usize = 1 << 16;
+/// Elements (whole rows) a parallel piece takes at least.
+const PAR_CHUNK: usize = 1 << 13;
 
 /// Shape and mode of a rotary embedding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,7 +131,11 @@ pub fn rope_in_place(
         );
     };
     if x.len() >= PAR_MIN {
-        x.par_chunks_mut(d).enumerate().for_each(f);
+        super::pool::for_rows_mut(x, d, PAR_CHUNK, &|r0, rows| {
+            rows.chunks_mut(d)
+                .enumerate()
+                .for_each(|(i, row)| f((r0 + i, row)))
+        });
     } else {
         x.chunks_mut(d).enumerate().for_each(f);
     }
