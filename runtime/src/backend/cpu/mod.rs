@@ -1,4 +1,5 @@
-//! CPU kernels: plain slices in, plain slices out; threading with rayon; SIMD chosen at run time.
+//! CPU kernels: plain slices in, plain slices out; threading on the CPU pool (`pool.rs`: rayon only sizes
+//! it); SIMD chosen at run time.
 //!
 //! One file per kernel family. Every family exposes a safe dispatching function (it picks AVX2+FMA on
 //! x86-64 when the CPU has it, NEON on aarch64, and a portable scalar path elsewhere) and a plain
