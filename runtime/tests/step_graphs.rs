@@ -279,6 +279,7 @@ fn check_on(name: &str, opts: &LoadOptions) -> Vec<Vec<f32>> {
     let mut worst = 0.0f32;
     let mut all = Vec::new();
     let mut context = 0;
+    #[cfg(feature = "gpu")]
     let mut last_len = 0;
     for (i, step) in json["steps"].as_array().unwrap().iter().enumerate() {
         let ids: Vec<u32> = step["ids"]
@@ -323,7 +324,10 @@ fn check_on(name: &str, opts: &LoadOptions) -> Vec<Vec<f32>> {
                 assert!(g.described <= layers + 4, "{name} step {i}: {g:?}");
             }
         }
-        last_len = ids.len();
+        #[cfg(feature = "gpu")]
+        {
+            last_len = ids.len();
+        }
         let kv = model.kv_stats(&state);
         // Only the new rows come back; streamed layers upload exactly the used prefix they lack.
         let row = 2
