@@ -77,7 +77,8 @@ fn gpu_runs() -> Vec<(&'static str, LoadOptions)> {
     let base = LoadOptions {
         device: DeviceRequest::Gpu(None),
         backend: BackendFilter::Any,
-        ..exact_cpu()
+        precision: Precision::Exact,
+        ..LoadOptions::default()
     };
     let with = |gpu: GpuOptions| LoadOptions {
         gpu,

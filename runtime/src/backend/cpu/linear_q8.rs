@@ -1108,6 +1108,25 @@ mod neon {
         }
     }
 
+    /// The halves' integer sums of block `b` against both digits of `qx` at `at` (the second `[0; 2]`
+    /// when `qx` has one digit).
+    ///
+    /// # Safety
+    /// As [`sums`].
+    #[inline(always)]
+    unsafe fn digit_sums<const DOT: bool>(b: &Block, qx: &QuantX, at: usize) -> [[i32; 2]; 2] {
+        // SAFETY: the caller's contract.
+        unsafe {
+            let one = sums::<DOT>(b, &qx.q, at);
+            let two = if qx.q2.is_empty() {
+                [0; 2]
+            } else {
+                sums::<DOT>(b, &qx.q2, at)
+            };
+            [one, two]
+        }
+    }
+
     /// The body of [`rows`] and [`rows_dot`].
     ///
     /// # Safety
@@ -1122,7 +1141,6 @@ mod neon {
     ) {
         let k = w.k();
         let nb = k / BLOCK;
-        let two = !qx.q2.is_empty();
         for (i, row) in rows.enumerate() {
             let o = &mut out[i * t..(i + 1) * t];
             o.fill(0.0);
@@ -1132,20 +1150,9 @@ mod neon {
                     return;
                 };
                 for (tt, o) in o.iter_mut().enumerate() {
-                    let at = tt * k + j * BLOCK;
                     // SAFETY: `qx` is [T, K] (the caller's contract).
-                    let (one, second) = unsafe {
-                        let one = sums::<DOT>(&b, &qx.q, at);
-                        (
-                            one,
-                            if two {
-                                sums::<DOT>(&b, &qx.q2, at)
-                            } else {
-                                [0; 2]
-                            },
-                        )
-                    };
-                    add_block(o, &b, qx, tt * nb + j, one, second);
+                    let [one, two] = unsafe { digit_sums::<DOT>(&b, qx, tt * k + j * BLOCK) };
+                    add_block(o, &b, qx, tt * nb + j, one, two);
                 }
             }
         }
@@ -1265,18 +1272,8 @@ mod neon {
                     let at = tt * k + j * BLOCK;
                     for (ri, b) in a.into_iter().enumerate() {
                         // SAFETY: token tt is a row of `qx`; this function has dotprod.
-                        let (one, second) = unsafe {
-                            let one = sums::<true>(b, &qx.q, at);
-                            (
-                                one,
-                                if two {
-                                    sums::<true>(b, &qx.q2, at)
-                                } else {
-                                    [0; 2]
-                                },
-                            )
-                        };
-                        add_block(&mut o[ri * t + tt], b, qx, tt * nb + j, one, second);
+                        let [one, two] = unsafe { digit_sums::<true>(b, qx, at) };
+                        add_block(&mut o[ri * t + tt], b, qx, tt * nb + j, one, two);
                     }
                 }
             }

@@ -1592,41 +1592,25 @@ mod tests {
         let shape = [2usize, 3, 4, 5];
         let vals: Vec<f32> = (0..120).map(|i| i as f32).collect();
         let a = Tensor::f32(&shape, &vals);
-        let mut perms = vec![];
-        for p0 in 0..4 {
-            for p1 in 0..4 {
-                for p2 in 0..4 {
-                    let Some(p3) = 6usize.checked_sub(p0 + p1 + p2) else {
-                        continue;
-                    };
-                    let p = [p0, p1, p2, p3];
-                    if (0..4).all(|i| p.contains(&i)) {
-                        perms.push(p);
-                    }
-                }
-            }
-        }
+        let perms: Vec<[usize; 4]> = (0..256)
+            .map(|n| [n % 4, n / 4 % 4, n / 16 % 4, n / 64])
+            .filter(|p| (0..4).all(|i| p.contains(&i)))
+            .collect();
         assert_eq!(perms.len(), 24);
         for p in perms {
             let got = transpose(&a, &p);
             let out_shape: Vec<usize> = p.iter().map(|&d| shape[d]).collect();
             assert_eq!(got.shape, out_shape);
-            let g = got.typed::<f32>();
-            let mut k = 0;
-            for i0 in 0..out_shape[0] {
-                for i1 in 0..out_shape[1] {
-                    for i2 in 0..out_shape[2] {
-                        for i3 in 0..out_shape[3] {
-                            let mut at = [0usize; 4];
-                            for (o, &d) in [i0, i1, i2, i3].iter().zip(&p) {
-                                at[d] = *o;
-                            }
-                            let want = ((at[0] * 3 + at[1]) * 4 + at[2]) * 5 + at[3];
-                            assert_eq!(g[k], want as f32, "perm {p:?} at {k}");
-                            k += 1;
-                        }
-                    }
+            // Output element k: its index digits (last axis fastest), each the input axis p[i]'s.
+            for (k, &v) in got.typed::<f32>().iter().enumerate() {
+                let mut at = [0usize; 4];
+                let mut rest = k;
+                for i in (0..4).rev() {
+                    at[p[i]] = rest % out_shape[i];
+                    rest /= out_shape[i];
                 }
+                let want = ((at[0] * 3 + at[1]) * 4 + at[2]) * 5 + at[3];
+                assert_eq!(v, want as f32, "perm {p:?} at {k}");
             }
         }
     }
