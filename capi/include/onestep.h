@@ -78,8 +78,9 @@ typedef struct OnestepSession OnestepSession;
 typedef struct OnestepLoadOptions {
   // Set to `sizeof(OnestepLoadOptions)` by the caller.
   uint32_t struct_size;
-  // `cpu` (NULL), `auto` (a hardware GPU when there is one, else the CPU), `gpu` (the best GPU; an
-  // error when none can be used) or `gpu:N` (adapter N).
+  // `cpu` (NULL), `auto` (the faster of the GPU and the CPU, measured over a few decode steps on the
+  // first load and remembered in the `gpu_pipeline_cache` folder of `settings`; a software adapter
+  // is left untried), `gpu` (the best GPU; an error when none can be used) or `gpu:N` (adapter N).
   const char *device;
   // The GPU API: `vulkan`, `metal`, `dx12` or `gl`; NULL: any.
   const char *gpu_backend;
@@ -272,8 +273,10 @@ enum OnestepStatus onestep_model_load_from_memory_with(const uint8_t *data,
 // for the model's lifetime; do not free. NULL (with the message set) when `model` is NULL.
 const char *onestep_model_device(const struct OnestepModel *model);
 
-// Why a model loaded with `device = "auto"` runs on the CPU (no adapter, the GPU failed to plan,
-// ...), or NULL when it did not fall back (or `model` is NULL). Static for the model's lifetime.
+// How a model loaded with `device = "auto"` chose its device: the decode-step times measured (or
+// remembered) on the GPU and the CPU, or why the GPU could not be used (no adapter, a software
+// adapter, the GPU failed to plan or during the trial). NULL when a device was forced (or `model` is
+// NULL). Static for the model's lifetime.
 const char *onestep_model_device_note(const struct OnestepModel *model);
 
 // Frees a model. Sessions created from it keep their own reference and stay valid. NULL is ignored.

@@ -158,8 +158,9 @@ pub struct OnestepOptions {
 pub struct OnestepLoadOptions {
     /// Set to `sizeof(OnestepLoadOptions)` by the caller.
     pub struct_size: u32,
-    /// `cpu` (NULL), `auto` (a hardware GPU when there is one, else the CPU), `gpu` (the best GPU; an
-    /// error when none can be used) or `gpu:N` (adapter N).
+    /// `cpu` (NULL), `auto` (the faster of the GPU and the CPU, measured over a few decode steps on the
+    /// first load and remembered in the `gpu_pipeline_cache` folder of `settings`; a software adapter
+    /// is left untried), `gpu` (the best GPU; an error when none can be used) or `gpu:N` (adapter N).
     pub device: *const c_char,
     /// The GPU API: `vulkan`, `metal`, `dx12` or `gl`; NULL: any.
     pub gpu_backend: *const c_char,
@@ -702,8 +703,10 @@ pub unsafe extern "C" fn onestep_model_device(model: *const OnestepModel) -> *co
     }
 }
 
-/// Why a model loaded with `device = "auto"` runs on the CPU (no adapter, the GPU failed to plan,
-/// ...), or NULL when it did not fall back (or `model` is NULL). Static for the model's lifetime.
+/// How a model loaded with `device = "auto"` chose its device: the decode-step times measured (or
+/// remembered) on the GPU and the CPU, or why the GPU could not be used (no adapter, a software
+/// adapter, the GPU failed to plan or during the trial). NULL when a device was forced (or `model` is
+/// NULL). Static for the model's lifetime.
 #[no_mangle]
 pub unsafe extern "C" fn onestep_model_device_note(model: *const OnestepModel) -> *const c_char {
     // SAFETY: a non-NULL `model` is valid (contract).

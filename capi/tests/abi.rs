@@ -242,7 +242,34 @@ fn load_options_choose_the_device_and_the_kv_cache() {
         match onestep_model_load_with(path.as_ptr(), &o, &mut g) {
             OnestepStatus::Ok => {
                 assert_ne!(device_of(g), "cpu");
+                assert!(onestep_model_device_note(g).is_null());
                 onestep_model_free(g);
+                // `auto` times both devices (a software adapter too, when the settings allow it) and
+                // says what it measured.
+                let dir =
+                    std::env::temp_dir().join(format!("onestep-capi-auto-{}", std::process::id()));
+                let settings = CString::new(format!(
+                    "gpu_trial_software=on, gpu_pipeline_cache={}",
+                    dir.display()
+                ))
+                .unwrap();
+                o.device = c"auto".as_ptr();
+                o.settings = settings.as_ptr();
+                assert_eq!(
+                    onestep_model_load_with(path.as_ptr(), &o, &mut g),
+                    OnestepStatus::Ok,
+                    "{}",
+                    last_error()
+                );
+                let note = onestep_model_device_note(g);
+                assert!(!note.is_null());
+                let note = CStr::from_ptr(note).to_str().unwrap().to_string();
+                assert!(
+                    note.contains("auto chose the") && note.contains("ms on the CPU"),
+                    "{note}"
+                );
+                onestep_model_free(g);
+                let _ = std::fs::remove_dir_all(&dir);
             }
             OnestepStatus::Device => {
                 assert!(g.is_null());

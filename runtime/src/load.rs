@@ -55,7 +55,7 @@ pub struct LoadOptions {
 pub const SETTING_KEYS: &str = "precision=exact|fast, profile=on|off, \
 gpu_variant=auto|rows|lanes|subgroups, gpu_no_fuse=all|none|group+attn+res+tr+round, gpu_split_keys=N, \
 gpu_split_chunk=N, gpu_submit_every=auto|N, gpu_run_ahead=on|off, gpu_gemm_tokens=N, \
-gpu_block_lanes=on|off, gpu_pipeline_cache=none|DIR";
+gpu_block_lanes=on|off, gpu_pipeline_cache=none|DIR, gpu_trial_software=on|off";
 
 /// The keys [`LoadOptions::set`] takes, with their values (for `--help` and error messages).
 #[cfg(not(feature = "gpu"))]
@@ -207,6 +207,7 @@ fn set_gpu(o: &mut GpuOptions, key: &str, value: &str) -> Result<bool> {
                 dir => Some(std::path::PathBuf::from(dir)),
             }
         }
+        "gpu_trial_software" => o.trial_software = switch(key, value)?,
         _ => return Ok(false),
     }
     Ok(true)
@@ -347,6 +348,7 @@ mod tests {
             ("gpu_gemm_tokens", "0"),
             ("gpu_block_lanes", "0"),
             ("gpu_pipeline_cache", "/tmp/p"),
+            ("gpu_trial_software", "on"),
         ] {
             assert!(set_gpu(&mut o, k, v).unwrap(), "{k}");
         }
@@ -366,6 +368,7 @@ mod tests {
                 gemm_tokens: 0,
                 block_lanes: false,
                 pipeline_cache: Some(PathBuf::from("/tmp/p")),
+                trial_software: true,
             }
         );
         assert!(!set_gpu(&mut o, "threads", "2").unwrap());

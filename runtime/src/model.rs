@@ -10,7 +10,6 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use crate::backend::cpu::exec::CpuBackend;
 use crate::backend::cpu::linear::Precision;
 use crate::backend::{Backend, SeqState, StepCall};
 use crate::contract::{self, meta, ModelInfo};
@@ -32,7 +31,8 @@ pub struct Model {
     plan: Plan,
     /// The backend chosen at load: the GPU one when a GPU was asked for and bound, else the CPU's.
     backend: Box<dyn Backend>,
-    /// Why `auto` did not use a GPU (no adapter, a software adapter, an unsupported step).
+    /// How `auto` chose the backend (the times it measured or remembered, or why the GPU could not
+    /// be used).
     device_note: Option<String>,
     /// How new states keep their KV cache.
     kv: KvOptions,
@@ -101,7 +101,7 @@ impl Model {
     ) -> Result<Arc<Model>> {
         let t0 = Instant::now();
         let limits = &options.limits;
-        let graph = crate::onnx::read::decode_model_with(bytes, name, limits)?;
+        let graph = crate::onnx::read::decode_model_with(bytes.clone(), name, limits)?;
         let info = load::check(&graph)?;
         let tokenizer_json = graph
             .metadata
@@ -151,7 +151,7 @@ impl Model {
                 )));
             }
         }
-        let (backend, device_note) = choose_backend(&plan, &info, options)?;
+        let (backend, device_note) = choose_backend(&plan, &info, options, &bytes)?;
         Ok(Arc::new(Model {
             info,
             tokenizer_json,
@@ -211,7 +211,9 @@ impl Model {
         self.backend.device()
     }
 
-    /// Why `auto` chose the CPU, if it did.
+    /// How `auto` chose the device: the decode-step times it measured on the GPU and the CPU (or read
+    /// back from an earlier load), or why the GPU could not be used (no adapter, a software adapter,
+    /// a step no kernel takes, a failure during the trial). `None` when a device was forced.
     pub fn device_note(&self) -> Option<&str> {
         self.device_note.as_deref()
     }
@@ -369,29 +371,27 @@ impl StepState {
     }
 }
 
-/// The backend for `plan`: the GPU's when `opts` asks for a GPU and one binds (with `auto`, a device
-/// failure leaves the CPU's and a note saying why), else the CPU's. The one place a backend is chosen.
+/// The backend for `plan` that `opts.device` asks for ([`crate::backend::auto`] for `auto`), and
+/// why `auto` chose it. `model`: the file's bytes, which key `auto`'s remembered decision.
 fn choose_backend(
     plan: &Plan,
     info: &ModelInfo,
     opts: &LoadOptions,
+    model: &[u8],
 ) -> Result<(Box<dyn Backend>, Option<String>)> {
     #[cfg(feature = "gpu")]
     {
-        let (gpu, note) = crate::backend::gpu::backend::bind(plan, info, opts)?;
-        if let Some(g) = gpu {
-            return Ok((Box::new(g), None));
-        }
-        Ok((
-            Box::new(CpuBackend::new(plan, opts.precision, opts.profile)),
-            note,
-        ))
+        crate::backend::auto::choose(plan, info, opts, model)
     }
     #[cfg(not(feature = "gpu"))]
     {
-        let _ = info;
+        let _ = (info, model);
         Ok((
-            Box::new(CpuBackend::new(plan, opts.precision, opts.profile)),
+            Box::new(crate::backend::cpu::exec::CpuBackend::new(
+                plan,
+                opts.precision,
+                opts.profile,
+            )),
             None,
         ))
     }

@@ -55,7 +55,8 @@ public struct GenerateOptions: Sendable {
 
 /// How a model is loaded (`OnestepLoadOptions` in onestep.h).
 public struct LoadOptions: Sendable {
-    /// `cpu` (default), `auto` (the GPU when there is a usable one, else the CPU), `gpu` or `gpu:N`.
+    /// `cpu` (default), `auto` (the faster of the GPU and the CPU, timed over a few decode steps on the
+    /// first load and remembered in the folder of the `gpu_pipeline_cache=DIR` setting), `gpu` or `gpu:N`.
     public var device: String
     /// `metal`, `vulkan`, `dx12` or `gl`; nil: any.
     public var gpuBackend: String?
@@ -145,7 +146,8 @@ public final class Model: @unchecked Sendable {
     /// Where the model runs: `cpu`, or the GPU adapter and its API (`"Apple A17 Pro GPU (Metal)"`).
     public var device: String { String(cString: onestep_model_device(handle)) }
 
-    /// Why a model loaded with `device: "auto"` runs on the CPU; nil when it did not fall back.
+    /// How a model loaded with `device: "auto"` chose its device (the decode-step times measured or
+    /// remembered, or why the GPU could not be used); nil when a device was forced.
     public var deviceNote: String? { onestep_model_device_note(handle).map { String(cString: $0) } }
 
     deinit { onestep_model_free(handle) }

@@ -126,7 +126,8 @@ struct Common {
     /// CPU threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
-    /// Device: auto (a hardware GPU when there is one, else the CPU), cpu, gpu, gpu:N.
+    /// Device: auto (the faster of the GPU and the CPU, timed over a few decode steps on a model's first
+    /// load and remembered in the user's cache folder), cpu, gpu, gpu:N.
     #[arg(long, default_value = "auto")]
     device: String,
     /// GPU API: vulkan, metal, dx12, gl (default: WGPU_BACKEND, else any).
@@ -245,7 +246,7 @@ fn open(path: &Path, common: &Common) -> Result<(Arc<Model>, Session)> {
     common.setup_threads()?;
     let model = Model::load_with(path, &common.load_options()?)?;
     if let Some(note) = model.device_note() {
-        eprintln!("onestep: running on the CPU: {note}");
+        eprintln!("onestep: {note}");
     }
     let session = Session::new(model.clone())?;
     Ok((model, session))

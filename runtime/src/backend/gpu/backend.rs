@@ -3,7 +3,7 @@
 //! (docs/GPU.md, "Decode steps run ahead"). Steps the GPU does not take run on the CPU executor.
 
 use super::exec::{Flight, GpuPlan, GpuState};
-use super::{DeviceRequest, GpuContext};
+use super::GpuContext;
 use crate::backend::cpu::exec::{exec_step, logits_linear, CpuRun};
 use crate::backend::cpu::linear::Precision;
 use crate::backend::{caches_read_elsewhere, materialize_caches, Backend, SeqState, StepCall};
@@ -50,34 +50,11 @@ impl GpuBackend {
     }
 }
 
-/// Binds `plan` to the GPU `opts` asks for. With `auto`, a device failure (no adapter, a software
-/// adapter, a step the kernels do not take, the adapter's limits or memory: [`Error::Device`]) leaves
-/// the model on the CPU (`Ok(None)`) and says why; any other error (an internal one included) is
-/// returned. `Ok((None, None))` when the CPU was asked for.
-pub(crate) fn bind(
-    plan: &Plan,
-    info: &ModelInfo,
-    opts: &LoadOptions,
-) -> Result<(Option<GpuBackend>, Option<String>)> {
-    let auto = opts.device == DeviceRequest::Auto;
-    if opts.device == DeviceRequest::Cpu {
-        return Ok((None, None));
-    }
-    let ctx = GpuContext::with_options(&opts.device, opts.backend, opts.gpu.clone(), opts.profile);
-    let ctx = match or_cpu(auto, ctx)? {
-        (Some(c), _) => c,
-        (None, note) => return Ok((None, note)),
-    };
-    let gi = ctx.info();
-    if auto && gi.device_type == "Cpu" {
-        return Ok((
-            None,
-            Some(format!(
-                "{} is a software adapter; the CPU backend is faster (use --device gpu to force it)",
-                gi.name
-            )),
-        ));
-    }
+/// Binds `plan` to the GPU `opts.device` names (for `auto`, the high-performance adapter): opens the
+/// device, places and uploads the weights, compiles the kernels. Every failure is returned; `auto`'s
+/// fallback to the CPU is [`crate::backend::auto`]'s.
+pub(crate) fn bind(plan: &Plan, info: &ModelInfo, opts: &LoadOptions) -> Result<GpuBackend> {
+    let ctx = GpuContext::with_options(&opts.device, opts.backend, opts.gpu.clone(), opts.profile)?;
     // Dry-run inputs: the largest chunk at position 0, greedy.
     let ids = vec![0u32; info.max_chunk.clamp(1, info.max_cache.max(1))];
     let mut env = input_env(plan, &ids, 0, &StepSampling::GREEDY)?;
@@ -94,31 +71,19 @@ pub(crate) fn bind(
         .collect();
     let logits = logits_linear(plan);
     let mut run = CpuRun::new(opts.precision, logits);
-    let r = GpuPlan::new(
+    let exec = GpuPlan::new(
         ctx,
         plan,
         &mut |s, env| exec_step(plan, s, env, None, &mut run),
         &inputs,
         opts.kv.gpu_segment_bytes,
-    );
-    let (exec, note) = or_cpu(auto, r)?;
-    let backend = exec.map(|exec| GpuBackend {
+    )?;
+    Ok(GpuBackend {
         exec,
         precision: opts.precision,
         logits_linear: logits,
         cache_read_elsewhere: caches_read_elsewhere(plan),
-    });
-    Ok((backend, note))
-}
-
-/// With `auto`, a device failure ([`Error::Device`]) becomes the CPU and a note saying why; any other
-/// error is returned, so that a bug is never hidden behind a fallback.
-fn or_cpu<T>(auto: bool, r: Result<T>) -> Result<(Option<T>, Option<String>)> {
-    match r {
-        Ok(v) => Ok((Some(v), None)),
-        Err(e) if auto && e.is_device() => Ok((None, Some(e.to_string()))),
-        Err(e) => Err(e),
-    }
+    })
 }
 
 impl Backend for GpuBackend {
@@ -242,36 +207,5 @@ impl Backend for GpuBackend {
 
     fn gpu(&self) -> Option<&GpuPlan> {
         Some(&self.exec)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// `auto` runs on the CPU after a device failure, never after an internal error or a bad model;
-    /// an explicit GPU request returns every error.
-    #[test]
-    fn auto_falls_back_only_for_device_failures() {
-        use crate::error::DeviceFault;
-        let dev = || {
-            Err::<(), _>(Error::device(
-                DeviceFault::OutOfMemory,
-                "weights of `lm_head`",
-            ))
-        };
-        let (v, note) = or_cpu(true, dev()).unwrap();
-        assert!(v.is_none());
-        let note = note.unwrap();
-        assert!(
-            note.contains("out of memory") && note.contains("lm_head"),
-            "{note}"
-        );
-        assert!(or_cpu(false, dev()).unwrap_err().is_device());
-        let bug = || Err::<(), _>(Error::internal("step 3 has no GPU weights"));
-        assert!(matches!(or_cpu(true, bug()), Err(Error::Internal(_))));
-        let bad = || Err::<(), _>(Error::node("n", "MatMul", "shapes"));
-        assert!(matches!(or_cpu(true, bad()), Err(Error::Node { .. })));
-        assert_eq!(or_cpu(true, Ok(7)).unwrap(), (Some(7), None));
     }
 }

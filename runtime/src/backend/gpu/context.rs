@@ -234,6 +234,68 @@ fn instance(filter: BackendFilter) -> wgpu::Instance {
     wgpu::Instance::new(desc)
 }
 
+/// The adapter `req` names among those of `filter` (the high-performance one for `auto` and `gpu`).
+fn pick_adapter(req: &DeviceRequest, filter: BackendFilter) -> Result<wgpu::Adapter> {
+    let instance = instance(filter);
+    match req {
+        DeviceRequest::Cpu => Err(Error::InvalidArgument(
+            "a GPU context for the CPU device".into(),
+        )),
+        DeviceRequest::Gpu(Some(n)) => {
+            let all = pollster::block_on(instance.enumerate_adapters(filter.backends()));
+            let count = all.len();
+            all.into_iter().nth(*n).ok_or_else(|| {
+                Error::device(
+                    DeviceFault::NoAdapter,
+                    format!("no adapter number {n} ({count} found)"),
+                )
+            })
+        }
+        _ => pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions {
+            power_preference: wgpu::PowerPreference::HighPerformance,
+            force_fallback_adapter: false,
+            compatible_surface: None,
+            apply_limit_buckets: false,
+        }))
+        .map_err(|e| Error::device(DeviceFault::NoAdapter, format!("no GPU adapter: {e}"))),
+    }
+}
+
+/// Who an adapter is, as [`probe`] finds it without opening a device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdapterId {
+    /// Adapter name.
+    pub name: String,
+    /// Backend (`Vulkan`, `Metal`, ...).
+    pub backend: String,
+    /// Device type (`DiscreteGpu`, `Cpu` for a software adapter, ...).
+    pub device_type: String,
+    /// Driver name and version.
+    pub driver: String,
+}
+
+impl AdapterId {
+    fn of(a: &wgpu::AdapterInfo) -> AdapterId {
+        AdapterId {
+            name: a.name.clone(),
+            backend: format!("{:?}", a.backend),
+            device_type: format!("{:?}", a.device_type),
+            driver: format!("{} {}", a.driver, a.driver_info).trim().to_string(),
+        }
+    }
+
+    /// A software adapter (lavapipe, WARP, SwiftShader): the GPU API emulated on the CPU.
+    pub fn is_software(&self) -> bool {
+        self.device_type == "Cpu"
+    }
+}
+
+/// The adapter [`GpuContext::with_options`] would open for `req`, without opening it (cheap: no device,
+/// no shaders).
+pub fn probe(req: &DeviceRequest, filter: BackendFilter) -> Result<AdapterId> {
+    Ok(AdapterId::of(&pick_adapter(req, filter)?.get_info()))
+}
+
 impl GpuContext {
     /// Opens a device. `DeviceRequest::Cpu` is an error here (the caller does not ask for a GPU then).
     pub fn new(req: &DeviceRequest, filter: BackendFilter) -> Result<Arc<GpuContext>> {
@@ -269,31 +331,7 @@ impl GpuContext {
         profiling: bool,
     ) -> Result<Arc<GpuContext>> {
         let t0 = Instant::now();
-        let instance = instance(filter);
-        let adapter = match req {
-            DeviceRequest::Cpu => {
-                return Err(Error::InvalidArgument(
-                    "a GPU context for the CPU device".into(),
-                ))
-            }
-            DeviceRequest::Gpu(Some(n)) => {
-                let all = pollster::block_on(instance.enumerate_adapters(filter.backends()));
-                let count = all.len();
-                all.into_iter().nth(*n).ok_or_else(|| {
-                    Error::device(
-                        DeviceFault::NoAdapter,
-                        format!("no adapter number {n} ({count} found)"),
-                    )
-                })?
-            }
-            _ => pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions {
-                power_preference: wgpu::PowerPreference::HighPerformance,
-                force_fallback_adapter: false,
-                compatible_surface: None,
-                apply_limit_buckets: false,
-            }))
-            .map_err(|e| Error::device(DeviceFault::NoAdapter, format!("no GPU adapter: {e}")))?,
-        };
+        let adapter = pick_adapter(req, filter)?;
         let ainfo = adapter.get_info();
         let features = adapter.features();
         let mut required = wgpu::Features::empty();
@@ -369,13 +407,12 @@ impl GpuContext {
         } else {
             None
         };
+        let id = AdapterId::of(&ainfo);
         let info = GpuInfo {
-            name: ainfo.name.clone(),
-            backend: format!("{:?}", ainfo.backend),
-            device_type: format!("{:?}", ainfo.device_type),
-            driver: format!("{} {}", ainfo.driver, ainfo.driver_info)
-                .trim()
-                .to_string(),
+            name: id.name,
+            backend: id.backend,
+            device_type: id.device_type,
+            driver: id.driver,
             shader_f16: required.contains(wgpu::Features::SHADER_F16),
             subgroups: required.contains(wgpu::Features::SUBGROUP),
             timestamps: required.contains(stamps),

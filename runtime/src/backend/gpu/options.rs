@@ -1,6 +1,7 @@
 //! The GPU backend's typed settings: which kernel variant runs, which pattern fusions apply, how decode
 //! attention splits, how often a step is submitted, whether decode steps run ahead, where the tiled GEMM
-//! starts, and where compiled pipelines are kept between runs.
+//! starts, where compiled pipelines (and `auto`'s device decisions) are kept between runs, and whether
+//! `auto` tries a software adapter.
 //!
 //! They are fields of [`LoadOptions::gpu`](crate::LoadOptions::gpu), chosen at load and fixed for the
 //! model's life: the library reads no environment variable. The defaults are what ran fastest on the
@@ -106,9 +107,14 @@ pub struct GpuOptions {
     /// A lane of the subgroup linear kernels takes whole 4- and 8-bit blocks (default on; off: one
     /// element of every block a lane, as the other forms).
     pub block_lanes: bool,
-    /// Folder keeping the driver's compiled pipelines between runs (a file per adapter and driver);
-    /// `None` (default): compiled at every load. The CLI passes the user's cache folder; an app its own.
+    /// Folder keeping the driver's compiled pipelines between runs (a file per adapter and driver) and
+    /// `auto`'s device decisions (a file per adapter, driver and model: [`crate::backend::auto`]);
+    /// `None` (default): compiled, and `auto` measured, at every load. The CLI passes the user's cache
+    /// folder; an app its own.
     pub pipeline_cache: Option<PathBuf>,
+    /// `auto` also runs its trial on a software adapter (lavapipe, WARP, SwiftShader), which it otherwise
+    /// leaves for the CPU untried (default off; the tests turn it on to drive the trial on lavapipe).
+    pub trial_software: bool,
 }
 
 impl Default for GpuOptions {
@@ -123,6 +129,7 @@ impl Default for GpuOptions {
             gemm_tokens: super::linear::GEMM_TOKENS,
             block_lanes: true,
             pipeline_cache: None,
+            trial_software: false,
         }
     }
 }

@@ -83,8 +83,10 @@ data class Completion(
 
 /**
  * How a model is loaded.
- * - [device]: `cpu` (default), `auto` (the GPU when there is a usable one, else the CPU — [OneStep.deviceNote]
- *   says why), `gpu` (the best GPU; an error when none can be used) or `gpu:N`.
+ * - [device]: `cpu` (default), `auto` (the faster of the GPU and the CPU, timed over a few decode steps on the
+ *   first load and remembered in the folder of the `gpu_pipeline_cache=DIR` setting — pass the app's cache
+ *   directory; [OneStep.deviceNote] says what was measured), `gpu` (the best GPU; an error when none can be
+ *   used) or `gpu:N`.
  * - [gpuBackend]: `vulkan`, `metal`, `dx12` or `gl`; null: any.
  * - [gpuCacheBudget]: GPU memory for one session's KV cache: `all`, bytes (`48M`, `1GiB`) or a share of the
  *   full cache (`50%`); the layers beyond it stay in host memory and stream through two GPU slots.
@@ -134,7 +136,10 @@ class OneStep private constructor(handle: Long) : AutoCloseable {
     private val where: Array<String?> = guard.use { Native.modelDevice(it) }
     /** Where the model runs: `cpu`, or the GPU adapter and its API (`"Adreno (TM) 740 (Vulkan)"`). */
     val device: String get() = where[0] ?: "cpu"
-    /** Why a model loaded with `device = "auto"` runs on the CPU; null when it did not fall back. */
+    /**
+     * How a model loaded with `device = "auto"` chose its device (the decode-step times measured or remembered,
+     * or why the GPU could not be used); null when a device was forced.
+     */
     val deviceNote: String? get() = where[1]
 
     private val info: LongArray = guard.use { Native.modelInfo(it) }
