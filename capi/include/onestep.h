@@ -70,7 +70,8 @@ typedef enum OnestepStopReason {
 // [`onestep_model_free`].
 typedef struct OnestepModel OnestepModel;
 
-// One conversation (one KV cache) over a model. Free with [`onestep_session_free`].
+// One conversation (one KV cache) over a model. Free with [`onestep_session_free`]. Its state
+// machine is the one the JNI bindings run too (`onestep_ffi::SessionCell`).
 typedef struct OnestepSession OnestepSession;
 
 // How a model is loaded. Fill with [`onestep_load_options_default`], then change fields. The strings

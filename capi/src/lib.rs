@@ -23,14 +23,11 @@ use std::cell::RefCell;
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::ops::ControlFlow;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, TryLockError};
+use std::sync::Arc;
 
-use onestep::generate::{
-    stop_strings_from_bytes, ChatMessage, Completion, GenerateOptions, OwnedStream, Piece, Session,
-    StopReason,
-};
+use onestep::generate::{stop_strings_from_bytes, ChatMessage, GenerateOptions, Piece, StopReason};
 use onestep::{Error, GenerationDefaults, LoadOptions, Model};
+use onestep_ffi::{Phase, Prompt, SessionCell, Status};
 
 /// Version of this C ABI; bumped on any incompatible change of the header.
 pub const ONESTEP_ABI_VERSION: u32 = 1;
@@ -104,24 +101,10 @@ pub struct OnestepModel {
     device_note: Option<CString>,
 }
 
-/// One conversation (one KV cache) over a model. Free with [`onestep_session_free`].
+/// One conversation (one KV cache) over a model. Free with [`onestep_session_free`]. Its state
+/// machine is the one the JNI bindings run too (`onestep_ffi::SessionCell`).
 pub struct OnestepSession {
-    cancel: Arc<AtomicBool>,
-    inner: Mutex<Inner>,
-}
-
-// One per heap-allocated handle, moved only on state changes: the size difference is harmless.
-#[allow(clippy::large_enum_variant)]
-enum SessionState {
-    Idle(Session),
-    Streaming(OwnedStream),
-    /// Only after a caught panic in the middle of a state change.
-    Lost,
-}
-
-struct Inner {
-    state: SessionState,
-    last: Option<Completion>,
+    cell: SessionCell,
 }
 
 /// Options of one generation. Fill with [`onestep_options_default`], then change fields.
@@ -302,36 +285,29 @@ fn fail(status: OnestepStatus, message: impl Into<String>) -> Fail {
     }
 }
 
-/// Where a runtime error happened: node/tensor errors while loading mean a bad model, while
-/// running a failed step.
-#[derive(Clone, Copy)]
-enum Phase {
-    Load,
-    Run,
+impl From<onestep_ffi::Fail> for Fail {
+    fn from(f: onestep_ffi::Fail) -> Fail {
+        let status = match f.status {
+            Status::InvalidArgument => OnestepStatus::InvalidArgument,
+            Status::Io => OnestepStatus::Io,
+            Status::InvalidModel => OnestepStatus::InvalidModel,
+            Status::Unsupported => OnestepStatus::Unsupported,
+            Status::Runtime => OnestepStatus::Runtime,
+            Status::Tokenizer => OnestepStatus::Tokenizer,
+            Status::Template => OnestepStatus::Template,
+            Status::Busy => OnestepStatus::Busy,
+            Status::BadState => OnestepStatus::BadState,
+            Status::Cancelled => OnestepStatus::Cancelled,
+            Status::Device => OnestepStatus::Device,
+            Status::Internal => OnestepStatus::Internal,
+        };
+        fail(status, f.message)
+    }
 }
 
+/// A runtime error in `phase`, with the status the bindings share (`onestep_ffi::Status::of`).
 fn runtime_fail(e: Error, phase: Phase) -> Fail {
-    // The wildcard keeps this compiling when the runtime grows a variant (a resource limit, a GPU
-    // error, ...): a new failure while loading is an invalid model, while running a runtime error.
-    #[allow(unreachable_patterns)]
-    let status = match (&e, phase) {
-        (Error::Io { .. }, _) => OnestepStatus::Io,
-        (Error::Decode { .. } | Error::Contract(_) | Error::Metadata { .. }, _) => {
-            OnestepStatus::InvalidModel
-        }
-        (Error::UnsupportedOps(_) | Error::Opset { .. }, _) => OnestepStatus::Unsupported,
-        (Error::Tensor { .. } | Error::Node { .. }, Phase::Load) => OnestepStatus::InvalidModel,
-        (Error::Tensor { .. } | Error::Node { .. }, Phase::Run) => OnestepStatus::Runtime,
-        (Error::InvalidArgument(_), _) => OnestepStatus::InvalidArgument,
-        (Error::Tokenizer(_), _) => OnestepStatus::Tokenizer,
-        (Error::Template(_), _) => OnestepStatus::Template,
-        (Error::Cancelled, _) => OnestepStatus::Cancelled,
-        (Error::Device { .. }, _) => OnestepStatus::Device,
-        (Error::Internal(_), _) => OnestepStatus::Internal,
-        (_, Phase::Load) => OnestepStatus::InvalidModel,
-        (_, Phase::Run) => OnestepStatus::Runtime,
-    };
-    fail(status, e.to_string())
+    onestep_ffi::Fail::runtime(e, phase).into()
 }
 
 thread_local! {
@@ -807,35 +783,6 @@ pub unsafe extern "C" fn onestep_options_default(
 // ---------------------------------------------------------------------------------------------
 // Session.
 
-impl OnestepSession {
-    /// Locks the session for one call, never blocking.
-    fn lock(&self) -> FfiResult<std::sync::MutexGuard<'_, Inner>> {
-        match self.inner.try_lock() {
-            Ok(g) => Ok(g),
-            // A panic inside an earlier call: the state check below decides whether it is usable.
-            Err(TryLockError::Poisoned(p)) => Ok(p.into_inner()),
-            Err(TryLockError::WouldBlock) => Err(fail(
-                OnestepStatus::Busy,
-                "the session is in use by another call",
-            )),
-        }
-    }
-}
-
-impl Inner {
-    /// The idle session (ending a pull generation in progress, as the Rust iterator's drop does).
-    fn take_session(&mut self) -> FfiResult<Session> {
-        match std::mem::replace(&mut self.state, SessionState::Lost) {
-            SessionState::Idle(s) => Ok(s),
-            SessionState::Streaming(st) => Ok(st.into_session()),
-            SessionState::Lost => Err(fail(
-                OnestepStatus::BadState,
-                "the session was lost to an earlier internal error; free it and create a new one",
-            )),
-        }
-    }
-}
-
 /// Creates a session over `model`. On success `*session_out` holds a session to free with
 /// [`onestep_session_free`]; on failure it is set to NULL.
 #[no_mangle]
@@ -847,14 +794,8 @@ pub unsafe extern "C" fn onestep_session_new(
         let out = non_null_mut(session_out, "session_out")?;
         *out = std::ptr::null_mut();
         let m = non_null(model, "model")?;
-        let session = Session::new(m.model.clone()).map_err(|e| runtime_fail(e, Phase::Load))?;
-        *out = Box::into_raw(Box::new(OnestepSession {
-            cancel: session.cancel_flag(),
-            inner: Mutex::new(Inner {
-                state: SessionState::Idle(session),
-                last: None,
-            }),
-        }));
+        let cell = SessionCell::new(m.model.clone())?;
+        *out = Box::into_raw(Box::new(OnestepSession { cell }));
         Ok(())
     })
 }
@@ -877,7 +818,7 @@ pub unsafe extern "C" fn onestep_session_free(session: *mut OnestepSession) {
 pub unsafe extern "C" fn onestep_session_cancel(session: *const OnestepSession) {
     // SAFETY: a non-NULL session is valid (contract); only the atomic flag is touched.
     if let Some(s) = unsafe { session.as_ref() } {
-        s.cancel.store(true, Ordering::Release);
+        s.cell.cancel();
     }
 }
 
@@ -885,18 +826,8 @@ pub unsafe extern "C" fn onestep_session_cancel(session: *const OnestepSession) 
 #[no_mangle]
 pub unsafe extern "C" fn onestep_session_reset(session: *mut OnestepSession) -> OnestepStatus {
     boundary("onestep_session_reset", || {
-        let s = non_null(session, "session")?;
-        let mut inner = s.lock()?;
-        let mut session = inner.take_session()?;
-        session.reset();
-        inner.state = SessionState::Idle(session);
-        Ok(())
+        Ok(non_null(session, "session")?.cell.reset()?)
     })
-}
-
-enum Prompt<'a> {
-    Text(&'a str),
-    Chat(Vec<ChatMessage>),
 }
 
 fn run_generation(
@@ -907,36 +838,25 @@ fn run_generation(
     user_data: *mut c_void,
     text_out: *mut *mut c_char,
 ) -> FfiResult {
-    let mut inner = s.lock()?;
-    let mut session = inner.take_session()?;
-    let result = (|| {
-        let opts = options_from_c(opts, &session.model().info().generation)?;
-        let mut on_piece = |p: &Piece| -> ControlFlow<()> {
-            let Some(cb) = callback else {
-                return ControlFlow::Continue(());
-            };
-            let c = c_string(&p.text);
-            let len = c.as_bytes().len();
-            // SAFETY: the caller's callback, with a NUL-terminated string alive for the call.
-            if unsafe { cb(c.as_ptr(), len, p.token_id, user_data) } {
-                ControlFlow::Continue(())
-            } else {
-                ControlFlow::Break(())
-            }
+    let opts = options_from_c(opts, &s.cell.model().info().generation)?;
+    let mut on_piece = |p: &Piece| -> ControlFlow<()> {
+        let Some(cb) = callback else {
+            return ControlFlow::Continue(());
         };
-        let r = match prompt {
-            Prompt::Text(t) => session.generate(t, &opts, &mut on_piece),
-            Prompt::Chat(ref m) => session.chat(m, &opts, &mut on_piece),
-        };
-        r.map_err(|e| runtime_fail(e, Phase::Run))
-    })();
-    inner.state = SessionState::Idle(session);
-    let completion = result?;
+        let c = c_string(&p.text);
+        let len = c.as_bytes().len();
+        // SAFETY: the caller's callback, with a NUL-terminated string alive for the call.
+        if unsafe { cb(c.as_ptr(), len, p.token_id, user_data) } {
+            ControlFlow::Continue(())
+        } else {
+            ControlFlow::Break(())
+        }
+    };
+    let text = s.cell.generate(prompt, &opts, &mut on_piece)?;
     if !text_out.is_null() {
         // SAFETY: non-NULL, writable (contract).
-        unsafe { *text_out = owned_c_string(&completion.text).0 };
+        unsafe { *text_out = owned_c_string(&text).0 };
     }
-    inner.last = Some(completion);
     Ok(())
 }
 
@@ -994,7 +914,7 @@ pub unsafe extern "C" fn onestep_session_chat(
         let messages = messages_from_c(messages, messages_len)?;
         run_generation(
             s,
-            Prompt::Chat(messages),
+            Prompt::Chat(&messages),
             options,
             callback,
             user_data,
@@ -1004,30 +924,8 @@ pub unsafe extern "C" fn onestep_session_chat(
 }
 
 fn start_stream(s: &OnestepSession, prompt: Prompt<'_>, opts: *const OnestepOptions) -> FfiResult {
-    let mut inner = s.lock()?;
-    let session = inner.take_session()?;
-    let opts = match options_from_c(opts, &session.model().info().generation) {
-        Ok(o) => o,
-        Err(e) => {
-            inner.state = SessionState::Idle(session);
-            return Err(e);
-        }
-    };
-    let started = match prompt {
-        Prompt::Text(t) => session.into_stream(t, &opts),
-        Prompt::Chat(ref m) => session.into_chat_stream(m, &opts),
-    };
-    match started {
-        Ok(stream) => {
-            inner.state = SessionState::Streaming(stream);
-            Ok(())
-        }
-        Err(failed) => {
-            let (session, e) = *failed;
-            inner.state = SessionState::Idle(session);
-            Err(runtime_fail(e, Phase::Run))
-        }
-    }
+    let opts = options_from_c(opts, &s.cell.model().info().generation)?;
+    Ok(s.cell.start(prompt, &opts)?)
 }
 
 /// Starts a pull generation of a continuation of `prompt` (as [`onestep_session_generate`]); read
@@ -1057,7 +955,7 @@ pub unsafe extern "C" fn onestep_session_start_chat(
     boundary("onestep_session_start_chat", || {
         let s = non_null(session, "session")?;
         let messages = messages_from_c(messages, messages_len)?;
-        start_stream(s, Prompt::Chat(messages), options)
+        start_stream(s, Prompt::Chat(&messages), options)
     })
 }
 
@@ -1081,37 +979,18 @@ pub unsafe extern "C" fn onestep_session_next_piece(
             token_id: 0,
         };
         *done = false;
-        let mut inner = s.lock()?;
-        let SessionState::Streaming(stream) = &mut inner.state else {
-            return Err(fail(
-                OnestepStatus::BadState,
-                "no generation in progress (call onestep_session_start first)",
-            ));
-        };
-        match stream.next() {
-            Some(Ok(p)) => {
+        match s.cell.next_piece()? {
+            Some(p) => {
                 let (text, text_len) = owned_c_string(&p.text);
                 *piece = OnestepPiece {
                     text,
                     text_len,
                     token_id: p.token_id,
                 };
-                Ok(())
             }
-            Some(Err(e)) => {
-                let session = inner.take_session()?;
-                inner.state = SessionState::Idle(session);
-                Err(runtime_fail(e, Phase::Run))
-            }
-            None => {
-                let last = stream.completion();
-                let session = inner.take_session()?;
-                inner.state = SessionState::Idle(session);
-                inner.last = last;
-                *done = true;
-                Ok(())
-            }
+            None => *done = true,
         }
+        Ok(())
     })
 }
 
@@ -1136,9 +1015,8 @@ pub unsafe extern "C" fn onestep_session_last_stats(
         let s = non_null(session, "session")?;
         let out = non_null_mut(stats_out, "stats_out")?;
         check_size::<OnestepStats>(out.struct_size, "stats_out")?;
-        let inner = s.lock()?;
         let n = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
-        *out = match &inner.last {
+        *out = s.cell.last(|last| match last {
             None => OnestepStats {
                 struct_size: out.struct_size,
                 stop_reason: OnestepStopReason::None,
@@ -1175,7 +1053,7 @@ pub unsafe extern "C" fn onestep_session_last_stats(
                     decode_tokens_per_s: st.decode_tokens_per_s,
                 }
             }
-        };
+        })?;
         Ok(())
     })
 }

@@ -3,8 +3,10 @@
 //! (`android/build-so.sh`) and for the desktop JVM (tests in `android/test-jvm`).
 //!
 //! The bindings add no logic: each native method converts its arguments, calls the safe Rust API
-//! ([`onestep::Model`], [`onestep::generate::Session`]) and converts the result. Runtime errors become
-//! a `dev.onestep.OneStepException` carrying a `dev.onestep.Status` and the runtime's message; JNI failures and Rust panics
+//! ([`onestep::Model`]) or the session state machine the C ABI runs too ([`onestep_ffi::SessionCell`]),
+//! and converts the result. Runtime errors become a `dev.onestep.OneStepException` carrying a
+//! `dev.onestep.Status` (the C ABI's status, [`onestep_ffi::Status`]) and the runtime's message; JNI
+//! failures and Rust panics
 //! become a `java.lang.RuntimeException` (every entry point runs inside `EnvUnowned::with_env`, which
 //! catches panics): nothing aborts the VM.
 //!
@@ -13,80 +15,18 @@
 #![warn(missing_docs)]
 
 use std::ops::ControlFlow;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
+use std::sync::Arc;
 
 use jni::errors::ThrowRuntimeExAndDefault;
 use jni::objects::{JByteArray, JClass, JObject, JObjectArray, JString, JThrowable, JValue};
 use jni::sys::{jboolean, jdouble, jfloat, jint, jlong};
 use jni::{jni_sig, jni_str, Env, EnvUnowned};
 
-use onestep::generate::{
-    ChatMessage, Completion, GenerateOptions, OwnedStream, Session, StopReason,
-};
+use onestep::generate::{ChatMessage, GenerateOptions, StopReason};
 use onestep::{LoadOptions, Model};
+use onestep_ffi::{Fail, Phase, Prompt, SessionCell, Status};
 
 type JResult<T> = Result<T, jni::errors::Error>;
-
-/// What kind of failure a `dev.onestep.OneStepException` reports: the name of a `dev.onestep.Status`
-/// constant (the C ABI's `OnestepStatus` values by name).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Status {
-    InvalidArgument,
-    Io,
-    InvalidModel,
-    Unsupported,
-    Runtime,
-    Tokenizer,
-    Template,
-    Busy,
-    BadState,
-    Cancelled,
-    Device,
-    Internal,
-}
-
-impl Status {
-    fn name(self) -> &'static str {
-        match self {
-            Status::InvalidArgument => "INVALID_ARGUMENT",
-            Status::Io => "IO",
-            Status::InvalidModel => "INVALID_MODEL",
-            Status::Unsupported => "UNSUPPORTED",
-            Status::Runtime => "RUNTIME",
-            Status::Tokenizer => "TOKENIZER",
-            Status::Template => "TEMPLATE",
-            Status::Busy => "BUSY",
-            Status::BadState => "BAD_STATE",
-            Status::Cancelled => "CANCELLED",
-            Status::Device => "DEVICE",
-            Status::Internal => "INTERNAL",
-        }
-    }
-
-    /// The status of a runtime error; `loading`: a node or tensor error then means a bad model file,
-    /// while running it means a failed step.
-    fn of(e: &onestep::Error, loading: bool) -> Status {
-        use onestep::Error as E;
-        #[allow(unreachable_patterns)]
-        match e {
-            E::Io { .. } => Status::Io,
-            E::Decode { .. } | E::Contract(_) | E::Metadata { .. } | E::Limit { .. } => {
-                Status::InvalidModel
-            }
-            E::UnsupportedOps(_) | E::Opset { .. } => Status::Unsupported,
-            E::Tensor { .. } | E::Node { .. } if loading => Status::InvalidModel,
-            E::InvalidArgument(_) => Status::InvalidArgument,
-            E::Tokenizer(_) => Status::Tokenizer,
-            E::Template(_) => Status::Template,
-            E::Cancelled => Status::Cancelled,
-            E::Device { .. } => Status::Device,
-            E::Internal(_) => Status::Internal,
-            _ if loading => Status::InvalidModel,
-            _ => Status::Runtime,
-        }
-    }
-}
 
 /// Throws `dev.onestep.OneStepException(status, msg)`; the returned error unwinds to the entry point,
 /// which leaves the exception pending for Java.
@@ -103,49 +43,17 @@ fn throw<T>(env: &mut Env<'_>, status: Status, msg: impl AsRef<str>) -> JResult<
     Err(jni::errors::Error::JavaException)
 }
 
-/// `r`'s value, or its error thrown (a failed step: see [`Status::of`]).
-fn or_throw<T>(env: &mut Env<'_>, r: onestep::Result<T>) -> JResult<T> {
+/// `r`'s value, or its failure thrown.
+fn or_throw<T>(env: &mut Env<'_>, r: Result<T, Fail>) -> JResult<T> {
     match r {
         Ok(v) => Ok(v),
-        Err(e) => throw(env, Status::of(&e, false), e.to_string()),
+        Err(f) => throw(env, f.status, f.message),
     }
 }
 
-/// Like [`or_throw`], for a model being loaded.
-fn or_throw_load<T>(env: &mut Env<'_>, r: onestep::Result<T>) -> JResult<T> {
-    match r {
-        Ok(v) => Ok(v),
-        Err(e) => throw(env, Status::of(&e, true), e.to_string()),
-    }
-}
-
-/// A session handle: the cancel flag is reachable without the lock (any thread may cancel).
-struct SessionHandle {
-    cancel: Arc<AtomicBool>,
-    inner: Mutex<Inner>,
-}
-
-// One per heap-allocated handle, moved only on state changes: the size difference is harmless.
-#[allow(clippy::large_enum_variant)]
-enum State {
-    Idle(Session),
-    Streaming(OwnedStream),
-    Lost,
-}
-
-struct Inner {
-    state: State,
-    last: Option<Completion>,
-}
-
-impl Inner {
-    fn take_session(&mut self) -> Option<Session> {
-        match std::mem::replace(&mut self.state, State::Lost) {
-            State::Idle(s) => Some(s),
-            State::Streaming(st) => Some(st.into_session()),
-            State::Lost => None,
-        }
-    }
+/// `r`'s value, or its runtime error thrown with its status in `phase`.
+fn or_throw_in<T>(env: &mut Env<'_>, r: onestep::Result<T>, phase: Phase) -> JResult<T> {
+    or_throw(env, r.map_err(|e| Fail::runtime(e, phase)))
 }
 
 fn model_ref<'a>(env: &mut Env<'_>, handle: jlong) -> JResult<&'a Arc<Model>> {
@@ -156,32 +64,11 @@ fn model_ref<'a>(env: &mut Env<'_>, handle: jlong) -> JResult<&'a Arc<Model>> {
     }
 }
 
-fn session_ref<'a>(env: &mut Env<'_>, handle: jlong) -> JResult<&'a SessionHandle> {
+fn session_ref<'a>(env: &mut Env<'_>, handle: jlong) -> JResult<&'a SessionCell> {
     // SAFETY: as above, for `sessionNew`.
-    match unsafe { (handle as *const SessionHandle).as_ref() } {
+    match unsafe { (handle as *const SessionCell).as_ref() } {
         Some(s) => Ok(s),
         None => throw(env, Status::BadState, "the session is closed"),
-    }
-}
-
-fn lock<'a>(env: &mut Env<'_>, s: &'a SessionHandle) -> JResult<MutexGuard<'a, Inner>> {
-    match s.inner.try_lock() {
-        Ok(g) => Ok(g),
-        Err(TryLockError::Poisoned(p)) => Ok(p.into_inner()),
-        Err(TryLockError::WouldBlock) => {
-            throw(env, Status::Busy, "the session is in use by another call")
-        }
-    }
-}
-
-fn take_session(env: &mut Env<'_>, inner: &mut Inner) -> JResult<Session> {
-    match inner.take_session() {
-        Some(s) => Ok(s),
-        None => throw(
-            env,
-            Status::Internal,
-            "the session was lost to an internal error; close it",
-        ),
     }
 }
 
@@ -221,7 +108,7 @@ fn options(
         }
     }
     let v = o.validate();
-    or_throw(env, v)?;
+    or_throw_in(env, v, Phase::Run)?;
     Ok(o)
 }
 
@@ -245,6 +132,35 @@ fn messages(
         out.push(ChatMessage::new(r, c));
     }
     Ok(out)
+}
+
+/// A prompt from the Kotlin side: a text, or (when it is null) chat messages.
+enum OwnedPrompt {
+    Text(String),
+    Chat(Vec<ChatMessage>),
+}
+
+impl OwnedPrompt {
+    fn as_prompt(&self) -> Prompt<'_> {
+        match self {
+            OwnedPrompt::Text(t) => Prompt::Text(t),
+            OwnedPrompt::Chat(m) => Prompt::Chat(m),
+        }
+    }
+}
+
+/// `prompt`, or when it is null the chat messages in `roles`/`contents`.
+fn prompt_of(
+    env: &mut Env<'_>,
+    prompt: &JString<'_>,
+    roles: &JObjectArray<'_, JString<'_>>,
+    contents: &JObjectArray<'_, JString<'_>>,
+) -> JResult<OwnedPrompt> {
+    if prompt.is_null() {
+        Ok(OwnedPrompt::Chat(messages(env, roles, contents)?))
+    } else {
+        Ok(OwnedPrompt::Text(prompt.try_to_string(env)?))
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -293,7 +209,7 @@ fn load_options(
             None => Ok(o),
         })
         .and_then(|mut o| o.set(&settings).map(|()| o));
-    or_throw_load(env, o)
+    or_throw_in(env, o, Phase::Load)
 }
 
 /// `Native.modelLoad(path: String, device: String?, gpuBackend: String?, gpuCacheBudget: String?,
@@ -322,7 +238,7 @@ pub extern "system" fn Java_dev_onestep_Native_modelLoad<'l>(
         };
         let opts = load_options(env, text, page_rows)?;
         let m = Model::load_with(&path, &opts);
-        let m = or_throw_load(env, m)?;
+        let m = or_throw_in(env, m, Phase::Load)?;
         Ok(Box::into_raw(Box::new(m)) as jlong)
     })
     .resolve::<ThrowRuntimeExAndDefault>()
@@ -357,7 +273,7 @@ pub extern "system" fn Java_dev_onestep_Native_modelLoadBytes<'l>(
         };
         let opts = load_options(env, text, page_rows)?;
         let m = Model::load_from_bytes_with(bytes::Bytes::from(data), &name, &opts);
-        let m = or_throw_load(env, m)?;
+        let m = or_throw_in(env, m, Phase::Load)?;
         Ok(Box::into_raw(Box::new(m)) as jlong)
     })
     .resolve::<ThrowRuntimeExAndDefault>()
@@ -438,16 +354,9 @@ pub extern "system" fn Java_dev_onestep_Native_sessionNew<'l>(
 ) -> jlong {
     env.with_env(|env| -> JResult<jlong> {
         let m = model_ref(env, model)?.clone();
-        let s = Session::new(m);
-        let s = or_throw(env, s)?;
-        let h = SessionHandle {
-            cancel: s.cancel_flag(),
-            inner: Mutex::new(Inner {
-                state: State::Idle(s),
-                last: None,
-            }),
-        };
-        Ok(Box::into_raw(Box::new(h)) as jlong)
+        let cell = SessionCell::new(m);
+        let cell = or_throw(env, cell)?;
+        Ok(Box::into_raw(Box::new(cell)) as jlong)
     })
     .resolve::<ThrowRuntimeExAndDefault>()
 }
@@ -462,7 +371,7 @@ pub extern "system" fn Java_dev_onestep_Native_sessionFree<'l>(
     env.with_env(|_env| -> JResult<()> {
         if handle != 0 {
             // SAFETY: a live handle from `sessionNew`, freed once, with no call running.
-            drop(unsafe { Box::from_raw(handle as *mut SessionHandle) });
+            drop(unsafe { Box::from_raw(handle as *mut SessionCell) });
         }
         Ok(())
     })
@@ -477,9 +386,7 @@ pub extern "system" fn Java_dev_onestep_Native_sessionCancel<'l>(
     handle: jlong,
 ) {
     env.with_env(|env| -> JResult<()> {
-        session_ref(env, handle)?
-            .cancel
-            .store(true, Ordering::Release);
+        session_ref(env, handle)?.cancel();
         Ok(())
     })
     .resolve::<ThrowRuntimeExAndDefault>()
@@ -493,12 +400,8 @@ pub extern "system" fn Java_dev_onestep_Native_sessionReset<'l>(
     handle: jlong,
 ) {
     env.with_env(|env| -> JResult<()> {
-        let h = session_ref(env, handle)?;
-        let mut inner = lock(env, h)?;
-        let mut s = take_session(env, &mut inner)?;
-        s.reset();
-        inner.state = State::Idle(s);
-        Ok(())
+        let r = session_ref(env, handle)?.reset();
+        or_throw(env, r)
     })
     .resolve::<ThrowRuntimeExAndDefault>()
 }
@@ -526,72 +429,51 @@ pub extern "system" fn Java_dev_onestep_Native_sessionGenerate<'l>(
     listener: JObject<'l>,
 ) -> JObject<'l> {
     env.with_env(|env| -> JResult<JObject<'l>> {
-        let h = session_ref(env, handle)?;
-        let mut inner = lock(env, h)?;
-        let mut session = take_session(env, &mut inner)?;
-        let result = (|| {
-            let opts = options(
-                env,
-                session.model(),
-                max_new_tokens,
-                temperature,
-                top_k,
-                top_p,
-                has_seed,
-                seed,
-                &stop_strings,
-                ignore_stop_tokens,
-            )?;
-            let chat = if prompt.is_null() {
-                Some(messages(env, &roles, &contents)?)
-            } else {
-                None
-            };
-            let text = if prompt.is_null() {
-                None
-            } else {
-                Some(prompt.try_to_string(env)?)
-            };
-            // A Java exception in the listener stops the generation and propagates.
-            let mut java_error: Option<jni::errors::Error> = None;
-            let mut on_piece = |p: &onestep::generate::Piece| -> ControlFlow<()> {
-                if listener.is_null() {
-                    return ControlFlow::Continue(());
-                }
-                let r = env.with_local_frame(4, |env| -> JResult<bool> {
-                    let s = env.new_string(&p.text)?;
-                    env.call_method(
-                        &listener,
-                        jni_str!("onPiece"),
-                        jni_sig!("(Ljava/lang/String;I)Z"),
-                        &[JValue::Object(&s), JValue::Int(p.token_id as jint)],
-                    )?
-                    .z()
-                });
-                match r {
-                    Ok(true) => ControlFlow::Continue(()),
-                    Ok(false) => ControlFlow::Break(()),
-                    Err(e) => {
-                        java_error = Some(e);
-                        ControlFlow::Break(())
-                    }
-                }
-            };
-            let r = match (&text, &chat) {
-                (Some(t), _) => session.generate(t, &opts, &mut on_piece),
-                (None, Some(m)) => session.chat(m, &opts, &mut on_piece),
-                (None, None) => unreachable!("either a prompt or messages"),
-            };
-            if let Some(e) = java_error {
-                return Err(e);
+        let cell = session_ref(env, handle)?;
+        let opts = options(
+            env,
+            cell.model(),
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            has_seed,
+            seed,
+            &stop_strings,
+            ignore_stop_tokens,
+        )?;
+        let prompt = prompt_of(env, &prompt, &roles, &contents)?;
+        // A Java exception in the listener stops the generation and propagates.
+        let mut java_error: Option<jni::errors::Error> = None;
+        let mut on_piece = |p: &onestep::generate::Piece| -> ControlFlow<()> {
+            if listener.is_null() {
+                return ControlFlow::Continue(());
             }
-            or_throw(env, r)
-        })();
-        inner.state = State::Idle(session);
-        let completion = result?;
-        let text = env.new_string(&completion.text)?;
-        inner.last = Some(completion);
-        Ok(text.into())
+            let r = env.with_local_frame(4, |env| -> JResult<bool> {
+                let s = env.new_string(&p.text)?;
+                env.call_method(
+                    &listener,
+                    jni_str!("onPiece"),
+                    jni_sig!("(Ljava/lang/String;I)Z"),
+                    &[JValue::Object(&s), JValue::Int(p.token_id as jint)],
+                )?
+                .z()
+            });
+            match r {
+                Ok(true) => ControlFlow::Continue(()),
+                Ok(false) => ControlFlow::Break(()),
+                Err(e) => {
+                    java_error = Some(e);
+                    ControlFlow::Break(())
+                }
+            }
+        };
+        let r = cell.generate(prompt.as_prompt(), &opts, &mut on_piece);
+        if let Some(e) = java_error {
+            return Err(e);
+        }
+        let text = or_throw(env, r)?;
+        Ok(env.new_string(&text)?.into())
     })
     .resolve::<ThrowRuntimeExAndDefault>()
 }
@@ -617,51 +499,22 @@ pub extern "system" fn Java_dev_onestep_Native_sessionStart<'l>(
     ignore_stop_tokens: jboolean,
 ) {
     env.with_env(|env| -> JResult<()> {
-        let h = session_ref(env, handle)?;
-        let mut inner = lock(env, h)?;
-        let session = take_session(env, &mut inner)?;
-        let args = (|| {
-            let opts = options(
-                env,
-                session.model(),
-                max_new_tokens,
-                temperature,
-                top_k,
-                top_p,
-                has_seed,
-                seed,
-                &stop_strings,
-                ignore_stop_tokens,
-            )?;
-            if prompt.is_null() {
-                Ok((opts, None, Some(messages(env, &roles, &contents)?)))
-            } else {
-                Ok((opts, Some(prompt.try_to_string(env)?), None))
-            }
-        })();
-        let (opts, text, chat) = match args {
-            Ok(a) => a,
-            Err(e) => {
-                inner.state = State::Idle(session);
-                return Err(e);
-            }
-        };
-        let started = match (text, chat) {
-            (Some(t), _) => session.into_stream(&t, &opts),
-            (None, Some(m)) => session.into_chat_stream(&m, &opts),
-            (None, None) => unreachable!("either a prompt or messages"),
-        };
-        match started {
-            Ok(st) => {
-                inner.state = State::Streaming(st);
-                Ok(())
-            }
-            Err(failed) => {
-                let (s, e) = *failed;
-                inner.state = State::Idle(s);
-                throw(env, Status::of(&e, false), e.to_string())
-            }
-        }
+        let cell = session_ref(env, handle)?;
+        let opts = options(
+            env,
+            cell.model(),
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            has_seed,
+            seed,
+            &stop_strings,
+            ignore_stop_tokens,
+        )?;
+        let prompt = prompt_of(env, &prompt, &roles, &contents)?;
+        let r = cell.start(prompt.as_prompt(), &opts);
+        or_throw(env, r)
     })
     .resolve::<ThrowRuntimeExAndDefault>()
 }
@@ -675,25 +528,10 @@ pub extern "system" fn Java_dev_onestep_Native_sessionNextPiece<'l>(
     handle: jlong,
 ) -> JObject<'l> {
     env.with_env(|env| -> JResult<JObject<'l>> {
-        let h = session_ref(env, handle)?;
-        let mut inner = lock(env, h)?;
-        let State::Streaming(stream) = &mut inner.state else {
-            return throw(env, Status::BadState, "no generation in progress");
-        };
-        match stream.next() {
-            Some(Ok(p)) => Ok(env.new_string(&p.text)?.into()),
-            Some(Err(e)) => {
-                let s = take_session(env, &mut inner)?;
-                inner.state = State::Idle(s);
-                throw(env, Status::of(&e, false), e.to_string())
-            }
-            None => {
-                let last = stream.completion();
-                let s = take_session(env, &mut inner)?;
-                inner.state = State::Idle(s);
-                inner.last = last;
-                Ok(JObject::null())
-            }
+        let r = session_ref(env, handle)?.next_piece();
+        match or_throw(env, r)? {
+            Some(p) => Ok(env.new_string(&p.text)?.into()),
+            None => Ok(JObject::null()),
         }
     })
     .resolve::<ThrowRuntimeExAndDefault>()
@@ -708,9 +546,8 @@ pub extern "system" fn Java_dev_onestep_Native_sessionLastStopReason<'l>(
     handle: jlong,
 ) -> JObject<'l> {
     env.with_env(|env| -> JResult<JObject<'l>> {
-        let h = session_ref(env, handle)?;
-        let inner = lock(env, h)?;
-        match inner.last.as_ref().map(|c| c.stop_reason.name()) {
+        let r = session_ref(env, handle)?.last(|c| c.map(|c| c.stop_reason.name()));
+        match or_throw(env, r)? {
             Some(n) => Ok(env.new_string(n)?.into()),
             None => Ok(JObject::null()),
         }
@@ -728,26 +565,28 @@ pub extern "system" fn Java_dev_onestep_Native_sessionLastStats<'l>(
     handle: jlong,
 ) -> JObject<'l> {
     env.with_env(|env| -> JResult<JObject<'l>> {
-        let h = session_ref(env, handle)?;
-        let inner = lock(env, h)?;
-        let Some(c) = inner.last.as_ref() else {
+        let r = session_ref(env, handle)?.last(|c| {
+            c.map(|c| {
+                let st = &c.stats;
+                let stop_id = match c.stop_reason {
+                    StopReason::StopToken { id } => id as jdouble,
+                    _ => -1.0,
+                };
+                [
+                    c.prompt_tokens as jdouble,
+                    st.reused_tokens as jdouble,
+                    st.generated_tokens as jdouble,
+                    st.time_to_first_token_ms,
+                    st.prefill_ms,
+                    st.decode_ms,
+                    st.decode_tokens_per_s,
+                    stop_id,
+                ]
+            })
+        });
+        let Some(v) = or_throw(env, r)? else {
             return Ok(JObject::null());
         };
-        let st = &c.stats;
-        let stop_id = match c.stop_reason {
-            StopReason::StopToken { id } => id as jdouble,
-            _ => -1.0,
-        };
-        let v = [
-            c.prompt_tokens as jdouble,
-            st.reused_tokens as jdouble,
-            st.generated_tokens as jdouble,
-            st.time_to_first_token_ms,
-            st.prefill_ms,
-            st.decode_ms,
-            st.decode_tokens_per_s,
-            stop_id,
-        ];
         let arr = env.new_double_array(v.len())?;
         arr.set_region(env, 0, &v)?;
         Ok(arr.into())
