@@ -146,6 +146,14 @@ fun main(args: Array<String>) {
             check(m.device != "cpu") { "device gpu runs on ${m.device}" }
             println("gpu: ${m.device}")
         }
+        // `auto` times both devices (lavapipe allowed into the trial) and says what it measured.
+        val cacheDir = kotlin.io.path.createTempDirectory("onestep-auto").toFile()
+        OneStep.load(modelPath, LoadOptions(device = "auto", settings = "gpu_trial_software=on,gpu_pipeline_cache=$cacheDir")).use { m ->
+            val note = m.deviceNote
+            check(note != null && note.contains("auto chose the") && note.contains("ms on the CPU")) { "auto: ${m.device} / $note" }
+            println("auto: ${m.device}: $note")
+        }
+        cacheDir.deleteRecursively()
     }
     expectOneStepError("truncated bytes", "half", Status.INVALID_MODEL) { OneStep.load(bytes.copyOf(bytes.size / 2), "half") }
     expectOneStepError("random bytes", "noise", Status.INVALID_MODEL) { OneStep.load(ByteArray(4096) { (it * 7919 % 251).toByte() }, "noise") }
