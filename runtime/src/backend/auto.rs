@@ -5,8 +5,8 @@
 //! a device, runs a few decode steps on the CPU and then on the GPU ([`time_decode`]) and keeps the
 //! faster. The decision is written beside the pipeline cache
 //! ([`GpuOptions::pipeline_cache`](super::gpu::GpuOptions::pipeline_cache)), one small text file per
-//! [`DecisionKey`] — adapter, driver, model file, CPU precision and threads, GPU tuning, library
-//! version — so later loads of the same model on the same device read it and open no device they do
+//! [`DecisionKey`] — adapter, driver, model file, CPU precision and threads, GPU tuning, KV cache
+//! options, library version — so later loads of the same model on the same device read it and open no device they do
 //! not use. Without a folder nothing is remembered and every load measures.
 //!
 //! What the note ([`Model::device_note`](crate::Model::device_note)) says, and when:
@@ -186,14 +186,15 @@ pub(crate) struct DecisionKey(String);
 
 impl DecisionKey {
     fn new(adapter: &AdapterId, opts: &LoadOptions, model: &[u8]) -> DecisionKey {
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        // The CPU pool's size (`backend/cpu/pool.rs`: rayon's, which the CLI's --threads sets).
+        let threads = rayon::current_num_threads();
         let tuning = super::gpu::GpuOptions {
             pipeline_cache: None,
             ..opts.gpu.clone()
         };
         let key = format!(
             "onestep {}; adapter {} ({}, {}); driver {}; model {:016x} ({} bytes); \
-             cpu {:?} x{threads}; gpu {tuning:?}",
+             cpu {:?} x{threads}; gpu {tuning:?}; kv {:?}",
             env!("CARGO_PKG_VERSION"),
             adapter.name,
             adapter.backend,
@@ -202,6 +203,7 @@ impl DecisionKey {
             fingerprint(model),
             model.len(),
             opts.precision,
+            opts.kv,
         );
         DecisionKey(key.replace(['\n', '\r'], " "))
     }

@@ -1,10 +1,10 @@
 //! Compute backends, behind one interface (the crate-private `Backend` trait) the model facade
 //! drives: `cpu` (the step executor and the CPU kernels, one file per kernel family) and, with the `gpu`
 //! feature, `gpu` (wgpu).
-//! A backend is chosen when the model is loaded (`--device auto` measures which is faster: [`auto`]); a
+//! A backend is chosen when the model is loaded (`--device auto` measures which is faster: `auto.rs`); a
 //! sequence's device-side state is its `SeqState`.
 #[cfg(feature = "gpu")]
-pub mod auto;
+pub(crate) mod auto;
 pub mod cpu;
 #[cfg(feature = "gpu")]
 pub mod gpu;

@@ -108,7 +108,7 @@ pub struct GpuOptions {
     /// element of every block a lane, as the other forms).
     pub block_lanes: bool,
     /// Folder keeping the driver's compiled pipelines between runs (a file per adapter and driver) and
-    /// `auto`'s device decisions (a file per adapter, driver and model: [`crate::backend::auto`]);
+    /// `auto`'s device decisions (a file per adapter, driver and model: `backend/auto.rs`);
     /// `None` (default): compiled, and `auto` measured, at every load. The CLI passes the user's cache
     /// folder; an app its own.
     pub pipeline_cache: Option<PathBuf>,
