@@ -8,26 +8,13 @@ use std::path::{Path, PathBuf};
 use onestep::backend::gpu::{BackendFilter, DeviceRequest, GpuContext, GpuOptions};
 use onestep::{LoadOptions, Model};
 
+mod common;
+use common::has_gpu;
+
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
         .join(name)
-}
-
-/// Whether this machine has a wgpu adapter (a failure when `ONESTEP_REQUIRE_GPU` is set and it has
-/// none).
-fn has_gpu() -> bool {
-    match GpuContext::new(&DeviceRequest::Gpu(None), BackendFilter::Any) {
-        Ok(_) => true,
-        Err(e) => {
-            assert!(
-                std::env::var_os("ONESTEP_REQUIRE_GPU").is_none(),
-                "ONESTEP_REQUIRE_GPU is set but there is no adapter: {e}"
-            );
-            eprintln!("note: no wgpu adapter ({e}); auto's trial not run");
-            false
-        }
-    }
 }
 
 fn auto(cache: Option<&Path>, trial_software: bool) -> LoadOptions {
@@ -65,7 +52,7 @@ fn note(m: &Model) -> String {
 
 #[test]
 fn auto_measures_once_remembers_and_decides_again_for_another_model() {
-    if !has_gpu() {
+    if !has_gpu("auto's trial") {
         return;
     }
     let software = GpuContext::new(&DeviceRequest::Gpu(None), BackendFilter::Any)
