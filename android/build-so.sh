@@ -27,7 +27,9 @@ cd "$ROOT"
 # these link flags, but RUSTFLAGS / CARGO_ENCODED_RUSTFLAGS in the environment (set by the user or by
 # an older cargo-ndk) replace a config's target rustflags, so they are passed here as well; the
 # program headers are checked below either way.
-PAGE_FLAGS=(-C link-arg=-Wl,-z,max-page-size=16384 -C link-arg=-Wl,-z,common-page-size=16384)
+# The size flags of .cargo/config.toml too: packed relocations (API >= 23) and identical code folding.
+PAGE_FLAGS=(-C link-arg=-Wl,-z,max-page-size=16384 -C link-arg=-Wl,-z,common-page-size=16384
+    -C link-arg=-Wl,--pack-dyn-relocs=android -C link-arg=-Wl,--icf=all)
 if [[ -n "${RUSTFLAGS:-}" ]]; then
     export RUSTFLAGS="$RUSTFLAGS ${PAGE_FLAGS[*]}"
 else
