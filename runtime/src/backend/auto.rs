@@ -20,7 +20,7 @@
 //! Only a device failure ([`Error::is_device`]) sends `auto` to the CPU: an internal error or a bad
 //! model is returned, so a bug never hides behind a fallback.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use super::cpu::exec::CpuBackend;
@@ -74,8 +74,11 @@ pub(crate) fn choose(
         .pipeline_cache
         .as_ref()
         .map(|dir| dir.join(key.file_name()));
-    if let Some(d) = file.as_deref().and_then(|f| Decision::read(f, &key)) {
-        let note = format!("{} (remembered: {})", d.describe(&adapter), show(&file));
+    if let Some((f, d)) = file
+        .as_deref()
+        .and_then(|f| Some((f, Decision::read(f, &key)?)))
+    {
+        let note = format!("{} (remembered: {})", d.describe(&adapter), f.display());
         if !d.gpu {
             return Ok((cpu(), Some(note)));
         }
@@ -102,11 +105,6 @@ pub(crate) fn choose(
     } else {
         Ok((cpu(), Some(note)))
     }
-}
-
-fn show(file: &Option<PathBuf>) -> String {
-    file.as_deref()
-        .map_or_else(String::new, |f| f.display().to_string())
 }
 
 /// A device failure ([`Error::is_device`]) becomes `Err(why)`, for the CPU to take over; any other
