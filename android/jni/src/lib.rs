@@ -185,7 +185,7 @@ struct TextOptions<'a, 'l> {
 }
 
 /// The load options of `LoadOptions` (Kotlin): device, GPU API, KV-cache budget, precision, settings
-/// (null: the defaults `cpu`, any, `all`, `exact`, none) and page rows (0: the default).
+/// (null: the defaults `cpu`, any, `all`, the library's precision (`fast`), none) and page rows (0: the default).
 fn load_options(
     env: &mut Env<'_>,
     t: TextOptions<'_, '_>,
