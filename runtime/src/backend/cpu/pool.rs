@@ -7,9 +7,12 @@
 //! next region finds them awake — what llama.cpp's threads do.
 //!
 //! A region is `f(i)` for `i` in `0..n`; every thread claims indices from one counter, so uneven work
-//! balances itself. The counter carries the region's number in its high bits: a worker claims an index
-//! with a compare-exchange that fails when the region it read has ended, so a late worker can never run
-//! an old region's closure. Regions are not nested and one runs at a time: a region started inside
+//! balances itself. The counter carries the region's number in its high bits, and the job (closure and
+//! `n`) its own region's number: a worker claims an index with a compare-exchange on the ticket of the
+//! job's region, which fails once that region has ended and cannot succeed before it is published. So a
+//! late worker never runs an old region's closure, nor a new region's job (published just before its
+//! ticket) under the old region's ticket — which once let an index past the old region's end run twice
+//! and the new region's caller return while a worker was still in its closure. Regions are not nested and one runs at a time: a region started inside
 //! another, or while another thread's runs, runs on its caller's thread alone.
 //!
 //! Workers: `rayon::current_num_threads() − 1` when the pool is first used (the CLI's `--threads` sets
@@ -23,11 +26,13 @@ use std::time::{Duration, Instant};
 /// How long an idle worker spins for the next region before it sleeps.
 const SPIN: Duration = Duration::from_micros(200);
 
-/// The region being run: a lifetime-erased `&dyn Fn(usize)` valid while its caller waits in [`run`].
+/// The region being run: a lifetime-erased `&dyn Fn(usize)` valid while its caller waits in [`run`],
+/// its index count, and its number — a worker runs a job only under the ticket of its own region.
 #[derive(Clone, Copy)]
 struct Job {
     f: *const (dyn Fn(usize) + Sync),
     n: usize,
+    region: u64,
 }
 
 struct Shared {
@@ -113,23 +118,24 @@ pub(crate) fn run(n: usize, f: &(dyn Fn(usize) + Sync)) {
     let s = p.shared;
     // SAFETY (lifetime erasure): workers call `f` only for claimed indices of this region, and this
     // function returns only after every index has finished.
+    let region = (s.ticket.load(Ordering::Relaxed) >> 32) + 1;
     let job = Job {
         f: unsafe {
             std::mem::transmute::<&(dyn Fn(usize) + Sync), &'static (dyn Fn(usize) + Sync)>(f)
         },
         n,
+        region,
     };
     *s.job.lock().unwrap_or_else(|e| e.into_inner()) = Some(job);
     s.done.store(0, Ordering::Relaxed);
     s.panicked.store(false, Ordering::Relaxed);
-    let region = (s.ticket.load(Ordering::Relaxed) >> 32) + 1;
     s.ticket.store(region << 32, Ordering::SeqCst);
     if s.sleeping.load(Ordering::SeqCst) > 0 {
         let _g = s.job.lock().unwrap_or_else(|e| e.into_inner());
         s.wake.notify_all();
     }
     INSIDE.with(|c| c.set(true));
-    work(s, region, job);
+    work(s, job);
     while s.done.load(Ordering::Acquire) < n {
         std::hint::spin_loop();
     }
@@ -179,12 +185,12 @@ pub(crate) fn for_rows_mut<T: Send>(
     for_chunks_mut(data, per * row, &|i, piece| f(i * per, piece));
 }
 
-/// Claims and runs indices of `region` until none is left.
-fn work(s: &Shared, region: u64, job: Job) {
+/// Claims and runs indices of `job`'s region until none is left (or the region has ended).
+fn work(s: &Shared, job: Job) {
     loop {
         let t = s.ticket.load(Ordering::Acquire);
         let i = (t & 0xFFFF_FFFF) as usize;
-        if t >> 32 != region || i >= job.n {
+        if t >> 32 != job.region || i >= job.n {
             return;
         }
         if s.ticket
@@ -228,9 +234,11 @@ fn worker(s: &'static Shared) {
             std::hint::spin_loop();
         };
         seen = region;
+        // The job may already be the next region's (published before its ticket): `work` runs it
+        // only once that region's ticket is out, never under this one's.
         let job = *s.job.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(job) = job {
-            work(s, region, job);
+            work(s, job);
         }
     }
 }
@@ -251,6 +259,28 @@ mod tests {
                 assert!(
                     hits.iter().all(|h| h.load(Ordering::Relaxed) == 1),
                     "n = {n}"
+                );
+            }
+        }
+    }
+
+    /// A worker that read a region's number and then the next region's job (published, its ticket
+    /// not yet) must not run that job under the old region's ticket: with a longer next region it
+    /// could claim an index past the old one's end, run it twice and let its caller return early.
+    /// Regions of alternating sizes, back to back, each index counted.
+    #[test]
+    fn a_job_runs_only_under_its_own_region() {
+        let hits: Vec<AtomicU32> = (0..64).map(|_| AtomicU32::new(0)).collect();
+        for round in 0..20_000 {
+            let n = if round % 2 == 0 { 2 } else { 64 };
+            run(n, &|i| {
+                hits[i].fetch_add(1, Ordering::Relaxed);
+            });
+            for (i, h) in hits.iter().enumerate().take(n) {
+                assert_eq!(
+                    h.swap(0, Ordering::Relaxed),
+                    1,
+                    "round {round}, index {i} of {n}"
                 );
             }
         }
