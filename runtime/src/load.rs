@@ -62,14 +62,22 @@ gpu_block_lanes=on|off, gpu_pipeline_cache=none|DIR, gpu_trial_software=on|off";
 pub const SETTING_KEYS: &str = "precision=exact|fast, profile=on|off";
 
 impl LoadOptions {
-    /// The planner's fusions these options leave on (`gpu_no_fuse=res` turns off the residual
-    /// epilogue, which both backends run).
+    /// The planner's fusions these options leave on (`gpu_no_fuse` names them; both backends run
+    /// every fused form, so a fusion turned off is off for both).
     pub(crate) fn plan_options(&self) -> crate::plan::PlanOptions {
         #[cfg(feature = "gpu")]
-        let residual = self.gpu.fusions.residual;
+        {
+            let f = &self.gpu.fusions;
+            let all = crate::plan::PlanOptions::default();
+            crate::plan::PlanOptions {
+                residual: f.residual,
+                transpose_rope: f.transpose_rope,
+                round_trip: f.f16_round_trip,
+                linear_groups: all.linear_groups.filter(|_| f.linear_groups),
+            }
+        }
         #[cfg(not(feature = "gpu"))]
-        let residual = true;
-        crate::plan::PlanOptions { residual }
+        crate::plan::PlanOptions::default()
     }
 
     /// Options from their textual forms — the CLI's flags, the C ABI's and the mobile bindings' strings:

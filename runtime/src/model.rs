@@ -112,7 +112,7 @@ impl Model {
                 detail: "missing".into(),
             })?;
         let chat_template = graph.metadata.get(meta::CHAT_TEMPLATE).cloned();
-        let plan = Plan::with_options(graph, options.plan_options())?;
+        let plan = Plan::with_options(graph, crate::backend::plan_options(options))?;
         for name in plan.inputs.keys() {
             if ![
                 contract::INPUT_IDS,

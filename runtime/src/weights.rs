@@ -156,6 +156,34 @@ impl LinearWeights {
         }
     }
 
+    /// The encoding as [`LinearWeights::concat`] compares it: the form, its bits and block size, and
+    /// the element types of its tensors.
+    fn encoding(&self) -> (std::mem::Discriminant<WeightForm>, u32, usize, Vec<DType>) {
+        let d = std::mem::discriminant(&self.form);
+        match &self.form {
+            WeightForm::F32(t) | WeightForm::F16(t) | WeightForm::BF16(t) => {
+                (d, 0, 0, vec![t.dtype])
+            }
+            WeightForm::Int8PerChannel { q, scale } => (d, 8, 0, vec![q.dtype, scale.dtype]),
+            WeightForm::Block {
+                bits,
+                block,
+                b,
+                scales,
+                zero,
+            } => (d, *bits, *block, vec![b.dtype, scales.dtype, zero.dtype]),
+        }
+    }
+
+    /// Whether [`LinearWeights::concat`] takes `parts` (the same `k` and encoding), without the copy.
+    pub fn stackable(parts: &[&LinearWeights]) -> bool {
+        let Some(first) = parts.first() else {
+            return false;
+        };
+        let e = first.encoding();
+        parts.iter().all(|p| p.k == first.k && p.encoding() == e)
+    }
+
     /// The rows of `parts` stacked into one `[Σ n, k]` layer (a copy), for kernels that run several
     /// layers of one input as one pass. `None` unless every part has the same `k` and the same encoding
     /// (for block forms: bits, block size and zero-point type).

@@ -60,7 +60,7 @@ use common::has_gpu;
 /// over chunks of 3 keys and a submission every 3 dispatches.
 #[cfg(feature = "gpu")]
 fn gpu_runs() -> Vec<(&'static str, LoadOptions)> {
-    use onestep::backend::gpu::{BackendFilter, DeviceRequest, GpuOptions, Variant};
+    use onestep::backend::gpu::{BackendFilter, DeviceRequest, GpuFusions, GpuOptions, Variant};
     let base = LoadOptions {
         device: DeviceRequest::Gpu(None),
         backend: BackendFilter::Any,
@@ -96,6 +96,23 @@ fn gpu_runs() -> Vec<(&'static str, LoadOptions)> {
                 split_keys: 1,
                 split_chunk: 3,
                 submit_every: Some(3),
+                ..d.clone()
+            }),
+        ),
+        (
+            "the attention reading plain inputs: the planner's transposed rotary and f16 round trip",
+            with(GpuOptions {
+                fusions: GpuFusions {
+                    attention_inputs: false,
+                    ..GpuFusions::ALL
+                },
+                ..d.clone()
+            }),
+        ),
+        (
+            "no fusion",
+            with(GpuOptions {
+                fusions: GpuFusions::NONE,
                 ..d
             }),
         ),
@@ -238,7 +255,7 @@ fn check_on(name: &str, opts: &LoadOptions) -> Vec<Vec<f32>> {
     assert_eq!(stats.token_choice, 1, "{name}: {stats:?}");
     println!("{name}: plan {stats:?}");
     #[cfg(feature = "gpu")]
-    if let Some(g) = model.gpu_stats() {
+    if let Some(g) = model.gpu_stats().filter(|_| opts.gpu.fusions.linear_groups) {
         // q/k/v and gate/up run as one dispatch each (the gate with its SiLU); on GPUs (not CPU
         // adapters) the attention and MLP norms and the output norm fold into the linears after them.
         let layers = model.info().num_layers;
@@ -308,8 +325,17 @@ fn check_on(name: &str, opts: &LoadOptions) -> Vec<Vec<f32>> {
                 g.described
             );
             if ids.len() == last_len {
+                // (the rotaries read the positions too where the attention does not absorb them)
                 let layers = model.info().num_layers;
-                assert!(g.described <= layers + 4, "{name} step {i}: {g:?}");
+                let per_layer = if opts.gpu.fusions.attention_inputs {
+                    1
+                } else {
+                    3
+                };
+                assert!(
+                    g.described <= per_layer * layers + 4,
+                    "{name} step {i}: {g:?}"
+                );
             }
         }
         #[cfg(feature = "gpu")]

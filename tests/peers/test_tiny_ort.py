@@ -67,7 +67,7 @@ def test_tiny_runtime(name, device):
 def test_tiny_plan(name):
     """Every architecture's step graph takes the CPU planner's fused paths: each layer's attention reads
     the cache in place, each linear layer is bound to its weights (the o- and down-projections adding the
-    residual in their epilogue), each MLP gate is fused, the embedding
+    residual in their epilogue, the others in groups with their norm), each MLP gate is fused, the embedding
     and the token choice are single steps (`onestep bench --json`'s plan)."""
     path = _path(name)
     if not BIN:
@@ -77,10 +77,13 @@ def test_tiny_plan(name):
     assert out.returncode == 0, f"onestep bench failed: {out.stderr[-2000:]}"
     plan = json.loads(out.stdout)["plan"]
     layers = json.load(open(os.path.join(tiny_checks.FIXTURES, name, "config.json")))["num_hidden_layers"]
+    # q/k/v and gate/up are linear groups with the norm before them folded in, the SiLU gate too; the
+    # output layer is a group of one after the final norm.
     want = {"cache_attention": layers, "silu_gate": layers, "linear": 7 * layers + 1, "embedding": 1,
-            "token_choice": 1, "residual": 2 * layers}
+            "token_choice": 1, "residual": 2 * layers, "linear_groups": 2 * layers + 1,
+            "group_norms": 2 * layers + 1, "group_gates": layers}
     if name.startswith("gemma"):
         # Gemma's residual adds follow a norm (no linear epilogue) and its gate is GELU-tanh.
-        want.update(silu_gate=0, gelu_gate=layers, residual=0)
+        want.update(silu_gate=0, gelu_gate=layers, residual=0, group_gates=0)
     assert {k: plan[k] for k in want} == want, f"{name}: {plan}"
     print(f"\n[tiny] {name} plan: {plan}")

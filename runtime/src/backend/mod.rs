@@ -87,6 +87,20 @@ pub(crate) trait Backend: Send + Sync {
     }
 }
 
+/// The fusions the planner makes for a load with `opts`: those the options leave on, within what the
+/// backend it may run on takes — for a GPU (or `auto`), the linear groups the adapter's kernels run
+/// (probed without opening a device; no adapter: the CPU's, every group).
+pub(crate) fn plan_options(opts: &crate::LoadOptions) -> crate::plan::PlanOptions {
+    let mut o = opts.plan_options();
+    #[cfg(feature = "gpu")]
+    if opts.device != gpu::DeviceRequest::Cpu && o.linear_groups.is_some() {
+        if let Ok(caps) = gpu::group_caps(&opts.device, opts.backend, &opts.gpu) {
+            o.linear_groups = Some(caps);
+        }
+    }
+    o
+}
+
 /// Per plan cache: whether a step other than the fused cache attention reads the cache input (an
 /// attention the planner could not fuse, e.g. one with a soft cap). Such a step gets the cache
 /// materialized in the graph's layout from the host pages ([`materialize_caches`]).

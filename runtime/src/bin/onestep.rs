@@ -560,6 +560,8 @@ fn cmd_bench(
         "silu_gate": ps.silu_gate, "gelu_gate": ps.gelu_gate, "embedding": ps.embedding, "embedding_tied": ps.embedding_tied,
         "token_choice": ps.token_choice,
         "linear_bias": ps.linear_bias, "residual": ps.residual, "folded": ps.folded, "removed": ps.removed,
+        "transpose_rope": ps.transpose_rope, "round_trip": ps.round_trip,
+        "linear_groups": ps.linear_groups, "group_norms": ps.group_norms, "group_gates": ps.group_gates,
     });
     let mut kv_json = kv_json(&session.kv_stats(), common);
     kv_json["last_step_context"] = session.cached_tokens().saturating_sub(1).into();

@@ -5,12 +5,16 @@
 //! - per node, the first that takes it: `fold.rs` (zero-copy views of constants such as
 //!   `Reshape(scales)`, small constant subgraphs), `linear.rs` (a `Gemm`/`MatMulNBits` with constant
 //!   weights — possibly behind `Cast` or `DequantizeLinear` — bound to [`LinearWeights`] that read the
-//!   mapped bytes in place; then a bias `Add` into its epilogue), `gate.rs` (the SiLU gate),
-//!   `attention.rs` (attention over a caller-owned cache, `Attention(q, Concat(past, new), ...)`, read
-//!   in place instead of concatenated);
+//!   mapped bytes in place; then a bias `Add` into its epilogue), `residual.rs` (a residual `Add` into
+//!   the epilogue of the linear before it), `gate.rs` (the SiLU or GELU gate), `attention.rs`
+//!   (attention over a caller-owned cache, `Attention(q, Concat(past, new), ...)`, read in place
+//!   instead of concatenated), `rope.rs` (a rotary reading through the `Transpose` before it),
+//!   `round.rs` (the f16 round trip of new cache rows);
 //! - over subgraphs: `embedding.rs` (the rows gathered from constant tables by the token ids, one step
 //!   over [`LinearWeights`] shared with a tied output layer) and `choice.rs` (the token choice after its
-//!   `TopK`), each proving its match by running it;
+//!   `TopK`), each proving its match by running it; then `group.rs` (linear layers of one input as one
+//!   step, with the norm before and the SiLU gate after them, within what the backend takes:
+//!   [`GroupCaps`]);
 //! - `liveness.rs`: dead nodes dropped, each value's last use recorded so buffers are freed as soon as
 //!   possible.
 
@@ -27,9 +31,12 @@ mod choice;
 mod embedding;
 mod fold;
 mod gate;
+mod group;
 mod linear;
 mod liveness;
 mod residual;
+mod rope;
+mod round;
 mod view;
 
 use view::Planning;
@@ -212,6 +219,13 @@ pub enum Step {
     Embedding(Embedding),
     /// The token choice after its `TopK`: softmax, nucleus, draw (see [`TokenChoice`]).
     TokenChoice(TokenChoice),
+    /// Linear layers of one input as one step, with the norm before and the gate after them (see
+    /// [`LinearGroup`]).
+    LinearGroup(LinearGroup),
+    /// `RotaryEmbedding(Transpose(x))`: the rotary reading its input token-major (see [`Rope`]).
+    Rope(Rope),
+    /// The new cache rows' `Cast` to f16 and back as one step (see [`RoundTrip`]).
+    RoundTrip(RoundTrip),
     /// Attention over a caller-owned static cache plus this chunk's rows.
     CacheAttention {
         /// Index of the `Attention` node.
@@ -244,16 +258,123 @@ pub struct Residual {
     pub linear_first: bool,
 }
 
+/// `RotaryEmbedding(Transpose(x, perm=[0,2,1,3]), rest..)` as one step: the rotary reads the
+/// projection `[1, T, H, D]` as the transposed `[1, H, T, D]` it rotates (`plan/rope.rs`).
+#[derive(Debug)]
+pub struct Rope {
+    /// Index of the `Transpose` node.
+    pub transpose: usize,
+    /// Index of the `RotaryEmbedding` node.
+    pub node: usize,
+    /// The transpose's input `[1, T, H, D]`.
+    pub x: ValId,
+    /// The rotary's other inputs as the node lists them: cos table, sin table, position ids.
+    pub rest: Vec<Option<ValId>>,
+    /// Output `[1, H, T, D]`.
+    pub out: ValId,
+}
+
+/// `half = Cast(x, f16)` (a cache output) and `out = Cast(half, f32)` (its only reader) as one step
+/// (`plan/round.rs`).
+#[derive(Debug)]
+pub struct RoundTrip {
+    /// Index of the cast to f16.
+    pub first: usize,
+    /// Index of the cast back to f32.
+    pub node: usize,
+    /// The rows, f32.
+    pub x: ValId,
+    /// The rows as f16: the cache output.
+    pub half: ValId,
+    /// The rows rounded to f16 precision, f32.
+    pub out: ValId,
+}
+
+/// Linear layers reading one value as one step (`plan/group.rs`): q/k/v, or gate/up with the SiLU
+/// gate joining them; the RMS norm producing their input folded in where only they read it.
+#[derive(Debug)]
+pub struct LinearGroup {
+    /// The norm whose output is `x`, done first by the step.
+    pub norm: Option<GroupNorm>,
+    /// The members' input (with a norm, written and read inside the step).
+    pub x: ValId,
+    /// The members, each a [`Step::Linear`] without a residual, in the order their rows are stacked.
+    pub members: Vec<Step>,
+    /// The SiLU gate over the first member's output (`g`) and the second's (`u`), done last (their
+    /// outputs are then read inside the step only).
+    pub silu: Option<Gate>,
+}
+
+/// An `RMSNormalization` over the last axis folded into a [`LinearGroup`].
+#[derive(Debug)]
+pub struct GroupNorm {
+    /// Index of the node.
+    pub node: usize,
+    /// Its input.
+    pub x: ValId,
+    /// Its scale (a constant f32 `[K]`).
+    pub scale: ValId,
+    /// Its epsilon.
+    pub epsilon: f32,
+}
+
+impl LinearGroup {
+    /// The members' `(weights, output)`, in stacking order.
+    pub fn linears(&self) -> impl Iterator<Item = (&Arc<LinearWeights>, ValId)> {
+        self.members.iter().filter_map(|m| match m {
+            Step::Linear { w, out, .. } => Some((w, *out)),
+            _ => None,
+        })
+    }
+}
+
+/// What a backend runs of the linear groups: the planner makes only groups within these.
+#[derive(Debug, Clone, Copy)]
+pub struct GroupCaps {
+    /// Most members in a group.
+    pub max_members: usize,
+    /// Most bytes of the members' weights together (a GPU's one binding).
+    pub max_bytes: u64,
+    /// Whether the norm before the members is folded in.
+    pub norm: bool,
+    /// Whether the SiLU gate after a pair is folded in.
+    pub silu: bool,
+    /// Which weights may be members (the encodings a GPU's kernels read).
+    pub takes: fn(&LinearWeights) -> bool,
+}
+
+impl GroupCaps {
+    /// Any group: the CPU runs every member with its own kernel.
+    pub const ANY: GroupCaps = GroupCaps {
+        max_members: usize::MAX,
+        max_bytes: u64::MAX,
+        norm: true,
+        silu: true,
+        takes: |_| true,
+    };
+}
+
 /// Which fusions the planner makes (all by default); both backends run every fused form.
 #[derive(Debug, Clone, Copy)]
 pub struct PlanOptions {
     /// A residual `Add` after a linear layer goes into its epilogue.
     pub residual: bool,
+    /// A `Transpose` before a `RotaryEmbedding` goes into the rotary's step.
+    pub transpose_rope: bool,
+    /// The f16 round trip of new cache rows is one step.
+    pub round_trip: bool,
+    /// Linear layers of one input are one step, within these bounds (`None`: no groups).
+    pub linear_groups: Option<GroupCaps>,
 }
 
 impl Default for PlanOptions {
     fn default() -> Self {
-        PlanOptions { residual: true }
+        PlanOptions {
+            residual: true,
+            transpose_rope: true,
+            round_trip: true,
+            linear_groups: Some(GroupCaps::ANY),
+        }
     }
 }
 
@@ -383,6 +504,16 @@ pub struct PlanStats {
     pub linear_bias: usize,
     /// Residual `Add`s done in the epilogue of the linear layer before them.
     pub residual: usize,
+    /// Rotaries reading their input through the `Transpose` before them.
+    pub transpose_rope: usize,
+    /// f16 round trips of new cache rows done as one step.
+    pub round_trip: usize,
+    /// Linear groups (sets of layers reading one value, run as one step).
+    pub linear_groups: usize,
+    /// Norms folded into the linear group after them.
+    pub group_norms: usize,
+    /// SiLU gates folded into the linear pair before them.
+    pub group_gates: usize,
     /// Nodes folded into constants.
     pub folded: usize,
     /// Nodes removed as dead or absorbed.
@@ -405,6 +536,8 @@ const NODE_PASSES: &[NodePass] = &[
     residual::residual,
     gate::gate,
     attention::cache_attention,
+    rope::rope,
+    round::round_trip,
 ];
 
 impl Plan {
@@ -426,6 +559,7 @@ impl Plan {
         }
         Self::embedding(&mut p);
         Self::token_choice(&mut p);
+        group::groups(&mut p);
         let steps = liveness::live_steps(&mut p);
         let frees = liveness::frees(&p, &steps);
         Ok(Plan {
@@ -498,6 +632,14 @@ impl Step {
             Step::Gate(sg) => vec![sg.g, sg.u],
             Step::Embedding(e) => vec![e.ids],
             Step::TokenChoice(c) => vec![c.vals, c.idx, c.k, c.top_p, c.u],
+            Step::Rope(r) => std::iter::once(r.x)
+                .chain(r.rest.iter().flatten().copied())
+                .collect(),
+            Step::RoundTrip(r) => vec![r.x],
+            Step::LinearGroup(g) => match &g.norm {
+                Some(n) => vec![n.x, n.scale],
+                None => vec![g.x],
+            },
             Step::CacheAttention { q, new, mask, .. } => {
                 let mut r = vec![*q, new[0], new[1]];
                 r.extend(mask);
@@ -510,7 +652,13 @@ impl Step {
     pub fn writes(&self) -> Vec<ValId> {
         match self {
             Step::Node { outputs, .. } => outputs.clone(),
+            Step::RoundTrip(r) => vec![r.half, r.out],
+            Step::LinearGroup(g) => match &g.silu {
+                Some(sg) => vec![sg.out],
+                None => g.linears().map(|(_, out)| out).collect(),
+            },
             Step::Linear { out, .. }
+            | Step::Rope(Rope { out, .. })
             | Step::Gate(Gate { out, .. })
             | Step::Embedding(Embedding { out, .. })
             | Step::TokenChoice(TokenChoice { out, .. })
@@ -529,6 +677,9 @@ impl Step {
             Step::Gate(_) => "[gelu gate]",
             Step::Embedding(_) => "[embedding]",
             Step::TokenChoice(_) => "[token choice]",
+            Step::Rope(_) => "[transposed rotary]",
+            Step::LinearGroup(_) => "[linear group]",
+            Step::RoundTrip(_) => "[f16 round trip]",
             Step::CacheAttention { .. } => "[cache attention]",
         }
     }

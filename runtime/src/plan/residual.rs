@@ -91,7 +91,11 @@ mod tests {
                 s => panic!("expected one linear step with a residual, got {s:?}"),
             }
             assert_same(&g, &p, &inputs, 1e-6);
-            let off = Plan::with_options(g.clone(), PlanOptions { residual: false }).unwrap();
+            let options = PlanOptions {
+                residual: false,
+                ..PlanOptions::default()
+            };
+            let off = Plan::with_options(g.clone(), options).unwrap();
             assert_eq!((off.stats.residual, off.steps.len()), (0, 2));
             assert_same(&g, &off, &inputs, 1e-6);
         }

@@ -16,7 +16,7 @@ use crate::contract;
 use crate::error::{Error, Result};
 use crate::graph::{Attr, DType};
 use crate::kv::{KvOptions, KvStats, PagedCache};
-use crate::plan::{GateAct, Plan, Residual, Step, ValId};
+use crate::plan::{Gate, GateAct, LinearGroup, Plan, Residual, Rope, RoundTrip, Step, ValId};
 use crate::tensor::Tensor;
 
 /// The output slot of the linear layer whose result becomes the graph's `logits` through view ops
@@ -29,10 +29,14 @@ use crate::tensor::Tensor;
 pub(crate) fn logits_linear(plan: &Plan) -> Option<ValId> {
     let mut v = *plan.outputs.get(contract::LOGITS)?;
     loop {
-        let producer = plan.steps.iter().find(|s| match s {
-            Step::Linear { out, .. } => *out == v,
-            Step::Node { outputs, .. } => outputs.contains(&v),
-            _ => false,
+        let producer = plan.steps.iter().find_map(|s| match s {
+            Step::Linear { out, .. } if *out == v => Some(s),
+            Step::Node { outputs, .. } if outputs.contains(&v) => Some(s),
+            Step::LinearGroup(g) if g.silu.is_none() => g
+                .members
+                .iter()
+                .find(|m| matches!(m, Step::Linear { out, .. } if *out == v)),
+            _ => None,
         })?;
         match producer {
             Step::Linear { out, .. } => return Some(*out),
@@ -105,7 +109,10 @@ pub(crate) fn exec_step(
         Step::Linear { .. } => linear_step(plan, s, env, run),
         Step::Embedding(_) => embedding_step(plan, s, env),
         Step::TokenChoice(_) => choice_step(plan, s, env),
-        Step::Gate(_) => gate_step(plan, s, env),
+        Step::Gate(sg) => gate_step(plan, sg, env),
+        Step::LinearGroup(g) => group_step(plan, g, env, run),
+        Step::Rope(r) => rope_step(plan, r, env),
+        Step::RoundTrip(r) => round_trip_step(plan, r, env),
         Step::CacheAttention { .. } => attention_step(plan, s, env, caches, run),
     }
 }
@@ -258,11 +265,65 @@ fn choice_step(plan: &Plan, s: &Step, env: &mut [Option<Tensor>]) -> Result<()> 
     Ok(())
 }
 
+/// A linear group: its norm, its members, its gate, in turn; the values only the group reads are
+/// dropped after it.
+fn group_step(
+    plan: &Plan,
+    g: &LinearGroup,
+    env: &mut [Option<Tensor>],
+    run: &mut CpuRun,
+) -> Result<()> {
+    if let Some(nm) = &g.norm {
+        let (x, scale) = (val(plan, env, nm.x)?, val(plan, env, nm.scale)?);
+        let y = ops::run_node(&plan.graph.nodes[nm.node], &[Some(&x), Some(&scale)])?;
+        env[g.x] = y.into_iter().next();
+    }
+    for m in &g.members {
+        linear_step(plan, m, env, run)?;
+    }
+    if let Some(sg) = &g.silu {
+        gate_step(plan, sg, env)?;
+        for (_, out) in g.linears() {
+            env[out] = None;
+        }
+    }
+    if g.norm.is_some() {
+        env[g.x] = None;
+    }
+    Ok(())
+}
+
+/// The rotary reading its input through the transpose before it: the two nodes' ops in turn.
+fn rope_step(plan: &Plan, r: &Rope, env: &mut [Option<Tensor>]) -> Result<()> {
+    let nodes = &plan.graph.nodes;
+    let x = val(plan, env, r.x)?;
+    let t = ops::run_node(&nodes[r.transpose], &[Some(&x)])?;
+    let rest: Vec<Option<Tensor>> = r
+        .rest
+        .iter()
+        .map(|v| v.map(|v| val(plan, env, v)).transpose())
+        .collect::<Result<_>>()?;
+    let args: Vec<Option<&Tensor>> = std::iter::once(t.first())
+        .chain(rest.iter().map(Option::as_ref))
+        .collect();
+    env[r.out] = ops::run_node(&nodes[r.node], &args)?.into_iter().next();
+    Ok(())
+}
+
+/// The new cache rows' f16 round trip: the cache output and the rows read back, the two casts' ops.
+fn round_trip_step(plan: &Plan, r: &RoundTrip, env: &mut [Option<Tensor>]) -> Result<()> {
+    let nodes = &plan.graph.nodes;
+    let x = val(plan, env, r.x)?;
+    let half = ops::run_node(&nodes[r.first], &[Some(&x)])?;
+    env[r.out] = ops::run_node(&nodes[r.node], &[half.first()])?
+        .into_iter()
+        .next();
+    env[r.half] = half.into_iter().next();
+    Ok(())
+}
+
 /// The gated MLP's activation, `act(g)·u`.
-fn gate_step(plan: &Plan, s: &Step, env: &mut [Option<Tensor>]) -> Result<()> {
-    let Step::Gate(sg) = s else {
-        return Err(Error::internal("gate_step: another step kind"));
-    };
+fn gate_step(plan: &Plan, sg: &Gate, env: &mut [Option<Tensor>]) -> Result<()> {
     let n = &plan.graph.nodes[sg.node];
     let (g, u) = (val(plan, env, sg.g)?, val(plan, env, sg.u)?);
     if g.dtype != DType::F32 || g.shape != u.shape || u.dtype != DType::F32 {

@@ -296,6 +296,15 @@ pub fn probe(req: &DeviceRequest, filter: BackendFilter) -> Result<AdapterId> {
     Ok(AdapterId::of(&pick_adapter(req, filter)?.get_info()))
 }
 
+/// [`probe`], with the limits a device opened on the adapter gets (its own: see `GpuContext::open`).
+pub(crate) fn probe_limits(
+    req: &DeviceRequest,
+    filter: BackendFilter,
+) -> Result<(AdapterId, wgpu::Limits)> {
+    let a = pick_adapter(req, filter)?;
+    Ok((AdapterId::of(&a.get_info()), a.limits()))
+}
+
 impl GpuContext {
     /// Opens a device. `DeviceRequest::Cpu` is an error here (the caller does not ask for a GPU then).
     pub fn new(req: &DeviceRequest, filter: BackendFilter) -> Result<Arc<GpuContext>> {

@@ -120,6 +120,32 @@ pub fn variant(ctx: &context::GpuContext) -> Variant {
     }
 }
 
+/// The linear groups the planner may make for the adapter `req` names (probed, no device opened): at
+/// most [`linear::MAX_PARTS`] members, of encodings the kernels read, stacked within one binding; the
+/// norm and the SiLU gate folded in except under [`Variant::Rows`] (CPU adapters), which would compute
+/// every row's `x·scale` product (the norm's cost times N) where a GPU hides it behind the weight
+/// loads, and ran the SiLU pair slower on lavapipe than the parts and the gate's own dispatch.
+pub(crate) fn group_caps(
+    req: &DeviceRequest,
+    filter: BackendFilter,
+    options: &GpuOptions,
+) -> crate::error::Result<crate::plan::GroupCaps> {
+    let (adapter, limits) = context::probe_limits(req, filter)?;
+    let rows = match options.variant {
+        Some(v) => v == Variant::Rows,
+        None => adapter.is_software(),
+    };
+    Ok(crate::plan::GroupCaps {
+        max_members: linear::MAX_PARTS,
+        max_bytes: limits
+            .max_storage_buffer_binding_size
+            .min(limits.max_buffer_size),
+        norm: !rows,
+        silu: !rows,
+        takes: linear::GpuLinear::supports,
+    })
+}
+
 /// Whether kernels with a one-item-an-invocation variant use it ([`Variant::Rows`]).
 pub fn rows_variant(ctx: &context::GpuContext) -> bool {
     variant(ctx) == Variant::Rows

@@ -15,21 +15,25 @@ use std::path::PathBuf;
 use super::Variant;
 use crate::error::{Error, Result};
 
-/// Pattern fusions of the GPU executor; each on by default. Turning one off runs the steps it would
-/// have fused as their own dispatches (same results within the kernels' tolerance).
+/// Pattern fusions; each on by default. Turning one off runs the steps it would have fused as their
+/// own steps (same results within the kernels' tolerance). All but `attn` are the planner's, so off is
+/// off for the CPU too.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GpuFusions {
     /// Linear layers reading one value run as one dispatch (q/k/v; gate/up with the SiLU), the norm
-    /// before them folded in on GPUs (`group`).
+    /// before them folded in on GPUs (`group`): the planner's fusion (`plan/group.rs`), within what the
+    /// adapter's kernels take, off for both backends.
     pub linear_groups: bool,
     /// Attention reads the q/k/v projections and applies the rotary itself (`attn`).
     pub attention_inputs: bool,
     /// A residual `Add` after a linear layer runs in the linear's epilogue (`res`): the planner's
     /// fusion, so off it is off for both backends (`LoadOptions::plan_options`).
     pub residual: bool,
-    /// A `Transpose` feeding `RotaryEmbedding` is read through by the rotary kernel (`tr`).
+    /// A `Transpose` feeding `RotaryEmbedding` is read through by the rotary (`tr`): the planner's
+    /// fusion (`plan/rope.rs`), off for both backends.
     pub transpose_rope: bool,
-    /// An f32 → f16 → f32 round trip of the cache rows is one kernel (`round`).
+    /// An f32 → f16 → f32 round trip of the cache rows is one step (`round`): the planner's fusion
+    /// (`plan/round.rs`), off for both backends.
     pub f16_round_trip: bool,
 }
 

@@ -185,7 +185,6 @@ impl GpuPlan {
             self.attention_segments(&at, seg_rows, nseg, dry)?
         };
         Ok(Some(Desc {
-            fused: None,
             at: Vec::new(),
             outs: vec![(
                 *out,

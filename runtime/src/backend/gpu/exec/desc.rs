@@ -55,8 +55,6 @@ pub(super) struct Disp {
 
 /// What a GPU step does this run.
 pub(super) struct Desc {
-    /// Dry run only: a fusion this description takes — (the other step, the value it reads).
-    pub(super) fused: Option<(usize, ValId)>,
     /// Output values with their metadata; `Some(src)` when the output is a view of `src`'s buffer.
     pub(super) outs: Vec<(ValId, Meta, Option<ValId>)>,
     /// Outputs that live at a byte offset into their `src`'s buffer (the parts of a fused linear).
@@ -70,7 +68,6 @@ impl Desc {
     /// A step another step does: no dispatch, no output.
     pub(super) fn empty() -> Desc {
         Desc {
-            fused: None,
             at: Vec::new(),
             outs: Vec::new(),
             reads: Vec::new(),

@@ -18,17 +18,49 @@ impl GpuPlan {
         if self.absorbed.contains(&si) {
             return Ok(Some(Desc::empty()));
         }
-        if let Some(gr) = self.lin_groups.get(&si) {
-            return self.describe_group(si, gr, e, dry).map(Some);
-        }
         match s {
+            Step::LinearGroup(_) => match self.lin_groups.get(&si) {
+                Some(gr) => self.describe_group(si, gr, e, dry).map(Some),
+                None => Ok(None),
+            },
             Step::Linear { .. } => self.linear_desc(si, s, e, dry),
             Step::Embedding(_) => self.embedding_desc(si, s, e, dry),
             Step::Gate(_) => self.gate_desc(s, e, dry),
+            Step::Rope(r) => {
+                let n = &e.plan.graph.nodes[r.node];
+                self.rope_desc(n, r.x, true, &r.rest, r.out, e, dry)
+            }
+            Step::RoundTrip(r) => self.round_trip_desc(r, e, dry),
             Step::CacheAttention { .. } => self.attention_desc(si, s, e, dry, position),
             Step::TokenChoice(_) => self.token_choice_desc(s, e, dry),
-            Step::Node { .. } => self.node_desc(si, s, e, dry),
+            Step::Node { .. } => self.node_desc(s, e, dry),
         }
+    }
+
+    /// The f16 round trip of new cache rows: one rounding dispatch for the rows read back. The f16 cache
+    /// output gets its buffer and no dispatch: the attention stores the rows in the cache, and the
+    /// GPU KV state returns them from there.
+    fn round_trip_desc(&self, r: &RoundTrip, e: &Env, dry: bool) -> Result<Option<Desc>> {
+        let Some(xm) = e.f32m(r.x) else {
+            return Ok(None);
+        };
+        let nn = xm.numel();
+        let half = Meta {
+            dtype: DType::F16,
+            shape: xm.shape.clone(),
+        };
+        Ok(Some(Desc {
+            at: Vec::new(),
+            outs: vec![(r.half, half, None), (r.out, xm, None)],
+            reads: vec![r.x],
+            disp: vec![self.ew_disp(
+                dry,
+                "unary",
+                vec![BufRef::Val(r.x), BufRef::Dummy, BufRef::Val(r.out)],
+                Params::new().u(nn).u(UnOp::RoundF16 as usize),
+                nn,
+            )?],
+        }))
     }
 
     /// One elementwise dispatch of `entry` over `items` (the kernel made at the dry run only).
@@ -126,7 +158,6 @@ impl GpuPlan {
             }
         }
         Ok(Some(Desc {
-            fused: None,
             at: Vec::new(),
             outs: vec![(
                 *out,
@@ -193,7 +224,6 @@ impl GpuPlan {
             })
             .collect::<Result<_>>()?;
         Ok(Some(Desc {
-            fused: None,
             at: Vec::new(),
             outs: vec![(
                 emb.out,
@@ -223,7 +253,6 @@ impl GpuPlan {
         }
         let n = gm.numel();
         Ok(Some(Desc {
-            fused: None,
             at: Vec::new(),
             outs: vec![(sg.out, gm, None)],
             reads: vec![sg.g, sg.u],
@@ -273,7 +302,6 @@ impl GpuPlan {
             return Ok(None);
         }
         Ok(Some(Desc {
-            fused: None,
             at: Vec::new(),
             outs: vec![(
                 c.out,
@@ -293,7 +321,7 @@ impl GpuPlan {
         }))
     }
 
-    /// A fused linear group's one dispatch (see [`LinGroup`]).
+    /// A linear group's one dispatch (the plan's [`LinearGroup`](crate::plan::LinearGroup)).
     pub(super) fn describe_group(
         &self,
         si: usize,
@@ -332,7 +360,7 @@ impl GpuPlan {
         let (out, outs) = if let Some(so) = gr.silu_out {
             (FusedOut::SiluPair, vec![(so, meta(g.n / 2), None)])
         } else if gr.members.len() == 1 {
-            (FusedOut::One, vec![(gr.members[0].1, meta(g.n), None)])
+            (FusedOut::One, vec![(gr.members[0].0, meta(g.n), None)])
         } else {
             let mut bases = gr
                 .bases
@@ -347,21 +375,21 @@ impl GpuPlan {
                 let mut b = 0;
                 for mb in &gr.members {
                     bases.push(b);
-                    b = (b + m * mb.2).next_multiple_of(align);
+                    b = (b + m * mb.1).next_multiple_of(align);
                 }
             }
-            let o0 = gr.members[0].1;
+            let o0 = gr.members[0].0;
             let mut outs = Vec::new();
             for (mb, &b) in gr.members.iter().zip(bases.iter()) {
-                outs.push((mb.1, meta(mb.2), (mb.1 != o0).then_some(o0)));
-                at.push((mb.1, 4 * b as u64));
+                outs.push((mb.0, meta(mb.1), (mb.0 != o0).then_some(o0)));
+                at.push((mb.0, 4 * b as u64));
             }
             (
                 FusedOut::Parts(
                     gr.members
                         .iter()
                         .zip(bases.iter())
-                        .map(|(mb, &b)| (mb.2, b))
+                        .map(|(mb, &b)| (mb.1, b))
                         .collect(),
                 ),
                 outs,
@@ -402,7 +430,6 @@ impl GpuPlan {
             })
             .collect();
         Ok(Desc {
-            fused: None,
             at,
             outs,
             reads,
@@ -410,8 +437,8 @@ impl GpuPlan {
         })
     }
 
-    /// Whether the attention's new-row inputs are exactly the cache outputs (directly, or through a Cast to
-    /// f32 of an f16 output) — then writing them back into the cache reproduces the graph's outputs.
+    /// Whether the attention's new-row inputs are exactly the cache outputs (directly, or read back from
+    /// an f16 output by a `Cast` to f32 or the plan's [`RoundTrip`]) — then writing them back into the cache reproduces the graph's outputs.
     pub(super) fn writes_rows(&self, plan: &Plan, past: &[usize; 2], new: &[ValId; 2]) -> bool {
         (0..2).all(|j| {
             let c = &plan.caches[past[j]];
@@ -419,6 +446,9 @@ impl GpuPlan {
                 return c.dtype == DType::F32;
             }
             plan.steps.iter().any(|s| match s {
+                Step::RoundTrip(r) => {
+                    r.out == new[j] && r.half == c.output_val && c.dtype == DType::F16
+                }
                 Step::Node {
                     node,
                     inputs,

@@ -1,16 +1,16 @@
-//! Fused linear groups bound to the GPU: the members' weights concatenated and uploaded once, the
-//! norm and the SiLU gate folded in where the kernel takes them.
+//! Linear groups bound to the GPU: the plan's [`LinearGroup`] steps, their members' weights stacked and
+//! uploaded once, run as one dispatch with the norm and the SiLU gate the planner folded in.
 
 use super::*;
+use crate::plan::LinearGroup;
 
-/// A [`LinGroup`] bound to the GPU: its concatenated weights are the leader's (its first step's)
-/// [`GpuLinear`]; the other members, the norm and the gate are absorbed.
+/// A [`LinearGroup`] bound to the GPU: its stacked weights are the step's [`GpuLinear`].
 #[derive(Debug)]
 pub(super) struct GpuGroup {
     /// The members' node names, joined by `+` (for errors).
     pub(super) name: String,
-    /// `(step, output, rows)` of every member, in concatenation order.
-    pub(super) members: Vec<(usize, ValId, usize)>,
+    /// `(output, rows)` of every member, in stacking order.
+    pub(super) members: Vec<(ValId, usize)>,
     /// The members' input.
     pub(super) x: ValId,
     /// `(input, scale, epsilon)` of the folded norm.
@@ -24,111 +24,84 @@ pub(super) struct GpuGroup {
 }
 
 impl GpuPlan {
-    /// Uploads the concatenated weights of every fused linear group the GPU kernel takes (into
-    /// `linears`, under the group's first step) and returns the groups and the steps they absorb.
+    /// Uploads the stacked weights of every linear group the GPU kernels take (into `linears`, under
+    /// the group's step) and returns the groups by step. A group they do not take runs on the CPU.
     pub(super) fn bind_groups(
         ctx: &Arc<GpuContext>,
         plan: &Plan,
-        cand: &Fusions,
         linears: &mut HashMap<usize, GpuLinear>,
         weight_bytes: &mut u64,
-    ) -> Result<(HashMap<usize, GpuGroup>, HashSet<usize>)> {
-        use linear::FusedOut;
+    ) -> Result<HashMap<usize, GpuGroup>> {
         let mut groups = HashMap::new();
-        let mut absorbed = HashSet::new();
-        // CPU adapters compute every row's x·scale product (the norm's cost times N), where a GPU hides
-        // it behind the weight loads: there the norm stays a dispatch of its own. The SiLU pair (two rows
-        // an invocation there) also ran slower on lavapipe than parts + the gate's own dispatch.
-        let cpu_adapter = rows_variant(ctx);
-        for gr in &cand.groups {
-            let mut gr = gr.clone();
-            if cpu_adapter {
-                gr.norm = None;
-                gr.silu = None;
+        for (si, s) in plan.steps.iter().enumerate() {
+            let Step::LinearGroup(gr) = s else { continue };
+            if let Some((g, group)) = Self::bind_group_weights(ctx, plan, gr)? {
+                *weight_bytes += g.bytes;
+                linears.insert(si, g);
+                groups.insert(si, group);
             }
-            if gr.members.len() < 2 && gr.norm.is_none() {
-                continue;
-            }
-            let mut ws = Vec::new();
-            let mut biases = Vec::new();
-            let mut members = Vec::new();
-            let mut x0 = None;
-            for &si in &gr.members {
-                if let Step::Linear {
-                    w, bias, out, x, ..
-                } = &plan.steps[si]
-                {
-                    ws.push(&**w);
-                    biases.push(bias.as_ref().map(|b| b.typed::<f32>().to_vec()));
-                    members.push((si, *out, w.n));
-                    x0 = Some(*x);
-                }
-            }
-            let Some(x) = x0 else { continue };
-            if members.len() != gr.members.len() || !ws.iter().all(|w| GpuLinear::supports(w)) {
-                continue;
-            }
-            let Some(cat) = crate::weights::LinearWeights::concat(&ws) else {
-                continue;
-            };
-            if let Some((_, _, w, _)) = gr.norm {
-                if plan.consts[w].as_ref().map(|t| t.numel()) != Some(cat.k) {
-                    continue;
-                }
-            }
-            let bias: Option<Vec<f32>> = biases.iter().any(|b| b.is_some()).then(|| {
-                biases
-                    .iter()
-                    .zip(&members)
-                    .flat_map(|(b, m)| b.clone().unwrap_or_else(|| vec![0.0; m.2]))
-                    .collect()
-            });
-            let names: Vec<&str> = gr
-                .members
-                .iter()
-                .map(|&si| match &plan.steps[si] {
-                    Step::Linear { node, .. } => plan.graph.nodes[*node].name.as_str(),
-                    _ => "",
-                })
-                .collect();
-            let name = names.join("+");
-            let Ok(g) = GpuLinear::new(ctx, &name, &cat, bias.as_deref()) else {
-                // Too large for one binding together: the members run alone.
-                continue;
-            };
-            let out = if gr.silu.is_some() {
-                FusedOut::SiluPair
-            } else if members.len() > 1 {
-                FusedOut::Parts(members.iter().map(|m| (m.2, 0)).collect())
-            } else {
-                FusedOut::One
-            };
-            let Some(kernels) = g.fused_kernels(ctx, &out, gr.norm.is_some())? else {
-                continue;
-            };
-            let leader = *gr.members.iter().min().unwrap_or(&members[0].0);
-            *weight_bytes += g.bytes;
-            linears.insert(leader, g);
-            absorbed.extend(gr.members.iter().copied().filter(|&m| m != leader));
-            absorbed.extend(gr.norm.map(|n| n.0));
-            absorbed.extend(gr.silu);
-            let silu_out = gr.silu.and_then(|si| match &plan.steps[si] {
-                Step::Gate(sg) => Some(sg.out),
-                _ => None,
-            });
-            groups.insert(
-                leader,
-                GpuGroup {
-                    name,
-                    members,
-                    x,
-                    norm: gr.norm.map(|(_, xin, w, eps)| (xin, w, eps)),
-                    silu_out,
-                    kernels,
-                    bases: Mutex::new(Vec::new()),
-                },
-            );
         }
-        Ok((groups, absorbed))
+        Ok(groups)
+    }
+
+    /// One group's stacked weights and kernels, or `None` when the kernels do not take them.
+    fn bind_group_weights(
+        ctx: &Arc<GpuContext>,
+        plan: &Plan,
+        gr: &LinearGroup,
+    ) -> Result<Option<(GpuLinear, GpuGroup)>> {
+        use linear::FusedOut;
+        let mut ws = Vec::new();
+        let mut biases = Vec::new();
+        let mut members = Vec::new();
+        let mut names = Vec::new();
+        for m in &gr.members {
+            if let Step::Linear {
+                node, w, bias, out, ..
+            } = m
+            {
+                ws.push(&**w);
+                biases.push(bias.as_ref().map(|b| b.typed::<f32>().to_vec()));
+                members.push((*out, w.n));
+                names.push(plan.graph.nodes[*node].name.as_str());
+            }
+        }
+        if members.len() != gr.members.len() || !ws.iter().all(|w| GpuLinear::supports(w)) {
+            return Ok(None);
+        }
+        let Some(cat) = crate::weights::LinearWeights::concat(&ws) else {
+            return Ok(None);
+        };
+        let bias: Option<Vec<f32>> = biases.iter().any(|b| b.is_some()).then(|| {
+            biases
+                .iter()
+                .zip(&members)
+                .flat_map(|(b, m)| b.clone().unwrap_or_else(|| vec![0.0; m.1]))
+                .collect()
+        });
+        let name = names.join("+");
+        let Ok(g) = GpuLinear::new(ctx, &name, &cat, bias.as_deref()) else {
+            return Ok(None);
+        };
+        let out = if gr.silu.is_some() {
+            FusedOut::SiluPair
+        } else if members.len() > 1 {
+            FusedOut::Parts(members.iter().map(|m| (m.1, 0)).collect())
+        } else {
+            FusedOut::One
+        };
+        let Some(kernels) = g.fused_kernels(ctx, &out, gr.norm.is_some())? else {
+            return Ok(None);
+        };
+        let group = GpuGroup {
+            name,
+            members,
+            x: gr.x,
+            norm: gr.norm.as_ref().map(|n| (n.x, n.scale, n.epsilon)),
+            silu_out: gr.silu.as_ref().map(|sg| sg.out),
+            kernels,
+            bases: Mutex::new(Vec::new()),
+        };
+        Ok(Some((g, group)))
     }
 }

@@ -60,7 +60,7 @@ use crate::backend::cpu::ops;
 use crate::backend::mask::Attended;
 use crate::error::{DeviceFault, Error, Result};
 use crate::graph::{Attr, DType};
-use crate::plan::{Gate, GateAct, Plan, Step, ValId};
+use crate::plan::{GateAct, Plan, RoundTrip, Step, ValId};
 use crate::tensor::Tensor;
 
 /// Runs one plan step on the CPU (the model's generic path).
@@ -157,10 +157,6 @@ pub struct GpuPlan {
     /// Whether decode steps run ahead where they can ([`super::GpuOptions::run_ahead`]; off
     /// when profiling).
     ahead: bool,
-    /// Fusion candidates found in the plan (see [`Fusions`]) and the ones the dry run took.
-    cand: Fusions,
-    /// Steps whose work another step does (their descriptions are empty).
-    skipped: HashSet<usize>,
     /// Fused linear groups by leader step.
     lin_groups: HashMap<usize, GpuGroup>,
     /// Attention steps reading the projections themselves (see [`AttnIn`]).
@@ -176,10 +172,6 @@ pub struct GpuPlan {
     /// adapter has them ([`Stamps`]), else each dispatch submitted and waited for alone.
     profile: Option<Mutex<std::collections::BTreeMap<String, (u64, f64)>>>,
     stamps: Option<Stamps>,
-    /// Rotary steps reading the untransposed `[1, T, H, D]` input.
-    tr_src: HashMap<usize, ValId>,
-    /// `Cast(f16→f32)` steps computing `f32(f16(x))` from the first cast's input.
-    round_src: HashMap<usize, ValId>,
     /// What the CPU steps read, `(step, value)` in step order: a read-back for one CPU step also
     /// fetches what later CPU steps read and the GPU already holds (the token choice after a GPU `TopK`
     /// reads both its outputs: one wait, not two).

@@ -8,8 +8,6 @@ use crate::graph::Node;
 /// A generic node as its description functions see it.
 #[derive(Clone, Copy)]
 pub(super) struct NodeAt<'a> {
-    /// Its step.
-    si: usize,
     /// The node.
     n: &'a Node,
     /// Its input values (`None`: an omitted optional input).
@@ -44,15 +42,8 @@ const NODE_OPS: &[(&str, NodeDescribe)] = &[
 ];
 
 impl GpuPlan {
-    /// A generic node: the first of a fused pair (no dispatch of its own), the second cast of an f16
-    /// round trip, a view, or what its op's function in [`NODE_OPS`] describes.
-    pub(super) fn node_desc(
-        &self,
-        si: usize,
-        s: &Step,
-        e: &Env,
-        dry: bool,
-    ) -> Result<Option<Desc>> {
+    /// A generic node: a view, or what its op's function in [`NODE_OPS`] describes.
+    pub(super) fn node_desc(&self, s: &Step, e: &Env, dry: bool) -> Result<Option<Desc>> {
         let Step::Node {
             node,
             inputs,
@@ -66,16 +57,12 @@ impl GpuPlan {
             return Ok(None);
         }
         let a = NodeAt {
-            si,
             n,
             inputs,
             outputs,
             e,
             dry,
         };
-        if let Some(d) = self.pair_desc(&a)? {
-            return Ok(Some(d));
-        }
         if crate::plan::is_view_op(&n.op) {
             return self.view_desc(&a);
         }
@@ -83,83 +70,6 @@ impl GpuPlan {
             Some((_, describe)) => describe(self, &a),
             None => Ok(None),
         }
-    }
-
-    /// A node a fusion took: the first of a pair another step does (an `Add` in a linear's epilogue, a
-    /// `Transpose` the rotary reads through, the first cast of an f16 round trip: no dispatch), or the
-    /// second cast of that round trip (one rounding dispatch). `None` for every other node.
-    fn pair_desc(&self, a: &NodeAt) -> Result<Option<Desc>> {
-        let NodeAt {
-            si,
-            n,
-            inputs,
-            outputs,
-            e,
-            dry,
-        } = *a;
-        let f32m = |v: ValId| e.f32m(v);
-        let inp = |i: usize| inputs.get(i).copied().flatten();
-        let out = outputs[0];
-        // Fused into a neighbour: an Add done by the linear before it; a Transpose read by the
-        // rotary after it; the first of two casts done by the second.
-        let first_of_pair = if dry {
-            let x = inp(0).and_then(|x| e.meta[x].clone().map(|m| (x, m)));
-            match (self.cand.tr.get(&si), self.cand.round.get(&si), x) {
-                (Some(&(ri, src)), _, Some((_, m)))
-                    if m.dtype == DType::F32 && m.shape.len() == 4 =>
-                {
-                    Some((ri, src, m))
-                }
-                (_, Some(&(bi, src)), Some((_, m))) if m.dtype == DType::F32 => Some((bi, src, m)),
-                _ => None,
-            }
-        } else if self.skipped.contains(&si) {
-            let src = inp(0).ok_or_else(|| Error::internal("fused step lost its input"))?;
-            let m = e
-                .meta(src)
-                .ok_or_else(|| Error::internal("fused step input missing"))?;
-            Some((0, src, m))
-        } else {
-            None
-        };
-        if let Some((other, src, m)) = first_of_pair {
-            let om = if n.op == "Transpose" {
-                Meta {
-                    dtype: m.dtype,
-                    shape: vec![m.shape[0], m.shape[2], m.shape[1], m.shape[3]],
-                }
-            } else {
-                Meta {
-                    dtype: DType::F16,
-                    shape: m.shape,
-                }
-            };
-            return Ok(Some(Desc {
-                fused: dry.then_some((other, src)),
-                at: Vec::new(),
-                outs: vec![(out, om, None)],
-                reads: vec![src],
-                disp: Vec::new(),
-            }));
-        }
-        if let Some(&x) = self.round_src.get(&si) {
-            let Some(xm) = f32m(x) else { return Ok(None) };
-            let nn = xm.numel();
-            return Ok(Some(Desc {
-                fused: None,
-                at: Vec::new(),
-                outs: vec![(out, xm, None)],
-                reads: vec![x],
-                disp: vec![self.ew_disp(
-                    dry,
-                    "unary",
-                    vec![BufRef::Val(x), BufRef::Dummy, BufRef::Val(out)],
-                    Params::new().u(nn).u(UnOp::RoundF16 as usize),
-                    nn,
-                )?],
-            }));
-        }
-        Ok(None)
     }
 
     /// A view op (reshape, squeeze, ...): no dispatch, the output shares its input's buffer.
@@ -191,7 +101,6 @@ impl GpuPlan {
         let o = ops::run_node(n, &args)?;
         let m = Meta::of(&o[0]);
         Ok(Some(Desc {
-            fused: None,
             at: Vec::new(),
             outs: vec![(out, m, Some(x))],
             reads: vec![x],
@@ -232,7 +141,6 @@ impl GpuPlan {
         let p = ew::binary_params(op, &am.shape, &bm.shape, &os)?;
         let nn = os.iter().product();
         Ok(Some(Desc {
-            fused: None,
             at: Vec::new(),
             outs: vec![(
                 out,
@@ -280,7 +188,6 @@ impl GpuPlan {
         };
         let nn = am.numel();
         Ok(Some(Desc {
-            fused: None,
             at: Vec::new(),
             outs: vec![(out, am, None)],
             reads: vec![a],
@@ -316,7 +223,6 @@ impl GpuPlan {
                     return Ok(None);
                 }
                 return Ok(Some(Desc {
-                    fused: None,
                     at: Vec::new(),
                     outs: vec![(out, am, Some(a))],
                     reads: vec![a],
@@ -332,7 +238,6 @@ impl GpuPlan {
         };
         let to = to.unwrap_or(DType::F32);
         Ok(Some(Desc {
-            fused: None,
             at: Vec::new(),
             outs: vec![(
                 out,
@@ -400,7 +305,6 @@ impl GpuPlan {
         }
         let p = ew::transpose_params(&shape, &perm)?;
         Ok(Some(Desc {
-            fused: None,
             at: Vec::new(),
             outs: vec![(
                 out,
@@ -476,7 +380,6 @@ impl GpuPlan {
         let words = row_bytes / unit;
         let threads = (nidx * row_bytes).div_ceil(4);
         Ok(Some(Desc {
-            fused: None,
             at: Vec::new(),
             outs: vec![(
                 out,
@@ -533,7 +436,6 @@ impl GpuPlan {
         let rows = xm.numel() / h.max(1);
         let (gx, gy) = grid(rows, 1, ctx.max_groups);
         Ok(Some(Desc {
-            fused: None,
             at: Vec::new(),
             outs: vec![(out, xm, None)],
             reads: vec![x, w],
@@ -546,33 +448,38 @@ impl GpuPlan {
         }))
     }
 
-    /// `RotaryEmbedding` with constant cos/sin tables (the input untransposed where that fusion was taken).
+    /// `RotaryEmbedding` with constant cos/sin tables.
     fn rotary_desc(&self, a: &NodeAt) -> Result<Option<Desc>> {
-        let NodeAt {
-            si,
-            n,
-            inputs,
-            outputs,
-            e,
-            dry,
-            ..
-        } = *a;
+        let (Some(x), Some(rest)) = (a.inputs.first().copied().flatten(), a.inputs.get(1..)) else {
+            return Ok(None);
+        };
+        self.rope_desc(a.n, x, false, rest, a.outputs[0], a.e, a.dry)
+    }
+
+    /// The rotary of node `n` over `x` (`[1, H, T, D]`, or `[1, T, H, D]` read as that when
+    /// `transposed`: the plan's [`Rope`](crate::plan::Rope)); `rest`: cos, sin, positions.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn rope_desc(
+        &self,
+        n: &Node,
+        x: ValId,
+        transposed: bool,
+        rest: &[Option<ValId>],
+        out: ValId,
+        e: &Env,
+        dry: bool,
+    ) -> Result<Option<Desc>> {
         let ctx = &self.ctx;
         let plan = e.plan;
-        let k = |f: &dyn Fn() -> Result<Arc<Kernel>>| kernel_if(dry, f);
-        let f32m = |v: ValId| e.f32m(v);
-        let inp = |i: usize| inputs.get(i).copied().flatten();
-        let out = outputs[0];
-        let (Some(x0), Some(c), Some(sn), Some(pv)) = (inp(0), inp(1), inp(2), inp(3)) else {
+        let (Some(&Some(c)), Some(&Some(sn)), Some(&Some(pv))) =
+            (rest.first(), rest.get(1), rest.get(2))
+        else {
             return Ok(None);
         };
-        // After a fused transpose the input is still [1, T, H, D].
-        let tf = self.tr_src.get(&si).copied();
-        let x = tf.unwrap_or(x0);
-        let Some(mut xm) = f32m(x) else {
+        let Some(mut xm) = e.f32m(x) else {
             return Ok(None);
         };
-        if tf.is_some() && xm.shape.len() == 4 {
+        if transposed && xm.shape.len() == 4 {
             xm.shape = vec![xm.shape[0], xm.shape[2], xm.shape[1], xm.shape[3]];
         }
         let (Some(ct), Some(st)) = (plan.consts[c].as_ref(), plan.consts[sn].as_ref()) else {
@@ -604,12 +511,11 @@ impl GpuPlan {
         let nn = h * t * d;
         let (gx, gy) = grid(nn, 256, ctx.max_groups);
         Ok(Some(Desc {
-            fused: None,
             at: Vec::new(),
             outs: vec![(out, xm, None)],
             reads: vec![x, c, sn, pv],
             disp: vec![Disp {
-                kernel: k(&|| rope::kernel(ctx))?,
+                kernel: kernel_if(dry, &|| rope::kernel(ctx))?,
                 binds: vec![
                     BufRef::Val(x),
                     BufRef::Val(c),
@@ -617,14 +523,7 @@ impl GpuPlan {
                     BufRef::Val(pv),
                     BufRef::Val(out),
                 ],
-                params: rope::params(
-                    h,
-                    t,
-                    d,
-                    rot,
-                    n.attr_int("interleaved", 0) != 0,
-                    tf.is_some(),
-                ),
+                params: rope::params(h, t, d, rot, n.attr_int("interleaved", 0) != 0, transposed),
                 groups: (gx, gy, 1),
             }],
         }))
@@ -718,7 +617,6 @@ impl GpuPlan {
             }
         }
         Ok(Some(Desc {
-            fused: None,
             at: Vec::new(),
             outs: vec![
                 (

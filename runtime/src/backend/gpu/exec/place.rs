@@ -7,7 +7,6 @@ use super::*;
 /// The GPU weights of a plan, uploaded once: every linear layer the kernels take, fused groups
 /// (concatenated), untied token tables, and the fusions the device allows.
 struct Weights {
-    cand: Fusions,
     linears: HashMap<usize, GpuLinear>,
     lin_alias: HashMap<usize, usize>,
     lin_groups: HashMap<usize, GpuGroup>,
@@ -29,9 +28,11 @@ impl Weights {
             } else {
                 HashMap::new()
             };
-        let (lin_groups, mut absorbed) =
-            GpuPlan::bind_groups(ctx, plan, &cand, &mut linears, &mut weight_bytes)?;
-        absorbed.extend(attn_in.values().flat_map(|a| a.absorbs.iter().copied()));
+        let lin_groups = GpuPlan::bind_groups(ctx, plan, &mut linears, &mut weight_bytes)?;
+        let absorbed: HashSet<usize> = attn_in
+            .values()
+            .flat_map(|a| a.absorbs.iter().copied())
+            .collect();
         for (si, s) in plan.steps.iter().enumerate() {
             if let Step::Linear { node, w, bias, .. } = s {
                 if linears.contains_key(&si) || absorbed.contains(&si) {
@@ -51,15 +52,14 @@ impl Weights {
         let mut lin_alias = HashMap::new();
         for (si, s) in plan.steps.iter().enumerate() {
             let Step::Embedding(emb) = s else { continue };
-            let tied = plan.steps.iter().enumerate().find_map(|(j, t)| match t {
-                Step::Linear { w, .. }
-                    if Arc::ptr_eq(w, &emb.w)
-                        && linears.get(&j).is_some_and(|g| g.n == w.n)
-                        && lin_groups.get(&j).is_none_or(|g| g.members.len() == 1) =>
-                {
-                    Some(j)
-                }
-                _ => None,
+            // (a group of one: the output layer with its norm folded in)
+            let tied = plan.steps.iter().enumerate().find_map(|(j, t)| {
+                let w = match t {
+                    Step::Linear { w, .. } => w,
+                    Step::LinearGroup(g) if g.members.len() == 1 => g.linears().next()?.0,
+                    _ => return None,
+                };
+                (Arc::ptr_eq(w, &emb.w) && linears.get(&j).is_some_and(|g| g.n == w.n)).then_some(j)
             });
             if let Some(j) = tied {
                 lin_alias.insert(si, j);
@@ -70,7 +70,6 @@ impl Weights {
             }
         }
         Ok(Weights {
-            cand,
             linears,
             lin_alias,
             lin_groups,
@@ -156,7 +155,6 @@ impl GpuPlan {
     ) -> Result<GpuPlan> {
         let nvals = plan.names.len();
         let Weights {
-            cand,
             linears,
             lin_alias,
             lin_groups,
@@ -202,7 +200,6 @@ impl GpuPlan {
                 weight_bytes,
                 ..Default::default()
             }),
-            cand,
             lin_groups,
             attn_in,
             absorbed,
@@ -210,9 +207,6 @@ impl GpuPlan {
             submit_ms: Mutex::new(0.0),
             profile: ctx.profiling.then(|| Mutex::new(Default::default())),
             stamps: None,
-            skipped: HashSet::new(),
-            tr_src: HashMap::new(),
-            round_src: HashMap::new(),
             cpu_reads: Vec::new(),
             last_gpu: None,
             kept: Mutex::default(),
@@ -227,9 +221,11 @@ impl GpuPlan {
         let d = self.describe(si, s, &e, true, 0)?;
         let heavy = matches!(
             s,
-            Step::Linear { .. } | Step::CacheAttention { .. } | Step::Embedding(_)
+            Step::Linear { .. }
+                | Step::LinearGroup(_)
+                | Step::CacheAttention { .. }
+                | Step::Embedding(_)
         ) || self.embedding(plan, s)
-            || self.skipped.contains(&si)
             || self.absorbed.contains(&si);
         let reads_gpu = || {
             crate::plan::step_reads(s)
@@ -253,14 +249,6 @@ impl GpuPlan {
             ..
         } = dry;
         self.on_gpu[si] = true;
-        if let Some((other, target)) = d.fused {
-            self.skipped.insert(si);
-            if self.cand.tr.contains_key(&si) {
-                self.tr_src.insert(other, target);
-            } else {
-                self.round_src.insert(other, target);
-            }
-        }
         for &v in &d.reads {
             if e_is_const(plan, v) {
                 consts.insert(v);
@@ -313,12 +301,7 @@ impl GpuPlan {
             first_wait,
             ..
         } = dry;
-        if self.tr_src.contains_key(&si)
-            || self.round_src.contains_key(&si)
-            || self.skipped.contains(&si)
-            || self.absorbed.contains(&si)
-            || self.lin_groups.contains_key(&si)
-        {
+        if self.absorbed.contains(&si) {
             return Err(Error::device(
                 DeviceFault::Unsupported,
                 format!("step {si} was fused with an earlier one but cannot run on the GPU"),
@@ -493,7 +476,10 @@ impl GpuPlan {
             st.subgroup_linears = self
                 .linears
                 .iter()
-                .filter(|(si, l)| l.subgroups && matches!(plan.steps[**si], Step::Linear { .. }))
+                .filter(|(si, l)| {
+                    l.subgroups
+                        && matches!(plan.steps[**si], Step::Linear { .. } | Step::LinearGroup(_))
+                })
                 .count();
             st.cpu_steps = self.on_gpu.len() - st.gpu_steps;
         }
