@@ -74,6 +74,7 @@ impl LoadOptions {
                 transpose_rope: f.transpose_rope,
                 round_trip: f.f16_round_trip,
                 linear_groups: all.linear_groups.filter(|_| f.linear_groups),
+                attention_inputs: f.attention_inputs,
             }
         }
         #[cfg(not(feature = "gpu"))]

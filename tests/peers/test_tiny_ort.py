@@ -82,6 +82,13 @@ def test_tiny_plan(name):
     want = {"cache_attention": layers, "silu_gate": layers, "linear": 7 * layers + 1, "embedding": 1,
             "token_choice": 1, "residual": 2 * layers, "linear_groups": 2 * layers + 1,
             "group_norms": 2 * layers + 1, "group_gates": layers}
+    # Each attention reads its projections (rotaries and transposes taken in) where its rotary is the
+    # transposed one the exporter writes: not after Qwen3's and Gemma 3's per-head q/k norms, nor in
+    # SmolLM3's layers without rotary (its config's `no_rope_layers` zeros).
+    cfg = json.load(open(os.path.join(tiny_checks.FIXTURES, name, "config.json")))
+    want["attention_inputs"] = sum(cfg.get("no_rope_layers", [1] * layers))
+    if name in ("qwen3", "gemma3"):
+        want["attention_inputs"] = 0
     if name.startswith("gemma"):
         # Gemma's residual adds follow a norm (no linear epilogue) and its gate is GELU-tanh.
         want.update(silu_gate=0, gelu_gate=layers, residual=0, group_gates=0)

@@ -88,14 +88,15 @@ pub(crate) trait Backend: Send + Sync {
 }
 
 /// The fusions the planner makes for a load with `opts`: those the options leave on, within what the
-/// backend it may run on takes — for a GPU (or `auto`), the linear groups the adapter's kernels run
-/// (probed without opening a device; no adapter: the CPU's, every group).
+/// backend it may run on takes. The CPU runs every fused form; for a GPU (or `auto`), the adapter's
+/// kernels bound them (probed without opening a device; no adapter: the CPU's). Under `auto` a CPU
+/// chosen after all runs that plan too.
 pub(crate) fn plan_options(opts: &crate::LoadOptions) -> crate::plan::PlanOptions {
-    let mut o = opts.plan_options();
+    let o = opts.plan_options();
     #[cfg(feature = "gpu")]
-    if opts.device != gpu::DeviceRequest::Cpu && o.linear_groups.is_some() {
-        if let Ok(caps) = gpu::group_caps(&opts.device, opts.backend, &opts.gpu) {
-            o.linear_groups = Some(caps);
+    if opts.device != gpu::DeviceRequest::Cpu {
+        if let Ok(g) = gpu::plan_options(o, &opts.device, opts.backend, &opts.gpu) {
+            return g;
         }
     }
     o

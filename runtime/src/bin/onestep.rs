@@ -562,6 +562,7 @@ fn cmd_bench(
         "linear_bias": ps.linear_bias, "residual": ps.residual, "folded": ps.folded, "removed": ps.removed,
         "transpose_rope": ps.transpose_rope, "round_trip": ps.round_trip,
         "linear_groups": ps.linear_groups, "group_norms": ps.group_norms, "group_gates": ps.group_gates,
+        "attention_inputs": ps.attention_inputs,
     });
     let mut kv_json = kv_json(&session.kv_stats(), common);
     kv_json["last_step_context"] = session.cached_tokens().saturating_sub(1).into();

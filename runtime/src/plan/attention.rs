@@ -67,6 +67,7 @@ pub(super) fn cache_attention(p: &mut Planning, ni: usize) -> Result<bool> {
         mask,
         out,
         tokens_first,
+        inputs: None,
     });
     p.stats.cache_attention += 1;
     Ok(true)

@@ -18,7 +18,7 @@ pub(super) fn groups(p: &mut Planning) {
     let Some(caps) = p.options.linear_groups else {
         return;
     };
-    let readers = step_readers(p);
+    let readers = p.step_readers();
     let mut by_x: BTreeMap<ValId, Vec<usize>> = BTreeMap::new();
     for (ni, k) in p.kind.iter().enumerate() {
         // A layer with a residual in its epilogue runs alone.
@@ -42,24 +42,6 @@ struct Found {
     members: Vec<usize>,
     norm: Option<usize>,
     silu: Option<usize>,
-}
-
-/// Per value: the nodes whose steps read it (a fused step's reads, or an unabsorbed node's inputs).
-fn step_readers(p: &Planning) -> Vec<Vec<usize>> {
-    let mut readers = vec![Vec::new(); p.names.len()];
-    for ni in 0..p.graph.nodes.len() {
-        let reads: Vec<ValId> = match &p.kind[ni] {
-            Some(s) => s.reads(),
-            None if !p.absorbed[ni] => p.node_in[ni].iter().flatten().copied().collect(),
-            None => continue,
-        };
-        for v in reads {
-            if !readers[v].contains(&ni) {
-                readers[v].push(ni);
-            }
-        }
-    }
-    readers
 }
 
 /// The members' weights, in node order.

@@ -27,6 +27,7 @@ use crate::tensor::Tensor;
 use crate::weights::LinearWeights;
 
 mod attention;
+mod attention_inputs;
 mod choice;
 mod embedding;
 mod fold;
@@ -128,15 +129,24 @@ pub(crate) mod testutil {
             .collect()
     }
 
-    /// Runs `plan`'s steps on the CPU (exact precision), returning the graph outputs by name.
+    /// Runs `plan`'s steps on the CPU (exact precision), returning the graph outputs by name. Its
+    /// caches start empty (a step at position 0); `inputs` naming them are left out.
     pub fn run_plan(plan: &Plan, inputs: &[(&str, Tensor)]) -> BTreeMap<String, Tensor> {
         let mut env: Vec<Option<Tensor>> = vec![None; plan.names.len()];
         for (n, t) in inputs {
-            env[plan.inputs[*n]] = Some(t.clone());
+            if let Some(&v) = plan.inputs.get(*n) {
+                env[v] = Some(t.clone());
+            }
         }
+        let shapes: Vec<_> = plan
+            .caches
+            .iter()
+            .map(|c| (c.dtype, c.shape.clone()))
+            .collect();
+        let pages = crate::kv::PagedCache::new(&shapes, 4).unwrap();
         let mut run = CpuRun::new(Precision::Exact, None);
         for s in &plan.steps {
-            exec_step(plan, s, &mut env, None, &mut run).unwrap();
+            exec_step(plan, s, &mut env, Some((&pages, 0)), &mut run).unwrap();
         }
         plan.outputs
             .iter()
@@ -243,7 +253,36 @@ pub enum Step {
         out: ValId,
         /// Whether `out` is in `[1, T, H, D]` order.
         tokens_first: bool,
+        /// The steps between the projections and this attention that it does itself (see
+        /// [`AttnInputs`]): `q` and `new` are then values of those steps.
+        inputs: Option<Box<AttnInputs>>,
     },
+}
+
+/// The projections an attention reads itself (`plan/attention_inputs.rs`): the rotaries of q and k,
+/// v's transpose to heads-first, an f16 cache's round trip of the new rows and the `Identity`s naming
+/// them are its own steps. A kernel reading the projections token-major does them all; the CPU runs
+/// [`AttnInputs::steps`] in order before attending.
+#[derive(Debug)]
+pub struct AttnInputs {
+    /// Queries `[1, T, H, D]` (the projection, reshaped), before the rotary.
+    pub q: ValId,
+    /// New keys `[1, T, KVH, D]`, before the rotary.
+    pub k: ValId,
+    /// New values `[1, T, KVH, D]`.
+    pub v: ValId,
+    /// The rotary's cos table (a constant).
+    pub cos: ValId,
+    /// The rotary's sin table (a constant).
+    pub sin: ValId,
+    /// The rotary's position ids.
+    pub pos: ValId,
+    /// Interleaved rotary pairs.
+    pub interleaved: bool,
+    /// The steps taken in, in graph order.
+    pub steps: Vec<Step>,
+    /// The graph outputs those steps write (the caches' new rows).
+    pub writes: Vec<ValId>,
 }
 
 /// The residual `Add(linear output, other)` a linear layer does in its epilogue: `out = x·Wᵀ (+ bias)
@@ -318,6 +357,20 @@ pub struct GroupNorm {
     pub epsilon: f32,
 }
 
+impl AttnInputs {
+    /// What the taken-in steps read from outside them.
+    fn reads(&self) -> Vec<ValId> {
+        let inside: Vec<ValId> = self.steps.iter().flat_map(|s| s.writes()).collect();
+        let mut r = Vec::new();
+        for v in self.steps.iter().flat_map(|s| s.reads()) {
+            if !inside.contains(&v) && !r.contains(&v) {
+                r.push(v);
+            }
+        }
+        r
+    }
+}
+
 impl LinearGroup {
     /// The members' `(weights, output)`, in stacking order.
     pub fn linears(&self) -> impl Iterator<Item = (&Arc<LinearWeights>, ValId)> {
@@ -365,6 +418,8 @@ pub struct PlanOptions {
     pub round_trip: bool,
     /// Linear layers of one input are one step, within these bounds (`None`: no groups).
     pub linear_groups: Option<GroupCaps>,
+    /// A cache attention takes in the rotaries, transposes and round trips of its inputs.
+    pub attention_inputs: bool,
 }
 
 impl Default for PlanOptions {
@@ -374,6 +429,7 @@ impl Default for PlanOptions {
             transpose_rope: true,
             round_trip: true,
             linear_groups: Some(GroupCaps::ANY),
+            attention_inputs: true,
         }
     }
 }
@@ -514,6 +570,8 @@ pub struct PlanStats {
     pub group_norms: usize,
     /// SiLU gates folded into the linear pair before them.
     pub group_gates: usize,
+    /// Cache attentions reading their projections (rotaries, transposes and round trips taken in).
+    pub attention_inputs: usize,
     /// Nodes folded into constants.
     pub folded: usize,
     /// Nodes removed as dead or absorbed.
@@ -559,6 +617,7 @@ impl Plan {
         }
         Self::embedding(&mut p);
         Self::token_choice(&mut p);
+        attention_inputs::attention_inputs(&mut p);
         group::groups(&mut p);
         let steps = liveness::live_steps(&mut p);
         let frees = liveness::frees(&p, &steps);
@@ -640,8 +699,17 @@ impl Step {
                 Some(n) => vec![n.x, n.scale],
                 None => vec![g.x],
             },
-            Step::CacheAttention { q, new, mask, .. } => {
-                let mut r = vec![*q, new[0], new[1]];
+            Step::CacheAttention {
+                q,
+                new,
+                mask,
+                inputs,
+                ..
+            } => {
+                let mut r = match inputs {
+                    Some(a) => a.reads(),
+                    None => vec![*q, new[0], new[1]],
+                };
                 r.extend(mask);
                 r
             }
@@ -661,8 +729,12 @@ impl Step {
             | Step::Rope(Rope { out, .. })
             | Step::Gate(Gate { out, .. })
             | Step::Embedding(Embedding { out, .. })
-            | Step::TokenChoice(TokenChoice { out, .. })
-            | Step::CacheAttention { out, .. } => vec![*out],
+            | Step::TokenChoice(TokenChoice { out, .. }) => vec![*out],
+            Step::CacheAttention { out, inputs, .. } => {
+                let mut w = vec![*out];
+                w.extend(inputs.iter().flat_map(|a| a.writes.iter().copied()));
+                w
+            }
         }
     }
 

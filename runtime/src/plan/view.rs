@@ -127,6 +127,30 @@ impl Planning {
         self.consumers[v].iter().all(|&c| c == ni) && !self.graph_outputs.contains(&v)
     }
 
+    /// Per value: the nodes whose steps read it (a fused step's reads, or an unabsorbed node's inputs).
+    pub fn step_readers(&self) -> Vec<Vec<usize>> {
+        let mut readers = vec![Vec::new(); self.names.len()];
+        for ni in 0..self.graph.nodes.len() {
+            let reads: Vec<ValId> = match &self.kind[ni] {
+                Some(s) => s.reads(),
+                None if !self.absorbed[ni] => self.node_in[ni].iter().flatten().copied().collect(),
+                None => continue,
+            };
+            for v in reads {
+                if !readers[v].contains(&ni) {
+                    readers[v].push(ni);
+                }
+            }
+        }
+        readers
+    }
+
+    /// Whether a fused step may keep `v` to itself: no graph output, or a cache's new rows (which the
+    /// backends take from the step that writes them).
+    pub fn private(&self, v: ValId) -> bool {
+        !self.graph_outputs.contains(&v) || self.caches.iter().any(|c| c.output_val == v)
+    }
+
     /// Whether `v` is absent (an omitted optional input) or a constant.
     pub fn is_const(&self, v: Option<ValId>) -> bool {
         v.is_none_or(|v| self.consts[v].is_some())

@@ -113,6 +113,21 @@ pub(crate) fn exec_step(
         Step::LinearGroup(g) => group_step(plan, g, env, run),
         Step::Rope(r) => rope_step(plan, r, env),
         Step::RoundTrip(r) => round_trip_step(plan, r, env),
+        Step::CacheAttention {
+            inputs: Some(a), ..
+        } => {
+            // The steps taken in, then the attention; their values only it read are dropped.
+            for t in &a.steps {
+                exec_step(plan, t, env, caches, run)?;
+            }
+            attention_step(plan, s, env, caches, run)?;
+            for v in a.steps.iter().flat_map(|t| t.writes()) {
+                if !a.writes.contains(&v) {
+                    env[v] = None;
+                }
+            }
+            Ok(())
+        }
         Step::CacheAttention { .. } => attention_step(plan, s, env, caches, run),
     }
 }
@@ -375,6 +390,7 @@ fn attention_step(
         mask,
         out,
         tokens_first,
+        ..
     } = s
     else {
         return Err(Error::internal("attention_step: another step kind"));

@@ -120,22 +120,25 @@ pub fn variant(ctx: &context::GpuContext) -> Variant {
     }
 }
 
-/// The linear groups the planner may make for the adapter `req` names (probed, no device opened): at
-/// most [`linear::MAX_PARTS`] members, of encodings the kernels read, stacked within one binding; the
-/// norm and the SiLU gate folded in except under [`Variant::Rows`] (CPU adapters), which would compute
-/// every row's `x·scale` product (the norm's cost times N) where a GPU hides it behind the weight
-/// loads, and ran the SiLU pair slower on lavapipe than the parts and the gate's own dispatch.
-pub(crate) fn group_caps(
+/// `base` within what the adapter `req` names runs (probed, no device opened):
+/// - linear groups of at most [`linear::MAX_PARTS`] members, of encodings the kernels read, stacked
+///   within one binding; the norm and the SiLU gate folded in except under [`Variant::Rows`] (CPU
+///   adapters), which would compute every row's `x·scale` product (the norm's cost times N) where a
+///   GPU hides it behind the weight loads, and ran the SiLU pair slower on lavapipe than the parts and
+///   the gate's own dispatch;
+/// - the attention reading its projections where a shader stage has the storage buffers it binds.
+pub(crate) fn plan_options(
+    base: crate::plan::PlanOptions,
     req: &DeviceRequest,
     filter: BackendFilter,
     options: &GpuOptions,
-) -> crate::error::Result<crate::plan::GroupCaps> {
+) -> crate::error::Result<crate::plan::PlanOptions> {
     let (adapter, limits) = context::probe_limits(req, filter)?;
     let rows = match options.variant {
         Some(v) => v == Variant::Rows,
         None => adapter.is_software(),
     };
-    Ok(crate::plan::GroupCaps {
+    let groups = crate::plan::GroupCaps {
         max_members: linear::MAX_PARTS,
         max_bytes: limits
             .max_storage_buffer_binding_size
@@ -143,6 +146,13 @@ pub(crate) fn group_caps(
         norm: !rows,
         silu: !rows,
         takes: linear::GpuLinear::supports,
+    };
+    let rope_binds = attention::Inputs::Rope { interleaved: false }.bindings();
+    Ok(crate::plan::PlanOptions {
+        linear_groups: base.linear_groups.map(|_| groups),
+        attention_inputs: base.attention_inputs
+            && limits.max_storage_buffers_per_shader_stage >= rope_binds,
+        ..base
     })
 }
 

@@ -1,10 +1,11 @@
-//! The cache attention on the GPU: its inputs checked (the projections themselves where the rotary,
-//! transposes and casts before it were absorbed, see [`AttnIn`]), then one of three forms of dispatches
+//! The cache attention on the GPU: its inputs checked (the projections themselves where the plan's
+//! attention took the rotary, transposes and casts before it in, see [`AttnInputs`]), then one of three forms of dispatches
 //! — the whole attention, split over key chunks for one token over many keys, or a partial softmax a
 //! segment of a cache larger than one buffer — each followed by a combine where it splits.
 
 use super::*;
 use crate::graph::Node;
+use crate::plan::AttnInputs;
 
 /// What every form of one attention's dispatches binds, and its parameters.
 struct AttnBinds {
@@ -43,11 +44,10 @@ impl AttnBinds {
 
 impl GpuPlan {
     /// The cache attention: one dispatch, the split-keys pair plus its combine, or a partial softmax per
-    /// cache segment plus the combine; with the rotary, transposes and casts before it absorbed where
-    /// [`AttnIn`] found them.
+    /// cache segment plus the combine; reading the projections where the plan's attention took their
+    /// rotary, transposes and casts in ([`AttnInputs`]).
     pub(super) fn attention_desc(
         &self,
-        si: usize,
         s: &Step,
         e: &Env,
         dry: bool,
@@ -61,6 +61,7 @@ impl GpuPlan {
             mask,
             out,
             tokens_first,
+            inputs,
         } = s
         else {
             return Ok(None);
@@ -68,9 +69,27 @@ impl GpuPlan {
         let plan = e.plan;
         let f32m = |v: ValId| e.f32m(v);
         let n = &plan.graph.nodes[*node];
-        // The kernel reads the projections themselves when the rotary, transposes and casts
-        // before this attention were absorbed (see [`AttnIn`]).
-        let fin = self.attn_in.get(&si);
+        // The kernel reads the projections themselves when the plan's attention took the rotary,
+        // transposes and casts before it in.
+        let fin = inputs.as_deref();
+        // (10 storage buffers a stage, 7 otherwise: the planner takes the inputs in only where the
+        // adapter has them, see `backend::plan_options`)
+        let rope_binds = attention::Inputs::Rope { interleaved: false }.bindings();
+        let have = self
+            .ctx
+            .device
+            .limits()
+            .max_storage_buffers_per_shader_stage;
+        if fin.is_some() && have < rope_binds {
+            return Err(Error::device(
+                DeviceFault::Unsupported,
+                format!(
+                    "attention `{}` reads its projections: {rope_binds} storage buffers a shader \
+                     stage, the device has {have} (turn it off: gpu_no_fuse=attn)",
+                    plan.graph.nodes[*node].name
+                ),
+            ));
+        }
         let (q, new, inputs) = match fin {
             Some(a) => (
                 &a.q,
@@ -202,12 +221,12 @@ impl GpuPlan {
         }))
     }
 
-    /// The rotary's cos, sin and positions for an attention that applies it itself ([`AttnIn`]), checked
+    /// The rotary's cos, sin and positions for an attention that applies it itself ([`AttnInputs`]), checked
     /// against its head size `d` and `t` tokens (at run time the positions against the tables' rows).
     fn rotary_binds(
         &self,
         n: &Node,
-        a: &AttnIn,
+        a: &AttnInputs,
         e: &Env,
         t: usize,
         d: usize,

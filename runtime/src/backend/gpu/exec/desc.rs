@@ -64,18 +64,6 @@ pub(super) struct Desc {
     pub(super) disp: Vec<Disp>,
 }
 
-impl Desc {
-    /// A step another step does: no dispatch, no output.
-    pub(super) fn empty() -> Desc {
-        Desc {
-            at: Vec::new(),
-            outs: Vec::new(),
-            reads: Vec::new(),
-            disp: Vec::new(),
-        }
-    }
-}
-
 /// Inputs of one step as the executor sees them.
 pub(super) struct Env<'a> {
     pub(super) plan: &'a Plan,

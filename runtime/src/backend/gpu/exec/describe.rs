@@ -15,9 +15,6 @@ impl GpuPlan {
         dry: bool,
         position: usize,
     ) -> Result<Option<Desc>> {
-        if self.absorbed.contains(&si) {
-            return Ok(Some(Desc::empty()));
-        }
         match s {
             Step::LinearGroup(_) => match self.lin_groups.get(&si) {
                 Some(gr) => self.describe_group(si, gr, e, dry).map(Some),
@@ -31,7 +28,7 @@ impl GpuPlan {
                 self.rope_desc(n, r.x, true, &r.rest, r.out, e, dry)
             }
             Step::RoundTrip(r) => self.round_trip_desc(r, e, dry),
-            Step::CacheAttention { .. } => self.attention_desc(si, s, e, dry, position),
+            Step::CacheAttention { .. } => self.attention_desc(s, e, dry, position),
             Step::TokenChoice(_) => self.token_choice_desc(s, e, dry),
             Step::Node { .. } => self.node_desc(s, e, dry),
         }

@@ -11,8 +11,7 @@
 //! its buffer and only those rows are copied back, with the chosen token (and logits when asked).
 //!
 //! The rooms, in the order a model meets them:
-//! - [`fusions`]: the patterns of standard ops the GPU runs as fewer dispatches, found from the plan;
-//! - [`groups`]: fused linear groups bound to the GPU (concatenated weights);
+//! - [`groups`]: the plan's linear groups bound to the GPU (stacked weights);
 //! - [`place`]: [`GpuPlan::new`], the dry run: placement, buffer sizes, pipelines, bind groups;
 //! - [`desc`]: what a step does on the GPU ([`desc::Desc`]) and the executor's view of its inputs;
 //! - [`describe`]: one description function per step kind (generic nodes by op);
@@ -26,7 +25,6 @@ mod desc;
 mod describe;
 mod drive;
 mod flight;
-mod fusions;
 mod groups;
 #[cfg(test)]
 mod harness;
@@ -41,7 +39,6 @@ pub use state::GpuState;
 
 use desc::{check_positions, kernel_if, BufRef, Desc, Disp, Env, Kept};
 use flight::{Cmd, Counts, Feed, Read};
-use fusions::{AttnIn, Fusions};
 use groups::GpuGroup;
 #[cfg(test)]
 pub(crate) use harness::*;
@@ -55,7 +52,7 @@ use super::attention::{self, AttnParams};
 use super::context::{GpuContext, Kernel};
 use super::elementwise::{self as ew, BinOp, UnOp};
 use super::linear::{self, GpuLinear};
-use super::{choice, grid, norm, rope, rows_variant, select, GpuFusions, Params};
+use super::{choice, grid, norm, rope, rows_variant, select, Params};
 use crate::backend::cpu::ops;
 use crate::backend::mask::Attended;
 use crate::error::{DeviceFault, Error, Result};
@@ -157,12 +154,8 @@ pub struct GpuPlan {
     /// Whether decode steps run ahead where they can ([`super::GpuOptions::run_ahead`]; off
     /// when profiling).
     ahead: bool,
-    /// Fused linear groups by leader step.
+    /// The plan's linear groups the kernels take, by step.
     lin_groups: HashMap<usize, GpuGroup>,
-    /// Attention steps reading the projections themselves (see [`AttnIn`]).
-    attn_in: HashMap<usize, AttnIn>,
-    /// Steps a fused linear group does (members other than the leader, the norm, the gate).
-    absorbed: HashSet<usize>,
     /// Per value: byte offset into its home buffer (non-zero for the parts of a fused linear).
     offs: Vec<u64>,
     /// `queue.submit` time accumulated during the current step.
@@ -323,22 +316,6 @@ impl GpuPlan {
             (&self.params, ((self.slot0[si] + j) * 256) as u64),
             &bufs,
         ))
-    }
-}
-
-/// Step `si` when it is a generic node: (the node, its input slots, its output slots).
-#[allow(clippy::type_complexity)]
-fn generic_node(
-    plan: &Plan,
-    si: usize,
-) -> Option<(&crate::graph::Node, &Vec<Option<ValId>>, &Vec<ValId>)> {
-    match &plan.steps[si] {
-        Step::Node {
-            node,
-            inputs,
-            outputs,
-        } => Some((&plan.graph.nodes[*node], inputs, outputs)),
-        _ => None,
     }
 }
 

@@ -4,14 +4,12 @@
 
 use super::*;
 
-/// The GPU weights of a plan, uploaded once: every linear layer the kernels take, fused groups
-/// (concatenated), untied token tables, and the fusions the device allows.
+/// The GPU weights of a plan, uploaded once: every linear layer the kernels take, linear groups
+/// (stacked), untied token tables.
 struct Weights {
     linears: HashMap<usize, GpuLinear>,
     lin_alias: HashMap<usize, usize>,
     lin_groups: HashMap<usize, GpuGroup>,
-    attn_in: HashMap<usize, AttnIn>,
-    absorbed: HashSet<usize>,
     weight_bytes: u64,
 }
 
@@ -19,25 +17,9 @@ impl Weights {
     fn bind(ctx: &Arc<GpuContext>, plan: &Plan) -> Result<Weights> {
         let mut linears = HashMap::new();
         let mut weight_bytes = 0;
-        let cand = Fusions::find(plan, &ctx.options.fusions);
-        // Attention reading the projections needs 10 storage buffers a stage (7 otherwise).
-        let rope_binds = attention::Inputs::Rope { interleaved: false }.bindings();
-        let attn_in: HashMap<usize, AttnIn> =
-            if ctx.device.limits().max_storage_buffers_per_shader_stage >= rope_binds {
-                cand.attn.clone()
-            } else {
-                HashMap::new()
-            };
         let lin_groups = GpuPlan::bind_groups(ctx, plan, &mut linears, &mut weight_bytes)?;
-        let absorbed: HashSet<usize> = attn_in
-            .values()
-            .flat_map(|a| a.absorbs.iter().copied())
-            .collect();
         for (si, s) in plan.steps.iter().enumerate() {
             if let Step::Linear { node, w, bias, .. } = s {
-                if linears.contains_key(&si) || absorbed.contains(&si) {
-                    continue;
-                }
                 if GpuLinear::supports(w) {
                     let name = &plan.graph.nodes[*node].name;
                     let b = bias.as_ref().map(|b| b.typed::<f32>());
@@ -73,8 +55,6 @@ impl Weights {
             linears,
             lin_alias,
             lin_groups,
-            attn_in,
-            absorbed,
             weight_bytes,
         })
     }
@@ -158,8 +138,6 @@ impl GpuPlan {
             linears,
             lin_alias,
             lin_groups,
-            attn_in,
-            absorbed,
             weight_bytes,
         } = weights;
         let dummy = ctx.buffer_with("dummy", &[0; 4])?;
@@ -201,8 +179,6 @@ impl GpuPlan {
                 ..Default::default()
             }),
             lin_groups,
-            attn_in,
-            absorbed,
             offs: vec![0; nvals],
             submit_ms: Mutex::new(0.0),
             profile: ctx.profiling.then(|| Mutex::new(Default::default())),
@@ -225,8 +201,7 @@ impl GpuPlan {
                 | Step::LinearGroup(_)
                 | Step::CacheAttention { .. }
                 | Step::Embedding(_)
-        ) || self.embedding(plan, s)
-            || self.absorbed.contains(&si);
+        ) || self.embedding(plan, s);
         let reads_gpu = || {
             crate::plan::step_reads(s)
                 .iter()
@@ -301,12 +276,6 @@ impl GpuPlan {
             first_wait,
             ..
         } = dry;
-        if self.absorbed.contains(&si) {
-            return Err(Error::device(
-                DeviceFault::Unsupported,
-                format!("step {si} was fused with an earlier one but cannot run on the GPU"),
-            ));
-        }
         if let Step::CacheAttention { node, .. } = s {
             let n = &plan.graph.nodes[*node];
             return Err(Error::device(
