@@ -7,8 +7,13 @@
 //! reason); a listed case that passes, or a line that matches no case, fails the test, so the list stays
 //! true. The per-op table (passed / skipped / failed) is printed.
 //!
+//! The same cases run on the GPU (lavapipe in CI) through [`onestep::backend::gpu::graph::run_graph`]:
+//! every step a kernel takes on the GPU, the rest on the CPU. Each case the CPU passes must pass there
+//! too, unless `tests/onnx_node_gpu_skips.txt` lists it with the reason (kept true the same way); the
+//! table says per op how many ran a GPU kernel and how many the GPU left to the CPU.
+//!
 //! `ONESTEP_ONNX_NODE_DIR` names the cases' folder (scripts/test writes it under `cache/`); without it
-//! the test says so and runs nothing.
+//! the tests say so and run nothing.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -27,7 +32,12 @@ const ATOL: f64 = 1e-7;
 const RTOL_BF16: f64 = 1.0 / 128.0;
 
 fn skips() -> Vec<(String, String)> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/onnx_node_skips.txt");
+    skip_list("tests/onnx_node_skips.txt")
+}
+
+/// A skip list: a name or `*` pattern per line, then the reason.
+fn skip_list(file: &str) -> Vec<(String, String)> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(file);
     std::fs::read_to_string(&path)
         .unwrap()
         .lines()
@@ -174,6 +184,67 @@ fn run_case(dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// One case's graph and data sets (inputs by name, expected outputs in order).
+type Sets = Vec<(Vec<(String, Tensor)>, Vec<Tensor>)>;
+
+fn case_data(dir: &Path) -> Result<(onestep::graph::Graph, Sets), String> {
+    let bytes = std::fs::read(dir.join("model.onnx")).map_err(|e| e.to_string())?;
+    let graph = read::decode_model(bytes.into(), "model.onnx").map_err(|e| e.to_string())?;
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| e.to_string())?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir())
+        .collect();
+    dirs.sort();
+    let mut sets = Vec::new();
+    for set in dirs {
+        let mut inputs = Vec::new();
+        for (j, input) in graph.inputs.iter().enumerate() {
+            let p = set.join(format!("input_{j}.pb"));
+            if p.exists() {
+                inputs.push((input.name.clone(), tensor(&p)?));
+            }
+        }
+        let outputs = (0..graph.outputs.len())
+            .map(|j| tensor(&set.join(format!("output_{j}.pb"))))
+            .collect::<Result<_, _>>()?;
+        sets.push((inputs, outputs));
+    }
+    Ok((graph, sets))
+}
+
+/// Runs one case's every data set on the GPU: `Ok(true)` when every output matches and a GPU kernel
+/// ran, `Ok(false)` when they match and the GPU left every step to the CPU.
+#[cfg(feature = "gpu")]
+fn run_case_gpu(
+    dir: &Path,
+    ctx: &std::sync::Arc<onestep::backend::gpu::GpuContext>,
+) -> Result<bool, String> {
+    use onestep::backend::gpu::graph::run_graph;
+    let (graph, sets) = case_data(dir)?;
+    let mut on_gpu = false;
+    for (inputs, want) in sets {
+        let named: Vec<(&str, Tensor)> = inputs
+            .iter()
+            .map(|(n, t)| (n.as_str(), t.clone()))
+            .collect();
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            run_graph(ctx, graph.clone(), &named)
+        }))
+        .map_err(|_| "PANIC".to_string())?
+        .map_err(|e| e.to_string())?;
+        on_gpu |= r.gpu_steps > 0;
+        for (output, w) in graph.outputs.iter().zip(&want) {
+            let got = r
+                .outputs
+                .get(&output.name)
+                .ok_or_else(|| format!("`{}` was not computed", output.name))?;
+            compare(&output.name, got, w)?;
+        }
+    }
+    Ok(on_gpu)
+}
+
 /// The op a case tests: its node's, or `expanded` for a function's expansion into several nodes.
 fn op_of(dir: &Path) -> String {
     let bytes = std::fs::read(dir.join("model.onnx")).unwrap_or_default();
@@ -248,6 +319,92 @@ fn onnx_backend_node_tests() {
     for (k, (p, why)) in skips.iter().enumerate() {
         if !used[k] {
             wrong.push(format!("skip `{p}` ({why}) matches no failing case"));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+/// ONNX's node cases on the GPU: every case the CPU passes, through the GPU kernels where they take it.
+#[cfg(feature = "gpu")]
+#[test]
+fn onnx_backend_node_tests_on_the_gpu() {
+    use onestep::backend::gpu::{BackendFilter, DeviceRequest, GpuContext};
+    let Some(root) = std::env::var_os("ONESTEP_ONNX_NODE_DIR").map(PathBuf::from) else {
+        eprintln!("note: ONESTEP_ONNX_NODE_DIR is not set: not run");
+        return;
+    };
+    let ctx = match GpuContext::new(&DeviceRequest::Gpu(None), BackendFilter::Any) {
+        Ok(c) => c,
+        Err(e) => {
+            assert!(
+                std::env::var_os("ONESTEP_REQUIRE_GPU").is_none(),
+                "ONESTEP_REQUIRE_GPU is set but there is no adapter: {e}"
+            );
+            eprintln!("note: no wgpu adapter ({e}): not run");
+            return;
+        }
+    };
+    let (cpu_skips, skips) = (skips(), skip_list("tests/onnx_node_gpu_skips.txt"));
+    let mut cases: Vec<PathBuf> = std::fs::read_dir(&root)
+        .unwrap_or_else(|e| panic!("{}: {e}", root.display()))
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("model.onnx").exists())
+        .collect();
+    cases.sort();
+    // op → (passed on a GPU kernel, passed on the CPU only, skipped, failed)
+    let mut table: BTreeMap<String, (usize, usize, usize, usize)> = BTreeMap::new();
+    let mut used = vec![false; skips.len()];
+    let mut wrong = Vec::new();
+    for dir in &cases {
+        let name = dir.file_name().unwrap().to_string_lossy().to_string();
+        if cpu_skips.iter().any(|(p, _)| glob(p, &name)) {
+            continue;
+        }
+        let skip = skips.iter().position(|(p, _)| glob(p, &name));
+        let row = table.entry(op_of(dir)).or_default();
+        match (run_case_gpu(dir, &ctx), skip) {
+            (Ok(gpu), None) => {
+                if gpu {
+                    row.0 += 1
+                } else {
+                    row.1 += 1
+                }
+            }
+            (Ok(_), Some(k)) => {
+                wrong.push(format!(
+                    "{name}: passes on the GPU, but `{}` skips it ({})",
+                    skips[k].0, skips[k].1
+                ));
+                row.0 += 1;
+            }
+            (Err(_), Some(k)) => {
+                used[k] = true;
+                row.2 += 1;
+            }
+            (Err(e), None) => {
+                wrong.push(format!("{name}: {e}"));
+                row.3 += 1;
+            }
+        }
+    }
+    println!(
+        "{:<28} {:>7} {:>9} {:>8} {:>7}",
+        "op", "gpu", "cpu only", "skipped", "failed"
+    );
+    let mut total = (0, 0, 0, 0);
+    for (op, (g, c, s, f)) in &table {
+        if g + s + f > 0 {
+            println!("{op:<28} {g:>7} {c:>9} {s:>8} {f:>7}");
+        }
+        total = (total.0 + g, total.1 + c, total.2 + s, total.3 + f);
+    }
+    println!(
+        "{:<28} {:>7} {:>9} {:>8} {:>7}",
+        "all", total.0, total.1, total.2, total.3
+    );
+    for (k, (p, why)) in skips.iter().enumerate() {
+        if !used[k] {
+            wrong.push(format!("GPU skip `{p}` ({why}) matches no failing case"));
         }
     }
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));

@@ -13,6 +13,7 @@ pub mod choice;
 pub mod context;
 pub mod elementwise;
 pub mod exec;
+pub mod graph;
 pub mod linear;
 pub mod norm;
 pub mod options;

@@ -169,6 +169,8 @@ pub struct GpuPlan {
     /// fetches what later CPU steps read and the GPU already holds (the token choice after a GPU `TopK`
     /// reads both its outputs: one wait, not two).
     cpu_reads: Vec<(usize, ValId)>,
+    /// Every step a kernel takes was placed on the GPU ([`GpuPlan::placed`]).
+    place_all: bool,
     /// The last step placed on the GPU: a read-back after it also takes the step's cache rows and the
     /// wanted outputs, so the step needs no other submission.
     last_gpu: Option<usize>,

@@ -109,8 +109,22 @@ impl GpuPlan {
         inputs: &[(ValId, Tensor)],
         seg_bytes: Option<u64>,
     ) -> Result<GpuPlan> {
+        Self::placed(ctx, plan, cpu_step, inputs, seg_bytes, false)
+    }
+
+    /// [`GpuPlan::new`]; `all`: every step a kernel takes goes to the GPU, the light ones that read only
+    /// host values too (for checking the kernels op by op: [`super::super::graph::run_graph`]).
+    pub(crate) fn placed(
+        ctx: Arc<GpuContext>,
+        plan: &Plan,
+        cpu_step: &mut CpuStep,
+        inputs: &[(ValId, Tensor)],
+        seg_bytes: Option<u64>,
+        all: bool,
+    ) -> Result<GpuPlan> {
         let weights = Weights::bind(&ctx, plan)?;
         let mut me = GpuPlan::unplaced(&ctx, plan, weights, seg_bytes)?;
+        me.place_all = all;
         let mut dry = DryRun::new(plan, inputs);
         for (si, s) in plan.steps.iter().enumerate() {
             match me.dry_describe(plan, si, s, &dry)? {
@@ -184,6 +198,7 @@ impl GpuPlan {
             profile: ctx.profiling.then(|| Mutex::new(Default::default())),
             stamps: None,
             cpu_reads: Vec::new(),
+            place_all: false,
             last_gpu: None,
             kept: Mutex::default(),
         })
@@ -201,7 +216,8 @@ impl GpuPlan {
                 | Step::LinearGroup(_)
                 | Step::CacheAttention { .. }
                 | Step::Embedding(_)
-        ) || self.embedding(plan, s);
+        ) || self.embedding(plan, s)
+            || self.place_all;
         let reads_gpu = || {
             crate::plan::step_reads(s)
                 .iter()
