@@ -410,7 +410,6 @@ impl GpuPlan {
             ..
         } = *a;
         let ctx = &self.ctx;
-        let plan = e.plan;
         let k = |f: &dyn Fn() -> Result<Arc<Kernel>>| kernel_if(dry, f);
         let f32m = |v: ValId| e.f32m(v);
         let inp = |i: usize| inputs.get(i).copied().flatten();
@@ -418,8 +417,7 @@ impl GpuPlan {
         let (Some(x), Some(w)) = (inp(0), inp(1)) else {
             return Ok(None);
         };
-        let Some(xm) = f32m(x) else { return Ok(None) };
-        let Some(wt) = plan.consts[w].as_ref() else {
+        let (Some(xm), Some(wm)) = (f32m(x), e.meta(w)) else {
             return Ok(None);
         };
         let r = xm.shape.len();
@@ -427,8 +425,8 @@ impl GpuPlan {
         let h = *xm.shape.last().unwrap_or(&0);
         if r == 0
             || !(ax == -1 || ax == r as i64 - 1)
-            || wt.dtype != DType::F32
-            || wt.numel() != h
+            || wm.dtype != DType::F32
+            || wm.numel() != h
             || n.attr_int("stash_type", 1) != 1
         {
             return Ok(None);
