@@ -24,6 +24,8 @@ use onestep::onnx::{proto, read};
 use onestep::tensor::Tensor;
 use prost::Message;
 
+mod common;
+
 /// Relative and absolute tolerance of float outputs (onnx's backend test defaults); bf16 outputs get one
 /// unit in the last place of their 8-bit mantissa (2^-7) relative, since a reference that rounds its
 /// intermediates to bf16 and one that rounds only the result differ by that much.
@@ -116,13 +118,12 @@ fn compare(name: &str, got: &Tensor, want: &Tensor) -> Result<(), String> {
     }
 }
 
-/// Runs one case's every data set: `Ok` when every output matches.
+/// Runs one case's every data set through the generic ops, node by node: `Ok` when every output matches.
 fn run_case(dir: &Path) -> Result<(), String> {
     if let Ok(why) = std::fs::read_to_string(dir.join("unexported.txt")) {
         return Err(format!("not exportable as tensors: {}", why.trim()));
     }
-    let bytes = std::fs::read(dir.join("model.onnx")).map_err(|e| e.to_string())?;
-    let graph = read::decode_model(bytes.into(), "model.onnx").map_err(|e| e.to_string())?;
+    let (graph, sets) = case_data(dir)?;
     let opset = graph.opsets.get("").copied().unwrap_or(0);
     if !(13..=onestep::load::MAX_OPSET).contains(&opset) {
         return Err(format!(
@@ -130,26 +131,19 @@ fn run_case(dir: &Path) -> Result<(), String> {
             onestep::load::MAX_OPSET
         ));
     }
-    let mut sets: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| e.to_string())?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_dir())
-        .collect();
-    sets.sort();
-    for set in sets {
-        let mut env: HashMap<String, Tensor> = HashMap::new();
-        for init in &graph.initializers {
-            env.insert(
-                init.name.clone(),
-                Tensor::mapped(init.dtype, &init.dims, init.data.clone()),
-            );
-        }
-        for (j, input) in graph.inputs.iter().enumerate() {
-            let p = set.join(format!("input_{j}.pb"));
-            if p.exists() {
-                env.insert(input.name.clone(), tensor(&p)?);
-            }
-        }
+    for (inputs, want) in sets {
+        // (an input named like an initializer overrides it)
+        let mut env: HashMap<String, Tensor> = graph
+            .initializers
+            .iter()
+            .map(|i| {
+                (
+                    i.name.clone(),
+                    Tensor::mapped(i.dtype, &i.dims, i.data.clone()),
+                )
+            })
+            .collect();
+        env.extend(inputs);
         for node in &graph.nodes {
             let ins: Vec<Option<&Tensor>> = node
                 .inputs
@@ -173,12 +167,11 @@ fn run_case(dir: &Path) -> Result<(), String> {
                 }
             }
         }
-        for (j, output) in graph.outputs.iter().enumerate() {
-            let want = tensor(&set.join(format!("output_{j}.pb")))?;
+        for (output, w) in graph.outputs.iter().zip(&want) {
             let got = env
                 .get(&output.name)
                 .ok_or_else(|| format!("`{}` was not computed", output.name))?;
-            compare(&output.name, got, &want)?;
+            compare(&output.name, got, w)?;
         }
     }
     Ok(())
@@ -255,6 +248,17 @@ fn op_of(dir: &Path) -> String {
     }
 }
 
+/// The case folders under `root`, in name order.
+fn cases(root: &Path) -> Vec<PathBuf> {
+    let mut cases: Vec<PathBuf> = std::fs::read_dir(root)
+        .unwrap_or_else(|e| panic!("{}: {e}", root.display()))
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("model.onnx").exists())
+        .collect();
+    cases.sort();
+    cases
+}
+
 #[test]
 fn onnx_backend_node_tests() {
     let Some(root) = std::env::var_os("ONESTEP_ONNX_NODE_DIR").map(PathBuf::from) else {
@@ -264,12 +268,7 @@ fn onnx_backend_node_tests() {
         return;
     };
     let skips = skips();
-    let mut cases: Vec<PathBuf> = std::fs::read_dir(&root)
-        .unwrap_or_else(|e| panic!("{}: {e}", root.display()))
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.join("model.onnx").exists())
-        .collect();
-    cases.sort();
+    let cases = cases(&root);
     assert!(
         cases.len() > 400,
         "only {} cases in {}",
@@ -328,29 +327,15 @@ fn onnx_backend_node_tests() {
 #[cfg(feature = "gpu")]
 #[test]
 fn onnx_backend_node_tests_on_the_gpu() {
-    use onestep::backend::gpu::{BackendFilter, DeviceRequest, GpuContext};
     let Some(root) = std::env::var_os("ONESTEP_ONNX_NODE_DIR").map(PathBuf::from) else {
         eprintln!("note: ONESTEP_ONNX_NODE_DIR is not set: not run");
         return;
     };
-    let ctx = match GpuContext::new(&DeviceRequest::Gpu(None), BackendFilter::Any) {
-        Ok(c) => c,
-        Err(e) => {
-            assert!(
-                std::env::var_os("ONESTEP_REQUIRE_GPU").is_none(),
-                "ONESTEP_REQUIRE_GPU is set but there is no adapter: {e}"
-            );
-            eprintln!("note: no wgpu adapter ({e}): not run");
-            return;
-        }
+    let Some(ctx) = common::gpu("ONNX's node cases") else {
+        return;
     };
     let (cpu_skips, skips) = (skips(), skip_list("tests/onnx_node_gpu_skips.txt"));
-    let mut cases: Vec<PathBuf> = std::fs::read_dir(&root)
-        .unwrap_or_else(|e| panic!("{}: {e}", root.display()))
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.join("model.onnx").exists())
-        .collect();
-    cases.sort();
+    let cases = cases(&root);
     // op → (passed on a GPU kernel, passed on the CPU only, skipped, failed)
     let mut table: BTreeMap<String, (usize, usize, usize, usize)> = BTreeMap::new();
     let mut used = vec![false; skips.len()];
