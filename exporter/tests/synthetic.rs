@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use half::{bf16, f16};
-use onestep::backend::gpu::DeviceRequest;
 use onestep::contract;
+use onestep::gpu::DeviceRequest;
 use onestep::graph::DType;
 use onestep::onnx::proto;
 use onestep_export::quant::{self, testutil, Quantize};
@@ -686,7 +686,7 @@ fn logits_on(path: &Path, device: DeviceRequest) -> Vec<Vec<f32>> {
 
 /// The CPU, and a GPU where wgpu finds one (required when `ONESTEP_REQUIRE_GPU` is set, as in CI).
 fn devices() -> Vec<DeviceRequest> {
-    let gpu = !onestep::backend::gpu::context::list_adapters(Default::default()).is_empty();
+    let gpu = !onestep::gpu::list_adapters(Default::default()).is_empty();
     if std::env::var_os("ONESTEP_REQUIRE_GPU").is_some() {
         assert!(gpu, "ONESTEP_REQUIRE_GPU is set and wgpu finds no adapter");
     }

@@ -5,7 +5,8 @@
 
 use std::path::{Path, PathBuf};
 
-use onestep::backend::gpu::{BackendFilter, DeviceRequest, GpuContext, GpuOptions};
+use onestep::gpu::{BackendFilter, DeviceRequest, GpuOptions};
+use onestep::testing::GpuContext;
 use onestep::{LoadOptions, Model};
 
 mod common;

@@ -6,7 +6,8 @@
 
 use std::path::PathBuf;
 
-use onestep::backend::gpu::{BackendFilter, DeviceRequest, GpuContext};
+use onestep::gpu::{BackendFilter, DeviceRequest};
+use onestep::testing::GpuContext;
 use onestep::{LoadOptions, Model, StepSampling};
 
 #[test]

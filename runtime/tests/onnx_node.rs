@@ -1,13 +1,13 @@
 //! ONNX's own backend node tests — written by no one here: `scripts/onnx-node-cases` exports them from the
 //! pinned `onnx` package — run through the runtime's generic CPU ops
-//! ([`onestep::backend::cpu::ops::run_node`], the oracle every kernel and fusion is checked against),
+//! ((`onestep::testing::run_node`), the oracle every kernel and fusion is checked against),
 //! every case whose nodes are all in the supported list.
 //!
 //! A case that cannot pass is listed in `tests/onnx_node_skips.txt` (a name or a `*` pattern, then the
 //! reason); a listed case that passes, or a line that matches no case, fails the test, so the list stays
 //! true. The per-op table (passed / skipped / failed) is printed.
 //!
-//! The same cases run on the GPU (lavapipe in CI) through [`onestep::backend::gpu::graph::run_graph`]:
+//! The same cases run on the GPU (lavapipe in CI) through `onestep::testing::run_graph`:
 //! every step a kernel takes on the GPU, the rest on the CPU. Each case the CPU passes must pass there
 //! too, unless `tests/onnx_node_gpu_skips.txt` lists it with the reason (kept true the same way); the
 //! table says per op how many ran a GPU kernel and how many the GPU left to the CPU.
@@ -18,10 +18,10 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use onestep::backend::cpu::ops::run_node;
 use onestep::graph::DType;
 use onestep::onnx::{proto, read};
 use onestep::tensor::Tensor;
+use onestep::testing::run_node;
 use prost::Message;
 
 mod common;
@@ -211,9 +211,9 @@ fn case_data(dir: &Path) -> Result<(onestep::graph::Graph, Sets), String> {
 #[cfg(feature = "gpu")]
 fn run_case_gpu(
     dir: &Path,
-    ctx: &std::sync::Arc<onestep::backend::gpu::GpuContext>,
+    ctx: &std::sync::Arc<onestep::testing::GpuContext>,
 ) -> Result<bool, String> {
-    use onestep::backend::gpu::graph::run_graph;
+    use onestep::testing::run_graph;
     let (graph, sets) = case_data(dir)?;
     let mut on_gpu = false;
     for (inputs, want) in sets {

@@ -60,7 +60,7 @@ use common::has_gpu;
 /// over chunks of 3 keys and a submission every 3 dispatches.
 #[cfg(feature = "gpu")]
 fn gpu_runs() -> Vec<(&'static str, LoadOptions)> {
-    use onestep::backend::gpu::{BackendFilter, DeviceRequest, GpuFusions, GpuOptions, Variant};
+    use onestep::gpu::{BackendFilter, DeviceRequest, GpuFusions, GpuOptions, Variant};
     let base = LoadOptions {
         device: DeviceRequest::Gpu(None),
         backend: BackendFilter::Any,
@@ -227,7 +227,7 @@ fn gpu_ring_after_truncate_and_reset_with(base: &LoadOptions) {
 /// logits of every step.
 fn check_on(name: &str, opts: &LoadOptions) -> Vec<Vec<f32>> {
     #[cfg(feature = "gpu")]
-    use onestep::backend::gpu::{GpuOptions, Variant};
+    use onestep::gpu::{GpuOptions, Variant};
     let dir = fixtures();
     let json: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{name}.json"))).unwrap())

@@ -448,7 +448,7 @@ struct Roofline {
 
 impl Roofline {
     fn measure(model: &Model, context: usize, decode_tok_s: f64) -> Roofline {
-        let gbps = onestep::backend::cpu::bandwidth::read_gbps();
+        let gbps = onestep::system::read_gbps();
         let bytes = model.decode_read_bytes(context);
         Roofline {
             gbps,
@@ -577,7 +577,7 @@ fn cmd_bench(
         let obj = serde_json::json!({
             "device": model_arc.device(),
             "precision": model_arc.precision().to_string(),
-            "fast_isa": onestep::backend::cpu::linear::fast_isa(),
+            "fast_isa": onestep::system::fast_isa(),
             "plan": plan_json,
             "gpu": gpu_json,
             "kv": kv_json,
@@ -609,7 +609,7 @@ fn cmd_bench(
         "device: {}  precision: {} (fast on {})",
         model_arc.device(),
         model_arc.precision(),
-        onestep::backend::cpu::linear::fast_isa()
+        onestep::system::fast_isa()
     );
     println!("plan: {plan_json}");
     if !gpu_json.is_null() {
@@ -668,14 +668,24 @@ struct ScoreJob {
     generate: usize,
 }
 
+/// The `k` largest logits, largest first (ties: the lower id first), NaNs last.
 fn top_entries(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
-    let k = k.min(logits.len());
-    let mut vals = vec![0.0f32; k];
-    let mut idx = vec![0usize; k];
-    match onestep::backend::cpu::misc::top_k(logits, &mut vals, &mut idx) {
-        Ok(()) => idx.iter().zip(vals).map(|(&i, v)| (i as u32, v)).collect(),
-        Err(_) => Vec::new(),
+    let mut all: Vec<(u32, f32)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| (i as u32, v))
+        .collect();
+    let order = |a: &(u32, f32), b: &(u32, f32)| {
+        let key = |v: f32| if v.is_nan() { f32::NEG_INFINITY } else { v };
+        key(b.1).total_cmp(&key(a.1)).then(a.0.cmp(&b.0))
+    };
+    let k = k.min(all.len());
+    if k < all.len() && k > 0 {
+        all.select_nth_unstable_by(k - 1, order);
     }
+    all.truncate(k);
+    all.sort_by(order);
+    all
 }
 
 fn cmd_score(model: &Path, jobs: &Path, top: usize, common: &Common) -> Result<()> {
@@ -829,6 +839,17 @@ fn user_cache_dir() -> Option<std::path::PathBuf> {
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    /// `score`'s top entries: largest first, ties by the lower id, NaN last, k clamped.
+    #[test]
+    fn top_entries_are_the_largest_in_order() {
+        let l = [0.5, 2.0, f32::NAN, 2.0, -1.0, 3.0];
+        assert_eq!(top_entries(&l, 3), vec![(5, 3.0), (1, 2.0), (3, 2.0)]);
+        let all = top_entries(&l, 10);
+        assert_eq!(all.len(), 6);
+        assert_eq!(all[5].0, 2);
+        assert!(top_entries(&l, 0).is_empty());
+    }
 
     #[test]
     fn cli_definition_is_consistent() {

@@ -11,8 +11,9 @@ pub fn has_gpu(what: &str) -> bool {
 /// A device on this machine's wgpu adapter, or `None` as [`has_gpu`] says.
 #[cfg(feature = "gpu")]
 #[allow(dead_code)]
-pub fn gpu(what: &str) -> Option<std::sync::Arc<onestep::backend::gpu::GpuContext>> {
-    use onestep::backend::gpu::{BackendFilter, DeviceRequest, GpuContext};
+pub fn gpu(what: &str) -> Option<std::sync::Arc<onestep::testing::GpuContext>> {
+    use onestep::gpu::{BackendFilter, DeviceRequest};
+    use onestep::testing::GpuContext;
     match GpuContext::new(&DeviceRequest::Gpu(None), BackendFilter::Any) {
         Ok(c) => Some(c),
         Err(e) => {
