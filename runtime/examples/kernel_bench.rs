@@ -6,7 +6,7 @@
 //! whole decode step (30 layers of q/k/v/o/gate/up/down in 4-bit + the 8-bit tied LM head), with every
 //! layer's weights in its own buffer so the weights stream from memory as in a real decode.
 
-use onestep::backend::cpu::linear::{
+use onestep::testing::kernels::{
     linear_cached, linear_with, Activations, Precision, QuantCache, Weights,
 };
 use std::time::Instant;
@@ -243,7 +243,7 @@ fn main() {
 /// D = 64) and Gemma 3 270M's (4 over 1, D = 256), at several positions: µs a layer.
 fn attention_decode(quick: bool) {
     use half::f16;
-    use onestep::backend::cpu::attention::{attention_paged, AttnShape};
+    use onestep::testing::kernels::{attention_paged, AttnShape};
     let rows = 64;
     for (name, heads, kv_heads, d) in [("smollm2", 9, 3, 64), ("gemma3", 4, 1, 256)] {
         for pos in [100usize, 500, 1000] {

@@ -9,25 +9,20 @@
 //!
 //! The API: [`Model`] and [`StepState`] (a step at a time), [`generate::Session`] (text in, text out),
 //! their options ([`LoadOptions`], [`kv::KvOptions`], [`gpu::GpuOptions`]) and reports ([`PlanStats`],
-//! [`gpu::GpuStats`], [`system`]). The planner, the weights and the backends are the crate's own (hidden
-//! from these docs); the conformance tests reach two entry points through `testing`, which is not API.
+//! [`gpu::GpuStats`], [`system`]). The planner, the weights and the backends are the crate's own; the
+//! conformance tests reach two entry points through `testing`, which is not API.
 #![warn(missing_docs)]
 
-// The crate's own rooms: public only for the crate's tests and benches (hidden from the docs; the
-// API is below). Closing them (`pub(crate)`) waits on ~40 kernel helpers that only tests call.
-#[doc(hidden)]
-pub mod backend;
+pub(crate) mod backend;
 pub use onestep_format::{contract, error, graph, onnx};
 pub mod generate;
 pub mod kv;
 pub mod load;
 pub mod model;
-#[doc(hidden)]
-pub mod plan;
+pub(crate) mod plan;
 mod step;
 pub mod tensor;
-#[doc(hidden)]
-pub mod weights;
+pub(crate) mod weights;
 
 pub use backend::cpu::linear::Precision;
 pub use contract::{GenerationDefaults, ModelInfo};
@@ -54,9 +49,17 @@ pub mod system {
 }
 
 /// Not API: the entry points the conformance tests drive (`runtime/tests/onnx_node.rs`) — the generic
-/// CPU op of a node (the oracle) and a plain graph run once on the GPU.
+/// CPU op of a node (the oracle) and a plain graph run once on the GPU — and the CPU linear kernels
+/// `examples/kernel_bench.rs` times.
 #[doc(hidden)]
 pub mod testing {
+    /// The CPU linear and attention kernels.
+    pub mod kernels {
+        pub use crate::backend::cpu::attention::{attention_paged, AttnShape};
+        pub use crate::backend::cpu::linear::{
+            linear_cached, linear_with, Activations, Precision, QuantCache, Weights,
+        };
+    }
     pub use crate::backend::cpu::ops::run_node;
     #[cfg(feature = "gpu")]
     pub use crate::backend::gpu::graph::{run_graph, GraphRun};

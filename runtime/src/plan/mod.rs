@@ -264,6 +264,7 @@ pub enum Step {
 /// them are its own steps. A kernel reading the projections token-major does them all; the CPU runs
 /// [`AttnInputs::steps`] in order before attending.
 #[derive(Debug)]
+#[cfg_attr(not(feature = "gpu"), allow(dead_code))] // (what a one-kernel backend binds)
 pub struct AttnInputs {
     /// Queries `[1, T, H, D]` (the projection, reshaped), before the rotary.
     pub q: ValId,
@@ -346,6 +347,7 @@ pub struct LinearGroup {
 
 /// An `RMSNormalization` over the last axis folded into a [`LinearGroup`].
 #[derive(Debug)]
+#[cfg_attr(not(feature = "gpu"), allow(dead_code))] // (the CPU runs the node itself)
 pub struct GroupNorm {
     /// Index of the node.
     pub node: usize,
@@ -601,6 +603,7 @@ const NODE_PASSES: &[NodePass] = &[
 impl Plan {
     /// Plans `graph`: the per-node passes over every node in order, then the token embedding, the
     /// token choice and liveness.
+    #[cfg(test)]
     pub fn new(graph: Graph) -> Result<Plan> {
         Self::with_options(graph, PlanOptions::default())
     }

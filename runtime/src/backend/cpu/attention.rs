@@ -1,35 +1,24 @@
-//! Scaled dot-product attention for the static-cache step graph, plus a general masked variant.
+//! Scaled dot-product attention for the static-cache step graph: [`attention_paged`], the runtime's
+//! path over a sequence's host KV pages (`crate::kv`).
 //!
-//! [`attention_cached`]: query `t` (absolute position `p + t`) attends to the past cache slots `0..p` —
-//! slots `≥ p` are never read — and to the new rows `0..=t` (causal among themselves). Grouped-query
-//! attention: query head `h` uses KV head `h / (H / KVH)`. Scores are scaled by `1/√D` unless a scale is
-//! given, then soft-capped where a cap is given ([`Scores`]). The softmax is computed online over blocks of 64 keys (running max and sum, rescaling the
-//! accumulator once per block), so no `[T, S]` score matrix is ever materialized and the result is
-//! stable for any score magnitudes. The past cache may be f32 or f16 ([`KvElement`]); f16 blocks are
-//! converted with `half`'s SIMD slice conversion.
+//! Query `t` (absolute position `p + t`) attends to the past cache slots `0..p` — slots `≥ p` are never
+//! read — and to the new rows `0..=t` (causal among themselves), within a sliding window where one is
+//! given. Grouped-query attention: query head `h` uses KV head `h / (H / KVH)`. Scores are scaled by
+//! `1/√D` unless a scale is given, then soft-capped where a cap is given ([`Scores`]). The past may be
+//! f32 or f16 ([`KvElement`]). This file checks the inputs and holds the shapes; the kernel is
+//! `attention_paged.rs`: a task per (token, KV head, key segment), each block of keys converted once for
+//! the query heads of its group, an online softmax per segment, the segments' states merged.
 //!
 //! Output layout: `[T, H·D]` (token-major, heads concatenated) — what the following output projection
-//! reads directly. Work is split over (token, head) pairs over the CPU pool (`pool.rs`) when there is enough of it.
-//! [`attention_paged`] — the runtime's path, over host KV pages — checks its inputs here and runs the
-//! kernel of `attention_paged.rs`: a task per (token, KV head, key segment), each block of keys
-//! converted once for the query heads of its group.
-//!
-//! Error vs. the f64 reference: ≤ 2e-5·(1 + max|v|) per element (tested).
+//! reads directly. Error vs. the f64 references (tests only): ≤ 2e-5·(1 + max|v|) per element.
 
 use super::simd;
 use super::{check_len, mul_dims, shape_err, KernelResult};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 
-/// Keys per online-softmax block.
-const KEY_BLOCK: usize = 64;
-/// (tokens·heads·keys·D) above which (token, head) pairs run in parallel.
-const PAR_MIN: usize = 1 << 15;
-
 /// Element type of a K/V cache.
 pub trait KvElement: Copy + Send + Sync + 'static {
-    /// Borrows the slice as f32 when it already is f32 (no conversion needed).
-    fn as_f32(src: &[Self]) -> Option<&[f32]>;
     /// Converts `src` into `dst` (equal lengths).
     fn to_f32_slice(src: &[Self], dst: &mut [f32]);
     /// Converts `rows` rows of `d` elements, `stride` apart from `src[0]` on, into `dst` (`rows·d`,
@@ -46,18 +35,12 @@ fn row_by_row<E: KvElement>(src: &[E], stride: usize, rows: usize, d: usize, dst
 }
 
 impl KvElement for f32 {
-    fn as_f32(src: &[f32]) -> Option<&[f32]> {
-        Some(src)
-    }
     fn to_f32_slice(src: &[f32], dst: &mut [f32]) {
         dst.copy_from_slice(src);
     }
 }
 
 impl KvElement for f16 {
-    fn as_f32(_: &[f16]) -> Option<&[f32]> {
-        None
-    }
     fn to_f32_slice(src: &[f16], dst: &mut [f32]) {
         src.convert_to_f32_slice(dst);
     }
@@ -192,254 +175,11 @@ impl Sc {
     }
 }
 
-/// Running state of an online softmax over keys.
-struct Online {
-    m: f32,
-    l: f32,
-    acc: Vec<f32>,
-    scores: Vec<f32>,
-    kbuf: Vec<f32>,
-    vbuf: Vec<f32>,
-}
-
-impl Online {
-    fn new(d: usize) -> Self {
-        Online {
-            m: f32::NEG_INFINITY,
-            l: 0.0,
-            acc: vec![0.0; d],
-            scores: vec![0.0; KEY_BLOCK],
-            kbuf: vec![0.0; KEY_BLOCK * d],
-            vbuf: vec![0.0; KEY_BLOCK * d],
-        }
-    }
-
-    fn reset(&mut self) {
-        self.m = f32::NEG_INFINITY;
-        self.l = 0.0;
-        self.acc.fill(0.0);
-    }
-
-    /// Feeds keys `k`/`v` (`n` rows of `D`, contiguous) with an optional per-key mask (true = attend).
-    fn feed<E: KvElement>(&mut self, q: &[f32], k: &[E], v: &[E], sc: Sc, mask: Option<&[bool]>) {
-        let d = q.len();
-        let n = k.len().checked_div(d).unwrap_or(0);
-        let mut j0 = 0;
-        while j0 < n {
-            let nb = KEY_BLOCK.min(n - j0);
-            let (ks, vs) = (&k[j0 * d..(j0 + nb) * d], &v[j0 * d..(j0 + nb) * d]);
-            let kf: &[f32] = match E::as_f32(ks) {
-                Some(s) => s,
-                None => {
-                    E::to_f32_slice(ks, &mut self.kbuf[..nb * d]);
-                    &self.kbuf[..nb * d]
-                }
-            };
-            let mut bmax = f32::NEG_INFINITY;
-            for j in 0..nb {
-                let s = if mask.is_some_and(|m| !m[j0 + j]) {
-                    f32::NEG_INFINITY
-                } else {
-                    sc.apply(simd::dot(q, &kf[j * d..(j + 1) * d]))
-                };
-                self.scores[j] = s;
-                bmax = bmax.max(s);
-            }
-            if bmax > f32::NEG_INFINITY {
-                let vf: &[f32] = match E::as_f32(vs) {
-                    Some(s) => s,
-                    None => {
-                        E::to_f32_slice(vs, &mut self.vbuf[..nb * d]);
-                        &self.vbuf[..nb * d]
-                    }
-                };
-                let m_new = self.m.max(bmax);
-                if self.m > f32::NEG_INFINITY && self.m < m_new {
-                    let c = (self.m - m_new).exp();
-                    self.l *= c;
-                    self.acc.iter_mut().for_each(|a| *a *= c);
-                }
-                self.m = m_new;
-                for j in 0..nb {
-                    if self.scores[j] > f32::NEG_INFINITY {
-                        let p = (self.scores[j] - m_new).exp();
-                        self.l += p;
-                        simd::axpy(&mut self.acc, p, &vf[j * d..(j + 1) * d]);
-                    }
-                }
-            }
-            j0 += nb;
-        }
-    }
-
-    /// Feeds the chunk's own rows `from..=tt` of KV head `kvh` (causal among themselves; `from > 0`
-    /// under a sliding window).
-    #[allow(clippy::too_many_arguments)]
-    fn feed_new(
-        &mut self,
-        s: &AttnShape,
-        q: &[f32],
-        new_k: &[f32],
-        new_v: &[f32],
-        kvh: usize,
-        from: usize,
-        tt: usize,
-        sc: Sc,
-    ) {
-        let d = s.head_dim;
-        if s.kv_tokens_first {
-            for j in from..=tt {
-                let o = s.new_kv_off(kvh, j);
-                self.feed(q, &new_k[o..o + d], &new_v[o..o + d], sc, None);
-            }
-        } else if from <= tt {
-            let o = s.new_kv_off(kvh, from);
-            let n = (tt + 1 - from) * d;
-            self.feed(q, &new_k[o..o + n], &new_v[o..o + n], sc, None);
-        }
-    }
-
-    /// Writes `acc / l` (zeros when no key was attended).
-    fn finish(&self, out: &mut [f32]) {
-        if self.l > 0.0 {
-            let inv = 1.0 / self.l;
-            for (o, a) in out.iter_mut().zip(&self.acc) {
-                *o = a * inv;
-            }
-        } else {
-            out.fill(0.0);
-        }
-    }
-}
-
-/// Runs `f(t, h, state, out_row)` for every (token, head), in parallel when the work is large.
-fn for_rows(
-    out: &mut [f32],
-    s: &AttnShape,
-    keys: usize,
-    f: impl Fn(usize, usize, &mut Online, &mut [f32]) + Sync,
-) {
-    let d = s.head_dim;
-    let work = s
-        .tokens
-        .saturating_mul(s.heads)
-        .saturating_mul(keys)
-        .saturating_mul(d);
-    let body = |st: &mut Online, (i, o): (usize, &mut [f32])| {
-        st.reset();
-        f(i / s.heads, i % s.heads, st, o);
-    };
-    if work >= PAR_MIN && s.tokens * s.heads > 1 {
-        // A run of rows a task, one online-softmax state a run (not one allocation a row).
-        let rows = s.tokens * s.heads;
-        let per = rows.div_ceil(2 * super::pool::threads()).max(1);
-        super::pool::for_chunks_mut(out, per * d, &|i, o| {
-            let mut st = Online::new(d);
-            for (j, r) in o.chunks_mut(d).enumerate() {
-                body(&mut st, (i * per + j, r));
-            }
-        });
-    } else {
-        let mut st = Online::new(d);
-        out.chunks_mut(d).enumerate().for_each(|r| body(&mut st, r));
-    }
-}
-
-/// Static-cache attention (see the module docs). `q`: `[H, T, D]` (or `[T, H, D]`); `past_k`/`past_v`:
-/// `[KVH, S, D]`; `new_k`/`new_v`: `[KVH, T, D]` (or `[T, KVH, D]`); `position = p ≤ S`; `out`: `[T, H·D]`.
-/// `scores`: the scale (default `1/√D`) and soft cap ([`Scores`]; `None`/`Some(scale)` convert).
-#[allow(clippy::too_many_arguments)]
-pub fn attention_cached<E: KvElement>(
-    q: &[f32],
-    past_k: &[E],
-    past_v: &[E],
-    new_k: &[f32],
-    new_v: &[f32],
-    position: usize,
-    s: &AttnShape,
-    scores: impl Into<Scores>,
-    out: &mut [f32],
-) -> KernelResult {
-    const K: &str = "attention";
-    let group = s.check_heads(K)?;
-    let (d, t) = (s.head_dim, s.tokens);
-    check_len(K, "q", mul_dims(K, &[s.heads, t, d])?, q.len())?;
-    let past = mul_dims(K, &[s.kv_heads, s.cache_len, d])?;
-    check_len(K, "past_key", past, past_k.len())?;
-    check_len(K, "past_value", past, past_v.len())?;
-    let new = mul_dims(K, &[s.kv_heads, t, d])?;
-    check_len(K, "new_key", new, new_k.len())?;
-    check_len(K, "new_value", new, new_v.len())?;
-    check_len(K, "out", mul_dims(K, &[t, s.heads, d])?, out.len())?;
-    if position > s.cache_len {
-        return Err(shape_err(
-            K,
-            format!("position {position} > cache length {}", s.cache_len),
-        ));
-    }
-    if d == 0 || t == 0 {
-        return Ok(());
-    }
-    let sc = Sc::of(scores.into(), d);
-    let p = position;
-    for_rows(out, s, p + t, |tt, h, st, o| {
-        let kvh = h / group;
-        let qv = &q[s.q_off(h, tt)..s.q_off(h, tt) + d];
-        let base = kvh * s.cache_len * d;
-        st.feed(
-            qv,
-            &past_k[base..base + p * d],
-            &past_v[base..base + p * d],
-            sc,
-            None,
-        );
-        st.feed_new(s, qv, new_k, new_v, kvh, 0, tt, sc);
-        st.finish(o);
-    });
-    Ok(())
-}
-
-/// General attention with an explicit mask: `q` `[H, T, D]` (or `[T, H, D]`), `k`/`v` `[KVH, S, D]` f32,
-/// `mask` `[T, S]` (true = attend), `out` `[T, H·D]`. A query with no attended key outputs zeros.
-pub fn attention_masked(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    mask: &[bool],
-    s: &AttnShape,
-    scores: impl Into<Scores>,
-    out: &mut [f32],
-) -> KernelResult {
-    const K: &str = "attention_masked";
-    let group = s.check_heads(K)?;
-    let (d, t, n) = (s.head_dim, s.tokens, s.cache_len);
-    check_len(K, "q", mul_dims(K, &[s.heads, t, d])?, q.len())?;
-    let kv = mul_dims(K, &[s.kv_heads, n, d])?;
-    check_len(K, "key", kv, k.len())?;
-    check_len(K, "value", kv, v.len())?;
-    check_len(K, "mask", mul_dims(K, &[t, n])?, mask.len())?;
-    check_len(K, "out", mul_dims(K, &[t, s.heads, d])?, out.len())?;
-    if d == 0 || t == 0 {
-        return Ok(());
-    }
-    let sc = Sc::of(scores.into(), d);
-    for_rows(out, s, n, |tt, h, st, o| {
-        let base = (h / group) * n * d;
-        let qv = &q[s.q_off(h, tt)..s.q_off(h, tt) + d];
-        st.feed(
-            qv,
-            &k[base..base + n * d],
-            &v[base..base + n * d],
-            sc,
-            Some(&mask[tt * n..(tt + 1) * n]),
-        );
-        st.finish(o);
-    });
-    Ok(())
-}
-
-/// The oracle for [`attention_masked`]: materialized scores, two-pass softmax, f64.
-pub fn reference_masked(
+/// The oracle of masked attention: `q` `[H, T, D]` (or `[T, H, D]`), `k`/`v` `[KVH, S, D]`, `mask`
+/// `[T, S]` (true = attend), `out` `[T, H·D]` (zeros for a query with no attended key); materialized
+/// scores, two-pass softmax, f64.
+#[cfg(test)]
+pub(crate) fn reference_masked(
     q: &[f32],
     k: &[f32],
     v: &[f32],
@@ -494,10 +234,11 @@ pub fn reference_masked(
     Ok(())
 }
 
-/// The oracle for [`attention_cached`]: builds the concatenated K/V (past slots `0..p`, then the new rows)
+/// The oracle for [`attention_paged`] (the cache head-major here): builds the concatenated K/V (past slots `0..p`, then the new rows)
 /// and the causal mask, then calls [`reference_masked`].
 #[allow(clippy::too_many_arguments)]
-pub fn reference_cached<E: KvElement>(
+#[cfg(test)]
+pub(crate) fn reference_cached<E: KvElement>(
     q: &[f32],
     past_k: &[E],
     past_v: &[E],
@@ -521,7 +262,8 @@ pub fn reference_cached<E: KvElement>(
 
 /// [`reference_cached`] under a sliding window of `w` keys (query row `t` attends positions
 /// `> position + t − w`), the oracle of [`attention_paged`]'s window.
-pub fn reference_windowed<E: KvElement>(
+#[cfg(test)]
+pub(crate) fn reference_windowed<E: KvElement>(
     q: &[f32],
     (past_k, past_v): (&[E], &[E]),
     (new_k, new_v): (&[f32], &[f32]),
@@ -568,7 +310,8 @@ pub fn reference_windowed<E: KvElement>(
     reference_masked(q, &kk, &vv, &mask, &s2, scores, out)
 }
 
-/// [`attention_cached`] over a past cache held in token-major pages (`crate::kv`): `k_pages`/`v_pages` are
+/// Static-cache attention (see the module docs) over a past cache held in token-major pages
+/// (`crate::kv`). `q`: `[H, T, D]` (or `[T, H, D]`); `k_pages`/`v_pages` are
 /// `[page_rows, KVH, D]` each, in position order, covering at least the first `position` slots. The new
 /// rows are head-major `[KVH, T, D]`. With `window = Some(w)` query row `t` (position `position + t`)
 /// attends only keys at positions `> position + t − w` (a sliding window) and reads no other rows.
@@ -736,8 +479,7 @@ mod tests {
         let nk = rnd(kvh * t * d, &mut rng, 2.0);
         let nv = rnd(kvh * t * d, &mut rng, 3.0);
         let mut want = vec![0f32; t * s.heads * d];
-        let mut got = vec![f32::NAN; t * s.heads * d];
-        // The same cache in token-major pages of 1..=17 rows (poison past `p` too).
+        // The cache in token-major pages of 1..=17 rows (poison past `p` too).
         let pr = 1 + (seed % 17) as usize;
         let npages = cache.div_ceil(pr).max(1);
         let paged = |c: &[f32]| -> Vec<Vec<f32>> {
@@ -764,7 +506,6 @@ mod tests {
             let hk: Vec<f16> = pk.iter().map(|v| f16::from_f32(*v)).collect();
             let hv: Vec<f16> = pv.iter().map(|v| f16::from_f32(*v)).collect();
             reference_cached(&q, &hk, &hv, &nk, &nv, p, &s, scores, &mut want).unwrap();
-            attention_cached(&q, &hk, &hv, &nk, &nv, p, &s, scores, &mut got).unwrap();
             let h16 = |v: &Vec<Vec<f32>>| -> Vec<Vec<f16>> {
                 v.iter()
                     .map(|pg| pg.iter().map(|x| f16::from_f32(*x)).collect())
@@ -789,7 +530,6 @@ mod tests {
             .unwrap();
         } else {
             reference_cached(&q, &pk, &pv, &nk, &nv, p, &s, scores, &mut want).unwrap();
-            attention_cached(&q, &pk, &pv, &nk, &nv, p, &s, scores, &mut got).unwrap();
             let kr: Vec<&[f32]> = kp.iter().map(|v| &v[..]).collect();
             let vr: Vec<&[f32]> = vp.iter().map(|v| &v[..]).collect();
             attention_paged(
@@ -807,7 +547,6 @@ mod tests {
             )
             .unwrap();
         }
-        close(&got, &want, 3.0)?;
         close(&got_paged, &want, 3.0).map_err(|e| format!("paged ({pr} rows a page): {e}"))?;
         // No window and a sliding one (from one key to past the whole sequence), f32 pages, the keys
         // of a row in every number of segments (more than there are keys too).
@@ -843,24 +582,6 @@ mod tests {
             prop_assert!(r.is_ok(), "{:?}", r);
         }
 
-        #[test]
-        fn masked_matches_reference(
-            kvh in 1usize..3, group in 1usize..4, t in 1usize..5, d in 1usize..40, n in 1usize..140,
-            seed in any::<u64>(),
-        ) {
-            let mut rng = StdRng::seed_from_u64(seed);
-            let s = AttnShape { heads: kvh * group, kv_heads: kvh, tokens: t, head_dim: d, cache_len: n, q_tokens_first: false, kv_tokens_first: false };
-            let q = rnd(s.heads * t * d, &mut rng, 2.0);
-            let k = rnd(kvh * n * d, &mut rng, 2.0);
-            let v = rnd(kvh * n * d, &mut rng, 3.0);
-            let mask: Vec<bool> = (0..t * n).map(|_| rng.random_bool(0.7)).collect();
-            let mut want = vec![0f32; t * s.heads * d];
-            let mut got = vec![f32::NAN; t * s.heads * d];
-            reference_masked(&q, &k, &v, &mask, &s, Some(0.3), &mut want).unwrap();
-            attention_masked(&q, &k, &v, &mask, &s, Some(0.3), &mut got).unwrap();
-            let r = close(&got, &want, 3.0);
-            prop_assert!(r.is_ok(), "{:?}", r);
-        }
     }
 
     #[test]
@@ -875,8 +596,11 @@ mod tests {
         run_cached(1, 1, 3, 16, 200, 150, false, false, false, 5, 60.0).unwrap();
     }
 
+    /// A query whose every key the reference's mask hides gives zeros; the paged kernel refuses a
+    /// position past its pages or the cache, new rows of the wrong length, heads KV heads do not
+    /// divide, a window of 0 keys; equal scores average the values.
     #[test]
-    fn fully_masked_row_is_zero_and_errors() {
+    fn fully_masked_row_is_zero_and_bad_shapes_are_errors() {
         let s = AttnShape {
             heads: 2,
             kv_heads: 1,
@@ -887,47 +611,36 @@ mod tests {
             kv_tokens_first: false,
         };
         let mut out = [f32::NAN; 4];
-        attention_masked(
-            &[1.0; 4],
-            &[1.0; 4],
-            &[1.0; 4],
-            &[false, false],
-            &s,
-            None,
-            &mut out,
-        )
-        .unwrap();
+        let ones = [1.0f32; 4];
+        reference_masked(&ones, &ones, &ones, &[false, false], &s, None, &mut out).unwrap();
         assert_eq!(out, [0.0; 4]);
-        assert!(attention_masked(
-            &[1.0; 4],
-            &[1.0; 4],
-            &[1.0; 4],
-            &[false],
-            &s,
-            None,
-            &mut out
-        )
-        .is_err());
+        // One page of the two cache rows, [2, 1, 2].
+        let page = [1.0f32; 4];
+        let pages: [&[f32]; 1] = [&page];
+        let run = |new_k: &[f32], position, window, s: &AttnShape, out: &mut [f32]| {
+            attention_paged(
+                &ones, &pages, &pages, 2, new_k, &[2.0; 2], position, window, s, None, out,
+            )
+        };
+        assert!(
+            run(&[1.0; 2], 3, None, &s, &mut out).is_err(),
+            "position past the cache"
+        );
+        assert!(
+            run(&[1.0; 3], 1, None, &s, &mut out).is_err(),
+            "new rows of 3"
+        );
+        assert!(
+            run(&[1.0; 2], 1, Some(0), &s, &mut out).is_err(),
+            "a window of 0"
+        );
         let bad = AttnShape { kv_heads: 3, ..s };
-        assert!(attention_masked(
-            &[1.0; 4], &[1.0; 4], &[1.0; 4], &[true; 2], &bad, None, &mut out
-        )
-        .is_err());
-        // position beyond the cache, wrong new-row length
-        let k = [1.0f32; 4];
         assert!(
-            attention_cached(&[1.0; 4], &k, &k, &[1.0; 2], &[1.0; 2], 3, &s, None, &mut out)
-                .is_err()
+            run(&[1.0; 2], 1, None, &bad, &mut out).is_err(),
+            "3 KV heads for 2"
         );
-        assert!(
-            attention_cached(&[1.0; 4], &k, &k, &[1.0; 3], &[1.0; 2], 1, &s, None, &mut out)
-                .is_err()
-        );
-        attention_cached(
-            &[1.0; 4], &k, &k, &[1.0; 2], &[2.0; 2], 2, &s, None, &mut out,
-        )
-        .unwrap();
-        // Equal scores: mean of values (1, 1, 2) = 4/3.
+        run(&[1.0; 2], 2, None, &s, &mut out).unwrap();
+        // Equal scores: the mean of the values (1, 1, 2) = 4/3.
         assert!(out.iter().all(|v| (v - 4.0 / 3.0).abs() < 1e-6), "{out:?}");
     }
 }

@@ -22,7 +22,7 @@ pub const PASSES: usize = 3;
 const TASK_BYTES: usize = 1 << 20;
 
 /// Measures the read bandwidth of the CPU pool's threads in GB/s (10⁹ bytes a second). Allocates and
-/// frees [`BUFFER_BYTES`]; takes a few tenths of a second.
+/// frees `BUFFER_BYTES`; takes a few tenths of a second.
 pub fn read_gbps() -> f64 {
     read_gbps_over(BUFFER_BYTES, PASSES)
 }

@@ -26,15 +26,13 @@
 //! shuffles, with `x` permuted once per call to match), NEON on aarch64 (integer path in NEON; the exact
 //! path decodes each row to f32 scratch and uses NEON dots), portable scalar elsewhere.
 //!
-//! Weights are never copied or repacked: RSS stays at the mapped weight bytes. u8/i8 data may have any
-//! alignment; f32/f16/bf16 buffers must be aligned to their element size — [`view`] checks that and
-//! returns [`KernelError::Cast`] otherwise (the exporter writes every payload 64-byte aligned, so this
-//! only fires on a malformed file; a caller may then copy into an aligned `Vec` and retry).
+//! Weights are never copied or repacked: RSS stays at the mapped weight bytes, read in place as typed
+//! slices (the exporter writes every payload 64-byte aligned).
 
 use super::linear_q8::{self, QIsa, QuantX};
 use super::pool;
 use super::simd::{self, Isa};
-use super::{check_len, mul_dims, shape_err, KernelError, KernelResult};
+use super::{check_len, mul_dims, shape_err, KernelResult};
 use half::{bf16, f16};
 
 /// Elements per quantization block of the 4- and 8-bit forms.
@@ -109,6 +107,7 @@ impl From<Precision> for Activations {
 /// The precision [`linear`] uses. Exact: its error vs. f64 is ~1e-6 relative, while 8-bit activations
 /// move logits as llama.cpp's do; choose [`Precision::Fast`] through [`linear_with`] where speed matters
 /// more than matching the reference.
+#[cfg(test)]
 pub const DEFAULT_PRECISION: Precision = Precision::Exact;
 
 /// A weight matrix `W [N, K]` borrowed in place in one of the supported encodings.
@@ -182,22 +181,6 @@ pub enum Weights<'a> {
         /// One scale and zero point per 16 elements instead of per 32.
         halves: bool,
     },
-}
-
-/// Views a borrowed byte buffer (e.g. a memory-mapped initializer) as `&[T]` without copying.
-///
-/// Fails with [`KernelError::Cast`] if the address is not aligned for `T` or the length is not a multiple
-/// of `size_of::<T>()`. Byte-sized types (`u8`, `i8`) never fail.
-pub fn view<'a, T: bytemuck::AnyBitPattern>(
-    what: &'static str,
-    bytes: &'a [u8],
-) -> KernelResult<&'a [T]> {
-    bytemuck::try_cast_slice(bytes).map_err(|e| KernelError::Cast {
-        kernel: "linear",
-        what,
-        ty: std::any::type_name::<T>(),
-        detail: format!("{e:?}"),
-    })
 }
 
 impl<'a> Weights<'a> {
@@ -388,6 +371,7 @@ impl<'a> Weights<'a> {
 ///
 /// Errors (never panics) when `x.len() != T·K`, `out.len() != T·N`, `bias.len() != N` or the weight
 /// buffers do not match `N`, `K`.
+#[cfg(test)]
 pub fn linear(
     x: &[f32],
     t: usize,
@@ -398,7 +382,7 @@ pub fn linear(
     linear_with(x, t, w, bias, out, DEFAULT_PRECISION)
 }
 
-/// [`linear`] with an explicit [`Precision`] for the 4/8-bit forms.
+/// `out[T, N] = x[T, K] · Wᵀ (+ bias[N])` at an explicit [`Precision`] for the 4/8-bit forms.
 pub fn linear_with(
     x: &[f32],
     t: usize,
@@ -928,6 +912,7 @@ mod neon {
 }
 
 /// The test oracle: f64 accumulation of `Σ x·W + bias` from [`Weights::get`]. Same checks as [`linear`].
+#[cfg(test)]
 pub fn reference(
     x: &[f32],
     t: usize,
@@ -951,6 +936,7 @@ pub fn reference(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::backend::cpu::KernelError;
     use proptest::prelude::*;
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
@@ -1364,18 +1350,5 @@ pub(crate) mod tests {
         assert!(linear(&[1.0; 3], 1, &huge, None, &mut out).is_err());
         // T = 0 is an empty product.
         linear(&[], 0, &w, None, &mut []).unwrap();
-    }
-
-    #[test]
-    fn view_checks_alignment() {
-        let buf = vec![0u32; 4];
-        let bytes: &[u8] = bytemuck::cast_slice(&buf);
-        assert_eq!(view::<f32>("w", bytes).unwrap().len(), 4);
-        assert!(matches!(
-            view::<f32>("w", &bytes[1..5]),
-            Err(KernelError::Cast { .. })
-        ));
-        assert!(view::<f16>("w", &bytes[..3]).is_err());
-        assert_eq!(view::<i8>("w", &bytes[1..4]).unwrap().len(), 3);
     }
 }

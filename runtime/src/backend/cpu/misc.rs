@@ -2,7 +2,9 @@
 //! f16/bf16 ↔ f32 slice conversion.
 
 use super::{check_len, shape_err, KernelResult};
+#[cfg(test)]
 use half::slice::HalfFloatSliceExt;
+#[cfg(test)]
 use half::{bf16, f16};
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
@@ -134,6 +136,7 @@ fn map2<F: Fn(f32, f32) -> f32 + Copy>(o: &mut [f32], g: &[f32], u: &[f32], f: F
 }
 
 /// The oracle for [`gelu_gate`] (f64, tanh from the standard library).
+#[cfg(test)]
 pub fn gelu_gate_reference(g: &[f32], u: &[f32], out: &mut [f32]) -> KernelResult {
     check_len("gelu_gate", "up", g.len(), u.len())?;
     check_len("gelu_gate", "out", g.len(), out.len())?;
@@ -146,6 +149,7 @@ pub fn gelu_gate_reference(g: &[f32], u: &[f32], out: &mut [f32]) -> KernelResul
 }
 
 /// [`silu_gate`] written into the gate buffer: `g[i] = SiLU(g[i])·u[i]`.
+#[cfg(test)]
 pub fn silu_gate_in_place(g: &mut [f32], u: &[f32]) -> KernelResult {
     check_len("silu_gate", "up", g.len(), u.len())?;
     for (g, u) in g.iter_mut().zip(u) {
@@ -155,6 +159,7 @@ pub fn silu_gate_in_place(g: &mut [f32], u: &[f32]) -> KernelResult {
 }
 
 /// The oracle for [`silu_gate`] (f64).
+#[cfg(test)]
 pub fn silu_gate_reference(g: &[f32], u: &[f32], out: &mut [f32]) -> KernelResult {
     check_len("silu_gate", "up", g.len(), u.len())?;
     check_len("silu_gate", "out", g.len(), out.len())?;
@@ -165,6 +170,7 @@ pub fn silu_gate_reference(g: &[f32], u: &[f32], out: &mut [f32]) -> KernelResul
     Ok(())
 }
 
+#[cfg(test)]
 fn softmax_row(x: &mut [f32]) {
     let m = x.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
     if m == f32::NEG_INFINITY {
@@ -185,6 +191,7 @@ fn softmax_row(x: &mut [f32]) {
 
 /// Softmax over the last axis of `x [rows, n]`, written to `out`. The maximum is subtracted first
 /// (stable); a row that is entirely −inf becomes zeros.
+#[cfg(test)]
 pub fn softmax(x: &[f32], n: usize, out: &mut [f32]) -> KernelResult {
     check_len("softmax", "out", x.len(), out.len())?;
     out.copy_from_slice(x);
@@ -192,6 +199,7 @@ pub fn softmax(x: &[f32], n: usize, out: &mut [f32]) -> KernelResult {
 }
 
 /// In-place [`softmax`].
+#[cfg(test)]
 pub fn softmax_in_place(x: &mut [f32], n: usize) -> KernelResult {
     if n == 0 || !x.len().is_multiple_of(n) {
         return Err(shape_err(
@@ -210,6 +218,7 @@ pub fn softmax_in_place(x: &mut [f32], n: usize) -> KernelResult {
 }
 
 /// The oracle for [`softmax`] (f64).
+#[cfg(test)]
 pub fn softmax_reference(x: &[f32], n: usize, out: &mut [f32]) -> KernelResult {
     check_len("softmax", "out", x.len(), out.len())?;
     if n == 0 || !x.len().is_multiple_of(n) {
@@ -406,6 +415,7 @@ fn argmax(x: &[f32]) -> usize {
 }
 
 /// The oracle for [`top_k`]: a full stable sort.
+#[cfg(test)]
 pub fn top_k_reference(x: &[f32], values: &mut [f32], indices: &mut [usize]) -> KernelResult {
     let k = values.len();
     check_len("top_k", "indices", k, indices.len())?;
@@ -466,6 +476,7 @@ pub fn nucleus_pick(vals: &[f32], top_p: f32, u: f32) -> KernelResult<usize> {
 }
 
 /// f16 → f32 (SIMD via `half`).
+#[cfg(test)]
 pub fn f16_to_f32(src: &[f16], dst: &mut [f32]) -> KernelResult {
     check_len("f16_to_f32", "dst", src.len(), dst.len())?;
     src.convert_to_f32_slice(dst);
@@ -473,6 +484,7 @@ pub fn f16_to_f32(src: &[f16], dst: &mut [f32]) -> KernelResult {
 }
 
 /// f32 → f16, round to nearest even (SIMD via `half`).
+#[cfg(test)]
 pub fn f32_to_f16(src: &[f32], dst: &mut [f16]) -> KernelResult {
     check_len("f32_to_f16", "dst", src.len(), dst.len())?;
     dst.convert_from_f32_slice(src);
@@ -480,6 +492,7 @@ pub fn f32_to_f16(src: &[f32], dst: &mut [f16]) -> KernelResult {
 }
 
 /// bf16 → f32.
+#[cfg(test)]
 pub fn bf16_to_f32(src: &[bf16], dst: &mut [f32]) -> KernelResult {
     check_len("bf16_to_f32", "dst", src.len(), dst.len())?;
     src.convert_to_f32_slice(dst);
@@ -487,6 +500,7 @@ pub fn bf16_to_f32(src: &[bf16], dst: &mut [f32]) -> KernelResult {
 }
 
 /// f32 → bf16, round to nearest even.
+#[cfg(test)]
 pub fn f32_to_bf16(src: &[f32], dst: &mut [bf16]) -> KernelResult {
     check_len("f32_to_bf16", "dst", src.len(), dst.len())?;
     dst.convert_from_f32_slice(src);

@@ -44,19 +44,6 @@ pub enum KernelError {
         /// What is wrong.
         detail: String,
     },
-    /// A byte buffer cannot be viewed in place as the element type (its address is not aligned for it,
-    /// or its length is not a multiple of the element size).
-    #[error("{kernel}: `{what}` cannot be read in place as {ty}: {detail}")]
-    Cast {
-        /// The kernel or helper.
-        kernel: &'static str,
-        /// Which buffer.
-        what: &'static str,
-        /// The element type asked for.
-        ty: &'static str,
-        /// bytemuck's reason (alignment or size).
-        detail: String,
-    },
 }
 
 /// Result alias for kernels.

@@ -55,6 +55,7 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) -> KernelResult
 }
 
 /// In-place [`rms_norm`].
+#[cfg(test)]
 pub fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) -> KernelResult {
     let d = check(x, w, x.len())?;
     let norm = |x: &mut [f32]| {
@@ -75,6 +76,7 @@ pub fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) -> KernelResult {
 }
 
 /// The test oracle (f64 accumulation). Same checks as [`rms_norm`].
+#[cfg(test)]
 pub fn reference(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) -> KernelResult {
     let d = check(x, w, out.len())?;
     for (o, x) in out.chunks_exact_mut(d).zip(x.chunks_exact(d)) {

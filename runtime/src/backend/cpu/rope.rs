@@ -143,6 +143,7 @@ pub fn rope_in_place(
 }
 
 /// Out-of-place [`rope_in_place`]: `out = rope(x)`.
+#[cfg(test)]
 pub fn rope(
     x: &[f32],
     s: &RopeShape,
@@ -158,6 +159,7 @@ pub fn rope(
 }
 
 /// The test oracle: the ONNX definition written out with explicit indices, in f64.
+#[cfg(test)]
 pub fn reference(
     x: &[f32],
     s: &RopeShape,

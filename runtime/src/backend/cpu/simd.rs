@@ -52,22 +52,6 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     }
 }
 
-/// y[i] += alpha·x[i] over the common length.
-#[inline]
-pub(crate) fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
-    let n = y.len().min(x.len());
-    let (y, x) = (&mut y[..n], &x[..n]);
-    match best_isa() {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: avx2+fma+f16c detected by best_isa().
-        Isa::Avx2 => unsafe { x86::axpy(y, alpha, x) },
-        #[cfg(target_arch = "aarch64")]
-        // SAFETY: NEON is part of the aarch64 baseline.
-        Isa::Neon => unsafe { neon::axpy(y, alpha, x) },
-        Isa::Scalar => axpy_scalar(y, alpha, x),
-    }
-}
-
 /// Portable dot product with 8 lanes of accumulation.
 pub(crate) fn dot_scalar(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
@@ -83,13 +67,6 @@ pub(crate) fn dot_scalar(a: &[f32], b: &[f32]) -> f32 {
         s = x.mul_add(*y, s);
     }
     s
-}
-
-/// Portable axpy.
-pub(crate) fn axpy_scalar(y: &mut [f32], alpha: f32, x: &[f32]) {
-    for (y, x) in y.iter_mut().zip(x) {
-        *y = alpha.mul_add(*x, *y);
-    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -145,30 +122,6 @@ pub(crate) mod x86 {
         }
         s
     }
-
-    /// y += alpha·x.
-    ///
-    /// # Safety
-    /// The CPU must support avx2, fma and f16c; `y.len() == x.len()`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(crate) unsafe fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
-        let n = y.len().min(x.len());
-        let va = _mm256_set1_ps(alpha);
-        let (py, px) = (y.as_mut_ptr(), x.as_ptr());
-        let mut i = 0;
-        // SAFETY: each access covers [i, i+8) with i + 8 <= n, inside both slices.
-        unsafe {
-            while i + 8 <= n {
-                let r = _mm256_fmadd_ps(va, _mm256_loadu_ps(px.add(i)), _mm256_loadu_ps(py.add(i)));
-                _mm256_storeu_ps(py.add(i), r);
-                i += 8;
-            }
-        }
-        while i < n {
-            y[i] = alpha.mul_add(x[i], y[i]);
-            i += 1;
-        }
-    }
 }
 
 #[cfg(target_arch = "aarch64")]
@@ -210,32 +163,6 @@ pub(crate) mod neon {
         }
         s
     }
-
-    /// y += alpha·x.
-    ///
-    /// # Safety
-    /// `y.len() == x.len()`.
-    #[target_feature(enable = "neon")]
-    pub(crate) unsafe fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
-        let n = y.len().min(x.len());
-        let (py, px) = (y.as_mut_ptr(), x.as_ptr());
-        let va = vdupq_n_f32(alpha);
-        let mut i = 0;
-        // SAFETY: accesses cover [i, i+4) inside both slices.
-        unsafe {
-            while i + 4 <= n {
-                vst1q_f32(
-                    py.add(i),
-                    vfmaq_f32(vld1q_f32(py.add(i)), va, vld1q_f32(px.add(i))),
-                );
-                i += 4;
-            }
-        }
-        while i < n {
-            y[i] = alpha.mul_add(x[i], y[i]);
-            i += 1;
-        }
-    }
 }
 
 #[cfg(test)]
@@ -243,17 +170,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn dot_and_axpy_match_scalar_on_odd_lengths() {
+    fn dot_matches_exact_on_odd_lengths() {
         for n in [0usize, 1, 7, 8, 9, 31, 33, 64, 100] {
             let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin() + 0.1).collect();
             let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos() - 0.2).collect();
             let exact: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
             assert!((dot(&a, &b) as f64 - exact).abs() < 1e-4, "n={n}");
-            let mut y = b.clone();
-            axpy(&mut y, 0.5, &a);
-            for i in 0..n {
-                assert!((y[i] - (b[i] + 0.5 * a[i])).abs() < 1e-6);
-            }
         }
     }
 }

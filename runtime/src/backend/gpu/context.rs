@@ -261,7 +261,7 @@ fn pick_adapter(req: &DeviceRequest, filter: BackendFilter) -> Result<wgpu::Adap
     }
 }
 
-/// Who an adapter is, as [`probe`] finds it without opening a device.
+/// Who an adapter is, as `probe` finds it without opening a device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdapterId {
     /// Adapter name.

@@ -47,8 +47,6 @@ impl BinOp {
 pub enum UnOp {
     /// `1 / (1 + e^-x)`.
     Sigmoid = 0,
-    /// `x`.
-    Copy = 1,
     /// `-x`.
     Neg = 2,
     /// `f32(f16(x))`, round to nearest even: `Cast(Cast(x, f16), f32)` in one pass.

@@ -64,9 +64,7 @@ fn unary(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: ve
     var r: f32;
     switch pu(1u) {
         case 0u: { r = sigmoid(x); }
-        case 1u: { r = x; }
         case 2u: { r = -x; }
-        case 3u: { r = x * sigmoid(x); }
         case 5u: { r = tanh_(x); }
         case 6u: { r = gelu_tanh(x); }
         default: { r = f16_at(pack_f16(x, 0.0), false); }

@@ -35,7 +35,7 @@ pub fn run_graph(
     graph: Graph,
     inputs: &[(&str, Tensor)],
 ) -> Result<GraphRun> {
-    let plan = Plan::new(graph)?;
+    let plan = Plan::with_options(graph, crate::plan::PlanOptions::default())?;
     if !plan.caches.is_empty() {
         return Err(Error::InvalidArgument(
             "a graph with caches runs through Model".into(),

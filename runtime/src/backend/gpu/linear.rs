@@ -317,6 +317,7 @@ impl GpuLinear {
     }
 
     /// The kernel (GEMV or GEMM) for `t` tokens of the plain form.
+    #[cfg(test)]
     pub fn kernel_for(&self, t: usize) -> &Arc<Kernel> {
         match &self.gemm {
             Some(g) if self.uses_gemm(t) => g,

@@ -89,7 +89,7 @@ impl GpuFusions {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GpuOptions {
     /// The kernel variant; `None` (default): `Rows` on CPU adapters, `Subgroups` where the device has
-    /// subgroup operations, else `Lanes` ([`super::variant`]). `Subgroups` on a device without them runs
+    /// subgroup operations, else `Lanes` (`gpu::variant`). `Subgroups` on a device without them runs
     /// `Lanes`.
     pub variant: Option<Variant>,
     /// Which pattern fusions apply.
@@ -97,7 +97,7 @@ pub struct GpuOptions {
     /// A one-token attention over at least this many keys is split over chunks of keys, combined by a
     /// second dispatch (default 256; 0: never split).
     pub split_keys: usize,
-    /// Keys a workgroup of a split attention (default [`super::attention::SPLIT_CHUNK`]; at least 1).
+    /// Keys a workgroup of a split attention (default 64; at least 1).
     pub split_chunk: usize,
     /// Submit a step's commands every this many dispatches, so the GPU starts before recording ends;
     /// `Some(0)`: one submission a step; `None` (default): one on CPU adapters, else every 64.
@@ -106,7 +106,7 @@ pub struct GpuOptions {
     /// choice (default on).
     pub run_ahead: bool,
     /// Chunks of at least this many tokens take the tiled GEMM (default
-    /// [`super::linear::GEMM_TOKENS`]; 0: never).
+    /// 16; 0: never).
     pub gemm_tokens: usize,
     /// A lane of the subgroup linear kernels takes whole 4- and 8-bit blocks (default on; off: one
     /// element of every block a lane, as the other forms).
