@@ -12,6 +12,7 @@
 //! Output layout: `[T, H·D]` (token-major, heads concatenated) — what the following output projection
 //! reads directly. Error vs. the f64 references (tests only): ≤ 2e-5·(1 + max|v|) per element.
 
+#[cfg(target_arch = "x86_64")]
 use super::simd;
 use super::{check_len, mul_dims, shape_err, KernelResult};
 use half::f16;
