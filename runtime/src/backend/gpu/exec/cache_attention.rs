@@ -72,23 +72,8 @@ impl GpuPlan {
         // The kernel reads the projections themselves when the plan's attention took the rotary,
         // transposes and casts before it in.
         let fin = inputs.as_deref();
-        // (10 storage buffers a stage, 7 otherwise: the planner takes the inputs in only where the
-        // adapter has them, see `backend::plan_options`)
-        let rope_binds = attention::Inputs::Rope { interleaved: false }.bindings();
-        let have = self
-            .ctx
-            .device
-            .limits()
-            .max_storage_buffers_per_shader_stage;
-        if fin.is_some() && have < rope_binds {
-            return Err(Error::device(
-                DeviceFault::Unsupported,
-                format!(
-                    "attention `{}` reads its projections: {rope_binds} storage buffers a shader \
-                     stage, the device has {have} (turn it off: gpu_no_fuse=attn)",
-                    plan.graph.nodes[*node].name
-                ),
-            ));
+        if fin.is_some() {
+            self.binds_projections(&plan.graph.nodes[*node])?;
         }
         let (q, new, inputs) = match fin {
             Some(a) => (
@@ -219,6 +204,29 @@ impl GpuPlan {
                 .collect(),
             disp,
         }))
+    }
+
+    /// Whether a shader stage has the storage buffers an attention reading its projections binds (10,
+    /// 7 otherwise): the planner takes the inputs in only where the probed adapter has them
+    /// (`backend::plan_options`), so this refuses only a plan made for another adapter.
+    fn binds_projections(&self, n: &Node) -> Result<()> {
+        let need = attention::Inputs::Rope { interleaved: false }.bindings();
+        let have = self
+            .ctx
+            .device
+            .limits()
+            .max_storage_buffers_per_shader_stage;
+        if have >= need {
+            return Ok(());
+        }
+        Err(Error::device(
+            DeviceFault::Unsupported,
+            format!(
+                "attention `{}` reads its projections: {need} storage buffers a shader stage, the \
+                 device has {have} (turn it off: gpu_no_fuse=attn)",
+                n.name
+            ),
+        ))
     }
 
     /// The rotary's cos, sin and positions for an attention that applies it itself ([`AttnInputs`]), checked
