@@ -112,7 +112,8 @@ impl Model {
                 detail: "missing".into(),
             })?;
         let chat_template = graph.metadata.get(meta::CHAT_TEMPLATE).cloned();
-        let plan = Plan::with_options(graph, crate::backend::plan_options(options))?;
+        let (plan_options, probe) = crate::backend::plan_options(options);
+        let plan = Plan::with_options(graph, plan_options)?;
         for name in plan.inputs.keys() {
             if ![
                 contract::INPUT_IDS,
@@ -151,7 +152,7 @@ impl Model {
                 )));
             }
         }
-        let (backend, device_note) = choose_backend(&plan, &info, options, &bytes)?;
+        let (backend, device_note) = choose_backend(&plan, &info, options, &bytes, probe)?;
         Ok(Arc::new(Model {
             info,
             tokenizer_json,
@@ -372,20 +373,22 @@ impl StepState {
 }
 
 /// The backend for `plan` that `opts.device` asks for ([`crate::backend::auto`] for `auto`), and
-/// why `auto` chose it. `model`: the file's bytes, which key `auto`'s remembered decision.
+/// why `auto` chose it. `model`: the file's bytes, which key `auto`'s remembered decision; `probe`:
+/// the adapter the planning picked.
 fn choose_backend(
     plan: &Plan,
     info: &ModelInfo,
     opts: &LoadOptions,
     model: &[u8],
+    probe: crate::backend::Probe,
 ) -> Result<(Box<dyn Backend>, Option<String>)> {
     #[cfg(feature = "gpu")]
     {
-        crate::backend::auto::choose(plan, info, opts, model)
+        crate::backend::auto::choose(plan, info, opts, model, probe.adapter)
     }
     #[cfg(not(feature = "gpu"))]
     {
-        let _ = (info, model);
+        let _ = (info, model, probe);
         Ok((
             Box::new(crate::backend::cpu::exec::CpuBackend::new(
                 plan,

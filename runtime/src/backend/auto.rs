@@ -24,7 +24,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use super::cpu::exec::CpuBackend;
-use super::gpu::context::{probe, AdapterId};
+use super::gpu::context::{AdapterId, Probed};
 use super::gpu::DeviceRequest;
 use super::{Backend, StepCall};
 use crate::contract::{self, ModelInfo};
@@ -40,25 +40,32 @@ const WARM: usize = 2;
 const TIMED: usize = 5;
 
 /// The backend for `plan` under `opts`, and the note saying why `auto` chose it. `model` is the
-/// model file's bytes (its fingerprint keys the remembered decision).
+/// model file's bytes (its fingerprint keys the remembered decision); `probed`, the adapter the
+/// planning picked for `opts.device` (`None`: picked here).
 pub(crate) fn choose(
     plan: &Plan,
     info: &ModelInfo,
     opts: &LoadOptions,
     model: &[u8],
+    probed: Option<Probed>,
 ) -> Result<(Box<dyn Backend>, Option<String>)> {
     let cpu = || Box::new(CpuBackend::new(plan, opts.precision, opts.profile)) as Box<dyn Backend>;
     match opts.device {
         DeviceRequest::Cpu => return Ok((cpu(), None)),
         DeviceRequest::Gpu(_) => {
-            return Ok((Box::new(super::gpu::backend::bind(plan, info, opts)?), None))
+            let g = super::gpu::backend::bind(plan, info, opts, probed.as_ref())?;
+            return Ok((Box::new(g), None));
         }
         DeviceRequest::Auto => {}
     }
-    let adapter = match or_cpu(probe(&opts.device, opts.backend))? {
-        Ok(a) => a,
-        Err(note) => return Ok((cpu(), Some(note))),
+    let probed = match probed {
+        Some(p) => p,
+        None => match or_cpu(Probed::new(&opts.device, opts.backend))? {
+            Ok(p) => p,
+            Err(note) => return Ok((cpu(), Some(note))),
+        },
     };
+    let adapter = &probed.id;
     if adapter.is_software() && !opts.gpu.trial_software {
         return Ok((
             cpu(),
@@ -68,7 +75,7 @@ pub(crate) fn choose(
             )),
         ));
     }
-    let key = DecisionKey::new(&adapter, opts, model);
+    let key = DecisionKey::new(adapter, opts, model);
     let file = opts
         .gpu
         .pipeline_cache
@@ -78,16 +85,16 @@ pub(crate) fn choose(
         .as_deref()
         .and_then(|f| Some((f, Decision::read(f, &key)?)))
     {
-        let note = format!("{} (remembered: {})", d.describe(&adapter), f.display());
+        let note = format!("{} (remembered: {})", d.describe(adapter), f.display());
         if !d.gpu {
             return Ok((cpu(), Some(note)));
         }
-        return match or_cpu(super::gpu::backend::bind(plan, info, opts))? {
+        return match or_cpu(super::gpu::backend::bind(plan, info, opts, Some(&probed)))? {
             Ok(g) => Ok((Box::new(g), Some(note))),
             Err(why) => Ok((cpu(), Some(why))),
         };
     }
-    let gpu = match or_cpu(super::gpu::backend::bind(plan, info, opts))? {
+    let gpu = match or_cpu(super::gpu::backend::bind(plan, info, opts, Some(&probed)))? {
         Ok(g) => g,
         Err(why) => return Ok((cpu(), Some(why))),
     };
@@ -99,7 +106,7 @@ pub(crate) fn choose(
         },
         None => "not remembered: no pipeline cache folder".to_string(),
     };
-    let note = format!("{} (measured now; {kept})", d.describe(&adapter));
+    let note = format!("{} (measured now; {kept})", d.describe(adapter));
     if d.gpu {
         Ok((Box::new(gpu), Some(note)))
     } else {

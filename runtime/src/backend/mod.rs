@@ -87,19 +87,28 @@ pub(crate) trait Backend: Send + Sync {
     }
 }
 
+/// The adapter [`plan_options`] picked, for the backend choice to open rather than pick again.
+#[derive(Debug, Default)]
+pub(crate) struct Probe {
+    /// The GPU adapter, when one was asked for (`gpu`, `auto`) and found.
+    #[cfg(feature = "gpu")]
+    pub(crate) adapter: Option<gpu::context::Probed>,
+}
+
 /// The fusions the planner makes for a load with `opts`: those the options leave on, within what the
 /// backend it may run on takes. The CPU runs every fused form; for a GPU (or `auto`), the adapter's
-/// kernels bound them (probed without opening a device; no adapter: the CPU's). Under `auto` a CPU
-/// chosen after all runs that plan too.
-pub(crate) fn plan_options(opts: &crate::LoadOptions) -> crate::plan::PlanOptions {
+/// kernels bound them (the adapter picked without opening a device, and returned for the backend
+/// choice; no adapter: the CPU's bounds). Under `auto` a CPU chosen after all runs that plan too.
+pub(crate) fn plan_options(opts: &crate::LoadOptions) -> (crate::plan::PlanOptions, Probe) {
     let o = opts.plan_options();
     #[cfg(feature = "gpu")]
     if opts.device != gpu::DeviceRequest::Cpu {
-        if let Ok(g) = gpu::plan_options(o, &opts.device, opts.backend, &opts.gpu) {
-            return g;
+        if let Ok(p) = gpu::context::Probed::new(&opts.device, opts.backend) {
+            let g = gpu::plan_options(o, &p, &opts.gpu);
+            return (g, Probe { adapter: Some(p) });
         }
     }
-    o
+    (o, Probe::default())
 }
 
 /// Per plan cache: whether a step other than the fused cache attention reads the cache input (an

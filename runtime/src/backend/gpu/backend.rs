@@ -2,6 +2,7 @@
 //! through the executor ([`GpuPlan`]), one decode step run ahead of the caller where the plan allows it
 //! (docs/GPU.md, "Decode steps run ahead"). Steps the GPU does not take run on the CPU executor.
 
+use super::context::Probed;
 use super::exec::{Flight, GpuPlan, GpuState};
 use super::GpuContext;
 use crate::backend::cpu::exec::{exec_step, logits_linear, CpuRun};
@@ -50,11 +51,22 @@ impl GpuBackend {
     }
 }
 
-/// Binds `plan` to the GPU `opts.device` names (for `auto`, the high-performance adapter): opens the
-/// device, places and uploads the weights, compiles the kernels. Every failure is returned; `auto`'s
+/// Binds `plan` to the GPU `opts.device` names (for `auto`, the high-performance adapter; `probed`:
+/// already picked): opens the device, places and uploads the weights, compiles the kernels. Every failure is returned; `auto`'s
 /// fallback to the CPU is [`crate::backend::auto`]'s.
-pub(crate) fn bind(plan: &Plan, info: &ModelInfo, opts: &LoadOptions) -> Result<GpuBackend> {
-    let ctx = GpuContext::with_options(&opts.device, opts.backend, opts.gpu.clone(), opts.profile)?;
+pub(crate) fn bind(
+    plan: &Plan,
+    info: &ModelInfo,
+    opts: &LoadOptions,
+    probed: Option<&Probed>,
+) -> Result<GpuBackend> {
+    let ctx = GpuContext::on_probed(
+        probed,
+        &opts.device,
+        opts.backend,
+        opts.gpu.clone(),
+        opts.profile,
+    )?;
     // Dry-run inputs: the largest chunk at position 0, greedy.
     let ids = vec![0u32; info.max_chunk.clamp(1, info.max_cache.max(1))];
     let mut env = input_env(plan, &ids, 0, &StepSampling::GREEDY)?;

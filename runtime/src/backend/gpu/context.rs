@@ -261,7 +261,7 @@ fn pick_adapter(req: &DeviceRequest, filter: BackendFilter) -> Result<wgpu::Adap
     }
 }
 
-/// Who an adapter is, as `probe` finds it without opening a device.
+/// Who an adapter is (name, API, type, driver), as it is known before a device is opened on it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdapterId {
     /// Adapter name.
@@ -290,25 +290,45 @@ impl AdapterId {
     }
 }
 
-/// The adapter [`GpuContext::with_options`] would open for `req`, without opening it (cheap: no device,
-/// no shaders).
-pub fn probe(req: &DeviceRequest, filter: BackendFilter) -> Result<AdapterId> {
-    Ok(AdapterId::of(&pick_adapter(req, filter)?.get_info()))
+/// An adapter picked for a request and not opened yet: who it is, its limits, and the handle a device
+/// is then opened on — so that a load picks its adapter (an instance and an enumeration, tens of
+/// milliseconds) once, for the planner's bounds, `auto`'s choice and the device.
+#[derive(Debug, Clone)]
+pub(crate) struct Probed {
+    adapter: wgpu::Adapter,
+    /// Who it is.
+    pub(crate) id: AdapterId,
 }
 
-/// [`probe`], with the limits a device opened on the adapter gets (its own: see `GpuContext::open`).
-pub(crate) fn probe_limits(
-    req: &DeviceRequest,
-    filter: BackendFilter,
-) -> Result<(AdapterId, wgpu::Limits)> {
-    let a = pick_adapter(req, filter)?;
-    Ok((AdapterId::of(&a.get_info()), a.limits()))
+impl Probed {
+    /// The adapter [`GpuContext::with_options`] would open for `req`.
+    pub(crate) fn new(req: &DeviceRequest, filter: BackendFilter) -> Result<Probed> {
+        let adapter = pick_adapter(req, filter)?;
+        let id = AdapterId::of(&adapter.get_info());
+        Ok(Probed { adapter, id })
+    }
+
+    /// The limits a device opened on it gets (its own: see `GpuContext::open`).
+    pub(crate) fn limits(&self) -> wgpu::Limits {
+        self.adapter.limits()
+    }
 }
 
 impl GpuContext {
     /// Opens a device. `DeviceRequest::Cpu` is an error here (the caller does not ask for a GPU then).
     pub fn new(req: &DeviceRequest, filter: BackendFilter) -> Result<Arc<GpuContext>> {
-        Self::open(req, filter, None, GpuOptions::default(), false)
+        Self::open(req, filter, None, GpuOptions::default(), false, None)
+    }
+
+    /// [`GpuContext::with_options`] on an adapter already picked for `req` (`None`: picked now).
+    pub(crate) fn on_probed(
+        probed: Option<&Probed>,
+        req: &DeviceRequest,
+        filter: BackendFilter,
+        options: GpuOptions,
+        profiling: bool,
+    ) -> Result<Arc<GpuContext>> {
+        Self::open(req, filter, None, options, profiling, probed)
     }
 
     /// Like [`GpuContext::new`], running with `options`; `profiling` asks for timestamp queries (where the
@@ -319,7 +339,7 @@ impl GpuContext {
         options: GpuOptions,
         profiling: bool,
     ) -> Result<Arc<GpuContext>> {
-        Self::open(req, filter, None, options, profiling)
+        Self::open(req, filter, None, options, profiling, None)
     }
 
     /// Like [`GpuContext::new`] with the storage-binding limit lowered to `limit` bytes (tests use this to
@@ -329,18 +349,23 @@ impl GpuContext {
         filter: BackendFilter,
         limit: Option<u64>,
     ) -> Result<Arc<GpuContext>> {
-        Self::open(req, filter, limit, GpuOptions::default(), false)
+        Self::open(req, filter, limit, GpuOptions::default(), false, None)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn open(
         req: &DeviceRequest,
         filter: BackendFilter,
         limit: Option<u64>,
         options: GpuOptions,
         profiling: bool,
+        probed: Option<&Probed>,
     ) -> Result<Arc<GpuContext>> {
         let t0 = Instant::now();
-        let adapter = pick_adapter(req, filter)?;
+        let adapter = match probed {
+            Some(p) => p.adapter.clone(),
+            None => pick_adapter(req, filter)?,
+        };
         let ainfo = adapter.get_info();
         let features = adapter.features();
         let mut required = wgpu::Features::empty();

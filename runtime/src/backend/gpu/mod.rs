@@ -121,7 +121,7 @@ pub fn variant(ctx: &context::GpuContext) -> Variant {
     }
 }
 
-/// `base` within what the adapter `req` names runs (probed, no device opened):
+/// `base` within what `adapter` runs (probed, no device opened):
 /// - linear groups of at most [`linear::MAX_PARTS`] members, of encodings the kernels read, stacked
 ///   within one binding; the norm and the SiLU gate folded in except under [`Variant::Rows`] (CPU
 ///   adapters), which would compute every row's `x·scale` product (the norm's cost times N) where a
@@ -130,14 +130,13 @@ pub fn variant(ctx: &context::GpuContext) -> Variant {
 /// - the attention reading its projections where a shader stage has the storage buffers it binds.
 pub(crate) fn plan_options(
     base: crate::plan::PlanOptions,
-    req: &DeviceRequest,
-    filter: BackendFilter,
+    adapter: &context::Probed,
     options: &GpuOptions,
-) -> crate::error::Result<crate::plan::PlanOptions> {
-    let (adapter, limits) = context::probe_limits(req, filter)?;
+) -> crate::plan::PlanOptions {
+    let limits = adapter.limits();
     let rows = match options.variant {
         Some(v) => v == Variant::Rows,
-        None => adapter.is_software(),
+        None => adapter.id.is_software(),
     };
     let groups = crate::plan::GroupCaps {
         max_members: linear::MAX_PARTS,
@@ -149,12 +148,12 @@ pub(crate) fn plan_options(
         takes: linear::GpuLinear::supports,
     };
     let rope_binds = attention::Inputs::Rope { interleaved: false }.bindings();
-    Ok(crate::plan::PlanOptions {
+    crate::plan::PlanOptions {
         linear_groups: base.linear_groups.map(|_| groups),
         attention_inputs: base.attention_inputs
             && limits.max_storage_buffers_per_shader_stage >= rope_binds,
         ..base
-    })
+    }
 }
 
 /// Whether kernels with a one-item-an-invocation variant use it ([`Variant::Rows`]).
