@@ -15,6 +15,8 @@ pub mod blocks;
 /// Gemma 2 and 3.
 pub mod gemma;
 pub mod llama;
+#[cfg(test)]
+mod tests;
 
 /// Encoded weights by canonical source name (`blk.0.attn_q.weight`, ...).
 #[derive(Debug, Clone, Default)]
