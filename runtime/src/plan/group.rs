@@ -18,6 +18,8 @@ pub(super) fn groups(p: &mut Planning) {
     let Some(caps) = p.options.linear_groups else {
         return;
     };
+    // (found once: the groups have distinct inputs, and binding one changes no reader of another's
+    // input, members' outputs or norm)
     let readers = p.step_readers();
     let mut by_x: BTreeMap<ValId, Vec<usize>> = BTreeMap::new();
     for (ni, k) in p.kind.iter().enumerate() {
@@ -36,11 +38,12 @@ pub(super) fn groups(p: &mut Planning) {
     }
 }
 
-/// A group found: its members' nodes (in concatenation order), the norm's node, the gate's node.
+/// A group found: its members' nodes (in concatenation order), the norm's node with its input and
+/// scale, the gate's node.
 struct Found {
     x: ValId,
     members: Vec<usize>,
-    norm: Option<usize>,
+    norm: Option<(usize, ValId, ValId)>,
     silu: Option<usize>,
 }
 
@@ -87,8 +90,9 @@ fn find(
         r.sort_unstable();
         r == members && !is_output(x)
     };
-    let norm =
-        p.producer[x].filter(|&ni| caps.norm && only_members && folds_norm(p, ni, refs[0].k));
+    let norm = p.producer[x]
+        .filter(|_| caps.norm && only_members)
+        .and_then(|ni| folds_norm(p, ni, refs[0].k).map(|(xin, scale)| (ni, xin, scale)));
     let mut silu = None;
     if let (&[a, b], true) = (&members[..], caps.silu) {
         let (oa, ob) = (out(a), out(b));
@@ -119,25 +123,23 @@ fn find(
     })
 }
 
-/// Whether node `ni` is an `RMSNormalization` over the last axis of `k` features, with a constant f32
-/// scale, that no pass took.
-fn folds_norm(p: &Planning, ni: usize, k: usize) -> bool {
+/// Node `ni`'s input and scale when it is an `RMSNormalization` over the last axis of `k` features,
+/// with a constant f32 scale, that no pass took.
+fn folds_norm(p: &Planning, ni: usize, k: usize) -> Option<(ValId, ValId)> {
     let n = &p.graph.nodes[ni];
-    let ins = &p.node_in[ni];
-    let scale_ok = ins.get(1).copied().flatten().is_some_and(|w| {
-        p.consts[w]
-            .as_ref()
-            .is_some_and(|t| t.dtype == DType::F32 && t.rank() == 1 && t.numel() == k)
-    });
-    n.op == "RMSNormalization"
+    let (&[Some(x), Some(scale)], true) = (&p.node_in[ni][..], p.kind[ni].is_none()) else {
+        return None;
+    };
+    let scale_ok = p.consts[scale]
+        .as_ref()
+        .is_some_and(|t| t.dtype == DType::F32 && t.rank() == 1 && t.numel() == k);
+    (n.op == "RMSNormalization"
         && (n.domain.is_empty() || n.domain == "ai.onnx")
         && n.attr_int("axis", -1) == -1
         && n.attr_int("stash_type", 1) == 1
-        && ins.len() == 2
-        && ins[0].is_some()
         && scale_ok
-        && p.kind[ni].is_none()
-        && !p.absorbed[ni]
+        && !p.absorbed[ni])
+        .then_some((x, scale))
 }
 
 /// Moves the found members, norm and gate into one step at the first member's node.
@@ -147,13 +149,12 @@ fn bind(p: &mut Planning, f: Found) {
     for &m in &f.members {
         p.absorbed[m] = true;
     }
-    let norm = f.norm.map(|ni| {
+    let norm = f.norm.map(|(ni, x, scale)| {
         p.absorbed[ni] = true;
-        let ins = &p.node_in[ni];
         GroupNorm {
             node: ni,
-            x: ins[0].unwrap_or(f.x),
-            scale: ins[1].unwrap_or(f.x),
+            x,
+            scale,
             epsilon: p.graph.nodes[ni].attr_float("epsilon", 1e-5),
         }
     });
