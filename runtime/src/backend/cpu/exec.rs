@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use crate::backend::cpu::attention::{self, AttnShape};
-use crate::backend::cpu::linear::{Activations, Precision, QuantCache};
+use crate::backend::cpu::linear::{self, Activations, Precision, QuantCache};
 use crate::backend::cpu::{misc, ops};
 use crate::backend::mask::Attended;
 use crate::backend::{Backend, SeqState, StepCall};
@@ -293,8 +293,10 @@ fn group_step(
         let y = ops::run_node(&plan.graph.nodes[nm.node], &[Some(&x), Some(&scale)])?;
         env[g.x] = y.into_iter().next();
     }
-    for m in &g.members {
-        linear_step(plan, m, env, run)?;
+    if !members_at_once(plan, g, env, run)? {
+        for m in &g.members {
+            linear_step(plan, m, env, run)?;
+        }
     }
     if let Some(sg) = &g.silu {
         gate_step(plan, sg, env)?;
@@ -306,6 +308,59 @@ fn group_step(
         env[g.x] = None;
     }
     Ok(())
+}
+
+/// A decode step's group members as one parallel region ([`linear::linear_group_t1`]): one token row,
+/// the integer path, no member the output layer. Whether it ran them (else the caller runs each).
+fn members_at_once(
+    plan: &Plan,
+    g: &LinearGroup,
+    env: &mut [Option<Tensor>],
+    run: &mut CpuRun,
+) -> Result<bool> {
+    let xt = val(plan, env, g.x)?;
+    let xv = xt.as_f32(&plan.names[g.x])?;
+    let mut ws = Vec::new();
+    let mut biases = Vec::new();
+    let mut outs = Vec::new();
+    for m in &g.members {
+        let Step::Linear {
+            w, bias, out, x, ..
+        } = m
+        else {
+            return Ok(false);
+        };
+        let Some(kw) = w.kernel_view() else {
+            return Ok(false);
+        };
+        if *x != g.x || w.k != xv.len() || run.exact_out == Some(*out) {
+            return Ok(false);
+        }
+        ws.push(kw);
+        biases.push(bias.as_ref().map(|b| b.typed::<f32>()));
+        outs.push((*out, vec![0f32; w.n]));
+    }
+    let acts = activations(run.precision, false, 1);
+    let wrefs: Vec<&linear::Weights> = ws.iter().collect();
+    let mut orefs: Vec<&mut [f32]> = outs.iter_mut().map(|(_, o)| &mut o[..]).collect();
+    let ran = linear::linear_group_t1(xv, &wrefs, &biases, &mut orefs, acts, (&mut run.quant, g.x))
+        .map_err(|e| match g.members.first() {
+            Some(Step::Linear { node, .. }) => {
+                let n = &plan.graph.nodes[*node];
+                Error::node(&n.name, &n.op, e.to_string())
+            }
+            _ => Error::internal(e.to_string()),
+        })?;
+    if ran {
+        let mut shape = xt.shape.clone();
+        for (out, o) in outs {
+            if let Some(l) = shape.last_mut() {
+                *l = o.len();
+            }
+            env[out] = Some(Tensor::f32(&shape, &o));
+        }
+    }
+    Ok(ran)
 }
 
 /// The rotary reading its input through the transpose before it: the two nodes' ops in turn.

@@ -430,6 +430,71 @@ pub fn linear_cached(
     linear_isa(x, t, w, bias, out, acts, isas, Some((cache, key)))
 }
 
+/// A decode step's products (T = 1) of several 4/8-bit layers over one input — a linear group's
+/// members — as one parallel region over their stacked rows: the activations quantized once (kept in
+/// `cache` under `key`), each task's rows split at the members' boundaries, so the row kernel and
+/// its arithmetic are [`linear_cached`]'s and the outputs bit-identical to it. `outs[i]`: member i's
+/// `[N_i]`, `biases[i]` added after. `Ok(false)` (nothing written) for another shape, precision or
+/// weight form: the caller runs the members one by one.
+pub(crate) fn linear_group_t1(
+    x: &[f32],
+    ws: &[&Weights],
+    biases: &[Option<&[f32]>],
+    outs: &mut [&mut [f32]],
+    acts: Activations,
+    (cache, key): (&mut QuantCache, usize),
+) -> KernelResult<bool> {
+    let x2 = match acts {
+        Activations::F32 => return Ok(false),
+        Activations::Int8 => false,
+        Activations::Int8x2 => true,
+    };
+    let quant = ws
+        .iter()
+        .all(|w| matches!(w, Weights::Q4 { .. } | Weights::Q8 { .. }));
+    if ws.len() < 2 || !quant || ws.len() != outs.len() || ws.len() != biases.len() {
+        return Ok(false);
+    }
+    let mut k = 0;
+    for ((w, o), b) in ws.iter().zip(outs.iter()).zip(biases) {
+        k = check(x, 1, w, *b, o)?.1;
+    }
+    if k == 0 {
+        return Ok(false);
+    }
+    if cache.key != Some((key, x.len(), x2)) {
+        cache.qx = QuantX::new(x, x2);
+        cache.key = Some((key, x.len(), x2));
+    }
+    let (qx, qisa) = (&cache.qx, linear_q8::best());
+    let starts: Vec<usize> = std::iter::once(0)
+        .chain(ws.iter().scan(0, |a, w| {
+            *a += w.n();
+            Some(*a)
+        }))
+        .collect();
+    let total = starts[ws.len()];
+    let f = |rows: std::ops::Range<usize>, o: &mut [f32]| {
+        let mut r = rows.start;
+        while r < rows.end {
+            let m = starts.partition_point(|&s| s <= r) - 1;
+            let end = rows.end.min(starts[m + 1]);
+            let piece = &mut o[r - rows.start..end - rows.start];
+            linear_q8::rows(ws[m], qx, 1, r - starts[m]..end - starts[m], piece, qisa);
+            r = end;
+        }
+    };
+    let mut all = vec![0f32; total];
+    drive(total, k, 1, &mut all, &f);
+    for (m, (o, b)) in outs.iter_mut().zip(biases).enumerate() {
+        o.copy_from_slice(&all[starts[m]..starts[m + 1]]);
+        if let Some(b) = b {
+            o.iter_mut().zip(*b).for_each(|(o, b)| *o += b);
+        }
+    }
+    Ok(true)
+}
+
 /// Checks all lengths; returns `(n, k)`.
 fn check(
     x: &[f32],
@@ -1292,6 +1357,65 @@ pub(crate) mod tests {
                     "{qisa:?} kind {kind}: {a} vs {b}"
                 );
             }
+        }
+    }
+
+    /// A group's members at once equal them one by one, bit for bit: q/k/v-like and gate/up-like
+    /// shapes (the decode parallel path included), 4- and 8-bit forms mixed, biases, both integer
+    /// activation forms; f32 activations, several rows or another form are declined.
+    #[test]
+    fn group_members_at_once_equal_them_one_by_one() {
+        let mut rng = StdRng::seed_from_u64(31);
+        for (k, ns) in [
+            (64, vec![48, 16, 16]),
+            (576, vec![576, 192, 192]),
+            (96, vec![1536, 1536]),
+        ] {
+            let owned: Vec<Owned> = ns
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| Owned::random(4 + i % 3, n, k, &mut rng))
+                .collect();
+            let ws: Vec<Weights> = owned
+                .iter()
+                .zip(&ns)
+                .map(|(o, &n)| o.weights(n, k))
+                .collect();
+            let wr: Vec<&Weights> = ws.iter().collect();
+            let bias: Vec<Vec<f32>> = ns.iter().map(|&n| rand_x(n, &mut rng)).collect();
+            let biases: Vec<Option<&[f32]>> = bias
+                .iter()
+                .enumerate()
+                .map(|(i, b)| (i != 1).then_some(&b[..]))
+                .collect();
+            let x = rand_x(k, &mut rng);
+            for acts in [Activations::Int8, Activations::Int8x2] {
+                let mut want: Vec<Vec<f32>> = ns.iter().map(|&n| vec![0.0; n]).collect();
+                let mut cache = QuantCache::default();
+                for ((w, b), o) in wr.iter().zip(&biases).zip(&mut want) {
+                    linear_cached(&x, 1, w, *b, o, acts, &mut cache, 7).unwrap();
+                }
+                let mut got: Vec<Vec<f32>> = ns.iter().map(|&n| vec![f32::NAN; n]).collect();
+                let mut outs: Vec<&mut [f32]> = got.iter_mut().map(|o| &mut o[..]).collect();
+                let mut cache = QuantCache::default();
+                let ran =
+                    linear_group_t1(&x, &wr, &biases, &mut outs, acts, (&mut cache, 7)).unwrap();
+                assert!(ran, "k {k}");
+                assert_eq!(got, want, "k {k}, {acts:?}");
+            }
+            let mut outs: Vec<Vec<f32>> = ns.iter().map(|&n| vec![0.0; n]).collect();
+            let mut o: Vec<&mut [f32]> = outs.iter_mut().map(|o| &mut o[..]).collect();
+            let mut c = QuantCache::default();
+            assert!(
+                !linear_group_t1(&x, &wr, &biases, &mut o, Activations::F32, (&mut c, 7)).unwrap()
+            );
+            let f = Owned::random(0, ns[0], k, &mut rng);
+            let mixed = [&f.weights(ns[0], k), wr[1]];
+            let mut o2: Vec<&mut [f32]> = outs.iter_mut().take(2).map(|o| &mut o[..]).collect();
+            let b2 = [None, None];
+            assert!(
+                !linear_group_t1(&x, &mixed, &b2, &mut o2, Activations::Int8, (&mut c, 7)).unwrap()
+            );
         }
     }
 
