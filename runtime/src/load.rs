@@ -68,12 +68,11 @@ impl LoadOptions {
         #[cfg(feature = "gpu")]
         {
             let f = &self.gpu.fusions;
-            let all = crate::plan::PlanOptions::default();
             crate::plan::PlanOptions {
                 residual: f.residual,
                 transpose_rope: f.transpose_rope,
                 round_trip: f.f16_round_trip,
-                linear_groups: all.linear_groups.filter(|_| f.linear_groups),
+                linear_groups: f.linear_groups.then_some(crate::plan::GroupCaps::ANY),
                 attention_inputs: f.attention_inputs,
             }
         }

@@ -318,6 +318,10 @@ fn members_at_once(
     env: &mut [Option<Tensor>],
     run: &mut CpuRun,
 ) -> Result<bool> {
+    let acts = activations(run.precision, false, 1);
+    if acts == Activations::F32 || g.members.len() < 2 {
+        return Ok(false);
+    }
     let xt = val(plan, env, g.x)?;
     let xv = xt.as_f32(&plan.names[g.x])?;
     let mut ws = Vec::new();
@@ -338,11 +342,14 @@ fn members_at_once(
         }
         ws.push(kw);
         biases.push(bias.as_ref().map(|b| b.typed::<f32>()));
-        outs.push((*out, vec![0f32; w.n]));
+        let mut shape = xt.shape.clone();
+        if let Some(l) = shape.last_mut() {
+            *l = w.n;
+        }
+        outs.push((*out, Tensor::zeros(DType::F32, &shape)));
     }
-    let acts = activations(run.precision, false, 1);
     let wrefs: Vec<&linear::Weights> = ws.iter().collect();
-    let mut orefs: Vec<&mut [f32]> = outs.iter_mut().map(|(_, o)| &mut o[..]).collect();
+    let mut orefs: Vec<&mut [f32]> = outs.iter_mut().map(|(_, o)| o.typed_mut()).collect();
     let ran = linear::linear_group_t1(xv, &wrefs, &biases, &mut orefs, acts, (&mut run.quant, g.x))
         .map_err(|e| match g.members.first() {
             Some(Step::Linear { node, .. }) => {
@@ -352,12 +359,8 @@ fn members_at_once(
             _ => Error::internal(e.to_string()),
         })?;
     if ran {
-        let mut shape = xt.shape.clone();
         for (out, o) in outs {
-            if let Some(l) = shape.last_mut() {
-                *l = o.len();
-            }
-            env[out] = Some(Tensor::f32(&shape, &o));
+            env[out] = Some(o);
         }
     }
     Ok(ran)
