@@ -13,13 +13,13 @@ use onestep_format::graph::DType;
 #[command(
     name = "onestep-export",
     version,
-    about = "Export a decoder-only LLM (GGUF file or Hugging Face folder) into one ONNX step graph",
+    about = "Export a decoder-only LLM (GGUF file or Hugging Face folder) or a Whisper model (CTranslate2 folder) into one ONNX file",
     args_conflicts_with_subcommands = true
 )]
 struct Cli {
     #[command(subcommand)]
     cmd: Option<Cmd>,
-    /// GGUF file or Hugging Face model folder.
+    /// GGUF file, Hugging Face model folder, or CTranslate2 Whisper folder (`model.bin`).
     input: Option<PathBuf>,
     /// Output `.onnx` file.
     #[arg(short, long)]
@@ -128,6 +128,24 @@ fn main() -> ExitCode {
         bar: None,
         name: String::new(),
     };
+    let opts = ExportOptions {
+        max_cache: cli.max_cache,
+        max_chunk: cli.max_chunk,
+        kv_dtype: match cli.kv_dtype {
+            KvArg::F16 => DType::F16,
+            KvArg::F32 => DType::F32,
+        },
+        quantize: match cli.quantize {
+            None => Quantize::Keep,
+            Some(QuantArg::F16) => Quantize::F16,
+            Some(QuantArg::Int8) => Quantize::Int8,
+            Some(QuantArg::Int4) => Quantize::Int4,
+        },
+        generation: None,
+    };
+    if source::whisper::is_ct2(input) {
+        return export_whisper(input, output, &opts, &mut bars);
+    }
     let t0 = Instant::now();
     let spinner = (!cli.quiet).then(|| {
         let s = ProgressBar::new_spinner();
@@ -144,21 +162,6 @@ fn main() -> ExitCode {
         Err(e) => return fail(e),
     };
     let read_s = t0.elapsed().as_secs_f64();
-    let opts = ExportOptions {
-        max_cache: cli.max_cache,
-        max_chunk: cli.max_chunk,
-        kv_dtype: match cli.kv_dtype {
-            KvArg::F16 => DType::F16,
-            KvArg::F32 => DType::F32,
-        },
-        quantize: match cli.quantize {
-            None => Quantize::Keep,
-            Some(QuantArg::F16) => Quantize::F16,
-            Some(QuantArg::Int8) => Quantize::Int8,
-            Some(QuantArg::Int4) => Quantize::Int4,
-        },
-        generation: None,
-    };
     let s = match export(&src, output, &opts, &mut bars) {
         Ok(s) => s,
         Err(e) => {
@@ -192,6 +195,12 @@ fn main() -> ExitCode {
         opts.kv_dtype,
         opts.max_chunk.min(s.max_cache)
     );
+    print_tail(&s, read_s);
+    ExitCode::SUCCESS
+}
+
+/// Times, ops and unused tensors of an export.
+fn print_tail(s: &onestep_export::ExportSummary, read_s: f64) {
     let mut times = vec![format!("read {read_s:.2}s")];
     times.extend(s.timings.iter().map(|(k, v)| format!("{k} {v:.2}s")));
     println!("  {:<18} {}", "time", times.join(", "));
@@ -204,5 +213,48 @@ fn main() -> ExitCode {
     if !s.unused_tensors.is_empty() {
         println!("  {:<18} {}", "unused tensors", s.unused_tensors.join(", "));
     }
+}
+
+/// Exports the CTranslate2 Whisper folder `input`.
+fn export_whisper(
+    input: &std::path::Path,
+    output: &std::path::Path,
+    opts: &ExportOptions,
+    bars: &mut Bars,
+) -> ExitCode {
+    let t0 = Instant::now();
+    let src = match source::whisper::read_ct2(input) {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
+    let read_s = t0.elapsed().as_secs_f64();
+    let s = match onestep_export::export_speech::export_whisper(&src, output, opts, bars) {
+        Ok(s) => s,
+        Err(e) => {
+            if let Some(b) = bars.bar.take() {
+                b.abandon();
+            }
+            return fail(format_args!("{e} (stage {})", bars.name));
+        }
+    };
+    let c = &src.config;
+    println!("{}", s.path.display());
+    println!(
+        "  {:<18} whisper ({}+{} layers, width {}, {} heads, {} mels, vocab {})",
+        "model",
+        c.encoder_layers,
+        c.decoder_layers,
+        c.d_model,
+        c.decoder_heads,
+        c.mel_bins,
+        c.vocab_size
+    );
+    println!("  {:<18} {:.1} M", "parameters", s.parameters as f64 / 1e6);
+    println!("  {:<18} {:.1} MB", "file", s.file_bytes as f64 / 1e6);
+    println!(
+        "  {:<18} {} slots, kv {}",
+        "cache", s.max_cache, opts.kv_dtype
+    );
+    print_tail(&s, read_s);
     ExitCode::SUCCESS
 }

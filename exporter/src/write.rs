@@ -122,6 +122,14 @@ fn attribute(name: &str, a: &Attr) -> proto::AttributeProto {
             p.t = Some(tensor_proto(t));
             AT::Tensor
         }
+        // A branch keeps its own (small) initializers inline; the weights it reads are the main
+        // graph's, aligned like every other.
+        Attr::Graph(g) => {
+            let mut gp = graph_proto_without_weights(g);
+            gp.initializer = g.initializers.iter().map(tensor_proto).collect();
+            p.g = Some(gp);
+            AT::Graph
+        }
     };
     p.r#type = Some(ty as i32);
     p

@@ -1,12 +1,13 @@
-//! Every `*.gguf` and `*.safetensors` of the hostile corpus (tests/fixtures/hostile, made by
-//! scripts/refs/make_hostile.py) is refused with the typed error its MANIFEST.json names: no panic, no
-//! abort, no allocation sized by an unchecked count. A `*.safetensors` file is read as the only weights of
-//! a folder holding the config and tokenizer of tests/fixtures/tiny/llama_f16.
+//! Every `*.gguf`, `*.safetensors` and `*.bin` (a CTranslate2 `model.bin`) of the hostile corpus
+//! (tests/fixtures/hostile, made by scripts/refs/make_hostile.py) is refused with the typed error its
+//! MANIFEST.json names: no panic, no abort, no allocation sized by an unchecked count. A `*.safetensors`
+//! file is read as the only weights of a folder holding the config and tokenizer of
+//! tests/fixtures/tiny/llama_f16.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use onestep_export::source::{gguf, hf, SourceError};
+use onestep_export::source::{ct2, gguf, hf, SourceError};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -94,4 +95,10 @@ fn every_hostile_safetensors_file_is_a_typed_error() {
     });
     let _ = std::fs::remove_dir_all(&dir);
     assert!(n >= 10, "only {n} hostile safetensors files");
+}
+
+#[test]
+fn every_hostile_ct2_file_is_a_typed_error() {
+    let n = check_all("bin", |p| ct2::Ct2Model::open(p).map(|_| ()));
+    assert!(n >= 4, "only {n} hostile CTranslate2 files");
 }

@@ -54,6 +54,42 @@ pub fn new_value(layer: usize) -> String {
     format!("new.{layer}.value")
 }
 
+/// Graph input of a transcription model: `true` runs the encoder phase (`audio` → `encoded.*`),
+/// `false` a decoder step. bool `[1]`; the graph's one `If` branches on it (docs/GRAPH.md).
+pub const ENCODE: &str = "encode";
+/// Graph input: one window of 16 kHz mono samples, f32 `[1, window_samples]` (read by the encoder
+/// phase only).
+pub const AUDIO: &str = "audio";
+/// Graph input: how many of `audio`'s samples are the recording, int64 `[1]` (the rest are zeros; the
+/// front end's frames past them are 0, as faster-whisper pads).
+pub const AUDIO_SAMPLES: &str = "audio_samples";
+/// Graph input: bool `[1]`, `true` when this step chooses the transcript's first token (the
+/// begin-suppress set of tokens is then not chosen).
+pub const FIRST_TOKEN: &str = "first_token";
+
+/// Encoder-phase output `encoded.{layer}.key`: decoder layer `layer`'s cross-attention keys over the
+/// window, `[1, heads, audio_frames, head_dim]`; fed back as [`cross_key`] to every decoder step.
+pub fn encoded_key(layer: usize) -> String {
+    format!("encoded.{layer}.key")
+}
+/// Encoder-phase output `encoded.{layer}.value` (as [`encoded_key`]).
+pub fn encoded_value(layer: usize) -> String {
+    format!("encoded.{layer}.value")
+}
+/// Decoder-step input `cross.{layer}.key`: what the encoder phase gave as [`encoded_key`].
+pub fn cross_key(layer: usize) -> String {
+    format!("cross.{layer}.key")
+}
+/// Decoder-step input `cross.{layer}.value`: what the encoder phase gave as [`encoded_value`].
+pub fn cross_value(layer: usize) -> String {
+    format!("cross.{layer}.value")
+}
+/// The encoder-phase output a decoder-step input `cross.*` is fed from (`cross.0.key` →
+/// `encoded.0.key`), or `None` for any other name.
+pub fn encoded_for(input: &str) -> Option<String> {
+    input.strip_prefix("cross.").map(|r| format!("encoded.{r}"))
+}
+
 /// Metadata keys (ONNX `metadata_props`).
 pub mod meta {
     /// Contract version, decimal.
@@ -96,6 +132,72 @@ pub mod meta {
     pub const CHAT_TEMPLATE: &str = "onestep.chat_template";
     /// Default generation settings, JSON ([`super::GenerationDefaults`]).
     pub const GENERATION: &str = "onestep.generation";
+    /// A transcription model's audio front end and special tokens, JSON ([`super::Speech`]); absent
+    /// for a text model.
+    pub const SPEECH: &str = "onestep.speech";
+}
+
+/// What a transcription (speech-to-text) model's file says about its audio and its prompt tokens.
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize, serde::Deserialize)]
+pub struct Speech {
+    /// Samples per second the front end takes (16000).
+    pub sample_rate: u32,
+    /// Samples in one window the encoder takes (30 s: 480000).
+    pub window_samples: usize,
+    /// Mel bins of the front end.
+    pub mel_bins: usize,
+    /// Encoder positions per window (the cross-attention length, 1500).
+    pub audio_frames: usize,
+    /// Seconds one timestamp token step stands for (0.02).
+    pub time_precision: f32,
+    /// Whether the model takes a language token (multilingual) or is English-only.
+    pub multilingual: bool,
+    /// Special tokens.
+    pub tokens: SpeechTokens,
+    /// Language code → its token id (`en` → 50259), multilingual models only.
+    #[serde(default)]
+    pub languages: BTreeMap<String, u32>,
+}
+
+/// The special token ids of a Whisper-style prompt and transcript.
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize, serde::Deserialize)]
+pub struct SpeechTokens {
+    /// `<|startoftranscript|>`.
+    pub sot: u32,
+    /// `<|endoftext|>`: ends the transcript.
+    pub eot: u32,
+    /// `<|transcribe|>`.
+    pub transcribe: u32,
+    /// `<|translate|>`.
+    pub translate: u32,
+    /// `<|notimestamps|>`.
+    pub no_timestamps: u32,
+    /// `<|nospeech|>` / `<|nocaptions|>`: its probability after `sot` is the no-speech probability.
+    pub no_speech: u32,
+    /// `<|0.00|>`, the first timestamp token (every id from here on is a timestamp).
+    pub timestamp_begin: u32,
+    /// `<|startofprev|>`: starts the previous window's text given as a prompt.
+    pub sot_prev: u32,
+}
+
+impl Speech {
+    /// Reads the speech description from metadata: `None` for a text model.
+    pub fn from_metadata(m: &BTreeMap<String, String>) -> Result<Option<Self>> {
+        let Some(s) = m.get(meta::SPEECH) else {
+            return Ok(None);
+        };
+        let sp: Speech = serde_json::from_str(s).map_err(|e| Error::Metadata {
+            key: meta::SPEECH.into(),
+            detail: e.to_string(),
+        })?;
+        if sp.sample_rate == 0 || sp.window_samples == 0 || sp.audio_frames == 0 {
+            return Err(Error::Metadata {
+                key: meta::SPEECH.into(),
+                detail: "sample rate, window and audio frames must be positive".into(),
+            });
+        }
+        Ok(Some(sp))
+    }
 }
 
 /// Default generation settings carried in the file.

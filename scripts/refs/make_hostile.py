@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
 """Write the hostile-file corpus tests/fixtures/hostile/ (+ MANIFEST.json) from a micro model.
 
-Usage: scripts/refs/make_hostile.py [--exporter target/debug/onestep-export]
+Usage: scripts/refs/make_hostile.py [--exporter target/debug/onestep-export] [--only-ct2]
 
 Every file is a crafted or damaged model that a loader must refuse with a typed error (never a panic, an
 abort, an out-of-bounds read or an allocation sized by an unchecked count). MANIFEST.json maps each file
 name to the error class expected from the Rust API (the variant of `onestep::Error` for `*.onnx`, of
 `onestep_export::source::SourceError` for `*.gguf` and `*.safetensors`) and says what the file is.
 `*.safetensors` files are read as the only weights file of a folder holding the config and tokenizer of
-tests/fixtures/tiny/llama_f16.
+tests/fixtures/tiny/llama_f16. `ct2_*.bin` files are CTranslate2 `model.bin` files, read by
+`onestep_export::source::ct2::Ct2Model::open` (their error class is also a `SourceError` variant);
+`--only-ct2` rewrites just those (and their MANIFEST.json entries), without running the exporter.
 
 Bases: a micro llama GGUF (scripts/refs/make_tiny_gguf.py --micro --type q8_0, ~28 KB) and its export
 (--max-cache 16 --max-chunk 4, ~42 KB), which is also written, valid, to
@@ -319,10 +321,70 @@ def make_safetensors():
     put("st_truncated_data.safetensors", src[: 8 + hl + 1000], "Format", "the tiny llama cut in its data")
 
 
+# ---------------------------------------------------------------- CTranslate2 model.bin
+def ct2_str(s):
+    """A CTranslate2 string: u16 length counting the trailing NUL, the bytes, the NUL."""
+    b = s if isinstance(s, bytes) else s.encode()
+    return struct.pack("<H", len(b) + 1) + b + b"\0"
+
+
+def ct2_var(name, dims, dtype_id, data, nbytes=None):
+    out = ct2_str(name) + struct.pack("<B", len(dims)) + b"".join(struct.pack("<I", d) for d in dims)
+    return out + struct.pack("<BI", dtype_id, len(data) if nbytes is None else nbytes) + data
+
+
+def ct2_file(variables, aliases=(), version=6, n_vars=None):
+    out = struct.pack("<I", version) + ct2_str("WhisperSpec") + struct.pack("<I", 3)
+    out += struct.pack("<I", len(variables) if n_vars is None else n_vars) + b"".join(variables)
+    out += struct.pack("<I", len(aliases)) + b"".join(ct2_str(a) + ct2_str(t) for a, t in aliases)
+    return out
+
+
+def make_ct2():
+    # A valid base: an int8 flag, a float16 matrix and an alias of it (as Whisper's projection is).
+    flag = ct2_var("decoder/activation", [], 1, b"\3")
+    emb = ct2_var("decoder/embeddings/weight", [8, 4], 4, bytes(range(64)))
+    alias = ("decoder/projection/weight", "decoder/embeddings/weight")
+    base = ct2_file([flag, emb], [alias])
+    alias_table = 4 + len(ct2_str(alias[0]) + ct2_str(alias[1]))
+    put("ct2_truncated.bin", base[: len(base) - alias_table - 20], "Format",
+        "a small model.bin cut in its float16 data")
+    put("ct2_huge_var_count.bin", ct2_file([], n_vars=(1 << 32) - 1), "Format",
+        "2^32-1 variables in a 30-byte file")
+    put("ct2_dims_overflow.bin",
+        ct2_file([ct2_var("w", [(1 << 32) - 1] * 4, 0, b"\0" * 16, nbytes=16)]), "Format",
+        "dims [2^32-1] x 4 whose element count overflows")
+    put("ct2_bytes_mismatch.bin", ct2_file([ct2_var("w", [4, 4], 4, b"\0" * 30)]), "Format",
+        "a float16 [4, 4] variable holding 30 bytes")
+    put("ct2_unknown_dtype.bin", ct2_file([ct2_var("w", [4], 9, b"\0" * 16)]), "Format", "dtype id 9")
+    put("ct2_bad_utf8.bin", ct2_file([ct2_var(b"\xff\xfe", [], 1, b"\1")]), "Format",
+        "a variable name that is not UTF-8")
+    put("ct2_dangling_alias.bin", ct2_file([flag], [("a", "nowhere")]), "Format",
+        "an alias naming no variable")
+    put("ct2_version7.bin", struct.pack("<I", 7) + base[4:], "Unsupported", "binary version 7")
+
+
+def only_ct2():
+    """Rewrites the ct2_* files and their MANIFEST.json entries, leaving every other file as it is."""
+    global manifest
+    path = OUT / "MANIFEST.json"
+    old = json.loads(path.read_text())
+    for p in OUT.glob("ct2_*"):
+        p.unlink()
+    manifest = {k: v for k, v in old.items() if not k.startswith("ct2_")}
+    make_ct2()
+    path.write_text(json.dumps(dict(sorted(manifest.items())), indent=1) + "\n")
+    print(f"{sum(k.startswith('ct2_') for k in manifest)} ct2 files in {OUT}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--exporter", default=str(ROOT / "target/debug/onestep-export"))
+    ap.add_argument("--only-ct2", action="store_true", help="rewrite only the ct2_*.bin files")
     a = ap.parse_args()
+    if a.only_ct2:
+        only_ct2()
+        return
     OUT.mkdir(parents=True, exist_ok=True)
     for p in OUT.iterdir():
         p.unlink()
@@ -342,6 +404,7 @@ def main():
         put("gguf_bad_arch_type.gguf", patch_gguf(gb, "general.architecture", 4), "Format",
             "the micro GGUF with general.architecture typed uint32 (its string bytes then misparse)")
     make_safetensors()
+    make_ct2()
     (OUT / "MANIFEST.json").write_text(json.dumps(dict(sorted(manifest.items())), indent=1) + "\n")
     total = sum(p.stat().st_size for p in OUT.iterdir())
     print(f"{len(manifest)} files, {total} bytes in {OUT}")

@@ -248,7 +248,7 @@ pub fn cache_attention(
             t.concat("attn.values", &[&pvf, &nvf], 2)?,
         )
     };
-    let a = t.attention_with("attn.sdpa", q, &kall, &vall, mask, scores)?;
+    let a = t.attention_with("attn.sdpa", q, &kall, &vall, Some(mask), scores)?;
     let a = t.transpose("attn.merge", &a, &[0, 2, 1, 3])?;
     t.reshape("attn.merge_flat", &a, &[T, N(width)])
 }

@@ -15,6 +15,8 @@ pub mod blocks;
 /// Gemma 2 and 3.
 pub mod gemma;
 pub mod llama;
+/// Whisper (speech to text): encoder and decoder step in one graph.
+pub mod whisper;
 #[cfg(test)]
 mod tests;
 

@@ -8,9 +8,11 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 
 mod check;
+pub mod ct2;
 pub mod gguf;
 pub mod hf;
 pub mod tokenizer;
+pub mod whisper;
 
 #[cfg(test)]
 pub(crate) mod testutil {

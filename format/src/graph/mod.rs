@@ -122,6 +122,9 @@ pub enum Attr {
     Str(String),
     /// A constant tensor (the `value` of `Constant`).
     Tensor(Initializer),
+    /// A subgraph (the branches of `If`). It reads values of the enclosing graphs by name; its
+    /// `inputs` are empty for `If` branches, its metadata and opsets empty.
+    Graph(Box<Graph>),
 }
 
 /// One operation.
@@ -154,6 +157,13 @@ impl Node {
         match self.attrs.get(key) {
             Some(Attr::Float(v)) => *v,
             _ => default,
+        }
+    }
+    /// Subgraph attribute, if present.
+    pub fn attr_graph(&self, key: &str) -> Option<&Graph> {
+        match self.attrs.get(key) {
+            Some(Attr::Graph(g)) => Some(g),
+            _ => None,
         }
     }
     /// Integer-list attribute, if present.

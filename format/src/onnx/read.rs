@@ -81,6 +81,58 @@ pub fn decode_model_with(bytes: Bytes, what: &str, limits: &Limits) -> Result<Gr
             )
         })
         .collect();
+    let mut budget = Budget {
+        nodes: limits.max_nodes,
+        tensors: limits.max_tensors,
+    };
+    let mut g = convert_graph(graph, what, limits, 0, &mut budget)?;
+    g.metadata = metadata;
+    g.opsets = opsets;
+    Ok(g)
+}
+
+/// How deep `If` branches may nest.
+const MAX_SUBGRAPH_DEPTH: usize = 4;
+
+/// Nodes and tensors a file may still hold, counted over the main graph and every subgraph.
+struct Budget {
+    nodes: usize,
+    tensors: usize,
+}
+
+/// One `GraphProto` (the main graph at `depth` 0, a subgraph deeper), charging its nodes and
+/// initializers to `budget`.
+fn convert_graph(
+    graph: &proto::GraphProto,
+    what: &str,
+    limits: &Limits,
+    depth: usize,
+    budget: &mut Budget,
+) -> Result<Graph> {
+    let gname = graph.name.clone().unwrap_or_default();
+    if depth > MAX_SUBGRAPH_DEPTH {
+        return Err(Error::Decode {
+            what: what.to_string(),
+            detail: format!(
+                "subgraph `{gname}` is nested more than {MAX_SUBGRAPH_DEPTH} levels deep"
+            ),
+        });
+    }
+    let over = |kind: &str, max: usize, left: usize, more: usize| Error::Limit {
+        what: format!("{what}: {kind} count (the graph and its subgraphs)"),
+        value: (max - left + more) as u64,
+        max: max as u64,
+    };
+    budget.nodes = (budget.nodes.checked_sub(graph.node.len()))
+        .ok_or_else(|| over("node", limits.max_nodes, budget.nodes, graph.node.len()))?;
+    budget.tensors = (budget.tensors.checked_sub(graph.initializer.len())).ok_or_else(|| {
+        over(
+            "initializer",
+            limits.max_tensors,
+            budget.tensors,
+            graph.initializer.len(),
+        )
+    })?;
     let initializers = graph
         .initializer
         .iter()
@@ -103,16 +155,16 @@ pub fn decode_model_with(bytes: Bytes, what: &str, limits: &Limits) -> Result<Gr
         .node
         .iter()
         .enumerate()
-        .map(|(i, n)| convert_node(i, n, limits))
+        .map(|(i, n)| convert_node(i, n, what, limits, depth, budget))
         .collect::<Result<Vec<_>>>()?;
     Ok(Graph {
-        name: graph.name.clone().unwrap_or_default(),
+        name: gname,
         inputs,
         outputs,
         nodes,
         initializers,
-        metadata,
-        opsets,
+        metadata: BTreeMap::new(),
+        opsets: BTreeMap::new(),
     })
 }
 
@@ -157,7 +209,14 @@ fn convert_value_info(v: &proto::ValueInfoProto) -> Result<ValueInfo> {
     Ok(ValueInfo { name, dtype, shape })
 }
 
-fn convert_node(index: usize, n: &proto::NodeProto, limits: &Limits) -> Result<Node> {
+fn convert_node(
+    index: usize,
+    n: &proto::NodeProto,
+    what: &str,
+    limits: &Limits,
+    depth: usize,
+    budget: &mut Budget,
+) -> Result<Node> {
     let op = n.op_type.clone().unwrap_or_default();
     let name = n
         .name
@@ -181,6 +240,12 @@ fn convert_node(index: usize, n: &proto::NodeProto, limits: &Limits) -> Result<N
             ),
             Some(T::Tensor) => match &a.t {
                 Some(t) => Attr::Tensor(convert_tensor_with(t, limits)?),
+                None => return Err(Error::node(&name, &op, format!("attribute `{key}` empty"))),
+            },
+            Some(T::Graph) => match &a.g {
+                Some(g) => {
+                    Attr::Graph(Box::new(convert_graph(g, what, limits, depth + 1, budget)?))
+                }
                 None => return Err(Error::node(&name, &op, format!("attribute `{key}` empty"))),
             },
             _ => {

@@ -11,6 +11,9 @@ use std::fmt;
 use bytes::Bytes;
 use onestep_format::graph::{Attr, DType, Dim, Graph, Initializer, Node, ValueInfo};
 
+mod audio;
+mod branch;
+
 /// One symbolic dimension.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum SDim {
@@ -1112,21 +1115,24 @@ impl Tracer {
     /// `Attention(q, k, v, mask)`: q `[B, nh, T, D]`, k/v `[B, kvh, S, D]`, bool mask broadcastable to
     /// `[B, nh, T, S]`; `nh` must be a multiple of `kvh`. Scores scaled by `1/sqrt(D)`, not capped.
     pub fn attention(&mut self, name: &str, q: &Sym, k: &Sym, v: &Sym, mask: &Sym) -> R<Sym> {
-        self.attention_with(name, q, k, v, mask, AttentionScores::default())
+        self.attention_with(name, q, k, v, Some(mask), AttentionScores::default())
     }
 
     /// [`Tracer::attention`] with the scores' scale and softcap as given (the `scale` and `softcap`
-    /// attributes of ONNX `Attention`, written only when set).
+    /// attributes of ONNX `Attention`, written only when set), and the mask optional (`None`: every
+    /// query attends every key).
     pub fn attention_with(
         &mut self,
         name: &str,
         q: &Sym,
         k: &Sym,
         v: &Sym,
-        mask: &Sym,
+        mask: Option<&Sym>,
         scores: AttentionScores,
     ) -> R<Sym> {
-        let fail = |t: &Self, d: &str| t.err(name, "Attention", d, &[q, k, v, mask]);
+        let mut ops = vec![q, k, v];
+        ops.extend(mask);
+        let fail = |t: &Self, d: &str| t.err(name, "Attention", d, &ops);
         if q.rank() != 4
             || k.rank() != 4
             || v.rank() != 4
@@ -1148,9 +1154,10 @@ impl Tracer {
             q.shape[2].clone(),
             k.shape[2].clone(),
         ];
-        if !matches!(mask.dtype, DType::Bool | DType::F32)
-            || broadcast(&mask.shape, &full).as_deref() != Some(&full[..])
-        {
+        if mask.is_some_and(|mask| {
+            !matches!(mask.dtype, DType::Bool | DType::F32)
+                || broadcast(&mask.shape, &full).as_deref() != Some(&full[..])
+        }) {
             return Err(fail(
                 self,
                 &format!(
@@ -1171,7 +1178,7 @@ impl Tracer {
         Ok(self.one(
             name,
             "Attention",
-            &[Some(q), Some(k), Some(v), Some(mask)],
+            &[Some(q), Some(k), Some(v), mask],
             attrs,
             DType::F32,
             shape,
@@ -1297,12 +1304,14 @@ impl Tracer {
     }
 }
 
-/// Converts a symbolic shape to graph dims (`T` → `Dim::Sym("T")`); `None` if it holds other symbols.
+/// Converts a symbolic shape to graph dims (`T` → `Dim::Sym("T")`, a named size → `Dim::Sym(name)`);
+/// `None` if it holds `T + n`.
 pub fn to_dims(s: &[SDim]) -> Option<Vec<Dim>> {
     s.iter()
         .map(|d| match d {
             SDim::N(n) => Some(Dim::Known(*n)),
             SDim::T(0) => Some(Dim::Sym(onestep_format::contract::CHUNK_DIM.into())),
+            SDim::Dyn(s) => Some(Dim::Sym(s.clone())),
             _ => None,
         })
         .collect()
