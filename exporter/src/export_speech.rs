@@ -75,6 +75,8 @@ pub fn export_whisper(
         multilingual: src.multilingual(),
         tokens: t.clone(),
         languages: src.languages.clone(),
+        suppress: src.suppress.clone(),
+        suppress_begin: src.suppress_begin.clone(),
     };
     let m = &mut graph.metadata;
     m.insert(

@@ -157,6 +157,12 @@ pub struct Speech {
     /// Language code → its token id (`en` → 50259), multilingual models only.
     #[serde(default)]
     pub languages: BTreeMap<String, u32>,
+    /// Tokens the graph never chooses (for the host's log-probabilities: the graph applies them).
+    #[serde(default)]
+    pub suppress: Vec<u32>,
+    /// Tokens the graph does not choose first (`first_token`).
+    #[serde(default)]
+    pub suppress_begin: Vec<u32>,
 }
 
 /// The special token ids of a Whisper-style prompt and transcript.

@@ -13,12 +13,16 @@
 //! conformance tests reach two entry points through `testing`, which is not API.
 #![warn(missing_docs)]
 
+#[cfg(feature = "audio")]
+pub mod audio;
 pub(crate) mod backend;
+mod encode;
 pub use onestep_format::{contract, error, graph, onnx};
 pub mod generate;
 pub mod kv;
 pub mod load;
 pub mod model;
+mod phases;
 pub(crate) mod plan;
 mod step;
 pub mod tensor;

@@ -245,6 +245,13 @@ fn switch(key: &str, value: &str) -> Result<bool> {
 
 /// Checks `graph` and reads its [`ModelInfo`].
 pub fn check(graph: &Graph) -> Result<ModelInfo> {
+    check_nodes(graph)?;
+    check_contract(graph)
+}
+
+/// Checks what any graph the runtime plans must be: known opsets, supported ops (all missing ones
+/// listed at once), every value defined once and before it is read, every output produced.
+pub(crate) fn check_nodes(graph: &Graph) -> Result<()> {
     for (domain, &version) in &graph.opsets {
         let ok = match domain.as_str() {
             "" | "ai.onnx" => (13..=MAX_OPSET).contains(&version),
@@ -308,6 +315,12 @@ pub fn check(graph: &Graph) -> Result<ModelInfo> {
             )));
         }
     }
+    Ok(())
+}
+
+/// The step graph's contract: its metadata, the token and position inputs, the token and logits
+/// outputs, a cache input and new-rows output per layer.
+fn check_contract(graph: &Graph) -> Result<ModelInfo> {
     let info = ModelInfo::from_metadata(&graph.metadata)?;
     let has_input = |n: &str| graph.inputs.iter().any(|v| v.name == n);
     let has_output = |n: &str| graph.outputs.iter().any(|v| v.name == n);

@@ -3,6 +3,7 @@
 //! `Model` is immutable after load and shared (`Arc<Model>`) by any number of sessions on any threads;
 //! weights live once, in the memory-mapped file. `StepState` owns one sequence's KV cache and scratch.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -12,12 +13,14 @@ use bytes::Bytes;
 
 use crate::backend::cpu::linear::Precision;
 use crate::backend::{Backend, SeqState, StepCall};
-use crate::contract::{self, meta, ModelInfo};
+use crate::contract::{self, meta, ModelInfo, Speech};
+use crate::encode::Encoder;
 use crate::error::{Error, Result};
 use crate::kv::{KvOptions, KvStats, PagedCache};
 use crate::load::{self, LoadOptions};
 use crate::plan::{Plan, PlanStats};
 pub use crate::step::{StepOutput, StepSampling};
+use crate::tensor::Tensor;
 
 /// A loaded and planned step graph.
 ///
@@ -38,6 +41,8 @@ pub struct Model {
     kv: KvOptions,
     /// How the CPU steps multiply the block-quantized linear layers.
     precision: Precision,
+    /// A transcription model's encoder phase and what its file says about the audio.
+    speech: Option<(Encoder, Speech)>,
 }
 
 /// One sequence's state: its KV cache, held by the host in pages ([`crate::kv`]) that are allocated as
@@ -49,6 +54,9 @@ pub struct StepState {
     kv: PagedCache,
     /// The backend's side of the sequence (the GPU's cache buffers and the step run ahead).
     seq: SeqState,
+    /// The step inputs the state holds: a transcription model's `cross.*` (from
+    /// [`Model::encode`]) and `first_token`.
+    held: BTreeMap<String, Tensor>,
 }
 
 impl std::fmt::Debug for Model {
@@ -102,7 +110,22 @@ impl Model {
         let t0 = Instant::now();
         let limits = &options.limits;
         let graph = crate::onnx::read::decode_model_with(bytes.clone(), name, limits)?;
+        let phases = crate::phases::split(graph)?;
+        let graph = phases.step;
         let info = load::check(&graph)?;
+        let speech = Speech::from_metadata(&graph.metadata)?;
+        if speech.is_some() != phases.encoder.is_some() {
+            return Err(Error::Contract(format!(
+                "metadata `{}` and an encoder phase (input `{}`) come together; this file has {}",
+                meta::SPEECH,
+                contract::ENCODE,
+                if speech.is_some() {
+                    "only the metadata"
+                } else {
+                    "only the encoder phase"
+                }
+            )));
+        }
         let tokenizer_json = graph
             .metadata
             .get(meta::TOKENIZER_JSON)
@@ -112,10 +135,14 @@ impl Model {
                 detail: "missing".into(),
             })?;
         let chat_template = graph.metadata.get(meta::CHAT_TEMPLATE).cloned();
-        let (plan_options, probe) = crate::backend::plan_options(options);
+        // A transcription model runs on the CPU (its plan bounded by the CPU's fusions).
+        let (plan_options, probe) = match speech {
+            Some(_) => (options.plan_options(), Default::default()),
+            None => crate::backend::plan_options(options),
+        };
         let plan = Plan::with_options(graph, plan_options)?;
         for name in plan.inputs.keys() {
-            if ![
+            let text_input = [
                 contract::INPUT_IDS,
                 contract::POSITION,
                 contract::TEMPERATURE,
@@ -123,11 +150,21 @@ impl Model {
                 contract::TOP_P,
                 contract::RANDOM_U,
             ]
-            .contains(&name.as_str())
-            {
+            .contains(&name.as_str());
+            let speech_input = speech.is_some()
+                && (name == contract::FIRST_TOKEN || contract::encoded_for(name).is_some());
+            if !text_input && !speech_input {
                 return Err(Error::Contract(format!("unknown graph input `{name}`")));
             }
         }
+        let speech = match (phases.encoder, speech) {
+            (Some(g), Some(sp)) => {
+                let inputs: Vec<&str> = plan.inputs.keys().map(String::as_str).collect();
+                let enc = Encoder::new(g, &sp, &inputs, options.plan_options(), options.precision)?;
+                Some((enc, sp))
+            }
+            _ => None,
+        };
         // The caches are allocated per sequence from their declared shapes: bound them before any is.
         let mut cache_bytes: u64 = 0;
         for c in &plan.caches {
@@ -152,7 +189,10 @@ impl Model {
                 )));
             }
         }
-        let (backend, device_note) = choose_backend(&plan, &info, options, &bytes, probe)?;
+        let (backend, device_note) = match speech {
+            Some(_) => cpu_for_speech(&plan, options)?,
+            None => choose_backend(&plan, &info, options, &bytes, probe)?,
+        };
         Ok(Arc::new(Model {
             info,
             tokenizer_json,
@@ -163,7 +203,32 @@ impl Model {
             device_note,
             kv: options.kv,
             precision: options.precision,
+            speech,
         }))
+    }
+    /// What a transcription model's file says about its audio and prompt tokens; `None` for a text
+    /// model.
+    pub fn speech(&self) -> Option<&Speech> {
+        self.speech.as_ref().map(|(_, s)| s)
+    }
+
+    /// What the planner made of a transcription model's encoder phase.
+    pub fn encoder_plan_stats(&self) -> Option<&PlanStats> {
+        self.speech.as_ref().map(|(e, _)| e.plan_stats())
+    }
+
+    /// Runs a transcription model's encoder over one window of 16 kHz mono samples (at most
+    /// [`Speech::window_samples`]; the rest of the window is silence) and keeps its cross-attention
+    /// keys and values in `state` for the decoder steps that follow; the state's cache starts empty.
+    /// Samples must be finite. A text model refuses with [`Error::InvalidArgument`].
+    pub fn encode(&self, state: &mut StepState, samples: &[f32]) -> Result<()> {
+        let (enc, _) = self.speech.as_ref().ok_or_else(|| {
+            Error::InvalidArgument("this is not a transcription model: it has no encoder".into())
+        })?;
+        let held = enc.run(samples)?;
+        state.reset();
+        state.held.extend(held);
+        Ok(())
     }
     /// The model description from the file's metadata.
     pub fn info(&self) -> &ModelInfo {
@@ -254,8 +319,16 @@ impl Model {
             .iter()
             .map(|c| (c.dtype, c.shape.clone()))
             .collect();
+        let mut held = BTreeMap::new();
+        if self.plan.inputs.contains_key(contract::FIRST_TOKEN) {
+            held.insert(
+                contract::FIRST_TOKEN.to_string(),
+                Tensor::bool(&[1], &[false]),
+            );
+        }
         Ok(StepState {
             len: 0,
+            held,
             kv: PagedCache::new(&shapes, kv.page_rows)?,
             seq: self
                 .backend
@@ -341,6 +414,7 @@ impl Model {
             sampling,
             want: &want,
             max_cache: info.max_cache,
+            held: &state.held,
         };
         let env = self.backend.step(&call, &mut state.seq, &mut state.kv)?;
         let out = crate::step::outputs(plan, info, &env, want_logits)?;
@@ -358,6 +432,13 @@ impl StepState {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+    /// Whether the next step chooses a transcript's first token (a transcription model then never
+    /// chooses its begin-suppress set: the blank and the end of text); ignored by a text model.
+    pub fn set_first_token(&mut self, first: bool) {
+        if let Some(t) = self.held.get_mut(contract::FIRST_TOKEN) {
+            *t = Tensor::bool(&[1], &[first]);
+        }
+    }
     /// Forgets the sequence (frees the host pages; keeps the GPU buffers).
     pub fn reset(&mut self) {
         self.truncate(0);
@@ -370,6 +451,23 @@ impl StepState {
         self.kv.truncate(self.len);
         self.seq.truncate(self.len, shorter);
     }
+}
+
+/// The CPU backend for a transcription model (the GPU runs text models only, for now): `auto`
+/// chooses it with a note, a forced GPU is refused.
+fn cpu_for_speech(plan: &Plan, opts: &LoadOptions) -> Result<(Box<dyn Backend>, Option<String>)> {
+    #[cfg(feature = "gpu")]
+    if !matches!(
+        opts.device,
+        crate::backend::gpu::DeviceRequest::Cpu | crate::backend::gpu::DeviceRequest::Auto
+    ) {
+        return Err(Error::InvalidArgument(
+            "transcription models run on the CPU in this version (device cpu or auto)".into(),
+        ));
+    }
+    let cpu = crate::backend::cpu::exec::CpuBackend::new(plan, opts.precision, opts.profile);
+    let note = cfg!(feature = "gpu").then(|| "transcription models run on the CPU".to_string());
+    Ok((Box::new(cpu), note))
 }
 
 /// The backend for `plan` that `opts.device` asks for ([`crate::backend::auto`] for `auto`), and

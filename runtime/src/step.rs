@@ -2,6 +2,8 @@
 //! ([`input_env`]) and the outputs read back from a step's values ([`outputs`]) — the same for every
 //! backend, written once.
 
+use std::collections::BTreeMap;
+
 use crate::contract::{self, ModelInfo};
 use crate::error::{Error, Result};
 use crate::plan::Plan;
@@ -44,12 +46,14 @@ pub struct StepOutput {
     pub logits: Vec<f32>,
 }
 
-/// The graph inputs of one step.
+/// The graph inputs of one step; `held` gives the inputs the sequence state holds (a transcription
+/// model's `cross.*` and `first_token`).
 pub(crate) fn input_env(
     plan: &Plan,
     ids: &[u32],
     position: usize,
     sampling: &StepSampling,
+    held: &BTreeMap<String, Tensor>,
 ) -> Result<Vec<Option<Tensor>>> {
     let t = ids.len();
     let mut env: Vec<Option<Tensor>> = vec![None; plan.names.len()];
@@ -62,7 +66,15 @@ pub(crate) fn input_env(
             contract::TOP_K => Tensor::i64(&[1], &[sampling.top_k]),
             contract::TOP_P => Tensor::f32(&[1], &[sampling.top_p]),
             contract::RANDOM_U => Tensor::f32(&[1], &[sampling.random_u.clamp(0.0, 0.999_999)]),
-            other => return Err(Error::Contract(format!("unknown graph input `{other}`"))),
+            other => match held.get(other) {
+                Some(t) => t.clone(),
+                None if contract::encoded_for(other).is_some() => {
+                    return Err(Error::InvalidArgument(format!(
+                        "input `{other}` has no value yet: encode a window of audio first"
+                    )))
+                }
+                None => return Err(Error::Contract(format!("unknown graph input `{other}`"))),
+            },
         });
     }
     Ok(env)

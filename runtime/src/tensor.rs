@@ -80,6 +80,12 @@ impl Tensor {
         Tensor::from_slice(DType::I64, shape, data)
     }
 
+    /// A bool tensor (one byte an element).
+    pub fn bool(shape: &[usize], data: &[bool]) -> Tensor {
+        let bytes: Vec<u8> = data.iter().map(|&b| b as u8).collect();
+        Tensor::from_slice(DType::Bool, shape, &bytes)
+    }
+
     /// Wraps mapped bytes (an initializer) without copying. Falls back to a copy when the bytes are not
     /// aligned for the element type (only files from other writers; ours align every payload to 64).
     pub fn mapped(dtype: DType, shape: &[usize], bytes: Bytes) -> Tensor {

@@ -15,10 +15,10 @@ pub mod blocks;
 /// Gemma 2 and 3.
 pub mod gemma;
 pub mod llama;
-/// Whisper (speech to text): encoder and decoder step in one graph.
-pub mod whisper;
 #[cfg(test)]
 mod tests;
+/// Whisper (speech to text): encoder and decoder step in one graph.
+pub mod whisper;
 
 /// Encoded weights by canonical source name (`blk.0.attn_q.weight`, ...).
 #[derive(Debug, Clone, Default)]

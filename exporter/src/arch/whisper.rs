@@ -576,3 +576,54 @@ fn mel_weights_both(bins: usize) -> Vec<f32> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn fixtures() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/whisper")
+    }
+
+    /// The mel filters equal faster-whisper's (`mel_filters.bin`, written by
+    /// scripts/refs/gen_whisper_refs.py) to f32 rounding.
+    #[test]
+    fn mel_filters_match_faster_whisper() {
+        let bytes = std::fs::read(fixtures().join("mel_filters.bin")).unwrap();
+        let want: Vec<f32> = bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        let got = mel_filters(80);
+        assert_eq!(got.len(), want.len());
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(&g, &w)| (g - w as f64).abs())
+            .fold(0.0, f64::max);
+        assert!(worst < 1e-7, "worst difference {worst}");
+    }
+
+    /// The Fourier basis: row k of a cosine (and sine) at frequency k under the periodic Hann window,
+    /// so a pure tone at bin 10 lands in bin 10 with the window's sum as its magnitude.
+    #[test]
+    fn dft_basis_puts_a_tone_in_its_bin() {
+        let b = dft_basis();
+        let freqs = N_FFT / 2 + 1;
+        let tone: Vec<f64> = (0..N_FFT)
+            .map(|n| (2.0 * PI * 10.0 * n as f64 / N_FFT as f64).cos())
+            .collect();
+        let power = |k: usize| {
+            let re: f64 = (0..N_FFT).map(|n| b[k * N_FFT + n] as f64 * tone[n]).sum();
+            let im: f64 = (0..N_FFT)
+                .map(|n| b[(freqs + k) * N_FFT + n] as f64 * tone[n])
+                .sum();
+            re * re + im * im
+        };
+        let peak = power(10);
+        // Σ hann = 200; a cosine of amplitude 1 gives half of it in its bin.
+        assert!((peak.sqrt() - 100.0).abs() < 1e-3, "{}", peak.sqrt());
+        assert!(power(20) < 1e-6 && power(0) < 1e-6);
+    }
+}

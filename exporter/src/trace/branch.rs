@@ -159,3 +159,86 @@ impl Tracer {
         Ok(self.constant(&hint, dtype, dims, Vec::new(), None))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use onestep_format::graph::Attr;
+
+    /// Two branches over one outer input: each keeps its nodes, an outer value it only passes on gets
+    /// an Identity, and the If declares what the caller asked; the file written and read back holds
+    /// the same subgraphs.
+    #[test]
+    fn if_branches_survive_the_writer_and_the_reader() {
+        let mut t = Tracer::new("g");
+        let c = t.input("c", DType::Bool, vec![SDim::N(1)]).unwrap();
+        let x = t.input("x", DType::F32, vec![SDim::N(2)]).unwrap();
+        let m = t.mark();
+        let one = t.const_f32(1.0);
+        let y = t.add("plus", &x, &one).unwrap();
+        let then_g = t.branch("then", m, &[&y, &x]).unwrap();
+        assert_eq!(then_g.nodes.len(), 2, "the Add and an Identity for x");
+        let m = t.mark();
+        let two = t.const_f32(2.0);
+        let z = t.mul("times", &x, &two).unwrap();
+        let else_g = t.branch("else", m, &[&z, &z]).unwrap();
+        assert_eq!(else_g.outputs[0].name, "times");
+        assert_ne!(
+            else_g.outputs[1].name, "times",
+            "a value given twice is passed on once more"
+        );
+        let ys = t
+            .if_(
+                "phase",
+                &c,
+                then_g,
+                else_g,
+                vec![(DType::F32, vec![SDim::N(2)]); 2],
+            )
+            .unwrap();
+        t.output(&ys[0], "a").unwrap();
+        t.output(&ys[1], "b").unwrap();
+        let g = t.finish();
+        assert_eq!(g.nodes.len(), 1);
+        let dir = std::env::temp_dir().join(format!("onestep-if-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("if.onnx");
+        crate::write::write_model(&g, &path, None, &mut |_, _| {}).unwrap();
+        let bytes = bytes::Bytes::from(std::fs::read(&path).unwrap());
+        let back = onestep_format::onnx::read::decode_model(bytes, "if.onnx").unwrap();
+        std::fs::remove_dir_all(&dir).ok();
+        let n = &back.nodes[0];
+        assert_eq!(n.op, "If");
+        for (key, want) in [("then_branch", &g.nodes[0]), ("else_branch", &g.nodes[0])] {
+            let (Some(Attr::Graph(got)), Some(Attr::Graph(w))) =
+                (n.attrs.get(key), want.attrs.get(key))
+            else {
+                panic!("{key} missing");
+            };
+            assert_eq!(got.nodes, w.nodes, "{key}");
+            assert_eq!(got.outputs, w.outputs, "{key}");
+        }
+    }
+
+    /// A branch whose outputs' types differ from the If's declaration is refused, naming the If.
+    #[test]
+    fn branches_of_other_types_are_refused() {
+        let mut t = Tracer::new("g");
+        let c = t.input("c", DType::Bool, vec![SDim::N(1)]).unwrap();
+        let x = t.input("x", DType::F32, vec![SDim::N(2)]).unwrap();
+        let m = t.mark();
+        let y = t.cast("to_i64", &x, DType::I64).unwrap();
+        let a = t.branch("then", m, &[&y]).unwrap();
+        let m = t.mark();
+        let z = t.cast("to_f16", &x, DType::F16).unwrap();
+        let b = t.branch("else", m, &[&z]).unwrap();
+        let e = t
+            .if_("phase", &c, a, b, vec![(DType::I64, vec![SDim::N(2)])])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("phase") && e.contains("If") && e.contains("else"),
+            "{e}"
+        );
+    }
+}

@@ -173,6 +173,7 @@ fn time_decode(
             sampling: &StepSampling::GREEDY,
             want: &want,
             max_cache: info.max_cache,
+            held: &Default::default(),
         };
         let env = backend.step(&call, &mut seq, &mut host)?;
         token = crate::step::outputs(plan, info, &env, false)?.next_token;

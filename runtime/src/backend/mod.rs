@@ -33,6 +33,8 @@ pub(crate) struct StepCall<'a> {
     pub want: &'a [ValId],
     /// Cache slots: a step runs ahead only where the next position still fits.
     pub max_cache: usize,
+    /// The inputs the sequence state holds (a transcription model's `cross.*`, `first_token`).
+    pub held: &'a std::collections::BTreeMap<String, Tensor>,
 }
 
 /// A sequence's state on its backend, beside the host KV pages the facade keeps.

@@ -28,6 +28,7 @@ pub mod stop;
 pub mod stream;
 pub mod tokenizer;
 mod tokenizer_json;
+pub mod transcribe;
 
 pub use chat::{ChatMessage, ChatTemplate};
 pub use sampling::{GenerateOptions, SamplingRng};
@@ -36,3 +37,4 @@ pub use stats::GenerateStats;
 pub use stop::{stop_strings_from_bytes, StopMatcher, StopReason, StopStep};
 pub use stream::StreamDecoder;
 pub use tokenizer::Tokenizer;
+pub use transcribe::{Segment, TranscribeOptions, Transcriber, Transcript};

@@ -145,7 +145,9 @@ mod tests {
             let g = gelu_gated(a);
             let p = Plan::new(g.clone()).unwrap();
             assert_eq!((p.stats.gelu_gate, p.stats.generic), (0, 2), "{a:?}");
-            assert_same(&g, &p, &inputs(), 0.0);
+            // The executor runs the exact GELU through the f32 erf kernel (backend/cpu/gelu.rs), a few
+            // units in the last place from the generic op's f64 erf.
+            assert_same(&g, &p, &inputs(), 1e-6);
         }
     }
 

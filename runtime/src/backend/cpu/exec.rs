@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use crate::backend::cpu::attention::{self, AttnShape};
 use crate::backend::cpu::linear::{self, Activations, Precision, QuantCache};
-use crate::backend::cpu::{misc, ops};
+use crate::backend::cpu::{attention_plain, gelu, misc, ops};
 use crate::backend::mask::Attended;
 use crate::backend::{Backend, SeqState, StepCall};
 use crate::contract;
@@ -156,7 +156,14 @@ fn node_step(plan: &Plan, s: &Step, env: &mut [Option<Tensor>]) -> Result<()> {
         .map(|v| v.map(|v| val(plan, env, v)).transpose())
         .collect::<Result<_>>()?;
     let refs: Vec<Option<&Tensor>> = args.iter().map(|a| a.as_ref()).collect();
-    let outs = ops::run_node(n, &refs)?;
+    // Generic ops with a kernel of their own, where their inputs fit it: ONNX `Attention` on rank-4
+    // f32 Q/K/V (attention_plain.rs), the exact `Gelu` on f32 (gelu.rs). Everything else, and what
+    // those kernels decline, runs through the generic op (ops.rs, their reference).
+    let fast = attention_plain::try_node(n, &refs).or_else(|| gelu::try_node(n, &refs));
+    let outs = match fast {
+        Some(t) => vec![t],
+        None => ops::run_node(n, &refs)?,
+    };
     for (&o, t) in outputs.iter().zip(outs) {
         env[o] = Some(t);
     }
@@ -647,6 +654,23 @@ fn concat_cache(cache: &Tensor, new: &Tensor, t: usize) -> Result<Tensor> {
     ))
 }
 
+/// Runs `plan` (one without caches: a transcription model's encoder phase) once on the CPU over
+/// `env` (its inputs set), returning its values; each freed as its last reader is done.
+pub(crate) fn run_once(
+    plan: &Plan,
+    mut env: Vec<Option<Tensor>>,
+    precision: Precision,
+) -> Result<Vec<Option<Tensor>>> {
+    let mut run = CpuRun::new(precision, None);
+    for (si, s) in plan.steps.iter().enumerate() {
+        exec_step(plan, s, &mut env, None, &mut run)?;
+        for &v in &plan.frees[si] {
+            env[v] = None;
+        }
+    }
+    Ok(env)
+}
+
 /// The CPU backend: every step through [`exec_step`], attention reading the host pages in place.
 pub(crate) struct CpuBackend {
     precision: Precision,
@@ -689,7 +713,7 @@ impl Backend for CpuBackend {
         host: &mut PagedCache,
     ) -> Result<Vec<Option<Tensor>>> {
         let (plan, position, t) = (call.plan, call.position, call.ids.len());
-        let mut env = crate::step::input_env(plan, call.ids, position, call.sampling)?;
+        let mut env = crate::step::input_env(plan, call.ids, position, call.sampling, call.held)?;
         super::super::materialize_caches(
             plan,
             host,

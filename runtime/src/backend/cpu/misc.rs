@@ -51,26 +51,6 @@ pub fn exp_f32(x: f32) -> f32 {
     er * f32::from_bits(((ni + 127) << 23) as u32)
 }
 
-/// `GELU(x) = x·Φ(x)` (ONNX `Gelu` without approximation): `0.5·x·(1 + erf(x/√2))` in f64 with
-/// [`erf`]'s polynomial, so the result is within `1e-7·|x|` of the exact value.
-#[inline]
-pub fn gelu_erf(x: f32) -> f32 {
-    let z = x as f64 * std::f64::consts::FRAC_1_SQRT_2;
-    (0.5 * x as f64 * (1.0 + erf(z))) as f32
-}
-
-/// erf by Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7).
-fn erf(z: f64) -> f64 {
-    let s = z.signum();
-    let a = z.abs();
-    let t = 1.0 / (1.0 + 0.327_591_1 * a);
-    let p = t
-        * (0.254_829_592
-            + t * (-0.284_496_736
-                + t * (1.421_413_741 + t * (-1.453_152_027 + t * 1.061_405_429))));
-    s * (1.0 - p * (-a * a).exp())
-}
-
 #[inline(always)]
 fn silu_mul(g: f32, u: f32) -> f32 {
     g / (1.0 + exp_f32(-g)) * u

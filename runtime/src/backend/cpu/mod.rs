@@ -8,13 +8,16 @@
 
 pub mod attention;
 mod attention_paged;
+mod attention_plain;
 pub mod bandwidth;
 pub(crate) mod exec;
+mod gelu;
 pub mod linear;
 mod linear_q8;
 pub mod misc;
 pub mod norm;
 pub mod ops;
+mod ops_conv;
 mod pool;
 pub mod rope;
 mod simd;

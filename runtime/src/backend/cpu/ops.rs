@@ -4,6 +4,8 @@
 //! time; the implementations here are the general, always-correct path and the reference the fused
 //! kernels are tested against.
 
+use std::borrow::Cow;
+
 use bytemuck::Pod;
 use half::{bf16, f16};
 
@@ -13,6 +15,7 @@ use crate::tensor::{numel, Tensor};
 
 /// Ops this module implements (`domain::op` for non-default domains).
 pub const SUPPORTED: &[&str] = &[
+    "Abs",
     "Add",
     "And",
     "Attention",
@@ -21,10 +24,12 @@ pub const SUPPORTED: &[&str] = &[
     "Cast",
     "Concat",
     "Constant",
+    "Conv",
     "CumSum",
     "DequantizeLinear",
     "Div",
     "Equal",
+    "Erf",
     "Exp",
     "Expand",
     "Gather",
@@ -33,8 +38,10 @@ pub const SUPPORTED: &[&str] = &[
     "Gemm",
     "Greater",
     "Identity",
+    "LayerNormalization",
     "Less",
     "LessOrEqual",
+    "Log",
     "MatMul",
     "Max",
     "Min",
@@ -42,13 +49,18 @@ pub const SUPPORTED: &[&str] = &[
     "Neg",
     "Not",
     "Or",
+    "Pad",
+    "Pow",
     "RMSNormalization",
     "Range",
+    "ReduceMax",
+    "ReduceMean",
     "ReduceSum",
     "Reshape",
     "RotaryEmbedding",
     "Shape",
     "Sigmoid",
+    "Slice",
     "Softmax",
     "Sqrt",
     "Squeeze",
@@ -1314,6 +1326,746 @@ fn bit_op(ctx: &Ctx, a: &Tensor, b: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// Largest element count a `Conv` or `Pad` output may have (1 GiB of f32): a few hostile attribute
+/// values must not make a step allocate without bound.
+const MAX_OUTPUT_ELEMENTS: usize = 1 << 28;
+
+/// A float tensor's (f32, f16, bf16) elements as f32, borrowed when they already are.
+fn floats<'a>(ctx: &Ctx, t: &'a Tensor) -> Result<Cow<'a, [f32]>> {
+    match t.dtype {
+        DType::F32 => Ok(Cow::Borrowed(t.typed())),
+        DType::F16 | DType::BF16 => Ok(Cow::Owned(t.to_f32_vec(&ctx.node.name)?)),
+        d => Err(ctx.err(format!("{} on {d} is not supported", ctx.node.op))),
+    }
+}
+
+/// An element-wise float op: f32 in place of the input's f32 elements, f16/bf16 through f32.
+fn unary_float(ctx: &Ctx, a: &Tensor, f: impl Fn(f32) -> f32) -> Result<Tensor> {
+    if a.dtype == DType::F32 {
+        return unary_f32(ctx, a, f);
+    }
+    let v: Vec<f32> = floats(ctx, a)?.iter().map(|&x| f(x)).collect();
+    cast(ctx, &Tensor::f32(&a.shape, &v), a.dtype)
+}
+
+/// A string attribute, or `default` when absent.
+fn attr_str<'a>(ctx: &'a Ctx, key: &str, default: &'a str) -> Result<&'a str> {
+    match ctx.node.attrs.get(key) {
+        None => Ok(default),
+        Some(Attr::Str(s)) => Ok(s),
+        Some(a) => Err(ctx.err(format!("attribute `{key}` is {a:?}, not a string"))),
+    }
+}
+
+/// Chebyshev coefficients (in `y = 4t − 2`, `t = 2/(2 + x)`) of `ln(erfc(x)·e^{x²}/t)` for `x ≥ 0`,
+/// the form of Numerical Recipes' `erfccheb`. Computed for this file with mpmath at 40 digits from 80
+/// Chebyshev nodes; the first omitted term is below 1e-19.
+const ERFC_CHEB: [f64; 28] = [
+    -1.302_653_719_781_709_4,
+    6.419_697_923_564_902e-1,
+    1.947_647_320_418_583_6e-2,
+    -9.561_514_786_808_632e-3,
+    -9.465_953_444_820_369e-4,
+    3.668_394_978_527_614_5e-4,
+    4.252_332_480_690_777e-5,
+    -2.027_857_811_253_424_2e-5,
+    -1.624_290_004_647_025_6e-6,
+    1.303_655_835_580_523_2e-6,
+    1.562_644_172_206_614_2e-8,
+    -8.523_809_591_492_654e-8,
+    6.529_054_439_098_851_5e-9,
+    5.059_343_495_551_469e-9,
+    -9.913_641_564_930_33e-10,
+    -2.273_651_222_931_836e-10,
+    9.646_791_102_015_527e-11,
+    2.394_038_083_039_114_6e-12,
+    -6.886_027_526_497_553e-12,
+    8.944_879_273_090_725e-13,
+    3.130_921_399_342_958e-13,
+    -1.127_082_236_136_725_2e-13,
+    3.810_905_255_189_232e-16,
+    7.106_097_613_609_237e-15,
+    -1.523_028_201_457_104_3e-15,
+    -9.457_494_571_291_233e-17,
+    1.210_237_189_224_279e-16,
+    -2.816_663_087_747_177e-17,
+];
+
+/// erfc(x) for `x ≥ 0` (NaN for NaN): relative error below 1e-15 up to x = 6, below 1e-12 where
+/// erfc is still a normal f64 (the rounding of x² in e^{−x²}).
+fn erfc_nonneg(x: f64) -> f64 {
+    let t = 2.0 / (2.0 + x);
+    let y = 4.0 * t - 2.0;
+    let (mut d, mut dd) = (0.0f64, 0.0f64);
+    for &c in ERFC_CHEB[1..].iter().rev() {
+        (d, dd) = (y * d - dd + c, d);
+    }
+    t * (-x * x + 0.5 * (ERFC_CHEB[0] + y * d) - dd).exp()
+}
+
+/// erfc over all of f64.
+fn erfc64(x: f64) -> f64 {
+    if x < 0.0 {
+        2.0 - erfc_nonneg(-x)
+    } else {
+        erfc_nonneg(x)
+    }
+}
+
+/// erf in f64, relative error below 1e-15: its Maclaurin series below |x| = 0.5 (the terms fall
+/// below 1e-17 of the sum by the 12th), `1 − erfc(|x|)` above.
+pub(crate) fn erf64(x: f64) -> f64 {
+    if x.abs() < 0.5 {
+        let z2 = x * x;
+        let (mut term, mut sum) = (x, x);
+        for n in 1..=12 {
+            term *= -z2 / n as f64;
+            sum += term / (2 * n + 1) as f64;
+        }
+        sum * std::f64::consts::FRAC_2_SQRT_PI
+    } else if x > 0.0 {
+        1.0 - erfc_nonneg(x)
+    } else {
+        erfc_nonneg(-x) - 1.0
+    }
+}
+
+/// ONNX `Gelu` without approximation, `x·Φ(x) = x·erfc(−x/√2)/2` in f64 ([`erfc64`]: exact to the f32
+/// result, with no cancellation in the negative tail).
+pub(crate) fn gelu_exact(x: f32) -> f32 {
+    if x.is_infinite() {
+        return if x > 0.0 { x } else { -0.0 };
+    }
+    let x = x as f64;
+    (0.5 * x * erfc64(-x * std::f64::consts::FRAC_1_SQRT_2)) as f32
+}
+
+/// `b^e` for integers: wrapping on overflow; a negative exponent truncates `1/b^|e|` toward zero (0
+/// for `b = 0`, where it is undefined).
+fn int_pow(b: i64, e: i64) -> i64 {
+    if e >= 0 {
+        b.wrapping_pow(u32::try_from(e).unwrap_or(u32::MAX))
+    } else {
+        match b {
+            1 => 1,
+            -1 if e % 2 == 0 => 1,
+            -1 => -1,
+            _ => 0,
+        }
+    }
+}
+
+/// ONNX `Pow`: the base's type out; float bases (f32, f16, bf16) computed in f64 and rounded once,
+/// integer bases with an integer exponent exactly (wrapping), with a float exponent in f64 and
+/// truncated toward zero (numpy's `power(...).astype(int)`, what the reference does).
+fn pow(ctx: &Ctx, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let name = &ctx.node.name;
+    let float_exp = match b.dtype {
+        DType::F32 => Some(b.clone()),
+        DType::F16 | DType::BF16 => Some(Tensor::f32(&b.shape, &b.to_f32_vec(name)?)),
+        DType::I64 | DType::I32 | DType::I8 | DType::U8 => None,
+        d => return Err(ctx.err(format!("Pow with a {d} exponent is not supported"))),
+    };
+    let int_exp = || cast(ctx, b, DType::I64);
+    match a.dtype {
+        DType::F32 | DType::F16 | DType::BF16 => {
+            let base = match a.dtype {
+                DType::F32 => a.clone(),
+                _ => Tensor::f32(&a.shape, &a.to_f32_vec(name)?),
+            };
+            let out = match float_exp {
+                Some(e) => binary(ctx, &base, &e, DType::F32, |x: f32, y: f32| {
+                    (x as f64).powf(y as f64) as f32
+                })?,
+                None => binary(ctx, &base, &int_exp()?, DType::F32, |x: f32, y: i64| {
+                    (x as f64).powf(y as f64) as f32
+                })?,
+            };
+            cast(ctx, &out, a.dtype)
+        }
+        DType::I64 | DType::I32 | DType::I8 | DType::U8 => {
+            let base = cast(ctx, a, DType::I64)?;
+            let out = match float_exp {
+                Some(e) => binary(ctx, &base, &e, DType::I64, |x: i64, y: f32| {
+                    (x as f64).powf(y as f64) as i64
+                })?,
+                None => binary(ctx, &base, &int_exp()?, DType::I64, int_pow)?,
+            };
+            cast(ctx, &out, a.dtype)
+        }
+        d => Err(ctx.err(format!("Pow on {d} is not supported"))),
+    }
+}
+
+fn abs(ctx: &Ctx, a: &Tensor) -> Result<Tensor> {
+    macro_rules! int_abs {
+        ($t:ty) => {{
+            let v: Vec<$t> = a.typed::<$t>().iter().map(|x| x.wrapping_abs()).collect();
+            Ok(Tensor::from_slice(a.dtype, &a.shape, &v))
+        }};
+    }
+    match a.dtype {
+        DType::I64 => int_abs!(i64),
+        DType::I32 => int_abs!(i32),
+        DType::I8 => int_abs!(i8),
+        DType::U8 => Ok(a.clone()),
+        _ => unary_float(ctx, a, f32::abs),
+    }
+}
+
+/// The axes a `Reduce*` node reduces (sorted, distinct), or `None` when it is the identity (no axes and
+/// `noop_with_empty_axes`). No axes otherwise means all of them.
+fn reduce_axes(ctx: &Ctx, a: &Tensor, axes: Option<Vec<i64>>) -> Result<Option<Vec<usize>>> {
+    let noop = ctx.node.attr_int("noop_with_empty_axes", 0) != 0;
+    let mut axes: Vec<usize> = match axes {
+        Some(v) if !v.is_empty() => v
+            .iter()
+            .map(|&x| norm_axis(ctx, x, a.rank()))
+            .collect::<Result<_>>()?,
+        _ if noop => return Ok(None),
+        _ => (0..a.rank()).collect(),
+    };
+    axes.sort_unstable();
+    axes.dedup();
+    Ok(Some(axes))
+}
+
+/// `ReduceMax` and `ReduceMean` (opset 18: axes as an optional input, `keepdims`,
+/// `noop_with_empty_axes`). Floats (f16/bf16 through f32): the max propagates NaN, is −∞ over an empty
+/// set; the mean sums in f64 (NaN over an empty set). Integers and bool: the max is exact (the type's
+/// minimum, `false`, over an empty set); the integer mean is truncated toward zero.
+fn reduce_max_mean(ctx: &Ctx, a: &Tensor, axes: Option<Vec<i64>>) -> Result<Tensor> {
+    let mean = ctx.node.op == "ReduceMean";
+    let Some(axes) = reduce_axes(ctx, a, axes)? else {
+        return Ok(a.clone());
+    };
+    let keep = ctx.node.attr_int("keepdims", 1) != 0;
+    let kept: Vec<usize> = a
+        .shape
+        .iter()
+        .enumerate()
+        .map(|(i, &d)| if axes.contains(&i) { 1 } else { d })
+        .collect();
+    let out_shape: Vec<usize> = if keep {
+        kept.clone()
+    } else {
+        (0..a.rank())
+            .filter(|i| !axes.contains(i))
+            .map(|i| a.shape[i])
+            .collect()
+    };
+    let n_out = numel(&kept);
+    let count: usize = axes.iter().map(|&i| a.shape[i]).product();
+    let mut strides = vec![0usize; a.rank()];
+    let mut s = 1;
+    for i in (0..a.rank()).rev() {
+        strides[i] = if axes.contains(&i) { 0 } else { s };
+        s *= kept[i];
+    }
+    let offs = broadcast_offsets_with(&a.shape, &strides);
+    let ints: Option<(Vec<i64>, i64)> = match a.dtype {
+        DType::I64 => Some((a.typed::<i64>().to_vec(), i64::MIN)),
+        DType::I32 => Some((
+            a.typed::<i32>().iter().map(|&v| v as i64).collect(),
+            i32::MIN as i64,
+        )),
+        DType::I8 => Some((
+            a.typed::<i8>().iter().map(|&v| v as i64).collect(),
+            i8::MIN as i64,
+        )),
+        DType::U8 | DType::Bool => Some((a.typed::<u8>().iter().map(|&v| v as i64).collect(), 0)),
+        _ => None,
+    };
+    if let Some((v, min)) = ints {
+        let acc: Vec<i64> = if mean {
+            if a.dtype == DType::Bool {
+                return Err(ctx.err("ReduceMean on bool is not supported"));
+            }
+            if count == 0 && n_out > 0 {
+                return Err(ctx.err("integer ReduceMean over an empty set"));
+            }
+            let mut acc = vec![0i128; n_out];
+            for (&x, &o) in v.iter().zip(&offs) {
+                acc[o] += x as i128;
+            }
+            acc.iter().map(|&s| (s / count as i128) as i64).collect()
+        } else {
+            let mut acc = vec![min; n_out];
+            for (&x, &o) in v.iter().zip(&offs) {
+                acc[o] = acc[o].max(x);
+            }
+            acc
+        };
+        return cast(ctx, &Tensor::i64(&out_shape, &acc), a.dtype);
+    }
+    let v = floats(ctx, a)?;
+    let acc: Vec<f32> = if mean {
+        let mut acc = vec![0f64; n_out];
+        for (&x, &o) in v.iter().zip(&offs) {
+            acc[o] += x as f64;
+        }
+        acc.iter().map(|&s| (s / count as f64) as f32).collect()
+    } else {
+        let mut acc = vec![f32::NEG_INFINITY; n_out];
+        for (&x, &o) in v.iter().zip(&offs) {
+            if x > acc[o] || x.is_nan() {
+                acc[o] = x;
+            }
+        }
+        acc
+    };
+    cast(ctx, &Tensor::f32(&out_shape, &acc), a.dtype)
+}
+
+/// ONNX `LayerNormalization` (opset 17): each run over the axes `axis..` normalized to zero mean and unit
+/// variance (both in f64, `stash_type` 1), times `Scale`, plus `B`; both broadcast to the normalized
+/// shape. Outputs `Y` (the input's dtype), `Mean` and `InvStdDev` (f32, the input's shape with the
+/// normalized dims 1).
+fn layer_norm(ctx: &Ctx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    let x = input(ctx, inputs, 0)?;
+    let scale = input(ctx, inputs, 1)?;
+    let bias = inputs.get(2).copied().flatten();
+    let ax = norm_axis(ctx, ctx.node.attr_int("axis", -1), x.rank())?;
+    let eps = ctx.node.attr_float("epsilon", 1e-5) as f64;
+    let stash = ctx.node.attr_int("stash_type", 1);
+    if stash != 1 {
+        return Err(ctx.err(format!("stash_type {stash}: only 1 (float) is implemented")));
+    }
+    let norm_shape = &x.shape[ax..];
+    let n = numel(norm_shape);
+    let xv = floats(ctx, x)?;
+    // Scale and B as n values each (broadcast to the normalized shape when they are smaller).
+    let spread = |t: &Tensor, what: &str| -> Result<Vec<f32>> {
+        let v = floats(ctx, t)?;
+        if t.shape == norm_shape {
+            return Ok(v.into_owned());
+        }
+        if t.rank() > norm_shape.len()
+            || broadcast_shape(&t.shape, norm_shape).as_deref() != Some(norm_shape)
+        {
+            return Err(ctx.err(format!(
+                "{what} {:?} does not broadcast to the normalized shape {norm_shape:?}",
+                t.shape
+            )));
+        }
+        Ok(broadcast_offsets(&t.shape, norm_shape)
+            .iter()
+            .map(|&o| v[o])
+            .collect())
+    };
+    let sv = spread(scale, "Scale")?;
+    let bv = match bias {
+        Some(b) => Some(spread(b, "B")?),
+        None => None,
+    };
+    let rows = numel(&x.shape[..ax]);
+    let mut y = vec![0.0f32; xv.len()];
+    let mut means = vec![0.0f32; rows];
+    let mut inv_stds = vec![0.0f32; rows];
+    if n > 0 {
+        for (r, (xr, yr)) in xv.chunks(n).zip(y.chunks_mut(n)).enumerate() {
+            let mean = xr.iter().map(|&v| v as f64).sum::<f64>() / n as f64;
+            let var = xr.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n as f64;
+            let inv = 1.0 / (var + eps).sqrt();
+            for (i, (o, &v)) in yr.iter_mut().zip(xr).enumerate() {
+                let b = bv.as_ref().map_or(0.0, |b| b[i] as f64);
+                *o = ((v as f64 - mean) * inv * sv[i] as f64 + b) as f32;
+            }
+            means[r] = mean as f32;
+            inv_stds[r] = inv as f32;
+        }
+    }
+    let mut stat_shape = x.shape[..ax].to_vec();
+    stat_shape.resize(x.rank(), 1);
+    Ok(vec![
+        cast(ctx, &Tensor::f32(&x.shape, &y), x.dtype)?,
+        Tensor::f32(&stat_shape, &means),
+        Tensor::f32(&stat_shape, &inv_stds),
+    ])
+}
+
+/// ONNX `Pad` (opset 11–23): `pads` (int64, all begins then all ends) over all axes or the `axes` input;
+/// modes `constant` (the optional `constant_value`, else 0), `reflect`, `edge` and `wrap`. A negative pad
+/// crops that many elements first; the other pads then extend what is left.
+fn pad(ctx: &Ctx, inputs: &[Option<&Tensor>]) -> Result<Tensor> {
+    let name = &ctx.node.name;
+    let x = input(ctx, inputs, 0)?;
+    let pads = input(ctx, inputs, 1)?.to_i64_vec(name)?;
+    let r = x.rank();
+    let axes: Vec<usize> = match inputs.get(3).copied().flatten() {
+        Some(t) => t
+            .to_i64_vec(name)?
+            .iter()
+            .map(|&a| norm_axis(ctx, a, r))
+            .collect::<Result<_>>()?,
+        None => (0..r).collect(),
+    };
+    if pads.len() != 2 * axes.len() {
+        return Err(ctx.err(format!(
+            "{} pads for {} axes (need two per axis)",
+            pads.len(),
+            axes.len()
+        )));
+    }
+    let mode = attr_str(ctx, "mode", "constant")?;
+    if !matches!(mode, "constant" | "reflect" | "edge" | "wrap") {
+        return Err(ctx.err(format!(
+            "mode `{mode}` is not one of constant, reflect, edge, wrap"
+        )));
+    }
+    let es = x.dtype.size();
+    let mut fill = vec![0u8; es];
+    if let Some(c) = inputs.get(2).copied().flatten() {
+        if c.dtype != x.dtype || c.numel() > 1 {
+            return Err(ctx.err(format!(
+                "constant_value must be one {} value, got {} {:?}",
+                x.dtype, c.dtype, c.shape
+            )));
+        }
+        if c.numel() == 1 {
+            fill.copy_from_slice(c.bytes());
+        }
+    }
+    let (mut begin, mut end) = (vec![0i64; r], vec![0i64; r]);
+    let mut seen = vec![false; r];
+    for (k, &a) in axes.iter().enumerate() {
+        if std::mem::replace(&mut seen[a], true) {
+            return Err(ctx.err(format!("axis {a} is listed twice")));
+        }
+        begin[a] = pads[k];
+        end[a] = pads[k + axes.len()];
+    }
+    // Per axis, the source index of every output index (None: the constant).
+    let mut maps: Vec<Vec<Option<usize>>> = Vec::with_capacity(r);
+    let mut shape = Vec::with_capacity(r);
+    for d in 0..r {
+        let dim = x.shape[d] as i64;
+        let (b, e) = (begin[d], end[d]);
+        let (crop_b, crop_e) = (b.min(0).unsigned_abs(), e.min(0).unsigned_abs());
+        let kept = (dim as u64)
+            .checked_sub(crop_b)
+            .and_then(|k| k.checked_sub(crop_e))
+            .ok_or_else(|| ctx.err(format!("pads {b}, {e} crop more than axis {d}'s {dim}")))?;
+        let out = kept
+            .checked_add(b.max(0) as u64)
+            .and_then(|o| o.checked_add(e.max(0) as u64))
+            .filter(|&o| o <= MAX_OUTPUT_ELEMENTS as u64)
+            .ok_or_else(|| ctx.err(format!("pads {b}, {e} make axis {d} too long")))?;
+        if kept == 0 && out > 0 && mode != "constant" {
+            return Err(ctx.err(format!("cannot {mode}-pad axis {d}: nothing of it is left")));
+        }
+        let (kept, lead) = (kept as i64, b.max(0));
+        let map = (0..out as i64)
+            .map(|o| {
+                let j = o - lead;
+                let j = if (0..kept).contains(&j) {
+                    j
+                } else {
+                    match mode {
+                        "edge" => j.clamp(0, kept - 1),
+                        "wrap" => j.rem_euclid(kept),
+                        "reflect" if kept == 1 => 0,
+                        "reflect" => {
+                            let m = j.rem_euclid(2 * (kept - 1));
+                            if m >= kept {
+                                2 * (kept - 1) - m
+                            } else {
+                                m
+                            }
+                        }
+                        _ => return None,
+                    }
+                };
+                Some(j as usize + crop_b as usize)
+            })
+            .collect();
+        maps.push(map);
+        shape.push(out as usize);
+    }
+    if shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .is_none_or(|n| n > MAX_OUTPUT_ELEMENTS)
+    {
+        return Err(ctx.err(format!("padded shape {shape:?} is too large")));
+    }
+    if r == 0 {
+        return Ok(x.clone());
+    }
+    let src = x.bytes();
+    let mut out = Tensor::zeros(x.dtype, &shape);
+    let n_out = out.numel();
+    let o = out.bytes_mut();
+    let last = shape[r - 1];
+    if last == 0 || n_out == 0 {
+        return Ok(out);
+    }
+    let mut in_strides = vec![1usize; r];
+    for d in (0..r - 1).rev() {
+        in_strides[d] = in_strides[d + 1] * x.shape[d + 1];
+    }
+    let mut idx = vec![0usize; r - 1];
+    for (row, dst) in o.chunks_mut(last * es).enumerate() {
+        if row > 0 {
+            for d in (0..r - 1).rev() {
+                idx[d] += 1;
+                if idx[d] < shape[d] {
+                    break;
+                }
+                idx[d] = 0;
+            }
+        }
+        let base: Option<usize> =
+            (0..r - 1).try_fold(0, |acc, d| maps[d][idx[d]].map(|s| acc + s * in_strides[d]));
+        for (k, e) in dst.chunks_mut(es).enumerate() {
+            match (base, maps[r - 1][k]) {
+                (Some(b), Some(s)) => e.copy_from_slice(&src[(b + s) * es..(b + s + 1) * es]),
+                _ => e.copy_from_slice(&fill),
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// ONNX `Slice` (opset 13): `starts`, `ends`, optional `axes` and `steps` (int32 or int64); negative
+/// indices count from the end, out-of-range ones are clamped, negative steps walk backwards.
+fn slice(ctx: &Ctx, inputs: &[Option<&Tensor>]) -> Result<Tensor> {
+    let name = &ctx.node.name;
+    let x = input(ctx, inputs, 0)?;
+    let starts = input(ctx, inputs, 1)?.to_i64_vec(name)?;
+    let ends = input(ctx, inputs, 2)?.to_i64_vec(name)?;
+    let r = x.rank();
+    let axes: Vec<usize> = match inputs.get(3).copied().flatten() {
+        Some(t) => t
+            .to_i64_vec(name)?
+            .iter()
+            .map(|&a| norm_axis(ctx, a, r))
+            .collect::<Result<_>>()?,
+        None => (0..starts.len()).collect(),
+    };
+    let steps = match inputs.get(4).copied().flatten() {
+        Some(t) => t.to_i64_vec(name)?,
+        None => vec![1; starts.len()],
+    };
+    if ends.len() != starts.len() || axes.len() != starts.len() || steps.len() != starts.len() {
+        return Err(ctx.err(format!(
+            "starts, ends, axes, steps have {}, {}, {}, {} entries",
+            starts.len(),
+            ends.len(),
+            axes.len(),
+            steps.len()
+        )));
+    }
+    if axes.iter().any(|&a| a >= r) {
+        return Err(ctx.err(format!("an axis is out of range for rank {r}")));
+    }
+    // Per axis: first index, step, length.
+    let mut first = vec![0i64; r];
+    let mut step = vec![1i64; r];
+    let mut shape = x.shape.clone();
+    let mut seen = vec![false; r];
+    for k in 0..axes.len() {
+        let (a, s) = (axes[k], steps[k]);
+        if std::mem::replace(&mut seen[a], true) {
+            return Err(ctx.err(format!("axis {a} is listed twice")));
+        }
+        if s == 0 {
+            return Err(ctx.err("a step is 0"));
+        }
+        let dim = x.shape[a] as i64;
+        let wrap = |v: i64| if v < 0 { v.saturating_add(dim) } else { v };
+        let (b, e) = (wrap(starts[k]), wrap(ends[k]));
+        let len = if dim == 0 {
+            0
+        } else if s > 0 {
+            let (b, e) = (b.clamp(0, dim), e.clamp(0, dim));
+            first[a] = b;
+            if e > b {
+                (e - b - 1) / s + 1
+            } else {
+                0
+            }
+        } else {
+            let (b, e) = (b.clamp(0, dim - 1), e.clamp(-1, dim - 1));
+            first[a] = b;
+            if b > e {
+                (b - e - 1) / s.saturating_neg() + 1
+            } else {
+                0
+            }
+        };
+        step[a] = s;
+        shape[a] = len as usize;
+    }
+    let es = x.dtype.size();
+    let mut out = Tensor::zeros(x.dtype, &shape);
+    if r == 0 || out.numel() == 0 {
+        return Ok(out.reshaped(shape));
+    }
+    let mut in_strides = vec![1i64; r];
+    for d in (0..r - 1).rev() {
+        in_strides[d] = in_strides[d + 1] * x.shape[d + 1] as i64;
+    }
+    let src = x.bytes();
+    let o = out.bytes_mut();
+    let last = shape[r - 1];
+    let mut idx = vec![0usize; r - 1];
+    for (row, dst) in o.chunks_mut(last * es).enumerate() {
+        if row > 0 {
+            for d in (0..r - 1).rev() {
+                idx[d] += 1;
+                if idx[d] < shape[d] {
+                    break;
+                }
+                idx[d] = 0;
+            }
+        }
+        let base: i64 = (0..r - 1)
+            .map(|d| (first[d] + idx[d] as i64 * step[d]) * in_strides[d])
+            .sum::<i64>()
+            + first[r - 1];
+        if step[r - 1] == 1 {
+            let b = base as usize * es;
+            dst.copy_from_slice(&src[b..b + last * es]);
+        } else {
+            for (k, e) in dst.chunks_mut(es).enumerate() {
+                let s = (base + k as i64 * step[r - 1]) as usize * es;
+                e.copy_from_slice(&src[s..s + es]);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// ONNX `Conv` (opset 11–22): N-D (at least one spatial dim), `strides`, `pads`, `dilations`, `group`,
+/// `kernel_shape` (checked against W), `auto_pad`, optional bias; f32, and f16/bf16 through f32. The
+/// arithmetic is [`super::ops_conv::conv`]'s.
+fn conv(ctx: &Ctx, inputs: &[Option<&Tensor>]) -> Result<Tensor> {
+    let x = input(ctx, inputs, 0)?;
+    let w = input(ctx, inputs, 1)?;
+    let bias = inputs.get(2).copied().flatten();
+    if x.rank() < 3 || w.rank() != x.rank() {
+        return Err(ctx.err(format!(
+            "X {:?} and W {:?}: need [N, C, spatial..] and [M, C/group, kernel..] of one rank ≥ 3",
+            x.shape, w.shape
+        )));
+    }
+    if w.dtype != x.dtype || bias.is_some_and(|b| b.dtype != x.dtype) {
+        return Err(ctx.err("X, W and B differ in dtype"));
+    }
+    let sp = x.rank() - 2;
+    let (batch, c, m) = (x.shape[0], x.shape[1], w.shape[0]);
+    let group = usize::try_from(ctx.node.attr_int("group", 1))
+        .ok()
+        .filter(|&g| g > 0 && c.is_multiple_of(g) && m.is_multiple_of(g) && w.shape[1] * g == c)
+        .ok_or_else(|| {
+            ctx.err(format!(
+                "group {} does not fit X {:?} and W {:?}",
+                ctx.node.attr_int("group", 1),
+                x.shape,
+                w.shape
+            ))
+        })?;
+    let kernel = w.shape[2..].to_vec();
+    if let Some(ks) = ctx.node.attr_ints("kernel_shape") {
+        if ks.len() != sp || ks.iter().zip(&kernel).any(|(&a, &b)| a != b as i64) {
+            return Err(ctx.err(format!("kernel_shape {ks:?} differs from W {:?}", w.shape)));
+        }
+    }
+    let per_dim = |key: &str, default: i64, len: usize, min: i64| -> Result<Vec<usize>> {
+        match ctx.node.attr_ints(key) {
+            None => Ok(vec![default as usize; len]),
+            Some(v) if v.len() == len && v.iter().all(|&x| x >= min) => {
+                Ok(v.iter().map(|&x| x as usize).collect())
+            }
+            Some(v) => Err(ctx.err(format!(
+                "`{key}` {v:?}: needs {len} values ≥ {min} for {sp} spatial dims"
+            ))),
+        }
+    };
+    let strides = per_dim("strides", 1, sp, 1)?;
+    let dilations = per_dim("dilations", 1, sp, 1)?;
+    let auto_pad = attr_str(ctx, "auto_pad", "NOTSET")?;
+    let pads = match auto_pad {
+        "NOTSET" | "" => per_dim("pads", 0, 2 * sp, 0)?,
+        "VALID" | "SAME_UPPER" | "SAME_LOWER" => vec![0; 2 * sp],
+        other => return Err(ctx.err(format!("auto_pad `{other}` is not a known value"))),
+    };
+    let mut pads_begin = pads[..sp].to_vec();
+    let mut output = Vec::with_capacity(sp);
+    for d in 0..sp {
+        let input = x.shape[d + 2];
+        let too_big = || ctx.err("attribute values overflow");
+        // Extent of the dilated kernel.
+        let ek = (kernel[d].max(1) - 1)
+            .checked_mul(dilations[d])
+            .and_then(|e| e.checked_add(1))
+            .ok_or_else(too_big)?;
+        let out = if auto_pad.starts_with("SAME") {
+            let out = input.div_ceil(strides[d]);
+            let need = (out.saturating_sub(1))
+                .checked_mul(strides[d])
+                .and_then(|v| v.checked_add(ek))
+                .ok_or_else(too_big)?
+                .saturating_sub(input);
+            pads_begin[d] = if auto_pad == "SAME_UPPER" {
+                need / 2
+            } else {
+                need - need / 2
+            };
+            out
+        } else {
+            let total = input
+                .checked_add(pads[d])
+                .and_then(|v| v.checked_add(pads[d + sp]))
+                .ok_or_else(too_big)?;
+            if total < ek {
+                return Err(ctx.err(format!(
+                    "spatial dim {d}: the kernel ({ek} with dilation) is longer than the padded input ({total})"
+                )));
+            }
+            (total - ek) / strides[d] + 1
+        };
+        output.push(out);
+    }
+    let mut shape = vec![batch, m];
+    shape.extend_from_slice(&output);
+    if shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .is_none_or(|n| n > MAX_OUTPUT_ELEMENTS)
+    {
+        return Err(ctx.err(format!("output {shape:?} is too large")));
+    }
+    let geom = super::ops_conv::ConvGeom {
+        batch,
+        in_channels: c,
+        out_channels: m,
+        group,
+        input: x.shape[2..].to_vec(),
+        kernel,
+        output,
+        strides,
+        dilations,
+        pads_begin,
+    };
+    let (xv, wv) = (floats(ctx, x)?, floats(ctx, w)?);
+    let bv = match bias {
+        Some(b) if b.numel() != m => {
+            return Err(ctx.err(format!(
+                "B {:?} is not one value per output channel",
+                b.shape
+            )))
+        }
+        Some(b) => Some(floats(ctx, b)?),
+        None => None,
+    };
+    let mut out = Tensor::zeros(DType::F32, &shape);
+    super::ops_conv::conv(&xv, &wv, bv.as_deref(), &geom, out.typed_mut::<f32>())
+        .map_err(|e| ctx.err(e.to_string()))?;
+    cast(ctx, &out, x.dtype)
+}
+
 /// Executes one node with its inputs (`None` = absent optional input) and returns its outputs.
 pub fn run_node(node: &Node, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     let ctx = Ctx { node };
@@ -1356,16 +2108,18 @@ pub fn run_node(node: &Node, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> 
         "Exp" => one(unary_f32(&ctx, i(0)?, f32::exp)?),
         "Tanh" => one(unary_f32(&ctx, i(0)?, f32::tanh)?),
         "Gelu" => match node.attrs.get("approximate") {
-            None => one(unary_f32(&ctx, i(0)?, super::misc::gelu_erf)?),
-            Some(Attr::Str(s)) if s == "none" => {
-                one(unary_f32(&ctx, i(0)?, super::misc::gelu_erf)?)
-            }
+            None => one(unary_float(&ctx, i(0)?, gelu_exact)?),
+            Some(Attr::Str(s)) if s == "none" => one(unary_float(&ctx, i(0)?, gelu_exact)?),
             Some(Attr::Str(s)) if s == "tanh" => {
-                one(unary_f32(&ctx, i(0)?, super::misc::gelu_tanh)?)
+                one(unary_float(&ctx, i(0)?, super::misc::gelu_tanh)?)
             }
             Some(a) => Err(ctx.err(format!("approximate {a:?}: takes \"none\" or \"tanh\""))),
         },
         "Sqrt" => one(unary_f32(&ctx, i(0)?, f32::sqrt)?),
+        "Log" => one(unary_float(&ctx, i(0)?, f32::ln)?),
+        "Abs" => one(abs(&ctx, i(0)?)?),
+        "Erf" => one(unary_float(&ctx, i(0)?, |x| erf64(x as f64) as f32)?),
+        "Pow" => one(pow(&ctx, i(0)?, i(1)?)?),
         "Cast" => one(cast(&ctx, i(0)?, attr_dtype(&ctx, "to")?)?),
         "Constant" => match node.attrs.get("value") {
             Some(Attr::Tensor(t)) => one(Tensor::mapped(t.dtype, &t.dims, t.data.clone())),
@@ -1436,6 +2190,13 @@ pub fn run_node(node: &Node, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> 
         "Softmax" => one(softmax(&ctx, i(0)?)?),
         "CumSum" => one(cumsum(&ctx, i(0)?, i(1)?)?),
         "ReduceSum" => one(reduce_sum(&ctx, i(0)?, axes_input(&ctx, inputs, 1)?)?),
+        "ReduceMax" | "ReduceMean" => {
+            one(reduce_max_mean(&ctx, i(0)?, axes_input(&ctx, inputs, 1)?)?)
+        }
+        "LayerNormalization" => layer_norm(&ctx, inputs),
+        "Pad" => one(pad(&ctx, inputs)?),
+        "Slice" => one(slice(&ctx, inputs)?),
+        "Conv" => one(conv(&ctx, inputs)?),
         "TopK" => topk(&ctx, i(0)?, i(1)?),
         "BitwiseAnd" | "BitShift" => one(bit_op(&ctx, i(0)?, i(1)?)?),
         "RMSNormalization" => one(rms_norm(&ctx, i(0)?, i(1)?)?),
@@ -1488,7 +2249,7 @@ mod tests {
                 assert!(!e.to_string().contains("is not supported"), "{key}: {e}");
             }
         }
-        for op in ["Conv", "LayerNormalization", "Relu", "Erf"] {
+        for op in ["Relu", "Einsum", "NonZero", "Floor"] {
             assert!(!SUPPORTED.contains(&op));
             let e = run_node(&node(op, &[]), &[]).unwrap_err().to_string();
             assert!(e.contains(&format!("op `{op}` is not supported")), "{e}");
@@ -1739,5 +2500,492 @@ mod tests {
             .unwrap()
             .remove(0);
         assert_eq!(i.typed::<i64>(), &[1, -2, 65504]);
+    }
+
+    /// erf and erfc against mpmath's values (30 digits), relative error below 1e-14; Gelu's exact form
+    /// against x·Φ(x) to the f32 result.
+    #[test]
+    fn erf_and_gelu_match_high_precision_values() {
+        let erf_cases = [
+            (1e-10, 1.1283791670955126e-10),
+            (0.001, 0.0011283787909692365),
+            (0.1, 0.1124629160182849),
+            (0.49, 0.5116682611885232),
+            (0.5, 0.5204998778130465),
+            (0.7, 0.6778011938374184),
+            (1.0, 0.8427007929497149),
+            (2.0, 0.9953222650189527),
+            (3.5, 0.9999992569016276),
+            (5.0, 0.9999999999984626),
+        ];
+        for (x, want) in erf_cases {
+            for (x, want) in [(x, want), (-x, -want)] {
+                let got = erf64(x);
+                assert!(
+                    ((got - want) / want).abs() < 1e-14,
+                    "erf({x}) = {got}, want {want}"
+                );
+            }
+        }
+        for (x, want) in [
+            (4.0, 1.541725790028002e-8),
+            (10.0, 2.088487583762545e-45),
+            (26.0, 5.663192408856143e-296),
+        ] {
+            let got = erfc64(x);
+            assert!(
+                ((got - want) / want).abs() < 1e-12,
+                "erfc({x}) = {got}, want {want}"
+            );
+            assert!((erfc64(-x) - (2.0 - want)).abs() < 1e-15);
+        }
+        assert!(erf64(f64::NAN).is_nan());
+        assert_eq!(
+            (erf64(f64::INFINITY), erf64(f64::NEG_INFINITY)),
+            (1.0, -1.0)
+        );
+        for (x, want) in [
+            (-6.0f32, -5.9195258702261885e-9),
+            (-3.0, -0.0040496940948902835),
+            (-0.5, -0.15426876936299344),
+            (0.25, 0.14967658142073093),
+            (1.5, 1.399789198096713),
+            (4.0, 3.9998733150326675),
+        ] {
+            assert_eq!(gelu_exact(x), want as f32, "gelu({x})");
+        }
+        assert_eq!(gelu_exact(f32::NEG_INFINITY), 0.0);
+        assert!(gelu_exact(f32::NAN).is_nan());
+    }
+
+    /// A direct convolution from the ONNX definition, in f64: output size and SAME padding computed
+    /// here on their own, every output the sum over its receptive field.
+    #[allow(clippy::too_many_arguments)]
+    fn conv_reference(
+        x: &[f32],
+        xs: &[usize],
+        w: &[f32],
+        ws: &[usize],
+        b: Option<&[f32]>,
+        strides: &[usize],
+        dil: &[usize],
+        pads: &[usize],
+        auto_pad: &str,
+        group: usize,
+    ) -> (Vec<usize>, Vec<f32>, Vec<f64>) {
+        let sp = xs.len() - 2;
+        let (n, c, m) = (xs[0], xs[1], ws[0]);
+        let (cg, mg) = (c / group, m / group);
+        let mut begin = vec![0i64; sp];
+        let mut out = vec![0usize; sp];
+        for d in 0..sp {
+            let ek = (ws[d + 2] - 1) * dil[d] + 1;
+            match auto_pad {
+                "NOTSET" => {
+                    begin[d] = pads[d] as i64;
+                    out[d] = (xs[d + 2] + pads[d] + pads[d + sp] - ek) / strides[d] + 1;
+                }
+                "VALID" => out[d] = (xs[d + 2] - ek) / strides[d] + 1,
+                _ => {
+                    out[d] = xs[d + 2].div_ceil(strides[d]);
+                    let total = ((out[d] - 1) * strides[d] + ek).saturating_sub(xs[d + 2]);
+                    let lower = if auto_pad == "SAME_UPPER" {
+                        total / 2
+                    } else {
+                        total - total / 2
+                    };
+                    begin[d] = lower as i64;
+                }
+            }
+        }
+        let osz: usize = out.iter().product();
+        let isz: usize = xs[2..].iter().product();
+        let ksz: usize = ws[2..].iter().product();
+        let mut y = vec![0.0f32; n * m * osz];
+        // Σ|w·x| + |b| per output: the scale of the rounding error a float sum may carry.
+        let mut mass = vec![0.0f64; n * m * osz];
+        for ni in 0..n {
+            for mi in 0..m {
+                let g = mi / mg;
+                for o in 0..osz {
+                    let mut oc = vec![0usize; sp];
+                    let mut r = o;
+                    for d in (0..sp).rev() {
+                        oc[d] = r % out[d];
+                        r /= out[d];
+                    }
+                    let bias = b.map_or(0.0, |b| b[mi] as f64);
+                    let (mut acc, mut abs) = (bias, bias.abs());
+                    for ci in 0..cg {
+                        for kf in 0..ksz {
+                            let mut kc = vec![0usize; sp];
+                            let mut r = kf;
+                            for d in (0..sp).rev() {
+                                kc[d] = r % ws[d + 2];
+                                r /= ws[d + 2];
+                            }
+                            let mut at = Some(0usize);
+                            for d in 0..sp {
+                                let p = (oc[d] * strides[d] + kc[d] * dil[d]) as i64 - begin[d];
+                                at = at
+                                    .filter(|_| p >= 0 && p < xs[d + 2] as i64)
+                                    .map(|a| a * xs[d + 2] + p as usize);
+                            }
+                            if let Some(p) = at {
+                                let xv = x[(ni * c + g * cg + ci) * isz + p] as f64;
+                                let wv = w[(mi * cg + ci) * ksz + kf] as f64;
+                                acc += xv * wv;
+                                abs += (xv * wv).abs();
+                            }
+                        }
+                    }
+                    y[(ni * m + mi) * osz + o] = acc as f32;
+                    mass[(ni * m + mi) * osz + o] = abs;
+                }
+            }
+        }
+        let mut shape = vec![n, m];
+        shape.extend_from_slice(&out);
+        (shape, y, mass)
+    }
+
+    /// Conv against [`conv_reference`] on random inputs: 1-D (Whisper's stem in small), 2-D and 3-D;
+    /// strides, asymmetric pads, dilations, groups (depthwise too), every auto_pad, with and without
+    /// bias, outputs long enough for several tiles. Tolerance: 1e-5 of each output's Σ|w·x| + |b|
+    /// (f32 sums of at most a few hundred products stay far inside it).
+    #[test]
+    fn conv_matches_direct_convolution() {
+        use rand::{rngs::StdRng, Rng, SeedableRng};
+        let mut rng = StdRng::seed_from_u64(11);
+        struct Case {
+            x: Vec<usize>,
+            w: Vec<usize>,
+            strides: Vec<usize>,
+            dil: Vec<usize>,
+            pads: Vec<usize>,
+            auto_pad: &'static str,
+            group: usize,
+            bias: bool,
+        }
+        let case = |x: &[usize], w: &[usize], s: &[usize], d: &[usize], p: &[usize]| Case {
+            x: x.to_vec(),
+            w: w.to_vec(),
+            strides: s.to_vec(),
+            dil: d.to_vec(),
+            pads: p.to_vec(),
+            auto_pad: "NOTSET",
+            group: 1,
+            bias: true,
+        };
+        let cases = vec![
+            case(&[1, 8, 300], &[12, 8, 3], &[1], &[1], &[1, 1]),
+            case(&[1, 12, 300], &[12, 12, 3], &[2], &[1], &[1, 1]),
+            case(&[2, 3, 17], &[5, 3, 4], &[3], &[2], &[2, 0]),
+            Case {
+                group: 2,
+                bias: false,
+                ..case(&[2, 6, 40], &[4, 3, 5], &[1], &[3], &[0, 4])
+            },
+            Case {
+                group: 6,
+                ..case(&[1, 6, 33], &[6, 1, 3], &[1], &[1], &[1, 1])
+            },
+            case(
+                &[1, 3, 9, 11],
+                &[7, 3, 3, 2],
+                &[2, 1],
+                &[1, 2],
+                &[1, 0, 2, 1],
+            ),
+            Case {
+                group: 3,
+                ..case(
+                    &[2, 6, 8, 7],
+                    &[9, 2, 2, 3],
+                    &[1, 2],
+                    &[2, 1],
+                    &[0, 1, 1, 0],
+                )
+            },
+            case(
+                &[1, 2, 40, 40],
+                &[5, 2, 3, 3],
+                &[1, 1],
+                &[1, 1],
+                &[1, 1, 1, 1],
+            ),
+            case(
+                &[1, 2, 4, 5, 6],
+                &[3, 2, 2, 3, 2],
+                &[1, 2, 1],
+                &[1, 1, 2],
+                &[1, 0, 1, 0, 1, 1],
+            ),
+            case(&[1, 4, 1], &[2, 4, 1], &[1], &[1], &[0, 0]),
+            Case {
+                auto_pad: "SAME_UPPER",
+                ..case(&[1, 3, 10, 9], &[4, 3, 4, 3], &[3, 2], &[1, 1], &[])
+            },
+            Case {
+                auto_pad: "SAME_LOWER",
+                ..case(&[1, 3, 10, 9], &[4, 3, 4, 3], &[3, 2], &[1, 1], &[])
+            },
+            Case {
+                auto_pad: "VALID",
+                ..case(&[1, 3, 10, 9], &[4, 3, 4, 3], &[3, 2], &[1, 1], &[])
+            },
+        ];
+        for c in &cases {
+            let xv: Vec<f32> = (0..numel(&c.x))
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect();
+            let wv: Vec<f32> = (0..numel(&c.w))
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect();
+            let bv: Vec<f32> = (0..c.w[0]).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let ints = |v: &[usize]| Attr::Ints(v.iter().map(|&x| x as i64).collect());
+            let mut attrs = vec![
+                ("strides", ints(&c.strides)),
+                ("dilations", ints(&c.dil)),
+                ("group", Attr::Int(c.group as i64)),
+                ("kernel_shape", ints(&c.w[2..])),
+                ("auto_pad", Attr::Str(c.auto_pad.into())),
+            ];
+            if !c.pads.is_empty() {
+                attrs.push(("pads", ints(&c.pads)));
+            }
+            let (xt, wt, bt) = (
+                Tensor::f32(&c.x, &xv),
+                Tensor::f32(&c.w, &wv),
+                Tensor::f32(&[c.w[0]], &bv),
+            );
+            let ins: Vec<&Tensor> = if c.bias {
+                vec![&xt, &wt, &bt]
+            } else {
+                vec![&xt, &wt]
+            };
+            let got = run("Conv", &attrs, &ins).unwrap().remove(0);
+            let (shape, want, mass) = conv_reference(
+                &xv,
+                &c.x,
+                &wv,
+                &c.w,
+                c.bias.then_some(&bv[..]),
+                &c.strides,
+                &c.dil,
+                &c.pads,
+                c.auto_pad,
+                c.group,
+            );
+            assert_eq!(got.shape, shape, "x {:?} w {:?}", c.x, c.w);
+            for (i, (&g, &w)) in got.typed::<f32>().iter().zip(&want).enumerate() {
+                assert!(
+                    ((g - w) as f64).abs() <= 1e-5 * mass[i] + 1e-7,
+                    "x {:?} w {:?} at {i}: {g} vs {w}",
+                    c.x,
+                    c.w
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn conv_refuses_bad_geometry() {
+        let x = Tensor::f32(&[1, 4, 5], &[0.0; 20]);
+        let w = Tensor::f32(&[2, 4, 7], &[0.0; 56]);
+        let e = run("Conv", &[], &[&x, &w]).unwrap_err().to_string();
+        assert!(e.contains("longer than the padded input"), "{e}");
+        let w3 = Tensor::f32(&[2, 3, 3], &[0.0; 18]);
+        assert!(run("Conv", &[], &[&x, &w3]).is_err(), "C mismatch");
+        let w = Tensor::f32(&[2, 4, 3], &[0.0; 24]);
+        for (k, v) in [
+            ("strides", Attr::Ints(vec![0])),
+            ("dilations", Attr::Ints(vec![1, 1])),
+            ("pads", Attr::Ints(vec![-1, 0])),
+            ("group", Attr::Int(3)),
+            ("kernel_shape", Attr::Ints(vec![2])),
+            ("auto_pad", Attr::Str("SAME".into())),
+            ("pads", Attr::Ints(vec![1 << 40, 1 << 40])),
+        ] {
+            assert!(
+                run("Conv", &[(k, v.clone())], &[&x, &w]).is_err(),
+                "{k} {v:?}"
+            );
+        }
+        let b = Tensor::f32(&[3], &[0.0; 3]);
+        assert!(run("Conv", &[], &[&x, &w, &b]).is_err(), "bias length");
+    }
+
+    /// Whisper's two stem convolutions at full size (release build: `cargo test --release -p onestep
+    /// --lib conv_whisper_timing -- --ignored --nocapture`).
+    #[test]
+    #[ignore]
+    fn conv_whisper_timing() {
+        for (c, stride) in [(80usize, 1i64), (384, 2)] {
+            let x = Tensor::f32(
+                &[1, c, 3000],
+                &(0..c * 3000)
+                    .map(|i| (i as f32 * 0.013).sin())
+                    .collect::<Vec<_>>(),
+            );
+            let w = Tensor::f32(
+                &[384, c, 3],
+                &(0..384 * c * 3)
+                    .map(|i| (i as f32 * 0.007).cos() * 0.05)
+                    .collect::<Vec<_>>(),
+            );
+            let b = Tensor::f32(&[384], &[0.1; 384]);
+            let attrs = [
+                ("pads", Attr::Ints(vec![1, 1])),
+                ("strides", Attr::Ints(vec![stride])),
+            ];
+            let _ = run("Conv", &attrs, &[&x, &w, &b]).unwrap();
+            let reps = 5;
+            let t = std::time::Instant::now();
+            for _ in 0..reps {
+                std::hint::black_box(run("Conv", &attrs, &[&x, &w, &b]).unwrap());
+            }
+            let ms = t.elapsed().as_secs_f64() * 1e3 / reps as f64;
+            let flops = 2.0 * 384.0 * c as f64 * 3.0 * (3000 / stride as usize) as f64;
+            println!(
+                "Conv x [1, {c}, 3000] w [384, {c}, 3] stride {stride}: {ms:.2} ms ({:.1} GFLOP/s, {} threads)",
+                flops / ms / 1e6,
+                super::super::pool::threads()
+            );
+        }
+    }
+
+    #[test]
+    fn pad_modes_and_negative_pads() {
+        let a = Tensor::f32(&[2, 3], &[1., 2., 3., 4., 5., 6.]);
+        let pads = |v: &[i64]| Tensor::i64(&[v.len()], v);
+        let pad = |mode: &str, p: &[i64]| {
+            run("Pad", &[("mode", Attr::Str(mode.into()))], &[&a, &pads(p)])
+                .unwrap()
+                .remove(0)
+        };
+        let o = pad("constant", &[0, 1, 1, 0]);
+        assert_eq!(o.shape, vec![3, 4]);
+        assert_eq!(
+            o.typed::<f32>(),
+            &[0., 1., 2., 3., 0., 4., 5., 6., 0., 0., 0., 0.]
+        );
+        let o = pad("reflect", &[0, 2, 0, 3]);
+        assert_eq!(
+            o.typed::<f32>(),
+            &[3., 2., 1., 2., 3., 2., 1., 2., 6., 5., 4., 5., 6., 5., 4., 5.]
+        );
+        let o = pad("edge", &[0, 1, 0, 1]);
+        assert_eq!(o.typed::<f32>(), &[1., 1., 2., 3., 3., 4., 4., 5., 6., 6.]);
+        let o = pad("wrap", &[1, 2, 0, 0]);
+        assert_eq!(
+            o.typed::<f32>(),
+            &[5., 6., 4., 5., 6., 2., 3., 1., 2., 3., 5., 6., 4., 5., 6.]
+        );
+        // Crop one column on the left, pad one on the right with 9.
+        let nine = Tensor::f32(&[], &[9.0]);
+        let axes = Tensor::i64(&[1], &[-1]);
+        let o = run("Pad", &[], &[&a, &pads(&[-1, 1]), &nine, &axes])
+            .unwrap()
+            .remove(0);
+        assert_eq!(o.typed::<f32>(), &[2., 3., 9., 5., 6., 9.]);
+        assert!(run("Pad", &[], &[&a, &pads(&[0, -4, 0, 0])]).is_err());
+        let i = Tensor::i64(&[2], &[7, 8]);
+        let o = run("Pad", &[], &[&i, &pads(&[1, 1])]).unwrap().remove(0);
+        assert_eq!(o.typed::<i64>(), &[0, 7, 8, 0]);
+    }
+
+    #[test]
+    fn slice_steps_and_clamping() {
+        let a = Tensor::f32(&[3, 4], &(0..12).map(|v| v as f32).collect::<Vec<_>>());
+        let t = |v: &[i64]| Tensor::i64(&[v.len()], v);
+        let sl = |s: &[i64], e: &[i64], ax: &[i64], st: &[i64]| {
+            run("Slice", &[], &[&a, &t(s), &t(e), &t(ax), &t(st)])
+                .unwrap()
+                .remove(0)
+        };
+        let o = sl(&[-1, 3], &[i64::MIN, 0], &[0, 1], &[-2, -1]);
+        assert_eq!(o.shape, vec![2, 3]);
+        assert_eq!(o.typed::<f32>(), &[11., 10., 9., 3., 2., 1.]);
+        let o = sl(&[1], &[i64::MAX], &[-1], &[2]);
+        assert_eq!(o.typed::<f32>(), &[1., 3., 5., 7., 9., 11.]);
+        let o = sl(&[5], &[10], &[0], &[1]);
+        assert_eq!(o.shape, vec![0, 4]);
+        let bad = run("Slice", &[], &[&a, &t(&[0]), &t(&[1]), &t(&[0]), &t(&[0])]);
+        assert!(bad.is_err(), "step 0");
+        let empty = Tensor::f32(&[0, 2], &[]);
+        let o = run(
+            "Slice",
+            &[],
+            &[&empty, &t(&[-1]), &t(&[-5]), &t(&[0]), &t(&[-1])],
+        )
+        .unwrap()
+        .remove(0);
+        assert_eq!(o.shape, vec![0, 2]);
+    }
+
+    #[test]
+    fn reduce_max_mean_and_layer_norm() {
+        let a = Tensor::f32(&[2, 3], &[1., -2., 3., f32::NAN, 5., 0.5]);
+        let ax = Tensor::i64(&[1], &[1]);
+        let o = run("ReduceMax", &[("keepdims", Attr::Int(0))], &[&a, &ax])
+            .unwrap()
+            .remove(0);
+        assert_eq!(o.shape, vec![2]);
+        assert_eq!(o.typed::<f32>()[0], 3.0);
+        assert!(o.typed::<f32>()[1].is_nan());
+        let b = Tensor::f32(&[2, 2], &[1., 2., 3., 4.]);
+        let o = run("ReduceMean", &[], &[&b]).unwrap().remove(0);
+        assert_eq!(
+            (o.shape.clone(), o.typed::<f32>()),
+            (vec![1, 1], &[2.5f32][..])
+        );
+        let i = Tensor::i64(&[3], &[-7, 2, 1]);
+        let o = run("ReduceMean", &[], &[&i]).unwrap().remove(0);
+        assert_eq!(o.typed::<i64>(), &[-1]);
+        let none = Tensor::i64(&[0], &[]);
+        let o = run(
+            "ReduceMax",
+            &[("noop_with_empty_axes", Attr::Int(1))],
+            &[&i, &none],
+        )
+        .unwrap()
+        .remove(0);
+        assert_eq!(o.typed::<i64>(), i.typed::<i64>());
+
+        let x = Tensor::f32(&[2, 4], &[1., 2., 3., 4., -1., -1., -1., -1.]);
+        let s = Tensor::f32(&[4], &[1., 2., 1., 1.]);
+        let bias = Tensor::f32(&[1], &[0.5]);
+        let o = run(
+            "LayerNormalization",
+            &[("epsilon", Attr::Float(1e-6))],
+            &[&x, &s, &bias],
+        )
+        .unwrap();
+        let inv = 1.0 / (1.25f64 + 1e-6).sqrt();
+        let want = [-1.5 * inv, -0.5 * inv * 2.0, 0.5 * inv, 1.5 * inv];
+        for (g, w) in o[0].typed::<f32>()[..4].iter().zip(want) {
+            assert!((*g as f64 - (w + 0.5)).abs() < 1e-6, "{g} vs {w}");
+        }
+        assert_eq!(o[0].typed::<f32>()[4..], [0.5; 4]);
+        assert_eq!(o[1].shape, vec![2, 1]);
+        assert_eq!(o[1].typed::<f32>(), &[2.5, -1.0]);
+        assert_eq!(o[2].typed::<f32>()[1], 1e3);
+    }
+
+    #[test]
+    fn pow_keeps_the_base_type() {
+        let f = Tensor::f32(&[3], &[2., -3., 4.]);
+        let i = Tensor::i64(&[3], &[3, 2, -1]);
+        let o = run("Pow", &[], &[&f, &i]).unwrap().remove(0);
+        assert_eq!(o.typed::<f32>(), &[8., 9., 0.25]);
+        let o = run("Pow", &[], &[&i, &f]).unwrap().remove(0);
+        assert_eq!(o.typed::<i64>(), &[9, 0, 1]);
+        let half = Tensor::f32(&[], &[0.5]);
+        let o = run("Pow", &[], &[&Tensor::f32(&[2], &[9., -1.]), &half])
+            .unwrap()
+            .remove(0);
+        assert_eq!(o.typed::<f32>()[0], 3.0);
+        assert!(o.typed::<f32>()[1].is_nan());
     }
 }

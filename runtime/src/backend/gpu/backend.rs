@@ -69,7 +69,7 @@ pub(crate) fn bind(
     )?;
     // Dry-run inputs: the largest chunk at position 0, greedy.
     let ids = vec![0u32; info.max_chunk.clamp(1, info.max_cache.max(1))];
-    let mut env = input_env(plan, &ids, 0, &StepSampling::GREEDY)?;
+    let mut env = input_env(plan, &ids, 0, &StepSampling::GREEDY, &Default::default())?;
     // (caches a host step reads: empty ones, as at position 0)
     for (c, &e) in plan.caches.iter().zip(&caches_read_elsewhere(plan)) {
         if e {
@@ -126,7 +126,7 @@ impl Backend for GpuBackend {
         let g = &self.exec;
         let (plan, position, t, sampling) =
             (call.plan, call.position, call.ids.len(), call.sampling);
-        let mut env = input_env(plan, call.ids, position, sampling)?;
+        let mut env = input_env(plan, call.ids, position, sampling, call.held)?;
         let elsewhere = &self.cache_read_elsewhere;
         materialize_caches(plan, host, position, elsewhere, &mut env);
         let mut run = self.cpu_run();
@@ -168,7 +168,7 @@ impl Backend for GpuBackend {
                 next_random_u: None,
                 ..*sampling
             };
-            let guess = input_env(plan, &[0], position + t, &next)?;
+            let guess = input_env(plan, &[0], position + t, &next, call.held)?;
             g.begin(
                 plan,
                 &seq.state,

@@ -1,9 +1,10 @@
-//! `onestep` demo CLI: chat, run, bench.
+//! `onestep` demo CLI: chat, run, bench, transcribe.
 //!
 //! ```text
 //! onestep chat model.onnx [--system "..."]          interactive; /reset, /quit
 //! onestep run model.onnx -p "..." [--json] [--no-chat]
 //! onestep bench model.onnx [--prompt-tokens 128] [--new-tokens 128] [--repeat 5]
+//! onestep transcribe whisper.onnx audio.wav [--json] [--language de] [--translate]
 //! ```
 //! Common flags: --max-tokens, --temperature, --top-k, --top-p, --seed, --threads.
 
@@ -13,6 +14,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
+
+mod transcribe;
 use onestep::generate::{ChatMessage, Completion, GenerateOptions, Piece, Session};
 use onestep::{Error, LoadOptions, Model, Result};
 
@@ -69,6 +72,8 @@ enum Command {
     /// Reads a JSON list of jobs `{"ids": [...], "start": N, "generate": M}`: `ids[..start]` is
     /// prefilled in `max_chunk` chunks, the rest fed one token per step, recording each position's
     /// top logits (row r predicts `ids[start + r]`); then `M` greedy tokens follow the whole sequence.
+    /// For a transcription model a job also names `"audio": "x.wav"` and `"window": W`: that 30 s
+    /// window is encoded first.
     Score {
         /// The model file.
         model: PathBuf,
@@ -78,6 +83,24 @@ enum Command {
         /// Top logits recorded per position.
         #[arg(long, default_value_t = 8)]
         top: usize,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Speech to text with a transcription model (Whisper): a WAV file (any rate, mono or stereo).
+    Transcribe {
+        /// The model file.
+        model: PathBuf,
+        /// The WAV file.
+        audio: PathBuf,
+        /// Language code of the speech (multilingual models; default `en`).
+        #[arg(long)]
+        language: Option<String>,
+        /// Translate into English (multilingual models).
+        #[arg(long)]
+        translate: bool,
+        /// Print one JSON object (text, segments, stats) instead of streaming.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         common: Common,
     },
@@ -666,6 +689,11 @@ struct ScoreJob {
     start: usize,
     #[serde(default)]
     generate: usize,
+    /// A transcription model's audio: a WAV file whose window `window` (30 s each) is encoded first.
+    #[serde(default)]
+    audio: Option<PathBuf>,
+    #[serde(default)]
+    window: usize,
 }
 
 /// The `k` largest logits, largest first (ties: the lower id first), NaNs last.
@@ -718,6 +746,7 @@ fn cmd_score(model: &Path, jobs: &Path, top: usize, common: &Common) -> Result<(
             )));
         }
         let mut state = model.new_state()?;
+        encode_job(&model, &mut state, job)?;
         let mut last = None;
         for c in job.ids[..job.start].chunks(chunk) {
             last = Some(model.step(&mut state, c, &greedy)?);
@@ -748,6 +777,35 @@ fn cmd_score(model: &Path, jobs: &Path, top: usize, common: &Common) -> Result<(
     Ok(())
 }
 
+/// Encodes a score job's audio window into `state` (transcription models); nothing without audio.
+fn encode_job(model: &Model, state: &mut onestep::StepState, job: &ScoreJob) -> Result<()> {
+    let Some(path) = &job.audio else {
+        return Ok(());
+    };
+    #[cfg(feature = "audio")]
+    {
+        let sp = model.speech().ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "job audio {}: not a transcription model",
+                path.display()
+            ))
+        })?;
+        let a = onestep::audio::read_wav(path, sp.sample_rate)?;
+        let w = sp.window_samples;
+        let start = (job.window * w).min(a.samples.len());
+        let end = (start + w).min(a.samples.len());
+        model.encode(state, &a.samples[start..end])
+    }
+    #[cfg(not(feature = "audio"))]
+    {
+        let _ = (model, state);
+        Err(Error::InvalidArgument(format!(
+            "job audio {}: this build reads no audio files",
+            path.display()
+        )))
+    }
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Score {
@@ -771,6 +829,14 @@ fn run(cli: Cli) -> Result<()> {
             json,
             common,
         } => cmd_run(&model, &prompt, chat, no_chat, system, stop, json, &common),
+        Command::Transcribe {
+            model,
+            audio,
+            language,
+            translate,
+            json,
+            common,
+        } => transcribe::cmd_transcribe(&model, &audio, language, translate, json, &common),
         Command::Bench {
             model,
             prompt_tokens,
