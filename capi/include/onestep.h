@@ -10,6 +10,9 @@
 // Version of this C ABI; bumped on any incompatible change of the header.
 #define ONESTEP_ABI_VERSION 1
 
+// Longest audio one [`onestep_transcribe`] call takes: 4 hours (at 16 kHz, 0.9 GB of samples).
+#define ONESTEP_TRANSCRIBE_MAX_SECONDS (4 * 3600)
+
 // Outcome of a call.
 typedef enum OnestepStatus {
   // Success.
@@ -73,6 +76,10 @@ typedef struct OnestepModel OnestepModel;
 // One conversation (one KV cache) over a model. Free with [`onestep_session_free`]. Its state
 // machine is the one the JNI bindings run too (`onestep_ffi::SessionCell`).
 typedef struct OnestepSession OnestepSession;
+
+// A transcription session over a transcription model (its own decoder state, reused call after
+// call). Free with [`onestep_transcriber_free`].
+typedef struct OnestepTranscriber OnestepTranscriber;
 
 // How a model is loaded. Fill with [`onestep_load_options_default`], then change fields. The strings
 // are borrowed for the call (NUL-terminated UTF-8; NULL takes the default).
@@ -219,6 +226,29 @@ typedef struct OnestepStats {
   double decode_tokens_per_s;
 } OnestepStats;
 
+// Options of one transcription. Fill with [`onestep_transcribe_options_default`], then change
+// fields.
+typedef struct OnestepTranscribeOptions {
+  // Set to `sizeof(OnestepTranscribeOptions)` by the caller.
+  uint32_t struct_size;
+  // Language code (`en`, `de`, ...) of a multilingual model, NUL-terminated UTF-8 borrowed for the
+  // call; NULL: English. A code the model does not know is `ONESTEP_STATUS_INVALID_ARGUMENT`.
+  // Ignored by an English-only model.
+  const char *language;
+  // Translate into English instead of transcribing (multilingual models; ignored otherwise).
+  bool translate;
+  // Most tokens one 30 s window's text may take (at least 1; the default 224 is half the
+  // decoder's positions, which also bound it).
+  uint32_t max_tokens_per_window;
+} OnestepTranscribeOptions;
+
+// Called with each piece of transcript text as it is decoded: `text` is NUL-terminated UTF-8 of
+// `text_len` bytes, borrowed for the duration of the call only. The pieces concatenate to the
+// segments' text (the transcript's `text` is that, trimmed). Return true to go on, false to stop
+// (as [`onestep_transcriber_cancel`]). Runs on the calling thread, inside [`onestep_transcribe`];
+// it must not call functions on the same transcriber other than [`onestep_transcriber_cancel`].
+typedef bool (*OnestepTextCallback)(const char *text, size_t text_len, void *user_data);
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -233,8 +263,8 @@ const char *onestep_last_error(void);
 // A short static name of `status` (`"ok"`, `"null_pointer"`, ...; `"unknown"` for other values).
 const char *onestep_status_name(int32_t status);
 
-// Frees a string returned by this library (`text_out` of the generate calls, `OnestepPiece.text`).
-// NULL is ignored.
+// Frees a string returned by this library (`text_out` of the generate calls, `OnestepPiece.text`,
+// `json_out` of `onestep_transcribe`). NULL is ignored.
 void onestep_string_free(char *s);
 
 // Loads (memory-maps) the model file at `path` (NUL-terminated UTF-8). On success `*model_out`
@@ -360,6 +390,57 @@ enum OnestepStatus onestep_session_next_piece(struct OnestepSession *session,
 // finished generation (`stop_reason` is `ONESTEP_STOP_REASON_NONE` before the first one).
 enum OnestepStatus onestep_session_last_stats(const struct OnestepSession *session,
                                               struct OnestepStats *stats_out);
+
+// Creates a transcriber over `model`, which must be a transcription model (else
+// `ONESTEP_STATUS_INVALID_ARGUMENT`). On success `*transcriber_out` holds a transcriber to free with
+// [`onestep_transcriber_free`]; on failure it is set to NULL. The transcriber keeps its own
+// reference to the model.
+enum OnestepStatus onestep_transcriber_new(const struct OnestepModel *model,
+                                           struct OnestepTranscriber **transcriber_out);
+
+// Frees a transcriber (no call on it may be running). NULL is ignored.
+void onestep_transcriber_free(struct OnestepTranscriber *transcriber);
+
+// The sample rate (samples per second, 16000 for Whisper) [`onestep_transcribe`] takes; 0 when
+// `transcriber` is NULL.
+uint32_t onestep_transcriber_sample_rate(const struct OnestepTranscriber *transcriber);
+
+// Asks the running transcription of `transcriber` to stop after the current token: it returns
+// `ONESTEP_STATUS_OK` with the transcript so far (`"cancelled": true` in its JSON). The flag is
+// seen when the next piece of text is decoded (an audio window being encoded is finished first).
+// Safe to call from any thread while the transcriber is alive. A cancel with nothing running stops
+// the next transcription before it starts (an empty transcript). NULL is ignored.
+void onestep_transcriber_cancel(const struct OnestepTranscriber *transcriber);
+
+// Fills `*options_out` (whose `struct_size` the caller set) with the default transcription
+// options: English (`language` NULL), transcribe (no translation), 224 tokens a window.
+enum OnestepStatus onestep_transcribe_options_default(struct OnestepTranscribeOptions *options_out);
+
+// Transcribes `samples_len` mono samples at `samples` (f32, nominally in [-1, 1], finite) recorded
+// at `sample_rate` Hz, which must be the model's rate ([`onestep_transcriber_sample_rate`], 16000
+// for Whisper): any other rate is `ONESTEP_STATUS_INVALID_ARGUMENT` — resampling (and mixing down
+// to mono) is the caller's. At most [`ONESTEP_TRANSCRIBE_MAX_SECONDS`] of audio; a NaN or infinite
+// sample is `ONESTEP_STATUS_INVALID_ARGUMENT` naming it; `samples_len` 0 gives an empty transcript.
+// The audio is cut into 30 s windows, each decoded greedily (faster-whisper's
+// `without_timestamps`, `temperature=0`, `beam_size=1`).
+//
+// `options` may be NULL (the defaults of [`onestep_transcribe_options_default`]). `callback` (may be
+// NULL) sees the text as it is decoded, with `user_data`; returning false stops as
+// [`onestep_transcriber_cancel`] does. When `json_out` is not NULL it receives the transcript as
+// JSON (set to NULL on failure), to free with [`onestep_string_free`]:
+// `{"text": "...", "cancelled": false, "segments": [{"start": s, "end": s, "text": "...",
+// "tokens": [..], "avg_logprob": x, "no_speech_prob": x}, ...], "stats": {"audio_s": s,
+// "windows": n, "encode_s": s, "decode_s": s, "tokens": n, "real_time_factor": x}}`
+// (`text` is the segments' text joined and trimmed; a stopped transcription holds the text up to
+// the stop). A step that fails is `ONESTEP_STATUS_RUNTIME`; the transcriber stays usable.
+enum OnestepStatus onestep_transcribe(struct OnestepTranscriber *transcriber,
+                                      const float *samples,
+                                      size_t samples_len,
+                                      uint32_t sample_rate,
+                                      const struct OnestepTranscribeOptions *options,
+                                      OnestepTextCallback callback,
+                                      void *user_data,
+                                      char **json_out);
 
 #ifdef __cplusplus
 }  // extern "C"

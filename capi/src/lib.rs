@@ -1,11 +1,13 @@
-//! C ABI of the onestep runtime: opaque model and session handles over the safe Rust API
-//! ([`onestep::Model`], [`onestep::generate::Session`]). The header `include/onestep.h` is generated
-//! from this file by cbindgen (`cbindgen.toml`).
+//! C ABI of the onestep runtime: opaque model, session and transcriber handles over the safe Rust
+//! API ([`onestep::Model`], [`onestep::generate::Session`], [`onestep::generate::Transcriber`] in
+//! `transcribe.rs`). The header `include/onestep.h` is generated from this file and its modules by
+//! cbindgen (`cbindgen.toml`).
 //!
 //! Conventions (also in the header):
 //! - Every function returns an [`OnestepStatus`] (except the free functions, `onestep_last_error`,
-//!   `onestep_status_name`, `onestep_version` and `onestep_session_cancel`). On failure the
-//!   per-thread message is read with [`onestep_last_error`].
+//!   `onestep_status_name`, `onestep_version`, `onestep_session_cancel`,
+//!   `onestep_transcriber_cancel` and `onestep_transcriber_sample_rate`). On failure the per-thread
+//!   message is read with [`onestep_last_error`].
 //! - Every pointer argument is checked for NULL (`ONESTEP_STATUS_NULL_POINTER`). Pointers must
 //!   otherwise be valid for the documented size; strings are NUL-terminated UTF-8.
 //! - Every buffer handed to the caller has a matching free function named where it is returned.
@@ -16,6 +18,7 @@
 //! - Thread safety: a model may be shared by any number of sessions on any threads. A session is
 //!   used by one thread at a time (a second concurrent call gets `ONESTEP_STATUS_BUSY`), except
 //!   [`onestep_session_cancel`], which any thread may call at any time while the session is alive.
+//!   A transcriber follows the same rules ([`onestep_transcriber_cancel`]).
 #![warn(missing_docs)]
 #![allow(clippy::missing_safety_doc)] // the safety contract is stated once, above and in the header
 
@@ -28,6 +31,9 @@ use std::sync::Arc;
 use onestep::generate::{stop_strings_from_bytes, ChatMessage, GenerateOptions, Piece, StopReason};
 use onestep::{Error, GenerationDefaults, LoadOptions, Model};
 use onestep_ffi::{Phase, Prompt, SessionCell, Status};
+
+mod transcribe;
+pub use transcribe::*;
 
 /// Version of this C ABI; bumped on any incompatible change of the header.
 pub const ONESTEP_ABI_VERSION: u32 = 1;
@@ -492,8 +498,8 @@ pub extern "C" fn onestep_status_name(status: i32) -> *const c_char {
     s.as_ptr()
 }
 
-/// Frees a string returned by this library (`text_out` of the generate calls, `OnestepPiece.text`).
-/// NULL is ignored.
+/// Frees a string returned by this library (`text_out` of the generate calls, `OnestepPiece.text`,
+/// `json_out` of `onestep_transcribe`). NULL is ignored.
 #[no_mangle]
 pub unsafe extern "C" fn onestep_string_free(s: *mut c_char) {
     if !s.is_null() {

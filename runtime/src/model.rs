@@ -228,6 +228,7 @@ impl Model {
         let held = enc.run(samples)?;
         state.reset();
         state.held.extend(held);
+        state.set_first_token(false);
         Ok(())
     }
     /// The model description from the file's metadata.

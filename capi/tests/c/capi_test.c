@@ -6,7 +6,12 @@
  * MODEL is an exported step graph with a tokenizer (SmolLM2 natively, a tiny export under valgrind).
  * WORKDIR is a scratch directory for the corrupt/empty/truncated files written at test time.
  * Env ONESTEP_HOSTILE_DIR (default tests/fixtures/hostile): every *.onnx in it must fail to load with
- * a typed error, from a path and from memory. Exit status 0 when every check passed. */
+ * a typed error, from a path and from memory.
+ * Env WHISPER (optional): a Whisper export (onestep-export of Whisper tiny.en); when set, the
+ * transcription API is tested on the WAV clips in ONESTEP_WHISPER_FIXTURES (default
+ * tests/fixtures/whisper). WHISPER_MODE: full (default: speech_01.wav and speech_long.wav), short
+ * (speech_01.wav only) or quick (no call that encodes audio: the error paths, for valgrind).
+ * Exit status 0 when every check passed. */
 #include "onestep.h"
 
 #include <dirent.h>
@@ -416,6 +421,332 @@ static void test_errors(OnestepModel *model, const char *model_path, const char 
     onestep_session_free(s);
 }
 
+/* ---- transcription (Whisper) ----------------------------------------------------------------- */
+
+/* A 16-bit PCM mono WAV with the plain 44-byte header (the fixtures'), as floats in [-1, 1).
+ * Returns NULL (and fails a check) on anything else. */
+static float *read_wav16(const char *path, size_t *n, uint32_t *rate) {
+    size_t len = 0;
+    unsigned char *b = (unsigned char *)read_file(path, &len);
+    CHECK(b != NULL, "cannot read %s", path);
+    if (!b) return NULL;
+#define U16(o) ((uint32_t)b[o] | (uint32_t)b[(o) + 1] << 8)
+#define U32(o) (U16(o) | U16((o) + 2) << 16)
+    int ok = len >= 44 && memcmp(b, "RIFF", 4) == 0 && memcmp(b + 8, "WAVE", 4) == 0 &&
+             memcmp(b + 12, "fmt ", 4) == 0 && U16(20) == 1 /* PCM */ && U16(22) == 1 /* mono */ &&
+             U16(34) == 16 && memcmp(b + 36, "data", 4) == 0 && U32(40) <= len - 44;
+    CHECK(ok, "%s is not a 44-byte-header 16-bit PCM mono WAV", path);
+    float *out = NULL;
+    if (ok) {
+        *rate = U32(24);
+        *n = U32(40) / 2;
+        out = malloc((*n ? *n : 1) * sizeof *out);
+        for (size_t i = 0; out && i < *n; i++)
+            out[i] = (float)(int16_t)U16(44 + 2 * i) / 32768.0f;
+    }
+#undef U32
+#undef U16
+    free(b);
+    return out;
+}
+
+typedef struct {
+    char text[65536];
+    size_t len;
+    int pieces;
+    int stop_after; /* return false on this piece (0: never) */
+} Pieces;
+
+static bool collect_text(const char *text, size_t text_len, void *user_data) {
+    Pieces *c = user_data;
+    CHECK(text != NULL, "piece text is NULL");
+    CHECK(strlen(text) == text_len, "text_len %zu != strlen %zu", text_len, strlen(text));
+    if (c->len + text_len < sizeof c->text) {
+        memcpy(c->text + c->len, text, text_len);
+        c->len += text_len;
+        c->text[c->len] = '\0';
+    }
+    c->pieces++;
+    return c->stop_after == 0 || c->pieces < c->stop_after;
+}
+
+/* `s` without leading and trailing spaces, copied into `out` (of `cap` bytes). */
+static const char *trimmed(const char *s, char *out, size_t cap) {
+    while (*s == ' ') s++;
+    size_t n = strlen(s);
+    while (n > 0 && s[n - 1] == ' ') n--;
+    if (n >= cap) n = cap - 1;
+    memcpy(out, s, n);
+    out[n] = '\0';
+    return out;
+}
+
+/* The transcript's "text" from its JSON (our own writer: no spaces, escaped quotes only in text). */
+static const char *json_text(const char *json, char *out, size_t cap) {
+    out[0] = '\0';
+    const char *p = json ? strstr(json, "{\"text\":\"") : NULL;
+    if (!p) return out;
+    p += 9;
+    size_t n = 0;
+    while (*p && *p != '"' && n + 1 < cap) {
+        if (*p == '\\' && p[1]) p++;
+        out[n++] = *p++;
+    }
+    out[n] = '\0';
+    return out;
+}
+
+typedef struct {
+    OnestepTranscriber *t;
+    sem_t go;
+    sem_t cancelled;
+    int pieces;
+    OnestepStatus reentrant;
+    char first[256];
+} TCancelCtx;
+
+static void *transcriber_canceller(void *arg) {
+    TCancelCtx *ctx = arg;
+    sem_wait(&ctx->go);
+    onestep_transcriber_cancel(ctx->t);
+    sem_post(&ctx->cancelled);
+    return NULL;
+}
+
+/* On the first piece: a re-entrant call (busy), then the other thread cancels; wait until it has. */
+static bool cancel_on_first(const char *text, size_t len, void *user_data) {
+    TCancelCtx *ctx = user_data;
+    if (++ctx->pieces == 1) {
+        snprintf(ctx->first, sizeof ctx->first, "%.*s", (int)len, text);
+        float z[16] = {0};
+        ctx->reentrant = onestep_transcribe(ctx->t, z, 16, 16000, NULL, NULL, NULL, NULL);
+        sem_post(&ctx->go);
+        sem_wait(&ctx->cancelled);
+    }
+    return true;
+}
+
+static const char *EXPECT_01 = "Good morning, doctor Smith.";
+
+/* Calls that refuse their arguments or stop before any audio is encoded (quick under valgrind). */
+static void whisper_without_audio(OnestepTranscriber *t, float *pcm, size_t n, const OnestepTranscribeOptions *o) {
+    uint32_t rate = onestep_transcriber_sample_rate(t);
+    char *json = NULL;
+
+    /* No samples: an empty transcript. */
+    EXPECT_STATUS(onestep_transcribe(t, pcm, 0, rate, NULL, NULL, NULL, &json), ONESTEP_STATUS_OK);
+    CHECK(json && strstr(json, "{\"text\":\"\",\"cancelled\":false,\"segments\":[]"), "empty: %s",
+          json ? json : "");
+    onestep_string_free(json);
+
+    /* A cancel with nothing running stops the next call before it starts (and is consumed by it). */
+    onestep_transcriber_cancel(t);
+    EXPECT_STATUS(onestep_transcribe(t, pcm, n, rate, NULL, NULL, NULL, &json), ONESTEP_STATUS_OK);
+    CHECK(json && strstr(json, "{\"text\":\"\",\"cancelled\":true,\"segments\":[]"), "pre-cancelled: %s",
+          json ? json : "");
+    onestep_string_free(json);
+
+    /* Typed errors; json_out is reset to NULL on each. */
+    json = (char *)0x1;
+    EXPECT_STATUS(onestep_transcribe(t, pcm, n, 44100, NULL, NULL, NULL, &json), ONESTEP_STATUS_INVALID_ARGUMENT);
+    CHECK(json == NULL, "json_out not reset on failure");
+    CHECK(strstr(onestep_last_error(), "44100") && strstr(onestep_last_error(), "16000"), "message: %s",
+          onestep_last_error());
+    EXPECT_STATUS(onestep_transcribe(t, NULL, n, rate, NULL, NULL, NULL, &json), ONESTEP_STATUS_NULL_POINTER);
+    EXPECT_STATUS(onestep_transcribe(NULL, pcm, n, rate, NULL, NULL, NULL, &json), ONESTEP_STATUS_NULL_POINTER);
+    /* More than 4 hours: refused before a sample is read. */
+    EXPECT_STATUS(onestep_transcribe(t, pcm, (size_t)ONESTEP_TRANSCRIBE_MAX_SECONDS * 16000 + 1, rate, NULL,
+                                     NULL, NULL, &json),
+                  ONESTEP_STATUS_INVALID_ARGUMENT);
+    CHECK(strstr(onestep_last_error(), "at most") != NULL, "message: %s", onestep_last_error());
+    float saved = pcm[1000];
+    pcm[1000] = strtof("nan", NULL);
+    EXPECT_STATUS(onestep_transcribe(t, pcm, n, rate, NULL, NULL, NULL, &json), ONESTEP_STATUS_INVALID_ARGUMENT);
+    CHECK(strstr(onestep_last_error(), "samples[1000]") != NULL, "message: %s", onestep_last_error());
+    pcm[1000] = strtof("-inf", NULL);
+    EXPECT_STATUS(onestep_transcribe(t, pcm, n, rate, NULL, NULL, NULL, &json), ONESTEP_STATUS_INVALID_ARGUMENT);
+    pcm[1000] = saved;
+    OnestepTranscribeOptions bad = *o;
+    bad.max_tokens_per_window = 0;
+    EXPECT_STATUS(onestep_transcribe(t, pcm, n, rate, &bad, NULL, NULL, &json), ONESTEP_STATUS_INVALID_ARGUMENT);
+    bad = *o;
+    bad.struct_size = 8;
+    EXPECT_STATUS(onestep_transcribe(t, pcm, n, rate, &bad, NULL, NULL, &json), ONESTEP_STATUS_INVALID_ARGUMENT);
+    bad = *o;
+    bad.language = "\xff\xfe";
+    EXPECT_STATUS(onestep_transcribe(t, pcm, n, rate, &bad, NULL, NULL, &json), ONESTEP_STATUS_INVALID_UTF8);
+    CHECK(json == NULL, "json_out set on failure");
+}
+
+/* speech_01.wav transcribed: streamed, with options, stopped by the callback. */
+static void whisper_short_clip(OnestepTranscriber *t, float *pcm, size_t n, const OnestepTranscribeOptions *o) {
+    uint32_t rate = onestep_transcriber_sample_rate(t);
+    char buf[65536], buf2[65536];
+    /* The clip, streamed: the text is the fixture's (faster-whisper's), the pieces concatenate to it. */
+    Pieces *c = calloc(1, sizeof *c);
+    char *json = (char *)0x1;
+    EXPECT_STATUS(onestep_transcribe(t, pcm, n, rate, o, collect_text, c, &json), ONESTEP_STATUS_OK);
+    CHECK(json != NULL && json != (char *)0x1, "no json_out");
+    if (json == (char *)0x1) json = NULL;
+    printf("whisper: speech_01.wav -> '%s' (%d pieces)\nwhisper: json %s\n", c->text, c->pieces,
+           json ? json : "(none)");
+    CHECK(strcmp(json_text(json, buf, sizeof buf), EXPECT_01) == 0, "text '%s', want '%s'", buf, EXPECT_01);
+    CHECK(strcmp(trimmed(c->text, buf2, sizeof buf2), EXPECT_01) == 0, "pieces '%s', want '%s'", c->text,
+          EXPECT_01);
+    CHECK(c->pieces >= 2, "only %d pieces streamed", c->pieces);
+    CHECK(json && strstr(json, "\"cancelled\":false") && strstr(json, "\"windows\":1") &&
+              strstr(json, "\"tokens\":[4599,3329,11,6253,4176,13]"),
+          "json: %s", json ? json : "");
+    onestep_string_free(json);
+
+    /* NULL options, callback and json_out: the same work, nothing returned. */
+    EXPECT_STATUS(onestep_transcribe(t, pcm, n, rate, NULL, NULL, NULL, NULL), ONESTEP_STATUS_OK);
+
+    /* Two tokens a window: " Good morning". */
+    OnestepTranscribeOptions o2 = *o;
+    o2.max_tokens_per_window = 2;
+    EXPECT_STATUS(onestep_transcribe(t, pcm, n, rate, &o2, NULL, NULL, &json), ONESTEP_STATUS_OK);
+    CHECK(strcmp(json_text(json, buf, sizeof buf), "Good morning") == 0, "2 tokens: '%s'", buf);
+    onestep_string_free(json);
+
+    /* The callback stops at its first piece: OK, cancelled, the text so far. */
+    memset(c, 0, sizeof *c);
+    c->stop_after = 1;
+    EXPECT_STATUS(onestep_transcribe(t, pcm, n, rate, o, collect_text, c, &json), ONESTEP_STATUS_OK);
+    CHECK(c->pieces == 1, "%d pieces after the callback stopped", c->pieces);
+    CHECK(json && strstr(json, "\"cancelled\":true"), "json: %s", json ? json : "");
+    CHECK(strcmp(json_text(json, buf, sizeof buf), trimmed(c->text, buf2, sizeof buf2)) == 0 &&
+              strlen(buf) < strlen(EXPECT_01),
+          "stopped text '%s', piece '%s'", buf, c->text);
+    onestep_string_free(json);
+    free(c);
+}
+
+/* speech_long.wav (two windows): whole, then cancelled from another thread at the first piece. */
+static void whisper_long_clip(OnestepTranscriber *t, const char *dir) {
+    char path[4096], buf[65536], buf2[65536];
+    size_t n = 0;
+    uint32_t wav_rate = 0;
+    char *json = NULL;
+    snprintf(path, sizeof path, "%s/speech_long.wav", dir);
+    float *pcm = read_wav16(path, &n, &wav_rate);
+    if (!pcm) return;
+    EXPECT_STATUS(onestep_transcribe(t, pcm, n, wav_rate, NULL, NULL, NULL, &json), ONESTEP_STATUS_OK);
+    char *whole = strdup(json_text(json, buf, sizeof buf));
+    CHECK(json && strstr(json, "\"windows\":2") && strstr(json, "\"cancelled\":false"), "long: %s",
+          json ? json : "");
+    CHECK(strncmp(whole, "In 2023 the company sold", 24) == 0 && strlen(whole) > 300, "long text: '%s'", whole);
+    printf("whisper: speech_long.wav (%.1f s) -> %zu characters: '%.60s...'\n", (double)n / wav_rate,
+           strlen(whole), whole);
+    onestep_string_free(json);
+
+    TCancelCtx ctx;
+    memset(&ctx, 0, sizeof ctx);
+    ctx.t = t;
+    sem_init(&ctx.go, 0, 0);
+    sem_init(&ctx.cancelled, 0, 0);
+    pthread_t th;
+    pthread_create(&th, NULL, transcriber_canceller, &ctx);
+    EXPECT_STATUS(onestep_transcribe(t, pcm, n, wav_rate, NULL, cancel_on_first, &ctx, &json), ONESTEP_STATUS_OK);
+    pthread_join(th, NULL);
+    CHECK(ctx.pieces == 1, "%d pieces after a cancel at the first", ctx.pieces);
+    CHECK(ctx.reentrant == ONESTEP_STATUS_BUSY, "re-entrant call: %s", onestep_status_name(ctx.reentrant));
+    json_text(json, buf, sizeof buf);
+    CHECK(json && strstr(json, "\"cancelled\":true") && strstr(json, "\"windows\":1"), "cancelled: %s",
+          json ? json : "");
+    CHECK(strcmp(buf, trimmed(ctx.first, buf2, sizeof buf2)) == 0, "cancelled text '%s', first piece '%s'", buf,
+          ctx.first);
+    CHECK(strlen(buf) < strlen(whole) && strncmp(whole, buf, strlen(buf)) == 0,
+          "cancelled text '%s' is not a shorter prefix of '%s'", buf, whole);
+    printf("whisper: cancelled from another thread after the first piece: '%s'\n", buf);
+    onestep_string_free(json);
+    sem_destroy(&ctx.go);
+    sem_destroy(&ctx.cancelled);
+    free(whole);
+    free(pcm);
+}
+
+/* WHISPER_MODE: full (default), short (no speech_long.wav), quick (no call that encodes audio). */
+static void test_whisper(const char *whisper_path, OnestepModel *text_model) {
+    const char *dir = getenv("ONESTEP_WHISPER_FIXTURES");
+    if (!dir || !*dir) dir = "tests/fixtures/whisper";
+    const char *mode = getenv("WHISPER_MODE");
+    if (!mode || !*mode) mode = "full";
+    int quick = strcmp(mode, "quick") == 0, full = strcmp(mode, "full") == 0;
+    CHECK(quick || full || strcmp(mode, "short") == 0, "WHISPER_MODE=%s: want full, short or quick", mode);
+    char path[4096];
+
+    /* A text model is not a transcription model; NULLs are refused. */
+    OnestepTranscriber *t = (OnestepTranscriber *)0x1;
+    EXPECT_STATUS(onestep_transcriber_new(text_model, &t), ONESTEP_STATUS_INVALID_ARGUMENT);
+    CHECK(t == NULL, "transcriber_out not reset on failure");
+    CHECK(strstr(onestep_last_error(), "transcription") != NULL, "message: %s", onestep_last_error());
+    EXPECT_STATUS(onestep_transcriber_new(NULL, &t), ONESTEP_STATUS_NULL_POINTER);
+    EXPECT_STATUS(onestep_transcriber_new(text_model, NULL), ONESTEP_STATUS_NULL_POINTER);
+    onestep_transcriber_free(NULL);
+    onestep_transcriber_cancel(NULL);
+    CHECK(onestep_transcriber_sample_rate(NULL) == 0, "sample rate of NULL");
+    EXPECT_STATUS(onestep_transcribe_options_default(NULL), ONESTEP_STATUS_NULL_POINTER);
+
+    OnestepModel *wm = NULL;
+    OnestepStatus st = onestep_model_load(whisper_path, &wm);
+    CHECK(st == ONESTEP_STATUS_OK, "load %s: %s: %s", whisper_path, onestep_status_name(st),
+          onestep_last_error());
+    if (!wm) return;
+    /* A text session over a transcription model (no audio encoded): a typed result, never a panic. */
+    {
+        OnestepSession *s = NULL;
+        OnestepStatus ss = onestep_session_new(wm, &s);
+        if (ss == ONESTEP_STATUS_OK) {
+            OnestepOptions so = greedy(wm, 1);
+            ss = onestep_session_generate(s, "hi", &so, NULL, NULL, NULL);
+            onestep_session_free(s);
+        }
+        printf("whisper: a text session over it: %s%s%s\n", onestep_status_name(ss),
+               ss == ONESTEP_STATUS_OK ? "" : ": ", ss == ONESTEP_STATUS_OK ? "" : onestep_last_error());
+        CHECK(ss != ONESTEP_STATUS_PANIC && ss != ONESTEP_STATUS_INTERNAL, "text session over Whisper: %s",
+              onestep_status_name(ss));
+    }
+    EXPECT_STATUS(onestep_transcriber_new(wm, &t), ONESTEP_STATUS_OK);
+    onestep_model_free(wm); /* the transcriber keeps the model alive */
+    if (!t) return;
+    CHECK(onestep_transcriber_sample_rate(t) == 16000, "sample rate %u", onestep_transcriber_sample_rate(t));
+
+    OnestepTranscribeOptions o;
+    memset(&o, 0, sizeof o);
+    o.struct_size = 4;
+    EXPECT_STATUS(onestep_transcribe_options_default(&o), ONESTEP_STATUS_INVALID_ARGUMENT);
+    o.struct_size = sizeof o;
+    EXPECT_STATUS(onestep_transcribe_options_default(&o), ONESTEP_STATUS_OK);
+    CHECK(o.language == NULL && !o.translate && o.max_tokens_per_window == 224,
+          "defaults: language %p translate %d max %u", (const void *)o.language, o.translate,
+          o.max_tokens_per_window);
+
+    size_t n = 0;
+    uint32_t wav_rate = 0;
+    snprintf(path, sizeof path, "%s/speech_01.wav", dir);
+    float *pcm = read_wav16(path, &n, &wav_rate);
+    if (pcm) {
+        CHECK(wav_rate == 16000 && n == 34609, "%s: %u Hz, %zu samples", path, wav_rate, n);
+        whisper_without_audio(t, pcm, n, &o);
+        if (!quick) {
+            whisper_short_clip(t, pcm, n, &o);
+            /* After the errors and the stops the transcriber still works. */
+            char *json = NULL, buf[256];
+            EXPECT_STATUS(onestep_transcribe(t, pcm, n, 16000, NULL, NULL, NULL, &json), ONESTEP_STATUS_OK);
+            CHECK(strcmp(json_text(json, buf, sizeof buf), EXPECT_01) == 0, "at the end: '%s'", buf);
+            onestep_string_free(json);
+        }
+        free(pcm);
+    }
+    if (full)
+        whisper_long_clip(t, dir);
+    else
+        printf("whisper: WHISPER_MODE=%s: %s skipped\n", mode,
+               quick ? "every call that encodes audio" : "speech_long.wav (cancel from another thread)");
+    onestep_transcriber_free(t);
+}
+
 /* ---- hostile files -------------------------------------------------------------------------- */
 
 static int ends_with(const char *s, const char *suffix) {
@@ -511,6 +842,11 @@ int main(int argc, char **argv) {
     test_stream(model, max_new);
     test_cancel(model);
     test_errors(model, model_path, workdir);
+    const char *whisper = getenv("WHISPER");
+    if (whisper && *whisper)
+        test_whisper(whisper, model);
+    else
+        printf("whisper: WHISPER not set; transcription not tested\n");
 
     /* Test-time hostile files of our own, then the committed corpus if present. */
     char own[4096];
