@@ -232,7 +232,8 @@ impl Transcriber {
         let no_speech = last
             .map(|o| softmax_at(&o.logits, t.no_speech as usize))
             .unwrap_or(0.0);
-        let room = info.max_cache.saturating_sub(prefix.len() + tail.len());
+        // CTranslate2's bound, min(224, 448 − (prompt − 1)): the last token needs no cache slot.
+        let room = info.max_cache.saturating_sub(prefix.len() + tail.len()) + 1;
         let limit = opts.max_tokens_per_window.min(room);
         state.set_first_token(true);
         let mut out = model.step(state, tail, &StepSampling::GREEDY)?;
