@@ -168,48 +168,12 @@ pub fn read_ct2(dir: &Path) -> Result<WhisperSource, SourceError> {
     put("dec.embed.weight".into(), embed);
     for i in 0..enc_layers {
         let (s, c) = (format!("encoder/layer_{i}"), format!("enc.l{i}"));
-        pair(
-            &m,
-            &format!("{s}/self_attention/layer_norm"),
-            &format!("{c}.attn_norm"),
-            &mut put,
-        )?;
-        fused(
-            &m,
-            &format!("{s}/self_attention/linear_0"),
-            &format!("{c}.attn"),
-            &["q", "k", "v"],
-            &mut put,
-        )?;
-        pair(
-            &m,
-            &format!("{s}/self_attention/linear_1"),
-            &format!("{c}.attn.o"),
-            &mut put,
-        )?;
+        self_attention(&m, &s, &c, &mut put)?;
         ffn_layers(&m, &s, &c, &mut put)?;
     }
     for i in 0..dec_layers {
         let (s, c) = (format!("decoder/layer_{i}"), format!("dec.l{i}"));
-        pair(
-            &m,
-            &format!("{s}/self_attention/layer_norm"),
-            &format!("{c}.attn_norm"),
-            &mut put,
-        )?;
-        fused(
-            &m,
-            &format!("{s}/self_attention/linear_0"),
-            &format!("{c}.attn"),
-            &["q", "k", "v"],
-            &mut put,
-        )?;
-        pair(
-            &m,
-            &format!("{s}/self_attention/linear_1"),
-            &format!("{c}.attn.o"),
-            &mut put,
-        )?;
+        self_attention(&m, &s, &c, &mut put)?;
         pair(
             &m,
             &format!("{s}/attention/layer_norm"),
@@ -308,6 +272,30 @@ fn pair(
     put(format!("{dst}.weight"), float(m, &format!("{src}/{w}"))?);
     put(format!("{dst}.bias"), float(m, &format!("{src}/{b}"))?);
     Ok(())
+}
+
+/// `{s}/self_attention/{layer_norm, linear_0 (q, k, v fused), linear_1}` → `{c}.{attn_norm, attn.*}`.
+fn self_attention(
+    m: &Ct2Model,
+    s: &str,
+    c: &str,
+    put: &mut impl FnMut(String, SourceTensor),
+) -> Result<(), SourceError> {
+    let a = format!("{s}/self_attention");
+    pair(
+        m,
+        &format!("{a}/layer_norm"),
+        &format!("{c}.attn_norm"),
+        put,
+    )?;
+    fused(
+        m,
+        &format!("{a}/linear_0"),
+        &format!("{c}.attn"),
+        &["q", "k", "v"],
+        put,
+    )?;
+    pair(m, &format!("{a}/linear_1"), &format!("{c}.attn.o"), put)
 }
 
 /// `{s}/ffn/{layer_norm, linear_0, linear_1}` → `{c}.{ffn_norm, fc1, fc2}`.
