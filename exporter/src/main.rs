@@ -104,6 +104,17 @@ impl Progress for Bars {
     }
 }
 
+impl Bars {
+    /// Ends the export that failed in the current stage: the bar abandoned, the error and the stage
+    /// named.
+    fn failed(&mut self, e: impl std::fmt::Display) -> ExitCode {
+        if let Some(b) = self.bar.take() {
+            b.abandon();
+        }
+        fail(format_args!("{e} (stage {})", self.name))
+    }
+}
+
 fn fail(msg: impl std::fmt::Display) -> ExitCode {
     eprintln!("onestep-export: {msg}");
     ExitCode::from(1)
@@ -164,12 +175,7 @@ fn main() -> ExitCode {
     let read_s = t0.elapsed().as_secs_f64();
     let s = match export(&src, output, &opts, &mut bars) {
         Ok(s) => s,
-        Err(e) => {
-            if let Some(b) = bars.bar.take() {
-                b.abandon();
-            }
-            return fail(format_args!("{e} (stage {})", bars.name));
-        }
+        Err(e) => return bars.failed(e),
     };
     let c = &src.config;
     println!("{}", s.path.display());
@@ -230,12 +236,7 @@ fn export_whisper(
     let read_s = t0.elapsed().as_secs_f64();
     let s = match onestep_export::export_speech::export_whisper(&src, output, opts, bars) {
         Ok(s) => s,
-        Err(e) => {
-            if let Some(b) = bars.bar.take() {
-                b.abandon();
-            }
-            return fail(format_args!("{e} (stage {})", bars.name));
-        }
+        Err(e) => return bars.failed(e),
     };
     let c = &src.config;
     println!("{}", s.path.display());

@@ -726,20 +726,7 @@ fn reduce_sum(ctx: &Ctx, a: &Tensor, axes: Option<Vec<i64>>) -> Result<Tensor> {
         _ if noop => return Ok(a.clone()),
         _ => (0..a.rank()).collect(),
     };
-    let kept: Vec<usize> = a
-        .shape
-        .iter()
-        .enumerate()
-        .map(|(i, &d)| if axes.contains(&i) { 1 } else { d })
-        .collect();
-    let out_shape: Vec<usize> = if keep {
-        kept.clone()
-    } else {
-        (0..a.rank())
-            .filter(|i| !axes.contains(i))
-            .map(|i| a.shape[i])
-            .collect()
-    };
+    let (kept, out_shape) = reduced_shapes(&a.shape, &axes, keep);
     let n_out = numel(&kept);
     // Trailing axes (the sampling tail's sums over the vocabulary): each output sums one contiguous
     // run, in the same order as the general path below.
@@ -1534,26 +1521,29 @@ fn reduce_axes(ctx: &Ctx, a: &Tensor, axes: Option<Vec<i64>>) -> Result<Option<V
 /// `noop_with_empty_axes`). Floats (f16/bf16 through f32): the max propagates NaN, is −∞ over an empty
 /// set; the mean sums in f64 (NaN over an empty set). Integers and bool: the max is exact (the type's
 /// minimum, `false`, over an empty set); the integer mean is truncated toward zero.
+/// A reduction's shapes over `axes`: with the reduced axes kept as 1, and the output's (`keep`: the
+/// same; else without them).
+fn reduced_shapes(shape: &[usize], axes: &[usize], keep: bool) -> (Vec<usize>, Vec<usize>) {
+    let kept: Vec<usize> = (shape.iter().enumerate())
+        .map(|(i, &d)| if axes.contains(&i) { 1 } else { d })
+        .collect();
+    let out = match keep {
+        true => kept.clone(),
+        false => (0..shape.len())
+            .filter(|i| !axes.contains(i))
+            .map(|i| shape[i])
+            .collect(),
+    };
+    (kept, out)
+}
+
 fn reduce_max_mean(ctx: &Ctx, a: &Tensor, axes: Option<Vec<i64>>) -> Result<Tensor> {
     let mean = ctx.node.op == "ReduceMean";
     let Some(axes) = reduce_axes(ctx, a, axes)? else {
         return Ok(a.clone());
     };
     let keep = ctx.node.attr_int("keepdims", 1) != 0;
-    let kept: Vec<usize> = a
-        .shape
-        .iter()
-        .enumerate()
-        .map(|(i, &d)| if axes.contains(&i) { 1 } else { d })
-        .collect();
-    let out_shape: Vec<usize> = if keep {
-        kept.clone()
-    } else {
-        (0..a.rank())
-            .filter(|i| !axes.contains(i))
-            .map(|i| a.shape[i])
-            .collect()
-    };
+    let (kept, out_shape) = reduced_shapes(&a.shape, &axes, keep);
     let n_out = numel(&kept);
     let count: usize = axes.iter().map(|&i| a.shape[i]).product();
     let mut strides = vec![0usize; a.rank()];
