@@ -89,34 +89,12 @@ impl Tracer {
 
     /// `Gelu(x)` (`approximate="none"`): `x·Φ(x)`, the erf form.
     pub fn gelu(&mut self, name: &str, x: &Sym) -> R<Sym> {
-        if !is_float(x.dtype) {
-            return Err(self.err(name, "Gelu", "needs a float", &[x]));
-        }
-        Ok(self.one(
-            name,
-            "Gelu",
-            &[Some(x)],
-            vec![],
-            x.dtype,
-            x.shape.clone(),
-            None,
-        ))
+        self.unary_float(name, "Gelu", x, vec![])
     }
 
     /// `Log(x)`.
     pub fn log(&mut self, name: &str, x: &Sym) -> R<Sym> {
-        if !is_float(x.dtype) {
-            return Err(self.err(name, "Log", "needs a float", &[x]));
-        }
-        Ok(self.one(
-            name,
-            "Log",
-            &[Some(x)],
-            vec![],
-            x.dtype,
-            x.shape.clone(),
-            None,
-        ))
+        self.unary_float(name, "Log", x, vec![])
     }
 
     /// `ReduceMax(x)` over every axis, keepdims: the maximum as a tensor of x's rank with all dims 1.

@@ -910,50 +910,26 @@ impl Tracer {
 
     /// `Gelu(x, approximate="tanh")`: `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`.
     pub fn gelu_tanh(&mut self, name: &str, x: &Sym) -> R<Sym> {
+        let tanh = vec![("approximate", Attr::Str("tanh".into()))];
+        self.unary_float(name, "Gelu", x, tanh)
+    }
+
+    /// A float op of one input whose output has its shape and type.
+    fn unary_float(&mut self, name: &str, op: &str, x: &Sym, attrs: Vec<(&str, Attr)>) -> R<Sym> {
         if !is_float(x.dtype) {
-            return Err(self.err(name, "Gelu", "needs a float", &[x]));
+            return Err(self.err(name, op, "needs a float", &[x]));
         }
-        Ok(self.one(
-            name,
-            "Gelu",
-            &[Some(x)],
-            vec![("approximate", Attr::Str("tanh".into()))],
-            x.dtype,
-            x.shape.clone(),
-            None,
-        ))
+        Ok(self.one(name, op, &[Some(x)], attrs, x.dtype, x.shape.clone(), None))
     }
 
     /// `Tanh(x)`.
     pub fn tanh(&mut self, name: &str, x: &Sym) -> R<Sym> {
-        if !is_float(x.dtype) {
-            return Err(self.err(name, "Tanh", "needs a float", &[x]));
-        }
-        Ok(self.one(
-            name,
-            "Tanh",
-            &[Some(x)],
-            vec![],
-            x.dtype,
-            x.shape.clone(),
-            None,
-        ))
+        self.unary_float(name, "Tanh", x, vec![])
     }
 
     /// `Sigmoid(x)`.
     pub fn sigmoid(&mut self, name: &str, x: &Sym) -> R<Sym> {
-        if !is_float(x.dtype) {
-            return Err(self.err(name, "Sigmoid", "needs a float", &[x]));
-        }
-        Ok(self.one(
-            name,
-            "Sigmoid",
-            &[Some(x)],
-            vec![],
-            x.dtype,
-            x.shape.clone(),
-            None,
-        ))
+        self.unary_float(name, "Sigmoid", x, vec![])
     }
 
     // ---------------------------------------------------------------- reductions and sampling
