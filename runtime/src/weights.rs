@@ -188,7 +188,7 @@ impl LinearWeights {
     /// The rows of `parts` stacked into one `[Σ n, k]` layer (a copy), for kernels that run several
     /// layers of one input as one pass. `None` unless every part has the same `k` and the same encoding
     /// (for block forms: bits, block size and zero-point type).
-    #[cfg(any(test, feature = "gpu"))]
+    #[cfg(feature = "gpu")]
     pub fn concat(parts: &[&LinearWeights]) -> Option<LinearWeights> {
         let first = parts.first()?;
         let k = first.k;
