@@ -55,6 +55,8 @@ pub enum UnOp {
     Tanh = 5,
     /// `GELU(x)` with the tanh approximation.
     GeluTanh = 6,
+    /// Exact `GELU(x) = x·Φ(x)`, `erf` within 1.5e-7 (Abramowitz and Stegun 7.1.26).
+    GeluErf = 7,
 }
 
 /// The kernel for `entry` of this family.
@@ -445,9 +447,10 @@ mod tests {
         // tanh overflows)
         let mut x = g.clone();
         x.extend([-100.0, -30.0, 30.0, 100.0, 0.0]);
-        for op in [UnOp::Tanh, UnOp::GeluTanh] {
+        for op in [UnOp::Tanh, UnOp::GeluTanh, UnOp::GeluErf] {
             let f = match op {
                 UnOp::Tanh => f32::tanh,
+                UnOp::GeluErf => crate::backend::cpu::ops::gelu_exact,
                 _ => crate::backend::cpu::misc::gelu_tanh,
             };
             let got = run_kernel_once(

@@ -4,7 +4,8 @@
 // binary:  out[i] = op(a[ia], b[ib]) with broadcasting: P[0]=n P[1]=op P[2]=rank, P[3..9]=out dims,
 //          P[9..15]=a strides, P[15..21]=b strides (0 on broadcast axes). op: 0 add 1 sub 2 mul 3 div.
 // unary:   P[0]=n P[1]=op (0 sigmoid, 1 copy, 2 neg, 3 silu, 4 round through f16, 5 tanh,
-//          6 gelu with the tanh approximation).
+//          6 gelu with the tanh approximation, 7 exact gelu: erf by Abramowitz-Stegun 7.1.26,
+//          |error| <= 1.5e-7).
 // gate:    out = act(g) * u, P[0]=n P[1]=act (0 silu, 1 gelu with the tanh approximation).
 // cast_to_f16: out words = pack(a[2w], a[2w+1]), P[0]=n elements.  cast_from_f16: P[0]=n.
 // transpose32: P[0]=n P[1]=rank P[2..8]=out dims P[8..14]=input strides in out-axis order.
@@ -26,6 +27,13 @@ fn sigmoid(x: f32) -> f32 { return 1.0 / (1.0 + exp(-x)); }
 // tanh through exp of a non-positive argument (WGSL's tanh may overflow for large |x| on some drivers).
 fn tanh_(x: f32) -> f32 { let e = exp(-2.0 * abs(x)); return sign(x) * (1.0 - e) / (1.0 + e); }
 fn gelu_tanh(x: f32) -> f32 { return 0.5 * x * (1.0 + tanh_(0.7978846 * (x + 0.044715 * x * x * x))); }
+fn erf_(x: f32) -> f32 {
+    let z = abs(x);
+    let t = 1.0 / (1.0 + 0.3275911 * z);
+    let p = ((((1.061405429 * t - 1.453152027) * t + 1.421413741) * t - 0.284496736) * t + 0.254829592) * t;
+    return sign(x) * (1.0 - p * exp(-z * z));
+}
+fn gelu_erf(x: f32) -> f32 { return 0.5 * x * (1.0 + erf_(x * 0.70710678)); }
 
 @compute @workgroup_size(256)
 fn binary(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -67,6 +75,7 @@ fn unary(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: ve
         case 2u: { r = -x; }
         case 5u: { r = tanh_(x); }
         case 6u: { r = gelu_tanh(x); }
+        case 7u: { r = gelu_erf(x); }
         default: { r = f16_at(pack_f16(x, 0.0), false); }
     }
     O[i] = bitcast<u32>(r);

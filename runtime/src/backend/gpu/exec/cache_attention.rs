@@ -46,13 +46,7 @@ impl GpuPlan {
     /// The cache attention: one dispatch, the split-keys pair plus its combine, or a partial softmax per
     /// cache segment plus the combine; reading the projections where the plan's attention took their
     /// rotary, transposes and casts in ([`AttnInputs`]).
-    pub(super) fn attention_desc(
-        &self,
-        s: &Step,
-        e: &Env,
-        dry: bool,
-        position: usize,
-    ) -> Result<Option<Desc>> {
+    pub(super) fn attention_desc(&self, s: &Step, e: &Env) -> Result<Option<Desc>> {
         let Step::CacheAttention {
             node,
             q,
@@ -123,7 +117,7 @@ impl GpuPlan {
             return Ok(None);
         }
         let extra = match fin {
-            Some(a) => self.rotary_binds(n, a, e, t, d, dry)?,
+            Some(a) => self.rotary_binds(n, a, e, t, d)?,
             None => Vec::new(),
         };
         let Some(mv) = mask else { return Ok(None) };
@@ -158,7 +152,7 @@ impl GpuPlan {
             slots,
             npast,
             key_start,
-            position,
+            position: e.stage.position(),
             scale: n.attr_float("scale", 1.0 / (d as f32).sqrt()),
             softcap: n.attr_float("softcap", 0.0).max(0.0),
             tokens_first: *tokens_first,
@@ -180,13 +174,13 @@ impl GpuPlan {
             ap,
         };
         let disp = if nseg == 1 && (rows || self.split_keys == 0) {
-            self.attention_whole(&at, rows, dry)?
+            self.attention_whole(&at, rows, e.stage)?
         } else if nseg == 1 {
-            self.attention_split(&at, dry)?
+            self.attention_split(&at, e.stage)?
         } else if d % 4 != 0 || d > attention::MAX_HEAD_DIM {
             return Ok(None);
         } else {
-            self.attention_segments(&at, seg_rows, nseg, dry)?
+            self.attention_segments(&at, seg_rows, nseg, e.stage)?
         };
         Ok(Some(Desc {
             at: Vec::new(),
@@ -238,7 +232,6 @@ impl GpuPlan {
         e: &Env,
         t: usize,
         d: usize,
-        dry: bool,
     ) -> Result<Vec<BufRef>> {
         let (Some(ct), Some(pt)) = (e.plan.consts[a.cos].as_ref(), e.cpu(a.pos)) else {
             return Err(Error::device(
@@ -255,9 +248,7 @@ impl GpuPlan {
                 ),
             ));
         }
-        if !dry {
-            check_positions(n, pt, ct.shape[0])?;
-        }
+        e.stage.check(|| check_positions(n, pt, ct.shape[0]))?;
         Ok(vec![
             BufRef::Val(a.cos),
             BufRef::Val(a.sin),
@@ -266,10 +257,10 @@ impl GpuPlan {
     }
 
     /// The whole attention in one dispatch (`rows`: one (head, token) an invocation, on CPU adapters).
-    fn attention_whole(&self, at: &AttnBinds, rows: bool, dry: bool) -> Result<Vec<Disp>> {
+    fn attention_whole(&self, at: &AttnBinds, rows: bool, stage: Stage) -> Result<Vec<Disp>> {
         let (ctx, ap) = (&self.ctx, &at.ap);
         Ok(vec![Disp {
-            kernel: kernel_if(dry, &|| attention::kernel(ctx, at.f16, rows, at.inputs))?,
+            kernel: stage.kernel(&|| attention::kernel(ctx, at.f16, rows, at.inputs))?,
             binds: at.binds(0, BufRef::Val(at.out)),
             params: ap.params(),
             groups: attention::groups(ctx, ap.heads * ap.tokens, rows),
@@ -278,7 +269,7 @@ impl GpuPlan {
 
     /// One token over many keys: chunks of keys a workgroup each, then the combine. Three slots: a step
     /// records the whole attention or the split pair, by its number of keys.
-    fn attention_split(&self, at: &AttnBinds, dry: bool) -> Result<Vec<Disp>> {
+    fn attention_split(&self, at: &AttnBinds, stage: Stage) -> Result<Vec<Disp>> {
         let (ctx, ap) = (&self.ctx, at.ap);
         let (h, t, d) = (ap.heads, ap.tokens, ap.head_dim);
         let ch = self.split_chunk;
@@ -298,19 +289,19 @@ impl GpuPlan {
         let whole = || attention::kernel(ctx, at.f16, false, at.inputs);
         Ok(vec![
             Disp {
-                kernel: kernel_if(dry, &whole)?,
+                kernel: stage.kernel(&whole)?,
                 binds: at.binds(0, BufRef::Val(at.out)),
                 params: ap.params(),
                 groups: on(!split, (gx, gy, 1)),
             },
             Disp {
-                kernel: kernel_if(dry, &whole)?,
+                kernel: stage.kernel(&whole)?,
                 binds: at.binds(0, BufRef::Part),
                 params: sp.params(),
                 groups: on(split, (gx, gy, chunks as u32)),
             },
             Disp {
-                kernel: kernel_if(dry, &|| attention::combine_kernel(ctx))?,
+                kernel: stage.kernel(&|| attention::combine_kernel(ctx))?,
                 binds: vec![BufRef::Part, BufRef::Val(at.out)],
                 params: sp.params(),
                 groups: on(split, attention::groups(ctx, h * t, true)),
@@ -325,7 +316,7 @@ impl GpuPlan {
         at: &AttnBinds,
         seg_rows: usize,
         nseg: usize,
-        dry: bool,
+        stage: Stage,
     ) -> Result<Vec<Disp>> {
         let (ctx, ap) = (&self.ctx, at.ap);
         let (h, t, d, slots) = (ap.heads, ap.tokens, ap.head_dim, ap.slots);
@@ -343,7 +334,7 @@ impl GpuPlan {
                 count: nseg,
             };
             v.push(Disp {
-                kernel: kernel_if(dry, &|| attention::part_kernel(ctx, at.f16, at.inputs))?,
+                kernel: stage.kernel(&|| attention::part_kernel(ctx, at.f16, at.inputs))?,
                 binds: at.binds(sg, BufRef::Part),
                 params: AttnParams {
                     segment: Some(seg),
@@ -354,7 +345,7 @@ impl GpuPlan {
             });
         }
         v.push(Disp {
-            kernel: kernel_if(dry, &|| attention::combine_kernel(ctx))?,
+            kernel: stage.kernel(&|| attention::combine_kernel(ctx))?,
             binds: vec![BufRef::Part, BufRef::Val(at.out)],
             params: AttnParams {
                 segment: Some(attention::Segment {

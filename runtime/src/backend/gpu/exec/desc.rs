@@ -1,7 +1,7 @@
 //! What a step does on the GPU: its description ([`Desc`]: dispatches, the buffers they bind, the
 //! values it reads and writes), the executor's view of a step's inputs ([`Env`]) and a description kept
 //! for the next step of the same token count ([`Kept`]); and what every description function shares
-//! ([`kernel_if`], [`check_positions`]).
+//! ([`Stage`], [`check_positions`]).
 
 use super::*;
 
@@ -74,6 +74,8 @@ pub(super) struct Env<'a> {
     pub(super) looked: std::cell::Cell<bool>,
     /// What a mask lets attend ([`crate::backend::mask::attended`]), found once a step.
     pub(super) prefix: &'a std::cell::Cell<Option<(ValId, Option<Attended>)>>,
+    /// Placement at load, or a step at run time.
+    pub(super) stage: Stage,
 }
 
 impl<'a> Env<'a> {
@@ -82,6 +84,7 @@ impl<'a> Env<'a> {
         cpu: &'a [Option<Tensor>],
         meta: &'a [Option<Meta>],
         prefix: &'a std::cell::Cell<Option<(ValId, Option<Attended>)>>,
+        stage: Stage,
     ) -> Env<'a> {
         Env {
             plan,
@@ -89,6 +92,7 @@ impl<'a> Env<'a> {
             meta,
             looked: std::cell::Cell::new(false),
             prefix,
+            stage,
         }
     }
     /// [`crate::backend::mask::attended`] of mask `m` (kept for the last mask asked about: the
@@ -145,15 +149,61 @@ pub(super) struct Kept {
     pub(super) reads: Vec<(ValId, Meta)>,
 }
 
-/// `f()`, at the dry run only: at run time a description's dispatches use the kernels the dry run chose.
-pub(super) fn kernel_if(
-    dry: bool,
-    f: &dyn Fn() -> Result<Arc<Kernel>>,
-) -> Result<Option<Arc<Kernel>>> {
-    if dry {
-        f().map(Some)
-    } else {
-        Ok(None)
+/// When a description is made: the one thing about load and run time that a description function sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Stage {
+    /// At load ([`GpuPlan::new`]'s dry run), over placeholders at the largest chunk, as a first chunk:
+    /// the kernels are made; a step the kernels do not take is refused (it runs on the CPU); buffer
+    /// layouts are decided.
+    Place,
+    /// At run time, over the step's own values: the dispatches use the kernels placed at load; host
+    /// values (token ids, positions) are checked; a step that no longer fits is an error.
+    Run {
+        /// The step's first token's position.
+        position: usize,
+    },
+}
+
+impl Stage {
+    /// `make()` when placing; at run time a dispatch uses the kernel placed at load (`None`).
+    pub(super) fn kernel(
+        self,
+        make: &dyn Fn() -> Result<Arc<Kernel>>,
+    ) -> Result<Option<Arc<Kernel>>> {
+        match self {
+            Stage::Place => make().map(Some),
+            Stage::Run { .. } => Ok(None),
+        }
+    }
+    /// A kernel made before (a linear layer's, at binding): kept when placing, as [`Stage::kernel`].
+    pub(super) fn made(self, k: &Arc<Kernel>) -> Option<Arc<Kernel>> {
+        self.placing().then(|| k.clone())
+    }
+    /// `check()` at run time, on real values (at load they are placeholders).
+    pub(super) fn check(self, check: impl FnOnce() -> Result<()>) -> Result<()> {
+        match self {
+            Stage::Place => Ok(()),
+            Stage::Run { .. } => check(),
+        }
+    }
+    /// A step the kernels do not take: placed on the CPU at load (`None`); at run time, where the
+    /// step was placed on the GPU, `err`.
+    pub(super) fn refuse<T>(self, err: Error) -> Result<Option<T>> {
+        match self {
+            Stage::Place => Ok(None),
+            Stage::Run { .. } => Err(err),
+        }
+    }
+    /// Whether this is the placement at load (what it decides, a run reuses).
+    pub(super) fn placing(self) -> bool {
+        self == Stage::Place
+    }
+    /// The first token's position (0 when placing: the dry run is a first chunk).
+    pub(super) fn position(self) -> usize {
+        match self {
+            Stage::Place => 0,
+            Stage::Run { position } => position,
+        }
     }
 }
 

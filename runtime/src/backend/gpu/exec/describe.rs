@@ -4,40 +4,32 @@
 use super::*;
 
 impl GpuPlan {
-    /// What step `si` does on the GPU with these inputs, or `None` when it must run on the CPU. `dry`:
-    /// the dry run at load (kernels made, fusion candidates taken or refused); else a step at run time
-    /// (`position`: its first token's).
-    pub(super) fn describe(
-        &self,
-        si: usize,
-        s: &Step,
-        e: &Env,
-        dry: bool,
-        position: usize,
-    ) -> Result<Option<Desc>> {
+    /// What step `si` does on the GPU with these inputs, or `None` when it must run on the CPU; at load
+    /// or at run time as `e`'s [`Stage`] says.
+    pub(super) fn describe(&self, si: usize, s: &Step, e: &Env) -> Result<Option<Desc>> {
         match s {
             Step::LinearGroup(_) => match self.lin_groups.get(&si) {
-                Some(gr) => self.describe_group(si, gr, e, dry).map(Some),
+                Some(gr) => self.describe_group(si, gr, e).map(Some),
                 None => Ok(None),
             },
-            Step::Linear { .. } => self.linear_desc(si, s, e, dry),
-            Step::Embedding(_) => self.embedding_desc(si, s, e, dry),
-            Step::Gate(_) => self.gate_desc(s, e, dry),
+            Step::Linear { .. } => self.linear_desc(si, s, e),
+            Step::Embedding(_) => self.embedding_desc(si, s, e),
+            Step::Gate(_) => self.gate_desc(s, e),
             Step::Rope(r) => {
                 let n = &e.plan.graph.nodes[r.node];
-                self.rope_desc(n, r.x, true, &r.rest, r.out, e, dry)
+                self.rope_desc(n, r.x, true, &r.rest, r.out, e)
             }
-            Step::RoundTrip(r) => self.round_trip_desc(r, e, dry),
-            Step::CacheAttention { .. } => self.attention_desc(s, e, dry, position),
-            Step::TokenChoice(_) => self.token_choice_desc(s, e, dry),
-            Step::Node { .. } => self.node_desc(s, e, dry),
+            Step::RoundTrip(r) => self.round_trip_desc(r, e),
+            Step::CacheAttention { .. } => self.attention_desc(s, e),
+            Step::TokenChoice(_) => self.token_choice_desc(s, e),
+            Step::Node { .. } => self.node_desc(s, e),
         }
     }
 
     /// The f16 round trip of new cache rows: one rounding dispatch for the rows read back. The f16 cache
     /// output gets its buffer and no dispatch: the attention stores the rows in the cache, and the
     /// GPU KV state returns them from there.
-    fn round_trip_desc(&self, r: &RoundTrip, e: &Env, dry: bool) -> Result<Option<Desc>> {
+    fn round_trip_desc(&self, r: &RoundTrip, e: &Env) -> Result<Option<Desc>> {
         let Some(xm) = e.f32m(r.x) else {
             return Ok(None);
         };
@@ -51,7 +43,7 @@ impl GpuPlan {
             outs: vec![(r.half, half, None), (r.out, xm, None)],
             reads: vec![r.x],
             disp: vec![self.ew_disp(
-                dry,
+                e.stage,
                 "unary",
                 vec![BufRef::Val(r.x), BufRef::Dummy, BufRef::Val(r.out)],
                 Params::new().u(nn).u(UnOp::RoundF16 as usize),
@@ -60,10 +52,10 @@ impl GpuPlan {
         }))
     }
 
-    /// One elementwise dispatch of `entry` over `items` (the kernel made at the dry run only).
+    /// One elementwise dispatch of `entry` over `items` (the kernel made when placing).
     pub(super) fn ew_disp(
         &self,
-        dry: bool,
+        stage: Stage,
         entry: &'static str,
         binds: Vec<BufRef>,
         params: Params,
@@ -71,7 +63,7 @@ impl GpuPlan {
     ) -> Result<Disp> {
         let (x, y) = grid(items, 256, self.ctx.max_groups);
         Ok(Disp {
-            kernel: kernel_if(dry, &|| ew::kernel(&self.ctx, entry))?,
+            kernel: stage.kernel(&|| ew::kernel(&self.ctx, entry))?,
             binds,
             params,
             groups: (x, y, 1),
@@ -80,7 +72,7 @@ impl GpuPlan {
 
     /// A linear layer: the GEMV (and, on GPUs, tiled-GEMM) slot of each weight part, with the plan's
     /// residual `Add` in its epilogue.
-    fn linear_desc(&self, si: usize, s: &Step, e: &Env, dry: bool) -> Result<Option<Desc>> {
+    fn linear_desc(&self, si: usize, s: &Step, e: &Env) -> Result<Option<Desc>> {
         let Step::Linear {
             x, residual, out, ..
         } = s
@@ -113,10 +105,7 @@ impl GpuPlan {
                     shape: shape.clone(),
                 },
             ) {
-                if dry {
-                    return Ok(None);
-                }
-                return Err(Error::device(
+                return e.stage.refuse(Error::device(
                     DeviceFault::Unsupported,
                     format!(
                         "`{}`: residual has another shape than the linear output",
@@ -135,7 +124,7 @@ impl GpuPlan {
                 std::iter::once((&g.kernel, !gemm)).chain(g.gemm.as_ref().map(|k| (k, gemm)));
             for (kernel, taken) in kernels {
                 disp.push(Disp {
-                    kernel: if dry { Some(kernel.clone()) } else { None },
+                    kernel: e.stage.made(kernel),
                     binds: vec![
                         BufRef::Val(*x),
                         BufRef::LinW(i),
@@ -171,13 +160,13 @@ impl GpuPlan {
 
     /// The token embedding: the rows of the table the ids pick, one dispatch a weight part (host-held ids
     /// checked against the table first).
-    fn embedding_desc(&self, si: usize, s: &Step, e: &Env, dry: bool) -> Result<Option<Desc>> {
+    fn embedding_desc(&self, si: usize, s: &Step, e: &Env) -> Result<Option<Desc>> {
         let Step::Embedding(emb) = s else {
             return Ok(None);
         };
         let ctx = &self.ctx;
         let plan = e.plan;
-        let k = |f: &dyn Fn() -> Result<Arc<Kernel>>| kernel_if(dry, f);
+        let k = |f: &dyn Fn() -> Result<Arc<Kernel>>| e.stage.kernel(f);
         let Ok(g) = self.linear(si) else {
             return Ok(None);
         };
@@ -185,19 +174,24 @@ impl GpuPlan {
             return Ok(None);
         };
         // Ids the host holds are checked here (the GPU writes zeros for one outside).
-        if e.meta[emb.ids].is_none() && !dry {
+        if e.meta[emb.ids].is_none() {
             let Some(it) = e.cpu(emb.ids) else {
                 return Ok(None);
             };
             let rows = g.n as i64;
-            if let Some(bad) = it.typed::<i64>().iter().find(|&&i| i < -rows || i >= rows) {
-                let n = &plan.graph.nodes[emb.node];
-                return Err(Error::node(
-                    &n.name,
-                    &n.op,
-                    format!("token id {bad} is out of range for the {rows}-row embedding"),
-                ));
-            }
+            e.stage.check(|| {
+                match it.typed::<i64>().iter().find(|&&i| i < -rows || i >= rows) {
+                    Some(bad) => {
+                        let n = &plan.graph.nodes[emb.node];
+                        Err(Error::node(
+                            &n.name,
+                            &n.op,
+                            format!("token id {bad} is out of range for the {rows}-row embedding"),
+                        ))
+                    }
+                    None => Ok(()),
+                }
+            })?;
         }
         let t = im.numel();
         let mut shape = im.shape.clone();
@@ -236,12 +230,13 @@ impl GpuPlan {
     }
 
     /// The gate `act(g) · u`: one elementwise dispatch.
-    fn gate_desc(&self, s: &Step, e: &Env, dry: bool) -> Result<Option<Desc>> {
+    fn gate_desc(&self, s: &Step, e: &Env) -> Result<Option<Desc>> {
         let Step::Gate(sg) = s else {
             return Ok(None);
         };
         let f32m = |v: ValId| e.f32m(v);
-        let ew_disp = |entry, binds, params, items| self.ew_disp(dry, entry, binds, params, items);
+        let ew_disp =
+            |entry, binds, params, items| self.ew_disp(e.stage, entry, binds, params, items);
         let (Some(gm), Some(um)) = (f32m(sg.g), f32m(sg.u)) else {
             return Ok(None);
         };
@@ -267,13 +262,13 @@ impl GpuPlan {
 
     /// The token choice after the `TopK`: one workgroup draws the token from the sorted candidates (nucleus
     /// mass and the draw read now, so never kept).
-    fn token_choice_desc(&self, s: &Step, e: &Env, dry: bool) -> Result<Option<Desc>> {
+    fn token_choice_desc(&self, s: &Step, e: &Env) -> Result<Option<Desc>> {
         let Step::TokenChoice(c) = s else {
             return Ok(None);
         };
         let ctx = &self.ctx;
         let plan = e.plan;
-        let k = |f: &dyn Fn() -> Result<Arc<Kernel>>| kernel_if(dry, f);
+        let k = |f: &dyn Fn() -> Result<Arc<Kernel>>| e.stage.kernel(f);
         let (Some(vm), Some(im)) = (e.meta[c.vals].clone(), e.meta[c.idx].clone()) else {
             return Ok(None);
         };
@@ -319,13 +314,7 @@ impl GpuPlan {
     }
 
     /// A linear group's one dispatch (the plan's [`LinearGroup`](crate::plan::LinearGroup)).
-    pub(super) fn describe_group(
-        &self,
-        si: usize,
-        gr: &GpuGroup,
-        e: &Env,
-        dry: bool,
-    ) -> Result<Desc> {
+    pub(super) fn describe_group(&self, si: usize, gr: &GpuGroup, e: &Env) -> Result<Desc> {
         use linear::FusedOut;
         let g = self.linear(si)?;
         let xin = gr.norm.map_or(gr.x, |n| n.0);
@@ -363,8 +352,8 @@ impl GpuPlan {
                 .bases
                 .lock()
                 .map_err(|_| Error::internal("group lock poisoned"))?;
-            if dry {
-                // Each member's [T, rows] at an offset a binding may start at.
+            if e.stage.placing() {
+                // Each member's [T, rows] at an offset a binding may start at (decided at load).
                 let align = (self.ctx.device.limits().min_storage_buffer_offset_alignment as usize
                     / 4)
                 .max(1);
@@ -407,7 +396,7 @@ impl GpuPlan {
             .iter()
             .enumerate()
             .map(|(j, kernel)| Disp {
-                kernel: dry.then(|| kernel.clone()),
+                kernel: e.stage.made(kernel),
                 binds: vec![
                     BufRef::Val(xin),
                     BufRef::LinW(0),

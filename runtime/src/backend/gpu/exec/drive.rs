@@ -96,14 +96,22 @@ impl GpuPlan {
         if !self.on_gpu[si] {
             return Ok(Described::Host);
         }
-        let e = Env::new(plan, &f.env, &f.meta, prefix);
+        let e = Env::new(
+            plan,
+            &f.env,
+            &f.meta,
+            prefix,
+            Stage::Run {
+                position: f.position,
+            },
+        );
         if kept
             .as_ref()
             .is_some_and(|k| k.reads.iter().all(|(v, m)| e.meta_is(*v, m)))
         {
             return Ok(Described::Kept);
         }
-        let d = self.describe(si, s, &e, false, f.position)?;
+        let d = self.describe(si, s, &e)?;
         f.described += 1;
         let keep = !e.looked.get() && !matches!(s, Step::CacheAttention { .. });
         Ok(match d {

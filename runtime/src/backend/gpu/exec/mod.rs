@@ -13,7 +13,8 @@
 //! The rooms, in the order a model meets them:
 //! - [`groups`]: the plan's linear groups bound to the GPU (stacked weights);
 //! - [`place`]: [`GpuPlan::new`], the dry run: placement, buffer sizes, pipelines, bind groups;
-//! - [`desc`]: what a step does on the GPU ([`desc::Desc`]) and the executor's view of its inputs;
+//! - [`desc`]: what a step does on the GPU ([`desc::Desc`]), the executor's view of its inputs and
+//!   the stage it is described at ([`Stage`]: placement at load, or a step at run time);
 //! - [`describe`]: one description function per step kind (generic nodes by op);
 //! - [`state`]: a sequence's GPU KV cache ([`GpuState`]): resident layers and the streamed ring;
 //! - [`flight`]: a step begun, finished, and the next decode step run ahead of it;
@@ -37,7 +38,7 @@ pub use desc::Meta;
 pub use flight::Flight;
 pub use state::GpuState;
 
-use desc::{check_positions, kernel_if, BufRef, Desc, Disp, Env, Kept};
+use desc::{check_positions, BufRef, Desc, Disp, Env, Kept, Stage};
 use flight::{Cmd, Counts, Feed, Read};
 use groups::GpuGroup;
 #[cfg(test)]
@@ -205,6 +206,11 @@ impl GpuPlan {
         let mut v: Vec<_> = p.iter().map(|(k, (n, t))| (k.clone(), *n, *t)).collect();
         v.sort_by(|a, b| b.2.total_cmp(&a.2));
         v
+    }
+
+    /// Whether step `si` was placed on the GPU.
+    pub fn step_on_gpu(&self, si: usize) -> bool {
+        self.on_gpu.get(si).copied().unwrap_or(false)
     }
 
     /// The context.

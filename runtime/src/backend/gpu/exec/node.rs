@@ -16,8 +16,6 @@ pub(super) struct NodeAt<'a> {
     outputs: &'a [ValId],
     /// The values as the executor sees them.
     e: &'a Env<'a>,
-    /// The dry run at load (see [`GpuPlan::describe`]).
-    dry: bool,
 }
 
 /// What a generic op does on the GPU (`None`: it runs on the CPU).
@@ -43,7 +41,7 @@ const NODE_OPS: &[(&str, NodeDescribe)] = &[
 
 impl GpuPlan {
     /// A generic node: a view, or what its op's function in [`NODE_OPS`] describes.
-    pub(super) fn node_desc(&self, s: &Step, e: &Env, dry: bool) -> Result<Option<Desc>> {
+    pub(super) fn node_desc(&self, s: &Step, e: &Env) -> Result<Option<Desc>> {
         let Step::Node {
             node,
             inputs,
@@ -61,7 +59,6 @@ impl GpuPlan {
             inputs,
             outputs,
             e,
-            dry,
         };
         if crate::plan::is_view_op(&n.op) {
             return self.view_desc(&a);
@@ -115,11 +112,11 @@ impl GpuPlan {
             inputs,
             outputs,
             e,
-            dry,
             ..
         } = *a;
         let f32m = |v: ValId| e.f32m(v);
-        let ew_disp = |entry, binds, params, items| self.ew_disp(dry, entry, binds, params, items);
+        let ew_disp =
+            |entry, binds, params, items| self.ew_disp(e.stage, entry, binds, params, items);
         let inp = |i: usize| inputs.get(i).copied().flatten();
         let out = outputs[0];
         if inputs.len() != 2 {
@@ -160,19 +157,18 @@ impl GpuPlan {
         }))
     }
 
-    /// `Sigmoid`, `Neg`, `Tanh` and tanh-approximated `Gelu` of an f32 input (an exact `Gelu` stays
-    /// on the CPU).
+    /// `Sigmoid`, `Neg`, `Tanh` and `Gelu` (exact or tanh-approximated) of an f32 input.
     fn unary_desc(&self, a: &NodeAt) -> Result<Option<Desc>> {
         let NodeAt {
             n,
             inputs,
             outputs,
             e,
-            dry,
             ..
         } = *a;
         let f32m = |v: ValId| e.f32m(v);
-        let ew_disp = |entry, binds, params, items| self.ew_disp(dry, entry, binds, params, items);
+        let ew_disp =
+            |entry, binds, params, items| self.ew_disp(e.stage, entry, binds, params, items);
         let inp = |i: usize| inputs.get(i).copied().flatten();
         let out = outputs[0];
         let Some(a) = inp(0) else { return Ok(None) };
@@ -182,6 +178,8 @@ impl GpuPlan {
             "Tanh" => UnOp::Tanh,
             "Gelu" => match n.attrs.get("approximate") {
                 Some(Attr::Str(s)) if s == "tanh" => UnOp::GeluTanh,
+                None => UnOp::GeluErf,
+                Some(Attr::Str(s)) if s == "none" => UnOp::GeluErf,
                 _ => return Ok(None),
             },
             _ => UnOp::Neg,
@@ -207,10 +205,10 @@ impl GpuPlan {
             inputs,
             outputs,
             e,
-            dry,
             ..
         } = *a;
-        let ew_disp = |entry, binds, params, items| self.ew_disp(dry, entry, binds, params, items);
+        let ew_disp =
+            |entry, binds, params, items| self.ew_disp(e.stage, entry, binds, params, items);
         let inp = |i: usize| inputs.get(i).copied().flatten();
         let out = outputs[0];
         let Some(a) = inp(0) else { return Ok(None) };
@@ -264,10 +262,10 @@ impl GpuPlan {
             inputs,
             outputs,
             e,
-            dry,
             ..
         } = *a;
-        let ew_disp = |entry, binds, params, items| self.ew_disp(dry, entry, binds, params, items);
+        let ew_disp =
+            |entry, binds, params, items| self.ew_disp(e.stage, entry, binds, params, items);
         let inp = |i: usize| inputs.get(i).copied().flatten();
         let out = outputs[0];
         let Some(a) = inp(0) else { return Ok(None) };
@@ -331,11 +329,11 @@ impl GpuPlan {
             inputs,
             outputs,
             e,
-            dry,
             ..
         } = *a;
         let plan = e.plan;
-        let ew_disp = |entry, binds, params, items| self.ew_disp(dry, entry, binds, params, items);
+        let ew_disp =
+            |entry, binds, params, items| self.ew_disp(e.stage, entry, binds, params, items);
         let inp = |i: usize| inputs.get(i).copied().flatten();
         let out = outputs[0];
         let (Some(d), Some(ix)) = (inp(0), inp(1)) else {
@@ -361,13 +359,16 @@ impl GpuPlan {
         // token) are in range by construction, and the kernel gives zeros if not.
         if e.meta[ix].is_none() {
             let Some(it) = e.cpu(ix) else { return Ok(None) };
-            if !dry && it.typed::<i64>().iter().any(|&i| i < -rows || i >= rows) {
-                return Err(Error::node(
-                    &n.name,
-                    &n.op,
-                    format!("index out of range for {rows} rows"),
-                ));
-            }
+            e.stage.check(|| {
+                if it.typed::<i64>().iter().any(|&i| i < -rows || i >= rows) {
+                    return Err(Error::node(
+                        &n.name,
+                        &n.op,
+                        format!("index out of range for {rows} rows"),
+                    ));
+                }
+                Ok(())
+            })?;
         }
         let mut shape = im.shape.clone();
         shape.extend_from_slice(&dm.shape[1..]);
@@ -406,11 +407,10 @@ impl GpuPlan {
             inputs,
             outputs,
             e,
-            dry,
             ..
         } = *a;
         let ctx = &self.ctx;
-        let k = |f: &dyn Fn() -> Result<Arc<Kernel>>| kernel_if(dry, f);
+        let k = |f: &dyn Fn() -> Result<Arc<Kernel>>| e.stage.kernel(f);
         let f32m = |v: ValId| e.f32m(v);
         let inp = |i: usize| inputs.get(i).copied().flatten();
         let out = outputs[0];
@@ -451,7 +451,7 @@ impl GpuPlan {
         let (Some(x), Some(rest)) = (a.inputs.first().copied().flatten(), a.inputs.get(1..)) else {
             return Ok(None);
         };
-        self.rope_desc(a.n, x, false, rest, a.outputs[0], a.e, a.dry)
+        self.rope_desc(a.n, x, false, rest, a.outputs[0], a.e)
     }
 
     /// The rotary of node `n` over `x` (`[1, H, T, D]`, or `[1, T, H, D]` read as that when
@@ -465,7 +465,6 @@ impl GpuPlan {
         rest: &[Option<ValId>],
         out: ValId,
         e: &Env,
-        dry: bool,
     ) -> Result<Option<Desc>> {
         let ctx = &self.ctx;
         let plan = e.plan;
@@ -503,9 +502,7 @@ impl GpuPlan {
         if rot % 2 != 0 || rot > d || ct.shape[1] != rot / 2 || pt.numel() != t {
             return Ok(None);
         }
-        if !dry {
-            check_positions(n, pt, ct.shape[0])?;
-        }
+        e.stage.check(|| check_positions(n, pt, ct.shape[0]))?;
         let nn = h * t * d;
         let (gx, gy) = grid(nn, 256, ctx.max_groups);
         Ok(Some(Desc {
@@ -513,7 +510,7 @@ impl GpuPlan {
             outs: vec![(out, xm, None)],
             reads: vec![x, c, sn, pv],
             disp: vec![Disp {
-                kernel: kernel_if(dry, &|| rope::kernel(ctx))?,
+                kernel: e.stage.kernel(&|| rope::kernel(ctx))?,
                 binds: vec![
                     BufRef::Val(x),
                     BufRef::Val(c),
@@ -534,11 +531,10 @@ impl GpuPlan {
             inputs,
             outputs,
             e,
-            dry,
             ..
         } = *a;
         let ctx = &self.ctx;
-        let k = |f: &dyn Fn() -> Result<Arc<Kernel>>| kernel_if(dry, f);
+        let k = |f: &dyn Fn() -> Result<Arc<Kernel>>| e.stage.kernel(f);
         let f32m = |v: ValId| e.f32m(v);
         let inp = |i: usize| inputs.get(i).copied().flatten();
         if outputs.len() != 2 {
@@ -569,7 +565,9 @@ impl GpuPlan {
             && (self.home[outputs[1]])
                 .is_some_and(|h| self.offs[outputs[1]] + (v * 8) as u64 <= self.caps[h]);
         let kk = match kt.to_i64_vec(&n.name)?[..] {
-            [k] if k >= 1 && (k as usize <= select::MAX_K || sortable || dry) => k as usize,
+            [k] if k >= 1 && (k as usize <= select::MAX_K || sortable || e.stage.placing()) => {
+                k as usize
+            }
             _ => return Ok(None),
         };
         if v < kk || rows > ctx.max_groups as usize {

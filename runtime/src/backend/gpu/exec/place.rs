@@ -208,8 +208,8 @@ impl GpuPlan {
     /// fusion took) always, the others when they read a value the GPU holds.
     fn dry_describe(&self, plan: &Plan, si: usize, s: &Step, dry: &DryRun) -> Result<Option<Desc>> {
         let no_prefix = std::cell::Cell::new(None);
-        let e = Env::new(plan, &dry.env, &dry.meta, &no_prefix);
-        let d = self.describe(si, s, &e, true, 0)?;
+        let e = Env::new(plan, &dry.env, &dry.meta, &no_prefix, Stage::Place);
+        let d = self.describe(si, s, &e)?;
         let heavy = matches!(
             s,
             Step::Linear { .. }
