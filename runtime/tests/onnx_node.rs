@@ -10,7 +10,8 @@
 //! The same cases run on the GPU (lavapipe in CI) through `onestep::testing::run_graph`:
 //! every step a kernel takes on the GPU, the rest on the CPU. Each case the CPU passes must pass there
 //! too, unless `tests/onnx_node_gpu_skips.txt` lists it with the reason (kept true the same way); the
-//! table says per op how many ran a GPU kernel and how many the GPU left to the CPU.
+//! table says per op how many ran a GPU kernel and how many the GPU left to the CPU. They run under
+//! every kernel variant the adapter has (`Rows`, `Lanes`, `Subgroups`), one table each.
 //!
 //! `ONESTEP_ONNX_NODE_DIR` names the cases' folder (scripts/test writes it under `cache/`); without it
 //! the tests say so and run nothing.
@@ -323,61 +324,93 @@ fn onnx_backend_node_tests() {
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }
 
-/// ONNX's node cases on the GPU: every case the CPU passes, through the GPU kernels where they take it.
+/// ONNX's node cases on the GPU: every case the CPU passes, through the GPU kernels where they take
+/// it, under every kernel variant the adapter runs (rows; lanes; subgroups where it has them).
 #[cfg(feature = "gpu")]
 #[test]
 fn onnx_backend_node_tests_on_the_gpu() {
+    use onestep::gpu::{BackendFilter, DeviceRequest, GpuOptions, Variant};
+    use onestep::testing::GpuContext;
     let Some(root) = std::env::var_os("ONESTEP_ONNX_NODE_DIR").map(PathBuf::from) else {
         eprintln!("note: ONESTEP_ONNX_NODE_DIR is not set: not run");
         return;
     };
-    let Some(ctx) = common::gpu("ONNX's node cases") else {
+    let Some(base) = common::gpu("ONNX's node cases") else {
         return;
     };
+    let mut variants = vec![Variant::Rows, Variant::Lanes];
+    if base.subgroup_min > 0 {
+        variants.push(Variant::Subgroups);
+    }
     let (cpu_skips, skips) = (skips(), skip_list("tests/onnx_node_gpu_skips.txt"));
     let cases = cases(&root);
-    // op → (passed on a GPU kernel, passed on the CPU only, skipped, failed)
-    let mut table: BTreeMap<String, (usize, usize, usize, usize)> = BTreeMap::new();
     let mut used = vec![false; skips.len()];
     let mut wrong = Vec::new();
-    for dir in &cases {
-        let name = dir.file_name().unwrap().to_string_lossy().to_string();
-        if cpu_skips.iter().any(|(p, _)| glob(p, &name)) {
-            continue;
-        }
-        let skip = skips.iter().position(|(p, _)| glob(p, &name));
-        let row = table.entry(op_of(dir)).or_default();
-        match (run_case_gpu(dir, &ctx), skip) {
-            (Ok(gpu), None) => {
-                if gpu {
-                    row.0 += 1
-                } else {
-                    row.1 += 1
+    for variant in variants {
+        let options = GpuOptions {
+            variant: Some(variant),
+            ..GpuOptions::default()
+        };
+        let ctx = GpuContext::with_options(
+            &DeviceRequest::Gpu(None),
+            BackendFilter::Any,
+            options,
+            false,
+        )
+        .expect("the adapter opened once opens again");
+        // op → (passed on a GPU kernel, passed on the CPU only, skipped, failed)
+        let mut table: BTreeMap<String, (usize, usize, usize, usize)> = BTreeMap::new();
+        for dir in &cases {
+            let name = dir.file_name().unwrap().to_string_lossy().to_string();
+            if cpu_skips.iter().any(|(p, _)| glob(p, &name)) {
+                continue;
+            }
+            let skip = skips.iter().position(|(p, _)| glob(p, &name));
+            let row = table.entry(op_of(dir)).or_default();
+            match (run_case_gpu(dir, &ctx), skip) {
+                (Ok(true), None) => row.0 += 1,
+                (Ok(false), None) => row.1 += 1,
+                (Ok(_), Some(k)) => {
+                    wrong.push(format!(
+                        "{variant:?}: {name}: passes on the GPU, but `{}` skips it ({})",
+                        skips[k].0, skips[k].1
+                    ));
+                    row.0 += 1;
+                }
+                (Err(_), Some(k)) => {
+                    used[k] = true;
+                    row.2 += 1;
+                }
+                (Err(e), None) => {
+                    wrong.push(format!("{variant:?}: {name}: {e}"));
+                    row.3 += 1;
                 }
             }
-            (Ok(_), Some(k)) => {
-                wrong.push(format!(
-                    "{name}: passes on the GPU, but `{}` skips it ({})",
-                    skips[k].0, skips[k].1
-                ));
-                row.0 += 1;
-            }
-            (Err(_), Some(k)) => {
-                used[k] = true;
-                row.2 += 1;
-            }
-            (Err(e), None) => {
-                wrong.push(format!("{name}: {e}"));
-                row.3 += 1;
-            }
+        }
+        print_gpu_table(&format!("{variant:?}"), &table);
+    }
+    for (k, (p, why)) in skips.iter().enumerate() {
+        if !used[k] {
+            wrong.push(format!("GPU skip `{p}` ({why}) matches no failing case"));
         }
     }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+/// The GPU table of one variant: per op, the cases passed on a GPU kernel, on the CPU only, skipped,
+/// failed (ops the GPU never took left out).
+#[cfg(feature = "gpu")]
+fn print_gpu_table(variant: &str, table: &BTreeMap<String, (usize, usize, usize, usize)>) {
     println!(
         "{:<28} {:>7} {:>9} {:>8} {:>7}",
-        "op", "gpu", "cpu only", "skipped", "failed"
+        format!("op ({variant})"),
+        "gpu",
+        "cpu only",
+        "skipped",
+        "failed"
     );
     let mut total = (0, 0, 0, 0);
-    for (op, (g, c, s, f)) in &table {
+    for (op, (g, c, s, f)) in table {
         if g + s + f > 0 {
             println!("{op:<28} {g:>7} {c:>9} {s:>8} {f:>7}");
         }
@@ -387,10 +420,4 @@ fn onnx_backend_node_tests_on_the_gpu() {
         "{:<28} {:>7} {:>9} {:>8} {:>7}",
         "all", total.0, total.1, total.2, total.3
     );
-    for (k, (p, why)) in skips.iter().enumerate() {
-        if !used[k] {
-            wrong.push(format!("GPU skip `{p}` ({why}) matches no failing case"));
-        }
-    }
-    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }

@@ -167,90 +167,12 @@ impl Graphs<'_> {
 #[cfg(test)]
 mod tests {
     use crate::backend::cpu::misc::nucleus_pick;
-    use crate::graph::{Attr, DType, Dim, Graph, ValueInfo};
-    use crate::plan::testutil::{init, node};
+    use crate::plan::testutil::token_choice;
     use crate::plan::{Plan, Step};
 
-    /// The token choice as docs/GRAPH.md writes it, over logits `[1, 100]`; `nucleus` is the value
-    /// the nucleus test compares with `top_p` (`before` in the contract).
+    /// The token choice graph ([`crate::plan::testutil::token_choice`]) planned.
     fn plan(nucleus: &str) -> Plan {
-        let n = |op: &str, ins: &[&str], out: &str| node(op, ins, &[out], &[]);
-        let axis =
-            |op: &str, ins: &[&str], out: &str| node(op, ins, &[out], &[("axis", Attr::Int(-1))]);
-        let cast =
-            |i: &str, out: &str, to: i64| node("Cast", &[i], &[out], &[("to", Attr::Int(to))]);
-        let nodes = vec![
-            n("LessOrEqual", &["temperature", "zero_f"], "greedy"),
-            n("Greater", &["top_k", "zero_i"], "k_pos"),
-            n("Less", &["top_k", "v"], "k_lt_v"),
-            n("And", &["k_pos", "k_lt_v"], "k_ok"),
-            n("Where", &["k_ok", "top_k", "v"], "k_limit"),
-            n("Where", &["greedy", "one_i", "k_limit"], "k"),
-            n("Max", &["temperature", "eps"], "temp"),
-            n("Div", &["logits", "temp"], "scaled"),
-            node(
-                "TopK",
-                &["scaled", "k"],
-                &["vals", "idx"],
-                &[("axis", Attr::Int(-1))],
-            ),
-            axis("Softmax", &["vals"], "p"),
-            n("CumSum", &["p", "last"], "c"),
-            n("Sub", &["c", "p"], "before"),
-            n("Max", &["top_p", "eps"], "tp"),
-            n("Less", &[nucleus, "tp"], "keep"),
-            cast("keep", "keep_f", 1),
-            n("Mul", &["p", "keep_f"], "kept"),
-            n("ReduceSum", &["kept", "axes"], "total"),
-            n("CumSum", &["kept", "last"], "kept_cum"),
-            n("Mul", &["random_u", "total"], "threshold"),
-            n("LessOrEqual", &["kept_cum", "threshold"], "below"),
-            cast("below", "below_i", 7),
-            node(
-                "ReduceSum",
-                &["below_i", "axes"],
-                &["count"],
-                &[("keepdims", Attr::Int(0))],
-            ),
-            n("Sub", &["k", "one_i"], "k_last"),
-            n("Min", &["count", "k_last"], "choice"),
-            n("Unsqueeze", &["choice", "one_i"], "choice_col"),
-            node(
-                "GatherElements",
-                &["idx", "choice_col"],
-                &["token"],
-                &[("axis", Attr::Int(1))],
-            ),
-            n("Reshape", &["token", "one_i"], "next_token"),
-        ];
-        let vi = |name: &str, dtype, shape: Vec<usize>| ValueInfo {
-            name: name.into(),
-            dtype,
-            shape: shape.into_iter().map(Dim::Known).collect(),
-        };
-        Plan::new(Graph {
-            name: "choice".into(),
-            inputs: vec![
-                vi("logits", DType::F32, vec![1, 100]),
-                vi("temperature", DType::F32, vec![1]),
-                vi("top_k", DType::I64, vec![1]),
-                vi("top_p", DType::F32, vec![1]),
-                vi("random_u", DType::F32, vec![1]),
-            ],
-            outputs: vec![vi("next_token", DType::I64, vec![1])],
-            nodes,
-            initializers: vec![
-                init("zero_f", DType::F32, &[], &[0.0f32]),
-                init("zero_i", DType::I64, &[1], &[0i64]),
-                init("one_i", DType::I64, &[1], &[1i64]),
-                init("v", DType::I64, &[1], &[100i64]),
-                init("eps", DType::F32, &[], &[1e-6f32]),
-                init("last", DType::I64, &[], &[-1i64]),
-                init("axes", DType::I64, &[1], &[-1i64]),
-            ],
-            ..Default::default()
-        })
-        .unwrap()
+        Plan::new(token_choice(nucleus)).unwrap()
     }
 
     /// The contract's tail becomes one step after the TopK, its scalars told apart by the proof.

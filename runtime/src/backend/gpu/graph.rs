@@ -25,17 +25,23 @@ pub struct GraphRun {
     pub gpu_steps: usize,
     /// Plan steps in all.
     pub steps: usize,
+    /// Each step's kind ([`Step::label`]: the op of a generic node, `[linear]`, `[linear group]`, ...)
+    /// and whether it ran on the GPU, in plan order.
+    pub kinds: Vec<(String, bool)>,
 }
 
-/// Runs `graph` once on `ctx` with `inputs` (by name): planned (every fusion the planner finds), every
-/// step a kernel takes on the GPU, the others on the CPU (exact precision). A graph with caches, or an
+/// Runs `graph` once on `ctx` with `inputs` (by name): planned as a model is for `ctx` (every fusion its
+/// kernels take), every step a kernel takes on the GPU, the others on the CPU (exact precision). A graph with caches, or an
 /// input it does not have, is an [`Error::InvalidArgument`].
 pub fn run_graph(
     ctx: &Arc<GpuContext>,
     graph: Graph,
     inputs: &[(&str, Tensor)],
 ) -> Result<GraphRun> {
-    let plan = Plan::with_options(graph, crate::plan::PlanOptions::default())?;
+    let plan = Plan::with_options(
+        graph,
+        super::plan_options_for(crate::plan::PlanOptions::default(), ctx),
+    )?;
     if !plan.caches.is_empty() {
         return Err(Error::InvalidArgument(
             "a graph with caches runs through Model".into(),
@@ -75,5 +81,11 @@ pub fn run_graph(
         outputs,
         gpu_steps: exec.stats().gpu_steps,
         steps: plan.steps.len(),
+        kinds: plan
+            .steps
+            .iter()
+            .enumerate()
+            .map(|(si, s)| (s.label(&plan.graph).to_string(), exec.step_on_gpu(si)))
+            .collect(),
     })
 }

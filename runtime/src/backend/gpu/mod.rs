@@ -10,6 +10,8 @@
 pub mod attention;
 pub(crate) mod backend;
 pub mod choice;
+#[cfg(test)]
+mod conformance;
 pub mod context;
 pub mod elementwise;
 pub mod exec;
@@ -133,11 +135,27 @@ pub(crate) fn plan_options(
     adapter: &context::Probed,
     options: &GpuOptions,
 ) -> crate::plan::PlanOptions {
-    let limits = adapter.limits();
     let rows = match options.variant {
         Some(v) => v == Variant::Rows,
         None => adapter.id.is_software(),
     };
+    bounded(base, &adapter.limits(), rows)
+}
+
+/// `base` within what an opened context's kernels run (its limits and [`variant`]).
+pub(crate) fn plan_options_for(
+    base: crate::plan::PlanOptions,
+    ctx: &context::GpuContext,
+) -> crate::plan::PlanOptions {
+    bounded(base, &ctx.device.limits(), variant(ctx) == Variant::Rows)
+}
+
+/// `base` within `limits`, for the rows variant or not (no norm or SiLU in its linear groups).
+fn bounded(
+    base: crate::plan::PlanOptions,
+    limits: &wgpu::Limits,
+    rows: bool,
+) -> crate::plan::PlanOptions {
     let groups = crate::plan::GroupCaps {
         max_members: linear::MAX_PARTS,
         max_bytes: limits
