@@ -555,38 +555,8 @@ fn cmd_bench(
         rows.push(("peak RSS (MiB)", vec![mb]));
     }
     let threads = rayon::current_num_threads();
-    #[cfg(feature = "gpu")]
-    let (gpu, gstats) = (model_arc.gpu_info(), model_arc.gpu_stats());
-    #[cfg(not(feature = "gpu"))]
-    let (gpu, gstats): (Option<()>, Option<()>) = (None, None);
-    let gpu_json = match (&gpu, &gstats) {
-        #[cfg(feature = "gpu")]
-        (Some(g), Some(st)) => serde_json::json!({
-            "adapter": g.name, "backend": g.backend, "type": g.device_type, "driver": g.driver,
-            "init_ms": g.init_ms, "compile_ms": g.compile_ms, "pipeline_cache_hit": g.pipeline_cache_hit,
-            "shader_f16": g.shader_f16, "subgroups": g.subgroups, "timestamps": g.timestamps,
-            "dispatches_per_step": st.dispatches, "submits_per_step": st.submits, "waits_per_step": st.waits,
-            "descriptions_per_step": st.described,
-            "last_step_ahead": st.ahead, "steps_ahead": st.ahead_steps, "steps_ahead_missed": st.ahead_missed,
-            "fused_linear_groups": st.linear_groups, "fused_norms": st.fused_norms,
-            "subgroup_linears": st.subgroup_linears,
-            "gpu_steps": st.gpu_steps, "cpu_steps": st.cpu_steps,
-            "weight_bytes": st.weight_bytes, "scratch_bytes": st.scratch_bytes,
-            "bytes_up_per_step": st.bytes_up, "bytes_down_per_step": st.bytes_down,
-            "last_step_ms": st.step_ms, "last_step_gpu_wait_ms": st.wait_ms, "last_step_submit_ms": st.submit_ms,
-        }),
-        _ => serde_json::Value::Null,
-    };
-    let ps = model_arc.plan_stats();
-    let plan_json = serde_json::json!({
-        "generic_steps": ps.generic, "linear": ps.linear, "cache_attention": ps.cache_attention,
-        "silu_gate": ps.silu_gate, "gelu_gate": ps.gelu_gate, "embedding": ps.embedding, "embedding_tied": ps.embedding_tied,
-        "token_choice": ps.token_choice,
-        "linear_bias": ps.linear_bias, "residual": ps.residual, "folded": ps.folded, "removed": ps.removed,
-        "transpose_rope": ps.transpose_rope, "round_trip": ps.round_trip,
-        "linear_groups": ps.linear_groups, "group_norms": ps.group_norms, "group_gates": ps.group_gates,
-        "attention_inputs": ps.attention_inputs,
-    });
+    let gpu_json = gpu_json(&model_arc);
+    let plan_json = plan_json(model_arc.plan_stats());
     let mut kv_json = kv_json(&session.kv_stats(), common);
     kv_json["last_step_context"] = session.cached_tokens().saturating_sub(1).into();
     let roof = (model_arc.device() == "cpu").then(|| {
@@ -654,33 +624,81 @@ fn cmd_bench(
             100.0 * r.fraction
         );
     }
-    let profile = model_arc.profile();
-    if !profile.is_empty() {
-        // "(span ...)" rows overlap the kernels' own rows: not part of the total.
-        let total: f64 = profile
-            .iter()
-            .filter(|p| !p.0.starts_with('('))
-            .map(|p| p.2)
-            .sum();
-        #[cfg(feature = "gpu")]
-        let how = match model_arc.gpu_info() {
-            Some(g) if g.timestamps => "GPU timestamps around each dispatch in the step",
-            Some(_) => "each dispatch submitted and waited for alone",
-            None => "CPU time per op",
-        };
-        #[cfg(not(feature = "gpu"))]
-        let how = "CPU time per op";
-        println!("\nprofile (--profile: {how}), all runs incl. warm-up:");
-        println!("{:<24} {:>9} {:>10} {:>7}", "op", "calls", "ms", "share");
-        for (op, calls, secs) in profile {
-            println!(
-                "{op:<24} {calls:>9} {:>10.1} {:>6.1}%",
-                secs * 1e3,
-                100.0 * secs / total
-            );
-        }
-    }
+    print_profile(&model_arc);
     Ok(())
+}
+
+/// The GPU adapter and the last step's counters as JSON (`null` on the CPU).
+fn gpu_json(model_arc: &Model) -> serde_json::Value {
+    #[cfg(feature = "gpu")]
+    let (gpu, gstats) = (model_arc.gpu_info(), model_arc.gpu_stats());
+    #[cfg(not(feature = "gpu"))]
+    let (gpu, gstats): (Option<()>, Option<()>) = {
+        let _ = model_arc;
+        (None, None)
+    };
+    match (&gpu, &gstats) {
+        #[cfg(feature = "gpu")]
+        (Some(g), Some(st)) => serde_json::json!({
+            "adapter": g.name, "backend": g.backend, "type": g.device_type, "driver": g.driver,
+            "init_ms": g.init_ms, "compile_ms": g.compile_ms, "pipeline_cache_hit": g.pipeline_cache_hit,
+            "shader_f16": g.shader_f16, "subgroups": g.subgroups, "timestamps": g.timestamps,
+            "dispatches_per_step": st.dispatches, "submits_per_step": st.submits, "waits_per_step": st.waits,
+            "descriptions_per_step": st.described,
+            "last_step_ahead": st.ahead, "steps_ahead": st.ahead_steps, "steps_ahead_missed": st.ahead_missed,
+            "fused_linear_groups": st.linear_groups, "fused_norms": st.fused_norms,
+            "subgroup_linears": st.subgroup_linears,
+            "gpu_steps": st.gpu_steps, "cpu_steps": st.cpu_steps,
+            "weight_bytes": st.weight_bytes, "scratch_bytes": st.scratch_bytes,
+            "bytes_up_per_step": st.bytes_up, "bytes_down_per_step": st.bytes_down,
+            "last_step_ms": st.step_ms, "last_step_gpu_wait_ms": st.wait_ms, "last_step_submit_ms": st.submit_ms,
+        }),
+        _ => serde_json::Value::Null,
+    }
+}
+
+/// What the planner made of the graph, as JSON.
+fn plan_json(ps: &onestep::PlanStats) -> serde_json::Value {
+    serde_json::json!({
+        "generic_steps": ps.generic, "linear": ps.linear, "cache_attention": ps.cache_attention,
+        "silu_gate": ps.silu_gate, "gelu_gate": ps.gelu_gate, "embedding": ps.embedding, "embedding_tied": ps.embedding_tied,
+        "token_choice": ps.token_choice,
+        "linear_bias": ps.linear_bias, "residual": ps.residual, "folded": ps.folded, "removed": ps.removed,
+        "transpose_rope": ps.transpose_rope, "round_trip": ps.round_trip,
+        "linear_groups": ps.linear_groups, "group_norms": ps.group_norms, "group_gates": ps.group_gates,
+        "attention_inputs": ps.attention_inputs,
+    })
+}
+
+/// The per-op profile of `--profile` runs (nothing when the model was not profiled).
+fn print_profile(model_arc: &Model) {
+    let profile = model_arc.profile();
+    if profile.is_empty() {
+        return;
+    }
+    // "(span ...)" rows overlap the kernels' own rows: not part of the total.
+    let total: f64 = profile
+        .iter()
+        .filter(|p| !p.0.starts_with('('))
+        .map(|p| p.2)
+        .sum();
+    #[cfg(feature = "gpu")]
+    let how = match model_arc.gpu_info() {
+        Some(g) if g.timestamps => "GPU timestamps around each dispatch in the step",
+        Some(_) => "each dispatch submitted and waited for alone",
+        None => "CPU time per op",
+    };
+    #[cfg(not(feature = "gpu"))]
+    let how = "CPU time per op";
+    println!("\nprofile (--profile: {how}), all runs incl. warm-up:");
+    println!("{:<24} {:>9} {:>10} {:>7}", "op", "calls", "ms", "share");
+    for (op, calls, secs) in profile {
+        println!(
+            "{op:<24} {calls:>9} {:>10.1} {:>6.1}%",
+            secs * 1e3,
+            100.0 * secs / total
+        );
+    }
 }
 
 #[derive(serde::Deserialize)]

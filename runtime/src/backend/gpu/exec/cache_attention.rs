@@ -121,45 +121,16 @@ impl GpuPlan {
             None => Vec::new(),
         };
         let Some(mv) = mask else { return Ok(None) };
-        let Some(mm) = f32m(*mv) else { return Ok(None) };
-        let r = mm.shape.len();
-        if r < 2
-            || mm.shape[r - 1] != slots + t
-            || mm.shape[r - 2] != t
-            || mm.shape[..r - 2].iter().any(|&x| x != 1)
-        {
+        let Some(mut ap) = attn_params(n, e, *mv, [h, kvh, t, d, slots]) else {
             return Ok(None);
-        }
-        // Visit only the cache prefix the (CPU-computed) mask allows, from the first key a window
-        // lets row 0 see (the mask still decides per row); all slots otherwise.
-        let att = e.mask_prefix(*mv, t, slots);
-        let npast = att.map_or(slots, |a| a.prefix);
-        let key_start = att
-            .and_then(|a| a.window.map(|w| (a.prefix + 1).saturating_sub(w)))
-            .unwrap_or(0);
+        };
+        ap.tokens_first = *tokens_first;
         // Keys never exceed the slots (position + chunk ≤ S): one kernel serves every step.
         let rows = self.rows_variant && attention::rows_ok(d, slots);
         let oshape = if *tokens_first {
             vec![1, t, h, d]
         } else {
             vec![1, h, t, d]
-        };
-        let ap = AttnParams {
-            heads: h,
-            kv_heads: kvh,
-            tokens: t,
-            head_dim: d,
-            slots,
-            npast,
-            key_start,
-            position: e.stage.position(),
-            scale: n.attr_float("scale", 1.0 / (d as f32).sqrt()),
-            softcap: n.attr_float("softcap", 0.0).max(0.0),
-            tokens_first: *tokens_first,
-            write_cache: true,
-            mask_stride: Some(slots + t),
-            segment: None,
-            split: None,
         };
         let (seg_rows, nseg) = self.segs(kvh * d * ck.dtype.size(), slots, d)?;
         let at = AttnBinds {
@@ -199,7 +170,46 @@ impl GpuPlan {
             disp,
         }))
     }
+}
 
+/// The kernel's parameters for attention node `n` of `[heads, kv_heads, tokens, head_dim, slots]` under
+/// mask `mv`, or `None` unless the mask is f32 `[1.., t, slots + t]`. Only the cache prefix the
+/// (CPU-computed) mask allows is visited, from the first key a window lets row 0 see (the mask still
+/// decides per row); all slots otherwise.
+fn attn_params(n: &Node, e: &Env, mv: ValId, dims: [usize; 5]) -> Option<AttnParams> {
+    let [h, kvh, t, d, slots] = dims;
+    let mm = e.f32m(mv)?;
+    let r = mm.shape.len();
+    if r < 2
+        || mm.shape[r - 1] != slots + t
+        || mm.shape[r - 2] != t
+        || mm.shape[..r - 2].iter().any(|&x| x != 1)
+    {
+        return None;
+    }
+    let att = e.mask_prefix(mv, t, slots);
+    Some(AttnParams {
+        heads: h,
+        kv_heads: kvh,
+        tokens: t,
+        head_dim: d,
+        slots,
+        npast: att.map_or(slots, |a| a.prefix),
+        key_start: att
+            .and_then(|a| a.window.map(|w| (a.prefix + 1).saturating_sub(w)))
+            .unwrap_or(0),
+        position: e.stage.position(),
+        scale: n.attr_float("scale", 1.0 / (d as f32).sqrt()),
+        softcap: n.attr_float("softcap", 0.0).max(0.0),
+        tokens_first: false,
+        write_cache: true,
+        mask_stride: Some(slots + t),
+        segment: None,
+        split: None,
+    })
+}
+
+impl GpuPlan {
     /// Whether a shader stage has the storage buffers an attention reading its projections binds (10,
     /// 7 otherwise): the planner takes the inputs in only where the probed adapter has them
     /// (`backend::plan_options`), so this refuses only a plan made for another adapter.

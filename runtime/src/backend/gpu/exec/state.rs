@@ -99,56 +99,13 @@ impl GpuPlan {
         budget: crate::kv::GpuCacheBudget,
         max_chunk: usize,
     ) -> Result<GpuState> {
-        use crate::kv::GpuCacheBudget;
         if let Some((_, s)) = caches.iter().find(|(_, s)| s.len() != 4) {
             return Err(Error::device(
                 DeviceFault::Unsupported,
                 format!("cache shape {s:?} is not [1, KVH, S, D]"),
             ));
         }
-        let bytes_of = |c: usize| -> u64 {
-            caches
-                .get(c)
-                .map(|(dt, shape)| (shape.iter().product::<usize>() * dt.size()) as u64)
-                .unwrap_or(0)
-        };
-        // Layers: the attention steps' cache pairs, in plan order.
-        let layers: Vec<[usize; 2]> = plan
-            .steps
-            .iter()
-            .filter_map(|s| match s {
-                Step::CacheAttention { past, .. } => Some(*past),
-                _ => None,
-            })
-            .collect();
-        let layer_bytes = layers
-            .iter()
-            .map(|p| bytes_of(p[0]) + bytes_of(p[1]))
-            .max()
-            .unwrap_or(0);
-        let full: u64 = layers.iter().map(|p| bytes_of(p[0]) + bytes_of(p[1])).sum();
-        let fits = match budget {
-            GpuCacheBudget::All => layers.len(),
-            GpuCacheBudget::Bytes(b) => (b / layer_bytes.max(1)) as usize,
-            GpuCacheBudget::Percent(pc) => (full * pc as u64 / 100 / layer_bytes.max(1)) as usize,
-        };
-        let resident = if fits >= layers.len() {
-            layers.len()
-        } else {
-            fits.saturating_sub(2)
-        };
-        let nslots = (layers.len() - resident).min(2);
-        // A slot serves every streamed layer: they must share one cache shape.
-        if let Some(first) = layers.get(resident) {
-            if layers[resident..]
-                .iter()
-                .any(|p| (0..2).any(|k| caches.get(p[k]) != caches.get(first[k])))
-            {
-                let why = "streamed layers have caches of different shapes; use a budget that \
-                           keeps them resident (`--gpu-cache-budget all`)";
-                return Err(Error::device(DeviceFault::Unsupported, why));
-            }
-        }
+        let r = residency(plan, caches, budget)?;
         let rows_bytes: u64 = caches
             .iter()
             .map(|(dt, shape)| (shape[1] * shape[3] * dt.size() * max_chunk.max(1)) as u64)
@@ -158,13 +115,13 @@ impl GpuPlan {
             seg_rows: vec![1; caches.len()],
             bufs: Vec::new(),
             ring: vec![None; caches.len()],
-            streams: layers[resident..].to_vec(),
-            nslots,
+            streams: r.layers[r.resident..].to_vec(),
+            nslots: r.nslots,
             held: Mutex::new(Vec::new()),
             groups: HashMap::new(),
             belt: Mutex::new(wgpu::util::StagingBelt::new(
                 self.ctx.device.clone(),
-                (4 << 20).min(layer_bytes.max(1 << 16)),
+                (4 << 20).min(r.layer_bytes.max(1 << 16)),
             )),
             // A step run ahead is one token: its set needs one row of each cache.
             rows: [
@@ -176,6 +133,33 @@ impl GpuPlan {
             token: self.ctx.storage("fed token", 16)?,
             stats: Mutex::new(Default::default()),
         };
+        let gpu_bytes = self.cache_buffers(&mut st, caches, &r)?;
+        if let Ok(mut k) = st.stats.lock() {
+            k.layers_resident = r.resident;
+            k.layers_streamed = r.layers.len() - r.resident;
+            k.slots = r.nslots;
+            k.gpu_bytes = gpu_bytes;
+        }
+        for si in 0..self.binds.len() {
+            for j in 0..self.binds[si].len() {
+                if self.groups[si][j].is_none() {
+                    let g = self.bind_group(si, j, Some(&st))?;
+                    st.groups.insert((si, j), g);
+                }
+            }
+        }
+        self.ctx.check("allocating a cache")?;
+        Ok(st)
+    }
+
+    /// Creates `st`'s cache buffers as `r` places the layers (the resident ones, then the ring's
+    /// slots; caches no attention reads get their own), split into segments of whole rows; the bytes.
+    fn cache_buffers(
+        &self,
+        st: &mut GpuState,
+        caches: &[(DType, Vec<usize>)],
+        r: &Residency,
+    ) -> Result<u64> {
         let mut held = Vec::new();
         let mut gpu_bytes = 0;
         // Segments: per cache, rows a buffer holds.
@@ -203,27 +187,27 @@ impl GpuPlan {
                 Ok(first)
             };
         let mut slot_bufs: Vec<[usize; 2]> = Vec::new();
-        for (li, pair) in layers.iter().enumerate() {
-            if li < resident {
+        for (li, pair) in r.layers.iter().enumerate() {
+            if li < r.resident {
                 for &c in pair {
-                    let first = alloc(&mut st, format!("cache {c}"), c, caches[c].1[2])?;
+                    let first = alloc(st, format!("cache {c}"), c, caches[c].1[2])?;
                     held.resize(st.bufs.len(), (None, 0));
                     held[first] = (Some(c), usize::MAX);
                     st.home[c] = first;
                 }
             } else {
-                let i = li - resident;
-                if i < nslots {
+                let i = li - r.resident;
+                if i < r.nslots {
                     let mut b = [0; 2];
                     for (k, bk) in b.iter_mut().enumerate() {
                         let c = pair[k];
-                        *bk = alloc(&mut st, format!("cache slot {i}.{k}"), c, caches[c].1[2])?;
+                        *bk = alloc(st, format!("cache slot {i}.{k}"), c, caches[c].1[2])?;
                         held.resize(st.bufs.len(), (None, 0));
                     }
                     slot_bufs.push(b);
                 }
                 for (k, &c) in pair.iter().enumerate() {
-                    st.home[c] = slot_bufs[i % nslots][k];
+                    st.home[c] = slot_bufs[i % r.nslots][k];
                     st.ring[c] = Some(i);
                 }
             }
@@ -231,30 +215,85 @@ impl GpuPlan {
         // Caches no attention step reads (none in a step graph) still get a buffer of their own.
         for (c, (_, shape)) in caches.iter().enumerate() {
             if st.home[c] == usize::MAX {
-                let first = alloc(&mut st, format!("cache {c}"), c, shape[2])?;
+                let first = alloc(st, format!("cache {c}"), c, shape[2])?;
                 held.resize(st.bufs.len(), (None, 0));
                 held[first] = (Some(c), usize::MAX);
                 st.home[c] = first;
             }
         }
         st.held = Mutex::new(held);
-        if let Ok(mut k) = st.stats.lock() {
-            k.layers_resident = resident;
-            k.layers_streamed = layers.len() - resident;
-            k.slots = nslots;
-            k.gpu_bytes = gpu_bytes;
-        }
-        for si in 0..self.binds.len() {
-            for j in 0..self.binds[si].len() {
-                if self.groups[si][j].is_none() {
-                    let g = self.bind_group(si, j, Some(&st))?;
-                    st.groups.insert((si, j), g);
-                }
-            }
-        }
-        self.ctx.check("allocating a cache")?;
-        Ok(st)
+        Ok(gpu_bytes)
     }
+}
+
+/// Where a state's layers live under a budget ([`residency`]).
+struct Residency {
+    /// The attention steps' cache pairs, in plan order.
+    layers: Vec<[usize; 2]>,
+    /// Layers resident on the GPU (the first ones).
+    resident: usize,
+    /// Ring slots the streamed layers share (0–2).
+    nslots: usize,
+    /// The largest layer's bytes (both caches).
+    layer_bytes: u64,
+}
+
+/// The layers of `plan` that `budget` keeps resident, and the ring slots for the rest: all resident if
+/// they fit, else two fewer than fit (the two slots take their room). Streamed layers must share one
+/// cache shape (a slot serves each of them).
+fn residency(
+    plan: &Plan,
+    caches: &[(DType, Vec<usize>)],
+    budget: crate::kv::GpuCacheBudget,
+) -> Result<Residency> {
+    use crate::kv::GpuCacheBudget;
+    let bytes_of = |c: usize| -> u64 {
+        caches
+            .get(c)
+            .map(|(dt, shape)| (shape.iter().product::<usize>() * dt.size()) as u64)
+            .unwrap_or(0)
+    };
+    let layers: Vec<[usize; 2]> = plan
+        .steps
+        .iter()
+        .filter_map(|s| match s {
+            Step::CacheAttention { past, .. } => Some(*past),
+            _ => None,
+        })
+        .collect();
+    let layer_bytes = layers
+        .iter()
+        .map(|p| bytes_of(p[0]) + bytes_of(p[1]))
+        .max()
+        .unwrap_or(0);
+    let full: u64 = layers.iter().map(|p| bytes_of(p[0]) + bytes_of(p[1])).sum();
+    let fits = match budget {
+        GpuCacheBudget::All => layers.len(),
+        GpuCacheBudget::Bytes(b) => (b / layer_bytes.max(1)) as usize,
+        GpuCacheBudget::Percent(pc) => (full * pc as u64 / 100 / layer_bytes.max(1)) as usize,
+    };
+    let resident = if fits >= layers.len() {
+        layers.len()
+    } else {
+        fits.saturating_sub(2)
+    };
+    let nslots = (layers.len() - resident).min(2);
+    if let Some(first) = layers.get(resident) {
+        if layers[resident..]
+            .iter()
+            .any(|p| (0..2).any(|k| caches.get(p[k]) != caches.get(first[k])))
+        {
+            let why = "streamed layers have caches of different shapes; use a budget that \
+                       keeps them resident (`--gpu-cache-budget all`)";
+            return Err(Error::device(DeviceFault::Unsupported, why));
+        }
+    }
+    Ok(Residency {
+        layers,
+        resident,
+        nslots,
+        layer_bytes,
+    })
 }
 
 /// Per-step bookkeeping of the KV cache traffic (see [`GpuState`]).
