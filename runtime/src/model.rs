@@ -140,6 +140,8 @@ impl Model {
             Some(_) => (options.plan_options(), Default::default()),
             None => crate::backend::plan_options(options),
         };
+        // A plan bounded by a GPU's kernels is made again for a CPU that `auto` chooses after all.
+        let cpu_graph = probe.gpu_bounds().then(|| graph.clone());
         let plan = Plan::with_options(graph, plan_options)?;
         for name in plan.inputs.keys() {
             let text_input = [
@@ -192,6 +194,18 @@ impl Model {
         let (backend, device_note) = match speech {
             Some(_) => cpu_for_speech(&plan, options)?,
             None => choose_backend(&plan, &info, options, &bytes, probe)?,
+        };
+        let (plan, backend) = match cpu_graph {
+            Some(g) if backend.device() == "cpu" => {
+                let plan = Plan::with_options(g, options.plan_options())?;
+                let cpu = crate::backend::cpu::exec::CpuBackend::new(
+                    &plan,
+                    options.precision,
+                    options.profile,
+                );
+                (plan, Box::new(cpu) as Box<dyn Backend>)
+            }
+            _ => (plan, backend),
         };
         Ok(Arc::new(Model {
             info,

@@ -129,3 +129,38 @@ fn auto_measures_once_remembers_and_decides_again_for_another_model() {
     assert!(m.device_note().is_none());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A CPU that `auto` chooses runs the plan made for the CPU, not the one bounded by the GPU's kernels
+/// (on a software adapter the rows variant folds no norm or SiLU gate into the linear groups; the
+/// CPU folds both): untried, and after a trial the CPU won.
+#[test]
+fn a_cpu_chosen_by_auto_runs_the_cpus_plan() {
+    if !has_gpu("auto's plan") {
+        return;
+    }
+    let a = fixture("step_q8_tied_f16kv.onnx");
+    let folded = |m: &Model| {
+        let s = m.plan_stats();
+        (s.linear_groups, s.group_norms, s.group_gates)
+    };
+    let cpu = folded(&Model::load_with(&a, &LoadOptions::cpu()).unwrap());
+    let gpu_opts = LoadOptions {
+        device: DeviceRequest::Gpu(None),
+        ..Default::default()
+    };
+    let gpu = Model::load_with(&a, &gpu_opts).unwrap();
+    if gpu.gpu_info().is_some_and(|g| g.device_type == "Cpu") {
+        // The test means something only where the two plans differ.
+        assert_ne!(
+            folded(&gpu),
+            cpu,
+            "the rows variant's plan equals the CPU's"
+        );
+    }
+    for trial in [false, true] {
+        let m = Model::load_with(&a, &auto(None, trial)).unwrap();
+        if m.device() == "cpu" {
+            assert_eq!(folded(&m), cpu, "auto (trial {trial}): {}", note(&m));
+        }
+    }
+}

@@ -95,19 +95,57 @@ pub(crate) struct Probe {
     /// The GPU adapter, when one was asked for (`gpu`, `auto`) and found.
     #[cfg(feature = "gpu")]
     pub(crate) adapter: Option<gpu::context::Probed>,
+    /// The plan was bounded by that adapter's kernels: a CPU backend chosen for it after all runs a
+    /// plan made again for the CPU.
+    #[cfg(feature = "gpu")]
+    pub(crate) gpu_bounds: bool,
+}
+
+impl Probe {
+    /// Whether the plan was bounded by a GPU adapter's kernels.
+    pub(crate) fn gpu_bounds(&self) -> bool {
+        #[cfg(feature = "gpu")]
+        {
+            self.gpu_bounds
+        }
+        #[cfg(not(feature = "gpu"))]
+        {
+            false
+        }
+    }
 }
 
 /// The fusions the planner makes for a load with `opts`: those the options leave on, within what the
 /// backend it may run on takes. The CPU runs every fused form; for a GPU (or `auto`), the adapter's
 /// kernels bound them (the adapter picked without opening a device, and returned for the backend
-/// choice; no adapter: the CPU's bounds). Under `auto` a CPU chosen after all runs that plan too.
+/// choice; no adapter: the CPU's bounds). `auto` with a software adapter it will not try
+/// ([`auto::choose`]) plans for the CPU; a CPU that `auto` chooses after trying the GPU re-plans
+/// ([`Probe::gpu_bounds`]).
 pub(crate) fn plan_options(opts: &crate::LoadOptions) -> (crate::plan::PlanOptions, Probe) {
     let o = opts.plan_options();
     #[cfg(feature = "gpu")]
     if opts.device != gpu::DeviceRequest::Cpu {
         if let Ok(p) = gpu::context::Probed::new(&opts.device, opts.backend) {
+            let cpu_sure = opts.device == gpu::DeviceRequest::Auto
+                && p.id.is_software()
+                && !opts.gpu.trial_software;
+            if cpu_sure {
+                return (
+                    o,
+                    Probe {
+                        adapter: Some(p),
+                        gpu_bounds: false,
+                    },
+                );
+            }
             let g = gpu::plan_options(o, &p, &opts.gpu);
-            return (g, Probe { adapter: Some(p) });
+            return (
+                g,
+                Probe {
+                    adapter: Some(p),
+                    gpu_bounds: true,
+                },
+            );
         }
     }
     (o, Probe::default())
