@@ -158,7 +158,7 @@ fn node_step(plan: &Plan, s: &Step, env: &mut [Option<Tensor>]) -> Result<()> {
     let refs: Vec<Option<&Tensor>> = args.iter().map(|a| a.as_ref()).collect();
     // Generic ops with a kernel of their own, where their inputs fit it: ONNX `Attention` on rank-4
     // f32 Q/K/V (attention_plain.rs), the exact `Gelu` on f32 (gelu.rs). Everything else, and what
-    // those kernels decline, runs through the generic op (ops.rs, their reference).
+    // those kernels decline, runs through the generic op (ops/, their reference).
     let fast = attention_plain::try_node(n, &refs).or_else(|| gelu::try_node(n, &refs));
     let outs = match fast {
         Some(t) => vec![t],

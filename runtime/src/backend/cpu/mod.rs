@@ -17,7 +17,6 @@ mod linear_q8;
 pub mod misc;
 pub mod norm;
 pub mod ops;
-mod ops_conv;
 mod pool;
 pub mod rope;
 mod simd;

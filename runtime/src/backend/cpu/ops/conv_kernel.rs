@@ -1,4 +1,5 @@
-//! `Conv` on the CPU (the generic op of [`super::ops`]): N-D convolution as im2col and a matrix product.
+//! `Conv` on the CPU (the kernel of the generic op in [`super::conv`]): N-D convolution as im2col and a
+//! matrix product.
 //!
 //! The output positions of each (batch, group) are cut into tiles of `to` positions; a parallel task
 //! takes one tile, writes its im2col panel (`[C/group · kernel, to]`, small enough to stay in L2) and
@@ -8,7 +9,7 @@
 //! same bits). Each output is `Σ_k w[k]·col[k]` in increasing `k`, plus the bias last: the result does
 //! not depend on the thread count or the tiling.
 
-use super::{check_len, mul_dims, pool, shape_err, KernelResult};
+use crate::backend::cpu::{check_len, mul_dims, pool, shape_err, KernelResult};
 
 const KERNEL: &str = "conv";
 
@@ -243,7 +244,7 @@ fn fill_line(dst: &mut [f32], src: &[f32], base: i64, s: usize) {
 /// `[ckk, to]`, in increasing `k`.
 fn gemm_tile(w: &[f32], panel: &[f32], mg: usize, ckk: usize, to: usize, buf: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if super::simd::best_isa() == super::simd::Isa::Avx2 {
+    if crate::backend::cpu::simd::best_isa() == crate::backend::cpu::simd::Isa::Avx2 {
         // SAFETY: best_isa() returns Avx2 only after detecting avx2 on this CPU.
         unsafe { gemm_tile_avx2(w, panel, mg, ckk, to, buf) };
         return;
