@@ -212,10 +212,6 @@ fn reduce_axes(ctx: &Ctx, a: &Tensor, axes: Option<Vec<i64>>) -> Result<Option<V
     Ok(Some(axes))
 }
 
-/// `ReduceMax` and `ReduceMean` (opset 18: axes as an optional input, `keepdims`,
-/// `noop_with_empty_axes`). Floats (f16/bf16 through f32): the max propagates NaN, is −∞ over an empty
-/// set; the mean sums in f64 (NaN over an empty set). Integers and bool: the max is exact (the type's
-/// minimum, `false`, over an empty set); the integer mean is truncated toward zero.
 /// A reduction's shapes over `axes`: with the reduced axes kept as 1, and the output's (`keep`: the
 /// same; else without them).
 fn reduced_shapes(shape: &[usize], axes: &[usize], keep: bool) -> (Vec<usize>, Vec<usize>) {
@@ -232,6 +228,10 @@ fn reduced_shapes(shape: &[usize], axes: &[usize], keep: bool) -> (Vec<usize>, V
     (kept, out)
 }
 
+/// `ReduceMax` and `ReduceMean` (opset 18: axes as an optional input, `keepdims`,
+/// `noop_with_empty_axes`). Floats (f16/bf16 through f32): the max propagates NaN, is −∞ over an empty
+/// set; the mean sums in f64 (NaN over an empty set). Integers and bool: the max is exact (the type's
+/// minimum, `false`, over an empty set); the integer mean is truncated toward zero.
 pub(super) fn reduce_max_mean(ctx: &Ctx, a: &Tensor, axes: Option<Vec<i64>>) -> Result<Tensor> {
     let mean = ctx.node.op == "ReduceMean";
     let Some(axes) = reduce_axes(ctx, a, axes)? else {
