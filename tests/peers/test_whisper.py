@@ -16,6 +16,9 @@ margin (the test says so).
 - The runtime (`onestep transcribe --json`, each clip once, the 44.1 kHz stereo float copy of speech_01
   included): segment tokens equal faster-whisper's (the same margin rule), the text equal, no segment for
   silence and noise; prints WER against the spoken sentences, faster-whisper's WER and the real-time factor.
+- With timestamps (the runtime's default, as faster-whisper's; tests/fixtures/whisper/timestamps.json from
+  scripts/refs/gen_whisper_timestamps.py): every clip's segments — their tokens (timestamps included), start, end
+  and text — equal faster-whisper's, windows seeking to the last timestamp as faster-whisper's do.
 - The runtime's logits against onnxruntime's (`onestep score` with the window encoded first): the top-16 of
   every step within LOGIT_TOL, the same arg-max, on speech_01 and both windows of speech_long.
 """
@@ -156,7 +159,7 @@ def test_runtime_matches_faster_whisper(fixtures):
     total = 0.0
     for wav, spoken, fw_text, fw_segs, windows, how in _expected(fixtures):
         out, secs = wh.transcribe_json(BIN, PATH, os.path.join(FIX, wav), "--threads", str(THREADS),
-                                       "--device", "cpu")
+                                       "--device", "cpu", "--no-timestamps")
         total += secs
         segs = out["segments"]
         st = out["stats"]
@@ -200,7 +203,7 @@ def test_runtime_matches_faster_whisper(fixtures):
         rows.append((wav, wh.wer(spoken, text), wh.wer(spoken, fw_text), equal, st.get("real_time_factor"),
                      st.get("windows"), st.get("encode_s"), st.get("decode_s"), secs,
                      [(round(sg["no_speech_prob"], 4), round(sg["avg_logprob"], 4)) for sg in segs]))
-    print("\n[whisper runtime] onestep transcribe --json --threads 2 --device cpu, each clip once:")
+    print("\n[whisper runtime] onestep transcribe --json --no-timestamps --threads 2 --device cpu, each clip once:")
     print(f"  {'clip':32} {'WER ours':>8} {'WER fw':>8} {'equal':>6} {'x RT':>7} {'win':>4} {'enc s':>7} {'dec s':>7} "
           f"{'wall s':>7}  (no_speech, avg_logprob) per segment")
     print("  (WER after the fixture script's normalisation; x RT: the runtime's stats.real_time_factor, audio seconds "
@@ -211,6 +214,36 @@ def test_runtime_matches_faster_whisper(fixtures):
     print(f"  total {total:.1f} s")
     for n in notes:
         print(f"[whisper runtime] note: {n}")
+    assert not fails, f"{len(fails)} failures:\n" + "\n".join(fails)
+
+
+@pytest.mark.skipif(not BIN, reason="ONESTEP_BIN is not set (scripts/test sets it)")
+def test_runtime_timestamps_match_faster_whisper():
+    ref = json.load(open(os.path.join(FIX, "timestamps.json")))
+    fails, rows = [], []
+    for clip in ref["clips"]:
+        wav = clip["file"]
+        out, secs = wh.transcribe_json(BIN, PATH, os.path.join(FIX, wav), "--threads", str(THREADS),
+                                       "--device", "cpu")
+        ours, want = out["segments"], clip["segments"]
+        rows.append((wav, len(ours), len(want), out["stats"]["windows"], len(clip["windows"]), secs))
+        if len(ours) != len(want):
+            fails.append(f"{wav}: {len(ours)} segments, faster-whisper {len(want)}: "
+                         f"{[(s['start'], s['end'], s['text']) for s in ours]}")
+        for i, (a, b) in enumerate(zip(ours, want)):
+            where = f"{wav} segment {i} [{b['start']} → {b['end']}]"
+            if a["tokens"] != b["tokens"]:
+                fails.append(f"{where}: tokens {a['tokens']} != faster-whisper {b['tokens']}")
+            if abs(a["start"] - b["start"]) > 5e-3 or abs(a["end"] - b["end"]) > 5e-3:
+                fails.append(f"{where}: ours [{a['start']} → {a['end']}]")
+            if a["text"] != b["text"]:
+                fails.append(f"{where}: text {a['text']!r} != {b['text']!r}")
+        if out["text"] != clip["text"]:
+            fails.append(f"{wav}: text {out['text']!r} != faster-whisper {clip['text']!r}")
+    print("\n[whisper timestamps] onestep transcribe --json --threads 2 --device cpu against faster-whisper:")
+    print(f"  {'clip':20} {'segments':>8} {'fw':>4} {'windows':>7} {'fw':>4} {'wall s':>7}")
+    for wav, n, m, w, fw_w, secs in rows:
+        print(f"  {wav:20} {n:>8} {m:>4} {w:>7} {fw_w:>4} {secs:>7.2f}")
     assert not fails, f"{len(fails)} failures:\n" + "\n".join(fails)
 
 

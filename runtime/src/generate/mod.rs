@@ -26,6 +26,7 @@ pub mod session;
 pub mod stats;
 pub mod stop;
 pub mod stream;
+mod timestamps;
 pub mod tokenizer;
 mod tokenizer_json;
 pub mod transcribe;

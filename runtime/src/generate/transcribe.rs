@@ -1,8 +1,15 @@
-//! Speech to text over a transcription model (Whisper exported by `onestep-export`): the audio cut
-//! into 30 s windows, each encoded once ([`Model::encode`]), then decoded greedily from the prompt
-//! `[<|startofprev|> previous text…] <|startoftranscript|> [language task] <|notimestamps|>` —
-//! the decoding faster-whisper does with `without_timestamps=True, temperature=0, beam_size=1,
-//! condition_on_previous_text=True`, whose transcripts the tests hold this to.
+//! Speech to text over a transcription model (Whisper exported by `onestep-export`): the audio taken
+//! in windows of up to 30 s, each encoded once ([`Model::encode`]), then decoded greedily from the
+//! prompt `[<|startofprev|> previous text…] <|startoftranscript|> [language task]` — the decoding
+//! faster-whisper does with `temperature=0, beam_size=1, condition_on_previous_text=True`, whose
+//! transcripts the tests hold this to.
+//!
+//! With timestamps (the default, as faster-whisper's): the tokens are chosen on the host under
+//! Whisper's timestamp rules (`timestamps.rs`), a window's text is split into segments at each
+//! timestamp pair, and the next window starts at the last timestamp closing a pair (its unfinished
+//! text is decoded again there) or, after a final lone timestamp, at the window's end. Without
+//! (`<|notimestamps|>` ends the prompt): the graph chooses each token, a window is one segment and
+//! windows follow each other every 30 s.
 //!
 //! A window whose no-speech probability (of `<|nocaptions|>` after the start token) is above
 //! [`TranscribeOptions::no_speech_threshold`] while its mean log-probability is below
@@ -14,6 +21,7 @@ use std::time::Instant;
 
 use crate::contract::Speech;
 use crate::error::{Error, Result};
+use crate::generate::timestamps::{self, Advance, TimestampRules};
 use crate::generate::{StreamDecoder, Tokenizer};
 use crate::model::{Model, StepSampling, StepState};
 
@@ -33,6 +41,10 @@ pub struct TranscribeOptions {
     pub no_speech_threshold: f32,
     /// …and below this mean log-probability gives no segment.
     pub log_prob_threshold: f32,
+    /// Segments timed by the model's timestamp tokens (else one segment a 30 s window).
+    pub timestamps: bool,
+    /// The latest the first timestamp of a window may be, in seconds.
+    pub max_initial_timestamp: f32,
 }
 
 impl Default for TranscribeOptions {
@@ -44,25 +56,28 @@ impl Default for TranscribeOptions {
             condition_on_previous_text: true,
             no_speech_threshold: 0.6,
             log_prob_threshold: -1.0,
+            timestamps: true,
+            max_initial_timestamp: 1.0,
         }
     }
 }
 
-/// One window's text.
+/// A timed piece of the transcript: the text between two timestamps, or (without timestamps) one
+/// window's.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Segment {
     /// Start in seconds.
     pub start: f32,
-    /// End in seconds (the window's end, or the audio's).
+    /// End in seconds.
     pub end: f32,
     /// The text (with its leading space, as decoded).
     pub text: String,
-    /// The tokens of the text.
+    /// The tokens of the text (its timestamp tokens included).
     pub tokens: Vec<u32>,
-    /// Mean log-probability of the chosen tokens and the end of text (over the logits the choice
+    /// Mean log-probability of its window's chosen tokens and end of text (over the logits the choice
     /// saw: the suppressed tokens left out, as CTranslate2 computes it).
     pub avg_logprob: f32,
-    /// Probability of the no-speech token after the start token.
+    /// Probability of the no-speech token after its window's start token.
     pub no_speech_prob: f32,
 }
 
@@ -88,7 +103,7 @@ pub struct TranscribeStats {
 pub struct Transcript {
     /// The segments' text joined, trimmed.
     pub text: String,
-    /// One per window that held speech.
+    /// The segments, in time order.
     pub segments: Vec<Segment>,
     /// Timing.
     pub stats: TranscribeStats,
@@ -130,18 +145,39 @@ impl Transcriber {
         &mut self,
         samples: &[f32],
         opts: &TranscribeOptions,
+        on_text: impl FnMut(&str) -> ControlFlow<()>,
+    ) -> Result<Transcript> {
+        self.transcribe_with(samples, opts, on_text, |_| ControlFlow::Continue(()))
+    }
+
+    /// Like [`Transcriber::transcribe`], also giving each segment to `on_segment` once it is complete
+    /// (its times known); returning `Break` from either stops.
+    pub fn transcribe_with(
+        &mut self,
+        samples: &[f32],
+        opts: &TranscribeOptions,
         mut on_text: impl FnMut(&str) -> ControlFlow<()>,
+        mut on_segment: impl FnMut(&Segment) -> ControlFlow<()>,
     ) -> Result<Transcript> {
         let t0 = Instant::now();
         let sp = self.speech.clone();
         let prompt_tail = self.prompt_tail(opts)?;
-        let window = sp.window_samples;
+        // Mel frames: `hop` samples each, `window` a window; the audio's whole frames.
+        let window = (2 * sp.audio_frames).max(1);
+        let hop = (sp.window_samples / window).max(1);
+        let content = samples.len() / hop;
+        let frames_per_step =
+            ((sp.time_precision * sp.sample_rate as f32 / hop as f32).round() as usize).max(1);
+        let seconds = |frames: usize| (frames * hop) as f32 / sp.sample_rate as f32;
         let mut out = Transcript::default();
         let mut previous: Vec<u32> = Vec::new();
         let mut stopped = false;
-        for (w, chunk) in samples.chunks(window).enumerate() {
+        let mut seek = 0;
+        while seek < content && !stopped {
+            let size = window.min(content - seek);
             let te = Instant::now();
-            self.model.encode(&mut self.state, chunk)?;
+            self.model
+                .encode(&mut self.state, &samples[seek * hop..(seek + size) * hop])?;
             out.stats.encode_s += te.elapsed().as_secs_f64();
             out.stats.windows += 1;
             let td = Instant::now();
@@ -158,23 +194,47 @@ impl Transcriber {
             out.stats.tokens += win.tokens.len() + 1;
             let silent = win.no_speech_prob > opts.no_speech_threshold
                 && win.avg_logprob < opts.log_prob_threshold;
-            if !silent && !win.tokens.is_empty() {
-                let start = (w * window) as f32 / sp.sample_rate as f32;
-                let end = (w * window + chunk.len()) as f32 / sp.sample_rate as f32;
-                let text = self.text(&win.tokens)?;
-                previous.extend_from_slice(&win.tokens);
-                out.segments.push(Segment {
+            if silent {
+                seek += size;
+                continue;
+            }
+            let steps = (size / frames_per_step) as u32;
+            let (pieces, advance) = if opts.timestamps {
+                timestamps::split(&win.tokens, sp.tokens.timestamp_begin, steps)
+            } else {
+                let whole = timestamps::Piece {
+                    start: 0,
+                    end: steps,
+                    tokens: win.tokens,
+                };
+                (vec![whole], Advance::Window)
+            };
+            let at = |step: u32| seconds(seek + step as usize * frames_per_step);
+            for p in pieces {
+                let text = self.text(&p.tokens)?;
+                let (start, end) = match opts.timestamps {
+                    true => (at(p.start), at(p.end)),
+                    false => (seconds(seek), seconds(seek + size)),
+                };
+                if start == end || text.trim().is_empty() {
+                    continue;
+                }
+                previous.extend_from_slice(&p.tokens);
+                let seg = Segment {
                     start,
                     end,
                     text,
-                    tokens: win.tokens,
+                    tokens: p.tokens,
                     avg_logprob: win.avg_logprob,
                     no_speech_prob: win.no_speech_prob,
-                });
+                };
+                stopped |= on_segment(&seg).is_break();
+                out.segments.push(seg);
             }
-            if stopped {
-                break;
-            }
+            seek += match advance {
+                Advance::Window => size,
+                Advance::To(step) => step as usize * frames_per_step,
+            };
         }
         out.text = out
             .segments
@@ -188,7 +248,8 @@ impl Transcriber {
         Ok(out)
     }
 
-    /// The prompt after the start token: language and task (multilingual models), no timestamps.
+    /// The prompt after the start token: language and task (multilingual models), then
+    /// `<|notimestamps|>` unless timed.
     fn prompt_tail(&self, opts: &TranscribeOptions) -> Result<Vec<u32>> {
         let t = &self.speech.tokens;
         let mut tail = Vec::new();
@@ -207,11 +268,16 @@ impl Transcriber {
                 t.transcribe
             });
         }
-        tail.push(t.no_timestamps);
+        if !opts.timestamps {
+            tail.push(t.no_timestamps);
+        }
         Ok(tail)
     }
 
-    /// Decodes the encoded window greedily after `prefix` (ending in the start token) and `tail`.
+    /// Decodes the encoded window greedily after `prefix` (ending in the start token) and `tail`
+    /// (empty for an English-only model with timestamps: the start token's step gives the first
+    /// choice). With timestamps each token is chosen here, under [`TimestampRules`]; without, the
+    /// graph's choice is taken.
     fn decode_window(
         &mut self,
         prefix: &[u32],
@@ -229,33 +295,49 @@ impl Transcriber {
         for part in prefix.chunks(chunk) {
             last = Some(model.step(state, part, &StepSampling::GREEDY)?);
         }
-        let no_speech = last
-            .map(|o| softmax_at(&o.logits, t.no_speech as usize))
-            .unwrap_or(0.0);
+        let last = last.ok_or_else(|| Error::internal("a window's prompt is empty"))?;
+        let no_speech = softmax_at(&last.logits, t.no_speech as usize);
         // CTranslate2's bound, min(224, 448 − (prompt − 1)): the last token needs no cache slot.
         let room = info.max_cache.saturating_sub(prefix.len() + tail.len()) + 1;
         let limit = opts.max_tokens_per_window.min(room);
-        state.set_first_token(true);
-        let mut out = model.step(state, tail, &StepSampling::GREEDY)?;
-        state.set_first_token(false);
+        let mut out = if tail.is_empty() {
+            last
+        } else {
+            state.set_first_token(true);
+            let o = model.step(state, tail, &StepSampling::GREEDY)?;
+            state.set_first_token(false);
+            o
+        };
+        let rules = opts.timestamps.then(|| TimestampRules {
+            eot: t.eot,
+            no_timestamps: t.no_timestamps,
+            begin: t.timestamp_begin,
+            max_initial: t.timestamp_begin
+                + (opts.max_initial_timestamp.max(0.0) / self.speech.time_precision).round() as u32,
+        });
         let mut tokens = Vec::new();
         let mut logprob = 0.0f64;
         let mut stream = StreamDecoder::new();
-        let mut first = true;
         loop {
             let mut seen = out.logits;
-            for &i in self.speech.suppress.iter().chain(if first {
+            let begin = if tokens.is_empty() {
                 &self.speech.suppress_begin[..]
             } else {
                 &[]
-            }) {
+            };
+            for &i in self.speech.suppress.iter().chain(begin) {
                 if let Some(x) = seen.get_mut(i as usize) {
                     *x = f32::NEG_INFINITY;
                 }
             }
-            first = false;
-            logprob += log_softmax_at(&seen, out.next_token as usize);
-            let tok = out.next_token;
+            let tok = match &rules {
+                Some(r) => {
+                    r.apply(&mut seen, &tokens);
+                    argmax(&seen)
+                }
+                None => out.next_token,
+            };
+            logprob += log_softmax_at(&seen, tok as usize);
             if tok == t.eot || tokens.len() >= limit {
                 break;
             }
@@ -308,6 +390,17 @@ fn log_softmax_at(logits: &[f32], i: usize) -> f64 {
     logits
         .get(i)
         .map_or(f64::NEG_INFINITY, |&x| x as f64 - m - sum.ln())
+}
+
+/// The first index of the largest of `logits`.
+fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in logits.iter().enumerate() {
+        if x > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
 }
 
 /// `softmax(logits)[i]`.

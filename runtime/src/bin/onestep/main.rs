@@ -98,6 +98,9 @@ enum Command {
         /// Translate into English (multilingual models).
         #[arg(long)]
         translate: bool,
+        /// One segment a 30 s window, untimed (`<|notimestamps|>`), the text streamed as decoded.
+        #[arg(long)]
+        no_timestamps: bool,
         /// Print one JSON object (text, segments, stats) instead of streaming.
         #[arg(long)]
         json: bool,
@@ -852,9 +855,18 @@ fn run(cli: Cli) -> Result<()> {
             audio,
             language,
             translate,
+            no_timestamps,
             json,
             common,
-        } => transcribe::cmd_transcribe(&model, &audio, language, translate, json, &common),
+        } => transcribe::cmd_transcribe(
+            &model,
+            &audio,
+            language,
+            translate,
+            !no_timestamps,
+            json,
+            &common,
+        ),
         Command::Bench {
             model,
             prompt_tokens,

@@ -1,6 +1,7 @@
-//! `onestep transcribe model.onnx audio.wav [--json]`: a WAV file (any rate, mono or stereo, 8–32-bit
-//! integer or 32-bit float) to text, streamed as it is decoded, or one JSON object with the segments
-//! and the timing.
+//! `onestep transcribe model.onnx audio.wav [--json] [--no-timestamps]`: a WAV file (any rate, mono or
+//! stereo, 8–32-bit integer or 32-bit float) to text: one `[start → end] text` line a segment as each
+//! is complete (without timestamps: the text streamed as it is decoded), or one JSON object with the
+//! segments and the timing.
 
 use std::io::Write;
 use std::ops::ControlFlow;
@@ -17,6 +18,7 @@ pub fn cmd_transcribe(
     audio: &Path,
     language: Option<String>,
     translate: bool,
+    timestamps: bool,
     json: bool,
     common: &Common,
 ) -> Result<()> {
@@ -28,24 +30,41 @@ pub fn cmd_transcribe(
     let opts = TranscribeOptions {
         language,
         translate,
+        timestamps,
         ..TranscribeOptions::default()
     };
-    let out = t.transcribe(&a.samples, &opts, |piece| {
-        if json {
-            return ControlFlow::Continue(());
-        }
+    let print = |text: &str| {
         let mut o = std::io::stdout().lock();
-        match o.write_all(piece.as_bytes()).and_then(|_| o.flush()) {
+        match o.write_all(text.as_bytes()).and_then(|_| o.flush()) {
             Ok(()) => ControlFlow::Continue(()),
             Err(_) => ControlFlow::Break(()),
         }
-    })?;
+    };
+    let out = t.transcribe_with(
+        &a.samples,
+        &opts,
+        |piece| match json || timestamps {
+            true => ControlFlow::Continue(()),
+            false => print(piece),
+        },
+        |seg| match json || !timestamps {
+            true => ControlFlow::Continue(()),
+            false => print(&format!(
+                "[{} → {}] {}\n",
+                clock(seg.start),
+                clock(seg.end),
+                seg.text.trim()
+            )),
+        },
+    )?;
     if json {
         let v = serde_json::to_string_pretty(&out)
             .map_err(|e| onestep::Error::InvalidArgument(format!("transcript as JSON: {e}")))?;
         println!("{v}");
     } else {
-        println!();
+        if !timestamps {
+            println!();
+        }
         let s = &out.stats;
         eprintln!(
             "[{:.1} s of audio in {:.2} s ({:.1}× real time): {} windows, encoder {:.2} s, decoder {:.2} s for {} tokens]",
@@ -59,4 +78,25 @@ pub fn cmd_transcribe(
         );
     }
     Ok(())
+}
+
+/// `seconds` as `[h:]mm:ss.ss`.
+fn clock(seconds: f32) -> String {
+    let cs = (seconds.max(0.0) * 100.0).round() as u64;
+    let (h, m, s) = (cs / 360_000, cs / 6000 % 60, cs % 6000);
+    match h {
+        0 => format!("{m:02}:{:05.2}", s as f64 / 100.0),
+        _ => format!("{h}:{m:02}:{:05.2}", s as f64 / 100.0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn clock_reads_as_minutes_and_seconds() {
+        assert_eq!(super::clock(0.0), "00:00.00");
+        assert_eq!(super::clock(9.36), "00:09.36");
+        assert_eq!(super::clock(75.5), "01:15.50");
+        assert_eq!(super::clock(3725.25), "1:02:05.25");
+    }
 }
