@@ -240,6 +240,10 @@ typedef struct OnestepTranscribeOptions {
   // Most tokens one 30 s window's text may take (at least 1; the default 224 is half the
   // decoder's positions, which also bound it).
   uint32_t max_tokens_per_window;
+  // Segments timed by the model's timestamp tokens, windows following the last complete
+  // segment (the default, as faster-whisper's); false: one untimed segment a 30 s window
+  // (`<|notimestamps|>`).
+  bool timestamps;
 } OnestepTranscribeOptions;
 
 // Called with each piece of transcript text as it is decoded: `text` is NUL-terminated UTF-8 of
@@ -413,7 +417,7 @@ uint32_t onestep_transcriber_sample_rate(const struct OnestepTranscriber *transc
 void onestep_transcriber_cancel(const struct OnestepTranscriber *transcriber);
 
 // Fills `*options_out` (whose `struct_size` the caller set) with the default transcription
-// options: English (`language` NULL), transcribe (no translation), 224 tokens a window.
+// options: English (`language` NULL), transcribe (no translation), 224 tokens a window, timestamps.
 enum OnestepStatus onestep_transcribe_options_default(struct OnestepTranscribeOptions *options_out);
 
 // Transcribes `samples_len` mono samples at `samples` (f32, nominally in [-1, 1], finite) recorded
@@ -421,8 +425,10 @@ enum OnestepStatus onestep_transcribe_options_default(struct OnestepTranscribeOp
 // for Whisper): any other rate is `ONESTEP_STATUS_INVALID_ARGUMENT` — resampling (and mixing down
 // to mono) is the caller's. At most [`ONESTEP_TRANSCRIBE_MAX_SECONDS`] of audio; a NaN or infinite
 // sample is `ONESTEP_STATUS_INVALID_ARGUMENT` naming it; `samples_len` 0 gives an empty transcript.
-// The audio is cut into 30 s windows, each decoded greedily (faster-whisper's
-// `without_timestamps`, `temperature=0`, `beam_size=1`).
+// The audio is decoded greedily in windows of up to 30 s (faster-whisper's `temperature=0`,
+// `beam_size=1`): with timestamps (the default) each segment is the text between two timestamp
+// tokens and a window starts where the last one's complete segments end; without, a window is
+// one segment and windows follow each other every 30 s.
 //
 // `options` may be NULL (the defaults of [`onestep_transcribe_options_default`]). `callback` (may be
 // NULL) sees the text as it is decoded, with `user_data`; returning false stops as

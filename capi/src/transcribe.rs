@@ -46,6 +46,10 @@ pub struct OnestepTranscribeOptions {
     /// Most tokens one 30 s window's text may take (at least 1; the default 224 is half the
     /// decoder's positions, which also bound it).
     pub max_tokens_per_window: u32,
+    /// Segments timed by the model's timestamp tokens, windows following the last complete
+    /// segment (the default, as faster-whisper's); false: one untimed segment a 30 s window
+    /// (`<|notimestamps|>`).
+    pub timestamps: bool,
 }
 
 /// Called with each piece of transcript text as it is decoded: `text` is NUL-terminated UTF-8 of
@@ -80,6 +84,7 @@ fn transcribe_options_from_c(
         ));
     }
     out.max_tokens_per_window = o.max_tokens_per_window as usize;
+    out.timestamps = o.timestamps;
     Ok(out)
 }
 
@@ -230,7 +235,7 @@ pub unsafe extern "C" fn onestep_transcriber_cancel(transcriber: *const OnestepT
 }
 
 /// Fills `*options_out` (whose `struct_size` the caller set) with the default transcription
-/// options: English (`language` NULL), transcribe (no translation), 224 tokens a window.
+/// options: English (`language` NULL), transcribe (no translation), 224 tokens a window, timestamps.
 #[no_mangle]
 pub unsafe extern "C" fn onestep_transcribe_options_default(
     options_out: *mut OnestepTranscribeOptions,
@@ -244,6 +249,7 @@ pub unsafe extern "C" fn onestep_transcribe_options_default(
             language: std::ptr::null(),
             translate: d.translate,
             max_tokens_per_window: u32::try_from(d.max_tokens_per_window).unwrap_or(u32::MAX),
+            timestamps: d.timestamps,
         };
         Ok(())
     })
@@ -254,8 +260,10 @@ pub unsafe extern "C" fn onestep_transcribe_options_default(
 /// for Whisper): any other rate is `ONESTEP_STATUS_INVALID_ARGUMENT` — resampling (and mixing down
 /// to mono) is the caller's. At most [`ONESTEP_TRANSCRIBE_MAX_SECONDS`] of audio; a NaN or infinite
 /// sample is `ONESTEP_STATUS_INVALID_ARGUMENT` naming it; `samples_len` 0 gives an empty transcript.
-/// The audio is cut into 30 s windows, each decoded greedily (faster-whisper's
-/// `without_timestamps`, `temperature=0`, `beam_size=1`).
+/// The audio is decoded greedily in windows of up to 30 s (faster-whisper's `temperature=0`,
+/// `beam_size=1`): with timestamps (the default) each segment is the text between two timestamp
+/// tokens and a window starts where the last one's complete segments end; without, a window is
+/// one segment and windows follow each other every 30 s.
 ///
 /// `options` may be NULL (the defaults of [`onestep_transcribe_options_default`]). `callback` (may be
 /// NULL) sees the text as it is decoded, with `user_data`; returning false stops as
@@ -434,7 +442,7 @@ mod tests {
                 onestep_transcribe_options_default(&mut o),
                 OnestepStatus::Ok
             );
-            assert!(o.language.is_null() && !o.translate);
+            assert!(o.language.is_null() && !o.translate && o.timestamps);
             assert_eq!(o.max_tokens_per_window, 224);
             let r = transcribe_options_from_c(&o)
                 .map_err(|f| f.message)
@@ -446,12 +454,18 @@ mod tests {
             o.max_tokens_per_window = 7;
             o.translate = true;
             o.language = c"de".as_ptr();
+            o.timestamps = false;
             let r = transcribe_options_from_c(&o)
                 .map_err(|f| f.message)
                 .unwrap();
             assert_eq!(
-                (r.language.as_deref(), r.translate, r.max_tokens_per_window),
-                (Some("de"), true, 7)
+                (
+                    r.language.as_deref(),
+                    r.translate,
+                    r.max_tokens_per_window,
+                    r.timestamps
+                ),
+                (Some("de"), true, 7, false)
             );
         }
     }

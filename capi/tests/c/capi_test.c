@@ -594,16 +594,28 @@ static void whisper_short_clip(OnestepTranscriber *t, float *pcm, size_t n, cons
     CHECK(strcmp(trimmed(c->text, buf2, sizeof buf2), EXPECT_01) == 0, "pieces '%s', want '%s'", c->text,
           EXPECT_01);
     CHECK(c->pieces >= 2, "only %d pieces streamed", c->pieces);
+    /* Timed (the default): faster-whisper's segment, its timestamp tokens <|0.00|> .. <|2.00|> included. */
     CHECK(json && strstr(json, "\"cancelled\":false") && strstr(json, "\"windows\":1") &&
-              strstr(json, "\"tokens\":[4599,3329,11,6253,4176,13]"),
+              strstr(json, "{\"start\":0,\"end\":2,") &&
+              strstr(json, "\"tokens\":[50363,4599,3329,11,6253,4176,13,50463]"),
           "json: %s", json ? json : "");
+    onestep_string_free(json);
+
+    /* Untimed: the same text, one segment for the window's 2.16 s, no timestamp tokens. */
+    OnestepTranscribeOptions untimed = *o;
+    untimed.timestamps = false;
+    EXPECT_STATUS(onestep_transcribe(t, pcm, n, rate, &untimed, NULL, NULL, &json), ONESTEP_STATUS_OK);
+    CHECK(json && strcmp(json_text(json, buf, sizeof buf), EXPECT_01) == 0 &&
+              strstr(json, "{\"start\":0,\"end\":2.16,") &&
+              strstr(json, "\"tokens\":[4599,3329,11,6253,4176,13]"),
+          "untimed json: %s", json ? json : "");
     onestep_string_free(json);
 
     /* NULL options, callback and json_out: the same work, nothing returned. */
     EXPECT_STATUS(onestep_transcribe(t, pcm, n, rate, NULL, NULL, NULL, NULL), ONESTEP_STATUS_OK);
 
-    /* Two tokens a window: " Good morning". */
-    OnestepTranscribeOptions o2 = *o;
+    /* Two tokens a window, untimed: " Good morning". */
+    OnestepTranscribeOptions o2 = untimed;
     o2.max_tokens_per_window = 2;
     EXPECT_STATUS(onestep_transcribe(t, pcm, n, rate, &o2, NULL, NULL, &json), ONESTEP_STATUS_OK);
     CHECK(strcmp(json_text(json, buf, sizeof buf), "Good morning") == 0, "2 tokens: '%s'", buf);
@@ -718,9 +730,9 @@ static void test_whisper(const char *whisper_path, OnestepModel *text_model) {
     EXPECT_STATUS(onestep_transcribe_options_default(&o), ONESTEP_STATUS_INVALID_ARGUMENT);
     o.struct_size = sizeof o;
     EXPECT_STATUS(onestep_transcribe_options_default(&o), ONESTEP_STATUS_OK);
-    CHECK(o.language == NULL && !o.translate && o.max_tokens_per_window == 224,
-          "defaults: language %p translate %d max %u", (const void *)o.language, o.translate,
-          o.max_tokens_per_window);
+    CHECK(o.language == NULL && !o.translate && o.max_tokens_per_window == 224 && o.timestamps,
+          "defaults: language %p translate %d max %u timestamps %d", (const void *)o.language, o.translate,
+          o.max_tokens_per_window, o.timestamps);
 
     size_t n = 0;
     uint32_t wav_rate = 0;
