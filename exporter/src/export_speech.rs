@@ -72,7 +72,7 @@ pub fn export_whisper(
         mel_bins: c.mel_bins,
         audio_frames: c.audio_ctx,
         time_precision: 0.02,
-        multilingual: src.multilingual(),
+        multilingual: src.multilingual,
         tokens: t.clone(),
         languages: src.languages.clone(),
         suppress: src.suppress.clone(),

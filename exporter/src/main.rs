@@ -154,7 +154,7 @@ fn main() -> ExitCode {
         },
         generation: None,
     };
-    if source::whisper::is_ct2(input) {
+    if source::whisper::is_ct2(input) || source::whisper_hf::is_hf_whisper(input) {
         return export_whisper(input, output, &opts, &mut bars);
     }
     let t0 = Instant::now();
@@ -229,7 +229,11 @@ fn export_whisper(
     bars: &mut Bars,
 ) -> ExitCode {
     let t0 = Instant::now();
-    let src = match source::whisper::read_ct2(input) {
+    let read = match source::whisper::is_ct2(input) {
+        true => source::whisper::read_ct2(input),
+        false => source::whisper_hf::read_hf(input),
+    };
+    let src = match read {
         Ok(s) => s,
         Err(e) => return fail(e),
     };

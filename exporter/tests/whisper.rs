@@ -47,7 +47,7 @@ fn tiny_en_reads_with_faster_whispers_tokens_and_rules() {
         (6, 6, 1536, 51864)
     );
     assert_eq!((c.audio_ctx, c.text_ctx), (1500, 448));
-    assert!(!src.multilingual(), "tiny.en has no language tokens in use");
+    assert!(!src.multilingual, "tiny.en has no language tokens in use");
     assert_eq!(src.languages.get("en"), Some(&50258));
     let f = fixture();
     let id = |k: &str| f["special_tokens"][k]["id"].as_u64().unwrap() as u32;

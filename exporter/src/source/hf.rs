@@ -17,7 +17,7 @@ use super::{
     SourceTensor, TokenizerData,
 };
 
-fn show(p: &Path) -> String {
+pub(super) fn show(p: &Path) -> String {
     p.display().to_string()
 }
 
@@ -36,14 +36,14 @@ fn read_text(path: &Path) -> Result<String, SourceError> {
     })
 }
 
-fn read_json(path: &Path) -> Result<Value, SourceError> {
+pub(super) fn read_json(path: &Path) -> Result<Value, SourceError> {
     serde_json::from_str(&read_text(path)?).map_err(|e| SourceError::Format {
         path: show(path),
         detail: format!("invalid JSON: {e}"),
     })
 }
 
-fn read_json_opt(path: &Path) -> Result<Option<Value>, SourceError> {
+pub(super) fn read_json_opt(path: &Path) -> Result<Option<Value>, SourceError> {
     if path.exists() {
         read_json(path).map(Some)
     } else {
@@ -659,7 +659,9 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>, SourceError> {
 }
 
 /// Maps every safetensors file and returns each tensor (HF name) with the file it came from.
-fn read_safetensors(dir: &Path) -> Result<BTreeMap<String, (PathBuf, SourceTensor)>, SourceError> {
+pub(super) fn read_safetensors(
+    dir: &Path,
+) -> Result<BTreeMap<String, (PathBuf, SourceTensor)>, SourceError> {
     let mut out = BTreeMap::new();
     for file in safetensors_files(dir)? {
         let io = |source| SourceError::Io {

@@ -13,6 +13,7 @@ pub mod gguf;
 pub mod hf;
 pub mod tokenizer;
 pub mod whisper;
+pub mod whisper_hf;
 
 #[cfg(test)]
 pub(crate) mod testutil {

@@ -1,5 +1,6 @@
 //! A Whisper checkpoint read into canonical tensors: the CTranslate2 layout faster-whisper uses
-//! (`model.bin` + `config.json` + `tokenizer.json`). Its fused projections (self-attention q/k/v,
+//! (`model.bin` + `config.json` + `tokenizer.json`) here, a Hugging Face folder in
+//! [`super::whisper_hf`]. Its fused projections (self-attention q/k/v,
 //! cross-attention k/v) are split into the canonical per-projection tensors by slicing rows — no copy.
 //!
 //! Canonical names (the graph's initializers carry them): `enc.conv{1,2}.{weight,bias}`, `enc.pos`,
@@ -54,6 +55,8 @@ pub struct WhisperSource {
     pub tokens: SpeechTokens,
     /// Language code → token id (multilingual checkpoints).
     pub languages: BTreeMap<String, u32>,
+    /// Whether the prompt takes a language and a task token.
+    pub multilingual: bool,
     /// Tokens never chosen (the source's `suppress_ids` plus the prompt's special tokens).
     pub suppress: Vec<u32>,
     /// Tokens not chosen as the transcript's first token (`suppress_ids_begin`: the blank, eot).
@@ -63,11 +66,6 @@ pub struct WhisperSource {
 }
 
 impl WhisperSource {
-    /// Whether the vocabulary has language tokens (Whisper's rule: 51865 ids or more).
-    pub fn multilingual(&self) -> bool {
-        self.config.vocab_size >= 51865
-    }
-
     /// A canonical tensor, or an error naming it.
     pub fn tensor(&self, name: &str) -> Result<&SourceTensor, SourceError> {
         self.tensors
@@ -226,6 +224,8 @@ pub fn read_ct2(dir: &Path) -> Result<WhisperSource, SourceError> {
         .unwrap_or_else(|| vec![tokens.eot]);
     Ok(WhisperSource {
         origin,
+        // CTranslate2's rule: a vocabulary of 51865 ids or more.
+        multilingual: config.vocab_size >= 51865,
         config,
         tensors,
         tokens,
@@ -364,7 +364,7 @@ fn fused(
 /// `<|startoflm|>` where the vocabulary has it.
 type Specials = (SpeechTokens, BTreeMap<String, u32>, Option<u32>);
 
-fn special_tokens(json: &str, path: &str) -> Result<Specials, SourceError> {
+pub(super) fn special_tokens(json: &str, path: &str) -> Result<Specials, SourceError> {
     let v: serde_json::Value = serde_json::from_str(json).map_err(|e| SourceError::Format {
         path: path.into(),
         detail: format!("invalid JSON: {e}"),
