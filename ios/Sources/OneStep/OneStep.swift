@@ -217,10 +217,9 @@ public final class Session: @unchecked Sendable {
                     continuation.finish(throwing: error)
                 }
             }
-            continuation.onTermination = { [self] _ in
-                cancel()
-                task.cancel()
-            }
+            // The loop stops at the next piece. Not `cancel()`: this runs when the stream finishes too,
+            // and a cancel flag no step consumes would stop the session's next generation before it starts.
+            continuation.onTermination = { _ in task.cancel() }
         }
     }
 }

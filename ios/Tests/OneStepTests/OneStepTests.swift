@@ -37,5 +37,7 @@ final class OneStepTests: XCTestCase {
         var streamed = ""
         for try await p in session.stream("The capital of France is", options: opts) { streamed += p }
         XCTAssertEqual(streamed, text)
+        // The stream's end leaves no cancel behind: the next generation runs.
+        XCTAssertEqual(try session.generate("The capital of France is", options: opts), text)
     }
 }
