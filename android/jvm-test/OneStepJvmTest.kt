@@ -1,5 +1,6 @@
 // Desktop JVM test of the Kotlin API over the JNI library (run by android/test-jvm):
-//   java -Djava.library.path=LIBDIR -cp test.jar OneStepJvmTestKt MODEL.onnx OWN_HOSTILE_DIR [CORPUS_DIR]
+//   java -Djava.library.path=LIBDIR -cp test.jar OneStepJvmTestKt MODEL.onnx OWN_HOSTILE_DIR [CORPUS_DIR [WHISPER.onnx]]
+// With a Whisper export (WHISPER.onnx not empty), the transcription API is tested on tests/fixtures/whisper.
 import dev.onestep.ChatMessage
 import dev.onestep.GenerateOptions
 import dev.onestep.LoadOptions
@@ -7,6 +8,8 @@ import dev.onestep.OneStep
 import dev.onestep.OneStepException
 import dev.onestep.Status
 import dev.onestep.PieceListener
+import dev.onestep.TranscribeOptions
+import dev.onestep.Transcript
 import java.io.File
 import kotlin.system.exitProcess
 
@@ -58,6 +61,158 @@ fun hostile(dir: File, required: Boolean) {
         }
     }
     println("hostile: ${files.size} files in $dir tried (path and bytes)")
+}
+
+/** A 16-bit PCM mono WAV with the canonical 44-byte header (the fixtures'), as floats in [-1, 1), and its rate. */
+fun readWav16(f: File): Pair<FloatArray, Int> {
+    val b = f.readBytes()
+    fun u16(o: Int) = (b[o].toInt() and 0xff) or ((b[o + 1].toInt() and 0xff) shl 8)
+    fun u32(o: Int) = u16(o).toLong() or (u16(o + 2).toLong() shl 16)
+    fun tag(o: Int, t: String) = String(b, o, 4, Charsets.US_ASCII) == t
+    val ok = b.size >= 44 && tag(0, "RIFF") && tag(8, "WAVE") && tag(12, "fmt ") && u16(20) == 1 /* PCM */ &&
+        u16(22) == 1 /* mono */ && u16(34) == 16 && tag(36, "data") && u32(40) <= b.size - 44L
+    require(ok) { "$f is not a 44-byte-header 16-bit PCM mono WAV" }
+    val n = (u32(40) / 2).toInt()
+    return FloatArray(n) { u16(44 + 2 * it).toShort() / 32768f } to u32(24).toInt()
+}
+
+const val EXPECT_01 = "Good morning, doctor Smith."
+
+/** The transcription API on speech_01.wav: what the C test checks (capi/tests/c/capi_test.c, whisper_*). */
+fun whisper(path: String, textModel: OneStep) {
+    if (path.isEmpty() || !File(path).isFile) {
+        println("whisper: no Whisper export${if (path.isEmpty()) "" else " at $path"}; transcription not tested")
+        return
+    }
+    // The transcript JSON reader: escapes, a number that is not finite (null).
+    val parsed = Transcript.parse(
+        "{\"text\":\"a \\\"b\\\"\\\\\\n\\u0001é\\ud83d\\ude00\",\"cancelled\":true,\"segments\":[{\"start\":0,\"end\":2.16," +
+            "\"text\":\" Hi.\",\"tokens\":[50363,17250,13],\"avg_logprob\":-0.25,\"no_speech_prob\":null}],\"stats\":" +
+            "{\"audio_s\":0,\"windows\":0,\"encode_s\":0,\"decode_s\":0,\"tokens\":0,\"real_time_factor\":null}}",
+    )
+    check(parsed.text == "a \"b\"\\\n\u0001é\ud83d\ude00" && parsed.cancelled) { "parsed text '${parsed.text}'" }
+    val ps = parsed.segments.single()
+    check(ps.end == 2.16f && ps.tokens == listOf(50363, 17250, 13) && ps.avgLogprob == -0.25f && ps.noSpeechProb.isNaN()) {
+        "parsed segment $ps"
+    }
+    check(parsed.stats.realTimeFactor.isNaN()) { "parsed stats ${parsed.stats}" }
+    expectOneStepError("malformed transcript JSON", "offset", Status.INTERNAL) { Transcript.parse("{\"text\":\"a\",}") }
+
+    // A text model is not a transcription model.
+    expectOneStepError("transcriber over a text model", "transcription", Status.INVALID_ARGUMENT) { textModel.transcriber() }
+
+    val wm = OneStep.load(path)
+    val t = wm.transcriber()
+    wm.close() // the transcriber keeps the model alive
+    check(t.sampleRate == 16000) { "sample rate ${t.sampleRate}" }
+    val (pcm, rate) = readWav16(File("tests/fixtures/whisper/speech_01.wav"))
+    check(rate == 16000 && pcm.size == 34609) { "speech_01.wav: $rate Hz, ${pcm.size} samples" }
+    val d = TranscribeOptions()
+    check(d.language == null && !d.translate && d.maxTokensPerWindow == 224 && d.timestamps) { "defaults $d" }
+
+    // Timed (the default), streamed: faster-whisper's segment, its timestamp tokens <|0.00|> .. <|2.00|> included.
+    val pieces = ArrayList<String>()
+    val timed = t.transcribe(pcm, rate) { pieces.add(it); true }
+    println("whisper: speech_01.wav -> '${timed.text}' (${pieces.size} pieces: ${pieces.joinToString("|")})")
+    println("whisper: segments ${timed.segments}")
+    println("whisper: stats ${timed.stats}")
+    check(timed.text == EXPECT_01 && !timed.cancelled) { "text '${timed.text}' cancelled ${timed.cancelled}" }
+    check(pieces.joinToString("").trim() == EXPECT_01 && pieces.size >= 2) { "pieces $pieces" }
+    val seg = timed.segments.singleOrNull()
+    check(seg != null && seg.start == 0f && seg.end == 2f && seg.text.trim() == EXPECT_01 &&
+        seg.tokens == listOf(50363, 4599, 3329, 11, 6253, 4176, 13, 50463)) { "timed segments ${timed.segments}" }
+    check(seg != null && seg.avgLogprob < 0f && seg.noSpeechProb in 0f..1f) { "segment probabilities $seg" }
+    check(timed.stats.windows == 1 && timed.stats.tokens > 0 && Math.abs(timed.stats.audioSeconds - 34609 / 16000.0) < 1e-6 &&
+        timed.stats.realTimeFactor > 0) { "stats ${timed.stats}" }
+    check(timed.json.startsWith("{\"text\":\"$EXPECT_01\",\"cancelled\":false,")) { "json ${timed.json}" }
+
+    // Untimed: the same text, one segment for the window's 2.16 s, no timestamp tokens.
+    val untimed = t.transcribe(pcm, rate, TranscribeOptions(timestamps = false))
+    val useg = untimed.segments.singleOrNull()
+    check(untimed.text == EXPECT_01 && useg != null && useg.start == 0f && useg.end == 2.16f &&
+        useg.tokens == listOf(4599, 3329, 11, 6253, 4176, 13)) { "untimed: $untimed" }
+    println("whisper: untimed -> '${untimed.text}', segments ${untimed.segments}")
+
+    // Two tokens a window, untimed: " Good morning".
+    val two = t.transcribe(pcm, rate, TranscribeOptions(maxTokensPerWindow = 2, timestamps = false))
+    check(two.text == "Good morning") { "2 tokens: '${two.text}'" }
+    // A language on an English-only model is ignored (unknown codes too): the same transcript.
+    val lang = t.transcribe(pcm, rate, TranscribeOptions(language = "xx", translate = true))
+    check(lang.text == EXPECT_01 && lang.segments.map { it.tokens } == timed.segments.map { it.tokens }) { "language xx: $lang" }
+    println("whisper: maxTokensPerWindow 2 -> '${two.text}'; language \"xx\" on English-only -> '${lang.text}'")
+
+    // onText returning false stops at that piece: cancelled, the text so far.
+    var first = ""
+    val stopped = t.transcribe(pcm, rate) { first = it; false }
+    check(stopped.cancelled && stopped.text == first.trim() && stopped.text.length < EXPECT_01.length &&
+        EXPECT_01.startsWith(stopped.text)) { "callback stop: '${stopped.text}' (first piece '$first')" }
+    println("whisper: onText returned false at the first piece -> cancelled, '${stopped.text}'")
+
+    // Cancel from another thread at the first piece; a call from the callback finds the transcriber busy.
+    var n = 0
+    var reentrant: Status? = null
+    val cancelled = t.transcribe(pcm, rate) {
+        if (++n == 1) {
+            try {
+                t.transcribe(FloatArray(16), rate)
+            } catch (e: OneStepException) {
+                reentrant = e.status
+            }
+            Thread { t.cancel() }.apply { start(); join() }
+        }
+        true
+    }
+    check(cancelled.cancelled && n == 1 && cancelled.text.length < EXPECT_01.length) { "thread cancel after $n pieces: $cancelled" }
+    check(reentrant == Status.BUSY) { "re-entrant call: $reentrant" }
+    println("whisper: cancelled from another thread after the first piece: '${cancelled.text}'; re-entrant call -> $reentrant")
+
+    // An exception in onText propagates as itself; the transcriber stays usable.
+    try {
+        t.transcribe(pcm, rate) { throw IllegalArgumentException("from onText") }
+        check(false) { "onText exception swallowed" }
+    } catch (e: IllegalArgumentException) {
+        check(e.message == "from onText") { "onText exception: ${e.message}" }
+    }
+
+    // Calls that stop before any audio is encoded: no samples, a cancel sent while nothing ran (consumed by it).
+    val empty = t.transcribe(FloatArray(0), rate)
+    check(empty.text == "" && !empty.cancelled && empty.segments.isEmpty() && empty.stats.windows == 0) { "empty: $empty" }
+    t.cancel()
+    val pre = t.transcribe(pcm, rate)
+    check(pre.text == "" && pre.cancelled && pre.segments.isEmpty() && pre.stats.windows == 0) { "pre-cancelled: $pre" }
+
+    // Typed errors.
+    expectOneStepError("wrong sample rate", "8000", Status.INVALID_ARGUMENT) { t.transcribe(pcm, 8000) }
+    expectOneStepError("negative sample rate", "-1", Status.INVALID_ARGUMENT) { t.transcribe(pcm, -1) }
+    val nan = pcm.copyOf().also { it[1000] = Float.NaN }
+    expectOneStepError("NaN sample", "samples[1000]", Status.INVALID_ARGUMENT) { t.transcribe(nan, rate) }
+    expectOneStepError("0 tokens a window", "max_tokens_per_window", Status.INVALID_ARGUMENT) {
+        t.transcribe(pcm, rate, TranscribeOptions(maxTokensPerWindow = 0))
+    }
+    expectOneStepError("negative tokens a window", "max_tokens_per_window", Status.INVALID_ARGUMENT) {
+        t.transcribe(pcm, rate, TranscribeOptions(maxTokensPerWindow = -3))
+    }
+
+    // After the errors and the stops it still works.
+    check(t.transcribe(pcm, rate).text == EXPECT_01) { "transcriber unusable after errors" }
+
+    // Closed handles are refused in Kotlin, before reaching native code.
+    t.close()
+    t.close() // idempotent
+    t.cancel() // no-op once closed
+    try {
+        t.transcribe(pcm, rate)
+        check(false) { "transcribe on a closed transcriber" }
+    } catch (e: IllegalStateException) {
+        check(e.message.orEmpty().contains("closed")) { "closed transcriber: ${e.message}" }
+    }
+    try {
+        wm.transcriber()
+        check(false) { "transcriber of a closed model" }
+    } catch (e: IllegalStateException) {
+        // expected
+    }
+    println("whisper: closed transcriber and model refused")
 }
 
 fun main(args: Array<String>) {
@@ -169,6 +324,7 @@ fun main(args: Array<String>) {
     } catch (e: IllegalStateException) {
         // expected
     }
+    whisper(if (args.size > 3) args[3] else "", model)
     model.close()
 
     hostile(File(args[1]), true)

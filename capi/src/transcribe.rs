@@ -1,33 +1,30 @@
 //! Speech to text through the C ABI: a transcriber handle over a transcription model (Whisper
 //! exported by `onestep-export`), over [`onestep::generate::Transcriber`]. The same rules as the
 //! session functions: statuses and the per-thread message, NULL checks, caught panics, a busy
-//! handle refused, a cancel any thread may send.
+//! handle refused, a cancel any thread may send. The transcriber's state, its checks and the
+//! transcript's JSON are the ones the JNI bindings run too (`onestep_ffi::TranscriberCell`).
 
 use std::ffi::{c_char, c_void};
-use std::fmt::Write as _;
 use std::ops::ControlFlow;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, MutexGuard, TryLockError};
 
-use onestep::generate::{TranscribeOptions, Transcriber, Transcript};
-use onestep_ffi::Phase;
+use onestep::generate::TranscribeOptions;
+use onestep_ffi::TranscriberCell;
 
 use crate::{
-    boundary, c_string, check_size, fail, non_null, non_null_mut, owned_c_string, runtime_fail,
-    utf8, FfiResult, OnestepModel, OnestepStatus,
+    boundary, c_string, check_size, non_null, non_null_mut, owned_c_string, utf8, FfiResult,
+    OnestepModel, OnestepStatus,
 };
 
 /// Longest audio one [`onestep_transcribe`] call takes: 4 hours (at 16 kHz, 0.9 GB of samples).
 pub const ONESTEP_TRANSCRIBE_MAX_SECONDS: u32 = 4 * 3600;
+// The literal is cbindgen's to print; the limit is the one the bindings share.
+const _: () = assert!(ONESTEP_TRANSCRIBE_MAX_SECONDS == onestep_ffi::TRANSCRIBE_MAX_SECONDS);
 
 /// A transcription session over a transcription model (its own decoder state, reused call after
 /// call). Free with [`onestep_transcriber_free`].
 pub struct OnestepTranscriber {
-    sample_rate: u32,
-    cancel: AtomicBool,
-    /// Held for one call: a second concurrent call finds it busy; poisoned after a caught panic.
-    inner: Mutex<Transcriber>,
+    cell: TranscriberCell,
 }
 
 /// Options of one transcription. Fill with [`onestep_transcribe_options_default`], then change
@@ -77,104 +74,10 @@ fn transcribe_options_from_c(
         out.language = Some(utf8(o.language, "options.language")?.to_string());
     }
     out.translate = o.translate;
-    if o.max_tokens_per_window == 0 {
-        return Err(fail(
-            OnestepStatus::InvalidArgument,
-            "options.max_tokens_per_window is 0; it must be at least 1",
-        ));
-    }
+    // 0 is refused by `TranscriberCell::transcribe`, as for every binding.
     out.max_tokens_per_window = o.max_tokens_per_window as usize;
     out.timestamps = o.timestamps;
     Ok(out)
-}
-
-/// Locks the transcriber for one call, never blocking: a second concurrent call is
-/// `ONESTEP_STATUS_BUSY`.
-fn lock(t: &OnestepTranscriber) -> FfiResult<MutexGuard<'_, Transcriber>> {
-    const LOST: &str =
-        "the transcriber was lost to an earlier internal error; free it and create a new one";
-    t.inner.try_lock().map_err(|e| match e {
-        TryLockError::WouldBlock => fail(
-            OnestepStatus::Busy,
-            "the transcriber is in use by another call",
-        ),
-        TryLockError::Poisoned(_) => fail(OnestepStatus::BadState, LOST),
-    })
-}
-
-/// `x` as a JSON number (shortest form of its own type; `null` when not finite, as serde_json
-/// writes it).
-fn json_num<T: Into<f64> + std::fmt::Display + Copy>(out: &mut String, x: T) {
-    if x.into().is_finite() {
-        let _ = write!(out, "{x}");
-    } else {
-        out.push_str("null");
-    }
-}
-
-fn json_str(out: &mut String, s: &str) {
-    out.push('"');
-    for ch in s.chars() {
-        match ch {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-}
-
-/// The transcript as JSON: the fields of [`Transcript`] (as its serde form names them) and
-/// `cancelled`.
-fn transcript_json(t: &Transcript, cancelled: bool) -> String {
-    let mut o = String::with_capacity(256 + t.text.len() * 2);
-    o.push_str("{\"text\":");
-    json_str(&mut o, &t.text);
-    o.push_str(",\"cancelled\":");
-    o.push_str(if cancelled { "true" } else { "false" });
-    o.push_str(",\"segments\":[");
-    for (i, s) in t.segments.iter().enumerate() {
-        if i > 0 {
-            o.push(',');
-        }
-        o.push_str("{\"start\":");
-        json_num(&mut o, s.start);
-        o.push_str(",\"end\":");
-        json_num(&mut o, s.end);
-        o.push_str(",\"text\":");
-        json_str(&mut o, &s.text);
-        o.push_str(",\"tokens\":[");
-        for (j, tok) in s.tokens.iter().enumerate() {
-            if j > 0 {
-                o.push(',');
-            }
-            let _ = write!(o, "{tok}");
-        }
-        o.push_str("],\"avg_logprob\":");
-        json_num(&mut o, s.avg_logprob);
-        o.push_str(",\"no_speech_prob\":");
-        json_num(&mut o, s.no_speech_prob);
-        o.push('}');
-    }
-    let st = &t.stats;
-    o.push_str("],\"stats\":{\"audio_s\":");
-    json_num(&mut o, st.audio_s);
-    let _ = write!(o, ",\"windows\":{}", st.windows);
-    o.push_str(",\"encode_s\":");
-    json_num(&mut o, st.encode_s);
-    o.push_str(",\"decode_s\":");
-    json_num(&mut o, st.decode_s);
-    let _ = write!(o, ",\"tokens\":{}", st.tokens);
-    o.push_str(",\"real_time_factor\":");
-    json_num(&mut o, st.real_time_factor);
-    o.push_str("}}");
-    o
 }
 
 /// Creates a transcriber over `model`, which must be a transcription model (else
@@ -190,12 +93,8 @@ pub unsafe extern "C" fn onestep_transcriber_new(
         let out = non_null_mut(transcriber_out, "transcriber_out")?;
         *out = std::ptr::null_mut();
         let m = non_null(model, "model")?;
-        let t = Transcriber::new(m.model.clone()).map_err(|e| runtime_fail(e, Phase::Load))?;
-        *out = Box::into_raw(Box::new(OnestepTranscriber {
-            sample_rate: t.speech().sample_rate,
-            cancel: AtomicBool::new(false),
-            inner: Mutex::new(t),
-        }));
+        let cell = TranscriberCell::new(m.model.clone())?;
+        *out = Box::into_raw(Box::new(OnestepTranscriber { cell }));
         Ok(())
     })
 }
@@ -218,7 +117,7 @@ pub unsafe extern "C" fn onestep_transcriber_sample_rate(
     transcriber: *const OnestepTranscriber,
 ) -> u32 {
     // SAFETY: a non-NULL transcriber is valid (contract).
-    unsafe { transcriber.as_ref() }.map_or(0, |t| t.sample_rate)
+    unsafe { transcriber.as_ref() }.map_or(0, |t| t.cell.sample_rate())
 }
 
 /// Asks the running transcription of `transcriber` to stop after the current token: it returns
@@ -230,7 +129,7 @@ pub unsafe extern "C" fn onestep_transcriber_sample_rate(
 pub unsafe extern "C" fn onestep_transcriber_cancel(transcriber: *const OnestepTranscriber) {
     // SAFETY: a non-NULL transcriber is valid (contract); only the atomic flag is touched.
     if let Some(t) = unsafe { transcriber.as_ref() } {
-        t.cancel.store(true, Ordering::Release);
+        t.cell.cancel();
     }
 }
 
@@ -292,69 +191,31 @@ pub unsafe extern "C" fn onestep_transcribe(
         }
         let t = non_null(transcriber, "transcriber")?;
         non_null(samples, "samples")?;
-        if sample_rate != t.sample_rate {
-            return Err(fail(
-                OnestepStatus::InvalidArgument,
-                format!(
-                    "sample_rate is {sample_rate} Hz; this model takes mono samples at {} Hz \
-                     (resample the audio first)",
-                    t.sample_rate
-                ),
-            ));
-        }
-        let max = ONESTEP_TRANSCRIBE_MAX_SECONDS as usize * t.sample_rate as usize;
-        if samples_len > max {
-            return Err(fail(
-                OnestepStatus::InvalidArgument,
-                format!(
-                    "samples_len is {samples_len} ({} s at {} Hz); one call takes at most \
-                     {ONESTEP_TRANSCRIBE_MAX_SECONDS} s ({max} samples)",
-                    samples_len / t.sample_rate.max(1) as usize,
-                    t.sample_rate
-                ),
-            ));
-        }
+        // The rate and the length before a sample is read.
+        t.cell.check_audio(sample_rate, samples_len)?;
         let opts = transcribe_options_from_c(options)?;
         // SAFETY: non-NULL, `samples_len` readable floats per the contract; the length is bounded
         // above, far below `isize::MAX` bytes.
         let samples = unsafe { std::slice::from_raw_parts(samples, samples_len) };
-        if let Some(i) = samples.iter().position(|x| !x.is_finite()) {
-            return Err(fail(
-                OnestepStatus::InvalidArgument,
-                format!("samples[{i}] is {} (audio must be finite)", samples[i]),
-            ));
-        }
-        let mut inner = lock(t)?;
-        // A cancel sent while nothing ran stops this call before it starts, as a session's does.
-        let (transcript, stopped) = if t.cancel.swap(false, Ordering::AcqRel) {
-            (Transcript::default(), true)
-        } else {
-            let mut stopped = false;
-            let on_text = |piece: &str| -> ControlFlow<()> {
-                if let Some(cb) = callback {
-                    let c = c_string(piece);
-                    let len = c.as_bytes().len();
-                    // SAFETY: the caller's callback, with a NUL-terminated string alive for the call.
-                    if !unsafe { cb(c.as_ptr(), len, user_data) } {
-                        stopped = true;
-                        return ControlFlow::Break(());
-                    }
-                }
-                if t.cancel.swap(false, Ordering::AcqRel) {
-                    stopped = true;
-                    return ControlFlow::Break(());
-                }
-                ControlFlow::Continue(())
+        let mut on_text = |piece: &str| -> ControlFlow<()> {
+            let Some(cb) = callback else {
+                return ControlFlow::Continue(());
             };
-            let tr = inner
-                .transcribe(samples, &opts, on_text)
-                .map_err(|e| runtime_fail(e, Phase::Run))?;
-            (tr, stopped)
+            let c = c_string(piece);
+            let len = c.as_bytes().len();
+            // SAFETY: the caller's callback, with a NUL-terminated string alive for the call.
+            if unsafe { cb(c.as_ptr(), len, user_data) } {
+                ControlFlow::Continue(())
+            } else {
+                ControlFlow::Break(())
+            }
         };
-        drop(inner);
+        let done = t
+            .cell
+            .transcribe(samples, sample_rate, &opts, &mut on_text)?;
         if !json_out.is_null() {
             // SAFETY: non-NULL, writable (contract).
-            unsafe { *json_out = owned_c_string(&transcript_json(&transcript, stopped)).0 };
+            unsafe { *json_out = owned_c_string(&done.json()).0 };
         }
         Ok(())
     })
@@ -448,9 +309,6 @@ mod tests {
                 .map_err(|f| f.message)
                 .unwrap();
             assert_eq!(r, TranscribeOptions::default());
-            o.max_tokens_per_window = 0;
-            let e = transcribe_options_from_c(&o).err().unwrap();
-            assert_eq!(e.status, OnestepStatus::InvalidArgument);
             o.max_tokens_per_window = 7;
             o.translate = true;
             o.language = c"de".as_ptr();
@@ -468,21 +326,5 @@ mod tests {
                 (Some("de"), true, 7, false)
             );
         }
-    }
-
-    #[test]
-    fn json_escapes_and_non_finite_numbers() {
-        let mut t = Transcript {
-            text: "a \"b\"\\\n\u{1}é".into(),
-            ..Transcript::default()
-        };
-        t.stats.real_time_factor = f64::INFINITY;
-        let j = transcript_json(&t, true);
-        assert_eq!(
-            j,
-            "{\"text\":\"a \\\"b\\\"\\\\\\n\\u0001é\",\"cancelled\":true,\"segments\":[],\
-             \"stats\":{\"audio_s\":0,\"windows\":0,\"encode_s\":0,\"decode_s\":0,\"tokens\":0,\
-             \"real_time_factor\":null}}"
-        );
     }
 }

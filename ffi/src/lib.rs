@@ -1,9 +1,11 @@
 //! What the C ABI (`capi/`) and the JNI bindings (`android/jni/`) share, so that they behave as one:
-//! the [`Status`] of every runtime failure, and a session's state machine ([`SessionCell`]: idle,
+//! the [`Status`] of every runtime failure, a session's state machine ([`SessionCell`]: idle,
 //! streaming a pull generation, or lost to a panic) behind one lock that a second concurrent call
-//! finds busy, with the cancel flag outside it. Each binding converts its arguments, calls these,
-//! and converts the results and failures to its own forms (a C status and the per-thread message;
-//! a Kotlin `OneStepException`); neither keeps a session state of its own.
+//! finds busy, with the cancel flag outside it, and a transcriber the same way ([`TranscriberCell`],
+//! with the checks of the audio and the transcript's JSON). Each binding converts its arguments,
+//! calls these, and converts the results and failures to its own forms (a C status and the
+//! per-thread message; a Kotlin `OneStepException`); neither keeps a session or transcriber state of
+//! its own.
 //!
 //! No function here unwinds on bad input; the bindings still catch panics at their entry points.
 #![warn(missing_docs)]
@@ -14,6 +16,9 @@ use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
 use onestep::generate::{ChatMessage, Completion, GenerateOptions, OwnedStream, Piece, Session};
 use onestep::{Error, Model};
+
+mod transcribe;
+pub use transcribe::{Transcribed, TranscriberCell, TRANSCRIBE_MAX_SECONDS};
 
 /// What kind of failure a call reports: the C ABI's `OnestepStatus` values that the runtime produces
 /// (the C boundary adds its own: NULL pointers, bad UTF-8, caught panics), Kotlin's `Status` by name.

@@ -3,8 +3,8 @@
 //! (`android/build-so.sh`) and for the desktop JVM (tests in `android/test-jvm`).
 //!
 //! The bindings add no logic: each native method converts its arguments, calls the safe Rust API
-//! ([`onestep::Model`]) or the session state machine the C ABI runs too ([`onestep_ffi::SessionCell`]),
-//! and converts the result. Runtime errors become a `dev.onestep.OneStepException` carrying a
+//! ([`onestep::Model`]) or the session state machine and the transcriber the C ABI runs too
+//! ([`onestep_ffi::SessionCell`], [`onestep_ffi::TranscriberCell`]), and converts the result. Runtime errors become a `dev.onestep.OneStepException` carrying a
 //! `dev.onestep.Status` (the C ABI's status, [`onestep_ffi::Status`]) and the runtime's message; JNI
 //! failures and Rust panics
 //! become a `java.lang.RuntimeException` (every entry point runs inside `EnvUnowned::with_env`, which
@@ -18,13 +18,15 @@ use std::ops::ControlFlow;
 use std::sync::Arc;
 
 use jni::errors::ThrowRuntimeExAndDefault;
-use jni::objects::{JByteArray, JClass, JObject, JObjectArray, JString, JThrowable, JValue};
+use jni::objects::{
+    JByteArray, JClass, JFloatArray, JObject, JObjectArray, JString, JThrowable, JValue,
+};
 use jni::sys::{jboolean, jdouble, jfloat, jint, jlong};
 use jni::{jni_sig, jni_str, Env, EnvUnowned};
 
-use onestep::generate::{ChatMessage, GenerateOptions, StopReason};
+use onestep::generate::{ChatMessage, GenerateOptions, StopReason, TranscribeOptions};
 use onestep::{LoadOptions, Model};
-use onestep_ffi::{Fail, Phase, Prompt, SessionCell, Status};
+use onestep_ffi::{Fail, Phase, Prompt, SessionCell, Status, TranscriberCell};
 
 type JResult<T> = Result<T, jni::errors::Error>;
 
@@ -69,6 +71,14 @@ fn session_ref<'a>(env: &mut Env<'_>, handle: jlong) -> JResult<&'a SessionCell>
     match unsafe { (handle as *const SessionCell).as_ref() } {
         Some(s) => Ok(s),
         None => throw(env, Status::BadState, "the session is closed"),
+    }
+}
+
+fn transcriber_ref<'a>(env: &mut Env<'_>, handle: jlong) -> JResult<&'a TranscriberCell> {
+    // SAFETY: as above, for `transcriberNew`.
+    match unsafe { (handle as *const TranscriberCell).as_ref() } {
+        Some(t) => Ok(t),
+        None => throw(env, Status::BadState, "the transcriber is closed"),
     }
 }
 
@@ -590,6 +600,155 @@ pub extern "system" fn Java_dev_onestep_Native_sessionLastStats<'l>(
         let arr = env.new_double_array(v.len())?;
         arr.set_region(env, 0, &v)?;
         Ok(arr.into())
+    })
+    .resolve::<ThrowRuntimeExAndDefault>()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Transcriber.
+
+/// `Native.transcriberNew(model: Long): Long` — INVALID_ARGUMENT unless the model is a transcription
+/// model. The transcriber keeps its own reference to the model.
+#[no_mangle]
+pub extern "system" fn Java_dev_onestep_Native_transcriberNew<'l>(
+    mut env: EnvUnowned<'l>,
+    _class: JClass<'l>,
+    model: jlong,
+) -> jlong {
+    env.with_env(|env| -> JResult<jlong> {
+        let m = model_ref(env, model)?.clone();
+        let cell = TranscriberCell::new(m);
+        let cell = or_throw(env, cell)?;
+        Ok(Box::into_raw(Box::new(cell)) as jlong)
+    })
+    .resolve::<ThrowRuntimeExAndDefault>()
+}
+
+/// `Native.transcriberFree(handle: Long)`
+#[no_mangle]
+pub extern "system" fn Java_dev_onestep_Native_transcriberFree<'l>(
+    mut env: EnvUnowned<'l>,
+    _class: JClass<'l>,
+    handle: jlong,
+) {
+    env.with_env(|_env| -> JResult<()> {
+        if handle != 0 {
+            // SAFETY: a live handle from `transcriberNew`, freed once, with no call running.
+            drop(unsafe { Box::from_raw(handle as *mut TranscriberCell) });
+        }
+        Ok(())
+    })
+    .resolve::<ThrowRuntimeExAndDefault>()
+}
+
+/// `Native.transcriberCancel(handle: Long)`: any thread, any time while the transcriber is open.
+#[no_mangle]
+pub extern "system" fn Java_dev_onestep_Native_transcriberCancel<'l>(
+    mut env: EnvUnowned<'l>,
+    _class: JClass<'l>,
+    handle: jlong,
+) {
+    env.with_env(|env| -> JResult<()> {
+        transcriber_ref(env, handle)?.cancel();
+        Ok(())
+    })
+    .resolve::<ThrowRuntimeExAndDefault>()
+}
+
+/// `Native.transcriberSampleRate(handle: Long): Int` — the rate `transcribe` takes (16000 for
+/// Whisper).
+#[no_mangle]
+pub extern "system" fn Java_dev_onestep_Native_transcriberSampleRate<'l>(
+    mut env: EnvUnowned<'l>,
+    _class: JClass<'l>,
+    handle: jlong,
+) -> jint {
+    env.with_env(|env| -> JResult<jint> {
+        let rate = transcriber_ref(env, handle)?.sample_rate();
+        Ok(jint::try_from(rate).unwrap_or(jint::MAX))
+    })
+    .resolve::<ThrowRuntimeExAndDefault>()
+}
+
+/// `Native.transcribe(handle, samples: FloatArray, sampleRate: Int, language: String?, translate:
+/// Boolean, maxTokensPerWindow: Int, timestamps: Boolean, listener: TextListener?): String` — the
+/// transcript as JSON (the C ABI's `onestep_transcribe` format). `listener.onText(text: String):
+/// Boolean` sees each piece of text as it is decoded (false stops: the transcript so far, with
+/// `"cancelled": true`). A null `language` is English.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub extern "system" fn Java_dev_onestep_Native_transcribe<'l>(
+    mut env: EnvUnowned<'l>,
+    _class: JClass<'l>,
+    handle: jlong,
+    samples: JFloatArray<'l>,
+    sample_rate: jint,
+    language: JString<'l>,
+    translate: jboolean,
+    max_tokens_per_window: jint,
+    timestamps: jboolean,
+    listener: JObject<'l>,
+) -> JObject<'l> {
+    env.with_env(|env| -> JResult<JObject<'l>> {
+        let cell = transcriber_ref(env, handle)?;
+        let Ok(rate) = u32::try_from(sample_rate) else {
+            return throw(
+                env,
+                Status::InvalidArgument,
+                format!("sampleRate {sample_rate} is negative"),
+            );
+        };
+        let Ok(max_tokens) = usize::try_from(max_tokens_per_window) else {
+            return throw(
+                env,
+                Status::InvalidArgument,
+                format!("max_tokens_per_window is {max_tokens_per_window}; it must be at least 1"),
+            );
+        };
+        let n = samples.len(env)?;
+        // The rate and the length before the samples are copied.
+        let r = cell.check_audio(rate, n);
+        or_throw(env, r)?;
+        let opts = TranscribeOptions {
+            language: opt_string(env, &language)?,
+            translate,
+            max_tokens_per_window: max_tokens,
+            timestamps,
+            ..TranscribeOptions::default()
+        };
+        let mut pcm = vec![0f32; n];
+        samples.get_region(env, 0, &mut pcm)?;
+        // A Java exception in the listener stops the transcription and propagates.
+        let mut java_error: Option<jni::errors::Error> = None;
+        let mut on_text = |piece: &str| -> ControlFlow<()> {
+            if listener.is_null() {
+                return ControlFlow::Continue(());
+            }
+            let r = env.with_local_frame(4, |env| -> JResult<bool> {
+                let s = env.new_string(piece)?;
+                env.call_method(
+                    &listener,
+                    jni_str!("onText"),
+                    jni_sig!("(Ljava/lang/String;)Z"),
+                    &[JValue::Object(&s)],
+                )?
+                .z()
+            });
+            match r {
+                Ok(true) => ControlFlow::Continue(()),
+                Ok(false) => ControlFlow::Break(()),
+                Err(e) => {
+                    java_error = Some(e);
+                    ControlFlow::Break(())
+                }
+            }
+        };
+        let r = cell.transcribe(&pcm, rate, &opts, &mut on_text);
+        if let Some(e) = java_error {
+            return Err(e);
+        }
+        let done = or_throw(env, r)?;
+        Ok(env.new_string(done.json())?.into())
     })
     .resolve::<ThrowRuntimeExAndDefault>()
 }

@@ -1,6 +1,6 @@
 package dev.onestep
 
-/** The native methods of `libonestep_jni` (android/jni). Internal: use [OneStep] and [Session]. */
+/** The native methods of `libonestep_jni` (android/jni). Internal: use [OneStep], [Session] and [Transcriber]. */
 internal object Native {
     init {
         System.loadLibrary("onestep_jni")
@@ -44,4 +44,15 @@ internal object Native {
     @JvmStatic external fun sessionLastStopReason(handle: Long): String?
     /** [prompt, reused, generated, ttftMs, prefillMs, decodeMs, decodeTokPerS, stopTokenId or -1]. */
     @JvmStatic external fun sessionLastStats(handle: Long): DoubleArray?
+
+    @JvmStatic external fun transcriberNew(model: Long): Long
+    @JvmStatic external fun transcriberFree(handle: Long)
+    @JvmStatic external fun transcriberCancel(handle: Long)
+    @JvmStatic external fun transcriberSampleRate(handle: Long): Int
+
+    /** The transcript as JSON (the C ABI's `onestep_transcribe` format). A null [language] is English. */
+    @JvmStatic external fun transcribe(
+        handle: Long, samples: FloatArray, sampleRate: Int, language: String?, translate: Boolean,
+        maxTokensPerWindow: Int, timestamps: Boolean, listener: TextListener?,
+    ): String
 }

@@ -20,11 +20,11 @@ enum class Status {
     TOKENIZER,
     /** Chat-template failure (or no chat template). */
     TEMPLATE,
-    /** The session is in use by another call. */
+    /** The session or transcriber is in use by another call (another thread, or a call from its own callback). */
     BUSY,
     /** The call does not fit the state (a closed handle, no generation in progress). */
     BAD_STATE,
-    /** The generation was cancelled. */
+    /** The operation was cancelled. */
     CANCELLED,
     /** The GPU cannot be used or failed (no adapter, a step its kernels do not take, its memory, device lost). */
     DEVICE,
@@ -107,7 +107,7 @@ data class LoadOptions @JvmOverloads constructor(
     val settings: String? = null,
 )
 
-/** A loaded model: immutable, shared by any number of [Session]s on any threads. */
+/** A loaded model: immutable, shared by any number of [Session]s and [Transcriber]s on any threads. */
 class OneStep private constructor(handle: Long) : AutoCloseable {
     private val guard = Guard(handle, "model")
 
@@ -151,6 +151,12 @@ class OneStep private constructor(handle: Long) : AutoCloseable {
 
     /** A new conversation over this model (it stays valid after the model is closed). */
     fun session(): Session = Session(guard.use { Native.sessionNew(it) })
+
+    /**
+     * A new [Transcriber] over this model, which must be a transcription model (Whisper exported by onestep-export;
+     * else a [OneStepException] with [Status.INVALID_ARGUMENT]). It stays valid after the model is closed.
+     */
+    fun transcriber(): Transcriber = Transcriber(guard.use { Native.transcriberNew(it) })
 
     override fun close() = guard.close { Native.modelFree(it) }
 }
