@@ -261,20 +261,34 @@ thread_local! {
 }
 
 /// Query rows `t0..t1` of head `bh` (`b·H + h`) into `out` (`(t1 − t0) × Dv`).
+/// The thread's scratch is borrowed here, outside the feature-enabled function: a closure does not
+/// inherit its target features, so a body inside one would lose AVX2 and call `fmaf` for every `mul_add`.
 fn block(p: &Problem, keys: &Keys, simd: bool, bh: usize, t0: usize, t1: usize, out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if simd && super::simd::best_isa() == super::simd::Isa::Avx2 {
-        // SAFETY: best_isa() returned Avx2 only after detecting avx2, fma and f16c on this CPU.
-        return unsafe { block_avx2(p, keys, bh, t0, t1, out) };
-    }
-    block_body::<{ cfg!(target_arch = "aarch64") }>(p, keys, bh, t0, t1, out)
+    SCRATCH.with_borrow_mut(|buf| {
+        #[cfg(target_arch = "x86_64")]
+        if simd && super::simd::best_isa() == super::simd::Isa::Avx2 {
+            // SAFETY: best_isa() returned Avx2 only after detecting avx2, fma and f16c on this CPU.
+            return unsafe { block_avx2(p, keys, bh, t0, t1, out, buf) };
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = simd;
+        block_body::<{ cfg!(target_arch = "aarch64") }>(p, keys, bh, t0, t1, out, buf)
+    })
 }
 
 /// [`block_body`] compiled for AVX2+FMA: its loops vectorize, and the tiles are [`x86`]'s.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn block_avx2(p: &Problem, keys: &Keys, bh: usize, t0: usize, t1: usize, out: &mut [f32]) {
-    block_body::<true>(p, keys, bh, t0, t1, out)
+fn block_avx2(
+    p: &Problem,
+    keys: &Keys,
+    bh: usize,
+    t0: usize,
+    t1: usize,
+    out: &mut [f32],
+    buf: &mut Vec<f32>,
+) {
+    block_body::<true>(p, keys, bh, t0, t1, out, buf)
 }
 
 /// `a·b + c`, fused where `FMA` (a hardware instruction there; elsewhere `mul_add` is a library call).
@@ -287,7 +301,8 @@ fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
     }
 }
 
-/// The block: scores of its rows against the keys they may attend, softmax in place, `P·V`.
+/// The block: scores of its rows against the keys they may attend, softmax in place, `P·V` (`buf`: the
+/// thread's scratch, grown as needed).
 #[inline(always)]
 fn block_body<const FMA: bool>(
     p: &Problem,
@@ -296,6 +311,7 @@ fn block_body<const FMA: bool>(
     t0: usize,
     t1: usize,
     out: &mut [f32],
+    buf: &mut Vec<f32>,
 ) {
     let (d, dv) = (p.d, p.dv);
     let (bi, hi) = (bh / p.h, bh % p.h);
@@ -307,7 +323,7 @@ fn block_body<const FMA: bool>(
     let sp = keys_len.div_ceil(NR) * NR;
     let kmat = &p.k[kh * p.s * d..(kh + 1) * p.s * d];
     let vmat = &p.v[kh * p.s * dv..(kh + 1) * p.s * dv];
-    SCRATCH.with_borrow_mut(|buf| {
+    {
         // Not cleared: every element read below is written first (Q's padding rows here, the
         // accumulator where the tail columns add into it).
         let need = np * d + np * sp + np * dv + np;
@@ -415,7 +431,7 @@ fn block_body<const FMA: bool>(
             let inv = if l > 0.0 { 1.0 / l } else { 0.0 };
             o.iter_mut().zip(a).for_each(|(o, &a)| *o = a * inv);
         }
-    });
+    }
 }
 
 /// Scores of `MR` query rows (`q`: `MR × D`) against one packed panel (`D × NR`) into

@@ -714,6 +714,152 @@ mod avx2 {
     /// Rows of `x` handled together per decoded weight block in the GEMM path (the exact path also uses
     /// tiles of `2·TILE`).
     const TILE: usize = 4;
+    /// Weight rows and rows of x of a dense-float exact tile ([`tile_f32`] and its kin): DW·DX
+    /// accumulators, DW weight and one x register — 16 ymm registers, 12 FMAs for every 7 loads.
+    const DW: usize = 3;
+    const DX: usize = 4;
+    /// Bytes of x a dense pass keeps in L2 while the weights stream past it.
+    const X_BLOCK_BYTES: usize = 192 << 10;
+
+    /// 8 consecutive weights as f32, per dense float form.
+    ///
+    /// # Safety
+    /// avx2+fma+f16c available; 8 elements readable at `p`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn ld_f32(p: *const f32) -> __m256 {
+        unsafe { _mm256_loadu_ps(p) }
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn ld_f16(p: *const half::f16) -> __m256 {
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn ld_bf16(p: *const half::bf16) -> __m256 {
+        unsafe {
+            let v = _mm_loadu_si128(p as *const __m128i);
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(v)))
+        }
+    }
+
+    /// `out[j][r] = Σ_c w[row0 + j][c] · x[x0 + r][c]` over the first `k / 8 · 8` columns, for DW rows
+    /// of a dense float weight matrix (each 8-weight load shared by DX rows of x, each x load by DW
+    /// rows); the caller adds the column tail.
+    macro_rules! dense_tile {
+        ($name:ident, $t:ty, $ld:ident) => {
+            /// # Safety
+            /// avx2+fma+f16c available; `w` holds rows `row0..row0 + DW` of `k` columns and `x` rows
+            /// `x0..x0 + DX` of `k` columns.
+            #[inline]
+            #[target_feature(enable = "avx2,fma,f16c")]
+            unsafe fn $name(
+                w: &[$t],
+                k: usize,
+                x: &[f32],
+                x0: usize,
+                row0: usize,
+            ) -> [[f32; DX]; DW] {
+                let k8 = k / 8 * 8;
+                let mut acc = [[_mm256_setzero_ps(); DX]; DW];
+                let (wp, xp) = (w.as_ptr(), x.as_ptr());
+                let mut c = 0;
+                // SAFETY: c + 8 <= k8 <= k; rows row0..row0+DW and x0..x0+DX exist (the contract).
+                unsafe {
+                    while c < k8 {
+                        let w0 = $ld(wp.add(row0 * k + c));
+                        let w1 = $ld(wp.add((row0 + 1) * k + c));
+                        let w2 = $ld(wp.add((row0 + 2) * k + c));
+                        for r in 0..DX {
+                            let xv = _mm256_loadu_ps(xp.add((x0 + r) * k + c));
+                            acc[0][r] = _mm256_fmadd_ps(w0, xv, acc[0][r]);
+                            acc[1][r] = _mm256_fmadd_ps(w1, xv, acc[1][r]);
+                            acc[2][r] = _mm256_fmadd_ps(w2, xv, acc[2][r]);
+                        }
+                        c += 8;
+                    }
+                }
+                let mut out = [[0f32; DX]; DW];
+                for j in 0..DW {
+                    for r in 0..DX {
+                        out[j][r] = hsum(acc[j][r]);
+                    }
+                }
+                out
+            }
+        };
+    }
+    dense_tile!(tile_f32, f32, ld_f32);
+    dense_tile!(tile_f16, half::f16, ld_f16);
+    dense_tile!(tile_bf16, half::bf16, ld_bf16);
+
+    /// Exact rows of dense float weights for the first `t / DX · DX` rows of x: DW weight rows by DX
+    /// rows of x a tile (the last `rows.len() % DW` weight rows by [`tile_exact`]). Returns the rows of
+    /// x done; `None` for weights that are not dense floats.
+    ///
+    /// # Safety
+    /// As [`rows_exact`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn rows_dense(
+        w: &Weights,
+        x: &[f32],
+        t: usize,
+        rows: std::ops::Range<usize>,
+        out: &mut [f32],
+    ) -> Option<usize> {
+        let k = w.k();
+        let tile = |row0: usize, x0: usize| -> Option<[[f32; DX]; DW]> {
+            // SAFETY: the callers' rows and tokens are in range (rows_exact's contract).
+            unsafe {
+                Some(match *w {
+                    Weights::F32 { w, .. } => tile_f32(w, k, x, x0, row0),
+                    Weights::F16 { w, .. } => tile_f16(w, k, x, x0, row0),
+                    Weights::Bf16 { w, .. } => tile_bf16(w, k, x, x0, row0),
+                    _ => return None,
+                })
+            }
+        };
+        let (n, k8) = (rows.len(), k / 8 * 8);
+        let (nt, nr) = (t / DX * DX, n / DW * DW);
+        // Blocks of x of about X_BLOCK_BYTES (L2) outermost; in a block, each DW-row group of weights
+        // (a few KiB: L1) meets every DX-row tile of x. The weights stream once a block, not once a tile.
+        let xb = (X_BLOCK_BYTES / (4 * k).max(1) / DX * DX).max(DX);
+        let mut b0 = 0;
+        while b0 < nt {
+            let b1 = (b0 + xb).min(nt);
+            let mut i = 0;
+            while i < nr {
+                let row0 = rows.start + i;
+                let mut tt = b0;
+                while tt < b1 {
+                    let mut res = tile(row0, tt)?;
+                    for (j, rr) in res.iter_mut().enumerate() {
+                        for (r, v) in rr.iter_mut().enumerate() {
+                            let xr = &x[(tt + r) * k..(tt + r + 1) * k];
+                            for (c, xc) in xr.iter().enumerate().skip(k8) {
+                                *v += w.get(row0 + j, c) * xc;
+                            }
+                        }
+                        out[(i + j) * t + tt..(i + j) * t + tt + DX].copy_from_slice(rr);
+                    }
+                    tt += DX;
+                }
+                i += DW;
+            }
+            for i in nr..n {
+                let mut tt = b0;
+                while tt < b1 {
+                    // SAFETY: as above.
+                    let r = unsafe { tile_exact::<DX>(w, x, tt, rows.start + i) };
+                    out[i * t + tt..i * t + tt + DX].copy_from_slice(&r);
+                    tt += DX;
+                }
+            }
+            b0 = b1;
+        }
+        Some(nt)
+    }
 
     /// Decodes 32 consecutive weights of `row` starting at column `col` (`col + 32 <= K`); block forms
     /// come out in the lane order of `perm_src` (x must be permuted to match).
@@ -915,9 +1061,13 @@ mod avx2 {
     ) {
         // Tiles of x outermost, this task's weight rows inside: the x tile stays in L1 while the rows
         // (a few tens of KiB) stream from L2, instead of re-reading all of x from L2 for every row.
-        let mut tt = 0;
+        // Dense float weights take several rows at once (`rows_dense`); what is left, the tiles below.
         // SAFETY: tt + R <= T rows of x exist; every row < N; out index (i·T + tt + r) < rows·T.
         unsafe {
+            let mut tt = match t >= DX {
+                true => rows_dense(w, x, t, rows.clone(), out).unwrap_or(0),
+                false => 0,
+            };
             while tt + 2 * TILE <= t {
                 for (i, row) in rows.clone().enumerate() {
                     let r = tile_exact::<{ 2 * TILE }>(w, x, tt, row);
@@ -1223,6 +1373,24 @@ pub(crate) mod tests {
                 check_case(kind, 3, k, 1, k as u64, true);
                 check_case(kind, 5, k, 5, k as u64 + 100, false);
             }
+        }
+    }
+
+    /// Dense float weights through the several-rows tiles: weight rows and rows of x that do not fill
+    /// a tile, a column tail, and Whisper's encoder shapes (1500 rows of x in the model; 13 here).
+    #[test]
+    fn dense_tiles_with_leftover_rows_tokens_and_columns() {
+        for kind in 0..3 {
+            for (n, k, t) in [
+                (7usize, 33usize, 9usize),
+                (3, 8, 4),
+                (5, 17, 6),
+                (2, 40, 11),
+            ] {
+                check_case(kind, n, k, t, (n * k * t) as u64, kind == 1);
+            }
+            check_case_rel(kind, 384, 1536, 13, 21 + kind as u64, true, None);
+            check_case_rel(kind, 1536, 384, 8, 23 + kind as u64, false, None);
         }
     }
 
