@@ -207,21 +207,12 @@ pub fn read_ct2(dir: &Path) -> Result<WhisperSource, SourceError> {
         })?;
     let (tokens, languages, sot_lm) =
         special_tokens(&tokenizer_json, &tokenizer_path.display().to_string())?;
-    let mut suppress = cfg.suppress_ids.clone().unwrap_or_default();
-    // faster-whisper's `suppress_tokens=[-1]`: the config's list and the prompt's own tokens.
-    suppress.extend([
-        tokens.transcribe,
-        tokens.translate,
-        tokens.sot,
-        tokens.sot_prev,
-    ]);
-    suppress.extend(sot_lm);
-    suppress.sort_unstable();
-    suppress.dedup();
-    let suppress_begin = cfg
-        .suppress_ids_begin
-        .clone()
-        .unwrap_or_else(|| vec![tokens.eot]);
+    let (suppress, suppress_begin) = decoding_rules(
+        &tokens,
+        sot_lm,
+        cfg.suppress_ids.clone(),
+        cfg.suppress_ids_begin.clone(),
+    );
     Ok(WhisperSource {
         origin,
         // CTranslate2's rule: a vocabulary of 51865 ids or more.
@@ -358,6 +349,27 @@ fn fused(
         }
     }
     Ok(())
+}
+
+/// The suppress lists a decode applies: the checkpoint's list plus the prompt's own special tokens
+/// (faster-whisper's `suppress_tokens=[-1]`), sorted; the first token's list (default: the end of text).
+pub(super) fn decoding_rules(
+    tokens: &SpeechTokens,
+    sot_lm: Option<u32>,
+    suppress: Option<Vec<u32>>,
+    begin: Option<Vec<u32>>,
+) -> (Vec<u32>, Vec<u32>) {
+    let mut suppress = suppress.unwrap_or_default();
+    suppress.extend([
+        tokens.transcribe,
+        tokens.translate,
+        tokens.sot,
+        tokens.sot_prev,
+    ]);
+    suppress.extend(sot_lm);
+    suppress.sort_unstable();
+    suppress.dedup();
+    (suppress, begin.unwrap_or_else(|| vec![tokens.eot]))
 }
 
 /// The special tokens by their text in `tokenizer.json`'s added tokens, the language tokens, and

@@ -15,7 +15,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use super::hf::{read_json, read_json_opt, read_safetensors, show};
-use super::whisper::{special_tokens, WhisperConfig, WhisperSource};
+use super::whisper::{decoding_rules, special_tokens, WhisperConfig, WhisperSource};
 use super::{SourceError, SourceTensor};
 
 /// Whether `dir` holds a Hugging Face Whisper checkpoint (`config.json` with `model_type` whisper).
@@ -153,17 +153,12 @@ pub fn read_hf(dir: &Path) -> Result<WhisperSource, SourceError> {
             .collect::<Result<Vec<u32>, _>>()
             .map(Some)
     };
-    let mut suppress = ids("suppress_tokens")?.unwrap_or_default();
-    suppress.extend([
-        tokens.transcribe,
-        tokens.translate,
-        tokens.sot,
-        tokens.sot_prev,
-    ]);
-    suppress.extend(sot_lm);
-    suppress.sort_unstable();
-    suppress.dedup();
-    let suppress_begin = ids("begin_suppress_tokens")?.unwrap_or_else(|| vec![tokens.eot]);
+    let (suppress, suppress_begin) = decoding_rules(
+        &tokens,
+        sot_lm,
+        ids("suppress_tokens")?,
+        ids("begin_suppress_tokens")?,
+    );
     if let Some(&bad) = suppress
         .iter()
         .chain(&suppress_begin)
