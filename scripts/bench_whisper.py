@@ -21,7 +21,7 @@ def fw_child(args):
     model = WhisperModel(args.ct2, device="cpu", compute_type=args.compute_type, cpu_threads=args.threads)
     t1 = time.perf_counter()
     segments, info = model.transcribe(args.wav, language="en", beam_size=1, best_of=1, temperature=0.0,
-                                      without_timestamps=True, condition_on_previous_text=True,
+                                      without_timestamps=not args.timestamps, condition_on_previous_text=True,
                                       vad_filter=False)
     segs = list(segments)
     t2 = time.perf_counter()
@@ -115,7 +115,7 @@ def last_json(text):
 
 def run_onestep(args, wav):
     o, _, wall, rss, stall = measure([args.onestep, "transcribe", args.model, wav, "--json", "--threads",
-                               str(args.threads), "--device", "cpu"])
+                               str(args.threads), "--device", "cpu"] + ([] if args.timestamps else ["--no-timestamps"]))
     r = last_json(o)
     s = r["stats"]
     tr = s["audio_s"] / s["real_time_factor"]
@@ -126,7 +126,8 @@ def run_onestep(args, wav):
 
 def run_fw(args, wav, ct):
     o, e, wall, rss, stall = measure([sys.executable, os.path.abspath(__file__), "--child-fw", "--ct2", args.ct2,
-                                      "--compute-type", ct, "--threads", str(args.threads), "--wav", wav],
+                                      "--compute-type", ct, "--threads", str(args.threads), "--wav", wav]
+                                     + (["--timestamps"] if args.timestamps else []),
                                      env=dict(os.environ, CT2_VERBOSE="1"))
     r = json.loads([l for l in o.splitlines() if l.startswith("{")][-1])
     backend = [l.split("]")[-1].strip(" -") for l in e.splitlines() if "backend:" in l or "Use Intel MKL" in l]
@@ -169,6 +170,8 @@ def main():
                     help="a run with more CPU stall than this (%%) is contended: retried, left out of the medians")
     ap.add_argument("--retries", type=int, default=2, help="retries of a contended run")
     ap.add_argument("--budget", type=float, default=720, help="no retries after this many seconds")
+    ap.add_argument("--timestamps", action="store_true",
+                    help="both runtimes with timestamps (default: both without, one segment a window)")
     ap.add_argument("--child-fw", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--compute-type", help=argparse.SUPPRESS)
     ap.add_argument("--wav", help=argparse.SUPPRESS)
@@ -203,7 +206,7 @@ def main():
                 results.setdefault((secs, name), []).append(r)
 
     print(f"\nWhisper tiny.en ({os.path.basename(args.model)}; CTranslate2 {args.ct2}), {args.threads} threads, "
-          f"greedy, no timestamps, no VAD; CPU {cpu_name()}; faster-whisper {faster_whisper.__version__}, "
+          f"greedy, {'timestamps' if args.timestamps else 'no timestamps'}, no VAD; CPU {cpu_name()}; faster-whisper {faster_whisper.__version__}, "
           f"ctranslate2 {ctranslate2.__version__}; {time.perf_counter() - t_start:.0f} s in all\n")
     hdr = (f"{'audio':<7} {'runtime':<23} {'clean':>5} {'transcribe s':>12} {'RTF':>7} {'load s':>7} {'wall s':>7}"
            f" {'peak RSS MB':>11} {'RTF / fw f32':>12} {'stall %':>7}")
