@@ -140,8 +140,9 @@ impl Model {
             Some(_) => (options.plan_options(), Default::default()),
             None => crate::backend::plan_options(options),
         };
-        // A plan bounded by a GPU's kernels is made again for a CPU that `auto` chooses after all.
-        let cpu_graph = probe.gpu_bounds().then(|| graph.clone());
+        // A plan bounded by a GPU's kernels is made again for a CPU that `auto` chooses after all
+        // (a forced GPU never falls back: nothing is kept).
+        let cpu_graph = probe.replan_for_cpu().then(|| graph.clone());
         let plan = Plan::with_options(graph, plan_options)?;
         for name in plan.inputs.keys() {
             let text_input = [

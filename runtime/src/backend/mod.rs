@@ -95,18 +95,18 @@ pub(crate) struct Probe {
     /// The GPU adapter, when one was asked for (`gpu`, `auto`) and found.
     #[cfg(feature = "gpu")]
     pub(crate) adapter: Option<gpu::context::Probed>,
-    /// The plan was bounded by that adapter's kernels: a CPU backend chosen for it after all runs a
-    /// plan made again for the CPU.
+    /// The plan was bounded by that adapter's kernels and `auto` may still choose the CPU, which then
+    /// runs a plan made again for it.
     #[cfg(feature = "gpu")]
-    pub(crate) gpu_bounds: bool,
+    pub(crate) replan_for_cpu: bool,
 }
 
 impl Probe {
-    /// Whether the plan was bounded by a GPU adapter's kernels.
-    pub(crate) fn gpu_bounds(&self) -> bool {
+    /// Whether a CPU that `auto` chooses must plan again ([`Probe::replan_for_cpu`]).
+    pub(crate) fn replan_for_cpu(&self) -> bool {
         #[cfg(feature = "gpu")]
         {
-            self.gpu_bounds
+            self.replan_for_cpu
         }
         #[cfg(not(feature = "gpu"))]
         {
@@ -120,7 +120,7 @@ impl Probe {
 /// kernels bound them (the adapter picked without opening a device, and returned for the backend
 /// choice; no adapter: the CPU's bounds). `auto` with a software adapter it will not try
 /// ([`auto::choose`]) plans for the CPU; a CPU that `auto` chooses after trying the GPU re-plans
-/// ([`Probe::gpu_bounds`]).
+/// ([`Probe::replan_for_cpu`]).
 pub(crate) fn plan_options(opts: &crate::LoadOptions) -> (crate::plan::PlanOptions, Probe) {
     let o = opts.plan_options();
     #[cfg(feature = "gpu")]
@@ -134,7 +134,7 @@ pub(crate) fn plan_options(opts: &crate::LoadOptions) -> (crate::plan::PlanOptio
                     o,
                     Probe {
                         adapter: Some(p),
-                        gpu_bounds: false,
+                        replan_for_cpu: false,
                     },
                 );
             }
@@ -143,7 +143,7 @@ pub(crate) fn plan_options(opts: &crate::LoadOptions) -> (crate::plan::PlanOptio
                 g,
                 Probe {
                     adapter: Some(p),
-                    gpu_bounds: true,
+                    replan_for_cpu: opts.device == gpu::DeviceRequest::Auto,
                 },
             );
         }
