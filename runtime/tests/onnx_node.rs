@@ -227,7 +227,7 @@ fn run_case_gpu(
         }))
         .map_err(|_| "PANIC".to_string())?
         .map_err(|e| e.to_string())?;
-        on_gpu |= r.gpu_steps > 0;
+        on_gpu |= r.gpu_steps() > 0;
         for (output, w) in graph.outputs.iter().zip(&want) {
             let got = r
                 .outputs

@@ -597,7 +597,8 @@ fn check(ctx: &Arc<GpuContext>, c: &Case) -> Result<Vec<String>, String> {
     if !on_cpu.is_empty() {
         return Err(format!(
             "{} of {} steps on the GPU; {on_cpu:?} on the CPU",
-            r.gpu_steps, r.steps
+            r.gpu_steps(),
+            r.kinds.len()
         ));
     }
     for (name, w) in &want {

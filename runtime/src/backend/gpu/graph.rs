@@ -21,13 +21,16 @@ use crate::tensor::Tensor;
 pub struct GraphRun {
     /// The graph's outputs by name.
     pub outputs: BTreeMap<String, Tensor>,
-    /// Plan steps that ran on the GPU.
-    pub gpu_steps: usize,
-    /// Plan steps in all.
-    pub steps: usize,
     /// Each step's kind ([`Step::label`]: the op of a generic node, `[linear]`, `[linear group]`, ...)
     /// and whether it ran on the GPU, in plan order.
     pub kinds: Vec<(String, bool)>,
+}
+
+impl GraphRun {
+    /// Plan steps that ran on the GPU.
+    pub fn gpu_steps(&self) -> usize {
+        self.kinds.iter().filter(|(_, gpu)| *gpu).count()
+    }
 }
 
 /// Runs `graph` once on `ctx` with `inputs` (by name): planned as a model is for `ctx` (every fusion its
@@ -79,8 +82,6 @@ pub fn run_graph(
     }
     Ok(GraphRun {
         outputs,
-        gpu_steps: exec.stats().gpu_steps,
-        steps: plan.steps.len(),
         kinds: plan
             .steps
             .iter()
