@@ -414,13 +414,7 @@ pub(super) fn pad(ctx: &Ctx, inputs: &[Option<&Tensor>]) -> Result<Tensor> {
     let mut idx = vec![0usize; r - 1];
     for (row, dst) in o.chunks_mut(last * es).enumerate() {
         if row > 0 {
-            for d in (0..r - 1).rev() {
-                idx[d] += 1;
-                if idx[d] < shape[d] {
-                    break;
-                }
-                idx[d] = 0;
-            }
+            next_row(&mut idx, &shape);
         }
         let base: Option<usize> =
             (0..r - 1).try_fold(0, |acc, d| maps[d][idx[d]].map(|s| acc + s * in_strides[d]));
@@ -519,13 +513,7 @@ pub(super) fn slice(ctx: &Ctx, inputs: &[Option<&Tensor>]) -> Result<Tensor> {
     let mut idx = vec![0usize; r - 1];
     for (row, dst) in o.chunks_mut(last * es).enumerate() {
         if row > 0 {
-            for d in (0..r - 1).rev() {
-                idx[d] += 1;
-                if idx[d] < shape[d] {
-                    break;
-                }
-                idx[d] = 0;
-            }
+            next_row(&mut idx, &shape);
         }
         let base: i64 = (0..r - 1)
             .map(|d| (first[d] + idx[d] as i64 * step[d]) * in_strides[d])
@@ -542,6 +530,18 @@ pub(super) fn slice(ctx: &Ctx, inputs: &[Option<&Tensor>]) -> Result<Tensor> {
         }
     }
     Ok(out)
+}
+
+/// Steps `idx` (the leading `idx.len()` axes of `shape`, last fastest) to the next row of a walk over
+/// every row of the last axis, wrapping to zeros after the last.
+fn next_row(idx: &mut [usize], shape: &[usize]) {
+    for d in (0..idx.len()).rev() {
+        idx[d] += 1;
+        if idx[d] < shape[d] {
+            return;
+        }
+        idx[d] = 0;
+    }
 }
 
 #[cfg(test)]
