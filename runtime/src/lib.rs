@@ -17,6 +17,7 @@
 pub mod audio;
 pub(crate) mod backend;
 mod encode;
+mod file_map;
 pub use onestep_format::{contract, error, graph, onnx};
 pub mod generate;
 pub mod kv;

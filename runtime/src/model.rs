@@ -92,6 +92,7 @@ impl Model {
             options.limits.max_file_bytes,
         )?;
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
+        let map = crate::file_map::FileMap::new(map);
         Self::load_from_bytes_with(Bytes::from_owner(map), &path.display().to_string(), options)
     }
 
@@ -285,7 +286,8 @@ impl Model {
                 all / c.shape[2].max(1) as u64 * c.dtype.size() as u64
             })
             .sum();
-        self.plan.stats.linear_weight_bytes as u64 + per_position * context as u64
+        let weights = self.plan.stats.linear_weight_bytes as u64;
+        weights.saturating_sub(self.backend.weight_bytes_saved()) + per_position * context as u64
     }
 
     /// The device running the model: `cpu`, or the adapter and backend (`NVIDIA H200 (Vulkan)`).

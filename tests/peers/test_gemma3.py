@@ -91,6 +91,31 @@ def test_cpu_matches_llamacpp_and_transformers():
     assert not fails, f"{len(fails)} failures:\n" + "\n".join(fails[:20])
 
 
+def test_fast_is_as_faithful_as_llamacpp():
+    """The CLI's default precision (`fast`: 8-bit activations, and on CPUs whose integer kernels read them the
+    packed weights of backend/cpu/repack.rs) against transformers' exact logits, beside llama.cpp's on the same
+    positions: top-1 agreement at least llama.cpp's, median |logit diff| over transformers' top-8 at most its."""
+    lc, hf = _fixtures()
+    out = harness.onestep_score(BIN, PATH, _jobs(lc["cases"]), "--top", "8", "--device", "cpu", precision=None)
+    ours, theirs = [], []
+    n = a_ours = a_lc = 0
+    for c, h, o in zip(lc["cases"], hf["cases"], out):
+        for p, mine in enumerate(o["rows"][: len(c["generated"])]):
+            ht = h["top8"][p]
+            n += 1
+            a_ours += int(mine[0][0]) == int(ht[0][0])
+            a_lc += int(c["top8"][p][0][0]) == int(ht[0][0])
+            for row, diffs in ((mine, ours), (c["top8"][p], theirs)):
+                by_id = {int(i): v for i, v in row}
+                common = [abs(by_id[int(i)] - v) for i, v in ht if int(i) in by_id]
+                if common:
+                    diffs.append(float(np.median(common)))
+    print(f"\n[gemma3 fast] {n} positions: top-1 equal to transformers {a_ours}/{n} (llama.cpp {a_lc}/{n}); "
+          f"median |logit diff| over its top-8 {np.median(ours):.4f} (llama.cpp {np.median(theirs):.4f})")
+    assert a_ours >= a_lc, f"top-1 agreement {a_ours} < llama.cpp's {a_lc}"
+    assert np.median(ours) <= np.median(theirs), f"median |diff| {np.median(ours)} > llama.cpp's {np.median(theirs)}"
+
+
 def _short_case(lc, hf, positions):
     """The shortest sequence, cut to its first `positions` generated tokens."""
     k = min(range(len(lc["cases"])), key=lambda i: len(lc["cases"][i]["prompt_ids"]))

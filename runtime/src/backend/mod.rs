@@ -82,6 +82,11 @@ pub(crate) trait Backend: Send + Sync {
     fn profile(&self) -> Vec<(String, u64, f64)>;
     /// Where the model runs: `cpu`, or the adapter and its API.
     fn device(&self) -> String;
+    /// Bytes of the plan's linear weights its kernels do not read, because it holds them in a more
+    /// compact form (the CPU's packed weights).
+    fn weight_bytes_saved(&self) -> u64 {
+        0
+    }
     /// The GPU executor, on the GPU backend.
     #[cfg(feature = "gpu")]
     fn gpu(&self) -> Option<&gpu::exec::GpuPlan> {

@@ -4,11 +4,12 @@
 //! function for the steps it leaves on the CPU (and in its dry run at load).
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crate::backend::cpu::attention::{self, AttnShape};
 use crate::backend::cpu::linear::{self, Activations, Precision, QuantCache};
+use crate::backend::cpu::repack::PackedSet;
 use crate::backend::cpu::{attention_plain, gelu, misc, ops};
 use crate::backend::mask::Attended;
 use crate::backend::{Backend, SeqState, StepCall};
@@ -83,6 +84,8 @@ pub(crate) struct CpuRun {
     /// The 8-bit activations of the last input a fast linear read (value slots are assigned once a
     /// step, so the slot names the content).
     quant: QuantCache,
+    /// The linear layers' packed forms (`repack.rs`; empty under `Exact`).
+    packed: Arc<PackedSet>,
 }
 
 impl CpuRun {
@@ -92,7 +95,14 @@ impl CpuRun {
             precision,
             exact_out,
             quant: QuantCache::default(),
+            packed: Arc::default(),
         }
+    }
+
+    /// This run reading the packed forms of `packed`.
+    pub(crate) fn with_packed(mut self, packed: Arc<PackedSet>) -> Self {
+        self.packed = packed;
+        self
     }
 }
 
@@ -200,15 +210,22 @@ fn linear_step(plan: &Plan, s: &Step, env: &mut [Option<Tensor>], run: &mut CpuR
         *l = w.n;
     }
     let mut o = Tensor::zeros(DType::F32, &shape);
-    w.forward_with(
-        xv,
-        m,
-        bias.as_ref().map(|b| b.typed::<f32>()),
-        o.typed_mut(),
-        activations(run.precision, run.exact_out == Some(*out), m),
-        &mut run.quant,
-        *x,
-    )
+    let acts = activations(run.precision, run.exact_out == Some(*out), m);
+    let bias = bias.as_ref().map(|b| b.typed::<f32>());
+    match run.packed.get(w) {
+        Some(p) => linear::linear_cached(
+            xv,
+            m,
+            &p.view(),
+            bias,
+            o.typed_mut(),
+            acts,
+            &mut run.quant,
+            *x,
+        )
+        .map_err(|e| e.to_string()),
+        None => w.forward_with(xv, m, bias, o.typed_mut(), acts, &mut run.quant, *x),
+    }
     .map_err(|e| Error::node(&n.name, &n.op, e))?;
     if let Some(r) = residual {
         o = add_residual(plan, o, &val(plan, env, r.other)?, r)?;
@@ -331,6 +348,7 @@ fn members_at_once(
     }
     let xt = val(plan, env, g.x)?;
     let xv = xt.as_f32(&plan.names[g.x])?;
+    let packed = Arc::clone(&run.packed);
     let mut ws = Vec::new();
     let mut biases = Vec::new();
     let mut outs = Vec::new();
@@ -341,7 +359,7 @@ fn members_at_once(
         else {
             return Ok(false);
         };
-        let Some(kw) = w.kernel_view() else {
+        let Some(kw) = packed.view_of(w) else {
             return Ok(false);
         };
         if *x != g.x || w.k != xv.len() || run.exact_out == Some(*out) {
@@ -681,16 +699,24 @@ pub(crate) struct CpuBackend {
     cache_read_elsewhere: Vec<bool>,
     /// Time per op kind when profiling (op → (calls, seconds)).
     profile: Option<Mutex<BTreeMap<String, (u64, f64)>>>,
+    /// The linear layers repacked for the integer kernels (under `Fast`, where they read them).
+    packed: Arc<PackedSet>,
 }
 
 impl CpuBackend {
-    /// The CPU backend for `plan`.
+    /// The CPU backend for `plan`; under [`Precision::Fast`] its linear layers are repacked where
+    /// the integer kernels read packed forms (`repack.rs`).
     pub(crate) fn new(plan: &Plan, precision: Precision, profile: bool) -> CpuBackend {
+        let packed = match precision {
+            Precision::Fast => PackedSet::for_plan(plan, linear::integer_isa()),
+            Precision::Exact => PackedSet::default(),
+        };
         CpuBackend {
             precision,
             logits_linear: logits_linear(plan),
             cache_read_elsewhere: super::super::caches_read_elsewhere(plan),
             profile: profile.then(Default::default),
+            packed: Arc::new(packed),
         }
     }
 }
@@ -704,6 +730,10 @@ impl Backend for CpuBackend {
         _max_chunk: usize,
     ) -> Result<SeqState> {
         Ok(SeqState::Host)
+    }
+
+    fn weight_bytes_saved(&self) -> u64 {
+        self.packed.saved_bytes()
     }
 
     fn step(
@@ -721,7 +751,8 @@ impl Backend for CpuBackend {
             &self.cache_read_elsewhere,
             &mut env,
         );
-        let mut run = CpuRun::new(self.precision, self.logits_linear);
+        let mut run =
+            CpuRun::new(self.precision, self.logits_linear).with_packed(Arc::clone(&self.packed));
         for (si, s) in plan.steps.iter().enumerate() {
             let t0 = self.profile.is_some().then(Instant::now);
             exec_step(plan, s, &mut env, Some((host, position)), &mut run)?;

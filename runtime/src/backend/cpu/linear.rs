@@ -26,8 +26,9 @@
 //! shuffles, with `x` permuted once per call to match), NEON on aarch64 (integer path in NEON; the exact
 //! path decodes each row to f32 scratch and uses NEON dots), portable scalar elsewhere.
 //!
-//! Weights are never copied or repacked: RSS stays at the mapped weight bytes, read in place as typed
-//! slices (the exporter writes every payload 64-byte aligned).
+//! Weights are read in place as typed slices of the mapped file (the exporter writes every payload
+//! 64-byte aligned), except [`Weights::Packed`]: block forms the CPU backend repacks at load into the
+//! compact layouts the integer kernels read (`repack.rs`), dropping the file pages they replace.
 
 use super::linear_q8::{self, QIsa, QuantX};
 use super::pool;
@@ -181,6 +182,46 @@ pub enum Weights<'a> {
         /// One scale and zero point per 16 elements instead of per 32.
         halves: bool,
     },
+    /// Blocks of 32 repacked at load for the integer path (`repack.rs`): codes of 4, 5 or 8 bits,
+    /// f16 scales, and one zero point for the matrix or an f16 `s·z` a block. value = `s·q − s·z`.
+    Packed {
+        /// Code width: 4, 5 or 8.
+        bits: u32,
+        /// 4 and 5 bits: u8 `[N, K/32, 16]` nibbles as [`Weights::Q4`]'s (a 5-bit code's low four
+        /// bits); 8 bits: u8 `[N, K/32, 32]`.
+        codes: &'a [u8],
+        /// 5 bits: u8 `[N, K/32, 4]`, a little-endian u32 a block whose bit i is element i's fifth
+        /// bit; empty otherwise.
+        high: &'a [u8],
+        /// f16 `[N, K/32]`.
+        scales: &'a [f16],
+        /// The zero-point term.
+        zero: PackedZero<'a>,
+        /// Output features.
+        n: usize,
+        /// Input features (multiple of 32).
+        k: usize,
+    },
+}
+
+/// The zero-point term of [`Weights::Packed`].
+#[derive(Debug, Clone, Copy)]
+pub enum PackedZero<'a> {
+    /// One zero point `z` for every block (GGUF Q8_0, Q5_0, Q4_0): the term is `s·z`.
+    Const(f32),
+    /// f16 `[N, K/32]`: each block's `s·z` (GGUF Q4_1's `−m`).
+    Scaled(&'a [f16]),
+}
+
+impl PackedZero<'_> {
+    /// Block `blk`'s `s·z`, given its scale `s`.
+    #[inline]
+    pub fn sz(&self, blk: usize, s: f32) -> f32 {
+        match *self {
+            PackedZero::Const(z) => s * z,
+            PackedZero::Scaled(sz) => sz[blk].to_f32(),
+        }
+    }
 }
 
 impl<'a> Weights<'a> {
@@ -192,7 +233,8 @@ impl<'a> Weights<'a> {
             | Weights::Bf16 { n, .. }
             | Weights::Int8 { n, .. }
             | Weights::Q4 { n, .. }
-            | Weights::Q8 { n, .. } => n,
+            | Weights::Q8 { n, .. }
+            | Weights::Packed { n, .. } => n,
         }
     }
 
@@ -204,7 +246,8 @@ impl<'a> Weights<'a> {
             | Weights::Bf16 { k, .. }
             | Weights::Int8 { k, .. }
             | Weights::Q4 { k, .. }
-            | Weights::Q8 { k, .. } => k,
+            | Weights::Q8 { k, .. }
+            | Weights::Packed { k, .. } => k,
         }
     }
 
@@ -221,6 +264,19 @@ impl<'a> Weights<'a> {
             Weights::Q8 {
                 b, scales, zeros, ..
             } => b.len() + scales.len() * 4 + zeros.len(),
+            Weights::Packed {
+                codes,
+                high,
+                scales,
+                zero,
+                ..
+            } => {
+                let z = match zero {
+                    PackedZero::Const(_) => 0,
+                    PackedZero::Scaled(sz) => sz.len() * 2,
+                };
+                codes.len() + high.len() + scales.len() * 2 + z
+            }
         }
     }
 
@@ -267,6 +323,62 @@ impl<'a> Weights<'a> {
                 check_len(K, "scales", ns, scales.len())?;
                 check_len(K, "zero_points", ns, zeros.len())
             }
+            Weights::Packed {
+                bits,
+                codes,
+                high,
+                scales,
+                zero,
+                ..
+            } => {
+                let nb = blocked(k)?;
+                let (code_bytes, high_bytes) = match bits {
+                    4 => (16, 0),
+                    5 => (16, 4),
+                    8 => (32, 0),
+                    _ => return Err(shape_err(K, format!("packed codes of {bits} bits"))),
+                };
+                check_len(K, "codes", nb * code_bytes, codes.len())?;
+                check_len(K, "high bits", nb * high_bytes, high.len())?;
+                check_len(K, "scales", nb, scales.len())?;
+                match zero {
+                    PackedZero::Const(_) => Ok(()),
+                    PackedZero::Scaled(sz) => check_len(K, "zero terms", nb, sz.len()),
+                }
+            }
+        }
+    }
+
+    /// Whether the integer path ([`Precision::Fast`]) takes this form: the 4/8-bit blocks.
+    pub(crate) fn integer(&self) -> bool {
+        matches!(
+            self,
+            Weights::Q4 { .. } | Weights::Q8 { .. } | Weights::Packed { .. }
+        )
+    }
+
+    /// Code `i` (0..32) of block `blk` of a [`Weights::Packed`] (0 for other forms).
+    #[inline]
+    pub(crate) fn packed_code(&self, blk: usize, i: usize) -> u8 {
+        match *self {
+            Weights::Packed { bits: 8, codes, .. } => codes[blk * 32 + i],
+            Weights::Packed {
+                bits, codes, high, ..
+            } => {
+                let byte = codes[blk * 16 + i / 2];
+                let low = if i.is_multiple_of(2) {
+                    byte & 15
+                } else {
+                    byte >> 4
+                };
+                let fifth = if bits == 5 {
+                    (high[blk * 4 + i / 8] >> (i % 8)) & 1
+                } else {
+                    0
+                };
+                low | fifth << 4
+            }
+            _ => 0,
         }
     }
 
@@ -305,6 +417,13 @@ impl<'a> Weights<'a> {
                 let e = row * k + col;
                 let sb = e / (BLOCK >> halves as usize);
                 (b[e] as f32 - zeros[sb] as f32) * scales[sb]
+            }
+            Weights::Packed {
+                scales, zero, k, ..
+            } => {
+                let blk = row * (k / BLOCK) + col / BLOCK;
+                let s = scales[blk].to_f32();
+                s * self.packed_code(blk, col % BLOCK) as f32 - zero.sz(blk, s)
             }
         }
     }
@@ -361,6 +480,11 @@ impl<'a> Weights<'a> {
                     for (o, q) in o.iter_mut().zip(q) {
                         *o = (*q as f32 - z) * s;
                     }
+                }
+            }
+            Weights::Packed { .. } => {
+                for (col, o) in out.iter_mut().enumerate() {
+                    *o = self.get(row, col);
                 }
             }
         }
@@ -449,9 +573,7 @@ pub(crate) fn linear_group_t1(
         Activations::Int8 => false,
         Activations::Int8x2 => true,
     };
-    let quant = ws
-        .iter()
-        .all(|w| matches!(w, Weights::Q4 { .. } | Weights::Q8 { .. }));
+    let quant = ws.iter().all(|w| w.integer());
     if ws.len() < 2 || !quant || ws.len() != outs.len() || ws.len() != biases.len() {
         return Ok(false);
     }
@@ -493,6 +615,11 @@ pub(crate) fn linear_group_t1(
         }
     }
     Ok(true)
+}
+
+/// The integer instruction set the integer path runs on this CPU.
+pub(crate) fn integer_isa() -> QIsa {
+    linear_q8::best()
 }
 
 /// Checks all lengths; returns `(n, k)`.
@@ -582,7 +709,7 @@ pub(crate) fn linear_isa(
             Activations::Int8 => Some(false),
             Activations::Int8x2 => Some(true),
         };
-        let quant = x2.is_some() && matches!(w, Weights::Q4 { .. } | Weights::Q8 { .. });
+        let quant = x2.is_some() && w.integer();
         if let (true, Some(x2)) = (quant, x2) {
             let own;
             let qx = match cache {
@@ -671,6 +798,10 @@ fn rows_exact(
     out: &mut [f32],
     isa: Isa,
 ) {
+    if matches!(w, Weights::Packed { .. }) {
+        // Packed forms are made for the integer path; exact products of them decode row by row.
+        return rows_exact_scalar(w, x, t, rows, out);
+    }
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: Isa::Avx2 is only produced after run-time detection of avx2, fma and f16c (or by
@@ -986,6 +1117,12 @@ mod avx2 {
                         cv(_mm256_and_si256(_mm256_srli_epi32::<16>(words), m)),
                         cv(_mm256_srli_epi32::<24>(words)),
                     ]
+                }
+                Weights::Packed { .. } => {
+                    // Not reached: `rows_exact` decodes packed forms row by row. Natural order (x
+                    // is not permuted for them).
+                    let v: [f32; BLOCK] = std::array::from_fn(|i| w.get(row, col + i));
+                    [0, 8, 16, 24].map(|o| _mm256_loadu_ps(v.as_ptr().add(o)))
                 }
             }
         }

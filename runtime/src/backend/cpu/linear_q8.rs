@@ -79,6 +79,21 @@ impl QIsa {
     }
 }
 
+impl QIsa {
+    /// Whether its kernels read [`Weights::Packed`] (the load-time repack, `repack.rs`, is made only
+    /// then; other instruction sets read the file's own forms).
+    pub(crate) fn packs(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            self == QIsa::Avx512Vnni
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    }
+}
+
 /// Every integer instruction set this CPU can run, best last.
 pub(crate) fn available() -> Vec<QIsa> {
     #[allow(unused_mut)]
@@ -266,6 +281,10 @@ pub(crate) fn rows(
     out: &mut [f32],
     isa: QIsa,
 ) {
+    if matches!(w, Weights::Packed { .. }) && !isa.packs() {
+        // Packed forms are made only where `isa.packs()`; elsewhere (tests) the portable path.
+        return rows_scalar(w, qx, t, rows, out);
+    }
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: Avx512Vnni is only produced by `available` after detecting avx512f/bw/vl/vnni.
@@ -286,7 +305,7 @@ pub(crate) fn rows(
     }
 }
 
-/// The scale and zero point (as f32) of one block, or of each 16-element half of it.
+/// The scale `s` and zero-point term `s·z` of one block, or of each 16-element half of it.
 enum Factors {
     /// One for the block.
     Whole(f32, f32),
@@ -305,7 +324,7 @@ fn block(w: &Weights, blk: usize, codes: &mut [i32; BLOCK]) -> Option<Factors> {
                 codes[2 * i] = (byte & 15) as i32;
                 codes[2 * i + 1] = (byte >> 4) as i32;
             }
-            Some(Factors::Whole(scales[blk], zeros[blk]))
+            Some(Factors::Whole(scales[blk], scales[blk] * zeros[blk]))
         }
         Weights::Q8 {
             b,
@@ -317,12 +336,20 @@ fn block(w: &Weights, blk: usize, codes: &mut [i32; BLOCK]) -> Option<Factors> {
             for (q, byte) in codes.iter_mut().zip(&b[blk * 32..blk * 32 + 32]) {
                 *q = *byte as i32;
             }
+            let sz = |i: usize| (scales[i], scales[i] * zeros[i] as f32);
             Some(if halves {
-                let h = |i: usize| (scales[2 * blk + i], zeros[2 * blk + i] as f32);
-                Factors::Halves([h(0), h(1)])
+                Factors::Halves([sz(2 * blk), sz(2 * blk + 1)])
             } else {
-                Factors::Whole(scales[blk], zeros[blk] as f32)
+                let (s, sz) = sz(blk);
+                Factors::Whole(s, sz)
             })
+        }
+        Weights::Packed { scales, zero, .. } => {
+            for (i, q) in codes.iter_mut().enumerate() {
+                *q = w.packed_code(blk, i) as i32;
+            }
+            let s = scales[blk].to_f32();
+            Some(Factors::Whole(s, zero.sz(blk, s)))
         }
         _ => None,
     }
@@ -361,12 +388,12 @@ fn rows_scalar(w: &Weights, qx: &QuantX, t: usize, rows: std::ops::Range<usize>,
                     }
                 };
                 match factors {
-                    Factors::Whole(s, z) => {
-                        *o += s * dot(0..BLOCK) - s * z * qx.ds[xi];
+                    Factors::Whole(s, sz) => {
+                        *o += s * dot(0..BLOCK) - sz * qx.ds[xi];
                     }
-                    Factors::Halves([(s0, z0), (s1, z1)]) => {
-                        *o += s0 * dot(0..16) - s0 * z0 * qx.ds2[2 * xi];
-                        *o += s1 * dot(16..BLOCK) - s1 * z1 * qx.ds2[2 * xi + 1];
+                    Factors::Halves([(s0, sz0), (s1, sz1)]) => {
+                        *o += s0 * dot(0..16) - sz0 * qx.ds2[2 * xi];
+                        *o += s1 * dot(16..BLOCK) - sz1 * qx.ds2[2 * xi + 1];
                     }
                 }
             }
@@ -381,51 +408,114 @@ fn rows_scalar(w: &Weights, qx: &QuantX, t: usize, rows: std::ops::Range<usize>,
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::{QuantX, Weights, BLOCK};
+    use crate::backend::cpu::linear::PackedZero;
     use std::arch::x86_64::*;
 
     /// Token rows multiplied per decoded weight pair in the GEMM path.
     const TILE: usize = 4;
 
-    /// One weight matrix's buffers as raw pointers, and its form (`Q4`: f32 zero points, 16 bytes a
-    /// block; else u8 zero points, 32 bytes a block).
+    /// A matrix's scales as raw pointers.
+    #[derive(Clone, Copy)]
+    enum Scales {
+        F32(*const f32),
+        F16(*const u16),
+    }
+
+    /// A matrix's zero points as raw pointers: f32 or u8 a block, one for all, or f16 `s·z` a block.
+    #[derive(Clone, Copy)]
+    enum Zeros {
+        F32(*const f32),
+        U8(*const u8),
+        Const(f32),
+        ScaledF16(*const u16),
+    }
+
+    /// One weight matrix's buffers as raw pointers: codes (16 bytes a block for 4 and 5 bits, 32
+    /// for 8), the fifth bits (5 bits: 4 bytes a block), scales and zero points.
     #[derive(Clone, Copy)]
     struct Form {
         b: *const u8,
-        scales: *const f32,
-        zeros: *const u8,
+        high: *const u8,
+        scales: Scales,
+        zeros: Zeros,
+    }
+
+    impl Form {
+        /// Scale blocks `sb0..sb0 + 16` under mask `m`: their scales `s` and zero terms `s·z`.
+        ///
+        /// # Safety
+        /// avx512f/bw/vl available; the masked blocks are inside the validated buffers.
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+        unsafe fn factors(&self, m: __mmask16, sb0: usize) -> (__m512, __m512) {
+            // SAFETY: masked loads of the blocks the caller vouches for.
+            unsafe {
+                let half = |p: *const u16| {
+                    _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p.add(sb0) as *const i16))
+                };
+                let s = match self.scales {
+                    Scales::F32(p) => _mm512_maskz_loadu_ps(m, p.add(sb0)),
+                    Scales::F16(p) => half(p),
+                };
+                let sz = match self.zeros {
+                    Zeros::F32(p) => _mm512_mul_ps(s, _mm512_maskz_loadu_ps(m, p.add(sb0))),
+                    Zeros::U8(p) => _mm512_mul_ps(
+                        s,
+                        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(
+                            m,
+                            p.add(sb0) as *const i8,
+                        ))),
+                    ),
+                    Zeros::Const(z) => _mm512_mul_ps(s, _mm512_set1_ps(z)),
+                    Zeros::ScaledF16(p) => half(p),
+                };
+                (s, sz)
+            }
+        }
     }
 
     /// The codes of blocks `blk` and `blk + 1` (`TWO`) or `blk` alone (upper half zero) as 64 u8 in
-    /// natural element order.
+    /// natural element order; `BITS` 4 and 5 read nibbles (and 5 its fifth bits), 8 bytes.
     ///
     /// # Safety
     /// avx512f/bw/vl/vnni available; the block(s) are inside the validated weight buffers.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn codes<const Q4: bool, const TWO: bool>(f: Form, blk: usize) -> __m512i {
-        // SAFETY: reads blocks [blk, blk + 1 + TWO) of B only (16 or 32 bytes a block).
+    unsafe fn codes<const BITS: u32, const TWO: bool>(f: Form, blk: usize) -> __m512i {
+        // SAFETY: reads blocks [blk, blk + 1 + TWO) of B (and of the fifth bits) only.
         unsafe {
-            if Q4 {
-                let p = f.b.add(blk * 16);
-                let raw = if TWO {
-                    _mm256_loadu_si256(p as *const __m256i)
-                } else {
-                    _mm256_zextsi128_si256(_mm_loadu_si128(p as *const __m128i))
-                };
-                // Byte j in 16-bit lane j; shifted left by 4 its high nibble is the lane's high
-                // byte: even bytes from `wide`, odd from `shifted`, masked to 4 bits.
-                let wide = _mm512_cvtepu8_epi16(raw);
-                let shifted = _mm512_slli_epi16::<4>(wide);
-                let mixed = _mm512_mask_blend_epi8(0xAAAA_AAAA_AAAA_AAAA, wide, shifted);
-                _mm512_and_si512(mixed, _mm512_set1_epi8(15))
-            } else {
+            if BITS == 8 {
                 let p = f.b.add(blk * 32);
-                if TWO {
+                return if TWO {
                     _mm512_loadu_si512(p as *const __m512i)
                 } else {
                     _mm512_zextsi256_si512(_mm256_loadu_si256(p as *const __m256i))
-                }
+                };
             }
+            let p = f.b.add(blk * 16);
+            let raw = if TWO {
+                _mm256_loadu_si256(p as *const __m256i)
+            } else {
+                _mm256_zextsi128_si256(_mm_loadu_si128(p as *const __m128i))
+            };
+            // Byte j in 16-bit lane j; shifted left by 4 its high nibble is the lane's high
+            // byte: even bytes from `wide`, odd from `shifted`, masked to 4 bits.
+            let wide = _mm512_cvtepu8_epi16(raw);
+            let shifted = _mm512_slli_epi16::<4>(wide);
+            let mixed = _mm512_mask_blend_epi8(0xAAAA_AAAA_AAAA_AAAA, wide, shifted);
+            let low = _mm512_and_si512(mixed, _mm512_set1_epi8(15));
+            if BITS != 5 {
+                return low;
+            }
+            // Bit i of the fifth bits is byte lane i's 16.
+            let hp = f.high.add(blk * 4);
+            let bits = if TWO {
+                (hp as *const u64).read_unaligned()
+            } else {
+                (hp as *const u32).read_unaligned() as u64
+            };
+            let fifth = _mm512_maskz_mov_epi8(_cvtu64_mask64(bits), _mm512_set1_epi8(16));
+            _mm512_or_si512(low, fifth)
         }
     }
 
@@ -454,7 +544,7 @@ mod avx512 {
     /// row; `qx` holds ≥ `x0 + R` rows of `nb` blocks.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn tile<const Q4: bool, const H: bool, const X2: bool, const R: usize>(
+    unsafe fn tile<const BITS: u32, const H: bool, const X2: bool, const R: usize>(
         f: Form,
         nb: usize,
         qx: &QuantX,
@@ -483,17 +573,7 @@ mod avx512 {
                 } else {
                     (1u16 << left) - 1
                 };
-                let sb0 = row * ns + g;
-                let s = _mm512_maskz_loadu_ps(m, f.scales.add(sb0));
-                let z = if Q4 {
-                    _mm512_maskz_loadu_ps(m, (f.zeros as *const f32).add(sb0))
-                } else {
-                    _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(
-                        m,
-                        f.zeros.add(sb0) as *const i8,
-                    )))
-                };
-                let sz = _mm512_mul_ps(s, z);
+                let (s, sz) = f.factors(m, row * ns + g);
                 let mut fr = [_mm512_setzero_ps(); R];
                 let mut fr2 = [_mm512_setzero_ps(); R];
                 // The scales of a digit (d at `p`) for this group's scale blocks.
@@ -531,7 +611,7 @@ mod avx512 {
                 let regs = left.min(16) / per;
                 for p in 0..regs {
                     let e = g * width + 64 * p;
-                    let c = codes::<Q4, true>(f, row * nb + e / BLOCK);
+                    let c = codes::<BITS, true>(f, row * nb + e / BLOCK);
                     let idx = spread::<H>(p);
                     for r in 0..R {
                         let xq = _mm512_loadu_si512(qp.add((x0 + r) * k + e) as *const __m512i);
@@ -550,7 +630,7 @@ mod avx512 {
                 if left < 16 && left % per != 0 {
                     // The row's last 32 elements: one block (both halves of it with `H`).
                     let e = g * width + 64 * regs;
-                    let c = codes::<Q4, false>(f, row * nb + e / BLOCK);
+                    let c = codes::<BITS, false>(f, row * nb + e / BLOCK);
                     let idx = spread::<H>(regs);
                     for r in 0..R {
                         let xq = _mm512_zextsi256_si512(_mm256_loadu_si256(
@@ -585,7 +665,7 @@ mod avx512 {
     /// # Safety
     /// As [`rows`].
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn rows_of<const Q4: bool, const H: bool, const X2: bool>(
+    unsafe fn rows_of<const BITS: u32, const H: bool, const X2: bool>(
         f: Form,
         nb: usize,
         qx: &QuantX,
@@ -599,14 +679,14 @@ mod avx512 {
         unsafe {
             while tt + TILE <= t {
                 for (i, row) in rows.clone().enumerate() {
-                    let r = tile::<Q4, H, X2, TILE>(f, nb, qx, tt, row);
+                    let r = tile::<BITS, H, X2, TILE>(f, nb, qx, tt, row);
                     out[i * t + tt..i * t + tt + TILE].copy_from_slice(&r);
                 }
                 tt += TILE;
             }
             while tt < t {
                 for (i, row) in rows.clone().enumerate() {
-                    out[i * t + tt] = tile::<Q4, H, X2, 1>(f, nb, qx, tt, row)[0];
+                    out[i * t + tt] = tile::<BITS, H, X2, 1>(f, nb, qx, tt, row)[0];
                 }
                 tt += 1;
             }
@@ -616,7 +696,7 @@ mod avx512 {
     /// Integer rows: `out[(row − start)·T + t]`.
     ///
     /// # Safety
-    /// avx512f/bw/vl/vnni available; `w` a validated Q4/Q8; `qx` quantized from `[T, K]`;
+    /// avx512f/bw/vl/vnni available; `w` a validated Q4/Q8/Packed; `qx` quantized from `[T, K]`;
     /// `out.len() == rows.len()·T`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     pub(super) unsafe fn rows(
@@ -628,43 +708,66 @@ mod avx512 {
     ) {
         let nb = w.k() / BLOCK;
         let x2 = !qx.q2.is_empty();
+        let (f, bits, halves) = match *w {
+            Weights::Q4 {
+                b, scales, zeros, ..
+            } => {
+                let f = Form {
+                    b: b.as_ptr(),
+                    high: std::ptr::null(),
+                    scales: Scales::F32(scales.as_ptr()),
+                    zeros: Zeros::F32(zeros.as_ptr()),
+                };
+                (f, 4, false)
+            }
+            Weights::Q8 {
+                b,
+                scales,
+                zeros,
+                halves,
+                ..
+            } => {
+                let f = Form {
+                    b: b.as_ptr(),
+                    high: std::ptr::null(),
+                    scales: Scales::F32(scales.as_ptr()),
+                    zeros: Zeros::U8(zeros.as_ptr()),
+                };
+                (f, 8, halves)
+            }
+            Weights::Packed {
+                bits,
+                codes,
+                high,
+                scales,
+                zero,
+                ..
+            } => {
+                let zeros = match zero {
+                    PackedZero::Const(z) => Zeros::Const(z),
+                    PackedZero::Scaled(sz) => Zeros::ScaledF16(sz.as_ptr() as *const u16),
+                };
+                let f = Form {
+                    b: codes.as_ptr(),
+                    high: high.as_ptr(),
+                    scales: Scales::F16(scales.as_ptr() as *const u16),
+                    zeros,
+                };
+                (f, bits, false)
+            }
+            _ => return,
+        };
         // SAFETY: forwarded contract.
         unsafe {
-            match *w {
-                Weights::Q4 {
-                    b, scales, zeros, ..
-                } => {
-                    let f = Form {
-                        b: b.as_ptr(),
-                        scales: scales.as_ptr(),
-                        zeros: zeros.as_ptr() as *const u8,
-                    };
-                    if x2 {
-                        rows_of::<true, false, true>(f, nb, qx, t, rows, out)
-                    } else {
-                        rows_of::<true, false, false>(f, nb, qx, t, rows, out)
-                    }
-                }
-                Weights::Q8 {
-                    b,
-                    scales,
-                    zeros,
-                    halves,
-                    ..
-                } => {
-                    let f = Form {
-                        b: b.as_ptr(),
-                        scales: scales.as_ptr(),
-                        zeros: zeros.as_ptr(),
-                    };
-                    match (halves, x2) {
-                        (true, true) => rows_of::<false, true, true>(f, nb, qx, t, rows, out),
-                        (true, false) => rows_of::<false, true, false>(f, nb, qx, t, rows, out),
-                        (false, true) => rows_of::<false, false, true>(f, nb, qx, t, rows, out),
-                        (false, false) => rows_of::<false, false, false>(f, nb, qx, t, rows, out),
-                    }
-                }
-                _ => {}
+            match (bits, halves, x2) {
+                (4, _, true) => rows_of::<4, false, true>(f, nb, qx, t, rows, out),
+                (4, _, false) => rows_of::<4, false, false>(f, nb, qx, t, rows, out),
+                (5, _, true) => rows_of::<5, false, true>(f, nb, qx, t, rows, out),
+                (5, _, false) => rows_of::<5, false, false>(f, nb, qx, t, rows, out),
+                (_, true, true) => rows_of::<8, true, true>(f, nb, qx, t, rows, out),
+                (_, true, false) => rows_of::<8, true, false>(f, nb, qx, t, rows, out),
+                (_, false, true) => rows_of::<8, false, true>(f, nb, qx, t, rows, out),
+                (_, false, false) => rows_of::<8, false, false>(f, nb, qx, t, rows, out),
             }
         }
     }

@@ -18,6 +18,7 @@ pub mod misc;
 pub mod norm;
 pub mod ops;
 mod pool;
+pub(crate) mod repack;
 pub mod rope;
 mod simd;
 
