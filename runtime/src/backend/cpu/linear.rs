@@ -779,12 +779,31 @@ fn drive(n: usize, k: usize, t: usize, out: &mut [f32], f: &RowsFn) {
     } else {
         f(0..n, &mut tmp);
     }
-    for (row, col) in tmp.chunks_exact(t).enumerate() {
-        for (tt, v) in col.iter().enumerate() {
-            out[tt * n + row] = *v;
+    transpose_into(&tmp, n, t, out, parallel);
+}
+
+/// `out[T, N]` from `tmp[N, T]`: tasks of [`TRANSPOSE_ROWS`] output rows, each reading its columns'
+/// runs of `tmp` and writing that many rows of `out` as it walks N (on the pool when `parallel`).
+fn transpose_into(tmp: &[f32], n: usize, t: usize, out: &mut [f32], parallel: bool) {
+    let f = |i: usize, o: &mut [f32]| {
+        let (t0, rows) = (i * TRANSPOSE_ROWS, o.len() / n);
+        for (row, col) in tmp.chunks_exact(t).enumerate() {
+            for (r, v) in col[t0..t0 + rows].iter().enumerate() {
+                o[r * n + row] = *v;
+            }
+        }
+    };
+    if parallel {
+        pool::for_chunks_mut(out, TRANSPOSE_ROWS * n, &f);
+    } else {
+        for (i, o) in out.chunks_mut(TRANSPOSE_ROWS * n).enumerate() {
+            f(i, o);
         }
     }
 }
+
+/// Output rows (tokens) a task of [`transpose_into`] writes.
+const TRANSPOSE_ROWS: usize = 8;
 
 // ---------------------------------------------------------------------------------------------------
 // Exact path
