@@ -21,7 +21,7 @@ use crate::tensor::Tensor;
 pub struct GraphRun {
     /// The graph's outputs by name.
     pub outputs: BTreeMap<String, Tensor>,
-    /// Each step's kind ([`Step::label`]: the op of a generic node, `[linear]`, `[linear group]`, ...)
+    /// Each step's kind (its label: the op of a generic node, `[linear]`, `[linear group]`, ...)
     /// and whether it ran on the GPU, in plan order.
     pub kinds: Vec<(String, bool)>,
 }
