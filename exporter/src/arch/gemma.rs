@@ -33,9 +33,6 @@ fn rope(t: &mut Tracer, name: &str, cfg: &ModelConfig, s: usize) -> Result<(Sym,
 
 /// Builds the gemma2/gemma3 step graph.
 pub fn build(cfg: &ModelConfig, w: &Weights, opts: &ArchOptions) -> Result<Graph, TraceError> {
-    let g = cfg.gemma.as_ref().ok_or_else(|| {
-        TraceError::Model(format!("`{}` has no Gemma parameters", cfg.architecture))
-    })?;
     let (h, nh, kvh, d) = (
         cfg.hidden_size,
         cfg.num_heads,
@@ -43,10 +40,10 @@ pub fn build(cfg: &ModelConfig, w: &Weights, opts: &ArchOptions) -> Result<Graph
         cfg.head_dim,
     );
     let s = opts.max_cache;
-    let off = g.norm_offset;
+    let off = cfg.norm_offset;
     let mut t = Tracer::new(&format!("{}_step", cfg.architecture));
     let inputs = blocks::inputs(&mut t, cfg, opts)?;
-    let local = |i: usize| cfg.sliding_window.is_some() && !g.global_layers.contains(&i);
+    let local = |i: usize| cfg.sliding_window.is_some() && !cfg.global_layers.contains(&i);
     let any_local = (0..cfg.num_layers).any(local);
     let any_global = (0..cfg.num_layers).any(|i| !local(i));
 
@@ -54,7 +51,7 @@ pub fn build(cfg: &ModelConfig, w: &Weights, opts: &ArchOptions) -> Result<Graph
     // differs (Gemma 3), the local layers'
     let global_rope = rope(&mut t, "rope", cfg, s)?;
     let local_cfg = ModelConfig {
-        rope_theta: g.local_rope_theta,
+        rope_theta: cfg.local_rope_theta.unwrap_or(cfg.rope_theta),
         rope_scaling: None,
         ..cfg.clone()
     };
@@ -83,8 +80,8 @@ pub fn build(cfg: &ModelConfig, w: &Weights, opts: &ArchOptions) -> Result<Graph
     let scale = t.const_f32((h as f64).sqrt() as f32);
     let mut x = t.mul("embed.scaled", &x, &scale)?;
     let scores = AttentionScores {
-        scale: Some(g.attn_scale),
-        softcap: g.attn_softcap,
+        scale: Some(cfg.attn_scale.unwrap_or(1.0 / (d as f32).sqrt())),
+        softcap: cfg.attn_softcap,
     };
 
     for (i, (pk, pv)) in inputs.past.iter().enumerate() {
@@ -188,7 +185,7 @@ pub fn build(cfg: &ModelConfig, w: &Weights, opts: &ArchOptions) -> Result<Graph
         x,
         &out_norm,
         &out_w,
-        g.final_softcap,
+        cfg.final_softcap,
         &inputs.sampling,
     )
 }

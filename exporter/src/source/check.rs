@@ -65,7 +65,7 @@ pub(crate) fn check_tensors(
             }
         }
         for norm in ["post_attention_norm.weight", "post_ffw_norm.weight"] {
-            if c.gemma.is_some() {
+            if c.architecture.starts_with("gemma") {
                 want(&b(norm), vec![h])?;
             } else if tensors.contains_key(&b(norm)) {
                 return Err(SourceError::Unsupported {

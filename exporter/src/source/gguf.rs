@@ -12,7 +12,7 @@ use bytes::Bytes;
 
 use super::check;
 use super::tokenizer::{self, GgufVocab};
-use super::{Gemma, ModelConfig, RopeScaling, SourceDType, SourceError, SourceModel, SourceTensor};
+use super::{ModelConfig, RopeScaling, SourceDType, SourceError, SourceModel, SourceTensor};
 
 /// `GGUF` in little-endian byte order.
 const MAGIC: &[u8; 4] = b"GGUF";
@@ -887,7 +887,7 @@ pub fn into_model(file: &GgufFile) -> Result<SourceModel, SourceError> {
         }
     };
 
-    let config = ModelConfig {
+    let mut config = ModelConfig {
         architecture: arch.to_string(),
         hidden_size,
         intermediate_size,
@@ -910,11 +910,11 @@ pub fn into_model(file: &GgufFile) -> Result<SourceModel, SourceError> {
             "gemma2" | "gemma3" => Some(m.positive(&k("attention.sliding_window"))?),
             _ => None,
         },
-        gemma: match arch {
-            "gemma2" | "gemma3" => Some(gemma(&m, arch, num_layers, head_dim)?),
-            _ => None,
-        },
+        ..ModelConfig::default()
     };
+    if matches!(arch, "gemma2" | "gemma3") {
+        gemma(&m, &mut config)?;
+    }
     check::check_tensors(path, &config, &tensors)?;
 
     let tokens = tokens.ok_or_else(|| m.key_err("tokenizer.ggml.tokens", "missing".into()))?;
@@ -940,7 +940,8 @@ pub fn into_model(file: &GgufFile) -> Result<SourceModel, SourceError> {
 /// `attention.sliding_window_pattern` where the file has it, else llama.cpp's fixed 6 for Gemma 3 and 2
 /// for Gemma 2), Gemma 3's local layers on base 10,000, scores scaled by `1/sqrt(head_dim)`, and
 /// Gemma 2's soft caps. The norms are stored as `1 + w` already.
-fn gemma(m: &Meta<'_>, arch: &str, layers: usize, head_dim: usize) -> Result<Gemma, SourceError> {
+fn gemma(m: &Meta<'_>, cfg: &mut ModelConfig) -> Result<(), SourceError> {
+    let (arch, layers, head_dim) = (cfg.architecture.as_str(), cfg.num_layers, cfg.head_dim);
     let k = |s: &str| format!("{arch}.{s}");
     let every = match m.usize_opt(&k("attention.sliding_window_pattern"))? {
         Some(0) => {
@@ -961,17 +962,19 @@ fn gemma(m: &Meta<'_>, arch: &str, layers: usize, head_dim: usize) -> Result<Gem
             c => Ok(c),
         }
     };
-    Ok(Gemma {
-        norm_offset: 0.0,
-        global_layers: (0..layers).filter(|i| i % every == every - 1).collect(),
-        local_rope_theta: match arch {
-            "gemma3" => 10_000.0,
-            _ => m.f32_opt(&k("rope.freq_base"))?.unwrap_or(10_000.0),
-        },
-        attn_scale: 1.0 / (head_dim as f32).sqrt(),
-        attn_softcap: softcap("attn_logit_softcapping")?,
-        final_softcap: softcap("final_logit_softcapping")?,
-    })
+    let local_rope_theta = match arch {
+        "gemma3" => 10_000.0,
+        _ => m.f32_opt(&k("rope.freq_base"))?.unwrap_or(10_000.0),
+    };
+    let global_layers = (0..layers).filter(|i| i % every == every - 1).collect();
+    let attn_scale = 1.0 / (head_dim as f32).sqrt();
+    cfg.attn_softcap = softcap("attn_logit_softcapping")?;
+    cfg.final_softcap = softcap("final_logit_softcapping")?;
+    cfg.global_layers = global_layers;
+    cfg.local_rope_theta = Some(local_rope_theta);
+    cfg.attn_scale = Some(attn_scale);
+    cfg.norm_offset = 0.0;
+    Ok(())
 }
 
 fn rope_scaling(m: &Meta<'_>, arch: &str) -> Result<Option<RopeScaling>, SourceError> {
@@ -1374,26 +1377,26 @@ mod tests {
             "{e}"
         );
         let m = load(build(&gemma("gemma3", &[]), &with_post(ts.clone()))).expect("gemma3 loads");
-        let g = m.config.gemma.as_ref().expect("gemma parameters");
+        let g = &m.config;
         assert!(m.config.qk_norm && !m.config.rope_interleaved);
         assert_eq!(m.config.sliding_window, Some(4));
         let every6: Vec<usize> = (0..LAYERS).filter(|i| i % 6 == 5).collect();
         assert_eq!(g.global_layers, every6);
-        assert_eq!((g.local_rope_theta, g.norm_offset), (10_000.0, 0.0));
-        assert_eq!(g.attn_scale, 1.0 / (HEAD_DIM as f32).sqrt());
+        assert_eq!((g.local_rope_theta, g.norm_offset), (Some(10_000.0), 0.0));
+        assert_eq!(g.attn_scale, Some(1.0 / (HEAD_DIM as f32).sqrt()));
         assert_eq!((g.attn_softcap, g.final_softcap), (None, None));
         // a pattern in the file wins
         let kvs = gemma("gemma3", &[("attention.sliding_window_pattern", V::U32(2))]);
         let m = load(build(&kvs, &with_post(ts.clone()))).expect("gemma3 loads");
         let every2: Vec<usize> = (0..LAYERS).filter(|i| i % 2 == 1).collect();
-        assert_eq!(m.config.gemma.unwrap().global_layers, every2);
+        assert_eq!(m.config.global_layers, every2);
         // gemma2: no q/k norms, soft caps, every second layer global
         let caps = [
             ("attn_logit_softcapping", V::F32(50.0)),
             ("final_logit_softcapping", V::F32(30.0)),
         ];
         let m = load(build(&gemma("gemma2", &caps), &with_post(tensors(false)))).expect("gemma2");
-        let g = m.config.gemma.unwrap();
+        let g = m.config;
         assert_eq!((g.attn_softcap, g.final_softcap), (Some(50.0), Some(30.0)));
         assert_eq!(g.global_layers, every2);
         // a bad cap and a missing window are errors naming the key

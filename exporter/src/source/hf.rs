@@ -13,8 +13,8 @@ use serde_json::Value;
 
 use super::check;
 use super::{
-    canonical, Gemma, ModelConfig, RopeScaling, SourceDType, SourceError, SourceModel,
-    SourceTensor, TokenizerData,
+    canonical, ModelConfig, RopeScaling, SourceDType, SourceError, SourceModel, SourceTensor,
+    TokenizerData,
 };
 
 pub(super) fn show(p: &Path) -> String {
@@ -129,7 +129,7 @@ pub fn read(dir: &Path) -> Result<SourceModel, SourceError> {
             tensors.extend(parts);
             continue;
         }
-        let Some(canon) = canonical_name(&name, config.gemma.is_some()) else {
+        let Some(canon) = canonical_name(&name, config.architecture.starts_with("gemma")) else {
             if name.ends_with("rotary_emb.inv_freq") {
                 continue;
             }
@@ -291,7 +291,7 @@ fn model_config(path: &Path, c: &HfConfig) -> Result<ModelConfig, SourceError> {
     } else {
         Vec::new()
     };
-    Ok(ModelConfig {
+    let mut config = ModelConfig {
         architecture: arch.into(),
         hidden_size,
         intermediate_size,
@@ -324,11 +324,12 @@ fn model_config(path: &Path, c: &HfConfig) -> Result<ModelConfig, SourceError> {
             ("mistral" | "phi3" | "gemma2" | "gemma3", w) => w,
             _ => None,
         },
-        gemma: match gemma {
-            true => Some(gemma_config(path, c, arch, num_layers, head_dim, params)?),
-            false => None,
-        },
-    })
+        ..ModelConfig::default()
+    };
+    if gemma {
+        gemma_config(path, c, &mut config, params)?;
+    }
+    Ok(config)
 }
 
 /// Gemma's parameters from config.json: the global layers (`layer_types`, else every
@@ -337,11 +338,10 @@ fn model_config(path: &Path, c: &HfConfig) -> Result<ModelConfig, SourceError> {
 fn gemma_config(
     path: &Path,
     c: &HfConfig,
-    arch: &str,
-    layers: usize,
-    head_dim: usize,
+    cfg: &mut ModelConfig,
     params: Option<&Value>,
-) -> Result<Gemma, SourceError> {
+) -> Result<(), SourceError> {
+    let (arch, layers, head_dim) = (cfg.architecture.as_str(), cfg.num_layers, cfg.head_dim);
     let global_layers = match (&c.layer_types, c.sliding_window_pattern) {
         (Some(types), _) => {
             if types.len() != layers {
@@ -391,14 +391,13 @@ fn gemma_config(
         Some(c) if !(c.is_finite() && c > 0.0) => Err(key_err(path, key, "must be positive")),
         v => Ok(v.map(|c| c as f32)),
     };
-    Ok(Gemma {
-        norm_offset: 1.0,
-        global_layers,
-        local_rope_theta,
-        attn_scale: scalar.powf(-0.5) as f32,
-        attn_softcap: cap(c.attn_logit_softcapping, "attn_logit_softcapping")?,
-        final_softcap: cap(c.final_logit_softcapping, "final_logit_softcapping")?,
-    })
+    cfg.attn_softcap = cap(c.attn_logit_softcapping, "attn_logit_softcapping")?;
+    cfg.final_softcap = cap(c.final_logit_softcapping, "final_logit_softcapping")?;
+    cfg.norm_offset = 1.0;
+    cfg.global_layers = global_layers;
+    cfg.local_rope_theta = Some(local_rope_theta);
+    cfg.attn_scale = Some(scalar.powf(-0.5) as f32);
+    Ok(())
 }
 
 /// smollm3's layers without a rotary embedding: where `no_rope_layers` has a 0, else every
@@ -1435,23 +1434,21 @@ mod tests {
             "rope_theta": 1e6, "rope_local_base_freq": 1e4"#),
         )
         .unwrap();
-        let g = c.gemma.clone().unwrap();
         assert_eq!(
             (c.architecture.as_str(), c.sliding_window),
             ("gemma3", Some(4))
         );
         assert!(c.qk_norm);
-        assert_eq!(g.global_layers, [1, 3]);
-        assert_eq!((c.rope_theta, g.local_rope_theta), (1e6, 1e4));
-        assert_eq!((g.attn_scale, g.norm_offset), (0.25, 1.0));
+        assert_eq!(c.global_layers, [1, 3]);
+        assert_eq!((c.rope_theta, c.local_rope_theta), (1e6, Some(1e4)));
+        assert_eq!((c.attn_scale, c.norm_offset), (Some(0.25), 1.0));
         let five = r#", "sliding_window": 4, "layer_types": ["sliding_attention",
             "sliding_attention", "full_attention", "sliding_attention"], "rope_parameters": {
             "full_attention": {"rope_type": "default", "rope_theta": 1e6},
             "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}"#;
         let c = model_config(p, &cfg(five)).unwrap();
-        let g = c.gemma.unwrap();
-        assert_eq!(g.global_layers, [2]);
-        assert_eq!((c.rope_theta, g.local_rope_theta), (1e6, 1e4));
+        assert_eq!(c.global_layers, [2]);
+        assert_eq!((c.rope_theta, c.local_rope_theta), (1e6, Some(1e4)));
         for (extra, key) in [
             (
                 r#", "sliding_window": 4, "layer_types": ["full_attention"]"#,

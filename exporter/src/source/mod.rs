@@ -104,7 +104,8 @@ pub struct SourceTensor {
     pub data: Bytes,
 }
 
-/// Architecture hyper-parameters, named as in HF `config.json`.
+/// Architecture hyper-parameters, named as in HF `config.json`: the llama decoder's, and the features
+/// families add to it (each off by default; which family sets which is said in its `arch/` file).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
     /// `gemma2`, `gemma3`, `llama`, `mistral`, `phi3`, `qwen2`, `qwen3` or `smollm3`.
@@ -133,38 +134,65 @@ pub struct ModelConfig {
     pub max_position_embeddings: usize,
     /// Whether the output layer reuses the embedding table.
     pub tie_word_embeddings: bool,
-    /// Whether q/k/v projections have biases (qwen2).
+    /// Whether q/k/v projections have biases.
     pub attention_bias: bool,
-    /// Rotary layout of the q/k weights: `true` = adjacent pairs (GGUF llama), `false` = rotate_half (HF).
+    /// Rotary layout of the q/k weights: `true` = adjacent pairs (GGUF's permuted rows), `false` =
+    /// rotate_half (HF).
     pub rope_interleaved: bool,
-    /// Whether each head's q and k are RMS-normalized (weights `[head_dim]`) before the rotation (qwen3).
+    /// Whether each head's q and k are RMS-normalized (weights `[head_dim]`) before the rotation.
     pub qk_norm: bool,
-    /// Layers whose attention applies no rotary embedding (smollm3's "NoPE" layers), ascending.
+    /// Layers whose attention applies no rotary embedding ("NoPE" layers), ascending.
     pub no_rope_layers: Vec<usize>,
-    /// Layers attend only keys less than this many positions behind the query (mistral's
-    /// `sliding_window`: every layer; Gemma's: all but [`Gemma::global_layers`]).
+    /// Layers attend only keys less than this many positions behind the query: every layer but
+    /// [`ModelConfig::global_layers`].
     pub sliding_window: Option<usize>,
-    /// What Gemma 2 and 3 add to the decoder (`None` for every other family).
-    pub gemma: Option<Gemma>,
+    /// Layers that attend the whole context although `sliding_window` is set (empty: every layer
+    /// attends the window).
+    pub global_layers: Vec<usize>,
+    /// RoPE base of the sliding-window layers, where their rotation differs from the global layers'
+    /// (they then take no scaling; the global layers use `rope_theta` and `rope_scaling`).
+    pub local_rope_theta: Option<f32>,
+    /// Added to every RMSNorm weight: 1 for norms that scale by `1 + w` read from a checkpoint that
+    /// stores `w` (GGUF converters store `1 + w`: 0).
+    pub norm_offset: f32,
+    /// Attention scores' scale where it is not `head_dim^-0.5` (`query_pre_attn_scalar^-0.5`).
+    pub attn_scale: Option<f32>,
+    /// Soft cap on attention scores (`c·tanh(s/c)`).
+    pub attn_softcap: Option<f32>,
+    /// Soft cap on the logits.
+    pub final_softcap: Option<f32>,
 }
 
-/// Gemma's hyper-parameters beyond the llama decoder's.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Gemma {
-    /// Added to every RMSNorm weight: 1 for Hugging Face checkpoints (Gemma's norms scale by `1 + w`),
-    /// 0 for GGUF (llama.cpp's converter stores `1 + w`).
-    pub norm_offset: f32,
-    /// Layers that attend the whole context; the others attend the sliding window.
-    pub global_layers: Vec<usize>,
-    /// RoPE base of the sliding-window layers (Gemma 3's `rope_local_base_freq`; Gemma 2: the global
-    /// base). The global layers use `rope_theta` and `rope_scaling`.
-    pub local_rope_theta: f32,
-    /// Attention scores' scale (`query_pre_attn_scalar^-0.5`).
-    pub attn_scale: f32,
-    /// Gemma 2's soft cap on attention scores (`c·tanh(s/c)`).
-    pub attn_softcap: Option<f32>,
-    /// Gemma 2's soft cap on the logits.
-    pub final_softcap: Option<f32>,
+impl Default for ModelConfig {
+    /// Every size 0, RoPE base 10,000, and every feature off: what a reader starts from.
+    fn default() -> Self {
+        ModelConfig {
+            architecture: String::new(),
+            hidden_size: 0,
+            intermediate_size: 0,
+            num_layers: 0,
+            num_heads: 0,
+            num_kv_heads: 0,
+            head_dim: 0,
+            vocab_size: 0,
+            rms_eps: 0.0,
+            rope_theta: 10_000.0,
+            rope_scaling: None,
+            max_position_embeddings: 0,
+            tie_word_embeddings: false,
+            attention_bias: false,
+            rope_interleaved: false,
+            qk_norm: false,
+            no_rope_layers: Vec::new(),
+            sliding_window: None,
+            global_layers: Vec::new(),
+            local_rope_theta: None,
+            norm_offset: 0.0,
+            attn_scale: None,
+            attn_softcap: None,
+            final_softcap: None,
+        }
+    }
 }
 
 /// RoPE scaling variants.
