@@ -12,9 +12,10 @@ use crate::source::ModelConfig;
 use crate::trace::{SDim, Sym, TraceError, Tracer};
 
 pub mod blocks;
+/// The llama-shaped decoder graph that llama, mistral, phi3, qwen2, qwen3 and smollm3 share.
+pub mod decoder;
 /// Gemma 2 and 3.
 pub mod gemma;
-pub mod llama;
 #[cfg(test)]
 mod tests;
 /// Whisper (speech to text): encoder and decoder step in one graph.
@@ -61,7 +62,9 @@ pub const SUPPORTED: &[&str] = &[
 /// Builds the step graph for `cfg.architecture`.
 pub fn build(cfg: &ModelConfig, w: &Weights, opts: &ArchOptions) -> Result<Graph, TraceError> {
     match cfg.architecture.as_str() {
-        "llama" | "mistral" | "phi3" | "qwen2" | "qwen3" | "smollm3" => llama::build(cfg, w, opts),
+        "llama" | "mistral" | "phi3" | "qwen2" | "qwen3" | "smollm3" => {
+            decoder::build(cfg, w, opts)
+        }
         "gemma2" | "gemma3" => gemma::build(cfg, w, opts),
         other => Err(TraceError::Model(format!(
             "unsupported architecture `{other}` (supported: {})",
