@@ -9,7 +9,7 @@ use bytes::Bytes;
 use onestep_format::contract;
 use onestep_format::graph::{DType, Dim, Graph};
 
-use super::{build, ArchOptions, Weights, SUPPORTED};
+use super::{build, ArchOptions, Weights, ARCHS};
 use crate::quant::{Form, Matrix};
 use crate::source::ModelConfig;
 use crate::trace::TraceError;
@@ -25,7 +25,7 @@ const V: usize = 40;
 const S: usize = 16;
 
 /// A tiny config of `arch`, with the family's own features on.
-fn config(arch: &str) -> ModelConfig {
+pub(crate) fn config(arch: &str) -> ModelConfig {
     let gemma = arch.starts_with("gemma");
     let gemma2 = arch == "gemma2";
     ModelConfig {
@@ -148,7 +148,7 @@ fn shape(dims: &[Dim]) -> Vec<Option<usize>> {
 /// per layer one attention, seven linear layers, the rotaries, norms and gate its blocks make.
 #[test]
 fn every_family_builds_its_blocks_over_the_contract() {
-    for &arch in SUPPORTED {
+    for arch in ARCHS.iter().map(|a| a.name()) {
         let cfg = config(arch);
         let g = built(&cfg);
         let names = |vs: &[onestep_format::graph::ValueInfo]| -> Vec<String> {

@@ -104,11 +104,41 @@ pub struct SourceTensor {
     pub data: Bytes,
 }
 
+impl SourceTensor {
+    /// A fused matrix (`name` in messages) split into row slices of the same bytes, one per
+    /// `(part, rows)` in order; `Err` says why not (rows that do not add up, a block type).
+    pub fn split_rows(&self, name: &str, parts: &[(&str, usize)]) -> Result<Vec<Self>, String> {
+        let total: usize = parts.iter().map(|r| r.1).sum();
+        if self.shape.len() != 2 || self.shape[0] != total || self.dtype.block_elems() != 1 {
+            return Err(format!(
+                "tensor `{name}` {:?} {:?}: expected {total} rows of a float type to split into {}",
+                self.dtype,
+                self.shape,
+                parts.iter().map(|r| r.0).collect::<Vec<_>>().join(", ")
+            ));
+        }
+        let row_bytes = self.data.len() / total;
+        let mut at = 0;
+        Ok(parts
+            .iter()
+            .map(|&(_, n)| {
+                let part = SourceTensor {
+                    dtype: self.dtype,
+                    shape: vec![n, self.shape[1]],
+                    data: self.data.slice(at * row_bytes..(at + n) * row_bytes),
+                };
+                at += n;
+                part
+            })
+            .collect())
+    }
+}
+
 /// Architecture hyper-parameters, named as in HF `config.json`: the llama decoder's, and the features
 /// families add to it (each off by default; which family sets which is said in its `arch/` file).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
-    /// `gemma2`, `gemma3`, `llama`, `mistral`, `phi3`, `qwen2`, `qwen3` or `smollm3`.
+    /// The family's name (`crate::arch::Arch::name`), written in the exported file's metadata.
     pub architecture: String,
     /// Hidden size.
     pub hidden_size: usize,
@@ -263,9 +293,9 @@ pub struct SourceModel {
 /// Canonical tensor names every reader maps its own names to (llama.cpp's GGUF names):
 /// `token_embd.weight`, `output_norm.weight`, `output.weight` (absent when tied), and per layer `blk.{i}.`
 /// followed by `attn_norm.weight`, `attn_q.weight`, `attn_k.weight`, `attn_v.weight`, `attn_output.weight`,
-/// `attn_q.bias`, `attn_k.bias`, `attn_v.bias` (qwen2), `attn_q_norm.weight`, `attn_k_norm.weight`
-/// (qwen3, gemma3), `post_attention_norm.weight`, `post_ffw_norm.weight` (gemma), `ffn_norm.weight`,
-/// `ffn_gate.weight`, `ffn_up.weight`, `ffn_down.weight`.
+/// `attn_q.bias`, `attn_k.bias`, `attn_v.bias` (with `attention_bias`), `attn_q_norm.weight`,
+/// `attn_k_norm.weight` (with `qk_norm`), `ffn_norm.weight`, `ffn_gate.weight`, `ffn_up.weight`,
+/// `ffn_down.weight`, and the norms a family adds (`crate::arch::Arch::extra_layer_norms`).
 pub mod canonical {
     /// Token embedding table `[vocab, hidden]`.
     pub const TOKEN_EMBD: &str = "token_embd.weight";
