@@ -67,6 +67,12 @@ pub trait Arch: Sync {
         Ok(None)
     }
 
+    /// Per-layer norms `[hidden]` beyond llama's two that the family requires (canonical suffix, what
+    /// it is). Another family's are refused in this one's files.
+    fn extra_layer_norms(&self) -> &'static [(&'static str, &'static str)] {
+        &[]
+    }
+
     /// Builds the step graph of docs/GRAPH.md.
     fn build(
         &self,
@@ -133,4 +139,15 @@ pub fn supported(f: impl Fn(&dyn Arch) -> &'static [&'static str]) -> String {
         .flat_map(|a| f(*a).iter().copied())
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// The per-layer norms beyond llama's that some family requires, each once, in registry order.
+pub fn all_extra_layer_norms() -> Vec<(&'static str, &'static str)> {
+    let mut all: Vec<(&'static str, &'static str)> = Vec::new();
+    for n in ARCHS.iter().flat_map(|a| a.extra_layer_norms()) {
+        if !all.contains(n) {
+            all.push(*n);
+        }
+    }
+    all
 }

@@ -59,6 +59,15 @@ pub static GEMMA3: Gemma = Gemma {
     qk_norm: true,
 };
 
+/// The norms after the attention and after the MLP.
+const POST_NORMS: &[(&str, &str)] = &[
+    (
+        "post_attention_norm.weight",
+        "a norm after attention or the MLP",
+    ),
+    ("post_ffw_norm.weight", "a norm after attention or the MLP"),
+];
+
 impl Arch for Gemma {
     fn name(&self) -> &'static str {
         self.name
@@ -104,6 +113,9 @@ impl Arch for Gemma {
             _ => return Ok(None),
         };
         Ok(Some(vec![(canonical::blk(layer, canon), t.clone())]))
+    }
+    fn extra_layer_norms(&self) -> &'static [(&'static str, &'static str)] {
+        POST_NORMS
     }
     fn build(&self, cfg: &ModelConfig, w: &Weights, o: &ArchOptions) -> Result<Graph, TraceError> {
         build(cfg, w, o)

@@ -857,7 +857,7 @@ pub fn into_model(file: &GgufFile) -> Result<SourceModel, SourceError> {
     let mut config = common_config(&m, &keys, &tensors)?;
     config.architecture = arch.name().into();
     arch.read_gguf(&keys, &mut config)?;
-    check::check_tensors(path, &config, &tensors)?;
+    check::check_tensors(path, arch, &config, &tensors)?;
 
     let tokens = m.strings_opt("tokenizer.ggml.tokens")?;
     let tokens = tokens.ok_or_else(|| m.key_err("tokenizer.ggml.tokens", "missing".into()))?;

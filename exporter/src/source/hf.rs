@@ -102,7 +102,7 @@ pub fn read(dir: &Path) -> Result<SourceModel, SourceError> {
     let has_lm_head = tensors_raw.contains_key("lm_head.weight");
     config.tie_word_embeddings = raw.tie_word_embeddings.unwrap_or(!has_lm_head);
     let tensors = canonical_tensors(arch, &config, tensors_raw)?;
-    check::check_tensors(&show(dir), &config, &tensors)?;
+    check::check_tensors(&show(dir), arch, &config, &tensors)?;
 
     let (tokenizer, generation) = read_tokenizer(dir, &raw, config.vocab_size)?;
     Ok(SourceModel {
