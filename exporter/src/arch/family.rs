@@ -1,10 +1,11 @@
 //! What an architecture family is to the exporter: the [`Arch`] description each family file implements
-//! (its names, its own config fields and tensor names, the tensors it adds, its graph), and the registry
-//! [`ARCHS`] the readers in `source/` consult. The readers know no family by name.
+//! (its names, its own config fields and tensor names, the tensors it adds, its graph), and the look-ups
+//! over the registry [`ARCHS`] (arch/mod.rs) that the readers in `source/` consult. The readers know no
+//! family by name.
 
 use onestep_format::graph::Graph;
 
-use super::{ArchOptions, Weights};
+use super::{ArchOptions, Weights, ARCHS};
 use crate::source::gguf::GgufKeys;
 use crate::source::hf::HfKeys;
 use crate::source::{ModelConfig, SourceError, SourceTensor};
@@ -81,18 +82,6 @@ pub trait Arch: Sync {
         opts: &ArchOptions,
     ) -> Result<Graph, TraceError>;
 }
-
-/// Every family the exporter builds: the one place a new family is registered.
-pub static ARCHS: &[&dyn Arch] = &[
-    &super::gemma::GEMMA2,
-    &super::gemma::GEMMA3,
-    &super::llama::Llama,
-    &super::mistral::Mistral,
-    &super::phi3::Phi3,
-    &super::qwen2::Qwen2,
-    &super::qwen3::Qwen3,
-    &super::smollm3::SmolLM3,
-];
 
 /// The family named `name` (`ModelConfig::architecture`).
 pub fn find(name: &str) -> Option<&'static dyn Arch> {

@@ -1,5 +1,5 @@
 //! Architectures: one file per family, each an [`Arch`] description (its names, its own config fields and
-//! tensor names, its graph) registered in [`ARCHS`] (family.rs), over shared blocks (blocks.rs, and the
+//! tensor names, its graph) registered in [`ARCHS`] below, over shared blocks (blocks.rs, and the
 //! llama-shaped decoder of decoder.rs). This module holds what they share: the weight forms as graph
 //! fragments (Linear, Embedding), the rotary tables and the in-graph token choice.
 
@@ -16,6 +16,14 @@ pub mod blocks;
 /// The llama-shaped decoder graph that llama, mistral, phi3, qwen2, qwen3 and smollm3 share.
 pub mod decoder;
 pub mod family;
+#[cfg(test)]
+pub(crate) mod tests;
+/// Whisper (speech to text): encoder and decoder step in one graph.
+pub mod whisper;
+
+pub use family::{find, Arch};
+
+// The text families: a new one is its file, its `mod` line and its entry in ARCHS.
 /// Gemma 2 and 3.
 pub mod gemma;
 /// Llama.
@@ -30,12 +38,18 @@ pub mod qwen2;
 pub mod qwen3;
 /// SmolLM3.
 pub mod smollm3;
-#[cfg(test)]
-pub(crate) mod tests;
-/// Whisper (speech to text): encoder and decoder step in one graph.
-pub mod whisper;
 
-pub use family::{find, Arch, ARCHS};
+/// Every text family the exporter builds (the readers try them in this order).
+pub static ARCHS: &[&dyn Arch] = &[
+    &gemma::GEMMA2,
+    &gemma::GEMMA3,
+    &llama::Llama,
+    &mistral::Mistral,
+    &phi3::Phi3,
+    &qwen2::Qwen2,
+    &qwen3::Qwen3,
+    &smollm3::SmolLM3,
+];
 
 /// Encoded weights by canonical source name (`blk.0.attn_q.weight`, ...).
 #[derive(Debug, Clone, Default)]
