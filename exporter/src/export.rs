@@ -297,15 +297,9 @@ pub fn initializer_source(init: &str) -> Option<String> {
         ("attn.k_proj", "attn_k.weight"),
         ("attn.v_proj", "attn_v.weight"),
         ("attn.o_proj", "attn_output.weight"),
-        ("attn_q_norm.weight", "attn_q_norm.weight"),
-        ("attn_k_norm.weight", "attn_k_norm.weight"),
-        ("post_attention_norm.weight", "post_attention_norm.weight"),
-        ("post_ffw_norm.weight", "post_ffw_norm.weight"),
         ("mlp.gate", "ffn_gate.weight"),
         ("mlp.up", "ffn_up.weight"),
         ("mlp.down", "ffn_down.weight"),
-        ("attn_norm.weight", "attn_norm.weight"),
-        ("ffn_norm.weight", "ffn_norm.weight"),
     ];
     if init == "output_norm.weight" {
         return Some(init.to_string());
@@ -320,7 +314,36 @@ pub fn initializer_source(init: &str) -> Option<String> {
     let rest = init.strip_prefix('l')?;
     let (layer, rest) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
+    // A norm's weight keeps its canonical name (`l3.attn_norm.weight` ← `blk.3.attn_norm.weight`).
+    if rest.ends_with("norm.weight") {
+        return Some(format!("blk.{layer}.{rest}"));
+    }
     MAP.iter()
         .find(|(k, _)| rest.starts_with(k))
         .map(|(_, v)| format!("blk.{layer}.{v}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::initializer_source;
+
+    /// Every weight initializer names its canonical tensor: a norm of any family by its own name.
+    #[test]
+    fn initializers_name_their_source_tensor() {
+        for (init, src) in [
+            ("l3.attn.q_proj.scales", "blk.3.attn_q.weight"),
+            ("l0.attn.k_proj.bias", "blk.0.attn_k.bias"),
+            ("l1.mlp.down.zero_points", "blk.1.ffn_down.weight"),
+            ("l2.attn_q_norm.weight", "blk.2.attn_q_norm.weight"),
+            ("l1.post_ffw_norm.weight", "blk.1.post_ffw_norm.weight"),
+            ("l0.ffn_norm.weight", "blk.0.ffn_norm.weight"),
+            ("token_embd.mins", "token_embd.weight"),
+            ("output_norm.weight", "output_norm.weight"),
+        ] {
+            assert_eq!(initializer_source(init).as_deref(), Some(src), "{init}");
+        }
+        for other in ["rope.cos", "const.3", "lx.attn_norm.weight"] {
+            assert_eq!(initializer_source(other), None, "{other}");
+        }
+    }
 }

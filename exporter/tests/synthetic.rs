@@ -381,7 +381,7 @@ fn source(case: &Case, seed: u64) -> SourceModel {
             qk_norm: false,
             no_rope_layers: Vec::new(),
             sliding_window: None,
-            gemma: None,
+            ..ModelConfig::default()
         },
         tensors,
         tokenizer: TokenizerData {

@@ -6,7 +6,7 @@ use bytes::Bytes;
 use onestep_format::contract;
 use onestep_format::graph::{DType, Graph};
 
-use super::{add_matrix, linear, token_choice, ArchOptions, MatSyms, Weights};
+use super::{add_matrix, linear, rope_tables, token_choice, ArchOptions, MatSyms, Weights};
 use crate::source::ModelConfig;
 use crate::trace::{AttentionScores, SDim, Sym, TraceError, Tracer};
 
@@ -155,7 +155,7 @@ impl Positions {
 }
 
 /// A norm weight `[n]` named `name` from the canonical vector `src`, plus `offset` on every element
-/// (Gemma's `1 + w` norms read from a Hugging Face checkpoint).
+/// (norms that scale by `1 + w`, read from a checkpoint that stores `w`).
 pub fn norm_weight(
     t: &mut Tracer,
     w: &Weights,
@@ -175,6 +175,121 @@ pub fn norm_weight(
         f32_bytes(&v)
     };
     t.weight(name, DType::F32, &[n], bytes)
+}
+
+/// Rotary tables `{name}.cos`, `{name}.sin` `[max_cache, head_dim/2]` for `cfg`'s base and scaling.
+pub fn rope_weights(
+    t: &mut Tracer,
+    name: &str,
+    cfg: &ModelConfig,
+    s: usize,
+) -> Result<(Sym, Sym), TraceError> {
+    let half = cfg.head_dim / 2;
+    let (cos, sin) = rope_tables(cfg, s);
+    let cos = t.weight(
+        &format!("{name}.cos"),
+        DType::F32,
+        &[s, half],
+        f32_bytes(&cos),
+    )?;
+    let sin = t.weight(
+        &format!("{name}.sin"),
+        DType::F32,
+        &[s, half],
+        f32_bytes(&sin),
+    )?;
+    Ok((cos, sin))
+}
+
+/// A layer's seven linear layers, their initializers named `l{i}.attn.{q,k,v,o}_proj.*` and
+/// `l{i}.mlp.{gate,up,down}.*` and added in that order.
+pub struct Linears {
+    /// Query projection.
+    pub q: MatSyms,
+    /// Key projection.
+    pub k: MatSyms,
+    /// Value projection.
+    pub v: MatSyms,
+    /// Attention output projection.
+    pub o: MatSyms,
+    /// MLP gate.
+    pub gate: MatSyms,
+    /// MLP up projection.
+    pub up: MatSyms,
+    /// MLP down projection.
+    pub down: MatSyms,
+}
+
+/// Layer `i`'s [`Linears`] from the canonical `blk.{i}.*` matrices.
+pub fn linears(t: &mut Tracer, w: &Weights, i: usize) -> Result<Linears, TraceError> {
+    let mut mat = |name: &str, src: &str| {
+        let m = w.matrix(&crate::source::canonical::blk(i, src))?;
+        add_matrix(t, &format!("l{i}.{name}"), m)
+    };
+    Ok(Linears {
+        q: mat("attn.q_proj", "attn_q.weight")?,
+        k: mat("attn.k_proj", "attn_k.weight")?,
+        v: mat("attn.v_proj", "attn_v.weight")?,
+        o: mat("attn.o_proj", "attn_output.weight")?,
+        gate: mat("mlp.gate", "ffn_gate.weight")?,
+        up: mat("mlp.up", "ffn_up.weight")?,
+        down: mat("mlp.down", "ffn_down.weight")?,
+    })
+}
+
+/// `q` and `k` rotated by the tables `(cos, sin)` at the chunk's positions (adjacent pairs where
+/// `interleaved`, else halves): nodes `attn.q_rope`, `attn.k_rope`.
+pub fn rotate(
+    t: &mut Tracer,
+    (q, k): (&Sym, &Sym),
+    (cos, sin): &(Sym, Sym),
+    pos: &Positions,
+    interleaved: bool,
+) -> Result<(Sym, Sym), TraceError> {
+    let ids = &pos.pos_ids;
+    Ok((
+        t.rope("attn.q_rope", q, cos, sin, ids, interleaved)?,
+        t.rope("attn.k_rope", k, cos, sin, ids, interleaved)?,
+    ))
+}
+
+/// The gated MLP's activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gate {
+    /// SiLU (`g·sigmoid(g)`): nodes `mlp.gate_sigmoid`, `mlp.silu`.
+    Silu,
+    /// GeLU with the tanh approximation: node `mlp.gelu`.
+    GeluTanh,
+}
+
+/// The MLP sub-layer with its residual: `x + down(act(gate(n)) · up(n))` with `n = RMSNorm(x)` (node
+/// `ffn_norm`), the MLP's output normed again where `post_norm` is given (node `post_ffw_norm`). Nodes
+/// `mlp.gate`, `mlp.up`, the gate's, `mlp.gated`, `mlp.down`, `mlp.residual`.
+pub fn gated_mlp(
+    t: &mut Tracer,
+    x: &Sym,
+    (norm, post_norm): (&Sym, Option<&Sym>),
+    [wg, wu, wd]: [&MatSyms; 3],
+    gate: Gate,
+    eps: f32,
+) -> Result<Sym, TraceError> {
+    let h = t.rms_norm("ffn_norm", x, norm, eps)?;
+    let g = linear(t, "mlp.gate", &h, wg, None)?;
+    let u = linear(t, "mlp.up", &h, wu, None)?;
+    let act = match gate {
+        Gate::Silu => {
+            let sg = t.sigmoid("mlp.gate_sigmoid", &g)?;
+            t.mul("mlp.silu", &g, &sg)?
+        }
+        Gate::GeluTanh => t.gelu_tanh("mlp.gelu", &g)?,
+    };
+    let gu = t.mul("mlp.gated", &act, &u)?;
+    let down = linear(t, "mlp.down", &gu, wd, None)?;
+    let down = match post_norm {
+        Some(n) => t.rms_norm("post_ffw_norm", &down, n, eps)?,
+        None => down,
+    };
+    t.add("mlp.residual", x, &down)
 }
 
 /// Splits `[T, n·d]` into heads `[1, n, T, d]`; nodes `{name}.split` and `name`.

@@ -1,6 +1,7 @@
-//! Architectures: one file per family, each an ordinary Rust function over the [`Tracer`] that builds the
-//! step graph of docs/GRAPH.md. This module holds what they share: the weight forms as graph fragments
-//! (Linear, Embedding), the rotary tables and the in-graph token choice.
+//! Architectures: one file per family, each an [`Arch`] description (its names, its own config fields and
+//! tensor names, its graph) registered in [`ARCHS`] below, over shared blocks (blocks.rs, and the
+//! llama-shaped decoder of decoder.rs). This module holds what they share: the weight forms as graph
+//! fragments (Linear, Embedding), the rotary tables and the in-graph token choice.
 
 use std::collections::BTreeMap;
 
@@ -12,13 +13,43 @@ use crate::source::ModelConfig;
 use crate::trace::{SDim, Sym, TraceError, Tracer};
 
 pub mod blocks;
-/// Gemma 2 and 3.
-pub mod gemma;
-pub mod llama;
+/// The llama-shaped decoder graph that llama, mistral, phi3, qwen2, qwen3 and smollm3 share.
+pub mod decoder;
+pub mod family;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 /// Whisper (speech to text): encoder and decoder step in one graph.
 pub mod whisper;
+
+pub use family::{find, Arch};
+
+// The text families: a new one is its file, its `mod` line and its entry in ARCHS.
+/// Gemma 2 and 3.
+pub mod gemma;
+/// Llama.
+pub mod llama;
+/// Mistral.
+pub mod mistral;
+/// Phi-3.
+pub mod phi3;
+/// Qwen2.
+pub mod qwen2;
+/// Qwen3.
+pub mod qwen3;
+/// SmolLM3.
+pub mod smollm3;
+
+/// Every text family the exporter builds (the readers try them in this order).
+pub static ARCHS: &[&dyn Arch] = &[
+    &gemma::GEMMA2,
+    &gemma::GEMMA3,
+    &llama::Llama,
+    &mistral::Mistral,
+    &phi3::Phi3,
+    &qwen2::Qwen2,
+    &qwen3::Qwen3,
+    &smollm3::SmolLM3,
+];
 
 /// Encoded weights by canonical source name (`blk.0.attn_q.weight`, ...).
 #[derive(Debug, Clone, Default)]
@@ -53,19 +84,18 @@ pub struct ArchOptions {
     pub kv_dtype: DType,
 }
 
-/// The architectures [`build`] takes.
-pub const SUPPORTED: &[&str] = &[
-    "gemma2", "gemma3", "llama", "mistral", "phi3", "qwen2", "qwen3", "smollm3",
-];
-
-/// Builds the step graph for `cfg.architecture`.
+/// Builds the step graph for `cfg.architecture` with its family's builder.
 pub fn build(cfg: &ModelConfig, w: &Weights, opts: &ArchOptions) -> Result<Graph, TraceError> {
-    match cfg.architecture.as_str() {
-        "llama" | "mistral" | "phi3" | "qwen2" | "qwen3" | "smollm3" => llama::build(cfg, w, opts),
-        "gemma2" | "gemma3" => gemma::build(cfg, w, opts),
-        other => Err(TraceError::Model(format!(
-            "unsupported architecture `{other}` (supported: {})",
-            SUPPORTED.join(", ")
+    match find(&cfg.architecture) {
+        Some(arch) => arch.build(cfg, w, opts),
+        None => Err(TraceError::Model(format!(
+            "unsupported architecture `{}` (supported: {})",
+            cfg.architecture,
+            ARCHS
+                .iter()
+                .map(|a| a.name())
+                .collect::<Vec<_>>()
+                .join(", ")
         ))),
     }
 }

@@ -9,9 +9,9 @@ use bytes::Bytes;
 use onestep_format::contract;
 use onestep_format::graph::{DType, Dim, Graph};
 
-use super::{build, ArchOptions, Weights, SUPPORTED};
+use super::{build, ArchOptions, Weights, ARCHS};
 use crate::quant::{Form, Matrix};
-use crate::source::{Gemma, ModelConfig};
+use crate::source::ModelConfig;
 use crate::trace::TraceError;
 
 /// Hidden size, MLP size, layers, query heads, KV heads, head size, vocabulary, cache slots.
@@ -25,15 +25,9 @@ const V: usize = 40;
 const S: usize = 16;
 
 /// A tiny config of `arch`, with the family's own features on.
-fn config(arch: &str) -> ModelConfig {
-    let gemma = |softcap: bool| Gemma {
-        norm_offset: 1.0,
-        global_layers: vec![2],
-        local_rope_theta: 10_000.0,
-        attn_scale: 0.25,
-        attn_softcap: softcap.then_some(50.0),
-        final_softcap: softcap.then_some(30.0),
-    };
+pub(crate) fn config(arch: &str) -> ModelConfig {
+    let gemma = arch.starts_with("gemma");
+    let gemma2 = arch == "gemma2";
     ModelConfig {
         architecture: arch.into(),
         hidden_size: H,
@@ -47,7 +41,7 @@ fn config(arch: &str) -> ModelConfig {
         rope_theta: 10_000.0,
         rope_scaling: None,
         max_position_embeddings: 1024,
-        tie_word_embeddings: arch.starts_with("gemma"),
+        tie_word_embeddings: gemma,
         attention_bias: arch == "qwen2",
         rope_interleaved: false,
         qk_norm: matches!(arch, "qwen3" | "gemma3"),
@@ -57,11 +51,12 @@ fn config(arch: &str) -> ModelConfig {
             Vec::new()
         },
         sliding_window: matches!(arch, "mistral" | "gemma2" | "gemma3").then_some(8),
-        gemma: match arch {
-            "gemma2" => Some(gemma(true)),
-            "gemma3" => Some(gemma(false)),
-            _ => None,
-        },
+        global_layers: if gemma { vec![2] } else { Vec::new() },
+        local_rope_theta: gemma.then_some(10_000.0),
+        norm_offset: if gemma { 1.0 } else { 0.0 },
+        attn_scale: gemma.then_some(0.25),
+        attn_softcap: gemma2.then_some(50.0),
+        final_softcap: gemma2.then_some(30.0),
     }
 }
 
@@ -153,7 +148,7 @@ fn shape(dims: &[Dim]) -> Vec<Option<usize>> {
 /// per layer one attention, seven linear layers, the rotaries, norms and gate its blocks make.
 #[test]
 fn every_family_builds_its_blocks_over_the_contract() {
-    for &arch in SUPPORTED {
+    for arch in ARCHS.iter().map(|a| a.name()) {
         let cfg = config(arch);
         let g = built(&cfg);
         let names = |vs: &[onestep_format::graph::ValueInfo]| -> Vec<String> {
@@ -191,16 +186,17 @@ fn every_family_builds_its_blocks_over_the_contract() {
         }
         let roped = L - cfg.no_rope_layers.len();
         let qk = usize::from(cfg.qk_norm);
-        let norms = match cfg.gemma {
-            Some(_) => 4 * L + 1 + 2 * qk * L,
-            None => 2 * L + 1 + 2 * qk * L,
+        let gemma = arch.starts_with("gemma");
+        let norms = match gemma {
+            true => 4 * L + 1 + 2 * qk * L,
+            false => 2 * L + 1 + 2 * qk * L,
         };
         assert_eq!(count(&g, "Attention"), L, "{arch}: attentions");
         assert_eq!(count(&g, "Gemm"), 7 * L + 1, "{arch}: linear layers");
         assert_eq!(count(&g, "RotaryEmbedding"), 2 * roped, "{arch}: rotaries");
         assert_eq!(count(&g, "RMSNormalization"), norms, "{arch}: norms");
         assert_eq!(count(&g, "TopK"), 1, "{arch}: the token choice's TopK");
-        let gelu = cfg.gemma.is_some();
+        let gelu = gemma;
         assert_eq!(count(&g, "Gelu"), if gelu { L } else { 0 }, "{arch}: GELU");
         assert_eq!(
             count(&g, "Sigmoid"),

@@ -4,84 +4,64 @@
 use std::collections::BTreeMap;
 
 use super::{canonical, ModelConfig, SourceError, SourceTensor};
+use crate::arch::{family, Arch};
 
-/// Checks the presence and shape of every tensor the decoder needs, and that no q/k norms or Gemma
-/// post-norms come with an architecture that would not apply them.
-pub(crate) fn check_tensors(
-    path: &str,
-    c: &ModelConfig,
-    tensors: &BTreeMap<String, SourceTensor>,
-) -> Result<(), SourceError> {
-    let q = c.num_heads * c.head_dim;
-    let kv = c.num_kv_heads * c.head_dim;
-    let h = c.hidden_size;
-    let f = c.intermediate_size;
-    let want = |name: &str, expected: Vec<usize>| -> Result<(), SourceError> {
-        let t = tensors
+/// The source's tensors by canonical name, and the path errors name.
+struct Tensors<'a> {
+    path: &'a str,
+    map: &'a BTreeMap<String, SourceTensor>,
+}
+
+impl Tensors<'_> {
+    /// `name` must be present with shape `expected`.
+    fn want(&self, name: &str, expected: Vec<usize>) -> Result<(), SourceError> {
+        let t = self
+            .map
             .get(name)
             .ok_or_else(|| SourceError::MissingTensor {
-                path: path.into(),
+                path: self.path.into(),
                 tensor: name.into(),
             })?;
         if t.shape != expected {
             return Err(SourceError::Shape {
-                path: path.into(),
+                path: self.path.into(),
                 tensor: name.into(),
                 actual: t.shape.clone(),
                 expected,
             });
         }
         Ok(())
-    };
-    want(canonical::TOKEN_EMBD, vec![c.vocab_size, h])?;
-    want(canonical::OUTPUT_NORM, vec![h])?;
+    }
+
+    /// `name` (`what` it is) must be absent from a model of `c`'s family, which would not apply it.
+    fn refuse(&self, name: &str, what: &str, c: &ModelConfig) -> Result<(), SourceError> {
+        if !self.map.contains_key(name) {
+            return Ok(());
+        }
+        Err(SourceError::Unsupported {
+            path: self.path.into(),
+            what: format!("tensor `{name}` ({what}) in a `{}` model", c.architecture),
+        })
+    }
+}
+
+/// Checks the presence and shape of every tensor the decoder of `arch` needs, and that no q/k norms
+/// or another family's norms come with a model that would not apply them.
+pub(crate) fn check_tensors(
+    path: &str,
+    arch: &dyn Arch,
+    c: &ModelConfig,
+    tensors: &BTreeMap<String, SourceTensor>,
+) -> Result<(), SourceError> {
+    let ts = Tensors { path, map: tensors };
+    let h = c.hidden_size;
+    ts.want(canonical::TOKEN_EMBD, vec![c.vocab_size, h])?;
+    ts.want(canonical::OUTPUT_NORM, vec![h])?;
     if !c.tie_word_embeddings {
-        want(canonical::OUTPUT, vec![c.vocab_size, h])?;
+        ts.want(canonical::OUTPUT, vec![c.vocab_size, h])?;
     }
     for i in 0..c.num_layers {
-        let b = |s: &str| canonical::blk(i, s);
-        want(&b("attn_norm.weight"), vec![h])?;
-        want(&b("attn_q.weight"), vec![q, h])?;
-        want(&b("attn_k.weight"), vec![kv, h])?;
-        want(&b("attn_v.weight"), vec![kv, h])?;
-        want(&b("attn_output.weight"), vec![h, q])?;
-        if c.attention_bias {
-            want(&b("attn_q.bias"), vec![q])?;
-            want(&b("attn_k.bias"), vec![kv])?;
-            want(&b("attn_v.bias"), vec![kv])?;
-        }
-        for norm in ["attn_q_norm.weight", "attn_k_norm.weight"] {
-            if c.qk_norm {
-                want(&b(norm), vec![c.head_dim])?;
-            } else if tensors.contains_key(&b(norm)) {
-                return Err(SourceError::Unsupported {
-                    path: path.into(),
-                    what: format!(
-                        "tensor `{}` (q/k norms) in a `{}` model",
-                        b(norm),
-                        c.architecture
-                    ),
-                });
-            }
-        }
-        for norm in ["post_attention_norm.weight", "post_ffw_norm.weight"] {
-            if c.gemma.is_some() {
-                want(&b(norm), vec![h])?;
-            } else if tensors.contains_key(&b(norm)) {
-                return Err(SourceError::Unsupported {
-                    path: path.into(),
-                    what: format!(
-                        "tensor `{}` (a norm after attention or the MLP) in a `{}` model",
-                        b(norm),
-                        c.architecture
-                    ),
-                });
-            }
-        }
-        want(&b("ffn_norm.weight"), vec![h])?;
-        want(&b("ffn_gate.weight"), vec![f, h])?;
-        want(&b("ffn_up.weight"), vec![f, h])?;
-        want(&b("ffn_down.weight"), vec![h, f])?;
+        check_layer(&ts, arch, c, i)?;
     }
     // Layers beyond the configured count mean the config and the weights disagree.
     let extra = canonical::blk(c.num_layers, "");
@@ -95,4 +75,43 @@ pub(crate) fn check_tensors(
         });
     }
     Ok(())
+}
+
+/// Layer `i`'s tensors: llama's, the biases and q/k norms the config asks for, the family's own norms.
+fn check_layer(
+    ts: &Tensors<'_>,
+    arch: &dyn Arch,
+    c: &ModelConfig,
+    i: usize,
+) -> Result<(), SourceError> {
+    let q = c.num_heads * c.head_dim;
+    let kv = c.num_kv_heads * c.head_dim;
+    let (h, f) = (c.hidden_size, c.intermediate_size);
+    let b = |s: &str| canonical::blk(i, s);
+    ts.want(&b("attn_norm.weight"), vec![h])?;
+    ts.want(&b("attn_q.weight"), vec![q, h])?;
+    ts.want(&b("attn_k.weight"), vec![kv, h])?;
+    ts.want(&b("attn_v.weight"), vec![kv, h])?;
+    ts.want(&b("attn_output.weight"), vec![h, q])?;
+    if c.attention_bias {
+        ts.want(&b("attn_q.bias"), vec![q])?;
+        ts.want(&b("attn_k.bias"), vec![kv])?;
+        ts.want(&b("attn_v.bias"), vec![kv])?;
+    }
+    for norm in ["attn_q_norm.weight", "attn_k_norm.weight"] {
+        match c.qk_norm {
+            true => ts.want(&b(norm), vec![c.head_dim])?,
+            false => ts.refuse(&b(norm), "q/k norms", c)?,
+        }
+    }
+    for extra in family::all_extra_layer_norms() {
+        match arch.extra_layer_norms().contains(&extra) {
+            true => ts.want(&b(extra.0), vec![h])?,
+            false => ts.refuse(&b(extra.0), extra.1, c)?,
+        }
+    }
+    ts.want(&b("ffn_norm.weight"), vec![h])?;
+    ts.want(&b("ffn_gate.weight"), vec![f, h])?;
+    ts.want(&b("ffn_up.weight"), vec![f, h])?;
+    ts.want(&b("ffn_down.weight"), vec![h, f])
 }

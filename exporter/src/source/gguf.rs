@@ -12,7 +12,8 @@ use bytes::Bytes;
 
 use super::check;
 use super::tokenizer::{self, GgufVocab};
-use super::{Gemma, ModelConfig, RopeScaling, SourceDType, SourceError, SourceModel, SourceTensor};
+use super::{ModelConfig, RopeScaling, SourceDType, SourceError, SourceModel, SourceTensor};
+use crate::arch::family;
 
 /// `GGUF` in little-endian byte order.
 const MAGIC: &[u8; 4] = b"GGUF";
@@ -171,7 +172,7 @@ pub struct GgufFile {
     pub data: Bytes,
 }
 
-/// Reads a GGUF file (architecture `llama`, or `qwen2`) into a [`SourceModel`].
+/// Reads a GGUF file of a family in [`crate::arch::ARCHS`] into a [`SourceModel`].
 pub fn read(path: &Path) -> Result<SourceModel, SourceError> {
     let file = open(path)?;
     into_model(&file)
@@ -794,24 +795,55 @@ fn vocab(m: &Meta<'_>, tokens: Vec<String>) -> Result<GgufVocab, SourceError> {
     })
 }
 
-/// Interprets a parsed GGUF file as a decoder-only model.
+/// A GGUF file's `{arch}.*` keys for a family's own reading (`Arch::read_gguf`): typed look-ups by the
+/// key's suffix (`attention.sliding_window`) whose errors name the file and the whole key.
+pub struct GgufKeys<'a> {
+    file: &'a GgufFile,
+    arch: &'a str,
+}
+
+impl GgufKeys<'_> {
+    /// The whole key of `suffix`: `{arch}.{suffix}`.
+    pub fn key(&self, suffix: &str) -> String {
+        format!("{}.{suffix}", self.arch)
+    }
+    /// An error naming the file and the key of `suffix`.
+    pub fn err(&self, suffix: &str, detail: impl Into<String>) -> SourceError {
+        self.meta().key_err(&self.key(suffix), detail.into())
+    }
+    /// A required positive integer.
+    pub fn positive(&self, suffix: &str) -> Result<usize, SourceError> {
+        self.meta().positive(&self.key(suffix))
+    }
+    /// An optional non-negative integer.
+    pub fn usize_opt(&self, suffix: &str) -> Result<Option<usize>, SourceError> {
+        self.meta().usize_opt(&self.key(suffix))
+    }
+    /// An optional number.
+    pub fn f32_opt(&self, suffix: &str) -> Result<Option<f32>, SourceError> {
+        self.meta().f32_opt(&self.key(suffix))
+    }
+    fn meta(&self) -> Meta<'_> {
+        Meta { file: self.file }
+    }
+}
+
+/// Interprets a parsed GGUF file as a decoder-only model of a family in [`crate::arch::ARCHS`].
 pub fn into_model(file: &GgufFile) -> Result<SourceModel, SourceError> {
     let path = file.path.as_str();
     let m = Meta { file };
-    let arch = m
+    let name = m
         .str_opt("general.architecture")?
         .ok_or_else(|| m.key_err("general.architecture", "missing".into()))?;
-    let (attention_bias_required, rope_interleaved) = match arch {
-        // llama.cpp's converter permutes llama q/k rows for adjacent-pair rotation (rope type NORM).
-        "llama" => (false, true),
-        // qwen2 is stored unpermuted (rope type NEOX = rotate_half) and has q/k/v biases.
-        "qwen2" => (true, false),
-        // qwen3: rotate_half, no biases, RMSNorm on each head's q and k.
-        "qwen3" => (false, false),
-        // gemma2/gemma3: rotate_half (rope type NEOX), no biases.
-        "gemma2" | "gemma3" => (false, false),
-        other => return Err(unsupported(path, format!("architecture `{other}`"))),
-    };
+    let arch = family::find_gguf(name).ok_or_else(|| {
+        unsupported(
+            path,
+            format!(
+                "architecture `{name}` (supported: {})",
+                family::supported(|a| a.gguf_names())
+            ),
+        )
+    })?;
 
     let tensors = tensors(file)?;
     if tensors.contains_key("rope_freqs.weight") {
@@ -821,108 +853,23 @@ pub fn into_model(file: &GgufFile) -> Result<SourceModel, SourceError> {
                 .into(),
         ));
     }
+    let keys = GgufKeys { file, arch: name };
+    let mut config = common_config(&m, &keys, &tensors)?;
+    config.architecture = arch.name().into();
+    arch.read_gguf(&keys, &mut config)?;
+    check::check_tensors(path, arch, &config, &tensors)?;
 
-    let k = |s: &str| format!("{arch}.{s}");
-    let hidden_size = m.positive(&k("embedding_length"))?;
-    let intermediate_size = m.positive(&k("feed_forward_length"))?;
-    let num_layers = m.positive(&k("block_count"))?;
-    let num_heads = m.positive(&k("attention.head_count"))?;
-    let num_kv_heads = match m.usize_opt(&k("attention.head_count_kv"))? {
-        None => num_heads,
-        Some(0) => return Err(m.key_err(&k("attention.head_count_kv"), "must be positive".into())),
-        Some(v) => v,
-    };
-    if num_heads % num_kv_heads != 0 {
-        return Err(m.key_err(
-            &k("attention.head_count_kv"),
-            format!("{num_kv_heads} does not divide the head count {num_heads}"),
-        ));
-    }
-    let head_dim = match m.usize_opt(&k("attention.key_length"))? {
-        Some(d) if d > 0 => d,
-        Some(_) => return Err(m.key_err(&k("attention.key_length"), "must be positive".into())),
-        None => {
-            if hidden_size % num_heads != 0 {
-                return Err(m.key_err(
-                    &k("attention.head_count"),
-                    format!("{num_heads} does not divide the embedding length {hidden_size}"),
-                ));
-            }
-            hidden_size / num_heads
-        }
-    };
-    if let Some(v) = m.usize_opt(&k("attention.value_length"))? {
-        if v != head_dim {
-            return Err(unsupported(
-                path,
-                format!("value head size {v} different from key head size {head_dim}"),
-            ));
-        }
-    }
-    if let Some(rot) = m.usize_opt(&k("rope.dimension_count"))? {
-        if rot != head_dim {
-            return Err(unsupported(
-                path,
-                format!("partial rotary embedding ({rot} of {head_dim} head dimensions)"),
-            ));
-        }
-    }
-    let rms_eps = m
-        .f32_opt(&k("attention.layer_norm_rms_epsilon"))?
-        .ok_or_else(|| m.key_err(&k("attention.layer_norm_rms_epsilon"), "missing".into()))?;
-    let rope_theta = m.f32_opt(&k("rope.freq_base"))?.unwrap_or(10_000.0);
-    let max_position_embeddings = m.positive(&k("context_length"))?;
-    let rope_scaling = rope_scaling(&m, arch)?;
-
-    // Vocabulary size: the tokenizer's token list, else the embedding table.
     let tokens = m.strings_opt("tokenizer.ggml.tokens")?;
-    let vocab_size = match (&tokens, tensors.get(super::canonical::TOKEN_EMBD)) {
-        (Some(t), _) => t.len(),
-        (None, Some(e)) => e.shape.first().copied().unwrap_or(0),
-        (None, None) => {
-            return Err(SourceError::MissingTensor {
-                path: path.into(),
-                tensor: super::canonical::TOKEN_EMBD.into(),
-            })
-        }
-    };
-
-    let config = ModelConfig {
-        architecture: arch.to_string(),
-        hidden_size,
-        intermediate_size,
-        num_layers,
-        num_heads,
-        num_kv_heads,
-        head_dim,
-        vocab_size,
-        rms_eps,
-        rope_theta,
-        rope_scaling,
-        max_position_embeddings,
-        tie_word_embeddings: !tensors.contains_key(super::canonical::OUTPUT),
-        attention_bias: attention_bias_required
-            || tensors.contains_key(&super::canonical::blk(0, "attn_q.bias")),
-        rope_interleaved,
-        qk_norm: matches!(arch, "qwen3" | "gemma3"),
-        no_rope_layers: Vec::new(),
-        sliding_window: match arch {
-            "gemma2" | "gemma3" => Some(m.positive(&k("attention.sliding_window"))?),
-            _ => None,
-        },
-        gemma: match arch {
-            "gemma2" | "gemma3" => Some(gemma(&m, arch, num_layers, head_dim)?),
-            _ => None,
-        },
-    };
-    check::check_tensors(path, &config, &tensors)?;
-
     let tokens = tokens.ok_or_else(|| m.key_err("tokenizer.ggml.tokens", "missing".into()))?;
     let vocab = vocab(&m, tokens)?;
-    if vocab.tokens.len() != vocab_size {
+    if vocab.tokens.len() != config.vocab_size {
         return Err(m.key_err(
             "tokenizer.ggml.tokens",
-            format!("{} tokens but vocab size {vocab_size}", vocab.tokens.len()),
+            format!(
+                "{} tokens but vocab size {}",
+                vocab.tokens.len(),
+                config.vocab_size
+            ),
         ));
     }
     let tokenizer = tokenizer::from_gguf(path, &vocab)?;
@@ -936,44 +883,95 @@ pub fn into_model(file: &GgufFile) -> Result<SourceModel, SourceError> {
     })
 }
 
-/// Gemma's parameters as llama.cpp reads them: every `n`-th layer global (`n` from
-/// `attention.sliding_window_pattern` where the file has it, else llama.cpp's fixed 6 for Gemma 3 and 2
-/// for Gemma 2), Gemma 3's local layers on base 10,000, scores scaled by `1/sqrt(head_dim)`, and
-/// Gemma 2's soft caps. The norms are stored as `1 + w` already.
-fn gemma(m: &Meta<'_>, arch: &str, layers: usize, head_dim: usize) -> Result<Gemma, SourceError> {
-    let k = |s: &str| format!("{arch}.{s}");
-    let every = match m.usize_opt(&k("attention.sliding_window_pattern"))? {
-        Some(0) => {
-            return Err(m.key_err(
-                &k("attention.sliding_window_pattern"),
-                "must be positive".into(),
-            ))
+/// The config from the `{arch}.*` keys every family has (and the tensors: tying, biases, vocabulary
+/// size where the file has no token list).
+fn common_config(
+    m: &Meta<'_>,
+    k: &GgufKeys<'_>,
+    tensors: &BTreeMap<String, SourceTensor>,
+) -> Result<ModelConfig, SourceError> {
+    let hidden_size = k.positive("embedding_length")?;
+    let intermediate_size = k.positive("feed_forward_length")?;
+    let num_layers = k.positive("block_count")?;
+    let (num_heads, num_kv_heads, head_dim) = heads(k, hidden_size)?;
+    let rms_eps = k
+        .f32_opt("attention.layer_norm_rms_epsilon")?
+        .ok_or_else(|| k.err("attention.layer_norm_rms_epsilon", "missing"))?;
+    let rope_theta = k.f32_opt("rope.freq_base")?.unwrap_or(10_000.0);
+    let max_position_embeddings = k.positive("context_length")?;
+    let rope_scaling = rope_scaling(m, k.arch)?;
+
+    // Vocabulary size: the tokenizer's token list, else the embedding table.
+    let tokens = m.strings_opt("tokenizer.ggml.tokens")?;
+    let vocab_size = match (&tokens, tensors.get(super::canonical::TOKEN_EMBD)) {
+        (Some(t), _) => t.len(),
+        (None, Some(e)) => e.shape.first().copied().unwrap_or(0),
+        (None, None) => {
+            return Err(SourceError::MissingTensor {
+                path: m.file.path.clone(),
+                tensor: super::canonical::TOKEN_EMBD.into(),
+            })
         }
-        Some(n) => n,
-        None if arch == "gemma3" => 6,
-        None => 2,
     };
-    let softcap = |key: &str| -> Result<Option<f32>, SourceError> {
-        match m.f32_opt(&k(key))? {
-            Some(c) if !(c.is_finite() && c > 0.0) => {
-                Err(m.key_err(&k(key), format!("must be positive, got {c}")))
-            }
-            c => Ok(c),
-        }
-    };
-    Ok(Gemma {
-        norm_offset: 0.0,
-        global_layers: (0..layers).filter(|i| i % every == every - 1).collect(),
-        local_rope_theta: match arch {
-            "gemma3" => 10_000.0,
-            _ => m.f32_opt(&k("rope.freq_base"))?.unwrap_or(10_000.0),
-        },
-        attn_scale: 1.0 / (head_dim as f32).sqrt(),
-        attn_softcap: softcap("attn_logit_softcapping")?,
-        final_softcap: softcap("final_logit_softcapping")?,
+    Ok(ModelConfig {
+        hidden_size,
+        intermediate_size,
+        num_layers,
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        vocab_size,
+        rms_eps,
+        rope_theta,
+        rope_scaling,
+        max_position_embeddings,
+        tie_word_embeddings: !tensors.contains_key(super::canonical::OUTPUT),
+        attention_bias: tensors.contains_key(&super::canonical::blk(0, "attn_q.bias")),
+        ..ModelConfig::default()
     })
 }
 
+/// Heads, KV heads (dividing the heads) and the head size (`attention.key_length`, else the embedding
+/// length / heads); a value size other than the key size and a partial rotation are refused.
+fn heads(k: &GgufKeys<'_>, hidden_size: usize) -> Result<(usize, usize, usize), SourceError> {
+    let num_heads = k.positive("attention.head_count")?;
+    let num_kv_heads = match k.usize_opt("attention.head_count_kv")? {
+        None => num_heads,
+        Some(0) => return Err(k.err("attention.head_count_kv", "must be positive")),
+        Some(v) => v,
+    };
+    if num_heads % num_kv_heads != 0 {
+        return Err(k.err(
+            "attention.head_count_kv",
+            format!("{num_kv_heads} does not divide the head count {num_heads}"),
+        ));
+    }
+    let head_dim = match k.usize_opt("attention.key_length")? {
+        Some(d) if d > 0 => d,
+        Some(_) => return Err(k.err("attention.key_length", "must be positive")),
+        None if !hidden_size.is_multiple_of(num_heads) => {
+            return Err(k.err(
+                "attention.head_count",
+                format!("{num_heads} does not divide the embedding length {hidden_size}"),
+            ))
+        }
+        None => hidden_size / num_heads,
+    };
+    let path = &k.file.path;
+    if let Some(v) = k.usize_opt("attention.value_length")? {
+        if v != head_dim {
+            let what = format!("value head size {v} different from key head size {head_dim}");
+            return Err(unsupported(path, what));
+        }
+    }
+    if let Some(rot) = k.usize_opt("rope.dimension_count")? {
+        if rot != head_dim {
+            let what = format!("partial rotary embedding ({rot} of {head_dim} head dimensions)");
+            return Err(unsupported(path, what));
+        }
+    }
+    Ok((num_heads, num_kv_heads, head_dim))
+}
 fn rope_scaling(m: &Meta<'_>, arch: &str) -> Result<Option<RopeScaling>, SourceError> {
     let k = |s: &str| format!("{arch}.rope.scaling.{s}");
     let ty = m.str_opt(&k("type"))?;
@@ -1374,26 +1372,26 @@ mod tests {
             "{e}"
         );
         let m = load(build(&gemma("gemma3", &[]), &with_post(ts.clone()))).expect("gemma3 loads");
-        let g = m.config.gemma.as_ref().expect("gemma parameters");
+        let g = &m.config;
         assert!(m.config.qk_norm && !m.config.rope_interleaved);
         assert_eq!(m.config.sliding_window, Some(4));
         let every6: Vec<usize> = (0..LAYERS).filter(|i| i % 6 == 5).collect();
         assert_eq!(g.global_layers, every6);
-        assert_eq!((g.local_rope_theta, g.norm_offset), (10_000.0, 0.0));
-        assert_eq!(g.attn_scale, 1.0 / (HEAD_DIM as f32).sqrt());
+        assert_eq!((g.local_rope_theta, g.norm_offset), (Some(10_000.0), 0.0));
+        assert_eq!(g.attn_scale, Some(1.0 / (HEAD_DIM as f32).sqrt()));
         assert_eq!((g.attn_softcap, g.final_softcap), (None, None));
         // a pattern in the file wins
         let kvs = gemma("gemma3", &[("attention.sliding_window_pattern", V::U32(2))]);
         let m = load(build(&kvs, &with_post(ts.clone()))).expect("gemma3 loads");
         let every2: Vec<usize> = (0..LAYERS).filter(|i| i % 2 == 1).collect();
-        assert_eq!(m.config.gemma.unwrap().global_layers, every2);
+        assert_eq!(m.config.global_layers, every2);
         // gemma2: no q/k norms, soft caps, every second layer global
         let caps = [
             ("attn_logit_softcapping", V::F32(50.0)),
             ("final_logit_softcapping", V::F32(30.0)),
         ];
         let m = load(build(&gemma("gemma2", &caps), &with_post(tensors(false)))).expect("gemma2");
-        let g = m.config.gemma.unwrap();
+        let g = m.config;
         assert_eq!((g.attn_softcap, g.final_softcap), (Some(50.0), Some(30.0)));
         assert_eq!(g.global_layers, every2);
         // a bad cap and a missing window are errors naming the key

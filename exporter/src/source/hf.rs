@@ -1,8 +1,10 @@
 //! Hugging Face folder reader: `config.json`, one or many `*.safetensors` (memory-mapped, zero-copy),
 //! `tokenizer.json` (verbatim), `tokenizer_config.json`, and the optional `generation_config.json`.
 //!
-//! Architectures: `llama` and `qwen2`. Tensor names are mapped to the canonical (GGUF) names of
-//! [`super::canonical`]; shapes stay `[out, in]`.
+//! The family is found by `model_type` (else `architectures[0]`) in [`crate::arch::ARCHS`]; this module
+//! reads the keys every family shares and lets the family read its own ([`HfKeys`]). Tensor names are
+//! mapped to the canonical (GGUF) names of [`super::canonical`], the family first; shapes stay
+//! `[out, in]`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -13,9 +15,10 @@ use serde_json::Value;
 
 use super::check;
 use super::{
-    canonical, Gemma, ModelConfig, RopeScaling, SourceDType, SourceError, SourceModel,
-    SourceTensor, TokenizerData,
+    canonical, ModelConfig, RopeScaling, SourceDType, SourceError, SourceModel, SourceTensor,
+    TokenizerData,
 };
+use crate::arch::{family, Arch};
 
 pub(super) fn show(p: &Path) -> String {
     p.display().to_string()
@@ -51,7 +54,7 @@ pub(super) fn read_json_opt(path: &Path) -> Result<Option<Value>, SourceError> {
     }
 }
 
-/// The `config.json` fields we read (names as written by transformers 4.x and 5.x).
+/// The `config.json` fields every family shares (names as written by transformers 4.x and 5.x).
 #[derive(Debug, Deserialize)]
 struct HfConfig {
     model_type: Option<String>,
@@ -70,80 +73,36 @@ struct HfConfig {
     /// transformers 5: `{rope_type, rope_theta, factor, ...}`.
     rope_parameters: Option<Value>,
     max_position_embeddings: Option<usize>,
-    /// phi3 (classic form): the pretrained context of LongRoPE.
+    /// LongRoPE (classic form): the pretrained context.
     original_max_position_embeddings: Option<usize>,
-    /// phi3/phi4: the share of each head that rotates.
+    /// The share of each head that rotates.
     partial_rotary_factor: Option<f64>,
     tie_word_embeddings: Option<bool>,
     attention_bias: Option<bool>,
     mlp_bias: Option<bool>,
-    hidden_act: Option<String>,
     use_sliding_window: Option<bool>,
-    /// mistral: keys at most this many positions behind the query are attended (`null`: all).
-    sliding_window: Option<usize>,
-    /// smollm3: 1 where a layer applies the rotary embedding, 0 where it does not.
-    no_rope_layers: Option<Vec<u8>>,
-    /// smollm3: every n-th layer has no rotary embedding when `no_rope_layers` is absent (default 4).
-    no_rope_layer_interval: Option<usize>,
-    /// gemma: the MLP's activation (`gelu_pytorch_tanh`).
-    hidden_activation: Option<String>,
-    /// gemma: the attention scale is this to the power −½.
-    query_pre_attn_scalar: Option<f64>,
-    /// gemma2: soft cap of the attention scores.
-    attn_logit_softcapping: Option<f64>,
-    /// gemma2: soft cap of the logits.
-    final_logit_softcapping: Option<f64>,
-    /// gemma: `sliding_attention` or `full_attention` per layer.
-    layer_types: Option<Vec<String>>,
-    /// gemma3 (older configs): every n-th layer is global (default 6).
-    sliding_window_pattern: Option<usize>,
-    /// gemma3 (transformers 4.x): rotary base of the sliding-window layers (default 10,000).
-    rope_local_base_freq: Option<f64>,
     bos_token_id: Option<Value>,
     eos_token_id: Option<Value>,
 }
 
-/// Reads a Hugging Face folder (`llama`, `mistral`, `phi3`, `qwen2`, `qwen3`, `smollm3`) into a
-/// [`SourceModel`].
+/// Reads a Hugging Face folder of any family in [`crate::arch::ARCHS`] into a [`SourceModel`].
 pub fn read(dir: &Path) -> Result<SourceModel, SourceError> {
     let config_path = dir.join("config.json");
-    let raw: HfConfig =
-        serde_json::from_str(&read_text(&config_path)?).map_err(|e| SourceError::Format {
-            path: show(&config_path),
-            detail: format!("invalid config: {e}"),
-        })?;
+    let text = read_text(&config_path)?;
+    let invalid = |e: serde_json::Error| SourceError::Format {
+        path: show(&config_path),
+        detail: format!("invalid config: {e}"),
+    };
+    let raw: HfConfig = serde_json::from_str(&text).map_err(invalid)?;
+    let json: Value = serde_json::from_str(&text).map_err(invalid)?;
     let tensors_raw = read_safetensors(dir)?;
-    let mut config = model_config(&config_path, &raw)?;
+    let (arch, mut config) = model_config(&config_path, &raw, &json)?;
 
     // Map names; decide tying from the config, else from the presence of `lm_head.weight`.
     let has_lm_head = tensors_raw.contains_key("lm_head.weight");
     config.tie_word_embeddings = raw.tie_word_embeddings.unwrap_or(!has_lm_head);
-    let mut tensors = BTreeMap::new();
-    for (name, (file, t)) in tensors_raw {
-        if let Some(parts) =
-            split_fused(&config, &name, &t).map_err(|what| SourceError::Unsupported {
-                path: show(&file),
-                what,
-            })?
-        {
-            tensors.extend(parts);
-            continue;
-        }
-        let Some(canon) = canonical_name(&name, config.gemma.is_some()) else {
-            if name.ends_with("rotary_emb.inv_freq") {
-                continue;
-            }
-            return Err(SourceError::Unsupported {
-                path: show(&file),
-                what: format!("tensor `{name}` (no counterpart in the supported architectures)"),
-            });
-        };
-        if canon == canonical::OUTPUT && config.tie_word_embeddings {
-            continue;
-        }
-        tensors.insert(canon, t);
-    }
-    check::check_tensors(&show(dir), &config, &tensors)?;
+    let tensors = canonical_tensors(arch, &config, tensors_raw)?;
+    check::check_tensors(&show(dir), arch, &config, &tensors)?;
 
     let (tokenizer, generation) = read_tokenizer(dir, &raw, config.vocab_size)?;
     Ok(SourceModel {
@@ -155,35 +114,146 @@ pub fn read(dir: &Path) -> Result<SourceModel, SourceError> {
     })
 }
 
-fn model_config(path: &Path, c: &HfConfig) -> Result<ModelConfig, SourceError> {
-    let arch = match (
+/// The folder's tensors by canonical name: a layer tensor the family names or stores its own way
+/// (`Arch::hf_layer_tensor`), else the common names; an unknown name is refused, naming its file.
+fn canonical_tensors(
+    arch: &dyn Arch,
+    config: &ModelConfig,
+    raw: BTreeMap<String, (PathBuf, SourceTensor)>,
+) -> Result<BTreeMap<String, SourceTensor>, SourceError> {
+    let mut tensors = BTreeMap::new();
+    for (name, (file, t)) in raw {
+        let unsupported = |what| SourceError::Unsupported {
+            path: show(&file),
+            what,
+        };
+        if let Some((i, suffix)) = layer_of(&name) {
+            let parts = arch.hf_layer_tensor(config, &name, i, suffix, &t);
+            if let Some(parts) = parts.map_err(unsupported)? {
+                tensors.extend(parts);
+                continue;
+            }
+        }
+        let Some(canon) = canonical_name(&name) else {
+            if name.ends_with("rotary_emb.inv_freq") {
+                continue;
+            }
+            return Err(unsupported(format!(
+                "tensor `{name}` (no counterpart in the supported architectures)"
+            )));
+        };
+        if canon == canonical::OUTPUT && config.tie_word_embeddings {
+            continue;
+        }
+        tensors.insert(canon, t);
+    }
+    Ok(tensors)
+}
+
+/// config.json's keys for a family's own reading (`Arch::read_hf`): typed look-ups whose errors name
+/// the file and the key; an absent key and `null` both read as `None`.
+pub struct HfKeys<'a> {
+    path: &'a Path,
+    json: &'a Value,
+}
+
+impl<'a> HfKeys<'a> {
+    /// The keys of `json`, read from `path`.
+    pub fn new(path: &'a Path, json: &'a Value) -> Self {
+        HfKeys { path, json }
+    }
+    /// The value of `key`, if present and not `null`.
+    pub fn get(&self, key: &str) -> Option<&'a Value> {
+        self.json.get(key).filter(|v| !v.is_null())
+    }
+    /// An error naming the file and `key`.
+    pub fn err(&self, key: &str, detail: impl Into<String>) -> SourceError {
+        key_err(self.path, key, detail)
+    }
+    /// A refusal of something the exporter does not build, naming the file.
+    pub fn unsupported(&self, what: String) -> SourceError {
+        SourceError::Unsupported {
+            path: show(self.path),
+            what,
+        }
+    }
+    /// A non-negative integer.
+    pub fn usize(&self, key: &str) -> Result<Option<usize>, SourceError> {
+        self.typed(key, "a non-negative integer", |v| {
+            v.as_u64().and_then(|x| usize::try_from(x).ok())
+        })
+    }
+    /// A positive integer (0 is an error).
+    pub fn positive(&self, key: &str) -> Result<Option<usize>, SourceError> {
+        match self.usize(key)? {
+            Some(0) => Err(self.err(key, "must be positive")),
+            v => Ok(v),
+        }
+    }
+    /// A number.
+    pub fn f64(&self, key: &str) -> Result<Option<f64>, SourceError> {
+        self.typed(key, "a number", Value::as_f64)
+    }
+    /// A string.
+    pub fn str(&self, key: &str) -> Result<Option<&'a str>, SourceError> {
+        self.typed(key, "a string", Value::as_str)
+    }
+    /// A list of strings.
+    pub fn strings(&self, key: &str) -> Result<Option<Vec<&'a str>>, SourceError> {
+        self.typed(key, "a list of strings", |v| {
+            v.as_array()?.iter().map(Value::as_str).collect()
+        })
+    }
+    fn typed<T>(
+        &self,
+        key: &str,
+        what: &str,
+        f: impl Fn(&'a Value) -> Option<T>,
+    ) -> Result<Option<T>, SourceError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => f(v)
+                .map(Some)
+                .ok_or_else(|| self.err(key, format!("expected {what}, got {v}"))),
+        }
+    }
+}
+
+/// The family of `c`: by `model_type`, else by `architectures[0]`; an unknown one is refused with the
+/// supported names (a related model a family does not build, with the family's reason).
+fn detect(path: &Path, c: &HfConfig) -> Result<&'static dyn Arch, SourceError> {
+    let unsupported = |what| SourceError::Unsupported {
+        path: show(path),
+        what,
+    };
+    match (
         c.model_type.as_deref(),
         c.architectures.first().map(String::as_str),
     ) {
-        (Some("llama"), _) | (None, Some("LlamaForCausalLM")) => "llama",
-        (Some("mistral"), _) | (None, Some("MistralForCausalLM")) => "mistral",
-        (Some("phi3"), _) | (None, Some("Phi3ForCausalLM")) => "phi3",
-        (Some("qwen2"), _) | (None, Some("Qwen2ForCausalLM")) => "qwen2",
-        (Some("qwen3"), _) | (None, Some("Qwen3ForCausalLM")) => "qwen3",
-        (Some("smollm3"), _) | (None, Some("SmolLM3ForCausalLM")) => "smollm3",
-        (Some("gemma2"), _) | (None, Some("Gemma2ForCausalLM")) => "gemma2",
-        (Some("gemma3_text"), _) | (None, Some("Gemma3ForCausalLM")) => "gemma3",
-        (Some("gemma3"), _) => {
-            return Err(SourceError::Unsupported {
-                path: show(path),
-                what: "model_type `gemma3` (the multimodal Gemma 3; its text model, \
-                       model_type `gemma3_text`, is supported)"
-                    .into(),
-            })
-        }
-        (Some(other), _) | (None, Some(other)) => {
-            return Err(SourceError::Unsupported {
-                path: show(path),
-                what: format!("architecture `{other}`"),
-            })
-        }
-        (None, None) => return Err(key_err(path, "model_type", "missing")),
-    };
+        (Some(t), _) => family::find_hf_model_type(t).ok_or_else(|| match family::hf_refusal(t) {
+            Some(why) => unsupported(format!("model_type `{t}` ({why})")),
+            None => unsupported(format!(
+                "architecture `{t}` (supported model_type values: {})",
+                family::supported(|a| a.hf_model_types())
+            )),
+        }),
+        (None, Some(class)) => family::find_hf_class(class).ok_or_else(|| {
+            unsupported(format!(
+                "architecture `{class}` (supported architectures: {})",
+                family::supported(|a| a.hf_classes())
+            ))
+        }),
+        (None, None) => Err(key_err(path, "model_type", "missing")),
+    }
+}
+
+/// The config of `c` (`json` the same file, for the family's own keys) and its family.
+fn model_config(
+    path: &Path,
+    c: &HfConfig,
+    json: &Value,
+) -> Result<(&'static dyn Arch, ModelConfig), SourceError> {
+    let arch = detect(path, c)?;
     let req = |v: Option<usize>, key: &str| -> Result<usize, SourceError> {
         match v {
             Some(0) => Err(key_err(path, key, "must be positive")),
@@ -192,14 +262,56 @@ fn model_config(path: &Path, c: &HfConfig) -> Result<ModelConfig, SourceError> {
         }
     };
     let hidden_size = req(c.hidden_size, "hidden_size")?;
-    let intermediate_size = req(c.intermediate_size, "intermediate_size")?;
-    let num_layers = req(c.num_hidden_layers, "num_hidden_layers")?;
     let num_heads = req(c.num_attention_heads, "num_attention_heads")?;
-    let num_kv_heads = req(
-        c.num_key_value_heads.or(Some(num_heads)),
-        "num_key_value_heads",
-    )?;
-    if num_heads % num_kv_heads != 0 {
+    let (num_kv_heads, head_dim) = heads(path, c, hidden_size, num_heads)?;
+    let keys = HfKeys::new(path, json);
+    check_activation(&keys, arch)?;
+    for (key, on) in [
+        ("mlp_bias", c.mlp_bias),
+        ("use_sliding_window", c.use_sliding_window),
+    ] {
+        if on == Some(true) {
+            return Err(keys.unsupported(format!("{key} = true")));
+        }
+    }
+    let rms_eps = c
+        .rms_norm_eps
+        .ok_or_else(|| key_err(path, "rms_norm_eps", "missing"))? as f32;
+    let (rope_theta, rope_scaling) = global_rope(path, c, head_dim)?;
+    let mut config = ModelConfig {
+        architecture: arch.name().into(),
+        hidden_size,
+        intermediate_size: req(c.intermediate_size, "intermediate_size")?,
+        num_layers: req(c.num_hidden_layers, "num_hidden_layers")?,
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        vocab_size: req(c.vocab_size, "vocab_size")?,
+        rms_eps,
+        rope_theta,
+        rope_scaling,
+        max_position_embeddings: req(c.max_position_embeddings, "max_position_embeddings")?,
+        tie_word_embeddings: false, // decided by the caller, which sees the tensors
+        attention_bias: c.attention_bias == Some(true),
+        rope_interleaved: false,
+        ..ModelConfig::default()
+    };
+    arch.read_hf(&keys, &mut config)?;
+    Ok((arch, config))
+}
+
+/// KV heads (dividing the heads) and the head size (`head_dim`, else hidden / heads).
+fn heads(
+    path: &Path,
+    c: &HfConfig,
+    hidden_size: usize,
+    num_heads: usize,
+) -> Result<(usize, usize), SourceError> {
+    let num_kv_heads = match c.num_key_value_heads.unwrap_or(num_heads) {
+        0 => return Err(key_err(path, "num_key_value_heads", "must be positive")),
+        n => n,
+    };
+    if !num_heads.is_multiple_of(num_kv_heads) {
         return Err(key_err(
             path,
             "num_key_value_heads",
@@ -207,8 +319,9 @@ fn model_config(path: &Path, c: &HfConfig) -> Result<ModelConfig, SourceError> {
         ));
     }
     let head_dim = match c.head_dim {
-        Some(d) => req(Some(d), "head_dim")?,
-        None if hidden_size % num_heads == 0 => hidden_size / num_heads,
+        Some(0) => return Err(key_err(path, "head_dim", "must be positive")),
+        Some(d) => d,
+        None if hidden_size.is_multiple_of(num_heads) => hidden_size / num_heads,
         None => {
             return Err(key_err(
                 path,
@@ -217,38 +330,35 @@ fn model_config(path: &Path, c: &HfConfig) -> Result<ModelConfig, SourceError> {
             ))
         }
     };
-    let gemma = arch.starts_with("gemma");
-    let (act_key, act) = match (gemma, c.hidden_activation.as_deref()) {
-        (true, Some(a)) => ("hidden_activation", Some(a)),
-        _ => ("hidden_act", c.hidden_act.as_deref()),
-    };
-    let takes: &[&str] = if gemma {
-        &["gelu_pytorch_tanh", "gelu_tanh"]
-    } else {
-        &["silu"]
-    };
-    if let Some(act) = act.filter(|a| !takes.contains(a)) {
-        return Err(SourceError::Unsupported {
-            path: show(path),
-            what: format!("{act_key} `{act}` (a `{arch}` model takes `{}`)", takes[0]),
-        });
+    Ok((num_kv_heads, head_dim))
+}
+
+/// The MLP activation, from the first of the family's keys present, must be one the family computes.
+fn check_activation(keys: &HfKeys<'_>, arch: &dyn Arch) -> Result<(), SourceError> {
+    let (names, takes) = arch.hf_activation();
+    for &key in names {
+        if let Some(act) = keys.str(key)? {
+            if !takes.contains(&act) {
+                return Err(keys.unsupported(format!(
+                    "{key} `{act}` (a `{}` model takes `{}`)",
+                    arch.name(),
+                    takes[0]
+                )));
+            }
+            return Ok(());
+        }
     }
-    if c.mlp_bias == Some(true) {
-        return Err(SourceError::Unsupported {
-            path: show(path),
-            what: "mlp_bias = true".into(),
-        });
-    }
-    if c.use_sliding_window == Some(true) {
-        return Err(SourceError::Unsupported {
-            path: show(path),
-            what: "use_sliding_window = true".into(),
-        });
-    }
-    let rms_eps = c
-        .rms_norm_eps
-        .ok_or_else(|| key_err(path, "rms_norm_eps", "missing"))? as f32;
-    // gemma3 in transformers 5 keeps one rope_parameters entry per layer kind
+    Ok(())
+}
+
+/// The rotary base and scaling of the layers that attend the whole context (transformers 5 may keep
+/// one `rope_parameters` entry per layer kind), with LongRoPE's factors checked against the head size;
+/// a partial rotation is refused.
+fn global_rope(
+    path: &Path,
+    c: &HfConfig,
+    head_dim: usize,
+) -> Result<(f32, Option<RopeScaling>), SourceError> {
     let params = c.rope_parameters.as_ref().filter(|v| !v.is_null());
     let global_params = params.map(|p| p.get("full_attention").unwrap_or(p));
     let (rope_theta, rope_scaling) = rope(path, c, global_params)?;
@@ -286,138 +396,8 @@ fn model_config(path: &Path, c: &HfConfig) -> Result<ModelConfig, SourceError> {
             what: format!("partial_rotary_factor = {partial} (a rotation over part of each head)"),
         });
     }
-    let no_rope_layers = if arch == "smollm3" {
-        no_rope_layers(path, c, num_layers)?
-    } else {
-        Vec::new()
-    };
-    Ok(ModelConfig {
-        architecture: arch.into(),
-        hidden_size,
-        intermediate_size,
-        num_layers,
-        num_heads,
-        num_kv_heads,
-        head_dim,
-        vocab_size: req(c.vocab_size, "vocab_size")?,
-        rms_eps,
-        rope_theta,
-        rope_scaling,
-        max_position_embeddings: req(c.max_position_embeddings, "max_position_embeddings")?,
-        tie_word_embeddings: false, // decided by the caller, which sees the tensors
-        attention_bias: arch == "qwen2" || c.attention_bias == Some(true),
-        rope_interleaved: false,
-        qk_norm: matches!(arch, "qwen3" | "gemma3"),
-        no_rope_layers,
-        // qwen2/qwen3 write a `sliding_window` that only `use_sliding_window` (refused above) enables
-        sliding_window: match (arch, c.sliding_window) {
-            ("mistral" | "phi3" | "gemma2" | "gemma3", Some(0)) => {
-                return Err(key_err(path, "sliding_window", "must be positive"))
-            }
-            ("gemma2" | "gemma3", None) => {
-                return Err(key_err(
-                    path,
-                    "sliding_window",
-                    "missing (Gemma's local layers need it)",
-                ))
-            }
-            ("mistral" | "phi3" | "gemma2" | "gemma3", w) => w,
-            _ => None,
-        },
-        gemma: match gemma {
-            true => Some(gemma_config(path, c, arch, num_layers, head_dim, params)?),
-            false => None,
-        },
-    })
+    Ok((rope_theta, rope_scaling))
 }
-
-/// Gemma's parameters from config.json: the global layers (`layer_types`, else every
-/// `sliding_window_pattern`-th for Gemma 3 — default 6 — and every second for Gemma 2), the local rotary
-/// base, the attention scale and the soft caps. Norm weights get 1 added (they scale by `1 + w`).
-fn gemma_config(
-    path: &Path,
-    c: &HfConfig,
-    arch: &str,
-    layers: usize,
-    head_dim: usize,
-    params: Option<&Value>,
-) -> Result<Gemma, SourceError> {
-    let global_layers = match (&c.layer_types, c.sliding_window_pattern) {
-        (Some(types), _) => {
-            if types.len() != layers {
-                return Err(key_err(
-                    path,
-                    "layer_types",
-                    format!("{} entries for {layers} layers", types.len()),
-                ));
-            }
-            let mut global = Vec::new();
-            for (i, ty) in types.iter().enumerate() {
-                match ty.as_str() {
-                    "full_attention" => global.push(i),
-                    "sliding_attention" => {}
-                    other => {
-                        return Err(key_err(
-                            path,
-                            "layer_types",
-                            format!("layer {i}: unknown kind `{other}`"),
-                        ))
-                    }
-                }
-            }
-            global
-        }
-        (None, Some(0)) => return Err(key_err(path, "sliding_window_pattern", "must be positive")),
-        (None, n) => {
-            let n = n.unwrap_or(if arch == "gemma3" { 6 } else { 2 });
-            (0..layers).filter(|i| i % n == n - 1).collect()
-        }
-    };
-    let local_theta = params
-        .and_then(|p| p.get("sliding_attention"))
-        .and_then(|p| p.get("rope_theta"))
-        .and_then(Value::as_f64)
-        .or(c.rope_local_base_freq);
-    let local_rope_theta = match (arch, local_theta) {
-        (_, Some(t)) => t as f32,
-        ("gemma3", None) => 10_000.0,
-        _ => rope(path, c, params)?.0,
-    };
-    let scalar = c.query_pre_attn_scalar.unwrap_or(head_dim as f64);
-    if !(scalar.is_finite() && scalar > 0.0) {
-        return Err(key_err(path, "query_pre_attn_scalar", "must be positive"));
-    }
-    let cap = |v: Option<f64>, key: &str| match v {
-        Some(c) if !(c.is_finite() && c > 0.0) => Err(key_err(path, key, "must be positive")),
-        v => Ok(v.map(|c| c as f32)),
-    };
-    Ok(Gemma {
-        norm_offset: 1.0,
-        global_layers,
-        local_rope_theta,
-        attn_scale: scalar.powf(-0.5) as f32,
-        attn_softcap: cap(c.attn_logit_softcapping, "attn_logit_softcapping")?,
-        final_softcap: cap(c.final_logit_softcapping, "final_logit_softcapping")?,
-    })
-}
-
-/// smollm3's layers without a rotary embedding: where `no_rope_layers` has a 0, else every
-/// `no_rope_layer_interval`-th layer (transformers' default, 4).
-fn no_rope_layers(path: &Path, c: &HfConfig, layers: usize) -> Result<Vec<usize>, SourceError> {
-    match &c.no_rope_layers {
-        Some(v) if v.len() != layers || v.iter().any(|&x| x > 1) => Err(key_err(
-            path,
-            "no_rope_layers",
-            format!("must hold one 0 or 1 per layer ({layers}), got {v:?}"),
-        )),
-        Some(v) => Ok((0..layers).filter(|&i| v[i] == 0).collect()),
-        None => match c.no_rope_layer_interval.unwrap_or(4) {
-            0 => Err(key_err(path, "no_rope_layer_interval", "must be positive")),
-            n => Ok((0..layers).filter(|i| (i + 1) % n == 0).collect()),
-        },
-    }
-}
-
 /// RoPE base and scaling, from `rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling`.
 fn rope(
     path: &Path,
@@ -505,88 +485,23 @@ fn rope(
     Ok((theta, scaling))
 }
 
-/// phi3's fused `qkv_proj` and `gate_up_proj` weights as the canonical q/k/v and gate/up tensors
-/// (row slices of the same bytes); `None` for every other tensor.
-#[allow(clippy::type_complexity)]
-fn split_fused(
-    c: &ModelConfig,
-    name: &str,
-    t: &SourceTensor,
-) -> Result<Option<Vec<(String, SourceTensor)>>, String> {
-    let Some(rest) = name.strip_prefix("model.layers.") else {
-        return Ok(None);
-    };
-    let Some((idx, suffix)) = rest.split_once('.') else {
-        return Ok(None);
-    };
-    let Ok(i) = idx.parse::<usize>() else {
-        return Ok(None);
-    };
-    let (q, kv, f) = (
-        c.num_heads * c.head_dim,
-        c.num_kv_heads * c.head_dim,
-        c.intermediate_size,
-    );
-    let rows: &[(&str, usize)] = match suffix {
-        "self_attn.qkv_proj.weight" => &[
-            ("attn_q.weight", q),
-            ("attn_k.weight", kv),
-            ("attn_v.weight", kv),
-        ],
-        "mlp.gate_up_proj.weight" => &[("ffn_gate.weight", f), ("ffn_up.weight", f)],
-        _ => return Ok(None),
-    };
-    let total: usize = rows.iter().map(|r| r.1).sum();
-    if t.shape.len() != 2 || t.shape[0] != total || t.dtype.block_elems() != 1 {
-        return Err(format!(
-            "tensor `{name}` {:?} {:?}: expected {total} rows of a float type to split into {}",
-            t.dtype,
-            t.shape,
-            rows.iter().map(|r| r.0).collect::<Vec<_>>().join(", ")
-        ));
-    }
-    let row_bytes = t.data.len() / total;
-    let mut at = 0;
-    Ok(Some(
-        rows.iter()
-            .map(|&(canon, n)| {
-                let part = SourceTensor {
-                    dtype: t.dtype,
-                    shape: vec![n, t.shape[1]],
-                    data: t.data.slice(at * row_bytes..(at + n) * row_bytes),
-                };
-                at += n;
-                (canonical::blk(i, canon), part)
-            })
-            .collect(),
-    ))
+/// `model.layers.{i}.{suffix}` → `(i, suffix)`, for the index as HF writes it (not "01", "+1").
+fn layer_of(name: &str) -> Option<(usize, &str)> {
+    let rest = name.strip_prefix("model.layers.")?;
+    let (idx, suffix) = rest.split_once('.')?;
+    let i: usize = idx.parse().ok()?;
+    (i.to_string() == idx).then_some((i, suffix))
 }
 
-/// HF tensor name → canonical name, or `None` for names we do not know. Gemma's four norms a layer
-/// take llama.cpp's Gemma names (its `post_attention_layernorm` follows the attention; llama's precedes
-/// the MLP).
-fn canonical_name(name: &str, gemma: bool) -> Option<String> {
+/// HF tensor name → canonical name in the common (llama) naming, or `None` for names it lacks.
+fn canonical_name(name: &str) -> Option<String> {
     match name {
         "model.embed_tokens.weight" => return Some(canonical::TOKEN_EMBD.into()),
         "model.norm.weight" => return Some(canonical::OUTPUT_NORM.into()),
         "lm_head.weight" => return Some(canonical::OUTPUT.into()),
         _ => {}
     }
-    let rest = name.strip_prefix("model.layers.")?;
-    let (idx, suffix) = rest.split_once('.')?;
-    let i: usize = idx.parse().ok()?;
-    if i.to_string() != idx {
-        return None; // "01", "+1": not a layer index HF writes
-    }
-    let gemma_norm = match suffix {
-        "post_attention_layernorm.weight" => Some("post_attention_norm.weight"),
-        "pre_feedforward_layernorm.weight" => Some("ffn_norm.weight"),
-        "post_feedforward_layernorm.weight" => Some("post_ffw_norm.weight"),
-        _ => None,
-    };
-    if let Some(s) = gemma_norm.filter(|_| gemma) {
-        return Some(canonical::blk(i, s));
-    }
+    let (i, suffix) = layer_of(name)?;
     let s = match suffix {
         "input_layernorm.weight" => "attn_norm.weight",
         "self_attn.q_proj.weight" => "attn_q.weight",
@@ -606,7 +521,6 @@ fn canonical_name(name: &str, gemma: bool) -> Option<String> {
     };
     Some(canonical::blk(i, s))
 }
-
 /// The safetensors files of the folder: those named by `model.safetensors.index.json`, else every
 /// `*.safetensors` file.
 fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>, SourceError> {
@@ -1167,7 +1081,7 @@ mod tests {
         assert!(!c.tie_word_embeddings && !c.rope_interleaved && !c.attention_bias);
         assert_eq!(m.tensors.len(), ts.len());
         for (name, _, shape, bytes) in &ts {
-            let canon = canonical_name(name, false).expect("known name");
+            let canon = canonical_name(name).expect("known name");
             let t = &m.tensors[&canon];
             assert_eq!(t.dtype, SourceDType::BF16);
             assert_eq!(&t.shape, shape, "{name}");
@@ -1263,11 +1177,14 @@ mod tests {
             Err(SourceError::Io { path, .. }) => assert!(path.ends_with("config.json")),
             other => panic!("{other:?}"),
         }
-        // Unsupported architecture.
+        // Unsupported architecture: named, with the supported ones.
         write_json(d.0.join("config.json"), &config("gemma"));
-        assert!(
-            matches!(read(&d.0), Err(SourceError::Unsupported { what, .. }) if what.contains("gemma"))
-        );
+        match read(&d.0) {
+            Err(SourceError::Unsupported { what, .. }) => {
+                assert!(what.contains("`gemma`") && what.contains("qwen3"), "{what}")
+            }
+            other => panic!("{other:?}"),
+        }
 
         // Unsupported dtype names the tensor.
         let (d, mut ts) = folder("dtype");
@@ -1353,105 +1270,40 @@ mod tests {
         );
     }
 
-    #[test]
-    fn phi3_fused_projections_split_into_rows() {
-        let mut c = model_config(
-            Path::new("config.json"),
-            &serde_json::from_str(
-                r#"{"model_type": "phi3", "hidden_size": 8, "intermediate_size": 4,
-                    "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
-                    "vocab_size": 10, "rms_norm_eps": 1e-5, "max_position_embeddings": 16}"#,
-            )
-            .unwrap(),
-        )
-        .unwrap();
-        c.tie_word_embeddings = true;
-        let t = SourceTensor {
-            dtype: SourceDType::F32,
-            shape: vec![16, 8], // q 8 + k 4 + v 4 rows
-            data: Bytes::from((0..16 * 8 * 4).map(|i| i as u8).collect::<Vec<u8>>()),
-        };
-        let parts = split_fused(&c, "model.layers.0.self_attn.qkv_proj.weight", &t)
-            .unwrap()
-            .unwrap();
-        let names: Vec<_> = parts.iter().map(|p| p.0.as_str()).collect();
-        assert_eq!(
-            names,
-            [
-                "blk.0.attn_q.weight",
-                "blk.0.attn_k.weight",
-                "blk.0.attn_v.weight"
-            ]
-        );
-        assert_eq!(parts[1].1.shape, [4, 8]);
-        assert_eq!(parts[1].1.data[..], t.data[8 * 32..12 * 32]);
-        let bad = SourceTensor {
-            shape: vec![12, 8],
-            ..t.clone()
-        };
-        let e = split_fused(&c, "model.layers.0.mlp.gate_up_proj.weight", &bad).unwrap_err();
-        assert!(e.contains("gate_up_proj") && e.contains("8 rows"), "{e}");
-    }
-
-    #[test]
-    fn smollm3_no_rope_layers_from_the_list_or_the_interval() {
-        let cfg = |extra: &str| -> HfConfig {
-            serde_json::from_str(&format!("{{\"model_type\": \"smollm3\"{extra}}}")).unwrap()
-        };
-        let p = Path::new("config.json");
-        let got = no_rope_layers(p, &cfg(r#", "no_rope_layers": [1, 0, 1, 0]"#), 4).unwrap();
-        assert_eq!(got, [1, 3]);
-        assert_eq!(no_rope_layers(p, &cfg(""), 8).unwrap(), [3, 7]);
-        let got = no_rope_layers(p, &cfg(r#", "no_rope_layer_interval": 2"#), 4).unwrap();
-        assert_eq!(got, [1, 3]);
-        for bad in [
-            r#", "no_rope_layers": [1, 0]"#,
-            r#", "no_rope_layers": [1, 2, 1, 1]"#,
-        ] {
-            let e = no_rope_layers(p, &cfg(bad), 4).unwrap_err().to_string();
-            assert!(e.contains("no_rope_layers"), "{e}");
-        }
-    }
-
     /// Gemma's config: global layers from `layer_types` or the pattern, the local rotary base from
     /// transformers 5's per-kind `rope_parameters`, the scale from `query_pre_attn_scalar`, the `1 + w`
     /// norm offset; a bad layer list, an exact GELU and a missing window are refused by key.
     #[test]
     fn gemma_config_from_either_transformers_form() {
-        let p = Path::new("config.json");
-        let cfg = |extra: &str| -> HfConfig {
-            serde_json::from_str(&format!(
+        let cfg = |extra: &str| -> Result<ModelConfig, SourceError> {
+            config_of(&format!(
                 r#"{{"model_type": "gemma3_text", "hidden_size": 8, "intermediate_size": 16,
                 "num_hidden_layers": 4, "num_attention_heads": 2, "num_key_value_heads": 1,
                 "head_dim": 8, "vocab_size": 32, "rms_norm_eps": 1e-6,
-                "max_position_embeddings": 64, "query_pre_attn_scalar": 16,
-                "hidden_activation": "gelu_pytorch_tanh"{extra}}}"#
+                "max_position_embeddings": 64, "query_pre_attn_scalar": 16{extra}}}"#
             ))
-            .unwrap()
         };
-        let c = model_config(
-            p,
-            &cfg(r#", "sliding_window": 4, "sliding_window_pattern": 2,
-            "rope_theta": 1e6, "rope_local_base_freq": 1e4"#),
-        )
+        let act = r#", "hidden_activation": "gelu_pytorch_tanh""#;
+        let c = cfg(&format!(
+            r#"{act}, "sliding_window": 4, "sliding_window_pattern": 2,
+            "rope_theta": 1e6, "rope_local_base_freq": 1e4"#
+        ))
         .unwrap();
-        let g = c.gemma.clone().unwrap();
         assert_eq!(
             (c.architecture.as_str(), c.sliding_window),
             ("gemma3", Some(4))
         );
         assert!(c.qk_norm);
-        assert_eq!(g.global_layers, [1, 3]);
-        assert_eq!((c.rope_theta, g.local_rope_theta), (1e6, 1e4));
-        assert_eq!((g.attn_scale, g.norm_offset), (0.25, 1.0));
+        assert_eq!(c.global_layers, [1, 3]);
+        assert_eq!((c.rope_theta, c.local_rope_theta), (1e6, Some(1e4)));
+        assert_eq!((c.attn_scale, c.norm_offset), (Some(0.25), 1.0));
         let five = r#", "sliding_window": 4, "layer_types": ["sliding_attention",
             "sliding_attention", "full_attention", "sliding_attention"], "rope_parameters": {
             "full_attention": {"rope_type": "default", "rope_theta": 1e6},
             "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}"#;
-        let c = model_config(p, &cfg(five)).unwrap();
-        let g = c.gemma.unwrap();
-        assert_eq!(g.global_layers, [2]);
-        assert_eq!((c.rope_theta, g.local_rope_theta), (1e6, 1e4));
+        let c = cfg(&format!("{act}{five}")).unwrap();
+        assert_eq!(c.global_layers, [2]);
+        assert_eq!((c.rope_theta, c.local_rope_theta), (1e6, Some(1e4)));
         for (extra, key) in [
             (
                 r#", "sliding_window": 4, "layer_types": ["full_attention"]"#,
@@ -1461,24 +1313,43 @@ mod tests {
                 r#", "sliding_window": 4, "layer_types": ["a", "b", "c", "d"]"#,
                 "layer_types",
             ),
+            (
+                r#", "sliding_window": 4, "sliding_window_pattern": 0"#,
+                "sliding_window_pattern",
+            ),
+            (
+                r#", "sliding_window": 4, "attn_logit_softcapping": -1"#,
+                "attn_logit_softcapping",
+            ),
             ("", "sliding_window"),
         ] {
-            match model_config(p, &cfg(extra)) {
+            match cfg(&format!("{act}{extra}")) {
                 Err(SourceError::Key { key: k, .. }) => assert_eq!(k, key, "{extra}"),
                 other => panic!("{extra}: {other:?}"),
             }
         }
-        let exact = cfg(r#", "sliding_window": 4"#);
-        let exact = HfConfig {
-            hidden_activation: Some("gelu".into()),
-            ..exact
-        };
-        match model_config(p, &exact) {
+        let exact = r#", "hidden_activation": "gelu", "hidden_act": "gelu_pytorch_tanh",
+            "sliding_window": 4"#;
+        match cfg(exact) {
             Err(SourceError::Unsupported { what, .. }) => {
                 assert!(what.contains("hidden_activation `gelu`"), "{what}")
             }
             other => panic!("{other:?}"),
         }
+        // The multimodal Gemma 3 is refused by name, saying which model_type is read.
+        match config_of(r#"{"model_type": "gemma3"}"#) {
+            Err(SourceError::Unsupported { what, .. }) => {
+                assert!(what.contains("gemma3_text"), "{what}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// `model_config` of a config.json text.
+    fn config_of(text: &str) -> Result<ModelConfig, SourceError> {
+        let c: HfConfig = serde_json::from_str(text).unwrap();
+        let json: Value = serde_json::from_str(text).unwrap();
+        model_config(Path::new("config.json"), &c, &json).map(|(_, c)| c)
     }
 
     #[test]

@@ -104,10 +104,41 @@ pub struct SourceTensor {
     pub data: Bytes,
 }
 
-/// Architecture hyper-parameters, named as in HF `config.json`.
+impl SourceTensor {
+    /// A fused matrix (`name` in messages) split into row slices of the same bytes, one per
+    /// `(part, rows)` in order; `Err` says why not (rows that do not add up, a block type).
+    pub fn split_rows(&self, name: &str, parts: &[(&str, usize)]) -> Result<Vec<Self>, String> {
+        let total: usize = parts.iter().map(|r| r.1).sum();
+        if self.shape.len() != 2 || self.shape[0] != total || self.dtype.block_elems() != 1 {
+            return Err(format!(
+                "tensor `{name}` {:?} {:?}: expected {total} rows of a float type to split into {}",
+                self.dtype,
+                self.shape,
+                parts.iter().map(|r| r.0).collect::<Vec<_>>().join(", ")
+            ));
+        }
+        let row_bytes = self.data.len() / total;
+        let mut at = 0;
+        Ok(parts
+            .iter()
+            .map(|&(_, n)| {
+                let part = SourceTensor {
+                    dtype: self.dtype,
+                    shape: vec![n, self.shape[1]],
+                    data: self.data.slice(at * row_bytes..(at + n) * row_bytes),
+                };
+                at += n;
+                part
+            })
+            .collect())
+    }
+}
+
+/// Architecture hyper-parameters, named as in HF `config.json`: the llama decoder's, and the features
+/// families add to it (each off by default; which family sets which is said in its `arch/` file).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
-    /// `gemma2`, `gemma3`, `llama`, `mistral`, `phi3`, `qwen2`, `qwen3` or `smollm3`.
+    /// The family's name (`crate::arch::Arch::name`), written in the exported file's metadata.
     pub architecture: String,
     /// Hidden size.
     pub hidden_size: usize,
@@ -133,38 +164,65 @@ pub struct ModelConfig {
     pub max_position_embeddings: usize,
     /// Whether the output layer reuses the embedding table.
     pub tie_word_embeddings: bool,
-    /// Whether q/k/v projections have biases (qwen2).
+    /// Whether q/k/v projections have biases.
     pub attention_bias: bool,
-    /// Rotary layout of the q/k weights: `true` = adjacent pairs (GGUF llama), `false` = rotate_half (HF).
+    /// Rotary layout of the q/k weights: `true` = adjacent pairs (GGUF's permuted rows), `false` =
+    /// rotate_half (HF).
     pub rope_interleaved: bool,
-    /// Whether each head's q and k are RMS-normalized (weights `[head_dim]`) before the rotation (qwen3).
+    /// Whether each head's q and k are RMS-normalized (weights `[head_dim]`) before the rotation.
     pub qk_norm: bool,
-    /// Layers whose attention applies no rotary embedding (smollm3's "NoPE" layers), ascending.
+    /// Layers whose attention applies no rotary embedding ("NoPE" layers), ascending.
     pub no_rope_layers: Vec<usize>,
-    /// Layers attend only keys less than this many positions behind the query (mistral's
-    /// `sliding_window`: every layer; Gemma's: all but [`Gemma::global_layers`]).
+    /// Layers attend only keys less than this many positions behind the query: every layer but
+    /// [`ModelConfig::global_layers`].
     pub sliding_window: Option<usize>,
-    /// What Gemma 2 and 3 add to the decoder (`None` for every other family).
-    pub gemma: Option<Gemma>,
+    /// Layers that attend the whole context although `sliding_window` is set (empty: every layer
+    /// attends the window).
+    pub global_layers: Vec<usize>,
+    /// RoPE base of the sliding-window layers, where their rotation differs from the global layers'
+    /// (they then take no scaling; the global layers use `rope_theta` and `rope_scaling`).
+    pub local_rope_theta: Option<f32>,
+    /// Added to every RMSNorm weight: 1 for norms that scale by `1 + w` read from a checkpoint that
+    /// stores `w` (GGUF converters store `1 + w`: 0).
+    pub norm_offset: f32,
+    /// Attention scores' scale where it is not `head_dim^-0.5` (`query_pre_attn_scalar^-0.5`).
+    pub attn_scale: Option<f32>,
+    /// Soft cap on attention scores (`c·tanh(s/c)`).
+    pub attn_softcap: Option<f32>,
+    /// Soft cap on the logits.
+    pub final_softcap: Option<f32>,
 }
 
-/// Gemma's hyper-parameters beyond the llama decoder's.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Gemma {
-    /// Added to every RMSNorm weight: 1 for Hugging Face checkpoints (Gemma's norms scale by `1 + w`),
-    /// 0 for GGUF (llama.cpp's converter stores `1 + w`).
-    pub norm_offset: f32,
-    /// Layers that attend the whole context; the others attend the sliding window.
-    pub global_layers: Vec<usize>,
-    /// RoPE base of the sliding-window layers (Gemma 3's `rope_local_base_freq`; Gemma 2: the global
-    /// base). The global layers use `rope_theta` and `rope_scaling`.
-    pub local_rope_theta: f32,
-    /// Attention scores' scale (`query_pre_attn_scalar^-0.5`).
-    pub attn_scale: f32,
-    /// Gemma 2's soft cap on attention scores (`c·tanh(s/c)`).
-    pub attn_softcap: Option<f32>,
-    /// Gemma 2's soft cap on the logits.
-    pub final_softcap: Option<f32>,
+impl Default for ModelConfig {
+    /// Every size 0, RoPE base 10,000, and every feature off: what a reader starts from.
+    fn default() -> Self {
+        ModelConfig {
+            architecture: String::new(),
+            hidden_size: 0,
+            intermediate_size: 0,
+            num_layers: 0,
+            num_heads: 0,
+            num_kv_heads: 0,
+            head_dim: 0,
+            vocab_size: 0,
+            rms_eps: 0.0,
+            rope_theta: 10_000.0,
+            rope_scaling: None,
+            max_position_embeddings: 0,
+            tie_word_embeddings: false,
+            attention_bias: false,
+            rope_interleaved: false,
+            qk_norm: false,
+            no_rope_layers: Vec::new(),
+            sliding_window: None,
+            global_layers: Vec::new(),
+            local_rope_theta: None,
+            norm_offset: 0.0,
+            attn_scale: None,
+            attn_softcap: None,
+            final_softcap: None,
+        }
+    }
 }
 
 /// RoPE scaling variants.
@@ -235,9 +293,9 @@ pub struct SourceModel {
 /// Canonical tensor names every reader maps its own names to (llama.cpp's GGUF names):
 /// `token_embd.weight`, `output_norm.weight`, `output.weight` (absent when tied), and per layer `blk.{i}.`
 /// followed by `attn_norm.weight`, `attn_q.weight`, `attn_k.weight`, `attn_v.weight`, `attn_output.weight`,
-/// `attn_q.bias`, `attn_k.bias`, `attn_v.bias` (qwen2), `attn_q_norm.weight`, `attn_k_norm.weight`
-/// (qwen3, gemma3), `post_attention_norm.weight`, `post_ffw_norm.weight` (gemma), `ffn_norm.weight`,
-/// `ffn_gate.weight`, `ffn_up.weight`, `ffn_down.weight`.
+/// `attn_q.bias`, `attn_k.bias`, `attn_v.bias` (with `attention_bias`), `attn_q_norm.weight`,
+/// `attn_k_norm.weight` (with `qk_norm`), `ffn_norm.weight`, `ffn_gate.weight`, `ffn_up.weight`,
+/// `ffn_down.weight`, and the norms a family adds (`crate::arch::Arch::extra_layer_norms`).
 pub mod canonical {
     /// Token embedding table `[vocab, hidden]`.
     pub const TOKEN_EMBD: &str = "token_embd.weight";
