@@ -183,17 +183,22 @@ pub enum Weights<'a> {
         halves: bool,
     },
     /// Blocks of 32 repacked at load for the integer path (`repack.rs`): codes of 4, 5 or 8 bits,
-    /// f16 scales, and one zero point for the matrix or an f16 `s·z` a block. value = `s·q − s·z`.
+    /// f16 scales, and one zero point for the matrix or an f16 `s·z` a block; value = `s·q − s·z`.
+    /// Rows are interleaved in tiles of [`TILE_ROWS`] (the last padded with zero rows), a tile's
+    /// blocks in order, so one 64-byte register holds four consecutive codes of each of the tile's
+    /// rows ([`packed_lane`]): an integer dot product lane per row, the float work once a block.
     Packed {
         /// Code width: 4, 5 or 8.
         bits: u32,
-        /// 4 and 5 bits: u8 `[N, K/32, 16]` nibbles as [`Weights::Q4`]'s (a 5-bit code's low four
-        /// bits); 8 bits: u8 `[N, K/32, 32]`.
+        /// `[tiles, K/32, CB]` bytes, `CB` = [`packed_block_bytes`]: 8 bits: eight 64-byte groups,
+        /// group g holding codes `4g..4g + 4` of every row (byte `lane(row, e)`); 4 and 5 bits: four
+        /// 64-byte registers, register j holding group `2j` in its low nibbles and `2j + 1` in its high
+        /// ones (a 5-bit code's low four bits).
         codes: &'a [u8],
-        /// 5 bits: u8 `[N, K/32, 4]`, a little-endian u32 a block whose bit i is element i's fifth
-        /// bit; empty otherwise.
+        /// 5 bits: `[tiles, K/32, 8]` little-endian u64, word g's bit `lane(row, e)` the fifth bit of
+        /// code `4g + e` of `row`; empty otherwise.
         high: &'a [u8],
-        /// f16 `[N, K/32]`.
+        /// f16 `[tiles, K/32, TILE_ROWS]`.
         scales: &'a [f16],
         /// The zero-point term.
         zero: PackedZero<'a>,
@@ -202,6 +207,24 @@ pub enum Weights<'a> {
         /// Input features (multiple of 32).
         k: usize,
     },
+}
+
+/// Rows of a [`Weights::Packed`] tile: one i32 lane of a 512-bit register each.
+pub const TILE_ROWS: usize = 16;
+
+/// Code bytes of one block of one [`Weights::Packed`] tile.
+pub const fn packed_block_bytes(bits: u32) -> usize {
+    if bits == 8 {
+        TILE_ROWS * BLOCK
+    } else {
+        TILE_ROWS * BLOCK / 2
+    }
+}
+
+/// The byte lane of code `e` (0..4) of a group for row `row` of a tile (0..16).
+#[inline]
+pub const fn packed_lane(row: usize, e: usize) -> usize {
+    row * 4 + e
 }
 
 /// The zero-point term of [`Weights::Packed`].
@@ -214,12 +237,12 @@ pub enum PackedZero<'a> {
 }
 
 impl PackedZero<'_> {
-    /// Block `blk`'s `s·z`, given its scale `s`.
+    /// Entry `i`'s `s·z` (one per tile row and block), given its scale `s`.
     #[inline]
-    pub fn sz(&self, blk: usize, s: f32) -> f32 {
+    pub fn sz(&self, i: usize, s: f32) -> f32 {
         match *self {
             PackedZero::Const(z) => s * z,
-            PackedZero::Scaled(sz) => sz[blk].to_f32(),
+            PackedZero::Scaled(sz) => sz[i].to_f32(),
         }
     }
 }
@@ -331,19 +354,19 @@ impl<'a> Weights<'a> {
                 zero,
                 ..
             } => {
-                let nb = blocked(k)?;
-                let (code_bytes, high_bytes) = match bits {
-                    4 => (16, 0),
-                    5 => (16, 4),
-                    8 => (32, 0),
-                    _ => return Err(shape_err(K, format!("packed codes of {bits} bits"))),
-                };
-                check_len(K, "codes", nb * code_bytes, codes.len())?;
-                check_len(K, "high bits", nb * high_bytes, high.len())?;
-                check_len(K, "scales", nb, scales.len())?;
+                blocked(k)?;
+                // Tile-blocks: tiles × blocks a row.
+                let tb = mul_dims(K, &[n.div_ceil(TILE_ROWS), k / BLOCK])?;
+                if !matches!(bits, 4 | 5 | 8) {
+                    return Err(shape_err(K, format!("packed codes of {bits} bits")));
+                }
+                let high_bytes = if bits == 5 { 64 } else { 0 };
+                check_len(K, "codes", tb * packed_block_bytes(bits), codes.len())?;
+                check_len(K, "high bits", tb * high_bytes, high.len())?;
+                check_len(K, "scales", tb * TILE_ROWS, scales.len())?;
                 match zero {
                     PackedZero::Const(_) => Ok(()),
-                    PackedZero::Scaled(sz) => check_len(K, "zero terms", nb, sz.len()),
+                    PackedZero::Scaled(sz) => check_len(K, "zero terms", tb * TILE_ROWS, sz.len()),
                 }
             }
         }
@@ -357,29 +380,42 @@ impl<'a> Weights<'a> {
         )
     }
 
-    /// Code `i` (0..32) of block `blk` of a [`Weights::Packed`] (0 for other forms).
+    /// Of a [`Weights::Packed`]: the code at `(row, col)` and the index of its scale (0 for other
+    /// forms).
     #[inline]
-    pub(crate) fn packed_code(&self, blk: usize, i: usize) -> u8 {
-        match *self {
-            Weights::Packed { bits: 8, codes, .. } => codes[blk * 32 + i],
-            Weights::Packed {
-                bits, codes, high, ..
-            } => {
-                let byte = codes[blk * 16 + i / 2];
-                let low = if i.is_multiple_of(2) {
-                    byte & 15
-                } else {
-                    byte >> 4
-                };
-                let fifth = if bits == 5 {
-                    (high[blk * 4 + i / 8] >> (i % 8)) & 1
-                } else {
-                    0
-                };
-                low | fifth << 4
-            }
-            _ => 0,
-        }
+    pub(crate) fn packed_code(&self, row: usize, col: usize) -> (u8, usize) {
+        let Weights::Packed {
+            bits,
+            codes,
+            high,
+            k,
+            ..
+        } = *self
+        else {
+            return (0, 0);
+        };
+        let (tile, r) = (row / TILE_ROWS, row % TILE_ROWS);
+        let sb = tile * (k / BLOCK) + col / BLOCK;
+        let (g, e) = ((col % BLOCK) / 4, col % 4);
+        let lane = packed_lane(r, e);
+        let base = sb * packed_block_bytes(bits);
+        let code = if bits == 8 {
+            codes[base + g * 64 + lane]
+        } else {
+            let byte = codes[base + (g / 2) * 64 + lane];
+            let low = if g.is_multiple_of(2) {
+                byte & 15
+            } else {
+                byte >> 4
+            };
+            let fifth = if bits == 5 {
+                (high[sb * 64 + g * 8 + lane / 8] >> (lane % 8)) & 1
+            } else {
+                0
+            };
+            low | fifth << 4
+        };
+        (code, sb * TILE_ROWS + r)
     }
 
     /// Element `(row, col)` as f32 (slow; for references and tails).
@@ -418,12 +454,10 @@ impl<'a> Weights<'a> {
                 let sb = e / (BLOCK >> halves as usize);
                 (b[e] as f32 - zeros[sb] as f32) * scales[sb]
             }
-            Weights::Packed {
-                scales, zero, k, ..
-            } => {
-                let blk = row * (k / BLOCK) + col / BLOCK;
-                let s = scales[blk].to_f32();
-                s * self.packed_code(blk, col % BLOCK) as f32 - zero.sz(blk, s)
+            Weights::Packed { scales, zero, .. } => {
+                let (q, i) = self.packed_code(row, col);
+                let s = scales[i].to_f32();
+                s * q as f32 - zero.sz(i, s)
             }
         }
     }
@@ -756,9 +790,9 @@ fn drive(n: usize, k: usize, t: usize, out: &mut [f32], f: &RowsFn) {
     let work = n.saturating_mul(k).saturating_mul(t);
     let threads = pool::threads();
     let parallel = work >= PAR_MIN_WORK && threads > 1 && n > 1;
-    // Rows per task: ~8 tasks per thread for balance, at least 16 rows.
+    // Rows per task: ~8 tasks per thread for balance, at least 16 rows, whole packed tiles.
     let chunk = if parallel {
-        n.div_ceil(threads * 8).max(16).min(n)
+        n.div_ceil(threads * 8).next_multiple_of(TILE_ROWS).min(n)
     } else {
         n
     };

@@ -31,6 +31,14 @@
 //! The activations are in natural element order for every instruction set, so one [`QuantX`] serves
 //! every linear that reads the same input.
 //!
+//! **Packed tiles** ([`Weights::Packed`], made at load by `repack.rs` where [`QIsa::packs`]): 16
+//! weight rows interleaved so that one 64-byte register holds four consecutive codes of each row.
+//! Each token's four activation bytes are broadcast, so `vpdpbusd` sums a row's products in its own
+//! i32 lane: a block's eight groups accumulate in integers, then meet the block's 16 scales in one
+//! conversion and one multiply-add. The row-major forms above pay that float work every 64 bytes,
+//! which bounds prompt products; the tiles pay it every 512 (8-bit codes) and share each weight
+//! register among four tokens.
+//!
 //! 8-bit weights with a scale and zero point per 16-element half ([`Weights::Q8`] `halves`, GGUF
 //! Q6_K's form) keep the 32-blocks of `x`: each half's integer sum is taken apart (the lanes
 //! `vpdpbusd`/`maddubs` sum a half into are that half's alone) and meets its own `s·d`, and the
@@ -344,12 +352,18 @@ fn block(w: &Weights, blk: usize, codes: &mut [i32; BLOCK]) -> Option<Factors> {
                 Factors::Whole(s, sz)
             })
         }
-        Weights::Packed { scales, zero, .. } => {
+        Weights::Packed {
+            scales, zero, k, ..
+        } => {
+            let nb = k / BLOCK;
+            let (row, col) = (blk / nb, (blk % nb) * BLOCK);
+            let mut at = 0;
             for (i, q) in codes.iter_mut().enumerate() {
-                *q = w.packed_code(blk, i) as i32;
+                let (code, sb) = w.packed_code(row, col + i);
+                (*q, at) = (code as i32, sb);
             }
-            let s = scales[blk].to_f32();
-            Some(Factors::Whole(s, zero.sz(blk, s)))
+            let s = scales[at].to_f32();
+            Some(Factors::Whole(s, zero.sz(at, s)))
         }
         _ => None,
     }
@@ -408,36 +422,26 @@ fn rows_scalar(w: &Weights, qx: &QuantX, t: usize, rows: std::ops::Range<usize>,
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::{QuantX, Weights, BLOCK};
-    use crate::backend::cpu::linear::PackedZero;
+    use crate::backend::cpu::linear::{packed_block_bytes, PackedZero, TILE_ROWS};
     use std::arch::x86_64::*;
 
     /// Token rows multiplied per decoded weight pair in the GEMM path.
     const TILE: usize = 4;
 
-    /// A matrix's scales as raw pointers.
+    /// A packed matrix's zero-point term ([`PackedZero`]) as a raw pointer.
     #[derive(Clone, Copy)]
-    enum Scales {
-        F32(*const f32),
-        F16(*const u16),
-    }
-
-    /// A matrix's zero points as raw pointers: f32 or u8 a block, one for all, or f16 `s·z` a block.
-    #[derive(Clone, Copy)]
-    enum Zeros {
-        F32(*const f32),
-        U8(*const u8),
+    enum TileZero {
         Const(f32),
-        ScaledF16(*const u16),
+        Scaled(*const u16),
     }
 
-    /// One weight matrix's buffers as raw pointers: codes (16 bytes a block for 4 and 5 bits, 32
-    /// for 8), the fifth bits (5 bits: 4 bytes a block), scales and zero points.
+    /// One weight matrix's buffers as raw pointers, and its form (`BITS` 4: f32 zero points, 16
+    /// bytes a block; 8: u8 zero points, 32 bytes a block).
     #[derive(Clone, Copy)]
     struct Form {
         b: *const u8,
-        high: *const u8,
-        scales: Scales,
-        zeros: Zeros,
+        scales: *const f32,
+        zeros: *const u8,
     }
 
     impl Form {
@@ -447,42 +451,32 @@ mod avx512 {
         /// avx512f/bw/vl available; the masked blocks are inside the validated buffers.
         #[inline]
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-        unsafe fn factors(&self, m: __mmask16, sb0: usize) -> (__m512, __m512) {
+        unsafe fn factors<const BITS: u32>(&self, m: __mmask16, sb0: usize) -> (__m512, __m512) {
             // SAFETY: masked loads of the blocks the caller vouches for.
             unsafe {
-                let half = |p: *const u16| {
-                    _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p.add(sb0) as *const i16))
+                let s = _mm512_maskz_loadu_ps(m, self.scales.add(sb0));
+                let z = if BITS == 4 {
+                    _mm512_maskz_loadu_ps(m, (self.zeros as *const f32).add(sb0))
+                } else {
+                    _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(
+                        m,
+                        self.zeros.add(sb0) as *const i8,
+                    )))
                 };
-                let s = match self.scales {
-                    Scales::F32(p) => _mm512_maskz_loadu_ps(m, p.add(sb0)),
-                    Scales::F16(p) => half(p),
-                };
-                let sz = match self.zeros {
-                    Zeros::F32(p) => _mm512_mul_ps(s, _mm512_maskz_loadu_ps(m, p.add(sb0))),
-                    Zeros::U8(p) => _mm512_mul_ps(
-                        s,
-                        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(
-                            m,
-                            p.add(sb0) as *const i8,
-                        ))),
-                    ),
-                    Zeros::Const(z) => _mm512_mul_ps(s, _mm512_set1_ps(z)),
-                    Zeros::ScaledF16(p) => half(p),
-                };
-                (s, sz)
+                (s, _mm512_mul_ps(s, z))
             }
         }
     }
 
     /// The codes of blocks `blk` and `blk + 1` (`TWO`) or `blk` alone (upper half zero) as 64 u8 in
-    /// natural element order; `BITS` 4 and 5 read nibbles (and 5 its fifth bits), 8 bytes.
+    /// natural element order; `BITS` 4 reads nibbles, 8 bytes.
     ///
     /// # Safety
     /// avx512f/bw/vl/vnni available; the block(s) are inside the validated weight buffers.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     unsafe fn codes<const BITS: u32, const TWO: bool>(f: Form, blk: usize) -> __m512i {
-        // SAFETY: reads blocks [blk, blk + 1 + TWO) of B (and of the fifth bits) only.
+        // SAFETY: reads blocks [blk, blk + 1 + TWO) of B only (16 or 32 bytes a block).
         unsafe {
             if BITS == 8 {
                 let p = f.b.add(blk * 32);
@@ -503,19 +497,7 @@ mod avx512 {
             let wide = _mm512_cvtepu8_epi16(raw);
             let shifted = _mm512_slli_epi16::<4>(wide);
             let mixed = _mm512_mask_blend_epi8(0xAAAA_AAAA_AAAA_AAAA, wide, shifted);
-            let low = _mm512_and_si512(mixed, _mm512_set1_epi8(15));
-            if BITS != 5 {
-                return low;
-            }
-            // Bit i of the fifth bits is byte lane i's 16.
-            let hp = f.high.add(blk * 4);
-            let bits = if TWO {
-                (hp as *const u64).read_unaligned()
-            } else {
-                (hp as *const u32).read_unaligned() as u64
-            };
-            let fifth = _mm512_maskz_mov_epi8(_cvtu64_mask64(bits), _mm512_set1_epi8(16));
-            _mm512_or_si512(low, fifth)
+            _mm512_and_si512(mixed, _mm512_set1_epi8(15))
         }
     }
 
@@ -573,7 +555,7 @@ mod avx512 {
                 } else {
                     (1u16 << left) - 1
                 };
-                let (s, sz) = f.factors(m, row * ns + g);
+                let (s, sz) = f.factors::<BITS>(m, row * ns + g);
                 let mut fr = [_mm512_setzero_ps(); R];
                 let mut fr2 = [_mm512_setzero_ps(); R];
                 // The scales of a digit (d at `p`) for this group's scale blocks.
@@ -693,6 +675,209 @@ mod avx512 {
         }
     }
 
+    /// A [`Weights::Packed`] as raw pointers.
+    #[derive(Clone, Copy)]
+    struct Tiles {
+        codes: *const u8,
+        high: *const u8,
+        scales: *const u16,
+        zero: TileZero,
+        /// 32-blocks a row.
+        nb: usize,
+    }
+
+    /// The codes of group `g` (0..8) of tile-block `sb`: byte `4·row + e` is code `4g + e` of the
+    /// tile's row `row`.
+    ///
+    /// # Safety
+    /// avx512f/bw/vl/vnni available; `sb` inside the validated buffers.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn group<const BITS: u32>(f: &Tiles, sb: usize, g: usize) -> __m512i {
+        // SAFETY: reads inside tile-block `sb` (packed_block_bytes(BITS) code bytes, 64 high bytes).
+        unsafe {
+            let base = f.codes.add(sb * packed_block_bytes(BITS));
+            if BITS == 8 {
+                return _mm512_loadu_si512(base.add(g * 64) as *const __m512i);
+            }
+            let v = _mm512_loadu_si512(base.add((g / 2) * 64) as *const __m512i);
+            let v = if g.is_multiple_of(2) {
+                v
+            } else {
+                _mm512_srli_epi16::<4>(v)
+            };
+            let low = _mm512_and_si512(v, _mm512_set1_epi8(15));
+            if BITS != 5 {
+                return low;
+            }
+            let bits = (f.high.add(sb * 64 + g * 8) as *const u64).read_unaligned();
+            _mm512_or_si512(
+                low,
+                _mm512_maskz_mov_epi8(_cvtu64_mask64(bits), _mm512_set1_epi8(16)),
+            )
+        }
+    }
+
+    /// One tile (16 rows, a lane each) times `R` token rows of `qx` from `x0`: for every block, the
+    /// eight groups' integer dot products accumulate per lane (each token's four codes broadcast),
+    /// then meet the block's scales once.
+    ///
+    /// # Safety
+    /// avx512f/bw/vl/vnni available; `tile` inside the validated matrix; `qx` holds ≥ `x0 + R` rows.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn packed_tile<const BITS: u32, const X2: bool, const R: usize>(
+        f: &Tiles,
+        tile: usize,
+        qx: &QuantX,
+        x0: usize,
+    ) -> [__m512; R] {
+        let (nb, k) = (f.nb, f.nb * BLOCK);
+        let k254 = _mm512_set1_epi32(254);
+        let mut acc = [_mm512_setzero_ps(); R];
+        // SAFETY: tile-blocks tile·nb + b are inside the buffers; the qx reads are rows x0..x0+R.
+        unsafe {
+            for b in 0..nb {
+                let sb = tile * nb + b;
+                let half = |p: *const u16| {
+                    _mm512_cvtph_ps(_mm256_loadu_si256(p.add(sb * 16) as *const __m256i))
+                };
+                let s = half(f.scales);
+                let sz = match f.zero {
+                    TileZero::Const(z) => _mm512_mul_ps(s, _mm512_set1_ps(z)),
+                    TileZero::Scaled(p) => half(p),
+                };
+                let mut dot = [_mm512_setzero_si512(); R];
+                let mut dot2 = [_mm512_setzero_si512(); R];
+                for g in 0..8 {
+                    let c = group::<BITS>(f, sb, g);
+                    for r in 0..R {
+                        let at = (x0 + r) * k + b * BLOCK + 4 * g;
+                        let xq = (qx.q.as_ptr().add(at) as *const i32).read_unaligned();
+                        dot[r] = _mm512_dpbusd_epi32(dot[r], c, _mm512_set1_epi32(xq));
+                        if X2 {
+                            let xq2 = (qx.q2.as_ptr().add(at) as *const i32).read_unaligned();
+                            dot2[r] = _mm512_dpbusd_epi32(dot2[r], c, _mm512_set1_epi32(xq2));
+                        }
+                    }
+                }
+                for r in 0..R {
+                    let xi = (x0 + r) * nb + b;
+                    // Two digits meet one factor: d₂·(254·Σc·q + Σc·q₂) (`d₂ = d/254`).
+                    let (sum, d) = if X2 {
+                        let sum = _mm512_add_epi32(_mm512_mullo_epi32(dot[r], k254), dot2[r]);
+                        (sum, *qx.d2.get_unchecked(xi))
+                    } else {
+                        (dot[r], *qx.d.get_unchecked(xi))
+                    };
+                    let fac = _mm512_mul_ps(s, _mm512_set1_ps(d));
+                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), fac, acc[r]);
+                    let ds = _mm512_set1_ps(*qx.ds.get_unchecked(xi));
+                    acc[r] = _mm512_fnmadd_ps(sz, ds, acc[r]);
+                }
+            }
+        }
+        acc
+    }
+
+    /// [`packed_tile`] over the tiles covering `rows` and all T token rows (tiles of 4, then one):
+    /// `out[(row − start)·T + t]`.
+    ///
+    /// # Safety
+    /// As [`rows`].
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn packed_rows_of<const BITS: u32, const X2: bool>(
+        f: &Tiles,
+        qx: &QuantX,
+        t: usize,
+        rows: std::ops::Range<usize>,
+        out: &mut [f32],
+    ) {
+        let mut lanes = [0f32; TILE_ROWS];
+        let put = |acc: &[__m512],
+                   tile: usize,
+                   tt: usize,
+                   lanes: &mut [f32; TILE_ROWS],
+                   out: &mut [f32]| {
+            for (r, a) in acc.iter().enumerate() {
+                // SAFETY: 16 f32 into a 16-element array.
+                unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), *a) };
+                let first = (tile * TILE_ROWS).max(rows.start);
+                let last = ((tile + 1) * TILE_ROWS).min(rows.end);
+                for row in first..last {
+                    out[(row - rows.start) * t + tt + r] = lanes[row - tile * TILE_ROWS];
+                }
+            }
+        };
+        let tiles = rows.start / TILE_ROWS..rows.end.div_ceil(TILE_ROWS);
+        // SAFETY: forwarded contract; tt + R <= T.
+        unsafe {
+            let mut tt = 0;
+            while tt + TILE <= t {
+                for tile in tiles.clone() {
+                    let acc = packed_tile::<BITS, X2, TILE>(f, tile, qx, tt);
+                    put(&acc, tile, tt, &mut lanes, out);
+                }
+                tt += TILE;
+            }
+            while tt < t {
+                for tile in tiles.clone() {
+                    let acc = packed_tile::<BITS, X2, 1>(f, tile, qx, tt);
+                    put(&acc, tile, tt, &mut lanes, out);
+                }
+                tt += 1;
+            }
+        }
+    }
+
+    /// Integer rows of a [`Weights::Packed`]: `out[(row − start)·T + t]`.
+    ///
+    /// # Safety
+    /// As [`rows`].
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn packed_rows(
+        w: &Weights,
+        qx: &QuantX,
+        t: usize,
+        rows: std::ops::Range<usize>,
+        out: &mut [f32],
+    ) {
+        let Weights::Packed {
+            bits,
+            codes,
+            high,
+            scales,
+            zero,
+            k,
+            ..
+        } = *w
+        else {
+            return;
+        };
+        let f = Tiles {
+            codes: codes.as_ptr(),
+            high: high.as_ptr(),
+            scales: scales.as_ptr() as *const u16,
+            zero: match zero {
+                PackedZero::Const(z) => TileZero::Const(z),
+                PackedZero::Scaled(sz) => TileZero::Scaled(sz.as_ptr() as *const u16),
+            },
+            nb: k / BLOCK,
+        };
+        let x2 = !qx.q2.is_empty();
+        // SAFETY: forwarded contract.
+        unsafe {
+            match (bits, x2) {
+                (4, true) => packed_rows_of::<4, true>(&f, qx, t, rows, out),
+                (4, false) => packed_rows_of::<4, false>(&f, qx, t, rows, out),
+                (5, true) => packed_rows_of::<5, true>(&f, qx, t, rows, out),
+                (5, false) => packed_rows_of::<5, false>(&f, qx, t, rows, out),
+                (_, true) => packed_rows_of::<8, true>(&f, qx, t, rows, out),
+                (_, false) => packed_rows_of::<8, false>(&f, qx, t, rows, out),
+            }
+        }
+    }
+
     /// Integer rows: `out[(row − start)·T + t]`.
     ///
     /// # Safety
@@ -714,9 +899,8 @@ mod avx512 {
             } => {
                 let f = Form {
                     b: b.as_ptr(),
-                    high: std::ptr::null(),
-                    scales: Scales::F32(scales.as_ptr()),
-                    zeros: Zeros::F32(zeros.as_ptr()),
+                    scales: scales.as_ptr(),
+                    zeros: zeros.as_ptr() as *const u8,
                 };
                 (f, 4, false)
             }
@@ -729,32 +913,13 @@ mod avx512 {
             } => {
                 let f = Form {
                     b: b.as_ptr(),
-                    high: std::ptr::null(),
-                    scales: Scales::F32(scales.as_ptr()),
-                    zeros: Zeros::U8(zeros.as_ptr()),
+                    scales: scales.as_ptr(),
+                    zeros: zeros.as_ptr(),
                 };
                 (f, 8, halves)
             }
-            Weights::Packed {
-                bits,
-                codes,
-                high,
-                scales,
-                zero,
-                ..
-            } => {
-                let zeros = match zero {
-                    PackedZero::Const(z) => Zeros::Const(z),
-                    PackedZero::Scaled(sz) => Zeros::ScaledF16(sz.as_ptr() as *const u16),
-                };
-                let f = Form {
-                    b: codes.as_ptr(),
-                    high: high.as_ptr(),
-                    scales: Scales::F16(scales.as_ptr() as *const u16),
-                    zeros,
-                };
-                (f, bits, false)
-            }
+            // SAFETY: forwarded contract.
+            Weights::Packed { .. } => return unsafe { packed_rows(w, qx, t, rows, out) },
             _ => return,
         };
         // SAFETY: forwarded contract.
@@ -762,8 +927,6 @@ mod avx512 {
             match (bits, halves, x2) {
                 (4, _, true) => rows_of::<4, false, true>(f, nb, qx, t, rows, out),
                 (4, _, false) => rows_of::<4, false, false>(f, nb, qx, t, rows, out),
-                (5, _, true) => rows_of::<5, false, true>(f, nb, qx, t, rows, out),
-                (5, _, false) => rows_of::<5, false, false>(f, nb, qx, t, rows, out),
                 (_, true, true) => rows_of::<8, true, true>(f, nb, qx, t, rows, out),
                 (_, true, false) => rows_of::<8, true, false>(f, nb, qx, t, rows, out),
                 (_, false, true) => rows_of::<8, false, true>(f, nb, qx, t, rows, out),
