@@ -1171,12 +1171,9 @@ mod avx2 {
                         cv(_mm256_srli_epi32::<24>(words)),
                     ]
                 }
-                Weights::Packed { .. } => {
-                    // Not reached: `rows_exact` decodes packed forms row by row. Natural order (x
-                    // is not permuted for them).
-                    let v: [f32; BLOCK] = std::array::from_fn(|i| w.get(row, col + i));
-                    [0, 8, 16, 24].map(|o| _mm256_loadu_ps(v.as_ptr().add(o)))
-                }
+                // `rows_exact` decodes packed forms row by row and never calls this with one (an
+                // arm that decoded them here stopped this function being inlined into its loops).
+                Weights::Packed { .. } => unreachable!("packed weights in the AVX2 exact decoder"),
             }
         }
     }
