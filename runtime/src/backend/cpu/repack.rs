@@ -40,22 +40,21 @@ use super::linear_q8::QIsa;
 use crate::file_map::release;
 use crate::graph::DType;
 use crate::plan::{Plan, Step};
-use crate::tensor::Tensor;
 use crate::weights::{LinearWeights, WeightForm};
 
-/// A matrix in a packed form: its buffers owned, or (8- and 4-bit codes) the file's own codes.
+/// A matrix in the packed tile layout ([`Weights::Packed`]), its buffers owned.
 #[derive(Debug)]
 pub(crate) struct PackedMatrix {
     n: usize,
     k: usize,
     bits: u32,
-    codes: Tensor,
+    codes: Vec<u8>,
     high: Vec<u8>,
     scales: Vec<f16>,
     zero: Zero,
 }
 
-/// The owned zero-point term of a [`PackedMatrix`].
+/// The owned zero-point term of a [`PackedMatrix`]: one zero point, or f16 `s·z` in tile order.
 #[derive(Debug)]
 enum Zero {
     Const(f32),
@@ -67,7 +66,7 @@ impl PackedMatrix {
     pub(crate) fn view(&self) -> Weights<'_> {
         Weights::Packed {
             bits: self.bits,
-            codes: self.codes.typed(),
+            codes: &self.codes,
             high: &self.high,
             scales: &self.scales,
             zero: match &self.zero {
@@ -101,13 +100,14 @@ pub(crate) fn pack(w: &LinearWeights) -> Option<PackedMatrix> {
     if !all_f16(s32) {
         return None;
     }
-    let sz = match (bits, zero.dtype) {
+    let (n, k) = (w.n, w.k);
+    let zero = match (bits, zero.dtype) {
         (8, DType::U8) => Zero::Const(constant(zero.typed::<u8>())? as f32),
         (4, DType::F32) => {
             let z: &[f32] = zero.typed();
             match constant(z) {
                 Some(c) => Zero::Const(c),
-                None => Zero::Scaled(scaled_zeros(s32, z)?),
+                None => Zero::Scaled(tiled(&scaled_zeros(s32, z)?, n, k / BLOCK)),
             }
         }
         _ => return None,
@@ -121,22 +121,15 @@ pub(crate) fn pack(w: &LinearWeights) -> Option<PackedMatrix> {
         8 if file.b.iter().all(|&q| q < 32) => 5,
         _ => *bits,
     };
-    let (n, k) = (w.n, w.k);
     let (codes, high) = tile_pass(&file, n, bits);
     let packed = PackedMatrix {
         n,
         k,
         bits,
-        codes: Tensor::mapped(DType::U8, &[codes.len()], codes.into()),
+        codes,
         high,
-        scales: tiled(s32, n, k / BLOCK, f16::from_f32),
-        zero: match sz {
-            Zero::Scaled(v) => {
-                let v: Vec<f32> = v.iter().map(|h| h.to_f32()).collect();
-                Zero::Scaled(tiled(&v, n, k / BLOCK, f16::from_f32))
-            }
-            c => c,
-        },
+        scales: tiled(s32, n, k / BLOCK),
+        zero,
     };
     packed.view().validate().ok()?;
     Some(packed)
@@ -169,8 +162,9 @@ impl FileCodes<'_> {
     }
 }
 
-/// Per-(row, block) values `[N, nb]` in tile order `[tiles, nb, TILE_ROWS]` (0 for padding rows).
-fn tiled(v: &[f32], n: usize, nb: usize, to: impl Fn(f32) -> f16 + Sync) -> Vec<f16> {
+/// Per-(row, block) values `[N, nb]` as f16 in tile order `[tiles, nb, TILE_ROWS]` (0 for padding
+/// rows).
+fn tiled(v: &[f32], n: usize, nb: usize) -> Vec<f16> {
     let mut out = vec![f16::ZERO; n.div_ceil(TILE_ROWS) * nb * TILE_ROWS];
     out.par_chunks_mut(nb * TILE_ROWS)
         .enumerate()
@@ -179,7 +173,7 @@ fn tiled(v: &[f32], n: usize, nb: usize, to: impl Fn(f32) -> f16 + Sync) -> Vec<
                 for (r, o) in o.iter_mut().enumerate() {
                     let row = tile * TILE_ROWS + r;
                     if row < n {
-                        *o = to(v[row * nb + b]);
+                        *o = f16::from_f32(v[row * nb + b]);
                     }
                 }
             }
@@ -264,21 +258,21 @@ fn constant<T: Copy + PartialEq>(v: &[T]) -> Option<T> {
     v.iter().all(|&x| x == first).then_some(first)
 }
 
-/// Each block's `s·z` as f16, when each is within a few f32 roundings of its f16 value (Q4_1:
-/// `s·z = d·(−m/d) ≈ −m`, an f16 in the source).
-fn scaled_zeros(s: &[f32], z: &[f32]) -> Option<Vec<f16>> {
+/// Each block's `s·z`, when each is within a few f32 roundings of an f16 value (Q4_1:
+/// `s·z = d·(−m/d) ≈ −m`, an f16 in the source), so storing it as f16 loses nothing the source had.
+fn scaled_zeros(s: &[f32], z: &[f32]) -> Option<Vec<f32>> {
     s.iter()
         .zip(z)
         .map(|(&s, &z)| {
             let sz = s * z;
-            let h = f16::from_f32(sz);
-            let err = (h.to_f32() - sz).abs();
-            (sz.is_finite() && err <= sz.abs() * 4.0 * f32::EPSILON).then_some(h)
+            let err = (f16::from_f32(sz).to_f32() - sz).abs();
+            (sz.is_finite() && err <= sz.abs() * 4.0 * f32::EPSILON).then_some(sz)
         })
         .collect()
 }
 
-/// The packed forms of a plan's CPU linear layers, by the address of their shared weights.
+/// The packed forms of a plan's CPU linear layers, by the address of their shared weights: valid
+/// with the plan it was made for only (the CPU backend keeps the two together).
 #[derive(Debug, Default)]
 pub(crate) struct PackedSet {
     by_weights: HashMap<usize, PackedMatrix>,
@@ -367,6 +361,7 @@ mod tests {
     use crate::backend::cpu::linear::{linear_isa, Activations};
     use crate::backend::cpu::linear_q8;
     use crate::backend::cpu::simd::Isa;
+    use crate::tensor::Tensor;
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
 
