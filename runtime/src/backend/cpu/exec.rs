@@ -10,7 +10,7 @@ use std::time::Instant;
 use crate::backend::cpu::attention::{self, AttnShape};
 use crate::backend::cpu::linear::{self, Activations, Precision, QuantCache};
 use crate::backend::cpu::repack::PackedSet;
-use crate::backend::cpu::{attention_plain, gelu, misc, ops};
+use crate::backend::cpu::{attention_plain, gelu, linear_q8, misc, ops};
 use crate::backend::mask::Attended;
 use crate::backend::{Backend, SeqState, StepCall};
 use crate::contract;
@@ -708,7 +708,7 @@ impl CpuBackend {
     /// the integer kernels read packed forms (`repack.rs`).
     pub(crate) fn new(plan: &Plan, precision: Precision, profile: bool) -> CpuBackend {
         let packed = match precision {
-            Precision::Fast => PackedSet::for_plan(plan, linear::integer_isa()),
+            Precision::Fast => PackedSet::for_plan(plan, linear_q8::best()),
             Precision::Exact => PackedSet::default(),
         };
         CpuBackend {

@@ -651,11 +651,6 @@ pub(crate) fn linear_group_t1(
     Ok(true)
 }
 
-/// The integer instruction set the integer path runs on this CPU.
-pub(crate) fn integer_isa() -> QIsa {
-    linear_q8::best()
-}
-
 /// Checks all lengths; returns `(n, k)`.
 fn check(
     x: &[f32],
