@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 
 use super::view::Planning;
-use super::{Gate, GateAct, GroupCaps, GroupNorm, LinearGroup, Step, ValId};
+use super::{Gate, GroupCaps, GroupNorm, LinearGroup, Step, ValId};
 use crate::graph::DType;
 use crate::weights::LinearWeights;
 
@@ -44,7 +44,7 @@ struct Found {
     x: ValId,
     members: Vec<usize>,
     norm: Option<(usize, ValId, ValId)>,
-    silu: Option<usize>,
+    gate: Option<usize>,
 }
 
 /// The members' weights, in node order.
@@ -93,24 +93,18 @@ fn find(
     let norm = p.producer[x]
         .filter(|_| caps.norm && only_members)
         .and_then(|ni| folds_norm(p, ni, refs[0].k).map(|(xin, scale)| (ni, xin, scale)));
-    let mut silu = None;
-    if let (&[a, b], true) = (&members[..], caps.silu) {
+    let mut gate = None;
+    if let (&[a, b], true) = (&members[..], caps.gate) {
         let (oa, ob) = (out(a), out(b));
         let only = |o: ValId| readers[o].len() == 1 && !is_output(o);
         if only(oa) && only(ob) && readers[oa] == readers[ob] {
             let gi = readers[oa][0];
-            if let Some(Step::Gate(Gate {
-                act: GateAct::Silu,
-                g,
-                u,
-                ..
-            })) = &p.kind[gi]
-            {
+            if let Some(Step::Gate(Gate { g, u, .. })) = &p.kind[gi] {
                 if (*g, *u) == (ob, oa) {
                     members.swap(0, 1);
-                    silu = Some(gi);
+                    gate = Some(gi);
                 } else if (*g, *u) == (oa, ob) {
-                    silu = Some(gi);
+                    gate = Some(gi);
                 }
             }
         }
@@ -119,7 +113,7 @@ fn find(
         x,
         members,
         norm,
-        silu,
+        gate,
     })
 }
 
@@ -158,7 +152,7 @@ fn bind(p: &mut Planning, f: Found) {
             epsilon: p.graph.nodes[ni].attr_float("epsilon", 1e-5),
         }
     });
-    let silu = f.silu.and_then(|gi| match p.kind[gi].take() {
+    let gate = f.gate.and_then(|gi| match p.kind[gi].take() {
         Some(Step::Gate(g)) => {
             p.absorbed[gi] = true;
             Some(g)
@@ -167,13 +161,13 @@ fn bind(p: &mut Planning, f: Found) {
     });
     p.stats.linear_groups += 1;
     p.stats.group_norms += usize::from(norm.is_some());
-    p.stats.group_gates += usize::from(silu.is_some());
+    p.stats.group_gates += usize::from(gate.is_some());
     p.absorbed[leader] = false;
     p.kind[leader] = Some(Step::LinearGroup(LinearGroup {
         norm,
         x: f.x,
         members,
-        silu,
+        gate,
     }));
 }
 
@@ -181,7 +175,7 @@ fn bind(p: &mut Planning, f: Found) {
 mod tests {
     use crate::graph::{Attr, DType, Graph, Node};
     use crate::plan::testutil::{assert_same, graph, init, node, noise};
-    use crate::plan::{GroupCaps, Plan, PlanOptions, Step};
+    use crate::plan::{GateAct, GroupCaps, Plan, PlanOptions, Step};
     use crate::tensor::Tensor;
 
     const K: usize = 8;
@@ -227,17 +221,21 @@ mod tests {
 
     /// `up` before `gate` in the graph, joined by `Mul(Mul(gate, Sigmoid(gate)), up)`.
     fn mlp() -> Graph {
+        mlp_with(vec![
+            node("Sigmoid", &["gate"], &["sg"], &[]),
+            node("Mul", &["gate", "sg"], &["act"], &[]),
+        ])
+    }
+
+    /// `up` before `gate`, joined by `act` (nodes from `gate` to `act`) and `Mul(act, up)`.
+    fn mlp_with(act: Vec<Node>) -> Graph {
+        let mut nodes = vec![norm(), gemm("n", "wu", "up"), gemm("n", "wg", "gate")];
+        nodes.extend(act);
+        nodes.push(node("Mul", &["act", "up"], &["y"], &[]));
         graph(
             &[("x", &[3, K])],
             &["y"],
-            vec![
-                norm(),
-                gemm("n", "wu", "up"),
-                gemm("n", "wg", "gate"),
-                node("Sigmoid", &["gate"], &["sg"], &[]),
-                node("Mul", &["gate", "sg"], &["silu"], &[]),
-                node("Mul", &["silu", "up"], &["y"], &[]),
-            ],
+            nodes,
             vec![
                 init("scale", DType::F32, &[K], &f32s(K, 9)),
                 init("wu", DType::F32, &[5, K], &f32s(5 * K, 1)),
@@ -274,7 +272,7 @@ mod tests {
             panic!("expected the group first: {:?}", p.steps);
         };
         assert_eq!(gr.members.len(), 3);
-        assert!(gr.norm.is_some() && gr.silu.is_none());
+        assert!(gr.norm.is_some() && gr.gate.is_none());
         assert_eq!(p.steps.len(), 3, "the group, the Mul and the Neg");
         assert_same(&g, &p, &x(2), 1e-6);
     }
@@ -290,7 +288,28 @@ mod tests {
         };
         let outs: Vec<_> = gr.linears().map(|(_, o)| p.names[o].as_str()).collect();
         assert_eq!(outs, ["gate", "up"]);
-        assert!(gr.silu.is_some());
+        assert!(gr.gate.is_some());
+        assert_same(&g, &p, &x(3), 1e-6);
+    }
+
+    /// Gemma's GeGLU: gate/up with `Mul(Gelu(gate, approximate="tanh"), up)` fold the same way.
+    #[test]
+    fn gate_and_up_with_their_gelu_become_one_step() {
+        let g = mlp_with(vec![node(
+            "Gelu",
+            &["gate"],
+            &["act"],
+            &[("approximate", Attr::Str("tanh".into()))],
+        )]);
+        let p = Plan::new(g.clone()).unwrap();
+        assert_eq!(p.steps.len(), 1, "{:?}", p.steps);
+        let Step::LinearGroup(gr) = &p.steps[0] else {
+            panic!("{:?}", p.steps);
+        };
+        assert_eq!(gr.gate.as_ref().map(|g| g.act), Some(GateAct::GeluTanh));
+        let outs: Vec<_> = gr.linears().map(|(_, o)| p.names[o].as_str()).collect();
+        assert_eq!(outs, ["gate", "up"]);
+        assert_eq!((p.stats.group_gates, p.stats.gelu_gate), (1, 1));
         assert_same(&g, &p, &x(3), 1e-6);
     }
 
@@ -300,7 +319,7 @@ mod tests {
     fn the_caps_bound_the_groups() {
         let plain = GroupCaps {
             norm: false,
-            silu: false,
+            gate: false,
             ..GroupCaps::ANY
         };
         let p = Plan::with_options(mlp(), with(Some(plain))).unwrap();

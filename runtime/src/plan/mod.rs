@@ -411,8 +411,8 @@ pub struct RoundTrip {
     pub out: ValId,
 }
 
-/// Linear layers reading one value as one step (`plan/group.rs`): q/k/v, or gate/up with the SiLU
-/// gate joining them; the RMS norm producing their input folded in where only they read it.
+/// Linear layers reading one value as one step (`plan/group.rs`): q/k/v, or gate/up with the gate
+/// (SiLU or GELU-tanh) joining them; the RMS norm producing their input folded in where only they read it.
 #[derive(Debug)]
 pub struct LinearGroup {
     /// The norm whose output is `x`, done first by the step.
@@ -421,9 +421,9 @@ pub struct LinearGroup {
     pub x: ValId,
     /// The members, each a [`Step::Linear`] without a residual, in the order their rows are stacked.
     pub members: Vec<Step>,
-    /// The SiLU gate over the first member's output (`g`) and the second's (`u`), done last (their
+    /// The gate over the first member's output (`g`) and the second's (`u`), done last (their
     /// outputs are then read inside the step only).
-    pub silu: Option<Gate>,
+    pub gate: Option<Gate>,
 }
 
 /// An `RMSNormalization` over the last axis folded into a [`LinearGroup`].
@@ -473,8 +473,8 @@ pub struct GroupCaps {
     pub max_bytes: u64,
     /// Whether the norm before the members is folded in.
     pub norm: bool,
-    /// Whether the SiLU gate after a pair is folded in.
-    pub silu: bool,
+    /// Whether the gate after a pair (either activation) is folded in.
+    pub gate: bool,
     /// Which weights may be members (the encodings a GPU's kernels read).
     pub takes: fn(&LinearWeights) -> bool,
 }
@@ -485,7 +485,7 @@ impl GroupCaps {
         max_members: usize::MAX,
         max_bytes: u64::MAX,
         norm: true,
-        silu: true,
+        gate: true,
         takes: |_| true,
     };
 }
@@ -805,7 +805,7 @@ impl Step {
         match self {
             Step::Node { outputs, .. } => outputs.clone(),
             Step::RoundTrip(r) => vec![r.half, r.out],
-            Step::LinearGroup(g) => match &g.silu {
+            Step::LinearGroup(g) => match &g.gate {
                 Some(sg) => vec![sg.out],
                 None => g.linears().map(|(_, out)| out).collect(),
             },

@@ -33,7 +33,7 @@ pub(crate) fn logits_linear(plan: &Plan) -> Option<ValId> {
         let producer = plan.steps.iter().find_map(|s| match s {
             Step::Linear { out, .. } if *out == v => Some(s),
             Step::Node { outputs, .. } if outputs.contains(&v) => Some(s),
-            Step::LinearGroup(g) if g.silu.is_none() => g
+            Step::LinearGroup(g) if g.gate.is_none() => g
                 .members
                 .iter()
                 .find(|m| matches!(m, Step::Linear { out, .. } if *out == v)),
@@ -322,7 +322,7 @@ fn group_step(
             linear_step(plan, m, env, run)?;
         }
     }
-    if let Some(sg) = &g.silu {
+    if let Some(sg) = &g.gate {
         gate_step(plan, sg, env)?;
         for (_, out) in g.linears() {
             env[out] = None;

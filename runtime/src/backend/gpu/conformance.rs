@@ -395,8 +395,8 @@ fn gemm(x: &str, w: &str, y: &str) -> Node {
 
 /// The planner's linear steps over f32 weights (the kernels' other encodings are checked per variant
 /// in `linear.rs`): a layer with its bias and its residual `Add` in the epilogue; q/k/v under their
-/// RMS norm (`Step::LinearGroup`); gate/up with the SiLU gate (a group, or under the rows variant the
-/// layers and `Step::Gate`); the GELU gate on its own.
+/// RMS norm (`Step::LinearGroup`); gate/up with the SiLU or the GELU-tanh gate (a group, or under the
+/// rows variant the layers and `Step::Gate`); the GELU gate on its own.
 fn linear_cases() -> Vec<Case> {
     let mut v = Vec::new();
     for (t, k, n) in [(1usize, 64usize, 24usize), (5, 96, 40)] {
@@ -458,29 +458,37 @@ fn linear_cases() -> Vec<Case> {
             tol: 1e-5,
             gpu: OnGpu::All,
         });
-        v.push(Case {
-            name: format!("RMS norm → gate/up → SiLU gate, {t} × {k} → {n}"),
-            graph: graph(
-                &[("x", DType::F32, &[t, k])],
-                &["y"],
-                vec![
-                    norm,
-                    gemm("nx", "wu", "up"),
-                    gemm("nx", "wg", "g"),
-                    node("Sigmoid", &["g"], &["sg"], &[]),
-                    node("Mul", &["g", "sg"], &["silu"], &[]),
-                    node("Mul", &["silu", "up"], &["y"], &[]),
-                ],
-                vec![
-                    init("scale", DType::F32, &[k], &noise(k, 61)),
-                    init("wu", DType::F32, &[n, k], &noise(n * k, 67)),
-                    init("wg", DType::F32, &[n, k], &noise(n * k, 71)),
-                ],
-            ),
-            inputs: vec![("x", f32_in(&[t, k], 73))],
-            tol: 1e-5,
-            gpu: OnGpu::All,
-        });
+        let silu = vec![
+            node("Sigmoid", &["g"], &["sg"], &[]),
+            node("Mul", &["g", "sg"], &["act"], &[]),
+        ];
+        let gelu = vec![node(
+            "Gelu",
+            &["g"],
+            &["act"],
+            &[("approximate", Attr::Str("tanh".into()))],
+        )];
+        for (name, act) in [("SiLU", silu), ("GELU-tanh", gelu)] {
+            let mut nodes = vec![norm.clone(), gemm("nx", "wu", "up"), gemm("nx", "wg", "g")];
+            nodes.extend(act);
+            nodes.push(node("Mul", &["act", "up"], &["y"], &[]));
+            v.push(Case {
+                name: format!("RMS norm → gate/up → {name} gate, {t} × {k} → {n}"),
+                graph: graph(
+                    &[("x", DType::F32, &[t, k])],
+                    &["y"],
+                    nodes,
+                    vec![
+                        init("scale", DType::F32, &[k], &noise(k, 61)),
+                        init("wu", DType::F32, &[n, k], &noise(n * k, 67)),
+                        init("wg", DType::F32, &[n, k], &noise(n * k, 71)),
+                    ],
+                ),
+                inputs: vec![("x", f32_in(&[t, k], 73))],
+                tol: 1e-5,
+                gpu: OnGpu::All,
+            });
+        }
         v.push(Case {
             name: format!("GELU gate [{t}, {n}]"),
             graph: graph(

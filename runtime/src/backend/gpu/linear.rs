@@ -9,6 +9,7 @@ use super::context::{Bind, GpuContext, Kernel};
 use super::{Params, Variant};
 use crate::error::{DeviceFault, Error, Result};
 use crate::graph::DType;
+use crate::plan::GateAct;
 use crate::weights::{LinearWeights, WeightForm};
 
 /// The WGSL of this family (the weight decoding, then the kernels).
@@ -25,7 +26,7 @@ pub const EMBED_SOURCE: &str = concat!(
 pub const SUBGROUP_SOURCE: &str = include_str!("linear_subgroup.wgsl");
 /// The tiled GEMM for prefill chunks (`linear_gemm`), compiled appended to [`SOURCE`].
 pub const GEMM_SOURCE: &str = include_str!("linear_gemm.wgsl");
-/// Tokens (64) and rows (64; SiLU pairs: 32 items) a `linear_gemm` workgroup computes.
+/// Tokens (64) and rows (64; gate pairs: 32 items) a `linear_gemm` workgroup computes.
 pub const GEMM_TILE: usize = 64;
 /// Chunks of at least this many tokens take the tiled GEMM on GPUs ([`GpuOptions::gemm_tokens`](super::GpuOptions::gemm_tokens); 0:
 /// never); shorter ones (decode) the GEMV kernels.
@@ -77,8 +78,8 @@ pub struct GpuLinear {
     pub bytes: u64,
     /// Output rows a workgroup computes (`0`: one row an invocation, 64 a workgroup).
     pub rows: usize,
-    /// The encoding's code in `linear_weights.wgsl` (`FORM`).
-    pub form: u32,
+    /// The encoding as `linear_weights.wgsl` reads it (`FORM`, `BLOCK`).
+    pub enc: Encoding,
     /// Whether the kernels are the subgroup variant (`linear_sg`, `rows` rows a workgroup).
     pub subgroups: bool,
     /// Whether a lane of the subgroup variant takes whole blocks of a row (4- and 8-bit block forms;
@@ -91,10 +92,10 @@ pub struct GpuLinear {
     pub gemm_tokens: usize,
 }
 
-/// Whether a lane of the subgroup variant takes whole blocks of encoding `code` (the 4- and 8-bit block
+/// Whether a lane of the subgroup variant takes whole blocks of encoding `enc` (the 4- and 8-bit block
 /// forms) when `on` ([`GpuOptions::block_lanes`](super::GpuOptions::block_lanes)).
-fn block_lanes(subgroups: bool, code: u32, on: bool) -> bool {
-    on && subgroups && matches!(code, 4 | 5)
+fn block_lanes(subgroups: bool, enc: Encoding, on: bool) -> bool {
+    on && subgroups && matches!(enc.form, 4 | 5)
 }
 
 /// Rows a workgroup of the subgroup variant: as many as the 256 invocations make subgroups of the
@@ -103,25 +104,48 @@ fn subgroup_rows(ctx: &GpuContext) -> usize {
     (256 / ctx.subgroup_min.max(1) as usize).clamp(1, 64)
 }
 
-fn form_code(w: &LinearWeights) -> Option<(u32, usize)> {
+/// A weight encoding as the kernels read it: `FORM` and, for the block forms, `BLOCK` (elements a
+/// block; 32 where it does not apply) of `linear_weights.wgsl`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Encoding {
+    /// `FORM`: 0 f32, 1 f16, 2 bf16, 3 int8 per row, 4 4-bit blocks, 5 8-bit blocks.
+    pub form: u32,
+    /// `BLOCK`: elements a block of the block forms.
+    pub block: u32,
+}
+
+impl Encoding {
+    /// The pipeline constants naming it.
+    fn constants(self) -> [(&'static str, f64); 2] {
+        [("FORM", self.form as f64), ("BLOCK", self.block as f64)]
+    }
+}
+
+/// The encoding of `w` and the bytes of one of its rows; `None` for what the kernels do not read.
+/// Block forms take any power-of-two block from 16 that divides K (GGUF's Q6_K halves: 8-bit blocks
+/// of 16).
+fn encoding(w: &LinearWeights) -> Option<(Encoding, usize)> {
     let k = w.k;
+    let plain = |form| Encoding { form, block: 32 };
     Some(match &w.form {
-        WeightForm::F32(_) => (0, 4 * k),
-        WeightForm::F16(_) => (1, 2 * k),
-        WeightForm::BF16(_) => (2, 2 * k),
-        WeightForm::Int8PerChannel { .. } => (3, k),
+        WeightForm::F32(_) => (plain(0), 4 * k),
+        WeightForm::F16(_) => (plain(1), 2 * k),
+        WeightForm::BF16(_) => (plain(2), 2 * k),
+        WeightForm::Int8PerChannel { .. } => (plain(3), k),
         WeightForm::Block {
             bits, block, zero, ..
         } => {
-            if *block != 32
-                || !k.is_multiple_of(32)
+            if *block < 16
+                || !block.is_power_of_two()
+                || !k.is_multiple_of(*block)
                 || !matches!(zero.dtype, DType::F32 | DType::U8)
             {
                 return None;
             }
+            let block = u32::try_from(*block).ok()?;
             match bits {
-                4 => (4, k / 32 * 16),
-                8 => (5, k / 32 * 32),
+                4 => (Encoding { form: 4, block }, k / 2),
+                8 => (Encoding { form: 5, block }, k),
                 _ => return None,
             }
         }
@@ -129,9 +153,10 @@ fn form_code(w: &LinearWeights) -> Option<(u32, usize)> {
 }
 
 impl GpuLinear {
-    /// Whether the GPU kernel takes this encoding (block forms need blocks of 32).
+    /// Whether the GPU kernels take this encoding (block forms: power-of-two blocks from 16 that
+    /// divide K).
     pub fn supports(w: &LinearWeights) -> bool {
-        form_code(w).is_some()
+        encoding(w).is_some()
     }
 
     /// Uploads `w` (and `bias`), split so that no binding exceeds the context's limit.
@@ -166,14 +191,14 @@ impl GpuLinear {
         limit: u64,
         variant: Variant,
     ) -> Result<GpuLinear> {
-        let (code, row_bytes) = form_code(w).ok_or_else(|| {
+        let (enc, row_bytes) = encoding(w).ok_or_else(|| {
             Error::device(
                 DeviceFault::Unsupported,
                 format!("`{name}`: weight encoding not supported on the GPU"),
             )
         })?;
         let (n, k) = (w.n, w.k);
-        let nb = k / 32;
+        let nb = k / enc.block as usize;
         let side_row = match &w.form {
             WeightForm::Block { .. } => 4 * nb,
             _ => 4,
@@ -262,8 +287,8 @@ impl GpuLinear {
         } else {
             rows_for(k)
         };
-        let blocks = block_lanes(subgroups, code, ctx.options.block_lanes);
-        let kernel = kernel(ctx, code, rows, subgroups, blocks)?;
+        let blocks = block_lanes(subgroups, enc, ctx.options.block_lanes);
+        let kernel = kernel(ctx, enc, rows, subgroups, blocks)?;
         let gemm_tokens = match ctx.options.gemm_tokens {
             0 => usize::MAX,
             n => n,
@@ -272,7 +297,7 @@ impl GpuLinear {
             Some(gemm_kernel(
                 ctx,
                 Spec {
-                    code,
+                    enc,
                     mode: 0,
                     norm: false,
                     blocks: false,
@@ -282,7 +307,7 @@ impl GpuLinear {
             None
         };
         Ok(GpuLinear {
-            form: code,
+            enc,
             rows,
             subgroups,
             blocks,
@@ -340,7 +365,7 @@ impl GpuLinear {
 impl GpuLinear {
     /// The token-embedding kernel for these weights (`linear_embed.wgsl`): bindings IDS, W, S, Z, -, -, O.
     pub fn embed_kernel(&self, ctx: &GpuContext) -> Result<Arc<Kernel>> {
-        pipeline(ctx, "embed", &[("FORM", self.form as f64)])
+        pipeline(ctx, "embed", &self.enc.constants())
     }
 
     /// Parameters of the embedding of `t` token ids from part `i`.
@@ -363,8 +388,8 @@ pub enum FusedOut {
     One,
     /// The rows are `parts` layers: `(rows, element offset of its [T, rows] output in O)` each.
     Parts(Vec<(usize, usize)>),
-    /// The first half of the rows are `a`, the second `b`: output `[T, N/2]` = SiLU(a)·b.
-    SiluPair,
+    /// The first half of the rows are `a`, the second `b`: output `[T, N/2]` = act(a)·b.
+    GatePair(GateAct),
 }
 
 /// Most layers one parts dispatch writes.
@@ -391,11 +416,11 @@ impl GpuLinear {
                 return Ok(None);
             }
         }
-        if *out == FusedOut::SiluPair && !self.n.is_multiple_of(2) {
+        if matches!(out, FusedOut::GatePair(_)) && !self.n.is_multiple_of(2) {
             return Ok(None);
         }
         let spec = Spec {
-            code: self.form,
+            enc: self.enc,
             mode: out.mode(),
             norm,
             blocks: self.blocks,
@@ -431,7 +456,7 @@ impl GpuLinear {
     /// Parameters of the fused forms for `t` tokens: RMS norm of x with `eps` when `norm` is set.
     pub fn fused_params(&self, t: usize, out: &FusedOut, norm: Option<f32>) -> Params {
         let n = match out {
-            FusedOut::SiluPair => self.n / 2,
+            FusedOut::GatePair(_) => self.n / 2,
             _ => self.n,
         };
         let mode = out.mode() as usize;
@@ -462,7 +487,7 @@ impl GpuLinear {
 
     /// Workgroups of the fused forms for `t` tokens.
     pub fn fused_groups(&self, t: usize, out: &FusedOut, max_dim: u32) -> (u32, u32, u32) {
-        let pair = *out == FusedOut::SiluPair;
+        let pair = matches!(out, FusedOut::GatePair(_));
         let items = if pair { self.n / 2 } else { self.n };
         if self.rows != 0 && self.uses_gemm(t) {
             let per = if pair { GEMM_TILE / 2 } else { GEMM_TILE };
@@ -485,7 +510,8 @@ impl FusedOut {
         match self {
             FusedOut::One => 0,
             FusedOut::Parts(_) => 1,
-            FusedOut::SiluPair => 2,
+            FusedOut::GatePair(GateAct::Silu) => 2,
+            FusedOut::GatePair(GateAct::GeluTanh) => 3,
         }
     }
 }
@@ -493,7 +519,7 @@ impl FusedOut {
 /// The pipeline constants of a fused-forms kernel.
 #[derive(Debug, Clone, Copy)]
 struct Spec {
-    code: u32,
+    enc: Encoding,
     mode: u32,
     norm: bool,
     /// `BLOCKS` of `linear_sg`.
@@ -502,12 +528,12 @@ struct Spec {
 
 /// A fused-forms kernel: `entry` of `linear.wgsl` specialized to `spec`, `rows` rows a workgroup.
 fn fused_kernel(ctx: &GpuContext, spec: Spec, entry: &str, rows: usize) -> Result<Arc<Kernel>> {
-    let mut constants = vec![
-        ("FORM", spec.code as f64),
+    let mut constants = spec.enc.constants().to_vec();
+    constants.extend([
         ("ROWS", rows as f64),
         ("MODE", spec.mode as f64),
         ("NORM", f64::from(u8::from(spec.norm))),
-    ];
+    ]);
     if entry == "linear_sg" {
         constants.push(("BLOCKS", f64::from(u8::from(spec.blocks))));
     }
@@ -516,48 +542,49 @@ fn fused_kernel(ctx: &GpuContext, spec: Spec, entry: &str, rows: usize) -> Resul
 
 /// The tiled GEMM (`linear_gemm`) specialized to `spec`.
 fn gemm_kernel(ctx: &GpuContext, spec: Spec) -> Result<Arc<Kernel>> {
-    pipeline(
-        ctx,
-        "linear_gemm",
-        &[
-            ("FORM", spec.code as f64),
-            ("MODE", spec.mode as f64),
-            ("NORM", f64::from(u8::from(spec.norm))),
-        ],
-    )
+    let mut constants = spec.enc.constants().to_vec();
+    constants.extend([
+        ("MODE", spec.mode as f64),
+        ("NORM", f64::from(u8::from(spec.norm))),
+    ]);
+    pipeline(ctx, "linear_gemm", &constants)
 }
 
-/// The kernel for encoding `code` (see `linear.wgsl`) computing `rows` rows a workgroup (`0`: the
+/// The kernel for encoding `enc` (see `linear.wgsl`) computing `rows` rows a workgroup (`0`: the
 /// one-row-an-invocation variant; `subgroups`: the subgroup variant, `blocks`: with whole blocks a
 /// lane): bindings X, W, S, Z, BIAS, RES, O.
 pub fn kernel(
     ctx: &GpuContext,
-    code: u32,
+    enc: Encoding,
     rows: usize,
     subgroups: bool,
     blocks: bool,
 ) -> Result<Arc<Kernel>> {
-    match rows {
-        0 => pipeline(ctx, "linear_rows", &[("FORM", code as f64), ("ROWS", 8.0)]),
-        r if subgroups => pipeline(
-            ctx,
-            "linear_sg",
-            &[
-                ("FORM", code as f64),
-                ("ROWS", r as f64),
-                ("BLOCKS", f64::from(u8::from(blocks))),
-            ],
-        ),
-        r => pipeline(ctx, "linear", &[("FORM", code as f64), ("ROWS", r as f64)]),
-    }
+    let mut constants = enc.constants().to_vec();
+    let entry = match rows {
+        0 => {
+            constants.push(("ROWS", 8.0));
+            "linear_rows"
+        }
+        r if subgroups => {
+            constants.push(("ROWS", r as f64));
+            constants.push(("BLOCKS", f64::from(u8::from(blocks))));
+            "linear_sg"
+        }
+        r => {
+            constants.push(("ROWS", r as f64));
+            "linear"
+        }
+    };
+    pipeline(ctx, entry, &constants)
 }
 
 impl GpuLinear {
     /// Test hook: the subgroup variant's kernel with whole blocks a lane on or off.
     #[cfg(test)]
     pub(crate) fn with_block_lanes(mut self, ctx: &GpuContext, on: bool) -> Result<Self> {
-        self.blocks = block_lanes(self.subgroups, self.form, on);
-        self.kernel = kernel(ctx, self.form, self.rows, self.subgroups, self.blocks)?;
+        self.blocks = block_lanes(self.subgroups, self.enc, on);
+        self.kernel = kernel(ctx, self.enc, self.rows, self.subgroups, self.blocks)?;
         Ok(self)
     }
 }
@@ -700,7 +727,58 @@ mod tests {
                 },
             ));
         }
+        out.extend(other_blocks(n, k, &bytes, seed));
         out
+    }
+
+    /// Block forms of other sizes (where they divide `k`): 8-bit blocks of 16 with u8 zero points
+    /// (GGUF Q6_K's halves, zero point 32), 4-bit blocks of 16 and of 64 with f32 zero points.
+    fn other_blocks(
+        n: usize,
+        k: usize,
+        bytes: &[u8],
+        seed: u64,
+    ) -> Vec<(&'static str, LinearWeights)> {
+        let mut out = Vec::new();
+        let block = |name, bits: u32, block: usize, zero: Tensor| {
+            let nb = n * k / block;
+            let b = &bytes[..n * k * bits as usize / 8];
+            let w = LinearWeights::block(
+                n,
+                k,
+                bits,
+                block,
+                Tensor::from_slice(DType::U8, &[b.len()], b),
+                Tensor::f32(&[nb], &noise(nb, seed + 5)),
+                Some(&zero),
+            );
+            (name, w.unwrap())
+        };
+        if k.is_multiple_of(16) {
+            let nb = n * k / 16;
+            let z6: Vec<u8> = (0..nb).map(|i| 32 + (i % 3) as u8).collect();
+            out.push(block(
+                "q8 b16",
+                8,
+                16,
+                Tensor::from_slice(DType::U8, &[nb], &z6),
+            ));
+            let zf: Vec<f32> = noise(nb, seed + 6).iter().map(|x| 8.0 + 6.0 * x).collect();
+            out.push(block("q4 b16", 4, 16, Tensor::f32(&[nb], &zf)));
+        }
+        if k.is_multiple_of(64) {
+            let nb = n * k / 64;
+            let zf: Vec<f32> = noise(nb, seed + 7).iter().map(|x| 8.0 + 6.0 * x).collect();
+            out.push(block("q4 b64", 4, 64, Tensor::f32(&[nb], &zf)));
+        }
+        out
+    }
+
+    /// Bytes of one row of `w` on the GPU, its scales and zero points included: what a part's limit
+    /// must hold to split it by rows.
+    fn split_row(w: &LinearWeights) -> usize {
+        let (enc, bytes) = encoding(w).unwrap();
+        bytes.max(4 * (w.k / enc.block as usize).max(1))
     }
 
     const VARIANTS: [Variant; 3] = [Variant::Lanes, Variant::Rows, Variant::Subgroups];
@@ -752,7 +830,7 @@ mod tests {
                 w.forward(&x, t, Some(&bias), &mut want).unwrap();
                 want.iter_mut().zip(&res).for_each(|(w, r)| *w += r);
                 // Whole, and split into parts of (about) a quarter of the rows.
-                let per = form_code(&w).unwrap().1.max(4 * (k / 32).max(1));
+                let per = split_row(&w);
                 let split = (per * n.div_ceil(4).next_multiple_of(4)) as u64;
                 for (limit, (variant, blocks)) in [ctx.binding_limit, split]
                     .into_iter()
@@ -805,7 +883,7 @@ mod tests {
                 i64::MIN,
             ];
             for (name, w) in forms(n, k, (3 * n + k) as u64) {
-                let per = form_code(&w).unwrap().1.max(4 * (k / 32).max(1));
+                let per = split_row(&w);
                 let split = (per * n.div_ceil(4).next_multiple_of(4)) as u64;
                 for limit in [ctx.binding_limit, split] {
                     let g = GpuLinear::with_limit(&ctx, name, &w, None, limit).unwrap();
@@ -862,7 +940,7 @@ mod tests {
             let x: Vec<f32> = noise(t * k, 21).iter().map(|v| 3.0 * v).collect();
             let gamma: Vec<f32> = noise(k, 22).iter().map(|v| 1.0 + 0.5 * v).collect();
             let sizes = [40usize, 12, 12];
-            for name in ["f32", "f16", "int8", "q4 f32 zero", "q8"] {
+            for name in ["f32", "f16", "int8", "q4 f32 zero", "q8", "q8 b16"] {
                 let layers: Vec<LinearWeights> = sizes
                     .iter()
                     .enumerate()
@@ -951,7 +1029,7 @@ mod tests {
                                 c += n;
                             }
                         }
-                        // SiLU pair over the last two layers (12 rows each).
+                        // Gate pairs over the last two layers (12 rows each).
                         let pair = LinearWeights::concat(&refs[1..]).unwrap();
                         let gp = GpuLinear::with_variant(
                             &ctx,
@@ -963,24 +1041,30 @@ mod tests {
                         )
                         .and_then(|g| g.with_block_lanes(&ctx, variant.1))
                         .unwrap();
-                        let got = super::super::exec::run_fused_linear_once(
-                            &ctx,
-                            &gp,
-                            &FusedOut::SiluPair,
-                            norm,
-                            &x,
-                            &gamma,
-                            t,
-                            t * 12,
-                        )
-                        .unwrap();
-                        for (i, v) in got.iter().enumerate() {
-                            let (a, b) = (want[1][i], want[2][i]);
-                            let r = a / (1.0 + (-a).exp()) * b;
-                            assert!(
-                                (v - r).abs() / (1.0 + r.abs()) < 1e-4 * scale,
-                                "pair {what} at {i}: {v} vs {r}"
-                            );
+                        for act in [GateAct::Silu, GateAct::GeluTanh] {
+                            let got = super::super::exec::run_fused_linear_once(
+                                &ctx,
+                                &gp,
+                                &FusedOut::GatePair(act),
+                                norm,
+                                &x,
+                                &gamma,
+                                t,
+                                t * 12,
+                            )
+                            .unwrap();
+                            let mut r = vec![0.0; t * 12];
+                            let gate = match act {
+                                GateAct::Silu => crate::backend::cpu::misc::silu_gate_reference,
+                                GateAct::GeluTanh => crate::backend::cpu::misc::gelu_gate_reference,
+                            };
+                            gate(&want[1], &want[2], &mut r).unwrap();
+                            for (i, (v, r)) in got.iter().zip(&r).enumerate() {
+                                assert!(
+                                    (v - r).abs() / (1.0 + r.abs()) < 1e-4 * scale,
+                                    "{act:?} pair {what} at {i}: {v} vs {r}"
+                                );
+                            }
                         }
                     }
                 }

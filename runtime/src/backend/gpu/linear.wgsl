@@ -1,20 +1,21 @@
 // y[t, n0 + n] = sum_k x[t, k] * W[n, k] (+ bias[n]) (+ res[t, n0 + n]) for every weight encoding the
 // exporter writes, decoded on the fly from the file's bytes (u32 words).
 // A workgroup: ROWS output rows x 256/ROWS lanes, up to 8 tokens (z = token chunk). Lane l of a row takes
-// the elements k = l, l + lanes, ...: each step covers whole blocks of 32 (block forms share scale/zero
+// the elements k = l, l + lanes, ...: each step covers whole blocks (block forms share scale/zero
 // loads) and reads x coalesced; the 8 token accumulators are two vec4s (no private arrays). Few rows a
 // workgroup keep each lane's dependent chain short (a decode GEMV is latency-bound).
 // FORM: the encoding (linear_weights.wgsl, compiled before this file). P[0]=N (rows in this part)
 // P[1]=K P[2]=T P[3]=n0 P[4]=row stride of y P[5]=has bias P[6]=has residual.
 // Fused forms (several linear layers of one input as one dispatch over their concatenated rows; 4 tokens
 // a workgroup): MODE 0 one output; 1 parts: row n of part p (rows P[11+2p-2]..P[11+2p], the first
-// from 0) goes to O[P[12+2p] + t * rows_p + n - first_p]; 2 SiLU pair: rows n and N + n give
-// O[t * N + n] = silu(a) * b. NORM: x is RMS-normalized on the way (AUX = the norm's scale, one per k;
+// from 0) goes to O[P[12+2p] + t * rows_p + n - first_p]; 2 and 3 gate pairs: rows n and N + n give
+// O[t * N + n] = act(a) * b, act SiLU (2) or GELU-tanh (3). NORM: x is RMS-normalized on the way (AUX = the norm's scale, one per k;
 // the 1/rms factor is applied to the sums, the scale to x). P[7], P[8]: MODE and NORM (as the pipeline
 // has them) P[9]=epsilon (f32) P[10]=parts.
 // Output rows a workgroup computes (1, 2, 4 or 8); the 256 threads split into ROWS x (256 / ROWS) lanes.
 override ROWS: u32 = 8u;
-// The fused forms (below): MODE 0 one output, 1 parts, 2 SiLU pair; NORM: x is RMS-normalized on the way.
+// The fused forms (below): MODE 0 one output, 1 parts, 2 SiLU pair, 3 GELU-tanh pair; NORM: x is
+// RMS-normalized on the way.
 // Pipeline constants, not parameters: llvmpipe runs a kernel 5x slower for a heavy loop behind a runtime
 // branch it never takes.
 override MODE: u32 = 0u;
@@ -46,7 +47,13 @@ fn inv_rms(sq: f32) -> f32 {
     return inverseSqrt(sq / f32(pu(1u)) + pf(9u));
 }
 
-fn silu_mul(a: f32, b: f32) -> f32 {
+// A gate pair's output: SiLU(a)·b (MODE 2) or GELU-tanh(a)·b (MODE 3), the latter as the CPU has it:
+// 0.5·a·(1 + tanh y) = a·sigmoid(2y), y = √(2/π)·(a + 0.044715·a³) (an infinite exp gives −0, not NaN).
+fn gate_mul(a: f32, b: f32) -> f32 {
+    if (MODE == 3u) {
+        let y = 0.7978846 * (a + 0.044715 * a * a * a);
+        return a / (1.0 + exp(-2.0 * y)) * b;
+    }
     return a / (1.0 + exp(-a)) * b;
 }
 
@@ -104,7 +111,7 @@ fn linear(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
           @builtin(local_invocation_index) lid: u32) {
     let n_rows = pu(0u);
     let t_n = pu(2u);
-    let pair = MODE == 2u;
+    let pair = MODE >= 2u;
     let nrm = NORM;
     let fused = pair || nrm || MODE == 1u;
     let lanes = 256u / ROWS;
@@ -151,7 +158,7 @@ fn linear(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
         var u = red[bb][lane];
         if (nrm) { u = u * inv_rms(red[bb + 1u][lane]); }
         if (pu(5u) == 1u) { u = u + BIAS[pu(3u) + n + n_rows]; }
-        O[(t0 + lane) * n_rows + item] = silu_mul(v, u);
+        O[(t0 + lane) * n_rows + item] = gate_mul(v, u);
         return;
     }
     let o = out_at(n, t0 + lane);
@@ -176,17 +183,18 @@ fn linear_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
         // Decode: one token, the block forms decoded a word at a time.
         let x = t0 * kk;
         var s = 0.0;
-        if (FORM == 4u && kk % 32u == 0u) {
-            let nb = kk / 32u;
+        if (FORM == 4u) {
+            let nb = kk / BLOCK;
+            let words = BLOCK / 8u;
             for (var b = 0u; b < nb; b = b + 1u) {
                 let blk = n * nb + b;
                 let sc = S[blk];
                 let z = Z[blk];
                 var bs = 0.0;
                 var xs = 0.0;
-                for (var q = 0u; q < 4u; q = q + 1u) {
-                    let word = W[blk * 4u + q];
-                    let xb = x + b * 32u + q * 8u;
+                for (var q = 0u; q < words; q = q + 1u) {
+                    let word = W[blk * words + q];
+                    let xb = x + b * BLOCK + q * 8u;
                     for (var j = 0u; j < 8u; j = j + 1u) {
                         let xv = X[xb + j];
                         bs = bs + f32((word >> (4u * j)) & 15u) * xv;
@@ -195,15 +203,16 @@ fn linear_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
                 }
                 s = s + (bs - z * xs) * sc;
             }
-        } else if (FORM == 5u && kk % 32u == 0u) {
-            let nb = kk / 32u;
+        } else if (FORM == 5u) {
+            let nb = kk / BLOCK;
+            let words = BLOCK / 4u;
             for (var b = 0u; b < nb; b = b + 1u) {
                 let blk = n * nb + b;
                 var bs = 0.0;
                 var xs = 0.0;
-                for (var q = 0u; q < 8u; q = q + 1u) {
-                    let word = W[blk * 8u + q];
-                    let xb = x + b * 32u + q * 4u;
+                for (var q = 0u; q < words; q = q + 1u) {
+                    let word = W[blk * words + q];
+                    let xb = x + b * BLOCK + q * 4u;
                     for (var j = 0u; j < 4u; j = j + 1u) {
                         let xv = X[xb + j];
                         bs = bs + f32((word >> (8u * j)) & 255u) * xv;
@@ -232,16 +241,17 @@ fn linear_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
     let x7 = (t0 + min(7u, tc - 1u)) * kk;
     var a = vec4<f32>(0.0);
     var b = vec4<f32>(0.0);
-    if (FORM == 4u && kk % 32u == 0u) {
-        let nb = kk / 32u;
+    if (FORM == 4u) {
+        let nb = kk / BLOCK;
+        let words = BLOCK / 8u;
         for (var bl = 0u; bl < nb; bl = bl + 1u) {
             let blk = n * nb + bl;
             let sc = S[blk];
             let z = Z[blk];
-            for (var q = 0u; q < 4u; q = q + 1u) {
-                let word = W[blk * 4u + q];
+            for (var q = 0u; q < words; q = q + 1u) {
+                let word = W[blk * words + q];
                 for (var j = 0u; j < 8u; j = j + 1u) {
-                    let k = bl * 32u + q * 8u + j;
+                    let k = bl * BLOCK + q * 8u + j;
                     let w = (f32((word >> (4u * j)) & 15u) - z) * sc;
                     a = a + w * vec4<f32>(X[x0 + k], X[x1 + k], X[x2 + k], X[x3 + k]);
                     b = b + w * vec4<f32>(X[x4 + k], X[x5 + k], X[x6 + k], X[x7 + k]);
@@ -275,16 +285,17 @@ struct Acc4 {
 fn acc4(n: u32, kk: u32, x0: u32, x1: u32, x2: u32, x3: u32, nrm: bool) -> Acc4 {
     var d = vec4<f32>(0.0);
     var q = vec4<f32>(0.0);
-    if (FORM == 4u && kk % 32u == 0u) {
-        let nb = kk / 32u;
+    if (FORM == 4u) {
+        let nb = kk / BLOCK;
+        let words = BLOCK / 8u;
         for (var bl = 0u; bl < nb; bl = bl + 1u) {
             let blk = n * nb + bl;
             var bs = vec4<f32>(0.0);
             var xs = vec4<f32>(0.0);
-            for (var w = 0u; w < 4u; w = w + 1u) {
-                let word = W[blk * 4u + w];
+            for (var w = 0u; w < words; w = w + 1u) {
+                let word = W[blk * words + w];
                 for (var j = 0u; j < 8u; j = j + 1u) {
-                    let k = bl * 32u + w * 8u + j;
+                    let k = bl * BLOCK + w * 8u + j;
                     var xv = vec4<f32>(X[x0 + k], X[x1 + k], X[x2 + k], X[x3 + k]);
                     if (nrm) {
                         q = q + xv * xv;
@@ -309,30 +320,31 @@ fn acc4(n: u32, kk: u32, x0: u32, x1: u32, x2: u32, x3: u32, nrm: bool) -> Acc4 
     return Acc4(d, q);
 }
 
-// The same for one token: (dot product of row n, of row n2 (SiLU pair only), sum of squares). Both rows
+// The same for one token: (dot product of row n, of row n2 (gate pairs only), sum of squares). Both rows
 // of a pair in one pass share the loads of x.
 fn acc1(n: u32, n2: u32, kk: u32, x: u32, nrm: bool) -> vec3<f32> {
-    let two = MODE == 2u;
+    let two = MODE >= 2u;
     var s = 0.0;
     var s2 = 0.0;
     var q = 0.0;
-    if ((FORM == 4u || FORM == 5u) && kk % 32u == 0u) {
-        // Blocks of 32: 4-bit (4 words of 8 values) or 8-bit (8 words of 4 values).
+    if (FORM == 4u || FORM == 5u) {
+        // Blocks: 4-bit (words of 8 values) or 8-bit (words of 4 values).
         let bits = select(8u, 4u, FORM == 4u);
         let per = 32u / bits;
+        let words = BLOCK / per;
         let mask = (1u << bits) - 1u;
-        let nb = kk / 32u;
+        let nb = kk / BLOCK;
         for (var b = 0u; b < nb; b = b + 1u) {
             let blk = n * nb + b;
             let blk2 = n2 * nb + b;
             var bs = 0.0;
             var bs2 = 0.0;
             var xs = 0.0;
-            for (var w = 0u; w < bits; w = w + 1u) {
-                let word = W[blk * bits + w];
+            for (var w = 0u; w < words; w = w + 1u) {
+                let word = W[blk * words + w];
                 var word2 = 0u;
-                if (two) { word2 = W[blk2 * bits + w]; }
-                let k0 = b * 32u + w * per;
+                if (two) { word2 = W[blk2 * words + w]; }
+                let k0 = b * BLOCK + w * per;
                 for (var j = 0u; j < per; j = j + 1u) {
                     var xv = X[x + k0 + j];
                     if (nrm) {
@@ -370,7 +382,7 @@ fn linear_rows_fused(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgro
                      @builtin(local_invocation_index) lid: u32) {
     let n_rows = pu(0u);
     let kk = pu(1u);
-    let pair = MODE == 2u;
+    let pair = MODE >= 2u;
     let nrm = NORM;
     let item = (wid.x + wid.y * nwg.x) * 64u + lid;
     if (item >= n_rows) { return; }
@@ -384,7 +396,7 @@ fn linear_rows_fused4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgr
     let n_rows = pu(0u);
     let kk = pu(1u);
     let t_n = pu(2u);
-    let pair = MODE == 2u;
+    let pair = MODE >= 2u;
     let nrm = NORM;
     let item = (wid.x + wid.y * nwg.x) * 64u + lid;
     let t0 = wid.z * 4u;
@@ -404,7 +416,7 @@ fn linear_rows_fused4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgr
     if (tc > 3u) { emit(item, t0 + 3u, a.d.w, a.q.w, du.w, pair, nrm); }
 }
 
-// The epilogue of one token (`linear_rows_fused*`, `linear_sg`): norm factor, bias, SiLU pair, or part
+// The epilogue of one token (`linear_rows_fused*`, `linear_sg`): norm factor, bias, gate pair, or part
 // placement and the residual.
 fn emit(item: u32, t: u32, dot: f32, sq: f32, dot_b: f32, pair: bool, nrm: bool) {
     let n_rows = pu(0u);
@@ -415,7 +427,7 @@ fn emit(item: u32, t: u32, dot: f32, sq: f32, dot_b: f32, pair: bool, nrm: bool)
         var u = dot_b;
         if (nrm) { u = u * inv_rms(sq); }
         if (pu(5u) == 1u) { u = u + BIAS[pu(3u) + item + n_rows]; }
-        O[t * n_rows + item] = silu_mul(v, u);
+        O[t * n_rows + item] = gate_mul(v, u);
     } else {
         let o = out_at(item, t);
         if (pu(6u) == 1u) { v = v + AUX[o]; }

@@ -1,5 +1,5 @@
 // Tiled GEMM for prefill chunks (appended to linear.wgsl; the host takes it from P[2] = T ≥ its
-// threshold on GPUs): a workgroup computes 64 tokens × 64 rows (SiLU pairs: 32 items, their a- and
+// threshold on GPUs): a workgroup computes 64 tokens × 64 rows (gate pairs: 32 items, their a- and
 // b-rows), 16 × 16 threads holding 4 tokens × 4 rows each in registers. Each step of GK k stages the
 // tile's x and its decoded weights in workgroup memory, so a weight is decoded and read once per 64
 // tokens (the GEMV kernels: once per 8 or 4). Same parameters, modes (MODE, NORM) and epilogue (`emit`)
@@ -26,7 +26,7 @@ fn linear_gemm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
     let n_rows = pu(0u);
     let kk = pu(1u);
     let t_n = pu(2u);
-    let pair = MODE == 2u;
+    let pair = MODE >= 2u;
     let items = select(GN, GN / 2u, pair);
     let i0 = (wid.x + wid.y * nwg.x) * items;
     let t0 = wid.z * GT;

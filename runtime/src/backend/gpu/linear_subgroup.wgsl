@@ -1,7 +1,7 @@
 // `linear` for adapters with subgroups (appended to linear.wgsl; naga takes the subgroup builtins when
 // the device has the feature, without an `enable`): a row's lanes are one subgroup, whose
 // sums meet in `subgroupAdd` — no shared memory, no barrier (the lanes variant reduces through a tree of
-// workgroup barriers). ROWS rows (SiLU pairs: items) a workgroup, the subgroups taking them in turn, so
+// workgroup barriers). ROWS rows (gate pairs: items) a workgroup, the subgroups taking them in turn, so
 // any subgroup size works; the host picks ROWS = 256 / the adapter's smallest subgroup size. Same
 // parameters, modes and epilogue as the other variants.
 // BLOCKS (4- and 8-bit block forms): a lane takes whole blocks of a row (block_sums) instead of one
@@ -14,14 +14,14 @@ fn row_sums(n: u32, lane: u32, lanes: u32, t0: u32, tc: u32) -> Sums {
 }
 
 // Lane `lane` of `lanes`' share of row n's sums (as lane_sums, in another order) when a lane takes whole
-// blocks: blocks lane, lane + lanes, ... of the row, each one's 4 (4-bit) or 8 (8-bit) words, scale and
-// zero point loaded once. The subgroup's lanes read adjacent blocks, so a row of K = 576 (18 blocks) is
-// one step of the loop where lane_sums takes 18 steps of one word a block: a decode GEMV waits on one
-// round of weight loads, not on a chain of them.
+// blocks: blocks lane, lane + lanes, ... of the row, each one's words (BLOCK / 8 of 4-bit codes, BLOCK / 4
+// of 8-bit), scale and zero point loaded once. The subgroup's lanes read adjacent blocks, so a row of
+// K = 576 (18 blocks of 32) is one step of the loop where lane_sums takes 18 steps of one word a block:
+// a decode GEMV waits on one round of weight loads, not on a chain of them.
 fn block_sums(n: u32, lane: u32, lanes: u32, t0: u32, tc: u32) -> Sums {
-    let nb = pu(1u) / 32u;
-    let words = select(8u, 4u, FORM == 4u);
-    let per = 32u / words;
+    let nb = pu(1u) / BLOCK;
+    let per = select(4u, 8u, FORM == 4u);
+    let words = BLOCK / per;
     let bits = 32u / per;
     let mask = (1u << bits) - 1u;
     let o = x_rows(t0, tc);
@@ -33,7 +33,7 @@ fn block_sums(n: u32, lane: u32, lanes: u32, t0: u32, tc: u32) -> Sums {
         let z = Z[g];
         for (var wi = 0u; wi < words; wi = wi + 1u) {
             let word = W[g * words + wi];
-            let k0 = blk * 32u + wi * per;
+            let k0 = blk * BLOCK + wi * per;
             for (var e = 0u; e < per; e = e + 1u) {
                 let k = k0 + e;
                 let w = (f32((word >> (bits * e)) & mask) - z) * s;
@@ -59,7 +59,7 @@ fn linear_sg(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
              @builtin(subgroup_invocation_id) lane: u32, @builtin(subgroup_size) sg: u32) {
     let n_rows = pu(0u);
     let t_n = pu(2u);
-    let pair = MODE == 2u;
+    let pair = MODE >= 2u;
     let fused = pair || NORM || MODE == 1u;
     let tpw = select(8u, 4u, fused);
     let t0 = wid.z * tpw;

@@ -1,7 +1,10 @@
 // The weight encodings every linear kernel reads (compiled before linear.wgsl and linear_embed.wgsl):
-// FORM 0 f32, 1 f16, 2 bf16, 3 int8 per row (S[n]), 4 4-bit blocks of 32, 5 8-bit blocks of 32
-// (value = (q - Z[blk]) * S[blk]); W holds the file's bytes as u32 words, one part's rows.
+// FORM 0 f32, 1 f16, 2 bf16, 3 int8 per row (S[n]), 4 4-bit blocks, 5 8-bit blocks of BLOCK elements
+// (value = (q - Z[blk]) * S[blk]; GGUF's Q6_K halves are 8-bit blocks of 16); W holds the file's bytes
+// as u32 words, one part's rows (codes in element order: 8 nibbles or 4 bytes a word, low first).
 override FORM: u32 = 0u;
+// Elements a block of the block forms: a power of two from 16 that divides K.
+override BLOCK: u32 = 32u;
 
 @group(0) @binding(2) var<storage, read> W: array<u32>;
 @group(0) @binding(3) var<storage, read> S: array<f32>;
@@ -19,15 +22,13 @@ fn w_at(n: u32, k: u32, kk: u32) -> f32 {
             return f32(i32(byte << 24u) >> 24u) * S[n];
         }
         case 4u: {
-            let blk = e / 32u;
-            let j = k % 32u;
-            let q = (W[blk * 4u + j / 8u] >> (4u * (j % 8u))) & 15u;
+            let blk = e / BLOCK;
+            let q = (W[e / 8u] >> (4u * (e % 8u))) & 15u;
             return (f32(q) - Z[blk]) * S[blk];
         }
         default: {
-            let blk = e / 32u;
-            let j = k % 32u;
-            let q = (W[blk * 8u + j / 4u] >> (8u * (j % 4u))) & 255u;
+            let blk = e / BLOCK;
+            let q = (W[e / 4u] >> (8u * (e % 4u))) & 255u;
             return (f32(q) - Z[blk]) * S[blk];
         }
     }

@@ -150,7 +150,7 @@ pub(crate) fn plan_options_for(
     bounded(base, &ctx.device.limits(), variant(ctx) == Variant::Rows)
 }
 
-/// `base` within `limits`, for the rows variant or not (no norm or SiLU in its linear groups).
+/// `base` within `limits`, for the rows variant or not (no norm or gate in its linear groups).
 fn bounded(
     base: crate::plan::PlanOptions,
     limits: &wgpu::Limits,
@@ -162,7 +162,7 @@ fn bounded(
             .max_storage_buffer_binding_size
             .min(limits.max_buffer_size),
         norm: !rows,
-        silu: !rows,
+        gate: !rows,
         takes: linear::GpuLinear::supports,
     };
     let rope_binds = attention::Inputs::Rope { interleaved: false }.bindings();

@@ -343,8 +343,8 @@ impl GpuPlan {
             }
         };
         let mut at = Vec::new();
-        let (out, outs) = if let Some(so) = gr.silu_out {
-            (FusedOut::SiluPair, vec![(so, meta(g.n / 2), None)])
+        let (out, outs) = if let Some((act, so)) = gr.gate {
+            (FusedOut::GatePair(act), vec![(so, meta(g.n / 2), None)])
         } else if gr.members.len() == 1 {
             (FusedOut::One, vec![(gr.members[0].0, meta(g.n), None)])
         } else {

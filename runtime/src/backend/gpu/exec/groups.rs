@@ -1,8 +1,8 @@
 //! Linear groups bound to the GPU: the plan's [`LinearGroup`] steps, their members' weights stacked and
-//! uploaded once, run as one dispatch with the norm and the SiLU gate the planner folded in.
+//! uploaded once, run as one dispatch with the norm and the gate the planner folded in.
 
 use super::*;
-use crate::plan::LinearGroup;
+use crate::plan::{GateAct, LinearGroup};
 
 /// A [`LinearGroup`] bound to the GPU: its stacked weights are the step's [`GpuLinear`].
 #[derive(Debug)]
@@ -15,8 +15,8 @@ pub(super) struct GpuGroup {
     pub(super) x: ValId,
     /// `(input, scale, epsilon)` of the folded norm.
     pub(super) norm: Option<(ValId, ValId, f32)>,
-    /// Output of the folded SiLU gate.
-    pub(super) silu_out: Option<ValId>,
+    /// The folded gate: its activation and output.
+    pub(super) gate: Option<(GateAct, ValId)>,
     /// [`GpuLinear::fused_kernels`]: one dispatch slot each; a step records the one for its token count.
     pub(super) kernels: Vec<Arc<Kernel>>,
     /// Element offsets of the members' outputs in the shared buffer (parts form; set by the dry run).
@@ -83,8 +83,8 @@ impl GpuPlan {
         let Ok(g) = GpuLinear::new(ctx, &name, &cat, bias.as_deref()) else {
             return Ok(None);
         };
-        let out = if gr.silu.is_some() {
-            FusedOut::SiluPair
+        let out = if let Some(gt) = &gr.gate {
+            FusedOut::GatePair(gt.act)
         } else if members.len() > 1 {
             FusedOut::Parts(members.iter().map(|m| (m.1, 0)).collect())
         } else {
@@ -98,7 +98,7 @@ impl GpuPlan {
             members,
             x: gr.x,
             norm: gr.norm.as_ref().map(|n| (n.x, n.scale, n.epsilon)),
-            silu_out: gr.silu.as_ref().map(|sg| sg.out),
+            gate: gr.gate.as_ref().map(|gt| (gt.act, gt.out)),
             kernels,
             bases: Mutex::new(Vec::new()),
         };
