@@ -84,13 +84,15 @@ def test_tiny_plan(name):
             "group_norms": 2 * layers + 1, "group_gates": layers}
     # Each attention reads its projections (rotaries and transposes taken in) where its rotary is the
     # transposed one the exporter writes: not after Qwen3's and Gemma 3's per-head q/k norms, nor in
-    # SmolLM3's layers without rotary (its config's `no_rope_layers` zeros).
+    # SmolLM3's layers without rotary (its config's `no_rope_layers` zeros). Those norms go into the
+    # rotary's step instead, which reads the projection token-major (a transposed rotary for q and k).
     cfg = json.load(open(os.path.join(tiny_checks.FIXTURES, name, "config.json")))
     want["attention_inputs"] = sum(cfg.get("no_rope_layers", [1] * layers))
     if name in ("qwen3", "gemma3"):
-        want["attention_inputs"] = 0
+        want.update(attention_inputs=0, transpose_rope=2 * layers)
     if name.startswith("gemma"):
-        # Gemma's residual adds follow a norm (no linear epilogue) and its gate is GELU-tanh.
-        want.update(silu_gate=0, gelu_gate=layers, residual=0, group_gates=0)
+        # Gemma's residual adds follow a norm (no linear epilogue); its gate is GELU-tanh, in the
+        # gate/up group as SiLU is.
+        want.update(silu_gate=0, gelu_gate=layers, residual=0)
     assert {k: plan[k] for k in want} == want, f"{name}: {plan}"
     print(f"\n[tiny] {name} plan: {plan}")

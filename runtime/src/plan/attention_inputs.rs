@@ -52,6 +52,7 @@ fn unrope(
         return None;
     };
     (r.out == v
+        && r.norm.is_none()
         && readers[v] == [user]
         && p.private(v)
         && n.attr_int("rotary_embedding_dim", 0) == 0

@@ -391,8 +391,22 @@ pub struct Rope {
     pub x: ValId,
     /// The rotary's other inputs as the node lists them: cos table, sin table, position ids.
     pub rest: Vec<Option<ValId>>,
+    /// The RMS norm of each head between the transpose and the rotary (QK-norm: qwen3, gemma3).
+    pub norm: Option<HeadNorm>,
     /// Output `[1, H, T, D]`.
     pub out: ValId,
+}
+
+/// An `RMSNormalization` over the last axis (each head's `D` values) with a constant f32 scale, done
+/// by the step that reads it (`plan/rope.rs`).
+#[derive(Debug, Clone, Copy)]
+pub struct HeadNorm {
+    /// Index of the `RMSNormalization` node.
+    pub node: usize,
+    /// Its scale `[D]` (a constant).
+    pub scale: ValId,
+    /// Its epsilon.
+    pub epsilon: f32,
 }
 
 /// `half = Cast(x, f16)` (a cache output) and `out = Cast(half, f32)` (its only reader) as one step
@@ -777,6 +791,7 @@ impl Step {
             Step::TokenChoice(c) => vec![c.vals, c.idx, c.k, c.top_p, c.u],
             Step::Rope(r) => std::iter::once(r.x)
                 .chain(r.rest.iter().flatten().copied())
+                .chain(r.norm.map(|n| n.scale))
                 .collect(),
             Step::RoundTrip(r) => vec![r.x],
             Step::LinearGroup(g) => match &g.norm {

@@ -1,10 +1,14 @@
 //! Pass: the rotary reading its input token-major. `RotaryEmbedding(Transpose(x, perm=[0,2,1,3]),
 //! ...)` whose transposed value nothing else reads becomes one [`Step::Rope`]: the projection
-//! `[1, T, H, D]` in, the rotated heads `[1, H, T, D]` out, without the transposed copy between.
+//! `[1, T, H, D]` in, the rotated heads `[1, H, T, D]` out, without the transposed copy between. An
+//! RMS norm of each head between them (QK-norm: `RotaryEmbedding(RMSNormalization(Transpose(x),
+//! scale))`, axis −1, a constant scale) goes into the step too ([`HeadNorm`]): it reads one head's
+//! `D` values either side of the transpose.
 
 use super::view::Planning;
-use super::{Rope, Step};
+use super::{HeadNorm, Rope, Step, ValId};
 use crate::error::Result;
+use crate::graph::DType;
 
 /// Binds node `ni` (a `RotaryEmbedding`) and the `Transpose` before it to one step; whether it did.
 pub(super) fn rope(p: &mut Planning, ni: usize) -> Result<bool> {
@@ -12,9 +16,14 @@ pub(super) fn rope(p: &mut Planning, ni: usize) -> Result<bool> {
     if !p.options.transpose_rope || n.op != "RotaryEmbedding" || !n.domain.is_empty() {
         return Ok(false);
     }
-    let Some(Some(t)) = p.node_in[ni].first().copied() else {
+    let Some(Some(r_in)) = p.node_in[ni].first().copied() else {
         return Ok(false);
     };
+    let (norm, t) = match head_norm(p, r_in, ni) {
+        Some((norm, t)) => (Some(norm), t),
+        None => (None, r_in),
+    };
+    let consumer = norm.map_or(ni, |n| n.node);
     let Some(ti) = p.producer[t] else {
         return Ok(false);
     };
@@ -24,20 +33,53 @@ pub(super) fn rope(p: &mut Planning, ni: usize) -> Result<bool> {
         && tn.attr_ints("perm") == Some(&[0, 2, 1, 3][..])
         && p.kind[ti].is_none()
         && !p.absorbed[ti]
-        && p.only_consumer(t, ni);
+        && p.only_consumer(t, consumer);
     let Some(Some(x)) = p.node_in[ti].first().copied().filter(|_| transposes) else {
         return Ok(false);
     };
     p.absorbed[ti] = true;
+    if let Some(n) = norm {
+        p.absorbed[n.node] = true;
+    }
     p.kind[ni] = Some(Step::Rope(Rope {
         transpose: ti,
         node: ni,
         x,
         rest: p.node_in[ni][1..].to_vec(),
+        norm,
         out: p.node_out[ni][0],
     }));
     p.stats.transpose_rope += 1;
     Ok(true)
+}
+
+/// The head norm writing `v` (the rotary's input, read by node `user` only) and the norm's input:
+/// an `RMSNormalization` over the last axis with a constant rank-1 f32 scale, f32 statistics.
+fn head_norm(p: &Planning, v: ValId, user: usize) -> Option<(HeadNorm, ValId)> {
+    let ni = p.producer[v]?;
+    let n = &p.graph.nodes[ni];
+    let (&[Some(x), Some(scale)], true) = (&p.node_in[ni][..], p.kind[ni].is_none()) else {
+        return None;
+    };
+    let scale_ok = p.consts[scale]
+        .as_ref()
+        .is_some_and(|t| t.dtype == DType::F32 && t.rank() == 1);
+    (n.op == "RMSNormalization"
+        && (n.domain.is_empty() || n.domain == "ai.onnx")
+        && n.attr_int("axis", -1) == -1
+        && n.attr_int("stash_type", 1) == 1
+        && scale_ok
+        && !p.absorbed[ni]
+        && p.only_consumer(v, user))
+    .then(|| {
+        let epsilon = n.attr_float("epsilon", 1e-5);
+        let norm = HeadNorm {
+            node: ni,
+            scale,
+            epsilon,
+        };
+        (norm, x)
+    })
 }
 
 #[cfg(test)]
@@ -103,6 +145,46 @@ mod tests {
             assert_eq!(p.steps.len(), 1);
             assert!(matches!(&p.steps[0], Step::Rope(r) if r.x == p.inputs["x"]));
             assert_same(&g, &p, &inputs(), 0.0);
+        }
+    }
+
+    /// QK-norm: `RotaryEmbedding(RMSNormalization(Transpose(x), scale))` is one step with the norm in
+    /// it; a norm whose output another node reads is not taken (the transpose and rotary still are not:
+    /// the norm sits between them).
+    #[test]
+    fn a_head_norm_between_transpose_and_rotary_goes_into_the_step() {
+        for shared in [false, true] {
+            let mut g = rope_graph(0, false);
+            let d = 8;
+            g.nodes[1].inputs[0] = "xn".into();
+            g.nodes.insert(
+                1,
+                node(
+                    "RMSNormalization",
+                    &["xt", "scale"],
+                    &["xn"],
+                    &[("epsilon", Attr::Float(1e-6))],
+                ),
+            );
+            let w: Vec<f32> = (0..d).map(|i| 0.5 + i as f32 * 0.1).collect();
+            g.initializers.push(init("scale", DType::F32, &[d], &w));
+            if shared {
+                g.nodes.push(node("Neg", &["xn"], &["z"], &[]));
+                g.outputs.push(g.outputs[0].clone());
+                g.outputs.last_mut().unwrap().name = "z".into();
+            }
+            let p = Plan::new(g.clone()).unwrap();
+            assert_same(&g, &p, &inputs(), 0.0);
+            if shared {
+                assert_eq!(p.stats.transpose_rope, 0);
+                continue;
+            }
+            assert_eq!((p.stats.transpose_rope, p.steps.len()), (1, 1));
+            let Step::Rope(r) = &p.steps[0] else {
+                panic!("{:?}", p.steps);
+            };
+            let n = r.norm.expect("the norm in the step");
+            assert_eq!((p.names[n.scale].as_str(), n.epsilon), ("scale", 1e-6));
         }
     }
 

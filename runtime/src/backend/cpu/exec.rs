@@ -395,7 +395,11 @@ fn members_at_once(
 fn rope_step(plan: &Plan, r: &Rope, env: &mut [Option<Tensor>]) -> Result<()> {
     let nodes = &plan.graph.nodes;
     let x = val(plan, env, r.x)?;
-    let t = ops::run_node(&nodes[r.transpose], &[Some(&x)])?;
+    let mut t = ops::run_node(&nodes[r.transpose], &[Some(&x)])?;
+    if let Some(n) = &r.norm {
+        let scale = val(plan, env, n.scale)?;
+        t = ops::run_node(&nodes[n.node], &[t.first(), Some(&scale)])?;
+    }
     let rest: Vec<Option<Tensor>> = r
         .rest
         .iter()

@@ -304,7 +304,7 @@ fn rope_tables(rows: usize, d: usize) -> Vec<Initializer> {
 }
 
 /// `RotaryEmbedding` on `[1, H, T, D]` (both pairings), and the planner's `Transpose` → rotary
-/// (`Step::Rope`) on `[1, T, H, D]`.
+/// (`Step::Rope`) on `[1, T, H, D]`, with and without a head norm between (QK-norm).
 fn rope_cases() -> Vec<Case> {
     let mut v = Vec::new();
     for (h, t, d) in [(4usize, 3usize, 16usize), (2, 1, 64), (3, 7, 8)] {
@@ -352,6 +352,37 @@ fn rope_cases() -> Vec<Case> {
                 rope_tables(64, d),
             ),
             inputs: vec![("x", f32_in(&[1, t, h, d], 23)), ("pos", pos_t())],
+            tol: 1e-5,
+            gpu: OnGpu::All,
+        });
+        let mut tables = rope_tables(64, d);
+        tables.push(init("scale", DType::F32, &[d], &noise(d, 29)));
+        v.push(Case {
+            name: format!("Transpose → head RMS norm → RotaryEmbedding [1, {t}, {h}, {d}]"),
+            graph: graph(
+                &[
+                    ("x", DType::F32, &[1, t, h, d]),
+                    ("pos", DType::I64, &[1, t]),
+                ],
+                &["y"],
+                vec![
+                    node(
+                        "Transpose",
+                        &["x"],
+                        &["xt"],
+                        &[("perm", Attr::Ints(vec![0, 2, 1, 3]))],
+                    ),
+                    node(
+                        "RMSNormalization",
+                        &["xt", "scale"],
+                        &["xn"],
+                        &[("epsilon", Attr::Float(1e-6))],
+                    ),
+                    node("RotaryEmbedding", &["xn", "cos", "sin", "pos"], &["y"], &[]),
+                ],
+                tables,
+            ),
+            inputs: vec![("x", f32_in(&[1, t, h, d], 31)), ("pos", pos_t())],
             tol: 1e-5,
             gpu: OnGpu::All,
         });

@@ -1,5 +1,7 @@
 //! RotaryEmbedding (`rope.wgsl`): one thread an element, positions read as i64 (low words), optionally
-//! reading a `[1, T, H, D]` input so the graph's preceding transpose costs no dispatch.
+//! reading a `[1, T, H, D]` input so the graph's preceding transpose costs no dispatch, and optionally
+//! RMS-normalizing each head first (QK-norm, [`HeadNorm`](crate::plan::HeadNorm)) so neither does the
+//! norm.
 
 use std::sync::Arc;
 
@@ -10,15 +12,32 @@ use crate::error::Result;
 /// The WGSL of this family.
 pub const SOURCE: &str = include_str!("rope.wgsl");
 
-/// The kernel: bindings X, COS, SIN, POS (i64), O.
-pub fn kernel(ctx: &GpuContext) -> Result<Arc<Kernel>> {
+/// The kernel, each head RMS-normalized first when `norm`: bindings X, COS, SIN, POS (i64), NW (the
+/// norm's scale `[D]`; a dummy without), O.
+pub fn kernel(ctx: &GpuContext, norm: bool) -> Result<Arc<Kernel>> {
     ctx.pipeline(
         "rope",
         SOURCE,
         "rope",
-        &[Bind::Read, Bind::Read, Bind::Read, Bind::Read, Bind::Write],
-        &[],
+        &[
+            Bind::Read,
+            Bind::Read,
+            Bind::Read,
+            Bind::Read,
+            Bind::Read,
+            Bind::Write,
+        ],
+        &[("NORM", f64::from(u8::from(norm)))],
     )
+}
+
+/// Where a rotary's input lies and what is done to it before the rotation.
+#[derive(Debug, Clone, Copy)]
+pub struct RopeIn {
+    /// Read from `[1, T, H, D]` (the graph's transpose absorbed) rather than `[1, H, T, D]`.
+    pub tokens_first: bool,
+    /// The epsilon of the head norm done first, if any.
+    pub norm_eps: Option<f32>,
 }
 
 /// Parameters: `h` heads, `t` tokens, head size `d`, rotated prefix `rot`.
@@ -28,7 +47,7 @@ pub fn params(
     d: usize,
     rot: usize,
     interleaved: bool,
-    tokens_first: bool,
+    input: RopeIn,
 ) -> Params {
     Params::new()
         .u(h)
@@ -36,8 +55,9 @@ pub fn params(
         .u(d)
         .u(rot)
         .u(interleaved as usize)
-        .u(tokens_first as usize)
+        .u(input.tokens_first as usize)
         .u(h * t * d)
+        .f(input.norm_eps.unwrap_or(0.0))
 }
 
 #[cfg(test)]
@@ -47,23 +67,50 @@ mod tests {
     use super::*;
     use crate::backend::cpu::rope::{reference, RopeShape};
 
+    /// Each head of `x` (`[.., D]` rows) RMS-normalized with scale `w` (f64 sums).
+    fn head_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+        let d = w.len();
+        x.chunks(d)
+            .flat_map(|r| {
+                let ms = r.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / d as f64;
+                let inv = 1.0 / (ms + eps as f64).sqrt();
+                r.iter()
+                    .zip(w)
+                    .map(move |(v, s)| (*v as f64 * inv) as f32 * s)
+            })
+            .collect()
+    }
+
+    /// Every shape and layout, with and without the head norm first (QK-norm: the CPU reference
+    /// normalizes, then rotates).
     #[test]
     fn rope_matches_cpu_reference() {
         let Some(ctx) = ctx() else { return };
-        let k = kernel(&ctx).unwrap();
-        for (h, t, d, rot, inter, tf) in [
+        let cases = [
             (9, 1, 64, 64, false, false),
             (3, 5, 64, 64, true, false),
             (4, 7, 32, 16, false, true),
             (2, 3, 128, 64, true, true),
-        ] {
+            (4, 6, 256, 256, false, true),
+        ];
+        for ((h, t, d, rot, inter, tf), norm) in
+            cases.into_iter().flat_map(|c| [(c, false), (c, true)])
+        {
+            let k = kernel(&ctx, norm).unwrap();
+            let eps = 1e-6;
             let max_pos = 50;
             let cos = noise(max_pos * rot / 2, 1);
             let sin = noise(max_pos * rot / 2, 2);
             let pos: Vec<i64> = (0..t as i64)
                 .map(|i| (i * 7 + 3) % max_pos as i64)
                 .collect();
-            let x = noise(h * t * d, 3);
+            let x: Vec<f32> = noise(h * t * d, 3).iter().map(|v| 4.0 * v).collect();
+            let nw: Vec<f32> = noise(d, 4).iter().map(|v| 1.0 + v).collect();
+            let xin = if norm {
+                head_norm(&x, &nw, eps)
+            } else {
+                x.clone()
+            };
             let shape = RopeShape {
                 heads: h,
                 tokens: t,
@@ -73,7 +120,7 @@ mod tests {
                 interleaved: inter,
             };
             let mut want = vec![0.0; x.len()];
-            reference(&x, &shape, &cos, &sin, &pos, &mut want).unwrap();
+            reference(&xin, &shape, &cos, &sin, &pos, &mut want).unwrap();
             if tf {
                 // The GPU writes [H, T, D]; the reference kept [T, H, D].
                 let mut hf = vec![0.0; x.len()];
@@ -89,19 +136,32 @@ mod tests {
             let got = run_kernel_once(
                 &ctx,
                 &k,
-                &params(h, t, d, rot, inter, tf),
+                &params(
+                    h,
+                    t,
+                    d,
+                    rot,
+                    inter,
+                    RopeIn {
+                        tokens_first: tf,
+                        norm_eps: norm.then_some(eps),
+                    },
+                ),
                 &[
                     bytemuck::cast_slice(&x),
                     bytemuck::cast_slice(&cos),
                     bytemuck::cast_slice(&sin),
                     bytemuck::cast_slice(&pos),
+                    bytemuck::cast_slice(&nw),
                 ],
                 n * 4,
                 grid(n, 256, ctx.max_groups),
             )
             .unwrap();
             let e = max_rel(bytemuck::cast_slice(&got), &want);
-            assert!(e < 1e-6, "{h} {t} {d} {rot} {inter} {tf}: {e}");
+            // The norm: inverseSqrt and f32 sums against f64.
+            let tol = if norm { 1e-5 } else { 1e-6 };
+            assert!(e < tol, "{h} {t} {d} {rot} {inter} {tf} norm {norm}: {e}");
         }
     }
 }

@@ -17,7 +17,7 @@ impl GpuPlan {
             Step::Gate(_) => self.gate_desc(s, e),
             Step::Rope(r) => {
                 let n = &e.plan.graph.nodes[r.node];
-                self.rope_desc(n, r.x, true, &r.rest, r.out, e)
+                self.rope_desc(n, r.x, (true, r.norm.as_ref()), &r.rest, r.out, e)
             }
             Step::RoundTrip(r) => self.round_trip_desc(r, e),
             Step::CacheAttention { .. } => self.attention_desc(s, e),

@@ -4,6 +4,7 @@
 
 use super::*;
 use crate::graph::Node;
+use crate::plan::HeadNorm;
 
 /// A generic node as its description functions see it.
 #[derive(Clone, Copy)]
@@ -451,17 +452,17 @@ impl GpuPlan {
         let (Some(x), Some(rest)) = (a.inputs.first().copied().flatten(), a.inputs.get(1..)) else {
             return Ok(None);
         };
-        self.rope_desc(a.n, x, false, rest, a.outputs[0], a.e)
+        self.rope_desc(a.n, x, (false, None), rest, a.outputs[0], a.e)
     }
 
     /// The rotary of node `n` over `x` (`[1, H, T, D]`, or `[1, T, H, D]` read as that when
-    /// `transposed`: the plan's [`Rope`](crate::plan::Rope)); `rest`: cos, sin, positions.
-    #[allow(clippy::too_many_arguments)]
+    /// `transposed`: the plan's [`Rope`](crate::plan::Rope), each head normalized first by its `norm`);
+    /// `rest`: cos, sin, positions.
     pub(super) fn rope_desc(
         &self,
         n: &Node,
         x: ValId,
-        transposed: bool,
+        (transposed, norm): (bool, Option<&HeadNorm>),
         rest: &[Option<ValId>],
         out: ValId,
         e: &Env,
@@ -502,23 +503,36 @@ impl GpuPlan {
         if rot % 2 != 0 || rot > d || ct.shape[1] != rot / 2 || pt.numel() != t {
             return Ok(None);
         }
+        // The head norm's scale: f32 `[D]` (the planner checked f32 and rank 1).
+        if let Some(nm) = norm {
+            if plan.consts[nm.scale].as_ref().map(|s| s.numel()) != Some(d) {
+                return Ok(None);
+            }
+        }
         e.stage.check(|| check_positions(n, pt, ct.shape[0]))?;
         let nn = h * t * d;
         let (gx, gy) = grid(nn, 256, ctx.max_groups);
+        let mut reads = vec![x, c, sn, pv];
+        reads.extend(norm.map(|nm| nm.scale));
+        let input = rope::RopeIn {
+            tokens_first: transposed,
+            norm_eps: norm.map(|nm| nm.epsilon),
+        };
         Ok(Some(Desc {
             at: Vec::new(),
             outs: vec![(out, xm, None)],
-            reads: vec![x, c, sn, pv],
+            reads,
             disp: vec![Disp {
-                kernel: e.stage.kernel(&|| rope::kernel(ctx))?,
+                kernel: e.stage.kernel(&|| rope::kernel(ctx, norm.is_some()))?,
                 binds: vec![
                     BufRef::Val(x),
                     BufRef::Val(c),
                     BufRef::Val(sn),
                     BufRef::Val(pv),
+                    norm.map_or(BufRef::Dummy, |nm| BufRef::Val(nm.scale)),
                     BufRef::Val(out),
                 ],
-                params: rope::params(h, t, d, rot, n.attr_int("interleaved", 0) != 0, transposed),
+                params: rope::params(h, t, d, rot, n.attr_int("interleaved", 0) != 0, input),
                 groups: (gx, gy, 1),
             }],
         }))
