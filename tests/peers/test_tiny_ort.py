@@ -81,7 +81,7 @@ def test_tiny_plan(name):
     # output layer is a group of one after the final norm.
     want = {"cache_attention": layers, "silu_gate": layers, "linear": 7 * layers + 1, "embedding": 1,
             "token_choice": 1, "residual": 2 * layers, "linear_groups": 2 * layers + 1,
-            "group_norms": 2 * layers + 1, "group_gates": layers}
+            "group_norms": 2 * layers + 1, "group_gates": layers, "norm_residual": 0}
     # Each attention reads its projections (rotaries and transposes taken in) where its rotary is the
     # transposed one the exporter writes: not after Qwen3's and Gemma 3's per-head q/k norms, nor in
     # SmolLM3's layers without rotary (its config's `no_rope_layers` zeros). Those norms go into the
@@ -91,8 +91,8 @@ def test_tiny_plan(name):
     if name in ("qwen3", "gemma3"):
         want.update(attention_inputs=0, transpose_rope=2 * layers)
     if name.startswith("gemma"):
-        # Gemma's residual adds follow a norm (no linear epilogue); its gate is GELU-tanh, in the
-        # gate/up group as SiLU is.
-        want.update(silu_gate=0, gelu_gate=layers, residual=0)
+        # Gemma's residual adds follow a norm: the norm's step adds them (no linear epilogue); its gate
+        # is GELU-tanh, in the gate/up group as SiLU is.
+        want.update(silu_gate=0, gelu_gate=layers, residual=0, norm_residual=2 * layers)
     assert {k: plan[k] for k in want} == want, f"{name}: {plan}"
     print(f"\n[tiny] {name} plan: {plan}")

@@ -35,6 +35,7 @@ mod gate;
 mod group;
 mod linear;
 mod liveness;
+mod norm_residual;
 mod residual;
 mod rope;
 mod round;
@@ -317,6 +318,8 @@ pub enum Step {
     Rope(Rope),
     /// The new cache rows' `Cast` to f16 and back as one step (see [`RoundTrip`]).
     RoundTrip(RoundTrip),
+    /// An RMS norm and the residual `Add` after it (see [`NormResidual`]).
+    NormResidual(NormResidual),
     /// Attention over a caller-owned static cache plus this chunk's rows.
     CacheAttention {
         /// Index of the `Attention` node.
@@ -392,21 +395,36 @@ pub struct Rope {
     /// The rotary's other inputs as the node lists them: cos table, sin table, position ids.
     pub rest: Vec<Option<ValId>>,
     /// The RMS norm of each head between the transpose and the rotary (QK-norm: qwen3, gemma3).
-    pub norm: Option<HeadNorm>,
+    pub norm: Option<FoldedNorm>,
     /// Output `[1, H, T, D]`.
     pub out: ValId,
 }
 
-/// An `RMSNormalization` over the last axis (each head's `D` values) with a constant f32 scale, done
-/// by the step that reads it (`plan/rope.rs`).
+/// An `RMSNormalization` over the last axis with a constant rank-1 f32 scale and f32 statistics, done
+/// by the step that reads it (a rotary's per-head norm, `plan/rope.rs`; a residual's norm,
+/// `plan/norm_residual.rs`).
 #[derive(Debug, Clone, Copy)]
-pub struct HeadNorm {
+pub struct FoldedNorm {
     /// Index of the `RMSNormalization` node.
     pub node: usize,
     /// Its scale `[D]` (a constant).
     pub scale: ValId,
     /// Its epsilon.
     pub epsilon: f32,
+}
+
+/// `Add(other, RMSNormalization(x))` as one step (`plan/norm_residual.rs`; Gemma's norms after the
+/// attention and the MLP): `out = norm(x)·scale + other`.
+#[derive(Debug, Clone, Copy)]
+pub struct NormResidual {
+    /// The norm.
+    pub norm: FoldedNorm,
+    /// The norm's input.
+    pub x: ValId,
+    /// The `Add` and its other operand (`linear_first`: the norm's output is its first operand).
+    pub residual: Residual,
+    /// The `Add`'s output.
+    pub out: ValId,
 }
 
 /// `half = Cast(x, f16)` (a cache output) and `out = Cast(half, f32)` (its only reader) as one step
@@ -665,8 +683,10 @@ pub struct PlanStats {
     pub linear_groups: usize,
     /// Norms folded into the linear group after them.
     pub group_norms: usize,
-    /// SiLU gates folded into the linear pair before them.
+    /// Gates (SiLU or GELU-tanh) folded into the linear pair before them.
     pub group_gates: usize,
+    /// Residual `Add`s done by the RMS norm before them.
+    pub norm_residual: usize,
     /// Cache attentions reading their projections (rotaries, transposes and round trips taken in).
     pub attention_inputs: usize,
     /// Nodes folded into constants.
@@ -689,6 +709,7 @@ const NODE_PASSES: &[NodePass] = &[
     linear::layer,
     linear::bias,
     residual::residual,
+    norm_residual::norm_residual,
     gate::gate,
     attention::cache_attention,
     rope::rope,
@@ -787,6 +808,7 @@ impl Step {
                 r
             }
             Step::Gate(sg) => vec![sg.g, sg.u],
+            Step::NormResidual(nr) => vec![nr.x, nr.norm.scale, nr.residual.other],
             Step::Embedding(e) => vec![e.ids],
             Step::TokenChoice(c) => vec![c.vals, c.idx, c.k, c.top_p, c.u],
             Step::Rope(r) => std::iter::once(r.x)
@@ -827,6 +849,7 @@ impl Step {
             Step::Linear { out, .. }
             | Step::Rope(Rope { out, .. })
             | Step::Gate(Gate { out, .. })
+            | Step::NormResidual(NormResidual { out, .. })
             | Step::Embedding(Embedding { out, .. })
             | Step::TokenChoice(TokenChoice { out, .. }) => vec![*out],
             Step::CacheAttention { out, inputs, .. } => {
@@ -846,6 +869,7 @@ impl Step {
                 act: GateAct::Silu, ..
             }) => "[silu gate]",
             Step::Gate(_) => "[gelu gate]",
+            Step::NormResidual(_) => "[norm + residual]",
             Step::Embedding(_) => "[embedding]",
             Step::TokenChoice(_) => "[token choice]",
             Step::Rope(_) => "[transposed rotary]",

@@ -2,11 +2,11 @@
 //! ...)` whose transposed value nothing else reads becomes one [`Step::Rope`]: the projection
 //! `[1, T, H, D]` in, the rotated heads `[1, H, T, D]` out, without the transposed copy between. An
 //! RMS norm of each head between them (QK-norm: `RotaryEmbedding(RMSNormalization(Transpose(x),
-//! scale))`, axis −1, a constant scale) goes into the step too ([`HeadNorm`]): it reads one head's
+//! scale))`, axis −1, a constant scale) goes into the step too ([`FoldedNorm`]): it reads one head's
 //! `D` values either side of the transpose.
 
 use super::view::Planning;
-use super::{HeadNorm, Rope, Step, ValId};
+use super::{FoldedNorm, Rope, Step, ValId};
 use crate::error::Result;
 use crate::graph::DType;
 
@@ -55,7 +55,7 @@ pub(super) fn rope(p: &mut Planning, ni: usize) -> Result<bool> {
 
 /// The head norm writing `v` (the rotary's input, read by node `user` only) and the norm's input:
 /// an `RMSNormalization` over the last axis with a constant rank-1 f32 scale, f32 statistics.
-fn head_norm(p: &Planning, v: ValId, user: usize) -> Option<(HeadNorm, ValId)> {
+fn head_norm(p: &Planning, v: ValId, user: usize) -> Option<(FoldedNorm, ValId)> {
     let ni = p.producer[v]?;
     let n = &p.graph.nodes[ni];
     let (&[Some(x), Some(scale)], true) = (&p.node_in[ni][..], p.kind[ni].is_none()) else {
@@ -73,7 +73,7 @@ fn head_norm(p: &Planning, v: ValId, user: usize) -> Option<(HeadNorm, ValId)> {
         && p.only_consumer(v, user))
     .then(|| {
         let epsilon = n.attr_float("epsilon", 1e-5);
-        let norm = HeadNorm {
+        let norm = FoldedNorm {
             node: ni,
             scale,
             epsilon,

@@ -17,7 +17,9 @@ use crate::contract;
 use crate::error::{Error, Result};
 use crate::graph::{Attr, DType};
 use crate::kv::{KvOptions, KvStats, PagedCache};
-use crate::plan::{Gate, GateAct, LinearGroup, Plan, Residual, Rope, RoundTrip, Step, ValId};
+use crate::plan::{
+    Gate, GateAct, LinearGroup, NormResidual, Plan, Residual, Rope, RoundTrip, Step, ValId,
+};
 use crate::tensor::Tensor;
 
 /// The output slot of the linear layer whose result becomes the graph's `logits` through view ops
@@ -122,6 +124,7 @@ pub(crate) fn exec_step(
         Step::Gate(sg) => gate_step(plan, sg, env),
         Step::LinearGroup(g) => group_step(plan, g, env, run),
         Step::Rope(r) => rope_step(plan, r, env),
+        Step::NormResidual(nr) => norm_residual_step(plan, nr, env),
         Step::RoundTrip(r) => round_trip_step(plan, r, env),
         Step::CacheAttention {
             inputs: Some(a), ..
@@ -409,6 +412,20 @@ fn rope_step(plan: &Plan, r: &Rope, env: &mut [Option<Tensor>]) -> Result<()> {
         .chain(rest.iter().map(Option::as_ref))
         .collect();
     env[r.out] = ops::run_node(&nodes[r.node], &args)?.into_iter().next();
+    Ok(())
+}
+
+/// An RMS norm and the residual `Add` after it: the norm's op, then the add (in place where the shapes
+/// agree, else the `Add`'s op).
+fn norm_residual_step(plan: &Plan, nr: &NormResidual, env: &mut [Option<Tensor>]) -> Result<()> {
+    let (x, scale) = (val(plan, env, nr.x)?, val(plan, env, nr.norm.scale)?);
+    let node = &plan.graph.nodes[nr.norm.node];
+    let y = ops::run_node(node, &[Some(&x), Some(&scale)])?
+        .into_iter()
+        .next()
+        .ok_or_else(|| Error::node(&node.name, &node.op, "no output"))?;
+    let other = val(plan, env, nr.residual.other)?;
+    env[nr.out] = Some(add_residual(plan, y, &other, &nr.residual)?);
     Ok(())
 }
 

@@ -427,7 +427,8 @@ fn gemm(x: &str, w: &str, y: &str) -> Node {
 /// The planner's linear steps over f32 weights (the kernels' other encodings are checked per variant
 /// in `linear.rs`): a layer with its bias and its residual `Add` in the epilogue; q/k/v under their
 /// RMS norm (`Step::LinearGroup`); gate/up with the SiLU or the GELU-tanh gate (a group, or under the
-/// rows variant the layers and `Step::Gate`); the GELU gate on its own.
+/// rows variant the layers and `Step::Gate`); a norm with the residual after it; the GELU gate on its
+/// own.
 fn linear_cases() -> Vec<Case> {
     let mut v = Vec::new();
     for (t, k, n) in [(1usize, 64usize, 24usize), (5, 96, 40)] {
@@ -520,6 +521,26 @@ fn linear_cases() -> Vec<Case> {
                 gpu: OnGpu::All,
             });
         }
+        v.push(Case {
+            name: format!("RMS norm → residual Add (Step::NormResidual) [{t}, {k}]"),
+            graph: graph(
+                &[("x", DType::F32, &[t, k]), ("h", DType::F32, &[t, k])],
+                &["y"],
+                vec![
+                    node(
+                        "RMSNormalization",
+                        &["x", "scale"],
+                        &["xn"],
+                        &[("epsilon", Attr::Float(1e-6))],
+                    ),
+                    node("Add", &["h", "xn"], &["y"], &[]),
+                ],
+                vec![init("scale", DType::F32, &[k], &noise(k, 97))],
+            ),
+            inputs: vec![("x", f32_in(&[t, k], 101)), ("h", f32_in(&[t, k], 103))],
+            tol: 1e-5,
+            gpu: OnGpu::All,
+        });
         v.push(Case {
             name: format!("GELU gate [{t}, {n}]"),
             graph: graph(

@@ -1,4 +1,5 @@
-//! RMSNormalization (`norm.wgsl`): one workgroup a row, f32 accumulation.
+//! RMSNormalization (`norm.wgsl`): one workgroup a row, f32 accumulation; optionally with the residual
+//! `Add` after it in the epilogue ([`NormResidual`](crate::plan::NormResidual)).
 
 use std::sync::Arc;
 
@@ -9,14 +10,15 @@ use crate::error::Result;
 /// The WGSL of this family.
 pub const SOURCE: &str = include_str!("norm.wgsl");
 
-/// The RMS-norm kernel: bindings X, W (scale), O.
-pub fn kernel(ctx: &GpuContext) -> Result<Arc<Kernel>> {
+/// The RMS-norm kernel, adding RES to its output when `residual`: bindings X, W (scale), RES (a dummy
+/// without), O.
+pub fn kernel(ctx: &GpuContext, residual: bool) -> Result<Arc<Kernel>> {
     ctx.pipeline(
         "norm",
         SOURCE,
         "rms_norm",
-        &[Bind::Read, Bind::Read, Bind::Write],
-        &[],
+        &[Bind::Read, Bind::Read, Bind::Read, Bind::Write],
+        &[("RESIDUAL", f64::from(u8::from(residual)))],
     )
 }
 
@@ -31,26 +33,37 @@ mod tests {
     use super::super::{exec::run_kernel_once, grid};
     use super::*;
 
+    /// Every shape, with and without the residual added (the reference's norm plus `res`).
     #[test]
     fn rms_norm_matches_cpu_reference() {
         let Some(ctx) = ctx() else { return };
-        let k = kernel(&ctx).unwrap();
-        for (rows, h) in [(1, 576), (7, 64), (3, 1000), (64, 576), (2, 3)] {
-            let x: Vec<f32> = noise(rows * h, h as u64).iter().map(|v| v * 3.0).collect();
-            let w = noise(h, 7);
-            let got = run_kernel_once(
-                &ctx,
-                &k,
-                &params(rows, h, 1e-5),
-                &[bytemuck::cast_slice(&x), bytemuck::cast_slice(&w)],
-                rows * h * 4,
-                grid(rows, 1, ctx.max_groups),
-            )
-            .unwrap();
-            let mut want = vec![0.0; rows * h];
-            crate::backend::cpu::norm::reference(&x, &w, 1e-5, &mut want).unwrap();
-            let e = max_rel(bytemuck::cast_slice(&got), &want);
-            assert!(e < 2e-6, "rows {rows} h {h}: {e}");
+        for residual in [false, true] {
+            let k = kernel(&ctx, residual).unwrap();
+            for (rows, h) in [(1, 576), (7, 64), (3, 1000), (64, 576), (2, 3), (5, 640)] {
+                let x: Vec<f32> = noise(rows * h, h as u64).iter().map(|v| v * 3.0).collect();
+                let w = noise(h, 7);
+                let res = noise(rows * h, 9);
+                let got = run_kernel_once(
+                    &ctx,
+                    &k,
+                    &params(rows, h, 1e-5),
+                    &[
+                        bytemuck::cast_slice(&x),
+                        bytemuck::cast_slice(&w),
+                        bytemuck::cast_slice(&res),
+                    ],
+                    rows * h * 4,
+                    grid(rows, 1, ctx.max_groups),
+                )
+                .unwrap();
+                let mut want = vec![0.0; rows * h];
+                crate::backend::cpu::norm::reference(&x, &w, 1e-5, &mut want).unwrap();
+                if residual {
+                    want.iter_mut().zip(&res).for_each(|(w, r)| *w += r);
+                }
+                let e = max_rel(bytemuck::cast_slice(&got), &want);
+                assert!(e < 2e-6, "rows {rows} h {h} residual {residual}: {e}");
+            }
         }
     }
 }

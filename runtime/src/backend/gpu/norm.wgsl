@@ -1,8 +1,12 @@
-// RMSNormalization over the last axis: one workgroup (256 threads) a row.
+// RMSNormalization over the last axis: one workgroup (256 threads) a row; with RESIDUAL, the residual
+// Add after it in the epilogue (O = RES + norm(X), RES of X's shape).
 // P[0]=rows P[1]=H P[2]=eps (f32 bits).
+override RESIDUAL: bool = false;
+
 @group(0) @binding(1) var<storage, read> X: array<f32>;
 @group(0) @binding(2) var<storage, read> W: array<f32>;
-@group(0) @binding(3) var<storage, read_write> O: array<f32>;
+@group(0) @binding(3) var<storage, read> RES: array<f32>;
+@group(0) @binding(4) var<storage, read_write> O: array<f32>;
 var<workgroup> red: array<f32, 256>;
 
 @compute @workgroup_size(256)
@@ -27,6 +31,7 @@ fn rms_norm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
     if (!live) { return; }
     let inv = inverseSqrt(red[0] / f32(h) + pf(2u));
     for (var i = lid; i < h; i = i + 256u) {
-        O[row * h + i] = X[row * h + i] * inv * W[i];
+        let v = X[row * h + i] * inv * W[i];
+        if (RESIDUAL) { O[row * h + i] = RES[row * h + i] + v; } else { O[row * h + i] = v; }
     }
 }

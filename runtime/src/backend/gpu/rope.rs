@@ -1,6 +1,6 @@
 //! RotaryEmbedding (`rope.wgsl`): one thread an element, positions read as i64 (low words), optionally
 //! reading a `[1, T, H, D]` input so the graph's preceding transpose costs no dispatch, and optionally
-//! RMS-normalizing each head first (QK-norm, [`HeadNorm`](crate::plan::HeadNorm)) so neither does the
+//! RMS-normalizing each head first (QK-norm, [`FoldedNorm`](crate::plan::FoldedNorm)) so neither does the
 //! norm.
 
 use std::sync::Arc;

@@ -669,7 +669,7 @@ fn plan_json(ps: &onestep::PlanStats) -> serde_json::Value {
         "linear_bias": ps.linear_bias, "residual": ps.residual, "folded": ps.folded, "removed": ps.removed,
         "transpose_rope": ps.transpose_rope, "round_trip": ps.round_trip,
         "linear_groups": ps.linear_groups, "group_norms": ps.group_norms, "group_gates": ps.group_gates,
-        "attention_inputs": ps.attention_inputs,
+        "attention_inputs": ps.attention_inputs, "norm_residual": ps.norm_residual,
     })
 }
 

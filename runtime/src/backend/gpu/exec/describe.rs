@@ -20,6 +20,11 @@ impl GpuPlan {
                 self.rope_desc(n, r.x, (true, r.norm.as_ref()), &r.rest, r.out, e)
             }
             Step::RoundTrip(r) => self.round_trip_desc(r, e),
+            Step::NormResidual(nr) => {
+                let n = &e.plan.graph.nodes[nr.norm.node];
+                let (xw, res) = ((nr.x, nr.norm.scale), Some(nr.residual.other));
+                self.norm_desc(n, xw, res, nr.out, e)
+            }
             Step::CacheAttention { .. } => self.attention_desc(s, e),
             Step::TokenChoice(_) => self.token_choice_desc(s, e),
             Step::Node { .. } => self.node_desc(s, e),

@@ -4,7 +4,7 @@
 
 use super::*;
 use crate::graph::Node;
-use crate::plan::HeadNorm;
+use crate::plan::FoldedNorm;
 
 /// A generic node as its description functions see it.
 #[derive(Clone, Copy)]
@@ -403,24 +403,30 @@ impl GpuPlan {
 
     /// `RMSNormalization` over the last axis with a constant scale.
     fn rms_norm_desc(&self, a: &NodeAt) -> Result<Option<Desc>> {
-        let NodeAt {
-            n,
-            inputs,
-            outputs,
-            e,
-            ..
-        } = *a;
-        let ctx = &self.ctx;
-        let k = |f: &dyn Fn() -> Result<Arc<Kernel>>| e.stage.kernel(f);
-        let f32m = |v: ValId| e.f32m(v);
-        let inp = |i: usize| inputs.get(i).copied().flatten();
-        let out = outputs[0];
+        let inp = |i: usize| a.inputs.get(i).copied().flatten();
         let (Some(x), Some(w)) = (inp(0), inp(1)) else {
             return Ok(None);
         };
-        let (Some(xm), Some(wm)) = (f32m(x), e.meta(w)) else {
+        self.norm_desc(a.n, (x, w), None, a.outputs[0], a.e)
+    }
+
+    /// `RMSNormalization` node `n` over `x` with scale `w` (`[.., H]`, `[H]`), adding `res` (of `x`'s
+    /// shape) to its output when given: one workgroup a row.
+    pub(super) fn norm_desc(
+        &self,
+        n: &Node,
+        (x, w): (ValId, ValId),
+        res: Option<ValId>,
+        out: ValId,
+        e: &Env,
+    ) -> Result<Option<Desc>> {
+        let ctx = &self.ctx;
+        let (Some(xm), Some(wm)) = (e.f32m(x), e.meta(w)) else {
             return Ok(None);
         };
+        if res.is_some_and(|r| !e.meta_is(r, &xm)) {
+            return Ok(None);
+        }
         let r = xm.shape.len();
         let ax = n.attr_int("axis", -1);
         let h = *xm.shape.last().unwrap_or(&0);
@@ -434,13 +440,20 @@ impl GpuPlan {
         }
         let rows = xm.numel() / h.max(1);
         let (gx, gy) = grid(rows, 1, ctx.max_groups);
+        let mut reads = vec![x, w];
+        reads.extend(res);
         Ok(Some(Desc {
             at: Vec::new(),
             outs: vec![(out, xm, None)],
-            reads: vec![x, w],
+            reads,
             disp: vec![Disp {
-                kernel: k(&|| norm::kernel(ctx))?,
-                binds: vec![BufRef::Val(x), BufRef::Val(w), BufRef::Val(out)],
+                kernel: e.stage.kernel(&|| norm::kernel(ctx, res.is_some()))?,
+                binds: vec![
+                    BufRef::Val(x),
+                    BufRef::Val(w),
+                    res.map_or(BufRef::Dummy, BufRef::Val),
+                    BufRef::Val(out),
+                ],
                 params: norm::params(rows, h, n.attr_float("epsilon", 1e-5)),
                 groups: (gx, gy, 1),
             }],
@@ -462,7 +475,7 @@ impl GpuPlan {
         &self,
         n: &Node,
         x: ValId,
-        (transposed, norm): (bool, Option<&HeadNorm>),
+        (transposed, norm): (bool, Option<&FoldedNorm>),
         rest: &[Option<ValId>],
         out: ValId,
         e: &Env,
