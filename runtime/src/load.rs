@@ -74,6 +74,7 @@ impl LoadOptions {
                 round_trip: f.f16_round_trip,
                 linear_groups: f.linear_groups.then_some(crate::plan::GroupCaps::ANY),
                 attention_inputs: f.attention_inputs,
+                attention_input_norms: f.attention_inputs,
             }
         }
         #[cfg(not(feature = "gpu"))]

@@ -82,14 +82,12 @@ def test_tiny_plan(name):
     want = {"cache_attention": layers, "silu_gate": layers, "linear": 7 * layers + 1, "embedding": 1,
             "token_choice": 1, "residual": 2 * layers, "linear_groups": 2 * layers + 1,
             "group_norms": 2 * layers + 1, "group_gates": layers, "norm_residual": 0}
-    # Each attention reads its projections (rotaries and transposes taken in) where its rotary is the
-    # transposed one the exporter writes: not after Qwen3's and Gemma 3's per-head q/k norms, nor in
-    # SmolLM3's layers without rotary (its config's `no_rope_layers` zeros). Those norms go into the
-    # rotary's step instead, which reads the projection token-major (a transposed rotary for q and k).
+    # Each attention reads its projections (rotaries, transposes and Qwen3's and Gemma 3's per-head q/k
+    # norms taken in) where it rotates: not in SmolLM3's layers without rotary (its config's
+    # `no_rope_layers` zeros). Each rotary it takes in was first a transposed rotary (q and k).
     cfg = json.load(open(os.path.join(tiny_checks.FIXTURES, name, "config.json")))
     want["attention_inputs"] = sum(cfg.get("no_rope_layers", [1] * layers))
-    if name in ("qwen3", "gemma3"):
-        want.update(attention_inputs=0, transpose_rope=2 * layers)
+    want["transpose_rope"] = 2 * want["attention_inputs"]
     if name.startswith("gemma"):
         # Gemma's residual adds follow a norm: the norm's step adds them (no linear epilogue); its gate
         # is GELU-tanh, in the gate/up group as SiLU is.

@@ -6,7 +6,7 @@
 //! does them all, and the CPU runs them in order before attending.
 
 use super::view::Planning;
-use super::{AttnInputs, Step, ValId};
+use super::{AttnInputs, FoldedNorm, Step, ValId};
 
 /// Takes the rotaries, transposes, round trips and identities before each cache attention into it,
 /// where `p.options.attention_inputs` lets it.
@@ -30,17 +30,26 @@ struct Found {
     v: ValId,
     rope: [ValId; 3],
     interleaved: bool,
+    norms: Option<[FoldedNorm; 2]>,
     nodes: Vec<usize>,
 }
 
-/// The rotary `v` is the output of, read only by node `user`: (its input, [cos, sin, positions],
-/// interleaved, its node).
-fn unrope(
-    p: &Planning,
-    readers: &[Vec<usize>],
-    v: ValId,
-    user: usize,
-) -> Option<(ValId, [ValId; 3], bool, usize)> {
+/// The rotary `v` is the output of, read only by node `user`.
+struct Unroped {
+    /// The rotary's input (token-major).
+    x: ValId,
+    /// Its cos and sin tables and positions.
+    rope: [ValId; 3],
+    interleaved: bool,
+    /// The per-head norm its step does first.
+    norm: Option<FoldedNorm>,
+    /// Its node.
+    node: usize,
+}
+
+/// The rotary `v` is the output of, read only by node `user` (with a head norm where the plan's
+/// options take those).
+fn unrope(p: &Planning, readers: &[Vec<usize>], v: ValId, user: usize) -> Option<Unroped> {
     let ri = p.producer[v]?;
     let Some(Step::Rope(r)) = &p.kind[ri] else {
         return None;
@@ -52,13 +61,19 @@ fn unrope(
         return None;
     };
     (r.out == v
-        && r.norm.is_none()
+        && (r.norm.is_none() || p.options.attention_input_norms)
         && readers[v] == [user]
         && p.private(v)
         && n.attr_int("rotary_embedding_dim", 0) == 0
         && p.consts[*c].is_some()
         && p.consts[*s].is_some())
-    .then(|| (r.x, [*c, *s, *pos], n.attr_int("interleaved", 0) != 0, ri))
+    .then(|| Unroped {
+        x: r.x,
+        rope: [*c, *s, *pos],
+        interleaved: n.attr_int("interleaved", 0) != 0,
+        norm: r.norm,
+        node: ri,
+    })
 }
 
 /// The generic node of `op` writing `v`, read only by `*user` (which becomes it): its first input.
@@ -130,23 +145,30 @@ fn find(p: &Planning, readers: &[Vec<usize>], ai: usize) -> Option<Found> {
         return None;
     };
     let f16 = p.caches[past[0]].dtype == crate::graph::DType::F16;
-    let (q_src, rq, inter, qi) = unrope(p, readers, *q, ai)?;
+    let qr = unrope(p, readers, *q, ai)?;
     let (k1, k_user, mut nodes) = unrow(p, readers, new[0], ai, f16)?;
     let (v1, mut v_user, vn) = unrow(p, readers, new[1], ai, f16)?;
-    let (k_src, rk, kinter, ki) = unrope(p, readers, k1, k_user)?;
+    let kr = unrope(p, readers, k1, k_user)?;
     let (v_src, ti) = through(p, readers, "Transpose", v1, &mut v_user)?;
-    if rk != rq || kinter != inter {
+    // One rotary for both; both normalized or neither.
+    let norms = match (qr.norm, kr.norm) {
+        (Some(qn), Some(kn)) => Some([qn, kn]),
+        (None, None) => None,
+        _ => return None,
+    };
+    if kr.rope != qr.rope || kr.interleaved != qr.interleaved {
         return None;
     }
     nodes.extend(vn);
-    nodes.extend([qi, ki, ti]);
+    nodes.extend([qr.node, kr.node, ti]);
     nodes.sort_unstable();
     Some(Found {
-        q: q_src,
-        k: k_src,
+        q: qr.x,
+        k: kr.x,
         v: v_src,
-        rope: rq,
-        interleaved: inter,
+        rope: qr.rope,
+        interleaved: qr.interleaved,
+        norms,
         nodes,
     })
 }
@@ -179,6 +201,7 @@ fn bind(p: &mut Planning, ai: usize, f: Found) {
             sin: f.rope[1],
             pos: f.rope[2],
             interleaved: f.interleaved,
+            norms: f.norms,
             steps,
             writes,
         }));
@@ -332,6 +355,69 @@ mod tests {
             assert_eq!(a.writes.len(), 2);
             assert_same(&g, &p, &inputs(f16), 1e-5);
         }
+    }
+
+    /// `layer` with an RMS norm of each head between q's and k's transposes and rotaries (QK-norm),
+    /// or of k's only when `k_only`.
+    fn normed_layer(f16: bool, k_only: bool) -> Graph {
+        let mut g = layer(f16);
+        let norm = |x: &str, w: &str, y: &str| {
+            let eps = ("epsilon", Attr::Float(1e-6));
+            node("RMSNormalization", &[x, w], &[y], &[eps])
+        };
+        // nodes: tr(qp→qt), rope(qt→q), tr(kp→kt), rope(kt→kr): the rotaries read the normed heads.
+        g.nodes[3].inputs[0] = "ktn".into();
+        g.nodes.insert(3, norm("kt", "kn", "ktn"));
+        if !k_only {
+            g.nodes[1].inputs[0] = "qtn".into();
+            g.nodes.insert(1, norm("qt", "qn", "qtn"));
+        }
+        let w = |seed: u64| {
+            noise(&[D], seed)
+                .typed::<f32>()
+                .iter()
+                .map(|x| 1.0 + x)
+                .collect::<Vec<_>>()
+        };
+        g.initializers.push(init("qn", DType::F32, &[D], &w(5)));
+        g.initializers.push(init("kn", DType::F32, &[D], &w(6)));
+        g
+    }
+
+    /// QK-norm: the attention takes in the normed rotaries (their norms named in its inputs), and
+    /// computes what the graph does; not where the options leave the norms out, nor where only k is
+    /// normed.
+    #[test]
+    fn the_attention_takes_in_rotaries_with_their_head_norms() {
+        for f16 in [true, false] {
+            let g = normed_layer(f16, false);
+            let p = Plan::new(g.clone()).unwrap();
+            assert_eq!(p.stats.attention_inputs, 1, "f16 {f16}: {:?}", p.steps);
+            let [Step::CacheAttention {
+                inputs: Some(a), ..
+            }] = &p.steps[..]
+            else {
+                panic!("f16 {f16}: one attention step expected: {:?}", p.steps);
+            };
+            let [qn, kn] = a.norms.expect("the norms taken in");
+            assert_eq!(
+                (p.names[qn.scale].as_str(), p.names[kn.scale].as_str()),
+                ("qn", "kn")
+            );
+            assert_eq!((qn.epsilon, kn.epsilon), (1e-6, 1e-6));
+            assert_same(&g, &p, &inputs(f16), 1e-5);
+            let no_norms = PlanOptions {
+                attention_input_norms: false,
+                ..PlanOptions::default()
+            };
+            let p = Plan::with_options(g.clone(), no_norms).unwrap();
+            assert_eq!((p.stats.attention_inputs, p.stats.transpose_rope), (0, 2));
+            assert_same(&g, &p, &inputs(f16), 1e-5);
+        }
+        let g = normed_layer(true, true);
+        let p = Plan::new(g.clone()).unwrap();
+        assert_eq!(p.stats.attention_inputs, 0, "k normed, q not");
+        assert_same(&g, &p, &inputs(true), 1e-5);
     }
 
     /// Turned off (a GPU without the storage buffers), or a rotated key another node reads: the

@@ -364,6 +364,8 @@ pub struct AttnInputs {
     pub pos: ValId,
     /// Interleaved rotary pairs.
     pub interleaved: bool,
+    /// The per-head norms of q and k before their rotaries (QK-norm), where the graph has them.
+    pub norms: Option<[FoldedNorm; 2]>,
     /// The steps taken in, in graph order.
     pub steps: Vec<Step>,
     /// The graph outputs those steps write (the caches' new rows).
@@ -535,6 +537,8 @@ pub struct PlanOptions {
     pub linear_groups: Option<GroupCaps>,
     /// A cache attention takes in the rotaries, transposes and round trips of its inputs.
     pub attention_inputs: bool,
+    /// ... and rotaries with a per-head norm before them (QK-norm; the GPU binds two more buffers).
+    pub attention_input_norms: bool,
 }
 
 impl Default for PlanOptions {
@@ -545,6 +549,7 @@ impl Default for PlanOptions {
             round_trip: true,
             linear_groups: Some(GroupCaps::ANY),
             attention_inputs: true,
+            attention_input_norms: true,
         }
     }
 }

@@ -18,6 +18,17 @@ pub const SOURCE: &str = concat!(
 /// rounding of the new rows done on the way (`attention_rope_in.wgsl`).
 pub const ROPE_SOURCE: &str = concat!(
     include_str!("f16.wgsl"),
+    "const QKNORM: bool = false;\n",
+    "fn qn(j: u32) -> f32 { return 1.0; }\n",
+    "fn kn(j: u32) -> f32 { return 1.0; }\n",
+    include_str!("attention_rope_in.wgsl"),
+    include_str!("attention.wgsl")
+);
+/// [`ROPE_SOURCE`] with each head of q and k RMS-normalized before the rotation (`attention_qk_norm.wgsl`:
+/// the norms' scales bound at 11-12).
+pub const ROPE_NORM_SOURCE: &str = concat!(
+    include_str!("f16.wgsl"),
+    include_str!("attention_qk_norm.wgsl"),
     include_str!("attention_rope_in.wgsl"),
     include_str!("attention.wgsl")
 );
@@ -28,10 +39,14 @@ pub enum Inputs {
     /// The Attention node's inputs: queries `[1, H, T, D]`, new rows `[1, KVH, T, D]`.
     Graph,
     /// The projections `[T, H, D]` / `[T, KVH, D]`, rotated here (pairs when `interleaved`) and, with
-    /// an f16 cache, the new rows rounded through f16: bindings COS, SIN, POS after O.
+    /// an f16 cache, the new rows rounded through f16: bindings COS, SIN, POS after O; with `qk_norm`,
+    /// each head of q and k RMS-normalized first: bindings QN, KN (their scales) after those, the
+    /// epsilons in [`AttnParams::qk_norm_eps`].
     Rope {
         /// Interleaved rotary pairs.
         interleaved: bool,
+        /// q and k normalized per head before the rotation.
+        qk_norm: bool,
     },
 }
 
@@ -40,7 +55,8 @@ impl Inputs {
     pub fn bindings(self) -> u32 {
         match self {
             Inputs::Graph => 7,
-            Inputs::Rope { .. } => 10,
+            Inputs::Rope { qk_norm: false, .. } => 10,
+            Inputs::Rope { qk_norm: true, .. } => 12,
         }
     }
 }
@@ -58,11 +74,21 @@ fn pipeline(ctx: &GpuContext, entry: &str, f16_cache: bool, inputs: Inputs) -> R
     let f16 = if f16_cache { 1.0 } else { 0.0 };
     match inputs {
         Inputs::Graph => ctx.pipeline("attention", SOURCE, entry, &binds, &[("F16C", f16)]),
-        Inputs::Rope { interleaved } => {
+        Inputs::Rope {
+            interleaved,
+            qk_norm,
+        } => {
             binds.extend([Bind::Read; 3]);
+            let (key, source) = match qk_norm {
+                false => ("attention_rope", ROPE_SOURCE),
+                true => {
+                    binds.extend([Bind::Read; 2]);
+                    ("attention_rope_norm", ROPE_NORM_SOURCE)
+                }
+            };
             ctx.pipeline(
-                "attention_rope",
-                ROPE_SOURCE,
+                key,
+                source,
                 entry,
                 &binds,
                 &[
@@ -173,6 +199,8 @@ pub struct AttnParams {
     pub segment: Option<Segment>,
     /// Split keys (`attention` only): `(keys a chunk, chunks)`, one workgroup z a chunk, partials out.
     pub split: Option<(usize, usize)>,
+    /// The epsilons of q's and k's head norms ([`Inputs::Rope`] with `qk_norm`; zeros otherwise).
+    pub qk_norm_eps: [f32; 2],
 }
 
 impl AttnParams {
@@ -201,6 +229,8 @@ impl AttnParams {
             .u(self.split.map_or(0, |s| s.0))
             .f(self.softcap)
             .u(self.key_start)
+            .f(self.qk_norm_eps[0])
+            .f(self.qk_norm_eps[1])
     }
 }
 
@@ -317,6 +347,7 @@ mod tests {
             mask_stride: Some(s + t),
             segment: None,
             split: None,
+            qk_norm_eps: [0.0; 2],
         }
     }
 
@@ -442,18 +473,37 @@ mod tests {
         }
     }
 
+    /// Each head of `x` (`[.., D]` rows) RMS-normalized with scale `w` (f64 sums).
+    fn head_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+        let d = w.len();
+        x.chunks(d)
+            .flat_map(|r| {
+                let ms = r.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / d as f64;
+                let inv = 1.0 / (ms + eps as f64).sqrt();
+                r.iter()
+                    .zip(w)
+                    .map(move |(v, s)| (*v as f64 * inv) as f32 * s)
+            })
+            .collect()
+    }
+
     /// Reading the projections token-major with the rotary and the f16 round trip done in the kernel
-    /// ([`Inputs::Rope`]): the CPU rotary, transpose and rounding, then the CPU attention.
+    /// ([`Inputs::Rope`]): the CPU rotary, transpose and rounding, then the CPU attention; with
+    /// `qk_norm`, each head of q and k normalized first (Qwen3's and Gemma 3's q/k norms).
     #[test]
     fn rope_inputs_match_rotary_then_attention() {
         use crate::backend::cpu::rope::{reference as rope_ref, RopeShape};
         let Some(ctx) = ctx() else { return };
-        for (h, kvh, t, d, s, p, f16c, inter) in [
+        let cases = [
             (9, 3, 1, 64, 64, 17, true, false),
             (4, 2, 5, 32, 40, 3, false, true),
             (6, 2, 3, 64, 300, 250, true, true),
             (2, 1, 4, 128, 20, 0, true, false),
-        ] {
+            (4, 1, 6, 256, 30, 7, false, false),
+        ];
+        for ((h, kvh, t, d, s, p, f16c, inter), qk_norm) in
+            cases.into_iter().flat_map(|c| [(c, false), (c, true)])
+        {
             let max_pos = s + 4;
             let half = d / 2;
             let (cos, sin): (Vec<f32>, Vec<f32>) = (0..max_pos * half)
@@ -464,10 +514,20 @@ mod tests {
                 })
                 .unzip();
             let pos: Vec<i64> = (p..p + t).map(|x| x as i64).collect();
-            // Token-major projections [T, heads, D].
-            let q = noise(t * h * d, 11);
-            let k = noise(t * kvh * d, 12);
+            // Token-major projections [T, heads, D]; the q/k norms' scales and epsilons.
+            let q: Vec<f32> = noise(t * h * d, 11).iter().map(|x| 3.0 * x).collect();
+            let k: Vec<f32> = noise(t * kvh * d, 12).iter().map(|x| 3.0 * x).collect();
             let v = noise(t * kvh * d, 13);
+            let (qn, kn) = (noise(d, 16), noise(d, 17));
+            let (qn, kn): (Vec<f32>, Vec<f32>) = (
+                qn.iter().map(|x| 1.0 + 0.5 * x).collect(),
+                kn.iter().map(|x| 1.0 + 0.5 * x).collect(),
+            );
+            let eps = [1e-6f32, 1e-5];
+            let (qin, kin) = match qk_norm {
+                true => (head_norm(&q, &qn, eps[0]), head_norm(&k, &kn, eps[1])),
+                false => (q.clone(), k.clone()),
+            };
             let ck = noise(kvh * s * d, 14);
             let cv = noise(kvh * s * d, 15);
             let round = |x: &[f32]| -> Vec<f32> {
@@ -501,8 +561,8 @@ mod tests {
                 }
                 o
             };
-            let qr = heads_first(&rope(&q, h), h);
-            let kr = round(&heads_first(&rope(&k, kvh), kvh));
+            let qr = heads_first(&rope(&qin, h), h);
+            let kr = round(&heads_first(&rope(&kin, kvh), kvh));
             let vr = round(&heads_first(&v, kvh));
             let shape = AttnShape {
                 heads: h,
@@ -516,10 +576,25 @@ mod tests {
             let mut want = vec![0.0; h * t * d];
             reference_cached(&qr, &ck, &cv, &kr, &vr, p, &shape, None, &mut want).unwrap();
             let mask = std_mask(t, s, p);
-            let ap = std_params(h, kvh, t, d, s, p);
+            let ap = AttnParams {
+                qk_norm_eps: eps,
+                ..std_params(h, kvh, t, d, s, p)
+            };
             let tm = |c: &[f32]| token_major(c, kvh, s, d, 0, s);
+            let mut tail: Vec<&[u8]> = vec![
+                bytemuck::cast_slice(&cos),
+                bytemuck::cast_slice(&sin),
+                bytemuck::cast_slice(&pos),
+            ];
+            if qk_norm {
+                tail.extend([bytemuck::cast_slice(&qn), bytemuck::cast_slice(&kn)]);
+            }
             for rows in [false, true] {
-                let kern = kernel(&ctx, f16c, rows, Inputs::Rope { interleaved: inter }).unwrap();
+                let inputs = Inputs::Rope {
+                    interleaved: inter,
+                    qk_norm,
+                };
+                let kern = kernel(&ctx, f16c, rows, inputs).unwrap();
                 let outs = super::super::exec::run_kernel_multi_tail(
                     &ctx,
                     &kern,
@@ -533,16 +608,13 @@ mod tests {
                         &encode(&tm(&cv), f16c),
                     ],
                     &[h * t * d * 4],
-                    &[
-                        bytemuck::cast_slice(&cos),
-                        bytemuck::cast_slice(&sin),
-                        bytemuck::cast_slice(&pos),
-                    ],
+                    &tail,
                     groups(&ctx, h * t, rows),
                 )
                 .unwrap();
-                let what =
-                    format!("{h} {kvh} {t} {d} {s} {p} f16 {f16c} interleaved {inter} rows {rows}");
+                let what = format!(
+                    "{h} {kvh} {t} {d} {s} {p} f16 {f16c} interleaved {inter} rows {rows} norm {qk_norm}"
+                );
                 let e = max_rel(bytemuck::cast_slice(&outs[0]), &want);
                 assert!(e < 3e-5, "{what}: {e}");
                 // The rows written are the rotated (and rounded) ones.

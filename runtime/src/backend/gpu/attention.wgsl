@@ -64,7 +64,8 @@ fn score(j: u32, g: u32, t: u32) -> f32 {
         col = j;
     } else {
         let r = j - npast;
-        for (var i = 0u; i < d; i = i + 1u) { s = s + sq[i] * nk_in(g, r, i); }
+        let ks = nk_scale(g, r);
+        for (var i = 0u; i < d; i = i + 1u) { s = s + sq[i] * nk_in(g, r, i, ks); }
         col = pu(4u) + r;
     }
     s = capped(s * pf(7u));
@@ -98,7 +99,8 @@ fn attention(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
         j_lo = min(pu(19u) + wid.z * pu(17u), nkeys);
         j_hi = min(j_lo + pu(17u), nkeys);
     }
-    for (var i = lid; i < d; i = i + 64u) { sq[i] = q_in(h, t, i); }
+    let qs = q_scale(h, t);
+    for (var i = lid; i < d; i = i + 64u) { sq[i] = q_in(h, t, i, qs); }
     workgroupBarrier();
 
     // (A) running max and sum of exp per thread.
@@ -173,14 +175,15 @@ fn attention(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
     // split keys, its first chunk's workgroup).
     if (pu(9u) == 1u && h % (h_n / pu(1u)) == 0u && wid.z == 0u) {
         let dst = ((pu(6u) + t) * pu(1u) + g) * d;
+        let ks = nk_scale(g, t);
         if (F16C) {
             for (var i = lid; i < d / 2u; i = i + 64u) {
-                CK[dst / 2u + i] = pack_f16(nk_in(g, t, 2u * i), nk_in(g, t, 2u * i + 1u));
+                CK[dst / 2u + i] = pack_f16(nk_in(g, t, 2u * i, ks), nk_in(g, t, 2u * i + 1u, ks));
                 CV[dst / 2u + i] = pack_f16(nv_in(g, t, 2u * i), nv_in(g, t, 2u * i + 1u));
             }
         } else {
             for (var i = lid; i < d; i = i + 64u) {
-                CK[dst + i] = bitcast<u32>(nk_in(g, t, i));
+                CK[dst + i] = bitcast<u32>(nk_in(g, t, i, ks));
                 CV[dst + i] = bitcast<u32>(nv_in(g, t, i));
             }
         }
@@ -220,8 +223,10 @@ fn attention_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
     let nkeys = npast + t_n;
     var q: array<vec4<f32>, 64>;
     var acc: array<vec4<f32>, 64>;
+    let qs = q_scale(h, t);
     for (var i = 0u; i < d4; i = i + 1u) {
-        q[i] = vec4<f32>(q_in(h, t, 4u * i), q_in(h, t, 4u * i + 1u), q_in(h, t, 4u * i + 2u), q_in(h, t, 4u * i + 3u));
+        q[i] = vec4<f32>(q_in(h, t, 4u * i, qs), q_in(h, t, 4u * i + 1u, qs), q_in(h, t, 4u * i + 2u, qs),
+                         q_in(h, t, 4u * i + 3u, qs));
         acc[i] = vec4<f32>(0.0);
     }
     var m = NEG_INF;
@@ -237,7 +242,8 @@ fn attention_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
             col = j;
         } else {
             base = j - npast;
-            for (var i = 0u; i < d4; i = i + 1u) { s = s + dot(q[i], nk4_in(g, base, 4u * i)); }
+            let ks = nk_scale(g, base);
+            for (var i = 0u; i < d4; i = i + 1u) { s = s + dot(q[i], nk4_in(g, base, 4u * i, ks)); }
             col = pu(4u) + (j - npast);
         }
         s = capped(s * pf(7u));
@@ -268,14 +274,15 @@ fn attention_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
     }
     if (pu(9u) == 1u && h % group == 0u) {
         let dst = ((pu(6u) + t) * pu(1u) + g) * d;
+        let ks = nk_scale(g, t);
         if (F16C) {
             for (var i = 0u; i < d / 2u; i = i + 1u) {
-                CK[dst / 2u + i] = pack_f16(nk_in(g, t, 2u * i), nk_in(g, t, 2u * i + 1u));
+                CK[dst / 2u + i] = pack_f16(nk_in(g, t, 2u * i, ks), nk_in(g, t, 2u * i + 1u, ks));
                 CV[dst / 2u + i] = pack_f16(nv_in(g, t, 2u * i), nv_in(g, t, 2u * i + 1u));
             }
         } else {
             for (var i = 0u; i < d; i = i + 1u) {
-                CK[dst + i] = bitcast<u32>(nk_in(g, t, i));
+                CK[dst + i] = bitcast<u32>(nk_in(g, t, i, ks));
                 CV[dst + i] = bitcast<u32>(nv_in(g, t, i));
             }
         }
@@ -308,8 +315,10 @@ fn attention_part(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
     let npast = past_end - r0;
     var q: array<vec4<f32>, 64>;
     var acc: array<vec4<f32>, 64>;
+    let qs = q_scale(h, t);
     for (var i = 0u; i < d4; i = i + 1u) {
-        q[i] = vec4<f32>(q_in(h, t, 4u * i), q_in(h, t, 4u * i + 1u), q_in(h, t, 4u * i + 2u), q_in(h, t, 4u * i + 3u));
+        q[i] = vec4<f32>(q_in(h, t, 4u * i, qs), q_in(h, t, 4u * i + 1u, qs), q_in(h, t, 4u * i + 2u, qs),
+                         q_in(h, t, 4u * i + 3u, qs));
         acc[i] = vec4<f32>(0.0);
     }
     var m = NEG_INF;
@@ -325,7 +334,8 @@ fn attention_part(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
             col = r0 + j;
         } else {
             base = j - npast;
-            for (var i = 0u; i < d4; i = i + 1u) { s = s + dot(q[i], nk4_in(g, base, 4u * i)); }
+            let ks = nk_scale(g, base);
+            for (var i = 0u; i < d4; i = i + 1u) { s = s + dot(q[i], nk4_in(g, base, 4u * i, ks)); }
             col = pu(4u) + (j - npast);
         }
         s = capped(s * pf(7u));
@@ -354,14 +364,15 @@ fn attention_part(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
     let slot = pu(6u) + t;
     if (pu(9u) == 1u && h % group == 0u && slot >= r0 && slot < pu(13u)) {
         let dst = ((slot - r0) * pu(1u) + g) * d;
+        let ks = nk_scale(g, t);
         if (F16C) {
             for (var i = 0u; i < d / 2u; i = i + 1u) {
-                CK[dst / 2u + i] = pack_f16(nk_in(g, t, 2u * i), nk_in(g, t, 2u * i + 1u));
+                CK[dst / 2u + i] = pack_f16(nk_in(g, t, 2u * i, ks), nk_in(g, t, 2u * i + 1u, ks));
                 CV[dst / 2u + i] = pack_f16(nv_in(g, t, 2u * i), nv_in(g, t, 2u * i + 1u));
             }
         } else {
             for (var i = 0u; i < d; i = i + 1u) {
-                CK[dst + i] = bitcast<u32>(nk_in(g, t, i));
+                CK[dst + i] = bitcast<u32>(nk_in(g, t, i, ks));
                 CV[dst + i] = bitcast<u32>(nv_in(g, t, i));
             }
         }

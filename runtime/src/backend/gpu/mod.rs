@@ -165,11 +165,17 @@ fn bounded(
         gate: !rows,
         takes: linear::GpuLinear::supports,
     };
-    let rope_binds = attention::Inputs::Rope { interleaved: false }.bindings();
+    let rope_binds = |qk_norm| {
+        let inputs = attention::Inputs::Rope {
+            interleaved: false,
+            qk_norm,
+        };
+        limits.max_storage_buffers_per_shader_stage >= inputs.bindings()
+    };
     crate::plan::PlanOptions {
         linear_groups: base.linear_groups.map(|_| groups),
-        attention_inputs: base.attention_inputs
-            && limits.max_storage_buffers_per_shader_stage >= rope_binds,
+        attention_inputs: base.attention_inputs && rope_binds(false),
+        attention_input_norms: base.attention_input_norms && rope_binds(true),
         ..base
     }
 }

@@ -16,7 +16,7 @@ struct AttnBinds {
     /// The plan caches of keys and values.
     past: [usize; 2],
     out: ValId,
-    /// The rotary's cos, sin and positions when the kernel applies it.
+    /// The rotary's cos, sin and positions when the kernel applies it (and the q/k norms' scales).
     extra: Vec<BufRef>,
     inputs: attention::Inputs,
     /// An f16 cache.
@@ -66,19 +66,20 @@ impl GpuPlan {
         // The kernel reads the projections themselves when the plan's attention took the rotary,
         // transposes and casts before it in.
         let fin = inputs.as_deref();
-        if fin.is_some() {
-            self.binds_projections(&plan.graph.nodes[*node])?;
-        }
         let (q, new, inputs) = match fin {
             Some(a) => (
                 &a.q,
                 &[a.k, a.v],
                 attention::Inputs::Rope {
                     interleaved: a.interleaved,
+                    qk_norm: a.norms.is_some(),
                 },
             ),
             None => (q, new, attention::Inputs::Graph),
         };
+        if fin.is_some() {
+            self.binds_projections(&plan.graph.nodes[*node], inputs)?;
+        }
         let (Some(qm), Some(km), Some(vm)) = (f32m(*q), f32m(new[0]), f32m(new[1])) else {
             return Ok(None);
         };
@@ -125,6 +126,9 @@ impl GpuPlan {
             return Ok(None);
         };
         ap.tokens_first = *tokens_first;
+        if let Some([qn, kn]) = fin.and_then(|a| a.norms) {
+            ap.qk_norm_eps = [qn.epsilon, kn.epsilon];
+        }
         // Keys never exceed the slots (position + chunk ≤ S): one kernel serves every step.
         let rows = self.rows_variant && attention::rows_ok(d, slots);
         let oshape = if *tokens_first {
@@ -166,6 +170,12 @@ impl GpuPlan {
             reads: [*q, new[0], new[1], *mv]
                 .into_iter()
                 .chain(fin.map(|a| [a.cos, a.sin, a.pos]).into_iter().flatten())
+                .chain(
+                    fin.and_then(|a| a.norms)
+                        .into_iter()
+                        .flatten()
+                        .map(|n| n.scale),
+                )
                 .collect(),
             disp,
         }))
@@ -206,15 +216,16 @@ fn attn_params(n: &Node, e: &Env, mv: ValId, dims: [usize; 5]) -> Option<AttnPar
         mask_stride: Some(slots + t),
         segment: None,
         split: None,
+        qk_norm_eps: [0.0; 2],
     })
 }
 
 impl GpuPlan {
     /// Whether a shader stage has the storage buffers an attention reading its projections binds (10,
-    /// 7 otherwise): the planner takes the inputs in only where the probed adapter has them
-    /// (`backend::plan_options`), so this refuses only a plan made for another adapter.
-    fn binds_projections(&self, n: &Node) -> Result<()> {
-        let need = attention::Inputs::Rope { interleaved: false }.bindings();
+    /// 12 with the q/k norms; 7 otherwise): the planner takes the inputs in only where the probed adapter
+    /// has them (`backend::plan_options`), so this refuses only a plan made for another adapter.
+    fn binds_projections(&self, n: &Node, inputs: attention::Inputs) -> Result<()> {
+        let need = inputs.bindings();
         let have = self
             .ctx
             .device
@@ -259,11 +270,17 @@ impl GpuPlan {
             ));
         }
         e.stage.check(|| check_positions(n, pt, ct.shape[0]))?;
-        Ok(vec![
-            BufRef::Val(a.cos),
-            BufRef::Val(a.sin),
-            BufRef::Val(a.pos),
-        ])
+        let mut binds = vec![BufRef::Val(a.cos), BufRef::Val(a.sin), BufRef::Val(a.pos)];
+        for nm in a.norms.iter().flatten() {
+            if e.plan.consts[nm.scale].as_ref().map(|s| s.numel()) != Some(d) {
+                return Err(Error::device(
+                    DeviceFault::Unsupported,
+                    format!("attention `{}`: a q/k norm's scale is not [{d}]", n.name),
+                ));
+            }
+            binds.push(BufRef::Val(nm.scale));
+        }
+        Ok(binds)
     }
 
     /// The whole attention in one dispatch (`rows`: one (head, token) an invocation, on CPU adapters).
