@@ -93,7 +93,7 @@ impl QIsa {
     pub(crate) fn packs(self) -> bool {
         #[cfg(target_arch = "x86_64")]
         {
-            self == QIsa::Avx512Vnni
+            matches!(self, QIsa::Avx512Vnni | QIsa::Avx2)
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
@@ -943,6 +943,7 @@ mod avx512 {
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::{QuantX, Weights, BLOCK};
+    use crate::backend::cpu::linear::{packed_block_bytes, PackedZero, TILE_ROWS};
     use crate::backend::cpu::simd::x86::hsum;
     use std::arch::x86_64::*;
 
@@ -1139,7 +1140,7 @@ mod avx2 {
     /// Integer rows: `out[(row − start)·T + t]`.
     ///
     /// # Safety
-    /// avx2+fma+f16c available; `w` a validated Q4/Q8; `qx` quantized from `[T, K]`;
+    /// avx2+fma+f16c available; `w` a validated Q4/Q8/Packed; `qx` quantized from `[T, K]`;
     /// `out.len() == rows.len()·T`.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn rows(
@@ -1151,6 +1152,9 @@ mod avx2 {
     ) {
         // SAFETY: forwarded contract.
         unsafe {
+            if matches!(*w, Weights::Packed { .. }) {
+                return packed_rows(w, qx, t, rows, out);
+            }
             let h = matches!(*w, Weights::Q8 { halves: true, .. });
             match (h, !qx.q2.is_empty()) {
                 (true, true) => rows_of::<true, true>(w, qx, t, rows, out),
@@ -1189,6 +1193,300 @@ mod avx2 {
                     out[i * t + tt] = tile::<H, X2, 1>(w, qx, tt, row)[0];
                 }
                 tt += 1;
+            }
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------------
+    // Packed tiles
+    // -----------------------------------------------------------------------------------------------
+
+    /// Rows of a half tile: one i32 lane of a 256-bit register each (a tile's 64-byte group is two
+    /// registers, rows 0–7 and rows 8–15).
+    const HALF_ROWS: usize = TILE_ROWS / 2;
+
+    /// A packed matrix's zero-point term ([`PackedZero`]) as a raw pointer. For 8-bit codes, which
+    /// the kernel multiplies as `q − 128`, a constant zero point is kept as `z − 128`.
+    #[derive(Clone, Copy)]
+    enum TileZero {
+        Const(f32),
+        Scaled(*const u16),
+    }
+
+    /// A [`Weights::Packed`] as raw pointers.
+    #[derive(Clone, Copy)]
+    struct Tiles {
+        codes: *const u8,
+        high: *const u8,
+        scales: *const u16,
+        zero: TileZero,
+        /// 32-blocks a row.
+        nb: usize,
+    }
+
+    /// The codes of group `g` (0..8) of tile-block `sb` for the tile's rows `8·half..8·half + 8`, as
+    /// u8: byte `4·r + e` is code `4g + e` of row `8·half + r`.
+    ///
+    /// # Safety
+    /// avx2 available; `sb` inside the validated buffers; `half` 0 or 1.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn group<const BITS: u32>(f: &Tiles, sb: usize, half: usize, g: usize) -> __m256i {
+        // SAFETY: reads inside tile-block `sb`: the half's 32 bytes of a 64-byte register of its
+        // packed_block_bytes(BITS) code bytes, the half's 4 bytes of a u64 word of its 64 high bytes.
+        unsafe {
+            let base = f.codes.add(sb * packed_block_bytes(BITS) + 32 * half);
+            if BITS == 8 {
+                return _mm256_loadu_si256(base.add(g * 64) as *const __m256i);
+            }
+            let v = _mm256_loadu_si256(base.add((g / 2) * 64) as *const __m256i);
+            let v = if g.is_multiple_of(2) {
+                v
+            } else {
+                _mm256_srli_epi16::<4>(v)
+            };
+            let low = _mm256_and_si256(v, _mm256_set1_epi8(15));
+            if BITS != 5 {
+                return low;
+            }
+            // Bit `4r + e` of the half's u32 is the fifth bit of code e of row r: byte i takes
+            // byte i/8 of the word, keeps bit i % 8, and becomes 16 where that bit is set.
+            let bits = (f.high.add(sb * 64 + g * 8 + 4 * half) as *const i32).read_unaligned();
+            let spread = _mm256_shuffle_epi8(
+                _mm256_set1_epi32(bits),
+                _mm256_setr_epi8(
+                    0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3,
+                    3, 3, 3, 3, 3,
+                ),
+            );
+            let pick = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+            let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, pick), pick);
+            _mm256_or_si256(low, _mm256_and_si256(set, _mm256_set1_epi8(16)))
+        }
+    }
+
+    /// The integer sums of tile-block `sb`'s rows `8·half..+8` (a lane each) with `R` token rows:
+    /// `[r][digit]`, the second digit's zero unless `X2`. `x[r]` (`x2[r]`) points at token r's block
+    /// in the first (second) digit.
+    ///
+    /// `maddubs` adds pairs of u8 × i8 products in i16, saturating; these pair sums never reach it:
+    /// 4-bit codes give |pair| ≤ 2·15·127 = 3810, over all eight groups ≤ 30480; 5-bit codes
+    /// 2·31·127 = 7874, over four groups ≤ 31496; 8-bit codes run as |q − 128| with x taking the
+    /// sign of q − 128 (as the row-major path), ≤ 2·128·127 = 32512 for one group. `madd` widens
+    /// each such run of groups to i32, so the sums are exact.
+    ///
+    /// # Safety
+    /// avx2 available; `sb` inside the validated buffers; `x`, `x2` (with `X2`) each hold 32 bytes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn half_sums<const BITS: u32, const X2: bool, const R: usize>(
+        f: &Tiles,
+        (sb, half): (usize, usize),
+        x: [*const i8; R],
+        x2: [*const i8; R],
+    ) -> [[__m256i; 2]; R] {
+        // Groups whose i16 pair sums add before they widen (above).
+        let run = match BITS {
+            4 => 8,
+            5 => 4,
+            _ => 1,
+        };
+        let digits = if X2 { 2 } else { 1 };
+        let ones = _mm256_set1_epi16(1);
+        let mut sum = [[_mm256_setzero_si256(); 2]; R];
+        let mut part = [[_mm256_setzero_si256(); 2]; R];
+        // SAFETY: the caller's contract; group g reads bytes 4g..4g + 4 of each token's block.
+        unsafe {
+            for g in 0..8 {
+                let c = group::<BITS>(f, sb, half, g);
+                // 8 bits: q − 128 as i8 (`sign`), its magnitude as u8 (−128 stays 0x80 = 128).
+                let sign = _mm256_xor_si256(c, _mm256_set1_epi8(-128));
+                let mag = if BITS == 8 {
+                    _mm256_abs_epi8(sign)
+                } else {
+                    c
+                };
+                for r in 0..R {
+                    for (dg, p) in [x[r], x2[r]].into_iter().take(digits).enumerate() {
+                        let xq = (p.add(4 * g) as *const i32).read_unaligned();
+                        let xq = _mm256_set1_epi32(xq);
+                        let xq = if BITS == 8 {
+                            _mm256_sign_epi8(xq, sign)
+                        } else {
+                            xq
+                        };
+                        let pairs = _mm256_maddubs_epi16(mag, xq);
+                        part[r][dg] = _mm256_add_epi16(part[r][dg], pairs);
+                    }
+                }
+                if (g + 1) % run == 0 {
+                    for (s, p) in sum.iter_mut().zip(part.iter_mut()) {
+                        for dg in 0..digits {
+                            s[dg] = _mm256_add_epi32(s[dg], _mm256_madd_epi16(p[dg], ones));
+                            p[dg] = _mm256_setzero_si256();
+                        }
+                    }
+                }
+            }
+        }
+        sum
+    }
+
+    /// One half tile (rows `8·half..+8` of tile `tile`, a lane each) times `R` token rows of `qx`
+    /// from `x0`: each block's integer sums ([`half_sums`]) meet the block's scales in one
+    /// conversion and one multiply-add, its zero-point term in another.
+    ///
+    /// # Safety
+    /// avx2+fma+f16c available; `tile` inside the validated matrix; `qx` holds ≥ `x0 + R` rows.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn packed_half<const BITS: u32, const X2: bool, const R: usize>(
+        f: &Tiles,
+        (tile, half): (usize, usize),
+        qx: &QuantX,
+        x0: usize,
+    ) -> [__m256; R] {
+        let (nb, k) = (f.nb, f.nb * BLOCK);
+        let k254 = _mm256_set1_epi32(254);
+        let mut acc = [_mm256_setzero_ps(); R];
+        // SAFETY: tile-blocks tile·nb + b are inside the buffers (their scales and zero terms at
+        // sb·16 + 8·half, 8 each); the qx reads are rows x0..x0 + R of [T, K] and [T, nb].
+        unsafe {
+            for b in 0..nb {
+                let sb = tile * nb + b;
+                let at = sb * TILE_ROWS + HALF_ROWS * half;
+                let s = _mm256_cvtph_ps(_mm_loadu_si128(f.scales.add(at) as *const __m128i));
+                // The zero-point term of the codes as multiplied (8 bits: s·z − 128·s).
+                let sz = match f.zero {
+                    TileZero::Const(z) => _mm256_mul_ps(s, _mm256_set1_ps(z)),
+                    TileZero::Scaled(p) => {
+                        let sz = _mm256_cvtph_ps(_mm_loadu_si128(p.add(at) as *const __m128i));
+                        if BITS == 8 {
+                            _mm256_fnmadd_ps(s, _mm256_set1_ps(128.0), sz)
+                        } else {
+                            sz
+                        }
+                    }
+                };
+                let e = |r: usize| (x0 + r) * k + b * BLOCK;
+                let x: [*const i8; R] = std::array::from_fn(|r| qx.q.as_ptr().add(e(r)));
+                let x2 = if X2 {
+                    std::array::from_fn(|r| qx.q2.as_ptr().add(e(r)))
+                } else {
+                    x
+                };
+                let sums = half_sums::<BITS, X2, R>(f, (sb, half), x, x2);
+                for (r, (a, [one, two])) in acc.iter_mut().zip(sums).enumerate() {
+                    let xi = (x0 + r) * nb + b;
+                    // Two digits meet one factor: d₂·(254·Σc·q + Σc·q₂) (`d₂ = d/254`).
+                    let (sum, d) = if X2 {
+                        let sum = _mm256_add_epi32(_mm256_mullo_epi32(one, k254), two);
+                        (sum, *qx.d2.get_unchecked(xi))
+                    } else {
+                        (one, *qx.d.get_unchecked(xi))
+                    };
+                    let fac = _mm256_mul_ps(s, _mm256_set1_ps(d));
+                    *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), fac, *a);
+                    let ds = _mm256_set1_ps(*qx.ds.get_unchecked(xi));
+                    *a = _mm256_fnmadd_ps(sz, ds, *a);
+                }
+            }
+        }
+        acc
+    }
+
+    /// [`packed_half`] over the half tiles covering `rows` and all T token rows (tiles of
+    /// [`TILE`] tokens, then one): `out[(row − start)·T + t]`.
+    ///
+    /// # Safety
+    /// As [`rows`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn packed_rows_of<const BITS: u32, const X2: bool>(
+        f: &Tiles,
+        qx: &QuantX,
+        t: usize,
+        rows: std::ops::Range<usize>,
+        out: &mut [f32],
+    ) {
+        let put = |acc: &[__m256], h: usize, tt: usize, out: &mut [f32]| {
+            let mut lanes = [0f32; HALF_ROWS];
+            let first = (h * HALF_ROWS).max(rows.start);
+            let last = ((h + 1) * HALF_ROWS).min(rows.end);
+            for (r, a) in acc.iter().enumerate() {
+                // SAFETY: 8 f32 into an 8-element array.
+                unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), *a) };
+                for row in first..last {
+                    out[(row - rows.start) * t + tt + r] = lanes[row - h * HALF_ROWS];
+                }
+            }
+        };
+        // Half tiles: a task's rows need not start or end on a tile (a linear group's members).
+        let halves = rows.start / HALF_ROWS..rows.end.div_ceil(HALF_ROWS);
+        // SAFETY: forwarded contract; tt + R <= T.
+        unsafe {
+            let mut tt = 0;
+            while tt + TILE <= t {
+                for h in halves.clone() {
+                    let acc = packed_half::<BITS, X2, TILE>(f, (h / 2, h % 2), qx, tt);
+                    put(&acc, h, tt, out);
+                }
+                tt += TILE;
+            }
+            while tt < t {
+                for h in halves.clone() {
+                    let acc = packed_half::<BITS, X2, 1>(f, (h / 2, h % 2), qx, tt);
+                    put(&acc, h, tt, out);
+                }
+                tt += 1;
+            }
+        }
+    }
+
+    /// Integer rows of a [`Weights::Packed`]: `out[(row − start)·T + t]`.
+    ///
+    /// # Safety
+    /// As [`rows`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn packed_rows(
+        w: &Weights,
+        qx: &QuantX,
+        t: usize,
+        rows: std::ops::Range<usize>,
+        out: &mut [f32],
+    ) {
+        let Weights::Packed {
+            bits,
+            codes,
+            high,
+            scales,
+            zero,
+            k,
+            ..
+        } = *w
+        else {
+            return;
+        };
+        let f = Tiles {
+            codes: codes.as_ptr(),
+            high: high.as_ptr(),
+            scales: scales.as_ptr() as *const u16,
+            zero: match zero {
+                PackedZero::Const(z) if bits == 8 => TileZero::Const(z - 128.0),
+                PackedZero::Const(z) => TileZero::Const(z),
+                PackedZero::Scaled(sz) => TileZero::Scaled(sz.as_ptr() as *const u16),
+            },
+            nb: k / BLOCK,
+        };
+        let x2 = !qx.q2.is_empty();
+        // SAFETY: forwarded contract.
+        unsafe {
+            match (bits, x2) {
+                (4, true) => packed_rows_of::<4, true>(&f, qx, t, rows, out),
+                (4, false) => packed_rows_of::<4, false>(&f, qx, t, rows, out),
+                (5, true) => packed_rows_of::<5, true>(&f, qx, t, rows, out),
+                (5, false) => packed_rows_of::<5, false>(&f, qx, t, rows, out),
+                (_, true) => packed_rows_of::<8, true>(&f, qx, t, rows, out),
+                (_, false) => packed_rows_of::<8, false>(&f, qx, t, rows, out),
             }
         }
     }
