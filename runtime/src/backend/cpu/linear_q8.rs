@@ -1943,6 +1943,56 @@ mod tests {
         }
     }
 
+    /// Times each integer ISA's product (scalar excluded) of the row-major file form against its
+    /// packed tiles, on the calling thread, for Gemma-3-270M-like shapes: decode (T = 1, two-digit
+    /// activations, as the executor runs decode) and a prompt chunk (T = 64, one digit). Medians of
+    /// several runs; the activations are quantized once, outside the timing.
+    ///
+    /// `cargo test --release -p onestep --lib -- --ignored bench_packed --nocapture --test-threads 1`
+    #[test]
+    #[ignore = "timing: run with --ignored --nocapture --test-threads 1"]
+    fn bench_packed_vs_rows() {
+        use crate::backend::cpu::repack::{pack, tests::file_form, tests::Kind};
+        use rand::{rngs::StdRng, Rng, SeedableRng};
+        let mut rng = StdRng::seed_from_u64(5);
+        println!("| form | K | N | T | acts | isa | rows µs | packed µs | rows ÷ packed |");
+        println!("|---|---|---|---|---|---|---|---|---|");
+        for kind in [Kind::Q8_0, Kind::Q5_0, Kind::Q4_0, Kind::Q4_1] {
+            for (k, n) in [(640, 2048), (2048, 640), (640, 1024)] {
+                let file = file_form(kind, n, k, &mut rng);
+                let packed = pack(&file).expect("packs");
+                let (fv, pv) = (file.kernel_view().expect("view"), packed.view());
+                for (t, two, runs) in [(1, true, 51), (64, false, 9)] {
+                    let x: Vec<f32> = (0..t * k).map(|_| rng.random_range(-2.0..2.0)).collect();
+                    let qx = QuantX::new(&x, two);
+                    let mut out = vec![0f32; n * t];
+                    for isa in available().into_iter().filter(|&i| i != QIsa::Scalar) {
+                        let mut median = |w: &Weights| {
+                            rows(w, &qx, t, 0..n, &mut out, isa);
+                            let mut us: Vec<f64> = (0..runs)
+                                .map(|_| {
+                                    let start = std::time::Instant::now();
+                                    rows(w, &qx, t, 0..n, &mut out, isa);
+                                    start.elapsed().as_secs_f64() * 1e6
+                                })
+                                .collect();
+                            us.sort_by(f64::total_cmp);
+                            us[runs / 2]
+                        };
+                        let (a, b) = (median(&fv), median(&pv));
+                        let packs = if isa.packs() { "" } else { " (not read)" };
+                        let acts = if two { "int8x2" } else { "int8" };
+                        println!(
+                            "| {kind:?} | {k} | {n} | {t} | {acts} | {} | {a:.1} | {b:.1}{packs} | {:.2}× |",
+                            isa.name(),
+                            a / b
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     /// `sdot` and `smmla` sum the same integers as the widening multiplies, so the NEON paths agree
     /// bit for bit on every weight form and both precisions, with odd rows and tokens left over from
     /// the 2×2 tiles (their accuracy is the proptest's in `linear.rs`, which runs every ISA `available`
