@@ -1224,50 +1224,111 @@ mod avx2 {
         nb: usize,
     }
 
-    /// The codes of group `g` (0..8) of tile-block `sb` for the tile's rows `8·half..8·half + 8`, as
-    /// u8: byte `4·r + e` is code `4g + e` of row `8·half + r`.
+    /// The codes of groups `2j` and `2j + 1` (j in 0..4) of tile-block `sb` for the tile's rows
+    /// `8·half..8·half + 8`, as u8: byte `4·r + e` of group g's register is code `4g + e` of row
+    /// `8·half + r`.
     ///
     /// # Safety
     /// avx2 available; `sb` inside the validated buffers; `half` 0 or 1.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn group<const BITS: u32>(f: &Tiles, sb: usize, half: usize, g: usize) -> __m256i {
-        // SAFETY: reads inside tile-block `sb`: the half's 32 bytes of a 64-byte register of its
-        // packed_block_bytes(BITS) code bytes, the half's 4 bytes of a u64 word of its 64 high bytes.
+    unsafe fn group_pair<const BITS: u32>(
+        f: &Tiles,
+        sb: usize,
+        half: usize,
+        j: usize,
+    ) -> [__m256i; 2] {
+        // SAFETY: reads inside tile-block `sb`: the half's 32 bytes of 64-byte registers of its
+        // packed_block_bytes(BITS) code bytes (and `fifth`'s reads).
         unsafe {
             let base = f.codes.add(sb * packed_block_bytes(BITS) + 32 * half);
             if BITS == 8 {
-                return _mm256_loadu_si256(base.add(g * 64) as *const __m256i);
+                let p = base.add(2 * j * 64);
+                return [
+                    _mm256_loadu_si256(p as *const __m256i),
+                    _mm256_loadu_si256(p.add(64) as *const __m256i),
+                ];
             }
-            let v = _mm256_loadu_si256(base.add((g / 2) * 64) as *const __m256i);
-            let v = if g.is_multiple_of(2) {
-                v
-            } else {
-                _mm256_srli_epi16::<4>(v)
-            };
-            let low = _mm256_and_si256(v, _mm256_set1_epi8(15));
-            if BITS != 5 {
-                return low;
+            // Register j: group 2j in the low nibbles, 2j + 1 in the high ones.
+            let v = _mm256_loadu_si256(base.add(j * 64) as *const __m256i);
+            let m = _mm256_set1_epi8(15);
+            let mut c = [
+                _mm256_and_si256(v, m),
+                _mm256_and_si256(_mm256_srli_epi16::<4>(v), m),
+            ];
+            if BITS == 5 {
+                for (i, c) in c.iter_mut().enumerate() {
+                    *c = _mm256_or_si256(*c, fifth(f, sb, half, 2 * j + i));
+                }
             }
-            // Bit `4r + e` of the half's u32 is the fifth bit of code e of row r: byte i takes
-            // byte i/8 of the word, keeps bit i % 8, and becomes 16 where that bit is set.
-            let bits = (f.high.add(sb * 64 + g * 8 + 4 * half) as *const i32).read_unaligned();
-            let spread = _mm256_shuffle_epi8(
-                _mm256_set1_epi32(bits),
-                _mm256_setr_epi8(
-                    0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3,
-                    3, 3, 3, 3, 3,
-                ),
-            );
-            let pick = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
-            let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, pick), pick);
-            _mm256_or_si256(low, _mm256_and_si256(set, _mm256_set1_epi8(16)))
+            c
+        }
+    }
+
+    /// The fifth bits of group `g` of tile-block `sb` for the tile's rows `8·half..8·half + 8`: 16
+    /// in byte `4·r + e` where code `4g + e` of row `8·half + r` has it, else 0.
+    ///
+    /// # Safety
+    /// avx2 available; `sb` inside the validated buffers of a 5-bit matrix; `half` 0 or 1.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn fifth(f: &Tiles, sb: usize, half: usize, g: usize) -> __m256i {
+        // SAFETY: the half's 4 bytes of word g of tile-block `sb`'s 64 high bytes.
+        let bits = unsafe { (f.high.add(sb * 64 + g * 8 + 4 * half) as *const i32).read_unaligned() };
+        // Bit `4r + e` of the half's u32 is the fifth bit of code e of row r: byte i takes byte i/8
+        // of the word, keeps bit i % 8, and becomes 16 where that bit is set.
+        let spread = _mm256_shuffle_epi8(
+            _mm256_set1_epi32(bits),
+            _mm256_setr_epi8(
+                0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3,
+                3, 3, 3, 3,
+            ),
+        );
+        let pick = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+        let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, pick), pick);
+        _mm256_and_si256(set, _mm256_set1_epi8(16))
+    }
+
+    /// Adds group `g`'s products (codes `c`, u8) with `R` token rows to the i16 pair sums `part`
+    /// (`[r][digit]`): `x[r]` (`x2[r]`) points at token r's block in the first (second) digit, whose
+    /// bytes `4g..4g + 4` are broadcast. 8 bits: `c` is multiplied as `q − 128`, its magnitude by x
+    /// taking its sign.
+    ///
+    /// # Safety
+    /// avx2 available; `x`, `x2` (with `X2`) each hold 32 bytes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn add_group<const BITS: u32, const X2: bool, const R: usize>(
+        c: __m256i,
+        g: usize,
+        (x, x2): ([*const i8; R], [*const i8; R]),
+        part: &mut [[__m256i; 2]; R],
+    ) {
+        // q − 128 as i8 (`sign`), its magnitude as u8 (−128 stays 0x80 = 128).
+        let sign = _mm256_xor_si256(c, _mm256_set1_epi8(-128));
+        let mag = if BITS == 8 {
+            _mm256_abs_epi8(sign)
+        } else {
+            c
+        };
+        let digits = if X2 { 2 } else { 1 };
+        for (r, part) in part.iter_mut().enumerate() {
+            for (p, part) in [x[r], x2[r]].into_iter().zip(part).take(digits) {
+                // SAFETY: bytes 4g..4g + 4 of the token's 32-byte block (g < 8).
+                let xq = unsafe { (p.add(4 * g) as *const i32).read_unaligned() };
+                let xq = _mm256_set1_epi32(xq);
+                let xq = if BITS == 8 {
+                    _mm256_sign_epi8(xq, sign)
+                } else {
+                    xq
+                };
+                *part = _mm256_add_epi16(*part, _mm256_maddubs_epi16(mag, xq));
+            }
         }
     }
 
     /// The integer sums of tile-block `sb`'s rows `8·half..+8` (a lane each) with `R` token rows:
-    /// `[r][digit]`, the second digit's zero unless `X2`. `x[r]` (`x2[r]`) points at token r's block
-    /// in the first (second) digit.
+    /// `[r][digit]`, the second digit's zero unless `X2`. `xs`: as [`add_group`].
     ///
     /// `maddubs` adds pairs of u8 × i8 products in i16, saturating; these pair sums never reach it:
     /// 4-bit codes give |pair| ≤ 2·15·127 = 3810, over all eight groups ≤ 30480; 5-bit codes
@@ -1276,14 +1337,13 @@ mod avx2 {
     /// each such run of groups to i32, so the sums are exact.
     ///
     /// # Safety
-    /// avx2 available; `sb` inside the validated buffers; `x`, `x2` (with `X2`) each hold 32 bytes.
+    /// avx2 available; `sb` inside the validated buffers; `xs` as [`add_group`].
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn half_sums<const BITS: u32, const X2: bool, const R: usize>(
         f: &Tiles,
         (sb, half): (usize, usize),
-        x: [*const i8; R],
-        x2: [*const i8; R],
+        xs: ([*const i8; R], [*const i8; R]),
     ) -> [[__m256i; 2]; R] {
         // Groups whose i16 pair sums add before they widen (above).
         let run = match BITS {
@@ -1295,35 +1355,18 @@ mod avx2 {
         let ones = _mm256_set1_epi16(1);
         let mut sum = [[_mm256_setzero_si256(); 2]; R];
         let mut part = [[_mm256_setzero_si256(); 2]; R];
-        // SAFETY: the caller's contract; group g reads bytes 4g..4g + 4 of each token's block.
-        unsafe {
-            for g in 0..8 {
-                let c = group::<BITS>(f, sb, half, g);
-                // 8 bits: q − 128 as i8 (`sign`), its magnitude as u8 (−128 stays 0x80 = 128).
-                let sign = _mm256_xor_si256(c, _mm256_set1_epi8(-128));
-                let mag = if BITS == 8 {
-                    _mm256_abs_epi8(sign)
-                } else {
-                    c
-                };
-                for r in 0..R {
-                    for (dg, p) in [x[r], x2[r]].into_iter().take(digits).enumerate() {
-                        let xq = (p.add(4 * g) as *const i32).read_unaligned();
-                        let xq = _mm256_set1_epi32(xq);
-                        let xq = if BITS == 8 {
-                            _mm256_sign_epi8(xq, sign)
-                        } else {
-                            xq
-                        };
-                        let pairs = _mm256_maddubs_epi16(mag, xq);
-                        part[r][dg] = _mm256_add_epi16(part[r][dg], pairs);
-                    }
-                }
+        for j in 0..4 {
+            // SAFETY: the caller's contract.
+            let pair = unsafe { group_pair::<BITS>(f, sb, half, j) };
+            for (i, c) in pair.into_iter().enumerate() {
+                let g = 2 * j + i;
+                // SAFETY: the caller's contract.
+                unsafe { add_group::<BITS, X2, R>(c, g, xs, &mut part) };
                 if (g + 1) % run == 0 {
                     for (s, p) in sum.iter_mut().zip(part.iter_mut()) {
-                        for dg in 0..digits {
-                            s[dg] = _mm256_add_epi32(s[dg], _mm256_madd_epi16(p[dg], ones));
-                            p[dg] = _mm256_setzero_si256();
+                        for (s, p) in s.iter_mut().zip(p.iter_mut()).take(digits) {
+                            *s = _mm256_add_epi32(*s, _mm256_madd_epi16(*p, ones));
+                            *p = _mm256_setzero_si256();
                         }
                     }
                 }
@@ -1375,7 +1418,7 @@ mod avx2 {
                 } else {
                     x
                 };
-                let sums = half_sums::<BITS, X2, R>(f, (sb, half), x, x2);
+                let sums = half_sums::<BITS, X2, R>(f, (sb, half), (x, x2));
                 for (r, (a, [one, two])) in acc.iter_mut().zip(sums).enumerate() {
                     let xi = (x0 + r) * nb + b;
                     // Two digits meet one factor: d₂·(254·Σc·q + Σc·q₂) (`d₂ = d/254`).
