@@ -19,7 +19,7 @@
 //!   and a blend; the per-block factors `s·d` spread over the lanes by one permute.
 //! - **AVX2** (`vpmaddubsw` + `vpmaddwd`): one block a 256-bit register. `maddubs` saturates its i16
 //!   pair sums, so 8-bit codes run as `q − 128` with `x` taking their sign (`vpsignb`), the zero point
-//!   corrected by `z − 128`.
+//!   corrected by `z − 128`. The packed tiles below too, a tile's 64-byte group as two registers.
 //! - **NEON dotprod** on aarch64 (`sdot`: i8 × i8, four products summed into each i32 lane; ARMv8.2's
 //!   optional dot product, on every phone core since the Cortex-A75/A55): 16 bytes an instruction, 8-bit
 //!   codes as `q − 128` as below. With FEAT_I8MM too (`smmla`: a 2×8 by 8×2 i8 matrix product into
@@ -31,13 +31,17 @@
 //! The activations are in natural element order for every instruction set, so one [`QuantX`] serves
 //! every linear that reads the same input.
 //!
-//! **Packed tiles** ([`Weights::Packed`], made at load by `repack.rs` where [`QIsa::packs`]): 16
-//! weight rows interleaved so that one 64-byte register holds four consecutive codes of each row.
-//! Each token's four activation bytes are broadcast, so `vpdpbusd` sums a row's products in its own
-//! i32 lane: a block's eight groups accumulate in integers, then meet the block's 16 scales in one
-//! conversion and one multiply-add. The row-major forms above pay that float work every 64 bytes,
-//! which bounds prompt products; the tiles pay it every 512 (8-bit codes) and share each weight
-//! register among four tokens.
+//! **Packed tiles** ([`Weights::Packed`], made at load by `repack.rs` where [`QIsa::packs`]: AVX-512
+//! VNNI and AVX2): 16 weight rows interleaved so that one 64-byte register holds four consecutive
+//! codes of each row. Each token's four activation bytes are broadcast, so `vpdpbusd` sums a row's
+//! products in its own i32 lane: a block's eight groups accumulate in integers, then meet the
+//! block's 16 scales in one conversion and one multiply-add. The row-major forms above pay that
+//! float work every 64 bytes, which bounds prompt products; the tiles pay it every 512 (8-bit codes)
+//! and share each weight register among four tokens. AVX2 takes a tile as two halves of 8 rows (a
+//! 256-bit register of each group): `maddubs` + `madd` in place of `vpdpbusd`, 4- and 5-bit codes
+//! adding their i16 pair sums over eight and four groups before widening (below saturation), 8-bit
+//! codes as `q − 128` as in its row-major path; 4- and 5-bit products equal AVX-512's bit for bit.
+//! Neither NEON path reads the tiles yet.
 //!
 //! 8-bit weights with a scale and zero point per 16-element half ([`Weights::Q8`] `halves`, GGUF
 //! Q6_K's form) keep the 32-blocks of `x`: each half's integer sum is taken apart (the lanes
@@ -88,8 +92,8 @@ impl QIsa {
 }
 
 impl QIsa {
-    /// Whether its kernels read [`Weights::Packed`] (the load-time repack, `repack.rs`, is made only
-    /// then; other instruction sets read the file's own forms).
+    /// Whether its kernels read [`Weights::Packed`]: AVX-512 VNNI and AVX2 (the load-time repack,
+    /// `repack.rs`, is made only then; the other instruction sets read the file's own forms).
     pub(crate) fn packs(self) -> bool {
         #[cfg(target_arch = "x86_64")]
         {
@@ -1274,7 +1278,8 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn fifth(f: &Tiles, sb: usize, half: usize, g: usize) -> __m256i {
         // SAFETY: the half's 4 bytes of word g of tile-block `sb`'s 64 high bytes.
-        let bits = unsafe { (f.high.add(sb * 64 + g * 8 + 4 * half) as *const i32).read_unaligned() };
+        let bits =
+            unsafe { (f.high.add(sb * 64 + g * 8 + 4 * half) as *const i32).read_unaligned() };
         // Bit `4r + e` of the half's u32 is the fifth bit of code e of row r: byte i takes byte i/8
         // of the word, keeps bit i % 8, and becomes 16 where that bit is set.
         let spread = _mm256_shuffle_epi8(
@@ -1306,11 +1311,7 @@ mod avx2 {
     ) {
         // q − 128 as i8 (`sign`), its magnitude as u8 (−128 stays 0x80 = 128).
         let sign = _mm256_xor_si256(c, _mm256_set1_epi8(-128));
-        let mag = if BITS == 8 {
-            _mm256_abs_epi8(sign)
-        } else {
-            c
-        };
+        let mag = if BITS == 8 { _mm256_abs_epi8(sign) } else { c };
         let digits = if X2 { 2 } else { 1 };
         for (r, part) in part.iter_mut().enumerate() {
             for (p, part) in [x[r], x2[r]].into_iter().zip(part).take(digits) {

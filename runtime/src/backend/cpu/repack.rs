@@ -5,8 +5,9 @@
 //! scales and per-block zero points. That costs bytes the source did not have — GGUF Q5_0's 5-bit
 //! codes become 8-bit bytes, its f16 scales f32, its one zero point (16) a byte a block — and a
 //! decode step reads every weight once, so those bytes are time. When the CPU's integer kernels
-//! read packed forms ([`QIsa::packs`]) and the precision is [`Precision::Fast`](super::linear::Precision),
-//! the CPU backend repacks each 32-block matrix whose values allow it, **losslessly**:
+//! read packed forms ([`QIsa::packs`]: AVX-512 VNNI and AVX2, not NEON yet) and the precision is
+//! [`Precision::Fast`](super::linear::Precision), the CPU backend repacks each 32-block matrix whose
+//! values allow it, **losslessly**:
 //!
 //! - scales are kept as f16 only when every one is an f16 value (GGUF's are);
 //! - one zero point for the whole matrix (Q8_0: 128, Q5_0: 16, Q4_0: 8) becomes a constant;
@@ -22,9 +23,11 @@
 //!
 //! The packed layout interleaves 16 rows a tile ([`Weights::Packed`]), so the integer kernel sums
 //! a row's block in one register lane and pays the float work once a block of 16 rows (2× Gemma 3's
-//! prompt speed at 2 threads on AVX-512 VNNI; module doc of `linear_q8.rs`). Sizes per 32 weights
-//! (file form → packed): 8-bit codes 37 → 34 bytes, Q5_0's 37 → 22, 4-bit codes 24 → 20; a matrix
-//! whose row count is not a multiple of 16 pads its last tile with zero rows.
+//! prompt speed at 2 threads on AVX-512 VNNI; on AVX2, 8 rows a register, the single-thread products
+//! of `linear_q8.rs`' `bench_packed_vs_rows` run 1.7–3.5× the row-major path's; module doc of
+//! `linear_q8.rs`). Sizes per 32 weights (file form → packed): 8-bit codes 37 → 34 bytes, Q5_0's
+//! 37 → 22, 4-bit codes 24 → 20; a matrix whose row count is not a multiple of 16 pads its last tile
+//! with zero rows.
 //!
 //! The conversion runs at load, in batches of tiles whose file rows are released as soon as they
 //! are converted, so resident memory never holds both forms of a whole matrix.
@@ -555,7 +558,10 @@ pub(crate) mod tests {
                     .map(f16::from_f32)
                     .collect();
                 let fv = file.kernel_view().expect("view");
-                let views = [(packed.view(), true), (with_scaled_zero(&packed, &sz), false)];
+                let views = [
+                    (packed.view(), true),
+                    (with_scaled_zero(&packed, &sz), false),
+                ];
                 for (view, from_file) in views {
                     if !from_file && kind == Kind::Q4_1 {
                         continue; // the same form as the packed Q4_1
@@ -582,8 +588,21 @@ pub(crate) mod tests {
         let n = view.n();
         let mag = magnitudes(view, x, t);
         // Q4_1's s·z is kept as the f16 it came from: within f32 roundings of the file's.
-        let q41 = matches!(view, Weights::Packed { bits: 4, zero: PackedZero::Scaled(_), .. });
-        let tol = |i: usize| if q41 && file.is_some() { 1e-6 * mag[i] } else { 0.0 };
+        let q41 = matches!(
+            view,
+            Weights::Packed {
+                bits: 4,
+                zero: PackedZero::Scaled(_),
+                ..
+            }
+        );
+        let tol = |i: usize| {
+            if q41 && file.is_some() {
+                1e-6 * mag[i]
+            } else {
+                0.0
+            }
+        };
         for acts in [Activations::Int8, Activations::Int8x2] {
             let want = product(file.unwrap_or(view), x, t, acts, QIsa::Scalar);
             let mut by_isa = Vec::new();
@@ -591,7 +610,11 @@ pub(crate) mod tests {
                 let got = product(view, x, t, acts, qisa);
                 for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                     let err = (*g as f64 - *w as f64).abs();
-                    let bound = if qisa == QIsa::Scalar { tol(i) } else { 1e-6 * mag[i] + tol(i) };
+                    let bound = if qisa == QIsa::Scalar {
+                        tol(i)
+                    } else {
+                        1e-6 * mag[i] + tol(i)
+                    };
                     assert!(err <= bound, "{what} {qisa:?} {acts:?} [{i}]: {g} vs {w}");
                 }
                 by_isa.push((qisa, got));
@@ -658,7 +681,14 @@ pub(crate) mod tests {
             });
             let packed = pack(&file).expect("packs");
             let fv = file.kernel_view().expect("view");
-            packed_view_agrees(&packed.view(), Some(&fv), &x, t, &isas, &format!("{kind:?}"));
+            packed_view_agrees(
+                &packed.view(),
+                Some(&fv),
+                &x,
+                t,
+                &isas,
+                &format!("{kind:?}"),
+            );
         }
     }
 
