@@ -24,7 +24,7 @@
 //! The packed layout interleaves 16 rows a tile ([`Weights::Packed`]), so the integer kernel sums
 //! a row's block in one register lane and pays the float work once a block of 16 rows (2× Gemma 3's
 //! prompt speed at 2 threads on AVX-512 VNNI; on AVX2, 8 rows a register, the single-thread products
-//! of `linear_q8.rs`' `bench_packed_vs_rows` run 1.7–3.5× the row-major path's; module doc of
+//! of `linear_q8.rs`' `bench_packed_vs_rows` run 1.7–3.1× the row-major path's; module doc of
 //! `linear_q8.rs`). Sizes per 32 weights (file form → packed): 8-bit codes 37 → 34 bytes, Q5_0's
 //! 37 → 22, 4-bit codes 24 → 20; a matrix whose row count is not a multiple of 16 pads its last tile
 //! with zero rows.
