@@ -19,7 +19,7 @@
 //!   and a blend; the per-block factors `s·d` spread over the lanes by one permute.
 //! - **AVX2** (`vpmaddubsw` + `vpmaddwd`): one block a 256-bit register. `maddubs` saturates its i16
 //!   pair sums, so 8-bit codes run as `q − 128` with `x` taking their sign (`vpsignb`), the zero point
-//!   corrected by `z − 128`.
+//!   corrected by `z − 128`. The packed tiles below too, a tile's 64-byte group as two registers.
 //! - **NEON dotprod** on aarch64 (`sdot`: i8 × i8, four products summed into each i32 lane; ARMv8.2's
 //!   optional dot product, on every phone core since the Cortex-A75/A55): 16 bytes an instruction, 8-bit
 //!   codes as `q − 128` as below. With FEAT_I8MM too (`smmla`: a 2×8 by 8×2 i8 matrix product into
@@ -31,13 +31,17 @@
 //! The activations are in natural element order for every instruction set, so one [`QuantX`] serves
 //! every linear that reads the same input.
 //!
-//! **Packed tiles** ([`Weights::Packed`], made at load by `repack.rs` where [`QIsa::packs`]): 16
-//! weight rows interleaved so that one 64-byte register holds four consecutive codes of each row.
-//! Each token's four activation bytes are broadcast, so `vpdpbusd` sums a row's products in its own
-//! i32 lane: a block's eight groups accumulate in integers, then meet the block's 16 scales in one
-//! conversion and one multiply-add. The row-major forms above pay that float work every 64 bytes,
-//! which bounds prompt products; the tiles pay it every 512 (8-bit codes) and share each weight
-//! register among four tokens.
+//! **Packed tiles** ([`Weights::Packed`], made at load by `repack.rs` where [`QIsa::packs`]: AVX-512
+//! VNNI and AVX2): 16 weight rows interleaved so that one 64-byte register holds four consecutive
+//! codes of each row. Each token's four activation bytes are broadcast, so `vpdpbusd` sums a row's
+//! products in its own i32 lane: a block's eight groups accumulate in integers, then meet the
+//! block's 16 scales in one conversion and one multiply-add. The row-major forms above pay that
+//! float work every 64 bytes, which bounds prompt products; the tiles pay it every 512 (8-bit codes)
+//! and share each weight register among four tokens. AVX2 takes a tile as two halves of 8 rows (a
+//! 256-bit register of each group): `maddubs` + `madd` in place of `vpdpbusd`, 4- and 5-bit codes
+//! adding their i16 pair sums over eight and four groups before widening (below saturation), 8-bit
+//! codes as `q − 128` as in its row-major path; 4- and 5-bit products equal AVX-512's bit for bit.
+//! Neither NEON path reads the tiles yet.
 //!
 //! 8-bit weights with a scale and zero point per 16-element half ([`Weights::Q8`] `halves`, GGUF
 //! Q6_K's form) keep the 32-blocks of `x`: each half's integer sum is taken apart (the lanes
@@ -88,12 +92,12 @@ impl QIsa {
 }
 
 impl QIsa {
-    /// Whether its kernels read [`Weights::Packed`] (the load-time repack, `repack.rs`, is made only
-    /// then; other instruction sets read the file's own forms).
+    /// Whether its kernels read [`Weights::Packed`]: AVX-512 VNNI and AVX2 (the load-time repack,
+    /// `repack.rs`, is made only then; the other instruction sets read the file's own forms).
     pub(crate) fn packs(self) -> bool {
         #[cfg(target_arch = "x86_64")]
         {
-            self == QIsa::Avx512Vnni
+            matches!(self, QIsa::Avx512Vnni | QIsa::Avx2)
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
@@ -943,6 +947,7 @@ mod avx512 {
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::{QuantX, Weights, BLOCK};
+    use crate::backend::cpu::linear::{packed_block_bytes, PackedZero, TILE_ROWS};
     use crate::backend::cpu::simd::x86::hsum;
     use std::arch::x86_64::*;
 
@@ -1139,7 +1144,7 @@ mod avx2 {
     /// Integer rows: `out[(row − start)·T + t]`.
     ///
     /// # Safety
-    /// avx2+fma+f16c available; `w` a validated Q4/Q8; `qx` quantized from `[T, K]`;
+    /// avx2+fma+f16c available; `w` a validated Q4/Q8/Packed; `qx` quantized from `[T, K]`;
     /// `out.len() == rows.len()·T`.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn rows(
@@ -1151,6 +1156,9 @@ mod avx2 {
     ) {
         // SAFETY: forwarded contract.
         unsafe {
+            if matches!(*w, Weights::Packed { .. }) {
+                return packed_rows(w, qx, t, rows, out);
+            }
             let h = matches!(*w, Weights::Q8 { halves: true, .. });
             match (h, !qx.q2.is_empty()) {
                 (true, true) => rows_of::<true, true>(w, qx, t, rows, out),
@@ -1189,6 +1197,340 @@ mod avx2 {
                     out[i * t + tt] = tile::<H, X2, 1>(w, qx, tt, row)[0];
                 }
                 tt += 1;
+            }
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------------
+    // Packed tiles
+    // -----------------------------------------------------------------------------------------------
+
+    /// Rows of a half tile: one i32 lane of a 256-bit register each (a tile's 64-byte group is two
+    /// registers, rows 0–7 and rows 8–15).
+    const HALF_ROWS: usize = TILE_ROWS / 2;
+
+    /// A packed matrix's zero-point term ([`PackedZero`]) as a raw pointer. For 8-bit codes, which
+    /// the kernel multiplies as `q − 128`, a constant zero point is kept as `z − 128`.
+    #[derive(Clone, Copy)]
+    enum TileZero {
+        Const(f32),
+        Scaled(*const u16),
+    }
+
+    /// A [`Weights::Packed`] as raw pointers.
+    #[derive(Clone, Copy)]
+    struct Tiles {
+        codes: *const u8,
+        high: *const u8,
+        scales: *const u16,
+        zero: TileZero,
+        /// 32-blocks a row.
+        nb: usize,
+    }
+
+    /// The codes of groups `2j` and `2j + 1` (j in 0..4) of tile-block `sb` for the tile's rows
+    /// `8·half..8·half + 8`, as u8: byte `4·r + e` of group g's register is code `4g + e` of row
+    /// `8·half + r`.
+    ///
+    /// # Safety
+    /// avx2 available; `sb` inside the validated buffers; `half` 0 or 1.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn group_pair<const BITS: u32>(
+        f: &Tiles,
+        sb: usize,
+        half: usize,
+        j: usize,
+    ) -> [__m256i; 2] {
+        // SAFETY: reads inside tile-block `sb`: the half's 32 bytes of 64-byte registers of its
+        // packed_block_bytes(BITS) code bytes (and `fifth`'s reads).
+        unsafe {
+            let base = f.codes.add(sb * packed_block_bytes(BITS) + 32 * half);
+            if BITS == 8 {
+                let p = base.add(2 * j * 64);
+                return [
+                    _mm256_loadu_si256(p as *const __m256i),
+                    _mm256_loadu_si256(p.add(64) as *const __m256i),
+                ];
+            }
+            // Register j: group 2j in the low nibbles, 2j + 1 in the high ones.
+            let v = _mm256_loadu_si256(base.add(j * 64) as *const __m256i);
+            let m = _mm256_set1_epi8(15);
+            let mut c = [
+                _mm256_and_si256(v, m),
+                _mm256_and_si256(_mm256_srli_epi16::<4>(v), m),
+            ];
+            if BITS == 5 {
+                for (i, c) in c.iter_mut().enumerate() {
+                    *c = _mm256_or_si256(*c, fifth(f, sb, half, 2 * j + i));
+                }
+            }
+            c
+        }
+    }
+
+    /// The fifth bits of group `g` of tile-block `sb` for the tile's rows `8·half..8·half + 8`: 16
+    /// in byte `4·r + e` where code `4g + e` of row `8·half + r` has it, else 0.
+    ///
+    /// # Safety
+    /// avx2 available; `sb` inside the validated buffers of a 5-bit matrix; `half` 0 or 1.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn fifth(f: &Tiles, sb: usize, half: usize, g: usize) -> __m256i {
+        // SAFETY: the half's 4 bytes of word g of tile-block `sb`'s 64 high bytes.
+        let bits =
+            unsafe { (f.high.add(sb * 64 + g * 8 + 4 * half) as *const i32).read_unaligned() };
+        // Bit `4r + e` of the half's u32 is the fifth bit of code e of row r: byte i takes byte i/8
+        // of the word, keeps bit i % 8, and becomes 16 where that bit is set.
+        let spread = _mm256_shuffle_epi8(
+            _mm256_set1_epi32(bits),
+            _mm256_setr_epi8(
+                0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3,
+                3, 3, 3, 3,
+            ),
+        );
+        let pick = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+        let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, pick), pick);
+        _mm256_and_si256(set, _mm256_set1_epi8(16))
+    }
+
+    /// Adds group `g`'s products (codes `c`, u8) with `R` token rows to the i16 pair sums `part`
+    /// (`[r][digit]`): `x[r]` (`x2[r]`) points at token r's block in the first (second) digit, whose
+    /// bytes `4g..4g + 4` are broadcast. 8 bits: `c` is multiplied as `q − 128`, its magnitude by x
+    /// taking its sign.
+    ///
+    /// # Safety
+    /// avx2 available; `x`, `x2` (with `X2`) each hold 32 bytes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn add_group<const BITS: u32, const X2: bool, const R: usize>(
+        c: __m256i,
+        g: usize,
+        (x, x2): ([*const i8; R], [*const i8; R]),
+        part: &mut [[__m256i; 2]; R],
+    ) {
+        // q − 128 as i8 (`sign`), its magnitude as u8 (−128 stays 0x80 = 128).
+        let sign = _mm256_xor_si256(c, _mm256_set1_epi8(-128));
+        let mag = if BITS == 8 { _mm256_abs_epi8(sign) } else { c };
+        let digits = if X2 { 2 } else { 1 };
+        for (r, part) in part.iter_mut().enumerate() {
+            for (p, part) in [x[r], x2[r]].into_iter().zip(part).take(digits) {
+                // SAFETY: bytes 4g..4g + 4 of the token's 32-byte block (g < 8).
+                let xq = unsafe { (p.add(4 * g) as *const i32).read_unaligned() };
+                let xq = _mm256_set1_epi32(xq);
+                let xq = if BITS == 8 {
+                    _mm256_sign_epi8(xq, sign)
+                } else {
+                    xq
+                };
+                *part = _mm256_add_epi16(*part, _mm256_maddubs_epi16(mag, xq));
+            }
+        }
+    }
+
+    /// The integer sums of tile-block `sb`'s rows `8·half..+8` (a lane each) with `R` token rows:
+    /// `[r][digit]`, the second digit's zero unless `X2`. `xs`: as [`add_group`].
+    ///
+    /// `maddubs` adds pairs of u8 × i8 products in i16, saturating; these pair sums never reach it:
+    /// 4-bit codes give |pair| ≤ 2·15·127 = 3810, over all eight groups ≤ 30480; 5-bit codes
+    /// 2·31·127 = 7874, over four groups ≤ 31496; 8-bit codes run as |q − 128| with x taking the
+    /// sign of q − 128 (as the row-major path), ≤ 2·128·127 = 32512 for one group. `madd` widens
+    /// each such run of groups to i32, so the sums are exact.
+    ///
+    /// # Safety
+    /// avx2 available; `sb` inside the validated buffers; `xs` as [`add_group`].
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn half_sums<const BITS: u32, const X2: bool, const R: usize>(
+        f: &Tiles,
+        (sb, half): (usize, usize),
+        xs: ([*const i8; R], [*const i8; R]),
+    ) -> [[__m256i; 2]; R] {
+        // Groups whose i16 pair sums add before they widen (above).
+        let run = match BITS {
+            4 => 8,
+            5 => 4,
+            _ => 1,
+        };
+        let digits = if X2 { 2 } else { 1 };
+        let ones = _mm256_set1_epi16(1);
+        let mut sum = [[_mm256_setzero_si256(); 2]; R];
+        let mut part = [[_mm256_setzero_si256(); 2]; R];
+        for j in 0..4 {
+            // SAFETY: the caller's contract.
+            let pair = unsafe { group_pair::<BITS>(f, sb, half, j) };
+            for (i, c) in pair.into_iter().enumerate() {
+                let g = 2 * j + i;
+                // SAFETY: the caller's contract.
+                unsafe { add_group::<BITS, X2, R>(c, g, xs, &mut part) };
+                if (g + 1) % run == 0 {
+                    for (s, p) in sum.iter_mut().zip(part.iter_mut()) {
+                        for (s, p) in s.iter_mut().zip(p.iter_mut()).take(digits) {
+                            *s = _mm256_add_epi32(*s, _mm256_madd_epi16(*p, ones));
+                            *p = _mm256_setzero_si256();
+                        }
+                    }
+                }
+            }
+        }
+        sum
+    }
+
+    /// One half tile (rows `8·half..+8` of tile `tile`, a lane each) times `R` token rows of `qx`
+    /// from `x0`: each block's integer sums ([`half_sums`]) meet the block's scales in one
+    /// conversion and one multiply-add, its zero-point term in another.
+    ///
+    /// # Safety
+    /// avx2+fma+f16c available; `tile` inside the validated matrix; `qx` holds ≥ `x0 + R` rows.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn packed_half<const BITS: u32, const X2: bool, const R: usize>(
+        f: &Tiles,
+        (tile, half): (usize, usize),
+        qx: &QuantX,
+        x0: usize,
+    ) -> [__m256; R] {
+        let (nb, k) = (f.nb, f.nb * BLOCK);
+        let k254 = _mm256_set1_epi32(254);
+        let mut acc = [_mm256_setzero_ps(); R];
+        // SAFETY: tile-blocks tile·nb + b are inside the buffers (their scales and zero terms at
+        // sb·16 + 8·half, 8 each); the qx reads are rows x0..x0 + R of [T, K] and [T, nb].
+        unsafe {
+            for b in 0..nb {
+                let sb = tile * nb + b;
+                let at = sb * TILE_ROWS + HALF_ROWS * half;
+                let s = _mm256_cvtph_ps(_mm_loadu_si128(f.scales.add(at) as *const __m128i));
+                // The zero-point term of the codes as multiplied (8 bits: s·z − 128·s).
+                let sz = match f.zero {
+                    TileZero::Const(z) => _mm256_mul_ps(s, _mm256_set1_ps(z)),
+                    TileZero::Scaled(p) => {
+                        let sz = _mm256_cvtph_ps(_mm_loadu_si128(p.add(at) as *const __m128i));
+                        if BITS == 8 {
+                            _mm256_fnmadd_ps(s, _mm256_set1_ps(128.0), sz)
+                        } else {
+                            sz
+                        }
+                    }
+                };
+                let e = |r: usize| (x0 + r) * k + b * BLOCK;
+                let x: [*const i8; R] = std::array::from_fn(|r| qx.q.as_ptr().add(e(r)));
+                let x2 = if X2 {
+                    std::array::from_fn(|r| qx.q2.as_ptr().add(e(r)))
+                } else {
+                    x
+                };
+                let sums = half_sums::<BITS, X2, R>(f, (sb, half), (x, x2));
+                for (r, (a, [one, two])) in acc.iter_mut().zip(sums).enumerate() {
+                    let xi = (x0 + r) * nb + b;
+                    // Two digits meet one factor: d₂·(254·Σc·q + Σc·q₂) (`d₂ = d/254`).
+                    let (sum, d) = if X2 {
+                        let sum = _mm256_add_epi32(_mm256_mullo_epi32(one, k254), two);
+                        (sum, *qx.d2.get_unchecked(xi))
+                    } else {
+                        (one, *qx.d.get_unchecked(xi))
+                    };
+                    let fac = _mm256_mul_ps(s, _mm256_set1_ps(d));
+                    *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), fac, *a);
+                    let ds = _mm256_set1_ps(*qx.ds.get_unchecked(xi));
+                    *a = _mm256_fnmadd_ps(sz, ds, *a);
+                }
+            }
+        }
+        acc
+    }
+
+    /// [`packed_half`] over the half tiles covering `rows` and all T token rows (tiles of
+    /// [`TILE`] tokens, then one): `out[(row − start)·T + t]`.
+    ///
+    /// # Safety
+    /// As [`rows`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn packed_rows_of<const BITS: u32, const X2: bool>(
+        f: &Tiles,
+        qx: &QuantX,
+        t: usize,
+        rows: std::ops::Range<usize>,
+        out: &mut [f32],
+    ) {
+        let put = |acc: &[__m256], h: usize, tt: usize, out: &mut [f32]| {
+            let mut lanes = [0f32; HALF_ROWS];
+            let first = (h * HALF_ROWS).max(rows.start);
+            let last = ((h + 1) * HALF_ROWS).min(rows.end);
+            for (r, a) in acc.iter().enumerate() {
+                // SAFETY: 8 f32 into an 8-element array.
+                unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), *a) };
+                for row in first..last {
+                    out[(row - rows.start) * t + tt + r] = lanes[row - h * HALF_ROWS];
+                }
+            }
+        };
+        // Half tiles: a task's rows need not start or end on a tile (a linear group's members).
+        let halves = rows.start / HALF_ROWS..rows.end.div_ceil(HALF_ROWS);
+        // SAFETY: forwarded contract; tt + R <= T.
+        unsafe {
+            let mut tt = 0;
+            while tt + TILE <= t {
+                for h in halves.clone() {
+                    let acc = packed_half::<BITS, X2, TILE>(f, (h / 2, h % 2), qx, tt);
+                    put(&acc, h, tt, out);
+                }
+                tt += TILE;
+            }
+            while tt < t {
+                for h in halves.clone() {
+                    let acc = packed_half::<BITS, X2, 1>(f, (h / 2, h % 2), qx, tt);
+                    put(&acc, h, tt, out);
+                }
+                tt += 1;
+            }
+        }
+    }
+
+    /// Integer rows of a [`Weights::Packed`]: `out[(row − start)·T + t]`.
+    ///
+    /// # Safety
+    /// As [`rows`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn packed_rows(
+        w: &Weights,
+        qx: &QuantX,
+        t: usize,
+        rows: std::ops::Range<usize>,
+        out: &mut [f32],
+    ) {
+        let Weights::Packed {
+            bits,
+            codes,
+            high,
+            scales,
+            zero,
+            k,
+            ..
+        } = *w
+        else {
+            return;
+        };
+        let f = Tiles {
+            codes: codes.as_ptr(),
+            high: high.as_ptr(),
+            scales: scales.as_ptr() as *const u16,
+            zero: match zero {
+                PackedZero::Const(z) if bits == 8 => TileZero::Const(z - 128.0),
+                PackedZero::Const(z) => TileZero::Const(z),
+                PackedZero::Scaled(sz) => TileZero::Scaled(sz.as_ptr() as *const u16),
+            },
+            nb: k / BLOCK,
+        };
+        let x2 = !qx.q2.is_empty();
+        // SAFETY: forwarded contract.
+        unsafe {
+            match (bits, x2) {
+                (4, true) => packed_rows_of::<4, true>(&f, qx, t, rows, out),
+                (4, false) => packed_rows_of::<4, false>(&f, qx, t, rows, out),
+                (5, true) => packed_rows_of::<5, true>(&f, qx, t, rows, out),
+                (5, false) => packed_rows_of::<5, false>(&f, qx, t, rows, out),
+                (_, true) => packed_rows_of::<8, true>(&f, qx, t, rows, out),
+                (_, false) => packed_rows_of::<8, false>(&f, qx, t, rows, out),
             }
         }
     }
@@ -1641,6 +1983,56 @@ mod tests {
                     (q * d - v).abs() <= d * 0.5001 + 1e-30,
                     "block {b} [{i}]: {v} → {q}·{d}"
                 );
+            }
+        }
+    }
+
+    /// Times each integer ISA's product (scalar excluded) of the row-major file form against its
+    /// packed tiles, on the calling thread, for Gemma-3-270M-like shapes: decode (T = 1, two-digit
+    /// activations, as the executor runs decode) and a prompt chunk (T = 64, one digit). Medians of
+    /// several runs; the activations are quantized once, outside the timing.
+    ///
+    /// `cargo test --release -p onestep --lib -- --ignored bench_packed --nocapture --test-threads 1`
+    #[test]
+    #[ignore = "timing: run with --ignored --nocapture --test-threads 1"]
+    fn bench_packed_vs_rows() {
+        use crate::backend::cpu::repack::{pack, tests::file_form, tests::Kind};
+        use rand::{rngs::StdRng, Rng, SeedableRng};
+        let mut rng = StdRng::seed_from_u64(5);
+        println!("| form | K | N | T | acts | isa | rows µs | packed µs | rows ÷ packed |");
+        println!("|---|---|---|---|---|---|---|---|---|");
+        for kind in [Kind::Q8_0, Kind::Q5_0, Kind::Q4_0, Kind::Q4_1] {
+            for (k, n) in [(640, 2048), (2048, 640), (640, 1024)] {
+                let file = file_form(kind, n, k, &mut rng);
+                let packed = pack(&file).expect("packs");
+                let (fv, pv) = (file.kernel_view().expect("view"), packed.view());
+                for (t, two, runs) in [(1, true, 51), (64, false, 9)] {
+                    let x: Vec<f32> = (0..t * k).map(|_| rng.random_range(-2.0..2.0)).collect();
+                    let qx = QuantX::new(&x, two);
+                    let mut out = vec![0f32; n * t];
+                    for isa in available().into_iter().filter(|&i| i != QIsa::Scalar) {
+                        let mut median = |w: &Weights| {
+                            rows(w, &qx, t, 0..n, &mut out, isa);
+                            let mut us: Vec<f64> = (0..runs)
+                                .map(|_| {
+                                    let start = std::time::Instant::now();
+                                    rows(w, &qx, t, 0..n, &mut out, isa);
+                                    start.elapsed().as_secs_f64() * 1e6
+                                })
+                                .collect();
+                            us.sort_by(f64::total_cmp);
+                            us[runs / 2]
+                        };
+                        let (a, b) = (median(&fv), median(&pv));
+                        let packs = if isa.packs() { "" } else { " (not read)" };
+                        let acts = if two { "int8x2" } else { "int8" };
+                        println!(
+                            "| {kind:?} | {k} | {n} | {t} | {acts} | {} | {a:.1} | {b:.1}{packs} | {:.2}× |",
+                            isa.name(),
+                            a / b
+                        );
+                    }
+                }
             }
         }
     }

@@ -5,8 +5,9 @@
 //! scales and per-block zero points. That costs bytes the source did not have — GGUF Q5_0's 5-bit
 //! codes become 8-bit bytes, its f16 scales f32, its one zero point (16) a byte a block — and a
 //! decode step reads every weight once, so those bytes are time. When the CPU's integer kernels
-//! read packed forms ([`QIsa::packs`]) and the precision is [`Precision::Fast`](super::linear::Precision),
-//! the CPU backend repacks each 32-block matrix whose values allow it, **losslessly**:
+//! read packed forms ([`QIsa::packs`]: AVX-512 VNNI and AVX2, not NEON yet) and the precision is
+//! [`Precision::Fast`](super::linear::Precision), the CPU backend repacks each 32-block matrix whose
+//! values allow it, **losslessly**:
 //!
 //! - scales are kept as f16 only when every one is an f16 value (GGUF's are);
 //! - one zero point for the whole matrix (Q8_0: 128, Q5_0: 16, Q4_0: 8) becomes a constant;
@@ -22,9 +23,11 @@
 //!
 //! The packed layout interleaves 16 rows a tile ([`Weights::Packed`]), so the integer kernel sums
 //! a row's block in one register lane and pays the float work once a block of 16 rows (2× Gemma 3's
-//! prompt speed at 2 threads on AVX-512 VNNI; module doc of `linear_q8.rs`). Sizes per 32 weights
-//! (file form → packed): 8-bit codes 37 → 34 bytes, Q5_0's 37 → 22, 4-bit codes 24 → 20; a matrix
-//! whose row count is not a multiple of 16 pads its last tile with zero rows.
+//! prompt speed at 2 threads on AVX-512 VNNI; on AVX2, 8 rows a register, the single-thread products
+//! of `linear_q8.rs`' `bench_packed_vs_rows` run 1.7–3.1× the row-major path's; module doc of
+//! `linear_q8.rs`). Sizes per 32 weights (file form → packed): 8-bit codes 37 → 34 bytes, Q5_0's
+//! 37 → 22, 4-bit codes 24 → 20; a matrix whose row count is not a multiple of 16 pads its last tile
+//! with zero rows.
 //!
 //! The conversion runs at load, in batches of tiles whose file rows are released as soon as they
 //! are converted, so resident memory never holds both forms of a whole matrix.
@@ -356,7 +359,7 @@ fn release_replaced(w: &LinearWeights) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::backend::cpu::linear::{linear_isa, Activations};
     use crate::backend::cpu::linear_q8;
@@ -367,7 +370,7 @@ mod tests {
 
     /// The GGUF-like block forms the exporter writes, as the file holds them.
     #[derive(Debug, Clone, Copy, PartialEq)]
-    enum Kind {
+    pub(crate) enum Kind {
         /// 8-bit codes, zero point 128 everywhere.
         Q8_0,
         /// 8-bit codes below 32, zero point 16 everywhere.
@@ -385,7 +388,7 @@ mod tests {
     }
 
     /// A random `[n, k]` matrix of `kind` in the file's form.
-    fn file_form(kind: Kind, n: usize, k: usize, rng: &mut StdRng) -> LinearWeights {
+    pub(crate) fn file_form(kind: Kind, n: usize, k: usize, rng: &mut StdRng) -> LinearWeights {
         let nb = n * k / BLOCK;
         let d = f16_values(rng, nb, 0.05);
         let (bits, codes, zero) = match kind {
@@ -418,6 +421,44 @@ mod tests {
         let mut out = vec![f32::NAN; t * w.n()];
         linear_isa(x, t, w, None, &mut out, acts, (Isa::Scalar, qisa), None).expect("runs");
         out
+    }
+
+    /// Σ|w·x| of each result `[T, N]`, the scale of f32 rounding in it.
+    fn magnitudes(w: &Weights, x: &[f32], t: usize) -> Vec<f64> {
+        let (n, k) = (w.n(), w.k());
+        (0..t * n)
+            .map(|i| {
+                let (tt, row) = (i / n, i % n);
+                (0..k)
+                    .map(|c| (w.get(row, c) as f64 * x[tt * k + c] as f64).abs())
+                    .sum()
+            })
+            .collect()
+    }
+
+    /// `p`'s view with an f16 `s·z` a block (`sz`, tile order) for its zero-point term: the form
+    /// Q4_1 packs into, here for any code width (the kernels take it for each).
+    fn with_scaled_zero<'a>(p: &'a PackedMatrix, sz: &'a [f16]) -> Weights<'a> {
+        match p.view() {
+            Weights::Packed {
+                bits,
+                codes,
+                high,
+                scales,
+                n,
+                k,
+                ..
+            } => Weights::Packed {
+                bits,
+                codes,
+                high,
+                scales,
+                zero: PackedZero::Scaled(sz),
+                n,
+                k,
+            },
+            other => other,
+        }
     }
 
     #[test]
@@ -467,15 +508,7 @@ mod tests {
             let packed = pack(&file).expect("packs");
             let fv = file.kernel_view().expect("view");
             let x: Vec<f32> = (0..t * k).map(|_| rng.random_range(-2.0..2.0)).collect();
-            // Σ|w·x| a result, the scale of f32 rounding in it.
-            let mag: Vec<f64> = (0..t * n)
-                .map(|i| {
-                    let (tt, row) = (i / n, i % n);
-                    (0..k)
-                        .map(|c| (fv.get(row, c) as f64 * x[tt * k + c] as f64).abs())
-                        .sum()
-                })
-                .collect();
+            let mag = magnitudes(&fv, &x, t);
             for acts in [Activations::Int8, Activations::Int8x2] {
                 // The portable path sums blocks in the same order for both layouts: equal bits
                 // (Q4_1's f16 zero term within f32 roundings).
@@ -500,6 +533,174 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Each integer ISA's packed product across shapes: N not a multiple of 16 (a padded tile; 7:
+    /// less than a half tile), K of 1, 3 and 17 blocks, T = 1, 4, 5 and 17 (tiles of four tokens and
+    /// the rest), every packed form (8-, 5- and 4-bit codes with their constant zero point, Q4_1's
+    /// 4-bit with an f16 `s·z`, and 8- and 5-bit with an f16 `s·z` too) and both activation forms.
+    /// The bar is the one above: the file form's product (or, for the forms no GGUF file packs
+    /// into, the portable path's on the same packed view) up to f32 summation order. AVX2 and
+    /// AVX-512 sum the same integers and apply the same float operations lane by lane to 4- and
+    /// 5-bit codes: equal bits there. A task's rows starting and ending inside a tile equal the
+    /// whole product's, bit for bit.
+    #[test]
+    fn packed_products_agree_across_shapes_on_every_integer_isa() {
+        let mut rng = StdRng::seed_from_u64(19);
+        let isas = linear_q8::available();
+        for kind in [Kind::Q8_0, Kind::Q5_0, Kind::Q4_0, Kind::Q4_1] {
+            for (n, nb) in [(7, 3), (16, 1), (33, 3), (40, 17)] {
+                let k = nb * BLOCK;
+                let file = file_form(kind, n, k, &mut rng);
+                let packed = pack(&file).expect("packs");
+                let sz: Vec<f16> = f16_values(&mut rng, packed.scales.len(), 0.5)
+                    .into_iter()
+                    .map(f16::from_f32)
+                    .collect();
+                let fv = file.kernel_view().expect("view");
+                let views = [
+                    (packed.view(), true),
+                    (with_scaled_zero(&packed, &sz), false),
+                ];
+                for (view, from_file) in views {
+                    if !from_file && kind == Kind::Q4_1 {
+                        continue; // the same form as the packed Q4_1
+                    }
+                    for t in [1, 4, 5, 17] {
+                        let x: Vec<f32> = (0..t * k).map(|_| rng.random_range(-2.0..2.0)).collect();
+                        let what = format!("{kind:?} s·z {} n{n} k{k} t{t}", !from_file);
+                        packed_view_agrees(&view, from_file.then_some(&fv), &x, t, &isas, &what);
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`packed_products_agree_across_shapes_on_every_integer_isa`] for one view and input.
+    fn packed_view_agrees(
+        view: &Weights,
+        file: Option<&Weights>,
+        x: &[f32],
+        t: usize,
+        isas: &[QIsa],
+        what: &str,
+    ) {
+        let n = view.n();
+        let mag = magnitudes(view, x, t);
+        // Q4_1's s·z is kept as the f16 it came from: within f32 roundings of the file's.
+        let q41 = matches!(
+            view,
+            Weights::Packed {
+                bits: 4,
+                zero: PackedZero::Scaled(_),
+                ..
+            }
+        );
+        let tol = |i: usize| {
+            if q41 && file.is_some() {
+                1e-6 * mag[i]
+            } else {
+                0.0
+            }
+        };
+        for acts in [Activations::Int8, Activations::Int8x2] {
+            let want = product(file.unwrap_or(view), x, t, acts, QIsa::Scalar);
+            let mut by_isa = Vec::new();
+            for &qisa in isas {
+                let got = product(view, x, t, acts, qisa);
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    let err = (*g as f64 - *w as f64).abs();
+                    let bound = if qisa == QIsa::Scalar {
+                        tol(i)
+                    } else {
+                        1e-6 * mag[i] + tol(i)
+                    };
+                    assert!(err <= bound, "{what} {qisa:?} {acts:?} [{i}]: {g} vs {w}");
+                }
+                by_isa.push((qisa, got));
+            }
+            let equal = bit_equal_isas(view);
+            let same: Vec<_> = by_isa.iter().filter(|(i, _)| equal.contains(i)).collect();
+            for pair in same.windows(2) {
+                let ((a, ga), (b, gb)) = (pair[0], pair[1]);
+                assert_eq!(ga, gb, "{what} {acts:?}: {a:?} and {b:?} bits");
+            }
+            // Rows from inside a tile to inside another (a linear group's members split so).
+            let qx = linear_q8::QuantX::new(x, acts == Activations::Int8x2);
+            for &qisa in isas {
+                let mut whole = vec![0f32; n * t];
+                linear_q8::rows(view, &qx, t, 0..n, &mut whole, qisa);
+                let ranges = [3..n - 2, 9..n.min(15), n - 1..n];
+                for rows in ranges.into_iter().filter(|r| !r.is_empty()) {
+                    let mut part = vec![f32::NAN; rows.len() * t];
+                    linear_q8::rows(view, &qx, t, rows.clone(), &mut part, qisa);
+                    let same = &whole[rows.start * t..rows.end * t];
+                    assert_eq!(part, same, "{what} {qisa:?} {acts:?} rows {rows:?}");
+                }
+            }
+        }
+    }
+
+    /// `w` with the codes `code(byte index)` (bytes as the file holds them).
+    fn with_codes(w: &LinearWeights, code: impl Fn(usize) -> u8) -> LinearWeights {
+        let WeightForm::Block {
+            bits,
+            block,
+            b,
+            scales,
+            zero,
+        } = &w.form
+        else {
+            panic!("a block form");
+        };
+        let codes: Vec<u8> = (0..b.typed::<u8>().len()).map(code).collect();
+        let b = Tensor::from_slice(DType::U8, &[codes.len()], &codes);
+        LinearWeights::block(w.n, w.k, *bits, *block, b, scales.clone(), Some(zero))
+            .expect("a valid block matrix")
+    }
+
+    /// The codes at the extremes of `maddubs`' i16 pair sums (4 bits: all 15; 5 bits: all 31; 8
+    /// bits: 0 and 255 on alternate rows) against activations all at ±127 (every block's values
+    /// equal), so the sums the kernels add in i16 before widening reach their bounds
+    /// (`linear_q8.rs`, AVX2 `half_sums`): each integer ISA still gives the file form's product.
+    #[test]
+    fn packed_products_hold_at_the_extreme_codes() {
+        let mut rng = StdRng::seed_from_u64(23);
+        let (n, k, t) = (24, 96, 5);
+        let x: Vec<f32> = (0..t * k)
+            .map(|i| if (i / k) % 2 == 0 { 1.5 } else { -0.75 })
+            .collect();
+        let isas = linear_q8::available();
+        for kind in [Kind::Q8_0, Kind::Q5_0, Kind::Q4_0, Kind::Q4_1] {
+            let random = file_form(kind, n, k, &mut rng);
+            let file = with_codes(&random, |i| match kind {
+                Kind::Q8_0 if (i / k) % 2 == 0 => 0,
+                Kind::Q8_0 => 255,
+                Kind::Q5_0 => 31,
+                Kind::Q4_0 | Kind::Q4_1 => 0xFF,
+            });
+            let packed = pack(&file).expect("packs");
+            let fv = file.kernel_view().expect("view");
+            packed_view_agrees(
+                &packed.view(),
+                Some(&fv),
+                &x,
+                t,
+                &isas,
+                &format!("{kind:?}"),
+            );
+        }
+    }
+
+    /// The integer ISAs whose packed products of `view` are equal bit for bit: AVX2 and AVX-512 on
+    /// 4- and 5-bit codes (8-bit codes: AVX2 multiplies `q − 128`).
+    fn bit_equal_isas(view: &Weights) -> Vec<QIsa> {
+        #[cfg(target_arch = "x86_64")]
+        if matches!(view, Weights::Packed { bits: 4 | 5, .. }) {
+            return vec![QIsa::Avx2, QIsa::Avx512Vnni];
+        }
+        let _ = view;
+        Vec::new()
     }
 
     #[test]
