@@ -411,7 +411,8 @@ pub struct FoldedNorm {
     pub node: usize,
     /// Its scale `[D]` (a constant).
     pub scale: ValId,
-    /// Its epsilon.
+    /// Its epsilon (read by the GPU kernels; the CPU runs the node, which has it).
+    #[cfg_attr(not(feature = "gpu"), allow(dead_code))]
     pub epsilon: f32,
 }
 
