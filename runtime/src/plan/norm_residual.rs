@@ -6,9 +6,8 @@
 //! epilogue. Off with the residual epilogue ([`PlanOptions::residual`](super::PlanOptions)).
 
 use super::view::Planning;
-use super::{FoldedNorm, NormResidual, Residual, Step, ValId};
+use super::{NormResidual, Residual, Step};
 use crate::error::Result;
-use crate::graph::DType;
 
 /// Binds node `ni` (an `Add`) and the norm producing one of its operands to one step; whether it did.
 pub(super) fn norm_residual(p: &mut Planning, ni: usize) -> Result<bool> {
@@ -26,7 +25,7 @@ pub(super) fn norm_residual(p: &mut Planning, ni: usize) -> Result<bool> {
     let found = [(a, b, true), (b, a, false)]
         .into_iter()
         .find_map(|(y, other, norm_first)| {
-            let (norm, x) = norm_of(p, y, ni)?;
+            let (norm, x) = p.folded_norm(y, ni)?;
             // The other operand exists when the norm runs: a constant, a graph input or an earlier
             // node's output.
             let ready =
@@ -49,35 +48,6 @@ pub(super) fn norm_residual(p: &mut Planning, ni: usize) -> Result<bool> {
     }));
     p.stats.norm_residual += 1;
     Ok(true)
-}
-
-/// The norm writing `v` (read by node `user` only) and its input: an `RMSNormalization` over the last
-/// axis with a constant rank-1 f32 scale and f32 statistics that no pass took.
-fn norm_of(p: &Planning, v: ValId, user: usize) -> Option<(FoldedNorm, ValId)> {
-    let ni = p.producer[v]?;
-    let n = &p.graph.nodes[ni];
-    let (&[Some(x), Some(scale)], true) = (&p.node_in[ni][..], p.kind[ni].is_none()) else {
-        return None;
-    };
-    let scale_ok = p.consts[scale]
-        .as_ref()
-        .is_some_and(|t| t.dtype == DType::F32 && t.rank() == 1);
-    (n.op == "RMSNormalization"
-        && (n.domain.is_empty() || n.domain == "ai.onnx")
-        && n.attr_int("axis", -1) == -1
-        && n.attr_int("stash_type", 1) == 1
-        && scale_ok
-        && !p.absorbed[ni]
-        && p.only_consumer(v, user))
-    .then(|| {
-        let epsilon = n.attr_float("epsilon", 1e-5);
-        let norm = FoldedNorm {
-            node: ni,
-            scale,
-            epsilon,
-        };
-        (norm, x)
-    })
 }
 
 #[cfg(test)]

@@ -2,13 +2,12 @@
 //! ...)` whose transposed value nothing else reads becomes one [`Step::Rope`]: the projection
 //! `[1, T, H, D]` in, the rotated heads `[1, H, T, D]` out, without the transposed copy between. An
 //! RMS norm of each head between them (QK-norm: `RotaryEmbedding(RMSNormalization(Transpose(x),
-//! scale))`, axis −1, a constant scale) goes into the step too ([`FoldedNorm`]): it reads one head's
+//! scale))`, axis −1, a constant scale) goes into the step too ([`FoldedNorm`](super::FoldedNorm)): it reads one head's
 //! `D` values either side of the transpose.
 
 use super::view::Planning;
-use super::{FoldedNorm, Rope, Step, ValId};
+use super::{Rope, Step};
 use crate::error::Result;
-use crate::graph::DType;
 
 /// Binds node `ni` (a `RotaryEmbedding`) and the `Transpose` before it to one step; whether it did.
 pub(super) fn rope(p: &mut Planning, ni: usize) -> Result<bool> {
@@ -19,7 +18,7 @@ pub(super) fn rope(p: &mut Planning, ni: usize) -> Result<bool> {
     let Some(Some(r_in)) = p.node_in[ni].first().copied() else {
         return Ok(false);
     };
-    let (norm, t) = match head_norm(p, r_in, ni) {
+    let (norm, t) = match p.folded_norm(r_in, ni) {
         Some((norm, t)) => (Some(norm), t),
         None => (None, r_in),
     };
@@ -51,35 +50,6 @@ pub(super) fn rope(p: &mut Planning, ni: usize) -> Result<bool> {
     }));
     p.stats.transpose_rope += 1;
     Ok(true)
-}
-
-/// The head norm writing `v` (the rotary's input, read by node `user` only) and the norm's input:
-/// an `RMSNormalization` over the last axis with a constant rank-1 f32 scale, f32 statistics.
-fn head_norm(p: &Planning, v: ValId, user: usize) -> Option<(FoldedNorm, ValId)> {
-    let ni = p.producer[v]?;
-    let n = &p.graph.nodes[ni];
-    let (&[Some(x), Some(scale)], true) = (&p.node_in[ni][..], p.kind[ni].is_none()) else {
-        return None;
-    };
-    let scale_ok = p.consts[scale]
-        .as_ref()
-        .is_some_and(|t| t.dtype == DType::F32 && t.rank() == 1);
-    (n.op == "RMSNormalization"
-        && (n.domain.is_empty() || n.domain == "ai.onnx")
-        && n.attr_int("axis", -1) == -1
-        && n.attr_int("stash_type", 1) == 1
-        && scale_ok
-        && !p.absorbed[ni]
-        && p.only_consumer(v, user))
-    .then(|| {
-        let epsilon = n.attr_float("epsilon", 1e-5);
-        let norm = FoldedNorm {
-            node: ni,
-            scale,
-            epsilon,
-        };
-        (norm, x)
-    })
 }
 
 #[cfg(test)]

@@ -4,9 +4,9 @@
 
 use std::collections::HashMap;
 
-use super::{embedding, CacheSlot, PlanOptions, PlanStats, Step, ValId};
+use super::{embedding, CacheSlot, FoldedNorm, PlanOptions, PlanStats, Step, ValId};
 use crate::error::{Error, Result};
-use crate::graph::Graph;
+use crate::graph::{DType, Graph};
 use crate::tensor::Tensor;
 
 /// The graph as the passes see it, and their decisions.
@@ -125,6 +125,37 @@ impl Planning {
     /// it to itself).
     pub fn only_consumer(&self, v: ValId, ni: usize) -> bool {
         self.consumers[v].iter().all(|&c| c == ni) && !self.graph_outputs.contains(&v)
+    }
+
+    /// The norm writing `v` (read by node `user` only) and its input, for a step to do it: an
+    /// `RMSNormalization` over the last axis with a constant rank-1 f32 scale and f32 statistics
+    /// that no pass took.
+    pub fn folded_norm(&self, v: ValId, user: usize) -> Option<(FoldedNorm, ValId)> {
+        let ni = self.producer[v]?;
+        let n = &self.graph.nodes[ni];
+        let (&[Some(x), Some(scale)], true) = (&self.node_in[ni][..], self.kind[ni].is_none())
+        else {
+            return None;
+        };
+        let scale_ok = self.consts[scale]
+            .as_ref()
+            .is_some_and(|t| t.dtype == DType::F32 && t.rank() == 1);
+        (n.op == "RMSNormalization"
+            && (n.domain.is_empty() || n.domain == "ai.onnx")
+            && n.attr_int("axis", -1) == -1
+            && n.attr_int("stash_type", 1) == 1
+            && scale_ok
+            && !self.absorbed[ni]
+            && self.only_consumer(v, user))
+        .then(|| {
+            let epsilon = n.attr_float("epsilon", 1e-5);
+            let norm = FoldedNorm {
+                node: ni,
+                scale,
+                epsilon,
+            };
+            (norm, x)
+        })
     }
 
     /// Per value: the nodes whose steps read it (a fused step's reads, or an unabsorbed node's inputs).

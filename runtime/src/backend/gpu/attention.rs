@@ -237,7 +237,7 @@ impl AttnParams {
 #[cfg(test)]
 mod tests {
     use super::super::exec::run_kernel_multi;
-    use super::super::testutil::{ctx, max_rel, noise};
+    use super::super::testutil::{ctx, max_rel, noise, rms_rows};
     use super::*;
     use crate::backend::cpu::attention::{reference_cached, reference_windowed, AttnShape, Scores};
     use half::f16;
@@ -473,20 +473,6 @@ mod tests {
         }
     }
 
-    /// Each head of `x` (`[.., D]` rows) RMS-normalized with scale `w` (f64 sums).
-    fn head_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
-        let d = w.len();
-        x.chunks(d)
-            .flat_map(|r| {
-                let ms = r.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / d as f64;
-                let inv = 1.0 / (ms + eps as f64).sqrt();
-                r.iter()
-                    .zip(w)
-                    .map(move |(v, s)| (*v as f64 * inv) as f32 * s)
-            })
-            .collect()
-    }
-
     /// Reading the projections token-major with the rotary and the f16 round trip done in the kernel
     /// ([`Inputs::Rope`]): the CPU rotary, transpose and rounding, then the CPU attention; with
     /// `qk_norm`, each head of q and k normalized first (Qwen3's and Gemma 3's q/k norms).
@@ -525,7 +511,7 @@ mod tests {
             );
             let eps = [1e-6f32, 1e-5];
             let (qin, kin) = match qk_norm {
-                true => (head_norm(&q, &qn, eps[0]), head_norm(&k, &kn, eps[1])),
+                true => (rms_rows(&q, &qn, eps[0]), rms_rows(&k, &kn, eps[1])),
                 false => (q.clone(), k.clone()),
             };
             let ck = noise(kvh * s * d, 14);

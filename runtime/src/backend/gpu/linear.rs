@@ -613,7 +613,7 @@ fn pipeline(ctx: &GpuContext, entry: &str, constants: &[(&str, f64)]) -> Result<
 
 #[cfg(test)]
 mod tests {
-    use super::super::testutil::{ctx, noise};
+    use super::super::testutil::{ctx, noise, rms_rows};
     use super::*;
     use crate::tensor::Tensor;
     use half::{bf16, f16};
@@ -908,20 +908,6 @@ mod tests {
         }
     }
 
-    /// RMS-normalized x (CPU reference): x / sqrt(mean(x²) + eps) · g, row by row.
-    fn rms(x: &[f32], g: &[f32], eps: f32) -> Vec<f32> {
-        let k = g.len();
-        x.chunks(k)
-            .flat_map(|r| {
-                let ms = r.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / k as f64;
-                let inv = 1.0 / (ms + eps as f64).sqrt();
-                r.iter()
-                    .zip(g)
-                    .map(move |(v, s)| (*v as f64 * inv) as f32 * s)
-            })
-            .collect()
-    }
-
     #[test]
     fn fused_forms_match_the_cpu_layers_they_replace() {
         let Some(ctx) = ctx() else { return };
@@ -958,7 +944,7 @@ mod tests {
                 let bias = noise(ntot, 23);
                 for norm in [None, Some(eps)] {
                     let xin = match norm {
-                        Some(e) => rms(&x, &gamma, e),
+                        Some(e) => rms_rows(&x, &gamma, e),
                         None => x.clone(),
                     };
                     // Each layer alone on the CPU.

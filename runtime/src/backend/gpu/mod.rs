@@ -211,6 +211,21 @@ pub(crate) mod testutil {
 
     pub use crate::backend::testutil::noise;
 
+    /// `x`'s rows (`[.., w.len()]`) RMS-normalized with scale `w`: `x / sqrt(mean(x²) + eps) · w`, the
+    /// sums in f64 (the reference of the kernels' folded norms).
+    pub fn rms_rows(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+        let d = w.len();
+        x.chunks(d)
+            .flat_map(|r| {
+                let ms = r.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / d as f64;
+                let inv = 1.0 / (ms + eps as f64).sqrt();
+                r.iter()
+                    .zip(w)
+                    .map(move |(v, s)| (*v as f64 * inv) as f32 * s)
+            })
+            .collect()
+    }
+
     /// Max |a - b| / (1 + |b|).
     pub fn max_rel(a: &[f32], b: &[f32]) -> f32 {
         assert_eq!(a.len(), b.len());

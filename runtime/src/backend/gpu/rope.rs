@@ -62,24 +62,10 @@ pub fn params(
 
 #[cfg(test)]
 mod tests {
-    use super::super::testutil::{ctx, max_rel, noise};
+    use super::super::testutil::{ctx, max_rel, noise, rms_rows};
     use super::super::{exec::run_kernel_once, grid};
     use super::*;
     use crate::backend::cpu::rope::{reference, RopeShape};
-
-    /// Each head of `x` (`[.., D]` rows) RMS-normalized with scale `w` (f64 sums).
-    fn head_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
-        let d = w.len();
-        x.chunks(d)
-            .flat_map(|r| {
-                let ms = r.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / d as f64;
-                let inv = 1.0 / (ms + eps as f64).sqrt();
-                r.iter()
-                    .zip(w)
-                    .map(move |(v, s)| (*v as f64 * inv) as f32 * s)
-            })
-            .collect()
-    }
 
     /// Every shape and layout, with and without the head norm first (QK-norm: the CPU reference
     /// normalizes, then rotates).
@@ -107,7 +93,7 @@ mod tests {
             let x: Vec<f32> = noise(h * t * d, 3).iter().map(|v| 4.0 * v).collect();
             let nw: Vec<f32> = noise(d, 4).iter().map(|v| 1.0 + v).collect();
             let xin = if norm {
-                head_norm(&x, &nw, eps)
+                rms_rows(&x, &nw, eps)
             } else {
                 x.clone()
             };
