@@ -11,17 +11,9 @@ use crate::error::Result;
 
 /// Binds node `ni` (an `Add`) and the norm producing one of its operands to one step; whether it did.
 pub(super) fn norm_residual(p: &mut Planning, ni: usize) -> Result<bool> {
-    let n = &p.graph.nodes[ni];
-    let ins = &p.node_in[ni];
-    if !p.options.residual || n.op != "Add" || !n.domain.is_empty() || ins.len() != 2 {
-        return Ok(false);
-    }
-    let (Some(a), Some(b)) = (ins[0], ins[1]) else {
+    let Some((a, b)) = super::residual::residual_add(p, ni) else {
         return Ok(false);
     };
-    if a == b {
-        return Ok(false);
-    }
     let found = [(a, b, true), (b, a, false)]
         .into_iter()
         .find_map(|(y, other, norm_first)| {

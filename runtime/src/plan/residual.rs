@@ -4,23 +4,28 @@
 //! GPU in the linear kernel's epilogue.
 
 use super::view::Planning;
-use super::{Residual, Step};
+use super::{Residual, Step, ValId};
 use crate::error::Result;
+
+/// Node `ni`'s two distinct operands when it is an `Add` a residual fusion may take (the fusion on).
+pub(super) fn residual_add(p: &Planning, ni: usize) -> Option<(ValId, ValId)> {
+    let n = &p.graph.nodes[ni];
+    let ins = &p.node_in[ni];
+    if !p.options.residual || n.op != "Add" || !n.domain.is_empty() || ins.len() != 2 {
+        return None;
+    }
+    let (Some(a), Some(b)) = (ins[0], ins[1]) else {
+        return None;
+    };
+    (a != b).then_some((a, b))
+}
 
 /// Moves node `ni` into the epilogue of the linear layer before it when it is a residual `Add` of
 /// that layer's output; whether it did.
 pub(super) fn residual(p: &mut Planning, ni: usize) -> Result<bool> {
-    let n = &p.graph.nodes[ni];
-    let ins = &p.node_in[ni];
-    if !p.options.residual || n.op != "Add" || !n.domain.is_empty() || ins.len() != 2 {
-        return Ok(false);
-    }
-    let (Some(a), Some(b)) = (ins[0], ins[1]) else {
+    let Some((a, b)) = residual_add(p, ni) else {
         return Ok(false);
     };
-    if a == b {
-        return Ok(false);
-    }
     let found = [(a, b, true), (b, a, false)]
         .into_iter()
         .find_map(|(y, other, linear_first)| {
