@@ -2,11 +2,13 @@
 //! `scripts/refs/gen_tiny_whisper.py` (tests/fixtures/tiny/whisper) read, exported (f32 cache) and run
 //! in the runtime on its 30 s `audio.wav` — the log-mel front end in the graph — against transformers'
 //! logits (WhisperFeatureExtractor's features, one forward a sequence): every position decoded token by
-//! token, and the sequences prefilled whole, within [`TOL`] of the largest logit.
+//! token, and the sequences prefilled whole, within [`TOL`] of the largest logit; on the CPU, and with
+//! the decoder step on the GPU where the machine has an adapter (lavapipe in CI; `ONESTEP_REQUIRE_GPU`
+//! makes a missing one a failure).
 
 use std::path::{Path, PathBuf};
 
-use onestep::{LoadOptions, Model, StepSampling};
+use onestep::{LoadOptions, Model, Precision, StepSampling};
 use onestep_export::export_speech::export_whisper;
 use onestep_export::source::whisper_hf::{is_hf_whisper, read_hf};
 use onestep_export::{ExportOptions, NoProgress};
@@ -101,7 +103,41 @@ fn tiny_multilingual_whisper_matches_transformers_logits() {
         ..ExportOptions::default()
     };
     export_whisper(&src, &out, &opts, &mut NoProgress).unwrap();
-    let model = Model::load_with(&out, &LoadOptions::cpu()).unwrap();
+    let mut runs = vec![("cpu", LoadOptions::cpu())];
+    if has_gpu() {
+        let gpu = LoadOptions {
+            device: onestep::gpu::DeviceRequest::Gpu(None),
+            precision: Precision::Exact,
+            ..LoadOptions::default()
+        };
+        runs.push(("gpu", gpu));
+    }
+    for (device, options) in runs {
+        let model = Model::load_with(&out, &options).unwrap();
+        matches_transformers(&model, device);
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+}
+
+/// Whether this machine has a wgpu adapter (a missing one is a failure under `ONESTEP_REQUIRE_GPU`).
+fn has_gpu() -> bool {
+    use onestep::gpu::{BackendFilter, DeviceRequest};
+    match onestep::testing::GpuContext::new(&DeviceRequest::Gpu(None), BackendFilter::Any) {
+        Ok(_) => true,
+        Err(e) => {
+            assert!(
+                std::env::var_os("ONESTEP_REQUIRE_GPU").is_none(),
+                "ONESTEP_REQUIRE_GPU is set but there is no adapter: {e}"
+            );
+            eprintln!("note: no wgpu adapter ({e}); the tiny Whisper not run on the GPU");
+            false
+        }
+    }
+}
+
+/// Every reference sequence through `model` (loaded for `device`): decoded token by token, prefilled
+/// whole, and in two chunks, each row within [`TOL`] of transformers'.
+fn matches_transformers(model: &Model, device: &str) {
     let sp = model.speech().expect("a transcription model").clone();
     assert!(sp.multilingual);
     assert_eq!(sp.languages.get("fr"), Some(&304));
@@ -140,7 +176,7 @@ fn tiny_multilingual_whisper_matches_transformers_logits() {
         }
         assert!(
             worst <= TOL,
-            "{name}, decode: error {worst:.2e} of max|logit| {scale}"
+            "{device} {name}, decode: error {worst:.2e} of max|logit| {scale}"
         );
         // Prefill: the whole sequence in one step (its last row), then a prefix and the rest.
         model.encode(&mut state, &samples).unwrap();
@@ -157,13 +193,12 @@ fn tiny_multilingual_whisper_matches_transformers_logits() {
         let split = err(&a.logits, row(k - 1)).max(err(&b.logits, row(ids.len() - 1)));
         assert!(
             whole.max(split) <= TOL,
-            "{name}, prefill: error {whole:.2e} whole, {split:.2e} split"
+            "{device} {name}, prefill: error {whole:.2e} whole, {split:.2e} split"
         );
         println!(
-            "{name}: {} positions, decode {worst:.2e}, prefill {:.2e} (of max|logit| {scale:.1})",
+            "{device} {name}: {} positions, decode {worst:.2e}, prefill {:.2e} (of max|logit| {scale:.1})",
             ids.len(),
             whole.max(split)
         );
     }
-    let _ = std::fs::remove_dir_all(&tmp);
 }

@@ -136,10 +136,12 @@ impl Model {
                 detail: "missing".into(),
             })?;
         let chat_template = graph.metadata.get(meta::CHAT_TEMPLATE).cloned();
-        // A transcription model runs on the CPU (its plan bounded by the CPU's fusions).
-        let (plan_options, probe) = match speech {
-            Some(_) => (options.plan_options(), Default::default()),
-            None => crate::backend::plan_options(options),
+        // A transcription model runs on the CPU (its plan bounded by the CPU's fusions) unless the GPU
+        // is asked for.
+        let speech_cpu = speech.is_some() && !gpu_forced(options);
+        let (plan_options, probe) = match speech_cpu {
+            true => (options.plan_options(), Default::default()),
+            false => crate::backend::plan_options(options),
         };
         // A plan bounded by a GPU's kernels is made again for a CPU that `auto` chooses after all
         // (a forced GPU never falls back: nothing is kept).
@@ -193,9 +195,9 @@ impl Model {
                 )));
             }
         }
-        let (backend, device_note) = match speech {
-            Some(_) => cpu_for_speech(&plan, options)?,
-            None => choose_backend(&plan, &info, options, &bytes, probe)?,
+        let (backend, device_note) = match speech_cpu {
+            true => cpu_for_speech(&plan, options),
+            false => choose_backend(&plan, &info, options, &bytes, probe)?,
         };
         let (plan, backend) = match cpu_graph {
             Some(g) if backend.device() == "cpu" => {
@@ -471,21 +473,27 @@ impl StepState {
     }
 }
 
-/// The CPU backend for a transcription model (the GPU runs text models only, for now): `auto`
-/// chooses it with a note, a forced GPU is refused.
-fn cpu_for_speech(plan: &Plan, opts: &LoadOptions) -> Result<(Box<dyn Backend>, Option<String>)> {
-    #[cfg(feature = "gpu")]
-    if !matches!(
-        opts.device,
-        crate::backend::gpu::DeviceRequest::Cpu | crate::backend::gpu::DeviceRequest::Auto
-    ) {
-        return Err(Error::InvalidArgument(
-            "transcription models run on the CPU in this version (device cpu or auto)".into(),
-        ));
-    }
+/// The CPU backend for a transcription model under `auto` or `cpu`: `auto` does not time the GPU
+/// for it (its encoder runs on the CPU, and the decoder step's layer norms and cross-attention go
+/// back to the host on the GPU), so it says so.
+fn cpu_for_speech(plan: &Plan, opts: &LoadOptions) -> (Box<dyn Backend>, Option<String>) {
     let cpu = crate::backend::cpu::exec::CpuBackend::new(plan, opts.precision, opts.profile);
-    let note = cfg!(feature = "gpu").then(|| "transcription models run on the CPU".to_string());
-    Ok((Box::new(cpu), note))
+    let note = cfg!(feature = "gpu")
+        .then(|| "transcription models run on the CPU unless the GPU is asked for".to_string());
+    (Box::new(cpu), note)
+}
+
+/// Whether `opts` asks for a GPU (not `auto`).
+fn gpu_forced(opts: &LoadOptions) -> bool {
+    #[cfg(feature = "gpu")]
+    {
+        matches!(opts.device, crate::backend::gpu::DeviceRequest::Gpu(_))
+    }
+    #[cfg(not(feature = "gpu"))]
+    {
+        let _ = opts;
+        false
+    }
 }
 
 /// The backend for `plan` that `opts.device` asks for ([`crate::backend::auto`] for `auto`), and

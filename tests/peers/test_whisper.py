@@ -222,6 +222,27 @@ def test_runtime_matches_faster_whisper(fixtures):
 
 
 @pytest.mark.skipif(not BIN, reason="ONESTEP_BIN is not set (scripts/test sets it)")
+def test_gpu_transcribes_as_the_cpu():
+    """`--device gpu` (the decoder step on the GPU, the encoder on the CPU) transcribes the two-window clip
+    as the CPU does with the GPU kernels' math (`--precision exact`): the same tokens, segments and times in
+    both windows (the second window's encoded state replaces the first's on the GPU)."""
+    if not os.environ.get("ONESTEP_REQUIRE_GPU"):
+        pytest.skip("GPU runs are checked where ONESTEP_REQUIRE_GPU is set (CI: lavapipe)")
+    wav = os.path.join(FIX, "speech_long.wav")
+    runs = {}
+    for device, flags in (("cpu", ["--precision", "exact"]), ("gpu", [])):
+        out, secs = wh.transcribe_json(BIN, PATH, wav, "--threads", str(THREADS), "--device", device, *flags)
+        runs[device] = out
+        st = out["stats"]
+        print(f"\n[whisper gpu] {device}: {st['windows']} windows, {st['tokens']} tokens, encoder "
+              f"{st['encode_s']:.2f} s, decoder {st['decode_s']:.2f} s, wall {secs:.1f} s")
+    seg = lambda o: [(sg["tokens"], sg["start"], sg["end"]) for sg in o["segments"]]
+    assert runs["gpu"]["stats"]["windows"] == 2
+    assert seg(runs["gpu"]) == seg(runs["cpu"]), f"gpu {seg(runs['gpu'])}\ncpu {seg(runs['cpu'])}"
+    assert runs["gpu"]["text"] == runs["cpu"]["text"]
+
+
+@pytest.mark.skipif(not BIN, reason="ONESTEP_BIN is not set (scripts/test sets it)")
 def test_runtime_timestamps_match_faster_whisper():
     ref = json.load(open(os.path.join(FIX, "timestamps.json")))
     fails, rows = [], []

@@ -8,7 +8,7 @@ use super::GpuContext;
 use crate::backend::cpu::exec::{exec_step, logits_linear, CpuRun};
 use crate::backend::cpu::linear::Precision;
 use crate::backend::{caches_read_elsewhere, materialize_caches, Backend, SeqState, StepCall};
-use crate::contract::ModelInfo;
+use crate::contract::{self, ModelInfo};
 use crate::error::{Error, Result};
 use crate::graph::DType;
 use crate::kv::{KvOptions, KvStats, PagedCache};
@@ -67,9 +67,16 @@ pub(crate) fn bind(
         opts.gpu.clone(),
         opts.profile,
     )?;
-    // Dry-run inputs: the largest chunk at position 0, greedy.
+    // Dry-run inputs: the largest chunk at position 0, greedy (a transcription model's held inputs:
+    // zeros of their declared shapes).
     let ids = vec![0u32; info.max_chunk.clamp(1, info.max_cache.max(1))];
-    let mut env = input_env(plan, &ids, 0, &StepSampling::GREEDY, &Default::default())?;
+    let mut env = input_env(
+        plan,
+        &ids,
+        0,
+        &StepSampling::GREEDY,
+        &held_placeholders(plan)?,
+    )?;
     // (caches a host step reads: empty ones, as at position 0)
     for (c, &e) in plan.caches.iter().zip(&caches_read_elsewhere(plan)) {
         if e {
@@ -220,4 +227,32 @@ impl Backend for GpuBackend {
     fn gpu(&self) -> Option<&GpuPlan> {
         Some(&self.exec)
     }
+}
+
+/// Zeros for the inputs a transcription model's sequence holds (`cross.*`, `first_token`), of their
+/// declared dtypes and shapes, for the dry run; none for a text model.
+fn held_placeholders(plan: &Plan) -> Result<std::collections::BTreeMap<String, Tensor>> {
+    let mut held = std::collections::BTreeMap::new();
+    for vi in &plan.graph.inputs {
+        let name = vi.name.as_str();
+        if name != contract::FIRST_TOKEN && contract::encoded_for(name).is_none() {
+            continue;
+        }
+        let shape: Option<Vec<usize>> = vi
+            .shape
+            .iter()
+            .map(|d| match d {
+                crate::graph::Dim::Known(n) => Some(*n),
+                _ => None,
+            })
+            .collect();
+        let shape = shape.ok_or_else(|| {
+            Error::Contract(format!(
+                "input `{name}`: its shape must be fixed ({:?})",
+                vi.shape
+            ))
+        })?;
+        held.insert(vi.name.clone(), Tensor::zeros(vi.dtype, &shape));
+    }
+    Ok(held)
 }
