@@ -2036,9 +2036,11 @@ mod neon {
         let digits = if X2 { 2 } else { 1 };
         let mut sum = [[[vdupq_n_s32(0); Q]; 2]; R];
         for j in 0..4 {
-            // SAFETY: the caller's contract.
-            let c: [[int8x16_t; 2]; Q] =
-                std::array::from_fn(|i| unsafe { group_pair::<BITS>(f, sb, q0 + i, j) });
+            let mut c = [[vdupq_n_s8(0); 2]; Q];
+            for (i, c) in c.iter_mut().enumerate() {
+                // SAFETY: the caller's contract.
+                *c = unsafe { group_pair::<BITS>(f, sb, q0 + i, j) };
+            }
             for h in 0..2 {
                 let g = 2 * j + h;
                 for (r, sum) in sum.iter_mut().enumerate() {
@@ -2079,16 +2081,19 @@ mod neon {
         unsafe {
             for b in 0..nb {
                 let sb = tile * nb + b;
-                let at = |i: usize| sb * TILE_ROWS + QUARTER_ROWS * (q0 + i);
-                let s: [float32x4_t; Q] = std::array::from_fn(|i| f16x4(f.scales.add(at(i))));
-                // The zero-point term of the codes as multiplied (8 bits: s·z − 128·s).
-                let sz: [float32x4_t; Q] = std::array::from_fn(|i| match f.zero {
-                    TileZero::Const(z) => vmulq_n_f32(s[i], z),
-                    TileZero::Scaled(p) if BITS == 8 => {
-                        vfmsq_n_f32(f16x4(p.add(at(i))), s[i], 128.0)
-                    }
-                    TileZero::Scaled(p) => f16x4(p.add(at(i))),
-                });
+                // Scales; the zero-point term of the codes as multiplied (8 bits: s·z − 128·s).
+                let (mut s, mut sz) = ([vdupq_n_f32(0.0); Q], [vdupq_n_f32(0.0); Q]);
+                for (i, (s, sz)) in s.iter_mut().zip(&mut sz).enumerate() {
+                    let at = sb * TILE_ROWS + QUARTER_ROWS * (q0 + i);
+                    *s = f16x4(f.scales.add(at));
+                    *sz = match f.zero {
+                        TileZero::Const(z) => vmulq_n_f32(*s, z),
+                        TileZero::Scaled(p) if BITS == 8 => {
+                            vfmsq_n_f32(f16x4(p.add(at)), *s, 128.0)
+                        }
+                        TileZero::Scaled(p) => f16x4(p.add(at)),
+                    };
+                }
                 let e = |r: usize| (x0 + r) * k + b * BLOCK;
                 let x: [*const i8; R] = std::array::from_fn(|r| qx.q.as_ptr().add(e(r)));
                 let x2 = if X2 {
