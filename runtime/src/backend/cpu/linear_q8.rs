@@ -24,7 +24,8 @@
 //!   optional dot product, on every phone core since the Cortex-A75/A55): 16 bytes an instruction, 8-bit
 //!   codes as `q − 128` as below. With FEAT_I8MM too (`smmla`: a 2×8 by 8×2 i8 matrix product into
 //!   four i32 lanes), prompts run in tiles of 2 weight rows × 2 tokens: twice the products an
-//!   instruction. Both through inline `asm!`: their intrinsics are not stable Rust yet.
+//!   instruction. Both through inline `asm!`: their intrinsics are not stable Rust yet. Both read
+//!   the packed tiles too (below), with one `sdot` kernel.
 //! - **NEON** on aarch64 without it (widening `smull`/`smlal`, pairwise adds), and portable scalar
 //!   elsewhere.
 //!
@@ -32,7 +33,7 @@
 //! every linear that reads the same input.
 //!
 //! **Packed tiles** ([`Weights::Packed`], made at load by `repack.rs` where [`QIsa::packs`]: AVX-512
-//! VNNI and AVX2): 16 weight rows interleaved so that one 64-byte register holds four consecutive
+//! VNNI, AVX2, NEON dotprod and NEON i8mm): 16 weight rows interleaved so that one 64-byte register holds four consecutive
 //! codes of each row. Each token's four activation bytes are broadcast, so `vpdpbusd` sums a row's
 //! products in its own i32 lane: a block's eight groups accumulate in integers, then meet the
 //! block's 16 scales in one conversion and one multiply-add. The row-major forms above pay that
@@ -41,7 +42,13 @@
 //! 256-bit register of each group): `maddubs` + `madd` in place of `vpdpbusd`, 4- and 5-bit codes
 //! adding their i16 pair sums over eight and four groups before widening (below saturation), 8-bit
 //! codes as `q − 128` as in its row-major path; 4- and 5-bit products equal AVX-512's bit for bit.
-//! Neither NEON path reads the tiles yet.
+//! NEON dotprod (and i8mm, which runs the same kernel) takes a tile as four quarters of 4 rows (a
+//! 128-bit register of each group): each token's four bytes duplicated across the lanes, `sdot`
+//! (signed × signed) sums a row's products in its lane, exact in i32; 4- and 5-bit codes are valid
+//! i8 as they are, 8-bit codes run as `q − 128` with the zero-point term `s·z − 128·s`. A tile the
+//! task's rows cover whole runs its four quarters at once, one they start or end inside a quarter
+//! at a time; the scales convert by `fcvtl`. Token rows go four at a time (two with two-digit
+//! activations, so a tile's integer sums stay in registers), then one. Not timed on a phone yet.
 //!
 //! 8-bit weights with a scale and zero point per 16-element half ([`Weights::Q8`] `halves`, GGUF
 //! Q6_K's form) keep the 32-blocks of `x`: each half's integer sum is taken apart (the lanes
@@ -92,14 +99,19 @@ impl QIsa {
 }
 
 impl QIsa {
-    /// Whether its kernels read [`Weights::Packed`]: AVX-512 VNNI and AVX2 (the load-time repack,
-    /// `repack.rs`, is made only then; the other instruction sets read the file's own forms).
+    /// Whether its kernels read [`Weights::Packed`]: AVX-512 VNNI, AVX2 and the NEON dot product
+    /// ones (NeonDot, NeonI8mm) — the load-time repack, `repack.rs`, is made only then; plain NEON
+    /// and Scalar read the file's own forms.
     pub(crate) fn packs(self) -> bool {
         #[cfg(target_arch = "x86_64")]
         {
             matches!(self, QIsa::Avx512Vnni | QIsa::Avx2)
         }
-        #[cfg(not(target_arch = "x86_64"))]
+        #[cfg(target_arch = "aarch64")]
+        {
+            matches!(self, QIsa::NeonDot | QIsa::NeonI8mm)
+        }
+        #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
         {
             false
         }
@@ -1543,6 +1555,7 @@ mod avx2 {
 #[cfg(target_arch = "aarch64")]
 mod neon {
     use super::{QuantX, Weights, BLOCK};
+    use crate::backend::cpu::linear::{packed_block_bytes, PackedZero, TILE_ROWS};
     use std::arch::aarch64::*;
 
     /// Integer rows on NEON (same formula as `rows_scalar`): signed 8×8→16-bit products, pairs summed in
@@ -1575,7 +1588,12 @@ mod neon {
         out: &mut [f32],
     ) {
         // SAFETY: the caller's contract; `DOT` runs `sdot`, which this function's features allow.
-        unsafe { rows_with::<true>(w, qx, t, rows, out) }
+        unsafe {
+            if matches!(*w, Weights::Packed { .. }) {
+                return packed_rows(w, qx, t, rows, out);
+            }
+            rows_with::<true>(w, qx, t, rows, out)
+        }
     }
 
     /// `acc + Σ` of each 4 adjacent `a·b` products, a lane each (`sdot`).
@@ -1843,6 +1861,10 @@ mod neon {
         rows: std::ops::Range<usize>,
         out: &mut [f32],
     ) {
+        if matches!(*w, Weights::Packed { .. }) {
+            // SAFETY: the caller's contract; this function has dotprod.
+            return unsafe { packed_rows(w, qx, t, rows, out) };
+        }
         let (k, start) = (w.k(), rows.start);
         let nb = k / BLOCK;
         let two = !qx.q2.is_empty();
@@ -1889,6 +1911,351 @@ mod neon {
         let done = 2 * pairs;
         // SAFETY: the caller's contract; this function has dotprod.
         unsafe { rows_with::<true>(w, qx, t, start + done..rows.end, &mut out[done * t..]) }
+    }
+
+    // -----------------------------------------------------------------------------------------------
+    // Packed tiles
+    // -----------------------------------------------------------------------------------------------
+
+    /// Rows of a quarter tile: one i32 lane of a 128-bit register each (a tile's 64-byte group is
+    /// four registers: rows 0–3, 4–7, 8–11 and 12–15).
+    const QUARTER_ROWS: usize = TILE_ROWS / 4;
+
+    /// Token rows multiplied per weight register with one activation digit; with two, half as many,
+    /// so that the integer sums of a whole tile stay in registers.
+    const TOKENS: usize = 4;
+
+    /// A packed matrix's zero-point term ([`PackedZero`]) as a raw pointer. For 8-bit codes, which
+    /// `sdot` multiplies as `q − 128`, a constant zero point is kept as `z − 128`.
+    #[derive(Clone, Copy)]
+    enum TileZero {
+        Const(f32),
+        Scaled(*const u16),
+    }
+
+    /// A [`Weights::Packed`] as raw pointers.
+    #[derive(Clone, Copy)]
+    struct Tiles {
+        codes: *const u8,
+        high: *const u8,
+        scales: *const u16,
+        zero: TileZero,
+        /// 32-blocks a row.
+        nb: usize,
+    }
+
+    /// Four f16 at `p` as f32 (`fcvtl`, baseline on aarch64; its intrinsic takes an unstable type).
+    ///
+    /// # Safety
+    /// `p` points at 4 readable u16.
+    #[inline(always)]
+    unsafe fn f16x4(p: *const u16) -> float32x4_t {
+        // SAFETY: 8 bytes at p (the caller's contract); `fcvtl` is a register-only instruction.
+        unsafe {
+            let h = vld1_s16(p as *const i16);
+            let f: float32x4_t;
+            std::arch::asm!(
+                "fcvtl {f:v}.4s, {h:v}.4h",
+                f = lateout(vreg) f,
+                h = in(vreg) h,
+                options(pure, nomem, nostack, preserves_flags)
+            );
+            f
+        }
+    }
+
+    /// The codes of groups `2j` and `2j + 1` (j in 0..4) of tile-block `sb` for the tile's rows
+    /// `4q..4q + 4`, as i8 (8 bits: `q − 128`): byte `4·r + e` of group g's register is code
+    /// `4g + e` of row `4q + r`.
+    ///
+    /// # Safety
+    /// `sb` inside the validated buffers; `q` in 0..4.
+    #[inline(always)]
+    unsafe fn group_pair<const BITS: u32>(
+        f: &Tiles,
+        sb: usize,
+        q: usize,
+        j: usize,
+    ) -> [int8x16_t; 2] {
+        // SAFETY: reads inside tile-block `sb`: the quarter's 16 bytes of 64-byte registers of its
+        // packed_block_bytes(BITS) code bytes (and `fifth`'s reads).
+        unsafe {
+            let base = f.codes.add(sb * packed_block_bytes(BITS) + 16 * q);
+            if BITS == 8 {
+                let p = base.add(2 * j * 64);
+                let flip = vdupq_n_u8(0x80);
+                return [
+                    vreinterpretq_s8_u8(veorq_u8(vld1q_u8(p), flip)),
+                    vreinterpretq_s8_u8(veorq_u8(vld1q_u8(p.add(64)), flip)),
+                ];
+            }
+            // Register j: group 2j in the low nibbles, 2j + 1 in the high ones.
+            let v = vld1q_u8(base.add(j * 64));
+            let mut c = [vandq_u8(v, vdupq_n_u8(15)), vshrq_n_u8::<4>(v)];
+            if BITS == 5 {
+                for (i, c) in c.iter_mut().enumerate() {
+                    *c = vorrq_u8(*c, fifth(f, sb, q, 2 * j + i));
+                }
+            }
+            [vreinterpretq_s8_u8(c[0]), vreinterpretq_s8_u8(c[1])]
+        }
+    }
+
+    /// The fifth bits of group `g` of tile-block `sb` for the tile's rows `4q..4q + 4`: 16 in byte
+    /// `4·r + e` where code `4g + e` of row `4q + r` has it, else 0.
+    ///
+    /// # Safety
+    /// `sb` inside the validated buffers of a 5-bit matrix; `q` in 0..4.
+    #[inline(always)]
+    unsafe fn fifth(f: &Tiles, sb: usize, q: usize, g: usize) -> uint8x16_t {
+        // SAFETY: the quarter's 2 bytes of word g of tile-block `sb`'s 64 high bytes.
+        let bits = unsafe { (f.high.add(sb * 64 + g * 8 + 2 * q) as *const u16).read_unaligned() };
+        // Bit `4r + e` of the quarter's u16 is the fifth bit of code e of row 4q + r: byte i takes
+        // byte i/8 of the u16, keeps bit i % 8, and becomes 16 where that bit is set.
+        let [lo, hi] = bits.to_le_bytes();
+        let spread = vcombine_u8(vdup_n_u8(lo), vdup_n_u8(hi));
+        let pick = vreinterpretq_u8_u64(vdupq_n_u64(0x8040_2010_0804_0201));
+        vandq_u8(vtstq_u8(spread, pick), vdupq_n_u8(16))
+    }
+
+    /// The integer sums of tile-block `sb`'s `Q` quarters from `q0` (rows `4·q0..4·(q0 + Q)`, a lane
+    /// each) with `R` token rows: `[r][digit][quarter]`, the second digit's zero unless `X2`.
+    /// `xs[digit][r]` points at token r's 32-byte block in that digit, whose bytes `4g..4g + 4` are
+    /// broadcast for group g. Each lane adds 32 products of |code| ≤ 128 and |x| ≤ 127: exact in i32.
+    ///
+    /// # Safety
+    /// A CPU with FEAT_DotProd; `sb` inside the validated buffers; `q0 + Q ≤ 4`; `xs` (the second
+    /// digit with `X2`) each hold 32 bytes.
+    #[inline]
+    #[target_feature(enable = "neon,dotprod")]
+    unsafe fn block_sums<const BITS: u32, const X2: bool, const R: usize, const Q: usize>(
+        f: &Tiles,
+        (sb, q0): (usize, usize),
+        xs: [[*const i8; R]; 2],
+    ) -> [[[int32x4_t; Q]; 2]; R] {
+        let digits = if X2 { 2 } else { 1 };
+        let mut sum = [[[vdupq_n_s32(0); Q]; 2]; R];
+        for j in 0..4 {
+            let mut c = [[vdupq_n_s8(0); 2]; Q];
+            for (i, c) in c.iter_mut().enumerate() {
+                // SAFETY: the caller's contract.
+                *c = unsafe { group_pair::<BITS>(f, sb, q0 + i, j) };
+            }
+            for h in 0..2 {
+                let g = 2 * j + h;
+                for (r, sum) in sum.iter_mut().enumerate() {
+                    for (sum, x) in sum.iter_mut().zip(xs).take(digits) {
+                        // SAFETY: bytes 4g..4g + 4 of the token's 32-byte block (g < 8).
+                        let x4 = unsafe { (x[r].add(4 * g) as *const i32).read_unaligned() };
+                        let x4 = vreinterpretq_s8_s32(vdupq_n_s32(x4));
+                        for (s, c) in sum.iter_mut().zip(&c) {
+                            // SAFETY: this function has dotprod.
+                            *s = unsafe { sdot(*s, c[h], x4) };
+                        }
+                    }
+                }
+            }
+        }
+        sum
+    }
+
+    /// `Q` quarters of tile `tile` from quarter `q0` (a lane a row) times `R` token rows of `qx` from
+    /// `x0`: each block's integer sums ([`block_sums`]) meet the block's scales in one multiply-add,
+    /// its zero-point term in another.
+    ///
+    /// # Safety
+    /// A CPU with FEAT_DotProd; `tile` inside the validated matrix; `q0 + Q ≤ 4`; `qx` holds
+    /// ≥ `x0 + R` rows.
+    #[inline]
+    #[target_feature(enable = "neon,dotprod")]
+    unsafe fn packed_span<const BITS: u32, const X2: bool, const R: usize, const Q: usize>(
+        f: &Tiles,
+        (tile, q0): (usize, usize),
+        qx: &QuantX,
+        x0: usize,
+    ) -> [[float32x4_t; Q]; R] {
+        let (nb, k) = (f.nb, f.nb * BLOCK);
+        let mut acc = [[vdupq_n_f32(0.0); Q]; R];
+        // SAFETY: tile-blocks tile·nb + b are inside the buffers (their scales and zero terms at
+        // sb·16 + 4·q, 4 each); the qx reads are rows x0..x0 + R of [T, K] and [T, nb].
+        unsafe {
+            for b in 0..nb {
+                let sb = tile * nb + b;
+                // Scales; the zero-point term of the codes as multiplied (8 bits: s·z − 128·s).
+                let (mut s, mut sz) = ([vdupq_n_f32(0.0); Q], [vdupq_n_f32(0.0); Q]);
+                for (i, (s, sz)) in s.iter_mut().zip(&mut sz).enumerate() {
+                    let at = sb * TILE_ROWS + QUARTER_ROWS * (q0 + i);
+                    *s = f16x4(f.scales.add(at));
+                    *sz = match f.zero {
+                        TileZero::Const(z) => vmulq_n_f32(*s, z),
+                        TileZero::Scaled(p) if BITS == 8 => {
+                            vfmsq_n_f32(f16x4(p.add(at)), *s, 128.0)
+                        }
+                        TileZero::Scaled(p) => f16x4(p.add(at)),
+                    };
+                }
+                let e = |r: usize| (x0 + r) * k + b * BLOCK;
+                let x: [*const i8; R] = std::array::from_fn(|r| qx.q.as_ptr().add(e(r)));
+                let x2 = if X2 {
+                    std::array::from_fn(|r| qx.q2.as_ptr().add(e(r)))
+                } else {
+                    x
+                };
+                let sums = block_sums::<BITS, X2, R, Q>(f, (sb, q0), [x, x2]);
+                for (r, (a, [one, two])) in acc.iter_mut().zip(sums).enumerate() {
+                    let xi = (x0 + r) * nb + b;
+                    let d = if X2 {
+                        qx.d2.get_unchecked(xi)
+                    } else {
+                        qx.d.get_unchecked(xi)
+                    };
+                    let d = *d;
+                    let ds = *qx.ds.get_unchecked(xi);
+                    for (i, a) in a.iter_mut().enumerate() {
+                        // Two digits meet one factor: d₂·(254·Σc·q + Σc·q₂) (`d₂ = d/254`).
+                        let sum = if X2 {
+                            vmlaq_n_s32(two[i], one[i], 254)
+                        } else {
+                            one[i]
+                        };
+                        *a = vfmaq_f32(*a, vcvtq_f32_s32(sum), vmulq_n_f32(s[i], d));
+                        *a = vfmsq_n_f32(*a, sz[i], ds);
+                    }
+                }
+            }
+        }
+        acc
+    }
+
+    /// Writes [`packed_span`]'s lanes for token rows `tt..tt + R` (of `t`) whose rows, from `first`,
+    /// fall inside `rows`: `out[(row − start)·T + t]`.
+    fn put<const Q: usize, const R: usize>(
+        acc: &[[float32x4_t; Q]; R],
+        first: usize,
+        rows: &std::ops::Range<usize>,
+        (tt, t): (usize, usize),
+        out: &mut [f32],
+    ) {
+        let mut lanes = [0f32; TILE_ROWS];
+        let span = first.max(rows.start)..(first + Q * QUARTER_ROWS).min(rows.end);
+        for (r, a) in acc.iter().enumerate() {
+            for (l, a) in lanes.chunks_exact_mut(QUARTER_ROWS).zip(a) {
+                // SAFETY: 4 f32 into a 4-element chunk.
+                unsafe { vst1q_f32(l.as_mut_ptr(), *a) };
+            }
+            for row in span.clone() {
+                out[(row - rows.start) * t + tt + r] = lanes[row - first];
+            }
+        }
+    }
+
+    /// Token rows `tt..tt + R` times the tiles covering `rows`: a tile `rows` covers whole at once,
+    /// a tile it starts or ends inside (a linear group's members, the padded last tile) a quarter
+    /// at a time. Each lane's result is the same either way.
+    ///
+    /// # Safety
+    /// As [`rows`], on a CPU with FEAT_DotProd; `tt + R ≤ T`.
+    #[target_feature(enable = "neon,dotprod")]
+    unsafe fn packed_tokens<const BITS: u32, const X2: bool, const R: usize>(
+        f: &Tiles,
+        qx: &QuantX,
+        (tt, t): (usize, usize),
+        rows: &std::ops::Range<usize>,
+        out: &mut [f32],
+    ) {
+        for tile in rows.start / TILE_ROWS..rows.end.div_ceil(TILE_ROWS) {
+            let first = tile * TILE_ROWS;
+            // SAFETY: forwarded contract; the tile and its quarters are inside the matrix.
+            unsafe {
+                if rows.start <= first && first + TILE_ROWS <= rows.end {
+                    let acc = packed_span::<BITS, X2, R, 4>(f, (tile, 0), qx, tt);
+                    put(&acc, first, rows, (tt, t), out);
+                    continue;
+                }
+                let from = rows.start.max(first) / QUARTER_ROWS;
+                let to = rows.end.min(first + TILE_ROWS).div_ceil(QUARTER_ROWS);
+                for q in from..to {
+                    let acc = packed_span::<BITS, X2, R, 1>(f, (tile, q % 4), qx, tt);
+                    put(&acc, q * QUARTER_ROWS, rows, (tt, t), out);
+                }
+            }
+        }
+    }
+
+    /// [`packed_tokens`] over all T token rows: tiles of `R`, then one.
+    ///
+    /// # Safety
+    /// As [`rows`], on a CPU with FEAT_DotProd.
+    #[target_feature(enable = "neon,dotprod")]
+    unsafe fn packed_rows_of<const BITS: u32, const X2: bool, const R: usize>(
+        f: &Tiles,
+        qx: &QuantX,
+        t: usize,
+        rows: std::ops::Range<usize>,
+        out: &mut [f32],
+    ) {
+        let mut tt = 0;
+        // SAFETY: forwarded contract; tt + R <= T (tt + 1 <= T).
+        unsafe {
+            while tt + R <= t {
+                packed_tokens::<BITS, X2, R>(f, qx, (tt, t), &rows, out);
+                tt += R;
+            }
+            while tt < t {
+                packed_tokens::<BITS, X2, 1>(f, qx, (tt, t), &rows, out);
+                tt += 1;
+            }
+        }
+    }
+
+    /// Integer rows of a [`Weights::Packed`] with `sdot`: `out[(row − start)·T + t]`.
+    ///
+    /// # Safety
+    /// As [`rows`], on a CPU with FEAT_DotProd.
+    #[target_feature(enable = "neon,dotprod")]
+    unsafe fn packed_rows(
+        w: &Weights,
+        qx: &QuantX,
+        t: usize,
+        rows: std::ops::Range<usize>,
+        out: &mut [f32],
+    ) {
+        let Weights::Packed {
+            bits,
+            codes,
+            high,
+            scales,
+            zero,
+            k,
+            ..
+        } = *w
+        else {
+            return;
+        };
+        let f = Tiles {
+            codes: codes.as_ptr(),
+            high: high.as_ptr(),
+            scales: scales.as_ptr() as *const u16,
+            zero: match zero {
+                PackedZero::Const(z) if bits == 8 => TileZero::Const(z - 128.0),
+                PackedZero::Const(z) => TileZero::Const(z),
+                PackedZero::Scaled(sz) => TileZero::Scaled(sz.as_ptr() as *const u16),
+            },
+            nb: k / BLOCK,
+        };
+        const T2: usize = TOKENS / 2;
+        let x2 = !qx.q2.is_empty();
+        // SAFETY: forwarded contract.
+        unsafe {
+            match (bits, x2) {
+                (4, true) => packed_rows_of::<4, true, T2>(&f, qx, t, rows, out),
+                (4, false) => packed_rows_of::<4, false, TOKENS>(&f, qx, t, rows, out),
+                (5, true) => packed_rows_of::<5, true, T2>(&f, qx, t, rows, out),
+                (5, false) => packed_rows_of::<5, false, TOKENS>(&f, qx, t, rows, out),
+                (_, true) => packed_rows_of::<8, true, T2>(&f, qx, t, rows, out),
+                (_, false) => packed_rows_of::<8, false, TOKENS>(&f, qx, t, rows, out),
+            }
+        }
     }
 }
 

@@ -5,9 +5,10 @@
 //! scales and per-block zero points. That costs bytes the source did not have — GGUF Q5_0's 5-bit
 //! codes become 8-bit bytes, its f16 scales f32, its one zero point (16) a byte a block — and a
 //! decode step reads every weight once, so those bytes are time. When the CPU's integer kernels
-//! read packed forms ([`QIsa::packs`]: AVX-512 VNNI and AVX2, not NEON yet) and the precision is
-//! [`Precision::Fast`](super::linear::Precision), the CPU backend repacks each 32-block matrix whose
-//! values allow it, **losslessly**:
+//! read packed forms ([`QIsa::packs`]: AVX-512 VNNI, AVX2, and NEON with the dot product —
+//! ARMv8.2's `sdot`, every phone core since the Cortex-A55/A75 — but not plain NEON) and the
+//! precision is [`Precision::Fast`](super::linear::Precision), the CPU backend repacks each 32-block
+//! matrix whose values allow it, **losslessly**:
 //!
 //! - scales are kept as f16 only when every one is an f16 value (GGUF's are);
 //! - one zero point for the whole matrix (Q8_0: 128, Q5_0: 16, Q4_0: 8) becomes a constant;
@@ -24,7 +25,8 @@
 //! The packed layout interleaves 16 rows a tile ([`Weights::Packed`]), so the integer kernel sums
 //! a row's block in one register lane and pays the float work once a block of 16 rows (2× Gemma 3's
 //! prompt speed at 2 threads on AVX-512 VNNI; on AVX2, 8 rows a register, the single-thread products
-//! of `linear_q8.rs`' `bench_packed_vs_rows` run 1.7–3.1× the row-major path's; module doc of
+//! of `linear_q8.rs`' `bench_packed_vs_rows` run 1.7–3.1× the row-major path's; NEON's `sdot`
+//! tiles, 4 rows a register, are tested under qemu but not yet timed on a phone; module doc of
 //! `linear_q8.rs`). Sizes per 32 weights (file form → packed): 8-bit codes 37 → 34 bytes, Q5_0's
 //! 37 → 22, 4-bit codes 24 → 20; a matrix whose row count is not a multiple of 16 pads its last tile
 //! with zero rows.
@@ -693,11 +695,16 @@ pub(crate) mod tests {
     }
 
     /// The integer ISAs whose packed products of `view` are equal bit for bit: AVX2 and AVX-512 on
-    /// 4- and 5-bit codes (8-bit codes: AVX2 multiplies `q − 128`).
+    /// 4- and 5-bit codes (8-bit codes: AVX2 multiplies `q − 128`); NEON dotprod and i8mm on every
+    /// form (one kernel).
     fn bit_equal_isas(view: &Weights) -> Vec<QIsa> {
         #[cfg(target_arch = "x86_64")]
         if matches!(view, Weights::Packed { bits: 4 | 5, .. }) {
             return vec![QIsa::Avx2, QIsa::Avx512Vnni];
+        }
+        #[cfg(target_arch = "aarch64")]
+        if matches!(view, Weights::Packed { .. }) {
+            return vec![QIsa::NeonDot, QIsa::NeonI8mm];
         }
         let _ = view;
         Vec::new()
