@@ -25,9 +25,9 @@
 //! The packed layout interleaves 16 rows a tile ([`Weights::Packed`]), so the integer kernel sums
 //! a row's block in one register lane and pays the float work once a block of 16 rows (2× Gemma 3's
 //! prompt speed at 2 threads on AVX-512 VNNI; on AVX2, 8 rows a register, the single-thread products
-//! of `linear_q8.rs`' `bench_packed_vs_rows` run 1.7–3.1× the row-major path's; NEON's `sdot`
+//! of `linear_q8/tests.rs`' `bench_packed_vs_rows` run 1.7–3.1× the row-major path's; NEON's `sdot`
 //! tiles, 4 rows a register, are tested under qemu but not yet timed on a phone; module doc of
-//! `linear_q8.rs`). Sizes per 32 weights (file form → packed): 8-bit codes 37 → 34 bytes, Q5_0's
+//! `linear_q8/`). Sizes per 32 weights (file form → packed): 8-bit codes 37 → 34 bytes, Q5_0's
 //! 37 → 22, 4-bit codes 24 → 20; a matrix whose row count is not a multiple of 16 pads its last tile
 //! with zero rows.
 //!
@@ -664,7 +664,7 @@ pub(crate) mod tests {
     /// The codes at the extremes of `maddubs`' i16 pair sums (4 bits: all 15; 5 bits: all 31; 8
     /// bits: 0 and 255 on alternate rows) against activations all at ±127 (every block's values
     /// equal), so the sums the kernels add in i16 before widening reach their bounds
-    /// (`linear_q8.rs`, AVX2 `half_sums`): each integer ISA still gives the file form's product.
+    /// (`linear_q8/avx2.rs`, `half_sums`): each integer ISA still gives the file form's product.
     #[test]
     fn packed_products_hold_at_the_extreme_codes() {
         let mut rng = StdRng::seed_from_u64(23);
