@@ -1,7 +1,7 @@
 //! AVX2 kernels of the integer path (see the parent module's doc).
 
-use super::{QuantX, Weights, BLOCK};
-use crate::backend::cpu::linear::{packed_block_bytes, PackedZero, TILE_ROWS};
+use super::{QuantX, TileZero, Tiles, Weights, BLOCK};
+use crate::backend::cpu::linear::{packed_block_bytes, TILE_ROWS};
 use crate::backend::cpu::simd::x86::hsum;
 use std::arch::x86_64::*;
 
@@ -261,25 +261,6 @@ unsafe fn rows_of<const H: bool, const X2: bool>(
 /// Rows of a half tile: one i32 lane of a 256-bit register each (a tile's 64-byte group is two
 /// registers, rows 0–7 and rows 8–15).
 const HALF_ROWS: usize = TILE_ROWS / 2;
-
-/// A packed matrix's zero-point term ([`PackedZero`]) as a raw pointer. For 8-bit codes, which
-/// the kernel multiplies as `q − 128`, a constant zero point is kept as `z − 128`.
-#[derive(Clone, Copy)]
-enum TileZero {
-    Const(f32),
-    Scaled(*const u16),
-}
-
-/// A [`Weights::Packed`] as raw pointers.
-#[derive(Clone, Copy)]
-struct Tiles {
-    codes: *const u8,
-    high: *const u8,
-    scales: *const u16,
-    zero: TileZero,
-    /// 32-blocks a row.
-    nb: usize,
-}
 
 /// The codes of groups `2j` and `2j + 1` (j in 0..4) of tile-block `sb` for the tile's rows
 /// `8·half..8·half + 8`, as u8: byte `4·r + e` of group g's register is code `4g + e` of row
@@ -545,33 +526,13 @@ unsafe fn packed_rows(
     rows: std::ops::Range<usize>,
     out: &mut [f32],
 ) {
-    let Weights::Packed {
-        bits,
-        codes,
-        high,
-        scales,
-        zero,
-        k,
-        ..
-    } = *w
-    else {
+    let Some(f) = Tiles::of(w, true) else {
         return;
-    };
-    let f = Tiles {
-        codes: codes.as_ptr(),
-        high: high.as_ptr(),
-        scales: scales.as_ptr() as *const u16,
-        zero: match zero {
-            PackedZero::Const(z) if bits == 8 => TileZero::Const(z - 128.0),
-            PackedZero::Const(z) => TileZero::Const(z),
-            PackedZero::Scaled(sz) => TileZero::Scaled(sz.as_ptr() as *const u16),
-        },
-        nb: k / BLOCK,
     };
     let x2 = !qx.q2.is_empty();
     // SAFETY: forwarded contract.
     unsafe {
-        match (bits, x2) {
+        match (f.bits, x2) {
             (4, true) => packed_rows_of::<4, true>(&f, qx, t, rows, out),
             (4, false) => packed_rows_of::<4, false>(&f, qx, t, rows, out),
             (5, true) => packed_rows_of::<5, true>(&f, qx, t, rows, out),

@@ -1,18 +1,11 @@
 //! AVX-512 VNNI kernels of the integer path (see the parent module's doc).
 
-use super::{QuantX, Weights, BLOCK};
-use crate::backend::cpu::linear::{packed_block_bytes, PackedZero, TILE_ROWS};
+use super::{QuantX, TileZero, Tiles, Weights, BLOCK};
+use crate::backend::cpu::linear::{packed_block_bytes, TILE_ROWS};
 use std::arch::x86_64::*;
 
 /// Token rows multiplied per decoded weight pair in the GEMM path.
 const TILE: usize = 4;
-
-/// A packed matrix's zero-point term ([`PackedZero`]) as a raw pointer.
-#[derive(Clone, Copy)]
-enum TileZero {
-    Const(f32),
-    Scaled(*const u16),
-}
 
 /// One weight matrix's buffers as raw pointers, and its form (`BITS` 4: f32 zero points, 16
 /// bytes a block; 8: u8 zero points, 32 bytes a block).
@@ -249,17 +242,6 @@ unsafe fn rows_of<const BITS: u32, const H: bool, const X2: bool>(
     }
 }
 
-/// A [`Weights::Packed`] as raw pointers.
-#[derive(Clone, Copy)]
-struct Tiles {
-    codes: *const u8,
-    high: *const u8,
-    scales: *const u16,
-    zero: TileZero,
-    /// 32-blocks a row.
-    nb: usize,
-}
-
 /// The codes of group `g` (0..8) of tile-block `sb`: byte `4·row + e` is code `4g + e` of the
 /// tile's row `row`.
 ///
@@ -413,32 +395,13 @@ unsafe fn packed_rows(
     rows: std::ops::Range<usize>,
     out: &mut [f32],
 ) {
-    let Weights::Packed {
-        bits,
-        codes,
-        high,
-        scales,
-        zero,
-        k,
-        ..
-    } = *w
-    else {
+    let Some(f) = Tiles::of(w, false) else {
         return;
-    };
-    let f = Tiles {
-        codes: codes.as_ptr(),
-        high: high.as_ptr(),
-        scales: scales.as_ptr() as *const u16,
-        zero: match zero {
-            PackedZero::Const(z) => TileZero::Const(z),
-            PackedZero::Scaled(sz) => TileZero::Scaled(sz.as_ptr() as *const u16),
-        },
-        nb: k / BLOCK,
     };
     let x2 = !qx.q2.is_empty();
     // SAFETY: forwarded contract.
     unsafe {
-        match (bits, x2) {
+        match (f.bits, x2) {
             (4, true) => packed_rows_of::<4, true>(&f, qx, t, rows, out),
             (4, false) => packed_rows_of::<4, false>(&f, qx, t, rows, out),
             (5, true) => packed_rows_of::<5, true>(&f, qx, t, rows, out),

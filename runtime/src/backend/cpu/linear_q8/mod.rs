@@ -58,7 +58,7 @@
 //! Files: this one (the ISAs, the activations' quantization, the dispatch, the portable scalar
 //! path), `avx512.rs`, `avx2.rs`, `neon.rs` (each ISA's kernels, row-major and packed), `tests.rs`.
 
-use super::linear::{Weights, BLOCK};
+use super::linear::{PackedZero, Weights, BLOCK};
 
 /// The instruction set of the integer dot products.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -431,6 +431,61 @@ fn rows_scalar(w: &Weights, qx: &QuantX, t: usize, rows: std::ops::Range<usize>,
                 }
             }
         }
+    }
+}
+
+/// A [`Weights::Packed`] as raw pointers, for the ISA kernels that read the tiles.
+#[cfg_attr(not(any(target_arch = "x86_64", target_arch = "aarch64")), allow(dead_code))]
+#[derive(Clone, Copy)]
+struct Tiles {
+    /// 4, 5 or 8.
+    bits: u32,
+    codes: *const u8,
+    high: *const u8,
+    scales: *const u16,
+    zero: TileZero,
+    /// 32-blocks a row.
+    nb: usize,
+}
+
+/// A packed matrix's zero-point term ([`PackedZero`]) as a raw pointer.
+#[cfg_attr(not(any(target_arch = "x86_64", target_arch = "aarch64")), allow(dead_code))]
+#[derive(Clone, Copy)]
+enum TileZero {
+    Const(f32),
+    Scaled(*const u16),
+}
+
+#[cfg_attr(not(any(target_arch = "x86_64", target_arch = "aarch64")), allow(dead_code))]
+impl Tiles {
+    /// `w`'s tiles, `None` for the other forms. `offset_8bit`: the kernel multiplies 8-bit codes as
+    /// `q − 128` (no unsigned × signed dot product), so a constant zero point is kept as `z − 128`
+    /// (an f16 `s·z` the kernel corrects by `128·s` itself).
+    fn of(w: &Weights, offset_8bit: bool) -> Option<Tiles> {
+        let Weights::Packed {
+            bits,
+            codes,
+            high,
+            scales,
+            zero,
+            k,
+            ..
+        } = *w
+        else {
+            return None;
+        };
+        Some(Tiles {
+            bits,
+            codes: codes.as_ptr(),
+            high: high.as_ptr(),
+            scales: scales.as_ptr() as *const u16,
+            zero: match zero {
+                PackedZero::Const(z) if bits == 8 && offset_8bit => TileZero::Const(z - 128.0),
+                PackedZero::Const(z) => TileZero::Const(z),
+                PackedZero::Scaled(sz) => TileZero::Scaled(sz.as_ptr() as *const u16),
+            },
+            nb: k / BLOCK,
+        })
     }
 }
 

@@ -1,7 +1,7 @@
 //! NEON kernels of the integer path: plain, dotprod (`sdot`) and i8mm (`smmla`) (see the parent module's doc).
 
-use super::{QuantX, Weights, BLOCK};
-use crate::backend::cpu::linear::{packed_block_bytes, PackedZero, TILE_ROWS};
+use super::{QuantX, TileZero, Tiles, Weights, BLOCK};
+use crate::backend::cpu::linear::{packed_block_bytes, TILE_ROWS};
 use std::arch::aarch64::*;
 
 /// Integer rows on NEON (same formula as `rows_scalar`): signed 8×8→16-bit products, pairs summed in
@@ -371,25 +371,6 @@ const QUARTER_ROWS: usize = TILE_ROWS / 4;
 /// so that the integer sums of a whole tile stay in registers.
 const TOKENS: usize = 4;
 
-/// A packed matrix's zero-point term ([`PackedZero`]) as a raw pointer. For 8-bit codes, which
-/// `sdot` multiplies as `q − 128`, a constant zero point is kept as `z − 128`.
-#[derive(Clone, Copy)]
-enum TileZero {
-    Const(f32),
-    Scaled(*const u16),
-}
-
-/// A [`Weights::Packed`] as raw pointers.
-#[derive(Clone, Copy)]
-struct Tiles {
-    codes: *const u8,
-    high: *const u8,
-    scales: *const u16,
-    zero: TileZero,
-    /// 32-blocks a row.
-    nb: usize,
-}
-
 /// Four f16 at `p` as f32 (`fcvtl`, baseline on aarch64; its intrinsic takes an unstable type).
 ///
 /// # Safety
@@ -659,34 +640,14 @@ unsafe fn packed_rows(
     rows: std::ops::Range<usize>,
     out: &mut [f32],
 ) {
-    let Weights::Packed {
-        bits,
-        codes,
-        high,
-        scales,
-        zero,
-        k,
-        ..
-    } = *w
-    else {
+    let Some(f) = Tiles::of(w, true) else {
         return;
-    };
-    let f = Tiles {
-        codes: codes.as_ptr(),
-        high: high.as_ptr(),
-        scales: scales.as_ptr() as *const u16,
-        zero: match zero {
-            PackedZero::Const(z) if bits == 8 => TileZero::Const(z - 128.0),
-            PackedZero::Const(z) => TileZero::Const(z),
-            PackedZero::Scaled(sz) => TileZero::Scaled(sz.as_ptr() as *const u16),
-        },
-        nb: k / BLOCK,
     };
     const T2: usize = TOKENS / 2;
     let x2 = !qx.q2.is_empty();
     // SAFETY: forwarded contract.
     unsafe {
-        match (bits, x2) {
+        match (f.bits, x2) {
             (4, true) => packed_rows_of::<4, true, T2>(&f, qx, t, rows, out),
             (4, false) => packed_rows_of::<4, false, TOKENS>(&f, qx, t, rows, out),
             (5, true) => packed_rows_of::<5, true, T2>(&f, qx, t, rows, out),
