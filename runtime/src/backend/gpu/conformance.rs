@@ -332,60 +332,46 @@ fn rope_cases() -> Vec<Case> {
                 gpu: OnGpu::All,
             });
         }
-        v.push(Case {
-            name: format!("Transpose → RotaryEmbedding [1, {t}, {h}, {d}]"),
-            graph: graph(
-                &[
-                    ("x", DType::F32, &[1, t, h, d]),
-                    ("pos", DType::I64, &[1, t]),
-                ],
+        // The planner's transposed rotary, and with a head norm between (QK-norm).
+        for norm in [false, true] {
+            let transpose = node(
+                "Transpose",
+                &["x"],
+                &["xt"],
+                &[("perm", Attr::Ints(vec![0, 2, 1, 3]))],
+            );
+            let mut nodes = vec![transpose];
+            let mut tables = rope_tables(64, d);
+            let mut r_in = "xt";
+            if norm {
+                let eps = ("epsilon", Attr::Float(1e-6));
+                nodes.push(node("RMSNormalization", &["xt", "scale"], &["xn"], &[eps]));
+                tables.push(init("scale", DType::F32, &[d], &noise(d, 29)));
+                r_in = "xn";
+            }
+            nodes.push(node(
+                "RotaryEmbedding",
+                &[r_in, "cos", "sin", "pos"],
                 &["y"],
-                vec![
-                    node(
-                        "Transpose",
-                        &["x"],
-                        &["xt"],
-                        &[("perm", Attr::Ints(vec![0, 2, 1, 3]))],
-                    ),
-                    node("RotaryEmbedding", &["xt", "cos", "sin", "pos"], &["y"], &[]),
-                ],
-                rope_tables(64, d),
-            ),
-            inputs: vec![("x", f32_in(&[1, t, h, d], 23)), ("pos", pos_t())],
-            tol: 1e-5,
-            gpu: OnGpu::All,
-        });
-        let mut tables = rope_tables(64, d);
-        tables.push(init("scale", DType::F32, &[d], &noise(d, 29)));
-        v.push(Case {
-            name: format!("Transpose → head RMS norm → RotaryEmbedding [1, {t}, {h}, {d}]"),
-            graph: graph(
-                &[
-                    ("x", DType::F32, &[1, t, h, d]),
-                    ("pos", DType::I64, &[1, t]),
-                ],
-                &["y"],
-                vec![
-                    node(
-                        "Transpose",
-                        &["x"],
-                        &["xt"],
-                        &[("perm", Attr::Ints(vec![0, 2, 1, 3]))],
-                    ),
-                    node(
-                        "RMSNormalization",
-                        &["xt", "scale"],
-                        &["xn"],
-                        &[("epsilon", Attr::Float(1e-6))],
-                    ),
-                    node("RotaryEmbedding", &["xn", "cos", "sin", "pos"], &["y"], &[]),
-                ],
-                tables,
-            ),
-            inputs: vec![("x", f32_in(&[1, t, h, d], 31)), ("pos", pos_t())],
-            tol: 1e-5,
-            gpu: OnGpu::All,
-        });
+                &[],
+            ));
+            let what = if norm { " → head RMS norm" } else { "" };
+            v.push(Case {
+                name: format!("Transpose{what} → RotaryEmbedding [1, {t}, {h}, {d}]"),
+                graph: graph(
+                    &[
+                        ("x", DType::F32, &[1, t, h, d]),
+                        ("pos", DType::I64, &[1, t]),
+                    ],
+                    &["y"],
+                    nodes,
+                    tables,
+                ),
+                inputs: vec![("x", f32_in(&[1, t, h, d], 23)), ("pos", pos_t())],
+                tol: 1e-5,
+                gpu: OnGpu::All,
+            });
+        }
     }
     v
 }

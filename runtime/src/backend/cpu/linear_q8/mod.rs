@@ -435,7 +435,10 @@ fn rows_scalar(w: &Weights, qx: &QuantX, t: usize, rows: std::ops::Range<usize>,
 }
 
 /// A [`Weights::Packed`] as raw pointers, for the ISA kernels that read the tiles.
-#[cfg_attr(not(any(target_arch = "x86_64", target_arch = "aarch64")), allow(dead_code))]
+#[cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64")),
+    allow(dead_code)
+)]
 #[derive(Clone, Copy)]
 struct Tiles {
     /// 4, 5 or 8.
@@ -449,14 +452,20 @@ struct Tiles {
 }
 
 /// A packed matrix's zero-point term ([`PackedZero`]) as a raw pointer.
-#[cfg_attr(not(any(target_arch = "x86_64", target_arch = "aarch64")), allow(dead_code))]
+#[cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64")),
+    allow(dead_code)
+)]
 #[derive(Clone, Copy)]
 enum TileZero {
     Const(f32),
     Scaled(*const u16),
 }
 
-#[cfg_attr(not(any(target_arch = "x86_64", target_arch = "aarch64")), allow(dead_code))]
+#[cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64")),
+    allow(dead_code)
+)]
 impl Tiles {
     /// `w`'s tiles, `None` for the other forms. `offset_8bit`: the kernel multiplies 8-bit codes as
     /// `q − 128` (no unsigned × signed dot product), so a constant zero point is kept as `z − 128`
