@@ -48,18 +48,23 @@ pub struct LoadOptions {
     /// cache folder).
     #[cfg(feature = "gpu")]
     pub gpu: crate::backend::gpu::GpuOptions,
+    /// The instruction set of the CPU's integer kernels under `Fast`, by the name
+    /// [`fast_isa`](crate::system::fast_isa) reports (`avx512-vnni`, `avx2`, `neon-i8mm`,
+    /// `neon-dotprod`, `neon`, `scalar`); `None`: the best this CPU has. For measuring one path on a
+    /// CPU that has several; a name this CPU cannot run fails the load.
+    pub cpu_isa: Option<String>,
 }
 
 /// The keys [`LoadOptions::set`] takes, with their values (for `--help` and error messages).
 #[cfg(feature = "gpu")]
-pub const SETTING_KEYS: &str = "precision=exact|fast, profile=on|off, \
+pub const SETTING_KEYS: &str = "precision=exact|fast, profile=on|off, cpu_isa=NAME, \
 gpu_variant=auto|rows|lanes|subgroups, gpu_no_fuse=all|none|group+attn+res+tr+round, gpu_split_keys=N, \
 gpu_split_chunk=N, gpu_submit_every=auto|N, gpu_run_ahead=on|off, gpu_gemm_tokens=N, \
 gpu_block_lanes=on|off, gpu_pipeline_cache=none|DIR, gpu_trial_software=on|off";
 
 /// The keys [`LoadOptions::set`] takes, with their values (for `--help` and error messages).
 #[cfg(not(feature = "gpu"))]
-pub const SETTING_KEYS: &str = "precision=exact|fast, profile=on|off";
+pub const SETTING_KEYS: &str = "precision=exact|fast, profile=on|off, cpu_isa=NAME";
 
 impl LoadOptions {
     /// The planner's fusions these options leave on (`gpu_no_fuse` names them; both backends run
@@ -156,6 +161,11 @@ impl LoadOptions {
             match key {
                 "precision" => next = next.with_precision(value)?,
                 "profile" => next.profile = switch(key, value)?,
+                "cpu_isa" => {
+                    crate::backend::cpu::linear_q8::by_name(value)
+                        .map_err(|e| Error::InvalidArgument(format!("`{key}={value}`: {e}")))?;
+                    next.cpu_isa = Some(value.to_string());
+                }
                 #[cfg(feature = "gpu")]
                 _ if set_gpu(&mut next.gpu, key, value)? => {}
                 _ => {
@@ -167,6 +177,18 @@ impl LoadOptions {
         }
         *self = next;
         Ok(())
+    }
+
+    /// The integer kernels' instruction set [`LoadOptions::cpu_isa`] names (`None`: the best);
+    /// one this CPU lacks is an [`Error::InvalidArgument`].
+    pub(crate) fn fast_isa(&self) -> Result<Option<crate::backend::cpu::linear_q8::QIsa>> {
+        self.cpu_isa
+            .as_deref()
+            .map(|name| {
+                crate::backend::cpu::linear_q8::by_name(name)
+                    .map_err(|e| Error::InvalidArgument(format!("cpu_isa: {e}")))
+            })
+            .transpose()
     }
 
     /// Default limits on the CPU backend (what [`Model::load`](crate::Model::load) uses).
@@ -353,6 +375,27 @@ fn check_contract(graph: &Graph) -> Result<ModelInfo> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `cpu_isa` takes the names of the instruction sets this CPU runs (scalar everywhere) and
+    /// refuses others, naming the key and the choices; a name set directly fails at `fast_isa`.
+    #[test]
+    fn cpu_isa_takes_this_cpus_instruction_sets_only() {
+        for q in crate::backend::cpu::linear_q8::available() {
+            let mut o = LoadOptions::default();
+            o.set(&format!("cpu_isa={}", q.name())).unwrap();
+            assert_eq!(o.fast_isa().unwrap(), Some(q));
+        }
+        let mut o = LoadOptions::default();
+        let e = o.set("cpu_isa=avx9000").unwrap_err().to_string();
+        assert!(e.contains("cpu_isa=avx9000") && e.contains("scalar"), "{e}");
+        assert_eq!(
+            o.cpu_isa, None,
+            "a bad setting leaves the options unchanged"
+        );
+        assert_eq!(o.fast_isa().unwrap(), None);
+        o.cpu_isa = Some("avx9000".into());
+        assert!(o.fast_isa().unwrap_err().to_string().contains("cpu_isa"));
+    }
 
     #[cfg(feature = "gpu")]
     #[test]

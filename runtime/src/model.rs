@@ -196,17 +196,13 @@ impl Model {
             }
         }
         let (backend, device_note) = match speech_cpu {
-            true => cpu_for_speech(&plan, options),
+            true => cpu_for_speech(&plan, options)?,
             false => choose_backend(&plan, &info, options, &bytes, probe)?,
         };
         let (plan, backend) = match cpu_graph {
             Some(g) if backend.device() == "cpu" => {
                 let plan = Plan::with_options(g, options.plan_options())?;
-                let cpu = crate::backend::cpu::exec::CpuBackend::new(
-                    &plan,
-                    options.precision,
-                    options.profile,
-                );
+                let cpu = crate::backend::cpu::exec::CpuBackend::new(&plan, options)?;
                 (plan, Box::new(cpu) as Box<dyn Backend>)
             }
             _ => (plan, backend),
@@ -476,11 +472,11 @@ impl StepState {
 /// The CPU backend for a transcription model under `auto` or `cpu`: `auto` does not time the GPU
 /// for it (its encoder runs on the CPU, and the decoder step's layer norms and cross-attention go
 /// back to the host on the GPU), so it says so.
-fn cpu_for_speech(plan: &Plan, opts: &LoadOptions) -> (Box<dyn Backend>, Option<String>) {
-    let cpu = crate::backend::cpu::exec::CpuBackend::new(plan, opts.precision, opts.profile);
+fn cpu_for_speech(plan: &Plan, opts: &LoadOptions) -> Result<(Box<dyn Backend>, Option<String>)> {
+    let cpu = crate::backend::cpu::exec::CpuBackend::new(plan, opts)?;
     let note = cfg!(feature = "gpu")
         .then(|| "transcription models run on the CPU unless the GPU is asked for".to_string());
-    (Box::new(cpu), note)
+    Ok((Box::new(cpu), note))
 }
 
 /// Whether `opts` asks for a GPU (not `auto`).
@@ -514,11 +510,7 @@ fn choose_backend(
     {
         let _ = (info, model, probe);
         Ok((
-            Box::new(crate::backend::cpu::exec::CpuBackend::new(
-                plan,
-                opts.precision,
-                opts.profile,
-            )),
+            Box::new(crate::backend::cpu::exec::CpuBackend::new(plan, opts)?),
             None,
         ))
     }

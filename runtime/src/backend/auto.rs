@@ -49,9 +49,9 @@ pub(crate) fn choose(
     model: &[u8],
     probed: Option<Probed>,
 ) -> Result<(Box<dyn Backend>, Option<String>)> {
-    let cpu = || Box::new(CpuBackend::new(plan, opts.precision, opts.profile)) as Box<dyn Backend>;
+    let cpu = || -> Result<Box<dyn Backend>> { Ok(Box::new(CpuBackend::new(plan, opts)?)) };
     match opts.device {
-        DeviceRequest::Cpu => return Ok((cpu(), None)),
+        DeviceRequest::Cpu => return Ok((cpu()?, None)),
         DeviceRequest::Gpu(_) => {
             let g = super::gpu::backend::bind(plan, info, opts, probed.as_ref())?;
             return Ok((Box::new(g), None));
@@ -62,13 +62,13 @@ pub(crate) fn choose(
         Some(p) => p,
         None => match or_cpu(Probed::new(&opts.device, opts.backend))? {
             Ok(p) => p,
-            Err(note) => return Ok((cpu(), Some(note))),
+            Err(note) => return Ok((cpu()?, Some(note))),
         },
     };
     let adapter = &probed.id;
     if adapter.is_software() && !opts.gpu.trial_software {
         return Ok((
-            cpu(),
+            cpu()?,
             Some(format!(
                 "{} is a software adapter; the CPU backend is faster (use --device gpu to force it)",
                 adapter.name
@@ -87,18 +87,18 @@ pub(crate) fn choose(
     {
         let note = format!("{} (remembered: {})", d.describe(adapter), f.display());
         if !d.gpu {
-            return Ok((cpu(), Some(note)));
+            return Ok((cpu()?, Some(note)));
         }
         return match or_cpu(super::gpu::backend::bind(plan, info, opts, Some(&probed)))? {
             Ok(g) => Ok((Box::new(g), Some(note))),
-            Err(why) => Ok((cpu(), Some(why))),
+            Err(why) => Ok((cpu()?, Some(why))),
         };
     }
     let gpu = match or_cpu(super::gpu::backend::bind(plan, info, opts, Some(&probed)))? {
         Ok(g) => g,
-        Err(why) => return Ok((cpu(), Some(why))),
+        Err(why) => return Ok((cpu()?, Some(why))),
     };
-    let d = decide(&*cpu(), &gpu, plan, info, opts)?;
+    let d = decide(&*cpu()?, &gpu, plan, info, opts)?;
     let kept = match &file {
         Some(f) => match d.write(f, &key) {
             Ok(()) => format!("remembered in {}", f.display()),
@@ -110,7 +110,7 @@ pub(crate) fn choose(
     if d.gpu {
         Ok((Box::new(gpu), Some(note)))
     } else {
-        Ok((cpu(), Some(note)))
+        Ok((cpu()?, Some(note)))
     }
 }
 
@@ -399,7 +399,7 @@ mod tests {
         let (plan, info) = fixture();
         let opts = LoadOptions::cpu();
         let flaky = |after, fail, delay_ms| Flaky {
-            cpu: CpuBackend::new(&plan, opts.precision, false),
+            cpu: CpuBackend::new(&plan, &opts).unwrap(),
             after,
             fail,
             delay_ms,
@@ -407,7 +407,7 @@ mod tests {
         };
         let lost = || Error::device(crate::error::DeviceFault::Lost, "the driver reset");
         let bug = || Error::internal("step 3 has no GPU weights");
-        let cpu = CpuBackend::new(&plan, opts.precision, false);
+        let cpu = CpuBackend::new(&plan, &opts).unwrap();
         let d = decide(&cpu, &flaky(99, lost, 20), &plan, &info, &opts).unwrap();
         assert!(!d.gpu && d.gpu_ms.as_ref().unwrap() > &d.cpu_ms, "{d:?}");
         assert!(*d.gpu_ms.as_ref().unwrap() >= 20.0, "{d:?}");

@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use crate::backend::cpu::attention::{self, AttnShape};
 use crate::backend::cpu::linear::{self, Activations, Precision, QuantCache};
+use crate::backend::cpu::linear_q8::QIsa;
 use crate::backend::cpu::repack::PackedSet;
 use crate::backend::cpu::{attention_plain, gelu, linear_q8, misc, ops};
 use crate::backend::mask::Attended;
@@ -104,6 +105,12 @@ impl CpuRun {
     /// This run reading the packed forms of `packed`.
     pub(crate) fn with_packed(mut self, packed: Arc<PackedSet>) -> Self {
         self.packed = packed;
+        self
+    }
+
+    /// This run's integer products on `qisa` (`None`: this CPU's best).
+    pub(crate) fn on(mut self, qisa: Option<QIsa>) -> Self {
+        self.quant = QuantCache::on(qisa);
         self
     }
 }
@@ -722,23 +729,30 @@ pub(crate) struct CpuBackend {
     profile: Option<Mutex<BTreeMap<String, (u64, f64)>>>,
     /// The linear layers repacked for the integer kernels (under `Fast`, where they read them).
     packed: Arc<PackedSet>,
+    /// The integer kernels' instruction set ([`LoadOptions::cpu_isa`](crate::LoadOptions); `None`:
+    /// this CPU's best).
+    qisa: Option<QIsa>,
 }
 
 impl CpuBackend {
-    /// The CPU backend for `plan`; under [`Precision::Fast`] its linear layers are repacked where
-    /// the integer kernels read packed forms (`repack.rs`).
-    pub(crate) fn new(plan: &Plan, precision: Precision, profile: bool) -> CpuBackend {
+    /// The CPU backend for `plan` as `opts` ask (precision, profiling, the integer kernels'
+    /// instruction set); under [`Precision::Fast`] its linear layers are repacked where the integer
+    /// kernels read packed forms (`repack.rs`). Fails only for an instruction set this CPU lacks.
+    pub(crate) fn new(plan: &Plan, opts: &crate::LoadOptions) -> Result<CpuBackend> {
+        let (precision, profile) = (opts.precision, opts.profile);
+        let qisa = opts.fast_isa()?;
         let packed = match precision {
-            Precision::Fast => PackedSet::for_plan(plan, linear_q8::best()),
+            Precision::Fast => PackedSet::for_plan(plan, qisa.unwrap_or_else(linear_q8::best)),
             Precision::Exact => PackedSet::default(),
         };
-        CpuBackend {
+        Ok(CpuBackend {
             precision,
             logits_linear: logits_linear(plan),
             cache_read_elsewhere: super::super::caches_read_elsewhere(plan),
             profile: profile.then(Default::default),
             packed: Arc::new(packed),
-        }
+            qisa,
+        })
     }
 }
 
@@ -772,8 +786,9 @@ impl Backend for CpuBackend {
             &self.cache_read_elsewhere,
             &mut env,
         );
-        let mut run =
-            CpuRun::new(self.precision, self.logits_linear).with_packed(Arc::clone(&self.packed));
+        let mut run = CpuRun::new(self.precision, self.logits_linear)
+            .with_packed(Arc::clone(&self.packed))
+            .on(self.qisa);
         for (si, s) in plan.steps.iter().enumerate() {
             let t0 = self.profile.is_some().then(Instant::now);
             exec_step(plan, s, &mut env, Some((host, position)), &mut run)?;

@@ -568,6 +568,22 @@ pub struct QuantCache {
     /// for the quantized values held.
     key: Option<(usize, usize, bool)>,
     qx: QuantX,
+    /// The integer kernels' instruction set (`None`: this CPU's best).
+    qisa: Option<QIsa>,
+}
+
+impl QuantCache {
+    /// An empty cache whose products run on `qisa` (`None`: this CPU's best).
+    pub(crate) fn on(qisa: Option<QIsa>) -> QuantCache {
+        QuantCache {
+            qisa,
+            ..QuantCache::default()
+        }
+    }
+
+    fn qisa(&self) -> QIsa {
+        self.qisa.unwrap_or_else(linear_q8::best)
+    }
 }
 
 /// [`linear_with`] at kernel level `acts`, where quantized activations of input `key` come from
@@ -584,7 +600,7 @@ pub fn linear_cached(
     cache: &mut QuantCache,
     key: usize,
 ) -> KernelResult {
-    let isas = (simd::best_isa(), linear_q8::best());
+    let isas = (simd::best_isa(), cache.qisa());
     linear_isa(x, t, w, bias, out, acts, isas, Some((cache, key)))
 }
 
@@ -622,7 +638,7 @@ pub(crate) fn linear_group_t1(
         cache.qx = QuantX::new(x, x2);
         cache.key = Some((key, x.len(), x2));
     }
-    let (qx, qisa) = (&cache.qx, linear_q8::best());
+    let (qx, qisa) = (&cache.qx, cache.qisa());
     let starts: Vec<usize> = std::iter::once(0)
         .chain(ws.iter().scan(0, |a, w| {
             *a += w.n();

@@ -13,7 +13,7 @@ pub mod bandwidth;
 pub(crate) mod exec;
 mod gelu;
 pub mod linear;
-mod linear_q8;
+pub(crate) mod linear_q8;
 pub mod misc;
 pub mod norm;
 pub mod ops;

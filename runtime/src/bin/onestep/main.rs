@@ -179,7 +179,9 @@ struct Common {
     #[arg(long)]
     profile: bool,
     /// Runtime settings as `key=value[,key=value...]` (repeatable), applied after the flags above:
-    /// precision, profile and the GPU tuning keys (gpu_variant=auto|rows|lanes|subgroups,
+    /// precision, profile, cpu_isa (the integer kernels' instruction set: avx512-vnni, avx2,
+    /// neon-i8mm, neon-dotprod, neon, scalar — one this CPU runs) and the GPU tuning keys
+    /// (gpu_variant=auto|rows|lanes|subgroups,
     /// gpu_no_fuse=all|group+attn+res+tr+round, gpu_split_keys, gpu_split_chunk, gpu_submit_every,
     /// gpu_run_ahead, gpu_gemm_tokens, gpu_block_lanes, gpu_pipeline_cache=DIR|none).
     #[arg(long = "set", value_name = "KEY=VALUE,...")]
@@ -529,6 +531,9 @@ fn cmd_bench(
         return Err(Error::InvalidArgument("--repeat must be at least 1".into()));
     }
     let (model_arc, mut session) = open(model, common)?;
+    // The integer kernels' instruction set: the one `--set cpu_isa=` forces, else this CPU's best.
+    let fast_isa = common.load_options()?.cpu_isa;
+    let fast_isa = fast_isa.as_deref().unwrap_or(onestep::system::fast_isa());
     let ids = bench_prompt(&session, prompt_tokens)?;
     let mut opts = common.apply(session.default_options());
     opts.max_new_tokens = common.max_tokens.unwrap_or(new_tokens);
@@ -573,7 +578,7 @@ fn cmd_bench(
         let obj = serde_json::json!({
             "device": model_arc.device(),
             "precision": model_arc.precision().to_string(),
-            "fast_isa": onestep::system::fast_isa(),
+            "fast_isa": fast_isa,
             "plan": plan_json,
             "gpu": gpu_json,
             "kv": kv_json,
@@ -605,7 +610,7 @@ fn cmd_bench(
         "device: {}  precision: {} (fast on {})",
         model_arc.device(),
         model_arc.precision(),
-        onestep::system::fast_isa()
+        fast_isa
     );
     println!("plan: {plan_json}");
     if !gpu_json.is_null() {

@@ -154,6 +154,22 @@ pub(crate) fn available() -> Vec<QIsa> {
     v
 }
 
+/// The instruction set of this CPU named `name` (as [`QIsa::name`] reports it); `Err` lists the
+/// names this CPU runs.
+pub(crate) fn by_name(name: &str) -> Result<QIsa, String> {
+    let isas = available();
+    isas.iter()
+        .copied()
+        .find(|q| q.name() == name)
+        .ok_or_else(|| {
+            let names: Vec<&str> = isas.iter().map(|q| q.name()).collect();
+            format!(
+                "`{name}` is not an instruction set this CPU runs ({})",
+                names.join(", ")
+            )
+        })
+}
+
 /// The best integer instruction set of this CPU (detected once).
 pub(crate) fn best() -> QIsa {
     static BEST: std::sync::OnceLock<QIsa> = std::sync::OnceLock::new();
