@@ -6,15 +6,16 @@
 //!   `Reshape(scales)`, small constant subgraphs), `linear.rs` (a `Gemm`/`MatMulNBits` with constant
 //!   weights — possibly behind `Cast` or `DequantizeLinear` — bound to [`LinearWeights`] that read the
 //!   mapped bytes in place; then a bias `Add` into its epilogue), `residual.rs` (a residual `Add` into
-//!   the epilogue of the linear before it), `gate.rs` (the SiLU or GELU gate), `attention.rs`
-//!   (attention over a caller-owned cache, `Attention(q, Concat(past, new), ...)`, read in place
-//!   instead of concatenated), `rope.rs` (a rotary reading through the `Transpose` before it),
-//!   `round.rs` (the f16 round trip of new cache rows);
+//!   the epilogue of the linear before it), `norm_residual.rs` (a residual `Add` after an RMS norm,
+//!   done by the norm's step), `gate.rs` (the SiLU or GELU gate), `attention.rs` (attention over a
+//!   caller-owned cache, `Attention(q, Concat(past, new), ...)`, read in place instead of
+//!   concatenated), `rope.rs` (a rotary reading through the `Transpose` before it, with a per-head RMS
+//!   norm between them taken in), `round.rs` (the f16 round trip of new cache rows);
 //! - over subgraphs: `embedding.rs` (the rows gathered from constant tables by the token ids, one step
 //!   over [`LinearWeights`] shared with a tied output layer) and `choice.rs` (the token choice after its
-//!   `TopK`), each proving its match by running it; then `group.rs` (linear layers of one input as one
-//!   step, with the norm before and the SiLU gate after them, within what the backend takes:
-//!   [`GroupCaps`]);
+//!   `TopK`), each proving its match by running it; then `attention_inputs.rs` (the attention taking its
+//!   rotaries, transposes and round trips in) and `group.rs` (linear layers of one input as one step,
+//!   with the norm before and the gate after them, within what the backend takes: [`GroupCaps`]);
 //! - `liveness.rs`: dead nodes dropped, each value's last use recorded so buffers are freed as soon as
 //!   possible.
 
@@ -538,7 +539,8 @@ pub struct PlanOptions {
     pub linear_groups: Option<GroupCaps>,
     /// A cache attention takes in the rotaries, transposes and round trips of its inputs.
     pub attention_inputs: bool,
-    /// ... and rotaries with a per-head norm before them (QK-norm; the GPU binds two more buffers).
+    /// With `attention_inputs`: whether rotaries with a per-head norm before them (QK-norm) go in too
+    /// (the GPU kernel binds two more buffers for them).
     pub attention_input_norms: bool,
 }
 
