@@ -284,6 +284,33 @@ fn table_and_norm_cases() -> Vec<Case> {
             gpu: OnGpu::All,
         });
     }
+    // LayerNormalization (Whisper's), with and without the bias, rows offset from zero.
+    for (rows, h, bias) in [(3usize, 384usize, true), (1, 64, false), (2, 1000, true)] {
+        let mut inits = vec![init("scale", DType::F32, &[h], &noise(h, 19))];
+        let mut ins = vec!["x", "scale"];
+        if bias {
+            inits.push(init("bias", DType::F32, &[h], &noise(h, 23)));
+            ins.push("bias");
+        }
+        let x: Vec<f32> = noise(rows * h, 29).iter().map(|v| 20.0 + 4.0 * v).collect();
+        v.push(Case {
+            name: format!("LayerNormalization [{rows}, {h}], bias {bias}"),
+            graph: graph(
+                &[("x", DType::F32, &[rows, h])],
+                &["y"],
+                vec![node(
+                    "LayerNormalization",
+                    &ins,
+                    &["y"],
+                    &[("epsilon", Attr::Float(1e-5))],
+                )],
+                inits,
+            ),
+            inputs: vec![("x", Tensor::f32(&[rows, h], &x))],
+            tol: 1e-5,
+            gpu: OnGpu::All,
+        });
+    }
     v
 }
 

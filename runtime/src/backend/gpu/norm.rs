@@ -1,5 +1,6 @@
-//! RMSNormalization (`norm.wgsl`): one workgroup a row, f32 accumulation; optionally with the residual
-//! `Add` after it in the epilogue ([`NormResidual`](crate::plan::NormResidual)).
+//! RMSNormalization and LayerNormalization over the last axis (`norm.wgsl`): one workgroup a row, f32
+//! accumulation; the RMS norm optionally with the residual `Add` after it in the epilogue
+//! ([`NormResidual`](crate::plan::NormResidual)), the layer norm with its optional bias.
 
 use std::sync::Arc;
 
@@ -22,9 +23,20 @@ pub fn kernel(ctx: &GpuContext, residual: bool) -> Result<Arc<Kernel>> {
     )
 }
 
-/// Parameters for `rows` rows of `h` values.
-pub fn params(rows: usize, h: usize, eps: f32) -> Params {
-    Params::new().u(rows).u(h).f(eps)
+/// The layer-norm kernel: bindings X, W (scale), B (bias; a dummy without), O.
+pub fn layer_kernel(ctx: &GpuContext) -> Result<Arc<Kernel>> {
+    ctx.pipeline(
+        "norm",
+        SOURCE,
+        "layer_norm",
+        &[Bind::Read, Bind::Read, Bind::Read, Bind::Write],
+        &[],
+    )
+}
+
+/// Parameters for `rows` rows of `h` values (`bias`: the layer norm adds one).
+pub fn params(rows: usize, h: usize, eps: f32, bias: bool) -> Params {
+    Params::new().u(rows).u(h).f(eps).u(bias as usize)
 }
 
 #[cfg(test)]
@@ -46,7 +58,7 @@ mod tests {
                 let got = run_kernel_once(
                     &ctx,
                     &k,
-                    &params(rows, h, 1e-5),
+                    &params(rows, h, 1e-5, false),
                     &[
                         bytemuck::cast_slice(&x),
                         bytemuck::cast_slice(&w),
@@ -63,6 +75,53 @@ mod tests {
                 }
                 let e = max_rel(bytemuck::cast_slice(&got), &want);
                 assert!(e < 2e-6, "rows {rows} h {h} residual {residual}: {e}");
+            }
+        }
+    }
+
+    /// LayerNormalization with and without the bias, against the f64 mean/variance reference (rows
+    /// offset far from zero: the two-pass variance keeps them).
+    #[test]
+    fn layer_norm_matches_the_f64_reference() {
+        let Some(ctx) = ctx() else { return };
+        let k = layer_kernel(&ctx).unwrap();
+        for (rows, h) in [(1, 384), (5, 64), (3, 1000), (2, 3)] {
+            for bias in [false, true] {
+                let x: Vec<f32> = noise(rows * h, h as u64)
+                    .iter()
+                    .map(|v| 50.0 + 3.0 * v)
+                    .collect();
+                let (w, b) = (noise(h, 7), noise(h, 8));
+                let eps = 1e-5;
+                let got = run_kernel_once(
+                    &ctx,
+                    &k,
+                    &params(rows, h, eps, bias),
+                    &[
+                        bytemuck::cast_slice(&x),
+                        bytemuck::cast_slice(&w),
+                        bytemuck::cast_slice(&b),
+                    ],
+                    rows * h * 4,
+                    grid(rows, 1, ctx.max_groups),
+                )
+                .unwrap();
+                let want: Vec<f32> = x
+                    .chunks(h)
+                    .flat_map(|r| {
+                        let n = h as f64;
+                        let mean = r.iter().map(|&v| v as f64).sum::<f64>() / n;
+                        let var = r.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+                        let inv = 1.0 / (var + eps as f64).sqrt();
+                        let (w, b) = (&w, &b);
+                        r.iter().enumerate().map(move |(i, &v)| {
+                            let y = (v as f64 - mean) * inv * w[i] as f64;
+                            (y + if bias { b[i] as f64 } else { 0.0 }) as f32
+                        })
+                    })
+                    .collect();
+                let e = max_rel(bytemuck::cast_slice(&got), &want);
+                assert!(e < 2e-5, "rows {rows} h {h} bias {bias}: {e}");
             }
         }
     }

@@ -36,6 +36,7 @@ const NODE_OPS: &[(&str, NodeDescribe)] = &[
     ("Transpose", GpuPlan::transpose_desc),
     ("Gather", GpuPlan::gather_desc),
     ("RMSNormalization", GpuPlan::rms_norm_desc),
+    ("LayerNormalization", GpuPlan::layer_norm_desc),
     ("RotaryEmbedding", GpuPlan::rotary_desc),
     ("TopK", GpuPlan::top_k_desc),
 ];
@@ -454,7 +455,56 @@ impl GpuPlan {
                     res.map_or(BufRef::Dummy, BufRef::Val),
                     BufRef::Val(out),
                 ],
-                params: norm::params(rows, h, n.attr_float("epsilon", 1e-5)),
+                params: norm::params(rows, h, n.attr_float("epsilon", 1e-5), false),
+                groups: (gx, gy, 1),
+            }],
+        }))
+    }
+
+    /// `LayerNormalization` over the last axis with an f32 scale and bias of `[H]` (or none), only its
+    /// output `Y` read (the `Mean` and `InvStdDev` outputs: the CPU's).
+    fn layer_norm_desc(&self, a: &NodeAt) -> Result<Option<Desc>> {
+        let (n, e) = (a.n, a.e);
+        let inp = |i: usize| a.inputs.get(i).copied().flatten();
+        let (Some(x), Some(w), b) = (inp(0), inp(1), inp(2)) else {
+            return Ok(None);
+        };
+        let Some(xm) = e.f32m(x) else { return Ok(None) };
+        let r = xm.shape.len();
+        let h = *xm.shape.last().unwrap_or(&0);
+        let ax = n.attr_int("axis", -1);
+        let vec_h = |v: ValId| {
+            e.meta(v)
+                .is_some_and(|m| m.dtype == DType::F32 && m.numel() == h)
+        };
+        if r == 0
+            || !(ax == -1 || ax == r as i64 - 1)
+            || n.attr_int("stash_type", 1) != 1
+            || a.outputs.len() != 1
+            || !vec_h(w)
+            || b.is_some_and(|b| !vec_h(b))
+        {
+            return Ok(None);
+        }
+        let out = a.outputs[0];
+        let rows = xm.numel() / h.max(1);
+        let (gx, gy) = grid(rows, 1, self.ctx.max_groups);
+        let mut reads = vec![x, w];
+        reads.extend(b);
+        let ctx = &self.ctx;
+        Ok(Some(Desc {
+            at: Vec::new(),
+            outs: vec![(out, xm, None)],
+            reads,
+            disp: vec![Disp {
+                kernel: e.stage.kernel(&|| norm::layer_kernel(ctx))?,
+                binds: vec![
+                    BufRef::Val(x),
+                    BufRef::Val(w),
+                    b.map_or(BufRef::Dummy, BufRef::Val),
+                    BufRef::Val(out),
+                ],
+                params: norm::params(rows, h, n.attr_float("epsilon", 1e-5), b.is_some()),
                 groups: (gx, gy, 1),
             }],
         }))
