@@ -470,7 +470,7 @@ impl StepState {
 }
 
 /// The CPU backend for a transcription model under `auto` or `cpu`: `auto` does not time the GPU
-/// for it (its encoder runs on the CPU, and the decoder step's layer norms and cross-attention go
+/// for it (its encoder runs on the CPU, and the decoder step's cross-attention goes
 /// back to the host on the GPU), so it says so.
 fn cpu_for_speech(plan: &Plan, opts: &LoadOptions) -> Result<(Box<dyn Backend>, Option<String>)> {
     let cpu = crate::backend::cpu::exec::CpuBackend::new(plan, opts)?;
