@@ -9,7 +9,6 @@ use std::collections::BTreeMap;
 
 use super::view::Planning;
 use super::{Gate, GroupCaps, GroupNorm, LinearGroup, Step, ValId};
-use crate::graph::DType;
 use crate::weights::LinearWeights;
 
 /// Binds every set of linear layers sharing an input (and the norm before, the gate after) that
@@ -117,23 +116,14 @@ fn find(
     })
 }
 
-/// Node `ni`'s input and scale when it is an `RMSNormalization` over the last axis of `k` features,
-/// with a constant f32 scale, that no pass took.
+/// Node `ni`'s input and scale when it is a norm a step can do ([`Planning::norm_node`]) over `k`
+/// features.
 fn folds_norm(p: &Planning, ni: usize, k: usize) -> Option<(ValId, ValId)> {
-    let n = &p.graph.nodes[ni];
-    let (&[Some(x), Some(scale)], true) = (&p.node_in[ni][..], p.kind[ni].is_none()) else {
-        return None;
-    };
-    let scale_ok = p.consts[scale]
+    let (norm, x) = p.norm_node(ni)?;
+    let k_ok = p.consts[norm.scale]
         .as_ref()
-        .is_some_and(|t| t.dtype == DType::F32 && t.rank() == 1 && t.numel() == k);
-    (n.op == "RMSNormalization"
-        && (n.domain.is_empty() || n.domain == "ai.onnx")
-        && n.attr_int("axis", -1) == -1
-        && n.attr_int("stash_type", 1) == 1
-        && scale_ok
-        && !p.absorbed[ni])
-        .then_some((x, scale))
+        .is_some_and(|t| t.numel() == k);
+    k_ok.then_some((x, norm.scale))
 }
 
 /// Moves the found members, norm and gate into one step at the first member's node.

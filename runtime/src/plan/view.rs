@@ -127,11 +127,16 @@ impl Planning {
         self.consumers[v].iter().all(|&c| c == ni) && !self.graph_outputs.contains(&v)
     }
 
-    /// The norm writing `v` (read by node `user` only) and its input, for a step to do it: an
-    /// `RMSNormalization` over the last axis with a constant rank-1 f32 scale and f32 statistics
-    /// that no pass took.
+    /// The norm writing `v` (read by node `user` only) and its input, for a step to do it (see
+    /// [`Planning::norm_node`]).
     pub fn folded_norm(&self, v: ValId, user: usize) -> Option<(FoldedNorm, ValId)> {
         let ni = self.producer[v]?;
+        self.norm_node(ni).filter(|_| self.only_consumer(v, user))
+    }
+
+    /// Node `ni` as a norm a fused step can do, and its input: an `RMSNormalization` over the last
+    /// axis with a constant rank-1 f32 scale and f32 statistics that no pass took.
+    pub fn norm_node(&self, ni: usize) -> Option<(FoldedNorm, ValId)> {
         let n = &self.graph.nodes[ni];
         let (&[Some(x), Some(scale)], true) = (&self.node_in[ni][..], self.kind[ni].is_none())
         else {
@@ -145,17 +150,16 @@ impl Planning {
             && n.attr_int("axis", -1) == -1
             && n.attr_int("stash_type", 1) == 1
             && scale_ok
-            && !self.absorbed[ni]
-            && self.only_consumer(v, user))
-        .then(|| {
-            let epsilon = n.attr_float("epsilon", 1e-5);
-            let norm = FoldedNorm {
-                node: ni,
-                scale,
-                epsilon,
-            };
-            (norm, x)
-        })
+            && !self.absorbed[ni])
+            .then(|| {
+                let epsilon = n.attr_float("epsilon", 1e-5);
+                let norm = FoldedNorm {
+                    node: ni,
+                    scale,
+                    epsilon,
+                };
+                (norm, x)
+            })
     }
 
     /// Per value: the nodes whose steps read it (a fused step's reads, or an unabsorbed node's inputs).
