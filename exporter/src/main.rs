@@ -24,7 +24,8 @@ struct Cli {
     /// Output `.onnx` file.
     #[arg(short, long)]
     output: Option<PathBuf>,
-    /// Re-encode the weights (default: keep the source encoding).
+    /// Re-encode the weights (default: keep the source encoding): f16; int8 (per row); q8 (8-bit
+    /// blocks of 32, GGUF Q8_0's values: the CPU's fastest 8-bit form); int4 (4-bit blocks of 32).
     #[arg(long, value_enum)]
     quantize: Option<QuantArg>,
     /// Static KV cache slots (capped at the model's context length).
@@ -52,8 +53,13 @@ enum Cmd {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum QuantArg {
+    /// f16 (Cast + Gemm).
     F16,
+    /// Per-row symmetric int8 (DequantizeLinear + Gemm).
     Int8,
+    /// 8-bit blocks of 32, f16 scales, zero point 128 (MatMulNBits; GGUF Q8_0's values).
+    Q8,
+    /// 4-bit blocks of 32 with 4-bit zero points (MatMulNBits).
     Int4,
 }
 
@@ -150,6 +156,7 @@ fn main() -> ExitCode {
             None => Quantize::Keep,
             Some(QuantArg::F16) => Quantize::F16,
             Some(QuantArg::Int8) => Quantize::Int8,
+            Some(QuantArg::Q8) => Quantize::Q8,
             Some(QuantArg::Int4) => Quantize::Int4,
         },
         generation: None,

@@ -202,3 +202,78 @@ fn matches_transformers(model: &Model, device: &str) {
         );
     }
 }
+
+/// The `--quantize q8` export (8-bit blocks of 32) at fast precision — the encoder's linears on the
+/// integer kernels too — against transformers: the decode logits within [`Q8_TOL`] of the largest
+/// logit (the 8-bit weights and activations move them), the same arg-max wherever transformers'
+/// top-2 margin passes [`Q8_MARGIN`]; and a profiled load reports the encoder's ops beside the
+/// decoder's.
+#[test]
+fn q8_export_at_fast_precision_stays_near_transformers() {
+    const Q8_TOL: f32 = 2e-2;
+    const Q8_MARGIN: f32 = 0.05;
+    let tmp = std::env::temp_dir().join(format!("onestep-whisper-q8-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let out = tmp.join("tiny-whisper-q8.onnx");
+    let src = read_hf(&dir()).unwrap();
+    let opts = ExportOptions {
+        kv_dtype: DType::F32,
+        max_chunk: 16,
+        quantize: onestep_export::quant::Quantize::Q8,
+        ..ExportOptions::default()
+    };
+    export_whisper(&src, &out, &opts, &mut NoProgress).unwrap();
+    let options = LoadOptions {
+        precision: Precision::Fast,
+        profile: true,
+        ..LoadOptions::cpu()
+    };
+    let model = Model::load_with(&out, &options).unwrap();
+    let samples = wav16(&dir().join("audio.wav"));
+    let (r, logits) = reference();
+    let vocab = r["vocab"].as_u64().unwrap() as usize;
+    let mut state = model.new_state().unwrap();
+    let (mut worst, mut compared) = (0.0f32, 0);
+    for s in r["sequences"].as_array().unwrap() {
+        let ids: Vec<u32> = s["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect();
+        let off = s["offset"].as_u64().unwrap() as usize;
+        let scale = s["max_abs_logit"].as_f64().unwrap() as f32;
+        model.encode(&mut state, &samples).unwrap();
+        for (i, &id) in ids.iter().enumerate() {
+            let want = &logits[(off + i) * vocab..(off + i + 1) * vocab];
+            let got = model
+                .step(&mut state, &[id], &StepSampling::GREEDY)
+                .unwrap()
+                .logits;
+            let e = got
+                .iter()
+                .zip(want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            worst = worst.max(e / scale);
+            let mut order: Vec<usize> = (0..vocab).collect();
+            order.sort_by(|&a, &b| want[b].total_cmp(&want[a]));
+            if want[order[0]] - want[order[1]] > Q8_MARGIN * scale {
+                let top = (0..vocab).max_by(|&a, &b| got[a].total_cmp(&got[b])).unwrap();
+                assert_eq!(top, order[0], "sequence at offset {off}, step {i}: arg-max");
+                compared += 1;
+            }
+        }
+    }
+    println!("q8 fast: worst {worst:.2e} of max|logit|, {compared} arg-maxes compared");
+    assert!(worst <= Q8_TOL, "error {worst:.2e} of max|logit|");
+    assert!(compared > 0);
+    let profile = model.profile();
+    for op in ["encoder: [linear", "encoder: Attention", "[cache attention]"] {
+        assert!(
+            profile.iter().any(|(name, n, _)| name.starts_with(op) && *n > 0),
+            "no `{op}` row in the profile: {profile:?}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+}

@@ -1,14 +1,19 @@
 //! The encoder phase of a transcription model ([`crate::phases`]): one window of 16 kHz samples →
 //! per decoder layer the cross-attention keys and values, which the sequence state then holds as
 //! the decoder steps' `cross.*` inputs (never recomputed per token). Planned once at load, run on
-//! the CPU.
+//! the CPU with the load's precision; under `fast` its 8-bit block linears (a `--quantize q8`
+//! export's) are repacked at load for the integer kernels as the decoder's are (`repack.rs`).
 
-use crate::backend::cpu::exec::run_once;
+use std::sync::Arc;
+
+use crate::backend::cpu::exec::{run_once, CpuRun, OpProfile};
 use crate::backend::cpu::linear::Precision;
+use crate::backend::cpu::linear_q8::{self, QIsa};
+use crate::backend::cpu::repack::PackedSet;
 use crate::contract::{self, Speech};
 use crate::error::{Error, Result};
 use crate::graph::{DType, Dim, Graph};
-use crate::plan::{Plan, PlanOptions, ValId};
+use crate::plan::{Plan, ValId};
 use crate::tensor::Tensor;
 
 /// A planned encoder phase.
@@ -22,6 +27,12 @@ pub(crate) struct Encoder {
     /// Per decoder-step input it feeds (`cross.0.key`), the output's slot.
     feeds: Vec<(String, ValId)>,
     precision: Precision,
+    /// The integer kernels' instruction set (`None`: this CPU's best).
+    qisa: Option<QIsa>,
+    /// The linear layers repacked for the integer kernels (under `Fast`, where they read them).
+    packed: Arc<PackedSet>,
+    /// Time per op kind when profiling.
+    profile: Option<OpProfile>,
 }
 
 impl Encoder {
@@ -31,8 +42,7 @@ impl Encoder {
         graph: Graph,
         speech: &Speech,
         step_inputs: &[&str],
-        options: PlanOptions,
-        precision: Precision,
+        options: &crate::LoadOptions,
     ) -> Result<Encoder> {
         crate::load::check_nodes(&graph)?;
         let audio = graph.inputs.iter().find(|v| v.name == contract::AUDIO);
@@ -54,7 +64,7 @@ impl Encoder {
                 )));
             }
         }
-        let plan = Plan::with_options(graph, options)?;
+        let plan = Plan::with_options(graph, options.plan_options())?;
         let slot = |name: &str| {
             plan.inputs.get(name).copied().ok_or_else(|| {
                 Error::Contract(format!("the encoder phase does not read input `{name}`"))
@@ -73,14 +83,31 @@ impl Encoder {
             })?;
             feeds.push((input.to_string(), v));
         }
+        let qisa = options.fast_isa()?;
+        let packed = match options.precision {
+            Precision::Fast => PackedSet::for_plan(&plan, qisa.unwrap_or_else(linear_q8::best)),
+            Precision::Exact => PackedSet::default(),
+        };
         Ok(Encoder {
             plan,
             window: speech.window_samples,
             audio,
             samples,
             feeds,
-            precision,
+            precision: options.precision,
+            qisa,
+            packed: Arc::new(packed),
+            profile: options.profile.then(Default::default),
         })
+    }
+
+    /// Time per op kind of the windows encoded so far (empty unless profiling): `(op, calls,
+    /// seconds)`, slowest first.
+    pub(crate) fn profile(&self) -> Vec<(String, u64, f64)> {
+        self.profile
+            .as_ref()
+            .map(OpProfile::rows)
+            .unwrap_or_default()
     }
 
     /// Encodes one window (`samples` at most a window long; zeros after them) into the decoder
@@ -104,7 +131,10 @@ impl Encoder {
         let mut env: Vec<Option<Tensor>> = vec![None; self.plan.names.len()];
         env[self.audio] = Some(Tensor::f32(&[1, self.window], &audio));
         env[self.samples] = Some(Tensor::i64(&[1], &[samples.len() as i64]));
-        let mut env = run_once(&self.plan, env, self.precision)?;
+        let run = CpuRun::new(self.precision, None)
+            .with_packed(Arc::clone(&self.packed))
+            .on(self.qisa);
+        let mut env = run_once(&self.plan, env, run, self.profile.as_ref())?;
         self.feeds
             .iter()
             .map(|(name, v)| {

@@ -166,7 +166,7 @@ impl Model {
         let speech = match (phases.encoder, speech) {
             (Some(g), Some(sp)) => {
                 let inputs: Vec<&str> = plan.inputs.keys().map(String::as_str).collect();
-                let enc = Encoder::new(g, &sp, &inputs, options.plan_options(), options.precision)?;
+                let enc = Encoder::new(g, &sp, &inputs, options)?;
                 Some((enc, sp))
             }
             _ => None,
@@ -262,9 +262,16 @@ impl Model {
         self.load_ms
     }
     /// Time per op kind since load, slowest first (only when loaded with [`LoadOptions::profile`]):
-    /// `(op, calls, seconds)`.
+    /// `(op, calls, seconds)`. A transcription model's encoder phase has its own rows, the op
+    /// prefixed `encoder: `.
     pub fn profile(&self) -> Vec<(String, u64, f64)> {
-        self.backend.profile()
+        let mut rows = self.backend.profile();
+        if let Some((enc, _)) = &self.speech {
+            let encoder = enc.profile().into_iter();
+            rows.extend(encoder.map(|(op, n, t)| (format!("encoder: {op}"), n, t)));
+            rows.sort_by(|a, b| b.2.total_cmp(&a.2));
+        }
+        rows
     }
     /// What the planner did (fused steps, folded nodes).
     pub fn plan_stats(&self) -> &PlanStats {

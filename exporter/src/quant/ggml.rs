@@ -332,7 +332,7 @@ mod tests {
                 data: make_blocks(dtype, &v).into(),
             };
             let src = dequantize_source("w", &t).unwrap();
-            for q in [Quantize::F16, Quantize::Int8, Quantize::Int4] {
+            for q in [Quantize::F16, Quantize::Int8, Quantize::Q8, Quantize::Int4] {
                 let got = dequantize(&encode_matrix("w", &t, q).unwrap());
                 let err = got
                     .iter()

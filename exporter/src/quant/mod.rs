@@ -18,6 +18,9 @@ pub enum Quantize {
     F16,
     /// Per-channel symmetric int8 (DequantizeLinear form).
     Int8,
+    /// Symmetric 8-bit blocks of 32 with f16 scales and zero point 128 (GGUF Q8_0's values, in the
+    /// MatMulNBits form): what the runtime's integer kernels read fastest. GGUF Q8_0 is kept as it is.
+    Q8,
     /// Asymmetric 4-bit blocks of 32 (MatMulNBits form). GGUF Q4_0/Q4_1/Q4_K are already in this form
     /// and are kept as they are.
     Int4,
@@ -30,6 +33,7 @@ impl Quantize {
             Quantize::Keep => "source",
             Quantize::F16 => "f16",
             Quantize::Int8 => "int8",
+            Quantize::Q8 => "q8",
             Quantize::Int4 => "int4",
         }
     }
@@ -271,13 +275,10 @@ pub fn encode_matrix(name: &str, t: &SourceTensor, q: Quantize) -> Result<Matrix
             Quantize::Keep | Quantize::Int4,
             SourceDType::Q4_0 | SourceDType::Q4_1 | SourceDType::Q4_K,
         ) => repack_blocks(t, n, k),
+        (Quantize::Keep | Quantize::Q8, SourceDType::Q8_0) => repack_blocks(t, n, k),
         (
             Quantize::Keep,
-            SourceDType::Q8_0
-            | SourceDType::Q5_0
-            | SourceDType::Q5_1
-            | SourceDType::Q5_K
-            | SourceDType::Q6_K,
+            SourceDType::Q5_0 | SourceDType::Q5_1 | SourceDType::Q5_K | SourceDType::Q6_K,
         ) => repack_blocks(t, n, k),
         (Quantize::F16, _) => {
             let v = dequantize_source(name, t)?;
@@ -285,6 +286,15 @@ pub fn encode_matrix(name: &str, t: &SourceTensor, q: Quantize) -> Result<Matrix
             Form::F16(Bytes::from(bytemuck::cast_slice::<f16, u8>(&h).to_vec()))
         }
         (Quantize::Int8, _) => int8_per_channel(&dequantize_source(name, t)?, n, k),
+        (Quantize::Q8, _) => {
+            if k % BLOCK != 0 {
+                return Err(qerr(
+                    name,
+                    format!("q8 needs in-features divisible by {BLOCK}, K = {k}"),
+                ));
+            }
+            q8_blocks(name, &dequantize_source(name, t)?)?
+        }
         (Quantize::Int4, _) => {
             if k % BLOCK != 0 {
                 return Err(qerr(
@@ -391,6 +401,37 @@ fn int8_per_channel(v: &[f32], n: usize, k: usize) -> Form {
         q: Bytes::from(q),
         scales: f32_bytes(scales),
     }
+}
+
+/// Symmetric 8-bit per block of 32, GGUF Q8_0's values: s = max|x| / 127 rounded to the nearest f16
+/// value (stored as f32; f16-exact, so the runtime keeps it as f16 losslessly), q = round(x / s) + 128
+/// in 1..=255, zero point 128 ([`Form::Block8`]).
+fn q8_blocks(name: &str, v: &[f32]) -> Result<Form, QuantError> {
+    let nb = v.len() / BLOCK;
+    let mut b = Vec::with_capacity(v.len());
+    let mut scales = Vec::with_capacity(nb);
+    for (bi, blk) in v.chunks_exact(BLOCK).enumerate() {
+        let amax = blk.iter().fold(0f32, |a, &x| a.max(x.abs()));
+        let s = f16::from_f32(amax / 127.0).to_f32();
+        if !s.is_finite() {
+            return Err(qerr(
+                name,
+                format!("q8 block {bi} reaches {amax}: its scale does not fit f16 (values must be finite and below 8.3e6)"),
+            ));
+        }
+        let q = |x: f32| match s > 0.0 {
+            true => ((x / s).round().clamp(-127.0, 127.0) + 128.0) as u8,
+            false => 128,
+        };
+        b.extend(blk.iter().map(|&x| q(x)));
+        scales.push(s);
+    }
+    Ok(Form::Block8 {
+        block: BLOCK,
+        b: Bytes::from(b),
+        scales: f32_bytes(scales),
+        zeros: Zeros::U8(Bytes::from(vec![128u8; nb])),
+    })
 }
 
 /// Asymmetric 4-bit per block of 32: range [min(x,0), max(x,0)] → s = range/15 rounded to the nearest
@@ -857,6 +898,51 @@ mod tests {
             // |error| <= s/2 (plus f32 rounding)
             assert!((a - b).abs() <= s[i / k] * 0.5001, "{a} vs {b}");
         }
+    }
+
+    #[test]
+    fn q8_error_within_half_step_with_f16_scales() {
+        let (n, k) = (5, 96);
+        let mut v = rand_vec(n * k, 5);
+        v[32..64].fill(0.0); // an all-zero block: scale 0, every code the zero point
+        let t = tensor(
+            SourceDType::F32,
+            n,
+            k,
+            bytemuck::cast_slice::<f32, u8>(&v).to_vec(),
+        );
+        let m = encode_matrix("w", &t, Quantize::Q8).unwrap();
+        let Form::Block8 {
+            block,
+            b,
+            scales,
+            zeros: Zeros::U8(z),
+        } = &m.form
+        else {
+            panic!("form {}", m.form_name())
+        };
+        assert_eq!((*block, b.len(), z.len()), (BLOCK, n * k, n * k / BLOCK));
+        assert!(z.iter().all(|&z| z == 128));
+        assert!(
+            b.iter().all(|&q| q >= 1),
+            "codes stay in 1..=255 (symmetric)"
+        );
+        let s = read_f32s(scales);
+        assert!(s.iter().all(|&s| f16::from_f32(s).to_f32() == s));
+        assert_eq!(s[1], 0.0);
+        assert!(b[32..64].iter().all(|&q| q == 128));
+        let d = dequantize(&m);
+        for (i, (a, x)) in d.iter().zip(&v).enumerate() {
+            // |error| <= s/2 (plus f32 rounding)
+            assert!((a - x).abs() <= s[i / BLOCK] * 0.5001, "{a} vs {x}");
+        }
+        // In-features that are not whole blocks are refused.
+        let bad = encode_matrix(
+            "w",
+            &tensor(SourceDType::F32, 1, 40, vec![0; 160]),
+            Quantize::Q8,
+        );
+        assert!(bad.unwrap_err().to_string().contains("divisible by 32"));
     }
 
     #[test]

@@ -701,20 +701,47 @@ fn concat_cache(cache: &Tensor, new: &Tensor, t: usize) -> Result<Tensor> {
 }
 
 /// Runs `plan` (one without caches: a transcription model's encoder phase) once on the CPU over
-/// `env` (its inputs set), returning its values; each freed as its last reader is done.
+/// `env` (its inputs set) with `run`'s precision and packed weights, returning its values; each freed
+/// as its last reader is done.
 pub(crate) fn run_once(
     plan: &Plan,
     mut env: Vec<Option<Tensor>>,
-    precision: Precision,
+    mut run: CpuRun,
+    profile: Option<&OpProfile>,
 ) -> Result<Vec<Option<Tensor>>> {
-    let mut run = CpuRun::new(precision, None);
     for (si, s) in plan.steps.iter().enumerate() {
+        let t0 = profile.map(|_| Instant::now());
         exec_step(plan, s, &mut env, None, &mut run)?;
+        if let (Some(t0), Some(p)) = (t0, profile) {
+            p.add(s.label(&plan.graph), t0.elapsed().as_secs_f64());
+        }
         for &v in &plan.frees[si] {
             env[v] = None;
         }
     }
     Ok(env)
+}
+
+/// Time per op kind (a step's label → calls, seconds), for `--profile` runs.
+#[derive(Default)]
+pub(crate) struct OpProfile(Mutex<BTreeMap<String, (u64, f64)>>);
+
+impl OpProfile {
+    /// Counts one call of `op` that took `secs`.
+    pub(crate) fn add(&self, op: &str, secs: f64) {
+        let mut p = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let e = p.entry(op.to_string()).or_insert((0, 0.0));
+        e.0 += 1;
+        e.1 += secs;
+    }
+
+    /// `(op, calls, seconds)`, slowest first.
+    pub(crate) fn rows(&self) -> Vec<(String, u64, f64)> {
+        let p = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<_> = p.iter().map(|(k, (n, t))| (k.clone(), *n, *t)).collect();
+        v.sort_by(|a, b| b.2.total_cmp(&a.2));
+        v
+    }
 }
 
 /// The CPU backend: every step through [`exec_step`], attention reading the host pages in place.
@@ -725,8 +752,8 @@ pub(crate) struct CpuBackend {
     /// Per plan cache: whether a step other than the fused attention reads the cache input (then the
     /// step gets it materialized in the graph's layout).
     cache_read_elsewhere: Vec<bool>,
-    /// Time per op kind when profiling (op → (calls, seconds)).
-    profile: Option<Mutex<BTreeMap<String, (u64, f64)>>>,
+    /// Time per op kind when profiling.
+    profile: Option<OpProfile>,
     /// The linear layers repacked for the integer kernels (under `Fast`, where they read them).
     packed: Arc<PackedSet>,
     /// The integer kernels' instruction set ([`LoadOptions::cpu_isa`](crate::LoadOptions); `None`:
@@ -792,13 +819,8 @@ impl Backend for CpuBackend {
         for (si, s) in plan.steps.iter().enumerate() {
             let t0 = self.profile.is_some().then(Instant::now);
             exec_step(plan, s, &mut env, Some((host, position)), &mut run)?;
-            if let (Some(t0), Some(prof)) = (t0, &self.profile) {
-                let mut p = prof.lock().unwrap_or_else(|e| e.into_inner());
-                let e = p
-                    .entry(s.label(&plan.graph).to_string())
-                    .or_insert((0, 0.0));
-                e.0 += 1;
-                e.1 += t0.elapsed().as_secs_f64();
+            if let (Some(t0), Some(p)) = (t0, &self.profile) {
+                p.add(s.label(&plan.graph), t0.elapsed().as_secs_f64());
             }
             for &v in &plan.frees[si] {
                 env[v] = None;
@@ -831,13 +853,10 @@ impl Backend for CpuBackend {
     }
 
     fn profile(&self) -> Vec<(String, u64, f64)> {
-        let Some(p) = &self.profile else {
-            return Vec::new();
-        };
-        let p = p.lock().unwrap_or_else(|e| e.into_inner());
-        let mut v: Vec<_> = p.iter().map(|(k, (n, t))| (k.clone(), *n, *t)).collect();
-        v.sort_by(|a, b| b.2.total_cmp(&a.2));
-        v
+        self.profile
+            .as_ref()
+            .map(OpProfile::rows)
+            .unwrap_or_default()
     }
 
     fn device(&self) -> String {

@@ -678,11 +678,16 @@ fn plan_json(ps: &onestep::PlanStats) -> serde_json::Value {
     })
 }
 
-/// The per-op profile of `--profile` runs (nothing when the model was not profiled).
+/// The per-op profile of `--profile` runs (nothing when the model was not profiled), on stdout.
 fn print_profile(model_arc: &Model) {
+    let _ = write_profile(model_arc, &mut std::io::stdout().lock());
+}
+
+/// The per-op profile of `--profile` runs (nothing when the model was not profiled), to `out`.
+fn write_profile(model_arc: &Model, out: &mut impl std::io::Write) -> std::io::Result<()> {
     let profile = model_arc.profile();
     if profile.is_empty() {
-        return;
+        return Ok(());
     }
     // "(span ...)" rows overlap the kernels' own rows: not part of the total.
     let total: f64 = profile
@@ -698,15 +703,21 @@ fn print_profile(model_arc: &Model) {
     };
     #[cfg(not(feature = "gpu"))]
     let how = "CPU time per op";
-    println!("\nprofile (--profile: {how}), all runs incl. warm-up:");
-    println!("{:<24} {:>9} {:>10} {:>7}", "op", "calls", "ms", "share");
+    writeln!(out, "\nprofile (--profile: {how}), all runs incl. warm-up:")?;
+    writeln!(
+        out,
+        "{:<24} {:>9} {:>10} {:>7}",
+        "op", "calls", "ms", "share"
+    )?;
     for (op, calls, secs) in profile {
-        println!(
+        writeln!(
+            out,
             "{op:<24} {calls:>9} {:>10.1} {:>6.1}%",
             secs * 1e3,
             100.0 * secs / total
-        );
+        )?;
     }
+    Ok(())
 }
 
 #[derive(serde::Deserialize)]

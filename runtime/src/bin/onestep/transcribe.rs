@@ -24,7 +24,7 @@ pub fn cmd_transcribe(
 ) -> Result<()> {
     common.setup_threads()?;
     let model = Model::load_with(model, &common.load_options()?)?;
-    let mut t = Transcriber::new(model)?;
+    let mut t = Transcriber::new(model.clone())?;
     let rate = t.speech().sample_rate;
     let a = onestep::audio::read_wav(audio, rate)?;
     let opts = TranscribeOptions {
@@ -77,6 +77,11 @@ pub fn cmd_transcribe(
             s.tokens
         );
     }
+    // With --json the profile goes to stderr, so stdout stays one JSON object.
+    let _ = match json {
+        true => crate::write_profile(&model, &mut std::io::stderr().lock()),
+        false => crate::write_profile(&model, &mut std::io::stdout().lock()),
+    };
     Ok(())
 }
 
