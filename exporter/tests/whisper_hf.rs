@@ -259,7 +259,9 @@ fn q8_export_at_fast_precision_stays_near_transformers() {
             let mut order: Vec<usize> = (0..vocab).collect();
             order.sort_by(|&a, &b| want[b].total_cmp(&want[a]));
             if want[order[0]] - want[order[1]] > Q8_MARGIN * scale {
-                let top = (0..vocab).max_by(|&a, &b| got[a].total_cmp(&got[b])).unwrap();
+                let top = (0..vocab)
+                    .max_by(|&a, &b| got[a].total_cmp(&got[b]))
+                    .unwrap();
                 assert_eq!(top, order[0], "sequence at offset {off}, step {i}: arg-max");
                 compared += 1;
             }
@@ -269,9 +271,15 @@ fn q8_export_at_fast_precision_stays_near_transformers() {
     assert!(worst <= Q8_TOL, "error {worst:.2e} of max|logit|");
     assert!(compared > 0);
     let profile = model.profile();
-    for op in ["encoder: [linear", "encoder: Attention", "[cache attention]"] {
+    for op in [
+        "encoder: [linear",
+        "encoder: Attention",
+        "[cache attention]",
+    ] {
         assert!(
-            profile.iter().any(|(name, n, _)| name.starts_with(op) && *n > 0),
+            profile
+                .iter()
+                .any(|(name, n, _)| name.starts_with(op) && *n > 0),
             "no `{op}` row in the profile: {profile:?}"
         );
     }

@@ -195,6 +195,20 @@ impl Src<'_> {
 
     /// A float tensor of any rank as stored, then as f32 in the graph (a `Cast` for f16/bf16).
     fn float(&self, t: &mut Tracer, name: &str) -> Result<Sym, TraceError> {
+        let s = self.stored_float(t, name)?;
+        to_f32(t, &format!("{name}.f32"), s)
+    }
+
+    /// Rows `idx` of a float table as f32: gathered as stored, then cast, so a decode step converts
+    /// its one row, not the table.
+    fn float_rows(&self, t: &mut Tracer, name: &str, idx: &Sym) -> Result<Sym, TraceError> {
+        let s = self.stored_float(t, name)?;
+        let rows = t.gather(&format!("{name}.rows"), &s, idx, 0)?;
+        to_f32(t, &format!("{name}.rows_f32"), rows)
+    }
+
+    /// A float tensor of any rank as stored (f32, f16 or bf16).
+    fn stored_float(&self, t: &mut Tracer, name: &str) -> Result<Sym, TraceError> {
         let v = self.tensor(name)?;
         let dt = match v.dtype {
             SourceDType::F32 => DType::F32,
@@ -202,11 +216,7 @@ impl Src<'_> {
             SourceDType::BF16 => DType::BF16,
             other => return Err(Self::err(format!("`{name}`: {other:?} is not a float"))),
         };
-        let s = t.weight(name, dt, &v.shape, v.data.clone())?;
-        match dt {
-            DType::F32 => Ok(s),
-            _ => t.cast(&format!("{name}.f32"), &s, DType::F32),
-        }
+        t.weight(name, dt, &v.shape, v.data.clone())
     }
 
     /// Layer norm `{base}.{weight,bias}` of `x`.
@@ -221,6 +231,14 @@ impl Src<'_> {
         let m = self.matrix(t, &format!("{base}.weight"))?;
         let b = self.bias(t, base)?;
         linear(t, node, x, &m, b.as_ref())
+    }
+}
+
+/// `s` as f32 (a `Cast` unless it is f32 already).
+fn to_f32(t: &mut Tracer, name: &str, s: Sym) -> Result<Sym, TraceError> {
+    match s.dtype == DType::F32 {
+        true => Ok(s),
+        false => t.cast(name, &s, DType::F32),
     }
 }
 
@@ -392,9 +410,8 @@ fn decoder(
     t.set_scope("dec");
     let embed = w.matrix(t, "dec.embed.weight")?;
     let tok = embedding(t, &embed, &pos.ids)?;
-    let table = w.float(t, "dec.pos")?;
     let pflat = t.reshape("pos_flat", &pos.pos_ids, &[T])?;
-    let pe = t.gather("pos_embed", &table, &pflat, 0)?;
+    let pe = w.float_rows(t, "dec.pos", &pflat)?;
     let mut x = t.add("embedded", &tok, &pe)?;
     for (i, (ck, cv)) in cross.iter().enumerate() {
         t.set_scope(&format!("dec.l{i}"));

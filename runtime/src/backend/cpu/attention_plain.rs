@@ -399,8 +399,10 @@ fn block_body<const FMA: bool>(
             *l = sum(row);
         }
 
-        // P·V into `acc` (`np × Dv`): MR × NR tiles, then the columns past the last whole tile.
-        let full = dv / NR * NR;
+        // P·V into `acc` (`np × Dv`): MR × NR tiles, then the columns past the last whole tile row
+        // by row. A block of fewer rows than a tile (decode's cross-attention) takes every column
+        // row by row, so the tile's padding rows cost no multiplies.
+        let full = if n < MR { 0 } else { dv / NR * NR };
         if full < dv {
             acc.fill(0.0);
         }
@@ -705,6 +707,7 @@ mod tests {
         for (i, &(b, h, kvh, t, s, d, dv)) in [
             (1, 6, 6, 1, 1500, 64, 64),
             (1, 6, 6, 7, 100, 64, 64),
+            (1, 2, 2, 3, 37, 24, 40),
             (1, 4, 4, 1, 1, 8, 8),
             (2, 3, 3, 13, 37, 24, 40),
             (1, 2, 2, 40, 129, 64, 64),

@@ -220,12 +220,29 @@ pub(super) fn where_op(ctx: &Ctx, c: &Tensor, x: &Tensor, y: &Tensor) -> Result<
     let s1 =
         broadcast_shape(&c.shape, &x.shape).ok_or_else(|| ctx.err("shapes do not broadcast"))?;
     let shape = broadcast_shape(&s1, &y.shape).ok_or_else(|| ctx.err("shapes do not broadcast"))?;
+    let es = dt.size();
+    // One condition (a decode step's flag) choosing a whole input: that input.
+    if c.numel() == 1 {
+        let pick = if c.bytes()[0] != 0 { x } else { y };
+        if pick.shape == shape {
+            return Ok(pick.clone());
+        }
+    }
+    // No broadcasting: element by element.
+    if c.shape == shape && x.shape == shape && y.shape == shape {
+        let mut out = Tensor::zeros(dt, &shape);
+        let o = out.bytes_mut().chunks_exact_mut(es);
+        let pairs = x.bytes().chunks_exact(es).zip(y.bytes().chunks_exact(es));
+        for ((o, &c), (a, b)) in o.zip(c.bytes()).zip(pairs) {
+            o.copy_from_slice(if c != 0 { a } else { b });
+        }
+        return Ok(out);
+    }
     let (oc, ox, oy) = (
         broadcast_offsets(&c.shape, &shape),
         broadcast_offsets(&x.shape, &shape),
         broadcast_offsets(&y.shape, &shape),
     );
-    let es = dt.size();
     let (cb, xb, yb) = (c.bytes(), x.bytes(), y.bytes());
     let mut out = Tensor::zeros(dt, &shape);
     let o = out.bytes_mut();
@@ -359,6 +376,41 @@ mod tests {
             run("Add", &[], &[&a, &c]).is_err(),
             "3 vs 2 must not broadcast"
         );
+    }
+
+    /// Every path of `Where` (one condition choosing a whole input, no broadcasting, broadcasting)
+    /// against the element-by-element rule over the broadcast index.
+    #[test]
+    fn where_paths_match_the_broadcast_rule() {
+        let x = Tensor::f32(&[2, 3], &[1., 2., 3., 4., 5., 6.]);
+        let y = Tensor::f32(&[2, 3], &[-1., -2., -3., -4., -5., -6.]);
+        let row = Tensor::f32(&[3], &[7., 8., 9.]);
+        let flag = |v: &[u8], shape: &[usize]| {
+            Tensor::bool(shape, &v.iter().map(|&b| b != 0).collect::<Vec<_>>())
+        };
+        let cases: Vec<(Tensor, &Tensor, &Tensor, Vec<f32>)> = vec![
+            (flag(&[1], &[1]), &x, &y, vec![1., 2., 3., 4., 5., 6.]),
+            (flag(&[0], &[]), &x, &y, vec![-1., -2., -3., -4., -5., -6.]),
+            (flag(&[1], &[1, 1]), &row, &y, vec![7., 8., 9., 7., 8., 9.]),
+            (flag(&[0], &[1]), &x, &row, vec![7., 8., 9., 7., 8., 9.]),
+            (
+                flag(&[1, 0, 1, 0, 0, 1], &[2, 3]),
+                &x,
+                &y,
+                vec![1., -2., 3., -4., -5., 6.],
+            ),
+            (
+                flag(&[0, 1, 1], &[3]),
+                &x,
+                &row,
+                vec![7., 2., 3., 7., 5., 6.],
+            ),
+        ];
+        for (i, (c, a, b, want)) in cases.into_iter().enumerate() {
+            let o = run("Where", &[], &[&c, a, b]).unwrap().remove(0);
+            assert_eq!(o.shape, vec![2, 3], "case {i}");
+            assert_eq!(o.typed::<f32>(), &want[..], "case {i}");
+        }
     }
 
     #[test]
