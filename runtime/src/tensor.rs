@@ -33,6 +33,14 @@ pub fn numel(shape: &[usize]) -> usize {
 }
 
 impl Tensor {
+    /// Whether `other` is this tensor: the same shared storage, element type and shape (a clone of
+    /// it, not merely equal contents).
+    pub fn same_storage(&self, other: &Tensor) -> bool {
+        Arc::ptr_eq(&self.storage, &other.storage)
+            && self.dtype == other.dtype
+            && self.shape == other.shape
+    }
+
     /// A zero-filled tensor.
     pub fn zeros(dtype: DType, shape: &[usize]) -> Tensor {
         let len = numel(shape) * dtype.size();

@@ -8,6 +8,7 @@
 //! executor moves the few values that cross (the input rows, the mask, the chosen token).
 
 pub mod attention;
+pub mod attention_plain;
 pub(crate) mod backend;
 pub mod choice;
 #[cfg(test)]

@@ -120,6 +120,11 @@ pub struct GpuPlan {
     caps: Vec<u64>,
     /// Per value: a constant already uploaded to its home buffer.
     const_loaded: Vec<bool>,
+    /// Per graph input: the tensor its home buffer last received. An input the sequence state holds
+    /// from step to step (a transcription window's cross-attention K/V) is uploaded once while it
+    /// is the same tensor (the same shared storage: kept alive here, so no other tensor can take its
+    /// address). Every value has its own buffer (views aside), which nothing but uploads writes.
+    uploaded: Mutex<Vec<Option<Tensor>>>,
     linears: HashMap<usize, GpuLinear>,
     /// Steps whose weights are another step's: a tied embedding → its output layer's step.
     lin_alias: HashMap<usize, usize>,

@@ -39,6 +39,7 @@ const NODE_OPS: &[(&str, NodeDescribe)] = &[
     ("LayerNormalization", GpuPlan::layer_norm_desc),
     ("RotaryEmbedding", GpuPlan::rotary_desc),
     ("TopK", GpuPlan::top_k_desc),
+    ("Attention", GpuPlan::plain_attention_desc),
 ];
 
 impl GpuPlan {
@@ -596,6 +597,78 @@ impl GpuPlan {
                     BufRef::Val(out),
                 ],
                 params: rope::params(h, t, d, rot, n.attr_int("interleaved", 0) != 0, input),
+                groups: (gx, gy, 1),
+            }],
+        }))
+    }
+
+    /// A plain `Attention` (`attention_plain.rs`): f32 Q `[1, H, T, D]`, K `[1, KVH, S, D]`, V
+    /// `[1, KVH, S, Dv]`, no mask or past inputs, only the output `Y`, a float `scale`, a soft cap,
+    /// `is_causal`, `qk_matmul_output_mode` 0. Anything else runs on the CPU.
+    fn plain_attention_desc(&self, a: &NodeAt) -> Result<Option<Desc>> {
+        use super::super::attention_plain as ap;
+        let (n, e) = (a.n, a.e);
+        if a.inputs.len() > 3 && a.inputs[3..].iter().any(|i| i.is_some()) {
+            return Ok(None);
+        }
+        let (Some(&Some(q)), Some(&Some(k)), Some(&Some(v))) =
+            (a.inputs.first(), a.inputs.get(1), a.inputs.get(2))
+        else {
+            return Ok(None);
+        };
+        let (Some(qm), Some(km), Some(vm)) = (e.f32m(q), e.f32m(k), e.f32m(v)) else {
+            return Ok(None);
+        };
+        let dims = |m: &Meta| <[usize; 4]>::try_from(&m.shape[..]).ok();
+        let (Some([1, h, t, d]), Some([1, kvh, s, dk]), Some([1, kvh2, s2, dv])) =
+            (dims(&qm), dims(&km), dims(&vm))
+        else {
+            return Ok(None);
+        };
+        let shape = ap::Shape {
+            h,
+            kvh,
+            t,
+            s,
+            d,
+            dv,
+        };
+        let softcap = n.attr_float("softcap", 0.0);
+        let causal = n.attr_int("is_causal", 0);
+        if dk != d
+            || (kvh2, s2) != (kvh, s)
+            || !shape.fits()
+            || a.outputs.len() != 1
+            || !(softcap >= 0.0 && softcap.is_finite())
+            || !(causal == 0 || causal == 1)
+            || n.attr_int("qk_matmul_output_mode", 0) != 0
+            || n.attrs
+                .get("scale")
+                .is_some_and(|s| !matches!(s, Attr::Float(_)))
+        {
+            return Ok(None);
+        }
+        let scale = n.attr_float("scale", 1.0 / (d as f32).sqrt());
+        let out = a.outputs[0];
+        let (gx, gy) = grid(shape.items(), 1, self.ctx.max_groups);
+        let ctx = &self.ctx;
+        let om = Meta {
+            dtype: DType::F32,
+            shape: vec![1, h, t, dv],
+        };
+        Ok(Some(Desc {
+            at: Vec::new(),
+            outs: vec![(out, om, None)],
+            reads: vec![q, k, v],
+            disp: vec![Disp {
+                kernel: e.stage.kernel(&|| ap::kernel(ctx))?,
+                binds: vec![
+                    BufRef::Val(q),
+                    BufRef::Val(k),
+                    BufRef::Val(v),
+                    BufRef::Val(out),
+                ],
+                params: ap::params(&shape, scale, softcap, causal == 1),
                 groups: (gx, gy, 1),
             }],
         }))

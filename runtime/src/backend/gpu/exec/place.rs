@@ -162,6 +162,7 @@ impl GpuPlan {
             bufs: Vec::new(),
             caps: Vec::new(),
             const_loaded: vec![false; nvals],
+            uploaded: Mutex::new(vec![None; nvals]),
             linears,
             lin_alias,
             seg_bytes: seg_bytes
