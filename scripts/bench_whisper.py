@@ -42,7 +42,6 @@ def wcpp_child(args):
     temperature 0 without fallback (temperature_inc 0), English, the previous window's text as the prompt
     (no_context False, as faster-whisper's condition_on_previous_text), non-speech tokens suppressed (as
     faster-whisper's suppress_tokens=[-1])."""
-    import pywhispercpp
     from pywhispercpp.model import Model
     t0 = time.perf_counter()
     model = Model(args.ggml, redirect_whispercpp_logs_to=None, n_threads=args.threads, print_progress=False,
@@ -57,8 +56,8 @@ def wcpp_child(args):
     Model._load_audio(args.wav)
     t4 = time.perf_counter()
     print(json.dumps({"load_s": t1 - t0, "transcribe_s": t2 - t1, "audio_s": audio_s, "read_wav_s": t4 - t3,
-                      "windows": len(segs), "tokens": None, "version": getattr(pywhispercpp, "__version__", "?"),
-                      "text": "".join(s.text for s in segs).strip()}))
+                      "windows": len(segs), "tokens": None,
+                      "text": " ".join(s.text for s in segs).strip()}))  # pywhispercpp strips each segment
 
 
 def make_wav(path, seconds):
