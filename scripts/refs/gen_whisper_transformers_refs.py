@@ -10,10 +10,10 @@ faster-whisper 1.2.1 (its FeatureExtractor) in a venv, and the model folder `scr
     /tmp/torch-venv/bin/pip install torch transformers==5.25.0 numpy faster-whisper==1.2.1 ctranslate2==4.8.5
     /tmp/torch-venv/bin/python scripts/refs/gen_whisper_transformers_refs.py [--model DIR]
 
-model.bin is read here (the layout exporter/src/source/ct2.rs documents: versions 5 and 6), and its variables
-are mapped to transformers' names: the fused self-attention q/k/v and cross-attention k/v split by rows (the k
-biases CTranslate2 stores as zeros dropped: transformers' k projections have none), the output layer tied to
-the token embedding.
+model.bin is read by ct2_model.read_ct2 (the layout exporter/src/source/ct2.rs documents: versions 5 and 6),
+and its variables are mapped to transformers' names: the fused self-attention q/k/v and cross-attention k/v
+split by rows (the k biases CTranslate2 stores as zeros dropped: transformers' k projections have none), the
+output layer tied to the token embedding.
 
 Per window and decoding step (the step whose logits chose token `ids[start + r]`): transformers' top-32 raw
 logits (id, logit; no suppression), its arg-max and its top-1/top-2 margin.
@@ -21,7 +21,6 @@ logits (id, logit; no suppression), its arg-max and its top-1/top-2 margin.
 import argparse
 import hashlib
 import json
-import struct
 import sys
 from pathlib import Path
 
@@ -30,50 +29,12 @@ import torch
 from transformers import WhisperConfig, WhisperForConditionalGeneration
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ct2_model import read_ct2  # noqa: E402
 from gen_whisper_refs import read_wav16  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 FIX = ROOT / "tests/fixtures/whisper"
-DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16, 5: None}
 TOP = 32
-
-
-def read_ct2(path):
-    b = Path(path).read_bytes()
-    pos = 0
-
-    def take(fmt):
-        nonlocal pos
-        v = struct.unpack_from("<" + fmt, b, pos)
-        pos += struct.calcsize("<" + fmt)
-        return v
-
-    def string():
-        nonlocal pos
-        (n,) = take("H")
-        s = b[pos:pos + n - 1].decode()
-        pos += n
-        return s
-
-    (version,) = take("I")
-    assert version >= 5, f"binary version {version}"
-    spec = string()
-    take("I")
-    (count,) = take("I")
-    out = {}
-    for _ in range(count):
-        name = string()
-        (rank,) = take("B")
-        dims = take("I" * rank) if rank else ()
-        dt, nbytes = take("BI")
-        raw = b[pos:pos + nbytes]
-        pos += nbytes
-        if DTYPES[dt] is None:  # bfloat16
-            a = (np.frombuffer(raw, "<u2").astype(np.uint32) << 16).view(np.float32)
-        else:
-            a = np.frombuffer(raw, DTYPES[dt])
-        out[name] = a.reshape(dims)
-    return spec, out
 
 
 def hf_state(v):
