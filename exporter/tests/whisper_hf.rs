@@ -3,8 +3,8 @@
 //! in the runtime on its 30 s `audio.wav` — the log-mel front end in the graph — against transformers'
 //! logits (WhisperFeatureExtractor's features, one forward a sequence): every position decoded token by
 //! token, and the sequences prefilled whole, within [`TOL`] of the largest logit; on the CPU, and with
-//! the decoder step on the GPU where the machine has an adapter (lavapipe in CI; `ONESTEP_REQUIRE_GPU`
-//! makes a missing one a failure).
+//! the decoder step (then the encoder phase too) on the GPU where the machine has an adapter (lavapipe
+//! in CI; `ONESTEP_REQUIRE_GPU` makes a missing one a failure).
 
 use std::path::{Path, PathBuf};
 
@@ -110,10 +110,20 @@ fn tiny_multilingual_whisper_matches_transformers_logits() {
             precision: Precision::Exact,
             ..LoadOptions::default()
         };
+        // The encoder on the GPU too (a software adapter keeps it on the CPU unless asked).
+        let mut both = gpu.clone();
+        both.gpu.encoder_software = true;
         runs.push(("gpu", gpu));
+        runs.push(("gpu (encoder too)", both));
     }
     for (device, options) in runs {
         let model = Model::load_with(&out, &options).unwrap();
+        let encoder = model.encoder_device().unwrap();
+        assert_eq!(
+            encoder == "cpu",
+            device != "gpu (encoder too)",
+            "{device}: {encoder}"
+        );
         matches_transformers(&model, device);
     }
     let _ = std::fs::remove_dir_all(&tmp);

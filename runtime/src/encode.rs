@@ -2,7 +2,8 @@
 //! per decoder layer the cross-attention keys and values, which the sequence state then holds as
 //! the decoder steps' `cross.*` inputs (never recomputed per token). Planned once at load, run on
 //! the CPU with the load's precision; under `fast` its 8-bit block linears (a `--quantize q8`
-//! export's) are repacked at load for the integer kernels as the decoder's are (`repack.rs`).
+//! export's) are repacked at load for the integer kernels as the decoder's are (`repack.rs`). When
+//! the decoder runs on a GPU, the phase is placed there too ([`Encoder::place_on_gpu`]).
 
 use std::sync::Arc;
 
@@ -16,16 +17,92 @@ use crate::graph::{DType, Dim, Graph};
 use crate::plan::{Plan, ValId};
 use crate::tensor::Tensor;
 
-/// A planned encoder phase.
-pub(crate) struct Encoder {
+/// The encoder graph planned, with the slots it reads and writes.
+struct Phase {
     plan: Plan,
-    /// The window's length in samples.
-    window: usize,
     /// Slots of `audio` and `audio_samples`.
     audio: ValId,
     samples: ValId,
     /// Per decoder-step input it feeds (`cross.0.key`), the output's slot.
     feeds: Vec<(String, ValId)>,
+}
+
+impl Phase {
+    /// Plans `graph` with `options` and finds its slots: one output for each of `step_inputs`'
+    /// `cross.*`.
+    fn new(graph: Graph, step_inputs: &[&str], options: crate::plan::PlanOptions) -> Result<Phase> {
+        let plan = Plan::with_options(graph, options)?;
+        let slot = |name: &str| {
+            plan.inputs.get(name).copied().ok_or_else(|| {
+                Error::Contract(format!("the encoder phase does not read input `{name}`"))
+            })
+        };
+        let (audio, samples) = (slot(contract::AUDIO)?, slot(contract::AUDIO_SAMPLES)?);
+        let mut feeds = Vec::new();
+        for input in step_inputs {
+            let Some(out) = contract::encoded_for(input) else {
+                continue;
+            };
+            let v = plan.outputs.get(&out).copied().ok_or_else(|| {
+                Error::Contract(format!(
+                    "decoder input `{input}` has no encoder output `{out}` to come from"
+                ))
+            })?;
+            feeds.push((input.to_string(), v));
+        }
+        Ok(Phase {
+            plan,
+            audio,
+            samples,
+            feeds,
+        })
+    }
+
+    /// The inputs: the window's samples (`audio`, a whole window) of which the first `n` are audio.
+    fn inputs(&self, audio: &[f32], n: usize) -> Vec<Option<Tensor>> {
+        let mut env: Vec<Option<Tensor>> = vec![None; self.plan.names.len()];
+        env[self.audio] = Some(Tensor::f32(&[1, audio.len()], audio));
+        env[self.samples] = Some(Tensor::i64(&[1], &[n as i64]));
+        env
+    }
+
+    /// The `cross.*` inputs from the computed `env`.
+    fn outputs(&self, mut env: Vec<Option<Tensor>>) -> Result<Vec<(String, Tensor)>> {
+        self.feeds
+            .iter()
+            .map(|(name, v)| {
+                let t = env[*v]
+                    .take()
+                    .or_else(|| self.plan.consts[*v].clone())
+                    .ok_or_else(|| {
+                        Error::Contract(format!("`{name}`'s source was not computed"))
+                    })?;
+                Ok((name.clone(), t))
+            })
+            .collect()
+    }
+}
+
+/// The encoder phase placed on the decoder's GPU (`--device gpu`): planned for that GPU's kernels,
+/// run through the same executor as a step; what no kernel takes (the log-mel front end's
+/// convolutions among them) runs on the CPU at exact precision.
+#[cfg(feature = "gpu")]
+struct OnGpu {
+    phase: Phase,
+    exec: crate::backend::gpu::exec::GpuPlan,
+    state: crate::backend::gpu::exec::GpuState,
+    /// One window at a time: the executor's buffers are the phase's, not a sequence's.
+    lock: std::sync::Mutex<()>,
+}
+
+/// A planned encoder phase.
+pub(crate) struct Encoder {
+    cpu: Phase,
+    /// The phase on the GPU, when the decoder runs there.
+    #[cfg(feature = "gpu")]
+    gpu: Option<OnGpu>,
+    /// The window's length in samples.
+    window: usize,
     precision: Precision,
     /// The integer kernels' instruction set (`None`: this CPU's best).
     qisa: Option<QIsa>,
@@ -64,36 +141,17 @@ impl Encoder {
                 )));
             }
         }
-        let plan = Plan::with_options(graph, options.plan_options())?;
-        let slot = |name: &str| {
-            plan.inputs.get(name).copied().ok_or_else(|| {
-                Error::Contract(format!("the encoder phase does not read input `{name}`"))
-            })
-        };
-        let (audio, samples) = (slot(contract::AUDIO)?, slot(contract::AUDIO_SAMPLES)?);
-        let mut feeds = Vec::new();
-        for input in step_inputs {
-            let Some(out) = contract::encoded_for(input) else {
-                continue;
-            };
-            let v = plan.outputs.get(&out).copied().ok_or_else(|| {
-                Error::Contract(format!(
-                    "decoder input `{input}` has no encoder output `{out}` to come from"
-                ))
-            })?;
-            feeds.push((input.to_string(), v));
-        }
+        let cpu = Phase::new(graph, step_inputs, options.plan_options())?;
         let qisa = options.fast_isa()?;
         let packed = match options.precision {
-            Precision::Fast => PackedSet::for_plan(&plan, qisa.unwrap_or_else(linear_q8::best)),
+            Precision::Fast => PackedSet::for_plan(&cpu.plan, qisa.unwrap_or_else(linear_q8::best)),
             Precision::Exact => PackedSet::default(),
         };
         Ok(Encoder {
-            plan,
+            cpu,
+            #[cfg(feature = "gpu")]
+            gpu: None,
             window: speech.window_samples,
-            audio,
-            samples,
-            feeds,
             precision: options.precision,
             qisa,
             packed: Arc::new(packed),
@@ -128,29 +186,99 @@ impl Encoder {
         }
         let mut audio = vec![0f32; self.window];
         audio[..samples.len()].copy_from_slice(samples);
-        let mut env: Vec<Option<Tensor>> = vec![None; self.plan.names.len()];
-        env[self.audio] = Some(Tensor::f32(&[1, self.window], &audio));
-        env[self.samples] = Some(Tensor::i64(&[1], &[samples.len() as i64]));
+        #[cfg(feature = "gpu")]
+        if let Some(g) = &self.gpu {
+            return g.run(&audio, samples.len());
+        }
+        let env = self.cpu.inputs(&audio, samples.len());
         let run = CpuRun::new(self.precision, None)
             .with_packed(Arc::clone(&self.packed))
             .on(self.qisa);
-        let mut env = run_once(&self.plan, env, run, self.profile.as_ref())?;
-        self.feeds
-            .iter()
-            .map(|(name, v)| {
-                let t = env[*v]
-                    .take()
-                    .or_else(|| self.plan.consts[*v].clone())
-                    .ok_or_else(|| {
-                        Error::Contract(format!("`{name}`'s source was not computed"))
-                    })?;
-                Ok((name.clone(), t))
-            })
-            .collect()
+        let env = run_once(&self.cpu.plan, env, run, self.profile.as_ref())?;
+        self.cpu.outputs(env)
     }
 
-    /// What the planner made of the encoder.
+    /// Places the phase (`graph`, as [`Encoder::new`] took it) on `ctx`, the GPU the decoder runs on:
+    /// windows are encoded there from now on. Placement runs the phase once over a silent window.
+    #[cfg(feature = "gpu")]
+    pub(crate) fn place_on_gpu(
+        &mut self,
+        graph: Graph,
+        step_inputs: &[&str],
+        options: &crate::LoadOptions,
+        ctx: Arc<crate::backend::gpu::GpuContext>,
+    ) -> Result<()> {
+        use crate::backend::gpu::{exec::GpuPlan, plan_options_for};
+        let phase = Phase::new(
+            graph,
+            step_inputs,
+            plan_options_for(options.plan_options(), &ctx),
+        )?;
+        let env = phase.inputs(&vec![0f32; self.window], self.window);
+        let given: Vec<(ValId, Tensor)> = env
+            .iter()
+            .enumerate()
+            .filter_map(|(v, t)| t.clone().map(|t| (v, t)))
+            .collect();
+        let mut run = CpuRun::new(Precision::Exact, None);
+        let mut cpu_step = |s: &crate::plan::Step, env: &mut [Option<Tensor>]| {
+            crate::backend::cpu::exec::exec_step(&phase.plan, s, env, None, &mut run)
+        };
+        let exec = GpuPlan::placed(ctx, &phase.plan, &mut cpu_step, &given, None, false)?;
+        let state = exec.new_state(&phase.plan, &[], crate::kv::GpuCacheBudget::All, 1)?;
+        self.gpu = Some(OnGpu {
+            phase,
+            exec,
+            state,
+            lock: Default::default(),
+        });
+        Ok(())
+    }
+
+    /// Whether windows are encoded on the GPU ([`Encoder::place_on_gpu`]).
+    pub(crate) fn on_gpu(&self) -> bool {
+        #[cfg(feature = "gpu")]
+        if self.gpu.is_some() {
+            return true;
+        }
+        false
+    }
+
+    /// What the planner made of the encoder (for the GPU, where it runs there).
     pub(crate) fn plan_stats(&self) -> &crate::PlanStats {
-        &self.plan.stats
+        #[cfg(feature = "gpu")]
+        if let Some(g) = &self.gpu {
+            return &g.phase.plan.stats;
+        }
+        &self.cpu.plan.stats
+    }
+}
+
+#[cfg(feature = "gpu")]
+impl OnGpu {
+    /// One window (`audio`, a whole window, of which `n` samples are audio) through the executor.
+    fn run(&self, audio: &[f32], n: usize) -> Result<Vec<(String, Tensor)>> {
+        let (plan, exec) = (&self.phase.plan, &self.exec);
+        let env = self.phase.inputs(audio, n);
+        let want: Vec<ValId> = self.phase.feeds.iter().map(|f| f.1).collect();
+        let mut run = CpuRun::new(Precision::Exact, None);
+        let mut cpu_step = |s: &crate::plan::Step, env: &mut [Option<Tensor>]| {
+            crate::backend::cpu::exec::exec_step(plan, s, env, None, &mut run)
+        };
+        let _one = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut host = crate::kv::PagedCache::new(&[], 1)?;
+        let f = exec.begin(
+            plan,
+            &self.state,
+            &host,
+            env,
+            0,
+            1,
+            &want,
+            &mut cpu_step,
+            None,
+        )?;
+        let (env, _) = exec.finish(plan, &self.state, &mut host, f, &mut cpu_step)?;
+        self.phase.outputs(env)
     }
 }

@@ -60,7 +60,8 @@ pub struct LoadOptions {
 pub const SETTING_KEYS: &str = "precision=exact|fast, profile=on|off, cpu_isa=NAME, \
 gpu_variant=auto|rows|lanes|subgroups, gpu_no_fuse=all|none|group+attn+res+tr+round, gpu_split_keys=N, \
 gpu_split_chunk=N, gpu_submit_every=auto|N, gpu_run_ahead=on|off, gpu_gemm_tokens=N, \
-gpu_block_lanes=on|off, gpu_pipeline_cache=none|DIR, gpu_trial_software=on|off";
+gpu_block_lanes=on|off, gpu_pipeline_cache=none|DIR, gpu_trial_software=on|off, \
+gpu_encoder_software=on|off";
 
 /// The keys [`LoadOptions::set`] takes, with their values (for `--help` and error messages).
 #[cfg(not(feature = "gpu"))]
@@ -239,6 +240,7 @@ fn set_gpu(o: &mut GpuOptions, key: &str, value: &str) -> Result<bool> {
             }
         }
         "gpu_trial_software" => o.trial_software = switch(key, value)?,
+        "gpu_encoder_software" => o.encoder_software = switch(key, value)?,
         _ => return Ok(false),
     }
     Ok(true)
@@ -414,6 +416,7 @@ mod tests {
             ("gpu_block_lanes", "0"),
             ("gpu_pipeline_cache", "/tmp/p"),
             ("gpu_trial_software", "on"),
+            ("gpu_encoder_software", "on"),
         ] {
             assert!(set_gpu(&mut o, k, v).unwrap(), "{k}");
         }
@@ -434,6 +437,7 @@ mod tests {
                 block_lanes: false,
                 pipeline_cache: Some(PathBuf::from("/tmp/p")),
                 trial_software: true,
+                encoder_software: true,
             }
         );
         assert!(!set_gpu(&mut o, "threads", "2").unwrap());

@@ -163,7 +163,11 @@ impl Model {
                 return Err(Error::Contract(format!("unknown graph input `{name}`")));
             }
         }
-        let speech = match (phases.encoder, speech) {
+        // The encoder graph again for the GPU, when the decoder may run there.
+        #[cfg(feature = "gpu")]
+        let encoder_graph = phases.encoder.as_ref().filter(|_| !speech_cpu).cloned();
+        #[cfg_attr(not(feature = "gpu"), allow(unused_mut))]
+        let mut speech = match (phases.encoder, speech) {
             (Some(g), Some(sp)) => {
                 let inputs: Vec<&str> = plan.inputs.keys().map(String::as_str).collect();
                 let enc = Encoder::new(g, &sp, &inputs, options)?;
@@ -207,6 +211,16 @@ impl Model {
             }
             _ => (plan, backend),
         };
+        // A transcription model's encoder runs where its decoder does (on a software adapter only
+        // when asked: `GpuOptions::encoder_software`).
+        #[cfg(feature = "gpu")]
+        if let (Some((enc, _)), Some(g), Some(gpu)) = (&mut speech, encoder_graph, backend.gpu()) {
+            let ctx = gpu.context();
+            if ctx.info().device_type != "Cpu" || options.gpu.encoder_software {
+                let inputs: Vec<&str> = plan.inputs.keys().map(String::as_str).collect();
+                enc.place_on_gpu(g, &inputs, options, ctx.clone())?;
+            }
+        }
         Ok(Arc::new(Model {
             info,
             tokenizer_json,
@@ -224,6 +238,17 @@ impl Model {
     /// model.
     pub fn speech(&self) -> Option<&Speech> {
         self.speech.as_ref().map(|(_, s)| s)
+    }
+
+    /// Where a transcription model's encoder phase runs: `cpu`, or the device of [`Model::device`]
+    /// when the decoder runs on a GPU and the encoder went with it (on a software adapter only with
+    /// `GpuOptions::encoder_software`). `None` for a text model.
+    pub fn encoder_device(&self) -> Option<String> {
+        let (enc, _) = self.speech.as_ref()?;
+        Some(match enc.on_gpu() {
+            true => self.device(),
+            false => "cpu".to_string(),
+        })
     }
 
     /// What the planner made of a transcription model's encoder phase.

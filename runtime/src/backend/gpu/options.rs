@@ -119,6 +119,10 @@ pub struct GpuOptions {
     /// `auto` also runs its trial on a software adapter (lavapipe, WARP, SwiftShader), which it otherwise
     /// leaves for the CPU untried (default off; the tests turn it on to drive the trial on lavapipe).
     pub trial_software: bool,
+    /// A transcription model's encoder phase runs on the GPU with its decoder on a software adapter
+    /// too; by default it stays on the CPU there, which encodes a Whisper window in a fraction of a
+    /// second where lavapipe takes ~40 s (default off; the tests turn it on to run the GPU encoder).
+    pub encoder_software: bool,
 }
 
 impl Default for GpuOptions {
@@ -134,6 +138,7 @@ impl Default for GpuOptions {
             block_lanes: true,
             pipeline_cache: None,
             trial_software: false,
+            encoder_software: false,
         }
     }
 }

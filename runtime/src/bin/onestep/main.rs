@@ -183,7 +183,8 @@ struct Common {
     /// neon-i8mm, neon-dotprod, neon, scalar — one this CPU runs) and the GPU tuning keys
     /// (gpu_variant=auto|rows|lanes|subgroups,
     /// gpu_no_fuse=all|group+attn+res+tr+round, gpu_split_keys, gpu_split_chunk, gpu_submit_every,
-    /// gpu_run_ahead, gpu_gemm_tokens, gpu_block_lanes, gpu_pipeline_cache=DIR|none).
+    /// gpu_run_ahead, gpu_gemm_tokens, gpu_block_lanes, gpu_pipeline_cache=DIR|none,
+    /// gpu_trial_software, gpu_encoder_software).
     #[arg(long = "set", value_name = "KEY=VALUE,...")]
     settings: Vec<String>,
 }
