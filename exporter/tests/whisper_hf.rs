@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use onestep::{LoadOptions, Model, Precision, StepSampling};
 use onestep_export::export_speech::export_whisper;
+use onestep_export::quant::Quantize;
 use onestep_export::source::whisper_hf::{is_hf_whisper, read_hf};
 use onestep_export::{ExportOptions, NoProgress};
 use onestep_format::graph::DType;
@@ -93,16 +94,7 @@ fn the_folder_reads_as_a_multilingual_whisper() {
 
 #[test]
 fn tiny_multilingual_whisper_matches_transformers_logits() {
-    let tmp = std::env::temp_dir().join(format!("onestep-whisper-hf-{}", std::process::id()));
-    std::fs::create_dir_all(&tmp).unwrap();
-    let out = tmp.join("tiny-whisper.onnx");
-    let src = read_hf(&dir()).unwrap();
-    let opts = ExportOptions {
-        kv_dtype: DType::F32,
-        max_chunk: 16,
-        ..ExportOptions::default()
-    };
-    export_whisper(&src, &out, &opts, &mut NoProgress).unwrap();
+    let (tmp, out) = export_tiny("hf", Quantize::Keep);
     let mut runs = vec![("cpu", LoadOptions::cpu())];
     if has_gpu() {
         let gpu = LoadOptions {
@@ -127,6 +119,22 @@ fn tiny_multilingual_whisper_matches_transformers_logits() {
         matches_transformers(&model, device);
     }
     let _ = std::fs::remove_dir_all(&tmp);
+}
+
+/// The tiny checkpoint exported (f32 cache, chunks of 16, weights as `quantize` asks) into a fresh
+/// temporary folder named by `tag`: (the folder, the file).
+fn export_tiny(tag: &str, quantize: Quantize) -> (PathBuf, PathBuf) {
+    let tmp = std::env::temp_dir().join(format!("onestep-whisper-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let out = tmp.join("tiny-whisper.onnx");
+    let opts = ExportOptions {
+        kv_dtype: DType::F32,
+        max_chunk: 16,
+        quantize,
+        ..ExportOptions::default()
+    };
+    export_whisper(&read_hf(&dir()).unwrap(), &out, &opts, &mut NoProgress).unwrap();
+    (tmp, out)
 }
 
 /// Whether this machine has a wgpu adapter (a missing one is a failure under `ONESTEP_REQUIRE_GPU`).
@@ -222,17 +230,7 @@ fn matches_transformers(model: &Model, device: &str) {
 fn q8_export_at_fast_precision_stays_near_transformers() {
     const Q8_TOL: f32 = 2e-2;
     const Q8_MARGIN: f32 = 0.05;
-    let tmp = std::env::temp_dir().join(format!("onestep-whisper-q8-{}", std::process::id()));
-    std::fs::create_dir_all(&tmp).unwrap();
-    let out = tmp.join("tiny-whisper-q8.onnx");
-    let src = read_hf(&dir()).unwrap();
-    let opts = ExportOptions {
-        kv_dtype: DType::F32,
-        max_chunk: 16,
-        quantize: onestep_export::quant::Quantize::Q8,
-        ..ExportOptions::default()
-    };
-    export_whisper(&src, &out, &opts, &mut NoProgress).unwrap();
+    let (tmp, out) = export_tiny("q8", Quantize::Q8);
     let options = LoadOptions {
         precision: Precision::Fast,
         profile: true,
