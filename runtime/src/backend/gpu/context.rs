@@ -688,6 +688,15 @@ impl GpuContext {
         })
     }
 
+    /// Seconds a read-back waits before calling the GPU stuck: 60, or 300 on a software adapter,
+    /// where the GPU's work runs on the CPU's cores (lavapipe encodes a Whisper window in ~45 s).
+    fn wait_limit_s(&self) -> u64 {
+        match self.info.lock().map(|i| i.device_type == "Cpu") {
+            Ok(true) => 300,
+            _ => 60,
+        }
+    }
+
     /// Maps `bufs` (each with the byte count to read) once submission `until` (or the last one) is done
     /// and copies them out.
     pub fn read_back(
@@ -708,8 +717,9 @@ impl GpuContext {
             });
         }
         // Another thread polling the same device may be the one that runs these callbacks: a returned
-        // poll does not mean they ran yet, so wait until they did (or the 60 s are up).
-        let deadline = Instant::now() + std::time::Duration::from_secs(60);
+        // poll does not mean they ran yet, so wait until they did (or the time is up).
+        let limit = self.wait_limit_s();
+        let deadline = Instant::now() + std::time::Duration::from_secs(limit);
         let results = loop {
             let left = deadline.saturating_duration_since(Instant::now());
             self.device
@@ -743,7 +753,7 @@ impl GpuContext {
                 None => {
                     return Err(Error::device(
                         DeviceFault::Timeout,
-                        "the GPU did not finish within 60 s",
+                        format!("the GPU did not finish within {limit} s"),
                     ))
                 }
             }
