@@ -153,6 +153,38 @@ fn has_gpu() -> bool {
     }
 }
 
+/// One of the reference's sequences: its token ids, its first row in the logits, its largest
+/// |logit|.
+struct Sequence {
+    name: String,
+    ids: Vec<u32>,
+    offset: usize,
+    scale: f32,
+}
+
+/// The reference's sequences.
+fn sequences(r: &serde_json::Value) -> Vec<Sequence> {
+    let seqs = r["sequences"].as_array().unwrap().iter();
+    seqs.map(|s| Sequence {
+        name: s["name"].as_str().unwrap().to_string(),
+        ids: (s["ids"].as_array().unwrap().iter())
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect(),
+        offset: s["offset"].as_u64().unwrap() as usize,
+        scale: s["max_abs_logit"].as_f64().unwrap() as f32,
+    })
+    .collect()
+}
+
+/// Largest |got − want|.
+fn max_diff(got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len());
+    got.iter()
+        .zip(want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max)
+}
+
 /// Every reference sequence through `model` (loaded for `device`): decoded token by token, prefilled
 /// whole, and in two chunks, each row within [`TOL`] of transformers'.
 fn matches_transformers(model: &Model, device: &str) {
@@ -164,25 +196,10 @@ fn matches_transformers(model: &Model, device: &str) {
     let (r, logits) = reference();
     let vocab = r["vocab"].as_u64().unwrap() as usize;
     let mut state = model.new_state().unwrap();
-    for s in r["sequences"].as_array().unwrap() {
-        let name = s["name"].as_str().unwrap();
-        let ids: Vec<u32> = s["ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as u32)
-            .collect();
-        let off = s["offset"].as_u64().unwrap() as usize;
+    for s in sequences(&r) {
+        let (name, ids, off, scale) = (&s.name, &s.ids, s.offset, s.scale);
         let row = |i: usize| &logits[(off + i) * vocab..(off + i + 1) * vocab];
-        let scale = s["max_abs_logit"].as_f64().unwrap() as f32;
-        let err = |got: &[f32], want: &[f32]| {
-            assert_eq!(got.len(), want.len());
-            got.iter()
-                .zip(want)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0f32, f32::max)
-                / scale
-        };
+        let err = |got: &[f32], want: &[f32]| max_diff(got, want) / scale;
         // Decode: one token a step, every position.
         model.encode(&mut state, &samples).unwrap();
         let mut worst = 0.0f32;
@@ -198,7 +215,7 @@ fn matches_transformers(model: &Model, device: &str) {
         );
         // Prefill: the whole sequence in one step (its last row), then a prefix and the rest.
         model.encode(&mut state, &samples).unwrap();
-        let o = model.step(&mut state, &ids, &StepSampling::GREEDY).unwrap();
+        let o = model.step(&mut state, ids, &StepSampling::GREEDY).unwrap();
         let whole = err(&o.logits, row(ids.len() - 1));
         model.encode(&mut state, &samples).unwrap();
         let k = ids.len() / 2;
@@ -242,28 +259,16 @@ fn q8_export_at_fast_precision_stays_near_transformers() {
     let vocab = r["vocab"].as_u64().unwrap() as usize;
     let mut state = model.new_state().unwrap();
     let (mut worst, mut compared) = (0.0f32, 0);
-    for s in r["sequences"].as_array().unwrap() {
-        let ids: Vec<u32> = s["ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as u32)
-            .collect();
-        let off = s["offset"].as_u64().unwrap() as usize;
-        let scale = s["max_abs_logit"].as_f64().unwrap() as f32;
+    for s in sequences(&r) {
+        let (off, scale) = (s.offset, s.scale);
         model.encode(&mut state, &samples).unwrap();
-        for (i, &id) in ids.iter().enumerate() {
+        for (i, &id) in s.ids.iter().enumerate() {
             let want = &logits[(off + i) * vocab..(off + i + 1) * vocab];
             let got = model
                 .step(&mut state, &[id], &StepSampling::GREEDY)
                 .unwrap()
                 .logits;
-            let e = got
-                .iter()
-                .zip(want)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0f32, f32::max);
-            worst = worst.max(e / scale);
+            worst = worst.max(max_diff(&got, want) / scale);
             let mut order: Vec<usize> = (0..vocab).collect();
             order.sort_by(|&a, &b| want[b].total_cmp(&want[a]));
             if want[order[0]] - want[order[1]] > Q8_MARGIN * scale {

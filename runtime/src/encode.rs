@@ -232,6 +232,8 @@ impl Encoder {
             state,
             lock: Default::default(),
         });
+        // The CPU's repacked copy of the weights is not read from now on.
+        self.packed = Arc::default();
         Ok(())
     }
 

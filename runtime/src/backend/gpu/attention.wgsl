@@ -33,14 +33,8 @@ var<workgroup> sp: array<f32, 64>;
 
 const NEG_INF: f32 = -3.4028235e38;
 
-// The soft cap c·tanh(s/c) when P[18] = c > 0 (tanh through exp of a non-positive argument).
-fn capped(s: f32) -> f32 {
-    let c = pf(18u);
-    if (c <= 0.0) { return s; }
-    let x = s / c;
-    let e = exp(-2.0 * abs(x));
-    return c * sign(x) * (1.0 - e) / (1.0 + e);
-}
+// The soft cap c·tanh(s/c) when P[18] = c > 0.
+fn capped(s: f32) -> f32 { return soft_cap(s, pf(18u)); }
 
 fn cache_at(is_k: bool, e: u32) -> f32 {
     if (F16C) {

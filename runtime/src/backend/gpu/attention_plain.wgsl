@@ -18,14 +18,8 @@ var<workgroup> sp: array<f32, 64>;
 
 const NEG_INF: f32 = -3.4028235e38;
 
-// c·tanh(s/c) when P[7] = c > 0 (tanh through exp of a non-positive argument).
-fn capped(s: f32) -> f32 {
-    let c = pf(7u);
-    if (c <= 0.0) { return s; }
-    let x = s / c;
-    let e = exp(-2.0 * abs(x));
-    return c * sign(x) * (1.0 - e) / (1.0 + e);
-}
+// The soft cap c·tanh(s/c) when P[7] = c > 0.
+fn capped(s: f32) -> f32 { return soft_cap(s, pf(7u)); }
 
 // The scaled (and capped) score of key j at K offset `kb` (the KV head's first element).
 fn score(kb: u32, j: u32) -> f32 {

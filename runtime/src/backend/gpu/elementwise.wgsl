@@ -24,8 +24,8 @@ fn lin(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 { return (wid.x + wid.y 
 fn fa(i: u32) -> f32 { return bitcast<f32>(A[i]); }
 fn fb(i: u32) -> f32 { return bitcast<f32>(B[i]); }
 fn sigmoid(x: f32) -> f32 { return 1.0 / (1.0 + exp(-x)); }
-// tanh through exp of a non-positive argument (WGSL's tanh may overflow for large |x| on some drivers).
-fn tanh_(x: f32) -> f32 { let e = exp(-2.0 * abs(x)); return sign(x) * (1.0 - e) / (1.0 + e); }
+// tanh as the prelude's soft cap at 1 (through exp of a non-positive argument).
+fn tanh_(x: f32) -> f32 { return soft_cap(x, 1.0); }
 fn gelu_tanh(x: f32) -> f32 { return 0.5 * x * (1.0 + tanh_(0.7978846 * (x + 0.044715 * x * x * x))); }
 fn erf_(x: f32) -> f32 {
     let z = abs(x);

@@ -75,12 +75,19 @@ impl Params {
     }
 }
 
-/// WGSL shared by every kernel: the parameter block and its accessors.
+/// WGSL shared by every kernel: the parameter block and its accessors, the soft cap (tanh).
 pub const PRELUDE: &str = r#"
 struct Params { w: array<vec4<u32>, 16> }
 @group(0) @binding(0) var<uniform> P: Params;
 fn pu(i: u32) -> u32 { return P.w[i / 4u][i % 4u]; }
 fn pf(i: u32) -> f32 { return bitcast<f32>(P.w[i / 4u][i % 4u]); }
+// c·tanh(s/c) for a soft cap c > 0, s itself for c <= 0; tanh through exp of a non-positive argument
+// (WGSL's tanh may overflow for large |x| on some drivers).
+fn soft_cap(s: f32, c: f32) -> f32 {
+    if (c <= 0.0) { return s; }
+    let e = exp(-2.0 * abs(s / c));
+    return c * sign(s) * (1.0 - e) / (1.0 + e);
+}
 "#;
 
 /// Workgroups needed for `n` items at `per` items a workgroup, spread over x/y so that neither exceeds

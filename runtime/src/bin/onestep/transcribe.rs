@@ -1,7 +1,7 @@
 //! `onestep transcribe model.onnx audio.wav [--json] [--no-timestamps]`: a WAV file (any rate, mono or
 //! stereo, 8–32-bit integer or 32-bit float) to text: one `[start → end] text` line a segment as each
 //! is complete (without timestamps: the text streamed as it is decoded), or one JSON object with the
-//! segments and the timing.
+//! segments, the timing and where the decoder and the encoder ran (`device`, `encoder_device`).
 
 use std::io::Write;
 use std::ops::ControlFlow;
@@ -58,9 +58,14 @@ pub fn cmd_transcribe(
         },
     )?;
     if json {
-        let v = serde_json::to_string_pretty(&out)
-            .map_err(|e| onestep::Error::InvalidArgument(format!("transcript as JSON: {e}")))?;
-        println!("{v}");
+        let as_json = |e: serde_json::Error| {
+            onestep::Error::InvalidArgument(format!("transcript as JSON: {e}"))
+        };
+        // The transcript, and where the decoder and the encoder ran.
+        let mut v = serde_json::to_value(&out).map_err(as_json)?;
+        v["device"] = model.device().into();
+        v["encoder_device"] = model.encoder_device().into();
+        println!("{}", serde_json::to_string_pretty(&v).map_err(as_json)?);
     } else {
         if !timestamps {
             println!();
