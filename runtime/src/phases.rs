@@ -47,9 +47,11 @@ pub(crate) fn split(graph: Graph) -> Result<Phases> {
         ));
     }
     let switch = switch.name.clone();
-    let encoder = inline(&graph, &switch, "then_branch", |o| {
+    let mut encoder = inline(&graph, &switch, "then_branch", |o| {
         o.starts_with("encoded.")
     })?;
+    // The step's graph keeps the file's metadata; the encoder's plan needs none of the tokenizer.
+    encoder.metadata.remove(contract::meta::TOKENIZER_JSON);
     let step = inline(&graph, &switch, "else_branch", |o| {
         !o.starts_with("encoded.")
     })?;

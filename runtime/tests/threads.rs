@@ -109,3 +109,33 @@ fn four_threads_with_sessions_match_one_thread() {
         "different seeds should give different runs"
     );
 }
+
+/// Sessions share their model's tokenizer: built once (a large vocabulary costs tens of MB and a
+/// fraction of a second each time), the same one on every thread.
+#[test]
+fn sessions_share_the_models_tokenizer() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/micro/micro_llama_q8.onnx");
+    let model: Arc<Model> = Model::load(&path).unwrap();
+    let first = model.tokenizer().unwrap();
+    let others: Vec<_> = (0..3)
+        .map(|_| {
+            let m = model.clone();
+            std::thread::spawn(move || m.tokenizer().unwrap())
+        })
+        .collect();
+    for t in others {
+        assert!(
+            Arc::ptr_eq(&first, &t.join().unwrap()),
+            "a second tokenizer was built"
+        );
+    }
+    assert_eq!(
+        first.encode("hello world").unwrap(),
+        onestep::generate::tokenizer::Tokenizer::from_json(model.tokenizer_json(), model.info())
+            .unwrap()
+            .encode("hello world")
+            .unwrap(),
+        "the shared tokenizer is the file's"
+    );
+}

@@ -496,9 +496,10 @@ pub struct Session {
 }
 
 impl Session {
-    /// A session over `model`, building its tokenizer and chat template from the model file.
+    /// A session over `model`, with the model's tokenizer ([`Model::tokenizer`]: built once, shared)
+    /// and the chat template of the model file.
     pub fn new(model: Arc<Model>) -> Result<Self> {
-        let tokenizer = Arc::new(Tokenizer::from_json(model.tokenizer_json(), model.info())?);
+        let tokenizer = model.tokenizer()?;
         let template = match model.chat_template() {
             Some(src) => Some(Arc::new(template_for(src, &tokenizer, model.info())?)),
             None => None,

@@ -113,7 +113,7 @@ pub struct Transcript {
 pub struct Transcriber {
     model: Arc<Model>,
     speech: Speech,
-    tokenizer: Tokenizer,
+    tokenizer: Arc<Tokenizer>,
     state: StepState,
 }
 
@@ -123,7 +123,7 @@ impl Transcriber {
         let speech = model.speech().cloned().ok_or_else(|| {
             Error::InvalidArgument("this is not a transcription model (no encoder phase)".into())
         })?;
-        let tokenizer = Tokenizer::from_json_with(model.tokenizer_json(), None, false)?;
+        let tokenizer = model.tokenizer()?;
         let state = model.new_state()?;
         Ok(Transcriber {
             model,

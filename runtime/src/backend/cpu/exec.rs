@@ -126,7 +126,7 @@ pub(crate) fn exec_step(
     match s {
         Step::Node { .. } => node_step(plan, s, env),
         Step::Linear { .. } => linear_step(plan, s, env, run),
-        Step::Embedding(_) => embedding_step(plan, s, env),
+        Step::Embedding(_) => embedding_step(plan, s, env, run),
         Step::TokenChoice(_) => choice_step(plan, s, env),
         Step::Gate(sg) => gate_step(plan, sg, env),
         Step::LinearGroup(g) => group_step(plan, g, env, run),
@@ -244,8 +244,13 @@ fn linear_step(plan: &Plan, s: &Step, env: &mut [Option<Tensor>], run: &mut CpuR
     Ok(())
 }
 
-/// The token embedding: the rows the ids pick, decoded.
-fn embedding_step(plan: &Plan, s: &Step, env: &mut [Option<Tensor>]) -> Result<()> {
+/// The token embedding: the rows the ids pick, decoded — from the packed copy where the table (a
+/// tied output layer's) was repacked: the file's pages of it were handed back at load, and reading
+/// rows there would fault them in again, 64 KB around each row (the kernel's fault-around), until a
+/// long chat held most of a large vocabulary's table twice (Gemma 3: +52 MB after one benchmark).
+/// Packed values are lossless: a constant zero point decodes bit for bit as the file's; a per-block
+/// `s·z` (GGUF Q4_1) within the roundings the linear kernels already take under `Fast`.
+fn embedding_step(plan: &Plan, s: &Step, env: &mut [Option<Tensor>], run: &CpuRun) -> Result<()> {
     let Step::Embedding(e) = s else {
         return Err(Error::internal("embedding_step: another step kind"));
     };
@@ -256,6 +261,7 @@ fn embedding_step(plan: &Plan, s: &Step, env: &mut [Option<Tensor>]) -> Result<(
     let mut shape = ids.shape.clone();
     shape.push(k);
     let mut o = Tensor::zeros(DType::F32, &shape);
+    let packed = run.packed.get(&e.w).map(|p| p.view());
     for (&id, row) in idv.iter().zip(o.typed_mut::<f32>().chunks_mut(k.max(1))) {
         // Negative ids count from the end, as `Gather` has them.
         let r = if id < 0 { id + rows as i64 } else { id };
@@ -266,7 +272,10 @@ fn embedding_step(plan: &Plan, s: &Step, env: &mut [Option<Tensor>]) -> Result<(
                 format!("token id {id} is out of range for the {rows}-row embedding"),
             ));
         }
-        e.w.decode_row(r as usize, row);
+        match &packed {
+            Some(p) => p.decode_row(r as usize, row),
+            None => e.w.decode_row(r as usize, row),
+        }
     }
     env[e.out] = Some(o);
     Ok(())

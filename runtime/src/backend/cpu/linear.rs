@@ -463,7 +463,7 @@ impl<'a> Weights<'a> {
     }
 
     /// Decodes row `row` into `out` (`K` values).
-    fn decode_row(&self, row: usize, out: &mut [f32]) {
+    pub(crate) fn decode_row(&self, row: usize, out: &mut [f32]) {
         let k = self.k();
         match *self {
             Weights::F32 { w, .. } => out.copy_from_slice(&w[row * k..(row + 1) * k]),

@@ -490,6 +490,28 @@ pub(crate) mod tests {
         }
     }
 
+    /// A tied embedding reads its rows from the packed copy (`exec.rs`): each row as the file's
+    /// reference decoder gives it — bit for bit with one zero point, within f32 roundings with Q4_1's
+    /// f16 `s·z` — padded tile included.
+    #[test]
+    fn packed_rows_decode_as_the_files() {
+        let mut rng = StdRng::seed_from_u64(5);
+        for kind in [Kind::Q8_0, Kind::Q5_0, Kind::Q4_0, Kind::Q4_1] {
+            let (n, k) = (37, 160);
+            let file = file_form(kind, n, k, &mut rng);
+            let packed = pack(&file).expect("packs");
+            let (mut want, mut got) = (vec![0f32; k], vec![f32::NAN; k]);
+            for row in 0..n {
+                file.decode_row(row, &mut want);
+                packed.view().decode_row(row, &mut got);
+                for (col, (a, b)) in want.iter().zip(&got).enumerate() {
+                    let tol = if kind == Kind::Q4_1 { 1e-6 } else { 0.0 };
+                    assert!((a - b).abs() <= tol, "{kind:?} [{row},{col}]: {a} vs {b}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn packed_products_equal_the_file_forms_on_every_integer_isa() {
         let mut rng = StdRng::seed_from_u64(11);
