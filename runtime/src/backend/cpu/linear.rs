@@ -183,7 +183,8 @@ pub enum Weights<'a> {
         halves: bool,
     },
     /// Blocks of 32 repacked at load for the integer path (`repack.rs`): codes of 4, 5 or 8 bits,
-    /// f16 scales, and one zero point for the matrix or an f16 `s·z` a block; value = `s·q − s·z`.
+    /// scales (f16 where every one is an f16 value, else f32), and one zero point for the matrix or
+    /// an `s·z` a block (f16 or f32); value = `s·q − s·z`.
     /// Rows are interleaved in tiles of [`TILE_ROWS`] (the last padded with zero rows), a tile's
     /// blocks in order, so one 64-byte register holds four consecutive codes of each of the tile's
     /// rows ([`packed_lane`]): an integer dot product lane per row, the float work once a block.
@@ -198,8 +199,8 @@ pub enum Weights<'a> {
         /// 5 bits: `[tiles, K/32, 8]` little-endian u64, word g's bit `lane(row, e)` the fifth bit of
         /// code `4g + e` of `row`; empty otherwise.
         high: &'a [u8],
-        /// f16 `[tiles, K/32, TILE_ROWS]`.
-        scales: &'a [f16],
+        /// `[tiles, K/32, TILE_ROWS]`.
+        scales: PackedFloats<'a>,
         /// The zero-point term.
         zero: PackedZero<'a>,
         /// Output features.
@@ -227,13 +228,56 @@ pub const fn packed_lane(row: usize, e: usize) -> usize {
     row * 4 + e
 }
 
+/// One float per tile row and block of a [`Weights::Packed`] (its scales, its `s·z` terms), in tile
+/// order: f16 where the source's values all are f16 values (GGUF's block scales), f32 otherwise
+/// (GGUF Q4_K's `d·sc` and `dmin·m`: an f16 times a 6-bit integer).
+#[derive(Debug, Clone, Copy)]
+pub enum PackedFloats<'a> {
+    /// f16 values.
+    F16(&'a [f16]),
+    /// f32 values.
+    F32(&'a [f32]),
+}
+
+impl PackedFloats<'_> {
+    /// Entry `i`.
+    #[inline]
+    pub fn get(&self, i: usize) -> f32 {
+        match *self {
+            PackedFloats::F16(v) => v[i].to_f32(),
+            PackedFloats::F32(v) => v[i],
+        }
+    }
+
+    /// Entries.
+    pub fn len(&self) -> usize {
+        match *self {
+            PackedFloats::F16(v) => v.len(),
+            PackedFloats::F32(v) => v.len(),
+        }
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes.
+    pub fn byte_len(&self) -> usize {
+        match *self {
+            PackedFloats::F16(v) => v.len() * 2,
+            PackedFloats::F32(v) => v.len() * 4,
+        }
+    }
+}
+
 /// The zero-point term of [`Weights::Packed`].
 #[derive(Debug, Clone, Copy)]
 pub enum PackedZero<'a> {
     /// One zero point `z` for every block (GGUF Q8_0, Q5_0, Q4_0): the term is `s·z`.
     Const(f32),
-    /// f16 `[N, K/32]`: each block's `s·z` (GGUF Q4_1's `−m`).
-    Scaled(&'a [f16]),
+    /// `[tiles, K/32, TILE_ROWS]`: each block's `s·z` (GGUF Q4_1's `−m`, Q4_K's `dmin·m`).
+    Scaled(PackedFloats<'a>),
 }
 
 impl PackedZero<'_> {
@@ -242,7 +286,7 @@ impl PackedZero<'_> {
     pub fn sz(&self, i: usize, s: f32) -> f32 {
         match *self {
             PackedZero::Const(z) => s * z,
-            PackedZero::Scaled(sz) => sz[i].to_f32(),
+            PackedZero::Scaled(sz) => sz.get(i),
         }
     }
 }
@@ -296,9 +340,9 @@ impl<'a> Weights<'a> {
             } => {
                 let z = match zero {
                     PackedZero::Const(_) => 0,
-                    PackedZero::Scaled(sz) => sz.len() * 2,
+                    PackedZero::Scaled(sz) => sz.byte_len(),
                 };
-                codes.len() + high.len() + scales.len() * 2 + z
+                codes.len() + high.len() + scales.byte_len() + z
             }
         }
     }
@@ -456,7 +500,7 @@ impl<'a> Weights<'a> {
             }
             Weights::Packed { scales, zero, .. } => {
                 let (q, i) = self.packed_code(row, col);
-                let s = scales[i].to_f32();
+                let s = scales.get(i);
                 s * q as f32 - zero.sz(i, s)
             }
         }

@@ -10,16 +10,18 @@
 //! precision is [`Precision::Fast`](super::linear::Precision), the CPU backend repacks each 32-block
 //! matrix whose values allow it, **losslessly**:
 //!
-//! - scales are kept as f16 only when every one is an f16 value (GGUF's are);
+//! - scales are kept as f16 when every one is an f16 value (GGUF's block scales are), else as f32
+//!   (Q4_K's `d·sc`: an f16 times a 6-bit integer);
 //! - one zero point for the whole matrix (Q8_0: 128, Q5_0: 16, Q4_0: 8) becomes a constant;
-//!   otherwise (Q4_1's float zero points) each block's `s·z` is kept as f16 only where it is within
-//!   a few f32 roundings of an f16 value (`−m`, which Q4_1 stores as f16);
+//!   otherwise (the float zero points of Q4_1 and Q4_K) each block's `s·z` is kept, as f16 where
+//!   every one is within a few f32 roundings of an f16 value (`−m`, which Q4_1 stores as f16), else
+//!   as f32 (Q4_K's `dmin·m`);
 //! - 8-bit codes that are all below 32 (Q5_0's) become 5 bits: the low nibbles as the 4-bit forms
 //!   lay them out, plus one u32 of fifth bits a block.
 //!
 //! Every packed product equals the file form's (the same integer sums, the same factors: tested bit
-//! for bit); anything else (block 16, scales off f16, mixed zero points with 8-bit codes) stays as
-//! the file has it. The file's pages the packed copy replaces are handed back to the OS
+//! for bit; with float zero points within f32 roundings); anything else (block 16, mixed zero points
+//! with 8-bit codes, a non-finite `s·z`) stays as the file has it. The file's pages the packed copy replaces are handed back to the OS
 //! ([`release`]), so resident memory falls with the bytes read.
 //!
 //! The packed layout interleaves 16 rows a tile ([`Weights::Packed`]), so the integer kernel sums
@@ -28,7 +30,8 @@
 //! of `linear_q8/tests.rs`' `bench_packed_vs_rows` run 1.7–3.1× the row-major path's; NEON's `sdot`
 //! tiles, 4 rows a register, are tested under qemu but not yet timed on a phone; module doc of
 //! `linear_q8/`). Sizes per 32 weights (file form → packed): 8-bit codes 37 → 34 bytes, Q5_0's
-//! 37 → 22, 4-bit codes 24 → 20; a matrix whose row count is not a multiple of 16 pads its last tile
+//! 37 → 22, 4-bit codes 24 → 20 (Q4_K's, with f32 terms: 24 → 24, packed for the tile kernels'
+//! speed: Gemma 3's prompt 1.16× faster on one thread); a matrix whose row count is not a multiple of 16 pads its last tile
 //! with zero rows.
 //!
 //! The conversion runs at load, in batches of tiles whose file rows are released as soon as they
@@ -40,7 +43,9 @@ use std::sync::Arc;
 use half::f16;
 use rayon::prelude::*;
 
-use super::linear::{packed_block_bytes, packed_lane, PackedZero, Weights, BLOCK, TILE_ROWS};
+use super::linear::{
+    packed_block_bytes, packed_lane, PackedFloats, PackedZero, Weights, BLOCK, TILE_ROWS,
+};
 use super::linear_q8::QIsa;
 use crate::file_map::release;
 use crate::graph::DType;
@@ -55,15 +60,40 @@ pub(crate) struct PackedMatrix {
     bits: u32,
     codes: Vec<u8>,
     high: Vec<u8>,
-    scales: Vec<f16>,
+    scales: Floats,
     zero: Zero,
 }
 
-/// The owned zero-point term of a [`PackedMatrix`]: one zero point, or f16 `s·z` in tile order.
+/// The owned zero-point term of a [`PackedMatrix`]: one zero point, or `s·z` in tile order.
 #[derive(Debug)]
 enum Zero {
     Const(f32),
-    Scaled(Vec<f16>),
+    Scaled(Floats),
+}
+
+/// Owned [`PackedFloats`]: f16 where every value is an f16 value, f32 otherwise.
+#[derive(Debug)]
+enum Floats {
+    F16(Vec<f16>),
+    F32(Vec<f32>),
+}
+
+impl Floats {
+    /// Per-(row, block) values `[N, nb]` in tile order: f16 when that loses nothing, else f32.
+    fn tiled(v: &[f32], n: usize, nb: usize) -> Floats {
+        if all_f16(v) {
+            Floats::F16(tiled(v, n, nb, f16::from_f32))
+        } else {
+            Floats::F32(tiled(v, n, nb, |x| x))
+        }
+    }
+
+    fn view(&self) -> PackedFloats<'_> {
+        match self {
+            Floats::F16(v) => PackedFloats::F16(v),
+            Floats::F32(v) => PackedFloats::F32(v),
+        }
+    }
 }
 
 impl PackedMatrix {
@@ -73,10 +103,10 @@ impl PackedMatrix {
             bits: self.bits,
             codes: &self.codes,
             high: &self.high,
-            scales: &self.scales,
+            scales: self.scales.view(),
             zero: match &self.zero {
                 Zero::Const(z) => PackedZero::Const(*z),
-                Zero::Scaled(sz) => PackedZero::Scaled(sz),
+                Zero::Scaled(sz) => PackedZero::Scaled(sz.view()),
             },
             n: self.n,
             k: self.k,
@@ -102,9 +132,6 @@ pub(crate) fn pack(w: &LinearWeights) -> Option<PackedMatrix> {
         return None;
     };
     let s32: &[f32] = scales.typed();
-    if !all_f16(s32) {
-        return None;
-    }
     let (n, k) = (w.n, w.k);
     let zero = match (bits, zero.dtype) {
         (8, DType::U8) => Zero::Const(constant(zero.typed::<u8>())? as f32),
@@ -112,7 +139,7 @@ pub(crate) fn pack(w: &LinearWeights) -> Option<PackedMatrix> {
             let z: &[f32] = zero.typed();
             match constant(z) {
                 Some(c) => Zero::Const(c),
-                None => Zero::Scaled(tiled(&scaled_zeros(s32, z)?, n, k / BLOCK)),
+                None => Zero::Scaled(scaled_zeros(s32, z, n, k / BLOCK)?),
             }
         }
         _ => return None,
@@ -133,7 +160,7 @@ pub(crate) fn pack(w: &LinearWeights) -> Option<PackedMatrix> {
         bits,
         codes,
         high,
-        scales: tiled(s32, n, k / BLOCK),
+        scales: Floats::tiled(s32, n, k / BLOCK),
         zero,
     };
     packed.view().validate().ok()?;
@@ -167,10 +194,16 @@ impl FileCodes<'_> {
     }
 }
 
-/// Per-(row, block) values `[N, nb]` as f16 in tile order `[tiles, nb, TILE_ROWS]` (0 for padding
-/// rows).
-fn tiled(v: &[f32], n: usize, nb: usize) -> Vec<f16> {
-    let mut out = vec![f16::ZERO; n.div_ceil(TILE_ROWS) * nb * TILE_ROWS];
+/// Per-(row, block) values `[N, nb]` in tile order `[tiles, nb, TILE_ROWS]`, each through `conv`
+/// (zero for padding rows). Converted straight into the kept type: no f32 copy of a large
+/// vocabulary's scales passes through the allocator on the way.
+fn tiled<T: Copy + Default + Send>(
+    v: &[f32],
+    n: usize,
+    nb: usize,
+    conv: impl Fn(f32) -> T + Sync,
+) -> Vec<T> {
+    let mut out = vec![T::default(); n.div_ceil(TILE_ROWS) * nb * TILE_ROWS];
     out.par_chunks_mut(nb * TILE_ROWS)
         .enumerate()
         .for_each(|(tile, o)| {
@@ -178,7 +211,7 @@ fn tiled(v: &[f32], n: usize, nb: usize) -> Vec<f16> {
                 for (r, o) in o.iter_mut().enumerate() {
                     let row = tile * TILE_ROWS + r;
                     if row < n {
-                        *o = f16::from_f32(v[row * nb + b]);
+                        *o = conv(v[row * nb + b]);
                     }
                 }
             }
@@ -263,17 +296,24 @@ fn constant<T: Copy + PartialEq>(v: &[T]) -> Option<T> {
     v.iter().all(|&x| x == first).then_some(first)
 }
 
-/// Each block's `s·z`, when each is within a few f32 roundings of an f16 value (Q4_1:
-/// `s·z = d·(−m/d) ≈ −m`, an f16 in the source), so storing it as f16 loses nothing the source had.
-fn scaled_zeros(s: &[f32], z: &[f32]) -> Option<Vec<f32>> {
-    s.iter()
-        .zip(z)
-        .map(|(&s, &z)| {
-            let sz = s * z;
-            let err = (f16::from_f32(sz).to_f32() - sz).abs();
-            (sz.is_finite() && err <= sz.abs() * 4.0 * f32::EPSILON).then_some(sz)
-        })
-        .collect()
+/// Each block's `s·z` (`s`, `z`: `[N, nb]`), in tile order: as f16 when each is within a few f32
+/// roundings of an f16 value (Q4_1: `s·z = d·(−m/d) ≈ −m`, an f16 in the source, so storing it as
+/// f16 loses nothing the source had), else as the f32 products (Q4_K: `dmin·m`, an f16 times a
+/// 6-bit integer); `None` when one is not finite.
+fn scaled_zeros(s: &[f32], z: &[f32], n: usize, nb: usize) -> Option<Floats> {
+    let sz: Vec<f32> = s.par_iter().zip(z).map(|(&s, &z)| s * z).collect();
+    if !sz.par_iter().all(|sz| sz.is_finite()) {
+        return None;
+    }
+    let near_f16 = sz.par_iter().all(|&sz| {
+        let err = (f16::from_f32(sz).to_f32() - sz).abs();
+        err <= sz.abs() * 4.0 * f32::EPSILON
+    });
+    Some(if near_f16 {
+        Floats::F16(tiled(&sz, n, nb, f16::from_f32))
+    } else {
+        Floats::F32(tiled(&sz, n, nb, |x| x))
+    })
 }
 
 /// The packed forms of a plan's CPU linear layers, by the address of their shared weights: valid
@@ -381,6 +421,9 @@ pub(crate) mod tests {
         Q4_0,
         /// 4-bit codes, float zero points `−m/d` (d, m f16).
         Q4_1,
+        /// 4-bit codes, scales `d·sc` and zero points `dmin·m / s` (d, dmin f16; sc, m 6-bit): neither
+        /// the scales nor the `s·z` terms are f16 values.
+        Q4K,
     }
 
     fn f16_values(rng: &mut StdRng, count: usize, range: f32) -> Vec<f32> {
@@ -413,9 +456,37 @@ pub(crate) mod tests {
                 let codes = (0..nb * 16).map(|_| rng.random()).collect::<Vec<u8>>();
                 (4, codes, Tensor::f32(&[nb], &z))
             }
+            Kind::Q4K => {
+                let mins: Vec<f32> = f16_values(rng, nb, 0.05)
+                    .iter()
+                    .map(|dmin| dmin.abs() * rng.random_range(0..64u8) as f32)
+                    .collect();
+                let codes = (0..nb * 16).map(|_| rng.random()).collect::<Vec<u8>>();
+                return q4k_file(n, k, &d, &mins, codes, rng);
+            }
         };
         let b = Tensor::from_slice(DType::U8, &[codes.len()], &codes);
         LinearWeights::block(n, k, bits, BLOCK, b, Tensor::f32(&[nb], &d), Some(&zero))
+            .expect("a valid block matrix")
+    }
+
+    /// A Q4_K-like file form: scales `d·sc` (`sc` in 1..64), zero points `min / s` (`min = dmin·m`).
+    fn q4k_file(
+        n: usize,
+        k: usize,
+        d: &[f32],
+        mins: &[f32],
+        codes: Vec<u8>,
+        rng: &mut StdRng,
+    ) -> LinearWeights {
+        let s: Vec<f32> = d
+            .iter()
+            .map(|d| d * rng.random_range(1..64u8) as f32)
+            .collect();
+        let z: Vec<f32> = mins.iter().zip(&s).map(|(m, s)| m / s).collect();
+        let b = Tensor::from_slice(DType::U8, &[codes.len()], &codes);
+        let zero = Tensor::f32(&[z.len()], &z);
+        LinearWeights::block(n, k, 4, BLOCK, b, Tensor::f32(&[s.len()], &s), Some(&zero))
             .expect("a valid block matrix")
     }
 
@@ -441,6 +512,7 @@ pub(crate) mod tests {
     /// `p`'s view with an f16 `s·z` a block (`sz`, tile order) for its zero-point term: the form
     /// Q4_1 packs into, here for any code width (the kernels take it for each).
     fn with_scaled_zero<'a>(p: &'a PackedMatrix, sz: &'a [f16]) -> Weights<'a> {
+        let sz = PackedFloats::F16(sz);
         match p.view() {
             Weights::Packed {
                 bits,
@@ -471,19 +543,33 @@ pub(crate) mod tests {
             (Kind::Q5_0, 5),
             (Kind::Q4_0, 4),
             (Kind::Q4_1, 4),
+            (Kind::Q4K, 4),
         ];
         for (kind, bits) in want_bits {
             let (n, k) = (48, 96);
             let file = file_form(kind, n, k, &mut rng);
             let packed = pack(&file).unwrap_or_else(|| panic!("{kind:?} packs"));
             assert_eq!(packed.bits, bits, "{kind:?}");
-            assert!(packed.byte_len() < file.byte_len(), "{kind:?} shrinks");
+            // Q4_K keeps f32 scales and s·z terms: as many bytes as the file form, in tiles.
+            let wide = matches!(packed.scales, Floats::F32(_))
+                && matches!(packed.zero, Zero::Scaled(Floats::F32(_)));
+            assert_eq!(wide, kind == Kind::Q4K, "{kind:?}: f32 scales and s·z");
+            if kind == Kind::Q4K {
+                assert_eq!(packed.byte_len(), file.byte_len(), "{kind:?}");
+            } else {
+                assert!(packed.byte_len() < file.byte_len(), "{kind:?} shrinks");
+            }
             let (fv, pv) = (file.kernel_view().expect("view"), packed.view());
             for row in 0..n {
                 for col in 0..k {
                     let (a, b) = (fv.get(row, col), pv.get(row, col));
-                    // Q4_1: s·z kept as the f16 it came from, within f32 roundings of the file's.
-                    let tol = if kind == Kind::Q4_1 { 1e-6 } else { 0.0 };
+                    // Q4_1: s·z kept as the f16 it came from, within f32 roundings of the file's;
+                    // Q4_K: s·z = s·(m/s) rounded once more (values up to ~50 here).
+                    let tol = match kind {
+                        Kind::Q4_1 => 1e-6,
+                        Kind::Q4K => 2e-5,
+                        _ => 0.0,
+                    };
                     assert!((a - b).abs() <= tol, "{kind:?} [{row},{col}]: {a} vs {b}");
                 }
             }
@@ -492,11 +578,11 @@ pub(crate) mod tests {
 
     /// A tied embedding reads its rows from the packed copy (`exec.rs`): each row as the file's
     /// reference decoder gives it — bit for bit with one zero point, within f32 roundings with Q4_1's
-    /// f16 `s·z` — padded tile included.
+    /// f16 `s·z` and Q4_K's f32 one — padded tile included.
     #[test]
     fn packed_rows_decode_as_the_files() {
         let mut rng = StdRng::seed_from_u64(5);
-        for kind in [Kind::Q8_0, Kind::Q5_0, Kind::Q4_0, Kind::Q4_1] {
+        for kind in [Kind::Q8_0, Kind::Q5_0, Kind::Q4_0, Kind::Q4_1, Kind::Q4K] {
             let (n, k) = (37, 160);
             let file = file_form(kind, n, k, &mut rng);
             let packed = pack(&file).expect("packs");
@@ -505,7 +591,11 @@ pub(crate) mod tests {
                 file.decode_row(row, &mut want);
                 packed.view().decode_row(row, &mut got);
                 for (col, (a, b)) in want.iter().zip(&got).enumerate() {
-                    let tol = if kind == Kind::Q4_1 { 1e-6 } else { 0.0 };
+                    let tol = match kind {
+                        Kind::Q4_1 => 1e-6,
+                        Kind::Q4K => 2e-5,
+                        _ => 0.0,
+                    };
                     assert!((a - b).abs() <= tol, "{kind:?} [{row},{col}]: {a} vs {b}");
                 }
             }
@@ -524,6 +614,8 @@ pub(crate) mod tests {
             (Kind::Q4_0, 9, 544, 5),
             (Kind::Q4_1, 9, 544, 1),
             (Kind::Q4_1, 16, 96, 5),
+            (Kind::Q4K, 9, 544, 1),
+            (Kind::Q4K, 33, 96, 5),
             // More rows than a batch of the tile pass (the last one partial).
             (Kind::Q5_0, 4100, 64, 1),
             (Kind::Q8_0, 4100, 64, 2),
@@ -535,10 +627,10 @@ pub(crate) mod tests {
             let mag = magnitudes(&fv, &x, t);
             for acts in [Activations::Int8, Activations::Int8x2] {
                 // The portable path sums blocks in the same order for both layouts: equal bits
-                // (Q4_1's f16 zero term within f32 roundings).
+                // (Q4_1's f16 zero term and Q4_K's f32 one within f32 roundings).
                 let want = product(&fv, &x, t, acts, QIsa::Scalar);
                 let tol = |i: usize| match kind {
-                    Kind::Q4_1 => 1e-6 * mag[i],
+                    Kind::Q4_1 | Kind::Q4K => 1e-6 * mag[i],
                     _ => 0.0,
                 };
                 let got = product(&packed.view(), &x, t, acts, QIsa::Scalar);
@@ -562,7 +654,8 @@ pub(crate) mod tests {
     /// Each integer ISA's packed product across shapes: N not a multiple of 16 (a padded tile; 7:
     /// less than a half tile), K of 1, 3 and 17 blocks, T = 1, 4, 5 and 17 (tiles of four tokens and
     /// the rest), every packed form (8-, 5- and 4-bit codes with their constant zero point, Q4_1's
-    /// 4-bit with an f16 `s·z`, and 8- and 5-bit with an f16 `s·z` too) and both activation forms.
+    /// 4-bit with an f16 `s·z`, Q4_K's 4-bit with f32 scales and `s·z`, and 8- and 5-bit with an f16
+    /// `s·z` too) and both activation forms.
     /// The bar is the one above: the file form's product (or, for the forms no GGUF file packs
     /// into, the portable path's on the same packed view) up to f32 summation order. AVX2 and
     /// AVX-512 sum the same integers and apply the same float operations lane by lane to 4- and
@@ -572,12 +665,12 @@ pub(crate) mod tests {
     fn packed_products_agree_across_shapes_on_every_integer_isa() {
         let mut rng = StdRng::seed_from_u64(19);
         let isas = linear_q8::available();
-        for kind in [Kind::Q8_0, Kind::Q5_0, Kind::Q4_0, Kind::Q4_1] {
+        for kind in [Kind::Q8_0, Kind::Q5_0, Kind::Q4_0, Kind::Q4_1, Kind::Q4K] {
             for (n, nb) in [(7, 3), (16, 1), (33, 3), (40, 17)] {
                 let k = nb * BLOCK;
                 let file = file_form(kind, n, k, &mut rng);
                 let packed = pack(&file).expect("packs");
-                let sz: Vec<f16> = f16_values(&mut rng, packed.scales.len(), 0.5)
+                let sz: Vec<f16> = f16_values(&mut rng, packed.scales.view().len(), 0.5)
                     .into_iter()
                     .map(f16::from_f32)
                     .collect();
@@ -587,8 +680,8 @@ pub(crate) mod tests {
                     (with_scaled_zero(&packed, &sz), false),
                 ];
                 for (view, from_file) in views {
-                    if !from_file && kind == Kind::Q4_1 {
-                        continue; // the same form as the packed Q4_1
+                    if !from_file && matches!(kind, Kind::Q4_1 | Kind::Q4K) {
+                        continue; // the same form as the packed Q4_1 (Q4_K: with f32 terms)
                     }
                     for t in [1, 4, 5, 17] {
                         let x: Vec<f32> = (0..t * k).map(|_| rng.random_range(-2.0..2.0)).collect();
@@ -695,13 +788,13 @@ pub(crate) mod tests {
             .map(|i| if (i / k) % 2 == 0 { 1.5 } else { -0.75 })
             .collect();
         let isas = linear_q8::available();
-        for kind in [Kind::Q8_0, Kind::Q5_0, Kind::Q4_0, Kind::Q4_1] {
+        for kind in [Kind::Q8_0, Kind::Q5_0, Kind::Q4_0, Kind::Q4_1, Kind::Q4K] {
             let random = file_form(kind, n, k, &mut rng);
             let file = with_codes(&random, |i| match kind {
                 Kind::Q8_0 if (i / k) % 2 == 0 => 0,
                 Kind::Q8_0 => 255,
                 Kind::Q5_0 => 31,
-                Kind::Q4_0 | Kind::Q4_1 => 0xFF,
+                Kind::Q4_0 | Kind::Q4_1 | Kind::Q4K => 0xFF,
             });
             let packed = pack(&file).expect("packs");
             let fv = file.kernel_view().expect("view");
@@ -744,9 +837,25 @@ pub(crate) mod tests {
             let z = Tensor::from_slice(DType::U8, &[nb], zero);
             LinearWeights::block(n, k, 8, BLOCK, b.clone(), scales.clone(), Some(&z)).unwrap()
         };
-        // Scales that are not f16 values.
+        // Scales that are not f16 values stay f32 (packed, not narrowed).
         let off = Tensor::f32(&[nb], &vec![0.1f32; nb]);
-        assert!(pack(&make(&off, &vec![16; nb])).is_none(), "f32 scales");
+        let p = pack(&make(&off, &vec![16; nb])).expect("f32 scales pack");
+        assert!(matches!(p.scales, Floats::F32(_)), "f32 scales kept as f32");
+        // A float zero point whose s·z is not finite.
+        let nibbles = Tensor::from_slice(DType::U8, &[nb * 16], &vec![0x21u8; nb * 16]);
+        let mut zf = vec![3.0f32; nb];
+        zf[1] = f32::INFINITY;
+        let inf = LinearWeights::block(
+            n,
+            k,
+            4,
+            BLOCK,
+            nibbles,
+            f16s.clone(),
+            Some(&Tensor::f32(&[nb], &zf)),
+        )
+        .unwrap();
+        assert!(pack(&inf).is_none(), "an infinite s·z");
         // A zero point per block that differs.
         let mut mixed = vec![16u8; nb];
         mixed[3] = 15;

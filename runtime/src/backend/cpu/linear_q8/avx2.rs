@@ -1,6 +1,6 @@
 //! AVX2 kernels of the integer path (see the parent module's doc).
 
-use super::{QuantX, TileZero, Tiles, Weights, BLOCK};
+use super::{QuantX, TileFloats, TileZero, Tiles, Weights, BLOCK};
 use crate::backend::cpu::linear::{packed_block_bytes, TILE_ROWS};
 use crate::backend::cpu::simd::x86::hsum;
 use std::arch::x86_64::*;
@@ -404,6 +404,25 @@ unsafe fn half_sums<const BITS: u32, const X2: bool, const R: usize>(
     sum
 }
 
+/// Entries `at..at + 8` of `v` (f16 or f32) as f32.
+///
+/// # Safety
+/// avx+f16c available; the 8 entries are inside `v`'s buffer.
+#[inline]
+#[target_feature(enable = "avx,f16c")]
+unsafe fn floats8(v: TileFloats, at: usize) -> __m256 {
+    // SAFETY: the caller's contract.
+    unsafe {
+        if v.wide {
+            _mm256_loadu_ps((v.ptr as *const f32).add(at))
+        } else {
+            _mm256_cvtph_ps(_mm_loadu_si128(
+                (v.ptr as *const u16).add(at) as *const __m128i
+            ))
+        }
+    }
+}
+
 /// One half tile (rows `8·half..+8` of tile `tile`, a lane each) times `R` token rows of `qx`
 /// from `x0`: each block's integer sums ([`half_sums`]) meet the block's scales in one
 /// conversion and one multiply-add, its zero-point term in another.
@@ -427,12 +446,12 @@ unsafe fn packed_half<const BITS: u32, const X2: bool, const R: usize>(
         for b in 0..nb {
             let sb = tile * nb + b;
             let at = sb * TILE_ROWS + HALF_ROWS * half;
-            let s = _mm256_cvtph_ps(_mm_loadu_si128(f.scales.add(at) as *const __m128i));
+            let s = floats8(f.scales, at);
             // The zero-point term of the codes as multiplied (8 bits: s·z − 128·s).
             let sz = match f.zero {
                 TileZero::Const(z) => _mm256_mul_ps(s, _mm256_set1_ps(z)),
                 TileZero::Scaled(p) => {
-                    let sz = _mm256_cvtph_ps(_mm_loadu_si128(p.add(at) as *const __m128i));
+                    let sz = floats8(p, at);
                     if BITS == 8 {
                         _mm256_fnmadd_ps(s, _mm256_set1_ps(128.0), sz)
                     } else {

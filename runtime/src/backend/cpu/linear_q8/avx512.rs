@@ -1,6 +1,6 @@
 //! AVX-512 VNNI kernels of the integer path (see the parent module's doc).
 
-use super::{QuantX, TileZero, Tiles, Weights, BLOCK};
+use super::{QuantX, TileFloats, TileZero, Tiles, Weights, BLOCK};
 use crate::backend::cpu::linear::{packed_block_bytes, TILE_ROWS};
 use std::arch::x86_64::*;
 
@@ -274,6 +274,25 @@ unsafe fn group<const BITS: u32>(f: &Tiles, sb: usize, g: usize) -> __m512i {
     }
 }
 
+/// Entries `at..at + 16` of `v` (f16 or f32) as f32.
+///
+/// # Safety
+/// avx512f available; the 16 entries are inside `v`'s buffer.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn floats16(v: TileFloats, at: usize) -> __m512 {
+    // SAFETY: the caller's contract.
+    unsafe {
+        if v.wide {
+            _mm512_loadu_ps((v.ptr as *const f32).add(at))
+        } else {
+            _mm512_cvtph_ps(_mm256_loadu_si256(
+                (v.ptr as *const u16).add(at) as *const __m256i
+            ))
+        }
+    }
+}
+
 /// One tile (16 rows, a lane each) times `R` token rows of `qx` from `x0`: for every block, the
 /// eight groups' integer dot products accumulate per lane (each token's four codes broadcast),
 /// then meet the block's scales once.
@@ -295,13 +314,10 @@ unsafe fn packed_tile<const BITS: u32, const X2: bool, const R: usize>(
     unsafe {
         for b in 0..nb {
             let sb = tile * nb + b;
-            let half = |p: *const u16| {
-                _mm512_cvtph_ps(_mm256_loadu_si256(p.add(sb * 16) as *const __m256i))
-            };
-            let s = half(f.scales);
+            let s = floats16(f.scales, sb * 16);
             let sz = match f.zero {
                 TileZero::Const(z) => _mm512_mul_ps(s, _mm512_set1_ps(z)),
-                TileZero::Scaled(p) => half(p),
+                TileZero::Scaled(p) => floats16(p, sb * 16),
             };
             let mut dot = [_mm512_setzero_si512(); R];
             let mut dot2 = [_mm512_setzero_si512(); R];

@@ -47,7 +47,7 @@
 //! (signed × signed) sums a row's products in its lane, exact in i32; 4- and 5-bit codes are valid
 //! i8 as they are, 8-bit codes run as `q − 128` with the zero-point term `s·z − 128·s`. A tile the
 //! task's rows cover whole runs its four quarters at once, one they start or end inside a quarter
-//! at a time; the scales convert by `fcvtl`. Token rows go four at a time (two with two-digit
+//! at a time; f16 scales convert by `fcvtl` (Q4_K's f32 scales and `s·z` terms load as they are). Token rows go four at a time (two with two-digit
 //! activations, so a tile's integer sums stay in registers), then one. Not timed on a phone yet.
 //!
 //! 8-bit weights with a scale and zero point per 16-element half ([`Weights::Q8`] `halves`, GGUF
@@ -58,7 +58,7 @@
 //! Files: this one (the ISAs, the activations' quantization, the dispatch, the portable scalar
 //! path), `avx512.rs`, `avx2.rs`, `neon.rs` (each ISA's kernels, row-major and packed), `tests.rs`.
 
-use super::linear::{PackedZero, Weights, BLOCK};
+use super::linear::{PackedFloats, PackedZero, Weights, BLOCK};
 
 /// The instruction set of the integer dot products.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -397,7 +397,7 @@ fn block(w: &Weights, blk: usize, codes: &mut [i32; BLOCK]) -> Option<Factors> {
                 let (code, sb) = w.packed_code(row, col + i);
                 (*q, at) = (code as i32, sb);
             }
-            let s = scales[at].to_f32();
+            let s = scales.get(at);
             Some(Factors::Whole(s, zero.sz(at, s)))
         }
         _ => None,
@@ -461,7 +461,7 @@ struct Tiles {
     bits: u32,
     codes: *const u8,
     high: *const u8,
-    scales: *const u16,
+    scales: TileFloats,
     zero: TileZero,
     /// 32-blocks a row.
     nb: usize,
@@ -475,7 +475,33 @@ struct Tiles {
 #[derive(Clone, Copy)]
 enum TileZero {
     Const(f32),
-    Scaled(*const u16),
+    Scaled(TileFloats),
+}
+
+/// [`PackedFloats`] as a raw pointer: f16 (`wide` false) or f32 entries.
+#[cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64")),
+    allow(dead_code)
+)]
+#[derive(Clone, Copy)]
+struct TileFloats {
+    ptr: *const u8,
+    wide: bool,
+}
+
+impl From<PackedFloats<'_>> for TileFloats {
+    fn from(v: PackedFloats<'_>) -> Self {
+        match v {
+            PackedFloats::F16(v) => TileFloats {
+                ptr: v.as_ptr() as *const u8,
+                wide: false,
+            },
+            PackedFloats::F32(v) => TileFloats {
+                ptr: v.as_ptr() as *const u8,
+                wide: true,
+            },
+        }
+    }
 }
 
 #[cfg_attr(
@@ -485,7 +511,7 @@ enum TileZero {
 impl Tiles {
     /// `w`'s tiles, `None` for the other forms. `offset_8bit`: the kernel multiplies 8-bit codes as
     /// `q − 128` (no unsigned × signed dot product), so a constant zero point is kept as `z − 128`
-    /// (an f16 `s·z` the kernel corrects by `128·s` itself).
+    /// (an `s·z` a block the kernel corrects by `128·s` itself).
     fn of(w: &Weights, offset_8bit: bool) -> Option<Tiles> {
         let Weights::Packed {
             bits,
@@ -503,11 +529,11 @@ impl Tiles {
             bits,
             codes: codes.as_ptr(),
             high: high.as_ptr(),
-            scales: scales.as_ptr() as *const u16,
+            scales: scales.into(),
             zero: match zero {
                 PackedZero::Const(z) if bits == 8 && offset_8bit => TileZero::Const(z - 128.0),
                 PackedZero::Const(z) => TileZero::Const(z),
-                PackedZero::Scaled(sz) => TileZero::Scaled(sz.as_ptr() as *const u16),
+                PackedZero::Scaled(sz) => TileZero::Scaled(sz.into()),
             },
             nb: k / BLOCK,
         })

@@ -1,6 +1,6 @@
 //! NEON kernels of the integer path: plain, dotprod (`sdot`) and i8mm (`smmla`) (see the parent module's doc).
 
-use super::{QuantX, TileZero, Tiles, Weights, BLOCK};
+use super::{QuantX, TileFloats, TileZero, Tiles, Weights, BLOCK};
 use crate::backend::cpu::linear::{packed_block_bytes, TILE_ROWS};
 use std::arch::aarch64::*;
 
@@ -391,6 +391,22 @@ unsafe fn f16x4(p: *const u16) -> float32x4_t {
     }
 }
 
+/// Entries `at..at + 4` of `v` (f16 or f32) as f32.
+///
+/// # Safety
+/// The 4 entries are inside `v`'s buffer.
+#[inline(always)]
+unsafe fn floats4(v: TileFloats, at: usize) -> float32x4_t {
+    // SAFETY: the caller's contract.
+    unsafe {
+        if v.wide {
+            vld1q_f32((v.ptr as *const f32).add(at))
+        } else {
+            f16x4((v.ptr as *const u16).add(at))
+        }
+    }
+}
+
 /// The codes of groups `2j` and `2j + 1` (j in 0..4) of tile-block `sb` for the tile's rows
 /// `4q..4q + 4`, as i8 (8 bits: `q − 128`): byte `4·r + e` of group g's register is code
 /// `4g + e` of row `4q + r`.
@@ -507,11 +523,11 @@ unsafe fn packed_span<const BITS: u32, const X2: bool, const R: usize, const Q: 
             let (mut s, mut sz) = ([vdupq_n_f32(0.0); Q], [vdupq_n_f32(0.0); Q]);
             for (i, (s, sz)) in s.iter_mut().zip(&mut sz).enumerate() {
                 let at = sb * TILE_ROWS + QUARTER_ROWS * (q0 + i);
-                *s = f16x4(f.scales.add(at));
+                *s = floats4(f.scales, at);
                 *sz = match f.zero {
                     TileZero::Const(z) => vmulq_n_f32(*s, z),
-                    TileZero::Scaled(p) if BITS == 8 => vfmsq_n_f32(f16x4(p.add(at)), *s, 128.0),
-                    TileZero::Scaled(p) => f16x4(p.add(at)),
+                    TileZero::Scaled(p) if BITS == 8 => vfmsq_n_f32(floats4(p, at), *s, 128.0),
+                    TileZero::Scaled(p) => floats4(p, at),
                 };
             }
             let e = |r: usize| (x0 + r) * k + b * BLOCK;
