@@ -563,16 +563,21 @@ pub(crate) mod tests {
             for row in 0..n {
                 for col in 0..k {
                     let (a, b) = (fv.get(row, col), pv.get(row, col));
-                    // Q4_1: s·z kept as the f16 it came from, within f32 roundings of the file's;
-                    // Q4_K: s·z = s·(m/s) rounded once more (values up to ~50 here).
-                    let tol = match kind {
-                        Kind::Q4_1 => 1e-6,
-                        Kind::Q4K => 2e-5,
-                        _ => 0.0,
-                    };
+                    let tol = value_tol(kind);
                     assert!((a - b).abs() <= tol, "{kind:?} [{row},{col}]: {a} vs {b}");
                 }
             }
+        }
+    }
+
+    /// How far a packed value may be from the file's: Q4_1's `s·z` is kept as the f16 it came from,
+    /// within f32 roundings of the file's; Q4_K's is `s·(m/s)` rounded once more (values up to ~50
+    /// in these forms); the others are equal bit for bit.
+    fn value_tol(kind: Kind) -> f32 {
+        match kind {
+            Kind::Q4_1 => 1e-6,
+            Kind::Q4K => 2e-5,
+            _ => 0.0,
         }
     }
 
@@ -591,11 +596,7 @@ pub(crate) mod tests {
                 file.decode_row(row, &mut want);
                 packed.view().decode_row(row, &mut got);
                 for (col, (a, b)) in want.iter().zip(&got).enumerate() {
-                    let tol = match kind {
-                        Kind::Q4_1 => 1e-6,
-                        Kind::Q4K => 2e-5,
-                        _ => 0.0,
-                    };
+                    let tol = value_tol(kind);
                     assert!((a - b).abs() <= tol, "{kind:?} [{row},{col}]: {a} vs {b}");
                 }
             }
