@@ -246,7 +246,7 @@ fn linear_step(plan: &Plan, s: &Step, env: &mut [Option<Tensor>], run: &mut CpuR
 
 /// The token embedding: the rows the ids pick, decoded — from the packed copy where the table (a
 /// tied output layer's) was repacked: the file's pages of it were handed back at load, and reading
-/// rows there would fault them in again, 64 KB around each row (the kernel's fault-around), until a
+/// rows there would fault them in again, 64 KB around each row (Linux's fault-around), until a
 /// long chat held most of a large vocabulary's table twice (Gemma 3: +52 MB after one benchmark).
 /// Packed values are lossless: a constant zero point decodes bit for bit as the file's; a per-block
 /// `s·z` (GGUF Q4_1) within the roundings the linear kernels already take under `Fast`.
