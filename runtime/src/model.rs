@@ -222,7 +222,7 @@ impl Model {
         #[cfg(feature = "gpu")]
         if let (Some((enc, _)), Some(g), Some(gpu)) = (&mut speech, encoder_graph, backend.gpu()) {
             let ctx = gpu.context();
-            if ctx.info().device_type != "Cpu" || options.gpu.encoder_software {
+            if !ctx.info().is_software() || options.gpu.encoder_software {
                 let inputs: Vec<&str> = plan.inputs.keys().map(String::as_str).collect();
                 enc.place_on_gpu(g, &inputs, options, ctx.clone())?;
             }

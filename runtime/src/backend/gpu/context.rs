@@ -113,6 +113,13 @@ pub struct GpuInfo {
     pub pipeline_cache_hit: bool,
 }
 
+impl GpuInfo {
+    /// A software adapter (lavapipe, WARP, SwiftShader): the GPU API emulated on the CPU.
+    pub fn is_software(&self) -> bool {
+        self.device_type == "Cpu"
+    }
+}
+
 /// One wgpu device and queue shared by every model loaded on it.
 pub struct GpuContext {
     /// The device.
@@ -691,7 +698,7 @@ impl GpuContext {
     /// Seconds a read-back waits before calling the GPU stuck: 60, or 300 on a software adapter,
     /// where the GPU's work runs on the CPU's cores (lavapipe encodes a Whisper window in ~45 s).
     fn wait_limit_s(&self) -> u64 {
-        match self.info.lock().map(|i| i.device_type == "Cpu") {
+        match self.info.lock().map(|i| i.is_software()) {
             Ok(true) => 300,
             _ => 60,
         }

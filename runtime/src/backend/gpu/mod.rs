@@ -125,7 +125,7 @@ pub fn variant(ctx: &context::GpuContext) -> Variant {
     match ctx.options.variant {
         Some(Variant::Subgroups) if !sg => Variant::Lanes,
         Some(v) => v,
-        None if ctx.info().device_type == "Cpu" => Variant::Rows,
+        None if ctx.info().is_software() => Variant::Rows,
         None if sg => Variant::Subgroups,
         None => Variant::Lanes,
     }

@@ -175,7 +175,7 @@ impl GpuPlan {
             submit_every: match ctx.options.submit_every {
                 _ if ctx.profiling => 0,
                 Some(n) => n,
-                None if ctx.info().device_type == "Cpu" => 0,
+                None if ctx.info().is_software() => 0,
                 None => SUBMIT_EVERY,
             },
             split_chunk: ctx.options.split_chunk.max(1),
