@@ -3,10 +3,12 @@
 //! A decode step reads every weight once and the cache's used rows once, and does little arithmetic
 //! per byte, so on a CPU its ceiling is the rate at which the cores can stream memory. [`read_gbps`]
 //! measures that rate with the threads the kernels use (the CPU pool: the caller and its workers): a
-//! buffer of [`BUFFER_BYTES`] — larger than any last-level cache — is touched once, then summed by
-//! all threads in the pool's parallel regions, and the best of [`PASSES`] passes is reported. `onestep
+//! buffer of [`BUFFER_BYTES`] — larger than any last-level cache, on huge pages where the OS gives
+//! them, as the packed weights are (`huge_pages.rs`) — is touched once, then summed by all threads
+//! in the pool's parallel regions, and the best of [`PASSES`] passes is reported. `onestep
 //! bench` prints a decode rate as the fraction `bytes read per token × tokens/s ÷ bandwidth`.
 
+use super::huge_pages::HugeBuf;
 use super::pool;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -31,9 +33,10 @@ pub fn read_gbps() -> f64 {
 pub(crate) fn read_gbps_over(bytes: usize, passes: usize) -> f64 {
     let words = bytes.div_ceil(TASK_BYTES) * (TASK_BYTES / 8);
     // Distinct non-zero values, so every page is really backed (not the shared zero page).
-    let buf: Vec<u64> = (0..words as u64)
-        .map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15))
-        .collect();
+    let mut buf = HugeBuf::<u64>::zeroed(words);
+    for (i, w) in buf.iter_mut().enumerate() {
+        *w = (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
     let sink = AtomicU64::new(0);
     let mut best = f64::INFINITY;
     for _ in 0..passes.max(1) {

@@ -12,6 +12,7 @@ mod attention_plain;
 pub mod bandwidth;
 pub(crate) mod exec;
 mod gelu;
+mod huge_pages;
 pub mod linear;
 pub(crate) mod linear_q8;
 pub mod misc;
