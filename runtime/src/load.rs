@@ -49,7 +49,7 @@ pub struct LoadOptions {
     #[cfg(feature = "gpu")]
     pub gpu: crate::backend::gpu::GpuOptions,
     /// The instruction set of the CPU's integer kernels under `Fast`, by the name
-    /// [`fast_isa`](crate::system::fast_isa) reports (`avx512-vnni`, `avx2`, `neon-i8mm`,
+    /// [`fast_isa`](crate::system::fast_isa) reports (`avx512-vnni`, `avx-vnni`, `avx2`, `neon-i8mm`,
     /// `neon-dotprod`, `neon`, `scalar`); `None`: the best this CPU has. For measuring one path on a
     /// CPU that has several; a name this CPU cannot run fails the load.
     pub cpu_isa: Option<String>,

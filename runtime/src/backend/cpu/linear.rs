@@ -597,8 +597,8 @@ pub fn linear_with(
     linear_isa(x, t, w, bias, out, precision.into(), isas, None)
 }
 
-/// The instruction set [`Precision::Fast`] runs on this CPU: `avx512-vnni`, `avx2`, `neon-i8mm`, `neon-dotprod`, `neon` or
-/// `scalar` (for reports).
+/// The instruction set [`Precision::Fast`] runs on this CPU: `avx512-vnni`, `avx-vnni`, `avx2`,
+/// `neon-i8mm`, `neon-dotprod`, `neon` or `scalar` (for reports).
 pub fn fast_isa() -> &'static str {
     linear_q8::best().name()
 }

@@ -814,13 +814,17 @@ pub(crate) mod tests {
         }
     }
 
-    /// The integer ISAs whose packed products of `view` are equal bit for bit: AVX2 and AVX-512 on
-    /// 4- and 5-bit codes (8-bit codes: AVX2 multiplies `q − 128`); NEON dotprod and i8mm on every
-    /// form (one kernel).
+    /// The integer ISAs whose packed products of `view` are equal bit for bit: AVX-VNNI and AVX-512
+    /// on every form (the same sums and float steps), AVX2 too on 4- and 5-bit codes (8-bit codes:
+    /// AVX2 multiplies `q − 128`); NEON dotprod and i8mm on every form (one kernel).
     fn bit_equal_isas(view: &Weights) -> Vec<QIsa> {
         #[cfg(target_arch = "x86_64")]
-        if matches!(view, Weights::Packed { bits: 4 | 5, .. }) {
-            return vec![QIsa::Avx2, QIsa::Avx512Vnni];
+        match view {
+            Weights::Packed { bits: 4 | 5, .. } => {
+                return vec![QIsa::Avx2, QIsa::AvxVnni, QIsa::Avx512Vnni]
+            }
+            Weights::Packed { .. } => return vec![QIsa::AvxVnni, QIsa::Avx512Vnni],
+            _ => {}
         }
         #[cfg(target_arch = "aarch64")]
         if matches!(view, Weights::Packed { .. }) {

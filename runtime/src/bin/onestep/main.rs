@@ -179,7 +179,7 @@ struct Common {
     #[arg(long)]
     profile: bool,
     /// Runtime settings as `key=value[,key=value...]` (repeatable), applied after the flags above:
-    /// precision, profile, cpu_isa (the integer kernels' instruction set: avx512-vnni, avx2,
+    /// precision, profile, cpu_isa (the integer kernels' instruction set: avx512-vnni, avx-vnni, avx2,
     /// neon-i8mm, neon-dotprod, neon, scalar — one this CPU runs) and the GPU tuning keys
     /// (gpu_variant=auto|rows|lanes|subgroups,
     /// gpu_no_fuse=all|group+attn+res+tr+round, gpu_split_keys, gpu_split_chunk, gpu_submit_every,

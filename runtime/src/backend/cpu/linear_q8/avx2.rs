@@ -210,7 +210,7 @@ pub(super) unsafe fn rows(
     // SAFETY: forwarded contract.
     unsafe {
         if matches!(*w, Weights::Packed { .. }) {
-            return packed_rows(w, qx, t, rows, out);
+            return packed_rows::<MADDUBS>(w, qx, t, rows, out);
         }
         let h = matches!(*w, Weights::Q8 { halves: true, .. });
         match (h, !qx.q2.is_empty()) {
@@ -404,6 +404,89 @@ unsafe fn half_sums<const BITS: u32, const X2: bool, const R: usize>(
     sum
 }
 
+/// How a packed half tile's integer sums are taken: [`MADDUBS`] (AVX2), [`VNNI`] (AVX-VNNI's
+/// `vpdpbusd`) or, in tests on CPUs without AVX-VNNI, [`VNNI_EMULATED`] (the same sums in AVX2).
+type Dot = u8;
+/// AVX2's `maddubs` pair sums in i16, widened by `madd` ([`half_sums`]).
+const MADDUBS: Dot = 0;
+/// AVX-VNNI's VEX-encoded `vpdpbusd` ([`half_sums_vnni`]).
+const VNNI: Dot = 1;
+/// `vpdpbusd`'s exact result computed in AVX2: what tests run where the CPU lacks AVX-VNNI.
+#[cfg(test)]
+const VNNI_EMULATED: Dot = 2;
+
+/// `acc + Σ a·b` over each i32 lane's four byte pairs (`a` u8, `b` i8), without saturation:
+/// AVX-VNNI's `vpdpbusd` (VEX form, through `asm!`: its intrinsic needs the `avxvnni` target
+/// feature, which `HW` false must not assume), or with `HW` false the same sums from AVX2's exact
+/// 16-bit products (`madd` of widened bytes: |a·b| ≤ 32640, pairs fit i32).
+///
+/// # Safety
+/// avx2 available; with `HW`, avxvnni too.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dpbusd<const HW: bool>(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
+    if HW {
+        let mut acc = acc;
+        // SAFETY: the caller vouches for AVX-VNNI; registers only.
+        unsafe {
+            std::arch::asm!(
+                "{{vex}} vpdpbusd {acc}, {a}, {b}",
+                acc = inout(ymm_reg) acc,
+                a = in(ymm_reg) a,
+                b = in(ymm_reg) b,
+                options(pure, nomem, nostack, preserves_flags),
+            );
+        }
+        return acc;
+    }
+    let pairs = |a: __m128i, b: __m128i| {
+        _mm256_madd_epi16(_mm256_cvtepu8_epi16(a), _mm256_cvtepi8_epi16(b))
+    };
+    let lo = pairs(_mm256_castsi256_si128(a), _mm256_castsi256_si128(b));
+    let hi = pairs(
+        _mm256_extracti128_si256::<1>(a),
+        _mm256_extracti128_si256::<1>(b),
+    );
+    // hadd gives lanes [0, 1, 4, 5 | 2, 3, 6, 7] of the quad sums; the permute orders them.
+    let quads = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_hadd_epi32(lo, hi));
+    _mm256_add_epi32(acc, quads)
+}
+
+/// [`half_sums`] by `vpdpbusd` ([`dpbusd`]): the codes as stored (u8, 8-bit ones unshifted, as
+/// the AVX-512 kernel takes them) times each token's broadcast bytes, summed in i32 lanes
+/// directly (a lane's eight groups ≤ 8·4·255·127 < 2²¹).
+///
+/// # Safety
+/// As [`half_sums`]; with `HW`, avxvnni available.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn half_sums_vnni<const BITS: u32, const X2: bool, const R: usize, const HW: bool>(
+    f: &Tiles,
+    (sb, half): (usize, usize),
+    (x, x2): ([*const i8; R], [*const i8; R]),
+) -> [[__m256i; 2]; R] {
+    let digits = if X2 { 2 } else { 1 };
+    let mut sum = [[_mm256_setzero_si256(); 2]; R];
+    for j in 0..4 {
+        // SAFETY: the caller's contract.
+        let pair = unsafe { group_pair::<BITS>(f, sb, half, j) };
+        for (i, c) in pair.into_iter().enumerate() {
+            let g = 2 * j + i;
+            for (r, sum) in sum.iter_mut().enumerate() {
+                for (p, sum) in [x[r], x2[r]].into_iter().zip(sum).take(digits) {
+                    // SAFETY: bytes 4g..4g + 4 of the token's 32-byte block (g < 8); the
+                    // caller vouches for AVX-VNNI with `HW`.
+                    unsafe {
+                        let xq = (p.add(4 * g) as *const i32).read_unaligned();
+                        *sum = dpbusd::<HW>(*sum, c, _mm256_set1_epi32(xq));
+                    }
+                }
+            }
+        }
+    }
+    sum
+}
+
 /// Entries `at..at + 8` of `v` (f16 or f32) as f32.
 ///
 /// # Safety
@@ -424,14 +507,15 @@ unsafe fn floats8(v: TileFloats, at: usize) -> __m256 {
 }
 
 /// One half tile (rows `8·half..+8` of tile `tile`, a lane each) times `R` token rows of `qx`
-/// from `x0`: each block's integer sums ([`half_sums`]) meet the block's scales in one
-/// conversion and one multiply-add, its zero-point term in another.
+/// from `x0`: each block's integer sums (taken as `D` says: [`Dot`]) meet the block's scales in
+/// one conversion and one multiply-add, its zero-point term in another.
 ///
 /// # Safety
-/// avx2+fma+f16c available; `tile` inside the validated matrix; `qx` holds ≥ `x0 + R` rows.
+/// avx2+fma+f16c available (and avxvnni for [`VNNI`]); `tile` inside the validated matrix; `qx`
+/// holds ≥ `x0 + R` rows; `f` made with 8-bit codes offset exactly when `D` is [`MADDUBS`].
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn packed_half<const BITS: u32, const X2: bool, const R: usize>(
+unsafe fn packed_half<const BITS: u32, const X2: bool, const R: usize, const D: Dot>(
     f: &Tiles,
     (tile, half): (usize, usize),
     qx: &QuantX,
@@ -452,7 +536,7 @@ unsafe fn packed_half<const BITS: u32, const X2: bool, const R: usize>(
                 TileZero::Const(z) => _mm256_mul_ps(s, _mm256_set1_ps(z)),
                 TileZero::Scaled(p) => {
                     let sz = floats8(p, at);
-                    if BITS == 8 {
+                    if BITS == 8 && D == MADDUBS {
                         _mm256_fnmadd_ps(s, _mm256_set1_ps(128.0), sz)
                     } else {
                         sz
@@ -466,7 +550,11 @@ unsafe fn packed_half<const BITS: u32, const X2: bool, const R: usize>(
             } else {
                 x
             };
-            let sums = half_sums::<BITS, X2, R>(f, (sb, half), (x, x2));
+            let sums = match D {
+                MADDUBS => half_sums::<BITS, X2, R>(f, (sb, half), (x, x2)),
+                VNNI => half_sums_vnni::<BITS, X2, R, true>(f, (sb, half), (x, x2)),
+                _ => half_sums_vnni::<BITS, X2, R, false>(f, (sb, half), (x, x2)),
+            };
             for (r, (a, [one, two])) in acc.iter_mut().zip(sums).enumerate() {
                 let xi = (x0 + r) * nb + b;
                 // Two digits meet one factor: d₂·(254·Σc·q + Σc·q₂) (`d₂ = d/254`).
@@ -492,7 +580,7 @@ unsafe fn packed_half<const BITS: u32, const X2: bool, const R: usize>(
 /// # Safety
 /// As [`rows`].
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn packed_rows_of<const BITS: u32, const X2: bool>(
+unsafe fn packed_rows_of<const BITS: u32, const X2: bool, const D: Dot>(
     f: &Tiles,
     qx: &QuantX,
     t: usize,
@@ -518,14 +606,14 @@ unsafe fn packed_rows_of<const BITS: u32, const X2: bool>(
         let mut tt = 0;
         while tt + TILE <= t {
             for h in halves.clone() {
-                let acc = packed_half::<BITS, X2, TILE>(f, (h / 2, h % 2), qx, tt);
+                let acc = packed_half::<BITS, X2, TILE, D>(f, (h / 2, h % 2), qx, tt);
                 put(&acc, h, tt, out);
             }
             tt += TILE;
         }
         while tt < t {
             for h in halves.clone() {
-                let acc = packed_half::<BITS, X2, 1>(f, (h / 2, h % 2), qx, tt);
+                let acc = packed_half::<BITS, X2, 1, D>(f, (h / 2, h % 2), qx, tt);
                 put(&acc, h, tt, out);
             }
             tt += 1;
@@ -538,26 +626,57 @@ unsafe fn packed_rows_of<const BITS: u32, const X2: bool>(
 /// # Safety
 /// As [`rows`].
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn packed_rows(
+unsafe fn packed_rows<const D: Dot>(
     w: &Weights,
     qx: &QuantX,
     t: usize,
     rows: std::ops::Range<usize>,
     out: &mut [f32],
 ) {
-    let Some(f) = Tiles::of(w, true) else {
+    let Some(f) = Tiles::of(w, D == MADDUBS) else {
         return;
     };
     let x2 = !qx.q2.is_empty();
     // SAFETY: forwarded contract.
     unsafe {
         match (f.bits, x2) {
-            (4, true) => packed_rows_of::<4, true>(&f, qx, t, rows, out),
-            (4, false) => packed_rows_of::<4, false>(&f, qx, t, rows, out),
-            (5, true) => packed_rows_of::<5, true>(&f, qx, t, rows, out),
-            (5, false) => packed_rows_of::<5, false>(&f, qx, t, rows, out),
-            (_, true) => packed_rows_of::<8, true>(&f, qx, t, rows, out),
-            (_, false) => packed_rows_of::<8, false>(&f, qx, t, rows, out),
+            (4, true) => packed_rows_of::<4, true, D>(&f, qx, t, rows, out),
+            (4, false) => packed_rows_of::<4, false, D>(&f, qx, t, rows, out),
+            (5, true) => packed_rows_of::<5, true, D>(&f, qx, t, rows, out),
+            (5, false) => packed_rows_of::<5, false, D>(&f, qx, t, rows, out),
+            (_, true) => packed_rows_of::<8, true, D>(&f, qx, t, rows, out),
+            (_, false) => packed_rows_of::<8, false, D>(&f, qx, t, rows, out),
         }
+    }
+}
+
+/// Integer rows on AVX-VNNI: packed matrices through `vpdpbusd` (the AVX-512 kernel's sums on
+/// 256-bit registers, 8 rows a register), the row-major forms through the AVX2 kernels.
+/// `out[(row − start)·T + t]`.
+///
+/// Tests run it on CPUs without AVX-VNNI too (`available` lists it there under `cfg(test)`):
+/// `vpdpbusd` is then emulated exactly ([`dpbusd`]), so everything but that one instruction is
+/// tested on every AVX2 machine (no CPU or emulator here executes AVX-VNNI).
+///
+/// # Safety
+/// As [`rows`], and avxvnni available (outside tests).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn rows_vnni(
+    w: &Weights,
+    qx: &QuantX,
+    t: usize,
+    rows: std::ops::Range<usize>,
+    out: &mut [f32],
+) {
+    // SAFETY: forwarded contract.
+    unsafe {
+        if !matches!(*w, Weights::Packed { .. }) {
+            return self::rows(w, qx, t, rows, out);
+        }
+        #[cfg(test)]
+        if !is_x86_feature_detected!("avxvnni") {
+            return packed_rows::<VNNI_EMULATED>(w, qx, t, rows, out);
+        }
+        packed_rows::<VNNI>(w, qx, t, rows, out)
     }
 }

@@ -20,6 +20,11 @@
 //! - **AVX2** (`vpmaddubsw` + `vpmaddwd`): one block a 256-bit register. `maddubs` saturates its i16
 //!   pair sums, so 8-bit codes run as `q − 128` with `x` taking their sign (`vpsignb`), the zero point
 //!   corrected by `z − 128`. The packed tiles below too, a tile's 64-byte group as two registers.
+//! - **AVX-VNNI** (the VEX `vpdpbusd` on 256-bit registers: Intel's client cores from Alder Lake on,
+//!   which lack AVX-512): the packed tiles as AVX2 lays them out, summed as the AVX-512 kernel sums
+//!   them (u8 codes as stored, no i16 pair sums), bit for bit equal to it; row-major forms as AVX2.
+//!   No CPU or emulator here executes AVX-VNNI (QEMU's TCG lacks it), so tests run this kernel with
+//!   its one instruction emulated exactly in AVX2 (`avx2::rows_vnni`).
 //! - **NEON dotprod** on aarch64 (`sdot`: i8 × i8, four products summed into each i32 lane; ARMv8.2's
 //!   optional dot product, on every phone core since the Cortex-A75/A55): 16 bytes an instruction, 8-bit
 //!   codes as `q − 128` as below. With FEAT_I8MM too (`smmla`: a 2×8 by 8×2 i8 matrix product into
@@ -33,7 +38,7 @@
 //! every linear that reads the same input.
 //!
 //! **Packed tiles** ([`Weights::Packed`], made at load by `repack.rs` where [`QIsa::packs`]: AVX-512
-//! VNNI, AVX2, NEON dotprod and NEON i8mm): 16 weight rows interleaved so that one 64-byte register holds four consecutive
+//! VNNI, AVX-VNNI, AVX2, NEON dotprod and NEON i8mm): 16 weight rows interleaved so that one 64-byte register holds four consecutive
 //! codes of each row. Each token's four activation bytes are broadcast, so `vpdpbusd` sums a row's
 //! products in its own i32 lane: a block's eight groups accumulate in integers, then meet the
 //! block's 16 scales in one conversion and one multiply-add. The row-major forms above pay that
@@ -68,6 +73,10 @@ pub(crate) enum QIsa {
     /// x86-64 AVX2 (`maddubs`).
     #[cfg(target_arch = "x86_64")]
     Avx2,
+    /// x86-64 AVX2 with AVX-VNNI (`vpdpbusd` on 256-bit registers, VEX-encoded: Intel's client
+    /// cores from Alder Lake on, AMD's from Zen 5) for the packed tiles; row-major forms as AVX2.
+    #[cfg(target_arch = "x86_64")]
+    AvxVnni,
     /// x86-64 AVX-512 F/BW/VL with VNNI (`vpdpbusd` on 512-bit registers).
     #[cfg(target_arch = "x86_64")]
     Avx512Vnni,
@@ -90,6 +99,8 @@ impl QIsa {
             #[cfg(target_arch = "x86_64")]
             QIsa::Avx2 => "avx2",
             #[cfg(target_arch = "x86_64")]
+            QIsa::AvxVnni => "avx-vnni",
+            #[cfg(target_arch = "x86_64")]
             QIsa::Avx512Vnni => "avx512-vnni",
             #[cfg(target_arch = "aarch64")]
             QIsa::Neon => "neon",
@@ -108,7 +119,7 @@ impl QIsa {
     pub(crate) fn packs(self) -> bool {
         #[cfg(target_arch = "x86_64")]
         {
-            matches!(self, QIsa::Avx512Vnni | QIsa::Avx2)
+            matches!(self, QIsa::Avx512Vnni | QIsa::AvxVnni | QIsa::Avx2)
         }
         #[cfg(target_arch = "aarch64")]
         {
@@ -132,6 +143,11 @@ pub(crate) fn available() -> Vec<QIsa> {
             && is_x86_feature_detected!("f16c")
         {
             v.push(QIsa::Avx2);
+            // Tests run the AVX-VNNI kernels everywhere, its one instruction emulated where the
+            // CPU lacks it (`avx2::rows_vnni`).
+            if is_x86_feature_detected!("avxvnni") || cfg!(test) {
+                v.push(QIsa::AvxVnni);
+            }
         }
         if is_x86_feature_detected!("avx512f")
             && is_x86_feature_detected!("avx512bw")
@@ -335,6 +351,10 @@ pub(crate) fn rows(
         #[cfg(target_arch = "x86_64")]
         // SAFETY: Avx2 is only produced by `available` after detecting avx2, fma and f16c.
         QIsa::Avx2 => unsafe { avx2::rows(w, qx, t, rows, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AvxVnni is only produced by `available` after detecting avx2, fma, f16c and
+        // avxvnni (under `cfg(test)` also without avxvnni: `rows_vnni` then emulates it).
+        QIsa::AvxVnni => unsafe { avx2::rows_vnni(w, qx, t, rows, out) },
         #[cfg(target_arch = "aarch64")]
         // SAFETY: NEON is baseline on aarch64.
         QIsa::Neon => unsafe { neon::rows(w, qx, t, rows, out) },
