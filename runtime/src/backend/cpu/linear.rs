@@ -14,8 +14,8 @@
 //!   accumulation). Error vs. an f64 reference: ≤ 1e-5·Σ|xᵢ·wᵢ| (tested).
 //! - [`Precision::Fast`] (4/8-bit block weights only; other encodings run exactly): each 32-block of
 //!   `x` is quantized to int8 with scale `amax/127` (as llama.cpp's q8 activations) and the block dot
-//!   products run in integers (`linear_q8/`: AVX-512 VNNI, AVX2, NEON, scalar). The result is the
-//!   product of the dequantized weights with the dequantized activations, so per block the error is at
+//!   products run in integers (`linear_q8/`: AVX-512 VNNI, AVX-VNNI, AVX2, NEON, scalar). The result
+//!   is the product of the dequantized weights with the dequantized activations, so per block the error is at
 //!   most `d_x/2 · Σ|wᵢ|` and the total `Σ_blocks (amax_b/254)·Σ_b|wᵢ|` (tested as a hard bound on
 //!   random shapes); on random data at the model's sizes (K = 576, 1536) it stays ≤ 1e-3·‖x‖·‖w‖
 //!   (tested on fixed seeds). It moves logits like llama.cpp's 8-bit activations do.

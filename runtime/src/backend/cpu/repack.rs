@@ -5,7 +5,7 @@
 //! scales and per-block zero points. That costs bytes the source did not have — GGUF Q5_0's 5-bit
 //! codes become 8-bit bytes, its f16 scales f32, its one zero point (16) a byte a block — and a
 //! decode step reads every weight once, so those bytes are time. When the CPU's integer kernels
-//! read packed forms ([`QIsa::packs`]: AVX-512 VNNI, AVX2, and NEON with the dot product —
+//! read packed forms ([`QIsa::packs`]: AVX-512 VNNI, AVX-VNNI, AVX2, and NEON with the dot product —
 //! ARMv8.2's `sdot`, every phone core since the Cortex-A55/A75 — but not plain NEON) and the
 //! precision is [`Precision::Fast`](super::linear::Precision), the CPU backend repacks each 32-block
 //! matrix whose values allow it, **losslessly**:

@@ -113,9 +113,9 @@ impl QIsa {
 }
 
 impl QIsa {
-    /// Whether its kernels read [`Weights::Packed`]: AVX-512 VNNI, AVX2 and the NEON dot product
-    /// ones (NeonDot, NeonI8mm) — the load-time repack, `repack.rs`, is made only then; plain NEON
-    /// and Scalar read the file's own forms.
+    /// Whether its kernels read [`Weights::Packed`]: AVX-512 VNNI, AVX-VNNI, AVX2 and the NEON dot
+    /// product ones (NeonDot, NeonI8mm) — the load-time repack, `repack.rs`, is made only then;
+    /// plain NEON and Scalar read the file's own forms.
     pub(crate) fn packs(self) -> bool {
         #[cfg(target_arch = "x86_64")]
         {
